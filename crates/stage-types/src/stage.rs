@@ -1,0 +1,350 @@
+//! [`SaveTensorStage`]: every named stage of the forward pass, in execution
+//! order, with its canonical name, scope, applicability and shape.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::ParseError;
+
+/// Whether a stage happens once per forward step or once per decoder layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// Once per step, outside the decoder layers (embedding, final_norm,
+    /// lm_head).
+    Model,
+    /// Once per decoder layer.
+    Layer,
+}
+
+/// Which layers or models produce a stage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Applicability {
+    /// Every layer (or, for model stages, every model).
+    Always,
+    /// Only layers of models whose attention projections carry a bias
+    /// (not Qwen3).
+    QkvBias,
+    /// Only dense (non-MoE) layers.
+    DenseOnly,
+    /// Only Mixture-of-Experts layers.
+    MoeOnly,
+}
+
+impl Applicability {
+    /// Canonical short word for tables: `all`, `qkv-bias`, `dense`, `moe`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Applicability::Always => "all",
+            Applicability::QkvBias => "qkv-bias",
+            Applicability::DenseOnly => "dense",
+            Applicability::MoeOnly => "moe",
+        }
+    }
+}
+
+macro_rules! stages {
+    ($( $(#[$doc:meta])* $variant:ident = $name:literal, $scope:ident, $appl:ident, $shape:literal, $holds:literal; )*) => {
+        /// One named stage of the forward pass. The canonical name
+        /// ([`SaveTensorStage::name`]) is the capture file name, the CLI word
+        /// and the system-set name; [`SaveTensorStage::ALL`] is the execution
+        /// order, so "first divergent stage" means first in `ALL`.
+        ///
+        /// Shapes use T = positions computed this step, P = positions
+        /// attended (cache + T), H = hidden, nh/nkv = query/key-value heads,
+        /// hd = head_dim, E = experts, k = experts per token, I =
+        /// intermediate (dense) or moe_intermediate (MoE), V = vocab.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub enum SaveTensorStage {
+            $( $(#[$doc])* $variant, )*
+        }
+
+        impl SaveTensorStage {
+            /// Every stage, in execution order.
+            pub const ALL: &'static [SaveTensorStage] = &[ $( SaveTensorStage::$variant, )* ];
+
+            /// The canonical name: lower snake case, as in capture file names.
+            pub const fn name(self) -> &'static str {
+                match self { $( SaveTensorStage::$variant => $name, )* }
+            }
+
+            /// Model stage (once per step) or layer stage (once per layer).
+            pub const fn scope(self) -> Scope {
+                match self { $( SaveTensorStage::$variant => Scope::$scope, )* }
+            }
+
+            /// Which layers produce this stage.
+            pub const fn applicability(self) -> Applicability {
+                match self { $( SaveTensorStage::$variant => Applicability::$appl, )* }
+            }
+
+            /// The tensor's shape in the DESIGN notation, e.g. `[T,k,I]`.
+            pub const fn shape(self) -> &'static str {
+                match self { $( SaveTensorStage::$variant => $shape, )* }
+            }
+
+            /// One line saying what the tensor holds.
+            pub const fn holds(self) -> &'static str {
+                match self { $( SaveTensorStage::$variant => $holds, )* }
+            }
+        }
+    };
+}
+
+stages! {
+    /// Token embedding rows.
+    Embedding = "embedding", Model, Always, "[T,H]", "token embedding rows";
+    /// Input RMSNorm: x * rsqrt(mean(x²) + eps) * weight.
+    AttnNorm = "attn_norm", Layer, Always, "[T,H]", "input RMSNorm output";
+    /// q, k, v projections concatenated along features.
+    QkvMatmul = "qkv_matmul", Layer, Always, "[T,(nh+2nkv)*hd]", "q, k, v projections concatenated along features";
+    /// qkv_matmul + bias (models with a QKV bias only).
+    QkvBias = "qkv_bias", Layer, QkvBias, "[T,(nh+2nkv)*hd]", "after bias add; only for models with a QKV bias";
+    /// Per-head RMSNorm of q then k over hd, before RoPE (Qwen3 QK-norm).
+    QkNorm = "qk_norm", Layer, Always, "[T,(nh+nkv)*hd]", "per-head RMSNorm of q then k, before RoPE";
+    /// q after NeoX split-half RoPE.
+    QPostRope = "q_post_rope", Layer, Always, "[T,nh*hd]", "q after RoPE";
+    /// k after NeoX split-half RoPE.
+    KPostRope = "k_post_rope", Layer, Always, "[T,nkv*hd]", "k after RoPE";
+    /// q·kᵀ/sqrt(hd); masked (future) entries written as 0.
+    AttnScores = "attn_scores", Layer, Always, "[nh,T,P]", "q·kᵀ/sqrt(hd); masked entries written as 0";
+    /// Causal softmax of the scores.
+    AttnSoftmax = "attn_softmax", Layer, Always, "[nh,T,P]", "softmax with causal mask";
+    /// softmax·v, before o_proj.
+    Attention = "attention", Layer, Always, "[T,nh*hd]", "softmax·v, before o_proj";
+    /// o_proj output.
+    AttnOut = "attn_out", Layer, Always, "[T,H]", "o_proj output";
+    /// residual + attn_out.
+    PostAttnResidual = "post_attn_residual", Layer, Always, "[T,H]", "residual + attn_out";
+    /// Post-attention RMSNorm.
+    FfnNorm = "ffn_norm", Layer, Always, "[T,H]", "post-attention RMSNorm output";
+    /// Dense gate projection.
+    FfnGate = "ffn_gate", Layer, DenseOnly, "[T,I]", "dense gate projection";
+    /// Dense up projection.
+    FfnUp = "ffn_up", Layer, DenseOnly, "[T,I]", "dense up projection";
+    /// silu(gate).
+    FfnSilu = "ffn_silu", Layer, DenseOnly, "[T,I]", "silu(gate)";
+    /// silu(gate) * up.
+    FfnSwigl = "ffn_swigl", Layer, DenseOnly, "[T,I]", "silu(gate)*up";
+    /// Dense down projection.
+    FfnOut = "ffn_out", Layer, DenseOnly, "[T,H]", "dense down projection";
+    /// Router (gate) logits over all experts.
+    MoeRouterLogits = "moe_router_logits", Layer, MoeOnly, "[T,E]", "router (gate) logits";
+    /// Top-k weights after softmax, top-k and renormalise; descending.
+    MoeRouter = "moe_router", Layer, MoeOnly, "[T,k]", "top-k weights after softmax, top-k, renormalise; descending";
+    /// Expert ids (int32), same order as moe_router.
+    MoeRouterIndices = "moe_router_indices", Layer, MoeOnly, "[T,k] int32", "expert ids, same order as moe_router";
+    /// Per selected expert gate projection, top-k order.
+    MoeExpertGate = "moe_expert_gate", Layer, MoeOnly, "[T,k,I]", "per selected expert gate projection, top-k order";
+    /// Per selected expert up projection, top-k order.
+    MoeExpertUp = "moe_expert_up", Layer, MoeOnly, "[T,k,I]", "per selected expert up projection, top-k order";
+    /// silu(gate) * up per selected expert.
+    MoeExpertSwigl = "moe_expert_swigl", Layer, MoeOnly, "[T,k,I]", "silu(gate)*up per selected expert";
+    /// Expert down projection, before weighting.
+    MoeExpertOut = "moe_expert_out", Layer, MoeOnly, "[T,k,H]", "expert down projection, before weighting";
+    /// Sum over k of weight * expert output.
+    MoeFfnOut = "moe_ffn_out", Layer, MoeOnly, "[T,H]", "sum over k of weight * expert output";
+    /// residual + FFN output (alias layer_output).
+    PostFfnResidual = "post_ffn_residual", Layer, Always, "[T,H]", "residual + FFN output (alias layer_output)";
+    /// Final RMSNorm.
+    FinalNorm = "final_norm", Model, Always, "[T,H]", "final RMSNorm";
+    /// Logits.
+    LmHead = "lm_head", Model, Always, "[T,V]", "logits";
+}
+
+impl SaveTensorStage {
+    /// Aliases accepted by [`FromStr`] besides the canonical names.
+    pub const ALIASES: &'static [(&'static str, SaveTensorStage)] =
+        &[("layer_output", SaveTensorStage::PostFfnResidual)];
+
+    /// Position in [`SaveTensorStage::ALL`] (execution order).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The stage that follows this one in execution order, if any.
+    pub fn next(self) -> Option<SaveTensorStage> {
+        Self::ALL.get(self.index() + 1).copied()
+    }
+
+    /// True for stages computed once per decoder layer.
+    pub fn is_layer_stage(self) -> bool {
+        self.scope() == Scope::Layer
+    }
+
+    /// Whether a layer of the given kind produces this stage. `dense` says
+    /// whether the layer is dense; `qkv_bias` whether the model's attention
+    /// has a QKV bias. Model stages always return true.
+    pub fn applies_to(self, dense: bool, qkv_bias: bool) -> bool {
+        match self.applicability() {
+            Applicability::Always => true,
+            Applicability::QkvBias => qkv_bias,
+            Applicability::DenseOnly => dense,
+            Applicability::MoeOnly => !dense,
+        }
+    }
+
+    /// The element type of the tensor: `int32` for moe_router_indices,
+    /// `float32` otherwise (the numpy `dtype.name`).
+    pub fn element_type(self) -> &'static str {
+        match self {
+            SaveTensorStage::MoeRouterIndices => "int32",
+            _ => "float32",
+        }
+    }
+}
+
+impl fmt::Display for SaveTensorStage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for SaveTensorStage {
+    type Err = ParseError;
+
+    /// Case-insensitive, whitespace-trimmed; accepts the canonical names and
+    /// [`SaveTensorStage::ALIASES`]. `all` is a [`crate::StageList`], not a
+    /// stage.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let token = s.trim();
+        let lower = token.to_ascii_lowercase();
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|stage| stage.name() == lower)
+            .or_else(|| {
+                Self::ALIASES
+                    .iter()
+                    .find(|(alias, _)| *alias == lower)
+                    .map(|(_, stage)| *stage)
+            })
+            .ok_or_else(|| ParseError::UnknownStage {
+                token: token.to_string(),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_name_round_trips() {
+        for &stage in SaveTensorStage::ALL {
+            assert_eq!(stage.name().parse::<SaveTensorStage>(), Ok(stage));
+            assert_eq!(stage.to_string(), stage.name());
+        }
+    }
+
+    #[test]
+    fn parsing_ignores_case_and_surrounding_whitespace() {
+        assert_eq!(" MoE_Router ".parse(), Ok(SaveTensorStage::MoeRouter));
+        assert_eq!("LM_HEAD\n".parse(), Ok(SaveTensorStage::LmHead));
+    }
+
+    #[test]
+    fn layer_output_is_an_alias_of_post_ffn_residual() {
+        assert_eq!("layer_output".parse(), Ok(SaveTensorStage::PostFfnResidual));
+        assert_eq!("Layer_Output".parse(), Ok(SaveTensorStage::PostFfnResidual));
+    }
+
+    #[test]
+    fn unknown_stage_names_the_token_and_lists_the_valid_names() {
+        let err = "moe_routr".parse::<SaveTensorStage>().unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("`moe_routr`"), "{msg}");
+        for stage in SaveTensorStage::ALL {
+            assert!(msg.contains(stage.name()), "{msg} lacks {stage}");
+        }
+        assert!(msg.contains("layer_output"));
+    }
+
+    #[test]
+    fn all_is_in_design_execution_order() {
+        let names: Vec<_> = SaveTensorStage::ALL.iter().map(|s| s.name()).collect();
+        assert_eq!(
+            names,
+            [
+                "embedding",
+                "attn_norm",
+                "qkv_matmul",
+                "qkv_bias",
+                "qk_norm",
+                "q_post_rope",
+                "k_post_rope",
+                "attn_scores",
+                "attn_softmax",
+                "attention",
+                "attn_out",
+                "post_attn_residual",
+                "ffn_norm",
+                "ffn_gate",
+                "ffn_up",
+                "ffn_silu",
+                "ffn_swigl",
+                "ffn_out",
+                "moe_router_logits",
+                "moe_router",
+                "moe_router_indices",
+                "moe_expert_gate",
+                "moe_expert_up",
+                "moe_expert_swigl",
+                "moe_expert_out",
+                "moe_ffn_out",
+                "post_ffn_residual",
+                "final_norm",
+                "lm_head",
+            ]
+        );
+        for (i, stage) in SaveTensorStage::ALL.iter().enumerate() {
+            assert_eq!(stage.index(), i);
+        }
+        assert_eq!(SaveTensorStage::LmHead.next(), None);
+        assert_eq!(
+            SaveTensorStage::Embedding.next(),
+            Some(SaveTensorStage::AttnNorm)
+        );
+    }
+
+    #[test]
+    fn model_stages_are_embedding_final_norm_and_lm_head() {
+        let model: Vec<_> = SaveTensorStage::ALL
+            .iter()
+            .filter(|s| s.scope() == Scope::Model)
+            .copied()
+            .collect();
+        assert_eq!(
+            model,
+            [
+                SaveTensorStage::Embedding,
+                SaveTensorStage::FinalNorm,
+                SaveTensorStage::LmHead
+            ]
+        );
+        assert!(SaveTensorStage::AttnNorm.is_layer_stage());
+    }
+
+    #[test]
+    fn dense_and_moe_stages_apply_only_to_their_layer_kind() {
+        use SaveTensorStage as S;
+        for &stage in S::ALL {
+            let name = stage.name();
+            let dense_only = name.starts_with("ffn_") && stage != S::FfnNorm;
+            let moe_only = name.starts_with("moe_");
+            assert_eq!(
+                stage.applies_to(true, false),
+                !moe_only && stage != S::QkvBias,
+                "{name}"
+            );
+            assert_eq!(
+                stage.applies_to(false, false),
+                !dense_only && stage != S::QkvBias,
+                "{name}"
+            );
+        }
+        assert!(S::QkvBias.applies_to(true, true));
+        assert!(S::QkvBias.applies_to(false, true));
+        assert_eq!(S::MoeRouterIndices.element_type(), "int32");
+        assert_eq!(S::MoeRouter.element_type(), "float32");
+    }
+}
