@@ -1,1 +1,43 @@
-//! placeholder
+//! The forward pass of Qwen3 and Qwen3-MoE models as ordered bevy_ecs
+//! systems, one per named stage.
+//!
+//! - [`Model`]: config.json ([`ModelConfig`], both key spellings) and
+//!   weights ([`WeightStore`]: memory-mapped safetensors, single or
+//!   sharded, bf16/f16/f32; or a synthetic preset), resolved per layer.
+//! - [`Backend`]: one method per operation; [`CpuBackend`] is the f64-
+//!   accumulating reference.
+//! - [`Forward`]: the world (one entity per layer), the schedules built by
+//!   `schedule.rs`, the step loop and greedy decoding. Code outside this
+//!   crate (capture, fault injection) attaches systems to a stage through
+//!   [`Forward::add_stage_hook`]; this crate knows nothing of them.
+//!
+//! ```
+//! use pipeline::{CpuBackend, Forward, Model};
+//!
+//! let model = Model::synthetic("tiny-moe", 7, Some(1)).unwrap();
+//! let backend = CpuBackend::new(model.store.clone(), Some(1)).unwrap();
+//! let mut forward = Forward::new(&model, Box::new(backend));
+//! let out = forward.generate(&[1, 17, 423], 2, &mut |_| {}).unwrap();
+//! assert_eq!(out.generated.len(), 2);
+//! ```
+
+pub mod backend;
+pub mod config;
+pub mod ecs;
+pub mod error;
+pub mod forward;
+pub mod model;
+pub mod schedule;
+pub mod stages;
+pub mod tensor;
+pub mod weights;
+
+pub use backend::Backend;
+pub use backend::cpu::CpuBackend;
+pub use config::ModelConfig;
+pub use ecs::{CurrentLayer, StageHookSystems, StageLog, StageSet, StepState};
+pub use error::{PipelineError, Result};
+pub use forward::{Forward, ForwardEvent, Generation, StepRecord};
+pub use model::{Model, ModelSource};
+pub use tensor::{HostTensor, TensorData};
+pub use weights::{WeightStore, WeightTensor};

@@ -1,0 +1,223 @@
+//! The CPU reference arithmetic: f32 storage, f64 accumulation in every
+//! reduction, and a fixed summation order so results do not depend on the
+//! number of threads (parallel work is split by output element, never
+//! inside a sum).
+
+use rayon::prelude::*;
+
+use crate::weights::WeightTensor;
+
+/// Dot product in f64 with eight interleaved partial sums combined in a
+/// fixed order (vectorisable, deterministic).
+pub fn dot(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    let mut acc = [0.0f64; 8];
+    let chunks = a.len() / 8 * 8;
+    for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += ca[j] as f64 * cb[j] as f64;
+        }
+    }
+    let mut tail = 0.0f64;
+    for (x, y) in a[chunks..].iter().zip(&b[chunks..]) {
+        tail += *x as f64 * *y as f64;
+    }
+    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
+}
+
+/// RMSNorm of one row: `out = x * rsqrt(mean(x²) + eps) * w`, in f64.
+pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
+    let inv = 1.0 / (dot(x, x) / x.len() as f64 + eps).sqrt();
+    for ((o, &xi), &wi) in out.iter_mut().zip(x).zip(w) {
+        *o = (xi as f64 * inv * wi as f64) as f32;
+    }
+}
+
+/// Rows of weight converted per parallel task.
+const ROWS_PER_TASK: usize = 16;
+
+/// `out[i][r] = inputs[i] · w[r]` for every input row i and weight row r,
+/// returned as `[inputs.len(), w_rows]` row-major. Parallel over weight
+/// rows, each weight row converted to f32 once and used for every input.
+pub fn matmul_t(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
+    let n = w.shape[0];
+    let k = w.row_len();
+    let m = inputs.len();
+    let mut by_row = vec![0.0f32; n * m];
+    by_row
+        .par_chunks_mut(ROWS_PER_TASK * m.max(1))
+        .enumerate()
+        .for_each(|(task, chunk)| {
+            let mut row = vec![0.0f32; k];
+            for (j, outs) in chunk.chunks_mut(m.max(1)).enumerate() {
+                w.read_row(task * ROWS_PER_TASK + j, &mut row);
+                for (o, x) in outs.iter_mut().zip(inputs) {
+                    *o = dot(x, &row) as f32;
+                }
+            }
+        });
+    let mut out = vec![0.0f32; m * n];
+    for r in 0..n {
+        for i in 0..m {
+            out[i * n + r] = by_row[r * m + i];
+        }
+    }
+    out
+}
+
+/// `x * sigmoid(x)` in f64.
+pub fn silu(x: f32) -> f32 {
+    let x = x as f64;
+    (x / (1.0 + (-x).exp())) as f32
+}
+
+/// Softmax of `row` in place over its first `valid` entries (in f64); the
+/// rest are set to 0.
+pub fn softmax_prefix(row: &mut [f32], valid: usize) {
+    let max = row[..valid]
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let mut exps: Vec<f64> = row[..valid]
+        .iter()
+        .map(|&x| (x as f64 - max).exp())
+        .collect();
+    let sum: f64 = exps.iter().sum();
+    for e in &mut exps {
+        *e /= sum;
+    }
+    for (o, e) in row
+        .iter_mut()
+        .zip(exps.iter().copied().chain(std::iter::repeat(0.0)))
+    {
+        *o = e as f32;
+    }
+    // A NaN input makes max NaN; keep the NaN visible rather than hiding it.
+    if row[..valid].iter().any(|x| x.is_nan()) || max.is_nan() {
+        row[..valid].fill(f32::NAN);
+    }
+}
+
+/// Softmax over all `logits` (f64), then the `k` largest probabilities in
+/// descending order (ties to the lower index; NaN sorts last), divided by
+/// their sum when `normalise`. Returns (weights, indices).
+pub fn top_k(logits: &[f32], k: usize, normalise: bool) -> (Vec<f32>, Vec<i32>) {
+    let max = logits
+        .iter()
+        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let exps: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    let probs: Vec<f64> = exps.iter().map(|e| e / sum).collect();
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    let key = |i: usize| {
+        if probs[i].is_nan() {
+            f64::NEG_INFINITY
+        } else {
+            probs[i]
+        }
+    };
+    order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
+    let chosen = &order[..k];
+    let total: f64 = chosen.iter().map(|&i| probs[i]).sum();
+    let weights = chosen
+        .iter()
+        .map(|&i| if normalise { probs[i] / total } else { probs[i] } as f32)
+        .collect();
+    (weights, chosen.iter().map(|&i| i as i32).collect())
+}
+
+/// Index of the largest value (lowest index on ties; NaN never wins; 0 if
+/// all are NaN).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &x) in row.iter().enumerate() {
+        if x > best_value {
+            best = i;
+            best_value = x;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{WeightDtype, WeightTensor};
+
+    #[test]
+    fn dot_matches_a_plain_f64_sum_for_odd_lengths() {
+        for n in [0, 1, 7, 8, 9, 37, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let plain: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) - plain).abs() < 1e-12, "{n}");
+        }
+    }
+
+    #[test]
+    fn matmul_t_is_the_same_for_one_and_two_threads() {
+        let (n, k) = (37, 45);
+        let bytes: Vec<u8> = (0..n * k)
+            .flat_map(|i| ((i as f32 * 0.013).sin()).to_le_bytes())
+            .collect();
+        let w = WeightTensor::owned("w".into(), WeightDtype::F32, vec![n, k], bytes);
+        let xs: Vec<Vec<f32>> = (0..3)
+            .map(|t| (0..k).map(|i| (t * k + i) as f32 * 0.01).collect())
+            .collect();
+        let inputs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+        let run = |threads| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| matmul_t(&inputs, &w))
+        };
+        let one = run(1);
+        assert_eq!(one, run(2));
+        let wf = w.to_f32_vec();
+        for t in 0..3 {
+            for r in 0..n {
+                let expect = dot(&xs[t], &wf[r * k..(r + 1) * k]) as f32;
+                assert_eq!(one[t * n + r], expect);
+            }
+        }
+    }
+
+    #[test]
+    fn top_k_orders_descending_breaks_ties_low_and_renormalises() {
+        let (w, idx) = top_k(&[1.0, 3.0, 3.0, 0.5], 2, true);
+        assert_eq!(idx, [1, 2]);
+        assert!((w[0] - 0.5).abs() < 1e-7 && (w[1] - 0.5).abs() < 1e-7);
+        let (w, _) = top_k(&[0.0, 0.0, 0.0, 0.0], 2, false);
+        assert!((w[0] - 0.25).abs() < 1e-7);
+        let (w, idx) = top_k(&[f32::NAN, 1.0, 2.0], 2, true);
+        assert_eq!(idx.len(), 2);
+        assert!(w.iter().all(|x| x.is_nan()), "NaN must propagate: {w:?}");
+    }
+
+    #[test]
+    fn softmax_prefix_masks_and_sums_to_one() {
+        let mut row = [1.0, 2.0, 3.0, 9.0];
+        softmax_prefix(&mut row, 3);
+        assert_eq!(row[3], 0.0);
+        assert!((row[..3].iter().map(|&x| x as f64).sum::<f64>() - 1.0).abs() < 1e-6);
+        let mut row = [f32::NAN, 1.0];
+        softmax_prefix(&mut row, 2);
+        assert!(row.iter().all(|x| x.is_nan()));
+    }
+
+    #[test]
+    fn argmax_ignores_nan_and_prefers_the_lower_index() {
+        assert_eq!(argmax(&[1.0, 5.0, 5.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+    }
+
+    #[test]
+    fn rms_norm_row_matches_the_formula() {
+        let x = [1.0f32, -2.0, 3.0];
+        let mut out = [0.0; 3];
+        rms_norm_row(&x, &[1.0, 2.0, 0.5], 0.0, &mut out);
+        let rms = ((1.0 + 4.0 + 9.0) / 3.0f64).sqrt();
+        assert!((out[1] as f64 - (-2.0 / rms * 2.0)).abs() < 1e-6);
+    }
+}

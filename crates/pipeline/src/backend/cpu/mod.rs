@@ -1,0 +1,605 @@
+//! The CPU reference backend: f32 activations, f64 accumulation in every
+//! reduction, weights read in their checkpoint dtype and converted on use,
+//! and a private rayon pool whose size never changes a result.
+
+pub mod math;
+
+use std::sync::Arc;
+
+use rayon::prelude::*;
+
+use super::{AttentionShape, Backend, QkNormArgs, Slot};
+use crate::error::{PipelineError, Result};
+use crate::tensor::HostTensor;
+use crate::weights::{WeightId, WeightStore};
+
+/// Keys and values of one layer for every position seen so far.
+#[derive(Debug, Default, Clone)]
+struct KvCache {
+    /// [len, nkv*hd].
+    k: Vec<f32>,
+    /// [len, nkv*hd].
+    v: Vec<f32>,
+    width: usize,
+    len: usize,
+}
+
+/// The CPU reference backend.
+pub struct CpuBackend {
+    store: Arc<WeightStore>,
+    pool: rayon::ThreadPool,
+    threads: usize,
+    slots: Vec<Option<HostTensor>>,
+    tokens: Vec<u32>,
+    start_position: usize,
+    caches: Vec<KvCache>,
+}
+
+impl CpuBackend {
+    /// A backend over `store` using `threads` worker threads (all cores
+    /// when `None`).
+    pub fn new(store: Arc<WeightStore>, threads: Option<usize>) -> Result<Self> {
+        let threads = threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        });
+        if threads == 0 {
+            return Err(PipelineError::BadInput(
+                "the CPU backend needs at least 1 thread".into(),
+            ));
+        }
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .thread_name(|i| format!("moetrace-cpu-{i}"))
+            .build()
+            .map_err(|e| {
+                PipelineError::BackendUnavailable(format!(
+                    "cannot start {threads} CPU threads: {e}"
+                ))
+            })?;
+        Ok(Self {
+            store,
+            pool,
+            threads,
+            slots: vec![None; Slot::ALL.len()],
+            tokens: Vec::new(),
+            start_position: 0,
+            caches: Vec::new(),
+        })
+    }
+
+    /// Number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads
+    }
+
+    fn slot(&self, slot: Slot) -> Result<&HostTensor> {
+        self.slots[slot.index()].as_ref().ok_or_else(|| {
+            PipelineError::BadInput(format!("stage `{slot}` has not been computed in this step"))
+        })
+    }
+
+    /// The f32 data of a slot as rows of its last dimension: (rows, width, data).
+    fn rows(&self, slot: Slot) -> Result<(usize, usize, &[f32])> {
+        let t = self.slot(slot)?;
+        let data = t.as_f32().ok_or_else(|| {
+            PipelineError::BadInput(format!("stage `{slot}` holds int32, expected float32"))
+        })?;
+        let width = t.shape.last().copied().unwrap_or(1);
+        Ok((data.len() / width.max(1), width, data))
+    }
+
+    fn set(&mut self, slot: Slot, tensor: HostTensor) {
+        self.slots[slot.index()] = Some(tensor);
+    }
+
+    fn weight(&self, id: WeightId) -> Vec<f32> {
+        self.store.get(id).to_f32_vec()
+    }
+
+    fn check_width(&self, slot: Slot, width: usize, expected: usize, what: &str) -> Result<()> {
+        if width != expected {
+            return Err(PipelineError::BadInput(format!(
+                "stage `{slot}` has rows of {width} but {what} needs {expected}"
+            )));
+        }
+        Ok(())
+    }
+
+    fn elementwise(
+        &mut self,
+        a: Slot,
+        b: Slot,
+        out: Slot,
+        f: impl Fn(f32, f32) -> f32 + Sync,
+    ) -> Result<()> {
+        let ta = self.slot(a)?;
+        let tb = self.slot(b)?;
+        if ta.shape != tb.shape {
+            return Err(PipelineError::BadInput(format!(
+                "stages `{a}` {:?} and `{b}` {:?} differ in shape",
+                ta.shape, tb.shape
+            )));
+        }
+        let (_, _, xa) = self.rows(a)?;
+        let (_, _, xb) = self.rows(b)?;
+        let data = xa.iter().zip(xb).map(|(&x, &y)| f(x, y)).collect();
+        let shape = ta.shape.clone();
+        self.set(out, HostTensor::f32(shape, data));
+        Ok(())
+    }
+
+    fn cache(&self, layer: usize) -> Result<&KvCache> {
+        self.caches
+            .get(layer)
+            .filter(|c| c.len == self.start_position + self.tokens.len())
+            .ok_or_else(|| {
+                PipelineError::BadInput(format!(
+                    "the KV cache of layer {layer} was not filled for this step"
+                ))
+            })
+    }
+}
+
+impl Backend for CpuBackend {
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn dtype(&self) -> &'static str {
+        "f32"
+    }
+
+    fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
+        for (layer, cache) in self.caches.iter_mut().enumerate() {
+            if cache.len < start_position {
+                return Err(PipelineError::BadInput(format!(
+                    "step starts at position {start_position} but the KV cache of layer {layer} holds only {}",
+                    cache.len
+                )));
+            }
+            cache.len = start_position;
+            cache.k.truncate(start_position * cache.width);
+            cache.v.truncate(start_position * cache.width);
+        }
+        if self.caches.is_empty() && start_position > 0 {
+            return Err(PipelineError::BadInput(format!(
+                "step starts at position {start_position} but the KV cache is empty"
+            )));
+        }
+        self.tokens = tokens.to_vec();
+        self.start_position = start_position;
+        self.slots.iter_mut().for_each(|s| *s = None);
+        Ok(())
+    }
+
+    fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
+        let w = self.store.get(table);
+        let (vocab, h) = (w.shape[0], w.row_len());
+        let mut data = vec![0.0f32; self.tokens.len() * h];
+        for (row, &token) in data.chunks_mut(h).zip(&self.tokens) {
+            if token as usize >= vocab {
+                return Err(PipelineError::BadInput(format!(
+                    "token id {token} is out of range: the vocabulary has {vocab} tokens (0..{vocab})"
+                )));
+            }
+            w.read_row(token as usize, row);
+        }
+        self.set(out, HostTensor::f32(vec![self.tokens.len(), h], data));
+        Ok(())
+    }
+
+    fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
+        let w = self.weight(weight);
+        let (rows, width, x) = self.rows(input)?;
+        self.check_width(input, width, w.len(), "the norm weight")?;
+        let mut data = vec![0.0f32; x.len()];
+        self.pool.install(|| {
+            data.par_chunks_mut(width)
+                .zip(x.par_chunks(width))
+                .for_each(|(o, xr)| math::rms_norm_row(xr, &w, eps, o));
+        });
+        self.set(out, HostTensor::f32(vec![rows, width], data));
+        Ok(())
+    }
+
+    fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
+        let (rows, width, x) = self.rows(input)?;
+        let inputs: Vec<&[f32]> = x.chunks(width).collect();
+        let total: usize = weights.iter().map(|&id| self.store.get(id).shape[0]).sum();
+        let mut data = vec![0.0f32; rows * total];
+        let mut col = 0;
+        for &id in weights {
+            let w = self.store.get(id);
+            self.check_width(input, width, w.row_len(), &format!("weight `{}`", w.name))?;
+            let n = w.shape[0];
+            let part = self.pool.install(|| math::matmul_t(&inputs, w));
+            for (dst, src) in data.chunks_mut(total).zip(part.chunks(n)) {
+                dst[col..col + n].copy_from_slice(src);
+            }
+            col += n;
+        }
+        self.set(out, HostTensor::f32(vec![rows, total], data));
+        Ok(())
+    }
+
+    fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
+        let bias: Vec<f32> = biases.iter().flat_map(|&id| self.weight(id)).collect();
+        let (rows, width, x) = self.rows(input)?;
+        self.check_width(input, width, bias.len(), "the biases")?;
+        let data = x
+            .chunks(width)
+            .flat_map(|r| {
+                r.iter()
+                    .zip(&bias)
+                    .map(|(&a, &b)| (a as f64 + b as f64) as f32)
+            })
+            .collect();
+        self.set(out, HostTensor::f32(vec![rows, width], data));
+        Ok(())
+    }
+
+    fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
+        let (qw, kw) = (self.weight(args.q_weight), self.weight(args.k_weight));
+        let (rows, width, x) = self.rows(input)?;
+        let hd = args.head_dim;
+        let out_width = (args.q_heads + args.kv_heads) * hd;
+        if width < out_width || qw.len() != hd || kw.len() != hd {
+            return Err(PipelineError::BadInput(format!(
+                "qk_norm needs rows of at least {out_width} and weights of {hd}; got {width}, {}, {}",
+                qw.len(),
+                kw.len()
+            )));
+        }
+        let mut data = vec![0.0f32; rows * out_width];
+        for (o, xr) in data.chunks_mut(out_width).zip(x.chunks(width)) {
+            for h in 0..args.q_heads + args.kv_heads {
+                let w = if h < args.q_heads { &qw } else { &kw };
+                math::rms_norm_row(
+                    &xr[h * hd..(h + 1) * hd],
+                    w,
+                    args.eps,
+                    &mut o[h * hd..(h + 1) * hd],
+                );
+            }
+        }
+        self.set(out, HostTensor::f32(vec![rows, out_width], data));
+        Ok(())
+    }
+
+    fn rope(
+        &mut self,
+        input: Slot,
+        col_start: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        out: Slot,
+    ) -> Result<()> {
+        let (rows, width, x) = self.rows(input)?;
+        let out_width = heads * head_dim;
+        if col_start + out_width > width {
+            return Err(PipelineError::BadInput(format!(
+                "rope reads columns {col_start}..{} of `{input}` but its rows have {width}",
+                col_start + out_width
+            )));
+        }
+        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..half)
+            .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64))
+            .collect();
+        let mut data = vec![0.0f32; rows * out_width];
+        for (t, (o, xr)) in data.chunks_mut(out_width).zip(x.chunks(width)).enumerate() {
+            let position = (self.start_position + t) as f64;
+            let xr = &xr[col_start..col_start + out_width];
+            for h in 0..heads {
+                let (xh, oh) = (
+                    &xr[h * head_dim..(h + 1) * head_dim],
+                    &mut o[h * head_dim..(h + 1) * head_dim],
+                );
+                for i in 0..half {
+                    let (sin, cos) = (position * inv_freq[i]).sin_cos();
+                    let (a, b) = (xh[i] as f64, xh[i + half] as f64);
+                    oh[i] = (a * cos - b * sin) as f32;
+                    oh[i + half] = (b * cos + a * sin) as f32;
+                }
+            }
+        }
+        self.set(out, HostTensor::f32(vec![rows, out_width], data));
+        Ok(())
+    }
+
+    fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
+        let (k_rows, kw, kd) = self.rows(k)?;
+        let (v_rows, vw, vd) = self.rows(v)?;
+        if v_rows != k_rows || v_col + kw > vw {
+            return Err(PipelineError::BadInput(format!(
+                "append_kv: `{k}` is [{k_rows},{kw}] but `{v}` is [{v_rows},{vw}] (values from column {v_col})"
+            )));
+        }
+        let values: Vec<f32> = vd
+            .chunks(vw)
+            .flat_map(|r| r[v_col..v_col + kw].iter().copied())
+            .collect();
+        let keys = kd.to_vec();
+        if self.caches.len() <= layer {
+            self.caches.resize_with(layer + 1, KvCache::default);
+        }
+        let start = self.start_position;
+        let cache = &mut self.caches[layer];
+        if cache.len != start {
+            return Err(PipelineError::BadInput(format!(
+                "the KV cache of layer {layer} holds {} positions but this step starts at {start}",
+                cache.len
+            )));
+        }
+        cache.width = kw;
+        cache.k.extend_from_slice(&keys);
+        cache.v.extend_from_slice(&values);
+        cache.len += k_rows;
+        Ok(())
+    }
+
+    fn attn_scores(
+        &mut self,
+        layer: usize,
+        q: Slot,
+        shape: AttentionShape,
+        out: Slot,
+    ) -> Result<()> {
+        let (t_len, qw, qd) = self.rows(q)?;
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+        } = shape;
+        self.check_width(q, qw, heads * hd, "attention")?;
+        let cache = self.cache(layer)?;
+        self.check_width(q, cache.width, kv_heads * hd, "the key cache width")?;
+        let (p_len, start, group) = (cache.len, self.start_position, heads / kv_heads);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut data = vec![0.0f32; heads * t_len * p_len];
+        self.pool.install(|| {
+            data.par_chunks_mut(t_len * p_len)
+                .enumerate()
+                .for_each(|(h, out_h)| {
+                    let kvh = h / group;
+                    for t in 0..t_len {
+                        let qv = &qd[t * qw + h * hd..t * qw + (h + 1) * hd];
+                        for p in 0..=(start + t).min(p_len - 1) {
+                            let kv = &cache.k
+                                [p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
+                            out_h[t * p_len + p] = (math::dot(qv, kv) * scale) as f32;
+                        }
+                    }
+                });
+        });
+        self.set(out, HostTensor::f32(vec![heads, t_len, p_len], data));
+        Ok(())
+    }
+
+    fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
+        let t = self.slot(scores)?;
+        let shape = t.shape.clone();
+        if shape.len() != 3 {
+            return Err(PipelineError::BadInput(format!(
+                "attn_softmax needs [nh,T,P] scores, got {shape:?}"
+            )));
+        }
+        let (t_len, p_len) = (shape[1], shape[2]);
+        let start = self.start_position;
+        let mut data = self.rows(scores)?.2.to_vec();
+        for (r, row) in data.chunks_mut(p_len).enumerate() {
+            math::softmax_prefix(row, (start + r % t_len + 1).min(p_len));
+        }
+        self.set(out, HostTensor::f32(shape, data));
+        Ok(())
+    }
+
+    fn attention(
+        &mut self,
+        layer: usize,
+        probs: Slot,
+        shape: AttentionShape,
+        out: Slot,
+    ) -> Result<()> {
+        let pt = self.slot(probs)?;
+        let AttentionShape {
+            heads,
+            kv_heads,
+            head_dim: hd,
+        } = shape;
+        if pt.shape.len() != 3 || pt.shape[0] != heads {
+            return Err(PipelineError::BadInput(format!(
+                "attention needs [{heads},T,P] probabilities, got {:?}",
+                pt.shape
+            )));
+        }
+        let (t_len, p_len) = (pt.shape[1], pt.shape[2]);
+        let pd = self.rows(probs)?.2;
+        let cache = self.cache(layer)?;
+        if cache.len != p_len || cache.width != kv_heads * hd {
+            return Err(PipelineError::BadInput(format!(
+                "attention: probabilities cover {p_len} positions, the value cache of layer {layer} {}",
+                cache.len
+            )));
+        }
+        let group = heads / kv_heads;
+        let width = heads * hd;
+        let mut data = vec![0.0f32; t_len * width];
+        self.pool.install(|| {
+            data.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
+                let mut acc = vec![0.0f64; hd];
+                for h in 0..heads {
+                    let kvh = h / group;
+                    acc.fill(0.0);
+                    for p in 0..p_len {
+                        let w = pd[(h * t_len + t) * p_len + p] as f64;
+                        let v =
+                            &cache.v[p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
+                        for (a, &x) in acc.iter_mut().zip(v) {
+                            *a += w * x as f64;
+                        }
+                    }
+                    for (o, a) in row[h * hd..(h + 1) * hd].iter_mut().zip(&acc) {
+                        *o = *a as f32;
+                    }
+                }
+            });
+        });
+        self.set(out, HostTensor::f32(vec![t_len, width], data));
+        Ok(())
+    }
+
+    fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
+        self.elementwise(a, b, out, |x, y| (x as f64 + y as f64) as f32)
+    }
+
+    fn silu(&mut self, input: Slot, out: Slot) -> Result<()> {
+        let t = self.slot(input)?;
+        let shape = t.shape.clone();
+        let data = self.rows(input)?.2.iter().map(|&x| math::silu(x)).collect();
+        self.set(out, HostTensor::f32(shape, data));
+        Ok(())
+    }
+
+    fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
+        self.elementwise(a, b, out, |x, y| (x as f64 * y as f64) as f32)
+    }
+
+    fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()> {
+        self.elementwise(gate, up, out, |g, u| {
+            let g = g as f64;
+            (g / (1.0 + (-g).exp()) * u as f64) as f32
+        })
+    }
+
+    fn router_top_k(
+        &mut self,
+        logits: Slot,
+        k: usize,
+        normalise: bool,
+        weights_out: Slot,
+        indices_out: Slot,
+    ) -> Result<()> {
+        let (rows, experts, x) = self.rows(logits)?;
+        if k == 0 || k > experts {
+            return Err(PipelineError::BadInput(format!(
+                "top-{k} of {experts} experts is impossible"
+            )));
+        }
+        let mut weights = Vec::with_capacity(rows * k);
+        let mut indices = Vec::with_capacity(rows * k);
+        for row in x.chunks(experts) {
+            let (w, i) = math::top_k(row, k, normalise);
+            weights.extend(w);
+            indices.extend(i);
+        }
+        self.set(weights_out, HostTensor::f32(vec![rows, k], weights));
+        self.set(indices_out, HostTensor::i32(vec![rows, k], indices));
+        Ok(())
+    }
+
+    fn expert_linear(
+        &mut self,
+        input: Slot,
+        indices: Slot,
+        experts: &[WeightId],
+        out: Slot,
+    ) -> Result<()> {
+        let it = self.slot(indices)?;
+        let idx = it.as_i32().ok_or_else(|| {
+            PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids"))
+        })?;
+        let (t_len, k) = (it.shape[0], it.shape[1]);
+        let xt = self.slot(input)?;
+        let per_slot = xt.shape.len() == 3;
+        let (_, width, x) = self.rows(input)?;
+        let expected_rows = if per_slot { t_len * k } else { t_len };
+        if x.len() != expected_rows * width {
+            return Err(PipelineError::BadInput(format!(
+                "expert input `{input}` has shape {:?}, expected {} rows for indices [{t_len},{k}]",
+                xt.shape, expected_rows
+            )));
+        }
+        let n = self.store.get(experts[0]).shape[0];
+        let mut data = vec![0.0f32; t_len * k * n];
+        let mut used: Vec<i32> = idx.to_vec();
+        used.sort_unstable();
+        used.dedup();
+        for e in used {
+            let w = experts
+                .get(e as usize)
+                .filter(|_| e >= 0)
+                .map(|&id| self.store.get(id))
+                .ok_or_else(|| {
+                    PipelineError::BadInput(format!(
+                        "expert id {e} in `{indices}` is out of range 0..{}",
+                        experts.len()
+                    ))
+                })?;
+            self.check_width(
+                input,
+                width,
+                w.row_len(),
+                &format!("expert weight `{}`", w.name),
+            )?;
+            let slots: Vec<usize> = (0..t_len * k).filter(|&s| idx[s] == e).collect();
+            let inputs: Vec<&[f32]> = slots
+                .iter()
+                .map(|&s| {
+                    let row = if per_slot { s } else { s / k };
+                    &x[row * width..(row + 1) * width]
+                })
+                .collect();
+            let part = self.pool.install(|| math::matmul_t(&inputs, w));
+            for (&s, src) in slots.iter().zip(part.chunks(n)) {
+                data[s * n..(s + 1) * n].copy_from_slice(src);
+            }
+        }
+        self.set(out, HostTensor::f32(vec![t_len, k, n], data));
+        Ok(())
+    }
+
+    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
+        let et = self.slot(expert_out)?;
+        let wt = self.slot(weights)?;
+        if et.shape.len() != 3 || wt.shape != et.shape[..2] {
+            return Err(PipelineError::BadInput(format!(
+                "moe_combine needs [T,k,H] outputs and [T,k] weights, got {:?} and {:?}",
+                et.shape, wt.shape
+            )));
+        }
+        let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
+        let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
+        let mut data = vec![0.0f32; t_len * h];
+        for (t, row) in data.chunks_mut(h).enumerate() {
+            for (d, o) in row.iter_mut().enumerate() {
+                let sum: f64 = (0..k)
+                    .map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64)
+                    .sum();
+                *o = sum as f32;
+            }
+        }
+        self.set(out, HostTensor::f32(vec![t_len, h], data));
+        Ok(())
+    }
+
+    fn read(&mut self, slot: Slot) -> Result<HostTensor> {
+        self.slot(slot).cloned()
+    }
+
+    fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()> {
+        self.set(slot, tensor.clone());
+        Ok(())
+    }
+
+    fn argmax_last_row(&mut self, slot: Slot) -> Result<u32> {
+        let (rows, width, x) = self.rows(slot)?;
+        if rows == 0 {
+            return Err(PipelineError::BadInput(format!("stage `{slot}` is empty")));
+        }
+        Ok(math::argmax(&x[(rows - 1) * width..]) as u32)
+    }
+}

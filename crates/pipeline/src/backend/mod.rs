@@ -1,0 +1,165 @@
+//! The [`Backend`] trait: one method per operation the stage systems need.
+//! Activations live inside the backend, one buffer per stage (the stage's
+//! output), addressed by [`SaveTensorStage`]; weights are addressed by
+//! [`WeightId`]. Systems call these methods and never ask which backend
+//! they talk to.
+
+pub mod cpu;
+
+use stage_types::SaveTensorStage;
+
+use crate::error::Result;
+use crate::tensor::HostTensor;
+use crate::weights::WeightId;
+
+/// Names an activation buffer: the output of that stage in the current
+/// step and layer.
+pub type Slot = SaveTensorStage;
+
+/// Per-head RMSNorm of the q and k parts of a qkv row (Qwen3 QK-norm).
+#[derive(Debug, Clone, Copy)]
+pub struct QkNormArgs {
+    /// nh.
+    pub q_heads: usize,
+    /// nkv.
+    pub kv_heads: usize,
+    /// hd.
+    pub head_dim: usize,
+    /// q_norm weight, [hd].
+    pub q_weight: WeightId,
+    /// k_norm weight, [hd].
+    pub k_weight: WeightId,
+    /// RMSNorm epsilon.
+    pub eps: f64,
+}
+
+/// Geometry of attention for one layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionShape {
+    /// nh.
+    pub heads: usize,
+    /// nkv; query head h reads kv head h / (nh / nkv).
+    pub kv_heads: usize,
+    /// hd.
+    pub head_dim: usize,
+}
+
+/// The operations of a forward pass. Every method reads named input slots
+/// and writes one output slot (replacing its shape and contents).
+pub trait Backend: Send + Sync + 'static {
+    /// Short name for manifests and messages, e.g. `cpu`.
+    fn name(&self) -> &'static str;
+
+    /// Activation dtype, e.g. `f32`.
+    fn dtype(&self) -> &'static str;
+
+    /// Starts a step computing `tokens` at positions `start_position..`.
+    /// Truncates the KV caches to `start_position` entries; fails if they
+    /// hold fewer.
+    fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()>;
+
+    /// `out[t] = table[tokens[t]]`.
+    fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()>;
+
+    /// `out = x * rsqrt(mean(x²) + eps) * weight`, per row.
+    fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()>;
+
+    /// `out = input · [w0; w1; ...]ᵀ`: the outputs of each weight,
+    /// concatenated along features.
+    fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()>;
+
+    /// `out = input + [b0, b1, ...]` per row.
+    fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()>;
+
+    /// Per-head RMSNorm over hd of the first nh heads (q, with q_weight)
+    /// and the next nkv heads (k, with k_weight) of each input row.
+    fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()>;
+
+    /// NeoX split-half RoPE of `heads` heads of `head_dim` starting at
+    /// column `col_start` of each input row; dim i pairs with i + hd/2,
+    /// angle = position * theta^(-2i/hd).
+    fn rope(
+        &mut self,
+        input: Slot,
+        col_start: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        out: Slot,
+    ) -> Result<()>;
+
+    /// Appends this step's keys (all columns of `k`) and values (nkv*hd
+    /// columns of `v` from `v_col`) to the cache of `layer`.
+    fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()>;
+
+    /// `out[h,t,p] = q[t,h]·k[p,h/g] / sqrt(hd)` over the cached keys of
+    /// `layer`, 0 where p > position of t (causal mask).
+    fn attn_scores(
+        &mut self,
+        layer: usize,
+        q: Slot,
+        shape: AttentionShape,
+        out: Slot,
+    ) -> Result<()>;
+
+    /// Causal softmax over p of `[nh,T,P]` scores (masked entries 0).
+    fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()>;
+
+    /// `out[t,h] = Σ_p probs[h,t,p] · v[p,h/g]` over the cached values of
+    /// `layer`.
+    fn attention(
+        &mut self,
+        layer: usize,
+        probs: Slot,
+        shape: AttentionShape,
+        out: Slot,
+    ) -> Result<()>;
+
+    /// `out = a + b`.
+    fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()>;
+
+    /// `out = x * sigmoid(x)`.
+    fn silu(&mut self, input: Slot, out: Slot) -> Result<()>;
+
+    /// `out = a * b`.
+    fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()>;
+
+    /// `out = silu(gate) * up`.
+    fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()>;
+
+    /// Softmax over all experts, top-k (descending, ties to the lower id),
+    /// divided by their sum when `normalise`: weights `[T,k]` and ids
+    /// `[T,k]` int32.
+    fn router_top_k(
+        &mut self,
+        logits: Slot,
+        k: usize,
+        normalise: bool,
+        weights_out: Slot,
+        indices_out: Slot,
+    ) -> Result<()>;
+
+    /// Per selected expert projection: `out[t,j] = W[indices[t,j]] · x`
+    /// where x is `input[t]` for a `[T,H]` input or `input[t,j]` for a
+    /// `[T,k,I]` input. `out` is `[T,k,N]`.
+    fn expert_linear(
+        &mut self,
+        input: Slot,
+        indices: Slot,
+        experts: &[WeightId],
+        out: Slot,
+    ) -> Result<()>;
+
+    /// `out[t] = Σ_j weights[t,j] · expert_out[t,j]`.
+    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()>;
+
+    /// Copies a slot to the host. Fails if the slot holds nothing.
+    fn read(&mut self, slot: Slot) -> Result<HostTensor>;
+
+    /// Replaces a slot's contents from the host.
+    fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()>;
+
+    /// Index of the largest value in the last row of a 2-D f32 slot (the
+    /// greedy next token; the lowest index on ties, NaN never wins).
+    fn argmax_last_row(&mut self, slot: Slot) -> Result<u32>;
+}

@@ -1,0 +1,428 @@
+//! [`ModelConfig`]: the architecture hyper-parameters of a Qwen3 or
+//! Qwen3-MoE model, read from a Hugging Face config.json in either spelling.
+
+use std::path::Path;
+
+use serde_json::{Map, Value};
+
+use crate::error::{PipelineError, Result};
+
+/// The hyper-parameters of a Qwen3 / Qwen3-MoE decoder, with the keys'
+/// alternative spellings resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// `architectures[0]`, e.g. `Qwen3MoeForCausalLM`.
+    pub architecture: String,
+    /// H.
+    pub hidden_size: usize,
+    /// Decoder layers.
+    pub num_layers: usize,
+    /// nh, query heads.
+    pub num_heads: usize,
+    /// nkv, key-value heads (GQA).
+    pub num_kv_heads: usize,
+    /// hd.
+    pub head_dim: usize,
+    /// Dense MLP width (0 when no layer is dense).
+    pub intermediate_size: usize,
+    /// Per-expert MLP width (0 for dense models).
+    pub moe_intermediate_size: usize,
+    /// E, experts per MoE layer (0 for dense models).
+    pub num_experts: usize,
+    /// k, experts chosen per token.
+    pub experts_per_token: usize,
+    /// Divide the top-k probabilities by their sum.
+    pub norm_topk_prob: bool,
+    /// Every `decoder_sparse_step`-th layer is MoE.
+    pub decoder_sparse_step: usize,
+    /// Layers forced dense.
+    pub mlp_only_layers: Vec<usize>,
+    /// RMSNorm epsilon.
+    pub rms_norm_eps: f64,
+    /// RoPE base.
+    pub rope_theta: f64,
+    /// V.
+    pub vocab_size: usize,
+    /// lm_head shares the embedding matrix.
+    pub tie_word_embeddings: bool,
+    /// q/k/v projections have a bias (not Qwen3; Qwen2-style).
+    pub attention_bias: bool,
+    /// The checkpoint's declared dtype (`torch_dtype` or `dtype`), if any.
+    pub dtype: Option<String>,
+    /// The config as JSON (the file's own content for checkpoints), for
+    /// capture manifests.
+    pub json: Value,
+}
+
+impl ModelConfig {
+    /// Reads and validates `config.json`.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| PipelineError::BadConfig {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        Self::from_json(json, path)
+    }
+
+    /// Validates a parsed config.json; `path` is only for messages.
+    pub fn from_json(json: Value, path: &Path) -> Result<Self> {
+        let obj = json.as_object().ok_or_else(|| PipelineError::BadConfig {
+            path: path.to_path_buf(),
+            message: "the top level is not a JSON object".into(),
+        })?;
+        let keys = Keys { obj, path };
+        let num_experts = keys
+            .opt_usize(&["num_experts", "num_local_experts"])?
+            .unwrap_or(0);
+        let model_type = keys.opt_str("model_type")?.unwrap_or_default();
+        let is_moe = num_experts > 0 || model_type.contains("moe");
+        let hidden_size = keys.usize(&["hidden_size"])?;
+        let num_heads = keys.usize(&["num_attention_heads"])?;
+        let head_dim = match keys.opt_usize(&["head_dim"])? {
+            Some(hd) => hd,
+            None => hidden_size / num_heads.max(1),
+        };
+        let architecture = obj
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .unwrap_or_else(|| {
+                if is_moe {
+                    "Qwen3MoeForCausalLM".into()
+                } else {
+                    "Qwen3ForCausalLM".into()
+                }
+            });
+        let rope_theta = match keys.opt_f64(&["rope_theta"])? {
+            Some(t) => t,
+            None => match obj.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
+                Some(v) => v
+                    .as_f64()
+                    .ok_or_else(|| keys.bad("rope_parameters.rope_theta", "a number"))?,
+                None => {
+                    return Err(PipelineError::MissingConfigKey {
+                        path: path.to_path_buf(),
+                        key: "rope_theta",
+                        hint: " (or rope_parameters.rope_theta)".into(),
+                    });
+                }
+            },
+        };
+        let config = ModelConfig {
+            architecture,
+            hidden_size,
+            num_layers: keys.usize(&["num_hidden_layers"])?,
+            num_heads,
+            num_kv_heads: keys.usize(&["num_key_value_heads"])?,
+            head_dim,
+            intermediate_size: keys.opt_usize(&["intermediate_size"])?.unwrap_or(0),
+            moe_intermediate_size: if is_moe {
+                keys.usize(&["moe_intermediate_size"])?
+            } else {
+                0
+            },
+            num_experts: if is_moe {
+                keys.usize(&["num_experts", "num_local_experts"])?
+            } else {
+                0
+            },
+            experts_per_token: if is_moe {
+                keys.usize(&["num_experts_per_tok"])?
+            } else {
+                0
+            },
+            norm_topk_prob: keys.opt_bool("norm_topk_prob")?.unwrap_or(false),
+            decoder_sparse_step: keys.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
+            mlp_only_layers: match obj.get("mlp_only_layers") {
+                None | Some(Value::Null) => Vec::new(),
+                Some(v) => serde_json::from_value(v.clone())
+                    .map_err(|_| keys.bad("mlp_only_layers", "a list of layer indices"))?,
+            },
+            rms_norm_eps: keys.opt_f64(&["rms_norm_eps"])?.unwrap_or(1e-6),
+            rope_theta,
+            vocab_size: keys.usize(&["vocab_size"])?,
+            tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
+            attention_bias: keys.opt_bool("attention_bias")?.unwrap_or(false),
+            dtype: match keys.opt_str("torch_dtype")? {
+                Some(d) => Some(d),
+                None => keys.opt_str("dtype")?,
+            },
+            json,
+        };
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<()> {
+        let bad = |message: String| PipelineError::BadConfig {
+            path: path.to_path_buf(),
+            message,
+        };
+        for (name, value) in [
+            ("hidden_size", self.hidden_size),
+            ("num_hidden_layers", self.num_layers),
+            ("num_attention_heads", self.num_heads),
+            ("num_key_value_heads", self.num_kv_heads),
+            ("head_dim", self.head_dim),
+            ("vocab_size", self.vocab_size),
+            ("decoder_sparse_step", self.decoder_sparse_step),
+        ] {
+            if value == 0 {
+                return Err(bad(format!("`{name}` must be at least 1")));
+            }
+        }
+        if self.num_heads % self.num_kv_heads != 0 {
+            return Err(bad(format!(
+                "num_attention_heads {} is not a multiple of num_key_value_heads {}",
+                self.num_heads, self.num_kv_heads
+            )));
+        }
+        if self.head_dim % 2 != 0 {
+            return Err(bad(format!(
+                "head_dim {} must be even for RoPE",
+                self.head_dim
+            )));
+        }
+        if self.num_experts > 0
+            && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts)
+        {
+            return Err(bad(format!(
+                "num_experts_per_tok {} must be between 1 and num_experts {}",
+                self.experts_per_token, self.num_experts
+            )));
+        }
+        if (0..self.num_layers).any(|l| !self.is_moe_layer(l)) && self.intermediate_size == 0 {
+            return Err(PipelineError::MissingConfigKey {
+                path: path.to_path_buf(),
+                key: "intermediate_size",
+                hint: " (the model has dense layers)".into(),
+            });
+        }
+        if !self.rms_norm_eps.is_finite()
+            || self.rms_norm_eps < 0.0
+            || !self.rope_theta.is_finite()
+            || self.rope_theta <= 0.0
+        {
+            return Err(bad("rms_norm_eps must be >= 0 and rope_theta > 0".into()));
+        }
+        Ok(())
+    }
+
+    /// Whether layer `layer` is a Mixture-of-Experts layer: the model has
+    /// experts, the layer is not in `mlp_only_layers`, and
+    /// `(layer + 1) % decoder_sparse_step == 0`.
+    pub fn is_moe_layer(&self, layer: usize) -> bool {
+        self.num_experts > 0
+            && !self.mlp_only_layers.contains(&layer)
+            && (layer + 1) % self.decoder_sparse_step == 0
+    }
+
+    /// Width of the qkv_matmul output: (nh + 2 nkv) * hd.
+    pub fn qkv_width(&self) -> usize {
+        (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+    }
+
+    /// Width of the query projection: nh * hd.
+    pub fn q_width(&self) -> usize {
+        self.num_heads * self.head_dim
+    }
+
+    /// Width of the key (or value) projection: nkv * hd.
+    pub fn kv_width(&self) -> usize {
+        self.num_kv_heads * self.head_dim
+    }
+}
+
+/// Typed access to config.json keys with the file named in errors.
+struct Keys<'a> {
+    obj: &'a Map<String, Value>,
+    path: &'a Path,
+}
+
+impl Keys<'_> {
+    fn bad(&self, key: &str, wanted: &str) -> PipelineError {
+        PipelineError::BadConfig {
+            path: self.path.to_path_buf(),
+            message: format!("`{key}` must be {wanted}"),
+        }
+    }
+
+    fn find<'k>(&self, names: &[&'k str]) -> Option<(&'k str, &Value)> {
+        names
+            .iter()
+            .find_map(|n| self.obj.get(*n).filter(|v| !v.is_null()).map(|v| (*n, v)))
+    }
+
+    fn opt_usize(&self, names: &[&str]) -> Result<Option<usize>> {
+        match self.find(names) {
+            None => Ok(None),
+            Some((key, v)) => v
+                .as_u64()
+                .map(|n| Some(n as usize))
+                .ok_or_else(|| self.bad(key, "a non-negative integer")),
+        }
+    }
+
+    fn usize(&self, names: &[&'static str]) -> Result<usize> {
+        self.opt_usize(names)?
+            .ok_or_else(|| PipelineError::MissingConfigKey {
+                path: self.path.to_path_buf(),
+                key: names[0],
+                hint: if names.len() > 1 {
+                    format!(" (or {})", names[1..].join(", "))
+                } else {
+                    String::new()
+                },
+            })
+    }
+
+    fn opt_f64(&self, names: &[&str]) -> Result<Option<f64>> {
+        match self.find(names) {
+            None => Ok(None),
+            Some((key, v)) => v
+                .as_f64()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "a number")),
+        }
+    }
+
+    fn opt_bool(&self, name: &str) -> Result<Option<bool>> {
+        match self.find(&[name]) {
+            None => Ok(None),
+            Some((key, v)) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.bad(key, "true or false")),
+        }
+    }
+
+    fn opt_str(&self, name: &str) -> Result<Option<String>> {
+        match self.find(&[name]) {
+            None => Ok(None),
+            Some((key, v)) => v
+                .as_str()
+                .map(|s| Some(s.to_string()))
+                .ok_or_else(|| self.bad(key, "a string")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn moe_json() -> Value {
+        json!({
+            "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe",
+            "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96,
+            "moe_intermediate_size": 32, "num_experts": 8, "num_experts_per_tok": 2,
+            "norm_topk_prob": true, "decoder_sparse_step": 1, "mlp_only_layers": [],
+            "rms_norm_eps": 1e-6, "rope_theta": 1e6, "vocab_size": 100, "torch_dtype": "bfloat16"
+        })
+    }
+
+    fn parse(v: Value) -> Result<ModelConfig> {
+        ModelConfig::from_json(v, Path::new("config.json"))
+    }
+
+    #[test]
+    fn reads_the_older_spelling() {
+        let c = parse(moe_json()).unwrap();
+        assert_eq!(c.num_experts, 8);
+        assert_eq!(c.rope_theta, 1e6);
+        assert_eq!(c.dtype.as_deref(), Some("bfloat16"));
+        assert!((0..4).all(|l| c.is_moe_layer(l)));
+        assert_eq!(c.qkv_width(), (4 + 4) * 16);
+    }
+
+    #[test]
+    fn reads_the_newer_spelling() {
+        let mut v = moe_json();
+        let o = v.as_object_mut().unwrap();
+        let e = o.remove("num_experts").unwrap();
+        o.insert("num_local_experts".into(), e);
+        o.remove("rope_theta");
+        o.insert(
+            "rope_parameters".into(),
+            json!({"rope_theta": 5e5, "rope_type": "default"}),
+        );
+        o.remove("torch_dtype");
+        o.insert("dtype".into(), json!("float32"));
+        let c = parse(v).unwrap();
+        assert_eq!(c.num_experts, 8);
+        assert_eq!(c.rope_theta, 5e5);
+        assert_eq!(c.dtype.as_deref(), Some("float32"));
+    }
+
+    #[test]
+    fn mlp_only_layers_and_sparse_step_make_dense_layers() {
+        let mut v = moe_json();
+        v["mlp_only_layers"] = json!([0]);
+        v["decoder_sparse_step"] = json!(2);
+        let c = parse(v).unwrap();
+        let kinds: Vec<bool> = (0..4).map(|l| c.is_moe_layer(l)).collect();
+        assert_eq!(kinds, [false, true, false, true]);
+    }
+
+    #[test]
+    fn missing_required_key_is_named() {
+        let mut v = moe_json();
+        v.as_object_mut().unwrap().remove("hidden_size");
+        let msg = parse(v).unwrap_err().to_string();
+        assert!(msg.contains("missing required key `hidden_size`"), "{msg}");
+        let mut v = moe_json();
+        v.as_object_mut().unwrap().remove("rope_theta");
+        let msg = parse(v).unwrap_err().to_string();
+        assert!(
+            msg.contains("rope_theta") && msg.contains("rope_parameters"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_and_impossible_values_are_rejected() {
+        let mut v = moe_json();
+        v["hidden_size"] = json!("big");
+        assert!(
+            parse(v)
+                .unwrap_err()
+                .to_string()
+                .contains("`hidden_size` must be a non-negative integer")
+        );
+        let mut v = moe_json();
+        v["num_experts_per_tok"] = json!(9);
+        assert!(
+            parse(v)
+                .unwrap_err()
+                .to_string()
+                .contains("num_experts_per_tok 9")
+        );
+        let mut v = moe_json();
+        v["num_key_value_heads"] = json!(3);
+        assert!(parse(v).unwrap_err().to_string().contains("multiple"));
+    }
+
+    #[test]
+    fn dense_model_needs_no_expert_keys() {
+        let mut v = moe_json();
+        let o = v.as_object_mut().unwrap();
+        for k in [
+            "num_experts",
+            "num_experts_per_tok",
+            "moe_intermediate_size",
+        ] {
+            o.remove(k);
+        }
+        o.insert("model_type".into(), json!("qwen3"));
+        let c = parse(v).unwrap();
+        assert_eq!(c.num_experts, 0);
+        assert!(!c.is_moe_layer(0));
+    }
+}

@@ -1,0 +1,185 @@
+//! The ECS vocabulary of the forward pass: layer components, resources,
+//! the system sets observers order against, and [`StageCtx`], the system
+//! parameter every stage system runs through.
+
+use bevy_ecs::prelude::*;
+use bevy_ecs::schedule::ScheduleLabel;
+use bevy_ecs::system::SystemParam;
+use stage_types::{SaveTensorStage, StageList};
+
+use crate::backend::Backend;
+use crate::config::ModelConfig;
+use crate::error::PipelineError;
+use crate::model::{AttentionWeights, MlpWeights};
+use crate::weights::WeightId;
+
+/// The system set of one stage's system. The schedule chains these in
+/// [`SaveTensorStage::ALL`] order; observers order themselves against them.
+#[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StageSet(pub SaveTensorStage);
+
+/// Where systems from outside the pipeline attach to a stage. For stage S
+/// the order is `StageSet(S)`, `Amend(S)`, `Observe(S)`, then the next
+/// stage's set, so an amending system (fault injection) changes S's output
+/// before any consumer and before any observer (capture) sees it.
+#[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum StageHookSystems {
+    /// Runs right after the stage and may rewrite its output.
+    Amend(SaveTensorStage),
+    /// Runs after the amenders and must only read.
+    Observe(SaveTensorStage),
+}
+
+/// The three schedules of a forward step.
+#[derive(ScheduleLabel, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ForwardSchedule {
+    /// Model stages before the layers (embedding).
+    Prologue,
+    /// Layer stages, run once per layer entity in order.
+    Layer,
+    /// Model stages after the layers (final_norm, lm_head).
+    Epilogue,
+}
+
+impl ForwardSchedule {
+    /// The schedule a stage's system runs in.
+    pub fn of(stage: SaveTensorStage) -> Self {
+        if stage.is_layer_stage() {
+            ForwardSchedule::Layer
+        } else if stage < SaveTensorStage::AttnNorm {
+            ForwardSchedule::Prologue
+        } else {
+            ForwardSchedule::Epilogue
+        }
+    }
+}
+
+/// A decoder layer's index (component of each layer entity).
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerIndex(pub usize);
+
+/// Dense or Mixture-of-Experts (component of each layer entity).
+#[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    /// A dense SwiGLU MLP.
+    Dense,
+    /// A Mixture-of-Experts block.
+    Moe,
+}
+
+/// The attention weights of a layer entity.
+#[derive(Component, Debug, Clone)]
+pub struct LayerAttention(pub AttentionWeights);
+
+/// The feed-forward weights of a layer entity.
+#[derive(Component, Debug, Clone)]
+pub struct LayerMlp(pub MlpWeights);
+
+/// The backend every stage system calls.
+#[derive(Resource)]
+pub struct ActiveBackend(pub Box<dyn Backend>);
+
+/// Model-wide parameters and weights (those that belong to no layer).
+#[derive(Resource, Debug, Clone)]
+pub struct ModelParams {
+    /// Hyper-parameters.
+    pub config: ModelConfig,
+    /// Embedding table.
+    pub embedding: WeightId,
+    /// Final RMSNorm weight.
+    pub final_norm: WeightId,
+    /// lm_head (the embedding when tied).
+    pub lm_head: WeightId,
+}
+
+/// The step being computed.
+#[derive(Resource, Debug, Clone, Default)]
+pub struct StepState {
+    /// Step number: 0 is the prompt, then one per decoded token.
+    pub step: usize,
+    /// Position of the first token of this step.
+    pub start_position: usize,
+    /// The tokens fed this step.
+    pub tokens: Vec<u32>,
+}
+
+/// The layer the layer schedule is running for (None in the prologue and
+/// epilogue).
+#[derive(Resource, Debug, Clone, Copy, Default)]
+pub struct CurrentLayer {
+    /// The layer entity.
+    pub entity: Option<Entity>,
+    /// Its index.
+    pub index: Option<usize>,
+    /// Its kind.
+    pub kind: Option<LayerKind>,
+    /// Whether its attention projections have a bias.
+    pub qkv_bias: bool,
+}
+
+/// Stages produced since the current schedule run began; observers check
+/// it so a stage a layer does not have is never captured.
+#[derive(Resource, Debug, Clone, Copy, Default)]
+pub struct StageLog(pub StageList);
+
+/// The first error of the running schedule; later stage systems skip
+/// their work once it is set.
+#[derive(Resource, Debug, Default)]
+pub struct StepError(pub Option<PipelineError>);
+
+/// What a stage system needs: the backend, the model, the current layer,
+/// and the bookkeeping of which stages ran.
+#[derive(SystemParam)]
+pub struct StageCtx<'w> {
+    backend: ResMut<'w, ActiveBackend>,
+    /// Model-wide parameters.
+    pub model: Res<'w, ModelParams>,
+    /// The current layer.
+    pub layer: Res<'w, CurrentLayer>,
+    log: ResMut<'w, StageLog>,
+    error: ResMut<'w, StepError>,
+}
+
+impl StageCtx<'_> {
+    /// Runs `op` as the computation of `stage` unless an earlier stage
+    /// failed; records the stage as produced on success and the error
+    /// otherwise.
+    pub fn run(
+        &mut self,
+        stage: SaveTensorStage,
+        op: impl FnOnce(&mut dyn Backend, &ModelConfig) -> crate::Result<()>,
+    ) {
+        if self.error.0.is_some() {
+            return;
+        }
+        match op(self.backend.0.as_mut(), &self.model.config) {
+            Ok(()) => self.log.0.insert(stage),
+            Err(e) => self.error.0 = Some(e),
+        }
+    }
+
+    /// Index of the current layer (0 outside the layer schedule).
+    pub fn layer_index(&self) -> usize {
+        self.layer.index.unwrap_or(0)
+    }
+
+    /// The current layer entity.
+    pub fn layer_entity(&self) -> Option<Entity> {
+        self.layer.entity
+    }
+}
+
+/// Run condition: the current layer is dense.
+pub fn layer_is_dense(layer: Res<CurrentLayer>) -> bool {
+    layer.kind == Some(LayerKind::Dense)
+}
+
+/// Run condition: the current layer is a Mixture-of-Experts layer.
+pub fn layer_is_moe(layer: Res<CurrentLayer>) -> bool {
+    layer.kind == Some(LayerKind::Moe)
+}
+
+/// Run condition: the current layer's attention has a QKV bias.
+pub fn layer_has_qkv_bias(layer: Res<CurrentLayer>) -> bool {
+    layer.qkv_bias
+}

@@ -1,0 +1,274 @@
+//! [`Forward`]: the ECS world of a model (one entity per decoder layer),
+//! its schedules, and the step loop: prologue, the layer schedule once per
+//! layer entity in order, epilogue; greedy decoding on top.
+
+use bevy_ecs::prelude::*;
+use bevy_ecs::schedule::ScheduleConfigs;
+use bevy_ecs::system::ScheduleSystem;
+use stage_types::SaveTensorStage;
+
+use crate::backend::Backend;
+use crate::ecs::{
+    ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerKind, LayerMlp,
+    ModelParams, StageHookSystems, StageLog, StepError, StepState,
+};
+use crate::error::{PipelineError, Result};
+use crate::model::{MlpWeights, Model};
+use crate::schedule::{ForwardSchedules, build_schedules};
+
+/// What the step loop reports as it goes, for progress display.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ForwardEvent {
+    /// A step is about to run.
+    StepStarted {
+        /// Step number.
+        step: usize,
+        /// Position of its first token.
+        start_position: usize,
+        /// Tokens fed.
+        tokens: usize,
+    },
+    /// A layer of the current step finished.
+    LayerDone {
+        /// Step number.
+        step: usize,
+        /// Layer index.
+        layer: usize,
+        /// Number of layers.
+        layers: usize,
+    },
+    /// A step finished; `next_token` is the greedy choice when decoding.
+    StepDone {
+        /// Step number.
+        step: usize,
+        /// The token greedy decoding chose after this step, if it decoded.
+        next_token: Option<u32>,
+    },
+}
+
+/// One step of a generation, as recorded in capture manifests.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepRecord {
+    /// Step number.
+    pub step: usize,
+    /// Position of the first token.
+    pub start_position: usize,
+    /// Tokens fed.
+    pub tokens: Vec<u32>,
+}
+
+/// The result of [`Forward::generate`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Generation {
+    /// Tokens produced by greedy decoding.
+    pub generated: Vec<u32>,
+    /// The steps that ran.
+    pub steps: Vec<StepRecord>,
+}
+
+/// A model's forward pass as an ECS world and its schedules.
+pub struct Forward {
+    world: World,
+    schedules: ForwardSchedules,
+    layers: Vec<Entity>,
+    vocab_size: usize,
+}
+
+impl Forward {
+    /// Spawns one entity per layer of `model` and builds the schedules;
+    /// `backend` becomes the [`ActiveBackend`] resource.
+    pub fn new(model: &Model, backend: Box<dyn Backend>) -> Self {
+        let mut world = World::new();
+        let layers = model
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(index, weights)| {
+                let kind = match weights.mlp {
+                    MlpWeights::Dense { .. } => LayerKind::Dense,
+                    MlpWeights::Moe(_) => LayerKind::Moe,
+                };
+                world
+                    .spawn((
+                        LayerIndex(index),
+                        kind,
+                        LayerAttention(weights.attention.clone()),
+                        LayerMlp(weights.mlp.clone()),
+                    ))
+                    .id()
+            })
+            .collect();
+        world.insert_resource(ActiveBackend(backend));
+        world.insert_resource(ModelParams {
+            config: model.config.clone(),
+            embedding: model.embedding,
+            final_norm: model.final_norm,
+            lm_head: model.lm_head,
+        });
+        world.init_resource::<StepState>();
+        world.init_resource::<CurrentLayer>();
+        world.init_resource::<StageLog>();
+        world.init_resource::<StepError>();
+        Self {
+            world,
+            schedules: build_schedules(),
+            layers,
+            vocab_size: model.config.vocab_size,
+        }
+    }
+
+    /// Attaches a system from outside the pipeline to `stage`: in
+    /// [`StageHookSystems::Amend`] to rewrite its output before anything
+    /// reads it, or [`StageHookSystems::Observe`] to read it (capture).
+    /// The system goes into the schedule the stage runs in.
+    pub fn add_stage_hook<M>(
+        &mut self,
+        hook: StageHookSystems,
+        system: impl IntoScheduleConfigs<ScheduleSystem, M>,
+    ) {
+        let stage = match hook {
+            StageHookSystems::Amend(s) | StageHookSystems::Observe(s) => s,
+        };
+        let configs: ScheduleConfigs<ScheduleSystem> = system.into_configs().in_set(hook);
+        self.schedules
+            .get_mut(ForwardSchedule::of(stage))
+            .add_systems(configs);
+    }
+
+    /// The world, for inserting resources hooks need.
+    pub fn world_mut(&mut self) -> &mut World {
+        &mut self.world
+    }
+
+    /// The backend.
+    pub fn backend_mut(&mut self) -> &mut dyn Backend {
+        self.world
+            .resource_mut::<ActiveBackend>()
+            .into_inner()
+            .0
+            .as_mut()
+    }
+
+    /// Number of decoder layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Runs one step: `tokens` at positions `start_position..`.
+    pub fn step(
+        &mut self,
+        step: usize,
+        tokens: &[u32],
+        start_position: usize,
+        on_event: &mut dyn FnMut(ForwardEvent),
+    ) -> Result<()> {
+        if tokens.is_empty() {
+            return Err(PipelineError::BadInput(
+                "a step needs at least one token".into(),
+            ));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
+            return Err(PipelineError::BadInput(format!(
+                "token id {bad} is out of range: the vocabulary has {} tokens (0..{})",
+                self.vocab_size, self.vocab_size
+            )));
+        }
+        on_event(ForwardEvent::StepStarted {
+            step,
+            start_position,
+            tokens: tokens.len(),
+        });
+        self.backend_mut().begin_step(tokens, start_position)?;
+        *self.world.resource_mut::<StepState>() = StepState {
+            step,
+            start_position,
+            tokens: tokens.to_vec(),
+        };
+        self.set_layer(None);
+        self.run(ForwardSchedule::Prologue)?;
+        for index in 0..self.layers.len() {
+            self.set_layer(Some(index));
+            self.run(ForwardSchedule::Layer)?;
+            on_event(ForwardEvent::LayerDone {
+                step,
+                layer: index,
+                layers: self.layers.len(),
+            });
+        }
+        self.set_layer(None);
+        self.run(ForwardSchedule::Epilogue)
+    }
+
+    /// Greedy choice after the last step: argmax of the last lm_head row.
+    pub fn next_token(&mut self) -> Result<u32> {
+        self.backend_mut().argmax_last_row(SaveTensorStage::LmHead)
+    }
+
+    /// Runs the prompt, then `generate - 1` decode steps feeding the greedy
+    /// choice back, producing `generate` tokens. With `generate == 0` only
+    /// the prompt step runs.
+    pub fn generate(
+        &mut self,
+        prompt: &[u32],
+        generate: usize,
+        on_event: &mut dyn FnMut(ForwardEvent),
+    ) -> Result<Generation> {
+        let mut steps = Vec::new();
+        let mut generated = Vec::new();
+        let mut tokens = prompt.to_vec();
+        let mut position = 0;
+        for step in 0.. {
+            self.step(step, &tokens, position, on_event)?;
+            steps.push(StepRecord {
+                step,
+                start_position: position,
+                tokens: tokens.clone(),
+            });
+            let next = if generate > 0 {
+                Some(self.next_token()?)
+            } else {
+                None
+            };
+            on_event(ForwardEvent::StepDone {
+                step,
+                next_token: next,
+            });
+            let Some(next) = next else { break };
+            generated.push(next);
+            if generated.len() >= generate {
+                break;
+            }
+            position += tokens.len();
+            tokens = vec![next];
+        }
+        Ok(Generation { generated, steps })
+    }
+
+    fn set_layer(&mut self, index: Option<usize>) {
+        let current = match index {
+            None => CurrentLayer::default(),
+            Some(i) => {
+                let entity = self.layers[i];
+                let e = self.world.entity(entity);
+                CurrentLayer {
+                    entity: Some(entity),
+                    index: Some(i),
+                    kind: e.get::<LayerKind>().copied(),
+                    qkv_bias: e
+                        .get::<LayerAttention>()
+                        .is_some_and(|a| a.0.qkv_bias.is_some()),
+                }
+            }
+        };
+        *self.world.resource_mut::<CurrentLayer>() = current;
+    }
+
+    fn run(&mut self, label: ForwardSchedule) -> Result<()> {
+        self.world.resource_mut::<StageLog>().0 = Default::default();
+        self.schedules.get_mut(label).run(&mut self.world);
+        match self.world.resource_mut::<StepError>().0.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

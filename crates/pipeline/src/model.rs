@@ -1,0 +1,372 @@
+//! [`Model`]: a config, its weights, and the ids of every tensor each layer
+//! uses, resolved and shape-checked once at load time.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::config::ModelConfig;
+use crate::error::{PipelineError, Result};
+use crate::weights::{SyntheticPreset, WeightId, WeightStore, load_checkpoint};
+
+/// How a tensor is initialised in a synthetic model; also says what it is.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum TensorRole {
+    /// The token embedding table.
+    Embedding,
+    /// An RMSNorm weight (values near 1).
+    Norm,
+    /// An input projection (q, k, v, gate, up, router) with this fan-in.
+    Projection {
+        /// Input width.
+        fan_in: usize,
+    },
+    /// An output projection writing into the residual (o_proj, down_proj).
+    OutputProjection {
+        /// Input width.
+        fan_in: usize,
+    },
+    /// The MoE router matrix.
+    Router {
+        /// Input width.
+        fan_in: usize,
+    },
+    /// A projection bias.
+    Bias,
+}
+
+/// Name, shape and role of one tensor the config implies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TensorSpec {
+    /// Checkpoint name.
+    pub name: String,
+    /// Expected shape.
+    pub shape: Vec<usize>,
+    /// What it is.
+    pub role: TensorRole,
+}
+
+/// Every tensor a checkpoint of this config must hold, in a fixed order.
+pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
+    let c = config;
+    let (h, hd, v) = (c.hidden_size, c.head_dim, c.vocab_size);
+    let mut specs = Vec::new();
+    let mut push =
+        |name: String, shape: Vec<usize>, role| specs.push(TensorSpec { name, shape, role });
+    push(
+        "model.embed_tokens.weight".into(),
+        vec![v, h],
+        TensorRole::Embedding,
+    );
+    for l in 0..c.num_layers {
+        let p = format!("model.layers.{l}.");
+        push(
+            format!("{p}input_layernorm.weight"),
+            vec![h],
+            TensorRole::Norm,
+        );
+        push(
+            format!("{p}self_attn.q_proj.weight"),
+            vec![c.q_width(), h],
+            TensorRole::Projection { fan_in: h },
+        );
+        push(
+            format!("{p}self_attn.k_proj.weight"),
+            vec![c.kv_width(), h],
+            TensorRole::Projection { fan_in: h },
+        );
+        push(
+            format!("{p}self_attn.v_proj.weight"),
+            vec![c.kv_width(), h],
+            TensorRole::Projection { fan_in: h },
+        );
+        if c.attention_bias {
+            push(
+                format!("{p}self_attn.q_proj.bias"),
+                vec![c.q_width()],
+                TensorRole::Bias,
+            );
+            push(
+                format!("{p}self_attn.k_proj.bias"),
+                vec![c.kv_width()],
+                TensorRole::Bias,
+            );
+            push(
+                format!("{p}self_attn.v_proj.bias"),
+                vec![c.kv_width()],
+                TensorRole::Bias,
+            );
+        }
+        push(
+            format!("{p}self_attn.q_norm.weight"),
+            vec![hd],
+            TensorRole::Norm,
+        );
+        push(
+            format!("{p}self_attn.k_norm.weight"),
+            vec![hd],
+            TensorRole::Norm,
+        );
+        push(
+            format!("{p}self_attn.o_proj.weight"),
+            vec![h, c.q_width()],
+            TensorRole::OutputProjection {
+                fan_in: c.q_width(),
+            },
+        );
+        push(
+            format!("{p}post_attention_layernorm.weight"),
+            vec![h],
+            TensorRole::Norm,
+        );
+        if c.is_moe_layer(l) {
+            let i = c.moe_intermediate_size;
+            push(
+                format!("{p}mlp.gate.weight"),
+                vec![c.num_experts, h],
+                TensorRole::Router { fan_in: h },
+            );
+            for e in 0..c.num_experts {
+                let q = format!("{p}mlp.experts.{e}.");
+                push(
+                    format!("{q}gate_proj.weight"),
+                    vec![i, h],
+                    TensorRole::Projection { fan_in: h },
+                );
+                push(
+                    format!("{q}up_proj.weight"),
+                    vec![i, h],
+                    TensorRole::Projection { fan_in: h },
+                );
+                push(
+                    format!("{q}down_proj.weight"),
+                    vec![h, i],
+                    TensorRole::OutputProjection { fan_in: i },
+                );
+            }
+        } else {
+            let i = c.intermediate_size;
+            push(
+                format!("{p}mlp.gate_proj.weight"),
+                vec![i, h],
+                TensorRole::Projection { fan_in: h },
+            );
+            push(
+                format!("{p}mlp.up_proj.weight"),
+                vec![i, h],
+                TensorRole::Projection { fan_in: h },
+            );
+            push(
+                format!("{p}mlp.down_proj.weight"),
+                vec![h, i],
+                TensorRole::OutputProjection { fan_in: i },
+            );
+        }
+    }
+    push("model.norm.weight".into(), vec![h], TensorRole::Norm);
+    if !c.tie_word_embeddings {
+        push(
+            "lm_head.weight".into(),
+            vec![v, h],
+            TensorRole::Projection { fan_in: h },
+        );
+    }
+    specs
+}
+
+/// Weight ids of one attention block.
+#[derive(Debug, Clone)]
+pub struct AttentionWeights {
+    /// input_layernorm.
+    pub input_norm: WeightId,
+    /// q_proj, k_proj, v_proj.
+    pub qkv: [WeightId; 3],
+    /// q_proj, k_proj, v_proj biases, when the model has them.
+    pub qkv_bias: Option<[WeightId; 3]>,
+    /// q_norm.
+    pub q_norm: WeightId,
+    /// k_norm.
+    pub k_norm: WeightId,
+    /// o_proj.
+    pub o_proj: WeightId,
+    /// post_attention_layernorm.
+    pub post_norm: WeightId,
+}
+
+/// Weight ids of one feed-forward block.
+#[derive(Debug, Clone)]
+pub enum MlpWeights {
+    /// A dense SwiGLU MLP.
+    Dense {
+        /// gate_proj.
+        gate: WeightId,
+        /// up_proj.
+        up: WeightId,
+        /// down_proj.
+        down: WeightId,
+    },
+    /// A Mixture-of-Experts block.
+    Moe(MoeWeights),
+}
+
+/// Weight ids of one MoE block; `gate[e]` is expert `e`'s gate_proj.
+#[derive(Debug, Clone)]
+pub struct MoeWeights {
+    /// The router, [E, H].
+    pub router: WeightId,
+    /// Per-expert gate_proj, [I, H] each.
+    pub gate: Vec<WeightId>,
+    /// Per-expert up_proj, [I, H] each.
+    pub up: Vec<WeightId>,
+    /// Per-expert down_proj, [H, I] each.
+    pub down: Vec<WeightId>,
+}
+
+/// Weight ids of one decoder layer.
+#[derive(Debug, Clone)]
+pub struct LayerWeights {
+    /// Attention block.
+    pub attention: AttentionWeights,
+    /// Feed-forward block.
+    pub mlp: MlpWeights,
+}
+
+/// Where a model came from, for manifests and messages.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A Hugging Face checkpoint folder.
+    Checkpoint(PathBuf),
+    /// A synthetic model.
+    Synthetic {
+        /// Preset name.
+        preset: String,
+        /// Seed.
+        seed: u64,
+    },
+}
+
+/// A loaded model: config, weights, and resolved per-layer ids.
+#[derive(Debug)]
+pub struct Model {
+    /// Hyper-parameters.
+    pub config: ModelConfig,
+    /// Every tensor.
+    pub store: Arc<WeightStore>,
+    /// Where it came from.
+    pub source: ModelSource,
+    /// model.embed_tokens.
+    pub embedding: WeightId,
+    /// model.norm.
+    pub final_norm: WeightId,
+    /// lm_head (the embedding when tied).
+    pub lm_head: WeightId,
+    /// Per-layer ids, index = layer.
+    pub layers: Vec<LayerWeights>,
+}
+
+impl Model {
+    /// Loads a Hugging Face checkpoint folder (config.json + safetensors).
+    pub fn load(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(PipelineError::MissingModelDir {
+                path: dir.to_path_buf(),
+            });
+        }
+        let config = ModelConfig::from_file(&dir.join("config.json"))?;
+        let store = load_checkpoint(dir)?;
+        Self::assemble(config, store, ModelSource::Checkpoint(dir.to_path_buf()))
+    }
+
+    /// Builds a synthetic model from a preset name and a seed, optionally
+    /// with fewer layers than the preset has.
+    pub fn synthetic(preset: &str, seed: u64, layers: Option<usize>) -> Result<Self> {
+        let preset = SyntheticPreset::by_name(preset)?;
+        let config = preset.config(layers);
+        let store = preset.generate(&config, seed)?;
+        Self::assemble(
+            config,
+            store,
+            ModelSource::Synthetic {
+                preset: preset.name.to_string(),
+                seed,
+            },
+        )
+    }
+
+    /// Resolves every tensor the config implies and checks its shape.
+    pub fn assemble(config: ModelConfig, store: WeightStore, source: ModelSource) -> Result<Self> {
+        let dir = match &source {
+            ModelSource::Checkpoint(p) => p.clone(),
+            ModelSource::Synthetic { preset, .. } => PathBuf::from(format!("synthetic:{preset}")),
+        };
+        for spec in tensor_specs(&config) {
+            let id = store
+                .id(&spec.name)
+                .ok_or_else(|| PipelineError::MissingTensor {
+                    path: dir.clone(),
+                    name: spec.name.clone(),
+                })?;
+            let actual = &store.get(id).shape;
+            if *actual != spec.shape {
+                return Err(PipelineError::WrongShape {
+                    name: spec.name,
+                    expected: spec.shape,
+                    actual: actual.clone(),
+                });
+            }
+        }
+        let id = |name: String| store.id(&name).expect("checked above");
+        let layers = (0..config.num_layers)
+            .map(|l| {
+                let p = format!("model.layers.{l}.");
+                let attention = AttentionWeights {
+                    input_norm: id(format!("{p}input_layernorm.weight")),
+                    qkv: ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.weight"))),
+                    qkv_bias: config.attention_bias.then(|| {
+                        ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.bias")))
+                    }),
+                    q_norm: id(format!("{p}self_attn.q_norm.weight")),
+                    k_norm: id(format!("{p}self_attn.k_norm.weight")),
+                    o_proj: id(format!("{p}self_attn.o_proj.weight")),
+                    post_norm: id(format!("{p}post_attention_layernorm.weight")),
+                };
+                let mlp = if config.is_moe_layer(l) {
+                    let expert =
+                        |e: usize, w: &str| id(format!("{p}mlp.experts.{e}.{w}_proj.weight"));
+                    MlpWeights::Moe(MoeWeights {
+                        router: id(format!("{p}mlp.gate.weight")),
+                        gate: (0..config.num_experts).map(|e| expert(e, "gate")).collect(),
+                        up: (0..config.num_experts).map(|e| expert(e, "up")).collect(),
+                        down: (0..config.num_experts).map(|e| expert(e, "down")).collect(),
+                    })
+                } else {
+                    MlpWeights::Dense {
+                        gate: id(format!("{p}mlp.gate_proj.weight")),
+                        up: id(format!("{p}mlp.up_proj.weight")),
+                        down: id(format!("{p}mlp.down_proj.weight")),
+                    }
+                };
+                LayerWeights { attention, mlp }
+            })
+            .collect();
+        let embedding = id("model.embed_tokens.weight".into());
+        Ok(Model {
+            final_norm: id("model.norm.weight".into()),
+            lm_head: if config.tie_word_embeddings {
+                embedding
+            } else {
+                id("lm_head.weight".into())
+            },
+            embedding,
+            layers,
+            config,
+            store: Arc::new(store),
+            source,
+        })
+    }
+
+    /// The dtype name of the embedding table (`BF16`, `F16`, `F32`), taken
+    /// as the checkpoint's weight dtype.
+    pub fn weight_dtype(&self) -> &'static str {
+        self.store.get(self.embedding).dtype.name()
+    }
+}

@@ -1,0 +1,116 @@
+//! The one place that owns stage order: builds the prologue, layer and
+//! epilogue schedules, registers each stage's system in its
+//! [`StageSet`], and chains the sets (with their hook sets) in
+//! [`SaveTensorStage::ALL`] order.
+//!
+//! Adding a stage: a variant in stage-types, a system in `stages/`, one
+//! line in [`add_stage_system`].
+
+use bevy_ecs::prelude::*;
+use bevy_ecs::schedule::ScheduleLabel;
+use stage_types::SaveTensorStage as S;
+
+use crate::ecs::{
+    ForwardSchedule, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense, layer_is_moe,
+};
+use crate::stages::{attention, ffn, model, moe};
+
+/// The three schedules of a forward step.
+pub struct ForwardSchedules {
+    /// embedding.
+    pub prologue: Schedule,
+    /// Every layer stage; run once per layer.
+    pub layer: Schedule,
+    /// final_norm, lm_head.
+    pub epilogue: Schedule,
+}
+
+impl ForwardSchedules {
+    /// The schedule with this label.
+    pub fn get_mut(&mut self, label: ForwardSchedule) -> &mut Schedule {
+        match label {
+            ForwardSchedule::Prologue => &mut self.prologue,
+            ForwardSchedule::Layer => &mut self.layer,
+            ForwardSchedule::Epilogue => &mut self.epilogue,
+        }
+    }
+}
+
+/// Builds the schedules with every stage system and the ordering of stage
+/// and hook sets.
+pub fn build_schedules() -> ForwardSchedules {
+    let mut schedules = ForwardSchedules {
+        prologue: new_schedule(ForwardSchedule::Prologue),
+        layer: new_schedule(ForwardSchedule::Layer),
+        epilogue: new_schedule(ForwardSchedule::Epilogue),
+    };
+    for &stage in S::ALL {
+        let schedule = schedules.get_mut(ForwardSchedule::of(stage));
+        add_stage_system(schedule, stage);
+        schedule.configure_sets(StageHookSystems::Amend(stage).after(StageSet(stage)));
+        schedule
+            .configure_sets(StageHookSystems::Observe(stage).after(StageHookSystems::Amend(stage)));
+        if let Some(next) = stage
+            .next()
+            .filter(|n| ForwardSchedule::of(*n) == ForwardSchedule::of(stage))
+        {
+            schedule.configure_sets(StageSet(next).after(StageHookSystems::Observe(stage)));
+        }
+    }
+    schedules
+}
+
+fn new_schedule(label: impl ScheduleLabel) -> Schedule {
+    // The default executor without bevy's multi_threaded feature runs one
+    // system at a time, in the order the sets define; parallelism lives
+    // inside the backend's operations.
+    Schedule::new(label)
+}
+
+/// Registers the system computing `stage`, with its run condition.
+fn add_stage_system(schedule: &mut Schedule, stage: S) {
+    let set = StageSet(stage);
+    match stage {
+        S::Embedding => schedule.add_systems(model::embedding.in_set(set)),
+        S::AttnNorm => schedule.add_systems(attention::attn_norm.in_set(set)),
+        S::QkvMatmul => schedule.add_systems(attention::qkv_matmul.in_set(set)),
+        S::QkvBias => {
+            schedule.add_systems(attention::qkv_bias.in_set(set).run_if(layer_has_qkv_bias))
+        }
+        S::QkNorm => schedule.add_systems(attention::qk_norm.in_set(set)),
+        S::QPostRope => schedule.add_systems(attention::q_post_rope.in_set(set)),
+        S::KPostRope => schedule.add_systems(attention::k_post_rope.in_set(set)),
+        S::AttnScores => schedule.add_systems(attention::attn_scores.in_set(set)),
+        S::AttnSoftmax => schedule.add_systems(attention::attn_softmax.in_set(set)),
+        S::Attention => schedule.add_systems(attention::attention.in_set(set)),
+        S::AttnOut => schedule.add_systems(attention::attn_out.in_set(set)),
+        S::PostAttnResidual => schedule.add_systems(attention::post_attn_residual.in_set(set)),
+        S::FfnNorm => schedule.add_systems(ffn::ffn_norm.in_set(set)),
+        S::FfnGate => schedule.add_systems(ffn::ffn_gate.in_set(set).run_if(layer_is_dense)),
+        S::FfnUp => schedule.add_systems(ffn::ffn_up.in_set(set).run_if(layer_is_dense)),
+        S::FfnSilu => schedule.add_systems(ffn::ffn_silu.in_set(set).run_if(layer_is_dense)),
+        S::FfnSwigl => schedule.add_systems(ffn::ffn_swigl.in_set(set).run_if(layer_is_dense)),
+        S::FfnOut => schedule.add_systems(ffn::ffn_out.in_set(set).run_if(layer_is_dense)),
+        S::MoeRouterLogits => {
+            schedule.add_systems(moe::moe_router_logits.in_set(set).run_if(layer_is_moe))
+        }
+        S::MoeRouter => schedule.add_systems(moe::moe_router.in_set(set).run_if(layer_is_moe)),
+        S::MoeRouterIndices => {
+            schedule.add_systems(moe::moe_router_indices.in_set(set).run_if(layer_is_moe))
+        }
+        S::MoeExpertGate => {
+            schedule.add_systems(moe::moe_expert_gate.in_set(set).run_if(layer_is_moe))
+        }
+        S::MoeExpertUp => schedule.add_systems(moe::moe_expert_up.in_set(set).run_if(layer_is_moe)),
+        S::MoeExpertSwigl => {
+            schedule.add_systems(moe::moe_expert_swigl.in_set(set).run_if(layer_is_moe))
+        }
+        S::MoeExpertOut => {
+            schedule.add_systems(moe::moe_expert_out.in_set(set).run_if(layer_is_moe))
+        }
+        S::MoeFfnOut => schedule.add_systems(moe::moe_ffn_out.in_set(set).run_if(layer_is_moe)),
+        S::PostFfnResidual => schedule.add_systems(ffn::post_ffn_residual.in_set(set)),
+        S::FinalNorm => schedule.add_systems(model::final_norm.in_set(set)),
+        S::LmHead => schedule.add_systems(model::lm_head.in_set(set)),
+    };
+}

@@ -1,0 +1,28 @@
+//! Stage systems, one per [`stage_types::SaveTensorStage`], grouped by
+//! family. Each system computes exactly one stage through the backend;
+//! its doc states the formula. Their order lives in `schedule.rs` only.
+
+pub mod attention;
+pub mod ffn;
+pub mod model;
+pub mod moe;
+
+use bevy_ecs::prelude::*;
+use stage_types::SaveTensorStage;
+
+use crate::ecs::StageCtx;
+
+/// The current layer's component `C`, if the layer schedule is running.
+fn current<'a, C: Component>(ctx: &StageCtx, query: &'a Query<&C>) -> Option<&'a C> {
+    ctx.layer_entity().and_then(|e| query.get(e).ok())
+}
+
+/// The slot holding the input of layer `index`: the embedding for layer 0,
+/// else the previous layer's post_ffn_residual.
+pub fn layer_input(index: usize) -> SaveTensorStage {
+    if index == 0 {
+        SaveTensorStage::Embedding
+    } else {
+        SaveTensorStage::PostFfnResidual
+    }
+}

@@ -1,0 +1,91 @@
+//! Mixture-of-Experts stages, moe_router_logits through moe_ffn_out.
+
+use bevy_ecs::prelude::*;
+use stage_types::SaveTensorStage as S;
+
+use super::current;
+use crate::ecs::{LayerMlp, StageCtx};
+use crate::model::{MlpWeights, MoeWeights};
+
+fn moe<'a>(ctx: &StageCtx, layers: &'a Query<&LayerMlp>) -> Option<&'a MoeWeights> {
+    match current(ctx, layers).map(|m| &m.0) {
+        Some(MlpWeights::Moe(w)) => Some(w),
+        _ => None,
+    }
+}
+
+/// moe_router_logits: `ffn_norm · gateᵀ` over all E experts, [T,E].
+pub fn moe_router_logits(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
+    let Some(router) = moe(&ctx, &layers).map(|w| w.router) else {
+        return;
+    };
+    ctx.run(S::MoeRouterLogits, |b, _| {
+        b.linear(S::FfnNorm, &[router], S::MoeRouterLogits)
+    });
+}
+
+/// moe_router: softmax over all experts (f64 on the CPU), top-k
+/// descending, divided by their sum when norm_topk_prob, [T,k]. Routing
+/// yields the weights and the ids together; both are written here.
+pub fn moe_router(mut ctx: StageCtx) {
+    ctx.run(S::MoeRouter, |b, c| {
+        b.router_top_k(
+            S::MoeRouterLogits,
+            c.experts_per_token,
+            c.norm_topk_prob,
+            S::MoeRouter,
+            S::MoeRouterIndices,
+        )
+    });
+}
+
+/// moe_router_indices: publishes the expert ids moe_router chose, [T,k]
+/// int32. Nothing is computed here; the stage exists so that observers
+/// and amenders of the ids attach between routing and the experts.
+pub fn moe_router_indices(mut ctx: StageCtx) {
+    ctx.run(S::MoeRouterIndices, |_, _| Ok(()));
+}
+
+/// moe_expert_gate: `gate_proj[e] · ffn_norm[t]` for each chosen expert e
+/// of each token t, [T,k,I].
+pub fn moe_expert_gate(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
+    let Some(w) = moe(&ctx, &layers) else { return };
+    ctx.run(S::MoeExpertGate, |b, _| {
+        b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &w.gate, S::MoeExpertGate)
+    });
+}
+
+/// moe_expert_up: `up_proj[e] · ffn_norm[t]` per chosen expert, [T,k,I].
+pub fn moe_expert_up(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
+    let Some(w) = moe(&ctx, &layers) else { return };
+    ctx.run(S::MoeExpertUp, |b, _| {
+        b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &w.up, S::MoeExpertUp)
+    });
+}
+
+/// moe_expert_swigl: `silu(moe_expert_gate) * moe_expert_up`, [T,k,I].
+pub fn moe_expert_swigl(mut ctx: StageCtx) {
+    ctx.run(S::MoeExpertSwigl, |b, _| {
+        b.swiglu(S::MoeExpertGate, S::MoeExpertUp, S::MoeExpertSwigl)
+    });
+}
+
+/// moe_expert_out: `down_proj[e] · moe_expert_swigl[t,j]`, [T,k,H].
+pub fn moe_expert_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
+    let Some(w) = moe(&ctx, &layers) else { return };
+    ctx.run(S::MoeExpertOut, |b, _| {
+        b.expert_linear(
+            S::MoeExpertSwigl,
+            S::MoeRouterIndices,
+            &w.down,
+            S::MoeExpertOut,
+        )
+    });
+}
+
+/// moe_ffn_out: `Σ_j moe_router[t,j] · moe_expert_out[t,j]`, [T,H].
+pub fn moe_ffn_out(mut ctx: StageCtx) {
+    ctx.run(S::MoeFfnOut, |b, _| {
+        b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut)
+    });
+}

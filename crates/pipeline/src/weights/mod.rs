@@ -1,0 +1,238 @@
+//! Weight storage: [`WeightStore`] holds every tensor of a model in its
+//! checkpoint dtype, memory-mapped from safetensors files or generated in
+//! memory for synthetic models, and converts rows to f32 on use.
+
+mod safetensors;
+mod synthetic;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+
+pub use safetensors::load_checkpoint;
+pub use synthetic::{SyntheticPreset, synthetic_value, tensor_key};
+
+/// Element type of a stored weight tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    /// bfloat16.
+    Bf16,
+    /// IEEE half.
+    F16,
+    /// IEEE single.
+    F32,
+}
+
+impl WeightDtype {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            WeightDtype::Bf16 | WeightDtype::F16 => 2,
+            WeightDtype::F32 => 4,
+        }
+    }
+
+    /// The safetensors header spelling.
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::Bf16 => "BF16",
+            WeightDtype::F16 => "F16",
+            WeightDtype::F32 => "F32",
+        }
+    }
+}
+
+/// Where a tensor's bytes live.
+#[derive(Debug, Clone)]
+enum WeightBytes {
+    /// A byte range of a memory-mapped checkpoint file.
+    Mapped {
+        map: Arc<Mmap>,
+        start: usize,
+        end: usize,
+    },
+    /// Bytes owned in memory (synthetic models).
+    Owned(Arc<Vec<u8>>),
+}
+
+/// One named weight tensor, row-major, in its stored dtype.
+#[derive(Debug, Clone)]
+pub struct WeightTensor {
+    /// The checkpoint name, e.g. `model.layers.0.self_attn.q_proj.weight`.
+    pub name: String,
+    /// Stored element type.
+    pub dtype: WeightDtype,
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    bytes: WeightBytes,
+}
+
+impl WeightTensor {
+    /// A tensor over a byte range of a mapped file. The range must hold
+    /// exactly `shape.product() * dtype.size()` bytes (the loader checks).
+    pub(crate) fn mapped(
+        name: String,
+        dtype: WeightDtype,
+        shape: Vec<usize>,
+        map: Arc<Mmap>,
+        start: usize,
+        end: usize,
+    ) -> Self {
+        Self {
+            name,
+            dtype,
+            shape,
+            bytes: WeightBytes::Mapped { map, start, end },
+        }
+    }
+
+    /// A tensor over owned little-endian bytes.
+    pub(crate) fn owned(
+        name: String,
+        dtype: WeightDtype,
+        shape: Vec<usize>,
+        bytes: Vec<u8>,
+    ) -> Self {
+        Self {
+            name,
+            dtype,
+            shape,
+            bytes: WeightBytes::Owned(Arc::new(bytes)),
+        }
+    }
+
+    /// The raw little-endian bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match &self.bytes {
+            WeightBytes::Mapped { map, start, end } => &map[*start..*end],
+            WeightBytes::Owned(v) => v,
+        }
+    }
+
+    /// Number of elements.
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Length of one row (the last dimension).
+    pub fn row_len(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    /// Converts elements `start..start + out.len()` to f32 into `out`
+    /// (exactly: bf16, f16 and f32 values are all representable in f32).
+    pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        let size = self.dtype.size();
+        let bytes = &self.bytes()[start * size..(start + out.len()) * size];
+        match self.dtype {
+            WeightDtype::Bf16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
+                }
+            }
+            WeightDtype::F16 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *o = half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32();
+                }
+            }
+            WeightDtype::F32 => {
+                for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                    *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+        }
+    }
+
+    /// Converts row `row` (of [`WeightTensor::row_len`] elements) into `out`.
+    pub fn read_row(&self, row: usize, out: &mut [f32]) {
+        let len = self.row_len();
+        self.read_f32(row * len, &mut out[..len]);
+    }
+
+    /// The whole tensor as f32.
+    pub fn to_f32_vec(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.numel()];
+        self.read_f32(0, &mut out);
+        out
+    }
+}
+
+/// Index of a tensor in a [`WeightStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WeightId(pub u32);
+
+/// All tensors of a model, by name and by [`WeightId`].
+#[derive(Debug, Default)]
+pub struct WeightStore {
+    tensors: Vec<WeightTensor>,
+    by_name: HashMap<String, WeightId>,
+}
+
+impl WeightStore {
+    /// Adds a tensor (replacing none: names are unique in checkpoints).
+    pub fn insert(&mut self, tensor: WeightTensor) -> WeightId {
+        let id = WeightId(self.tensors.len() as u32);
+        self.by_name.insert(tensor.name.clone(), id);
+        self.tensors.push(tensor);
+        id
+    }
+
+    /// Looks a tensor up by name.
+    pub fn id(&self, name: &str) -> Option<WeightId> {
+        self.by_name.get(name).copied()
+    }
+
+    /// The tensor with this id.
+    pub fn get(&self, id: WeightId) -> &WeightTensor {
+        &self.tensors[id.0 as usize]
+    }
+
+    /// Every tensor, in insertion order.
+    pub fn tensors(&self) -> &[WeightTensor] {
+        &self.tensors
+    }
+
+    /// Total bytes of all tensors.
+    pub fn total_bytes(&self) -> usize {
+        self.tensors.iter().map(|t| t.bytes().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conversions_are_exact_for_every_dtype() {
+        let values = [1.0f32, -2.5, 0.0, 65504.0, 3.0e-5];
+        let bf16: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        let f16: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        let f32b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for (dtype, bytes, expect) in [
+            (
+                WeightDtype::Bf16,
+                bf16,
+                values.map(|v| half::bf16::from_f32(v).to_f32()),
+            ),
+            (
+                WeightDtype::F16,
+                f16,
+                values.map(|v| half::f16::from_f32(v).to_f32()),
+            ),
+            (WeightDtype::F32, f32b, values),
+        ] {
+            let t = WeightTensor::owned("t".into(), dtype, vec![5], bytes);
+            assert_eq!(t.to_f32_vec(), expect, "{dtype:?}");
+            let mut two = [0.0; 2];
+            t.read_f32(3, &mut two);
+            assert_eq!(two, [expect[3], expect[4]]);
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Loading Hugging Face checkpoints: `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`, memory-mapped and validated (header,
+//! offsets, sizes) before any tensor is used.
+
+use std::collections::BTreeSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::Value;
+
+use super::{WeightDtype, WeightStore, WeightTensor};
+use crate::error::{PipelineError, Result};
+
+/// Maps every safetensors file of the checkpoint in `dir` into a
+/// [`WeightStore`]. Single-file (`model.safetensors`) and sharded
+/// (`model.safetensors.index.json`) layouts are both read.
+pub fn load_checkpoint(dir: &Path) -> Result<WeightStore> {
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.is_file() {
+        shard_files(&index)?
+            .into_iter()
+            .map(|f| dir.join(f))
+            .collect()
+    } else {
+        let single = dir.join("model.safetensors");
+        if !single.is_file() {
+            return Err(PipelineError::Io {
+                path: single,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "no model.safetensors and no model.safetensors.index.json in the model folder",
+                ),
+            });
+        }
+        vec![single]
+    };
+    let mut store = WeightStore::default();
+    for file in files {
+        load_file(&file, &mut store)?;
+    }
+    Ok(store)
+}
+
+fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
+    let bad = |message: String| PipelineError::BadSafetensors {
+        path: index.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(index).map_err(|source| PipelineError::Io {
+        path: index.to_path_buf(),
+        source,
+    })?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+    let map = json
+        .get("weight_map")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    map.values()
+        .map(|v| {
+            v.as_str()
+                .filter(|f| !f.contains('/') && !f.contains('\\'))
+                .map(str::to_string)
+                .ok_or_else(|| bad(format!("weight_map value {v} is not a plain file name")))
+        })
+        .collect()
+}
+
+fn load_file(path: &Path, store: &mut WeightStore) -> Result<()> {
+    let bad = |message: String| PipelineError::BadSafetensors {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file = File::open(path).map_err(|source| PipelineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: the checkpoint is opened read-only and is treated as immutable
+    // input; if another process truncates it while we run, reads may fault,
+    // which is the documented hazard of every mmap-based model loader.
+    let map = unsafe { Mmap::map(&file) }.map_err(|source| PipelineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let map = Arc::new(map);
+    if map.len() < 8 {
+        return Err(bad(format!(
+            "the file has {} bytes, fewer than the 8-byte header length",
+            map.len()
+        )));
+    }
+    let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes")) as usize;
+    let data_start = 8usize
+        .checked_add(header_len)
+        .filter(|&end| end <= map.len())
+        .ok_or_else(|| {
+            bad(format!(
+                "header length {header_len} runs past the end of the {}-byte file (truncated?)",
+                map.len()
+            ))
+        })?;
+    let header: serde_json::Map<String, Value> = serde_json::from_slice(&map[8..data_start])
+        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let data_len = map.len() - data_start;
+    let mut entries: Vec<_> = header
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .collect();
+    entries.sort_by_key(|(name, _)| name.as_str());
+    for (name, info) in entries {
+        let dtype_name = info
+            .get("dtype")
+            .and_then(Value::as_str)
+            .ok_or_else(|| bad(format!("tensor `{name}` has no dtype")))?;
+        let dtype = match dtype_name {
+            "BF16" => WeightDtype::Bf16,
+            "F16" => WeightDtype::F16,
+            "F32" => WeightDtype::F32,
+            other => {
+                return Err(PipelineError::UnsupportedDtype {
+                    name: name.clone(),
+                    dtype: other.to_string(),
+                });
+            }
+        };
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
+        let offsets: [usize; 2] = info
+            .get("data_offsets")
+            .and_then(|s| serde_json::from_value(s.clone()).ok())
+            .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
+        let [start, end] = offsets;
+        let numel: usize = shape.iter().product();
+        if end < start || end - start != numel * dtype.size() {
+            return Err(bad(format!(
+                "tensor `{name}` spans bytes {start}..{end} but shape {shape:?} of {dtype_name} needs {} bytes",
+                numel * dtype.size()
+            )));
+        }
+        if end > data_len {
+            return Err(bad(format!(
+                "tensor `{name}` ends at data byte {end} but the file holds only {data_len} data bytes (truncated?)"
+            )));
+        }
+        store.insert(WeightTensor::mapped(
+            name.clone(),
+            dtype,
+            shape,
+            map.clone(),
+            data_start + start,
+            data_start + end,
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Writes a safetensors file with the given (name, shape, f32 values).
+    pub(crate) fn write_safetensors(path: &Path, tensors: &[(&str, Vec<usize>, Vec<f32>)]) {
+        let mut header = serde_json::Map::new();
+        let mut data = Vec::new();
+        for (name, shape, values) in tensors {
+            let start = data.len();
+            data.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+            header.insert(
+                name.to_string(),
+                serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}),
+            );
+        }
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(header);
+        bytes.extend(data);
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn temp_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("moetrace-st-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn reads_single_and_sharded_checkpoints() {
+        let dir = temp_dir("single");
+        write_safetensors(
+            &dir.join("model.safetensors"),
+            &[("a", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])],
+        );
+        let store = load_checkpoint(&dir).unwrap();
+        assert_eq!(
+            store.get(store.id("a").unwrap()).to_f32_vec(),
+            [1.0, 2.0, 3.0, 4.0]
+        );
+
+        let dir = temp_dir("sharded");
+        write_safetensors(&dir.join("s1.safetensors"), &[("a", vec![1], vec![5.0])]);
+        write_safetensors(
+            &dir.join("s2.safetensors"),
+            &[("b", vec![2], vec![6.0, 7.0])],
+        );
+        std::fs::write(
+            dir.join("model.safetensors.index.json"),
+            r#"{"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}"#,
+        )
+        .unwrap();
+        let store = load_checkpoint(&dir).unwrap();
+        assert_eq!(store.get(store.id("b").unwrap()).to_f32_vec(), [6.0, 7.0]);
+        assert_eq!(store.tensors().len(), 2);
+    }
+
+    #[test]
+    fn truncated_file_is_reported_with_the_tensor() {
+        let dir = temp_dir("trunc");
+        let path = dir.join("model.safetensors");
+        write_safetensors(&path, &[("w", vec![4], vec![1.0; 4])]);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let msg = load_checkpoint(&dir).unwrap_err().to_string();
+        assert!(msg.contains("`w`") && msg.contains("truncated"), "{msg}");
+        std::fs::write(&path, &bytes[..20]).unwrap();
+        let msg = load_checkpoint(&dir).unwrap_err().to_string();
+        assert!(msg.contains("header length"), "{msg}");
+        std::fs::write(&path, [1u8, 2]).unwrap();
+        assert!(load_checkpoint(&dir).is_err());
+    }
+
+    #[test]
+    fn missing_weights_file_is_named() {
+        let dir = temp_dir("none");
+        let msg = load_checkpoint(&dir).unwrap_err().to_string();
+        assert!(msg.contains("model.safetensors"), "{msg}");
+    }
+}
