@@ -1,1 +1,59 @@
-//! placeholder
+//! Helpers shared by the end-to-end tests: where the oracle fixtures are
+//! (and a clear skip when they are not), scratch folders, and rel_l2.
+
+use std::path::{Path, PathBuf};
+
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}
+
+/// The oracle fixture folder `name` (e.g. `tiny-qwen3-moe`), from
+/// `$MOETRACE_FIXTURES` or `../shared/fixtures` beside the checkout.
+/// Prints why and returns None when it is absent, so the calling test can
+/// skip (a user's fresh clone has no ../shared).
+pub fn fixture(name: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("MOETRACE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/fixtures"));
+    let dir = base.join(name);
+    if dir.join("model/config.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED: oracle fixture {} not found (set MOETRACE_FIXTURES or put ../shared/fixtures beside the checkout); this test checked nothing",
+            dir.display()
+        );
+        None
+    }
+}
+
+/// A fresh, empty scratch folder under the target directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let dir = workspace_root()
+        .join("target/test-scratch")
+        .join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("scratch folder");
+    dir
+}
+
+/// ||a - b|| / ||a|| in f64 (NaN if either side has a NaN; inf if the
+/// reference is zero and the target is not).
+pub fn rel_l2(reference: &[f64], target: &[f64]) -> f64 {
+    assert_eq!(reference.len(), target.len(), "element counts differ");
+    let diff: f64 = reference
+        .iter()
+        .zip(target)
+        .map(|(a, b)| (a - b) * (a - b))
+        .sum();
+    let norm: f64 = reference.iter().map(|a| a * a).sum();
+    if diff == 0.0 {
+        0.0
+    } else {
+        (diff / norm).sqrt()
+    }
+}

@@ -1,0 +1,113 @@
+//! manifest.json of a capture directory (format `moetrace-capture/1`).
+//! Readers ignore fields they do not know.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{CaptureError, Result};
+
+/// The format tag every capture manifest carries.
+pub const FORMAT: &str = "moetrace-capture/1";
+
+/// The model a capture was made with.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManifestModel {
+    /// `architectures[0]` of the config.
+    pub architecture: String,
+    /// The config.json content.
+    pub config: serde_json::Value,
+    /// Where the model came from (a path, or `synthetic:<preset>:<seed>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// One step of the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestStep {
+    /// Step number.
+    pub step: usize,
+    /// Position of the first token.
+    pub start_position: usize,
+    /// Tokens fed.
+    pub tokens: Vec<u32>,
+}
+
+/// One captured tensor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestTensor {
+    /// Path relative to the capture folder, `/`-separated.
+    pub path: String,
+    /// Canonical stage name.
+    pub stage: String,
+    /// Layer index; null for model stages.
+    pub layer: Option<usize>,
+    /// Step number.
+    pub step: usize,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// numpy dtype name.
+    pub dtype: String,
+}
+
+/// manifest.json.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Always [`FORMAT`].
+    pub format: String,
+    /// Who wrote it, e.g. `moetrace 0.1.0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub producer: Option<String>,
+    /// Backend name, e.g. `cpu`.
+    pub backend: String,
+    /// Activation dtype, e.g. `f32`.
+    pub dtype: String,
+    /// The model.
+    pub model: ManifestModel,
+    /// Prompt tokens.
+    pub prompt: Vec<u32>,
+    /// Tokens produced by greedy decoding.
+    #[serde(default)]
+    pub generated: Vec<u32>,
+    /// Steps that ran.
+    pub steps: Vec<ManifestStep>,
+    /// Captured tensors.
+    pub tensors: Vec<ManifestTensor>,
+}
+
+impl Manifest {
+    /// Reads and checks `<dir>/manifest.json`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let path = dir.join("manifest.json");
+        let text =
+            std::fs::read_to_string(&path).map_err(CaptureError::io("cannot read", &path))?;
+        let bad = |message: String| CaptureError::BadManifest {
+            path: path.clone(),
+            message,
+        };
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        match value.get("format").and_then(|f| f.as_str()) {
+            Some(FORMAT) => {}
+            Some(other) => return Err(bad(format!("format is `{other}`, expected `{FORMAT}`"))),
+            None => return Err(bad(format!("no `format` field (expected `{FORMAT}`)"))),
+        }
+        serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+    }
+
+    /// Writes `<dir>/manifest.json`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join("manifest.json");
+        let text = serde_json::to_string_pretty(self).expect("manifest serialises");
+        std::fs::write(&path, text + "\n").map_err(CaptureError::io("cannot write", &path))
+    }
+}
+
+/// The relative path of a stage tensor: `step-S/<stage>.npy` for model
+/// stages, `step-S/layer-N/<stage>.npy` for layer stages.
+pub fn tensor_path(step: usize, layer: Option<usize>, stage: &str) -> String {
+    match layer {
+        Some(l) => format!("step-{step}/layer-{l}/{stage}.npy"),
+        None => format!("step-{step}/{stage}.npy"),
+    }
+}

@@ -1,0 +1,107 @@
+//! [`CaptureDir`]: reads any capture directory (ours, or the oracle
+//! fixtures) through its manifest.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use stage_types::SaveTensorStage;
+
+use crate::error::{CaptureError, Result};
+use crate::manifest::{Manifest, ManifestTensor};
+use crate::npy::{NpyArray, read_npy};
+
+/// An opened capture directory.
+#[derive(Debug, Clone)]
+pub struct CaptureDir {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    index: HashMap<(usize, Option<usize>, SaveTensorStage), usize>,
+}
+
+impl CaptureDir {
+    /// Opens `dir` and indexes its manifest. Entries whose stage this
+    /// version does not know are kept in the manifest but not indexed.
+    pub fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(CaptureError::Io {
+                action: "cannot open capture",
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
+            });
+        }
+        let manifest = Manifest::read(dir)?;
+        let index = manifest
+            .tensors
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| {
+                t.stage
+                    .parse::<SaveTensorStage>()
+                    .ok()
+                    .map(|s| ((t.step, t.layer, s), i))
+            })
+            .collect();
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            index,
+        })
+    }
+
+    /// The manifest entry of (step, layer, stage), if captured.
+    pub fn entry(
+        &self,
+        step: usize,
+        layer: Option<usize>,
+        stage: SaveTensorStage,
+    ) -> Option<&ManifestTensor> {
+        self.index
+            .get(&(step, layer, stage))
+            .map(|&i| &self.manifest.tensors[i])
+    }
+
+    /// Loads (step, layer, stage); `Ok(None)` if it was not captured.
+    /// Checks the file's shape against the manifest.
+    pub fn load(
+        &self,
+        step: usize,
+        layer: Option<usize>,
+        stage: SaveTensorStage,
+    ) -> Result<Option<NpyArray>> {
+        let Some(entry) = self.entry(step, layer, stage) else {
+            return Ok(None);
+        };
+        let path = self.dir.join(&entry.path);
+        let array = read_npy(&path)?;
+        if array.shape != entry.shape {
+            return Err(CaptureError::BadNpy {
+                path,
+                message: format!(
+                    "shape {:?} differs from the manifest's {:?}",
+                    array.shape, entry.shape
+                ),
+            });
+        }
+        Ok(Some(array))
+    }
+
+    /// Every indexed (step, layer, stage), sorted by step, layer (model
+    /// stages of the prologue first) and stage order.
+    pub fn keys(&self) -> Vec<(usize, Option<usize>, SaveTensorStage)> {
+        let mut keys: Vec<_> = self.index.keys().copied().collect();
+        keys.sort_by_key(|&(step, layer, stage)| (step, stage_rank(layer, stage), stage));
+        keys
+    }
+}
+
+/// Orders prologue model stages before layers, layers by index, epilogue
+/// stages after.
+fn stage_rank(layer: Option<usize>, stage: SaveTensorStage) -> (u8, usize) {
+    match layer {
+        Some(l) => (1, l),
+        None if stage < SaveTensorStage::AttnNorm => (0, 0),
+        None => (2, 0),
+    }
+}

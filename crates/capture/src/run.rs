@@ -1,0 +1,212 @@
+//! `run`: load the model, build the backend and the forward pass, attach
+//! capture, generate, and commit the capture folder.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use pipeline::{Backend, CpuBackend, Forward, ForwardEvent, HostTensor, Model, ModelSource};
+use stage_types::SaveTensorStage;
+
+use crate::config::{BackendSpec, ModelSpec, RunConfig};
+use crate::error::{CaptureError, Result};
+use crate::manifest::{FORMAT, Manifest, ManifestModel, ManifestStep};
+use crate::systems::{CaptureSelection, attach_capture};
+use crate::writer::{CaptureTarget, CaptureWriter};
+
+/// Progress of a run, for display.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEvent {
+    /// The model is loaded.
+    ModelLoaded {
+        /// One line describing it.
+        description: String,
+        /// Time taken.
+        elapsed: Duration,
+    },
+    /// The forward pass progressed.
+    Forward(ForwardEvent),
+}
+
+/// What a run did.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSummary {
+    /// Backend name.
+    pub backend: String,
+    /// Prompt length.
+    pub prompt_tokens: usize,
+    /// Tokens produced by greedy decoding.
+    pub generated: Vec<u32>,
+    /// Steps run.
+    pub steps: usize,
+    /// Forward time (model loading excluded).
+    pub forward_time: Duration,
+    /// Model loading time.
+    pub load_time: Duration,
+    /// Tensors written.
+    pub tensors_written: usize,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Where the capture went, if any.
+    pub out_dir: Option<PathBuf>,
+}
+
+/// A run's summary and the logits of its last step.
+#[derive(Debug, Clone)]
+pub struct RunOutput {
+    /// What happened.
+    pub summary: RunSummary,
+    /// lm_head of the last step, [T,V].
+    pub last_logits: HostTensor,
+}
+
+/// Loads the model a config names.
+pub fn load_model(spec: &ModelSpec) -> Result<Model> {
+    Ok(match spec {
+        ModelSpec::Synthetic {
+            preset,
+            seed,
+            layers,
+        } => Model::synthetic(preset, *seed, *layers)?,
+        ModelSpec::Path(path) => Model::load(path)?,
+    })
+}
+
+/// Builds the backend a config names.
+pub fn build_backend(
+    spec: &BackendSpec,
+    threads: Option<usize>,
+    model: &Model,
+    config_path: &Path,
+) -> Result<Box<dyn Backend>> {
+    match spec {
+        BackendSpec::Cpu => Ok(Box::new(CpuBackend::new(model.store.clone(), threads)?)),
+        BackendSpec::Cuda { .. } => Err(CaptureError::ConfigValue {
+            path: config_path.to_path_buf(),
+            message: format!(
+                "backend: {spec} is not available yet: the CUDA kernels arrive with the CUDA backend issue; use `backend: Cpu`"
+            ),
+        }),
+    }
+}
+
+fn describe(model: &Model) -> String {
+    let c = &model.config;
+    let source = match &model.source {
+        ModelSource::Checkpoint(p) => p.display().to_string(),
+        ModelSource::Synthetic { preset, seed } => format!("synthetic {preset} (seed {seed})"),
+    };
+    let kind = if c.num_experts > 0 {
+        format!(", {} experts top-{}", c.num_experts, c.experts_per_token)
+    } else {
+        String::new()
+    };
+    format!(
+        "{source}: {}, {} layers, H {}{kind}, V {}, {:.1} MB of {} weights",
+        c.architecture,
+        c.num_layers,
+        c.hidden_size,
+        c.vocab_size,
+        model.store.total_bytes() as f64 / 1e6,
+        model.weight_dtype()
+    )
+}
+
+/// Runs a parsed config. `config_path` is for messages. On any error the
+/// capture folder is left untouched and no temporary folder remains.
+pub fn run(
+    config: &RunConfig,
+    config_path: &Path,
+    on_event: &mut dyn FnMut(RunEvent),
+) -> Result<RunOutput> {
+    let load_start = Instant::now();
+    let model = load_model(&config.model)?;
+    let load_time = load_start.elapsed();
+    on_event(RunEvent::ModelLoaded {
+        description: describe(&model),
+        elapsed: load_time,
+    });
+    config.check_against_model(
+        config_path,
+        model.config.num_layers,
+        model.config.vocab_size,
+    )?;
+    let target = config
+        .capture
+        .as_ref()
+        .map(|c| CaptureTarget::prepare(&c.out_dir))
+        .transpose()?;
+    let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
+    let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
+    let mut forward = Forward::new(&model, backend);
+    let writer = match (&target, &config.capture) {
+        (Some(target), Some(spec)) => {
+            let writer = CaptureWriter::spawn(target.tmp_dir().to_path_buf())?;
+            let selection = CaptureSelection {
+                stages: spec.stages.0,
+                layers: spec.layers.0.clone(),
+                steps: spec.steps.0.clone(),
+            };
+            attach_capture(&mut forward, selection, writer.sender());
+            Some(writer)
+        }
+        _ => None,
+    };
+
+    let start = Instant::now();
+    let generation = forward.generate(config.prompt_tokens(), config.generate, &mut |e| {
+        on_event(RunEvent::Forward(e))
+    })?;
+    let forward_time = start.elapsed();
+    let last_logits = forward.backend_mut().read(SaveTensorStage::LmHead)?;
+    // The world holds the last sender; the writer finishes once it is gone.
+    drop(forward);
+
+    let mut summary = RunSummary {
+        backend: backend_name.clone(),
+        prompt_tokens: config.prompt_tokens().len(),
+        generated: generation.generated.clone(),
+        steps: generation.steps.len(),
+        forward_time,
+        load_time,
+        tensors_written: 0,
+        bytes_written: 0,
+        out_dir: None,
+    };
+    if let (Some(target), Some(writer)) = (target, writer) {
+        let report = writer.finish()?;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            producer: Some(format!("moetrace {}", env!("CARGO_PKG_VERSION"))),
+            backend: backend_name,
+            dtype: backend_dtype,
+            model: ManifestModel {
+                architecture: model.config.architecture.clone(),
+                config: model.config.json.clone(),
+                source: Some(match &model.source {
+                    ModelSource::Checkpoint(p) => p.display().to_string(),
+                    ModelSource::Synthetic { preset, seed } => format!("synthetic:{preset}:{seed}"),
+                }),
+            },
+            prompt: config.prompt_tokens().to_vec(),
+            generated: generation.generated,
+            steps: generation
+                .steps
+                .iter()
+                .map(|s| ManifestStep {
+                    step: s.step,
+                    start_position: s.start_position,
+                    tokens: s.tokens.clone(),
+                })
+                .collect(),
+            tensors: report.entries,
+        };
+        summary.tensors_written = manifest.tensors.len();
+        summary.bytes_written = report.bytes;
+        summary.out_dir = Some(target.out_dir().to_path_buf());
+        target.commit(&manifest)?;
+    }
+    Ok(RunOutput {
+        summary,
+        last_logits,
+    })
+}

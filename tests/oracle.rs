@@ -1,0 +1,107 @@
+//! The CPU forward pass against the oracle fixtures (Hugging Face
+//! transformers in float64): every stage the oracle has, every layer and
+//! step, rel_l2 <= 1e-5, router indices identical, and the greedy
+//! continuation reproduced.
+
+use std::path::Path;
+
+use capture::{CaptureDir, RunConfig};
+use moetrace_tests::{fixture, rel_l2, scratch};
+
+const TOLERANCE: f64 = 1e-5;
+
+/// Runs the fixture's model on its prompt with every stage captured and
+/// compares each oracle tensor.
+fn check_fixture(name: &str, generate: usize) {
+    let Some(dir) = fixture(name) else { return };
+    let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
+    let out = scratch(&format!("oracle-{name}"));
+    let prompt = format!("{:?}", oracle.manifest.prompt);
+    let text = format!(
+        "(model: Path({:?}), prompt: Tokens({prompt}), generate: {generate}, backend: Cpu, capture: (stages: \"all\", out_dir: {:?}))",
+        dir.join("model"),
+        out.join("cpu")
+    );
+    let config = RunConfig::parse(&text, Path::new("oracle.ron")).unwrap();
+    let result = capture::run(&config, Path::new("oracle.ron"), &mut |_| {}).unwrap();
+    let ours = CaptureDir::open(&out.join("cpu")).unwrap();
+
+    let manifest_json: serde_json_lite::Continuation =
+        serde_json_lite::read(&dir.join("activations/manifest.json"));
+    if generate > 0 {
+        assert_eq!(
+            result.summary.generated,
+            manifest_json.greedy_continuation[..generate],
+            "{name}: greedy continuation"
+        );
+    }
+
+    let mut checked = 0;
+    let mut worst = (0.0f64, String::new());
+    for (step, layer, stage) in oracle.keys() {
+        let reference = oracle.load(step, layer, stage).unwrap().unwrap();
+        let got = ours.load(step, layer, stage).unwrap().unwrap_or_else(|| {
+            panic!("{name}: we did not capture step {step} layer {layer:?} {stage}")
+        });
+        assert_eq!(
+            got.shape, reference.shape,
+            "{name}: step {step} layer {layer:?} {stage} shape"
+        );
+        if stage == stage_types::SaveTensorStage::MoeRouterIndices {
+            assert_eq!(
+                got.values, reference.values,
+                "{name}: step {step} layer {layer:?} router indices"
+            );
+        } else {
+            let r = rel_l2(&reference.values, &got.values);
+            assert!(
+                r <= TOLERANCE,
+                "{name}: step {step} layer {layer:?} {stage}: rel_l2 {r:.3e} > {TOLERANCE:e}"
+            );
+            if r > worst.0 {
+                worst = (r, format!("step {step} layer {layer:?} {stage}"));
+            }
+        }
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        oracle.manifest.tensors.len(),
+        "{name}: every oracle tensor is indexed"
+    );
+    eprintln!(
+        "{name}: {checked} oracle tensors match; worst rel_l2 {:.2e} at {}",
+        worst.0, worst.1
+    );
+}
+
+#[test]
+fn cpu_matches_the_oracle_on_tiny_qwen3_moe_including_decode_steps() {
+    check_fixture("tiny-qwen3-moe", 8);
+}
+
+#[test]
+fn cpu_matches_the_oracle_on_tiny_qwen3_dense() {
+    check_fixture("tiny-qwen3", 8);
+}
+
+/// Just enough JSON reading for the fixture's greedy_continuation.
+mod serde_json_lite {
+    use std::path::Path;
+
+    pub struct Continuation {
+        pub greedy_continuation: Vec<u32>,
+    }
+
+    pub fn read(path: &Path) -> Continuation {
+        let text = std::fs::read_to_string(path).unwrap();
+        let at = text
+            .find("\"greedy_continuation\"")
+            .expect("fixture manifest has greedy_continuation");
+        let body = &text[at..];
+        let list = &body[body.find('[').unwrap() + 1..body.find(']').unwrap()];
+        Continuation {
+            greedy_continuation: list.split(',').map(|s| s.trim().parse().unwrap()).collect(),
+        }
+    }
+}
