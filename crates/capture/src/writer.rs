@@ -5,6 +5,7 @@
 //! beyond the channel's capacity).
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -58,7 +59,12 @@ impl CaptureTarget {
             "cannot create the parent of out_dir",
             parent,
         ))?;
-        let tmp_dir = parent.join(format!(".{name}.moetrace-tmp-{}", std::process::id()));
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp_dir = parent.join(format!(
+            ".{name}.moetrace-tmp-{}-{unique}",
+            std::process::id()
+        ));
         if tmp_dir.exists() {
             std::fs::remove_dir_all(&tmp_dir)
                 .map_err(CaptureError::io("cannot remove stale", &tmp_dir))?;

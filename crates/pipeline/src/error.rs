@@ -83,7 +83,7 @@ pub enum PipelineError {
     },
     /// A synthetic model that does not fit in this machine's memory.
     #[error(
-        "synthetic model `{preset}` with {layers} layers needs {need_gb:.1} GB of bf16 weights but only {available_gb:.1} GB of memory is available; build fewer layers, e.g. Synthetic(preset: \"{preset}\", seed: 7, layers: Some(2))"
+        "synthetic model `{preset}` with {layers} layers needs {need_gb:.1} GB of bf16 weights but only {available_gb:.1} GB of memory is available; build fewer layers, e.g. Synthetic(preset: \"{preset}\", seed: 7, layers: 2)"
     )]
     SyntheticTooLarge {
         /// The preset.

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-pub use safetensors::load_checkpoint;
+pub use safetensors::{load_checkpoint, save_safetensors};
 pub use synthetic::{SyntheticPreset, synthetic_value, tensor_key};
 
 /// Element type of a stored weight tensor.

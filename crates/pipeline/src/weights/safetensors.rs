@@ -4,6 +4,7 @@
 
 use std::collections::BTreeSet;
 use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -41,6 +42,37 @@ pub fn load_checkpoint(dir: &Path) -> Result<WeightStore> {
         load_file(&file, &mut store)?;
     }
     Ok(store)
+}
+
+/// Writes every tensor of `store` to one safetensors file at `path`, in
+/// their stored dtypes (the layout Hugging Face writes).
+pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    for t in store.tensors() {
+        let len = t.bytes().len();
+        header.insert(
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut header = serde_json::to_vec(&header).expect("header serialises");
+    while header.len() % 8 != 0 {
+        header.push(b' ');
+    }
+    let io = |source| PipelineError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::io::BufWriter::new(File::create(path).map_err(io)?);
+    file.write_all(&(header.len() as u64).to_le_bytes())
+        .map_err(io)?;
+    file.write_all(&header).map_err(io)?;
+    for t in store.tensors() {
+        file.write_all(t.bytes()).map_err(io)?;
+    }
+    file.flush().map_err(io)
 }
 
 fn shard_files(index: &Path) -> Result<BTreeSet<String>> {

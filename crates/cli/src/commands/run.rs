@@ -1,0 +1,64 @@
+//! `moetrace run --config FILE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capture::{RunConfig, RunEvent};
+use clap::Args;
+
+use crate::progress::Progress;
+
+/// Arguments of `moetrace run`.
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// The RON run config (see configs/debug.ron).
+    #[arg(long, short, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Print only the final summary, no progress.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Loads the config, runs it with progress on stderr, prints a summary.
+pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
+    let config = RunConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let mut progress = Progress::new(!args.quiet, config.step_count());
+    let output = capture::run(&config, &args.config, &mut |event| match event {
+        RunEvent::ModelLoaded {
+            description,
+            elapsed,
+        } => progress.line(&format!(
+            "model: {description} (loaded in {:.2} s)",
+            elapsed.as_secs_f64()
+        )),
+        RunEvent::Forward(e) => progress.forward(&e),
+    })
+    .map_err(|e| {
+        progress.clear();
+        e.to_string()
+    })?;
+    progress.clear();
+    let s = &output.summary;
+    let tokens_computed = s.prompt_tokens + s.generated.len().saturating_sub(1);
+    let secs = s.forward_time.as_secs_f64();
+    eprintln!(
+        "run: {} prompt tokens, {} generated {:?}, {} steps on {} in {:.3} s ({:.1} tokens/s)",
+        s.prompt_tokens,
+        s.generated.len(),
+        s.generated,
+        s.steps,
+        s.backend,
+        secs,
+        tokens_computed as f64 / secs.max(1e-9)
+    );
+    match &s.out_dir {
+        Some(dir) => eprintln!(
+            "capture: {} tensors, {:.2} MB written to {}",
+            s.tensors_written,
+            s.bytes_written as f64 / 1e6,
+            dir.display()
+        ),
+        None => eprintln!("capture: none configured"),
+    }
+    Ok(ExitCode::SUCCESS)
+}

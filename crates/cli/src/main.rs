@@ -1,0 +1,60 @@
+//! `moetrace`: find where a GPU implementation of a Mixture-of-Experts
+//! transformer first disagrees with a reference.
+//!
+//! Library errors become messages on stderr and exit code 2 here, and
+//! only here.
+
+mod commands;
+mod progress;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Command-line interface.
+#[derive(Parser, Debug)]
+#[command(name = "moetrace", version, about = "Run a MoE transformer forward pass stage by stage, capture any stage tensor, and find where two implementations disagree.", long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the forward pass a RON config describes, capturing the selected stage tensors.
+    Run(commands::run::RunArgs),
+    /// List every stage: name, scope, which layers have it, and its shape.
+    Stages(commands::stages::StagesArgs),
+}
+
+/// Writes to stdout; a closed pipe (`moetrace stages | head`) is not an
+/// error, anything else is.
+pub(crate) fn print_stdout(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(format!("cannot write to stdout: {e}"))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("MOETRACE_LOG"))
+        .without_time()
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => commands::run::execute(&args),
+        Command::Stages(args) => commands::stages::execute(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Bad input gets a clear message on stderr and exit code 2, never a
+//! panic, and leaves no capture folder (nor a temporary one) behind.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bad-input-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Writes `config` (with `OUT` replaced by the capture folder) into `dir`,
+/// runs `moetrace run`, and checks exit code 2, a message containing every
+/// `expected` string, no panic, and an empty capture folder area.
+fn expect_failure(dir: &Path, config: &str, expected: &[&str]) {
+    let out_dir = dir.join("captures");
+    let path = dir.join("run.ron");
+    std::fs::write(&path, config.replace("OUT", &out_dir.display().to_string())).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "exit code; stderr:\n{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
+    for e in expected {
+        assert!(stderr.contains(e), "stderr lacks `{e}`:\n{stderr}");
+    }
+    assert!(!out_dir.exists(), "capture folder left behind");
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("moetrace-tmp") || n.contains("moetrace-old"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "temporary folders left behind: {leftovers:?}"
+    );
+}
+
+const GOOD: &str = r#"(
+    model: MODEL,
+    prompt: Tokens([1, 17, 423, 45]),
+    generate: 2,
+    backend: Cpu,
+    capture: (stages: "STAGES", layers: "LAYERS", out_dir: "OUT"),
+)"#;
+
+fn config(model: &str, stages: &str, layers: &str) -> String {
+    GOOD.replace("MODEL", model)
+        .replace("STAGES", stages)
+        .replace("LAYERS", layers)
+}
+
+const SYNTHETIC: &str = r#"Synthetic(preset: "tiny-moe", seed: 7)"#;
+
+/// A small checkpoint folder made from a synthetic model.
+fn checkpoint(dir: &Path) -> PathBuf {
+    let model = pipeline::Model::synthetic("tiny-dense", 1, Some(1)).unwrap();
+    let path = dir.join("model");
+    model.save(&path).unwrap();
+    path
+}
+
+fn path_model(dir: &Path) -> String {
+    format!("Path({:?})", dir.display().to_string())
+}
+
+#[test]
+fn the_good_config_runs() {
+    let dir = scratch("good");
+    let path = dir.join("run.ron");
+    let out = dir.join("captures");
+    std::fs::write(
+        &path,
+        config(SYNTHETIC, "all", "all").replace("OUT", &out.display().to_string()),
+    )
+    .unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_moetrace"))
+        .args(["run", "-q", "--config"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(out.join("manifest.json").is_file());
+    // A second run replaces the first capture in place.
+    let status = Command::new(env!("CARGO_BIN_EXE_moetrace"))
+        .args(["run", "-q", "--config"])
+        .arg(&path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[test]
+fn ron_syntax_error_names_file_line_and_column() {
+    let dir = scratch("syntax");
+    let text = config(SYNTHETIC, "all", "all").replace("generate: 2,", "generate: 2,,");
+    expect_failure(&dir, &text, &["run.ron:4:"]);
+}
+
+#[test]
+fn unknown_stage_lists_the_valid_names() {
+    let dir = scratch("stage");
+    expect_failure(
+        &dir,
+        &config(SYNTHETIC, "moe_routr", "all"),
+        &["`moe_routr`", "moe_router_indices", "lm_head", "run.ron:6:"],
+    );
+}
+
+#[test]
+fn layer_range_outside_the_model_is_named() {
+    let dir = scratch("layers");
+    expect_failure(
+        &dir,
+        &config(SYNTHETIC, "all", "2..9"),
+        &["capture.layers", "`2..9`", "0..4"],
+    );
+}
+
+#[test]
+fn missing_model_folder_is_named() {
+    let dir = scratch("missing");
+    let model = path_model(&dir.join("no-such-model"));
+    expect_failure(
+        &dir,
+        &config(&model, "all", "all"),
+        &["no-such-model", "does not exist"],
+    );
+}
+
+#[test]
+fn config_json_missing_a_required_key_is_named() {
+    let dir = scratch("key");
+    let model = checkpoint(&dir);
+    let text = std::fs::read_to_string(model.join("config.json")).unwrap();
+    let mut json: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("\"num_attention_heads\""))
+        .collect();
+    json.retain(|l| !l.is_empty());
+    std::fs::write(model.join("config.json"), json.join("\n")).unwrap();
+    expect_failure(
+        &dir,
+        &config(&path_model(&model), "all", "all"),
+        &["config.json", "missing required key `num_attention_heads`"],
+    );
+}
+
+#[test]
+fn truncated_safetensors_is_reported() {
+    let dir = scratch("truncated");
+    let model = checkpoint(&dir);
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
+    expect_failure(
+        &dir,
+        &config(&path_model(&model), "all", "all"),
+        &["model.safetensors", "truncated"],
+    );
+}
+
+#[test]
+fn tensor_of_the_wrong_shape_is_named_with_both_shapes() {
+    let dir = scratch("shape");
+    let model = checkpoint(&dir);
+    let text = std::fs::read_to_string(model.join("config.json")).unwrap();
+    std::fs::write(
+        model.join("config.json"),
+        text.replace("\"intermediate_size\": 512", "\"intermediate_size\": 500"),
+    )
+    .unwrap();
+    expect_failure(
+        &dir,
+        &config(&path_model(&model), "all", "all"),
+        &[
+            "model.layers.0.mlp.gate_proj.weight",
+            "[512, 256]",
+            "[500, 256]",
+        ],
+    );
+}
+
+#[test]
+fn token_id_outside_the_vocabulary_is_named() {
+    let dir = scratch("token");
+    let text = config(SYNTHETIC, "all", "all").replace("[1, 17, 423, 45]", "[1, 17, 9999]");
+    expect_failure(&dir, &text, &["token id 9999", "0..512"]);
+}
+
+#[test]
+fn unwritable_out_dir_is_reported_before_any_work() {
+    let dir = scratch("unwritable");
+    let blocker = dir.join("not-a-folder");
+    std::fs::write(&blocker, "a file where a folder should be").unwrap();
+    let text = config(SYNTHETIC, "all", "all").replace(
+        "\"OUT\"",
+        &format!("{:?}", blocker.join("captures").display().to_string()),
+    );
+    expect_failure(&dir, &text, &["not-a-folder", "cannot create"]);
+    assert!(blocker.is_file());
+}
+
+#[test]
+fn out_dir_holding_other_files_is_not_replaced() {
+    let dir = scratch("occupied");
+    let out = dir.join("precious");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "keep me").unwrap();
+    let text = config(SYNTHETIC, "all", "all")
+        .replace("\"OUT\"", &format!("{:?}", out.display().to_string()));
+    let path = dir.join("run.ron");
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("not a moetrace capture"));
+    assert_eq!(
+        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+}
+
+#[test]
+fn missing_config_file_and_bad_arguments_exit_2() {
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
+        .args(["run", "--config", "/no/such/file.ron"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("/no/such/file.ron"));
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
+        .args(["run", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+}
+
+#[test]
+fn stages_lists_every_stage() {
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
+        .args(["stages", "--names"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let names: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let expected: Vec<String> = stage_types::SaveTensorStage::ALL
+        .iter()
+        .map(|s| s.name().to_string())
+        .collect();
+    assert_eq!(names, expected);
+}
