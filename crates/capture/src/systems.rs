@@ -5,6 +5,7 @@
 //! get no system, so with nothing selected no copy is ever made.
 
 use bevy_ecs::prelude::*;
+use bevy_ecs::system::SystemParam;
 use crossbeam_channel::Sender;
 use pipeline::ecs::{ActiveBackend, StepError};
 use pipeline::{CurrentLayer, Forward, StageHookSystems, StageLog, StepState};
@@ -37,46 +38,53 @@ pub fn attach_capture(
     forward.world_mut().insert_resource(selection);
     forward.world_mut().insert_resource(CaptureSink(sink));
     for stage in stages {
-        forward.add_stage_hook(StageHookSystems::Observe(stage), capture_stage(stage));
+        forward.add_stage_hook(StageHookSystems::Observe(stage), move |ctx: CaptureCtx| {
+            capture_stage(stage, ctx)
+        });
     }
 }
 
-/// The capture system for one stage.
-fn capture_stage(
-    stage: SaveTensorStage,
-) -> impl FnMut(
-    ResMut<ActiveBackend>,
-    Res<StepState>,
-    Res<CurrentLayer>,
-    Res<StageLog>,
-    Res<CaptureSelection>,
-    Res<CaptureSink>,
-    ResMut<StepError>,
-) {
-    move |mut backend, step, layer, log, selection, sink, mut error| {
-        if error.0.is_some() || !log.0.contains(stage) || !selection.steps.contains(step.step) {
-            return;
+/// What a capture system reads.
+#[derive(SystemParam)]
+struct CaptureCtx<'w> {
+    backend: ResMut<'w, ActiveBackend>,
+    step: Res<'w, StepState>,
+    layer: Res<'w, CurrentLayer>,
+    log: Res<'w, StageLog>,
+    selection: Res<'w, CaptureSelection>,
+    sink: Res<'w, CaptureSink>,
+    error: ResMut<'w, StepError>,
+}
+
+/// Captures `stage` if it was produced and the step and layer are
+/// selected.
+fn capture_stage(stage: SaveTensorStage, mut ctx: CaptureCtx) {
+    if ctx.error.0.is_some()
+        || !ctx.log.0.contains(stage)
+        || !ctx.selection.steps.contains(ctx.step.step)
+    {
+        return;
+    }
+    let layer = if stage.is_layer_stage() {
+        ctx.layer.index
+    } else {
+        None
+    };
+    if stage.is_layer_stage() && !layer.is_some_and(|l| ctx.selection.layers.contains(l)) {
+        return;
+    }
+    match ctx.backend.0.read(stage) {
+        Ok(tensor) => {
+            let item = CapturedTensor {
+                step: ctx.step.step,
+                layer,
+                stage,
+                tensor,
+            };
+            // The writer drains until every sender is gone, so this only
+            // fails if it panicked; its join reports that.
+            let _ = ctx.sink.0.send(item);
         }
-        if stage.is_layer_stage() && !layer.index.is_some_and(|l| selection.layers.contains(l)) {
-            return;
-        }
-        match backend.0.read(stage) {
-            Ok(tensor) => {
-                let item = CapturedTensor {
-                    step: step.step,
-                    layer: if stage.is_layer_stage() {
-                        layer.index
-                    } else {
-                        None
-                    },
-                    stage,
-                    tensor,
-                };
-                // The writer drains until every sender is gone, so this only
-                // fails if it panicked; its join reports that.
-                let _ = sink.0.send(item);
-            }
-            Err(e) => error.0 = Some(e),
-        }
+        Err(e) => ctx.error.0 = Some(e),
     }
 }

@@ -1,1 +1,21 @@
-//! placeholder
+//! moetrace's CUDA layer, through cudarc with dynamic loading (it builds
+//! with no CUDA toolkit; libcuda and libnvrtc are opened at run time).
+//!
+//! - [`GpuDevice`]: a context on one device; kernel families compiled by
+//!   NVRTC once per process for the device's own architecture, with exact
+//!   IEEE arithmetic (no FTZ, no FMA contraction).
+//! - `kernels/<family>.cu` with the shared `kernels/common.cuh`, embedded
+//!   with `include_str!` ([`sources`]).
+//! - [`synthetic`]: synthetic weights generated on the device, bit-identical
+//!   to the host generator.
+//!
+//! The stage kernels and the cuBLAS projections arrive with the CUDA
+//! backend; this crate is linked into every CLI build so CI compiles it.
+
+pub mod device;
+pub mod error;
+pub mod sources;
+pub mod synthetic;
+
+pub use device::GpuDevice;
+pub use error::{KernelError, Result};

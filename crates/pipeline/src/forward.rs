@@ -272,3 +272,170 @@ impl Forward {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::config::ModelConfig;
+    use crate::ecs::ActiveBackend;
+    use crate::model::ModelSource;
+    use crate::weights::{SyntheticPreset, generate_weights};
+    use stage_types::SaveTensorStage as S;
+
+    fn forward(model: &Model) -> Forward {
+        Forward::new(
+            model,
+            Box::new(CpuBackend::new(model.store.clone(), Some(1)).unwrap()),
+        )
+    }
+
+    /// Records which stages each layer produced, through an Observe hook
+    /// on every stage (as capture attaches).
+    fn record_stages(forward: &mut Forward) -> SeenStages {
+        let seen: SeenStages = Arc::default();
+        for &stage in S::ALL {
+            let seen = seen.clone();
+            forward.add_stage_hook(
+                StageHookSystems::Observe(stage),
+                move |log: Res<StageLog>, layer: Res<CurrentLayer>| {
+                    if log.0.contains(stage) {
+                        seen.lock().unwrap().push((layer.index, stage));
+                    }
+                },
+            );
+        }
+        seen
+    }
+
+    #[test]
+    fn mixed_models_run_dense_stages_on_dense_layers_and_moe_stages_on_moe_layers() {
+        let mut json = SyntheticPreset::by_name("tiny-moe")
+            .unwrap()
+            .config(Some(3))
+            .json;
+        json["mlp_only_layers"] = serde_json::json!([1]);
+        json["intermediate_size"] = serde_json::json!(96);
+        let config = ModelConfig::from_json(json, std::path::Path::new("mixed")).unwrap();
+        let store = generate_weights(&config, 3, "mixed").unwrap();
+        let model = Model::assemble(
+            config,
+            store,
+            ModelSource::Synthetic {
+                preset: "mixed".into(),
+                seed: 3,
+            },
+        )
+        .unwrap();
+        let mut forward = forward(&model);
+        let seen = record_stages(&mut forward);
+        forward.step(0, &[1, 2, 3], 0, &mut |_| {}).unwrap();
+        let seen = seen.lock().unwrap().clone();
+        for layer in 0..3 {
+            let stages: Vec<S> = seen
+                .iter()
+                .filter(|(l, _)| *l == Some(layer))
+                .map(|(_, s)| *s)
+                .collect();
+            let dense = layer == 1;
+            let expected: Vec<S> = S::ALL
+                .iter()
+                .copied()
+                .filter(|s| s.is_layer_stage() && s.applies_to(dense, false))
+                .collect();
+            assert_eq!(stages, expected, "layer {layer}");
+        }
+        let model_stages: Vec<S> = seen
+            .iter()
+            .filter(|(l, _)| l.is_none())
+            .map(|(_, s)| *s)
+            .collect();
+        assert_eq!(model_stages, [S::Embedding, S::FinalNorm, S::LmHead]);
+    }
+
+    #[test]
+    fn qkv_bias_runs_only_for_models_with_a_bias_and_adds_it() {
+        let mut json = SyntheticPreset::by_name("tiny-dense")
+            .unwrap()
+            .config(Some(1))
+            .json;
+        json["attention_bias"] = serde_json::json!(true);
+        let config = ModelConfig::from_json(json, std::path::Path::new("bias")).unwrap();
+        let store = generate_weights(&config, 4, "bias").unwrap();
+        let model = Model::assemble(
+            config,
+            store,
+            ModelSource::Synthetic {
+                preset: "bias".into(),
+                seed: 4,
+            },
+        )
+        .unwrap();
+        let bias: Vec<f32> = model.layers[0]
+            .attention
+            .qkv_bias
+            .unwrap()
+            .iter()
+            .flat_map(|&id| model.store.get(id).to_f32_vec())
+            .collect();
+        let mut forward = forward(&model);
+        let got: Arc<Mutex<Option<HostTensorPair>>> = Arc::default();
+        let sink = got.clone();
+        forward.add_stage_hook(
+            StageHookSystems::Observe(S::QkvBias),
+            move |mut b: ResMut<ActiveBackend>| {
+                let before = b.0.read(S::QkvMatmul).unwrap();
+                let after = b.0.read(S::QkvBias).unwrap();
+                *sink.lock().unwrap() = Some((before, after));
+            },
+        );
+        forward.step(0, &[5, 6], 0, &mut |_| {}).unwrap();
+        let (before, after) = got.lock().unwrap().take().expect("qkv_bias ran");
+        let width = bias.len();
+        for (i, (a, b)) in before
+            .as_f32()
+            .unwrap()
+            .iter()
+            .zip(after.as_f32().unwrap())
+            .enumerate()
+        {
+            assert!(((b - a) - bias[i % width]).abs() < 1e-6);
+        }
+        let plain = Model::synthetic("tiny-dense", 4, Some(1)).unwrap();
+        let mut forward = super::Forward::new(
+            &plain,
+            Box::new(CpuBackend::new(plain.store.clone(), Some(1)).unwrap()),
+        );
+        let seen = record_stages(&mut forward);
+        forward.step(0, &[5, 6], 0, &mut |_| {}).unwrap();
+        assert!(!seen.lock().unwrap().iter().any(|(_, s)| *s == S::QkvBias));
+    }
+
+    /// (layer, stage) pairs in the order observers saw them produced.
+    type SeenStages = Arc<Mutex<Vec<(Option<usize>, S)>>>;
+
+    type HostTensorPair = (crate::tensor::HostTensor, crate::tensor::HostTensor);
+
+    #[test]
+    fn bad_token_and_bad_cache_position_are_errors_not_panics() {
+        let model = Model::synthetic("tiny-moe", 1, Some(1)).unwrap();
+        let mut forward = forward(&model);
+        let err = forward
+            .step(0, &[1, 9999], 0, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("9999") && err.contains("0..512"), "{err}");
+        let err = forward
+            .step(0, &[1], 5, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("position 5"), "{err}");
+        assert!(forward.step(0, &[], 0, &mut |_| {}).is_err());
+        forward.step(0, &[1, 2, 3], 0, &mut |_| {}).unwrap();
+        forward.step(1, &[4], 3, &mut |_| {}).unwrap();
+        // Re-running from an earlier position truncates the cache.
+        forward.step(1, &[4], 1, &mut |_| {}).unwrap();
+    }
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 pub use safetensors::{load_checkpoint, save_safetensors};
-pub use synthetic::{SyntheticPreset, synthetic_value, tensor_key};
+pub use synthetic::{SyntheticPreset, generate_weights, synthetic_value, tensor_key};
 
 /// Element type of a stored weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

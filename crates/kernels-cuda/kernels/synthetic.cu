@@ -1,0 +1,23 @@
+// synthetic.cu: synthetic model weights generated on the device, bit for bit
+// the values of pipeline::weights::synthetic_value on the host (splitmix64 of
+// key + index * golden ratio, four 16-bit uniforms summed, scaled in f32
+// without FMA, rounded to bf16).
+#include "common.cuh"
+
+__device__ __forceinline__ u64 mix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// out[i] = bf16(mean + scale * (sum of four 16-bit lanes of mix64(key + i*golden) - 131070))
+// `scale` is std / sqrt(4 * (65536^2 - 1) / 12), computed on the host.
+extern "C" __global__ void synthetic_fill_bf16(u16 *out, u64 n, u64 key, float mean, float scale) {
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        u64 h = mix64(key + i * 0x9e3779b97f4a7c15ull);
+        long long sum = (long long)((h & 0xffff) + ((h >> 16) & 0xffff) + ((h >> 32) & 0xffff) + (h >> 48));
+        float centred = (float)(sum - 131070);
+        out[i] = f32_to_bf16_bits(__fadd_rn(__fmul_rn(centred, scale), mean));
+    }
+}

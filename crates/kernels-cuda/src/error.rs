@@ -1,0 +1,58 @@
+//! [`KernelError`]: why the GPU could not be used or a kernel failed.
+
+/// Errors of the CUDA layer; each says what to check.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// libcuda (the NVIDIA driver) is not installed or not on the loader path.
+    #[error(
+        "no NVIDIA driver found: libcuda.so could not be loaded (is this a GPU machine? check LD_LIBRARY_PATH); use backend: Cpu here"
+    )]
+    DriverMissing,
+    /// libnvrtc (the CUDA runtime compiler) is not installed.
+    #[error(
+        "NVRTC not found: libnvrtc.so could not be loaded; install the CUDA 13 toolkit runtime libraries or add them to LD_LIBRARY_PATH"
+    )]
+    NvrtcMissing,
+    /// A CUDA driver call failed.
+    #[error("CUDA error while {action}: {message}")]
+    Driver {
+        /// What was being done.
+        action: String,
+        /// The driver's message.
+        message: String,
+    },
+    /// A device ordinal beyond the number of devices.
+    #[error(
+        "CUDA device {ordinal} does not exist: this machine has {count} device(s) (valid: 0..{count})"
+    )]
+    NoSuchDevice {
+        /// Asked for.
+        ordinal: usize,
+        /// Present.
+        count: usize,
+    },
+    /// NVRTC rejected a kernel source.
+    #[error("NVRTC failed to compile {family}.cu for {arch}: {log}")]
+    Compile {
+        /// Kernel family.
+        family: &'static str,
+        /// Target architecture.
+        arch: String,
+        /// The compiler log.
+        log: String,
+    },
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = KernelError> = std::result::Result<T, E>;
+
+/// Maps a driver error with what was being done.
+pub(crate) fn driver(
+    action: impl Into<String>,
+) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
+    let action = action.into();
+    move |e| KernelError::Driver {
+        action,
+        message: e.to_string(),
+    }
+}

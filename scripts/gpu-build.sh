@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Build, on this (GPU-less) machine, everything the GPU machine runs, into
+# .gpu/ (kept out of git): the moetrace binary, the GPU test executables,
+# the configs and the oracle fixtures. Then, with the device tool:
+#   run(command: "bash scripts/gpu-run.sh", carry: [".gpu"])
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .gpu && mkdir -p .gpu/bin
+cargo build --release -p cli
+cp target/release/moetrace .gpu/bin/
+# Each GPU test executable, by test target name.
+for spec in "pipeline --features cuda --test gpu_synthetic" "kernels-cuda --lib"; do
+    # shellcheck disable=SC2086
+    cargo test --release -p $spec --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["profile"]["test"]:
+        print(m["executable"])' | while read -r exe; do
+        name=$(basename "$exe" | sed 's/-[0-9a-f]*$//')
+        cp "$exe" ".gpu/bin/test-$name"
+    done
+done
+strip .gpu/bin/* 2>/dev/null || true
+cp -r configs .gpu/configs
+if [ -d ../shared/fixtures ]; then cp -r ../shared/fixtures .gpu/fixtures; fi
+du -sh .gpu
+ls -la .gpu/bin

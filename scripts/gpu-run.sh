@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Run on the GPU machine from the checkout root, after scripts/gpu-build.sh
+# here and with .gpu carried. Runs every GPU test executable with
+# MOETRACE_GPU=1, writes logs under $OUT (when set), and prints a table last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-.gpu/out}
+mkdir -p "$out"
+export MOETRACE_GPU=1 MOETRACE_FIXTURES="$PWD/.gpu/fixtures"
+{
+    echo "date: $(date -u +%F)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1 | sed 's/^/gpu: /'
+} | tee "$out/machine.txt"
+results=()
+for exe in .gpu/bin/test-*; do
+    name=$(basename "$exe")
+    start=$(date +%s%N)
+    if "$exe" --test-threads=1 >"$out/$name.log" 2>&1; then status=pass; else status=FAIL; fi
+    secs=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+    passed=$(grep -o '[0-9]* passed' "$out/$name.log" | tail -1)
+    skipped=$(grep -c SKIPPED "$out/$name.log")
+    results+=("$(printf '%-32s %-5s %-12s skipped:%-3s %6ss' "$name" "$status" "$passed" "$skipped" "$secs")")
+done
+echo
+echo "GPU test table"
+printf '%s\n' "${results[@]}" | tee "$out/table.txt"
+! grep -q FAIL "$out/table.txt"
