@@ -95,29 +95,39 @@ fn qwen3_30b(layers: usize, bandwidth: f64) {
         ("prefill 16 tokens", prompt(16), 0usize),
         ("decode 1 token", vec![42u32], 16),
     ] {
-        distinct.lock().unwrap().clear();
-        let mut marks = Vec::new();
-        forward
-            .step(0, &tokens, start, &mut |e| {
-                if matches!(
-                    e,
-                    ForwardEvent::StepStarted { .. } | ForwardEvent::LayerDone { .. }
-                ) {
-                    marks.push(Instant::now());
-                }
-            })
-            .unwrap();
-        let per_layer: Vec<f64> = marks
-            .windows(2)
-            .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
-            .collect();
-        let experts = distinct.lock().unwrap().clone();
+        let mut samples = Vec::new();
+        let mut experts = Vec::new();
+        for _ in 0..3 {
+            if start > 0 {
+                forward.step(0, &prompt(16), 0, &mut |_| {}).unwrap();
+            }
+            distinct.lock().unwrap().clear();
+            let mut marks = Vec::new();
+            forward
+                .step(0, &tokens, start, &mut |e| {
+                    if matches!(
+                        e,
+                        ForwardEvent::StepStarted { .. } | ForwardEvent::LayerDone { .. }
+                    ) {
+                        marks.push(Instant::now());
+                    }
+                })
+                .unwrap();
+            let total: f64 = marks
+                .windows(2)
+                .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
+                .sum();
+            samples.push(total / (marks.len() - 1) as f64);
+            experts = distinct.lock().unwrap().clone();
+        }
         let mean_experts = experts.iter().sum::<usize>() as f64 / experts.len() as f64;
         let bytes = attention_bytes as f64 + mean_experts * expert_bytes as f64;
         let floor_ms = bytes / bandwidth * 1e3;
-        let ms = per_layer.iter().sum::<f64>() / per_layer.len() as f64;
+        let ms = median(samples.clone());
+        let spread = samples.iter().cloned().fold(f64::NEG_INFINITY, f64::max)
+            - samples.iter().cloned().fold(f64::INFINITY, f64::min);
         println!(
-            "| qwen3-30b-a3b | {label} | {ms:.1} ms/layer | {mean_experts:.0} experts/layer, {:.0} MB of weights | floor {floor_ms:.1} ms | {:.1}x floor | {threads} threads |",
+            "| qwen3-30b-a3b | {label} | {ms:.1} ms/layer (spread {spread:.1}) | {mean_experts:.0} experts/layer, {:.0} MB of weights | floor {floor_ms:.1} ms | {:.1}x floor | {threads} threads |",
             bytes / 1e6,
             ms / floor_ms
         );
