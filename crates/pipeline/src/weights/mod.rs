@@ -87,13 +87,9 @@ impl WeightTensor {
         }
     }
 
-    /// A tensor over owned little-endian bytes.
-    pub(crate) fn owned(
-        name: String,
-        dtype: WeightDtype,
-        shape: Vec<usize>,
-        bytes: Vec<u8>,
-    ) -> Self {
+    /// A tensor over owned little-endian bytes; `bytes.len()` must be
+    /// `shape.product() * dtype.size()`.
+    pub fn owned(name: String, dtype: WeightDtype, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
         Self {
             name,
             dtype,
