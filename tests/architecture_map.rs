@@ -9,21 +9,13 @@ fn every_path_in_architecture_md_exists() {
     let mut named = 0;
     for (i, piece) in text.split('`').enumerate() {
         let is_code = i % 2 == 1;
-        let looks_like_path = piece.contains('/')
-            && !piece.contains(' ')
-            && !piece.contains("..")
-            && !piece.starts_with("model.");
+        let looks_like_path =
+            piece.contains('/') && !piece.contains(' ') && !piece.contains("..") && !piece.starts_with("model.");
         if is_code && looks_like_path {
             let path = root.join(piece.trim_end_matches('/'));
-            assert!(
-                path.exists(),
-                "ARCHITECTURE.md names `{piece}`, which does not exist"
-            );
+            assert!(path.exists(), "ARCHITECTURE.md names `{piece}`, which does not exist");
             named += 1;
         }
     }
-    assert!(
-        named > 20,
-        "only {named} paths found; did the format change?"
-    );
+    assert!(named > 20, "only {named} paths found; did the format change?");
 }

@@ -15,10 +15,7 @@ fn logits(model: &Model) -> (Vec<u32>, Vec<f32>) {
     let backend = CpuBackend::new(model.store.clone(), Some(2)).unwrap();
     let mut forward = Forward::new(model, Box::new(backend));
     let generation = forward.generate(&PROMPT, 3, &mut |_| {}).unwrap();
-    let logits = forward
-        .backend_mut()
-        .read(stage_types::SaveTensorStage::LmHead)
-        .unwrap();
+    let logits = forward.backend_mut().read(stage_types::SaveTensorStage::LmHead).unwrap();
     (generation.generated, logits.as_f32().unwrap().to_vec())
 }
 
@@ -29,21 +26,10 @@ fn convert(store: &WeightStore, dtype: WeightDtype) -> WeightStore {
         let values = t.to_f32_vec();
         let bytes: Vec<u8> = match dtype {
             WeightDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            WeightDtype::F16 => values
-                .iter()
-                .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
-                .collect(),
-            WeightDtype::Bf16 => values
-                .iter()
-                .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
-                .collect(),
+            WeightDtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+            WeightDtype::Bf16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
         };
-        out.insert(WeightTensor::owned(
-            t.name.clone(),
-            dtype,
-            t.shape.clone(),
-            bytes,
-        ));
+        out.insert(WeightTensor::owned(t.name.clone(), dtype, t.shape.clone(), bytes));
     }
     out
 }
@@ -52,11 +38,7 @@ fn write_config(model: &Model, dir: &Path, edit: impl FnOnce(&mut serde_json::Va
     let mut json = model.config.json.clone();
     edit(&mut json);
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("config.json"),
-        serde_json::to_string_pretty(&json).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(dir.join("config.json"), serde_json::to_string_pretty(&json).unwrap()).unwrap();
 }
 
 #[test]
@@ -67,18 +49,10 @@ fn f32_and_sharded_checkpoints_give_the_same_bits_as_bf16() {
 
     let f32_dir = dir.join("f32");
     write_config(&model, &f32_dir, |_| {});
-    save_safetensors(
-        &convert(&model.store, WeightDtype::F32),
-        &f32_dir.join("model.safetensors"),
-    )
-    .unwrap();
+    save_safetensors(&convert(&model.store, WeightDtype::F32), &f32_dir.join("model.safetensors")).unwrap();
     let f32_model = Model::load(&f32_dir).unwrap();
     assert_eq!(f32_model.weight_dtype(), "F32");
-    assert_eq!(
-        logits(&f32_model),
-        reference,
-        "f32 holds bf16 values exactly"
-    );
+    assert_eq!(logits(&f32_model), reference, "f32 holds bf16 values exactly");
 
     let sharded = dir.join("sharded");
     write_config(&model, &sharded, |_| {});
@@ -109,36 +83,22 @@ fn f16_checkpoints_load_and_stay_close() {
     let model = Model::synthetic("tiny-dense", 9, Some(2)).unwrap();
     let reference = logits(&model);
     write_config(&model, &dir, |_| {});
-    save_safetensors(
-        &convert(&model.store, WeightDtype::F16),
-        &dir.join("model.safetensors"),
-    )
-    .unwrap();
+    save_safetensors(&convert(&model.store, WeightDtype::F16), &dir.join("model.safetensors")).unwrap();
     let f16_model = Model::load(&dir).unwrap();
     assert_eq!(f16_model.weight_dtype(), "F16");
     let got = logits(&f16_model);
     let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<_>>();
     let r = rel_l2(&widen(&reference.1), &widen(&got.1));
-    assert!(
-        r > 0.0 && r < 1e-2,
-        "f16 rounding of bf16 weights moves logits by rel_l2 {r:e}"
-    );
+    assert!(r > 0.0 && r < 1e-2, "f16 rounding of bf16 weights moves logits by rel_l2 {r:e}");
 }
 
 #[test]
 fn tied_lm_head_reads_the_embedding_and_needs_no_lm_head_tensor() {
     let dir = scratch("tied");
     let model = Model::synthetic("tiny-moe", 9, Some(1)).unwrap();
-    write_config(&model, &dir, |json| {
-        json["tie_word_embeddings"] = serde_json::json!(true)
-    });
+    write_config(&model, &dir, |json| json["tie_word_embeddings"] = serde_json::json!(true));
     let mut store = WeightStore::default();
-    for t in model
-        .store
-        .tensors()
-        .iter()
-        .filter(|t| t.name != "lm_head.weight")
-    {
+    for t in model.store.tensors().iter().filter(|t| t.name != "lm_head.weight") {
         store.insert(t.clone());
     }
     save_safetensors(&store, &dir.join("model.safetensors")).unwrap();
@@ -148,25 +108,14 @@ fn tied_lm_head_reads_the_embedding_and_needs_no_lm_head_tensor() {
     let backend = CpuBackend::new(tied.store.clone(), Some(1)).unwrap();
     let mut forward = Forward::new(&tied, Box::new(backend));
     forward.step(0, &PROMPT, 0, &mut |_| {}).unwrap();
-    let normed = forward
-        .backend_mut()
-        .read(stage_types::SaveTensorStage::FinalNorm)
-        .unwrap();
-    let logits = forward
-        .backend_mut()
-        .read(stage_types::SaveTensorStage::LmHead)
-        .unwrap();
+    let normed = forward.backend_mut().read(stage_types::SaveTensorStage::FinalNorm).unwrap();
+    let logits = forward.backend_mut().read(stage_types::SaveTensorStage::LmHead).unwrap();
     let embed = tied.store.get(tied.embedding).to_f32_vec();
     let (h, v) = (tied.config.hidden_size, tied.config.vocab_size);
     let x = &normed.as_f32().unwrap()[(PROMPT.len() - 1) * h..];
     for token in [0usize, 7, v - 1] {
-        let expect: f64 = (0..h)
-            .map(|i| x[i] as f64 * embed[token * h + i] as f64)
-            .sum();
+        let expect: f64 = (0..h).map(|i| x[i] as f64 * embed[token * h + i] as f64).sum();
         let got = logits.as_f32().unwrap()[(PROMPT.len() - 1) * v + token] as f64;
-        assert!(
-            (got - expect).abs() <= 1e-5 * expect.abs().max(1.0),
-            "token {token}: {got} vs {expect}"
-        );
+        assert!((got - expect).abs() <= 1e-5 * expect.abs().max(1.0), "token {token}: {got} vs {expect}");
     }
 }

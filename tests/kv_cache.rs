@@ -14,10 +14,7 @@ fn run(model: &str, prompt: &[u32], generate: usize, out: &Path) -> Vec<u32> {
         "(model: {model}, prompt: Tokens({prompt:?}), generate: {generate}, capture: (stages: \"all\", out_dir: {out:?}))"
     );
     let config = RunConfig::parse(&text, Path::new("kv.ron")).unwrap();
-    capture::run(&config, Path::new("kv.ron"), &mut |_| {})
-        .unwrap()
-        .summary
-        .generated
+    capture::run(&config, Path::new("kv.ron"), &mut |_| {}).unwrap().summary.generated
 }
 
 /// The rows of `values` (shape `shape`) that belong to positions
@@ -70,16 +67,10 @@ fn check(model: &str, name: &str) {
         let ours = position_rows(stage, &a.shape, &a.values, 0..rows_in_step, keys);
         let reference = position_rows(stage, &b.shape, &b.values, positions, keys);
         if stage == SaveTensorStage::MoeRouterIndices {
-            assert_eq!(
-                ours, reference,
-                "{name}: step {step} layer {layer:?} router indices"
-            );
+            assert_eq!(ours, reference, "{name}: step {step} layer {layer:?} router indices");
         } else {
             let r = rel_l2(&reference, &ours);
-            assert!(
-                r <= TOLERANCE,
-                "{name}: step {step} layer {layer:?} {stage}: rel_l2 {r:.3e}"
-            );
+            assert!(r <= TOLERANCE, "{name}: step {step} layer {layer:?} {stage}: rel_l2 {r:.3e}");
         }
         compared += 1;
     }

@@ -5,10 +5,7 @@ use std::path::{Path, PathBuf};
 
 /// The workspace root.
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
 }
 
 /// The oracle fixture folder `name` (e.g. `tiny-qwen3-moe`), from
@@ -33,9 +30,7 @@ pub fn fixture(name: &str) -> Option<PathBuf> {
 
 /// A fresh, empty scratch folder under the target directory.
 pub fn scratch(name: &str) -> PathBuf {
-    let dir = workspace_root()
-        .join("target/test-scratch")
-        .join(format!("{name}-{}", std::process::id()));
+    let dir = workspace_root().join("target/test-scratch").join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch folder");
     dir
@@ -45,15 +40,7 @@ pub fn scratch(name: &str) -> PathBuf {
 /// reference is zero and the target is not).
 pub fn rel_l2(reference: &[f64], target: &[f64]) -> f64 {
     assert_eq!(reference.len(), target.len(), "element counts differ");
-    let diff: f64 = reference
-        .iter()
-        .zip(target)
-        .map(|(a, b)| (a - b) * (a - b))
-        .sum();
+    let diff: f64 = reference.iter().zip(target).map(|(a, b)| (a - b) * (a - b)).sum();
     let norm: f64 = reference.iter().map(|a| a * a).sum();
-    if diff == 0.0 {
-        0.0
-    } else {
-        (diff / norm).sqrt()
-    }
+    if diff == 0.0 { 0.0 } else { (diff / norm).sqrt() }
 }

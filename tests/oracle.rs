@@ -26,8 +26,7 @@ fn check_fixture(name: &str, generate: usize) {
     let result = capture::run(&config, Path::new("oracle.ron"), &mut |_| {}).unwrap();
     let ours = CaptureDir::open(&out.join("cpu")).unwrap();
 
-    let manifest_json: serde_json_lite::Continuation =
-        serde_json_lite::read(&dir.join("activations/manifest.json"));
+    let manifest_json: serde_json_lite::Continuation = serde_json_lite::read(&dir.join("activations/manifest.json"));
     if generate > 0 {
         assert_eq!(
             result.summary.generated,
@@ -40,39 +39,24 @@ fn check_fixture(name: &str, generate: usize) {
     let mut worst = (0.0f64, String::new());
     for (step, layer, stage) in oracle.keys() {
         let reference = oracle.load(step, layer, stage).unwrap().unwrap();
-        let got = ours.load(step, layer, stage).unwrap().unwrap_or_else(|| {
-            panic!("{name}: we did not capture step {step} layer {layer:?} {stage}")
-        });
-        assert_eq!(
-            got.shape, reference.shape,
-            "{name}: step {step} layer {layer:?} {stage} shape"
-        );
+        let got = ours
+            .load(step, layer, stage)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name}: we did not capture step {step} layer {layer:?} {stage}"));
+        assert_eq!(got.shape, reference.shape, "{name}: step {step} layer {layer:?} {stage} shape");
         if stage == stage_types::SaveTensorStage::MoeRouterIndices {
-            assert_eq!(
-                got.values, reference.values,
-                "{name}: step {step} layer {layer:?} router indices"
-            );
+            assert_eq!(got.values, reference.values, "{name}: step {step} layer {layer:?} router indices");
         } else {
             let r = rel_l2(&reference.values, &got.values);
-            assert!(
-                r <= TOLERANCE,
-                "{name}: step {step} layer {layer:?} {stage}: rel_l2 {r:.3e} > {TOLERANCE:e}"
-            );
+            assert!(r <= TOLERANCE, "{name}: step {step} layer {layer:?} {stage}: rel_l2 {r:.3e} > {TOLERANCE:e}");
             if r > worst.0 {
                 worst = (r, format!("step {step} layer {layer:?} {stage}"));
             }
         }
         checked += 1;
     }
-    assert_eq!(
-        checked,
-        oracle.manifest.tensors.len(),
-        "{name}: every oracle tensor is indexed"
-    );
-    eprintln!(
-        "{name}: {checked} oracle tensors match; worst rel_l2 {:.2e} at {}",
-        worst.0, worst.1
-    );
+    assert_eq!(checked, oracle.manifest.tensors.len(), "{name}: every oracle tensor is indexed");
+    eprintln!("{name}: {checked} oracle tensors match; worst rel_l2 {:.2e} at {}", worst.0, worst.1);
 }
 
 #[test]
@@ -95,13 +79,9 @@ mod serde_json_lite {
 
     pub fn read(path: &Path) -> Continuation {
         let text = std::fs::read_to_string(path).unwrap();
-        let at = text
-            .find("\"greedy_continuation\"")
-            .expect("fixture manifest has greedy_continuation");
+        let at = text.find("\"greedy_continuation\"").expect("fixture manifest has greedy_continuation");
         let body = &text[at..];
         let list = &body[body.find('[').unwrap() + 1..body.find(']').unwrap()];
-        Continuation {
-            greedy_continuation: list.split(',').map(|s| s.trim().parse().unwrap()).collect(),
-        }
+        Continuation { greedy_continuation: list.split(',').map(|s| s.trim().parse().unwrap()).collect() }
     }
 }

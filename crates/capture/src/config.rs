@@ -89,9 +89,7 @@ pub struct LayersField(pub IndexSet);
 impl<'de> Deserialize<'de> for LayersField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        IndexSet::parse_layers(&text)
-            .map(LayersField)
-            .map_err(de::Error::custom)
+        IndexSet::parse_layers(&text).map(LayersField).map_err(de::Error::custom)
     }
 }
 
@@ -102,9 +100,7 @@ pub struct StepsField(pub IndexSet);
 impl<'de> Deserialize<'de> for StepsField {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        IndexSet::parse_steps(&text)
-            .map(StepsField)
-            .map_err(de::Error::custom)
+        IndexSet::parse_steps(&text).map(StepsField).map_err(de::Error::custom)
     }
 }
 
@@ -166,17 +162,13 @@ impl RunConfig {
     /// Parses RON text; `path` is for messages and for resolving relative
     /// paths against its folder.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let options = ron::Options::default()
-            .with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
-        let mut config: RunConfig =
-            options
-                .from_str(text)
-                .map_err(|e| CaptureError::ConfigSyntax {
-                    path: path.to_path_buf(),
-                    line: e.span.start.line,
-                    col: e.span.start.col,
-                    message: e.code.to_string(),
-                })?;
+        let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+        let mut config: RunConfig = options.from_str(text).map_err(|e| CaptureError::ConfigSyntax {
+            path: path.to_path_buf(),
+            line: e.span.start.line,
+            col: e.span.start.col,
+            message: e.code.to_string(),
+        })?;
         let base = path.parent().unwrap_or(Path::new(""));
         if let ModelSpec::Path(p) = &mut config.model {
             *p = base.join(&*p);
@@ -190,10 +182,8 @@ impl RunConfig {
 
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| CaptureError::ReadConfig {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CaptureError::ReadConfig { path: path.to_path_buf(), source })?;
         Self::parse(&text, path)
     }
 
@@ -212,14 +202,9 @@ impl RunConfig {
 
     /// Checks that need no model.
     fn check(&self, path: &Path) -> Result<()> {
-        let bad = |message: String| CaptureError::ConfigValue {
-            path: path.to_path_buf(),
-            message,
-        };
+        let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
         if self.prompt_tokens().is_empty() {
-            return Err(bad(
-                "prompt: Tokens([]) is empty; give at least one token id".into(),
-            ));
+            return Err(bad("prompt: Tokens([]) is empty; give at least one token id".into()));
         }
         if !self.faults.is_empty() {
             return Err(bad(
@@ -227,50 +212,23 @@ impl RunConfig {
             ));
         }
         if self.threads == Some(0) {
-            return Err(bad(
-                "threads: must be at least 1 (or omit it to use every core)".into(),
-            ));
+            return Err(bad("threads: must be at least 1 (or omit it to use every core)".into()));
         }
         if let Some(capture) = &self.capture {
-            capture
-                .steps
-                .0
-                .check_within(self.step_count(), "step")
-                .map_err(|e| {
-                    bad(format!(
-                        "capture.steps: {e} (generate: {} makes {} steps)",
-                        self.generate,
-                        self.step_count()
-                    ))
-                })?;
+            capture.steps.0.check_within(self.step_count(), "step").map_err(|e| {
+                bad(format!("capture.steps: {e} (generate: {} makes {} steps)", self.generate, self.step_count()))
+            })?;
         }
         Ok(())
     }
 
     /// Checks against the loaded model: layer range and token ids.
-    pub fn check_against_model(
-        &self,
-        path: &Path,
-        num_layers: usize,
-        vocab_size: usize,
-    ) -> Result<()> {
-        let bad = |message: String| CaptureError::ConfigValue {
-            path: path.to_path_buf(),
-            message,
-        };
+    pub fn check_against_model(&self, path: &Path, num_layers: usize, vocab_size: usize) -> Result<()> {
+        let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
         if let Some(capture) = &self.capture {
-            capture
-                .layers
-                .0
-                .check_within(num_layers, "layer")
-                .map_err(|e| bad(format!("capture.layers: {e}")))?;
+            capture.layers.0.check_within(num_layers, "layer").map_err(|e| bad(format!("capture.layers: {e}")))?;
         }
-        if let Some((i, &t)) = self
-            .prompt_tokens()
-            .iter()
-            .enumerate()
-            .find(|&(_, &t)| t as usize >= vocab_size)
-        {
+        if let Some((i, &t)) = self.prompt_tokens().iter().enumerate().find(|&(_, &t)| t as usize >= vocab_size) {
             return Err(bad(format!(
                 "prompt: token id {t} at index {i} is out of range: the model's vocabulary has {vocab_size} tokens (valid ids 0..{vocab_size})"
             )));
@@ -304,14 +262,7 @@ mod tests {
     #[test]
     fn parses_the_design_example_and_resolves_paths() {
         let c = parse(DEBUG).unwrap();
-        assert_eq!(
-            c.model,
-            ModelSpec::Synthetic {
-                preset: "tiny-moe".into(),
-                seed: 7,
-                layers: None
-            }
-        );
+        assert_eq!(c.model, ModelSpec::Synthetic { preset: "tiny-moe".into(), seed: 7, layers: None });
         let cap = c.capture.unwrap();
         assert_eq!(cap.out_dir, Path::new("cfg/captures/cpu"));
         assert_eq!(cap.stages.0.len(), 2);
@@ -324,20 +275,8 @@ mod tests {
             .replace("backend: Cpu", "backend: Cuda(device: 0, dtype: Bf16)")
             .replace("seed: 7", "seed: 7, layers: 2");
         let c = parse(&text).unwrap();
-        assert_eq!(
-            c.backend,
-            BackendSpec::Cuda {
-                device: 0,
-                dtype: CudaDtype::Bf16
-            }
-        );
-        assert!(matches!(
-            c.model,
-            ModelSpec::Synthetic {
-                layers: Some(2),
-                ..
-            }
-        ));
+        assert_eq!(c.backend, BackendSpec::Cuda { device: 0, dtype: CudaDtype::Bf16 });
+        assert!(matches!(c.model, ModelSpec::Synthetic { layers: Some(2), .. }));
     }
 
     #[test]
@@ -352,67 +291,32 @@ mod tests {
         let text = DEBUG.replace("moe_router\"", "moe_ruoter\"");
         let err = parse(&text).unwrap_err();
         let msg = err.to_string();
-        assert!(
-            matches!(err, CaptureError::ConfigSyntax { line: 7, .. }),
-            "{msg}"
-        );
-        assert!(
-            msg.contains("`moe_ruoter`") && msg.contains("moe_router_logits"),
-            "{msg}"
-        );
+        assert!(matches!(err, CaptureError::ConfigSyntax { line: 7, .. }), "{msg}");
+        assert!(msg.contains("`moe_ruoter`") && msg.contains("moe_router_logits"), "{msg}");
     }
 
     #[test]
     fn unknown_fields_and_variants_name_the_valid_choices() {
-        let msg = parse(&DEBUG.replace("backend: Cpu", "backend: Tpu"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("Tpu") && msg.contains("Cpu") && msg.contains("Cuda"),
-            "{msg}"
-        );
-        let msg = parse(&DEBUG.replace("generate:", "generat:"))
-            .unwrap_err()
-            .to_string();
+        let msg = parse(&DEBUG.replace("backend: Cpu", "backend: Tpu")).unwrap_err().to_string();
+        assert!(msg.contains("Tpu") && msg.contains("Cpu") && msg.contains("Cuda"), "{msg}");
+        let msg = parse(&DEBUG.replace("generate:", "generat:")).unwrap_err().to_string();
         assert!(msg.contains("generat") && msg.contains("generate"), "{msg}");
     }
 
     #[test]
     fn value_checks_name_the_field() {
-        let msg = parse(&DEBUG.replace("[1, 17, 423]", "[]"))
-            .unwrap_err()
-            .to_string();
+        let msg = parse(&DEBUG.replace("[1, 17, 423]", "[]")).unwrap_err().to_string();
         assert!(msg.contains("prompt"), "{msg}");
-        let msg = parse(&DEBUG.replace(
-            "faults: []",
-            "faults: [(stage: \"moe_router\", layer: 2, kind: Nan)]",
-        ))
-        .unwrap_err()
-        .to_string();
+        let msg = parse(&DEBUG.replace("faults: []", "faults: [(stage: \"moe_router\", layer: 2, kind: Nan)]"))
+            .unwrap_err()
+            .to_string();
         assert!(msg.contains("faults"), "{msg}");
-        let msg = parse(&DEBUG.replace("steps: \"all\"", "steps: \"0..5\""))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("capture.steps") && msg.contains("0..2"),
-            "{msg}"
-        );
+        let msg = parse(&DEBUG.replace("steps: \"all\"", "steps: \"0..5\"")).unwrap_err().to_string();
+        assert!(msg.contains("capture.steps") && msg.contains("0..2"), "{msg}");
         let c = parse(DEBUG).unwrap();
-        let msg = c
-            .check_against_model(Path::new("x.ron"), 1, 512)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("capture.layers") && msg.contains("0..1"),
-            "{msg}"
-        );
-        let msg = c
-            .check_against_model(Path::new("x.ron"), 4, 100)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            msg.contains("token id 423") && msg.contains("0..100"),
-            "{msg}"
-        );
+        let msg = c.check_against_model(Path::new("x.ron"), 1, 512).unwrap_err().to_string();
+        assert!(msg.contains("capture.layers") && msg.contains("0..1"), "{msg}");
+        let msg = c.check_against_model(Path::new("x.ron"), 4, 100).unwrap_err().to_string();
+        assert!(msg.contains("token id 423") && msg.contains("0..100"), "{msg}");
     }
 }

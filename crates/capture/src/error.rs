@@ -78,15 +78,8 @@ pub type Result<T, E = CaptureError> = std::result::Result<T, E>;
 
 impl CaptureError {
     /// An [`CaptureError::Io`] from an io error.
-    pub fn io(
-        action: &'static str,
-        path: impl Into<PathBuf>,
-    ) -> impl FnOnce(std::io::Error) -> Self {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Self {
         let path = path.into();
-        move |source| CaptureError::Io {
-            action,
-            path,
-            source,
-        }
+        move |source| CaptureError::Io { action, path, source }
     }
 }

@@ -79,14 +79,9 @@ impl Manifest {
     /// Reads and checks `<dir>/manifest.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
-        let text =
-            std::fs::read_to_string(&path).map_err(CaptureError::io("cannot read", &path))?;
-        let bad = |message: String| CaptureError::BadManifest {
-            path: path.clone(),
-            message,
-        };
-        let value: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let text = std::fs::read_to_string(&path).map_err(CaptureError::io("cannot read", &path))?;
+        let bad = |message: String| CaptureError::BadManifest { path: path.clone(), message };
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         match value.get("format").and_then(|f| f.as_str()) {
             Some(FORMAT) => {}
             Some(other) => return Err(bad(format!("format is `{other}`, expected `{FORMAT}`"))),

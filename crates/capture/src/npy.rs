@@ -28,15 +28,7 @@ pub fn to_npy_bytes(tensor: &HostTensor) -> Vec<u8> {
     };
     let shape = match tensor.shape.len() {
         1 => format!("({},)", tensor.shape[0]),
-        _ => format!(
-            "({})",
-            tensor
-                .shape
-                .iter()
-                .map(|d| d.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        _ => format!("({})", tensor.shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
     };
     let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
     // magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
@@ -49,12 +41,8 @@ pub fn to_npy_bytes(tensor: &HostTensor) -> Vec<u8> {
     out.extend_from_slice(&(header.len() as u16).to_le_bytes());
     out.extend_from_slice(header.as_bytes());
     match &tensor.data {
-        TensorData::F32(v) => v
-            .iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::I32(v) => v
-            .iter()
-            .for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::F32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::I32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
     }
     out
 }
@@ -62,17 +50,13 @@ pub fn to_npy_bytes(tensor: &HostTensor) -> Vec<u8> {
 /// Writes a tensor to `path` as .npy.
 pub fn write_npy(path: &Path, tensor: &HostTensor) -> Result<()> {
     let mut file = std::fs::File::create(path).map_err(CaptureError::io("cannot create", path))?;
-    file.write_all(&to_npy_bytes(tensor))
-        .map_err(CaptureError::io("cannot write", path))
+    file.write_all(&to_npy_bytes(tensor)).map_err(CaptureError::io("cannot write", path))
 }
 
 /// Reads a .npy file.
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
     let bytes = std::fs::read(path).map_err(CaptureError::io("cannot read", path))?;
-    parse_npy(&bytes).map_err(|message| CaptureError::BadNpy {
-        path: path.to_path_buf(),
-        message,
-    })
+    parse_npy(&bytes).map_err(|message| CaptureError::BadNpy { path: path.to_path_buf(), message })
 }
 
 /// Parses .npy bytes; the error says what is wrong.
@@ -82,10 +66,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
     }
     let (header_len, header_start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (
-            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
-            12,
-        ),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         v => return Err(format!("unsupported .npy version {v}")),
     };
     let data_start = header_start + header_len;
@@ -94,33 +75,21 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
         .and_then(|h| std::str::from_utf8(h).ok())
         .ok_or("header is truncated or not text")?;
     let field = |key: &str| -> Result<&str, String> {
-        let at = header
-            .find(&format!("'{key}'"))
-            .ok_or(format!("header has no '{key}'"))?;
+        let at = header.find(&format!("'{key}'")).ok_or(format!("header has no '{key}'"))?;
         Ok(header[at + key.len() + 2..].trim_start_matches([':', ' ']))
     };
     let descr_text = field("descr")?;
-    let descr = descr_text
-        .trim_start_matches('\'')
-        .split('\'')
-        .next()
-        .unwrap_or_default();
+    let descr = descr_text.trim_start_matches('\'').split('\'').next().unwrap_or_default();
     if field("fortran_order")?.starts_with("True") {
         return Err("fortran_order True is not supported".into());
     }
     let shape_text = field("shape")?;
-    let shape_body = shape_text
-        .strip_prefix('(')
-        .and_then(|s| s.split(')').next())
-        .ok_or("shape is not a tuple")?;
+    let shape_body = shape_text.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or("shape is not a tuple")?;
     let shape = shape_body
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| format!("bad shape entry `{s}`"))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry `{s}`")))
         .collect::<Result<Vec<_>, _>>()?;
     let (dtype, size) = match descr {
         "<f4" => ("float32", 4),
@@ -128,9 +97,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
         "<i4" => ("int32", 4),
         "<i8" => ("int64", 8),
         other => {
-            return Err(format!(
-                "dtype `{other}` is not supported (supported: <f4, <f8, <i4, <i8)"
-            ));
+            return Err(format!("dtype `{other}` is not supported (supported: <f4, <f8, <i4, <i8)"));
         }
     };
     let numel: usize = shape.iter().product();
@@ -143,28 +110,12 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
         ));
     }
     let values = match dtype {
-        "float32" => data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64)
-            .collect(),
-        "float64" => data
-            .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
-            .collect(),
-        "int32" => data
-            .chunks_exact(4)
-            .map(|c| i32::from_le_bytes(c.try_into().expect("4")) as f64)
-            .collect(),
-        _ => data
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().expect("8")) as f64)
-            .collect(),
+        "float32" => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
+        "float64" => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8"))).collect(),
+        "int32" => data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
+        _ => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as f64).collect(),
     };
-    Ok(NpyArray {
-        shape,
-        dtype,
-        values,
-    })
+    Ok(NpyArray { shape, dtype, values })
 }
 
 #[cfg(test)]
@@ -196,11 +147,7 @@ mod tests {
     #[test]
     fn corrupt_and_truncated_files_are_errors() {
         let bytes = to_npy_bytes(&HostTensor::f32(vec![2, 2], vec![1.0; 4]));
-        assert!(
-            parse_npy(&bytes[..bytes.len() - 1])
-                .unwrap_err()
-                .contains("truncated")
-        );
+        assert!(parse_npy(&bytes[..bytes.len() - 1]).unwrap_err().contains("truncated"));
         assert!(parse_npy(&bytes[..5]).unwrap_err().contains("magic"));
         assert!(parse_npy(&bytes[..30]).is_err());
         let mut wrong = bytes.clone();

@@ -36,40 +36,19 @@ impl CaptureDir {
             .tensors
             .iter()
             .enumerate()
-            .filter_map(|(i, t)| {
-                t.stage
-                    .parse::<SaveTensorStage>()
-                    .ok()
-                    .map(|s| ((t.step, t.layer, s), i))
-            })
+            .filter_map(|(i, t)| t.stage.parse::<SaveTensorStage>().ok().map(|s| ((t.step, t.layer, s), i)))
             .collect();
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            manifest,
-            index,
-        })
+        Ok(Self { dir: dir.to_path_buf(), manifest, index })
     }
 
     /// The manifest entry of (step, layer, stage), if captured.
-    pub fn entry(
-        &self,
-        step: usize,
-        layer: Option<usize>,
-        stage: SaveTensorStage,
-    ) -> Option<&ManifestTensor> {
-        self.index
-            .get(&(step, layer, stage))
-            .map(|&i| &self.manifest.tensors[i])
+    pub fn entry(&self, step: usize, layer: Option<usize>, stage: SaveTensorStage) -> Option<&ManifestTensor> {
+        self.index.get(&(step, layer, stage)).map(|&i| &self.manifest.tensors[i])
     }
 
     /// Loads (step, layer, stage); `Ok(None)` if it was not captured.
     /// Checks the file's shape against the manifest.
-    pub fn load(
-        &self,
-        step: usize,
-        layer: Option<usize>,
-        stage: SaveTensorStage,
-    ) -> Result<Option<NpyArray>> {
+    pub fn load(&self, step: usize, layer: Option<usize>, stage: SaveTensorStage) -> Result<Option<NpyArray>> {
         let Some(entry) = self.entry(step, layer, stage) else {
             return Ok(None);
         };
@@ -78,10 +57,7 @@ impl CaptureDir {
         if array.shape != entry.shape {
             return Err(CaptureError::BadNpy {
                 path,
-                message: format!(
-                    "shape {:?} differs from the manifest's {:?}",
-                    array.shape, entry.shape
-                ),
+                message: format!("shape {:?} differs from the manifest's {:?}", array.shape, entry.shape),
             });
         }
         Ok(Some(array))

@@ -62,11 +62,7 @@ pub struct RunOutput {
 /// Loads the model a config names.
 pub fn load_model(spec: &ModelSpec) -> Result<Model> {
     Ok(match spec {
-        ModelSpec::Synthetic {
-            preset,
-            seed,
-            layers,
-        } => Model::synthetic(preset, *seed, *layers)?,
+        ModelSpec::Synthetic { preset, seed, layers } => Model::synthetic(preset, *seed, *layers)?,
         ModelSpec::Path(path) => Model::load(path)?,
     })
 }
@@ -111,51 +107,39 @@ fn describe(model: &Model) -> String {
     )
 }
 
+fn target_dir_display(summary: &RunSummary) -> String {
+    summary.out_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()
+}
+
 /// Runs a parsed config. `config_path` is for messages. On any error the
 /// capture folder is left untouched and no temporary folder remains.
-pub fn run(
-    config: &RunConfig,
-    config_path: &Path,
-    on_event: &mut dyn FnMut(RunEvent),
-) -> Result<RunOutput> {
+pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunEvent)) -> Result<RunOutput> {
     let load_start = Instant::now();
     let model = load_model(&config.model)?;
     let load_time = load_start.elapsed();
-    on_event(RunEvent::ModelLoaded {
-        description: describe(&model),
-        elapsed: load_time,
-    });
-    config.check_against_model(
-        config_path,
-        model.config.num_layers,
-        model.config.vocab_size,
-    )?;
-    let target = config
-        .capture
-        .as_ref()
-        .map(|c| CaptureTarget::prepare(&c.out_dir))
-        .transpose()?;
+    tracing::info!(model = %describe(&model), seconds = load_time.as_secs_f64(), "model loaded");
+    on_event(RunEvent::ModelLoaded { description: describe(&model), elapsed: load_time });
+    config.check_against_model(config_path, model.config.num_layers, model.config.vocab_size)?;
+    let target = config.capture.as_ref().map(|c| CaptureTarget::prepare(&c.out_dir)).transpose()?;
     let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
-    let mut forward = Forward::new(&model, backend);
-    let writer = match (&target, &config.capture) {
-        (Some(target), Some(spec)) => {
-            let writer = CaptureWriter::spawn(target.tmp_dir().to_path_buf())?;
-            let selection = CaptureSelection {
-                stages: spec.stages.0,
-                layers: spec.layers.0.clone(),
-                steps: spec.steps.0.clone(),
-            };
-            attach_capture(&mut forward, selection, writer.sender());
-            Some(writer)
-        }
-        _ => None,
+    // The writer is declared before the forward pass so that on any early
+    // return the forward pass (holding the channel's last sender) is dropped
+    // first and the writer's join cannot wait forever.
+    let writer = match &target {
+        Some(target) => Some(CaptureWriter::spawn(target.tmp_dir().to_path_buf())?),
+        None => None,
     };
+    let mut forward = Forward::new(&model, backend);
+    if let (Some(writer), Some(spec)) = (&writer, &config.capture) {
+        let selection =
+            CaptureSelection { stages: spec.stages.0, layers: spec.layers.0.clone(), steps: spec.steps.0.clone() };
+        attach_capture(&mut forward, selection, writer.sender());
+    }
 
     let start = Instant::now();
-    let generation = forward.generate(config.prompt_tokens(), config.generate, &mut |e| {
-        on_event(RunEvent::Forward(e))
-    })?;
+    let generation =
+        forward.generate(config.prompt_tokens(), config.generate, &mut |e| on_event(RunEvent::Forward(e)))?;
     let forward_time = start.elapsed();
     let last_logits = forward.backend_mut().read(SaveTensorStage::LmHead)?;
     // The world holds the last sender; the writer finishes once it is gone.
@@ -192,11 +176,7 @@ pub fn run(
             steps: generation
                 .steps
                 .iter()
-                .map(|s| ManifestStep {
-                    step: s.step,
-                    start_position: s.start_position,
-                    tokens: s.tokens.clone(),
-                })
+                .map(|s| ManifestStep { step: s.step, start_position: s.start_position, tokens: s.tokens.clone() })
                 .collect(),
             tensors: report.entries,
         };
@@ -204,9 +184,7 @@ pub fn run(
         summary.bytes_written = report.bytes;
         summary.out_dir = Some(target.out_dir().to_path_buf());
         target.commit(&manifest)?;
+        tracing::info!(out_dir = %target_dir_display(&summary), tensors = summary.tensors_written, "capture committed");
     }
-    Ok(RunOutput {
-        summary,
-        last_logits,
-    })
+    Ok(RunOutput { summary, last_logits })
 }

@@ -29,18 +29,12 @@ pub struct CaptureSelection {
 pub struct CaptureSink(pub Sender<CapturedTensor>);
 
 /// Adds one capture system per selected stage to `forward`.
-pub fn attach_capture(
-    forward: &mut Forward,
-    selection: CaptureSelection,
-    sink: Sender<CapturedTensor>,
-) {
+pub fn attach_capture(forward: &mut Forward, selection: CaptureSelection, sink: Sender<CapturedTensor>) {
     let stages: Vec<SaveTensorStage> = selection.stages.iter().collect();
     forward.world_mut().insert_resource(selection);
     forward.world_mut().insert_resource(CaptureSink(sink));
     for stage in stages {
-        forward.add_stage_hook(StageHookSystems::Observe(stage), move |ctx: CaptureCtx| {
-            capture_stage(stage, ctx)
-        });
+        forward.add_stage_hook(StageHookSystems::Observe(stage), move |ctx: CaptureCtx| capture_stage(stage, ctx));
     }
 }
 
@@ -59,28 +53,16 @@ struct CaptureCtx<'w> {
 /// Captures `stage` if it was produced and the step and layer are
 /// selected.
 fn capture_stage(stage: SaveTensorStage, mut ctx: CaptureCtx) {
-    if ctx.error.0.is_some()
-        || !ctx.log.0.contains(stage)
-        || !ctx.selection.steps.contains(ctx.step.step)
-    {
+    if ctx.error.0.is_some() || !ctx.log.0.contains(stage) || !ctx.selection.steps.contains(ctx.step.step) {
         return;
     }
-    let layer = if stage.is_layer_stage() {
-        ctx.layer.index
-    } else {
-        None
-    };
+    let layer = if stage.is_layer_stage() { ctx.layer.index } else { None };
     if stage.is_layer_stage() && !layer.is_some_and(|l| ctx.selection.layers.contains(l)) {
         return;
     }
     match ctx.backend.0.read(stage) {
         Ok(tensor) => {
-            let item = CapturedTensor {
-                step: ctx.step.step,
-                layer,
-                stage,
-                tensor,
-            };
+            let item = CapturedTensor { step: ctx.step.step, layer, stage, tensor };
             // The writer drains until every sender is gone, so this only
             // fails if it panicked; its join reports that.
             let _ = ctx.sink.0.send(item);

@@ -43,39 +43,19 @@ impl CaptureTarget {
     /// moetrace capture.
     pub fn prepare(out_dir: &Path) -> Result<Self> {
         if out_dir.exists() && !is_replaceable(out_dir) {
-            return Err(CaptureError::OutDirOccupied {
-                path: out_dir.to_path_buf(),
-            });
+            return Err(CaptureError::OutDirOccupied { path: out_dir.to_path_buf() });
         }
-        let name = out_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "capture".into());
-        let parent = out_dir
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(CaptureError::io(
-            "cannot create the parent of out_dir",
-            parent,
-        ))?;
+        let name = out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "capture".into());
+        let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(CaptureError::io("cannot create the parent of out_dir", parent))?;
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let unique = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp_dir = parent.join(format!(
-            ".{name}.moetrace-tmp-{}-{unique}",
-            std::process::id()
-        ));
+        let tmp_dir = parent.join(format!(".{name}.moetrace-tmp-{}-{unique}", std::process::id()));
         if tmp_dir.exists() {
-            std::fs::remove_dir_all(&tmp_dir)
-                .map_err(CaptureError::io("cannot remove stale", &tmp_dir))?;
+            std::fs::remove_dir_all(&tmp_dir).map_err(CaptureError::io("cannot remove stale", &tmp_dir))?;
         }
-        std::fs::create_dir(&tmp_dir)
-            .map_err(CaptureError::io("cannot create capture folder", &tmp_dir))?;
-        Ok(Self {
-            out_dir: out_dir.to_path_buf(),
-            tmp_dir,
-            committed: false,
-        })
+        std::fs::create_dir(&tmp_dir).map_err(CaptureError::io("cannot create capture folder", &tmp_dir))?;
+        Ok(Self { out_dir: out_dir.to_path_buf(), tmp_dir, committed: false })
     }
 
     /// The folder tensors are written into until commit.
@@ -94,18 +74,13 @@ impl CaptureTarget {
         manifest.write(&self.tmp_dir)?;
         let old = self.out_dir.with_file_name(format!(
             ".{}.moetrace-old-{}",
-            self.out_dir
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            self.out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
             std::process::id()
         ));
         let had_old = self.out_dir.exists();
         if had_old {
-            std::fs::rename(&self.out_dir, &old).map_err(CaptureError::io(
-                "cannot move aside the previous capture",
-                &self.out_dir,
-            ))?;
+            std::fs::rename(&self.out_dir, &old)
+                .map_err(CaptureError::io("cannot move aside the previous capture", &self.out_dir))?;
         }
         if let Err(source) = std::fs::rename(&self.tmp_dir, &self.out_dir) {
             if had_old {
@@ -119,8 +94,7 @@ impl CaptureTarget {
         }
         self.committed = true;
         if had_old {
-            std::fs::remove_dir_all(&old)
-                .map_err(CaptureError::io("cannot remove the previous capture", &old))?;
+            std::fs::remove_dir_all(&old).map_err(CaptureError::io("cannot remove the previous capture", &old))?;
         }
         Ok(())
     }
@@ -139,9 +113,7 @@ fn is_replaceable(dir: &Path) -> bool {
     if !dir.is_dir() {
         return false;
     }
-    let empty = std::fs::read_dir(dir)
-        .map(|mut d| d.next().is_none())
-        .unwrap_or(false);
+    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
     empty
         || std::fs::read_to_string(dir.join("manifest.json"))
             .ok()
@@ -174,14 +146,8 @@ impl CaptureWriter {
         let handle = std::thread::Builder::new()
             .name("moetrace-capture-writer".into())
             .spawn(move || write_all(&dir, rx))
-            .map_err(CaptureError::io(
-                "cannot start the writer thread for",
-                "capture",
-            ))?;
-        Ok(Self {
-            tx: Some(tx),
-            handle: Some(handle),
-        })
+            .map_err(CaptureError::io("cannot start the writer thread for", "capture"))?;
+        Ok(Self { tx: Some(tx), handle: Some(handle) })
     }
 
     /// A sender for capture systems.

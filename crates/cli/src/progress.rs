@@ -1,7 +1,7 @@
 //! Progress on stderr: one line rewritten in place on a terminal, one line
 //! per layer otherwise (so logs show how far a long run got).
 
-use std::io::{IsTerminal, Write};
+use std::io::IsTerminal;
 
 use pipeline::ForwardEvent;
 
@@ -16,19 +16,14 @@ pub struct Progress {
 impl Progress {
     /// A display for a run of `steps` steps; `enabled` false prints nothing.
     pub fn new(enabled: bool, steps: usize) -> Self {
-        Self {
-            enabled,
-            terminal: std::io::stderr().is_terminal(),
-            steps,
-            dirty: false,
-        }
+        Self { enabled, terminal: std::io::stderr().is_terminal(), steps, dirty: false }
     }
 
     /// Prints a whole line.
     pub fn line(&mut self, text: &str) {
         if self.enabled {
             self.clear();
-            eprintln!("{text}");
+            crate::say!("{text}");
         }
     }
 
@@ -38,37 +33,18 @@ impl Progress {
             return;
         }
         match event {
-            ForwardEvent::StepStarted {
-                step,
-                start_position,
-                tokens,
-            } => {
+            ForwardEvent::StepStarted { step, start_position, tokens } => {
                 if !self.terminal {
-                    eprintln!(
-                        "step {}/{}: {tokens} tokens at position {start_position}",
-                        step + 1,
-                        self.steps
-                    );
+                    crate::say!("step {}/{}: {tokens} tokens at position {start_position}", step + 1, self.steps);
                 }
             }
-            ForwardEvent::LayerDone {
-                step,
-                layer,
-                layers,
-            } => {
-                let text = format!(
-                    "step {}/{} layer {}/{}",
-                    step + 1,
-                    self.steps,
-                    layer + 1,
-                    layers
-                );
+            ForwardEvent::LayerDone { step, layer, layers } => {
+                let text = format!("step {}/{} layer {}/{}", step + 1, self.steps, layer + 1, layers);
                 if self.terminal {
-                    eprint!("\r{text:<40}");
-                    let _ = std::io::stderr().flush();
+                    crate::say_inline!("\r{text:<40}");
                     self.dirty = true;
                 } else {
-                    eprintln!("  {text}");
+                    crate::say!("  {text}");
                 }
             }
             ForwardEvent::StepDone { step, next_token } => {
@@ -82,7 +58,7 @@ impl Progress {
     /// Clears the in-place line, if any.
     pub fn clear(&mut self) {
         if self.dirty {
-            eprint!("\r{:<40}\r", "");
+            crate::say_inline!("\r{:<40}\r", "");
             self.dirty = false;
         }
     }

@@ -18,17 +18,9 @@ fn expect_failure(dir: &Path, config: &str, expected: &[&str]) {
     let out_dir = dir.join("captures");
     let path = dir.join("run.ron");
     std::fs::write(&path, config.replace("OUT", &out_dir.display().to_string())).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "--config"]).arg(&path).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "exit code; stderr:\n{stderr}"
-    );
+    assert_eq!(output.status.code(), Some(2), "exit code; stderr:\n{stderr}");
     assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
     for e in expected {
         assert!(stderr.contains(e), "stderr lacks `{e}`:\n{stderr}");
@@ -40,10 +32,7 @@ fn expect_failure(dir: &Path, config: &str, expected: &[&str]) {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains("moetrace-tmp") || n.contains("moetrace-old"))
         .collect();
-    assert!(
-        leftovers.is_empty(),
-        "temporary folders left behind: {leftovers:?}"
-    );
+    assert!(leftovers.is_empty(), "temporary folders left behind: {leftovers:?}");
 }
 
 const GOOD: &str = r#"(
@@ -55,9 +44,7 @@ const GOOD: &str = r#"(
 )"#;
 
 fn config(model: &str, stages: &str, layers: &str) -> String {
-    GOOD.replace("MODEL", model)
-        .replace("STAGES", stages)
-        .replace("LAYERS", layers)
+    GOOD.replace("MODEL", model).replace("STAGES", stages).replace("LAYERS", layers)
 }
 
 const SYNTHETIC: &str = r#"Synthetic(preset: "tiny-moe", seed: 7)"#;
@@ -79,24 +66,14 @@ fn the_good_config_runs() {
     let dir = scratch("good");
     let path = dir.join("run.ron");
     let out = dir.join("captures");
-    std::fs::write(
-        &path,
-        config(SYNTHETIC, "all", "all").replace("OUT", &out.display().to_string()),
-    )
-    .unwrap();
-    let status = Command::new(env!("CARGO_BIN_EXE_moetrace"))
-        .args(["run", "-q", "--config"])
-        .arg(&path)
-        .status()
-        .unwrap();
+    std::fs::write(&path, config(SYNTHETIC, "all", "all").replace("OUT", &out.display().to_string())).unwrap();
+    let status =
+        Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "-q", "--config"]).arg(&path).status().unwrap();
     assert!(status.success());
     assert!(out.join("manifest.json").is_file());
     // A second run replaces the first capture in place.
-    let status = Command::new(env!("CARGO_BIN_EXE_moetrace"))
-        .args(["run", "-q", "--config"])
-        .arg(&path)
-        .status()
-        .unwrap();
+    let status =
+        Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "-q", "--config"]).arg(&path).status().unwrap();
     assert!(status.success());
 }
 
@@ -120,22 +97,14 @@ fn unknown_stage_lists_the_valid_names() {
 #[test]
 fn layer_range_outside_the_model_is_named() {
     let dir = scratch("layers");
-    expect_failure(
-        &dir,
-        &config(SYNTHETIC, "all", "2..9"),
-        &["capture.layers", "`2..9`", "0..4"],
-    );
+    expect_failure(&dir, &config(SYNTHETIC, "all", "2..9"), &["capture.layers", "`2..9`", "0..4"]);
 }
 
 #[test]
 fn missing_model_folder_is_named() {
     let dir = scratch("missing");
     let model = path_model(&dir.join("no-such-model"));
-    expect_failure(
-        &dir,
-        &config(&model, "all", "all"),
-        &["no-such-model", "does not exist"],
-    );
+    expect_failure(&dir, &config(&model, "all", "all"), &["no-such-model", "does not exist"]);
 }
 
 #[test]
@@ -143,10 +112,7 @@ fn config_json_missing_a_required_key_is_named() {
     let dir = scratch("key");
     let model = checkpoint(&dir);
     let text = std::fs::read_to_string(model.join("config.json")).unwrap();
-    let mut json: Vec<&str> = text
-        .lines()
-        .filter(|l| !l.contains("\"num_attention_heads\""))
-        .collect();
+    let mut json: Vec<&str> = text.lines().filter(|l| !l.contains("\"num_attention_heads\"")).collect();
     json.retain(|l| !l.is_empty());
     std::fs::write(model.join("config.json"), json.join("\n")).unwrap();
     expect_failure(
@@ -163,11 +129,7 @@ fn truncated_safetensors_is_reported() {
     let file = model.join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 100]).unwrap();
-    expect_failure(
-        &dir,
-        &config(&path_model(&model), "all", "all"),
-        &["model.safetensors", "truncated"],
-    );
+    expect_failure(&dir, &config(&path_model(&model), "all", "all"), &["model.safetensors", "truncated"]);
 }
 
 #[test]
@@ -175,19 +137,12 @@ fn tensor_of_the_wrong_shape_is_named_with_both_shapes() {
     let dir = scratch("shape");
     let model = checkpoint(&dir);
     let text = std::fs::read_to_string(model.join("config.json")).unwrap();
-    std::fs::write(
-        model.join("config.json"),
-        text.replace("\"intermediate_size\": 512", "\"intermediate_size\": 500"),
-    )
-    .unwrap();
+    std::fs::write(model.join("config.json"), text.replace("\"intermediate_size\": 512", "\"intermediate_size\": 500"))
+        .unwrap();
     expect_failure(
         &dir,
         &config(&path_model(&model), "all", "all"),
-        &[
-            "model.layers.0.mlp.gate_proj.weight",
-            "[512, 256]",
-            "[500, 256]",
-        ],
+        &["model.layers.0.mlp.gate_proj.weight", "[512, 256]", "[500, 256]"],
     );
 }
 
@@ -203,10 +158,8 @@ fn unwritable_out_dir_is_reported_before_any_work() {
     let dir = scratch("unwritable");
     let blocker = dir.join("not-a-folder");
     std::fs::write(&blocker, "a file where a folder should be").unwrap();
-    let text = config(SYNTHETIC, "all", "all").replace(
-        "\"OUT\"",
-        &format!("{:?}", blocker.join("captures").display().to_string()),
-    );
+    let text = config(SYNTHETIC, "all", "all")
+        .replace("\"OUT\"", &format!("{:?}", blocker.join("captures").display().to_string()));
     expect_failure(&dir, &text, &["not-a-folder", "cannot create"]);
     assert!(blocker.is_file());
 }
@@ -217,52 +170,65 @@ fn out_dir_holding_other_files_is_not_replaced() {
     let out = dir.join("precious");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("notes.txt"), "keep me").unwrap();
-    let text = config(SYNTHETIC, "all", "all")
-        .replace("\"OUT\"", &format!("{:?}", out.display().to_string()));
+    let text = config(SYNTHETIC, "all", "all").replace("\"OUT\"", &format!("{:?}", out.display().to_string()));
     let path = dir.join("run.ron");
     std::fs::write(&path, text).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
-        .args(["run", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "--config"]).arg(&path).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a moetrace capture"));
-    assert_eq!(
-        std::fs::read_to_string(out.join("notes.txt")).unwrap(),
-        "keep me"
-    );
+    assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "keep me");
 }
 
 #[test]
 fn missing_config_file_and_bad_arguments_exit_2() {
-    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
-        .args(["run", "--config", "/no/such/file.ron"])
-        .output()
-        .unwrap();
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "--config", "/no/such/file.ron"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("/no/such/file.ron"));
-    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
-        .args(["run", "--bogus"])
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "--bogus"]).output().unwrap();
     assert_eq!(output.status.code(), Some(2));
 }
 
 #[test]
 fn stages_lists_every_stage() {
-    let output = Command::new(env!("CARGO_BIN_EXE_moetrace"))
-        .args(["stages", "--names"])
-        .output()
-        .unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["stages", "--names"]).output().unwrap();
     assert!(output.status.success());
-    let names: Vec<String> = String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(str::to_string)
-        .collect();
-    let expected: Vec<String> = stage_types::SaveTensorStage::ALL
-        .iter()
-        .map(|s| s.name().to_string())
-        .collect();
+    let names: Vec<String> = String::from_utf8_lossy(&output.stdout).lines().map(str::to_string).collect();
+    let expected: Vec<String> = stage_types::SaveTensorStage::ALL.iter().map(|s| s.name().to_string()).collect();
     assert_eq!(names, expected);
+}
+
+/// Regression: with stderr closed (`moetrace run ... 2>&1 | head -1`), a
+/// failed progress write once panicked inside the forward pass, and the
+/// unwinding joined the capture writer while the forward pass still held
+/// its channel: a hang. Output must be best effort and never block.
+#[test]
+fn a_closed_stderr_neither_panics_nor_hangs() {
+    use std::process::Stdio;
+    let dir = scratch("closed-stderr");
+    let path = dir.join("run.ron");
+    let out = dir.join("captures");
+    std::fs::write(&path, config(SYNTHETIC, "all", "all").replace("OUT", &out.display().to_string())).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_moetrace"))
+        .env("MOETRACE_LOG", "debug")
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("moetrace run hung with stderr closed");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}");
+    assert!(out.join("manifest.json").is_file());
 }

@@ -35,20 +35,11 @@ impl GpuDevice {
         if ordinal >= count {
             return Err(KernelError::NoSuchDevice { ordinal, count });
         }
-        let ctx = CudaContext::new(ordinal)
-            .map_err(driver(format!("creating a context on device {ordinal}")))?;
+        let ctx = CudaContext::new(ordinal).map_err(driver(format!("creating a context on device {ordinal}")))?;
         let name = ctx.name().map_err(driver("reading the device name"))?;
-        let (major, minor) = ctx
-            .compute_capability()
-            .map_err(driver("reading the compute capability"))?;
+        let (major, minor) = ctx.compute_capability().map_err(driver("reading the compute capability"))?;
         let stream = ctx.default_stream();
-        Ok(Self {
-            ctx,
-            stream,
-            name,
-            arch: format!("sm_{major}{minor}"),
-            modules: Mutex::new(HashMap::new()),
-        })
+        Ok(Self { ctx, stream, name, arch: format!("sm_{major}{minor}"), modules: Mutex::new(HashMap::new()) })
     }
 
     /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
@@ -85,9 +76,7 @@ impl GpuDevice {
                 }
             }
         };
-        module
-            .load_function(function)
-            .map_err(driver(format!("loading {family}::{function}")))
+        module.load_function(function).map_err(driver(format!("loading {family}::{function}")))
     }
 
     fn compile(&self, family: &'static str) -> Result<Arc<CudaModule>> {
@@ -111,9 +100,7 @@ impl GpuDevice {
             arch: self.arch.clone(),
             log: e.to_string(),
         })?;
-        self.ctx
-            .load_module(ptx)
-            .map_err(driver(format!("loading the {family} module")))
+        self.ctx.load_module(ptx).map_err(driver(format!("loading the {family} module")))
     }
 }
 
@@ -132,10 +119,7 @@ mod tests {
         }
         if !driver_present {
             let msg = GpuDevice::open(0).err().unwrap().to_string();
-            assert!(
-                msg.contains("libcuda") && msg.contains("backend: Cpu"),
-                "{msg}"
-            );
+            assert!(msg.contains("libcuda") && msg.contains("backend: Cpu"), "{msg}");
         }
     }
 }

@@ -22,9 +22,7 @@ pub enum KernelError {
         message: String,
     },
     /// A device ordinal beyond the number of devices.
-    #[error(
-        "CUDA device {ordinal} does not exist: this machine has {count} device(s) (valid: 0..{count})"
-    )]
+    #[error("CUDA device {ordinal} does not exist: this machine has {count} device(s) (valid: 0..{count})")]
     NoSuchDevice {
         /// Asked for.
         ordinal: usize,
@@ -47,12 +45,7 @@ pub enum KernelError {
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 
 /// Maps a driver error with what was being done.
-pub(crate) fn driver(
-    action: impl Into<String>,
-) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
+pub(crate) fn driver(action: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
     let action = action.into();
-    move |e| KernelError::Driver {
-        action,
-        message: e.to_string(),
-    }
+    move |e| KernelError::Driver { action, message: e.to_string() }
 }

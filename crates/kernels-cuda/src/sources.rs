@@ -10,17 +10,11 @@ pub const FAMILIES: &[(&str, &str)] = &[("synthetic", include_str!("../kernels/s
 /// The full translation unit of a family: common.cuh, then the family's
 /// source with its `#include "common.cuh"` line removed.
 pub fn source(family: &str) -> Option<String> {
-    FAMILIES
-        .iter()
-        .find(|(name, _)| *name == family)
-        .map(|(_, text)| {
-            let body: String = text
-                .lines()
-                .filter(|l| l.trim() != "#include \"common.cuh\"")
-                .map(|l| format!("{l}\n"))
-                .collect();
-            format!("{}\n{body}", COMMON.replace("#pragma once", ""))
-        })
+    FAMILIES.iter().find(|(name, _)| *name == family).map(|(_, text)| {
+        let body: String =
+            text.lines().filter(|l| l.trim() != "#include \"common.cuh\"").map(|l| format!("{l}\n")).collect();
+        format!("{}\n{body}", COMMON.replace("#pragma once", ""))
+    })
 }
 
 #[cfg(test)]

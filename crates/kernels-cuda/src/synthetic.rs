@@ -14,32 +14,15 @@ pub fn synthetic_scale(std: f32) -> f32 {
 
 /// Allocates `n` bf16 values (as raw bits) and fills them with the
 /// synthetic generator for tensor key `key`.
-pub fn synthetic_fill_bf16(
-    device: &GpuDevice,
-    n: usize,
-    key: u64,
-    mean: f32,
-    std: f32,
-) -> Result<CudaSlice<u16>> {
+pub fn synthetic_fill_bf16(device: &GpuDevice, n: usize, key: u64, mean: f32, std: f32) -> Result<CudaSlice<u16>> {
     let stream = device.stream();
-    let mut out = stream
-        .alloc_zeros::<u16>(n)
-        .map_err(driver(format!("allocating {n} bf16 values")))?;
+    let mut out = stream.alloc_zeros::<u16>(n).map_err(driver(format!("allocating {n} bf16 values")))?;
     let function = device.function("synthetic", "synthetic_fill_bf16")?;
     let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
-    let config = LaunchConfig {
-        grid_dim: (blocks, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (n64, scale) = (n as u64, synthetic_scale(std));
     let mut launch = stream.launch_builder(&function);
-    launch
-        .arg(&mut out)
-        .arg(&n64)
-        .arg(&key)
-        .arg(&mean)
-        .arg(&scale);
+    launch.arg(&mut out).arg(&n64).arg(&key).arg(&mean).arg(&scale);
     // SAFETY: the argument list matches synthetic_fill_bf16(u16*, u64, u64,
     // float, float); `out` holds n elements and the kernel writes only
     // indices below n.
@@ -49,8 +32,5 @@ pub fn synthetic_fill_bf16(
 
 /// Copies device bf16 bits back to the host.
 pub fn download_u16(device: &GpuDevice, data: &CudaSlice<u16>) -> Result<Vec<u16>> {
-    device
-        .stream()
-        .clone_dtoh(data)
-        .map_err(driver("copying to the host"))
+    device.stream().clone_dtoh(data).map_err(driver("copying to the host"))
 }

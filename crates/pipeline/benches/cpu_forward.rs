@@ -88,13 +88,10 @@ fn qwen3_30b(layers: usize, bandwidth: f64) {
             sink.lock().unwrap().push(ids.len());
         },
     );
-    let attention_bytes = 2 * c.hidden_size * (c.q_width() + 2 * c.kv_width() + c.q_width())
-        + 2 * c.num_experts * c.hidden_size;
+    let attention_bytes =
+        2 * c.hidden_size * (c.q_width() + 2 * c.kv_width() + c.q_width()) + 2 * c.num_experts * c.hidden_size;
     let expert_bytes = 2 * 3 * c.hidden_size * c.moe_intermediate_size;
-    for (label, tokens, start) in [
-        ("prefill 16 tokens", prompt(16), 0usize),
-        ("decode 1 token", vec![42u32], 16),
-    ] {
+    for (label, tokens, start) in [("prefill 16 tokens", prompt(16), 0usize), ("decode 1 token", vec![42u32], 16)] {
         let mut samples = Vec::new();
         let mut experts = Vec::new();
         for _ in 0..3 {
@@ -105,18 +102,12 @@ fn qwen3_30b(layers: usize, bandwidth: f64) {
             let mut marks = Vec::new();
             forward
                 .step(0, &tokens, start, &mut |e| {
-                    if matches!(
-                        e,
-                        ForwardEvent::StepStarted { .. } | ForwardEvent::LayerDone { .. }
-                    ) {
+                    if matches!(e, ForwardEvent::StepStarted { .. } | ForwardEvent::LayerDone { .. }) {
                         marks.push(Instant::now());
                     }
                 })
                 .unwrap();
-            let total: f64 = marks
-                .windows(2)
-                .map(|w| (w[1] - w[0]).as_secs_f64() * 1e3)
-                .sum();
+            let total: f64 = marks.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).sum();
             samples.push(total / (marks.len() - 1) as f64);
             experts = distinct.lock().unwrap().clone();
         }
@@ -138,10 +129,7 @@ fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let reps = if quick { 1 } else { 5 };
     let bandwidth = memory_bandwidth();
-    println!(
-        "memcpy bandwidth (read + write): {:.1} GB/s",
-        bandwidth / 1e9
-    );
+    println!("memcpy bandwidth (read + write): {:.1} GB/s", bandwidth / 1e9);
     println!("| model | prefill 16 tokens | decode (16 steps) |");
     println!("|---|---|---|");
     for preset in ["tiny-moe", "tiny-dense"] {

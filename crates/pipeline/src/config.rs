@@ -57,14 +57,10 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|source| PipelineError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let json: Value = serde_json::from_str(&text).map_err(|e| PipelineError::BadConfig {
-            path: path.to_path_buf(),
-            message: e.to_string(),
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+        let json: Value = serde_json::from_str(&text)
+            .map_err(|e| PipelineError::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
         Self::from_json(json, path)
     }
 
@@ -75,9 +71,7 @@ impl ModelConfig {
             message: "the top level is not a JSON object".into(),
         })?;
         let keys = Keys { obj, path };
-        let num_experts = keys
-            .opt_usize(&["num_experts", "num_local_experts"])?
-            .unwrap_or(0);
+        let num_experts = keys.opt_usize(&["num_experts", "num_local_experts"])?.unwrap_or(0);
         let model_type = keys.opt_str("model_type")?.unwrap_or_default();
         let is_moe = num_experts > 0 || model_type.contains("moe");
         let hidden_size = keys.usize(&["hidden_size"])?;
@@ -91,19 +85,11 @@ impl ModelConfig {
             .and_then(|a| a.get(0))
             .and_then(Value::as_str)
             .map(str::to_string)
-            .unwrap_or_else(|| {
-                if is_moe {
-                    "Qwen3MoeForCausalLM".into()
-                } else {
-                    "Qwen3ForCausalLM".into()
-                }
-            });
+            .unwrap_or_else(|| if is_moe { "Qwen3MoeForCausalLM".into() } else { "Qwen3ForCausalLM".into() });
         let rope_theta = match keys.opt_f64(&["rope_theta"])? {
             Some(t) => t,
             None => match obj.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
-                Some(v) => v
-                    .as_f64()
-                    .ok_or_else(|| keys.bad("rope_parameters.rope_theta", "a number"))?,
+                Some(v) => v.as_f64().ok_or_else(|| keys.bad("rope_parameters.rope_theta", "a number"))?,
                 None => {
                     return Err(PipelineError::MissingConfigKey {
                         path: path.to_path_buf(),
@@ -121,21 +107,9 @@ impl ModelConfig {
             num_kv_heads: keys.usize(&["num_key_value_heads"])?,
             head_dim,
             intermediate_size: keys.opt_usize(&["intermediate_size"])?.unwrap_or(0),
-            moe_intermediate_size: if is_moe {
-                keys.usize(&["moe_intermediate_size"])?
-            } else {
-                0
-            },
-            num_experts: if is_moe {
-                keys.usize(&["num_experts", "num_local_experts"])?
-            } else {
-                0
-            },
-            experts_per_token: if is_moe {
-                keys.usize(&["num_experts_per_tok"])?
-            } else {
-                0
-            },
+            moe_intermediate_size: if is_moe { keys.usize(&["moe_intermediate_size"])? } else { 0 },
+            num_experts: if is_moe { keys.usize(&["num_experts", "num_local_experts"])? } else { 0 },
+            experts_per_token: if is_moe { keys.usize(&["num_experts_per_tok"])? } else { 0 },
             norm_topk_prob: keys.opt_bool("norm_topk_prob")?.unwrap_or(false),
             decoder_sparse_step: keys.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
             mlp_only_layers: match obj.get("mlp_only_layers") {
@@ -159,10 +133,7 @@ impl ModelConfig {
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |message: String| PipelineError::BadConfig {
-            path: path.to_path_buf(),
-            message,
-        };
+        let bad = |message: String| PipelineError::BadConfig { path: path.to_path_buf(), message };
         for (name, value) in [
             ("hidden_size", self.hidden_size),
             ("num_hidden_layers", self.num_layers),
@@ -183,14 +154,9 @@ impl ModelConfig {
             )));
         }
         if self.head_dim % 2 != 0 {
-            return Err(bad(format!(
-                "head_dim {} must be even for RoPE",
-                self.head_dim
-            )));
+            return Err(bad(format!("head_dim {} must be even for RoPE", self.head_dim)));
         }
-        if self.num_experts > 0
-            && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts)
-        {
+        if self.num_experts > 0 && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts) {
             return Err(bad(format!(
                 "num_experts_per_tok {} must be between 1 and num_experts {}",
                 self.experts_per_token, self.num_experts
@@ -217,9 +183,7 @@ impl ModelConfig {
     /// experts, the layer is not in `mlp_only_layers`, and
     /// `(layer + 1) % decoder_sparse_step == 0`.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        self.num_experts > 0
-            && !self.mlp_only_layers.contains(&layer)
-            && (layer + 1) % self.decoder_sparse_step == 0
+        self.num_experts > 0 && !self.mlp_only_layers.contains(&layer) && (layer + 1) % self.decoder_sparse_step == 0
     }
 
     /// Width of the qkv_matmul output: (nh + 2 nkv) * hd.
@@ -246,68 +210,48 @@ struct Keys<'a> {
 
 impl Keys<'_> {
     fn bad(&self, key: &str, wanted: &str) -> PipelineError {
-        PipelineError::BadConfig {
-            path: self.path.to_path_buf(),
-            message: format!("`{key}` must be {wanted}"),
-        }
+        PipelineError::BadConfig { path: self.path.to_path_buf(), message: format!("`{key}` must be {wanted}") }
     }
 
     fn find<'k>(&self, names: &[&'k str]) -> Option<(&'k str, &Value)> {
-        names
-            .iter()
-            .find_map(|n| self.obj.get(*n).filter(|v| !v.is_null()).map(|v| (*n, v)))
+        names.iter().find_map(|n| self.obj.get(*n).filter(|v| !v.is_null()).map(|v| (*n, v)))
     }
 
     fn opt_usize(&self, names: &[&str]) -> Result<Option<usize>> {
         match self.find(names) {
             None => Ok(None),
-            Some((key, v)) => v
-                .as_u64()
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.bad(key, "a non-negative integer")),
+            Some((key, v)) => {
+                v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| self.bad(key, "a non-negative integer"))
+            }
         }
     }
 
     fn usize(&self, names: &[&'static str]) -> Result<usize> {
-        self.opt_usize(names)?
-            .ok_or_else(|| PipelineError::MissingConfigKey {
-                path: self.path.to_path_buf(),
-                key: names[0],
-                hint: if names.len() > 1 {
-                    format!(" (or {})", names[1..].join(", "))
-                } else {
-                    String::new()
-                },
-            })
+        self.opt_usize(names)?.ok_or_else(|| PipelineError::MissingConfigKey {
+            path: self.path.to_path_buf(),
+            key: names[0],
+            hint: if names.len() > 1 { format!(" (or {})", names[1..].join(", ")) } else { String::new() },
+        })
     }
 
     fn opt_f64(&self, names: &[&str]) -> Result<Option<f64>> {
         match self.find(names) {
             None => Ok(None),
-            Some((key, v)) => v
-                .as_f64()
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "a number")),
+            Some((key, v)) => v.as_f64().map(Some).ok_or_else(|| self.bad(key, "a number")),
         }
     }
 
     fn opt_bool(&self, name: &str) -> Result<Option<bool>> {
         match self.find(&[name]) {
             None => Ok(None),
-            Some((key, v)) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| self.bad(key, "true or false")),
+            Some((key, v)) => v.as_bool().map(Some).ok_or_else(|| self.bad(key, "true or false")),
         }
     }
 
     fn opt_str(&self, name: &str) -> Result<Option<String>> {
         match self.find(&[name]) {
             None => Ok(None),
-            Some((key, v)) => v
-                .as_str()
-                .map(|s| Some(s.to_string()))
-                .ok_or_else(|| self.bad(key, "a string")),
+            Some((key, v)) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| self.bad(key, "a string")),
         }
     }
 }
@@ -349,10 +293,7 @@ mod tests {
         let e = o.remove("num_experts").unwrap();
         o.insert("num_local_experts".into(), e);
         o.remove("rope_theta");
-        o.insert(
-            "rope_parameters".into(),
-            json!({"rope_theta": 5e5, "rope_type": "default"}),
-        );
+        o.insert("rope_parameters".into(), json!({"rope_theta": 5e5, "rope_type": "default"}));
         o.remove("torch_dtype");
         o.insert("dtype".into(), json!("float32"));
         let c = parse(v).unwrap();
@@ -380,30 +321,17 @@ mod tests {
         let mut v = moe_json();
         v.as_object_mut().unwrap().remove("rope_theta");
         let msg = parse(v).unwrap_err().to_string();
-        assert!(
-            msg.contains("rope_theta") && msg.contains("rope_parameters"),
-            "{msg}"
-        );
+        assert!(msg.contains("rope_theta") && msg.contains("rope_parameters"), "{msg}");
     }
 
     #[test]
     fn wrong_types_and_impossible_values_are_rejected() {
         let mut v = moe_json();
         v["hidden_size"] = json!("big");
-        assert!(
-            parse(v)
-                .unwrap_err()
-                .to_string()
-                .contains("`hidden_size` must be a non-negative integer")
-        );
+        assert!(parse(v).unwrap_err().to_string().contains("`hidden_size` must be a non-negative integer"));
         let mut v = moe_json();
         v["num_experts_per_tok"] = json!(9);
-        assert!(
-            parse(v)
-                .unwrap_err()
-                .to_string()
-                .contains("num_experts_per_tok 9")
-        );
+        assert!(parse(v).unwrap_err().to_string().contains("num_experts_per_tok 9"));
         let mut v = moe_json();
         v["num_key_value_heads"] = json!(3);
         assert!(parse(v).unwrap_err().to_string().contains("multiple"));
@@ -413,11 +341,7 @@ mod tests {
     fn dense_model_needs_no_expert_keys() {
         let mut v = moe_json();
         let o = v.as_object_mut().unwrap();
-        for k in [
-            "num_experts",
-            "num_experts_per_tok",
-            "moe_intermediate_size",
-        ] {
+        for k in ["num_experts", "num_experts_per_tok", "moe_intermediate_size"] {
             o.remove(k);
         }
         o.insert("model_type".into(), json!("qwen3"));

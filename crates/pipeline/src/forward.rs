@@ -9,8 +9,8 @@ use stage_types::SaveTensorStage;
 
 use crate::backend::Backend;
 use crate::ecs::{
-    ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerKind, LayerMlp,
-    ModelParams, StageHookSystems, StageLog, StepError, StepState,
+    ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerKind, LayerMlp, ModelParams,
+    StageHookSystems, StageLog, StepError, StepState,
 };
 use crate::error::{PipelineError, Result};
 use crate::model::{MlpWeights, Model};
@@ -109,30 +109,19 @@ impl Forward {
         world.init_resource::<CurrentLayer>();
         world.init_resource::<StageLog>();
         world.init_resource::<StepError>();
-        Self {
-            world,
-            schedules: build_schedules(),
-            layers,
-            vocab_size: model.config.vocab_size,
-        }
+        Self { world, schedules: build_schedules(), layers, vocab_size: model.config.vocab_size }
     }
 
     /// Attaches a system from outside the pipeline to `stage`: in
     /// [`StageHookSystems::Amend`] to rewrite its output before anything
     /// reads it, or [`StageHookSystems::Observe`] to read it (capture).
     /// The system goes into the schedule the stage runs in.
-    pub fn add_stage_hook<M>(
-        &mut self,
-        hook: StageHookSystems,
-        system: impl IntoScheduleConfigs<ScheduleSystem, M>,
-    ) {
+    pub fn add_stage_hook<M>(&mut self, hook: StageHookSystems, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {
         let stage = match hook {
             StageHookSystems::Amend(s) | StageHookSystems::Observe(s) => s,
         };
         let configs: ScheduleConfigs<ScheduleSystem> = system.into_configs().in_set(hook);
-        self.schedules
-            .get_mut(ForwardSchedule::of(stage))
-            .add_systems(configs);
+        self.schedules.get_mut(ForwardSchedule::of(stage)).add_systems(configs);
     }
 
     /// The world, for inserting resources hooks need.
@@ -142,11 +131,7 @@ impl Forward {
 
     /// The backend.
     pub fn backend_mut(&mut self) -> &mut dyn Backend {
-        self.world
-            .resource_mut::<ActiveBackend>()
-            .into_inner()
-            .0
-            .as_mut()
+        self.world.resource_mut::<ActiveBackend>().into_inner().0.as_mut()
     }
 
     /// Number of decoder layers.
@@ -163,9 +148,7 @@ impl Forward {
         on_event: &mut dyn FnMut(ForwardEvent),
     ) -> Result<()> {
         if tokens.is_empty() {
-            return Err(PipelineError::BadInput(
-                "a step needs at least one token".into(),
-            ));
+            return Err(PipelineError::BadInput("a step needs at least one token".into()));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= self.vocab_size) {
             return Err(PipelineError::BadInput(format!(
@@ -173,27 +156,16 @@ impl Forward {
                 self.vocab_size, self.vocab_size
             )));
         }
-        on_event(ForwardEvent::StepStarted {
-            step,
-            start_position,
-            tokens: tokens.len(),
-        });
+        on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
+        tracing::debug!(step, start_position, tokens = tokens.len(), "step");
         self.backend_mut().begin_step(tokens, start_position)?;
-        *self.world.resource_mut::<StepState>() = StepState {
-            step,
-            start_position,
-            tokens: tokens.to_vec(),
-        };
+        *self.world.resource_mut::<StepState>() = StepState { step, start_position, tokens: tokens.to_vec() };
         self.set_layer(None);
         self.run(ForwardSchedule::Prologue)?;
         for index in 0..self.layers.len() {
             self.set_layer(Some(index));
             self.run(ForwardSchedule::Layer)?;
-            on_event(ForwardEvent::LayerDone {
-                step,
-                layer: index,
-                layers: self.layers.len(),
-            });
+            on_event(ForwardEvent::LayerDone { step, layer: index, layers: self.layers.len() });
         }
         self.set_layer(None);
         self.run(ForwardSchedule::Epilogue)
@@ -219,20 +191,9 @@ impl Forward {
         let mut position = 0;
         for step in 0.. {
             self.step(step, &tokens, position, on_event)?;
-            steps.push(StepRecord {
-                step,
-                start_position: position,
-                tokens: tokens.clone(),
-            });
-            let next = if generate > 0 {
-                Some(self.next_token()?)
-            } else {
-                None
-            };
-            on_event(ForwardEvent::StepDone {
-                step,
-                next_token: next,
-            });
+            steps.push(StepRecord { step, start_position: position, tokens: tokens.clone() });
+            let next = if generate > 0 { Some(self.next_token()?) } else { None };
+            on_event(ForwardEvent::StepDone { step, next_token: next });
             let Some(next) = next else { break };
             generated.push(next);
             if generated.len() >= generate {
@@ -254,9 +215,7 @@ impl Forward {
                     entity: Some(entity),
                     index: Some(i),
                     kind: e.get::<LayerKind>().copied(),
-                    qkv_bias: e
-                        .get::<LayerAttention>()
-                        .is_some_and(|a| a.0.qkv_bias.is_some()),
+                    qkv_bias: e.get::<LayerAttention>().is_some_and(|a| a.0.qkv_bias.is_some()),
                 }
             }
         };
@@ -286,10 +245,7 @@ mod tests {
     use stage_types::SaveTensorStage as S;
 
     fn forward(model: &Model) -> Forward {
-        Forward::new(
-            model,
-            Box::new(CpuBackend::new(model.store.clone(), Some(1)).unwrap()),
-        )
+        Forward::new(model, Box::new(CpuBackend::new(model.store.clone(), Some(1)).unwrap()))
     }
 
     /// Records which stages each layer produced, through an Observe hook
@@ -312,67 +268,34 @@ mod tests {
 
     #[test]
     fn mixed_models_run_dense_stages_on_dense_layers_and_moe_stages_on_moe_layers() {
-        let mut json = SyntheticPreset::by_name("tiny-moe")
-            .unwrap()
-            .config(Some(3))
-            .json;
+        let mut json = SyntheticPreset::by_name("tiny-moe").unwrap().config(Some(3)).json;
         json["mlp_only_layers"] = serde_json::json!([1]);
         json["intermediate_size"] = serde_json::json!(96);
         let config = ModelConfig::from_json(json, std::path::Path::new("mixed")).unwrap();
         let store = generate_weights(&config, 3, "mixed").unwrap();
-        let model = Model::assemble(
-            config,
-            store,
-            ModelSource::Synthetic {
-                preset: "mixed".into(),
-                seed: 3,
-            },
-        )
-        .unwrap();
+        let model = Model::assemble(config, store, ModelSource::Synthetic { preset: "mixed".into(), seed: 3 }).unwrap();
         let mut forward = forward(&model);
         let seen = record_stages(&mut forward);
         forward.step(0, &[1, 2, 3], 0, &mut |_| {}).unwrap();
         let seen = seen.lock().unwrap().clone();
         for layer in 0..3 {
-            let stages: Vec<S> = seen
-                .iter()
-                .filter(|(l, _)| *l == Some(layer))
-                .map(|(_, s)| *s)
-                .collect();
+            let stages: Vec<S> = seen.iter().filter(|(l, _)| *l == Some(layer)).map(|(_, s)| *s).collect();
             let dense = layer == 1;
-            let expected: Vec<S> = S::ALL
-                .iter()
-                .copied()
-                .filter(|s| s.is_layer_stage() && s.applies_to(dense, false))
-                .collect();
+            let expected: Vec<S> =
+                S::ALL.iter().copied().filter(|s| s.is_layer_stage() && s.applies_to(dense, false)).collect();
             assert_eq!(stages, expected, "layer {layer}");
         }
-        let model_stages: Vec<S> = seen
-            .iter()
-            .filter(|(l, _)| l.is_none())
-            .map(|(_, s)| *s)
-            .collect();
+        let model_stages: Vec<S> = seen.iter().filter(|(l, _)| l.is_none()).map(|(_, s)| *s).collect();
         assert_eq!(model_stages, [S::Embedding, S::FinalNorm, S::LmHead]);
     }
 
     #[test]
     fn qkv_bias_runs_only_for_models_with_a_bias_and_adds_it() {
-        let mut json = SyntheticPreset::by_name("tiny-dense")
-            .unwrap()
-            .config(Some(1))
-            .json;
+        let mut json = SyntheticPreset::by_name("tiny-dense").unwrap().config(Some(1)).json;
         json["attention_bias"] = serde_json::json!(true);
         let config = ModelConfig::from_json(json, std::path::Path::new("bias")).unwrap();
         let store = generate_weights(&config, 4, "bias").unwrap();
-        let model = Model::assemble(
-            config,
-            store,
-            ModelSource::Synthetic {
-                preset: "bias".into(),
-                seed: 4,
-            },
-        )
-        .unwrap();
+        let model = Model::assemble(config, store, ModelSource::Synthetic { preset: "bias".into(), seed: 4 }).unwrap();
         let bias: Vec<f32> = model.layers[0]
             .attention
             .qkv_bias
@@ -383,31 +306,19 @@ mod tests {
         let mut forward = forward(&model);
         let got: Arc<Mutex<Option<HostTensorPair>>> = Arc::default();
         let sink = got.clone();
-        forward.add_stage_hook(
-            StageHookSystems::Observe(S::QkvBias),
-            move |mut b: ResMut<ActiveBackend>| {
-                let before = b.0.read(S::QkvMatmul).unwrap();
-                let after = b.0.read(S::QkvBias).unwrap();
-                *sink.lock().unwrap() = Some((before, after));
-            },
-        );
+        forward.add_stage_hook(StageHookSystems::Observe(S::QkvBias), move |mut b: ResMut<ActiveBackend>| {
+            let before = b.0.read(S::QkvMatmul).unwrap();
+            let after = b.0.read(S::QkvBias).unwrap();
+            *sink.lock().unwrap() = Some((before, after));
+        });
         forward.step(0, &[5, 6], 0, &mut |_| {}).unwrap();
         let (before, after) = got.lock().unwrap().take().expect("qkv_bias ran");
         let width = bias.len();
-        for (i, (a, b)) in before
-            .as_f32()
-            .unwrap()
-            .iter()
-            .zip(after.as_f32().unwrap())
-            .enumerate()
-        {
+        for (i, (a, b)) in before.as_f32().unwrap().iter().zip(after.as_f32().unwrap()).enumerate() {
             assert!(((b - a) - bias[i % width]).abs() < 1e-6);
         }
         let plain = Model::synthetic("tiny-dense", 4, Some(1)).unwrap();
-        let mut forward = super::Forward::new(
-            &plain,
-            Box::new(CpuBackend::new(plain.store.clone(), Some(1)).unwrap()),
-        );
+        let mut forward = super::Forward::new(&plain, Box::new(CpuBackend::new(plain.store.clone(), Some(1)).unwrap()));
         let seen = record_stages(&mut forward);
         forward.step(0, &[5, 6], 0, &mut |_| {}).unwrap();
         assert!(!seen.lock().unwrap().iter().any(|(_, s)| *s == S::QkvBias));
@@ -422,15 +333,9 @@ mod tests {
     fn bad_token_and_bad_cache_position_are_errors_not_panics() {
         let model = Model::synthetic("tiny-moe", 1, Some(1)).unwrap();
         let mut forward = forward(&model);
-        let err = forward
-            .step(0, &[1, 9999], 0, &mut |_| {})
-            .unwrap_err()
-            .to_string();
+        let err = forward.step(0, &[1, 9999], 0, &mut |_| {}).unwrap_err().to_string();
         assert!(err.contains("9999") && err.contains("0..512"), "{err}");
-        let err = forward
-            .step(0, &[1], 5, &mut |_| {})
-            .unwrap_err()
-            .to_string();
+        let err = forward.step(0, &[1], 5, &mut |_| {}).unwrap_err().to_string();
         assert!(err.contains("position 5"), "{err}");
         assert!(forward.step(0, &[], 0, &mut |_| {}).is_err());
         forward.step(0, &[1, 2, 3], 0, &mut |_| {}).unwrap();

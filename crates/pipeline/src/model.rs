@@ -45,130 +45,53 @@ pub struct TensorSpec {
     pub role: TensorRole,
 }
 
+/// The three projections of a SwiGLU MLP (dense or one expert) of width
+/// `i`, named `{prefix}{gate,up,down}_proj.weight`.
+fn swiglu(push: &mut impl FnMut(String, Vec<usize>, TensorRole), prefix: String, h: usize, i: usize) {
+    push(format!("{prefix}gate_proj.weight"), vec![i, h], TensorRole::Projection { fan_in: h });
+    push(format!("{prefix}up_proj.weight"), vec![i, h], TensorRole::Projection { fan_in: h });
+    push(format!("{prefix}down_proj.weight"), vec![h, i], TensorRole::OutputProjection { fan_in: i });
+}
+
 /// Every tensor a checkpoint of this config must hold, in a fixed order.
 pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
     let c = config;
     let (h, hd, v) = (c.hidden_size, c.head_dim, c.vocab_size);
     let mut specs = Vec::new();
-    let mut push =
-        |name: String, shape: Vec<usize>, role| specs.push(TensorSpec { name, shape, role });
-    push(
-        "model.embed_tokens.weight".into(),
-        vec![v, h],
-        TensorRole::Embedding,
-    );
+    let mut push = |name: String, shape: Vec<usize>, role| specs.push(TensorSpec { name, shape, role });
+    push("model.embed_tokens.weight".into(), vec![v, h], TensorRole::Embedding);
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}.");
-        push(
-            format!("{p}input_layernorm.weight"),
-            vec![h],
-            TensorRole::Norm,
-        );
-        push(
-            format!("{p}self_attn.q_proj.weight"),
-            vec![c.q_width(), h],
-            TensorRole::Projection { fan_in: h },
-        );
-        push(
-            format!("{p}self_attn.k_proj.weight"),
-            vec![c.kv_width(), h],
-            TensorRole::Projection { fan_in: h },
-        );
-        push(
-            format!("{p}self_attn.v_proj.weight"),
-            vec![c.kv_width(), h],
-            TensorRole::Projection { fan_in: h },
-        );
+        push(format!("{p}input_layernorm.weight"), vec![h], TensorRole::Norm);
+        push(format!("{p}self_attn.q_proj.weight"), vec![c.q_width(), h], TensorRole::Projection { fan_in: h });
+        push(format!("{p}self_attn.k_proj.weight"), vec![c.kv_width(), h], TensorRole::Projection { fan_in: h });
+        push(format!("{p}self_attn.v_proj.weight"), vec![c.kv_width(), h], TensorRole::Projection { fan_in: h });
         if c.attention_bias {
-            push(
-                format!("{p}self_attn.q_proj.bias"),
-                vec![c.q_width()],
-                TensorRole::Bias,
-            );
-            push(
-                format!("{p}self_attn.k_proj.bias"),
-                vec![c.kv_width()],
-                TensorRole::Bias,
-            );
-            push(
-                format!("{p}self_attn.v_proj.bias"),
-                vec![c.kv_width()],
-                TensorRole::Bias,
-            );
+            push(format!("{p}self_attn.q_proj.bias"), vec![c.q_width()], TensorRole::Bias);
+            push(format!("{p}self_attn.k_proj.bias"), vec![c.kv_width()], TensorRole::Bias);
+            push(format!("{p}self_attn.v_proj.bias"), vec![c.kv_width()], TensorRole::Bias);
         }
-        push(
-            format!("{p}self_attn.q_norm.weight"),
-            vec![hd],
-            TensorRole::Norm,
-        );
-        push(
-            format!("{p}self_attn.k_norm.weight"),
-            vec![hd],
-            TensorRole::Norm,
-        );
+        push(format!("{p}self_attn.q_norm.weight"), vec![hd], TensorRole::Norm);
+        push(format!("{p}self_attn.k_norm.weight"), vec![hd], TensorRole::Norm);
         push(
             format!("{p}self_attn.o_proj.weight"),
             vec![h, c.q_width()],
-            TensorRole::OutputProjection {
-                fan_in: c.q_width(),
-            },
+            TensorRole::OutputProjection { fan_in: c.q_width() },
         );
-        push(
-            format!("{p}post_attention_layernorm.weight"),
-            vec![h],
-            TensorRole::Norm,
-        );
+        push(format!("{p}post_attention_layernorm.weight"), vec![h], TensorRole::Norm);
         if c.is_moe_layer(l) {
             let i = c.moe_intermediate_size;
-            push(
-                format!("{p}mlp.gate.weight"),
-                vec![c.num_experts, h],
-                TensorRole::Router { fan_in: h },
-            );
+            push(format!("{p}mlp.gate.weight"), vec![c.num_experts, h], TensorRole::Router { fan_in: h });
             for e in 0..c.num_experts {
-                let q = format!("{p}mlp.experts.{e}.");
-                push(
-                    format!("{q}gate_proj.weight"),
-                    vec![i, h],
-                    TensorRole::Projection { fan_in: h },
-                );
-                push(
-                    format!("{q}up_proj.weight"),
-                    vec![i, h],
-                    TensorRole::Projection { fan_in: h },
-                );
-                push(
-                    format!("{q}down_proj.weight"),
-                    vec![h, i],
-                    TensorRole::OutputProjection { fan_in: i },
-                );
+                swiglu(&mut push, format!("{p}mlp.experts.{e}."), h, i);
             }
         } else {
-            let i = c.intermediate_size;
-            push(
-                format!("{p}mlp.gate_proj.weight"),
-                vec![i, h],
-                TensorRole::Projection { fan_in: h },
-            );
-            push(
-                format!("{p}mlp.up_proj.weight"),
-                vec![i, h],
-                TensorRole::Projection { fan_in: h },
-            );
-            push(
-                format!("{p}mlp.down_proj.weight"),
-                vec![h, i],
-                TensorRole::OutputProjection { fan_in: i },
-            );
+            swiglu(&mut push, format!("{p}mlp."), h, c.intermediate_size);
         }
     }
     push("model.norm.weight".into(), vec![h], TensorRole::Norm);
     if !c.tie_word_embeddings {
-        push(
-            "lm_head.weight".into(),
-            vec![v, h],
-            TensorRole::Projection { fan_in: h },
-        );
+        push("lm_head.weight".into(), vec![v, h], TensorRole::Projection { fan_in: h });
     }
     specs
 }
@@ -267,9 +190,7 @@ impl Model {
     /// Loads a Hugging Face checkpoint folder (config.json + safetensors).
     pub fn load(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(PipelineError::MissingModelDir {
-                path: dir.to_path_buf(),
-            });
+            return Err(PipelineError::MissingModelDir { path: dir.to_path_buf() });
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = load_checkpoint(dir)?;
@@ -282,14 +203,7 @@ impl Model {
         let preset = SyntheticPreset::by_name(preset)?;
         let config = preset.config(layers);
         let store = preset.generate(&config, seed)?;
-        Self::assemble(
-            config,
-            store,
-            ModelSource::Synthetic {
-                preset: preset.name.to_string(),
-                seed,
-            },
-        )
+        Self::assemble(config, store, ModelSource::Synthetic { preset: preset.name.to_string(), seed })
     }
 
     /// Resolves every tensor the config implies and checks its shape.
@@ -301,10 +215,7 @@ impl Model {
         for spec in tensor_specs(&config) {
             let id = store
                 .id(&spec.name)
-                .ok_or_else(|| PipelineError::MissingTensor {
-                    path: dir.clone(),
-                    name: spec.name.clone(),
-                })?;
+                .ok_or_else(|| PipelineError::MissingTensor { path: dir.clone(), name: spec.name.clone() })?;
             let actual = &store.get(id).shape;
             if *actual != spec.shape {
                 return Err(PipelineError::WrongShape {
@@ -321,17 +232,16 @@ impl Model {
                 let attention = AttentionWeights {
                     input_norm: id(format!("{p}input_layernorm.weight")),
                     qkv: ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.weight"))),
-                    qkv_bias: config.attention_bias.then(|| {
-                        ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.bias")))
-                    }),
+                    qkv_bias: config
+                        .attention_bias
+                        .then(|| ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.bias")))),
                     q_norm: id(format!("{p}self_attn.q_norm.weight")),
                     k_norm: id(format!("{p}self_attn.k_norm.weight")),
                     o_proj: id(format!("{p}self_attn.o_proj.weight")),
                     post_norm: id(format!("{p}post_attention_layernorm.weight")),
                 };
                 let mlp = if config.is_moe_layer(l) {
-                    let expert =
-                        |e: usize, w: &str| id(format!("{p}mlp.experts.{e}.{w}_proj.weight"));
+                    let expert = |e: usize, w: &str| id(format!("{p}mlp.experts.{e}.{w}_proj.weight"));
                     MlpWeights::Moe(MoeWeights {
                         router: id(format!("{p}mlp.gate.weight")),
                         gate: (0..config.num_experts).map(|e| expert(e, "gate")).collect(),
@@ -351,11 +261,7 @@ impl Model {
         let embedding = id("model.embed_tokens.weight".into());
         Ok(Model {
             final_norm: id("model.norm.weight".into()),
-            lm_head: if config.tie_word_embeddings {
-                embedding
-            } else {
-                id("lm_head.weight".into())
-            },
+            lm_head: if config.tie_word_embeddings { embedding } else { id("lm_head.weight".into()) },
             embedding,
             layers,
             config,
@@ -367,10 +273,7 @@ impl Model {
     /// Writes the model as a Hugging Face checkpoint folder (config.json +
     /// model.safetensors), e.g. to give a synthetic model to another tool.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let io = |source| PipelineError::Io {
-            path: dir.to_path_buf(),
-            source,
-        };
+        let io = |source| PipelineError::Io { path: dir.to_path_buf(), source };
         std::fs::create_dir_all(dir).map_err(io)?;
         let config = serde_json::to_string_pretty(&self.config.json).expect("config serialises");
         std::fs::write(dir.join("config.json"), config + "\n").map_err(io)?;
@@ -407,13 +310,8 @@ mod tests {
         let mut json = model.config.json.clone();
         json["intermediate_size"] = serde_json::json!(500);
         let config = ModelConfig::from_json(json, Path::new("config.json")).unwrap();
-        let store = crate::weights::SyntheticPreset::by_name("tiny-dense")
-            .unwrap()
-            .generate(&model.config, 5)
-            .unwrap();
-        let msg = Model::assemble(config, store, model.source.clone())
-            .unwrap_err()
-            .to_string();
+        let store = crate::weights::SyntheticPreset::by_name("tiny-dense").unwrap().generate(&model.config, 5).unwrap();
+        let msg = Model::assemble(config, store, model.source.clone()).unwrap_err().to_string();
         assert!(
             msg.contains("model.layers.0.mlp.gate_proj.weight")
                 && msg.contains("[512, 256]")
@@ -425,13 +323,8 @@ mod tests {
         json["tie_word_embeddings"] = serde_json::json!(false);
         json["attention_bias"] = serde_json::json!(true);
         let config = ModelConfig::from_json(json, Path::new("config.json")).unwrap();
-        let store = crate::weights::SyntheticPreset::by_name("tiny-dense")
-            .unwrap()
-            .generate(&model.config, 5)
-            .unwrap();
-        let msg = Model::assemble(config, store, model.source.clone())
-            .unwrap_err()
-            .to_string();
+        let store = crate::weights::SyntheticPreset::by_name("tiny-dense").unwrap().generate(&model.config, 5).unwrap();
+        let msg = Model::assemble(config, store, model.source.clone()).unwrap_err().to_string();
         assert!(msg.contains("q_proj.bias"), "{msg}");
     }
 }

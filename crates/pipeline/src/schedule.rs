@@ -10,9 +10,7 @@ use bevy_ecs::prelude::*;
 use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
-use crate::ecs::{
-    ForwardSchedule, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense, layer_is_moe,
-};
+use crate::ecs::{ForwardSchedule, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense, layer_is_moe};
 use crate::stages::{attention, ffn, model, moe};
 
 /// The three schedules of a forward step.
@@ -48,12 +46,8 @@ pub fn build_schedules() -> ForwardSchedules {
         let schedule = schedules.get_mut(ForwardSchedule::of(stage));
         add_stage_system(schedule, stage);
         schedule.configure_sets(StageHookSystems::Amend(stage).after(StageSet(stage)));
-        schedule
-            .configure_sets(StageHookSystems::Observe(stage).after(StageHookSystems::Amend(stage)));
-        if let Some(next) = stage
-            .next()
-            .filter(|n| ForwardSchedule::of(*n) == ForwardSchedule::of(stage))
-        {
+        schedule.configure_sets(StageHookSystems::Observe(stage).after(StageHookSystems::Amend(stage)));
+        if let Some(next) = stage.next().filter(|n| ForwardSchedule::of(*n) == ForwardSchedule::of(stage)) {
             schedule.configure_sets(StageSet(next).after(StageHookSystems::Observe(stage)));
         }
     }
@@ -74,9 +68,7 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::Embedding => schedule.add_systems(model::embedding.in_set(set)),
         S::AttnNorm => schedule.add_systems(attention::attn_norm.in_set(set)),
         S::QkvMatmul => schedule.add_systems(attention::qkv_matmul.in_set(set)),
-        S::QkvBias => {
-            schedule.add_systems(attention::qkv_bias.in_set(set).run_if(layer_has_qkv_bias))
-        }
+        S::QkvBias => schedule.add_systems(attention::qkv_bias.in_set(set).run_if(layer_has_qkv_bias)),
         S::QkNorm => schedule.add_systems(attention::qk_norm.in_set(set)),
         S::QPostRope => schedule.add_systems(attention::q_post_rope.in_set(set)),
         S::KPostRope => schedule.add_systems(attention::k_post_rope.in_set(set)),
@@ -91,23 +83,13 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::FfnSilu => schedule.add_systems(ffn::ffn_silu.in_set(set).run_if(layer_is_dense)),
         S::FfnSwigl => schedule.add_systems(ffn::ffn_swigl.in_set(set).run_if(layer_is_dense)),
         S::FfnOut => schedule.add_systems(ffn::ffn_out.in_set(set).run_if(layer_is_dense)),
-        S::MoeRouterLogits => {
-            schedule.add_systems(moe::moe_router_logits.in_set(set).run_if(layer_is_moe))
-        }
+        S::MoeRouterLogits => schedule.add_systems(moe::moe_router_logits.in_set(set).run_if(layer_is_moe)),
         S::MoeRouter => schedule.add_systems(moe::moe_router.in_set(set).run_if(layer_is_moe)),
-        S::MoeRouterIndices => {
-            schedule.add_systems(moe::moe_router_indices.in_set(set).run_if(layer_is_moe))
-        }
-        S::MoeExpertGate => {
-            schedule.add_systems(moe::moe_expert_gate.in_set(set).run_if(layer_is_moe))
-        }
+        S::MoeRouterIndices => schedule.add_systems(moe::moe_router_indices.in_set(set).run_if(layer_is_moe)),
+        S::MoeExpertGate => schedule.add_systems(moe::moe_expert_gate.in_set(set).run_if(layer_is_moe)),
         S::MoeExpertUp => schedule.add_systems(moe::moe_expert_up.in_set(set).run_if(layer_is_moe)),
-        S::MoeExpertSwigl => {
-            schedule.add_systems(moe::moe_expert_swigl.in_set(set).run_if(layer_is_moe))
-        }
-        S::MoeExpertOut => {
-            schedule.add_systems(moe::moe_expert_out.in_set(set).run_if(layer_is_moe))
-        }
+        S::MoeExpertSwigl => schedule.add_systems(moe::moe_expert_swigl.in_set(set).run_if(layer_is_moe)),
+        S::MoeExpertOut => schedule.add_systems(moe::moe_expert_out.in_set(set).run_if(layer_is_moe)),
         S::MoeFfnOut => schedule.add_systems(moe::moe_ffn_out.in_set(set).run_if(layer_is_moe)),
         S::PostFfnResidual => schedule.add_systems(ffn::post_ffn_residual.in_set(set)),
         S::FinalNorm => schedule.add_systems(model::final_norm.in_set(set)),

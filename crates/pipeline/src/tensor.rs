@@ -23,19 +23,13 @@ impl HostTensor {
     /// An f32 tensor; `data.len()` must equal the product of `shape`.
     pub fn f32(shape: Vec<usize>, data: Vec<f32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        Self {
-            shape,
-            data: TensorData::F32(data),
-        }
+        Self { shape, data: TensorData::F32(data) }
     }
 
     /// An i32 tensor; `data.len()` must equal the product of `shape`.
     pub fn i32(shape: Vec<usize>, data: Vec<i32>) -> Self {
         debug_assert_eq!(shape.iter().product::<usize>(), data.len());
-        Self {
-            shape,
-            data: TensorData::I32(data),
-        }
+        Self { shape, data: TensorData::I32(data) }
     }
 
     /// Number of elements.

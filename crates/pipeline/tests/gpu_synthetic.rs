@@ -11,33 +11,20 @@ use pipeline::weights::{synthetic_value, tensor_key};
 #[test]
 fn gpu_synthetic_weights_match_the_host_generator_bit_for_bit() {
     if std::env::var_os("MOETRACE_GPU").is_none() {
-        eprintln!(
-            "SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing"
-        );
+        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
         return;
     }
     let device = GpuDevice::open(0).expect("open GPU 0");
     eprintln!("device: {} ({})", device.name(), device.arch());
     for (name, n, mean, std) in [
-        (
-            "model.layers.0.self_attn.q_proj.weight",
-            1_000_003usize,
-            0.0f32,
-            0.0442f32,
-        ),
+        ("model.layers.0.self_attn.q_proj.weight", 1_000_003usize, 0.0f32, 0.0442f32),
         ("model.layers.3.input_layernorm.weight", 37, 1.0, 0.1),
         ("model.embed_tokens.weight", 4_194_305, 0.0, 0.05),
     ] {
         let key = tensor_key(7, name);
-        let gpu = download_u16(
-            &device,
-            &synthetic_fill_bf16(&device, n, key, mean, std).unwrap(),
-        )
-        .unwrap();
+        let gpu = download_u16(&device, &synthetic_fill_bf16(&device, n, key, mean, std).unwrap()).unwrap();
         let mismatches = (0..n)
-            .filter(|&i| {
-                gpu[i] != half::bf16::from_f32(synthetic_value(key, i as u64, mean, std)).to_bits()
-            })
+            .filter(|&i| gpu[i] != half::bf16::from_f32(synthetic_value(key, i as u64, mean, std)).to_bits())
             .count();
         assert_eq!(mismatches, 0, "{name}: {mismatches} of {n} values differ");
     }

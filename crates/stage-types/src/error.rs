@@ -43,30 +43,18 @@ impl fmt::Display for ParseError {
             ParseError::UnknownStage { token } => write!(
                 f,
                 "unknown stage `{token}`; valid stages: all, {}, and the alias layer_output (= post_ffn_residual)",
-                crate::SaveTensorStage::ALL
-                    .iter()
-                    .map(|s| s.name())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                crate::SaveTensorStage::ALL.iter().map(|s| s.name()).collect::<Vec<_>>().join(", ")
             ),
-            ParseError::EmptyStageList => write!(
-                f,
-                "empty stage list; write `all` or comma-separated stage names such as `ffn_norm,moe_router`"
-            ),
-            ParseError::BadRange {
-                what,
-                token,
-                reason,
-            } => write!(
+            ParseError::EmptyStageList => {
+                write!(f, "empty stage list; write `all` or comma-separated stage names such as `ffn_norm,moe_router`")
+            }
+            ParseError::BadRange { what, token, reason } => write!(
                 f,
                 "bad {what} range `{token}`: {reason}; write `all`, one index such as `3`, a span such as `0..4` (end exclusive), or a comma list such as `0..2,7`"
             ),
             ParseError::OutOfBounds { what, token, count } => {
                 if *count == 0 {
-                    write!(
-                        f,
-                        "{what} range `{token}` selects {what}s that do not exist: there are none"
-                    )
+                    write!(f, "{what} range `{token}` selects {what}s that do not exist: there are none")
                 } else {
                     write!(
                         f,

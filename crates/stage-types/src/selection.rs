@@ -57,10 +57,7 @@ impl StageList {
 
     /// Selected stages in execution order.
     pub fn iter(&self) -> impl Iterator<Item = SaveTensorStage> + '_ {
-        SaveTensorStage::ALL
-            .iter()
-            .copied()
-            .filter(|s| self.contains(*s))
+        SaveTensorStage::ALL.iter().copied().filter(|s| self.contains(*s))
     }
 }
 
@@ -140,16 +137,9 @@ impl IndexSet {
         if text.eq_ignore_ascii_case("all") {
             return Ok(IndexSet::All);
         }
-        let bad = |token: &str, reason: &'static str| ParseError::BadRange {
-            what,
-            token: token.to_string(),
-            reason,
-        };
+        let bad = |token: &str, reason: &'static str| ParseError::BadRange { what, token: token.to_string(), reason };
         let number = |token: &str, whole: &str| -> Result<usize, ParseError> {
-            token
-                .trim()
-                .parse::<usize>()
-                .map_err(|_| bad(whole, "not a non-negative integer"))
+            token.trim().parse::<usize>().map_err(|_| bad(whole, "not a non-negative integer"))
         };
         let mut spans = Vec::new();
         for item in text.split(',').map(str::trim) {
@@ -164,36 +154,25 @@ impl IndexSet {
                     let start = number(a, item)?;
                     let end = number(b, item)?;
                     if end <= start {
-                        return Err(bad(
-                            item,
-                            "the end must be greater than the start (end is exclusive)",
-                        ));
+                        return Err(bad(item, "the end must be greater than the start (end is exclusive)"));
                     }
                     IndexSpan { start, end }
                 }
                 None => {
                     let index = number(item, item)?;
-                    IndexSpan {
-                        start: index,
-                        end: index + 1,
-                    }
+                    IndexSpan { start: index, end: index + 1 }
                 }
             };
             spans.push(span);
         }
-        Ok(IndexSet::Spans {
-            spans,
-            text: text.to_string(),
-        })
+        Ok(IndexSet::Spans { spans, text: text.to_string() })
     }
 
     /// Whether `index` is selected.
     pub fn contains(&self, index: usize) -> bool {
         match self {
             IndexSet::All => true,
-            IndexSet::Spans { spans, .. } => {
-                spans.iter().any(|s| (s.start..s.end).contains(&index))
-            }
+            IndexSet::Spans { spans, .. } => spans.iter().any(|s| (s.start..s.end).contains(&index)),
         }
     }
 
@@ -204,11 +183,7 @@ impl IndexSet {
             IndexSet::All => Ok(()),
             IndexSet::Spans { spans, text } => {
                 if spans.iter().any(|s| s.end > count) {
-                    Err(ParseError::OutOfBounds {
-                        what,
-                        token: text.clone(),
-                        count,
-                    })
+                    Err(ParseError::OutOfBounds { what, token: text.clone(), count })
                 } else {
                     Ok(())
                 }
@@ -259,12 +234,7 @@ mod tests {
     #[test]
     fn stage_list_rejects_unknown_and_empty() {
         let err = "ffn_norm,bogus".parse::<StageList>().unwrap_err();
-        assert_eq!(
-            err,
-            ParseError::UnknownStage {
-                token: "bogus".into()
-            }
-        );
+        assert_eq!(err, ParseError::UnknownStage { token: "bogus".into() });
         assert_eq!(" , ".parse::<StageList>(), Err(ParseError::EmptyStageList));
         assert!(ParseError::EmptyStageList.to_string().contains("all"));
     }
@@ -284,14 +254,9 @@ mod tests {
 
     #[test]
     fn index_sets_reject_bad_tokens_with_the_token_and_the_forms() {
-        for (text, token) in [
-            ("a..3", "a..3"),
-            ("4..2", "4..2"),
-            ("3..3", "3..3"),
-            ("-1", "-1"),
-            ("1,,2", "1,,2"),
-            ("", ""),
-        ] {
+        for (text, token) in
+            [("a..3", "a..3"), ("4..2", "4..2"), ("3..3", "3..3"), ("-1", "-1"), ("1,,2", "1,,2"), ("", "")]
+        {
             let err = IndexSet::parse_layers(text).unwrap_err();
             match &err {
                 ParseError::BadRange { what, token: t, .. } => {
@@ -310,22 +275,10 @@ mod tests {
         let set = IndexSet::parse_layers("2..6").unwrap();
         assert!(set.check_within(6, "layer").is_ok());
         let err = set.check_within(4, "layer").unwrap_err();
-        assert_eq!(
-            err,
-            ParseError::OutOfBounds {
-                what: "layer",
-                token: "2..6".into(),
-                count: 4
-            }
-        );
+        assert_eq!(err, ParseError::OutOfBounds { what: "layer", token: "2..6".into(), count: 4 });
         let msg = err.to_string();
         assert!(msg.contains("`2..6`") && msg.contains("0..4"), "{msg}");
         assert!(IndexSet::All.check_within(0, "step").is_ok());
-        assert!(
-            IndexSet::parse_steps("0")
-                .unwrap()
-                .check_within(0, "step")
-                .is_err()
-        );
+        assert!(IndexSet::parse_steps("0").unwrap().check_within(0, "step").is_err());
     }
 }

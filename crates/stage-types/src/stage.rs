@@ -212,15 +212,8 @@ impl FromStr for SaveTensorStage {
             .iter()
             .copied()
             .find(|stage| stage.name() == lower)
-            .or_else(|| {
-                Self::ALIASES
-                    .iter()
-                    .find(|(alias, _)| *alias == lower)
-                    .map(|(_, stage)| *stage)
-            })
-            .ok_or_else(|| ParseError::UnknownStage {
-                token: token.to_string(),
-            })
+            .or_else(|| Self::ALIASES.iter().find(|(alias, _)| *alias == lower).map(|(_, stage)| *stage))
+            .ok_or_else(|| ParseError::UnknownStage { token: token.to_string() })
     }
 }
 
@@ -300,27 +293,13 @@ mod tests {
             assert_eq!(stage.index(), i);
         }
         assert_eq!(SaveTensorStage::LmHead.next(), None);
-        assert_eq!(
-            SaveTensorStage::Embedding.next(),
-            Some(SaveTensorStage::AttnNorm)
-        );
+        assert_eq!(SaveTensorStage::Embedding.next(), Some(SaveTensorStage::AttnNorm));
     }
 
     #[test]
     fn model_stages_are_embedding_final_norm_and_lm_head() {
-        let model: Vec<_> = SaveTensorStage::ALL
-            .iter()
-            .filter(|s| s.scope() == Scope::Model)
-            .copied()
-            .collect();
-        assert_eq!(
-            model,
-            [
-                SaveTensorStage::Embedding,
-                SaveTensorStage::FinalNorm,
-                SaveTensorStage::LmHead
-            ]
-        );
+        let model: Vec<_> = SaveTensorStage::ALL.iter().filter(|s| s.scope() == Scope::Model).copied().collect();
+        assert_eq!(model, [SaveTensorStage::Embedding, SaveTensorStage::FinalNorm, SaveTensorStage::LmHead]);
         assert!(SaveTensorStage::AttnNorm.is_layer_stage());
     }
 
@@ -331,16 +310,8 @@ mod tests {
             let name = stage.name();
             let dense_only = name.starts_with("ffn_") && stage != S::FfnNorm;
             let moe_only = name.starts_with("moe_");
-            assert_eq!(
-                stage.applies_to(true, false),
-                !moe_only && stage != S::QkvBias,
-                "{name}"
-            );
-            assert_eq!(
-                stage.applies_to(false, false),
-                !dense_only && stage != S::QkvBias,
-                "{name}"
-            );
+            assert_eq!(stage.applies_to(true, false), !moe_only && stage != S::QkvBias, "{name}");
+            assert_eq!(stage.applies_to(false, false), !dense_only && stage != S::QkvBias, "{name}");
         }
         assert!(S::QkvBias.applies_to(true, true));
         assert!(S::QkvBias.applies_to(false, true));

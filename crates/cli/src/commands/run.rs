@@ -24,13 +24,9 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     let config = RunConfig::load(&args.config).map_err(|e| e.to_string())?;
     let mut progress = Progress::new(!args.quiet, config.step_count());
     let output = capture::run(&config, &args.config, &mut |event| match event {
-        RunEvent::ModelLoaded {
-            description,
-            elapsed,
-        } => progress.line(&format!(
-            "model: {description} (loaded in {:.2} s)",
-            elapsed.as_secs_f64()
-        )),
+        RunEvent::ModelLoaded { description, elapsed } => {
+            progress.line(&format!("model: {description} (loaded in {:.2} s)", elapsed.as_secs_f64()))
+        }
         RunEvent::Forward(e) => progress.forward(&e),
     })
     .map_err(|e| {
@@ -41,7 +37,7 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     let s = &output.summary;
     let tokens_computed = s.prompt_tokens + s.generated.len().saturating_sub(1);
     let secs = s.forward_time.as_secs_f64();
-    eprintln!(
+    crate::say!(
         "run: {} prompt tokens, {} generated {:?}, {} steps on {} in {:.3} s ({:.1} tokens/s)",
         s.prompt_tokens,
         s.generated.len(),
@@ -52,13 +48,13 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
         tokens_computed as f64 / secs.max(1e-9)
     );
     match &s.out_dir {
-        Some(dir) => eprintln!(
+        Some(dir) => crate::say!(
             "capture: {} tensors, {:.2} MB written to {}",
             s.tensors_written,
             s.bytes_written as f64 / 1e6,
             dir.display()
         ),
-        None => eprintln!("capture: none configured"),
+        None => crate::say!("capture: none configured"),
     }
     Ok(ExitCode::SUCCESS)
 }

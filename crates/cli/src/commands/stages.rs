@@ -23,11 +23,7 @@ fn render(names_only: bool) -> String {
         }
         return out;
     }
-    let _ = writeln!(
-        out,
-        "{:<20} {:<6} {:<9} {:<18} holds",
-        "stage", "scope", "applies", "shape"
-    );
+    let _ = writeln!(out, "{:<20} {:<6} {:<9} {:<18} holds", "stage", "scope", "applies", "shape");
     for &stage in SaveTensorStage::ALL {
         let scope = match stage.scope() {
             Scope::Model => "model",

@@ -94,26 +94,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// `out[h,t,p] = q[t,h]·k[p,h/g] / sqrt(hd)` over the cached keys of
     /// `layer`, 0 where p > position of t (causal mask).
-    fn attn_scores(
-        &mut self,
-        layer: usize,
-        q: Slot,
-        shape: AttentionShape,
-        out: Slot,
-    ) -> Result<()>;
+    fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()>;
 
     /// Causal softmax over p of `[nh,T,P]` scores (masked entries 0).
     fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()>;
 
     /// `out[t,h] = Σ_p probs[h,t,p] · v[p,h/g]` over the cached values of
     /// `layer`.
-    fn attention(
-        &mut self,
-        layer: usize,
-        probs: Slot,
-        shape: AttentionShape,
-        out: Slot,
-    ) -> Result<()>;
+    fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()>;
 
     /// `out = a + b`.
     fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()>;
@@ -142,13 +130,7 @@ pub trait Backend: Send + Sync + 'static {
     /// Per selected expert projection: `out[t,j] = W[indices[t,j]] · x`
     /// where x is `input[t]` for a `[T,H]` input or `input[t,j]` for a
     /// `[T,k,I]` input. `out` is `[T,k,N]`.
-    fn expert_linear(
-        &mut self,
-        input: Slot,
-        indices: Slot,
-        experts: &[WeightId],
-        out: Slot,
-    ) -> Result<()>;
+    fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()>;
 
     /// `out[t] = Σ_j weights[t,j] · expert_out[t,j]`.
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()>;

@@ -9,20 +9,12 @@ use crate::config::ModelConfig;
 use crate::ecs::{LayerAttention, StageCtx};
 
 fn shape(c: &ModelConfig) -> AttentionShape {
-    AttentionShape {
-        heads: c.num_heads,
-        kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-    }
+    AttentionShape { heads: c.num_heads, kv_heads: c.num_kv_heads, head_dim: c.head_dim }
 }
 
 /// The slot holding q, k, v after the projections (and bias, if any).
 fn qkv_source(ctx: &StageCtx) -> S {
-    if ctx.layer.qkv_bias {
-        S::QkvBias
-    } else {
-        S::QkvMatmul
-    }
+    if ctx.layer.qkv_bias { S::QkvBias } else { S::QkvMatmul }
 }
 
 /// attn_norm: `x * rsqrt(mean(x²) + eps) * input_layernorm`, [T,H].
@@ -31,9 +23,7 @@ pub fn attn_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
         return;
     };
     let input = layer_input(ctx.layer_index());
-    ctx.run(S::AttnNorm, |b, c| {
-        b.rms_norm(input, w, c.rms_norm_eps, S::AttnNorm)
-    });
+    ctx.run(S::AttnNorm, |b, c| b.rms_norm(input, w, c.rms_norm_eps, S::AttnNorm));
 }
 
 /// qkv_matmul: `attn_norm · [q_proj; k_proj; v_proj]ᵀ`, [T,(nh+2nkv)*hd].
@@ -50,9 +40,7 @@ pub fn qkv_bias(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
     let Some(bias) = current(&ctx, &layers).and_then(|a| a.0.qkv_bias) else {
         return;
     };
-    ctx.run(S::QkvBias, |b, _| {
-        b.add_bias(S::QkvMatmul, &bias, S::QkvBias)
-    });
+    ctx.run(S::QkvBias, |b, _| b.add_bias(S::QkvMatmul, &bias, S::QkvBias));
 }
 
 /// qk_norm: per-head RMSNorm over hd of q (q_norm) then k (k_norm),
@@ -77,29 +65,13 @@ pub fn qk_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
 
 /// q_post_rope: NeoX RoPE of the q heads of qk_norm, [T,nh*hd].
 pub fn q_post_rope(mut ctx: StageCtx) {
-    ctx.run(S::QPostRope, |b, c| {
-        b.rope(
-            S::QkNorm,
-            0,
-            c.num_heads,
-            c.head_dim,
-            c.rope_theta,
-            S::QPostRope,
-        )
-    });
+    ctx.run(S::QPostRope, |b, c| b.rope(S::QkNorm, 0, c.num_heads, c.head_dim, c.rope_theta, S::QPostRope));
 }
 
 /// k_post_rope: NeoX RoPE of the k heads of qk_norm, [T,nkv*hd].
 pub fn k_post_rope(mut ctx: StageCtx) {
     ctx.run(S::KPostRope, |b, c| {
-        b.rope(
-            S::QkNorm,
-            c.q_width(),
-            c.num_kv_heads,
-            c.head_dim,
-            c.rope_theta,
-            S::KPostRope,
-        )
+        b.rope(S::QkNorm, c.q_width(), c.num_kv_heads, c.head_dim, c.rope_theta, S::KPostRope)
     });
 }
 
@@ -117,17 +89,13 @@ pub fn attn_scores(mut ctx: StageCtx) {
 
 /// attn_softmax: causal softmax of attn_scores over P, [nh,T,P].
 pub fn attn_softmax(mut ctx: StageCtx) {
-    ctx.run(S::AttnSoftmax, |b, _| {
-        b.attn_softmax(S::AttnScores, S::AttnSoftmax)
-    });
+    ctx.run(S::AttnSoftmax, |b, _| b.attn_softmax(S::AttnScores, S::AttnSoftmax));
 }
 
 /// attention: `softmax · v` over the cached values, [T,nh*hd].
 pub fn attention(mut ctx: StageCtx) {
     let layer = ctx.layer_index();
-    ctx.run(S::Attention, |b, c| {
-        b.attention(layer, S::AttnSoftmax, shape(c), S::Attention)
-    });
+    ctx.run(S::Attention, |b, c| b.attention(layer, S::AttnSoftmax, shape(c), S::Attention));
 }
 
 /// attn_out: `attention · o_projᵀ`, [T,H].
@@ -141,7 +109,5 @@ pub fn attn_out(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
 /// post_attn_residual: `layer input + attn_out`, [T,H].
 pub fn post_attn_residual(mut ctx: StageCtx) {
     let input = layer_input(ctx.layer_index());
-    ctx.run(S::PostAttnResidual, |b, _| {
-        b.add(input, S::AttnOut, S::PostAttnResidual)
-    });
+    ctx.run(S::PostAttnResidual, |b, _| b.add(input, S::AttnOut, S::PostAttnResidual));
 }

@@ -22,9 +22,7 @@ pub fn ffn_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
     let Some(w) = current(&ctx, &layers).map(|a| a.0.post_norm) else {
         return;
     };
-    ctx.run(S::FfnNorm, |b, c| {
-        b.rms_norm(S::PostAttnResidual, w, c.rms_norm_eps, S::FfnNorm)
-    });
+    ctx.run(S::FfnNorm, |b, c| b.rms_norm(S::PostAttnResidual, w, c.rms_norm_eps, S::FfnNorm));
 }
 
 /// ffn_gate: `ffn_norm · gate_projᵀ`, [T,I].
@@ -64,12 +62,6 @@ pub fn ffn_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
 /// post_ffn_residual: `post_attn_residual + (ffn_out or moe_ffn_out)`,
 /// [T,H]; the next layer's input.
 pub fn post_ffn_residual(mut ctx: StageCtx) {
-    let ffn = if ctx.layer.kind == Some(crate::ecs::LayerKind::Moe) {
-        S::MoeFfnOut
-    } else {
-        S::FfnOut
-    };
-    ctx.run(S::PostFfnResidual, |b, _| {
-        b.add(S::PostAttnResidual, ffn, S::PostFfnResidual)
-    });
+    let ffn = if ctx.layer.kind == Some(crate::ecs::LayerKind::Moe) { S::MoeFfnOut } else { S::FfnOut };
+    ctx.run(S::PostFfnResidual, |b, _| b.add(S::PostAttnResidual, ffn, S::PostFfnResidual));
 }

@@ -20,9 +20,5 @@ fn current<'a, C: Component>(ctx: &StageCtx, query: &'a Query<&C>) -> Option<&'a
 /// The slot holding the input of layer `index`: the embedding for layer 0,
 /// else the previous layer's post_ffn_residual.
 pub fn layer_input(index: usize) -> SaveTensorStage {
-    if index == 0 {
-        SaveTensorStage::Embedding
-    } else {
-        SaveTensorStage::PostFfnResidual
-    }
+    if index == 0 { SaveTensorStage::Embedding } else { SaveTensorStage::PostFfnResidual }
 }

@@ -15,15 +15,11 @@ pub fn embedding(mut ctx: StageCtx) {
 pub fn final_norm(mut ctx: StageCtx) {
     let weight = ctx.model.final_norm;
     let input = layer_input(ctx.model.config.num_layers);
-    ctx.run(S::FinalNorm, |b, c| {
-        b.rms_norm(input, weight, c.rms_norm_eps, S::FinalNorm)
-    });
+    ctx.run(S::FinalNorm, |b, c| b.rms_norm(input, weight, c.rms_norm_eps, S::FinalNorm));
 }
 
 /// lm_head: `logits = final_norm · lm_headᵀ`, [T,V].
 pub fn lm_head(mut ctx: StageCtx) {
     let weight = ctx.model.lm_head;
-    ctx.run(S::LmHead, |b, _| {
-        b.linear(S::FinalNorm, &[weight], S::LmHead)
-    });
+    ctx.run(S::LmHead, |b, _| b.linear(S::FinalNorm, &[weight], S::LmHead));
 }

@@ -19,9 +19,7 @@ pub fn moe_router_logits(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some(router) = moe(&ctx, &layers).map(|w| w.router) else {
         return;
     };
-    ctx.run(S::MoeRouterLogits, |b, _| {
-        b.linear(S::FfnNorm, &[router], S::MoeRouterLogits)
-    });
+    ctx.run(S::MoeRouterLogits, |b, _| b.linear(S::FfnNorm, &[router], S::MoeRouterLogits));
 }
 
 /// moe_router: softmax over all experts (f64 on the CPU), top-k
@@ -29,13 +27,7 @@ pub fn moe_router_logits(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
 /// yields the weights and the ids together; both are written here.
 pub fn moe_router(mut ctx: StageCtx) {
     ctx.run(S::MoeRouter, |b, c| {
-        b.router_top_k(
-            S::MoeRouterLogits,
-            c.experts_per_token,
-            c.norm_topk_prob,
-            S::MoeRouter,
-            S::MoeRouterIndices,
-        )
+        b.router_top_k(S::MoeRouterLogits, c.experts_per_token, c.norm_topk_prob, S::MoeRouter, S::MoeRouterIndices)
     });
 }
 
@@ -50,42 +42,27 @@ pub fn moe_router_indices(mut ctx: StageCtx) {
 /// of each token t, [T,k,I].
 pub fn moe_expert_gate(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some(w) = moe(&ctx, &layers) else { return };
-    ctx.run(S::MoeExpertGate, |b, _| {
-        b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &w.gate, S::MoeExpertGate)
-    });
+    ctx.run(S::MoeExpertGate, |b, _| b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &w.gate, S::MoeExpertGate));
 }
 
 /// moe_expert_up: `up_proj[e] · ffn_norm[t]` per chosen expert, [T,k,I].
 pub fn moe_expert_up(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some(w) = moe(&ctx, &layers) else { return };
-    ctx.run(S::MoeExpertUp, |b, _| {
-        b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &w.up, S::MoeExpertUp)
-    });
+    ctx.run(S::MoeExpertUp, |b, _| b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &w.up, S::MoeExpertUp));
 }
 
 /// moe_expert_swigl: `silu(moe_expert_gate) * moe_expert_up`, [T,k,I].
 pub fn moe_expert_swigl(mut ctx: StageCtx) {
-    ctx.run(S::MoeExpertSwigl, |b, _| {
-        b.swiglu(S::MoeExpertGate, S::MoeExpertUp, S::MoeExpertSwigl)
-    });
+    ctx.run(S::MoeExpertSwigl, |b, _| b.swiglu(S::MoeExpertGate, S::MoeExpertUp, S::MoeExpertSwigl));
 }
 
 /// moe_expert_out: `down_proj[e] · moe_expert_swigl[t,j]`, [T,k,H].
 pub fn moe_expert_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some(w) = moe(&ctx, &layers) else { return };
-    ctx.run(S::MoeExpertOut, |b, _| {
-        b.expert_linear(
-            S::MoeExpertSwigl,
-            S::MoeRouterIndices,
-            &w.down,
-            S::MoeExpertOut,
-        )
-    });
+    ctx.run(S::MoeExpertOut, |b, _| b.expert_linear(S::MoeExpertSwigl, S::MoeRouterIndices, &w.down, S::MoeExpertOut));
 }
 
 /// moe_ffn_out: `Σ_j moe_router[t,j] · moe_expert_out[t,j]`, [T,H].
 pub fn moe_ffn_out(mut ctx: StageCtx) {
-    ctx.run(S::MoeFfnOut, |b, _| {
-        b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut)
-    });
+    ctx.run(S::MoeFfnOut, |b, _| b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut));
 }

@@ -47,11 +47,7 @@ impl WeightDtype {
 #[derive(Debug, Clone)]
 enum WeightBytes {
     /// A byte range of a memory-mapped checkpoint file.
-    Mapped {
-        map: Arc<Mmap>,
-        start: usize,
-        end: usize,
-    },
+    Mapped { map: Arc<Mmap>, start: usize, end: usize },
     /// Bytes owned in memory (synthetic models).
     Owned(Arc<Vec<u8>>),
 }
@@ -79,23 +75,13 @@ impl WeightTensor {
         start: usize,
         end: usize,
     ) -> Self {
-        Self {
-            name,
-            dtype,
-            shape,
-            bytes: WeightBytes::Mapped { map, start, end },
-        }
+        Self { name, dtype, shape, bytes: WeightBytes::Mapped { map, start, end } }
     }
 
     /// A tensor over owned little-endian bytes; `bytes.len()` must be
     /// `shape.product() * dtype.size()`.
     pub fn owned(name: String, dtype: WeightDtype, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
-        Self {
-            name,
-            dtype,
-            shape,
-            bytes: WeightBytes::Owned(Arc::new(bytes)),
-        }
+        Self { name, dtype, shape, bytes: WeightBytes::Owned(Arc::new(bytes)) }
     }
 
     /// The raw little-endian bytes.
@@ -202,26 +188,12 @@ mod tests {
     #[test]
     fn conversions_are_exact_for_every_dtype() {
         let values = [1.0f32, -2.5, 0.0, 65504.0, 3.0e-5];
-        let bf16: Vec<u8> = values
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes())
-            .collect();
-        let f16: Vec<u8> = values
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes())
-            .collect();
+        let bf16: Vec<u8> = values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect();
+        let f16: Vec<u8> = values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect();
         let f32b: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         for (dtype, bytes, expect) in [
-            (
-                WeightDtype::Bf16,
-                bf16,
-                values.map(|v| half::bf16::from_f32(v).to_f32()),
-            ),
-            (
-                WeightDtype::F16,
-                f16,
-                values.map(|v| half::f16::from_f32(v).to_f32()),
-            ),
+            (WeightDtype::Bf16, bf16, values.map(|v| half::bf16::from_f32(v).to_f32())),
+            (WeightDtype::F16, f16, values.map(|v| half::f16::from_f32(v).to_f32())),
             (WeightDtype::F32, f32b, values),
         ] {
             let t = WeightTensor::owned("t".into(), dtype, vec![5], bytes);

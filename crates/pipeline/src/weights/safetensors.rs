@@ -20,10 +20,7 @@ use crate::error::{PipelineError, Result};
 pub fn load_checkpoint(dir: &Path) -> Result<WeightStore> {
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.is_file() {
-        shard_files(&index)?
-            .into_iter()
-            .map(|f| dir.join(f))
-            .collect()
+        shard_files(&index)?.into_iter().map(|f| dir.join(f)).collect()
     } else {
         let single = dir.join("model.safetensors");
         if !single.is_file() {
@@ -61,13 +58,9 @@ pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
     while header.len() % 8 != 0 {
         header.push(b' ');
     }
-    let io = |source| PipelineError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
+    let io = |source| PipelineError::Io { path: path.to_path_buf(), source };
     let mut file = std::io::BufWriter::new(File::create(path).map_err(io)?);
-    file.write_all(&(header.len() as u64).to_le_bytes())
-        .map_err(io)?;
+    file.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     file.write_all(&header).map_err(io)?;
     for t in store.tensors() {
         file.write_all(t.bytes()).map_err(io)?;
@@ -76,19 +69,11 @@ pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
 }
 
 fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
-    let bad = |message: String| PipelineError::BadSafetensors {
-        path: index.to_path_buf(),
-        message,
-    };
-    let text = std::fs::read_to_string(index).map_err(|source| PipelineError::Io {
-        path: index.to_path_buf(),
-        source,
-    })?;
+    let bad = |message: String| PipelineError::BadSafetensors { path: index.to_path_buf(), message };
+    let text =
+        std::fs::read_to_string(index).map_err(|source| PipelineError::Io { path: index.to_path_buf(), source })?;
     let json: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    let map = json
-        .get("weight_map")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no `weight_map` object".into()))?;
     map.values()
         .map(|v| {
             v.as_str()
@@ -100,60 +85,34 @@ fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
 }
 
 fn load_file(path: &Path, store: &mut WeightStore) -> Result<()> {
-    let bad = |message: String| PipelineError::BadSafetensors {
-        path: path.to_path_buf(),
-        message,
-    };
-    let file = File::open(path).map_err(|source| PipelineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let bad = |message: String| PipelineError::BadSafetensors { path: path.to_path_buf(), message };
+    let file = File::open(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
     // SAFETY: the checkpoint is opened read-only and is treated as immutable
     // input; if another process truncates it while we run, reads may fault,
     // which is the documented hazard of every mmap-based model loader.
-    let map = unsafe { Mmap::map(&file) }.map_err(|source| PipelineError::Io {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let map = unsafe { Mmap::map(&file) }.map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
     let map = Arc::new(map);
     if map.len() < 8 {
-        return Err(bad(format!(
-            "the file has {} bytes, fewer than the 8-byte header length",
-            map.len()
-        )));
+        return Err(bad(format!("the file has {} bytes, fewer than the 8-byte header length", map.len())));
     }
     let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes")) as usize;
-    let data_start = 8usize
-        .checked_add(header_len)
-        .filter(|&end| end <= map.len())
-        .ok_or_else(|| {
-            bad(format!(
-                "header length {header_len} runs past the end of the {}-byte file (truncated?)",
-                map.len()
-            ))
-        })?;
-    let header: serde_json::Map<String, Value> = serde_json::from_slice(&map[8..data_start])
-        .map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
+    let data_start = 8usize.checked_add(header_len).filter(|&end| end <= map.len()).ok_or_else(|| {
+        bad(format!("header length {header_len} runs past the end of the {}-byte file (truncated?)", map.len()))
+    })?;
+    let header: serde_json::Map<String, Value> =
+        serde_json::from_slice(&map[8..data_start]).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
     let data_len = map.len() - data_start;
-    let mut entries: Vec<_> = header
-        .iter()
-        .filter(|(name, _)| *name != "__metadata__")
-        .collect();
+    let mut entries: Vec<_> = header.iter().filter(|(name, _)| *name != "__metadata__").collect();
     entries.sort_by_key(|(name, _)| name.as_str());
     for (name, info) in entries {
-        let dtype_name = info
-            .get("dtype")
-            .and_then(Value::as_str)
-            .ok_or_else(|| bad(format!("tensor `{name}` has no dtype")))?;
+        let dtype_name =
+            info.get("dtype").and_then(Value::as_str).ok_or_else(|| bad(format!("tensor `{name}` has no dtype")))?;
         let dtype = match dtype_name {
             "BF16" => WeightDtype::Bf16,
             "F16" => WeightDtype::F16,
             "F32" => WeightDtype::F32,
             other => {
-                return Err(PipelineError::UnsupportedDtype {
-                    name: name.clone(),
-                    dtype: other.to_string(),
-                });
+                return Err(PipelineError::UnsupportedDtype { name: name.clone(), dtype: other.to_string() });
             }
         };
         let shape: Vec<usize> = info
@@ -222,22 +181,13 @@ mod tests {
     #[test]
     fn reads_single_and_sharded_checkpoints() {
         let dir = temp_dir("single");
-        write_safetensors(
-            &dir.join("model.safetensors"),
-            &[("a", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])],
-        );
+        write_safetensors(&dir.join("model.safetensors"), &[("a", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])]);
         let store = load_checkpoint(&dir).unwrap();
-        assert_eq!(
-            store.get(store.id("a").unwrap()).to_f32_vec(),
-            [1.0, 2.0, 3.0, 4.0]
-        );
+        assert_eq!(store.get(store.id("a").unwrap()).to_f32_vec(), [1.0, 2.0, 3.0, 4.0]);
 
         let dir = temp_dir("sharded");
         write_safetensors(&dir.join("s1.safetensors"), &[("a", vec![1], vec![5.0])]);
-        write_safetensors(
-            &dir.join("s2.safetensors"),
-            &[("b", vec![2], vec![6.0, 7.0])],
-        );
+        write_safetensors(&dir.join("s2.safetensors"), &[("b", vec![2], vec![6.0, 7.0])]);
         std::fs::write(
             dir.join("model.safetensors.index.json"),
             r#"{"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}"#,

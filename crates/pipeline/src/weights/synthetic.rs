@@ -86,17 +86,12 @@ impl SyntheticPreset {
 
     /// Looks a preset up by name (case-insensitive).
     pub fn by_name(name: &str) -> Result<&'static SyntheticPreset> {
-        Self::ALL
-            .iter()
-            .find(|p| p.name.eq_ignore_ascii_case(name.trim()))
-            .ok_or_else(|| PipelineError::UnknownPreset {
+        Self::ALL.iter().find(|p| p.name.eq_ignore_ascii_case(name.trim())).ok_or_else(|| {
+            PipelineError::UnknownPreset {
                 name: name.to_string(),
-                valid: Self::ALL
-                    .iter()
-                    .map(|p| p.name)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+                valid: Self::ALL.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
+            }
+        })
     }
 
     /// The preset's config, with `layers` decoder layers if given.
@@ -129,8 +124,7 @@ impl SyntheticPreset {
             obj.insert("decoder_sparse_step".into(), json!(1));
             obj.insert("mlp_only_layers".into(), json!([]));
         }
-        ModelConfig::from_json(json, std::path::Path::new(self.name))
-            .expect("presets are valid configs")
+        ModelConfig::from_json(json, std::path::Path::new(self.name)).expect("presets are valid configs")
     }
 
     /// Generates every tensor of `config` as bf16, after checking it fits in
@@ -143,10 +137,7 @@ impl SyntheticPreset {
 /// Generates all tensors `config` implies, as bf16, from `seed`.
 pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<WeightStore> {
     let specs = tensor_specs(config);
-    let need: usize = specs
-        .iter()
-        .map(|s| s.shape.iter().product::<usize>() * 2)
-        .sum();
+    let need: usize = specs.iter().map(|s| s.shape.iter().product::<usize>() * 2).sum();
     if let Some(available) = available_memory_bytes() {
         // Leave room for activations, the OS and the capture writer.
         if need as f64 > available as f64 * 0.8 {
@@ -165,31 +156,21 @@ pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<
             TensorRole::Embedding => (0.0, 0.05),
             TensorRole::Norm => (1.0, 0.1),
             TensorRole::Projection { fan_in } => (0.0, 1.0 / (fan_in as f32).sqrt()),
-            TensorRole::OutputProjection { fan_in } => {
-                (0.0, 1.0 / (2.0 * layers * fan_in as f32).sqrt())
-            }
+            TensorRole::OutputProjection { fan_in } => (0.0, 1.0 / (2.0 * layers * fan_in as f32).sqrt()),
             TensorRole::Router { fan_in } => (0.0, 2.0 / (fan_in as f32).sqrt()),
             TensorRole::Bias => (0.0, 0.02),
         };
         let numel: usize = spec.shape.iter().product();
         let key = tensor_key(seed, &spec.name);
         let mut bytes = vec![0u8; numel * 2];
-        bytes
-            .par_chunks_mut(1 << 16)
-            .enumerate()
-            .for_each(|(chunk, out)| {
-                let first = chunk * (1 << 15);
-                for (j, pair) in out.chunks_exact_mut(2).enumerate() {
-                    let value = synthetic_value(key, (first + j) as u64, mean, std);
-                    pair.copy_from_slice(&half::bf16::from_f32(value).to_bits().to_le_bytes());
-                }
-            });
-        store.insert(WeightTensor::owned(
-            spec.name,
-            WeightDtype::Bf16,
-            spec.shape,
-            bytes,
-        ));
+        bytes.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, out)| {
+            let first = chunk * (1 << 15);
+            for (j, pair) in out.chunks_exact_mut(2).enumerate() {
+                let value = synthetic_value(key, (first + j) as u64, mean, std);
+                pair.copy_from_slice(&half::bf16::from_f32(value).to_bits().to_le_bytes());
+            }
+        });
+        store.insert(WeightTensor::owned(spec.name, WeightDtype::Bf16, spec.shape, bytes));
     }
     Ok(store)
 }
@@ -239,9 +220,7 @@ mod tests {
     fn values_have_the_requested_mean_and_std() {
         let key = tensor_key(7, "w");
         let n = 200_000;
-        let v: Vec<f64> = (0..n)
-            .map(|i| synthetic_value(key, i, 1.0, 0.5) as f64)
-            .collect();
+        let v: Vec<f64> = (0..n).map(|i| synthetic_value(key, i, 1.0, 0.5) as f64).collect();
         let mean = v.iter().sum::<f64>() / n as f64;
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
         assert!((mean - 1.0).abs() < 0.01, "{mean}");
@@ -264,40 +243,15 @@ mod tests {
     #[test]
     fn unknown_preset_lists_the_valid_ones() {
         let msg = SyntheticPreset::by_name("huge").unwrap_err().to_string();
-        assert!(
-            msg.contains("`huge`") && msg.contains("tiny-moe") && msg.contains("qwen3-30b-a3b"),
-            "{msg}"
-        );
+        assert!(msg.contains("`huge`") && msg.contains("tiny-moe") && msg.contains("qwen3-30b-a3b"), "{msg}");
     }
 
     #[test]
     fn qwen3_30b_preset_has_the_real_dimensions() {
-        let c = SyntheticPreset::by_name("qwen3-30b-a3b")
-            .unwrap()
-            .config(None);
-        assert_eq!(
-            (
-                c.num_layers,
-                c.hidden_size,
-                c.num_heads,
-                c.num_kv_heads,
-                c.head_dim
-            ),
-            (48, 2048, 32, 4, 128)
-        );
-        assert_eq!(
-            (
-                c.num_experts,
-                c.experts_per_token,
-                c.moe_intermediate_size,
-                c.vocab_size
-            ),
-            (128, 8, 768, 151936)
-        );
-        let bytes: usize = tensor_specs(&c)
-            .iter()
-            .map(|s| s.shape.iter().product::<usize>() * 2)
-            .sum();
+        let c = SyntheticPreset::by_name("qwen3-30b-a3b").unwrap().config(None);
+        assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (48, 2048, 32, 4, 128));
+        assert_eq!((c.num_experts, c.experts_per_token, c.moe_intermediate_size, c.vocab_size), (128, 8, 768, 151936));
+        let bytes: usize = tensor_specs(&c).iter().map(|s| s.shape.iter().product::<usize>() * 2).sum();
         assert!((60e9..62e9).contains(&(bytes as f64)), "{bytes}");
     }
 }

@@ -44,18 +44,15 @@ pub fn matmul_t(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
     let k = w.row_len();
     let m = inputs.len();
     let mut by_row = vec![0.0f32; n * m];
-    by_row
-        .par_chunks_mut(ROWS_PER_TASK * m.max(1))
-        .enumerate()
-        .for_each(|(task, chunk)| {
-            let mut row = vec![0.0f32; k];
-            for (j, outs) in chunk.chunks_mut(m.max(1)).enumerate() {
-                w.read_row(task * ROWS_PER_TASK + j, &mut row);
-                for (o, x) in outs.iter_mut().zip(inputs) {
-                    *o = dot(x, &row) as f32;
-                }
+    by_row.par_chunks_mut(ROWS_PER_TASK * m.max(1)).enumerate().for_each(|(task, chunk)| {
+        let mut row = vec![0.0f32; k];
+        for (j, outs) in chunk.chunks_mut(m.max(1)).enumerate() {
+            w.read_row(task * ROWS_PER_TASK + j, &mut row);
+            for (o, x) in outs.iter_mut().zip(inputs) {
+                *o = dot(x, &row) as f32;
             }
-        });
+        }
+    });
     let mut out = vec![0.0f32; m * n];
     for r in 0..n {
         for i in 0..m {
@@ -74,21 +71,13 @@ pub fn silu(x: f32) -> f32 {
 /// Softmax of `row` in place over its first `valid` entries (in f64); the
 /// rest are set to 0.
 pub fn softmax_prefix(row: &mut [f32], valid: usize) {
-    let max = row[..valid]
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-    let mut exps: Vec<f64> = row[..valid]
-        .iter()
-        .map(|&x| (x as f64 - max).exp())
-        .collect();
+    let max = row[..valid].iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let mut exps: Vec<f64> = row[..valid].iter().map(|&x| (x as f64 - max).exp()).collect();
     let sum: f64 = exps.iter().sum();
     for e in &mut exps {
         *e /= sum;
     }
-    for (o, e) in row
-        .iter_mut()
-        .zip(exps.iter().copied().chain(std::iter::repeat(0.0)))
-    {
+    for (o, e) in row.iter_mut().zip(exps.iter().copied().chain(std::iter::repeat(0.0))) {
         *o = e as f32;
     }
     // A NaN input makes max NaN; keep the NaN visible rather than hiding it.
@@ -101,27 +90,18 @@ pub fn softmax_prefix(row: &mut [f32], valid: usize) {
 /// descending order (ties to the lower index; NaN sorts last), divided by
 /// their sum when `normalise`. Returns (weights, indices).
 pub fn top_k(logits: &[f32], k: usize, normalise: bool) -> (Vec<f32>, Vec<i32>) {
-    let max = logits
-        .iter()
-        .fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
     let exps: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
     let sum: f64 = exps.iter().sum();
     let probs: Vec<f64> = exps.iter().map(|e| e / sum).collect();
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let key = |i: usize| {
-        if probs[i].is_nan() {
-            f64::NEG_INFINITY
-        } else {
-            probs[i]
-        }
+        if probs[i].is_nan() { f64::NEG_INFINITY } else { probs[i] }
     };
     order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
     let chosen = &order[..k];
     let total: f64 = chosen.iter().map(|&i| probs[i]).sum();
-    let weights = chosen
-        .iter()
-        .map(|&i| if normalise { probs[i] / total } else { probs[i] } as f32)
-        .collect();
+    let weights = chosen.iter().map(|&i| if normalise { probs[i] / total } else { probs[i] } as f32).collect();
     (weights, chosen.iter().map(|&i| i as i32).collect())
 }
 
@@ -157,20 +137,12 @@ mod tests {
     #[test]
     fn matmul_t_is_the_same_for_one_and_two_threads() {
         let (n, k) = (37, 45);
-        let bytes: Vec<u8> = (0..n * k)
-            .flat_map(|i| ((i as f32 * 0.013).sin()).to_le_bytes())
-            .collect();
+        let bytes: Vec<u8> = (0..n * k).flat_map(|i| ((i as f32 * 0.013).sin()).to_le_bytes()).collect();
         let w = WeightTensor::owned("w".into(), WeightDtype::F32, vec![n, k], bytes);
-        let xs: Vec<Vec<f32>> = (0..3)
-            .map(|t| (0..k).map(|i| (t * k + i) as f32 * 0.01).collect())
-            .collect();
+        let xs: Vec<Vec<f32>> = (0..3).map(|t| (0..k).map(|i| (t * k + i) as f32 * 0.01).collect()).collect();
         let inputs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
         let run = |threads| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| matmul_t(&inputs, &w))
+            rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap().install(|| matmul_t(&inputs, &w))
         };
         let one = run(1);
         assert_eq!(one, run(2));

@@ -39,25 +39,15 @@ impl CpuBackend {
     /// A backend over `store` using `threads` worker threads (all cores
     /// when `None`).
     pub fn new(store: Arc<WeightStore>, threads: Option<usize>) -> Result<Self> {
-        let threads = threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        });
+        let threads = threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
         if threads == 0 {
-            return Err(PipelineError::BadInput(
-                "the CPU backend needs at least 1 thread".into(),
-            ));
+            return Err(PipelineError::BadInput("the CPU backend needs at least 1 thread".into()));
         }
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .thread_name(|i| format!("moetrace-cpu-{i}"))
             .build()
-            .map_err(|e| {
-                PipelineError::BackendUnavailable(format!(
-                    "cannot start {threads} CPU threads: {e}"
-                ))
-            })?;
+            .map_err(|e| PipelineError::BackendUnavailable(format!("cannot start {threads} CPU threads: {e}")))?;
         Ok(Self {
             store,
             pool,
@@ -75,17 +65,17 @@ impl CpuBackend {
     }
 
     fn slot(&self, slot: Slot) -> Result<&HostTensor> {
-        self.slots[slot.index()].as_ref().ok_or_else(|| {
-            PipelineError::BadInput(format!("stage `{slot}` has not been computed in this step"))
-        })
+        self.slots[slot.index()]
+            .as_ref()
+            .ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` has not been computed in this step")))
     }
 
     /// The f32 data of a slot as rows of its last dimension: (rows, width, data).
     fn rows(&self, slot: Slot) -> Result<(usize, usize, &[f32])> {
         let t = self.slot(slot)?;
-        let data = t.as_f32().ok_or_else(|| {
-            PipelineError::BadInput(format!("stage `{slot}` holds int32, expected float32"))
-        })?;
+        let data = t
+            .as_f32()
+            .ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` holds int32, expected float32")))?;
         let width = t.shape.last().copied().unwrap_or(1);
         Ok((data.len() / width.max(1), width, data))
     }
@@ -107,13 +97,7 @@ impl CpuBackend {
         Ok(())
     }
 
-    fn elementwise(
-        &mut self,
-        a: Slot,
-        b: Slot,
-        out: Slot,
-        f: impl Fn(f32, f32) -> f32 + Sync,
-    ) -> Result<()> {
+    fn elementwise(&mut self, a: Slot, b: Slot, out: Slot, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<()> {
         let ta = self.slot(a)?;
         let tb = self.slot(b)?;
         if ta.shape != tb.shape {
@@ -131,14 +115,9 @@ impl CpuBackend {
     }
 
     fn cache(&self, layer: usize) -> Result<&KvCache> {
-        self.caches
-            .get(layer)
-            .filter(|c| c.len == self.start_position + self.tokens.len())
-            .ok_or_else(|| {
-                PipelineError::BadInput(format!(
-                    "the KV cache of layer {layer} was not filled for this step"
-                ))
-            })
+        self.caches.get(layer).filter(|c| c.len == self.start_position + self.tokens.len()).ok_or_else(|| {
+            PipelineError::BadInput(format!("the KV cache of layer {layer} was not filled for this step"))
+        })
     }
 }
 
@@ -196,9 +175,7 @@ impl Backend for CpuBackend {
         self.check_width(input, width, w.len(), "the norm weight")?;
         let mut data = vec![0.0f32; x.len()];
         self.pool.install(|| {
-            data.par_chunks_mut(width)
-                .zip(x.par_chunks(width))
-                .for_each(|(o, xr)| math::rms_norm_row(xr, &w, eps, o));
+            data.par_chunks_mut(width).zip(x.par_chunks(width)).for_each(|(o, xr)| math::rms_norm_row(xr, &w, eps, o));
         });
         self.set(out, HostTensor::f32(vec![rows, width], data));
         Ok(())
@@ -228,14 +205,8 @@ impl Backend for CpuBackend {
         let bias: Vec<f32> = biases.iter().flat_map(|&id| self.weight(id)).collect();
         let (rows, width, x) = self.rows(input)?;
         self.check_width(input, width, bias.len(), "the biases")?;
-        let data = x
-            .chunks(width)
-            .flat_map(|r| {
-                r.iter()
-                    .zip(&bias)
-                    .map(|(&a, &b)| (a as f64 + b as f64) as f32)
-            })
-            .collect();
+        let data =
+            x.chunks(width).flat_map(|r| r.iter().zip(&bias).map(|(&a, &b)| (a as f64 + b as f64) as f32)).collect();
         self.set(out, HostTensor::f32(vec![rows, width], data));
         Ok(())
     }
@@ -256,12 +227,7 @@ impl Backend for CpuBackend {
         for (o, xr) in data.chunks_mut(out_width).zip(x.chunks(width)) {
             for h in 0..args.q_heads + args.kv_heads {
                 let w = if h < args.q_heads { &qw } else { &kw };
-                math::rms_norm_row(
-                    &xr[h * hd..(h + 1) * hd],
-                    w,
-                    args.eps,
-                    &mut o[h * hd..(h + 1) * hd],
-                );
+                math::rms_norm_row(&xr[h * hd..(h + 1) * hd], w, args.eps, &mut o[h * hd..(h + 1) * hd]);
             }
         }
         self.set(out, HostTensor::f32(vec![rows, out_width], data));
@@ -286,18 +252,13 @@ impl Backend for CpuBackend {
             )));
         }
         let half = head_dim / 2;
-        let inv_freq: Vec<f64> = (0..half)
-            .map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64))
-            .collect();
+        let inv_freq: Vec<f64> = (0..half).map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64)).collect();
         let mut data = vec![0.0f32; rows * out_width];
         for (t, (o, xr)) in data.chunks_mut(out_width).zip(x.chunks(width)).enumerate() {
             let position = (self.start_position + t) as f64;
             let xr = &xr[col_start..col_start + out_width];
             for h in 0..heads {
-                let (xh, oh) = (
-                    &xr[h * head_dim..(h + 1) * head_dim],
-                    &mut o[h * head_dim..(h + 1) * head_dim],
-                );
+                let (xh, oh) = (&xr[h * head_dim..(h + 1) * head_dim], &mut o[h * head_dim..(h + 1) * head_dim]);
                 for i in 0..half {
                     let (sin, cos) = (position * inv_freq[i]).sin_cos();
                     let (a, b) = (xh[i] as f64, xh[i + half] as f64);
@@ -318,10 +279,7 @@ impl Backend for CpuBackend {
                 "append_kv: `{k}` is [{k_rows},{kw}] but `{v}` is [{v_rows},{vw}] (values from column {v_col})"
             )));
         }
-        let values: Vec<f32> = vd
-            .chunks(vw)
-            .flat_map(|r| r[v_col..v_col + kw].iter().copied())
-            .collect();
+        let values: Vec<f32> = vd.chunks(vw).flat_map(|r| r[v_col..v_col + kw].iter().copied()).collect();
         let keys = kd.to_vec();
         if self.caches.len() <= layer {
             self.caches.resize_with(layer + 1, KvCache::default);
@@ -341,19 +299,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attn_scores(
-        &mut self,
-        layer: usize,
-        q: Slot,
-        shape: AttentionShape,
-        out: Slot,
-    ) -> Result<()> {
+    fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
         let (t_len, qw, qd) = self.rows(q)?;
-        let AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: hd,
-        } = shape;
+        let AttentionShape { heads, kv_heads, head_dim: hd } = shape;
         self.check_width(q, qw, heads * hd, "attention")?;
         let cache = self.cache(layer)?;
         self.check_width(q, cache.width, kv_heads * hd, "the key cache width")?;
@@ -361,19 +309,16 @@ impl Backend for CpuBackend {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut data = vec![0.0f32; heads * t_len * p_len];
         self.pool.install(|| {
-            data.par_chunks_mut(t_len * p_len)
-                .enumerate()
-                .for_each(|(h, out_h)| {
-                    let kvh = h / group;
-                    for t in 0..t_len {
-                        let qv = &qd[t * qw + h * hd..t * qw + (h + 1) * hd];
-                        for p in 0..=(start + t).min(p_len - 1) {
-                            let kv = &cache.k
-                                [p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
-                            out_h[t * p_len + p] = (math::dot(qv, kv) * scale) as f32;
-                        }
+            data.par_chunks_mut(t_len * p_len).enumerate().for_each(|(h, out_h)| {
+                let kvh = h / group;
+                for t in 0..t_len {
+                    let qv = &qd[t * qw + h * hd..t * qw + (h + 1) * hd];
+                    for p in 0..=(start + t).min(p_len - 1) {
+                        let kv = &cache.k[p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
+                        out_h[t * p_len + p] = (math::dot(qv, kv) * scale) as f32;
                     }
-                });
+                }
+            });
         });
         self.set(out, HostTensor::f32(vec![heads, t_len, p_len], data));
         Ok(())
@@ -383,9 +328,7 @@ impl Backend for CpuBackend {
         let t = self.slot(scores)?;
         let shape = t.shape.clone();
         if shape.len() != 3 {
-            return Err(PipelineError::BadInput(format!(
-                "attn_softmax needs [nh,T,P] scores, got {shape:?}"
-            )));
+            return Err(PipelineError::BadInput(format!("attn_softmax needs [nh,T,P] scores, got {shape:?}")));
         }
         let (t_len, p_len) = (shape[1], shape[2]);
         let start = self.start_position;
@@ -397,19 +340,9 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn attention(
-        &mut self,
-        layer: usize,
-        probs: Slot,
-        shape: AttentionShape,
-        out: Slot,
-    ) -> Result<()> {
+    fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
         let pt = self.slot(probs)?;
-        let AttentionShape {
-            heads,
-            kv_heads,
-            head_dim: hd,
-        } = shape;
+        let AttentionShape { heads, kv_heads, head_dim: hd } = shape;
         if pt.shape.len() != 3 || pt.shape[0] != heads {
             return Err(PipelineError::BadInput(format!(
                 "attention needs [{heads},T,P] probabilities, got {:?}",
@@ -436,8 +369,7 @@ impl Backend for CpuBackend {
                     acc.fill(0.0);
                     for p in 0..p_len {
                         let w = pd[(h * t_len + t) * p_len + p] as f64;
-                        let v =
-                            &cache.v[p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
+                        let v = &cache.v[p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
                         for (a, &x) in acc.iter_mut().zip(v) {
                             *a += w * x as f64;
                         }
@@ -485,9 +417,7 @@ impl Backend for CpuBackend {
     ) -> Result<()> {
         let (rows, experts, x) = self.rows(logits)?;
         if k == 0 || k > experts {
-            return Err(PipelineError::BadInput(format!(
-                "top-{k} of {experts} experts is impossible"
-            )));
+            return Err(PipelineError::BadInput(format!("top-{k} of {experts} experts is impossible")));
         }
         let mut weights = Vec::with_capacity(rows * k);
         let mut indices = Vec::with_capacity(rows * k);
@@ -501,17 +431,11 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn expert_linear(
-        &mut self,
-        input: Slot,
-        indices: Slot,
-        experts: &[WeightId],
-        out: Slot,
-    ) -> Result<()> {
+    fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
         let it = self.slot(indices)?;
-        let idx = it.as_i32().ok_or_else(|| {
-            PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids"))
-        })?;
+        let idx = it
+            .as_i32()
+            .ok_or_else(|| PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")))?;
         let (t_len, k) = (it.shape[0], it.shape[1]);
         let xt = self.slot(input)?;
         let per_slot = xt.shape.len() == 3;
@@ -529,22 +453,10 @@ impl Backend for CpuBackend {
         used.sort_unstable();
         used.dedup();
         for e in used {
-            let w = experts
-                .get(e as usize)
-                .filter(|_| e >= 0)
-                .map(|&id| self.store.get(id))
-                .ok_or_else(|| {
-                    PipelineError::BadInput(format!(
-                        "expert id {e} in `{indices}` is out of range 0..{}",
-                        experts.len()
-                    ))
-                })?;
-            self.check_width(
-                input,
-                width,
-                w.row_len(),
-                &format!("expert weight `{}`", w.name),
-            )?;
+            let w = experts.get(e as usize).filter(|_| e >= 0).map(|&id| self.store.get(id)).ok_or_else(|| {
+                PipelineError::BadInput(format!("expert id {e} in `{indices}` is out of range 0..{}", experts.len()))
+            })?;
+            self.check_width(input, width, w.row_len(), &format!("expert weight `{}`", w.name))?;
             let slots: Vec<usize> = (0..t_len * k).filter(|&s| idx[s] == e).collect();
             let inputs: Vec<&[f32]> = slots
                 .iter()
@@ -576,9 +488,7 @@ impl Backend for CpuBackend {
         let mut data = vec![0.0f32; t_len * h];
         for (t, row) in data.chunks_mut(h).enumerate() {
             for (d, o) in row.iter_mut().enumerate() {
-                let sum: f64 = (0..k)
-                    .map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64)
-                    .sum();
+                let sum: f64 = (0..k).map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64).sum();
                 *o = sum as f32;
             }
         }
