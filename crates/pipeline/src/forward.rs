@@ -14,7 +14,7 @@ use crate::ecs::{
 };
 use crate::error::{PipelineError, Result};
 use crate::model::{MlpWeights, Model};
-use crate::schedule::{ForwardSchedules, build_schedules};
+use crate::schedule::{ForwardSchedules, build_schedules, single_stage_schedule};
 
 /// What the step loop reports as it goes, for progress display.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,7 +72,11 @@ pub struct Forward {
     schedules: ForwardSchedules,
     layers: Vec<Entity>,
     vocab_size: usize,
+    amenders: Vec<(SaveTensorStage, AddToSchedule)>,
 }
+
+/// Adds an amending system to a schedule (kept to rebuild re-run schedules).
+type AddToSchedule = Box<dyn Fn(&mut Schedule) + Send + Sync>;
 
 impl Forward {
     /// Spawns one entity per layer of `model` and builds the schedules;
@@ -109,7 +113,7 @@ impl Forward {
         world.init_resource::<CurrentLayer>();
         world.init_resource::<StageLog>();
         world.init_resource::<StepError>();
-        Self { world, schedules: build_schedules(), layers, vocab_size: model.config.vocab_size }
+        Self { world, schedules: build_schedules(), layers, vocab_size: model.config.vocab_size, amenders: Vec::new() }
     }
 
     /// Attaches a system from outside the pipeline to `stage`: in
@@ -139,6 +143,25 @@ impl Forward {
         self.layers.len()
     }
 
+    /// Attaches an amending system (one that rewrites `stage`'s output,
+    /// such as fault injection) in [`StageHookSystems::Amend`]. `make` is
+    /// called once for the forward schedule and once more if the stage is
+    /// ever re-run alone ([`Forward::rerun_stage`]), so a re-run includes
+    /// the same amendment.
+    pub fn add_amend_hook<M, S>(&mut self, stage: SaveTensorStage, make: impl Fn() -> S + Send + Sync + 'static)
+    where
+        S: IntoScheduleConfigs<ScheduleSystem, M>,
+        M: 'static,
+    {
+        self.add_stage_hook(StageHookSystems::Amend(stage), make());
+        self.amenders.push((
+            stage,
+            Box::new(move |schedule: &mut Schedule| {
+                schedule.add_systems(make().into_configs().in_set(StageHookSystems::Amend(stage)));
+            }),
+        ));
+    }
+
     /// Runs one step: `tokens` at positions `start_position..`.
     pub fn step(
         &mut self,
@@ -147,6 +170,22 @@ impl Forward {
         start_position: usize,
         on_event: &mut dyn FnMut(ForwardEvent),
     ) -> Result<()> {
+        self.begin_step(step, tokens, start_position)?;
+        on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
+        self.run_prologue()?;
+        for index in 0..self.layers.len() {
+            self.run_layer(index)?;
+            on_event(ForwardEvent::LayerDone { step, layer: index, layers: self.layers.len() });
+        }
+        self.run_epilogue()
+    }
+
+    /// Starts a step without running anything: checks the tokens, resets
+    /// the backend's slots and truncates its KV caches to `start_position`.
+    /// Follow with [`Forward::run_prologue`], [`Forward::run_layer`] for
+    /// each layer in order, and [`Forward::run_epilogue`] (what
+    /// [`Forward::step`] does), e.g. to compare two backends layer by layer.
+    pub fn begin_step(&mut self, step: usize, tokens: &[u32], start_position: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(PipelineError::BadInput("a step needs at least one token".into()));
         }
@@ -156,19 +195,63 @@ impl Forward {
                 self.vocab_size, self.vocab_size
             )));
         }
-        on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
         tracing::debug!(step, start_position, tokens = tokens.len(), "step");
         self.backend_mut().begin_step(tokens, start_position)?;
         *self.world.resource_mut::<StepState>() = StepState { step, start_position, tokens: tokens.to_vec() };
+        Ok(())
+    }
+
+    /// Runs the prologue (embedding) of the current step.
+    pub fn run_prologue(&mut self) -> Result<()> {
         self.set_layer(None);
-        self.run(ForwardSchedule::Prologue)?;
-        for index in 0..self.layers.len() {
-            self.set_layer(Some(index));
-            self.run(ForwardSchedule::Layer)?;
-            on_event(ForwardEvent::LayerDone { step, layer: index, layers: self.layers.len() });
+        self.run(ForwardSchedule::Prologue)
+    }
+
+    /// Runs the layer schedule for layer `index` of the current step.
+    pub fn run_layer(&mut self, index: usize) -> Result<()> {
+        if index >= self.layers.len() {
+            return Err(PipelineError::BadInput(format!(
+                "layer {index} does not exist: the model has {} layers",
+                self.layers.len()
+            )));
         }
+        self.set_layer(Some(index));
+        self.run(ForwardSchedule::Layer)
+    }
+
+    /// Runs the epilogue (final_norm, lm_head) of the current step.
+    pub fn run_epilogue(&mut self) -> Result<()> {
         self.set_layer(None);
         self.run(ForwardSchedule::Epilogue)
+    }
+
+    /// Runs `stage` alone, with its amending hooks but no observers, for
+    /// `layer` (None for model stages), on whatever the backend's slots
+    /// hold now. Used to re-run a stage on inputs put in place from
+    /// elsewhere (bisect's graft check).
+    pub fn rerun_stage(&mut self, layer: Option<usize>, stage: SaveTensorStage) -> Result<()> {
+        if stage.is_layer_stage() != layer.is_some() || layer.is_some_and(|l| l >= self.layers.len()) {
+            return Err(PipelineError::BadInput(format!("cannot re-run {stage} for layer {layer:?}")));
+        }
+        let mut schedule = single_stage_schedule(stage);
+        for (s, add) in &self.amenders {
+            if *s == stage {
+                add(&mut schedule);
+            }
+        }
+        self.set_layer(layer);
+        self.world.resource_mut::<StageLog>().0 = Default::default();
+        schedule.run(&mut self.world);
+        match self.world.resource_mut::<StepError>().0.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether the current layer (or model scope) produced `stage` in its
+    /// last run.
+    pub fn produced(&self, stage: SaveTensorStage) -> bool {
+        self.world.resource::<StageLog>().0.contains(stage)
     }
 
     /// Greedy choice after the last step: argmax of the last lm_head row.

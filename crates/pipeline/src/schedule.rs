@@ -54,6 +54,16 @@ pub fn build_schedules() -> ForwardSchedules {
     schedules
 }
 
+/// A schedule holding only `stage`'s system (for re-running it alone);
+/// amending hooks are added by the caller in `Amend(stage)`, ordered after
+/// the stage.
+pub fn single_stage_schedule(stage: S) -> Schedule {
+    let mut schedule = new_schedule(ForwardSchedule::of(stage));
+    add_stage_system(&mut schedule, stage);
+    schedule.configure_sets(StageHookSystems::Amend(stage).after(StageSet(stage)));
+    schedule
+}
+
 fn new_schedule(label: impl ScheduleLabel) -> Schedule {
     // The default executor without bevy's multi_threaded feature runs one
     // system at a time, in the order the sets define; parallelism lives

@@ -141,6 +141,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Replaces a slot's contents from the host.
     fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()>;
 
+    /// The KV cache of `layer`: keys and values, `[len, nkv*hd]` each.
+    fn kv_cache(&mut self, layer: usize) -> Result<(HostTensor, HostTensor)>;
+
+    /// Replaces the KV cache of `layer` (both `[len, nkv*hd]`).
+    fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()>;
+
     /// Index of the largest value in the last row of a 2-D f32 slot (the
     /// greedy next token; the lowest index on ties, NaN never wins).
     fn argmax_last_row(&mut self, slot: Slot) -> Result<u32>;

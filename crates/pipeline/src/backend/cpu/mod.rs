@@ -505,6 +505,31 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn kv_cache(&mut self, layer: usize) -> Result<(HostTensor, HostTensor)> {
+        let c = self
+            .caches
+            .get(layer)
+            .ok_or_else(|| PipelineError::BadInput(format!("layer {layer} has no KV cache yet")))?;
+        Ok((HostTensor::f32(vec![c.len, c.width], c.k.clone()), HostTensor::f32(vec![c.len, c.width], c.v.clone())))
+    }
+
+    fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()> {
+        let (Some(k), Some(v)) = (keys.as_f32(), values.as_f32()) else {
+            return Err(PipelineError::BadInput("a KV cache holds float32".into()));
+        };
+        if keys.shape.len() != 2 || keys.shape != values.shape {
+            return Err(PipelineError::BadInput(format!(
+                "KV cache keys {:?} and values {:?} must both be [len, width]",
+                keys.shape, values.shape
+            )));
+        }
+        if self.caches.len() <= layer {
+            self.caches.resize_with(layer + 1, KvCache::default);
+        }
+        self.caches[layer] = KvCache { k: k.to_vec(), v: v.to_vec(), width: keys.shape[1], len: keys.shape[0] };
+        Ok(())
+    }
+
     fn argmax_last_row(&mut self, slot: Slot) -> Result<u32> {
         let (rows, width, x) = self.rows(slot)?;
         if rows == 0 {
