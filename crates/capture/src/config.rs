@@ -10,6 +10,8 @@ use serde::de::{self, Deserializer};
 use stage_types::{IndexSet, StageList};
 
 use crate::error::{CaptureError, Result};
+use crate::faults::FaultSpec;
+use pipeline::ModelConfig;
 
 /// Which model to run.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -153,9 +155,9 @@ pub struct RunConfig {
     /// What to capture; nothing when absent.
     #[serde(default)]
     pub capture: Option<CaptureSpec>,
-    /// Fault injections (arrive with the compare issue; must be empty).
+    /// Faults to inject (default none).
     #[serde(default)]
-    pub faults: Vec<ron::Value>,
+    pub faults: Vec<FaultSpec>,
 }
 
 impl RunConfig {
@@ -206,11 +208,6 @@ impl RunConfig {
         if self.prompt_tokens().is_empty() {
             return Err(bad("prompt: Tokens([]) is empty; give at least one token id".into()));
         }
-        if !self.faults.is_empty() {
-            return Err(bad(
-                "faults: fault injection is not supported yet (it arrives with `moetrace diff`/`bisect`); use `faults: []`".into(),
-            ));
-        }
         if self.threads == Some(0) {
             return Err(bad("threads: must be at least 1 (or omit it to use every core)".into()));
         }
@@ -223,10 +220,16 @@ impl RunConfig {
     }
 
     /// Checks against the loaded model: layer range and token ids.
-    pub fn check_against_model(&self, path: &Path, num_layers: usize, vocab_size: usize) -> Result<()> {
+    pub fn check_against_model(&self, path: &Path, config: &ModelConfig) -> Result<()> {
+        let (num_layers, vocab_size) = (config.num_layers, config.vocab_size);
         let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
         if let Some(capture) = &self.capture {
             capture.layers.0.check_within(num_layers, "layer").map_err(|e| bad(format!("capture.layers: {e}")))?;
+        }
+        for fault in &self.faults {
+            fault
+                .check(config, self.prompt_tokens().len(), self.step_count())
+                .map_err(|e| bad(format!("faults: {e}")))?;
         }
         if let Some((i, &t)) = self.prompt_tokens().iter().enumerate().find(|&(_, &t)| t as usize >= vocab_size) {
             return Err(bad(format!(
@@ -307,16 +310,20 @@ mod tests {
     fn value_checks_name_the_field() {
         let msg = parse(&DEBUG.replace("[1, 17, 423]", "[]")).unwrap_err().to_string();
         assert!(msg.contains("prompt"), "{msg}");
-        let msg = parse(&DEBUG.replace("faults: []", "faults: [(stage: \"moe_router\", layer: 2, kind: Nan)]"))
-            .unwrap_err()
-            .to_string();
-        assert!(msg.contains("faults"), "{msg}");
+        let faulty =
+            parse(&DEBUG.replace("faults: []", "faults: [(stage: \"moe_router\", layer: 9, kind: Nan)]")).unwrap();
+        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None);
+        let msg = faulty.check_against_model(Path::new("x.ron"), &config).unwrap_err().to_string();
+        assert!(msg.contains("faults") && msg.contains("layer 9"), "{msg}");
         let msg = parse(&DEBUG.replace("steps: \"all\"", "steps: \"0..5\"")).unwrap_err().to_string();
         assert!(msg.contains("capture.steps") && msg.contains("0..2"), "{msg}");
         let c = parse(DEBUG).unwrap();
-        let msg = c.check_against_model(Path::new("x.ron"), 1, 512).unwrap_err().to_string();
+        let preset = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap();
+        let msg = c.check_against_model(Path::new("x.ron"), &preset.config(Some(1))).unwrap_err().to_string();
         assert!(msg.contains("capture.layers") && msg.contains("0..1"), "{msg}");
-        let msg = c.check_against_model(Path::new("x.ron"), 4, 100).unwrap_err().to_string();
+        let mut small_vocab = preset.config(None);
+        small_vocab.vocab_size = 100;
+        let msg = c.check_against_model(Path::new("x.ron"), &small_vocab).unwrap_err().to_string();
         assert!(msg.contains("token id 423") && msg.contains("0..100"), "{msg}");
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod error;
+pub mod faults;
 pub mod manifest;
 pub mod npy;
 pub mod reader;

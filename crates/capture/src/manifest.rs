@@ -73,6 +73,9 @@ pub struct Manifest {
     pub steps: Vec<ManifestStep>,
     /// Captured tensors.
     pub tensors: Vec<ManifestTensor>,
+    /// Faults injected into this run, in the CLI form.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub faults: Vec<String>,
 }
 
 impl Manifest {

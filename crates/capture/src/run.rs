@@ -9,6 +9,7 @@ use stage_types::SaveTensorStage;
 
 use crate::config::{BackendSpec, ModelSpec, RunConfig};
 use crate::error::{CaptureError, Result};
+use crate::faults::attach_faults;
 use crate::manifest::{FORMAT, Manifest, ManifestModel, ManifestStep};
 use crate::systems::{CaptureSelection, attach_capture};
 use crate::writer::{CaptureTarget, CaptureWriter};
@@ -119,7 +120,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     let load_time = load_start.elapsed();
     tracing::info!(model = %describe(&model), seconds = load_time.as_secs_f64(), "model loaded");
     on_event(RunEvent::ModelLoaded { description: describe(&model), elapsed: load_time });
-    config.check_against_model(config_path, model.config.num_layers, model.config.vocab_size)?;
+    config.check_against_model(config_path, &model.config)?;
     let target = config.capture.as_ref().map(|c| CaptureTarget::prepare(&c.out_dir)).transpose()?;
     let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
@@ -131,6 +132,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         None => None,
     };
     let mut forward = Forward::new(&model, backend);
+    attach_faults(&mut forward, &config.faults);
     if let (Some(writer), Some(spec)) = (&writer, &config.capture) {
         let selection =
             CaptureSelection { stages: spec.stages.0, layers: spec.layers.0.clone(), steps: spec.steps.0.clone() };
@@ -179,6 +181,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
                 .map(|s| ManifestStep { step: s.step, start_position: s.start_position, tokens: s.tokens.clone() })
                 .collect(),
             tensors: report.entries,
+            faults: config.faults.iter().map(|f| f.to_string()).collect(),
         };
         summary.tensors_written = manifest.tensors.len();
         summary.bytes_written = report.bytes;

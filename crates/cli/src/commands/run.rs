@@ -14,6 +14,10 @@ pub struct RunArgs {
     /// The RON run config (see configs/debug.ron).
     #[arg(long, short, value_name = "FILE")]
     pub config: PathBuf,
+    /// Inject a fault (repeatable): stage@layer[.step][:token]=kind, kind one of
+    /// nan, inf, zero, scale(F), noise(STD[,SEED]), swap-experts; e.g. moe_router@2=nan.
+    #[arg(long = "fault", value_name = "SPEC")]
+    pub faults: Vec<String>,
     /// Print only the final summary, no progress.
     #[arg(long, short)]
     pub quiet: bool,
@@ -21,7 +25,10 @@ pub struct RunArgs {
 
 /// Loads the config, runs it with progress on stderr, prints a summary.
 pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
-    let config = RunConfig::load(&args.config).map_err(|e| e.to_string())?;
+    let mut config = RunConfig::load(&args.config).map_err(|e| e.to_string())?;
+    for text in &args.faults {
+        config.faults.push(text.parse().map_err(|e: String| format!("--fault: {e}"))?);
+    }
     let mut progress = Progress::new(!args.quiet, config.step_count());
     let output = capture::run(&config, &args.config, &mut |event| match event {
         RunEvent::ModelLoaded { description, elapsed } => {

@@ -1,0 +1,344 @@
+//! Fault injection: rewrite one token of one stage's output at one step,
+//! right after the stage and before anything reads or captures it. Fault
+//! systems attach in `StageHookSystems::Amend(stage)` from outside the
+//! pipeline, which does not know faults exist.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bevy_ecs::prelude::*;
+use bevy_ecs::system::SystemParam;
+use pipeline::ecs::{ActiveBackend, StepError};
+use pipeline::weights::{synthetic_value, tensor_key};
+use pipeline::{CurrentLayer, Forward, HostTensor, ModelConfig, PipelineError, StageLog, StepState, TensorData};
+use serde::Deserialize;
+use serde::de::{self, Deserializer};
+use stage_types::SaveTensorStage;
+
+/// What a fault does to the chosen token's values.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+pub enum FaultKind {
+    /// Every value becomes NaN.
+    Nan,
+    /// Every value becomes +Inf.
+    Inf,
+    /// Every value becomes 0.
+    Zero,
+    /// Every value is multiplied by the factor.
+    Scale(f32),
+    /// Gaussian noise of this standard deviation, seeded, is added.
+    Noise {
+        /// Standard deviation.
+        std: f32,
+        /// Seed.
+        seed: u64,
+    },
+    /// The token's first and second experts (moe_router_indices) or
+    /// weights (moe_router) trade places.
+    SwapExperts,
+}
+
+impl fmt::Display for FaultKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FaultKind::Nan => f.write_str("nan"),
+            FaultKind::Inf => f.write_str("inf"),
+            FaultKind::Zero => f.write_str("zero"),
+            FaultKind::Scale(x) => write!(f, "scale({x})"),
+            FaultKind::Noise { std, seed } => write!(f, "noise({std},{seed})"),
+            FaultKind::SwapExperts => f.write_str("swap-experts"),
+        }
+    }
+}
+
+/// One stage name in a config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StageName(pub SaveTensorStage);
+
+impl<'de> Deserialize<'de> for StageName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map(StageName).map_err(de::Error::custom)
+    }
+}
+
+/// A fault: which stage, layer, step and token, and what to do.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// The stage whose output is rewritten.
+    pub stage: StageName,
+    /// The layer (layer stages only).
+    #[serde(default)]
+    pub layer: Option<usize>,
+    /// The step (default 0, the prompt).
+    #[serde(default)]
+    pub step: usize,
+    /// The token within the step (default 0).
+    #[serde(default)]
+    pub token: usize,
+    /// What to do.
+    pub kind: FaultKind,
+}
+
+impl fmt::Display for FaultSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.stage.0)?;
+        if let Some(l) = self.layer {
+            write!(f, "@{l}")?;
+        }
+        write!(f, ".{}:{}={}", self.step, self.token, self.kind)
+    }
+}
+
+const CLI_FORM: &str = "write stage@layer[.step][:token]=kind (model stages: stage[.step][:token]=kind), kind one of nan, inf, zero, scale(F), noise(STD[,SEED]), swap-experts; e.g. moe_router@2=nan, attn_out@1.3=scale(1.5)";
+
+impl FromStr for FaultSpec {
+    type Err = String;
+
+    /// Parses the command-line form `stage@layer[.step][:token]=kind`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("bad fault `{s}`: {why}; {CLI_FORM}");
+        let (target, kind) = s.split_once('=').ok_or_else(|| bad("no `=`"))?;
+        let (target, token) = match target.split_once(':') {
+            Some((t, tok)) => (t, tok.trim().parse().map_err(|_| bad("token is not an integer"))?),
+            None => (target, 0),
+        };
+        let (target, step) = match target.split_once('.') {
+            Some((t, st)) => (t, st.trim().parse().map_err(|_| bad("step is not an integer"))?),
+            None => (target, 0),
+        };
+        let (stage, layer) = match target.split_once('@') {
+            Some((st, l)) => (st, Some(l.trim().parse().map_err(|_| bad("layer is not an integer"))?)),
+            None => (target, None),
+        };
+        let stage = stage.parse::<SaveTensorStage>().map_err(|e| format!("bad fault `{s}`: {e}"))?;
+        Ok(FaultSpec {
+            stage: StageName(stage),
+            layer,
+            step,
+            token,
+            kind: parse_kind(kind.trim()).ok_or_else(|| bad("unknown kind"))?,
+        })
+    }
+}
+
+fn parse_kind(text: &str) -> Option<FaultKind> {
+    let lower = text.to_ascii_lowercase();
+    let args = |name: &str| -> Option<Vec<String>> {
+        let inner = lower.strip_prefix(name)?.strip_prefix('(')?.strip_suffix(')')?;
+        Some(inner.split(',').map(|a| a.trim().to_string()).collect())
+    };
+    match lower.as_str() {
+        "nan" => return Some(FaultKind::Nan),
+        "inf" => return Some(FaultKind::Inf),
+        "zero" => return Some(FaultKind::Zero),
+        "swap-experts" | "swapexperts" | "swap_experts" => return Some(FaultKind::SwapExperts),
+        _ => {}
+    }
+    if let Some(a) = args("scale") {
+        return (a.len() == 1).then(|| a[0].parse().ok().map(FaultKind::Scale)).flatten();
+    }
+    if let Some(a) = args("noise") {
+        let std = a.first()?.parse().ok()?;
+        let seed = match a.get(1) {
+            Some(s) => s.parse().ok()?,
+            None => 0,
+        };
+        return (a.len() <= 2).then_some(FaultKind::Noise { std, seed });
+    }
+    None
+}
+
+impl FaultSpec {
+    /// Checks the fault against the model and the run: the layer exists
+    /// and has this stage, the kind applies to the stage's element type,
+    /// the step runs and the token exists in it.
+    pub fn check(&self, config: &ModelConfig, prompt_len: usize, steps: usize) -> Result<(), String> {
+        let stage = self.stage.0;
+        let bad = |why: String| Err(format!("fault {self}: {why}"));
+        match (stage.is_layer_stage(), self.layer) {
+            (true, None) => return bad(format!("{stage} is a layer stage; give a layer (0..{})", config.num_layers)),
+            (false, Some(_)) => return bad(format!("{stage} is a model stage; give no layer")),
+            (true, Some(l)) if l >= config.num_layers => {
+                return bad(format!("layer {l} does not exist (the model has layers 0..{})", config.num_layers));
+            }
+            (true, Some(l)) if !stage.applies_to(!config.is_moe_layer(l), config.attention_bias) => {
+                let kind = if config.is_moe_layer(l) { "a MoE" } else { "a dense" };
+                return bad(format!("layer {l} is {kind} layer without a {stage} stage"));
+            }
+            _ => {}
+        }
+        let indices = stage == SaveTensorStage::MoeRouterIndices;
+        match self.kind {
+            FaultKind::SwapExperts
+                if !matches!(stage, SaveTensorStage::MoeRouter | SaveTensorStage::MoeRouterIndices) =>
+            {
+                return bad("swap-experts applies to moe_router and moe_router_indices only".into());
+            }
+            FaultKind::SwapExperts if config.experts_per_token < 2 => {
+                return bad("swap-experts needs at least 2 experts per token".into());
+            }
+            FaultKind::Nan | FaultKind::Inf | FaultKind::Scale(_) | FaultKind::Noise { .. } if indices => {
+                return bad("moe_router_indices holds int32 expert ids; use zero or swap-experts".into());
+            }
+            _ => {}
+        }
+        if self.step >= steps {
+            return bad(format!("step {} does not run (the run makes steps 0..{steps})", self.step));
+        }
+        let tokens = if self.step == 0 { prompt_len } else { 1 };
+        if self.token >= tokens {
+            return bad(format!("token {} does not exist: step {} computes {tokens} token(s)", self.token, self.step));
+        }
+        Ok(())
+    }
+
+    /// Rewrites the fault's token in `tensor`, the output of its stage.
+    pub fn apply(&self, tensor: &mut HostTensor) -> Result<(), String> {
+        let t = self.token;
+        let ranges = token_ranges(self.stage.0, &tensor.shape, t)?;
+        match &mut tensor.data {
+            TensorData::F32(values) => {
+                for (start, end) in ranges {
+                    let row = &mut values[start..end];
+                    match self.kind {
+                        FaultKind::Nan => row.fill(f32::NAN),
+                        FaultKind::Inf => row.fill(f32::INFINITY),
+                        FaultKind::Zero => row.fill(0.0),
+                        FaultKind::Scale(f) => row.iter_mut().for_each(|x| *x *= f),
+                        FaultKind::Noise { std, seed } => {
+                            let key = tensor_key(seed, "moetrace-fault-noise");
+                            for (i, x) in row.iter_mut().enumerate() {
+                                *x += synthetic_value(key, (start + i) as u64, 0.0, std);
+                            }
+                        }
+                        FaultKind::SwapExperts => row.swap(0, 1),
+                    }
+                }
+            }
+            TensorData::I32(values) => {
+                for (start, end) in ranges {
+                    match self.kind {
+                        FaultKind::Zero => values[start..end].fill(0),
+                        FaultKind::SwapExperts => values[start..end].swap(0, 1),
+                        other => return Err(format!("{other} does not apply to int32 expert ids")),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The element ranges holding token `t` of a stage tensor: row t of a
+/// `[T, ...]` tensor, or row t of every head of a `[nh,T,P]` attention map.
+pub fn token_ranges(stage: SaveTensorStage, shape: &[usize], t: usize) -> Result<Vec<(usize, usize)>, String> {
+    let attention_map = matches!(stage, SaveTensorStage::AttnScores | SaveTensorStage::AttnSoftmax);
+    let (tokens, row, heads) = if attention_map && shape.len() == 3 {
+        (shape[1], shape[2], shape[0])
+    } else {
+        (shape.first().copied().unwrap_or(0), shape.iter().skip(1).product(), 1)
+    };
+    if t >= tokens {
+        return Err(format!("token {t} is beyond the {tokens} tokens of {stage} {shape:?}"));
+    }
+    Ok((0..heads).map(|h| ((h * tokens + t) * row, (h * tokens + t + 1) * row)).collect())
+}
+
+/// What a fault system reads and writes.
+#[derive(SystemParam)]
+struct FaultCtx<'w> {
+    backend: ResMut<'w, ActiveBackend>,
+    step: Res<'w, StepState>,
+    layer: Res<'w, CurrentLayer>,
+    log: Res<'w, StageLog>,
+    error: ResMut<'w, StepError>,
+}
+
+fn inject(spec: &FaultSpec, mut ctx: FaultCtx) {
+    let stage = spec.stage.0;
+    if ctx.error.0.is_some() || !ctx.log.0.contains(stage) || ctx.step.step != spec.step {
+        return;
+    }
+    if stage.is_layer_stage() && ctx.layer.index != spec.layer {
+        return;
+    }
+    let result = ctx.backend.0.read(stage).and_then(|mut tensor| {
+        spec.apply(&mut tensor).map_err(|e| PipelineError::BadInput(format!("fault {spec}: {e}")))?;
+        ctx.backend.0.write(stage, &tensor)
+    });
+    if let Err(e) = result {
+        ctx.error.0 = Some(e);
+    }
+}
+
+/// Attaches one amending system per fault.
+pub fn attach_faults(forward: &mut Forward, faults: &[FaultSpec]) {
+    for spec in faults {
+        let spec = spec.clone();
+        forward.add_amend_hook(spec.stage.0, move || {
+            let spec = spec.clone();
+            move |ctx: FaultCtx| inject(&spec, ctx)
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_form_parses_every_kind_and_the_optional_parts() {
+        let f: FaultSpec = "moe_router@2=nan".parse().unwrap();
+        assert_eq!(
+            (f.stage.0, f.layer, f.step, f.token, f.kind),
+            (SaveTensorStage::MoeRouter, Some(2), 0, 0, FaultKind::Nan)
+        );
+        let f: FaultSpec = "attn_out@1.3:0=Scale(1.5)".parse().unwrap();
+        assert_eq!((f.layer, f.step, f.kind), (Some(1), 3, FaultKind::Scale(1.5)));
+        let f: FaultSpec = "lm_head.2:4=noise(0.1, 9)".parse().unwrap();
+        assert_eq!((f.layer, f.step, f.token, f.kind), (None, 2, 4, FaultKind::Noise { std: 0.1, seed: 9 }));
+        assert_eq!("x@1=zero".parse::<FaultSpec>().unwrap_err().contains("unknown stage `x`"), true);
+        for bad in ["moe_router@2", "moe_router@a=nan", "moe_router@2=boom", "moe_router@2=scale(a)"] {
+            let e = bad.parse::<FaultSpec>().unwrap_err();
+            assert!(e.contains(bad) && e.contains("stage@layer"), "{e}");
+        }
+        assert_eq!("moe_router_indices@0=swap-experts".parse::<FaultSpec>().unwrap().kind, FaultKind::SwapExperts);
+    }
+
+    #[test]
+    fn apply_touches_only_the_chosen_token() {
+        let spec: FaultSpec = "attn_out@0:1=zero".parse().unwrap();
+        let mut t = HostTensor::f32(vec![3, 2], vec![1.0; 6]);
+        spec.apply(&mut t).unwrap();
+        assert_eq!(t.as_f32().unwrap(), [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
+        let spec: FaultSpec = "attn_scores@0:1=nan".parse().unwrap();
+        let mut t = HostTensor::f32(vec![2, 2, 3], vec![1.0; 12]);
+        spec.apply(&mut t).unwrap();
+        let nan: Vec<bool> = t.as_f32().unwrap().iter().map(|x| x.is_nan()).collect();
+        assert_eq!(nan, [false, false, false, true, true, true, false, false, false, true, true, true]);
+        let spec: FaultSpec = "moe_router_indices@0:0=swap-experts".parse().unwrap();
+        let mut t = HostTensor::i32(vec![2, 3], vec![4, 7, 1, 2, 3, 5]);
+        spec.apply(&mut t).unwrap();
+        assert_eq!(t.as_i32().unwrap(), [7, 4, 1, 2, 3, 5]);
+        let spec: FaultSpec = "attn_out@0:5=zero".parse().unwrap();
+        assert!(spec.apply(&mut HostTensor::f32(vec![3, 2], vec![1.0; 6])).unwrap_err().contains("token 5"));
+    }
+
+    #[test]
+    fn check_rejects_impossible_faults_with_reasons() {
+        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None);
+        let check = |s: &str| s.parse::<FaultSpec>().unwrap().check(&config, 9, 3);
+        assert!(check("moe_router@2=nan").is_ok());
+        assert!(check("moe_router@9=nan").unwrap_err().contains("layer 9"));
+        assert!(check("moe_router=nan").unwrap_err().contains("give a layer"));
+        assert!(check("lm_head@1=nan").unwrap_err().contains("give no layer"));
+        assert!(check("ffn_gate@1=nan").unwrap_err().contains("MoE layer"));
+        assert!(check("moe_router_indices@1=nan").unwrap_err().contains("int32"));
+        assert!(check("attn_out@1=swap-experts").unwrap_err().contains("moe_router"));
+        assert!(check("attn_out@1.3=zero").unwrap_err().contains("step 3"));
+        assert!(check("attn_out@1.1:1=zero").unwrap_err().contains("1 token"));
+        assert!(check("attn_out@1.0:8=zero").is_ok());
+    }
+}
