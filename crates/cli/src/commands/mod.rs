@@ -1,5 +1,22 @@
 //! One module per subcommand; each returns the exit code or an error
 //! message (exit code 2).
 
+pub mod diff;
 pub mod run;
 pub mod stages;
+
+use std::process::ExitCode;
+
+use capture::compare::Report;
+
+/// Prints a comparison report (JSON or human) and returns 1 if it found a
+/// divergence, 0 if not.
+pub fn print_report(report: &Report, json: bool, all: bool) -> Result<ExitCode, String> {
+    let text = if json {
+        serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())? + "\n"
+    } else {
+        report.render(all)
+    };
+    crate::print_stdout(&text)?;
+    Ok(if report.first_divergence().is_some() { ExitCode::from(1) } else { ExitCode::SUCCESS })
+}

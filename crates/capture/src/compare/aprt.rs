@@ -1,0 +1,120 @@
+//! The upstream project's APRT captures: `<dir>/layer-<N>/<stage>.bin`
+//! (model stages also directly in `<dir>`), each file the magic `APRT`, a
+//! u32 LE layer (0xFFFFFFFF for model stages), a u32 LE element count and
+//! that many f32 LE values. No shape, no steps: one step (0), with the
+//! shape taken from the other side of a comparison.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use stage_types::SaveTensorStage;
+
+use crate::error::{CaptureError, Result};
+use crate::npy::NpyArray;
+
+/// An APRT capture folder, indexed.
+#[derive(Debug, Clone)]
+pub struct AprtDir {
+    /// The folder.
+    pub dir: PathBuf,
+    files: BTreeMap<(Option<usize>, SaveTensorStage), PathBuf>,
+}
+
+/// The layer value APRT writes for model stages.
+const MODEL_LAYER: u32 = 0xFFFF_FFFF;
+
+impl AprtDir {
+    /// True if `dir` looks like an APRT capture (a `.bin` file directly
+    /// inside or in a `layer-N` folder).
+    pub fn detect(dir: &Path) -> bool {
+        let has_bin = |d: &Path| {
+            std::fs::read_dir(d)
+                .map(|it| it.filter_map(|e| e.ok()).any(|e| e.path().extension().is_some_and(|x| x == "bin")))
+                .unwrap_or(false)
+        };
+        has_bin(dir)
+            || std::fs::read_dir(dir)
+                .map(|it| {
+                    it.filter_map(|e| e.ok())
+                        .any(|e| e.file_name().to_string_lossy().starts_with("layer-") && has_bin(&e.path()))
+                })
+                .unwrap_or(false)
+    }
+
+    /// Indexes the `.bin` files of known stages (others are ignored).
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut files = BTreeMap::new();
+        let mut add = |layer: Option<usize>, folder: &Path| -> Result<()> {
+            for entry in std::fs::read_dir(folder).map_err(CaptureError::io("cannot read", folder))? {
+                let path = entry.map_err(CaptureError::io("cannot read", folder))?.path();
+                if path.extension().is_some_and(|x| x == "bin") {
+                    let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+                    if let Ok(stage) = name.parse::<SaveTensorStage>() {
+                        files.insert((if stage.is_layer_stage() { layer } else { None }, stage), path);
+                    }
+                }
+            }
+            Ok(())
+        };
+        add(None, dir)?;
+        for entry in std::fs::read_dir(dir).map_err(CaptureError::io("cannot read", dir))? {
+            let entry = entry.map_err(CaptureError::io("cannot read", dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name.strip_prefix("layer-").and_then(|n| n.parse::<usize>().ok()) {
+                add(Some(n), &entry.path())?;
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), files })
+    }
+
+    /// Every (layer, stage) present.
+    pub fn keys(&self) -> Vec<(Option<usize>, SaveTensorStage)> {
+        self.files.keys().copied().collect()
+    }
+
+    /// Loads (layer, stage) with `shape` (from the other side) when its
+    /// element count matches, else as a flat `[count]` array.
+    pub fn load(
+        &self,
+        layer: Option<usize>,
+        stage: SaveTensorStage,
+        shape: Option<&[usize]>,
+    ) -> Result<Option<NpyArray>> {
+        let Some(path) = self.files.get(&(layer, stage)) else { return Ok(None) };
+        let bytes = std::fs::read(path).map_err(CaptureError::io("cannot read", path))?;
+        let bad = |message: String| CaptureError::BadNpy { path: path.clone(), message };
+        if bytes.len() < 12 || &bytes[..4] != b"APRT" {
+            return Err(bad("not an APRT file: the magic `APRT` is missing".into()));
+        }
+        let file_layer = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
+        let count = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+        let expected_layer = layer.map(|l| l as u32).unwrap_or(MODEL_LAYER);
+        if file_layer != expected_layer {
+            return Err(bad(format!(
+                "header says layer {file_layer} but the file sits where layer {expected_layer} belongs"
+            )));
+        }
+        if bytes.len() != 12 + 4 * count {
+            return Err(bad(format!(
+                "header promises {count} f32 values but the file holds {} bytes of data (truncated?)",
+                bytes.len() - 12
+            )));
+        }
+        let values: Vec<f64> =
+            bytes[12..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect();
+        let shape = match shape {
+            Some(s) if s.iter().product::<usize>() == count => s.to_vec(),
+            _ => vec![count],
+        };
+        Ok(Some(NpyArray { shape, dtype: "float32", values }))
+    }
+}
+
+/// Writes an APRT file (for tests and for exporting to the upstream tool).
+pub fn write_aprt(path: &Path, layer: Option<usize>, values: &[f32]) -> Result<()> {
+    let mut bytes = b"APRT".to_vec();
+    bytes.extend_from_slice(&layer.map(|l| l as u32).unwrap_or(MODEL_LAYER).to_le_bytes());
+    bytes.extend_from_slice(&(values.len() as u32).to_le_bytes());
+    values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(path, bytes).map_err(CaptureError::io("cannot write", path))
+}

@@ -1,0 +1,169 @@
+//! `diff`: compare two capture folders (ours, the oracle fixtures, or the
+//! upstream APRT format) stage by stage.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+
+use stage_types::SaveTensorStage;
+
+use super::aprt::AprtDir;
+use super::{Report, ScopeTensors, Tolerances, compare_scope};
+use crate::error::{CaptureError, Result};
+use crate::npy::NpyArray;
+use crate::reader::CaptureDir;
+
+/// Options of a diff.
+#[derive(Debug, Clone, Default)]
+pub struct DiffOptions {
+    /// rel_l2 tolerances.
+    pub tolerances: Tolerances,
+    /// Compare even if prompts or model configs differ.
+    pub force: bool,
+}
+
+/// One side of a diff.
+enum Source {
+    Capture(CaptureDir),
+    Aprt(AprtDir),
+}
+
+impl Source {
+    fn open(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(CaptureError::Io {
+                action: "cannot open capture",
+                path: dir.to_path_buf(),
+                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
+            });
+        }
+        if dir.join("manifest.json").is_file() || !AprtDir::detect(dir) {
+            Ok(Source::Capture(CaptureDir::open(dir)?))
+        } else {
+            Ok(Source::Aprt(AprtDir::open(dir)?))
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::Capture(c) => format!(
+                "{} ({} {}, {} tensors)",
+                c.dir.display(),
+                c.manifest.backend,
+                c.manifest.dtype,
+                c.manifest.tensors.len()
+            ),
+            Source::Aprt(a) => format!("{} (APRT, step 0 only)", a.dir.display()),
+        }
+    }
+
+    fn dtype(&self) -> String {
+        match self {
+            Source::Capture(c) => c.manifest.dtype.clone(),
+            Source::Aprt(_) => "f32".into(),
+        }
+    }
+
+    fn keys(&self) -> Vec<(usize, Option<usize>, SaveTensorStage)> {
+        match self {
+            Source::Capture(c) => c.keys(),
+            Source::Aprt(a) => a.keys().into_iter().map(|(l, s)| (0, l, s)).collect(),
+        }
+    }
+
+    fn load(&self, key: (usize, Option<usize>, SaveTensorStage), shape: Option<&[usize]>) -> Result<Option<NpyArray>> {
+        match self {
+            Source::Capture(c) => c.load(key.0, key.1, key.2),
+            Source::Aprt(a) => a.load(key.1, key.2, shape),
+        }
+    }
+}
+
+/// The config fields that decide what a model computes.
+fn config_fingerprint(c: &CaptureDir) -> Option<pipeline::ModelConfig> {
+    pipeline::ModelConfig::from_json(c.manifest.model.config.clone(), Path::new("manifest.json")).ok().map(|mut m| {
+        m.json = serde_json::Value::Null;
+        m.dtype = None;
+        m.architecture.clear();
+        m
+    })
+}
+
+/// Compares two capture folders.
+pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Report> {
+    let (r, t) = (Source::open(reference)?, Source::open(target)?);
+    let mut report = Report { reference: r.describe(), target: t.describe(), ..Report::default() };
+    let mut skip_steps = BTreeSet::new();
+    if let (Source::Capture(rc), Source::Capture(tc)) = (&r, &t) {
+        let mismatch = |what: String| CaptureError::ConfigValue {
+            path: target.to_path_buf(),
+            message: format!("{what}; these captures are not of the same computation (pass --force to compare anyway)"),
+        };
+        if rc.manifest.prompt != tc.manifest.prompt {
+            let message =
+                format!("prompts differ: reference {:?}, target {:?}", rc.manifest.prompt, tc.manifest.prompt);
+            if !options.force {
+                return Err(mismatch(message));
+            }
+            report.notes.push(format!("forced: {message}"));
+        }
+        if config_fingerprint(rc) != config_fingerprint(tc) {
+            let message = "model configs differ".to_string();
+            if !options.force {
+                return Err(mismatch(message));
+            }
+            report.notes.push(format!("forced: {message}"));
+        }
+        for rs in &rc.manifest.steps {
+            if let Some(ts) = tc.manifest.steps.iter().find(|s| s.step == rs.step)
+                && (ts.tokens != rs.tokens || ts.start_position != rs.start_position)
+            {
+                skip_steps.insert(rs.step);
+                report.notes.push(format!(
+                    "step {} not compared: it fed different tokens (reference {:?}, target {:?}), a consequence of an earlier divergence",
+                    rs.step, rs.tokens, ts.tokens
+                ));
+            }
+        }
+    }
+    let mut keys: Vec<_> = r.keys().into_iter().chain(t.keys()).filter(|k| !skip_steps.contains(&k.0)).collect();
+    keys.sort_by_key(|&(step, layer, stage)| (step, scope_rank(layer, stage), stage));
+    keys.dedup();
+    let dtype = t.dtype();
+    let mut one_sided = 0;
+    let mut i = 0;
+    while i < keys.len() {
+        let (step, layer) = (keys[i].0, keys[i].1);
+        let scope_rank_now = scope_rank(layer, keys[i].2);
+        let mut scope = ScopeTensors::new();
+        while i < keys.len()
+            && keys[i].0 == step
+            && keys[i].1 == layer
+            && scope_rank(keys[i].1, keys[i].2) == scope_rank_now
+        {
+            let key = keys[i];
+            let a = r.load(key, None)?;
+            let b = t.load(key, a.as_ref().map(|x| x.shape.as_slice()))?;
+            let a = match (&r, a, &b) {
+                (Source::Aprt(_), None, Some(b)) => r.load(key, Some(&b.shape))?,
+                (_, a, _) => a,
+            };
+            one_sided += usize::from(a.is_none() != b.is_none());
+            scope.insert(key.2, (a, b));
+            i += 1;
+        }
+        report.rows.extend(compare_scope(step, layer, &scope, &options.tolerances, &dtype));
+    }
+    if one_sided > 0 {
+        report.notes.push(format!("{one_sided} tensors were captured on one side only (rows marked missing)"));
+    }
+    Ok(report)
+}
+
+/// Orders prologue model stages first, then layers, then the epilogue.
+fn scope_rank(layer: Option<usize>, stage: SaveTensorStage) -> (u8, usize) {
+    match layer {
+        Some(l) => (1, l),
+        None if stage < SaveTensorStage::AttnNorm => (0, 0),
+        None => (2, 0),
+    }
+}

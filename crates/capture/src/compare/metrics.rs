@@ -1,0 +1,182 @@
+//! Metrics of one tensor pair, in f64: NaN/Inf counts per side, max |a-b|
+//! with its multi-index, rel_l2 = ||a-b|| / ||a||, per-row cosine and its
+//! minimum, and the token with the largest error. Non-finite values never
+//! slip through: a NaN or Inf on either side makes the pair's max error
+//! infinite and is counted per side.
+
+use serde::Serialize;
+
+/// The metrics of a reference/target pair of equal shape.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TensorMetrics {
+    /// Elements compared.
+    pub elements: usize,
+    /// NaNs in the reference.
+    pub ref_nan: usize,
+    /// Infs in the reference.
+    pub ref_inf: usize,
+    /// NaNs in the target.
+    pub target_nan: usize,
+    /// Infs in the target.
+    pub target_inf: usize,
+    /// Largest |a - b| (infinite where either side is not finite).
+    pub max_abs_diff: f64,
+    /// Multi-index of the largest |a - b|.
+    pub max_abs_index: Vec<usize>,
+    /// ||a - b|| / ||a|| over finite pairs (0 if equal, inf if ||a|| = 0 < ||a-b||).
+    pub rel_l2: f64,
+    /// Smallest cosine between matching rows (last dimension).
+    pub min_row_cosine: f64,
+    /// Token (T index) whose rows have the largest squared error.
+    pub worst_token: Option<usize>,
+}
+
+impl TensorMetrics {
+    /// Any NaN or Inf on either side.
+    pub fn has_non_finite(&self) -> bool {
+        self.ref_nan + self.ref_inf + self.target_nan + self.target_inf > 0
+    }
+}
+
+/// Computes the metrics of `reference` vs `target` (same length), both of
+/// `shape`; `token_axis` says which axis is T (0, or 1 for [nh,T,P] maps).
+pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_axis: usize) -> TensorMetrics {
+    let count = |v: &[f64], f: fn(&f64) -> bool| v.iter().filter(|x| f(x)).count();
+    let mut m = TensorMetrics {
+        elements: reference.len(),
+        ref_nan: count(reference, |x| x.is_nan()),
+        ref_inf: count(reference, |x| x.is_infinite()),
+        target_nan: count(target, |x| x.is_nan()),
+        target_inf: count(target, |x| x.is_infinite()),
+        max_abs_diff: 0.0,
+        max_abs_index: Vec::new(),
+        rel_l2: 0.0,
+        min_row_cosine: 1.0,
+        worst_token: None,
+    };
+    let tokens = shape.get(token_axis).copied().unwrap_or(1).max(1);
+    let inner: usize = shape.iter().skip(token_axis + 1).product();
+    let mut per_token = vec![0.0f64; tokens];
+    let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
+    let mut worst = 0usize;
+    for (i, (&a, &b)) in reference.iter().zip(target).enumerate() {
+        let d = if a.is_finite() && b.is_finite() {
+            let d = a - b;
+            diff2 += d * d;
+            ref2 += a * a;
+            per_token[(i / inner.max(1)) % tokens] += d * d;
+            d.abs()
+        } else if a.to_bits() == b.to_bits() && !a.is_nan() {
+            0.0 // the same infinity on both sides
+        } else {
+            per_token[(i / inner.max(1)) % tokens] = f64::INFINITY;
+            f64::INFINITY
+        };
+        if d > m.max_abs_diff || (i == 0 && m.max_abs_index.is_empty()) {
+            m.max_abs_diff = d;
+            worst = i;
+        }
+    }
+    m.max_abs_index = unravel(worst, shape);
+    m.rel_l2 = if diff2 == 0.0 {
+        0.0
+    } else if ref2 == 0.0 {
+        f64::INFINITY
+    } else {
+        (diff2 / ref2).sqrt()
+    };
+    let row = shape.last().copied().unwrap_or(1).max(1);
+    for (ra, rb) in reference.chunks(row).zip(target.chunks(row)) {
+        let c = cosine(ra, rb);
+        // A NaN row cosine sticks: it must never be hidden by a later row.
+        if c.is_nan() || (!m.min_row_cosine.is_nan() && c < m.min_row_cosine) {
+            m.min_row_cosine = c;
+        }
+    }
+    m.worst_token =
+        per_token.iter().enumerate().filter(|(_, e)| **e > 0.0).max_by(|a, b| a.1.total_cmp(b.1)).map(|(t, _)| t);
+    m
+}
+
+/// Cosine of two rows: 1 for two zero rows, 0 for one zero row, NaN if a
+/// value is not finite.
+fn cosine(a: &[f64], b: &[f64]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 && bb == 0.0 {
+        1.0
+    } else if aa == 0.0 || bb == 0.0 {
+        0.0
+    } else {
+        ab / (aa.sqrt() * bb.sqrt())
+    }
+}
+
+/// Flat index → multi-index.
+pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
+    let mut index = vec![0; shape.len()];
+    for (slot, &dim) in index.iter_mut().zip(shape).rev() {
+        if dim > 0 {
+            *slot = flat % dim;
+            flat /= dim;
+        }
+    }
+    index
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn equal_tensors_have_zero_error_and_unit_cosine() {
+        let a = [1.0, 2.0, 3.0, 4.0];
+        let m = tensor_metrics(&a, &a, &[2, 2], 0);
+        assert_eq!((m.rel_l2, m.max_abs_diff, m.worst_token), (0.0, 0.0, None));
+        assert!((m.min_row_cosine - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn error_location_and_worst_token_are_found() {
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.0, 2.0, 3.0, 4.0, 5.5, 6.0];
+        let m = tensor_metrics(&a, &b, &[3, 2], 0);
+        assert_eq!(m.max_abs_index, [2, 0]);
+        assert_eq!(m.worst_token, Some(2));
+        assert!((m.rel_l2 - 0.5 / 91f64.sqrt()).abs() < 1e-12);
+        assert!(m.min_row_cosine < 1.0);
+        // token axis 1 of an [nh,T,P] map
+        let m = tensor_metrics(&a, &b, &[1, 3, 2], 1);
+        assert_eq!(m.worst_token, Some(2));
+    }
+
+    #[test]
+    fn nan_and_inf_never_slip_through_max_or_cosine() {
+        let a = [1.0, 2.0, 3.0, 4.0];
+        let b = [1.0, f64::NAN, 3.0, 4.0];
+        let m = tensor_metrics(&a, &b, &[2, 2], 0);
+        assert_eq!((m.target_nan, m.ref_nan), (1, 0));
+        assert!(m.max_abs_diff.is_infinite());
+        assert_eq!(m.max_abs_index, [0, 1]);
+        assert!(m.min_row_cosine.is_nan());
+        assert!(m.has_non_finite());
+        let c = [f64::INFINITY, 2.0, 3.0, 4.0];
+        let m = tensor_metrics(&c, &a, &[2, 2], 0);
+        assert_eq!(m.ref_inf, 1);
+        assert!(m.max_abs_diff.is_infinite());
+        // NaN in the very first element is still the maximum.
+        let m = tensor_metrics(&[f64::NAN, 1.0], &[0.0, 1.0], &[2], 0);
+        assert!(m.max_abs_diff.is_infinite() && m.max_abs_index == [0]);
+    }
+
+    #[test]
+    fn zero_reference_gives_infinite_relative_error() {
+        let m = tensor_metrics(&[0.0, 0.0], &[0.0, 1.0], &[1, 2], 0);
+        assert!(m.rel_l2.is_infinite());
+        assert_eq!(m.min_row_cosine, 0.0);
+    }
+}

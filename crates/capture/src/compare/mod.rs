@@ -1,0 +1,222 @@
+//! Comparing two runs stage by stage: per-tensor metrics, MoE-aware
+//! routing and per-expert comparison, verdicts, and the first divergence
+//! in (step, layer, stage-in-`ALL`-order) order. Used by `diff` (two
+//! capture folders) and `bisect` (two backends in one process).
+
+pub mod aprt;
+pub mod diff;
+pub mod metrics;
+pub mod report;
+pub mod routing;
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+use stage_types::SaveTensorStage;
+
+use crate::npy::NpyArray;
+pub use metrics::{TensorMetrics, tensor_metrics};
+pub use report::{Report, Row};
+pub use routing::FlippedToken;
+
+/// Which run a finding is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Side {
+    /// The reference run.
+    Reference,
+    /// The target run.
+    Target,
+    /// Both runs.
+    Both,
+}
+
+/// The verdict on one tensor pair.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Verdict {
+    /// Within tolerance.
+    Ok,
+    /// rel_l2 above tolerance.
+    Diverged,
+    /// NaN or Inf present.
+    Nan {
+        /// Where.
+        side: Side,
+    },
+    /// Captured on one side only.
+    Missing {
+        /// The side that lacks it.
+        side: Side,
+    },
+    /// Shapes differ.
+    ShapeMismatch {
+        /// Reference shape.
+        reference: Vec<usize>,
+        /// Target shape.
+        target: Vec<usize>,
+    },
+    /// Expert sets differ only on tokens whose reference top-k margin is
+    /// within the perturbation (a near-tie).
+    RoutingFlip,
+    /// Expert sets differ on a token with a clear margin.
+    WrongRouter,
+}
+
+impl Verdict {
+    /// True for `Ok`.
+    pub fn is_ok(&self) -> bool {
+        matches!(self, Verdict::Ok)
+    }
+
+    /// Short label for tables.
+    pub fn label(&self) -> String {
+        match self {
+            Verdict::Ok => "ok".into(),
+            Verdict::Diverged => "diverged".into(),
+            Verdict::Nan { side } => format!("nan/inf ({})", side_name(*side)),
+            Verdict::Missing { side } => format!("missing ({})", side_name(*side)),
+            Verdict::ShapeMismatch { reference, target } => format!("shape {reference:?} vs {target:?}"),
+            Verdict::RoutingFlip => "routing flip (near-tie)".into(),
+            Verdict::WrongRouter => "wrong router".into(),
+        }
+    }
+}
+
+fn side_name(side: Side) -> &'static str {
+    match side {
+        Side::Reference => "reference",
+        Side::Target => "target",
+        Side::Both => "both",
+    }
+}
+
+/// rel_l2 tolerances: a default from the target's dtype and per-stage
+/// overrides.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Tolerances {
+    /// Used for stages without an override; None = by the target's dtype.
+    pub default: Option<f64>,
+    /// Per-stage overrides.
+    pub per_stage: HashMap<SaveTensorStage, f64>,
+}
+
+impl Tolerances {
+    /// The default for a target activation dtype: 1e-4 for f32/f64, 3e-2
+    /// for bf16/f16.
+    pub fn for_dtype(dtype: &str) -> f64 {
+        match dtype.to_ascii_lowercase().as_str() {
+            "bf16" | "bfloat16" | "f16" | "float16" => 3e-2,
+            _ => 1e-4,
+        }
+    }
+
+    /// The tolerance of `stage` for a target of `dtype`.
+    pub fn of(&self, stage: SaveTensorStage, dtype: &str) -> f64 {
+        self.per_stage.get(&stage).copied().or(self.default).unwrap_or_else(|| Self::for_dtype(dtype))
+    }
+
+    /// Parses `F` (every stage) or `stage=F` and adds it.
+    pub fn add(&mut self, text: &str) -> Result<(), String> {
+        let value = |v: &str| {
+            v.trim().parse::<f64>().ok().filter(|x| *x >= 0.0).ok_or_else(|| {
+                format!("bad tolerance `{text}`: `{v}` is not a non-negative number; write F or stage=F, e.g. 1e-3 or moe_router=1e-2")
+            })
+        };
+        match text.split_once('=') {
+            Some((stage, v)) => {
+                let stage = stage.parse::<SaveTensorStage>().map_err(|e| format!("bad tolerance `{text}`: {e}"))?;
+                self.per_stage.insert(stage, value(v)?);
+            }
+            None => self.default = Some(value(text)?),
+        }
+        Ok(())
+    }
+}
+
+/// The tensors of one (step, layer) scope: stage → (reference, target).
+pub type ScopeTensors = BTreeMap<SaveTensorStage, (Option<NpyArray>, Option<NpyArray>)>;
+
+const PER_SLOT: [SaveTensorStage; 5] = [
+    SaveTensorStage::MoeRouter,
+    SaveTensorStage::MoeExpertGate,
+    SaveTensorStage::MoeExpertUp,
+    SaveTensorStage::MoeExpertSwigl,
+    SaveTensorStage::MoeExpertOut,
+];
+
+/// Compares every stage of one scope, in `ALL` order.
+pub fn compare_scope(
+    step: usize,
+    layer: Option<usize>,
+    tensors: &ScopeTensors,
+    tolerances: &Tolerances,
+    target_dtype: &str,
+) -> Vec<Row> {
+    let get = |s: SaveTensorStage| tensors.get(&s).map(|(r, t)| (r.as_ref(), t.as_ref()));
+    let indices = match get(SaveTensorStage::MoeRouterIndices) {
+        Some((Some(r), Some(t))) if r.shape == t.shape && r.shape.len() == 2 => Some((r, t, r.shape[1])),
+        _ => None,
+    };
+    let logits = match get(SaveTensorStage::MoeRouterLogits) {
+        Some((Some(r), Some(t))) if r.shape == t.shape => Some((r.values.as_slice(), t.values.as_slice())),
+        _ => None,
+    };
+    let mut rows = Vec::new();
+    for (&stage, (reference, target)) in tensors {
+        let tolerance = tolerances.of(stage, target_dtype);
+        let mut row = Row::new(step, layer, stage, tolerance);
+        let (r, t) = match (reference, target) {
+            (Some(r), Some(t)) => (r, t),
+            (r, _) => {
+                let side = if r.is_none() { Side::Reference } else { Side::Target };
+                row.verdict = Verdict::Missing { side };
+                rows.push(row);
+                continue;
+            }
+        };
+        if r.shape != t.shape {
+            row.verdict = Verdict::ShapeMismatch { reference: r.shape.clone(), target: t.shape.clone() };
+            rows.push(row);
+            continue;
+        }
+        if stage == SaveTensorStage::MoeRouterIndices {
+            let k = r.shape.get(1).copied().unwrap_or(1);
+            row.flipped = routing::compare_indices(&r.values, &t.values, k, logits);
+            row.verdict = if row.flipped.is_empty() {
+                Verdict::Ok
+            } else if row.flipped.iter().all(|f| f.near_tie) {
+                Verdict::RoutingFlip
+            } else {
+                Verdict::WrongRouter
+            };
+            row.worst_token = row.flipped.iter().find(|f| !f.near_tie).or(row.flipped.first()).map(|f| f.token);
+            rows.push(row);
+            continue;
+        }
+        match indices.filter(|_| PER_SLOT.contains(&stage)) {
+            Some((ri, ti, k)) => {
+                let a = routing::align_by_expert(&r.values, &t.values, &ri.values, &ti.values, k);
+                let mut m = tensor_metrics(&a.reference, &a.target, &[a.rows.len(), a.inner], 0);
+                let worst = m.max_abs_index.first().and_then(|&i| a.rows.get(i)).copied();
+                if let Some((token, slot, expert)) = worst {
+                    // Report the index in the reference's [T,k,...] layout.
+                    let inner_index = crate::compare::metrics::unravel(m.max_abs_index[1], &r.shape[2..]);
+                    m.max_abs_index = [token, slot].into_iter().chain(inner_index).collect();
+                    row.worst_token = Some(token);
+                    row.worst_expert = Some(expert);
+                }
+                row.compared_tokens = Some(a.rows.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().len());
+                row.set_metrics(m);
+            }
+            None => {
+                let axis = usize::from(matches!(stage, SaveTensorStage::AttnScores | SaveTensorStage::AttnSoftmax));
+                let m = tensor_metrics(&r.values, &t.values, &r.shape, axis);
+                row.worst_token = m.worst_token;
+                row.set_metrics(m);
+            }
+        }
+        rows.push(row);
+    }
+    rows
+}

@@ -1,0 +1,225 @@
+//! [`Report`]: the rows of a comparison, its first divergence, the graft
+//! check (bisect), and the human and JSON renderings.
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use stage_types::SaveTensorStage;
+
+use super::{FlippedToken, Side, TensorMetrics, Verdict};
+
+/// The comparison of one (step, layer, stage).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    /// Step.
+    pub step: usize,
+    /// Layer (None for model stages).
+    pub layer: Option<usize>,
+    /// Stage.
+    #[serde(serialize_with = "stage_name")]
+    pub stage: SaveTensorStage,
+    /// Verdict.
+    pub verdict: Verdict,
+    /// The rel_l2 tolerance applied.
+    pub tolerance: f64,
+    /// Metrics, when both sides were comparable.
+    pub metrics: Option<TensorMetrics>,
+    /// Token with the largest error (or the first flipped token).
+    pub worst_token: Option<usize>,
+    /// Expert with the largest error (per-expert stages).
+    pub worst_expert: Option<i32>,
+    /// Tokens compared, for per-expert stages (those whose expert set agrees).
+    pub compared_tokens: Option<usize>,
+    /// Tokens whose expert set differs (moe_router_indices).
+    pub flipped: Vec<FlippedToken>,
+}
+
+fn stage_name<S: serde::Serializer>(stage: &SaveTensorStage, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(stage.name())
+}
+
+impl Row {
+    /// A row with verdict Ok and no metrics yet.
+    pub fn new(step: usize, layer: Option<usize>, stage: SaveTensorStage, tolerance: f64) -> Self {
+        Row {
+            step,
+            layer,
+            stage,
+            verdict: Verdict::Ok,
+            tolerance,
+            metrics: None,
+            worst_token: None,
+            worst_expert: None,
+            compared_tokens: None,
+            flipped: Vec::new(),
+        }
+    }
+
+    /// Sets the metrics and the verdict they imply.
+    pub fn set_metrics(&mut self, m: TensorMetrics) {
+        self.verdict = if m.has_non_finite() {
+            let reference = m.ref_nan + m.ref_inf > 0;
+            let target = m.target_nan + m.target_inf > 0;
+            let side = match (reference, target) {
+                (true, true) => Side::Both,
+                (true, false) => Side::Reference,
+                _ => Side::Target,
+            };
+            Verdict::Nan { side }
+        } else if !(m.rel_l2 <= self.tolerance) {
+            Verdict::Diverged
+        } else {
+            Verdict::Ok
+        };
+        self.metrics = Some(m);
+    }
+
+    /// rel_l2, if measured.
+    pub fn rel_l2(&self) -> Option<f64> {
+        self.metrics.as_ref().map(|m| m.rel_l2)
+    }
+
+    /// `step S layer L stage` (or `step S stage` for model stages).
+    pub fn place(&self) -> String {
+        match self.layer {
+            Some(l) => format!("step {} layer {} {}", self.step, l, self.stage),
+            None => format!("step {} {}", self.step, self.stage),
+        }
+    }
+
+    fn detail(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(m) = &self.metrics {
+            parts.push(format!("rel_l2 {:.3e} (tol {:.0e})", m.rel_l2, self.tolerance));
+            parts.push(format!("max|d| {:.3e} at {:?}", m.max_abs_diff, m.max_abs_index));
+            parts.push(format!("min cos {:.6}", m.min_row_cosine));
+            if m.has_non_finite() {
+                parts.push(format!("nan/inf ref {}/{} target {}/{}", m.ref_nan, m.ref_inf, m.target_nan, m.target_inf));
+            }
+        }
+        if let Some(t) = self.worst_token {
+            parts.push(format!("token {t}"));
+        }
+        if let Some(e) = self.worst_expert {
+            parts.push(format!("expert {e}"));
+        }
+        for f in self.flipped.iter().take(4) {
+            let margin = f.ref_margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "?".into());
+            let perturbation = f.perturbation.map(|p| format!("{p:.2e}")).unwrap_or_else(|| "?".into());
+            parts.push(format!(
+                "token {} experts {:?} -> {:?}, ref margin {margin}, perturbation {perturbation}{}",
+                f.token,
+                f.ref_experts,
+                f.target_experts,
+                if f.near_tie { " (near-tie)" } else { "" }
+            ));
+        }
+        if self.flipped.len() > 4 {
+            parts.push(format!("... {} flipped tokens in all", self.flipped.len()));
+        }
+        parts.join(", ")
+    }
+}
+
+/// What the graft check found at the first divergence.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Graft {
+    /// rel_l2 of the target's stage recomputed from the reference's inputs.
+    pub rel_l2: f64,
+    /// The verdict on that recomputation.
+    pub verdict: Verdict,
+    /// True when the stage itself is wrong (the recomputation diverges).
+    pub stage_is_wrong: bool,
+    /// When the stage only amplifies upstream drift: the stage with the
+    /// largest jump in rel_l2 over the stage before it, and the ratio.
+    pub largest_jump: Option<(String, f64)>,
+}
+
+/// The result of a comparison.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// What the reference was.
+    pub reference: String,
+    /// What the target was.
+    pub target: String,
+    /// Every row compared, in order.
+    pub rows: Vec<Row>,
+    /// Things the reader should know (steps not compared, forced runs...).
+    pub notes: Vec<String>,
+    /// The graft check, when bisect made one.
+    pub graft: Option<Graft>,
+}
+
+impl Report {
+    /// The first row that is not ok.
+    pub fn first_divergence(&self) -> Option<&Row> {
+        self.rows.iter().find(|r| !r.verdict.is_ok())
+    }
+
+    /// The JSON report; its top level has `first_divergence` (null or an
+    /// object with step, layer, stage, verdict, rel_l2, ...).
+    pub fn to_json(&self) -> Value {
+        let first = self.first_divergence().map(|r| {
+            json!({
+                "step": r.step, "layer": r.layer, "stage": r.stage.name(), "verdict": r.verdict,
+                "rel_l2": r.rel_l2(), "max_abs_diff": r.metrics.as_ref().map(|m| m.max_abs_diff),
+                "max_abs_index": r.metrics.as_ref().map(|m| m.max_abs_index.clone()),
+                "token": r.worst_token, "expert": r.worst_expert, "flipped": r.flipped,
+            })
+        });
+        let not_ok = self.rows.iter().filter(|r| !r.verdict.is_ok()).count();
+        json!({
+            "reference": self.reference, "target": self.target,
+            "first_divergence": first,
+            "graft": self.graft,
+            "summary": {"compared": self.rows.len(), "ok": self.rows.len() - not_ok, "not_ok": not_ok},
+            "notes": self.notes,
+            "rows": self.rows,
+        })
+    }
+
+    /// The human report: a summary, the first divergence, and the non-ok
+    /// rows (every row with `all`).
+    pub fn render(&self, all: bool) -> String {
+        let mut out = format!("reference: {}\ntarget:    {}\n", self.reference, self.target);
+        let not_ok: Vec<&Row> = self.rows.iter().filter(|r| !r.verdict.is_ok()).collect();
+        out += &format!(
+            "compared {} tensors: {} ok, {} not ok\n",
+            self.rows.len(),
+            self.rows.len() - not_ok.len(),
+            not_ok.len()
+        );
+        for note in &self.notes {
+            out += &format!("note: {note}\n");
+        }
+        match self.first_divergence() {
+            None => out += "no divergence\n",
+            Some(r) => out += &format!("first divergence: {}: {}; {}\n", r.place(), r.verdict.label(), r.detail()),
+        }
+        if let Some(g) = &self.graft {
+            if g.stage_is_wrong {
+                out += &format!(
+                    "graft: recomputed on the target from the reference's inputs, this stage still diverges (rel_l2 {:.3e}, {}): the stage itself is wrong\n",
+                    g.rel_l2,
+                    g.verdict.label()
+                );
+            } else {
+                out += &format!(
+                    "graft: recomputed on the target from the reference's inputs, this stage agrees (rel_l2 {:.3e}): it only amplifies upstream drift",
+                    g.rel_l2
+                );
+                match &g.largest_jump {
+                    Some((place, ratio)) => out += &format!("; largest jump in error: {place} (x{ratio:.1})\n"),
+                    None => out += "\n",
+                }
+            }
+        }
+        let shown: Vec<&Row> = if all { self.rows.iter().collect() } else { not_ok };
+        if !shown.is_empty() {
+            out += &format!("\n{:<40} {:<26} details\n", "where", "verdict");
+            for r in shown {
+                out += &format!("{:<40} {:<26} {}\n", r.place(), r.verdict.label(), r.detail());
+            }
+        }
+        out
+    }
+}

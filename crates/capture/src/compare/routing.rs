@@ -1,0 +1,162 @@
+//! MoE-aware comparison: router indices compared as sets per token, flipped
+//! tokens with the reference's top-k margin (so a flip on a near-tie is told
+//! from a wrong router), and per-expert tensors aligned by expert id on the
+//! tokens whose expert set agrees.
+
+use serde::Serialize;
+
+/// A token whose expert set differs between the runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FlippedToken {
+    /// Token index within the step.
+    pub token: usize,
+    /// Reference experts, in top-k order.
+    pub ref_experts: Vec<i32>,
+    /// Target experts, in top-k order.
+    pub target_experts: Vec<i32>,
+    /// Reference gap between the k-th and (k+1)-th router probability.
+    pub ref_margin: Option<f64>,
+    /// Largest change of any router probability of this token (target vs
+    /// reference), when both runs captured the logits.
+    pub perturbation: Option<f64>,
+    /// The flip is explained by a near-tie: margin <= 2 x perturbation, or
+    /// margin <= 1e-3 when the perturbation is unknown.
+    pub near_tie: bool,
+}
+
+/// Margin at or below which a flip counts as a near-tie when the
+/// perturbation of the probabilities is unknown.
+pub const NEAR_TIE_MARGIN: f64 = 1e-3;
+
+fn softmax(row: &[f64]) -> Vec<f64> {
+    let max = row.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x));
+    let e: Vec<f64> = row.iter().map(|x| (x - max).exp()).collect();
+    let s: f64 = e.iter().sum();
+    e.iter().map(|x| x / s).collect()
+}
+
+/// The gap between the k-th and (k+1)-th largest probability of a logits row.
+pub fn top_k_margin(logits: &[f64], k: usize) -> Option<f64> {
+    let mut p = softmax(logits);
+    p.sort_by(|a, b| b.total_cmp(a));
+    (k < p.len()).then(|| p[k - 1] - p[k])
+}
+
+/// Compares `[T,k]` expert ids. `logits` are the `[T,E]` router logits of
+/// (reference, target) when both were captured.
+pub fn compare_indices(
+    ref_ids: &[f64],
+    target_ids: &[f64],
+    k: usize,
+    logits: Option<(&[f64], &[f64])>,
+) -> Vec<FlippedToken> {
+    let tokens = ref_ids.len() / k.max(1);
+    let experts = logits.map(|(r, _)| r.len() / tokens.max(1)).unwrap_or(0);
+    let mut flipped = Vec::new();
+    for t in 0..tokens {
+        let (a, b) = (&ref_ids[t * k..(t + 1) * k], &target_ids[t * k..(t + 1) * k]);
+        let mut sa: Vec<i64> = a.iter().map(|&x| x as i64).collect();
+        let mut sb: Vec<i64> = b.iter().map(|&x| x as i64).collect();
+        sa.sort_unstable();
+        sb.sort_unstable();
+        if sa == sb {
+            continue;
+        }
+        let (ref_margin, perturbation) = match logits {
+            Some((rl, tl)) if experts > 0 => {
+                let (rr, tr) = (&rl[t * experts..(t + 1) * experts], &tl[t * experts..(t + 1) * experts]);
+                let (pr, pt) = (softmax(rr), softmax(tr));
+                let change = pr.iter().zip(&pt).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                (top_k_margin(rr, k), Some(change))
+            }
+            _ => (None, None),
+        };
+        let near_tie = match (ref_margin, perturbation) {
+            (Some(m), Some(p)) => m <= 2.0 * p,
+            (Some(m), None) => m <= NEAR_TIE_MARGIN,
+            _ => false,
+        };
+        flipped.push(FlippedToken {
+            token: t,
+            ref_experts: a.iter().map(|&x| x as i32).collect(),
+            target_experts: b.iter().map(|&x| x as i32).collect(),
+            ref_margin,
+            perturbation,
+            near_tie,
+        });
+    }
+    flipped
+}
+
+/// Per-slot tensors (`[T,k,...]`) of both runs aligned by expert id on the
+/// tokens whose expert sets agree.
+pub struct Aligned {
+    /// Reference values, `[rows, inner]`.
+    pub reference: Vec<f64>,
+    /// Target values, `[rows, inner]`.
+    pub target: Vec<f64>,
+    /// (token, reference slot, expert) of each row.
+    pub rows: Vec<(usize, usize, i32)>,
+    /// Elements per row.
+    pub inner: usize,
+}
+
+/// Aligns `[T,k,inner]` tensors by expert id using each side's `[T,k]` ids.
+pub fn align_by_expert(reference: &[f64], target: &[f64], ref_ids: &[f64], target_ids: &[f64], k: usize) -> Aligned {
+    let tokens = ref_ids.len() / k.max(1);
+    let inner = reference.len() / (tokens * k).max(1);
+    let mut out = Aligned { reference: Vec::new(), target: Vec::new(), rows: Vec::new(), inner };
+    for t in 0..tokens {
+        let (a, b) = (&ref_ids[t * k..(t + 1) * k], &target_ids[t * k..(t + 1) * k]);
+        let mut sa = a.to_vec();
+        let mut sb = b.to_vec();
+        sa.sort_by(f64::total_cmp);
+        sb.sort_by(f64::total_cmp);
+        if sa != sb {
+            continue;
+        }
+        for (j, e) in a.iter().enumerate() {
+            let Some(jt) = b.iter().position(|x| x == e) else { continue };
+            let (ra, rb) = ((t * k + j) * inner, (t * k + jt) * inner);
+            out.reference.extend_from_slice(&reference[ra..ra + inner]);
+            out.target.extend_from_slice(&target[rb..rb + inner]);
+            out.rows.push((t, j, *e as i32));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sets_not_order_decide_a_flip_and_margins_classify_it() {
+        // token 0: same set, other order; token 1: expert 3 replaced by 2.
+        let ref_ids = [0.0, 1.0, 1.0, 3.0];
+        let tgt_ids = [1.0, 0.0, 1.0, 2.0];
+        let ref_logits = [5.0, 4.0, 0.0, -9.0, 0.0, 3.0, 1.0, 1.0001];
+        let tgt_logits = [5.0, 4.0, 0.0, -9.0, 0.0, 3.0, 1.0002, 1.0001];
+        let flipped = compare_indices(&ref_ids, &tgt_ids, 2, Some((&ref_logits, &tgt_logits)));
+        assert_eq!(flipped.len(), 1);
+        assert_eq!(flipped[0].token, 1);
+        assert!(flipped[0].near_tie, "{:?}", flipped[0]);
+        // A flip across a wide margin is a wrong router.
+        let far = compare_indices(&[0.0, 1.0], &[0.0, 3.0], 2, Some((&[9.0, 8.0, 0.0, -5.0], &[9.0, 8.0, 0.0, -5.0])));
+        assert!(!far[0].near_tie);
+    }
+
+    #[test]
+    fn per_expert_rows_align_by_id_and_skip_flipped_tokens() {
+        // [T=2,k=2,inner=1]: token 0 swapped slots, token 1 flipped.
+        let aligned = align_by_expert(
+            &[10.0, 20.0, 30.0, 40.0],
+            &[20.0, 10.0, 31.0, 40.0],
+            &[4.0, 7.0, 1.0, 2.0],
+            &[7.0, 4.0, 1.0, 5.0],
+            2,
+        );
+        assert_eq!(aligned.rows, [(0, 0, 4), (0, 1, 7)]);
+        assert_eq!(aligned.reference, aligned.target);
+    }
+}

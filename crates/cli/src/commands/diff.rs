@@ -1,0 +1,41 @@
+//! `moetrace diff REF TARGET`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capture::compare::Tolerances;
+use capture::compare::diff::{DiffOptions, diff};
+use clap::Args;
+
+/// Arguments of `moetrace diff`.
+#[derive(Args, Debug)]
+pub struct DiffArgs {
+    /// The reference capture folder (moetrace capture, oracle fixture, or APRT).
+    pub reference: PathBuf,
+    /// The target capture folder.
+    pub target: PathBuf,
+    /// Print one JSON report (top level: first_divergence, graft, summary, notes, rows).
+    #[arg(long)]
+    pub json: bool,
+    /// Show every row, not only those that are not ok.
+    #[arg(long)]
+    pub all: bool,
+    /// rel_l2 tolerance: F for every stage or stage=F for one (repeatable); default
+    /// by the target's dtype: 1e-4 for f32, 3e-2 for bf16.
+    #[arg(long = "tolerance", value_name = "[STAGE=]F")]
+    pub tolerances: Vec<String>,
+    /// Compare even if the prompts or model configs differ.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// Exit code 0 without divergence, 1 with one.
+pub fn execute(args: &DiffArgs) -> Result<ExitCode, String> {
+    let mut tolerances = Tolerances::default();
+    for t in &args.tolerances {
+        tolerances.add(t).map_err(|e| format!("--tolerance: {e}"))?;
+    }
+    let report = diff(&args.reference, &args.target, &DiffOptions { tolerances, force: args.force })
+        .map_err(|e| e.to_string())?;
+    super::print_report(&report, args.json, args.all)
+}
