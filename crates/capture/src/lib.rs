@@ -9,6 +9,7 @@
 //! - [`CaptureDir`]: read a capture (ours or the oracle fixtures).
 //! - [`npy`]: the .npy reader and writer.
 
+pub mod bisect;
 pub mod compare;
 pub mod config;
 pub mod error;

@@ -23,6 +23,8 @@ struct Cli {
 enum Command {
     /// Run the forward pass a RON config describes, capturing the selected stage tensors.
     Run(commands::run::RunArgs),
+    /// Run a reference and a target backend in lockstep and name the first divergent stage (exit 0/1/2).
+    Bisect(commands::bisect::BisectArgs),
     /// Compare two captures stage by stage and name the first divergence (exit 0: none, 1: found, 2: error).
     Diff(commands::diff::DiffArgs),
     /// List every stage: name, scope, which layers have it, and its shape.
@@ -70,6 +72,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => commands::run::execute(&args),
+        Command::Bisect(args) => commands::bisect::execute(&args),
         Command::Diff(args) => commands::diff::execute(&args),
         Command::Stages(args) => commands::stages::execute(&args),
     };

@@ -23,7 +23,8 @@ pub struct TensorMetrics {
     pub max_abs_diff: f64,
     /// Multi-index of the largest |a - b|.
     pub max_abs_index: Vec<usize>,
-    /// ||a - b|| / ||a|| over finite pairs (0 if equal, inf if ||a|| = 0 < ||a-b||).
+    /// ||a - b|| / ||a|| (0 if equal; inf if ||a|| = 0 < ||a-b|| or a value is
+    /// non-finite on one side only).
     pub rel_l2: f64,
     /// Smallest cosine between matching rows (last dimension).
     pub min_row_cosine: f64,
@@ -160,7 +161,7 @@ mod tests {
         let b = [1.0, f64::NAN, 3.0, 4.0];
         let m = tensor_metrics(&a, &b, &[2, 2], 0);
         assert_eq!((m.target_nan, m.ref_nan), (1, 0));
-        assert!(m.max_abs_diff.is_infinite());
+        assert!(m.max_abs_diff.is_infinite() && m.rel_l2.is_infinite());
         assert_eq!(m.max_abs_index, [0, 1]);
         assert!(m.min_row_cosine.is_nan());
         assert!(m.has_non_finite());

@@ -1,6 +1,7 @@
 //! One module per subcommand; each returns the exit code or an error
 //! message (exit code 2).
 
+pub mod bisect;
 pub mod diff;
 pub mod run;
 pub mod stages;

@@ -1,0 +1,52 @@
+//! `moetrace bisect --config FILE`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use capture::bisect::{BisectConfig, BisectOptions, bisect};
+use capture::compare::Tolerances;
+use clap::Args;
+
+/// Arguments of `moetrace bisect`.
+#[derive(Args, Debug)]
+pub struct BisectArgs {
+    /// The RON bisect config (see configs/bisect.ron): a run config with `reference` and `target`.
+    #[arg(long, short, value_name = "FILE")]
+    pub config: PathBuf,
+    /// Inject a fault into the target (repeatable): stage@layer[.step][:token]=kind.
+    #[arg(long = "fault", value_name = "SPEC")]
+    pub faults: Vec<String>,
+    /// Keep comparing after the first divergence and show every row.
+    #[arg(long)]
+    pub all: bool,
+    /// Print one JSON report.
+    #[arg(long)]
+    pub json: bool,
+    /// rel_l2 tolerance: F or stage=F (repeatable); default by the target's dtype.
+    #[arg(long = "tolerance", value_name = "[STAGE=]F")]
+    pub tolerances: Vec<String>,
+    /// No progress on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+/// Exit code 0 without divergence, 1 with one.
+pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
+    let mut config = BisectConfig::load(&args.config).map_err(|e| e.to_string())?;
+    for text in &args.faults {
+        config.faults.push(text.parse().map_err(|e: String| format!("--fault: {e}"))?);
+    }
+    let mut tolerances = Tolerances::default();
+    for t in &args.tolerances {
+        tolerances.add(t).map_err(|e| format!("--tolerance: {e}"))?;
+    }
+    let options = BisectOptions { tolerances, all: args.all };
+    let quiet = args.quiet;
+    let report = bisect(&config, &args.config, &options, &mut |step, scope| {
+        if !quiet {
+            crate::say!("compared step {step} {scope}");
+        }
+    })
+    .map_err(|e| e.to_string())?;
+    super::print_report(&report, args.json, args.all)
+}
