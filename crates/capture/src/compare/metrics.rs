@@ -79,7 +79,9 @@ pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_
         }
     }
     m.max_abs_index = unravel(worst, shape);
-    m.rel_l2 = if diff2 == 0.0 {
+    m.rel_l2 = if m.max_abs_diff.is_infinite() {
+        f64::INFINITY // a non-finite value on one side only: never a small error
+    } else if diff2 == 0.0 {
         0.0
     } else if ref2 == 0.0 {
         f64::INFINITY
