@@ -150,9 +150,11 @@ pub struct Report {
 }
 
 impl Report {
-    /// The first row that is not ok.
+    /// The first row that is neither ok nor missing on one side (a tensor
+    /// captured by one run only is a difference of selection, reported in
+    /// the rows and notes, not a divergence of the computation).
     pub fn first_divergence(&self) -> Option<&Row> {
-        self.rows.iter().find(|r| !r.verdict.is_ok())
+        self.rows.iter().find(|r| !r.verdict.is_ok() && !matches!(r.verdict, super::Verdict::Missing { .. }))
     }
 
     /// The JSON report; its top level has `first_divergence` (null or an
