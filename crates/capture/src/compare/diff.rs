@@ -116,6 +116,7 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
         for rs in &rc.manifest.steps {
             if let Some(ts) = tc.manifest.steps.iter().find(|s| s.step == rs.step)
                 && (ts.tokens != rs.tokens || ts.start_position != rs.start_position)
+                && !options.force
             {
                 skip_steps.insert(rs.step);
                 report.notes.push(format!(
@@ -141,12 +142,15 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
             && scope_rank(keys[i].1, keys[i].2) == scope_rank_now
         {
             let key = keys[i];
-            let a = r.load(key, None)?;
-            let b = t.load(key, a.as_ref().map(|x| x.shape.as_slice()))?;
-            let a = match (&r, a, &b) {
-                (Source::Aprt(_), None, Some(b)) => r.load(key, Some(&b.shape))?,
-                (_, a, _) => a,
-            };
+            let (mut a, mut b) = (r.load(key, None)?, t.load(key, None)?);
+            // APRT files carry no shape: take it from the other side.
+            if let (Some(x), Some(y)) = (&mut a, &mut b) {
+                if matches!(r, Source::Aprt(_)) && x.values.len() == y.values.len() {
+                    x.shape = y.shape.clone();
+                } else if matches!(t, Source::Aprt(_)) && x.values.len() == y.values.len() {
+                    y.shape = x.shape.clone();
+                }
+            }
             one_sided += usize::from(a.is_none() != b.is_none());
             scope.insert(key.2, (a, b));
             i += 1;

@@ -1,0 +1,146 @@
+//! diff and bisect on bad input: a clear message naming the problem, exit
+//! code 2, never a panic. And their exit codes 0/1 on good input.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn scratch(name: &str) -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("compare-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn moetrace(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moetrace")).args(args).output().unwrap()
+}
+
+fn capture(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let out = dir.join(name);
+    let config = dir.join(format!("{name}.ron"));
+    std::fs::write(
+        &config,
+        format!("(model: Synthetic(preset: \"tiny-moe\", seed: 1, layers: 2), prompt: Tokens([3, 4, 5]), {extra} capture: (out_dir: {out:?}))"),
+    )
+    .unwrap();
+    let status = moetrace(&["run", "-q", "--config", config.to_str().unwrap()]);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    out
+}
+
+fn expect_error(output: &Output, needles: &[&str]) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for n in needles {
+        assert!(stderr.contains(n), "stderr lacks `{n}`:\n{stderr}");
+    }
+}
+
+#[test]
+fn diff_exit_codes_are_0_without_and_1_with_a_divergence() {
+    let dir = scratch("codes");
+    let a = capture(&dir, "a", "");
+    let b = capture(&dir, "b", "");
+    let c = capture(&dir, "c", "faults: [(stage: \"ffn_norm\", layer: 1, kind: Zero)],");
+    assert_eq!(moetrace(&["diff", a.to_str().unwrap(), b.to_str().unwrap()]).status.code(), Some(0));
+    let out = moetrace(&["diff", "--json", a.to_str().unwrap(), c.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["first_divergence"]["stage"], "ffn_norm");
+    assert_eq!(json["first_divergence"]["layer"], 1);
+    let out = moetrace(&["diff", a.to_str().unwrap(), b.to_str().unwrap(), "--tolerance", "bogus=1"]);
+    expect_error(&out, &["--tolerance", "unknown stage `bogus`"]);
+}
+
+#[test]
+fn diff_rejects_bad_captures_with_exit_2() {
+    let dir = scratch("bad");
+    let good = capture(&dir, "good", "");
+    expect_error(&moetrace(&["diff", good.to_str().unwrap(), "/no/such/capture"]), &["/no/such/capture"]);
+
+    let other = capture(&dir, "other-format", "");
+    let manifest = other.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap().replace("moetrace-capture/1", "somebody-else/9");
+    std::fs::write(&manifest, text).unwrap();
+    expect_error(
+        &moetrace(&["diff", good.to_str().unwrap(), other.to_str().unwrap()]),
+        &["somebody-else/9", "moetrace-capture/1"],
+    );
+
+    let truncated = capture(&dir, "truncated", "");
+    let npy = truncated.join("step-0/layer-1/attn_out.npy");
+    let bytes = std::fs::read(&npy).unwrap();
+    std::fs::write(&npy, &bytes[..bytes.len() - 7]).unwrap();
+    expect_error(
+        &moetrace(&["diff", good.to_str().unwrap(), truncated.to_str().unwrap()]),
+        &["attn_out.npy", "truncated"],
+    );
+
+    let corrupt = capture(&dir, "corrupt", "");
+    std::fs::write(corrupt.join("step-0/layer-0/qk_norm.npy"), b"not numpy at all").unwrap();
+    expect_error(&moetrace(&["diff", good.to_str().unwrap(), corrupt.to_str().unwrap()]), &["qk_norm.npy", "magic"]);
+
+    let reshaped = capture(&dir, "reshaped", "");
+    let manifest = reshaped.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    let mut json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["tensors"][0]["shape"] = serde_json::json!([1, 1]);
+    std::fs::write(&manifest, json.to_string()).unwrap();
+    expect_error(
+        &moetrace(&["diff", good.to_str().unwrap(), reshaped.to_str().unwrap()]),
+        &["differs from the manifest"],
+    );
+
+    let other_prompt = dir.join("prompt.ron");
+    std::fs::write(
+        &other_prompt,
+        format!("(model: Synthetic(preset: \"tiny-moe\", seed: 1, layers: 2), prompt: Tokens([9]), capture: (out_dir: {:?}))", dir.join("p")),
+    )
+    .unwrap();
+    assert!(moetrace(&["run", "-q", "--config", other_prompt.to_str().unwrap()]).status.success());
+    let p = dir.join("p");
+    expect_error(&moetrace(&["diff", good.to_str().unwrap(), p.to_str().unwrap()]), &["prompts differ", "--force"]);
+    assert_eq!(moetrace(&["diff", "--force", good.to_str().unwrap(), p.to_str().unwrap()]).status.code(), Some(1));
+}
+
+#[test]
+fn diff_reads_aprt_captures_and_rejects_a_bad_magic() {
+    let dir = scratch("aprt");
+    let good = capture(&dir, "good", "");
+    let ours = capture::CaptureDir::open(&good).unwrap();
+    let aprt = dir.join("aprt");
+    for (step, layer, stage) in ours.keys().into_iter().filter(|k| k.0 == 0) {
+        let a = ours.load(step, layer, stage).unwrap().unwrap();
+        let folder = match layer {
+            Some(l) => aprt.join(format!("layer-{l}")),
+            None => aprt.clone(),
+        };
+        std::fs::create_dir_all(&folder).unwrap();
+        let values: Vec<f32> = a.values.iter().map(|&x| x as f32).collect();
+        capture::compare::aprt::write_aprt(&folder.join(format!("{stage}.bin")), layer, &values).unwrap();
+    }
+    let out = moetrace(&["diff", aprt.to_str().unwrap(), good.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(aprt.join("layer-1/attn_out.bin"), b"XXXX\0\0\0\0\0\0\0\0").unwrap();
+    expect_error(&moetrace(&["diff", aprt.to_str().unwrap(), good.to_str().unwrap()]), &["attn_out.bin", "APRT"]);
+}
+
+#[test]
+fn bisect_as_shipped_names_the_injected_fault() {
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/bisect.ron");
+    let out = moetrace(&["bisect", "-q", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["first_divergence"]["stage"], "moe_router");
+    assert_eq!(json["first_divergence"]["layer"], 2);
+    assert_eq!(json["graft"]["stage_is_wrong"], true);
+    let out = moetrace(&["bisect", "-q", "--config", config.to_str().unwrap(), "--fault", "attn_out@9=nan"]);
+    expect_error(&out, &["layer 9"]);
+}
