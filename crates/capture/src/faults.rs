@@ -299,7 +299,7 @@ mod tests {
         assert_eq!((f.layer, f.step, f.kind), (Some(1), 3, FaultKind::Scale(1.5)));
         let f: FaultSpec = "lm_head.2:4=noise(0.1, 9)".parse().unwrap();
         assert_eq!((f.layer, f.step, f.token, f.kind), (None, 2, 4, FaultKind::Noise { std: 0.1, seed: 9 }));
-        assert_eq!("x@1=zero".parse::<FaultSpec>().unwrap_err().contains("unknown stage `x`"), true);
+        assert!("x@1=zero".parse::<FaultSpec>().unwrap_err().contains("unknown stage `x`"));
         for bad in ["moe_router@2", "moe_router@a=nan", "moe_router@2=boom", "moe_router@2=scale(a)"] {
             let e = bad.parse::<FaultSpec>().unwrap_err();
             assert!(e.contains(bad) && e.contains("stage@layer"), "{e}");

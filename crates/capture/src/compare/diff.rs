@@ -23,7 +23,7 @@ pub struct DiffOptions {
 
 /// One side of a diff.
 enum Source {
-    Capture(CaptureDir),
+    Capture(Box<CaptureDir>),
     Aprt(AprtDir),
 }
 
@@ -37,7 +37,7 @@ impl Source {
             });
         }
         if dir.join("manifest.json").is_file() || !AprtDir::detect(dir) {
-            Ok(Source::Capture(CaptureDir::open(dir)?))
+            Ok(Source::Capture(Box::new(CaptureDir::open(dir)?)))
         } else {
             Ok(Source::Aprt(AprtDir::open(dir)?))
         }

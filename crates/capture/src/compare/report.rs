@@ -65,7 +65,7 @@ impl Row {
                 _ => Side::Target,
             };
             Verdict::Nan { side }
-        } else if !(m.rel_l2 <= self.tolerance) {
+        } else if m.rel_l2.is_nan() || m.rel_l2 > self.tolerance {
             Verdict::Diverged
         } else {
             Verdict::Ok
