@@ -220,3 +220,45 @@ fn a_perturbation_across_a_near_tie_is_a_routing_flip_not_a_wrong_router() {
     }
     panic!("no seed flipped the near-tie token (margin {margin:e}, logit gap {logit_gap:e})");
 }
+
+#[test]
+fn a_stage_that_only_amplifies_upstream_drift_is_told_apart_from_a_wrong_one() {
+    // attn_norm is perturbed within its (loosened) tolerance; qkv_matmul,
+    // computed correctly from it, is the first divergence but not wrong.
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 5), prompt: Tokens({PROMPT}), reference: Cpu, target: Cpu, threads: 1, \
+         faults: [(stage: \"attn_norm\", layer: 1, token: 2, kind: Scale(1.002))])"
+    );
+    let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let mut options = BisectOptions::default();
+    options.tolerances.add("attn_norm=1e-2").unwrap();
+    let report = bisect(&config, Path::new("b.ron"), &options, &mut |_, _| {}).unwrap();
+    let first = report.first_divergence().unwrap();
+    assert_eq!((first.step, first.layer, first.stage), (0, Some(1), S::QkvMatmul), "{}", report.render(false));
+    let graft = report.graft.as_ref().unwrap();
+    assert!(!graft.stage_is_wrong && graft.rel_l2 < 1e-6, "{}", report.render(false));
+    let (place, _) = graft.largest_jump.as_ref().unwrap();
+    assert_eq!(place, "step 0 layer 1 attn_norm");
+    assert!(report.render(false).contains("only amplifies upstream drift"));
+}
+
+#[test]
+fn bisect_can_capture_both_runs_and_diff_agrees_with_it() {
+    let dir = scratch("bisect-capture");
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-dense\", seed: 5), prompt: Tokens({PROMPT}), generate: 3, reference: Cpu, target: Cpu, \
+         faults: [(stage: \"ffn_up\", layer: 2, step: 1, kind: Noise(std: 0.5, seed: 3))], capture: (out_dir: {:?}))",
+        dir.join("both")
+    );
+    let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let options = BisectOptions { all: true, ..BisectOptions::default() };
+    let report = bisect(&config, Path::new("b.ron"), &options, &mut |_, _| {}).unwrap();
+    let first = report.first_divergence().unwrap();
+    assert_eq!((first.step, first.layer, first.stage), (1, Some(2), S::FfnUp));
+    let diffed = diff(&dir.join("both/reference"), &dir.join("both/target"), &DiffOptions::default()).unwrap();
+    let d = diffed.first_divergence().unwrap();
+    assert_eq!((d.step, d.layer, d.stage), (1, Some(2), S::FfnUp));
+    let target = CaptureDir::open(&dir.join("both/target")).unwrap();
+    assert_eq!(target.manifest.faults.len(), 1);
+    assert_eq!(target.manifest.steps.len(), 3);
+}

@@ -12,17 +12,18 @@ use std::sync::{Arc, Mutex};
 use bevy_ecs::prelude::*;
 use pipeline::ecs::ActiveBackend;
 use pipeline::stages::layer_input;
-use pipeline::{Forward, HostTensor, Model, StageHookSystems, StageLog};
+use pipeline::{Forward, HostTensor, Model, StageHookSystems, StageLog, StepRecord};
 use serde::Deserialize;
 use stage_types::SaveTensorStage as S;
 
 use crate::compare::report::Graft;
 use crate::compare::{Report, Row, ScopeTensors, Tolerances, compare_scope};
-use crate::config::{BackendSpec, ModelSpec, PromptSpec};
+use crate::config::{BackendSpec, CaptureSpec, ModelSpec, PromptSpec};
 use crate::error::{CaptureError, Result};
 use crate::faults::{FaultSpec, attach_faults};
 use crate::npy::NpyArray;
 use crate::run::{build_backend, load_model};
+use crate::session::{CaptureSession, RunRecord};
 
 /// A bisect config: the run config with `reference` and `target` in place
 /// of `backend`; `faults` apply to the target.
@@ -46,6 +47,11 @@ pub struct BisectConfig {
     /// Faults injected into the target.
     #[serde(default)]
     pub faults: Vec<FaultSpec>,
+    /// Optional capture of both runs, to `<out_dir>/reference` and
+    /// `<out_dir>/target` (what ran: up to the first divergence unless
+    /// `--all`).
+    #[serde(default)]
+    pub capture: Option<CaptureSpec>,
 }
 
 impl BisectConfig {
@@ -65,8 +71,12 @@ impl BisectConfig {
             col: e.span.start.col,
             message: e.code.to_string(),
         })?;
+        let base = path.parent().unwrap_or(Path::new(""));
         if let ModelSpec::Path(p) = &mut config.model {
-            *p = path.parent().unwrap_or(Path::new("")).join(&*p);
+            *p = base.join(&*p);
+        }
+        if let Some(capture) = &mut config.capture {
+            capture.out_dir = base.join(&capture.out_dir);
         }
         let PromptSpec::Tokens(tokens) = &config.prompt;
         if tokens.is_empty() {
@@ -123,6 +133,8 @@ fn to_array(t: &HostTensor) -> NpyArray {
 struct Side {
     forward: Forward,
     collected: Arc<Mutex<BTreeMap<S, HostTensor>>>,
+    /// Backend name and dtype, for capture manifests.
+    name: (&'static str, &'static str),
 }
 
 impl Side {
@@ -159,14 +171,36 @@ pub fn bisect(
             message: format!("prompt: token id {bad} is out of range 0..{}", model.config.vocab_size),
         });
     }
-    let make = |spec: &BackendSpec| -> Result<Side> {
+    if let Some(capture) = &config.capture {
+        capture.steps.0.check_within(steps, "step").map_err(|e| CaptureError::ConfigValue {
+            path: path.to_path_buf(),
+            message: format!("capture.steps: {e}"),
+        })?;
+        capture.layers.0.check_within(model.config.num_layers, "layer").map_err(|e| CaptureError::ConfigValue {
+            path: path.to_path_buf(),
+            message: format!("capture.layers: {e}"),
+        })?;
+    }
+    // Declared before the forward passes: see CaptureSession.
+    let sessions = match &config.capture {
+        Some(spec) => Some([
+            CaptureSession::start(spec, &spec.out_dir.join("reference"))?,
+            CaptureSession::start(spec, &spec.out_dir.join("target"))?,
+        ]),
+        None => None,
+    };
+    let make = |spec: &BackendSpec, session: Option<&CaptureSession>| -> Result<Side> {
         let backend = build_backend(spec, config.threads, &model, path)?;
+        let name = (backend.name(), backend.dtype());
         let mut forward = Forward::new(&model, backend);
         let collected = collect_every_stage(&mut forward);
-        Ok(Side { forward, collected })
+        if let Some(session) = session {
+            session.attach(&mut forward);
+        }
+        Ok(Side { forward, collected, name })
     };
-    let mut reference = make(&config.reference)?;
-    let mut target = make(&config.target)?;
+    let mut reference = make(&config.reference, sessions.as_ref().map(|s| &s[0]))?;
+    let mut target = make(&config.target, sessions.as_ref().map(|s| &s[1]))?;
     attach_faults(&mut target.forward, &config.faults);
     let target_dtype = match config.target {
         BackendSpec::Cpu => "f32".to_string(),
@@ -185,9 +219,67 @@ pub fn bisect(
         ),
         ..Report::default()
     };
+    let mut progress = Progress { steps: Vec::new(), generated: Vec::new() };
+    lockstep(
+        config,
+        &model,
+        options,
+        &mut reference,
+        &mut target,
+        &target_dtype,
+        &mut report,
+        &mut progress,
+        on_scope,
+    )?;
+    let names = [reference.name, target.name];
+    drop((reference, target));
+    if let Some(sessions) = sessions {
+        let faults: [&[FaultSpec]; 2] = [&[], &config.faults];
+        for ((session, (backend, dtype)), faults) in sessions.into_iter().zip(names).zip(faults) {
+            session.commit(&RunRecord {
+                model: &model,
+                backend,
+                dtype,
+                prompt: config.tokens(),
+                generated: &progress.generated,
+                steps: &progress.steps,
+                faults,
+            })?;
+        }
+        report.notes.push(format!(
+            "captured to {}/reference and {}/target",
+            config.capture.as_ref().map(|c| c.out_dir.display().to_string()).unwrap_or_default(),
+            config.capture.as_ref().map(|c| c.out_dir.display().to_string()).unwrap_or_default()
+        ));
+    }
+    Ok(report)
+}
+
+/// What the lockstep ran, for capture manifests.
+struct Progress {
+    steps: Vec<StepRecord>,
+    generated: Vec<u32>,
+}
+
+/// The step loop of [`bisect`]; returns early after the first divergence
+/// unless `options.all`.
+#[expect(clippy::too_many_arguments, reason = "the loop's state is owned by bisect, which commits captures after it")]
+fn lockstep(
+    config: &BisectConfig,
+    model: &Model,
+    options: &BisectOptions,
+    reference: &mut Side,
+    target: &mut Side,
+    target_dtype: &str,
+    report: &mut Report,
+    progress: &mut Progress,
+    on_scope: &mut dyn FnMut(usize, String),
+) -> Result<()> {
+    let steps = config.generate.max(1);
     let mut tokens = config.tokens().to_vec();
     let mut position = 0;
     for step in 0..steps {
+        progress.steps.push(StepRecord { step, start_position: position, tokens: tokens.clone() });
         reference.forward.begin_step(step, &tokens, position)?;
         target.forward.begin_step(step, &tokens, position)?;
         let mut ref_input: Option<HostTensor> = None;
@@ -195,7 +287,7 @@ pub fn bisect(
             .chain((0..model.config.num_layers).map(Scope::Layer))
             .chain(std::iter::once(Scope::Epilogue));
         for scope in scopes {
-            for side in [&mut reference, &mut target] {
+            for side in [&mut *reference, &mut *target] {
                 match scope {
                     Scope::Prologue => side.forward.run_prologue()?,
                     Scope::Layer(l) => side.forward.run_layer(l)?,
@@ -211,7 +303,7 @@ pub fn bisect(
             for stage in r.keys().chain(t.keys()) {
                 tensors.insert(*stage, (r.get(stage).map(to_array), t.get(stage).map(to_array)));
             }
-            let rows = compare_scope(step, layer, &tensors, &options.tolerances, &target_dtype);
+            let rows = compare_scope(step, layer, &tensors, &options.tolerances, target_dtype);
             on_scope(
                 step,
                 match scope {
@@ -236,11 +328,11 @@ pub fn bisect(
                     &inputs,
                     &report.rows,
                     options,
-                    &target_dtype,
+                    target_dtype,
                 )?;
                 report.graft = Some(g);
                 if !options.all {
-                    return Ok(report);
+                    return Ok(());
                 }
             }
             ref_input = match scope {
@@ -249,8 +341,12 @@ pub fn bisect(
                 Scope::Epilogue => None,
             };
         }
+        if config.generate == 0 {
+            break;
+        }
         let next_ref = reference.forward.next_token()?;
         let next_target = target.forward.next_token()?;
+        progress.generated.push(next_ref);
         if next_ref != next_target {
             report.notes.push(format!(
                 "step {step}: greedy tokens differ (reference {next_ref}, target {next_target}); both runs continue with the reference's"
@@ -259,7 +355,7 @@ pub fn bisect(
         position += tokens.len();
         tokens = vec![next_ref];
     }
-    Ok(report)
+    Ok(())
 }
 
 fn describe_model(model: &Model) -> String {

@@ -18,6 +18,7 @@ pub mod manifest;
 pub mod npy;
 pub mod reader;
 pub mod run;
+pub mod session;
 pub mod systems;
 pub mod writer;
 

@@ -10,9 +10,7 @@ use stage_types::SaveTensorStage;
 use crate::config::{BackendSpec, ModelSpec, RunConfig};
 use crate::error::{CaptureError, Result};
 use crate::faults::attach_faults;
-use crate::manifest::{FORMAT, Manifest, ManifestModel, ManifestStep};
-use crate::systems::{CaptureSelection, attach_capture};
-use crate::writer::{CaptureTarget, CaptureWriter};
+use crate::session::{CaptureSession, RunRecord};
 
 /// Progress of a run, for display.
 #[derive(Debug, Clone, PartialEq)]
@@ -108,10 +106,6 @@ fn describe(model: &Model) -> String {
     )
 }
 
-fn target_dir_display(summary: &RunSummary) -> String {
-    summary.out_dir.as_ref().map(|d| d.display().to_string()).unwrap_or_default()
-}
-
 /// Runs a parsed config. `config_path` is for messages. On any error the
 /// capture folder is left untouched and no temporary folder remains.
 pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunEvent)) -> Result<RunOutput> {
@@ -121,22 +115,17 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     tracing::info!(model = %describe(&model), seconds = load_time.as_secs_f64(), "model loaded");
     on_event(RunEvent::ModelLoaded { description: describe(&model), elapsed: load_time });
     config.check_against_model(config_path, &model.config)?;
-    let target = config.capture.as_ref().map(|c| CaptureTarget::prepare(&c.out_dir)).transpose()?;
-    let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
-    let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
-    // The writer is declared before the forward pass so that on any early
-    // return the forward pass (holding the channel's last sender) is dropped
-    // first and the writer's join cannot wait forever.
-    let writer = match &target {
-        Some(target) => Some(CaptureWriter::spawn(target.tmp_dir().to_path_buf())?),
+    // Before any work, and declared before the forward pass: see CaptureSession.
+    let session = match &config.capture {
+        Some(spec) => Some(CaptureSession::start(spec, &spec.out_dir)?),
         None => None,
     };
+    let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
+    let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
     let mut forward = Forward::new(&model, backend);
     attach_faults(&mut forward, &config.faults);
-    if let (Some(writer), Some(spec)) = (&writer, &config.capture) {
-        let selection =
-            CaptureSelection { stages: spec.stages.0, layers: spec.layers.0.clone(), steps: spec.steps.0.clone() };
-        attach_capture(&mut forward, selection, writer.sender());
+    if let Some(session) = &session {
+        session.attach(&mut forward);
     }
 
     let start = Instant::now();
@@ -158,36 +147,19 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         bytes_written: 0,
         out_dir: None,
     };
-    if let (Some(target), Some(writer)) = (target, writer) {
-        let report = writer.finish()?;
-        let manifest = Manifest {
-            format: FORMAT.into(),
-            producer: Some(format!("moetrace {}", env!("CARGO_PKG_VERSION"))),
-            backend: backend_name,
-            dtype: backend_dtype,
-            model: ManifestModel {
-                architecture: model.config.architecture.clone(),
-                config: model.config.json.clone(),
-                source: Some(match &model.source {
-                    ModelSource::Checkpoint(p) => p.display().to_string(),
-                    ModelSource::Synthetic { preset, seed } => format!("synthetic:{preset}:{seed}"),
-                }),
-            },
-            prompt: config.prompt_tokens().to_vec(),
-            generated: generation.generated,
-            steps: generation
-                .steps
-                .iter()
-                .map(|s| ManifestStep { step: s.step, start_position: s.start_position, tokens: s.tokens.clone() })
-                .collect(),
-            tensors: report.entries,
-            faults: config.faults.iter().map(|f| f.to_string()).collect(),
-        };
-        summary.tensors_written = manifest.tensors.len();
-        summary.bytes_written = report.bytes;
-        summary.out_dir = Some(target.out_dir().to_path_buf());
-        target.commit(&manifest)?;
-        tracing::info!(out_dir = %target_dir_display(&summary), tensors = summary.tensors_written, "capture committed");
+    if let Some(session) = session {
+        let stats = session.commit(&RunRecord {
+            model: &model,
+            backend: &backend_name,
+            dtype: &backend_dtype,
+            prompt: config.prompt_tokens(),
+            generated: &generation.generated,
+            steps: &generation.steps,
+            faults: &config.faults,
+        })?;
+        summary.tensors_written = stats.tensors;
+        summary.bytes_written = stats.bytes;
+        summary.out_dir = Some(stats.out_dir);
     }
     Ok(RunOutput { summary, last_logits })
 }

@@ -1,0 +1,109 @@
+//! [`CaptureSession`]: one capture from start to commit — the temporary
+//! folder, the writer thread, the capture systems on a forward pass, and
+//! the manifest written at the end. Used by `run` and by `bisect` (one per
+//! side).
+
+use std::path::{Path, PathBuf};
+
+use pipeline::{Forward, Model, ModelSource, StepRecord};
+
+use crate::config::CaptureSpec;
+use crate::error::Result;
+use crate::faults::FaultSpec;
+use crate::manifest::{FORMAT, Manifest, ManifestModel, ManifestStep};
+use crate::systems::{CaptureSelection, attach_capture};
+use crate::writer::{CaptureTarget, CaptureWriter};
+
+/// What a manifest records about the run that produced it.
+pub struct RunRecord<'a> {
+    /// The model.
+    pub model: &'a Model,
+    /// Backend name.
+    pub backend: &'a str,
+    /// Activation dtype.
+    pub dtype: &'a str,
+    /// Prompt tokens.
+    pub prompt: &'a [u32],
+    /// Greedy tokens produced.
+    pub generated: &'a [u32],
+    /// Steps that ran.
+    pub steps: &'a [StepRecord],
+    /// Faults injected.
+    pub faults: &'a [FaultSpec],
+}
+
+/// What a committed capture holds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptureStats {
+    /// Tensors written.
+    pub tensors: usize,
+    /// Bytes written.
+    pub bytes: u64,
+    /// The capture folder.
+    pub out_dir: PathBuf,
+}
+
+/// A capture in progress. Declare it before the forward pass it observes,
+/// so that on an early return the forward pass (holding the channel's
+/// sender) is dropped first; dropping an unfinished session removes its
+/// temporary folder.
+pub struct CaptureSession {
+    target: CaptureTarget,
+    writer: CaptureWriter,
+    selection: CaptureSelection,
+}
+
+impl CaptureSession {
+    /// Prepares `out_dir` (refusing to replace anything but a capture) and
+    /// starts the writer.
+    pub fn start(spec: &CaptureSpec, out_dir: &Path) -> Result<Self> {
+        let target = CaptureTarget::prepare(out_dir)?;
+        let writer = CaptureWriter::spawn(target.tmp_dir().to_path_buf())?;
+        let selection =
+            CaptureSelection { stages: spec.stages.0, layers: spec.layers.0.clone(), steps: spec.steps.0.clone() };
+        Ok(Self { target, writer, selection })
+    }
+
+    /// Adds the capture systems to `forward`.
+    pub fn attach(&self, forward: &mut Forward) {
+        attach_capture(forward, self.selection.clone(), self.writer.sender());
+    }
+
+    /// Waits for the writer, writes the manifest and renames the folder
+    /// into place. The forward pass must have been dropped.
+    pub fn commit(self, run: &RunRecord) -> Result<CaptureStats> {
+        let report = self.writer.finish()?;
+        let model = run.model;
+        let manifest = Manifest {
+            format: FORMAT.into(),
+            producer: Some(format!("moetrace {}", env!("CARGO_PKG_VERSION"))),
+            backend: run.backend.to_string(),
+            dtype: run.dtype.to_string(),
+            model: ManifestModel {
+                architecture: model.config.architecture.clone(),
+                config: model.config.json.clone(),
+                source: Some(match &model.source {
+                    ModelSource::Checkpoint(p) => p.display().to_string(),
+                    ModelSource::Synthetic { preset, seed } => format!("synthetic:{preset}:{seed}"),
+                }),
+            },
+            prompt: run.prompt.to_vec(),
+            generated: run.generated.to_vec(),
+            steps: run
+                .steps
+                .iter()
+                .map(|s| ManifestStep { step: s.step, start_position: s.start_position, tokens: s.tokens.clone() })
+                .collect(),
+            tensors: report.entries,
+            faults: run.faults.iter().map(|f| f.to_string()).collect(),
+        };
+        let stats = CaptureStats {
+            tensors: manifest.tensors.len(),
+            bytes: report.bytes,
+            out_dir: self.target.out_dir().to_path_buf(),
+        };
+        self.target.commit(&manifest)?;
+        tracing::info!(out_dir = %stats.out_dir.display(), tensors = stats.tensors, "capture committed");
+        Ok(stats)
+    }
+}
