@@ -18,7 +18,7 @@ use stage_types::SaveTensorStage as S;
 
 use crate::compare::report::Graft;
 use crate::compare::{Report, Row, ScopeTensors, Tolerances, compare_scope};
-use crate::config::{BackendSpec, CaptureSpec, ModelSpec, PromptSpec};
+use crate::config::{BackendSpec, CaptureSpec, ModelSpec, PromptSpec, parse_ron, read_config, resolve_paths};
 use crate::error::{CaptureError, Result};
 use crate::faults::{FaultSpec, attach_faults};
 use crate::npy::NpyArray;
@@ -57,27 +57,13 @@ pub struct BisectConfig {
 impl BisectConfig {
     /// Reads and parses a bisect config, resolving paths against its folder.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| CaptureError::ReadConfig { path: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+        Self::parse(&read_config(path)?, path)
     }
 
     /// Parses RON text (file:line:col on errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
-        let mut config: BisectConfig = options.from_str(text).map_err(|e| CaptureError::ConfigSyntax {
-            path: path.to_path_buf(),
-            line: e.span.start.line,
-            col: e.span.start.col,
-            message: e.code.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new(""));
-        if let ModelSpec::Path(p) = &mut config.model {
-            *p = base.join(&*p);
-        }
-        if let Some(capture) = &mut config.capture {
-            capture.out_dir = base.join(&capture.out_dir);
-        }
+        let mut config: BisectConfig = parse_ron(text, path)?;
+        resolve_paths(path, &mut config.model, config.capture.as_mut());
         let PromptSpec::Tokens(tokens) = &config.prompt;
         if tokens.is_empty() {
             return Err(CaptureError::ConfigValue {

@@ -160,33 +160,48 @@ pub struct RunConfig {
     pub faults: Vec<FaultSpec>,
 }
 
+/// Parses a RON config (`Some(..)` may be left out), reporting errors at
+/// file:line:col.
+pub(crate) fn parse_ron<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
+    let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
+    options.from_str(text).map_err(|e| CaptureError::ConfigSyntax {
+        path: path.to_path_buf(),
+        line: e.span.start.line,
+        col: e.span.start.col,
+        message: e.code.to_string(),
+    })
+}
+
+/// Reads a config file.
+pub(crate) fn read_config(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| CaptureError::ReadConfig { path: path.to_path_buf(), source })
+}
+
+/// Resolves the model path and capture folder against the config file's
+/// folder.
+pub(crate) fn resolve_paths(path: &Path, model: &mut ModelSpec, capture: Option<&mut CaptureSpec>) {
+    let base = path.parent().unwrap_or(Path::new(""));
+    if let ModelSpec::Path(p) = model {
+        *p = base.join(&*p);
+    }
+    if let Some(capture) = capture {
+        capture.out_dir = base.join(&capture.out_dir);
+    }
+}
+
 impl RunConfig {
     /// Parses RON text; `path` is for messages and for resolving relative
     /// paths against its folder.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
-        let mut config: RunConfig = options.from_str(text).map_err(|e| CaptureError::ConfigSyntax {
-            path: path.to_path_buf(),
-            line: e.span.start.line,
-            col: e.span.start.col,
-            message: e.code.to_string(),
-        })?;
-        let base = path.parent().unwrap_or(Path::new(""));
-        if let ModelSpec::Path(p) = &mut config.model {
-            *p = base.join(&*p);
-        }
-        if let Some(capture) = &mut config.capture {
-            capture.out_dir = base.join(&capture.out_dir);
-        }
+        let mut config: RunConfig = parse_ron(text, path)?;
+        resolve_paths(path, &mut config.model, config.capture.as_mut());
         config.check(path)?;
         Ok(config)
     }
 
     /// Reads and parses a config file.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| CaptureError::ReadConfig { path: path.to_path_buf(), source })?;
-        Self::parse(&text, path)
+        Self::parse(&read_config(path)?, path)
     }
 
     /// The token ids of the prompt.

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use capture::bisect::{BisectConfig, BisectOptions, bisect};
-use capture::compare::Tolerances;
 use clap::Args;
 
 /// Arguments of `moetrace bisect`.
@@ -33,13 +32,8 @@ pub struct BisectArgs {
 /// Exit code 0 without divergence, 1 with one.
 pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
     let mut config = BisectConfig::load(&args.config).map_err(|e| e.to_string())?;
-    for text in &args.faults {
-        config.faults.push(text.parse().map_err(|e: String| format!("--fault: {e}"))?);
-    }
-    let mut tolerances = Tolerances::default();
-    for t in &args.tolerances {
-        tolerances.add(t).map_err(|e| format!("--tolerance: {e}"))?;
-    }
+    config.faults.extend(super::parse_faults(&args.faults)?);
+    let tolerances = super::parse_tolerances(&args.tolerances)?;
     let options = BisectOptions { tolerances, all: args.all };
     let quiet = args.quiet;
     let report = bisect(&config, &args.config, &options, &mut |step, scope| {

@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capture::compare::Tolerances;
 use capture::compare::diff::{DiffOptions, diff};
 use clap::Args;
 
@@ -31,10 +30,7 @@ pub struct DiffArgs {
 
 /// Exit code 0 without divergence, 1 with one.
 pub fn execute(args: &DiffArgs) -> Result<ExitCode, String> {
-    let mut tolerances = Tolerances::default();
-    for t in &args.tolerances {
-        tolerances.add(t).map_err(|e| format!("--tolerance: {e}"))?;
-    }
+    let tolerances = super::parse_tolerances(&args.tolerances)?;
     let report = diff(&args.reference, &args.target, &DiffOptions { tolerances, force: args.force })
         .map_err(|e| e.to_string())?;
     super::print_report(&report, args.json, args.all)

@@ -8,7 +8,22 @@ pub mod stages;
 
 use std::process::ExitCode;
 
-use capture::compare::Report;
+use capture::compare::{Report, Tolerances};
+use capture::faults::FaultSpec;
+
+/// Parses `--fault` values.
+pub fn parse_faults(texts: &[String]) -> Result<Vec<FaultSpec>, String> {
+    texts.iter().map(|t| t.parse().map_err(|e: String| format!("--fault: {e}"))).collect()
+}
+
+/// Parses `--tolerance` values.
+pub fn parse_tolerances(texts: &[String]) -> Result<Tolerances, String> {
+    let mut tolerances = Tolerances::default();
+    for t in texts {
+        tolerances.add(t).map_err(|e| format!("--tolerance: {e}"))?;
+    }
+    Ok(tolerances)
+}
 
 /// Prints a comparison report (JSON or human) and returns 1 if it found a
 /// divergence, 0 if not.

@@ -26,9 +26,7 @@ pub struct RunArgs {
 /// Loads the config, runs it with progress on stderr, prints a summary.
 pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     let mut config = RunConfig::load(&args.config).map_err(|e| e.to_string())?;
-    for text in &args.faults {
-        config.faults.push(text.parse().map_err(|e: String| format!("--fault: {e}"))?);
-    }
+    config.faults.extend(super::parse_faults(&args.faults)?);
     let mut progress = Progress::new(!args.quiet, config.step_count());
     let output = capture::run(&config, &args.config, &mut |event| match event {
         RunEvent::ModelLoaded { description, elapsed } => {
