@@ -21,6 +21,14 @@ for exe in .gpu/bin/test-*; do
     skipped=$(grep -c SKIPPED "$out/$name.log")
     results+=("$(printf '%-32s %-5s %-12s skipped:%-3s %6ss' "$name" "$status" "$passed" "$skipped" "$secs")")
 done
+# The acceptance runs through the CLI, as a user would make them.
+for args in "run -q --config .gpu/configs/cuda-f32.ron" "bisect -q --config .gpu/configs/bisect-cuda.ron"; do
+    name=$(echo "$args" | cut -d' ' -f1)
+    # shellcheck disable=SC2086
+    .gpu/bin/moetrace $args >"$out/cli-$name.log" 2>&1
+    code=$?
+    results+=("$(printf '%-32s exit %-3s %s' "moetrace $name" "$code" "$(grep -m1 -E 'first divergence|no divergence|^run:' "$out/cli-$name.log")")")
+done
 echo
 echo "GPU test table"
 printf '%s\n' "${results[@]}" | tee "$out/table.txt"

@@ -44,3 +44,11 @@ pub fn rel_l2(reference: &[f64], target: &[f64]) -> f64 {
     let norm: f64 = reference.iter().map(|a| a * a).sum();
     if diff == 0.0 { 0.0 } else { (diff / norm).sqrt() }
 }
+
+/// The fixture's `greedy_continuation` (the tokens Hugging Face's greedy
+/// decoding appends to the prompt).
+pub fn greedy_continuation(fixture_dir: &Path) -> Vec<u32> {
+    let text = std::fs::read_to_string(fixture_dir.join("activations/manifest.json")).expect("fixture manifest");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("fixture manifest is JSON");
+    serde_json::from_value(json["greedy_continuation"].clone()).expect("fixture manifest has greedy_continuation")
+}

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 use capture::{CaptureDir, RunConfig};
-use moetrace_tests::{fixture, rel_l2, scratch};
+use moetrace_tests::{fixture, greedy_continuation, rel_l2, scratch};
 
 const TOLERANCE: f64 = 1e-5;
 
@@ -26,13 +26,8 @@ fn check_fixture(name: &str, generate: usize) {
     let result = capture::run(&config, Path::new("oracle.ron"), &mut |_| {}).unwrap();
     let ours = CaptureDir::open(&out.join("cpu")).unwrap();
 
-    let manifest_json: serde_json_lite::Continuation = serde_json_lite::read(&dir.join("activations/manifest.json"));
     if generate > 0 {
-        assert_eq!(
-            result.summary.generated,
-            manifest_json.greedy_continuation[..generate],
-            "{name}: greedy continuation"
-        );
+        assert_eq!(result.summary.generated, greedy_continuation(&dir)[..generate], "{name}: greedy continuation");
     }
 
     let mut checked = 0;
@@ -67,21 +62,4 @@ fn cpu_matches_the_oracle_on_tiny_qwen3_moe_including_decode_steps() {
 #[test]
 fn cpu_matches_the_oracle_on_tiny_qwen3_dense() {
     check_fixture("tiny-qwen3", 8);
-}
-
-/// Just enough JSON reading for the fixture's greedy_continuation.
-mod serde_json_lite {
-    use std::path::Path;
-
-    pub struct Continuation {
-        pub greedy_continuation: Vec<u32>,
-    }
-
-    pub fn read(path: &Path) -> Continuation {
-        let text = std::fs::read_to_string(path).unwrap();
-        let at = text.find("\"greedy_continuation\"").expect("fixture manifest has greedy_continuation");
-        let body = &text[at..];
-        let list = &body[body.find('[').unwrap() + 1..body.find(']').unwrap()];
-        Continuation { greedy_continuation: list.split(',').map(|s| s.trim().parse().unwrap()).collect() }
-    }
 }

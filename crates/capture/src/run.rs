@@ -75,11 +75,19 @@ pub fn build_backend(
 ) -> Result<Box<dyn Backend>> {
     match spec {
         BackendSpec::Cpu => Ok(Box::new(CpuBackend::new(model.store.clone(), threads)?)),
+        #[cfg(feature = "cuda")]
+        BackendSpec::Cuda { device, dtype: crate::config::CudaDtype::F32 } => {
+            Ok(Box::new(pipeline::CudaBackend::new(model.store.clone(), *device)?))
+        }
+        #[cfg(feature = "cuda")]
+        BackendSpec::Cuda { dtype: crate::config::CudaDtype::Bf16, .. } => Err(CaptureError::ConfigValue {
+            path: config_path.to_path_buf(),
+            message: format!("backend: {spec}: the Bf16 mode is not built yet; use Cuda(device: N, dtype: F32)"),
+        }),
+        #[cfg(not(feature = "cuda"))]
         BackendSpec::Cuda { .. } => Err(CaptureError::ConfigValue {
             path: config_path.to_path_buf(),
-            message: format!(
-                "backend: {spec} is not available yet: the CUDA kernels arrive with the CUDA backend issue; use `backend: Cpu`"
-            ),
+            message: format!("backend: {spec}: this build has no CUDA support (build with the `cuda` feature)"),
         }),
     }
 }

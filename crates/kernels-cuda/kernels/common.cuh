@@ -6,6 +6,12 @@ typedef unsigned long long u64;
 typedef unsigned int u32;
 typedef unsigned short u16;
 
+// NVRTC has no <math.h>; the constants kernels need.
+#ifndef INFINITY
+#define INFINITY __int_as_float(0x7f800000)
+#endif
+#define QUIET_NAN __int_as_float(0x7fc00000)
+
 // Round-to-nearest-even f32 -> bf16 bits (NaN kept quiet), identical to
 // half::bf16::from_f32 on the host.
 __device__ __forceinline__ u16 f32_to_bf16_bits(float x) {

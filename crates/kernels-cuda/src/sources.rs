@@ -5,7 +5,14 @@
 pub const COMMON: &str = include_str!("../kernels/common.cuh");
 
 /// Every kernel family: (name, source).
-pub const FAMILIES: &[(&str, &str)] = &[("synthetic", include_str!("../kernels/synthetic.cu"))];
+pub const FAMILIES: &[(&str, &str)] = &[
+    ("attention", include_str!("../kernels/attention.cu")),
+    ("elementwise", include_str!("../kernels/elementwise.cu")),
+    ("linear", include_str!("../kernels/linear.cu")),
+    ("moe", include_str!("../kernels/moe.cu")),
+    ("norm", include_str!("../kernels/norm.cu")),
+    ("synthetic", include_str!("../kernels/synthetic.cu")),
+];
 
 /// The full translation unit of a family: common.cuh, then the family's
 /// source with its `#include "common.cuh"` line removed.

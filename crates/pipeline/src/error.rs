@@ -98,6 +98,9 @@ pub enum PipelineError {
     /// A bad request to the forward pass (token out of range, empty prompt...).
     #[error("{0}")]
     BadInput(String),
+    /// A CUDA call failed (out of memory, launch failure...).
+    #[error("GPU error while {0}")]
+    Gpu(String),
     /// A backend that is not available in this build or on this machine.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),

@@ -34,6 +34,8 @@ pub mod weights;
 
 pub use backend::Backend;
 pub use backend::cpu::CpuBackend;
+#[cfg(feature = "cuda")]
+pub use backend::cuda::CudaBackend;
 pub use config::ModelConfig;
 pub use ecs::{CurrentLayer, StageHookSystems, StageLog, StageSet, StepState};
 pub use error::{PipelineError, Result};

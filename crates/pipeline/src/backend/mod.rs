@@ -5,6 +5,8 @@
 //! they talk to.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
 use stage_types::SaveTensorStage;
 

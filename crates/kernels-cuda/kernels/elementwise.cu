@@ -1,0 +1,45 @@
+// elementwise.cu: embedding lookup, bias, residual add, silu, mul, swiglu
+// (f32 activations; one thread per element).
+#include "common.cuh"
+
+extern "C" __global__ void embedding_f32(float *out, const float *table, const unsigned int *tokens, u32 t_len, u32 h) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)t_len * h) return;
+    u32 t = (u32)(i / h), c = (u32)(i % h);
+    out[i] = table[(u64)tokens[t] * h + c];
+}
+
+extern "C" __global__ void add_bias_f32(float *out, const float *x, const float *bias, u64 n, u32 width) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = x[i] + bias[i % width];
+}
+
+extern "C" __global__ void add_f32(float *out, const float *a, const float *b, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] + b[i];
+}
+
+extern "C" __global__ void mul_f32(float *out, const float *a, const float *b, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = a[i] * b[i];
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+extern "C" __global__ void silu_f32(float *out, const float *x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = silu(x[i]);
+}
+
+extern "C" __global__ void swiglu_f32(float *out, const float *gate, const float *up, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = silu(gate[i]) * up[i];
+}
+
+// dst[r * dst_width + c] = src[r * src_width + src_col + c] for c < width
+extern "C" __global__ void copy_columns_f32(float *dst, const float *src, u32 rows, u32 src_width, u32 src_col, u32 width, u32 dst_width) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * width) return;
+    u32 r = (u32)(i / width), c = (u32)(i % width);
+    dst[(u64)r * dst_width + c] = src[(u64)r * src_width + src_col + c];
+}

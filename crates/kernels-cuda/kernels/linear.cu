@@ -1,0 +1,40 @@
+// linear.cu: projections y = x · Wᵀ (one warp per output element, f32
+// accumulation, shuffle reduction), and the per-expert projections that
+// read the chosen expert ids themselves.
+#include "common.cuh"
+
+__device__ __forceinline__ float warp_dot(const float *a, const float *b, u32 k) {
+    u32 lane = threadIdx.x & 31;
+    float acc = 0.0f;
+    for (u32 i = lane; i < k; i += 32) acc += a[i] * b[i];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    return acc;
+}
+
+// out[t * out_stride + col + n] = x[t] · w[n] for t < rows, n < n_out.
+extern "C" __global__ void linear_f32(float *out, const float *x, const float *w, u32 rows, u32 k, u32 n_out, u32 out_stride, u32 col) {
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= (u64)rows * n_out) return;
+    u32 t = (u32)(warp / n_out), n = (u32)(warp % n_out);
+    float v = warp_dot(x + (u64)t * k, w + (u64)n * k, k);
+    if ((threadIdx.x & 31) == 0) out[(u64)t * out_stride + col + n] = v;
+}
+
+// out[t, j, n] = W[ids[t, j]][n] · x, x = input[t] (per_slot = 0) or
+// input[t, j] (per_slot = 1). W is all experts stacked: [E, n_out, k].
+// An id outside 0..experts writes NaN (never reads out of bounds).
+extern "C" __global__ void expert_linear_f32(float *out, const float *x, const int *ids, const float *w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= (u64)t_len * top_k * n_out) return;
+    u32 n = (u32)(warp % n_out);
+    u64 slot = warp / n_out;
+    u32 t = (u32)(slot / top_k);
+    int e = ids[slot];
+    if (e < 0 || (u32)e >= experts) {
+        if ((threadIdx.x & 31) == 0) out[slot * n_out + n] = QUIET_NAN;
+        return;
+    }
+    const float *xr = x + (per_slot ? slot : (u64)t) * k;
+    float v = warp_dot(xr, w + ((u64)e * n_out + n) * k, k);
+    if ((threadIdx.x & 31) == 0) out[slot * n_out + n] = v;
+}

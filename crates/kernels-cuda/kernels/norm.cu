@@ -1,0 +1,41 @@
+// norm.cu: RMSNorm of rows, and Qwen3's per-head QK-norm. One block per row
+// (or per token and head); sum of squares in f32 with a tree reduction.
+#include "common.cuh"
+
+__device__ float block_sum(float v) {
+    __shared__ float partial[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    int warps = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < warps) ? partial[threadIdx.x] : 0.0f;
+    if (warp == 0) for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    __shared__ float total;
+    if (threadIdx.x == 0) total = v;
+    __syncthreads();
+    return total;
+}
+
+// out[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w; rows of `width`
+// starting every `in_stride` elements of x at `in_col`, written densely.
+__device__ void rms_row(float *out, const float *x, const float *w, u32 width, float eps) {
+    float ss = 0.0f;
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) ss += x[c] * x[c];
+    float inv = rsqrtf(block_sum(ss) / (float)width + eps);
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) out[c] = x[c] * inv * w[c];
+}
+
+extern "C" __global__ void rms_norm_f32(float *out, const float *x, const float *w, u32 width, float eps) {
+    u64 row = blockIdx.x;
+    rms_row(out + row * width, x + row * width, w, width, eps);
+}
+
+// Block (t, head): head < q_heads uses q_w, else k_w. Input rows have
+// `in_width` columns; output rows (q_heads + kv_heads) * hd.
+extern "C" __global__ void qk_norm_f32(float *out, const float *x, const float *q_w, const float *k_w, u32 in_width, u32 q_heads, u32 kv_heads, u32 hd, float eps) {
+    u32 t = blockIdx.x, head = blockIdx.y;
+    u32 out_width = (q_heads + kv_heads) * hd;
+    const float *w = head < q_heads ? q_w : k_w;
+    rms_row(out + (u64)t * out_width + head * hd, x + (u64)t * in_width + head * hd, w, hd, eps);
+}

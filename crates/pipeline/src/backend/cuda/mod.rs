@@ -1,0 +1,675 @@
+//! The CUDA backend (feature `cuda`): every operation of [`Backend`] as a
+//! kernel of kernels-cuda, activations and the KV caches in device memory,
+//! routing and expert selection on the device (no host round trip inside a
+//! step). This first version is the F32 mode with straightforward kernels
+//! (f32 accumulation, no TF32); it exists to be correct against the oracle.
+//! Speed (cuBLAS, fused MoE kernels, bf16, CUDA graphs) comes after.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use kernels_cuda::GpuDevice;
+
+use super::{AttentionShape, Backend, QkNormArgs, Slot};
+use crate::error::{PipelineError, Result};
+use crate::tensor::{HostTensor, TensorData};
+use crate::weights::{WeightId, WeightStore};
+
+/// A device tensor.
+enum DevData {
+    F32(CudaSlice<f32>),
+    I32(CudaSlice<i32>),
+}
+
+struct DevTensor {
+    shape: Vec<usize>,
+    data: DevData,
+}
+
+impl DevTensor {
+    fn f32(&self, slot: Slot) -> Result<&CudaSlice<f32>> {
+        match &self.data {
+            DevData::F32(d) => Ok(d),
+            DevData::I32(_) => Err(PipelineError::BadInput(format!("stage `{slot}` holds int32, expected float32"))),
+        }
+    }
+
+    fn width(&self) -> usize {
+        self.shape.last().copied().unwrap_or(1)
+    }
+
+    fn rows(&self) -> usize {
+        self.shape.iter().product::<usize>() / self.width().max(1)
+    }
+}
+
+/// Keys and values of one layer, `[capacity, width]` with `len` rows used.
+struct DevCache {
+    k: CudaSlice<f32>,
+    v: CudaSlice<f32>,
+    width: usize,
+    len: usize,
+    capacity: usize,
+}
+
+/// Stacked expert weights of one projection: `[E, n_out, k]`.
+struct Stacked {
+    data: CudaSlice<f32>,
+    n_out: usize,
+    k: usize,
+    experts: usize,
+}
+
+/// The CUDA backend.
+pub struct CudaBackend {
+    device: GpuDevice,
+    store: Arc<WeightStore>,
+    weights: HashMap<WeightId, CudaSlice<f32>>,
+    stacked: HashMap<WeightId, Stacked>,
+    slots: Vec<Option<DevTensor>>,
+    tokens: Option<CudaSlice<u32>>,
+    t_len: usize,
+    start_position: usize,
+    caches: Vec<Option<DevCache>>,
+}
+
+fn gpu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> PipelineError + '_ {
+    move |e| PipelineError::Gpu(format!("{what}: {e}"))
+}
+
+fn kernel_error(e: kernels_cuda::KernelError) -> PipelineError {
+    match e {
+        kernels_cuda::KernelError::DriverMissing | kernels_cuda::KernelError::NvrtcMissing => {
+            PipelineError::BackendUnavailable(e.to_string())
+        }
+        other => PipelineError::Gpu(other.to_string()),
+    }
+}
+
+/// A grid of `n` threads in blocks of 256.
+fn threads(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// A grid of one warp per output.
+fn warps(n: usize) -> LaunchConfig {
+    threads(n * 32)
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal` and uploads every weight as f32 (F32 mode).
+    pub fn new(store: Arc<WeightStore>, ordinal: usize) -> Result<Self> {
+        let device = GpuDevice::open(ordinal).map_err(kernel_error)?;
+        let mut weights = HashMap::new();
+        for (i, t) in store.tensors().iter().enumerate() {
+            let data = device.stream().clone_htod(&t.to_f32_vec()).map_err(gpu(&format!(
+                "uploading {} ({} MB)",
+                t.name,
+                t.numel() * 4 / 1_000_000
+            )))?;
+            weights.insert(WeightId(i as u32), data);
+        }
+        Ok(Self {
+            device,
+            store,
+            weights,
+            stacked: HashMap::new(),
+            slots: (0..Slot::ALL.len()).map(|_| None).collect(),
+            tokens: None,
+            t_len: 0,
+            start_position: 0,
+            caches: Vec::new(),
+        })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        self.device.name()
+    }
+
+    fn stream(&self) -> Arc<CudaStream> {
+        self.device.stream().clone()
+    }
+
+    fn slot(&self, slot: Slot) -> Result<&DevTensor> {
+        self.slots[slot.index()]
+            .as_ref()
+            .ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` has not been computed in this step")))
+    }
+
+    fn weight(&self, id: WeightId) -> &CudaSlice<f32> {
+        &self.weights[&id]
+    }
+
+    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        self.stream().alloc_zeros::<f32>(n.max(1)).map_err(gpu("allocating activations"))
+    }
+
+    fn set(&mut self, slot: Slot, shape: Vec<usize>, data: CudaSlice<f32>) {
+        self.slots[slot.index()] = Some(DevTensor { shape, data: DevData::F32(data) });
+    }
+
+    fn function(&self, family: &'static str, name: &str) -> Result<cudarc::driver::CudaFunction> {
+        self.device.function(family, name).map_err(kernel_error)
+    }
+
+    fn elementwise(&mut self, name: &str, inputs: &[Slot], out: Slot) -> Result<()> {
+        let shape = self.slot(inputs[0])?.shape.clone();
+        for s in &inputs[1..] {
+            if self.slot(*s)?.shape != shape {
+                return Err(PipelineError::BadInput(format!("stages `{}` and `{s}` differ in shape", inputs[0])));
+            }
+        }
+        let n = shape.iter().product::<usize>();
+        let mut o = self.alloc(n)?;
+        let f = self.function("elementwise", name)?;
+        let stream = self.stream();
+        let n64 = n as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o);
+        for s in inputs {
+            b.arg(self.slot(*s)?.f32(*s)?);
+        }
+        b.arg(&n64);
+        // SAFETY: every buffer holds n f32; the kernel touches indices < n.
+        unsafe { b.launch(threads(n)) }.map_err(gpu(name))?;
+        self.set(out, shape, o);
+        Ok(())
+    }
+
+    /// Stacks experts' weights into one `[E, n_out, k]` buffer, once.
+    fn stacked(&mut self, experts: &[WeightId]) -> Result<&Stacked> {
+        let key = experts[0];
+        if !self.stacked.contains_key(&key) {
+            let first = self.store.get(key);
+            let (n_out, k) = (first.shape[0], first.row_len());
+            let mut host = Vec::with_capacity(experts.len() * n_out * k);
+            for &id in experts {
+                host.extend(self.store.get(id).to_f32_vec());
+            }
+            let data = self.stream().clone_htod(&host).map_err(gpu("uploading stacked experts"))?;
+            self.stacked.insert(key, Stacked { data, n_out, k, experts: experts.len() });
+        }
+        Ok(&self.stacked[&key])
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn dtype(&self) -> &'static str {
+        "f32"
+    }
+
+    fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
+        for (layer, cache) in self.caches.iter_mut().enumerate() {
+            if let Some(c) = cache {
+                if c.len < start_position {
+                    return Err(PipelineError::BadInput(format!(
+                        "step starts at position {start_position} but the KV cache of layer {layer} holds only {}",
+                        c.len
+                    )));
+                }
+                c.len = start_position;
+            }
+        }
+        if start_position > 0 && self.caches.iter().all(|c| c.is_none()) {
+            return Err(PipelineError::BadInput(format!(
+                "step starts at position {start_position} but the KV cache is empty"
+            )));
+        }
+        self.tokens = Some(self.stream().clone_htod(tokens).map_err(gpu("uploading tokens"))?);
+        self.t_len = tokens.len();
+        self.start_position = start_position;
+        self.slots.iter_mut().for_each(|s| *s = None);
+        Ok(())
+    }
+
+    fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
+        let w = self.store.get(table);
+        let (vocab, h) = (w.shape[0], w.row_len());
+        let _ = vocab; // token ids were checked against the vocabulary by Forward::begin_step
+        let n = self.t_len * h;
+        let mut o = self.alloc(n)?;
+        let f = self.function("elementwise", "embedding_f32")?;
+        let stream = self.stream();
+        let tokens = self.tokens.as_ref().ok_or_else(|| PipelineError::BadInput("no step begun".into()))?;
+        let (t32, h32) = (self.t_len as u32, h as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(self.weight(table)).arg(tokens).arg(&t32).arg(&h32);
+        // SAFETY: out holds T*H, table V*H, tokens T ids < V.
+        unsafe { b.launch(threads(n)) }.map_err(gpu("embedding"))?;
+        self.set(out, vec![self.t_len, h], o);
+        Ok(())
+    }
+
+    fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
+        let x = self.slot(input)?;
+        let (rows, width) = (x.rows(), x.width());
+        if self.store.get(weight).numel() != width {
+            return Err(PipelineError::BadInput(format!("stage `{input}` rows of {width} do not fit the norm weight")));
+        }
+        let mut o = self.alloc(rows * width)?;
+        let f = self.function("norm", "rms_norm_f32")?;
+        let stream = self.stream();
+        let (w32, e32) = (width as u32, eps as f32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x.f32(input)?).arg(self.weight(weight)).arg(&w32).arg(&e32);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block per row of `width`; buffers hold rows*width.
+        unsafe { b.launch(cfg) }.map_err(gpu("rms_norm"))?;
+        self.set(out, vec![rows, width], o);
+        Ok(())
+    }
+
+    fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
+        let x = self.slot(input)?;
+        let (rows, k) = (x.rows(), x.width());
+        let total: usize = weights.iter().map(|&id| self.store.get(id).shape[0]).sum();
+        let mut o = self.alloc(rows * total)?;
+        let f = self.function("linear", "linear_f32")?;
+        let stream = self.stream();
+        let mut col = 0usize;
+        for &id in weights {
+            let w = self.store.get(id);
+            if w.row_len() != k {
+                return Err(PipelineError::BadInput(format!("stage `{input}` rows of {k} do not fit `{}`", w.name)));
+            }
+            let n = w.shape[0];
+            let args = (rows as u32, k as u32, n as u32, total as u32, col as u32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut o)
+                .arg(x.f32(input)?)
+                .arg(self.weight(id))
+                .arg(&args.0)
+                .arg(&args.1)
+                .arg(&args.2)
+                .arg(&args.3)
+                .arg(&args.4);
+            // SAFETY: x is rows*k, w is n*k, out rows*total with col+n <= total.
+            unsafe { b.launch(warps(rows * n)) }.map_err(gpu("linear"))?;
+            col += n;
+        }
+        self.set(out, vec![rows, total], o);
+        Ok(())
+    }
+
+    fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
+        let mut host = Vec::new();
+        for &id in biases {
+            host.extend(self.store.get(id).to_f32_vec());
+        }
+        let bias = self.stream().clone_htod(&host).map_err(gpu("uploading biases"))?;
+        let x = self.slot(input)?;
+        let (shape, width) = (x.shape.clone(), x.width());
+        if width != host.len() {
+            return Err(PipelineError::BadInput(format!(
+                "stage `{input}` rows of {width} do not fit {} biases",
+                host.len()
+            )));
+        }
+        let n = shape.iter().product::<usize>();
+        let mut o = self.alloc(n)?;
+        let f = self.function("elementwise", "add_bias_f32")?;
+        let stream = self.stream();
+        let (n64, w32) = (n as u64, width as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x.f32(input)?).arg(&bias).arg(&n64).arg(&w32);
+        // SAFETY: n elements, bias of width.
+        unsafe { b.launch(threads(n)) }.map_err(gpu("add_bias"))?;
+        self.set(out, shape, o);
+        Ok(())
+    }
+
+    fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
+        let x = self.slot(input)?;
+        let (rows, in_width) = (x.rows(), x.width());
+        let heads = args.q_heads + args.kv_heads;
+        if in_width < heads * args.head_dim {
+            return Err(PipelineError::BadInput(format!("qk_norm needs rows of at least {}", heads * args.head_dim)));
+        }
+        let mut o = self.alloc(rows * heads * args.head_dim)?;
+        let f = self.function("norm", "qk_norm_f32")?;
+        let stream = self.stream();
+        let a = (in_width as u32, args.q_heads as u32, args.kv_heads as u32, args.head_dim as u32, args.eps as f32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x.f32(input)?).arg(self.weight(args.q_weight)).arg(self.weight(args.k_weight));
+        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block per (token, head); reads within rows of in_width.
+        unsafe { b.launch(cfg) }.map_err(gpu("qk_norm"))?;
+        self.set(out, vec![rows, heads * args.head_dim], o);
+        Ok(())
+    }
+
+    fn rope(
+        &mut self,
+        input: Slot,
+        col_start: usize,
+        heads: usize,
+        head_dim: usize,
+        theta: f64,
+        out: Slot,
+    ) -> Result<()> {
+        let x = self.slot(input)?;
+        let (rows, in_width) = (x.rows(), x.width());
+        if col_start + heads * head_dim > in_width {
+            return Err(PipelineError::BadInput(format!("rope reads past the rows of `{input}`")));
+        }
+        let mut o = self.alloc(rows * heads * head_dim)?;
+        let f = self.function("attention", "rope_f32")?;
+        let stream = self.stream();
+        let a =
+            (rows as u32, in_width as u32, col_start as u32, heads as u32, head_dim as u32, self.start_position as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x.f32(input)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&theta).arg(&a.5);
+        // SAFETY: one thread per (t, head, pair), all within the buffers.
+        unsafe { b.launch(threads(rows * heads * head_dim / 2)) }.map_err(gpu("rope"))?;
+        self.set(out, vec![rows, heads * head_dim], o);
+        Ok(())
+    }
+
+    fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
+        let (kt, vt) = (self.slot(k)?, self.slot(v)?);
+        let (rows, width, v_width) = (kt.rows(), kt.width(), vt.width());
+        if vt.rows() != rows || v_col + width > v_width {
+            return Err(PipelineError::BadInput(format!("append_kv: `{k}` and `{v}` do not match")));
+        }
+        if self.caches.len() <= layer {
+            self.caches.resize_with(layer + 1, || None);
+        }
+        let start = self.start_position;
+        let len = self.caches[layer].as_ref().map_or(0, |c| c.len);
+        if len != start {
+            return Err(PipelineError::BadInput(format!(
+                "the KV cache of layer {layer} holds {len} positions but this step starts at {start}"
+            )));
+        }
+        let need = start + rows;
+        let stream = self.stream();
+        if self.caches[layer].as_ref().is_none_or(|c| c.capacity < need || c.width != width) {
+            let capacity = need.next_power_of_two().max(64);
+            let mut nk = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
+            let mut nv = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
+            if let Some(old) = &self.caches[layer] {
+                let used = old.len * width;
+                stream
+                    .memcpy_dtod(&old.k.slice(..used), &mut nk.slice_mut(..used))
+                    .map_err(gpu("growing the KV cache"))?;
+                stream
+                    .memcpy_dtod(&old.v.slice(..used), &mut nv.slice_mut(..used))
+                    .map_err(gpu("growing the KV cache"))?;
+            }
+            self.caches[layer] = Some(DevCache { k: nk, v: nv, width, len: start, capacity });
+        }
+        let f = self.function("elementwise", "copy_columns_f32")?;
+        let cache = self.caches[layer].as_mut().expect("allocated above");
+        let kt = self.slots[k.index()].as_ref().expect("checked").f32(k)?;
+        let vt = self.slots[v.index()].as_ref().expect("checked").f32(v)?;
+        let offset = start * width;
+        let (r32, w32, vw32, vc32, zero) = (rows as u32, width as u32, v_width as u32, v_col as u32, 0u32);
+        {
+            let mut dst = cache.k.slice_mut(offset..);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut dst).arg(kt).arg(&r32).arg(&w32).arg(&zero).arg(&w32).arg(&w32);
+            // SAFETY: rows*width values into a cache with capacity >= need rows.
+            unsafe { b.launch(threads(rows * width)) }.map_err(gpu("append keys"))?;
+        }
+        {
+            let mut dst = cache.v.slice_mut(offset..);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut dst).arg(vt).arg(&r32).arg(&vw32).arg(&vc32).arg(&w32).arg(&w32);
+            // SAFETY: as above, reading columns v_col..v_col+width of v.
+            unsafe { b.launch(threads(rows * width)) }.map_err(gpu("append values"))?;
+        }
+        cache.len = need;
+        Ok(())
+    }
+
+    fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
+        let qt = self.slot(q)?;
+        let t_len = qt.rows();
+        let cache = self.cache(layer)?;
+        let p_len = cache.len;
+        let n = shape.heads * t_len * p_len;
+        let mut o = self.alloc(n)?;
+        let f = self.function("attention", "attn_scores_f32")?;
+        let stream = self.stream();
+        let a = (
+            t_len as u32,
+            p_len as u32,
+            shape.heads as u32,
+            shape.kv_heads as u32,
+            shape.head_dim as u32,
+            self.start_position as u32,
+        );
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(qt.f32(q)?).arg(&cache.k).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
+        // SAFETY: one warp per (h, t, p) within [nh, T, P].
+        unsafe { b.launch(warps(n)) }.map_err(gpu("attn_scores"))?;
+        self.set(out, vec![shape.heads, t_len, p_len], o);
+        Ok(())
+    }
+
+    fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
+        let s = self.slot(scores)?;
+        let shape = s.shape.clone();
+        if shape.len() != 3 {
+            return Err(PipelineError::BadInput(format!("attn_softmax needs [nh,T,P], got {shape:?}")));
+        }
+        let rows = shape[0] * shape[1];
+        let mut o = self.alloc(rows * shape[2])?;
+        let f = self.function("attention", "attn_softmax_f32")?;
+        let stream = self.stream();
+        let a = (rows as u32, shape[1] as u32, shape[2] as u32, self.start_position as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(s.f32(scores)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
+        // SAFETY: one thread per row of P.
+        unsafe { b.launch(threads(rows)) }.map_err(gpu("attn_softmax"))?;
+        self.set(out, shape, o);
+        Ok(())
+    }
+
+    fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
+        let pt = self.slot(probs)?;
+        let (t_len, p_len) = (pt.shape[1], pt.shape[2]);
+        let cache = self.cache(layer)?;
+        if cache.len != p_len {
+            return Err(PipelineError::BadInput(format!(
+                "attention: {p_len} probabilities, {} cached values",
+                cache.len
+            )));
+        }
+        let n = t_len * shape.heads * shape.head_dim;
+        let mut o = self.alloc(n)?;
+        let f = self.function("attention", "attention_f32")?;
+        let stream = self.stream();
+        let a = (t_len as u32, p_len as u32, shape.heads as u32, shape.kv_heads as u32, shape.head_dim as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(pt.f32(probs)?).arg(&cache.v).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
+        // SAFETY: one thread per output element.
+        unsafe { b.launch(threads(n)) }.map_err(gpu("attention"))?;
+        self.set(out, vec![t_len, shape.heads * shape.head_dim], o);
+        Ok(())
+    }
+
+    fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
+        self.elementwise("add_f32", &[a, b], out)
+    }
+
+    fn silu(&mut self, input: Slot, out: Slot) -> Result<()> {
+        self.elementwise("silu_f32", &[input], out)
+    }
+
+    fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
+        self.elementwise("mul_f32", &[a, b], out)
+    }
+
+    fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()> {
+        self.elementwise("swiglu_f32", &[gate, up], out)
+    }
+
+    fn router_top_k(
+        &mut self,
+        logits: Slot,
+        k: usize,
+        normalise: bool,
+        weights_out: Slot,
+        indices_out: Slot,
+    ) -> Result<()> {
+        let l = self.slot(logits)?;
+        let (rows, experts) = (l.rows(), l.width());
+        if k == 0 || k > experts || k > 64 {
+            return Err(PipelineError::BadInput(format!("top-{k} of {experts} experts is not supported")));
+        }
+        let stream = self.stream();
+        let mut w = self.alloc(rows * k)?;
+        let mut ids = stream.alloc_zeros::<i32>(rows * k).map_err(gpu("allocating expert ids"))?;
+        let f = self.function("moe", "router_top_k_f32")?;
+        let a = (rows as u32, experts as u32, k as u32, u32::from(normalise));
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut w).arg(&mut ids).arg(l.f32(logits)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
+        // SAFETY: one thread per token writing k weights and ids.
+        unsafe { b.launch(threads(rows)) }.map_err(gpu("router_top_k"))?;
+        self.set(weights_out, vec![rows, k], w);
+        self.slots[indices_out.index()] = Some(DevTensor { shape: vec![rows, k], data: DevData::I32(ids) });
+        Ok(())
+    }
+
+    fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
+        let (t_len, top_k) = {
+            let it = self.slot(indices)?;
+            (it.shape[0], it.shape[1])
+        };
+        let (per_slot, width) = {
+            let xt = self.slot(input)?;
+            (xt.shape.len() == 3, xt.width())
+        };
+        let (n_out, k_in, count) = {
+            let s = self.stacked(experts)?;
+            (s.n_out, s.k, s.experts)
+        };
+        if width != k_in {
+            return Err(PipelineError::BadInput(format!(
+                "expert input `{input}` rows of {width}, experts expect {k_in}"
+            )));
+        }
+        let n = t_len * top_k * n_out;
+        let mut o = self.alloc(n)?;
+        let f = self.function("linear", "expert_linear_f32")?;
+        let stream = self.stream();
+        let DevData::I32(ids) = &self.slot(indices)?.data else {
+            return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
+        };
+        let x = self.slot(input)?.f32(input)?;
+        let w = &self.stacked[&experts[0]].data;
+        let a = (t_len as u32, top_k as u32, k_in as u32, n_out as u32, count as u32, u32::from(per_slot));
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x).arg(ids).arg(w).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
+        // SAFETY: one warp per (t, j, n); ids are range-checked in the kernel.
+        unsafe { b.launch(warps(n)) }.map_err(gpu("expert_linear"))?;
+        self.set(out, vec![t_len, top_k, n_out], o);
+        Ok(())
+    }
+
+    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
+        let (et, wt) = (self.slot(expert_out)?, self.slot(weights)?);
+        if et.shape.len() != 3 || wt.shape != et.shape[..2] {
+            return Err(PipelineError::BadInput("moe_combine needs [T,k,H] outputs and [T,k] weights".into()));
+        }
+        let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
+        let mut o = self.alloc(t_len * h)?;
+        let f = self.function("moe", "moe_combine_f32")?;
+        let stream = self.stream();
+        let a = (t_len as u32, k as u32, h as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(et.f32(expert_out)?).arg(wt.f32(weights)?).arg(&a.0).arg(&a.1).arg(&a.2);
+        // SAFETY: one thread per output element.
+        unsafe { b.launch(threads(t_len * h)) }.map_err(gpu("moe_combine"))?;
+        self.set(out, vec![t_len, h], o);
+        Ok(())
+    }
+
+    fn read(&mut self, slot: Slot) -> Result<HostTensor> {
+        let t = self.slot(slot)?;
+        let stream = self.stream();
+        Ok(match &t.data {
+            DevData::F32(d) => {
+                HostTensor::f32(t.shape.clone(), stream.clone_dtoh(d).map_err(gpu("copying to the host"))?)
+            }
+            DevData::I32(d) => {
+                HostTensor::i32(t.shape.clone(), stream.clone_dtoh(d).map_err(gpu("copying to the host"))?)
+            }
+        })
+    }
+
+    fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()> {
+        let stream = self.stream();
+        let data = match &tensor.data {
+            TensorData::F32(v) => DevData::F32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
+            TensorData::I32(v) => DevData::I32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
+        };
+        self.slots[slot.index()] = Some(DevTensor { shape: tensor.shape.clone(), data });
+        Ok(())
+    }
+
+    fn kv_cache(&mut self, layer: usize) -> Result<(HostTensor, HostTensor)> {
+        let c = self
+            .caches
+            .get(layer)
+            .and_then(|c| c.as_ref())
+            .ok_or_else(|| PipelineError::BadInput(format!("layer {layer} has no KV cache yet")))?;
+        let stream = self.stream();
+        let used = c.len * c.width;
+        let k = stream.clone_dtoh(&c.k.slice(..used)).map_err(gpu("copying the KV cache"))?;
+        let v = stream.clone_dtoh(&c.v.slice(..used)).map_err(gpu("copying the KV cache"))?;
+        Ok((HostTensor::f32(vec![c.len, c.width], k), HostTensor::f32(vec![c.len, c.width], v)))
+    }
+
+    fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()> {
+        let (Some(k), Some(v)) = (keys.as_f32(), values.as_f32()) else {
+            return Err(PipelineError::BadInput("a KV cache holds float32".into()));
+        };
+        if keys.shape.len() != 2 || keys.shape != values.shape {
+            return Err(PipelineError::BadInput("KV cache keys and values must both be [len, width]".into()));
+        }
+        let (len, width) = (keys.shape[0], keys.shape[1]);
+        let capacity = len.next_power_of_two().max(64);
+        let stream = self.stream();
+        let mut padded = k.to_vec();
+        padded.resize(capacity * width, 0.0);
+        let kd = stream.clone_htod(&padded).map_err(gpu("copying the KV cache"))?;
+        padded[..v.len()].copy_from_slice(v);
+        let vd = stream.clone_htod(&padded).map_err(gpu("copying the KV cache"))?;
+        if self.caches.len() <= layer {
+            self.caches.resize_with(layer + 1, || None);
+        }
+        self.caches[layer] = Some(DevCache { k: kd, v: vd, width, len, capacity });
+        Ok(())
+    }
+
+    fn argmax_last_row(&mut self, slot: Slot) -> Result<u32> {
+        let t = self.read(slot)?;
+        let width = t.shape.last().copied().unwrap_or(1);
+        let data = t.as_f32().ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` is not float32")))?;
+        if data.is_empty() {
+            return Err(PipelineError::BadInput(format!("stage `{slot}` is empty")));
+        }
+        Ok(super::cpu::math::argmax(&data[data.len() - width..]) as u32)
+    }
+}
+
+impl CudaBackend {
+    fn cache(&self, layer: usize) -> Result<&DevCache> {
+        self.caches
+            .get(layer)
+            .and_then(|c| c.as_ref())
+            .filter(|c| c.len == self.start_position + self.t_len)
+            .ok_or_else(|| {
+                PipelineError::BadInput(format!("the KV cache of layer {layer} was not filled for this step"))
+            })
+    }
+}

@@ -1,0 +1,107 @@
+//! GPU tests: the CUDA backend (F32) against the oracle fixtures at every
+//! stage, bit-identical logits with capture on and off, and bisect CPU vs
+//! CUDA with and without an injected fault. Run on the GPU machine with
+//! MOETRACE_GPU=1 (scripts/gpu-run.sh); elsewhere they say SKIPPED.
+
+use std::path::Path;
+
+use capture::bisect::{BisectConfig, BisectOptions, bisect};
+use capture::compare::diff::{DiffOptions, diff};
+use capture::{CaptureDir, RunConfig};
+use moetrace_tests::{fixture, greedy_continuation, rel_l2, scratch};
+use stage_types::SaveTensorStage as S;
+
+fn gpu() -> bool {
+    let on = std::env::var_os("MOETRACE_GPU").is_some();
+    if !on {
+        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    }
+    on
+}
+
+fn run(model: &str, prompt: &str, generate: usize, backend: &str, capture: Option<&Path>) -> (Vec<u32>, Vec<u32>) {
+    let capture = capture.map(|o| format!("capture: (out_dir: {o:?}),")).unwrap_or_default();
+    let text =
+        format!("(model: {model}, prompt: Tokens({prompt}), generate: {generate}, backend: {backend}, {capture})");
+    let config = RunConfig::parse(&text, Path::new("gpu.ron")).unwrap();
+    let out = capture::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap();
+    (out.summary.generated, out.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect())
+}
+
+#[test]
+fn cuda_f32_matches_the_oracle_at_every_stage() {
+    if !gpu() {
+        return;
+    }
+    for name in ["tiny-qwen3-moe", "tiny-qwen3"] {
+        let Some(dir) = fixture(name) else { continue };
+        let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
+        let out = scratch(&format!("gpu-oracle-{name}")).join("cuda");
+        let model = format!("Path({:?})", dir.join("model"));
+        let (generated, _) =
+            run(&model, &format!("{:?}", oracle.manifest.prompt), 8, "Cuda(device: 0, dtype: F32)", Some(&out));
+        assert_eq!(generated, greedy_continuation(&dir), "{name}: greedy continuation");
+        let ours = CaptureDir::open(&out).unwrap();
+        let mut worst = (0.0f64, String::new());
+        for (step, layer, stage) in oracle.keys() {
+            let r = oracle.load(step, layer, stage).unwrap().unwrap();
+            let g = ours.load(step, layer, stage).unwrap().unwrap();
+            assert_eq!(g.shape, r.shape, "{name} step {step} layer {layer:?} {stage}");
+            if stage == S::MoeRouterIndices {
+                assert_eq!(g.values, r.values, "{name} step {step} layer {layer:?} router indices");
+                continue;
+            }
+            let e = rel_l2(&r.values, &g.values);
+            assert!(e <= 1e-5, "{name} step {step} layer {layer:?} {stage}: rel_l2 {e:.3e}");
+            if e > worst.0 {
+                worst = (e, format!("step {step} layer {layer:?} {stage}"));
+            }
+        }
+        eprintln!(
+            "{name}: CUDA F32 matches {} oracle tensors; worst rel_l2 {:.2e} at {}",
+            oracle.manifest.tensors.len(),
+            worst.0,
+            worst.1
+        );
+        let report = diff(&dir.join("activations"), &out, &DiffOptions::default()).unwrap();
+        assert!(report.first_divergence().is_none(), "{}", report.render(false));
+    }
+}
+
+#[test]
+fn cuda_logits_are_bit_identical_with_capture_on_and_off() {
+    if !gpu() {
+        return;
+    }
+    let dir = scratch("gpu-bits");
+    let model = "Synthetic(preset: \"tiny-moe\", seed: 3)";
+    let prompt = "[5, 9, 200, 31, 7]";
+    let off = run(model, prompt, 4, "Cuda(device: 0, dtype: F32)", None);
+    let on = run(model, prompt, 4, "Cuda(device: 0, dtype: F32)", Some(&dir.join("all")));
+    assert_eq!(off, on);
+}
+
+#[test]
+fn bisect_cpu_vs_cuda_finds_nothing_and_then_the_injected_fault() {
+    if !gpu() {
+        return;
+    }
+    let Some(dir) = fixture("tiny-qwen3-moe") else { return };
+    let base = format!(
+        "(model: Path({:?}), prompt: Tokens([1, 17, 423, 45, 300, 5, 77, 100, 2]), generate: 4, reference: Cpu, target: Cuda(device: 0, dtype: F32)",
+        dir.join("model")
+    );
+    let clean = BisectConfig::parse(&format!("{base})"), Path::new("b.ron")).unwrap();
+    let report = bisect(&clean, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    assert!(report.first_divergence().is_none(), "{}", report.render(false));
+    let faulty = BisectConfig::parse(
+        &format!("{base}, faults: [(stage: \"moe_expert_swigl\", layer: 2, step: 2, kind: Scale(1.5))])"),
+        Path::new("b.ron"),
+    )
+    .unwrap();
+    let report = bisect(&faulty, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    let first = report.first_divergence().unwrap();
+    assert_eq!((first.step, first.layer, first.stage), (2, Some(2), S::MoeExpertSwigl), "{}", report.render(false));
+    assert!(report.graft.as_ref().unwrap().stage_is_wrong);
+    eprintln!("{}", report.render(false));
+}
