@@ -21,6 +21,13 @@ for line in sys.stdin:
         cp "$exe" ".gpu/bin/test-$name"
     done
 done
+# The GPU benchmark (a bench target: executable name starts with gpu_forward).
+cargo bench -p pipeline --features cuda --bench gpu_forward --no-run --message-format=json 2>/dev/null |
+    python3 -c 'import json,sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_forward":
+        print(m["executable"])' | while read -r exe; do cp "$exe" .gpu/bin/bench-gpu_forward; done
 strip .gpu/bin/* 2>/dev/null || true
 cp -r configs .gpu/configs
 if [ -d ../shared/fixtures ]; then cp -r ../shared/fixtures .gpu/fixtures; fi

@@ -15,12 +15,16 @@ results=()
 for exe in .gpu/bin/test-*; do
     name=$(basename "$exe")
     start=$(date +%s%N)
-    if "$exe" --test-threads=1 >"$out/$name.log" 2>&1; then status=pass; else status=FAIL; fi
+    if "$exe" --test-threads=1 --nocapture >"$out/$name.log" 2>&1; then status=pass; else status=FAIL; fi
     secs=$(awk -v a="$start" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
     passed=$(grep -o '[0-9]* passed' "$out/$name.log" | tail -1)
     skipped=$(grep -c SKIPPED "$out/$name.log")
     results+=("$(printf '%-32s %-5s %-12s skipped:%-3s %6ss' "$name" "$status" "$passed" "$skipped" "$secs")")
 done
+# Benchmarks, when asked for (they take a minute): MOETRACE_BENCH=1.
+if [ -n "${MOETRACE_BENCH:-}" ] && [ -x .gpu/bin/bench-gpu_forward ]; then
+    .gpu/bin/bench-gpu_forward 2>&1 | tee "$out/bench-gpu_forward.log"
+fi
 # The acceptance runs through the CLI, as a user would make them.
 for args in "run -q --config .gpu/configs/cuda-f32.ron" "bisect -q --config .gpu/configs/bisect-cuda.ron"; do
     name=$(echo "$args" | cut -d' ' -f1)
