@@ -72,14 +72,9 @@ impl AprtDir {
         self.files.keys().copied().collect()
     }
 
-    /// Loads (layer, stage) with `shape` (from the other side) when its
-    /// element count matches, else as a flat `[count]` array.
-    pub fn load(
-        &self,
-        layer: Option<usize>,
-        stage: SaveTensorStage,
-        shape: Option<&[usize]>,
-    ) -> Result<Option<NpyArray>> {
+    /// Loads (layer, stage) as a flat `[count]` array (the caller takes the
+    /// shape from the other side of the comparison).
+    pub fn load(&self, layer: Option<usize>, stage: SaveTensorStage) -> Result<Option<NpyArray>> {
         let Some(path) = self.files.get(&(layer, stage)) else { return Ok(None) };
         let bytes = std::fs::read(path).map_err(CaptureError::io("cannot read", path))?;
         let bad = |message: String| CaptureError::BadNpy { path: path.clone(), message };
@@ -102,11 +97,7 @@ impl AprtDir {
         }
         let values: Vec<f64> =
             bytes[12..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect();
-        let shape = match shape {
-            Some(s) if s.iter().product::<usize>() == count => s.to_vec(),
-            _ => vec![count],
-        };
-        Ok(Some(NpyArray { shape, dtype: "float32", values }))
+        Ok(Some(NpyArray { shape: vec![count], dtype: "float32", values }))
     }
 }
 

@@ -70,10 +70,10 @@ impl Source {
         }
     }
 
-    fn load(&self, key: (usize, Option<usize>, SaveTensorStage), shape: Option<&[usize]>) -> Result<Option<NpyArray>> {
+    fn load(&self, key: (usize, Option<usize>, SaveTensorStage)) -> Result<Option<NpyArray>> {
         match self {
             Source::Capture(c) => c.load(key.0, key.1, key.2),
-            Source::Aprt(a) => a.load(key.1, key.2, shape),
+            Source::Aprt(a) => a.load(key.1, key.2),
         }
     }
 }
@@ -142,7 +142,7 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
             && scope_rank(keys[i].1, keys[i].2) == scope_rank_now
         {
             let key = keys[i];
-            let (mut a, mut b) = (r.load(key, None)?, t.load(key, None)?);
+            let (mut a, mut b) = (r.load(key)?, t.load(key)?);
             // APRT files carry no shape: take it from the other side.
             if let (Some(x), Some(y)) = (&mut a, &mut b) {
                 if matches!(r, Source::Aprt(_)) && x.values.len() == y.values.len() {
