@@ -72,6 +72,7 @@ pub struct CudaBackend {
     t_len: usize,
     start_position: usize,
     caches: Vec<Option<DevCache>>,
+    poison: bool,
 }
 
 fn gpu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> PipelineError + '_ {
@@ -120,7 +121,15 @@ impl CudaBackend {
             t_len: 0,
             start_position: 0,
             caches: Vec::new(),
+            poison: false,
         })
+    }
+
+    /// When on, every new activation buffer starts as NaN instead of zero,
+    /// so a kernel that leaves an element unwritten shows up in any
+    /// comparison (the backend-parity test turns it on).
+    pub fn set_poison(&mut self, on: bool) {
+        self.poison = on;
     }
 
     /// The device's name.
@@ -143,6 +152,9 @@ impl CudaBackend {
     }
 
     fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        if self.poison {
+            return self.stream().clone_htod(&vec![f32::NAN; n.max(1)]).map_err(gpu("allocating activations"));
+        }
         self.stream().alloc_zeros::<f32>(n.max(1)).map_err(gpu("allocating activations"))
     }
 

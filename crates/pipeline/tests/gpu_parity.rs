@@ -1,0 +1,188 @@
+//! Backend parity, in the style of llama.cpp's test-backend-ops: every
+//! operation of the CUDA backend against the CPU backend on seeded random
+//! inputs of awkward sizes (T = 1 and 37, widths that are not multiples of
+//! 32, 13 experts), with the GPU's outputs poisoned (NaN) before each run so
+//! an unwritten element fails. Prints a table. GPU only (MOETRACE_GPU=1).
+//!
+//! To add a case: write its inputs with `put`, call the operation on both
+//! backends through `case`, and give its tolerance (rel_l2; ids exact).
+#![cfg(feature = "cuda")]
+
+use std::sync::Arc;
+
+use pipeline::backend::{AttentionShape, Backend, QkNormArgs};
+use pipeline::weights::{WeightDtype, WeightId, WeightStore, WeightTensor, synthetic_value, tensor_key};
+use pipeline::{CpuBackend, CudaBackend, HostTensor};
+use stage_types::SaveTensorStage as S;
+
+fn random(name: &str, n: usize, mean: f32, std: f32) -> Vec<f32> {
+    let key = tensor_key(11, name);
+    (0..n).map(|i| synthetic_value(key, i as u64, mean, std)).collect()
+}
+
+fn weight(store: &mut WeightStore, name: &str, shape: Vec<usize>, mean: f32, std: f32) -> WeightId {
+    let n = shape.iter().product();
+    let bytes = random(name, n, mean, std).iter().flat_map(|v| v.to_le_bytes()).collect();
+    store.insert(WeightTensor::owned(name.into(), WeightDtype::F32, shape, bytes))
+}
+
+struct Pair {
+    cpu: CpuBackend,
+    gpu: CudaBackend,
+    rows: Vec<String>,
+    failures: usize,
+}
+
+impl Pair {
+    fn put(&mut self, slot: S, t: HostTensor) {
+        self.cpu.write(slot, &t).unwrap();
+        self.gpu.write(slot, &t).unwrap();
+    }
+
+    /// Runs `op` on both backends and compares `outputs`.
+    fn case(
+        &mut self,
+        name: &str,
+        shape: &str,
+        tolerance: f64,
+        outputs: &[S],
+        op: impl Fn(&mut dyn Backend) -> pipeline::Result<()>,
+    ) {
+        op(&mut self.cpu).unwrap_or_else(|e| panic!("{name} on cpu: {e}"));
+        op(&mut self.gpu).unwrap_or_else(|e| panic!("{name} on cuda: {e}"));
+        for &slot in outputs {
+            let (a, b) = (self.cpu.read(slot).unwrap(), self.gpu.read(slot).unwrap());
+            let (ok, measure) = if a.shape != b.shape {
+                (false, format!("shape {:?} vs {:?}", a.shape, b.shape))
+            } else if let (Some(x), Some(y)) = (a.as_i32(), b.as_i32()) {
+                (x == y, format!("ids {}", if x == y { "identical" } else { "DIFFER" }))
+            } else {
+                let (x, y) = (a.to_f64(), b.to_f64());
+                let diff: f64 = x.iter().zip(&y).map(|(p, q)| (p - q) * (p - q)).sum();
+                let norm: f64 = x.iter().map(|p| p * p).sum();
+                let rel = if diff == 0.0 { 0.0 } else { (diff / norm).sqrt() };
+                (rel <= tolerance, format!("rel_l2 {rel:.2e} (NMSE {:.2e})", rel * rel))
+            };
+            self.failures += usize::from(!ok);
+            self.rows.push(format!(
+                "{:<16} {:<20} {:<26} f32  tol {tolerance:.0e}  {measure:<32} {}",
+                name,
+                slot.name(),
+                shape,
+                if ok { "ok" } else { "FAIL" }
+            ));
+        }
+    }
+}
+
+#[test]
+fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
+    if std::env::var_os("MOETRACE_GPU").is_none() {
+        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+        return;
+    }
+    let (h, v, e, k, i_dim, hd) = (45usize, 37usize, 13usize, 3usize, 29usize, 18usize);
+    let mut store = WeightStore::default();
+    let table = weight(&mut store, "table", vec![v, h], 0.0, 1.0);
+    let norm = weight(&mut store, "norm", vec![h], 1.0, 0.1);
+    let w1 = weight(&mut store, "w1", vec![31, h], 0.0, 0.15);
+    let w2 = weight(&mut store, "w2", vec![7, h], 0.0, 0.15);
+    let bias = weight(&mut store, "bias", vec![38], 0.0, 0.1);
+    let (qn, kn) = (weight(&mut store, "qn", vec![hd], 1.0, 0.1), weight(&mut store, "kn", vec![hd], 1.0, 0.1));
+    let router = weight(&mut store, "router", vec![e, h], 0.0, 0.3);
+    let ups: Vec<WeightId> = (0..e).map(|x| weight(&mut store, &format!("up{x}"), vec![i_dim, h], 0.0, 0.15)).collect();
+    let downs: Vec<WeightId> =
+        (0..e).map(|x| weight(&mut store, &format!("down{x}"), vec![h, i_dim], 0.0, 0.2)).collect();
+    let store = Arc::new(store);
+    let mut gpu = CudaBackend::new(store.clone(), 0).unwrap();
+    gpu.set_poison(true);
+    let mut pair = Pair { cpu: CpuBackend::new(store, Some(2)).unwrap(), gpu, rows: Vec::new(), failures: 0 };
+    let shape = AttentionShape { heads: 3, kv_heads: 1, head_dim: hd };
+
+    for (t, start) in [(37usize, 0usize), (1, 37)] {
+        let tokens: Vec<u32> = (0..t as u32).map(|x| (x * 7 + 3) % v as u32).collect();
+        pair.cpu.begin_step(&tokens, start).unwrap();
+        pair.gpu.begin_step(&tokens, start).unwrap();
+        let dims = format!("T={t} pos={start}");
+        let x = |name: &str, n| random(&format!("{name}{t}"), n, 0.0, 1.0);
+        pair.case("embedding", &format!("{dims} V={v} H={h}"), 1e-7, &[S::Embedding], |b| {
+            b.embedding(table, S::Embedding)
+        });
+        pair.case("rms_norm", &format!("{dims} H={h}"), 1e-6, &[S::AttnNorm], |b| {
+            b.rms_norm(S::Embedding, norm, 1e-6, S::AttnNorm)
+        });
+        pair.case("linear", &format!("{dims} {h}->31+7"), 1e-6, &[S::QkvMatmul], |b| {
+            b.linear(S::AttnNorm, &[w1, w2], S::QkvMatmul)
+        });
+        pair.case("add_bias", &format!("{dims} W=38"), 1e-6, &[S::QkvBias], |b| {
+            b.add_bias(S::QkvMatmul, &[bias], S::QkvBias)
+        });
+        pair.put(S::QkvMatmul, HostTensor::f32(vec![t, 5 * hd], x("qkv", t * 5 * hd)));
+        let args = QkNormArgs { q_heads: 3, kv_heads: 1, head_dim: hd, q_weight: qn, k_weight: kn, eps: 1e-6 };
+        pair.case("qk_norm", &format!("{dims} nh=3 nkv=1 hd={hd}"), 1e-6, &[S::QkNorm], |b| {
+            b.qk_norm(S::QkvMatmul, args, S::QkNorm)
+        });
+        pair.case("rope q", &format!("{dims} 3 heads"), 1e-6, &[S::QPostRope], |b| {
+            b.rope(S::QkNorm, 0, 3, hd, 1e4, S::QPostRope)
+        });
+        pair.case("rope k", &format!("{dims} 1 head @54"), 1e-6, &[S::KPostRope], |b| {
+            b.rope(S::QkNorm, 54, 1, hd, 1e4, S::KPostRope)
+        });
+        pair.case("attn_scores", &format!("{dims} GQA 3/1"), 1e-6, &[S::AttnScores], |b| {
+            b.append_kv(0, S::KPostRope, S::QkvMatmul, 4 * hd)?;
+            b.attn_scores(0, S::QPostRope, shape, S::AttnScores)
+        });
+        pair.case("attn_softmax", &dims, 1e-6, &[S::AttnSoftmax], |b| b.attn_softmax(S::AttnScores, S::AttnSoftmax));
+        pair.case("attention", &dims, 1e-6, &[S::Attention], |b| b.attention(0, S::AttnSoftmax, shape, S::Attention));
+        pair.put(S::FfnGate, HostTensor::f32(vec![t, h], x("gate", t * h)));
+        pair.put(S::FfnUp, HostTensor::f32(vec![t, h], x("up", t * h)));
+        pair.case("add", &format!("{dims} H={h}"), 1e-7, &[S::PostAttnResidual], |b| {
+            b.add(S::FfnGate, S::FfnUp, S::PostAttnResidual)
+        });
+        pair.case("silu", &format!("{dims} H={h}"), 1e-6, &[S::FfnSilu], |b| b.silu(S::FfnGate, S::FfnSilu));
+        pair.case("mul", &format!("{dims} H={h}"), 1e-7, &[S::FfnSwigl], |b| b.mul(S::FfnSilu, S::FfnUp, S::FfnSwigl));
+        pair.case("swiglu", &format!("{dims} H={h}"), 1e-6, &[S::MoeExpertSwigl], |b| {
+            b.swiglu(S::FfnGate, S::FfnUp, S::MoeExpertSwigl)
+        });
+        pair.put(S::FfnNorm, HostTensor::f32(vec![t, h], x("norm", t * h)));
+        pair.case("linear router", &format!("{dims} E={e}"), 1e-6, &[S::MoeRouterLogits], |b| {
+            b.linear(S::FfnNorm, &[router], S::MoeRouterLogits)
+        });
+        for normalise in [true, false] {
+            pair.case(
+                &format!("top_k norm={normalise}"),
+                &format!("{dims} E={e} k={k}"),
+                1e-6,
+                &[S::MoeRouter, S::MoeRouterIndices],
+                |b| b.router_top_k(S::MoeRouterLogits, k, normalise, S::MoeRouter, S::MoeRouterIndices),
+            );
+        }
+        pair.case("expert_linear", &format!("{dims} [T,H]->[T,{k},{i_dim}]"), 1e-6, &[S::MoeExpertUp], |b| {
+            b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &ups, S::MoeExpertUp)
+        });
+        pair.case("expert_linear", &format!("{dims} [T,{k},{i_dim}]->[T,{k},H]"), 1e-6, &[S::MoeExpertOut], |b| {
+            b.expert_linear(S::MoeExpertUp, S::MoeRouterIndices, &downs, S::MoeExpertOut)
+        });
+        pair.case("moe_combine", &format!("{dims} k={k} H={h}"), 1e-6, &[S::MoeFfnOut], |b| {
+            b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut)
+        });
+        let (a, g) = (pair.cpu.argmax_last_row(S::MoeFfnOut).unwrap(), pair.gpu.argmax_last_row(S::MoeFfnOut).unwrap());
+        pair.rows.push(format!(
+            "{:<16} {:<20} {:<26} f32  exact       argmax {a} vs {g}{:<20} {}",
+            "argmax",
+            "moe_ffn_out",
+            dims,
+            "",
+            if a == g { "ok" } else { "FAIL" }
+        ));
+        pair.failures += usize::from(a != g);
+    }
+    println!(
+        "{:<16} {:<20} {:<26} {:<4} {:<11} {:<32} result",
+        "op", "output", "shapes", "type", "tolerance", "measure"
+    );
+    for row in &pair.rows {
+        println!("{row}");
+    }
+    assert_eq!(pair.failures, 0, "{} parity failures", pair.failures);
+}
