@@ -105,3 +105,34 @@ fn bisect_cpu_vs_cuda_finds_nothing_and_then_the_injected_fault() {
     assert!(report.graft.as_ref().unwrap().stage_is_wrong);
     eprintln!("{}", report.render(false));
 }
+
+#[test]
+fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
+    if !gpu() {
+        return;
+    }
+    for name in ["tiny-qwen3-moe", "tiny-qwen3"] {
+        let Some(dir) = fixture(name) else { continue };
+        let out = scratch(&format!("gpu-bf16-{name}")).join("cuda-bf16");
+        let model = format!("Path({:?})", dir.join("model"));
+        let prompt = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
+        run(&model, prompt, 8, "Cuda(device: 0, dtype: Bf16)", Some(&out));
+        let report = diff(&dir.join("activations"), &out, &DiffOptions::default()).unwrap();
+        eprintln!("{name} Bf16:\n{}", report.render(false));
+        let worst = report.rows.iter().filter_map(|r| r.rel_l2()).fold(0.0f64, f64::max);
+        eprintln!("{name} Bf16: worst rel_l2 {worst:.2e} over {} tensors", report.rows.len());
+        for (i, row) in report.rows.iter().enumerate() {
+            use capture::compare::Verdict;
+            match &row.verdict {
+                Verdict::Ok | Verdict::RoutingFlip | Verdict::Missing { .. } => {}
+                Verdict::Diverged => {
+                    // Allowed only downstream of a routing flip in the same step.
+                    let explained =
+                        report.rows[..i].iter().any(|r| r.step == row.step && r.verdict == Verdict::RoutingFlip);
+                    assert!(explained, "{name}: {} diverged without a routing flip upstream", row.place());
+                }
+                other => panic!("{name}: {} is {}", row.place(), other.label()),
+            }
+        }
+    }
+}

@@ -76,14 +76,21 @@ pub fn build_backend(
     match spec {
         BackendSpec::Cpu => Ok(Box::new(CpuBackend::new(model.store.clone(), threads)?)),
         #[cfg(feature = "cuda")]
-        BackendSpec::Cuda { device, dtype: crate::config::CudaDtype::F32 } => {
-            Ok(Box::new(pipeline::CudaBackend::new(model.store.clone(), *device)?))
+        BackendSpec::Cuda { device, dtype } => {
+            use pipeline::backend::cuda::CudaPrecision;
+            let precision = match dtype {
+                crate::config::CudaDtype::F32 => CudaPrecision::F32,
+                crate::config::CudaDtype::Bf16 => CudaPrecision::Bf16,
+            };
+            match pipeline::CudaBackend::new(model, *device, precision) {
+                Ok(backend) => Ok(Box::new(backend)),
+                Err(pipeline::PipelineError::BackendUnavailable(why)) => Err(CaptureError::ConfigValue {
+                    path: config_path.to_path_buf(),
+                    message: format!("backend: {spec}: {why}"),
+                }),
+                Err(other) => Err(other.into()),
+            }
         }
-        #[cfg(feature = "cuda")]
-        BackendSpec::Cuda { dtype: crate::config::CudaDtype::Bf16, .. } => Err(CaptureError::ConfigValue {
-            path: config_path.to_path_buf(),
-            message: format!("backend: {spec}: the Bf16 mode is not built yet; use Cuda(device: N, dtype: F32)"),
-        }),
         #[cfg(not(feature = "cuda"))]
         BackendSpec::Cuda { .. } => Err(CaptureError::ConfigValue {
             path: config_path.to_path_buf(),

@@ -26,3 +26,15 @@ __device__ __forceinline__ u16 f32_to_bf16_bits(float x) {
 __device__ __forceinline__ float bf16_bits_to_f32(u16 b) {
     return __uint_as_float(((u32)b) << 16);
 }
+
+// Weights are f32 (F32 mode) or bf16 bits (Bf16 mode); kernels read them
+// through these overloads and accumulate in f32 either way.
+__device__ __forceinline__ float load_w(const float *w, u64 i) { return w[i]; }
+__device__ __forceinline__ float load_w(const u16 *w, u64 i) { return bf16_bits_to_f32(w[i]); }
+
+// Entry points for both weight types: NAME_f32 (float weights) and
+// NAME_bf16w (bf16 weights), from one template body NAME_impl<W>.
+// (C linkage ignores the namespaces, which only scope the typedef of W.)
+#define WEIGHT_VARIANTS(NAME, PARAMS, ARGS) \
+    namespace NAME##_f32_variant { typedef float W; extern "C" __global__ void NAME##_f32 PARAMS { NAME##_impl<W> ARGS; } } \
+    namespace NAME##_bf16w_variant { typedef u16 W; extern "C" __global__ void NAME##_bf16w PARAMS { NAME##_impl<W> ARGS; } }

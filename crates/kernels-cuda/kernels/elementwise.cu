@@ -2,11 +2,19 @@
 // (f32 activations; one thread per element).
 #include "common.cuh"
 
-extern "C" __global__ void embedding_f32(float *out, const float *table, const unsigned int *tokens, u32 t_len, u32 h) {
+template <typename W>
+__device__ void embedding_impl(float *out, const W *table, const unsigned int *tokens, u32 t_len, u32 h) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)t_len * h) return;
     u32 t = (u32)(i / h), c = (u32)(i % h);
-    out[i] = table[(u64)tokens[t] * h + c];
+    out[i] = load_w(table, (u64)tokens[t] * h + c);
+}
+WEIGHT_VARIANTS(embedding, (float *out, const W *table, const unsigned int *tokens, u32 t_len, u32 h), (out, table, tokens, t_len, h))
+
+// Bf16 mode: activations are rounded to bf16 values after every stage.
+extern "C" __global__ void round_bf16_f32(float *x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] = bf16_bits_to_f32(f32_to_bf16_bits(x[i]));
 }
 
 extern "C" __global__ void add_bias_f32(float *out, const float *x, const float *bias, u64 n, u32 width) {

@@ -3,16 +3,18 @@
 // read the chosen expert ids themselves.
 #include "common.cuh"
 
-__device__ __forceinline__ float warp_dot(const float *a, const float *b, u32 k) {
+template <typename W>
+__device__ __forceinline__ float warp_dot(const float *a, const W *b, u32 k) {
     u32 lane = threadIdx.x & 31;
     float acc = 0.0f;
-    for (u32 i = lane; i < k; i += 32) acc += a[i] * b[i];
+    for (u32 i = lane; i < k; i += 32) acc += a[i] * load_w(b, i);
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     return acc;
 }
 
 // out[t * out_stride + col + n] = x[t] · w[n] for t < rows, n < n_out.
-extern "C" __global__ void linear_f32(float *out, const float *x, const float *w, u32 rows, u32 k, u32 n_out, u32 out_stride, u32 col) {
+template <typename W>
+__device__ void linear_impl(float *out, const float *x, const W *w, u32 rows, u32 k, u32 n_out, u32 out_stride, u32 col) {
     u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= (u64)rows * n_out) return;
     u32 t = (u32)(warp / n_out), n = (u32)(warp % n_out);
@@ -23,7 +25,8 @@ extern "C" __global__ void linear_f32(float *out, const float *x, const float *w
 // out[t, j, n] = W[ids[t, j]][n] · x, x = input[t] (per_slot = 0) or
 // input[t, j] (per_slot = 1). W is all experts stacked: [E, n_out, k].
 // An id outside 0..experts writes NaN (never reads out of bounds).
-extern "C" __global__ void expert_linear_f32(float *out, const float *x, const int *ids, const float *w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
+template <typename W>
+__device__ void expert_linear_impl(float *out, const float *x, const int *ids, const W *w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
     u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= (u64)t_len * top_k * n_out) return;
     u32 n = (u32)(warp % n_out);
@@ -38,3 +41,8 @@ extern "C" __global__ void expert_linear_f32(float *out, const float *x, const i
     float v = warp_dot(xr, w + ((u64)e * n_out + n) * k, k);
     if ((threadIdx.x & 31) == 0) out[slot * n_out + n] = v;
 }
+
+WEIGHT_VARIANTS(linear, (float *out, const float *x, const W *w, u32 rows, u32 k, u32 n_out, u32 out_stride, u32 col),
+                (out, x, w, rows, k, n_out, out_stride, col))
+WEIGHT_VARIANTS(expert_linear, (float *out, const float *x, const int *ids, const W *w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot),
+                (out, x, ids, w, t_len, top_k, k, n_out, experts, per_slot))

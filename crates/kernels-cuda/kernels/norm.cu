@@ -19,23 +19,30 @@ __device__ float block_sum(float v) {
 
 // out[row] = x[row] * rsqrt(mean(x[row]^2) + eps) * w; rows of `width`
 // starting every `in_stride` elements of x at `in_col`, written densely.
-__device__ void rms_row(float *out, const float *x, const float *w, u32 width, float eps) {
+template <typename W>
+__device__ void rms_row(float *out, const float *x, const W *w, u32 width, float eps) {
     float ss = 0.0f;
     for (u32 c = threadIdx.x; c < width; c += blockDim.x) ss += x[c] * x[c];
     float inv = rsqrtf(block_sum(ss) / (float)width + eps);
-    for (u32 c = threadIdx.x; c < width; c += blockDim.x) out[c] = x[c] * inv * w[c];
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) out[c] = x[c] * inv * load_w(w, c);
 }
 
-extern "C" __global__ void rms_norm_f32(float *out, const float *x, const float *w, u32 width, float eps) {
+template <typename W>
+__device__ void rms_norm_impl(float *out, const float *x, const W *w, u32 width, float eps) {
     u64 row = blockIdx.x;
     rms_row(out + row * width, x + row * width, w, width, eps);
 }
 
 // Block (t, head): head < q_heads uses q_w, else k_w. Input rows have
 // `in_width` columns; output rows (q_heads + kv_heads) * hd.
-extern "C" __global__ void qk_norm_f32(float *out, const float *x, const float *q_w, const float *k_w, u32 in_width, u32 q_heads, u32 kv_heads, u32 hd, float eps) {
+template <typename W>
+__device__ void qk_norm_impl(float *out, const float *x, const W *q_w, const W *k_w, u32 in_width, u32 q_heads, u32 kv_heads, u32 hd, float eps) {
     u32 t = blockIdx.x, head = blockIdx.y;
     u32 out_width = (q_heads + kv_heads) * hd;
-    const float *w = head < q_heads ? q_w : k_w;
+    const W *w = head < q_heads ? q_w : k_w;
     rms_row(out + (u64)t * out_width + head * hd, x + (u64)t * in_width + head * hd, w, hd, eps);
 }
+
+WEIGHT_VARIANTS(rms_norm, (float *out, const float *x, const W *w, u32 width, float eps), (out, x, w, width, eps))
+WEIGHT_VARIANTS(qk_norm, (float *out, const float *x, const W *q_w, const W *k_w, u32 in_width, u32 q_heads, u32 kv_heads, u32 hd, float eps),
+                (out, x, q_w, k_w, in_width, q_heads, kv_heads, hd, eps))

@@ -1,49 +1,69 @@
 //! GPU forward benchmark (not a test; needs the `cuda` feature and a GPU):
-//! ms per layer of the CUDA backend at Qwen3-30B-A3B dimensions (synthetic,
-//! cut to 2 layers) for a 16-token prefill and a decode step, against the
-//! device's memory bandwidth as the floor. Built by scripts/gpu-build.sh,
-//! run by scripts/gpu-run.sh; results in BENCHMARKS.md.
+//! the CUDA backend on the synthetic Qwen3-30B-A3B, prefill time and decode
+//! tokens/s, against the device's memory bandwidth as the floor. Built by
+//! scripts/gpu-build.sh, run by scripts/gpu-run.sh with MOETRACE_BENCH=1;
+//! results in BENCHMARKS.md.
+//!
+//! Environment: MOETRACE_BENCH_LAYERS (default 2), MOETRACE_BENCH_PRECISION
+//! (f32 or bf16, default f32), MOETRACE_BENCH_PROMPT (tokens, default 16).
 
 #[cfg(feature = "cuda")]
 fn main() {
     use std::time::Instant;
 
+    use pipeline::backend::cuda::CudaPrecision;
     use pipeline::{CudaBackend, Forward, Model};
 
+    let env = |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_string());
+    let layers: usize = env("MOETRACE_BENCH_LAYERS", "2").parse().expect("MOETRACE_BENCH_LAYERS");
+    let prompt_len: usize = env("MOETRACE_BENCH_PROMPT", "16").parse().expect("MOETRACE_BENCH_PROMPT");
+    let (precision, bytes_per_weight) = match env("MOETRACE_BENCH_PRECISION", "f32").as_str() {
+        "bf16" => (CudaPrecision::Bf16, 2usize),
+        _ => (CudaPrecision::F32, 4usize),
+    };
     let t = Instant::now();
-    let model = Model::synthetic("qwen3-30b-a3b", 7, Some(2)).unwrap();
-    println!("model generated in {:.1} s", t.elapsed().as_secs_f64());
+    let model = Model::synthetic("qwen3-30b-a3b", 7, Some(layers)).unwrap();
+    println!("qwen3-30b-a3b, {layers} layers: generated on the host in {:.1} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
-    let backend = CudaBackend::new(model.store.clone(), 0).unwrap();
-    println!("{}: weights uploaded as f32 in {:.1} s", backend.device_name(), t.elapsed().as_secs_f64());
+    let backend = CudaBackend::new(&model, 0, precision).unwrap();
+    println!("{}: uploaded as {precision:?} in {:.1} s", backend.device_name(), t.elapsed().as_secs_f64());
     let mut forward = Forward::new(&model, Box::new(backend));
-    let prompt: Vec<u32> = (0..16u32).map(|i| (i * 7919) % 151_936).collect();
+    let prompt: Vec<u32> = (0..prompt_len as u32).map(|i| (i * 7919 + 13) % 151_936).collect();
     let c = &model.config;
-    let attention =
-        4 * c.hidden_size * (c.q_width() + 2 * c.kv_width() + c.q_width()) + 4 * c.num_experts * c.hidden_size;
-    let expert = 4 * 3 * c.hidden_size * c.moe_intermediate_size;
-    for (label, tokens, start, experts) in
-        [("prefill 16 tokens", prompt.clone(), 0usize, 64usize), ("decode 1 token", vec![42], 16, 8)]
-    {
-        let mut samples = Vec::new();
-        for _ in 0..5 {
-            if start > 0 {
-                forward.step(0, &prompt, 0, &mut |_| {}).unwrap();
-                forward.next_token().unwrap();
-            }
-            let t = Instant::now();
-            forward.step(1, &tokens, start, &mut |_| {}).unwrap();
-            forward.next_token().unwrap(); // synchronises
-            samples.push(t.elapsed().as_secs_f64() * 1e3);
-        }
-        samples.sort_by(f64::total_cmp);
-        let ms = samples[2];
-        let floor = (attention + experts * expert) as f64 / 3.0e12 * 1e3;
-        println!(
-            "| {label} | {ms:.2} ms per step ({:.2} ms/layer incl. embedding and lm_head) | f32 weight floor per layer about {floor:.3} ms at 3 TB/s |",
-            ms / 2.0
-        );
+    // Bytes of weights a decode token reads: attention + router per layer,
+    // 8 experts per layer, the lm_head row block and the final norm.
+    let per_layer = c.hidden_size * (2 * c.q_width() + 2 * c.kv_width()) + c.num_experts * c.hidden_size;
+    let experts = c.experts_per_token * 3 * c.hidden_size * c.moe_intermediate_size;
+    let decode_bytes = (layers * (per_layer + experts) + c.vocab_size * c.hidden_size) * bytes_per_weight;
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let mut prefill = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        forward.step(0, &prompt, 0, &mut |_| {}).unwrap();
+        forward.next_token().unwrap(); // synchronises
+        prefill.push(t.elapsed().as_secs_f64());
     }
+    let prefill = median(prefill);
+    println!("| prefill {prompt_len} tokens | {:.1} ms | {:.0} tokens/s |", prefill * 1e3, prompt_len as f64 / prefill);
+    let mut decode = Vec::new();
+    let mut token = forward.next_token().unwrap();
+    for i in 0..16 {
+        let t = Instant::now();
+        forward.step(1 + i, &[token], prompt_len + i, &mut |_| {}).unwrap();
+        token = forward.next_token().unwrap();
+        decode.push(t.elapsed().as_secs_f64());
+    }
+    let decode = median(decode);
+    println!(
+        "| decode (median of 16 steps) | {:.2} ms/token | {:.1} tokens/s | floor {:.2} ms ({:.2} GB of weights at 3.0 TB/s) |",
+        decode * 1e3,
+        1.0 / decode,
+        decode_bytes as f64 / 3.0e12 * 1e3,
+        decode_bytes as f64 / 1e9
+    );
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -10,6 +10,7 @@
 
 use std::sync::Arc;
 
+use pipeline::backend::cuda::CudaPrecision;
 use pipeline::backend::{AttentionShape, Backend, QkNormArgs};
 use pipeline::weights::{WeightDtype, WeightId, WeightStore, WeightTensor, synthetic_value, tensor_key};
 use pipeline::{CpuBackend, CudaBackend, HostTensor};
@@ -94,7 +95,7 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
     let downs: Vec<WeightId> =
         (0..e).map(|x| weight(&mut store, &format!("down{x}"), vec![h, i_dim], 0.0, 0.2)).collect();
     let store = Arc::new(store);
-    let mut gpu = CudaBackend::new(store.clone(), 0).unwrap();
+    let mut gpu = CudaBackend::with_weights(store.clone(), &[&ups, &downs], 0, CudaPrecision::F32).unwrap();
     gpu.set_poison(true);
     let mut pair = Pair { cpu: CpuBackend::new(store, Some(2)).unwrap(), gpu, rows: Vec::new(), failures: 0 };
     let shape = AttentionShape { heads: 3, kv_heads: 1, head_dim: hd };

@@ -3,18 +3,44 @@
 //! routing and expert selection on the device (no host round trip inside a
 //! step). This first version is the F32 mode with straightforward kernels
 //! (f32 accumulation, no TF32); it exists to be correct against the oracle.
-//! Speed (cuBLAS, fused MoE kernels, bf16, CUDA graphs) comes after.
+//! [`CudaPrecision::Bf16`] keeps the weights in bf16 on the device and
+//! rounds every stage's output to bf16 (accumulation stays f32). Speed
+//! (cuBLAS, fused MoE kernels, CUDA graphs) comes after.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
 use kernels_cuda::GpuDevice;
 
 use super::{AttentionShape, Backend, QkNormArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, TensorData};
 use crate::weights::{WeightId, WeightStore};
+
+/// Precision of the CUDA backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CudaPrecision {
+    /// f32 weights and activations, f32 accumulation, no TF32.
+    F32,
+    /// bf16 weights, activations rounded to bf16 after every stage, f32
+    /// accumulation.
+    Bf16,
+}
+
+/// A weight on the device, in the backend's precision.
+enum DevWeight {
+    F32(CudaSlice<f32>),
+    Bf16(CudaSlice<u16>),
+}
+
+/// Pushes a weight argument, whichever its type.
+fn push_weight<'a>(b: &mut LaunchArgs<'a>, w: &'a DevWeight) {
+    match w {
+        DevWeight::F32(d) => b.arg(d),
+        DevWeight::Bf16(d) => b.arg(d),
+    };
+}
 
 /// A device tensor.
 enum DevData {
@@ -55,7 +81,7 @@ struct DevCache {
 
 /// Stacked expert weights of one projection: `[E, n_out, k]`.
 struct Stacked {
-    data: CudaSlice<f32>,
+    data: DevWeight,
     n_out: usize,
     k: usize,
     experts: usize,
@@ -65,7 +91,8 @@ struct Stacked {
 pub struct CudaBackend {
     device: GpuDevice,
     store: Arc<WeightStore>,
-    weights: HashMap<WeightId, CudaSlice<f32>>,
+    weights: HashMap<WeightId, DevWeight>,
+    precision: CudaPrecision,
     stacked: HashMap<WeightId, Stacked>,
     slots: Vec<Option<DevTensor>>,
     tokens: Option<CudaSlice<u32>>,
@@ -99,23 +126,59 @@ fn warps(n: usize) -> LaunchConfig {
 }
 
 impl CudaBackend {
-    /// Opens device `ordinal` and uploads every weight as f32 (F32 mode).
-    pub fn new(store: Arc<WeightStore>, ordinal: usize) -> Result<Self> {
+    /// Opens device `ordinal` and uploads every weight of `model` once, as
+    /// f32 or as bf16 depending on `precision`; each MoE layer's experts go
+    /// up stacked (`[E, n, k]` per projection) and nowhere else.
+    pub fn new(model: &crate::Model, ordinal: usize, precision: CudaPrecision) -> Result<Self> {
+        let expert_lists: Vec<&[WeightId]> = model
+            .layers
+            .iter()
+            .filter_map(|l| match &l.mlp {
+                crate::model::MlpWeights::Moe(m) => Some([&m.gate[..], &m.up[..], &m.down[..]]),
+                crate::model::MlpWeights::Dense { .. } => None,
+            })
+            .flatten()
+            .collect();
+        Self::with_weights(model.store.clone(), &expert_lists, ordinal, precision)
+    }
+
+    /// Like [`CudaBackend::new`] for any weight store: `expert_lists` are
+    /// the expert sets (each the per-expert ids of one projection of one
+    /// MoE layer) that `expert_linear` will be called with.
+    pub fn with_weights(
+        store: Arc<WeightStore>,
+        expert_lists: &[&[WeightId]],
+        ordinal: usize,
+        precision: CudaPrecision,
+    ) -> Result<Self> {
         let device = GpuDevice::open(ordinal).map_err(kernel_error)?;
+        let experts: std::collections::HashSet<WeightId> =
+            expert_lists.iter().flat_map(|l| l.iter().copied()).collect();
         let mut weights = HashMap::new();
         for (i, t) in store.tensors().iter().enumerate() {
-            let data = device.stream().clone_htod(&t.to_f32_vec()).map_err(gpu(&format!(
-                "uploading {} ({} MB)",
-                t.name,
-                t.numel() * 4 / 1_000_000
-            )))?;
-            weights.insert(WeightId(i as u32), data);
+            let id = WeightId(i as u32);
+            if !experts.contains(&id) {
+                let what = format!("uploading {} ({:.1} MB)", t.name, t.bytes().len() as f64 / 1e6);
+                weights.insert(id, upload(&device, &host_values(t, precision), &what)?);
+            }
+        }
+        let mut stacked = HashMap::new();
+        for &list in expert_lists {
+            let first = store.get(list[0]);
+            let mut host = HostValues::empty(precision);
+            for &id in list {
+                host.extend(host_values(store.get(id), precision));
+            }
+            let what = format!("uploading the stacked experts of {}", first.name);
+            let data = upload(&device, &host, &what)?;
+            stacked.insert(list[0], Stacked { data, n_out: first.shape[0], k: first.row_len(), experts: list.len() });
         }
         Ok(Self {
             device,
             store,
             weights,
-            stacked: HashMap::new(),
+            precision,
+            stacked,
             slots: (0..Slot::ALL.len()).map(|_| None).collect(),
             tokens: None,
             t_len: 0,
@@ -147,8 +210,17 @@ impl CudaBackend {
             .ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` has not been computed in this step")))
     }
 
-    fn weight(&self, id: WeightId) -> &CudaSlice<f32> {
+    fn weight(&self, id: WeightId) -> &DevWeight {
         &self.weights[&id]
+    }
+
+    /// The entry point of `base` for the backend's weight type.
+    fn weight_function(&self, family: &'static str, base: &str) -> Result<cudarc::driver::CudaFunction> {
+        let suffix = match self.precision {
+            CudaPrecision::F32 => "f32",
+            CudaPrecision::Bf16 => "bf16w",
+        };
+        self.function(family, &format!("{base}_{suffix}"))
     }
 
     fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
@@ -158,8 +230,24 @@ impl CudaBackend {
         self.stream().alloc_zeros::<f32>(n.max(1)).map_err(gpu("allocating activations"))
     }
 
-    fn set(&mut self, slot: Slot, shape: Vec<usize>, data: CudaSlice<f32>) {
+    /// Stores an op's output; in Bf16 mode rounds it to bf16 first, except
+    /// the router logits and weights: the gate projection accumulates in f32
+    /// and routing (softmax, top-k, renormalise) is computed and kept in f32,
+    /// as DESIGN asks ("softmax over all E in float32 or better").
+    fn set(&mut self, slot: Slot, shape: Vec<usize>, mut data: CudaSlice<f32>) -> Result<()> {
+        let routing = matches!(slot, Slot::MoeRouterLogits | Slot::MoeRouter);
+        if self.precision == CudaPrecision::Bf16 && !routing {
+            let n = shape.iter().product::<usize>();
+            let f = self.function("elementwise", "round_bf16_f32")?;
+            let stream = self.stream();
+            let n64 = n as u64;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut data).arg(&n64);
+            // SAFETY: data holds n f32, rounded in place.
+            unsafe { b.launch(threads(n)) }.map_err(gpu("rounding to bf16"))?;
+        }
         self.slots[slot.index()] = Some(DevTensor { shape, data: DevData::F32(data) });
+        Ok(())
     }
 
     fn function(&self, family: &'static str, name: &str) -> Result<cudarc::driver::CudaFunction> {
@@ -186,24 +274,15 @@ impl CudaBackend {
         b.arg(&n64);
         // SAFETY: every buffer holds n f32; the kernel touches indices < n.
         unsafe { b.launch(threads(n)) }.map_err(gpu(name))?;
-        self.set(out, shape, o);
-        Ok(())
+        self.set(out, shape, o)
     }
 
-    /// Stacks experts' weights into one `[E, n_out, k]` buffer, once.
-    fn stacked(&mut self, experts: &[WeightId]) -> Result<&Stacked> {
-        let key = experts[0];
-        if !self.stacked.contains_key(&key) {
-            let first = self.store.get(key);
-            let (n_out, k) = (first.shape[0], first.row_len());
-            let mut host = Vec::with_capacity(experts.len() * n_out * k);
-            for &id in experts {
-                host.extend(self.store.get(id).to_f32_vec());
-            }
-            let data = self.stream().clone_htod(&host).map_err(gpu("uploading stacked experts"))?;
-            self.stacked.insert(key, Stacked { data, n_out, k, experts: experts.len() });
-        }
-        Ok(&self.stacked[&key])
+    /// The stacked weights whose first expert is `experts[0]`.
+    fn stacked(&self, experts: &[WeightId]) -> Result<&Stacked> {
+        self.stacked
+            .get(&experts[0])
+            .filter(|s| s.experts == experts.len())
+            .ok_or_else(|| PipelineError::BadInput("expert weights that are not a MoE layer's experts".into()))
     }
 }
 
@@ -213,7 +292,10 @@ impl Backend for CudaBackend {
     }
 
     fn dtype(&self) -> &'static str {
-        "f32"
+        match self.precision {
+            CudaPrecision::F32 => "f32",
+            CudaPrecision::Bf16 => "bf16",
+        }
     }
 
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
@@ -245,16 +327,17 @@ impl Backend for CudaBackend {
         let h = self.store.get(table).row_len();
         let n = self.t_len * h;
         let mut o = self.alloc(n)?;
-        let f = self.function("elementwise", "embedding_f32")?;
+        let f = self.weight_function("elementwise", "embedding")?;
         let stream = self.stream();
         let tokens = self.tokens.as_ref().ok_or_else(|| PipelineError::BadInput("no step begun".into()))?;
         let (t32, h32) = (self.t_len as u32, h as u32);
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(self.weight(table)).arg(tokens).arg(&t32).arg(&h32);
+        b.arg(&mut o);
+        push_weight(&mut b, self.weight(table));
+        b.arg(tokens).arg(&t32).arg(&h32);
         // SAFETY: out holds T*H, table V*H, tokens T ids < V.
         unsafe { b.launch(threads(n)) }.map_err(gpu("embedding"))?;
-        self.set(out, vec![self.t_len, h], o);
-        Ok(())
+        self.set(out, vec![self.t_len, h], o)
     }
 
     fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
@@ -264,16 +347,17 @@ impl Backend for CudaBackend {
             return Err(PipelineError::BadInput(format!("stage `{input}` rows of {width} do not fit the norm weight")));
         }
         let mut o = self.alloc(rows * width)?;
-        let f = self.function("norm", "rms_norm_f32")?;
+        let f = self.weight_function("norm", "rms_norm")?;
         let stream = self.stream();
         let (w32, e32) = (width as u32, eps as f32);
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?).arg(self.weight(weight)).arg(&w32).arg(&e32);
+        b.arg(&mut o).arg(x.f32(input)?);
+        push_weight(&mut b, self.weight(weight));
+        b.arg(&w32).arg(&e32);
         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block per row of `width`; buffers hold rows*width.
         unsafe { b.launch(cfg) }.map_err(gpu("rms_norm"))?;
-        self.set(out, vec![rows, width], o);
-        Ok(())
+        self.set(out, vec![rows, width], o)
     }
 
     fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
@@ -281,7 +365,7 @@ impl Backend for CudaBackend {
         let (rows, k) = (x.rows(), x.width());
         let total: usize = weights.iter().map(|&id| self.store.get(id).shape[0]).sum();
         let mut o = self.alloc(rows * total)?;
-        let f = self.function("linear", "linear_f32")?;
+        let f = self.weight_function("linear", "linear")?;
         let stream = self.stream();
         let mut col = 0usize;
         for &id in weights {
@@ -292,20 +376,14 @@ impl Backend for CudaBackend {
             let n = w.shape[0];
             let args = (rows as u32, k as u32, n as u32, total as u32, col as u32);
             let mut b = stream.launch_builder(&f);
-            b.arg(&mut o)
-                .arg(x.f32(input)?)
-                .arg(self.weight(id))
-                .arg(&args.0)
-                .arg(&args.1)
-                .arg(&args.2)
-                .arg(&args.3)
-                .arg(&args.4);
+            b.arg(&mut o).arg(x.f32(input)?);
+            push_weight(&mut b, self.weight(id));
+            b.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);
             // SAFETY: x is rows*k, w is n*k, out rows*total with col+n <= total.
             unsafe { b.launch(warps(rows * n)) }.map_err(gpu("linear"))?;
             col += n;
         }
-        self.set(out, vec![rows, total], o);
-        Ok(())
+        self.set(out, vec![rows, total], o)
     }
 
     fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
@@ -331,8 +409,7 @@ impl Backend for CudaBackend {
         b.arg(&mut o).arg(x.f32(input)?).arg(&bias).arg(&n64).arg(&w32);
         // SAFETY: n elements, bias of width.
         unsafe { b.launch(threads(n)) }.map_err(gpu("add_bias"))?;
-        self.set(out, shape, o);
-        Ok(())
+        self.set(out, shape, o)
     }
 
     fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
@@ -343,17 +420,18 @@ impl Backend for CudaBackend {
             return Err(PipelineError::BadInput(format!("qk_norm needs rows of at least {}", heads * args.head_dim)));
         }
         let mut o = self.alloc(rows * heads * args.head_dim)?;
-        let f = self.function("norm", "qk_norm_f32")?;
+        let f = self.weight_function("norm", "qk_norm")?;
         let stream = self.stream();
         let a = (in_width as u32, args.q_heads as u32, args.kv_heads as u32, args.head_dim as u32, args.eps as f32);
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?).arg(self.weight(args.q_weight)).arg(self.weight(args.k_weight));
+        b.arg(&mut o).arg(x.f32(input)?);
+        push_weight(&mut b, self.weight(args.q_weight));
+        push_weight(&mut b, self.weight(args.k_weight));
         b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
         let cfg = LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block per (token, head); reads within rows of in_width.
         unsafe { b.launch(cfg) }.map_err(gpu("qk_norm"))?;
-        self.set(out, vec![rows, heads * args.head_dim], o);
-        Ok(())
+        self.set(out, vec![rows, heads * args.head_dim], o)
     }
 
     fn rope(
@@ -379,8 +457,7 @@ impl Backend for CudaBackend {
         b.arg(&mut o).arg(x.f32(input)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&theta).arg(&a.5);
         // SAFETY: one thread per (t, head, pair), all within the buffers.
         unsafe { b.launch(threads(rows * heads * head_dim / 2)) }.map_err(gpu("rope"))?;
-        self.set(out, vec![rows, heads * head_dim], o);
-        Ok(())
+        self.set(out, vec![rows, heads * head_dim], o)
     }
 
     fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
@@ -461,8 +538,7 @@ impl Backend for CudaBackend {
         b.arg(&mut o).arg(qt.f32(q)?).arg(&cache.k).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
         // SAFETY: one warp per (h, t, p) within [nh, T, P].
         unsafe { b.launch(warps(n)) }.map_err(gpu("attn_scores"))?;
-        self.set(out, vec![shape.heads, t_len, p_len], o);
-        Ok(())
+        self.set(out, vec![shape.heads, t_len, p_len], o)
     }
 
     fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
@@ -480,8 +556,7 @@ impl Backend for CudaBackend {
         b.arg(&mut o).arg(s.f32(scores)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
         // SAFETY: one thread per row of P.
         unsafe { b.launch(threads(rows)) }.map_err(gpu("attn_softmax"))?;
-        self.set(out, shape, o);
-        Ok(())
+        self.set(out, shape, o)
     }
 
     fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
@@ -503,8 +578,7 @@ impl Backend for CudaBackend {
         b.arg(&mut o).arg(pt.f32(probs)?).arg(&cache.v).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
         // SAFETY: one thread per output element.
         unsafe { b.launch(threads(n)) }.map_err(gpu("attention"))?;
-        self.set(out, vec![t_len, shape.heads * shape.head_dim], o);
-        Ok(())
+        self.set(out, vec![t_len, shape.heads * shape.head_dim], o)
     }
 
     fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
@@ -545,7 +619,7 @@ impl Backend for CudaBackend {
         b.arg(&mut w).arg(&mut ids).arg(l.f32(logits)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
         // SAFETY: one thread per token writing k weights and ids.
         unsafe { b.launch(threads(rows)) }.map_err(gpu("router_top_k"))?;
-        self.set(weights_out, vec![rows, k], w);
+        self.set(weights_out, vec![rows, k], w)?;
         self.slots[indices_out.index()] = Some(DevTensor { shape: vec![rows, k], data: DevData::I32(ids) });
         Ok(())
     }
@@ -570,7 +644,7 @@ impl Backend for CudaBackend {
         }
         let n = t_len * top_k * n_out;
         let mut o = self.alloc(n)?;
-        let f = self.function("linear", "expert_linear_f32")?;
+        let f = self.weight_function("linear", "expert_linear")?;
         let stream = self.stream();
         let DevData::I32(ids) = &self.slot(indices)?.data else {
             return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
@@ -579,11 +653,12 @@ impl Backend for CudaBackend {
         let w = &self.stacked[&experts[0]].data;
         let a = (t_len as u32, top_k as u32, k_in as u32, n_out as u32, count as u32, u32::from(per_slot));
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x).arg(ids).arg(w).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
+        b.arg(&mut o).arg(x).arg(ids);
+        push_weight(&mut b, w);
+        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
         // SAFETY: one warp per (t, j, n); ids are range-checked in the kernel.
         unsafe { b.launch(warps(n)) }.map_err(gpu("expert_linear"))?;
-        self.set(out, vec![t_len, top_k, n_out], o);
-        Ok(())
+        self.set(out, vec![t_len, top_k, n_out], o)
     }
 
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
@@ -600,8 +675,7 @@ impl Backend for CudaBackend {
         b.arg(&mut o).arg(et.f32(expert_out)?).arg(wt.f32(weights)?).arg(&a.0).arg(&a.1).arg(&a.2);
         // SAFETY: one thread per output element.
         unsafe { b.launch(threads(t_len * h)) }.map_err(gpu("moe_combine"))?;
-        self.set(out, vec![t_len, h], o);
-        Ok(())
+        self.set(out, vec![t_len, h], o)
     }
 
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {
@@ -683,4 +757,49 @@ impl CudaBackend {
                 PipelineError::BadInput(format!("the KV cache of layer {layer} was not filled for this step"))
             })
     }
+}
+
+/// A tensor's values on the host, in the backend's precision.
+enum HostValues {
+    F32(Vec<f32>),
+    Bf16(Vec<u16>),
+}
+
+impl HostValues {
+    fn empty(precision: CudaPrecision) -> Self {
+        match precision {
+            CudaPrecision::F32 => HostValues::F32(Vec::new()),
+            CudaPrecision::Bf16 => HostValues::Bf16(Vec::new()),
+        }
+    }
+
+    fn extend(&mut self, other: HostValues) {
+        match (self, other) {
+            (HostValues::F32(a), HostValues::F32(b)) => a.extend(b),
+            (HostValues::Bf16(a), HostValues::Bf16(b)) => a.extend(b),
+            _ => unreachable!("one precision per backend"),
+        }
+    }
+}
+
+/// A weight's values for upload: f32, or bf16 bits (taken as stored when
+/// the checkpoint is bf16, rounded to nearest otherwise).
+fn host_values(t: &crate::weights::WeightTensor, precision: CudaPrecision) -> HostValues {
+    match precision {
+        CudaPrecision::F32 => HostValues::F32(t.to_f32_vec()),
+        CudaPrecision::Bf16 if t.dtype == crate::weights::WeightDtype::Bf16 => {
+            HostValues::Bf16(t.bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
+        }
+        CudaPrecision::Bf16 => {
+            HostValues::Bf16(t.to_f32_vec().iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect())
+        }
+    }
+}
+
+fn upload(device: &GpuDevice, values: &HostValues, what: &str) -> Result<DevWeight> {
+    let stream = device.stream();
+    Ok(match values {
+        HostValues::F32(v) => DevWeight::F32(stream.clone_htod(v).map_err(gpu(what))?),
+        HostValues::Bf16(v) => DevWeight::Bf16(stream.clone_htod(v).map_err(gpu(what))?),
+    })
 }
