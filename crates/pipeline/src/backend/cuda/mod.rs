@@ -10,13 +10,20 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use kernels_cuda::GpuDevice;
 
 use super::{AttentionShape, Backend, QkNormArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, TensorData};
 use crate::weights::{WeightId, WeightStore};
+
+mod attention;
+mod tensors;
+mod weights;
+
+use tensors::{DevCache, DevData, DevTensor};
+use weights::{DevWeight, HostValues, Stacked, host_values, push_weight, upload};
 
 /// Precision of the CUDA backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,65 +33,6 @@ pub enum CudaPrecision {
     /// bf16 weights, activations rounded to bf16 after every stage, f32
     /// accumulation.
     Bf16,
-}
-
-/// A weight on the device, in the backend's precision.
-enum DevWeight {
-    F32(CudaSlice<f32>),
-    Bf16(CudaSlice<u16>),
-}
-
-/// Pushes a weight argument, whichever its type.
-fn push_weight<'a>(b: &mut LaunchArgs<'a>, w: &'a DevWeight) {
-    match w {
-        DevWeight::F32(d) => b.arg(d),
-        DevWeight::Bf16(d) => b.arg(d),
-    };
-}
-
-/// A device tensor.
-enum DevData {
-    F32(CudaSlice<f32>),
-    I32(CudaSlice<i32>),
-}
-
-struct DevTensor {
-    shape: Vec<usize>,
-    data: DevData,
-}
-
-impl DevTensor {
-    fn f32(&self, slot: Slot) -> Result<&CudaSlice<f32>> {
-        match &self.data {
-            DevData::F32(d) => Ok(d),
-            DevData::I32(_) => Err(PipelineError::BadInput(format!("stage `{slot}` holds int32, expected float32"))),
-        }
-    }
-
-    fn width(&self) -> usize {
-        self.shape.last().copied().unwrap_or(1)
-    }
-
-    fn rows(&self) -> usize {
-        self.shape.iter().product::<usize>() / self.width().max(1)
-    }
-}
-
-/// Keys and values of one layer, `[capacity, width]` with `len` rows used.
-struct DevCache {
-    k: CudaSlice<f32>,
-    v: CudaSlice<f32>,
-    width: usize,
-    len: usize,
-    capacity: usize,
-}
-
-/// Stacked expert weights of one projection: `[E, n_out, k]`.
-struct Stacked {
-    data: DevWeight,
-    n_out: usize,
-    k: usize,
-    experts: usize,
 }
 
 /// The CUDA backend.
@@ -102,7 +50,7 @@ pub struct CudaBackend {
     poison: bool,
 }
 
-fn gpu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> PipelineError + '_ {
+pub(super) fn gpu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> PipelineError + '_ {
     move |e| PipelineError::Gpu(format!("{what}: {e}"))
 }
 
@@ -443,142 +391,23 @@ impl Backend for CudaBackend {
         theta: f64,
         out: Slot,
     ) -> Result<()> {
-        let x = self.slot(input)?;
-        let (rows, in_width) = (x.rows(), x.width());
-        if col_start + heads * head_dim > in_width {
-            return Err(PipelineError::BadInput(format!("rope reads past the rows of `{input}`")));
-        }
-        let mut o = self.alloc(rows * heads * head_dim)?;
-        let f = self.function("attention", "rope_f32")?;
-        let stream = self.stream();
-        let a =
-            (rows as u32, in_width as u32, col_start as u32, heads as u32, head_dim as u32, self.start_position as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&theta).arg(&a.5);
-        // SAFETY: one thread per (t, head, pair), all within the buffers.
-        unsafe { b.launch(threads(rows * heads * head_dim / 2)) }.map_err(gpu("rope"))?;
-        self.set(out, vec![rows, heads * head_dim], o)
+        self.rope_on_device(input, col_start, heads, head_dim, theta, out)
     }
 
     fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
-        let (kt, vt) = (self.slot(k)?, self.slot(v)?);
-        let (rows, width, v_width) = (kt.rows(), kt.width(), vt.width());
-        if vt.rows() != rows || v_col + width > v_width {
-            return Err(PipelineError::BadInput(format!("append_kv: `{k}` and `{v}` do not match")));
-        }
-        if self.caches.len() <= layer {
-            self.caches.resize_with(layer + 1, || None);
-        }
-        let start = self.start_position;
-        let len = self.caches[layer].as_ref().map_or(0, |c| c.len);
-        if len != start {
-            return Err(PipelineError::BadInput(format!(
-                "the KV cache of layer {layer} holds {len} positions but this step starts at {start}"
-            )));
-        }
-        let need = start + rows;
-        let stream = self.stream();
-        if self.caches[layer].as_ref().is_none_or(|c| c.capacity < need || c.width != width) {
-            let capacity = need.next_power_of_two().max(64);
-            let mut nk = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
-            let mut nv = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
-            if let Some(old) = &self.caches[layer] {
-                let used = old.len * width;
-                stream
-                    .memcpy_dtod(&old.k.slice(..used), &mut nk.slice_mut(..used))
-                    .map_err(gpu("growing the KV cache"))?;
-                stream
-                    .memcpy_dtod(&old.v.slice(..used), &mut nv.slice_mut(..used))
-                    .map_err(gpu("growing the KV cache"))?;
-            }
-            self.caches[layer] = Some(DevCache { k: nk, v: nv, width, len: start, capacity });
-        }
-        let f = self.function("elementwise", "copy_columns_f32")?;
-        let cache = self.caches[layer].as_mut().expect("allocated above");
-        let kt = self.slots[k.index()].as_ref().expect("checked").f32(k)?;
-        let vt = self.slots[v.index()].as_ref().expect("checked").f32(v)?;
-        let offset = start * width;
-        let (r32, w32, vw32, vc32, zero) = (rows as u32, width as u32, v_width as u32, v_col as u32, 0u32);
-        {
-            let mut dst = cache.k.slice_mut(offset..);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut dst).arg(kt).arg(&r32).arg(&w32).arg(&zero).arg(&w32).arg(&w32);
-            // SAFETY: rows*width values into a cache with capacity >= need rows.
-            unsafe { b.launch(threads(rows * width)) }.map_err(gpu("append keys"))?;
-        }
-        {
-            let mut dst = cache.v.slice_mut(offset..);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut dst).arg(vt).arg(&r32).arg(&vw32).arg(&vc32).arg(&w32).arg(&w32);
-            // SAFETY: as above, reading columns v_col..v_col+width of v.
-            unsafe { b.launch(threads(rows * width)) }.map_err(gpu("append values"))?;
-        }
-        cache.len = need;
-        Ok(())
+        self.append_kv_on_device(layer, k, v, v_col)
     }
 
     fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        let qt = self.slot(q)?;
-        let t_len = qt.rows();
-        let cache = self.cache(layer)?;
-        let p_len = cache.len;
-        let n = shape.heads * t_len * p_len;
-        let mut o = self.alloc(n)?;
-        let f = self.function("attention", "attn_scores_f32")?;
-        let stream = self.stream();
-        let a = (
-            t_len as u32,
-            p_len as u32,
-            shape.heads as u32,
-            shape.kv_heads as u32,
-            shape.head_dim as u32,
-            self.start_position as u32,
-        );
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(qt.f32(q)?).arg(&cache.k).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
-        // SAFETY: one warp per (h, t, p) within [nh, T, P].
-        unsafe { b.launch(warps(n)) }.map_err(gpu("attn_scores"))?;
-        self.set(out, vec![shape.heads, t_len, p_len], o)
+        self.attn_scores_on_device(layer, q, shape, out)
     }
 
     fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
-        let s = self.slot(scores)?;
-        let shape = s.shape.clone();
-        if shape.len() != 3 {
-            return Err(PipelineError::BadInput(format!("attn_softmax needs [nh,T,P], got {shape:?}")));
-        }
-        let rows = shape[0] * shape[1];
-        let mut o = self.alloc(rows * shape[2])?;
-        let f = self.function("attention", "attn_softmax_f32")?;
-        let stream = self.stream();
-        let a = (rows as u32, shape[1] as u32, shape[2] as u32, self.start_position as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(s.f32(scores)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
-        // SAFETY: one thread per row of P.
-        unsafe { b.launch(threads(rows)) }.map_err(gpu("attn_softmax"))?;
-        self.set(out, shape, o)
+        self.attn_softmax_on_device(scores, out)
     }
 
     fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        let pt = self.slot(probs)?;
-        let (t_len, p_len) = (pt.shape[1], pt.shape[2]);
-        let cache = self.cache(layer)?;
-        if cache.len != p_len {
-            return Err(PipelineError::BadInput(format!(
-                "attention: {p_len} probabilities, {} cached values",
-                cache.len
-            )));
-        }
-        let n = t_len * shape.heads * shape.head_dim;
-        let mut o = self.alloc(n)?;
-        let f = self.function("attention", "attention_f32")?;
-        let stream = self.stream();
-        let a = (t_len as u32, p_len as u32, shape.heads as u32, shape.kv_heads as u32, shape.head_dim as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(pt.f32(probs)?).arg(&cache.v).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
-        // SAFETY: one thread per output element.
-        unsafe { b.launch(threads(n)) }.map_err(gpu("attention"))?;
-        self.set(out, vec![t_len, shape.heads * shape.head_dim], o)
+        self.attention_on_device(layer, probs, shape, out)
     }
 
     fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
@@ -702,38 +531,11 @@ impl Backend for CudaBackend {
     }
 
     fn kv_cache(&mut self, layer: usize) -> Result<(HostTensor, HostTensor)> {
-        let c = self
-            .caches
-            .get(layer)
-            .and_then(|c| c.as_ref())
-            .ok_or_else(|| PipelineError::BadInput(format!("layer {layer} has no KV cache yet")))?;
-        let stream = self.stream();
-        let used = c.len * c.width;
-        let k = stream.clone_dtoh(&c.k.slice(..used)).map_err(gpu("copying the KV cache"))?;
-        let v = stream.clone_dtoh(&c.v.slice(..used)).map_err(gpu("copying the KV cache"))?;
-        Ok((HostTensor::f32(vec![c.len, c.width], k), HostTensor::f32(vec![c.len, c.width], v)))
+        self.kv_cache_on_device(layer)
     }
 
     fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()> {
-        let (Some(k), Some(v)) = (keys.as_f32(), values.as_f32()) else {
-            return Err(PipelineError::BadInput("a KV cache holds float32".into()));
-        };
-        if keys.shape.len() != 2 || keys.shape != values.shape {
-            return Err(PipelineError::BadInput("KV cache keys and values must both be [len, width]".into()));
-        }
-        let (len, width) = (keys.shape[0], keys.shape[1]);
-        let capacity = len.next_power_of_two().max(64);
-        let stream = self.stream();
-        let mut padded = k.to_vec();
-        padded.resize(capacity * width, 0.0);
-        let kd = stream.clone_htod(&padded).map_err(gpu("copying the KV cache"))?;
-        padded[..v.len()].copy_from_slice(v);
-        let vd = stream.clone_htod(&padded).map_err(gpu("copying the KV cache"))?;
-        if self.caches.len() <= layer {
-            self.caches.resize_with(layer + 1, || None);
-        }
-        self.caches[layer] = Some(DevCache { k: kd, v: vd, width, len, capacity });
-        Ok(())
+        self.set_kv_cache_on_device(layer, keys, values)
     }
 
     fn argmax_last_row(&mut self, slot: Slot) -> Result<u32> {
@@ -757,49 +559,4 @@ impl CudaBackend {
                 PipelineError::BadInput(format!("the KV cache of layer {layer} was not filled for this step"))
             })
     }
-}
-
-/// A tensor's values on the host, in the backend's precision.
-enum HostValues {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-}
-
-impl HostValues {
-    fn empty(precision: CudaPrecision) -> Self {
-        match precision {
-            CudaPrecision::F32 => HostValues::F32(Vec::new()),
-            CudaPrecision::Bf16 => HostValues::Bf16(Vec::new()),
-        }
-    }
-
-    fn extend(&mut self, other: HostValues) {
-        match (self, other) {
-            (HostValues::F32(a), HostValues::F32(b)) => a.extend(b),
-            (HostValues::Bf16(a), HostValues::Bf16(b)) => a.extend(b),
-            _ => unreachable!("one precision per backend"),
-        }
-    }
-}
-
-/// A weight's values for upload: f32, or bf16 bits (taken as stored when
-/// the checkpoint is bf16, rounded to nearest otherwise).
-fn host_values(t: &crate::weights::WeightTensor, precision: CudaPrecision) -> HostValues {
-    match precision {
-        CudaPrecision::F32 => HostValues::F32(t.to_f32_vec()),
-        CudaPrecision::Bf16 if t.dtype == crate::weights::WeightDtype::Bf16 => {
-            HostValues::Bf16(t.bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
-        }
-        CudaPrecision::Bf16 => {
-            HostValues::Bf16(t.to_f32_vec().iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect())
-        }
-    }
-}
-
-fn upload(device: &GpuDevice, values: &HostValues, what: &str) -> Result<DevWeight> {
-    let stream = device.stream();
-    Ok(match values {
-        HostValues::F32(v) => DevWeight::F32(stream.clone_htod(v).map_err(gpu(what))?),
-        HostValues::Bf16(v) => DevWeight::Bf16(stream.clone_htod(v).map_err(gpu(what))?),
-    })
 }
