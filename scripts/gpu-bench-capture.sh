@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# On the GPU machine (after scripts/gpu-build.sh here, .gpu carried): the
+# full synthetic Qwen3-30B-A3B in Bf16, a 512-token prompt and 16 decode
+# steps, once with nothing captured and once with every stage of layer 0
+# captured, through `moetrace run` as a user would. Prints both summaries.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-.gpu/out}
+mkdir -p "$out" /tmp/moetrace-bench
+prompt=$(python3 -c 'print(", ".join(str((i * 7919 + 13) % 151936) for i in range(512)))')
+for name in off layer0; do
+    capture=""
+    if [ "$name" = layer0 ]; then capture='capture: (stages: "all", layers: "0", out_dir: "/tmp/moetrace-bench/captures"),'; fi
+    cat >/tmp/moetrace-bench/$name.ron <<RON
+(
+    model: Synthetic(preset: "qwen3-30b-a3b", seed: 7),
+    prompt: Tokens([$prompt]),
+    generate: 17,
+    backend: Cuda(device: 0, dtype: Bf16),
+    $capture
+)
+RON
+    echo "== capture $name"
+    .gpu/bin/moetrace run -q --config /tmp/moetrace-bench/$name.ron 2>&1 | tee "$out/bench-capture-$name.log"
+done
