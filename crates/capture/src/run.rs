@@ -124,17 +124,18 @@ fn describe(model: &Model) -> String {
 /// Runs a parsed config. `config_path` is for messages. On any error the
 /// capture folder is left untouched and no temporary folder remains.
 pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunEvent)) -> Result<RunOutput> {
+    // Before any work (an unusable out_dir must not wait for a model to
+    // load), and declared before the forward pass: see CaptureSession.
+    let session = match &config.capture {
+        Some(spec) => Some(CaptureSession::start(spec, &spec.out_dir)?),
+        None => None,
+    };
     let load_start = Instant::now();
     let model = load_model(&config.model)?;
     let load_time = load_start.elapsed();
     tracing::info!(model = %describe(&model), seconds = load_time.as_secs_f64(), "model loaded");
     on_event(RunEvent::ModelLoaded { description: describe(&model), elapsed: load_time });
     config.check_against_model(config_path, &model.config)?;
-    // Before any work, and declared before the forward pass: see CaptureSession.
-    let session = match &config.capture {
-        Some(spec) => Some(CaptureSession::start(spec, &spec.out_dir)?),
-        None => None,
-    };
     let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
     let mut forward = Forward::new(&model, backend);
