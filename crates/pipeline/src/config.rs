@@ -147,13 +147,13 @@ impl ModelConfig {
                 return Err(bad(format!("`{name}` must be at least 1")));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             )));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(bad(format!("head_dim {} must be even for RoPE", self.head_dim)));
         }
         if self.num_experts > 0 && (self.experts_per_token == 0 || self.experts_per_token > self.num_experts) {
@@ -183,7 +183,9 @@ impl ModelConfig {
     /// experts, the layer is not in `mlp_only_layers`, and
     /// `(layer + 1) % decoder_sparse_step == 0`.
     pub fn is_moe_layer(&self, layer: usize) -> bool {
-        self.num_experts > 0 && !self.mlp_only_layers.contains(&layer) && (layer + 1) % self.decoder_sparse_step == 0
+        self.num_experts > 0
+            && !self.mlp_only_layers.contains(&layer)
+            && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
     /// Width of the qkv_matmul output: (nh + 2 nkv) * hd.

@@ -55,7 +55,7 @@ pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
         offset += len;
     }
     let mut header = serde_json::to_vec(&header).expect("header serialises");
-    while header.len() % 8 != 0 {
+    while !header.len().is_multiple_of(8) {
         header.push(b' ');
     }
     let io = |source| PipelineError::Io { path: path.to_path_buf(), source };
