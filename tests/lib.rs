@@ -36,13 +36,11 @@ pub fn scratch(name: &str) -> PathBuf {
     dir
 }
 
-/// ||a - b|| / ||a|| in f64 (NaN if either side has a NaN; inf if the
-/// reference is zero and the target is not).
+/// ||a - b|| / ||a|| in f64, as `moetrace diff` computes it (infinite when
+/// a value is non-finite on one side only, so NaN never passes a bound).
 pub fn rel_l2(reference: &[f64], target: &[f64]) -> f64 {
     assert_eq!(reference.len(), target.len(), "element counts differ");
-    let diff: f64 = reference.iter().zip(target).map(|(a, b)| (a - b) * (a - b)).sum();
-    let norm: f64 = reference.iter().map(|a| a * a).sum();
-    if diff == 0.0 { 0.0 } else { (diff / norm).sqrt() }
+    capture::compare::tensor_metrics(reference, target, &[reference.len()], 0).rel_l2
 }
 
 /// The fixture's `greedy_continuation` (the tokens Hugging Face's greedy

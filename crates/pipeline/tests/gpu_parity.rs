@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use pipeline::backend::cuda::CudaPrecision;
-use pipeline::backend::{AttentionShape, Backend, QkNormArgs};
+use pipeline::backend::{AttentionShape, Backend, QkNormArgs, RopeArgs};
 use pipeline::weights::{WeightDtype, WeightId, WeightStore, WeightTensor, synthetic_value, tensor_key};
 use pipeline::{CpuBackend, CudaBackend, HostTensor};
 use stage_types::SaveTensorStage as S;
@@ -124,10 +124,10 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
             b.qk_norm(S::QkvMatmul, args, S::QkNorm)
         });
         pair.case("rope q", &format!("{dims} 3 heads"), 1e-6, &[S::QPostRope], |b| {
-            b.rope(S::QkNorm, 0, 3, hd, 1e4, S::QPostRope)
+            b.rope(S::QkNorm, RopeArgs { col_start: 0, heads: 3, head_dim: hd, theta: 1e4 }, S::QPostRope)
         });
         pair.case("rope k", &format!("{dims} 1 head @54"), 1e-6, &[S::KPostRope], |b| {
-            b.rope(S::QkNorm, 54, 1, hd, 1e4, S::KPostRope)
+            b.rope(S::QkNorm, RopeArgs { col_start: 54, heads: 1, head_dim: hd, theta: 1e4 }, S::KPostRope)
         });
         pair.case("attn_scores", &format!("{dims} GQA 3/1"), 1e-6, &[S::AttnScores], |b| {
             b.append_kv(0, S::KPostRope, S::QkvMatmul, 4 * hd)?;

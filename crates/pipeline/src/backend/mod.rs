@@ -35,6 +35,19 @@ pub struct QkNormArgs {
     pub eps: f64,
 }
 
+/// Which heads of a row RoPE rotates, and its base.
+#[derive(Debug, Clone, Copy)]
+pub struct RopeArgs {
+    /// First column of the first head.
+    pub col_start: usize,
+    /// Heads rotated.
+    pub heads: usize,
+    /// hd.
+    pub head_dim: usize,
+    /// RoPE base.
+    pub theta: f64,
+}
+
 /// Geometry of attention for one layer.
 #[derive(Debug, Clone, Copy)]
 pub struct AttentionShape {
@@ -77,18 +90,10 @@ pub trait Backend: Send + Sync + 'static {
     /// and the next nkv heads (k, with k_weight) of each input row.
     fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()>;
 
-    /// NeoX split-half RoPE of `heads` heads of `head_dim` starting at
-    /// column `col_start` of each input row; dim i pairs with i + hd/2,
-    /// angle = position * theta^(-2i/hd).
-    fn rope(
-        &mut self,
-        input: Slot,
-        col_start: usize,
-        heads: usize,
-        head_dim: usize,
-        theta: f64,
-        out: Slot,
-    ) -> Result<()>;
+    /// NeoX split-half RoPE of `args.heads` heads of `args.head_dim`
+    /// starting at column `args.col_start` of each input row; dim i pairs
+    /// with i + hd/2, angle = position * theta^(-2i/hd).
+    fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()>;
 
     /// Appends this step's keys (all columns of `k`) and values (nkv*hd
     /// columns of `v` from `v_col`) to the cache of `layer`.

@@ -4,7 +4,7 @@ use bevy_ecs::prelude::*;
 use stage_types::SaveTensorStage as S;
 
 use super::{current, layer_input};
-use crate::backend::{AttentionShape, QkNormArgs};
+use crate::backend::{AttentionShape, QkNormArgs, RopeArgs};
 use crate::config::ModelConfig;
 use crate::ecs::{LayerAttention, StageCtx};
 
@@ -65,13 +65,18 @@ pub fn qk_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
 
 /// q_post_rope: NeoX RoPE of the q heads of qk_norm, [T,nh*hd].
 pub fn q_post_rope(mut ctx: StageCtx) {
-    ctx.run(S::QPostRope, |b, c| b.rope(S::QkNorm, 0, c.num_heads, c.head_dim, c.rope_theta, S::QPostRope));
+    ctx.run(S::QPostRope, |b, c| {
+        let args = RopeArgs { col_start: 0, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta };
+        b.rope(S::QkNorm, args, S::QPostRope)
+    });
 }
 
 /// k_post_rope: NeoX RoPE of the k heads of qk_norm, [T,nkv*hd].
 pub fn k_post_rope(mut ctx: StageCtx) {
     ctx.run(S::KPostRope, |b, c| {
-        b.rope(S::QkNorm, c.q_width(), c.num_kv_heads, c.head_dim, c.rope_theta, S::KPostRope)
+        let args =
+            RopeArgs { col_start: c.q_width(), heads: c.num_kv_heads, head_dim: c.head_dim, theta: c.rope_theta };
+        b.rope(S::QkNorm, args, S::KPostRope)
     });
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
-use super::{AttentionShape, Backend, QkNormArgs, Slot};
+use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
 use crate::weights::{WeightId, WeightStore};
@@ -234,15 +234,8 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn rope(
-        &mut self,
-        input: Slot,
-        col_start: usize,
-        heads: usize,
-        head_dim: usize,
-        theta: f64,
-        out: Slot,
-    ) -> Result<()> {
+    fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
+        let RopeArgs { col_start, heads, head_dim, theta } = args;
         let (rows, width, x) = self.rows(input)?;
         let out_width = heads * head_dim;
         if col_start + out_width > width {

@@ -5,20 +5,13 @@ use cudarc::driver::PushKernelArg;
 
 use super::tensors::DevCache;
 use super::{CudaBackend, gpu, threads, warps};
-use crate::backend::{AttentionShape, Slot};
+use crate::backend::{AttentionShape, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
 
 impl CudaBackend {
-    pub(super) fn rope_on_device(
-        &mut self,
-        input: Slot,
-        col_start: usize,
-        heads: usize,
-        head_dim: usize,
-        theta: f64,
-        out: Slot,
-    ) -> Result<()> {
+    pub(super) fn rope_on_device(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
+        let RopeArgs { col_start, heads, head_dim, theta } = args;
         let x = self.slot(input)?;
         let (rows, in_width) = (x.rows(), x.width());
         if col_start + heads * head_dim > in_width {

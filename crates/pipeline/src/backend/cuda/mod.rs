@@ -13,7 +13,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use kernels_cuda::GpuDevice;
 
-use super::{AttentionShape, Backend, QkNormArgs, Slot};
+use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, TensorData};
 use crate::weights::{WeightId, WeightStore};
@@ -382,16 +382,8 @@ impl Backend for CudaBackend {
         self.set(out, vec![rows, heads * args.head_dim], o)
     }
 
-    fn rope(
-        &mut self,
-        input: Slot,
-        col_start: usize,
-        heads: usize,
-        head_dim: usize,
-        theta: f64,
-        out: Slot,
-    ) -> Result<()> {
-        self.rope_on_device(input, col_start, heads, head_dim, theta, out)
+    fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
+        self.rope_on_device(input, args, out)
     }
 
     fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
