@@ -145,7 +145,7 @@ pub fn bisect(
     options: &BisectOptions,
     on_scope: &mut dyn FnMut(usize, String),
 ) -> Result<Report> {
-    let model = load_model(&config.model)?;
+    let model = load_model(&config.model, config.reference.is_cuda() && config.target.is_cuda())?;
     let steps = config.generate.max(1);
     for f in &config.faults {
         f.check(&model.config, config.tokens().len(), steps)

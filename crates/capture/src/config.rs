@@ -62,6 +62,13 @@ pub enum BackendSpec {
     },
 }
 
+impl BackendSpec {
+    /// Whether this is a CUDA backend.
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, BackendSpec::Cuda { .. })
+    }
+}
+
 impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -22,6 +22,13 @@ pub enum RunEvent {
         /// Time taken.
         elapsed: Duration,
     },
+    /// The backend is ready (weights on the device for CUDA).
+    BackendReady {
+        /// Backend, dtype and device.
+        description: String,
+        /// Time taken.
+        elapsed: Duration,
+    },
     /// The forward pass progressed.
     Forward(ForwardEvent),
 }
@@ -58,9 +65,14 @@ pub struct RunOutput {
     pub last_logits: HostTensor,
 }
 
-/// Loads the model a config names.
-pub fn load_model(spec: &ModelSpec) -> Result<Model> {
+/// Loads the model a config names. With `device_only` (every backend that
+/// will use it is CUDA) a synthetic model is not materialised on the host:
+/// the CUDA backend generates its weights on the device.
+pub fn load_model(spec: &ModelSpec, device_only: bool) -> Result<Model> {
     Ok(match spec {
+        ModelSpec::Synthetic { preset, seed, layers } if device_only => {
+            Model::synthetic_on_demand(preset, *seed, *layers)?
+        }
         ModelSpec::Synthetic { preset, seed, layers } => Model::synthetic(preset, *seed, *layers)?,
         ModelSpec::Path(path) => Model::load(path)?,
     })
@@ -131,13 +143,18 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         None => None,
     };
     let load_start = Instant::now();
-    let model = load_model(&config.model)?;
+    let model = load_model(&config.model, config.backend.is_cuda())?;
     let load_time = load_start.elapsed();
     tracing::info!(model = %describe(&model), seconds = load_time.as_secs_f64(), "model loaded");
     on_event(RunEvent::ModelLoaded { description: describe(&model), elapsed: load_time });
     config.check_against_model(config_path, &model.config)?;
+    let backend_start = Instant::now();
     let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
+    on_event(RunEvent::BackendReady {
+        description: format!("{backend_name} {backend_dtype} ({})", config.backend),
+        elapsed: backend_start.elapsed(),
+    });
     let mut forward = Forward::new(&model, backend);
     attach_faults(&mut forward, &config.faults);
     if let Some(session) = &session {

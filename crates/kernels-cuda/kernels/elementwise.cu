@@ -17,6 +17,12 @@ extern "C" __global__ void round_bf16_f32(float *x, u64 n) {
     if (i < n) x[i] = bf16_bits_to_f32(f32_to_bf16_bits(x[i]));
 }
 
+// Bf16 mode: activations as bf16 bits for cuBLAS (exact for bf16 values).
+extern "C" __global__ void to_bf16_bits_f32(u16 *out, const float *x, u64 n) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = f32_to_bf16_bits(x[i]);
+}
+
 extern "C" __global__ void add_bias_f32(float *out, const float *x, const float *bias, u64 n, u32 width) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = x[i] + bias[i % width];

@@ -1,6 +1,6 @@
-// linear.cu: projections y = x · Wᵀ (one warp per output element, f32
-// accumulation, shuffle reduction), and the per-expert projections that
-// read the chosen expert ids themselves.
+// linear.cu: the per-expert projections, which read the chosen expert ids
+// themselves (one warp per output element, f32 accumulation, shuffle
+// reduction). The dense projections go through cuBLAS (kernels-cuda's blas.rs).
 #include "common.cuh"
 
 template <typename W>
@@ -10,16 +10,6 @@ __device__ __forceinline__ float warp_dot(const float *a, const W *b, u32 k) {
     for (u32 i = lane; i < k; i += 32) acc += a[i] * load_w(b, i);
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     return acc;
-}
-
-// out[t * out_stride + col + n] = x[t] · w[n] for t < rows, n < n_out.
-template <typename W>
-__device__ void linear_impl(float *out, const float *x, const W *w, u32 rows, u32 k, u32 n_out, u32 out_stride, u32 col) {
-    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (warp >= (u64)rows * n_out) return;
-    u32 t = (u32)(warp / n_out), n = (u32)(warp % n_out);
-    float v = warp_dot(x + (u64)t * k, w + (u64)n * k, k);
-    if ((threadIdx.x & 31) == 0) out[(u64)t * out_stride + col + n] = v;
 }
 
 // out[t, j, n] = W[ids[t, j]][n] · x, x = input[t] (per_slot = 0) or
@@ -42,7 +32,5 @@ __device__ void expert_linear_impl(float *out, const float *x, const int *ids, c
     if ((threadIdx.x & 31) == 0) out[slot * n_out + n] = v;
 }
 
-WEIGHT_VARIANTS(linear, (float *out, const float *x, const W *w, u32 rows, u32 k, u32 n_out, u32 out_stride, u32 col),
-                (out, x, w, rows, k, n_out, out_stride, col))
 WEIGHT_VARIANTS(expert_linear, (float *out, const float *x, const int *ids, const W *w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot),
                 (out, x, ids, w, t_len, top_k, k, n_out, experts, per_slot))

@@ -10,14 +10,27 @@ __device__ __forceinline__ u64 mix64(u64 z) {
     return z ^ (z >> 31);
 }
 
-// out[i] = bf16(mean + scale * (sum of four 16-bit lanes of mix64(key + i*golden) - 131070))
+// bf16(mean + scale * (sum of four 16-bit lanes of mix64(key + i*golden) - 131070))
 // `scale` is std / sqrt(4 * (65536^2 - 1) / 12), computed on the host.
+__device__ __forceinline__ u16 synthetic_bf16(u64 key, u64 i, float mean, float scale) {
+    u64 h = mix64(key + i * 0x9e3779b97f4a7c15ull);
+    long long sum = (long long)((h & 0xffff) + ((h >> 16) & 0xffff) + ((h >> 32) & 0xffff) + (h >> 48));
+    float centred = (float)(sum - 131070);
+    return f32_to_bf16_bits(__fadd_rn(__fmul_rn(centred, scale), mean));
+}
+
+// out[i] = element i of the tensor, as bf16 bits.
 extern "C" __global__ void synthetic_fill_bf16(u16 *out, u64 n, u64 key, float mean, float scale) {
     u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        u64 h = mix64(key + i * 0x9e3779b97f4a7c15ull);
-        long long sum = (long long)((h & 0xffff) + ((h >> 16) & 0xffff) + ((h >> 32) & 0xffff) + (h >> 48));
-        float centred = (float)(sum - 131070);
-        out[i] = f32_to_bf16_bits(__fadd_rn(__fmul_rn(centred, scale), mean));
+        out[i] = synthetic_bf16(key, i, mean, scale);
+    }
+}
+
+// out[i] = element i of the tensor, the same bf16 value widened to f32.
+extern "C" __global__ void synthetic_fill_f32(float *out, u64 n, u64 key, float mean, float scale) {
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = bf16_bits_to_f32(synthetic_bf16(key, i, mean, scale));
     }
 }

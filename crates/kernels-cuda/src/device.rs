@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
 
@@ -11,9 +12,17 @@ use crate::error::{KernelError, Result, driver};
 use crate::sources;
 
 /// A CUDA device ready to run moetrace's kernels.
+///
+/// Work runs on two streams of its own: `stream` (every kernel and cuBLAS
+/// call, in order) and `copy_stream` (device-to-host copies of captured
+/// tensors, so they overlap the compute). cudarc's automatic event tracking
+/// is off: ordering between the two streams is explicit (see
+/// [`GpuDevice::copy_stream`]), and no event is created per allocation.
 pub struct GpuDevice {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
+    copy_stream: Arc<CudaStream>,
+    blas: CudaBlas,
     name: String,
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
@@ -31,6 +40,10 @@ impl GpuDevice {
         if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
             return Err(KernelError::NvrtcMissing);
         }
+        // SAFETY: as above, for libcublas.
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(KernelError::CublasMissing);
+        }
         let count = CudaContext::device_count().map_err(driver("counting devices"))? as usize;
         if ordinal >= count {
             return Err(KernelError::NoSuchDevice { ordinal, count });
@@ -38,8 +51,22 @@ impl GpuDevice {
         let ctx = CudaContext::new(ordinal).map_err(driver(format!("creating a context on device {ordinal}")))?;
         let name = ctx.name().map_err(driver("reading the device name"))?;
         let (major, minor) = ctx.compute_capability().map_err(driver("reading the compute capability"))?;
-        let stream = ctx.default_stream();
-        Ok(Self { ctx, stream, name, arch: format!("sm_{major}{minor}"), modules: Mutex::new(HashMap::new()) })
+        // SAFETY: nothing has been allocated or launched in this context yet;
+        // from here on the two streams are ordered by explicit events.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver("creating the compute stream"))?;
+        let copy_stream = ctx.new_stream().map_err(driver("creating the copy stream"))?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| KernelError::Blas { action: "creating the cuBLAS handle".into(), message: e.to_string() })?;
+        Ok(Self {
+            ctx,
+            stream,
+            copy_stream,
+            blas,
+            name,
+            arch: format!("sm_{major}{minor}"),
+            modules: Mutex::new(HashMap::new()),
+        })
     }
 
     /// The device's name, e.g. `NVIDIA H100 80GB HBM3`.
@@ -55,6 +82,24 @@ impl GpuDevice {
     /// The stream compute runs on.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// The stream that copies captured tensors to the host. Work on it is
+    /// not ordered with [`GpuDevice::stream`] by itself: record an event on
+    /// the compute stream and make this one wait on it before a copy, and
+    /// keep the source buffer alive until the copy's own event completes.
+    pub fn copy_stream(&self) -> &Arc<CudaStream> {
+        &self.copy_stream
+    }
+
+    /// The cuBLAS handle, bound to [`GpuDevice::stream`].
+    pub fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// Free and total device memory in bytes.
+    pub fn memory(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(driver("reading free device memory"))
     }
 
     /// The context.

@@ -13,6 +13,35 @@ pub enum KernelError {
         "NVRTC not found: libnvrtc.so could not be loaded; install the CUDA 13 toolkit runtime libraries or add them to LD_LIBRARY_PATH"
     )]
     NvrtcMissing,
+    /// libcublas is not installed.
+    #[error(
+        "cuBLAS not found: libcublas.so could not be loaded; install the CUDA 13 toolkit runtime libraries or add them to LD_LIBRARY_PATH"
+    )]
+    CublasMissing,
+    /// A cuBLAS call failed.
+    #[error("cuBLAS error while {action}: {message}")]
+    Blas {
+        /// What was being done.
+        action: String,
+        /// cuBLAS's status.
+        message: String,
+    },
+    /// A GEMM whose sizes do not fit cuBLAS's 32-bit arguments.
+    #[error("a {m}x{n}x{k} GEMM is too large for cuBLAS's 32-bit sizes")]
+    GemmTooLarge {
+        /// Rows of the output (weight rows).
+        m: usize,
+        /// Columns of the output (tokens).
+        n: usize,
+        /// Inner dimension.
+        k: usize,
+    },
+    /// The device ran out of memory.
+    #[error("GPU out of memory while {action}")]
+    OutOfMemory {
+        /// What was being allocated.
+        action: String,
+    },
     /// A CUDA driver call failed.
     #[error("CUDA error while {action}: {message}")]
     Driver {
@@ -47,5 +76,8 @@ pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 /// Maps a driver error with what was being done.
 pub(crate) fn driver(action: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
     let action = action.into();
-    move |e| KernelError::Driver { action, message: e.to_string() }
+    move |e| match e.0 {
+        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => KernelError::OutOfMemory { action },
+        _ => KernelError::Driver { action, message: e.to_string() },
+    }
 }

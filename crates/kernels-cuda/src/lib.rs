@@ -1,5 +1,6 @@
 //! moetrace's CUDA layer, through cudarc with dynamic loading (it builds
-//! with no CUDA toolkit; libcuda and libnvrtc are opened at run time).
+//! with no CUDA toolkit; libcuda, libnvrtc and libcublas are opened at run
+//! time).
 //!
 //! - [`GpuDevice`]: a context on one device; kernel families compiled by
 //!   NVRTC once per process for the device's own architecture, with exact
@@ -9,9 +10,12 @@
 //! - [`synthetic`]: synthetic weights generated on the device, bit-identical
 //!   to the host generator.
 //!
-//! The stage kernels and the cuBLAS projections arrive with the CUDA
-//! backend; this crate is linked into every CLI build so CI compiles it.
+//! - [`blas`]: the projections through cuBLAS (f32 without TF32, or bf16
+//!   operands with f32 accumulation).
+//!
+//! This crate is linked into every CLI build so CI compiles it.
 
+pub mod blas;
 pub mod device;
 pub mod error;
 pub mod sources;

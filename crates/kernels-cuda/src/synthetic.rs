@@ -1,7 +1,7 @@
 //! Synthetic weights generated on the device (kernels/synthetic.cu), so a
 //! model too large for host memory never crosses PCIe.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::device::GpuDevice;
 use crate::error::{Result, driver};
@@ -12,25 +12,64 @@ pub fn synthetic_scale(std: f32) -> f32 {
     (std as f64 / (4.0 * (65536.0f64 * 65536.0 - 1.0) / 12.0).sqrt()) as f32
 }
 
-/// Allocates `n` bf16 values (as raw bits) and fills them with the
-/// synthetic generator for tensor key `key`.
-pub fn synthetic_fill_bf16(device: &GpuDevice, n: usize, key: u64, mean: f32, std: f32) -> Result<CudaSlice<u16>> {
-    let stream = device.stream();
-    let mut out = stream.alloc_zeros::<u16>(n).map_err(driver(format!("allocating {n} bf16 values")))?;
-    let function = device.function("synthetic", "synthetic_fill_bf16")?;
+/// A type the generator can write: bf16 bits (`u16`) or the same values
+/// widened to `f32`.
+pub trait SyntheticElement: DeviceRepr {
+    /// The kernel's entry point.
+    const KERNEL: &'static str;
+}
+
+impl SyntheticElement for u16 {
+    const KERNEL: &'static str = "synthetic_fill_bf16";
+}
+
+impl SyntheticElement for f32 {
+    const KERNEL: &'static str = "synthetic_fill_f32";
+}
+
+/// Fills `out[offset..offset + n]` with elements `0..n` of the synthetic
+/// tensor with key `key` (the host's `synthetic_value`, rounded to bf16).
+pub fn synthetic_fill<T: SyntheticElement>(
+    device: &GpuDevice,
+    out: &mut CudaSlice<T>,
+    offset: usize,
+    n: usize,
+    key: u64,
+    (mean, std): (f32, f32),
+) -> Result<()> {
+    if offset + n > out.len() {
+        return Err(crate::KernelError::Driver {
+            action: "filling synthetic weights".into(),
+            message: format!("{n} values at {offset} do not fit a buffer of {}", out.len()),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let function = device.function("synthetic", T::KERNEL)?;
     let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
     let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (n64, scale) = (n as u64, synthetic_scale(std));
+    let mut view = out.slice_mut(offset..offset + n);
+    let stream = device.stream();
     let mut launch = stream.launch_builder(&function);
-    launch.arg(&mut out).arg(&n64).arg(&key).arg(&mean).arg(&scale);
-    // SAFETY: the argument list matches synthetic_fill_bf16(u16*, u64, u64,
-    // float, float); `out` holds n elements and the kernel writes only
+    launch.arg(&mut view).arg(&n64).arg(&key).arg(&mean).arg(&scale);
+    // SAFETY: the argument list matches synthetic_fill_*(T*, u64, u64,
+    // float, float); `view` holds n elements and the kernel writes only
     // indices below n.
-    unsafe { launch.launch(config) }.map_err(driver("launching synthetic_fill_bf16"))?;
+    unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::KERNEL)))?;
+    Ok(())
+}
+
+/// Allocates `n` bf16 values (as raw bits) and fills them with the
+/// synthetic generator for tensor key `key`.
+pub fn synthetic_fill_bf16(device: &GpuDevice, n: usize, key: u64, mean: f32, std: f32) -> Result<CudaSlice<u16>> {
+    let mut out = device.stream().alloc_zeros::<u16>(n).map_err(driver(format!("allocating {n} bf16 values")))?;
+    synthetic_fill(device, &mut out, 0, n, key, (mean, std))?;
     Ok(out)
 }
 
-/// Copies device bf16 bits back to the host.
-pub fn download_u16(device: &GpuDevice, data: &CudaSlice<u16>) -> Result<Vec<u16>> {
+/// Copies device values back to the host.
+pub fn download<T: DeviceRepr + Default + Clone>(device: &GpuDevice, data: &CudaSlice<T>) -> Result<Vec<T>> {
     device.stream().clone_dtoh(data).map_err(driver("copying to the host"))
 }

@@ -101,6 +101,16 @@ pub enum PipelineError {
     /// A CUDA call failed (out of memory, launch failure...).
     #[error("GPU error while {0}")]
     Gpu(String),
+    /// The GPU ran out of memory.
+    #[error(
+        "GPU out of memory while {action}{detail}; use dtype: Bf16 (half the weight memory), a model with fewer layers (synthetic: `layers: N`), a shorter prompt, or a larger GPU"
+    )]
+    GpuOutOfMemory {
+        /// What was being allocated.
+        action: String,
+        /// What was needed and free, when known (`: need 122.3 GB, 79.1 GB free on ...`).
+        detail: String,
+    },
     /// A backend that is not available in this build or on this machine.
     #[error("backend unavailable: {0}")]
     BackendUnavailable(String),

@@ -206,6 +206,17 @@ impl Model {
         Self::assemble(config, store, ModelSource::Synthetic { preset: preset.name.to_string(), seed })
     }
 
+    /// Like [`Model::synthetic`], but no weight is materialised on the host:
+    /// each is computed where it is read. For the CUDA backend, which
+    /// generates them on the device (a 48-layer Qwen3-30B-A3B never
+    /// touches host memory or PCIe); on the host every read recomputes.
+    pub fn synthetic_on_demand(preset: &str, seed: u64, layers: Option<usize>) -> Result<Self> {
+        let preset = SyntheticPreset::by_name(preset)?;
+        let config = preset.config(layers);
+        let store = crate::weights::synthetic_store_on_demand(&config, seed);
+        Self::assemble(config, store, ModelSource::Synthetic { preset: preset.name.to_string(), seed })
+    }
+
     /// Resolves every tensor the config implies and checks its shape.
     pub fn assemble(config: ModelConfig, store: WeightStore, source: ModelSource) -> Result<Self> {
         let dir = match &source {

@@ -32,6 +32,9 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
         RunEvent::ModelLoaded { description, elapsed } => {
             progress.line(&format!("model: {description} (loaded in {:.2} s)", elapsed.as_secs_f64()))
         }
+        RunEvent::BackendReady { description, elapsed } => {
+            progress.line(&format!("backend: {description} (ready in {:.2} s)", elapsed.as_secs_f64()))
+        }
         RunEvent::Forward(e) => progress.forward(&e),
     })
     .map_err(|e| {

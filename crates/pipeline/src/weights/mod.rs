@@ -5,13 +5,14 @@
 mod safetensors;
 mod synthetic;
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use memmap2::Mmap;
 
 pub use safetensors::{load_checkpoint, save_safetensors};
-pub use synthetic::{SyntheticPreset, generate_weights, synthetic_value, tensor_key};
+pub use synthetic::{SyntheticPreset, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key};
 
 /// Element type of a stored weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,6 +51,28 @@ enum WeightBytes {
     Mapped { map: Arc<Mmap>, start: usize, end: usize },
     /// Bytes owned in memory (synthetic models).
     Owned(Arc<Vec<u8>>),
+    /// A synthetic bf16 tensor not materialised anywhere: its elements are
+    /// computed where they are read (on the device by the CUDA backend).
+    Synthetic(SyntheticRecipe),
+}
+
+/// How the elements of a synthetic tensor are computed: element `i` is
+/// `bf16(synthetic_value(key, i, mean, std))`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SyntheticRecipe {
+    /// [`tensor_key`] of the seed and the tensor's name.
+    pub key: u64,
+    /// Mean of the values.
+    pub mean: f32,
+    /// Standard deviation of the values.
+    pub std: f32,
+}
+
+impl SyntheticRecipe {
+    /// Element `index`, as bf16.
+    pub fn value(&self, index: u64) -> half::bf16 {
+        half::bf16::from_f32(synthetic_value(self.key, index, self.mean, self.std))
+    }
 }
 
 /// One named weight tensor, row-major, in its stored dtype.
@@ -84,12 +107,35 @@ impl WeightTensor {
         Self { name, dtype, shape, bytes: WeightBytes::Owned(Arc::new(bytes)) }
     }
 
-    /// The raw little-endian bytes.
-    pub fn bytes(&self) -> &[u8] {
-        match &self.bytes {
-            WeightBytes::Mapped { map, start, end } => &map[*start..*end],
-            WeightBytes::Owned(v) => v,
+    /// A synthetic bf16 tensor whose elements are computed when read.
+    pub fn synthetic(name: String, shape: Vec<usize>, recipe: SyntheticRecipe) -> Self {
+        Self { name, dtype: WeightDtype::Bf16, shape, bytes: WeightBytes::Synthetic(recipe) }
+    }
+
+    /// How its elements are computed, for a synthetic tensor that was not
+    /// materialised.
+    pub fn recipe(&self) -> Option<SyntheticRecipe> {
+        match self.bytes {
+            WeightBytes::Synthetic(r) => Some(r),
+            _ => None,
         }
+    }
+
+    /// The raw little-endian bytes (computed, for a synthetic tensor that
+    /// was not materialised).
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
+        match &self.bytes {
+            WeightBytes::Mapped { map, start, end } => Cow::Borrowed(&map[*start..*end]),
+            WeightBytes::Owned(v) => Cow::Borrowed(v),
+            WeightBytes::Synthetic(r) => {
+                Cow::Owned((0..self.numel() as u64).flat_map(|i| r.value(i).to_bits().to_le_bytes()).collect())
+            }
+        }
+    }
+
+    /// Size in bytes in its stored dtype.
+    pub fn byte_len(&self) -> usize {
+        self.numel() * self.dtype.size()
     }
 
     /// Number of elements.
@@ -105,8 +151,15 @@ impl WeightTensor {
     /// Converts elements `start..start + out.len()` to f32 into `out`
     /// (exactly: bf16, f16 and f32 values are all representable in f32).
     pub fn read_f32(&self, start: usize, out: &mut [f32]) {
+        if let WeightBytes::Synthetic(r) = &self.bytes {
+            for (i, o) in out.iter_mut().enumerate() {
+                *o = r.value((start + i) as u64).to_f32();
+            }
+            return;
+        }
         let size = self.dtype.size();
-        let bytes = &self.bytes()[start * size..(start + out.len()) * size];
+        let all = self.bytes();
+        let bytes = &all[start * size..(start + out.len()) * size];
         match self.dtype {
             WeightDtype::Bf16 => {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
@@ -177,7 +230,7 @@ impl WeightStore {
 
     /// Total bytes of all tensors.
     pub fn total_bytes(&self) -> usize {
-        self.tensors.iter().map(|t| t.bytes().len()).sum()
+        self.tensors.iter().map(|t| t.byte_len()).sum()
     }
 }
 

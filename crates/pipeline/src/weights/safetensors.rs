@@ -47,7 +47,7 @@ pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for t in store.tensors() {
-        let len = t.bytes().len();
+        let len = t.byte_len();
         header.insert(
             t.name.clone(),
             serde_json::json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
@@ -63,7 +63,7 @@ pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
     file.write_all(&(header.len() as u64).to_le_bytes()).map_err(io)?;
     file.write_all(&header).map_err(io)?;
     for t in store.tensors() {
-        file.write_all(t.bytes()).map_err(io)?;
+        file.write_all(&t.bytes()).map_err(io)?;
     }
     file.flush().map_err(io)
 }

@@ -13,10 +13,10 @@
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::{WeightDtype, WeightStore, WeightTensor};
+use super::{SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
-use crate::model::{TensorRole, tensor_specs};
+use crate::model::{TensorRole, TensorSpec, tensor_specs};
 
 /// A named synthetic architecture.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -136,8 +136,8 @@ impl SyntheticPreset {
 
 /// Generates all tensors `config` implies, as bf16, from `seed`.
 pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<WeightStore> {
-    let specs = tensor_specs(config);
-    let need: usize = specs.iter().map(|s| s.shape.iter().product::<usize>() * 2).sum();
+    let recipes = recipes(config, seed);
+    let need: usize = recipes.iter().map(|(s, _)| s.shape.iter().product::<usize>() * 2).sum();
     if let Some(available) = available_memory_bytes() {
         // Leave room for activations, the OS and the capture writer.
         if need as f64 > available as f64 * 0.8 {
@@ -149,30 +149,50 @@ pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<
             });
         }
     }
-    let layers = config.num_layers.max(1) as f32;
     let mut store = WeightStore::default();
-    for spec in specs {
-        let (mean, std) = match spec.role {
-            TensorRole::Embedding => (0.0, 0.05),
-            TensorRole::Norm => (1.0, 0.1),
-            TensorRole::Projection { fan_in } => (0.0, 1.0 / (fan_in as f32).sqrt()),
-            TensorRole::OutputProjection { fan_in } => (0.0, 1.0 / (2.0 * layers * fan_in as f32).sqrt()),
-            TensorRole::Router { fan_in } => (0.0, 2.0 / (fan_in as f32).sqrt()),
-            TensorRole::Bias => (0.0, 0.02),
-        };
+    for (spec, recipe) in recipes {
         let numel: usize = spec.shape.iter().product();
-        let key = tensor_key(seed, &spec.name);
         let mut bytes = vec![0u8; numel * 2];
         bytes.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, out)| {
             let first = chunk * (1 << 15);
             for (j, pair) in out.chunks_exact_mut(2).enumerate() {
-                let value = synthetic_value(key, (first + j) as u64, mean, std);
-                pair.copy_from_slice(&half::bf16::from_f32(value).to_bits().to_le_bytes());
+                pair.copy_from_slice(&recipe.value((first + j) as u64).to_bits().to_le_bytes());
             }
         });
         store.insert(WeightTensor::owned(spec.name, WeightDtype::Bf16, spec.shape, bytes));
     }
     Ok(store)
+}
+
+/// All tensors `config` implies, from `seed`, not materialised: each is
+/// computed where it is read (the CUDA backend generates them on the
+/// device, so a model larger than host memory never exists on the host).
+pub fn synthetic_store_on_demand(config: &ModelConfig, seed: u64) -> WeightStore {
+    let mut store = WeightStore::default();
+    for (spec, recipe) in recipes(config, seed) {
+        store.insert(WeightTensor::synthetic(spec.name, spec.shape, recipe));
+    }
+    store
+}
+
+/// Every tensor `config` implies with the statistics of its role.
+fn recipes(config: &ModelConfig, seed: u64) -> Vec<(TensorSpec, SyntheticRecipe)> {
+    let layers = config.num_layers.max(1) as f32;
+    tensor_specs(config)
+        .into_iter()
+        .map(|spec| {
+            let (mean, std) = match spec.role {
+                TensorRole::Embedding => (0.0, 0.05),
+                TensorRole::Norm => (1.0, 0.1),
+                TensorRole::Projection { fan_in } => (0.0, 1.0 / (fan_in as f32).sqrt()),
+                TensorRole::OutputProjection { fan_in } => (0.0, 1.0 / (2.0 * layers * fan_in as f32).sqrt()),
+                TensorRole::Router { fan_in } => (0.0, 2.0 / (fan_in as f32).sqrt()),
+                TensorRole::Bias => (0.0, 0.02),
+            };
+            let key = tensor_key(seed, &spec.name);
+            (spec, SyntheticRecipe { key, mean, std })
+        })
+        .collect()
 }
 
 /// splitmix64 finaliser.
@@ -225,6 +245,24 @@ mod tests {
         let var = v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
         assert!((mean - 1.0).abs() < 0.01, "{mean}");
         assert!((var.sqrt() - 0.5).abs() < 0.01, "{}", var.sqrt());
+    }
+
+    #[test]
+    fn on_demand_tensors_read_exactly_as_materialised_ones() {
+        let preset = SyntheticPreset::by_name("tiny-moe").unwrap();
+        let config = preset.config(Some(1));
+        let (made, lazy) = (preset.generate(&config, 3).unwrap(), synthetic_store_on_demand(&config, 3));
+        assert_eq!(made.tensors().len(), lazy.tensors().len());
+        assert_eq!(made.total_bytes(), lazy.total_bytes());
+        for (a, b) in made.tensors().iter().zip(lazy.tensors()) {
+            assert_eq!((&a.name, &a.shape, a.dtype), (&b.name, &b.shape, b.dtype));
+            assert!(a.recipe().is_none() && b.recipe().is_some());
+            assert_eq!(a.bytes(), b.bytes(), "{}", a.name);
+            let (mut x, mut y) = (vec![0.0; 5], vec![0.0; 5]);
+            a.read_f32(a.numel() - 5, &mut x);
+            b.read_f32(b.numel() - 5, &mut y);
+            assert_eq!(x, y, "{}", a.name);
+        }
     }
 
     #[test]

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use kernels_cuda::GpuDevice;
+use kernels_cuda::blas::ProjectionShape;
 
 use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
@@ -23,7 +24,7 @@ mod tensors;
 mod weights;
 
 use tensors::{DevCache, DevData, DevTensor};
-use weights::{DevWeight, HostValues, Stacked, host_values, push_weight, upload};
+use weights::{DevWeight, Stacked, alloc_weight, check_fits, element_size, fill_weight, push_weight};
 
 /// Precision of the CUDA backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,15 +51,22 @@ pub struct CudaBackend {
     poison: bool,
 }
 
+/// Maps a driver error with what was being done; out of memory gets its
+/// own error, which says what to change.
 pub(super) fn gpu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> PipelineError + '_ {
-    move |e| PipelineError::Gpu(format!("{what}: {e}"))
+    move |e| match e.0 {
+        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+            PipelineError::GpuOutOfMemory { action: what.to_string(), detail: String::new() }
+        }
+        _ => PipelineError::Gpu(format!("{what}: {e}")),
+    }
 }
 
 fn kernel_error(e: kernels_cuda::KernelError) -> PipelineError {
+    use kernels_cuda::KernelError as K;
     match e {
-        kernels_cuda::KernelError::DriverMissing | kernels_cuda::KernelError::NvrtcMissing => {
-            PipelineError::BackendUnavailable(e.to_string())
-        }
+        K::DriverMissing | K::NvrtcMissing | K::CublasMissing => PipelineError::BackendUnavailable(e.to_string()),
+        K::OutOfMemory { action } => PipelineError::GpuOutOfMemory { action, detail: String::new() },
         other => PipelineError::Gpu(other.to_string()),
     }
 }
@@ -100,25 +108,36 @@ impl CudaBackend {
         precision: CudaPrecision,
     ) -> Result<Self> {
         let device = GpuDevice::open(ordinal).map_err(kernel_error)?;
+        check_fits(&device, &store, precision)?;
         let experts: std::collections::HashSet<WeightId> =
             expert_lists.iter().flat_map(|l| l.iter().copied()).collect();
         let mut weights = HashMap::new();
         for (i, t) in store.tensors().iter().enumerate() {
             let id = WeightId(i as u32);
             if !experts.contains(&id) {
-                let what = format!("uploading {} ({:.1} MB)", t.name, t.bytes().len() as f64 / 1e6);
-                weights.insert(id, upload(&device, &host_values(t, precision), &what)?);
+                let what =
+                    format!("uploading {} ({:.1} MB)", t.name, (t.numel() * element_size(precision)) as f64 / 1e6);
+                let mut w = alloc_weight(&device, precision, t.numel(), &what)?;
+                fill_weight(&device, &mut w, 0, t, &what)?;
+                weights.insert(id, w);
             }
         }
         let mut stacked = HashMap::new();
         for &list in expert_lists {
             let first = store.get(list[0]);
-            let mut host = HostValues::empty(precision);
-            for &id in list {
-                host.extend(host_values(store.get(id), precision));
-            }
             let what = format!("uploading the stacked experts of {}", first.name);
-            let data = upload(&device, &host, &what)?;
+            let per_expert = first.numel();
+            let mut data = alloc_weight(&device, precision, per_expert * list.len(), &what)?;
+            for (e, &id) in list.iter().enumerate() {
+                let t = store.get(id);
+                if t.shape != first.shape {
+                    return Err(PipelineError::BadInput(format!(
+                        "experts `{}` and `{}` differ in shape",
+                        first.name, t.name
+                    )));
+                }
+                fill_weight(&device, &mut data, e * per_expert, t, &what)?;
+            }
             stacked.insert(list[0], Stacked { data, n_out: first.shape[0], k: first.row_len(), experts: list.len() });
         }
         Ok(Self {
@@ -196,6 +215,19 @@ impl CudaBackend {
         }
         self.slots[slot.index()] = Some(DevTensor { shape, data: DevData::F32(data) });
         Ok(())
+    }
+
+    /// `x` (n f32 holding bf16 values) as bf16 bits.
+    fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
+        let stream = self.stream();
+        let mut o = stream.alloc_zeros::<u16>(n.max(1)).map_err(gpu("allocating bf16 activations"))?;
+        let f = self.function("elementwise", "to_bf16_bits_f32")?;
+        let n64 = n as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x).arg(&n64);
+        // SAFETY: x and o hold n elements.
+        unsafe { b.launch(threads(n)) }.map_err(gpu("converting to bf16"))?;
+        Ok(o)
     }
 
     fn function(&self, family: &'static str, name: &str) -> Result<cudarc::driver::CudaFunction> {
@@ -311,24 +343,33 @@ impl Backend for CudaBackend {
     fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
         let x = self.slot(input)?;
         let (rows, k) = (x.rows(), x.width());
-        let total: usize = weights.iter().map(|&id| self.store.get(id).shape[0]).sum();
-        let mut o = self.alloc(rows * total)?;
-        let f = self.weight_function("linear", "linear")?;
-        let stream = self.stream();
-        let mut col = 0usize;
+        let mut total = 0;
         for &id in weights {
             let w = self.store.get(id);
             if w.row_len() != k {
                 return Err(PipelineError::BadInput(format!("stage `{input}` rows of {k} do not fit `{}`", w.name)));
             }
-            let n = w.shape[0];
-            let args = (rows as u32, k as u32, n as u32, total as u32, col as u32);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut o).arg(x.f32(input)?);
-            push_weight(&mut b, self.weight(id));
-            b.arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4);
-            // SAFETY: x is rows*k, w is n*k, out rows*total with col+n <= total.
-            unsafe { b.launch(warps(rows * n)) }.map_err(gpu("linear"))?;
+            total += w.shape[0];
+        }
+        let mut o = self.alloc(rows * total)?;
+        // Bf16 mode multiplies bf16 by bf16 (activations are bf16 values
+        // already, so the conversion is exact) with f32 accumulation.
+        let x_bf16 = match self.precision {
+            CudaPrecision::F32 => None,
+            CudaPrecision::Bf16 => Some(self.to_bf16(x.f32(input)?, rows * k)?),
+        };
+        let x = self.slot(input)?.f32(input)?;
+        let mut col = 0usize;
+        for &id in weights {
+            let n = self.store.get(id).shape[0];
+            let shape = ProjectionShape { rows, k, n, out_stride: total };
+            let mut view = o.slice_mut(col..);
+            match (self.weight(id), &x_bf16) {
+                (DevWeight::F32(w), _) => self.device.project(x, w, &mut view, shape),
+                (DevWeight::Bf16(w), Some(xb)) => self.device.project(xb, w, &mut view, shape),
+                (DevWeight::Bf16(_), None) => unreachable!("bf16 weights only in Bf16 mode"),
+            }
+            .map_err(kernel_error)?;
             col += n;
         }
         self.set(out, vec![rows, total], o)

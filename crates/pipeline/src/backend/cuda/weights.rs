@@ -1,11 +1,15 @@
-//! Weights on the device: f32 or bf16 buffers, stacked experts, and their
-//! upload from a [`WeightStore`](crate::weights::WeightStore).
+//! Weights on the device: f32 or bf16 buffers, stacked experts, and how
+//! they get there from a [`WeightStore`]: copied from the host, or, for a
+//! synthetic tensor that was never materialised, generated on the device
+//! by the same function as the host generator (bit-identical values).
 
 use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 use kernels_cuda::GpuDevice;
+use kernels_cuda::synthetic::{SyntheticElement, synthetic_fill};
 
-use super::{CudaPrecision, gpu};
-use crate::error::Result;
+use super::{CudaPrecision, gpu, kernel_error};
+use crate::error::{PipelineError, Result};
+use crate::weights::{WeightDtype, WeightStore, WeightTensor};
 
 /// A weight on the device, in the backend's precision.
 pub(super) enum DevWeight {
@@ -29,47 +33,85 @@ pub(super) struct Stacked {
     pub(super) experts: usize,
 }
 
-/// A tensor's values on the host, in the backend's precision.
-pub(super) enum HostValues {
-    F32(Vec<f32>),
-    Bf16(Vec<u16>),
-}
-
-impl HostValues {
-    pub(super) fn empty(precision: CudaPrecision) -> Self {
-        match precision {
-            CudaPrecision::F32 => HostValues::F32(Vec::new()),
-            CudaPrecision::Bf16 => HostValues::Bf16(Vec::new()),
-        }
-    }
-
-    pub(super) fn extend(&mut self, other: HostValues) {
-        match (self, other) {
-            (HostValues::F32(a), HostValues::F32(b)) => a.extend(b),
-            (HostValues::Bf16(a), HostValues::Bf16(b)) => a.extend(b),
-            _ => unreachable!("one precision per backend"),
-        }
-    }
-}
-
-/// A weight's values for upload: f32, or bf16 bits (taken as stored when
-/// the checkpoint is bf16, rounded to nearest otherwise).
-pub(super) fn host_values(t: &crate::weights::WeightTensor, precision: CudaPrecision) -> HostValues {
+/// Bytes per weight element on the device.
+pub(super) fn element_size(precision: CudaPrecision) -> usize {
     match precision {
-        CudaPrecision::F32 => HostValues::F32(t.to_f32_vec()),
-        CudaPrecision::Bf16 if t.dtype == crate::weights::WeightDtype::Bf16 => {
-            HostValues::Bf16(t.bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect())
-        }
-        CudaPrecision::Bf16 => {
-            HostValues::Bf16(t.to_f32_vec().iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect())
-        }
+        CudaPrecision::F32 => 4,
+        CudaPrecision::Bf16 => 2,
     }
 }
 
-pub(super) fn upload(device: &GpuDevice, values: &HostValues, what: &str) -> Result<DevWeight> {
+/// Checks that every weight of `store` fits in the device's free memory
+/// (with `reserve` bytes left for activations, caches and cuBLAS), before
+/// anything is allocated, so a model that cannot fit fails at once with
+/// the numbers rather than part-way through the upload.
+pub(super) fn check_fits(device: &GpuDevice, store: &WeightStore, precision: CudaPrecision) -> Result<()> {
+    let need: usize = store.tensors().iter().map(|t| t.numel() * element_size(precision)).sum();
+    let (free, total) = device.memory().map_err(kernel_error)?;
+    let reserve = (total / 50).max(512 << 20);
+    if need + reserve > free {
+        return Err(PipelineError::GpuOutOfMemory {
+            action: format!("uploading the weights in {precision:?}"),
+            detail: format!(
+                ": they need {:.1} GB (plus {:.1} GB kept for activations) but {} has {:.1} GB free of {:.1} GB",
+                need as f64 / 1e9,
+                reserve as f64 / 1e9,
+                device.name(),
+                free as f64 / 1e9,
+                total as f64 / 1e9
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A zeroed device buffer of `n` weights in `precision`.
+pub(super) fn alloc_weight(device: &GpuDevice, precision: CudaPrecision, n: usize, what: &str) -> Result<DevWeight> {
     let stream = device.stream();
-    Ok(match values {
-        HostValues::F32(v) => DevWeight::F32(stream.clone_htod(v).map_err(gpu(what))?),
-        HostValues::Bf16(v) => DevWeight::Bf16(stream.clone_htod(v).map_err(gpu(what))?),
+    Ok(match precision {
+        CudaPrecision::F32 => DevWeight::F32(stream.alloc_zeros(n.max(1)).map_err(gpu(what))?),
+        CudaPrecision::Bf16 => DevWeight::Bf16(stream.alloc_zeros(n.max(1)).map_err(gpu(what))?),
     })
+}
+
+/// Writes tensor `t` into `dst` from element `offset` on: generated on the
+/// device when `t` is synthetic and not materialised, else converted on
+/// the host (f32, or bf16 bits: as stored when the checkpoint is bf16,
+/// rounded to nearest otherwise) and copied.
+pub(super) fn fill_weight(
+    device: &GpuDevice,
+    dst: &mut DevWeight,
+    offset: usize,
+    t: &WeightTensor,
+    what: &str,
+) -> Result<()> {
+    match dst {
+        DevWeight::F32(d) => fill(device, d, offset, t, what, || t.to_f32_vec()),
+        DevWeight::Bf16(d) => fill(device, d, offset, t, what, || bf16_bits(t)),
+    }
+}
+
+fn fill<T: SyntheticElement>(
+    device: &GpuDevice,
+    dst: &mut CudaSlice<T>,
+    offset: usize,
+    t: &WeightTensor,
+    what: &str,
+    host: impl FnOnce() -> Vec<T>,
+) -> Result<()> {
+    let n = t.numel();
+    if let Some(r) = t.recipe() {
+        return synthetic_fill(device, dst, offset, n, r.key, (r.mean, r.std)).map_err(kernel_error);
+    }
+    let values = host();
+    let mut view = dst.slice_mut(offset..offset + n);
+    device.stream().memcpy_htod(&values, &mut view).map_err(gpu(what))
+}
+
+fn bf16_bits(t: &WeightTensor) -> Vec<u16> {
+    if t.dtype == WeightDtype::Bf16 {
+        t.bytes().chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect()
+    } else {
+        t.to_f32_vec().iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+    }
 }
