@@ -8,16 +8,8 @@ use std::path::Path;
 use capture::bisect::{BisectConfig, BisectOptions, bisect};
 use capture::compare::diff::{DiffOptions, diff};
 use capture::{CaptureDir, RunConfig};
-use moetrace_tests::{fixture, greedy_continuation, rel_l2, scratch};
+use moetrace_tests::{fixture, gpu_enabled, greedy_continuation, rel_l2, scratch};
 use stage_types::SaveTensorStage as S;
-
-fn gpu() -> bool {
-    let on = std::env::var_os("MOETRACE_GPU").is_some();
-    if !on {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
-    }
-    on
-}
 
 fn run(model: &str, prompt: &str, generate: usize, backend: &str, capture: Option<&Path>) -> (Vec<u32>, Vec<u32>) {
     let capture = capture.map(|o| format!("capture: (out_dir: {o:?}),")).unwrap_or_default();
@@ -30,7 +22,7 @@ fn run(model: &str, prompt: &str, generate: usize, backend: &str, capture: Optio
 
 #[test]
 fn cuda_f32_matches_the_oracle_at_every_stage() {
-    if !gpu() {
+    if !gpu_enabled() {
         return;
     }
     for name in ["tiny-qwen3-moe", "tiny-qwen3"] {
@@ -70,7 +62,7 @@ fn cuda_f32_matches_the_oracle_at_every_stage() {
 
 #[test]
 fn cuda_logits_are_bit_identical_with_capture_on_and_off() {
-    if !gpu() {
+    if !gpu_enabled() {
         return;
     }
     let dir = scratch("gpu-bits");
@@ -83,7 +75,7 @@ fn cuda_logits_are_bit_identical_with_capture_on_and_off() {
 
 #[test]
 fn bisect_cpu_vs_cuda_finds_nothing_and_then_the_injected_fault() {
-    if !gpu() {
+    if !gpu_enabled() {
         return;
     }
     let Some(dir) = fixture("tiny-qwen3-moe") else { return };
@@ -108,7 +100,7 @@ fn bisect_cpu_vs_cuda_finds_nothing_and_then_the_injected_fault() {
 
 #[test]
 fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
-    if !gpu() {
+    if !gpu_enabled() {
         return;
     }
     for name in ["tiny-qwen3-moe", "tiny-qwen3"] {

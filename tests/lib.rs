@@ -50,3 +50,13 @@ pub fn greedy_continuation(fixture_dir: &Path) -> Vec<u32> {
     let json: serde_json::Value = serde_json::from_str(&text).expect("fixture manifest is JSON");
     serde_json::from_value(json["greedy_continuation"].clone()).expect("fixture manifest has greedy_continuation")
 }
+
+/// Whether GPU tests run here (MOETRACE_GPU set, on the GPU machine); when
+/// not, says plainly that the calling test checked nothing.
+pub fn gpu_enabled() -> bool {
+    let on = std::env::var_os("MOETRACE_GPU").is_some();
+    if !on {
+        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    }
+    on
+}

@@ -1,8 +1,9 @@
 //! Capture systems: one per selected stage, attached in
 //! `StageHookSystems::Observe(stage)` (after the stage and any amender),
-//! copying the stage's output to the host when the current step and layer
-//! are selected and handing it to the writer thread. Stages not selected
-//! get no system, so with nothing selected no copy is ever made.
+//! starting a copy of the stage's output to the host when the current step
+//! and layer are selected and handing it, still in flight, to the writer
+//! thread (which waits for it). Stages not selected get no system, so with
+//! nothing selected no copy is ever made.
 
 use bevy_ecs::prelude::*;
 use bevy_ecs::system::SystemParam;
@@ -60,7 +61,7 @@ fn capture_stage(stage: SaveTensorStage, mut ctx: CaptureCtx) {
     if stage.is_layer_stage() && !layer.is_some_and(|l| ctx.selection.layers.contains(l)) {
         return;
     }
-    match ctx.backend.0.read(stage) {
+    match ctx.backend.0.read_async(stage) {
         Ok(tensor) => {
             let item = CapturedTensor { step: ctx.step.step, layer, stage, tensor };
             // The writer drains until every sender is gone, so this only

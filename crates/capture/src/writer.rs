@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
-use pipeline::HostTensor;
+use pipeline::PendingTensor;
 use stage_types::SaveTensorStage;
 
 use crate::error::{CaptureError, Result};
@@ -24,8 +24,9 @@ pub struct CapturedTensor {
     pub layer: Option<usize>,
     /// The stage.
     pub stage: SaveTensorStage,
-    /// The data.
-    pub tensor: HostTensor,
+    /// The data, possibly still being copied from the device (the writer
+    /// waits for it).
+    pub tensor: PendingTensor,
 }
 
 /// A capture folder being written: a temporary sibling of `out_dir`,
@@ -190,11 +191,18 @@ fn write_all(dir: &Path, rx: Receiver<CapturedTensor>) -> Result<WriterReport> {
         }
         let rel = tensor_path(item.step, item.layer, item.stage.name());
         let path = dir.join(&rel);
+        let tensor = match item.tensor.wait() {
+            Ok(t) => t,
+            Err(e) => {
+                first_error = Some(e.into());
+                continue;
+            }
+        };
         let result = path
             .parent()
             .map(|p| std::fs::create_dir_all(p).map_err(CaptureError::io("cannot create", p)))
             .transpose()
-            .and_then(|_| crate::npy::write_npy(&path, &item.tensor));
+            .and_then(|_| crate::npy::write_npy(&path, &tensor));
         match result {
             Ok(()) => {
                 report.bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
@@ -203,8 +211,8 @@ fn write_all(dir: &Path, rx: Receiver<CapturedTensor>) -> Result<WriterReport> {
                     stage: item.stage.name().to_string(),
                     layer: item.layer,
                     step: item.step,
-                    shape: item.tensor.shape.clone(),
-                    dtype: item.tensor.dtype_name().to_string(),
+                    shape: tensor.shape.clone(),
+                    dtype: tensor.dtype_name().to_string(),
                 });
             }
             Err(e) => first_error = Some(e),

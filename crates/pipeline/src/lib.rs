@@ -41,5 +41,5 @@ pub use ecs::{CurrentLayer, StageHookSystems, StageLog, StageSet, StepState};
 pub use error::{PipelineError, Result};
 pub use forward::{Forward, ForwardEvent, Generation, StepRecord};
 pub use model::{Model, ModelSource};
-pub use tensor::{HostTensor, TensorData};
+pub use tensor::{HostTensor, PendingTensor, TensorData};
 pub use weights::{WeightStore, WeightTensor};

@@ -74,3 +74,42 @@ impl HostTensor {
         }
     }
 }
+
+/// A tensor on its way to the host: already there (CPU backend), or being
+/// copied by the device on a stream of its own, to be waited for where it
+/// is consumed (the capture writer thread), not where it was asked for.
+pub struct PendingTensor(Pending);
+
+enum Pending {
+    Ready(HostTensor),
+    Copying(Box<dyn FnOnce() -> crate::Result<HostTensor> + Send>),
+}
+
+impl PendingTensor {
+    /// A tensor already on the host.
+    pub fn ready(tensor: HostTensor) -> Self {
+        Self(Pending::Ready(tensor))
+    }
+
+    /// A copy in flight; `wait` blocks until it has landed and returns it.
+    pub fn copying(wait: impl FnOnce() -> crate::Result<HostTensor> + Send + 'static) -> Self {
+        Self(Pending::Copying(Box::new(wait)))
+    }
+
+    /// The tensor, once on the host.
+    pub fn wait(self) -> crate::Result<HostTensor> {
+        match self.0 {
+            Pending::Ready(t) => Ok(t),
+            Pending::Copying(wait) => wait(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PendingTensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Pending::Ready(t) => f.debug_tuple("Ready").field(&t.shape).finish(),
+            Pending::Copying(_) => f.write_str("Copying"),
+        }
+    }
+}

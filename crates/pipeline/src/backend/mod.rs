@@ -11,7 +11,7 @@ pub mod cuda;
 use stage_types::SaveTensorStage;
 
 use crate::error::Result;
-use crate::tensor::HostTensor;
+use crate::tensor::{HostTensor, PendingTensor};
 use crate::weights::WeightId;
 
 /// Names an activation buffer: the output of that stage in the current
@@ -144,6 +144,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Copies a slot to the host. Fails if the slot holds nothing.
     fn read(&mut self, slot: Slot) -> Result<HostTensor>;
+
+    /// Starts copying a slot to the host without waiting for it (capture
+    /// uses this). The default reads at once; the CUDA backend copies into
+    /// pinned host memory on a separate stream, so the forward pass goes on
+    /// while the copy runs. What is computed is unchanged either way.
+    fn read_async(&mut self, slot: Slot) -> Result<PendingTensor> {
+        self.read(slot).map(PendingTensor::ready)
+    }
 
     /// Replaces a slot's contents from the host.
     fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()>;

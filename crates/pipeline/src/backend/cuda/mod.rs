@@ -20,6 +20,7 @@ use crate::tensor::{HostTensor, TensorData};
 use crate::weights::{WeightId, WeightStore};
 
 mod attention;
+mod staging;
 mod tensors;
 mod weights;
 
@@ -49,6 +50,7 @@ pub struct CudaBackend {
     start_position: usize,
     caches: Vec<Option<DevCache>>,
     poison: bool,
+    staging: staging::StagingPool,
 }
 
 /// Maps a driver error with what was being done; out of memory gets its
@@ -152,6 +154,7 @@ impl CudaBackend {
             start_position: 0,
             caches: Vec::new(),
             poison: false,
+            staging: staging::StagingPool::default(),
         })
     }
 
@@ -213,7 +216,7 @@ impl CudaBackend {
             // SAFETY: data holds n f32, rounded in place.
             unsafe { b.launch(threads(n)) }.map_err(gpu("rounding to bf16"))?;
         }
-        self.slots[slot.index()] = Some(DevTensor { shape, data: DevData::F32(data) });
+        self.slots[slot.index()] = Some(DevTensor::new(shape, DevData::F32(data)));
         Ok(())
     }
 
@@ -482,7 +485,7 @@ impl Backend for CudaBackend {
         // SAFETY: one thread per token writing k weights and ids.
         unsafe { b.launch(threads(rows)) }.map_err(gpu("router_top_k"))?;
         self.set(weights_out, vec![rows, k], w)?;
-        self.slots[indices_out.index()] = Some(DevTensor { shape: vec![rows, k], data: DevData::I32(ids) });
+        self.slots[indices_out.index()] = Some(DevTensor::new(vec![rows, k], DevData::I32(ids)));
         Ok(())
     }
 
@@ -553,13 +556,17 @@ impl Backend for CudaBackend {
         })
     }
 
+    fn read_async(&mut self, slot: Slot) -> Result<crate::tensor::PendingTensor> {
+        self.read_async_on_device(slot)
+    }
+
     fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()> {
         let stream = self.stream();
         let data = match &tensor.data {
             TensorData::F32(v) => DevData::F32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
             TensorData::I32(v) => DevData::I32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
         };
-        self.slots[slot.index()] = Some(DevTensor { shape: tensor.shape.clone(), data });
+        self.slots[slot.index()] = Some(DevTensor::new(tensor.shape.clone(), data));
         Ok(())
     }
 

@@ -1,6 +1,8 @@
 //! Activations and KV caches in device memory.
 
-use cudarc::driver::CudaSlice;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
 use super::Slot;
 use crate::error::{PipelineError, Result};
@@ -13,10 +15,32 @@ pub(super) enum DevData {
 
 pub(super) struct DevTensor {
     pub(super) shape: Vec<usize>,
+    /// Declared before `data` so that it drops first: see [`CopyGuard`].
+    pub(super) copy_guard: Option<CopyGuard>,
     pub(super) data: DevData,
 }
 
+/// Keeps a tensor's memory from being reused while the copy stream still
+/// reads it: on drop, the compute stream waits for the copy's event before
+/// the buffer's stream-ordered free that follows.
+pub(super) struct CopyGuard {
+    pub(super) copied: CudaEvent,
+    pub(super) compute: Arc<CudaStream>,
+}
+
+impl Drop for CopyGuard {
+    fn drop(&mut self) {
+        // An error here leaves the context recording it; the next call on
+        // the stream reports it.
+        let _ = self.compute.wait(&self.copied);
+    }
+}
+
 impl DevTensor {
+    pub(super) fn new(shape: Vec<usize>, data: DevData) -> Self {
+        Self { shape, copy_guard: None, data }
+    }
+
     pub(super) fn f32(&self, slot: Slot) -> Result<&CudaSlice<f32>> {
         match &self.data {
             DevData::F32(d) => Ok(d),
