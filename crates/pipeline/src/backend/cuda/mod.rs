@@ -24,7 +24,7 @@ mod staging;
 mod tensors;
 mod weights;
 
-use tensors::{DevCache, DevData, DevTensor};
+use tensors::{ActivationPool, DevCache, DevData, DevTensor};
 use weights::{DevWeight, Stacked, alloc_weight, check_fits, element_size, fill_weight, push_weight};
 
 /// Precision of the CUDA backend.
@@ -50,6 +50,7 @@ pub struct CudaBackend {
     start_position: usize,
     caches: Vec<Option<DevCache>>,
     poison: bool,
+    activations: ActivationPool,
     staging: staging::StagingPool,
 }
 
@@ -154,6 +155,7 @@ impl CudaBackend {
             start_position: 0,
             caches: Vec::new(),
             poison: false,
+            activations: ActivationPool::default(),
             staging: staging::StagingPool::default(),
         })
     }
@@ -193,11 +195,40 @@ impl CudaBackend {
         self.function(family, &format!("{base}_{suffix}"))
     }
 
+    /// An activation buffer of `n` f32 (at least one): a recycled one of
+    /// that length if any, else a new one (after freeing the pool if the
+    /// device is out of memory). Its contents are unspecified (NaN when
+    /// poisoning).
     fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
+        let n = n.max(1);
+        let mut buffer = match self.activations.take(n) {
+            Some(b) => b,
+            None => {
+                let stream = self.stream();
+                // SAFETY: every kernel writes its whole output before it is
+                // read (or poisoning fills it just below).
+                match unsafe { stream.alloc::<f32>(n) } {
+                    Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
+                        && self.activations.clear() =>
+                    {
+                        // SAFETY: as above.
+                        unsafe { stream.alloc::<f32>(n) }.map_err(gpu("allocating activations"))?
+                    }
+                    other => other.map_err(gpu("allocating activations"))?,
+                }
+            }
+        };
         if self.poison {
-            return self.stream().clone_htod(&vec![f32::NAN; n.max(1)]).map_err(gpu("allocating activations"));
+            self.stream().memcpy_htod(&vec![f32::NAN; n], &mut buffer).map_err(gpu("poisoning activations"))?;
         }
-        self.stream().alloc_zeros::<f32>(n.max(1)).map_err(gpu("allocating activations"))
+        Ok(buffer)
+    }
+
+    /// Puts `tensor` in `slot`, recycling what the slot held.
+    fn store(&mut self, slot: Slot, tensor: DevTensor) {
+        if let Some(old) = self.slots[slot.index()].replace(tensor) {
+            self.activations.recycle(old);
+        }
     }
 
     /// Stores an op's output; in Bf16 mode rounds it to bf16 first, except
@@ -216,7 +247,7 @@ impl CudaBackend {
             // SAFETY: data holds n f32, rounded in place.
             unsafe { b.launch(threads(n)) }.map_err(gpu("rounding to bf16"))?;
         }
-        self.slots[slot.index()] = Some(DevTensor::new(shape, DevData::F32(data)));
+        self.store(slot, DevTensor::new(shape, DevData::F32(data)));
         Ok(())
     }
 
@@ -301,7 +332,11 @@ impl Backend for CudaBackend {
         self.tokens = Some(self.stream().clone_htod(tokens).map_err(gpu("uploading tokens"))?);
         self.t_len = tokens.len();
         self.start_position = start_position;
-        self.slots.iter_mut().for_each(|s| *s = None);
+        for slot in &mut self.slots {
+            if let Some(old) = slot.take() {
+                self.activations.recycle(old);
+            }
+        }
         Ok(())
     }
 
@@ -485,7 +520,7 @@ impl Backend for CudaBackend {
         // SAFETY: one thread per token writing k weights and ids.
         unsafe { b.launch(threads(rows)) }.map_err(gpu("router_top_k"))?;
         self.set(weights_out, vec![rows, k], w)?;
-        self.slots[indices_out.index()] = Some(DevTensor::new(vec![rows, k], DevData::I32(ids)));
+        self.store(indices_out, DevTensor::new(vec![rows, k], DevData::I32(ids)));
         Ok(())
     }
 
@@ -566,7 +601,7 @@ impl Backend for CudaBackend {
             TensorData::F32(v) => DevData::F32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
             TensorData::I32(v) => DevData::I32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
         };
-        self.slots[slot.index()] = Some(DevTensor::new(tensor.shape.clone(), data));
+        self.store(slot, DevTensor::new(tensor.shape.clone(), data));
         Ok(())
     }
 

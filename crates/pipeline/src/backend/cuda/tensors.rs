@@ -1,6 +1,7 @@
 //! Activations and KV caches in device memory.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 
@@ -64,4 +65,40 @@ pub(super) struct DevCache {
     pub(super) width: usize,
     pub(super) len: usize,
     pub(super) capacity: usize,
+}
+
+/// Activation buffers for reuse, by length. A slot's buffer is recycled
+/// when the slot is next written or the step ends, so from the second
+/// layer on every stage's output lands in a buffer an earlier layer used
+/// (each op needs its output allocated while its inputs are still held,
+/// so each shape cycles through two buffers). Nothing is zeroed on reuse:
+/// every kernel writes its whole output (the parity test poisons outputs
+/// to prove it).
+#[derive(Default)]
+pub(super) struct ActivationPool(Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>);
+
+impl ActivationPool {
+    pub(super) fn take(&self, len: usize) -> Option<CudaSlice<f32>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|v| v.pop())
+    }
+
+    /// Takes back a slot's tensor. Its copy guard (if a capture copy still
+    /// reads it) drops first, so later work on the compute stream, which
+    /// may write this buffer, waits for the copy.
+    pub(super) fn recycle(&self, tensor: DevTensor) {
+        let DevTensor { copy_guard, data, .. } = tensor;
+        drop(copy_guard);
+        if let DevData::F32(d) = data {
+            self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(d.len()).or_default().push(d);
+        }
+    }
+
+    /// Frees every pooled buffer (before retrying an allocation that ran
+    /// out of memory).
+    pub(super) fn clear(&self) -> bool {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let had = pool.values().any(|v| !v.is_empty());
+        pool.clear();
+        had
+    }
 }
