@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # On the GPU machine (after scripts/gpu-build.sh here, .gpu carried): the
 # full synthetic Qwen3-30B-A3B in Bf16, a 512-token prompt and 16 decode
-# steps, once with nothing captured and once with every stage of layer 0
-# captured, through `moetrace run` as a user would. Prints both summaries.
+# steps, with nothing captured, with every stage of layer 0 captured to disk,
+# and the same captured to /dev/shm (memory: what the capture path costs
+# without the disk), through `moetrace run` as a user would. Prints the
+# summaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.gpu/out}
 mkdir -p "$out" /tmp/moetrace-bench
 prompt=$(python3 -c 'print(", ".join(str((i * 7919 + 13) % 151936) for i in range(512)))')
-for name in off layer0; do
+for name in off layer0 layer0-shm; do
     capture=""
-    if [ "$name" = layer0 ]; then capture='capture: (stages: "all", layers: "0", out_dir: "/tmp/moetrace-bench/captures"),'; fi
+    case $name in
+        layer0) capture='capture: (stages: "all", layers: "0", out_dir: "/tmp/moetrace-bench/captures"),' ;;
+        layer0-shm) capture='capture: (stages: "all", layers: "0", out_dir: "/dev/shm/moetrace-bench/captures"),' ;;
+    esac
     cat >/tmp/moetrace-bench/$name.ron <<RON
 (
     model: Synthetic(preset: "qwen3-30b-a3b", seed: 7),
@@ -23,3 +28,4 @@ RON
     echo "== capture $name"
     .gpu/bin/moetrace run -q --config /tmp/moetrace-bench/$name.ron 2>&1 | tee "$out/bench-capture-$name.log"
 done
+rm -rf /tmp/moetrace-bench/captures /dev/shm/moetrace-bench

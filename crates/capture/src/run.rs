@@ -46,6 +46,8 @@ pub struct RunSummary {
     pub steps: usize,
     /// Forward time (model loading excluded).
     pub forward_time: Duration,
+    /// Time of the first step (the prompt), greedy choice included.
+    pub prefill_time: Duration,
     /// Model loading time.
     pub load_time: Duration,
     /// Tensors written.
@@ -162,8 +164,13 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     }
 
     let start = Instant::now();
-    let generation =
-        forward.generate(config.prompt_tokens(), config.generate, &mut |e| on_event(RunEvent::Forward(e)))?;
+    let mut prefill_time = None;
+    let generation = forward.generate(config.prompt_tokens(), config.generate, &mut |e| {
+        if matches!(e, ForwardEvent::StepDone { step: 0, .. }) {
+            prefill_time = Some(start.elapsed());
+        }
+        on_event(RunEvent::Forward(e))
+    })?;
     let forward_time = start.elapsed();
     let last_logits = forward.backend_mut().read(SaveTensorStage::LmHead)?;
     // The world holds the last sender; the writer finishes once it is gone.
@@ -175,6 +182,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         generated: generation.generated.clone(),
         steps: generation.steps.len(),
         forward_time,
+        prefill_time: prefill_time.unwrap_or(forward_time),
         load_time,
         tensors_written: 0,
         bytes_written: 0,

@@ -43,17 +43,25 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     })?;
     progress.clear();
     let s = &output.summary;
-    let tokens_computed = s.prompt_tokens + s.generated.len().saturating_sub(1);
     let secs = s.forward_time.as_secs_f64();
+    let prefill = s.prefill_time.as_secs_f64();
+    let decode_steps = s.steps.saturating_sub(1);
+    let decode = if decode_steps > 0 {
+        let d = (secs - prefill).max(0.0);
+        format!("; decode {decode_steps} steps {:.3} s, {:.1} tokens/s", d, decode_steps as f64 / d.max(1e-9))
+    } else {
+        String::new()
+    };
     crate::say!(
-        "run: {} prompt tokens, {} generated {:?}, {} steps on {} in {:.3} s ({:.1} tokens/s)",
+        "run: {} prompt tokens, {} generated {:?}, {} steps on {} in {:.3} s (prefill {:.3} s, {:.1} tokens/s{decode})",
         s.prompt_tokens,
         s.generated.len(),
         s.generated,
         s.steps,
         s.backend,
         secs,
-        tokens_computed as f64 / secs.max(1e-9)
+        prefill,
+        s.prompt_tokens as f64 / prefill.max(1e-9)
     );
     match &s.out_dir {
         Some(dir) => crate::say!(

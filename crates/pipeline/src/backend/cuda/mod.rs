@@ -44,6 +44,9 @@ pub struct CudaBackend {
     weights: HashMap<WeightId, DevWeight>,
     precision: CudaPrecision,
     stacked: HashMap<WeightId, Stacked>,
+    /// Concatenated f32 biases per list of bias weights (the q, k and v
+    /// biases of a layer), uploaded on first use.
+    biases: HashMap<Vec<WeightId>, CudaSlice<f32>>,
     slots: Vec<Option<DevTensor>>,
     tokens: Option<CudaSlice<u32>>,
     t_len: usize,
@@ -149,6 +152,7 @@ impl CudaBackend {
             weights,
             precision,
             stacked,
+            biases: HashMap::new(),
             slots: (0..Slot::ALL.len()).map(|_| None).collect(),
             tokens: None,
             t_len: 0,
@@ -414,17 +418,21 @@ impl Backend for CudaBackend {
     }
 
     fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
-        let mut host = Vec::new();
-        for &id in biases {
-            host.extend(self.store.get(id).to_f32_vec());
+        if !self.biases.contains_key(biases) {
+            let mut host = Vec::new();
+            for &id in biases {
+                host.extend(self.store.get(id).to_f32_vec());
+            }
+            let bias = self.stream().clone_htod(&host).map_err(gpu("uploading biases"))?;
+            self.biases.insert(biases.to_vec(), bias);
         }
-        let bias = self.stream().clone_htod(&host).map_err(gpu("uploading biases"))?;
+        let bias = &self.biases[biases];
         let x = self.slot(input)?;
         let (shape, width) = (x.shape.clone(), x.width());
-        if width != host.len() {
+        if width != bias.len() {
             return Err(PipelineError::BadInput(format!(
                 "stage `{input}` rows of {width} do not fit {} biases",
-                host.len()
+                bias.len()
             )));
         }
         let n = shape.iter().product::<usize>();
@@ -433,7 +441,7 @@ impl Backend for CudaBackend {
         let stream = self.stream();
         let (n64, w32) = (n as u64, width as u32);
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?).arg(&bias).arg(&n64).arg(&w32);
+        b.arg(&mut o).arg(x.f32(input)?).arg(bias).arg(&n64).arg(&w32);
         // SAFETY: n elements, bias of width.
         unsafe { b.launch(threads(n)) }.map_err(gpu("add_bias"))?;
         self.set(out, shape, o)
