@@ -5,6 +5,8 @@
 //! thread (which waits for it). Stages not selected get no system, so with
 //! nothing selected no copy is ever made.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use bevy_ecs::prelude::*;
 use bevy_ecs::system::SystemParam;
 use crossbeam_channel::Sender;
@@ -25,15 +27,15 @@ pub struct CaptureSelection {
     pub steps: IndexSet,
 }
 
-/// The channel to the writer thread.
+/// The channel to the writer threads, and how many tensors went into it.
 #[derive(Resource)]
-pub struct CaptureSink(pub Sender<CapturedTensor>);
+pub struct CaptureSink(pub Sender<CapturedTensor>, pub AtomicUsize);
 
 /// Adds one capture system per selected stage to `forward`.
 pub fn attach_capture(forward: &mut Forward, selection: CaptureSelection, sink: Sender<CapturedTensor>) {
     let stages: Vec<SaveTensorStage> = selection.stages.iter().collect();
     forward.world_mut().insert_resource(selection);
-    forward.world_mut().insert_resource(CaptureSink(sink));
+    forward.world_mut().insert_resource(CaptureSink(sink, AtomicUsize::new(0)));
     for stage in stages {
         forward.add_stage_hook(StageHookSystems::Observe(stage), move |ctx: CaptureCtx| capture_stage(stage, ctx));
     }
@@ -63,7 +65,8 @@ fn capture_stage(stage: SaveTensorStage, mut ctx: CaptureCtx) {
     }
     match ctx.backend.0.read_async(stage) {
         Ok(tensor) => {
-            let item = CapturedTensor { step: ctx.step.step, layer, stage, tensor };
+            let order = ctx.sink.1.fetch_add(1, Ordering::Relaxed);
+            let item = CapturedTensor { order, step: ctx.step.step, layer, stage, tensor };
             // The writer drains until every sender is gone, so this only
             // fails if it panicked; its join reports that.
             let _ = ctx.sink.0.send(item);

@@ -1,7 +1,7 @@
 //! Where captured tensors go: [`CaptureTarget`] (a temporary folder beside
 //! out_dir, renamed into place only when the run succeeds) and
-//! [`CaptureWriter`] (a thread fed over a bounded crossbeam channel that
-//! writes the .npy files, so the forward pass never waits on the disk
+//! [`CaptureWriter`] (writer threads fed over one bounded crossbeam channel
+//! that write the .npy files, so the forward pass never waits on the disk
 //! beyond the channel's capacity).
 
 use std::path::{Path, PathBuf};
@@ -18,6 +18,9 @@ use crate::manifest::{FORMAT, Manifest, ManifestTensor, tensor_path};
 /// One tensor on its way to disk.
 #[derive(Debug)]
 pub struct CapturedTensor {
+    /// Position in capture order (the manifest lists tensors in this order
+    /// whichever writer thread wrote them).
+    pub order: usize,
     /// Step number.
     pub step: usize,
     /// Layer, or None for model stages.
@@ -122,33 +125,45 @@ fn is_replaceable(dir: &Path) -> bool {
             .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(FORMAT))
 }
 
-/// What the writer thread did.
+/// What the writer threads did.
 #[derive(Debug, Default)]
 pub struct WriterReport {
-    /// Manifest entries of the files written, in arrival order.
+    /// Manifest entries of the files written, in capture order.
     pub entries: Vec<ManifestTensor>,
     /// Bytes written (file sizes).
     pub bytes: u64,
 }
 
-/// The writer thread and the sending end of its channel.
+/// The writer threads and the sending end of their channel.
 pub struct CaptureWriter {
     tx: Option<Sender<CapturedTensor>>,
-    handle: Option<JoinHandle<Result<WriterReport>>>,
+    handles: Vec<JoinHandle<Result<Written>>>,
 }
+
+/// One writer thread's entries, with their capture order.
+type Written = (Vec<(usize, ManifestTensor)>, u64);
 
 impl CaptureWriter {
     /// Tensors that may wait in the channel before a capture system blocks.
     pub const QUEUE: usize = 64;
 
-    /// Starts a writer that writes under `dir`.
+    /// Writer threads: files are written in parallel (one thread leaves the
+    /// forward pass waiting on the disk when a step captures hundreds of MB).
+    pub const THREADS: usize = 4;
+
+    /// Starts writers that write under `dir`.
     pub fn spawn(dir: PathBuf) -> Result<Self> {
         let (tx, rx) = bounded(Self::QUEUE);
-        let handle = std::thread::Builder::new()
-            .name("moetrace-capture-writer".into())
-            .spawn(move || write_all(&dir, rx))
-            .map_err(CaptureError::io("cannot start the writer thread for", "capture"))?;
-        Ok(Self { tx: Some(tx), handle: Some(handle) })
+        let mut writer = Self { tx: Some(tx), handles: Vec::new() };
+        for i in 0..Self::THREADS {
+            let (dir, rx) = (dir.clone(), rx.clone());
+            let handle = std::thread::Builder::new()
+                .name(format!("moetrace-capture-writer-{i}"))
+                .spawn(move || write_all(&dir, rx))
+                .map_err(CaptureError::io("cannot start a writer thread for", "capture"))?;
+            writer.handles.push(handle);
+        }
+        Ok(writer)
     }
 
     /// A sender for capture systems.
@@ -160,30 +175,48 @@ impl CaptureWriter {
     /// have been dropped first.
     pub fn finish(mut self) -> Result<WriterReport> {
         drop(self.tx.take());
-        let handle = self.handle.take().expect("joined once");
-        handle.join().unwrap_or_else(|_| {
-            Err(CaptureError::Io {
-                action: "writer thread panicked while writing",
-                path: PathBuf::from("capture"),
-                source: std::io::Error::other("panic"),
-            })
-        })
+        let mut entries = Vec::new();
+        let mut report = WriterReport::default();
+        let mut first_error = None;
+        for handle in std::mem::take(&mut self.handles) {
+            let written = handle.join().unwrap_or_else(|_| {
+                Err(CaptureError::Io {
+                    action: "writer thread panicked while writing",
+                    path: PathBuf::from("capture"),
+                    source: std::io::Error::other("panic"),
+                })
+            });
+            match written {
+                Ok((e, bytes)) => {
+                    entries.extend(e);
+                    report.bytes += bytes;
+                }
+                Err(e) => first_error = first_error.or(Some(e)),
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        entries.sort_by_key(|(order, _)| *order);
+        report.entries = entries.into_iter().map(|(_, e)| e).collect();
+        Ok(report)
     }
 }
 
 impl Drop for CaptureWriter {
     fn drop(&mut self) {
         drop(self.tx.take());
-        if let Some(h) = self.handle.take() {
+        for h in self.handles.drain(..) {
             let _ = h.join();
         }
     }
 }
 
-/// The writer thread: writes each tensor; after the first error it keeps
-/// draining the channel (so senders never block) and reports that error.
-fn write_all(dir: &Path, rx: Receiver<CapturedTensor>) -> Result<WriterReport> {
-    let mut report = WriterReport::default();
+/// A writer thread: writes each tensor it receives; after the first error
+/// it keeps draining the channel (so senders never block) and reports that
+/// error.
+fn write_all(dir: &Path, rx: Receiver<CapturedTensor>) -> Result<Written> {
+    let (mut entries, mut bytes) = (Vec::new(), 0u64);
     let mut first_error = None;
     for item in rx {
         if first_error.is_some() {
@@ -205,21 +238,21 @@ fn write_all(dir: &Path, rx: Receiver<CapturedTensor>) -> Result<WriterReport> {
             .and_then(|_| crate::npy::write_npy(&path, &tensor));
         match result {
             Ok(()) => {
-                report.bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                report.entries.push(ManifestTensor {
+                bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                entries.push((item.order, ManifestTensor {
                     path: rel,
                     stage: item.stage.name().to_string(),
                     layer: item.layer,
                     step: item.step,
                     shape: tensor.shape.clone(),
                     dtype: tensor.dtype_name().to_string(),
-                });
+                }));
             }
             Err(e) => first_error = Some(e),
         }
     }
     match first_error {
         Some(e) => Err(e),
-        None => Ok(report),
+        None => Ok((entries, bytes)),
     }
 }

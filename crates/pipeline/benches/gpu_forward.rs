@@ -5,7 +5,9 @@
 //! results in BENCHMARKS.md.
 //!
 //! Environment: MOETRACE_BENCH_LAYERS (default 2), MOETRACE_BENCH_PRECISION
-//! (f32 or bf16, default f32), MOETRACE_BENCH_PROMPT (tokens, default 16).
+//! (f32 or bf16, default f32), MOETRACE_BENCH_PROMPT (tokens, default 16),
+//! MOETRACE_BENCH_WARP_ROWS (projections of at most this many rows use the
+//! warp-per-output kernel instead of cuBLAS; default the backend's).
 
 #[cfg(feature = "cuda")]
 fn main() {
@@ -61,6 +63,38 @@ fn main() {
         decode.push(t.elapsed().as_secs_f64());
     }
     let decode = median(decode);
+    // The decode projections one at a time (T = 1, median of 50 calls
+    // each, synchronised by a read), against the bytes of weights each reads.
+    use stage_types::SaveTensorStage as S;
+    let l0 = &model.layers[0];
+    let router = match &l0.mlp {
+        pipeline::model::MlpWeights::Moe(m) => vec![m.router],
+        pipeline::model::MlpWeights::Dense { gate, .. } => vec![*gate],
+    };
+    let projections = [
+        ("q,k,v", S::AttnNorm, l0.attention.qkv.to_vec(), S::QkvMatmul),
+        ("o_proj", S::Attention, vec![l0.attention.o_proj], S::AttnOut),
+        ("router", S::FfnNorm, router, S::MoeRouterLogits),
+        ("lm_head", S::FinalNorm, vec![model.lm_head], S::LmHead),
+    ];
+    for (name, input, weights, out) in projections {
+        let backend = forward.backend_mut();
+        let bytes: usize = weights.iter().map(|&w| model.store.get(w).numel() * bytes_per_weight).sum();
+        let mut times = Vec::new();
+        for _ in 0..50 {
+            let t = Instant::now();
+            backend.linear(input, &weights, out).unwrap();
+            backend.argmax_last_row(out).unwrap(); // synchronises
+            times.push(t.elapsed().as_secs_f64());
+        }
+        let m = median(times);
+        println!(
+            "| decode projection {name} | {:.1} us (incl. a sync and a read) | {:.2} GB/s effective | floor {:.1} us |",
+            m * 1e6,
+            bytes as f64 / m / 1e9,
+            bytes as f64 / 3.0e12 * 1e6
+        );
+    }
     println!(
         "| decode (median of 16 steps) | {:.2} ms/token | {:.1} tokens/s | floor {:.2} ms ({:.2} GB of weights at 3.0 TB/s) |",
         decode * 1e3,

@@ -54,7 +54,7 @@ pub struct CudaBackend {
     caches: Vec<Option<DevCache>>,
     poison: bool,
     activations: ActivationPool,
-    staging: staging::StagingPool,
+    staging: staging::Staging,
 }
 
 /// Maps a driver error with what was being done; out of memory gets its
@@ -160,7 +160,7 @@ impl CudaBackend {
             caches: Vec::new(),
             poison: false,
             activations: ActivationPool::default(),
-            staging: staging::StagingPool::default(),
+            staging: staging::Staging::default(),
         })
     }
 
@@ -383,8 +383,10 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
-        let x = self.slot(input)?;
-        let (rows, k) = (x.rows(), x.width());
+        let (rows, k) = {
+            let x = self.slot(input)?;
+            (x.rows(), x.width())
+        };
         let mut total = 0;
         for &id in weights {
             let w = self.store.get(id);
@@ -398,7 +400,7 @@ impl Backend for CudaBackend {
         // already, so the conversion is exact) with f32 accumulation.
         let x_bf16 = match self.precision {
             CudaPrecision::F32 => None,
-            CudaPrecision::Bf16 => Some(self.to_bf16(x.f32(input)?, rows * k)?),
+            CudaPrecision::Bf16 => Some(self.to_bf16(self.slot(input)?.f32(input)?, rows * k)?),
         };
         let x = self.slot(input)?.f32(input)?;
         let mut col = 0usize;

@@ -1,14 +1,17 @@
 //! Capture copies from the device: each selected tensor is copied on the
 //! device's copy stream into a pinned host buffer (page-locked, so the DMA
 //! runs asynchronously) taken from a pool, and handed over as a
-//! [`PendingTensor`] that the capture writer thread waits for. The compute
-//! stream never waits for a copy; the copy stream waits only for the
-//! tensor it copies. Buffers go back to the pool once the writer has read
-//! them.
+//! [`PendingTensor`]. The compute stream never waits for a copy; the copy
+//! stream waits only for the tensor it copies. A landing thread waits for
+//! each copy in turn, moves the values out and puts the buffer back at
+//! once, so buffers are reused within a step instead of waiting behind the
+//! disk (allocating pinned memory is slow and synchronises the device).
 
+use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-use cudarc::driver::{CudaContext, PinnedHostSlice};
+use cudarc::driver::{CudaContext, CudaEvent, PinnedHostSlice};
 
 use super::tensors::{CopyGuard, DevData};
 use super::{Backend, CudaBackend, Slot, gpu};
@@ -55,16 +58,86 @@ impl StagingPool {
     }
 }
 
+/// A copy in flight, for the landing thread.
+struct Landing {
+    landed: CudaEvent,
+    buffer: PinnedHostSlice<f32>,
+    shape: Vec<usize>,
+    is_i32: bool,
+    done: SyncSender<Result<HostTensor>>,
+}
+
+/// The pool and the landing thread (started on the first capture).
+#[derive(Default)]
+pub(super) struct Staging {
+    pool: StagingPool,
+    jobs: Option<Sender<Landing>>,
+    lander: Option<JoinHandle<()>>,
+}
+
+impl Staging {
+    fn send(&mut self, ctx: &Arc<CudaContext>, job: Landing) -> Result<()> {
+        if self.jobs.is_none() {
+            let (tx, rx) = channel();
+            let (pool, ctx) = (self.pool.clone(), ctx.clone());
+            let handle = std::thread::Builder::new()
+                .name("moetrace-capture-landing".into())
+                .spawn(move || land_all(&ctx, &pool, rx))
+                .map_err(|e| PipelineError::Gpu(format!("starting the capture landing thread: {e}")))?;
+            self.jobs = Some(tx);
+            self.lander = Some(handle);
+        }
+        self.jobs
+            .as_ref()
+            .expect("started above")
+            .send(job)
+            .map_err(|_| PipelineError::Gpu("the capture landing thread stopped".into()))
+    }
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(handle) = self.lander.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// The landing thread: waits for each copy (sleeping, not spinning: a
+/// spinning wait contends with the launching thread inside the driver),
+/// moves the values out, returns the buffer to the pool.
+fn land_all(ctx: &Arc<CudaContext>, pool: &StagingPool, jobs: Receiver<Landing>) {
+    let bound = ctx.bind_to_thread();
+    for job in jobs {
+        let numel = job.shape.iter().product::<usize>();
+        let values = bound
+            .and_then(|()| job.landed.synchronize())
+            .and_then(|()| job.buffer.as_slice().map(|s| s[..numel].to_vec()))
+            .map_err(gpu("waiting for a capture copy"));
+        pool.give_back(job.buffer);
+        let tensor = values.map(|values| {
+            if job.is_i32 {
+                HostTensor::i32(job.shape, values.iter().map(|v| v.to_bits() as i32).collect())
+            } else {
+                HostTensor::f32(job.shape, values)
+            }
+        });
+        // The receiver may have been dropped (a run that failed); nothing to do.
+        let _ = job.done.send(tensor);
+    }
+}
+
 impl CudaBackend {
     pub(super) fn read_async_on_device(&mut self, slot: Slot) -> Result<PendingTensor> {
         let t = self.slot(slot)?;
-        let (shape, numel) = (t.shape.clone(), t.shape.iter().product::<usize>());
+        let shape = t.shape.clone();
         let (device_len, is_i32) = match &t.data {
             DevData::F32(d) => (d.len(), false),
             DevData::I32(d) => (d.len(), true),
         };
         let ctx = self.device.context().clone();
-        let Some(mut staging) = self.staging.take(&ctx, device_len)? else {
+        let Some(mut staging) = self.staging.pool.take(&ctx, device_len)? else {
             return self.read(slot).map(PendingTensor::ready);
         };
         let (compute, copy) = (self.stream(), self.device.copy_stream().clone());
@@ -89,24 +162,17 @@ impl CudaBackend {
         }
         .map_err(gpu("copying a captured tensor to the host"))?;
         let copied = copy.record_event(None).map_err(gpu("recording a capture event"))?;
-        let landed = copy.record_event(None).map_err(gpu("recording a capture event"))?;
+        // The landing thread sleeps on this one (see land_all).
+        let landed = copy
+            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+            .map_err(gpu("recording a capture event"))?;
         if let Some(t) = self.slots[slot.index()].as_mut() {
             t.copy_guard = Some(CopyGuard { copied, compute });
         }
-        let pool = self.staging.clone();
+        let (done, result) = sync_channel(1);
+        self.staging.send(&ctx, Landing { landed, buffer: staging, shape, is_i32, done })?;
         Ok(PendingTensor::copying(move || {
-            let values = ctx
-                .bind_to_thread()
-                .and_then(|()| landed.synchronize())
-                .and_then(|()| staging.as_slice().map(|s| s[..numel].to_vec()))
-                .map_err(gpu("waiting for a capture copy"));
-            pool.give_back(staging);
-            let values = values?;
-            Ok(if is_i32 {
-                HostTensor::i32(shape, values.iter().map(|v| v.to_bits() as i32).collect())
-            } else {
-                HostTensor::f32(shape, values)
-            })
+            result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
         }))
     }
 }
