@@ -239,14 +239,17 @@ fn write_all(dir: &Path, rx: Receiver<CapturedTensor>) -> Result<Written> {
         match result {
             Ok(()) => {
                 bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                entries.push((item.order, ManifestTensor {
-                    path: rel,
-                    stage: item.stage.name().to_string(),
-                    layer: item.layer,
-                    step: item.step,
-                    shape: tensor.shape.clone(),
-                    dtype: tensor.dtype_name().to_string(),
-                }));
+                entries.push((
+                    item.order,
+                    ManifestTensor {
+                        path: rel,
+                        stage: item.stage.name().to_string(),
+                        layer: item.layer,
+                        step: item.step,
+                        shape: tensor.shape.clone(),
+                        dtype: tensor.dtype_name().to_string(),
+                    },
+                ));
             }
             Err(e) => first_error = Some(e),
         }

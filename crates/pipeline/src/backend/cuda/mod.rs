@@ -212,8 +212,9 @@ impl CudaBackend {
                 // SAFETY: every kernel writes its whole output before it is
                 // read (or poisoning fills it just below).
                 match unsafe { stream.alloc::<f32>(n) } {
-                    Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
-                        && self.activations.clear() =>
+                    Err(e)
+                        if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
+                            && self.activations.clear() =>
                     {
                         // SAFETY: as above.
                         unsafe { stream.alloc::<f32>(n) }.map_err(gpu("allocating activations"))?
