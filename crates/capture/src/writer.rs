@@ -38,6 +38,9 @@ pub struct CapturedTensor {
 pub struct CaptureTarget {
     out_dir: PathBuf,
     tmp_dir: PathBuf,
+    /// Folders above out_dir that `prepare` created, innermost first; a
+    /// failed run removes them again when they are empty.
+    created_parents: Vec<PathBuf>,
     committed: bool,
 }
 
@@ -51,15 +54,23 @@ impl CaptureTarget {
         }
         let name = out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "capture".into());
         let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(CaptureError::io("cannot create the parent of out_dir", parent))?;
+        let created_parents: Vec<PathBuf> = parent
+            .ancestors()
+            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
+            .map(Path::to_path_buf)
+            .collect();
         static NEXT: AtomicUsize = AtomicUsize::new(0);
         let unique = NEXT.fetch_add(1, Ordering::Relaxed);
         let tmp_dir = parent.join(format!(".{name}.moetrace-tmp-{}-{unique}", std::process::id()));
+        // From here on, dropping `target` on an error undoes what was made.
+        let target = Self { out_dir: out_dir.to_path_buf(), tmp_dir, created_parents, committed: false };
+        std::fs::create_dir_all(parent).map_err(CaptureError::io("cannot create the parent of out_dir", parent))?;
+        let tmp_dir = &target.tmp_dir;
         if tmp_dir.exists() {
-            std::fs::remove_dir_all(&tmp_dir).map_err(CaptureError::io("cannot remove stale", &tmp_dir))?;
+            std::fs::remove_dir_all(tmp_dir).map_err(CaptureError::io("cannot remove stale", tmp_dir))?;
         }
-        std::fs::create_dir(&tmp_dir).map_err(CaptureError::io("cannot create capture folder", &tmp_dir))?;
-        Ok(Self { out_dir: out_dir.to_path_buf(), tmp_dir, committed: false })
+        std::fs::create_dir(tmp_dir).map_err(CaptureError::io("cannot create capture folder", tmp_dir))?;
+        Ok(target)
     }
 
     /// The folder tensors are written into until commit.
@@ -108,6 +119,10 @@ impl Drop for CaptureTarget {
     fn drop(&mut self) {
         if !self.committed {
             let _ = std::fs::remove_dir_all(&self.tmp_dir);
+            for dir in &self.created_parents {
+                // Only empty folders go (remove_dir refuses others).
+                let _ = std::fs::remove_dir(dir);
+            }
         }
     }
 }

@@ -232,3 +232,33 @@ fn a_closed_stderr_neither_panics_nor_hangs() {
     assert!(status.success(), "{status:?}");
     assert!(out.join("manifest.json").is_file());
 }
+
+#[test]
+fn a_cuda_backend_without_a_driver_is_a_clear_error() {
+    let dir = scratch("no-driver");
+    let text = config(SYNTHETIC, "all", "all").replace("backend: Cpu", "backend: Cuda(device: 0, dtype: F32)");
+    let path = dir.join("probe.ron");
+    std::fs::write(&path, text.replace("OUT", &dir.join("probe-captures").display().to_string())).unwrap();
+    let probe =
+        Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "-q", "--config"]).arg(&path).output().unwrap();
+    if probe.status.success() {
+        eprintln!("SKIPPED: this machine has a working NVIDIA driver, so the missing-driver error cannot occur here");
+        return;
+    }
+    expect_failure(&dir, &text, &["no NVIDIA driver found", "libcuda", "backend: Cpu"]);
+}
+
+#[test]
+fn a_failed_run_removes_the_folders_it_made_for_out_dir() {
+    let dir = scratch("nested-out-dir");
+    let path = dir.join("run.ron");
+    let out = dir.join("made").join("by").join("run").join("captures");
+    let text =
+        config(r#"Path("/nonexistent/moetrace-model")"#, "all", "all").replace("OUT", &out.display().to_string());
+    std::fs::write(&path, text).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "--config"]).arg(&path).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("/nonexistent/moetrace-model"), "{stderr}");
+    assert!(!dir.join("made").exists(), "the folders made for out_dir were left behind");
+}
