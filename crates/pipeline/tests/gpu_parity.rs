@@ -1,7 +1,7 @@
 //! Backend parity, in the style of llama.cpp's test-backend-ops: every
 //! operation of the CUDA backend against the CPU backend on seeded random
 //! inputs of awkward sizes (T = 1 and 37, widths that are not multiples of
-//! 32, 13 experts), with the GPU's outputs poisoned (NaN) before each run so
+//! 32, 13 experts; T = 300 for the grouped expert projection), with the GPU's outputs poisoned (NaN) before each run so
 //! an unwritten element fails. Prints a table. GPU only (MOETRACE_GPU=1).
 //!
 //! To add a case: write its inputs with `put`, call the operation on both
@@ -94,8 +94,17 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
     let ups: Vec<WeightId> = (0..e).map(|x| weight(&mut store, &format!("up{x}"), vec![i_dim, h], 0.0, 0.15)).collect();
     let downs: Vec<WeightId> =
         (0..e).map(|x| weight(&mut store, &format!("down{x}"), vec![h, i_dim], 0.0, 0.2)).collect();
+    // Larger experts for the grouped expert projection (prefill): k over
+    // several 128-wide tiles, outputs over several 64-wide tiles, and more
+    // than 16 slots per expert.
+    let (big_h, big_i, big_e) = (300usize, 150usize, 5usize);
+    let big_ups: Vec<WeightId> =
+        (0..big_e).map(|x| weight(&mut store, &format!("bigup{x}"), vec![big_i, big_h], 0.0, 0.06)).collect();
+    let big_downs: Vec<WeightId> =
+        (0..big_e).map(|x| weight(&mut store, &format!("bigdown{x}"), vec![big_h, big_i], 0.0, 0.08)).collect();
     let store = Arc::new(store);
-    let mut gpu = CudaBackend::with_weights(store.clone(), &[&ups, &downs], 0, CudaPrecision::F32).unwrap();
+    let experts: [&[WeightId]; 4] = [&ups, &downs, &big_ups, &big_downs];
+    let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, CudaPrecision::F32).unwrap();
     gpu.set_poison(true);
     let mut pair = Pair { cpu: CpuBackend::new(store, Some(2)).unwrap(), gpu, rows: Vec::new(), failures: 0 };
     let shape = AttentionShape { heads: 3, kv_heads: 1, head_dim: hd };
@@ -178,6 +187,29 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
         ));
         pair.failures += usize::from(a != g);
     }
+    // The grouped path at T = 300, top-2 of 5 experts (600 slots).
+    let (t, top) = (300usize, 2usize);
+    let tokens: Vec<u32> = (0..t as u32).map(|x| x % v as u32).collect();
+    pair.cpu.begin_step(&tokens, 0).unwrap();
+    pair.gpu.begin_step(&tokens, 0).unwrap();
+    let ids: Vec<i32> = (0..t).flat_map(|x| [(x * 3 % big_e) as i32, ((x * 3 + 1 + x / 7) % big_e) as i32]).collect();
+    let ids: Vec<i32> = ids
+        .chunks(top)
+        .flat_map(|c| if c[0] == c[1] { [c[0], (c[0] + 1) % big_e as i32] } else { [c[0], c[1]] })
+        .collect();
+    pair.put(S::MoeRouterIndices, HostTensor::i32(vec![t, top], ids));
+    pair.put(S::FfnNorm, HostTensor::f32(vec![t, big_h], random("bignorm", t * big_h, 0.0, 1.0)));
+    let dims = format!("T={t} E={big_e} k={top}");
+    pair.case("expert_linear", &format!("{dims} [T,{big_h}]->[T,{top},{big_i}]"), 1e-5, &[S::MoeExpertUp], |b| {
+        b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &big_ups, S::MoeExpertUp)
+    });
+    pair.case(
+        "expert_linear",
+        &format!("{dims} [T,{top},{big_i}]->[T,{top},{big_h}]"),
+        1e-5,
+        &[S::MoeExpertOut],
+        |b| b.expert_linear(S::MoeExpertUp, S::MoeRouterIndices, &big_downs, S::MoeExpertOut),
+    );
     println!(
         "{:<16} {:<20} {:<26} {:<4} {:<11} {:<32} result",
         "op", "output", "shapes", "type", "tolerance", "measure"
