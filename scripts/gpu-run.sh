@@ -33,14 +33,15 @@ for args in "run -q --config .gpu/configs/cuda-f32.ron" "bisect -q --config .gpu
     code=$?
     results+=("$(printf '%-32s exit %-3s %s' "moetrace $name" "$code" "$(grep -m1 -E 'first divergence|no divergence|^run:' "$out/cli-$name.log")")")
 done
-# GPU out of memory through the CLI: the 48-layer model in F32 (about 122 GB)
-# must exit 2 with the numbers, before uploading anything.
+# GPU out of memory through the CLI: the preset doubled to 96 layers in F32
+# (about 244 GB, more than any single card) must exit 2 with the numbers,
+# before uploading anything.
 cat >"$out/oom.ron" <<'RON'
-(model: Synthetic(preset: "qwen3-30b-a3b", seed: 7), prompt: Tokens([1, 2, 3]), backend: Cuda(device: 0, dtype: F32))
+(model: Synthetic(preset: "qwen3-30b-a3b", seed: 7, layers: 96), prompt: Tokens([1, 2, 3]), backend: Cuda(device: 0, dtype: F32))
 RON
 .gpu/bin/moetrace run -q --config "$out/oom.ron" >"$out/cli-oom.log" 2>&1
 code=$?
-results+=("$(printf '%-32s exit %-3s %s' "moetrace run (F32, 122 GB)" "$code" "$(grep -m1 -o 'GPU out of memory.*free of [0-9.]* GB' "$out/cli-oom.log")")")
+results+=("$(printf '%-32s exit %-3s %s' "moetrace run (F32, 244 GB)" "$code" "$(grep -m1 -o 'GPU out of memory.*free of [0-9.]* GB' "$out/cli-oom.log")")")
 [ "$code" = 2 ] || results+=("FAIL: the out-of-memory run must exit 2")
 echo
 echo "GPU test table"

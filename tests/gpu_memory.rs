@@ -17,8 +17,9 @@ fn weights_that_cannot_fit_fail_before_upload_and_name_the_numbers() {
     if !gpu_enabled() {
         return;
     }
-    // 30.5 B parameters in f32: about 122 GB, more than any single H100.
-    let text = "(model: Synthetic(preset: \"qwen3-30b-a3b\", seed: 7), prompt: Tokens([1, 2]), backend: Cuda(device: 0, dtype: F32))";
+    // The preset doubled to 96 layers, in f32: about 244 GB, more than any
+    // single card (H100 80 GB, H200 141 GB).
+    let text = "(model: Synthetic(preset: \"qwen3-30b-a3b\", seed: 7, layers: 96), prompt: Tokens([1, 2]), backend: Cuda(device: 0, dtype: F32))";
     let config = RunConfig::parse(text, Path::new("oom.ron")).unwrap();
     let started = std::time::Instant::now();
     let err = capture::run(&config, Path::new("oom.ron"), &mut |_| {}).unwrap_err().to_string();
@@ -35,8 +36,8 @@ fn out_of_memory_inside_a_step_is_a_clear_error_and_the_backend_recovers() {
     let model = Model::synthetic_on_demand("qwen3-30b-a3b", 7, Some(1)).unwrap();
     let backend = CudaBackend::new(&model, 0, CudaPrecision::Bf16).unwrap();
     let mut forward = Forward::new(&model, Box::new(backend));
-    // Attention scores of 32 heads over 32768 x 32768 positions: 137 GB.
-    let long: Vec<u32> = (0..32_768u32).map(|i| (i * 7919 + 13) % 151_936).collect();
+    // Attention scores of 32 heads over 65536 x 65536 positions: 550 GB.
+    let long: Vec<u32> = (0..65_536u32).map(|i| (i * 7919 + 13) % 151_936).collect();
     match forward.step(0, &long, 0, &mut |_| {}) {
         Err(e @ PipelineError::GpuOutOfMemory { .. }) => eprintln!("as expected: {e}"),
         other => panic!("expected GPU out of memory, got {other:?}"),

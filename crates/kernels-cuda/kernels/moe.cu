@@ -41,34 +41,3 @@ extern "C" __global__ void moe_combine_f32(float *out, const float *expert_out, 
     for (u32 j = 0; j < top_k; j++) acc += weights[(u64)t * top_k + j] * expert_out[((u64)t * top_k + j) * h + c];
     out[i] = acc;
 }
-
-// Groups the token slots by expert, for the grouped expert projection:
-// offsets[e]..offsets[e + 1] index `order`, which lists the slots routed to
-// expert e (in no particular order: each slot's output is computed alone,
-// so the order changes no bit). Slots with an id outside 0..experts are in
-// no group. One block; experts <= 1024.
-extern "C" __global__ void moe_group_by_expert(int *order, u32 *offsets, const int *ids, u32 slots, u32 experts) {
-    __shared__ u32 cursor[1024];
-    for (u32 e = threadIdx.x; e < experts; e += blockDim.x) cursor[e] = 0;
-    __syncthreads();
-    for (u32 s = threadIdx.x; s < slots; s += blockDim.x) {
-        int e = ids[s];
-        if (e >= 0 && (u32)e < experts) atomicAdd(&cursor[e], 1u);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        u32 total = 0;
-        for (u32 e = 0; e < experts; e++) {
-            u32 count = cursor[e];
-            offsets[e] = total;
-            cursor[e] = total;
-            total += count;
-        }
-        offsets[experts] = total;
-    }
-    __syncthreads();
-    for (u32 s = threadIdx.x; s < slots; s += blockDim.x) {
-        int e = ids[s];
-        if (e >= 0 && (u32)e < experts) order[atomicAdd(&cursor[e], 1u)] = (int)s;
-    }
-}

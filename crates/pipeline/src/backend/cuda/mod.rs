@@ -77,12 +77,6 @@ fn kernel_error(e: kernels_cuda::KernelError) -> PipelineError {
     }
 }
 
-/// From this many token slots (tokens × experts per token) on, the expert
-/// projections group slots by expert (each expert's weights read once per
-/// 16 slots) instead of one warp per output (weights read once per slot,
-/// which is what a decode step needs).
-const GROUPED_EXPERT_MIN_SLOTS: usize = 64;
-
 /// A grid of `n` threads in blocks of 256.
 fn threads(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (n.div_ceil(256).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
@@ -561,6 +555,7 @@ impl Backend for CudaBackend {
         }
         let n = t_len * top_k * n_out;
         let mut o = self.alloc(n)?;
+        let f = self.weight_function("linear", "expert_linear")?;
         let stream = self.stream();
         let DevData::I32(ids) = &self.slot(indices)?.data else {
             return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
@@ -568,44 +563,12 @@ impl Backend for CudaBackend {
         let x = self.slot(input)?.f32(input)?;
         let w = &self.stacked[&experts[0]].data;
         let a = (t_len as u32, top_k as u32, k_in as u32, n_out as u32, count as u32, u32::from(per_slot));
-        let slots = t_len * top_k;
-        if slots >= GROUPED_EXPERT_MIN_SLOTS && count <= 1024 {
-            // Many slots (prefill): group them by expert on the device, then
-            // one block per (expert, 64 outputs) reads each expert's weights
-            // once per 16 of its slots.
-            let mut order = stream.alloc_zeros::<i32>(slots).map_err(gpu("allocating the expert grouping"))?;
-            let mut offsets = stream.alloc_zeros::<u32>(count + 1).map_err(gpu("allocating the expert grouping"))?;
-            let group = self.function("moe", "moe_group_by_expert")?;
-            let (s32, e32) = (slots as u32, count as u32);
-            let mut b = stream.launch_builder(&group);
-            b.arg(&mut order).arg(&mut offsets).arg(ids).arg(&s32).arg(&e32);
-            let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: order holds `slots` ids, offsets count + 1; count <= 1024
-            // (the kernel's shared array); ids holds `slots` values.
-            unsafe { b.launch(one_block) }.map_err(gpu("moe_group_by_expert"))?;
-            let f = self.weight_function("linear", "expert_linear_grouped")?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut o).arg(x).arg(&order).arg(&offsets).arg(ids);
-            push_weight(&mut b, w);
-            b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
-            let grid = LaunchConfig {
-                grid_dim: (count as u32, n_out.div_ceil(64) as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: 256 threads per block as the kernel assumes; every slot
-            // in a group has a valid id (grouping skips others, which block
-            // (0, 0) fills with NaN); reads stay within x, w and order.
-            unsafe { b.launch(grid) }.map_err(gpu("expert_linear_grouped"))?;
-        } else {
-            let f = self.weight_function("linear", "expert_linear")?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut o).arg(x).arg(ids);
-            push_weight(&mut b, w);
-            b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
-            // SAFETY: one warp per (t, j, n); ids are range-checked in the kernel.
-            unsafe { b.launch(warps(n)) }.map_err(gpu("expert_linear"))?;
-        }
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x).arg(ids);
+        push_weight(&mut b, w);
+        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
+        // SAFETY: one warp per (t, j, n); ids are range-checked in the kernel.
+        unsafe { b.launch(warps(n)) }.map_err(gpu("expert_linear"))?;
         self.set(out, vec![t_len, top_k, n_out], o)
     }
 
