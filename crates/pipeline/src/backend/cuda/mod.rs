@@ -1,18 +1,18 @@
-//! The CUDA backend (feature `cuda`): every operation of [`Backend`] as a
-//! kernel of kernels-cuda, activations and the KV caches in device memory,
-//! routing and expert selection on the device (no host round trip inside a
-//! step). This first version is the F32 mode with straightforward kernels
-//! (f32 accumulation, no TF32); it exists to be correct against the oracle.
+//! The CUDA backend (feature `cuda`): every operation of [`Backend`] on the
+//! device (dense projections through cuBLAS, the rest as kernels of
+//! kernels-cuda), activations and the KV caches in device memory, routing
+//! and expert selection on the device (no host round trip inside a step).
+//! [`CudaPrecision::F32`] accumulates in f32 without TF32;
 //! [`CudaPrecision::Bf16`] keeps the weights in bf16 on the device and
-//! rounds every stage's output to bf16 (accumulation stays f32). Speed
-//! (cuBLAS, fused MoE kernels, CUDA graphs) comes after.
+//! rounds every stage's output to bf16 (accumulation stays f32). The op
+//! families live in `projections.rs`, `attention.rs` and `moe.rs`; this
+//! file holds the backend's state, its buffers and the simple ops.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use kernels_cuda::GpuDevice;
-use kernels_cuda::blas::ProjectionShape;
 
 use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
@@ -20,6 +20,8 @@ use crate::tensor::{HostTensor, TensorData};
 use crate::weights::{WeightId, WeightStore};
 
 mod attention;
+mod moe;
+mod projections;
 mod staging;
 mod tensors;
 mod weights;
@@ -256,19 +258,6 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// `x` (n f32 holding bf16 values) as bf16 bits.
-    fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
-        let stream = self.stream();
-        let mut o = stream.alloc_zeros::<u16>(n.max(1)).map_err(gpu("allocating bf16 activations"))?;
-        let f = self.function("elementwise", "to_bf16_bits_f32")?;
-        let n64 = n as u64;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x).arg(&n64);
-        // SAFETY: x and o hold n elements.
-        unsafe { b.launch(threads(n)) }.map_err(gpu("converting to bf16"))?;
-        Ok(o)
-    }
-
     fn function(&self, family: &'static str, name: &str) -> Result<cudarc::driver::CudaFunction> {
         self.device.function(family, name).map_err(kernel_error)
     }
@@ -294,14 +283,6 @@ impl CudaBackend {
         // SAFETY: every buffer holds n f32; the kernel touches indices < n.
         unsafe { b.launch(threads(n)) }.map_err(gpu(name))?;
         self.set(out, shape, o)
-    }
-
-    /// The stacked weights whose first expert is `experts[0]`.
-    fn stacked(&self, experts: &[WeightId]) -> Result<&Stacked> {
-        self.stacked
-            .get(&experts[0])
-            .filter(|s| s.experts == experts.len())
-            .ok_or_else(|| PipelineError::BadInput("expert weights that are not a MoE layer's experts".into()))
     }
 }
 
@@ -384,70 +365,11 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
-        let (rows, k) = {
-            let x = self.slot(input)?;
-            (x.rows(), x.width())
-        };
-        let mut total = 0;
-        for &id in weights {
-            let w = self.store.get(id);
-            if w.row_len() != k {
-                return Err(PipelineError::BadInput(format!("stage `{input}` rows of {k} do not fit `{}`", w.name)));
-            }
-            total += w.shape[0];
-        }
-        let mut o = self.alloc(rows * total)?;
-        // Bf16 mode multiplies bf16 by bf16 (activations are bf16 values
-        // already, so the conversion is exact) with f32 accumulation.
-        let x_bf16 = match self.precision {
-            CudaPrecision::F32 => None,
-            CudaPrecision::Bf16 => Some(self.to_bf16(self.slot(input)?.f32(input)?, rows * k)?),
-        };
-        let x = self.slot(input)?.f32(input)?;
-        let mut col = 0usize;
-        for &id in weights {
-            let n = self.store.get(id).shape[0];
-            let shape = ProjectionShape { rows, k, n, out_stride: total };
-            let mut view = o.slice_mut(col..);
-            match (self.weight(id), &x_bf16) {
-                (DevWeight::F32(w), _) => self.device.project(x, w, &mut view, shape),
-                (DevWeight::Bf16(w), Some(xb)) => self.device.project(xb, w, &mut view, shape),
-                (DevWeight::Bf16(_), None) => unreachable!("bf16 weights only in Bf16 mode"),
-            }
-            .map_err(kernel_error)?;
-            col += n;
-        }
-        self.set(out, vec![rows, total], o)
+        self.linear_on_device(input, weights, out)
     }
 
     fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
-        if !self.biases.contains_key(biases) {
-            let mut host = Vec::new();
-            for &id in biases {
-                host.extend(self.store.get(id).to_f32_vec());
-            }
-            let bias = self.stream().clone_htod(&host).map_err(gpu("uploading biases"))?;
-            self.biases.insert(biases.to_vec(), bias);
-        }
-        let bias = &self.biases[biases];
-        let x = self.slot(input)?;
-        let (shape, width) = (x.shape.clone(), x.width());
-        if width != bias.len() {
-            return Err(PipelineError::BadInput(format!(
-                "stage `{input}` rows of {width} do not fit {} biases",
-                bias.len()
-            )));
-        }
-        let n = shape.iter().product::<usize>();
-        let mut o = self.alloc(n)?;
-        let f = self.function("elementwise", "add_bias_f32")?;
-        let stream = self.stream();
-        let (n64, w32) = (n as u64, width as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?).arg(bias).arg(&n64).arg(&w32);
-        // SAFETY: n elements, bias of width.
-        unsafe { b.launch(threads(n)) }.map_err(gpu("add_bias"))?;
-        self.set(out, shape, o)
+        self.add_bias_on_device(input, biases, out)
     }
 
     fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
@@ -516,77 +438,15 @@ impl Backend for CudaBackend {
         weights_out: Slot,
         indices_out: Slot,
     ) -> Result<()> {
-        let l = self.slot(logits)?;
-        let (rows, experts) = (l.rows(), l.width());
-        if k == 0 || k > experts || k > 64 {
-            return Err(PipelineError::BadInput(format!("top-{k} of {experts} experts is not supported")));
-        }
-        let stream = self.stream();
-        let mut w = self.alloc(rows * k)?;
-        let mut ids = stream.alloc_zeros::<i32>(rows * k).map_err(gpu("allocating expert ids"))?;
-        let f = self.function("moe", "router_top_k_f32")?;
-        let a = (rows as u32, experts as u32, k as u32, u32::from(normalise));
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut w).arg(&mut ids).arg(l.f32(logits)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
-        // SAFETY: one thread per token writing k weights and ids.
-        unsafe { b.launch(threads(rows)) }.map_err(gpu("router_top_k"))?;
-        self.set(weights_out, vec![rows, k], w)?;
-        self.store(indices_out, DevTensor::new(vec![rows, k], DevData::I32(ids)));
-        Ok(())
+        self.router_top_k_on_device(logits, k, normalise, weights_out, indices_out)
     }
 
     fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
-        let (t_len, top_k) = {
-            let it = self.slot(indices)?;
-            (it.shape[0], it.shape[1])
-        };
-        let (per_slot, width) = {
-            let xt = self.slot(input)?;
-            (xt.shape.len() == 3, xt.width())
-        };
-        let (n_out, k_in, count) = {
-            let s = self.stacked(experts)?;
-            (s.n_out, s.k, s.experts)
-        };
-        if width != k_in {
-            return Err(PipelineError::BadInput(format!(
-                "expert input `{input}` rows of {width}, experts expect {k_in}"
-            )));
-        }
-        let n = t_len * top_k * n_out;
-        let mut o = self.alloc(n)?;
-        let f = self.weight_function("linear", "expert_linear")?;
-        let stream = self.stream();
-        let DevData::I32(ids) = &self.slot(indices)?.data else {
-            return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
-        };
-        let x = self.slot(input)?.f32(input)?;
-        let w = &self.stacked[&experts[0]].data;
-        let a = (t_len as u32, top_k as u32, k_in as u32, n_out as u32, count as u32, u32::from(per_slot));
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x).arg(ids);
-        push_weight(&mut b, w);
-        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
-        // SAFETY: one warp per (t, j, n); ids are range-checked in the kernel.
-        unsafe { b.launch(warps(n)) }.map_err(gpu("expert_linear"))?;
-        self.set(out, vec![t_len, top_k, n_out], o)
+        self.expert_linear_on_device(input, indices, experts, out)
     }
 
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
-        let (et, wt) = (self.slot(expert_out)?, self.slot(weights)?);
-        if et.shape.len() != 3 || wt.shape != et.shape[..2] {
-            return Err(PipelineError::BadInput("moe_combine needs [T,k,H] outputs and [T,k] weights".into()));
-        }
-        let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
-        let mut o = self.alloc(t_len * h)?;
-        let f = self.function("moe", "moe_combine_f32")?;
-        let stream = self.stream();
-        let a = (t_len as u32, k as u32, h as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(et.f32(expert_out)?).arg(wt.f32(weights)?).arg(&a.0).arg(&a.1).arg(&a.2);
-        // SAFETY: one thread per output element.
-        unsafe { b.launch(threads(t_len * h)) }.map_err(gpu("moe_combine"))?;
-        self.set(out, vec![t_len, h], o)
+        self.moe_combine_on_device(expert_out, weights, out)
     }
 
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {

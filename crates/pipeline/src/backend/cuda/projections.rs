@@ -1,0 +1,93 @@
+//! Projections on the device: the dense ones through cuBLAS (Bf16 mode
+//! converts the activations to bf16 bits first, exactly), and biases.
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+use kernels_cuda::blas::ProjectionShape;
+
+use super::weights::DevWeight;
+use super::{CudaBackend, CudaPrecision, gpu, kernel_error, threads};
+use crate::backend::Slot;
+use crate::error::{PipelineError, Result};
+use crate::weights::WeightId;
+
+impl CudaBackend {
+    pub(super) fn linear_on_device(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
+        let (rows, k) = {
+            let x = self.slot(input)?;
+            (x.rows(), x.width())
+        };
+        let mut total = 0;
+        for &id in weights {
+            let w = self.store.get(id);
+            if w.row_len() != k {
+                return Err(PipelineError::BadInput(format!("stage `{input}` rows of {k} do not fit `{}`", w.name)));
+            }
+            total += w.shape[0];
+        }
+        let mut o = self.alloc(rows * total)?;
+        // Bf16 mode multiplies bf16 by bf16 (activations are bf16 values
+        // already, so the conversion is exact) with f32 accumulation.
+        let x_bf16 = match self.precision {
+            CudaPrecision::F32 => None,
+            CudaPrecision::Bf16 => Some(self.to_bf16(self.slot(input)?.f32(input)?, rows * k)?),
+        };
+        let x = self.slot(input)?.f32(input)?;
+        let mut col = 0usize;
+        for &id in weights {
+            let n = self.store.get(id).shape[0];
+            let shape = ProjectionShape { rows, k, n, out_stride: total };
+            let mut view = o.slice_mut(col..);
+            match (self.weight(id), &x_bf16) {
+                (DevWeight::F32(w), _) => self.device.project(x, w, &mut view, shape),
+                (DevWeight::Bf16(w), Some(xb)) => self.device.project(xb, w, &mut view, shape),
+                (DevWeight::Bf16(_), None) => unreachable!("bf16 weights only in Bf16 mode"),
+            }
+            .map_err(kernel_error)?;
+            col += n;
+        }
+        self.set(out, vec![rows, total], o)
+    }
+
+    pub(super) fn add_bias_on_device(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
+        if !self.biases.contains_key(biases) {
+            let mut host = Vec::new();
+            for &id in biases {
+                host.extend(self.store.get(id).to_f32_vec());
+            }
+            let bias = self.stream().clone_htod(&host).map_err(gpu("uploading biases"))?;
+            self.biases.insert(biases.to_vec(), bias);
+        }
+        let bias = &self.biases[biases];
+        let x = self.slot(input)?;
+        let (shape, width) = (x.shape.clone(), x.width());
+        if width != bias.len() {
+            return Err(PipelineError::BadInput(format!(
+                "stage `{input}` rows of {width} do not fit {} biases",
+                bias.len()
+            )));
+        }
+        let n = shape.iter().product::<usize>();
+        let mut o = self.alloc(n)?;
+        let f = self.function("elementwise", "add_bias_f32")?;
+        let stream = self.stream();
+        let (n64, w32) = (n as u64, width as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x.f32(input)?).arg(bias).arg(&n64).arg(&w32);
+        // SAFETY: n elements, bias of width.
+        unsafe { b.launch(threads(n)) }.map_err(gpu("add_bias"))?;
+        self.set(out, shape, o)
+    }
+
+    /// `x` (n f32 holding bf16 values) as bf16 bits.
+    pub(super) fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
+        let stream = self.stream();
+        let mut o = stream.alloc_zeros::<u16>(n.max(1)).map_err(gpu("allocating bf16 activations"))?;
+        let f = self.function("elementwise", "to_bf16_bits_f32")?;
+        let n64 = n as u64;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(x).arg(&n64);
+        // SAFETY: x and o hold n elements.
+        unsafe { b.launch(threads(n)) }.map_err(gpu("converting to bf16"))?;
+        Ok(o)
+    }
+}
