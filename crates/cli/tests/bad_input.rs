@@ -11,6 +11,11 @@ fn scratch(name: &str) -> PathBuf {
     dir
 }
 
+/// `moetrace run --config <path>`, quiet, output captured.
+fn run_config(path: &Path) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "-q", "--config"]).arg(path).output().unwrap()
+}
+
 /// Writes `config` (with `OUT` replaced by the capture folder) into `dir`,
 /// runs `moetrace run`, and checks exit code 2, a message containing every
 /// `expected` string, no panic, and an empty capture folder area.
@@ -18,7 +23,7 @@ fn expect_failure(dir: &Path, config: &str, expected: &[&str]) {
     let out_dir = dir.join("captures");
     let path = dir.join("run.ron");
     std::fs::write(&path, config.replace("OUT", &out_dir.display().to_string())).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "--config"]).arg(&path).output().unwrap();
+    let output = run_config(&path);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "exit code; stderr:\n{stderr}");
     assert!(!stderr.contains("panicked"), "panic:\n{stderr}");
@@ -67,13 +72,11 @@ fn the_good_config_runs() {
     let path = dir.join("run.ron");
     let out = dir.join("captures");
     std::fs::write(&path, config(SYNTHETIC, "all", "all").replace("OUT", &out.display().to_string())).unwrap();
-    let status =
-        Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "-q", "--config"]).arg(&path).status().unwrap();
+    let status = run_config(&path).status;
     assert!(status.success());
     assert!(out.join("manifest.json").is_file());
     // A second run replaces the first capture in place.
-    let status =
-        Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "-q", "--config"]).arg(&path).status().unwrap();
+    let status = run_config(&path).status;
     assert!(status.success());
 }
 
@@ -173,7 +176,7 @@ fn out_dir_holding_other_files_is_not_replaced() {
     let text = config(SYNTHETIC, "all", "all").replace("\"OUT\"", &format!("{:?}", out.display().to_string()));
     let path = dir.join("run.ron");
     std::fs::write(&path, text).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "--config"]).arg(&path).output().unwrap();
+    let output = run_config(&path);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("not a moetrace capture"));
     assert_eq!(std::fs::read_to_string(out.join("notes.txt")).unwrap(), "keep me");
@@ -239,8 +242,7 @@ fn a_cuda_backend_without_a_driver_is_a_clear_error() {
     let text = config(SYNTHETIC, "all", "all").replace("backend: Cpu", "backend: Cuda(device: 0, dtype: F32)");
     let path = dir.join("probe.ron");
     std::fs::write(&path, text.replace("OUT", &dir.join("probe-captures").display().to_string())).unwrap();
-    let probe =
-        Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "-q", "--config"]).arg(&path).output().unwrap();
+    let probe = run_config(&path);
     if probe.status.success() {
         eprintln!("SKIPPED: this machine has a working NVIDIA driver, so the missing-driver error cannot occur here");
         return;
@@ -256,7 +258,7 @@ fn a_failed_run_removes_the_folders_it_made_for_out_dir() {
     let text =
         config(r#"Path("/nonexistent/moetrace-model")"#, "all", "all").replace("OUT", &out.display().to_string());
     std::fs::write(&path, text).unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "--config"]).arg(&path).output().unwrap();
+    let output = run_config(&path);
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("/nonexistent/moetrace-model"), "{stderr}");

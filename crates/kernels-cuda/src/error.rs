@@ -73,11 +73,19 @@ pub enum KernelError {
 /// Shorthand for results of this crate.
 pub type Result<T, E = KernelError> = std::result::Result<T, E>;
 
+/// Whether a driver error is the device running out of memory.
+pub fn is_out_of_memory(e: &cudarc::driver::DriverError) -> bool {
+    e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
+}
+
 /// Maps a driver error with what was being done.
 pub(crate) fn driver(action: impl Into<String>) -> impl FnOnce(cudarc::driver::DriverError) -> KernelError {
     let action = action.into();
-    move |e| match e.0 {
-        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => KernelError::OutOfMemory { action },
-        _ => KernelError::Driver { action, message: e.to_string() },
+    move |e| {
+        if is_out_of_memory(&e) {
+            KernelError::OutOfMemory { action }
+        } else {
+            KernelError::Driver { action, message: e.to_string() }
+        }
     }
 }

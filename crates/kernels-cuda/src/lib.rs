@@ -22,4 +22,4 @@ pub mod sources;
 pub mod synthetic;
 
 pub use device::GpuDevice;
-pub use error::{KernelError, Result};
+pub use error::{KernelError, Result, is_out_of_memory};

@@ -200,10 +200,7 @@ impl Model {
     /// Builds a synthetic model from a preset name and a seed, optionally
     /// with fewer layers than the preset has.
     pub fn synthetic(preset: &str, seed: u64, layers: Option<usize>) -> Result<Self> {
-        let preset = SyntheticPreset::by_name(preset)?;
-        let config = preset.config(layers);
-        let store = preset.generate(&config, seed)?;
-        Self::assemble(config, store, ModelSource::Synthetic { preset: preset.name.to_string(), seed })
+        Self::synthetic_with(preset, seed, layers, |preset, config| preset.generate(config, seed))
     }
 
     /// Like [`Model::synthetic`], but no weight is materialised on the host:
@@ -211,9 +208,20 @@ impl Model {
     /// generates them on the device (a 48-layer Qwen3-30B-A3B never
     /// touches host memory or PCIe); on the host every read recomputes.
     pub fn synthetic_on_demand(preset: &str, seed: u64, layers: Option<usize>) -> Result<Self> {
+        Self::synthetic_with(preset, seed, layers, |_, config| {
+            Ok(crate::weights::synthetic_store_on_demand(config, seed))
+        })
+    }
+
+    fn synthetic_with(
+        preset: &str,
+        seed: u64,
+        layers: Option<usize>,
+        store: impl FnOnce(&SyntheticPreset, &ModelConfig) -> Result<WeightStore>,
+    ) -> Result<Self> {
         let preset = SyntheticPreset::by_name(preset)?;
         let config = preset.config(layers);
-        let store = crate::weights::synthetic_store_on_demand(&config, seed);
+        let store = store(preset, &config)?;
         Self::assemble(config, store, ModelSource::Synthetic { preset: preset.name.to_string(), seed })
     }
 

@@ -62,11 +62,12 @@ pub struct CudaBackend {
 /// Maps a driver error with what was being done; out of memory gets its
 /// own error, which says what to change.
 pub(super) fn gpu(what: &str) -> impl FnOnce(cudarc::driver::DriverError) -> PipelineError + '_ {
-    move |e| match e.0 {
-        cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+    move |e| {
+        if kernels_cuda::is_out_of_memory(&e) {
             PipelineError::GpuOutOfMemory { action: what.to_string(), detail: String::new() }
+        } else {
+            PipelineError::Gpu(format!("{what}: {e}"))
         }
-        _ => PipelineError::Gpu(format!("{what}: {e}")),
     }
 }
 
@@ -214,10 +215,7 @@ impl CudaBackend {
                 // SAFETY: every kernel writes its whole output before it is
                 // read (or poisoning fills it just below).
                 match unsafe { stream.alloc::<f32>(n) } {
-                    Err(e)
-                        if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY
-                            && self.activations.clear() =>
-                    {
+                    Err(e) if kernels_cuda::is_out_of_memory(&e) && self.activations.clear() => {
                         // SAFETY: as above.
                         unsafe { stream.alloc::<f32>(n) }.map_err(gpu("allocating activations"))?
                     }

@@ -60,7 +60,7 @@ impl StagingPool {
 
 /// A copy in flight, for the landing thread.
 struct Landing {
-    landed: CudaEvent,
+    landed: Arc<CudaEvent>,
     buffer: PinnedHostSlice<f32>,
     shape: Vec<usize>,
     is_i32: bool,
@@ -148,7 +148,7 @@ impl CudaBackend {
         let base = staging.as_mut_ptr().map_err(gpu("preparing a capture buffer"))?;
         // SAFETY: `base` points to the pinned buffer's `staging.len() >=
         // device_len` f32; the slice only carries the pointer to the copy
-        // and is not read until `landed` has completed.
+        // and is not read until the copy's event has completed.
         let dst = unsafe { std::slice::from_raw_parts_mut(base, device_len) };
         match &t.data {
             DevData::F32(d) => copy.memcpy_dtoh(d, dst),
@@ -161,16 +161,18 @@ impl CudaBackend {
             }
         }
         .map_err(gpu("copying a captured tensor to the host"))?;
-        let copied = copy.record_event(None).map_err(gpu("recording a capture event"))?;
-        // The landing thread sleeps on this one (see land_all).
-        let landed = copy
-            .record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
-            .map_err(gpu("recording a capture event"))?;
+        // One event for both waiters: the compute stream (before the buffer is
+        // freed or recycled) and the landing thread, which sleeps on it
+        // (blocking sync; see land_all).
+        let copied = Arc::new(
+            copy.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
+                .map_err(gpu("recording a capture event"))?,
+        );
         if let Some(t) = self.slots[slot.index()].as_mut() {
-            t.copy_guard = Some(CopyGuard { copied, compute });
+            t.copy_guard = Some(CopyGuard { copied: copied.clone(), compute });
         }
         let (done, result) = sync_channel(1);
-        self.staging.send(&ctx, Landing { landed, buffer: staging, shape, is_i32, done })?;
+        self.staging.send(&ctx, Landing { landed: copied, buffer: staging, shape, is_i32, done })?;
         Ok(PendingTensor::copying(move || {
             result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
         }))

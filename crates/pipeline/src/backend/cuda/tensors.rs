@@ -25,7 +25,7 @@ pub(super) struct DevTensor {
 /// reads it: on drop, the compute stream waits for the copy's event before
 /// the buffer's stream-ordered free that follows.
 pub(super) struct CopyGuard {
-    pub(super) copied: CudaEvent,
+    pub(super) copied: Arc<CudaEvent>,
     pub(super) compute: Arc<CudaStream>,
 }
 
