@@ -7,9 +7,9 @@
 use std::path::{Path, PathBuf};
 
 use capture::bisect::{BisectConfig, BisectOptions, bisect};
-use capture::compare::diff::{DiffOptions, diff};
-use capture::compare::{Report, Side, Verdict};
 use capture::{CaptureDir, RunConfig};
+use compare::diff::{DiffOptions, diff};
+use compare::{Report, Side, Verdict};
 use moetrace_tests::{fixture, scratch};
 use stage_types::SaveTensorStage as S;
 
@@ -181,7 +181,7 @@ fn a_perturbation_across_a_near_tie_is_a_routing_flip_not_a_wrong_router() {
         let e = logits.shape[1];
         for t in 0..logits.shape[0] {
             let row = &logits.values[t * e..(t + 1) * e];
-            let margin = capture::compare::routing::top_k_margin(row, 4).unwrap();
+            let margin = compare::routing::top_k_margin(row, 4).unwrap();
             let mut sorted = row.to_vec();
             sorted.sort_by(|a, b| b.total_cmp(a));
             if margin < best.0 {

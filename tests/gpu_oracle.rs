@@ -6,8 +6,8 @@
 use std::path::Path;
 
 use capture::bisect::{BisectConfig, BisectOptions, bisect};
-use capture::compare::diff::{DiffOptions, diff};
 use capture::{CaptureDir, RunConfig};
+use compare::diff::{DiffOptions, diff};
 use moetrace_tests::{fixture, gpu_enabled, greedy_continuation, rel_l2, scratch};
 use stage_types::SaveTensorStage as S;
 
@@ -114,7 +114,7 @@ fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
         let worst = report.rows.iter().filter_map(|r| r.rel_l2()).fold(0.0f64, f64::max);
         eprintln!("{name} Bf16: worst rel_l2 {worst:.2e} over {} tensors", report.rows.len());
         for (i, row) in report.rows.iter().enumerate() {
-            use capture::compare::Verdict;
+            use compare::Verdict;
             match &row.verdict {
                 Verdict::Ok | Verdict::RoutingFlip | Verdict::Missing { .. } => {}
                 Verdict::Diverged => {

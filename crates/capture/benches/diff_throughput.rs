@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use capture::RunConfig;
-use capture::compare::diff::{DiffOptions, diff};
+use compare::diff::{DiffOptions, diff};
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("moetrace-diff-bench-{}", std::process::id()));

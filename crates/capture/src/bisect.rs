@@ -16,14 +16,12 @@ use pipeline::{Forward, HostTensor, Model, StageHookSystems, StageLog, StepRecor
 use serde::Deserialize;
 use stage_types::SaveTensorStage as S;
 
-use crate::compare::report::Graft;
-use crate::compare::{Report, Row, ScopeTensors, Tolerances, compare_scope};
 use crate::config::{BackendSpec, CaptureSpec, ModelSpec, PromptSpec, parse_ron, read_config, resolve_paths};
 use crate::error::{CaptureError, Result};
 use crate::faults::{FaultSpec, attach_faults};
-use crate::npy::NpyArray;
 use crate::run::{build_backend, load_model};
 use crate::session::{CaptureSession, RunRecord};
+use compare::{Graft, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
 
 /// A bisect config: the run config with `reference` and `target` in place
 /// of `backend`; `faults` apply to the target.

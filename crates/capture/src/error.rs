@@ -55,22 +55,9 @@ pub enum CaptureError {
         /// The folder.
         path: PathBuf,
     },
-    /// A .npy file that cannot be read.
-    #[error("{path}: bad .npy file: {message}")]
-    BadNpy {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-    /// A manifest.json that cannot be read.
-    #[error("{path}: bad capture manifest: {message}")]
-    BadManifest {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
+    /// Reading or comparing captures failed.
+    #[error(transparent)]
+    Compare(#[from] compare::CompareError),
 }
 
 /// Shorthand for results of this crate.

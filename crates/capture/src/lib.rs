@@ -6,24 +6,21 @@
 //! - [`RunConfig`]: parse and check `debug.ron`-style configs.
 //! - [`run()`]: load, run, capture; the capture folder appears only when
 //!   the whole run succeeded.
-//! - [`CaptureDir`]: read a capture (ours or the oracle fixtures).
-//! - [`npy`]: the .npy reader and writer.
+//! - [`npy`]: the .npy writer (reading, comparing and reports live in
+//!   the `compare` crate, re-exported here as [`CaptureDir`] and
+//!   [`Manifest`]).
 
 pub mod bisect;
-pub mod compare;
 pub mod config;
 pub mod error;
 pub mod faults;
-pub mod manifest;
 pub mod npy;
-pub mod reader;
 pub mod run;
 pub mod session;
 pub mod systems;
 pub mod writer;
 
+pub use compare::{CaptureDir, Manifest};
 pub use config::RunConfig;
 pub use error::{CaptureError, Result};
-pub use manifest::Manifest;
-pub use reader::CaptureDir;
 pub use run::{RunEvent, RunOutput, RunSummary, run};

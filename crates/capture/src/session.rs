@@ -10,9 +10,9 @@ use pipeline::{Forward, Model, ModelSource, StepRecord};
 use crate::config::CaptureSpec;
 use crate::error::Result;
 use crate::faults::FaultSpec;
-use crate::manifest::{FORMAT, Manifest, ManifestModel, ManifestStep};
 use crate::systems::{CaptureSelection, attach_capture};
 use crate::writer::{CaptureTarget, CaptureWriter};
+use compare::manifest::{FORMAT, Manifest, ManifestModel, ManifestStep};
 
 /// What a manifest records about the run that produced it.
 pub struct RunRecord<'a> {

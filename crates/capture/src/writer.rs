@@ -13,7 +13,7 @@ use pipeline::PendingTensor;
 use stage_types::SaveTensorStage;
 
 use crate::error::{CaptureError, Result};
-use crate::manifest::{FORMAT, Manifest, ManifestTensor, tensor_path};
+use compare::manifest::{FORMAT, Manifest, ManifestTensor, tensor_path};
 
 /// One tensor on its way to disk.
 #[derive(Debug)]

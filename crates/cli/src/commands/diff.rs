@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capture::compare::diff::{DiffOptions, diff};
 use clap::Args;
+use compare::diff::{DiffOptions, diff};
 
 /// Arguments of `moetrace diff`.
 #[derive(Args, Debug)]

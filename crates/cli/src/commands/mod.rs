@@ -8,8 +8,8 @@ pub mod stages;
 
 use std::process::ExitCode;
 
-use capture::compare::{Report, Tolerances};
 use capture::faults::FaultSpec;
+use compare::{Report, Tolerances};
 
 /// Parses `--fault` values.
 pub fn parse_faults(texts: &[String]) -> Result<Vec<FaultSpec>, String> {

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use stage_types::SaveTensorStage;
 
-use crate::error::{CaptureError, Result};
+use crate::error::{CompareError, Result};
 use crate::manifest::{Manifest, ManifestTensor};
 use crate::npy::{NpyArray, read_npy};
 
@@ -25,7 +25,7 @@ impl CaptureDir {
     /// version does not know are kept in the manifest but not indexed.
     pub fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(CaptureError::Io {
+            return Err(CompareError::Io {
                 action: "cannot open capture",
                 path: dir.to_path_buf(),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
@@ -55,7 +55,7 @@ impl CaptureDir {
         let path = self.dir.join(&entry.path);
         let array = read_npy(&path)?;
         if array.shape != entry.shape {
-            return Err(CaptureError::BadNpy {
+            return Err(CompareError::BadNpy {
                 path,
                 message: format!("shape {:?} differs from the manifest's {:?}", array.shape, entry.shape),
             });

@@ -6,11 +6,11 @@ use std::path::Path;
 
 use stage_types::SaveTensorStage;
 
-use super::aprt::AprtDir;
-use super::{Report, ScopeTensors, Tolerances, compare_scope};
-use crate::error::{CaptureError, Result};
+use crate::aprt::AprtDir;
+use crate::error::{CompareError, Result};
 use crate::npy::NpyArray;
 use crate::reader::CaptureDir;
+use crate::{Report, ScopeTensors, Tolerances, compare_scope};
 
 /// Options of a diff.
 #[derive(Debug, Clone, Default)]
@@ -30,7 +30,7 @@ enum Source {
 impl Source {
     fn open(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
-            return Err(CaptureError::Io {
+            return Err(CompareError::Io {
                 action: "cannot open capture",
                 path: dir.to_path_buf(),
                 source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such folder"),
@@ -79,13 +79,8 @@ impl Source {
 }
 
 /// The config fields that decide what a model computes.
-fn config_fingerprint(c: &CaptureDir) -> Option<pipeline::ModelConfig> {
-    pipeline::ModelConfig::from_json(c.manifest.model.config.clone(), Path::new("manifest.json")).ok().map(|mut m| {
-        m.json = serde_json::Value::Null;
-        m.dtype = None;
-        m.architecture.clear();
-        m
-    })
+fn config_fingerprint(c: &CaptureDir) -> impl PartialEq {
+    crate::manifest::model_fingerprint(&c.manifest.model.config)
 }
 
 /// Compares two capture folders.
@@ -94,7 +89,7 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
     let mut report = Report { reference: r.describe(), target: t.describe(), ..Report::default() };
     let mut skip_steps = BTreeSet::new();
     if let (Source::Capture(rc), Source::Capture(tc)) = (&r, &t) {
-        let mismatch = |what: String| CaptureError::ConfigValue {
+        let mismatch = |what: String| CompareError::NotComparable {
             path: target.to_path_buf(),
             message: format!("{what}; these captures are not of the same computation (pass --force to compare anyway)"),
         };

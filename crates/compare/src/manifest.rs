@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{CaptureError, Result};
+use crate::error::{CompareError, Result};
 
 /// The format tag every capture manifest carries.
 pub const FORMAT: &str = "moetrace-capture/1";
@@ -82,8 +82,8 @@ impl Manifest {
     /// Reads and checks `<dir>/manifest.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(CaptureError::io("cannot read", &path))?;
-        let bad = |message: String| CaptureError::BadManifest { path: path.clone(), message };
+        let text = std::fs::read_to_string(&path).map_err(CompareError::io("cannot read", &path))?;
+        let bad = |message: String| CompareError::BadManifest { path: path.clone(), message };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         match value.get("format").and_then(|f| f.as_str()) {
             Some(FORMAT) => {}
@@ -97,7 +97,7 @@ impl Manifest {
     pub fn write(&self, dir: &Path) -> Result<()> {
         let path = dir.join("manifest.json");
         let text = serde_json::to_string_pretty(self).expect("manifest serialises");
-        std::fs::write(&path, text + "\n").map_err(CaptureError::io("cannot write", &path))
+        std::fs::write(&path, text + "\n").map_err(CompareError::io("cannot write", &path))
     }
 }
 
@@ -107,5 +107,57 @@ pub fn tensor_path(step: usize, layer: Option<usize>, stage: &str) -> String {
     match layer {
         Some(l) => format!("step-{step}/layer-{l}/{stage}.npy"),
         None => format!("step-{step}/{stage}.npy"),
+    }
+}
+
+/// The config.json entries that decide what a Qwen3 / Qwen3-MoE model
+/// computes, with both key spellings folded into one (`num_experts` /
+/// `num_local_experts`, `rope_theta` / `rope_parameters.rope_theta`) and
+/// defaults filled in. Two captures whose fingerprints differ are not of
+/// the same computation. Dtype and architecture names are left out.
+pub fn model_fingerprint(config: &serde_json::Value) -> std::collections::BTreeMap<&'static str, serde_json::Value> {
+    use serde_json::{Value, json};
+    let get = |keys: &[&str]| keys.iter().find_map(|k| config.get(*k)).cloned();
+    let num = |v: Option<Value>| v.and_then(|v| v.as_f64()).map(|x| json!(x));
+    let mut out = std::collections::BTreeMap::new();
+    for key in [
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_experts_per_tok",
+        "vocab_size",
+    ] {
+        out.insert(key, num(get(&[key])).unwrap_or(Value::Null));
+    }
+    out.insert("num_experts", num(get(&["num_experts", "num_local_experts"])).unwrap_or(json!(0.0)));
+    out.insert("decoder_sparse_step", num(get(&["decoder_sparse_step"])).unwrap_or(json!(1.0)));
+    out.insert("rms_norm_eps", num(get(&["rms_norm_eps"])).unwrap_or(json!(1e-6)));
+    let theta =
+        get(&["rope_theta"]).or_else(|| config.get("rope_parameters").and_then(|p| p.get("rope_theta")).cloned());
+    out.insert("rope_theta", num(theta).unwrap_or(Value::Null));
+    for key in ["norm_topk_prob", "tie_word_embeddings", "attention_bias"] {
+        out.insert(key, get(&[key]).unwrap_or(json!(false)));
+    }
+    out.insert("mlp_only_layers", get(&["mlp_only_layers"]).unwrap_or(json!([])));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::model_fingerprint;
+
+    #[test]
+    fn fingerprints_fold_key_spellings_and_ignore_dtype() {
+        let a = json!({"hidden_size": 64, "num_experts": 8, "rope_theta": 1e6, "torch_dtype": "bfloat16"});
+        let b = json!({"hidden_size": 64, "num_local_experts": 8, "rope_parameters": {"rope_theta": 1000000.0}, "dtype": "float32"});
+        assert_eq!(model_fingerprint(&a), model_fingerprint(&b));
+        let c = json!({"hidden_size": 64, "num_experts": 16, "rope_theta": 1e6});
+        assert_ne!(model_fingerprint(&a), model_fingerprint(&c));
     }
 }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use stage_types::SaveTensorStage;
 
-use crate::error::{CaptureError, Result};
+use crate::error::{CompareError, Result};
 use crate::npy::NpyArray;
 
 /// An APRT capture folder, indexed.
@@ -45,8 +45,8 @@ impl AprtDir {
     pub fn open(dir: &Path) -> Result<Self> {
         let mut files = BTreeMap::new();
         let mut add = |layer: Option<usize>, folder: &Path| -> Result<()> {
-            for entry in std::fs::read_dir(folder).map_err(CaptureError::io("cannot read", folder))? {
-                let path = entry.map_err(CaptureError::io("cannot read", folder))?.path();
+            for entry in std::fs::read_dir(folder).map_err(CompareError::io("cannot read", folder))? {
+                let path = entry.map_err(CompareError::io("cannot read", folder))?.path();
                 if path.extension().is_some_and(|x| x == "bin") {
                     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
                     if let Ok(stage) = name.parse::<SaveTensorStage>() {
@@ -57,8 +57,8 @@ impl AprtDir {
             Ok(())
         };
         add(None, dir)?;
-        for entry in std::fs::read_dir(dir).map_err(CaptureError::io("cannot read", dir))? {
-            let entry = entry.map_err(CaptureError::io("cannot read", dir))?;
+        for entry in std::fs::read_dir(dir).map_err(CompareError::io("cannot read", dir))? {
+            let entry = entry.map_err(CompareError::io("cannot read", dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(n) = name.strip_prefix("layer-").and_then(|n| n.parse::<usize>().ok()) {
                 add(Some(n), &entry.path())?;
@@ -76,8 +76,8 @@ impl AprtDir {
     /// shape from the other side of the comparison).
     pub fn load(&self, layer: Option<usize>, stage: SaveTensorStage) -> Result<Option<NpyArray>> {
         let Some(path) = self.files.get(&(layer, stage)) else { return Ok(None) };
-        let bytes = std::fs::read(path).map_err(CaptureError::io("cannot read", path))?;
-        let bad = |message: String| CaptureError::BadNpy { path: path.clone(), message };
+        let bytes = std::fs::read(path).map_err(CompareError::io("cannot read", path))?;
+        let bad = |message: String| CompareError::BadAprt { path: path.clone(), message };
         if bytes.len() < 12 || &bytes[..4] != b"APRT" {
             return Err(bad("not an APRT file: the magic `APRT` is missing".into()));
         }
@@ -107,5 +107,5 @@ pub fn write_aprt(path: &Path, layer: Option<usize>, values: &[f32]) -> Result<(
     bytes.extend_from_slice(&layer.map(|l| l as u32).unwrap_or(MODEL_LAYER).to_le_bytes());
     bytes.extend_from_slice(&(values.len() as u32).to_le_bytes());
     values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-    std::fs::write(path, bytes).map_err(CaptureError::io("cannot write", path))
+    std::fs::write(path, bytes).map_err(CompareError::io("cannot write", path))
 }

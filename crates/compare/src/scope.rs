@@ -1,23 +1,17 @@
-//! Comparing two runs stage by stage: per-tensor metrics, MoE-aware
-//! routing and per-expert comparison, verdicts, and the first divergence
-//! in (step, layer, stage-in-`ALL`-order) order. Used by `diff` (two
-//! capture folders) and `bisect` (two backends in one process).
-
-pub mod aprt;
-pub mod diff;
-pub mod metrics;
-pub mod report;
-pub mod routing;
+//! Comparing one (step, layer) scope stage by stage: per-tensor metrics,
+//! MoE-aware routing and per-expert comparison, verdicts and tolerances.
+//! Used by `diff` (two capture folders) and `bisect` (two backends in one
+//! process).
 
 use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 use stage_types::SaveTensorStage;
 
+use crate::metrics::tensor_metrics;
 use crate::npy::NpyArray;
-pub use metrics::{TensorMetrics, tensor_metrics};
-pub use report::{Report, Row};
-pub use routing::FlippedToken;
+use crate::report::Row;
+use crate::routing;
 
 /// Which run a finding is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -201,7 +195,7 @@ pub fn compare_scope(
                 let worst = m.max_abs_index.first().and_then(|&i| a.rows.get(i)).copied();
                 if let Some((token, slot, expert)) = worst {
                     // Report the index in the reference's [T,k,...] layout.
-                    let inner_index = crate::compare::metrics::unravel(m.max_abs_index[1], &r.shape[2..]);
+                    let inner_index = crate::metrics::unravel(m.max_abs_index[1], &r.shape[2..]);
                     m.max_abs_index = [token, slot].into_iter().chain(inner_index).collect();
                     row.worst_token = Some(token);
                     row.worst_expert = Some(expert);

@@ -5,7 +5,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use stage_types::SaveTensorStage;
 
-use super::{FlippedToken, Side, TensorMetrics, Verdict};
+use crate::{FlippedToken, Side, TensorMetrics, Verdict};
 
 /// The comparison of one (step, layer, stage).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -154,7 +154,7 @@ impl Report {
     /// captured by one run only is a difference of selection, reported in
     /// the rows and notes, not a divergence of the computation).
     pub fn first_divergence(&self) -> Option<&Row> {
-        self.rows.iter().find(|r| !r.verdict.is_ok() && !matches!(r.verdict, super::Verdict::Missing { .. }))
+        self.rows.iter().find(|r| !r.verdict.is_ok() && !matches!(r.verdict, Verdict::Missing { .. }))
     }
 
     /// The JSON report; its top level has `first_divergence` (null or an

@@ -1,0 +1,41 @@
+//! Comparing two runs of a transformer forward pass, with no dependency on
+//! how they were computed (stage-types is its only moetrace dependency: no
+//! bevy_ecs, no CUDA), so other tools can reuse it.
+//!
+//! - Reading: [`CaptureDir`] (a capture folder through its
+//!   [`Manifest`]), [`npy`] (.npy reader and header), [`aprt`] (the
+//!   upstream `.bin` format).
+//! - Metrics: [`tensor_metrics`] (rel_l2, max |a-b|, cosines, per-row
+//!   errors), [`routing`] (expert sets, margins, near-ties, alignment by
+//!   expert id).
+//! - Verdicts: [`compare_scope`] with [`Tolerances`]; [`outliers`] scores
+//!   local errors against their own distribution.
+//! - Reports: [`Report`] (rows, first divergence, graft, human and JSON
+//!   renderings), [`diff::diff`] (two folders), [`html`] (the error map).
+//!
+//! ```
+//! use compare::{Tolerances, tensor_metrics};
+//!
+//! let m = tensor_metrics(&[1.0, 2.0], &[1.0, 2.001], &[1, 2], 0);
+//! assert!(m.rel_l2 < Tolerances::for_dtype("bf16"));
+//! ```
+
+pub mod aprt;
+pub mod diff;
+pub mod error;
+pub mod manifest;
+pub mod metrics;
+pub mod npy;
+pub mod reader;
+pub mod report;
+pub mod routing;
+pub mod scope;
+
+pub use error::{CompareError, Result};
+pub use manifest::Manifest;
+pub use metrics::{TensorMetrics, tensor_metrics};
+pub use npy::NpyArray;
+pub use reader::CaptureDir;
+pub use report::{Graft, Report, Row};
+pub use routing::FlippedToken;
+pub use scope::{ScopeTensors, Side, Tolerances, Verdict, compare_scope};

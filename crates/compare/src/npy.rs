@@ -1,0 +1,142 @@
+//! The .npy format: the version 1.0 header moetrace writes, and a reader
+//! of little-endian f32, f64, i32 and i64 arrays (numpy's and the
+//! oracle's).
+
+use std::path::Path;
+
+use crate::error::{CompareError, Result};
+
+/// A tensor read from a .npy file, values widened to f64 (exact for every
+/// dtype read).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NpyArray {
+    /// Shape, outermost first.
+    pub shape: Vec<usize>,
+    /// numpy dtype name: float32, float64, int32 or int64.
+    pub dtype: &'static str,
+    /// Elements in row-major order.
+    pub values: Vec<f64>,
+}
+
+/// The .npy version 1.0 header for `descr` (`<f4`, `<i4`, ...) and
+/// `shape`, padded so that the data starts at a multiple of 64 bytes.
+pub fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
+    let shape = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut header = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {shape}, }}");
+    // magic (6) + version (2) + length (2) + header + '\n' is a multiple of 64.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    out
+}
+
+/// Reads a .npy file.
+pub fn read_npy(path: &Path) -> Result<NpyArray> {
+    let bytes = std::fs::read(path).map_err(CompareError::io("cannot read", path))?;
+    parse_npy(&bytes).map_err(|message| CompareError::BadNpy { path: path.to_path_buf(), message })
+}
+
+/// Parses .npy bytes; the error says what is wrong.
+pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err("missing the \\x93NUMPY magic (not a .npy file)".into());
+    }
+    let (header_len, header_start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        v => return Err(format!("unsupported .npy version {v}")),
+    };
+    let data_start = header_start + header_len;
+    let header = bytes
+        .get(header_start..data_start)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or("header is truncated or not text")?;
+    let field = |key: &str| -> Result<&str, String> {
+        let at = header.find(&format!("'{key}'")).ok_or(format!("header has no '{key}'"))?;
+        Ok(header[at + key.len() + 2..].trim_start_matches([':', ' ']))
+    };
+    let descr_text = field("descr")?;
+    let descr = descr_text.trim_start_matches('\'').split('\'').next().unwrap_or_default();
+    if field("fortran_order")?.starts_with("True") {
+        return Err("fortran_order True is not supported".into());
+    }
+    let shape_text = field("shape")?;
+    let shape_body = shape_text.strip_prefix('(').and_then(|s| s.split(')').next()).ok_or("shape is not a tuple")?;
+    let shape = shape_body
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry `{s}`")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (dtype, size) = match descr {
+        "<f4" => ("float32", 4),
+        "<f8" => ("float64", 8),
+        "<i4" => ("int32", 4),
+        "<i8" => ("int64", 8),
+        other => {
+            return Err(format!("dtype `{other}` is not supported (supported: <f4, <f8, <i4, <i8)"));
+        }
+    };
+    let numel: usize = shape.iter().product();
+    let data = &bytes[data_start.min(bytes.len())..];
+    if data.len() != numel * size {
+        return Err(format!(
+            "shape {shape:?} of {dtype} needs {} data bytes but the file has {} (truncated?)",
+            numel * size,
+            data.len()
+        ));
+    }
+    let values = match dtype {
+        "float32" => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
+        "float64" => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8"))).collect(),
+        "int32" => data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
+        _ => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as f64).collect(),
+    };
+    Ok(NpyArray { shape, dtype, values })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_file(shape: &[usize], values: &[f32]) -> Vec<u8> {
+        let mut bytes = header("<f4", shape);
+        values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+        bytes
+    }
+
+    #[test]
+    fn headers_are_aligned_and_read_back() {
+        for shape in [vec![2, 3], vec![4], vec![2, 0, 3]] {
+            let n: usize = shape.iter().product();
+            let bytes = f32_file(&shape, &vec![1.5; n]);
+            let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+            assert_eq!((10 + header_len) % 64, 0);
+            let back = parse_npy(&bytes).unwrap();
+            assert_eq!((back.shape, back.dtype, back.values), (shape, "float32", vec![1.5; n]));
+        }
+    }
+
+    #[test]
+    fn corrupt_and_truncated_files_are_errors() {
+        let bytes = f32_file(&[2, 2], &[1.0; 4]);
+        assert!(parse_npy(&bytes[..bytes.len() - 1]).unwrap_err().contains("truncated"));
+        assert!(parse_npy(&bytes[..5]).unwrap_err().contains("magic"));
+        assert!(parse_npy(&bytes[..30]).is_err());
+        let mut wrong = bytes.clone();
+        wrong[0] = b'X';
+        assert!(parse_npy(&wrong).is_err());
+        let mut complex = bytes.clone();
+        let at = complex.windows(3).position(|w| w == b"<f4").unwrap();
+        complex[at..at + 3].copy_from_slice(b"<c8");
+        assert!(parse_npy(&complex).unwrap_err().contains("<c8"));
+    }
+}
