@@ -1,18 +1,25 @@
 //! `bisect`: a reference and a target backend run the same model in
 //! lockstep in one process, scope by scope (prologue, each layer,
-//! epilogue), compared in memory; at the first divergence the graft check
-//! re-runs that stage on the target with the reference's inputs, to tell a
-//! wrong stage from one that only amplifies upstream drift. Both runs are
-//! fed the reference's greedy tokens, so every step stays comparable.
+//! epilogue), compared in memory. Both runs are fed the reference's greedy
+//! tokens, so every step stays comparable.
+//!
+//! - Free running (default): each error is accumulated from everything
+//!   upstream; at the first divergence the graft check re-runs that scope
+//!   on the target from the reference's inputs, to tell a wrong stage from
+//!   one that only amplifies upstream drift.
+//! - Local (`mode: Local`, `--local`): after each stage the target's output
+//!   is compared and then replaced by the reference's (teacher forcing,
+//!   [`pipeline::teacher`]), so every (step, layer, stage) gets its own
+//!   local error, per-expert stages run on the reference's expert ids, the
+//!   router is judged on its own, and outliers are scored over the whole
+//!   run ([`compare::outliers`]). One pass of each backend.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
-use bevy_ecs::prelude::*;
-use pipeline::ecs::ActiveBackend;
-use pipeline::stages::layer_input;
-use pipeline::{Forward, HostTensor, Model, StageHookSystems, StageLog, StepRecord};
+use compare::outliers::mark_outliers;
+use compare::scope::ExpertIds;
+use compare::{Graft, Mode, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
+use pipeline::{Forward, HostTensor, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
 use serde::Deserialize;
 use stage_types::SaveTensorStage as S;
 
@@ -21,7 +28,6 @@ use crate::error::{CaptureError, Result};
 use crate::faults::{FaultSpec, attach_faults};
 use crate::run::{build_backend, load_model};
 use crate::session::{CaptureSession, RunRecord};
-use compare::{Graft, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
 
 /// A bisect config: the run config with `reference` and `target` in place
 /// of `backend`; `faults` apply to the target.
@@ -47,9 +53,24 @@ pub struct BisectConfig {
     pub faults: Vec<FaultSpec>,
     /// Optional capture of both runs, to `<out_dir>/reference` and
     /// `<out_dir>/target` (what ran: up to the first divergence unless
-    /// `--all`).
+    /// `--all`; in local mode the target's own outputs on the reference's
+    /// inputs).
     #[serde(default)]
     pub capture: Option<CaptureSpec>,
+    /// Free running (accumulated errors) or local (teacher-forced).
+    #[serde(default)]
+    pub mode: BisectMode,
+}
+
+/// How the target runs beside the reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum BisectMode {
+    /// On its own outputs: errors accumulate; stop at the first divergence.
+    #[default]
+    Free,
+    /// Teacher-forced after every stage: each stage's own error, every
+    /// stage of every step, outliers scored.
+    Local,
 }
 
 impl BisectConfig {
@@ -85,54 +106,40 @@ pub struct BisectOptions {
     pub tolerances: Tolerances,
     /// Keep going after the first divergence (every step, every stage).
     pub all: bool,
-}
-
-/// Stage outputs an Observe hook collected during the current scope.
-#[derive(Resource, Clone, Default)]
-struct Collected(Arc<Mutex<BTreeMap<S, HostTensor>>>);
-
-fn collect_every_stage(forward: &mut Forward) -> Arc<Mutex<BTreeMap<S, HostTensor>>> {
-    let store: Arc<Mutex<BTreeMap<S, HostTensor>>> = Arc::default();
-    forward.world_mut().insert_resource(Collected(store.clone()));
-    for &stage in S::ALL {
-        forward.add_stage_hook(
-            StageHookSystems::Observe(stage),
-            move |mut backend: ResMut<ActiveBackend>, log: Res<StageLog>, collected: Res<Collected>| {
-                if log.0.contains(stage)
-                    && let Ok(t) = backend.0.read(stage)
-                {
-                    collected.0.lock().unwrap_or_else(|e| e.into_inner()).insert(stage, t);
-                }
-            },
-        );
-    }
-    store
+    /// Local mode whatever the config says.
+    pub local: bool,
 }
 
 fn to_array(t: &HostTensor) -> NpyArray {
     NpyArray { shape: t.shape.clone(), dtype: t.dtype_name(), values: t.to_f64() }
 }
 
+/// Both runs' outputs of one scope as a comparison's input.
+fn scope_tensors(reference: &ScopeOutputs, target: &ScopeOutputs) -> ScopeTensors {
+    let mut tensors = ScopeTensors::new();
+    for stage in reference.keys().chain(target.keys()) {
+        tensors.insert(*stage, (reference.get(stage).map(to_array), target.get(stage).map(to_array)));
+    }
+    tensors
+}
+
 /// One side of the lockstep.
 struct Side {
     forward: Forward,
-    collected: Arc<Mutex<BTreeMap<S, HostTensor>>>,
     /// Backend name and dtype, for capture manifests.
     name: (&'static str, &'static str),
 }
 
 impl Side {
-    fn take(&self) -> BTreeMap<S, HostTensor> {
-        std::mem::take(&mut *self.collected.lock().unwrap_or_else(|e| e.into_inner()))
+    /// Runs `scope`, forced to `teacher`'s outputs when given, and returns
+    /// what each stage computed itself.
+    fn run(&mut self, scope: StepScope, teacher: Option<ScopeOutputs>) -> Result<ScopeOutputs> {
+        self.forward.set_teacher(true, teacher.unwrap_or_default());
+        let ran = self.forward.run_scope(scope);
+        let recorded = self.forward.take_recorded();
+        ran?;
+        Ok(recorded)
     }
-}
-
-/// Where the lockstep is: which scope just ran.
-#[derive(Clone, Copy)]
-enum Scope {
-    Prologue,
-    Layer(usize),
-    Epilogue,
 }
 
 /// Runs a bisect config. `on_scope` is told each (step, scope name) as it
@@ -177,11 +184,10 @@ pub fn bisect(
         let backend = build_backend(spec, config.threads, &model, path)?;
         let name = (backend.name(), backend.dtype());
         let mut forward = Forward::new(&model, backend);
-        let collected = collect_every_stage(&mut forward);
         if let Some(session) = session {
             session.attach(&mut forward);
         }
-        Ok(Side { forward, collected, name })
+        Ok(Side { forward, name })
     };
     let mut reference = make(&config.reference, sessions.as_ref().map(|s| &s[0]))?;
     let mut target = make(&config.target, sessions.as_ref().map(|s| &s[1]))?;
@@ -190,7 +196,12 @@ pub fn bisect(
         BackendSpec::Cpu => "f32".to_string(),
         BackendSpec::Cuda { dtype, .. } => format!("{dtype:?}").to_ascii_lowercase(),
     };
+    let mode = if options.local { BisectMode::Local } else { config.mode };
     let mut report = Report {
+        mode: match mode {
+            BisectMode::Free => Mode::Accumulated,
+            BisectMode::Local => Mode::Local,
+        },
         reference: format!("{} on {}", config.reference, describe_model(&model)),
         target: format!(
             "{}{}",
@@ -245,8 +256,8 @@ struct Progress {
     generated: Vec<u32>,
 }
 
-/// The step loop of [`bisect`]; returns early after the first divergence
-/// unless `options.all`.
+/// The step loop of [`bisect`]; in free mode returns early after the
+/// first divergence unless `options.all`.
 #[expect(clippy::too_many_arguments, reason = "the loop's state is owned by bisect, which commits captures after it")]
 fn lockstep(
     config: &BisectConfig,
@@ -259,6 +270,8 @@ fn lockstep(
     progress: &mut Progress,
     on_scope: &mut dyn FnMut(usize, String),
 ) -> Result<()> {
+    let local = report.mode == Mode::Local;
+    let expert_ids = if local { ExpertIds::Reference } else { ExpertIds::EachSide };
     let steps = config.generate.max(1);
     let mut tokens = config.tokens().to_vec();
     let mut position = 0;
@@ -266,64 +279,36 @@ fn lockstep(
         progress.steps.push(StepRecord { step, start_position: position, tokens: tokens.clone() });
         reference.forward.begin_step(step, &tokens, position)?;
         target.forward.begin_step(step, &tokens, position)?;
-        let mut ref_input: Option<HostTensor> = None;
-        let scopes = std::iter::once(Scope::Prologue)
-            .chain((0..model.config.num_layers).map(Scope::Layer))
-            .chain(std::iter::once(Scope::Epilogue));
-        for scope in scopes {
-            for side in [&mut *reference, &mut *target] {
-                match scope {
-                    Scope::Prologue => side.forward.run_prologue()?,
-                    Scope::Layer(l) => side.forward.run_layer(l)?,
-                    Scope::Epilogue => side.forward.run_epilogue()?,
-                }
-            }
-            let (r, t) = (reference.take(), target.take());
-            let layer = match scope {
-                Scope::Layer(l) => Some(l),
-                _ => None,
-            };
-            let mut tensors = ScopeTensors::new();
-            for stage in r.keys().chain(t.keys()) {
-                tensors.insert(*stage, (r.get(stage).map(to_array), t.get(stage).map(to_array)));
-            }
-            let rows = compare_scope(step, layer, &tensors, &options.tolerances, target_dtype);
-            on_scope(
-                step,
-                match scope {
-                    Scope::Prologue => "prologue".into(),
-                    Scope::Layer(l) => format!("layer {l}"),
-                    Scope::Epilogue => "epilogue".into(),
-                },
-            );
+        let mut reference_input: Option<HostTensor> = None;
+        for scope in StepScope::all(model.config.num_layers) {
+            let r = reference.run(scope, None)?;
+            let t = target.run(scope, local.then(|| r.clone()))?;
+            let tensors = scope_tensors(&r, &t);
+            let rows = compare_scope(step, scope.layer(), &tensors, &options.tolerances, target_dtype, expert_ids);
+            on_scope(step, scope.to_string());
             let first_new = report.first_divergence().is_none();
             report.rows.extend(rows);
-            if first_new && let Some(row) = report.first_divergence().cloned() {
-                let inputs = GraftInputs {
-                    reference_scope: &r,
-                    target_scope: &t,
-                    reference_input: ref_input.as_ref(),
-                    num_layers: model.config.num_layers,
+            let next_input = match scope {
+                StepScope::Prologue => r.get(&S::Embedding).cloned(),
+                StepScope::Layer(_) => r.get(&S::PostFfnResidual).cloned(),
+                StepScope::Epilogue => None,
+            };
+            if !local
+                && first_new
+                && let Some(row) = report.first_divergence().cloned()
+            {
+                let teacher = ScopeTeacher {
+                    input: reference_input.take(),
+                    kv_cache: scope.layer().and_then(|l| reference.forward.backend_mut().kv_cache(l).ok()),
+                    outputs: r,
                 };
-                let g = graft(
-                    &mut target.forward,
-                    &mut reference.forward,
-                    &row,
-                    &inputs,
-                    &report.rows,
-                    options,
-                    target_dtype,
-                )?;
+                let g = graft(&mut target.forward, scope, teacher, &row, &report.rows, options, target_dtype)?;
                 report.graft = Some(g);
                 if !options.all {
                     return Ok(());
                 }
             }
-            ref_input = match scope {
-                Scope::Prologue => r.get(&S::Embedding).cloned(),
-                Scope::Layer(_) => r.get(&S::PostFfnResidual).cloned(),
-                Scope::Epilogue => None,
-            };
+            reference_input = next_input;
         }
         if config.generate == 0 {
             break;
@@ -339,6 +324,9 @@ fn lockstep(
         position += tokens.len();
         tokens = vec![next_ref];
     }
+    if local {
+        mark_outliers(&mut report.rows);
+    }
     Ok(())
 }
 
@@ -349,79 +337,28 @@ fn describe_model(model: &Model) -> String {
     }
 }
 
-/// Both sides' state of the scope the divergence is in.
-struct GraftInputs<'a> {
-    reference_scope: &'a BTreeMap<S, HostTensor>,
-    target_scope: &'a BTreeMap<S, HostTensor>,
-    /// The reference's input of this scope (embedding or the previous
-    /// layer's output); None in the prologue.
-    reference_input: Option<&'a HostTensor>,
-    num_layers: usize,
-}
-
-/// Re-runs the divergent stage on the target with the reference's inputs
-/// (its outputs of every earlier stage of the scope, its layer input and
-/// its KV cache), compares, then restores the target's state.
+/// Re-runs the divergent scope on the target from the reference's state
+/// (its layer input, KV cache and every stage's output, forced in turn)
+/// and compares the divergent stage's own output with the reference's.
 fn graft(
     target: &mut Forward,
-    reference: &mut Forward,
+    scope: StepScope,
+    teacher: ScopeTeacher,
     row: &Row,
-    inputs: &GraftInputs,
     rows: &[Row],
     options: &BisectOptions,
     target_dtype: &str,
 ) -> Result<Graft> {
-    let stage = row.stage;
-    let input_slot = layer_input(row.layer.unwrap_or(inputs.num_layers));
-    let reference_cache = match row.layer {
-        Some(l) if stage >= S::AttnScores => reference.backend_mut().kv_cache(l).ok(),
-        _ => None,
-    };
-    let backend = target.backend_mut();
-    // Snapshot what the graft overwrites beyond this scope's own outputs.
-    let saved_input = backend.read(input_slot).ok();
-    let saved_cache = row.layer.and_then(|l| backend.kv_cache(l).ok());
-    if let Some(input) = inputs.reference_input {
-        backend.write(input_slot, input)?;
-    }
-    for (&s, t) in inputs.reference_scope.range(..=stage) {
-        backend.write(s, t)?;
-    }
-    if let (Some(layer), Some((k, v))) = (row.layer, reference_cache) {
-        // attn_scores appends this step's keys itself: give it the cache as
-        // it was before the step.
-        let this_step = inputs.reference_scope.get(&S::KPostRope).map_or(0, |t| t.shape[0]);
-        let keep = if stage == S::AttnScores { k.shape[0] - this_step } else { k.shape[0] };
-        backend.set_kv_cache(layer, &head_rows(&k, keep), &head_rows(&v, keep))?;
-    }
-    target.rerun_stage(row.layer, stage)?;
-    let backend = target.backend_mut();
-    let grafted = backend.read(stage)?;
-    // Routing context for MoE stages: the reference's logits and ids on
-    // both sides (the target was given them).
-    let mut tensors = ScopeTensors::new();
-    for s in [S::MoeRouterLogits, S::MoeRouterIndices] {
-        if s != stage
-            && let Some(t) = inputs.reference_scope.get(&s)
-        {
-            tensors.insert(s, (Some(to_array(t)), Some(to_array(t))));
-        }
-    }
-    tensors.insert(stage, (inputs.reference_scope.get(&stage).map(to_array), Some(to_array(&grafted))));
-    let graft_row = compare_scope(row.step, row.layer, &tensors, &options.tolerances, target_dtype)
-        .into_iter()
-        .find(|r| r.stage == stage)
-        .expect("the grafted stage is compared");
-    // Restore the target's own state.
-    if let Some(input) = saved_input {
-        backend.write(input_slot, &input)?;
-    }
-    for (&s, t) in inputs.target_scope {
-        backend.write(s, t)?;
-    }
-    if let (Some(layer), Some((k, v))) = (row.layer, saved_cache) {
-        backend.set_kv_cache(layer, &k, &v)?;
-    }
+    let reference = teacher.outputs.clone();
+    let own = target.graft_scope(scope, teacher)?;
+    let tensors = scope_tensors(&reference, &own);
+    let graft_row =
+        compare_scope(row.step, row.layer, &tensors, &options.tolerances, target_dtype, ExpertIds::Reference)
+            .into_iter()
+            .find(|r| r.stage == row.stage)
+            .ok_or_else(|| {
+                pipeline::PipelineError::BadInput(format!("the graft of {scope} did not produce {}", row.stage))
+            })?;
     let stage_is_wrong = !graft_row.verdict.is_ok();
     Ok(Graft {
         rel_l2: graft_row.rel_l2().unwrap_or(if stage_is_wrong { f64::INFINITY } else { 0.0 }),
@@ -429,11 +366,6 @@ fn graft(
         stage_is_wrong,
         largest_jump: if stage_is_wrong { None } else { largest_jump(rows) },
     })
-}
-
-fn head_rows(t: &HostTensor, rows: usize) -> HostTensor {
-    let width = t.shape[1];
-    HostTensor::f32(vec![rows, width], t.as_f32().expect("float32 cache")[..rows * width].to_vec())
 }
 
 /// The row whose rel_l2 grew the most over the row before it.

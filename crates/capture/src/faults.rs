@@ -6,11 +6,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use bevy_ecs::prelude::*;
-use bevy_ecs::system::SystemParam;
-use pipeline::ecs::{ActiveBackend, StepError};
 use pipeline::weights::{synthetic_value, tensor_key};
-use pipeline::{CurrentLayer, Forward, HostTensor, ModelConfig, PipelineError, StageLog, StepState, TensorData};
+use pipeline::{Forward, HookCtx, HostTensor, ModelConfig, PipelineError, TensorData};
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use stage_types::SaveTensorStage;
@@ -246,30 +243,18 @@ pub fn token_ranges(stage: SaveTensorStage, shape: &[usize], t: usize) -> Result
     Ok((0..heads).map(|h| ((h * tokens + t) * row, (h * tokens + t + 1) * row)).collect())
 }
 
-/// What a fault system reads and writes.
-#[derive(SystemParam)]
-struct FaultCtx<'w> {
-    backend: ResMut<'w, ActiveBackend>,
-    step: Res<'w, StepState>,
-    layer: Res<'w, CurrentLayer>,
-    log: Res<'w, StageLog>,
-    error: ResMut<'w, StepError>,
-}
-
-fn inject(spec: &FaultSpec, mut ctx: FaultCtx) {
+fn inject(spec: &FaultSpec, mut ctx: HookCtx) {
     let stage = spec.stage.0;
-    if ctx.error.0.is_some() || !ctx.log.0.contains(stage) || ctx.step.step != spec.step {
+    if !ctx.produced(stage) || ctx.step().step != spec.step {
         return;
     }
-    if stage.is_layer_stage() && ctx.layer.index != spec.layer {
+    if stage.is_layer_stage() && ctx.layer() != spec.layer {
         return;
     }
-    let result = ctx.backend.0.read(stage).and_then(|mut tensor| {
-        spec.apply(&mut tensor).map_err(|e| PipelineError::BadInput(format!("fault {spec}: {e}")))?;
-        ctx.backend.0.write(stage, &tensor)
-    });
-    if let Err(e) = result {
-        ctx.error.0 = Some(e);
+    let Some(mut tensor) = ctx.read(stage) else { return };
+    match spec.apply(&mut tensor) {
+        Ok(()) => ctx.write(stage, &tensor),
+        Err(e) => ctx.fail(PipelineError::BadInput(format!("fault {spec}: {e}"))),
     }
 }
 
@@ -277,10 +262,7 @@ fn inject(spec: &FaultSpec, mut ctx: FaultCtx) {
 pub fn attach_faults(forward: &mut Forward, faults: &[FaultSpec]) {
     for spec in faults {
         let spec = spec.clone();
-        forward.add_amend_hook(spec.stage.0, move || {
-            let spec = spec.clone();
-            move |ctx: FaultCtx| inject(&spec, ctx)
-        });
+        forward.add_amender(spec.stage.0, move |ctx: HookCtx| inject(&spec, ctx));
     }
 }
 

@@ -8,10 +8,8 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bevy_ecs::prelude::*;
-use bevy_ecs::system::SystemParam;
 use crossbeam_channel::Sender;
-use pipeline::ecs::{ActiveBackend, StepError};
-use pipeline::{CurrentLayer, Forward, StageHookSystems, StageLog, StepState};
+use pipeline::{Forward, HookCtx};
 use stage_types::{IndexSet, SaveTensorStage, StageList};
 
 use crate::writer::CapturedTensor;
@@ -37,40 +35,26 @@ pub fn attach_capture(forward: &mut Forward, selection: CaptureSelection, sink: 
     forward.world_mut().insert_resource(selection);
     forward.world_mut().insert_resource(CaptureSink(sink, AtomicUsize::new(0)));
     for stage in stages {
-        forward.add_stage_hook(StageHookSystems::Observe(stage), move |ctx: CaptureCtx| capture_stage(stage, ctx));
+        forward.add_observer(stage, move |ctx: HookCtx, selection: Res<CaptureSelection>, sink: Res<CaptureSink>| {
+            capture_stage(stage, ctx, selection, sink)
+        });
     }
 }
 
 /// What a capture system reads.
-#[derive(SystemParam)]
-struct CaptureCtx<'w> {
-    backend: ResMut<'w, ActiveBackend>,
-    step: Res<'w, StepState>,
-    layer: Res<'w, CurrentLayer>,
-    log: Res<'w, StageLog>,
-    selection: Res<'w, CaptureSelection>,
-    sink: Res<'w, CaptureSink>,
-    error: ResMut<'w, StepError>,
-}
-
-/// Captures `stage` if it was produced and the step and layer are
-/// selected.
-fn capture_stage(stage: SaveTensorStage, mut ctx: CaptureCtx) {
-    if ctx.error.0.is_some() || !ctx.log.0.contains(stage) || !ctx.selection.steps.contains(ctx.step.step) {
+fn capture_stage(stage: SaveTensorStage, mut ctx: HookCtx, selection: Res<CaptureSelection>, sink: Res<CaptureSink>) {
+    if !ctx.produced(stage) || !selection.steps.contains(ctx.step().step) {
         return;
     }
-    let layer = if stage.is_layer_stage() { ctx.layer.index } else { None };
-    if stage.is_layer_stage() && !layer.is_some_and(|l| ctx.selection.layers.contains(l)) {
+    let layer = if stage.is_layer_stage() { ctx.layer() } else { None };
+    if stage.is_layer_stage() && !layer.is_some_and(|l| selection.layers.contains(l)) {
         return;
     }
-    match ctx.backend.0.read_async(stage) {
-        Ok(tensor) => {
-            let order = ctx.sink.1.fetch_add(1, Ordering::Relaxed);
-            let item = CapturedTensor { order, step: ctx.step.step, layer, stage, tensor };
-            // The writer drains until every sender is gone, so this only
-            // fails if it panicked; its join reports that.
-            let _ = ctx.sink.0.send(item);
-        }
-        Err(e) => ctx.error.0 = Some(e),
+    if let Some(tensor) = ctx.read_async(stage) {
+        let order = sink.1.fetch_add(1, Ordering::Relaxed);
+        let item = CapturedTensor { order, step: ctx.step().step, layer, stage, tensor };
+        // The writer drains until every sender is gone, so this only
+        // fails if it panicked; its join reports that.
+        let _ = sink.0.send(item);
     }
 }

@@ -10,6 +10,7 @@ use crate::aprt::AprtDir;
 use crate::error::{CompareError, Result};
 use crate::npy::NpyArray;
 use crate::reader::CaptureDir;
+use crate::scope::ExpertIds;
 use crate::{Report, ScopeTensors, Tolerances, compare_scope};
 
 /// Options of a diff.
@@ -150,7 +151,7 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
             scope.insert(key.2, (a, b));
             i += 1;
         }
-        report.rows.extend(compare_scope(step, layer, &scope, &options.tolerances, &dtype));
+        report.rows.extend(compare_scope(step, layer, &scope, &options.tolerances, &dtype, ExpertIds::EachSide));
     }
     if one_sided > 0 {
         report.notes.push(format!("{one_sided} tensors were captured on one side only (rows marked missing)"));

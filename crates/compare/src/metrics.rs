@@ -4,10 +4,10 @@
 //! slip through: a NaN or Inf on either side makes the pair's max error
 //! infinite and is counted per side.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// The metrics of a reference/target pair of equal shape.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TensorMetrics {
     /// Elements compared.
     pub elements: usize,
@@ -20,16 +20,28 @@ pub struct TensorMetrics {
     /// Infs in the target.
     pub target_inf: usize,
     /// Largest |a - b| (infinite where either side is not finite).
+    #[serde(with = "crate::json_float::float")]
     pub max_abs_diff: f64,
     /// Multi-index of the largest |a - b|.
     pub max_abs_index: Vec<usize>,
     /// ||a - b|| / ||a|| (0 if equal; inf if ||a|| = 0 < ||a-b|| or a value is
     /// non-finite on one side only).
+    #[serde(with = "crate::json_float::float")]
     pub rel_l2: f64,
     /// Smallest cosine between matching rows (last dimension).
+    #[serde(with = "crate::json_float::float")]
     pub min_row_cosine: f64,
     /// Token (T index) whose rows have the largest squared error.
     pub worst_token: Option<usize>,
+    /// The largest error of one row (last dimension) relative to the
+    /// tensor's RMS row norm: `max_r ||a_r - b_r|| / sqrt(mean_r ||a_r||²)`.
+    /// A bug that hits one token or one expert slot shows here even when
+    /// it moves the whole-tensor rel_l2 less than rounding does. Infinite
+    /// where a row holds a non-finite value on one side only.
+    #[serde(with = "crate::json_float::float")]
+    pub worst_row_error: f64,
+    /// Flat index of that row (over all dimensions but the last).
+    pub worst_row: usize,
 }
 
 impl TensorMetrics {
@@ -54,6 +66,8 @@ pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_
         rel_l2: 0.0,
         min_row_cosine: 1.0,
         worst_token: None,
+        worst_row_error: 0.0,
+        worst_row: 0,
     };
     let tokens = shape.get(token_axis).copied().unwrap_or(1).max(1);
     let inner: usize = shape.iter().skip(token_axis + 1).product();
@@ -89,16 +103,43 @@ pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_
         (diff2 / ref2).sqrt()
     };
     let row = shape.last().copied().unwrap_or(1).max(1);
-    for (ra, rb) in reference.chunks(row).zip(target.chunks(row)) {
+    let rows = reference.len().div_ceil(row).max(1);
+    let rms_row_norm = (ref2 / rows as f64).sqrt();
+    for (r, (ra, rb)) in reference.chunks(row).zip(target.chunks(row)).enumerate() {
         let c = cosine(ra, rb);
         // A NaN row cosine sticks: it must never be hidden by a later row.
         if c.is_nan() || (!m.min_row_cosine.is_nan() && c < m.min_row_cosine) {
             m.min_row_cosine = c;
         }
+        let e = row_error(ra, rb, rms_row_norm);
+        if e > m.worst_row_error {
+            m.worst_row_error = e;
+            m.worst_row = r;
+        }
     }
     m.worst_token =
         per_token.iter().enumerate().filter(|(_, e)| **e > 0.0).max_by(|a, b| a.1.total_cmp(b.1)).map(|(t, _)| t);
     m
+}
+
+/// `||a - b|| / norm`: 0 for equal rows, infinite for a non-finite value
+/// on one side only or a difference over a zero norm.
+fn row_error(a: &[f64], b: &[f64], norm: f64) -> f64 {
+    let mut d2 = 0.0;
+    for (&x, &y) in a.iter().zip(b) {
+        if x.is_finite() && y.is_finite() {
+            d2 += (x - y) * (x - y);
+        } else if x.to_bits() != y.to_bits() || x.is_nan() {
+            return f64::INFINITY;
+        }
+    }
+    if d2 == 0.0 {
+        0.0
+    } else if norm == 0.0 {
+        f64::INFINITY
+    } else {
+        d2.sqrt() / norm
+    }
 }
 
 /// Cosine of two rows: 1 for two zero rows, 0 for one zero row, NaN if a
@@ -152,6 +193,9 @@ mod tests {
         assert_eq!(m.worst_token, Some(2));
         assert!((m.rel_l2 - 0.5 / 91f64.sqrt()).abs() < 1e-12);
         assert!(m.min_row_cosine < 1.0);
+        // row 2 of 3: |0.5| over the RMS row norm sqrt(91/3)
+        assert_eq!(m.worst_row, 2);
+        assert!((m.worst_row_error - 0.5 / (91f64 / 3.0).sqrt()).abs() < 1e-12);
         // token axis 1 of an [nh,T,P] map
         let m = tensor_metrics(&a, &b, &[1, 3, 2], 1);
         assert_eq!(m.worst_token, Some(2));
@@ -174,6 +218,21 @@ mod tests {
         // NaN in the very first element is still the maximum.
         let m = tensor_metrics(&[f64::NAN, 1.0], &[0.0, 1.0], &[2], 0);
         assert!(m.max_abs_diff.is_infinite() && m.max_abs_index == [0]);
+    }
+
+    #[test]
+    fn one_bad_row_among_many_stands_out_where_rel_l2_does_not() {
+        // 64 rows of 16; every row off by 0.4% (rounding-like), one row by 5%.
+        let a: Vec<f64> = (0..64 * 16).map(|i| 1.0 + (i % 7) as f64 * 0.1).collect();
+        let b: Vec<f64> = a
+            .iter()
+            .enumerate()
+            .map(|(i, x)| if i / 16 == 37 { x * 1.05 } else { x * (1.0 + 0.004 * if i % 2 == 0 { 1.0 } else { -1.0 }) })
+            .collect();
+        let m = tensor_metrics(&a, &b, &[64, 16], 0);
+        assert!(m.rel_l2 < 0.008, "{}", m.rel_l2);
+        assert_eq!(m.worst_row, 37);
+        assert!(m.worst_row_error > 0.04, "{}", m.worst_row_error);
     }
 
     #[test]

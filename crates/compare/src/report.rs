@@ -1,25 +1,45 @@
-//! [`Report`]: the rows of a comparison, its first divergence, the graft
-//! check (bisect), and the human and JSON renderings.
+//! [`Report`]: the rows of a comparison, its first divergence (free
+//! running) or its outliers (local errors), the graft check (bisect), and
+//! the human and JSON renderings. The JSON reads back
+//! ([`Report::from_json`]) for `moetrace report`.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stage_types::SaveTensorStage;
 
+use crate::outliers::Outlier;
 use crate::{FlippedToken, Side, TensorMetrics, Verdict};
 
+/// The `format` of report JSON; [`Report::from_json`] refuses others.
+pub const REPORT_FORMAT: &str = "moetrace-report/1";
+
+/// What the errors of a report mean.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Both runs free-running: each error is accumulated from everything
+    /// upstream (diff, bisect).
+    #[default]
+    Accumulated,
+    /// The target teacher-forced stage by stage: each error is what that
+    /// stage adds on the reference's inputs (bisect --local).
+    Local,
+}
+
 /// The comparison of one (step, layer, stage).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     /// Step.
     pub step: usize,
     /// Layer (None for model stages).
     pub layer: Option<usize>,
     /// Stage.
-    #[serde(serialize_with = "stage_name")]
+    #[serde(with = "stage_name")]
     pub stage: SaveTensorStage,
     /// Verdict.
     pub verdict: Verdict,
     /// The rel_l2 tolerance applied.
+    #[serde(with = "crate::json_float::float")]
     pub tolerance: f64,
     /// Metrics, when both sides were comparable.
     pub metrics: Option<TensorMetrics>,
@@ -30,11 +50,24 @@ pub struct Row {
     /// Tokens compared, for per-expert stages (those whose expert set agrees).
     pub compared_tokens: Option<usize>,
     /// Tokens whose expert set differs (moe_router_indices).
+    #[serde(default)]
     pub flipped: Vec<FlippedToken>,
+    /// Set when this local error stands out (see [`crate::outliers`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier: Option<Outlier>,
 }
 
-fn stage_name<S: serde::Serializer>(stage: &SaveTensorStage, s: S) -> Result<S::Ok, S::Error> {
-    s.serialize_str(stage.name())
+mod stage_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use stage_types::SaveTensorStage;
+
+    pub fn serialize<S: Serializer>(stage: &SaveTensorStage, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(stage.name())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SaveTensorStage, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Row {
@@ -51,6 +84,7 @@ impl Row {
             worst_expert: None,
             compared_tokens: None,
             flipped: Vec::new(),
+            outlier: None,
         }
     }
 
@@ -121,9 +155,10 @@ impl Row {
 }
 
 /// What the graft check found at the first divergence.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Graft {
     /// rel_l2 of the target's stage recomputed from the reference's inputs.
+    #[serde(with = "crate::json_float::float")]
     pub rel_l2: f64,
     /// The verdict on that recomputation.
     pub verdict: Verdict,
@@ -135,8 +170,11 @@ pub struct Graft {
 }
 
 /// The result of a comparison.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Report {
+    /// Accumulated (free-running) or local errors.
+    #[serde(default)]
+    pub mode: Mode,
     /// What the reference was.
     pub reference: String,
     /// What the target was.
@@ -144,6 +182,7 @@ pub struct Report {
     /// Every row compared, in order.
     pub rows: Vec<Row>,
     /// Things the reader should know (steps not compared, forced runs...).
+    #[serde(default)]
     pub notes: Vec<String>,
     /// The graft check, when bisect made one.
     pub graft: Option<Graft>,
@@ -155,6 +194,37 @@ impl Report {
     /// the rows and notes, not a divergence of the computation).
     pub fn first_divergence(&self) -> Option<&Row> {
         self.rows.iter().find(|r| !r.verdict.is_ok() && !matches!(r.verdict, Verdict::Missing { .. }))
+    }
+
+    /// What a person must look at: for local errors, every outlier and
+    /// every wrong router (a routing flip on a near-tie is not a finding);
+    /// for accumulated errors, the first divergence.
+    pub fn findings(&self) -> Vec<&Row> {
+        match self.mode {
+            Mode::Local => self
+                .rows
+                .iter()
+                .filter(|r| r.outlier.is_some() || matches!(r.verdict, Verdict::WrongRouter | Verdict::Nan { .. }))
+                .collect(),
+            Mode::Accumulated => self.first_divergence().into_iter().collect(),
+        }
+    }
+
+    /// Reads a report written by [`Report::to_json`] (of this format
+    /// version); `path` names it in errors.
+    pub fn from_json(text: &str, path: &std::path::Path) -> crate::Result<Report> {
+        let bad = |message: String| crate::CompareError::BadReport { path: path.to_path_buf(), message };
+        let value: Value = serde_json::from_str(text).map_err(|e| bad(format!("not JSON: {e}")))?;
+        match value.get("format").and_then(Value::as_str) {
+            Some(REPORT_FORMAT) => {}
+            Some(other) => {
+                return Err(bad(format!(
+                    "format is `{other}`; this moetrace reads `{REPORT_FORMAT}` (write it again with this version's --json)"
+                )));
+            }
+            None => return Err(bad(format!("no `format` field; expected a `{REPORT_FORMAT}` report from --json"))),
+        }
+        serde_json::from_value(value).map_err(|e| bad(e.to_string()))
     }
 
     /// The JSON report; its top level has `first_divergence` (null or an
@@ -169,9 +239,17 @@ impl Report {
             })
         });
         let not_ok = self.rows.iter().filter(|r| !r.verdict.is_ok()).count();
+        let findings: Vec<Value> = self
+            .findings()
+            .iter()
+            .map(|r| json!({"step": r.step, "layer": r.layer, "stage": r.stage.name(), "token": r.worst_token, "expert": r.worst_expert, "verdict": r.verdict, "outlier": r.outlier}))
+            .collect();
         json!({
+            "format": REPORT_FORMAT,
+            "mode": self.mode,
             "reference": self.reference, "target": self.target,
             "first_divergence": first,
+            "findings": findings,
             "graft": self.graft,
             "summary": {"compared": self.rows.len(), "ok": self.rows.len() - not_ok, "not_ok": not_ok},
             "notes": self.notes,

@@ -3,10 +3,10 @@
 //! from a wrong router), and per-expert tensors aligned by expert id on the
 //! tokens whose expert set agrees.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A token whose expert set differs between the runs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlippedToken {
     /// Token index within the step.
     pub token: usize,
@@ -15,9 +15,11 @@ pub struct FlippedToken {
     /// Target experts, in top-k order.
     pub target_experts: Vec<i32>,
     /// Reference gap between the k-th and (k+1)-th router probability.
+    #[serde(with = "crate::json_float::opt_float")]
     pub ref_margin: Option<f64>,
     /// Largest change of any router probability of this token (target vs
     /// reference), when both runs captured the logits.
+    #[serde(with = "crate::json_float::opt_float")]
     pub perturbation: Option<f64>,
     /// The flip is explained by a near-tie: margin <= 2 x perturbation, or
     /// margin <= 1e-3 when the perturbation is unknown.

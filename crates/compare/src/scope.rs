@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use stage_types::SaveTensorStage;
 
 use crate::metrics::tensor_metrics;
@@ -14,7 +14,7 @@ use crate::report::Row;
 use crate::routing;
 
 /// Which run a finding is about.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Side {
     /// The reference run.
@@ -26,7 +26,7 @@ pub enum Side {
 }
 
 /// The verdict on one tensor pair.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Verdict {
     /// Within tolerance.
@@ -139,6 +139,19 @@ const PER_SLOT: [SaveTensorStage; 5] = [
     SaveTensorStage::MoeExpertOut,
 ];
 
+/// Which expert ids the target's per-expert stages ran on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertIds {
+    /// Its own routing: per-expert tensors are aligned by each side's ids
+    /// and compared on the tokens whose expert sets agree.
+    EachSide,
+    /// The reference's ids (routing replay, local errors): per-expert
+    /// tensors are compared slot by slot on every token, while the
+    /// router's own ids and weights are still compared with the
+    /// reference's.
+    Reference,
+}
+
 /// Compares every stage of one scope, in `ALL` order.
 pub fn compare_scope(
     step: usize,
@@ -146,6 +159,7 @@ pub fn compare_scope(
     tensors: &ScopeTensors,
     tolerances: &Tolerances,
     target_dtype: &str,
+    expert_ids: ExpertIds,
 ) -> Vec<Row> {
     let get = |s: SaveTensorStage| tensors.get(&s).map(|(r, t)| (r.as_ref(), t.as_ref()));
     let indices = match get(SaveTensorStage::MoeRouterIndices) {
@@ -190,13 +204,18 @@ pub fn compare_scope(
         }
         match indices.filter(|_| PER_SLOT.contains(&stage)) {
             Some((ri, ti, k)) => {
+                let replayed = expert_ids == ExpertIds::Reference && stage != SaveTensorStage::MoeRouter;
+                let ti = if replayed { ri } else { ti };
                 let a = routing::align_by_expert(&r.values, &t.values, &ri.values, &ti.values, k);
                 let mut m = tensor_metrics(&a.reference, &a.target, &[a.rows.len(), a.inner], 0);
                 let worst = m.max_abs_index.first().and_then(|&i| a.rows.get(i)).copied();
-                if let Some((token, slot, expert)) = worst {
+                if let Some((token, slot, _)) = worst {
                     // Report the index in the reference's [T,k,...] layout.
                     let inner_index = crate::metrics::unravel(m.max_abs_index[1], &r.shape[2..]);
                     m.max_abs_index = [token, slot].into_iter().chain(inner_index).collect();
+                }
+                // Where: the row (token, expert slot) with the largest error.
+                if let Some(&(token, _, expert)) = a.rows.get(m.worst_row).filter(|_| m.worst_row_error > 0.0) {
                     row.worst_token = Some(token);
                     row.worst_expert = Some(expert);
                 }
@@ -206,7 +225,12 @@ pub fn compare_scope(
             None => {
                 let axis = usize::from(matches!(stage, SaveTensorStage::AttnScores | SaveTensorStage::AttnSoftmax));
                 let m = tensor_metrics(&r.values, &t.values, &r.shape, axis);
-                row.worst_token = m.worst_token;
+                // Where: the token of the row with the largest error.
+                let row_dims = &r.shape[..r.shape.len().saturating_sub(1)];
+                row.worst_token = (m.worst_row_error > 0.0)
+                    .then(|| crate::metrics::unravel(m.worst_row, row_dims).get(axis).copied())
+                    .flatten()
+                    .or(m.worst_token);
                 row.set_metrics(m);
             }
         }

@@ -8,9 +8,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bevy_ecs::prelude::*;
-use pipeline::ecs::ActiveBackend;
-use pipeline::{CpuBackend, Forward, ForwardEvent, Model, StageHookSystems};
+use pipeline::{CpuBackend, Forward, ForwardEvent, HookCtx, Model};
 use stage_types::SaveTensorStage;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -78,16 +76,13 @@ fn qwen3_30b(layers: usize, bandwidth: f64) {
     let mut forward = Forward::new(&model, Box::new(backend));
     let distinct: Arc<Mutex<Vec<usize>>> = Arc::default();
     let sink = distinct.clone();
-    forward.add_stage_hook(
-        StageHookSystems::Observe(SaveTensorStage::MoeRouterIndices),
-        move |mut backend: ResMut<ActiveBackend>| {
-            let ids = backend.0.read(SaveTensorStage::MoeRouterIndices).unwrap();
-            let mut ids = ids.as_i32().unwrap().to_vec();
-            ids.sort_unstable();
-            ids.dedup();
-            sink.lock().unwrap().push(ids.len());
-        },
-    );
+    forward.add_observer(SaveTensorStage::MoeRouterIndices, move |mut ctx: HookCtx| {
+        let ids = ctx.read(SaveTensorStage::MoeRouterIndices).unwrap();
+        let mut ids = ids.as_i32().unwrap().to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        sink.lock().unwrap().push(ids.len());
+    });
     let attention_bytes =
         2 * c.hidden_size * (c.q_width() + 2 * c.kv_width() + c.q_width()) + 2 * c.num_experts * c.hidden_size;
     let expert_bytes = 2 * 3 * c.hidden_size * c.moe_intermediate_size;

@@ -11,6 +11,7 @@ use crate::backend::Backend;
 use crate::config::ModelConfig;
 use crate::error::PipelineError;
 use crate::model::{AttentionWeights, MlpWeights};
+use crate::tensor::{HostTensor, PendingTensor};
 use crate::weights::WeightId;
 
 /// The system set of one stage's system. The schedule chains these in
@@ -18,16 +19,32 @@ use crate::weights::WeightId;
 #[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct StageSet(pub SaveTensorStage);
 
-/// Where systems from outside the pipeline attach to a stage. For stage S
-/// the order is `StageSet(S)`, `Amend(S)`, `Observe(S)`, then the next
-/// stage's set, so an amending system (fault injection) changes S's output
-/// before any consumer and before any observer (capture) sees it.
+/// Where systems attach to a stage. For stage S the order is
+/// `StageSet(S)`, `Amend(S)`, `Observe(S)`, `Teach(S)`, then the next
+/// stage's set: an amending system (fault injection) changes S's output
+/// before any consumer and any observer (capture) sees it; observers see
+/// what the stage (with its amenders) produced; teacher forcing
+/// ([`crate::teacher`]) then records that output and may replace it with
+/// another run's before the next stage reads it.
 #[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StageHookSystems {
     /// Runs right after the stage and may rewrite its output.
     Amend(SaveTensorStage),
-    /// Runs after the amenders and must only read.
+    /// Runs after the amenders and must only read. Skipped while a scope
+    /// is re-run ([`crate::Forward::graft_scope`]).
     Observe(SaveTensorStage),
+    /// The pipeline's own teacher-forcing system; nothing else goes here.
+    Teach(SaveTensorStage),
+}
+
+/// Whether observers run (false while a scope is re-run for a graft, so
+/// nothing is captured twice).
+#[derive(Resource, Debug, Clone, Copy)]
+pub struct ObserversEnabled(pub bool);
+
+/// Run condition: observers are enabled.
+pub fn observers_enabled(enabled: Res<ObserversEnabled>) -> bool {
+    enabled.0
 }
 
 /// The three schedules of a forward step.
@@ -166,6 +183,67 @@ impl StageCtx<'_> {
     /// The current layer entity.
     pub fn layer_entity(&self) -> Option<Entity> {
         self.layer.entity
+    }
+}
+
+/// What a hook system (an amender or an observer) reads and writes: the
+/// step and layer it runs for, whether its stage was produced, and the
+/// stage's output in the backend. Errors are recorded as the step's error
+/// (the step then fails with it) instead of panicking.
+#[derive(SystemParam)]
+pub struct HookCtx<'w> {
+    backend: ResMut<'w, ActiveBackend>,
+    step: Res<'w, StepState>,
+    layer: Res<'w, CurrentLayer>,
+    log: Res<'w, StageLog>,
+    error: ResMut<'w, StepError>,
+}
+
+impl HookCtx<'_> {
+    /// True when `stage` ran in this scope and nothing failed before: the
+    /// condition for a hook to act at all.
+    pub fn produced(&self, stage: SaveTensorStage) -> bool {
+        self.error.0.is_none() && self.log.0.contains(stage)
+    }
+
+    /// The step being computed.
+    pub fn step(&self) -> &StepState {
+        &self.step
+    }
+
+    /// The layer being computed (None for model stages).
+    pub fn layer(&self) -> Option<usize> {
+        self.layer.index
+    }
+
+    /// Copies `stage`'s output to the host; on failure records the error
+    /// and returns None.
+    pub fn read(&mut self, stage: SaveTensorStage) -> Option<HostTensor> {
+        let result = self.backend.0.read(stage);
+        self.keep(result)
+    }
+
+    /// Starts copying `stage`'s output to the host (see
+    /// [`Backend::read_async`]); on failure records the error.
+    pub fn read_async(&mut self, stage: SaveTensorStage) -> Option<PendingTensor> {
+        let result = self.backend.0.read_async(stage);
+        self.keep(result)
+    }
+
+    /// Replaces `stage`'s output (amenders only); on failure records the
+    /// error.
+    pub fn write(&mut self, stage: SaveTensorStage, tensor: &HostTensor) {
+        let result = self.backend.0.write(stage, tensor);
+        self.keep(result);
+    }
+
+    /// Records `error` as the step's error.
+    pub fn fail(&mut self, error: PipelineError) {
+        self.error.0.get_or_insert(error);
+    }
+
+    fn keep<T>(&mut self, result: crate::Result<T>) -> Option<T> {
+        result.map_err(|e| self.fail(e)).ok()
     }
 }
 

@@ -1,6 +1,11 @@
 //! [`Forward`]: the ECS world of a model (one entity per decoder layer),
-//! its schedules, and the step loop: prologue, the layer schedule once per
-//! layer entity in order, epilogue; greedy decoding on top.
+//! its schedules, and the step loop: the scopes of a step ([`StepScope`]:
+//! prologue, the layer schedule once per layer entity in order, epilogue)
+//! in one place; greedy decoding on top. Hooks attach here: observers
+//! ([`Forward::add_observer`]) and amenders ([`Forward::add_amender`]) go
+//! into the one schedule every run and re-run of a scope uses.
+
+use std::fmt;
 
 use bevy_ecs::prelude::*;
 use bevy_ecs::schedule::ScheduleConfigs;
@@ -10,11 +15,53 @@ use stage_types::SaveTensorStage;
 use crate::backend::Backend;
 use crate::ecs::{
     ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerKind, LayerMlp, ModelParams,
-    StageHookSystems, StageLog, StepError, StepState,
+    ObserversEnabled, StageHookSystems, StageLog, StepError, StepState,
 };
 use crate::error::{PipelineError, Result};
 use crate::model::{MlpWeights, Model};
-use crate::schedule::{ForwardSchedules, build_schedules, single_stage_schedule};
+use crate::schedule::{ForwardSchedules, build_schedules};
+use crate::stages::layer_input;
+use crate::teacher::{ScopeOutputs, ScopeTeacher, Teacher, head_rows};
+use crate::tensor::HostTensor;
+
+/// A part of a step run by one schedule: the prologue (embedding), one
+/// decoder layer, or the epilogue (final_norm, lm_head).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum StepScope {
+    /// Model stages before the layers.
+    Prologue,
+    /// One decoder layer.
+    Layer(usize),
+    /// Model stages after the layers.
+    Epilogue,
+}
+
+impl StepScope {
+    /// Every scope of a step of a model with `layers` layers, in order.
+    pub fn all(layers: usize) -> impl Iterator<Item = StepScope> {
+        std::iter::once(StepScope::Prologue)
+            .chain((0..layers).map(StepScope::Layer))
+            .chain(std::iter::once(StepScope::Epilogue))
+    }
+
+    /// The layer index of a layer scope.
+    pub fn layer(self) -> Option<usize> {
+        match self {
+            StepScope::Layer(l) => Some(l),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for StepScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StepScope::Prologue => f.write_str("prologue"),
+            StepScope::Layer(l) => write!(f, "layer {l}"),
+            StepScope::Epilogue => f.write_str("epilogue"),
+        }
+    }
+}
 
 /// What the step loop reports as it goes, for progress display.
 #[derive(Debug, Clone, PartialEq)]
@@ -72,11 +119,7 @@ pub struct Forward {
     schedules: ForwardSchedules,
     layers: Vec<Entity>,
     vocab_size: usize,
-    amenders: Vec<(SaveTensorStage, AddToSchedule)>,
 }
-
-/// Adds an amending system to a schedule (kept to rebuild re-run schedules).
-type AddToSchedule = Box<dyn Fn(&mut Schedule) + Send + Sync>;
 
 impl Forward {
     /// Spawns one entity per layer of `model` and builds the schedules;
@@ -113,16 +156,32 @@ impl Forward {
         world.init_resource::<CurrentLayer>();
         world.init_resource::<StageLog>();
         world.init_resource::<StepError>();
-        Self { world, schedules: build_schedules(), layers, vocab_size: model.config.vocab_size, amenders: Vec::new() }
+        world.init_resource::<Teacher>();
+        world.insert_resource(ObserversEnabled(true));
+        Self { world, schedules: build_schedules(), layers, vocab_size: model.config.vocab_size }
     }
 
-    /// Attaches a system from outside the pipeline to `stage`: in
-    /// [`StageHookSystems::Amend`] to rewrite its output before anything
-    /// reads it, or [`StageHookSystems::Observe`] to read it (capture).
-    /// The system goes into the schedule the stage runs in.
-    pub fn add_stage_hook<M>(&mut self, hook: StageHookSystems, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {
+    /// Attaches an observer of `stage` (capture, collection for a
+    /// comparison): it runs after the stage and its amenders, sees what
+    /// they produced, and must only read (through
+    /// [`crate::ecs::HookCtx::read`] or `read_async`). Observers do not run
+    /// while a scope is re-run for a graft.
+    pub fn add_observer<M>(&mut self, stage: SaveTensorStage, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {
+        self.add_hook(StageHookSystems::Observe(stage), system);
+    }
+
+    /// Attaches an amender of `stage` (fault injection): it runs right
+    /// after the stage, before any observer and any consumer, and may
+    /// rewrite the output ([`crate::ecs::HookCtx::write`]). It is part of
+    /// the stage from then on: every run of the scope, re-runs for a graft
+    /// included, goes through the same schedule and so through it.
+    pub fn add_amender<M>(&mut self, stage: SaveTensorStage, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {
+        self.add_hook(StageHookSystems::Amend(stage), system);
+    }
+
+    fn add_hook<M>(&mut self, hook: StageHookSystems, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {
         let stage = match hook {
-            StageHookSystems::Amend(s) | StageHookSystems::Observe(s) => s,
+            StageHookSystems::Amend(s) | StageHookSystems::Observe(s) | StageHookSystems::Teach(s) => s,
         };
         let configs: ScheduleConfigs<ScheduleSystem> = system.into_configs().in_set(hook);
         self.schedules.get_mut(ForwardSchedule::of(stage)).add_systems(configs);
@@ -143,25 +202,6 @@ impl Forward {
         self.layers.len()
     }
 
-    /// Attaches an amending system (one that rewrites `stage`'s output,
-    /// such as fault injection) in [`StageHookSystems::Amend`]. `make` is
-    /// called once for the forward schedule and once more if the stage is
-    /// ever re-run alone ([`Forward::rerun_stage`]), so a re-run includes
-    /// the same amendment.
-    pub fn add_amend_hook<M, S>(&mut self, stage: SaveTensorStage, make: impl Fn() -> S + Send + Sync + 'static)
-    where
-        S: IntoScheduleConfigs<ScheduleSystem, M>,
-        M: 'static,
-    {
-        self.add_stage_hook(StageHookSystems::Amend(stage), make());
-        self.amenders.push((
-            stage,
-            Box::new(move |schedule: &mut Schedule| {
-                schedule.add_systems(make().into_configs().in_set(StageHookSystems::Amend(stage)));
-            }),
-        ));
-    }
-
     /// Runs one step: `tokens` at positions `start_position..`.
     pub fn step(
         &mut self,
@@ -172,19 +212,25 @@ impl Forward {
     ) -> Result<()> {
         self.begin_step(step, tokens, start_position)?;
         on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
-        self.run_prologue()?;
-        for index in 0..self.layers.len() {
-            self.run_layer(index)?;
-            on_event(ForwardEvent::LayerDone { step, layer: index, layers: self.layers.len() });
+        for scope in self.scopes() {
+            self.run_scope(scope)?;
+            if let StepScope::Layer(layer) = scope {
+                on_event(ForwardEvent::LayerDone { step, layer, layers: self.layers.len() });
+            }
         }
-        self.run_epilogue()
+        Ok(())
+    }
+
+    /// The scopes of a step, in order.
+    pub fn scopes(&self) -> impl Iterator<Item = StepScope> + use<> {
+        StepScope::all(self.layers.len())
     }
 
     /// Starts a step without running anything: checks the tokens, resets
     /// the backend's slots and truncates its KV caches to `start_position`.
-    /// Follow with [`Forward::run_prologue`], [`Forward::run_layer`] for
-    /// each layer in order, and [`Forward::run_epilogue`] (what
-    /// [`Forward::step`] does), e.g. to compare two backends layer by layer.
+    /// Follow with [`Forward::run_scope`] for each of [`Forward::scopes`]
+    /// in order (what [`Forward::step`] does), e.g. to compare two backends
+    /// scope by scope.
     pub fn begin_step(&mut self, step: usize, tokens: &[u32], start_position: usize) -> Result<()> {
         if tokens.is_empty() {
             return Err(PipelineError::BadInput("a step needs at least one token".into()));
@@ -201,51 +247,93 @@ impl Forward {
         Ok(())
     }
 
-    /// Runs the prologue (embedding) of the current step.
-    pub fn run_prologue(&mut self) -> Result<()> {
-        self.set_layer(None);
-        self.run(ForwardSchedule::Prologue)
-    }
-
-    /// Runs the layer schedule for layer `index` of the current step.
-    pub fn run_layer(&mut self, index: usize) -> Result<()> {
-        if index >= self.layers.len() {
-            return Err(PipelineError::BadInput(format!(
-                "layer {index} does not exist: the model has {} layers",
-                self.layers.len()
-            )));
-        }
-        self.set_layer(Some(index));
-        self.run(ForwardSchedule::Layer)
-    }
-
-    /// Runs the epilogue (final_norm, lm_head) of the current step.
-    pub fn run_epilogue(&mut self) -> Result<()> {
-        self.set_layer(None);
-        self.run(ForwardSchedule::Epilogue)
-    }
-
-    /// Runs `stage` alone, with its amending hooks but no observers, for
-    /// `layer` (None for model stages), on whatever the backend's slots
-    /// hold now. Used to re-run a stage on inputs put in place from
-    /// elsewhere (bisect's graft check).
-    pub fn rerun_stage(&mut self, layer: Option<usize>, stage: SaveTensorStage) -> Result<()> {
-        if stage.is_layer_stage() != layer.is_some() || layer.is_some_and(|l| l >= self.layers.len()) {
-            return Err(PipelineError::BadInput(format!("cannot re-run {stage} for layer {layer:?}")));
-        }
-        let mut schedule = single_stage_schedule(stage);
-        for (s, add) in &self.amenders {
-            if *s == stage {
-                add(&mut schedule);
+    /// Runs one scope of the current step.
+    pub fn run_scope(&mut self, scope: StepScope) -> Result<()> {
+        let label = match scope {
+            StepScope::Prologue => ForwardSchedule::Prologue,
+            StepScope::Layer(index) => {
+                if index >= self.layers.len() {
+                    return Err(PipelineError::BadInput(format!(
+                        "layer {index} does not exist: the model has {} layers",
+                        self.layers.len()
+                    )));
+                }
+                ForwardSchedule::Layer
             }
+            StepScope::Epilogue => ForwardSchedule::Epilogue,
+        };
+        self.set_layer(scope.layer());
+        self.run(label)
+    }
+
+    /// Arms teacher forcing for the next [`Forward::run_scope`]: with
+    /// `record`, every produced stage's own output (after its amenders) is
+    /// kept for [`Forward::take_recorded`]; each stage in `forced` then has
+    /// its output replaced by that tensor before the next stage reads it
+    /// (observers still see the stage's own output).
+    pub fn set_teacher(&mut self, record: bool, forced: ScopeOutputs) {
+        let mut teacher = self.world.resource_mut::<Teacher>();
+        teacher.record = record;
+        teacher.forced = forced;
+        teacher.recorded.clear();
+    }
+
+    /// The outputs recorded since [`Forward::set_teacher`]; disarms it.
+    pub fn take_recorded(&mut self) -> ScopeOutputs {
+        let mut teacher = self.world.resource_mut::<Teacher>();
+        teacher.record = false;
+        teacher.forced.clear();
+        std::mem::take(&mut teacher.recorded)
+    }
+
+    /// Re-runs `scope` of the current step, after it ran, from another
+    /// run's state (`teacher`: the layer input, the KV cache before this
+    /// step, and every stage's output forced in turn), with amenders but
+    /// without observers; returns what each stage computed itself, then
+    /// restores this run's own state (the scope's outputs, the layer input
+    /// slot, the KV cache). The local error of stage S is the difference
+    /// between the returned S and the teacher's S.
+    pub fn graft_scope(&mut self, scope: StepScope, teacher: ScopeTeacher) -> Result<ScopeOutputs> {
+        let start = self.world.resource::<StepState>().start_position;
+        let layer = scope.layer();
+        let input_slot = layer.map(layer_input);
+        let backend = self.backend_mut();
+        let saved_input = input_slot.and_then(|s| backend.read(s).ok());
+        let saved_outputs: Vec<(SaveTensorStage, HostTensor)> =
+            teacher.outputs.keys().filter_map(|&s| backend.read(s).ok().map(|t| (s, t))).collect();
+        let saved_cache = layer.and_then(|l| backend.kv_cache(l).ok());
+        let ScopeTeacher { input, kv_cache, outputs } = teacher;
+        let mut prepare = || -> Result<()> {
+            let backend = self.backend_mut();
+            if let (Some(slot), Some(input)) = (input_slot, &input) {
+                backend.write(slot, input)?;
+            }
+            // The attention stages append this step's keys and values:
+            // start from the cache as it was before the step.
+            if let Some(l) = layer
+                && let Some((k, v)) = kv_cache.as_ref().or(saved_cache.as_ref())
+            {
+                backend.set_kv_cache(l, &head_rows(k, start)?, &head_rows(v, start)?)?;
+            }
+            Ok(())
+        };
+        let prepared = prepare();
+        self.world.resource_mut::<ObserversEnabled>().0 = false;
+        self.set_teacher(true, outputs);
+        let ran = prepared.and_then(|()| self.run_scope(scope));
+        self.world.resource_mut::<ObserversEnabled>().0 = true;
+        let recorded = self.take_recorded();
+        let backend = self.backend_mut();
+        if let (Some(slot), Some(t)) = (input_slot, &saved_input) {
+            backend.write(slot, t)?;
         }
-        self.set_layer(layer);
-        self.world.resource_mut::<StageLog>().0 = Default::default();
-        schedule.run(&mut self.world);
-        match self.world.resource_mut::<StepError>().0.take() {
-            Some(e) => Err(e),
-            None => Ok(()),
+        for (s, t) in &saved_outputs {
+            backend.write(*s, t)?;
         }
+        if let (Some(l), Some((k, v))) = (layer, &saved_cache) {
+            backend.set_kv_cache(l, k, v)?;
+        }
+        ran.map(|()| recorded)
     }
 
     /// Whether the current layer (or model scope) produced `stage` in its
@@ -337,14 +425,11 @@ mod tests {
         let seen: SeenStages = Arc::default();
         for &stage in S::ALL {
             let seen = seen.clone();
-            forward.add_stage_hook(
-                StageHookSystems::Observe(stage),
-                move |log: Res<StageLog>, layer: Res<CurrentLayer>| {
-                    if log.0.contains(stage) {
-                        seen.lock().unwrap().push((layer.index, stage));
-                    }
-                },
-            );
+            forward.add_observer(stage, move |log: Res<StageLog>, layer: Res<CurrentLayer>| {
+                if log.0.contains(stage) {
+                    seen.lock().unwrap().push((layer.index, stage));
+                }
+            });
         }
         seen
     }
@@ -389,7 +474,7 @@ mod tests {
         let mut forward = forward(&model);
         let got: Arc<Mutex<Option<HostTensorPair>>> = Arc::default();
         let sink = got.clone();
-        forward.add_stage_hook(StageHookSystems::Observe(S::QkvBias), move |mut b: ResMut<ActiveBackend>| {
+        forward.add_observer(S::QkvBias, move |mut b: ResMut<ActiveBackend>| {
             let before = b.0.read(S::QkvMatmul).unwrap();
             let after = b.0.read(S::QkvBias).unwrap();
             *sink.lock().unwrap() = Some((before, after));

@@ -7,9 +7,13 @@
 //! - [`Backend`]: one method per operation; [`CpuBackend`] is the f64-
 //!   accumulating reference.
 //! - [`Forward`]: the world (one entity per layer), the schedules built by
-//!   `schedule.rs`, the step loop and greedy decoding. Code outside this
-//!   crate (capture, fault injection) attaches systems to a stage through
-//!   [`Forward::add_stage_hook`]; this crate knows nothing of them.
+//!   `schedule.rs`, the step loop ([`StepScope`]) and greedy decoding.
+//!   Code outside this crate attaches systems to a stage through
+//!   [`Forward::add_observer`] (capture) and [`Forward::add_amender`]
+//!   (fault injection), both given a [`HookCtx`]; this crate knows nothing
+//!   of them.
+//! - [`teacher`]: teacher forcing and grafts ([`Forward::set_teacher`],
+//!   [`Forward::graft_scope`]), the basis of bisect's local errors.
 //!
 //! ```
 //! use pipeline::{CpuBackend, Forward, Model};
@@ -29,6 +33,7 @@ pub mod forward;
 pub mod model;
 pub mod schedule;
 pub mod stages;
+pub mod teacher;
 pub mod tensor;
 pub mod weights;
 
@@ -37,9 +42,10 @@ pub use backend::cpu::CpuBackend;
 #[cfg(feature = "cuda")]
 pub use backend::cuda::CudaBackend;
 pub use config::ModelConfig;
-pub use ecs::{CurrentLayer, StageHookSystems, StageLog, StageSet, StepState};
+pub use ecs::{CurrentLayer, HookCtx, StageHookSystems, StageLog, StageSet, StepState};
 pub use error::{PipelineError, Result};
-pub use forward::{Forward, ForwardEvent, Generation, StepRecord};
+pub use forward::{Forward, ForwardEvent, Generation, StepRecord, StepScope};
 pub use model::{Model, ModelSource};
+pub use teacher::{ScopeOutputs, ScopeTeacher};
 pub use tensor::{HostTensor, PendingTensor, TensorData};
 pub use weights::{WeightStore, WeightTensor};

@@ -1,7 +1,7 @@
 //! The one place that owns stage order: builds the prologue, layer and
 //! epilogue schedules, registers each stage's system in its
-//! [`StageSet`], and chains the sets (with their hook sets) in
-//! [`SaveTensorStage::ALL`] order.
+//! [`StageSet`], and chains the sets (with their hook sets: amenders,
+//! observers, teacher forcing) in [`SaveTensorStage::ALL`] order.
 //!
 //! Adding a stage: a variant in stage-types, a system in `stages/`, one
 //! line in [`add_stage_system`].
@@ -10,8 +10,12 @@ use bevy_ecs::prelude::*;
 use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
-use crate::ecs::{ForwardSchedule, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense, layer_is_moe};
+use crate::ecs::{
+    ForwardSchedule, HookCtx, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense, layer_is_moe,
+    observers_enabled,
+};
 use crate::stages::{attention, ffn, model, moe};
+use crate::teacher::{Teacher, teach_stage};
 
 /// The three schedules of a forward step.
 pub struct ForwardSchedules {
@@ -46,22 +50,19 @@ pub fn build_schedules() -> ForwardSchedules {
         let schedule = schedules.get_mut(ForwardSchedule::of(stage));
         add_stage_system(schedule, stage);
         schedule.configure_sets(StageHookSystems::Amend(stage).after(StageSet(stage)));
-        schedule.configure_sets(StageHookSystems::Observe(stage).after(StageHookSystems::Amend(stage)));
+        schedule.configure_sets(
+            StageHookSystems::Observe(stage).after(StageHookSystems::Amend(stage)).run_if(observers_enabled),
+        );
+        schedule.configure_sets(StageHookSystems::Teach(stage).after(StageHookSystems::Observe(stage)));
+        schedule.add_systems(
+            (move |ctx: HookCtx, teacher: ResMut<Teacher>| teach_stage(stage, ctx, teacher))
+                .in_set(StageHookSystems::Teach(stage)),
+        );
         if let Some(next) = stage.next().filter(|n| ForwardSchedule::of(*n) == ForwardSchedule::of(stage)) {
-            schedule.configure_sets(StageSet(next).after(StageHookSystems::Observe(stage)));
+            schedule.configure_sets(StageSet(next).after(StageHookSystems::Teach(stage)));
         }
     }
     schedules
-}
-
-/// A schedule holding only `stage`'s system (for re-running it alone);
-/// amending hooks are added by the caller in `Amend(stage)`, ordered after
-/// the stage.
-pub fn single_stage_schedule(stage: S) -> Schedule {
-    let mut schedule = new_schedule(ForwardSchedule::of(stage));
-    add_stage_system(&mut schedule, stage);
-    schedule.configure_sets(StageHookSystems::Amend(stage).after(StageSet(stage)));
-    schedule
 }
 
 fn new_schedule(label: impl ScheduleLabel) -> Schedule {

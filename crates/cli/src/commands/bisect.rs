@@ -18,6 +18,12 @@ pub struct BisectArgs {
     /// Keep comparing after the first divergence and show every row.
     #[arg(long)]
     pub all: bool,
+    /// Local errors: teacher-force the target after every stage (its output
+    /// compared, then replaced by the reference's), per-expert stages on the
+    /// reference's expert ids, outliers scored over the run. Same as
+    /// `mode: Local` in the config.
+    #[arg(long)]
+    pub local: bool,
     /// Print one JSON report.
     #[arg(long)]
     pub json: bool,
@@ -34,7 +40,7 @@ pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
     let mut config = BisectConfig::load(&args.config).map_err(|e| e.to_string())?;
     config.faults.extend(super::parse_faults(&args.faults)?);
     let tolerances = super::parse_tolerances(&args.tolerances)?;
-    let options = BisectOptions { tolerances, all: args.all };
+    let options = BisectOptions { tolerances, all: args.all, local: args.local };
     let quiet = args.quiet;
     let report = bisect(&config, &args.config, &options, &mut |step, scope| {
         if !quiet {
