@@ -1,5 +1,6 @@
-//! Fault injection: rewrite one token of one stage's output at one step,
-//! right after the stage and before anything reads or captures it. Fault
+//! Fault injection: rewrite one token of one stage's output at one step
+//! (or, with an expert selector, the slots routed to one expert), right
+//! after the stage and before anything reads or captures it. Fault
 //! systems attach in `StageHookSystems::Amend(stage)` from outside the
 //! pipeline, which does not know faults exist.
 
@@ -71,12 +72,28 @@ pub struct FaultSpec {
     /// The step (default 0, the prompt).
     #[serde(default)]
     pub step: usize,
-    /// The token within the step (default 0).
+    /// The token within the step (default 0; with `expert`, default every
+    /// token routed to that expert).
     #[serde(default)]
-    pub token: usize,
+    pub token: Option<usize>,
+    /// For per-expert stages and moe_router: only the slots routed to this
+    /// expert are hit (the bug class of one expert's weights read wrongly).
+    #[serde(default)]
+    pub expert: Option<usize>,
     /// What to do.
     pub kind: FaultKind,
 }
+
+/// Stages whose `[T,k,...]` slots belong to experts (an `expert` selector
+/// applies to them): the per-expert stages and moe_router, the two inputs
+/// of moe_ffn_out's weighted sum.
+pub const EXPERT_SLOT_STAGES: [SaveTensorStage; 5] = [
+    SaveTensorStage::MoeRouter,
+    SaveTensorStage::MoeExpertGate,
+    SaveTensorStage::MoeExpertUp,
+    SaveTensorStage::MoeExpertSwigl,
+    SaveTensorStage::MoeExpertOut,
+];
 
 impl fmt::Display for FaultSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -84,22 +101,33 @@ impl fmt::Display for FaultSpec {
         if let Some(l) = self.layer {
             write!(f, "@{l}")?;
         }
-        write!(f, ".{}:{}={}", self.step, self.token, self.kind)
+        write!(f, ".{}", self.step)?;
+        if let Some(t) = self.token {
+            write!(f, ":{t}")?;
+        }
+        if let Some(e) = self.expert {
+            write!(f, "#{e}")?;
+        }
+        write!(f, "={}", self.kind)
     }
 }
 
-const CLI_FORM: &str = "write stage@layer[.step][:token]=kind (model stages: stage[.step][:token]=kind), kind one of nan, inf, zero, scale(F), noise(STD[,SEED]), swap-experts; e.g. moe_router@2=nan, attn_out@1.3=scale(1.5)";
+const CLI_FORM: &str = "write stage@layer[.step][:token][#expert]=kind (model stages: stage[.step][:token]=kind), kind one of nan, inf, zero, scale(F), noise(STD[,SEED]), swap-experts; e.g. moe_router@2=nan, attn_out@1.3=scale(1.5), moe_expert_out@30#17=scale(1.05)";
 
 impl FromStr for FaultSpec {
     type Err = String;
 
-    /// Parses the command-line form `stage@layer[.step][:token]=kind`.
+    /// Parses the command-line form `stage@layer[.step][:token][#expert]=kind`.
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("bad fault `{s}`: {why}; {CLI_FORM}");
         let (target, kind) = s.split_once('=').ok_or_else(|| bad("no `=`"))?;
+        let (target, expert) = match target.split_once('#') {
+            Some((t, e)) => (t, Some(e.trim().parse().map_err(|_| bad("expert is not an integer"))?)),
+            None => (target, None),
+        };
         let (target, token) = match target.split_once(':') {
-            Some((t, tok)) => (t, tok.trim().parse().map_err(|_| bad("token is not an integer"))?),
-            None => (target, 0),
+            Some((t, tok)) => (t, Some(tok.trim().parse().map_err(|_| bad("token is not an integer"))?)),
+            None => (target, None),
         };
         let (target, step) = match target.split_once('.') {
             Some((t, st)) => (t, st.trim().parse().map_err(|_| bad("step is not an integer"))?),
@@ -115,6 +143,7 @@ impl FromStr for FaultSpec {
             layer,
             step,
             token,
+            expert,
             kind: parse_kind(kind.trim()).ok_or_else(|| bad("unknown kind"))?,
         })
     }
@@ -181,23 +210,45 @@ impl FaultSpec {
             }
             _ => {}
         }
+        if let Some(e) = self.expert {
+            if !EXPERT_SLOT_STAGES.contains(&stage) {
+                let names: Vec<&str> = EXPERT_SLOT_STAGES.iter().map(|s| s.name()).collect();
+                return bad(format!("an expert selector applies to {} only", names.join(", ")));
+            }
+            if e >= config.num_experts {
+                return bad(format!("expert {e} does not exist (the model has experts 0..{})", config.num_experts));
+            }
+            if self.kind == FaultKind::SwapExperts {
+                return bad("swap-experts swaps two slots and takes no expert selector".into());
+            }
+        }
         if self.step >= steps {
             return bad(format!("step {} does not run (the run makes steps 0..{steps})", self.step));
         }
         let tokens = if self.step == 0 { prompt_len } else { 1 };
-        if self.token >= tokens {
-            return bad(format!("token {} does not exist: step {} computes {tokens} token(s)", self.token, self.step));
+        if let Some(t) = self.token
+            && t >= tokens
+        {
+            return bad(format!("token {t} does not exist: step {} computes {tokens} token(s)", self.step));
         }
         Ok(())
     }
 
-    /// Rewrites the fault's token in `tensor`, the output of its stage.
-    pub fn apply(&self, tensor: &mut HostTensor) -> Result<(), String> {
-        let t = self.token;
-        let ranges = token_ranges(self.stage.0, &tensor.shape, t)?;
+    /// Rewrites the fault's token in `tensor`, the output of its stage;
+    /// with an expert selector, the slots of `expert_ids` (the step's
+    /// `[T,k]` moe_router_indices) routed to that expert instead. Returns
+    /// how many rows it hit.
+    pub fn apply(&self, tensor: &mut HostTensor, expert_ids: Option<&HostTensor>) -> Result<usize, String> {
+        let ranges = match self.expert {
+            None => token_ranges(self.stage.0, &tensor.shape, self.token.unwrap_or(0))?,
+            Some(e) => {
+                let ids = expert_ids.ok_or("an expert selector needs the step's moe_router_indices")?;
+                expert_slot_ranges(&tensor.shape, ids, e, self.token)?
+            }
+        };
         match &mut tensor.data {
             TensorData::F32(values) => {
-                for (start, end) in ranges {
+                for &(start, end) in &ranges {
                     let row = &mut values[start..end];
                     match self.kind {
                         FaultKind::Nan => row.fill(f32::NAN),
@@ -215,7 +266,7 @@ impl FaultSpec {
                 }
             }
             TensorData::I32(values) => {
-                for (start, end) in ranges {
+                for &(start, end) in &ranges {
                     match self.kind {
                         FaultKind::Zero => values[start..end].fill(0),
                         FaultKind::SwapExperts => values[start..end].swap(0, 1),
@@ -224,7 +275,7 @@ impl FaultSpec {
                 }
             }
         }
-        Ok(())
+        Ok(ranges.len())
     }
 }
 
@@ -243,6 +294,31 @@ pub fn token_ranges(stage: SaveTensorStage, shape: &[usize], t: usize) -> Result
     Ok((0..heads).map(|h| ((h * tokens + t) * row, (h * tokens + t + 1) * row)).collect())
 }
 
+/// The element ranges of the `[T,k,...]` slots routed to `expert`
+/// (of `token` only, when given), from the step's `[T,k]` expert ids.
+pub fn expert_slot_ranges(
+    shape: &[usize],
+    ids: &HostTensor,
+    expert: usize,
+    token: Option<usize>,
+) -> Result<Vec<(usize, usize)>, String> {
+    let ids_i32 = ids.as_i32().ok_or("moe_router_indices is not int32")?;
+    let (tokens, k) = match ids.shape[..] {
+        [t, k] => (t, k),
+        _ => return Err(format!("moe_router_indices has shape {:?}, not [T,k]", ids.shape)),
+    };
+    if shape.len() < 2 || shape[0] != tokens || shape[1] != k {
+        return Err(format!("a tensor of shape {shape:?} has no [T={tokens},k={k}] expert slots"));
+    }
+    let inner: usize = shape[2..].iter().product();
+    Ok((0..tokens)
+        .filter(|t| token.is_none_or(|only| only == *t))
+        .flat_map(|t| (0..k).map(move |j| (t, j)))
+        .filter(|&(t, j)| ids_i32[t * k + j] == expert as i32)
+        .map(|(t, j)| ((t * k + j) * inner, (t * k + j + 1) * inner))
+        .collect())
+}
+
 fn inject(spec: &FaultSpec, mut ctx: HookCtx) {
     let stage = spec.stage.0;
     if !ctx.produced(stage) || ctx.step().step != spec.step {
@@ -252,8 +328,15 @@ fn inject(spec: &FaultSpec, mut ctx: HookCtx) {
         return;
     }
     let Some(mut tensor) = ctx.read(stage) else { return };
-    match spec.apply(&mut tensor) {
-        Ok(()) => ctx.write(stage, &tensor),
+    let ids = match spec.expert {
+        Some(_) => match ctx.read(SaveTensorStage::MoeRouterIndices) {
+            Some(ids) => Some(ids),
+            None => return,
+        },
+        None => None,
+    };
+    match spec.apply(&mut tensor, ids.as_ref()) {
+        Ok(_) => ctx.write(stage, &tensor),
         Err(e) => ctx.fail(PipelineError::BadInput(format!("fault {spec}: {e}"))),
     }
 }
@@ -275,12 +358,12 @@ mod tests {
         let f: FaultSpec = "moe_router@2=nan".parse().unwrap();
         assert_eq!(
             (f.stage.0, f.layer, f.step, f.token, f.kind),
-            (SaveTensorStage::MoeRouter, Some(2), 0, 0, FaultKind::Nan)
+            (SaveTensorStage::MoeRouter, Some(2), 0, None, FaultKind::Nan)
         );
         let f: FaultSpec = "attn_out@1.3:0=Scale(1.5)".parse().unwrap();
         assert_eq!((f.layer, f.step, f.kind), (Some(1), 3, FaultKind::Scale(1.5)));
         let f: FaultSpec = "lm_head.2:4=noise(0.1, 9)".parse().unwrap();
-        assert_eq!((f.layer, f.step, f.token, f.kind), (None, 2, 4, FaultKind::Noise { std: 0.1, seed: 9 }));
+        assert_eq!((f.layer, f.step, f.token, f.kind), (None, 2, Some(4), FaultKind::Noise { std: 0.1, seed: 9 }));
         assert!("x@1=zero".parse::<FaultSpec>().unwrap_err().contains("unknown stage `x`"));
         for bad in ["moe_router@2", "moe_router@a=nan", "moe_router@2=boom", "moe_router@2=scale(a)"] {
             let e = bad.parse::<FaultSpec>().unwrap_err();
@@ -293,19 +376,41 @@ mod tests {
     fn apply_touches_only_the_chosen_token() {
         let spec: FaultSpec = "attn_out@0:1=zero".parse().unwrap();
         let mut t = HostTensor::f32(vec![3, 2], vec![1.0; 6]);
-        spec.apply(&mut t).unwrap();
+        spec.apply(&mut t, None).unwrap();
         assert_eq!(t.as_f32().unwrap(), [1.0, 1.0, 0.0, 0.0, 1.0, 1.0]);
         let spec: FaultSpec = "attn_scores@0:1=nan".parse().unwrap();
         let mut t = HostTensor::f32(vec![2, 2, 3], vec![1.0; 12]);
-        spec.apply(&mut t).unwrap();
+        spec.apply(&mut t, None).unwrap();
         let nan: Vec<bool> = t.as_f32().unwrap().iter().map(|x| x.is_nan()).collect();
         assert_eq!(nan, [false, false, false, true, true, true, false, false, false, true, true, true]);
         let spec: FaultSpec = "moe_router_indices@0:0=swap-experts".parse().unwrap();
         let mut t = HostTensor::i32(vec![2, 3], vec![4, 7, 1, 2, 3, 5]);
-        spec.apply(&mut t).unwrap();
+        spec.apply(&mut t, None).unwrap();
         assert_eq!(t.as_i32().unwrap(), [7, 4, 1, 2, 3, 5]);
         let spec: FaultSpec = "attn_out@0:5=zero".parse().unwrap();
-        assert!(spec.apply(&mut HostTensor::f32(vec![3, 2], vec![1.0; 6])).unwrap_err().contains("token 5"));
+        assert!(spec.apply(&mut HostTensor::f32(vec![3, 2], vec![1.0; 6]), None).unwrap_err().contains("token 5"));
+    }
+
+    #[test]
+    fn an_expert_selector_hits_only_the_slots_routed_to_that_expert() {
+        let spec: FaultSpec = "moe_expert_out@1#7=scale(2)".parse().unwrap();
+        assert_eq!((spec.expert, spec.token), (Some(7), None));
+        assert_eq!(spec.to_string(), "moe_expert_out@1.0#7=scale(2)");
+        // [T=3,k=2,H=2]; expert 7 is token 0 slot 1 and token 2 slot 0.
+        let ids = HostTensor::i32(vec![3, 2], vec![4, 7, 1, 2, 7, 5]);
+        let mut t = HostTensor::f32(vec![3, 2, 2], vec![1.0; 12]);
+        assert_eq!(spec.apply(&mut t, Some(&ids)).unwrap(), 2);
+        assert_eq!(t.as_f32().unwrap(), [1.0, 1.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0, 2.0, 2.0, 1.0, 1.0]);
+        let one: FaultSpec = "moe_router@1:2#7=zero".parse().unwrap();
+        let mut w = HostTensor::f32(vec![3, 2], vec![0.5; 6]);
+        assert_eq!(one.apply(&mut w, Some(&ids)).unwrap(), 1);
+        assert_eq!(w.as_f32().unwrap(), [0.5, 0.5, 0.5, 0.5, 0.0, 0.5]);
+        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None);
+        let check = |s: &str| s.parse::<FaultSpec>().unwrap().check(&config, 9, 3);
+        assert!(check("moe_expert_out@1#7=scale(2)").is_ok());
+        assert!(check("attn_out@1#7=zero").unwrap_err().contains("expert selector applies to moe_router"));
+        assert!(check("moe_expert_up@1#99=zero").unwrap_err().contains("expert 99"));
+        assert!("moe_expert_up@1#x=zero".parse::<FaultSpec>().unwrap_err().contains("expert is not an integer"));
     }
 
     #[test]

@@ -126,6 +126,7 @@ impl Row {
             parts.push(format!("rel_l2 {:.3e} (tol {:.0e})", m.rel_l2, self.tolerance));
             parts.push(format!("max|d| {:.3e} at {:?}", m.max_abs_diff, m.max_abs_index));
             parts.push(format!("min cos {:.6}", m.min_row_cosine));
+            parts.push(format!("worst row {:.3e}", m.worst_row_error));
             if m.has_non_finite() {
                 parts.push(format!("nan/inf ref {}/{} target {}/{}", m.ref_nan, m.ref_inf, m.target_nan, m.target_inf));
             }
@@ -152,6 +153,17 @@ impl Row {
         }
         parts.join(", ")
     }
+}
+
+fn table(rows: &[&Row]) -> String {
+    let mut out = String::new();
+    if !rows.is_empty() {
+        out += &format!("\n{:<40} {:<26} details\n", "where", "verdict");
+        for r in rows {
+            out += &format!("{:<40} {:<26} {}\n", r.place(), r.verdict.label(), r.detail());
+        }
+    }
+    out
 }
 
 /// What the graft check found at the first divergence.
@@ -260,6 +272,9 @@ impl Report {
     /// The human report: a summary, the first divergence, and the non-ok
     /// rows (every row with `all`).
     pub fn render(&self, all: bool) -> String {
+        if self.mode == Mode::Local {
+            return self.render_local(all);
+        }
         let mut out = format!("reference: {}\ntarget:    {}\n", self.reference, self.target);
         let not_ok: Vec<&Row> = self.rows.iter().filter(|r| !r.verdict.is_ok()).collect();
         out += &format!(
@@ -294,12 +309,70 @@ impl Report {
             }
         }
         let shown: Vec<&Row> = if all { self.rows.iter().collect() } else { not_ok };
-        if !shown.is_empty() {
-            out += &format!("\n{:<40} {:<26} details\n", "where", "verdict");
-            for r in shown {
-                out += &format!("{:<40} {:<26} {}\n", r.place(), r.verdict.label(), r.detail());
-            }
+        out += &table(&shown);
+        out
+    }
+
+    /// Routing flips per (step, layer): (step, layer, flips, near-ties,
+    /// smallest reference margin).
+    pub fn routing_flips(&self) -> Vec<(usize, usize, usize, usize, Option<f64>)> {
+        self.rows
+            .iter()
+            .filter(|r| !r.flipped.is_empty())
+            .map(|r| {
+                let near = r.flipped.iter().filter(|f| f.near_tie).count();
+                let margin = r.flipped.iter().filter_map(|f| f.ref_margin).min_by(f64::total_cmp);
+                (r.step, r.layer.unwrap_or(0), r.flipped.len(), near, margin)
+            })
+            .collect()
+    }
+
+    fn render_local(&self, all: bool) -> String {
+        let mut out = format!("reference: {}\ntarget:    {} (teacher-forced after every stage)\n", self.reference, self.target);
+        let findings = self.findings();
+        let flips = self.routing_flips();
+        let flipped: usize = flips.iter().map(|f| f.2).sum();
+        let near: usize = flips.iter().map(|f| f.3).sum();
+        out += &format!(
+            "local errors of {} tensors: {} outliers; routing: {flipped} flipped tokens in {} (step, layer)s, {near} of them near-ties\n",
+            self.rows.len(),
+            self.rows.iter().filter(|r| r.outlier.is_some()).count(),
+            flips.len(),
+        );
+        for note in &self.notes {
+            out += &format!("note: {note}\n");
         }
+        if findings.is_empty() {
+            out += "no outlier: every stage's local error is within its tolerance and its own distribution over the run\n";
+        }
+        for r in &findings {
+            let why = match &r.outlier {
+                Some(o) => format!(
+                    "{}: worst row error {:.3e} vs the stage's median {:.3e} (z {:.1})",
+                    match o.reason {
+                        crate::outliers::OutlierReason::NonFinite => "non-finite",
+                        crate::outliers::OutlierReason::AboveTolerance => "above tolerance",
+                        crate::outliers::OutlierReason::FarAboveStage => "outlier",
+                    },
+                    r.metrics.as_ref().map_or(f64::NAN, |m| m.worst_row_error),
+                    o.stage_median,
+                    o.z
+                ),
+                None => r.verdict.label(),
+            };
+            out += &format!("finding: {}: {why}; {}\n", r.place(), r.detail());
+        }
+        for (step, layer, n, near, margin) in flips.iter().take(12) {
+            let margin = margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "?".into());
+            out += &format!(
+                "routing: step {step} layer {layer}: {n} flipped tokens ({near} near-ties; smallest reference margin {margin}); the reference's experts were used\n"
+            );
+        }
+        if flips.len() > 12 {
+            out += &format!("routing: ... {} (step, layer)s with flips in all\n", flips.len());
+        }
+        let shown: Vec<&Row> = if all { self.rows.iter().collect() } else { Vec::new() };
+        out += &table(&shown);
         out
     }
 }
