@@ -26,6 +26,7 @@ use stage_types::SaveTensorStage as S;
 use crate::config::{BackendSpec, CaptureSpec, ModelSpec, PromptSpec, parse_ron, read_config, resolve_paths};
 use crate::error::{CaptureError, Result};
 use crate::faults::{FaultSpec, attach_faults};
+use crate::replay::{Replay, RoutingSpec};
 use crate::run::{build_backend, load_model};
 use crate::session::{CaptureSession, RunRecord};
 
@@ -60,6 +61,9 @@ pub struct BisectConfig {
     /// Free running (accumulated errors) or local (teacher-forced).
     #[serde(default)]
     pub mode: BisectMode,
+    /// The target's routing: its own (default) or `Replay("capture dir")`.
+    #[serde(default)]
+    pub routing: RoutingSpec,
 }
 
 /// How the target runs beside the reference.
@@ -82,7 +86,7 @@ impl BisectConfig {
     /// Parses RON text (file:line:col on errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut config: BisectConfig = parse_ron(text, path)?;
-        resolve_paths(path, &mut config.model, config.capture.as_mut());
+        resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing);
         let PromptSpec::Tokens(tokens) = &config.prompt;
         if tokens.is_empty() {
             return Err(CaptureError::ConfigValue {
@@ -192,6 +196,13 @@ pub fn bisect(
     let mut reference = make(&config.reference, sessions.as_ref().map(|s| &s[0]))?;
     let mut target = make(&config.target, sessions.as_ref().map(|s| &s[1]))?;
     attach_faults(&mut target.forward, &config.faults);
+    let replay = match &config.routing {
+        RoutingSpec::Own => None,
+        RoutingSpec::Replay(dir) => Some(Replay::open(dir, &model.config, config.tokens(), steps, path)?),
+    };
+    if let Some(replay) = &replay {
+        replay.attach(&mut target.forward);
+    }
     let target_dtype = match config.target {
         BackendSpec::Cpu => "f32".to_string(),
         BackendSpec::Cuda { dtype, .. } => format!("{dtype:?}").to_ascii_lowercase(),
@@ -230,7 +241,9 @@ pub fn bisect(
     drop((reference, target));
     if let Some(sessions) = sessions {
         let faults: [&[FaultSpec]; 2] = [&[], &config.faults];
-        for ((session, (backend, dtype)), faults) in sessions.into_iter().zip(names).zip(faults) {
+        let routing = [None, replay.as_ref().map(Replay::record)];
+        for (((session, (backend, dtype)), faults), routing) in sessions.into_iter().zip(names).zip(faults).zip(routing)
+        {
             session.commit(&RunRecord {
                 model: &model,
                 backend,
@@ -239,6 +252,7 @@ pub fn bisect(
                 generated: &progress.generated,
                 steps: &progress.steps,
                 faults,
+                routing,
             })?;
         }
         report.notes.push(format!(

@@ -11,6 +11,7 @@ use stage_types::{IndexSet, StageList};
 
 use crate::error::{CaptureError, Result};
 use crate::faults::FaultSpec;
+pub use crate::replay::RoutingSpec;
 use pipeline::ModelConfig;
 
 /// Which model to run.
@@ -165,6 +166,10 @@ pub struct RunConfig {
     /// Faults to inject (default none).
     #[serde(default)]
     pub faults: Vec<FaultSpec>,
+    /// The run's own routing (default) or `Replay("capture dir")`: expert
+    /// ids and router weights (and the tokens fed) from that capture.
+    #[serde(default)]
+    pub routing: RoutingSpec,
 }
 
 /// Parses a RON config (`Some(..)` may be left out), reporting errors at
@@ -186,8 +191,16 @@ pub(crate) fn read_config(path: &Path) -> Result<String> {
 
 /// Resolves the model path and capture folder against the config file's
 /// folder.
-pub(crate) fn resolve_paths(path: &Path, model: &mut ModelSpec, capture: Option<&mut CaptureSpec>) {
+pub(crate) fn resolve_paths(
+    path: &Path,
+    model: &mut ModelSpec,
+    capture: Option<&mut CaptureSpec>,
+    routing: &mut RoutingSpec,
+) {
     let base = path.parent().unwrap_or(Path::new(""));
+    if let RoutingSpec::Replay(p) = routing {
+        *p = base.join(&*p);
+    }
     if let ModelSpec::Path(p) = model {
         *p = base.join(&*p);
     }
@@ -201,7 +214,7 @@ impl RunConfig {
     /// paths against its folder.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut config: RunConfig = parse_ron(text, path)?;
-        resolve_paths(path, &mut config.model, config.capture.as_mut());
+        resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing);
         config.check(path)?;
         Ok(config)
     }

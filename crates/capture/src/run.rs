@@ -10,6 +10,7 @@ use stage_types::SaveTensorStage;
 use crate::config::{BackendSpec, ModelSpec, RunConfig};
 use crate::error::{CaptureError, Result};
 use crate::faults::attach_faults;
+use crate::replay::{Replay, RoutingSpec};
 use crate::session::{CaptureSession, RunRecord};
 
 /// Progress of a run, for display.
@@ -157,15 +158,30 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         description: format!("{backend_name} {backend_dtype} ({})", config.backend),
         elapsed: backend_start.elapsed(),
     });
+    let replay = match &config.routing {
+        RoutingSpec::Own => None,
+        RoutingSpec::Replay(dir) => {
+            Some(Replay::open(dir, &model.config, config.prompt_tokens(), config.step_count(), config_path)?)
+        }
+    };
     let mut forward = Forward::new(&model, backend);
     attach_faults(&mut forward, &config.faults);
+    if let Some(replay) = &replay {
+        replay.attach(&mut forward);
+    }
     if let Some(session) = &session {
         session.attach(&mut forward);
     }
 
     let start = Instant::now();
     let mut prefill_time = None;
-    let generation = forward.generate(config.prompt_tokens(), config.generate, &mut |e| {
+    // Replayed routing belongs to the replayed run's tokens: feed those.
+    let replayed_tokens = replay.as_ref().map(|r| r.step_tokens(config.step_count()));
+    let mut feed = |step: usize, greedy: u32| match &replayed_tokens {
+        Some(steps) => steps.get(step).and_then(|t| t.first().copied()).unwrap_or(greedy),
+        None => greedy,
+    };
+    let generation = forward.generate_feeding(config.prompt_tokens(), config.generate, &mut feed, &mut |e| {
         if matches!(e, ForwardEvent::StepDone { step: 0, .. }) {
             prefill_time = Some(start.elapsed());
         }
@@ -197,6 +213,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
             generated: &generation.generated,
             steps: &generation.steps,
             faults: &config.faults,
+            routing: replay.as_ref().map(Replay::record),
         })?;
         summary.tensors_written = stats.tensors;
         summary.bytes_written = stats.bytes;

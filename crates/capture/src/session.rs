@@ -30,6 +30,8 @@ pub struct RunRecord<'a> {
     pub steps: &'a [StepRecord],
     /// Faults injected.
     pub faults: &'a [FaultSpec],
+    /// The replayed routing, if any.
+    pub routing: Option<crate::replay::ReplayRecord>,
 }
 
 /// What a committed capture holds.
@@ -96,6 +98,7 @@ impl CaptureSession {
                 .collect(),
             tensors: report.entries,
             faults: run.faults.iter().map(|f| f.to_string()).collect(),
+            routing: run.routing.as_ref().map(|r| serde_json::to_value(r).expect("a replay record serialises")),
         };
         let stats = CaptureStats {
             tensors: manifest.tensors.len(),

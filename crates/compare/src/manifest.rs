@@ -76,6 +76,10 @@ pub struct Manifest {
     /// Faults injected into this run, in the CLI form.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<String>,
+    /// Where the routing came from when it was not the run's own (routing
+    /// replay: the source capture and each replayed step and layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<serde_json::Value>,
 }
 
 impl Manifest {

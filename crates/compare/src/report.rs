@@ -328,7 +328,8 @@ impl Report {
     }
 
     fn render_local(&self, all: bool) -> String {
-        let mut out = format!("reference: {}\ntarget:    {} (teacher-forced after every stage)\n", self.reference, self.target);
+        let mut out =
+            format!("reference: {}\ntarget:    {} (teacher-forced after every stage)\n", self.reference, self.target);
         let findings = self.findings();
         let flips = self.routing_flips();
         let flipped: usize = flips.iter().map(|f| f.2).sum();
@@ -343,7 +344,8 @@ impl Report {
             out += &format!("note: {note}\n");
         }
         if findings.is_empty() {
-            out += "no outlier: every stage's local error is within its tolerance and its own distribution over the run\n";
+            out +=
+                "no outlier: every stage's local error is within its tolerance and its own distribution over the run\n";
         }
         for r in &findings {
             let why = match &r.outlier {

@@ -356,6 +356,20 @@ impl Forward {
         generate: usize,
         on_event: &mut dyn FnMut(ForwardEvent),
     ) -> Result<Generation> {
+        self.generate_feeding(prompt, generate, &mut |_, greedy| greedy, on_event)
+    }
+
+    /// As [`Forward::generate`], but each decode step is fed
+    /// `feed(step, greedy choice of the step before)` instead of the greedy
+    /// choice (e.g. the tokens of another run, for routing replay);
+    /// `generated` still holds the greedy choices.
+    pub fn generate_feeding(
+        &mut self,
+        prompt: &[u32],
+        generate: usize,
+        feed: &mut dyn FnMut(usize, u32) -> u32,
+        on_event: &mut dyn FnMut(ForwardEvent),
+    ) -> Result<Generation> {
         let mut steps = Vec::new();
         let mut generated = Vec::new();
         let mut tokens = prompt.to_vec();
@@ -371,7 +385,7 @@ impl Forward {
                 break;
             }
             position += tokens.len();
-            tokens = vec![next];
+            tokens = vec![feed(step + 1, next)];
         }
         Ok(Generation { generated, steps })
     }

@@ -1,0 +1,201 @@
+//! Routing replay: `routing: Replay("capture dir")` forces the expert ids
+//! and router weights of another run (a capture holding moe_router_indices
+//! and moe_router, by moetrace or any engine writing the same layout), so
+//! a free-running comparison stays meaningful past the first routing flip.
+//! An amender on moe_router writes the replayed weights and ids right after
+//! the router ran; the target's own choice is counted (tokens whose expert
+//! set differed) and recorded in the manifest. The capture is checked
+//! before the run: same model, same prompt, and both tensors for every
+//! (step, MoE layer) the run needs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use compare::CaptureDir;
+use compare::manifest::model_fingerprint;
+use pipeline::{Forward, HookCtx, HostTensor, ModelConfig, PipelineError};
+use serde::{Deserialize, Serialize};
+use stage_types::SaveTensorStage as S;
+
+use crate::error::{CaptureError, Result};
+
+/// Where a run's routing comes from.
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+pub enum RoutingSpec {
+    /// The run's own router.
+    #[default]
+    Own,
+    /// The expert ids and weights of this capture folder (relative to the
+    /// config file).
+    Replay(PathBuf),
+}
+
+/// A (step, layer) whose routing was replayed, for the manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplayedScope {
+    /// Step.
+    pub step: usize,
+    /// Layer.
+    pub layer: usize,
+    /// Tokens whose own expert set differed from the replayed one.
+    pub overridden_tokens: usize,
+}
+
+/// What a run with replayed routing records in its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct ReplayRecord {
+    /// The capture the routing came from.
+    pub replay: String,
+    /// Every (step, layer) replayed.
+    pub replayed: Vec<ReplayedScope>,
+}
+
+/// An opened, checked replay capture.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    source: Arc<CaptureDir>,
+    experts: usize,
+    log: Arc<Mutex<Vec<ReplayedScope>>>,
+}
+
+impl Replay {
+    /// Opens `dir` and checks it against the run: the same model config,
+    /// the same prompt, `steps` steps, and moe_router_indices and moe_router
+    /// of every MoE layer at each of them. `config_path` names the config
+    /// in errors.
+    pub fn open(dir: &Path, model: &ModelConfig, prompt: &[u32], steps: usize, config_path: &Path) -> Result<Self> {
+        let bad = |message: String| CaptureError::ConfigValue {
+            path: config_path.to_path_buf(),
+            message: format!("routing: Replay({}): {message}", dir.display()),
+        };
+        let source = CaptureDir::open(dir).map_err(|e| bad(e.to_string()))?;
+        let m = &source.manifest;
+        if model_fingerprint(&m.model.config) != model_fingerprint(&model.json) {
+            let of = |c: &serde_json::Value, k: &str| c.get(k).cloned().unwrap_or_default();
+            return Err(bad(format!(
+                "the capture is of another model ({} layers, hidden {}; this run: {} layers, hidden {})",
+                of(&m.model.config, "num_hidden_layers"),
+                of(&m.model.config, "hidden_size"),
+                model.num_layers,
+                model.hidden_size
+            )));
+        }
+        if m.prompt != prompt {
+            return Err(bad(format!("the capture's prompt {:?} is not this run's {prompt:?}", m.prompt)));
+        }
+        for step in 0..steps {
+            if !m.steps.iter().any(|s| s.step == step) {
+                return Err(bad(format!(
+                    "the capture has steps {:?} but this run needs step {step} (generate: at most {})",
+                    m.steps.iter().map(|s| s.step).collect::<Vec<_>>(),
+                    m.steps.len()
+                )));
+            }
+            for layer in (0..model.num_layers).filter(|&l| model.is_moe_layer(l)) {
+                for stage in [S::MoeRouterIndices, S::MoeRouter] {
+                    if source.entry(step, Some(layer), stage).is_none() {
+                        return Err(bad(format!(
+                            "the capture has no {stage} for step {step} layer {layer}; capture it with stages: \"moe_router,moe_router_indices\" at every layer and step"
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(Self { source: Arc::new(source), experts: model.num_experts, log: Arc::default() })
+    }
+
+    /// The tokens the replayed capture fed at each step (a run replaying
+    /// its routing feeds the same, so each step's routing belongs to it).
+    pub fn step_tokens(&self, steps: usize) -> Vec<Vec<u32>> {
+        (0..steps)
+            .map(|s| {
+                self.source.manifest.steps.iter().find(|m| m.step == s).map(|m| m.tokens.clone()).unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// Attaches the amender that replays the routing.
+    pub fn attach(&self, forward: &mut Forward) {
+        let replay = self.clone();
+        forward.add_amender(S::MoeRouter, move |ctx: HookCtx| replay.replay_routing(ctx));
+    }
+
+    /// What was replayed, for the manifest.
+    pub fn record(&self) -> ReplayRecord {
+        ReplayRecord {
+            replay: self.source.dir.display().to_string(),
+            replayed: self.log.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+        }
+    }
+
+    fn replay_routing(&self, mut ctx: HookCtx) {
+        if !ctx.produced(S::MoeRouter) {
+            return;
+        }
+        let (step, layer) = (ctx.step().step, ctx.layer().unwrap_or(0));
+        match self.load(step, layer, &ctx.step().tokens) {
+            Ok((weights, ids)) => {
+                let Some(own) = ctx.read(S::MoeRouterIndices) else { return };
+                let overridden_tokens = differing_sets(&own, &ids);
+                ctx.write(S::MoeRouter, &weights);
+                ctx.write(S::MoeRouterIndices, &ids);
+                self.log.lock().unwrap_or_else(|e| e.into_inner()).push(ReplayedScope {
+                    step,
+                    layer,
+                    overridden_tokens,
+                });
+            }
+            Err(message) => ctx.fail(PipelineError::BadInput(format!(
+                "routing replay from {}: step {step} layer {layer}: {message}",
+                self.source.dir.display()
+            ))),
+        }
+    }
+
+    /// The replayed (weights, ids) of one (step, layer), checked against
+    /// the tokens this step feeds.
+    fn load(&self, step: usize, layer: usize, tokens: &[u32]) -> std::result::Result<(HostTensor, HostTensor), String> {
+        let fed = self.source.manifest.steps.iter().find(|s| s.step == step).map(|s| s.tokens.as_slice());
+        if fed != Some(tokens) {
+            return Err(format!("the capture fed tokens {fed:?} at this step, this run feeds {tokens:?}"));
+        }
+        let load = |stage| {
+            self.source
+                .load(step, Some(layer), stage)
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| format!("the capture has no {stage}"))
+        };
+        let (weights, ids) = (load(S::MoeRouter)?, load(S::MoeRouterIndices)?);
+        if weights.shape != ids.shape || weights.shape.len() != 2 || weights.shape[0] != tokens.len() {
+            return Err(format!(
+                "moe_router {:?} and moe_router_indices {:?} are not both [T={},k]",
+                weights.shape,
+                ids.shape,
+                tokens.len()
+            ));
+        }
+        let experts = self.experts;
+        if let Some(bad) = ids.values.iter().find(|&&v| !(v >= 0.0 && v < experts as f64 && v.fract() == 0.0)) {
+            return Err(format!("moe_router_indices holds {bad}, not an expert id of 0..{experts}"));
+        }
+        let shape = weights.shape.clone();
+        let weights = HostTensor::f32(shape.clone(), weights.values.iter().map(|&v| v as f32).collect());
+        let ids = HostTensor::i32(shape, ids.values.iter().map(|&v| v as i32).collect());
+        Ok((weights, ids))
+    }
+}
+
+/// Tokens whose expert set differs between two `[T,k]` id tensors.
+fn differing_sets(a: &HostTensor, b: &HostTensor) -> usize {
+    let k = b.shape.get(1).copied().unwrap_or(1).max(1);
+    let (Some(a), Some(b)) = (a.as_i32(), b.as_i32()) else { return 0 };
+    a.chunks(k)
+        .zip(b.chunks(k))
+        .filter(|(x, y)| {
+            let (mut x, mut y) = (x.to_vec(), y.to_vec());
+            x.sort_unstable();
+            y.sort_unstable();
+            x != y
+        })
+        .count()
+}
