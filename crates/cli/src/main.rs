@@ -29,6 +29,8 @@ enum Command {
     Diff(commands::diff::DiffArgs),
     /// List every stage: name, scope, which layers have it, and its shape.
     Stages(commands::stages::StagesArgs),
+    /// Write the HTML error map of one or two JSON reports (diff/bisect --json).
+    Report(commands::report::ReportArgs),
 }
 
 /// Writes to stdout; a closed pipe (`moetrace stages | head`) is not an
@@ -75,6 +77,7 @@ fn main() -> ExitCode {
         Command::Bisect(args) => commands::bisect::execute(&args),
         Command::Diff(args) => commands::diff::execute(&args),
         Command::Stages(args) => commands::stages::execute(&args),
+        Command::Report(args) => commands::report::execute(&args),
     };
     match result {
         Ok(code) => code,

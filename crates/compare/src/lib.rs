@@ -23,6 +23,7 @@
 pub mod aprt;
 pub mod diff;
 pub mod error;
+pub mod html;
 pub mod json_float;
 pub mod manifest;
 pub mod metrics;

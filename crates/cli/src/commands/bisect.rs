@@ -27,6 +27,9 @@ pub struct BisectArgs {
     /// Print one JSON report.
     #[arg(long)]
     pub json: bool,
+    /// Also write the HTML error map to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
     /// rel_l2 tolerance: F or stage=F (repeatable); default by the target's dtype.
     #[arg(long = "tolerance", value_name = "[STAGE=]F")]
     pub tolerances: Vec<String>,
@@ -40,6 +43,9 @@ pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
     let mut config = BisectConfig::load(&args.config).map_err(|e| e.to_string())?;
     config.faults.extend(super::parse_faults(&args.faults)?);
     let tolerances = super::parse_tolerances(&args.tolerances)?;
+    if let Some(path) = &args.html {
+        super::report::check_html_path(path)?;
+    }
     let options = BisectOptions { tolerances, all: args.all, local: args.local };
     let quiet = args.quiet;
     let report = bisect(&config, &args.config, &options, &mut |step, scope| {
@@ -48,5 +54,5 @@ pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
         }
     })
     .map_err(|e| e.to_string())?;
-    super::print_report(&report, args.json, args.all)
+    super::print_report(&report, args.json, args.all, args.html.as_deref())
 }

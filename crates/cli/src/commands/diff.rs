@@ -19,6 +19,9 @@ pub struct DiffArgs {
     /// Show every row, not only those that are not ok.
     #[arg(long)]
     pub all: bool,
+    /// Also write the HTML error map to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
     /// rel_l2 tolerance: F for every stage or stage=F for one (repeatable); default
     /// by the target's dtype: 1e-4 for f32, 3e-2 for bf16.
     #[arg(long = "tolerance", value_name = "[STAGE=]F")]
@@ -31,7 +34,10 @@ pub struct DiffArgs {
 /// Exit code 0 without divergence, 1 with one.
 pub fn execute(args: &DiffArgs) -> Result<ExitCode, String> {
     let tolerances = super::parse_tolerances(&args.tolerances)?;
+    if let Some(path) = &args.html {
+        super::report::check_html_path(path)?;
+    }
     let report = diff(&args.reference, &args.target, &DiffOptions { tolerances, force: args.force })
         .map_err(|e| e.to_string())?;
-    super::print_report(&report, args.json, args.all)
+    super::print_report(&report, args.json, args.all, args.html.as_deref())
 }

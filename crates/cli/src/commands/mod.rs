@@ -3,6 +3,7 @@
 
 pub mod bisect;
 pub mod diff;
+pub mod report;
 pub mod run;
 pub mod stages;
 
@@ -25,9 +26,18 @@ pub fn parse_tolerances(texts: &[String]) -> Result<Tolerances, String> {
     Ok(tolerances)
 }
 
-/// Prints a comparison report (JSON or human) and returns 1 if it found a
-/// divergence (an outlier or a wrong router, for local errors), 0 if not.
-pub fn print_report(report: &Report, json: bool, all: bool) -> Result<ExitCode, String> {
+/// Prints a comparison report (JSON or human), writes its HTML error map
+/// when asked, and returns 1 if it found a divergence (an outlier or a
+/// wrong router, for local errors), 0 if not.
+pub fn print_report(
+    report: &Report,
+    json: bool,
+    all: bool,
+    html: Option<&std::path::Path>,
+) -> Result<ExitCode, String> {
+    if let Some(path) = html {
+        report::write_html(path, &[report])?;
+    }
     let text = if json {
         serde_json::to_string_pretty(&report.to_json()).map_err(|e| e.to_string())? + "\n"
     } else {
