@@ -296,7 +296,15 @@ fn lockstep(
         let mut reference_input: Option<HostTensor> = None;
         for scope in StepScope::all(model.config.num_layers) {
             let r = reference.run(scope, None)?;
-            let t = target.run(scope, local.then(|| r.clone()))?;
+            // The router is judged as a unit (gate projection, softmax,
+            // top-k) on the reference's input: its own logits feed its own
+            // top-k; from the weights and ids on, the reference's are forced.
+            let forced = local.then(|| {
+                let mut forced = r.clone();
+                forced.remove(&S::MoeRouterLogits);
+                forced
+            });
+            let t = target.run(scope, forced)?;
             let tensors = scope_tensors(&r, &t);
             let rows = compare_scope(step, scope.layer(), &tensors, &options.tolerances, target_dtype, expert_ids);
             on_scope(step, scope.to_string());

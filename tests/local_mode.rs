@@ -1,0 +1,147 @@
+//! Local mode (teacher forcing) of bisect: every stage's own error. A fault
+//! at any stage, layer and step is the one finding, with its local error;
+//! upstream noise is flagged where it enters and nowhere downstream;
+//! routing flips are counted with their margins and never propagate.
+
+use std::path::{Path, PathBuf};
+
+use capture::bisect::{BisectConfig, BisectOptions, bisect};
+use compare::{Mode, Report, Verdict};
+use moetrace_tests::fixture;
+use stage_types::SaveTensorStage as S;
+
+const PROMPT: &str = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
+
+fn local_bisect(model: &str, generate: usize, faults: &str) -> Report {
+    let text = format!(
+        "(model: {model}, prompt: Tokens({PROMPT}), generate: {generate}, reference: Cpu, target: Cpu, threads: 1, mode: Local, faults: [{faults}])"
+    );
+    let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let report = bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    assert_eq!(report.mode, Mode::Local);
+    report
+}
+
+fn free_bisect(model: &str, generate: usize, faults: &str) -> Report {
+    let text = format!(
+        "(model: {model}, prompt: Tokens({PROMPT}), generate: {generate}, reference: Cpu, target: Cpu, threads: 1, faults: [{faults}])"
+    );
+    let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let options = BisectOptions { all: true, ..BisectOptions::default() };
+    bisect(&config, Path::new("b.ron"), &options, &mut |_, _| {}).unwrap()
+}
+
+fn model_spec(name: &str) -> Option<(String, pipeline::ModelConfig)> {
+    match name {
+        "tiny-moe" | "tiny-dense" => {
+            let spec = format!("Synthetic(preset: {name:?}, seed: 5)");
+            Some((spec, pipeline::weights::SyntheticPreset::by_name(name).unwrap().config(None)))
+        }
+        fixture_name => {
+            let dir: PathBuf = fixture(fixture_name)?.join("model");
+            let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+            Some((format!("Path({dir:?})"), config))
+        }
+    }
+}
+
+fn findings(report: &Report) -> Vec<(usize, Option<usize>, S)> {
+    report.findings().iter().map(|r| (r.step, r.layer, r.stage)).collect()
+}
+
+/// A fault at every stage, one run each (layers spread by a stride, every
+/// third at a decode step): local mode names exactly that (step, layer,
+/// stage), with a local error, and nothing else.
+fn every_stage_is_named_alone(name: &str) {
+    let Some((model, config)) = model_spec(name) else { return };
+    let mut checked = 0;
+    for (i, &stage) in S::ALL.iter().enumerate() {
+        let layer = stage.is_layer_stage().then(|| {
+            (0..config.num_layers)
+                .map(|l| (l + 3 * i + 1) % config.num_layers)
+                .find(|&l| stage.applies_to(!config.is_moe_layer(l), config.attention_bias))
+        });
+        let layer = match layer {
+            Some(None) => continue,
+            Some(Some(l)) => Some(l),
+            None => None,
+        };
+        let (step, token) = if i % 3 == 0 { (2, 0) } else { (0, 4) };
+        let kind = if stage == S::MoeRouterIndices { "Zero" } else { "Scale(1.5)" };
+        let layer_field = layer.map(|l| format!("layer: {l}, ")).unwrap_or_default();
+        let fault = format!("(stage: {:?}, {layer_field}step: {step}, token: {token}, kind: {kind})", stage.name());
+        let report = local_bisect(&model, 3, &fault);
+        let found = findings(&report);
+        if stage == S::MoeRouterLogits {
+            // The router is judged as a unit: its weights (and, across a
+            // margin, its choice) follow its own logits.
+            assert_eq!(found.first(), Some(&(step, layer, stage)), "{name}: {fault}\n{}", report.render(false));
+            assert!(found.iter().all(|f| [S::MoeRouterLogits, S::MoeRouter, S::MoeRouterIndices].contains(&f.2)));
+        } else {
+            assert_eq!(found, [(step, layer, stage)], "{name}: {fault}\n{}", report.render(false));
+        }
+        let row = report.findings()[0];
+        if stage == S::MoeRouterIndices {
+            assert_eq!(row.verdict, Verdict::WrongRouter, "{name}: {fault}");
+        } else {
+            let error = row.metrics.as_ref().map(|m| m.worst_row_error).unwrap();
+            assert!(error > 0.1 && row.outlier.is_some(), "{name}: {fault}: local error {error}");
+            assert_eq!(row.worst_token, Some(token), "{name}: {fault}");
+        }
+        checked += 1;
+    }
+    assert!(checked >= 20, "{name}: only {checked} stages checked");
+}
+
+#[test]
+fn every_stage_fault_is_named_alone_on_tiny_moe() {
+    every_stage_is_named_alone("tiny-moe");
+}
+
+#[test]
+fn every_stage_fault_is_named_alone_on_tiny_dense() {
+    every_stage_is_named_alone("tiny-dense");
+}
+
+#[test]
+fn every_stage_fault_is_named_alone_on_the_fixture() {
+    every_stage_is_named_alone("tiny-qwen3-moe");
+}
+
+#[test]
+fn upstream_noise_is_flagged_where_it_enters_and_nowhere_after() {
+    let model = "Synthetic(preset: \"tiny-moe\", seed: 5)";
+    let fault = "(stage: \"embedding\", step: 0, token: 3, kind: Noise(std: 1e-3, seed: 2))";
+    let free = free_bisect(model, 3, fault);
+    let diverged = free.rows.iter().filter(|r| !r.verdict.is_ok() && r.stage != S::Embedding).count();
+    assert!(diverged > 20, "free-running, the noise should make later stages diverge; {diverged} did");
+    let local = local_bisect(model, 3, fault);
+    assert_eq!(findings(&local), [(0, None, S::Embedding)], "{}", local.render(false));
+    assert!(local.rows.iter().filter(|r| r.stage != S::Embedding).all(|r| r.rel_l2().is_none_or(|e| e == 0.0)));
+}
+
+#[test]
+fn routing_flips_are_counted_with_margins_and_never_propagate() {
+    let model = "Synthetic(preset: \"tiny-moe\", seed: 5)";
+    // Noise on every token's router logits of layer 1: enough to flip the
+    // closest top-k margins, too little to move a clear one.
+    let faults: Vec<String> = (0..9)
+        .map(|t| format!("(stage: \"moe_router_logits\", layer: 1, token: {t}, kind: Noise(std: 0.3, seed: {t}))"))
+        .collect();
+    let report = local_bisect(model, 1, &faults.join(", "));
+    let flips = report.routing_flips();
+    assert_eq!(flips.len(), 1, "{}", report.render(false));
+    let (step, layer, count, near, margin) = flips[0];
+    assert_eq!((step, layer), (0, 1));
+    assert!(count >= 1 && near == count && margin.is_some(), "{}", report.render(false));
+    let indices = report.rows.iter().find(|r| r.stage == S::MoeRouterIndices && r.layer == Some(1)).unwrap();
+    assert_eq!(indices.verdict, Verdict::RoutingFlip);
+    // The faulty logits and the router's weights are findings, the near-tie
+    // flips are not; the experts ran on the reference's ids and weights, so
+    // nothing after the router differs.
+    let found = findings(&report);
+    assert_eq!(found.first(), Some(&(0, Some(1), S::MoeRouterLogits)), "{}", report.render(false));
+    assert!(found.iter().all(|f| f.2 == S::MoeRouterLogits || f.2 == S::MoeRouter), "{found:?}");
+    let after = report.rows.iter().filter(|r| r.layer == Some(1) && r.stage > S::MoeRouter || r.layer > Some(1));
+    assert!(after.into_iter().all(|r| r.rel_l2().is_none_or(|e| e == 0.0)));
+}
