@@ -144,19 +144,17 @@ fn panel(report: &Report, step: usize, stages: &[SaveTensorStage], layers: usize
             esc(&title_of(row, report.mode))
         );
         let finding = row.outlier.is_some() || matches!(row.verdict, Verdict::WrongRouter);
-        if first == Some((row.step, row.layer, row.stage)) {
-            let _ = write!(
-                outlines,
-                r#"<rect x="{}" y="{}" width="{}" height="{}" class="first"/>"#,
-                x + 1,
-                y + 1,
-                CELL_W - 2,
-                CELL_H - 2
-            );
+        let outline = if first == Some((row.step, row.layer, row.stage)) {
+            Some("first")
         } else if finding {
+            Some("outlier")
+        } else {
+            None
+        };
+        if let Some(class) = outline {
             let _ = write!(
                 outlines,
-                r#"<rect x="{}" y="{}" width="{}" height="{}" class="outlier"/>"#,
+                r#"<rect x="{}" y="{}" width="{}" height="{}" class="{class}"/>"#,
                 x + 1,
                 y + 1,
                 CELL_W - 2,
