@@ -4,13 +4,13 @@
 //! stage itself wrong. Plus: no false positives, routing flips on near-ties,
 //! NaN/Inf sides.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use capture::bisect::{BisectConfig, BisectOptions, bisect};
 use capture::{CaptureDir, RunConfig};
 use compare::diff::{DiffOptions, diff};
 use compare::{Report, Side, Verdict};
-use moetrace_tests::{fixture, scratch};
+use moetrace_tests::{fixture, model_spec, scratch};
 use stage_types::SaveTensorStage as S;
 
 const PROMPT: &str = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
@@ -29,21 +29,6 @@ fn bisect_run(model: &str, generate: usize, faults: &str) -> Report {
     );
     let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
     bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
-}
-
-fn model_spec(name: &str) -> Option<(String, pipeline::ModelConfig)> {
-    match name {
-        "tiny-moe" | "tiny-dense" => {
-            let spec = format!("Synthetic(preset: {name:?}, seed: 5)");
-            let config = pipeline::weights::SyntheticPreset::by_name(name).unwrap().config(None);
-            Some((spec, config))
-        }
-        fixture_name => {
-            let dir: PathBuf = fixture(fixture_name)?.join("model");
-            let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).unwrap();
-            Some((format!("Path({:?})", dir), config))
-        }
-    }
 }
 
 /// Every stage of the model gets one fault; diff and bisect must name it.

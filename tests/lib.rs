@@ -60,3 +60,20 @@ pub fn gpu_enabled() -> bool {
     }
     on
 }
+
+/// A model for the fault tests: a synthetic preset (`tiny-moe`,
+/// `tiny-dense`, seed 5) or an oracle fixture by name, as a RON model spec
+/// and its config; None (with the skip message) when the fixture is absent.
+pub fn model_spec(name: &str) -> Option<(String, pipeline::ModelConfig)> {
+    match name {
+        "tiny-moe" | "tiny-dense" => {
+            let spec = format!("Synthetic(preset: {name:?}, seed: 5)");
+            Some((spec, pipeline::weights::SyntheticPreset::by_name(name).ok()?.config(None)))
+        }
+        fixture_name => {
+            let dir = fixture(fixture_name)?.join("model");
+            let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).expect("fixture config.json");
+            Some((format!("Path({dir:?})"), config))
+        }
+    }
+}

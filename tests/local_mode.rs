@@ -3,11 +3,11 @@
 //! upstream noise is flagged where it enters and nowhere downstream;
 //! routing flips are counted with their margins and never propagate.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use capture::bisect::{BisectConfig, BisectOptions, bisect};
 use compare::{Mode, Report, Verdict};
-use moetrace_tests::fixture;
+use moetrace_tests::model_spec;
 use stage_types::SaveTensorStage as S;
 
 const PROMPT: &str = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
@@ -29,20 +29,6 @@ fn free_bisect(model: &str, generate: usize, faults: &str) -> Report {
     let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
     let options = BisectOptions { all: true, ..BisectOptions::default() };
     bisect(&config, Path::new("b.ron"), &options, &mut |_, _| {}).unwrap()
-}
-
-fn model_spec(name: &str) -> Option<(String, pipeline::ModelConfig)> {
-    match name {
-        "tiny-moe" | "tiny-dense" => {
-            let spec = format!("Synthetic(preset: {name:?}, seed: 5)");
-            Some((spec, pipeline::weights::SyntheticPreset::by_name(name).unwrap().config(None)))
-        }
-        fixture_name => {
-            let dir: PathBuf = fixture(fixture_name)?.join("model");
-            let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).unwrap();
-            Some((format!("Path({dir:?})"), config))
-        }
-    }
 }
 
 fn findings(report: &Report) -> Vec<(usize, Option<usize>, S)> {
