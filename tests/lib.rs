@@ -68,7 +68,7 @@ pub fn model_spec(name: &str) -> Option<(String, pipeline::ModelConfig)> {
     match name {
         "tiny-moe" | "tiny-dense" => {
             let spec = format!("Synthetic(preset: {name:?}, seed: 5)");
-            Some((spec, pipeline::weights::SyntheticPreset::by_name(name).ok()?.config(None)))
+            Some((spec, pipeline::weights::SyntheticPreset::by_name(name).ok()?.config(None).ok()?))
         }
         fixture_name => {
             let dir = fixture(fixture_name)?.join("model");

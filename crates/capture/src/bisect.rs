@@ -23,7 +23,10 @@ use pipeline::{Forward, HostTensor, Model, ScopeOutputs, ScopeTeacher, StepRecor
 use serde::Deserialize;
 use stage_types::SaveTensorStage as S;
 
-use crate::config::{BackendSpec, CaptureSpec, ModelSpec, PromptSpec, parse_ron, read_config, resolve_paths};
+use crate::config::{
+    BackendSpec, CaptureSpec, ModelSpec, PromptSpec, check_run_size, check_threads, parse_ron, read_config,
+    resolve_paths,
+};
 use crate::error::{CaptureError, Result};
 use crate::faults::{FaultSpec, attach_faults};
 use crate::replay::{Replay, RoutingSpec};
@@ -40,7 +43,7 @@ pub struct BisectConfig {
     /// The prompt.
     pub prompt: PromptSpec,
     /// Greedy tokens after the prompt (default 0).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::config::whole_number")]
     pub generate: usize,
     /// The reference backend.
     pub reference: BackendSpec,
@@ -86,7 +89,8 @@ impl BisectConfig {
     /// Parses RON text (file:line:col on errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut config: BisectConfig = parse_ron(text, path)?;
-        resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing);
+        resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing)?;
+        check_threads(path, config.threads)?;
         let PromptSpec::Tokens(tokens) = &config.prompt;
         if tokens.is_empty() {
             return Err(CaptureError::ConfigValue {
@@ -160,6 +164,8 @@ pub fn bisect(
         f.check(&model.config, config.tokens().len(), steps)
             .map_err(|e| CaptureError::ConfigValue { path: path.to_path_buf(), message: format!("faults: {e}") })?;
     }
+    let host_passes = usize::from(!config.reference.is_cuda()) + usize::from(!config.target.is_cuda());
+    check_run_size(path, &model.config, config.tokens().len(), config.generate, host_passes)?;
     if let Some(&bad) = config.tokens().iter().find(|&&t| t as usize >= model.config.vocab_size) {
         return Err(CaptureError::ConfigValue {
             path: path.to_path_buf(),

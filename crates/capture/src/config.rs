@@ -152,7 +152,7 @@ pub struct RunConfig {
     /// The prompt.
     pub prompt: PromptSpec,
     /// Tokens to produce by greedy decoding after the prompt (default 0).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_number")]
     pub generate: usize,
     /// The backend (default Cpu).
     #[serde(default)]
@@ -172,41 +172,149 @@ pub struct RunConfig {
     pub routing: RoutingSpec,
 }
 
+/// Deserialises `generate`, a count of tokens; `1.5`, `-1` or `"3"` get
+/// a message that says so (RON's own names only the type).
+pub(crate) fn whole_number<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    struct Whole;
+    impl de::Visitor<'_> for Whole {
+        type Value = usize;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("generate: a whole number of tokens (0, 1, 2, ...)")
+        }
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<usize, E> {
+            usize::try_from(v).map_err(|_| E::custom(format!("generate: {v} is too large")))
+        }
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<usize, E> {
+            usize::try_from(v)
+                .map_err(|_| E::custom(format!("generate: {v} is not a whole number of tokens (0, 1, 2, ...)")))
+        }
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<usize, E> {
+            Err(E::custom(format!("generate: {v} is not a whole number of tokens (0, 1, 2, ...)")))
+        }
+    }
+    d.deserialize_any(Whole)
+}
+
+/// Largest config file read.
+const MAX_CONFIG_BYTES: u64 = 16 * stage_types::input::MIB;
+
 /// Parses a RON config (`Some(..)` may be left out), reporting errors at
 /// file:line:col.
 pub(crate) fn parse_ron<T: serde::de::DeserializeOwned>(text: &str, path: &Path) -> Result<T> {
     let options = ron::Options::default().with_default_extension(ron::extensions::Extensions::IMPLICIT_SOME);
-    options.from_str(text).map_err(|e| CaptureError::ConfigSyntax {
-        path: path.to_path_buf(),
-        line: e.span.start.line,
-        col: e.span.start.col,
-        message: e.code.to_string(),
+    options.from_str(text).map_err(|e| {
+        use ron::error::Error as E;
+        let (line, col) = (e.span.start.line, e.span.start.col);
+        let what = match &e.code {
+            E::ExpectedFloat => "expected a number, e.g. 1.5".to_string(),
+            E::ExpectedInteger => "expected a whole number".to_string(),
+            E::ExpectedString => "expected a string in double quotes".to_string(),
+            other => other.to_string(),
+        };
+        let message = match near(text, line, col) {
+            Some(snippet) => format!("{what} (near `{snippet}`)"),
+            None => what,
+        };
+        CaptureError::ConfigSyntax { path: path.to_path_buf(), line, col, message }
     })
+}
+
+/// Up to 24 characters of `text` before (1-based) line:col and 8 after,
+/// on that line, trimmed: where a syntax error points.
+fn near(text: &str, line: usize, col: usize) -> Option<String> {
+    let chars: Vec<char> = text.lines().nth(line.checked_sub(1)?)?.chars().collect();
+    let at = col.saturating_sub(1).min(chars.len());
+    let snippet: String = chars[at.saturating_sub(24)..(at + 8).min(chars.len())].iter().collect();
+    let snippet = snippet.trim();
+    (!snippet.is_empty()).then(|| snippet.to_string())
 }
 
 /// Reads a config file.
 pub(crate) fn read_config(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| CaptureError::ReadConfig { path: path.to_path_buf(), source })
+    stage_types::input::read_regular_text(path, MAX_CONFIG_BYTES)
+        .map_err(|source| CaptureError::ReadConfig { path: path.to_path_buf(), source })
 }
 
-/// Resolves the model path and capture folder against the config file's
-/// folder.
+/// Resolves the model path, capture folder and replay folder against the
+/// config file's folder; an empty one is an error (joined, it would name
+/// the config's own folder).
 pub(crate) fn resolve_paths(
     path: &Path,
     model: &mut ModelSpec,
     capture: Option<&mut CaptureSpec>,
     routing: &mut RoutingSpec,
-) {
+) -> Result<()> {
     let base = path.parent().unwrap_or(Path::new(""));
-    if let RoutingSpec::Replay(p) = routing {
+    let resolve = |p: &mut PathBuf, what: &str| {
+        if p.as_os_str().is_empty() {
+            return Err(CaptureError::ConfigValue {
+                path: path.to_path_buf(),
+                message: format!("{what} is empty; give a path (relative paths are taken from the config's folder)"),
+            });
+        }
         *p = base.join(&*p);
+        Ok(())
+    };
+    if let RoutingSpec::Replay(p) = routing {
+        resolve(p, "routing: Replay(..) path")?;
     }
     if let ModelSpec::Path(p) = model {
-        *p = base.join(&*p);
+        resolve(p, "model path")?;
     }
     if let Some(capture) = capture {
-        capture.out_dir = base.join(&capture.out_dir);
+        resolve(&mut capture.out_dir, "capture.out_dir")?;
     }
+    Ok(())
+}
+
+/// `threads` is at least 1 and at most the machine's cores (more threads
+/// than cores only slows the CPU backend down; a huge number would try to
+/// start that many).
+pub(crate) fn check_threads(path: &Path, threads: Option<usize>) -> Result<()> {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+    match threads {
+        Some(0) => Err(bad("threads: must be at least 1 (or omit it to use every core)".into())),
+        Some(n) if n > cores => Err(bad(format!(
+            "threads: {n} is more than this machine's {cores} cores; give at most {cores} (or omit it to use every core)"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a run's size against the model before anything is allocated:
+/// the positions it uses against max_position_embeddings, and (when
+/// `host_passes` forward passes run on the CPU) its KV caches and
+/// activations against the memory the OS says is available.
+pub(crate) fn check_run_size(
+    path: &Path,
+    config: &ModelConfig,
+    prompt: usize,
+    generate: usize,
+    host_passes: usize,
+) -> Result<()> {
+    let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+    let positions = prompt.saturating_add(generate.saturating_sub(1));
+    if let Some(max) = config.max_positions
+        && positions > max
+    {
+        return Err(bad(format!(
+            "prompt ({prompt} tokens) and generate ({generate}) need {positions} positions, more than the model's max_position_embeddings {max}"
+        )));
+    }
+    if host_passes > 0
+        && let Some(available) = pipeline::available_memory_bytes()
+    {
+        let need = config.forward_host_bytes(prompt, positions) * host_passes as f64;
+        if need > available as f64 * 0.8 {
+            return Err(bad(format!(
+                "prompt ({prompt} tokens) and generate ({generate}) need about {:.1} GB of KV cache and activations on the host for {host_passes} CPU forward pass(es), more than the {:.1} GB available; use a shorter prompt or fewer tokens",
+                need / 1e9,
+                available as f64 / 1e9
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl RunConfig {
@@ -214,7 +322,7 @@ impl RunConfig {
     /// paths against its folder.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut config: RunConfig = parse_ron(text, path)?;
-        resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing);
+        resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing)?;
         config.check(path)?;
         Ok(config)
     }
@@ -243,9 +351,7 @@ impl RunConfig {
         if self.prompt_tokens().is_empty() {
             return Err(bad("prompt: Tokens([]) is empty; give at least one token id".into()));
         }
-        if self.threads == Some(0) {
-            return Err(bad("threads: must be at least 1 (or omit it to use every core)".into()));
-        }
+        check_threads(path, self.threads)?;
         if let Some(capture) = &self.capture {
             capture.steps.0.check_within(self.step_count(), "step").map_err(|e| {
                 bad(format!("capture.steps: {e} (generate: {} makes {} steps)", self.generate, self.step_count()))
@@ -266,6 +372,8 @@ impl RunConfig {
                 .check(config, self.prompt_tokens().len(), self.step_count())
                 .map_err(|e| bad(format!("faults: {e}")))?;
         }
+        let host_passes = usize::from(!self.backend.is_cuda());
+        check_run_size(path, config, self.prompt_tokens().len(), self.generate, host_passes)?;
         if let Some((i, &t)) = self.prompt_tokens().iter().enumerate().find(|&(_, &t)| t as usize >= vocab_size) {
             return Err(bad(format!(
                 "prompt: token id {t} at index {i} is out of range: the model's vocabulary has {vocab_size} tokens (valid ids 0..{vocab_size})"
@@ -347,16 +455,16 @@ mod tests {
         assert!(msg.contains("prompt"), "{msg}");
         let faulty =
             parse(&DEBUG.replace("faults: []", "faults: [(stage: \"moe_router\", layer: 9, kind: Nan)]")).unwrap();
-        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None);
+        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None).unwrap();
         let msg = faulty.check_against_model(Path::new("x.ron"), &config).unwrap_err().to_string();
         assert!(msg.contains("faults") && msg.contains("layer 9"), "{msg}");
         let msg = parse(&DEBUG.replace("steps: \"all\"", "steps: \"0..5\"")).unwrap_err().to_string();
         assert!(msg.contains("capture.steps") && msg.contains("0..2"), "{msg}");
         let c = parse(DEBUG).unwrap();
         let preset = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap();
-        let msg = c.check_against_model(Path::new("x.ron"), &preset.config(Some(1))).unwrap_err().to_string();
+        let msg = c.check_against_model(Path::new("x.ron"), &preset.config(Some(1)).unwrap()).unwrap_err().to_string();
         assert!(msg.contains("capture.layers") && msg.contains("0..1"), "{msg}");
-        let mut small_vocab = preset.config(None);
+        let mut small_vocab = preset.config(None).unwrap();
         small_vocab.vocab_size = 100;
         let msg = c.check_against_model(Path::new("x.ron"), &small_vocab).unwrap_err().to_string();
         assert!(msg.contains("token id 423") && msg.contains("0..100"), "{msg}");

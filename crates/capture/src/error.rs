@@ -48,12 +48,12 @@ pub enum CaptureError {
         source: std::io::Error,
     },
     /// out_dir exists and is not a capture this tool may replace.
-    #[error(
-        "out_dir {path} exists and is not a moetrace capture (no manifest.json of format moetrace-capture/1); refusing to replace it; choose another out_dir or remove it"
-    )]
+    #[error("out_dir {path}: {why}; refusing to replace it; choose another out_dir or remove it")]
     OutDirOccupied {
         /// The folder.
         path: PathBuf,
+        /// Why it is not exactly a moetrace capture.
+        why: String,
     },
     /// Reading or comparing captures failed.
     #[error(transparent)]

@@ -144,36 +144,45 @@ impl FromStr for FaultSpec {
             step,
             token,
             expert,
-            kind: parse_kind(kind.trim()).ok_or_else(|| bad("unknown kind"))?,
+            kind: parse_kind(kind.trim()).map_err(|why| bad(&why))?,
         })
     }
 }
 
-fn parse_kind(text: &str) -> Option<FaultKind> {
+/// Parses a fault kind; the error says what is wrong with it.
+fn parse_kind(text: &str) -> Result<FaultKind, String> {
     let lower = text.to_ascii_lowercase();
     let args = |name: &str| -> Option<Vec<String>> {
-        let inner = lower.strip_prefix(name)?.strip_prefix('(')?.strip_suffix(')')?;
-        Some(inner.split(',').map(|a| a.trim().to_string()).collect())
+        let inner = lower.strip_prefix(name)?.trim_start().strip_prefix('(')?.strip_suffix(')')?;
+        Some(inner.split(',').map(|a| a.trim().to_string()).filter(|a| !a.is_empty()).collect())
     };
     match lower.as_str() {
-        "nan" => return Some(FaultKind::Nan),
-        "inf" => return Some(FaultKind::Inf),
-        "zero" => return Some(FaultKind::Zero),
-        "swap-experts" | "swapexperts" | "swap_experts" => return Some(FaultKind::SwapExperts),
+        "nan" => return Ok(FaultKind::Nan),
+        "inf" => return Ok(FaultKind::Inf),
+        "zero" => return Ok(FaultKind::Zero),
+        "swap-experts" | "swapexperts" | "swap_experts" => return Ok(FaultKind::SwapExperts),
         _ => {}
     }
+    let number = |a: &str, what: &str| -> Result<f32, String> {
+        a.parse::<f32>().ok().filter(|x| x.is_finite()).ok_or_else(|| format!("{what} `{a}` is not a finite number"))
+    };
     if let Some(a) = args("scale") {
-        return (a.len() == 1).then(|| a[0].parse().ok().map(FaultKind::Scale)).flatten();
+        return match a.as_slice() {
+            [x] => Ok(FaultKind::Scale(number(x, "scale factor")?)),
+            _ => Err("scale takes one number, the factor: scale(1.5)".into()),
+        };
     }
     if let Some(a) = args("noise") {
-        let std = a.first()?.parse().ok()?;
-        let seed = match a.get(1) {
-            Some(s) => s.parse().ok()?,
-            None => 0,
+        return match a.as_slice() {
+            [std] => Ok(FaultKind::Noise { std: number(std, "noise std")?, seed: 0 }),
+            [std, seed] => Ok(FaultKind::Noise {
+                std: number(std, "noise std")?,
+                seed: seed.parse().map_err(|_| format!("noise seed `{seed}` is not a whole number"))?,
+            }),
+            _ => Err("noise takes a number and an optional whole-number seed: noise(0.01) or noise(0.01, 7)".into()),
         };
-        return (a.len() <= 2).then_some(FaultKind::Noise { std, seed });
     }
-    None
+    Err(format!("unknown kind `{text}`"))
 }
 
 impl FaultSpec {
@@ -405,7 +414,7 @@ mod tests {
         let mut w = HostTensor::f32(vec![3, 2], vec![0.5; 6]);
         assert_eq!(one.apply(&mut w, Some(&ids)).unwrap(), 1);
         assert_eq!(w.as_f32().unwrap(), [0.5, 0.5, 0.5, 0.5, 0.0, 0.5]);
-        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None);
+        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None).unwrap();
         let check = |s: &str| s.parse::<FaultSpec>().unwrap().check(&config, 9, 3);
         assert!(check("moe_expert_out@1#7=scale(2)").is_ok());
         assert!(check("attn_out@1#7=zero").unwrap_err().contains("expert selector applies to moe_router"));
@@ -415,7 +424,7 @@ mod tests {
 
     #[test]
     fn check_rejects_impossible_faults_with_reasons() {
-        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None);
+        let config = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(None).unwrap();
         let check = |s: &str| s.parse::<FaultSpec>().unwrap().check(&config, 9, 3);
         assert!(check("moe_router@2=nan").is_ok());
         assert!(check("moe_router@9=nan").unwrap_err().contains("layer 9"));

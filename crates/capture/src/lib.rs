@@ -19,6 +19,7 @@ pub mod replay;
 pub mod run;
 pub mod session;
 pub mod systems;
+pub mod target;
 pub mod writer;
 
 pub use compare::{CaptureDir, Manifest};

@@ -11,7 +11,8 @@ use crate::config::CaptureSpec;
 use crate::error::Result;
 use crate::faults::FaultSpec;
 use crate::systems::{CaptureSelection, attach_capture};
-use crate::writer::{CaptureTarget, CaptureWriter};
+use crate::target::CaptureTarget;
+use crate::writer::CaptureWriter;
 use compare::manifest::{FORMAT, Manifest, ManifestModel, ManifestStep};
 
 /// What a manifest records about the run that produced it.

@@ -1,11 +1,9 @@
-//! Where captured tensors go: [`CaptureTarget`] (a temporary folder beside
-//! out_dir, renamed into place only when the run succeeds) and
-//! [`CaptureWriter`] (writer threads fed over one bounded crossbeam channel
-//! that write the .npy files, so the forward pass never waits on the disk
-//! beyond the channel's capacity).
+//! [`CaptureWriter`]: writer threads fed over one bounded crossbeam channel
+//! that write the .npy files into the capture's temporary folder (see
+//! [`crate::target`]), so the forward pass never waits on the disk beyond
+//! the channel's capacity.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use crossbeam_channel::{Receiver, Sender, bounded};
@@ -13,7 +11,7 @@ use pipeline::PendingTensor;
 use stage_types::SaveTensorStage;
 
 use crate::error::{CaptureError, Result};
-use compare::manifest::{FORMAT, Manifest, ManifestTensor, tensor_path};
+use compare::manifest::{ManifestTensor, tensor_path};
 
 /// One tensor on its way to disk.
 #[derive(Debug)]
@@ -30,114 +28,6 @@ pub struct CapturedTensor {
     /// The data, possibly still being copied from the device (the writer
     /// waits for it).
     pub tensor: PendingTensor,
-}
-
-/// A capture folder being written: a temporary sibling of `out_dir`,
-/// removed on drop unless [`CaptureTarget::commit`] renamed it into place.
-#[derive(Debug)]
-pub struct CaptureTarget {
-    out_dir: PathBuf,
-    tmp_dir: PathBuf,
-    /// Folders above out_dir that `prepare` created, innermost first; a
-    /// failed run removes them again when they are empty.
-    created_parents: Vec<PathBuf>,
-    committed: bool,
-}
-
-impl CaptureTarget {
-    /// Checks that out_dir may be (re)placed and creates the temporary
-    /// folder. An existing out_dir is replaced only if it is empty or a
-    /// moetrace capture.
-    pub fn prepare(out_dir: &Path) -> Result<Self> {
-        if out_dir.exists() && !is_replaceable(out_dir) {
-            return Err(CaptureError::OutDirOccupied { path: out_dir.to_path_buf() });
-        }
-        let name = out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "capture".into());
-        let parent = out_dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        let created_parents: Vec<PathBuf> = parent
-            .ancestors()
-            .take_while(|p| !p.as_os_str().is_empty() && !p.exists())
-            .map(Path::to_path_buf)
-            .collect();
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let unique = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp_dir = parent.join(format!(".{name}.moetrace-tmp-{}-{unique}", std::process::id()));
-        // From here on, dropping `target` on an error undoes what was made.
-        let target = Self { out_dir: out_dir.to_path_buf(), tmp_dir, created_parents, committed: false };
-        std::fs::create_dir_all(parent).map_err(CaptureError::io("cannot create the parent of out_dir", parent))?;
-        let tmp_dir = &target.tmp_dir;
-        if tmp_dir.exists() {
-            std::fs::remove_dir_all(tmp_dir).map_err(CaptureError::io("cannot remove stale", tmp_dir))?;
-        }
-        std::fs::create_dir(tmp_dir).map_err(CaptureError::io("cannot create capture folder", tmp_dir))?;
-        Ok(target)
-    }
-
-    /// The folder tensors are written into until commit.
-    pub fn tmp_dir(&self) -> &Path {
-        &self.tmp_dir
-    }
-
-    /// The final folder.
-    pub fn out_dir(&self) -> &Path {
-        &self.out_dir
-    }
-
-    /// Writes the manifest and renames the folder into place, replacing a
-    /// previous capture at out_dir.
-    pub fn commit(mut self, manifest: &Manifest) -> Result<()> {
-        manifest.write(&self.tmp_dir)?;
-        let old = self.out_dir.with_file_name(format!(
-            ".{}.moetrace-old-{}",
-            self.out_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            std::process::id()
-        ));
-        let had_old = self.out_dir.exists();
-        if had_old {
-            std::fs::rename(&self.out_dir, &old)
-                .map_err(CaptureError::io("cannot move aside the previous capture", &self.out_dir))?;
-        }
-        if let Err(source) = std::fs::rename(&self.tmp_dir, &self.out_dir) {
-            if had_old {
-                let _ = std::fs::rename(&old, &self.out_dir);
-            }
-            return Err(CaptureError::Io {
-                action: "cannot rename the capture into place at",
-                path: self.out_dir.clone(),
-                source,
-            });
-        }
-        self.committed = true;
-        if had_old {
-            std::fs::remove_dir_all(&old).map_err(CaptureError::io("cannot remove the previous capture", &old))?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for CaptureTarget {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp_dir);
-            for dir in &self.created_parents {
-                // Only empty folders go (remove_dir refuses others).
-                let _ = std::fs::remove_dir(dir);
-            }
-        }
-    }
-}
-
-/// An existing folder is replaceable when empty or a moetrace capture.
-fn is_replaceable(dir: &Path) -> bool {
-    if !dir.is_dir() {
-        return false;
-    }
-    let empty = std::fs::read_dir(dir).map(|mut d| d.next().is_none()).unwrap_or(false);
-    empty
-        || std::fs::read_to_string(dir.join("manifest.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-            .is_some_and(|v| v.get("format").and_then(|f| f.as_str()) == Some(FORMAT))
 }
 
 /// What the writer threads did.

@@ -71,6 +71,13 @@ fn main() -> ExitCode {
         .without_time()
         .log_internal_errors(false)
         .init();
+    // SIGINT, SIGTERM (and SIGHUP): remove the capture folder being
+    // written, then exit as an interrupted process does.
+    let _ = ctrlc::set_handler(|| {
+        capture::target::remove_temporary_folders();
+        say!("interrupted: the capture being written was removed; nothing was replaced");
+        std::process::exit(130);
+    });
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => commands::run::execute(&args),

@@ -5,6 +5,7 @@
 //! shape taken from the other side of a comparison.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use stage_types::SaveTensorStage;
@@ -18,6 +19,7 @@ pub struct AprtDir {
     /// The folder.
     pub dir: PathBuf,
     files: BTreeMap<(Option<usize>, SaveTensorStage), PathBuf>,
+    unknown: Vec<String>,
 }
 
 /// The layer value APRT writes for model stages.
@@ -44,13 +46,18 @@ impl AprtDir {
     /// Indexes the `.bin` files of known stages (others are ignored).
     pub fn open(dir: &Path) -> Result<Self> {
         let mut files = BTreeMap::new();
+        let mut unknown = Vec::new();
         let mut add = |layer: Option<usize>, folder: &Path| -> Result<()> {
             for entry in std::fs::read_dir(folder).map_err(CompareError::io("cannot read", folder))? {
                 let path = entry.map_err(CompareError::io("cannot read", folder))?.path();
                 if path.extension().is_some_and(|x| x == "bin") {
                     let name = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-                    if let Ok(stage) = name.parse::<SaveTensorStage>() {
-                        files.insert((if stage.is_layer_stage() { layer } else { None }, stage), path);
+                    match name.parse::<SaveTensorStage>() {
+                        Ok(stage) => {
+                            files.insert((if stage.is_layer_stage() { layer } else { None }, stage), path);
+                        }
+                        Err(_) if !unknown.contains(&name) => unknown.push(name),
+                        Err(_) => {}
                     }
                 }
             }
@@ -64,7 +71,12 @@ impl AprtDir {
                 add(Some(n), &entry.path())?;
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), files })
+        Ok(Self { dir: dir.to_path_buf(), files, unknown })
+    }
+
+    /// File stems of `.bin` files that name no known stage.
+    pub fn unknown_stages(&self) -> &[String] {
+        &self.unknown
     }
 
     /// Every (layer, stage) present.
@@ -76,29 +88,46 @@ impl AprtDir {
     /// shape from the other side of the comparison).
     pub fn load(&self, layer: Option<usize>, stage: SaveTensorStage) -> Result<Option<NpyArray>> {
         let Some(path) = self.files.get(&(layer, stage)) else { return Ok(None) };
-        let bytes = std::fs::read(path).map_err(CompareError::io("cannot read", path))?;
-        let bad = |message: String| CompareError::BadAprt { path: path.clone(), message };
-        if bytes.len() < 12 || &bytes[..4] != b"APRT" {
-            return Err(bad("not an APRT file: the magic `APRT` is missing".into()));
-        }
-        let file_layer = u32::from_le_bytes(bytes[4..8].try_into().expect("4 bytes"));
-        let count = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")) as usize;
+        let io = CompareError::io("cannot read", path);
+        let (file, len) = stage_types::input::open_regular(path).map_err(io)?;
+        let mut head = Vec::with_capacity(12);
+        file.take(12).read_to_end(&mut head).map_err(CompareError::io("cannot read", path))?;
         let expected_layer = layer.map(|l| l as u32).unwrap_or(MODEL_LAYER);
-        if file_layer != expected_layer {
-            return Err(bad(format!(
-                "header says layer {file_layer} but the file sits where layer {expected_layer} belongs"
-            )));
-        }
-        if bytes.len() != 12 + 4 * count {
-            return Err(bad(format!(
-                "header promises {count} f32 values but the file holds {} bytes of data (truncated?)",
-                bytes.len() - 12
-            )));
-        }
-        let values: Vec<f64> =
-            bytes[12..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect();
-        Ok(Some(NpyArray { shape: vec![count], dtype: "float32", values }))
+        let count = parse_header(&head, expected_layer, len)
+            .map_err(|message| CompareError::BadAprt { path: path.clone(), message })?;
+        let bytes = stage_types::input::read_regular(path, len).map_err(CompareError::io("cannot read", path))?;
+        let values = parse_aprt(&bytes, expected_layer)
+            .map_err(|message| CompareError::BadAprt { path: path.clone(), message })?;
+        debug_assert_eq!(values.len(), count);
+        Ok(Some(NpyArray { shape: vec![values.len()], dtype: "float32", values }))
     }
+}
+
+/// Checks an APRT header (the first 12 bytes) against the layer the file's
+/// place implies and the file's length; returns the element count.
+fn parse_header(head: &[u8], expected_layer: u32, file_len: u64) -> Result<usize, String> {
+    if head.len() < 12 || &head[..4] != b"APRT" {
+        return Err("not an APRT file: the magic `APRT` is missing".into());
+    }
+    let file_layer = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes"));
+    let count = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
+    if file_layer != expected_layer {
+        return Err(format!("header says layer {file_layer} but the file sits where layer {expected_layer} belongs"));
+    }
+    if file_len != 12 + 4 * count as u64 {
+        return Err(format!(
+            "header promises {count} f32 values but the file holds {} bytes of data (truncated?)",
+            file_len.saturating_sub(12)
+        ));
+    }
+    Ok(count as usize)
+}
+
+/// Parses a whole APRT file whose place implies `expected_layer`
+/// (0xFFFFFFFF for model stages). Allocates at most twice the input.
+pub fn parse_aprt(bytes: &[u8], expected_layer: u32) -> Result<Vec<f64>, String> {
+    parse_header(bytes, expected_layer, bytes.len() as u64)?;
+    Ok(bytes[12..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect())
 }
 
 /// Writes an APRT file (for tests and for exporting to the upstream tool).

@@ -64,6 +64,15 @@ impl Source {
         }
     }
 
+    /// Stage names this version does not know (APRT files of unknown
+    /// stages are listed by their file stems).
+    fn unknown_stages(&self) -> Vec<String> {
+        match self {
+            Source::Capture(c) => c.unknown_stages(),
+            Source::Aprt(a) => a.unknown_stages().to_vec(),
+        }
+    }
+
     fn keys(&self) -> Vec<(usize, Option<usize>, SaveTensorStage)> {
         match self {
             Source::Capture(c) => c.keys(),
@@ -122,6 +131,26 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
             }
         }
     }
+    // APRT holds step 0 only: the other side's later steps are not in that
+    // capture, which is not a divergence.
+    if matches!(r, Source::Aprt(_)) || matches!(t, Source::Aprt(_)) {
+        let later: BTreeSet<usize> = r.keys().into_iter().chain(t.keys()).map(|k| k.0).filter(|&s| s > 0).collect();
+        if let (Some(first), Some(last)) = (later.first(), later.last()) {
+            report.notes.push(format!(
+                "steps {first}..={last} not compared: not in this capture (an APRT export holds step 0 only)"
+            ));
+        }
+        skip_steps.extend(later);
+    }
+    for (side, source) in [("reference", &r), ("target", &t)] {
+        let unknown = source.unknown_stages();
+        if !unknown.is_empty() {
+            report.notes.push(format!(
+                "{side}: tensors of unknown stage names ignored: {} (`moetrace stages` lists the known ones)",
+                unknown.join(", ")
+            ));
+        }
+    }
     let mut keys: Vec<_> = r.keys().into_iter().chain(t.keys()).filter(|k| !skip_steps.contains(&k.0)).collect();
     keys.sort_by_key(|&(step, layer, stage)| (step, scope_rank(layer, stage), stage));
     keys.dedup();
@@ -155,6 +184,18 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
     }
     if one_sided > 0 {
         report.notes.push(format!("{one_sided} tensors were captured on one side only (rows marked missing)"));
+    }
+    if report.rows.iter().all(|row| matches!(row.verdict, crate::Verdict::Missing { .. })) {
+        let mut message = format!(
+            "nothing to compare: no (step, layer, stage) was captured on both sides (reference {} tensors of known stages, target {})",
+            r.keys().len(),
+            t.keys().len()
+        );
+        for note in &report.notes {
+            message.push_str("; ");
+            message.push_str(note);
+        }
+        return Err(CompareError::NotComparable { path: target.to_path_buf(), message });
     }
     Ok(report)
 }

@@ -86,7 +86,8 @@ impl Manifest {
     /// Reads and checks `<dir>/manifest.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");
-        let text = std::fs::read_to_string(&path).map_err(CompareError::io("cannot read", &path))?;
+        let text = stage_types::input::read_regular_text(&path, MAX_MANIFEST_BYTES)
+            .map_err(CompareError::io("cannot read", &path))?;
         let bad = |message: String| CompareError::BadManifest { path: path.clone(), message };
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
         match value.get("format").and_then(|f| f.as_str()) {
@@ -94,7 +95,11 @@ impl Manifest {
             Some(other) => return Err(bad(format!("format is `{other}`, expected `{FORMAT}`"))),
             None => return Err(bad(format!("no `format` field (expected `{FORMAT}`)"))),
         }
-        serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+        let manifest: Manifest = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        for t in &manifest.tensors {
+            check_relative_path(&t.path).map_err(|why| bad(format!("tensor path `{}` {why}", t.path)))?;
+        }
+        Ok(manifest)
     }
 
     /// Writes `<dir>/manifest.json`.
@@ -103,6 +108,25 @@ impl Manifest {
         let text = serde_json::to_string_pretty(self).expect("manifest serialises");
         std::fs::write(&path, text + "\n").map_err(CompareError::io("cannot write", &path))
     }
+}
+
+/// The largest manifest.json read (a 48-layer capture of every stage over
+/// a hundred steps is about 25 MB).
+pub const MAX_MANIFEST_BYTES: u64 = 512 * stage_types::input::MIB;
+
+/// A manifest's tensor paths stay inside the capture folder: relative,
+/// `/`-separated names, no `..`, no root, no drive, no empty part.
+pub fn check_relative_path(path: &str) -> Result<(), &'static str> {
+    if path.is_empty() {
+        return Err("is empty");
+    }
+    if path.starts_with('/') || path.contains('\\') || path.contains(':') {
+        return Err("points outside the capture folder (absolute, or not a `/`-separated relative path)");
+    }
+    if path.split('/').any(|part| part.is_empty() || part == "." || part == "..") {
+        return Err("points outside the capture folder (`..`, `.` or an empty part)");
+    }
+    Ok(())
 }
 
 /// The relative path of a stage tensor: `step-S/<stage>.npy` for model
@@ -155,6 +179,15 @@ mod tests {
     use serde_json::json;
 
     use super::model_fingerprint;
+
+    #[test]
+    fn tensor_paths_must_stay_inside_the_capture() {
+        use super::check_relative_path as check;
+        assert!(check("step-0/layer-1/attn_out.npy").is_ok());
+        for bad in ["/etc/passwd", "../x.npy", "step-0/../../x.npy", "a//b", "./a", "", "C:/x", "a\\b"] {
+            assert!(check(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn fingerprints_fold_key_spellings_and_ignore_dtype() {

@@ -2,6 +2,7 @@
 //! of little-endian f32, f64, i32 and i64 arrays (numpy's and the
 //! oracle's).
 
+use std::io::Read;
 use std::path::Path;
 
 use crate::error::{CompareError, Result};
@@ -38,14 +39,67 @@ pub fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Reads a .npy file.
-pub fn read_npy(path: &Path) -> Result<NpyArray> {
-    let bytes = std::fs::read(path).map_err(CompareError::io("cannot read", path))?;
-    parse_npy(&bytes).map_err(|message| CompareError::BadNpy { path: path.to_path_buf(), message })
+/// The most elements any array may describe, counting empty dimensions as
+/// 1 (2^48: far beyond any activation, far below an overflow): an empty
+/// array of shape (0, 2^60) is refused, not handed on to code that would
+/// size a buffer by its other dimensions.
+pub const MAX_ELEMENTS: usize = 1 << 48;
+
+/// The largest header read (numpy writes at most a few hundred bytes).
+const MAX_HEADER: usize = 1 << 20;
+
+/// A parsed .npy header.
+#[derive(Debug, Clone, PartialEq)]
+struct Header {
+    shape: Vec<usize>,
+    dtype: &'static str,
+    data_start: usize,
+    data_len: usize,
 }
 
-/// Parses .npy bytes; the error says what is wrong.
+/// Reads a .npy file: a regular file only, its size checked against the
+/// header before the data is read.
+pub fn read_npy(path: &Path) -> Result<NpyArray> {
+    let bad = |message: String| CompareError::BadNpy { path: path.to_path_buf(), message };
+    let (file, len) = stage_types::input::open_regular(path).map_err(CompareError::io("cannot read", path))?;
+    let mut head = Vec::new();
+    file.take(MAX_HEADER as u64).read_to_end(&mut head).map_err(CompareError::io("cannot read", path))?;
+    let header = parse_header(&head).map_err(bad)?;
+    let expected = header.data_start as u64 + header.data_len as u64;
+    if len != expected {
+        return Err(bad(size_message(&header, len.saturating_sub(header.data_start as u64))));
+    }
+    let bytes = stage_types::input::read_regular(path, expected).map_err(CompareError::io("cannot read", path))?;
+    parse_npy(&bytes).map_err(bad)
+}
+
+fn size_message(h: &Header, data_len: u64) -> String {
+    format!(
+        "shape {:?} of {} needs {} data bytes but the file has {data_len} (truncated?)",
+        h.shape, h.dtype, h.data_len
+    )
+}
+
+/// Parses .npy bytes; the error says what is wrong. Allocates at most
+/// twice the input's length (values widen to f64).
 pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
+    let header = parse_header(bytes)?;
+    let data = &bytes[header.data_start.min(bytes.len())..];
+    if data.len() != header.data_len {
+        return Err(size_message(&header, data.len() as u64));
+    }
+    let values = match header.dtype {
+        "float32" => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
+        "float64" => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8"))).collect(),
+        "int32" => data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
+        _ => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as f64).collect(),
+    };
+    Ok(NpyArray { shape: header.shape, dtype: header.dtype, values })
+}
+
+/// Parses the magic, version and header dictionary; sizes are checked
+/// arithmetic, so no shape can overflow.
+fn parse_header(bytes: &[u8]) -> Result<Header, String> {
     if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
         return Err("missing the \\x93NUMPY magic (not a .npy file)".into());
     }
@@ -54,6 +108,9 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
         2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
         v => return Err(format!("unsupported .npy version {v}")),
     };
+    if header_len > MAX_HEADER - header_start {
+        return Err(format!("header of {header_len} bytes is longer than any numpy writes"));
+    }
     let data_start = header_start + header_len;
     let header = bytes
         .get(header_start..data_start)
@@ -76,7 +133,7 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
         .filter(|s| !s.is_empty())
         .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry `{s}`")))
         .collect::<Result<Vec<_>, _>>()?;
-    let (dtype, size) = match descr {
+    let (dtype, element_size) = match descr {
         "<f4" => ("float32", 4),
         "<f8" => ("float64", 8),
         "<i4" => ("int32", 4),
@@ -85,22 +142,14 @@ pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
             return Err(format!("dtype `{other}` is not supported (supported: <f4, <f8, <i4, <i8)"));
         }
     };
+    let too_big = || format!("shape {shape:?} describes more than {MAX_ELEMENTS} elements");
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d.max(1)).filter(|&n| n <= MAX_ELEMENTS))
+        .ok_or_else(too_big)?;
     let numel: usize = shape.iter().product();
-    let data = &bytes[data_start.min(bytes.len())..];
-    if data.len() != numel * size {
-        return Err(format!(
-            "shape {shape:?} of {dtype} needs {} data bytes but the file has {} (truncated?)",
-            numel * size,
-            data.len()
-        ));
-    }
-    let values = match dtype {
-        "float32" => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
-        "float64" => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8"))).collect(),
-        "int32" => data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
-        _ => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as f64).collect(),
-    };
-    Ok(NpyArray { shape, dtype, values })
+    let data_len = numel * element_size;
+    Ok(Header { shape, dtype, data_start, data_len })
 }
 
 #[cfg(test)]
@@ -138,5 +187,14 @@ mod tests {
         let at = complex.windows(3).position(|w| w == b"<f4").unwrap();
         complex[at..at + 3].copy_from_slice(b"<c8");
         assert!(parse_npy(&complex).unwrap_err().contains("<c8"));
+    }
+
+    #[test]
+    fn shapes_that_overflow_or_describe_huge_empty_arrays_are_refused() {
+        for shape in [vec![1usize << 32, 1 << 32, 1 << 32], vec![0, 1 << 50], vec![1 << 50, 0], vec![usize::MAX, 2]] {
+            let err = parse_npy(&header("<f4", &shape)).unwrap_err();
+            assert!(err.contains("more than"), "{shape:?}: {err}");
+        }
+        assert_eq!(parse_npy(&header("<f4", &[3, 0])).unwrap().values.len(), 0);
     }
 }

@@ -47,20 +47,40 @@ impl CaptureDir {
     }
 
     /// Loads (step, layer, stage); `Ok(None)` if it was not captured.
-    /// Checks the file's shape against the manifest.
+    /// Checks the manifest's shape against the stage (its rank, no empty
+    /// dimension) before reading, the file's shape against the manifest,
+    /// and that the file, links resolved, lies inside the capture folder.
     pub fn load(&self, step: usize, layer: Option<usize>, stage: SaveTensorStage) -> Result<Option<NpyArray>> {
         let Some(entry) = self.entry(step, layer, stage) else {
             return Ok(None);
         };
         let path = self.dir.join(&entry.path);
+        let bad = |message: String| CompareError::BadNpy { path: path.clone(), message };
+        check_stage_shape(stage, &entry.shape).map_err(|m| bad(format!("the manifest's {m}")))?;
+        let inside = match (path.canonicalize(), self.dir.canonicalize()) {
+            (Ok(file), Ok(dir)) => file.starts_with(dir),
+            _ => true, // a missing file is reported by the read below
+        };
+        if !inside {
+            return Err(bad("is a link that points outside the capture folder".into()));
+        }
         let array = read_npy(&path)?;
         if array.shape != entry.shape {
-            return Err(CompareError::BadNpy {
-                path,
-                message: format!("shape {:?} differs from the manifest's {:?}", array.shape, entry.shape),
-            });
+            return Err(bad(format!("shape {:?} differs from the manifest's {:?}", array.shape, entry.shape)));
         }
         Ok(Some(array))
+    }
+
+    /// Stage names of manifest entries this version does not know, each
+    /// once, in manifest order.
+    pub fn unknown_stages(&self) -> Vec<String> {
+        let mut names: Vec<String> = Vec::new();
+        for t in &self.manifest.tensors {
+            if t.stage.parse::<SaveTensorStage>().is_err() && !names.contains(&t.stage) {
+                names.push(t.stage.clone());
+            }
+        }
+        names
     }
 
     /// Every indexed (step, layer, stage), sorted by step, layer (model
@@ -70,6 +90,24 @@ impl CaptureDir {
         keys.sort_by_key(|&(step, layer, stage)| (step, stage_rank(layer, stage), stage));
         keys
     }
+}
+
+/// Checks a captured shape against its stage: the stage's rank (from
+/// DESIGN's shape table) and no empty dimension (every stage tensor has at
+/// least one token, head, expert and feature).
+pub fn check_stage_shape(stage: SaveTensorStage, shape: &[usize]) -> Result<(), String> {
+    if shape.len() != stage.rank() {
+        return Err(format!(
+            "shape {shape:?} has {} dimensions but {stage} is {} ({} dimensions)",
+            shape.len(),
+            stage.shape(),
+            stage.rank()
+        ));
+    }
+    if shape.contains(&0) {
+        return Err(format!("shape {shape:?} of {stage} has an empty dimension"));
+    }
+    Ok(())
 }
 
 /// Orders prologue model stages before layers, layers by index, epilogue

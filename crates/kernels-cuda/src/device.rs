@@ -137,7 +137,9 @@ impl GpuDevice {
             prec_div: Some(true),
             prec_sqrt: Some(true),
             fmad: Some(false),
-            options: vec![format!("--gpu-architecture={}", self.arch)],
+            // Line info only maps instructions to source lines (for
+            // compute-sanitizer and ncu reports); the code is unchanged.
+            options: vec![format!("--gpu-architecture={}", self.arch), "-lineinfo".into()],
             ..Default::default()
         };
         let ptx = compile_ptx_with_opts(&source, options).map_err(|e| KernelError::Compile {

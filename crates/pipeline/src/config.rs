@@ -7,6 +7,21 @@ use serde_json::{Map, Value};
 
 use crate::error::{PipelineError, Result};
 
+/// Largest hidden_size (and, times 8, MLP width) accepted.
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Largest number of decoder layers accepted.
+pub const MAX_LAYERS: usize = 1024;
+/// Largest number of attention (or key-value) heads accepted.
+pub const MAX_HEADS: usize = 1024;
+/// Largest head_dim accepted.
+pub const MAX_HEAD_DIM: usize = 4096;
+/// Largest number of experts per MoE layer accepted.
+pub const MAX_EXPERTS: usize = 4096;
+/// Largest vocabulary accepted.
+pub const MAX_VOCAB: usize = 1 << 22;
+/// Largest max_position_embeddings accepted.
+pub const MAX_POSITIONS: usize = 1 << 24;
+
 /// The hyper-parameters of a Qwen3 / Qwen3-MoE decoder, with the keys'
 /// alternative spellings resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -43,6 +58,9 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     /// V.
     pub vocab_size: usize,
+    /// Positions the model was trained for (`max_position_embeddings`),
+    /// if the config says; a run may not use more.
+    pub max_positions: Option<usize>,
     /// lm_head shares the embedding matrix.
     pub tie_word_embeddings: bool,
     /// q/k/v projections have a bias (not Qwen3; Qwen2-style).
@@ -57,8 +75,8 @@ pub struct ModelConfig {
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+        let text = stage_types::input::read_regular_text(path, 16 * stage_types::input::MIB)
+            .map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
         let json: Value = serde_json::from_str(&text)
             .map_err(|e| PipelineError::BadConfig { path: path.to_path_buf(), message: e.to_string() })?;
         Self::from_json(json, path)
@@ -120,6 +138,7 @@ impl ModelConfig {
             rms_norm_eps: keys.opt_f64(&["rms_norm_eps"])?.unwrap_or(1e-6),
             rope_theta,
             vocab_size: keys.usize(&["vocab_size"])?,
+            max_positions: keys.opt_usize(&["max_position_embeddings"])?,
             tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias: keys.opt_bool("attention_bias")?.unwrap_or(false),
             dtype: match keys.opt_str("torch_dtype")? {
@@ -146,6 +165,29 @@ impl ModelConfig {
             if value == 0 {
                 return Err(bad(format!("`{name}` must be at least 1")));
             }
+        }
+        // Far above any real model, far below what would overflow a size
+        // or take the machine down: checked before any list of tensors is
+        // built from these numbers.
+        for (name, value, max) in [
+            ("hidden_size", self.hidden_size, MAX_WIDTH),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_WIDTH * 8),
+            ("moe_intermediate_size", self.moe_intermediate_size, MAX_WIDTH * 8),
+            ("num_experts", self.num_experts, MAX_EXPERTS),
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("decoder_sparse_step", self.decoder_sparse_step, MAX_LAYERS),
+            ("max_position_embeddings", self.max_positions.unwrap_or(1), MAX_POSITIONS),
+        ] {
+            if value > max {
+                return Err(bad(format!("`{name}` is {value}, more than the {max} moetrace accepts")));
+            }
+        }
+        if self.max_positions == Some(0) {
+            return Err(bad("`max_position_embeddings` must be at least 1".into()));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(format!(
@@ -177,6 +219,25 @@ impl ModelConfig {
             return Err(bad("rms_norm_eps must be >= 0 and rope_theta > 0".into()));
         }
         Ok(())
+    }
+
+    /// Host bytes a forward pass needs besides the weights, for a prompt of
+    /// `prompt` tokens and `positions` positions in all: the KV caches
+    /// (f32) and the largest step's activations (every stage slot of one
+    /// layer, the attention scores `[nh, T, P]` dominating long prompts).
+    /// An estimate in f64, so absurd sizes cannot overflow.
+    pub fn forward_host_bytes(&self, prompt: usize, positions: usize) -> f64 {
+        let f = |x: usize| x as f64;
+        let (t, p) = (f(prompt), f(positions));
+        let kv = f(self.num_layers) * 2.0 * p * f(self.kv_width());
+        let per_token = 12.0 * f(self.hidden_size)
+            + 3.0 * f(self.qkv_width())
+            + 4.0 * f(self.intermediate_size)
+            + f(self.experts_per_token) * (3.0 * f(self.moe_intermediate_size) + f(self.hidden_size))
+            + f(self.num_experts)
+            + f(self.vocab_size);
+        let scores = 2.0 * f(self.num_heads) * t * f(prompt);
+        4.0 * (kv + t * per_token + scores)
     }
 
     /// Whether layer `layer` is a Mixture-of-Experts layer: the model has

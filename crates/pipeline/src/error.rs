@@ -55,6 +55,16 @@ pub enum PipelineError {
         /// The tensor name.
         name: String,
     },
+    /// config.json says `attention_bias: true` and a q/k/v bias is absent.
+    #[error(
+        "{path}: attention bias `{name}` is missing: config.json says attention_bias: true (set it to false if the model has no q/k/v bias)"
+    )]
+    MissingAttentionBias {
+        /// The checkpoint folder.
+        path: PathBuf,
+        /// The bias tensor's name.
+        name: String,
+    },
     /// A tensor has another shape than the config implies.
     #[error("tensor `{name}` has shape {actual:?} but the config implies {expected:?}")]
     WrongShape {

@@ -450,7 +450,7 @@ mod tests {
 
     #[test]
     fn mixed_models_run_dense_stages_on_dense_layers_and_moe_stages_on_moe_layers() {
-        let mut json = SyntheticPreset::by_name("tiny-moe").unwrap().config(Some(3)).json;
+        let mut json = SyntheticPreset::by_name("tiny-moe").unwrap().config(Some(3)).unwrap().json;
         json["mlp_only_layers"] = serde_json::json!([1]);
         json["intermediate_size"] = serde_json::json!(96);
         let config = ModelConfig::from_json(json, std::path::Path::new("mixed")).unwrap();
@@ -473,7 +473,7 @@ mod tests {
 
     #[test]
     fn qkv_bias_runs_only_for_models_with_a_bias_and_adds_it() {
-        let mut json = SyntheticPreset::by_name("tiny-dense").unwrap().config(Some(1)).json;
+        let mut json = SyntheticPreset::by_name("tiny-dense").unwrap().config(Some(1)).unwrap().json;
         json["attention_bias"] = serde_json::json!(true);
         let config = ModelConfig::from_json(json, std::path::Path::new("bias")).unwrap();
         let store = generate_weights(&config, 4, "bias").unwrap();

@@ -48,4 +48,5 @@ pub use forward::{Forward, ForwardEvent, Generation, StepRecord, StepScope};
 pub use model::{Model, ModelSource};
 pub use teacher::{ScopeOutputs, ScopeTeacher};
 pub use tensor::{HostTensor, PendingTensor, TensorData};
+pub use weights::available_memory_bytes;
 pub use weights::{WeightStore, WeightTensor};

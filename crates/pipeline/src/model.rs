@@ -194,6 +194,7 @@ impl Model {
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         let store = load_checkpoint(dir)?;
+        check_counts(&config, &store, &dir.join("config.json"))?;
         Self::assemble(config, store, ModelSource::Checkpoint(dir.to_path_buf()))
     }
 
@@ -220,7 +221,7 @@ impl Model {
         store: impl FnOnce(&SyntheticPreset, &ModelConfig) -> Result<WeightStore>,
     ) -> Result<Self> {
         let preset = SyntheticPreset::by_name(preset)?;
-        let config = preset.config(layers);
+        let config = preset.config(layers)?;
         let store = store(preset, &config)?;
         Self::assemble(config, store, ModelSource::Synthetic { preset: preset.name.to_string(), seed })
     }
@@ -232,9 +233,13 @@ impl Model {
             ModelSource::Synthetic { preset, .. } => PathBuf::from(format!("synthetic:{preset}")),
         };
         for spec in tensor_specs(&config) {
-            let id = store
-                .id(&spec.name)
-                .ok_or_else(|| PipelineError::MissingTensor { path: dir.clone(), name: spec.name.clone() })?;
+            let id = store.id(&spec.name).ok_or_else(|| {
+                if spec.name.contains(".self_attn.") && spec.name.ends_with("_proj.bias") {
+                    PipelineError::MissingAttentionBias { path: dir.clone(), name: spec.name.clone() }
+                } else {
+                    PipelineError::MissingTensor { path: dir.clone(), name: spec.name.clone() }
+                }
+            })?;
             let actual = &store.get(id).shape;
             if *actual != spec.shape {
                 return Err(PipelineError::WrongShape {
@@ -304,6 +309,39 @@ impl Model {
     pub fn weight_dtype(&self) -> &'static str {
         self.store.get(self.embedding).dtype.name()
     }
+}
+
+/// Checks config.json's layer and expert counts against the tensors the
+/// checkpoint holds, before the list of expected tensors is built (a
+/// config that claims a billion layers is refused here, by name).
+fn check_counts(config: &ModelConfig, store: &WeightStore, config_path: &Path) -> Result<()> {
+    let (mut layers, mut experts) = (0usize, 0usize);
+    for t in store.tensors() {
+        let Some((layer, rest)) = t.name.strip_prefix("model.layers.").and_then(|r| r.split_once('.')) else {
+            continue;
+        };
+        let Ok(layer) = layer.parse::<usize>() else { continue };
+        layers = layers.max(layer.saturating_add(1));
+        let expert = rest.strip_prefix("mlp.experts.").and_then(|r| r.split_once('.')).map(|(e, _)| e.parse::<usize>());
+        if let Some(Ok(e)) = expert {
+            experts = experts.max(e.saturating_add(1));
+        }
+    }
+    let bad = |message: String| PipelineError::BadConfig { path: config_path.to_path_buf(), message };
+    if config.num_layers > layers {
+        return Err(bad(format!(
+            "`num_hidden_layers` is {} but the checkpoint has {layers} (tensors model.layers.N.* for N below {layers})",
+            config.num_layers
+        )));
+    }
+    let has_moe_layer = (0..config.num_layers).any(|l| config.is_moe_layer(l));
+    if has_moe_layer && config.num_experts > experts {
+        return Err(bad(format!(
+            "`num_experts` is {} but the checkpoint has {experts} (tensors mlp.experts.E.* for E below {experts})",
+            config.num_experts
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

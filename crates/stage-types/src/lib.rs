@@ -8,6 +8,8 @@
 //! - [`StageList`]: a parsed selection of stages (`"all"` or a comma list).
 //! - [`IndexSet`]: a parsed selection of layers or steps (`"all"`, `"3"`,
 //!   `"0..4"`, `"0..2,7"`; ends exclusive).
+//! - [`input`]: reading user-given files safely (regular files only, size
+//!   limits, byte order marks dropped).
 //! - [`ParseError`]: what went wrong, naming the bad token and the valid
 //!   choices.
 //!
@@ -25,6 +27,7 @@
 //! This crate has no dependencies at all, so any tool can reuse it.
 
 mod error;
+pub mod input;
 mod selection;
 mod stage;
 

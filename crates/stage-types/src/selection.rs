@@ -139,7 +139,14 @@ impl IndexSet {
         }
         let bad = |token: &str, reason: &'static str| ParseError::BadRange { what, token: token.to_string(), reason };
         let number = |token: &str, whole: &str| -> Result<usize, ParseError> {
-            token.trim().parse::<usize>().map_err(|_| bad(whole, "not a non-negative integer"))
+            let token = token.trim();
+            token.parse::<usize>().map_err(|_| {
+                if !token.is_empty() && token.bytes().all(|b| b.is_ascii_digit()) {
+                    bad(whole, "an index too large for this machine")
+                } else {
+                    bad(whole, "not a non-negative integer")
+                }
+            })
         };
         let mut spans = Vec::new();
         for item in text.split(',').map(str::trim) {
@@ -160,7 +167,8 @@ impl IndexSet {
                 }
                 None => {
                     let index = number(item, item)?;
-                    IndexSpan { start: index, end: index + 1 }
+                    let end = index.checked_add(1).ok_or_else(|| bad(item, "an index too large for this machine"))?;
+                    IndexSpan { start: index, end }
                 }
             };
             spans.push(span);
@@ -237,6 +245,16 @@ mod tests {
         assert_eq!(err, ParseError::UnknownStage { token: "bogus".into() });
         assert_eq!(" , ".parse::<StageList>(), Err(ParseError::EmptyStageList));
         assert!(ParseError::EmptyStageList.to_string().contains("all"));
+    }
+
+    #[test]
+    fn indices_too_large_are_errors_not_wrapped_spans() {
+        for text in ["18446744073709551615", "99999999999999999999", "0..18446744073709551616"] {
+            let err = IndexSet::parse_layers(text).unwrap_err().to_string();
+            assert!(err.contains("too large"), "{text}: {err}");
+        }
+        let last = IndexSet::parse_layers("18446744073709551614").unwrap();
+        assert!(last.contains(usize::MAX - 1) && !last.contains(usize::MAX));
     }
 
     #[test]

@@ -156,6 +156,13 @@ impl SaveTensorStage {
     pub const ALIASES: &'static [(&'static str, SaveTensorStage)] =
         &[("layer_output", SaveTensorStage::PostFfnResidual)];
 
+    /// Number of dimensions of the stage's tensor (from [`Self::shape`]):
+    /// 2 for `[T,H]`, 3 for `[T,k,I]` and `[nh,T,P]`.
+    pub fn rank(self) -> usize {
+        let dims = self.shape().split(']').next().unwrap_or_default();
+        dims.matches(',').count() + 1
+    }
+
     /// Position in [`SaveTensorStage::ALL`] (execution order).
     pub fn index(self) -> usize {
         self as usize

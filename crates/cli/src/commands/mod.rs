@@ -14,7 +14,7 @@ use compare::{Report, Tolerances};
 
 /// Parses `--fault` values.
 pub fn parse_faults(texts: &[String]) -> Result<Vec<FaultSpec>, String> {
-    texts.iter().map(|t| t.parse().map_err(|e: String| format!("--fault: {e}"))).collect()
+    texts.iter().map(|t| t.parse().map_err(|e: String| format!("--fault (command line): {e}"))).collect()
 }
 
 /// Parses `--tolerance` values.

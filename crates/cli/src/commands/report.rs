@@ -25,8 +25,8 @@ pub fn execute(args: &ReportArgs) -> Result<ExitCode, String> {
         .reports
         .iter()
         .map(|path| {
-            let text =
-                std::fs::read_to_string(path).map_err(|e| format!("cannot read report {}: {e}", path.display()))?;
+            let text = stage_types::input::read_regular_text(path, compare::manifest::MAX_MANIFEST_BYTES)
+                .map_err(|e| format!("cannot read report {}: {e}", path.display()))?;
             Report::from_json(&text, path).map_err(|e| e.to_string())
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -55,8 +55,11 @@ fn temp_sibling(path: &Path) -> Result<PathBuf, String> {
 pub fn write_html(path: &Path, reports: &[&Report]) -> Result<(), String> {
     let html = compare::html::render_html(reports);
     let tmp = temp_sibling(path)?;
-    std::fs::write(&tmp, html).and_then(|()| std::fs::rename(&tmp, path)).map_err(|e| {
+    capture::target::register_temporary(&tmp);
+    let written = std::fs::write(&tmp, html).and_then(|()| std::fs::rename(&tmp, path)).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         format!("cannot write the HTML report {}: {e}", path.display())
-    })
+    });
+    capture::target::unregister_temporary(&tmp);
+    written
 }

@@ -12,7 +12,9 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 pub use safetensors::{load_checkpoint, save_safetensors};
-pub use synthetic::{SyntheticPreset, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key};
+pub use synthetic::{
+    SyntheticPreset, available_memory_bytes, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key,
+};
 
 /// Element type of a stored weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

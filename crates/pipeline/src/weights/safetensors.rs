@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use memmap2::Mmap;
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors};
 use serde_json::Value;
 
 use super::{WeightDtype, WeightStore, WeightTensor};
@@ -70,8 +71,8 @@ pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
 
 fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
     let bad = |message: String| PipelineError::BadSafetensors { path: index.to_path_buf(), message };
-    let text =
-        std::fs::read_to_string(index).map_err(|source| PipelineError::Io { path: index.to_path_buf(), source })?;
+    let text = stage_types::input::read_regular_text(index, 64 * stage_types::input::MIB)
+        .map_err(|source| PipelineError::Io { path: index.to_path_buf(), source })?;
     let json: Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
     let map = json.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no `weight_map` object".into()))?;
     map.values()
@@ -86,60 +87,45 @@ fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
 
 fn load_file(path: &Path, store: &mut WeightStore) -> Result<()> {
     let bad = |message: String| PipelineError::BadSafetensors { path: path.to_path_buf(), message };
-    let file = File::open(path).map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+    let (file, _) = stage_types::input::open_regular(path)
+        .map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
     // SAFETY: the checkpoint is opened read-only and is treated as immutable
     // input; if another process truncates it while we run, reads may fault,
     // which is the documented hazard of every mmap-based model loader.
     let map = unsafe { Mmap::map(&file) }.map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
     let map = Arc::new(map);
-    if map.len() < 8 {
-        return Err(bad(format!("the file has {} bytes, fewer than the 8-byte header length", map.len())));
-    }
-    let header_len = u64::from_le_bytes(map[..8].try_into().expect("8 bytes")) as usize;
-    let data_start = 8usize.checked_add(header_len).filter(|&end| end <= map.len()).ok_or_else(|| {
-        bad(format!("header length {header_len} runs past the end of the {}-byte file (truncated?)", map.len()))
+    // Hugging Face's own parser validates the header: its length, UTF-8
+    // JSON, contiguous non-overlapping offsets, shape x dtype sizes in
+    // checked arithmetic, and that the data exactly fills the file.
+    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
+        bad(match e {
+            SafeTensorError::MetadataIncompleteBuffer => format!(
+                "the tensors its header describes do not exactly fill the file's {} bytes (truncated or extended?)",
+                map.len()
+            ),
+            SafeTensorError::HeaderTooSmall | SafeTensorError::InvalidHeaderLength => {
+                format!("the header length runs past the end of the {}-byte file (truncated?)", map.len())
+            }
+            other => other.to_string(),
+        })
     })?;
-    let header: serde_json::Map<String, Value> =
-        serde_json::from_slice(&map[8..data_start]).map_err(|e| bad(format!("header is not a JSON object: {e}")))?;
-    let data_len = map.len() - data_start;
-    let mut entries: Vec<_> = header.iter().filter(|(name, _)| *name != "__metadata__").collect();
-    entries.sort_by_key(|(name, _)| name.as_str());
+    let data_start = 8 + header_len;
+    let mut entries: Vec<_> = metadata.tensors().into_iter().collect();
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, info) in entries {
-        let dtype_name =
-            info.get("dtype").and_then(Value::as_str).ok_or_else(|| bad(format!("tensor `{name}` has no dtype")))?;
-        let dtype = match dtype_name {
-            "BF16" => WeightDtype::Bf16,
-            "F16" => WeightDtype::F16,
-            "F32" => WeightDtype::F32,
+        let dtype = match info.dtype {
+            Dtype::BF16 => WeightDtype::Bf16,
+            Dtype::F16 => WeightDtype::F16,
+            Dtype::F32 => WeightDtype::F32,
             other => {
-                return Err(PipelineError::UnsupportedDtype { name: name.clone(), dtype: other.to_string() });
+                return Err(PipelineError::UnsupportedDtype { name, dtype: other.to_string() });
             }
         };
-        let shape: Vec<usize> = info
-            .get("shape")
-            .and_then(|s| serde_json::from_value(s.clone()).ok())
-            .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
-        let offsets: [usize; 2] = info
-            .get("data_offsets")
-            .and_then(|s| serde_json::from_value(s.clone()).ok())
-            .ok_or_else(|| bad(format!("tensor `{name}` has no valid data_offsets")))?;
-        let [start, end] = offsets;
-        let numel: usize = shape.iter().product();
-        if end < start || end - start != numel * dtype.size() {
-            return Err(bad(format!(
-                "tensor `{name}` spans bytes {start}..{end} but shape {shape:?} of {dtype_name} needs {} bytes",
-                numel * dtype.size()
-            )));
-        }
-        if end > data_len {
-            return Err(bad(format!(
-                "tensor `{name}` ends at data byte {end} but the file holds only {data_len} data bytes (truncated?)"
-            )));
-        }
+        let (start, end) = info.data_offsets;
         store.insert(WeightTensor::mapped(
-            name.clone(),
+            name,
             dtype,
-            shape,
+            info.shape.clone(),
             map.clone(),
             data_start + start,
             data_start + end,
@@ -206,7 +192,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let msg = load_checkpoint(&dir).unwrap_err().to_string();
-        assert!(msg.contains("`w`") && msg.contains("truncated"), "{msg}");
+        assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
         std::fs::write(&path, &bytes[..20]).unwrap();
         let msg = load_checkpoint(&dir).unwrap_err().to_string();
         assert!(msg.contains("header length"), "{msg}");

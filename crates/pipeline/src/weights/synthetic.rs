@@ -35,6 +35,7 @@ pub struct SyntheticPreset {
     experts_per_token: usize,
     moe_intermediate: usize,
     vocab: usize,
+    positions: usize,
 }
 
 impl SyntheticPreset {
@@ -53,6 +54,7 @@ impl SyntheticPreset {
             experts_per_token: 4,
             moe_intermediate: 128,
             vocab: 512,
+            positions: 4096,
         },
         SyntheticPreset {
             name: "tiny-dense",
@@ -67,6 +69,7 @@ impl SyntheticPreset {
             experts_per_token: 0,
             moe_intermediate: 0,
             vocab: 512,
+            positions: 4096,
         },
         SyntheticPreset {
             name: "qwen3-30b-a3b",
@@ -81,6 +84,7 @@ impl SyntheticPreset {
             experts_per_token: 8,
             moe_intermediate: 768,
             vocab: 151936,
+            positions: 40960,
         },
     ];
 
@@ -94,8 +98,19 @@ impl SyntheticPreset {
         })
     }
 
-    /// The preset's config, with `layers` decoder layers if given.
-    pub fn config(&self, layers: Option<usize>) -> ModelConfig {
+    /// The preset's config, with `layers` decoder layers if given (at
+    /// least 1, at most [`crate::config::MAX_LAYERS`]).
+    pub fn config(&self, layers: Option<usize>) -> Result<ModelConfig> {
+        if let Some(n) = layers
+            && !(1..=crate::config::MAX_LAYERS).contains(&n)
+        {
+            return Err(PipelineError::BadInput(format!(
+                "synthetic preset {}: layers: {n} is out of range: give at least 1 and at most {} (the preset has {})",
+                self.name,
+                crate::config::MAX_LAYERS,
+                self.layers
+            )));
+        }
         let moe = self.experts > 0;
         let mut json = json!({
             "architectures": [if moe { "Qwen3MoeForCausalLM" } else { "Qwen3ForCausalLM" }],
@@ -109,6 +124,7 @@ impl SyntheticPreset {
             "rms_norm_eps": 1e-6,
             "rope_theta": 1_000_000.0,
             "vocab_size": self.vocab,
+            "max_position_embeddings": self.positions,
             "tie_word_embeddings": false,
             "attention_bias": false,
             "torch_dtype": "bfloat16",
@@ -124,7 +140,7 @@ impl SyntheticPreset {
             obj.insert("decoder_sparse_step".into(), json!(1));
             obj.insert("mlp_only_layers".into(), json!([]));
         }
-        ModelConfig::from_json(json, std::path::Path::new(self.name)).expect("presets are valid configs")
+        ModelConfig::from_json(json, std::path::Path::new(self.name))
     }
 
     /// Generates every tensor of `config` as bf16, after checking it fits in
@@ -225,7 +241,7 @@ pub fn synthetic_value(key: u64, index: u64, mean: f32, std: f32) -> f32 {
 }
 
 /// MemAvailable from /proc/meminfo, in bytes, where the OS tells.
-fn available_memory_bytes() -> Option<u64> {
+pub fn available_memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
@@ -250,7 +266,7 @@ mod tests {
     #[test]
     fn on_demand_tensors_read_exactly_as_materialised_ones() {
         let preset = SyntheticPreset::by_name("tiny-moe").unwrap();
-        let config = preset.config(Some(1));
+        let config = preset.config(Some(1)).unwrap();
         let (made, lazy) = (preset.generate(&config, 3).unwrap(), synthetic_store_on_demand(&config, 3));
         assert_eq!(made.tensors().len(), lazy.tensors().len());
         assert_eq!(made.total_bytes(), lazy.total_bytes());
@@ -268,9 +284,9 @@ mod tests {
     #[test]
     fn weights_depend_on_seed_and_name_but_not_on_layer_count() {
         let preset = SyntheticPreset::by_name("tiny-moe").unwrap();
-        let full = preset.generate(&preset.config(None), 7).unwrap();
-        let cut = preset.generate(&preset.config(Some(1)), 7).unwrap();
-        let other = preset.generate(&preset.config(Some(1)), 8).unwrap();
+        let full = preset.generate(&preset.config(None).unwrap(), 7).unwrap();
+        let cut = preset.generate(&preset.config(Some(1)).unwrap(), 7).unwrap();
+        let other = preset.generate(&preset.config(Some(1)).unwrap(), 8).unwrap();
         let name = "model.layers.0.self_attn.q_proj.weight";
         let get = |s: &WeightStore| s.get(s.id(name).unwrap()).to_f32_vec();
         assert_eq!(get(&full), get(&cut));
@@ -286,7 +302,7 @@ mod tests {
 
     #[test]
     fn qwen3_30b_preset_has_the_real_dimensions() {
-        let c = SyntheticPreset::by_name("qwen3-30b-a3b").unwrap().config(None);
+        let c = SyntheticPreset::by_name("qwen3-30b-a3b").unwrap().config(None).unwrap();
         assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (48, 2048, 32, 4, 128));
         assert_eq!((c.num_experts, c.experts_per_token, c.moe_intermediate_size, c.vocab_size), (128, 8, 768, 151936));
         let bytes: usize = tensor_specs(&c).iter().map(|s| s.shape.iter().product::<usize>() * 2).sum();
