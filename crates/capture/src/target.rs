@@ -224,7 +224,7 @@ fn check_replaceable(dir: &Path) -> Result<()> {
     }
     let manifest = match Manifest::read(dir) {
         Ok(m) => m,
-        Err(_) => return refuse("it holds files and no manifest.json of a moetrace capture".into()),
+        Err(_) => return refuse("it is not a moetrace capture: it holds files and no manifest.json".into()),
     };
     if !manifest.producer.as_deref().is_some_and(|p| p.starts_with("moetrace")) {
         return refuse(format!(

@@ -4,12 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("bad-input-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
+
+use common::{leftovers, scratch};
 
 /// `moetrace run --config <path>`, quiet, output captured.
 fn run_config(path: &Path) -> std::process::Output {
@@ -31,13 +28,8 @@ fn expect_failure(dir: &Path, config: &str, expected: &[&str]) {
         assert!(stderr.contains(e), "stderr lacks `{e}`:\n{stderr}");
     }
     assert!(!out_dir.exists(), "capture folder left behind");
-    let leftovers: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.contains("moetrace-tmp") || n.contains("moetrace-old"))
-        .collect();
-    assert!(leftovers.is_empty(), "temporary folders left behind: {leftovers:?}");
+    let left = leftovers(dir);
+    assert!(left.is_empty(), "temporary folders left behind: {left:?}");
 }
 
 const GOOD: &str = r#"(
@@ -68,7 +60,7 @@ fn path_model(dir: &Path) -> String {
 
 #[test]
 fn the_good_config_runs() {
-    let dir = scratch("good");
+    let dir = scratch("bad-input-good");
     let path = dir.join("run.ron");
     let out = dir.join("captures");
     std::fs::write(&path, config(SYNTHETIC, "all", "all").replace("OUT", &out.display().to_string())).unwrap();
@@ -82,14 +74,14 @@ fn the_good_config_runs() {
 
 #[test]
 fn ron_syntax_error_names_file_line_and_column() {
-    let dir = scratch("syntax");
+    let dir = scratch("bad-input-syntax");
     let text = config(SYNTHETIC, "all", "all").replace("generate: 2,", "generate: 2,,");
     expect_failure(&dir, &text, &["run.ron:4:"]);
 }
 
 #[test]
 fn unknown_stage_lists_the_valid_names() {
-    let dir = scratch("stage");
+    let dir = scratch("bad-input-stage");
     expect_failure(
         &dir,
         &config(SYNTHETIC, "moe_routr", "all"),
@@ -99,20 +91,20 @@ fn unknown_stage_lists_the_valid_names() {
 
 #[test]
 fn layer_range_outside_the_model_is_named() {
-    let dir = scratch("layers");
+    let dir = scratch("bad-input-layers");
     expect_failure(&dir, &config(SYNTHETIC, "all", "2..9"), &["capture.layers", "`2..9`", "0..4"]);
 }
 
 #[test]
 fn missing_model_folder_is_named() {
-    let dir = scratch("missing");
+    let dir = scratch("bad-input-missing");
     let model = path_model(&dir.join("no-such-model"));
     expect_failure(&dir, &config(&model, "all", "all"), &["no-such-model", "does not exist"]);
 }
 
 #[test]
 fn config_json_missing_a_required_key_is_named() {
-    let dir = scratch("key");
+    let dir = scratch("bad-input-key");
     let model = checkpoint(&dir);
     let text = std::fs::read_to_string(model.join("config.json")).unwrap();
     let mut json: Vec<&str> = text.lines().filter(|l| !l.contains("\"num_attention_heads\"")).collect();
@@ -127,7 +119,7 @@ fn config_json_missing_a_required_key_is_named() {
 
 #[test]
 fn truncated_safetensors_is_reported() {
-    let dir = scratch("truncated");
+    let dir = scratch("bad-input-truncated");
     let model = checkpoint(&dir);
     let file = model.join("model.safetensors");
     let bytes = std::fs::read(&file).unwrap();
@@ -137,7 +129,7 @@ fn truncated_safetensors_is_reported() {
 
 #[test]
 fn tensor_of_the_wrong_shape_is_named_with_both_shapes() {
-    let dir = scratch("shape");
+    let dir = scratch("bad-input-shape");
     let model = checkpoint(&dir);
     let text = std::fs::read_to_string(model.join("config.json")).unwrap();
     std::fs::write(model.join("config.json"), text.replace("\"intermediate_size\": 512", "\"intermediate_size\": 500"))
@@ -151,14 +143,14 @@ fn tensor_of_the_wrong_shape_is_named_with_both_shapes() {
 
 #[test]
 fn token_id_outside_the_vocabulary_is_named() {
-    let dir = scratch("token");
+    let dir = scratch("bad-input-token");
     let text = config(SYNTHETIC, "all", "all").replace("[1, 17, 423, 45]", "[1, 17, 9999]");
     expect_failure(&dir, &text, &["token id 9999", "0..512"]);
 }
 
 #[test]
 fn unwritable_out_dir_is_reported_before_any_work() {
-    let dir = scratch("unwritable");
+    let dir = scratch("bad-input-unwritable");
     let blocker = dir.join("not-a-folder");
     std::fs::write(&blocker, "a file where a folder should be").unwrap();
     let text = config(SYNTHETIC, "all", "all")
@@ -169,7 +161,7 @@ fn unwritable_out_dir_is_reported_before_any_work() {
 
 #[test]
 fn out_dir_holding_other_files_is_not_replaced() {
-    let dir = scratch("occupied");
+    let dir = scratch("bad-input-occupied");
     let out = dir.join("precious");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("notes.txt"), "keep me").unwrap();
@@ -208,7 +200,7 @@ fn stages_lists_every_stage() {
 #[test]
 fn a_closed_stderr_neither_panics_nor_hangs() {
     use std::process::Stdio;
-    let dir = scratch("closed-stderr");
+    let dir = scratch("bad-input-closed-stderr");
     let path = dir.join("run.ron");
     let out = dir.join("captures");
     std::fs::write(&path, config(SYNTHETIC, "all", "all").replace("OUT", &out.display().to_string())).unwrap();
@@ -238,7 +230,7 @@ fn a_closed_stderr_neither_panics_nor_hangs() {
 
 #[test]
 fn a_cuda_backend_without_a_driver_is_a_clear_error() {
-    let dir = scratch("no-driver");
+    let dir = scratch("bad-input-no-driver");
     let text = config(SYNTHETIC, "all", "all").replace("backend: Cpu", "backend: Cuda(device: 0, dtype: F32)");
     let path = dir.join("probe.ron");
     std::fs::write(&path, text.replace("OUT", &dir.join("probe-captures").display().to_string())).unwrap();
@@ -252,7 +244,7 @@ fn a_cuda_backend_without_a_driver_is_a_clear_error() {
 
 #[test]
 fn a_failed_run_removes_the_folders_it_made_for_out_dir() {
-    let dir = scratch("nested-out-dir");
+    let dir = scratch("bad-input-nested-out-dir");
     let path = dir.join("run.ron");
     let out = dir.join("made").join("by").join("run").join("captures");
     let text =

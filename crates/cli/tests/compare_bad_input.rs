@@ -1,45 +1,15 @@
 //! diff and bisect on bad input: a clear message naming the problem, exit
 //! code 2, never a panic. And their exit codes 0/1 on good input.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("compare-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
 
-fn moetrace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moetrace")).args(args).output().unwrap()
-}
-
-fn capture(dir: &Path, name: &str, extra: &str) -> PathBuf {
-    let out = dir.join(name);
-    let config = dir.join(format!("{name}.ron"));
-    std::fs::write(
-        &config,
-        format!("(model: Synthetic(preset: \"tiny-moe\", seed: 1, layers: 2), prompt: Tokens([3, 4, 5]), {extra} capture: (out_dir: {out:?}))"),
-    )
-    .unwrap();
-    let status = moetrace(&["run", "-q", "--config", config.to_str().unwrap()]);
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    out
-}
-
-fn expect_error(output: &Output, needles: &[&str]) {
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "stderr:\n{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    for n in needles {
-        assert!(stderr.contains(n), "stderr lacks `{n}`:\n{stderr}");
-    }
-}
+use common::{capture, expect_error, moetrace, scratch};
 
 #[test]
 fn diff_exit_codes_are_0_without_and_1_with_a_divergence() {
-    let dir = scratch("codes");
+    let dir = scratch("compare-codes");
     let a = capture(&dir, "a", "");
     let b = capture(&dir, "b", "");
     let c = capture(&dir, "c", "faults: [(stage: \"ffn_norm\", layer: 1, kind: Zero)],");
@@ -55,7 +25,7 @@ fn diff_exit_codes_are_0_without_and_1_with_a_divergence() {
 
 #[test]
 fn diff_rejects_bad_captures_with_exit_2() {
-    let dir = scratch("bad");
+    let dir = scratch("compare-bad");
     let good = capture(&dir, "good", "");
     expect_error(&moetrace(&["diff", good.to_str().unwrap(), "/no/such/capture"]), &["/no/such/capture"]);
 
@@ -106,7 +76,7 @@ fn diff_rejects_bad_captures_with_exit_2() {
 
 #[test]
 fn diff_reads_aprt_captures_and_rejects_a_bad_magic() {
-    let dir = scratch("aprt");
+    let dir = scratch("compare-aprt");
     let good = capture(&dir, "good", "");
     let ours = capture::CaptureDir::open(&good).unwrap();
     let aprt = dir.join("aprt");

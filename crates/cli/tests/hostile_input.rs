@@ -538,3 +538,25 @@ fn aprt_errors_are_called_aprt_errors() {
     expect_error(&out, &["APRT", "attn_out.bin"]);
     assert!(!stderr(&out).contains(".npy"), "{}", stderr(&out));
 }
+
+#[test]
+fn deep_nesting_and_odd_paths_are_errors_not_crashes() {
+    let dir = scratch("hostile-deep");
+    let deep = dir.join("deep.ron");
+    std::fs::write(&deep, "(".repeat(200_000)).unwrap();
+    expect_error(&moetrace(&["run", "-q", "--config", s(&deep)]), &["deep.ron:1:"]);
+    let nested = dir.join("nested.ron");
+    std::fs::write(&nested, format!("({TINY} faults: {}{})", "[".repeat(50_000), "]".repeat(50_000))).unwrap();
+    expect_error(&moetrace(&["run", "-q", "--config", s(&nested)]), &["nested.ron:1:"]);
+
+    let good = capture(&dir, "good", "");
+    let evil = capture(&dir, "evil", "");
+    std::fs::write(evil.join("manifest.json"), "[".repeat(200_000)).unwrap();
+    expect_error(&diff(&good, &evil), &["manifest.json", "recursion limit"]);
+    let report = dir.join("report.json");
+    std::fs::write(&report, "{\"a\":".repeat(100_000)).unwrap();
+    expect_error(&moetrace(&["report", s(&report), "--html", s(&dir.join("r.html"))]), &["report.json"]);
+    expect_error(&moetrace(&["report", "/dev/null", "--html", s(&dir.join("r.html"))]), &["not a regular file"]);
+    // --html naming a folder is refused before the comparison, not after.
+    expect_error(&moetrace(&["diff", s(&good), s(&good), "--html", s(&dir)]), &["is a folder"]);
+}

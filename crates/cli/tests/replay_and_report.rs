@@ -5,36 +5,18 @@
 //! format version and an unwritable path (exit 2); the page opens in
 //! headless Chromium without console errors where Chromium is installed.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
+use std::process::Command;
 
-fn scratch(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("replay-report-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
+mod common;
 
-fn moetrace(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moetrace")).args(args).output().unwrap()
-}
+use common::{moetrace, run, scratch, stderr};
 
 const PROMPT: &str = "Tokens([1, 17, 423, 45, 300, 5, 77, 100, 2])";
 
-/// Writes and runs a run config; returns its output.
-fn run(dir: &Path, name: &str, body: &str) -> Output {
-    let path = dir.join(format!("{name}.ron"));
-    std::fs::write(&path, format!("({body})")).unwrap();
-    moetrace(&["run", "-q", "--config", path.to_str().unwrap()])
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 #[test]
 fn a_replay_run_takes_the_captured_routing_and_records_it() {
-    let dir = scratch("replay");
+    let dir = scratch("replay-report-replay");
     let model = "model: Synthetic(preset: \"tiny-moe\", seed: 7)";
     let out = run(&dir, "ref", &format!("{model}, prompt: {PROMPT}, generate: 3, capture: (out_dir: \"ref\")"));
     assert!(out.status.success(), "{}", stderr(&out));
@@ -62,7 +44,7 @@ fn a_replay_run_takes_the_captured_routing_and_records_it() {
 
 #[test]
 fn a_replay_capture_that_does_not_fit_is_refused_before_the_run() {
-    let dir = scratch("replay-bad");
+    let dir = scratch("replay-report-replay-bad");
     let moe = "model: Synthetic(preset: \"tiny-moe\", seed: 7)";
     let ok = run(&dir, "ref", &format!("{moe}, prompt: {PROMPT}, generate: 2, capture: (out_dir: \"ref\")"));
     assert!(ok.status.success(), "{}", stderr(&ok));
@@ -117,7 +99,7 @@ fn a_replay_capture_that_does_not_fit_is_refused_before_the_run() {
 
 #[test]
 fn report_writes_a_page_and_refuses_other_versions_and_unwritable_paths() {
-    let dir = scratch("report");
+    let dir = scratch("replay-report-report");
     let config = dir.join("b.ron");
     std::fs::write(
         &config,

@@ -88,8 +88,13 @@ impl Manifest {
         let path = dir.join("manifest.json");
         let text = stage_types::input::read_regular_text(&path, MAX_MANIFEST_BYTES)
             .map_err(CompareError::io("cannot read", &path))?;
-        let bad = |message: String| CompareError::BadManifest { path: path.clone(), message };
-        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        Self::parse(&text, &path)
+    }
+
+    /// Parses and checks manifest.json text; `path` is for messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Self> {
+        let bad = |message: String| CompareError::BadManifest { path: path.to_path_buf(), message };
+        let value: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         match value.get("format").and_then(|f| f.as_str()) {
             Some(FORMAT) => {}
             Some(other) => return Err(bad(format!("format is `{other}`, expected `{FORMAT}`"))),

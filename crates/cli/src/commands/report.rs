@@ -39,6 +39,9 @@ pub fn execute(args: &ReportArgs) -> Result<ExitCode, String> {
 /// Fails now, before any long work, when `path`'s folder cannot take the
 /// file (an existing file at `path` is left alone).
 pub fn check_html_path(path: &Path) -> Result<(), String> {
+    if path.is_dir() {
+        return Err(format!("--html {}: is a folder; give a file name such as report.html", path.display()));
+    }
     let tmp = temp_sibling(path)?;
     std::fs::write(&tmp, b"")
         .and_then(|()| std::fs::remove_file(&tmp))

@@ -85,8 +85,60 @@ fn shard_files(index: &Path) -> Result<BTreeSet<String>> {
         .collect()
 }
 
+/// One tensor of a safetensors file, as its header describes it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SafetensorsEntry {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub dtype: WeightDtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// First byte in the file.
+    pub start: usize,
+    /// One past the last byte in the file.
+    pub end: usize,
+}
+
+/// Validates a whole safetensors file and lists its tensors, by name.
+/// Hugging Face's own parser checks the header: its length, UTF-8 JSON,
+/// contiguous non-overlapping offsets, shape x dtype sizes in checked
+/// arithmetic, and that the data exactly fills the file. The error says
+/// what is wrong.
+pub fn index_safetensors(bytes: &[u8]) -> Result<Vec<SafetensorsEntry>, String> {
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| match e {
+        SafeTensorError::MetadataIncompleteBuffer => format!(
+            "the tensors its header describes do not exactly fill the file's {} bytes (truncated or extended?)",
+            bytes.len()
+        ),
+        SafeTensorError::HeaderTooSmall | SafeTensorError::InvalidHeaderLength => {
+            format!("the header length runs past the end of the {}-byte file (truncated?)", bytes.len())
+        }
+        other => other.to_string(),
+    })?;
+    let data_start = 8 + header_len;
+    let mut entries = Vec::new();
+    for (name, info) in metadata.tensors() {
+        let dtype = match info.dtype {
+            Dtype::BF16 => WeightDtype::Bf16,
+            Dtype::F16 => WeightDtype::F16,
+            Dtype::F32 => WeightDtype::F32,
+            other => return Err(format!("tensor `{name}` has dtype {other}; supported: BF16, F16, F32")),
+        };
+        let (start, end) = info.data_offsets;
+        entries.push(SafetensorsEntry {
+            name,
+            dtype,
+            shape: info.shape.clone(),
+            start: data_start + start,
+            end: data_start + end,
+        });
+    }
+    entries.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(entries)
+}
+
 fn load_file(path: &Path, store: &mut WeightStore) -> Result<()> {
-    let bad = |message: String| PipelineError::BadSafetensors { path: path.to_path_buf(), message };
     let (file, _) = stage_types::input::open_regular(path)
         .map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
     // SAFETY: the checkpoint is opened read-only and is treated as immutable
@@ -94,42 +146,10 @@ fn load_file(path: &Path, store: &mut WeightStore) -> Result<()> {
     // which is the documented hazard of every mmap-based model loader.
     let map = unsafe { Mmap::map(&file) }.map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
     let map = Arc::new(map);
-    // Hugging Face's own parser validates the header: its length, UTF-8
-    // JSON, contiguous non-overlapping offsets, shape x dtype sizes in
-    // checked arithmetic, and that the data exactly fills the file.
-    let (header_len, metadata) = SafeTensors::read_metadata(&map).map_err(|e| {
-        bad(match e {
-            SafeTensorError::MetadataIncompleteBuffer => format!(
-                "the tensors its header describes do not exactly fill the file's {} bytes (truncated or extended?)",
-                map.len()
-            ),
-            SafeTensorError::HeaderTooSmall | SafeTensorError::InvalidHeaderLength => {
-                format!("the header length runs past the end of the {}-byte file (truncated?)", map.len())
-            }
-            other => other.to_string(),
-        })
-    })?;
-    let data_start = 8 + header_len;
-    let mut entries: Vec<_> = metadata.tensors().into_iter().collect();
-    entries.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, info) in entries {
-        let dtype = match info.dtype {
-            Dtype::BF16 => WeightDtype::Bf16,
-            Dtype::F16 => WeightDtype::F16,
-            Dtype::F32 => WeightDtype::F32,
-            other => {
-                return Err(PipelineError::UnsupportedDtype { name, dtype: other.to_string() });
-            }
-        };
-        let (start, end) = info.data_offsets;
-        store.insert(WeightTensor::mapped(
-            name,
-            dtype,
-            info.shape.clone(),
-            map.clone(),
-            data_start + start,
-            data_start + end,
-        ));
+    let entries = index_safetensors(&map)
+        .map_err(|message| PipelineError::BadSafetensors { path: path.to_path_buf(), message })?;
+    for e in entries {
+        store.insert(WeightTensor::mapped(e.name, e.dtype, e.shape, map.clone(), e.start, e.end));
     }
     Ok(())
 }
