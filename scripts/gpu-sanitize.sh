@@ -27,15 +27,29 @@ cat >"$logs/bf16-2layer.ron" <<RON
     capture: (stages: "all", out_dir: "$PWD/.gpu/sanitize-capture"),
 )
 RON
+sed -e 's/Bf16/F32/' -e 's/sanitize-capture/sanitize-capture-f32/' "$logs/bf16-2layer.ron" >"$logs/f32-2layer.ron"
 tools=${TOOLS:-memcheck racecheck initcheck synccheck}
 limit=${LIMIT_S:-150}
 for tool in $tools; do
-    for exe in .gpu/bin/test-* moetrace oom; do
+    for exe in .gpu/bin/test-* moetrace moetrace-f32 moetrace-zeroed oom; do
         name=$(basename "$exe")
-        extra=()
-        [ "$tool" = memcheck ] && extra=(--leak-check full)
+        extra=(--print-limit 20)
+        case "$tool" in
+            memcheck) extra+=(--leak-check full) ;;
+            # cuBLAS's Hopper GEMMs (nvjet_sm90_*) synchronise their TMA
+            # pipelines with mbarriers that racecheck does not model: it
+            # reports hazards inside them (counted by kernel below).
+            # Excluding them (--kernel-name-exclude kns=nvjet) makes the
+            # sanitizer itself fail with a hardware exception on the H100,
+            # so every kernel is instrumented.
+            racecheck) ;;
+            # initcheck does not see those GEMMs' TMA stores either: it calls
+            # the next read of their output uninitialised. Every report is
+            # kept (without host backtraces, which take minutes) and counted
+            # by kernel or host copy below.
+            initcheck) extra=(--print-limit 100000000 --show-backtrace no) ;;
+        esac
         case "$exe" in
-            moetrace) cmd=(.gpu/bin/moetrace run -q --config "$logs/bf16-2layer.ron") ;;
             # The test that runs out of device memory on purpose: its
             # failed allocation is the point, so API errors are not
             # reported; memory accesses are still checked.
@@ -44,13 +58,23 @@ for tool in $tools; do
                 cmd=(.gpu/bin/test-gpu_memory --test-threads=1 out_of_memory)
                 extra+=(--report-api-errors no) ;;
             */test-gpu_memory) cmd=("$exe" --test-threads=1 --skip out_of_memory) ;;
+            # The symbols name the backend op behind each report.
+            moetrace) cmd=(.gpu/bin/moetrace-syms run -q --config "$logs/bf16-2layer.ron") ;;
+            moetrace-f32) cmd=(.gpu/bin/moetrace-syms run -q --config "$logs/f32-2layer.ron") ;;
+            # Bf16 with every cuBLAS output zeroed before the GEMM writes
+            # it: what initcheck then reports is not about TMA stores.
+            moetrace-zeroed) cmd=(env MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS=1 .gpu/bin/moetrace-syms run -q --config "$logs/bf16-2layer.ron") ;;
             *) cmd=("$exe" --test-threads=1) ;;
         esac
-        # ONLY (a regular expression over the names) narrows a rerun.
+        # ONLY (a regular expression over the names) narrows a rerun. The
+        # out-of-memory test's kernels are those of the other tests; only
+        # memcheck (the failed-allocation path) runs it.
         [[ "$name" =~ ${ONLY:-.} ]] || continue
+        [ "$name" = test-gpu_memory-oom ] && [ "$tool" != memcheck ] && continue
+        [ "$name" = moetrace-zeroed ] && [ "$tool" != initcheck ] && continue
         log="$logs/$tool-$name.log"
         start=$(date +%s)
-        timeout "$limit" compute-sanitizer --tool "$tool" "${extra[@]}" --print-limit 20 "${cmd[@]}" >"$log" 2>&1
+        timeout "$limit" compute-sanitizer --tool "$tool" "${extra[@]}" "${cmd[@]}" >"$log" 2>&1
         code=$?
         secs=$(($(date +%s) - start))
         summary=$(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$log" | tail -1)
@@ -59,10 +83,22 @@ for tool in $tools; do
         # and logs (a log holds at most 20 reports; the device tool
         # returns few files, so the logs come back packed).
         printf '%-10s %-22s exit %-3s %4ss  %s\n' "$tool" "$name" "$code" "$secs" "$summary" | tee -a "$out/table.txt"
+        if grep -q "Race reported" "$log"; then
+            grep -oE "access at [A-Za-z0-9_]+" "$log" | awk '{print $3}' | sort | uniq -c |
+                sed "s/^/    $tool $name hazard in kernel: /" | tee -a "$out/kernels.txt"
+        fi
+        if grep -qE "^========= [A-Z].* of size|Host API memory access error" "$log"; then
+            # Where the reports are: the kernel that made the access, or a
+            # copy to the host (with its size).
+            awk '/^=========     at / { sub(/\+0x[0-9a-f]+.*/, "", $0); sub(/^=========     at /, "", $0); k["kernel " substr($0, 1, 60)]++ }
+                /Host API memory access error/ { k["copy to the host of " $(NF - 1) " bytes"]++ }
+                END { for (x in k) print k[x], x }' "$log" | sort -rn |
+                sed "s/^/    $tool $name: /" | tee -a "$out/kernels.txt"
+        fi
         tar -C "$logs" -czf "$out/logs.tar.gz" .
     done
 done
-rm -rf .gpu/sanitize-capture
+rm -rf .gpu/sanitize-capture .gpu/sanitize-capture-f32
 echo
 echo "compute-sanitizer table"
 cat "$out/table.txt"

@@ -55,6 +55,14 @@ pub struct CudaBackend {
     start_position: usize,
     caches: Vec<Option<DevCache>>,
     poison: bool,
+    /// `MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS` set: every cuBLAS projection's
+    /// output is zeroed before the GEMM overwrites it. Only for
+    /// compute-sanitizer's initcheck, which does not see the TMA stores of
+    /// cuBLAS's Hopper bf16 kernels and so calls their outputs
+    /// uninitialised; with this on, what initcheck reports is about
+    /// everything else. Never changes a result (the GEMM writes every
+    /// element: kernels-cuda's bf16 projection test).
+    zero_gemm_outputs: bool,
     activations: ActivationPool,
     staging: staging::Staging,
 }
@@ -162,6 +170,7 @@ impl CudaBackend {
             start_position: 0,
             caches: Vec::new(),
             poison: false,
+            zero_gemm_outputs: std::env::var_os("MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS").is_some(),
             activations: ActivationPool::default(),
             staging: staging::Staging::default(),
         })

@@ -25,6 +25,9 @@ impl CudaBackend {
             total += w.shape[0];
         }
         let mut o = self.alloc(rows * total)?;
+        if self.zero_gemm_outputs {
+            self.stream().memset_zeros(&mut o).map_err(gpu("zeroing a projection's output"))?;
+        }
         // Bf16 mode multiplies bf16 by bf16 (activations are bf16 values
         // already, so the conversion is exact) with f32 accumulation.
         let x_bf16 = match self.precision {
