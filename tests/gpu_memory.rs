@@ -29,6 +29,28 @@ fn weights_that_cannot_fit_fail_before_upload_and_name_the_numbers() {
 }
 
 #[test]
+fn a_prompt_whose_activations_cannot_fit_is_refused_before_the_first_step() {
+    if !gpu_enabled() {
+        return;
+    }
+    // 40 000 tokens (within the model's 40 960 positions): the attention
+    // scores alone are 32 x 40 000 x 40 000 f32, about 205 GB.
+    let tokens: Vec<String> = (0..40_000u32).map(|i| ((i * 7919 + 13) % 151_936).to_string()).collect();
+    let text = format!(
+        "(model: Synthetic(preset: \"qwen3-30b-a3b\", seed: 7, layers: 2), prompt: Tokens([{}]), backend: Cuda(device: 0, dtype: Bf16))",
+        tokens.join(",")
+    );
+    let config = RunConfig::parse(&text, Path::new("long.ron")).unwrap();
+    let started = std::time::Instant::now();
+    let err = capture::run(&config, Path::new("long.ron"), &mut |_| {}).unwrap_err().to_string();
+    eprintln!("{err} ({:.2} s)", started.elapsed().as_secs_f64());
+    assert!(
+        err.contains("GPU out of memory") && err.contains("KV caches and activations") && err.contains("GB free"),
+        "{err}"
+    );
+}
+
+#[test]
 fn out_of_memory_inside_a_step_is_a_clear_error_and_the_backend_recovers() {
     if !gpu_enabled() {
         return;

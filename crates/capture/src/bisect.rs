@@ -192,6 +192,7 @@ pub fn bisect(
     };
     let make = |spec: &BackendSpec, session: Option<&CaptureSession>| -> Result<Side> {
         let backend = build_backend(spec, config.threads, &model, path)?;
+        backend.check_run_memory(crate::config::run_bytes(&model.config, config.tokens().len(), config.generate))?;
         let name = (backend.name(), backend.dtype());
         let mut forward = Forward::new(&model, backend);
         if let Some(session) = session {

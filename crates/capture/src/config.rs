@@ -282,6 +282,17 @@ pub(crate) fn check_threads(path: &Path, threads: Option<usize>) -> Result<()> {
     }
 }
 
+/// The positions a run uses: the prompt, then one per decode step.
+fn run_positions(prompt: usize, generate: usize) -> usize {
+    prompt.saturating_add(generate.saturating_sub(1))
+}
+
+/// The KV caches and activations a run needs besides the weights (see
+/// [`ModelConfig::forward_bytes`]), for a backend's own check.
+pub(crate) fn run_bytes(config: &ModelConfig, prompt: usize, generate: usize) -> f64 {
+    config.forward_bytes(prompt, run_positions(prompt, generate))
+}
+
 /// Checks a run's size against the model before anything is allocated:
 /// the positions it uses against max_position_embeddings, and (when
 /// `host_passes` forward passes run on the CPU) its KV caches and
@@ -294,7 +305,7 @@ pub(crate) fn check_run_size(
     host_passes: usize,
 ) -> Result<()> {
     let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
-    let positions = prompt.saturating_add(generate.saturating_sub(1));
+    let positions = run_positions(prompt, generate);
     if let Some(max) = config.max_positions
         && positions > max
     {
@@ -305,7 +316,7 @@ pub(crate) fn check_run_size(
     if host_passes > 0
         && let Some(available) = pipeline::available_memory_bytes()
     {
-        let need = config.forward_host_bytes(prompt, positions) * host_passes as f64;
+        let need = config.forward_bytes(prompt, positions) * host_passes as f64;
         if need > available as f64 * 0.8 {
             return Err(bad(format!(
                 "prompt ({prompt} tokens) and generate ({generate}) need about {:.1} GB of KV cache and activations on the host for {host_passes} CPU forward pass(es), more than the {:.1} GB available; use a shorter prompt or fewer tokens",

@@ -153,6 +153,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     config.check_against_model(config_path, &model.config)?;
     let backend_start = Instant::now();
     let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
+    backend.check_run_memory(crate::config::run_bytes(&model.config, config.prompt_tokens().len(), config.generate))?;
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
     on_event(RunEvent::BackendReady {
         description: format!("{backend_name} {backend_dtype} ({})", config.backend),

@@ -31,7 +31,9 @@ pub fn unregister_temporary(path: &Path) {
 
 /// Removes every registered temporary folder or file: what a SIGINT or
 /// SIGTERM handler calls before the process exits. Writer threads may
-/// still be adding files, so each removal is retried a few times.
+/// still be adding files, so each removal is retried a few times; they
+/// create folders only below the temporary folder, never the folder
+/// itself, so once removed it stays removed.
 pub fn remove_temporary_folders() {
     let paths = std::mem::take(&mut *IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()));
     for path in paths {

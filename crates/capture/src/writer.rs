@@ -117,6 +117,24 @@ impl Drop for CaptureWriter {
     }
 }
 
+/// Creates the folders of `rel`'s parent below `dir`, one level at a time
+/// and never `dir` itself: once an interrupt has removed the temporary
+/// folder, a writer thread cannot bring it back.
+fn create_below(dir: &Path, rel: &str) -> Result<()> {
+    let mut folder = dir.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').collect();
+    for part in &parts[..parts.len().saturating_sub(1)] {
+        folder.push(part);
+        match std::fs::create_dir(&folder) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(CaptureError::Io { action: "cannot create", path: folder, source: e });
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// A writer thread: writes each tensor it receives; after the first error
 /// it keeps draining the channel (so senders never block) and reports that
 /// error.
@@ -136,11 +154,7 @@ fn write_all(dir: &Path, rx: Receiver<CapturedTensor>) -> Result<Written> {
                 continue;
             }
         };
-        let result = path
-            .parent()
-            .map(|p| std::fs::create_dir_all(p).map_err(CaptureError::io("cannot create", p)))
-            .transpose()
-            .and_then(|_| crate::npy::write_npy(&path, &tensor));
+        let result = create_below(dir, &rel).and_then(|()| crate::npy::write_npy(&path, &tensor));
         match result {
             Ok(()) => {
                 bytes += std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);

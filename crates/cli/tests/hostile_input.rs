@@ -405,8 +405,9 @@ fn stale_temporary_folders_of_dead_processes_are_cleaned() {
 
 #[test]
 fn sigint_and_sigterm_remove_the_temporary_folder() {
-    for signal in ["INT", "TERM"] {
-        let dir = scratch(&format!("hostile-signal-{signal}"));
+    // Each signal at three moments, while writer threads are busy.
+    for (signal, delay_ms) in [("INT", 0), ("TERM", 0), ("INT", 150), ("TERM", 150), ("INT", 400), ("TERM", 400)] {
+        let dir = scratch(&format!("hostile-signal-{signal}-{delay_ms}"));
         let config = dir.join("long.ron");
         let tokens: Vec<String> = (0..30).map(|i| (i * 7 % 500).to_string()).collect();
         std::fs::write(
@@ -432,14 +433,14 @@ fn sigint_and_sigterm_remove_the_temporary_folder() {
             assert!(start.elapsed() < Duration::from_secs(30), "no temporary folder appeared");
             std::thread::sleep(Duration::from_millis(10));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        std::thread::sleep(Duration::from_millis(delay_ms));
         assert!(
             Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status().unwrap().success()
         );
         let out = child.wait_with_output().unwrap();
         assert!(!out.status.success());
         assert!(!String::from_utf8_lossy(&out.stderr).contains("panicked"));
-        assert!(leftovers(&dir).is_empty(), "{signal}: {:?}", leftovers(&dir));
+        assert!(leftovers(&dir).is_empty(), "{signal} after {delay_ms} ms: {:?}", leftovers(&dir));
         assert!(!dir.join("cap").exists());
     }
 }

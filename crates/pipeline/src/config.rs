@@ -221,12 +221,14 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Host bytes a forward pass needs besides the weights, for a prompt of
+    /// Bytes a forward pass needs besides the weights, for a prompt of
     /// `prompt` tokens and `positions` positions in all: the KV caches
     /// (f32) and the largest step's activations (every stage slot of one
-    /// layer, the attention scores `[nh, T, P]` dominating long prompts).
-    /// An estimate in f64, so absurd sizes cannot overflow.
-    pub fn forward_host_bytes(&self, prompt: usize, positions: usize) -> f64 {
+    /// layer, the attention scores `[nh, T, P]` dominating long prompts),
+    /// on the host for the CPU backend, on the device for CUDA (both keep
+    /// f32 activations). An estimate in f64, so absurd sizes cannot
+    /// overflow.
+    pub fn forward_bytes(&self, prompt: usize, positions: usize) -> f64 {
         let f = |x: usize| x as f64;
         let (t, p) = (f(prompt), f(positions));
         let kv = f(self.num_layers) * 2.0 * p * f(self.kv_width());

@@ -68,6 +68,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Activation dtype, e.g. `f32`.
     fn dtype(&self) -> &'static str;
 
+    /// Checks, before a run, that `bytes` of KV caches and activations
+    /// (see [`crate::ModelConfig::forward_bytes`]) fit the memory this
+    /// backend computes in, failing with the numbers. The CPU backend's
+    /// memory is the host's, which the caller checks: by default, Ok.
+    fn check_run_memory(&self, bytes: f64) -> Result<()> {
+        let _ = bytes;
+        Ok(())
+    }
+
     /// Starts a step computing `tokens` at positions `start_position..`.
     /// Truncates the KV caches to `start_position` entries; fails if they
     /// hold fewer.

@@ -305,6 +305,25 @@ impl Backend for CudaBackend {
         }
     }
 
+    fn check_run_memory(&self, bytes: f64) -> Result<()> {
+        let (free, total) = self.device.memory().map_err(kernel_error)?;
+        // The weights are resident already; cuBLAS and the staging pool
+        // want some room too.
+        if bytes > free as f64 * 0.9 {
+            return Err(PipelineError::GpuOutOfMemory {
+                action: "checking this run's KV caches and activations".into(),
+                detail: format!(
+                    ": they need about {:.1} GB but {} has {:.1} GB free of {:.1} GB after the weights; use a shorter prompt or fewer tokens",
+                    bytes / 1e9,
+                    self.device.name(),
+                    free as f64 / 1e9,
+                    total as f64 / 1e9
+                ),
+            });
+        }
+        Ok(())
+    }
+
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
         for (layer, cache) in self.caches.iter_mut().enumerate() {
             if let Some(c) = cache {
