@@ -313,7 +313,7 @@ impl Backend for CudaBackend {
             return Err(PipelineError::GpuOutOfMemory {
                 action: "checking this run's KV caches and activations".into(),
                 detail: format!(
-                    ": they need about {:.1} GB but {} has {:.1} GB free of {:.1} GB after the weights; use a shorter prompt or fewer tokens",
+                    ": they need about {:.1} GB but {} has {:.1} GB free of {:.1} GB after the weights",
                     bytes / 1e9,
                     self.device.name(),
                     free as f64 / 1e9,
