@@ -245,6 +245,16 @@ fn diff_without_anything_compared_is_an_error_not_success() {
     let out = diff(&good, &unknown);
     expect_error(&out, &["nothing to compare", "unknown stage", "attn_out_v2"]);
 
+    // One unknown name among known ones: compared, and the rest named,
+    // never counted as compared.
+    let one = capture(&dir, "one", "");
+    edit_manifest(&one, |m| m["tensors"][0]["stage"] = serde_json::json!("attn_out_v2"));
+    let out = diff(&good, &one);
+    let text = stdout(&out);
+    assert_eq!(out.status.code(), Some(0), "{text}{}", stderr(&out));
+    assert!(text.contains("1 on one side only, not compared") && text.contains("0 not ok"), "{text}");
+    assert!(text.contains("unknown stage names ignored: attn_out_v2"), "{text}");
+
     // Disjoint selections: every row one-sided.
     let layer0 = capture(&dir, "layer0", "");
     edit_manifest(&layer0, |m| {

@@ -276,13 +276,16 @@ impl Report {
             return self.render_local(all);
         }
         let mut out = format!("reference: {}\ntarget:    {}\n", self.reference, self.target);
-        let not_ok: Vec<&Row> = self.rows.iter().filter(|r| !r.verdict.is_ok()).collect();
-        out += &format!(
-            "compared {} tensors: {} ok, {} not ok\n",
-            self.rows.len(),
-            self.rows.len() - not_ok.len(),
-            not_ok.len()
-        );
+        // Rows on one side only were not compared: they are counted apart,
+        // never as compared tensors.
+        let one_sided = self.rows.iter().filter(|r| matches!(r.verdict, Verdict::Missing { .. })).count();
+        let compared = self.rows.len() - one_sided;
+        let ok = self.rows.iter().filter(|r| r.verdict.is_ok()).count();
+        out += &format!("compared {compared} tensors: {ok} ok, {} not ok", compared - ok);
+        if one_sided > 0 {
+            out += &format!("; {one_sided} on one side only, not compared");
+        }
+        out += "\n";
         for note in &self.notes {
             out += &format!("note: {note}\n");
         }
@@ -308,7 +311,8 @@ impl Report {
                 }
             }
         }
-        let shown: Vec<&Row> = if all { self.rows.iter().collect() } else { not_ok };
+        let shown: Vec<&Row> =
+            if all { self.rows.iter().collect() } else { self.rows.iter().filter(|r| !r.verdict.is_ok()).collect() };
         out += &table(&shown);
         out
     }
