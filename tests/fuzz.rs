@@ -6,7 +6,7 @@
 //! single allocation larger than a bound proportional to the input (1 MiB
 //! plus 16 bytes per input byte), checked by a counting global allocator.
 //!
-//! `MOETRACE_FUZZ_CASES` (default 20 000 per target) and
+//! `MOETRACE_FUZZ_CASES` (default 100 000 per target) and
 //! `MOETRACE_FUZZ_SEED` (a number; default fixed, so CI is reproducible)
 //! tune a longer hunt: `MOETRACE_FUZZ_CASES=200000 MOETRACE_FUZZ_SEED=$RANDOM
 //! cargo test --release -p moetrace-tests --test fuzz`.
@@ -293,7 +293,7 @@ fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
 }
 
 fn cases() -> u32 {
-    std::env::var("MOETRACE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(20_000)
+    std::env::var("MOETRACE_FUZZ_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000)
 }
 
 fn seed() -> u64 {
