@@ -88,17 +88,17 @@ impl AprtDir {
     /// shape from the other side of the comparison).
     pub fn load(&self, layer: Option<usize>, stage: SaveTensorStage) -> Result<Option<NpyArray>> {
         let Some(path) = self.files.get(&(layer, stage)) else { return Ok(None) };
-        let io = CompareError::io("cannot read", path);
-        let (file, len) = stage_types::input::open_regular(path).map_err(io)?;
-        let mut head = Vec::with_capacity(12);
-        file.take(12).read_to_end(&mut head).map_err(CompareError::io("cannot read", path))?;
+        let io = || CompareError::io("cannot read", path);
+        let bad = |message: String| CompareError::BadAprt { path: path.clone(), message };
+        let (file, len) = stage_types::input::open_regular(path).map_err(io())?;
+        let mut bytes = Vec::with_capacity(12);
+        (&file).take(12).read_to_end(&mut bytes).map_err(io())?;
         let expected_layer = layer.map(|l| l as u32).unwrap_or(MODEL_LAYER);
-        let count = parse_header(&head, expected_layer, len)
-            .map_err(|message| CompareError::BadAprt { path: path.clone(), message })?;
-        let bytes = stage_types::input::read_regular(path, len).map_err(CompareError::io("cannot read", path))?;
-        let values = parse_aprt(&bytes, expected_layer)
-            .map_err(|message| CompareError::BadAprt { path: path.clone(), message })?;
-        debug_assert_eq!(values.len(), count);
+        parse_header(&bytes, expected_layer, len).map_err(bad)?;
+        // The values, from the same open file, once the header vouched for
+        // the file's length.
+        (&file).take(len - 12).read_to_end(&mut bytes).map_err(io())?;
+        let values = parse_aprt(&bytes, expected_layer).map_err(bad)?;
         Ok(Some(NpyArray { shape: vec![values.len()], dtype: "float32", values }))
     }
 }

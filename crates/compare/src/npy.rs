@@ -61,15 +61,20 @@ struct Header {
 /// header before the data is read.
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
     let bad = |message: String| CompareError::BadNpy { path: path.to_path_buf(), message };
-    let (file, len) = stage_types::input::open_regular(path).map_err(CompareError::io("cannot read", path))?;
-    let mut head = Vec::new();
-    file.take(MAX_HEADER as u64).read_to_end(&mut head).map_err(CompareError::io("cannot read", path))?;
-    let header = parse_header(&head).map_err(bad)?;
+    let io = || CompareError::io("cannot read", path);
+    let (file, len) = stage_types::input::open_regular(path).map_err(io())?;
+    let mut bytes = Vec::new();
+    (&file).take(MAX_HEADER as u64).read_to_end(&mut bytes).map_err(io())?;
+    let header = parse_header(&bytes).map_err(bad)?;
     let expected = header.data_start as u64 + header.data_len as u64;
     if len != expected {
         return Err(bad(size_message(&header, len.saturating_sub(header.data_start as u64))));
     }
-    let bytes = stage_types::input::read_regular(path, expected).map_err(CompareError::io("cannot read", path))?;
+    // The rest, from the same open file: only now is its size known to be
+    // what the header says.
+    let rest = expected.saturating_sub(bytes.len() as u64);
+    bytes.reserve_exact(rest as usize);
+    (&file).take(rest).read_to_end(&mut bytes).map_err(io())?;
     parse_npy(&bytes).map_err(bad)
 }
 

@@ -161,6 +161,7 @@ impl ModelConfig {
             ("head_dim", self.head_dim),
             ("vocab_size", self.vocab_size),
             ("decoder_sparse_step", self.decoder_sparse_step),
+            ("max_position_embeddings", self.max_positions.unwrap_or(1)),
         ] {
             if value == 0 {
                 return Err(bad(format!("`{name}` must be at least 1")));
@@ -185,9 +186,6 @@ impl ModelConfig {
             if value > max {
                 return Err(bad(format!("`{name}` is {value}, more than the {max} moetrace accepts")));
             }
-        }
-        if self.max_positions == Some(0) {
-            return Err(bad("`max_position_embeddings` must be at least 1".into()));
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(format!(

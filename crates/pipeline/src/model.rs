@@ -234,7 +234,7 @@ impl Model {
         };
         for spec in tensor_specs(&config) {
             let id = store.id(&spec.name).ok_or_else(|| {
-                if spec.name.contains(".self_attn.") && spec.name.ends_with("_proj.bias") {
+                if matches!(spec.role, TensorRole::Bias) {
                     PipelineError::MissingAttentionBias { path: dir.clone(), name: spec.name.clone() }
                 } else {
                     PipelineError::MissingTensor { path: dir.clone(), name: spec.name.clone() }

@@ -21,7 +21,8 @@ pub fn open_regular(path: &Path) -> io::Result<(File, u64)> {
     }
     // The type is checked again on the open file: the path may have been
     // swapped for a FIFO in between (opening a FIFO for reading blocks
-    // until a writer comes, so it is opened non-blocking on Unix).
+    // until a writer comes, so where O_NONBLOCK is known it is opened
+    // non-blocking).
     let file = open_nonblocking(path)?;
     let meta = file.metadata()?;
     if !meta.is_file() {
@@ -33,11 +34,12 @@ pub fn open_regular(path: &Path) -> io::Result<(File, u64)> {
 #[cfg(unix)]
 fn open_nonblocking(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    // O_NONBLOCK (the same value on Linux and macOS is not guaranteed, so
-    // only Linux's is named; elsewhere the metadata check above suffices).
-    #[cfg(target_os = "linux")]
+    // O_NONBLOCK as Linux defines it on x86-64 and aarch64 (this crate has
+    // no libc to ask); elsewhere no flag, and the check before opening is
+    // what stands.
+    #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
     const O_NONBLOCK: i32 = 0o4000;
-    #[cfg(not(target_os = "linux"))]
+    #[cfg(not(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64"))))]
     const O_NONBLOCK: i32 = 0;
     std::fs::OpenOptions::new().read(true).custom_flags(O_NONBLOCK).open(path)
 }
