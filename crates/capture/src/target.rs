@@ -31,12 +31,19 @@ pub fn unregister_temporary(path: &Path) {
 
 /// Removes every registered temporary folder or file: what a SIGINT or
 /// SIGTERM handler calls before the process exits. Writer threads may
-/// still be adding files, so each removal is retried a few times; they
-/// create folders only below the temporary folder, never the folder
-/// itself, so once removed it stays removed.
+/// still be adding files, so each folder is first renamed (atomically) to
+/// a name no writer knows: they create files and folders by the old path,
+/// which no longer resolves, so nothing new appears in the renamed tree
+/// and its removal cannot race with them. The new name keeps the
+/// temporary mark and this process's id, so should the process die
+/// half-way, the next run beside it cleans it up.
 pub fn remove_temporary_folders() {
     let paths = std::mem::take(&mut *IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()));
     for path in paths {
+        let mut doomed = path.clone().into_os_string();
+        doomed.push("-removing");
+        let doomed = PathBuf::from(doomed);
+        let path = if std::fs::rename(&path, &doomed).is_ok() { doomed } else { path };
         for _ in 0..20 {
             let gone = match std::fs::symlink_metadata(&path) {
                 Err(_) => true,
