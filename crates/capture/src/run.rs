@@ -155,8 +155,9 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
     backend.check_run_memory(crate::config::run_bytes(&model.config, config.prompt_tokens().len(), config.generate))?;
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
+    let setup = backend.setup_note().map(|n| format!("; {n}")).unwrap_or_default();
     on_event(RunEvent::BackendReady {
-        description: format!("{backend_name} {backend_dtype} ({})", config.backend),
+        description: format!("{backend_name} {backend_dtype} ({}{setup})", config.backend),
         elapsed: backend_start.elapsed(),
     });
     let replay = match &config.routing {

@@ -417,7 +417,9 @@ fn stale_temporary_folders_of_dead_processes_are_cleaned() {
 fn sigint_and_sigterm_remove_the_temporary_folder() {
     // Each signal at three moments, while writer threads are busy (and
     // once late, when the tree is large and still growing).
-    for (signal, delay_ms) in [("INT", 0), ("TERM", 0), ("INT", 150), ("TERM", 150), ("INT", 400), ("TERM", 400), ("TERM", 1000)] {
+    for (signal, delay_ms) in
+        [("INT", 0), ("TERM", 0), ("INT", 150), ("TERM", 150), ("INT", 400), ("TERM", 400), ("TERM", 1000)]
+    {
         let dir = scratch(&format!("hostile-signal-{signal}-{delay_ms}"));
         let config = dir.join("long.ron");
         let tokens: Vec<String> = (0..30).map(|i| (i * 7 % 500).to_string()).collect();

@@ -16,8 +16,8 @@ extern "C" __global__ void rope_f32(float *out, const float *x, u32 t_len, u32 i
     const float *xh = x + (u64)t * in_width + col_start + head * hd;
     float *oh = out + (u64)t * heads * hd + head * hd;
     double a = xh[p], b = xh[p + half];
-    oh[p] = (float)(a * c - b * s);
-    oh[p + half] = (float)(b * c + a * s);
+    oh[p] = store_act((float)(a * c - b * s));
+    oh[p + half] = store_act((float)(b * c + a * s));
 }
 
 // scores[h, t, p] = q[t, h] · k[p, h / group] / sqrt(hd), 0 where p > start + t.
@@ -36,7 +36,7 @@ extern "C" __global__ void attn_scores_f32(float *scores, const float *q, const 
     float acc = 0.0f;
     for (u32 i = lane; i < hd; i += 32) acc += qv[i] * kv[i];
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if (lane == 0) scores[warp] = acc * rsqrtf((float)hd);
+    if (lane == 0) scores[warp] = store_act(acc * rsqrtf((float)hd));
 }
 
 // One thread per (h, t) row: causal softmax over the first start + t + 1 entries.
@@ -51,7 +51,7 @@ extern "C" __global__ void attn_softmax_f32(float *out, const float *scores, u32
     for (u32 p = 0; p < valid; p++) { m = fmaxf(m, s[p]); nan |= isnan(s[p]); }
     float sum = 0.0f;
     for (u32 p = 0; p < valid; p++) sum += expf(s[p] - m);
-    for (u32 p = 0; p < p_len; p++) o[p] = p < valid ? (nan ? QUIET_NAN : expf(s[p] - m) / sum) : 0.0f;
+    for (u32 p = 0; p < p_len; p++) o[p] = p < valid ? store_act(nan ? QUIET_NAN : expf(s[p] - m) / sum) : 0.0f;
 }
 
 // out[t, h*hd + d] = Σ_p probs[h, t, p] · v[p, kvh*hd + d]
@@ -63,5 +63,5 @@ extern "C" __global__ void attention_f32(float *out, const float *probs, const f
     const float *pr = probs + ((u64)h * t_len + t) * p_len;
     float acc = 0.0f;
     for (u32 p = 0; p < p_len; p++) acc += pr[p] * v_cache[(u64)p * kv_heads * hd + kvh * hd + d];
-    out[i] = acc;
+    out[i] = store_act(acc);
 }

@@ -27,6 +27,21 @@ __device__ __forceinline__ float bf16_bits_to_f32(u16 b) {
     return __uint_as_float(((u32)b) << 16);
 }
 
+// What a kernel stores as an activation (a stage's output). Built with
+// ROUND_BF16=1 (the Bf16 backend) it is rounded to a bf16 value here, at
+// the store, which gives exactly the bits a separate rounding pass after
+// the kernel gave; with ROUND_BF16=0 (F32) it is stored as computed.
+#ifndef ROUND_BF16
+#define ROUND_BF16 0
+#endif
+__device__ __forceinline__ float store_act(float x) {
+#if ROUND_BF16
+    return bf16_bits_to_f32(f32_to_bf16_bits(x));
+#else
+    return x;
+#endif
+}
+
 // Weights are f32 (F32 mode) or bf16 bits (Bf16 mode); kernels read them
 // through these overloads and accumulate in f32 either way.
 __device__ __forceinline__ float load_w(const float *w, u64 i) { return w[i]; }

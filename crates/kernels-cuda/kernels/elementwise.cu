@@ -1,5 +1,6 @@
 // elementwise.cu: embedding lookup, bias, residual add, silu, mul, swiglu
-// (f32 activations; one thread per element).
+// (f32 activations; one thread per element). Every activation store goes
+// through store_act (common.cuh).
 #include "common.cuh"
 
 template <typename W>
@@ -7,7 +8,7 @@ __device__ void embedding_impl(float *out, const W *table, const unsigned int *t
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)t_len * h) return;
     u32 t = (u32)(i / h), c = (u32)(i % h);
-    out[i] = load_w(table, (u64)tokens[t] * h + c);
+    out[i] = store_act(load_w(table, (u64)tokens[t] * h + c));
 }
 WEIGHT_VARIANTS(embedding, (float *out, const W *table, const unsigned int *tokens, u32 t_len, u32 h), (out, table, tokens, t_len, h))
 
@@ -25,29 +26,29 @@ extern "C" __global__ void to_bf16_bits_f32(u16 *out, const float *x, u64 n) {
 
 extern "C" __global__ void add_bias_f32(float *out, const float *x, const float *bias, u64 n, u32 width) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = x[i] + bias[i % width];
+    if (i < n) out[i] = store_act(x[i] + bias[i % width]);
 }
 
 extern "C" __global__ void add_f32(float *out, const float *a, const float *b, u64 n) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] + b[i];
+    if (i < n) out[i] = store_act(a[i] + b[i]);
 }
 
 extern "C" __global__ void mul_f32(float *out, const float *a, const float *b, u64 n) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = a[i] * b[i];
+    if (i < n) out[i] = store_act(a[i] * b[i]);
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 extern "C" __global__ void silu_f32(float *out, const float *x, u64 n) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = silu(x[i]);
+    if (i < n) out[i] = store_act(silu(x[i]));
 }
 
 extern "C" __global__ void swiglu_f32(float *out, const float *gate, const float *up, u64 n) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = silu(gate[i]) * up[i];
+    if (i < n) out[i] = store_act(silu(gate[i]) * up[i]);
 }
 
 // dst[r * dst_width + c] = src[r * src_width + src_col + c] for c < width
@@ -55,5 +56,5 @@ extern "C" __global__ void copy_columns_f32(float *dst, const float *src, u32 ro
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)rows * width) return;
     u32 r = (u32)(i / width), c = (u32)(i % width);
-    dst[(u64)r * dst_width + c] = src[(u64)r * src_width + src_col + c];
+    dst[(u64)r * dst_width + c] = store_act(src[(u64)r * src_width + src_col + c]);
 }

@@ -29,8 +29,46 @@ __device__ void expert_linear_impl(float *out, const float *x, const int *ids, c
     }
     const float *xr = x + (per_slot ? slot : (u64)t) * k;
     float v = warp_dot(xr, w + ((u64)e * n_out + n) * k, k);
-    if ((threadIdx.x & 31) == 0) out[slot * n_out + n] = v;
+    if ((threadIdx.x & 31) == 0) out[slot * n_out + n] = store_act(v);
 }
 
 WEIGHT_VARIANTS(expert_linear, (float *out, const float *x, const int *ids, const W *w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot),
                 (out, x, ids, w, t_len, top_k, k, n_out, experts, per_slot))
+
+// Eight bf16 weights (one 16-byte load) dotted with eight f32 inputs (two
+// 16-byte loads), accumulated in order into acc.
+__device__ __forceinline__ float dot8(float acc, uint4 w, const float4 *x) {
+    float4 a = x[0], b = x[1];
+    acc += a.x * bf16_bits_to_f32((u16)(w.x & 0xffffu));
+    acc += a.y * bf16_bits_to_f32((u16)(w.x >> 16));
+    acc += a.z * bf16_bits_to_f32((u16)(w.y & 0xffffu));
+    acc += a.w * bf16_bits_to_f32((u16)(w.y >> 16));
+    acc += b.x * bf16_bits_to_f32((u16)(w.z & 0xffffu));
+    acc += b.y * bf16_bits_to_f32((u16)(w.z >> 16));
+    acc += b.z * bf16_bits_to_f32((u16)(w.w & 0xffffu));
+    acc += b.w * bf16_bits_to_f32((u16)(w.w >> 16));
+    return acc;
+}
+
+// expert_linear for bf16 weights when k is a multiple of 8 (so every row of
+// W and x starts 16-byte aligned): each lane reads 8 weights per 16-byte
+// load, through the read-only path. Same contract as expert_linear.
+extern "C" __global__ void expert_linear_bf16w_v8(float *out, const float *x, const int *ids, const u16 *w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= (u64)t_len * top_k * n_out) return;
+    u32 lane = threadIdx.x & 31;
+    u32 n = (u32)(warp % n_out);
+    u64 slot = warp / n_out;
+    u32 t = (u32)(slot / top_k);
+    int e = ids[slot];
+    if (e < 0 || (u32)e >= experts) {
+        if (lane == 0) out[slot * n_out + n] = QUIET_NAN;
+        return;
+    }
+    const float4 *xr = (const float4 *)(x + (per_slot ? slot : (u64)t) * k);
+    const uint4 *wr = (const uint4 *)(w + ((u64)e * n_out + n) * k);
+    float acc = 0.0f;
+    for (u32 i = lane; i < k / 8; i += 32) acc = dot8(acc, __ldg(wr + i), xr + 2 * i);
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[slot * n_out + n] = store_act(acc);
+}

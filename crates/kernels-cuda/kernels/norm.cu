@@ -24,7 +24,7 @@ __device__ void rms_row(float *out, const float *x, const W *w, u32 width, float
     float ss = 0.0f;
     for (u32 c = threadIdx.x; c < width; c += blockDim.x) ss += x[c] * x[c];
     float inv = rsqrtf(block_sum(ss) / (float)width + eps);
-    for (u32 c = threadIdx.x; c < width; c += blockDim.x) out[c] = x[c] * inv * load_w(w, c);
+    for (u32 c = threadIdx.x; c < width; c += blockDim.x) out[c] = store_act(x[c] * inv * load_w(w, c));
 }
 
 template <typename W>

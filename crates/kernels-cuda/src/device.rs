@@ -1,12 +1,15 @@
 //! [`GpuDevice`]: a CUDA context on one device, with its kernel modules
-//! compiled by NVRTC once per process for the device's own architecture.
+//! compiled by NVRTC once per process to the device's own machine code
+//! (a cubin: the driver has nothing left to JIT-compile, so a first run on
+//! a fresh machine is as fast as later ones).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
-use cudarc::nvrtc::{CompileOptions, compile_ptx_with_opts};
+use cudarc::nvrtc::Ptx;
 
 use crate::error::{KernelError, Result, driver};
 use crate::sources;
@@ -25,13 +28,33 @@ pub struct GpuDevice {
     blas: CudaBlas,
     name: String,
     arch: String,
+    round_bf16: bool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
+    /// Entry points already looked up, by (family, name): a lookup is a
+    /// driver call, and a decode step launches thousands of kernels.
+    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Time spent compiling and loading kernel modules so far.
+    compile_time: Mutex<Duration>,
+}
+
+/// How the kernel modules are built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KernelBuild {
+    /// Compile with `ROUND_BF16=1`: every kernel rounds the activations it
+    /// stores to bf16 values (`store_act` in common.cuh), exactly as a
+    /// separate rounding pass after it would. The Bf16 backend builds so.
+    pub round_bf16: bool,
 }
 
 impl GpuDevice {
     /// Opens device `ordinal`. A missing driver or NVRTC, or a bad ordinal,
     /// is a clear error, never a panic.
     pub fn open(ordinal: usize) -> Result<Self> {
+        Self::open_with(ordinal, KernelBuild::default())
+    }
+
+    /// Opens device `ordinal` with kernels built as `build` says.
+    pub fn open_with(ordinal: usize, build: KernelBuild) -> Result<Self> {
         // SAFETY: is_culib_present only tries to dlopen the library by name.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
             return Err(KernelError::DriverMissing);
@@ -65,7 +88,10 @@ impl GpuDevice {
             blas,
             name,
             arch: format!("sm_{major}{minor}"),
+            round_bf16: build.round_bf16,
             modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+            compile_time: Mutex::new(Duration::ZERO),
         })
     }
 
@@ -108,47 +134,104 @@ impl GpuDevice {
     }
 
     /// Entry point `function` of kernel family `family`, compiling the
-    /// family on first use.
+    /// family on first use. Looked up once, then served from a cache.
     pub fn function(&self, family: &'static str, function: &str) -> Result<CudaFunction> {
-        let module = {
-            let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
-            match modules.get(family) {
-                Some(m) => m.clone(),
-                None => {
-                    let m = self.compile(family)?;
-                    modules.insert(family, m.clone());
-                    m
-                }
-            }
-        };
-        module.load_function(function).map_err(driver(format!("loading {family}::{function}")))
+        let key = (family, function.to_string());
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return Ok(f.clone());
+        }
+        let module = self.module(family)?;
+        let f = module.load_function(function).map_err(driver(format!("loading {family}::{function}")))?;
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Compiles and loads every kernel family now (a backend does this
+    /// before its first step, so no step pays for it), returning the time
+    /// it took.
+    pub fn compile_all(&self) -> Result<Duration> {
+        let start = Instant::now();
+        for (family, _) in sources::FAMILIES {
+            self.module(family)?;
+        }
+        Ok(start.elapsed())
+    }
+
+    /// Total time spent compiling and loading kernel modules.
+    pub fn compile_time(&self) -> Duration {
+        *self.compile_time.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn module(&self, family: &'static str) -> Result<Arc<CudaModule>> {
+        let mut modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(m) = modules.get(family) {
+            return Ok(m.clone());
+        }
+        let start = Instant::now();
+        let m = self.compile(family)?;
+        *self.compile_time.lock().unwrap_or_else(|e| e.into_inner()) += start.elapsed();
+        modules.insert(family, m.clone());
+        Ok(m)
     }
 
     fn compile(&self, family: &'static str) -> Result<Arc<CudaModule>> {
-        let source = sources::source(family).ok_or_else(|| KernelError::Compile {
-            family,
-            arch: self.arch.clone(),
-            log: "no such kernel family".into(),
-        })?;
-        let options = CompileOptions {
+        let compile_error = |log: String| KernelError::Compile { family, arch: self.arch.clone(), log };
+        let source = sources::source(family).ok_or_else(|| compile_error("no such kernel family".into()))?;
+        let options = [
             // Exact IEEE arithmetic: the kernels are compared bit for bit or
             // at 1e-5 against the CPU reference.
-            ftz: Some(false),
-            prec_div: Some(true),
-            prec_sqrt: Some(true),
-            fmad: Some(false),
+            "--ftz=false".to_string(),
+            "--prec-div=true".into(),
+            "--prec-sqrt=true".into(),
+            "--fmad=false".into(),
+            // A real architecture (sm_90, not compute_90): NVRTC emits the
+            // device's machine code.
+            format!("--gpu-architecture={}", self.arch),
             // Line info only maps instructions to source lines (for
             // compute-sanitizer and ncu reports); the code is unchanged.
-            options: vec![format!("--gpu-architecture={}", self.arch), "-lineinfo".into()],
-            ..Default::default()
-        };
-        let ptx = compile_ptx_with_opts(&source, options).map_err(|e| KernelError::Compile {
-            family,
-            arch: self.arch.clone(),
-            log: e.to_string(),
-        })?;
-        self.ctx.load_module(ptx).map_err(driver(format!("loading the {family} module")))
+            "-lineinfo".into(),
+            format!("-DROUND_BF16={}", u8::from(self.round_bf16)),
+        ];
+        let cubin = compile_cubin(&source, &options).map_err(compile_error)?;
+        self.ctx.load_module(Ptx::from_binary(cubin)).map_err(driver(format!("loading the {family} module")))
     }
+}
+
+/// NVRTC: `source` compiled with `options` to a cubin (machine code for the
+/// real architecture the options name). The error is the compiler's log.
+fn compile_cubin(source: &str, options: &[String]) -> std::result::Result<Vec<u8>, String> {
+    use cudarc::nvrtc::{result, sys};
+    let src = std::ffi::CString::new(source).map_err(|_| "the kernel source holds a NUL byte".to_string())?;
+    let prog = result::create_program(&src, None).map_err(|e| format!("creating the program: {e:?}"))?;
+    // SAFETY: prog is a live program; every call below passes it with
+    // buffers of the sizes NVRTC reported; it is destroyed once, last.
+    let outcome = unsafe {
+        match result::compile_program(prog, options) {
+            Err(e) => {
+                let log = result::get_program_log(prog)
+                    .map(|raw| std::ffi::CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                Err(format!("{e:?}\n{log}"))
+            }
+            Ok(()) => {
+                let mut size = 0usize;
+                match sys::nvrtcGetCUBINSize(prog, &mut size).result() {
+                    Err(e) => Err(format!("reading the cubin size: {e:?}")),
+                    Ok(()) if size == 0 => Err("NVRTC made no cubin (is the architecture a real one?)".into()),
+                    Ok(()) => {
+                        let mut cubin = vec![0u8; size];
+                        sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
+                            .result()
+                            .map(|()| cubin)
+                            .map_err(|e| format!("reading the cubin: {e:?}"))
+                    }
+                }
+            }
+        }
+    };
+    // SAFETY: prog was created above and is not used after this.
+    let _ = unsafe { result::destroy_program(prog) };
+    outcome
 }
 
 #[cfg(test)]

@@ -21,5 +21,5 @@ pub mod error;
 pub mod sources;
 pub mod synthetic;
 
-pub use device::GpuDevice;
+pub use device::{GpuDevice, KernelBuild};
 pub use error::{KernelError, Result, is_out_of_memory};

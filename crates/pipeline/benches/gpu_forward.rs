@@ -5,9 +5,7 @@
 //! results in BENCHMARKS.md.
 //!
 //! Environment: MOETRACE_BENCH_LAYERS (default 2), MOETRACE_BENCH_PRECISION
-//! (f32 or bf16, default f32), MOETRACE_BENCH_PROMPT (tokens, default 16),
-//! MOETRACE_BENCH_WARP_ROWS (projections of at most this many rows use the
-//! warp-per-output kernel instead of cuBLAS; default the backend's).
+//! (f32 or bf16, default f32), MOETRACE_BENCH_PROMPT (tokens, default 16).
 
 #[cfg(feature = "cuda")]
 fn main() {

@@ -68,6 +68,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Activation dtype, e.g. `f32`.
     fn dtype(&self) -> &'static str;
 
+    /// What setting the backend up involved worth telling apart from the
+    /// run's own time (the CUDA backend: compiling its kernels), if any.
+    fn setup_note(&self) -> Option<String> {
+        None
+    }
+
     /// Checks, before a run, that `bytes` of KV caches and activations
     /// (see [`crate::ModelConfig::forward_bytes`]) fit the memory this
     /// backend computes in, failing with the numbers. The CPU backend's

@@ -124,8 +124,12 @@ impl CudaBackend {
         ordinal: usize,
         precision: CudaPrecision,
     ) -> Result<Self> {
-        let device = GpuDevice::open(ordinal).map_err(kernel_error)?;
+        let build = kernels_cuda::KernelBuild { round_bf16: precision == CudaPrecision::Bf16 };
+        let device = GpuDevice::open_with(ordinal, build).map_err(kernel_error)?;
         check_fits(&device, &store, precision)?;
+        // Every kernel is compiled before the first step, so no step's time
+        // includes it (see `kernel_compile_time`).
+        device.compile_all().map_err(kernel_error)?;
         let experts: std::collections::HashSet<WeightId> =
             expert_lists.iter().flat_map(|l| l.iter().copied()).collect();
         let mut weights = HashMap::new();
@@ -188,6 +192,12 @@ impl CudaBackend {
         self.device.name()
     }
 
+    /// Time spent compiling the kernels to the device's machine code and
+    /// loading them (all at construction).
+    pub fn kernel_compile_time(&self) -> std::time::Duration {
+        self.device.compile_time()
+    }
+
     fn stream(&self) -> Arc<CudaStream> {
         self.device.stream().clone()
     }
@@ -245,13 +255,21 @@ impl CudaBackend {
         }
     }
 
-    /// Stores an op's output; in Bf16 mode rounds it to bf16 first, except
-    /// the router logits and weights: the gate projection accumulates in f32
-    /// and routing (softmax, top-k, renormalise) is computed and kept in f32,
-    /// as DESIGN asks ("softmax over all E in float32 or better").
-    fn set(&mut self, slot: Slot, shape: Vec<usize>, mut data: CudaSlice<f32>) -> Result<()> {
-        let routing = matches!(slot, Slot::MoeRouterLogits | Slot::MoeRouter);
-        if self.precision == CudaPrecision::Bf16 && !routing {
+    /// Stores a kernel's output. Kernels round what they store themselves
+    /// in Bf16 mode (the device's modules are built with `ROUND_BF16`; see
+    /// `store_act` in common.cuh), so nothing is launched here.
+    fn set(&mut self, slot: Slot, shape: Vec<usize>, data: CudaSlice<f32>) -> Result<()> {
+        self.store(slot, DevTensor::new(shape, DevData::F32(data)));
+        Ok(())
+    }
+
+    /// Stores a cuBLAS projection's output; in Bf16 mode rounds it to bf16
+    /// first (cuBLAS writes f32), except the router logits: the gate
+    /// projection accumulates in f32 and routing (softmax, top-k,
+    /// renormalise) is computed and kept in f32, as DESIGN asks ("softmax
+    /// over all E in float32 or better").
+    fn set_projection(&mut self, slot: Slot, shape: Vec<usize>, mut data: CudaSlice<f32>) -> Result<()> {
+        if self.precision == CudaPrecision::Bf16 && slot != Slot::MoeRouterLogits {
             let n = shape.iter().product::<usize>();
             let f = self.function("elementwise", "round_bf16_f32")?;
             let stream = self.stream();
@@ -261,8 +279,7 @@ impl CudaBackend {
             // SAFETY: data holds n f32, rounded in place.
             unsafe { b.launch(threads(n)) }.map_err(gpu("rounding to bf16"))?;
         }
-        self.store(slot, DevTensor::new(shape, DevData::F32(data)));
-        Ok(())
+        self.set(slot, shape, data)
     }
 
     fn function(&self, family: &'static str, name: &str) -> Result<cudarc::driver::CudaFunction> {
@@ -303,6 +320,14 @@ impl Backend for CudaBackend {
             CudaPrecision::F32 => "f32",
             CudaPrecision::Bf16 => "bf16",
         }
+    }
+
+    fn setup_note(&self) -> Option<String> {
+        Some(format!(
+            "kernels compiled for {} in {:.2} s",
+            self.device.arch(),
+            self.device.compile_time().as_secs_f64()
+        ))
     }
 
     fn check_run_memory(&self, bytes: f64) -> Result<()> {
@@ -384,7 +409,10 @@ impl Backend for CudaBackend {
         b.arg(&mut o).arg(x.f32(input)?);
         push_weight(&mut b, self.weight(weight));
         b.arg(&w32).arg(&e32);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // One block per row, up to 1024 threads, about two elements each: a
+        // decode step's single row is spread over the whole block.
+        let block = (width.div_ceil(2).next_multiple_of(32)).clamp(32, 1024) as u32;
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block per row of `width`; buffers hold rows*width.
         unsafe { b.launch(cfg) }.map_err(gpu("rms_norm"))?;
         self.set(out, vec![rows, width], o)

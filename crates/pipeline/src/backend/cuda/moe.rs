@@ -6,7 +6,7 @@ use cudarc::driver::PushKernelArg;
 
 use super::tensors::{DevData, DevTensor};
 use super::weights::{Stacked, push_weight};
-use super::{CudaBackend, gpu, threads, warps};
+use super::{CudaBackend, CudaPrecision, gpu, threads, warps};
 use crate::backend::Slot;
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
@@ -22,8 +22,10 @@ impl CudaBackend {
     ) -> Result<()> {
         let l = self.slot(logits)?;
         let (rows, experts) = (l.rows(), l.width());
-        if k == 0 || k > experts || k > 64 {
-            return Err(PipelineError::BadInput(format!("top-{k} of {experts} experts is not supported")));
+        if k == 0 || k > experts || k > 64 || experts > 4096 {
+            return Err(PipelineError::BadInput(format!(
+                "top-{k} of {experts} experts is not supported (k 1..=64, at most 4096 experts)"
+            )));
         }
         let stream = self.stream();
         let mut w = self.alloc(rows * k)?;
@@ -32,8 +34,8 @@ impl CudaBackend {
         let a = (rows as u32, experts as u32, k as u32, u32::from(normalise));
         let mut b = stream.launch_builder(&f);
         b.arg(&mut w).arg(&mut ids).arg(l.f32(logits)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
-        // SAFETY: one thread per token writing k weights and ids.
-        unsafe { b.launch(threads(rows)) }.map_err(gpu("router_top_k"))?;
+        // SAFETY: one warp per token writing k weights and ids.
+        unsafe { b.launch(warps(rows)) }.map_err(gpu("router_top_k"))?;
         self.set(weights_out, vec![rows, k], w)?;
         self.store(indices_out, DevTensor::new(vec![rows, k], DevData::I32(ids)));
         Ok(())
@@ -65,7 +67,12 @@ impl CudaBackend {
         }
         let n = t_len * top_k * n_out;
         let mut o = self.alloc(n)?;
-        let f = self.weight_function("linear", "expert_linear")?;
+        // bf16 weights with rows of a multiple of 8: 16-byte loads.
+        let f = if self.precision == CudaPrecision::Bf16 && k_in % 8 == 0 {
+            self.function("linear", "expert_linear_bf16w_v8")?
+        } else {
+            self.weight_function("linear", "expert_linear")?
+        };
         let stream = self.stream();
         let DevData::I32(ids) = &self.slot(indices)?.data else {
             return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));

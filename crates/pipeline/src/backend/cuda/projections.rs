@@ -48,7 +48,7 @@ impl CudaBackend {
             .map_err(kernel_error)?;
             col += n;
         }
-        self.set(out, vec![rows, total], o)
+        self.set_projection(out, vec![rows, total], o)
     }
 
     pub(super) fn add_bias_on_device(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
