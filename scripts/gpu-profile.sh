@@ -3,7 +3,9 @@
 # the time of the full synthetic Qwen3-30B-A3B in Bf16 goes.
 #   1. cold start: the same run twice on this machine (the first one pays
 #      whatever is loaded or compiled once per machine);
-#   2. ncu of a small run (2 layers, 8-token prompt, 3 decode steps): each
+#   2. GPU time per stage (MOETRACE_PROFILE_OPS: CUDA events around each
+#      backend operation) of the full model, prefill and decode apart;
+#   3. ncu of a small run (2 layers, 8-token prompt, 3 decode steps): each
 #      kernel's duration and DRAM traffic, summed per step and per kernel
 #      (scripts/profile_table.py), bandwidth against the 3.0 TB/s copy rate.
 # Writes $OUT/profile-ncu.csv and $OUT/profile.log.
@@ -24,6 +26,10 @@ config bench 512 65
         echo "== $run: prompt 512, 64 decode steps"
         .gpu/bin/moetrace run --config "$tmp/bench.ron" 2>&1 | grep -E "ready|prefill|decode|run:|compiled|loaded" | tail -6
     done
+    # GPU time per stage from CUDA events inside the run (clocks and caches
+    # as in a normal run, unlike ncu), and the GPU's idle share per step.
+    echo "== GPU time per stage, 48 layers, prompt 512 + 64 decode steps"
+    MOETRACE_PROFILE_OPS=1 .gpu/bin/moetrace run -q --config "$tmp/bench.ron" 2>&1 | tee "$out/profile-ops.txt" | grep -v "^run:\|^capture:"
     # ncu (Nsight Compute): every kernel of a 2-layer model's run, 8-token
     # prompt then 3 decode steps, with its duration and DRAM bytes; the
     # per-step table is printed by scripts/profile_table.py.

@@ -72,3 +72,31 @@ extern "C" __global__ void expert_linear_bf16w_v8(float *out, const float *x, co
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     if (lane == 0) out[slot * n_out + n] = store_act(acc);
 }
+
+// Dense projection of a few rows (decode), bf16 weights with k % 8 == 0:
+// out[t * out_stride + col + n] = w[n] · x[t] for t < t_len <= 8. One warp
+// per output feature n reads its weight row once (16-byte loads) for all
+// rows of x. raw = 1 stores the f32 sum as is (the router logits, which
+// stay f32); raw = 0 stores it as an activation (store_act).
+extern "C" __global__ void gemv_bf16w_v8(float *out, const float *x, const u16 *w, u32 t_len, u32 k, u32 n_out, u32 out_stride, u32 col, u32 raw) {
+    u64 n = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (n >= n_out) return; // uniform across the warp
+    u32 lane = threadIdx.x & 31;
+    const uint4 *wr = (const uint4 *)(w + n * k);
+    float acc[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) acc[t] = 0.0f;
+    for (u32 i = lane; i < k / 8; i += 32) {
+        uint4 q = __ldg(wr + i);
+#pragma unroll
+        for (u32 t = 0; t < 8; t++)
+            if (t < t_len) acc[t] = dot8(acc[t], q, (const float4 *)(x + (u64)t * k) + 2 * i);
+    }
+#pragma unroll
+    for (u32 t = 0; t < 8; t++) {
+        if (t >= t_len) break;
+        float v = acc[t];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        if (lane == 0) out[(u64)t * out_stride + col + n] = raw ? v : store_act(v);
+    }
+}

@@ -74,3 +74,174 @@ extern "C" __global__ void moe_combine_f32(float *out, const float *expert_out, 
     for (u32 j = 0; j < top_k; j++) acc += weights[(u64)t * top_k + j] * expert_out[((u64)t * top_k + j) * h + c];
     out[i] = store_act(acc);
 }
+
+// ---- Grouped expert projections (prefill): slots sorted by expert on the
+// device, then one tensor-core tile kernel reading each expert's weights
+// once per 32 of its slots. No host round trip: the per-expert counts stay
+// in device memory and blocks of empty experts exit at once.
+
+// counts[e] = how many of the `slots` ids are e. One block per expert.
+extern "C" __global__ void moe_count_slots(int *counts, const int *ids, u32 slots) {
+    __shared__ u32 partial[32];
+    u32 e = blockIdx.x, c = 0;
+    for (u32 s = threadIdx.x; s < slots; s += blockDim.x) c += (u32)(ids[s] == (int)e);
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_down_sync(0xffffffffu, c, o);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = c;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        u32 total = 0;
+        for (u32 w = 0; w < (blockDim.x + 31) / 32; w++) total += partial[w];
+        counts[e] = (int)total;
+    }
+}
+
+// offsets[e] = Σ counts[< e]; sorted[offsets[e] + i] = the i-th slot (in
+// ascending order) whose id is e. One block per expert; deterministic.
+extern "C" __global__ void moe_sort_slots(int *sorted, int *offsets, const int *counts, const int *ids, u32 slots) {
+    __shared__ u32 warp_hits[32];
+    __shared__ u32 base;
+    u32 e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) / 32;
+    if (threadIdx.x == 0) {
+        u32 offset = 0;
+        for (u32 i = 0; i < e; i++) offset += (u32)counts[i];
+        offsets[e] = (int)offset;
+        base = offset;
+    }
+    __syncthreads();
+    for (u32 s0 = 0; s0 < slots; s0 += blockDim.x) {
+        u32 s = s0 + threadIdx.x;
+        bool hit = s < slots && ids[s] == (int)e;
+        u32 ballot = __ballot_sync(0xffffffffu, hit);
+        if (lane == 0) warp_hits[warp] = __popc(ballot);
+        __syncthreads();
+        u32 before = base;
+        for (u32 w = 0; w < warp; w++) before += warp_hits[w];
+        if (hit) sorted[before + __popc(ballot & ((1u << lane) - 1u))] = (int)s;
+        __syncthreads();
+        if (threadIdx.x == 0) for (u32 w = 0; w < warps; w++) base += warp_hits[w];
+        __syncthreads();
+    }
+}
+
+// Rows of slots whose id is not an expert are NaN (the contract of
+// expert_linear); the grouped kernel never visits them. One warp per slot.
+extern "C" __global__ void moe_invalid_rows(float *out, const int *ids, u32 slots, u32 n_out, u32 experts) {
+    u64 s = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (s >= slots) return;
+    int e = ids[s];
+    if (e >= 0 && (u32)e < experts) return;
+    for (u32 n = threadIdx.x & 31; n < n_out; n += 32) out[s * n_out + n] = QUIET_NAN;
+}
+
+// Two bf16 (bits) in one 32-bit register, the lower index in the low half.
+__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
+    return (u32)f32_to_bf16_bits(lo) | ((u32)f32_to_bf16_bits(hi) << 16);
+}
+
+// D = A·B + D for one m16n8k16 tile: A 16x16 bf16 (row), B 16x8 bf16 (col),
+// f32 accumulators.
+__device__ __forceinline__ void mma_bf16_16816(float *d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+#define GT_ROWS 64   // weight rows (outputs n) per block: 16 per warp
+#define GT_SLOTS 32  // slots per tile: 4 mma columns of 8
+#define GT_K 64      // k per shared-memory stage: 4 mma steps
+#define GT_PAD 8     // bf16 of padding per shared row (no bank conflicts)
+#define GT_W_PIECES (GT_ROWS * GT_K / 8 / 128)  // 16-byte W loads per thread per stage
+#define GT_X_PIECES (GT_SLOTS * GT_K / 8 / 128) // 8-value x loads per thread per stage
+
+// out[slot, n] = W[e][n] · x(slot) for every slot routed to expert e, where
+// x(slot) = x[slot] (per_slot) or x[slot / top_k]. Block (n tile, e): 4
+// warps, 64 rows of W[e] against its slots 32 at a time; x is f32 holding
+// bf16 values (Bf16 mode), converted exactly to bf16 for the tensor cores;
+// f32 accumulation over k in order, one 64-wide stage after another. The
+// next stage's global loads are issued before the current stage's mma (held
+// in registers), so memory and tensor cores overlap. Needs k % 64 == 0 and
+// n_out % 64 == 0 (the host checks).
+extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
+    float *out, const float *x, const int *sorted, const int *offsets, const int *counts, const u16 *w,
+    u32 top_k, u32 k, u32 n_out, u32 per_slot) {
+    __shared__ __align__(16) u16 ws[GT_ROWS][GT_K + GT_PAD];
+    __shared__ __align__(16) u16 xs[GT_SLOTS][GT_K + GT_PAD];
+    __shared__ int slot_of[GT_SLOTS];
+    u32 e = blockIdx.y, n0 = blockIdx.x * GT_ROWS;
+    int count = counts[e];
+    if (count == 0) return;
+    int first = offsets[e];
+    u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
+    const u16 *we = w + ((u64)e * n_out + n0) * k;
+    for (int tile = 0; tile < count; tile += GT_SLOTS) {
+        u32 in_tile = (u32)min(GT_SLOTS, count - tile);
+        __syncthreads();
+        if (tid < GT_SLOTS) slot_of[tid] = tid < in_tile ? sorted[first + tile + tid] : -1;
+        __syncthreads();
+        // This thread's x rows (one slot, GT_X_PIECES pieces of 8 values).
+        const float *xrow[GT_X_PIECES];
+        u32 xcol[GT_X_PIECES], xr[GT_X_PIECES];
+        for (int i = 0; i < GT_X_PIECES; i++) {
+            u32 piece = tid + 128 * i;
+            xr[i] = piece / (GT_K / 8);
+            xcol[i] = (piece % (GT_K / 8)) * 8;
+            int slot = slot_of[xr[i]];
+            xrow[i] = slot < 0 ? 0 : x + (per_slot ? (u64)slot : (u64)slot / top_k) * k;
+        }
+        uint4 wreg[GT_W_PIECES];
+        float4 xreg[GT_X_PIECES][2];
+        // Global loads of stage k0 into registers.
+#define GT_LOAD(k0)                                                                                     \
+        for (int i = 0; i < GT_W_PIECES; i++) {                                                         \
+            u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;          \
+            wreg[i] = __ldg((const uint4 *)(we + (u64)r * k + (k0) + c));                               \
+        }                                                                                               \
+        for (int i = 0; i < GT_X_PIECES; i++) {                                                         \
+            if (xrow[i]) {                                                                              \
+                xreg[i][0] = *(const float4 *)(xrow[i] + (k0) + xcol[i]);                               \
+                xreg[i][1] = *(const float4 *)(xrow[i] + (k0) + xcol[i] + 4);                           \
+            } else {                                                                                    \
+                xreg[i][0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);                                       \
+                xreg[i][1] = xreg[i][0];                                                                \
+            }                                                                                           \
+        }
+        GT_LOAD(0)
+        float acc[4][4];
+        for (int j = 0; j < 4; j++) for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
+        u32 r0 = warp * 16;
+        for (u32 k0 = 0; k0 < k; k0 += GT_K) {
+            for (int i = 0; i < GT_W_PIECES; i++) {
+                u32 piece = tid + 128 * i;
+                *(uint4 *)&ws[piece / (GT_K / 8)][(piece % (GT_K / 8)) * 8] = wreg[i];
+            }
+            for (int i = 0; i < GT_X_PIECES; i++) {
+                float4 a = xreg[i][0], b = xreg[i][1];
+                *(uint4 *)&xs[xr[i]][xcol[i]] = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+            }
+            __syncthreads();
+            if (k0 + GT_K < k) { GT_LOAD(k0 + GT_K) }
+            for (u32 kk = 0; kk < GT_K; kk += 16) {
+                u32 a0 = *(const u32 *)&ws[r0 + g][kk + 2 * q];
+                u32 a1 = *(const u32 *)&ws[r0 + g + 8][kk + 2 * q];
+                u32 a2 = *(const u32 *)&ws[r0 + g][kk + 2 * q + 8];
+                u32 a3 = *(const u32 *)&ws[r0 + g + 8][kk + 2 * q + 8];
+                for (int j = 0; j < 4; j++) {
+                    u32 b0 = *(const u32 *)&xs[j * 8 + g][kk + 2 * q];
+                    u32 b1 = *(const u32 *)&xs[j * 8 + g][kk + 2 * q + 8];
+                    mma_bf16_16816(acc[j], a0, a1, a2, a3, b0, b1);
+                }
+            }
+            __syncthreads();
+        }
+#undef GT_LOAD
+        // acc[j]: rows r0 + g (c 0, 1) and r0 + g + 8 (c 2, 3); slots
+        // j * 8 + 2q (c 0, 2) and j * 8 + 2q + 1 (c 1, 3).
+        for (int j = 0; j < 4; j++) {
+            for (int c = 0; c < 4; c++) {
+                u32 col = j * 8 + 2 * q + (c & 1), row = r0 + g + (c >> 1) * 8;
+                int slot = slot_of[col];
+                if (slot >= 0) out[(u64)slot * n_out + n0 + row] = store_act(acc[j][c]);
+            }
+        }
+    }
+}

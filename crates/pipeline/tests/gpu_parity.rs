@@ -1,6 +1,7 @@
 //! Backend parity, in the style of llama.cpp's test-backend-ops: every
 //! operation of the CUDA backend against the CPU backend on seeded random
-//! inputs of awkward sizes (T = 1 and 37, widths that are not multiples of
+//! inputs of awkward sizes (T = 70 then 1 at position 70, so decode
+//! attention splits its 71 positions; widths that are not multiples of
 //! 32, 13 experts; T = 300 for the expert projections), with the GPU's outputs poisoned (NaN) before each run so
 //! an unwritten element fails. Prints a table. GPU only (MOETRACE_GPU=1).
 //!
@@ -122,7 +123,7 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
         Pair { cpu: CpuBackend::new(store, Some(2)).unwrap(), gpu, rows: Vec::new(), failures: 0, bf16: false };
     let shape = AttentionShape { heads: 3, kv_heads: 1, head_dim: hd };
 
-    for (t, start) in [(37usize, 0usize), (1, 37)] {
+    for (t, start) in [(70usize, 0usize), (1, 70)] {
         let tokens: Vec<u32> = (0..t as u32).map(|x| (x * 7 + 3) % v as u32).collect();
         pair.cpu.begin_step(&tokens, start).unwrap();
         pair.gpu.begin_step(&tokens, start).unwrap();
@@ -258,8 +259,11 @@ fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
         return;
     }
     // Widths that take the fast paths: rows of 2048 (RMSNorm over 1024
-    // threads, 16-byte expert loads) and 40 (16-byte loads, 5 per row).
-    let (h, v, e, k, i_dim, hd) = (2048usize, 37usize, 16usize, 4usize, 40usize, 64usize);
+    // threads), expert sizes for the grouped tensor-core kernel (k % 32,
+    // n % 64) at T = 100 (400 slots) and for 16-byte loads at T = 1, where
+    // the projections, attention scores and attention take their one-row
+    // kernels (101 positions: two splits).
+    let (h, v, e, k, i_dim, hd) = (2048usize, 37usize, 16usize, 4usize, 64usize, 64usize);
     let mut store = WeightStore::default();
     let table = weight_bf16(&mut store, "table", vec![v, h], 0.0, 1.0);
     let norm = weight_bf16(&mut store, "norm", vec![h], 1.0, 0.1);
@@ -271,8 +275,14 @@ fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
         (0..e).map(|x| weight_bf16(&mut store, &format!("up{x}"), vec![i_dim, h], 0.0, 0.03)).collect();
     let downs: Vec<WeightId> =
         (0..e).map(|x| weight_bf16(&mut store, &format!("down{x}"), vec![h, i_dim], 0.0, 0.2)).collect();
+    // Many slots per expert (a prefill's shape): several 32-slot tiles each.
+    let (big_h, big_i, big_e) = (256usize, 128usize, 5usize);
+    let big_ups: Vec<WeightId> =
+        (0..big_e).map(|x| weight_bf16(&mut store, &format!("bigup{x}"), vec![big_i, big_h], 0.0, 0.06)).collect();
+    let big_downs: Vec<WeightId> =
+        (0..big_e).map(|x| weight_bf16(&mut store, &format!("bigdown{x}"), vec![big_h, big_i], 0.0, 0.08)).collect();
     let store = Arc::new(store);
-    let experts: [&[WeightId]; 2] = [&ups, &downs];
+    let experts: [&[WeightId]; 4] = [&ups, &downs, &big_ups, &big_downs];
     let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, CudaPrecision::Bf16).unwrap();
     gpu.set_poison(true);
     let mut pair =
@@ -281,7 +291,7 @@ fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
     // One op on bf16 inputs differs from the f64 reference by the output's
     // rounding (at most 2^-9 relative); a chain of ops by a few of those.
     let (one, chain) = (4e-3, 2e-2);
-    for (t, start) in [(37usize, 0usize), (1, 37)] {
+    for (t, start) in [(100usize, 0usize), (1, 100)] {
         let tokens: Vec<u32> = (0..t as u32).map(|x| (x * 7 + 3) % v as u32).collect();
         pair.cpu.begin_step(&tokens, start).unwrap();
         pair.gpu.begin_step(&tokens, start).unwrap();
@@ -292,7 +302,7 @@ fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
             b.rms_norm(S::Embedding, norm, 1e-6, S::AttnNorm)
         });
         pair.put(S::AttnNorm, HostTensor::f32(vec![t, h], x("norm", t * h)));
-        pair.case("linear (cuBLAS)", &format!("{dims} {h}->{}", 8 * hd), one, &[S::QkvMatmul], |b| {
+        pair.case("linear", &format!("{dims} {h}->{}", 8 * hd), one, &[S::QkvMatmul], |b| {
             b.linear(S::AttnNorm, &[qkv], S::QkvMatmul)
         });
         let args = QkNormArgs { q_heads: 4, kv_heads: 2, head_dim: hd, q_weight: qn, k_weight: kn, eps: 1e-6 };
@@ -343,6 +353,44 @@ fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
             b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut)
         });
     }
+    // T = 300, top-2 of 5 experts: 600 slots, about 120 per expert.
+    let (t, top) = (300usize, 2usize);
+    let tokens: Vec<u32> = (0..t as u32).map(|x| x % v as u32).collect();
+    pair.cpu.begin_step(&tokens, 0).unwrap();
+    pair.gpu.begin_step(&tokens, 0).unwrap();
+    let ids: Vec<i32> = (0..t).flat_map(|x| [(x * 3 % big_e) as i32, ((x * 3 + 1) % big_e) as i32]).collect();
+    pair.put(S::MoeRouterIndices, HostTensor::i32(vec![t, top], ids));
+    let x = |name: &str, n| random(name, n, 0.0, 1.0).into_iter().map(bf16).collect::<Vec<_>>();
+    pair.put(S::FfnNorm, HostTensor::f32(vec![t, big_h], x("bfbignorm", t * big_h)));
+    let dims = format!("T={t} E={big_e} k={top}");
+    let one = 4e-3;
+    pair.case("expert_linear", &format!("{dims} [T,{big_h}]->[T,{top},{big_i}]"), one, &[S::MoeExpertUp], |b| {
+        b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &big_ups, S::MoeExpertUp)
+    });
+    pair.put(S::MoeExpertSwigl, HostTensor::f32(vec![t, top, big_i], x("bfbigact", t * top * big_i)));
+    pair.case("expert_linear", &format!("{dims} [T,{top},{big_i}]->[T,{top},{big_h}]"), one, &[S::MoeExpertOut], |b| {
+        b.expert_linear(S::MoeExpertSwigl, S::MoeRouterIndices, &big_downs, S::MoeExpertOut)
+    });
+    // An id that is no expert (the CPU refuses it): on the GPU its row is
+    // NaN and every other row is still computed.
+    let mut ids: Vec<i32> = (0..t).flat_map(|x| [(x * 3 % big_e) as i32, ((x * 3 + 1) % big_e) as i32]).collect();
+    ids[7] = -1;
+    pair.gpu.write(S::MoeRouterIndices, &HostTensor::i32(vec![t, top], ids)).unwrap();
+    pair.gpu.expert_linear(S::FfnNorm, S::MoeRouterIndices, &big_ups, S::MoeExpertUp).unwrap();
+    let up = pair.gpu.read(S::MoeExpertUp).unwrap().as_f32().unwrap().to_vec();
+    let nan_rows: Vec<usize> =
+        (0..t * top).filter(|&r| up[r * big_i..(r + 1) * big_i].iter().any(|v| v.is_nan())).collect();
+    let all_nan = up[7 * big_i..8 * big_i].iter().all(|v| v.is_nan());
+    let ok = nan_rows == [7] && all_nan;
+    pair.failures += usize::from(!ok);
+    pair.rows.push(format!(
+        "{:<16} {:<20} {:<26} bf16 exact     NaN rows {nan_rows:?} (want [7]){:<8} {}",
+        "expert_linear",
+        "moe_expert_up",
+        "id -1 at slot 7",
+        "",
+        if ok { "ok" } else { "FAIL" }
+    ));
     println!(
         "{:<16} {:<20} {:<26} {:<4} {:<11} {:<32} result",
         "op", "output", "shapes", "type", "tolerance", "measure"

@@ -1,10 +1,13 @@
 //! The attention family on the device: RoPE, the KV cache (append, read,
 //! replace), scores, causal softmax and softmax·V.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::tensors::DevCache;
 use super::{CudaBackend, gpu, threads, warps};
+
+/// Positions per split of a decode step's attention (see attention_f32).
+const ATTENTION_SPLIT: usize = 64;
 use crate::backend::{AttentionShape, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
@@ -99,6 +102,18 @@ impl CudaBackend {
         let p_len = cache.len;
         let n = shape.heads * t_len * p_len;
         let mut o = self.alloc(n)?;
+        if t_len == 1 && shape.head_dim.is_multiple_of(4) {
+            // Decode: one warp per (h, p), 16-byte loads.
+            let f = self.function("attention", "attn_scores_row_f32")?;
+            let stream = self.stream();
+            let a = (p_len as u32, shape.heads as u32, shape.kv_heads as u32, shape.head_dim as u32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut o).arg(qt.f32(q)?).arg(&cache.k).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
+            // SAFETY: one warp per (h, p) of [nh, 1, P]; q holds nh * hd,
+            // the key cache P rows of nkv * hd (hd % 4 == 0: aligned loads).
+            unsafe { b.launch(warps(n)) }.map_err(gpu("attn_scores"))?;
+            return self.set(out, vec![shape.heads, t_len, p_len], o);
+        }
         let f = self.function("attention", "attn_scores_f32")?;
         let stream = self.stream();
         let a = (
@@ -111,8 +126,15 @@ impl CudaBackend {
         );
         let mut b = stream.launch_builder(&f);
         b.arg(&mut o).arg(qt.f32(q)?).arg(&cache.k).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
-        // SAFETY: one warp per (h, t, p) within [nh, T, P].
-        unsafe { b.launch(warps(n)) }.map_err(gpu("attn_scores"))?;
+        let cfg = LaunchConfig {
+            grid_dim: (p_len.div_ceil(32) as u32, t_len.div_ceil(32) as u32, shape.heads as u32),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: block (p tile, t tile, h) writes its 32x32 tile of
+        // [nh, T, P], bounds-checked per element; reads q [T, nh*hd] and the
+        // key cache [P, nkv*hd] within bounds.
+        unsafe { b.launch(cfg) }.map_err(gpu("attn_scores"))?;
         self.set(out, vec![shape.heads, t_len, p_len], o)
     }
 
@@ -129,8 +151,8 @@ impl CudaBackend {
         let a = (rows as u32, shape[1] as u32, shape[2] as u32, self.start_position as u32);
         let mut b = stream.launch_builder(&f);
         b.arg(&mut o).arg(s.f32(scores)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
-        // SAFETY: one thread per row of P.
-        unsafe { b.launch(threads(rows)) }.map_err(gpu("attn_softmax"))?;
+        // SAFETY: one warp per row of P.
+        unsafe { b.launch(warps(rows)) }.map_err(gpu("attn_softmax"))?;
         self.set(out, shape, o)
     }
 
@@ -151,14 +173,77 @@ impl CudaBackend {
             )));
         }
         let n = t_len * shape.heads * shape.head_dim;
-        let mut o = self.alloc(n)?;
-        let f = self.function("attention", "attention_f32")?;
+        // Few rows over a long context (decode): split the positions so that
+        // more blocks share the work, then add the splits up in order.
+        let splits = if t_len <= 16 { p_len.div_ceil(ATTENTION_SPLIT).max(1) } else { 1 };
+        let split_len = if splits == 1 { p_len.max(1) } else { ATTENTION_SPLIT };
+        let mut partial = self.alloc(n * splits)?;
         let stream = self.stream();
-        let a = (t_len as u32, p_len as u32, shape.heads as u32, shape.kv_heads as u32, shape.head_dim as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(pt.f32(probs)?).arg(&cache.v).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
-        // SAFETY: one thread per output element.
-        unsafe { b.launch(threads(n)) }.map_err(gpu("attention"))?;
+        if t_len == 1 && shape.head_dim.is_multiple_of(4) && shape.head_dim <= 128 {
+            // Decode: block (split, h) of 4 warps, 16-byte loads of v.
+            let f = self.function("attention", "attention_row_f32")?;
+            let a = (
+                p_len as u32,
+                shape.heads as u32,
+                shape.kv_heads as u32,
+                shape.head_dim as u32,
+                split_len as u32,
+                splits as u32,
+            );
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut partial).arg(pt.f32(probs)?).arg(&cache.v);
+            b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
+            let cfg = LaunchConfig {
+                grid_dim: (splits as u32, shape.heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: block (split, h) writes hd values of head h in its
+            // split's part of splits * n; reads probs [nh, 1, P] and the
+            // value cache within bounds (hd % 4 == 0: aligned loads).
+            unsafe { b.launch(cfg) }.map_err(gpu("attention"))?;
+        } else {
+            let f = self.function("attention", "attention_f32")?;
+            let a = (
+                t_len as u32,
+                p_len as u32,
+                shape.heads as u32,
+                shape.kv_heads as u32,
+                shape.head_dim as u32,
+                split_len as u32,
+                splits as u32,
+            );
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut partial).arg(pt.f32(probs)?).arg(&cache.v);
+            b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5).arg(&a.6);
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (t_len.div_ceil(16) * splits) as u32,
+                    shape.heads as u32,
+                    shape.head_dim.div_ceil(128) as u32,
+                ),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: block (t tile and split, h, d chunk) writes rows t < T,
+            // dims d < hd of its head (in its split's part of a buffer of
+            // splits * n); reads probs [nh, T, P] and the value cache within
+            // bounds.
+            unsafe { b.launch(cfg) }.map_err(gpu("attention"))?;
+        }
+        let o = if splits == 1 {
+            partial
+        } else {
+            let mut o = self.alloc(n)?;
+            let f = self.function("attention", "attention_combine_f32")?;
+            let (n64, s32) = (n as u64, splits as u32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut o).arg(&partial).arg(&n64).arg(&s32);
+            // SAFETY: one thread per output element; partial holds splits * n.
+            unsafe { b.launch(threads(n)) }.map_err(gpu("attention_combine"))?;
+            self.activations.recycle_buffer(partial);
+            o
+        };
         self.set(out, vec![t_len, shape.heads * shape.head_dim], o)
     }
 

@@ -21,6 +21,7 @@ use crate::weights::{WeightId, WeightStore};
 
 mod attention;
 mod moe;
+mod profile;
 mod projections;
 mod staging;
 mod tensors;
@@ -65,6 +66,16 @@ pub struct CudaBackend {
     zero_gemm_outputs: bool,
     activations: ActivationPool,
     staging: staging::Staging,
+    /// `MOETRACE_PROFILE_OPS` set: GPU time per operation (profile.rs).
+    profiler: Option<profile::OpProfiler>,
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        if let Some(p) = &mut self.profiler {
+            eprint!("{}", p.report());
+        }
+    }
 }
 
 /// Maps a driver error with what was being done; out of memory gets its
@@ -177,6 +188,7 @@ impl CudaBackend {
             zero_gemm_outputs: std::env::var_os("MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS").is_some(),
             activations: ActivationPool::default(),
             staging: staging::Staging::default(),
+            profiler: profile::OpProfiler::from_env(),
         })
     }
 
@@ -282,6 +294,21 @@ impl CudaBackend {
         self.set(slot, shape, data)
     }
 
+    /// Runs one operation, between two timing events when profiling; `name`
+    /// is the stage it computes (the profile is per stage).
+    fn timed(&mut self, name: &'static str, op: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        if self.profiler.is_none() {
+            return op(self);
+        }
+        let stream = self.stream();
+        let start = profile::OpProfiler::event(&stream);
+        let result = op(self);
+        if let (Some(start), Some(end), Some(p)) = (start, profile::OpProfiler::event(&stream), &mut self.profiler) {
+            p.push(name, start, end);
+        }
+        result
+    }
+
     fn function(&self, family: &'static str, name: &str) -> Result<cudarc::driver::CudaFunction> {
         self.device.function(family, name).map_err(kernel_error)
     }
@@ -366,6 +393,9 @@ impl Backend for CudaBackend {
                 "step starts at position {start_position} but the KV cache is empty"
             )));
         }
+        if let Some(p) = &mut self.profiler {
+            p.begin_step(tokens.len());
+        }
         self.tokens = Some(self.stream().clone_htod(tokens).map_err(gpu("uploading tokens"))?);
         self.t_len = tokens.len();
         self.start_position = start_position;
@@ -378,110 +408,122 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
-        // Token ids were checked against the vocabulary by Forward::begin_step.
-        let h = self.store.get(table).row_len();
-        let n = self.t_len * h;
-        let mut o = self.alloc(n)?;
-        let f = self.weight_function("elementwise", "embedding")?;
-        let stream = self.stream();
-        let tokens = self.tokens.as_ref().ok_or_else(|| PipelineError::BadInput("no step begun".into()))?;
-        let (t32, h32) = (self.t_len as u32, h as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o);
-        push_weight(&mut b, self.weight(table));
-        b.arg(tokens).arg(&t32).arg(&h32);
-        // SAFETY: out holds T*H, table V*H, tokens T ids < V.
-        unsafe { b.launch(threads(n)) }.map_err(gpu("embedding"))?;
-        self.set(out, vec![self.t_len, h], o)
+        self.timed(out.name(), |this| {
+            // Token ids were checked against the vocabulary by Forward::begin_step.
+            let h = this.store.get(table).row_len();
+            let n = this.t_len * h;
+            let mut o = this.alloc(n)?;
+            let f = this.weight_function("elementwise", "embedding")?;
+            let stream = this.stream();
+            let tokens = this.tokens.as_ref().ok_or_else(|| PipelineError::BadInput("no step begun".into()))?;
+            let (t32, h32) = (this.t_len as u32, h as u32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut o);
+            push_weight(&mut b, this.weight(table));
+            b.arg(tokens).arg(&t32).arg(&h32);
+            // SAFETY: out holds T*H, table V*H, tokens T ids < V.
+            unsafe { b.launch(threads(n)) }.map_err(gpu("embedding"))?;
+            this.set(out, vec![this.t_len, h], o)
+        })
     }
 
     fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
-        let x = self.slot(input)?;
-        let (rows, width) = (x.rows(), x.width());
-        if self.store.get(weight).numel() != width {
-            return Err(PipelineError::BadInput(format!("stage `{input}` rows of {width} do not fit the norm weight")));
-        }
-        let mut o = self.alloc(rows * width)?;
-        let f = self.weight_function("norm", "rms_norm")?;
-        let stream = self.stream();
-        let (w32, e32) = (width as u32, eps as f32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?);
-        push_weight(&mut b, self.weight(weight));
-        b.arg(&w32).arg(&e32);
-        // One block per row, up to 1024 threads, about two elements each: a
-        // decode step's single row is spread over the whole block.
-        let block = (width.div_ceil(2).next_multiple_of(32)).clamp(32, 1024) as u32;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: one block per row of `width`; buffers hold rows*width.
-        unsafe { b.launch(cfg) }.map_err(gpu("rms_norm"))?;
-        self.set(out, vec![rows, width], o)
+        self.timed(out.name(), |this| {
+            let x = this.slot(input)?;
+            let (rows, width) = (x.rows(), x.width());
+            if this.store.get(weight).numel() != width {
+                return Err(PipelineError::BadInput(format!(
+                    "stage `{input}` rows of {width} do not fit the norm weight"
+                )));
+            }
+            let mut o = this.alloc(rows * width)?;
+            let f = this.weight_function("norm", "rms_norm")?;
+            let stream = this.stream();
+            let (w32, e32) = (width as u32, eps as f32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut o).arg(x.f32(input)?);
+            push_weight(&mut b, this.weight(weight));
+            b.arg(&w32).arg(&e32);
+            // One block per row, up to 1024 threads, about two elements each: a
+            // decode step's single row is spread over the whole block.
+            let block = (width.div_ceil(2).next_multiple_of(32)).clamp(32, 1024) as u32;
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: one block per row of `width`; buffers hold rows*width.
+            unsafe { b.launch(cfg) }.map_err(gpu("rms_norm"))?;
+            this.set(out, vec![rows, width], o)
+        })
     }
 
     fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
-        self.linear_on_device(input, weights, out)
+        self.timed(out.name(), |this| this.linear_on_device(input, weights, out))
     }
 
     fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
-        self.add_bias_on_device(input, biases, out)
+        self.timed(out.name(), |this| this.add_bias_on_device(input, biases, out))
     }
 
     fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
-        let x = self.slot(input)?;
-        let (rows, in_width) = (x.rows(), x.width());
-        let heads = args.q_heads + args.kv_heads;
-        if in_width < heads * args.head_dim {
-            return Err(PipelineError::BadInput(format!("qk_norm needs rows of at least {}", heads * args.head_dim)));
-        }
-        let mut o = self.alloc(rows * heads * args.head_dim)?;
-        let f = self.weight_function("norm", "qk_norm")?;
-        let stream = self.stream();
-        let a = (in_width as u32, args.q_heads as u32, args.kv_heads as u32, args.head_dim as u32, args.eps as f32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?);
-        push_weight(&mut b, self.weight(args.q_weight));
-        push_weight(&mut b, self.weight(args.k_weight));
-        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
-        let cfg = LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: one block per (token, head); reads within rows of in_width.
-        unsafe { b.launch(cfg) }.map_err(gpu("qk_norm"))?;
-        self.set(out, vec![rows, heads * args.head_dim], o)
+        self.timed(out.name(), |this| {
+            let x = this.slot(input)?;
+            let (rows, in_width) = (x.rows(), x.width());
+            let heads = args.q_heads + args.kv_heads;
+            if in_width < heads * args.head_dim {
+                return Err(PipelineError::BadInput(format!(
+                    "qk_norm needs rows of at least {}",
+                    heads * args.head_dim
+                )));
+            }
+            let mut o = this.alloc(rows * heads * args.head_dim)?;
+            let f = this.weight_function("norm", "qk_norm")?;
+            let stream = this.stream();
+            let a = (in_width as u32, args.q_heads as u32, args.kv_heads as u32, args.head_dim as u32, args.eps as f32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut o).arg(x.f32(input)?);
+            push_weight(&mut b, this.weight(args.q_weight));
+            push_weight(&mut b, this.weight(args.k_weight));
+            b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
+            let cfg =
+                LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+            // SAFETY: one block per (token, head); reads within rows of in_width.
+            unsafe { b.launch(cfg) }.map_err(gpu("qk_norm"))?;
+            this.set(out, vec![rows, heads * args.head_dim], o)
+        })
     }
 
     fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
-        self.rope_on_device(input, args, out)
+        self.timed(out.name(), |this| this.rope_on_device(input, args, out))
     }
 
     fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
-        self.append_kv_on_device(layer, k, v, v_col)
+        self.timed("append_kv", |this| this.append_kv_on_device(layer, k, v, v_col))
     }
 
     fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        self.attn_scores_on_device(layer, q, shape, out)
+        self.timed(out.name(), |this| this.attn_scores_on_device(layer, q, shape, out))
     }
 
     fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
-        self.attn_softmax_on_device(scores, out)
+        self.timed(out.name(), |this| this.attn_softmax_on_device(scores, out))
     }
 
     fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        self.attention_on_device(layer, probs, shape, out)
+        self.timed(out.name(), |this| this.attention_on_device(layer, probs, shape, out))
     }
 
     fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
-        self.elementwise("add_f32", &[a, b], out)
+        self.timed(out.name(), |this| this.elementwise("add_f32", &[a, b], out))
     }
 
     fn silu(&mut self, input: Slot, out: Slot) -> Result<()> {
-        self.elementwise("silu_f32", &[input], out)
+        self.timed(out.name(), |this| this.elementwise("silu_f32", &[input], out))
     }
 
     fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
-        self.elementwise("mul_f32", &[a, b], out)
+        self.timed(out.name(), |this| this.elementwise("mul_f32", &[a, b], out))
     }
 
     fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()> {
-        self.elementwise("swiglu_f32", &[gate, up], out)
+        self.timed(out.name(), |this| this.elementwise("swiglu_f32", &[gate, up], out))
     }
 
     fn router_top_k(
@@ -492,15 +534,17 @@ impl Backend for CudaBackend {
         weights_out: Slot,
         indices_out: Slot,
     ) -> Result<()> {
-        self.router_top_k_on_device(logits, k, normalise, weights_out, indices_out)
+        self.timed(weights_out.name(), |this| {
+            this.router_top_k_on_device(logits, k, normalise, weights_out, indices_out)
+        })
     }
 
     fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
-        self.expert_linear_on_device(input, indices, experts, out)
+        self.timed(out.name(), |this| this.expert_linear_on_device(input, indices, experts, out))
     }
 
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
-        self.moe_combine_on_device(expert_out, weights, out)
+        self.timed(out.name(), |this| this.moe_combine_on_device(expert_out, weights, out))
     }
 
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {

@@ -2,7 +2,12 @@
 //! renormalise) writing weights and expert ids, the per-expert projections
 //! over the stacked expert weights, and the weighted combination.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+/// From this many (token, expert) slots on, Bf16 expert projections take
+/// the grouped tensor-core kernel (each expert's weights read once per 32
+/// of its slots) instead of one warp per output (weights read per slot).
+const GROUPED_MIN_SLOTS: usize = 32;
 
 use super::tensors::{DevData, DevTensor};
 use super::weights::{Stacked, push_weight};
@@ -29,7 +34,8 @@ impl CudaBackend {
         }
         let stream = self.stream();
         let mut w = self.alloc(rows * k)?;
-        let mut ids = stream.alloc_zeros::<i32>(rows * k).map_err(gpu("allocating expert ids"))?;
+        // SAFETY: the kernel writes all rows * k ids.
+        let mut ids = unsafe { stream.alloc::<i32>(rows * k) }.map_err(gpu("allocating expert ids"))?;
         let f = self.function("moe", "router_top_k_f32")?;
         let a = (rows as u32, experts as u32, k as u32, u32::from(normalise));
         let mut b = stream.launch_builder(&f);
@@ -65,8 +71,16 @@ impl CudaBackend {
                 "expert input `{input}` rows of {width}, experts expect {k_in}"
             )));
         }
-        let n = t_len * top_k * n_out;
-        let mut o = self.alloc(n)?;
+        let slots = t_len * top_k;
+        let mut o = self.alloc(slots * n_out)?;
+        let grouped = self.precision == CudaPrecision::Bf16
+            && k_in.is_multiple_of(64)
+            && n_out.is_multiple_of(64)
+            && slots >= GROUPED_MIN_SLOTS;
+        if grouped {
+            self.expert_linear_grouped(input, indices, experts, &mut o, per_slot)?;
+            return self.set(out, vec![t_len, top_k, n_out], o);
+        }
         // bf16 weights with rows of a multiple of 8: 16-byte loads.
         let f = if self.precision == CudaPrecision::Bf16 && k_in % 8 == 0 {
             self.function("linear", "expert_linear_bf16w_v8")?
@@ -85,7 +99,7 @@ impl CudaBackend {
         push_weight(&mut b, w);
         b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
         // SAFETY: one warp per (t, j, n); ids are range-checked in the kernel.
-        unsafe { b.launch(warps(n)) }.map_err(gpu("expert_linear"))?;
+        unsafe { b.launch(warps(slots * n_out)) }.map_err(gpu("expert_linear"))?;
         self.set(out, vec![t_len, top_k, n_out], o)
     }
 
@@ -104,6 +118,69 @@ impl CudaBackend {
         // SAFETY: one thread per output element.
         unsafe { b.launch(threads(t_len * h)) }.map_err(gpu("moe_combine"))?;
         self.set(out, vec![t_len, h], o)
+    }
+
+    /// The grouped (prefill) expert projection, Bf16 mode: the slots are
+    /// sorted by expert on the device (counts, offsets, slot lists: two
+    /// small launches, deterministic order), rows of slots with an id that
+    /// is no expert are NaN, then one tensor-core kernel per projection
+    /// reads each expert's weights once per 32 of its slots. Needs
+    /// k % 64 == 0 and n_out % 64 == 0.
+    fn expert_linear_grouped(
+        &mut self,
+        input: Slot,
+        indices: Slot,
+        experts: &[WeightId],
+        o: &mut cudarc::driver::CudaSlice<f32>,
+        per_slot: bool,
+    ) -> Result<()> {
+        let it = self.slot(indices)?;
+        let (slots, top_k) = (it.shape[0] * it.shape[1], it.shape[1]);
+        let DevData::I32(ids) = &it.data else {
+            return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
+        };
+        let s = self.stacked(experts)?;
+        let (n_out, k_in, count) = (s.n_out, s.k, s.experts);
+        let stream = self.stream();
+        let alloc_i32 = |n: usize| stream.alloc_zeros::<i32>(n.max(1)).map_err(gpu("allocating expert slot lists"));
+        let (mut counts, mut offsets, mut sorted) = (alloc_i32(count)?, alloc_i32(count)?, alloc_i32(slots)?);
+        let per_expert = LaunchConfig { grid_dim: (count as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let slots32 = slots as u32;
+        let f = self.function("moe", "moe_count_slots")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut counts).arg(ids).arg(&slots32);
+        // SAFETY: one block per expert writing counts[e]; ids holds `slots`.
+        unsafe { b.launch(per_expert) }.map_err(gpu("moe_count_slots"))?;
+        let f = self.function("moe", "moe_sort_slots")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut sorted).arg(&mut offsets).arg(&counts).arg(ids).arg(&slots32);
+        // SAFETY: expert e writes offsets[e] and sorted[offsets[e]..][..counts[e]],
+        // disjoint ranges within `slots`.
+        unsafe { b.launch(per_expert) }.map_err(gpu("moe_sort_slots"))?;
+        let a = (slots32, n_out as u32, count as u32);
+        let f = self.function("moe", "moe_invalid_rows")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut *o).arg(ids).arg(&a.0).arg(&a.1).arg(&a.2);
+        // SAFETY: one warp per slot, writing only its own row of n_out.
+        unsafe { b.launch(warps(slots)) }.map_err(gpu("moe_invalid_rows"))?;
+        let x = self.slot(input)?.f32(input)?;
+        let w = &self.stacked[&experts[0]].data;
+        let a = (top_k as u32, k_in as u32, n_out as u32, u32::from(per_slot));
+        let f = self.function("moe", "expert_linear_grouped_bf16w")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut *o).arg(x).arg(&sorted).arg(&offsets).arg(&counts);
+        push_weight(&mut b, w);
+        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
+        let cfg = LaunchConfig {
+            grid_dim: ((n_out / 64) as u32, count as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: block (n tile, e) writes rows n0..n0+64 of the slots listed
+        // for e (valid slot indices < slots); k % 64 == 0 and n_out % 64 == 0
+        // were checked by the caller, so every 16-byte load is in bounds.
+        unsafe { b.launch(cfg) }.map_err(gpu("expert_linear_grouped"))?;
+        Ok(())
     }
 
     /// The stacked weights whose first expert is `experts[0]`.

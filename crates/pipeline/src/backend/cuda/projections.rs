@@ -1,14 +1,20 @@
 //! Projections on the device: the dense ones through cuBLAS (Bf16 mode
-//! converts the activations to bf16 bits first, exactly), and biases.
+//! converts the activations to bf16 bits first, exactly), except those of
+//! a few rows in Bf16 mode (decode), which one kernel computes from the f32
+//! activations directly; and biases.
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use kernels_cuda::blas::ProjectionShape;
 
-use super::weights::DevWeight;
-use super::{CudaBackend, CudaPrecision, gpu, kernel_error, threads};
+use super::weights::{DevWeight, push_weight};
+use super::{CudaBackend, CudaPrecision, gpu, kernel_error, threads, warps};
 use crate::backend::Slot;
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
+
+/// Projections of at most this many rows take `gemv_bf16w_v8` in Bf16
+/// mode (its accumulators are per row, up to 8).
+const GEMV_MAX_ROWS: usize = 8;
 
 impl CudaBackend {
     pub(super) fn linear_on_device(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
@@ -27,6 +33,31 @@ impl CudaBackend {
         let mut o = self.alloc(rows * total)?;
         if self.zero_gemm_outputs {
             self.stream().memset_zeros(&mut o).map_err(gpu("zeroing a projection's output"))?;
+        }
+        // A few rows (decode) in Bf16 mode: one warp per output feature
+        // reads its bf16 weight row once for all rows, from the f32
+        // activations directly, and rounds at the store (no conversion or
+        // rounding launches).
+        if self.precision == CudaPrecision::Bf16 && rows <= GEMV_MAX_ROWS && k.is_multiple_of(8) {
+            let f = self.function("linear", "gemv_bf16w_v8")?;
+            let stream = self.stream();
+            let x = self.slot(input)?.f32(input)?;
+            let raw = u32::from(out == Slot::MoeRouterLogits);
+            let mut col = 0usize;
+            for &id in weights {
+                let n = self.store.get(id).shape[0];
+                let a = (rows as u32, k as u32, n as u32, total as u32, col as u32, raw);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&mut o).arg(x);
+                push_weight(&mut b, self.weight(id));
+                b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
+                // SAFETY: one warp per feature n < n writes rows t < rows at
+                // columns col + n < total of `o` (rows * total); x holds
+                // rows * k, the weight n * k, k % 8 == 0 (aligned loads).
+                unsafe { b.launch(warps(n)) }.map_err(gpu("gemv"))?;
+                col += n;
+            }
+            return self.set(out, vec![rows, total], o);
         }
         // Bf16 mode multiplies bf16 by bf16 (activations are bf16 values
         // already, so the conversion is exact) with f32 accumulation.

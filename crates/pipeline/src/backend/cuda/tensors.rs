@@ -82,6 +82,11 @@ impl ActivationPool {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|v| v.pop())
     }
 
+    /// Takes back a scratch buffer no slot holds (nothing copies from it).
+    pub(super) fn recycle_buffer(&self, buffer: CudaSlice<f32>) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(buffer.len()).or_default().push(buffer);
+    }
+
     /// Takes back a slot's tensor. Its copy guard (if a capture copy still
     /// reads it) drops first, so later work on the compute stream, which
     /// may write this buffer, waits for the copy.
