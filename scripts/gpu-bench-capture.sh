@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # On the GPU machine (after scripts/gpu-build.sh here, .gpu carried): the
-# full synthetic Qwen3-30B-A3B in Bf16, a 512-token prompt and 16 decode
+# full synthetic Qwen3-30B-A3B in Bf16, a 512-token prompt and 64 decode
 # steps, with nothing captured, with every stage of layer 0 captured to disk,
-# and the same captured to /dev/shm (memory: what the capture path costs
-# without the disk), through `moetrace run` as a user would. Prints the
-# summaries.
+# the same captured to /dev/shm (memory: what the capture path costs
+# without the disk), and a bisect-style selection (moe_router_indices,
+# moe_ffn_out, post_ffn_residual of all 48 layers at every step), through
+# `moetrace run` as a user would. Prints the summaries.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.gpu/out}
 mkdir -p "$out" /tmp/moetrace-bench
 prompt=$(python3 -c 'print(", ".join(str((i * 7919 + 13) % 151936) for i in range(512)))')
-for name in off layer0 layer0-shm; do
+for name in off layer0 layer0-shm bisect; do
     capture=""
     case $name in
         layer0) capture='capture: (stages: "all", layers: "0", out_dir: "/tmp/moetrace-bench/captures"),' ;;
         layer0-shm) capture='capture: (stages: "all", layers: "0", out_dir: "/dev/shm/moetrace-bench/captures"),' ;;
+        bisect) capture='capture: (stages: "moe_router_indices,moe_ffn_out,post_ffn_residual", out_dir: "/tmp/moetrace-bench/captures"),' ;;
     esac
     cat >/tmp/moetrace-bench/$name.ron <<RON
 (
     model: Synthetic(preset: "qwen3-30b-a3b", seed: 7),
     prompt: Tokens([$prompt]),
-    generate: 17,
+    generate: 65,
     backend: Cuda(device: 0, dtype: Bf16),
     $capture
 )

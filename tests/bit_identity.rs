@@ -45,3 +45,45 @@ fn every_captured_tensor_is_bit_identical_for_one_and_two_threads() {
         assert!(same && a.shape == b.shape, "step {step} layer {layer:?} {stage} differs");
     }
 }
+
+#[test]
+fn every_captured_tensor_has_the_shape_the_model_config_predicts() {
+    // ModelConfig::stage_shape sizes capture buffers before the first step;
+    // every stage of a MoE and a dense model, prefill and decode.
+    let dir = scratch("stage-shapes");
+    for preset in ["tiny-moe", "tiny-dense"] {
+        let out = dir.join(preset);
+        let text = format!(
+            "(model: Synthetic(preset: {preset:?}, seed: 3), prompt: Tokens([5, 9, 200, 31, 7]), generate: 3, capture: (stages: \"all\", out_dir: {out:?}))"
+        );
+        let config = RunConfig::parse(&text, Path::new("shapes.ron")).unwrap();
+        capture::run(&config, Path::new("shapes.ron"), &mut |_| {}).unwrap();
+        let model = pipeline::Model::synthetic(preset, 3, None).unwrap();
+        let capture = CaptureDir::open(&out).unwrap();
+        // The pinned-memory plan for the first step names exactly the
+        // tensors the first step captured.
+        let session = capture::session::CaptureSession::start(config.capture.as_ref().unwrap(), &dir.join("plan"))
+            .unwrap();
+        let mut planned = session.first_step_elements(&model.config, 5);
+        let mut captured: Vec<usize> = capture
+            .keys()
+            .into_iter()
+            .filter(|k| k.0 == 0)
+            .map(|(s, l, st)| capture.load(s, l, st).unwrap().unwrap().values.len())
+            .collect();
+        planned.sort_unstable();
+        captured.sort_unstable();
+        assert_eq!(planned, captured, "{preset}: first-step plan");
+        drop(session);
+        assert!(capture.keys().len() > 50, "{preset}: {} tensors", capture.keys().len());
+        for (step, layer, stage) in capture.keys() {
+            let (t, positions) = if step == 0 { (5, 5) } else { (1, 5 + step) };
+            let tensor = capture.load(step, layer, stage).unwrap().unwrap();
+            assert_eq!(
+                tensor.shape,
+                model.config.stage_shape(stage, t, positions),
+                "{preset} step {step} layer {layer:?} {stage}"
+            );
+        }
+    }
+}

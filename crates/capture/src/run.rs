@@ -154,6 +154,10 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     let backend_start = Instant::now();
     let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
     backend.check_run_memory(crate::config::run_bytes(&model.config, config.prompt_tokens().len(), config.generate))?;
+    let mut backend = backend;
+    if let Some(session) = &session {
+        backend.reserve_capture(&session.first_step_elements(&model.config, config.prompt_tokens().len()))?;
+    }
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
     let setup = backend.setup_note().map(|n| format!("; {n}")).unwrap_or_default();
     on_event(RunEvent::BackendReady {

@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use pipeline::{Forward, Model, ModelSource, StepRecord};
+use stage_types::{SaveTensorStage, Scope};
 
 use crate::config::CaptureSpec;
 use crate::error::Result;
@@ -46,6 +47,10 @@ pub struct CaptureStats {
     pub out_dir: PathBuf,
 }
 
+/// At most this much pinned memory is reserved before a run (see
+/// [`CaptureSession::first_step_elements`]).
+pub const RESERVE_LIMIT_BYTES: usize = 1 << 30;
+
 /// A capture in progress. Declare it before the forward pass it observes,
 /// so that on an early return the forward pass (holding the channel's
 /// sender) is dropped first; dropping an unfinished session removes its
@@ -65,6 +70,48 @@ impl CaptureSession {
         let selection =
             CaptureSelection { stages: spec.stages.0, layers: spec.layers.0.clone(), steps: spec.steps.0.clone() };
         Ok(Self { target, writer, selection })
+    }
+
+    /// The element counts of the tensors this capture takes in the first
+    /// step (the prompt's, the largest), in capture order, up to
+    /// [`RESERVE_LIMIT_BYTES`] of them: what a backend that stages copies
+    /// through pinned memory reserves before the run, so the prefill does
+    /// not pay for pinning (later steps' tensors are smaller and reuse
+    /// those buffers).
+    pub fn first_step_elements(&self, config: &pipeline::ModelConfig, prompt_len: usize) -> Vec<usize> {
+        let sel = &self.selection;
+        if !sel.steps.contains(0) {
+            return Vec::new();
+        }
+        let numel = |stage| config.stage_shape(stage, prompt_len, prompt_len).iter().product::<usize>();
+        let mut wanted = Vec::new();
+        let model_stages = |before_layers: bool| {
+            sel.stages
+                .iter()
+                .filter(move |s| s.scope() == Scope::Model && (*s == SaveTensorStage::Embedding) == before_layers)
+        };
+        wanted.extend(model_stages(true).map(numel));
+        for layer in 0..config.num_layers {
+            if !sel.layers.contains(layer) {
+                continue;
+            }
+            let dense = !config.is_moe_layer(layer);
+            wanted.extend(
+                sel.stages
+                    .iter()
+                    .filter(|s| s.scope() == Scope::Layer && s.applies_to(dense, config.attention_bias))
+                    .map(numel),
+            );
+        }
+        wanted.extend(model_stages(false).map(numel));
+        let mut bytes = 0usize;
+        wanted
+            .into_iter()
+            .take_while(|n| {
+                bytes += n * 4;
+                bytes <= RESERVE_LIMIT_BYTES
+            })
+            .collect()
     }
 
     /// Adds the capture systems to `forward`.

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use serde_json::{Map, Value};
+use stage_types::SaveTensorStage;
 
 use crate::error::{PipelineError, Result};
 
@@ -238,6 +239,37 @@ impl ModelConfig {
             + f(self.vocab_size);
         let scores = 2.0 * f(self.num_heads) * t * f(prompt);
         4.0 * (kv + t * per_token + scores)
+    }
+
+    /// The shape of `stage`'s tensor in a step of `t` tokens whose KV cache
+    /// then holds `positions` entries (DESIGN's stage table with this
+    /// model's sizes). Lets a capture size its buffers before the first
+    /// step; checked against every tensor a run captures (tests).
+    pub fn stage_shape(&self, stage: SaveTensorStage, t: usize, positions: usize) -> Vec<usize> {
+        use SaveTensorStage as S;
+        let (h, k, hd) = (self.hidden_size, self.experts_per_token, self.head_dim);
+        match stage {
+            S::QkvMatmul | S::QkvBias => vec![t, self.qkv_width()],
+            S::QkNorm => vec![t, (self.num_heads + self.num_kv_heads) * hd],
+            S::QPostRope | S::Attention => vec![t, self.q_width()],
+            S::KPostRope => vec![t, self.kv_width()],
+            S::AttnScores | S::AttnSoftmax => vec![self.num_heads, t, positions],
+            S::FfnGate | S::FfnUp | S::FfnSilu | S::FfnSwigl => vec![t, self.intermediate_size],
+            S::MoeRouterLogits => vec![t, self.num_experts],
+            S::MoeRouter | S::MoeRouterIndices => vec![t, k],
+            S::MoeExpertGate | S::MoeExpertUp | S::MoeExpertSwigl => vec![t, k, self.moe_intermediate_size],
+            S::MoeExpertOut => vec![t, k, h],
+            S::LmHead => vec![t, self.vocab_size],
+            S::Embedding
+            | S::AttnNorm
+            | S::AttnOut
+            | S::PostAttnResidual
+            | S::FfnNorm
+            | S::FfnOut
+            | S::MoeFfnOut
+            | S::PostFfnResidual
+            | S::FinalNorm => vec![t, h],
+        }
     }
 
     /// Whether layer `layer` is a Mixture-of-Experts layer: the model has

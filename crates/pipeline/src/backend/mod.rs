@@ -83,6 +83,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Prepares for capturing tensors of these element counts in one step
+    /// (the CUDA backend pins host buffers for them now, so the first step
+    /// does not pay for it). By default nothing to do.
+    fn reserve_capture(&mut self, elements: &[usize]) -> Result<()> {
+        let _ = elements;
+        Ok(())
+    }
+
     /// Starts a step computing `tokens` at positions `start_position..`.
     /// Truncates the KV caches to `start_position` entries; fails if they
     /// hold fewer.

@@ -357,6 +357,11 @@ impl Backend for CudaBackend {
         ))
     }
 
+    fn reserve_capture(&mut self, elements: &[usize]) -> Result<()> {
+        let ctx = self.device.context().clone();
+        self.staging.pool.reserve(&ctx, elements)
+    }
+
     fn check_run_memory(&self, bytes: f64) -> Result<()> {
         let (free, total) = self.device.memory().map_err(kernel_error)?;
         // The weights are resident already; cuBLAS and the staging pool

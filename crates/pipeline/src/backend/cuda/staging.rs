@@ -53,6 +53,22 @@ impl StagingPool {
         Ok(Some(buffer))
     }
 
+    /// Pins a buffer for each length (as `take` would size it) and puts
+    /// them in the pool, stopping at the pool's limit.
+    pub(super) fn reserve(&self, ctx: &Arc<CudaContext>, lens: &[usize]) -> Result<()> {
+        let mut taken = Vec::new();
+        for &len in lens {
+            match self.take(ctx, len)? {
+                Some(buffer) => taken.push(buffer),
+                None => break,
+            }
+        }
+        for buffer in taken {
+            self.give_back(buffer);
+        }
+        Ok(())
+    }
+
     fn give_back(&self, buffer: PinnedHostSlice<f32>) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).free.push(buffer);
     }
@@ -70,7 +86,7 @@ struct Landing {
 /// The pool and the landing thread (started on the first capture).
 #[derive(Default)]
 pub(super) struct Staging {
-    pool: StagingPool,
+    pub(super) pool: StagingPool,
     jobs: Option<Sender<Landing>>,
     lander: Option<JoinHandle<()>>,
 }
