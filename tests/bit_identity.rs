@@ -62,8 +62,8 @@ fn every_captured_tensor_has_the_shape_the_model_config_predicts() {
         let capture = CaptureDir::open(&out).unwrap();
         // The pinned-memory plan for the first step names exactly the
         // tensors the first step captured.
-        let session = capture::session::CaptureSession::start(config.capture.as_ref().unwrap(), &dir.join("plan"))
-            .unwrap();
+        let session =
+            capture::session::CaptureSession::start(config.capture.as_ref().unwrap(), &dir.join("plan")).unwrap();
         let mut planned = session.first_step_elements(&model.config, 5);
         let mut captured: Vec<usize> = capture
             .keys()

@@ -296,15 +296,18 @@ impl CudaBackend {
 
     /// Runs one operation, between two timing events when profiling; `name`
     /// is the stage it computes (the profile is per stage).
-    fn timed(&mut self, name: &'static str, op: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+    fn timed<R>(&mut self, name: &'static str, op: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
         if self.profiler.is_none() {
             return op(self);
         }
         let stream = self.stream();
+        let host = std::time::Instant::now();
         let start = profile::OpProfiler::event(&stream);
         let result = op(self);
-        if let (Some(start), Some(end), Some(p)) = (start, profile::OpProfiler::event(&stream), &mut self.profiler) {
-            p.push(name, start, end);
+        let end = profile::OpProfiler::event(&stream);
+        let host = host.elapsed();
+        if let (Some(start), Some(end), Some(p)) = (start, end, &mut self.profiler) {
+            p.push(name, start, end, host);
         }
         result
     }
@@ -566,7 +569,7 @@ impl Backend for CudaBackend {
     }
 
     fn read_async(&mut self, slot: Slot) -> Result<crate::tensor::PendingTensor> {
-        self.read_async_on_device(slot)
+        self.timed("(capture copy)", |this| this.read_async_on_device(slot))
     }
 
     fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()> {

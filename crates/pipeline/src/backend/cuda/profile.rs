@@ -5,8 +5,10 @@
 //! operation, printed to stderr when the backend is dropped. Also the GPU's
 //! idle time inside steps (the span from a step's first to its last event
 //! minus the operations' time): what launch overhead and host work cost.
-//! The events themselves cost about a microsecond of host time per
-//! operation, so the idle share is slightly overstated.
+//! Each operation's host time (from its call to its return: bookkeeping
+//! and launches) is summed too. The events themselves cost about a
+//! microsecond of host time per operation, so the idle share is slightly
+//! overstated.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -19,16 +21,20 @@ use cudarc::driver::{CudaEvent, CudaStream};
 struct Total {
     calls: u64,
     ms: f64,
+    host_ms: f64,
 }
 
 /// Events of the step in flight and the totals so far.
 #[derive(Default)]
 pub(super) struct OpProfiler {
-    pending: Vec<(&'static str, CudaEvent, CudaEvent)>,
+    pending: Vec<(&'static str, CudaEvent, CudaEvent, f64)>,
     phase: &'static str,
     totals: BTreeMap<(&'static str, &'static str), Total>,
     /// Per phase: steps, GPU span of the steps (ms), operations' time (ms).
     spans: BTreeMap<&'static str, (u64, f64, f64)>,
+    /// Per phase: wall time from one step's start to the next's (ms).
+    walls: BTreeMap<&'static str, f64>,
+    step_start: Option<std::time::Instant>,
 }
 
 impl OpProfiler {
@@ -42,9 +48,9 @@ impl OpProfiler {
         stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)).ok()
     }
 
-    /// One operation's events.
-    pub(super) fn push(&mut self, name: &'static str, start: CudaEvent, end: CudaEvent) {
-        self.pending.push((name, start, end));
+    /// One operation's events and host time.
+    pub(super) fn push(&mut self, name: &'static str, start: CudaEvent, end: CudaEvent, host: std::time::Duration) {
+        self.pending.push((name, start, end, host.as_secs_f64() * 1e3));
     }
 
     /// Reads back the finished step's events (waiting for its last one) and
@@ -52,9 +58,13 @@ impl OpProfiler {
     pub(super) fn begin_step(&mut self, tokens: usize) {
         self.flush();
         self.phase = if tokens > 1 { "prefill" } else { "decode" };
+        self.step_start = Some(std::time::Instant::now());
     }
 
     fn flush(&mut self) {
+        if let Some(start) = self.step_start.take() {
+            *self.walls.entry(self.phase).or_default() += start.elapsed().as_secs_f64() * 1e3;
+        }
         let pending = std::mem::take(&mut self.pending);
         let (Some(first), Some(last)) = (pending.first(), pending.last()) else { return };
         if last.2.synchronize().is_err() {
@@ -62,12 +72,13 @@ impl OpProfiler {
         }
         let span = first.1.elapsed_ms(&last.2).unwrap_or(0.0) as f64;
         let mut busy = 0.0;
-        for (name, start, end) in &pending {
+        for (name, start, end, host_ms) in &pending {
             let ms = start.elapsed_ms(end).unwrap_or(0.0) as f64;
             busy += ms;
             let t = self.totals.entry((self.phase, name)).or_default();
             t.calls += 1;
             t.ms += ms;
+            t.host_ms += host_ms;
         }
         let s = self.spans.entry(self.phase).or_default();
         *s = (s.0 + 1, s.1 + span, s.2 + busy);
@@ -78,21 +89,26 @@ impl OpProfiler {
         self.flush();
         let mut out = String::from("GPU time per operation (MOETRACE_PROFILE_OPS)\n");
         for (phase, (steps, span, busy)) in &self.spans {
+            let n = *steps as f64;
+            let host: f64 = self.totals.iter().filter(|((p, _), _)| p == phase).map(|(_, t)| t.host_ms).sum();
             out += &format!(
-                "{phase}: {steps} steps, GPU span {:.3} ms/step, operations {:.3} ms/step, idle {:.1}%\n",
-                span / *steps as f64,
-                busy / *steps as f64,
+                "{phase}: {steps} steps, wall {:.3} ms/step (host in operations {:.3}), GPU span {:.3} ms/step, operations {:.3} ms/step, idle {:.1}%\n",
+                self.walls.get(phase).copied().unwrap_or(0.0) / n,
+                host / n,
+                span / n,
+                busy / n,
                 100.0 * (span - busy).max(0.0) / span.max(1e-9)
             );
             let mut rows: Vec<_> = self.totals.iter().filter(|((p, _), _)| p == phase).collect();
             rows.sort_by(|a, b| b.1.ms.total_cmp(&a.1.ms));
             for ((_, name), t) in rows {
                 out += &format!(
-                    "  {name:<16} {:>7} calls {:>10.3} ms/step {:>9.2} us/call {:>5.1}%\n",
+                    "  {name:<20} {:>7} calls {:>10.3} ms/step {:>9.2} us/call {:>5.1}%  host {:>7.2} us/call\n",
                     t.calls,
                     t.ms / *steps as f64,
                     1e3 * t.ms / t.calls as f64,
-                    100.0 * t.ms / busy.max(1e-9)
+                    100.0 * t.ms / busy.max(1e-9),
+                    1e3 * t.host_ms / t.calls as f64
                 );
             }
         }
