@@ -28,6 +28,24 @@ pub fn fixture(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// Qwen3's real tokenizer (`qwen3-tokenizer`: tokenizer.json and
+/// tokenizer_config.json) from the fixtures, or None with a SKIPPED line.
+pub fn tokenizer_fixture() -> Option<PathBuf> {
+    let base = std::env::var_os("MOETRACE_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("../shared/fixtures"));
+    let dir = base.join("qwen3-tokenizer");
+    if dir.join("tokenizer.json").is_file() {
+        Some(dir)
+    } else {
+        eprintln!(
+            "SKIPPED: tokenizer fixture {} not found (set MOETRACE_FIXTURES or put ../shared/fixtures beside the checkout); this test checked nothing",
+            dir.display()
+        );
+        None
+    }
+}
+
 /// A fresh, empty scratch folder under the target directory.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = workspace_root().join("target/test-scratch").join(format!("{name}-{}", std::process::id()));

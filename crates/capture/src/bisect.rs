@@ -24,11 +24,12 @@ use serde::Deserialize;
 use stage_types::SaveTensorStage as S;
 
 use crate::config::{
-    BackendSpec, CaptureSpec, ModelSpec, PromptSpec, check_run_size, check_threads, parse_ron, read_config,
-    resolve_paths,
+    BackendSpec, CaptureSpec, ModelSpec, PromptSpec, ResolvedPrompt, check_prompt_vocabulary, check_run_size,
+    check_threads, parse_ron, read_config, resolve_paths, resolve_tokenizer_path,
 };
 use crate::error::{CaptureError, Result};
 use crate::faults::{FaultSpec, attach_faults};
+use crate::prompt::TokenizerSpec;
 use crate::replay::{Replay, RoutingSpec};
 use crate::run::{build_backend, load_model};
 use crate::session::{CaptureSession, RunRecord};
@@ -42,6 +43,12 @@ pub struct BisectConfig {
     pub model: ModelSpec,
     /// The prompt.
     pub prompt: PromptSpec,
+    /// The tokenizer of a text prompt (default: the checkpoint's).
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerSpec>,
+    /// The prompt as token ids (filled when the config is parsed).
+    #[serde(skip)]
+    pub resolved: ResolvedPrompt,
     /// Greedy tokens after the prompt (default 0).
     #[serde(default, deserialize_with = "crate::config::whole_number")]
     pub generate: usize,
@@ -91,19 +98,13 @@ impl BisectConfig {
         let mut config: BisectConfig = parse_ron(text, path)?;
         resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing)?;
         check_threads(path, config.threads)?;
-        let PromptSpec::Tokens(tokens) = &config.prompt;
-        if tokens.is_empty() {
-            return Err(CaptureError::ConfigValue {
-                path: path.to_path_buf(),
-                message: "prompt: Tokens([]) is empty".into(),
-            });
-        }
+        resolve_tokenizer_path(path, config.tokenizer.as_mut())?;
+        config.resolved = config.prompt.resolve(config.tokenizer.as_ref(), &config.model, path)?;
         Ok(config)
     }
 
     fn tokens(&self) -> &[u32] {
-        let PromptSpec::Tokens(t) = &self.prompt;
-        t
+        &self.resolved.ids
     }
 }
 
@@ -166,12 +167,7 @@ pub fn bisect(
     }
     let host_passes = usize::from(!config.reference.is_cuda()) + usize::from(!config.target.is_cuda());
     check_run_size(path, &model.config, config.tokens().len(), config.generate, host_passes)?;
-    if let Some(&bad) = config.tokens().iter().find(|&&t| t as usize >= model.config.vocab_size) {
-        return Err(CaptureError::ConfigValue {
-            path: path.to_path_buf(),
-            message: format!("prompt: token id {bad} is out of range 0..{}", model.config.vocab_size),
-        });
-    }
+    check_prompt_vocabulary(path, &config.resolved, model.config.vocab_size)?;
     if let Some(capture) = &config.capture {
         capture.steps.0.check_within(steps, "step").map_err(|e| CaptureError::ConfigValue {
             path: path.to_path_buf(),
@@ -260,6 +256,7 @@ pub fn bisect(
                 steps: &progress.steps,
                 faults,
                 routing,
+                prompt_text: config.resolved.text.as_ref(),
             })?;
         }
         report.notes.push(format!(

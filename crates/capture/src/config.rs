@@ -11,6 +11,7 @@ use stage_types::{IndexSet, StageList};
 
 use crate::error::{CaptureError, Result};
 use crate::faults::FaultSpec;
+use crate::prompt::{ChatMessage, PromptText, PromptTokenizer, TokenizerSpec, locate_tokenizer};
 pub use crate::replay::RoutingSpec;
 use pipeline::ModelConfig;
 
@@ -37,6 +38,65 @@ pub enum ModelSpec {
 pub enum PromptSpec {
     /// Token ids.
     Tokens(Vec<u32>),
+    /// Text, tokenized with the model's tokenizer (`tokenizer(text)`).
+    Text(String),
+    /// Messages, rendered with the tokenizer's chat template (generation
+    /// prompt on) and tokenized.
+    Chat(Vec<ChatMessage>),
+}
+
+/// A prompt made into token ids (what every run and bisect works from).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResolvedPrompt {
+    /// The ids fed.
+    pub ids: Vec<u32>,
+    /// For Text and Chat prompts: the text and its tokenizer.
+    pub text: Option<PromptText>,
+}
+
+impl PromptSpec {
+    /// The ids: as given, or through the tokenizer (named, or the
+    /// checkpoint's). Empty prompts and prompts that tokenize to nothing are
+    /// errors naming the field.
+    pub fn resolve(&self, tokenizer: Option<&TokenizerSpec>, model: &ModelSpec, path: &Path) -> Result<ResolvedPrompt> {
+        let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+        let resolved = match self {
+            PromptSpec::Tokens(ids) => ResolvedPrompt { ids: ids.clone(), text: None },
+            PromptSpec::Text(_) | PromptSpec::Chat(_) => {
+                let named = tokenizer.map(|TokenizerSpec::Path(p)| p.as_path());
+                let checkpoint = match model {
+                    ModelSpec::Path(p) => Some(p.as_path()),
+                    ModelSpec::Synthetic { .. } => None,
+                };
+                let file = locate_tokenizer(named, checkpoint, path)?;
+                let tok = std::sync::Arc::new(PromptTokenizer::load(&file)?);
+                let (ids, text, rendered) = match self {
+                    PromptSpec::Text(text) => (tok.encode_text(text)?, text.clone(), None),
+                    PromptSpec::Chat(messages) => {
+                        if messages.is_empty() {
+                            return Err(bad("prompt: Chat([]) has no messages".into()));
+                        }
+                        let (rendered, ids) = tok.encode_chat(messages)?;
+                        let json: Vec<serde_json::Value> = messages
+                            .iter()
+                            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
+                            .collect();
+                        (ids, serde_json::Value::Array(json).to_string(), Some(rendered))
+                    }
+                    PromptSpec::Tokens(_) => unreachable!("handled above"),
+                };
+                ResolvedPrompt { ids, text: Some(PromptText { tokenizer: tok, text, rendered }) }
+            }
+        };
+        if resolved.ids.is_empty() {
+            let what = match self {
+                PromptSpec::Tokens(_) => "prompt: Tokens([]) is empty; give at least one token id",
+                _ => "the prompt tokenizes to no tokens; give some text",
+            };
+            return Err(bad(what.into()));
+        }
+        Ok(resolved)
+    }
 }
 
 /// Activation precision of the CUDA backend.
@@ -151,6 +211,13 @@ pub struct RunConfig {
     pub model: ModelSpec,
     /// The prompt.
     pub prompt: PromptSpec,
+    /// The tokenizer of a text prompt, when the model's own is not wanted
+    /// (the synthetic presets have none).
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerSpec>,
+    /// The prompt as token ids (filled when the config is parsed).
+    #[serde(skip)]
+    pub resolved: ResolvedPrompt,
     /// Tokens to produce by greedy decoding after the prompt (default 0).
     #[serde(default, deserialize_with = "whole_number")]
     pub generate: usize,
@@ -238,6 +305,20 @@ pub(crate) fn read_config(path: &Path) -> Result<String> {
 /// Resolves the model path, capture folder and replay folder against the
 /// config file's folder; an empty one is an error (joined, it would name
 /// the config's own folder).
+/// Makes a `tokenizer: Path(..)` relative to the config's folder.
+pub(crate) fn resolve_tokenizer_path(path: &Path, tokenizer: Option<&mut TokenizerSpec>) -> Result<()> {
+    if let Some(TokenizerSpec::Path(p)) = tokenizer {
+        if p.as_os_str().is_empty() {
+            return Err(CaptureError::ConfigValue {
+                path: path.to_path_buf(),
+                message: "tokenizer: Path(\"\") is empty; give a tokenizer.json or its folder".into(),
+            });
+        }
+        *p = path.parent().unwrap_or(Path::new("")).join(&*p);
+    }
+    Ok(())
+}
+
 pub(crate) fn resolve_paths(
     path: &Path,
     model: &mut ModelSpec,
@@ -334,6 +415,8 @@ impl RunConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let mut config: RunConfig = parse_ron(text, path)?;
         resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing)?;
+        resolve_tokenizer_path(path, config.tokenizer.as_mut())?;
+        config.resolved = config.prompt.resolve(config.tokenizer.as_ref(), &config.model, path)?;
         config.check(path)?;
         Ok(config)
     }
@@ -345,9 +428,7 @@ impl RunConfig {
 
     /// The token ids of the prompt.
     pub fn prompt_tokens(&self) -> &[u32] {
-        match &self.prompt {
-            PromptSpec::Tokens(t) => t,
-        }
+        &self.resolved.ids
     }
 
     /// Number of steps the run will make: the prompt, then one per
@@ -359,9 +440,6 @@ impl RunConfig {
     /// Checks that need no model.
     fn check(&self, path: &Path) -> Result<()> {
         let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
-        if self.prompt_tokens().is_empty() {
-            return Err(bad("prompt: Tokens([]) is empty; give at least one token id".into()));
-        }
         check_threads(path, self.threads)?;
         if let Some(capture) = &self.capture {
             capture.steps.0.check_within(self.step_count(), "step").map_err(|e| {
@@ -385,13 +463,26 @@ impl RunConfig {
         }
         let host_passes = usize::from(!self.backend.is_cuda());
         check_run_size(path, config, self.prompt_tokens().len(), self.generate, host_passes)?;
-        if let Some((i, &t)) = self.prompt_tokens().iter().enumerate().find(|&(_, &t)| t as usize >= vocab_size) {
-            return Err(bad(format!(
-                "prompt: token id {t} at index {i} is out of range: the model's vocabulary has {vocab_size} tokens (valid ids 0..{vocab_size})"
-            )));
-        }
-        Ok(())
+        check_prompt_vocabulary(path, &self.resolved, vocab_size)
     }
+}
+
+/// Every prompt id must be in the model's vocabulary; for a text prompt the
+/// message blames the tokenizer (it does not belong to the model).
+pub(crate) fn check_prompt_vocabulary(path: &Path, prompt: &ResolvedPrompt, vocab_size: usize) -> Result<()> {
+    let Some((i, &t)) = prompt.ids.iter().enumerate().find(|&(_, &t)| t as usize >= vocab_size) else {
+        return Ok(());
+    };
+    let message = match &prompt.text {
+        None => format!(
+            "prompt: token id {t} at index {i} is out of range: the model's vocabulary has {vocab_size} tokens (valid ids 0..{vocab_size})"
+        ),
+        Some(text) => format!(
+            "the prompt tokenizes (with {}) to id {t} at index {i}, beyond the model's vocabulary of {vocab_size} tokens: that tokenizer does not belong to this model",
+            text.tokenizer.path.display()
+        ),
+    };
+    Err(CaptureError::ConfigValue { path: path.to_path_buf(), message })
 }
 
 #[cfg(test)]

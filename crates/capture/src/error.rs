@@ -34,6 +34,14 @@ pub enum CaptureError {
         /// What is wrong and what would be valid.
         message: String,
     },
+    /// A tokenizer (tokenizer.json, its chat template) that cannot be used.
+    #[error("tokenizer {path}: {message}")]
+    Tokenizer {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// Loading the model or running the forward pass failed.
     #[error(transparent)]
     Pipeline(#[from] pipeline::PipelineError),

@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod faults;
 pub mod npy;
+pub mod prompt;
 pub mod replay;
 pub mod run;
 pub mod session;

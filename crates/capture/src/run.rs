@@ -57,6 +57,8 @@ pub struct RunSummary {
     pub bytes_written: u64,
     /// Where the capture went, if any.
     pub out_dir: Option<PathBuf>,
+    /// The generated tokens as text, for a text prompt.
+    pub generated_text: Option<String>,
 }
 
 /// A run's summary and the logits of its last step.
@@ -209,6 +211,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         tensors_written: 0,
         bytes_written: 0,
         out_dir: None,
+        generated_text: config.resolved.text.as_ref().map(|p| p.tokenizer.decode(&generation.generated)),
     };
     if let Some(session) = session {
         let stats = session.commit(&RunRecord {
@@ -220,6 +223,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
             steps: &generation.steps,
             faults: &config.faults,
             routing: replay.as_ref().map(Replay::record),
+            prompt_text: config.resolved.text.as_ref(),
         })?;
         summary.tensors_written = stats.tensors;
         summary.bytes_written = stats.bytes;

@@ -14,7 +14,7 @@ use crate::faults::FaultSpec;
 use crate::systems::{CaptureSelection, attach_capture};
 use crate::target::CaptureTarget;
 use crate::writer::CaptureWriter;
-use compare::manifest::{FORMAT, Manifest, ManifestModel, ManifestStep};
+use compare::manifest::{FORMAT, Manifest, ManifestModel, ManifestPromptText, ManifestStep};
 
 /// What a manifest records about the run that produced it.
 pub struct RunRecord<'a> {
@@ -34,6 +34,8 @@ pub struct RunRecord<'a> {
     pub faults: &'a [FaultSpec],
     /// The replayed routing, if any.
     pub routing: Option<crate::replay::ReplayRecord>,
+    /// The prompt's text and tokenizer, for a text prompt.
+    pub prompt_text: Option<&'a crate::prompt::PromptText>,
 }
 
 /// What a committed capture holds.
@@ -147,6 +149,15 @@ impl CaptureSession {
             tensors: report.entries,
             faults: run.faults.iter().map(|f| f.to_string()).collect(),
             routing: run.routing.as_ref().map(|r| serde_json::to_value(r).expect("a replay record serialises")),
+            prompt_text: run.prompt_text.map(|p| ManifestPromptText {
+                text: p.text.clone(),
+                rendered: p.rendered.clone(),
+                tokenizer: p.tokenizer.path.display().to_string(),
+            }),
+            token_texts: run
+                .prompt_text
+                .map(|p| p.tokenizer.token_texts(&[run.prompt, run.generated].concat()))
+                .unwrap_or_default(),
         };
         let stats = CaptureStats {
             tensors: manifest.tensors.len(),

@@ -80,6 +80,35 @@ pub struct Manifest {
     /// replay: the source capture and each replayed step and layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routing: Option<serde_json::Value>,
+    /// A prompt given as text: the text, the rendered chat template and
+    /// the tokenizer that made `prompt`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_text: Option<ManifestPromptText>,
+    /// Each position's token as text (the prompt, then the generated
+    /// tokens), when the run had a tokenizer: what reports show beside a
+    /// token index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub token_texts: Vec<String>,
+}
+
+/// A text prompt as the manifest records it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestPromptText {
+    /// The text given (`Text`), or the chat messages as JSON (`Chat`).
+    pub text: String,
+    /// The rendered chat template (`Chat` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendered: Option<String>,
+    /// The tokenizer.json used.
+    pub tokenizer: String,
+}
+
+impl Manifest {
+    /// The text of the token at `position` (prompt then generated), when
+    /// the capture recorded token texts.
+    pub fn token_text(&self, position: usize) -> Option<&str> {
+        self.token_texts.get(position).map(String::as_str)
+    }
 }
 
 impl Manifest {

@@ -45,6 +45,9 @@ pub struct Row {
     pub metrics: Option<TensorMetrics>,
     /// Token with the largest error (or the first flipped token).
     pub worst_token: Option<usize>,
+    /// That token's text, when the capture recorded token texts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_token_text: Option<String>,
     /// Expert with the largest error (per-expert stages).
     pub worst_expert: Option<i32>,
     /// Tokens compared, for per-expert stages (those whose expert set agrees).
@@ -81,6 +84,7 @@ impl Row {
             tolerance,
             metrics: None,
             worst_token: None,
+            worst_token_text: None,
             worst_expert: None,
             compared_tokens: None,
             flipped: Vec::new(),
@@ -132,7 +136,10 @@ impl Row {
             }
         }
         if let Some(t) = self.worst_token {
-            parts.push(format!("token {t}"));
+            match &self.worst_token_text {
+                Some(text) => parts.push(format!("token {t} {text:?}")),
+                None => parts.push(format!("token {t}")),
+            }
         }
         if let Some(e) = self.worst_expert {
             parts.push(format!("expert {e}"));
@@ -140,8 +147,9 @@ impl Row {
         for f in self.flipped.iter().take(4) {
             let margin = f.ref_margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "?".into());
             let perturbation = f.perturbation.map(|p| format!("{p:.2e}")).unwrap_or_else(|| "?".into());
+            let text = f.text.as_ref().map(|t| format!(" {t:?}")).unwrap_or_default();
             parts.push(format!(
-                "token {} experts {:?} -> {:?}, ref margin {margin}, perturbation {perturbation}{}",
+                "token {}{text} experts {:?} -> {:?}, ref margin {margin}, perturbation {perturbation}{}",
                 f.token,
                 f.ref_experts,
                 f.target_experts,

@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 pub struct FlippedToken {
     /// Token index within the step.
     pub token: usize,
+    /// The token's text, when the capture recorded token texts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
     /// Reference experts, in top-k order.
     pub ref_experts: Vec<i32>,
     /// Target experts, in top-k order.
@@ -79,6 +82,7 @@ pub fn compare_indices(
             _ => false,
         };
         flipped.push(FlippedToken {
+            text: None,
             token: t,
             ref_experts: a.iter().map(|&x| x as i32).collect(),
             target_experts: b.iter().map(|&x| x as i32).collect(),

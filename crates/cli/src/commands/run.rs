@@ -63,6 +63,9 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
         prefill,
         s.prompt_tokens as f64 / prefill.max(1e-9)
     );
+    if let Some(text) = &s.generated_text {
+        crate::say!("text: {text:?}");
+    }
     match &s.out_dir {
         Some(dir) => crate::say!(
             "capture: {} tensors, {:.2} MB written to {}",

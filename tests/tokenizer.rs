@@ -1,0 +1,114 @@
+//! Text prompts: Qwen3's real tokenizer (../shared/fixtures/qwen3-tokenizer)
+//! gives exactly the ids Hugging Face transformers gives for texts and chat
+//! templates (recorded by tests/python/record_tokenizer_ids.py into
+//! tests/data/qwen3-tokenizer-ids.json); text and chat prompts run end to
+//! end, the manifest records them and diff names tokens by their text;
+//! every misuse is a clear error.
+
+use std::path::Path;
+
+use capture::RunConfig;
+use capture::prompt::{ChatMessage, PromptTokenizer};
+use compare::diff::{DiffOptions, diff};
+use moetrace_tests::{scratch, tokenizer_fixture, workspace_root};
+use serde_json::Value;
+
+fn recorded() -> Value {
+    let text = std::fs::read_to_string(workspace_root().join("tests/data/qwen3-tokenizer-ids.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+#[test]
+fn token_ids_and_chat_templates_equal_hugging_face_transformers() {
+    let Some(dir) = tokenizer_fixture() else { return };
+    let tok = PromptTokenizer::load(&dir).unwrap();
+    let data = recorded();
+    for t in data["texts"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        assert_eq!(tok.encode_text(text).unwrap(), ids(&t["ids"]), "text {text:?}");
+        assert_eq!(tok.decode(&ids(&t["ids"])), text, "decoding gives the text back");
+    }
+    for c in data["chats"].as_array().unwrap() {
+        let messages: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
+        let (rendered, got) = tok.encode_chat(&messages).unwrap();
+        assert_eq!(rendered, c["rendered"].as_str().unwrap(), "chat template of {messages:?}");
+        assert_eq!(got, ids(&c["ids"]), "chat ids of {messages:?}");
+    }
+}
+
+fn config(dir: &Path, body: &str) -> capture::Result<RunConfig> {
+    let path = dir.join("text.ron");
+    std::fs::write(&path, body).unwrap();
+    RunConfig::load(&path)
+}
+
+#[test]
+fn text_and_chat_prompts_run_and_are_recorded_and_diff_names_tokens() {
+    let Some(tok) = tokenizer_fixture() else { return };
+    let dir = scratch("text-prompts");
+    let run = |name: &str, prompt: &str, fault: &str| {
+        let body = format!(
+            "(model: Synthetic(preset: \"tiny-moe-qwen3-vocab\", seed: 2), prompt: {prompt}, tokenizer: Path({tok:?}), generate: 4, faults: [{fault}], capture: (stages: \"moe_router_indices,post_ffn_residual\", out_dir: {name:?}))"
+        );
+        let config = config(&dir, &body).unwrap();
+        let out = capture::run(&config, &dir.join("text.ron"), &mut |_| {}).unwrap();
+        (config, out)
+    };
+    let (config, out) = run("text", r#"Text("The router picks 专家 🔀")"#, "");
+    let expected = PromptTokenizer::load(&tok).unwrap();
+    assert_eq!(config.prompt_tokens(), expected.encode_text("The router picks 专家 🔀").unwrap());
+    let text = out.summary.generated_text.expect("the generated text is reported");
+    assert_eq!(text, expected.decode(&out.summary.generated));
+    let manifest = compare::Manifest::read(&dir.join("text")).unwrap();
+    assert_eq!(manifest.prompt_text.as_ref().unwrap().text, "The router picks 专家 🔀");
+    assert_eq!(manifest.token_texts.len(), manifest.prompt.len() + manifest.generated.len());
+
+    let chat = r#"Chat([(role: "system", content: "Be brief."), (role: "user", content: "Why NaN?")])"#;
+    let (config, _) = run("chat", chat, "");
+    let manifest = compare::Manifest::read(&dir.join("chat")).unwrap();
+    let rendered = manifest.prompt_text.unwrap().rendered.unwrap();
+    assert!(rendered.ends_with("<|im_start|>assistant\n"), "{rendered:?}");
+    assert_eq!(config.prompt_tokens(), &manifest.prompt[..]);
+    assert_eq!(manifest.token_texts[0], "<|im_start|>");
+
+    // A routing fault at step 1: diff names the token by its text.
+    let (_, _) = run("chat-fault", chat, "(stage: \"moe_router_indices\", layer: 1, step: 1, kind: Zero)");
+    let report = diff(&dir.join("chat"), &dir.join("chat-fault"), &DiffOptions::default()).unwrap();
+    let first = report.first_divergence().expect("the fault is found");
+    let position = manifest.steps[1].start_position + first.worst_token.unwrap();
+    assert_eq!(first.worst_token_text.as_deref(), Some(manifest.token_texts[position].as_str()));
+    assert!(report.render(false).contains(&format!("{:?}", manifest.token_texts[position])));
+}
+
+#[test]
+fn text_prompt_misuse_is_a_clear_error() {
+    let dir = scratch("text-errors");
+    let err = |body: &str| config(&dir, body).err().map(|e| e.to_string()).unwrap_or_default();
+    let msg = err(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text("hi"))"#);
+    assert!(msg.contains("tokenizer: Path") && msg.contains("synthetic"), "{msg}");
+    let msg = err(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text("hi"), tokenizer: Path("nowhere"))"#);
+    assert!(msg.contains("nowhere") && msg.contains("cannot read"), "{msg}");
+    std::fs::write(dir.join("broken.json"), "{\"not\": \"a tokenizer\"}").unwrap();
+    let msg = err(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text("hi"), tokenizer: Path("broken.json"))"#);
+    assert!(msg.contains("broken.json") && msg.contains("tokenizer.json"), "{msg}");
+    let Some(tok) = tokenizer_fixture() else { return };
+    let msg = err(&format!(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Chat([]), tokenizer: Path({tok:?}))"#));
+    assert!(msg.contains("Chat([])"), "{msg}");
+    let msg = err(&format!(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text(""), tokenizer: Path({tok:?}))"#));
+    assert!(msg.contains("no tokens"), "{msg}");
+    // Qwen3's ids do not fit tiny-moe's 512-token vocabulary: the tokenizer
+    // is named as not this model's (when the run checks it against the model).
+    let path = dir.join("vocab.ron");
+    std::fs::write(
+        &path,
+        format!(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text("Mixture of experts"), tokenizer: Path({tok:?}))"#),
+    )
+    .unwrap();
+    let config = RunConfig::load(&path).unwrap();
+    let msg = capture::run(&config, &path, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(msg.contains("does not belong to this model") && msg.contains("tokenizer.json"), "{msg}");
+}
