@@ -1,7 +1,10 @@
 //! The CPU forward pass against the oracle fixtures (Hugging Face
 //! transformers in float64): every stage the oracle has, every layer and
 //! step, rel_l2 <= 1e-5, router indices identical, and the greedy
-//! continuation reproduced.
+//! continuation reproduced. Two oracles: ../shared/fixtures (made by
+//! other code; skipped with a SKIPPED line when absent) and
+//! tests/fixtures (made by python/tools/make_oracle_fixture.py through
+//! moetrace_capture.hf; always there, so a fresh clone checks something).
 
 use std::path::Path;
 
@@ -14,6 +17,11 @@ const TOLERANCE: f64 = 1e-5;
 /// compares each oracle tensor.
 fn check_fixture(name: &str, generate: usize) {
     let Some(dir) = fixture(name) else { return };
+    check_oracle_dir(name, &dir, generate);
+}
+
+/// The fixture in `dir` (model/ and activations/).
+fn check_oracle_dir(name: &str, dir: &Path, generate: usize) {
     let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
     let out = scratch(&format!("oracle-{name}"));
     let prompt = format!("{:?}", oracle.manifest.prompt);
@@ -27,7 +35,7 @@ fn check_fixture(name: &str, generate: usize) {
     let ours = CaptureDir::open(&out.join("cpu")).unwrap();
 
     if generate > 0 {
-        assert_eq!(result.summary.generated, greedy_continuation(&dir)[..generate], "{name}: greedy continuation");
+        assert_eq!(result.summary.generated, greedy_continuation(dir)[..generate], "{name}: greedy continuation");
     }
 
     let mut checked = 0;
@@ -62,4 +70,16 @@ fn cpu_matches_the_oracle_on_tiny_qwen3_moe_including_decode_steps() {
 #[test]
 fn cpu_matches_the_oracle_on_tiny_qwen3_dense() {
     check_fixture("tiny-qwen3", 8);
+}
+
+#[test]
+fn cpu_matches_the_in_repo_oracle_moe() {
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-moe-oracle");
+    check_oracle_dir("tiny-moe-oracle", &dir, 4);
+}
+
+#[test]
+fn cpu_matches_the_in_repo_oracle_dense() {
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-dense-oracle");
+    check_oracle_dir("tiny-dense-oracle", &dir, 4);
 }

@@ -93,12 +93,15 @@ fn text_prompt_misuse_is_a_clear_error() {
     let msg = err(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text("hi"), tokenizer: Path("nowhere"))"#);
     assert!(msg.contains("nowhere") && msg.contains("cannot read"), "{msg}");
     std::fs::write(dir.join("broken.json"), "{\"not\": \"a tokenizer\"}").unwrap();
-    let msg = err(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text("hi"), tokenizer: Path("broken.json"))"#);
+    let msg =
+        err(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text("hi"), tokenizer: Path("broken.json"))"#);
     assert!(msg.contains("broken.json") && msg.contains("tokenizer.json"), "{msg}");
     let Some(tok) = tokenizer_fixture() else { return };
-    let msg = err(&format!(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Chat([]), tokenizer: Path({tok:?}))"#));
+    let msg =
+        err(&format!(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Chat([]), tokenizer: Path({tok:?}))"#));
     assert!(msg.contains("Chat([])"), "{msg}");
-    let msg = err(&format!(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text(""), tokenizer: Path({tok:?}))"#));
+    let msg =
+        err(&format!(r#"(model: Synthetic(preset: "tiny-moe", seed: 1), prompt: Text(""), tokenizer: Path({tok:?}))"#));
     assert!(msg.contains("no tokens"), "{msg}");
     // Qwen3's ids do not fit tiny-moe's 512-token vocabulary: the tokenizer
     // is named as not this model's (when the run checks it against the model).

@@ -1,0 +1,188 @@
+"""Every moetrace stage of a Hugging Face transformers Qwen3 or Qwen3-MoE
+model, captured while it generates (needs torch and transformers; the rest
+of the package needs only numpy).
+
+    from transformers import AutoModelForCausalLM
+    from moetrace_capture import hf
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64, attn_implementation="eager")
+    hf.record(model, "hf-capture", prompt=[1, 17, 423], generate=8)
+
+Then `moetrace diff hf-capture <moetrace capture>` compares it stage by
+stage. What no module returns on its own is recomputed in the hooks with
+the model's own functions and dtype: the q/k/v concatenation, QK-norm's
+output, q and k after RoPE, the attention scores (masked entries 0, as
+moetrace writes them), the router's top-k and renormalised weights, and
+the per-expert gate, up, SwiGLU and down projections. The attention
+implementation must return its probabilities (`attn_implementation=
+"eager"`).
+"""
+
+import math
+
+import torch
+
+from .writer import Capture
+
+
+def record(model, out_dir, prompt, generate=1, backend="hf", source=None):
+    """Greedy generation from `prompt` (token ids): step 0 is the prompt,
+    then one step per generated token, each captured at every stage.
+    Returns the generated ids."""
+    config = model.config.to_dict()
+    dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+    prompt = [int(t) for t in prompt]
+    device = next(model.parameters()).device
+    generated = []
+    with Capture(out_dir, config=config, prompt=prompt, backend=backend, dtype=dtype, source=source) as cap:
+        past, tokens, start = None, prompt, 0
+        for step in range(max(1, generate)):
+            cap.begin_step(step, start, tokens)
+            recorder = _StepRecorder(model, cap, step, start, len(tokens))
+            ids = torch.tensor([tokens], device=device)
+            with torch.no_grad(), recorder:
+                out = model(ids, past_key_values=past, use_cache=True, output_attentions=True)
+            recorder.finish(out)
+            past = out.past_key_values
+            next_id = int(out.logits[0, -1].argmax())
+            generated.append(next_id)
+            start += len(tokens)
+            tokens = [next_id]
+            if len(generated) >= generate:
+                break
+        cap.generated = generated[: max(generate, 0)] if generate > 0 else []
+    return generated
+
+
+class _StepRecorder:
+    """Hooks on one forward step; `finish` derives the rest and saves."""
+
+    def __init__(self, model, cap, step, start, t_len):
+        self.model, self.cap, self.step, self.start, self.t = model, cap, step, start, t_len
+        self.inner = model.model
+        self.config = model.config
+        self.got = {}
+        self.handles = []
+        # Keys and values of earlier steps, per layer (for the scores).
+        if not hasattr(model, "_moetrace_kv") or step == 0:
+            model._moetrace_kv = {}
+        self.kv = model._moetrace_kv
+
+    def _put(self, key, value):
+        self.got[key] = tuple(v.detach() for v in value) if isinstance(value, tuple) else value.detach()
+
+    def __enter__(self):
+        m = self.inner
+        hook = self.handles.append
+        hook(m.embed_tokens.register_forward_hook(lambda mod, i, o: self._put("embedding", o[0])))
+        for li, layer in enumerate(m.layers):
+            def out_hook(key, li=li):
+                return lambda mod, i, o: self._put((li, key), (o[0] if isinstance(o, tuple) else o)[0])
+
+            attn = layer.self_attn
+            hook(layer.input_layernorm.register_forward_hook(out_hook("attn_norm")))
+            for name in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm"):
+                hook(getattr(attn, name).register_forward_hook(out_hook(name)))
+            hook(attn.o_proj.register_forward_pre_hook(lambda mod, i, li=li: self._put((li, "attention"), i[0][0])))
+            hook(attn.o_proj.register_forward_hook(out_hook("attn_out")))
+            hook(layer.post_attention_layernorm.register_forward_hook(out_hook("ffn_norm")))
+            hook(layer.mlp.register_forward_hook(out_hook("mlp_out")))
+            hook(layer.register_forward_hook(out_hook("post_ffn_residual")))
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None and hasattr(layer.mlp, "experts"):
+                hook(gate.register_forward_hook(lambda mod, i, o, li=li: self._put((li, "router"), o)))
+        hook(m.norm.register_forward_hook(lambda mod, i, o: self._put("final_norm", o[0])))
+        hook(self.model.lm_head.register_forward_hook(lambda mod, i, o: self._put("lm_head", o[0])))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        return False
+
+    def finish(self, out):
+        c, got, save = self.config, self.got, self.cap.save
+        step, t_len, start = self.step, self.t, self.start
+        nh, nkv = c.num_attention_heads, c.num_key_value_heads
+        hd = getattr(c, "head_dim", None) or c.hidden_size // nh
+        save(step, None, "embedding", got["embedding"])
+        positions = torch.arange(start, start + t_len, device=got["embedding"].device)[None]
+        cos, sin = self.inner.rotary_emb(got["embedding"][None], positions)
+        rope = _rotary(self.model)
+        for li, layer in enumerate(self.inner.layers):
+            g = {k[1]: v for k, v in got.items() if isinstance(k, tuple) and k[0] == li}
+            save(step, li, "attn_norm", g["attn_norm"])
+            save(step, li, "qkv_matmul", torch.cat([g["q_proj"], g["k_proj"], g["v_proj"]], dim=-1))
+            qn, kn = g["q_norm"].reshape(t_len, nh, hd), g["k_norm"].reshape(t_len, nkv, hd)
+            save(step, li, "qk_norm", torch.cat([qn.reshape(t_len, -1), kn.reshape(t_len, -1)], dim=-1))
+            qr, kr = rope(qn.transpose(0, 1)[None], kn.transpose(0, 1)[None], cos, sin)
+            q_post, k_post = qr[0].transpose(0, 1).reshape(t_len, -1), kr[0].transpose(0, 1).reshape(t_len, -1)
+            save(step, li, "q_post_rope", q_post)
+            save(step, li, "k_post_rope", k_post)
+            keys = torch.cat([self.kv.get(li, k_post[:0]), k_post], dim=0)
+            self.kv[li] = keys
+            k_heads = keys.reshape(-1, nkv, hd).transpose(0, 1).repeat_interleave(nh // nkv, dim=0)
+            scores = qr[0] @ k_heads.transpose(1, 2) / math.sqrt(hd)
+            p_len = keys.shape[0]
+            mask = torch.arange(p_len, device=scores.device)[None, :] > (start + torch.arange(t_len, device=scores.device))[:, None]
+            save(step, li, "attn_scores", scores.masked_fill(mask[None], 0.0))
+            save(step, li, "attn_softmax", out.attentions[li][0])
+            save(step, li, "attention", g["attention"])
+            save(step, li, "attn_out", g["attn_out"])
+            residual_in = got["embedding"] if li == 0 else got[(li - 1, "post_ffn_residual")]
+            save(step, li, "post_attn_residual", residual_in + g["attn_out"])
+            x = g["ffn_norm"]
+            save(step, li, "ffn_norm", x)
+            if "router" in g:
+                self._moe(li, layer, x, g)
+            else:
+                mlp = layer.mlp
+                gate, up = mlp.gate_proj(x), mlp.up_proj(x)
+                silu = mlp.act_fn(gate)
+                save(step, li, "ffn_gate", gate)
+                save(step, li, "ffn_up", up)
+                save(step, li, "ffn_silu", silu)
+                save(step, li, "ffn_swigl", silu * up)
+                save(step, li, "ffn_out", g["mlp_out"])
+            save(step, li, "post_ffn_residual", g["post_ffn_residual"])
+        save(step, None, "final_norm", got["final_norm"])
+        save(step, None, "lm_head", got["lm_head"])
+
+    def _moe(self, li, layer, x, g):
+        step, save = self.step, self.cap.save
+        logits, weights, ids = g["router"]
+        save(step, li, "moe_router_logits", logits)
+        save(step, li, "moe_router", weights)
+        save(step, li, "moe_router_indices", ids.to(torch.int32))
+        experts = layer.mlp.experts
+        gate_w, up_w, down_w = _expert_weights(experts, ids)
+        gate = torch.einsum("th,tkih->tki", x, gate_w)
+        up = torch.einsum("th,tkih->tki", x, up_w)
+        act = getattr(experts, "act_fn", None) or torch.nn.functional.silu
+        swigl = act(gate) * up
+        down = torch.einsum("tki,tkhi->tkh", swigl, down_w)
+        save(step, li, "moe_expert_gate", gate)
+        save(step, li, "moe_expert_up", up)
+        save(step, li, "moe_expert_swigl", swigl)
+        save(step, li, "moe_expert_out", down)
+        save(step, li, "moe_ffn_out", g["mlp_out"])
+
+
+def _expert_weights(experts, ids):
+    """Per (token, slot) gate, up and down weights, [T, k, I, H] / [T, k, H, I],
+    from transformers 5's fused expert tensors or from per-expert modules."""
+    if hasattr(experts, "gate_up_proj"):
+        gate_up = experts.gate_up_proj[ids.long()]  # [T, k, 2I, H]
+        inter = gate_up.shape[-2] // 2
+        return gate_up[..., :inter, :], gate_up[..., inter:, :], experts.down_proj[ids.long()]
+    rows = [[experts[int(e)] for e in row] for row in ids]
+    stack = lambda name: torch.stack([torch.stack([getattr(e, name).weight for e in r]) for r in rows])  # noqa: E731
+    return stack("gate_proj"), stack("up_proj"), stack("down_proj")
+
+
+def _rotary(model):
+    """The model family's apply_rotary_pos_emb."""
+    module = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    return module.apply_rotary_pos_emb
+
+
+__all__ = ["record"]

@@ -1,0 +1,97 @@
+"""moetrace's own oracle: a tiny random Qwen3-MoE or Qwen3 checkpoint (bf16
+safetensors in the Hugging Face layout) and Hugging Face transformers'
+float64 forward of it, captured at every stage with moetrace_capture.hf
+(prompt, then greedy decode steps). tests/fixtures/ holds two made by it,
+so a fresh clone's oracle tests run; ../shared/fixtures, made by other
+code, stays the independent cross-check. New architectures get their
+oracle the same way.
+
+Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense SEED [key=value ...]
+(keys: vocab hidden layers heads kv_heads head_dim experts topk moe_inter
+inter prompt generate router_scale). Needs torch, transformers, safetensors.
+"""
+import json
+import math
+import os
+import sys
+
+import torch
+import transformers
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from moetrace_capture import hf  # noqa: E402
+
+torch.set_grad_enabled(False)
+out_root, name, kind, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+D = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, topk=2, moe_inter=32,
+         inter=128, prompt="1,17,42,99,5,77", generate=4, router_scale=3.0)
+for k, v in (a.split("=", 1) for a in sys.argv[5:]):
+    D[k] = type(D[k])(v)
+g = torch.Generator().manual_seed(seed)
+H, V, L, nh, nkv, hd = D["hidden"], D["vocab"], D["layers"], D["heads"], D["kv_heads"], D["head_dim"]
+
+
+def rn(*shape, std):
+    return torch.randn(*shape, generator=g, dtype=torch.float64) * std
+
+
+sd = {"model.embed_tokens.weight": rn(V, H, std=1.0), "model.norm.weight": 1 + rn(H, std=0.1),
+      "lm_head.weight": rn(V, H, std=1 / math.sqrt(H))}
+for i in range(L):
+    p = f"model.layers.{i}."
+    sd[p + "input_layernorm.weight"] = 1 + rn(H, std=0.1)
+    sd[p + "post_attention_layernorm.weight"] = 1 + rn(H, std=0.1)
+    sd[p + "self_attn.q_proj.weight"] = rn(nh * hd, H, std=1 / math.sqrt(H))
+    sd[p + "self_attn.k_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
+    sd[p + "self_attn.v_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
+    sd[p + "self_attn.o_proj.weight"] = rn(H, nh * hd, std=1 / math.sqrt(nh * hd))
+    sd[p + "self_attn.q_norm.weight"] = 1 + rn(hd, std=0.1)
+    sd[p + "self_attn.k_norm.weight"] = 1 + rn(hd, std=0.1)
+    if kind == "moe":
+        E, I = D["experts"], D["moe_inter"]
+        sd[p + "mlp.gate.weight"] = rn(E, H, std=D["router_scale"] / math.sqrt(H))
+        for e in range(E):
+            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
+            sd[p + f"mlp.experts.{e}.up_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
+            sd[p + f"mlp.experts.{e}.down_proj.weight"] = rn(H, I, std=1 / math.sqrt(I))
+    else:
+        I = D["inter"]
+        sd[p + "mlp.gate_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
+        sd[p + "mlp.up_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
+        sd[p + "mlp.down_proj.weight"] = rn(H, I, std=1 / math.sqrt(I))
+
+model_dir = os.path.join(out_root, name, "model")
+os.makedirs(model_dir, exist_ok=True)
+save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, os.path.join(model_dir, "model.safetensors"),
+          metadata={"format": "pt"})
+common = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=nh, num_key_value_heads=nkv,
+              head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=False,
+              attention_bias=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
+if kind == "moe":
+    config = transformers.Qwen3MoeConfig(num_experts=D["experts"], num_experts_per_tok=D["topk"],
+                                         moe_intermediate_size=D["moe_inter"], intermediate_size=D["inter"],
+                                         norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **common)
+    cls = transformers.Qwen3MoeForCausalLM
+else:
+    config = transformers.Qwen3Config(intermediate_size=D["inter"], **common)
+    cls = transformers.Qwen3ForCausalLM
+config.save_pretrained(model_dir)
+try:
+    model = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager", experts_implementation="eager")
+except TypeError:
+    model = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
+model.eval()
+prompt = [int(t) for t in D["prompt"].split(",")]
+activations = os.path.join(out_root, name, "activations")
+generated = hf.record(model, activations, prompt=prompt, generate=D["generate"], backend="hf-transformers",
+                      source=f"moetrace python/tools/make_oracle_fixture.py {' '.join(sys.argv[2:])}")
+manifest_path = os.path.join(activations, "manifest.json")
+manifest = json.load(open(manifest_path, encoding="utf-8"))
+manifest["producer"] = (f"moetrace_capture.hf with transformers {transformers.__version__} and torch "
+                        f"{torch.__version__}: float64 forward of the bf16 checkpoint")
+manifest["greedy_continuation"] = generated
+with open(manifest_path, "w", encoding="utf-8") as f:
+    json.dump(manifest, f, indent=1)
+    f.write("\n")
+print(f"{name}: {len(manifest['tensors'])} tensors, prompt {prompt}, greedy {generated}")
