@@ -1,29 +1,48 @@
-//! Progress on stderr: one line rewritten in place on a terminal, one line
-//! per layer otherwise (so logs show how far a long run got).
+//! Progress on stderr. On a terminal: a live bar per run with the step,
+//! the layer within it, tokens/s so far and elapsed / remaining time
+//! (indicatif). Otherwise (a log, a pipe, CI): plain lines, one per step
+//! start, layer and next token, so a log shows how far a long run got.
 
 use std::io::IsTerminal;
+use std::time::{Duration, Instant};
 
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use pipeline::ForwardEvent;
 
 /// Progress display for `run`.
 pub struct Progress {
     enabled: bool,
-    terminal: bool,
     steps: usize,
-    dirty: bool,
+    bar: Option<ProgressBar>,
+    started: Instant,
+    tokens: usize,
+    last_token: Option<u32>,
 }
 
 impl Progress {
     /// A display for a run of `steps` steps; `enabled` false prints nothing.
     pub fn new(enabled: bool, steps: usize) -> Self {
-        Self { enabled, terminal: std::io::stderr().is_terminal(), steps, dirty: false }
+        let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
+            let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr_with_hz(10));
+            bar.set_style(
+                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (remaining {eta})")
+                    .expect("a valid template")
+                    .progress_chars("=> "),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Self { enabled, steps, bar, started: Instant::now(), tokens: 0, last_token: None }
     }
 
-    /// Prints a whole line.
+    /// Prints a whole line (above the bar on a terminal).
     pub fn line(&mut self, text: &str) {
-        if self.enabled {
-            self.clear();
-            crate::say!("{text}");
+        if !self.enabled {
+            return;
+        }
+        match &self.bar {
+            Some(bar) => bar.println(text),
+            None => crate::say!("{text}"),
         }
     }
 
@@ -34,32 +53,53 @@ impl Progress {
         }
         match event {
             ForwardEvent::StepStarted { step, start_position, tokens } => {
-                if !self.terminal {
+                if *step == 0 {
+                    self.started = Instant::now();
+                }
+                self.tokens += tokens;
+                if self.bar.is_none() {
                     crate::say!("step {}/{}: {tokens} tokens at position {start_position}", step + 1, self.steps);
                 }
             }
-            ForwardEvent::LayerDone { step, layer, layers } => {
-                let text = format!("step {}/{} layer {}/{}", step + 1, self.steps, layer + 1, layers);
-                if self.terminal {
-                    crate::say_inline!("\r{text:<40}");
-                    self.dirty = true;
-                } else {
-                    crate::say!("  {text}");
+            ForwardEvent::LayerDone { step, layer, layers } => match &self.bar {
+                Some(bar) => {
+                    let last = self.last_token.map(|t| format!(", last token {t}")).unwrap_or_default();
+                    bar.set_message(format!("layer {}/{layers}, {}{last}", layer + 1, self.rate()))
                 }
-            }
-            ForwardEvent::StepDone { step, next_token } => {
-                if let Some(t) = next_token {
-                    self.line(&format!("step {}/{}: next token {t}", step + 1, self.steps));
+                None => crate::say!("  step {}/{} layer {}/{}", step + 1, self.steps, layer + 1, layers),
+            },
+            ForwardEvent::StepDone { step, next_token } => match &self.bar {
+                // The bar shows the latest token; a line per token would
+                // scroll a long run's output away.
+                Some(bar) => {
+                    self.last_token = *next_token;
+                    bar.set_position((step + 1) as u64);
                 }
-            }
+                None => {
+                    if let Some(t) = next_token {
+                        crate::say!("step {}/{}: next token {t}", step + 1, self.steps);
+                    }
+                }
+            },
         }
     }
 
-    /// Clears the in-place line, if any.
+    /// Tokens per second since the first step began.
+    fn rate(&self) -> String {
+        let secs = self.started.elapsed().as_secs_f64();
+        if secs < 1e-3 { String::new() } else { format!("{:.1} tokens/s", self.tokens as f64 / secs) }
+    }
+
+    /// Removes the bar (before the summary is printed).
     pub fn clear(&mut self) {
-        if self.dirty {
-            crate::say_inline!("\r{:<40}\r", "");
-            self.dirty = false;
+        if let Some(bar) = self.bar.take() {
+            bar.finish_and_clear();
         }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.clear();
     }
 }
