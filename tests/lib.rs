@@ -13,15 +13,21 @@ pub fn workspace_root() -> PathBuf {
 /// Prints why and returns None when it is absent, so the calling test can
 /// skip (a user's fresh clone has no ../shared).
 pub fn fixture(name: &str) -> Option<PathBuf> {
+    fixture_with(name, "model/config.json")
+}
+
+/// The fixture folder `name` if it holds `marker`, else None with a
+/// SKIPPED line.
+fn fixture_with(name: &str, marker: &str) -> Option<PathBuf> {
     let base = std::env::var_os("MOETRACE_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("../shared/fixtures"));
     let dir = base.join(name);
-    if dir.join("model/config.json").is_file() {
+    if dir.join(marker).is_file() {
         Some(dir)
     } else {
         eprintln!(
-            "SKIPPED: oracle fixture {} not found (set MOETRACE_FIXTURES or put ../shared/fixtures beside the checkout); this test checked nothing",
+            "SKIPPED: fixture {} not found (set MOETRACE_FIXTURES or put ../shared/fixtures beside the checkout); this test checked nothing",
             dir.display()
         );
         None
@@ -31,19 +37,7 @@ pub fn fixture(name: &str) -> Option<PathBuf> {
 /// Qwen3's real tokenizer (`qwen3-tokenizer`: tokenizer.json and
 /// tokenizer_config.json) from the fixtures, or None with a SKIPPED line.
 pub fn tokenizer_fixture() -> Option<PathBuf> {
-    let base = std::env::var_os("MOETRACE_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace_root().join("../shared/fixtures"));
-    let dir = base.join("qwen3-tokenizer");
-    if dir.join("tokenizer.json").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "SKIPPED: tokenizer fixture {} not found (set MOETRACE_FIXTURES or put ../shared/fixtures beside the checkout); this test checked nothing",
-            dir.display()
-        );
-        None
-    }
+    fixture_with("qwen3-tokenizer", "tokenizer.json")
 }
 
 /// A fresh, empty scratch folder under the target directory.

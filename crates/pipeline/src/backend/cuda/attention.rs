@@ -179,58 +179,38 @@ impl CudaBackend {
         let split_len = if splits == 1 { p_len.max(1) } else { ATTENTION_SPLIT };
         let mut partial = self.alloc(n * splits)?;
         let stream = self.stream();
-        if t_len == 1 && shape.head_dim.is_multiple_of(4) && shape.head_dim <= 128 {
-            // Decode: block (split, h) of 4 warps, 16-byte loads of v.
-            let f = self.function("attention", "attention_row_f32")?;
-            let a = (
-                p_len as u32,
-                shape.heads as u32,
-                shape.kv_heads as u32,
-                shape.head_dim as u32,
-                split_len as u32,
-                splits as u32,
-            );
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut partial).arg(pt.f32(probs)?).arg(&cache.v);
-            b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
-            let cfg = LaunchConfig {
-                grid_dim: (splits as u32, shape.heads as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: block (split, h) writes hd values of head h in its
-            // split's part of splits * n; reads probs [nh, 1, P] and the
-            // value cache within bounds (hd % 4 == 0: aligned loads).
-            unsafe { b.launch(cfg) }.map_err(gpu("attention"))?;
-        } else {
-            let f = self.function("attention", "attention_f32")?;
-            let a = (
-                t_len as u32,
-                p_len as u32,
-                shape.heads as u32,
-                shape.kv_heads as u32,
-                shape.head_dim as u32,
-                split_len as u32,
-                splits as u32,
-            );
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut partial).arg(pt.f32(probs)?).arg(&cache.v);
-            b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5).arg(&a.6);
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    (t_len.div_ceil(16) * splits) as u32,
-                    shape.heads as u32,
-                    shape.head_dim.div_ceil(128) as u32,
-                ),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: block (t tile and split, h, d chunk) writes rows t < T,
-            // dims d < hd of its head (in its split's part of a buffer of
-            // splits * n); reads probs [nh, T, P] and the value cache within
-            // bounds.
-            unsafe { b.launch(cfg) }.map_err(gpu("attention"))?;
+        // Decode (one row, hd % 4 == 0, hd <= 128): block (split, h) of 4
+        // warps with 16-byte loads of v. Otherwise block (t tile and split,
+        // h, d chunk). Both write partial sums per split when there are
+        // several (see attention_f32 and attention_row_f32).
+        let row = t_len == 1 && shape.head_dim.is_multiple_of(4) && shape.head_dim <= 128;
+        let f = self.function("attention", if row { "attention_row_f32" } else { "attention_f32" })?;
+        let a = (
+            t_len as u32,
+            p_len as u32,
+            shape.heads as u32,
+            shape.kv_heads as u32,
+            shape.head_dim as u32,
+            split_len as u32,
+            splits as u32,
+        );
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut partial).arg(pt.f32(probs)?).arg(&cache.v);
+        if !row {
+            b.arg(&a.0);
         }
+        b.arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5).arg(&a.6);
+        let grid = if row {
+            (splits as u32, shape.heads as u32, 1)
+        } else {
+            ((t_len.div_ceil(16) * splits) as u32, shape.heads as u32, shape.head_dim.div_ceil(128) as u32)
+        };
+        let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: each block writes only its rows t < T and dims d < hd of
+        // its head, in its split's part of a buffer of splits * n; it reads
+        // probs [nh, T, P] and the value cache [P, nkv*hd] within bounds
+        // (the one-row kernel's 16-byte loads are aligned: hd % 4 == 0).
+        unsafe { b.launch(cfg) }.map_err(gpu("attention"))?;
         let o = if splits == 1 {
             partial
         } else {
