@@ -135,7 +135,8 @@ impl Row {
                 parts.push(format!("nan/inf ref {}/{} target {}/{}", m.ref_nan, m.ref_inf, m.target_nan, m.target_inf));
             }
         }
-        if let Some(t) = self.worst_token {
+        // A routing row names its tokens in the flip list below.
+        if let Some(t) = self.worst_token.filter(|t| self.flipped.first().is_none_or(|f| f.token != *t)) {
             match &self.worst_token_text {
                 Some(text) => parts.push(format!("token {t} {text:?}")),
                 None => parts.push(format!("token {t}")),
