@@ -85,6 +85,39 @@ fn text_and_chat_prompts_run_and_are_recorded_and_diff_names_tokens() {
 }
 
 #[test]
+fn bisect_with_a_text_prompt_names_tokens_by_their_text() {
+    let Some(tok) = tokenizer_fixture() else { return };
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe-qwen3-vocab\", seed: 2), prompt: Text(\"Experts 专家\"), tokenizer: Path({tok:?}), generate: 3, reference: Cpu, target: Cpu, threads: 1, faults: [(stage: \"moe_ffn_out\", layer: 1, step: 1, kind: Scale(1.5))])"
+    );
+    let bisect_config = capture::bisect::BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let report = capture::bisect::bisect(
+        &bisect_config,
+        Path::new("b.ron"),
+        &capture::bisect::BisectOptions::default(),
+        &mut |_, _| {},
+    )
+    .unwrap();
+    let first = report.first_divergence().expect("the fault is found");
+    assert_eq!((first.step, first.layer), (1, Some(1)));
+    let text = first.worst_token_text.clone().expect("the token is named");
+    let rendered = report.render(false);
+    assert!(rendered.contains(&format!("{text:?}")), "{rendered}");
+    // Step 1 feeds the first generated token: the name is that token's text.
+    let dir = scratch("bisect-text");
+    let run = config(
+        &dir,
+        &format!(
+            "(model: Synthetic(preset: \"tiny-moe-qwen3-vocab\", seed: 2), prompt: Text(\"Experts 专家\"), tokenizer: Path({tok:?}), generate: 3)"
+        ),
+    )
+    .unwrap();
+    let out = capture::run(&run, &dir.join("text.ron"), &mut |_| {}).unwrap();
+    let tokenizer = PromptTokenizer::load(&tok).unwrap();
+    assert_eq!(text, tokenizer.decode(&out.summary.generated[..1]));
+}
+
+#[test]
 fn text_prompt_misuse_is_a_clear_error() {
     let dir = scratch("text-errors");
     let err = |body: &str| config(&dir, body).err().map(|e| e.to_string()).unwrap_or_default();

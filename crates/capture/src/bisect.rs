@@ -240,6 +240,11 @@ pub fn bisect(
         &mut progress,
         on_scope,
     )?;
+    if let Some(text) = &config.resolved.text {
+        let all: Vec<u32> = [config.tokens(), &progress.generated[..]].concat();
+        let starts: Vec<(usize, usize)> = progress.steps.iter().map(|s| (s.step, s.start_position)).collect();
+        report.name_tokens(&text.tokenizer.token_texts(&all), &starts);
+    }
     let names = [reference.name, target.name];
     drop((reference, target));
     if let Some(sessions) = sessions {

@@ -93,22 +93,6 @@ fn config_fingerprint(c: &CaptureDir) -> impl PartialEq {
     crate::manifest::model_fingerprint(&c.manifest.model.config)
 }
 
-/// Puts each named token's text beside its index (a token index counts
-/// within its step; its position is the step's start plus the index).
-fn name_tokens(report: &mut Report, manifest: &crate::manifest::Manifest) {
-    if manifest.token_texts.is_empty() {
-        return;
-    }
-    let start = |step: usize| manifest.steps.iter().find(|s| s.step == step).map(|s| s.start_position);
-    for row in &mut report.rows {
-        let Some(begin) = start(row.step) else { continue };
-        row.worst_token_text = row.worst_token.and_then(|t| manifest.token_text(begin + t)).map(str::to_string);
-        for f in &mut row.flipped {
-            f.text = manifest.token_text(begin + f.token).map(str::to_string);
-        }
-    }
-}
-
 /// Compares two capture folders.
 pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Report> {
     let (r, t) = (Source::open(reference)?, Source::open(target)?);
@@ -202,7 +186,8 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
         report.notes.push(format!("{one_sided} tensors were captured on one side only (rows marked missing)"));
     }
     if let Source::Capture(rc) = &r {
-        name_tokens(&mut report, &rc.manifest);
+        let starts: Vec<(usize, usize)> = rc.manifest.steps.iter().map(|s| (s.step, s.start_position)).collect();
+        report.name_tokens(&rc.manifest.token_texts, &starts);
     }
     if report.rows.iter().all(|row| matches!(row.verdict, crate::Verdict::Missing { .. })) {
         let mut message = format!(

@@ -210,6 +210,25 @@ pub struct Report {
 }
 
 impl Report {
+    /// Puts each named token's text beside its index: `texts` holds every
+    /// position's token text (prompt, then generated), `starts` each
+    /// step's first position (a token index counts within its step).
+    pub fn name_tokens(&mut self, texts: &[String], starts: &[(usize, usize)]) {
+        if texts.is_empty() {
+            return;
+        }
+        let text = |step: usize, token: usize| {
+            let begin = starts.iter().find(|(s, _)| *s == step)?.1;
+            texts.get(begin + token).cloned()
+        };
+        for row in &mut self.rows {
+            row.worst_token_text = row.worst_token.and_then(|t| text(row.step, t));
+            for f in &mut row.flipped {
+                f.text = text(row.step, f.token);
+            }
+        }
+    }
+
     /// The first row that is neither ok nor missing on one side (a tensor
     /// captured by one run only is a difference of selection, reported in
     /// the rows and notes, not a divergence of the computation).
