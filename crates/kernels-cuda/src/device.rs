@@ -146,6 +146,11 @@ impl GpuDevice {
         Ok(f)
     }
 
+    /// The entry point `kernel` (see [`crate::kernels`]).
+    pub fn kernel(&self, kernel: crate::kernels::Kernel) -> Result<CudaFunction> {
+        self.function(kernel.family, kernel.name)
+    }
+
     /// Compiles and loads every kernel family now (a backend does this
     /// before its first step, so no step pays for it), returning the time
     /// it took.

@@ -16,15 +16,15 @@ pub fn synthetic_scale(std: f32) -> f32 {
 /// widened to `f32`.
 pub trait SyntheticElement: DeviceRepr {
     /// The kernel's entry point.
-    const KERNEL: &'static str;
+    const KERNEL: crate::kernels::Kernel;
 }
 
 impl SyntheticElement for u16 {
-    const KERNEL: &'static str = "synthetic_fill_bf16";
+    const KERNEL: crate::kernels::Kernel = crate::kernels::synthetic::FILL_BF16;
 }
 
 impl SyntheticElement for f32 {
-    const KERNEL: &'static str = "synthetic_fill_f32";
+    const KERNEL: crate::kernels::Kernel = crate::kernels::synthetic::FILL_F32;
 }
 
 /// Fills `out[offset..offset + n]` with elements `0..n` of the synthetic
@@ -46,7 +46,7 @@ pub fn synthetic_fill<T: SyntheticElement>(
     if n == 0 {
         return Ok(());
     }
-    let function = device.function("synthetic", T::KERNEL)?;
+    let function = device.kernel(T::KERNEL)?;
     let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
     let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (n64, scale) = (n as u64, synthetic_scale(std));
@@ -57,7 +57,7 @@ pub fn synthetic_fill<T: SyntheticElement>(
     // SAFETY: the argument list matches synthetic_fill_*(T*, u64, u64,
     // float, float); `view` holds n elements and the kernel writes only
     // indices below n.
-    unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::KERNEL)))?;
+    unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::KERNEL.name)))?;
     Ok(())
 }
 

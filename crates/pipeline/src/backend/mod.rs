@@ -14,6 +14,20 @@ use crate::error::Result;
 use crate::tensor::{HostTensor, PendingTensor};
 use crate::weights::WeightId;
 
+/// The greedy choice, shared by the backends: index of the largest value (lowest index on ties; NaN never wins; 0 if
+/// all are NaN).
+pub fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    let mut best_value = f32::NEG_INFINITY;
+    for (i, &x) in row.iter().enumerate() {
+        if x > best_value {
+            best = i;
+            best_value = x;
+        }
+    }
+    best
+}
+
 /// Names an activation buffer: the output of that stage in the current
 /// step and layer.
 pub type Slot = SaveTensorStage;
@@ -188,4 +202,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Index of the largest value in the last row of a 2-D f32 slot (the
     /// greedy next token; the lowest index on ties, NaN never wins).
     fn argmax_last_row(&mut self, slot: Slot) -> Result<u32>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn argmax_ignores_nan_and_prefers_the_lower_index() {
+        assert_eq!(argmax(&[1.0, 5.0, 5.0, f32::NAN]), 1);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+    }
 }

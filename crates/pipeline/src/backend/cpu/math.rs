@@ -105,20 +105,6 @@ pub fn top_k(logits: &[f32], k: usize, normalise: bool) -> (Vec<f32>, Vec<i32>) 
     (weights, chosen.iter().map(|&i| i as i32).collect())
 }
 
-/// Index of the largest value (lowest index on ties; NaN never wins; 0 if
-/// all are NaN).
-pub fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    let mut best_value = f32::NEG_INFINITY;
-    for (i, &x) in row.iter().enumerate() {
-        if x > best_value {
-            best = i;
-            best_value = x;
-        }
-    }
-    best
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,12 +162,6 @@ mod tests {
         let mut row = [f32::NAN, 1.0];
         softmax_prefix(&mut row, 2);
         assert!(row.iter().all(|x| x.is_nan()));
-    }
-
-    #[test]
-    fn argmax_ignores_nan_and_prefers_the_lower_index() {
-        assert_eq!(argmax(&[1.0, 5.0, 5.0, f32::NAN]), 1);
-        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
     }
 
     #[test]

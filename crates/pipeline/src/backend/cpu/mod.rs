@@ -528,6 +528,6 @@ impl Backend for CpuBackend {
         if rows == 0 {
             return Err(PipelineError::BadInput(format!("stage `{slot}` is empty")));
         }
-        Ok(math::argmax(&x[(rows - 1) * width..]) as u32)
+        Ok(super::argmax(&x[(rows - 1) * width..]) as u32)
     }
 }

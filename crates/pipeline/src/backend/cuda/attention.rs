@@ -2,6 +2,7 @@
 //! replace), scores, causal softmax and softmax·V.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use kernels_cuda::kernels::{attention, elementwise};
 
 use super::tensors::DevCache;
 use super::{CudaBackend, gpu, threads, warps};
@@ -21,7 +22,7 @@ impl CudaBackend {
             return Err(PipelineError::BadInput(format!("rope reads past the rows of `{input}`")));
         }
         let mut o = self.alloc(rows * heads * head_dim)?;
-        let f = self.function("attention", "rope_f32")?;
+        let f = self.kernel(attention::ROPE)?;
         let stream = self.stream();
         let a =
             (rows as u32, in_width as u32, col_start as u32, heads as u32, head_dim as u32, self.start_position as u32);
@@ -65,7 +66,7 @@ impl CudaBackend {
             }
             self.caches[layer] = Some(DevCache { k: nk, v: nv, width, len: start, capacity });
         }
-        let f = self.function("elementwise", "copy_columns_f32")?;
+        let f = self.kernel(elementwise::COPY_COLUMNS)?;
         let cache = self.caches[layer].as_mut().expect("allocated above");
         let kt = self.slots[k.index()].as_ref().expect("checked").f32(k)?;
         let vt = self.slots[v.index()].as_ref().expect("checked").f32(v)?;
@@ -104,7 +105,7 @@ impl CudaBackend {
         let mut o = self.alloc(n)?;
         if t_len == 1 && shape.head_dim.is_multiple_of(4) {
             // Decode: one warp per (h, p), 16-byte loads.
-            let f = self.function("attention", "attn_scores_row_f32")?;
+            let f = self.kernel(attention::SCORES_ROW)?;
             let stream = self.stream();
             let a = (p_len as u32, shape.heads as u32, shape.kv_heads as u32, shape.head_dim as u32);
             let mut b = stream.launch_builder(&f);
@@ -114,7 +115,7 @@ impl CudaBackend {
             unsafe { b.launch(warps(n)) }.map_err(gpu("attn_scores"))?;
             return self.set(out, vec![shape.heads, t_len, p_len], o);
         }
-        let f = self.function("attention", "attn_scores_f32")?;
+        let f = self.kernel(attention::SCORES)?;
         let stream = self.stream();
         let a = (
             t_len as u32,
@@ -146,7 +147,7 @@ impl CudaBackend {
         }
         let rows = shape[0] * shape[1];
         let mut o = self.alloc(rows * shape[2])?;
-        let f = self.function("attention", "attn_softmax_f32")?;
+        let f = self.kernel(attention::SOFTMAX)?;
         let stream = self.stream();
         let a = (rows as u32, shape[1] as u32, shape[2] as u32, self.start_position as u32);
         let mut b = stream.launch_builder(&f);
@@ -184,7 +185,7 @@ impl CudaBackend {
         // h, d chunk). Both write partial sums per split when there are
         // several (see attention_f32 and attention_row_f32).
         let row = t_len == 1 && shape.head_dim.is_multiple_of(4) && shape.head_dim <= 128;
-        let f = self.function("attention", if row { "attention_row_f32" } else { "attention_f32" })?;
+        let f = self.kernel(if row { attention::ATTENTION_ROW } else { attention::ATTENTION })?;
         let a = (
             t_len as u32,
             p_len as u32,
@@ -215,7 +216,7 @@ impl CudaBackend {
             partial
         } else {
             let mut o = self.alloc(n)?;
-            let f = self.function("attention", "attention_combine_f32")?;
+            let f = self.kernel(attention::COMBINE)?;
             let (n64, s32) = (n as u64, splits as u32);
             let mut b = stream.launch_builder(&f);
             b.arg(&mut o).arg(&partial).arg(&n64).arg(&s32);

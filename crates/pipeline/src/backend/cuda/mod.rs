@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use kernels_cuda::GpuDevice;
+use kernels_cuda::kernels::{self as handles, Kernel, WeightKernel};
 
 use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
@@ -20,7 +21,9 @@ use crate::tensor::{HostTensor, TensorData};
 use crate::weights::{WeightId, WeightStore};
 
 mod attention;
+mod elementwise;
 mod moe;
+mod norm;
 mod profile;
 mod projections;
 mod staging;
@@ -28,7 +31,7 @@ mod tensors;
 mod weights;
 
 use tensors::{ActivationPool, DevCache, DevData, DevTensor};
-use weights::{DevWeight, Stacked, alloc_weight, check_fits, element_size, fill_weight, push_weight};
+use weights::{DevWeight, Stacked, alloc_weight, check_fits, element_size, fill_weight};
 
 /// Precision of the CUDA backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -224,13 +227,12 @@ impl CudaBackend {
         &self.weights[&id]
     }
 
-    /// The entry point of `base` for the backend's weight type.
-    fn weight_function(&self, family: &'static str, base: &str) -> Result<cudarc::driver::CudaFunction> {
-        let suffix = match self.precision {
-            CudaPrecision::F32 => "f32",
-            CudaPrecision::Bf16 => "bf16w",
-        };
-        self.function(family, &format!("{base}_{suffix}"))
+    /// The entry point of `kernel` for the backend's weight type.
+    fn weight_kernel(&self, kernel: WeightKernel) -> Result<cudarc::driver::CudaFunction> {
+        self.kernel(match self.precision {
+            CudaPrecision::F32 => kernel.f32,
+            CudaPrecision::Bf16 => kernel.bf16w,
+        })
     }
 
     /// An activation buffer of `n` f32 (at least one): a recycled one of
@@ -283,7 +285,7 @@ impl CudaBackend {
     fn set_projection(&mut self, slot: Slot, shape: Vec<usize>, mut data: CudaSlice<f32>) -> Result<()> {
         if self.precision == CudaPrecision::Bf16 && slot != Slot::MoeRouterLogits {
             let n = shape.iter().product::<usize>();
-            let f = self.function("elementwise", "round_bf16_f32")?;
+            let f = self.kernel(handles::elementwise::ROUND_BF16)?;
             let stream = self.stream();
             let n64 = n as u64;
             let mut b = stream.launch_builder(&f);
@@ -312,31 +314,8 @@ impl CudaBackend {
         result
     }
 
-    fn function(&self, family: &'static str, name: &str) -> Result<cudarc::driver::CudaFunction> {
-        self.device.function(family, name).map_err(kernel_error)
-    }
-
-    fn elementwise(&mut self, name: &str, inputs: &[Slot], out: Slot) -> Result<()> {
-        let shape = self.slot(inputs[0])?.shape.clone();
-        for s in &inputs[1..] {
-            if self.slot(*s)?.shape != shape {
-                return Err(PipelineError::BadInput(format!("stages `{}` and `{s}` differ in shape", inputs[0])));
-            }
-        }
-        let n = shape.iter().product::<usize>();
-        let mut o = self.alloc(n)?;
-        let f = self.function("elementwise", name)?;
-        let stream = self.stream();
-        let n64 = n as u64;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o);
-        for s in inputs {
-            b.arg(self.slot(*s)?.f32(*s)?);
-        }
-        b.arg(&n64);
-        // SAFETY: every buffer holds n f32; the kernel touches indices < n.
-        unsafe { b.launch(threads(n)) }.map_err(gpu(name))?;
-        self.set(out, shape, o)
+    fn kernel(&self, kernel: Kernel) -> Result<cudarc::driver::CudaFunction> {
+        self.device.kernel(kernel).map_err(kernel_error)
     }
 }
 
@@ -416,50 +395,11 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| {
-            // Token ids were checked against the vocabulary by Forward::begin_step.
-            let h = this.store.get(table).row_len();
-            let n = this.t_len * h;
-            let mut o = this.alloc(n)?;
-            let f = this.weight_function("elementwise", "embedding")?;
-            let stream = this.stream();
-            let tokens = this.tokens.as_ref().ok_or_else(|| PipelineError::BadInput("no step begun".into()))?;
-            let (t32, h32) = (this.t_len as u32, h as u32);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut o);
-            push_weight(&mut b, this.weight(table));
-            b.arg(tokens).arg(&t32).arg(&h32);
-            // SAFETY: out holds T*H, table V*H, tokens T ids < V.
-            unsafe { b.launch(threads(n)) }.map_err(gpu("embedding"))?;
-            this.set(out, vec![this.t_len, h], o)
-        })
+        self.timed(out.name(), |this| this.embedding_on_device(table, out))
     }
 
     fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| {
-            let x = this.slot(input)?;
-            let (rows, width) = (x.rows(), x.width());
-            if this.store.get(weight).numel() != width {
-                return Err(PipelineError::BadInput(format!(
-                    "stage `{input}` rows of {width} do not fit the norm weight"
-                )));
-            }
-            let mut o = this.alloc(rows * width)?;
-            let f = this.weight_function("norm", "rms_norm")?;
-            let stream = this.stream();
-            let (w32, e32) = (width as u32, eps as f32);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut o).arg(x.f32(input)?);
-            push_weight(&mut b, this.weight(weight));
-            b.arg(&w32).arg(&e32);
-            // One block per row, up to 1024 threads, about two elements each: a
-            // decode step's single row is spread over the whole block.
-            let block = (width.div_ceil(2).next_multiple_of(32)).clamp(32, 1024) as u32;
-            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: one block per row of `width`; buffers hold rows*width.
-            unsafe { b.launch(cfg) }.map_err(gpu("rms_norm"))?;
-            this.set(out, vec![rows, width], o)
-        })
+        self.timed(out.name(), |this| this.rms_norm_on_device(input, weight, eps, out))
     }
 
     fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
@@ -471,31 +411,7 @@ impl Backend for CudaBackend {
     }
 
     fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| {
-            let x = this.slot(input)?;
-            let (rows, in_width) = (x.rows(), x.width());
-            let heads = args.q_heads + args.kv_heads;
-            if in_width < heads * args.head_dim {
-                return Err(PipelineError::BadInput(format!(
-                    "qk_norm needs rows of at least {}",
-                    heads * args.head_dim
-                )));
-            }
-            let mut o = this.alloc(rows * heads * args.head_dim)?;
-            let f = this.weight_function("norm", "qk_norm")?;
-            let stream = this.stream();
-            let a = (in_width as u32, args.q_heads as u32, args.kv_heads as u32, args.head_dim as u32, args.eps as f32);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut o).arg(x.f32(input)?);
-            push_weight(&mut b, this.weight(args.q_weight));
-            push_weight(&mut b, this.weight(args.k_weight));
-            b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
-            let cfg =
-                LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
-            // SAFETY: one block per (token, head); reads within rows of in_width.
-            unsafe { b.launch(cfg) }.map_err(gpu("qk_norm"))?;
-            this.set(out, vec![rows, heads * args.head_dim], o)
-        })
+        self.timed(out.name(), |this| this.qk_norm_on_device(input, args, out))
     }
 
     fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
@@ -519,19 +435,19 @@ impl Backend for CudaBackend {
     }
 
     fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.elementwise("add_f32", &[a, b], out))
+        self.timed(out.name(), |this| this.elementwise(handles::elementwise::ADD, &[a, b], out))
     }
 
     fn silu(&mut self, input: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.elementwise("silu_f32", &[input], out))
+        self.timed(out.name(), |this| this.elementwise(handles::elementwise::SILU, &[input], out))
     }
 
     fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.elementwise("mul_f32", &[a, b], out))
+        self.timed(out.name(), |this| this.elementwise(handles::elementwise::MUL, &[a, b], out))
     }
 
     fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.elementwise("swiglu_f32", &[gate, up], out))
+        self.timed(out.name(), |this| this.elementwise(handles::elementwise::SWIGLU, &[gate, up], out))
     }
 
     fn router_top_k(
@@ -597,7 +513,7 @@ impl Backend for CudaBackend {
         if data.is_empty() {
             return Err(PipelineError::BadInput(format!("stage `{slot}` is empty")));
         }
-        Ok(super::cpu::math::argmax(&data[data.len() - width..]) as u32)
+        Ok(super::argmax(&data[data.len() - width..]) as u32)
     }
 }
 

@@ -3,6 +3,7 @@
 //! over the stacked expert weights, and the weighted combination.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
+use kernels_cuda::kernels::{linear, moe};
 
 /// From this many (token, expert) slots on, Bf16 expert projections take
 /// the grouped tensor-core kernel (each expert's weights read once per 32
@@ -36,7 +37,7 @@ impl CudaBackend {
         let mut w = self.alloc(rows * k)?;
         // SAFETY: the kernel writes all rows * k ids.
         let mut ids = unsafe { stream.alloc::<i32>(rows * k) }.map_err(gpu("allocating expert ids"))?;
-        let f = self.function("moe", "router_top_k_f32")?;
+        let f = self.kernel(moe::ROUTER_TOP_K)?;
         let a = (rows as u32, experts as u32, k as u32, u32::from(normalise));
         let mut b = stream.launch_builder(&f);
         b.arg(&mut w).arg(&mut ids).arg(l.f32(logits)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
@@ -83,9 +84,9 @@ impl CudaBackend {
         }
         // bf16 weights with rows of a multiple of 8: 16-byte loads.
         let f = if self.precision == CudaPrecision::Bf16 && k_in % 8 == 0 {
-            self.function("linear", "expert_linear_bf16w_v8")?
+            self.kernel(linear::EXPERT_LINEAR_V8)?
         } else {
-            self.weight_function("linear", "expert_linear")?
+            self.weight_kernel(linear::EXPERT_LINEAR)?
         };
         let stream = self.stream();
         let DevData::I32(ids) = &self.slot(indices)?.data else {
@@ -110,7 +111,7 @@ impl CudaBackend {
         }
         let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
         let mut o = self.alloc(t_len * h)?;
-        let f = self.function("moe", "moe_combine_f32")?;
+        let f = self.kernel(moe::COMBINE)?;
         let stream = self.stream();
         let a = (t_len as u32, k as u32, h as u32);
         let mut b = stream.launch_builder(&f);
@@ -146,19 +147,19 @@ impl CudaBackend {
         let (mut counts, mut offsets, mut sorted) = (alloc_i32(count)?, alloc_i32(count)?, alloc_i32(slots)?);
         let per_expert = LaunchConfig { grid_dim: (count as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         let slots32 = slots as u32;
-        let f = self.function("moe", "moe_count_slots")?;
+        let f = self.kernel(moe::COUNT_SLOTS)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&mut counts).arg(ids).arg(&slots32);
         // SAFETY: one block per expert writing counts[e]; ids holds `slots`.
         unsafe { b.launch(per_expert) }.map_err(gpu("moe_count_slots"))?;
-        let f = self.function("moe", "moe_sort_slots")?;
+        let f = self.kernel(moe::SORT_SLOTS)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&mut sorted).arg(&mut offsets).arg(&counts).arg(ids).arg(&slots32);
         // SAFETY: expert e writes offsets[e] and sorted[offsets[e]..][..counts[e]],
         // disjoint ranges within `slots`.
         unsafe { b.launch(per_expert) }.map_err(gpu("moe_sort_slots"))?;
         let a = (slots32, n_out as u32, count as u32);
-        let f = self.function("moe", "moe_invalid_rows")?;
+        let f = self.kernel(moe::INVALID_ROWS)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&mut *o).arg(ids).arg(&a.0).arg(&a.1).arg(&a.2);
         // SAFETY: one warp per slot, writing only its own row of n_out.
@@ -166,7 +167,7 @@ impl CudaBackend {
         let x = self.slot(input)?.f32(input)?;
         let w = &self.stacked[&experts[0]].data;
         let a = (top_k as u32, k_in as u32, n_out as u32, u32::from(per_slot));
-        let f = self.function("moe", "expert_linear_grouped_bf16w")?;
+        let f = self.kernel(moe::EXPERT_LINEAR_GROUPED)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&mut *o).arg(x).arg(&sorted).arg(&offsets).arg(&counts);
         push_weight(&mut b, w);

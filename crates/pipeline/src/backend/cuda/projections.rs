@@ -5,6 +5,7 @@
 
 use cudarc::driver::{CudaSlice, PushKernelArg};
 use kernels_cuda::blas::ProjectionShape;
+use kernels_cuda::kernels::{elementwise, linear};
 
 use super::weights::{DevWeight, push_weight};
 use super::{CudaBackend, CudaPrecision, gpu, kernel_error, threads, warps};
@@ -49,7 +50,7 @@ impl CudaBackend {
             && total <= GEMV_MAX_OUTPUTS
             && k.is_multiple_of(8)
         {
-            let f = self.function("linear", "gemv_bf16w_v8")?;
+            let f = self.kernel(linear::GEMV_V8)?;
             let stream = self.stream();
             let x = self.slot(input)?.f32(input)?;
             let raw = u32::from(out == Slot::MoeRouterLogits);
@@ -112,7 +113,7 @@ impl CudaBackend {
         }
         let n = shape.iter().product::<usize>();
         let mut o = self.alloc(n)?;
-        let f = self.function("elementwise", "add_bias_f32")?;
+        let f = self.kernel(elementwise::ADD_BIAS)?;
         let stream = self.stream();
         let (n64, w32) = (n as u64, width as u32);
         let mut b = stream.launch_builder(&f);
@@ -126,7 +127,7 @@ impl CudaBackend {
     pub(super) fn to_bf16(&self, x: &CudaSlice<f32>, n: usize) -> Result<CudaSlice<u16>> {
         let stream = self.stream();
         let mut o = stream.alloc_zeros::<u16>(n.max(1)).map_err(gpu("allocating bf16 activations"))?;
-        let f = self.function("elementwise", "to_bf16_bits_f32")?;
+        let f = self.kernel(elementwise::TO_BF16_BITS)?;
         let n64 = n as u64;
         let mut b = stream.launch_builder(&f);
         b.arg(&mut o).arg(x).arg(&n64);

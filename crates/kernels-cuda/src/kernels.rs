@@ -1,0 +1,203 @@
+//! Typed handles for every kernel entry point, one module per kernel
+//! family (`kernels/<family>.cu`), so callers name kernels by constants
+//! instead of strings. A test holds this list and the sources equal: every
+//! handle names an entry point of its family, and every entry point has a
+//! handle.
+
+/// One entry point of one kernel family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Kernel {
+    /// The family (`kernels/<family>.cu`).
+    pub family: &'static str,
+    /// The `extern "C"` name.
+    pub name: &'static str,
+}
+
+/// A kernel with one entry point per weight type, from one template body
+/// (`WEIGHT_VARIANTS` in common.cuh): `<base>_f32` and `<base>_bf16w`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct WeightKernel {
+    /// For f32 weights.
+    pub f32: Kernel,
+    /// For bf16 weights.
+    pub bf16w: Kernel,
+}
+
+const fn k(family: &'static str, name: &'static str) -> Kernel {
+    Kernel { family, name }
+}
+
+const fn w(family: &'static str, f32: &'static str, bf16w: &'static str) -> WeightKernel {
+    WeightKernel { f32: k(family, f32), bf16w: k(family, bf16w) }
+}
+
+/// kernels/attention.cu.
+pub mod attention {
+    use super::{Kernel, k};
+    /// NeoX RoPE.
+    pub const ROPE: Kernel = k("attention", "rope_f32");
+    /// Tiled attention scores (many rows).
+    pub const SCORES: Kernel = k("attention", "attn_scores_f32");
+    /// Attention scores of one row (decode).
+    pub const SCORES_ROW: Kernel = k("attention", "attn_scores_row_f32");
+    /// Causal softmax, one warp per row.
+    pub const SOFTMAX: Kernel = k("attention", "attn_softmax_f32");
+    /// softmax·V, tiled, optionally split over positions.
+    pub const ATTENTION: Kernel = k("attention", "attention_f32");
+    /// softmax·V of one row (decode), split over positions.
+    pub const ATTENTION_ROW: Kernel = k("attention", "attention_row_f32");
+    /// Adds the splits' partial sums in order.
+    pub const COMBINE: Kernel = k("attention", "attention_combine_f32");
+}
+
+/// kernels/elementwise.cu.
+pub mod elementwise {
+    use super::{Kernel, WeightKernel, k, w};
+    /// Embedding rows.
+    pub const EMBEDDING: WeightKernel = w("elementwise", "embedding_f32", "embedding_bf16w");
+    /// Rounds f32 values to bf16 values in place.
+    pub const ROUND_BF16: Kernel = k("elementwise", "round_bf16_f32");
+    /// f32 (holding bf16 values) to bf16 bits.
+    pub const TO_BF16_BITS: Kernel = k("elementwise", "to_bf16_bits_f32");
+    /// Row-wise bias.
+    pub const ADD_BIAS: Kernel = k("elementwise", "add_bias_f32");
+    /// a + b.
+    pub const ADD: Kernel = k("elementwise", "add_f32");
+    /// a * b.
+    pub const MUL: Kernel = k("elementwise", "mul_f32");
+    /// silu(x).
+    pub const SILU: Kernel = k("elementwise", "silu_f32");
+    /// silu(gate) * up.
+    pub const SWIGLU: Kernel = k("elementwise", "swiglu_f32");
+    /// A block of columns copied between row-major buffers.
+    pub const COPY_COLUMNS: Kernel = k("elementwise", "copy_columns_f32");
+}
+
+/// kernels/linear.cu.
+pub mod linear {
+    use super::{Kernel, WeightKernel, k, w};
+    /// Per-expert projection, one warp per output.
+    pub const EXPERT_LINEAR: WeightKernel = w("linear", "expert_linear_f32", "expert_linear_bf16w");
+    /// Per-expert projection with 16-byte bf16 loads (k % 8 == 0).
+    pub const EXPERT_LINEAR_V8: Kernel = k("linear", "expert_linear_bf16w_v8");
+    /// Dense projection of up to 8 rows, bf16 weights (k % 8 == 0).
+    pub const GEMV_V8: Kernel = k("linear", "gemv_bf16w_v8");
+}
+
+/// kernels/moe.cu.
+pub mod moe {
+    use super::{Kernel, k};
+    /// Softmax, top-k and renormalisation, one warp per token.
+    pub const ROUTER_TOP_K: Kernel = k("moe", "router_top_k_f32");
+    /// Weighted sum of the chosen experts' outputs.
+    pub const COMBINE: Kernel = k("moe", "moe_combine_f32");
+    /// Slots per expert.
+    pub const COUNT_SLOTS: Kernel = k("moe", "moe_count_slots");
+    /// Slot lists per expert, in ascending order.
+    pub const SORT_SLOTS: Kernel = k("moe", "moe_sort_slots");
+    /// NaN rows for slots whose id is no expert.
+    pub const INVALID_ROWS: Kernel = k("moe", "moe_invalid_rows");
+    /// The grouped tensor-core expert projection.
+    pub const EXPERT_LINEAR_GROUPED: Kernel = k("moe", "expert_linear_grouped_bf16w");
+}
+
+/// kernels/norm.cu.
+pub mod norm {
+    use super::{WeightKernel, w};
+    /// RMSNorm of rows.
+    pub const RMS_NORM: WeightKernel = w("norm", "rms_norm_f32", "rms_norm_bf16w");
+    /// Qwen3's per-head QK-norm.
+    pub const QK_NORM: WeightKernel = w("norm", "qk_norm_f32", "qk_norm_bf16w");
+}
+
+/// kernels/synthetic.cu.
+pub mod synthetic {
+    use super::{Kernel, k};
+    /// Synthetic weights as bf16 bits.
+    pub const FILL_BF16: Kernel = k("synthetic", "synthetic_fill_bf16");
+    /// Synthetic weights as f32 (bf16 values widened).
+    pub const FILL_F32: Kernel = k("synthetic", "synthetic_fill_f32");
+}
+
+/// Every entry point, weight variants included.
+pub const ALL: &[Kernel] = &[
+    attention::ROPE,
+    attention::SCORES,
+    attention::SCORES_ROW,
+    attention::SOFTMAX,
+    attention::ATTENTION,
+    attention::ATTENTION_ROW,
+    attention::COMBINE,
+    elementwise::EMBEDDING.f32,
+    elementwise::EMBEDDING.bf16w,
+    elementwise::ROUND_BF16,
+    elementwise::TO_BF16_BITS,
+    elementwise::ADD_BIAS,
+    elementwise::ADD,
+    elementwise::MUL,
+    elementwise::SILU,
+    elementwise::SWIGLU,
+    elementwise::COPY_COLUMNS,
+    linear::EXPERT_LINEAR.f32,
+    linear::EXPERT_LINEAR.bf16w,
+    linear::EXPERT_LINEAR_V8,
+    linear::GEMV_V8,
+    moe::ROUTER_TOP_K,
+    moe::COMBINE,
+    moe::COUNT_SLOTS,
+    moe::SORT_SLOTS,
+    moe::INVALID_ROWS,
+    moe::EXPERT_LINEAR_GROUPED,
+    norm::RMS_NORM.f32,
+    norm::RMS_NORM.bf16w,
+    norm::QK_NORM.f32,
+    norm::QK_NORM.bf16w,
+    synthetic::FILL_BF16,
+    synthetic::FILL_F32,
+];
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+    use crate::sources::FAMILIES;
+
+    /// Entry points a family's source defines: `extern "C" __global__ void
+    /// [__launch_bounds__(n)] NAME(` and the two of each `WEIGHT_VARIANTS(NAME, ...)`.
+    fn entry_points(source: &str) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for line in source.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("extern \"C\" __global__ void ") {
+                let rest = rest.trim_start();
+                let rest = match rest.strip_prefix("__launch_bounds__(") {
+                    Some(r) => r.split_once(')').map(|(_, r)| r.trim_start()).unwrap_or(r),
+                    None => rest,
+                };
+                names.insert(rest.split('(').next().unwrap_or("").trim().to_string());
+            } else if let Some(rest) = line.strip_prefix("WEIGHT_VARIANTS(") {
+                let base = rest.split(',').next().unwrap_or("").trim();
+                names.insert(format!("{base}_f32"));
+                names.insert(format!("{base}_bf16w"));
+            }
+        }
+        names
+    }
+
+    #[test]
+    fn every_handle_names_an_entry_point_and_every_entry_point_has_a_handle() {
+        let mut defined = BTreeSet::new();
+        for (family, source) in FAMILIES {
+            for name in entry_points(source) {
+                defined.insert((family.to_string(), name));
+            }
+        }
+        let handles: BTreeSet<(String, String)> =
+            ALL.iter().map(|k| (k.family.to_string(), k.name.to_string())).collect();
+        assert_eq!(handles.len(), ALL.len(), "a handle is listed twice");
+        let missing: Vec<_> = handles.difference(&defined).collect();
+        assert!(missing.is_empty(), "handles with no entry point in their family: {missing:?}");
+        let unlisted: Vec<_> = defined.difference(&handles).collect();
+        assert!(unlisted.is_empty(), "entry points with no handle: {unlisted:?}");
+    }
+}
