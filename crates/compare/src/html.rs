@@ -20,6 +20,15 @@ const TOP: usize = 118;
 const FLIPS_W: usize = 64;
 
 /// Escapes text for HTML and SVG.
+/// `token 3`, or `token 3 "text"` when the capture recorded its text
+/// (escaped where it is put into the page).
+fn token_label(token: usize, text: Option<&str>) -> String {
+    match text {
+        Some(text) => format!("token {token} {text:?}"),
+        None => format!("token {token}"),
+    }
+}
+
 fn esc(text: &str) -> String {
     text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
@@ -81,7 +90,7 @@ fn title_of(row: &Row, mode: Mode) -> String {
         );
     }
     if let Some(tok) = row.worst_token {
-        let _ = write!(t, "\ntoken {tok}");
+        let _ = write!(t, "\n{}", token_label(tok, row.worst_token_text.as_deref()));
     }
     if let Some(e) = row.worst_expert {
         let _ = write!(t, "\nexpert {e}");
@@ -170,8 +179,8 @@ fn panel(report: &Report, step: usize, stages: &[SaveTensorStage], layers: usize
             .iter()
             .map(|f| {
                 format!(
-                    "token {}: margin {}{}",
-                    f.token,
+                    "{}: margin {}{}",
+                    token_label(f.token, f.text.as_deref()),
                     f.ref_margin.map_or("?".into(), |m| format!("{m:.2e}")),
                     if f.near_tie { " (near-tie)" } else { " (WRONG ROUTER)" }
                 )
@@ -230,7 +239,7 @@ fn finding_line(row: &Row, mode: Mode) -> String {
     };
     let mut place = row.place();
     if let Some(t) = row.worst_token {
-        let _ = write!(place, ", token {t}");
+        let _ = write!(place, ", {}", token_label(t, row.worst_token_text.as_deref()));
     }
     if let Some(e) = row.worst_expert {
         let _ = write!(place, ", expert {e}");
@@ -361,5 +370,18 @@ mod tests {
         assert_eq!(html.matches("class=\"outlier\"").count(), 1);
         assert!(html.contains("step 0 layer 4 moe_expert_out"));
         assert!(html.contains("cpu &lt;ref&gt;"));
+    }
+
+    #[test]
+    fn tokens_are_named_by_their_text_escaped() {
+        let mut report = Report { reference: "a".into(), target: "b".into(), ..Report::default() };
+        let mut row = Row::new(1, Some(0), SaveTensorStage::AttnOut, 1e-4);
+        row.set_metrics(tensor_metrics(&[1.0, 1.0], &[1.0, 2.0], &[1, 2], 1));
+        row.worst_token = Some(0);
+        row.worst_token_text = Some("<b>专家".into());
+        report.rows.push(row);
+        let html = render_html(&[&report]);
+        assert!(html.contains("token 0 &quot;&lt;b&gt;专家&quot;"), "{html}");
+        assert!(!html.contains("<b>专家"));
     }
 }
