@@ -57,7 +57,7 @@ fn captures_written_from_python_compare_with_moetrace_captures() {
     let steps: std::collections::BTreeSet<usize> = report.rows.iter().map(|r| r.step).collect();
     let stages: std::collections::BTreeSet<&str> = report.rows.iter().map(|r| r.stage.name()).collect();
     assert_eq!(steps.len(), 3, "every step compared");
-    assert!(stages.len() >= 22, "every stage of a MoE model compared: {stages:?}");
+    assert_eq!(stages.len(), 23, "every stage of a MoE model compared (3 model, 20 per layer): {stages:?}");
     assert!(report.rows.iter().all(|r| r.verdict.is_ok()), "{}", report.render(false));
 
     let poisoned = dir.join("poisoned");

@@ -27,7 +27,8 @@ from .writer import Capture
 def record(model, out_dir, prompt, generate=1, backend="hf", source=None):
     """Greedy generation from `prompt` (token ids): step 0 is the prompt,
     then one step per generated token, each captured at every stage.
-    Returns the generated ids."""
+    Returns the generated ids (`generate` of them; step 0 runs even when
+    `generate` is 0)."""
     config = model.config.to_dict()
     dtype = str(next(model.parameters()).dtype).replace("torch.", "")
     prompt = [int(t) for t in prompt]
@@ -35,9 +36,10 @@ def record(model, out_dir, prompt, generate=1, backend="hf", source=None):
     generated = []
     with Capture(out_dir, config=config, prompt=prompt, backend=backend, dtype=dtype, source=source) as cap:
         past, tokens, start = None, prompt, 0
+        keys = {}  # per layer: the keys after RoPE of every position so far
         for step in range(max(1, generate)):
             cap.begin_step(step, start, tokens)
-            recorder = _StepRecorder(model, cap, step, start, len(tokens))
+            recorder = _StepRecorder(model, cap, step, start, len(tokens), keys)
             ids = torch.tensor([tokens], device=device)
             with torch.no_grad(), recorder:
                 out = model(ids, past_key_values=past, use_cache=True, output_attentions=True)
@@ -47,25 +49,20 @@ def record(model, out_dir, prompt, generate=1, backend="hf", source=None):
             generated.append(next_id)
             start += len(tokens)
             tokens = [next_id]
-            if len(generated) >= generate:
-                break
-        cap.generated = generated[: max(generate, 0)] if generate > 0 else []
-    return generated
+        cap.generated = generated[:generate]
+    return generated[:generate]
 
 
 class _StepRecorder:
     """Hooks on one forward step; `finish` derives the rest and saves."""
 
-    def __init__(self, model, cap, step, start, t_len):
+    def __init__(self, model, cap, step, start, t_len, keys):
         self.model, self.cap, self.step, self.start, self.t = model, cap, step, start, t_len
         self.inner = model.model
         self.config = model.config
         self.got = {}
         self.handles = []
-        # Keys and values of earlier steps, per layer (for the scores).
-        if not hasattr(model, "_moetrace_kv") or step == 0:
-            model._moetrace_kv = {}
-        self.kv = model._moetrace_kv
+        self.kv = keys  # per layer, extended by this step (for the scores)
 
     def _put(self, key, value):
         self.got[key] = tuple(v.detach() for v in value) if isinstance(value, tuple) else value.detach()

@@ -89,7 +89,9 @@ class Capture:
         self.generated = []
         self._steps = {}
         self._tensors = []
-        self._seen = {}
+        self._seen = set()
+        # (layer, stage) -> (step, shape) of its first save, for the checks.
+        self._first_shape = {}
         parent, name = os.path.split(self.out_dir)
         os.makedirs(parent, exist_ok=True)
         self._tmp = os.path.join(parent, f".{name}.moetrace-tmp-{os.getpid()}-py")
@@ -150,7 +152,8 @@ class Capture:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         little = array.astype(array.dtype.newbyteorder("<"), copy=False)
         np.save(path, np.ascontiguousarray(little), allow_pickle=False)
-        self._seen[key] = array.shape
+        self._seen.add(key)
+        self._first_shape.setdefault((layer, stage), (step, array.shape))
         self._tensors.append(
             {"path": rel, "stage": stage, "layer": layer, "step": step, "shape": list(array.shape), "dtype": str(little.dtype)}
         )
@@ -167,16 +170,16 @@ class Capture:
                     f"step {step} layer {layer} `{stage}`: dimension {i} ({d}) is {n}, but step {step} has {d} = {sizes[d]} "
                     f"(T: tokens fed, P: start_position + T)"
                 )
-        for (other_step, other_layer, other_stage), other in self._seen.items():
-            if other_stage != stage or other_layer != layer:
-                continue
-            for i, d in enumerate(dims):
-                if d not in ("T", "P") and other[i] != shape[i]:
-                    raise CaptureError(
-                        f"step {step} layer {layer} `{stage}`: shape {tuple(shape)} disagrees with step {other_step}'s "
-                        f"{tuple(other)} in dimension {i} ({d})"
-                    )
-            break
+        earlier = self._first_shape.get((layer, stage))
+        if earlier is None:
+            return
+        other_step, other = earlier
+        for i, d in enumerate(dims):
+            if d not in ("T", "P") and other[i] != shape[i]:
+                raise CaptureError(
+                    f"step {step} layer {layer} `{stage}`: shape {tuple(shape)} disagrees with step {other_step}'s "
+                    f"{tuple(other)} in dimension {i} ({d})"
+                )
 
     def close(self):
         """Writes manifest.json and moves the capture into place."""

@@ -60,32 +60,31 @@ impl PromptSpec {
     /// errors naming the field.
     pub fn resolve(&self, tokenizer: Option<&TokenizerSpec>, model: &ModelSpec, path: &Path) -> Result<ResolvedPrompt> {
         let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+        let tokenizer = || -> Result<std::sync::Arc<PromptTokenizer>> {
+            let named = tokenizer.map(|TokenizerSpec::Path(p)| p.as_path());
+            let checkpoint = match model {
+                ModelSpec::Path(p) => Some(p.as_path()),
+                ModelSpec::Synthetic { .. } => None,
+            };
+            Ok(std::sync::Arc::new(PromptTokenizer::load(&locate_tokenizer(named, checkpoint, path)?)?))
+        };
         let resolved = match self {
             PromptSpec::Tokens(ids) => ResolvedPrompt { ids: ids.clone(), text: None },
-            PromptSpec::Text(_) | PromptSpec::Chat(_) => {
-                let named = tokenizer.map(|TokenizerSpec::Path(p)| p.as_path());
-                let checkpoint = match model {
-                    ModelSpec::Path(p) => Some(p.as_path()),
-                    ModelSpec::Synthetic { .. } => None,
-                };
-                let file = locate_tokenizer(named, checkpoint, path)?;
-                let tok = std::sync::Arc::new(PromptTokenizer::load(&file)?);
-                let (ids, text, rendered) = match self {
-                    PromptSpec::Text(text) => (tok.encode_text(text)?, text.clone(), None),
-                    PromptSpec::Chat(messages) => {
-                        if messages.is_empty() {
-                            return Err(bad("prompt: Chat([]) has no messages".into()));
-                        }
-                        let (rendered, ids) = tok.encode_chat(messages)?;
-                        let json: Vec<serde_json::Value> = messages
-                            .iter()
-                            .map(|m| serde_json::json!({"role": m.role, "content": m.content}))
-                            .collect();
-                        (ids, serde_json::Value::Array(json).to_string(), Some(rendered))
-                    }
-                    PromptSpec::Tokens(_) => unreachable!("handled above"),
-                };
-                ResolvedPrompt { ids, text: Some(PromptText { tokenizer: tok, text, rendered }) }
+            PromptSpec::Text(text) => {
+                let tok = tokenizer()?;
+                let ids = tok.encode_text(text)?;
+                ResolvedPrompt { ids, text: Some(PromptText { tokenizer: tok, text: text.clone(), rendered: None }) }
+            }
+            PromptSpec::Chat(messages) => {
+                if messages.is_empty() {
+                    return Err(bad("prompt: Chat([]) has no messages".into()));
+                }
+                let tok = tokenizer()?;
+                let (rendered, ids) = tok.encode_chat(messages)?;
+                let json: Vec<serde_json::Value> =
+                    messages.iter().map(|m| serde_json::json!({"role": m.role, "content": m.content})).collect();
+                let text = serde_json::Value::Array(json).to_string();
+                ResolvedPrompt { ids, text: Some(PromptText { tokenizer: tok, text, rendered: Some(rendered) }) }
             }
         };
         if resolved.ids.is_empty() {

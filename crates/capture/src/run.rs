@@ -154,9 +154,8 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     on_event(RunEvent::ModelLoaded { description: describe(&model), elapsed: load_time });
     config.check_against_model(config_path, &model.config)?;
     let backend_start = Instant::now();
-    let backend = build_backend(&config.backend, config.threads, &model, config_path)?;
+    let mut backend = build_backend(&config.backend, config.threads, &model, config_path)?;
     backend.check_run_memory(crate::config::run_bytes(&model.config, config.prompt_tokens().len(), config.generate))?;
-    let mut backend = backend;
     if let Some(session) = &session {
         backend.reserve_capture(&session.first_step_elements(&model.config, config.prompt_tokens().len()))?;
     }

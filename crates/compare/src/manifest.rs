@@ -104,14 +104,6 @@ pub struct ManifestPromptText {
 }
 
 impl Manifest {
-    /// The text of the token at `position` (prompt then generated), when
-    /// the capture recorded token texts.
-    pub fn token_text(&self, position: usize) -> Option<&str> {
-        self.token_texts.get(position).map(String::as_str)
-    }
-}
-
-impl Manifest {
     /// Reads and checks `<dir>/manifest.json`.
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join("manifest.json");

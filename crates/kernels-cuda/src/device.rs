@@ -12,6 +12,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
 use crate::error::{KernelError, Result, driver};
+use crate::kernels::Kernel;
 use crate::sources;
 
 /// A CUDA device ready to run moetrace's kernels.
@@ -30,9 +31,9 @@ pub struct GpuDevice {
     arch: String,
     round_bf16: bool,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    /// Entry points already looked up, by (family, name): a lookup is a
-    /// driver call, and a decode step launches thousands of kernels.
-    functions: Mutex<HashMap<(&'static str, String), CudaFunction>>,
+    /// Entry points already looked up: a lookup is a driver call, and a
+    /// decode step launches thousands of kernels.
+    functions: Mutex<HashMap<Kernel, CudaFunction>>,
     /// Time spent compiling and loading kernel modules so far.
     compile_time: Mutex<Duration>,
 }
@@ -133,22 +134,17 @@ impl GpuDevice {
         &self.ctx
     }
 
-    /// Entry point `function` of kernel family `family`, compiling the
+    /// The entry point `kernel` (see [`crate::kernels`]), compiling its
     /// family on first use. Looked up once, then served from a cache.
-    pub fn function(&self, family: &'static str, function: &str) -> Result<CudaFunction> {
-        let key = (family, function.to_string());
-        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&key) {
+    pub fn kernel(&self, kernel: Kernel) -> Result<CudaFunction> {
+        if let Some(f) = self.functions.lock().unwrap_or_else(|e| e.into_inner()).get(&kernel) {
             return Ok(f.clone());
         }
+        let Kernel { family, name } = kernel;
         let module = self.module(family)?;
-        let f = module.load_function(function).map_err(driver(format!("loading {family}::{function}")))?;
-        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(key, f.clone());
+        let f = module.load_function(name).map_err(driver(format!("loading {family}::{name}")))?;
+        self.functions.lock().unwrap_or_else(|e| e.into_inner()).insert(kernel, f.clone());
         Ok(f)
-    }
-
-    /// The entry point `kernel` (see [`crate::kernels`]).
-    pub fn kernel(&self, kernel: crate::kernels::Kernel) -> Result<CudaFunction> {
-        self.function(kernel.family, kernel.name)
     }
 
     /// Compiles and loads every kernel family now (a backend does this

@@ -277,13 +277,19 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Stores a cuBLAS projection's output; in Bf16 mode rounds it to bf16
-    /// first (cuBLAS writes f32), except the router logits: the gate
-    /// projection accumulates in f32 and routing (softmax, top-k,
-    /// renormalise) is computed and kept in f32, as DESIGN asks ("softmax
-    /// over all E in float32 or better").
+    /// Whether a projection's output `slot` is rounded to bf16 in Bf16
+    /// mode: all but the router logits, since the gate projection
+    /// accumulates in f32 and routing (softmax, top-k, renormalise) is
+    /// computed and kept in f32, as DESIGN asks ("softmax over all E in
+    /// float32 or better").
+    fn rounds_projection(&self, slot: Slot) -> bool {
+        self.precision == CudaPrecision::Bf16 && slot != Slot::MoeRouterLogits
+    }
+
+    /// Stores a cuBLAS projection's output, rounded to bf16 first (cuBLAS
+    /// writes f32) where [`Self::rounds_projection`] says so.
     fn set_projection(&mut self, slot: Slot, shape: Vec<usize>, mut data: CudaSlice<f32>) -> Result<()> {
-        if self.precision == CudaPrecision::Bf16 && slot != Slot::MoeRouterLogits {
+        if self.rounds_projection(slot) {
             let n = shape.iter().product::<usize>();
             let f = self.kernel(handles::elementwise::ROUND_BF16)?;
             let stream = self.stream();

@@ -53,7 +53,7 @@ impl CudaBackend {
             let f = self.kernel(linear::GEMV_V8)?;
             let stream = self.stream();
             let x = self.slot(input)?.f32(input)?;
-            let raw = u32::from(out == Slot::MoeRouterLogits);
+            let raw = u32::from(!self.rounds_projection(out));
             let mut col = 0usize;
             for &id in weights {
                 let n = self.store.get(id).shape[0];
