@@ -12,12 +12,37 @@ use moetrace_tests::{fixture, gpu_enabled, greedy_continuation, rel_l2, scratch}
 use stage_types::SaveTensorStage as S;
 
 fn run(model: &str, prompt: &str, generate: usize, backend: &str, capture: Option<&Path>) -> (Vec<u32>, Vec<u32>) {
+    let out = run_output(model, prompt, generate, backend, capture);
+    (out.summary.generated, out.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect())
+}
+
+fn run_output(model: &str, prompt: &str, generate: usize, backend: &str, capture: Option<&Path>) -> capture::RunOutput {
     let capture = capture.map(|o| format!("capture: (out_dir: {o:?}),")).unwrap_or_default();
     let text =
         format!("(model: {model}, prompt: Tokens({prompt}), generate: {generate}, backend: {backend}, {capture})");
     let config = RunConfig::parse(&text, Path::new("gpu.ron")).unwrap();
-    let out = capture::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap();
-    (out.summary.generated, out.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect())
+    capture::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap()
+}
+
+#[test]
+fn cuda_bf16_graph_replays_compute_the_bits_of_eager_steps() {
+    if !gpu_enabled() {
+        return;
+    }
+    // 60 prompt tokens and 12 decode steps: the KV caches grow from 64 to
+    // 128 positions at step 5, so a graph is recorded (step 2), dropped
+    // (step 5 runs eagerly) and recorded again (step 7).
+    let prompt: Vec<u32> = (0..60).map(|i| (i * 37 + 5) % 500).collect();
+    let prompt = format!("{prompt:?}");
+    let (model, backend) = ("Synthetic(preset: \"tiny-moe\", seed: 3)", "Cuda(device: 0, dtype: Bf16)");
+    let graphs = run_output(model, &prompt, 12, backend, None);
+    // Capture observes every stage, which keeps every step eager.
+    let eager = run_output(model, &prompt, 12, backend, Some(&scratch("gpu-graph").join("all")));
+    assert_eq!(graphs.summary.graph_replays, 8, "steps 2-4 and 7-11 replay a graph");
+    assert_eq!(eager.summary.graph_replays, 0);
+    assert_eq!(graphs.summary.generated, eager.summary.generated);
+    let bits = |o: &capture::RunOutput| o.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&graphs), bits(&eager), "last logits with and without graphs");
 }
 
 #[test]

@@ -59,6 +59,9 @@ pub struct RunSummary {
     pub out_dir: Option<PathBuf>,
     /// The generated tokens as text, for a text prompt.
     pub generated_text: Option<String>,
+    /// Decode steps replayed from a recorded CUDA graph (0: every step ran
+    /// its stage systems eagerly, as any capture or fault makes them).
+    pub graph_replays: usize,
 }
 
 /// A run's summary and the logits of its last step.
@@ -196,6 +199,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     })?;
     let forward_time = start.elapsed();
     let last_logits = forward.backend_mut().read(SaveTensorStage::LmHead)?;
+    let graph_replays = forward.backend_mut().graph_replays();
     // The world holds the last sender; the writer finishes once it is gone.
     drop(forward);
 
@@ -211,6 +215,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         bytes_written: 0,
         out_dir: None,
         generated_text: config.resolved.text.as_ref().map(|p| p.tokenizer.decode(&generation.generated)),
+        graph_replays,
     };
     if let Some(session) = session {
         let stats = session.commit(&RunRecord {

@@ -2,13 +2,18 @@
 // over a per-layer KV cache of [positions, nkv*hd].
 #include "common.cuh"
 
+// Per-step values live in device memory (so that a captured decode step
+// replays at any position): `start` points to the step's first position.
+// A step of t_len rows at start sees start + t_len cached positions.
+
 // Thread (t, head, i < hd/2): the pair (i, i + hd/2) of a head starting at
 // column col_start + head*hd of row t; angle = position * theta^(-2i/hd) in
 // double.
-extern "C" __global__ void rope_f32(float *out, const float *x, u32 t_len, u32 in_width, u32 col_start, u32 heads, u32 hd, double theta, u32 start_position) {
+extern "C" __global__ void rope_f32(float *out, const float *x, u32 t_len, u32 in_width, u32 col_start, u32 heads, u32 hd, double theta, const u32 *start) {
     u32 half = hd / 2;
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)t_len * heads * half) return;
+    u32 start_position = *start;
     u32 p = (u32)(i % half), head = (u32)((i / half) % heads), t = (u32)(i / ((u64)half * heads));
     double angle = (double)(start_position + t) * pow(theta, -2.0 * (double)p / (double)hd);
     double s, c;
@@ -18,6 +23,15 @@ extern "C" __global__ void rope_f32(float *out, const float *x, u32 t_len, u32 i
     double a = xh[p], b = xh[p + half];
     oh[p] = store_act((float)(a * c - b * s));
     oh[p + half] = store_act((float)(b * c + a * s));
+}
+
+// The KV cache append: cache[(start + r) * width + c] = src[r * src_width +
+// src_col + c] for r < rows, c < width.
+extern "C" __global__ void append_rows_f32(float *cache, const float *src, const u32 *start, u32 rows, u32 src_width, u32 src_col, u32 width) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)rows * width) return;
+    u32 r = (u32)(i / width), c = (u32)(i % width);
+    cache[((u64)*start + r) * width + c] = store_act(src[(u64)r * src_width + src_col + c]);
 }
 
 // scores[h, t, p] = q[t, h] · k[p, h / group] / sqrt(hd), 0 where p > start + t.
@@ -63,34 +77,37 @@ extern "C" __global__ void __launch_bounds__(256) attn_scores_f32(float *scores,
     }
 }
 
-// attn_scores for a single row (decode, t_len == 1: it sees every cached
-// position) with hd % 4 == 0: one warp per (h, p), 16-byte loads of q and k.
-extern "C" __global__ void attn_scores_row_f32(float *scores, const float *q, const float *k_cache, u32 p_len, u32 heads, u32 kv_heads, u32 hd) {
-    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (warp >= (u64)heads * p_len) return; // uniform across the warp
-    u32 lane = threadIdx.x & 31, p = (u32)(warp % p_len), h = (u32)(warp / p_len);
+// attn_scores for a single row (decode: it sees every cached position,
+// P = start + 1) with hd % 4 == 0: block (chunk, h) of 8 warps; warp w of
+// the grid's row computes p = w, w + 8 * gridDim.x, ... (a fixed grid for
+// every P), one score per warp with 16-byte loads of q and k.
+extern "C" __global__ void __launch_bounds__(256) attn_scores_row_f32(float *scores, const float *q, const float *k_cache, const u32 *start, u32 heads, u32 kv_heads, u32 hd) {
+    u32 lane = threadIdx.x & 31, h = blockIdx.y, p_len = *start + 1;
     u32 kvh = h / (heads / kv_heads);
     const float4 *qv = (const float4 *)(q + (u64)h * hd);
-    const float4 *kv = (const float4 *)(k_cache + (u64)p * kv_heads * hd + kvh * hd);
-    float acc = 0.0f;
-    for (u32 i = lane; i < hd / 4; i += 32) {
-        float4 a = qv[i], b = __ldg(kv + i);
-        acc += a.x * b.x;
-        acc += a.y * b.y;
-        acc += a.z * b.z;
-        acc += a.w * b.w;
+    for (u32 p = blockIdx.x * 8 + (threadIdx.x >> 5); p < p_len; p += gridDim.x * 8) {
+        const float4 *kv = (const float4 *)(k_cache + (u64)p * kv_heads * hd + kvh * hd);
+        float acc = 0.0f;
+        for (u32 i = lane; i < hd / 4; i += 32) {
+            float4 a = qv[i], b = __ldg(kv + i);
+            acc += a.x * b.x;
+            acc += a.y * b.y;
+            acc += a.z * b.z;
+            acc += a.w * b.w;
+        }
+        for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+        if (lane == 0) scores[(u64)h * p_len + p] = store_act(acc * rsqrtf((float)hd));
     }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if (lane == 0) scores[warp] = store_act(acc * rsqrtf((float)hd));
 }
 
-// One warp per (h, t) row: causal softmax over the first start + t + 1
-// entries (max and NaN flag exact across lanes; the sum reduced once and
-// broadcast, so every lane divides by the same value).
-extern "C" __global__ void attn_softmax_f32(float *out, const float *scores, u32 rows, u32 t_len, u32 p_len, u32 start_position) {
+// One warp per (h, t) row of P = start + t_len: causal softmax over the
+// first start + t + 1 entries (max and NaN flag exact across lanes; the
+// sum reduced once and broadcast, so every lane divides by the same value).
+extern "C" __global__ void attn_softmax_f32(float *out, const float *scores, u32 rows, u32 t_len, const u32 *start) {
     u64 r = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (r >= rows) return; // uniform across the warp
     u32 lane = threadIdx.x & 31;
+    u32 start_position = *start, p_len = start_position + t_len;
     u32 valid = min(start_position + (u32)(r % t_len) + 1, p_len);
     const float *s = scores + r * p_len;
     float *o = out + r * p_len;
@@ -150,16 +167,21 @@ extern "C" __global__ void __launch_bounds__(128) attention_f32(float *out, cons
     }
 }
 
-// attention for a single row (decode) with hd % 4 == 0 and hd <= 128:
-// block (split s, h) of 4 warps; lane l holds dims 4l..4l+3, warp w sums
-// positions p_begin + w, + 4, ... of its split; the four warps' sums are
-// added in warp order. One split stores the result, several store partial
-// sums at out + s * nh * hd (attention_combine_f32 adds them).
-extern "C" __global__ void __launch_bounds__(128) attention_row_f32(float *out, const float *probs, const float *v_cache, u32 p_len, u32 heads, u32 kv_heads, u32 hd, u32 split_len, u32 splits) {
+// attention for a single row (decode, P = start + 1) with hd % 4 == 0 and
+// hd <= 128: block (split s, h) of 4 warps over positions [s * ROW_SPLIT,
+// (s + 1) * ROW_SPLIT); blocks past the last split exit (the grid is fixed
+// for a cache's capacity). Lane l holds dims 4l..4l+3, warp w sums positions
+// p_begin + w, + 4, ... of its split; the four warps' sums are added in warp
+// order and stored, unrounded, at out + s * nh * hd for
+// attention_combine_f32.
+#define ROW_SPLIT 64
+extern "C" __global__ void __launch_bounds__(128) attention_row_f32(float *out, const float *probs, const float *v_cache, const u32 *start, u32 heads, u32 kv_heads, u32 hd) {
     __shared__ float4 part[4][32];
     u32 split = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 p_len = *start + 1;
+    u32 p_begin = split * ROW_SPLIT, p_end = min(p_len, p_begin + ROW_SPLIT);
+    if (p_begin >= p_len) return; // uniform across the block
     u32 kvh = h / (heads / kv_heads);
-    u32 p_begin = split * split_len, p_end = min(p_len, p_begin + split_len);
     float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     if (lane < hd / 4) {
         const float *pr = probs + (u64)h * p_len;
@@ -183,25 +205,17 @@ extern "C" __global__ void __launch_bounds__(128) attention_row_f32(float *out, 
         sum.z += o.z;
         sum.w += o.w;
     }
-    float *dst = out + (splits == 1 ? 0 : (u64)split * heads * hd) + (u64)h * hd + 4 * lane;
-    if (splits == 1) {
-        dst[0] = store_act(sum.x);
-        dst[1] = store_act(sum.y);
-        dst[2] = store_act(sum.z);
-        dst[3] = store_act(sum.w);
-    } else {
-        dst[0] = sum.x;
-        dst[1] = sum.y;
-        dst[2] = sum.z;
-        dst[3] = sum.w;
-    }
+    *(float4 *)(out + (u64)split * heads * hd + (u64)h * hd + 4 * lane) = sum;
 }
 
-// out[i] = Σ_s partial[s * n + i], splits in order (attention_f32's splits).
-extern "C" __global__ void attention_combine_f32(float *out, const float *partial, u64 n, u32 splits) {
+// out[i] = Σ_s partial[s * n + i] over the splits of split_len positions
+// that P = start + t_len has, in order (attention_f32's and
+// attention_row_f32's splits).
+extern "C" __global__ void attention_combine_f32(float *out, const float *partial, u64 n, const u32 *start, u32 t_len, u32 split_len) {
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
-    float acc = 0.0f;
-    for (u32 s = 0; s < splits; s++) acc += partial[s * n + i];
+    u32 splits = (*start + t_len + split_len - 1) / split_len;
+    float acc = partial[i];
+    for (u32 s = 1; s < splits; s++) acc += partial[s * n + i];
     out[i] = store_act(acc);
 }

@@ -50,11 +50,3 @@ extern "C" __global__ void swiglu_f32(float *out, const float *gate, const float
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = store_act(silu(gate[i]) * up[i]);
 }
-
-// dst[r * dst_width + c] = src[r * src_width + src_col + c] for c < width
-extern "C" __global__ void copy_columns_f32(float *dst, const float *src, u32 rows, u32 src_width, u32 src_col, u32 width, u32 dst_width) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (u64)rows * width) return;
-    u32 r = (u32)(i / width), c = (u32)(i % width);
-    dst[(u64)r * dst_width + c] = store_act(src[(u64)r * src_width + src_col + c]);
-}

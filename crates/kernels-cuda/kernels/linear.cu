@@ -68,24 +68,30 @@ extern "C" __global__ void expert_linear_bf16w_v8(float *out, const float *x, co
     const float4 *xr = (const float4 *)(x + (per_slot ? slot : (u64)t) * k);
     const uint4 *wr = (const uint4 *)(w + ((u64)e * n_out + n) * k);
     float acc = 0.0f;
+#pragma unroll 4
     for (u32 i = lane; i < k / 8; i += 32) acc = dot8(acc, __ldg(wr + i), xr + 2 * i);
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     if (lane == 0) out[slot * n_out + n] = store_act(acc);
 }
 
-// Dense projection of a few rows (decode), bf16 weights with k % 8 == 0:
-// out[t * out_stride + col + n] = w[n] · x[t] for t < t_len <= 8. One warp
-// per output feature n reads its weight row once (16-byte loads) for all
-// rows of x. raw = 1 stores the f32 sum as is (the router logits, which
-// stay f32); raw = 0 stores it as an activation (store_act).
-extern "C" __global__ void gemv_bf16w_v8(float *out, const float *x, const u16 *w, u32 t_len, u32 k, u32 n_out, u32 out_stride, u32 col, u32 raw) {
+// Dense projection of a few rows (decode), bf16 weights with k % 8 == 0,
+// over up to three weight matrices side by side (q, k and v in one
+// launch): output feature n < n0 is row n of w0, n0 <= n < n0 + n1 row
+// n - n0 of w1, the rest rows of w2. out[t * out_stride + col + n] =
+// row(n) · x[t] for t < t_len <= 8. One warp per output feature reads its
+// weight row once (16-byte loads) for all rows of x. raw = 1 stores the
+// f32 sum as is (the router logits, which stay f32); raw = 0 stores it as
+// an activation (store_act).
+extern "C" __global__ void gemv_bf16w_v8(float *out, const float *x, const u16 *w0, const u16 *w1, const u16 *w2, u32 n0, u32 n1, u32 n2, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
     u64 n = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (n >= n_out) return; // uniform across the warp
+    if (n >= (u64)n0 + n1 + n2) return; // uniform across the warp
     u32 lane = threadIdx.x & 31;
-    const uint4 *wr = (const uint4 *)(w + n * k);
+    const u16 *w = n < n0 ? w0 + n * k : n < (u64)n0 + n1 ? w1 + (n - n0) * k : w2 + (n - n0 - n1) * k;
+    const uint4 *wr = (const uint4 *)w;
     float acc[8];
 #pragma unroll
     for (int t = 0; t < 8; t++) acc[t] = 0.0f;
+#pragma unroll 4
     for (u32 i = lane; i < k / 8; i += 32) {
         uint4 q = __ldg(wr + i);
 #pragma unroll

@@ -11,6 +11,8 @@ __device__ __forceinline__ bool beats(float pa, int ia, float pb, int ib) {
     return pa > pb || (pa == pb && ia < ib);
 }
 
+#define TOPK_CACHED 8
+
 // One warp per token. Lane l owns experts l, l + 32, ...; a lane's "taken"
 // bits cover its own experts (at most 128 each: experts <= 4096, checked by
 // the host). The max and the NaN flag are exact across lanes; the softmax
@@ -35,15 +37,35 @@ extern "C" __global__ void router_top_k_f32(float *weights, int *ids, const floa
     sum = __shfl_sync(0xffffffffu, sum, 0);
     u64 taken_lo = 0, taken_hi = 0;
     float total = 0.0f;
+    // Up to 256 experts, each lane keeps its probabilities in registers
+    // (computed once, exactly as below); more experts recompute them in
+    // every round.
+    bool cached = experts <= 32 * TOPK_CACHED;
+    float pc[TOPK_CACHED];
+#pragma unroll
+    for (u32 i = 0; i < TOPK_CACHED; i++) {
+        u32 e = lane + 32 * i;
+        float p = cached && e < experts ? expf(l[e] - m) / sum : -INFINITY;
+        pc[i] = isnan(p) ? -INFINITY : p;
+    }
     for (u32 j = 0; j < top_k; j++) {
         int best = -1;
         float best_p = -INFINITY;
-        for (u32 e = lane, i = 0; e < experts; e += 32, i++) {
-            bool taken = i < 64 ? (taken_lo >> i) & 1 : (taken_hi >> (i - 64)) & 1;
-            if (taken) continue;
-            float p = expf(l[e] - m) / sum;
-            p = isnan(p) ? -INFINITY : p;
-            if (beats(p, (int)e, best_p, best)) { best = (int)e; best_p = p; }
+        if (cached) {
+#pragma unroll
+            for (u32 i = 0; i < TOPK_CACHED; i++) {
+                u32 e = lane + 32 * i;
+                if (e >= experts || ((taken_lo >> i) & 1)) continue;
+                if (beats(pc[i], (int)e, best_p, best)) { best = (int)e; best_p = pc[i]; }
+            }
+        } else {
+            for (u32 e = lane, i = 0; e < experts; e += 32, i++) {
+                bool taken = i < 64 ? (taken_lo >> i) & 1 : (taken_hi >> (i - 64)) & 1;
+                if (taken) continue;
+                float p = expf(l[e] - m) / sum;
+                p = isnan(p) ? -INFINITY : p;
+                if (beats(p, (int)e, best_p, best)) { best = (int)e; best_p = p; }
+            }
         }
         for (int o = 16; o > 0; o >>= 1) {
             float op = __shfl_down_sync(0xffffffffu, best_p, o);

@@ -36,6 +36,8 @@ pub mod attention {
     use super::{Kernel, k};
     /// NeoX RoPE.
     pub const ROPE: Kernel = k("attention", "rope_f32");
+    /// Rows appended to a KV cache at the step's position.
+    pub const APPEND_ROWS: Kernel = k("attention", "append_rows_f32");
     /// Tiled attention scores (many rows).
     pub const SCORES: Kernel = k("attention", "attn_scores_f32");
     /// Attention scores of one row (decode).
@@ -69,8 +71,6 @@ pub mod elementwise {
     pub const SILU: Kernel = k("elementwise", "silu_f32");
     /// silu(gate) * up.
     pub const SWIGLU: Kernel = k("elementwise", "swiglu_f32");
-    /// A block of columns copied between row-major buffers.
-    pub const COPY_COLUMNS: Kernel = k("elementwise", "copy_columns_f32");
 }
 
 /// kernels/linear.cu.
@@ -122,6 +122,7 @@ pub mod synthetic {
 /// Every entry point, weight variants included.
 pub const ALL: &[Kernel] = &[
     attention::ROPE,
+    attention::APPEND_ROWS,
     attention::SCORES,
     attention::SCORES_ROW,
     attention::SOFTMAX,
@@ -137,7 +138,6 @@ pub const ALL: &[Kernel] = &[
     elementwise::MUL,
     elementwise::SILU,
     elementwise::SWIGLU,
-    elementwise::COPY_COLUMNS,
     linear::EXPERT_LINEAR.f32,
     linear::EXPERT_LINEAR.bf16w,
     linear::EXPERT_LINEAR_V8,

@@ -12,7 +12,7 @@ use bevy_ecs::schedule::ScheduleConfigs;
 use bevy_ecs::system::ScheduleSystem;
 use stage_types::SaveTensorStage;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, StepGraph};
 use crate::ecs::{
     ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerKind, LayerMlp, ModelParams,
     ObserversEnabled, StageHookSystems, StageLog, StepError, StepState,
@@ -119,6 +119,9 @@ pub struct Forward {
     schedules: ForwardSchedules,
     layers: Vec<Entity>,
     vocab_size: usize,
+    /// An observer or amender is attached: every step runs eagerly, so
+    /// that hooks see each stage as it is computed.
+    hooked: bool,
 }
 
 impl Forward {
@@ -158,7 +161,7 @@ impl Forward {
         world.init_resource::<StepError>();
         world.init_resource::<Teacher>();
         world.insert_resource(ObserversEnabled(true));
-        Self { world, schedules: build_schedules(), layers, vocab_size: model.config.vocab_size }
+        Self { world, schedules: build_schedules(), layers, vocab_size: model.config.vocab_size, hooked: false }
     }
 
     /// Attaches an observer of `stage` (capture, collection for a
@@ -183,6 +186,7 @@ impl Forward {
         let stage = match hook {
             StageHookSystems::Amend(s) | StageHookSystems::Observe(s) | StageHookSystems::Teach(s) => s,
         };
+        self.hooked = true;
         let configs: ScheduleConfigs<ScheduleSystem> = system.into_configs().in_set(hook);
         self.schedules.get_mut(ForwardSchedule::of(stage)).add_systems(configs);
     }
@@ -203,6 +207,13 @@ impl Forward {
     }
 
     /// Runs one step: `tokens` at positions `start_position..`.
+    ///
+    /// With no observer or amender attached and no teacher forcing armed,
+    /// the backend may record a decode step once as a graph and replay it
+    /// for later steps ([`StepGraph`]): the same kernels with the same
+    /// arguments, so the same bits, without launching each stage from the
+    /// host. Anything that looks at stages as they run keeps every step
+    /// eager.
     pub fn step(
         &mut self,
         step: usize,
@@ -210,13 +221,47 @@ impl Forward {
         start_position: usize,
         on_event: &mut dyn FnMut(ForwardEvent),
     ) -> Result<()> {
+        let armed = {
+            let teacher = self.world.resource::<Teacher>();
+            teacher.record || !teacher.forced.is_empty()
+        };
+        if !self.hooked && !armed {
+            self.backend_mut().allow_step_graph();
+        }
         self.begin_step(step, tokens, start_position)?;
         on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
+        match self.backend_mut().step_graph() {
+            StepGraph::Eager => self.run_scopes(step, on_event),
+            StepGraph::Replay => self.replay(step, on_event),
+            StepGraph::Capture => {
+                self.backend_mut().begin_graph_capture()?;
+                let ran = self.run_scopes(step, &mut |_| {});
+                if self.backend_mut().end_graph_capture(ran.err().map(|e| e.to_string()))? {
+                    return self.replay(step, on_event);
+                }
+                // No graph (the backend said why and runs eagerly from now
+                // on): nothing of the step executed, so run it again.
+                self.begin_step(step, tokens, start_position)?;
+                self.run_scopes(step, on_event)
+            }
+        }
+    }
+
+    fn run_scopes(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
         for scope in self.scopes() {
             self.run_scope(scope)?;
             if let StepScope::Layer(layer) = scope {
                 on_event(ForwardEvent::LayerDone { step, layer, layers: self.layers.len() });
             }
+        }
+        Ok(())
+    }
+
+    fn replay(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
+        self.backend_mut().replay_step()?;
+        let layers = self.layers.len();
+        for layer in 0..layers {
+            on_event(ForwardEvent::LayerDone { step, layer, layers });
         }
         Ok(())
     }

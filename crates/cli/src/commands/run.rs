@@ -48,7 +48,11 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     let decode_steps = s.steps.saturating_sub(1);
     let decode = if decode_steps > 0 {
         let d = (secs - prefill).max(0.0);
-        format!("; decode {decode_steps} steps {:.3} s, {:.1} tokens/s", d, decode_steps as f64 / d.max(1e-9))
+        let graph = match s.graph_replays {
+            0 => String::new(),
+            n => format!(", {n} replayed from a CUDA graph"),
+        };
+        format!("; decode {decode_steps} steps {:.3} s, {:.1} tokens/s{graph}", d, decode_steps as f64 / d.max(1e-9))
     } else {
         String::new()
     };

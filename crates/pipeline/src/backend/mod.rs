@@ -73,6 +73,22 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
+/// How the backend runs the step begun last: decode steps can be recorded
+/// once as a CUDA graph and replayed (same kernels, same arguments read
+/// from device memory, so the same bits).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepGraph {
+    /// Run the stage systems, each launching its own work.
+    Eager,
+    /// Run the stage systems between [`Backend::begin_graph_capture`] and
+    /// [`Backend::end_graph_capture`]; nothing executes until the graph
+    /// is replayed.
+    Capture,
+    /// Do not run the stage systems: [`Backend::replay_step`] does the
+    /// step's work.
+    Replay,
+}
+
 /// The operations of a forward pass. Every method reads named input slots
 /// and writes one output slot (replacing its shape and contents).
 pub trait Backend: Send + Sync + 'static {
@@ -109,6 +125,42 @@ pub trait Backend: Send + Sync + 'static {
     /// Truncates the KV caches to `start_position` entries; fails if they
     /// hold fewer.
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()>;
+
+    /// Allows the next [`Backend::begin_step`] (only that one) to plan a
+    /// recorded step ([`StepGraph`]); [`crate::Forward::step`] asks when
+    /// nothing observes, amends or forces a stage. By default ignored.
+    fn allow_step_graph(&mut self) {}
+
+    /// What the step begun last does (see [`StepGraph`]). By default eager.
+    fn step_graph(&self) -> StepGraph {
+        StepGraph::Eager
+    }
+
+    /// Starts recording the step (after `begin_step` planned
+    /// [`StepGraph::Capture`]).
+    fn begin_graph_capture(&mut self) -> Result<()> {
+        Err(crate::PipelineError::BadInput(format!("the {} backend records no step graphs", self.name())))
+    }
+
+    /// Stops recording; `failure` is why a stage system failed while
+    /// recording, if one did. Returns whether a graph was made (then
+    /// [`Backend::replay_step`] executes the step). If not, graphs are off
+    /// from now on and the caller runs the step again eagerly (after
+    /// `begin_step`).
+    fn end_graph_capture(&mut self, failure: Option<String>) -> Result<bool> {
+        let _ = failure;
+        Ok(false)
+    }
+
+    /// How many steps so far were replayed from a recorded graph.
+    fn graph_replays(&self) -> usize {
+        0
+    }
+
+    /// Executes the recorded step for the step begun last.
+    fn replay_step(&mut self) -> Result<()> {
+        Err(crate::PipelineError::BadInput(format!("the {} backend records no step graphs", self.name())))
+    }
 
     /// `out[t] = table[tokens[t]]`.
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()>;

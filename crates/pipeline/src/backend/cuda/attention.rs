@@ -2,13 +2,22 @@
 //! replace), scores, causal softmax and softmax·V.
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
-use kernels_cuda::kernels::{attention, elementwise};
+use kernels_cuda::kernels::attention;
 
 use super::tensors::DevCache;
 use super::{CudaBackend, gpu, threads, warps};
 
-/// Positions per split of a decode step's attention (see attention_f32).
+/// Positions per split of attention over few rows (attention_f32), and of
+/// the one-row kernel (ROW_SPLIT in attention.cu).
 const ATTENTION_SPLIT: usize = 64;
+
+/// Blocks per head of the one-row scores kernel (8 warps each; each warp
+/// computes every (8 * this)-th position).
+const SCORES_ROW_BLOCKS: u32 = 16;
+
+/// The KV caches' capacity: a power of two, at least this (so a capacity
+/// is a whole number of ATTENTION_SPLIT splits).
+const MIN_CACHE_CAPACITY: usize = 64;
 use crate::backend::{AttentionShape, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
@@ -24,10 +33,10 @@ impl CudaBackend {
         let mut o = self.alloc(rows * heads * head_dim)?;
         let f = self.kernel(attention::ROPE)?;
         let stream = self.stream();
-        let a =
-            (rows as u32, in_width as u32, col_start as u32, heads as u32, head_dim as u32, self.start_position as u32);
+        let a = (rows as u32, in_width as u32, col_start as u32, heads as u32, head_dim as u32);
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&theta).arg(&a.5);
+        b.arg(&mut o).arg(x.f32(input)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&theta);
+        b.arg(&self.step_start);
         // SAFETY: one thread per (t, head, pair), all within the buffers.
         unsafe { b.launch(threads(rows * heads * head_dim / 2)) }.map_err(gpu("rope"))?;
         self.set(out, vec![rows, heads * head_dim], o)
@@ -52,7 +61,8 @@ impl CudaBackend {
         let need = start + rows;
         let stream = self.stream();
         if self.caches[layer].as_ref().is_none_or(|c| c.capacity < need || c.width != width) {
-            let capacity = need.next_power_of_two().max(64);
+            self.refuse_in_capture("growing a KV cache")?;
+            let capacity = need.next_power_of_two().max(MIN_CACHE_CAPACITY);
             let mut nk = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
             let mut nv = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
             if let Some(old) = &self.caches[layer] {
@@ -66,25 +76,18 @@ impl CudaBackend {
             }
             self.caches[layer] = Some(DevCache { k: nk, v: nv, width, len: start, capacity });
         }
-        let f = self.kernel(elementwise::COPY_COLUMNS)?;
+        let f = self.kernel(attention::APPEND_ROWS)?;
         let cache = self.caches[layer].as_mut().expect("allocated above");
         let kt = self.slots[k.index()].as_ref().expect("checked").f32(k)?;
         let vt = self.slots[v.index()].as_ref().expect("checked").f32(v)?;
-        let offset = start * width;
         let (r32, w32, vw32, vc32, zero) = (rows as u32, width as u32, v_width as u32, v_col as u32, 0u32);
-        {
-            let mut dst = cache.k.slice_mut(offset..);
+        for (dst, src, src_width, src_col) in [(&mut cache.k, kt, &w32, &zero), (&mut cache.v, vt, &vw32, &vc32)] {
             let mut b = stream.launch_builder(&f);
-            b.arg(&mut dst).arg(kt).arg(&r32).arg(&w32).arg(&zero).arg(&w32).arg(&w32);
-            // SAFETY: rows*width values into a cache with capacity >= need rows.
-            unsafe { b.launch(threads(rows * width)) }.map_err(gpu("append keys"))?;
-        }
-        {
-            let mut dst = cache.v.slice_mut(offset..);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut dst).arg(vt).arg(&r32).arg(&vw32).arg(&vc32).arg(&w32).arg(&w32);
-            // SAFETY: as above, reading columns v_col..v_col+width of v.
-            unsafe { b.launch(threads(rows * width)) }.map_err(gpu("append values"))?;
+            b.arg(dst).arg(src).arg(&self.step_start).arg(&r32).arg(src_width).arg(src_col).arg(&w32);
+            // SAFETY: rows * width values at rows start.. of a cache with
+            // capacity >= start + rows rows (step_start holds start);
+            // columns src_col..src_col + width of src are within its rows.
+            unsafe { b.launch(threads(rows * width)) }.map_err(gpu("appending to the KV cache"))?;
         }
         cache.len = need;
         Ok(())
@@ -102,19 +105,28 @@ impl CudaBackend {
         let cache = self.cache(layer)?;
         let p_len = cache.len;
         let n = shape.heads * t_len * p_len;
-        let mut o = self.alloc(n)?;
         if t_len == 1 && shape.head_dim.is_multiple_of(4) {
-            // Decode: one warp per (h, p), 16-byte loads.
+            // Decode: a fixed grid of warps over (h, p), 16-byte loads; the
+            // buffer is sized for the cache's capacity (graph.rs).
+            let mut o = self.alloc(shape.heads * cache.capacity)?;
             let f = self.kernel(attention::SCORES_ROW)?;
             let stream = self.stream();
-            let a = (p_len as u32, shape.heads as u32, shape.kv_heads as u32, shape.head_dim as u32);
+            let a = (shape.heads as u32, shape.kv_heads as u32, shape.head_dim as u32);
             let mut b = stream.launch_builder(&f);
-            b.arg(&mut o).arg(qt.f32(q)?).arg(&cache.k).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
-            // SAFETY: one warp per (h, p) of [nh, 1, P]; q holds nh * hd,
-            // the key cache P rows of nkv * hd (hd % 4 == 0: aligned loads).
-            unsafe { b.launch(warps(n)) }.map_err(gpu("attn_scores"))?;
+            b.arg(&mut o).arg(qt.f32(q)?).arg(&cache.k).arg(&self.step_start).arg(&a.0).arg(&a.1).arg(&a.2);
+            let cfg = LaunchConfig {
+                grid_dim: (SCORES_ROW_BLOCKS, shape.heads as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: scores [nh, 1, P] with P = start + 1 <= capacity fit
+            // o; q holds nh * hd, the key cache P rows of nkv * hd (hd % 4
+            // == 0: aligned loads).
+            unsafe { b.launch(cfg) }.map_err(gpu("attn_scores"))?;
             return self.set(out, vec![shape.heads, t_len, p_len], o);
         }
+        self.refuse_in_capture("attention scores of several rows take the position from the host")?;
+        let mut o = self.alloc(n)?;
         let f = self.kernel(attention::SCORES)?;
         let stream = self.stream();
         let a = (
@@ -145,14 +157,24 @@ impl CudaBackend {
         if shape.len() != 3 {
             return Err(PipelineError::BadInput(format!("attn_softmax needs [nh,T,P], got {shape:?}")));
         }
+        if shape[2] != self.start_position + shape[1] {
+            return Err(PipelineError::BadInput(format!(
+                "attn_softmax: {} positions, but a step of {} rows at {} sees {}",
+                shape[2],
+                shape[1],
+                self.start_position,
+                self.start_position + shape[1]
+            )));
+        }
         let rows = shape[0] * shape[1];
-        let mut o = self.alloc(rows * shape[2])?;
+        // As long as the scores' buffer (sized for the KV capacity in decode).
+        let mut o = self.alloc(s.buffer_len())?;
         let f = self.kernel(attention::SOFTMAX)?;
         let stream = self.stream();
-        let a = (rows as u32, shape[1] as u32, shape[2] as u32, self.start_position as u32);
+        let a = (rows as u32, shape[1] as u32);
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(s.f32(scores)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
-        // SAFETY: one warp per row of P.
+        b.arg(&mut o).arg(s.f32(scores)?).arg(&a.0).arg(&a.1).arg(&self.step_start);
+        // SAFETY: one warp per row of P = start + T (checked above).
         unsafe { b.launch(warps(rows)) }.map_err(gpu("attn_softmax"))?;
         self.set(out, shape, o)
     }
@@ -174,18 +196,41 @@ impl CudaBackend {
             )));
         }
         let n = t_len * shape.heads * shape.head_dim;
-        // Few rows over a long context (decode): split the positions so that
-        // more blocks share the work, then add the splits up in order.
+        let stream = self.stream();
+        if t_len == 1 && shape.head_dim.is_multiple_of(4) && shape.head_dim <= 128 {
+            // Decode: block (split, h) of 4 warps with 16-byte loads of v
+            // over ATTENTION_SPLIT positions; a fixed grid for the cache's
+            // capacity (blocks past the last split exit), then the splits'
+            // partial sums added in order (graph.rs).
+            let max_splits = cache.capacity.div_ceil(ATTENTION_SPLIT);
+            let mut partial = self.alloc(n * max_splits)?;
+            let f = self.kernel(attention::ATTENTION_ROW)?;
+            let a = (shape.heads as u32, shape.kv_heads as u32, shape.head_dim as u32);
+            let mut b = stream.launch_builder(&f);
+            b.arg(&mut partial).arg(pt.f32(probs)?).arg(&cache.v).arg(&self.step_start);
+            b.arg(&a.0).arg(&a.1).arg(&a.2);
+            let cfg = LaunchConfig {
+                grid_dim: (max_splits as u32, shape.heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: block (s, h) writes dims < hd of head h at split s <
+            // max_splits of partial (max_splits * n); it reads probs [nh, P]
+            // and the value cache's first P <= capacity rows (aligned
+            // 16-byte loads: hd % 4 == 0).
+            unsafe { b.launch(cfg) }.map_err(gpu("attention"))?;
+            let o = self.combine_splits(&partial, n, 1)?;
+            self.activations.recycle_buffer(partial);
+            return self.set(out, vec![t_len, shape.heads * shape.head_dim], o);
+        }
+        self.refuse_in_capture("attention over several rows takes the position from the host")?;
+        // Few rows over a long context: split the positions so that more
+        // blocks share the work, then add the splits up in order.
         let splits = if t_len <= 16 { p_len.div_ceil(ATTENTION_SPLIT).max(1) } else { 1 };
         let split_len = if splits == 1 { p_len.max(1) } else { ATTENTION_SPLIT };
         let mut partial = self.alloc(n * splits)?;
-        let stream = self.stream();
-        // Decode (one row, hd % 4 == 0, hd <= 128): block (split, h) of 4
-        // warps with 16-byte loads of v. Otherwise block (t tile and split,
-        // h, d chunk). Both write partial sums per split when there are
-        // several (see attention_f32 and attention_row_f32).
-        let row = t_len == 1 && shape.head_dim.is_multiple_of(4) && shape.head_dim <= 128;
-        let f = self.kernel(if row { attention::ATTENTION_ROW } else { attention::ATTENTION })?;
+        // Block (t tile and split, h, d chunk): see attention_f32.
+        let f = self.kernel(attention::ATTENTION)?;
         let a = (
             t_len as u32,
             p_len as u32,
@@ -197,35 +242,42 @@ impl CudaBackend {
         );
         let mut b = stream.launch_builder(&f);
         b.arg(&mut partial).arg(pt.f32(probs)?).arg(&cache.v);
-        if !row {
-            b.arg(&a.0);
-        }
-        b.arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5).arg(&a.6);
-        let grid = if row {
-            (splits as u32, shape.heads as u32, 1)
-        } else {
-            ((t_len.div_ceil(16) * splits) as u32, shape.heads as u32, shape.head_dim.div_ceil(128) as u32)
-        };
+        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5).arg(&a.6);
+        let grid = ((t_len.div_ceil(16) * splits) as u32, shape.heads as u32, shape.head_dim.div_ceil(128) as u32);
         let cfg = LaunchConfig { grid_dim: grid, block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: each block writes only its rows t < T and dims d < hd of
         // its head, in its split's part of a buffer of splits * n; it reads
-        // probs [nh, T, P] and the value cache [P, nkv*hd] within bounds
-        // (the one-row kernel's 16-byte loads are aligned: hd % 4 == 0).
+        // probs [nh, T, P] and the value cache [P, nkv*hd] within bounds.
         unsafe { b.launch(cfg) }.map_err(gpu("attention"))?;
         let o = if splits == 1 {
             partial
         } else {
-            let mut o = self.alloc(n)?;
-            let f = self.kernel(attention::COMBINE)?;
-            let (n64, s32) = (n as u64, splits as u32);
-            let mut b = stream.launch_builder(&f);
-            b.arg(&mut o).arg(&partial).arg(&n64).arg(&s32);
-            // SAFETY: one thread per output element; partial holds splits * n.
-            unsafe { b.launch(threads(n)) }.map_err(gpu("attention_combine"))?;
+            let o = self.combine_splits(&partial, n, t_len)?;
             self.activations.recycle_buffer(partial);
             o
         };
         self.set(out, vec![t_len, shape.heads * shape.head_dim], o)
+    }
+
+    /// Adds the partial sums of the ATTENTION_SPLIT-position splits that a
+    /// step of `t_len` rows has (their count follows the position in device
+    /// memory), in order, into a new output of `n`.
+    fn combine_splits(
+        &self,
+        partial: &cudarc::driver::CudaSlice<f32>,
+        n: usize,
+        t_len: usize,
+    ) -> Result<cudarc::driver::CudaSlice<f32>> {
+        let mut o = self.alloc(n)?;
+        let f = self.kernel(attention::COMBINE)?;
+        let stream = self.stream();
+        let (n64, t32, s32) = (n as u64, t_len as u32, ATTENTION_SPLIT as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut o).arg(partial).arg(&n64).arg(&self.step_start).arg(&t32).arg(&s32);
+        // SAFETY: one thread per output element; partial holds a part of n
+        // for every split of P = start + t_len positions.
+        unsafe { b.launch(threads(n)) }.map_err(gpu("attention_combine"))?;
+        Ok(o)
     }
 
     pub(super) fn kv_cache_on_device(&mut self, layer: usize) -> Result<(HostTensor, HostTensor)> {
@@ -254,7 +306,7 @@ impl CudaBackend {
             return Err(PipelineError::BadInput("KV cache keys and values must both be [len, width]".into()));
         }
         let (len, width) = (keys.shape[0], keys.shape[1]);
-        let capacity = len.next_power_of_two().max(64);
+        let capacity = len.next_power_of_two().max(MIN_CACHE_CAPACITY);
         let stream = self.stream();
         let mut padded = k.to_vec();
         padded.resize(capacity * width, 0.0);

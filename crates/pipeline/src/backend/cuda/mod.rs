@@ -15,13 +15,14 @@ use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use kernels_cuda::GpuDevice;
 use kernels_cuda::kernels::{self as handles, Kernel, WeightKernel};
 
-use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
+use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot, StepGraph};
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, TensorData};
 use crate::weights::{WeightId, WeightStore};
 
 mod attention;
 mod elementwise;
+mod graph;
 mod moe;
 mod norm;
 mod profile;
@@ -54,9 +55,15 @@ pub struct CudaBackend {
     /// biases of a layer), uploaded on first use.
     biases: HashMap<Vec<WeightId>, CudaSlice<f32>>,
     slots: Vec<Option<DevTensor>>,
+    /// The step's tokens (the first `t_len`; the buffer is reused while it
+    /// is long enough, so a decode step's token has one address).
     tokens: Option<CudaSlice<u32>>,
     t_len: usize,
     start_position: usize,
+    /// The step's start position in device memory: kernels that depend on
+    /// it read it from here (see graph.rs).
+    step_start: CudaSlice<u32>,
+    graphs: graph::StepGraphs,
     caches: Vec<Option<DevCache>>,
     poison: bool,
     /// `MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS` set: every cuBLAS projection's
@@ -157,6 +164,7 @@ impl CudaBackend {
                 weights.insert(id, w);
             }
         }
+        let step_start = device.stream().alloc_zeros::<u32>(1).map_err(gpu("allocating the step's position"))?;
         let mut stacked = HashMap::new();
         for &list in expert_lists {
             let first = store.get(list[0]);
@@ -175,6 +183,7 @@ impl CudaBackend {
             }
             stacked.insert(list[0], Stacked { data, n_out: first.shape[0], k: first.row_len(), experts: list.len() });
         }
+        let profiler = profile::OpProfiler::from_env();
         Ok(Self {
             device,
             store,
@@ -186,12 +195,14 @@ impl CudaBackend {
             tokens: None,
             t_len: 0,
             start_position: 0,
+            step_start,
             caches: Vec::new(),
             poison: false,
             zero_gemm_outputs: std::env::var_os("MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS").is_some(),
             activations: ActivationPool::default(),
             staging: staging::Staging::default(),
-            profiler: profile::OpProfiler::from_env(),
+            graphs: graph::StepGraphs::new(precision, profiler.is_some()),
+            profiler,
         })
     }
 
@@ -244,6 +255,7 @@ impl CudaBackend {
         let mut buffer = match self.activations.take(n) {
             Some(b) => b,
             None => {
+                self.refuse_in_capture(&format!("a new activation buffer of {n} values"))?;
                 let stream = self.stream();
                 // SAFETY: every kernel writes its whole output before it is
                 // read (or poisoning fills it just below).
@@ -260,6 +272,18 @@ impl CudaBackend {
             self.stream().memcpy_htod(&vec![f32::NAN; n], &mut buffer).map_err(gpu("poisoning activations"))?;
         }
         Ok(buffer)
+    }
+
+    /// An expert-id buffer of `n` int32 (at least one), recycled like
+    /// [`Self::alloc`]'s; contents unspecified.
+    fn alloc_ids(&self, n: usize) -> Result<CudaSlice<i32>> {
+        let n = n.max(1);
+        if let Some(b) = self.activations.take_ids(n) {
+            return Ok(b);
+        }
+        self.refuse_in_capture(&format!("a new expert-id buffer of {n} values"))?;
+        // SAFETY: the router writes every id before anything reads them.
+        unsafe { self.stream().alloc::<i32>(n) }.map_err(gpu("allocating expert ids"))
     }
 
     /// Puts `tensor` in `slot`, recycling what the slot held.
@@ -370,6 +394,7 @@ impl Backend for CudaBackend {
     }
 
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
+        self.plan_step(tokens.len(), start_position);
         for (layer, cache) in self.caches.iter_mut().enumerate() {
             if let Some(c) = cache {
                 if c.len < start_position {
@@ -389,15 +414,48 @@ impl Backend for CudaBackend {
         if let Some(p) = &mut self.profiler {
             p.begin_step(tokens.len());
         }
-        self.tokens = Some(self.stream().clone_htod(tokens).map_err(gpu("uploading tokens"))?);
+        let stream = self.stream();
+        match self.tokens.as_mut().filter(|t| t.len() >= tokens.len()) {
+            Some(buffer) => stream.memcpy_htod(tokens, &mut buffer.slice_mut(..tokens.len())),
+            None => stream.clone_htod(tokens).map(|t| self.tokens = Some(t)),
+        }
+        .map_err(gpu("uploading tokens"))?;
+        stream.memcpy_htod(&[start_position as u32], &mut self.step_start).map_err(gpu("uploading the position"))?;
         self.t_len = tokens.len();
         self.start_position = start_position;
-        for slot in &mut self.slots {
-            if let Some(old) = slot.take() {
-                self.activations.recycle(old);
+        // A replay fills the buffers the recorded step left in the slots.
+        if self.graphs.plan != StepGraph::Replay {
+            for slot in &mut self.slots {
+                if let Some(old) = slot.take() {
+                    self.activations.recycle(old);
+                }
             }
         }
         Ok(())
+    }
+
+    fn allow_step_graph(&mut self) {
+        self.graphs.allow_next();
+    }
+
+    fn step_graph(&self) -> StepGraph {
+        self.graphs.plan
+    }
+
+    fn begin_graph_capture(&mut self) -> Result<()> {
+        self.begin_graph_capture_on_device()
+    }
+
+    fn end_graph_capture(&mut self, failure: Option<String>) -> Result<bool> {
+        self.end_graph_capture_on_device(failure)
+    }
+
+    fn replay_step(&mut self) -> Result<()> {
+        self.replay_step_on_device()
+    }
+
+    fn graph_replays(&self) -> usize {
+        self.graphs.replays
     }
 
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
@@ -480,13 +538,17 @@ impl Backend for CudaBackend {
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {
         let t = self.slot(slot)?;
         let stream = self.stream();
+        // A buffer sized for the KV capacity holds more than the shape.
+        let numel = t.numel();
         Ok(match &t.data {
-            DevData::F32(d) => {
-                HostTensor::f32(t.shape.clone(), stream.clone_dtoh(d).map_err(gpu("copying to the host"))?)
-            }
-            DevData::I32(d) => {
-                HostTensor::i32(t.shape.clone(), stream.clone_dtoh(d).map_err(gpu("copying to the host"))?)
-            }
+            DevData::F32(d) => HostTensor::f32(
+                t.shape.clone(),
+                stream.clone_dtoh(&d.slice(..numel)).map_err(gpu("copying to the host"))?,
+            ),
+            DevData::I32(d) => HostTensor::i32(
+                t.shape.clone(),
+                stream.clone_dtoh(&d.slice(..numel)).map_err(gpu("copying to the host"))?,
+            ),
         })
     }
 

@@ -35,8 +35,7 @@ impl CudaBackend {
         }
         let stream = self.stream();
         let mut w = self.alloc(rows * k)?;
-        // SAFETY: the kernel writes all rows * k ids.
-        let mut ids = unsafe { stream.alloc::<i32>(rows * k) }.map_err(gpu("allocating expert ids"))?;
+        let mut ids = self.alloc_ids(rows * k)?;
         let f = self.kernel(moe::ROUTER_TOP_K)?;
         let a = (rows as u32, experts as u32, k as u32, u32::from(normalise));
         let mut b = stream.launch_builder(&f);

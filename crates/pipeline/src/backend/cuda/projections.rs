@@ -14,14 +14,11 @@ use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
 
 /// Projections of at most this many rows take `gemv_bf16w_v8` in Bf16
-/// mode (its accumulators are per row, up to 8).
+/// mode (its accumulators are per row, up to 8). The lm_head of a decode
+/// step too: cuBLAS read it a little faster (205-217 us against about 240
+/// us, ncu on the H100), but a decode step recorded as a CUDA graph
+/// (graph.rs) launches only our own kernels.
 const GEMV_MAX_ROWS: usize = 8;
-
-/// ... and of at most this many output features: cuBLAS reads a large
-/// matrix faster (lm_head, 151936 rows: 205-217 us at 2.9-3.0 TB/s against
-/// about 240 us for the GEMV, ncu on the H100), which outweighs its two
-/// extra launches.
-const GEMV_MAX_OUTPUTS: usize = 16384;
 
 impl CudaBackend {
     pub(super) fn linear_on_device(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
@@ -45,31 +42,35 @@ impl CudaBackend {
         // reads its bf16 weight row once for all rows, from the f32
         // activations directly, and rounds at the store (no conversion or
         // rounding launches).
-        if self.precision == CudaPrecision::Bf16
-            && rows <= GEMV_MAX_ROWS
-            && total <= GEMV_MAX_OUTPUTS
-            && k.is_multiple_of(8)
-        {
+        if self.precision == CudaPrecision::Bf16 && rows <= GEMV_MAX_ROWS && k.is_multiple_of(8) {
             let f = self.kernel(linear::GEMV_V8)?;
             let stream = self.stream();
             let x = self.slot(input)?.f32(input)?;
             let raw = u32::from(!self.rounds_projection(out));
             let mut col = 0usize;
-            for &id in weights {
-                let n = self.store.get(id).shape[0];
-                let a = (rows as u32, k as u32, n as u32, total as u32, col as u32, raw);
+            // Up to three matrices a launch (q, k and v together).
+            for group in weights.chunks(3) {
+                let n: Vec<u32> =
+                    (0..3).map(|i| group.get(i).map_or(0, |&id| self.store.get(id).shape[0] as u32)).collect();
+                let features = n.iter().sum::<u32>() as usize;
+                let a = (rows as u32, k as u32, total as u32, col as u32, raw);
                 let mut b = stream.launch_builder(&f);
                 b.arg(&mut o).arg(x);
-                push_weight(&mut b, self.weight(id));
-                b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
-                // SAFETY: one warp per feature n < n writes rows t < rows at
-                // columns col + n < total of `o` (rows * total); x holds
-                // rows * k, the weight n * k, k % 8 == 0 (aligned loads).
-                unsafe { b.launch(warps(n)) }.map_err(gpu("gemv"))?;
-                col += n;
+                for i in 0..3 {
+                    // A missing matrix: any valid pointer, with no rows.
+                    push_weight(&mut b, self.weight(*group.get(i).unwrap_or(&group[0])));
+                }
+                b.arg(&n[0]).arg(&n[1]).arg(&n[2]).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
+                // SAFETY: one warp per feature n < features writes rows t <
+                // rows at columns col + n < total of `o` (rows * total),
+                // reading row n of its matrix (each shape[0] rows of k); x
+                // holds rows * k; k % 8 == 0 (aligned loads).
+                unsafe { b.launch(warps(features)) }.map_err(gpu("gemv"))?;
+                col += features;
             }
             return self.set(out, vec![rows, total], o);
         }
+        self.refuse_in_capture("a projection through cuBLAS")?;
         // Bf16 mode multiplies bf16 by bf16 (activations are bf16 values
         // already, so the conversion is exact) with f32 accumulation.
         let x_bf16 = match self.precision {

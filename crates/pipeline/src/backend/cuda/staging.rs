@@ -148,10 +148,8 @@ impl CudaBackend {
     pub(super) fn read_async_on_device(&mut self, slot: Slot) -> Result<PendingTensor> {
         let t = self.slot(slot)?;
         let shape = t.shape.clone();
-        let (device_len, is_i32) = match &t.data {
-            DevData::F32(d) => (d.len(), false),
-            DevData::I32(d) => (d.len(), true),
-        };
+        // The shape's elements (a buffer sized for the KV capacity holds more).
+        let (device_len, is_i32) = (t.numel(), matches!(t.data, DevData::I32(_)));
         let ctx = self.device.context().clone();
         let Some(mut staging) = self.staging.pool.take(&ctx, device_len)? else {
             return self.read(slot).map(PendingTensor::ready);
@@ -167,11 +165,11 @@ impl CudaBackend {
         // and is not read until the copy's event has completed.
         let dst = unsafe { std::slice::from_raw_parts_mut(base, device_len) };
         match &t.data {
-            DevData::F32(d) => copy.memcpy_dtoh(d, dst),
+            DevData::F32(d) => copy.memcpy_dtoh(&d.slice(..device_len), dst),
             DevData::I32(d) => {
                 // SAFETY: i32 and f32 have the same size; the bits are copied
                 // unchanged and turned back into i32 on the host.
-                let as_f32 = unsafe { d.transmute::<f32>(d.len()) }
+                let as_f32 = unsafe { d.transmute::<f32>(device_len) }
                     .ok_or_else(|| PipelineError::Gpu("viewing expert ids for a capture copy".into()))?;
                 copy.memcpy_dtoh(&as_f32, dst)
             }

@@ -53,6 +53,19 @@ impl DevTensor {
         self.shape.last().copied().unwrap_or(1)
     }
 
+    /// Elements the shape holds (the buffer may hold more: see graph.rs).
+    pub(super) fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Elements the buffer holds.
+    pub(super) fn buffer_len(&self) -> usize {
+        match &self.data {
+            DevData::F32(d) => d.len(),
+            DevData::I32(d) => d.len(),
+        }
+    }
+
     pub(super) fn rows(&self) -> usize {
         self.shape.iter().product::<usize>() / self.width().max(1)
     }
@@ -75,16 +88,24 @@ pub(super) struct DevCache {
 /// every kernel writes its whole output (the parity test poisons outputs
 /// to prove it).
 #[derive(Default)]
-pub(super) struct ActivationPool(Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>);
+pub(super) struct ActivationPool {
+    values: Mutex<HashMap<usize, Vec<CudaSlice<f32>>>>,
+    /// Expert-id buffers (the router's int32 output).
+    ids: Mutex<HashMap<usize, Vec<CudaSlice<i32>>>>,
+}
 
 impl ActivationPool {
     pub(super) fn take(&self, len: usize) -> Option<CudaSlice<f32>> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|v| v.pop())
+        self.values.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|v| v.pop())
+    }
+
+    pub(super) fn take_ids(&self, len: usize) -> Option<CudaSlice<i32>> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&len).and_then(|v| v.pop())
     }
 
     /// Takes back a scratch buffer no slot holds (nothing copies from it).
     pub(super) fn recycle_buffer(&self, buffer: CudaSlice<f32>) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(buffer.len()).or_default().push(buffer);
+        self.values.lock().unwrap_or_else(|e| e.into_inner()).entry(buffer.len()).or_default().push(buffer);
     }
 
     /// Takes back a slot's tensor. Its copy guard (if a capture copy still
@@ -93,17 +114,20 @@ impl ActivationPool {
     pub(super) fn recycle(&self, tensor: DevTensor) {
         let DevTensor { copy_guard, data, .. } = tensor;
         drop(copy_guard);
-        if let DevData::F32(d) = data {
-            self.0.lock().unwrap_or_else(|e| e.into_inner()).entry(d.len()).or_default().push(d);
+        match data {
+            DevData::F32(d) => self.recycle_buffer(d),
+            DevData::I32(d) => self.ids.lock().unwrap_or_else(|e| e.into_inner()).entry(d.len()).or_default().push(d),
         }
     }
 
     /// Frees every pooled buffer (before retrying an allocation that ran
     /// out of memory).
     pub(super) fn clear(&self) -> bool {
-        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        let had = pool.values().any(|v| !v.is_empty());
-        pool.clear();
+        let mut values = self.values.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ids = self.ids.lock().unwrap_or_else(|e| e.into_inner());
+        let had = values.values().any(|v| !v.is_empty()) || ids.values().any(|v| !v.is_empty());
+        values.clear();
+        ids.clear();
         had
     }
 }

@@ -1,0 +1,197 @@
+//! Decode steps recorded once as a CUDA graph and replayed.
+//!
+//! A decode step launches about 24 kernels a layer; launched one by one
+//! from the host, the GPU waits between them. Recorded once (cudarc's
+//! stream capture) and replayed, the step is one launch. What makes the
+//! recording valid for later steps:
+//!
+//! - every per-step value a kernel reads (the step's start position, hence
+//!   the number of cached positions; the token) lives in device memory,
+//!   written before the step (`step_start`, `tokens`), never a kernel
+//!   argument;
+//! - grids depend only on the KV caches' capacity (blocks past the current
+//!   length exit), and buffers whose size follows the positions are sized
+//!   for the capacity;
+//! - no allocation inside the step: the capture step runs after an eager
+//!   decode step at the same capacity, whose buffers the activation pool
+//!   holds, and an allocation the pool cannot serve fails the capture;
+//! - the slot table the capture left is the one every replay fills, so
+//!   replay skips recycling the slots, and any eager step drops the graph.
+//!
+//! A replay runs the same kernels with the same arguments as an eager
+//! step, so it computes the same bits (GPU test: Bf16 logits with capture
+//! on, which keeps every step eager, and off). Graphs are used only in
+//! Bf16 mode (F32 mode projects through cuBLAS), without profiling or
+//! poisoning, and never with `MOETRACE_NO_GRAPHS` set. A capture that
+//! fails turns graphs off for the backend's lifetime and the step runs
+//! eagerly.
+
+use cudarc::driver::CudaGraph;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+
+use super::{CudaBackend, CudaPrecision, gpu};
+use crate::backend::{Slot, StepGraph};
+use crate::error::{PipelineError, Result};
+
+/// The graph state of a [`CudaBackend`].
+pub(super) struct StepGraphs {
+    /// Graphs may be used at all (Bf16, no profiler, not turned off).
+    enabled: bool,
+    /// The next `begin_step` may plan a graph ([`CudaBackend::allow_step_graph`]).
+    allowed_next: bool,
+    /// A capture is in progress: allocations must come from the pool and
+    /// no kernel may take the position from the host.
+    pub(super) capturing: bool,
+    /// What the step begun last does.
+    pub(super) plan: StepGraph,
+    /// The KV capacity of the step begun last (decode steps that do not
+    /// grow the caches).
+    capacity: Option<usize>,
+    /// The capacity at which the last eager decode step ran without
+    /// growing the caches: the pool holds every buffer a capture at that
+    /// capacity needs.
+    warm: Option<usize>,
+    /// The recorded step.
+    recorded: Option<Recorded>,
+    /// Steps replayed so far.
+    pub(super) replays: usize,
+}
+
+/// A recorded decode step and the KV capacity it was recorded at.
+struct Recorded {
+    graph: CudaGraph,
+    capacity: usize,
+}
+
+impl Recorded {
+    /// Launches the graph on the stream it was recorded on. `&mut`: the
+    /// graph is only ever used through an exclusive borrow.
+    fn launch(&mut self) -> Result<()> {
+        self.graph.launch().map_err(gpu("replaying the decode step"))
+    }
+}
+
+// SAFETY: CUDA graph objects are not internally synchronised and must not
+// be used from two threads at once. A `Recorded` is only launched through
+// `&mut` (above) and dropped by its owner, so moving it to another thread
+// or sharing `&Recorded` (which exposes nothing) cannot race.
+unsafe impl Send for Recorded {}
+// SAFETY: as above: `&Recorded` gives no access to the graph.
+unsafe impl Sync for Recorded {}
+
+impl StepGraphs {
+    pub(super) fn new(precision: CudaPrecision, profiling: bool) -> Self {
+        let enabled =
+            precision == CudaPrecision::Bf16 && !profiling && std::env::var_os("MOETRACE_NO_GRAPHS").is_none();
+        Self {
+            enabled,
+            allowed_next: false,
+            capturing: false,
+            plan: StepGraph::Eager,
+            capacity: None,
+            warm: None,
+            recorded: None,
+            replays: 0,
+        }
+    }
+
+    pub(super) fn allow_next(&mut self) {
+        self.allowed_next = true;
+    }
+}
+
+impl CudaBackend {
+    /// Decides how the step of `t_len` tokens at `start` runs (called
+    /// first thing in `begin_step`).
+    pub(super) fn plan_step(&mut self, t_len: usize, start: usize) {
+        let allowed = std::mem::take(&mut self.graphs.allowed_next) && self.graphs.enabled && !self.poison;
+        let capacity = self.decode_capacity(t_len, start);
+        let g = &mut self.graphs;
+        g.capacity = capacity;
+        g.plan = match capacity {
+            Some(c) if allowed && g.recorded.as_ref().is_some_and(|r| r.capacity == c) => StepGraph::Replay,
+            Some(c) if allowed && g.warm == Some(c) => StepGraph::Capture,
+            _ => StepGraph::Eager,
+        };
+        if g.plan == StepGraph::Eager {
+            // The eager step changes the slot table a graph fills.
+            g.recorded = None;
+            g.warm = capacity;
+        }
+    }
+
+    /// The capacity every layer's KV cache has, when this is a decode step
+    /// (one token after the prompt) that grows none of them.
+    fn decode_capacity(&self, t_len: usize, start: usize) -> Option<usize> {
+        if t_len != 1 || start == 0 || self.caches.is_empty() {
+            return None;
+        }
+        let first = self.caches[0].as_ref()?.capacity;
+        let uniform = self.caches.iter().all(|c| c.as_ref().is_some_and(|c| c.capacity == first));
+        (uniform && first > start).then_some(first)
+    }
+
+    pub(super) fn begin_graph_capture_on_device(&mut self) -> Result<()> {
+        if self.graphs.plan != StepGraph::Capture {
+            return Err(PipelineError::BadInput("begin_graph_capture without a step planned for capture".into()));
+        }
+        self.stream()
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(gpu("starting to record the decode step"))?;
+        self.graphs.capturing = true;
+        Ok(())
+    }
+
+    pub(super) fn end_graph_capture_on_device(&mut self, failure: Option<String>) -> Result<bool> {
+        if !self.graphs.capturing {
+            return Ok(false);
+        }
+        self.graphs.capturing = false;
+        let ended = self.stream().end_capture(CUgraphInstantiate_flags(0));
+        let why = match (failure, ended) {
+            (None, Ok(Some(graph))) => {
+                let capacity = self.graphs.capacity.expect("a capture is planned at a known capacity");
+                self.graphs.recorded = Some(Recorded { graph, capacity });
+                self.graphs.plan = StepGraph::Replay;
+                return Ok(true);
+            }
+            (None, Ok(None)) => "the recording was empty".to_string(),
+            (None, Err(e)) => format!("the driver refused the recording: {e}"),
+            (Some(failure), _) => failure,
+        };
+        tracing::warn!("decode steps run without a CUDA graph from now on: {why}");
+        self.graphs.enabled = false;
+        self.graphs.plan = StepGraph::Eager;
+        Ok(false)
+    }
+
+    pub(super) fn replay_step_on_device(&mut self) -> Result<()> {
+        let planned = self.graphs.plan == StepGraph::Replay;
+        let Some(recorded) = self.graphs.recorded.as_mut().filter(|_| planned) else {
+            return Err(PipelineError::BadInput("replay_step without a recorded step planned for replay".into()));
+        };
+        recorded.launch()?;
+        self.graphs.replays += 1;
+        // What the stage systems would have recorded on the host.
+        let p_len = self.start_position + self.t_len;
+        for cache in self.caches.iter_mut().flatten() {
+            cache.len = p_len;
+        }
+        for slot in [Slot::AttnScores, Slot::AttnSoftmax] {
+            if let Some(t) = self.slots[slot.index()].as_mut().filter(|t| t.shape.len() == 3) {
+                t.shape[2] = p_len;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails the capture in progress, if any, with `why` (an operation that
+    /// cannot be replayed: it would allocate, or it takes a per-step value
+    /// from the host).
+    pub(super) fn refuse_in_capture(&self, why: &str) -> Result<()> {
+        if self.graphs.capturing {
+            return Err(PipelineError::Gpu(format!("recording the decode step: {why}")));
+        }
+        Ok(())
+    }
+}
