@@ -16,7 +16,8 @@
 //!   decode step at the same capacity, whose buffers the activation pool
 //!   holds, and an allocation the pool cannot serve fails the capture;
 //! - the slot table the capture left is the one every replay fills, so
-//!   replay skips recycling the slots, and any eager step drops the graph.
+//!   replay skips recycling the slots, and any eager step (any slot written
+//!   outside a recording) drops the graph.
 //!
 //! A replay runs the same kernels with the same arguments as an eager
 //! step, so it computes the same bits (GPU test: Bf16 logits with capture
@@ -97,6 +98,14 @@ impl StepGraphs {
 
     pub(super) fn allow_next(&mut self) {
         self.allowed_next = true;
+    }
+
+    /// A slot was written outside a recording: the slot table is no longer
+    /// the one a replay fills, so the recorded step is dropped.
+    pub(super) fn slot_written(&mut self) {
+        if !self.capturing {
+            self.recorded = None;
+        }
     }
 }
 

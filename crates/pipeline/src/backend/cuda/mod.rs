@@ -288,6 +288,7 @@ impl CudaBackend {
 
     /// Puts `tensor` in `slot`, recycling what the slot held.
     fn store(&mut self, slot: Slot, tensor: DevTensor) {
+        self.graphs.slot_written();
         if let Some(old) = self.slots[slot.index()].replace(tensor) {
             self.activations.recycle(old);
         }
