@@ -38,7 +38,10 @@ config bench 512 65
         cat >"$tmp/ncu.ron" <<RON
 (model: Synthetic(preset: "qwen3-30b-a3b", seed: 7, layers: ${PROFILE_LAYERS:-2}), prompt: Tokens([$(tokens "${PROFILE_PROMPT:-8}")]), generate: 3, backend: Cuda(device: 0, dtype: Bf16))
 RON
-        "$ncu" --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
+        # NCU_ARGS: e.g. "--cache-control none --clock-control none" for a
+        # decode step's small kernels at the clocks and caches of a run.
+        # shellcheck disable=SC2086
+        "$ncu" ${NCU_ARGS:-} --csv --page raw --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum \
             .gpu/bin/moetrace run -q --config "$tmp/ncu.ron" >"$out/profile-ncu.csv" 2>"$out/profile-ncu.err"
         echo "ncu exit $?: $(grep -c '^"[0-9]' "$out/profile-ncu.csv") kernels"
         python3 scripts/profile_table.py "$out/profile-ncu.csv"
