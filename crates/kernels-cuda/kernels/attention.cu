@@ -8,11 +8,17 @@
 
 // Thread (t, head, i < hd/2): the pair (i, i + hd/2) of a head starting at
 // column col_start + head*hd of row t; angle = position * theta^(-2i/hd) in
-// double.
-extern "C" __global__ void rope_f32(float *out, const float *x, u32 t_len, u32 in_width, u32 col_start, u32 heads, u32 hd, double theta, const u32 *start) {
+// double. parts = 2 rotates a second set of heads of the same rows in the
+// same launch (q and k: heads1 heads from col_start1 into out1), each
+// element computed exactly as with one part.
+extern "C" __global__ void rope_f32(float *out0, float *out1, const float *x, u32 parts, u32 t_len, u32 in_width, u32 col_start0, u32 heads0, u32 col_start1, u32 heads1, u32 hd, double theta, const u32 *start) {
     u32 half = hd / 2;
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (u64)t_len * heads * half) return;
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x, first = (u64)t_len * heads0 * half;
+    if (i >= first + (parts == 2 ? (u64)t_len * heads1 * half : 0)) return;
+    bool second = i >= first;
+    if (second) i -= first;
+    float *out = second ? out1 : out0;
+    u32 heads = second ? heads1 : heads0, col_start = second ? col_start1 : col_start0;
     u32 start_position = *start;
     u32 p = (u32)(i % half), head = (u32)((i / half) % heads), t = (u32)(i / ((u64)half * heads));
     double angle = (double)(start_position + t) * pow(theta, -2.0 * (double)p / (double)hd);
@@ -25,13 +31,17 @@ extern "C" __global__ void rope_f32(float *out, const float *x, u32 t_len, u32 i
     oh[p + half] = store_act((float)(b * c + a * s));
 }
 
-// The KV cache append: cache[(start + r) * width + c] = src[r * src_width +
-// src_col + c] for r < rows, c < width.
-extern "C" __global__ void append_rows_f32(float *cache, const float *src, const u32 *start, u32 rows, u32 src_width, u32 src_col, u32 width) {
-    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= (u64)rows * width) return;
-    u32 r = (u32)(i / width), c = (u32)(i % width);
-    cache[((u64)*start + r) * width + c] = store_act(src[(u64)r * src_width + src_col + c]);
+// The KV cache append, keys and values in one launch: for r < rows and
+// c < width, k_cache[(start + r) * width + c] = k[r * k_width + c] and
+// v_cache[(start + r) * width + c] = v[r * v_width + v_col + c].
+extern "C" __global__ void append_kv_f32(float *k_cache, float *v_cache, const float *k, const float *v, const u32 *start, u32 rows, u32 k_width, u32 v_width, u32 v_col, u32 width) {
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x, n = (u64)rows * width;
+    if (i >= 2 * n) return;
+    bool value = i >= n;
+    u64 j = value ? i - n : i;
+    u32 r = (u32)(j / width), c = (u32)(j % width);
+    float x = value ? v[(u64)r * v_width + v_col + c] : k[(u64)r * k_width + c];
+    (value ? v_cache : k_cache)[((u64)*start + r) * width + c] = store_act(x);
 }
 
 // scores[h, t, p] = q[t, h] · k[p, h / group] / sqrt(hd), 0 where p > start + t.

@@ -52,10 +52,18 @@ __device__ __forceinline__ float dot8(float acc, uint4 w, const float4 *x) {
 
 // expert_linear for bf16 weights when k is a multiple of 8 (so every row of
 // W and x starts 16-byte aligned): each lane reads 8 weights per 16-byte
-// load, through the read-only path. Same contract as expert_linear.
-extern "C" __global__ void expert_linear_bf16w_v8(float *out, const float *x, const int *ids, const u16 *w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
-    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (warp >= (u64)t_len * top_k * n_out) return;
+// load, through the read-only path. Same contract as expert_linear, for
+// one projection (parts = 1: w0 into out0) or two of the same shape over
+// the same input and ids in one launch (parts = 2: the gate and up
+// projections, w1 into out1); each output element is computed exactly as
+// with one part.
+extern "C" __global__ void expert_linear_bf16w_v8(float *out0, float *out1, const float *x, const int *ids, const u16 *w0, const u16 *w1, u32 parts, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5, per_part = (u64)t_len * top_k * n_out;
+    if (warp >= parts * per_part) return;
+    bool second = warp >= per_part;
+    if (second) warp -= per_part;
+    float *out = second ? out1 : out0;
+    const u16 *w = second ? w1 : w0;
     u32 lane = threadIdx.x & 31;
     u32 n = (u32)(warp % n_out);
     u64 slot = warp / n_out;

@@ -11,43 +11,63 @@ __device__ __forceinline__ bool beats(float pa, int ia, float pb, int ib) {
     return pa > pb || (pa == pb && ia < ib);
 }
 
-#define TOPK_CACHED 8
+#define TOPK_CACHED 8   // probabilities per lane kept in registers (experts <= 256)
+#define TOPK_WARPS 8    // warps (tokens) per block
+#define TOPK_MAX_K 64
 
-// One warp per token. Lane l owns experts l, l + 32, ...; a lane's "taken"
-// bits cover its own experts (at most 128 each: experts <= 4096, checked by
-// the host). The max and the NaN flag are exact across lanes; the softmax
-// sum is reduced once (lane 0's result, broadcast), so every lane divides
-// by the same value and the probabilities are identical wherever computed.
-// Each of the k rounds picks the best untaken expert (a NaN probability
-// counts as -inf but can still be picked when nothing else is left), as
-// the CPU reference does.
-extern "C" __global__ void router_top_k_f32(float *weights, int *ids, const float *logits, u32 t_len, u32 experts, u32 top_k, u32 normalise) {
-    u64 t = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    u32 lane = threadIdx.x & 31;
+// One warp per token, TOPK_WARPS tokens per block. Lane l owns experts l,
+// l + 32, ...; a lane's "taken" bits cover its own experts (at most 128
+// each: experts <= 4096, checked by the host). The max and the NaN flag are
+// exact across lanes; the softmax sum is reduced once (lane 0's result,
+// broadcast), so every lane divides by the same value and the
+// probabilities are identical wherever computed. Up to 256 experts a lane
+// keeps its logits and probabilities in registers (computed once); more
+// experts are re-read and recomputed in every round, identically. Each of
+// the k rounds picks the best untaken expert (a NaN probability counts as
+// -inf but can still be picked when nothing else is left), as the CPU
+// reference does; the chosen probabilities wait in shared memory for the
+// renormalisation, so each weight is stored once.
+extern "C" __global__ void __launch_bounds__(32 * TOPK_WARPS) router_top_k_f32(float *weights, int *ids, const float *logits, u32 t_len, u32 experts, u32 top_k, u32 normalise) {
+    __shared__ float chosen[TOPK_WARPS][TOPK_MAX_K];
+    u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u64 t = (u64)blockIdx.x * TOPK_WARPS + warp;
     if (t >= t_len) return; // uniform across the warp
     const float *l = logits + t * experts;
+    bool cached = experts <= 32 * TOPK_CACHED;
+    float pc[TOPK_CACHED];
     float m = -INFINITY;
     bool nan = false;
-    for (u32 e = lane; e < experts; e += 32) { m = fmaxf(m, l[e]); nan |= isnan(l[e]); }
+    if (cached) {
+#pragma unroll
+        for (u32 i = 0; i < TOPK_CACHED; i++) {
+            u32 e = lane + 32 * i;
+            pc[i] = e < experts ? l[e] : -INFINITY;
+            m = fmaxf(m, pc[i]);
+            nan |= isnan(pc[i]);
+        }
+    } else {
+        for (u32 e = lane; e < experts; e += 32) { m = fmaxf(m, l[e]); nan |= isnan(l[e]); }
+    }
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     nan = __any_sync(0xffffffffu, nan);
     float sum = 0.0f;
-    for (u32 e = lane; e < experts; e += 32) sum += expf(l[e] - m);
+    if (cached) {
+#pragma unroll
+        for (u32 i = 0; i < TOPK_CACHED; i++)
+            if (lane + 32 * i < experts) sum += expf(pc[i] - m);
+    } else {
+        for (u32 e = lane; e < experts; e += 32) sum += expf(l[e] - m);
+    }
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
     sum = __shfl_sync(0xffffffffu, sum, 0);
-    u64 taken_lo = 0, taken_hi = 0;
-    float total = 0.0f;
-    // Up to 256 experts, each lane keeps its probabilities in registers
-    // (computed once, exactly as below); more experts recompute them in
-    // every round.
-    bool cached = experts <= 32 * TOPK_CACHED;
-    float pc[TOPK_CACHED];
+    if (cached) {
 #pragma unroll
-    for (u32 i = 0; i < TOPK_CACHED; i++) {
-        u32 e = lane + 32 * i;
-        float p = cached && e < experts ? expf(l[e] - m) / sum : -INFINITY;
-        pc[i] = isnan(p) ? -INFINITY : p;
+        for (u32 i = 0; i < TOPK_CACHED; i++) {
+            float p = lane + 32 * i < experts ? expf(pc[i] - m) / sum : -INFINITY;
+            pc[i] = isnan(p) ? -INFINITY : p;
+        }
     }
+    u64 taken_lo = 0, taken_hi = 0;
     for (u32 j = 0; j < top_k; j++) {
         int best = -1;
         float best_p = -INFINITY;
@@ -80,11 +100,16 @@ extern "C" __global__ void router_top_k_f32(float *weights, int *ids, const floa
         }
         if (lane == 0) {
             ids[t * top_k + j] = best;
-            weights[t * top_k + j] = nan ? QUIET_NAN : best_p;
-            total += best_p;
+            chosen[warp][j] = best_p;
         }
     }
-    if (normalise && lane == 0) for (u32 j = 0; j < top_k; j++) weights[t * top_k + j] /= total;
+    if (lane != 0) return;
+    float total = 0.0f;
+    for (u32 j = 0; j < top_k; j++) total += chosen[warp][j];
+    for (u32 j = 0; j < top_k; j++) {
+        float w = nan ? QUIET_NAN : chosen[warp][j];
+        weights[t * top_k + j] = normalise ? w / total : w;
+    }
 }
 
 // out[t, c] = Σ_j weights[t, j] · expert_out[t, j, c]

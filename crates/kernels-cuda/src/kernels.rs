@@ -36,8 +36,8 @@ pub mod attention {
     use super::{Kernel, k};
     /// NeoX RoPE.
     pub const ROPE: Kernel = k("attention", "rope_f32");
-    /// Rows appended to a KV cache at the step's position.
-    pub const APPEND_ROWS: Kernel = k("attention", "append_rows_f32");
+    /// A step's keys and values appended to a KV cache at its position.
+    pub const APPEND_KV: Kernel = k("attention", "append_kv_f32");
     /// Tiled attention scores (many rows).
     pub const SCORES: Kernel = k("attention", "attn_scores_f32");
     /// Attention scores of one row (decode).
@@ -122,7 +122,7 @@ pub mod synthetic {
 /// Every entry point, weight variants included.
 pub const ALL: &[Kernel] = &[
     attention::ROPE,
-    attention::APPEND_ROWS,
+    attention::APPEND_KV,
     attention::SCORES,
     attention::SCORES_ROW,
     attention::SOFTMAX,

@@ -4,6 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use kernels_cuda::kernels::attention;
 
+use super::deferred::RopeLaunch;
 use super::tensors::DevCache;
 use super::{CudaBackend, gpu, threads, warps};
 
@@ -13,7 +14,7 @@ const ATTENTION_SPLIT: usize = 64;
 
 /// Blocks per head of the one-row scores kernel (8 warps each; each warp
 /// computes every (8 * this)-th position).
-const SCORES_ROW_BLOCKS: u32 = 16;
+const SCORES_ROW_BLOCKS: u32 = 64;
 
 /// The KV caches' capacity: a power of two, at least this (so a capacity
 /// is a whole number of ATTENTION_SPLIT splits).
@@ -24,22 +25,19 @@ use crate::tensor::HostTensor;
 
 impl CudaBackend {
     pub(super) fn rope_on_device(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
-        let RopeArgs { col_start, heads, head_dim, theta } = args;
+        let RopeArgs { col_start, heads, head_dim, .. } = args;
         let x = self.slot(input)?;
         let (rows, in_width) = (x.rows(), x.width());
         if col_start + heads * head_dim > in_width {
             return Err(PipelineError::BadInput(format!("rope reads past the rows of `{input}`")));
         }
-        let mut o = self.alloc(rows * heads * head_dim)?;
-        let f = self.kernel(attention::ROPE)?;
-        let stream = self.stream();
-        let a = (rows as u32, in_width as u32, col_start as u32, heads as u32, head_dim as u32);
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(x.f32(input)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&theta);
-        b.arg(&self.step_start);
-        // SAFETY: one thread per (t, head, pair), all within the buffers.
-        unsafe { b.launch(threads(rows * heads * head_dim / 2)) }.map_err(gpu("rope"))?;
-        self.set(out, vec![rows, heads * head_dim], o)
+        if out == input {
+            return Err(PipelineError::BadInput(format!("rope cannot write its input `{input}` in place")));
+        }
+        let o = self.alloc(rows * heads * head_dim)?;
+        self.set(out, vec![rows, heads * head_dim], o)?;
+        // q and k of a step rotate in one launch (deferred.rs).
+        self.defer_rope(RopeLaunch { input, args, out, rows, in_width })
     }
 
     pub(super) fn append_kv_on_device(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
@@ -76,19 +74,18 @@ impl CudaBackend {
             }
             self.caches[layer] = Some(DevCache { k: nk, v: nv, width, len: start, capacity });
         }
-        let f = self.kernel(attention::APPEND_ROWS)?;
+        let f = self.kernel(attention::APPEND_KV)?;
         let cache = self.caches[layer].as_mut().expect("allocated above");
         let kt = self.slots[k.index()].as_ref().expect("checked").f32(k)?;
         let vt = self.slots[v.index()].as_ref().expect("checked").f32(v)?;
-        let (r32, w32, vw32, vc32, zero) = (rows as u32, width as u32, v_width as u32, v_col as u32, 0u32);
-        for (dst, src, src_width, src_col) in [(&mut cache.k, kt, &w32, &zero), (&mut cache.v, vt, &vw32, &vc32)] {
-            let mut b = stream.launch_builder(&f);
-            b.arg(dst).arg(src).arg(&self.step_start).arg(&r32).arg(src_width).arg(src_col).arg(&w32);
-            // SAFETY: rows * width values at rows start.. of a cache with
-            // capacity >= start + rows rows (step_start holds start);
-            // columns src_col..src_col + width of src are within its rows.
-            unsafe { b.launch(threads(rows * width)) }.map_err(gpu("appending to the KV cache"))?;
-        }
+        let a = (rows as u32, width as u32, v_width as u32, v_col as u32);
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut cache.k).arg(&mut cache.v).arg(kt).arg(vt).arg(&self.step_start);
+        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.1);
+        // SAFETY: rows * width keys and values at rows start.. of caches
+        // with capacity >= start + rows rows (step_start holds start);
+        // columns v_col..v_col + width of v are within its rows.
+        unsafe { b.launch(threads(2 * rows * width)) }.map_err(gpu("appending to the KV cache"))?;
         cache.len = need;
         Ok(())
     }

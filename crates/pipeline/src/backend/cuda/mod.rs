@@ -21,6 +21,7 @@ use crate::tensor::{HostTensor, TensorData};
 use crate::weights::{WeightId, WeightStore};
 
 mod attention;
+mod deferred;
 mod elementwise;
 mod graph;
 mod moe;
@@ -64,6 +65,8 @@ pub struct CudaBackend {
     /// it read it from here (see graph.rs).
     step_start: CudaSlice<u32>,
     graphs: graph::StepGraphs,
+    /// A launch held back for the next operation to share (deferred.rs).
+    deferred: Option<deferred::Deferred>,
     caches: Vec<Option<DevCache>>,
     poison: bool,
     /// `MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS` set: every cuBLAS projection's
@@ -202,6 +205,7 @@ impl CudaBackend {
             activations: ActivationPool::default(),
             staging: staging::Staging::default(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
+            deferred: None,
             profiler,
         })
     }
@@ -330,6 +334,13 @@ impl CudaBackend {
     /// Runs one operation, between two timing events when profiling; `name`
     /// is the stage it computes (the profile is per stage).
     fn timed<R>(&mut self, name: &'static str, op: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+        self.flush_deferred()?;
+        self.timed_deferring(name, op)
+    }
+
+    /// [`Self::timed`] for an operation that may share a held-back launch
+    /// (deferred.rs), so nothing is flushed first.
+    fn timed_deferring<R>(&mut self, name: &'static str, op: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
         if self.profiler.is_none() {
             return op(self);
         }
@@ -395,6 +406,7 @@ impl Backend for CudaBackend {
     }
 
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
+        self.flush_deferred()?;
         self.plan_step(tokens.len(), start_position);
         for (layer, cache) in self.caches.iter_mut().enumerate() {
             if let Some(c) = cache {
@@ -448,6 +460,8 @@ impl Backend for CudaBackend {
     }
 
     fn end_graph_capture(&mut self, failure: Option<String>) -> Result<bool> {
+        let flushed = self.flush_deferred();
+        let failure = failure.or_else(|| flushed.err().map(|e| e.to_string()));
         self.end_graph_capture_on_device(failure)
     }
 
@@ -480,7 +494,7 @@ impl Backend for CudaBackend {
     }
 
     fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.rope_on_device(input, args, out))
+        self.timed_deferring(out.name(), |this| this.rope_on_device(input, args, out))
     }
 
     fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
@@ -529,7 +543,7 @@ impl Backend for CudaBackend {
     }
 
     fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.expert_linear_on_device(input, indices, experts, out))
+        self.timed_deferring(out.name(), |this| this.expert_linear_on_device(input, indices, experts, out))
     }
 
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
@@ -537,6 +551,7 @@ impl Backend for CudaBackend {
     }
 
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {
+        self.flush_deferred()?;
         let t = self.slot(slot)?;
         let stream = self.stream();
         // A buffer sized for the KV capacity holds more than the shape.
@@ -558,6 +573,7 @@ impl Backend for CudaBackend {
     }
 
     fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()> {
+        self.flush_deferred()?;
         let stream = self.stream();
         let data = match &tensor.data {
             TensorData::F32(v) => DevData::F32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
@@ -568,10 +584,12 @@ impl Backend for CudaBackend {
     }
 
     fn kv_cache(&mut self, layer: usize) -> Result<(HostTensor, HostTensor)> {
+        self.flush_deferred()?;
         self.kv_cache_on_device(layer)
     }
 
     fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()> {
+        self.flush_deferred()?;
         self.set_kv_cache_on_device(layer, keys, values)
     }
 

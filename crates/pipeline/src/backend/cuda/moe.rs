@@ -10,6 +10,7 @@ use kernels_cuda::kernels::{linear, moe};
 /// of its slots) instead of one warp per output (weights read per slot).
 const GROUPED_MIN_SLOTS: usize = 32;
 
+use super::deferred::ExpertLaunch;
 use super::tensors::{DevData, DevTensor};
 use super::weights::{Stacked, push_weight};
 use super::{CudaBackend, CudaPrecision, gpu, threads, warps};
@@ -78,15 +79,30 @@ impl CudaBackend {
             && n_out.is_multiple_of(64)
             && slots >= GROUPED_MIN_SLOTS;
         if grouped {
+            self.flush_deferred()?;
             self.expert_linear_grouped(input, indices, experts, &mut o, per_slot)?;
             return self.set(out, vec![t_len, top_k, n_out], o);
         }
-        // bf16 weights with rows of a multiple of 8: 16-byte loads.
-        let f = if self.precision == CudaPrecision::Bf16 && k_in % 8 == 0 {
-            self.kernel(linear::EXPERT_LINEAR_V8)?
-        } else {
-            self.weight_kernel(linear::EXPERT_LINEAR)?
-        };
+        // bf16 weights with rows of a multiple of 8: 16-byte loads, and the
+        // gate and up projections in one launch (deferred.rs; the output
+        // goes into its slot before the launch, so it must not be an input).
+        if self.precision == CudaPrecision::Bf16 && k_in.is_multiple_of(8) && out != input && out != indices {
+            self.set(out, vec![t_len, top_k, n_out], o)?;
+            return self.defer_expert(ExpertLaunch {
+                input,
+                indices,
+                first: experts[0],
+                out,
+                per_slot,
+                t_len,
+                top_k,
+                k: k_in,
+                n_out,
+                experts: count,
+            });
+        }
+        self.flush_deferred()?;
+        let f = self.weight_kernel(linear::EXPERT_LINEAR)?;
         let stream = self.stream();
         let DevData::I32(ids) = &self.slot(indices)?.data else {
             return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
