@@ -50,3 +50,39 @@ extern "C" __global__ void swiglu_f32(float *out, const float *gate, const float
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = store_act(silu(gate[i]) * up[i]);
 }
+
+// The greedy choice: out[0] = index of the largest of row[0..n) (lowest
+// index on ties; NaN never wins; 0 when nothing beats -inf), as the host's
+// argmax. One block; each thread scans a stride in ascending order, then
+// the block reduces by (larger value, then lower index).
+__device__ __forceinline__ bool argmax_beats(float va, u32 ia, float vb, u32 ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+extern "C" __global__ void __launch_bounds__(1024) argmax_f32(u32 *out, const float *row, u32 n) {
+    __shared__ float values[32];
+    __shared__ u32 indices[32];
+    float v = -INFINITY;
+    u32 best = 0xffffffffu;
+    for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
+        float x = row[i];
+        if (x > v) { v = x; best = i; }
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_down_sync(0xffffffffu, v, o);
+        u32 oi = __shfl_down_sync(0xffffffffu, best, o);
+        if (argmax_beats(ov, oi, v, best)) { v = ov; best = oi; }
+    }
+    u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { values[warp] = v; indices[warp] = best; }
+    __syncthreads();
+    if (warp != 0) return;
+    u32 warps = (blockDim.x + 31) / 32;
+    v = lane < warps ? values[lane] : -INFINITY;
+    best = lane < warps ? indices[lane] : 0xffffffffu;
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_down_sync(0xffffffffu, v, o);
+        u32 oi = __shfl_down_sync(0xffffffffu, best, o);
+        if (argmax_beats(ov, oi, v, best)) { v = ov; best = oi; }
+    }
+    if (lane == 0) out[0] = v == -INFINITY ? 0 : best;
+}

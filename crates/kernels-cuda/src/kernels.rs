@@ -71,6 +71,8 @@ pub mod elementwise {
     pub const SILU: Kernel = k("elementwise", "silu_f32");
     /// silu(gate) * up.
     pub const SWIGLU: Kernel = k("elementwise", "swiglu_f32");
+    /// The greedy choice of a row.
+    pub const ARGMAX: Kernel = k("elementwise", "argmax_f32");
 }
 
 /// kernels/linear.cu.
@@ -138,6 +140,7 @@ pub const ALL: &[Kernel] = &[
     elementwise::MUL,
     elementwise::SILU,
     elementwise::SWIGLU,
+    elementwise::ARGMAX,
     linear::EXPERT_LINEAR.f32,
     linear::EXPERT_LINEAR.bf16w,
     linear::EXPERT_LINEAR_V8,

@@ -50,6 +50,20 @@ impl Pair {
         self.gpu.write(slot, &t).unwrap();
     }
 
+    /// Compares the greedy choice of `slot`'s last row on both backends.
+    fn argmax(&mut self, slot: S, what: &str, shape: &str) {
+        let (a, g) = (self.cpu.argmax_last_row(slot).unwrap(), self.gpu.argmax_last_row(slot).unwrap());
+        self.rows.push(format!(
+            "{:<16} {:<20} {:<26} f32  exact       argmax {a} vs {g}{:<20} {}",
+            "argmax",
+            what,
+            shape,
+            "",
+            if a == g { "ok" } else { "FAIL" }
+        ));
+        self.failures += usize::from(a != g);
+    }
+
     /// Runs `op` on both backends and compares `outputs`.
     fn case(
         &mut self,
@@ -200,16 +214,25 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
         pair.case("moe_combine", &format!("{dims} k={k} H={h}"), 1e-6, &[S::MoeFfnOut], |b| {
             b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut)
         });
-        let (a, g) = (pair.cpu.argmax_last_row(S::MoeFfnOut).unwrap(), pair.gpu.argmax_last_row(S::MoeFfnOut).unwrap());
-        pair.rows.push(format!(
-            "{:<16} {:<20} {:<26} f32  exact       argmax {a} vs {g}{:<20} {}",
-            "argmax",
-            "moe_ffn_out",
-            dims,
-            "",
-            if a == g { "ok" } else { "FAIL" }
-        ));
-        pair.failures += usize::from(a != g);
+        pair.argmax(S::MoeFfnOut, "moe_ffn_out", &dims);
+        // The greedy choice on rows made to trip it: NaN, ties (the lower
+        // index wins), nothing above -inf (0), a long row with two maxima.
+        let mut long: Vec<f32> = (0..5003).map(|i| ((i * 7919) % 1000) as f32 / 1000.0).collect();
+        long[4100] = 2.0;
+        long[4999] = 2.0;
+        let rows: [Vec<f32>; 4] = [
+            vec![f32::NAN, 3.0, 5.0, f32::NAN, 5.0, f32::NEG_INFINITY],
+            vec![f32::NAN; 7],
+            vec![f32::NEG_INFINITY, f32::NAN, f32::NEG_INFINITY],
+            long,
+        ];
+        for row in rows {
+            let width = row.len();
+            let mut two = vec![9.0f32; width];
+            two.extend(&row);
+            pair.put(S::LmHead, HostTensor::f32(vec![2, width], two));
+            pair.argmax(S::LmHead, "crafted", &format!("V={width}"));
+        }
     }
     // Expert projections at T = 300, top-2 of 5 experts (600 slots).
     let (t, top) = (300usize, 2usize);

@@ -65,6 +65,8 @@ pub struct CudaBackend {
     /// it read it from here (see graph.rs).
     step_start: CudaSlice<u32>,
     graphs: graph::StepGraphs,
+    /// Where the greedy choice lands (one u32; see `argmax_last_row`).
+    choice: CudaSlice<u32>,
     /// A launch held back for the next operation to share (deferred.rs).
     deferred: Option<deferred::Deferred>,
     caches: Vec<Option<DevCache>>,
@@ -168,6 +170,7 @@ impl CudaBackend {
             }
         }
         let step_start = device.stream().alloc_zeros::<u32>(1).map_err(gpu("allocating the step's position"))?;
+        let choice = device.stream().alloc_zeros::<u32>(1).map_err(gpu("allocating the greedy choice"))?;
         let mut stacked = HashMap::new();
         for &list in expert_lists {
             let first = store.get(list[0]);
@@ -205,6 +208,7 @@ impl CudaBackend {
             activations: ActivationPool::default(),
             staging: staging::Staging::default(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
+            choice,
             deferred: None,
             profiler,
         })
@@ -594,13 +598,26 @@ impl Backend for CudaBackend {
     }
 
     fn argmax_last_row(&mut self, slot: Slot) -> Result<u32> {
-        let t = self.read(slot)?;
-        let width = t.shape.last().copied().unwrap_or(1);
-        let data = t.as_f32().ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` is not float32")))?;
-        if data.is_empty() {
+        self.flush_deferred()?;
+        // On the device: only the index comes back, not the row.
+        let f = self.kernel(handles::elementwise::ARGMAX)?;
+        let stream = self.stream();
+        self.slot(slot)?;
+        let t = self.slots[slot.index()].as_ref().expect("checked above");
+        let (width, numel) = (t.width(), t.numel());
+        if numel == 0 || width == 0 {
             return Err(PipelineError::BadInput(format!("stage `{slot}` is empty")));
         }
-        Ok(super::argmax(&data[data.len() - width..]) as u32)
+        let row = t.f32(slot)?.slice(numel - width..numel);
+        let choice = &mut self.choice;
+        let w32 = width as u32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut *choice).arg(&row).arg(&w32);
+        let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block reads the row's width values and writes choice[0].
+        unsafe { b.launch(one_block) }.map_err(gpu("argmax"))?;
+        let index = stream.clone_dtoh(&self.choice).map_err(gpu("copying the greedy choice"))?;
+        Ok(index[0])
     }
 }
 
