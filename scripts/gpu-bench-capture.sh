@@ -2,7 +2,8 @@
 # On the GPU machine (after scripts/gpu-build.sh here, .gpu carried): the
 # full synthetic Qwen3-30B-A3B in Bf16, a 512-token prompt and 64 decode
 # steps, with nothing captured (decode replayed from a CUDA graph), the same
-# with graphs off (MOETRACE_NO_GRAPHS=1: every step eager), with every stage of layer 0 captured to disk,
+# with graphs off (MOETRACE_NO_GRAPHS=1: every step eager), with graphs but
+# no programmatic launches (nopdl: MOETRACE_NO_PDL=1), with every stage of layer 0 captured to disk,
 # the same captured to /dev/shm (memory: what the capture path costs
 # without the disk), and a bisect-style selection (moe_router_indices,
 # moe_ffn_out, post_ffn_residual of all 48 layers at every step), through
@@ -12,9 +13,10 @@ cd "$(dirname "$0")/.."
 out=${OUT:-.gpu/out}
 mkdir -p "$out" /tmp/moetrace-bench
 prompt=$(python3 -c 'print(", ".join(str((i * 7919 + 13) % 151936) for i in range(512)))')
-for name in ${CASES:-off eager layer0 layer0-shm bisect}; do
+for name in ${CASES:-off eager nopdl layer0 layer0-shm bisect}; do
     capture=""
     case $name in
+        off | eager | nopdl) ;;
         layer0) capture='capture: (stages: "all", layers: "0", out_dir: "/tmp/moetrace-bench/captures"),' ;;
         layer0-shm) capture='capture: (stages: "all", layers: "0", out_dir: "/dev/shm/moetrace-bench/captures"),' ;;
         bisect) capture='capture: (stages: "moe_router_indices,moe_ffn_out,post_ffn_residual", out_dir: "/tmp/moetrace-bench/captures"),' ;;
@@ -29,7 +31,11 @@ for name in ${CASES:-off eager layer0 layer0-shm bisect}; do
 )
 RON
     echo "== capture $name"
-    if [ "$name" = eager ]; then export MOETRACE_NO_GRAPHS=1; else unset MOETRACE_NO_GRAPHS; fi
+    unset MOETRACE_NO_GRAPHS MOETRACE_NO_PDL
+    case $name in
+        eager) export MOETRACE_NO_GRAPHS=1 ;;
+        nopdl) export MOETRACE_NO_PDL=1 ;;
+    esac
     .gpu/bin/moetrace run -q --config /tmp/moetrace-bench/$name.ron 2>&1 | tee "$out/bench-capture-$name.log"
 done
 rm -rf /tmp/moetrace-bench/captures /dev/shm/moetrace-bench

@@ -12,6 +12,7 @@
 // same launch (q and k: heads1 heads from col_start1 into out1), each
 // element computed exactly as with one part.
 extern "C" __global__ void rope_f32(float *out0, float *out1, const float *x, u32 parts, u32 t_len, u32 in_width, u32 col_start0, u32 heads0, u32 col_start1, u32 heads1, u32 hd, double theta, const u32 *start) {
+    PDL_ENTRY();
     u32 half = hd / 2;
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x, first = (u64)t_len * heads0 * half;
     if (i >= first + (parts == 2 ? (u64)t_len * heads1 * half : 0)) return;
@@ -35,6 +36,7 @@ extern "C" __global__ void rope_f32(float *out0, float *out1, const float *x, u3
 // c < width, k_cache[(start + r) * width + c] = k[r * k_width + c] and
 // v_cache[(start + r) * width + c] = v[r * v_width + v_col + c].
 extern "C" __global__ void append_kv_f32(float *k_cache, float *v_cache, const float *k, const float *v, const u32 *start, u32 rows, u32 k_width, u32 v_width, u32 v_col, u32 width) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x, n = (u64)rows * width;
     if (i >= 2 * n) return;
     bool value = i >= n;
@@ -52,6 +54,7 @@ extern "C" __global__ void append_kv_f32(float *k_cache, float *v_cache, const f
 #define AS_TILE 32
 #define AS_D 64
 extern "C" __global__ void __launch_bounds__(256) attn_scores_f32(float *scores, const float *q, const float *k_cache, u32 t_len, u32 p_len, u32 heads, u32 kv_heads, u32 hd, u32 start_position) {
+    PDL_ENTRY();
     __shared__ float qs[AS_TILE][AS_D + 1];
     __shared__ float ks[AS_TILE][AS_D + 1];
     u32 p0 = blockIdx.x * AS_TILE, t0 = blockIdx.y * AS_TILE, h = blockIdx.z;
@@ -92,6 +95,7 @@ extern "C" __global__ void __launch_bounds__(256) attn_scores_f32(float *scores,
 // the grid's row computes p = w, w + 8 * gridDim.x, ... (a fixed grid for
 // every P), one score per warp with 16-byte loads of q and k.
 extern "C" __global__ void __launch_bounds__(256) attn_scores_row_f32(float *scores, const float *q, const float *k_cache, const u32 *start, u32 heads, u32 kv_heads, u32 hd) {
+    PDL_ENTRY();
     u32 lane = threadIdx.x & 31, h = blockIdx.y, p_len = *start + 1;
     u32 kvh = h / (heads / kv_heads);
     const float4 *qv = (const float4 *)(q + (u64)h * hd);
@@ -114,6 +118,7 @@ extern "C" __global__ void __launch_bounds__(256) attn_scores_row_f32(float *sco
 // first start + t + 1 entries (max and NaN flag exact across lanes; the
 // sum reduced once and broadcast, so every lane divides by the same value).
 extern "C" __global__ void attn_softmax_f32(float *out, const float *scores, u32 rows, u32 t_len, const u32 *start) {
+    PDL_ENTRY();
     u64 r = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (r >= rows) return; // uniform across the warp
     u32 lane = threadIdx.x & 31;
@@ -145,6 +150,7 @@ extern "C" __global__ void attn_softmax_f32(float *out, const float *scores, u32
 #define AV_ROWS 16
 #define AV_P 32
 extern "C" __global__ void __launch_bounds__(128) attention_f32(float *out, const float *probs, const float *v_cache, u32 t_len, u32 p_len, u32 heads, u32 kv_heads, u32 hd, u32 split_len, u32 splits) {
+    PDL_ENTRY();
     __shared__ float ps[AV_ROWS][AV_P];
     u32 split = blockIdx.x % splits, t0 = (blockIdx.x / splits) * AV_ROWS;
     u32 h = blockIdx.y, d = blockIdx.z * blockDim.x + threadIdx.x;
@@ -186,6 +192,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_f32(float *out, cons
 // attention_combine_f32.
 #define ROW_SPLIT 64
 extern "C" __global__ void __launch_bounds__(128) attention_row_f32(float *out, const float *probs, const float *v_cache, const u32 *start, u32 heads, u32 kv_heads, u32 hd) {
+    PDL_ENTRY();
     __shared__ float4 part[4][32];
     u32 split = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u32 p_len = *start + 1;
@@ -222,6 +229,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_row_f32(float *out, 
 // that P = start + t_len has, in order (attention_f32's and
 // attention_row_f32's splits).
 extern "C" __global__ void attention_combine_f32(float *out, const float *partial, u64 n, const u32 *start, u32 t_len, u32 split_len) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= n) return;
     u32 splits = (*start + t_len + split_len - 1) / split_len;

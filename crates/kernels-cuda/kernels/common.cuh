@@ -47,9 +47,21 @@ __device__ __forceinline__ float store_act(float x) {
 __device__ __forceinline__ float load_w(const float *w, u64 i) { return w[i]; }
 __device__ __forceinline__ float load_w(const u16 *w, u64 i) { return bf16_bits_to_f32(w[i]); }
 
+// Programmatic dependent launch (sm_90): in a recorded decode step each
+// kernel may be launched while the one before it still runs (graph.rs
+// makes the edges programmatic). Every entry point starts by waiting for
+// the kernels it depends on to finish and their memory to be visible,
+// before any load or store, then lets the next kernel start launching.
+// Launched the ordinary way, both are no-ops.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_ENTRY()
+#endif
+
 // Entry points for both weight types: NAME_f32 (float weights) and
 // NAME_bf16w (bf16 weights), from one template body NAME_impl<W>.
 // (C linkage ignores the namespaces, which only scope the typedef of W.)
 #define WEIGHT_VARIANTS(NAME, PARAMS, ARGS) \
-    namespace NAME##_f32_variant { typedef float W; extern "C" __global__ void NAME##_f32 PARAMS { NAME##_impl<W> ARGS; } } \
-    namespace NAME##_bf16w_variant { typedef u16 W; extern "C" __global__ void NAME##_bf16w PARAMS { NAME##_impl<W> ARGS; } }
+    namespace NAME##_f32_variant { typedef float W; extern "C" __global__ void NAME##_f32 PARAMS { PDL_ENTRY(); NAME##_impl<W> ARGS; } } \
+    namespace NAME##_bf16w_variant { typedef u16 W; extern "C" __global__ void NAME##_bf16w PARAMS { PDL_ENTRY(); NAME##_impl<W> ARGS; } }

@@ -14,27 +14,32 @@ WEIGHT_VARIANTS(embedding, (float *out, const W *table, const unsigned int *toke
 
 // Bf16 mode: activations are rounded to bf16 values after every stage.
 extern "C" __global__ void round_bf16_f32(float *x, u64 n) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] = bf16_bits_to_f32(f32_to_bf16_bits(x[i]));
 }
 
 // Bf16 mode: activations as bf16 bits for cuBLAS (exact for bf16 values).
 extern "C" __global__ void to_bf16_bits_f32(u16 *out, const float *x, u64 n) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = f32_to_bf16_bits(x[i]);
 }
 
 extern "C" __global__ void add_bias_f32(float *out, const float *x, const float *bias, u64 n, u32 width) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = store_act(x[i] + bias[i % width]);
 }
 
 extern "C" __global__ void add_f32(float *out, const float *a, const float *b, u64 n) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = store_act(a[i] + b[i]);
 }
 
 extern "C" __global__ void mul_f32(float *out, const float *a, const float *b, u64 n) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = store_act(a[i] * b[i]);
 }
@@ -42,11 +47,13 @@ extern "C" __global__ void mul_f32(float *out, const float *a, const float *b, u
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 extern "C" __global__ void silu_f32(float *out, const float *x, u64 n) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = store_act(silu(x[i]));
 }
 
 extern "C" __global__ void swiglu_f32(float *out, const float *gate, const float *up, u64 n) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = store_act(silu(gate[i]) * up[i]);
 }
@@ -59,6 +66,7 @@ __device__ __forceinline__ bool argmax_beats(float va, u32 ia, float vb, u32 ib)
     return va > vb || (va == vb && ia < ib);
 }
 extern "C" __global__ void __launch_bounds__(1024) argmax_f32(u32 *out, const float *row, u32 n) {
+    PDL_ENTRY();
     __shared__ float values[32];
     __shared__ u32 indices[32];
     float v = -INFINITY;

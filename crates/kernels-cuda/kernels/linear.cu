@@ -58,6 +58,7 @@ __device__ __forceinline__ float dot8(float acc, uint4 w, const float4 *x) {
 // projections, w1 into out1); each output element is computed exactly as
 // with one part.
 extern "C" __global__ void expert_linear_bf16w_v8(float *out0, float *out1, const float *x, const int *ids, const u16 *w0, const u16 *w1, u32 parts, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
+    PDL_ENTRY();
     u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5, per_part = (u64)t_len * top_k * n_out;
     if (warp >= parts * per_part) return;
     bool second = warp >= per_part;
@@ -91,6 +92,7 @@ extern "C" __global__ void expert_linear_bf16w_v8(float *out0, float *out1, cons
 // f32 sum as is (the router logits, which stay f32); raw = 0 stores it as
 // an activation (store_act).
 extern "C" __global__ void gemv_bf16w_v8(float *out, const float *x, const u16 *w0, const u16 *w1, const u16 *w2, u32 n0, u32 n1, u32 n2, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
+    PDL_ENTRY();
     u64 n = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (n >= (u64)n0 + n1 + n2) return; // uniform across the warp
     u32 lane = threadIdx.x & 31;

@@ -11,6 +11,18 @@ __device__ __forceinline__ bool beats(float pa, int ia, float pb, int ib) {
     return pa > pb || (pa == pb && ia < ib);
 }
 
+// Warp-wide max and min of a u32 (sm_80+: one instruction each).
+__device__ __forceinline__ u32 redux_max(u32 x) {
+    u32 r;
+    asm volatile("redux.sync.max.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(x));
+    return r;
+}
+__device__ __forceinline__ u32 redux_min(u32 x) {
+    u32 r;
+    asm volatile("redux.sync.min.u32 %0, %1, 0xffffffff;" : "=r"(r) : "r"(x));
+    return r;
+}
+
 #define TOPK_CACHED 8   // probabilities per lane kept in registers (experts <= 256)
 #define TOPK_WARPS 8    // warps (tokens) per block
 #define TOPK_MAX_K 64
@@ -21,13 +33,15 @@ __device__ __forceinline__ bool beats(float pa, int ia, float pb, int ib) {
 // exact across lanes; the softmax sum is reduced once (lane 0's result,
 // broadcast), so every lane divides by the same value and the
 // probabilities are identical wherever computed. Up to 256 experts a lane
-// keeps its logits and probabilities in registers (computed once); more
-// experts are re-read and recomputed in every round, identically. Each of
+// keeps its logits and probabilities in registers (computed once) and a
+// round is two warp reductions (redux.sync); more experts are re-read and
+// recomputed in every round, identically, and compared by shuffles. Each of
 // the k rounds picks the best untaken expert (a NaN probability counts as
 // -inf but can still be picked when nothing else is left), as the CPU
 // reference does; the chosen probabilities wait in shared memory for the
 // renormalisation, so each weight is stored once.
 extern "C" __global__ void __launch_bounds__(32 * TOPK_WARPS) router_top_k_f32(float *weights, int *ids, const float *logits, u32 t_len, u32 experts, u32 top_k, u32 normalise) {
+    PDL_ENTRY();
     __shared__ float chosen[TOPK_WARPS][TOPK_MAX_K];
     u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     u64 t = (u64)blockIdx.x * TOPK_WARPS + warp;
@@ -61,24 +75,36 @@ extern "C" __global__ void __launch_bounds__(32 * TOPK_WARPS) router_top_k_f32(f
     for (int o = 16; o > 0; o >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, o);
     sum = __shfl_sync(0xffffffffu, sum, 0);
     if (cached) {
+        // Probabilities as ordered keys: an untakeable slot 0, -inf (NaN
+        // included) 1, p >= 0 its bits + 2 (non-negative floats order as
+        // their bits). The best key, then the lowest id holding it: the
+        // order of `beats`, in two warp reductions a round.
+        u32 keys[TOPK_CACHED];
 #pragma unroll
         for (u32 i = 0; i < TOPK_CACHED; i++) {
-            float p = lane + 32 * i < experts ? expf(pc[i] - m) / sum : -INFINITY;
-            pc[i] = isnan(p) ? -INFINITY : p;
+            float p = expf(pc[i] - m) / sum;
+            keys[i] = lane + 32 * i >= experts ? 0u : (isnan(p) || p == -INFINITY) ? 1u : __float_as_uint(p) + 2u;
         }
-    }
-    u64 taken_lo = 0, taken_hi = 0;
-    for (u32 j = 0; j < top_k; j++) {
-        int best = -1;
-        float best_p = -INFINITY;
-        if (cached) {
+        for (u32 j = 0; j < top_k; j++) {
+            u32 key = 0, id = 0xffffffffu;
 #pragma unroll
-            for (u32 i = 0; i < TOPK_CACHED; i++) {
-                u32 e = lane + 32 * i;
-                if (e >= experts || ((taken_lo >> i) & 1)) continue;
-                if (beats(pc[i], (int)e, best_p, best)) { best = (int)e; best_p = pc[i]; }
+            for (u32 i = 0; i < TOPK_CACHED; i++)
+                if (keys[i] > key) { key = keys[i]; id = lane + 32 * i; }
+            u32 best_key = redux_max(key);
+            u32 best = redux_min(key == best_key ? id : 0xffffffffu);
+#pragma unroll
+            for (u32 i = 0; i < TOPK_CACHED; i++)
+                if (best_key != 0 && lane + 32 * i == best) keys[i] = 0; // taken: untakeable from now on
+            if (lane == 0) {
+                ids[t * top_k + j] = best_key == 0 ? -1 : (int)best;
+                chosen[warp][j] = best_key < 2 ? -INFINITY : __uint_as_float(best_key - 2u);
             }
-        } else {
+        }
+    } else {
+        u64 taken_lo = 0, taken_hi = 0;
+        for (u32 j = 0; j < top_k; j++) {
+            int best = -1;
+            float best_p = -INFINITY;
             for (u32 e = lane, i = 0; e < experts; e += 32, i++) {
                 bool taken = i < 64 ? (taken_lo >> i) & 1 : (taken_hi >> (i - 64)) & 1;
                 if (taken) continue;
@@ -86,21 +112,21 @@ extern "C" __global__ void __launch_bounds__(32 * TOPK_WARPS) router_top_k_f32(f
                 p = isnan(p) ? -INFINITY : p;
                 if (beats(p, (int)e, best_p, best)) { best = (int)e; best_p = p; }
             }
-        }
-        for (int o = 16; o > 0; o >>= 1) {
-            float op = __shfl_down_sync(0xffffffffu, best_p, o);
-            int oi = __shfl_down_sync(0xffffffffu, best, o);
-            if (beats(op, oi, best_p, best)) { best = oi; best_p = op; }
-        }
-        best = __shfl_sync(0xffffffffu, best, 0);
-        best_p = __shfl_sync(0xffffffffu, best_p, 0);
-        if (best >= 0 && (u32)best % 32 == lane) {
-            u32 i = (u32)best / 32;
-            if (i < 64) taken_lo |= 1ull << i; else taken_hi |= 1ull << (i - 64);
-        }
-        if (lane == 0) {
-            ids[t * top_k + j] = best;
-            chosen[warp][j] = best_p;
+            for (int o = 16; o > 0; o >>= 1) {
+                float op = __shfl_down_sync(0xffffffffu, best_p, o);
+                int oi = __shfl_down_sync(0xffffffffu, best, o);
+                if (beats(op, oi, best_p, best)) { best = oi; best_p = op; }
+            }
+            best = __shfl_sync(0xffffffffu, best, 0);
+            best_p = __shfl_sync(0xffffffffu, best_p, 0);
+            if (best >= 0 && (u32)best % 32 == lane) {
+                u32 i = (u32)best / 32;
+                if (i < 64) taken_lo |= 1ull << i; else taken_hi |= 1ull << (i - 64);
+            }
+            if (lane == 0) {
+                ids[t * top_k + j] = best;
+                chosen[warp][j] = best_p;
+            }
         }
     }
     if (lane != 0) return;
@@ -114,6 +140,7 @@ extern "C" __global__ void __launch_bounds__(32 * TOPK_WARPS) router_top_k_f32(f
 
 // out[t, c] = Σ_j weights[t, j] · expert_out[t, j, c]
 extern "C" __global__ void moe_combine_f32(float *out, const float *expert_out, const float *weights, u32 t_len, u32 top_k, u32 h) {
+    PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)t_len * h) return;
     u32 t = (u32)(i / h), c = (u32)(i % h);
@@ -129,6 +156,7 @@ extern "C" __global__ void moe_combine_f32(float *out, const float *expert_out, 
 
 // counts[e] = how many of the `slots` ids are e. One block per expert.
 extern "C" __global__ void moe_count_slots(int *counts, const int *ids, u32 slots) {
+    PDL_ENTRY();
     __shared__ u32 partial[32];
     u32 e = blockIdx.x, c = 0;
     for (u32 s = threadIdx.x; s < slots; s += blockDim.x) c += (u32)(ids[s] == (int)e);
@@ -145,6 +173,7 @@ extern "C" __global__ void moe_count_slots(int *counts, const int *ids, u32 slot
 // offsets[e] = Σ counts[< e]; sorted[offsets[e] + i] = the i-th slot (in
 // ascending order) whose id is e. One block per expert; deterministic.
 extern "C" __global__ void moe_sort_slots(int *sorted, int *offsets, const int *counts, const int *ids, u32 slots) {
+    PDL_ENTRY();
     __shared__ u32 warp_hits[32];
     __shared__ u32 base;
     u32 e = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) / 32;
@@ -173,6 +202,7 @@ extern "C" __global__ void moe_sort_slots(int *sorted, int *offsets, const int *
 // Rows of slots whose id is not an expert are NaN (the contract of
 // expert_linear); the grouped kernel never visits them. One warp per slot.
 extern "C" __global__ void moe_invalid_rows(float *out, const int *ids, u32 slots, u32 n_out, u32 experts) {
+    PDL_ENTRY();
     u64 s = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (s >= slots) return;
     int e = ids[s];
@@ -211,6 +241,7 @@ __device__ __forceinline__ void mma_bf16_16816(float *d, u32 a0, u32 a1, u32 a2,
 extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
     float *out, const float *x, const int *sorted, const int *offsets, const int *counts, const u16 *w,
     u32 top_k, u32 k, u32 n_out, u32 per_slot) {
+    PDL_ENTRY();
     __shared__ __align__(16) u16 ws[GT_ROWS][GT_K + GT_PAD];
     __shared__ __align__(16) u16 xs[GT_SLOTS][GT_K + GT_PAD];
     __shared__ int slot_of[GT_SLOTS];

@@ -21,6 +21,7 @@ __device__ __forceinline__ u16 synthetic_bf16(u64 key, u64 i, float mean, float 
 
 // out[i] = element i of the tensor, as bf16 bits.
 extern "C" __global__ void synthetic_fill_bf16(u16 *out, u64 n, u64 key, float mean, float scale) {
+    PDL_ENTRY();
     u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         out[i] = synthetic_bf16(key, i, mean, scale);
@@ -29,6 +30,7 @@ extern "C" __global__ void synthetic_fill_bf16(u16 *out, u64 n, u64 key, float m
 
 // out[i] = element i of the tensor, the same bf16 value widened to f32.
 extern "C" __global__ void synthetic_fill_f32(float *out, u64 n, u64 key, float mean, float scale) {
+    PDL_ENTRY();
     u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         out[i] = bf16_bits_to_f32(synthetic_bf16(key, i, mean, scale));

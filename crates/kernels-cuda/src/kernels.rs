@@ -187,6 +187,30 @@ mod tests {
         names
     }
 
+    /// A recorded decode step launches each kernel while the one before it
+    /// may still run (programmatic dependent launch), so an entry point
+    /// that touched memory before `PDL_ENTRY()` would race.
+    #[test]
+    fn every_entry_point_waits_for_its_predecessors_first() {
+        for (family, source) in FAMILIES {
+            let lines: Vec<&str> = source.lines().collect();
+            for (i, line) in lines.iter().enumerate() {
+                if !line.trim_start().starts_with("extern \"C\" __global__") {
+                    continue;
+                }
+                let open = (i..lines.len()).find(|&j| lines[j].trim_end().ends_with('{')).unwrap();
+                let first = lines[open + 1..].iter().map(|l| l.trim()).find(|l| !l.is_empty()).unwrap_or("");
+                assert_eq!(first, "PDL_ENTRY();", "{family}: `{}` must start with PDL_ENTRY();", line.trim());
+            }
+        }
+        let common = include_str!("../kernels/common.cuh");
+        assert_eq!(
+            common.matches("PARAMS { PDL_ENTRY(); NAME##_impl<W> ARGS; }").count(),
+            2,
+            "WEIGHT_VARIANTS entry points"
+        );
+    }
+
     #[test]
     fn every_handle_names_an_entry_point_and_every_entry_point_has_a_handle() {
         let mut defined = BTreeSet::new();

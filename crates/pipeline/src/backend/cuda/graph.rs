@@ -27,8 +27,10 @@
 //! fails turns graphs off for the backend's lifetime and the step runs
 //! eagerly.
 
-use cudarc::driver::CudaGraph;
-use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use std::sync::Arc;
+
+use cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaStream};
 
 use super::{CudaBackend, CudaPrecision, gpu};
 use crate::backend::{Slot, StepGraph};
@@ -61,14 +63,99 @@ pub(super) struct StepGraphs {
 /// A recorded decode step and the KV capacity it was recorded at.
 struct Recorded {
     graph: CudaGraph,
+    /// The graph instantiated again after its kernel-to-kernel edges were
+    /// made programmatic ([`programmatic_edges`]); `None`: `graph`'s own
+    /// instance (no programmatic edges) is launched.
+    programmatic: Option<sys::CUgraphExec>,
+    stream: Arc<CudaStream>,
     capacity: usize,
 }
 
 impl Recorded {
+    fn new(graph: CudaGraph, stream: Arc<CudaStream>, capacity: usize, programmatic: bool) -> Self {
+        let mut recorded = Self { graph, programmatic: None, stream, capacity };
+        if programmatic {
+            // SAFETY: the graph is ours alone and not launching; its
+            // existing instance was made before the edges change and is
+            // unaffected by them.
+            match unsafe { programmatic_instance(recorded.graph.cu_graph()) } {
+                Ok(exec) => recorded.programmatic = Some(exec),
+                Err(e) => tracing::warn!("decode steps replay without programmatic launches: {e}"),
+            }
+        }
+        recorded
+    }
+
     /// Launches the graph on the stream it was recorded on. `&mut`: the
     /// graph is only ever used through an exclusive borrow.
     fn launch(&mut self) -> Result<()> {
-        self.graph.launch().map_err(gpu("replaying the decode step"))
+        match self.programmatic {
+            // SAFETY: a live instance of this graph, launched on the stream
+            // its kernels were recorded on.
+            Some(exec) => unsafe { sys::cuGraphLaunch(exec, self.stream.cu_stream()) }
+                .result()
+                .map_err(gpu("replaying the decode step")),
+            None => self.graph.launch().map_err(gpu("replaying the decode step")),
+        }
+    }
+}
+
+impl Drop for Recorded {
+    fn drop(&mut self) {
+        if let Some(exec) = self.programmatic.take() {
+            // SAFETY: our own instance, destroyed once; an error leaves a
+            // leak, nothing worse.
+            let _ = unsafe { sys::cuGraphExecDestroy(exec) };
+        }
+    }
+}
+
+/// Makes every kernel-to-kernel edge of `graph` programmatic (each kernel
+/// may launch once all blocks of the one before have started: they wait
+/// in `PDL_ENTRY`, common.cuh, for it to finish) and instantiates it.
+///
+/// # Safety
+/// `graph` must be a valid graph no other thread uses.
+unsafe fn programmatic_instance(graph: sys::CUgraph) -> std::result::Result<sys::CUgraphExec, String> {
+    let check = |r: sys::CUresult, what: &str| r.result().map_err(|e| format!("{what}: {e}"));
+    let mut n = 0usize;
+    let none = std::ptr::null_mut();
+    // SAFETY (all calls below): pointers to buffers of n elements, as the
+    // driver asks; nodes come from this graph.
+    unsafe {
+        check(sys::cuGraphGetEdges_v2(graph, none, none, std::ptr::null_mut(), &mut n), "counting the graph's edges")?;
+        let mut from = vec![std::ptr::null_mut(); n];
+        let mut to = vec![std::ptr::null_mut(); n];
+        let blank = sys::CUgraphEdgeData_st { from_port: 0, to_port: 0, type_: 0, reserved: [0; 5] };
+        let mut data = vec![blank; n];
+        check(
+            sys::cuGraphGetEdges_v2(graph, from.as_mut_ptr(), to.as_mut_ptr(), data.as_mut_ptr(), &mut n),
+            "reading the graph's edges",
+        )?;
+        let is_kernel = |node: sys::CUgraphNode| {
+            let mut kind = sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_EMPTY;
+            sys::cuGraphNodeGetType(node, &mut kind).result().is_ok()
+                && kind == sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL
+        };
+        let programmatic = sys::CUgraphEdgeData_st {
+            from_port: sys::CU_GRAPH_KERNEL_NODE_PORT_PROGRAMMATIC as u8,
+            to_port: 0,
+            type_: sys::CUgraphDependencyType::CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC as u8,
+            reserved: [0; 5],
+        };
+        for i in 0..n {
+            if data[i].type_ != 0 || !is_kernel(from[i]) || !is_kernel(to[i]) {
+                continue;
+            }
+            check(sys::cuGraphRemoveDependencies_v2(graph, &from[i], &to[i], &data[i], 1), "removing an edge")?;
+            check(
+                sys::cuGraphAddDependencies_v2(graph, &from[i], &to[i], &programmatic, 1),
+                "adding a programmatic edge",
+            )?;
+        }
+        let mut exec = std::ptr::null_mut();
+        check(sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0), "instantiating the graph")?;
+        Ok(exec)
     }
 }
 
@@ -160,7 +247,8 @@ impl CudaBackend {
         let why = match (failure, ended) {
             (None, Ok(Some(graph))) => {
                 let capacity = self.graphs.capacity.expect("a capture is planned at a known capacity");
-                self.graphs.recorded = Some(Recorded { graph, capacity });
+                let programmatic = std::env::var_os("MOETRACE_NO_PDL").is_none();
+                self.graphs.recorded = Some(Recorded::new(graph, self.stream(), capacity, programmatic));
                 self.graphs.plan = StepGraph::Replay;
                 return Ok(true);
             }
