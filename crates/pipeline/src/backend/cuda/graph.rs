@@ -120,8 +120,8 @@ unsafe fn programmatic_instance(graph: sys::CUgraph) -> std::result::Result<sys:
     let check = |r: sys::CUresult, what: &str| r.result().map_err(|e| format!("{what}: {e}"));
     let mut n = 0usize;
     let none = std::ptr::null_mut();
-    // SAFETY (all calls below): pointers to buffers of n elements, as the
-    // driver asks; nodes come from this graph.
+    // SAFETY: every call gets pointers to buffers of n elements, as the
+    // driver asks, and nodes of this graph, which the caller owns.
     unsafe {
         check(sys::cuGraphGetEdges_v2(graph, none, none, std::ptr::null_mut(), &mut n), "counting the graph's edges")?;
         let mut from = vec![std::ptr::null_mut(); n];
