@@ -159,6 +159,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     let backend_start = Instant::now();
     let mut backend = build_backend(&config.backend, config.threads, &model, config_path)?;
     backend.check_run_memory(crate::config::run_bytes(&model.config, config.prompt_tokens().len(), config.generate))?;
+    backend.warm_up(config.prompt_tokens().len())?;
     if let Some(session) = &session {
         backend.reserve_capture(&session.first_step_elements(&model.config, config.prompt_tokens().len()))?;
     }

@@ -121,6 +121,16 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Loads, before the first step, whatever the backend would otherwise
+    /// load inside it for a prompt of `prompt_tokens` (the CUDA backend:
+    /// cuBLAS's kernels for each projection shape, which it loads on first
+    /// use), so that the prefill's time is the prefill's. Changes no
+    /// result. By default nothing to do.
+    fn warm_up(&mut self, prompt_tokens: usize) -> Result<()> {
+        let _ = prompt_tokens;
+        Ok(())
+    }
+
     /// Starts a step computing `tokens` at positions `start_position..`.
     /// Truncates the KV caches to `start_position` entries; fails if they
     /// hold fewer.

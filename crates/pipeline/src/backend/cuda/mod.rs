@@ -385,6 +385,10 @@ impl Backend for CudaBackend {
         ))
     }
 
+    fn warm_up(&mut self, prompt_tokens: usize) -> Result<()> {
+        self.warm_up_projections(prompt_tokens)
+    }
+
     fn reserve_capture(&mut self, elements: &[usize]) -> Result<()> {
         let ctx = self.device.context().clone();
         self.staging.pool.reserve(&ctx, elements)

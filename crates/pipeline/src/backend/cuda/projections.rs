@@ -94,6 +94,50 @@ impl CudaBackend {
         self.set_projection(out, vec![rows, total], o)
     }
 
+    /// One projection of each dense weight shape at the row counts the run
+    /// will use with cuBLAS (the prompt's, unless the GEMV takes it; one
+    /// row in F32 mode), on zeros, so cuBLAS loads its kernels now.
+    pub(super) fn warm_up_projections(&mut self, prompt_tokens: usize) -> Result<()> {
+        let mut shapes: Vec<(usize, usize)> = self
+            .weights
+            .keys()
+            .map(|&id| &self.store.get(id).shape)
+            .filter(|s| s.len() == 2)
+            .map(|s| (s[0], s[1]))
+            .collect();
+        shapes.sort_unstable();
+        shapes.dedup();
+        let mut rows = vec![prompt_tokens];
+        if self.precision == CudaPrecision::F32 {
+            rows.push(1);
+        }
+        let stream = self.stream();
+        for &r in rows.iter().filter(|&&r| r > 0) {
+            for &(n, k) in &shapes {
+                let gemv = self.precision == CudaPrecision::Bf16 && r <= GEMV_MAX_ROWS && k.is_multiple_of(8);
+                if gemv || r * n > (1 << 29) {
+                    continue; // no cuBLAS call, or an output too large to warm up cheaply
+                }
+                let shape = ProjectionShape { rows: r, k, n, out_stride: n };
+                let mut out = stream.alloc_zeros::<f32>(r * n).map_err(gpu("warming up cuBLAS"))?;
+                match self.precision {
+                    CudaPrecision::F32 => {
+                        let (x, w) = (stream.alloc_zeros::<f32>(r * k), stream.alloc_zeros::<f32>(n * k));
+                        let (x, w) = (x.map_err(gpu("warming up cuBLAS"))?, w.map_err(gpu("warming up cuBLAS"))?);
+                        self.device.project(&x, &w, &mut out, shape)
+                    }
+                    CudaPrecision::Bf16 => {
+                        let (x, w) = (stream.alloc_zeros::<u16>(r * k), stream.alloc_zeros::<u16>(n * k));
+                        let (x, w) = (x.map_err(gpu("warming up cuBLAS"))?, w.map_err(gpu("warming up cuBLAS"))?);
+                        self.device.project(&x, &w, &mut out, shape)
+                    }
+                }
+                .map_err(kernel_error)?;
+            }
+        }
+        stream.synchronize().map_err(gpu("warming up cuBLAS"))
+    }
+
     pub(super) fn add_bias_on_device(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
         if !self.biases.contains_key(biases) {
             let mut host = Vec::new();
