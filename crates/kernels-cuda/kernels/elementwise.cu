@@ -58,33 +58,30 @@ extern "C" __global__ void swiglu_f32(float *out, const float *gate, const float
     if (i < n) out[i] = store_act(silu(gate[i]) * up[i]);
 }
 
-// The greedy choice: out[0] = index of the largest of row[0..n) (lowest
-// index on ties; NaN never wins; 0 when nothing beats -inf), as the host's
-// argmax. One block; each thread scans a stride in ascending order, then
-// the block reduces by (larger value, then lower index).
+// The greedy choice: the index of the largest of row[0..n) (lowest index on
+// ties; NaN never wins; 0 when nothing beats -inf), as the host's argmax.
+// argmax_f32: block b scans its contiguous part of the row and writes its
+// best (value bits, index) to partial[2b], partial[2b + 1]; then
+// argmax_final_f32 (one block) reduces the blocks' bests into out[0]. The
+// order (larger value, then lower index) makes the result independent of
+// how the row is split.
 __device__ __forceinline__ bool argmax_beats(float va, u32 ia, float vb, u32 ib) {
     return va > vb || (va == vb && ia < ib);
 }
-extern "C" __global__ void __launch_bounds__(1024) argmax_f32(u32 *out, const float *row, u32 n) {
-    PDL_ENTRY();
+
+// The block's best (v, i) of its threads' (v, i), in thread 0.
+__device__ __forceinline__ void block_argmax(float &v, u32 &best) {
     __shared__ float values[32];
     __shared__ u32 indices[32];
-    float v = -INFINITY;
-    u32 best = 0xffffffffu;
-    for (u32 i = threadIdx.x; i < n; i += blockDim.x) {
-        float x = row[i];
-        if (x > v) { v = x; best = i; }
-    }
     for (int o = 16; o > 0; o >>= 1) {
         float ov = __shfl_down_sync(0xffffffffu, v, o);
         u32 oi = __shfl_down_sync(0xffffffffu, best, o);
         if (argmax_beats(ov, oi, v, best)) { v = ov; best = oi; }
     }
-    u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) / 32;
     if (lane == 0) { values[warp] = v; indices[warp] = best; }
     __syncthreads();
     if (warp != 0) return;
-    u32 warps = (blockDim.x + 31) / 32;
     v = lane < warps ? values[lane] : -INFINITY;
     best = lane < warps ? indices[lane] : 0xffffffffu;
     for (int o = 16; o > 0; o >>= 1) {
@@ -92,5 +89,30 @@ extern "C" __global__ void __launch_bounds__(1024) argmax_f32(u32 *out, const fl
         u32 oi = __shfl_down_sync(0xffffffffu, best, o);
         if (argmax_beats(ov, oi, v, best)) { v = ov; best = oi; }
     }
-    if (lane == 0) out[0] = v == -INFINITY ? 0 : best;
+}
+
+extern "C" __global__ void argmax_f32(u32 *partial, const float *row, u32 n) {
+    PDL_ENTRY();
+    u32 chunk = (n + gridDim.x - 1) / gridDim.x, begin = blockIdx.x * chunk, end = min(n, begin + chunk);
+    float v = -INFINITY;
+    u32 best = 0xffffffffu;
+    for (u32 i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        float x = row[i];
+        if (x > v) { v = x; best = i; }
+    }
+    block_argmax(v, best);
+    if (threadIdx.x == 0) { partial[2 * blockIdx.x] = __float_as_uint(v); partial[2 * blockIdx.x + 1] = best; }
+}
+
+extern "C" __global__ void argmax_final_f32(u32 *out, const u32 *partial, u32 blocks) {
+    PDL_ENTRY();
+    float v = -INFINITY;
+    u32 best = 0xffffffffu;
+    for (u32 b = threadIdx.x; b < blocks; b += blockDim.x) {
+        float x = __uint_as_float(partial[2 * b]);
+        u32 i = partial[2 * b + 1];
+        if (argmax_beats(x, i, v, best)) { v = x; best = i; }
+    }
+    block_argmax(v, best);
+    if (threadIdx.x == 0) out[0] = v == -INFINITY ? 0 : best;
 }

@@ -71,8 +71,10 @@ pub mod elementwise {
     pub const SILU: Kernel = k("elementwise", "silu_f32");
     /// silu(gate) * up.
     pub const SWIGLU: Kernel = k("elementwise", "swiglu_f32");
-    /// The greedy choice of a row.
+    /// The greedy choice of a row: each block's best...
     pub const ARGMAX: Kernel = k("elementwise", "argmax_f32");
+    /// ... and the best of the blocks'.
+    pub const ARGMAX_FINAL: Kernel = k("elementwise", "argmax_final_f32");
 }
 
 /// kernels/linear.cu.
@@ -141,6 +143,7 @@ pub const ALL: &[Kernel] = &[
     elementwise::SILU,
     elementwise::SWIGLU,
     elementwise::ARGMAX,
+    elementwise::ARGMAX_FINAL,
     linear::EXPERT_LINEAR.f32,
     linear::EXPERT_LINEAR.bf16w,
     linear::EXPERT_LINEAR_V8,

@@ -37,6 +37,18 @@ pub enum StageHookSystems {
     Teach(SaveTensorStage),
 }
 
+/// The end of a scope's schedule: after every stage of the scope and its
+/// hooks. An observer here ([`crate::Forward::add_scope_observer`]) reads
+/// any stage of the scope from its slot, which still holds what the stage
+/// and its amenders produced (each stage writes only its own slot); one
+/// such system per scope costs the schedule one system run, where an
+/// observer per stage costs one per stage and layer whether it copies
+/// anything or not. Skipped while a scope is re-run, like observers. (With
+/// teacher forcing armed a slot holds the forced output by then; forcing
+/// and observing happen together only in grafts, which skip observers.)
+#[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScopeEnd;
+
 /// Whether observers run (false while a scope is re-run for a graft, so
 /// nothing is captured twice).
 #[derive(Resource, Debug, Clone, Copy)]

@@ -15,7 +15,7 @@ use stage_types::SaveTensorStage;
 use crate::backend::{Backend, StepGraph};
 use crate::ecs::{
     ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerKind, LayerMlp, ModelParams,
-    ObserversEnabled, StageHookSystems, StageLog, StepError, StepState,
+    ObserversEnabled, ScopeEnd, StageHookSystems, StageLog, StepError, StepState,
 };
 use crate::error::{PipelineError, Result};
 use crate::model::{MlpWeights, Model};
@@ -180,6 +180,21 @@ impl Forward {
     /// included, goes through the same schedule and so through it.
     pub fn add_amender<M>(&mut self, stage: SaveTensorStage, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {
         self.add_hook(StageHookSystems::Amend(stage), system);
+    }
+
+    /// Attaches an observer of a whole scope: it runs once per run of
+    /// `scope`'s schedule, after every stage of it and their hooks, and
+    /// may read any stage the scope produced (see [`crate::ecs::ScopeEnd`]);
+    /// it must only read. Capture uses one per scope instead of one per
+    /// stage. Not run while a scope is re-run for a graft.
+    pub fn add_scope_observer<M>(
+        &mut self,
+        scope: ForwardSchedule,
+        system: impl IntoScheduleConfigs<ScheduleSystem, M>,
+    ) {
+        self.hooked = true;
+        let configs: ScheduleConfigs<ScheduleSystem> = system.into_configs().in_set(ScopeEnd);
+        self.schedules.get_mut(scope).add_systems(configs);
     }
 
     fn add_hook<M>(&mut self, hook: StageHookSystems, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {

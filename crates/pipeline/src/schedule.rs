@@ -11,7 +11,7 @@ use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
 use crate::ecs::{
-    ForwardSchedule, HookCtx, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense, layer_is_moe,
+    ForwardSchedule, HookCtx, ScopeEnd, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense, layer_is_moe,
     observers_enabled,
 };
 use crate::stages::{attention, ffn, model, moe};
@@ -58,9 +58,11 @@ pub fn build_schedules() -> ForwardSchedules {
             (move |ctx: HookCtx, teacher: ResMut<Teacher>| teach_stage(stage, ctx, teacher))
                 .in_set(StageHookSystems::Teach(stage)),
         );
-        if let Some(next) = stage.next().filter(|n| ForwardSchedule::of(*n) == ForwardSchedule::of(stage)) {
-            schedule.configure_sets(StageSet(next).after(StageHookSystems::Teach(stage)));
-        }
+        match stage.next().filter(|n| ForwardSchedule::of(*n) == ForwardSchedule::of(stage)) {
+            Some(next) => schedule.configure_sets(StageSet(next).after(StageHookSystems::Teach(stage))),
+            // The scope's last stage: scope observers come after it.
+            None => schedule.configure_sets(ScopeEnd.after(StageHookSystems::Teach(stage)).run_if(observers_enabled)),
+        };
     }
     schedules
 }

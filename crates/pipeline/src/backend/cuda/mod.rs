@@ -65,8 +65,10 @@ pub struct CudaBackend {
     /// it read it from here (see graph.rs).
     step_start: CudaSlice<u32>,
     graphs: graph::StepGraphs,
-    /// Where the greedy choice lands (one u32; see `argmax_last_row`).
+    /// Where the greedy choice lands (one u32; see `argmax_last_row`)...
     choice: CudaSlice<u32>,
+    /// ... and each argmax block's best (value bits, index).
+    choice_blocks: CudaSlice<u32>,
     /// A launch held back for the next operation to share (deferred.rs).
     deferred: Option<deferred::Deferred>,
     caches: Vec<Option<DevCache>>,
@@ -113,6 +115,9 @@ fn kernel_error(e: kernels_cuda::KernelError) -> PipelineError {
         other => PipelineError::Gpu(other.to_string()),
     }
 }
+
+/// Blocks of the greedy choice's first pass (each scans a part of the row).
+const ARGMAX_BLOCKS: usize = 132;
 
 /// A grid of `n` threads in blocks of 256.
 fn threads(n: usize) -> LaunchConfig {
@@ -171,6 +176,8 @@ impl CudaBackend {
         }
         let step_start = device.stream().alloc_zeros::<u32>(1).map_err(gpu("allocating the step's position"))?;
         let choice = device.stream().alloc_zeros::<u32>(1).map_err(gpu("allocating the greedy choice"))?;
+        let choice_blocks =
+            device.stream().alloc_zeros::<u32>(2 * ARGMAX_BLOCKS).map_err(gpu("allocating the greedy choice"))?;
         let mut stacked = HashMap::new();
         for &list in expert_lists {
             let first = store.get(list[0]);
@@ -209,6 +216,7 @@ impl CudaBackend {
             staging: staging::Staging::default(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
             choice,
+            choice_blocks,
             deferred: None,
             profiler,
         })
@@ -613,12 +621,19 @@ impl Backend for CudaBackend {
             return Err(PipelineError::BadInput(format!("stage `{slot}` is empty")));
         }
         let row = t.f32(slot)?.slice(numel - width..numel);
-        let choice = &mut self.choice;
+        let blocks = ARGMAX_BLOCKS.min(width.div_ceil(1024)) as u32;
         let w32 = width as u32;
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut *choice).arg(&row).arg(&w32);
-        let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        // SAFETY: one block reads the row's width values and writes choice[0].
+        b.arg(&mut self.choice_blocks).arg(&row).arg(&w32);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: block b reads its part of the row's width values and
+        // writes choice_blocks[2b..2b + 2] (2 * ARGMAX_BLOCKS long).
+        unsafe { b.launch(cfg) }.map_err(gpu("argmax"))?;
+        let f = self.kernel(handles::elementwise::ARGMAX_FINAL)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut self.choice).arg(&self.choice_blocks).arg(&blocks);
+        let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block reads the blocks' 2 * blocks values and writes choice[0].
         unsafe { b.launch(one_block) }.map_err(gpu("argmax"))?;
         let index = stream.clone_dtoh(&self.choice).map_err(gpu("copying the greedy choice"))?;
         Ok(index[0])
