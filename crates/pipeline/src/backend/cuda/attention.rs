@@ -4,7 +4,7 @@
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 use kernels_cuda::kernels::attention;
 
-use super::deferred::RopeLaunch;
+use super::deferred::{Deferred, RopeLaunch};
 use super::tensors::DevCache;
 use super::{CudaBackend, gpu, threads, warps};
 
@@ -37,7 +37,7 @@ impl CudaBackend {
         let o = self.alloc(rows * heads * head_dim)?;
         self.set(out, vec![rows, heads * head_dim], o)?;
         // q and k of a step rotate in one launch (deferred.rs).
-        self.defer_rope(RopeLaunch { input, args, out, rows, in_width })
+        self.defer(Deferred::Rope(RopeLaunch { input, args, out, rows, in_width }))
     }
 
     pub(super) fn append_kv_on_device(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {

@@ -88,71 +88,71 @@ impl CudaBackend {
         }
     }
 
-    /// Holds `next` back, or launches it with the held-back part it pairs with.
-    pub(super) fn defer_expert(&mut self, next: ExpertLaunch) -> Result<()> {
-        match self.deferred.take() {
-            Some(Deferred::Expert(first)) if first.pairs_with(&next) => self.launch_experts(first, Some(next)),
-            other => {
-                self.deferred = other;
+    /// Holds `next` back, or launches it with the held-back part it pairs
+    /// with (after launching a held-back part it does not pair with).
+    pub(super) fn defer(&mut self, next: Deferred) -> Result<()> {
+        match (self.deferred.take(), next) {
+            (Some(Deferred::Expert(a)), Deferred::Expert(b)) if a.pairs_with(&b) => self.launch_experts(a, Some(b)),
+            (Some(Deferred::Rope(a)), Deferred::Rope(b)) if a.pairs_with(&b) => self.launch_rope(a, Some(b)),
+            (held, next) => {
+                self.deferred = held;
                 self.flush_deferred()?;
-                self.deferred = Some(Deferred::Expert(next));
+                self.deferred = Some(next);
                 Ok(())
             }
         }
     }
 
-    /// Holds `next` back, or launches it with the held-back part it pairs with.
-    pub(super) fn defer_rope(&mut self, next: RopeLaunch) -> Result<()> {
-        match self.deferred.take() {
-            Some(Deferred::Rope(first)) if first.pairs_with(&next) => self.launch_rope(first, Some(next)),
-            other => {
-                self.deferred = other;
-                self.flush_deferred()?;
-                self.deferred = Some(Deferred::Rope(next));
-                Ok(())
-            }
-        }
-    }
-
-    /// The output tensors of `first` (and `second`), taken out of their
-    /// slots for the launch; [`Self::put_back`] returns them.
-    fn take_outputs(&mut self, first: Slot, second: Option<Slot>) -> Result<(DevTensor, Option<DevTensor>)> {
-        let mut take = |slot: Slot| match self.slots[slot.index()].take() {
-            Some(t) if matches!(t.data, DevData::F32(_)) => Ok(t),
+    /// Runs `launch` with the output buffers of `first` (and `second`)
+    /// taken out of their slots (so they can be borrowed beside the
+    /// backend), puts them back whatever happened, and returns its result.
+    /// With one output, the second pointer is the first again (the
+    /// kernels never write it then).
+    fn with_outputs(
+        &mut self,
+        first: Slot,
+        second: Option<Slot>,
+        launch: impl FnOnce(&Self, &CudaSlice<f32>, &CudaSlice<f32>) -> Result<()>,
+    ) -> Result<()> {
+        let mut take = |slot: Slot| match &mut self.slots[slot.index()] {
+            held @ Some(DevTensor { data: DevData::F32(_), .. }) => Ok(held.take().expect("matched Some")),
             _ => Err(PipelineError::BadInput(format!("stage `{slot}` lost its output before its launch"))),
         };
-        let a = take(first)?;
-        let b = second.map(&mut take).transpose()?;
-        Ok((a, b))
-    }
-
-    fn put_back(&mut self, slot: Slot, tensor: DevTensor) {
-        self.slots[slot.index()] = Some(tensor);
+        let mut t0 = take(first)?;
+        let mut t1 = second.map(&mut take).transpose();
+        let result = match &mut t1 {
+            Ok(t1) => {
+                let o0: &CudaSlice<f32> = buffer(&mut t0);
+                let o1: &CudaSlice<f32> = match t1.as_mut() {
+                    Some(t) => buffer(t),
+                    None => o0,
+                };
+                launch(self, o0, o1)
+            }
+            Err(_) => Ok(()),
+        };
+        self.slots[first.index()] = Some(t0);
+        let t1 = t1?;
+        if let (Some(slot), Some(t)) = (second, t1) {
+            self.slots[slot.index()] = Some(t);
+        }
+        result
     }
 
     fn launch_experts(&mut self, a: ExpertLaunch, b: Option<ExpertLaunch>) -> Result<()> {
-        let (mut t0, mut t1) = self.take_outputs(a.out, b.map(|b| b.out))?;
-        let result = (|| {
-            let o0 = buffer(&mut t0);
-            let o1 = t1.as_mut().map(buffer);
-            let f = self.kernel(linear::EXPERT_LINEAR_V8)?;
-            let stream = self.stream();
-            let DevData::I32(ids) = &self.slot(a.indices)?.data else {
+        self.with_outputs(a.out, b.map(|b| b.out), |this, o0, o1| {
+            let f = this.kernel(linear::EXPERT_LINEAR_V8)?;
+            let stream = this.stream();
+            let DevData::I32(ids) = &this.slot(a.indices)?.data else {
                 return Err(PipelineError::BadInput(format!("stage `{}` must hold int32 expert ids", a.indices)));
             };
-            let x = self.slot(a.input)?.f32(a.input)?;
-            let stacked = |id: WeightId| &self.stacked[&id].data;
+            let x = this.slot(a.input)?.f32(a.input)?;
+            let stacked = |id: WeightId| &this.stacked[&id].data;
             let parts = if b.is_some() { 2u32 } else { 1 };
             let args = (a.t_len as u32, a.top_k as u32, a.k as u32, a.n_out as u32, a.experts as u32);
             let per_slot = u32::from(a.per_slot);
             let mut l = stream.launch_builder(&f);
-            // One part: out1 is never written (any valid pointer will do).
-            let o0_ptr: &CudaSlice<f32> = o0;
-            match o1 {
-                Some(o1) => l.arg(o0_ptr).arg(o1),
-                None => l.arg(o0_ptr).arg(o0_ptr),
-            };
-            l.arg(x).arg(ids);
+            l.arg(o0).arg(o1).arg(x).arg(ids);
             push_weight(&mut l, stacked(a.first));
             push_weight(&mut l, stacked(b.map_or(a.first, |b| b.first)));
             l.arg(&parts).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4).arg(&per_slot);
@@ -162,47 +162,38 @@ impl CudaBackend {
             // are k long with k % 8 == 0 (aligned 16-byte loads).
             unsafe { l.launch(warps(parts as usize * a.t_len * a.top_k * a.n_out)) }.map_err(gpu("expert_linear"))?;
             Ok(())
-        })();
-        self.put_back(a.out, t0);
-        if let (Some(b), Some(t1)) = (b, t1) {
-            self.put_back(b.out, t1);
-        }
-        result
+        })
     }
 
     fn launch_rope(&mut self, a: RopeLaunch, b: Option<RopeLaunch>) -> Result<()> {
-        let (mut t0, mut t1) = self.take_outputs(a.out, b.map(|b| b.out))?;
-        let result = (|| {
-            let o0 = buffer(&mut t0);
-            let o1 = t1.as_mut().map(buffer);
-            let f = self.kernel(attention::ROPE)?;
-            let stream = self.stream();
-            let x = self.slot(a.input)?.f32(a.input)?;
+        self.with_outputs(a.out, b.map(|b| b.out), |this, o0, o1| {
+            let f = this.kernel(attention::ROPE)?;
+            let stream = this.stream();
+            let x = this.slot(a.input)?.f32(a.input)?;
             let second = b.map_or(a.args, |b| b.args);
             let parts = if b.is_some() { 2u32 } else { 1 };
             let dims = (a.rows as u32, a.in_width as u32, a.args.head_dim as u32);
             let (c0, h0, c1, h1) =
                 (a.args.col_start as u32, a.args.heads as u32, second.col_start as u32, second.heads as u32);
             let mut l = stream.launch_builder(&f);
-            // One part: out1 is never written (any valid pointer will do).
-            let o0_ptr: &CudaSlice<f32> = o0;
-            match o1 {
-                Some(o1) => l.arg(o0_ptr).arg(o1),
-                None => l.arg(o0_ptr).arg(o0_ptr),
-            };
-            l.arg(x).arg(&parts).arg(&dims.0).arg(&dims.1).arg(&c0).arg(&h0).arg(&c1).arg(&h1).arg(&dims.2);
-            l.arg(&a.args.theta).arg(&self.step_start);
+            l.arg(o0)
+                .arg(o1)
+                .arg(x)
+                .arg(&parts)
+                .arg(&dims.0)
+                .arg(&dims.1)
+                .arg(&c0)
+                .arg(&h0)
+                .arg(&c1)
+                .arg(&h1)
+                .arg(&dims.2);
+            l.arg(&a.args.theta).arg(&this.step_start);
             let pairs = a.rows * (a.args.heads + b.map_or(0, |b| b.args.heads)) * a.args.head_dim / 2;
             // SAFETY: one thread per (part, t, head, pair) within each
             // part's output [rows, heads * hd]; the caller checked that
             // every part's heads lie within the input rows.
             unsafe { l.launch(threads(pairs)) }.map_err(gpu("rope"))?;
             Ok(())
-        })();
-        self.put_back(a.out, t0);
-        if let (Some(b), Some(t1)) = (b, t1) {
-            self.put_back(b.out, t1);
-        }
-        result
+        })
     }
 }

@@ -10,7 +10,7 @@ use kernels_cuda::kernels::{linear, moe};
 /// of its slots) instead of one warp per output (weights read per slot).
 const GROUPED_MIN_SLOTS: usize = 32;
 
-use super::deferred::ExpertLaunch;
+use super::deferred::{Deferred, ExpertLaunch};
 use super::tensors::{DevData, DevTensor};
 use super::weights::{Stacked, push_weight};
 use super::{CudaBackend, CudaPrecision, gpu, threads, warps};
@@ -88,7 +88,7 @@ impl CudaBackend {
         // goes into its slot before the launch, so it must not be an input).
         if self.precision == CudaPrecision::Bf16 && k_in.is_multiple_of(8) && out != input && out != indices {
             self.set(out, vec![t_len, top_k, n_out], o)?;
-            return self.defer_expert(ExpertLaunch {
+            return self.defer(Deferred::Expert(ExpertLaunch {
                 input,
                 indices,
                 first: experts[0],
@@ -99,7 +99,7 @@ impl CudaBackend {
                 k: k_in,
                 n_out,
                 experts: count,
-            });
+            }));
         }
         self.flush_deferred()?;
         let f = self.weight_kernel(linear::EXPERT_LINEAR)?;
