@@ -37,7 +37,7 @@ PY
     backend: Cuda(device: 0, dtype: Bf16),
 )
 RON
-    .gpu/bin/moetrace run --config "$tmp/chat.ron" 2>&1 | grep -v "^model:"
+    .gpu/bin/moetrace run -q --config "$tmp/chat.ron" 2>&1 | grep -v "^model:"
     echo "== 3. Hugging Face through the Python package against moetrace's CPU capture"
     prompt="1,17,423,45,300,5,77,100,2"
     cat >"$tmp/cpu.ron" <<RON

@@ -206,10 +206,13 @@ pub fn bisect(
     if let Some(replay) = &replay {
         replay.attach(&mut target.forward);
     }
-    let target_dtype = match config.target {
+    // Tolerances follow the coarser precision of the two runs.
+    let dtype_of = |spec: &BackendSpec| match spec {
         BackendSpec::Cpu => "f32".to_string(),
         BackendSpec::Cuda { dtype, .. } => format!("{dtype:?}").to_ascii_lowercase(),
     };
+    let (reference_dtype, target_dtype) = (dtype_of(&config.reference), dtype_of(&config.target));
+    let target_dtype = compare::scope::Tolerances::coarser_dtype(&reference_dtype, &target_dtype).to_string();
     let mode = if options.local { BisectMode::Local } else { config.mode };
     let mut report = Report {
         mode: match mode {

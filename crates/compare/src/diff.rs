@@ -154,7 +154,8 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
     let mut keys: Vec<_> = r.keys().into_iter().chain(t.keys()).filter(|k| !skip_steps.contains(&k.0)).collect();
     keys.sort_by_key(|&(step, layer, stage)| (step, scope_rank(layer, stage), stage));
     keys.dedup();
-    let dtype = t.dtype();
+    let (r_dtype, t_dtype) = (r.dtype(), t.dtype());
+    let dtype = Tolerances::coarser_dtype(&r_dtype, &t_dtype).to_string();
     let mut one_sided = 0;
     let mut i = 0;
     while i < keys.len() {

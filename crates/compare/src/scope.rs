@@ -85,11 +85,11 @@ fn side_name(side: Side) -> &'static str {
     }
 }
 
-/// rel_l2 tolerances: a default from the target's dtype and per-stage
+/// rel_l2 tolerances: a default from the runs' dtypes (the coarser) and per-stage
 /// overrides.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Tolerances {
-    /// Used for stages without an override; None = by the target's dtype.
+    /// Used for stages without an override; None = by the coarser dtype of the two runs.
     pub default: Option<f64>,
     /// Per-stage overrides.
     pub per_stage: HashMap<SaveTensorStage, f64>,
@@ -103,6 +103,13 @@ impl Tolerances {
             "bf16" | "bfloat16" | "f16" | "float16" => 3e-2,
             _ => 1e-4,
         }
+    }
+
+    /// Of two runs' activation dtypes, the one whose default tolerance is
+    /// larger: a bf16 run cannot agree with an f32 one beyond bf16
+    /// precision, whichever side is the reference.
+    pub fn coarser_dtype<'a>(a: &'a str, b: &'a str) -> &'a str {
+        if Self::for_dtype(b) > Self::for_dtype(a) { b } else { a }
     }
 
     /// The tolerance of `stage` for a target of `dtype`.
@@ -237,4 +244,19 @@ pub fn compare_scope(
         rows.push(row);
     }
     rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tolerances;
+
+    #[test]
+    fn the_coarser_run_sets_the_default_tolerance_whichever_side_it_is() {
+        assert_eq!(Tolerances::coarser_dtype("bfloat16", "f32"), "bfloat16");
+        assert_eq!(Tolerances::coarser_dtype("f32", "bf16"), "bf16");
+        assert_eq!(Tolerances::coarser_dtype("float64", "f32"), "float64");
+        let t = Tolerances::default();
+        let coarser = Tolerances::coarser_dtype("bfloat16", "f32");
+        assert_eq!(t.of(stage_types::SaveTensorStage::AttnNorm, coarser), 3e-2);
+    }
 }

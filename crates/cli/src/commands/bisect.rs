@@ -30,7 +30,7 @@ pub struct BisectArgs {
     /// Also write the HTML error map to FILE.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
-    /// rel_l2 tolerance: F or stage=F (repeatable); default by the target's dtype.
+    /// rel_l2 tolerance: F or stage=F (repeatable); default by the coarser dtype of the two runs.
     #[arg(long = "tolerance", value_name = "[STAGE=]F")]
     pub tolerances: Vec<String>,
     /// No progress on stderr.

@@ -23,7 +23,7 @@ pub struct DiffArgs {
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
     /// rel_l2 tolerance: F for every stage or stage=F for one (repeatable); default
-    /// by the target's dtype: 1e-4 for f32, 3e-2 for bf16.
+    /// by the coarser dtype of the two runs: 1e-4 for f32, 3e-2 for bf16.
     #[arg(long = "tolerance", value_name = "[STAGE=]F")]
     pub tolerances: Vec<String>,
     /// Compare even if the prompts or model configs differ.
