@@ -3,8 +3,8 @@
 //! runs asynchronously) taken from a pool, and handed over as a
 //! [`PendingTensor`]. The compute stream never waits for a copy; the copy
 //! stream waits only for the tensor it copies. A landing thread waits for
-//! each copy in turn, moves the values out and puts the buffer back at
-//! once, so buffers are reused within a step instead of waiting behind the
+//! the copies (one wait per batch of queued copies, which finish in order),
+//! moves the values out and puts the buffers back at once, so buffers are reused within a step instead of waiting behind the
 //! disk (allocating pinned memory is slow and synchronises the device).
 
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
@@ -120,27 +120,36 @@ impl Drop for Staging {
     }
 }
 
-/// The landing thread: waits for each copy (sleeping, not spinning: a
+/// The landing thread: waits for the copies (sleeping, not spinning: a
 /// spinning wait contends with the launching thread inside the driver),
-/// moves the values out, returns the buffer to the pool.
+/// moves the values out, returns the buffers to the pool. Copies run in
+/// order on the one copy stream, so it takes every job queued so far and
+/// waits only for the last one's event: one wake-up for a batch instead of
+/// one per tensor (a wake-up per tensor kept the capture writers, and
+/// through their bounded channel the forward pass, waiting).
 fn land_all(ctx: &Arc<CudaContext>, pool: &StagingPool, jobs: Receiver<Landing>) {
     let bound = ctx.bind_to_thread();
-    for job in jobs {
-        let numel = job.shape.iter().product::<usize>();
-        let values = bound
-            .and_then(|()| job.landed.synchronize())
-            .and_then(|()| job.buffer.as_slice().map(|s| s[..numel].to_vec()))
-            .map_err(gpu("waiting for a capture copy"));
-        pool.give_back(job.buffer);
-        let tensor = values.map(|values| {
-            if job.is_i32 {
-                HostTensor::i32(job.shape, values.iter().map(|v| v.to_bits() as i32).collect())
-            } else {
-                HostTensor::f32(job.shape, values)
-            }
-        });
-        // The receiver may have been dropped (a run that failed); nothing to do.
-        let _ = job.done.send(tensor);
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter());
+        let landed = bound.clone().and_then(|()| batch.last().expect("one job at least").landed.synchronize());
+        for job in batch {
+            let numel = job.shape.iter().product::<usize>();
+            let values = landed
+                .clone()
+                .and_then(|()| job.buffer.as_slice().map(|s| s[..numel].to_vec()))
+                .map_err(gpu("waiting for a capture copy"));
+            pool.give_back(job.buffer);
+            let tensor = values.map(|values| {
+                if job.is_i32 {
+                    HostTensor::i32(job.shape, values.iter().map(|v| v.to_bits() as i32).collect())
+                } else {
+                    HostTensor::f32(job.shape, values)
+                }
+            });
+            // The receiver may have been dropped (a run that failed); nothing to do.
+            let _ = job.done.send(tensor);
+        }
     }
 }
 
