@@ -13,12 +13,11 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use bevy_ecs::prelude::*;
-use crossbeam_channel::Sender;
 use pipeline::ecs::ForwardSchedule;
 use pipeline::{Forward, HookCtx};
 use stage_types::{IndexSet, SaveTensorStage, StageList};
 
-use crate::writer::CapturedTensor;
+use crate::writer::{CaptureSender, CapturedTensor};
 
 /// Which (step, layer, stage) tensors to capture.
 #[derive(Resource, Debug, Clone)]
@@ -33,10 +32,10 @@ pub struct CaptureSelection {
 
 /// The channel to the writer threads, and how many tensors went into it.
 #[derive(Resource)]
-pub struct CaptureSink(pub Sender<CapturedTensor>, pub AtomicUsize);
+pub struct CaptureSink(pub CaptureSender, pub AtomicUsize);
 
 /// Adds one capture system per selected stage to `forward`.
-pub fn attach_capture(forward: &mut Forward, selection: CaptureSelection, sink: Sender<CapturedTensor>) {
+pub fn attach_capture(forward: &mut Forward, selection: CaptureSelection, sink: CaptureSender) {
     let stages: Vec<SaveTensorStage> = selection.stages.iter().collect();
     forward.world_mut().insert_resource(selection);
     forward.world_mut().insert_resource(CaptureSink(sink, AtomicUsize::new(0)));
@@ -75,8 +74,6 @@ fn capture_scope(
         let Some(tensor) = ctx.read_async(stage) else { return };
         let order = sink.1.fetch_add(1, Ordering::Relaxed);
         let item = CapturedTensor { order, step: ctx.step().step, layer, stage, tensor };
-        // The writer drains until every sender is gone, so this only
-        // fails if it panicked; its join reports that.
-        let _ = sink.0.send(item);
+        sink.0.send(item);
     }
 }

@@ -82,7 +82,7 @@ pub struct PendingTensor(Pending);
 
 enum Pending {
     Ready(HostTensor),
-    Copying(Box<dyn FnOnce() -> crate::Result<HostTensor> + Send>),
+    Copying(usize, Box<dyn FnOnce() -> crate::Result<HostTensor> + Send>),
 }
 
 impl PendingTensor {
@@ -91,16 +91,25 @@ impl PendingTensor {
         Self(Pending::Ready(tensor))
     }
 
-    /// A copy in flight; `wait` blocks until it has landed and returns it.
-    pub fn copying(wait: impl FnOnce() -> crate::Result<HostTensor> + Send + 'static) -> Self {
-        Self(Pending::Copying(Box::new(wait)))
+    /// A copy in flight of a tensor of `bytes` bytes; `wait` blocks until
+    /// it has landed and returns it.
+    pub fn copying(bytes: usize, wait: impl FnOnce() -> crate::Result<HostTensor> + Send + 'static) -> Self {
+        Self(Pending::Copying(bytes, Box::new(wait)))
+    }
+
+    /// The tensor's size in bytes (what it will take on the host).
+    pub fn byte_len(&self) -> usize {
+        match &self.0 {
+            Pending::Ready(t) => t.byte_len(),
+            Pending::Copying(bytes, _) => *bytes,
+        }
     }
 
     /// The tensor, once on the host.
     pub fn wait(self) -> crate::Result<HostTensor> {
         match self.0 {
             Pending::Ready(t) => Ok(t),
-            Pending::Copying(wait) => wait(),
+            Pending::Copying(_, wait) => wait(),
         }
     }
 }
@@ -109,7 +118,7 @@ impl std::fmt::Debug for PendingTensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.0 {
             Pending::Ready(t) => f.debug_tuple("Ready").field(&t.shape).finish(),
-            Pending::Copying(_) => f.write_str("Copying"),
+            Pending::Copying(bytes, _) => write!(f, "Copying({bytes} bytes)"),
         }
     }
 }

@@ -132,11 +132,10 @@ fn land_all(ctx: &Arc<CudaContext>, pool: &StagingPool, jobs: Receiver<Landing>)
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
-        let landed = bound.clone().and_then(|()| batch.last().expect("one job at least").landed.synchronize());
+        let landed = bound.and_then(|()| batch.last().expect("one job at least").landed.synchronize());
         for job in batch {
             let numel = job.shape.iter().product::<usize>();
             let values = landed
-                .clone()
                 .and_then(|()| job.buffer.as_slice().map(|s| s[..numel].to_vec()))
                 .map_err(gpu("waiting for a capture copy"));
             pool.give_back(job.buffer);
@@ -196,7 +195,7 @@ impl CudaBackend {
         }
         let (done, result) = sync_channel(1);
         self.staging.send(&ctx, Landing { landed: copied, buffer: staging, shape, is_i32, done })?;
-        Ok(PendingTensor::copying(move || {
+        Ok(PendingTensor::copying(device_len * 4, move || {
             result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
         }))
     }
