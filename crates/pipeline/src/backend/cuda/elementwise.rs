@@ -1,12 +1,15 @@
 //! The elementwise family on the device (kernels/elementwise.cu):
-//! embedding rows and the one-thread-per-element operations (add, mul,
-//! silu, swiglu).
+//! embedding rows, the one-thread-per-element operations (add, mul,
+//! silu, swiglu) and the greedy choice (argmax).
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 use kernels_cuda::kernels::{Kernel, elementwise};
 
 use super::weights::push_weight;
 use super::{CudaBackend, gpu, threads};
+
+/// Blocks of the greedy choice's first pass (each scans a part of the row).
+pub(super) const ARGMAX_BLOCKS: usize = 132;
 use crate::backend::Slot;
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
@@ -51,5 +54,37 @@ impl CudaBackend {
         // SAFETY: every buffer holds n f32; the kernel touches indices < n.
         unsafe { b.launch(threads(n)) }.map_err(gpu(kernel.name))?;
         self.set(out, shape, o)
+    }
+
+    /// The greedy choice of `slot`'s last row on the device: each of up to
+    /// ARGMAX_BLOCKS blocks finds its part's best, one block the best of
+    /// theirs; only the index comes back to the host.
+    pub(super) fn argmax_on_device(&mut self, slot: Slot) -> Result<u32> {
+        // On the device: only the index comes back, not the row.
+        let f = self.kernel(elementwise::ARGMAX)?;
+        let stream = self.stream();
+        self.slot(slot)?;
+        let t = self.slots[slot.index()].as_ref().expect("checked above");
+        let (width, numel) = (t.width(), t.numel());
+        if numel == 0 || width == 0 {
+            return Err(PipelineError::BadInput(format!("stage `{slot}` is empty")));
+        }
+        let row = t.f32(slot)?.slice(numel - width..numel);
+        let blocks = ARGMAX_BLOCKS.min(width.div_ceil(1024)) as u32;
+        let w32 = width as u32;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut self.choice_blocks).arg(&row).arg(&w32);
+        let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: block b reads its part of the row's width values and
+        // writes choice_blocks[2b..2b + 2] (2 * ARGMAX_BLOCKS long).
+        unsafe { b.launch(cfg) }.map_err(gpu("argmax"))?;
+        let f = self.kernel(elementwise::ARGMAX_FINAL)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut self.choice).arg(&self.choice_blocks).arg(&blocks);
+        let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: one block reads the blocks' 2 * blocks values and writes choice[0].
+        unsafe { b.launch(one_block) }.map_err(gpu("argmax"))?;
+        let index = stream.clone_dtoh(&self.choice).map_err(gpu("copying the greedy choice"))?;
+        Ok(index[0])
     }
 }
