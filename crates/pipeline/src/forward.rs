@@ -192,18 +192,21 @@ impl Forward {
         scope: ForwardSchedule,
         system: impl IntoScheduleConfigs<ScheduleSystem, M>,
     ) {
-        self.hooked = true;
-        let configs: ScheduleConfigs<ScheduleSystem> = system.into_configs().in_set(ScopeEnd);
-        self.schedules.get_mut(scope).add_systems(configs);
+        self.attach(scope, system.into_configs().in_set(ScopeEnd));
     }
 
     fn add_hook<M>(&mut self, hook: StageHookSystems, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {
         let stage = match hook {
             StageHookSystems::Amend(s) | StageHookSystems::Observe(s) | StageHookSystems::Teach(s) => s,
         };
+        self.attach(ForwardSchedule::of(stage), system.into_configs().in_set(hook));
+    }
+
+    /// Adds a hook's systems to `schedule`; from then on every step runs
+    /// eagerly (see [`Forward::step`]).
+    fn attach(&mut self, schedule: ForwardSchedule, configs: ScheduleConfigs<ScheduleSystem>) {
         self.hooked = true;
-        let configs: ScheduleConfigs<ScheduleSystem> = system.into_configs().in_set(hook);
-        self.schedules.get_mut(ForwardSchedule::of(stage)).add_systems(configs);
+        self.schedules.get_mut(schedule).add_systems(configs);
     }
 
     /// The world, for inserting resources hooks need.

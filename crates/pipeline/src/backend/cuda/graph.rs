@@ -29,8 +29,8 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{self, CUgraphInstantiate_flags, CUstreamCaptureMode};
-use cudarc::driver::{CudaGraph, CudaStream};
+use cudarc::driver::CudaStream;
+use cudarc::driver::sys::{self, CUstreamCaptureMode};
 
 use super::{CudaBackend, CudaPrecision, gpu};
 use crate::backend::{Slot, StepGraph};
@@ -60,63 +60,86 @@ pub(super) struct StepGraphs {
     pub(super) replays: usize,
 }
 
-/// A recorded decode step and the KV capacity it was recorded at.
+/// A recorded decode step (the graph and its one instance) and the KV
+/// capacity it was recorded at.
 struct Recorded {
-    graph: CudaGraph,
-    /// The graph instantiated again after its kernel-to-kernel edges were
-    /// made programmatic ([`programmatic_edges`]); `None`: `graph`'s own
-    /// instance (no programmatic edges) is launched.
-    programmatic: Option<sys::CUgraphExec>,
+    graph: sys::CUgraph,
+    exec: sys::CUgraphExec,
     stream: Arc<CudaStream>,
     capacity: usize,
 }
 
 impl Recorded {
-    fn new(graph: CudaGraph, stream: Arc<CudaStream>, capacity: usize, programmatic: bool) -> Self {
-        let mut recorded = Self { graph, programmatic: None, stream, capacity };
+    /// Instantiates a recorded `graph` (taking it over), its
+    /// kernel-to-kernel edges made programmatic first when `programmatic`
+    /// (a failure there leaves the edges it did not reach plain, which
+    /// changes nothing but speed).
+    fn instantiate(
+        graph: sys::CUgraph,
+        stream: Arc<CudaStream>,
+        capacity: usize,
+        programmatic: bool,
+    ) -> std::result::Result<Self, String> {
         if programmatic {
-            // SAFETY: the graph is ours alone and not launching; its
-            // existing instance was made before the edges change and is
-            // unaffected by them.
-            match unsafe { programmatic_instance(recorded.graph.cu_graph()) } {
-                Ok(exec) => recorded.programmatic = Some(exec),
-                Err(e) => tracing::warn!("decode steps replay without programmatic launches: {e}"),
+            // SAFETY: the graph is ours alone and not instantiated yet.
+            if let Err(e) = unsafe { make_edges_programmatic(graph) } {
+                tracing::warn!("decode steps replay without programmatic launches: {e}");
             }
         }
-        recorded
+        let mut exec = std::ptr::null_mut();
+        // SAFETY: a valid graph, instantiated once; on failure it is
+        // destroyed here, on success the `Recorded` owns it.
+        match unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result() {
+            Ok(()) => Ok(Self { graph, exec, stream, capacity }),
+            Err(e) => {
+                // SAFETY: as above.
+                let _ = unsafe { sys::cuGraphDestroy(graph) };
+                Err(format!("the driver could not instantiate the recording: {e}"))
+            }
+        }
     }
 
     /// Launches the graph on the stream it was recorded on. `&mut`: the
     /// graph is only ever used through an exclusive borrow.
     fn launch(&mut self) -> Result<()> {
-        match self.programmatic {
-            // SAFETY: a live instance of this graph, launched on the stream
-            // its kernels were recorded on.
-            Some(exec) => unsafe { sys::cuGraphLaunch(exec, self.stream.cu_stream()) }
-                .result()
-                .map_err(gpu("replaying the decode step")),
-            None => self.graph.launch().map_err(gpu("replaying the decode step")),
-        }
+        // SAFETY: a live instance of this graph, launched on the stream its
+        // kernels were recorded on.
+        unsafe { sys::cuGraphLaunch(self.exec, self.stream.cu_stream()) }
+            .result()
+            .map_err(gpu("replaying the decode step"))
     }
 }
 
 impl Drop for Recorded {
     fn drop(&mut self) {
-        if let Some(exec) = self.programmatic.take() {
-            // SAFETY: our own instance, destroyed once; an error leaves a
-            // leak, nothing worse.
-            let _ = unsafe { sys::cuGraphExecDestroy(exec) };
+        // SAFETY: our own instance and graph, each destroyed once; an error
+        // leaves a leak, nothing worse.
+        unsafe {
+            let _ = sys::cuGraphExecDestroy(self.exec);
+            let _ = sys::cuGraphDestroy(self.graph);
         }
     }
 }
 
-/// Makes every kernel-to-kernel edge of `graph` programmatic (each kernel
-/// may launch once all blocks of the one before have started: they wait
-/// in `PDL_ENTRY`, common.cuh, for it to finish) and instantiates it.
+/// Ends the capture on `stream` (it must leave capture mode whatever
+/// happened) and returns the graph it recorded, if any.
+fn end_capture(stream: &CudaStream) -> std::result::Result<Option<sys::CUgraph>, String> {
+    let mut graph = std::ptr::null_mut();
+    // SAFETY: the stream is capturing (begin_graph_capture_on_device) on
+    // this thread; the driver hands over the graph it recorded.
+    unsafe { sys::cuStreamEndCapture(stream.cu_stream(), &mut graph) }
+        .result()
+        .map_err(|e| format!("the driver refused the recording: {e}"))?;
+    Ok((!graph.is_null()).then_some(graph))
+}
+
+/// Makes every kernel-to-kernel edge of `graph` programmatic: each kernel
+/// may launch once all blocks of the one before have started; they wait
+/// in `PDL_ENTRY` (common.cuh) for it to finish.
 ///
 /// # Safety
 /// `graph` must be a valid graph no other thread uses.
-unsafe fn programmatic_instance(graph: sys::CUgraph) -> std::result::Result<sys::CUgraphExec, String> {
+unsafe fn make_edges_programmatic(graph: sys::CUgraph) -> std::result::Result<(), String> {
     let check = |r: sys::CUresult, what: &str| r.result().map_err(|e| format!("{what}: {e}"));
     let mut n = 0usize;
     let none = std::ptr::null_mut();
@@ -153,9 +176,7 @@ unsafe fn programmatic_instance(graph: sys::CUgraph) -> std::result::Result<sys:
                 "adding a programmatic edge",
             )?;
         }
-        let mut exec = std::ptr::null_mut();
-        check(sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0), "instantiating the graph")?;
-        Ok(exec)
+        Ok(())
     }
 }
 
@@ -243,18 +264,29 @@ impl CudaBackend {
             return Ok(false);
         }
         self.graphs.capturing = false;
-        let ended = self.stream().end_capture(CUgraphInstantiate_flags(0));
-        let why = match (failure, ended) {
+        let stream = self.stream();
+        let why = match (failure, end_capture(&stream)) {
             (None, Ok(Some(graph))) => {
                 let capacity = self.graphs.capacity.expect("a capture is planned at a known capacity");
                 let programmatic = std::env::var_os("MOETRACE_NO_PDL").is_none();
-                self.graphs.recorded = Some(Recorded::new(graph, self.stream(), capacity, programmatic));
-                self.graphs.plan = StepGraph::Replay;
-                return Ok(true);
+                match Recorded::instantiate(graph, stream, capacity, programmatic) {
+                    Ok(recorded) => {
+                        self.graphs.recorded = Some(recorded);
+                        self.graphs.plan = StepGraph::Replay;
+                        return Ok(true);
+                    }
+                    Err(why) => why,
+                }
             }
             (None, Ok(None)) => "the recording was empty".to_string(),
-            (None, Err(e)) => format!("the driver refused the recording: {e}"),
-            (Some(failure), _) => failure,
+            (None, Err(why)) => why,
+            (Some(failure), ended) => {
+                if let Ok(Some(graph)) = ended {
+                    // SAFETY: the graph just recorded, owned by nobody else.
+                    let _ = unsafe { sys::cuGraphDestroy(graph) };
+                }
+                failure
+            }
         };
         tracing::warn!("decode steps run without a CUDA graph from now on: {why}");
         self.graphs.enabled = false;

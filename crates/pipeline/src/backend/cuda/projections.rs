@@ -96,40 +96,41 @@ impl CudaBackend {
 
     /// One projection of each dense weight shape at the row counts the run
     /// will use with cuBLAS (the prompt's, unless the GEMV takes it; one
-    /// row in F32 mode), on zeros, so cuBLAS loads its kernels now.
+    /// row in F32 mode), of zero activations by the resident weight, so
+    /// cuBLAS loads its kernels now.
     pub(super) fn warm_up_projections(&mut self, prompt_tokens: usize) -> Result<()> {
-        let mut shapes: Vec<(usize, usize)> = self
+        // One weight of each (n, k).
+        let mut by_shape: Vec<((usize, usize), WeightId)> = self
             .weights
             .keys()
-            .map(|&id| &self.store.get(id).shape)
-            .filter(|s| s.len() == 2)
-            .map(|s| (s[0], s[1]))
+            .filter_map(|&id| match self.store.get(id).shape[..] {
+                [n, k] => Some(((n, k), id)),
+                _ => None,
+            })
             .collect();
-        shapes.sort_unstable();
-        shapes.dedup();
+        by_shape.sort_unstable_by_key(|&(shape, id)| (shape, id.0));
+        by_shape.dedup_by_key(|(shape, _)| *shape);
         let mut rows = vec![prompt_tokens];
         if self.precision == CudaPrecision::F32 {
             rows.push(1);
         }
         let stream = self.stream();
         for &r in rows.iter().filter(|&&r| r > 0) {
-            for &(n, k) in &shapes {
+            for &((n, k), id) in &by_shape {
                 let gemv = self.precision == CudaPrecision::Bf16 && r <= GEMV_MAX_ROWS && k.is_multiple_of(8);
                 if gemv || r * n > (1 << 29) {
                     continue; // no cuBLAS call, or an output too large to warm up cheaply
                 }
                 let shape = ProjectionShape { rows: r, k, n, out_stride: n };
                 let mut out = stream.alloc_zeros::<f32>(r * n).map_err(gpu("warming up cuBLAS"))?;
-                match self.precision {
-                    CudaPrecision::F32 => {
-                        let (x, w) = (stream.alloc_zeros::<f32>(r * k), stream.alloc_zeros::<f32>(n * k));
-                        let (x, w) = (x.map_err(gpu("warming up cuBLAS"))?, w.map_err(gpu("warming up cuBLAS"))?);
-                        self.device.project(&x, &w, &mut out, shape)
+                match self.weight(id) {
+                    DevWeight::F32(w) => {
+                        let x = stream.alloc_zeros::<f32>(r * k).map_err(gpu("warming up cuBLAS"))?;
+                        self.device.project(&x, w, &mut out, shape)
                     }
-                    CudaPrecision::Bf16 => {
-                        let (x, w) = (stream.alloc_zeros::<u16>(r * k), stream.alloc_zeros::<u16>(n * k));
-                        let (x, w) = (x.map_err(gpu("warming up cuBLAS"))?, w.map_err(gpu("warming up cuBLAS"))?);
-                        self.device.project(&x, &w, &mut out, shape)
+                    DevWeight::Bf16(w) => {
+                        let x = stream.alloc_zeros::<u16>(r * k).map_err(gpu("warming up cuBLAS"))?;
+                        self.device.project(&x, w, &mut out, shape)
                     }
                 }
                 .map_err(kernel_error)?;
