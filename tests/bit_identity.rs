@@ -60,20 +60,24 @@ fn every_captured_tensor_has_the_shape_the_model_config_predicts() {
         capture::run(&config, Path::new("shapes.ron"), &mut |_| {}).unwrap();
         let model = pipeline::Model::synthetic(preset, 3, None).unwrap();
         let capture = CaptureDir::open(&out).unwrap();
-        // The pinned-memory plan for the first step names exactly the
-        // tensors the first step captured.
+        // The element counts planned for steps 0 and 1 name exactly the
+        // tensors those steps captured, and the reserve holds both.
         let session =
             capture::session::CaptureSession::start(config.capture.as_ref().unwrap(), &dir.join("plan")).unwrap();
-        let mut planned = session.first_step_elements(&model.config, 5);
-        let mut captured: Vec<usize> = capture
-            .keys()
-            .into_iter()
-            .filter(|k| k.0 == 0)
-            .map(|(s, l, st)| capture.load(s, l, st).unwrap().unwrap().values.len())
-            .collect();
-        planned.sort_unstable();
-        captured.sort_unstable();
-        assert_eq!(planned, captured, "{preset}: first-step plan");
+        for (step, tokens, positions) in [(0, 5, 5), (1, 1, 6)] {
+            let mut planned = session.step_elements(&model.config, step, tokens, positions);
+            let mut captured: Vec<usize> = capture
+                .keys()
+                .into_iter()
+                .filter(|k| k.0 == step)
+                .map(|(s, l, st)| capture.load(s, l, st).unwrap().unwrap().values.len())
+                .collect();
+            planned.sort_unstable();
+            captured.sort_unstable();
+            assert_eq!(planned, captured, "{preset}: step {step} plan");
+        }
+        let reserved = session.reserve_elements(&model.config, 5).len();
+        assert_eq!(reserved, capture.keys().iter().filter(|k| k.0 <= 1).count(), "{preset}: reserve");
         drop(session);
         assert!(capture.keys().len() > 50, "{preset}: {} tensors", capture.keys().len());
         for (step, layer, stage) in capture.keys() {

@@ -24,25 +24,78 @@ fn run_output(model: &str, prompt: &str, generate: usize, backend: &str, capture
     capture::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap()
 }
 
+/// 60 prompt tokens and 12 decode steps of the tiny MoE model in Bf16: the
+/// KV caches grow from 64 to 128 positions at step 5, so a graph is
+/// recorded (step 2), dropped (step 5 runs eagerly) and recorded again
+/// (step 7).
+fn graph_run(graphs: bool, capture: Option<(&Path, &str)>) -> capture::RunOutput {
+    let prompt: Vec<u32> = (0..60).map(|i| (i * 37 + 5) % 500).collect();
+    let capture = capture
+        .map(|(dir, steps)| format!("capture: (out_dir: {dir:?}, stages: \"all\", layers: \"all\", steps: {steps:?}),"))
+        .unwrap_or_default();
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 3), prompt: Tokens({prompt:?}), generate: 12, \
+         backend: Cuda(device: 0, dtype: Bf16, graphs: {graphs}), {capture})"
+    );
+    let config = RunConfig::parse(&text, Path::new("gpu.ron")).unwrap();
+    capture::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap()
+}
+
+fn logit_bits(o: &capture::RunOutput) -> Vec<u32> {
+    o.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect()
+}
+
 #[test]
 fn cuda_bf16_graph_replays_compute_the_bits_of_eager_steps() {
     if !gpu_enabled() {
         return;
     }
-    // 60 prompt tokens and 12 decode steps: the KV caches grow from 64 to
-    // 128 positions at step 5, so a graph is recorded (step 2), dropped
-    // (step 5 runs eagerly) and recorded again (step 7).
-    let prompt: Vec<u32> = (0..60).map(|i| (i * 37 + 5) % 500).collect();
-    let prompt = format!("{prompt:?}");
-    let (model, backend) = ("Synthetic(preset: \"tiny-moe\", seed: 3)", "Cuda(device: 0, dtype: Bf16)");
-    let graphs = run_output(model, &prompt, 12, backend, None);
-    // Capture observes every stage, which keeps every step eager.
-    let eager = run_output(model, &prompt, 12, backend, Some(&scratch("gpu-graph").join("all")));
+    let graphs = graph_run(true, None);
+    let eager = graph_run(false, None);
     assert_eq!(graphs.summary.graph_replays, 8, "steps 2-4 and 7-11 replay a graph");
     assert_eq!(eager.summary.graph_replays, 0);
     assert_eq!(graphs.summary.generated, eager.summary.generated);
-    let bits = |o: &capture::RunOutput| o.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-    assert_eq!(bits(&graphs), bits(&eager), "last logits with and without graphs");
+    assert_eq!(logit_bits(&graphs), logit_bits(&eager), "last logits with and without graphs");
+}
+
+/// Every .npy file under `dir`, by path relative to it, with its bytes.
+fn npy_files(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "npy") {
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+#[test]
+fn cuda_bf16_captures_replayed_steps_bit_for_bit() {
+    if !gpu_enabled() {
+        return;
+    }
+    // Every stage of every layer at every step, then a selection of steps
+    // that changes what a step reads (each change records the step again).
+    for (name, steps) in [("all", "all"), ("some", "0..4,6,9..12")] {
+        let dir = scratch(&format!("gpu-graph-capture-{name}"));
+        let graphs = graph_run(true, Some((&dir.join("graphs"), steps)));
+        let eager = graph_run(false, Some((&dir.join("eager"), steps)));
+        assert!(graphs.summary.graph_replays >= 8, "{steps}: {} replays", graphs.summary.graph_replays);
+        assert_eq!(eager.summary.graph_replays, 0);
+        assert_eq!(logit_bits(&graphs), logit_bits(&eager), "{steps}: last logits");
+        let (g, e) = (npy_files(&dir.join("graphs")), npy_files(&dir.join("eager")));
+        assert!(g.len() > 100, "{steps}: {} files", g.len());
+        assert_eq!(g.keys().collect::<Vec<_>>(), e.keys().collect::<Vec<_>>(), "{steps}: the same tensors");
+        for (path, bytes) in &g {
+            assert!(bytes == &e[path], "{steps}: {} differs with graphs", path.display());
+        }
+    }
 }
 
 #[test]

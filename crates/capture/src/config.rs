@@ -119,7 +119,17 @@ pub enum BackendSpec {
         device: usize,
         /// Precision.
         dtype: CudaDtype,
+        /// Record each decode step once as a CUDA graph and replay it (the
+        /// default; Bf16 only). `graphs: false` launches every kernel from
+        /// the host at every step: the same bits, slower; to rule graphs
+        /// out when hunting a bug.
+        #[serde(default = "graphs_on")]
+        graphs: bool,
     },
+}
+
+fn graphs_on() -> bool {
+    true
 }
 
 impl BackendSpec {
@@ -133,8 +143,12 @@ impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendSpec::Cpu => f.write_str("Cpu"),
-            BackendSpec::Cuda { device, dtype } => {
-                write!(f, "Cuda(device: {device}, dtype: {dtype:?})")
+            BackendSpec::Cuda { device, dtype, graphs } => {
+                write!(f, "Cuda(device: {device}, dtype: {dtype:?}")?;
+                if !graphs {
+                    f.write_str(", graphs: false")?;
+                }
+                f.write_str(")")
             }
         }
     }
@@ -522,8 +536,11 @@ mod tests {
             .replace("backend: Cpu", "backend: Cuda(device: 0, dtype: Bf16)")
             .replace("seed: 7", "seed: 7, layers: 2");
         let c = parse(&text).unwrap();
-        assert_eq!(c.backend, BackendSpec::Cuda { device: 0, dtype: CudaDtype::Bf16 });
+        assert_eq!(c.backend, BackendSpec::Cuda { device: 0, dtype: CudaDtype::Bf16, graphs: true });
+        assert_eq!(c.backend.to_string(), "Cuda(device: 0, dtype: Bf16)");
         assert!(matches!(c.model, ModelSpec::Synthetic { layers: Some(2), .. }));
+        let eager = parse(&text.replace("dtype: Bf16)", "dtype: Bf16, graphs: false)")).unwrap();
+        assert_eq!(eager.backend.to_string(), "Cuda(device: 0, dtype: Bf16, graphs: false)");
     }
 
     #[test]

@@ -96,14 +96,17 @@ pub fn build_backend(
     match spec {
         BackendSpec::Cpu => Ok(Box::new(CpuBackend::new(model.store.clone(), threads)?)),
         #[cfg(feature = "cuda")]
-        BackendSpec::Cuda { device, dtype } => {
+        BackendSpec::Cuda { device, dtype, graphs } => {
             use pipeline::backend::cuda::CudaPrecision;
             let precision = match dtype {
                 crate::config::CudaDtype::F32 => CudaPrecision::F32,
                 crate::config::CudaDtype::Bf16 => CudaPrecision::Bf16,
             };
             match pipeline::CudaBackend::new(model, *device, precision) {
-                Ok(backend) => Ok(Box::new(backend)),
+                Ok(mut backend) => {
+                    backend.set_step_graphs(*graphs);
+                    Ok(Box::new(backend))
+                }
                 Err(pipeline::PipelineError::BackendUnavailable(why)) => Err(CaptureError::ConfigValue {
                     path: config_path.to_path_buf(),
                     message: format!("backend: {spec}: {why}"),
@@ -161,7 +164,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     backend.check_run_memory(crate::config::run_bytes(&model.config, config.prompt_tokens().len(), config.generate))?;
     backend.warm_up(config.prompt_tokens().len())?;
     if let Some(session) = &session {
-        backend.reserve_capture(&session.first_step_elements(&model.config, config.prompt_tokens().len()))?;
+        backend.reserve_capture(&session.reserve_elements(&model.config, config.prompt_tokens().len()))?;
     }
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
     let setup = backend.setup_note().map(|n| format!("; {n}")).unwrap_or_default();

@@ -50,7 +50,7 @@ pub struct CaptureStats {
 }
 
 /// At most this much pinned memory is reserved before a run (see
-/// [`CaptureSession::first_step_elements`]).
+/// [`CaptureSession::reserve_elements`]).
 pub const RESERVE_LIMIT_BYTES: usize = 1 << 30;
 
 /// A capture in progress. Declare it before the forward pass it observes,
@@ -74,18 +74,21 @@ impl CaptureSession {
         Ok(Self { target, writer, selection })
     }
 
-    /// The element counts of the tensors this capture takes in the first
-    /// step (the prompt's, the largest), in capture order, up to
-    /// [`RESERVE_LIMIT_BYTES`] of them: what a backend that stages copies
-    /// through pinned memory reserves before the run, so the prefill does
-    /// not pay for pinning (later steps' tensors are smaller and reuse
-    /// those buffers).
-    pub fn first_step_elements(&self, config: &pipeline::ModelConfig, prompt_len: usize) -> Vec<usize> {
+    /// The element counts of the tensors this capture takes at `step` (of
+    /// `tokens` tokens, `positions` cached positions after it), in capture
+    /// order; none when the step is not selected.
+    pub fn step_elements(
+        &self,
+        config: &pipeline::ModelConfig,
+        step: usize,
+        tokens: usize,
+        positions: usize,
+    ) -> Vec<usize> {
         let sel = &self.selection;
-        if !sel.steps.contains(0) {
+        if !sel.steps.contains(step) {
             return Vec::new();
         }
-        let numel = |stage| config.stage_shape(stage, prompt_len, prompt_len).iter().product::<usize>();
+        let numel = |stage| config.stage_shape(stage, tokens, positions).iter().product::<usize>();
         let mut wanted = Vec::new();
         let model_stages = |before_layers: bool| {
             sel.stages
@@ -106,9 +109,23 @@ impl CaptureSession {
             );
         }
         wanted.extend(model_stages(false).map(numel));
-        let mut bytes = 0usize;
         wanted
+    }
+
+    /// What a backend that stages copies through pinned memory reserves
+    /// before the run, up to [`RESERVE_LIMIT_BYTES`]: the element counts of
+    /// the tensors of the first decode step (needed while the prompt's
+    /// copies are still landing: unreserved, the first decode step pinned
+    /// its buffers one by one, 43 ms for a bisect-style selection of 48
+    /// layers on an H200), then of the prompt step (the largest), so that
+    /// neither pays for pinning. Later steps reuse these buffers.
+    pub fn reserve_elements(&self, config: &pipeline::ModelConfig, prompt_len: usize) -> Vec<usize> {
+        let decode = self.step_elements(config, 1, 1, prompt_len + 1);
+        let prompt = self.step_elements(config, 0, prompt_len, prompt_len);
+        let mut bytes = 0usize;
+        decode
             .into_iter()
+            .chain(prompt)
             .take_while(|n| {
                 bytes += n * 4;
                 bytes <= RESERVE_LIMIT_BYTES

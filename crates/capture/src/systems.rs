@@ -1,8 +1,9 @@
 //! Capture systems: one per scope schedule (prologue, layer, epilogue) that
 //! has a selected stage, attached at the scope's end
-//! ([`pipeline::ecs::ScopeEnd`]: every stage of the scope and its hooks
-//! have run, and each stage's slot still holds what it and its amenders
-//! produced). When the current step and layer are selected it starts a
+//! ([`pipeline::ecs::ScopeObservers`]: every stage of the scope and its
+//! hooks have run, and each stage's slot still holds what it and its
+//! amenders produced; after a replayed decode step they run for each scope
+//! in turn and read what the recorded step copied). When the current step and layer are selected it starts a
 //! copy of each selected stage's output to the host, in stage order, and
 //! hands it, still in flight, to the writer threads (which wait for it).
 //! With nothing selected there is no system and no copy. (A system per
@@ -71,7 +72,9 @@ fn capture_scope(
         if !ctx.produced(stage) {
             continue;
         }
-        let Some(tensor) = ctx.read_async(stage) else { return };
+        // None: a failure (recorded as the step's error) or a probe, which
+        // must see every read.
+        let Some(tensor) = ctx.read_async(stage) else { continue };
         let order = sink.1.fetch_add(1, Ordering::Relaxed);
         let item = CapturedTensor { order, step: ctx.step().step, layer, stage, tensor };
         sink.0.send(item);

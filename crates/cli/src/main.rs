@@ -67,7 +67,12 @@ macro_rules! say_inline {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("MOETRACE_LOG"))
+        // Warnings by default (e.g. a GPU feature turned off with its
+        // reason); MOETRACE_LOG=debug etc. for more.
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("MOETRACE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
         .without_time()
         .log_internal_errors(false)
         .init();

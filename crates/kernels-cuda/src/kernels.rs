@@ -75,6 +75,8 @@ pub mod elementwise {
     pub const ARGMAX: Kernel = k("elementwise", "argmax_f32");
     /// ... and the best of the blocks'.
     pub const ARGMAX_FINAL: Kernel = k("elementwise", "argmax_final_f32");
+    /// Slots copied to pinned host memory by a table ([`crate::gather`]).
+    pub const GATHER_TO_HOST: Kernel = k("elementwise", "gather_to_host");
 }
 
 /// kernels/linear.cu.
@@ -144,6 +146,7 @@ pub const ALL: &[Kernel] = &[
     elementwise::SWIGLU,
     elementwise::ARGMAX,
     elementwise::ARGMAX_FINAL,
+    elementwise::GATHER_TO_HOST,
     linear::EXPERT_LINEAR.f32,
     linear::EXPERT_LINEAR.bf16w,
     linear::EXPERT_LINEAR_V8,

@@ -18,6 +18,7 @@
 pub mod blas;
 pub mod device;
 pub mod error;
+pub mod gather;
 pub mod kernels;
 pub mod sources;
 pub mod synthetic;

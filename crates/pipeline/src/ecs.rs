@@ -37,17 +37,28 @@ pub enum StageHookSystems {
     Teach(SaveTensorStage),
 }
 
-/// The end of a scope's schedule: after every stage of the scope and its
-/// hooks. An observer here ([`crate::Forward::add_scope_observer`]) reads
-/// any stage of the scope from its slot, which still holds what the stage
-/// and its amenders produced (each stage writes only its own slot); one
-/// such system per scope costs the schedule one system run, where an
-/// observer per stage costs one per stage and layer whether it copies
-/// anything or not. Skipped while a scope is re-run, like observers. (With
-/// teacher forcing armed a slot holds the forced output by then; forcing
-/// and observing happen together only in grafts, which skip observers.)
-#[derive(SystemSet, Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct ScopeEnd;
+/// The schedule of a scope's observers ([`crate::Forward::add_scope_observer`]),
+/// run after the scope's own schedule: each reads any stage of the scope
+/// from its slot, which still holds what the stage and its amenders
+/// produced (each stage writes only its own slot). One such system per
+/// scope costs one system run, where an observer per stage costs one per
+/// stage and layer whether it copies anything or not. Being a schedule of
+/// its own, it also runs without the scope: after a replayed step
+/// (`crate::backend::StepGraph::Replay`), and as a probe that only says
+/// what it would read ([`ObserverProbe`]). Skipped while a scope is re-run,
+/// like observers. (With teacher forcing armed a slot holds the forced
+/// output by then; forcing and observing happen together only in grafts,
+/// which skip observers.)
+#[derive(ScheduleLabel, Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ScopeObservers(pub ForwardSchedule);
+
+/// When set, the scope observers only say what they would read: each
+/// [`HookCtx::read`] or [`HookCtx::read_async`] appends its stage here
+/// and returns None, so nothing is copied or sent. [`crate::Forward`]
+/// probes this way before a recorded step, whose reads must be known
+/// before it is recorded or replayed.
+#[derive(Resource, Debug, Default)]
+pub struct ObserverProbe(pub Option<Vec<SaveTensorStage>>);
 
 /// Whether observers run (false while a scope is re-run for a graft, so
 /// nothing is captured twice).
@@ -209,6 +220,7 @@ pub struct HookCtx<'w> {
     layer: Res<'w, CurrentLayer>,
     log: Res<'w, StageLog>,
     error: ResMut<'w, StepError>,
+    probe: ResMut<'w, ObserverProbe>,
 }
 
 impl HookCtx<'_> {
@@ -229,15 +241,22 @@ impl HookCtx<'_> {
     }
 
     /// Copies `stage`'s output to the host; on failure records the error
-    /// and returns None.
+    /// and returns None (also during a probe: see [`ObserverProbe`]).
     pub fn read(&mut self, stage: SaveTensorStage) -> Option<HostTensor> {
+        if self.probed(stage) {
+            return None;
+        }
         let result = self.backend.0.read(stage);
         self.keep(result)
     }
 
     /// Starts copying `stage`'s output to the host (see
-    /// [`Backend::read_async`]); on failure records the error.
+    /// [`Backend::read_async`]); on failure records the error and returns
+    /// None (also during a probe: see [`ObserverProbe`]).
     pub fn read_async(&mut self, stage: SaveTensorStage) -> Option<PendingTensor> {
+        if self.probed(stage) {
+            return None;
+        }
         let result = self.backend.0.read_async(stage);
         self.keep(result)
     }
@@ -247,6 +266,18 @@ impl HookCtx<'_> {
     pub fn write(&mut self, stage: SaveTensorStage, tensor: &HostTensor) {
         let result = self.backend.0.write(stage, tensor);
         self.keep(result);
+    }
+
+    /// During a probe ([`ObserverProbe`]): notes that `stage` would be
+    /// read and returns true.
+    fn probed(&mut self, stage: SaveTensorStage) -> bool {
+        match self.probe.0.as_mut() {
+            Some(reads) => {
+                reads.push(stage);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Records `error` as the step's error.

@@ -8,14 +8,13 @@
 use std::fmt;
 
 use bevy_ecs::prelude::*;
-use bevy_ecs::schedule::ScheduleConfigs;
 use bevy_ecs::system::ScheduleSystem;
-use stage_types::SaveTensorStage;
+use stage_types::{SaveTensorStage, StageList};
 
-use crate::backend::{Backend, StepGraph};
+use crate::backend::Backend;
 use crate::ecs::{
     ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerKind, LayerMlp, ModelParams,
-    ObserversEnabled, ScopeEnd, StageHookSystems, StageLog, StepError, StepState,
+    ObserverProbe, ObserversEnabled, StageHookSystems, StageLog, StepError, StepState,
 };
 use crate::error::{PipelineError, Result};
 use crate::model::{MlpWeights, Model};
@@ -42,6 +41,15 @@ impl StepScope {
         std::iter::once(StepScope::Prologue)
             .chain((0..layers).map(StepScope::Layer))
             .chain(std::iter::once(StepScope::Epilogue))
+    }
+
+    /// The schedule that runs this scope.
+    pub fn schedule(self) -> ForwardSchedule {
+        match self {
+            StepScope::Prologue => ForwardSchedule::Prologue,
+            StepScope::Layer(_) => ForwardSchedule::Layer,
+            StepScope::Epilogue => ForwardSchedule::Epilogue,
+        }
     }
 
     /// The layer index of a layer scope.
@@ -115,13 +123,23 @@ pub struct Generation {
 
 /// A model's forward pass as an ECS world and its schedules.
 pub struct Forward {
-    world: World,
-    schedules: ForwardSchedules,
-    layers: Vec<Entity>,
+    pub(crate) world: World,
+    pub(crate) schedules: ForwardSchedules,
+    pub(crate) layers: Vec<Entity>,
     vocab_size: usize,
-    /// An observer or amender is attached: every step runs eagerly, so
-    /// that hooks see each stage as it is computed.
-    hooked: bool,
+    /// A stage observer or amender is attached: every step runs eagerly,
+    /// so that hooks see each stage as it is computed.
+    pub(crate) hooked: bool,
+    /// A scope observer is attached (these run after a replayed step too:
+    /// see step_graph.rs).
+    pub(crate) scope_observed: bool,
+    /// What each scope (in [`Forward::scopes`] order) produced the last
+    /// time it ran: what its observers see after a replayed step.
+    pub(crate) scope_logs: Vec<Option<StageList>>,
+    /// Which scopes' observers read anything, by the last probe.
+    pub(crate) probed_reads: Vec<bool>,
+    /// Host time per step phase (`MOETRACE_PROFILE_STEPS`).
+    pub(crate) phases: Option<crate::step_graph::StepPhases>,
 }
 
 impl Forward {
@@ -160,8 +178,20 @@ impl Forward {
         world.init_resource::<StageLog>();
         world.init_resource::<StepError>();
         world.init_resource::<Teacher>();
+        world.init_resource::<ObserverProbe>();
         world.insert_resource(ObserversEnabled(true));
-        Self { world, schedules: build_schedules(), layers, vocab_size: model.config.vocab_size, hooked: false }
+        let scope_logs = vec![None; model.layers.len() + 2];
+        Self {
+            world,
+            schedules: build_schedules(),
+            layers,
+            vocab_size: model.config.vocab_size,
+            hooked: false,
+            scope_observed: false,
+            scope_logs,
+            probed_reads: Vec::new(),
+            phases: crate::step_graph::StepPhases::from_env(),
+        }
     }
 
     /// Attaches an observer of `stage` (capture, collection for a
@@ -184,29 +214,27 @@ impl Forward {
 
     /// Attaches an observer of a whole scope: it runs once per run of
     /// `scope`'s schedule, after every stage of it and their hooks, and
-    /// may read any stage the scope produced (see [`crate::ecs::ScopeEnd`]);
-    /// it must only read. Capture uses one per scope instead of one per
-    /// stage. Not run while a scope is re-run for a graft.
+    /// may read any stage the scope produced (see
+    /// [`crate::ecs::ScopeObservers`]); it must only read, and read the
+    /// same stages whenever the step, layer and stages produced are the
+    /// same (a recorded step is planned from what it reads). Unlike stage
+    /// observers it lets steps be recorded and replayed. Not run while a
+    /// scope is re-run for a graft.
     pub fn add_scope_observer<M>(
         &mut self,
         scope: ForwardSchedule,
         system: impl IntoScheduleConfigs<ScheduleSystem, M>,
     ) {
-        self.attach(scope, system.into_configs().in_set(ScopeEnd));
+        self.scope_observed = true;
+        self.schedules.observers_mut(scope).add_systems(system);
     }
 
     fn add_hook<M>(&mut self, hook: StageHookSystems, system: impl IntoScheduleConfigs<ScheduleSystem, M>) {
         let stage = match hook {
             StageHookSystems::Amend(s) | StageHookSystems::Observe(s) | StageHookSystems::Teach(s) => s,
         };
-        self.attach(ForwardSchedule::of(stage), system.into_configs().in_set(hook));
-    }
-
-    /// Adds a hook's systems to `schedule`; from then on every step runs
-    /// eagerly (see [`Forward::step`]).
-    fn attach(&mut self, schedule: ForwardSchedule, configs: ScheduleConfigs<ScheduleSystem>) {
         self.hooked = true;
-        self.schedules.get_mut(schedule).add_systems(configs);
+        self.schedules.get_mut(ForwardSchedule::of(stage)).add_systems(system.into_configs().in_set(hook));
     }
 
     /// The world, for inserting resources hooks need.
@@ -222,66 +250,6 @@ impl Forward {
     /// Number of decoder layers.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
-    }
-
-    /// Runs one step: `tokens` at positions `start_position..`.
-    ///
-    /// With no observer or amender attached and no teacher forcing armed,
-    /// the backend may record a decode step once as a graph and replay it
-    /// for later steps ([`StepGraph`]): the same kernels with the same
-    /// arguments, so the same bits, without launching each stage from the
-    /// host. Anything that looks at stages as they run keeps every step
-    /// eager.
-    pub fn step(
-        &mut self,
-        step: usize,
-        tokens: &[u32],
-        start_position: usize,
-        on_event: &mut dyn FnMut(ForwardEvent),
-    ) -> Result<()> {
-        let armed = {
-            let teacher = self.world.resource::<Teacher>();
-            teacher.record || !teacher.forced.is_empty()
-        };
-        if !self.hooked && !armed {
-            self.backend_mut().allow_step_graph();
-        }
-        self.begin_step(step, tokens, start_position)?;
-        on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
-        match self.backend_mut().step_graph() {
-            StepGraph::Eager => self.run_scopes(step, on_event),
-            StepGraph::Replay => self.replay(step, on_event),
-            StepGraph::Capture => {
-                self.backend_mut().begin_graph_capture()?;
-                let ran = self.run_scopes(step, &mut |_| {});
-                if self.backend_mut().end_graph_capture(ran.err().map(|e| e.to_string()))? {
-                    return self.replay(step, on_event);
-                }
-                // No graph (the backend said why and runs eagerly from now
-                // on): nothing of the step executed, so run it again.
-                self.begin_step(step, tokens, start_position)?;
-                self.run_scopes(step, on_event)
-            }
-        }
-    }
-
-    fn run_scopes(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
-        for scope in self.scopes() {
-            self.run_scope(scope)?;
-            if let StepScope::Layer(layer) = scope {
-                on_event(ForwardEvent::LayerDone { step, layer, layers: self.layers.len() });
-            }
-        }
-        Ok(())
-    }
-
-    fn replay(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
-        self.backend_mut().replay_step()?;
-        let layers = self.layers.len();
-        for layer in 0..layers {
-            on_event(ForwardEvent::LayerDone { step, layer, layers });
-        }
-        Ok(())
     }
 
     /// The scopes of a step, in order.
@@ -312,21 +280,32 @@ impl Forward {
 
     /// Runs one scope of the current step.
     pub fn run_scope(&mut self, scope: StepScope) -> Result<()> {
-        let label = match scope {
-            StepScope::Prologue => ForwardSchedule::Prologue,
-            StepScope::Layer(index) => {
-                if index >= self.layers.len() {
-                    return Err(PipelineError::BadInput(format!(
-                        "layer {index} does not exist: the model has {} layers",
-                        self.layers.len()
-                    )));
-                }
-                ForwardSchedule::Layer
-            }
-            StepScope::Epilogue => ForwardSchedule::Epilogue,
-        };
+        if let StepScope::Layer(index) = scope
+            && index >= self.layers.len()
+        {
+            return Err(PipelineError::BadInput(format!(
+                "layer {index} does not exist: the model has {} layers",
+                self.layers.len()
+            )));
+        }
+        let label = scope.schedule();
         self.set_layer(scope.layer());
-        self.run(label)
+        self.run(label)?;
+        let index = self.scope_index(scope);
+        self.scope_logs[index] = Some(self.world.resource::<StageLog>().0);
+        if self.world.resource::<ObserversEnabled>().0 {
+            self.observe(label)?;
+        }
+        Ok(())
+    }
+
+    /// The position of `scope` in [`Forward::scopes`].
+    pub(crate) fn scope_index(&self, scope: StepScope) -> usize {
+        match scope {
+            StepScope::Prologue => 0,
+            StepScope::Layer(l) => l + 1,
+            StepScope::Epilogue => self.layers.len() + 1,
+        }
     }
 
     /// Arms teacher forcing for the next [`Forward::run_scope`]: with
@@ -440,7 +419,9 @@ impl Forward {
         for step in 0.. {
             self.step(step, &tokens, position, on_event)?;
             steps.push(StepRecord { step, start_position: position, tokens: tokens.clone() });
+            let t = std::time::Instant::now();
             let next = if generate > 0 { Some(self.next_token()?) } else { None };
+            self.time(crate::step_graph::Phase::Token, t);
             on_event(ForwardEvent::StepDone { step, next_token: next });
             let Some(next) = next else { break };
             generated.push(next);
@@ -453,7 +434,7 @@ impl Forward {
         Ok(Generation { generated, steps })
     }
 
-    fn set_layer(&mut self, index: Option<usize>) {
+    pub(crate) fn set_layer(&mut self, index: Option<usize>) {
         let current = match index {
             None => CurrentLayer::default(),
             Some(i) => {
@@ -473,6 +454,19 @@ impl Forward {
     fn run(&mut self, label: ForwardSchedule) -> Result<()> {
         self.world.resource_mut::<StageLog>().0 = Default::default();
         self.schedules.get_mut(label).run(&mut self.world);
+        self.take_step_error()
+    }
+
+    /// Runs the scope observers of `label` (none attached: nothing).
+    pub(crate) fn observe(&mut self, label: ForwardSchedule) -> Result<()> {
+        if !self.scope_observed {
+            return Ok(());
+        }
+        self.schedules.observers_mut(label).run(&mut self.world);
+        self.take_step_error()
+    }
+
+    pub(crate) fn take_step_error(&mut self) -> Result<()> {
         match self.world.resource_mut::<StepError>().0.take() {
             Some(e) => Err(e),
             None => Ok(()),

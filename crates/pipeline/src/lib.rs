@@ -33,6 +33,7 @@ pub mod forward;
 pub mod model;
 pub mod schedule;
 pub mod stages;
+mod step_graph;
 pub mod teacher;
 pub mod tensor;
 pub mod weights;

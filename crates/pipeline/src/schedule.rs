@@ -11,13 +11,13 @@ use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
 use crate::ecs::{
-    ForwardSchedule, HookCtx, ScopeEnd, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense, layer_is_moe,
-    observers_enabled,
+    ForwardSchedule, HookCtx, ScopeObservers, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense,
+    layer_is_moe, observers_enabled,
 };
 use crate::stages::{attention, ffn, model, moe};
 use crate::teacher::{Teacher, teach_stage};
 
-/// The three schedules of a forward step.
+/// The three schedules of a forward step, and their scope observers'.
 pub struct ForwardSchedules {
     /// embedding.
     pub prologue: Schedule,
@@ -25,6 +25,9 @@ pub struct ForwardSchedules {
     pub layer: Schedule,
     /// final_norm, lm_head.
     pub epilogue: Schedule,
+    /// Each scope's observers (prologue, layer, epilogue): see
+    /// [`ScopeObservers`].
+    pub observers: [Schedule; 3],
 }
 
 impl ForwardSchedules {
@@ -36,6 +39,11 @@ impl ForwardSchedules {
             ForwardSchedule::Epilogue => &mut self.epilogue,
         }
     }
+
+    /// The observers' schedule of the scope with this label.
+    pub fn observers_mut(&mut self, label: ForwardSchedule) -> &mut Schedule {
+        &mut self.observers[label as usize]
+    }
 }
 
 /// Builds the schedules with every stage system and the ordering of stage
@@ -45,6 +53,8 @@ pub fn build_schedules() -> ForwardSchedules {
         prologue: new_schedule(ForwardSchedule::Prologue),
         layer: new_schedule(ForwardSchedule::Layer),
         epilogue: new_schedule(ForwardSchedule::Epilogue),
+        observers: [ForwardSchedule::Prologue, ForwardSchedule::Layer, ForwardSchedule::Epilogue]
+            .map(|scope| new_schedule(ScopeObservers(scope))),
     };
     for &stage in S::ALL {
         let schedule = schedules.get_mut(ForwardSchedule::of(stage));
@@ -58,11 +68,9 @@ pub fn build_schedules() -> ForwardSchedules {
             (move |ctx: HookCtx, teacher: ResMut<Teacher>| teach_stage(stage, ctx, teacher))
                 .in_set(StageHookSystems::Teach(stage)),
         );
-        match stage.next().filter(|n| ForwardSchedule::of(*n) == ForwardSchedule::of(stage)) {
-            Some(next) => schedule.configure_sets(StageSet(next).after(StageHookSystems::Teach(stage))),
-            // The scope's last stage: scope observers come after it.
-            None => schedule.configure_sets(ScopeEnd.after(StageHookSystems::Teach(stage)).run_if(observers_enabled)),
-        };
+        if let Some(next) = stage.next().filter(|n| ForwardSchedule::of(*n) == ForwardSchedule::of(stage)) {
+            schedule.configure_sets(StageSet(next).after(StageHookSystems::Teach(stage)));
+        }
     }
     schedules
 }

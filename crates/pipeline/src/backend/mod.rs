@@ -162,6 +162,35 @@ pub trait Backend: Send + Sync + 'static {
         Ok(false)
     }
 
+    /// For a step planned [`StepGraph::Capture`] or [`StepGraph::Replay`]:
+    /// the slots the scope observers will read at the end of each scope
+    /// (`reads[i]` for the i-th scope of [`crate::Forward::scopes`], in the
+    /// order they read them), or None when that is not known. The recorded
+    /// step copies these to the host itself, so replayed steps can be
+    /// captured. Returns how the step runs now: a recorded step that reads
+    /// other slots is recorded again (Capture), and a step whose reads
+    /// cannot be recorded runs eagerly. By default eager.
+    fn set_step_reads(&mut self, reads: Option<&[Vec<Slot>]>) -> Result<StepGraph> {
+        let _ = reads;
+        Ok(StepGraph::Eager)
+    }
+
+    /// While recording: scope `scope` (index as in
+    /// [`Backend::set_step_reads`]) has run; records the copies of the
+    /// slots its observers read. By default nothing to do.
+    fn record_scope_reads(&mut self, scope: usize) -> Result<()> {
+        let _ = scope;
+        Ok(())
+    }
+
+    /// After a replay, the scope observers have run (their `read_async`
+    /// calls, in the order of [`Backend::set_step_reads`], were answered
+    /// from the recorded copies): the backend lands them once the replay
+    /// has finished. By default nothing to do.
+    fn end_step_reads(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// How many steps so far were replayed from a recorded graph.
     fn graph_replays(&self) -> usize {
         0

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use cudarc::driver::sys::{self, CUstreamCaptureMode};
 
+use super::taps::{Lander, StepReads};
 use super::{CudaBackend, CudaPrecision, gpu};
 use crate::backend::{Slot, StepGraph};
 use crate::error::{PipelineError, Result};
@@ -58,15 +59,25 @@ pub(super) struct StepGraphs {
     recorded: Option<Recorded>,
     /// Steps replayed so far.
     pub(super) replays: usize,
+    /// The reads planned for the step being recorded (taps.rs).
+    pub(super) pending_reads: Option<StepReads>,
+    /// After a replay, until its observers are done: reads are answered
+    /// from the recorded copies.
+    pub(super) observing: bool,
+    /// Lands replays' reads.
+    pub(super) lander: Lander,
 }
 
-/// A recorded decode step (the graph and its one instance) and the KV
-/// capacity it was recorded at.
+/// A recorded decode step (the graph and its one instance), the KV
+/// capacity it was recorded at and the capture copies it makes.
 struct Recorded {
     graph: sys::CUgraph,
     exec: sys::CUgraphExec,
     stream: Arc<CudaStream>,
     capacity: usize,
+    /// Dropped after the graph (fields drop after `Drop::drop`): it waits
+    /// for the last replay before its memory goes.
+    reads: StepReads,
 }
 
 impl Recorded {
@@ -78,6 +89,7 @@ impl Recorded {
         graph: sys::CUgraph,
         stream: Arc<CudaStream>,
         capacity: usize,
+        reads: StepReads,
         programmatic: bool,
     ) -> std::result::Result<Self, String> {
         if programmatic {
@@ -90,7 +102,7 @@ impl Recorded {
         // SAFETY: a valid graph, instantiated once; on failure it is
         // destroyed here, on success the `Recorded` owns it.
         match unsafe { sys::cuGraphInstantiateWithFlags(&mut exec, graph, 0) }.result() {
-            Ok(()) => Ok(Self { graph, exec, stream, capacity }),
+            Ok(()) => Ok(Self { graph, exec, stream, capacity, reads }),
             Err(e) => {
                 // SAFETY: as above.
                 let _ = unsafe { sys::cuGraphDestroy(graph) };
@@ -99,14 +111,25 @@ impl Recorded {
         }
     }
 
-    /// Launches the graph on the stream it was recorded on. `&mut`: the
-    /// graph is only ever used through an exclusive borrow.
-    fn launch(&mut self) -> Result<()> {
+    /// Launches the graph, for a step at `start`, on the stream it was
+    /// recorded on, once the reads last taken from the half of the reads'
+    /// arena it writes have landed (taps.rs). `&mut`: the graph is only
+    /// ever used through an exclusive borrow.
+    fn launch(&mut self, start: usize) -> Result<()> {
+        self.reads.before_replay(start);
         // SAFETY: a live instance of this graph, launched on the stream its
         // kernels were recorded on.
         unsafe { sys::cuGraphLaunch(self.exec, self.stream.cu_stream()) }
             .result()
-            .map_err(gpu("replaying the decode step"))
+            .map_err(gpu("replaying the decode step"))?;
+        let launched = if self.reads.copies_anything() {
+            let flags = Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC);
+            Some(Arc::new(self.stream.record_event(flags).map_err(gpu("recording a replay's end"))?))
+        } else {
+            None
+        };
+        self.reads.replayed(start, launched);
+        Ok(())
     }
 }
 
@@ -190,8 +213,7 @@ unsafe impl Sync for Recorded {}
 
 impl StepGraphs {
     pub(super) fn new(precision: CudaPrecision, profiling: bool) -> Self {
-        let enabled =
-            precision == CudaPrecision::Bf16 && !profiling && std::env::var_os("MOETRACE_NO_GRAPHS").is_none();
+        let enabled = Self::possible(precision, profiling) && std::env::var_os("MOETRACE_NO_GRAPHS").is_none();
         Self {
             enabled,
             allowed_next: false,
@@ -201,7 +223,36 @@ impl StepGraphs {
             warm: None,
             recorded: None,
             replays: 0,
+            pending_reads: None,
+            observing: false,
+            lander: Lander::default(),
         }
+    }
+
+    /// The reads of the recorded step, if any.
+    pub(super) fn recorded_reads(&self) -> Option<&StepReads> {
+        self.recorded.as_ref().map(|r| &r.reads)
+    }
+
+    pub(super) fn recorded_reads_mut(&mut self) -> Option<&mut StepReads> {
+        self.recorded.as_mut().map(|r| &mut r.reads)
+    }
+
+    /// Forgets the recorded step (it is recorded again or not at all).
+    pub(super) fn drop_recording(&mut self) {
+        self.recorded = None;
+    }
+
+    /// Graphs are possible at all: Bf16 (F32 mode projects through
+    /// cuBLAS) and no profiler.
+    fn possible(precision: CudaPrecision, profiling: bool) -> bool {
+        precision == CudaPrecision::Bf16 && !profiling
+    }
+
+    /// Turns graphs on (where possible) or off, dropping any recording.
+    pub(super) fn set_enabled(&mut self, on: bool, precision: CudaPrecision, profiling: bool) {
+        self.enabled = on && Self::possible(precision, profiling);
+        self.recorded = None;
     }
 
     pub(super) fn allow_next(&mut self) {
@@ -237,6 +288,16 @@ impl CudaBackend {
         }
     }
 
+    /// Turns the step begun last (planned for a graph) into an eager one.
+    pub(super) fn run_step_eagerly(&mut self) {
+        let g = &mut self.graphs;
+        g.recorded = None;
+        g.pending_reads = None;
+        g.plan = StepGraph::Eager;
+        g.warm = g.capacity;
+        self.recycle_slots();
+    }
+
     /// The capacity every layer's KV cache has, when this is a decode step
     /// (one token after the prompt) that grows none of them.
     fn decode_capacity(&self, t_len: usize, start: usize) -> Option<usize> {
@@ -252,6 +313,9 @@ impl CudaBackend {
         if self.graphs.plan != StepGraph::Capture {
             return Err(PipelineError::BadInput("begin_graph_capture without a step planned for capture".into()));
         }
+        // Buffers still read by the last eager step's capture copies get
+        // stand-ins: the recording may only take buffers from the pool.
+        self.activations.stand_in_for_copying(&self.stream()).map_err(gpu("allocating activations"))?;
         self.stream()
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(gpu("starting to record the decode step"))?;
@@ -265,11 +329,12 @@ impl CudaBackend {
         }
         self.graphs.capturing = false;
         let stream = self.stream();
+        let reads = self.graphs.pending_reads.take().unwrap_or_else(StepReads::none);
         let why = match (failure, end_capture(&stream)) {
             (None, Ok(Some(graph))) => {
                 let capacity = self.graphs.capacity.expect("a capture is planned at a known capacity");
                 let programmatic = std::env::var_os("MOETRACE_NO_PDL").is_none();
-                match Recorded::instantiate(graph, stream, capacity, programmatic) {
+                match Recorded::instantiate(graph, stream, capacity, reads, programmatic) {
                     Ok(recorded) => {
                         self.graphs.recorded = Some(recorded);
                         self.graphs.plan = StepGraph::Replay;
@@ -299,8 +364,9 @@ impl CudaBackend {
         let Some(recorded) = self.graphs.recorded.as_mut().filter(|_| planned) else {
             return Err(PipelineError::BadInput("replay_step without a recorded step planned for replay".into()));
         };
-        recorded.launch()?;
+        recorded.launch(self.start_position)?;
         self.graphs.replays += 1;
+        self.graphs.observing = true;
         // What the stage systems would have recorded on the host.
         let p_len = self.start_position + self.t_len;
         for cache in self.caches.iter_mut().flatten() {

@@ -31,6 +31,7 @@ mod ops;
 mod profile;
 mod projections;
 mod staging;
+mod taps;
 mod tensors;
 mod weights;
 
@@ -58,6 +59,9 @@ pub struct CudaBackend {
     /// biases of a layer), uploaded on first use.
     biases: HashMap<Vec<WeightId>, CudaSlice<f32>>,
     slots: Vec<Option<DevTensor>>,
+    /// The buffer length each slot was last given (what a recorded step's
+    /// capture copies are planned with: taps.rs).
+    slot_lens: Vec<Option<usize>>,
     /// The step's tokens (the first `t_len`; the buffer is reused while it
     /// is long enough, so a decode step's token has one address).
     tokens: Option<CudaSlice<u32>>,
@@ -67,8 +71,9 @@ pub struct CudaBackend {
     /// it read it from here (see graph.rs).
     step_start: CudaSlice<u32>,
     graphs: graph::StepGraphs,
-    /// Where the greedy choice lands (one u32; see `argmax_last_row`)...
-    choice: CudaSlice<u32>,
+    /// Where the greedy choice lands: one u32 of pinned host memory the
+    /// argmax kernel writes (see `argmax_last_row`)...
+    choice: kernels_cuda::gather::MappedHost,
     /// ... and each argmax block's best (value bits, index).
     choice_blocks: CudaSlice<u32>,
     /// A launch held back for the next operation to share (deferred.rs).
@@ -174,7 +179,7 @@ impl CudaBackend {
             }
         }
         let step_start = device.stream().alloc_zeros::<u32>(1).map_err(gpu("allocating the step's position"))?;
-        let choice = device.stream().alloc_zeros::<u32>(1).map_err(gpu("allocating the greedy choice"))?;
+        let choice = kernels_cuda::gather::MappedHost::new(device.context(), 1).map_err(kernel_error)?;
         let choice_blocks = device
             .stream()
             .alloc_zeros::<u32>(2 * elementwise::ARGMAX_BLOCKS)
@@ -206,6 +211,7 @@ impl CudaBackend {
             stacked,
             biases: HashMap::new(),
             slots: (0..Slot::ALL.len()).map(|_| None).collect(),
+            slot_lens: vec![None; Slot::ALL.len()],
             tokens: None,
             t_len: 0,
             start_position: 0,
@@ -228,6 +234,14 @@ impl CudaBackend {
     /// comparison (the backend-parity test turns it on).
     pub fn set_poison(&mut self, on: bool) {
         self.poison = on;
+    }
+
+    /// Turns recorded decode steps (CUDA graphs) off or back on (they are
+    /// on in Bf16 mode unless `MOETRACE_NO_GRAPHS` is set): every step then
+    /// launches its kernels one by one, which computes the same bits, more
+    /// slowly (to rule graphs out, or to compare with them).
+    pub fn set_step_graphs(&mut self, on: bool) {
+        self.graphs.set_enabled(on, self.precision, self.profiler.is_some());
     }
 
     /// The device's name.
@@ -306,8 +320,18 @@ impl CudaBackend {
     /// Puts `tensor` in `slot`, recycling what the slot held.
     fn store(&mut self, slot: Slot, tensor: DevTensor) {
         self.graphs.slot_written();
+        self.slot_lens[slot.index()] = Some(tensor.buffer_len());
         if let Some(old) = self.slots[slot.index()].replace(tensor) {
             self.activations.recycle(old);
+        }
+    }
+
+    /// Empties every slot into the activation pool.
+    fn recycle_slots(&mut self) {
+        for slot in &mut self.slots {
+            if let Some(old) = slot.take() {
+                self.activations.recycle(old);
+            }
         }
     }
 

@@ -93,11 +93,7 @@ impl Backend for CudaBackend {
         self.start_position = start_position;
         // A replay fills the buffers the recorded step left in the slots.
         if self.graphs.plan != StepGraph::Replay {
-            for slot in &mut self.slots {
-                if let Some(old) = slot.take() {
-                    self.activations.recycle(old);
-                }
-            }
+            self.recycle_slots();
         }
         Ok(())
     }
@@ -122,6 +118,18 @@ impl Backend for CudaBackend {
 
     fn replay_step(&mut self) -> Result<()> {
         self.replay_step_on_device()
+    }
+
+    fn set_step_reads(&mut self, reads: Option<&[Vec<Slot>]>) -> Result<StepGraph> {
+        self.set_step_reads_on_device(reads)
+    }
+
+    fn record_scope_reads(&mut self, scope: usize) -> Result<()> {
+        self.record_scope_reads_on_device(scope)
+    }
+
+    fn end_step_reads(&mut self) -> Result<()> {
+        self.end_step_reads_on_device()
     }
 
     fn graph_replays(&self) -> usize {
@@ -224,6 +232,9 @@ impl Backend for CudaBackend {
     }
 
     fn read_async(&mut self, slot: Slot) -> Result<crate::tensor::PendingTensor> {
+        if self.graphs.observing {
+            return self.read_replayed(slot);
+        }
         self.timed("(capture copy)", |this| this.read_async_on_device(slot))
     }
 

@@ -1,0 +1,236 @@
+//! [`Forward::step`]: one step, run eagerly or, for decode steps the
+//! backend can record, recorded once as a graph and replayed
+//! ([`StepGraph`]).
+//!
+//! Scope observers (capture) do not keep steps eager. Before a recorded
+//! step, they are probed ([`ObserverProbe`]): run with each scope's
+//! stage log from the scope's last run, they say which slots they would
+//! read at each scope's end, without reading anything. The backend records
+//! those copies inside the step ([`Backend::set_step_reads`],
+//! [`Backend::record_scope_reads`]); after each replay the observers run
+//! for every scope, as they would have after the scope, and their reads are
+//! answered from the recorded copies. A step whose reads differ from the
+//! recording's is recorded again. Stage observers, amenders and teacher
+//! forcing still keep every step eager: they act between stages.
+
+use std::time::{Duration, Instant};
+
+use stage_types::SaveTensorStage;
+
+use crate::backend::StepGraph;
+use crate::ecs::{ObserverProbe, ObserversEnabled, StageLog};
+use crate::error::Result;
+use crate::forward::{Forward, ForwardEvent, StepScope};
+use crate::teacher::Teacher;
+
+impl Forward {
+    /// Runs one step: `tokens` at positions `start_position..`.
+    ///
+    /// With no stage observer or amender attached and no teacher forcing
+    /// armed, the backend may record a decode step once as a graph and
+    /// replay it for later steps ([`StepGraph`]): the same kernels with the
+    /// same arguments, so the same bits, without launching each stage from
+    /// the host; scope observers then see each scope's outputs after the
+    /// replay (see the module's doc).
+    pub fn step(
+        &mut self,
+        step: usize,
+        tokens: &[u32],
+        start_position: usize,
+        on_event: &mut dyn FnMut(ForwardEvent),
+    ) -> Result<()> {
+        let armed = {
+            let teacher = self.world.resource::<Teacher>();
+            teacher.record || !teacher.forced.is_empty()
+        };
+        if !self.hooked && !armed {
+            self.backend_mut().allow_step_graph();
+        }
+        self.begin_step(step, tokens, start_position)?;
+        on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
+        let mut plan = self.backend_mut().step_graph();
+        if plan != StepGraph::Eager {
+            let t = Instant::now();
+            let reads = self.probe_reads()?;
+            self.time(Phase::Probe, t);
+            let t = Instant::now();
+            plan = self.backend_mut().set_step_reads(reads.as_deref())?;
+            self.time(Phase::Plan, t);
+        }
+        let t = Instant::now();
+        match plan {
+            StepGraph::Eager => {
+                let ran = self.run_scopes(step, on_event);
+                self.time(if tokens.len() > 1 { Phase::Prompt } else { Phase::Eager }, t);
+                ran
+            }
+            StepGraph::Replay => self.replay(step, on_event),
+            StepGraph::Capture => {
+                self.backend_mut().begin_graph_capture()?;
+                let ran = self.record_scopes();
+                let recorded = self.backend_mut().end_graph_capture(ran.err().map(|e| e.to_string()))?;
+                self.time(Phase::Record, t);
+                if recorded {
+                    return self.replay(step, on_event);
+                }
+                // No graph (the backend said why and runs eagerly from now
+                // on): nothing of the step executed, so run it again.
+                self.begin_step(step, tokens, start_position)?;
+                self.run_scopes(step, on_event)
+            }
+        }
+    }
+
+    fn run_scopes(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
+        for scope in self.scopes() {
+            self.run_scope(scope)?;
+            if let StepScope::Layer(layer) = scope {
+                on_event(ForwardEvent::LayerDone { step, layer, layers: self.layers.len() });
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs every scope while the backend records, observers off; after
+    /// each, the backend records the copies the observers will read.
+    fn record_scopes(&mut self) -> Result<()> {
+        self.world.resource_mut::<ObserversEnabled>().0 = false;
+        let ran = (|| {
+            for scope in self.scopes() {
+                self.run_scope(scope)?;
+                let index = self.scope_index(scope);
+                self.backend_mut().record_scope_reads(index)?;
+            }
+            Ok(())
+        })();
+        self.world.resource_mut::<ObserversEnabled>().0 = true;
+        ran
+    }
+
+    /// Replays the recorded step, then runs each scope's observers on
+    /// what the recording copied.
+    fn replay(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
+        let t = Instant::now();
+        self.backend_mut().replay_step()?;
+        self.time(Phase::Launch, t);
+        let t = Instant::now();
+        let observed = self.observe_replayed();
+        let landed = self.backend_mut().end_step_reads();
+        self.time(Phase::Observe, t);
+        observed.and(landed)?;
+        let layers = self.layers.len();
+        for layer in 0..layers {
+            on_event(ForwardEvent::LayerDone { step, layer, layers });
+        }
+        Ok(())
+    }
+
+    /// Runs the observers of each scope the probe found reads in (an
+    /// observer that reads nothing does nothing).
+    fn observe_replayed(&mut self) -> Result<()> {
+        if !self.scope_observed {
+            return Ok(());
+        }
+        for scope in self.scopes() {
+            if !self.probed_reads.get(self.scope_index(scope)).copied().unwrap_or(true) {
+                continue;
+            }
+            self.enter_logged_scope(scope);
+            self.observe(scope.schedule())?;
+        }
+        Ok(())
+    }
+
+    /// What the scope observers would read at the end of each scope of
+    /// this step, or None when a scope has not run yet (nothing says what
+    /// it produces).
+    fn probe_reads(&mut self) -> Result<Option<Vec<Vec<SaveTensorStage>>>> {
+        let scopes: Vec<StepScope> = self.scopes().collect();
+        if !self.scope_observed {
+            return Ok(Some(vec![Vec::new(); scopes.len()]));
+        }
+        if self.scope_logs.iter().any(Option::is_none) {
+            return Ok(None);
+        }
+        let mut reads = Vec::with_capacity(scopes.len());
+        for scope in scopes {
+            self.enter_logged_scope(scope);
+            self.world.resource_mut::<ObserverProbe>().0 = Some(Vec::new());
+            let ran = self.observe(scope.schedule());
+            let probed = self.world.resource_mut::<ObserverProbe>().0.take();
+            ran?;
+            reads.push(probed.unwrap_or_default());
+        }
+        self.probed_reads = reads.iter().map(|r| !r.is_empty()).collect();
+        Ok(Some(reads))
+    }
+
+    /// Sets the current layer and stage log to those of `scope`'s last run.
+    fn enter_logged_scope(&mut self, scope: StepScope) {
+        self.set_layer(scope.layer());
+        let log = self.scope_logs[self.scope_index(scope)].unwrap_or_default();
+        self.world.resource_mut::<StageLog>().0 = log;
+    }
+}
+
+/// A part of [`Forward::step`] timed on the host when
+/// `MOETRACE_PROFILE_STEPS` is set.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Phase {
+    /// Probing the scope observers' reads.
+    Probe,
+    /// The backend planning the step's reads.
+    Plan,
+    /// A step of several tokens (the prompt), eager.
+    Prompt,
+    /// An eager decode step (stage systems and observers).
+    Eager,
+    /// Recording a step.
+    Record,
+    /// Launching a replay (and waiting for the last one's reads to land).
+    Launch,
+    /// The scope observers after a replay.
+    Observe,
+    /// Waiting for the greedy choice (the step's GPU time left after the host's).
+    Token,
+}
+
+const PHASES: [&str; 8] = ["probe", "plan", "prompt", "eager", "record", "launch", "observe", "token"];
+
+/// Host time per [`Phase`] over a run, printed when the forward pass is
+/// dropped.
+#[derive(Debug, Default)]
+pub(crate) struct StepPhases {
+    total: [Duration; PHASES.len()],
+    count: [usize; PHASES.len()],
+}
+
+impl StepPhases {
+    /// On when `MOETRACE_PROFILE_STEPS` is set.
+    pub(crate) fn from_env() -> Option<Self> {
+        std::env::var_os("MOETRACE_PROFILE_STEPS").map(|_| Self::default())
+    }
+}
+
+impl Drop for StepPhases {
+    fn drop(&mut self) {
+        let mut report = String::from("host time per step phase (MOETRACE_PROFILE_STEPS):\n");
+        for (i, name) in PHASES.iter().enumerate() {
+            if self.count[i] > 0 {
+                let mean = self.total[i].as_secs_f64() * 1e6 / self.count[i] as f64;
+                report.push_str(&format!("  {name:<8} {:>6} times, {mean:>9.1} us each\n", self.count[i]));
+            }
+        }
+        eprint!("{report}");
+    }
+}
+
+impl Forward {
+    /// Adds the time since `since` to `phase` (when profiling).
+    pub(crate) fn time(&mut self, phase: Phase, since: Instant) {
+        if let Some(p) = self.phases.as_mut() {
+            p.total[phase as usize] += since.elapsed();
+            p.count[phase as usize] += 1;
+        }
+    }
+}
