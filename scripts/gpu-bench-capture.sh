@@ -7,7 +7,8 @@
 # the same captured to /dev/shm (memory: what the capture path costs
 # without the disk), and a bisect-style selection (moe_router_indices,
 # moe_ffn_out, post_ffn_residual of all 48 layers at every step), through
-# `moetrace run` as a user would. Prints the summaries.
+# `moetrace run` as a user would. Prints the summaries
+# (MOETRACE_PROFILE_STEPS=1 in the environment adds each step phase's host time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.gpu/out}

@@ -147,13 +147,7 @@ mod tests {
     /// those of the qwen3-30b-a3b projections at 1, 8 and 64 tokens.
     #[test]
     fn bf16_projections_write_every_output_element_and_nothing_else() {
-        if std::env::var_os("MOETRACE_GPU").is_none() {
-            eprintln!(
-                "SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing"
-            );
-            return;
-        }
-        let device = GpuDevice::open(0).expect("a GPU");
+        let Some(device) = crate::test_gpu() else { return };
         let stream = device.stream().clone();
         for rows in [1, 8, 64] {
             for (k, n) in [(2048, 5120), (4096, 2048), (2048, 128), (2048, 768), (768, 2048)] {

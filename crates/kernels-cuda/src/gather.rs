@@ -156,13 +156,7 @@ mod tests {
     /// included).
     #[test]
     fn gather_copies_every_entry_bit_for_bit_to_the_arena_named_on_the_device() {
-        if std::env::var_os("MOETRACE_GPU").is_none() {
-            eprintln!(
-                "SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing"
-            );
-            return;
-        }
-        let device = GpuDevice::open(0).expect("a GPU");
+        let Some(device) = crate::test_gpu() else { return };
         let stream = device.stream().clone();
         let sources: Vec<Vec<u32>> = [1usize, 37, 2048, 4099, 3 * 12]
             .iter()

@@ -25,3 +25,14 @@ pub mod synthetic;
 
 pub use device::{GpuDevice, KernelBuild};
 pub use error::{KernelError, Result, is_out_of_memory};
+
+/// For GPU tests: device 0 when `MOETRACE_GPU` is set, else None after
+/// saying that the test checked nothing.
+#[cfg(test)]
+pub(crate) fn test_gpu() -> Option<GpuDevice> {
+    if std::env::var_os("MOETRACE_GPU").is_none() {
+        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+        return None;
+    }
+    Some(GpuDevice::open(0).expect("a GPU"))
+}

@@ -20,12 +20,13 @@
 //!   outside a recording) drops the graph.
 //!
 //! A replay runs the same kernels with the same arguments as an eager
-//! step, so it computes the same bits (GPU test: Bf16 logits with capture
-//! on, which keeps every step eager, and off). Graphs are used only in
-//! Bf16 mode (F32 mode projects through cuBLAS), without profiling or
-//! poisoning, and never with `MOETRACE_NO_GRAPHS` set. A capture that
-//! fails turns graphs off for the backend's lifetime and the step runs
-//! eagerly.
+//! step, so it computes the same bits (GPU tests: Bf16 logits, and every
+//! captured tensor, with graphs and with `graphs: false`). Capture reads
+//! are recorded too (taps.rs). Graphs are used only in Bf16 mode (F32 mode
+//! projects through cuBLAS), without profiling or poisoning, and never
+//! with `MOETRACE_NO_GRAPHS` set or `Cuda(graphs: false)`. A capture that
+//! fails turns graphs off for the backend's lifetime (with a warning) and
+//! the step runs eagerly.
 
 use std::sync::Arc;
 
@@ -213,7 +214,7 @@ unsafe impl Sync for Recorded {}
 
 impl StepGraphs {
     pub(super) fn new(precision: CudaPrecision, profiling: bool) -> Self {
-        let enabled = Self::possible(precision, profiling) && std::env::var_os("MOETRACE_NO_GRAPHS").is_none();
+        let enabled = Self::possible(precision, profiling);
         Self {
             enabled,
             allowed_next: false,
@@ -244,9 +245,10 @@ impl StepGraphs {
     }
 
     /// Graphs are possible at all: Bf16 (F32 mode projects through
-    /// cuBLAS) and no profiler.
+    /// cuBLAS), no profiler and `MOETRACE_NO_GRAPHS` unset (also after
+    /// [`super::CudaBackend::set_step_graphs`]).
     fn possible(precision: CudaPrecision, profiling: bool) -> bool {
-        precision == CudaPrecision::Bf16 && !profiling
+        precision == CudaPrecision::Bf16 && !profiling && std::env::var_os("MOETRACE_NO_GRAPHS").is_none()
     }
 
     /// Turns graphs on (where possible) or off, dropping any recording.

@@ -34,6 +34,7 @@ mod staging;
 mod taps;
 mod tensors;
 mod weights;
+mod worker;
 
 use tensors::{ActivationPool, DevCache, DevData, DevTensor};
 use weights::{DevWeight, Stacked, alloc_weight, check_fits, element_size, fill_weight};

@@ -7,13 +7,13 @@
 //! moves the values out and puts the buffers back at once, so buffers are reused within a step instead of waiting behind the
 //! disk (allocating pinned memory is slow and synchronises the device).
 
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use cudarc::driver::{CudaContext, CudaEvent, PinnedHostSlice};
 
 use super::tensors::{CopyGuard, DevData};
+use super::worker::JobThread;
 use super::{Backend, CudaBackend, Slot, gpu};
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, PendingTensor};
@@ -87,36 +87,13 @@ struct Landing {
 #[derive(Default)]
 pub(super) struct Staging {
     pub(super) pool: StagingPool,
-    jobs: Option<Sender<Landing>>,
-    lander: Option<JoinHandle<()>>,
+    landing: JobThread<Landing>,
 }
 
 impl Staging {
     fn send(&mut self, ctx: &Arc<CudaContext>, job: Landing) -> Result<()> {
-        if self.jobs.is_none() {
-            let (tx, rx) = channel();
-            let (pool, ctx) = (self.pool.clone(), ctx.clone());
-            let handle = std::thread::Builder::new()
-                .name("moetrace-capture-landing".into())
-                .spawn(move || land_all(&ctx, &pool, rx))
-                .map_err(|e| PipelineError::Gpu(format!("starting the capture landing thread: {e}")))?;
-            self.jobs = Some(tx);
-            self.lander = Some(handle);
-        }
-        self.jobs
-            .as_ref()
-            .expect("started above")
-            .send(job)
-            .map_err(|_| PipelineError::Gpu("the capture landing thread stopped".into()))
-    }
-}
-
-impl Drop for Staging {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(handle) = self.lander.take() {
-            let _ = handle.join();
-        }
+        let (pool, ctx) = (self.pool.clone(), ctx.clone());
+        self.landing.send("moetrace-capture-landing", job, move |jobs| land_all(&ctx, &pool, jobs))
     }
 }
 

@@ -19,14 +19,14 @@
 //! observers run again and read in the recorded order; each read is
 //! answered from its copy.
 
-use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use cudarc::driver::{CudaEvent, CudaStream};
 use kernels_cuda::gather::{GatherTable, MappedHost, launch_gather};
 
 use super::tensors::DevData;
+use super::worker::JobThread;
 use super::{CudaBackend, Slot, kernel_error};
 use crate::backend::StepGraph;
 use crate::error::{PipelineError, Result};
@@ -188,10 +188,7 @@ impl Drop for StepReads {
 /// The thread that lands replays' reads: waits for the replay to finish,
 /// copies each read out of the arena, and says when it is done.
 #[derive(Default)]
-pub(super) struct Lander {
-    jobs: Option<Sender<LandingJob>>,
-    thread: Option<JoinHandle<()>>,
-}
+pub(super) struct Lander(JobThread<LandingJob>);
 
 struct LandingJob {
     launched: Arc<CudaEvent>,
@@ -204,29 +201,7 @@ struct LandingJob {
 
 impl Lander {
     fn send(&mut self, job: LandingJob) -> Result<()> {
-        if self.jobs.is_none() {
-            let (tx, rx) = channel();
-            let thread = std::thread::Builder::new()
-                .name("moetrace-replay-landing".into())
-                .spawn(move || land_replays(rx))
-                .map_err(|e| PipelineError::Gpu(format!("starting the replay landing thread: {e}")))?;
-            self.jobs = Some(tx);
-            self.thread = Some(thread);
-        }
-        self.jobs
-            .as_ref()
-            .expect("started above")
-            .send(job)
-            .map_err(|_| PipelineError::Gpu("the replay landing thread stopped".into()))
-    }
-}
-
-impl Drop for Lander {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        self.0.send("moetrace-replay-landing", job, land_replays)
     }
 }
 
