@@ -139,6 +139,14 @@ fn safetensors(bytes: &[u8]) -> bool {
     true
 }
 
+fn gguf(bytes: &[u8]) -> bool {
+    let Ok(h) = pipeline::weights::gguf::GgufHeader::parse(bytes, Path::new("fuzz.gguf")) else { return false };
+    for t in &h.tensors {
+        assert!(t.offset >= h.data_offset && t.offset + t.byte_len <= bytes.len() as u64, "{t:?} outside the file");
+    }
+    true
+}
+
 fn config_json(bytes: &[u8]) -> bool {
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(bytes) else { return false };
     let Ok(c) = pipeline::ModelConfig::from_json(json, Path::new("fuzz/config.json")) else { return false };
@@ -345,7 +353,19 @@ macro_rules! fuzz_targets {
     };
 }
 
-fuzz_targets!(run_config, bisect_config, fault_spec, ranges, npy, safetensors, config_json, manifest, aprt, report);
+fuzz_targets!(
+    run_config,
+    bisect_config,
+    fault_spec,
+    ranges,
+    npy,
+    safetensors,
+    gguf,
+    config_json,
+    manifest,
+    aprt,
+    report
+);
 
 #[test]
 fn the_allocation_bound_catches_a_large_allocation() {

@@ -16,6 +16,12 @@ pub fn fixture(name: &str) -> Option<PathBuf> {
     fixture_with(name, "model/config.json")
 }
 
+/// The GGUF fixture folder `name` (holding `model/model.gguf`), else None
+/// with a SKIPPED line.
+pub fn gguf_fixture(name: &str) -> Option<PathBuf> {
+    fixture_with(name, "model/model.gguf")
+}
+
 /// The fixture folder `name` if it holds `marker`, else None with a
 /// SKIPPED line.
 fn fixture_with(name: &str, marker: &str) -> Option<PathBuf> {

@@ -47,6 +47,15 @@ pub enum PipelineError {
         /// What is wrong.
         message: String,
     },
+    /// A GGUF file is malformed (bad header, truncated data, a count or
+    /// offset the file cannot hold, an unknown type).
+    #[error("{path}: malformed GGUF file: {message}")]
+    BadGguf {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
     /// A tensor the model needs is absent from the checkpoint.
     #[error("checkpoint {path} has no tensor `{name}`")]
     MissingTensor {

@@ -2,6 +2,7 @@
 //! checkpoint dtype, memory-mapped from safetensors files or generated in
 //! memory for synthetic models, and converts rows to f32 on use.
 
+pub mod gguf;
 mod safetensors;
 mod synthetic;
 
