@@ -191,3 +191,63 @@ fn the_fixture_header_reads_as_llama_cpp_wrote_it() {
     }
     assert!(end <= bytes.len() as u64);
 }
+
+/// The fixture's weights decoded here against what its oracle computed
+/// from the same weights decoded by the gguf Python package: the embedding
+/// rows (token_embd is Q4_K), lm_head (output is Q6_K) and layer 1's keys
+/// (attn_k is Q8_0 there), each recomputed in f64 from the oracle's own
+/// inputs. An independent check of the decoders' bit layouts (their unit
+/// tests pack blocks from the formats' descriptions).
+#[test]
+fn the_fixtures_q4_k_q6_k_and_q8_0_weights_decode_to_the_oracles() {
+    let Some(dir) = gguf_fixture("tiny-qwen3-moe-q4km") else { return };
+    let path = dir.join("model/model.gguf");
+    let bytes = std::fs::read(&path).unwrap();
+    let h = GgufHeader::parse(&bytes, &path).unwrap();
+    // A [rows, cols] weight (ggml dims [cols, rows]) decoded, with its type.
+    let weight = |name: &str| {
+        let t = h.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no {name}"));
+        let data = &bytes[t.offset as usize..(t.offset + t.byte_len) as usize];
+        let mut values = vec![0.0f32; t.numel() as usize];
+        pipeline::weights::quant::dequantize(t.ggml_type, data, &mut values).unwrap();
+        (values, t.dims[0] as usize, t.ggml_type.name())
+    };
+    let npy = |rel: &str| compare::npy::parse_npy(&std::fs::read(dir.join("activations").join(rel)).unwrap()).unwrap();
+    // x [T, cols] times w [rows, cols] transposed, columns `from..from + n` of the product.
+    let project = |x: &compare::npy::NpyArray, w: &[f32], cols: usize| -> Vec<f64> {
+        let rows = w.len() / cols;
+        x.values
+            .chunks(cols)
+            .flat_map(|xr| (0..rows).map(move |r| (0..cols).map(|c| xr[c] * f64::from(w[r * cols + c])).sum::<f64>()))
+            .collect()
+    };
+    let recipe: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("recipe.json")).unwrap()).unwrap();
+    let prompt: Vec<usize> =
+        recipe["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as usize).collect();
+
+    let (embd, h_dim, kind) = weight("token_embd.weight");
+    assert_eq!(kind, "Q4_K");
+    let rows: Vec<f64> =
+        prompt.iter().flat_map(|&t| embd[t * h_dim..(t + 1) * h_dim].iter().map(|&v| f64::from(v))).collect();
+    let rel = moetrace_tests::rel_l2(&npy("step-0/embedding.npy").values, &rows);
+    eprintln!("Q4_K embedding rows: rel_l2 {rel:e}");
+    assert!(rel < 1e-6, "Q4_K embedding rows: rel_l2 {rel:e}");
+
+    let (output, cols, kind) = weight("output.weight");
+    assert_eq!(kind, "Q6_K");
+    let logits = project(&npy("step-0/final_norm.npy"), &output, cols);
+    let rel = moetrace_tests::rel_l2(&npy("step-0/lm_head.npy").values, &logits);
+    eprintln!("Q6_K lm_head: rel_l2 {rel:e}");
+    assert!(rel < 1e-6, "Q6_K lm_head: rel_l2 {rel:e}");
+
+    let (wk, cols, kind) = weight("blk.1.attn_k.weight");
+    assert_eq!(kind, "Q8_0");
+    let keys = project(&npy("step-0/layer-1/attn_norm.npy"), &wk, cols);
+    let qkv = npy("step-0/layer-1/qkv_matmul.npy");
+    let width = qkv.shape[1];
+    // qkv columns: q (4 heads x 64), then k (2 x 64), then v.
+    let oracle_keys: Vec<f64> = qkv.values.chunks(width).flat_map(|r| r[256..384].to_vec()).collect();
+    let rel = moetrace_tests::rel_l2(&oracle_keys, &keys);
+    eprintln!("Q8_0 keys: rel_l2 {rel:e}");
+    assert!(rel < 1e-6, "Q8_0 keys: rel_l2 {rel:e}");
+}

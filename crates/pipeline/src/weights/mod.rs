@@ -3,6 +3,7 @@
 //! memory for synthetic models, and converts rows to f32 on use.
 
 pub mod gguf;
+pub mod quant;
 mod safetensors;
 mod synthetic;
 
