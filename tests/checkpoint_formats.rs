@@ -28,6 +28,7 @@ fn convert(store: &WeightStore, dtype: WeightDtype) -> WeightStore {
             WeightDtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
             WeightDtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
             WeightDtype::Bf16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
+            WeightDtype::Quant(kind) => panic!("safetensors checkpoints are not stored as {}", kind.name()),
         };
         out.insert(WeightTensor::owned(t.name.clone(), dtype, t.shape.clone(), bytes));
     }

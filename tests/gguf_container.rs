@@ -251,3 +251,32 @@ fn the_fixtures_q4_k_q6_k_and_q8_0_weights_decode_to_the_oracles() {
     eprintln!("Q8_0 keys: rel_l2 {rel:e}");
     assert!(rel < 1e-6, "Q8_0 keys: rel_l2 {rel:e}");
 }
+
+/// Loading a model from a GGUF file: the architecture, the metadata it
+/// needs and every tensor's type are checked first, each failure naming
+/// its cause (and, for choices, the valid ones).
+#[test]
+fn a_gguf_model_that_cannot_be_read_is_refused_with_the_cause() {
+    let dir = moetrace_tests::scratch("gguf-model");
+    let load = |b: Builder, name: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, b.bytes()).unwrap();
+        pipeline::Model::load(&path).map(|_| ()).unwrap_err().to_string()
+    };
+    let mut b = Builder::valid();
+    b.kvs[0].2 = gguf_string("llama");
+    let err = load(b, "arch.gguf");
+    assert!(err.contains("architecture `llama`") && err.contains("qwen3moe, qwen3"), "{err}");
+    let err = load(Builder::valid(), "keys.gguf");
+    assert!(err.contains("no tensor `token_embd.weight`"), "{err}");
+    let mut b = Builder::valid();
+    b.tensors[0].2 = 2;
+    b.tensors[0].1 = vec![64, 2];
+    b.data_len = 160 + 12;
+    let err = load(b, "type.gguf");
+    assert!(err.contains("tensor `a.weight` is Q4_0") && err.contains("Q4_K"), "{err}");
+    let mut b = Builder::valid();
+    b.tensors[0].0 = "token_embd.weight".into();
+    let err = load(b, "missing.gguf");
+    assert!(err.contains("missing integer metadata key `qwen3moe.attention.key_length`"), "{err}");
+}

@@ -187,8 +187,16 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads a Hugging Face checkpoint folder (config.json + safetensors).
+    /// Loads a Hugging Face checkpoint folder (config.json + safetensors),
+    /// or a GGUF file (`.gguf`: config from its metadata, weights in their
+    /// stored formats; see [`crate::weights::load_gguf`]).
     pub fn load(dir: &Path) -> Result<Self> {
+        if dir.is_file() && dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+            let (json, store) = crate::weights::load_gguf(dir)?;
+            let config = ModelConfig::from_json(json, dir)?;
+            check_counts(&config, &store, dir)?;
+            return Self::assemble(config, store, ModelSource::Checkpoint(dir.to_path_buf()));
+        }
         if !dir.is_dir() {
             return Err(PipelineError::MissingModelDir { path: dir.to_path_buf() });
         }

@@ -138,6 +138,11 @@ impl GgmlType {
         self.layout().map_or_else(|| format!("type {}", self.0), |(name, _, _)| name.to_string())
     }
 
+    /// The type's name, `unknown` for an id this reader does not know.
+    pub fn static_name(self) -> &'static str {
+        self.layout().map_or("unknown", |(name, _, _)| name)
+    }
+
     /// Elements per block (1 for plain floats).
     pub fn block_len(self) -> Option<u64> {
         self.layout().map(|(_, n, _)| n)

@@ -3,6 +3,7 @@
 //! memory for synthetic models, and converts rows to f32 on use.
 
 pub mod gguf;
+mod gguf_model;
 pub mod quant;
 mod safetensors;
 mod synthetic;
@@ -13,6 +14,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
+pub use gguf_model::load_gguf;
 pub use safetensors::{SafetensorsEntry, index_safetensors, load_checkpoint, save_safetensors};
 pub use synthetic::{
     SyntheticPreset, available_memory_bytes, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key,
@@ -27,23 +29,31 @@ pub enum WeightDtype {
     F16,
     /// IEEE single.
     F32,
+    /// A ggml block format from a GGUF file (Q8_0, Q4_K, Q5_K, Q6_K):
+    /// rows are whole blocks, decoded to f32 where read (quant.rs).
+    Quant(gguf::GgmlType),
 }
 
 impl WeightDtype {
-    /// Bytes per element.
-    pub fn size(self) -> usize {
+    /// Bytes of `numel` elements (whole blocks, for a block format).
+    pub fn bytes_for(self, numel: usize) -> usize {
         match self {
-            WeightDtype::Bf16 | WeightDtype::F16 => 2,
-            WeightDtype::F32 => 4,
+            WeightDtype::Bf16 | WeightDtype::F16 => 2 * numel,
+            WeightDtype::F32 => 4 * numel,
+            WeightDtype::Quant(kind) => {
+                let (len, bytes) = (kind.block_len().unwrap_or(1), kind.block_bytes().unwrap_or(0));
+                numel.div_ceil(len as usize) * bytes as usize
+            }
         }
     }
 
-    /// The safetensors header spelling.
+    /// The safetensors header spelling (the ggml name for a block format).
     pub fn name(self) -> &'static str {
         match self {
             WeightDtype::Bf16 => "BF16",
             WeightDtype::F16 => "F16",
             WeightDtype::F32 => "F32",
+            WeightDtype::Quant(kind) => kind.static_name(),
         }
     }
 }
@@ -139,7 +149,7 @@ impl WeightTensor {
 
     /// Size in bytes in its stored dtype.
     pub fn byte_len(&self) -> usize {
-        self.numel() * self.dtype.size()
+        self.dtype.bytes_for(self.numel())
     }
 
     /// Number of elements.
@@ -161,7 +171,10 @@ impl WeightTensor {
             }
             return;
         }
-        let size = self.dtype.size();
+        if let WeightDtype::Quant(kind) = self.dtype {
+            return self.read_blocks(kind, start, out);
+        }
+        let size = self.dtype.bytes_for(1);
         let all = self.bytes();
         let bytes = &all[start * size..(start + out.len()) * size];
         match self.dtype {
@@ -180,7 +193,21 @@ impl WeightTensor {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 }
             }
+            WeightDtype::Quant(_) => unreachable!("decoded above"),
         }
+    }
+
+    /// [`WeightTensor::read_f32`] for a block format: decodes the blocks
+    /// covering `start..start + out.len()`.
+    fn read_blocks(&self, kind: gguf::GgmlType, start: usize, out: &mut [f32]) {
+        let (len, bytes) = (kind.block_len().unwrap_or(1) as usize, kind.block_bytes().unwrap_or(0) as usize);
+        let (first, last) = (start / len, (start + out.len()).div_ceil(len));
+        let all = self.bytes();
+        let mut values = vec![0.0f32; (last - first) * len];
+        // The loader checked the type and that the tensor is whole blocks.
+        quant::dequantize(kind, &all[first * bytes..last * bytes], &mut values).expect("whole blocks of a known type");
+        let skip = start - first * len;
+        out.copy_from_slice(&values[skip..skip + out.len()]);
     }
 
     /// Converts row `row` (of [`WeightTensor::row_len`] elements) into `out`.

@@ -45,6 +45,13 @@ pub fn load_checkpoint(dir: &Path) -> Result<WeightStore> {
 /// Writes every tensor of `store` to one safetensors file at `path`, in
 /// their stored dtypes (the layout Hugging Face writes).
 pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
+    if let Some(t) = store.tensors().iter().find(|t| matches!(t.dtype, WeightDtype::Quant(_))) {
+        return Err(PipelineError::BadInput(format!(
+            "tensor `{}` is {}, a GGUF block format, which safetensors cannot hold",
+            t.name,
+            t.dtype.name()
+        )));
+    }
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
     for t in store.tensors() {

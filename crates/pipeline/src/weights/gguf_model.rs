@@ -1,0 +1,192 @@
+//! A model from one GGUF file (llama.cpp's `qwen3moe` and `qwen3`
+//! architectures): the config from the metadata, as the Hugging Face
+//! config those keys stand for (what llama.cpp reads: block_count,
+//! embedding_length, head counts, key_length, expert counts and width,
+//! rope.freq_base, layer_norm_rms_epsilon, ...), and every tensor under
+//! its Hugging Face name over its bytes in the mapped file: ggml's
+//! `[cols, rows]` becomes `[rows, cols]`, and each layer's stacked experts
+//! (`ffn_*_exps`, `[cols, rows, E]`) become E tensors over consecutive
+//! byte ranges. Quantized tensors stay in their block format and are
+//! decoded where read. Every tensor's type is checked before anything else
+//! is done.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use memmap2::Mmap;
+use serde_json::{Value, json};
+
+use super::gguf::{GgmlType, GgufHeader, GgufValue};
+use super::{WeightDtype, WeightStore, WeightTensor};
+use crate::error::{PipelineError, Result};
+
+/// The architectures read, with their Hugging Face class and model type.
+const ARCHITECTURES: [(&str, &str, &str); 2] =
+    [("qwen3moe", "Qwen3MoeForCausalLM", "qwen3_moe"), ("qwen3", "Qwen3ForCausalLM", "qwen3")];
+
+/// The tensor types read.
+const TYPES: [GgmlType; 7] =
+    [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K];
+
+/// A layer tensor's llama.cpp name (after `blk.N.`) and Hugging Face name
+/// (after `model.layers.N.`).
+const LAYER_NAMES: [(&str, &str); 12] = [
+    ("attn_norm", "input_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("ffn_gate_inp", "mlp.gate"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// Stacked experts: llama.cpp's name and the projection of each expert.
+const EXPERT_NAMES: [(&str, &str); 3] =
+    [("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")];
+
+/// Loads the GGUF file at `path`: the Hugging Face config JSON its
+/// metadata stands for, and its tensors.
+pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
+    let bad = |message: String| PipelineError::BadGguf { path: path.to_path_buf(), message };
+    let (file, _) = stage_types::input::open_regular(path)
+        .map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+    // SAFETY: the file is opened read-only and treated as immutable input;
+    // if another process truncates it while we run, reads may fault, the
+    // documented hazard of every mmap-based model loader.
+    let map = unsafe { Mmap::map(&file) }.map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
+    let map = Arc::new(map);
+    let header = GgufHeader::parse(&map, path)?;
+    if let Some(t) = header.tensors.iter().find(|t| !TYPES.contains(&t.ggml_type)) {
+        let valid: Vec<&str> = TYPES.iter().map(|t| t.static_name()).collect();
+        return Err(bad(format!(
+            "tensor `{}` is {}, which moetrace does not read (it reads {})",
+            t.name,
+            t.ggml_type.name(),
+            valid.join(", ")
+        )));
+    }
+    let config = config_json(&header).map_err(bad)?;
+    let mut store = WeightStore::default();
+    for t in &header.tensors {
+        let Some(hf) = hf_name(&t.name) else {
+            tracing::debug!("{}: tensor `{}` is not one moetrace uses", path.display(), t.name);
+            continue;
+        };
+        let dtype = match t.ggml_type {
+            GgmlType::F32 => WeightDtype::F32,
+            GgmlType::F16 => WeightDtype::F16,
+            GgmlType::BF16 => WeightDtype::Bf16,
+            other => WeightDtype::Quant(other),
+        };
+        let mut shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        let start = t.offset as usize;
+        match hf {
+            HfName::One(name) => {
+                store.insert(WeightTensor::mapped(name, dtype, shape, map.clone(), start, start + t.byte_len as usize));
+            }
+            HfName::Experts { layer, projection } => {
+                if shape.len() != 3 {
+                    return Err(bad(format!("tensor `{}` has dims {:?}; stacked experts have 3", t.name, t.dims)));
+                }
+                let experts = shape.remove(0);
+                let each = t.byte_len as usize / experts;
+                for e in 0..experts {
+                    let name = format!("model.layers.{layer}.mlp.experts.{e}.{projection}.weight");
+                    let at = start + e * each;
+                    store.insert(WeightTensor::mapped(name, dtype, shape.clone(), map.clone(), at, at + each));
+                }
+            }
+        }
+    }
+    Ok((config, store))
+}
+
+/// Where a GGUF tensor goes.
+enum HfName {
+    One(String),
+    Experts { layer: usize, projection: &'static str },
+}
+
+fn hf_name(gguf: &str) -> Option<HfName> {
+    let one = |s: String| Some(HfName::One(s));
+    match gguf {
+        "token_embd.weight" => return one("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return one("model.norm.weight".into()),
+        "output.weight" => return one("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (base, suffix) = rest.rsplit_once('.')?;
+    if let Some(&(_, projection)) = EXPERT_NAMES.iter().find(|(g, _)| *g == base) {
+        return (suffix == "weight").then_some(HfName::Experts { layer, projection });
+    }
+    let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == base)?;
+    one(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// The Hugging Face config the metadata stands for (llama.cpp's reading of
+/// these keys for qwen3moe / qwen3).
+fn config_json(h: &GgufHeader) -> std::result::Result<Value, String> {
+    let arch = h
+        .get("general.architecture")
+        .and_then(GgufValue::as_str)
+        .ok_or("missing metadata key `general.architecture`")?;
+    let valid: Vec<&str> = ARCHITECTURES.iter().map(|a| a.0).collect();
+    let &(_, class, model_type) = ARCHITECTURES
+        .iter()
+        .find(|a| a.0 == arch)
+        .ok_or_else(|| format!("architecture `{arch}` is not read here (valid: {})", valid.join(", ")))?;
+    let key = |k: &str| format!("{arch}.{k}");
+    let int = |k: &str| -> std::result::Result<u64, String> {
+        let full = key(k);
+        h.get(&full).and_then(GgufValue::as_u64).ok_or_else(|| format!("missing integer metadata key `{full}`"))
+    };
+    let float = |k: &str| -> std::result::Result<f64, String> {
+        let full = key(k);
+        h.get(&full).and_then(GgufValue::as_f64).ok_or_else(|| format!("missing float metadata key `{full}`"))
+    };
+    let embd = h.tensors.iter().find(|t| t.name == "token_embd.weight").ok_or("no tensor `token_embd.weight`")?;
+    let vocab = *embd.dims.get(1).ok_or("`token_embd.weight` is not 2-D")?;
+    let head_dim = int("attention.key_length")?;
+    if let Ok(v) = int("attention.value_length")
+        && v != head_dim
+    {
+        return Err(format!(
+            "attention.value_length {v} differs from key_length {head_dim}; moetrace needs them equal"
+        ));
+    }
+    let mut c = json!({
+        "architectures": [class], "model_type": model_type,
+        "vocab_size": vocab, "hidden_size": int("embedding_length")?,
+        "num_hidden_layers": int("block_count")?,
+        "num_attention_heads": int("attention.head_count")?,
+        "num_key_value_heads": int("attention.head_count_kv")?,
+        "head_dim": head_dim,
+        "rms_norm_eps": float("attention.layer_norm_rms_epsilon")?,
+        "rope_theta": float("rope.freq_base")?,
+        "tie_word_embeddings": !h.tensors.iter().any(|t| t.name == "output.weight"),
+        "attention_bias": false, "torch_dtype": "float32",
+    });
+    if let Ok(n) = int("context_length") {
+        c["max_position_embeddings"] = json!(n);
+    }
+    if let Ok(n) = int("feed_forward_length") {
+        c["intermediate_size"] = json!(n);
+    }
+    if arch == "qwen3moe" {
+        c["num_experts"] = json!(int("expert_count")?);
+        c["num_experts_per_tok"] = json!(int("expert_used_count")?);
+        c["moe_intermediate_size"] = json!(int("expert_feed_forward_length")?);
+        c["norm_topk_prob"] = json!(true);
+        c["decoder_sparse_step"] = json!(1);
+        c["mlp_only_layers"] = json!([]);
+    }
+    Ok(c)
+}
