@@ -162,12 +162,18 @@ fn bad_files_are_refused_with_the_cause() {
     refused(b.bytes(), "`a.weight` appears twice");
 }
 
-#[test]
-fn the_fixture_header_reads_as_llama_cpp_wrote_it() {
-    let Some(dir) = gguf_fixture("tiny-qwen3-moe-q4km") else { return };
+/// The GGUF fixture's folder, its model file's bytes and parsed header.
+fn fixture_file() -> Option<(std::path::PathBuf, Vec<u8>, GgufHeader)> {
+    let dir = gguf_fixture("tiny-qwen3-moe-q4km")?;
     let path = dir.join("model/model.gguf");
     let bytes = std::fs::read(&path).unwrap();
-    let h = GgufHeader::parse(&bytes, &path).unwrap();
+    let header = GgufHeader::parse(&bytes, &path).unwrap();
+    Some((dir, bytes, header))
+}
+
+#[test]
+fn the_fixture_header_reads_as_llama_cpp_wrote_it() {
+    let Some((_, bytes, h)) = fixture_file() else { return };
     assert_eq!(h.get("general.architecture").and_then(GgufValue::as_str), Some("qwen3moe"));
     let key = |k: &str| h.get(&format!("qwen3moe.{k}")).and_then(GgufValue::as_u64);
     // fixtures/README.md: 3 layers, H 256, 4/2 heads, 12 experts top-4, I 256.
@@ -200,10 +206,7 @@ fn the_fixture_header_reads_as_llama_cpp_wrote_it() {
 /// tests pack blocks from the formats' descriptions).
 #[test]
 fn the_fixtures_q4_k_q6_k_and_q8_0_weights_decode_to_the_oracles() {
-    let Some(dir) = gguf_fixture("tiny-qwen3-moe-q4km") else { return };
-    let path = dir.join("model/model.gguf");
-    let bytes = std::fs::read(&path).unwrap();
-    let h = GgufHeader::parse(&bytes, &path).unwrap();
+    let Some((dir, bytes, h)) = fixture_file() else { return };
     // A [rows, cols] weight (ggml dims [cols, rows]) decoded, with its type.
     let weight = |name: &str| {
         let t = h.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no {name}"));
@@ -225,31 +228,27 @@ fn the_fixtures_q4_k_q6_k_and_q8_0_weights_decode_to_the_oracles() {
     let prompt: Vec<usize> =
         recipe["prompt"].as_array().unwrap().iter().map(|t| t.as_u64().unwrap() as usize).collect();
 
+    let check = |what: &str, oracle: &[f64], ours: &[f64]| {
+        let rel = moetrace_tests::rel_l2(oracle, ours);
+        eprintln!("{what}: rel_l2 {rel:e}");
+        assert!(rel < 1e-6, "{what}: rel_l2 {rel:e}");
+    };
     let (embd, h_dim, kind) = weight("token_embd.weight");
     assert_eq!(kind, "Q4_K");
     let rows: Vec<f64> =
         prompt.iter().flat_map(|&t| embd[t * h_dim..(t + 1) * h_dim].iter().map(|&v| f64::from(v))).collect();
-    let rel = moetrace_tests::rel_l2(&npy("step-0/embedding.npy").values, &rows);
-    eprintln!("Q4_K embedding rows: rel_l2 {rel:e}");
-    assert!(rel < 1e-6, "Q4_K embedding rows: rel_l2 {rel:e}");
-
+    check("Q4_K embedding rows", &npy("step-0/embedding.npy").values, &rows);
     let (output, cols, kind) = weight("output.weight");
     assert_eq!(kind, "Q6_K");
     let logits = project(&npy("step-0/final_norm.npy"), &output, cols);
-    let rel = moetrace_tests::rel_l2(&npy("step-0/lm_head.npy").values, &logits);
-    eprintln!("Q6_K lm_head: rel_l2 {rel:e}");
-    assert!(rel < 1e-6, "Q6_K lm_head: rel_l2 {rel:e}");
-
+    check("Q6_K lm_head", &npy("step-0/lm_head.npy").values, &logits);
     let (wk, cols, kind) = weight("blk.1.attn_k.weight");
     assert_eq!(kind, "Q8_0");
     let keys = project(&npy("step-0/layer-1/attn_norm.npy"), &wk, cols);
     let qkv = npy("step-0/layer-1/qkv_matmul.npy");
-    let width = qkv.shape[1];
     // qkv columns: q (4 heads x 64), then k (2 x 64), then v.
-    let oracle_keys: Vec<f64> = qkv.values.chunks(width).flat_map(|r| r[256..384].to_vec()).collect();
-    let rel = moetrace_tests::rel_l2(&oracle_keys, &keys);
-    eprintln!("Q8_0 keys: rel_l2 {rel:e}");
-    assert!(rel < 1e-6, "Q8_0 keys: rel_l2 {rel:e}");
+    let oracle_keys: Vec<f64> = qkv.values.chunks(qkv.shape[1]).flat_map(|r| r[256..384].to_vec()).collect();
+    check("Q8_0 keys", &oracle_keys, &keys);
 }
 
 /// Loading a model from a GGUF file: the architecture, the metadata it

@@ -220,21 +220,15 @@ mod tests {
         (block, want)
     }
 
+    /// Q4_K, and Q5_K with its fifth bit from qh.
     #[test]
-    fn q4_k_values_use_their_own_sub_blocks_scale_and_min() {
-        for seed in 0..8 {
-            let (block, want) = k4_block(4, seed);
-            assert_eq!(block.len(), 144);
-            assert_eq!(decode(GgmlType::Q4_K, &block, 256), want, "seed {seed}");
-        }
-    }
-
-    #[test]
-    fn q5_k_adds_the_fifth_bit_from_qh() {
-        for seed in 0..8 {
-            let (block, want) = k4_block(5, seed);
-            assert_eq!(block.len(), 176);
-            assert_eq!(decode(GgmlType::Q5_K, &block, 256), want, "seed {seed}");
+    fn q4_k_and_q5_k_values_use_their_own_sub_blocks_scale_and_min() {
+        for (bits, kind, bytes) in [(4, GgmlType::Q4_K, 144), (5, GgmlType::Q5_K, 176)] {
+            for seed in 0..8 {
+                let (block, want) = k4_block(bits, seed);
+                assert_eq!(block.len(), bytes);
+                assert_eq!(decode(kind, &block, 256), want, "{} seed {seed}", kind.name());
+            }
         }
     }
 
