@@ -287,4 +287,35 @@ mod tests {
             assert_eq!(two, [expect[3], expect[4]]);
         }
     }
+
+    /// A Q8_0 tensor of 3 rows of 96 values (three blocks a row): rows and
+    /// ranges that start and end inside blocks read as the slices of the
+    /// whole tensor's decoding, which is each value's int8 times its
+    /// block's scale; its byte length counts whole blocks.
+    #[test]
+    fn block_formats_read_any_range_of_rows_of_several_blocks() {
+        let (rows, cols) = (3usize, 96usize);
+        let mut bytes = Vec::new();
+        let mut want = Vec::new();
+        for b in 0..rows * cols / 32 {
+            let d = 0.125 * (b + 1) as f32;
+            bytes.extend(half::f16::from_f32(d).to_bits().to_le_bytes());
+            for i in 0..32 {
+                let q = ((b * 32 + i) % 255) as i32 - 127;
+                bytes.push(q as i8 as u8);
+                want.push(q as f32 * d);
+            }
+        }
+        let t = WeightTensor::owned("q".into(), WeightDtype::Quant(gguf::GgmlType::Q8_0), vec![rows, cols], bytes);
+        assert_eq!(t.byte_len(), 9 * 34);
+        assert_eq!(t.to_f32_vec(), want);
+        let mut row = vec![0.0; cols];
+        t.read_row(2, &mut row);
+        assert_eq!(row, want[192..288]);
+        for (start, len) in [(5, 20), (30, 70), (95, 2), (100, 188)] {
+            let mut part = vec![0.0; len];
+            t.read_f32(start, &mut part);
+            assert_eq!(part, want[start..start + len], "{start}..+{len}");
+        }
+    }
 }
