@@ -3,9 +3,10 @@
 //! ([`pipeline::ecs::ScopeObservers`]: every stage of the scope and its
 //! hooks have run, and each stage's slot still holds what it and its
 //! amenders produced; after a replayed decode step they run for each scope
-//! in turn and read what the recorded step copied). When the current step and layer are selected it starts a
-//! copy of each selected stage's output to the host, in stage order, and
-//! hands it, still in flight, to the writer threads (which wait for it).
+//! in turn and read what the recorded step copied). When the current step
+//! and layer are selected it starts a copy of each selected stage's output
+//! to the host, in stage order, and hands it, still in flight, to the
+//! writer threads (which wait for it).
 //! With nothing selected there is no system and no copy. (A system per
 //! stage ran once per stage and layer, selected or not: for every stage of
 //! one layer of a 48-layer model that was 1104 system runs a decode step,

@@ -203,9 +203,15 @@ impl WeightTensor {
         let (len, bytes) = (kind.block_len().unwrap_or(1) as usize, kind.block_bytes().unwrap_or(0) as usize);
         let (first, last) = (start / len, (start + out.len()).div_ceil(len));
         let all = self.bytes();
-        let mut values = vec![0.0f32; (last - first) * len];
+        let blocks = &all[first * bytes..last * bytes];
         // The loader checked the type and that the tensor is whole blocks.
-        quant::dequantize(kind, &all[first * bytes..last * bytes], &mut values).expect("whole blocks of a known type");
+        let whole = "whole blocks of a known type";
+        if start.is_multiple_of(len) && out.len().is_multiple_of(len) {
+            // Whole blocks (a row, the tensor): straight into `out`.
+            return quant::dequantize(kind, blocks, out).expect(whole);
+        }
+        let mut values = vec![0.0f32; (last - first) * len];
+        quant::dequantize(kind, blocks, &mut values).expect(whole);
         let skip = start - first * len;
         out.copy_from_slice(&values[skip..skip + out.len()]);
     }

@@ -331,7 +331,7 @@ impl CudaBackend {
         }
         self.graphs.capturing = false;
         let stream = self.stream();
-        let reads = self.graphs.pending_reads.take().unwrap_or_else(StepReads::none);
+        let reads = self.graphs.pending_reads.take().unwrap_or_default();
         let why = match (failure, end_capture(&stream)) {
             (None, Ok(Some(graph))) => {
                 let capacity = self.graphs.capacity.expect("a capture is planned at a known capacity");

@@ -139,55 +139,31 @@ impl CudaBackend {
         let Some(mut staging) = self.staging.pool.take(&ctx, device_len)? else {
             return self.read(slot).map(PendingTensor::ready);
         };
-        let base = staging.as_mut_ptr().map_err(gpu("preparing a capture buffer"))?;
-        // SAFETY: `base` points to the pinned buffer's `staging.len() >=
-        // device_len` f32, which nothing reads until the copy's event has
-        // completed (the landing thread waits for it).
-        let copied = unsafe { self.copy_slot_to_host(slot, base, device_len) }?;
-        let (done, result) = sync_channel(1);
-        self.staging.send(&ctx, Landing { landed: copied, buffer: staging, shape, is_i32, done })?;
-        Ok(PendingTensor::copying(device_len * 4, move || {
-            result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
-        }))
-    }
-
-    /// Copies the first `len` elements of `slot`'s buffer to `dst` on the
-    /// copy stream, after the work queued so far on the compute stream,
-    /// and returns the copy's event (blocking sync: the landing threads
-    /// sleep on it). The slot's tensor keeps a [`CopyGuard`], so the
-    /// compute stream waits for the copy before the buffer is reused.
-    /// (Recorded steps copy by a kernel instead: taps.rs.)
-    ///
-    /// # Safety
-    /// `dst` must point to `len` f32 of pinned host memory that stays
-    /// allocated, and is not read, until the event has completed.
-    pub(super) unsafe fn copy_slot_to_host(&mut self, slot: Slot, dst: *mut f32, len: usize) -> Result<Arc<CudaEvent>> {
         let (compute, copy) = (self.stream(), self.device.copy_stream().clone());
-        let t = self.slot(slot)?;
-        if len > t.buffer_len() {
-            return Err(PipelineError::Gpu(format!(
-                "copying `{slot}` to the host: {len} values asked, the buffer holds {}",
-                t.buffer_len()
-            )));
-        }
         let ready = compute.record_event(None).map_err(gpu("recording a capture event"))?;
         copy.wait(&ready).map_err(gpu("ordering a capture copy"))?;
-        // SAFETY: the caller's promise; the slice only carries the pointer
-        // to the copy (cudarc copies as many elements as it holds).
-        let dst = unsafe { std::slice::from_raw_parts_mut(dst, len) };
+        // The copy's destination is exactly the tensor's length (cudarc
+        // copies as many elements as the destination holds).
+        let base = staging.as_mut_ptr().map_err(gpu("preparing a capture buffer"))?;
+        // SAFETY: `base` points to the pinned buffer's `staging.len() >=
+        // device_len` f32; the slice only carries the pointer to the copy
+        // and is not read until the copy's event has completed.
+        let dst = unsafe { std::slice::from_raw_parts_mut(base, device_len) };
+        let t = self.slot(slot)?;
         match &t.data {
-            DevData::F32(d) => copy.memcpy_dtoh(&d.slice(..len), dst),
+            DevData::F32(d) => copy.memcpy_dtoh(&d.slice(..device_len), dst),
             DevData::I32(d) => {
                 // SAFETY: i32 and f32 have the same size; the bits are copied
                 // unchanged and turned back into i32 on the host.
-                let as_f32 = unsafe { d.transmute::<f32>(len) }
+                let as_f32 = unsafe { d.transmute::<f32>(device_len) }
                     .ok_or_else(|| PipelineError::Gpu("viewing expert ids for a capture copy".into()))?;
                 copy.memcpy_dtoh(&as_f32, dst)
             }
         }
         .map_err(gpu("copying a captured tensor to the host"))?;
-        // One event for every waiter: the compute stream (before the buffer
-        // is freed or recycled) and the landing thread.
+        // One event for both waiters: the compute stream (before the buffer is
+        // freed or recycled) and the landing thread, which sleeps on it
+        // (blocking sync; see land_all).
         let copied = Arc::new(
             copy.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
                 .map_err(gpu("recording a capture event"))?,
@@ -195,6 +171,10 @@ impl CudaBackend {
         if let Some(t) = self.slots[slot.index()].as_mut() {
             t.copy_guard = Some(CopyGuard::new(copied.clone(), compute));
         }
-        Ok(copied)
+        let (done, result) = sync_channel(1);
+        self.staging.send(&ctx, Landing { landed: copied, buffer: staging, shape, is_i32, done })?;
+        Ok(PendingTensor::copying(device_len * 4, move || {
+            result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
+        }))
     }
 }

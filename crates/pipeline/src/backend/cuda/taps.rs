@@ -23,7 +23,7 @@ use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaEvent, CudaStream};
-use kernels_cuda::gather::{GatherTable, MappedHost, launch_gather};
+use kernels_cuda::gather::{GATHER_MAX, GatherTable, MappedHost, launch_gather};
 
 use super::tensors::DevData;
 use super::worker::JobThread;
@@ -37,7 +37,8 @@ use crate::tensor::{HostTensor, PendingTensor};
 const ARENA_LIMIT_BYTES: usize = 4 << 30;
 
 /// The reads a recorded step makes: planned before recording, placed while
-/// recording, answered after each replay.
+/// recording, answered after each replay. The default reads nothing.
+#[derive(Default)]
 pub(super) struct StepReads {
     /// Per scope, the slots its observers read, in order.
     plan: Vec<Vec<Slot>>,
@@ -106,34 +107,10 @@ impl StepReads {
         } else {
             Some(MappedHost::new(stream.context(), 2 * total).map_err(|e| e.to_string())?)
         };
-        Ok(Self {
-            plan: plan.to_vec(),
-            scope_start,
-            taps,
-            arena,
-            half_len: total,
-            half: 0,
-            cursor: 0,
-            batch: Vec::new(),
-            launched: [None, None],
-            landing: [None, None],
-        })
-    }
-
-    /// No reads at all.
-    pub(super) fn none() -> Self {
-        Self {
-            plan: Vec::new(),
-            scope_start: Vec::new(),
-            taps: Vec::new(),
-            arena: None,
-            half_len: 0,
-            half: 0,
-            cursor: 0,
-            batch: Vec::new(),
-            launched: [None, None],
-            landing: [None, None],
-        }
+        let mut reads = Self::default();
+        (reads.plan, reads.scope_start, reads.taps, reads.arena, reads.half_len) =
+            (plan.to_vec(), scope_start, taps, arena, total);
+        Ok(reads)
     }
 
     pub(super) fn matches(&self, plan: &[Vec<Slot>]) -> bool {
@@ -268,60 +245,52 @@ impl CudaBackend {
         if !self.graphs.capturing {
             return Err(PipelineError::BadInput("record_scope_reads outside a recording".into()));
         }
-        let Some(reads) = self.graphs.pending_reads.take() else {
+        let Some(mut reads) = self.graphs.pending_reads.take() else {
             return Err(PipelineError::BadInput("record_scope_reads without planned reads".into()));
         };
-        let result = self.record_reads(reads, scope);
-        self.graphs.pending_reads = Some(result.0);
-        result.1
+        let result = self.record_reads(&mut reads, scope);
+        self.graphs.pending_reads = Some(reads);
+        result
     }
 
     /// Records the gather of `scope`'s reads (nothing when it has none: no
     /// flush of a held-back launch, so launches stay as without capture).
-    fn record_reads(&mut self, mut reads: StepReads, scope: usize) -> (StepReads, Result<()>) {
+    fn record_reads(&mut self, reads: &mut StepReads, scope: usize) -> Result<()> {
         let Some(slots) = reads.plan.get(scope).cloned() else {
-            return (reads, Err(PipelineError::BadInput(format!("scope {scope} is not in the step's planned reads"))));
+            return Err(PipelineError::BadInput(format!("scope {scope} is not in the step's planned reads")));
         };
         if slots.is_empty() {
-            return (reads, Ok(()));
+            return Ok(());
         }
-        if let Err(e) = self.flush_deferred() {
-            return (reads, Err(e));
-        }
+        self.flush_deferred()?;
         let first = reads.scope_start[scope];
-        let mut table = GatherTable::default();
+        // (slot, offset, length, by position) of each read.
+        let mut entries = Vec::with_capacity(slots.len());
         for (k, &slot) in (first..first + slots.len()).zip(&slots) {
-            let t = match self.slot(slot) {
-                Ok(t) => t,
-                Err(e) => return (reads, Err(e)),
-            };
+            let t = self.slot(slot)?;
             // Scores and probabilities [nh, 1, P] copy the step's P.
             let by_position = matches!(slot, Slot::AttnScores | Slot::AttnSoftmax) && t.shape.len() == 3;
             let len = if by_position { t.shape[0] * t.shape[1] } else { t.numel() };
             let tap = &mut reads.taps[k];
             if t.buffer_len() > tap.room {
                 let why = format!("`{slot}` holds {} values where {} were planned", t.buffer_len(), tap.room);
-                return (reads, Err(PipelineError::Gpu(format!("recording the decode step: {why}"))));
+                return Err(PipelineError::Gpu(format!("recording the decode step: {why}")));
             }
             (tap.shape, tap.is_i32) = (t.shape.clone(), matches!(t.data, DevData::I32(_)));
-            let pushed = match &t.data {
-                DevData::F32(d) => table.push(d, tap.offset, len, by_position),
-                DevData::I32(d) => table.push(d, tap.offset, len, by_position),
-            };
-            if !pushed {
-                if let Err(e) = self.gather(&reads, &table) {
-                    return (reads, Err(e));
-                }
-                table = GatherTable::default();
-                let t = self.slot(slot).expect("read above");
-                match &t.data {
-                    DevData::F32(d) => table.push(d, reads.taps[k].offset, len, by_position),
-                    DevData::I32(d) => table.push(d, reads.taps[k].offset, len, by_position),
-                };
-            }
+            entries.push((slot, tap.offset, len, by_position));
         }
-        let gathered = self.gather(&reads, &table);
-        (reads, gathered)
+        for chunk in entries.chunks(GATHER_MAX) {
+            let mut table = GatherTable::default();
+            for &(slot, offset, len, by_position) in chunk {
+                let pushed = match &self.slot(slot)?.data {
+                    DevData::F32(d) => table.push(d, offset, len, by_position),
+                    DevData::I32(d) => table.push(d, offset, len, by_position),
+                };
+                debug_assert!(pushed, "a chunk fits one table");
+            }
+            self.gather(reads, &table)?;
+        }
+        Ok(())
     }
 
     fn gather(&self, reads: &StepReads, table: &GatherTable) -> Result<()> {
