@@ -114,17 +114,21 @@ impl CaptureSession {
 
     /// What a backend that stages copies through pinned memory reserves
     /// before the run, up to [`RESERVE_LIMIT_BYTES`]: the element counts of
-    /// the tensors of the first decode step (needed while the prompt's
-    /// copies are still landing: unreserved, the first decode step pinned
-    /// its buffers one by one, 43 ms for a bisect-style selection of 48
-    /// layers on an H200), then of the prompt step (the largest), so that
-    /// neither pays for pinning. Later steps reuse these buffers.
+    /// the tensors of the first two decode steps (the steps before a decode
+    /// graph is recorded run eagerly, each into buffers of its own while the
+    /// one before is still landing: unreserved, they pinned their buffers
+    /// one by one, 43 ms for the first step of a bisect-style selection of
+    /// 48 layers on an H200 and about 5 ms each once the first was
+    /// reserved), then of the prompt step (the largest), so that none pays
+    /// for pinning. Later steps reuse these buffers.
     pub fn reserve_elements(&self, config: &pipeline::ModelConfig, prompt_len: usize) -> Vec<usize> {
-        let decode = self.step_elements(config, 1, 1, prompt_len + 1);
+        let first = self.step_elements(config, 1, 1, prompt_len + 1);
+        let second = self.step_elements(config, 2, 1, prompt_len + 2);
         let prompt = self.step_elements(config, 0, prompt_len, prompt_len);
         let mut bytes = 0usize;
-        decode
+        first
             .into_iter()
+            .chain(second)
             .chain(prompt)
             .take_while(|n| {
                 bytes += n * 4;

@@ -117,30 +117,31 @@ extern "C" __global__ void argmax_final_f32(u32 *out, const u32 *partial, u32 bl
     if (threadIdx.x == 0) out[0] = v == -INFINITY ? 0 : best;
 }
 
-// Capture reads of a recorded decode step (pipeline's taps.rs): block row
-// e copies entry e of the table, len[e] 32-bit words (times the step's
-// positions, step_start + 1, when by_position[e]: attention scores and
-// probabilities [nh, 1, P]) from src[e] to the pinned, device-mapped host
-// arena, at offset[e] words into its half (step_start & 1): consecutive
-// decode steps write alternate halves, so one step's copies land on the
-// host while the next step runs. Bits are copied unchanged (expert ids are
-// int32). The layout matches kernels-cuda's gather.rs.
+// Capture reads of decode steps (pipeline's taps.rs): block row e copies
+// entry e of the table, len[e] 32-bit words (times the step's positions,
+// step_start + 1, when by_position[e]: attention scores and probabilities
+// [nh, 1, P]) from src[e] to pinned, device-mapped host memory at dst[e]
+// plus half_bytes when the step's position is odd: a recorded step writes
+// alternate halves of its arena, so one step's copies land on the host
+// while the next step runs (an eager step passes half_bytes 0). Bits are
+// copied unchanged (expert ids are int32). The layout matches
+// kernels-cuda's gather.rs.
 #define GATHER_MAX 32
 struct GatherTable {
     u64 src[GATHER_MAX];
-    u64 offset[GATHER_MAX];
+    u64 dst[GATHER_MAX];
     u32 len[GATHER_MAX];
     u32 by_position[GATHER_MAX];
     u32 n;
 };
 
-extern "C" __global__ void gather_to_host(GatherTable table, u64 arena, u64 half_words, const u32 *step_start) {
+extern "C" __global__ void gather_to_host(GatherTable table, u64 half_bytes, const u32 *step_start) {
     PDL_ENTRY();
     u32 e = blockIdx.y;
     if (e >= table.n) return;
     u32 start = step_start[0];
     u64 n = (u64)table.len[e] * (table.by_position[e] ? (u64)start + 1 : 1);
     const u32 *src = (const u32 *)table.src[e];
-    u32 *dst = (u32 *)arena + (start & 1u) * half_words + table.offset[e];
+    u32 *dst = (u32 *)(table.dst[e] + (start & 1u) * half_bytes);
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = src[i];
 }

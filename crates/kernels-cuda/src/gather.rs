@@ -29,7 +29,7 @@ const GATHER_BLOCKS: u32 = 8;
 #[derive(Debug, Clone, Copy)]
 pub struct GatherTable {
     src: [u64; GATHER_MAX],
-    offset: [u64; GATHER_MAX],
+    dst: [u64; GATHER_MAX],
     len: [u32; GATHER_MAX],
     by_position: [u32; GATHER_MAX],
     n: u32,
@@ -40,15 +40,16 @@ unsafe impl DeviceRepr for GatherTable {}
 
 impl Default for GatherTable {
     fn default() -> Self {
-        Self { src: [0; GATHER_MAX], offset: [0; GATHER_MAX], len: [0; GATHER_MAX], by_position: [0; GATHER_MAX], n: 0 }
+        Self { src: [0; GATHER_MAX], dst: [0; GATHER_MAX], len: [0; GATHER_MAX], by_position: [0; GATHER_MAX], n: 0 }
     }
 }
 
 impl GatherTable {
     /// Adds an entry: `len` 32-bit elements of `src` (times the step's
-    /// positions, `step_start + 1`, when `by_position`) to the host buffer
-    /// at `offset` words. False when the table is full.
-    pub fn push<T: DeviceRepr>(&mut self, src: &CudaSlice<T>, offset: usize, len: usize, by_position: bool) -> bool {
+    /// positions, `step_start + 1`, when `by_position`) to mapped host
+    /// memory at device address `dst` (see [`MappedHost::device_ptr`]).
+    /// False when the table is full.
+    pub fn push<T: DeviceRepr>(&mut self, src: &CudaSlice<T>, dst: u64, len: usize, by_position: bool) -> bool {
         assert_eq!(std::mem::size_of::<T>(), 4, "gather_to_host copies 32-bit elements");
         let i = self.n as usize;
         if i == GATHER_MAX {
@@ -56,7 +57,7 @@ impl GatherTable {
         }
         let (ptr, _sync) = src.device_ptr(src.stream());
         self.src[i] = ptr;
-        self.offset[i] = offset as u64;
+        self.dst[i] = dst;
         self.len[i] = len as u32;
         self.by_position[i] = by_position as u32;
         self.n += 1;
@@ -119,18 +120,16 @@ impl MappedHost {
 }
 
 /// Launches `gather_to_host` for `table` on the device's stream: each entry
-/// lands at `offset` words into half `step_start[0] % 2` of `arena`, whose
-/// halves are `half_words` long.
+/// lands at its `dst`, plus `half_bytes` when `step_start[0]` is odd.
 ///
 /// # Safety
 /// Every entry's source must hold its length in words (by position: times
-/// `step_start[0] + 1`), and each half of the arena every entry's offset
-/// plus that length.
+/// `step_start[0] + 1`), and mapped host memory that length at its
+/// destination (and `half_bytes` further, when not 0).
 pub unsafe fn launch_gather(
     device: &GpuDevice,
     table: &GatherTable,
-    arena: &MappedHost,
-    half_words: usize,
+    half_bytes: usize,
     step_start: &CudaSlice<u32>,
 ) -> Result<()> {
     if table.is_empty() {
@@ -138,8 +137,8 @@ pub unsafe fn launch_gather(
     }
     let f = device.kernel(elementwise::GATHER_TO_HOST)?;
     let mut b = device.stream().launch_builder(&f);
-    let (address, half) = (arena.device_ptr(), half_words as u64);
-    b.arg(table).arg(&address).arg(&half).arg(step_start);
+    let half = half_bytes as u64;
+    b.arg(table).arg(&half).arg(step_start);
     let cfg = LaunchConfig { grid_dim: (GATHER_BLOCKS, table.n, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the caller's promise.
     unsafe { b.launch(cfg) }.map_err(driver("launching gather_to_host"))?;
@@ -179,12 +178,12 @@ mod tests {
         for (i, src) in on_device.iter().enumerate() {
             let by_position = i == sources.len() - 1;
             let len = if by_position { 3 } else { sources[i].len() };
-            assert!(table.push(src, offset, len, by_position));
+            assert!(table.push(src, arena.device_ptr() + 4 * offset as u64, len, by_position));
             offset += sources[i].len();
         }
         // SAFETY: each entry's length is its source's (the last: 3 * 12 =
         // 3 * (step_start + 1)); the offsets stay within a half.
-        unsafe { launch_gather(&device, &table, &arena, total, &step_start) }.unwrap();
+        unsafe { launch_gather(&device, &table, 4 * total, &step_start) }.unwrap();
         stream.synchronize().unwrap();
         assert!(host[..total].iter().all(|&w| w == 0xdead_beef), "the first half was written");
         assert_eq!(&host[total..], &sources.concat()[..], "the second half holds every entry's bits");

@@ -3,15 +3,17 @@
 //! ([`StepGraph`]).
 //!
 //! Scope observers (capture) do not keep steps eager. Before a recorded
-//! step, they are probed ([`ObserverProbe`]): run with each scope's
-//! stage log from the scope's last run, they say which slots they would
-//! read at each scope's end, without reading anything. The backend records
-//! those copies inside the step ([`Backend::set_step_reads`],
-//! [`Backend::record_scope_reads`]); after each replay the observers run
-//! for every scope, as they would have after the scope, and their reads are
-//! answered from the recorded copies. A step whose reads differ from the
-//! recording's is recorded again. Stage observers, amenders and teacher
-//! forcing still keep every step eager: they act between stages.
+//! step (and an eager one the backend can copy for: CUDA decode steps),
+//! they are probed ([`ObserverProbe`]): run with each scope's stage log
+//! from the scope's last run, they say which slots they would read at each
+//! scope's end, without reading anything. The backend copies those slots
+//! itself at each scope's end, or records the copies inside the step
+//! ([`crate::Backend::set_step_reads`], [`crate::Backend::record_scope_reads`]); after the
+//! step (each replay) the observers run for every scope, as they would have
+//! after the scope, and their reads are answered from the copies. A step
+//! whose reads differ from the recording's is recorded again. Stage
+//! observers, amenders and teacher forcing still keep every step eager:
+//! they act between stages.
 
 use std::time::{Duration, Instant};
 
@@ -49,7 +51,8 @@ impl Forward {
         self.begin_step(step, tokens, start_position)?;
         on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
         let mut plan = self.backend_mut().step_graph();
-        if plan != StepGraph::Eager {
+        let eager_gathers = self.scope_observed && self.backend_mut().can_gather_reads();
+        if plan != StepGraph::Eager || eager_gathers {
             let t = Instant::now();
             let reads = self.probe_reads()?;
             self.time(Phase::Probe, t);
@@ -57,17 +60,22 @@ impl Forward {
             plan = self.backend_mut().set_step_reads(reads.as_deref())?;
             self.time(Phase::Plan, t);
         }
+        let gathered = self.backend_mut().gathers_reads();
         let t = Instant::now();
         match plan {
             StepGraph::Eager => {
-                let ran = self.run_scopes(step, on_event);
+                let ran = if gathered {
+                    self.run_scopes_gathering(step, on_event).and_then(|()| self.observe_gathered())
+                } else {
+                    self.run_scopes(step, on_event)
+                };
                 self.time(if tokens.len() > 1 { Phase::Prompt } else { Phase::Eager }, t);
                 ran
             }
             StepGraph::Replay => self.replay(step, on_event),
             StepGraph::Capture => {
                 self.backend_mut().begin_graph_capture()?;
-                let ran = self.record_scopes();
+                let ran = self.run_scopes_gathering(step, &mut |_| {});
                 let recorded = self.backend_mut().end_graph_capture(ran.err().map(|e| e.to_string()))?;
                 self.time(Phase::Record, t);
                 if recorded {
@@ -91,15 +99,19 @@ impl Forward {
         Ok(())
     }
 
-    /// Runs every scope while the backend records, observers off; after
-    /// each, the backend records the copies the observers will read.
-    fn record_scopes(&mut self) -> Result<()> {
+    /// Runs every scope with the observers off; after each, the backend
+    /// copies (or, recording, records the copies of) what the observers
+    /// will read.
+    fn run_scopes_gathering(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
         self.world.resource_mut::<ObserversEnabled>().0 = false;
         let ran = (|| {
             for scope in self.scopes() {
                 self.run_scope(scope)?;
                 let index = self.scope_index(scope);
                 self.backend_mut().record_scope_reads(index)?;
+                if let StepScope::Layer(layer) = scope {
+                    on_event(ForwardEvent::LayerDone { step, layer, layers: self.layers.len() });
+                }
             }
             Ok(())
         })();
@@ -113,16 +125,22 @@ impl Forward {
         let t = Instant::now();
         self.backend_mut().replay_step()?;
         self.time(Phase::Launch, t);
-        let t = Instant::now();
-        let observed = self.observe_replayed();
-        let landed = self.backend_mut().end_step_reads();
-        self.time(Phase::Observe, t);
-        observed.and(landed)?;
+        self.observe_gathered()?;
         let layers = self.layers.len();
         for layer in 0..layers {
             on_event(ForwardEvent::LayerDone { step, layer, layers });
         }
         Ok(())
+    }
+
+    /// After a step that copied its reads itself: each scope's observers,
+    /// their reads answered from the copies.
+    fn observe_gathered(&mut self) -> Result<()> {
+        let t = Instant::now();
+        let observed = self.backend_mut().observe_step_reads().and_then(|()| self.observe_replayed());
+        let landed = self.backend_mut().end_step_reads();
+        self.time(Phase::Observe, t);
+        observed.and(landed)
     }
 
     /// Runs the observers of each scope the probe found reads in (an

@@ -175,17 +175,38 @@ pub trait Backend: Send + Sync + 'static {
         Ok(StepGraph::Eager)
     }
 
-    /// While recording: scope `scope` (index as in
-    /// [`Backend::set_step_reads`]) has run; records the copies of the
-    /// slots its observers read. By default nothing to do.
+    /// Whether an eager step begun last could copy its scope observers'
+    /// reads itself (then [`crate::Forward::step`] probes them and calls
+    /// [`Backend::set_step_reads`] for it too). By default no.
+    fn can_gather_reads(&self) -> bool {
+        false
+    }
+
+    /// Whether the step begun last copies the planned reads itself
+    /// ([`Backend::set_step_reads`]): then the stage systems run with the
+    /// observers off, [`Backend::record_scope_reads`] after each scope, and
+    /// the observers after the step, their reads answered from the copies.
+    /// Always so for a recorded or replayed step. By default no.
+    fn gathers_reads(&self) -> bool {
+        self.step_graph() != StepGraph::Eager
+    }
+
+    /// Scope `scope` (index as in [`Backend::set_step_reads`]) has run (or
+    /// been recorded): copies the slots its observers read. By default
+    /// nothing to do.
     fn record_scope_reads(&mut self, scope: usize) -> Result<()> {
         let _ = scope;
         Ok(())
     }
 
-    /// After a replay, the scope observers have run (their `read_async`
-    /// calls, in the order of [`Backend::set_step_reads`], were answered
-    /// from the recorded copies): the backend lands them once the replay
+    /// The step has run (or its replay was launched): the observers' reads
+    /// come next, in the order of [`Backend::set_step_reads`], answered from
+    /// the copies. By default nothing to do.
+    fn observe_step_reads(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// The observers have read: the backend lands their reads once the step
     /// has finished. By default nothing to do.
     fn end_step_reads(&mut self) -> Result<()> {
         Ok(())

@@ -67,6 +67,8 @@ pub(super) struct StepGraphs {
     pub(super) observing: bool,
     /// Lands replays' reads.
     pub(super) lander: Lander,
+    /// The reads an eager decode step gathers (taps.rs).
+    pub(super) eager_reads: Option<super::taps::EagerReads>,
 }
 
 /// A recorded decode step (the graph and its one instance), the KV
@@ -227,6 +229,7 @@ impl StepGraphs {
             pending_reads: None,
             observing: false,
             lander: Lander::default(),
+            eager_reads: None,
         }
     }
 
@@ -368,7 +371,6 @@ impl CudaBackend {
         };
         recorded.launch(self.start_position)?;
         self.graphs.replays += 1;
-        self.graphs.observing = true;
         // What the stage systems would have recorded on the host.
         let p_len = self.start_position + self.t_len;
         for cache in self.caches.iter_mut().flatten() {

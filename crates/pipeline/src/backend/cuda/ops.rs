@@ -124,8 +124,20 @@ impl Backend for CudaBackend {
         self.set_step_reads_on_device(reads)
     }
 
+    fn can_gather_reads(&self) -> bool {
+        self.can_gather_reads()
+    }
+
+    fn gathers_reads(&self) -> bool {
+        self.graphs.plan != StepGraph::Eager || self.graphs.eager_reads.is_some()
+    }
+
     fn record_scope_reads(&mut self, scope: usize) -> Result<()> {
         self.record_scope_reads_on_device(scope)
+    }
+
+    fn observe_step_reads(&mut self) -> Result<()> {
+        self.observe_step_reads_on_device()
     }
 
     fn end_step_reads(&mut self) -> Result<()> {
@@ -233,7 +245,7 @@ impl Backend for CudaBackend {
 
     fn read_async(&mut self, slot: Slot) -> Result<crate::tensor::PendingTensor> {
         if self.graphs.observing {
-            return self.read_replayed(slot);
+            return self.read_copied(slot);
         }
         self.timed("(capture copy)", |this| this.read_async_on_device(slot))
     }

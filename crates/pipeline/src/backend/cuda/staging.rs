@@ -3,18 +3,22 @@
 //! runs asynchronously) taken from a pool, and handed over as a
 //! [`PendingTensor`]. The compute stream never waits for a copy; the copy
 //! stream waits only for the tensor it copies. A landing thread waits for
-//! the copies (one wait per batch of queued copies, which finish in order),
-//! moves the values out and puts the buffers back at once, so buffers are reused within a step instead of waiting behind the
-//! disk (allocating pinned memory is slow and synchronises the device).
+//! the copies (one wait per batch of queued copies), moves the values out
+//! and puts the buffers back at once, so buffers are reused within a step
+//! instead of waiting behind the disk (allocating pinned memory is slow and
+//! synchronises the device). The buffers are mapped into the device's
+//! address space too, so eager decode steps fill them with a kernel
+//! instead (taps.rs).
 
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaEvent, PinnedHostSlice};
+use cudarc::driver::{CudaContext, CudaEvent};
+use kernels_cuda::gather::MappedHost;
 
 use super::tensors::{CopyGuard, DevData};
 use super::worker::JobThread;
-use super::{Backend, CudaBackend, Slot, gpu};
+use super::{Backend, CudaBackend, Slot, gpu, kernel_error};
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, PendingTensor};
 
@@ -28,14 +32,14 @@ pub(super) struct StagingPool(Arc<Mutex<PoolState>>);
 
 #[derive(Default)]
 struct PoolState {
-    free: Vec<PinnedHostSlice<f32>>,
+    free: Vec<MappedHost>,
     pinned_bytes: usize,
 }
 
 impl StagingPool {
-    /// A free buffer of at least `len` f32, allocating one (rounded up to a
-    /// power of two, for reuse) if none fits; None past the limit.
-    fn take(&self, ctx: &Arc<CudaContext>, len: usize) -> Result<Option<PinnedHostSlice<f32>>> {
+    /// A free buffer of at least `len` words, allocating one (rounded up to
+    /// a power of two, for reuse) if none fits; None past the limit.
+    pub(super) fn take(&self, ctx: &Arc<CudaContext>, len: usize) -> Result<Option<MappedHost>> {
         let mut state = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let best = state.free.iter().enumerate().filter(|(_, b)| b.len() >= len).min_by_key(|(_, b)| b.len());
         if let Some((i, _)) = best {
@@ -45,10 +49,7 @@ impl StagingPool {
         if state.pinned_bytes + capacity * 4 > STAGING_LIMIT_BYTES {
             return Ok(None);
         }
-        // SAFETY: the buffer is only read after a copy has filled the
-        // elements read. Flags 0: cached memory (the host reads it).
-        let buffer = unsafe { ctx.alloc_pinned_with_flags::<f32>(capacity, 0) }
-            .map_err(gpu("allocating pinned host memory for capture"))?;
+        let buffer = MappedHost::new(ctx, capacity).map_err(kernel_error)?;
         state.pinned_bytes += capacity * 4;
         Ok(Some(buffer))
     }
@@ -69,18 +70,19 @@ impl StagingPool {
         Ok(())
     }
 
-    fn give_back(&self, buffer: PinnedHostSlice<f32>) {
+    pub(super) fn give_back(&self, buffer: MappedHost) {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).free.push(buffer);
     }
 }
 
 /// A copy in flight, for the landing thread.
-struct Landing {
-    landed: Arc<CudaEvent>,
-    buffer: PinnedHostSlice<f32>,
-    shape: Vec<usize>,
-    is_i32: bool,
-    done: SyncSender<Result<HostTensor>>,
+pub(super) struct Landing {
+    /// Completes when the buffer holds the values.
+    pub(super) landed: Arc<CudaEvent>,
+    pub(super) buffer: MappedHost,
+    pub(super) shape: Vec<usize>,
+    pub(super) is_i32: bool,
+    pub(super) done: SyncSender<Result<HostTensor>>,
 }
 
 /// The pool and the landing thread (started on the first capture).
@@ -91,7 +93,7 @@ pub(super) struct Staging {
 }
 
 impl Staging {
-    fn send(&mut self, ctx: &Arc<CudaContext>, job: Landing) -> Result<()> {
+    pub(super) fn send(&mut self, ctx: &Arc<CudaContext>, job: Landing) -> Result<()> {
         let (pool, ctx) = (self.pool.clone(), ctx.clone());
         self.landing.send("moetrace-capture-landing", job, move |jobs| land_all(&ctx, &pool, jobs))
     }
@@ -109,11 +111,19 @@ fn land_all(ctx: &Arc<CudaContext>, pool: &StagingPool, jobs: Receiver<Landing>)
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter());
-        let landed = bound.and_then(|()| batch.last().expect("one job at least").landed.synchronize());
+        // The copies finish in order on the copy stream, so after the last
+        // job's event most are complete; those recorded elsewhere (a
+        // kernel's, on the compute stream) are waited for each.
+        let last = bound.and_then(|()| batch.last().expect("one job at least").landed.synchronize());
         for job in batch {
             let numel = job.shape.iter().product::<usize>();
+            let landed = last.and_then(|()| job.landed.synchronize());
             let values = landed
-                .and_then(|()| job.buffer.as_slice().map(|s| s[..numel].to_vec()))
+                .map(|()| {
+                    // SAFETY: the copy into the buffer's first numel words
+                    // has completed; the buffer is ours until given back.
+                    unsafe { std::slice::from_raw_parts(job.buffer.host_ptr() as *const f32, numel) }.to_vec()
+                })
                 .map_err(gpu("waiting for a capture copy"));
             pool.give_back(job.buffer);
             let tensor = values.map(|values| {
@@ -136,34 +146,57 @@ impl CudaBackend {
         // The shape's elements (a buffer sized for the KV capacity holds more).
         let (device_len, is_i32) = (t.numel(), matches!(t.data, DevData::I32(_)));
         let ctx = self.device.context().clone();
-        let Some(mut staging) = self.staging.pool.take(&ctx, device_len)? else {
+        let Some(staging) = self.staging.pool.take(&ctx, device_len)? else {
             return self.read(slot).map(PendingTensor::ready);
         };
+        // SAFETY: the pinned buffer's `staging.len() >= device_len` words,
+        // which nothing reads until the copy's event has completed (the
+        // landing thread waits for it).
+        let copied = unsafe { self.copy_slot_to_host(slot, staging.host_ptr() as *mut f32, device_len) }?;
+        let (done, result) = sync_channel(1);
+        self.staging.send(&ctx, Landing { landed: copied, buffer: staging, shape, is_i32, done })?;
+        Ok(PendingTensor::copying(device_len * 4, move || {
+            result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
+        }))
+    }
+
+    /// Copies the first `len` elements of `slot`'s buffer to `dst` on the
+    /// copy stream, after the work queued so far on the compute stream,
+    /// and returns the copy's event (blocking sync: the landing threads
+    /// sleep on it). The slot's tensor keeps a [`CopyGuard`], so the
+    /// compute stream waits for the copy before the buffer is reused.
+    /// (Recorded steps copy by a kernel instead: taps.rs.)
+    ///
+    /// # Safety
+    /// `dst` must point to `len` f32 of pinned host memory that stays
+    /// allocated, and is not read, until the event has completed.
+    pub(super) unsafe fn copy_slot_to_host(&mut self, slot: Slot, dst: *mut f32, len: usize) -> Result<Arc<CudaEvent>> {
         let (compute, copy) = (self.stream(), self.device.copy_stream().clone());
+        let t = self.slot(slot)?;
+        if len > t.buffer_len() {
+            return Err(PipelineError::Gpu(format!(
+                "copying `{slot}` to the host: {len} values asked, the buffer holds {}",
+                t.buffer_len()
+            )));
+        }
         let ready = compute.record_event(None).map_err(gpu("recording a capture event"))?;
         copy.wait(&ready).map_err(gpu("ordering a capture copy"))?;
-        // The copy's destination is exactly the tensor's length (cudarc
-        // copies as many elements as the destination holds).
-        let base = staging.as_mut_ptr().map_err(gpu("preparing a capture buffer"))?;
-        // SAFETY: `base` points to the pinned buffer's `staging.len() >=
-        // device_len` f32; the slice only carries the pointer to the copy
-        // and is not read until the copy's event has completed.
-        let dst = unsafe { std::slice::from_raw_parts_mut(base, device_len) };
-        let t = self.slot(slot)?;
+        // SAFETY: the caller's promise; the slice only carries the pointer
+        // to the copy (cudarc copies as many elements as it holds).
+        let dst = unsafe { std::slice::from_raw_parts_mut(dst, len) };
         match &t.data {
-            DevData::F32(d) => copy.memcpy_dtoh(&d.slice(..device_len), dst),
+            DevData::F32(d) => copy.memcpy_dtoh(&d.slice(..len), dst),
             DevData::I32(d) => {
                 // SAFETY: i32 and f32 have the same size; the bits are copied
                 // unchanged and turned back into i32 on the host.
-                let as_f32 = unsafe { d.transmute::<f32>(device_len) }
+                let as_f32 = unsafe { d.transmute::<f32>(len) }
                     .ok_or_else(|| PipelineError::Gpu("viewing expert ids for a capture copy".into()))?;
                 copy.memcpy_dtoh(&as_f32, dst)
             }
         }
         .map_err(gpu("copying a captured tensor to the host"))?;
-        // One event for both waiters: the compute stream (before the buffer is
-        // freed or recycled) and the landing thread, which sleeps on it
-        // (blocking sync; see land_all).
+        // One event for every waiter: the compute stream (before the buffer
+        // is freed or recycled) and the landing thread.
         let copied = Arc::new(
             copy.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
                 .map_err(gpu("recording a capture event"))?,
@@ -171,10 +204,6 @@ impl CudaBackend {
         if let Some(t) = self.slots[slot.index()].as_mut() {
             t.copy_guard = Some(CopyGuard::new(copied.clone(), compute));
         }
-        let (done, result) = sync_channel(1);
-        self.staging.send(&ctx, Landing { landed: copied, buffer: staging, shape, is_i32, done })?;
-        Ok(PendingTensor::copying(device_len * 4, move || {
-            result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
-        }))
+        Ok(copied)
     }
 }

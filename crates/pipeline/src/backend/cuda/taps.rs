@@ -27,7 +27,7 @@ use kernels_cuda::gather::{GATHER_MAX, GatherTable, MappedHost, launch_gather};
 
 use super::tensors::DevData;
 use super::worker::JobThread;
-use super::{CudaBackend, Slot, kernel_error};
+use super::{Backend, CudaBackend, Slot, gpu, kernel_error};
 use crate::backend::StepGraph;
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, PendingTensor};
@@ -208,12 +208,41 @@ fn land_replays(jobs: Receiver<LandingJob>) {
     }
 }
 
+/// The reads of an eager decode step: each planned read, gathered at its
+/// scope's end by a kernel into a staging buffer (or, past the staging
+/// pool's limit, read at once).
+pub(super) struct EagerReads {
+    plan: Vec<Vec<Slot>>,
+    taps: Vec<EagerTap>,
+    cursor: usize,
+    /// Completes when the step (and so every gather) has finished.
+    finished: Option<Arc<CudaEvent>>,
+}
+
+struct EagerTap {
+    slot: Slot,
+    copy: EagerCopy,
+}
+
+enum EagerCopy {
+    Gathered { buffer: MappedHost, shape: Vec<usize>, is_i32: bool },
+    Read(HostTensor),
+}
+
 impl CudaBackend {
     pub(super) fn set_step_reads_on_device(&mut self, plan: Option<&[Vec<Slot>]>) -> Result<StepGraph> {
+        self.graphs.eager_reads = None;
         let Some(plan) = plan else {
             self.run_step_eagerly();
             return Ok(StepGraph::Eager);
         };
+        if self.graphs.plan == StepGraph::Eager {
+            if self.can_gather_reads() && plan.iter().any(|r| !r.is_empty()) {
+                self.graphs.eager_reads =
+                    Some(EagerReads { plan: plan.to_vec(), taps: Vec::new(), cursor: 0, finished: None });
+            }
+            return Ok(StepGraph::Eager);
+        }
         if self.graphs.plan == StepGraph::Replay {
             if self.graphs.recorded_reads().is_some_and(|r| r.matches(plan)) {
                 return Ok(StepGraph::Replay);
@@ -223,9 +252,6 @@ impl CudaBackend {
             self.graphs.drop_recording();
             self.recycle_slots();
             self.graphs.plan = StepGraph::Capture;
-        }
-        if self.graphs.plan != StepGraph::Capture {
-            return Ok(self.graphs.plan);
         }
         let stream = self.stream();
         match StepReads::new(&stream, plan, |slot| self.slot_lens[slot.index()]) {
@@ -241,7 +267,18 @@ impl CudaBackend {
         }
     }
 
+    /// Decode steps gather their reads by kernel (small tensors: one launch
+    /// a scope costs less than a copy each); a prompt's are copied.
+    pub(super) fn can_gather_reads(&self) -> bool {
+        self.t_len == 1
+    }
+
     pub(super) fn record_scope_reads_on_device(&mut self, scope: usize) -> Result<()> {
+        if let Some(mut reads) = self.graphs.eager_reads.take() {
+            let result = self.gather_eager(&mut reads, scope);
+            self.graphs.eager_reads = Some(reads);
+            return result;
+        }
         if !self.graphs.capturing {
             return Err(PipelineError::BadInput("record_scope_reads outside a recording".into()));
         }
@@ -253,18 +290,25 @@ impl CudaBackend {
         result
     }
 
-    /// Records the gather of `scope`'s reads (nothing when it has none: no
-    /// flush of a held-back launch, so launches stay as without capture).
-    fn record_reads(&mut self, reads: &mut StepReads, scope: usize) -> Result<()> {
-        let Some(slots) = reads.plan.get(scope).cloned() else {
-            return Err(PipelineError::BadInput(format!("scope {scope} is not in the step's planned reads")));
-        };
-        if slots.is_empty() {
-            return Ok(());
+    /// The slots `plan` reads at the end of `scope`; none: nothing to do
+    /// (and no flush of a held-back launch, so launches stay as without
+    /// capture).
+    fn scope_reads(&mut self, plan: &[Vec<Slot>], scope: usize) -> Result<Vec<Slot>> {
+        let slots = plan
+            .get(scope)
+            .cloned()
+            .ok_or_else(|| PipelineError::BadInput(format!("scope {scope} is not in the step's planned reads")))?;
+        if !slots.is_empty() {
+            self.flush_deferred()?;
         }
-        self.flush_deferred()?;
+        Ok(slots)
+    }
+
+    /// Records the gather of `scope`'s reads into the arena.
+    fn record_reads(&mut self, reads: &mut StepReads, scope: usize) -> Result<()> {
+        let slots = self.scope_reads(&reads.plan, scope)?;
         let first = reads.scope_start[scope];
-        // (slot, offset, length, by position) of each read.
+        let base = reads.arena.as_ref().map_or(0, MappedHost::device_ptr);
         let mut entries = Vec::with_capacity(slots.len());
         for (k, &slot) in (first..first + slots.len()).zip(&slots) {
             let t = self.slot(slot)?;
@@ -277,28 +321,100 @@ impl CudaBackend {
                 return Err(PipelineError::Gpu(format!("recording the decode step: {why}")));
             }
             (tap.shape, tap.is_i32) = (t.shape.clone(), matches!(t.data, DevData::I32(_)));
-            entries.push((slot, tap.offset, len, by_position));
+            entries.push((slot, base + 4 * tap.offset as u64, len, by_position));
         }
+        // SAFETY: each entry's source is a slot buffer of at least its
+        // length (by position: nh * P <= nh * capacity, the buffer's
+        // length), and its offset plus room is within each half of the
+        // arena, which lives as long as the recording (StepReads::drop).
+        unsafe { self.gather(&entries, 4 * reads.half_len) }
+    }
+
+    /// Gathers `scope`'s reads of an eager decode step into staging buffers.
+    fn gather_eager(&mut self, reads: &mut EagerReads, scope: usize) -> Result<()> {
+        let slots = self.scope_reads(&reads.plan, scope)?;
+        let ctx = self.device.context().clone();
+        let mut entries = Vec::with_capacity(slots.len());
+        for slot in slots {
+            let t = self.slot(slot)?;
+            let (numel, shape, is_i32) = (t.numel(), t.shape.clone(), matches!(t.data, DevData::I32(_)));
+            let copy = match self.staging.pool.take(&ctx, numel)? {
+                Some(buffer) => {
+                    entries.push((slot, buffer.device_ptr(), numel, false));
+                    EagerCopy::Gathered { buffer, shape, is_i32 }
+                }
+                // Past the staging pool's limit: read now.
+                None => EagerCopy::Read(self.read(slot)?),
+            };
+            reads.taps.push(EagerTap { slot, copy });
+        }
+        // SAFETY: each entry copies its slot's numel words into a staging
+        // buffer of at least that many, which stays out of the pool until
+        // the step has finished and the landing thread has read it.
+        unsafe { self.gather(&entries, 0) }
+    }
+
+    /// Launches `gather_to_host` for `entries` (slot, destination, length,
+    /// by position), a table of at most `GATHER_MAX` at a time.
+    ///
+    /// # Safety
+    /// As [`launch_gather`]'s, for every entry.
+    unsafe fn gather(&self, entries: &[(Slot, u64, usize, bool)], half_bytes: usize) -> Result<()> {
         for chunk in entries.chunks(GATHER_MAX) {
             let mut table = GatherTable::default();
-            for &(slot, offset, len, by_position) in chunk {
-                let pushed = match &self.slot(slot)?.data {
-                    DevData::F32(d) => table.push(d, offset, len, by_position),
-                    DevData::I32(d) => table.push(d, offset, len, by_position),
+            for &(slot, dst, len, by_position) in chunk {
+                match &self.slot(slot)?.data {
+                    DevData::F32(d) => table.push(d, dst, len, by_position),
+                    DevData::I32(d) => table.push(d, dst, len, by_position),
                 };
-                debug_assert!(pushed, "a chunk fits one table");
             }
-            self.gather(reads, &table)?;
+            // SAFETY: the caller's promise.
+            unsafe { launch_gather(&self.device, &table, half_bytes, &self.step_start) }.map_err(kernel_error)?;
         }
         Ok(())
     }
 
-    fn gather(&self, reads: &StepReads, table: &GatherTable) -> Result<()> {
-        let arena = reads.arena.as_ref().ok_or_else(|| PipelineError::Gpu("reads without an arena".into()))?;
-        // SAFETY: each entry's source is a slot buffer of at least its
-        // length (by position: nh * P <= nh * capacity, the buffer's
-        // length), and its offset plus room is within a half of the arena.
-        unsafe { launch_gather(&self.device, table, arena, reads.half_len, &self.step_start) }.map_err(kernel_error)
+    /// The step's scopes have run (or its replay was launched): the scope
+    /// observers' reads come next, answered from the copies.
+    pub(super) fn observe_step_reads_on_device(&mut self) -> Result<()> {
+        if let Some(reads) = self.graphs.eager_reads.as_mut() {
+            let flags = Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC);
+            let finished = self.device.stream().record_event(flags).map_err(gpu("recording a step's end"))?;
+            reads.finished = Some(Arc::new(finished));
+        }
+        self.graphs.observing = true;
+        Ok(())
+    }
+
+    /// A scope observer's read after the step: the next copy.
+    pub(super) fn read_copied(&mut self, slot: Slot) -> Result<PendingTensor> {
+        let Some(reads) = self.graphs.eager_reads.as_mut() else { return self.read_replayed(slot) };
+        let Some(tap) = reads.taps.get_mut(reads.cursor) else {
+            return Err(PipelineError::BadInput(format!(
+                "a scope observer read `{slot}` after the step's last planned read: observers must read what the \
+                 probe said"
+            )));
+        };
+        if tap.slot != slot {
+            return Err(PipelineError::BadInput(format!(
+                "a scope observer read `{slot}` where the step copied `{}`: observers must read what the probe said",
+                tap.slot
+            )));
+        }
+        reads.cursor += 1;
+        let copy = std::mem::replace(&mut tap.copy, EagerCopy::Read(HostTensor::f32(vec![0], Vec::new())));
+        let (buffer, shape, is_i32) = match copy {
+            EagerCopy::Read(t) => return Ok(PendingTensor::ready(t)),
+            EagerCopy::Gathered { buffer, shape, is_i32 } => (buffer, shape, is_i32),
+        };
+        let landed = reads.finished.clone().ok_or_else(|| PipelineError::Gpu("a read before the step's end".into()))?;
+        let bytes = shape.iter().product::<usize>() * 4;
+        let (done, result) = sync_channel(1);
+        let ctx = self.device.context().clone();
+        self.staging.send(&ctx, super::staging::Landing { landed, buffer, shape, is_i32, done })?;
+        Ok(PendingTensor::copying(bytes, move || {
+            result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
+        }))
     }
 
     /// A scope observer's read after a replay: the next recorded copy.
@@ -340,9 +456,21 @@ impl CudaBackend {
         }))
     }
 
-    /// After a replay's observers: hands their reads to the landing thread.
+    /// After the observers: hands a replay's reads to the landing thread;
+    /// puts back what an eager step gathered and nobody read.
     pub(super) fn end_step_reads_on_device(&mut self) -> Result<()> {
         self.graphs.observing = false;
+        if let Some(reads) = self.graphs.eager_reads.take() {
+            if let Some(finished) = &reads.finished {
+                finished.synchronize().map_err(gpu("waiting for a step's end"))?;
+            }
+            for tap in reads.taps {
+                if let EagerCopy::Gathered { buffer, .. } = tap.copy {
+                    self.staging.pool.give_back(buffer);
+                }
+            }
+            return Ok(());
+        }
         let Some(reads) = self.graphs.recorded_reads_mut() else { return Ok(()) };
         if reads.batch.is_empty() {
             return Ok(());
