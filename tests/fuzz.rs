@@ -151,7 +151,7 @@ fn config_json(bytes: &[u8]) -> bool {
     let Ok(json) = serde_json::from_slice::<serde_json::Value>(bytes) else { return false };
     let Ok(c) = pipeline::ModelConfig::from_json(json, Path::new("fuzz/config.json")) else { return false };
     let moe_layers = (0..c.num_layers).filter(|&l| c.is_moe_layer(l)).count();
-    let _ = (c.qkv_width(), c.forward_bytes(1 << 20, 1 << 24), moe_layers);
+    let _ = (c.qkv_width(), c.forward_bytes(1 << 20, 1 << 24, true), moe_layers);
     true
 }
 

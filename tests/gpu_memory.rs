@@ -33,11 +33,14 @@ fn a_prompt_whose_activations_cannot_fit_is_refused_before_the_first_step() {
     if !gpu_enabled() {
         return;
     }
-    // 40 000 tokens (within the model's 40 960 positions): the attention
-    // scores alone are 32 x 40 000 x 40 000 f32, about 205 GB.
+    // 40 000 tokens (within the model's 40 960 positions) with their
+    // attention scores captured: the fused attention keeps no scores in
+    // memory unless they are read, but these are 32 x 40 000 x 40 000 f32,
+    // about 205 GB.
     let tokens: Vec<String> = (0..40_000u32).map(|i| ((i * 7919 + 13) % 151_936).to_string()).collect();
+    let out = moetrace_tests::scratch("long-scores");
     let text = format!(
-        "(model: Synthetic(preset: \"qwen3-30b-a3b\", seed: 7, layers: 2), prompt: Tokens([{}]), backend: Cuda(device: 0, dtype: Bf16))",
+        "(model: Synthetic(preset: \"qwen3-30b-a3b\", seed: 7, layers: 2), prompt: Tokens([{}]), backend: Cuda(device: 0, dtype: Bf16), capture: (stages: \"attn_scores\", layers: \"0\", out_dir: {out:?}))",
         tokens.join(",")
     );
     let config = RunConfig::parse(&text, Path::new("long.ron")).unwrap();
@@ -56,9 +59,11 @@ fn out_of_memory_inside_a_step_is_a_clear_error_and_the_backend_recovers() {
         return;
     }
     let model = Model::synthetic_on_demand("qwen3-30b-a3b", 7, Some(1)).unwrap();
-    let backend = CudaBackend::new(&model, 0, CudaPrecision::Bf16).unwrap();
+    let mut backend = CudaBackend::new(&model, 0, CudaPrecision::Bf16).unwrap();
+    // Unfused, attention keeps scores of 32 heads over 65536 x 65536
+    // positions in memory: 550 GB (fused, this step fits).
+    backend.set_fused_attention(false);
     let mut forward = Forward::new(&model, Box::new(backend));
-    // Attention scores of 32 heads over 65536 x 65536 positions: 550 GB.
     let long: Vec<u32> = (0..65_536u32).map(|i| (i * 7919 + 13) % 151_936).collect();
     match forward.step(0, &long, 0, &mut |_| {}) {
         Err(e @ PipelineError::GpuOutOfMemory { .. }) => eprintln!("as expected: {e}"),
@@ -67,6 +72,24 @@ fn out_of_memory_inside_a_step_is_a_clear_error_and_the_backend_recovers() {
     let short = [5u32, 9, 200, 31, 7];
     forward.step(0, &short, 0, &mut |_| {}).expect("a step that fits runs after the failed one");
     let token = forward.next_token().unwrap();
+    assert!(token < 151_936);
+}
+
+#[test]
+fn a_prompt_whose_unfused_scores_exceed_the_gpu_runs_with_fused_attention() {
+    if !gpu_enabled() {
+        return;
+    }
+    // 32 768 tokens: scores and probabilities of 32 heads would be 275 GB;
+    // fused, the step needs a few GB.
+    let model = Model::synthetic_on_demand("qwen3-30b-a3b", 7, Some(1)).unwrap();
+    let backend = CudaBackend::new(&model, 0, CudaPrecision::Bf16).unwrap();
+    let mut forward = Forward::new(&model, Box::new(backend));
+    let long: Vec<u32> = (0..32_768u32).map(|i| (i * 7919 + 13) % 151_936).collect();
+    let started = std::time::Instant::now();
+    forward.step(0, &long, 0, &mut |_| {}).expect("the fused step fits");
+    let token = forward.next_token().unwrap();
+    eprintln!("32768-token prefill of one layer: {:.2} s, token {token}", started.elapsed().as_secs_f64());
     assert!(token < 151_936);
 }
 

@@ -145,10 +145,19 @@ fn cuda_logits_are_bit_identical_with_capture_on_and_off() {
     }
     let dir = scratch("gpu-bits");
     let model = "Synthetic(preset: \"tiny-moe\", seed: 3)";
-    let prompt = "[5, 9, 200, 31, 7]";
-    let off = run(model, prompt, 4, "Cuda(device: 0, dtype: F32)", None);
-    let on = run(model, prompt, 4, "Cuda(device: 0, dtype: F32)", Some(&dir.join("all")));
-    assert_eq!(off, on);
+    // 5 prompt tokens (attention as three kernels) and 40 (fused: the
+    // capture materialises attn_scores and attn_softmax, which the run
+    // without capture never stores).
+    let long: Vec<u32> = (0..40).map(|i| (i * 53 + 11) % 500).collect();
+    for prompt in ["[5, 9, 200, 31, 7]".to_string(), format!("{long:?}")] {
+        for dtype in ["F32", "Bf16"] {
+            let backend = format!("Cuda(device: 0, dtype: {dtype})");
+            let off = run(model, &prompt, 4, &backend, None);
+            let out = dir.join(format!("{dtype}-{}", prompt.len()));
+            let on = run(model, &prompt, 4, &backend, Some(&out));
+            assert_eq!(off, on, "{dtype}, prompt {prompt}");
+        }
+    }
 }
 
 #[test]

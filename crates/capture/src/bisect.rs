@@ -188,7 +188,9 @@ pub fn bisect(
     };
     let make = |spec: &BackendSpec, session: Option<&CaptureSession>| -> Result<Side> {
         let backend = build_backend(spec, config.threads, &model, path)?;
-        backend.check_run_memory(crate::config::run_bytes(&model.config, config.tokens().len(), config.generate))?;
+        // Bisect reads stages between operations: scores counted as kept.
+        let bytes = crate::config::run_bytes(&model.config, config.tokens().len(), config.generate, true);
+        backend.check_run_memory(bytes)?;
         let name = (backend.name(), backend.dtype());
         let mut forward = Forward::new(&model, backend);
         if let Some(session) = session {

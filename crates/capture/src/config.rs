@@ -382,9 +382,10 @@ fn run_positions(prompt: usize, generate: usize) -> usize {
 }
 
 /// The KV caches and activations a run needs besides the weights (see
-/// [`ModelConfig::forward_bytes`]), for a backend's own check.
-pub(crate) fn run_bytes(config: &ModelConfig, prompt: usize, generate: usize) -> f64 {
-    config.forward_bytes(prompt, run_positions(prompt, generate))
+/// [`ModelConfig::forward_bytes`]), for a backend's own check; `scores`:
+/// whether the prompt's attention scores are kept in memory.
+pub(crate) fn run_bytes(config: &ModelConfig, prompt: usize, generate: usize, scores: bool) -> f64 {
+    config.forward_bytes(prompt, run_positions(prompt, generate), scores)
 }
 
 /// Checks a run's size against the model before anything is allocated:
@@ -410,7 +411,7 @@ pub(crate) fn check_run_size(
     if host_passes > 0
         && let Some(available) = pipeline::available_memory_bytes()
     {
-        let need = config.forward_bytes(prompt, positions) * host_passes as f64;
+        let need = config.forward_bytes(prompt, positions, true) * host_passes as f64;
         if need > available as f64 * 0.8 {
             return Err(bad(format!(
                 "prompt ({prompt} tokens) and generate ({generate}) need about {:.1} GB of KV cache and activations on the host for {host_passes} CPU forward pass(es), more than the {:.1} GB available; use a shorter prompt or fewer tokens",

@@ -161,7 +161,12 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     config.check_against_model(config_path, &model.config)?;
     let backend_start = Instant::now();
     let mut backend = build_backend(&config.backend, config.threads, &model, config_path)?;
-    backend.check_run_memory(crate::config::run_bytes(&model.config, config.prompt_tokens().len(), config.generate))?;
+    let prompt_len = config.prompt_tokens().len();
+    // The prompt's scores stay in memory unless attention is fused and no
+    // capture reads them.
+    let scores = !backend.fuses_attention(prompt_len, model.config.head_dim)
+        || session.as_ref().is_some_and(CaptureSession::captures_prompt_attention);
+    backend.check_run_memory(crate::config::run_bytes(&model.config, prompt_len, config.generate, scores))?;
     backend.warm_up(config.prompt_tokens().len())?;
     if let Some(session) = &session {
         backend.reserve_capture(&session.reserve_elements(&model.config, config.prompt_tokens().len()))?;

@@ -137,6 +137,14 @@ impl CaptureSession {
             .collect()
     }
 
+    /// Whether the prompt step captures attn_scores or attn_softmax (which
+    /// a fused attention then keeps in memory).
+    pub fn captures_prompt_attention(&self) -> bool {
+        let sel = &self.selection;
+        sel.steps.contains(0)
+            && sel.stages.iter().any(|s| matches!(s, SaveTensorStage::AttnScores | SaveTensorStage::AttnSoftmax))
+    }
+
     /// Adds the capture systems to `forward`.
     pub fn attach(&self, forward: &mut Forward) {
         attach_capture(forward, self.selection.clone(), self.writer.sender());

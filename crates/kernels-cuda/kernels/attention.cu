@@ -237,3 +237,329 @@ extern "C" __global__ void attention_combine_f32(float *out, const float *partia
     for (u32 s = 1; s < splits; s++) acc += partial[s * n + i];
     out[i] = store_act(acc);
 }
+
+// Fused causal attention over many rows, without [nh, T, P] in memory:
+// scores, causal softmax and softmax·V of a block's rows in one kernel.
+// Block (t tile of FA_ROWS rows, h), 128 threads, hd <= FA_MAX_HD. Each
+// score is computed exactly as attn_scores_f32 computes it (one f32 FMA
+// chain over d in order, times 1/sqrt(hd), rounded as a stage output).
+// Pass 1 keeps, per row and lane, a running max and a running sum of
+// exp(score - max) over positions p = p0 + lane of each 32-position tile
+// (rescaled when the max grows), then combines the lanes. Pass 2 computes
+// the scores again, each probability exp(score - max) / sum (NaN for every
+// valid entry of a row holding a NaN score, as attn_softmax_f32), rounded
+// as a stage output, and adds probability · v over p in order into f32
+// accumulators (one FMA per position, as attention_f32).
+//
+// `store` says what the kernel writes: FA_SCORES the scores [nh, T, P]
+// (pass 1 only), FA_PROBS the probabilities [nh, T, P], FA_OUT the output
+// [T, nh*hd]. Every write is a store switched on: the values computed are
+// the same whichever are stored, so a stage materialised for capture has
+// the bits the fused output was computed from. Masked entries (p > start
+// + t) are stored as 0, positions past the block's last valid one too.
+#define FA_ROWS 16
+#define FA_P 32
+#define FA_MAX_HD 128
+#define FA_SCORES 1u
+#define FA_PROBS 2u
+#define FA_OUT 4u
+
+// The scores of tile p0 for this thread's rows (ty + 4i) at p = p0 + lane,
+// from the block's q rows in shared memory and the tile's keys, staged here.
+__device__ __forceinline__ void fa_tile_scores(float s[4], float (*qs)[FA_MAX_HD + 1], float (*ks)[FA_MAX_HD + 1], const float *k_cache, u32 p0, u32 p_len, u32 kv_width, u32 kvh, u32 hd, float scale) {
+    __syncthreads(); // the last tile's keys are no longer read
+    for (u32 i = threadIdx.x; i < FA_P * hd; i += blockDim.x) {
+        u32 r = i / hd, c = i % hd;
+        ks[r][c] = p0 + r < p_len ? k_cache[(u64)(p0 + r) * kv_width + kvh * hd + c] : 0.0f;
+    }
+    __syncthreads();
+    u32 lane = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (u32 c = 0; c < hd; c++) {
+        float kv = ks[lane][c];
+        for (int i = 0; i < 4; i++) acc[i] += qs[ty + 4 * i][c] * kv;
+    }
+    for (int i = 0; i < 4; i++) s[i] = store_act(acc[i] * scale);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fused_f32(float *out, float *scores, float *probs, const float *q, const float *k_cache, const float *v_cache, u32 t_len, u32 p_len, u32 heads, u32 kv_heads, u32 hd, u32 start_position, u32 store) {
+    PDL_ENTRY();
+    __shared__ float qs[FA_ROWS][FA_MAX_HD + 1];
+    __shared__ float ks[FA_P][FA_MAX_HD + 1];
+    __shared__ float ps[FA_ROWS][FA_P];
+    u32 t0 = blockIdx.x * FA_ROWS, h = blockIdx.y;
+    u32 lane = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    u32 kvh = h / (heads / kv_heads), kv_width = kv_heads * hd;
+    float scale = rsqrtf((float)hd);
+    for (u32 i = threadIdx.x; i < FA_ROWS * hd; i += blockDim.x) {
+        u32 r = i / hd, c = i % hd;
+        qs[r][c] = t0 + r < t_len ? q[(u64)(t0 + r) * heads * hd + h * hd + c] : 0.0f;
+    }
+    // Positions some row of the block sees: [0, p_hi).
+    u32 last_row = min(t0 + FA_ROWS, t_len) - 1;
+    u32 p_hi = min(p_len, start_position + last_row + 1);
+    // Pass 1: per (row, lane) running max, sum and NaN flag.
+    float m[4], l[4];
+    bool nan[4];
+    for (int i = 0; i < 4; i++) { m[i] = -INFINITY; l[i] = 0.0f; nan[i] = false; }
+    for (u32 p0 = 0; p0 < p_hi; p0 += FA_P) {
+        float s[4];
+        fa_tile_scores(s, qs, ks, k_cache, p0, p_len, kv_width, kvh, hd, scale);
+        u32 p = p0 + lane;
+        for (int i = 0; i < 4; i++) {
+            u32 t = t0 + ty + 4 * i;
+            if (t >= t_len) continue;
+            bool valid = p <= start_position + t && p < p_len;
+            if (store & FA_SCORES && p < p_len) scores[((u64)h * t_len + t) * p_len + p] = valid ? s[i] : 0.0f;
+            if (!valid) continue;
+            nan[i] |= isnan(s[i]);
+            if (s[i] > m[i]) { l[i] *= expf(m[i] - s[i]); m[i] = s[i]; }
+            l[i] += expf(s[i] - m[i]);
+        }
+    }
+    if (store & FA_SCORES) {
+        for (u32 p = p_hi + lane; p < p_len; p += 32)
+            for (int i = 0; i < 4; i++) {
+                u32 t = t0 + ty + 4 * i;
+                if (t < t_len) scores[((u64)h * t_len + t) * p_len + p] = 0.0f;
+            }
+    }
+    if (!(store & (FA_PROBS | FA_OUT))) return; // uniform across the block
+    // Each row's max and sum over its lanes (every lane ends with both).
+    for (int i = 0; i < 4; i++) {
+        float row_max = m[i];
+        for (int o = 16; o > 0; o >>= 1) row_max = fmaxf(row_max, __shfl_xor_sync(0xffffffffu, row_max, o));
+        float part = m[i] == -INFINITY ? 0.0f : l[i] * expf(m[i] - row_max);
+        for (int o = 16; o > 0; o >>= 1) part += __shfl_down_sync(0xffffffffu, part, o);
+        l[i] = __shfl_sync(0xffffffffu, part, 0);
+        m[i] = row_max;
+        nan[i] = __any_sync(0xffffffffu, nan[i]);
+    }
+    // Pass 2: probabilities, and probability · v.
+    float acc[FA_ROWS];
+    for (int r = 0; r < FA_ROWS; r++) acc[r] = 0.0f;
+    u32 d = threadIdx.x;
+    for (u32 p0 = 0; p0 < p_hi; p0 += FA_P) {
+        float s[4];
+        fa_tile_scores(s, qs, ks, k_cache, p0, p_len, kv_width, kvh, hd, scale);
+        u32 p = p0 + lane;
+        for (int i = 0; i < 4; i++) {
+            u32 t = t0 + ty + 4 * i;
+            bool valid = t < t_len && p <= start_position + t && p < p_len;
+            float pr = valid ? store_act(nan[i] ? QUIET_NAN : expf(s[i] - m[i]) / l[i]) : 0.0f;
+            ps[ty + 4 * i][lane] = pr;
+            if (store & FA_PROBS && t < t_len && p < p_len) probs[((u64)h * t_len + t) * p_len + p] = pr;
+        }
+        __syncthreads();
+        if (store & FA_OUT && d < hd) {
+            u32 pn = min(FA_P, p_hi - p0);
+            for (u32 c = 0; c < pn; c++) {
+                float v = v_cache[(u64)(p0 + c) * kv_width + kvh * hd + d];
+                for (int r = 0; r < FA_ROWS; r++) acc[r] += ps[r][c] * v;
+            }
+        }
+    }
+    if (store & FA_PROBS) {
+        for (u32 p = p_hi + lane; p < p_len; p += 32)
+            for (int i = 0; i < 4; i++) {
+                u32 t = t0 + ty + 4 * i;
+                if (t < t_len) probs[((u64)h * t_len + t) * p_len + p] = 0.0f;
+            }
+    }
+    if (!(store & FA_OUT) || d >= hd) return;
+    for (int r = 0; r < FA_ROWS; r++) {
+        u32 t = t0 + r;
+        if (t < t_len) out[(u64)t * heads * hd + h * hd + d] = store_act(acc[r]);
+    }
+}
+
+// attention_fused_f32 on tensor cores, for the Bf16 backend (q and the
+// caches hold bf16 values, so converting them to bf16 is exact) with
+// hd % 16 == 0 and hd <= FM_HD: block (t tile of FM_ROWS rows, h), 4
+// warps of 16 rows; positions FM_P at a time. Scores are mma.sync m16n8k16
+// products (bf16 inputs, f32 accumulation), scaled and rounded as a stage
+// output; pass 1 keeps each row's running max (uniform across the 4 lanes
+// that hold a row) and each lane's running sum; pass 2 computes the same
+// scores again, the probabilities exp(s - max) / sum rounded to bf16 (NaN
+// for every valid entry of a row with a NaN score), and probabilities · v
+// with mma.sync, the probabilities taken from the score accumulators as
+// the A operand. Stores as attention_fused_f32 (`store`); the values do not
+// depend on what is stored.
+#define FM_ROWS 64
+#define FM_P 64
+#define FM_HD 128
+#define FM_PAD 8
+
+// Rows [r0, r0 + FM_P) of a [*, width] f32 matrix, columns [col, col + hd),
+// into dst as bf16 (rows at or past `rows` zero); hd % 4 == 0.
+__device__ __forceinline__ void fm_load_rows(u16 (*dst)[FM_HD + FM_PAD], const float *src, u32 r0, u32 rows, u32 width, u32 col, u32 hd) {
+    u32 quads = hd / 4;
+    for (u32 i = threadIdx.x; i < FM_P * quads; i += blockDim.x) {
+        u32 r = i / quads, c = (i % quads) * 4;
+        float4 x = r0 + r < rows ? *(const float4 *)(src + (u64)(r0 + r) * width + col + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        *(uint2 *)&dst[r][c] = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+    }
+}
+
+// The same rows transposed: dst[c][r] (v as the B operand of P·V).
+__device__ __forceinline__ void fm_load_rows_t(u16 (*dst)[FM_P + FM_PAD], const float *src, u32 r0, u32 rows, u32 width, u32 col, u32 hd) {
+    u32 quads = hd / 4;
+    for (u32 i = threadIdx.x; i < FM_P * quads; i += blockDim.x) {
+        u32 r = i / quads, c = (i % quads) * 4;
+        float4 x = r0 + r < rows ? *(const float4 *)(src + (u64)(r0 + r) * width + col + c) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        dst[c][r] = f32_to_bf16_bits(x.x);
+        dst[c + 1][r] = f32_to_bf16_bits(x.y);
+        dst[c + 2][r] = f32_to_bf16_bits(x.z);
+        dst[c + 3][r] = f32_to_bf16_bits(x.w);
+    }
+}
+
+// One tile of scores: s[nt][e] for rows (g, g + 8) of the warp and
+// positions nt * 8 + 2 * (lane & 3) + (e & 1), scaled and rounded.
+__device__ __forceinline__ void fm_scores(float s[FM_P / 8][4], const u32 qf[FM_HD / 16][4], u16 (*ks)[FM_HD + FM_PAD], u32 hd, float scale) {
+    u32 lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
+#pragma unroll
+    for (int nt = 0; nt < FM_P / 8; nt++) {
+        s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
+#pragma unroll
+        for (int kstep = 0; kstep < FM_HD / 16; kstep++) {
+            if (kstep * 16 >= hd) break;
+            u32 kk = kstep * 16;
+            u32 b0 = *(const u32 *)&ks[nt * 8 + g][kk + 2 * qd];
+            u32 b1 = *(const u32 *)&ks[nt * 8 + g][kk + 2 * qd + 8];
+            mma_bf16_16816(s[nt], qf[kstep][0], qf[kstep][1], qf[kstep][2], qf[kstep][3], b0, b1);
+        }
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[nt][e] = store_act(s[nt][e] * scale);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fused_mma(float *out, float *scores, float *probs, const float *q, const float *k_cache, const float *v_cache, u32 t_len, u32 p_len, u32 heads, u32 kv_heads, u32 hd, u32 start_position, u32 store) {
+    PDL_ENTRY();
+    __shared__ __align__(16) u16 ks[FM_P][FM_HD + FM_PAD];
+    __shared__ __align__(16) u16 vt[FM_HD][FM_P + FM_PAD];
+    // The last row tiles, which see the most positions, start first.
+    u32 t0 = (gridDim.x - 1 - blockIdx.x) * FM_ROWS, h = blockIdx.y;
+    u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, qd = lane & 3;
+    u32 kvh = h / (heads / kv_heads), kv_width = kv_heads * hd, q_width = heads * hd;
+    float scale = rsqrtf((float)hd);
+    // The warp's q rows as A fragments, through shared memory.
+    fm_load_rows(ks, q, t0, t_len, q_width, h * hd, hd);
+    __syncthreads();
+    u32 qf[FM_HD / 16][4];
+    u32 r0 = warp * 16;
+#pragma unroll
+    for (int kstep = 0; kstep < FM_HD / 16; kstep++) {
+        u32 kk = kstep * 16;
+        bool in = kk < hd;
+        qf[kstep][0] = in ? *(const u32 *)&ks[r0 + g][kk + 2 * qd] : 0u;
+        qf[kstep][1] = in ? *(const u32 *)&ks[r0 + g + 8][kk + 2 * qd] : 0u;
+        qf[kstep][2] = in ? *(const u32 *)&ks[r0 + g][kk + 2 * qd + 8] : 0u;
+        qf[kstep][3] = in ? *(const u32 *)&ks[r0 + g + 8][kk + 2 * qd + 8] : 0u;
+    }
+    u32 rows[2] = {t0 + r0 + g, t0 + r0 + g + 8};
+    u32 last_row = min(t0 + FM_ROWS, t_len) - 1;
+    u32 p_hi = min(p_len, start_position + last_row + 1);
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    bool nan[2] = {false, false};
+    float s[FM_P / 8][4];
+    // Pass 1: running max (per row) and sums (per lane).
+    for (u32 p0 = 0; p0 < p_hi; p0 += FM_P) {
+        __syncthreads();
+        fm_load_rows(ks, k_cache, p0, p_len, kv_width, kvh * hd, hd);
+        __syncthreads();
+        fm_scores(s, qf, ks, hd, scale);
+        float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+        for (int nt = 0; nt < FM_P / 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                u32 t = rows[e >> 1], p = p0 + nt * 8 + 2 * qd + (e & 1);
+                bool valid = t < t_len && p < p_len && p <= start_position + t;
+                if (store & FA_SCORES && t < t_len && p < p_len) scores[((u64)h * t_len + t) * p_len + p] = valid ? s[nt][e] : 0.0f;
+                if (!valid) s[nt][e] = -INFINITY; // no weight below
+                else if (isnan(s[nt][e])) nan[e >> 1] = true;
+                else tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
+            }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            float mx = tile_max[r];
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+            float m_new = fmaxf(m[r], mx);
+            if (m_new == -INFINITY) continue; // nothing valid in this row yet
+            l[r] *= expf(m[r] - m_new);
+            m[r] = m_new;
+#pragma unroll
+            for (int nt = 0; nt < FM_P / 8; nt++) {
+                float a = s[nt][2 * r], b = s[nt][2 * r + 1];
+                if (a != -INFINITY) l[r] += expf(a - m_new);
+                if (b != -INFINITY) l[r] += expf(b - m_new);
+            }
+        }
+    }
+    if (store & (FA_PROBS | FA_OUT)) {
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+            l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+            bool any = nan[r];
+            any |= __shfl_xor_sync(0xffffffffu, (int)any, 1) != 0;
+            any |= __shfl_xor_sync(0xffffffffu, (int)any, 2) != 0;
+            nan[r] = any;
+        }
+        // Pass 2: probabilities and probabilities · v.
+        float o[FM_HD / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FM_HD / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+        for (u32 p0 = 0; p0 < p_hi; p0 += FM_P) {
+            __syncthreads();
+            fm_load_rows(ks, k_cache, p0, p_len, kv_width, kvh * hd, hd);
+            if (store & FA_OUT) fm_load_rows_t(vt, v_cache, p0, p_len, kv_width, kvh * hd, hd);
+            __syncthreads();
+            fm_scores(s, qf, ks, hd, scale);
+#pragma unroll
+            for (int nt = 0; nt < FM_P / 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    u32 t = rows[e >> 1], p = p0 + nt * 8 + 2 * qd + (e & 1);
+                    bool valid = t < t_len && p < p_len && p <= start_position + t;
+                    float pr = valid ? store_act(nan[e >> 1] ? QUIET_NAN : expf(s[nt][e] - m[e >> 1]) / l[e >> 1]) : 0.0f;
+                    if (store & FA_PROBS && t < t_len && p < p_len) probs[((u64)h * t_len + t) * p_len + p] = pr;
+                    s[nt][e] = pr;
+                }
+            if (!(store & FA_OUT)) continue;
+#pragma unroll
+            for (int j = 0; j < FM_P / 16; j++) {
+                u32 a0 = pack_bf16(s[2 * j][0], s[2 * j][1]), a1 = pack_bf16(s[2 * j][2], s[2 * j][3]);
+                u32 a2 = pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]), a3 = pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3]);
+#pragma unroll
+                for (int nt = 0; nt < FM_HD / 8; nt++) {
+                    if (nt * 8 >= hd) break;
+                    u32 b0 = *(const u32 *)&vt[nt * 8 + g][j * 16 + 2 * qd];
+                    u32 b1 = *(const u32 *)&vt[nt * 8 + g][j * 16 + 2 * qd + 8];
+                    mma_bf16_16816(o[nt], a0, a1, a2, a3, b0, b1);
+                }
+            }
+        }
+        if (store & FA_OUT) {
+#pragma unroll
+            for (int nt = 0; nt < FM_HD / 8; nt++) {
+                if (nt * 8 >= hd) break;
+                u32 d = nt * 8 + 2 * qd;
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    u32 t = rows[e >> 1];
+                    if (t < t_len) out[(u64)t * q_width + h * hd + d + (e & 1)] = store_act(o[nt][e]);
+                }
+            }
+        }
+    }
+    // Positions no row of the block sees: stored as zeros.
+    u32 width = p_len - p_hi, rows_here = last_row + 1 - t0;
+    for (u32 i = threadIdx.x; i < rows_here * width; i += blockDim.x) {
+        u64 at = ((u64)h * t_len + t0 + i / width) * p_len + p_hi + i % width;
+        if (store & FA_SCORES) scores[at] = 0.0f;
+        if (store & FA_PROBS) probs[at] = 0.0f;
+    }
+}

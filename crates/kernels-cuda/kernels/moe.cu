@@ -210,19 +210,6 @@ extern "C" __global__ void moe_invalid_rows(float *out, const int *ids, u32 slot
     for (u32 n = threadIdx.x & 31; n < n_out; n += 32) out[s * n_out + n] = QUIET_NAN;
 }
 
-// Two bf16 (bits) in one 32-bit register, the lower index in the low half.
-__device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
-    return (u32)f32_to_bf16_bits(lo) | ((u32)f32_to_bf16_bits(hi) << 16);
-}
-
-// D = A·B + D for one m16n8k16 tile: A 16x16 bf16 (row), B 16x8 bf16 (col),
-// f32 accumulators.
-__device__ __forceinline__ void mma_bf16_16816(float *d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 #define GT_ROWS 64   // weight rows (outputs n) per block: 16 per warp
 #define GT_SLOTS 32  // slots per tile: 4 mma columns of 8
 #define GT_K 64      // k per shared-memory stage: 4 mma steps

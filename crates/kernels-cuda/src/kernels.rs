@@ -50,6 +50,11 @@ pub mod attention {
     pub const ATTENTION_ROW: Kernel = k("attention", "attention_row_f32");
     /// Adds the splits' partial sums in order.
     pub const COMBINE: Kernel = k("attention", "attention_combine_f32");
+    /// Scores, causal softmax and softmax·V of many rows in one kernel,
+    /// each intermediate stored only when asked for.
+    pub const FUSED: Kernel = k("attention", "attention_fused_f32");
+    /// The same on tensor cores (Bf16 mode, hd % 16 == 0, hd <= 128).
+    pub const FUSED_MMA: Kernel = k("attention", "attention_fused_mma");
 }
 
 /// kernels/elementwise.cu.
@@ -135,6 +140,8 @@ pub const ALL: &[Kernel] = &[
     attention::ATTENTION,
     attention::ATTENTION_ROW,
     attention::COMBINE,
+    attention::FUSED,
+    attention::FUSED_MMA,
     elementwise::EMBEDDING.f32,
     elementwise::EMBEDDING.bf16w,
     elementwise::ROUND_BF16,
@@ -232,5 +239,39 @@ mod tests {
         assert!(missing.is_empty(), "handles with no entry point in their family: {missing:?}");
         let unlisted: Vec<_> = defined.difference(&handles).collect();
         assert!(unlisted.is_empty(), "entry points with no handle: {unlisted:?}");
+    }
+}
+
+#[cfg(test)]
+mod gpu_tests {
+    use super::*;
+    use cudarc::driver::sys::{CUfunction_attribute as A, cuFuncGetAttribute};
+
+    /// Registers and local memory (spilled registers, stack) of every
+    /// kernel in the Bf16 build, printed as a table; the tensor-core
+    /// kernels, which keep whole fragments in registers, must not spill.
+    #[test]
+    fn kernels_report_registers_and_the_tensor_core_ones_do_not_spill() {
+        let Some(_) = crate::test_gpu() else { return };
+        let device = crate::GpuDevice::open_with(0, crate::KernelBuild { round_bf16: true }).unwrap();
+        let mut spills = Vec::new();
+        for &kernel in ALL {
+            let f = device.kernel(kernel).unwrap();
+            let attribute = |a: A| {
+                let mut v = 0i32;
+                // SAFETY: a loaded function and an out pointer to an i32.
+                let r = unsafe { cuFuncGetAttribute(&mut v, a, f.cu_function()) };
+                assert_eq!(r, cudarc::driver::sys::CUresult::CUDA_SUCCESS, "{}", kernel.name);
+                v
+            };
+            let (regs, local) =
+                (attribute(A::CU_FUNC_ATTRIBUTE_NUM_REGS), attribute(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES));
+            let shared = attribute(A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES);
+            eprintln!("{:<36} regs {regs:>3}  local {local:>5} B  shared {shared:>6} B", kernel.name);
+            if [attention::FUSED_MMA, moe::EXPERT_LINEAR_GROUPED].contains(&kernel) && local > 0 {
+                spills.push(kernel.name);
+            }
+        }
+        assert!(spills.is_empty(), "tensor-core kernels spill to local memory: {spills:?}");
     }
 }

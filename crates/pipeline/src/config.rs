@@ -223,11 +223,12 @@ impl ModelConfig {
     /// Bytes a forward pass needs besides the weights, for a prompt of
     /// `prompt` tokens and `positions` positions in all: the KV caches
     /// (f32) and the largest step's activations (every stage slot of one
-    /// layer, the attention scores `[nh, T, P]` dominating long prompts),
-    /// on the host for the CPU backend, on the device for CUDA (both keep
-    /// f32 activations). An estimate in f64, so absurd sizes cannot
-    /// overflow.
-    pub fn forward_bytes(&self, prompt: usize, positions: usize) -> f64 {
+    /// layer, the attention scores `[nh, T, P]` dominating long prompts
+    /// when `scores` says they are kept in memory: always on the CPU, on
+    /// the device when not fused or when captured), on the host for the
+    /// CPU backend, on the device for CUDA (both keep f32 activations). An
+    /// estimate in f64, so absurd sizes cannot overflow.
+    pub fn forward_bytes(&self, prompt: usize, positions: usize, scores: bool) -> f64 {
         let f = |x: usize| x as f64;
         let (t, p) = (f(prompt), f(positions));
         let kv = f(self.num_layers) * 2.0 * p * f(self.kv_width());
@@ -237,7 +238,7 @@ impl ModelConfig {
             + f(self.experts_per_token) * (3.0 * f(self.moe_intermediate_size) + f(self.hidden_size))
             + f(self.num_experts)
             + f(self.vocab_size);
-        let scores = 2.0 * f(self.num_heads) * t * f(prompt);
+        let scores = if scores { 2.0 * f(self.num_heads) * t * f(prompt) } else { 0.0 };
         4.0 * (kv + t * per_token + scores)
     }
 

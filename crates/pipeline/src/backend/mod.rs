@@ -63,7 +63,7 @@ pub struct RopeArgs {
 }
 
 /// Geometry of attention for one layer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
     /// nh.
     pub heads: usize,
@@ -102,6 +102,14 @@ pub trait Backend: Send + Sync + 'static {
     /// run's own time (the CUDA backend: compiling its kernels), if any.
     fn setup_note(&self) -> Option<String> {
         None
+    }
+
+    /// Whether a step of `rows` rows computes attention without keeping
+    /// `[nh, T, P]` scores in memory unless they are read (the CUDA
+    /// backend's fused attention); by default, no.
+    fn fuses_attention(&self, rows: usize, head_dim: usize) -> bool {
+        let _ = (rows, head_dim);
+        false
     }
 
     /// Checks, before a run, that `bytes` of KV caches and activations

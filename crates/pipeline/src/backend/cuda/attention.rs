@@ -97,6 +97,9 @@ impl CudaBackend {
         shape: AttentionShape,
         out: Slot,
     ) -> Result<()> {
+        if self.fuses_attention_of(self.t_len, shape.head_dim) {
+            return self.plan_attention(layer, q, shape, out);
+        }
         let qt = self.slot(q)?;
         let t_len = qt.rows();
         let cache = self.cache(layer)?;
@@ -149,6 +152,10 @@ impl CudaBackend {
     }
 
     pub(super) fn attn_softmax_on_device(&mut self, scores: Slot, out: Slot) -> Result<()> {
+        if self.plan_softmax(scores, out) {
+            return Ok(());
+        }
+        self.materialise(&[scores])?;
         let s = self.slot(scores)?;
         let shape = s.shape.clone();
         if shape.len() != 3 {
@@ -183,6 +190,10 @@ impl CudaBackend {
         shape: AttentionShape,
         out: Slot,
     ) -> Result<()> {
+        if self.fused_attention(layer, probs, shape, out)? {
+            return Ok(());
+        }
+        self.materialise(&[probs])?;
         let pt = self.slot(probs)?;
         let (t_len, p_len) = (pt.shape[1], pt.shape[2]);
         let cache = self.cache(layer)?;

@@ -24,6 +24,7 @@ use crate::weights::{WeightId, WeightStore};
 mod attention;
 mod deferred;
 mod elementwise;
+mod fused_attention;
 mod graph;
 mod moe;
 mod norm;
@@ -79,6 +80,15 @@ pub struct CudaBackend {
     choice_blocks: CudaSlice<u32>,
     /// A launch held back for the next operation to share (deferred.rs).
     deferred: Option<deferred::Deferred>,
+    /// The attention of a many-row step, computed when needed
+    /// (fused_attention.rs).
+    attention_plan: Option<fused_attention::AttentionPlan>,
+    /// Lazy stages of the last plan, gone with it (for the error a read
+    /// of one gives).
+    gone: Vec<Slot>,
+    /// Whether many-row steps fuse attention (on unless
+    /// `MOETRACE_NO_FUSED_ATTENTION` is set).
+    fuse_attention: bool,
     caches: Vec<Option<DevCache>>,
     poison: bool,
     /// `MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS` set: every cuBLAS projection's
@@ -226,6 +236,9 @@ impl CudaBackend {
             choice,
             choice_blocks,
             deferred: None,
+            attention_plan: None,
+            gone: Vec::new(),
+            fuse_attention: std::env::var_os("MOETRACE_NO_FUSED_ATTENTION").is_none(),
             profiler,
         })
     }
@@ -235,6 +248,14 @@ impl CudaBackend {
     /// comparison (the backend-parity test turns it on).
     pub fn set_poison(&mut self, on: bool) {
         self.poison = on;
+    }
+
+    /// Turns the fused attention of many-row steps off or back on (on
+    /// unless `MOETRACE_NO_FUSED_ATTENTION` is set): off, attn_scores,
+    /// attn_softmax and attention run as three kernels with `[nh, T, P]`
+    /// tensors in memory between them (the parity tests compare both).
+    pub fn set_fused_attention(&mut self, on: bool) {
+        self.fuse_attention = on;
     }
 
     /// Turns recorded decode steps (CUDA graphs) off or back on (they are
@@ -261,9 +282,7 @@ impl CudaBackend {
     }
 
     fn slot(&self, slot: Slot) -> Result<&DevTensor> {
-        self.slots[slot.index()]
-            .as_ref()
-            .ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` has not been computed in this step")))
+        self.slots[slot.index()].as_ref().ok_or_else(|| self.missing_slot(slot))
     }
 
     fn weight(&self, id: WeightId) -> &DevWeight {
@@ -318,17 +337,36 @@ impl CudaBackend {
         unsafe { self.stream().alloc::<i32>(n) }.map_err(gpu("allocating expert ids"))
     }
 
-    /// Puts `tensor` in `slot`, recycling what the slot held.
-    fn store(&mut self, slot: Slot, tensor: DevTensor) {
+    /// Puts `tensor` in `slot`, recycling what the slot held (after what
+    /// the attention plan needs from it: fused_attention.rs).
+    fn store(&mut self, slot: Slot, tensor: DevTensor) -> Result<()> {
+        self.before_slot_write(slot)?;
+        self.put(slot, tensor);
+        Ok(())
+    }
+
+    /// [`Self::store`] without asking the attention plan.
+    fn put(&mut self, slot: Slot, tensor: DevTensor) {
         self.graphs.slot_written();
+        self.gone.retain(|&s| s != slot);
         self.slot_lens[slot.index()] = Some(tensor.buffer_len());
         if let Some(old) = self.slots[slot.index()].replace(tensor) {
             self.activations.recycle(old);
         }
     }
 
-    /// Empties every slot into the activation pool.
+    /// Empties `slot` into the activation pool.
+    fn drop_slot(&mut self, slot: Slot) {
+        if let Some(old) = self.slots[slot.index()].take() {
+            self.activations.recycle(old);
+        }
+    }
+
+    /// Empties every slot into the activation pool; the attention plan
+    /// ends with them.
     fn recycle_slots(&mut self) {
+        self.attention_plan = None;
+        self.gone.clear();
         for slot in &mut self.slots {
             if let Some(old) = slot.take() {
                 self.activations.recycle(old);
@@ -340,8 +378,7 @@ impl CudaBackend {
     /// in Bf16 mode (the device's modules are built with `ROUND_BF16`; see
     /// `store_act` in common.cuh), so nothing is launched here.
     fn set(&mut self, slot: Slot, shape: Vec<usize>, data: CudaSlice<f32>) -> Result<()> {
-        self.store(slot, DevTensor::new(shape, DevData::F32(data)));
-        Ok(())
+        self.store(slot, DevTensor::new(shape, DevData::F32(data)))
     }
 
     /// Whether a projection's output `slot` is rounded to bf16 in Bf16
@@ -371,14 +408,22 @@ impl CudaBackend {
 
     /// Runs one operation, between two timing events when profiling; `name`
     /// is the stage it computes (the profile is per stage).
-    fn timed<R>(&mut self, name: &'static str, op: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+    /// `inputs` are the slots it reads (a lazy attention stage among them
+    /// is computed first: fused_attention.rs).
+    fn timed<R>(&mut self, name: &'static str, inputs: &[Slot], op: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
         self.flush_deferred()?;
-        self.timed_deferring(name, op)
+        self.timed_deferring(name, inputs, op)
     }
 
     /// [`Self::timed`] for an operation that may share a held-back launch
     /// (deferred.rs), so nothing is flushed first.
-    fn timed_deferring<R>(&mut self, name: &'static str, op: impl FnOnce(&mut Self) -> Result<R>) -> Result<R> {
+    fn timed_deferring<R>(
+        &mut self,
+        name: &'static str,
+        inputs: &[Slot],
+        op: impl FnOnce(&mut Self) -> Result<R>,
+    ) -> Result<R> {
+        self.materialise(inputs)?;
         if self.profiler.is_none() {
             return op(self);
         }

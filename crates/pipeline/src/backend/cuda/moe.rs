@@ -44,7 +44,7 @@ impl CudaBackend {
         // SAFETY: one warp per token writing k weights and ids.
         unsafe { b.launch(warps(rows)) }.map_err(gpu("router_top_k"))?;
         self.set(weights_out, vec![rows, k], w)?;
-        self.store(indices_out, DevTensor::new(vec![rows, k], DevData::I32(ids)));
+        self.store(indices_out, DevTensor::new(vec![rows, k], DevData::I32(ids)))?;
         Ok(())
     }
 

@@ -41,6 +41,10 @@ impl Backend for CudaBackend {
         self.staging.pool.reserve(&ctx, elements)
     }
 
+    fn fuses_attention(&self, rows: usize, head_dim: usize) -> bool {
+        self.fuses_attention_of(rows, head_dim)
+    }
+
     fn check_run_memory(&self, bytes: f64) -> Result<()> {
         let (free, total) = self.device.memory().map_err(kernel_error)?;
         // The weights are resident already; cuBLAS and the staging pool
@@ -149,59 +153,59 @@ impl Backend for CudaBackend {
     }
 
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.embedding_on_device(table, out))
+        self.timed(out.name(), &[], |this| this.embedding_on_device(table, out))
     }
 
     fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.rms_norm_on_device(input, weight, eps, out))
+        self.timed(out.name(), &[input], |this| this.rms_norm_on_device(input, weight, eps, out))
     }
 
     fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.linear_on_device(input, weights, out))
+        self.timed(out.name(), &[input], |this| this.linear_on_device(input, weights, out))
     }
 
     fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.add_bias_on_device(input, biases, out))
+        self.timed(out.name(), &[input], |this| this.add_bias_on_device(input, biases, out))
     }
 
     fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.qk_norm_on_device(input, args, out))
+        self.timed(out.name(), &[input], |this| this.qk_norm_on_device(input, args, out))
     }
 
     fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
-        self.timed_deferring(out.name(), |this| this.rope_on_device(input, args, out))
+        self.timed_deferring(out.name(), &[input], |this| this.rope_on_device(input, args, out))
     }
 
     fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
-        self.timed("append_kv", |this| this.append_kv_on_device(layer, k, v, v_col))
+        self.timed("append_kv", &[k, v], |this| this.append_kv_on_device(layer, k, v, v_col))
     }
 
     fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.attn_scores_on_device(layer, q, shape, out))
+        self.timed(out.name(), &[q], |this| this.attn_scores_on_device(layer, q, shape, out))
     }
 
     fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.attn_softmax_on_device(scores, out))
+        self.timed(out.name(), &[], |this| this.attn_softmax_on_device(scores, out))
     }
 
     fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.attention_on_device(layer, probs, shape, out))
+        self.timed(out.name(), &[], |this| this.attention_on_device(layer, probs, shape, out))
     }
 
     fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.elementwise(handles::elementwise::ADD, &[a, b], out))
+        self.timed(out.name(), &[a, b], |this| this.elementwise(handles::elementwise::ADD, &[a, b], out))
     }
 
     fn silu(&mut self, input: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.elementwise(handles::elementwise::SILU, &[input], out))
+        self.timed(out.name(), &[input], |this| this.elementwise(handles::elementwise::SILU, &[input], out))
     }
 
     fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.elementwise(handles::elementwise::MUL, &[a, b], out))
+        self.timed(out.name(), &[a, b], |this| this.elementwise(handles::elementwise::MUL, &[a, b], out))
     }
 
     fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.elementwise(handles::elementwise::SWIGLU, &[gate, up], out))
+        self.timed(out.name(), &[gate, up], |this| this.elementwise(handles::elementwise::SWIGLU, &[gate, up], out))
     }
 
     fn router_top_k(
@@ -212,21 +216,24 @@ impl Backend for CudaBackend {
         weights_out: Slot,
         indices_out: Slot,
     ) -> Result<()> {
-        self.timed(weights_out.name(), |this| {
+        self.timed(weights_out.name(), &[logits], |this| {
             this.router_top_k_on_device(logits, k, normalise, weights_out, indices_out)
         })
     }
 
     fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
-        self.timed_deferring(out.name(), |this| this.expert_linear_on_device(input, indices, experts, out))
+        self.timed_deferring(out.name(), &[input, indices], |this| {
+            this.expert_linear_on_device(input, indices, experts, out)
+        })
     }
 
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), |this| this.moe_combine_on_device(expert_out, weights, out))
+        self.timed(out.name(), &[expert_out, weights], |this| this.moe_combine_on_device(expert_out, weights, out))
     }
 
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {
         self.flush_deferred()?;
+        self.materialise(&[slot])?;
         let t = self.slot(slot)?;
         let stream = self.stream();
         // A buffer sized for the KV capacity holds more than the shape.
@@ -247,7 +254,7 @@ impl Backend for CudaBackend {
         if self.graphs.observing {
             return self.read_copied(slot);
         }
-        self.timed("(capture copy)", |this| this.read_async_on_device(slot))
+        self.timed("(capture copy)", &[slot], |this| this.read_async_on_device(slot))
     }
 
     fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()> {
@@ -257,7 +264,7 @@ impl Backend for CudaBackend {
             TensorData::F32(v) => DevData::F32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
             TensorData::I32(v) => DevData::I32(stream.clone_htod(v).map_err(gpu("copying to the device"))?),
         };
-        self.store(slot, DevTensor::new(tensor.shape.clone(), data));
+        self.store(slot, DevTensor::new(tensor.shape.clone(), data))?;
         Ok(())
     }
 
@@ -268,11 +275,13 @@ impl Backend for CudaBackend {
 
     fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()> {
         self.flush_deferred()?;
+        self.before_cache_write(layer);
         self.set_kv_cache_on_device(layer, keys, values)
     }
 
     fn argmax_last_row(&mut self, slot: Slot) -> Result<u32> {
         self.flush_deferred()?;
+        self.materialise(&[slot])?;
         self.argmax_on_device(slot)
     }
 }

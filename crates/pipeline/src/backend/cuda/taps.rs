@@ -300,6 +300,7 @@ impl CudaBackend {
             .ok_or_else(|| PipelineError::BadInput(format!("scope {scope} is not in the step's planned reads")))?;
         if !slots.is_empty() {
             self.flush_deferred()?;
+            self.materialise(&slots)?;
         }
         Ok(slots)
     }
