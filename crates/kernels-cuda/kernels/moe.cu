@@ -214,23 +214,36 @@ extern "C" __global__ void moe_invalid_rows(float *out, const int *ids, u32 slot
 #define GT_SLOTS 32  // slots per tile: 4 mma columns of 8
 #define GT_K 64      // k per shared-memory stage: 4 mma steps
 #define GT_PAD 8     // bf16 of padding per shared row (no bank conflicts)
-#define GT_W_PIECES (GT_ROWS * GT_K / 8 / 128)  // 16-byte W loads per thread per stage
-#define GT_X_PIECES (GT_SLOTS * GT_K / 8 / 128) // 8-value x loads per thread per stage
+#define GT_STAGES 3  // shared-memory stages in flight (cp.async)
+#define GT_W_PIECES (GT_ROWS * GT_K / 8 / 128)  // 16-byte W copies per thread per stage
+#define GT_X_PIECES (GT_SLOTS * GT_K / 8 / 128) // 16-byte x copies per thread per stage
+
+// 16 bytes from global to shared memory without passing through registers
+// (sm_80+); with `full` false the 16 shared bytes are zero-filled and
+// nothing is read.
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full) {
+    u32 d = (u32)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(full ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most GT_STAGES - 2 groups are still in flight.
+__device__ __forceinline__ void cp_async_wait_stage() { asm volatile("cp.async.wait_group %0;\n" ::"n"(GT_STAGES - 2)); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 // out[slot, n] = W[e][n] · x(slot) for every slot routed to expert e, where
-// x(slot) = x[slot] (per_slot) or x[slot / top_k]. Block (n tile, e): 4
-// warps, 64 rows of W[e] against its slots 32 at a time; x is f32 holding
-// bf16 values (Bf16 mode), converted exactly to bf16 for the tensor cores;
-// f32 accumulation over k in order, one 64-wide stage after another. The
-// next stage's global loads are issued before the current stage's mma (held
-// in registers), so memory and tensor cores overlap. Needs k % 64 == 0 and
-// n_out % 64 == 0 (the host checks).
+// x(slot) = x[slot] (per_slot) or x[slot / top_k], x as bf16 bits (the
+// Bf16 backend's activations are bf16 values: exact). Block (n tile, e): 4
+// warps, 64 rows of W[e] against its slots 32 at a time; f32 accumulation
+// over k in order, one 64-wide stage after another. GT_STAGES stages of W
+// and x are copied into shared memory ahead of the tensor cores (cp.async),
+// so several loads per block are in flight while the mma of an earlier
+// stage runs. Needs k % 64 == 0 and n_out % 64 == 0 (the host checks).
 extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
-    float *out, const float *x, const int *sorted, const int *offsets, const int *counts, const u16 *w,
+    float *out, const u16 *x, const int *sorted, const int *offsets, const int *counts, const u16 *w,
     u32 top_k, u32 k, u32 n_out, u32 per_slot) {
     PDL_ENTRY();
-    __shared__ __align__(16) u16 ws[GT_ROWS][GT_K + GT_PAD];
-    __shared__ __align__(16) u16 xs[GT_SLOTS][GT_K + GT_PAD];
+    __shared__ __align__(16) u16 ws[GT_STAGES][GT_ROWS][GT_K + GT_PAD];
+    __shared__ __align__(16) u16 xs[GT_STAGES][GT_SLOTS][GT_K + GT_PAD];
     __shared__ int slot_of[GT_SLOTS];
     u32 e = blockIdx.y, n0 = blockIdx.x * GT_ROWS;
     int count = counts[e];
@@ -238,14 +251,15 @@ extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
     int first = offsets[e];
     u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     const u16 *we = w + ((u64)e * n_out + n0) * k;
+    u32 stages = k / GT_K;
     for (int tile = 0; tile < count; tile += GT_SLOTS) {
         u32 in_tile = (u32)min(GT_SLOTS, count - tile);
-        __syncthreads();
+        __syncthreads(); // the last tile's shared memory is no longer read
         if (tid < GT_SLOTS) slot_of[tid] = tid < in_tile ? sorted[first + tile + tid] : -1;
         __syncthreads();
-        // This thread's x rows (one slot, GT_X_PIECES pieces of 8 values).
-        const float *xrow[GT_X_PIECES];
-        u32 xcol[GT_X_PIECES], xr[GT_X_PIECES];
+        // This thread's x rows (one slot per piece; none: zeros).
+        const u16 *xrow[GT_X_PIECES];
+        u32 xr[GT_X_PIECES], xcol[GT_X_PIECES];
         for (int i = 0; i < GT_X_PIECES; i++) {
             u32 piece = tid + 128 * i;
             xr[i] = piece / (GT_K / 8);
@@ -253,52 +267,44 @@ extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
             int slot = slot_of[xr[i]];
             xrow[i] = slot < 0 ? 0 : x + (per_slot ? (u64)slot : (u64)slot / top_k) * k;
         }
-        uint4 wreg[GT_W_PIECES];
-        float4 xreg[GT_X_PIECES][2];
-        // Global loads of stage k0 into registers.
-#define GT_LOAD(k0)                                                                                     \
-        for (int i = 0; i < GT_W_PIECES; i++) {                                                         \
-            u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;          \
-            wreg[i] = __ldg((const uint4 *)(we + (u64)r * k + (k0) + c));                               \
-        }                                                                                               \
-        for (int i = 0; i < GT_X_PIECES; i++) {                                                         \
-            if (xrow[i]) {                                                                              \
-                xreg[i][0] = *(const float4 *)(xrow[i] + (k0) + xcol[i]);                               \
-                xreg[i][1] = *(const float4 *)(xrow[i] + (k0) + xcol[i] + 4);                           \
-            } else {                                                                                    \
-                xreg[i][0] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);                                       \
-                xreg[i][1] = xreg[i][0];                                                                \
-            }                                                                                           \
+        // Copies of stage s (k0 = s * GT_K) into buffer s % GT_STAGES.
+#define GT_COPY(s)                                                                                        \
+        {                                                                                                 \
+            u32 buf = (s) % GT_STAGES, k0 = (s) * GT_K;                                                   \
+            for (int i = 0; i < GT_W_PIECES; i++) {                                                       \
+                u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;          \
+                cp_async16(&ws[buf][r][c], we + (u64)r * k + k0 + c, true);                               \
+            }                                                                                             \
+            for (int i = 0; i < GT_X_PIECES; i++)                                                         \
+                cp_async16(&xs[buf][xr[i]][xcol[i]], xrow[i] ? xrow[i] + k0 + xcol[i] : x, xrow[i] != 0); \
         }
-        GT_LOAD(0)
+        for (u32 s = 0; s < GT_STAGES - 1; s++) {
+            if (s < stages) GT_COPY(s)
+            cp_async_commit(); // one group per stage, empty or not
+        }
         float acc[4][4];
         for (int j = 0; j < 4; j++) for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
         u32 r0 = warp * 16;
-        for (u32 k0 = 0; k0 < k; k0 += GT_K) {
-            for (int i = 0; i < GT_W_PIECES; i++) {
-                u32 piece = tid + 128 * i;
-                *(uint4 *)&ws[piece / (GT_K / 8)][(piece % (GT_K / 8)) * 8] = wreg[i];
-            }
-            for (int i = 0; i < GT_X_PIECES; i++) {
-                float4 a = xreg[i][0], b = xreg[i][1];
-                *(uint4 *)&xs[xr[i]][xcol[i]] = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
-            }
-            __syncthreads();
-            if (k0 + GT_K < k) { GT_LOAD(k0 + GT_K) }
+        for (u32 s = 0; s < stages; s++) {
+            cp_async_wait_stage(); // stage s has landed (for this thread)...
+            __syncthreads();       // ... for every thread; stage s - 1's buffer is free
+            if (s + GT_STAGES - 1 < stages) GT_COPY(s + GT_STAGES - 1)
+            cp_async_commit();
+            u32 buf = s % GT_STAGES;
             for (u32 kk = 0; kk < GT_K; kk += 16) {
-                u32 a0 = *(const u32 *)&ws[r0 + g][kk + 2 * q];
-                u32 a1 = *(const u32 *)&ws[r0 + g + 8][kk + 2 * q];
-                u32 a2 = *(const u32 *)&ws[r0 + g][kk + 2 * q + 8];
-                u32 a3 = *(const u32 *)&ws[r0 + g + 8][kk + 2 * q + 8];
+                u32 a0 = *(const u32 *)&ws[buf][r0 + g][kk + 2 * q];
+                u32 a1 = *(const u32 *)&ws[buf][r0 + g + 8][kk + 2 * q];
+                u32 a2 = *(const u32 *)&ws[buf][r0 + g][kk + 2 * q + 8];
+                u32 a3 = *(const u32 *)&ws[buf][r0 + g + 8][kk + 2 * q + 8];
                 for (int j = 0; j < 4; j++) {
-                    u32 b0 = *(const u32 *)&xs[j * 8 + g][kk + 2 * q];
-                    u32 b1 = *(const u32 *)&xs[j * 8 + g][kk + 2 * q + 8];
+                    u32 b0 = *(const u32 *)&xs[buf][j * 8 + g][kk + 2 * q];
+                    u32 b1 = *(const u32 *)&xs[buf][j * 8 + g][kk + 2 * q + 8];
                     mma_bf16_16816(acc[j], a0, a1, a2, a3, b0, b1);
                 }
             }
-            __syncthreads();
         }
-#undef GT_LOAD
+#undef GT_COPY
+        cp_async_wait_all();
         // acc[j]: rows r0 + g (c 0, 1) and r0 + g + 8 (c 2, 3); slots
         // j * 8 + 2q (c 0, 2) and j * 8 + 2q + 1 (c 1, 3).
         for (int j = 0; j < 4; j++) {

@@ -86,6 +86,10 @@ pub struct CudaBackend {
     /// Lazy stages of the last plan, gone with it (for the error a read
     /// of one gives).
     gone: Vec<Slot>,
+    /// How many times each slot was given a tensor (what the grouped
+    /// expert projections' shared sort and input are keyed by: moe.rs).
+    slot_versions: Vec<u64>,
+    grouped: moe::GroupedShared,
     /// Whether many-row steps fuse attention (on unless
     /// `MOETRACE_NO_FUSED_ATTENTION` is set).
     fuse_attention: bool,
@@ -238,6 +242,8 @@ impl CudaBackend {
             deferred: None,
             attention_plan: None,
             gone: Vec::new(),
+            slot_versions: vec![0; Slot::ALL.len()],
+            grouped: moe::GroupedShared::default(),
             fuse_attention: std::env::var_os("MOETRACE_NO_FUSED_ATTENTION").is_none(),
             profiler,
         })
@@ -349,6 +355,7 @@ impl CudaBackend {
     fn put(&mut self, slot: Slot, tensor: DevTensor) {
         self.graphs.slot_written();
         self.gone.retain(|&s| s != slot);
+        self.slot_versions[slot.index()] += 1;
         self.slot_lens[slot.index()] = Some(tensor.buffer_len());
         if let Some(old) = self.slots[slot.index()].replace(tensor) {
             self.activations.recycle(old);

@@ -2,7 +2,7 @@
 //! renormalise) writing weights and expert ids, the per-expert projections
 //! over the stacked expert weights, and the weighted combination.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use kernels_cuda::kernels::{linear, moe};
 
 /// From this many (token, expert) slots on, Bf16 expert projections take
@@ -152,11 +152,58 @@ impl CudaBackend {
     ) -> Result<()> {
         let it = self.slot(indices)?;
         let (slots, top_k) = (it.shape[0] * it.shape[1], it.shape[1]);
+        let s = self.stacked(experts)?;
+        let (n_out, k_in, count) = (s.n_out, s.k, s.experts);
+        self.sort_slots(indices, count)?;
+        self.input_as_bf16(input)?;
+        let stream = self.stream();
+        let it = self.slot(indices)?;
         let DevData::I32(ids) = &it.data else {
             return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
         };
-        let s = self.stacked(experts)?;
-        let (n_out, k_in, count) = (s.n_out, s.k, s.experts);
+        let slots32 = slots as u32;
+        let a = (slots32, n_out as u32, count as u32);
+        let f = self.kernel(moe::INVALID_ROWS)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut *o).arg(ids).arg(&a.0).arg(&a.1).arg(&a.2);
+        // SAFETY: one warp per slot, writing only its own row of n_out.
+        unsafe { b.launch(warps(slots)) }.map_err(gpu("moe_invalid_rows"))?;
+        let sort = self.grouped.sort.as_ref().expect("sorted above");
+        let x = &self.grouped.input.as_ref().expect("converted above").1;
+        let (sorted, offsets, counts) = (&sort.sorted, &sort.offsets, &sort.counts);
+        let w = &self.stacked[&experts[0]].data;
+        let a = (top_k as u32, k_in as u32, n_out as u32, u32::from(per_slot));
+        let f = self.kernel(moe::EXPERT_LINEAR_GROUPED)?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&mut *o).arg(x).arg(sorted).arg(offsets).arg(counts);
+        push_weight(&mut b, w);
+        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
+        let cfg = LaunchConfig {
+            grid_dim: ((n_out / 64) as u32, count as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: block (n tile, e) writes rows n0..n0+64 of the slots listed
+        // for e (valid slot indices < slots); k % 64 == 0 and n_out % 64 == 0
+        // were checked by the caller, so every 16-byte load is in bounds.
+        unsafe { b.launch(cfg) }.map_err(gpu("expert_linear_grouped"))?;
+        Ok(())
+    }
+
+    /// The slots of `indices` sorted by expert (counts, offsets, slot
+    /// lists: two small launches, deterministic order), once per router
+    /// output: the gate, up and down projections of a layer share them.
+    fn sort_slots(&mut self, indices: Slot, count: usize) -> Result<()> {
+        let key = (indices, self.slot_versions[indices.index()], count);
+        if self.grouped.sort.as_ref().is_some_and(|s| s.key == key) {
+            return Ok(());
+        }
+        self.grouped.sort = None;
+        let it = self.slot(indices)?;
+        let slots = it.shape[0] * it.shape[1];
+        let DevData::I32(ids) = &it.data else {
+            return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
+        };
         let stream = self.stream();
         let alloc_i32 = |n: usize| stream.alloc_zeros::<i32>(n.max(1)).map_err(gpu("allocating expert slot lists"));
         let (mut counts, mut offsets, mut sorted) = (alloc_i32(count)?, alloc_i32(count)?, alloc_i32(slots)?);
@@ -173,29 +220,22 @@ impl CudaBackend {
         // SAFETY: expert e writes offsets[e] and sorted[offsets[e]..][..counts[e]],
         // disjoint ranges within `slots`.
         unsafe { b.launch(per_expert) }.map_err(gpu("moe_sort_slots"))?;
-        let a = (slots32, n_out as u32, count as u32);
-        let f = self.kernel(moe::INVALID_ROWS)?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut *o).arg(ids).arg(&a.0).arg(&a.1).arg(&a.2);
-        // SAFETY: one warp per slot, writing only its own row of n_out.
-        unsafe { b.launch(warps(slots)) }.map_err(gpu("moe_invalid_rows"))?;
-        let x = self.slot(input)?.f32(input)?;
-        let w = &self.stacked[&experts[0]].data;
-        let a = (top_k as u32, k_in as u32, n_out as u32, u32::from(per_slot));
-        let f = self.kernel(moe::EXPERT_LINEAR_GROUPED)?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&mut *o).arg(x).arg(&sorted).arg(&offsets).arg(&counts);
-        push_weight(&mut b, w);
-        b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
-        let cfg = LaunchConfig {
-            grid_dim: ((n_out / 64) as u32, count as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: block (n tile, e) writes rows n0..n0+64 of the slots listed
-        // for e (valid slot indices < slots); k % 64 == 0 and n_out % 64 == 0
-        // were checked by the caller, so every 16-byte load is in bounds.
-        unsafe { b.launch(cfg) }.map_err(gpu("expert_linear_grouped"))?;
+        self.grouped.sort = Some(SortedSlots { key, counts, offsets, sorted });
+        Ok(())
+    }
+
+    /// `input` as bf16 bits (exact: Bf16 mode's activations are bf16
+    /// values), converted once per value of the slot (the gate and up
+    /// projections read the same input).
+    fn input_as_bf16(&mut self, input: Slot) -> Result<()> {
+        let key = (input, self.slot_versions[input.index()]);
+        if self.grouped.input.as_ref().is_some_and(|(k, _)| *k == key) {
+            return Ok(());
+        }
+        self.grouped.input = None;
+        let xt = self.slot(input)?;
+        let converted = self.to_bf16(xt.f32(input)?, xt.numel())?;
+        self.grouped.input = Some((key, converted));
         Ok(())
     }
 
@@ -206,4 +246,21 @@ impl CudaBackend {
             .filter(|s| s.experts == experts.len())
             .ok_or_else(|| PipelineError::BadInput("expert weights that are not a MoE layer's experts".into()))
     }
+}
+
+/// What the grouped expert projections of a layer share (moe.rs).
+#[derive(Default)]
+pub(super) struct GroupedShared {
+    /// The slots sorted by expert, for one value of the router's ids.
+    sort: Option<SortedSlots>,
+    /// The input as bf16 bits, for one value of its slot.
+    input: Option<((Slot, u64), CudaSlice<u16>)>,
+}
+
+struct SortedSlots {
+    /// (ids slot, its version, experts).
+    key: (Slot, u64, usize),
+    counts: CudaSlice<i32>,
+    offsets: CudaSlice<i32>,
+    sorted: CudaSlice<i32>,
 }
