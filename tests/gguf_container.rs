@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use moetrace_tests::gguf_fixture;
+use moetrace_tests::{gguf_bytes, gguf_fixture, gguf_string};
 use pipeline::weights::gguf::{GgmlType, GgufHeader, GgufValue};
 
 /// Builds GGUF v3 bytes: metadata (key, type, value bytes), then tensor
@@ -17,12 +17,6 @@ struct Builder {
     tensors: Vec<(String, Vec<u64>, u32, u64)>,
     data_len: usize,
     version: u32,
-}
-
-fn gguf_string(s: &str) -> Vec<u8> {
-    let mut out = (s.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(s.as_bytes());
-    out
 }
 
 impl Builder {
@@ -46,29 +40,7 @@ impl Builder {
     }
 
     fn bytes(&self) -> Vec<u8> {
-        let mut out = b"GGUF".to_vec();
-        out.extend_from_slice(&self.version.to_le_bytes());
-        out.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
-        out.extend_from_slice(&(self.kvs.len() as u64).to_le_bytes());
-        for (key, kind, value) in &self.kvs {
-            out.extend(gguf_string(key));
-            out.extend_from_slice(&kind.to_le_bytes());
-            out.extend_from_slice(value);
-        }
-        for (name, dims, kind, offset) in &self.tensors {
-            out.extend(gguf_string(name));
-            out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
-            for d in dims {
-                out.extend_from_slice(&d.to_le_bytes());
-            }
-            out.extend_from_slice(&kind.to_le_bytes());
-            out.extend_from_slice(&offset.to_le_bytes());
-        }
-        while !out.len().is_multiple_of(32) {
-            out.push(0);
-        }
-        out.extend(std::iter::repeat_n(0x5a, self.data_len));
-        out
+        gguf_bytes(self.version, &self.kvs, &self.tensors, self.data_len)
     }
 }
 

@@ -95,3 +95,44 @@ pub fn model_spec(name: &str) -> Option<(String, pipeline::ModelConfig)> {
         }
     }
 }
+
+/// A GGUF string: u64 length, then the bytes.
+pub fn gguf_string(s: &str) -> Vec<u8> {
+    let mut out = (s.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(s.as_bytes());
+    out
+}
+
+/// GGUF bytes of `version`: metadata (key, value type, value bytes), then
+/// tensor infos (name, dims, ggml type, offset), then `data_len` bytes of
+/// data (0x5a) at the 32-byte alignment.
+pub fn gguf_bytes(
+    version: u32,
+    kvs: &[(String, u32, Vec<u8>)],
+    tensors: &[(String, Vec<u64>, u32, u64)],
+    data_len: usize,
+) -> Vec<u8> {
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&version.to_le_bytes());
+    out.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
+    out.extend_from_slice(&(kvs.len() as u64).to_le_bytes());
+    for (key, kind, value) in kvs {
+        out.extend(gguf_string(key));
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(value);
+    }
+    for (name, dims, kind, offset) in tensors {
+        out.extend(gguf_string(name));
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&kind.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+    }
+    while !out.len().is_multiple_of(32) {
+        out.push(0);
+    }
+    out.extend(std::iter::repeat_n(0x5a, data_len));
+    out
+}

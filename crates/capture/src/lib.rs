@@ -16,6 +16,7 @@ pub mod error;
 pub mod faults;
 pub mod npy;
 pub mod prompt;
+mod prompt_gguf;
 pub mod replay;
 pub mod run;
 pub mod session;

@@ -3,7 +3,8 @@
 //! `tokenizers` crate) and chat template (tokenizer_config.json's
 //! `chat_template`, rendered by minijinja as Hugging Face renders it:
 //! blocks trimmed, `add_generation_prompt` on, Python's string methods
-//! available). The tokenizer is the checkpoint folder's, or the one
+//! available). The tokenizer is the checkpoint folder's, a GGUF model's
+//! own (built from its metadata: prompt_gguf.rs), or the one
 //! `tokenizer: Path("...")` names (the synthetic presets have none).
 
 use std::fmt;
@@ -58,6 +59,9 @@ impl PromptTokenizer {
     /// Loads `path` (tokenizer.json, or a folder holding it) and, beside
     /// it, tokenizer_config.json when there is one.
     pub fn load(path: &Path) -> Result<Self> {
+        if is_gguf(path) {
+            return Self::load_gguf(path);
+        }
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
         let bad = |message: String| CaptureError::Tokenizer { path: file.clone(), message };
         let bytes = read_regular(&file, MAX_TOKENIZER_BYTES).map_err(|e| bad(format!("cannot read it: {e}")))?;
@@ -80,6 +84,23 @@ impl PromptTokenizer {
         Ok(Self { tokenizer, chat_template, bos_token, eos_token, path: file })
     }
 
+    /// The tokenizer a GGUF file's metadata describes (prompt_gguf.rs), its
+    /// chat template `tokenizer.chat_template`.
+    fn load_gguf(path: &Path) -> Result<Self> {
+        let bad = |message: String| CaptureError::Tokenizer { path: path.to_path_buf(), message };
+        let header = pipeline::weights::read_gguf_header(path).map_err(|e| bad(e.to_string()))?;
+        let built = crate::prompt_gguf::tokenizer_of(&header).map_err(bad)?;
+        let tokenizer = tokenizers::Tokenizer::from_bytes(&built.json)
+            .map_err(|e| bad(format!("its tokenizer metadata does not make a tokenizer: {e}")))?;
+        Ok(Self {
+            tokenizer,
+            chat_template: built.chat_template,
+            bos_token: None,
+            eos_token: built.eos_token,
+            path: path.to_path_buf(),
+        })
+    }
+
     /// Token ids of `text` as Hugging Face's `tokenizer(text)` gives them
     /// (special tokens in the text recognised, the tokenizer's own added as
     /// it adds them).
@@ -100,8 +121,12 @@ impl PromptTokenizer {
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
         let bad = |message: String| CaptureError::Tokenizer { path: self.path.clone(), message };
         let template = self.chat_template.as_deref().ok_or_else(|| {
-            bad("no chat template: tokenizer_config.json beside it has no `chat_template`; use prompt: Text(..) or Tokens([..])"
-                .into())
+            let source = if is_gguf(&self.path) {
+                "its metadata has no `tokenizer.chat_template`"
+            } else {
+                "tokenizer_config.json beside it has no `chat_template`"
+            };
+            bad(format!("no chat template: {source}; use prompt: Text(..) or Tokens([..])"))
         })?;
         let mut env = minijinja::Environment::new();
         env.set_trim_blocks(true);
@@ -184,13 +209,26 @@ impl PartialEq for PromptText {
     }
 }
 
-/// Where a text prompt's tokenizer is: the one named, else the checkpoint
-/// folder's tokenizer.json; a synthetic model has none.
+/// Whether `path` is a GGUF file (by its extension, or its first bytes).
+fn is_gguf(path: &Path) -> bool {
+    if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf")) {
+        return true;
+    }
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path).and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic)).is_ok()
+        && &magic == b"GGUF"
+}
+
+/// Where a text prompt's tokenizer is: the one named, else the checkpoint's
+/// (a GGUF file's metadata, or tokenizer.json in the checkpoint folder); a
+/// synthetic model has none.
 pub fn locate_tokenizer(named: Option<&Path>, checkpoint: Option<&Path>, config_path: &Path) -> Result<PathBuf> {
     if let Some(p) = named {
         return Ok(p.to_path_buf());
     }
     match checkpoint {
+        Some(file) if is_gguf(file) => Ok(file.to_path_buf()),
         Some(dir) if dir.join("tokenizer.json").is_file() => Ok(dir.join("tokenizer.json")),
         Some(dir) => Err(CaptureError::ConfigValue {
             path: config_path.to_path_buf(),

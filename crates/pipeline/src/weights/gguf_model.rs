@@ -49,18 +49,30 @@ const LAYER_NAMES: [(&str, &str); 12] = [
 const EXPERT_NAMES: [(&str, &str); 3] =
     [("ffn_gate_exps", "gate_proj"), ("ffn_up_exps", "up_proj"), ("ffn_down_exps", "down_proj")];
 
-/// Loads the GGUF file at `path`: the Hugging Face config JSON its
-/// metadata stands for, and its tensors.
-pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
-    let bad = |message: String| PipelineError::BadGguf { path: path.to_path_buf(), message };
+/// The header (metadata and tensor table) of the GGUF file at `path`,
+/// checked as [`load_gguf`] checks it; the tensors are not read (what a
+/// tokenizer built from the metadata needs).
+pub fn read_gguf_header(path: &Path) -> Result<GgufHeader> {
+    map_gguf(path).map(|(_, header)| header)
+}
+
+/// The file at `path` mapped, and its parsed header.
+fn map_gguf(path: &Path) -> Result<(Arc<Mmap>, GgufHeader)> {
     let (file, _) = stage_types::input::open_regular(path)
         .map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
     // SAFETY: the file is opened read-only and treated as immutable input;
     // if another process truncates it while we run, reads may fault, the
     // documented hazard of every mmap-based model loader.
     let map = unsafe { Mmap::map(&file) }.map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
-    let map = Arc::new(map);
     let header = GgufHeader::parse(&map, path)?;
+    Ok((Arc::new(map), header))
+}
+
+/// Loads the GGUF file at `path`: the Hugging Face config JSON its
+/// metadata stands for, and its tensors.
+pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
+    let bad = |message: String| PipelineError::BadGguf { path: path.to_path_buf(), message };
+    let (map, header) = map_gguf(path)?;
     if let Some(t) = header.tensors.iter().find(|t| !TYPES.contains(&t.ggml_type)) {
         let valid: Vec<&str> = TYPES.iter().map(|t| t.static_name()).collect();
         return Err(bad(format!(
