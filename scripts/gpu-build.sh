@@ -30,6 +30,12 @@ for line in sys.stdin:
         print(m["executable"])' | while read -r exe; do cp "$exe" .gpu/bin/bench-gpu_forward; done
 strip .gpu/bin/* 2>/dev/null || true
 cp -r configs .gpu/configs
-if [ -d ../shared/fixtures ]; then cp -r ../shared/fixtures .gpu/fixtures; fi
+# The oracle fixtures the GPU tests read (carry holds 64 MiB in all: the
+# 11 MB Qwen3 tokenizer only when GPU_FIXTURES names it).
+if [ -d ../shared/fixtures ]; then
+    mkdir -p .gpu/fixtures
+    cp ../shared/fixtures/README.md .gpu/fixtures/
+    for f in ${GPU_FIXTURES:-tiny-qwen3 tiny-qwen3-moe tiny-qwen3-moe-q4km}; do cp -r "../shared/fixtures/$f" .gpu/fixtures/; done
+fi
 du -sh .gpu
 ls -la .gpu/bin

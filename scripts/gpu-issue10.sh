@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the GPU machine (after scripts/gpu-build.sh here, keeping
-# .gpu/fixtures/qwen3-tokenizer; .gpu carried): the GPU-machine acceptance
+# .gpu/fixtures/qwen3-tokenizer: build with GPU_FIXTURES="qwen3-tokenizer tiny-qwen3-moe"; .gpu carried): the GPU-machine acceptance
 # of text prompts and the Python bridge.
 #   1. Qwen3's token ids recorded with this machine's transformers, against
 #      the ids tests/tokenizer.rs holds (tests/data/qwen3-tokenizer-ids.json);

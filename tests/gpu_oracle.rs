@@ -8,7 +8,7 @@ use std::path::Path;
 use capture::bisect::{BisectConfig, BisectOptions, bisect};
 use capture::{CaptureDir, RunConfig};
 use compare::diff::{DiffOptions, diff};
-use moetrace_tests::{fixture, gpu_enabled, greedy_continuation, rel_l2, scratch};
+use moetrace_tests::{fixture, gguf_fixture, gpu_enabled, greedy_continuation, rel_l2, scratch};
 use stage_types::SaveTensorStage as S;
 
 fn run(model: &str, prompt: &str, generate: usize, backend: &str, capture: Option<&Path>) -> (Vec<u32>, Vec<u32>) {
@@ -103,11 +103,9 @@ fn cuda_f32_matches_the_oracle_at_every_stage() {
     if !gpu_enabled() {
         return;
     }
-    for name in ["tiny-qwen3-moe", "tiny-qwen3"] {
-        let Some(dir) = fixture(name) else { continue };
+    for (name, dir, model) in oracle_fixtures() {
         let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
         let out = scratch(&format!("gpu-oracle-{name}")).join("cuda");
-        let model = format!("Path({:?})", dir.join("model"));
         let (generated, _) =
             run(&model, &format!("{:?}", oracle.manifest.prompt), 8, "Cuda(device: 0, dtype: F32)", Some(&out));
         assert_eq!(generated, greedy_continuation(&dir), "{name}: greedy continuation");
@@ -136,6 +134,23 @@ fn cuda_f32_matches_the_oracle_at_every_stage() {
         let report = diff(&dir.join("activations"), &out, &DiffOptions::default()).unwrap();
         assert!(report.first_divergence().is_none(), "{}", report.render(false));
     }
+}
+
+/// The oracle fixtures present: (name, folder, the model as a config
+/// names it). The GGUF fixture's weights are decoded when uploaded.
+fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
+    let mut found = Vec::new();
+    for name in ["tiny-qwen3-moe", "tiny-qwen3"] {
+        if let Some(dir) = fixture(name) {
+            let model = format!("Path({:?})", dir.join("model"));
+            found.push((name, dir, model));
+        }
+    }
+    if let Some(dir) = gguf_fixture("tiny-qwen3-moe-q4km") {
+        let model = format!("Path({:?})", dir.join("model/model.gguf"));
+        found.push(("tiny-qwen3-moe-q4km", dir, model));
+    }
+    found
 }
 
 #[test]
@@ -185,15 +200,47 @@ fn bisect_cpu_vs_cuda_finds_nothing_and_then_the_injected_fault() {
     eprintln!("{}", report.render(false));
 }
 
+/// The mixed-dispatch bug class on the Q4_K_M fixture: bisect CPU vs
+/// Cuda(F32) is clean, and a fault on one expert's down projection (the
+/// slots routed to it, one layer, one step) is found at that stage.
+#[test]
+fn bisect_cpu_vs_cuda_on_the_gguf_fixture_finds_one_experts_fault() {
+    if !gpu_enabled() {
+        return;
+    }
+    let Some(dir) = gguf_fixture("tiny-qwen3-moe-q4km") else { return };
+    let base = format!(
+        "(model: Path({:?}), prompt: Tokens([1, 17, 423, 45, 300, 5, 77, 100, 2]), generate: 4, reference: Cpu, target: Cuda(device: 0, dtype: F32)",
+        dir.join("model/model.gguf")
+    );
+    let clean = BisectConfig::parse(&format!("{base})"), Path::new("b.ron")).unwrap();
+    let report = bisect(&clean, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    assert!(report.first_divergence().is_none(), "{}", report.render(false));
+    // Expert 3 of layer 1 at step 0: which slots it gets depends on the
+    // routing, so take an expert the prompt routes to.
+    let capture = CaptureDir::open(&dir.join("activations")).unwrap();
+    let ids = capture.load(0, Some(1), S::MoeRouterIndices).unwrap().unwrap();
+    let expert = ids.values[0] as usize;
+    let faulty = BisectConfig::parse(
+        &format!(
+            "{base}, faults: [(stage: \"moe_expert_out\", layer: 1, step: 0, expert: {expert}, kind: Scale(1.5))])"
+        ),
+        Path::new("b.ron"),
+    )
+    .unwrap();
+    let report = bisect(&faulty, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    let first = report.first_divergence().expect("the fault is found");
+    assert_eq!((first.step, first.layer, first.stage), (0, Some(1), S::MoeExpertOut), "{}", report.render(false));
+    eprintln!("{}", report.render(false));
+}
+
 #[test]
 fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
     if !gpu_enabled() {
         return;
     }
-    for name in ["tiny-qwen3-moe", "tiny-qwen3"] {
-        let Some(dir) = fixture(name) else { continue };
+    for (name, dir, model) in oracle_fixtures() {
         let out = scratch(&format!("gpu-bf16-{name}")).join("cuda-bf16");
-        let model = format!("Path({:?})", dir.join("model"));
         let prompt = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
         run(&model, prompt, 8, "Cuda(device: 0, dtype: Bf16)", Some(&out));
         let report = diff(&dir.join("activations"), &out, &DiffOptions::default()).unwrap();
