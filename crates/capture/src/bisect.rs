@@ -210,7 +210,7 @@ pub fn bisect(
     }
     // Tolerances follow the coarser precision of the two runs.
     let dtype_of = |spec: &BackendSpec| match spec {
-        BackendSpec::Cpu => "f32".to_string(),
+        BackendSpec::Cpu | BackendSpec::CpuLlamaCpp => "f32".to_string(),
         BackendSpec::Cuda { dtype, .. } => format!("{dtype:?}").to_ascii_lowercase(),
     };
     let (reference_dtype, target_dtype) = (dtype_of(&config.reference), dtype_of(&config.target));

@@ -113,6 +113,12 @@ pub enum BackendSpec {
     /// The CPU reference.
     #[default]
     Cpu,
+    /// The CPU reference with llama.cpp's CPU numerics: each projection's
+    /// input rows are first converted as ggml's CPU path converts them for
+    /// the weight's type (Q8_K for K-quant weights, Q8_0 for Q8_0, f16 and
+    /// bf16 for those; f32 weights as they are), to tell a GPU kernel's own
+    /// error from the activation quantization of a llama.cpp CPU result.
+    CpuLlamaCpp,
     /// A CUDA device.
     Cuda {
         /// Device ordinal.
@@ -143,6 +149,7 @@ impl fmt::Display for BackendSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             BackendSpec::Cpu => f.write_str("Cpu"),
+            BackendSpec::CpuLlamaCpp => f.write_str("CpuLlamaCpp"),
             BackendSpec::Cuda { device, dtype, graphs } => {
                 write!(f, "Cuda(device: {device}, dtype: {dtype:?}")?;
                 if !graphs {

@@ -95,6 +95,11 @@ pub fn build_backend(
 ) -> Result<Box<dyn Backend>> {
     match spec {
         BackendSpec::Cpu => Ok(Box::new(CpuBackend::new(model.store.clone(), threads)?)),
+        BackendSpec::CpuLlamaCpp => {
+            let mut backend = CpuBackend::new(model.store.clone(), threads)?;
+            backend.set_ggml_activations(true);
+            Ok(Box::new(backend))
+        }
         #[cfg(feature = "cuda")]
         BackendSpec::Cuda { device, dtype, graphs } => {
             use pipeline::backend::cuda::CudaPrecision;

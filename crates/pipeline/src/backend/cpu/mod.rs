@@ -2,6 +2,7 @@
 //! reduction, weights read in their checkpoint dtype and converted on use,
 //! and a private rayon pool whose size never changes a result.
 
+mod ggml_activations;
 pub mod math;
 
 use std::sync::Arc;
@@ -11,7 +12,7 @@ use rayon::prelude::*;
 use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
-use crate::weights::{WeightId, WeightStore};
+use crate::weights::{WeightId, WeightStore, WeightTensor};
 
 /// Keys and values of one layer for every position seen so far.
 #[derive(Debug, Default, Clone)]
@@ -33,6 +34,9 @@ pub struct CpuBackend {
     tokens: Vec<u32>,
     start_position: usize,
     caches: Vec<KvCache>,
+    /// Activations converted before each dot product as llama.cpp's CPU
+    /// path converts them (ggml_activations.rs).
+    ggml_activations: bool,
 }
 
 impl CpuBackend {
@@ -51,6 +55,7 @@ impl CpuBackend {
         Ok(Self {
             store,
             pool,
+            ggml_activations: false,
             threads,
             slots: vec![None; Slot::ALL.len()],
             tokens: Vec::new(),
@@ -62,6 +67,32 @@ impl CpuBackend {
     /// Number of worker threads.
     pub fn threads(&self) -> usize {
         self.threads
+    }
+
+    /// Turns llama.cpp's CPU numerics on or off (off by default): on, each
+    /// projection's input rows are first converted as ggml's CPU path
+    /// converts them for that weight's type (Q8_K for K-quants, Q8_0 for
+    /// Q8_0, f16 and bf16 for those weights; ggml_activations.rs), so a
+    /// GGUF model's CPU result is the one llama.cpp's CPU would compare.
+    pub fn set_ggml_activations(&mut self, on: bool) {
+        self.ggml_activations = on;
+    }
+
+    /// `math::matmul_t` on the pool, the input rows converted first when
+    /// llama.cpp's numerics are on.
+    fn matmul(&self, inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
+        let converted: Option<Vec<Vec<f32>>> = if self.ggml_activations {
+            inputs.iter().map(|x| ggml_activations::as_vec_dot_input(w.dtype, x)).collect()
+        } else {
+            None
+        };
+        match converted {
+            Some(rows) => {
+                let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+                self.pool.install(|| math::matmul_t(&rows, w))
+            }
+            None => self.pool.install(|| math::matmul_t(inputs, w)),
+        }
     }
 
     fn slot(&self, slot: Slot) -> Result<&HostTensor> {
@@ -127,7 +158,7 @@ impl Backend for CpuBackend {
     }
 
     fn dtype(&self) -> &'static str {
-        "f32"
+        if self.ggml_activations { "f32, activations as llama.cpp's CPU (q8_k, q8_0, f16, bf16)" } else { "f32" }
     }
 
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
@@ -191,7 +222,7 @@ impl Backend for CpuBackend {
             let w = self.store.get(id);
             self.check_width(input, width, w.row_len(), &format!("weight `{}`", w.name))?;
             let n = w.shape[0];
-            let part = self.pool.install(|| math::matmul_t(&inputs, w));
+            let part = self.matmul(&inputs, w);
             for (dst, src) in data.chunks_mut(total).zip(part.chunks(n)) {
                 dst[col..col + n].copy_from_slice(src);
             }
@@ -458,7 +489,7 @@ impl Backend for CpuBackend {
                     &x[row * width..(row + 1) * width]
                 })
                 .collect();
-            let part = self.pool.install(|| math::matmul_t(&inputs, w));
+            let part = self.matmul(&inputs, w);
             for (&s, src) in slots.iter().zip(part.chunks(n)) {
                 data[s * n..(s + 1) * n].copy_from_slice(src);
             }
