@@ -121,6 +121,15 @@ pub mod norm {
     pub const QK_NORM: WeightKernel = w("norm", "qk_norm_f32", "qk_norm_bf16w");
 }
 
+/// kernels/quant.cu.
+pub mod quant {
+    use super::{Kernel, k};
+    /// ggml blocks (Q8_0, Q4_K, Q5_K, Q6_K) decoded to f32.
+    pub const DEQUANT_F32: Kernel = k("quant", "dequant_f32");
+    /// The same as bf16 bits.
+    pub const DEQUANT_BF16: Kernel = k("quant", "dequant_bf16");
+}
+
 /// kernels/synthetic.cu.
 pub mod synthetic {
     use super::{Kernel, k};
@@ -168,6 +177,8 @@ pub const ALL: &[Kernel] = &[
     norm::RMS_NORM.bf16w,
     norm::QK_NORM.f32,
     norm::QK_NORM.bf16w,
+    quant::DEQUANT_F32,
+    quant::DEQUANT_BF16,
     synthetic::FILL_BF16,
     synthetic::FILL_F32,
 ];

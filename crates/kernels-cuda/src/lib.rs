@@ -20,6 +20,7 @@ pub mod device;
 pub mod error;
 pub mod gather;
 pub mod kernels;
+pub mod quant;
 pub mod sources;
 pub mod synthetic;
 

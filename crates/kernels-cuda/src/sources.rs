@@ -11,6 +11,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("linear", include_str!("../kernels/linear.cu")),
     ("moe", include_str!("../kernels/moe.cu")),
     ("norm", include_str!("../kernels/norm.cu")),
+    ("quant", include_str!("../kernels/quant.cu")),
     ("synthetic", include_str!("../kernels/synthetic.cu")),
 ];
 

@@ -1,10 +1,13 @@
 //! Weights on the device: f32 or bf16 buffers, stacked experts, and how
-//! they get there from a [`WeightStore`]: copied from the host, or, for a
+//! they get there from a [`WeightStore`]: copied from the host; for a
 //! synthetic tensor that was never materialised, generated on the device
-//! by the same function as the host generator (bit-identical values).
+//! by the same function as the host generator; for GGUF blocks (Q8_0,
+//! Q4_K, Q5_K, Q6_K), copied as stored and decoded on the device (both
+//! bit-identical to the host's values).
 
 use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 use kernels_cuda::GpuDevice;
+use kernels_cuda::quant::{DequantElement, block_layout, dequant_fill};
 use kernels_cuda::synthetic::{SyntheticElement, synthetic_fill};
 
 use super::{CudaPrecision, gpu, kernel_error};
@@ -91,7 +94,7 @@ pub(super) fn fill_weight(
     }
 }
 
-fn fill<T: SyntheticElement>(
+fn fill<T: SyntheticElement + DequantElement>(
     device: &GpuDevice,
     dst: &mut CudaSlice<T>,
     offset: usize,
@@ -102,6 +105,12 @@ fn fill<T: SyntheticElement>(
     let n = t.numel();
     if let Some(r) = t.recipe() {
         return synthetic_fill(device, dst, offset, n, r.key, (r.mean, r.std)).map_err(kernel_error);
+    }
+    // GGUF blocks: copied as stored and decoded on the device.
+    if let WeightDtype::Quant(kind) = t.dtype
+        && block_layout(kind.0).is_some()
+    {
+        return dequant_fill(device, dst, offset, n, kind.0, &t.bytes()).map_err(kernel_error);
     }
     let values = host();
     let mut view = dst.slice_mut(offset..offset + n);

@@ -1,0 +1,85 @@
+// quant.cu: ggml's block formats (Q8_0, Q4_K, Q5_K, Q6_K) decoded on the
+// device, each value bit for bit as pipeline::weights::quant decodes it on
+// the host: the same f16 scales, the same f32 products and differences,
+// rounded one operation at a time (__fmul_rn / __fsub_rn: no FMA).
+#include "common.cuh"
+
+#define GGML_Q8_0 8u
+#define GGML_Q4_K 12u
+#define GGML_Q5_K 13u
+#define GGML_Q6_K 14u
+
+// IEEE half bits to f32, exactly (subnormals; a NaN keeps its payload with
+// the quiet bit set, as the half crate converts it).
+__device__ __forceinline__ float f16_bits_to_f32(u16 h) {
+    u32 sign = ((u32)h & 0x8000u) << 16, exp = ((u32)h >> 10) & 0x1fu, mant = (u32)h & 0x3ffu;
+    if (exp == 0) {
+        float v = (float)mant * 5.9604644775390625e-8f; // mant * 2^-24, exact
+        return __uint_as_float(__float_as_uint(v) | sign);
+    }
+    if (exp == 31) return __uint_as_float(sign | (mant ? 0x7fc00000u : 0x7f800000u) | (mant << 13));
+    return __uint_as_float(sign | ((exp + 112u) << 23) | (mant << 13));
+}
+
+__device__ __forceinline__ float f16_at(const unsigned char *b, u32 at) {
+    return f16_bits_to_f32((u16)((u32)b[at] | ((u32)b[at + 1] << 8)));
+}
+
+// The 6-bit scale and min of sub-block j (0..8) of a Q4_K/Q5_K block.
+__device__ __forceinline__ void scale_min_k4(u32 j, const unsigned char *q, u32 *sc, u32 *m) {
+    if (j < 4) {
+        *sc = q[j] & 63u;
+        *m = q[j + 4] & 63u;
+    } else {
+        *sc = (q[j + 4] & 0xfu) | ((q[j - 4] >> 6) << 4);
+        *m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+// Value j of the block of `kind` at b.
+__device__ float dequant_value(u32 kind, const unsigned char *b, u32 j) {
+    if (kind == GGML_Q8_0) return __fmul_rn((float)(signed char)b[2 + j], f16_at(b, 0));
+    if (kind == GGML_Q4_K || kind == GGML_Q5_K) {
+        // 64 values per pair of sub-blocks: the low nibbles of 32 bytes,
+        // then their high nibbles; Q5_K adds a fifth bit from qh.
+        u32 pair = j / 64, l = j % 64, high = l >= 32, byte = l % 32;
+        const unsigned char *qs = b + (kind == GGML_Q4_K ? 16 : 48) + 32 * pair;
+        u32 q = high ? (qs[byte] >> 4) : (qs[byte] & 0xfu);
+        if (kind == GGML_Q5_K && (b[16 + byte] & ((high ? 2u : 1u) << (2 * pair)))) q += 16;
+        u32 sc, m;
+        scale_min_k4(2 * pair + high, b + 4, &sc, &m);
+        float d = __fmul_rn(f16_at(b, 0), (float)sc), min = __fmul_rn(f16_at(b, 2), (float)m);
+        return __fsub_rn(__fmul_rn(d, (float)q), min);
+    }
+    if (kind == GGML_Q6_K) {
+        // Two halves of 128; in each, four groups of 32 with 4 low bits
+        // from ql and 2 high bits from qh, a signed 8-bit scale per 16.
+        u32 n = j / 128, r = j % 128, k = r / 32, l = r % 32;
+        const unsigned char *ql = b + 64 * n, *qh = b + 128 + 32 * n, *sc = b + 192 + 8 * n;
+        u32 low = (k & 1) ? ql[l + 32] : ql[l];
+        low = (k & 2) ? (low >> 4) : (low & 0xfu);
+        int q = (int)(low | (((qh[l] >> (2 * k)) & 3u) << 4)) - 32;
+        return __fmul_rn(__fmul_rn(f16_at(b, 208), (float)(signed char)sc[l / 16 + 2 * k]), (float)q);
+    }
+    return QUIET_NAN;
+}
+
+// out[i] = value i of n values stored as consecutive blocks of `kind`
+// (block_len values in block_bytes bytes each).
+extern "C" __global__ void dequant_f32(float *out, const unsigned char *blocks, u32 kind, u32 block_len, u32 block_bytes, u64 n) {
+    PDL_ENTRY();
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = dequant_value(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len));
+    }
+}
+
+// The same values as bf16 bits (rounded to nearest even, as the host's
+// half::bf16::from_f32).
+extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u32 kind, u32 block_len, u32 block_bytes, u64 n) {
+    PDL_ENTRY();
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        out[i] = f32_to_bf16_bits(dequant_value(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len)));
+    }
+}

@@ -1,0 +1,75 @@
+//! ggml block formats decoded on the device (kernels/quant.cu): a GGUF
+//! tensor's blocks are copied as they are stored (about a quarter of the
+//! f32 bytes for Q4_K) and decoded into the weight buffer, bit for bit the
+//! values the host decoder gives.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::device::GpuDevice;
+use crate::error::{KernelError, Result, driver};
+
+/// What the decoder can write: f32, or bf16 bits (`u16`, rounded to
+/// nearest even).
+pub trait DequantElement: DeviceRepr {
+    /// The kernel's entry point.
+    const KERNEL: crate::kernels::Kernel;
+}
+
+impl DequantElement for f32 {
+    const KERNEL: crate::kernels::Kernel = crate::kernels::quant::DEQUANT_F32;
+}
+
+impl DequantElement for u16 {
+    const KERNEL: crate::kernels::Kernel = crate::kernels::quant::DEQUANT_BF16;
+}
+
+/// (values, bytes) per block of the ggml type with id `kind` that the
+/// device decodes: Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14).
+pub fn block_layout(kind: u32) -> Option<(usize, usize)> {
+    match kind {
+        8 => Some((32, 34)),
+        12 => Some((256, 144)),
+        13 => Some((256, 176)),
+        14 => Some((256, 210)),
+        _ => None,
+    }
+}
+
+/// Decodes `blocks` (consecutive blocks of ggml type `kind`, as a GGUF file
+/// stores them) into `out[offset..offset + n]`.
+pub fn dequant_fill<T: DequantElement>(
+    device: &GpuDevice,
+    out: &mut CudaSlice<T>,
+    offset: usize,
+    n: usize,
+    kind: u32,
+    blocks: &[u8],
+) -> Result<()> {
+    let bad = |message: String| KernelError::Driver { action: "decoding quantized weights".into(), message };
+    let (len, bytes) =
+        block_layout(kind).ok_or_else(|| bad(format!("ggml type {kind} is not decoded on the device")))?;
+    if !n.is_multiple_of(len) || blocks.len() != n / len * bytes {
+        return Err(bad(format!("{} bytes do not hold {n} values in blocks of {len} in {bytes} bytes", blocks.len())));
+    }
+    if offset + n > out.len() {
+        return Err(bad(format!("{n} values at {offset} do not fit a buffer of {}", out.len())));
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let stream = device.stream();
+    let source = stream.clone_htod(blocks).map_err(driver("copying quantized blocks to the device"))?;
+    let function = device.kernel(T::KERNEL)?;
+    let grid = n.div_ceil(256).clamp(1, 65_535) as u32;
+    let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let (kind32, len32, bytes32, n64) = (kind, len as u32, bytes as u32, n as u64);
+    let mut view = out.slice_mut(offset..offset + n);
+    let mut launch = stream.launch_builder(&function);
+    launch.arg(&mut view).arg(&source).arg(&kind32).arg(&len32).arg(&bytes32).arg(&n64);
+    // SAFETY: the arguments match dequant_*(T*, const u8*, u32, u32, u32,
+    // u64); `view` holds n elements and `source` n / len blocks of `bytes`
+    // (checked above); the kernel reads only blocks below n / len and
+    // writes only indices below n.
+    unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::KERNEL.name)))?;
+    Ok(())
+}
