@@ -375,8 +375,13 @@ extern "C" __global__ void __launch_bounds__(128) attention_fused_f32(float *out
 
 // attention_fused_f32 on tensor cores, for the Bf16 backend (q and the
 // caches hold bf16 values, so converting them to bf16 is exact) with
-// hd % 16 == 0 and hd <= FM_HD: block (t tile of FM_ROWS rows, h), 4
-// warps of 16 rows; positions FM_P at a time. Scores are mma.sync m16n8k16
+// hd % 16 == 0 and hd <= FM_HD: block (t tile of FM_ROWS rows, h), 8
+// warps: warps w and w + 4 take the same 16 rows and compute the same
+// scores and softmax statistics, and each accumulates softmax·V for its
+// half of hd (twice the warps a block has for the same registers a
+// thread holds: the kernel is latency-bound); positions FM_P at a time,
+// their scores computed half a tile (FM_HALF n-tiles) at a time so that a
+// thread fits 128 registers (two blocks an SM) without spilling. Scores are mma.sync m16n8k16
 // products (bf16 inputs, f32 accumulation), scaled and rounded as a stage
 // output; pass 1 keeps each row's running max (uniform across the 4 lanes
 // that hold a row) and each lane's running sum; pass 2 computes the same
@@ -416,17 +421,20 @@ __device__ __forceinline__ void fm_load_rows_t(u16 (*dst)[FM_P + FM_PAD], const 
 
 // One tile of scores: s[nt][e] for rows (g, g + 8) of the warp and
 // positions nt * 8 + 2 * (lane & 3) + (e & 1), scaled and rounded.
-__device__ __forceinline__ void fm_scores(float s[FM_P / 8][4], const u32 qf[FM_HD / 16][4], u16 (*ks)[FM_HD + FM_PAD], u32 hd, float scale) {
+// Half a tile at a time (FM_HALF n-tiles of 8 positions from n-tile nt0),
+// so that fewer accumulators are live.
+#define FM_HALF (FM_P / 16)
+__device__ __forceinline__ void fm_scores(float s[FM_HALF][4], const u32 qf[FM_HD / 16][4], u16 (*ks)[FM_HD + FM_PAD], u32 hd, float scale, u32 nt0) {
     u32 lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
 #pragma unroll
-    for (int nt = 0; nt < FM_P / 8; nt++) {
+    for (int nt = 0; nt < FM_HALF; nt++) {
         s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.0f;
 #pragma unroll
         for (int kstep = 0; kstep < FM_HD / 16; kstep++) {
             if (kstep * 16 >= hd) break;
             u32 kk = kstep * 16;
-            u32 b0 = *(const u32 *)&ks[nt * 8 + g][kk + 2 * qd];
-            u32 b1 = *(const u32 *)&ks[nt * 8 + g][kk + 2 * qd + 8];
+            u32 b0 = *(const u32 *)&ks[(nt0 + nt) * 8 + g][kk + 2 * qd];
+            u32 b1 = *(const u32 *)&ks[(nt0 + nt) * 8 + g][kk + 2 * qd + 8];
             mma_bf16_16816(s[nt], qf[kstep][0], qf[kstep][1], qf[kstep][2], qf[kstep][3], b0, b1);
         }
 #pragma unroll
@@ -434,7 +442,7 @@ __device__ __forceinline__ void fm_scores(float s[FM_P / 8][4], const u32 qf[FM_
     }
 }
 
-extern "C" __global__ void __launch_bounds__(128) attention_fused_mma(float *out, float *scores, float *probs, const float *q, const float *k_cache, const float *v_cache, u32 t_len, u32 p_len, u32 heads, u32 kv_heads, u32 hd, u32 start_position, u32 store) {
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fused_mma(float *out, float *scores, float *probs, const float *q, const float *k_cache, const float *v_cache, u32 t_len, u32 p_len, u32 heads, u32 kv_heads, u32 hd, u32 start_position, u32 store) {
     PDL_ENTRY();
     __shared__ __align__(16) u16 ks[FM_P][FM_HD + FM_PAD];
     __shared__ __align__(16) u16 vt[FM_HD][FM_P + FM_PAD];
@@ -447,7 +455,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_fused_mma(float *out
     fm_load_rows(ks, q, t0, t_len, q_width, h * hd, hd);
     __syncthreads();
     u32 qf[FM_HD / 16][4];
-    u32 r0 = warp * 16;
+    // Rows r0..r0+16; output columns [d0, d0 + hd / 2).
+    u32 r0 = (warp & 3) * 16, half_group = warp >> 2, d0 = half_group * (hd / 2);
 #pragma unroll
     for (int kstep = 0; kstep < FM_HD / 16; kstep++) {
         u32 kk = kstep * 16;
@@ -462,21 +471,22 @@ extern "C" __global__ void __launch_bounds__(128) attention_fused_mma(float *out
     u32 p_hi = min(p_len, start_position + last_row + 1);
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
     bool nan[2] = {false, false};
-    float s[FM_P / 8][4];
-    // Pass 1: running max (per row) and sums (per lane).
+    float s[FM_HALF][4];
+    // Pass 1: running max (per row) and sums (per lane), half a tile at a time.
     for (u32 p0 = 0; p0 < p_hi; p0 += FM_P) {
         __syncthreads();
         fm_load_rows(ks, k_cache, p0, p_len, kv_width, kvh * hd, hd);
         __syncthreads();
-        fm_scores(s, qf, ks, hd, scale);
+      for (u32 half = 0; half < 2; half++) {
+        fm_scores(s, qf, ks, hd, scale, half * FM_HALF);
         float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int nt = 0; nt < FM_P / 8; nt++)
+        for (int nt = 0; nt < FM_HALF; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) {
-                u32 t = rows[e >> 1], p = p0 + nt * 8 + 2 * qd + (e & 1);
+                u32 t = rows[e >> 1], p = p0 + (half * FM_HALF + nt) * 8 + 2 * qd + (e & 1);
                 bool valid = t < t_len && p < p_len && p <= start_position + t;
-                if (store & FA_SCORES && t < t_len && p < p_len) scores[((u64)h * t_len + t) * p_len + p] = valid ? s[nt][e] : 0.0f;
+                if (store & FA_SCORES && half_group == 0 && t < t_len && p < p_len) scores[((u64)h * t_len + t) * p_len + p] = valid ? s[nt][e] : 0.0f;
                 if (!valid) s[nt][e] = -INFINITY; // no weight below
                 else if (isnan(s[nt][e])) nan[e >> 1] = true;
                 else tile_max[e >> 1] = fmaxf(tile_max[e >> 1], s[nt][e]);
@@ -491,12 +501,13 @@ extern "C" __global__ void __launch_bounds__(128) attention_fused_mma(float *out
             l[r] *= expf(m[r] - m_new);
             m[r] = m_new;
 #pragma unroll
-            for (int nt = 0; nt < FM_P / 8; nt++) {
+            for (int nt = 0; nt < FM_HALF; nt++) {
                 float a = s[nt][2 * r], b = s[nt][2 * r + 1];
                 if (a != -INFINITY) l[r] += expf(a - m_new);
                 if (b != -INFINITY) l[r] += expf(b - m_new);
             }
         }
+      }
     }
     if (store & (FA_PROBS | FA_OUT)) {
 #pragma unroll
@@ -509,48 +520,51 @@ extern "C" __global__ void __launch_bounds__(128) attention_fused_mma(float *out
             nan[r] = any;
         }
         // Pass 2: probabilities and probabilities · v.
-        float o[FM_HD / 8][4];
+        float o[FM_HD / 16][4]; // columns d0 + 8 * i + ...
 #pragma unroll
-        for (int nt = 0; nt < FM_HD / 8; nt++) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.0f;
+        for (int i = 0; i < FM_HD / 16; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.0f;
         for (u32 p0 = 0; p0 < p_hi; p0 += FM_P) {
             __syncthreads();
             fm_load_rows(ks, k_cache, p0, p_len, kv_width, kvh * hd, hd);
             if (store & FA_OUT) fm_load_rows_t(vt, v_cache, p0, p_len, kv_width, kvh * hd, hd);
             __syncthreads();
-            fm_scores(s, qf, ks, hd, scale);
+          for (u32 half = 0; half < 2; half++) {
+            fm_scores(s, qf, ks, hd, scale, half * FM_HALF);
 #pragma unroll
-            for (int nt = 0; nt < FM_P / 8; nt++)
+            for (int nt = 0; nt < FM_HALF; nt++)
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
-                    u32 t = rows[e >> 1], p = p0 + nt * 8 + 2 * qd + (e & 1);
+                    u32 t = rows[e >> 1], p = p0 + (half * FM_HALF + nt) * 8 + 2 * qd + (e & 1);
                     bool valid = t < t_len && p < p_len && p <= start_position + t;
                     float pr = valid ? store_act(nan[e >> 1] ? QUIET_NAN : expf(s[nt][e] - m[e >> 1]) / l[e >> 1]) : 0.0f;
-                    if (store & FA_PROBS && t < t_len && p < p_len) probs[((u64)h * t_len + t) * p_len + p] = pr;
+                    if (store & FA_PROBS && half_group == 0 && t < t_len && p < p_len) probs[((u64)h * t_len + t) * p_len + p] = pr;
                     s[nt][e] = pr;
                 }
             if (!(store & FA_OUT)) continue;
 #pragma unroll
-            for (int j = 0; j < FM_P / 16; j++) {
+            for (int j = 0; j < FM_HALF / 2; j++) {
                 u32 a0 = pack_bf16(s[2 * j][0], s[2 * j][1]), a1 = pack_bf16(s[2 * j][2], s[2 * j][3]);
                 u32 a2 = pack_bf16(s[2 * j + 1][0], s[2 * j + 1][1]), a3 = pack_bf16(s[2 * j + 1][2], s[2 * j + 1][3]);
 #pragma unroll
-                for (int nt = 0; nt < FM_HD / 8; nt++) {
-                    if (nt * 8 >= hd) break;
-                    u32 b0 = *(const u32 *)&vt[nt * 8 + g][j * 16 + 2 * qd];
-                    u32 b1 = *(const u32 *)&vt[nt * 8 + g][j * 16 + 2 * qd + 8];
-                    mma_bf16_16816(o[nt], a0, a1, a2, a3, b0, b1);
+                for (int i = 0; i < FM_HD / 16; i++) {
+                    if (i * 16 >= hd) break; // hd / 2 columns: hd / 16 tiles of 8
+                    u32 col = d0 + i * 8, pos = half * (FM_P / 2) + j * 16;
+                    u32 b0 = *(const u32 *)&vt[col + g][pos + 2 * qd];
+                    u32 b1 = *(const u32 *)&vt[col + g][pos + 2 * qd + 8];
+                    mma_bf16_16816(o[i], a0, a1, a2, a3, b0, b1);
                 }
             }
+          }
         }
         if (store & FA_OUT) {
 #pragma unroll
-            for (int nt = 0; nt < FM_HD / 8; nt++) {
-                if (nt * 8 >= hd) break;
-                u32 d = nt * 8 + 2 * qd;
+            for (int i = 0; i < FM_HD / 16; i++) {
+                if (i * 16 >= hd) break;
+                u32 d = d0 + i * 8 + 2 * qd;
 #pragma unroll
                 for (int e = 0; e < 4; e++) {
                     u32 t = rows[e >> 1];
-                    if (t < t_len) out[(u64)t * q_width + h * hd + d + (e & 1)] = store_act(o[nt][e]);
+                    if (t < t_len) out[(u64)t * q_width + h * hd + d + (e & 1)] = store_act(o[i][e]);
                 }
             }
         }

@@ -218,7 +218,7 @@ impl CudaBackend {
         b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5).arg(&a.6);
         let cfg = LaunchConfig {
             grid_dim: (t_len.div_ceil(rows) as u32, s.heads as u32, 1),
-            block_dim: (128, 1, 1),
+            block_dim: (if mma { 256 } else { 128 }, 1, 1),
             shared_mem_bytes: 0,
         };
         // SAFETY: the kernel stores only what `store` names: scores or
