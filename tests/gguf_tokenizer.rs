@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use capture::RunConfig;
 use capture::prompt::{ChatMessage, PromptTokenizer};
-use moetrace_tests::{gguf_bytes, gguf_fixture, gguf_string, scratch, tokenizer_fixture, workspace_root};
+use moetrace_tests::{check_recorded_qwen3_ids, gguf_bytes, gguf_fixture, gguf_string, scratch, tokenizer_fixture};
 use serde_json::Value;
 
 /// GGUF value types.
@@ -95,10 +95,6 @@ fn qwen3_vocab(dir: &Path) -> Vocab {
     Vocab { model: "gpt2", pre: "qwen2", tokens, types, merges, eos, template }
 }
 
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
-
 #[test]
 fn a_gguf_holding_qwen3s_tokenizer_gives_hugging_faces_ids() {
     let Some(dir) = tokenizer_fixture() else { return };
@@ -106,19 +102,7 @@ fn a_gguf_holding_qwen3s_tokenizer_gives_hugging_faces_ids() {
     let path = out.join("qwen3-tokenizer.gguf");
     qwen3_vocab(&dir).write(&path);
     let tok = PromptTokenizer::load(&path).unwrap();
-    let text = std::fs::read_to_string(workspace_root().join("tests/data/qwen3-tokenizer-ids.json")).unwrap();
-    let data: Value = serde_json::from_str(&text).unwrap();
-    for t in data["texts"].as_array().unwrap() {
-        let text = t["text"].as_str().unwrap();
-        assert_eq!(tok.encode_text(text).unwrap(), ids(&t["ids"]), "text {text:?}");
-        assert_eq!(tok.decode(&ids(&t["ids"])), text, "decoding gives the text back");
-    }
-    for c in data["chats"].as_array().unwrap() {
-        let messages: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
-        let (rendered, got) = tok.encode_chat(&messages).unwrap();
-        assert_eq!(rendered, c["rendered"].as_str().unwrap(), "chat template of {messages:?}");
-        assert_eq!(got, ids(&c["ids"]), "chat ids of {messages:?}");
-    }
+    check_recorded_qwen3_ids(&tok);
 }
 
 fn run_config(dir: &Path, body: &str) -> capture::Result<(RunConfig, PathBuf)> {

@@ -136,3 +136,26 @@ pub fn gguf_bytes(
     out.extend(std::iter::repeat_n(0x5a, data_len));
     out
 }
+
+/// Checks `tok` against the ids Hugging Face transformers gave for Qwen3's
+/// tokenizer (tests/data/qwen3-tokenizer-ids.json): every text encodes to
+/// its ids and decodes back, every chat renders to its template text and
+/// ids.
+pub fn check_recorded_qwen3_ids(tok: &capture::prompt::PromptTokenizer) {
+    let text = std::fs::read_to_string(workspace_root().join("tests/data/qwen3-tokenizer-ids.json")).unwrap();
+    let data: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    };
+    for t in data["texts"].as_array().unwrap() {
+        let text = t["text"].as_str().unwrap();
+        assert_eq!(tok.encode_text(text).unwrap(), ids(&t["ids"]), "text {text:?}");
+        assert_eq!(tok.decode(&ids(&t["ids"])), text, "decoding gives the text back");
+    }
+    for c in data["chats"].as_array().unwrap() {
+        let messages: Vec<capture::prompt::ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
+        let (rendered, got) = tok.encode_chat(&messages).unwrap();
+        assert_eq!(rendered, c["rendered"].as_str().unwrap(), "chat template of {messages:?}");
+        assert_eq!(got, ids(&c["ids"]), "chat ids of {messages:?}");
+    }
+}

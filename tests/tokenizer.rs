@@ -8,36 +8,15 @@
 use std::path::Path;
 
 use capture::RunConfig;
-use capture::prompt::{ChatMessage, PromptTokenizer};
+use capture::prompt::PromptTokenizer;
 use compare::diff::{DiffOptions, diff};
-use moetrace_tests::{scratch, tokenizer_fixture, workspace_root};
-use serde_json::Value;
-
-fn recorded() -> Value {
-    let text = std::fs::read_to_string(workspace_root().join("tests/data/qwen3-tokenizer-ids.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
-}
+use moetrace_tests::{scratch, tokenizer_fixture};
 
 #[test]
 fn token_ids_and_chat_templates_equal_hugging_face_transformers() {
     let Some(dir) = tokenizer_fixture() else { return };
     let tok = PromptTokenizer::load(&dir).unwrap();
-    let data = recorded();
-    for t in data["texts"].as_array().unwrap() {
-        let text = t["text"].as_str().unwrap();
-        assert_eq!(tok.encode_text(text).unwrap(), ids(&t["ids"]), "text {text:?}");
-        assert_eq!(tok.decode(&ids(&t["ids"])), text, "decoding gives the text back");
-    }
-    for c in data["chats"].as_array().unwrap() {
-        let messages: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
-        let (rendered, got) = tok.encode_chat(&messages).unwrap();
-        assert_eq!(rendered, c["rendered"].as_str().unwrap(), "chat template of {messages:?}");
-        assert_eq!(got, ids(&c["ids"]), "chat ids of {messages:?}");
-    }
+    moetrace_tests::check_recorded_qwen3_ids(&tok);
 }
 
 fn config(dir: &Path, body: &str) -> capture::Result<RunConfig> {

@@ -282,6 +282,17 @@ __device__ __forceinline__ void fa_tile_scores(float s[4], float (*qs)[FA_MAX_HD
     for (int i = 0; i < 4; i++) s[i] = store_act(acc[i] * scale);
 }
 
+// Stores 0 at positions [p_hi, p_len) of this thread's rows of a
+// [nh, T, P] output (positions no row of the block sees).
+__device__ __forceinline__ void fa_zero_tail(float *dst, u32 h, u32 t0, u32 t_len, u32 p_hi, u32 p_len) {
+    u32 lane = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    for (u32 p = p_hi + lane; p < p_len; p += 32)
+        for (int i = 0; i < 4; i++) {
+            u32 t = t0 + ty + 4 * i;
+            if (t < t_len) dst[((u64)h * t_len + t) * p_len + p] = 0.0f;
+        }
+}
+
 extern "C" __global__ void __launch_bounds__(128) attention_fused_f32(float *out, float *scores, float *probs, const float *q, const float *k_cache, const float *v_cache, u32 t_len, u32 p_len, u32 heads, u32 kv_heads, u32 hd, u32 start_position, u32 store) {
     PDL_ENTRY();
     __shared__ float qs[FA_ROWS][FA_MAX_HD + 1];
@@ -317,13 +328,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_fused_f32(float *out
             l[i] += expf(s[i] - m[i]);
         }
     }
-    if (store & FA_SCORES) {
-        for (u32 p = p_hi + lane; p < p_len; p += 32)
-            for (int i = 0; i < 4; i++) {
-                u32 t = t0 + ty + 4 * i;
-                if (t < t_len) scores[((u64)h * t_len + t) * p_len + p] = 0.0f;
-            }
-    }
+    if (store & FA_SCORES) fa_zero_tail(scores, h, t0, t_len, p_hi, p_len);
     if (!(store & (FA_PROBS | FA_OUT))) return; // uniform across the block
     // Each row's max and sum over its lanes (every lane ends with both).
     for (int i = 0; i < 4; i++) {
@@ -359,13 +364,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_fused_f32(float *out
             }
         }
     }
-    if (store & FA_PROBS) {
-        for (u32 p = p_hi + lane; p < p_len; p += 32)
-            for (int i = 0; i < 4; i++) {
-                u32 t = t0 + ty + 4 * i;
-                if (t < t_len) probs[((u64)h * t_len + t) * p_len + p] = 0.0f;
-            }
-    }
+    if (store & FA_PROBS) fa_zero_tail(probs, h, t0, t_len, p_hi, p_len);
     if (!(store & FA_OUT) || d >= hd) return;
     for (int r = 0; r < FA_ROWS; r++) {
         u32 t = t0 + r;
