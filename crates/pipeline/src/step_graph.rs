@@ -51,6 +51,28 @@ impl Forward {
         self.begin_step(step, tokens, start_position)?;
         on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
         let mut plan = self.backend_mut().step_graph();
+        if plan == StepGraph::Replay {
+            // Launched first, the replay runs on the device while the
+            // observers are probed for what they read; when that is what
+            // the recording copies (every step, for a selection that does
+            // not change with the step), the probe cost the step nothing.
+            let t = Instant::now();
+            self.backend_mut().replay_step()?;
+            self.time(Phase::Launch, t);
+            let t = Instant::now();
+            let reads = self.probe_reads()?;
+            self.time(Phase::Probe, t);
+            if self.backend_mut().keep_replay(reads.as_deref())? {
+                return self.observe_replay(step, on_event);
+            }
+            // The observers read other stages than the recording copies:
+            // the step runs again, recorded for what they read.
+            if !self.hooked && !armed {
+                self.backend_mut().allow_step_graph();
+            }
+            self.begin_step(step, tokens, start_position)?;
+            plan = self.backend_mut().step_graph();
+        }
         let eager_gathers = self.scope_observed && self.backend_mut().can_gather_reads();
         if plan != StepGraph::Eager || eager_gathers {
             let t = Instant::now();
@@ -125,6 +147,12 @@ impl Forward {
         let t = Instant::now();
         self.backend_mut().replay_step()?;
         self.time(Phase::Launch, t);
+        self.observe_replay(step, on_event)
+    }
+
+    /// After a replay was launched: each scope's observers on what it
+    /// copied.
+    fn observe_replay(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
         self.observe_gathered()?;
         let layers = self.layers.len();
         for layer in 0..layers {

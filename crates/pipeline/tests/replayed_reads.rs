@@ -121,6 +121,13 @@ impl Backend for Recording {
         self.plan = StepGraph::Replay;
         Ok(true)
     }
+    fn keep_replay(&mut self, reads: Option<&[Vec<Slot>]>) -> Result<bool> {
+        let same = reads.is_some() && reads == self.recorded.as_deref();
+        if !same {
+            self.counts.lock().unwrap().replays -= 1;
+        }
+        Ok(same)
+    }
     fn replay_step(&mut self) -> Result<()> {
         assert_eq!(self.plan, StepGraph::Replay);
         self.counts.lock().unwrap().replays += 1;

@@ -220,6 +220,16 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// After [`Self::replay_step`] was launched ahead of the probe: whether
+    /// the recording copies exactly `reads` (what the scope observers will
+    /// read; None: not known), so the replay stands. If not, the backend
+    /// lets the launched replay finish and forgets its copies, and the
+    /// caller begins the step again. By default, no.
+    fn keep_replay(&mut self, reads: Option<&[Vec<Slot>]>) -> Result<bool> {
+        let _ = reads;
+        Ok(false)
+    }
+
     /// How many steps so far were replayed from a recorded graph.
     fn graph_replays(&self) -> usize {
         0

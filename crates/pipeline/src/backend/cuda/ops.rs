@@ -148,6 +148,10 @@ impl Backend for CudaBackend {
         self.end_step_reads_on_device()
     }
 
+    fn keep_replay(&mut self, reads: Option<&[Vec<Slot>]>) -> Result<bool> {
+        self.keep_replay_on_device(reads)
+    }
+
     fn graph_replays(&self) -> usize {
         self.graphs.replays
     }

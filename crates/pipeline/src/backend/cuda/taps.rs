@@ -267,6 +267,20 @@ impl CudaBackend {
         }
     }
 
+    /// After a replay launched ahead of the probe: whether the recording
+    /// copies `reads`. If not, the replay is let finish (nothing of it is
+    /// read: its copies are dropped) and counted out, so that the step can
+    /// begin again and be recorded anew.
+    pub(super) fn keep_replay_on_device(&mut self, reads: Option<&[Vec<Slot>]>) -> Result<bool> {
+        let same = reads.is_some_and(|r| self.graphs.recorded_reads().is_some_and(|rec| rec.matches(r)));
+        if !same {
+            self.end_step_reads_on_device()?;
+            self.stream().synchronize().map_err(gpu("finishing a replay whose reads changed"))?;
+            self.graphs.replays -= 1;
+        }
+        Ok(same)
+    }
+
     /// Decode steps gather their reads by kernel (small tensors: one launch
     /// a scope costs less than a copy each); a prompt's are copied.
     pub(super) fn can_gather_reads(&self) -> bool {
