@@ -10,8 +10,10 @@
 //! itself at each scope's end, or records the copies inside the step
 //! ([`crate::Backend::set_step_reads`], [`crate::Backend::record_scope_reads`]); after the
 //! step (each replay) the observers run for every scope, as they would have
-//! after the scope, and their reads are answered from the copies. A step
-//! whose reads differ from the recording's is recorded again. Stage
+//! after the scope, and their reads are answered from the copies. A replay
+//! is launched before the probe, which then runs while the device computes
+//! the step ([`crate::Backend::keep_replay`]); a step whose reads differ
+//! from the recording's is begun again and recorded anew. Stage
 //! observers, amenders and teacher forcing still keep every step eager:
 //! they act between stages.
 
