@@ -175,63 +175,56 @@ fn cuda_logits_are_bit_identical_with_capture_on_and_off() {
     }
 }
 
+/// Bisect Cpu against Cuda(F32) on `model` (the fixtures' prompt, 4
+/// generated tokens): clean without faults; the report with `faults` (a
+/// RON list) applied to the target.
+fn bisect_clean_then_with(model: &Path, faults: &str) -> compare::Report {
+    let base = format!(
+        "(model: Path({model:?}), prompt: Tokens([1, 17, 423, 45, 300, 5, 77, 100, 2]), generate: 4, reference: Cpu, target: Cuda(device: 0, dtype: F32)"
+    );
+    let run = |text: &str| {
+        let config = BisectConfig::parse(text, Path::new("b.ron")).unwrap();
+        bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
+    };
+    let clean = run(&format!("{base})"));
+    assert!(clean.first_divergence().is_none(), "{}", clean.render(false));
+    let report = run(&format!("{base}, faults: {faults})"));
+    eprintln!("{}", report.render(false));
+    report
+}
+
 #[test]
 fn bisect_cpu_vs_cuda_finds_nothing_and_then_the_injected_fault() {
     if !gpu_enabled() {
         return;
     }
     let Some(dir) = fixture("tiny-qwen3-moe") else { return };
-    let base = format!(
-        "(model: Path({:?}), prompt: Tokens([1, 17, 423, 45, 300, 5, 77, 100, 2]), generate: 4, reference: Cpu, target: Cuda(device: 0, dtype: F32)",
-        dir.join("model")
-    );
-    let clean = BisectConfig::parse(&format!("{base})"), Path::new("b.ron")).unwrap();
-    let report = bisect(&clean, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
-    assert!(report.first_divergence().is_none(), "{}", report.render(false));
-    let faulty = BisectConfig::parse(
-        &format!("{base}, faults: [(stage: \"moe_expert_swigl\", layer: 2, step: 2, kind: Scale(1.5))])"),
-        Path::new("b.ron"),
-    )
-    .unwrap();
-    let report = bisect(&faulty, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    let faults = "[(stage: \"moe_expert_swigl\", layer: 2, step: 2, kind: Scale(1.5))]";
+    let report = bisect_clean_then_with(&dir.join("model"), faults);
     let first = report.first_divergence().unwrap();
     assert_eq!((first.step, first.layer, first.stage), (2, Some(2), S::MoeExpertSwigl), "{}", report.render(false));
     assert!(report.graft.as_ref().unwrap().stage_is_wrong);
-    eprintln!("{}", report.render(false));
 }
 
 /// The mixed-dispatch bug class on the Q4_K_M fixture: bisect CPU vs
 /// Cuda(F32) is clean, and a fault on one expert's down projection (the
-/// slots routed to it, one layer, one step) is found at that stage.
+/// slots routed to it, one layer, one step) is found at that stage and
+/// expert.
 #[test]
 fn bisect_cpu_vs_cuda_on_the_gguf_fixture_finds_one_experts_fault() {
     if !gpu_enabled() {
         return;
     }
     let Some(dir) = gguf_fixture("tiny-qwen3-moe-q4km") else { return };
-    let base = format!(
-        "(model: Path({:?}), prompt: Tokens([1, 17, 423, 45, 300, 5, 77, 100, 2]), generate: 4, reference: Cpu, target: Cuda(device: 0, dtype: F32)",
-        dir.join("model/model.gguf")
-    );
-    let clean = BisectConfig::parse(&format!("{base})"), Path::new("b.ron")).unwrap();
-    let report = bisect(&clean, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
-    assert!(report.first_divergence().is_none(), "{}", report.render(false));
-    // Expert 3 of layer 1 at step 0: which slots it gets depends on the
-    // routing, so take an expert the prompt routes to.
+    // An expert the prompt routes to in layer 1 (its first token's first).
     let capture = CaptureDir::open(&dir.join("activations")).unwrap();
     let ids = capture.load(0, Some(1), S::MoeRouterIndices).unwrap().unwrap();
     let expert = ids.values[0] as usize;
-    let faulty = BisectConfig::parse(
-        &format!(
-            "{base}, faults: [(stage: \"moe_expert_out\", layer: 1, step: 0, expert: {expert}, kind: Scale(1.5))])"
-        ),
-        Path::new("b.ron"),
-    )
-    .unwrap();
-    let report = bisect(&faulty, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    let faults = format!("[(stage: \"moe_expert_out\", layer: 1, step: 0, expert: {expert}, kind: Scale(1.5))]");
+    let report = bisect_clean_then_with(&dir.join("model/model.gguf"), &faults);
     let first = report.first_divergence().expect("the fault is found");
     assert_eq!((first.step, first.layer, first.stage), (0, Some(1), S::MoeExpertOut), "{}", report.render(false));
-    eprintln!("{}", report.render(false));
+    assert_eq!(first.worst_expert, Some(expert as i32), "{}", report.render(false));
 }
 
 #[test]

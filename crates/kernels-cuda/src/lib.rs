@@ -25,6 +25,25 @@ pub mod sources;
 pub mod synthetic;
 
 pub use device::{GpuDevice, KernelBuild};
+
+/// What a device weight buffer holds: bf16 bits (`u16`) or `f32`; the
+/// entry points that write weights of that type.
+pub trait WeightElement: cudarc::driver::DeviceRepr {
+    /// The synthetic generator (synthetic.rs).
+    const SYNTHETIC_FILL: kernels::Kernel;
+    /// The ggml block decoder (quant.rs).
+    const DEQUANT: kernels::Kernel;
+}
+
+impl WeightElement for u16 {
+    const SYNTHETIC_FILL: kernels::Kernel = kernels::synthetic::FILL_BF16;
+    const DEQUANT: kernels::Kernel = kernels::quant::DEQUANT_BF16;
+}
+
+impl WeightElement for f32 {
+    const SYNTHETIC_FILL: kernels::Kernel = kernels::synthetic::FILL_F32;
+    const DEQUANT: kernels::Kernel = kernels::quant::DEQUANT_F32;
+}
 pub use error::{KernelError, Result, is_out_of_memory};
 
 /// For GPU tests: device 0 when `MOETRACE_GPU` is set, else None after

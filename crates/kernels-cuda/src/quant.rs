@@ -3,25 +3,11 @@
 //! f32 bytes for Q4_K) and decoded into the weight buffer, bit for bit the
 //! values the host decoder gives.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
+use crate::WeightElement;
 use crate::device::GpuDevice;
 use crate::error::{KernelError, Result, driver};
-
-/// What the decoder can write: f32, or bf16 bits (`u16`, rounded to
-/// nearest even).
-pub trait DequantElement: DeviceRepr {
-    /// The kernel's entry point.
-    const KERNEL: crate::kernels::Kernel;
-}
-
-impl DequantElement for f32 {
-    const KERNEL: crate::kernels::Kernel = crate::kernels::quant::DEQUANT_F32;
-}
-
-impl DequantElement for u16 {
-    const KERNEL: crate::kernels::Kernel = crate::kernels::quant::DEQUANT_BF16;
-}
 
 /// (values, bytes) per block of the ggml type with id `kind` that the
 /// device decodes: Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14).
@@ -37,7 +23,7 @@ pub fn block_layout(kind: u32) -> Option<(usize, usize)> {
 
 /// Decodes `blocks` (consecutive blocks of ggml type `kind`, as a GGUF file
 /// stores them) into `out[offset..offset + n]`.
-pub fn dequant_fill<T: DequantElement>(
+pub fn dequant_fill<T: WeightElement>(
     device: &GpuDevice,
     out: &mut CudaSlice<T>,
     offset: usize,
@@ -59,7 +45,7 @@ pub fn dequant_fill<T: DequantElement>(
     }
     let stream = device.stream();
     let source = stream.clone_htod(blocks).map_err(driver("copying quantized blocks to the device"))?;
-    let function = device.kernel(T::KERNEL)?;
+    let function = device.kernel(T::DEQUANT)?;
     let grid = n.div_ceil(256).clamp(1, 65_535) as u32;
     let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (kind32, len32, bytes32, n64) = (kind, len as u32, bytes as u32, n as u64);
@@ -70,6 +56,6 @@ pub fn dequant_fill<T: DequantElement>(
     // u64); `view` holds n elements and `source` n / len blocks of `bytes`
     // (checked above); the kernel reads only blocks below n / len and
     // writes only indices below n.
-    unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::KERNEL.name)))?;
+    unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::DEQUANT.name)))?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use crate::WeightElement;
 use crate::device::GpuDevice;
 use crate::error::{Result, driver};
 
@@ -12,24 +13,9 @@ pub fn synthetic_scale(std: f32) -> f32 {
     (std as f64 / (4.0 * (65536.0f64 * 65536.0 - 1.0) / 12.0).sqrt()) as f32
 }
 
-/// A type the generator can write: bf16 bits (`u16`) or the same values
-/// widened to `f32`.
-pub trait SyntheticElement: DeviceRepr {
-    /// The kernel's entry point.
-    const KERNEL: crate::kernels::Kernel;
-}
-
-impl SyntheticElement for u16 {
-    const KERNEL: crate::kernels::Kernel = crate::kernels::synthetic::FILL_BF16;
-}
-
-impl SyntheticElement for f32 {
-    const KERNEL: crate::kernels::Kernel = crate::kernels::synthetic::FILL_F32;
-}
-
 /// Fills `out[offset..offset + n]` with elements `0..n` of the synthetic
 /// tensor with key `key` (the host's `synthetic_value`, rounded to bf16).
-pub fn synthetic_fill<T: SyntheticElement>(
+pub fn synthetic_fill<T: WeightElement>(
     device: &GpuDevice,
     out: &mut CudaSlice<T>,
     offset: usize,
@@ -46,7 +32,7 @@ pub fn synthetic_fill<T: SyntheticElement>(
     if n == 0 {
         return Ok(());
     }
-    let function = device.kernel(T::KERNEL)?;
+    let function = device.kernel(T::SYNTHETIC_FILL)?;
     let blocks = n.div_ceil(256).clamp(1, 65_535) as u32;
     let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (n64, scale) = (n as u64, synthetic_scale(std));
@@ -57,7 +43,7 @@ pub fn synthetic_fill<T: SyntheticElement>(
     // SAFETY: the argument list matches synthetic_fill_*(T*, u64, u64,
     // float, float); `view` holds n elements and the kernel writes only
     // indices below n.
-    unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::KERNEL.name)))?;
+    unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::SYNTHETIC_FILL.name)))?;
     Ok(())
 }
 

@@ -53,6 +53,8 @@ impl Forward {
         self.begin_step(step, tokens, start_position)?;
         on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
         let mut plan = self.backend_mut().step_graph();
+        // What the observers read, when a replay launched ahead has probed it.
+        let mut probed = None;
         if plan == StepGraph::Replay {
             // Launched first, the replay runs on the device while the
             // observers are probed for what they read; when that is what
@@ -74,12 +76,19 @@ impl Forward {
             }
             self.begin_step(step, tokens, start_position)?;
             plan = self.backend_mut().step_graph();
+            probed = Some(reads);
         }
         let eager_gathers = self.scope_observed && self.backend_mut().can_gather_reads();
         if plan != StepGraph::Eager || eager_gathers {
-            let t = Instant::now();
-            let reads = self.probe_reads()?;
-            self.time(Phase::Probe, t);
+            let reads = match probed {
+                Some(reads) => reads,
+                None => {
+                    let t = Instant::now();
+                    let reads = self.probe_reads()?;
+                    self.time(Phase::Probe, t);
+                    reads
+                }
+            };
             let t = Instant::now();
             plan = self.backend_mut().set_step_reads(reads.as_deref())?;
             self.time(Phase::Plan, t);

@@ -91,6 +91,15 @@ impl Case {
     }
 }
 
+/// Whether GPU tests run here (MOETRACE_GPU set); if not, says so.
+fn gpu_enabled() -> bool {
+    let on = std::env::var_os("MOETRACE_GPU").is_some();
+    if !on {
+        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    }
+    on
+}
+
 fn bits(t: &HostTensor) -> Vec<u32> {
     t.as_f32().unwrap().iter().map(|x| x.to_bits()).collect()
 }
@@ -111,8 +120,7 @@ fn compare(a: &HostTensor, b: &HostTensor) -> (f64, bool) {
 
 #[test]
 fn fused_attention_stores_the_bits_its_output_is_computed_from() {
-    if std::env::var_os("MOETRACE_GPU").is_none() {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    if !gpu_enabled() {
         return;
     }
     let store = Arc::new(WeightStore::default());
@@ -176,8 +184,7 @@ fn fused_attention_stores_the_bits_its_output_is_computed_from() {
 
 #[test]
 fn a_fused_stage_read_after_its_layer_names_why_it_is_gone() {
-    if std::env::var_os("MOETRACE_GPU").is_none() {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    if !gpu_enabled() {
         return;
     }
     let store = Arc::new(WeightStore::default());

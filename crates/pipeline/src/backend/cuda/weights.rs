@@ -7,8 +7,9 @@
 
 use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 use kernels_cuda::GpuDevice;
-use kernels_cuda::quant::{DequantElement, block_layout, dequant_fill};
-use kernels_cuda::synthetic::{SyntheticElement, synthetic_fill};
+use kernels_cuda::WeightElement;
+use kernels_cuda::quant::{block_layout, dequant_fill};
+use kernels_cuda::synthetic::synthetic_fill;
 
 use super::{CudaPrecision, gpu, kernel_error};
 use crate::error::{PipelineError, Result};
@@ -94,7 +95,7 @@ pub(super) fn fill_weight(
     }
 }
 
-fn fill<T: SyntheticElement + DequantElement>(
+fn fill<T: WeightElement>(
     device: &GpuDevice,
     dst: &mut CudaSlice<T>,
     offset: usize,
