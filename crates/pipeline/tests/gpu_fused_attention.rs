@@ -25,12 +25,6 @@ fn random(name: &str, n: usize) -> Vec<f32> {
     (0..n).map(|i| synthetic_value(key, i as u64, 0.0, 1.0)).collect()
 }
 
-/// The nearest bf16 value (round to nearest even), as f32.
-fn bf16(x: f32) -> f32 {
-    let bits = x.to_bits();
-    f32::from_bits((bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff_0000)
-}
-
 /// One attention case: its inputs and sizes.
 struct Case {
     t: usize,
@@ -47,7 +41,7 @@ impl Case {
     fn new(t: usize, start: usize, shape: AttentionShape, round: bool) -> Self {
         let r = |name: &str, n| -> Vec<f32> {
             let v = random(&format!("{name}{t}.{start}"), n);
-            if round { v.into_iter().map(bf16).collect() } else { v }
+            if round { v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect() } else { v }
         };
         let (q_width, kv_width) = (shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim);
         let mut q = r("q", t * q_width);
