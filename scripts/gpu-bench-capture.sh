@@ -19,8 +19,10 @@ for name in ${CASES:-off eager nopdl layer0 layer0-shm bisect}; do
     case $name in
         off | eager | nopdl) ;;
         layer0) capture='capture: (stages: "all", layers: "0", out_dir: "/tmp/moetrace-bench/captures"),' ;;
+        layer0-nolm) capture='capture: (stages: "embedding,attn_norm,qkv_matmul,qk_norm,q_post_rope,k_post_rope,attn_scores,attn_softmax,attention,attn_out,post_attn_residual,ffn_norm,moe_router_logits,moe_router,moe_router_indices,moe_expert_gate,moe_expert_up,moe_expert_swigl,moe_expert_out,moe_ffn_out,post_ffn_residual,final_norm", layers: "0", out_dir: "/tmp/moetrace-bench/captures"),' ;;
         layer0-shm) capture='capture: (stages: "all", layers: "0", out_dir: "/dev/shm/moetrace-bench/captures"),' ;;
         bisect) capture='capture: (stages: "moe_router_indices,moe_ffn_out,post_ffn_residual", out_dir: "/tmp/moetrace-bench/captures"),' ;;
+        bisect-shm) capture='capture: (stages: "moe_router_indices,moe_ffn_out,post_ffn_residual", out_dir: "/dev/shm/moetrace-bench/captures"),' ;;
     esac
     cat >/tmp/moetrace-bench/$name.ron <<RON
 (

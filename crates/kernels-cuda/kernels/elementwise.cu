@@ -120,10 +120,10 @@ extern "C" __global__ void argmax_final_f32(u32 *out, const u32 *partial, u32 bl
 // Capture reads of decode steps (pipeline's taps.rs): block row e copies
 // entry e of the table, len[e] 32-bit words (times the step's positions,
 // step_start + 1, when by_position[e]: attention scores and probabilities
-// [nh, 1, P]) from src[e] to pinned, device-mapped host memory at dst[e]
-// plus half_bytes when the step's position is odd: a recorded step writes
-// alternate halves of its arena, so one step's copies land on the host
-// while the next step runs (an eager step passes half_bytes 0). Bits are
+// [nh, 1, P]) from src[e] to dst[e] (device memory, or pinned mapped host
+// memory) plus half_bytes when the step's position is odd: a recorded step
+// writes alternate halves of its arena, so one step's copies land on the
+// host while the next step runs (an eager step passes half_bytes 0). Bits are
 // copied unchanged (expert ids are int32). The layout matches
 // kernels-cuda's gather.rs.
 #define GATHER_MAX 32
@@ -135,7 +135,7 @@ struct GatherTable {
     u32 n;
 };
 
-extern "C" __global__ void gather_to_host(GatherTable table, u64 half_bytes, const u32 *step_start) {
+extern "C" __global__ void gather_words(GatherTable table, u64 half_bytes, const u32 *step_start) {
     PDL_ENTRY();
     u32 e = blockIdx.y;
     if (e >= table.n) return;

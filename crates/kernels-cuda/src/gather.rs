@@ -1,11 +1,13 @@
-//! Copies of device buffers straight into pinned host memory, by a kernel
-//! (`gather_to_host` in kernels/elementwise.cu): what a recorded decode
-//! step uses to capture stages. A kernel, unlike a copy on another stream,
-//! stays in the step's stream order (no cross-stream edges in the graph),
-//! and it picks the half of its host buffer by the step's position (read
-//! from device memory), so one recording writes alternate halves.
-//! [`MappedHost`] also holds the greedy choice, which the argmax kernel
-//! writes to the host itself.
+//! Copies of many device buffers into one arena, by a kernel
+//! (`gather_words` in kernels/elementwise.cu): what a decode step uses to
+//! capture stages (the pipeline gathers into device memory and copies the
+//! arena to the host after the step). A kernel, unlike a copy on another
+//! stream, stays in the step's stream order (no cross-stream edges in a
+//! graph), and it picks the half of its arena by the step's position (read
+//! from device memory), so one recording writes alternate halves. The
+//! destination may be device memory or pinned, device-mapped host memory
+//! ([`MappedHost`], which also holds the greedy choice the argmax kernel
+//! writes to the host itself).
 
 use std::sync::Arc;
 
@@ -23,7 +25,7 @@ pub const GATHER_MAX: usize = 32;
 /// Blocks per entry.
 const GATHER_BLOCKS: u32 = 8;
 
-/// What one `gather_to_host` launch copies; the layout of `GatherTable`
+/// What one `gather_words` launch copies; the layout of `GatherTable`
 /// in elementwise.cu.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -46,17 +48,23 @@ impl Default for GatherTable {
 
 impl GatherTable {
     /// Adds an entry: `len` 32-bit elements of `src` (times the step's
-    /// positions, `step_start + 1`, when `by_position`) to mapped host
-    /// memory at device address `dst` (see [`MappedHost::device_ptr`]).
+    /// positions, `step_start + 1`, when `by_position`) to device address
+    /// `dst` (device memory, or mapped host memory: [`MappedHost::device_ptr`]).
     /// False when the table is full.
     pub fn push<T: DeviceRepr>(&mut self, src: &CudaSlice<T>, dst: u64, len: usize, by_position: bool) -> bool {
-        assert_eq!(std::mem::size_of::<T>(), 4, "gather_to_host copies 32-bit elements");
+        assert_eq!(std::mem::size_of::<T>(), 4, "gather_words copies 32-bit elements");
+        let (ptr, _sync) = src.device_ptr(src.stream());
+        self.push_address(ptr, dst, len, by_position)
+    }
+
+    /// [`Self::push`] with the source given by its device address (of
+    /// 32-bit elements). False when the table is full.
+    pub fn push_address(&mut self, src: u64, dst: u64, len: usize, by_position: bool) -> bool {
         let i = self.n as usize;
         if i == GATHER_MAX {
             return false;
         }
-        let (ptr, _sync) = src.device_ptr(src.stream());
-        self.src[i] = ptr;
+        self.src[i] = src;
         self.dst[i] = dst;
         self.len[i] = len as u32;
         self.by_position[i] = by_position as u32;
@@ -119,12 +127,12 @@ impl MappedHost {
     }
 }
 
-/// Launches `gather_to_host` for `table` on the device's stream: each entry
+/// Launches `gather_words` for `table` on the device's stream: each entry
 /// lands at its `dst`, plus `half_bytes` when `step_start[0]` is odd.
 ///
 /// # Safety
 /// Every entry's source must hold its length in words (by position: times
-/// `step_start[0] + 1`), and mapped host memory that length at its
+/// `step_start[0] + 1`), and device or mapped host memory that length at its
 /// destination (and `half_bytes` further, when not 0).
 pub unsafe fn launch_gather(
     device: &GpuDevice,
@@ -135,13 +143,13 @@ pub unsafe fn launch_gather(
     if table.is_empty() {
         return Ok(());
     }
-    let f = device.kernel(elementwise::GATHER_TO_HOST)?;
+    let f = device.kernel(elementwise::GATHER_WORDS)?;
     let mut b = device.stream().launch_builder(&f);
     let half = half_bytes as u64;
     b.arg(table).arg(&half).arg(step_start);
     let cfg = LaunchConfig { grid_dim: (GATHER_BLOCKS, table.n, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: the caller's promise.
-    unsafe { b.launch(cfg) }.map_err(driver("launching gather_to_host"))?;
+    unsafe { b.launch(cfg) }.map_err(driver("launching gather_words"))?;
     Ok(())
 }
 

@@ -81,7 +81,7 @@ pub mod elementwise {
     /// ... and the best of the blocks'.
     pub const ARGMAX_FINAL: Kernel = k("elementwise", "argmax_final_f32");
     /// Slots copied to pinned host memory by a table ([`crate::gather`]).
-    pub const GATHER_TO_HOST: Kernel = k("elementwise", "gather_to_host");
+    pub const GATHER_WORDS: Kernel = k("elementwise", "gather_words");
 }
 
 /// kernels/linear.cu.
@@ -162,7 +162,7 @@ pub const ALL: &[Kernel] = &[
     elementwise::SWIGLU,
     elementwise::ARGMAX,
     elementwise::ARGMAX_FINAL,
-    elementwise::GATHER_TO_HOST,
+    elementwise::GATHER_WORDS,
     linear::EXPERT_LINEAR.f32,
     linear::EXPERT_LINEAR.bf16w,
     linear::EXPERT_LINEAR_V8,

@@ -69,6 +69,13 @@ pub(super) struct StepGraphs {
     pub(super) lander: Lander,
     /// The reads an eager decode step gathers (taps.rs).
     pub(super) eager_reads: Option<super::taps::EagerReads>,
+    /// Eager steps' reads whose copies may still run (taps.rs).
+    pub(super) retired_reads: Vec<super::taps::EagerReads>,
+    /// Tensors a recording's gathers read at the step's end, kept out of
+    /// the pool until the recording ends (taps.rs).
+    pub(super) gather_held: Vec<super::tensors::DevTensor>,
+    /// `MOETRACE_PROFILE_STEPS`: replays timed on the GPU (profile.rs).
+    pub(super) clock: Option<super::profile::ReplayClock>,
 }
 
 /// A recorded decode step (the graph and its one instance), the KV
@@ -125,14 +132,7 @@ impl Recorded {
         unsafe { sys::cuGraphLaunch(self.exec, self.stream.cu_stream()) }
             .result()
             .map_err(gpu("replaying the decode step"))?;
-        let launched = if self.reads.copies_anything() {
-            let flags = Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC);
-            Some(Arc::new(self.stream.record_event(flags).map_err(gpu("recording a replay's end"))?))
-        } else {
-            None
-        };
-        self.reads.replayed(start, launched);
-        Ok(())
+        self.reads.replayed(start, &self.stream).map_err(gpu("copying a replay's capture reads to the host"))
     }
 }
 
@@ -230,6 +230,9 @@ impl StepGraphs {
             observing: false,
             lander: Lander::default(),
             eager_reads: None,
+            retired_reads: Vec::new(),
+            gather_held: Vec::new(),
+            clock: super::profile::ReplayClock::from_env(),
         }
     }
 
@@ -321,6 +324,7 @@ impl CudaBackend {
         // Buffers still read by the last eager step's capture copies get
         // stand-ins: the recording may only take buffers from the pool.
         self.activations.stand_in_for_copying(&self.stream()).map_err(gpu("allocating activations"))?;
+        self.pool_for_gather_holds()?;
         self.stream()
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(gpu("starting to record the decode step"))?;
@@ -369,7 +373,10 @@ impl CudaBackend {
         let Some(recorded) = self.graphs.recorded.as_mut().filter(|_| planned) else {
             return Err(PipelineError::BadInput("replay_step without a recorded step planned for replay".into()));
         };
-        recorded.launch(self.start_position)?;
+        match self.graphs.clock.as_mut() {
+            Some(clock) => clock.around(&self.device.stream().clone(), || recorded.launch(self.start_position))?,
+            None => recorded.launch(self.start_position)?,
+        }
         self.graphs.replays += 1;
         // What the stage systems would have recorded on the host.
         let p_len = self.start_position + self.t_len;

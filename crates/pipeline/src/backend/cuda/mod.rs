@@ -76,8 +76,11 @@ pub struct CudaBackend {
     /// Where the greedy choice lands: one u32 of pinned host memory the
     /// argmax kernel writes (see `argmax_last_row`)...
     choice: kernels_cuda::gather::MappedHost,
-    /// ... and each argmax block's best (value bits, index).
+    /// ... each argmax block's best (value bits, index)...
     choice_blocks: CudaSlice<u32>,
+    /// ... and the slot and slot version the choice launched last is of,
+    /// until it is waited for.
+    choice_of: Option<(Slot, u64)>,
     /// A launch held back for the next operation to share (deferred.rs).
     deferred: Option<deferred::Deferred>,
     /// The attention of a many-row step, computed when needed
@@ -111,6 +114,9 @@ pub struct CudaBackend {
 
 impl Drop for CudaBackend {
     fn drop(&mut self) {
+        if let Some(clock) = &self.graphs.clock {
+            eprint!("{}", clock.report());
+        }
         if let Some(p) = &mut self.profiler {
             eprint!("{}", p.report());
         }
@@ -239,6 +245,7 @@ impl CudaBackend {
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
             choice,
             choice_blocks,
+            choice_of: None,
             deferred: None,
             attention_plan: None,
             gone: Vec::new(),
@@ -358,6 +365,17 @@ impl CudaBackend {
         self.slot_versions[slot.index()] += 1;
         self.slot_lens[slot.index()] = Some(tensor.buffer_len());
         if let Some(old) = self.slots[slot.index()].replace(tensor) {
+            self.retire(old);
+        }
+    }
+
+    /// Takes back a tensor no slot holds any more: into the activation
+    /// pool, or, while a recorded step's gathers still have to read it,
+    /// aside until the recording ends (taps.rs).
+    fn retire(&mut self, old: DevTensor) {
+        if old.gather_hold {
+            self.graphs.gather_held.push(old);
+        } else {
             self.activations.recycle(old);
         }
     }
@@ -365,7 +383,7 @@ impl CudaBackend {
     /// Empties `slot` into the activation pool.
     fn drop_slot(&mut self, slot: Slot) {
         if let Some(old) = self.slots[slot.index()].take() {
-            self.activations.recycle(old);
+            self.retire(old);
         }
     }
 
@@ -374,9 +392,9 @@ impl CudaBackend {
     fn recycle_slots(&mut self) {
         self.attention_plan = None;
         self.gone.clear();
-        for slot in &mut self.slots {
-            if let Some(old) = slot.take() {
-                self.activations.recycle(old);
+        for i in 0..self.slots.len() {
+            if let Some(old) = self.slots[i].take() {
+                self.retire(old);
             }
         }
     }

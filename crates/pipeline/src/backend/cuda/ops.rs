@@ -66,6 +66,9 @@ impl Backend for CudaBackend {
 
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
         self.flush_deferred()?;
+        // A greedy choice launched ahead serves only its own step (replays
+        // leave slot versions as they are).
+        self.choice_of = None;
         self.plan_step(tokens.len(), start_position);
         for (layer, cache) in self.caches.iter_mut().enumerate() {
             if let Some(c) = cache {
@@ -115,9 +118,11 @@ impl Backend for CudaBackend {
     }
 
     fn end_graph_capture(&mut self, failure: Option<String>) -> Result<bool> {
-        let flushed = self.flush_deferred();
+        let flushed = self.flush_deferred().and_then(|()| self.launch_queued_gathers());
         let failure = failure.or_else(|| flushed.err().map(|e| e.to_string()));
-        self.end_graph_capture_on_device(failure)
+        let ended = self.end_graph_capture_on_device(failure);
+        self.release_gather_holds();
+        ended
     }
 
     fn replay_step(&mut self) -> Result<()> {
@@ -165,7 +170,14 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
-        self.timed(out.name(), &[input], |this| this.linear_on_device(input, weights, out))
+        self.timed(out.name(), &[input], |this| this.linear_on_device(input, weights, out))?;
+        if out == Slot::LmHead && !self.graphs.capturing {
+            // The greedy choice goes ahead of the capture copies of the
+            // logits (see `launch_choice`); a recorded step's is launched
+            // after each replay.
+            self.launch_choice(out)?;
+        }
+        Ok(())
     }
 
     fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {

@@ -115,3 +115,62 @@ impl OpProfiler {
         out
     }
 }
+
+/// `MOETRACE_PROFILE_STEPS`: the GPU time of each replayed decode step,
+/// and of what runs between two replays (the greedy choice, and the GPU
+/// idle while the host takes it and launches the next), from events around
+/// each graph launch; printed to stderr when the backend is dropped.
+/// (`MOETRACE_PROFILE_OPS` keeps every step eager, so it cannot say this.)
+#[derive(Default)]
+pub(super) struct ReplayClock {
+    /// The end event of the replay before the last...
+    before_last: Option<CudaEvent>,
+    /// ... and the last replay's start and end events.
+    last: Option<(CudaEvent, CudaEvent)>,
+    replays: u64,
+    replay_ms: f64,
+    between: u64,
+    between_ms: f64,
+}
+
+impl ReplayClock {
+    /// A clock when `MOETRACE_PROFILE_STEPS` is set.
+    pub(super) fn from_env() -> Option<Self> {
+        std::env::var_os("MOETRACE_PROFILE_STEPS").map(|_| Self::default())
+    }
+
+    /// Runs `launch` (a graph launch on `stream`) between two events. The
+    /// last replay's events are read first: by now its greedy choice was
+    /// waited for, so they have completed.
+    pub(super) fn around<R>(&mut self, stream: &Arc<CudaStream>, launch: impl FnOnce() -> R) -> R {
+        if let Some((start, end)) = self.last.take() {
+            if let Ok(ms) = start.elapsed_ms(&end) {
+                self.replays += 1;
+                self.replay_ms += ms as f64;
+            }
+            if let Some(Ok(ms)) = self.before_last.as_ref().map(|e| e.elapsed_ms(&start)) {
+                self.between += 1;
+                self.between_ms += ms as f64;
+            }
+            self.before_last = Some(end);
+        }
+        let start = OpProfiler::event(stream);
+        let result = launch();
+        if let (Some(start), Some(end)) = (start, OpProfiler::event(stream)) {
+            self.last = Some((start, end));
+        }
+        result
+    }
+
+    /// Per replay, on the GPU: the step, and the time from one step's end
+    /// to the next one's start.
+    pub(super) fn report(&self) -> String {
+        let per = |ms: f64, n: u64| if n == 0 { 0.0 } else { 1e3 * ms / n as f64 };
+        format!(
+            "replayed decode steps on the GPU (MOETRACE_PROFILE_STEPS): {} replays, {:.1} us each; {:.1} us from one's end to the next one's start\n",
+            self.replays,
+            per(self.replay_ms, self.replays),
+            per(self.between_ms, self.between)
+        )
+    }
+}

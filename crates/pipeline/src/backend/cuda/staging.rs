@@ -6,9 +6,9 @@
 //! the copies (one wait per batch of queued copies), moves the values out
 //! and puts the buffers back at once, so buffers are reused within a step
 //! instead of waiting behind the disk (allocating pinned memory is slow and
-//! synchronises the device). The buffers are mapped into the device's
-//! address space too, so eager decode steps fill them with a kernel
-//! instead (taps.rs).
+//! synchronises the device). Eager decode steps fill them from device
+//! buffers their gather kernels wrote, one copy each after the step
+//! (taps.rs).
 
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex};

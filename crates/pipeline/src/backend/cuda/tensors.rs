@@ -18,6 +18,9 @@ pub(super) struct DevTensor {
     pub(super) shape: Vec<usize>,
     /// Declared before `data` so that it drops first: see [`CopyGuard`].
     pub(super) copy_guard: Option<CopyGuard>,
+    /// A recorded step's capture gathers read it at the step's end: it
+    /// stays out of the pool until the recording ends (taps.rs).
+    pub(super) gather_hold: bool,
     pub(super) data: DevData,
 }
 
@@ -58,7 +61,7 @@ impl Drop for CopyGuard {
 
 impl DevTensor {
     pub(super) fn new(shape: Vec<usize>, data: DevData) -> Self {
-        Self { shape, copy_guard: None, data }
+        Self { shape, copy_guard: None, gather_hold: false, data }
     }
 
     pub(super) fn f32(&self, slot: Slot) -> Result<&CudaSlice<f32>> {
