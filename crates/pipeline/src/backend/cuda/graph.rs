@@ -68,9 +68,9 @@ pub(super) struct StepGraphs {
     /// Lands replays' reads.
     pub(super) lander: Lander,
     /// The reads an eager decode step gathers (taps.rs).
-    pub(super) eager_reads: Option<super::taps::EagerReads>,
+    pub(super) eager_reads: Option<super::eager_reads::EagerReads>,
     /// Eager steps' reads whose copies may still run (taps.rs).
-    pub(super) retired_reads: Vec<super::taps::EagerReads>,
+    pub(super) retired_reads: Vec<super::eager_reads::EagerReads>,
     /// Tensors a recording's gathers read at the step's end, kept out of
     /// the pool until the recording ends (taps.rs).
     pub(super) gather_held: Vec<super::tensors::DevTensor>,

@@ -23,6 +23,7 @@ use crate::weights::{WeightId, WeightStore};
 
 mod attention;
 mod deferred;
+mod eager_reads;
 mod elementwise;
 mod fused_attention;
 mod graph;
