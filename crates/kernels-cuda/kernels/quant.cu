@@ -83,3 +83,86 @@ extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u
         out[i] = f32_to_bf16_bits(dequant_value(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len)));
     }
 }
+
+// ---- Projections over weights kept quantized on the device ----
+//
+// A quantized weight matrix [n, k] is n rows of k / block_len consecutive
+// blocks (as a GGUF file stores it; k is a multiple of block_len). Each
+// weight value is decoded where it is used, exactly as above, and in Bf16
+// mode rounded to bf16 as the weights decoded at upload are, so these
+// kernels multiply by the same weights as the decoded path (accumulation
+// in f32, as everywhere).
+
+// Value j (< k) of the row of blocks at `row`.
+__device__ __forceinline__ float weight_at(u32 kind, const unsigned char *row, u32 j, u32 block_len, u32 block_bytes) {
+    float v = dequant_value(kind, row + (u64)(j / block_len) * block_bytes, j % block_len);
+#if ROUND_BF16
+    v = bf16_bits_to_f32(f32_to_bf16_bits(v));
+#endif
+    return v;
+}
+
+// Dense projection of a few rows (decode): out[t * out_stride + col + n] =
+// row(n) · x[t] for n < n_rows, t < t_len <= 8. One warp per output row
+// reads its blocks once for all rows of x. raw = 1 stores the f32 sum as
+// is (router logits), raw = 0 as an activation (store_act).
+extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 n_rows, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
+    PDL_ENTRY();
+    u64 n = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (n >= n_rows) return; // uniform across the warp
+    u32 lane = threadIdx.x & 31;
+    const unsigned char *row = w + n * (u64)(k / block_len) * block_bytes;
+    float acc[8];
+#pragma unroll
+    for (int t = 0; t < 8; t++) acc[t] = 0.0f;
+    for (u32 j = lane; j < k; j += 32) {
+        float wv = weight_at(kind, row, j, block_len, block_bytes);
+#pragma unroll
+        for (u32 t = 0; t < 8; t++)
+            if (t < t_len) acc[t] += x[(u64)t * k + j] * wv;
+    }
+#pragma unroll
+    for (u32 t = 0; t < 8; t++) {
+        if (t >= t_len) break;
+        float v = acc[t];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        if (lane == 0) out[(u64)t * out_stride + col + n] = raw ? v : store_act(v);
+    }
+}
+
+// Per-expert projection over quantized experts stacked [E, n_out, k] (each
+// expert's rows after the previous expert's): out[t, j, n] =
+// W[ids[t, j]][n] · x, x = input[t] (per_slot = 0) or input[t, j]
+// (per_slot = 1). One warp per output element; an id outside 0..experts
+// writes NaN (never reads out of bounds).
+extern "C" __global__ void expert_linear_quant(float *out, const float *x, const int *ids, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
+    PDL_ENTRY();
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= (u64)t_len * top_k * n_out) return;
+    u32 lane = threadIdx.x & 31;
+    u32 n = (u32)(warp % n_out);
+    u64 slot = warp / n_out;
+    u32 t = (u32)(slot / top_k);
+    int e = ids[slot];
+    if (e < 0 || (u32)e >= experts) {
+        if (lane == 0) out[slot * n_out + n] = QUIET_NAN;
+        return;
+    }
+    const float *xr = x + (per_slot ? slot : (u64)t) * k;
+    const unsigned char *row = w + ((u64)e * n_out + n) * (u64)(k / block_len) * block_bytes;
+    float acc = 0.0f;
+    for (u32 j = lane; j < k; j += 32) acc += xr[j] * weight_at(kind, row, j, block_len, block_bytes);
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
+    if (lane == 0) out[slot * n_out + n] = store_act(acc);
+}
+
+// Embedding rows from a quantized table [V, h]: out[t, c] = table[tokens[t], c]
+// as an activation (in Bf16 mode the same bits as a bf16-decoded table).
+extern "C" __global__ void embedding_quant(float *out, const unsigned char *table, const unsigned int *tokens, u32 kind, u32 block_len, u32 block_bytes, u32 t_len, u32 h) {
+    PDL_ENTRY();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)t_len * h) return;
+    u32 t = (u32)(i / h), c = (u32)(i % h);
+    const unsigned char *row = table + (u64)tokens[t] * (h / block_len) * block_bytes;
+    out[i] = store_act(dequant_value(kind, row + (u64)(c / block_len) * block_bytes, c % block_len));
+}

@@ -128,6 +128,12 @@ pub mod quant {
     pub const DEQUANT_F32: Kernel = k("quant", "dequant_f32");
     /// The same as bf16 bits.
     pub const DEQUANT_BF16: Kernel = k("quant", "dequant_bf16");
+    /// Dense projection of a few rows over quantized weights.
+    pub const GEMV_QUANT: Kernel = k("quant", "gemv_quant");
+    /// Per-expert projection over quantized stacked experts.
+    pub const EXPERT_LINEAR_QUANT: Kernel = k("quant", "expert_linear_quant");
+    /// Embedding rows from a quantized table.
+    pub const EMBEDDING_QUANT: Kernel = k("quant", "embedding_quant");
 }
 
 /// kernels/synthetic.cu.
@@ -179,6 +185,9 @@ pub const ALL: &[Kernel] = &[
     norm::QK_NORM.bf16w,
     quant::DEQUANT_F32,
     quant::DEQUANT_BF16,
+    quant::GEMV_QUANT,
+    quant::EXPERT_LINEAR_QUANT,
+    quant::EMBEDDING_QUANT,
     synthetic::FILL_BF16,
     synthetic::FILL_F32,
 ];

@@ -22,7 +22,8 @@ pub fn block_layout(kind: u32) -> Option<(usize, usize)> {
 }
 
 /// Decodes `blocks` (consecutive blocks of ggml type `kind`, as a GGUF file
-/// stores them) into `out[offset..offset + n]`.
+/// stores them) into `out[offset..offset + n]`: copied to the device as
+/// they are, then [`dequant_device`].
 pub fn dequant_fill<T: WeightElement>(
     device: &GpuDevice,
     out: &mut CudaSlice<T>,
@@ -31,31 +32,67 @@ pub fn dequant_fill<T: WeightElement>(
     kind: u32,
     blocks: &[u8],
 ) -> Result<()> {
-    let bad = |message: String| KernelError::Driver { action: "decoding quantized weights".into(), message };
-    let (len, bytes) =
-        block_layout(kind).ok_or_else(|| bad(format!("ggml type {kind} is not decoded on the device")))?;
-    if !n.is_multiple_of(len) || blocks.len() != n / len * bytes {
-        return Err(bad(format!("{} bytes do not hold {n} values in blocks of {len} in {bytes} bytes", blocks.len())));
+    check_blocks(kind, n, blocks.len())?;
+    if n == 0 {
+        return Ok(());
     }
-    if offset + n > out.len() {
-        return Err(bad(format!("{n} values at {offset} do not fit a buffer of {}", out.len())));
+    let source = device.stream().clone_htod(blocks).map_err(driver("copying quantized blocks to the device"))?;
+    dequant_device(device, out, offset, n, kind, &source)
+}
+
+/// Checks that `bytes` hold `n` values in blocks of ggml type `kind`;
+/// returns the type's (values, bytes) per block.
+pub fn check_blocks(kind: u32, n: usize, bytes: usize) -> Result<(usize, usize)> {
+    let bad = |message: String| KernelError::Driver { action: "decoding quantized weights".into(), message };
+    let (len, block_bytes) =
+        block_layout(kind).ok_or_else(|| bad(format!("ggml type {kind} is not decoded on the device")))?;
+    if !n.is_multiple_of(len) || bytes != n / len * block_bytes {
+        return Err(bad(format!("{bytes} bytes do not hold {n} values in blocks of {len} in {block_bytes} bytes")));
+    }
+    Ok((len, block_bytes))
+}
+
+/// Decodes the first `n` values of `blocks` (device memory, consecutive
+/// blocks of ggml type `kind`) into `out[offset..offset + n]`, on the
+/// device's stream.
+pub fn dequant_device<T: WeightElement>(
+    device: &GpuDevice,
+    out: &mut CudaSlice<T>,
+    offset: usize,
+    n: usize,
+    kind: u32,
+    blocks: &CudaSlice<u8>,
+) -> Result<()> {
+    let (len, bytes) = block_layout(kind).ok_or_else(|| KernelError::Driver {
+        action: "decoding quantized weights".into(),
+        message: format!("ggml type {kind} is not decoded on the device"),
+    })?;
+    check_blocks(kind, n, n / len * bytes)?;
+    if n / len * bytes > blocks.len() || offset + n > out.len() {
+        return Err(KernelError::Driver {
+            action: "decoding quantized weights".into(),
+            message: format!(
+                "{n} values at {offset} from {} bytes of blocks do not fit a buffer of {}",
+                blocks.len(),
+                out.len()
+            ),
+        });
     }
     if n == 0 {
         return Ok(());
     }
     let stream = device.stream();
-    let source = stream.clone_htod(blocks).map_err(driver("copying quantized blocks to the device"))?;
     let function = device.kernel(T::DEQUANT)?;
     let grid = n.div_ceil(256).clamp(1, 65_535) as u32;
     let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (kind32, len32, bytes32, n64) = (kind, len as u32, bytes as u32, n as u64);
     let mut view = out.slice_mut(offset..offset + n);
     let mut launch = stream.launch_builder(&function);
-    launch.arg(&mut view).arg(&source).arg(&kind32).arg(&len32).arg(&bytes32).arg(&n64);
+    launch.arg(&mut view).arg(blocks).arg(&kind32).arg(&len32).arg(&bytes32).arg(&n64);
     // SAFETY: the arguments match dequant_*(T*, const u8*, u32, u32, u32,
-    // u64); `view` holds n elements and `source` n / len blocks of `bytes`
-    // (checked above); the kernel reads only blocks below n / len and
-    // writes only indices below n.
+    // u64); `view` holds n elements and `blocks` at least n / len blocks of
+    // `bytes` (checked above); the kernel reads only blocks below n / len
+    // and writes only indices below n.
     unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::DEQUANT.name)))?;
     Ok(())
 }

@@ -153,8 +153,8 @@ impl CudaBackend {
             let per_slot = u32::from(a.per_slot);
             let mut l = stream.launch_builder(&f);
             l.arg(o0).arg(o1).arg(x).arg(ids);
-            push_weight(&mut l, stacked(a.first));
-            push_weight(&mut l, stacked(b.map_or(a.first, |b| b.first)));
+            push_weight(&mut l, stacked(a.first))?;
+            push_weight(&mut l, stacked(b.map_or(a.first, |b| b.first)))?;
             l.arg(&parts).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4).arg(&per_slot);
             // SAFETY: one warp per (part, t, j, n) writes out_part[(t * top_k
             // + j) * n_out + n] (each output holds t_len * top_k * n_out);

@@ -20,13 +20,17 @@ impl CudaBackend {
         let h = self.store.get(table).row_len();
         let n = self.t_len * h;
         let mut o = self.alloc(n)?;
+        if matches!(self.weight(table), super::weights::DevWeight::Quant(_)) {
+            self.embedding_quantized(table, h, &mut o)?;
+            return self.set(out, vec![self.t_len, h], o);
+        }
         let f = self.weight_kernel(elementwise::EMBEDDING)?;
         let stream = self.stream();
         let tokens = self.tokens.as_ref().ok_or_else(|| PipelineError::BadInput("no step begun".into()))?;
         let (t32, h32) = (self.t_len as u32, h as u32);
         let mut b = stream.launch_builder(&f);
         b.arg(&mut o);
-        push_weight(&mut b, self.weight(table));
+        push_weight(&mut b, self.weight(table))?;
         b.arg(tokens).arg(&t32).arg(&h32);
         // SAFETY: out holds T*H, table V*H, tokens T ids < V.
         unsafe { b.launch(threads(n)) }.map_err(gpu("embedding"))?;

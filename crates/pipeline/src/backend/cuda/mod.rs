@@ -32,6 +32,7 @@ mod norm;
 mod ops;
 mod profile;
 mod projections;
+mod quantized;
 mod staging;
 mod taps;
 mod tensors;
@@ -39,7 +40,9 @@ mod weights;
 mod worker;
 
 use tensors::{ActivationPool, DevCache, DevData, DevTensor};
-use weights::{DevWeight, Stacked, alloc_weight, check_fits, element_size, fill_weight};
+use weights::{
+    DevWeight, Stacked, alloc_weight, check_fits, device_bytes, fill_weight, kept_quantized, upload_quantized,
+};
 
 /// Precision of the CUDA backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +61,9 @@ pub struct CudaBackend {
     weights: HashMap<WeightId, DevWeight>,
     precision: CudaPrecision,
     stacked: HashMap<WeightId, Stacked>,
+    /// A quantized weight decoded for a many-row projection (quantized.rs),
+    /// kept for the next.
+    scratch: Option<DevWeight>,
     /// Concatenated f32 biases per list of bias weights (the q, k and v
     /// biases of a layer), uploaded on first use.
     biases: HashMap<Vec<WeightId>, CudaSlice<f32>>,
@@ -183,7 +189,7 @@ impl CudaBackend {
     ) -> Result<Self> {
         let build = kernels_cuda::KernelBuild { round_bf16: precision == CudaPrecision::Bf16 };
         let device = GpuDevice::open_with(ordinal, build).map_err(kernel_error)?;
-        check_fits(&device, &store, precision)?;
+        check_fits(&device, &store, expert_lists, precision)?;
         // Every kernel is compiled before the first step, so no step's time
         // includes it (see `kernel_compile_time`).
         device.compile_all().map_err(kernel_error)?;
@@ -193,10 +199,15 @@ impl CudaBackend {
         for (i, t) in store.tensors().iter().enumerate() {
             let id = WeightId(i as u32);
             if !experts.contains(&id) {
-                let what =
-                    format!("uploading {} ({:.1} MB)", t.name, (t.numel() * element_size(precision)) as f64 / 1e6);
-                let mut w = alloc_weight(&device, precision, t.numel(), &what)?;
-                fill_weight(&device, &mut w, 0, t, &what)?;
+                let what = format!("uploading {} ({:.1} MB)", t.name, device_bytes(t, precision) as f64 / 1e6);
+                let w = match kept_quantized(t) {
+                    Some(kind) => upload_quantized(&device, &[t], kind, &what)?,
+                    None => {
+                        let mut w = alloc_weight(&device, precision, t.numel(), &what)?;
+                        fill_weight(&device, &mut w, 0, t, &what)?;
+                        w
+                    }
+                };
                 weights.insert(id, w);
             }
         }
@@ -211,17 +222,23 @@ impl CudaBackend {
             let first = store.get(list[0]);
             let what = format!("uploading the stacked experts of {}", first.name);
             let per_expert = first.numel();
-            let mut data = alloc_weight(&device, precision, per_expert * list.len(), &what)?;
-            for (e, &id) in list.iter().enumerate() {
-                let t = store.get(id);
-                if t.shape != first.shape {
-                    return Err(PipelineError::BadInput(format!(
-                        "experts `{}` and `{}` differ in shape",
-                        first.name, t.name
-                    )));
-                }
-                fill_weight(&device, &mut data, e * per_expert, t, &what)?;
+            let parts: Vec<&crate::weights::WeightTensor> = list.iter().map(|&id| store.get(id)).collect();
+            if let Some(t) = parts.iter().find(|t| t.shape != first.shape) {
+                return Err(PipelineError::BadInput(format!(
+                    "experts `{}` and `{}` differ in shape",
+                    first.name, t.name
+                )));
             }
+            let data = match kept_quantized(first) {
+                Some(kind) => upload_quantized(&device, &parts, kind, &what)?,
+                None => {
+                    let mut data = alloc_weight(&device, precision, per_expert * list.len(), &what)?;
+                    for (e, t) in parts.iter().enumerate() {
+                        fill_weight(&device, &mut data, e * per_expert, t, &what)?;
+                    }
+                    data
+                }
+            };
             stacked.insert(list[0], Stacked { data, n_out: first.shape[0], k: first.row_len(), experts: list.len() });
         }
         let profiler = profile::OpProfiler::from_env();
@@ -231,6 +248,7 @@ impl CudaBackend {
             weights,
             precision,
             stacked,
+            scratch: None,
             biases: HashMap::new(),
             slots: (0..Slot::ALL.len()).map(|_| None).collect(),
             slot_lens: vec![None; Slot::ALL.len()],
@@ -283,6 +301,12 @@ impl CudaBackend {
     /// The device's name.
     pub fn device_name(&self) -> &str {
         self.device.name()
+    }
+
+    /// Bytes the weights take on the device (GGUF blocks count as stored:
+    /// they stay quantized there).
+    pub fn weight_bytes(&self) -> usize {
+        self.weights.values().chain(self.stacked.values().map(|s| &s.data)).map(DevWeight::bytes).sum()
     }
 
     /// Time spent compiling the kernels to the device's machine code and

@@ -12,7 +12,7 @@ const GROUPED_MIN_SLOTS: usize = 32;
 
 use super::deferred::{Deferred, ExpertLaunch};
 use super::tensors::{DevData, DevTensor};
-use super::weights::{Stacked, push_weight};
+use super::weights::{DevWeight, Stacked, push_weight};
 use super::{CudaBackend, CudaPrecision, gpu, threads, warps};
 use crate::backend::Slot;
 use crate::error::{PipelineError, Result};
@@ -78,6 +78,21 @@ impl CudaBackend {
             && k_in.is_multiple_of(64)
             && n_out.is_multiple_of(64)
             && slots >= GROUPED_MIN_SLOTS;
+        if let DevWeight::Quant(_) = &self.stacked[&experts[0]].data {
+            // Quantized experts (quantized.rs): a prompt's slots decode the
+            // stack once for the grouped kernel; otherwise one warp per
+            // output reads the blocks.
+            self.flush_deferred()?;
+            if grouped {
+                self.with_decoded_experts(experts[0], |this| {
+                    this.expert_linear_grouped(input, indices, experts, &mut o, per_slot)
+                })?;
+            } else {
+                let dims = (t_len, top_k, k_in, n_out, count, per_slot);
+                self.expert_linear_quantized((input, indices, experts[0]), dims, &mut o)?;
+            }
+            return self.set(out, vec![t_len, top_k, n_out], o);
+        }
         if grouped {
             self.flush_deferred()?;
             self.expert_linear_grouped(input, indices, experts, &mut o, per_slot)?;
@@ -112,7 +127,7 @@ impl CudaBackend {
         let a = (t_len as u32, top_k as u32, k_in as u32, n_out as u32, count as u32, u32::from(per_slot));
         let mut b = stream.launch_builder(&f);
         b.arg(&mut o).arg(x).arg(ids);
-        push_weight(&mut b, w);
+        push_weight(&mut b, w)?;
         b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
         // SAFETY: one warp per (t, j, n); ids are range-checked in the kernel.
         unsafe { b.launch(warps(slots * n_out)) }.map_err(gpu("expert_linear"))?;
@@ -176,7 +191,7 @@ impl CudaBackend {
         let f = self.kernel(moe::EXPERT_LINEAR_GROUPED)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&mut *o).arg(x).arg(sorted).arg(offsets).arg(counts);
-        push_weight(&mut b, w);
+        push_weight(&mut b, w)?;
         b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
         let cfg = LaunchConfig {
             grid_dim: ((n_out / 64) as u32, count as u32, 1),

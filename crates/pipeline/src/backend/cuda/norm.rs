@@ -23,7 +23,7 @@ impl CudaBackend {
         let (w32, e32) = (width as u32, eps as f32);
         let mut b = stream.launch_builder(&f);
         b.arg(&mut o).arg(x.f32(input)?);
-        push_weight(&mut b, self.weight(weight));
+        push_weight(&mut b, self.weight(weight))?;
         b.arg(&w32).arg(&e32);
         // One block per row, up to 1024 threads, about two elements each: a
         // decode step's single row is spread over the whole block.
@@ -47,8 +47,8 @@ impl CudaBackend {
         let a = (in_width as u32, args.q_heads as u32, args.kv_heads as u32, args.head_dim as u32, args.eps as f32);
         let mut b = stream.launch_builder(&f);
         b.arg(&mut o).arg(x.f32(input)?);
-        push_weight(&mut b, self.weight(args.q_weight));
-        push_weight(&mut b, self.weight(args.k_weight));
+        push_weight(&mut b, self.weight(args.q_weight))?;
+        push_weight(&mut b, self.weight(args.k_weight))?;
         b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
         let cfg = LaunchConfig { grid_dim: (rows as u32, heads as u32, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block per (token, head); reads within rows of in_width.

@@ -3,7 +3,7 @@
 //! a few rows in Bf16 mode (decode), which one kernel computes from the f32
 //! activations directly; and biases.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaViewMut, PushKernelArg};
 use kernels_cuda::blas::ProjectionShape;
 use kernels_cuda::kernels::{elementwise, linear};
 
@@ -38,6 +38,9 @@ impl CudaBackend {
         if self.zero_gemm_outputs {
             self.stream().memset_zeros(&mut o).map_err(gpu("zeroing a projection's output"))?;
         }
+        if weights.iter().any(|&id| matches!(self.weight(id), DevWeight::Quant(_))) {
+            return self.linear_quantized(input, weights, out, (rows, k, total), o);
+        }
         // A few rows (decode) in Bf16 mode: one warp per output feature
         // reads its bf16 weight row once for all rows, from the f32
         // activations directly, and rounds at the store (no conversion or
@@ -58,7 +61,7 @@ impl CudaBackend {
                 b.arg(&mut o).arg(x);
                 for i in 0..3 {
                     // A missing matrix: any valid pointer, with no rows.
-                    push_weight(&mut b, self.weight(*group.get(i).unwrap_or(&group[0])));
+                    push_weight(&mut b, self.weight(*group.get(i).unwrap_or(&group[0])))?;
                 }
                 b.arg(&n[0]).arg(&n[1]).arg(&n[2]).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4);
                 // SAFETY: one warp per feature n < features writes rows t <
@@ -82,16 +85,33 @@ impl CudaBackend {
         for &id in weights {
             let n = self.store.get(id).shape[0];
             let shape = ProjectionShape { rows, k, n, out_stride: total };
-            let mut view = o.slice_mut(col..);
-            match (self.weight(id), &x_bf16) {
-                (DevWeight::F32(w), _) => self.device.project(x, w, &mut view, shape),
-                (DevWeight::Bf16(w), Some(xb)) => self.device.project(xb, w, &mut view, shape),
-                (DevWeight::Bf16(_), None) => unreachable!("bf16 weights only in Bf16 mode"),
-            }
-            .map_err(kernel_error)?;
+            self.project_decoded(x, x_bf16.as_ref(), self.weight(id), &mut o.slice_mut(col..), shape)?;
             col += n;
         }
         self.set_projection(out, vec![rows, total], o)
+    }
+
+    /// `x` (or, in Bf16 mode, its bf16 bits `x_bf16`) times decoded weight
+    /// `w`, through cuBLAS.
+    pub(super) fn project_decoded(
+        &self,
+        x: &CudaSlice<f32>,
+        x_bf16: Option<&CudaSlice<u16>>,
+        w: &DevWeight,
+        out: &mut CudaViewMut<'_, f32>,
+        shape: ProjectionShape,
+    ) -> Result<()> {
+        match (w, x_bf16) {
+            (DevWeight::F32(w), _) => self.device.project(x, w, out, shape),
+            (DevWeight::Bf16(w), Some(xb)) => self.device.project(xb, w, out, shape),
+            (DevWeight::Bf16(_), None) => {
+                return Err(PipelineError::Gpu("bf16 weights without bf16 activations".into()));
+            }
+            (DevWeight::Quant(_), _) => {
+                return Err(PipelineError::Gpu("cuBLAS was given quantized blocks (decode them first)".into()));
+            }
+        }
+        .map_err(kernel_error)
     }
 
     /// One projection of each dense weight shape at the row counts the run
@@ -123,17 +143,15 @@ impl CudaBackend {
                 }
                 let shape = ProjectionShape { rows: r, k, n, out_stride: n };
                 let mut out = stream.alloc_zeros::<f32>(r * n).map_err(gpu("warming up cuBLAS"))?;
-                match self.weight(id) {
-                    DevWeight::F32(w) => {
-                        let x = stream.alloc_zeros::<f32>(r * k).map_err(gpu("warming up cuBLAS"))?;
-                        self.device.project(&x, w, &mut out, shape)
-                    }
-                    DevWeight::Bf16(w) => {
-                        let x = stream.alloc_zeros::<u16>(r * k).map_err(gpu("warming up cuBLAS"))?;
-                        self.device.project(&x, w, &mut out, shape)
-                    }
+                let x = stream.alloc_zeros::<f32>(r * k).map_err(gpu("warming up cuBLAS"))?;
+                let x_bf16 = stream.alloc_zeros::<u16>(r * k).map_err(gpu("warming up cuBLAS"))?;
+                // A quantized weight warms up decoded, as a prompt uses it.
+                let decoded = self.decoded(id, n * k)?;
+                let w = decoded.as_ref().unwrap_or_else(|| self.weight(id));
+                self.project_decoded(&x, Some(&x_bf16), w, &mut out.slice_mut(..), shape)?;
+                if decoded.is_some() {
+                    self.scratch = decoded;
                 }
-                .map_err(kernel_error)?;
             }
         }
         stream.synchronize().map_err(gpu("warming up cuBLAS"))

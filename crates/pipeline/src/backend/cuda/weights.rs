@@ -1,32 +1,103 @@
-//! Weights on the device: f32 or bf16 buffers, stacked experts, and how
-//! they get there from a [`WeightStore`]: copied from the host; for a
-//! synthetic tensor that was never materialised, generated on the device
-//! by the same function as the host generator; for GGUF blocks (Q8_0,
-//! Q4_K, Q5_K, Q6_K), copied as stored and decoded on the device (both
-//! bit-identical to the host's values).
+//! Weights on the device: f32 or bf16 buffers, or GGUF blocks kept as
+//! stored; stacked experts; and how they get there from a [`WeightStore`]:
+//! copied from the host; for a synthetic tensor that was never
+//! materialised, generated on the device by the same function as the host
+//! generator. GGUF blocks (Q8_0, Q4_K, Q5_K, Q6_K) stay quantized on the
+//! device (a quarter to a half of the bf16 bytes) and are decoded where
+//! they are used, bit for bit as the host decodes them (kernels-cuda's
+//! quant.cu).
 
 use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 use kernels_cuda::GpuDevice;
 use kernels_cuda::WeightElement;
-use kernels_cuda::quant::{block_layout, dequant_fill};
+use kernels_cuda::quant::block_layout;
 use kernels_cuda::synthetic::synthetic_fill;
 
 use super::{CudaPrecision, gpu, kernel_error};
 use crate::error::{PipelineError, Result};
-use crate::weights::{WeightDtype, WeightStore, WeightTensor};
+use crate::weights::{WeightDtype, WeightId, WeightStore, WeightTensor};
 
 /// A weight on the device, in the backend's precision.
 pub(super) enum DevWeight {
     F32(CudaSlice<f32>),
     Bf16(CudaSlice<u16>),
+    /// GGUF blocks as stored, decoded where used.
+    Quant(QuantWeight),
 }
 
-/// Pushes a weight argument, whichever its type.
-pub(super) fn push_weight<'a>(b: &mut LaunchArgs<'a>, w: &'a DevWeight) {
+impl DevWeight {
+    /// Bytes on the device.
+    pub(super) fn bytes(&self) -> usize {
+        match self {
+            DevWeight::F32(d) => 4 * d.len(),
+            DevWeight::Bf16(d) => 2 * d.len(),
+            DevWeight::Quant(q) => q.blocks.len(),
+        }
+    }
+}
+
+/// A quantized weight: rows of whole blocks of one ggml type.
+pub(super) struct QuantWeight {
+    pub(super) blocks: CudaSlice<u8>,
+    /// The ggml type id.
+    pub(super) kind: u32,
+    /// Values and bytes per block.
+    pub(super) block_len: usize,
+    pub(super) block_bytes: usize,
+}
+
+/// Pushes a decoded weight argument, whichever its type; quantized blocks
+/// are an error (their kernels take more arguments: quant.cu).
+pub(super) fn push_weight<'a>(b: &mut LaunchArgs<'a>, w: &'a DevWeight) -> Result<()> {
     match w {
         DevWeight::F32(d) => b.arg(d),
         DevWeight::Bf16(d) => b.arg(d),
+        DevWeight::Quant(_) => {
+            return Err(PipelineError::Gpu("a kernel for decoded weights was given quantized blocks".into()));
+        }
     };
+    Ok(())
+}
+
+/// The ggml type of `t` when it stays quantized on the device: blocks of
+/// a type the device decodes, in rows of whole blocks.
+pub(super) fn kept_quantized(t: &WeightTensor) -> Option<u32> {
+    match t.dtype {
+        WeightDtype::Quant(kind) => {
+            let (len, _) = block_layout(kind.0)?;
+            (t.recipe().is_none() && t.row_len().is_multiple_of(len)).then_some(kind.0)
+        }
+        _ => None,
+    }
+}
+
+/// Bytes `t` takes on the device.
+pub(super) fn device_bytes(t: &WeightTensor, precision: CudaPrecision) -> usize {
+    match kept_quantized(t) {
+        Some(_) => t.byte_len(),
+        None => t.numel() * element_size(precision),
+    }
+}
+
+/// `parts` (one tensor, or the experts of one projection, all of ggml type
+/// `kind`) uploaded as their blocks, one after the other.
+pub(super) fn upload_quantized(
+    device: &GpuDevice,
+    parts: &[&WeightTensor],
+    kind: u32,
+    what: &str,
+) -> Result<DevWeight> {
+    let (block_len, block_bytes) =
+        block_layout(kind).ok_or_else(|| PipelineError::Gpu(format!("{what}: ggml type {kind} is not decoded")))?;
+    let mut bytes = Vec::with_capacity(parts.iter().map(|t| t.byte_len()).sum());
+    for t in parts {
+        if kept_quantized(t) != Some(kind) {
+            return Err(PipelineError::BadInput(format!("{what}: `{}` is not of the first part's block type", t.name)));
+        }
+        bytes.extend_from_slice(&t.bytes());
+    }
+    let blocks = device.stream().clone_htod(&bytes).map_err(gpu(what))?;
+    Ok(DevWeight::Quant(QuantWeight { blocks, kind, block_len, block_bytes }))
 }
 
 /// Stacked expert weights of one projection: `[E, n_out, k]`.
@@ -49,8 +120,17 @@ pub(super) fn element_size(precision: CudaPrecision) -> usize {
 /// (with `reserve` bytes left for activations, caches and cuBLAS), before
 /// anything is allocated, so a model that cannot fit fails at once with
 /// the numbers rather than part-way through the upload.
-pub(super) fn check_fits(device: &GpuDevice, store: &WeightStore, precision: CudaPrecision) -> Result<()> {
-    let need: usize = store.tensors().iter().map(|t| t.numel() * element_size(precision)).sum();
+pub(super) fn check_fits(
+    device: &GpuDevice,
+    store: &WeightStore,
+    expert_lists: &[&[WeightId]],
+    precision: CudaPrecision,
+) -> Result<()> {
+    let need: usize = store.tensors().iter().map(|t| device_bytes(t, precision)).sum();
+    // Many-row projections decode a quantized weight into a scratch buffer
+    // (the largest one, the stacked experts of one projection: see
+    // projections.rs): count it too.
+    let need = need + quantized_scratch(store, expert_lists) * element_size(precision);
     let (free, total) = device.memory().map_err(kernel_error)?;
     let reserve = (total / 50).max(512 << 20);
     if need + reserve > free {
@@ -67,6 +147,19 @@ pub(super) fn check_fits(device: &GpuDevice, store: &WeightStore, precision: Cud
         });
     }
     Ok(())
+}
+
+/// Values of the scratch a many-row projection decodes a quantized weight
+/// into (projections.rs, moe.rs): the largest quantized tensor, or stack of
+/// quantized experts of one projection (`expert_lists`).
+pub(super) fn quantized_scratch(store: &WeightStore, expert_lists: &[&[WeightId]]) -> usize {
+    let single = store.tensors().iter().filter(|t| kept_quantized(t).is_some()).map(|t| t.numel()).max();
+    let stacked = expert_lists
+        .iter()
+        .filter(|l| !l.is_empty() && kept_quantized(store.get(l[0])).is_some())
+        .map(|l| store.get(l[0]).numel() * l.len())
+        .max();
+    single.unwrap_or(0).max(stacked.unwrap_or(0))
 }
 
 /// A zeroed device buffer of `n` weights in `precision`.
@@ -92,6 +185,7 @@ pub(super) fn fill_weight(
     match dst {
         DevWeight::F32(d) => fill(device, d, offset, t, what, || t.to_f32_vec()),
         DevWeight::Bf16(d) => fill(device, d, offset, t, what, || bf16_bits(t)),
+        DevWeight::Quant(_) => Err(PipelineError::Gpu(format!("{what}: decoded values into quantized blocks"))),
     }
 }
 
@@ -107,11 +201,12 @@ fn fill<T: WeightElement>(
     if let Some(r) = t.recipe() {
         return synthetic_fill(device, dst, offset, n, r.key, (r.mean, r.std)).map_err(kernel_error);
     }
-    // GGUF blocks: copied as stored and decoded on the device.
+    // GGUF blocks the device decodes stay quantized (`upload_quantized`);
+    // an odd tensor of them (rows not whole blocks) is decoded here.
     if let WeightDtype::Quant(kind) = t.dtype
         && block_layout(kind.0).is_some()
     {
-        return dequant_fill(device, dst, offset, n, kind.0, &t.bytes()).map_err(kernel_error);
+        return kernels_cuda::quant::dequant_fill(device, dst, offset, n, kind.0, &t.bytes()).map_err(kernel_error);
     }
     let values = host();
     let mut view = dst.slice_mut(offset..offset + n);
