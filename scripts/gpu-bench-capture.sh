@@ -8,7 +8,8 @@
 # without the disk), and a bisect-style selection (moe_router_indices,
 # moe_ffn_out, post_ffn_residual of all 48 layers at every step), through
 # `moetrace run` as a user would. Prints the summaries
-# (MOETRACE_PROFILE_STEPS=1 in the environment adds each step phase's host time).
+# (MOETRACE_PROFILE_STEPS=1 in the environment adds each step phase's host time;
+# PRESET=qwen3-30b-a3b-q4km runs the quantized preset instead).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-.gpu/out}
@@ -26,7 +27,7 @@ for name in ${CASES:-off eager nopdl layer0 layer0-shm bisect}; do
     esac
     cat >/tmp/moetrace-bench/$name.ron <<RON
 (
-    model: Synthetic(preset: "qwen3-30b-a3b", seed: 7),
+    model: Synthetic(preset: "${PRESET:-qwen3-30b-a3b}", seed: 7),
     prompt: Tokens([$prompt]),
     generate: 65,
     backend: Cuda(device: 0, dtype: Bf16),

@@ -143,6 +143,8 @@ pub mod synthetic {
     pub const FILL_BF16: Kernel = k("synthetic", "synthetic_fill_bf16");
     /// Synthetic weights as f32 (bf16 values widened).
     pub const FILL_F32: Kernel = k("synthetic", "synthetic_fill_f32");
+    /// Synthetic weights in a ggml block format.
+    pub const BLOCKS: Kernel = k("synthetic", "synthetic_blocks");
 }
 
 /// Every entry point, weight variants included.
@@ -190,6 +192,7 @@ pub const ALL: &[Kernel] = &[
     quant::EMBEDDING_QUANT,
     synthetic::FILL_BF16,
     synthetic::FILL_F32,
+    synthetic::BLOCKS,
 ];
 
 #[cfg(test)]

@@ -47,6 +47,54 @@ pub fn synthetic_fill<T: WeightElement>(
     Ok(())
 }
 
+/// Where a block format keeps its f16 scales: (byte of d, byte of dmin or
+/// None).
+pub struct ScaleFields {
+    /// Byte offset of d in a block.
+    pub d_at: u32,
+    /// Byte offset of dmin, for the formats that have one.
+    pub dmin_at: Option<u32>,
+}
+
+/// Fills `out[offset..]` with `blocks` blocks of `block_bytes` of the
+/// synthetic block-format tensor with key `key` (pipeline's
+/// synthetic_blocks.rs): random bytes, and the f16 bits `d` and `dmin` at
+/// their fields.
+pub fn synthetic_blocks_fill(
+    device: &GpuDevice,
+    out: &mut CudaSlice<u8>,
+    offset: usize,
+    (blocks, block_bytes): (usize, usize),
+    key: u64,
+    fields: ScaleFields,
+    (d, dmin): (u16, u16),
+) -> Result<()> {
+    let n = blocks * block_bytes;
+    if offset + n > out.len() || block_bytes == 0 {
+        return Err(crate::KernelError::Driver {
+            action: "filling synthetic blocks".into(),
+            message: format!("{n} bytes at {offset} do not fit a buffer of {}", out.len()),
+        });
+    }
+    if n == 0 {
+        return Ok(());
+    }
+    let function = device.kernel(crate::kernels::synthetic::BLOCKS)?;
+    let grid = n.div_ceil(256).clamp(1, 65_535) as u32;
+    let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let a = (blocks as u64, block_bytes as u32, fields.d_at, u32::from(d), fields.dmin_at.unwrap_or(u32::MAX));
+    let dmin = u32::from(dmin);
+    let mut view = out.slice_mut(offset..offset + n);
+    let stream = device.stream();
+    let mut launch = stream.launch_builder(&function);
+    launch.arg(&mut view).arg(&a.0).arg(&a.1).arg(&key).arg(&a.2).arg(&a.3).arg(&a.4).arg(&dmin);
+    // SAFETY: the argument list matches synthetic_blocks(u8*, u64, u32,
+    // u64, u32, u32, u32, u32); `view` holds blocks * block_bytes bytes and
+    // the kernel writes only those.
+    unsafe { launch.launch(config) }.map_err(driver("launching synthetic_blocks"))?;
+    Ok(())
+}
+
 /// Allocates `n` bf16 values (as raw bits) and fills them with the
 /// synthetic generator for tensor key `key`.
 pub fn synthetic_fill_bf16(device: &GpuDevice, n: usize, key: u64, mean: f32, std: f32) -> Result<CudaSlice<u16>> {

@@ -217,9 +217,7 @@ impl Model {
     /// generates them on the device (a 48-layer Qwen3-30B-A3B never
     /// touches host memory or PCIe); on the host every read recomputes.
     pub fn synthetic_on_demand(preset: &str, seed: u64, layers: Option<usize>) -> Result<Self> {
-        Self::synthetic_with(preset, seed, layers, |_, config| {
-            Ok(crate::weights::synthetic_store_on_demand(config, seed))
-        })
+        Self::synthetic_with(preset, seed, layers, |preset, config| Ok(preset.on_demand(config, seed)))
     }
 
     fn synthetic_with(

@@ -7,6 +7,7 @@ mod gguf_model;
 pub mod quant;
 mod safetensors;
 mod synthetic;
+mod synthetic_blocks;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ pub use safetensors::{SafetensorsEntry, index_safetensors, load_checkpoint, save
 pub use synthetic::{
     SyntheticPreset, available_memory_bytes, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key,
 };
+pub use synthetic_blocks::BlockRecipe;
 
 /// Element type of a stored weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +70,9 @@ enum WeightBytes {
     /// A synthetic bf16 tensor not materialised anywhere: its elements are
     /// computed where they are read (on the device by the CUDA backend).
     Synthetic(SyntheticRecipe),
+    /// The same for a synthetic tensor in a block format: its blocks are
+    /// made where they are read.
+    SyntheticBlocks(BlockRecipe),
 }
 
 /// How the elements of a synthetic tensor are computed: element `i` is
@@ -126,6 +131,20 @@ impl WeightTensor {
         Self { name, dtype: WeightDtype::Bf16, shape, bytes: WeightBytes::Synthetic(recipe) }
     }
 
+    /// A synthetic tensor in a block format, its blocks made when read.
+    pub fn synthetic_blocks(name: String, shape: Vec<usize>, recipe: BlockRecipe) -> Self {
+        Self { name, dtype: WeightDtype::Quant(recipe.kind), shape, bytes: WeightBytes::SyntheticBlocks(recipe) }
+    }
+
+    /// How its blocks are made, for a synthetic block-format tensor that
+    /// was not materialised.
+    pub fn block_recipe(&self) -> Option<BlockRecipe> {
+        match self.bytes {
+            WeightBytes::SyntheticBlocks(r) => Some(r),
+            _ => None,
+        }
+    }
+
     /// How its elements are computed, for a synthetic tensor that was not
     /// materialised.
     pub fn recipe(&self) -> Option<SyntheticRecipe> {
@@ -144,6 +163,7 @@ impl WeightTensor {
             WeightBytes::Synthetic(r) => {
                 Cow::Owned((0..self.numel() as u64).flat_map(|i| r.value(i).to_bits().to_le_bytes()).collect())
             }
+            WeightBytes::SyntheticBlocks(r) => Cow::Owned(r.blocks(self.numel())),
         }
     }
 
@@ -202,8 +222,17 @@ impl WeightTensor {
     fn read_blocks(&self, kind: gguf::GgmlType, start: usize, out: &mut [f32]) {
         let (len, bytes) = (kind.block_len().unwrap_or(1) as usize, kind.block_bytes().unwrap_or(0) as usize);
         let (first, last) = (start / len, (start + out.len()).div_ceil(len));
-        let all = self.bytes();
-        let blocks = &all[first * bytes..last * bytes];
+        let all = match &self.bytes {
+            // Only the blocks asked for.
+            WeightBytes::SyntheticBlocks(r) => {
+                let mut some = vec![0u8; (last - first) * bytes];
+                r.fill(first as u64, &mut some);
+                Cow::Owned(some)
+            }
+            _ => self.bytes(),
+        };
+        let offset = if matches!(self.bytes, WeightBytes::SyntheticBlocks(_)) { first * bytes } else { 0 };
+        let blocks = &all[first * bytes - offset..last * bytes - offset];
         // The loader checked the type and that the tensor is whole blocks.
         let whole = "whole blocks of a known type";
         if start.is_multiple_of(len) && out.len().is_multiple_of(len) {

@@ -13,7 +13,8 @@
 use rayon::prelude::*;
 use serde_json::json;
 
-use super::{SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
+use super::gguf::GgmlType;
+use super::{BlockRecipe, SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
 use crate::model::{TensorRole, TensorSpec, tensor_specs};
@@ -36,6 +37,10 @@ pub struct SyntheticPreset {
     moe_intermediate: usize,
     vocab: usize,
     positions: usize,
+    /// Projections and the embedding in ggml blocks, as a Q4_K_M GGUF
+    /// holds them (synthetic_blocks.rs): Q6_K for v, the down projections
+    /// and lm_head, Q4_K for the rest; norms and routers stay bf16.
+    quantized: bool,
 }
 
 impl SyntheticPreset {
@@ -55,6 +60,7 @@ impl SyntheticPreset {
             moe_intermediate: 128,
             vocab: 512,
             positions: 4096,
+            quantized: false,
         },
         SyntheticPreset {
             name: "tiny-dense",
@@ -70,6 +76,7 @@ impl SyntheticPreset {
             moe_intermediate: 0,
             vocab: 512,
             positions: 4096,
+            quantized: false,
         },
         SyntheticPreset {
             name: "tiny-moe-qwen3-vocab",
@@ -85,6 +92,7 @@ impl SyntheticPreset {
             moe_intermediate: 64,
             vocab: 151936,
             positions: 4096,
+            quantized: false,
         },
         SyntheticPreset {
             name: "qwen3-30b-a3b",
@@ -100,6 +108,39 @@ impl SyntheticPreset {
             moe_intermediate: 768,
             vocab: 151936,
             positions: 40960,
+            quantized: false,
+        },
+        SyntheticPreset {
+            name: "qwen3-30b-a3b-q4km",
+            description: "qwen3-30b-a3b with Q4_K_M-style weights kept quantized (Q4_K, Q6_K for v, down and lm_head): the decode benchmark against the quantized bytes",
+            layers: 48,
+            hidden: 2048,
+            heads: 32,
+            kv_heads: 4,
+            head_dim: 128,
+            intermediate: 6144,
+            experts: 128,
+            experts_per_token: 8,
+            moe_intermediate: 768,
+            vocab: 151936,
+            positions: 40960,
+            quantized: true,
+        },
+        SyntheticPreset {
+            name: "tiny-moe-q4km",
+            description: "2-layer Qwen3-MoE, H 256, 8 experts top-2, I 256, with Q4_K_M-style quantized weights",
+            layers: 2,
+            hidden: 256,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            intermediate: 512,
+            experts: 8,
+            experts_per_token: 2,
+            moe_intermediate: 256,
+            vocab: 512,
+            positions: 4096,
+            quantized: true,
         },
     ];
 
@@ -158,17 +199,27 @@ impl SyntheticPreset {
         ModelConfig::from_json(json, std::path::Path::new(self.name))
     }
 
-    /// Generates every tensor of `config` as bf16, after checking it fits in
-    /// memory.
+    /// Generates every tensor of `config` (as bf16, or blocks for a
+    /// quantized preset), after checking it fits in memory.
     pub fn generate(&self, config: &ModelConfig, seed: u64) -> Result<WeightStore> {
-        generate_weights(config, seed, self.name)
+        generate(config, seed, self.name, self.quantized)
+    }
+
+    /// Every tensor of `config`, not materialised: each is computed where
+    /// it is read (see [`synthetic_store_on_demand`]).
+    pub fn on_demand(&self, config: &ModelConfig, seed: u64) -> WeightStore {
+        on_demand(config, seed, self.quantized)
     }
 }
 
 /// Generates all tensors `config` implies, as bf16, from `seed`.
 pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<WeightStore> {
-    let recipes = recipes(config, seed);
-    let need: usize = recipes.iter().map(|(s, _)| s.shape.iter().product::<usize>() * 2).sum();
+    generate(config, seed, label, false)
+}
+
+fn generate(config: &ModelConfig, seed: u64, label: &str, quantized: bool) -> Result<WeightStore> {
+    let recipes = recipes(config, seed, quantized);
+    let need: usize = recipes.iter().map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product())).sum();
     if let Some(available) = available_memory_bytes() {
         // Leave room for activations, the OS and the capture writer.
         if need as f64 > available as f64 * 0.8 {
@@ -183,6 +234,16 @@ pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<
     let mut store = WeightStore::default();
     for (spec, recipe) in recipes {
         let numel: usize = spec.shape.iter().product();
+        let recipe = match recipe {
+            Recipe::Blocks(r) => {
+                let mut bytes = vec![0u8; WeightDtype::Quant(r.kind).bytes_for(numel)];
+                let chunk = r.block_bytes() * 256;
+                bytes.par_chunks_mut(chunk).enumerate().for_each(|(i, out)| r.fill(i as u64 * 256, out));
+                store.insert(WeightTensor::owned(spec.name, WeightDtype::Quant(r.kind), spec.shape, bytes));
+                continue;
+            }
+            Recipe::Values(r) => r,
+        };
         let mut bytes = vec![0u8; numel * 2];
         bytes.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, out)| {
             let first = chunk * (1 << 15);
@@ -199,15 +260,42 @@ pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<
 /// computed where it is read (the CUDA backend generates them on the
 /// device, so a model larger than host memory never exists on the host).
 pub fn synthetic_store_on_demand(config: &ModelConfig, seed: u64) -> WeightStore {
+    on_demand(config, seed, false)
+}
+
+fn on_demand(config: &ModelConfig, seed: u64, quantized: bool) -> WeightStore {
     let mut store = WeightStore::default();
-    for (spec, recipe) in recipes(config, seed) {
-        store.insert(WeightTensor::synthetic(spec.name, spec.shape, recipe));
+    for (spec, recipe) in recipes(config, seed, quantized) {
+        store.insert(match recipe {
+            Recipe::Values(r) => WeightTensor::synthetic(spec.name, spec.shape, r),
+            Recipe::Blocks(r) => WeightTensor::synthetic_blocks(spec.name, spec.shape, r),
+        });
     }
     store
 }
 
-/// Every tensor `config` implies with the statistics of its role.
-fn recipes(config: &ModelConfig, seed: u64) -> Vec<(TensorSpec, SyntheticRecipe)> {
+/// How one synthetic tensor is made.
+enum Recipe {
+    /// bf16 values.
+    Values(SyntheticRecipe),
+    /// ggml blocks.
+    Blocks(BlockRecipe),
+}
+
+impl Recipe {
+    fn dtype(&self) -> WeightDtype {
+        match self {
+            Recipe::Values(_) => WeightDtype::Bf16,
+            Recipe::Blocks(r) => WeightDtype::Quant(r.kind),
+        }
+    }
+}
+
+/// Every tensor `config` implies with the statistics of its role; with
+/// `quantized`, the embedding and projections whose rows are whole
+/// 256-value blocks as Q4_K, or Q6_K for v, the down projections and
+/// lm_head (as llama.cpp's Q4_K_M mix keeps more bits there).
+fn recipes(config: &ModelConfig, seed: u64, quantized: bool) -> Vec<(TensorSpec, Recipe)> {
     let layers = config.num_layers.max(1) as f32;
     tensor_specs(config)
         .into_iter()
@@ -221,13 +309,24 @@ fn recipes(config: &ModelConfig, seed: u64) -> Vec<(TensorSpec, SyntheticRecipe)
                 TensorRole::Bias => (0.0, 0.02),
             };
             let key = tensor_key(seed, &spec.name);
-            (spec, SyntheticRecipe { key, mean, std })
+            let blocks = quantized
+                && matches!(
+                    spec.role,
+                    TensorRole::Embedding | TensorRole::Projection { .. } | TensorRole::OutputProjection { .. }
+                )
+                && spec.shape.last().is_some_and(|k| k.is_multiple_of(256));
+            if blocks {
+                let more_bits = ["v_proj", "down_proj", "lm_head"].iter().any(|n| spec.name.contains(n));
+                let kind = if more_bits { GgmlType::Q6_K } else { GgmlType::Q4_K };
+                return (spec, Recipe::Blocks(BlockRecipe::new(key, kind, std)));
+            }
+            (spec, Recipe::Values(SyntheticRecipe { key, mean, std }))
         })
         .collect()
 }
 
 /// splitmix64 finaliser.
-fn mix(mut z: u64) -> u64 {
+pub(super) fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
@@ -307,6 +406,36 @@ mod tests {
         assert_eq!(get(&full), get(&cut));
         assert_ne!(get(&full), get(&other));
         assert!(cut.id("model.layers.1.input_layernorm.weight").is_none());
+    }
+
+    #[test]
+    fn the_q4km_presets_hold_blocks_read_the_same_on_demand_and_weigh_what_a_q4km_file_does() {
+        let preset = SyntheticPreset::by_name("tiny-moe-q4km").unwrap();
+        let config = preset.config(None).unwrap();
+        let (made, lazy) = (preset.generate(&config, 3).unwrap(), preset.on_demand(&config, 3));
+        let kind = |s: &WeightStore, name: &str| s.get(s.id(name).unwrap()).dtype;
+        let layer = "model.layers.1.";
+        assert_eq!(kind(&made, &format!("{layer}self_attn.q_proj.weight")), WeightDtype::Quant(GgmlType::Q4_K));
+        assert_eq!(kind(&made, &format!("{layer}self_attn.v_proj.weight")), WeightDtype::Quant(GgmlType::Q6_K));
+        assert_eq!(kind(&made, &format!("{layer}mlp.experts.3.down_proj.weight")), WeightDtype::Quant(GgmlType::Q6_K));
+        assert_eq!(kind(&made, &format!("{layer}mlp.gate.weight")), WeightDtype::Bf16);
+        assert_eq!(kind(&made, "model.embed_tokens.weight"), WeightDtype::Quant(GgmlType::Q4_K));
+        for (a, b) in made.tensors().iter().zip(lazy.tensors()) {
+            assert_eq!((&a.name, &a.shape, a.dtype), (&b.name, &b.shape, b.dtype));
+            assert_eq!(a.bytes(), b.bytes(), "{}", a.name);
+            let n = a.numel().min(300);
+            let (mut x, mut y) = (vec![0.0; n], vec![0.0; n]);
+            a.read_f32(a.numel() - n, &mut x);
+            b.read_f32(b.numel() - n, &mut y);
+            assert_eq!(x, y, "{}", a.name);
+        }
+        let big = SyntheticPreset::by_name("qwen3-30b-a3b-q4km").unwrap();
+        let c = big.config(None).unwrap();
+        let bytes: usize =
+            recipes(&c, 1, true).iter().map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product())).sum();
+        // llama.cpp's Qwen3-30B-A3B Q4_K_M is about 18.6 GB; this mix (Q6_K
+        // for every layer's down projections, not some) 19.8 GB.
+        assert!((18e9..21e9).contains(&(bytes as f64)), "{bytes}");
     }
 
     #[test]

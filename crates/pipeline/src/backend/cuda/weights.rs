@@ -11,7 +11,7 @@ use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 use kernels_cuda::GpuDevice;
 use kernels_cuda::WeightElement;
 use kernels_cuda::quant::block_layout;
-use kernels_cuda::synthetic::synthetic_fill;
+use kernels_cuda::synthetic::{ScaleFields, synthetic_blocks_fill, synthetic_fill};
 
 use super::{CudaPrecision, gpu, kernel_error};
 use crate::error::{PipelineError, Result};
@@ -89,14 +89,34 @@ pub(super) fn upload_quantized(
 ) -> Result<DevWeight> {
     let (block_len, block_bytes) =
         block_layout(kind).ok_or_else(|| PipelineError::Gpu(format!("{what}: ggml type {kind} is not decoded")))?;
-    let mut bytes = Vec::with_capacity(parts.iter().map(|t| t.byte_len()).sum());
+    let total: usize = parts.iter().map(|t| t.byte_len()).sum();
+    let stream = device.stream();
+    let mut blocks = stream.alloc_zeros::<u8>(total.max(1)).map_err(gpu(what))?;
+    let mut offset = 0;
     for t in parts {
         if kept_quantized(t) != Some(kind) {
             return Err(PipelineError::BadInput(format!("{what}: `{}` is not of the first part's block type", t.name)));
         }
-        bytes.extend_from_slice(&t.bytes());
+        let len = t.byte_len();
+        match t.block_recipe() {
+            // Synthetic blocks are made on the device, as the host makes them.
+            Some(r) => {
+                let fields = match kind {
+                    14 => ScaleFields { d_at: 208, dmin_at: None },
+                    12 | 13 => ScaleFields { d_at: 0, dmin_at: Some(2) },
+                    _ => ScaleFields { d_at: 0, dmin_at: None },
+                };
+                let shape = (len / block_bytes, block_bytes);
+                synthetic_blocks_fill(device, &mut blocks, offset, shape, r.key, fields, (r.d, r.dmin))
+                    .map_err(kernel_error)?;
+            }
+            None => {
+                let mut view = blocks.slice_mut(offset..offset + len);
+                stream.memcpy_htod(&t.bytes()[..], &mut view).map_err(gpu(what))?;
+            }
+        }
+        offset += len;
     }
-    let blocks = device.stream().clone_htod(&bytes).map_err(gpu(what))?;
     Ok(DevWeight::Quant(QuantWeight { blocks, kind, block_len, block_bytes }))
 }
 
