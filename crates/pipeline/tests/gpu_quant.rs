@@ -14,6 +14,15 @@ use kernels_cuda::synthetic::download;
 use pipeline::weights::gguf::GgmlType;
 use pipeline::weights::quant::dequantize;
 
+/// Whether GPU tests run here (MOETRACE_GPU set); says so when they do not.
+fn gpu_enabled() -> bool {
+    let on = std::env::var_os("MOETRACE_GPU").is_some();
+    if !on {
+        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    }
+    on
+}
+
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..n)
@@ -28,8 +37,7 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn device_block_decoders_match_the_host_bit_for_bit() {
-    if std::env::var_os("MOETRACE_GPU").is_none() {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    if !gpu_enabled() {
         return;
     }
     let device = GpuDevice::open(0).unwrap();
@@ -98,8 +106,7 @@ fn synthetic_blocks_made_on_the_device_are_the_hosts_and_the_q4km_preset_runs_as
     use pipeline::backend::cuda::CudaPrecision;
     use pipeline::weights::BlockRecipe;
     use pipeline::{CpuBackend, CudaBackend, Forward, Model};
-    if std::env::var_os("MOETRACE_GPU").is_none() {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    if !gpu_enabled() {
         return;
     }
     let device = GpuDevice::open(0).unwrap();

@@ -43,6 +43,24 @@ pub struct SyntheticPreset {
     quantized: bool,
 }
 
+/// Qwen3-30B-A3B's dimensions (two presets share them).
+const QWEN3_30B_A3B: SyntheticPreset = SyntheticPreset {
+    name: "qwen3-30b-a3b",
+    description: "Qwen3-30B-A3B dimensions: 48 layers, H 2048, 32/4 heads, hd 128, 128 experts top-8, I 768, V 151936",
+    layers: 48,
+    hidden: 2048,
+    heads: 32,
+    kv_heads: 4,
+    head_dim: 128,
+    intermediate: 6144,
+    experts: 128,
+    experts_per_token: 8,
+    moe_intermediate: 768,
+    vocab: 151936,
+    positions: 40960,
+    quantized: false,
+};
+
 impl SyntheticPreset {
     /// Every preset.
     pub const ALL: &'static [SyntheticPreset] = &[
@@ -94,37 +112,12 @@ impl SyntheticPreset {
             positions: 4096,
             quantized: false,
         },
-        SyntheticPreset {
-            name: "qwen3-30b-a3b",
-            description: "Qwen3-30B-A3B dimensions: 48 layers, H 2048, 32/4 heads, hd 128, 128 experts top-8, I 768, V 151936",
-            layers: 48,
-            hidden: 2048,
-            heads: 32,
-            kv_heads: 4,
-            head_dim: 128,
-            intermediate: 6144,
-            experts: 128,
-            experts_per_token: 8,
-            moe_intermediate: 768,
-            vocab: 151936,
-            positions: 40960,
-            quantized: false,
-        },
+        QWEN3_30B_A3B,
         SyntheticPreset {
             name: "qwen3-30b-a3b-q4km",
             description: "qwen3-30b-a3b with Q4_K_M-style weights kept quantized (Q4_K, Q6_K for v, down and lm_head): the decode benchmark against the quantized bytes",
-            layers: 48,
-            hidden: 2048,
-            heads: 32,
-            kv_heads: 4,
-            head_dim: 128,
-            intermediate: 6144,
-            experts: 128,
-            experts_per_token: 8,
-            moe_intermediate: 768,
-            vocab: 151936,
-            positions: 40960,
             quantized: true,
+            ..QWEN3_30B_A3B
         },
         SyntheticPreset {
             name: "tiny-moe-q4km",
