@@ -67,9 +67,9 @@ pub(super) struct StepGraphs {
     pub(super) observing: bool,
     /// Lands replays' reads.
     pub(super) lander: Lander,
-    /// The reads an eager decode step gathers (taps.rs).
+    /// The reads an eager decode step gathers (eager_reads.rs).
     pub(super) eager_reads: Option<super::eager_reads::EagerReads>,
-    /// Eager steps' reads whose copies may still run (taps.rs).
+    /// Eager steps' reads whose copies may still run (eager_reads.rs).
     pub(super) retired_reads: Vec<super::eager_reads::EagerReads>,
     /// Tensors a recording's gathers read at the step's end, kept out of
     /// the pool until the recording ends (taps.rs).
