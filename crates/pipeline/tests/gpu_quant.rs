@@ -110,13 +110,10 @@ fn synthetic_blocks_made_on_the_device_are_the_hosts_and_the_q4km_preset_runs_as
         return;
     }
     let device = GpuDevice::open(0).unwrap();
-    for (kind, fields) in [
-        (GgmlType::Q8_0, ScaleFields { d_at: 0, dmin_at: None }),
-        (GgmlType::Q4_K, ScaleFields { d_at: 0, dmin_at: Some(2) }),
-        (GgmlType::Q5_K, ScaleFields { d_at: 0, dmin_at: Some(2) }),
-        (GgmlType::Q6_K, ScaleFields { d_at: 208, dmin_at: None }),
-    ] {
+    for kind in [GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K] {
         let recipe = BlockRecipe::new(0x1234_5678_9abc_def0, kind, 0.03);
+        let (d_at, dmin_at) = recipe.scale_fields();
+        let fields = ScaleFields { d_at: d_at as u32, dmin_at: dmin_at.map(|at| at as u32) };
         let (len, size) = block_layout(kind.0).unwrap();
         let host = recipe.blocks(7 * len);
         let mut out = device.stream().clone_htod(&vec![0xa5u8; host.len() + 2 * size]).unwrap();

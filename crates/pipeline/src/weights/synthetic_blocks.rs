@@ -52,6 +52,16 @@ impl BlockRecipe {
         self.kind.block_len().unwrap_or(1) as usize
     }
 
+    /// Where a block keeps its f16 scale fields: the byte of `d`, and of
+    /// `dmin` for the formats that have one.
+    pub fn scale_fields(&self) -> (usize, Option<usize>) {
+        match self.kind {
+            GgmlType::Q4_K | GgmlType::Q5_K => (0, Some(2)),
+            GgmlType::Q6_K => (208, None),
+            _ => (0, None),
+        }
+    }
+
     /// Fills `out` (whole blocks) with blocks `first..` of the tensor.
     pub fn fill(&self, first: u64, out: &mut [u8]) {
         let bytes = self.block_bytes();
@@ -62,14 +72,10 @@ impl BlockRecipe {
                 let word = mix(self.key.wrapping_add((index * words + w as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)));
                 chunk.copy_from_slice(&word.to_le_bytes()[..chunk.len()]);
             }
-            let (d, dmin) = (self.d.to_le_bytes(), self.dmin.to_le_bytes());
-            match self.kind {
-                GgmlType::Q4_K | GgmlType::Q5_K => {
-                    block[0..2].copy_from_slice(&d);
-                    block[2..4].copy_from_slice(&dmin);
-                }
-                GgmlType::Q6_K => block[208..210].copy_from_slice(&d),
-                _ => block[0..2].copy_from_slice(&d),
+            let (d_at, dmin_at) = self.scale_fields();
+            block[d_at..d_at + 2].copy_from_slice(&self.d.to_le_bytes());
+            if let Some(at) = dmin_at {
+                block[at..at + 2].copy_from_slice(&self.dmin.to_le_bytes());
             }
         }
     }

@@ -149,16 +149,14 @@ impl CudaBackend {
         first: WeightId,
         op: impl FnOnce(&mut Self) -> Result<R>,
     ) -> Result<R> {
-        let (n, decoded) = {
+        let decoded = {
             let s = &self.stacked[&first];
             let DevWeight::Quant(q) = &s.data else { return op(self) };
-            let n = s.experts * s.n_out * s.k;
-            (n, decode_into(&self.device, self.precision, self.scratch.take(), q, n)?)
+            decode_into(&self.device, self.precision, self.scratch.take(), q, s.experts * s.n_out * s.k)?
         };
         let blocks = std::mem::replace(&mut self.stacked.get_mut(&first).expect("looked up above").data, decoded);
         let result = op(self);
         let decoded = std::mem::replace(&mut self.stacked.get_mut(&first).expect("looked up above").data, blocks);
-        debug_assert!(!matches!(decoded, DevWeight::Quant(_)) && n > 0);
         self.scratch = Some(decoded);
         result
     }

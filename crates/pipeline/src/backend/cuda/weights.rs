@@ -101,11 +101,8 @@ pub(super) fn upload_quantized(
         match t.block_recipe() {
             // Synthetic blocks are made on the device, as the host makes them.
             Some(r) => {
-                let fields = match kind {
-                    14 => ScaleFields { d_at: 208, dmin_at: None },
-                    12 | 13 => ScaleFields { d_at: 0, dmin_at: Some(2) },
-                    _ => ScaleFields { d_at: 0, dmin_at: None },
-                };
+                let (d_at, dmin_at) = r.scale_fields();
+                let fields = ScaleFields { d_at: d_at as u32, dmin_at: dmin_at.map(|at| at as u32) };
                 let shape = (len / block_bytes, block_bytes);
                 synthetic_blocks_fill(device, &mut blocks, offset, shape, r.key, fields, (r.d, r.dmin))
                     .map_err(kernel_error)?;
