@@ -64,13 +64,59 @@ __device__ float dequant_value(u32 kind, const unsigned char *b, u32 j) {
     return QUIET_NAN;
 }
 
+// Values j0..j0+7 (j0 % 8 == 0) of the block of `kind` at b into w, each
+// exactly as dequant_value gives it (the same operations in the same
+// order), the sub-block's scale and minimum decoded once for the eight.
+__device__ __forceinline__ void dequant8(u32 kind, const unsigned char *b, u32 j0, float *w) {
+    if (kind == GGML_Q8_0) {
+        float d = f16_at(b, 0);
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn((float)(signed char)b[2 + j0 + i], d);
+        return;
+    }
+    if (kind == GGML_Q4_K || kind == GGML_Q5_K) {
+        u32 pair = j0 / 64, l = j0 % 64, high = l >= 32, byte = l % 32;
+        const unsigned char *qs = b + (kind == GGML_Q4_K ? 16 : 48) + 32 * pair + byte;
+        u32 sc, m;
+        scale_min_k4(2 * pair + high, b + 4, &sc, &m);
+        float d = __fmul_rn(f16_at(b, 0), (float)sc), min = __fmul_rn(f16_at(b, 2), (float)m);
+        u32 bit = (high ? 2u : 1u) << (2 * pair);
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) {
+            u32 q = high ? (qs[i] >> 4) : (qs[i] & 0xfu);
+            if (kind == GGML_Q5_K && (b[16 + byte + i] & bit)) q += 16;
+            w[i] = __fsub_rn(__fmul_rn(d, (float)q), min);
+        }
+        return;
+    }
+    if (kind == GGML_Q6_K) {
+        u32 n = j0 / 128, r = j0 % 128, k = r / 32, l = r % 32;
+        const unsigned char *ql = b + 64 * n + ((k & 1) ? 32 : 0) + l, *qh = b + 128 + 32 * n + l;
+        float s = __fmul_rn(f16_at(b, 208), (float)(signed char)b[192 + 8 * n + l / 16 + 2 * k]);
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) {
+            u32 low = (k & 2) ? (ql[i] >> 4) : (ql[i] & 0xfu);
+            int q = (int)(low | (((qh[i] >> (2 * k)) & 3u) << 4)) - 32;
+            w[i] = __fmul_rn(s, (float)q);
+        }
+        return;
+    }
+#pragma unroll
+    for (u32 i = 0; i < 8; i++) w[i] = QUIET_NAN;
+}
+
 // out[i] = value i of n values stored as consecutive blocks of `kind`
-// (block_len values in block_bytes bytes each).
+// (block_len values in block_bytes bytes each; n a multiple of 8): each
+// thread decodes eight consecutive values.
 extern "C" __global__ void dequant_f32(float *out, const unsigned char *blocks, u32 kind, u32 block_len, u32 block_bytes, u64 n) {
     PDL_ENTRY();
     u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        out[i] = dequant_value(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len));
+    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; 8 * c < n; c += stride) {
+        u64 i = 8 * c;
+        float w[8];
+        dequant8(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len), w);
+#pragma unroll
+        for (u32 v = 0; v < 8; v++) out[i + v] = w[v];
     }
 }
 
@@ -79,8 +125,12 @@ extern "C" __global__ void dequant_f32(float *out, const unsigned char *blocks, 
 extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u32 kind, u32 block_len, u32 block_bytes, u64 n) {
     PDL_ENTRY();
     u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
-        out[i] = f32_to_bf16_bits(dequant_value(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len)));
+    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; 8 * c < n; c += stride) {
+        u64 i = 8 * c;
+        float w[8];
+        dequant8(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len), w);
+#pragma unroll
+        for (u32 v = 0; v < 8; v++) out[i + v] = f32_to_bf16_bits(w[v]);
     }
 }
 
@@ -93,13 +143,27 @@ extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u
 // kernels multiply by the same weights as the decoded path (accumulation
 // in f32, as everywhere).
 
-// Value j (< k) of the row of blocks at `row`.
-__device__ __forceinline__ float weight_at(u32 kind, const unsigned char *row, u32 j, u32 block_len, u32 block_bytes) {
-    float v = dequant_value(kind, row + (u64)(j / block_len) * block_bytes, j % block_len);
+// Values j..j+7 (j % 8 == 0, j < k) of the row of blocks at `row`.
+__device__ __forceinline__ void weights8(u32 kind, const unsigned char *row, u32 j, u32 block_len, u32 block_bytes, float *w) {
+    dequant8(kind, row + (u64)(j / block_len) * block_bytes, j % block_len, w);
 #if ROUND_BF16
-    v = bf16_bits_to_f32(f32_to_bf16_bits(v));
+#pragma unroll
+    for (u32 i = 0; i < 8; i++) w[i] = bf16_bits_to_f32(f32_to_bf16_bits(w[i]));
 #endif
-    return v;
+}
+
+// acc + w · x[0..8], in order (x 32-byte aligned).
+__device__ __forceinline__ float dot8f(float acc, const float *w, const float *x) {
+    float4 a = ((const float4 *)x)[0], b = ((const float4 *)x)[1];
+    acc += a.x * w[0];
+    acc += a.y * w[1];
+    acc += a.z * w[2];
+    acc += a.w * w[3];
+    acc += b.x * w[4];
+    acc += b.y * w[5];
+    acc += b.z * w[6];
+    acc += b.w * w[7];
+    return acc;
 }
 
 // Dense projection of a few rows (decode): out[t * out_stride + col + n] =
@@ -115,11 +179,13 @@ extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned
     float acc[8];
 #pragma unroll
     for (int t = 0; t < 8; t++) acc[t] = 0.0f;
-    for (u32 j = lane; j < k; j += 32) {
-        float wv = weight_at(kind, row, j, block_len, block_bytes);
+    // Each lane eight consecutive values at a time (one scale decode).
+    for (u32 j = 8 * lane; j < k; j += 256) {
+        float wv[8];
+        weights8(kind, row, j, block_len, block_bytes, wv);
 #pragma unroll
         for (u32 t = 0; t < 8; t++)
-            if (t < t_len) acc[t] += x[(u64)t * k + j] * wv;
+            if (t < t_len) acc[t] = dot8f(acc[t], wv, x + (u64)t * k + j);
     }
 #pragma unroll
     for (u32 t = 0; t < 8; t++) {
@@ -151,7 +217,11 @@ extern "C" __global__ void expert_linear_quant(float *out, const float *x, const
     const float *xr = x + (per_slot ? slot : (u64)t) * k;
     const unsigned char *row = w + ((u64)e * n_out + n) * (u64)(k / block_len) * block_bytes;
     float acc = 0.0f;
-    for (u32 j = lane; j < k; j += 32) acc += xr[j] * weight_at(kind, row, j, block_len, block_bytes);
+    for (u32 j = 8 * lane; j < k; j += 256) {
+        float wv[8];
+        weights8(kind, row, j, block_len, block_bytes, wv);
+        acc = dot8f(acc, wv, xr + j);
+    }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     if (lane == 0) out[slot * n_out + n] = store_act(acc);
 }

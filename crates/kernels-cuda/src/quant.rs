@@ -83,7 +83,8 @@ pub fn dequant_device<T: WeightElement>(
     }
     let stream = device.stream();
     let function = device.kernel(T::DEQUANT)?;
-    let grid = n.div_ceil(256).clamp(1, 65_535) as u32;
+    // One thread per eight values (n is whole blocks: a multiple of 8).
+    let grid = (n / 8).div_ceil(256).clamp(1, 65_535) as u32;
     let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (kind32, len32, bytes32, n64) = (kind, len as u32, bytes as u32, n as u64);
     let mut view = out.slice_mut(offset..offset + n);

@@ -143,3 +143,94 @@ fn synthetic_blocks_made_on_the_device_are_the_hosts_and_the_q4km_preset_runs_as
     assert!(e <= 1e-5, "logits rel_l2 {e:.3e}");
     assert_eq!(gpu.0, cpu.0, "greedy tokens");
 }
+
+/// rel_l2 of `b` against `a`.
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let (num, den) = a.iter().zip(b).fold((0.0f64, 0.0f64), |(n, d), (&x, &y)| {
+        (n + (f64::from(x) - f64::from(y)).powi(2), d + f64::from(x).powi(2))
+    });
+    if num == 0.0 { 0.0 } else { (num / den).sqrt() }
+}
+
+/// The projections over quantized weights in the manner of gpu_parity's
+/// table: every block type as a dense weight of awkward row counts (37, 7,
+/// 5, 3 rows of k = 512: two super-blocks, in one linear call), experts
+/// (5, top-2; Q4_K up [128, 512], Q6_K down [512, 128 -> 256]), and a
+/// Q4_K embedding, at T = 3 (the decode kernels read the blocks) and T =
+/// 40 (decoded into the scratch for cuBLAS; in Bf16 the grouped kernel),
+/// F32 and Bf16, the GPU's outputs poisoned, against the CPU backend on the
+/// same blocks. Bf16 multiplies by the weights rounded to bf16, so it is
+/// looser; its outputs must hold bf16 values.
+#[test]
+fn quantized_projections_match_the_cpu_backend_on_awkward_sizes() {
+    use std::sync::Arc;
+
+    use pipeline::backend::Backend;
+    use pipeline::backend::cuda::CudaPrecision;
+    use pipeline::weights::{BlockRecipe, WeightDtype, WeightId, WeightStore, WeightTensor, tensor_key};
+    use pipeline::{CpuBackend, CudaBackend, HostTensor};
+    use stage_types::SaveTensorStage as S;
+    if !gpu_enabled() {
+        return;
+    }
+    let (k, v, e, top, i_dim) = (512usize, 37usize, 5usize, 2usize, 256usize);
+    let mut store = WeightStore::default();
+    let mut quant = |name: &str, kind: GgmlType, shape: Vec<usize>| -> WeightId {
+        let n: usize = shape.iter().product();
+        let blocks = BlockRecipe::new(tensor_key(21, name), kind, 0.05).blocks(n);
+        store.insert(WeightTensor::owned(name.into(), WeightDtype::Quant(kind), shape, blocks))
+    };
+    let dense = [
+        quant("q4", GgmlType::Q4_K, vec![37, k]),
+        quant("q6", GgmlType::Q6_K, vec![7, k]),
+        quant("q5", GgmlType::Q5_K, vec![5, k]),
+        quant("q8", GgmlType::Q8_0, vec![3, k]),
+    ];
+    let table = quant("table", GgmlType::Q4_K, vec![v, k]);
+    let ups: Vec<WeightId> = (0..e).map(|x| quant(&format!("up{x}"), GgmlType::Q4_K, vec![i_dim, k])).collect();
+    let downs: Vec<WeightId> = (0..e).map(|x| quant(&format!("down{x}"), GgmlType::Q6_K, vec![k, i_dim])).collect();
+    let store = Arc::new(store);
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+    let mut failures = Vec::new();
+    for (precision, tolerance) in [(CudaPrecision::F32, 1e-6), (CudaPrecision::Bf16, 1e-2)] {
+        let experts: [&[WeightId]; 2] = [&ups, &downs];
+        let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, precision).unwrap();
+        gpu.set_poison(true);
+        let mut cpu = CpuBackend::new(store.clone(), Some(2)).unwrap();
+        for t in [3usize, 40] {
+            let tokens: Vec<u32> = (0..t as u32).map(|x| (x * 11 + 2) % v as u32).collect();
+            let x: Vec<f32> =
+                random_bytes(t * k, t as u64).iter().map(|&b| bf16((f32::from(b) - 127.5) / 64.0)).collect();
+            let ids: Vec<i32> = (0..t).flat_map(|r| [(r % e) as i32, ((r * 3 + 1) % e) as i32]).collect();
+            let ids: Vec<i32> = ids
+                .chunks(top)
+                .flat_map(|c| if c[0] == c[1] { [c[0], (c[0] + 1) % e as i32] } else { [c[0], c[1]] })
+                .collect();
+            for b in [&mut cpu as &mut dyn Backend, &mut gpu] {
+                b.begin_step(&tokens, 0).unwrap();
+                b.write(S::AttnNorm, &HostTensor::f32(vec![t, k], x.clone())).unwrap();
+                b.write(S::MoeRouterIndices, &HostTensor::i32(vec![t, top], ids.clone())).unwrap();
+                b.embedding(table, S::Embedding).unwrap();
+                b.linear(S::AttnNorm, &dense, S::QkvMatmul).unwrap();
+                b.expert_linear(S::AttnNorm, S::MoeRouterIndices, &ups, S::MoeExpertUp).unwrap();
+                b.expert_linear(S::MoeExpertUp, S::MoeRouterIndices, &downs, S::MoeExpertOut).unwrap();
+            }
+            for slot in [S::Embedding, S::QkvMatmul, S::MoeExpertUp, S::MoeExpertOut] {
+                let (a, g) = (cpu.read(slot).unwrap(), gpu.read(slot).unwrap());
+                let (a, g) = (a.as_f32().unwrap().to_vec(), g.as_f32().unwrap().to_vec());
+                let e = rel_l2(&a, &g);
+                let unrounded =
+                    if precision == CudaPrecision::Bf16 { g.iter().filter(|&&q| q != bf16(q)).count() } else { 0 };
+                let ok = e <= tolerance && unrounded == 0 && a.len() == g.len();
+                println!(
+                    "{precision:?} T={t} {slot:<16} rel_l2 {e:.2e} (tol {tolerance:.0e}) {unrounded} not bf16 {}",
+                    if ok { "ok" } else { "FAIL" }
+                );
+                if !ok {
+                    failures.push(format!("{precision:?} T={t} {slot}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
