@@ -10,15 +10,16 @@
 #define GGML_Q6_K 14u
 
 // IEEE half bits to f32, exactly (subnormals; a NaN keeps its payload with
-// the quiet bit set, as the half crate converts it).
+// the quiet bit set, as the half crate converts it). Without branches, so
+// the compiler can overlap the loads of several blocks: a finite half's
+// magnitude bits shifted into an f32's place are that value times 2^-112
+// (a subnormal half becomes an f32 subnormal), which one exact multiply
+// by 2^112 restores.
 __device__ __forceinline__ float f16_bits_to_f32(u16 h) {
-    u32 sign = ((u32)h & 0x8000u) << 16, exp = ((u32)h >> 10) & 0x1fu, mant = (u32)h & 0x3ffu;
-    if (exp == 0) {
-        float v = (float)mant * 5.9604644775390625e-8f; // mant * 2^-24, exact
-        return __uint_as_float(__float_as_uint(v) | sign);
-    }
-    if (exp == 31) return __uint_as_float(sign | (mant ? 0x7fc00000u : 0x7f800000u) | (mant << 13));
-    return __uint_as_float(sign | ((exp + 112u) << 23) | (mant << 13));
+    u32 sign = ((u32)h & 0x8000u) << 16, mag = ((u32)h & 0x7fffu) << 13;
+    u32 finite = __float_as_uint(__fmul_rn(__uint_as_float(mag), 5.192296858534828e33f)); // 2^112
+    u32 special = 0x7f800000u | mag | ((mag & 0x7fe000u) ? 0x400000u : 0u);
+    return __uint_as_float(sign | (mag >= 0x0f800000u ? special : finite));
 }
 
 __device__ __forceinline__ float f16_at(const unsigned char *b, u32 at) {
@@ -64,74 +65,152 @@ __device__ float dequant_value(u32 kind, const unsigned char *b, u32 j) {
     return QUIET_NAN;
 }
 
-// Values j0..j0+7 (j0 % 8 == 0) of the block of `kind` at b into w, each
-// exactly as dequant_value gives it (the same operations in the same
-// order), the sub-block's scale and minimum decoded once for the eight.
-__device__ __forceinline__ void dequant8(u32 kind, const unsigned char *b, u32 j0, float *w) {
-    if (kind == GGML_Q8_0) {
-        float d = f16_at(b, 0);
-#pragma unroll
-        for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn((float)(signed char)b[2 + j0 + i], d);
-        return;
-    }
-    if (kind == GGML_Q4_K || kind == GGML_Q5_K) {
-        u32 pair = j0 / 64, l = j0 % 64, high = l >= 32, byte = l % 32;
-        const unsigned char *qs = b + (kind == GGML_Q4_K ? 16 : 48) + 32 * pair + byte;
-        u32 sc, m;
-        scale_min_k4(2 * pair + high, b + 4, &sc, &m);
-        float d = __fmul_rn(f16_at(b, 0), (float)sc), min = __fmul_rn(f16_at(b, 2), (float)m);
-        u32 bit = (high ? 2u : 1u) << (2 * pair);
-#pragma unroll
-        for (u32 i = 0; i < 8; i++) {
-            u32 q = high ? (qs[i] >> 4) : (qs[i] & 0xfu);
-            if (kind == GGML_Q5_K && (b[16 + byte + i] & bit)) q += 16;
-            w[i] = __fsub_rn(__fmul_rn(d, (float)q), min);
-        }
-        return;
-    }
-    if (kind == GGML_Q6_K) {
-        u32 n = j0 / 128, r = j0 % 128, k = r / 32, l = r % 32;
-        const unsigned char *ql = b + 64 * n + ((k & 1) ? 32 : 0) + l, *qh = b + 128 + 32 * n + l;
-        float s = __fmul_rn(f16_at(b, 208), (float)(signed char)b[192 + 8 * n + l / 16 + 2 * k]);
-#pragma unroll
-        for (u32 i = 0; i < 8; i++) {
-            u32 low = (k & 2) ? (ql[i] >> 4) : (ql[i] & 0xfu);
-            int q = (int)(low | (((qh[i] >> (2 * k)) & 3u) << 4)) - 32;
-            w[i] = __fmul_rn(s, (float)q);
-        }
-        return;
-    }
-#pragma unroll
-    for (u32 i = 0; i < 8; i++) w[i] = QUIET_NAN;
+// ---- Eight values at a time, the block type known at compile time ----
+//
+// The same operations as dequant_value on each value, so the same bits;
+// what changes is how the bytes are fetched (words, not bytes), that the
+// eight quants are assembled four to a word (one shift and mask for four),
+// and how a quant becomes a float: a byte permute puts it under the
+// exponent of 2^23 and one exact subtraction removes that (and the type's
+// bias), instead of the quarter-rate I2F conversion.
+
+// Eight bytes at p: two aligned loads of four when p is 8-byte aligned
+// (Q4_K and Q5_K blocks are 144 and 176 bytes, so every quant group of a
+// block at a 16-byte boundary is), else four loads of two (Q6_K and Q8_0
+// blocks are 210 and 34 bytes: only even offsets).
+template <bool ALIGNED8>
+__device__ __forceinline__ uint2 load8(const unsigned char *p) {
+    if (ALIGNED8) return *(const uint2 *)p;
+    const u16 *h = (const u16 *)p;
+    uint2 v;
+    v.x = (u32)h[0] | ((u32)h[1] << 16);
+    v.y = (u32)h[2] | ((u32)h[3] << 16);
+    return v;
 }
 
-// out[i] = value i of n values stored as consecutive blocks of `kind`
-// (block_len values in block_bytes bytes each; n a multiple of 8): each
-// thread decodes eight consecutive values.
+// Byte i (0..8, known at compile time after unrolling) of the eight bytes
+// q as the float (byte - BIAS), exactly: 2^23 + byte and 2^23 + BIAS are
+// exact floats and so is their difference (Sterbenz).
+template <u32 BIAS>
+__device__ __forceinline__ float quant_value(uint2 q, u32 i) {
+    u32 word = i < 4 ? q.x : q.y;
+    // Result bytes: byte i of word, 0, 0, 0x4B (from 0x4B000000).
+    float biased = __uint_as_float(__byte_perm(word, 0x4B000000u, (i & 3u) | 0x7440u));
+    return __fsub_rn(biased, __uint_as_float(0x4B000000u | BIAS));
+}
+
+template <u32 KIND> struct BlockOf;
+template <> struct BlockOf<GGML_Q8_0> { static const u32 len = 32, bytes = 34; };
+template <> struct BlockOf<GGML_Q4_K> { static const u32 len = 256, bytes = 144; };
+template <> struct BlockOf<GGML_Q5_K> { static const u32 len = 256, bytes = 176; };
+template <> struct BlockOf<GGML_Q6_K> { static const u32 len = 256, bytes = 210; };
+
+// Values j0..j0+7 (j0 % 8 == 0) of the block of type KIND at b into w.
+template <u32 KIND>
+__device__ __forceinline__ void dequant8(const unsigned char *b, u32 j0, float *w) {
+    if (KIND == GGML_Q8_0) {
+        float d = f16_at(b, 0);
+        uint2 q = load8<false>(b + 2 + j0);
+        q.x ^= 0x80808080u; // signed bytes + 128
+        q.y ^= 0x80808080u;
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn(quant_value<128>(q, i), d);
+    } else if (KIND == GGML_Q4_K || KIND == GGML_Q5_K) {
+        // 64 values per pair of sub-blocks: the low nibbles of 32 bytes,
+        // then their high nibbles; Q5_K adds a fifth bit from qh.
+        u32 pair = j0 / 64, high = (j0 % 64) >= 32, byte = j0 % 32;
+        u32 head = *(const u32 *)b, s0 = *(const u32 *)(b + 4), s1 = *(const u32 *)(b + 8), s2 = *(const u32 *)(b + 12);
+        // scale_min_k4 of sub-block 2 * pair + high from the three words.
+        u32 j = 2 * pair + high, sc, m;
+        if (j < 4) {
+            sc = (s0 >> (8 * j)) & 63u;
+            m = (s1 >> (8 * j)) & 63u;
+        } else {
+            u32 sh = 8 * (j - 4), lo = (s2 >> sh) & 0xffu;
+            sc = (lo & 0xfu) | (((s0 >> sh) >> 6 & 3u) << 4);
+            m = (lo >> 4) | (((s1 >> sh) >> 6 & 3u) << 4);
+        }
+        float d = __fmul_rn(f16_bits_to_f32((u16)head), (float)sc);
+        float min = __fmul_rn(f16_bits_to_f32((u16)(head >> 16)), (float)m);
+        uint2 q = load8<true>(b + (KIND == GGML_Q4_K ? 16 : 48) + 32 * pair + byte);
+        u32 shift = high ? 4 : 0;
+        q.x = (q.x >> shift) & 0x0f0f0f0fu;
+        q.y = (q.y >> shift) & 0x0f0f0f0fu;
+        if (KIND == GGML_Q5_K) {
+            uint2 qh = load8<true>(b + 16 + byte);
+            u32 bit = 2 * pair + high;
+            q.x |= ((qh.x >> bit) & 0x01010101u) << 4;
+            q.y |= ((qh.y >> bit) & 0x01010101u) << 4;
+        }
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) w[i] = __fsub_rn(__fmul_rn(d, quant_value<0>(q, i)), min);
+    } else {
+        // Q6_K: two halves of 128; in each, four groups of 32 with 4 low
+        // bits from ql and 2 high bits from qh, a signed 8-bit scale per 16.
+        u32 n = j0 / 128, r = j0 % 128, k = r / 32, l = r % 32;
+        uint2 q = load8<false>(b + 64 * n + ((k & 1) ? 32 : 0) + l), qh = load8<false>(b + 128 + 32 * n + l);
+        float s = __fmul_rn(f16_at(b, 208), (float)(signed char)b[192 + 8 * n + l / 16 + 2 * k]);
+        u32 shift = (k & 2) ? 4 : 0;
+        q.x = ((q.x >> shift) & 0x0f0f0f0fu) | (((qh.x >> (2 * k)) & 0x03030303u) << 4);
+        q.y = ((q.y >> shift) & 0x0f0f0f0fu) | (((qh.y >> (2 * k)) & 0x03030303u) << 4);
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn(s, quant_value<32>(q, i));
+    }
+}
+
+// dequant8 for a block type chosen at run time (uniform across a launch).
+#define DISPATCH_KIND(kind, CALL)                     \
+    switch (kind) {                                   \
+    case GGML_Q8_0: { const u32 K = GGML_Q8_0; CALL; } break; \
+    case GGML_Q4_K: { const u32 K = GGML_Q4_K; CALL; } break; \
+    case GGML_Q5_K: { const u32 K = GGML_Q5_K; CALL; } break; \
+    case GGML_Q6_K: { const u32 K = GGML_Q6_K; CALL; } break; \
+    }
+
+// Value i of n values stored as consecutive blocks of type KIND (n a
+// multiple of 8) into out_f32[i], or as bf16 bits (rounded to nearest
+// even, as the host's half::bf16::from_f32) into out_bf16[i] when out_f32
+// is null: each thread eight consecutive values, stored with one 16-byte
+// (bf16) or two (f32) stores when the output is aligned for them.
+template <u32 KIND>
+__device__ __forceinline__ void dequant_impl(float *out_f32, u16 *out_bf16, const unsigned char *blocks, u64 n) {
+    bool wide = ((unsigned long long)(out_f32 ? (const void *)out_f32 : (const void *)out_bf16) & 31u) == 0;
+    u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; 8 * c < n; c += stride) {
+        u64 i = 8 * c;
+        float w[8];
+        dequant8<KIND>(blocks + (i / BlockOf<KIND>::len) * BlockOf<KIND>::bytes, (u32)(i % BlockOf<KIND>::len), w);
+        if (wide && out_f32) {
+            float4 a, b;
+            a.x = w[0]; a.y = w[1]; a.z = w[2]; a.w = w[3];
+            b.x = w[4]; b.y = w[5]; b.z = w[6]; b.w = w[7];
+            ((float4 *)(out_f32 + i))[0] = a;
+            ((float4 *)(out_f32 + i))[1] = b;
+        } else if (wide) {
+            uint4 v;
+            v.x = pack_bf16(w[0], w[1]); v.y = pack_bf16(w[2], w[3]);
+            v.z = pack_bf16(w[4], w[5]); v.w = pack_bf16(w[6], w[7]);
+            *(uint4 *)(out_bf16 + i) = v;
+        } else {
+#pragma unroll
+            for (u32 v = 0; v < 8; v++) {
+                if (out_f32) out_f32[i + v] = w[v];
+                else out_bf16[i + v] = f32_to_bf16_bits(w[v]);
+            }
+        }
+    }
+}
+
+// (block_len and block_bytes follow from kind; kept in the signature for
+// the host's launch code.)
 extern "C" __global__ void dequant_f32(float *out, const unsigned char *blocks, u32 kind, u32 block_len, u32 block_bytes, u64 n) {
     PDL_ENTRY();
-    u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; 8 * c < n; c += stride) {
-        u64 i = 8 * c;
-        float w[8];
-        dequant8(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len), w);
-#pragma unroll
-        for (u32 v = 0; v < 8; v++) out[i + v] = w[v];
-    }
+    DISPATCH_KIND(kind, dequant_impl<K>(out, nullptr, blocks, n));
 }
 
-// The same values as bf16 bits (rounded to nearest even, as the host's
-// half::bf16::from_f32).
 extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u32 kind, u32 block_len, u32 block_bytes, u64 n) {
     PDL_ENTRY();
-    u64 stride = (u64)gridDim.x * blockDim.x;
-    for (u64 c = (u64)blockIdx.x * blockDim.x + threadIdx.x; 8 * c < n; c += stride) {
-        u64 i = 8 * c;
-        float w[8];
-        dequant8(kind, blocks + (i / block_len) * block_bytes, (u32)(i % block_len), w);
-#pragma unroll
-        for (u32 v = 0; v < 8; v++) out[i + v] = f32_to_bf16_bits(w[v]);
-    }
+    DISPATCH_KIND(kind, dequant_impl<K>(nullptr, out, blocks, n));
 }
 
 // ---- Projections over weights kept quantized on the device ----
@@ -143,52 +222,65 @@ extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u
 // kernels multiply by the same weights as the decoded path (accumulation
 // in f32, as everywhere).
 
-// Values j..j+7 (j % 8 == 0, j < k) of the row of blocks at `row`.
-__device__ __forceinline__ void weights8(u32 kind, const unsigned char *row, u32 j, u32 block_len, u32 block_bytes, float *w) {
-    dequant8(kind, row + (u64)(j / block_len) * block_bytes, j % block_len, w);
+// Values j..j+7 (j % 8 == 0, j < k) of the row of blocks of type KIND at
+// `row`; in Bf16 mode rounded to bf16 by the hardware's conversion, which
+// rounds every finite value to nearest even exactly as the host does (a
+// NaN weight stays NaN, its payload not kept: a dot product's NaN is the
+// canonical one anyway).
+template <u32 KIND>
+__device__ __forceinline__ void weights8(const unsigned char *row, u32 j, float *w) {
+    dequant8<KIND>(row + (u64)(j / BlockOf<KIND>::len) * BlockOf<KIND>::bytes, j % BlockOf<KIND>::len, w);
 #if ROUND_BF16
 #pragma unroll
-    for (u32 i = 0; i < 8; i++) w[i] = bf16_bits_to_f32(f32_to_bf16_bits(w[i]));
+    for (u32 i = 0; i < 8; i += 2) {
+        u32 pair;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(w[i + 1]), "f"(w[i]));
+        w[i] = __uint_as_float(pair << 16);
+        w[i + 1] = __uint_as_float(pair & 0xffff0000u);
+    }
 #endif
 }
 
-// acc + w · x[0..8], in order (x 32-byte aligned).
+// acc + w · x[0..8], in order, fused multiply-adds (x 32-byte aligned).
 __device__ __forceinline__ float dot8f(float acc, const float *w, const float *x) {
     float4 a = ((const float4 *)x)[0], b = ((const float4 *)x)[1];
-    acc += a.x * w[0];
-    acc += a.y * w[1];
-    acc += a.z * w[2];
-    acc += a.w * w[3];
-    acc += b.x * w[4];
-    acc += b.y * w[5];
-    acc += b.z * w[6];
-    acc += b.w * w[7];
+    acc = __fmaf_rn(a.x, w[0], acc);
+    acc = __fmaf_rn(a.y, w[1], acc);
+    acc = __fmaf_rn(a.z, w[2], acc);
+    acc = __fmaf_rn(a.w, w[3], acc);
+    acc = __fmaf_rn(b.x, w[4], acc);
+    acc = __fmaf_rn(b.y, w[5], acc);
+    acc = __fmaf_rn(b.z, w[6], acc);
+    acc = __fmaf_rn(b.w, w[7], acc);
     return acc;
 }
 
 // Dense projection of a few rows (decode): out[t * out_stride + col + n] =
 // row(n) · x[t] for n < n_rows, t < t_len <= 8. One warp per output row
-// reads its blocks once for all rows of x. raw = 1 stores the f32 sum as
-// is (router logits), raw = 0 as an activation (store_act).
-extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 n_rows, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
-    PDL_ENTRY();
+// reads its blocks once for all rows of x, each lane eight consecutive
+// values at a time (one scale decode), four groups of eight in flight.
+// raw = 1 stores the f32 sum as is (router logits), raw = 0 as an
+// activation (store_act). ROWS is 1 (a decode step: the loop's code stays
+// small) or 8 (up to eight rows of x).
+template <u32 KIND, u32 ROWS>
+__device__ __forceinline__ void gemv_impl(float *out, const float *__restrict__ x, const unsigned char *__restrict__ w, u32 n_rows, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
     u64 n = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (n >= n_rows) return; // uniform across the warp
     u32 lane = threadIdx.x & 31;
-    const unsigned char *row = w + n * (u64)(k / block_len) * block_bytes;
-    float acc[8];
+    const unsigned char *row = w + n * (u64)(k / BlockOf<KIND>::len) * BlockOf<KIND>::bytes;
+    float acc[ROWS];
 #pragma unroll
-    for (int t = 0; t < 8; t++) acc[t] = 0.0f;
-    // Each lane eight consecutive values at a time (one scale decode).
+    for (u32 t = 0; t < ROWS; t++) acc[t] = 0.0f;
+#pragma unroll 4
     for (u32 j = 8 * lane; j < k; j += 256) {
         float wv[8];
-        weights8(kind, row, j, block_len, block_bytes, wv);
+        weights8<KIND>(row, j, wv);
 #pragma unroll
-        for (u32 t = 0; t < 8; t++)
+        for (u32 t = 0; t < ROWS; t++)
             if (t < t_len) acc[t] = dot8f(acc[t], wv, x + (u64)t * k + j);
     }
 #pragma unroll
-    for (u32 t = 0; t < 8; t++) {
+    for (u32 t = 0; t < ROWS; t++) {
         if (t >= t_len) break;
         float v = acc[t];
         for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
@@ -196,13 +288,19 @@ extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned
     }
 }
 
+extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 n_rows, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
+    PDL_ENTRY();
+    if (t_len == 1) DISPATCH_KIND(kind, (gemv_impl<K, 1>(out, x, w, n_rows, t_len, k, out_stride, col, raw)))
+    else DISPATCH_KIND(kind, (gemv_impl<K, 8>(out, x, w, n_rows, t_len, k, out_stride, col, raw)));
+}
+
 // Per-expert projection over quantized experts stacked [E, n_out, k] (each
 // expert's rows after the previous expert's): out[t, j, n] =
 // W[ids[t, j]][n] · x, x = input[t] (per_slot = 0) or input[t, j]
 // (per_slot = 1). One warp per output element; an id outside 0..experts
 // writes NaN (never reads out of bounds).
-extern "C" __global__ void expert_linear_quant(float *out, const float *x, const int *ids, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
-    PDL_ENTRY();
+template <u32 KIND>
+__device__ __forceinline__ void expert_linear_quant_impl(float *out, const float *__restrict__ x, const int *ids, const unsigned char *__restrict__ w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
     u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (warp >= (u64)t_len * top_k * n_out) return;
     u32 lane = threadIdx.x & 31;
@@ -215,15 +313,21 @@ extern "C" __global__ void expert_linear_quant(float *out, const float *x, const
         return;
     }
     const float *xr = x + (per_slot ? slot : (u64)t) * k;
-    const unsigned char *row = w + ((u64)e * n_out + n) * (u64)(k / block_len) * block_bytes;
+    const unsigned char *row = w + ((u64)e * n_out + n) * (u64)(k / BlockOf<KIND>::len) * BlockOf<KIND>::bytes;
     float acc = 0.0f;
+#pragma unroll 4
     for (u32 j = 8 * lane; j < k; j += 256) {
         float wv[8];
-        weights8(kind, row, j, block_len, block_bytes, wv);
+        weights8<KIND>(row, j, wv);
         acc = dot8f(acc, wv, xr + j);
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
     if (lane == 0) out[slot * n_out + n] = store_act(acc);
+}
+
+extern "C" __global__ void expert_linear_quant(float *out, const float *x, const int *ids, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
+    PDL_ENTRY();
+    DISPATCH_KIND(kind, expert_linear_quant_impl<K>(out, x, ids, w, t_len, top_k, k, n_out, experts, per_slot));
 }
 
 // Embedding rows from a quantized table [V, h]: out[t, c] = table[tokens[t], c]

@@ -9,14 +9,14 @@
 //! multiply by the values rounded to bf16, as weights decoded at upload
 //! are, so the numbers do not depend on which path ran.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use kernels_cuda::blas::ProjectionShape;
 use kernels_cuda::kernels::quant;
 use kernels_cuda::quant::dequant_device;
 
 use super::tensors::DevData;
 use super::weights::{DevWeight, QuantWeight, alloc_weight};
-use super::{CudaBackend, CudaPrecision, gpu, kernel_error, threads, warps};
+use super::{CudaBackend, CudaPrecision, gpu, kernel_error, threads};
 use crate::backend::Slot;
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
@@ -24,6 +24,13 @@ use crate::weights::WeightId;
 /// Projections of at most this many rows read quantized weights directly
 /// (the kernel keeps one accumulator per row).
 pub(super) const QUANT_GEMV_MAX_ROWS: usize = 8;
+
+/// One warp per output in blocks of two warps: a k or v projection's 512
+/// rows then spread over 256 blocks (every SM of an H100 or H200), where
+/// blocks of eight warps would leave half the SMs idle.
+fn quant_warps(n: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: ((n * 32).div_ceil(64).max(1) as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }
+}
 
 /// The first `n` values of `w` decoded into `scratch` (reused when it holds
 /// at least `n` values of the backend's precision, else a new buffer).
@@ -83,7 +90,7 @@ impl CudaBackend {
                 // column col + r < total of `o` (rows * total); row r's blocks
                 // are k / block_len blocks at r * that * block_bytes, within
                 // the weight's n rows (k was checked against the weight).
-                unsafe { b.launch(warps(n)) }.map_err(gpu("gemv_quant"))?;
+                unsafe { b.launch(quant_warps(n)) }.map_err(gpu("gemv_quant"))?;
             } else {
                 // Many rows, or a decoded weight among quantized ones: cuBLAS.
                 self.refuse_in_capture("a projection through cuBLAS")?;
@@ -130,7 +137,7 @@ impl CudaBackend {
         // SAFETY: one warp per (t, j, n) writing out[slot * n_out + n] of
         // t_len * top_k * n_out; ids are range-checked in the kernel, so an
         // expert's rows are within the stack of `count` experts.
-        unsafe { b.launch(warps(t_len * top_k * n_out)) }.map_err(gpu("expert_linear_quant"))?;
+        unsafe { b.launch(quant_warps(t_len * top_k * n_out)) }.map_err(gpu("expert_linear_quant"))?;
         Ok(())
     }
 
