@@ -105,12 +105,48 @@ template <> struct BlockOf<GGML_Q4_K> { static const u32 len = 256, bytes = 144;
 template <> struct BlockOf<GGML_Q5_K> { static const u32 len = 256, bytes = 176; };
 template <> struct BlockOf<GGML_Q6_K> { static const u32 len = 256, bytes = 210; };
 
-// Values j0..j0+7 (j0 % 8 == 0) of the block of type KIND at b into w.
+// The bytes of a block that its values j0..j0+7 need, loaded (raw_of)
+// apart from their decoding (decode_raw), so a kernel can issue the loads
+// of several groups before it decodes the first. Per type: Q8_0 and Q6_K
+// keep the f16 scale in head and Q6_K its 8-bit scale in s0; Q4_K and
+// Q5_K keep d and dmin in head, the 12 packed scale bytes in s0..s2; q
+// holds the eight quants' bytes (Q6_K's low bits), qh the high bits.
+struct Raw8 {
+    u32 head, s0, s1, s2;
+    uint2 q, qh;
+};
+
 template <u32 KIND>
-__device__ __forceinline__ void dequant8(const unsigned char *b, u32 j0, float *w) {
+__device__ __forceinline__ Raw8 raw_of(const unsigned char *b, u32 j0) {
+    Raw8 r;
     if (KIND == GGML_Q8_0) {
-        float d = f16_at(b, 0);
-        uint2 q = load8<false>(b + 2 + j0);
+        r.head = *(const u16 *)b;
+        r.q = load8<false>(b + 2 + j0);
+    } else if (KIND == GGML_Q4_K || KIND == GGML_Q5_K) {
+        u32 pair = j0 / 64, byte = j0 % 32;
+        r.head = *(const u32 *)b;
+        r.s0 = *(const u32 *)(b + 4);
+        r.s1 = *(const u32 *)(b + 8);
+        r.s2 = *(const u32 *)(b + 12);
+        r.q = load8<true>(b + (KIND == GGML_Q4_K ? 16 : 48) + 32 * pair + byte);
+        if (KIND == GGML_Q5_K) r.qh = load8<true>(b + 16 + byte);
+    } else {
+        u32 n = j0 / 128, k = (j0 % 128) / 32, l = j0 % 32;
+        r.head = *(const u16 *)(b + 208);
+        r.s0 = (u32)(int)(signed char)b[192 + 8 * n + l / 16 + 2 * k];
+        r.q = load8<false>(b + 64 * n + ((k & 1) ? 32 : 0) + l);
+        r.qh = load8<false>(b + 128 + 32 * n + l);
+    }
+    return r;
+}
+
+// Values j0..j0+7 (j0 % 8 == 0) of a block of type KIND, from its bytes r
+// (raw_of), into w.
+template <u32 KIND>
+__device__ __forceinline__ void decode_raw(Raw8 r, u32 j0, float *w) {
+    uint2 q = r.q;
+    if (KIND == GGML_Q8_0) {
+        float d = f16_bits_to_f32((u16)r.head);
         q.x ^= 0x80808080u; // signed bytes + 128
         q.y ^= 0x80808080u;
 #pragma unroll
@@ -118,44 +154,46 @@ __device__ __forceinline__ void dequant8(const unsigned char *b, u32 j0, float *
     } else if (KIND == GGML_Q4_K || KIND == GGML_Q5_K) {
         // 64 values per pair of sub-blocks: the low nibbles of 32 bytes,
         // then their high nibbles; Q5_K adds a fifth bit from qh.
-        u32 pair = j0 / 64, high = (j0 % 64) >= 32, byte = j0 % 32;
-        u32 head = *(const u32 *)b, s0 = *(const u32 *)(b + 4), s1 = *(const u32 *)(b + 8), s2 = *(const u32 *)(b + 12);
+        u32 pair = j0 / 64, high = (j0 % 64) >= 32;
         // scale_min_k4 of sub-block 2 * pair + high from the three words.
         u32 j = 2 * pair + high, sc, m;
         if (j < 4) {
-            sc = (s0 >> (8 * j)) & 63u;
-            m = (s1 >> (8 * j)) & 63u;
+            sc = (r.s0 >> (8 * j)) & 63u;
+            m = (r.s1 >> (8 * j)) & 63u;
         } else {
-            u32 sh = 8 * (j - 4), lo = (s2 >> sh) & 0xffu;
-            sc = (lo & 0xfu) | (((s0 >> sh) >> 6 & 3u) << 4);
-            m = (lo >> 4) | (((s1 >> sh) >> 6 & 3u) << 4);
+            u32 sh = 8 * (j - 4), lo = (r.s2 >> sh) & 0xffu;
+            sc = (lo & 0xfu) | (((r.s0 >> sh) >> 6 & 3u) << 4);
+            m = (lo >> 4) | (((r.s1 >> sh) >> 6 & 3u) << 4);
         }
-        float d = __fmul_rn(f16_bits_to_f32((u16)head), (float)sc);
-        float min = __fmul_rn(f16_bits_to_f32((u16)(head >> 16)), (float)m);
-        uint2 q = load8<true>(b + (KIND == GGML_Q4_K ? 16 : 48) + 32 * pair + byte);
+        float d = __fmul_rn(f16_bits_to_f32((u16)r.head), (float)sc);
+        float min = __fmul_rn(f16_bits_to_f32((u16)(r.head >> 16)), (float)m);
         u32 shift = high ? 4 : 0;
         q.x = (q.x >> shift) & 0x0f0f0f0fu;
         q.y = (q.y >> shift) & 0x0f0f0f0fu;
         if (KIND == GGML_Q5_K) {
-            uint2 qh = load8<true>(b + 16 + byte);
             u32 bit = 2 * pair + high;
-            q.x |= ((qh.x >> bit) & 0x01010101u) << 4;
-            q.y |= ((qh.y >> bit) & 0x01010101u) << 4;
+            q.x |= ((r.qh.x >> bit) & 0x01010101u) << 4;
+            q.y |= ((r.qh.y >> bit) & 0x01010101u) << 4;
         }
 #pragma unroll
         for (u32 i = 0; i < 8; i++) w[i] = __fsub_rn(__fmul_rn(d, quant_value<0>(q, i)), min);
     } else {
         // Q6_K: two halves of 128; in each, four groups of 32 with 4 low
         // bits from ql and 2 high bits from qh, a signed 8-bit scale per 16.
-        u32 n = j0 / 128, r = j0 % 128, k = r / 32, l = r % 32;
-        uint2 q = load8<false>(b + 64 * n + ((k & 1) ? 32 : 0) + l), qh = load8<false>(b + 128 + 32 * n + l);
-        float s = __fmul_rn(f16_at(b, 208), (float)(signed char)b[192 + 8 * n + l / 16 + 2 * k]);
+        u32 k = (j0 % 128) / 32;
+        float s = __fmul_rn(f16_bits_to_f32((u16)r.head), (float)(int)r.s0);
         u32 shift = (k & 2) ? 4 : 0;
-        q.x = ((q.x >> shift) & 0x0f0f0f0fu) | (((qh.x >> (2 * k)) & 0x03030303u) << 4);
-        q.y = ((q.y >> shift) & 0x0f0f0f0fu) | (((qh.y >> (2 * k)) & 0x03030303u) << 4);
+        q.x = ((q.x >> shift) & 0x0f0f0f0fu) | (((r.qh.x >> (2 * k)) & 0x03030303u) << 4);
+        q.y = ((q.y >> shift) & 0x0f0f0f0fu) | (((r.qh.y >> (2 * k)) & 0x03030303u) << 4);
 #pragma unroll
         for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn(s, quant_value<32>(q, i));
     }
+}
+
+// Values j0..j0+7 (j0 % 8 == 0) of the block of type KIND at b into w.
+template <u32 KIND>
+__device__ __forceinline__ void dequant8(const unsigned char *b, u32 j0, float *w) {
+    decode_raw<KIND>(raw_of<KIND>(b, j0), j0, w);
 }
 
 // dequant8 for a block type chosen at run time (uniform across a launch).
@@ -222,14 +260,11 @@ extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u
 // kernels multiply by the same weights as the decoded path (accumulation
 // in f32, as everywhere).
 
-// Values j..j+7 (j % 8 == 0, j < k) of the row of blocks of type KIND at
-// `row`; in Bf16 mode rounded to bf16 by the hardware's conversion, which
-// rounds every finite value to nearest even exactly as the host does (a
-// NaN weight stays NaN, its payload not kept: a dot product's NaN is the
-// canonical one anyway).
-template <u32 KIND>
-__device__ __forceinline__ void weights8(const unsigned char *row, u32 j, float *w) {
-    dequant8<KIND>(row + (u64)(j / BlockOf<KIND>::len) * BlockOf<KIND>::bytes, j % BlockOf<KIND>::len, w);
+// The eight weights w in Bf16 mode rounded to bf16 by the hardware's
+// conversion, which rounds every finite value to nearest even exactly as
+// the host does (a NaN weight stays NaN, its payload not kept: a dot
+// product's NaN is the canonical one anyway). F32 mode: unchanged.
+__device__ __forceinline__ void round_weights8(float *w) {
 #if ROUND_BF16
 #pragma unroll
     for (u32 i = 0; i < 8; i += 2) {
@@ -241,9 +276,14 @@ __device__ __forceinline__ void weights8(const unsigned char *row, u32 j, float 
 #endif
 }
 
-// acc + w · x[0..8], in order, fused multiply-adds (x 32-byte aligned).
-__device__ __forceinline__ float dot8f(float acc, const float *w, const float *x) {
-    float4 a = ((const float4 *)x)[0], b = ((const float4 *)x)[1];
+// The block of type KIND holding value j of the row of blocks at `row`.
+template <u32 KIND>
+__device__ __forceinline__ const unsigned char *block_at(const unsigned char *row, u32 j) {
+    return row + (u64)(j / BlockOf<KIND>::len) * BlockOf<KIND>::bytes;
+}
+
+// acc + w · (a, b), in order, fused multiply-adds.
+__device__ __forceinline__ float dot8(float acc, const float *w, float4 a, float4 b) {
     acc = __fmaf_rn(a.x, w[0], acc);
     acc = __fmaf_rn(a.y, w[1], acc);
     acc = __fmaf_rn(a.z, w[2], acc);
@@ -255,43 +295,208 @@ __device__ __forceinline__ float dot8f(float acc, const float *w, const float *x
     return acc;
 }
 
-// Dense projection of a few rows (decode): out[t * out_stride + col + n] =
-// row(n) · x[t] for n < n_rows, t < t_len <= 8. One warp per output row
-// reads its blocks once for all rows of x, each lane eight consecutive
-// values at a time (one scale decode), four groups of eight in flight.
-// raw = 1 stores the f32 sum as is (router logits), raw = 0 as an
-// activation (store_act). ROWS is 1 (a decode step: the loop's code stays
-// small) or 8 (up to eight rows of x).
-template <u32 KIND, u32 ROWS>
+// acc + w · x[0..8] (x 32-byte aligned).
+__device__ __forceinline__ float dot8f(float acc, const float *w, const float *x) {
+    return dot8(acc, w, ((const float4 *)x)[0], ((const float4 *)x)[1]);
+}
+
+// One lane's part of row · x for a row of k values in blocks of type KIND:
+// values 8 * lane + 256 * i .. + 8. Four groups of eight at a time, their
+// loads (weights and x) all issued before the first is decoded, so a warp
+// waits for memory once per four groups, not once per group.
+template <u32 KIND>
+__device__ __forceinline__ float lane_dot(const unsigned char *__restrict__ row, const float *__restrict__ x, u32 k, u32 lane) {
+    const u32 U = 4;
+    float acc = 0.0f;
+    for (u32 j = 8 * lane; j < k; j += 256 * U) {
+        Raw8 raw[U];
+        float4 xa[U], xb[U];
+#pragma unroll
+        for (u32 u = 0; u < U; u++) {
+            u32 ju = j + 256 * u;
+            if (ju < k) {
+                raw[u] = raw_of<KIND>(block_at<KIND>(row, ju), ju % BlockOf<KIND>::len);
+                xa[u] = ((const float4 *)(x + ju))[0];
+                xb[u] = ((const float4 *)(x + ju))[1];
+            }
+        }
+#pragma unroll
+        for (u32 u = 0; u < U; u++) {
+            u32 ju = j + 256 * u;
+            if (ju < k) {
+                float w[8];
+                decode_raw<KIND>(raw[u], ju % BlockOf<KIND>::len, w);
+                round_weights8(w);
+                acc = dot8(acc, w, xa[u], xb[u]);
+            }
+        }
+    }
+    return acc;
+}
+
+// ---- A decode step's dot products over K-quant rows ----
+//
+// A lane takes 32 values of a block that share their block's loads: for
+// Q4_K and Q5_K, 16 bytes of quants give 16 values of sub-block 2p (low
+// nibbles) and 16 of sub-block 2p + 1 (high nibbles); for Q6_K, 8 bytes at
+// l0 of each of ql's two rows and of qh give the values at l0..l0 + 8 of
+// the half's four groups of 32. Eight lanes per block: the scale decoding
+// and address arithmetic are shared by 32 values instead of 8. The values
+// are dequant_value's, operation for operation.
+
+// acc + w[0..16] · x[0..16] (four float4 of x).
+__device__ __forceinline__ float dot16f(float acc, const float *w, const float4 *x) {
+    acc = dot8(acc, w, x[0], x[1]);
+    return dot8(acc, w + 8, x[2], x[3]);
+}
+
+// Unit u (0..8) of the Q4_K or Q5_K block at b against x (the block's
+// 256 values of x): the 32 values' contribution to the dot product.
+template <u32 KIND>
+__device__ __forceinline__ float unit_dot_k45(const unsigned char *b, u32 u, const float *x) {
+    u32 p = u / 2, h = u % 2;
+    u32 head = *(const u32 *)b, s0 = *(const u32 *)(b + 4), s1 = *(const u32 *)(b + 8), s2 = *(const u32 *)(b + 12);
+    uint4 q = *(const uint4 *)(b + (KIND == GGML_Q4_K ? 16 : 48) + 32 * p + 16 * h);
+    uint4 qh;
+    if (KIND == GGML_Q5_K) qh = *(const uint4 *)(b + 16 + 16 * h);
+    float4 xl[4], xh[4];
+#pragma unroll
+    for (u32 i = 0; i < 4; i++) {
+        xl[i] = ((const float4 *)(x + 64 * p + 16 * h))[i];
+        xh[i] = ((const float4 *)(x + 64 * p + 32 + 16 * h))[i];
+    }
+    float acc = 0.0f;
+#pragma unroll
+    for (u32 sub = 0; sub < 2; sub++) {
+        // scale_min_k4 of sub-block j = 2p + sub from the three words.
+        u32 j = 2 * p + sub, sc, m;
+        if (j < 4) {
+            sc = (s0 >> (8 * j)) & 63u;
+            m = (s1 >> (8 * j)) & 63u;
+        } else {
+            u32 sh = 8 * (j - 4), lo = (s2 >> sh) & 0xffu;
+            sc = (lo & 0xfu) | (((s0 >> sh) >> 6 & 3u) << 4);
+            m = (lo >> 4) | (((s1 >> sh) >> 6 & 3u) << 4);
+        }
+        float d = __fmul_rn(f16_bits_to_f32((u16)head), (float)sc);
+        float min = __fmul_rn(f16_bits_to_f32((u16)(head >> 16)), (float)m);
+        u32 words[4] = {q.x, q.y, q.z, q.w}, highs[4] = {qh.x, qh.y, qh.z, qh.w};
+        float w[16];
+#pragma unroll
+        for (u32 c = 0; c < 2; c++) {
+            uint2 v;
+            v.x = (words[2 * c] >> (4 * sub)) & 0x0f0f0f0fu;
+            v.y = (words[2 * c + 1] >> (4 * sub)) & 0x0f0f0f0fu;
+            if (KIND == GGML_Q5_K) {
+                v.x |= ((highs[2 * c] >> j) & 0x01010101u) << 4;
+                v.y |= ((highs[2 * c + 1] >> j) & 0x01010101u) << 4;
+            }
+#pragma unroll
+            for (u32 i = 0; i < 8; i++) w[8 * c + i] = __fsub_rn(__fmul_rn(d, quant_value<0>(v, i)), min);
+        }
+        round_weights8(w);
+        round_weights8(w + 8);
+        acc = dot16f(acc, w, sub ? xh : xl);
+    }
+    return acc;
+}
+
+// Unit u (0..8) of the Q6_K block at b against x (the block's 256 values).
+__device__ __forceinline__ float unit_dot_q6k(const unsigned char *b, u32 u, const float *x) {
+    u32 n = u / 4, l0 = 8 * (u % 4);
+    uint2 qa = load8<false>(b + 64 * n + l0), qb = load8<false>(b + 64 * n + 32 + l0), qh = load8<false>(b + 128 + 32 * n + l0);
+    // The four groups' signed scales: bytes l0 / 16 + 2k of the half's 8.
+    uint2 scales = load8<false>(b + 192 + 8 * n);
+    float d = f16_bits_to_f32(*(const u16 *)(b + 208));
+    float acc = 0.0f;
+#pragma unroll
+    for (u32 k = 0; k < 4; k++) {
+        uint2 low = (k & 1) ? qb : qa;
+        u32 shift = (k & 2) ? 4 : 0;
+        uint2 v;
+        v.x = ((low.x >> shift) & 0x0f0f0f0fu) | (((qh.x >> (2 * k)) & 0x03030303u) << 4);
+        v.y = ((low.y >> shift) & 0x0f0f0f0fu) | (((qh.y >> (2 * k)) & 0x03030303u) << 4);
+        u32 at = l0 / 16 + 2 * k; // 0..8, which word and byte
+        u32 sbyte = (((at < 4 ? scales.x : scales.y) >> (8 * (at & 3))) & 0xffu);
+        float s = __fmul_rn(d, (float)(int)(signed char)sbyte);
+        float w[8];
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn(s, quant_value<32>(v, i));
+        round_weights8(w);
+        const float4 *xk = (const float4 *)(x + 32 * k + 128 * n + l0);
+        acc = dot8(acc, w, xk[0], xk[1]);
+    }
+    return acc;
+}
+
+// One lane's part of row · x for a row of k values in K-quant blocks of
+// type KIND: units lane, lane + 32, ... of the row's k / 256 * 8.
+template <u32 KIND>
+__device__ __forceinline__ float lane_dot_k(const unsigned char *__restrict__ row, const float *__restrict__ x, u32 k, u32 lane) {
+    u32 units = k / 256 * 8;
+    float acc = 0.0f;
+#pragma unroll 2
+    for (u32 unit = lane; unit < units; unit += 32) {
+        const unsigned char *b = row + (u64)(unit / 8) * BlockOf<KIND>::bytes;
+        const float *xb = x + 256 * (unit / 8);
+        if (KIND == GGML_Q6_K) acc += unit_dot_q6k(b, unit % 8, xb);
+        else acc += unit_dot_k45<KIND>(b, unit % 8, xb);
+    }
+    return acc;
+}
+
+// The lane's part of row · x for any block type.
+template <u32 KIND>
+__device__ __forceinline__ float row_dot(const unsigned char *__restrict__ row, const float *__restrict__ x, u32 k, u32 lane) {
+    if (KIND == GGML_Q8_0) return lane_dot<KIND>(row, x, k, lane);
+    return lane_dot_k<KIND>(row, x, k, lane);
+}
+
+// The warp's sum of v, in lane 0.
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Dense projection of a few rows: out[t * out_stride + col + n] =
+// row(n) · x[t] for n < n_rows, t < t_len <= 8, one warp per output row.
+// One row of x (a decode step): lane_dot. Up to eight: the warp reads its
+// row's blocks once for all rows of x, each lane eight consecutive values
+// at a time. raw = 1 stores the f32 sum as is (router logits), raw = 0 as
+// an activation (store_act).
+template <u32 KIND>
 __device__ __forceinline__ void gemv_impl(float *out, const float *__restrict__ x, const unsigned char *__restrict__ w, u32 n_rows, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
     u64 n = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     if (n >= n_rows) return; // uniform across the warp
     u32 lane = threadIdx.x & 31;
     const unsigned char *row = w + n * (u64)(k / BlockOf<KIND>::len) * BlockOf<KIND>::bytes;
-    float acc[ROWS];
+    if (t_len == 1) {
+        float v = warp_sum(row_dot<KIND>(row, x, k, lane));
+        if (lane == 0) out[col + n] = raw ? v : store_act(v);
+        return;
+    }
+    float acc[8];
 #pragma unroll
-    for (u32 t = 0; t < ROWS; t++) acc[t] = 0.0f;
-#pragma unroll 4
+    for (u32 t = 0; t < 8; t++) acc[t] = 0.0f;
     for (u32 j = 8 * lane; j < k; j += 256) {
         float wv[8];
-        weights8<KIND>(row, j, wv);
+        dequant8<KIND>(block_at<KIND>(row, j), j % BlockOf<KIND>::len, wv);
+        round_weights8(wv);
 #pragma unroll
-        for (u32 t = 0; t < ROWS; t++)
+        for (u32 t = 0; t < 8; t++)
             if (t < t_len) acc[t] = dot8f(acc[t], wv, x + (u64)t * k + j);
     }
 #pragma unroll
-    for (u32 t = 0; t < ROWS; t++) {
+    for (u32 t = 0; t < 8; t++) {
         if (t >= t_len) break;
-        float v = acc[t];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+        float v = warp_sum(acc[t]);
         if (lane == 0) out[(u64)t * out_stride + col + n] = raw ? v : store_act(v);
     }
 }
 
 extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 n_rows, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
     PDL_ENTRY();
-    if (t_len == 1) DISPATCH_KIND(kind, (gemv_impl<K, 1>(out, x, w, n_rows, t_len, k, out_stride, col, raw)))
-    else DISPATCH_KIND(kind, (gemv_impl<K, 8>(out, x, w, n_rows, t_len, k, out_stride, col, raw)));
+    DISPATCH_KIND(kind, gemv_impl<K>(out, x, w, n_rows, t_len, k, out_stride, col, raw));
 }
 
 // Per-expert projection over quantized experts stacked [E, n_out, k] (each
@@ -314,15 +519,8 @@ __device__ __forceinline__ void expert_linear_quant_impl(float *out, const float
     }
     const float *xr = x + (per_slot ? slot : (u64)t) * k;
     const unsigned char *row = w + ((u64)e * n_out + n) * (u64)(k / BlockOf<KIND>::len) * BlockOf<KIND>::bytes;
-    float acc = 0.0f;
-#pragma unroll 4
-    for (u32 j = 8 * lane; j < k; j += 256) {
-        float wv[8];
-        weights8<KIND>(row, j, wv);
-        acc = dot8f(acc, wv, xr + j);
-    }
-    for (int o = 16; o > 0; o >>= 1) acc += __shfl_down_sync(0xffffffffu, acc, o);
-    if (lane == 0) out[slot * n_out + n] = store_act(acc);
+    float v = warp_sum(row_dot<KIND>(row, xr, k, lane));
+    if (lane == 0) out[slot * n_out + n] = store_act(v);
 }
 
 extern "C" __global__ void expert_linear_quant(float *out, const float *x, const int *ids, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
