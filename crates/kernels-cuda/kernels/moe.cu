@@ -2,6 +2,7 @@
 // descending with ties to the lower id, optional renormalisation) and the
 // weighted sum of the chosen experts' outputs.
 #include "common.cuh"
+#include "blocks.cuh"
 
 // Does candidate (pa, ia) beat (pb, ib)? Larger probability first, the
 // lower id on ties; id -1 is "no candidate" and loses to any other.
@@ -230,27 +231,85 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 __device__ __forceinline__ void cp_async_wait_stage() { asm volatile("cp.async.wait_group %0;\n" ::"n"(GT_STAGES - 2)); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
+// Where the grouped projection's weight rows come from. Each stage, a
+// source fills one shared buffer of GT_ROWS rows x GT_K bf16 in two steps:
+// `issue` starts the loads (before the tensor cores run an earlier stage)
+// and `finish` completes the buffer (after they ran it).
+
+// bf16 rows, copied straight into shared memory (cp.async): nothing to
+// finish.
+struct Bf16Rows {
+    const u16 *we; // row n0 of expert e
+    u32 k;
+    __device__ __forceinline__ void issue(u16 (*ws)[GT_K + GT_PAD], u32 k0, u32 tid) {
+        for (int i = 0; i < GT_W_PIECES; i++) {
+            u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;
+            cp_async16(&ws[r][c], we + (u64)r * k + k0 + c, true);
+        }
+    }
+    __device__ __forceinline__ void finish(u16 (*)[GT_K + GT_PAD], u32) {}
+};
+
+// Rows of ggml blocks of type KIND (blocks.cuh): `issue` loads each piece's
+// block bytes into registers, `finish` decodes them and stores the bf16
+// values, rounded as dequant_bf16 rounds them (so the products are those
+// of the decoded stack, bit for bit).
+template <u32 KIND>
+struct QuantRows {
+    const unsigned char *we; // row n0 of expert e
+    u32 k;
+    Raw8 raw[GT_W_PIECES];
+    u32 j0[GT_W_PIECES];
+    __device__ __forceinline__ void issue(u16 (*)[GT_K + GT_PAD], u32 k0, u32 tid) {
+        u64 row_bytes = (u64)(k / BlockOf<KIND>::len) * BlockOf<KIND>::bytes;
+#pragma unroll
+        for (int i = 0; i < GT_W_PIECES; i++) {
+            u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;
+            j0[i] = (k0 + c) % BlockOf<KIND>::len;
+            raw[i] = raw_of<KIND>(block_at<KIND>(we + r * row_bytes, k0 + c), j0[i]);
+        }
+    }
+    __device__ __forceinline__ void finish(u16 (*ws)[GT_K + GT_PAD], u32 tid) {
+#pragma unroll
+        for (int i = 0; i < GT_W_PIECES; i++) {
+            u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;
+            float w[8];
+            decode_raw<KIND>(raw[i], j0[i], w);
+            uint4 v;
+            v.x = pack_bf16(w[0], w[1]);
+            v.y = pack_bf16(w[2], w[3]);
+            v.z = pack_bf16(w[4], w[5]);
+            v.w = pack_bf16(w[6], w[7]);
+            *(uint4 *)&ws[r][c] = v;
+        }
+    }
+};
+
+// The shared memory of one grouped block (declared by each entry point, so
+// a kernel over several block types holds one copy, not one per type).
+#define GT_SHARED                                                          \
+    __shared__ __align__(16) u16 ws[GT_STAGES][GT_ROWS][GT_K + GT_PAD];  \
+    __shared__ __align__(16) u16 xs[GT_STAGES][GT_SLOTS][GT_K + GT_PAD]; \
+    __shared__ int slot_of[GT_SLOTS];
+
 // out[slot, n] = W[e][n] · x(slot) for every slot routed to expert e, where
 // x(slot) = x[slot] (per_slot) or x[slot / top_k], x as bf16 bits (the
-// Bf16 backend's activations are bf16 values: exact). Block (n tile, e): 4
-// warps, 64 rows of W[e] against its slots 32 at a time; f32 accumulation
-// over k in order, one 64-wide stage after another. GT_STAGES stages of W
-// and x are copied into shared memory ahead of the tensor cores (cp.async),
-// so several loads per block are in flight while the mma of an earlier
-// stage runs. Needs k % 64 == 0 and n_out % 64 == 0 (the host checks).
-extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
-    float *out, const u16 *x, const int *sorted, const int *offsets, const int *counts, const u16 *w,
-    u32 top_k, u32 k, u32 n_out, u32 per_slot) {
-    PDL_ENTRY();
-    __shared__ __align__(16) u16 ws[GT_STAGES][GT_ROWS][GT_K + GT_PAD];
-    __shared__ __align__(16) u16 xs[GT_STAGES][GT_SLOTS][GT_K + GT_PAD];
-    __shared__ int slot_of[GT_SLOTS];
+// Bf16 backend's activations are bf16 values: exact), W's rows from `src`.
+// Block (n tile, e): 4 warps, 64 rows of W[e] against its slots 32 at a
+// time; f32 accumulation over k in order, one 64-wide stage after another.
+// GT_STAGES stages of W and x are loaded ahead of the tensor cores (x by
+// cp.async), so several loads per block are in flight while the mma of an
+// earlier stage runs. Needs k % 64 == 0 and n_out % 64 == 0 (the host
+// checks).
+template <class Rows>
+__device__ __forceinline__ void expert_linear_grouped_impl(
+    Rows src, u16 (*ws)[GT_ROWS][GT_K + GT_PAD], u16 (*xs)[GT_SLOTS][GT_K + GT_PAD], int *slot_of,
+    float *out, const u16 *x, const int *sorted, const int *offsets, const int *counts, u32 top_k, u32 k, u32 n_out, u32 per_slot) {
     u32 e = blockIdx.y, n0 = blockIdx.x * GT_ROWS;
     int count = counts[e];
     if (count == 0) return;
     int first = offsets[e];
     u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
-    const u16 *we = w + ((u64)e * n_out + n0) * k;
     u32 stages = k / GT_K;
     for (int tile = 0; tile < count; tile += GT_SLOTS) {
         u32 in_tile = (u32)min(GT_SLOTS, count - tile);
@@ -267,19 +326,19 @@ extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
             int slot = slot_of[xr[i]];
             xrow[i] = slot < 0 ? 0 : x + (per_slot ? (u64)slot : (u64)slot / top_k) * k;
         }
-        // Copies of stage s (k0 = s * GT_K) into buffer s % GT_STAGES.
-#define GT_COPY(s)                                                                                        \
+        // x copies of stage s (k0 = s * GT_K) into buffer s % GT_STAGES.
+#define GT_COPY_X(s)                                                                                      \
         {                                                                                                 \
             u32 buf = (s) % GT_STAGES, k0 = (s) * GT_K;                                                   \
-            for (int i = 0; i < GT_W_PIECES; i++) {                                                       \
-                u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;          \
-                cp_async16(&ws[buf][r][c], we + (u64)r * k + k0 + c, true);                               \
-            }                                                                                             \
             for (int i = 0; i < GT_X_PIECES; i++)                                                         \
                 cp_async16(&xs[buf][xr[i]][xcol[i]], xrow[i] ? xrow[i] + k0 + xcol[i] : x, xrow[i] != 0); \
         }
         for (u32 s = 0; s < GT_STAGES - 1; s++) {
-            if (s < stages) GT_COPY(s)
+            if (s < stages) {
+                src.issue(ws[s], s * GT_K, tid);
+                src.finish(ws[s], tid);
+                GT_COPY_X(s)
+            }
             cp_async_commit(); // one group per stage, empty or not
         }
         float acc[4][4];
@@ -288,7 +347,11 @@ extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
         for (u32 s = 0; s < stages; s++) {
             cp_async_wait_stage(); // stage s has landed (for this thread)...
             __syncthreads();       // ... for every thread; stage s - 1's buffer is free
-            if (s + GT_STAGES - 1 < stages) GT_COPY(s + GT_STAGES - 1)
+            u32 ahead = s + GT_STAGES - 1;
+            if (ahead < stages) {
+                src.issue(ws[ahead % GT_STAGES], ahead * GT_K, tid);
+                GT_COPY_X(ahead)
+            }
             cp_async_commit();
             u32 buf = s % GT_STAGES;
             for (u32 kk = 0; kk < GT_K; kk += 16) {
@@ -302,8 +365,11 @@ extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
                     mma_bf16_16816(acc[j], a0, a1, a2, a3, b0, b1);
                 }
             }
+            // The stage ahead's weights, now that this stage's mma ran; the
+            // next iteration's barrier publishes them.
+            if (ahead < stages) src.finish(ws[ahead % GT_STAGES], tid);
         }
-#undef GT_COPY
+#undef GT_COPY_X
         cp_async_wait_all();
         // acc[j]: rows r0 + g (c 0, 1) and r0 + g + 8 (c 2, 3); slots
         // j * 8 + 2q (c 0, 2) and j * 8 + 2q + 1 (c 1, 3).
@@ -315,4 +381,25 @@ extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
             }
         }
     }
+}
+
+// Experts stacked [E, n_out, k] as bf16.
+extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
+    float *out, const u16 *x, const int *sorted, const int *offsets, const int *counts, const u16 *w,
+    u32 top_k, u32 k, u32 n_out, u32 per_slot) {
+    PDL_ENTRY();
+    GT_SHARED
+    Bf16Rows src = {w + ((u64)blockIdx.y * n_out + blockIdx.x * GT_ROWS) * k, k};
+    expert_linear_grouped_impl(src, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot);
+}
+
+// Experts stacked [E, n_out, k] as rows of ggml blocks of type `kind`
+// (k a multiple of 256 for the K-quants: rows of whole blocks).
+extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_quant(
+    float *out, const u16 *x, const int *sorted, const int *offsets, const int *counts, const unsigned char *w,
+    u32 kind, u32 top_k, u32 k, u32 n_out, u32 per_slot) {
+    PDL_ENTRY();
+    GT_SHARED
+    u64 row0 = (u64)blockIdx.y * n_out + blockIdx.x * GT_ROWS;
+    DISPATCH_KIND(kind, (expert_linear_grouped_impl(QuantRows<K>{w + row0 * (k / BlockOf<K>::len) * BlockOf<K>::bytes, k}, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot)));
 }

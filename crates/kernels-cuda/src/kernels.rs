@@ -110,6 +110,9 @@ pub mod moe {
     pub const INVALID_ROWS: Kernel = k("moe", "moe_invalid_rows");
     /// The grouped tensor-core expert projection.
     pub const EXPERT_LINEAR_GROUPED: Kernel = k("moe", "expert_linear_grouped_bf16w");
+    /// The grouped per-expert projection over experts kept as ggml blocks
+    /// (decoded to bf16 inside its weight tiles).
+    pub const EXPERT_LINEAR_GROUPED_QUANT: Kernel = k("moe", "expert_linear_grouped_quant");
 }
 
 /// kernels/norm.cu.
@@ -181,6 +184,7 @@ pub const ALL: &[Kernel] = &[
     moe::SORT_SLOTS,
     moe::INVALID_ROWS,
     moe::EXPERT_LINEAR_GROUPED,
+    moe::EXPERT_LINEAR_GROUPED_QUANT,
     norm::RMS_NORM.f32,
     norm::RMS_NORM.bf16w,
     norm::QK_NORM.f32,
@@ -291,7 +295,9 @@ mod gpu_tests {
                 (attribute(A::CU_FUNC_ATTRIBUTE_NUM_REGS), attribute(A::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES));
             let shared = attribute(A::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES);
             eprintln!("{:<36} regs {regs:>3}  local {local:>5} B  shared {shared:>6} B", kernel.name);
-            if [attention::FUSED_MMA, moe::EXPERT_LINEAR_GROUPED].contains(&kernel) && local > 0 {
+            if [attention::FUSED_MMA, moe::EXPERT_LINEAR_GROUPED, moe::EXPERT_LINEAR_GROUPED_QUANT].contains(&kernel)
+                && local > 0
+            {
                 spills.push(kernel.name);
             }
         }

@@ -1,8 +1,13 @@
 //! The kernel sources, one .cu file per family under `kernels/`, embedded
-//! at build time; [`source`] prepends `common.cuh` (NVRTC reads no files).
+//! at build time; [`source`] prepends `common.cuh` and puts each other
+//! header a family includes in place of its `#include` line (NVRTC reads
+//! no files).
 
 /// Shared helpers.
 pub const COMMON: &str = include_str!("../kernels/common.cuh");
+
+/// Headers a family may include besides common.cuh: (file name, text).
+pub const HEADERS: &[(&str, &str)] = &[("blocks.cuh", include_str!("../kernels/blocks.cuh"))];
 
 /// Every kernel family: (name, source).
 pub const FAMILIES: &[(&str, &str)] = &[
@@ -16,13 +21,33 @@ pub const FAMILIES: &[(&str, &str)] = &[
 ];
 
 /// The full translation unit of a family: common.cuh, then the family's
-/// source with its `#include "common.cuh"` line removed.
+/// source with its `#include "common.cuh"` lines removed and each header
+/// of [`HEADERS`] it includes in the include's place (headers include
+/// only common.cuh).
 pub fn source(family: &str) -> Option<String> {
-    FAMILIES.iter().find(|(name, _)| *name == family).map(|(_, text)| {
-        let body: String =
-            text.lines().filter(|l| l.trim() != "#include \"common.cuh\"").map(|l| format!("{l}\n")).collect();
-        format!("{}\n{body}", COMMON.replace("#pragma once", ""))
-    })
+    FAMILIES
+        .iter()
+        .find(|(name, _)| *name == family)
+        .map(|(_, text)| format!("{}\n{}", COMMON.replace("#pragma once", ""), inline_headers(text)))
+}
+
+/// `text` with its includes resolved as [`source`] describes.
+fn inline_headers(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let included = line.trim().strip_prefix("#include \"").and_then(|rest| rest.strip_suffix('"'));
+        match included {
+            Some("common.cuh") => {}
+            Some(name) if let Some((_, header)) = HEADERS.iter().find(|(h, _)| *h == name) => {
+                out.push_str(&inline_headers(&header.replace("#pragma once", "")));
+            }
+            _ => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -38,5 +63,8 @@ mod tests {
             assert!(src.contains("extern \"C\" __global__"), "{name}");
         }
         assert!(source("nope").is_none());
+        let quant = source("quant").unwrap();
+        assert!(quant.contains("struct Raw8") && !quant.contains("#include"), "blocks.cuh inlined");
+        assert_eq!(quant.matches("f32_to_bf16_bits(float x)").count(), 1, "common.cuh once");
     }
 }

@@ -189,7 +189,7 @@ impl CudaBackend {
     ) -> Result<Self> {
         let build = kernels_cuda::KernelBuild { round_bf16: precision == CudaPrecision::Bf16 };
         let device = GpuDevice::open_with(ordinal, build).map_err(kernel_error)?;
-        check_fits(&device, &store, expert_lists, precision)?;
+        check_fits(&device, &store, precision)?;
         // Every kernel is compiled before the first step, so no step's time
         // includes it (see `kernel_compile_time`).
         device.compile_all().map_err(kernel_error)?;

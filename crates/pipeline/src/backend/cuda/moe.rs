@@ -78,19 +78,16 @@ impl CudaBackend {
             && k_in.is_multiple_of(64)
             && n_out.is_multiple_of(64)
             && slots >= GROUPED_MIN_SLOTS;
-        if let DevWeight::Quant(_) = &self.stacked[&experts[0]].data {
-            // Quantized experts (quantized.rs): a prompt's slots decode the
-            // stack once for the grouped kernel; otherwise one warp per
-            // output reads the blocks.
+        if let DevWeight::Quant(_) = &self.stacked[&experts[0]].data
+            && !grouped
+        {
+            // Quantized experts, a decode step's few slots or F32 mode
+            // (quantized.rs): one warp per output reads the blocks. A
+            // prompt's slots in Bf16 take the grouped kernel below, which
+            // decodes the blocks inside its weight tiles.
             self.flush_deferred()?;
-            if grouped {
-                self.with_decoded_experts(experts[0], |this| {
-                    this.expert_linear_grouped(input, indices, experts, &mut o, per_slot)
-                })?;
-            } else {
-                let dims = (t_len, top_k, k_in, n_out, count, per_slot);
-                self.expert_linear_quantized((input, indices, experts[0]), dims, &mut o)?;
-            }
+            let dims = (t_len, top_k, k_in, n_out, count, per_slot);
+            self.expert_linear_quantized((input, indices, experts[0]), dims, &mut o)?;
             return self.set(out, vec![t_len, top_k, n_out], o);
         }
         if grouped {
@@ -188,10 +185,17 @@ impl CudaBackend {
         let (sorted, offsets, counts) = (&sort.sorted, &sort.offsets, &sort.counts);
         let w = &self.stacked[&experts[0]].data;
         let a = (top_k as u32, k_in as u32, n_out as u32, u32::from(per_slot));
-        let f = self.kernel(moe::EXPERT_LINEAR_GROUPED)?;
+        let quantized = matches!(w, DevWeight::Quant(_));
+        let f = self.kernel(if quantized { moe::EXPERT_LINEAR_GROUPED_QUANT } else { moe::EXPERT_LINEAR_GROUPED })?;
         let mut b = stream.launch_builder(&f);
         b.arg(&mut *o).arg(x).arg(sorted).arg(offsets).arg(counts);
-        push_weight(&mut b, w)?;
+        if let DevWeight::Quant(q) = w {
+            // Rows of whole blocks: k is a multiple of the block length
+            // (checked when the weight was kept quantized).
+            b.arg(&q.blocks).arg(&q.kind);
+        } else {
+            push_weight(&mut b, w)?;
+        }
         b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
         let cfg = LaunchConfig {
             grid_dim: ((n_out / 64) as u32, count as u32, 1),
@@ -200,7 +204,9 @@ impl CudaBackend {
         };
         // SAFETY: block (n tile, e) writes rows n0..n0+64 of the slots listed
         // for e (valid slot indices < slots); k % 64 == 0 and n_out % 64 == 0
-        // were checked by the caller, so every 16-byte load is in bounds.
+        // were checked by the caller, so every 16-byte load is in bounds;
+        // quantized rows are k / block_len whole blocks, every piece of 8
+        // values inside one block.
         unsafe { b.launch(cfg) }.map_err(gpu("expert_linear_grouped"))?;
         Ok(())
     }

@@ -2,12 +2,13 @@
 //! weights.rs). A few rows (decode) read the blocks themselves and decode
 //! each value where they use it (`gemv_quant`, `expert_linear_quant` in
 //! kernels-cuda's quant.cu), so a decode step reads the quantized bytes
-//! only. Many rows (a prompt) decode the weight (for experts, the stack of
-//! one projection) into a scratch buffer in the backend's precision, then
-//! take the decoded path (cuBLAS, the grouped tensor-core kernel): the
-//! decode is read once per projection, not per row. In Bf16 mode both
-//! multiply by the values rounded to bf16, as weights decoded at upload
-//! are, so the numbers do not depend on which path ran.
+//! only. A prompt's expert projections in Bf16 decode the blocks inside the
+//! grouped tensor-core kernel's weight tiles (moe.rs,
+//! `expert_linear_grouped_quant`); a prompt's dense projections decode the
+//! weight into a scratch buffer in the backend's precision, then take
+//! cuBLAS (as llama.cpp does for its cuBLAS batches): read once per
+//! projection, not per row. In Bf16 mode every path multiplies by the
+//! values rounded to bf16, as weights decoded at upload are.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use kernels_cuda::blas::ProjectionShape;
@@ -147,25 +148,6 @@ impl CudaBackend {
     pub(super) fn decoded(&mut self, id: WeightId, n: usize) -> Result<Option<DevWeight>> {
         let DevWeight::Quant(q) = &self.weights[&id] else { return Ok(None) };
         decode_into(&self.device, self.precision, self.scratch.take(), q, n).map(Some)
-    }
-
-    /// Runs `op` with the quantized experts stacked under `first` decoded
-    /// in their place (the scratch buffer), then puts the blocks back.
-    pub(super) fn with_decoded_experts<R>(
-        &mut self,
-        first: WeightId,
-        op: impl FnOnce(&mut Self) -> Result<R>,
-    ) -> Result<R> {
-        let decoded = {
-            let s = &self.stacked[&first];
-            let DevWeight::Quant(q) = &s.data else { return op(self) };
-            decode_into(&self.device, self.precision, self.scratch.take(), q, s.experts * s.n_out * s.k)?
-        };
-        let blocks = std::mem::replace(&mut self.stacked.get_mut(&first).expect("looked up above").data, decoded);
-        let result = op(self);
-        let decoded = std::mem::replace(&mut self.stacked.get_mut(&first).expect("looked up above").data, blocks);
-        self.scratch = Some(decoded);
-        result
     }
 
     /// Embedding rows from a quantized table.

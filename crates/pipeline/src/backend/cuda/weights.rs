@@ -15,7 +15,7 @@ use kernels_cuda::synthetic::{ScaleFields, synthetic_blocks_fill, synthetic_fill
 
 use super::{CudaPrecision, gpu, kernel_error};
 use crate::error::{PipelineError, Result};
-use crate::weights::{WeightDtype, WeightId, WeightStore, WeightTensor};
+use crate::weights::{WeightDtype, WeightStore, WeightTensor};
 
 /// A weight on the device, in the backend's precision.
 pub(super) enum DevWeight {
@@ -137,17 +137,11 @@ pub(super) fn element_size(precision: CudaPrecision) -> usize {
 /// (with `reserve` bytes left for activations, caches and cuBLAS), before
 /// anything is allocated, so a model that cannot fit fails at once with
 /// the numbers rather than part-way through the upload.
-pub(super) fn check_fits(
-    device: &GpuDevice,
-    store: &WeightStore,
-    expert_lists: &[&[WeightId]],
-    precision: CudaPrecision,
-) -> Result<()> {
+pub(super) fn check_fits(device: &GpuDevice, store: &WeightStore, precision: CudaPrecision) -> Result<()> {
     let need: usize = store.tensors().iter().map(|t| device_bytes(t, precision)).sum();
-    // Many-row projections decode a quantized weight into a scratch buffer
-    // (the largest one, the stacked experts of one projection: see
-    // projections.rs): count it too.
-    let need = need + quantized_scratch(store, expert_lists) * element_size(precision);
+    // A prompt's dense projections decode a quantized weight into a scratch
+    // buffer (quantized.rs): count the largest.
+    let need = need + quantized_scratch(store) * element_size(precision);
     let (free, total) = device.memory().map_err(kernel_error)?;
     let reserve = (total / 50).max(512 << 20);
     if need + reserve > free {
@@ -166,17 +160,11 @@ pub(super) fn check_fits(
     Ok(())
 }
 
-/// Values of the scratch a many-row projection decodes a quantized weight
-/// into (projections.rs, moe.rs): the largest quantized tensor, or stack of
-/// quantized experts of one projection (`expert_lists`).
-pub(super) fn quantized_scratch(store: &WeightStore, expert_lists: &[&[WeightId]]) -> usize {
-    let single = store.tensors().iter().filter(|t| kept_quantized(t).is_some()).map(|t| t.numel()).max();
-    let stacked = expert_lists
-        .iter()
-        .filter(|l| !l.is_empty() && kept_quantized(store.get(l[0])).is_some())
-        .map(|l| store.get(l[0]).numel() * l.len())
-        .max();
-    single.unwrap_or(0).max(stacked.unwrap_or(0))
+/// Values of the scratch a prompt's dense projection decodes a quantized
+/// weight into (quantized.rs): the largest quantized tensor. (Quantized
+/// experts are never decoded whole: moe.rs.)
+pub(super) fn quantized_scratch(store: &WeightStore) -> usize {
+    store.tensors().iter().filter(|t| kept_quantized(t).is_some()).map(|t| t.numel()).max().unwrap_or(0)
 }
 
 /// A zeroed device buffer of `n` weights in `precision`.
