@@ -47,6 +47,15 @@ __device__ __forceinline__ u32 pack_bf16(float lo, float hi) {
     return (u32)f32_to_bf16_bits(lo) | ((u32)f32_to_bf16_bits(hi) << 16);
 }
 
+// pack_bf16 by the hardware's conversion (one instruction for the two):
+// the same bits for every value but NaN, which becomes the canonical NaN
+// instead of keeping its payload.
+__device__ __forceinline__ u32 pack_bf16_rn(float lo, float hi) {
+    u32 pair;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(hi), "f"(lo));
+    return pair;
+}
+
 // D = A·B + D for one m16n8k16 tile: A 16x16 bf16 (row), B 16x8 bf16 (col),
 // f32 accumulators.
 __device__ __forceinline__ void mma_bf16_16816(float *d, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {

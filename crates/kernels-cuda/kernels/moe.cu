@@ -252,8 +252,9 @@ struct Bf16Rows {
 
 // Rows of ggml blocks of type KIND (blocks.cuh): `issue` loads each piece's
 // block bytes into registers, `finish` decodes them and stores the bf16
-// values, rounded as dequant_bf16 rounds them (so the products are those
-// of the decoded stack, bit for bit).
+// values, rounded to nearest even as dequant_bf16 rounds them (so the
+// products are those of the decoded stack, bit for bit; a NaN weight is
+// the canonical NaN here, and so is any product with it).
 template <u32 KIND>
 struct QuantRows {
     const unsigned char *we; // row n0 of expert e
@@ -276,10 +277,10 @@ struct QuantRows {
             float w[8];
             decode_raw<KIND>(raw[i], j0[i], w);
             uint4 v;
-            v.x = pack_bf16(w[0], w[1]);
-            v.y = pack_bf16(w[2], w[3]);
-            v.z = pack_bf16(w[4], w[5]);
-            v.w = pack_bf16(w[6], w[7]);
+            v.x = pack_bf16_rn(w[0], w[1]);
+            v.y = pack_bf16_rn(w[2], w[3]);
+            v.z = pack_bf16_rn(w[4], w[5]);
+            v.w = pack_bf16_rn(w[6], w[7]);
             *(uint4 *)&ws[r][c] = v;
         }
     }

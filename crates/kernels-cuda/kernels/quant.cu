@@ -68,8 +68,7 @@ __device__ __forceinline__ void round_weights8(float *w) {
 #if ROUND_BF16
 #pragma unroll
     for (u32 i = 0; i < 8; i += 2) {
-        u32 pair;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(pair) : "f"(w[i + 1]), "f"(w[i]));
+        u32 pair = pack_bf16_rn(w[i], w[i + 1]);
         w[i] = __uint_as_float(pair << 16);
         w[i + 1] = __uint_as_float(pair & 0xffff0000u);
     }
