@@ -258,9 +258,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // at a time. raw = 1 stores the f32 sum as is (router logits), raw = 0 as
 // an activation (store_act).
 template <u32 KIND>
-__device__ __forceinline__ void gemv_impl(float *out, const float *__restrict__ x, const unsigned char *__restrict__ w, u32 n_rows, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
-    u64 n = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (n >= n_rows) return; // uniform across the warp
+__device__ __forceinline__ void gemv_impl(float *out, const float *__restrict__ x, const unsigned char *__restrict__ w, u32 n, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
     u32 lane = threadIdx.x & 31;
     const unsigned char *row = w + n * (u64)(k / BlockOf<KIND>::len) * BlockOf<KIND>::bytes;
     if (t_len == 1) {
@@ -287,9 +285,19 @@ __device__ __forceinline__ void gemv_impl(float *out, const float *__restrict__ 
     }
 }
 
-extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 n_rows, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
+// gemv_impl over up to three quantized matrices side by side (q, k and v in
+// one launch, as gemv_bf16w_v8 for bf16 weights): output feature f < n0 is
+// row f of w0 (blocks of type kind0), n0 <= f < n0 + n1 row f - n0 of w1,
+// the rest rows of w2; one warp per feature.
+extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned char *w0, const unsigned char *w1, const unsigned char *w2, u32 kind0, u32 kind1, u32 kind2, u32 n0, u32 n1, u32 n2, u32 t_len, u32 k, u32 out_stride, u32 col, u32 raw) {
     PDL_ENTRY();
-    DISPATCH_KIND(kind, gemv_impl<K>(out, x, w, n_rows, t_len, k, out_stride, col, raw));
+    u64 f = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (f >= (u64)n0 + n1 + n2) return; // uniform across the warp
+    u32 part = f < n0 ? 0 : f < (u64)n0 + n1 ? 1 : 2;
+    u32 first = part == 0 ? 0 : part == 1 ? n0 : n0 + n1;
+    const unsigned char *w = part == 0 ? w0 : part == 1 ? w1 : w2;
+    u32 kind = part == 0 ? kind0 : part == 1 ? kind1 : kind2;
+    DISPATCH_KIND(kind, gemv_impl<K>(out, x, w, (u32)f - first, t_len, k, out_stride, col + first, raw));
 }
 
 // Per-expert projection over quantized experts stacked [E, n_out, k] (each
@@ -298,9 +306,7 @@ extern "C" __global__ void gemv_quant(float *out, const float *x, const unsigned
 // (per_slot = 1). One warp per output element; an id outside 0..experts
 // writes NaN (never reads out of bounds).
 template <u32 KIND>
-__device__ __forceinline__ void expert_linear_quant_impl(float *out, const float *__restrict__ x, const int *ids, const unsigned char *__restrict__ w, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
-    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    if (warp >= (u64)t_len * top_k * n_out) return;
+__device__ __forceinline__ void expert_linear_quant_impl(float *out, const float *__restrict__ x, const int *ids, const unsigned char *__restrict__ w, u64 warp, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
     u32 lane = threadIdx.x & 31;
     u32 n = (u32)(warp % n_out);
     u64 slot = warp / n_out;
@@ -316,9 +322,18 @@ __device__ __forceinline__ void expert_linear_quant_impl(float *out, const float
     if (lane == 0) out[slot * n_out + n] = store_act(v);
 }
 
-extern "C" __global__ void expert_linear_quant(float *out, const float *x, const int *ids, const unsigned char *w, u32 kind, u32 block_len, u32 block_bytes, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
+// One or two (parts) such projections over the same input and ids in one
+// launch (the gate and up projections of a decode step, as
+// expert_linear_bf16w_v8 for bf16 experts): part p writes out_p from the
+// stack w_p of blocks of type kind_p.
+extern "C" __global__ void expert_linear_quant(float *out0, float *out1, const float *x, const int *ids, const unsigned char *w0, const unsigned char *w1, u32 kind0, u32 kind1, u32 parts, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
     PDL_ENTRY();
-    DISPATCH_KIND(kind, expert_linear_quant_impl<K>(out, x, ids, w, t_len, top_k, k, n_out, experts, per_slot));
+    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5, per_part = (u64)t_len * top_k * n_out;
+    if (warp >= parts * per_part) return;
+    bool second = warp >= per_part;
+    if (second) warp -= per_part;
+    float *out = second ? out1 : out0;
+    DISPATCH_KIND(second ? kind1 : kind0, expert_linear_quant_impl<K>(out, x, ids, second ? w1 : w0, warp, top_k, k, n_out, experts, per_slot));
 }
 
 // Embedding rows from a quantized table [V, h]: out[t, c] = table[tokens[t], c]

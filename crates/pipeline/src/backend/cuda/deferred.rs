@@ -17,10 +17,11 @@ fn buffer(t: &mut DevTensor) -> &mut CudaSlice<f32> {
         DevData::I32(_) => unreachable!("take_outputs takes only f32 outputs"),
     }
 }
-use kernels_cuda::kernels::{attention, linear};
+use kernels_cuda::kernels::{attention, linear, quant};
 
+use super::quantized::quant_warps;
 use super::tensors::{DevData, DevTensor};
-use super::weights::push_weight;
+use super::weights::{DevWeight, push_weight};
 use super::{CudaBackend, gpu, threads, warps};
 use crate::backend::{RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
@@ -28,15 +29,18 @@ use crate::weights::WeightId;
 
 /// A launch waiting for a partner.
 pub(super) enum Deferred {
-    /// A Bf16 expert projection of few slots (`expert_linear_bf16w_v8`).
+    /// An expert projection of few slots: Bf16 (`expert_linear_bf16w_v8`)
+    /// or over quantized experts (`expert_linear_quant`, either precision).
     Expert(ExpertLaunch),
     /// RoPE of some heads of a row block.
     Rope(RopeLaunch),
 }
 
-/// One `expert_linear_bf16w_v8` part.
+/// One `expert_linear_bf16w_v8` or `expert_linear_quant` part.
 #[derive(Clone, Copy, PartialEq)]
 pub(super) struct ExpertLaunch {
+    /// Whether the experts are kept quantized (which kernel runs).
+    pub(super) quantized: bool,
     pub(super) input: Slot,
     pub(super) indices: Slot,
     /// The first expert's weight id (the stacked weights' key).
@@ -54,7 +58,8 @@ impl ExpertLaunch {
     /// Whether `next` can share this launch: same input, ids and shapes,
     /// writing a slot that none of this launch's reads or writes.
     fn pairs_with(&self, next: &ExpertLaunch) -> bool {
-        let same = |a: &ExpertLaunch| (a.input, a.indices, a.per_slot, a.t_len, a.top_k, a.k, a.n_out, a.experts);
+        let same =
+            |a: &ExpertLaunch| (a.quantized, a.input, a.indices, a.per_slot, a.t_len, a.top_k, a.k, a.n_out, a.experts);
         same(self) == same(next) && ![self.input, self.indices, self.out].contains(&next.out)
     }
 }
@@ -140,29 +145,52 @@ impl CudaBackend {
     }
 
     fn launch_experts(&mut self, a: ExpertLaunch, b: Option<ExpertLaunch>) -> Result<()> {
-        self.with_outputs(a.out, b.map(|b| b.out), |this, o0, o1| {
-            let f = this.kernel(linear::EXPERT_LINEAR_V8)?;
-            let stream = this.stream();
-            let DevData::I32(ids) = &this.slot(a.indices)?.data else {
-                return Err(PipelineError::BadInput(format!("stage `{}` must hold int32 expert ids", a.indices)));
-            };
-            let x = this.slot(a.input)?.f32(a.input)?;
-            let stacked = |id: WeightId| &this.stacked[&id].data;
-            let parts = if b.is_some() { 2u32 } else { 1 };
-            let args = (a.t_len as u32, a.top_k as u32, a.k as u32, a.n_out as u32, a.experts as u32);
-            let per_slot = u32::from(a.per_slot);
-            let mut l = stream.launch_builder(&f);
-            l.arg(o0).arg(o1).arg(x).arg(ids);
-            push_weight(&mut l, stacked(a.first))?;
-            push_weight(&mut l, stacked(b.map_or(a.first, |b| b.first)))?;
-            l.arg(&parts).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4).arg(&per_slot);
-            // SAFETY: one warp per (part, t, j, n) writes out_part[(t * top_k
-            // + j) * n_out + n] (each output holds t_len * top_k * n_out);
-            // ids are range-checked in the kernel; x rows and weight rows
-            // are k long with k % 8 == 0 (aligned 16-byte loads).
-            unsafe { l.launch(warps(parts as usize * a.t_len * a.top_k * a.n_out)) }.map_err(gpu("expert_linear"))?;
-            Ok(())
-        })
+        self.with_outputs(a.out, b.map(|b| b.out), |this, o0, o1| this.expert_launch(a, b, o0, o1))
+    }
+
+    /// Launches `a` (and `b`) writing `o0` (and `o1`; `o0` again when
+    /// alone: the kernels never write it then).
+    pub(super) fn expert_launch(
+        &self,
+        a: ExpertLaunch,
+        b: Option<ExpertLaunch>,
+        o0: &CudaSlice<f32>,
+        o1: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let f = self.kernel(if a.quantized { quant::EXPERT_LINEAR_QUANT } else { linear::EXPERT_LINEAR_V8 })?;
+        let stream = self.stream();
+        let DevData::I32(ids) = &self.slot(a.indices)?.data else {
+            return Err(PipelineError::BadInput(format!("stage `{}` must hold int32 expert ids", a.indices)));
+        };
+        let x = self.slot(a.input)?.f32(a.input)?;
+        let (w0, w1) = (&self.stacked[&a.first].data, &self.stacked[&b.map_or(a.first, |b| b.first)].data);
+        let parts = if b.is_some() { 2u32 } else { 1 };
+        let args = (a.t_len as u32, a.top_k as u32, a.k as u32, a.n_out as u32, a.experts as u32);
+        let per_slot = u32::from(a.per_slot);
+        let mut l = stream.launch_builder(&f);
+        l.arg(o0).arg(o1).arg(x).arg(ids);
+        match (w0, w1) {
+            (DevWeight::Quant(q0), DevWeight::Quant(q1)) => {
+                l.arg(&q0.blocks).arg(&q1.blocks).arg(&q0.kind).arg(&q1.kind);
+            }
+            (DevWeight::Quant(_), _) | (_, DevWeight::Quant(_)) => {
+                return Err(PipelineError::Gpu("one expert launch over quantized and decoded experts".into()));
+            }
+            _ => {
+                push_weight(&mut l, w0)?;
+                push_weight(&mut l, w1)?;
+            }
+        }
+        l.arg(&parts).arg(&args.0).arg(&args.1).arg(&args.2).arg(&args.3).arg(&args.4).arg(&per_slot);
+        let warps_needed = parts as usize * a.t_len * a.top_k * a.n_out;
+        let config = if a.quantized { quant_warps(warps_needed) } else { warps(warps_needed) };
+        // SAFETY: one warp per (part, t, j, n) writes out_part[(t * top_k
+        // + j) * n_out + n] (each output holds t_len * top_k * n_out);
+        // ids are range-checked in the kernel; x rows and weight rows
+        // are k long with k % 8 == 0 (aligned 16-byte loads), quantized
+        // rows k / block_len whole blocks.
+        unsafe { l.launch(config) }.map_err(gpu("expert_linear"))?;
+        Ok(())
     }
 
     fn launch_rope(&mut self, a: RopeLaunch, b: Option<RopeLaunch>) -> Result<()> {

@@ -78,29 +78,22 @@ impl CudaBackend {
             && k_in.is_multiple_of(64)
             && n_out.is_multiple_of(64)
             && slots >= GROUPED_MIN_SLOTS;
-        if let DevWeight::Quant(_) = &self.stacked[&experts[0]].data
-            && !grouped
-        {
-            // Quantized experts, a decode step's few slots or F32 mode
-            // (quantized.rs): one warp per output reads the blocks. A
-            // prompt's slots in Bf16 take the grouped kernel below, which
-            // decodes the blocks inside its weight tiles.
-            self.flush_deferred()?;
-            let dims = (t_len, top_k, k_in, n_out, count, per_slot);
-            self.expert_linear_quantized((input, indices, experts[0]), dims, &mut o)?;
-            return self.set(out, vec![t_len, top_k, n_out], o);
-        }
         if grouped {
             self.flush_deferred()?;
             self.expert_linear_grouped(input, indices, experts, &mut o, per_slot)?;
             return self.set(out, vec![t_len, top_k, n_out], o);
         }
-        // bf16 weights with rows of a multiple of 8: 16-byte loads, and the
-        // gate and up projections in one launch (deferred.rs; the output
-        // goes into its slot before the launch, so it must not be an input).
-        if self.precision == CudaPrecision::Bf16 && k_in.is_multiple_of(8) && out != input && out != indices {
-            self.set(out, vec![t_len, top_k, n_out], o)?;
-            return self.defer(Deferred::Expert(ExpertLaunch {
+        // Few slots, over quantized experts (either precision: the blocks
+        // are read where they are used, quant.cu) or bf16 ones with rows
+        // of a multiple of 8 (16-byte loads): one warp per output, the gate
+        // and up projections in one launch (deferred.rs; the output goes
+        // into its slot before the launch, so it must not be an input). A
+        // prompt's slots in Bf16 took the grouped kernel above, which
+        // decodes quantized blocks inside its weight tiles.
+        let quantized = matches!(&self.stacked[&experts[0]].data, DevWeight::Quant(_));
+        if quantized || (self.precision == CudaPrecision::Bf16 && k_in.is_multiple_of(8)) {
+            let launch = ExpertLaunch {
+                quantized,
                 input,
                 indices,
                 first: experts[0],
@@ -111,7 +104,14 @@ impl CudaBackend {
                 k: k_in,
                 n_out,
                 experts: count,
-            }));
+            };
+            if out != input && out != indices {
+                self.set(out, vec![t_len, top_k, n_out], o)?;
+                return self.defer(Deferred::Expert(launch));
+            }
+            self.flush_deferred()?;
+            self.expert_launch(launch, None, &o, &o)?;
+            return self.set(out, vec![t_len, top_k, n_out], o);
         }
         self.flush_deferred()?;
         let f = self.weight_kernel(linear::EXPERT_LINEAR)?;

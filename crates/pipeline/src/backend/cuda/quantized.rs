@@ -15,7 +15,6 @@ use kernels_cuda::blas::ProjectionShape;
 use kernels_cuda::kernels::quant;
 use kernels_cuda::quant::dequant_device;
 
-use super::tensors::DevData;
 use super::weights::{DevWeight, QuantWeight, alloc_weight};
 use super::{CudaBackend, CudaPrecision, gpu, kernel_error, threads};
 use crate::backend::Slot;
@@ -29,7 +28,7 @@ pub(super) const QUANT_GEMV_MAX_ROWS: usize = 8;
 /// One warp per output in blocks of two warps: a k or v projection's 512
 /// rows then spread over 256 blocks (every SM of an H100 or H200), where
 /// blocks of eight warps would leave half the SMs idle.
-fn quant_warps(n: usize) -> LaunchConfig {
+pub(super) fn quant_warps(n: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: ((n * 32).div_ceil(64).max(1) as u32, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 }
 }
 
@@ -76,70 +75,79 @@ impl CudaBackend {
         let mut x_bf16 = None;
         let mut through_blas = false;
         let mut col = 0usize;
-        for &id in weights {
-            let n = self.store.get(id).shape[0];
-            if few && let DevWeight::Quant(q) = self.weight(id) {
-                let f = self.kernel(quant::GEMV_QUANT)?;
-                let stream = self.stream();
-                let x = self.slot(input)?.f32(input)?;
-                let a = (q.kind, q.block_len as u32, q.block_bytes as u32, n as u32, rows as u32, k as u32);
-                let (stride, col32) = (total as u32, col as u32);
-                let mut b = stream.launch_builder(&f);
-                b.arg(&mut o).arg(x).arg(&q.blocks).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5);
-                b.arg(&stride).arg(&col32).arg(&raw);
-                // SAFETY: one warp per row r < n writes rows t < rows <= 8 at
-                // column col + r < total of `o` (rows * total); row r's blocks
-                // are k / block_len blocks at r * that * block_bytes, within
-                // the weight's n rows (k was checked against the weight).
-                unsafe { b.launch(quant_warps(n)) }.map_err(gpu("gemv_quant"))?;
-            } else {
-                // Many rows, or a decoded weight among quantized ones: cuBLAS.
-                self.refuse_in_capture("a projection through cuBLAS")?;
-                if self.precision == CudaPrecision::Bf16 && x_bf16.is_none() {
-                    x_bf16 = Some(self.to_bf16(self.slot(input)?.f32(input)?, rows * k)?);
-                }
-                let decoded = self.decoded(id, n * k)?;
-                let shape = ProjectionShape { rows, k, n, out_stride: total };
-                let x = self.slot(input)?.f32(input)?;
-                let w = decoded.as_ref().unwrap_or_else(|| self.weight(id));
-                self.project_decoded(x, x_bf16.as_ref(), w, &mut o.slice_mut(col..), shape)?;
-                if decoded.is_some() {
-                    self.scratch = decoded;
-                }
-                through_blas = true;
+        let mut i = 0;
+        while i < weights.len() {
+            // Up to three quantized matrices in a row go out as one launch
+            // (q, k and v of a decode step).
+            let run = weights[i..]
+                .iter()
+                .take(3)
+                .take_while(|&&id| few && matches!(self.weight(id), DevWeight::Quant(_)))
+                .count();
+            if run > 0 {
+                let n = self.gemv_quantized(input, &weights[i..i + run], &mut o, (rows, k, total, col), raw)?;
+                col += n;
+                i += run;
+                continue;
             }
+            let id = weights[i];
+            let n = self.store.get(id).shape[0];
+            // Many rows, or a decoded weight among quantized ones: cuBLAS.
+            self.refuse_in_capture("a projection through cuBLAS")?;
+            if self.precision == CudaPrecision::Bf16 && x_bf16.is_none() {
+                x_bf16 = Some(self.to_bf16(self.slot(input)?.f32(input)?, rows * k)?);
+            }
+            let decoded = self.decoded(id, n * k)?;
+            let shape = ProjectionShape { rows, k, n, out_stride: total };
+            let x = self.slot(input)?.f32(input)?;
+            let w = decoded.as_ref().unwrap_or_else(|| self.weight(id));
+            self.project_decoded(x, x_bf16.as_ref(), w, &mut o.slice_mut(col..), shape)?;
+            if decoded.is_some() {
+                self.scratch = decoded;
+            }
+            through_blas = true;
             col += n;
+            i += 1;
         }
         if through_blas { self.set_projection(out, vec![rows, total], o) } else { self.set(out, vec![rows, total], o) }
     }
 
-    /// Per-expert projection over quantized experts, one warp per output
-    /// (a decode step's slots, or any step in F32 mode).
-    pub(super) fn expert_linear_quantized(
-        &mut self,
-        (input, indices, first): (Slot, Slot, WeightId),
-        (t_len, top_k, k, n_out, count, per_slot): (usize, usize, usize, usize, usize, bool),
+    /// `gemv_quant` over one to three quantized weights (`ids`) side by
+    /// side into columns `col..` of `o` (rows x total); returns the number
+    /// of columns written.
+    fn gemv_quantized(
+        &self,
+        input: Slot,
+        ids: &[WeightId],
         o: &mut CudaSlice<f32>,
-    ) -> Result<()> {
-        let f = self.kernel(quant::EXPERT_LINEAR_QUANT)?;
+        (rows, k, total, col): (usize, usize, usize, usize),
+        raw: u32,
+    ) -> Result<usize> {
+        let parts: Vec<(&QuantWeight, u32)> = ids
+            .iter()
+            .map(|&id| match self.weight(id) {
+                DevWeight::Quant(q) => Ok((q, self.store.get(id).shape[0] as u32)),
+                _ => Err(PipelineError::Gpu("gemv_quantized on a decoded weight".into())),
+            })
+            .collect::<Result<_>>()?;
+        // Absent parts: the first weight again, with no rows.
+        let part = |i: usize| parts.get(i).copied().map_or((parts[0].0, 0), |p| p);
+        let (p0, p1, p2) = (part(0), part(1), part(2));
+        let f = self.kernel(quant::GEMV_QUANT)?;
         let stream = self.stream();
-        let DevData::I32(ids) = &self.slot(indices)?.data else {
-            return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
-        };
         let x = self.slot(input)?.f32(input)?;
-        let DevWeight::Quant(q) = &self.stacked[&first].data else {
-            return Err(PipelineError::Gpu("expert_linear_quantized on decoded experts".into()));
-        };
-        let a = (q.kind, q.block_len as u32, q.block_bytes as u32);
-        let d = (t_len as u32, top_k as u32, k as u32, n_out as u32, count as u32, u32::from(per_slot));
+        let dims = (rows as u32, k as u32, total as u32, col as u32);
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut *o).arg(x).arg(ids).arg(&q.blocks).arg(&a.0).arg(&a.1).arg(&a.2);
-        b.arg(&d.0).arg(&d.1).arg(&d.2).arg(&d.3).arg(&d.4).arg(&d.5);
-        // SAFETY: one warp per (t, j, n) writing out[slot * n_out + n] of
-        // t_len * top_k * n_out; ids are range-checked in the kernel, so an
-        // expert's rows are within the stack of `count` experts.
-        unsafe { b.launch(quant_warps(t_len * top_k * n_out)) }.map_err(gpu("expert_linear_quant"))?;
-        Ok(())
+        b.arg(&mut *o).arg(x).arg(&p0.0.blocks).arg(&p1.0.blocks).arg(&p2.0.blocks);
+        b.arg(&p0.0.kind).arg(&p1.0.kind).arg(&p2.0.kind).arg(&p0.1).arg(&p1.1).arg(&p2.1);
+        b.arg(&dims.0).arg(&dims.1).arg(&dims.2).arg(&dims.3).arg(&raw);
+        let n = (p0.1 + p1.1 + p2.1) as usize;
+        // SAFETY: one warp per output feature f < n writes rows t < rows <= 8
+        // at column col + f < total of `o` (rows * total); feature f's
+        // weight row is k / block_len whole blocks within its matrix's rows
+        // (k was checked against every weight).
+        unsafe { b.launch(quant_warps(n)) }.map_err(gpu("gemv_quant"))?;
+        Ok(n)
     }
 
     /// Dense weight `id` decoded into the scratch buffer (its first `n`
