@@ -212,12 +212,11 @@ extern "C" __global__ void moe_invalid_rows(float *out, const int *ids, u32 slot
 }
 
 #define GT_ROWS 64   // weight rows (outputs n) per block: 16 per warp
-#define GT_SLOTS 32  // slots per tile: 4 mma columns of 8
+#define GT_SLOTS 32  // slots per tile: 4 mma columns of 8 (bf16 weights)
 #define GT_K 64      // k per shared-memory stage: 4 mma steps
 #define GT_PAD 8     // bf16 of padding per shared row (no bank conflicts)
 #define GT_STAGES 3  // shared-memory stages in flight (cp.async)
 #define GT_W_PIECES (GT_ROWS * GT_K / 8 / 128)  // 16-byte W copies per thread per stage
-#define GT_X_PIECES (GT_SLOTS * GT_K / 8 / 128) // 16-byte x copies per thread per stage
 
 // 16 bytes from global to shared memory without passing through registers
 // (sm_80+); with `full` false the 16 shared bytes are zero-filled and
@@ -227,8 +226,9 @@ __device__ __forceinline__ void cp_async16(void *dst, const void *src, bool full
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(full ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most GT_STAGES - 2 groups are still in flight.
-__device__ __forceinline__ void cp_async_wait_stage() { asm volatile("cp.async.wait_group %0;\n" ::"n"(GT_STAGES - 2)); }
+// Waits until at most STAGES - 2 groups are still in flight.
+template <u32 STAGES>
+__device__ __forceinline__ void cp_async_wait_stage() { asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2)); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
 
 // Where the grouped projection's weight rows come from. Each stage, a
@@ -260,14 +260,14 @@ struct QuantRows {
     const unsigned char *we; // row n0 of expert e
     u32 k;
     Raw8 raw[GT_W_PIECES];
-    u32 j0[GT_W_PIECES];
-    __device__ __forceinline__ void issue(u16 (*)[GT_K + GT_PAD], u32 k0, u32 tid) {
+    u32 k0; // the stage being loaded
+    __device__ __forceinline__ void issue(u16 (*)[GT_K + GT_PAD], u32 stage_k0, u32 tid) {
         u64 row_bytes = (u64)(k / BlockOf<KIND>::len) * BlockOf<KIND>::bytes;
+        k0 = stage_k0;
 #pragma unroll
         for (int i = 0; i < GT_W_PIECES; i++) {
             u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;
-            j0[i] = (k0 + c) % BlockOf<KIND>::len;
-            raw[i] = raw_of<KIND>(block_at<KIND>(we + r * row_bytes, k0 + c), j0[i]);
+            raw[i] = raw_of<KIND>(block_at<KIND>(we + r * row_bytes, k0 + c), (k0 + c) % BlockOf<KIND>::len);
         }
     }
     __device__ __forceinline__ void finish(u16 (*ws)[GT_K + GT_PAD], u32 tid) {
@@ -275,7 +275,7 @@ struct QuantRows {
         for (int i = 0; i < GT_W_PIECES; i++) {
             u32 piece = tid + 128 * i, r = piece / (GT_K / 8), c = (piece % (GT_K / 8)) * 8;
             float w[8];
-            decode_raw<KIND>(raw[i], j0[i], w);
+            decode_raw<KIND>(raw[i], (k0 + c) % BlockOf<KIND>::len, w);
             uint4 v;
             v.x = pack_bf16_rn(w[0], w[1]);
             v.y = pack_bf16_rn(w[2], w[3]);
@@ -288,23 +288,23 @@ struct QuantRows {
 
 // The shared memory of one grouped block (declared by each entry point, so
 // a kernel over several block types holds one copy, not one per type).
-#define GT_SHARED                                                          \
-    __shared__ __align__(16) u16 ws[GT_STAGES][GT_ROWS][GT_K + GT_PAD];  \
-    __shared__ __align__(16) u16 xs[GT_STAGES][GT_SLOTS][GT_K + GT_PAD]; \
-    __shared__ int slot_of[GT_SLOTS];
+#define GT_SHARED(STAGES, SLOTS)                                       \
+    __shared__ __align__(16) u16 ws[STAGES][GT_ROWS][GT_K + GT_PAD];  \
+    __shared__ __align__(16) u16 xs[STAGES][SLOTS][GT_K + GT_PAD];    \
+    __shared__ int slot_of[SLOTS];
 
 // out[slot, n] = W[e][n] · x(slot) for every slot routed to expert e, where
 // x(slot) = x[slot] (per_slot) or x[slot / top_k], x as bf16 bits (the
 // Bf16 backend's activations are bf16 values: exact), W's rows from `src`.
-// Block (n tile, e): 4 warps, 64 rows of W[e] against its slots 32 at a
-// time; f32 accumulation over k in order, one 64-wide stage after another.
-// GT_STAGES stages of W and x are loaded ahead of the tensor cores (x by
-// cp.async), so several loads per block are in flight while the mma of an
-// earlier stage runs. Needs k % 64 == 0 and n_out % 64 == 0 (the host
-// checks).
-template <class Rows>
+// Block (n tile, e): 4 warps, 64 rows of W[e] against its slots SLOTS (32
+// or 64) at a time; f32 accumulation over k in order, one 64-wide stage
+// after another. STAGES stages of W and x are loaded ahead of the tensor
+// cores (x by cp.async), so several loads per block are in flight while
+// the mma of an earlier stage runs. Needs k % 64 == 0 and n_out % 64 == 0
+// (the host checks).
+template <u32 STAGES, u32 SLOTS, class Rows>
 __device__ __forceinline__ void expert_linear_grouped_impl(
-    Rows src, u16 (*ws)[GT_ROWS][GT_K + GT_PAD], u16 (*xs)[GT_SLOTS][GT_K + GT_PAD], int *slot_of,
+    Rows src, u16 (*ws)[GT_ROWS][GT_K + GT_PAD], u16 (*xs)[SLOTS][GT_K + GT_PAD], int *slot_of,
     float *out, const u16 *x, const int *sorted, const int *offsets, const int *counts, u32 top_k, u32 k, u32 n_out, u32 per_slot) {
     u32 e = blockIdx.y, n0 = blockIdx.x * GT_ROWS;
     int count = counts[e];
@@ -312,29 +312,31 @@ __device__ __forceinline__ void expert_linear_grouped_impl(
     int first = offsets[e];
     u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, q = lane & 3;
     u32 stages = k / GT_K;
-    for (int tile = 0; tile < count; tile += GT_SLOTS) {
-        u32 in_tile = (u32)min(GT_SLOTS, count - tile);
+    const u32 X_PIECES = SLOTS * GT_K / 8 / 128; // 16-byte x copies per thread per stage
+    for (int tile = 0; tile < count; tile += SLOTS) {
+        u32 in_tile = (u32)min(SLOTS, count - tile);
         __syncthreads(); // the last tile's shared memory is no longer read
-        if (tid < GT_SLOTS) slot_of[tid] = tid < in_tile ? sorted[first + tile + tid] : -1;
+        if (tid < SLOTS) slot_of[tid] = tid < in_tile ? sorted[first + tile + tid] : -1;
         __syncthreads();
         // This thread's x rows (one slot per piece; none: zeros).
-        const u16 *xrow[GT_X_PIECES];
-        u32 xr[GT_X_PIECES], xcol[GT_X_PIECES];
-        for (int i = 0; i < GT_X_PIECES; i++) {
+        const u16 *xrow[X_PIECES];
+        u32 xr[X_PIECES], xcol[X_PIECES];
+#pragma unroll
+        for (int i = 0; i < X_PIECES; i++) {
             u32 piece = tid + 128 * i;
             xr[i] = piece / (GT_K / 8);
             xcol[i] = (piece % (GT_K / 8)) * 8;
             int slot = slot_of[xr[i]];
             xrow[i] = slot < 0 ? 0 : x + (per_slot ? (u64)slot : (u64)slot / top_k) * k;
         }
-        // x copies of stage s (k0 = s * GT_K) into buffer s % GT_STAGES.
+        // x copies of stage s (k0 = s * GT_K) into buffer s % STAGES.
 #define GT_COPY_X(s)                                                                                      \
         {                                                                                                 \
-            u32 buf = (s) % GT_STAGES, k0 = (s) * GT_K;                                                   \
-            for (int i = 0; i < GT_X_PIECES; i++)                                                         \
+            u32 buf = (s) % STAGES, k0 = (s) * GT_K;                                                   \
+            _Pragma("unroll") for (int i = 0; i < X_PIECES; i++)                                       \
                 cp_async16(&xs[buf][xr[i]][xcol[i]], xrow[i] ? xrow[i] + k0 + xcol[i] : x, xrow[i] != 0); \
         }
-        for (u32 s = 0; s < GT_STAGES - 1; s++) {
+        for (u32 s = 0; s < STAGES - 1; s++) {
             if (s < stages) {
                 src.issue(ws[s], s * GT_K, tid);
                 src.finish(ws[s], tid);
@@ -342,25 +344,29 @@ __device__ __forceinline__ void expert_linear_grouped_impl(
             }
             cp_async_commit(); // one group per stage, empty or not
         }
-        float acc[4][4];
-        for (int j = 0; j < 4; j++) for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
+        float acc[SLOTS / 8][4];
+#pragma unroll
+        for (int j = 0; j < SLOTS / 8; j++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[j][c] = 0.0f;
         u32 r0 = warp * 16;
         for (u32 s = 0; s < stages; s++) {
-            cp_async_wait_stage(); // stage s has landed (for this thread)...
+            cp_async_wait_stage<STAGES>(); // stage s has landed (for this thread)...
             __syncthreads();       // ... for every thread; stage s - 1's buffer is free
-            u32 ahead = s + GT_STAGES - 1;
+            u32 ahead = s + STAGES - 1;
             if (ahead < stages) {
-                src.issue(ws[ahead % GT_STAGES], ahead * GT_K, tid);
+                src.issue(ws[ahead % STAGES], ahead * GT_K, tid);
                 GT_COPY_X(ahead)
             }
             cp_async_commit();
-            u32 buf = s % GT_STAGES;
+            u32 buf = s % STAGES;
             for (u32 kk = 0; kk < GT_K; kk += 16) {
                 u32 a0 = *(const u32 *)&ws[buf][r0 + g][kk + 2 * q];
                 u32 a1 = *(const u32 *)&ws[buf][r0 + g + 8][kk + 2 * q];
                 u32 a2 = *(const u32 *)&ws[buf][r0 + g][kk + 2 * q + 8];
                 u32 a3 = *(const u32 *)&ws[buf][r0 + g + 8][kk + 2 * q + 8];
-                for (int j = 0; j < 4; j++) {
+#pragma unroll
+                for (int j = 0; j < SLOTS / 8; j++) {
                     u32 b0 = *(const u32 *)&xs[buf][j * 8 + g][kk + 2 * q];
                     u32 b1 = *(const u32 *)&xs[buf][j * 8 + g][kk + 2 * q + 8];
                     mma_bf16_16816(acc[j], a0, a1, a2, a3, b0, b1);
@@ -368,13 +374,15 @@ __device__ __forceinline__ void expert_linear_grouped_impl(
             }
             // The stage ahead's weights, now that this stage's mma ran; the
             // next iteration's barrier publishes them.
-            if (ahead < stages) src.finish(ws[ahead % GT_STAGES], tid);
+            if (ahead < stages) src.finish(ws[ahead % STAGES], tid);
         }
 #undef GT_COPY_X
         cp_async_wait_all();
         // acc[j]: rows r0 + g (c 0, 1) and r0 + g + 8 (c 2, 3); slots
         // j * 8 + 2q (c 0, 2) and j * 8 + 2q + 1 (c 1, 3).
-        for (int j = 0; j < 4; j++) {
+#pragma unroll
+        for (int j = 0; j < SLOTS / 8; j++) {
+#pragma unroll
             for (int c = 0; c < 4; c++) {
                 u32 col = j * 8 + 2 * q + (c & 1), row = r0 + g + (c >> 1) * 8;
                 int slot = slot_of[col];
@@ -389,18 +397,27 @@ extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_bf16w(
     float *out, const u16 *x, const int *sorted, const int *offsets, const int *counts, const u16 *w,
     u32 top_k, u32 k, u32 n_out, u32 per_slot) {
     PDL_ENTRY();
-    GT_SHARED
+    GT_SHARED(GT_STAGES, GT_SLOTS)
     Bf16Rows src = {w + ((u64)blockIdx.y * n_out + blockIdx.x * GT_ROWS) * k, k};
-    expert_linear_grouped_impl(src, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot);
+    expert_linear_grouped_impl<GT_STAGES, GT_SLOTS>(src, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot);
 }
 
 // Experts stacked [E, n_out, k] as rows of ggml blocks of type `kind`
-// (k a multiple of 256 for the K-quants: rows of whole blocks).
-extern "C" __global__ void __launch_bounds__(128) expert_linear_grouped_quant(
+// (k a multiple of 256 for the K-quants: rows of whole blocks). Tiles of
+// 64 slots, so each stage of an expert's weights is decoded once for up to
+// 64 slots (a prompt of 512 tokens gives about 32 an expert, often more),
+// in two stages (the weights' loads are in registers, not in flight to
+// shared memory, so a third stage would only hold x).
+#define GQ_STAGES 2
+#define GQ_SLOTS 64
+// (At most 170 registers a thread, three blocks an SM: the two 64-slot
+// accumulators and four pieces of block bytes in registers need more than
+// the 128 the compiler would otherwise keep to, and spilled.)
+extern "C" __global__ void __launch_bounds__(128, 3) expert_linear_grouped_quant(
     float *out, const u16 *x, const int *sorted, const int *offsets, const int *counts, const unsigned char *w,
     u32 kind, u32 top_k, u32 k, u32 n_out, u32 per_slot) {
     PDL_ENTRY();
-    GT_SHARED
+    GT_SHARED(GQ_STAGES, GQ_SLOTS)
     u64 row0 = (u64)blockIdx.y * n_out + blockIdx.x * GT_ROWS;
-    DISPATCH_KIND(kind, (expert_linear_grouped_impl(QuantRows<K>{w + row0 * (k / BlockOf<K>::len) * BlockOf<K>::bytes, k}, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot)));
+    DISPATCH_KIND(kind, (expert_linear_grouped_impl<GQ_STAGES, GQ_SLOTS>(QuantRows<K>{w + row0 * (k / BlockOf<K>::len) * BlockOf<K>::bytes, k, {}, 0}, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot)));
 }
