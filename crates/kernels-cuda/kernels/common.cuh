@@ -64,6 +64,18 @@ __device__ __forceinline__ void mma_bf16_16816(float *d, u32 a0, u32 a1, u32 a2,
                  : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// A launch of `parts` (1 or 2) per-expert projections of per_part outputs
+// each, one warp per output (the gate and up projections of a decode step
+// in one launch): whether this warp has an output, and then which part
+// (second) and which output of that part (warp).
+__device__ __forceinline__ bool expert_part_warp(u32 parts, u64 per_part, u64 *warp, bool *second) {
+    *warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (*warp >= parts * per_part) return false;
+    *second = *warp >= per_part;
+    if (*second) *warp -= per_part;
+    return true;
+}
+
 // Weights are f32 (F32 mode) or bf16 bits (Bf16 mode); kernels read them
 // through these overloads and accumulate in f32 either way.
 __device__ __forceinline__ float load_w(const float *w, u64 i) { return w[i]; }

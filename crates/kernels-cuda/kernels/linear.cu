@@ -59,10 +59,9 @@ __device__ __forceinline__ float dot8(float acc, uint4 w, const float4 *x) {
 // with one part.
 extern "C" __global__ void expert_linear_bf16w_v8(float *out0, float *out1, const float *x, const int *ids, const u16 *w0, const u16 *w1, u32 parts, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
     PDL_ENTRY();
-    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5, per_part = (u64)t_len * top_k * n_out;
-    if (warp >= parts * per_part) return;
-    bool second = warp >= per_part;
-    if (second) warp -= per_part;
+    u64 warp;
+    bool second;
+    if (!expert_part_warp(parts, (u64)t_len * top_k * n_out, &warp, &second)) return;
     float *out = second ? out1 : out0;
     const u16 *w = second ? w1 : w0;
     u32 lane = threadIdx.x & 31;

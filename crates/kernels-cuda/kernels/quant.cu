@@ -328,10 +328,9 @@ __device__ __forceinline__ void expert_linear_quant_impl(float *out, const float
 // stack w_p of blocks of type kind_p.
 extern "C" __global__ void expert_linear_quant(float *out0, float *out1, const float *x, const int *ids, const unsigned char *w0, const unsigned char *w1, u32 kind0, u32 kind1, u32 parts, u32 t_len, u32 top_k, u32 k, u32 n_out, u32 experts, u32 per_slot) {
     PDL_ENTRY();
-    u64 warp = ((u64)blockIdx.x * blockDim.x + threadIdx.x) >> 5, per_part = (u64)t_len * top_k * n_out;
-    if (warp >= parts * per_part) return;
-    bool second = warp >= per_part;
-    if (second) warp -= per_part;
+    u64 warp;
+    bool second;
+    if (!expert_part_warp(parts, (u64)t_len * top_k * n_out, &warp, &second)) return;
     float *out = second ? out1 : out0;
     DISPATCH_KIND(second ? kind1 : kind0, expert_linear_quant_impl<K>(out, x, ids, second ? w1 : w0, warp, top_k, k, n_out, experts, per_slot));
 }
