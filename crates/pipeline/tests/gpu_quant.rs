@@ -154,13 +154,16 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
 
 /// The projections over quantized weights in the manner of gpu_parity's
 /// table: every block type as a dense weight of awkward row counts (37, 7,
-/// 5, 3 rows of k = 512: two super-blocks, in one linear call), experts
-/// (5, top-2; Q4_K up [128, 512], Q6_K down [512, 128 -> 256]), and a
-/// Q4_K embedding, at T = 3 (the decode kernels read the blocks) and T =
-/// 40 (decoded into the scratch for cuBLAS; in Bf16 the grouped kernel),
-/// F32 and Bf16, the GPU's outputs poisoned, against the CPU backend on the
-/// same blocks. Bf16 multiplies by the weights rounded to bf16, so it is
-/// looser; its outputs must hold bf16 values.
+/// 5, 3 rows of k = 512: two super-blocks, in one linear call; at T = 3
+/// the first three in one launch), every block type as experts (5, top-2:
+/// Q5_K gate and Q4_K up [256, 512], sharing a launch at T = 3; Q6_K down
+/// and Q8_0 [512, 256]), and a Q4_K embedding, at T = 3 (the decode
+/// kernels read the blocks) and T = 40 (dense weights decoded into the
+/// scratch for cuBLAS; experts in Bf16 through the grouped kernel, which
+/// decodes inside its tiles), F32 and Bf16, the GPU's outputs poisoned,
+/// against the CPU backend on the same blocks. Bf16 multiplies by the
+/// weights rounded to bf16, so it is looser; its outputs must hold bf16
+/// values.
 #[test]
 fn quantized_projections_match_the_cpu_backend_on_awkward_sizes() {
     use std::sync::Arc;
@@ -187,13 +190,21 @@ fn quantized_projections_match_the_cpu_backend_on_awkward_sizes() {
         quant("q8", GgmlType::Q8_0, vec![3, k]),
     ];
     let table = quant("table", GgmlType::Q4_K, vec![v, k]);
-    let ups: Vec<WeightId> = (0..e).map(|x| quant(&format!("up{x}"), GgmlType::Q4_K, vec![i_dim, k])).collect();
-    let downs: Vec<WeightId> = (0..e).map(|x| quant(&format!("down{x}"), GgmlType::Q6_K, vec![k, i_dim])).collect();
+    // Every block type as experts too: gate (Q5_K) and up (Q4_K) share a
+    // launch in a decode step (two block types in one launch), down in
+    // Q6_K and a fourth projection in Q8_0.
+    let mut experts_of = |name: &str, kind: GgmlType, shape: [usize; 2]| -> Vec<WeightId> {
+        (0..e).map(|x| quant(&format!("{name}{x}"), kind, shape.to_vec())).collect()
+    };
+    let gates = experts_of("gate", GgmlType::Q5_K, [i_dim, k]);
+    let ups = experts_of("up", GgmlType::Q4_K, [i_dim, k]);
+    let downs = experts_of("down", GgmlType::Q6_K, [k, i_dim]);
+    let q8s = experts_of("q8", GgmlType::Q8_0, [k, i_dim]);
     let store = Arc::new(store);
     let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
     let mut failures = Vec::new();
     for (precision, tolerance) in [(CudaPrecision::F32, 1e-6), (CudaPrecision::Bf16, 1e-2)] {
-        let experts: [&[WeightId]; 2] = [&ups, &downs];
+        let experts: [&[WeightId]; 4] = [&gates, &ups, &downs, &q8s];
         let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, precision).unwrap();
         gpu.set_poison(true);
         let mut cpu = CpuBackend::new(store.clone(), Some(2)).unwrap();
@@ -212,10 +223,14 @@ fn quantized_projections_match_the_cpu_backend_on_awkward_sizes() {
                 b.write(S::MoeRouterIndices, &HostTensor::i32(vec![t, top], ids.clone())).unwrap();
                 b.embedding(table, S::Embedding).unwrap();
                 b.linear(S::AttnNorm, &dense, S::QkvMatmul).unwrap();
+                b.expert_linear(S::AttnNorm, S::MoeRouterIndices, &gates, S::MoeExpertGate).unwrap();
                 b.expert_linear(S::AttnNorm, S::MoeRouterIndices, &ups, S::MoeExpertUp).unwrap();
                 b.expert_linear(S::MoeExpertUp, S::MoeRouterIndices, &downs, S::MoeExpertOut).unwrap();
+                b.expert_linear(S::MoeExpertGate, S::MoeRouterIndices, &q8s, S::MoeExpertSwigl).unwrap();
             }
-            for slot in [S::Embedding, S::QkvMatmul, S::MoeExpertUp, S::MoeExpertOut] {
+            let slots =
+                [S::Embedding, S::QkvMatmul, S::MoeExpertGate, S::MoeExpertUp, S::MoeExpertOut, S::MoeExpertSwigl];
+            for slot in slots {
                 let (a, g) = (cpu.read(slot).unwrap(), gpu.read(slot).unwrap());
                 let (a, g) = (a.as_f32().unwrap().to_vec(), g.as_f32().unwrap().to_vec());
                 let e = rel_l2(&a, &g);
