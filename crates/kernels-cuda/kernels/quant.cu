@@ -39,14 +39,12 @@ __device__ __forceinline__ void dequant_impl(float *out_f32, u16 *out_bf16, cons
     }
 }
 
-// (block_len and block_bytes follow from kind; kept in the signature for
-// the host's launch code.)
-extern "C" __global__ void dequant_f32(float *out, const unsigned char *blocks, u32 kind, u32 block_len, u32 block_bytes, u64 n) {
+extern "C" __global__ void dequant_f32(float *out, const unsigned char *blocks, u32 kind, u64 n) {
     PDL_ENTRY();
     DISPATCH_KIND(kind, dequant_impl<K>(out, nullptr, blocks, n));
 }
 
-extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u32 kind, u32 block_len, u32 block_bytes, u64 n) {
+extern "C" __global__ void dequant_bf16(u16 *out, const unsigned char *blocks, u32 kind, u64 n) {
     PDL_ENTRY();
     DISPATCH_KIND(kind, dequant_impl<K>(nullptr, out, blocks, n));
 }

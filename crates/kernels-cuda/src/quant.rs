@@ -86,12 +86,12 @@ pub fn dequant_device<T: WeightElement>(
     // One thread per eight values (n is whole blocks: a multiple of 8).
     let grid = (n / 8).div_ceil(256).clamp(1, 65_535) as u32;
     let config = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-    let (kind32, len32, bytes32, n64) = (kind, len as u32, bytes as u32, n as u64);
+    let (kind32, n64) = (kind, n as u64);
     let mut view = out.slice_mut(offset..offset + n);
     let mut launch = stream.launch_builder(&function);
-    launch.arg(&mut view).arg(blocks).arg(&kind32).arg(&len32).arg(&bytes32).arg(&n64);
-    // SAFETY: the arguments match dequant_*(T*, const u8*, u32, u32, u32,
-    // u64); `view` holds n elements and `blocks` at least n / len blocks of
+    launch.arg(&mut view).arg(blocks).arg(&kind32).arg(&n64);
+    // SAFETY: the arguments match dequant_*(T*, const u8*, u32 kind, u64);
+    // `view` holds n elements and `blocks` at least n / len blocks of
     // `bytes` (checked above); the kernel reads only blocks below n / len
     // and writes only indices below n.
     unsafe { launch.launch(config) }.map_err(driver(format!("launching {}", T::DEQUANT.name)))?;
