@@ -218,8 +218,9 @@ fn run_with(model: &Model, backend: Box<dyn pipeline::Backend>, prompt: usize) -
 
 /// The same model on the GPU, its weights kept quantized there (a quarter
 /// to a half of their bf16 bytes): a 40-token prompt (80 expert slots: the
-/// experts decoded once into a scratch buffer for the grouped kernel in
-/// Bf16 mode, per output in F32; dense projections decoded for cuBLAS),
+/// grouped kernel decodes the experts' blocks inside its tiles in Bf16
+/// mode, one warp per output reads them in F32; dense projections decoded
+/// for cuBLAS),
 /// then decode steps whose projections read the blocks themselves, match
 /// the CPU: F32 within 1e-5 with the same tokens, Bf16 within 3e-2.
 #[cfg(feature = "cuda")]

@@ -25,6 +25,7 @@ pub mod sources;
 pub mod synthetic;
 
 pub use device::{GpuDevice, KernelBuild};
+pub use error::{KernelError, Result, is_out_of_memory};
 
 /// What a device weight buffer holds: bf16 bits (`u16`) or `f32`; the
 /// entry points that write weights of that type.
@@ -44,7 +45,6 @@ impl WeightElement for f32 {
     const SYNTHETIC_FILL: kernels::Kernel = kernels::synthetic::FILL_F32;
     const DEQUANT: kernels::Kernel = kernels::quant::DEQUANT_F32;
 }
-pub use error::{KernelError, Result, is_out_of_memory};
 
 /// For GPU tests: device 0 when `MOETRACE_GPU` is set, else None after
 /// saying that the test checked nothing.

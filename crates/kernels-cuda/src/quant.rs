@@ -40,13 +40,27 @@ pub fn dequant_fill<T: WeightElement>(
     dequant_device(device, out, offset, n, kind, &source)
 }
 
+/// An error of the decoding.
+fn bad(message: String) -> KernelError {
+    KernelError::Driver { action: "decoding quantized weights".into(), message }
+}
+
+/// The (values, bytes) per block of ggml type `kind`, when the device
+/// decodes it and `n` values are whole blocks of it.
+fn whole_blocks(kind: u32, n: usize) -> Result<(usize, usize)> {
+    let (len, block_bytes) =
+        block_layout(kind).ok_or_else(|| bad(format!("ggml type {kind} is not decoded on the device")))?;
+    if !n.is_multiple_of(len) {
+        return Err(bad(format!("{n} values are not whole blocks of {len}")));
+    }
+    Ok((len, block_bytes))
+}
+
 /// Checks that `bytes` hold `n` values in blocks of ggml type `kind`;
 /// returns the type's (values, bytes) per block.
 pub fn check_blocks(kind: u32, n: usize, bytes: usize) -> Result<(usize, usize)> {
-    let bad = |message: String| KernelError::Driver { action: "decoding quantized weights".into(), message };
-    let (len, block_bytes) =
-        block_layout(kind).ok_or_else(|| bad(format!("ggml type {kind} is not decoded on the device")))?;
-    if !n.is_multiple_of(len) || bytes != n / len * block_bytes {
+    let (len, block_bytes) = whole_blocks(kind, n)?;
+    if bytes != n / len * block_bytes {
         return Err(bad(format!("{bytes} bytes do not hold {n} values in blocks of {len} in {block_bytes} bytes")));
     }
     Ok((len, block_bytes))
@@ -63,20 +77,13 @@ pub fn dequant_device<T: WeightElement>(
     kind: u32,
     blocks: &CudaSlice<u8>,
 ) -> Result<()> {
-    let (len, bytes) = block_layout(kind).ok_or_else(|| KernelError::Driver {
-        action: "decoding quantized weights".into(),
-        message: format!("ggml type {kind} is not decoded on the device"),
-    })?;
-    check_blocks(kind, n, n / len * bytes)?;
+    let (len, bytes) = whole_blocks(kind, n)?;
     if n / len * bytes > blocks.len() || offset + n > out.len() {
-        return Err(KernelError::Driver {
-            action: "decoding quantized weights".into(),
-            message: format!(
-                "{n} values at {offset} from {} bytes of blocks do not fit a buffer of {}",
-                blocks.len(),
-                out.len()
-            ),
-        });
+        return Err(bad(format!(
+            "{n} values at {offset} from {} bytes of blocks do not fit a buffer of {}",
+            blocks.len(),
+            out.len()
+        )));
     }
     if n == 0 {
         return Ok(());

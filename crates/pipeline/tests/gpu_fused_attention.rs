@@ -12,6 +12,8 @@
 //! before each run, one q row NaN. GPU only (MOETRACE_GPU=1).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Arc;
 
 use pipeline::backend::cuda::CudaPrecision;
@@ -85,15 +87,6 @@ impl Case {
     }
 }
 
-/// Whether GPU tests run here (MOETRACE_GPU set); if not, says so.
-fn gpu_enabled() -> bool {
-    let on = std::env::var_os("MOETRACE_GPU").is_some();
-    if !on {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
-    }
-    on
-}
-
 fn bits(t: &HostTensor) -> Vec<u32> {
     t.as_f32().unwrap().iter().map(|x| x.to_bits()).collect()
 }
@@ -114,7 +107,7 @@ fn compare(a: &HostTensor, b: &HostTensor) -> (f64, bool) {
 
 #[test]
 fn fused_attention_stores_the_bits_its_output_is_computed_from() {
-    if !gpu_enabled() {
+    if !common::gpu_enabled() {
         return;
     }
     let store = Arc::new(WeightStore::default());
@@ -178,7 +171,7 @@ fn fused_attention_stores_the_bits_its_output_is_computed_from() {
 
 #[test]
 fn a_fused_stage_read_after_its_layer_names_why_it_is_gone() {
-    if !gpu_enabled() {
+    if !common::gpu_enabled() {
         return;
     }
     let store = Arc::new(WeightStore::default());

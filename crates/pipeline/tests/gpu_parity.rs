@@ -9,6 +9,8 @@
 //! backends through `case`, and give its tolerance (rel_l2; ids exact).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::sync::Arc;
 
 use pipeline::backend::cuda::CudaPrecision;
@@ -107,8 +109,7 @@ impl Pair {
 
 #[test]
 fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
-    if std::env::var_os("MOETRACE_GPU").is_none() {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    if !common::gpu_enabled() {
         return;
     }
     let (h, v, e, k, i_dim, hd) = (45usize, 37usize, 13usize, 3usize, 29usize, 18usize);
@@ -277,8 +278,7 @@ fn weight_bf16(store: &mut WeightStore, name: &str, shape: Vec<usize>, mean: f32
 
 #[test]
 fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
-    if std::env::var_os("MOETRACE_GPU").is_none() {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    if !common::gpu_enabled() {
         return;
     }
     // Widths that take the fast paths: rows of 2048 (RMSNorm over 1024

@@ -7,21 +7,14 @@
 //! as bf16 bits. GPU only (MOETRACE_GPU=1).
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use half::{bf16, f16};
 use kernels_cuda::GpuDevice;
 use kernels_cuda::quant::{block_layout, dequant_fill};
 use kernels_cuda::synthetic::download;
 use pipeline::weights::gguf::GgmlType;
 use pipeline::weights::quant::dequantize;
-
-/// Whether GPU tests run here (MOETRACE_GPU set); says so when they do not.
-fn gpu_enabled() -> bool {
-    let on = std::env::var_os("MOETRACE_GPU").is_some();
-    if !on {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
-    }
-    on
-}
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -37,7 +30,7 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 
 #[test]
 fn device_block_decoders_match_the_host_bit_for_bit() {
-    if !gpu_enabled() {
+    if !common::gpu_enabled() {
         return;
     }
     let device = GpuDevice::open(0).unwrap();
@@ -106,7 +99,7 @@ fn synthetic_blocks_made_on_the_device_are_the_hosts_and_the_q4km_preset_runs_as
     use pipeline::backend::cuda::CudaPrecision;
     use pipeline::weights::BlockRecipe;
     use pipeline::{CpuBackend, CudaBackend, Forward, Model};
-    if !gpu_enabled() {
+    if !common::gpu_enabled() {
         return;
     }
     let device = GpuDevice::open(0).unwrap();
@@ -135,10 +128,8 @@ fn synthetic_blocks_made_on_the_device_are_the_hosts_and_the_q4km_preset_runs_as
     let backend = CudaBackend::new(&gpu_model, 0, CudaPrecision::F32).unwrap();
     let bytes = backend.weight_bytes();
     let gpu = run(&gpu_model, Box::new(backend));
-    let (num, den) = cpu.1.iter().zip(&gpu.1).fold((0.0f64, 0.0f64), |(n, d), (&a, &b)| {
-        (n + (f64::from(a) - f64::from(b)).powi(2), d + f64::from(a).powi(2))
-    });
-    let e = (num / den).sqrt();
+    assert_eq!(cpu.1.len(), gpu.1.len(), "logits");
+    let e = rel_l2(&cpu.1, &gpu.1);
     eprintln!("tiny-moe-q4km: {bytes} weight bytes on the device; logits rel_l2 {e:.2e}; tokens {:?}", gpu.0);
     assert!(e <= 1e-5, "logits rel_l2 {e:.3e}");
     assert_eq!(gpu.0, cpu.0, "greedy tokens");
@@ -173,7 +164,7 @@ fn quantized_projections_match_the_cpu_backend_on_awkward_sizes() {
     use pipeline::weights::{BlockRecipe, WeightDtype, WeightId, WeightStore, WeightTensor, tensor_key};
     use pipeline::{CpuBackend, CudaBackend, HostTensor};
     use stage_types::SaveTensorStage as S;
-    if !gpu_enabled() {
+    if !common::gpu_enabled() {
         return;
     }
     let (k, v, e, top, i_dim) = (512usize, 37usize, 5usize, 2usize, 256usize);

@@ -5,14 +5,15 @@
 //! scripts/gpu-run.sh); elsewhere it says plainly that it checked nothing.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use kernels_cuda::GpuDevice;
 use kernels_cuda::synthetic::{download, synthetic_fill, synthetic_fill_bf16};
 use pipeline::weights::{synthetic_value, tensor_key};
 
 #[test]
 fn gpu_synthetic_weights_match_the_host_generator_bit_for_bit() {
-    if std::env::var_os("MOETRACE_GPU").is_none() {
-        eprintln!("SKIPPED (GPU test): set MOETRACE_GPU=1 on a machine with an NVIDIA GPU; this test checked nothing");
+    if !common::gpu_enabled() {
         return;
     }
     let device = GpuDevice::open(0).expect("open GPU 0");

@@ -222,17 +222,20 @@ impl WeightTensor {
     fn read_blocks(&self, kind: gguf::GgmlType, start: usize, out: &mut [f32]) {
         let (len, bytes) = (kind.block_len().unwrap_or(1) as usize, kind.block_bytes().unwrap_or(0) as usize);
         let (first, last) = (start / len, (start + out.len()).div_ceil(len));
-        let all = match &self.bytes {
-            // Only the blocks asked for.
+        let all: Cow<[u8]>;
+        let blocks = match &self.bytes {
+            // Synthetic blocks: only the blocks asked for are made.
             WeightBytes::SyntheticBlocks(r) => {
                 let mut some = vec![0u8; (last - first) * bytes];
                 r.fill(first as u64, &mut some);
-                Cow::Owned(some)
+                all = Cow::Owned(some);
+                &all[..]
             }
-            _ => self.bytes(),
+            _ => {
+                all = self.bytes();
+                &all[first * bytes..last * bytes]
+            }
         };
-        let offset = if matches!(self.bytes, WeightBytes::SyntheticBlocks(_)) { first * bytes } else { 0 };
-        let blocks = &all[first * bytes - offset..last * bytes - offset];
         // The loader checked the type and that the tensor is whole blocks.
         let whole = "whole blocks of a known type";
         if start.is_multiple_of(len) && out.len().is_multiple_of(len) {

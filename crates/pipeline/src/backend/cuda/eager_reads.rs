@@ -136,9 +136,6 @@ impl CudaBackend {
     /// gathers wrote device memory: the step did not wait on PCIe).
     pub(super) fn copy_eager_reads(&mut self) -> Result<()> {
         let Some(reads) = self.graphs.eager_reads.as_mut() else { return Ok(()) };
-        // One wait for the step, then every read's copy, on the copy
-        // stream (the gathers wrote device memory: the step did not wait
-        // on PCIe).
         let (compute, copy) = (self.device.stream(), self.device.copy_stream());
         let ready = compute.record_event(None).map_err(gpu("recording a step's end"))?;
         copy.wait(&ready).map_err(gpu("ordering a step's capture copies"))?;
