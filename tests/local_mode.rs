@@ -71,7 +71,7 @@ fn every_stage_is_named_alone(name: &str) {
             assert_eq!(row.verdict, Verdict::WrongRouter, "{name}: {fault}");
         } else {
             let error = row.metrics.as_ref().map(|m| m.worst_row_error).unwrap();
-            assert!(error > 0.1 && row.outlier.is_some(), "{name}: {fault}: local error {error}");
+            assert!(error > 0.1 && row.finding.is_some(), "{name}: {fault}: local error {error}");
             assert_eq!(row.worst_token, Some(token), "{name}: {fault}");
         }
         checked += 1;

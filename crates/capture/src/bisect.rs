@@ -10,16 +10,25 @@
 //! - Local (`mode: Local`, `--local`): after each stage the target's output
 //!   is compared and then replaced by the reference's (teacher forcing,
 //!   [`pipeline::teacher`]), so every (step, layer, stage) gets its own
-//!   local error, per-expert stages run on the reference's expert ids, the
-//!   router is judged on its own, and outliers are scored over the whole
-//!   run ([`compare::outliers`]). One pass of each backend.
+//!   local error, per-expert stages run on the reference's expert ids, and
+//!   the router is judged on its own.
+//!
+//! Beside them runs a third pass, the expected side: the CPU keeping the
+//! target's numeric contract ([`pipeline::backend::contract`]), fed what
+//! the target is fed and never faulted. Its error is what a correct
+//! implementation of that precision makes on the same inputs, row by row
+//! ([`compare::expected`]): local findings are rows above it, free-running
+//! divergences tensors above it. Forced values are the reference's outputs
+//! stored as the target's contract stores them (what a correct target
+//! holds in that slot), so every kernel path reads the same inputs.
 
 use std::path::Path;
 
-use compare::outliers::mark_outliers;
+use compare::expected::{RATIO_THRESHOLD, judge_accumulated, mark_findings};
 use compare::scope::ExpertIds;
-use compare::{Graft, Mode, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
-use pipeline::{Forward, HostTensor, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
+use compare::{ExpectedTensors, Graft, Mode, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
+use pipeline::backend::contract::NumericContract;
+use pipeline::{CpuBackend, Forward, HostTensor, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
 use serde::Deserialize;
 use stage_types::SaveTensorStage as S;
 
@@ -132,6 +141,27 @@ fn scope_tensors(reference: &ScopeOutputs, target: &ScopeOutputs) -> ScopeTensor
     tensors
 }
 
+/// The expected side's outputs of one scope as a comparison's input, each
+/// with the error floor of its precision under `contract`.
+fn expected_tensors(expected: &ScopeOutputs, contract: &NumericContract) -> ExpectedTensors {
+    expected
+        .iter()
+        .filter_map(|(stage, t)| contract.output(*stage).map(|p| (*stage, (to_array(t), p.error_floor()))))
+        .chain(expected.get(&S::MoeRouterIndices).map(|t| (S::MoeRouterIndices, (to_array(t), 0.0))))
+        .collect()
+}
+
+/// The reference's outputs as the target's contract stores them: what a
+/// correct target holds in those slots, forced into the target and the
+/// expected side alike.
+fn as_stored(outputs: &ScopeOutputs, contract: &NumericContract) -> ScopeOutputs {
+    let mut outputs = outputs.clone();
+    for (stage, tensor) in outputs.iter_mut() {
+        contract.round_output(*stage, tensor);
+    }
+    outputs
+}
+
 /// One side of the lockstep.
 struct Side {
     forward: Forward,
@@ -165,7 +195,8 @@ pub fn bisect(
         f.check(&model.config, config.tokens().len(), steps)
             .map_err(|e| CaptureError::ConfigValue { path: path.to_path_buf(), message: format!("faults: {e}") })?;
     }
-    let host_passes = usize::from(!config.reference.is_cuda()) + usize::from(!config.target.is_cuda());
+    // The expected side is a CPU pass too.
+    let host_passes = 1 + usize::from(!config.reference.is_cuda()) + usize::from(!config.target.is_cuda());
     check_run_size(path, &model.config, config.tokens().len(), config.generate, host_passes)?;
     check_prompt_vocabulary(path, &config.resolved, model.config.vocab_size)?;
     if let Some(capture) = &config.capture {
@@ -200,6 +231,14 @@ pub fn bisect(
     };
     let mut reference = make(&config.reference, sessions.as_ref().map(|s| &s[0]))?;
     let mut target = make(&config.target, sessions.as_ref().map(|s| &s[1]))?;
+    let contract = target.forward.backend_mut().numeric_contract();
+    let mut expected = Side {
+        forward: Forward::new(
+            &model,
+            Box::new(CpuBackend::new(model.store.clone(), config.threads)?.with_contract(contract)),
+        ),
+        name: ("cpu", "emulated"),
+    };
     attach_faults(&mut target.forward, &config.faults);
     let replay = match &config.routing {
         RoutingSpec::Own => None,
@@ -207,11 +246,12 @@ pub fn bisect(
     };
     if let Some(replay) = &replay {
         replay.attach(&mut target.forward);
+        replay.attach(&mut expected.forward);
     }
     // Tolerances follow the coarser precision of the two runs.
     let dtype_of = |spec: &BackendSpec| match spec {
         BackendSpec::Cpu | BackendSpec::CpuLlamaCpp => "f32".to_string(),
-        BackendSpec::Cuda { dtype, .. } => format!("{dtype:?}").to_ascii_lowercase(),
+        BackendSpec::Cuda { dtype, .. } | BackendSpec::CpuEmulating(dtype) => format!("{dtype:?}").to_ascii_lowercase(),
     };
     let (reference_dtype, target_dtype) = (dtype_of(&config.reference), dtype_of(&config.target));
     let target_dtype = compare::scope::Tolerances::coarser_dtype(&reference_dtype, &target_dtype).to_string();
@@ -233,25 +273,27 @@ pub fn bisect(
         ),
         ..Report::default()
     };
+    report.notes.push(format!(
+        "expected errors: the CPU keeping the target's numeric contract ({}) ran on the same inputs; {}",
+        contract.describe(),
+        match report.mode {
+            Mode::Local => format!("a finding is a row more than {RATIO_THRESHOLD}x its expected error"),
+            Mode::Accumulated => format!(
+                "a tensor diverges when a row's error is more than {}x the emulation's on that row",
+                compare::expected::ACCUMULATED_RATIO_THRESHOLD
+            ),
+        }
+    ));
     let mut progress = Progress { steps: Vec::new(), generated: Vec::new() };
-    lockstep(
-        config,
-        &model,
-        options,
-        &mut reference,
-        &mut target,
-        &target_dtype,
-        &mut report,
-        &mut progress,
-        on_scope,
-    )?;
+    let mut sides = Sides { reference: &mut reference, target: &mut target, expected: &mut expected, contract };
+    lockstep(config, &model, options, &mut sides, &target_dtype, &mut report, &mut progress, on_scope)?;
     if let Some(text) = &config.resolved.text {
         let all: Vec<u32> = [config.tokens(), &progress.generated[..]].concat();
         let starts: Vec<(usize, usize)> = progress.steps.iter().map(|s| (s.step, s.start_position)).collect();
         report.name_tokens(&text.tokenizer.token_texts(&all), &starts);
     }
     let names = [reference.name, target.name];
-    drop((reference, target));
+    drop((reference, target, expected));
     if let Some(sessions) = sessions {
         let faults: [&[FaultSpec]; 2] = [&[], &config.faults];
         let routing = [None, replay.as_ref().map(Replay::record)];
@@ -284,6 +326,15 @@ struct Progress {
     generated: Vec<u32>,
 }
 
+/// The three passes of the lockstep and the target's contract.
+struct Sides<'a> {
+    reference: &'a mut Side,
+    target: &'a mut Side,
+    /// The CPU keeping the target's contract, fed what the target is fed.
+    expected: &'a mut Side,
+    contract: NumericContract,
+}
+
 /// The step loop of [`bisect`]; in free mode returns early after the
 /// first divergence unless `options.all`.
 #[expect(clippy::too_many_arguments, reason = "the loop's state is owned by bisect, which commits captures after it")]
@@ -291,13 +342,14 @@ fn lockstep(
     config: &BisectConfig,
     model: &Model,
     options: &BisectOptions,
-    reference: &mut Side,
-    target: &mut Side,
+    sides: &mut Sides<'_>,
     target_dtype: &str,
     report: &mut Report,
     progress: &mut Progress,
     on_scope: &mut dyn FnMut(usize, String),
 ) -> Result<()> {
+    let Sides { reference, target, expected, contract } = sides;
+    let contract = *contract;
     let local = report.mode == Mode::Local;
     let expert_ids = if local { ExpertIds::Reference } else { ExpertIds::EachSide };
     let steps = config.generate.max(1);
@@ -307,6 +359,7 @@ fn lockstep(
         progress.steps.push(StepRecord { step, start_position: position, tokens: tokens.clone() });
         reference.forward.begin_step(step, &tokens, position)?;
         target.forward.begin_step(step, &tokens, position)?;
+        expected.forward.begin_step(step, &tokens, position)?;
         let mut reference_input: Option<HostTensor> = None;
         for scope in StepScope::all(model.config.num_layers) {
             let r = reference.run(scope, None)?;
@@ -314,13 +367,26 @@ fn lockstep(
             // top-k) on the reference's input: its own logits feed its own
             // top-k; from the weights and ids on, the reference's are forced.
             let forced = local.then(|| {
-                let mut forced = r.clone();
+                let mut forced = as_stored(&r, &contract);
                 forced.remove(&S::MoeRouterLogits);
                 forced
             });
-            let t = target.run(scope, forced)?;
+            let t = target.run(scope, forced.clone())?;
+            let e = expected.run(scope, forced)?;
             let tensors = scope_tensors(&r, &t);
-            let rows = compare_scope(step, scope.layer(), &tensors, &options.tolerances, target_dtype, expert_ids);
+            let emulated = expected_tensors(&e, &contract);
+            let mut rows = compare_scope(
+                step,
+                scope.layer(),
+                &tensors,
+                &options.tolerances,
+                target_dtype,
+                expert_ids,
+                Some(&emulated),
+            );
+            if !local {
+                judge_accumulated(&mut rows);
+            }
             on_scope(step, scope.to_string());
             let first_new = report.first_divergence().is_none();
             report.rows.extend(rows);
@@ -338,7 +404,8 @@ fn lockstep(
                     kv_cache: scope.layer().and_then(|l| reference.forward.backend_mut().kv_cache(l).ok()),
                     outputs: r,
                 };
-                let g = graft(&mut target.forward, scope, teacher, &row, &report.rows, options, target_dtype)?;
+                let grafted = [&mut target.forward, &mut expected.forward];
+                let g = graft(grafted, scope, teacher, &row, &report.rows, options, target_dtype, &contract)?;
                 report.graft = Some(g);
                 if !options.all {
                     return Ok(());
@@ -361,7 +428,7 @@ fn lockstep(
         tokens = vec![next_ref];
     }
     if local {
-        mark_outliers(&mut report.rows);
+        mark_findings(&mut report.rows);
     }
     Ok(())
 }
@@ -373,29 +440,53 @@ fn describe_model(model: &Model) -> String {
     }
 }
 
-/// Re-runs the divergent scope on the target from the reference's state
-/// (its layer input, KV cache and every stage's output, forced in turn)
-/// and compares the divergent stage's own output with the reference's.
+/// Re-runs the divergent scope on the target and on the expected side
+/// from the reference's state (its layer input, KV cache and every stage's
+/// output, as the target's contract stores them, forced in turn) and judges
+/// the divergent stage's own output as local mode does: against what the
+/// emulation's recomputation explains.
+#[expect(clippy::too_many_arguments, reason = "the graft needs the divergence, the run so far and the contract")]
 fn graft(
-    target: &mut Forward,
+    [target, expected]: [&mut Forward; 2],
     scope: StepScope,
     teacher: ScopeTeacher,
     row: &Row,
     rows: &[Row],
     options: &BisectOptions,
     target_dtype: &str,
+    contract: &NumericContract,
 ) -> Result<Graft> {
     let reference = teacher.outputs.clone();
-    let own = target.graft_scope(scope, teacher)?;
+    let stored = |t: &HostTensor| {
+        let mut t = t.clone();
+        if let pipeline::TensorData::F32(v) = &mut t.data {
+            contract.activations.round(v);
+        }
+        t
+    };
+    let teacher = ScopeTeacher {
+        input: teacher.input.as_ref().map(stored),
+        kv_cache: teacher.kv_cache.as_ref().map(|(k, v)| (stored(k), stored(v))),
+        outputs: as_stored(&teacher.outputs, contract),
+    };
+    let own = target.graft_scope(scope, teacher.clone())?;
+    let emulated = expected.graft_scope(scope, teacher)?;
     let tensors = scope_tensors(&reference, &own);
-    let graft_row =
-        compare_scope(row.step, row.layer, &tensors, &options.tolerances, target_dtype, ExpertIds::Reference)
-            .into_iter()
-            .find(|r| r.stage == row.stage)
-            .ok_or_else(|| {
-                pipeline::PipelineError::BadInput(format!("the graft of {scope} did not produce {}", row.stage))
-            })?;
-    let stage_is_wrong = !graft_row.verdict.is_ok();
+    let expected_tensors = expected_tensors(&emulated, contract);
+    let mut graft_rows = compare_scope(
+        row.step,
+        row.layer,
+        &tensors,
+        &options.tolerances,
+        target_dtype,
+        ExpertIds::Reference,
+        Some(&expected_tensors),
+    );
+    mark_findings(&mut graft_rows);
+    let graft_row = graft_rows.into_iter().find(|r| r.stage == row.stage).ok_or_else(|| {
+        pipeline::PipelineError::BadInput(format!("the graft of {scope} did not produce {}", row.stage))
+    })?;
+    let stage_is_wrong = graft_row.finding.is_some() || !matches!(graft_row.verdict, compare::Verdict::Ok | compare::Verdict::Diverged);
     Ok(Graft {
         rel_l2: graft_row.rel_l2().unwrap_or(if stage_is_wrong { f64::INFINITY } else { 0.0 }),
         verdict: graft_row.verdict,
@@ -404,9 +495,15 @@ fn graft(
     })
 }
 
-/// The row whose rel_l2 grew the most over the row before it.
+/// The row whose rel_l2 grew the most over the row before it, among rows
+/// with an error (an exact row, such as the embedding, is no base for a
+/// ratio: every error after it would be an infinite jump).
 fn largest_jump(rows: &[Row]) -> Option<(String, f64)> {
-    let errors: Vec<(usize, f64)> = rows.iter().enumerate().filter_map(|(i, r)| r.rel_l2().map(|e| (i, e))).collect();
+    let errors: Vec<(usize, f64)> = rows
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.rel_l2().filter(|e| *e > 0.0 && e.is_finite()).map(|e| (i, e)))
+        .collect();
     errors
         .windows(2)
         .map(|w| {

@@ -119,6 +119,12 @@ pub enum BackendSpec {
     /// bf16 for those; f32 weights as they are), to tell a GPU kernel's own
     /// error from the activation quantization of a llama.cpp CPU result.
     CpuLlamaCpp,
+    /// The CPU reference keeping a device precision's numeric contract
+    /// (`CpuEmulating(Bf16)`: weights and every stage output but routing's
+    /// rounded to bf16, as the CUDA backend's Bf16 mode stores them;
+    /// accumulation stays f64): what a correct implementation of that
+    /// precision computes, to capture or to compare another engine with.
+    CpuEmulating(CudaDtype),
     /// A CUDA device.
     Cuda {
         /// Device ordinal.
@@ -138,6 +144,16 @@ fn graphs_on() -> bool {
     true
 }
 
+impl CudaDtype {
+    /// The numeric contract of the CUDA backend at this precision.
+    pub fn contract(self) -> pipeline::backend::contract::NumericContract {
+        match self {
+            CudaDtype::F32 => pipeline::backend::contract::NumericContract::REFERENCE,
+            CudaDtype::Bf16 => pipeline::backend::contract::NumericContract::BF16,
+        }
+    }
+}
+
 impl BackendSpec {
     /// Whether this is a CUDA backend.
     pub fn is_cuda(&self) -> bool {
@@ -150,6 +166,7 @@ impl fmt::Display for BackendSpec {
         match self {
             BackendSpec::Cpu => f.write_str("Cpu"),
             BackendSpec::CpuLlamaCpp => f.write_str("CpuLlamaCpp"),
+            BackendSpec::CpuEmulating(dtype) => write!(f, "CpuEmulating({dtype:?})"),
             BackendSpec::Cuda { device, dtype, graphs } => {
                 write!(f, "Cuda(device: {device}, dtype: {dtype:?}")?;
                 if !graphs {

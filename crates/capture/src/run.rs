@@ -95,6 +95,9 @@ pub fn build_backend(
 ) -> Result<Box<dyn Backend>> {
     match spec {
         BackendSpec::Cpu => Ok(Box::new(CpuBackend::new(model.store.clone(), threads)?)),
+        BackendSpec::CpuEmulating(dtype) => {
+            Ok(Box::new(CpuBackend::new(model.store.clone(), threads)?.with_contract(dtype.contract())))
+        }
         BackendSpec::CpuLlamaCpp => {
             let mut backend = CpuBackend::new(model.store.clone(), threads)?;
             backend.set_ggml_activations(true);

@@ -114,12 +114,12 @@ fn report_writes_a_page_and_refuses_other_versions_and_unwritable_paths() {
     let out = moetrace(&["report", json.to_str().unwrap(), "--html", html.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let page = std::fs::read_to_string(&html).unwrap();
-    assert!(page.contains("step 0 layer 2 moe_expert_out") && page.contains("class=\"outlier\""));
+    assert!(page.contains("step 0 layer 2 moe_expert_out") && page.contains("class=\"finding\""));
     // bisect --html writes the same kind of page directly.
     let direct = dir.join("direct.html");
     let out = moetrace(&["bisect", "-q", "--html", direct.to_str().unwrap(), "--config", config.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
-    assert!(std::fs::read_to_string(&direct).unwrap().contains("class=\"outlier\""));
+    assert!(std::fs::read_to_string(&direct).unwrap().contains("class=\"finding\""));
 
     let old = dir.join("old.json");
     std::fs::write(

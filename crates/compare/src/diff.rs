@@ -181,7 +181,7 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
             scope.insert(key.2, (a, b));
             i += 1;
         }
-        report.rows.extend(compare_scope(step, layer, &scope, &options.tolerances, &dtype, ExpertIds::EachSide));
+        report.rows.extend(compare_scope(step, layer, &scope, &options.tolerances, &dtype, ExpertIds::EachSide, None));
     }
     if one_sided > 0 {
         report.notes.push(format!("{one_sided} tensors were captured on one side only (rows marked missing)"));

@@ -1,17 +1,23 @@
 //! The error map: one self-contained HTML file (inline SVG and CSS, no
-//! script, no network) drawn from one or two reports. For each step, a
-//! layers x stages heatmap of each report's errors on a log colour scale
-//! (local errors: the worst row error; accumulated errors: rel_l2), with
-//! the model stages as their own row, routing flips per layer beside it,
-//! every outlier outlined in red and the first divergence in black; every
-//! cell names its place and values on hover (an SVG `<title>`).
+//! script, no network) drawn from one or two reports. It opens with the
+//! findings, lone ones first and one line per systematic one (or, for a
+//! clean run, the largest ratio to the expected error per stage), then for
+//! each step a layers x stages heatmap of each report: local errors
+//! judged against their expected error are coloured by that ratio (green
+//! up to what the precision explains, yellow at the threshold, red
+//! beyond), other errors on a log scale of the error itself (accumulated:
+//! rel_l2); the model stages are their own row, routing flips per layer
+//! beside it, every finding outlined in red and the first divergence in
+//! black; every cell names its place and values on hover (an SVG
+//! `<title>`).
 
 use std::fmt::Write as _;
 
 use stage_types::SaveTensorStage;
 
-use crate::report::{Mode, Report, Row};
-use crate::{Verdict, outliers::OutlierReason};
+use crate::Verdict;
+use crate::expected::{Findings, Phase, RATIO_THRESHOLD};
+use crate::report::{Mode, Report, Row, finding_reason, places_text, ratio_text};
 
 const CELL_W: usize = 18;
 const CELL_H: usize = 10;
@@ -43,6 +49,34 @@ fn cell_value(row: &Row, mode: Mode) -> Option<f64> {
     })
 }
 
+/// Linear interpolation between colour stops `(position, rgb)` at `t`.
+fn ramp(t: f64, stops: &[(f64, [f64; 3])]) -> String {
+    let i = stops.iter().position(|s| s.0 >= t).unwrap_or(stops.len() - 1).max(1);
+    let (a, b) = (stops[i - 1], stops[i]);
+    let f = ((t - a.0) / (b.0 - a.0)).clamp(0.0, 1.0);
+    let c: Vec<u8> = (0..3).map(|k| (a.1[k] + f * (b.1[k] - a.1[k])).round() as u8).collect();
+    format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
+}
+
+/// A colour for a ratio to the expected error: dark green for an exact
+/// row, green up to 1.5x, yellow at the threshold, red from 10x.
+fn ratio_colour(ratio: f64) -> String {
+    if ratio.is_nan() || ratio.is_infinite() {
+        return "#ff00c8".into();
+    }
+    if ratio <= 0.0 {
+        return "#006837".into();
+    }
+    let stops = [
+        (-1.0, [0.0, 104.0, 55.0]),
+        (0.0, [26.0, 152.0, 80.0]),
+        (1.5f64.log10(), [102.0, 189.0, 99.0]),
+        (RATIO_THRESHOLD.log10(), [254.0, 224.0, 139.0]),
+        (1.0, [215.0, 48.0, 39.0]),
+    ];
+    ramp(ratio.log10().clamp(-1.0, 1.0), &stops)
+}
+
 /// A colour for log10(value) on [lo, hi] decades (viridis-like ramp).
 fn colour(value: f64, lo: f64, hi: f64) -> String {
     if value.is_nan() || value.is_infinite() {
@@ -59,18 +93,15 @@ fn colour(value: f64, lo: f64, hi: f64) -> String {
         (0.75, [94.0, 201.0, 98.0]),
         (1.0, [253.0, 231.0, 37.0]),
     ];
-    let i = STOPS.iter().position(|s| s.0 >= t).unwrap_or(4).max(1);
-    let (a, b) = (STOPS[i - 1], STOPS[i]);
-    let f = (t - a.0) / (b.0 - a.0);
-    let c: Vec<u8> = (0..3).map(|k| (a.1[k] + f * (b.1[k] - a.1[k])).round() as u8).collect();
-    format!("#{:02x}{:02x}{:02x}", c[0], c[1], c[2])
+    ramp(t, &STOPS)
 }
 
-/// The colour scale's range in decades, from the finite positive values.
+/// The colour scale's range in decades, from the finite positive values
+/// of cells not coloured by their ratio.
 fn decade_range(reports: &[&Report]) -> (f64, f64) {
     let logs: Vec<f64> = reports
         .iter()
-        .flat_map(|r| r.rows.iter().filter_map(move |row| cell_value(row, r.mode)))
+        .flat_map(|r| r.rows.iter().filter(|row| row.expected.is_none()).filter_map(move |row| cell_value(row, r.mode)))
         .filter(|v| v.is_finite() && *v > 0.0)
         .map(f64::log10)
         .collect();
@@ -95,8 +126,18 @@ fn title_of(row: &Row, mode: Mode) -> String {
     if let Some(e) = row.worst_expert {
         let _ = write!(t, "\nexpert {e}");
     }
-    if let Some(o) = &row.outlier {
-        let _ = write!(t, "\nOUTLIER ({:?}): z {:.1}, stage median {:.2e}", o.reason, o.z, o.stage_median);
+    if let Some(e) = &row.expected {
+        let _ = write!(
+            t,
+            "\n{} expected: worst row error {:.3e} vs {:.3e} expected (floor {:.0e})",
+            ratio_text(e.ratio),
+            e.error,
+            e.expected,
+            e.floor
+        );
+    }
+    if row.finding.is_some() {
+        let _ = write!(t, "\nFINDING: {}", finding_reason(row));
     }
     if !row.flipped.is_empty() {
         let _ = write!(t, "\n{} flipped tokens", row.flipped.len());
@@ -142,6 +183,9 @@ fn panel(report: &Report, step: usize, stages: &[SaveTensorStage], layers: usize
         let (x, y) = (LEFT + col * CELL_W, TOP + y * CELL_H);
         let fill = match (&row.verdict, cell_value(row, report.mode)) {
             (Verdict::Missing { .. }, _) => "#d0d0d0".to_string(),
+            (_, Some(_)) if report.mode == Mode::Local && row.expected.is_some() => {
+                ratio_colour(row.expected.as_ref().map_or(0.0, |e| e.ratio))
+            }
             (_, Some(v)) => colour(v, range.0, range.1),
             (Verdict::Ok, None) => "#3b528b".to_string(),
             (Verdict::RoutingFlip, None) => "#ffb000".to_string(),
@@ -152,11 +196,11 @@ fn panel(report: &Report, step: usize, stages: &[SaveTensorStage], layers: usize
             r#"<rect x="{x}" y="{y}" width="{CELL_W}" height="{CELL_H}" fill="{fill}"><title>{}</title></rect>"#,
             esc(&title_of(row, report.mode))
         );
-        let finding = row.outlier.is_some() || matches!(row.verdict, Verdict::WrongRouter);
+        let finding = row.finding.is_some() || matches!(row.verdict, Verdict::WrongRouter);
         let outline = if first == Some((row.step, row.layer, row.stage)) {
             Some("first")
         } else if finding {
-            Some("outlier")
+            Some("finding")
         } else {
             None
         };
@@ -220,22 +264,54 @@ fn legend(range: (f64, f64)) -> String {
     svg
 }
 
-fn finding_line(row: &Row, mode: Mode) -> String {
-    let what = match (&row.outlier, mode) {
-        (Some(o), _) => format!(
-            "{}: worst row error {:.3e}, stage median {:.3e}, z {:.1}",
-            match o.reason {
-                OutlierReason::NonFinite => "non-finite",
-                OutlierReason::AboveTolerance => "above tolerance",
-                OutlierReason::FarAboveStage => "far above its stage",
-            },
-            row.metrics.as_ref().map_or(f64::NAN, |m| m.worst_row_error),
-            o.stage_median,
-            o.z
-        ),
-        (None, _) => {
-            format!("{}; rel_l2 {}", row.verdict.label(), row.rel_l2().map_or("-".into(), |e| format!("{e:.3e}")))
-        }
+/// The legend of the ratio colours.
+fn ratio_legend() -> String {
+    let mut svg = String::from(r#"<svg xmlns="http://www.w3.org/2000/svg" width="460" height="40" class="legend">"#);
+    let steps = 40;
+    for i in 0..steps {
+        let d = -1.0 + 2.0 * i as f64 / (steps - 1) as f64;
+        let _ = write!(svg, r#"<rect x="{}" y="4" width="10" height="14" fill="{}"/>"#, 10 + i * 10, ratio_colour(10f64.powf(d)));
+    }
+    let x = |ratio: f64| 10.0 + (ratio.log10() + 1.0) / 2.0 * 400.0;
+    for (ratio, label) in [(0.1, "0.1x"), (1.0, "1x"), (RATIO_THRESHOLD, "threshold"), (10.0, "10x")] {
+        let _ = write!(svg, r#"<text x="{:.0}" y="32" class="tick">{label}</text>"#, x(ratio) - 6.0);
+    }
+    svg += r##"<rect x="420" y="4" width="14" height="14" fill="#ff00c8"/><text x="438" y="16" class="tick">nan</text></svg>"##;
+    svg
+}
+
+/// The findings of a local report, lone ones first, then one line per
+/// systematic one.
+fn local_findings(r: &Report, grouped: &Findings) -> String {
+    let mut body = format!(
+        "<p>{} lone finding(s), {} systematic:</p><ul class=\"findings\">",
+        grouped.lone.len(),
+        grouped.systematic.len()
+    );
+    for &i in &grouped.lone {
+        body += &finding_line(&r.rows[i]);
+    }
+    for s in &grouped.systematic {
+        let _ = write!(
+            body,
+            "<li><b>{}, {}, {} of {} layers</b>: {} to {} expected; one cause (a kernel path that departs from the contract). <span class=\"places\">{}</span></li>",
+            s.stage,
+            s.phase.label(),
+            s.layers.len(),
+            s.layers_compared,
+            ratio_text(s.min_ratio),
+            ratio_text(s.max_ratio),
+            esc(&places_text(&s.places, 8))
+        );
+    }
+    body + "</ul>"
+}
+
+fn finding_line(row: &Row) -> String {
+    let what = if row.finding.is_some() {
+        finding_reason(row)
+    } else {
+        format!("{}; rel_l2 {}", row.verdict.label(), row.rel_l2().map_or("-".into(), |e| format!("{e:.3e}")))
     };
     let mut place = row.place();
     if let Some(t) = row.worst_token {
@@ -279,16 +355,37 @@ pub fn render_html(reports: &[&Report]) -> String {
         );
         if findings.is_empty() {
             body += if r.mode == Mode::Local {
-                "<p class=\"clean\">No outlier: every stage's local error is within its tolerance and its own distribution.</p>"
+                "<p class=\"clean\">No finding: every stage's local error is within what the target's precision explains.</p>"
             } else {
                 "<p class=\"clean\">No divergence.</p>"
             };
+        } else if r.mode == Mode::Local {
+            body += &local_findings(r, &r.grouped_findings());
         } else {
             let _ = write!(body, "<p>{} finding(s):</p><ul class=\"findings\">", findings.len());
             for f in findings {
-                body += &finding_line(f, r.mode);
+                body += &finding_line(f);
             }
             body += "</ul>";
+        }
+        let margins = r.margins();
+        if r.mode == Mode::Local && !margins.is_empty() {
+            let parts: Vec<String> = margins
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{} ({}) {}",
+                        m.stage,
+                        if m.phase == Phase::Prompt { "prompt" } else { "decode" },
+                        ratio_text(m.ratio)
+                    )
+                })
+                .collect();
+            let _ = write!(
+                body,
+                "<p class=\"note\">largest ratio to the expected error per stage (threshold {RATIO_THRESHOLD}x): {}</p>",
+                esc(&parts.join(", "))
+            );
         }
         if let Some(g) = &r.graft {
             let _ = write!(
@@ -306,7 +403,11 @@ pub fn render_html(reports: &[&Report]) -> String {
     body += "<div class=\"row\">";
     for step in &steps {
         for r in reports {
-            let label = if r.mode == Mode::Local { "local: worst row error" } else { "accumulated: rel_l2" };
+            let label = match (r.mode, r.rows.iter().any(|row| row.expected.is_some())) {
+                (Mode::Local, true) => "local: ratio to the expected error",
+                (Mode::Local, false) => "local: worst row error",
+                _ => "accumulated: rel_l2",
+            };
             let _ = write!(
                 body,
                 "<figure><figcaption><b>step {step}</b> {label}</figcaption>{}</figure>",
@@ -325,15 +426,16 @@ h1 {{ font-size: 20px; }} h2 {{ font-size: 16px; margin-bottom: 4px; }} h3 {{ fo
 figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; }}
 .stage, .layer, .tick {{ font-size: 9px; fill: #333; }} .layer {{ text-anchor: end; }}
 .flip {{ font-size: 9px; fill: #b07000; }} .wrong {{ font-size: 9px; fill: #d00000; font-weight: bold; }}
-.outlier {{ fill: none; stroke: #ff0000; stroke-width: 2.5; }} .first {{ fill: none; stroke: #000; stroke-width: 3; }}
+.finding {{ fill: none; stroke: #ff0000; stroke-width: 2.5; }} .places {{ color: #666; font-size: 11px; }} .first {{ fill: none; stroke: #000; stroke-width: 3; }}
 .findings li {{ color: #b00000; }} .clean {{ color: #176f2c; }} .note {{ color: #666; font-size: 12px; }}
 </style></head><body>
 <h1>moetrace error map</h1>
-<p>Colour: log10 of the error (hover a cell for its place and values). Red outline: an outlier or a wrong router; black: the first divergence. Flips: tokens whose expert set differs, with near-ties counted.</p>
-{}
+<p>Colour: local errors by their ratio to the error a correct implementation of the target's precision makes on the same row (green: as good as the precision allows; yellow: the threshold; red: beyond), other errors by log10 of the error. Hover a cell for its place and values. Red outline: a finding or a wrong router; black: the first divergence. Flips: tokens whose expert set differs, with near-ties counted.</p>
+{}{}
 {body}
 </body></html>
 "#,
+        if reports.iter().any(|r| r.rows.iter().any(|row| row.expected.is_some())) { ratio_legend() } else { String::new() },
         legend(range)
     )
 }
@@ -341,7 +443,7 @@ figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; }}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outliers::mark_outliers;
+    use crate::expected::{Expected, mark_findings};
     use crate::tensor_metrics;
 
     #[test]
@@ -353,10 +455,18 @@ mod tests {
                 let mut row = Row::new(0, Some(layer), stage, 3e-2);
                 let e = if layer == 4 && stage == SaveTensorStage::MoeExpertOut { 0.05 } else { 0.002 };
                 row.set_metrics(tensor_metrics(&[1.0, 1.0], &[1.0, 1.0 + e * 2f64.sqrt()], &[2], 0));
+                row.expected = Some(Expected {
+                    ratio: e / 0.002,
+                    row: 0,
+                    error: e,
+                    expected: 0.002,
+                    floor: 1e-4,
+                    emulated_rel_l2: 0.002,
+                });
                 report.rows.push(row);
             }
         }
-        mark_outliers(&mut report.rows);
+        mark_findings(&mut report.rows);
         let html = render_html(&[&report]);
         assert!(html.starts_with("<!DOCTYPE html>") && html.ends_with("</html>\n"));
         assert!(!html.contains("<script"), "no script");
@@ -367,7 +477,8 @@ mod tests {
             "no address but the SVG namespace"
         );
         assert!(!html.contains("src=") && !html.contains("href="), "no external resources");
-        assert_eq!(html.matches("class=\"outlier\"").count(), 1);
+        assert_eq!(html.matches("class=\"finding\"").count(), 1);
+        assert!(html.contains("25.00x"), "the finding's ratio is shown");
         assert!(html.contains("step 0 layer 4 moe_expert_out"));
         assert!(html.contains("cpu &lt;ref&gt;"));
     }

@@ -8,8 +8,10 @@
 //! - Metrics: [`tensor_metrics`] (rel_l2, max |a-b|, cosines, per-row
 //!   errors), [`routing`] (expert sets, margins, near-ties, alignment by
 //!   expert id).
-//! - Verdicts: [`compare_scope`] with [`Tolerances`]; [`outliers`] scores
-//!   local errors against their own distribution.
+//! - Verdicts: [`compare_scope`] with [`Tolerances`] and, where an
+//!   emulation of the target's numeric contract ran beside it, each row's
+//!   expected error; [`expected`] judges rows by their ratio to it and
+//!   groups findings that share a cause.
 //! - Reports: [`Report`] (rows, first divergence, graft, human and JSON
 //!   renderings), [`diff::diff`] (two folders), [`html`] (the error map).
 //!
@@ -23,12 +25,12 @@
 pub mod aprt;
 pub mod diff;
 pub mod error;
+pub mod expected;
 pub mod html;
 pub mod json_float;
 pub mod manifest;
 pub mod metrics;
 pub mod npy;
-pub mod outliers;
 pub mod reader;
 pub mod report;
 pub mod routing;
@@ -41,4 +43,4 @@ pub use npy::NpyArray;
 pub use reader::CaptureDir;
 pub use report::{Graft, Mode, Report, Row};
 pub use routing::FlippedToken;
-pub use scope::{ScopeTensors, Side, Tolerances, Verdict, compare_scope};
+pub use scope::{ExpectedTensors, ScopeTensors, Side, Tolerances, Verdict, compare_scope};

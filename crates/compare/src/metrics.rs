@@ -122,6 +122,21 @@ pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_
     m
 }
 
+/// The RMS norm of a tensor's rows of `row` values (finite values only):
+/// the scale row errors are measured on.
+pub fn rms_row_norm(reference: &[f64], row: usize) -> f64 {
+    let rows = reference.len().div_ceil(row.max(1)).max(1);
+    let sum: f64 = reference.iter().filter(|x| x.is_finite()).map(|x| x * x).sum();
+    (sum / rows as f64).sqrt()
+}
+
+/// Each row's error `||a_r - b_r|| / norm` (rows of `row` values; see
+/// [`TensorMetrics::worst_row_error`]).
+pub fn row_errors(reference: &[f64], other: &[f64], row: usize, norm: f64) -> Vec<f64> {
+    let row = row.max(1);
+    reference.chunks(row).zip(other.chunks(row)).map(|(a, b)| row_error(a, b, norm)).collect()
+}
+
 /// `||a - b|| / norm`: 0 for equal rows, infinite for a non-finite value
 /// on one side only or a difference over a zero norm.
 fn row_error(a: &[f64], b: &[f64], norm: f64) -> f64 {

@@ -1,5 +1,5 @@
 //! [`Report`]: the rows of a comparison, its first divergence (free
-//! running) or its outliers (local errors), the graft check (bisect), and
+//! running) or its findings (local errors), the graft check (bisect), and
 //! the human and JSON renderings. The JSON reads back
 //! ([`Report::from_json`]) for `moetrace report`.
 
@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use stage_types::SaveTensorStage;
 
-use crate::outliers::Outlier;
+use crate::expected::{Expected, FindingReason, Findings, Margin, group_findings, margins};
 use crate::{FlippedToken, Side, TensorMetrics, Verdict};
 
 /// The `format` of report JSON; [`Report::from_json`] refuses others.
-pub const REPORT_FORMAT: &str = "moetrace-report/1";
+pub const REPORT_FORMAT: &str = "moetrace-report/2";
 
 /// What the errors of a report mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -55,12 +55,18 @@ pub struct Row {
     /// Tokens whose expert set differs (moe_router_indices).
     #[serde(default)]
     pub flipped: Vec<FlippedToken>,
-    /// Set when this local error stands out (see [`crate::outliers`]).
+    /// How the worst row stands against the error a correct
+    /// implementation of the target's contract makes there (when an
+    /// emulation ran beside the target; see [`crate::expected`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier: Option<Outlier>,
+    pub expected: Option<Expected>,
+    /// Set when this row is a finding (local errors; see
+    /// [`crate::expected::mark_findings`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finding: Option<FindingReason>,
 }
 
-mod stage_name {
+pub(crate) mod stage_name {
     use serde::{Deserialize, Deserializer, Serializer};
     use stage_types::SaveTensorStage;
 
@@ -88,7 +94,8 @@ impl Row {
             worst_expert: None,
             compared_tokens: None,
             flipped: Vec::new(),
-            outlier: None,
+            expected: None,
+            finding: None,
         }
     }
 
@@ -131,6 +138,9 @@ impl Row {
             parts.push(format!("max|d| {:.3e} at {:?}", m.max_abs_diff, m.max_abs_index));
             parts.push(format!("min cos {:.6}", m.min_row_cosine));
             parts.push(format!("worst row {:.3e}", m.worst_row_error));
+            if let Some(e) = &self.expected {
+                parts.push(format!("ratio to expected {} (row {}: {:.3e} vs {:.3e})", ratio_text(e.ratio), e.row, e.error, e.expected));
+            }
             if m.has_non_finite() {
                 parts.push(format!("nan/inf ref {}/{} target {}/{}", m.ref_nan, m.ref_inf, m.target_nan, m.target_inf));
             }
@@ -162,6 +172,41 @@ impl Row {
         }
         parts.join(", ")
     }
+}
+
+/// `12.3x` (or `inf`).
+pub(crate) fn ratio_text(ratio: f64) -> String {
+    if ratio.is_finite() { format!("{ratio:.2}x") } else { "inf".into() }
+}
+
+/// Why a row is a finding, with its numbers.
+pub(crate) fn finding_reason(r: &Row) -> String {
+    let reason = r.finding.map_or("finding", FindingReason::label);
+    match &r.expected {
+        Some(e) => format!(
+            "{reason}: worst row error {:.3e} is {} its expected {:.3e}",
+            e.error,
+            ratio_text(e.ratio),
+            e.expected
+        ),
+        None => format!("{reason}: {}", r.verdict.label()),
+    }
+}
+
+/// `step 0 layer 1, step 0 layer 2, ...` (at most `max`, then a count).
+pub(crate) fn places_text(places: &[(usize, Option<usize>)], max: usize) -> String {
+    let mut parts: Vec<String> = places
+        .iter()
+        .take(max)
+        .map(|(s, l)| match l {
+            Some(l) => format!("step {s} layer {l}"),
+            None => format!("step {s}"),
+        })
+        .collect();
+    if places.len() > max {
+        parts.push(format!("... {} in all", places.len()));
+    }
+    parts.join(", ")
 }
 
 fn table(rows: &[&Row]) -> String {
@@ -236,18 +281,26 @@ impl Report {
         self.rows.iter().find(|r| !r.verdict.is_ok() && !matches!(r.verdict, Verdict::Missing { .. }))
     }
 
-    /// What a person must look at: for local errors, every outlier and
-    /// every wrong router (a routing flip on a near-tie is not a finding);
-    /// for accumulated errors, the first divergence.
+    /// What a person must look at: for local errors, every row marked a
+    /// finding (above its expected error, non-finite, or a wrong router; a
+    /// routing flip on a near-tie is not one), in run order; for
+    /// accumulated errors, the first divergence.
     pub fn findings(&self) -> Vec<&Row> {
         match self.mode {
-            Mode::Local => self
-                .rows
-                .iter()
-                .filter(|r| r.outlier.is_some() || matches!(r.verdict, Verdict::WrongRouter | Verdict::Nan { .. }))
-                .collect(),
+            Mode::Local => self.rows.iter().filter(|r| r.finding.is_some()).collect(),
             Mode::Accumulated => self.first_divergence().into_iter().collect(),
         }
+    }
+
+    /// Local findings grouped by cause: lone ones first, then one per stage
+    /// and phase flagged in many places ([`crate::expected::group_findings`]).
+    pub fn grouped_findings(&self) -> Findings {
+        group_findings(&self.rows)
+    }
+
+    /// The largest ratio to the expected error per stage and phase.
+    pub fn margins(&self) -> Vec<Margin> {
+        margins(&self.rows)
     }
 
     /// Reads a report written by [`Report::to_json`] (of this format
@@ -279,17 +332,24 @@ impl Report {
             })
         });
         let not_ok = self.rows.iter().filter(|r| !r.verdict.is_ok()).count();
-        let findings: Vec<Value> = self
-            .findings()
-            .iter()
-            .map(|r| json!({"step": r.step, "layer": r.layer, "stage": r.stage.name(), "token": r.worst_token, "expert": r.worst_expert, "verdict": r.verdict, "outlier": r.outlier}))
-            .collect();
+        let grouped = self.grouped_findings();
+        let finding = |r: &Row| {
+            json!({"step": r.step, "layer": r.layer, "stage": r.stage.name(), "token": r.worst_token,
+                "expert": r.worst_expert, "verdict": r.verdict, "reason": r.finding, "expected": r.expected})
+        };
+        let findings: Vec<Value> = match self.mode {
+            Mode::Local => grouped.lone.iter().map(|&i| finding(&self.rows[i])).collect(),
+            Mode::Accumulated => self.findings().into_iter().map(finding).collect(),
+        };
         json!({
             "format": REPORT_FORMAT,
             "mode": self.mode,
             "reference": self.reference, "target": self.target,
             "first_divergence": first,
             "findings": findings,
+            "systematic_findings": grouped.systematic,
+            "margins": self.margins(),
+            "ratio_threshold": crate::expected::RATIO_THRESHOLD,
             "graft": self.graft,
             "summary": {"compared": self.rows.len(), "ok": self.rows.len() - not_ok, "not_ok": not_ok},
             "notes": self.notes,
@@ -362,39 +422,49 @@ impl Report {
     fn render_local(&self, all: bool) -> String {
         let mut out =
             format!("reference: {}\ntarget:    {} (teacher-forced after every stage)\n", self.reference, self.target);
-        let findings = self.findings();
+        let grouped = self.grouped_findings();
         let flips = self.routing_flips();
         let flipped: usize = flips.iter().map(|f| f.2).sum();
         let near: usize = flips.iter().map(|f| f.3).sum();
+        let judged = self.rows.iter().filter(|r| r.expected.is_some()).count();
         out += &format!(
-            "local errors of {} tensors: {} outliers; routing: {flipped} flipped tokens in {} (step, layer)s, {near} of them near-ties\n",
+            "local errors of {} tensors ({judged} against their expected error, threshold {}x): {} lone findings, {} systematic; routing: {flipped} flipped tokens in {} (step, layer)s, {near} of them near-ties\n",
             self.rows.len(),
-            self.rows.iter().filter(|r| r.outlier.is_some()).count(),
+            crate::expected::RATIO_THRESHOLD,
+            grouped.lone.len(),
+            grouped.systematic.len(),
             flips.len(),
         );
         for note in &self.notes {
             out += &format!("note: {note}\n");
         }
-        if findings.is_empty() {
-            out +=
-                "no outlier: every stage's local error is within its tolerance and its own distribution over the run\n";
+        for &i in &grouped.lone {
+            let r = &self.rows[i];
+            out += &format!("finding: {}: {}; {}\n", r.place(), finding_reason(r), r.detail());
         }
-        for r in &findings {
-            let why = match &r.outlier {
-                Some(o) => format!(
-                    "{}: worst row error {:.3e} vs the stage's median {:.3e} (z {:.1})",
-                    match o.reason {
-                        crate::outliers::OutlierReason::NonFinite => "non-finite",
-                        crate::outliers::OutlierReason::AboveTolerance => "above tolerance",
-                        crate::outliers::OutlierReason::FarAboveStage => "outlier",
-                    },
-                    r.metrics.as_ref().map_or(f64::NAN, |m| m.worst_row_error),
-                    o.stage_median,
-                    o.z
-                ),
-                None => r.verdict.label(),
-            };
-            out += &format!("finding: {}: {why}; {}\n", r.place(), r.detail());
+        for s in &grouped.systematic {
+            out += &format!(
+                "systematic: {}, {}, {} of {} layers{}, {}x to {}x expected (one cause: a kernel path that departs from the contract); at {}\n",
+                s.stage,
+                s.phase.label(),
+                s.layers.len(),
+                s.layers_compared,
+                if s.places.len() > s.layers.len() { format!(" ({} places)", s.places.len()) } else { String::new() },
+                ratio_text(s.min_ratio),
+                ratio_text(s.max_ratio),
+                places_text(&s.places, 12)
+            );
+        }
+        if grouped.lone.is_empty() && grouped.systematic.is_empty() {
+            out += "no finding: every stage's local error is within what the target's precision explains\n";
+        }
+        let margins = self.margins();
+        if !margins.is_empty() {
+            let parts: Vec<String> = margins
+                .iter()
+                .map(|m| format!("{} {} {}", m.stage, if m.phase == crate::expected::Phase::Prompt { "P" } else { "D" }, ratio_text(m.ratio)))
+                .collect();
+            out += &format!("largest ratio to expected error per stage (P prompt, D decode): {}\n", parts.join(", "));
         }
         for (step, layer, n, near, margin) in flips.iter().take(12) {
             let margin = margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "?".into());

@@ -8,7 +8,8 @@ use std::collections::{BTreeMap, HashMap};
 use serde::{Deserialize, Serialize};
 use stage_types::SaveTensorStage;
 
-use crate::metrics::tensor_metrics;
+use crate::expected::Expected;
+use crate::metrics::{row_errors, rms_row_norm, tensor_metrics};
 use crate::npy::NpyArray;
 use crate::report::Row;
 use crate::routing;
@@ -138,6 +139,11 @@ impl Tolerances {
 /// The tensors of one (step, layer) scope: stage → (reference, target).
 pub type ScopeTensors = BTreeMap<SaveTensorStage, (Option<NpyArray>, Option<NpyArray>)>;
 
+/// The expected side of a scope: each stage's output from an emulation of
+/// the target's numeric contract on the same inputs, with that stage's
+/// error floor (see [`crate::expected`]).
+pub type ExpectedTensors = BTreeMap<SaveTensorStage, (NpyArray, f64)>;
+
 const PER_SLOT: [SaveTensorStage; 5] = [
     SaveTensorStage::MoeRouter,
     SaveTensorStage::MoeExpertGate,
@@ -159,7 +165,10 @@ pub enum ExpertIds {
     Reference,
 }
 
-/// Compares every stage of one scope, in `ALL` order.
+/// Compares every stage of one scope, in `ALL` order; with `expected`,
+/// each row's errors are also judged against the emulation's
+/// ([`Row::expected`]), and the worst token and expert are those of the
+/// row furthest above its expected error.
 pub fn compare_scope(
     step: usize,
     layer: Option<usize>,
@@ -167,7 +176,11 @@ pub fn compare_scope(
     tolerances: &Tolerances,
     target_dtype: &str,
     expert_ids: ExpertIds,
+    expected: Option<&ExpectedTensors>,
 ) -> Vec<Row> {
+    let emulated = |stage: SaveTensorStage, r: &NpyArray| {
+        expected.and_then(|x| x.get(&stage)).filter(|(e, _)| e.shape == r.shape).map(|(e, floor)| (e, *floor))
+    };
     let get = |s: SaveTensorStage| tensors.get(&s).map(|(r, t)| (r.as_ref(), t.as_ref()));
     let indices = match get(SaveTensorStage::MoeRouterIndices) {
         Some((Some(r), Some(t))) if r.shape == t.shape && r.shape.len() == 2 => Some((r, t, r.shape[1])),
@@ -228,15 +241,45 @@ pub fn compare_scope(
                 }
                 row.compared_tokens = Some(a.rows.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().len());
                 row.set_metrics(m);
+                if let Some((e, floor)) = emulated(stage, r) {
+                    // The emulation's own ids where the target's are its own.
+                    let ei = match expected.and_then(|x| x.get(&SaveTensorStage::MoeRouterIndices)) {
+                        Some((ei, _)) if !replayed && ei.shape == ri.shape => ei,
+                        _ => ri,
+                    };
+                    let b = routing::align_by_expert(&r.values, &e.values, &ri.values, &ei.values, k);
+                    let norm = rms_row_norm(&r.values, a.inner);
+                    let by_place: HashMap<(usize, i32), f64> = b
+                        .rows
+                        .iter()
+                        .zip(row_errors(&b.reference, &b.target, b.inner, norm))
+                        .map(|(&(t, _, x), err)| ((t, x), err))
+                        .collect();
+                    let ee: Vec<Option<f64>> = a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied()).collect();
+                    row.expected = Expected::from_rows(&row_errors(&a.reference, &a.target, a.inner, norm), &ee, floor)
+                        .map(|x| x.with_emulated_rel_l2(tensor_metrics(&b.reference, &b.target, &[b.rows.len(), b.inner], 0).rel_l2));
+                    if let Some(&(token, _, expert)) = row.expected.as_ref().and_then(|x| a.rows.get(x.row)).filter(|_| m_error(&row) > 0.0) {
+                        row.worst_token = Some(token);
+                        row.worst_expert = Some(expert);
+                    }
+                }
             }
             None => {
                 let axis = usize::from(matches!(stage, SaveTensorStage::AttnScores | SaveTensorStage::AttnSoftmax));
                 let m = tensor_metrics(&r.values, &t.values, &r.shape, axis);
                 // Where: the token of the row with the largest error.
                 let row_dims = &r.shape[..r.shape.len().saturating_sub(1)];
-                row.worst_token = (m.worst_row_error > 0.0)
-                    .then(|| crate::metrics::unravel(m.worst_row, row_dims).get(axis).copied())
-                    .flatten()
+                let mut worst_row = (m.worst_row_error > 0.0).then_some(m.worst_row);
+                if let Some((e, floor)) = emulated(stage, r) {
+                    let width = r.shape.last().copied().unwrap_or(1);
+                    let norm = rms_row_norm(&r.values, width);
+                    let ee: Vec<Option<f64>> = row_errors(&r.values, &e.values, width, norm).into_iter().map(Some).collect();
+                    row.expected = Expected::from_rows(&row_errors(&r.values, &t.values, width, norm), &ee, floor)
+                        .map(|x| x.with_emulated_rel_l2(tensor_metrics(&r.values, &e.values, &r.shape, axis).rel_l2));
+                    worst_row = row.expected.as_ref().filter(|x| x.error > 0.0).map(|x| x.row).or(worst_row);
+                }
+                row.worst_token = worst_row
+                    .and_then(|w| crate::metrics::unravel(w, row_dims).get(axis).copied())
                     .or(m.worst_token);
                 row.set_metrics(m);
             }
@@ -244,6 +287,11 @@ pub fn compare_scope(
         rows.push(row);
     }
     rows
+}
+
+/// A row's worst row error (0 without metrics).
+fn m_error(row: &Row) -> f64 {
+    row.metrics.as_ref().map_or(0.0, |m| m.worst_row_error)
 }
 
 #[cfg(test)]

@@ -20,7 +20,8 @@ pub struct BisectArgs {
     pub all: bool,
     /// Local errors: teacher-force the target after every stage (its output
     /// compared, then replaced by the reference's), per-expert stages on the
-    /// reference's expert ids, outliers scored over the run. Same as
+    /// reference's expert ids, each row judged against the error the CPU
+    /// keeping the target's precision makes on the same inputs. Same as
     /// `mode: Local` in the config.
     #[arg(long)]
     pub local: bool,
@@ -30,7 +31,9 @@ pub struct BisectArgs {
     /// Also write the HTML error map to FILE.
     #[arg(long, value_name = "FILE")]
     pub html: Option<PathBuf>,
-    /// rel_l2 tolerance: F or stage=F (repeatable); default by the coarser dtype of the two runs.
+    /// rel_l2 tolerance, F or stage=F (repeatable), for rows without an
+    /// expected error; bisect judges every other row against the error the
+    /// CPU keeping the target's precision makes on the same inputs.
     #[arg(long = "tolerance", value_name = "[STAGE=]F")]
     pub tolerances: Vec<String>,
     /// No progress on stderr.

@@ -27,7 +27,7 @@ pub fn parse_tolerances(texts: &[String]) -> Result<Tolerances, String> {
 }
 
 /// Prints a comparison report (JSON or human), writes its HTML error map
-/// when asked, and returns 1 if it found a divergence (an outlier or a
+/// when asked, and returns 1 if it found a divergence (a finding or a
 /// wrong router, for local errors), 0 if not.
 pub fn print_report(
     report: &Report,

@@ -4,6 +4,7 @@
 //! [`WeightId`]. Systems call these methods and never ask which backend
 //! they talk to.
 
+pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -97,6 +98,14 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Activation dtype, e.g. `f32`.
     fn dtype(&self) -> &'static str;
+
+    /// The rounding points this backend's arithmetic promises (see
+    /// [`contract::NumericContract`]); bisect emulates the target's on the
+    /// CPU to know each stage's expected error. By default the CPU
+    /// reference's own.
+    fn numeric_contract(&self) -> contract::NumericContract {
+        contract::NumericContract::REFERENCE
+    }
 
     /// What setting the backend up involved worth telling apart from the
     /// run's own time (the CUDA backend: compiling its kernels), if any.

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use crate::backend::contract::Precision;
 use crate::weights::WeightTensor;
 
 /// Dot product in f64 with eight interleaved partial sums combined in a
@@ -40,6 +41,12 @@ const ROWS_PER_TASK: usize = 16;
 /// returned as `[inputs.len(), w_rows]` row-major. Parallel over weight
 /// rows, each weight row converted to f32 once and used for every input.
 pub fn matmul_t(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
+    matmul_t_as(inputs, w, Precision::F32)
+}
+
+/// [`matmul_t`] with each weight row rounded to `weights` after it is
+/// converted (a contract that multiplies bf16 weights).
+pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> Vec<f32> {
     let n = w.shape[0];
     let k = w.row_len();
     let m = inputs.len();
@@ -48,6 +55,7 @@ pub fn matmul_t(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
         let mut row = vec![0.0f32; k];
         for (j, outs) in chunk.chunks_mut(m.max(1)).enumerate() {
             w.read_row(task * ROWS_PER_TASK + j, &mut row);
+            weights.round(&mut row);
             for (o, x) in outs.iter_mut().zip(inputs) {
                 *o = dot(x, &row) as f32;
             }

@@ -1,6 +1,9 @@
 //! The CPU reference backend: f32 activations, f64 accumulation in every
 //! reduction, weights read in their checkpoint dtype and converted on use,
-//! and a private rayon pool whose size never changes a result.
+//! and a private rayon pool whose size never changes a result. Given a
+//! [`NumericContract`] other than the reference's, it keeps that contract
+//! (weights and stage outputs rounded where it says), which is how bisect
+//! measures the error a correct implementation of it makes.
 
 mod ggml_activations;
 pub mod math;
@@ -9,6 +12,7 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use super::contract::NumericContract;
 use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
@@ -34,9 +38,10 @@ pub struct CpuBackend {
     tokens: Vec<u32>,
     start_position: usize,
     caches: Vec<KvCache>,
-    /// Activations converted before each dot product as llama.cpp's CPU
-    /// path converts them (ggml_activations.rs).
-    ggml_activations: bool,
+    /// The rounding points kept (the reference's own by default; its
+    /// `ggml_activations` converts activations before each dot product as
+    /// llama.cpp's CPU path does: ggml_activations.rs).
+    contract: NumericContract,
 }
 
 impl CpuBackend {
@@ -55,7 +60,7 @@ impl CpuBackend {
         Ok(Self {
             store,
             pool,
-            ggml_activations: false,
+            contract: NumericContract::REFERENCE,
             threads,
             slots: vec![None; Slot::ALL.len()],
             tokens: Vec::new(),
@@ -75,13 +80,22 @@ impl CpuBackend {
     /// Q8_0, f16 and bf16 for those weights; ggml_activations.rs), so a
     /// GGUF model's CPU result is the one llama.cpp's CPU would compare.
     pub fn set_ggml_activations(&mut self, on: bool) {
-        self.ggml_activations = on;
+        self.contract.ggml_activations = on;
+    }
+
+    /// Keeps `contract` from now on: weights are rounded as it multiplies
+    /// them and every stage output (forced ones included) is stored as it
+    /// stores them; accumulation stays f64. The CPU reference by default
+    /// keeps [`NumericContract::REFERENCE`].
+    pub fn with_contract(mut self, contract: NumericContract) -> Self {
+        self.contract = contract;
+        self
     }
 
     /// `math::matmul_t` on the pool, the input rows converted first when
     /// llama.cpp's numerics are on.
     fn matmul(&self, inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
-        let converted: Option<Vec<Vec<f32>>> = if self.ggml_activations {
+        let converted: Option<Vec<Vec<f32>>> = if self.contract.ggml_activations {
             inputs.iter().map(|x| ggml_activations::as_vec_dot_input(w.dtype, x)).collect()
         } else {
             None
@@ -89,9 +103,9 @@ impl CpuBackend {
         match converted {
             Some(rows) => {
                 let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
-                self.pool.install(|| math::matmul_t(&rows, w))
+                self.pool.install(|| math::matmul_t_as(&rows, w, self.contract.weights))
             }
-            None => self.pool.install(|| math::matmul_t(inputs, w)),
+            None => self.pool.install(|| math::matmul_t_as(inputs, w, self.contract.weights)),
         }
     }
 
@@ -111,12 +125,16 @@ impl CpuBackend {
         Ok((data.len() / width.max(1), width, data))
     }
 
-    fn set(&mut self, slot: Slot, tensor: HostTensor) {
+    /// Stores a stage's output as the contract stores it.
+    fn set(&mut self, slot: Slot, mut tensor: HostTensor) {
+        self.contract.round_output(slot, &mut tensor);
         self.slots[slot.index()] = Some(tensor);
     }
 
     fn weight(&self, id: WeightId) -> Vec<f32> {
-        self.store.get(id).to_f32_vec()
+        let mut w = self.store.get(id).to_f32_vec();
+        self.contract.round_weights(&mut w);
+        w
     }
 
     fn check_width(&self, slot: Slot, width: usize, expected: usize, what: &str) -> Result<()> {
@@ -157,8 +175,16 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn numeric_contract(&self) -> NumericContract {
+        self.contract
+    }
+
     fn dtype(&self) -> &'static str {
-        if self.ggml_activations { "f32, activations as llama.cpp's CPU (q8_k, q8_0, f16, bf16)" } else { "f32" }
+        match (self.contract.ggml_activations, self.contract.activations) {
+            (true, _) => "f32, activations as llama.cpp's CPU (q8_k, q8_0, f16, bf16)",
+            (false, super::contract::Precision::Bf16) => "f32 emulating bf16 (weights and activations rounded)",
+            (false, super::contract::Precision::F32) => "f32",
+        }
     }
 
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()> {
@@ -195,6 +221,7 @@ impl Backend for CpuBackend {
                 )));
             }
             w.read_row(token as usize, row);
+            self.contract.round_weights(row);
         }
         self.set(out, HostTensor::f32(vec![self.tokens.len(), h], data));
         Ok(())

@@ -17,6 +17,16 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    /// F32 mode: the reference's rounding points (f32 weights and
+    /// activations). Bf16 mode: bf16 weights (after decoding) and stage
+    /// outputs, f32 routing (`rounds_projection`, `store_act`).
+    fn numeric_contract(&self) -> crate::backend::contract::NumericContract {
+        match self.precision {
+            CudaPrecision::F32 => crate::backend::contract::NumericContract::REFERENCE,
+            CudaPrecision::Bf16 => crate::backend::contract::NumericContract::BF16,
+        }
+    }
+
     fn dtype(&self) -> &'static str {
         match self.precision {
             CudaPrecision::F32 => "f32",

@@ -1,0 +1,154 @@
+//! [`NumericContract`]: what an implementation promises about its
+//! arithmetic, stated so that the CPU reference can keep the same promise
+//! (`CpuBackend::with_contract`). A correct implementation of a contract
+//! differs from the float64 reference by what that contract's rounding
+//! explains; the CPU emulating the contract, run on the same inputs, makes
+//! that error too, row by row, and so gives each (step, layer, stage) its
+//! expected error (bisect's `expected` side).
+//!
+//! The contract lists the rounding points that dominate the error: where
+//! weights are rounded, and the precision each stage's output is stored in.
+//! Accumulation is f32 on the devices and f64 in the emulation; the
+//! difference is orders of magnitude below a bf16 rounding and is what a
+//! row's error floor ([`Precision::error_floor`]) covers.
+
+use half::bf16;
+use stage_types::SaveTensorStage;
+
+use crate::tensor::{HostTensor, TensorData};
+
+/// A storage precision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    /// IEEE single precision (what the CPU reference stores).
+    F32,
+    /// bfloat16, rounded to nearest even.
+    Bf16,
+}
+
+impl Precision {
+    /// Rounds `values` in place to this precision (f32 values are kept).
+    pub fn round(self, values: &mut [f32]) {
+        if self == Precision::Bf16 {
+            values.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32());
+        }
+    }
+
+    /// The smallest expected error of a row stored in this precision,
+    /// relative to the tensor's RMS row norm: where the emulation is exact
+    /// (a stage of exact arithmetic, or an f32 contract, whose emulation
+    /// is the reference itself), the target may still differ by f32
+    /// accumulation in another order, about 1e-7 to 1e-6 of a row.
+    pub fn error_floor(self) -> f64 {
+        match self {
+            Precision::F32 => 1e-5,
+            Precision::Bf16 => 1e-4,
+        }
+    }
+
+    /// `f32` or `bf16`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+}
+
+/// The rounding points of an implementation's arithmetic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NumericContract {
+    /// The precision weights are multiplied in (after decoding, for
+    /// block-quantized weights).
+    pub weights: Precision,
+    /// The precision every stage output is stored in, except routing's.
+    pub activations: Precision,
+    /// The precision of the router logits and routing weights (DESIGN:
+    /// routing in f32 or better).
+    pub routing: Precision,
+    /// Projection inputs are converted as llama.cpp's CPU path converts
+    /// them for the weight's type before each dot product (Q8_K, Q8_0,
+    /// f16, bf16).
+    pub ggml_activations: bool,
+}
+
+impl NumericContract {
+    /// The CPU reference's own: f32 storage, weights as the checkpoint
+    /// holds them (converted exactly), f64 accumulation.
+    pub const REFERENCE: Self = Self {
+        weights: Precision::F32,
+        activations: Precision::F32,
+        routing: Precision::F32,
+        ggml_activations: false,
+    };
+
+    /// bf16 weights and activations, f32 routing and accumulation (the
+    /// CUDA backend in Bf16 mode).
+    pub const BF16: Self = Self {
+        weights: Precision::Bf16,
+        activations: Precision::Bf16,
+        routing: Precision::F32,
+        ggml_activations: false,
+    };
+
+    /// The precision `stage`'s output is stored in, None for integer
+    /// stages (expert ids are compared as sets, never rounded).
+    pub fn output(&self, stage: SaveTensorStage) -> Option<Precision> {
+        match stage {
+            SaveTensorStage::MoeRouterIndices => None,
+            SaveTensorStage::MoeRouterLogits | SaveTensorStage::MoeRouter => Some(self.routing),
+            _ => Some(self.activations),
+        }
+    }
+
+    /// Rounds a stage's output as this contract stores it: what a correct
+    /// implementation holds in that slot. Integer tensors are unchanged.
+    pub fn round_output(&self, stage: SaveTensorStage, tensor: &mut HostTensor) {
+        if let (Some(p), TensorData::F32(values)) = (self.output(stage), &mut tensor.data) {
+            p.round(values);
+        }
+    }
+
+    /// Rounds one row of decoded weight values as this contract
+    /// multiplies them.
+    pub fn round_weights(&self, row: &mut [f32]) {
+        self.weights.round(row);
+    }
+
+    /// Whether the contract is the reference's own (nothing rounded beyond
+    /// f32 storage).
+    pub fn is_reference(&self) -> bool {
+        *self == Self::REFERENCE
+    }
+
+    /// One line for reports: `weights bf16, activations bf16, routing f32`.
+    pub fn describe(&self) -> String {
+        format!(
+            "weights {}, activations {}, routing {}{}",
+            self.weights.name(),
+            self.activations.name(),
+            self.routing.name(),
+            if self.ggml_activations { ", projection inputs as llama.cpp's CPU converts them" } else { "" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_contract_rounds_activations_but_not_routing_or_ids() {
+        let c = NumericContract::BF16;
+        let mut x = HostTensor::f32(vec![1, 2], vec![1.0 + 1.0 / 256.0 + 1e-6, 3.0]);
+        c.round_output(SaveTensorStage::AttnOut, &mut x);
+        assert_eq!(x.as_f32().unwrap(), &[1.0 + 1.0 / 128.0, 3.0]);
+        let mut logits = HostTensor::f32(vec![1, 1], vec![1.0 + 1e-6]);
+        c.round_output(SaveTensorStage::MoeRouterLogits, &mut logits);
+        assert_eq!(logits.as_f32().unwrap(), &[1.0 + 1e-6]);
+        let mut ids = HostTensor::i32(vec![1, 1], vec![7]);
+        c.round_output(SaveTensorStage::MoeRouterIndices, &mut ids);
+        assert_eq!(ids.as_i32().unwrap(), &[7]);
+        assert!(NumericContract::REFERENCE.is_reference() && !c.is_reference());
+    }
+}
