@@ -92,7 +92,12 @@ fn small_faults_on_a_bf16_target_are_found_alone_at_any_step() {
     let Some((model, config)) = model_spec("tiny-moe") else { return };
     let moe = (0..config.num_layers).rev().find(|&l| config.is_moe_layer(l)).expect("a MoE layer");
     let cases = [
-        (format!("(stage: \"moe_expert_out\", layer: {moe}, step: 2, token: 0, kind: Scale(1.02))"), 2, Some(moe), S::MoeExpertOut),
+        (
+            format!("(stage: \"moe_expert_out\", layer: {moe}, step: 2, token: 0, kind: Scale(1.02))"),
+            2,
+            Some(moe),
+            S::MoeExpertOut,
+        ),
         ("(stage: \"attn_out\", layer: 1, step: 0, token: 5, kind: Scale(1.02))".to_string(), 0, Some(1), S::AttnOut),
         ("(stage: \"ffn_norm\", layer: 0, step: 1, token: 0, kind: Scale(1.01))".to_string(), 1, Some(0), S::FfnNorm),
         (

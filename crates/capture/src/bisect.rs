@@ -239,7 +239,7 @@ pub fn bisect(
         ),
         name: ("cpu", "emulated"),
     };
-    attach_faults(&mut target.forward, &config.faults);
+    let fault_notes = attach_faults(&mut target.forward, &config.faults);
     let replay = match &config.routing {
         RoutingSpec::Own => None,
         RoutingSpec::Replay(dir) => Some(Replay::open(dir, &model.config, config.tokens(), steps, path)?),
@@ -287,6 +287,7 @@ pub fn bisect(
     let mut progress = Progress { steps: Vec::new(), generated: Vec::new() };
     let mut sides = Sides { reference: &mut reference, target: &mut target, expected: &mut expected, contract };
     lockstep(config, &model, options, &mut sides, &target_dtype, &mut report, &mut progress, on_scope)?;
+    report.notes.extend(fault_notes.take());
     if let Some(text) = &config.resolved.text {
         let all: Vec<u32> = [config.tokens(), &progress.generated[..]].concat();
         let starts: Vec<(usize, usize)> = progress.steps.iter().map(|s| (s.step, s.start_position)).collect();
@@ -297,8 +298,17 @@ pub fn bisect(
     if let Some(sessions) = sessions {
         let faults: [&[FaultSpec]; 2] = [&[], &config.faults];
         let routing = [None, replay.as_ref().map(Replay::record)];
-        for (((session, (backend, dtype)), faults), routing) in sessions.into_iter().zip(names).zip(faults).zip(routing)
-        {
+        let forced = [
+            None,
+            (report.mode == Mode::Local).then(|| {
+                format!(
+                    "bisect local mode: after every stage the output was replaced by the reference's ({}), as the target's contract stores it; the router logits were its own",
+                    config.reference
+                )
+            }),
+        ];
+        let sides = sessions.into_iter().zip(names).zip(faults).zip(routing).zip(forced);
+        for ((((session, (backend, dtype)), faults), routing), teacher_forced) in sides {
             session.commit(&RunRecord {
                 model: &model,
                 backend,
@@ -309,6 +319,7 @@ pub fn bisect(
                 faults,
                 routing,
                 prompt_text: config.resolved.text.as_ref(),
+                teacher_forced,
             })?;
         }
         report.notes.push(format!(
@@ -385,7 +396,9 @@ fn lockstep(
                 Some(&emulated),
             );
             if !local {
-                judge_accumulated(&mut rows);
+                // A tolerance the user set for a stage overrides the model.
+                let set = &options.tolerances;
+                judge_accumulated(&mut rows, &|stage| set.per_stage.get(&stage).copied().or(set.default));
             }
             on_scope(step, scope.to_string());
             let first_new = report.first_divergence().is_none();
@@ -486,12 +499,18 @@ fn graft(
     let graft_row = graft_rows.into_iter().find(|r| r.stage == row.stage).ok_or_else(|| {
         pipeline::PipelineError::BadInput(format!("the graft of {scope} did not produce {}", row.stage))
     })?;
-    let stage_is_wrong = graft_row.finding.is_some() || !matches!(graft_row.verdict, compare::Verdict::Ok | compare::Verdict::Diverged);
+    let stage_is_wrong =
+        graft_row.finding.is_some() || !matches!(graft_row.verdict, compare::Verdict::Ok | compare::Verdict::Diverged);
     Ok(Graft {
         rel_l2: graft_row.rel_l2().unwrap_or(if stage_is_wrong { f64::INFINITY } else { 0.0 }),
         verdict: graft_row.verdict,
         stage_is_wrong,
         largest_jump: if stage_is_wrong { None } else { largest_jump(rows) },
+        first_error: if stage_is_wrong {
+            None
+        } else {
+            rows.iter().find_map(|r| r.rel_l2().filter(|e| *e > 0.0).map(|e| (r.place(), e)))
+        },
     })
 }
 

@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, Mutex};
 
 use pipeline::weights::{synthetic_value, tensor_key};
 use pipeline::{Forward, HookCtx, HostTensor, ModelConfig, PipelineError, TensorData};
@@ -328,7 +329,25 @@ pub fn expert_slot_ranges(
         .collect())
 }
 
-fn inject(spec: &FaultSpec, mut ctx: HookCtx) {
+/// What the faults of a run did not do, for the report: a fault whose
+/// expert selector met no slot routed to that expert changed nothing, and
+/// says so (also logged as a warning when it happens).
+#[derive(Debug, Clone, Default)]
+pub struct FaultNotes(Arc<Mutex<Vec<String>>>);
+
+impl FaultNotes {
+    /// The notes so far.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn push(&self, note: String) {
+        tracing::warn!("{note}");
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).push(note);
+    }
+}
+
+fn inject(spec: &FaultSpec, notes: &FaultNotes, mut ctx: HookCtx) {
     let stage = spec.stage.0;
     if !ctx.produced(stage) || ctx.step().step != spec.step {
         return;
@@ -345,17 +364,28 @@ fn inject(spec: &FaultSpec, mut ctx: HookCtx) {
         None => None,
     };
     match spec.apply(&mut tensor, ids.as_ref()) {
+        Ok(0) if spec.expert.is_some() => notes.push(format!(
+            "fault {spec}: no slot of step {}{} is routed to expert {}{}; nothing was changed",
+            spec.step,
+            spec.layer.map(|l| format!(" layer {l}")).unwrap_or_default(),
+            spec.expert.unwrap_or_default(),
+            spec.token.map(|t| format!(" at token {t}")).unwrap_or_default(),
+        )),
         Ok(_) => ctx.write(stage, &tensor),
         Err(e) => ctx.fail(PipelineError::BadInput(format!("fault {spec}: {e}"))),
     }
 }
 
-/// Attaches one amending system per fault.
-pub fn attach_faults(forward: &mut Forward, faults: &[FaultSpec]) {
+/// Attaches one amending system per fault; the returned notes say what a
+/// fault could not do.
+pub fn attach_faults(forward: &mut Forward, faults: &[FaultSpec]) -> FaultNotes {
+    let notes = FaultNotes::default();
     for spec in faults {
         let spec = spec.clone();
-        forward.add_amender(spec.stage.0, move |ctx: HookCtx| inject(&spec, ctx));
+        let notes = notes.clone();
+        forward.add_amender(spec.stage.0, move |ctx: HookCtx| inject(&spec, &notes, ctx));
     }
+    notes
 }
 
 #[cfg(test)]

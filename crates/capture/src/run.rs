@@ -192,7 +192,8 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         }
     };
     let mut forward = Forward::new(&model, backend);
-    attach_faults(&mut forward, &config.faults);
+    // A fault that changes nothing is logged as a warning when it happens.
+    let _fault_notes = attach_faults(&mut forward, &config.faults);
     if let Some(replay) = &replay {
         replay.attach(&mut forward);
     }
@@ -245,6 +246,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
             faults: &config.faults,
             routing: replay.as_ref().map(Replay::record),
             prompt_text: config.resolved.text.as_ref(),
+            teacher_forced: None,
         })?;
         summary.tensors_written = stats.tensors;
         summary.bytes_written = stats.bytes;

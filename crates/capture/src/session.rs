@@ -36,6 +36,8 @@ pub struct RunRecord<'a> {
     pub routing: Option<crate::replay::ReplayRecord>,
     /// The prompt's text and tokenizer, for a text prompt.
     pub prompt_text: Option<&'a crate::prompt::PromptText>,
+    /// What forced the run's stages, when it was teacher-forced.
+    pub teacher_forced: Option<String>,
 }
 
 /// What a committed capture holds.
@@ -177,6 +179,7 @@ impl CaptureSession {
                 .collect(),
             tensors: report.entries,
             faults: run.faults.iter().map(|f| f.to_string()).collect(),
+            teacher_forced: run.teacher_forced.clone(),
             routing: run.routing.as_ref().map(|r| serde_json::to_value(r).expect("a replay record serialises")),
             prompt_text: run.prompt_text.map(|p| ManifestPromptText {
                 text: p.text.clone(),

@@ -124,13 +124,13 @@ fn report_writes_a_page_and_refuses_other_versions_and_unwritable_paths() {
     let old = dir.join("old.json");
     std::fs::write(
         &old,
-        String::from_utf8_lossy(&std::fs::read(&json).unwrap()).replace("moetrace-report/1", "moetrace-report/0"),
+        String::from_utf8_lossy(&std::fs::read(&json).unwrap()).replace("moetrace-report/2", "moetrace-report/0"),
     )
     .unwrap();
     let out = moetrace(&["report", old.to_str().unwrap(), "--html", dir.join("x.html").to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        stderr(&out).contains("moetrace-report/0") && stderr(&out).contains("moetrace-report/1"),
+        stderr(&out).contains("moetrace-report/0") && stderr(&out).contains("moetrace-report/2"),
         "{}",
         stderr(&out)
     );

@@ -143,6 +143,13 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
         skip_steps.extend(later);
     }
     for (side, source) in [("reference", &r), ("target", &t)] {
+        if let Source::Capture(c) = source
+            && let Some(forced) = &c.manifest.teacher_forced
+        {
+            report.notes.push(format!(
+                "{side}: a teacher-forced capture ({forced}): each tensor is that stage's own output on forced inputs, so errors do not accumulate along it"
+            ));
+        }
         let unknown = source.unknown_stages();
         if !unknown.is_empty() {
             report.notes.push(format!(

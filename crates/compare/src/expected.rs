@@ -69,7 +69,8 @@ impl Expected {
         let fallback = known.get(known.len() / 2).copied().unwrap_or(0.0);
         let mut worst: Option<Expected> = None;
         for (row, &error) in target.iter().enumerate() {
-            let expected = expected.get(row).copied().flatten().filter(|e| e.is_finite()).unwrap_or(fallback).max(floor);
+            let expected =
+                expected.get(row).copied().flatten().filter(|e| e.is_finite()).unwrap_or(fallback).max(floor);
             let ratio = if error == 0.0 { 0.0 } else { error / expected };
             if worst.as_ref().is_none_or(|w| ratio > w.ratio || (ratio.is_nan() && !w.ratio.is_nan())) {
                 worst = Some(Expected { ratio, row, error, expected, floor, emulated_rel_l2: 0.0 });
@@ -96,11 +97,15 @@ pub const ACCUMULATED_RATIO_THRESHOLD: f64 = 4.0;
 /// row is more than [`ACCUMULATED_RATIO_THRESHOLD`] times the emulation's
 /// error on that row (at least the floor), not when its rel_l2 passes a
 /// fixed tolerance; `tolerance` becomes the bound on rel_l2 that the same
-/// ratio gives the emulation's rel_l2, for the reader.
-pub fn judge_accumulated(rows: &mut [Row]) {
+/// ratio gives the emulation's rel_l2, for the reader. A stage for which
+/// `user_tolerance` gives one (set by the user) keeps its fixed verdict.
+pub fn judge_accumulated(rows: &mut [Row], user_tolerance: &dyn Fn(SaveTensorStage) -> Option<f64>) {
     for row in rows {
         let (Some(e), Some(m)) = (&row.expected, &row.metrics) else { continue };
-        if !matches!(row.verdict, Verdict::Ok | Verdict::Diverged) || m.has_non_finite() {
+        if !matches!(row.verdict, Verdict::Ok | Verdict::Diverged)
+            || m.has_non_finite()
+            || user_tolerance(row.stage).is_some()
+        {
             continue;
         }
         row.tolerance = ACCUMULATED_RATIO_THRESHOLD * e.emulated_rel_l2.max(e.floor);
@@ -330,8 +335,8 @@ mod tests {
         // Row 0: twice its expectation; row 1: large but expected; row 2:
         // exact in the emulation, so judged over the floor; row 3: missing
         // in the emulation, judged over the median of the others.
-        let e = Expected::from_rows(&[2e-3, 9e-3, 5e-5, 1e-3], &[Some(1e-3), Some(1e-2), Some(0.0), None], 1e-4)
-            .unwrap();
+        let e =
+            Expected::from_rows(&[2e-3, 9e-3, 5e-5, 1e-3], &[Some(1e-3), Some(1e-2), Some(0.0), None], 1e-4).unwrap();
         assert_eq!(e.row, 0);
         assert!((e.ratio - 2.0).abs() < 1e-12, "{e:?}");
         let e = Expected::from_rows(&[0.0, 4e-4], &[Some(0.0), Some(0.0)], 1e-4).unwrap();
@@ -373,8 +378,8 @@ mod tests {
     fn nan_and_wrong_router_are_findings_without_an_expectation() {
         let mut nan = Row::new(0, Some(0), S::AttnOut, 3e-2);
         nan.set_metrics(tensor_metrics(&[1.0, 2.0], &[1.0, f64::NAN], &[2], 0));
-        let mut clean = row(0, S::AttnOut, 1, 2.4);
-        clean.expected.as_mut().unwrap().ratio = 2.4;
+        let mut clean = row(0, S::AttnOut, 1, 1.9);
+        clean.expected.as_mut().unwrap().ratio = 1.9;
         let mut rows = vec![nan, clean];
         mark_findings(&mut rows);
         assert_eq!(rows[0].finding, Some(FindingReason::NonFinite));

@@ -270,7 +270,12 @@ fn ratio_legend() -> String {
     let steps = 40;
     for i in 0..steps {
         let d = -1.0 + 2.0 * i as f64 / (steps - 1) as f64;
-        let _ = write!(svg, r#"<rect x="{}" y="4" width="10" height="14" fill="{}"/>"#, 10 + i * 10, ratio_colour(10f64.powf(d)));
+        let _ = write!(
+            svg,
+            r#"<rect x="{}" y="4" width="10" height="14" fill="{}"/>"#,
+            10 + i * 10,
+            ratio_colour(10f64.powf(d))
+        );
     }
     let x = |ratio: f64| 10.0 + (ratio.log10() + 1.0) / 2.0 * 400.0;
     for (ratio, label) in [(0.1, "0.1x"), (1.0, "1x"), (RATIO_THRESHOLD, "threshold"), (10.0, "10x")] {
@@ -435,7 +440,11 @@ figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; }}
 {body}
 </body></html>
 "#,
-        if reports.iter().any(|r| r.rows.iter().any(|row| row.expected.is_some())) { ratio_legend() } else { String::new() },
+        if reports.iter().any(|r| r.rows.iter().any(|row| row.expected.is_some())) {
+            ratio_legend()
+        } else {
+            String::new()
+        },
         legend(range)
     )
 }

@@ -76,6 +76,11 @@ pub struct Manifest {
     /// Faults injected into this run, in the CLI form.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub faults: Vec<String>,
+    /// Set when the run was teacher-forced (bisect's local mode): each
+    /// tensor is that stage's output on the forcing run's inputs, not a
+    /// free run's; says what forced it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_forced: Option<String>,
     /// Where the routing came from when it was not the run's own (routing
     /// replay: the source capture and each replayed step and layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]

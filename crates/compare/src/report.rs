@@ -139,7 +139,13 @@ impl Row {
             parts.push(format!("min cos {:.6}", m.min_row_cosine));
             parts.push(format!("worst row {:.3e}", m.worst_row_error));
             if let Some(e) = &self.expected {
-                parts.push(format!("ratio to expected {} (row {}: {:.3e} vs {:.3e})", ratio_text(e.ratio), e.row, e.error, e.expected));
+                parts.push(format!(
+                    "ratio to expected {} (row {}: {:.3e} vs {:.3e})",
+                    ratio_text(e.ratio),
+                    e.row,
+                    e.error,
+                    e.expected
+                ));
             }
             if m.has_non_finite() {
                 parts.push(format!("nan/inf ref {}/{} target {}/{}", m.ref_nan, m.ref_inf, m.target_nan, m.target_inf));
@@ -233,6 +239,10 @@ pub struct Graft {
     /// When the stage only amplifies upstream drift: the stage with the
     /// largest jump in rel_l2 over the stage before it, and the ratio.
     pub largest_jump: Option<(String, f64)>,
+    /// When the stage only amplifies upstream drift: the first row with a
+    /// nonzero error (where the drift entered) and its rel_l2.
+    #[serde(default)]
+    pub first_error: Option<(String, f64)>,
 }
 
 /// The result of a comparison.
@@ -393,6 +403,9 @@ impl Report {
                     "graft: recomputed on the target from the reference's inputs, this stage agrees (rel_l2 {:.3e}): it only amplifies upstream drift",
                     g.rel_l2
                 );
+                if let Some((place, e)) = &g.first_error {
+                    out += &format!("; the error first appears at {place} (rel_l2 {e:.3e})");
+                }
                 match &g.largest_jump {
                     Some((place, ratio)) => out += &format!("; largest jump in error: {place} (x{ratio:.1})\n"),
                     None => out += "\n",
@@ -462,7 +475,14 @@ impl Report {
         if !margins.is_empty() {
             let parts: Vec<String> = margins
                 .iter()
-                .map(|m| format!("{} {} {}", m.stage, if m.phase == crate::expected::Phase::Prompt { "P" } else { "D" }, ratio_text(m.ratio)))
+                .map(|m| {
+                    format!(
+                        "{} {} {}",
+                        m.stage,
+                        if m.phase == crate::expected::Phase::Prompt { "P" } else { "D" },
+                        ratio_text(m.ratio)
+                    )
+                })
                 .collect();
             out += &format!("largest ratio to expected error per stage (P prompt, D decode): {}\n", parts.join(", "));
         }

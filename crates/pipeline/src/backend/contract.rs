@@ -75,12 +75,8 @@ pub struct NumericContract {
 impl NumericContract {
     /// The CPU reference's own: f32 storage, weights as the checkpoint
     /// holds them (converted exactly), f64 accumulation.
-    pub const REFERENCE: Self = Self {
-        weights: Precision::F32,
-        activations: Precision::F32,
-        routing: Precision::F32,
-        ggml_activations: false,
-    };
+    pub const REFERENCE: Self =
+        Self { weights: Precision::F32, activations: Precision::F32, routing: Precision::F32, ggml_activations: false };
 
     /// bf16 weights and activations, f32 routing and accumulation (the
     /// CUDA backend in Bf16 mode).
