@@ -131,3 +131,30 @@ fn routing_flips_are_counted_with_margins_and_never_propagate() {
     let after = report.rows.iter().filter(|r| r.layer == Some(1) && r.stage > S::MoeRouter || r.layer > Some(1));
     assert!(after.into_iter().all(|r| r.rel_l2().is_none_or(|e| e == 0.0)));
 }
+
+/// A fault whose expert selector meets no routed slot changes nothing and
+/// says so (step and layer named); the target's capture of a local run
+/// says in its manifest that it holds outputs on forced inputs.
+#[test]
+fn an_expert_fault_that_hits_nothing_says_so_and_local_captures_say_they_were_forced() {
+    let dir = moetrace_tests::scratch("local-expert-miss");
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 5), prompt: Tokens({PROMPT}), generate: 2, reference: Cpu, target: Cpu, threads: 1, mode: Local, capture: (stages: \"moe_router_indices\", layers: \"1\", steps: \"1\", out_dir: {:?}))",
+        dir.join("cap")
+    );
+    let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    let target = compare::CaptureDir::open(&dir.join("cap/target")).unwrap();
+    let reference = compare::CaptureDir::open(&dir.join("cap/reference")).unwrap();
+    assert!(target.manifest.teacher_forced.as_deref().is_some_and(|t| t.contains("local mode")));
+    assert!(reference.manifest.teacher_forced.is_none());
+    let ids = reference.load(1, Some(1), S::MoeRouterIndices).unwrap().unwrap();
+    let routed: Vec<usize> = ids.values.iter().map(|&x| x as usize).collect();
+    let idle = (0..64).find(|e| !routed.contains(e)).unwrap();
+    let fault = format!("(stage: \"moe_expert_out\", layer: 1, step: 1, expert: {idle}, kind: Scale(2.0))");
+    let report = local_bisect("Synthetic(preset: \"tiny-moe\", seed: 5)", 2, &fault);
+    assert!(report.findings().is_empty(), "{}", report.render(false));
+    let note = report.notes.iter().find(|n| n.contains("nothing was changed")).expect("a note says the fault missed");
+    assert!(note.contains("step 1 layer 1") && note.contains(&format!("expert {idle}")), "{note}");
+    assert!(report.render(false).contains(note.as_str()));
+}
