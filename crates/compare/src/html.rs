@@ -16,8 +16,8 @@ use std::fmt::Write as _;
 use stage_types::SaveTensorStage;
 
 use crate::Verdict;
-use crate::expected::{Findings, Phase, RATIO_THRESHOLD};
-use crate::report::{Mode, Report, Row, finding_reason, places_text, ratio_text};
+use crate::expected::{Findings, RATIO_THRESHOLD};
+use crate::report::{Mode, Report, Row, finding_reason, margins_text, places_text, ratio_text};
 
 const CELL_W: usize = 18;
 const CELL_H: usize = 10;
@@ -149,6 +149,7 @@ fn title_of(row: &Row, mode: Mode) -> String {
 /// One step's heatmap of one report as an SVG element.
 fn panel(report: &Report, step: usize, stages: &[SaveTensorStage], layers: usize, range: (f64, f64)) -> String {
     let rows: Vec<&Row> = report.rows.iter().filter(|r| r.step == step).collect();
+    let ratio_map = report.mode == Mode::Local && report.rows.iter().any(|r| r.expected.is_some());
     let first =
         report.first_divergence().filter(|_| report.mode == Mode::Accumulated).map(|r| (r.step, r.layer, r.stage));
     let width = LEFT + stages.len() * CELL_W + FLIPS_W + 10;
@@ -187,6 +188,8 @@ fn panel(report: &Report, step: usize, stages: &[SaveTensorStage], layers: usize
                 ratio_colour(row.expected.as_ref().map_or(0.0, |e| e.ratio))
             }
             (_, Some(v)) => colour(v, range.0, range.1),
+            // Expert ids agreeing: as good as it gets, on either scale.
+            (Verdict::Ok, None) if ratio_map => ratio_colour(0.0),
             (Verdict::Ok, None) => "#3b528b".to_string(),
             (Verdict::RoutingFlip, None) => "#ffb000".to_string(),
             (_, None) => "#e41a1c".to_string(),
@@ -373,24 +376,10 @@ pub fn render_html(reports: &[&Report]) -> String {
             }
             body += "</ul>";
         }
-        let margins = r.margins();
-        if r.mode == Mode::Local && !margins.is_empty() {
-            let parts: Vec<String> = margins
-                .iter()
-                .map(|m| {
-                    format!(
-                        "{} ({}) {}",
-                        m.stage,
-                        if m.phase == Phase::Prompt { "prompt" } else { "decode" },
-                        ratio_text(m.ratio)
-                    )
-                })
-                .collect();
-            let _ = write!(
-                body,
-                "<p class=\"note\">largest ratio to the expected error per stage (threshold {RATIO_THRESHOLD}x): {}</p>",
-                esc(&parts.join(", "))
-            );
+        if r.mode == Mode::Local
+            && let Some(line) = margins_text(&r.margins())
+        {
+            let _ = write!(body, "<p class=\"note\">{}</p>", esc(&line));
         }
         if let Some(g) = &r.graft {
             let _ = write!(
@@ -445,7 +434,12 @@ figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; }}
         } else {
             String::new()
         },
-        legend(range)
+        if reports.iter().any(|r| r.rows.iter().any(|row| row.expected.is_none() && cell_value(row, r.mode).is_some()))
+        {
+            legend(range)
+        } else {
+            String::new()
+        }
     )
 }
 

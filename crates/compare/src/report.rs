@@ -185,6 +185,34 @@ pub(crate) fn ratio_text(ratio: f64) -> String {
     if ratio.is_finite() { format!("{ratio:.2}x") } else { "inf".into() }
 }
 
+/// The margins of a local run in one line: the largest ratio to the
+/// expected error overall (with its place), then per stage as
+/// prompt/decode. None without expected errors.
+pub(crate) fn margins_text(margins: &[Margin]) -> Option<String> {
+    use crate::expected::Phase;
+    let top = margins.iter().max_by(|a, b| a.ratio.total_cmp(&b.ratio))?;
+    let mut stages: Vec<(SaveTensorStage, [Option<f64>; 2])> = Vec::new();
+    for m in margins {
+        if stages.last().is_none_or(|s| s.0 != m.stage) {
+            stages.push((m.stage, [None, None]));
+        }
+        if let Some(last) = stages.last_mut() {
+            last.1[usize::from(m.phase == Phase::Decode)] = Some(m.ratio);
+        }
+    }
+    let each = |r: Option<f64>| r.map_or("-".into(), |r| if r.is_finite() { format!("{r:.2}") } else { "inf".into() });
+    let per_stage: Vec<String> = stages.iter().map(|(s, [p, d])| format!("{s} {}/{}", each(*p), each(*d))).collect();
+    Some(format!(
+        "largest ratio to the expected error: {} at step {}{} {} (threshold {}x); per stage, prompt/decode: {}",
+        ratio_text(top.ratio),
+        top.step,
+        top.layer.map(|l| format!(" layer {l}")).unwrap_or_default(),
+        top.stage,
+        crate::expected::RATIO_THRESHOLD,
+        per_stage.join(", ")
+    ))
+}
+
 /// Why a row is a finding, with its numbers.
 pub(crate) fn finding_reason(r: &Row) -> String {
     let reason = r.finding.map_or("finding", FindingReason::label);
@@ -457,7 +485,7 @@ impl Report {
         }
         for s in &grouped.systematic {
             out += &format!(
-                "systematic: {}, {}, {} of {} layers{}, {}x to {}x expected (one cause: a kernel path that departs from the contract); at {}\n",
+                "systematic: {}, {}, {} of {} layers{}, {} to {} expected (one cause: a kernel path that departs from the contract); at {}\n",
                 s.stage,
                 s.phase.label(),
                 s.layers.len(),
@@ -471,20 +499,8 @@ impl Report {
         if grouped.lone.is_empty() && grouped.systematic.is_empty() {
             out += "no finding: every stage's local error is within what the target's precision explains\n";
         }
-        let margins = self.margins();
-        if !margins.is_empty() {
-            let parts: Vec<String> = margins
-                .iter()
-                .map(|m| {
-                    format!(
-                        "{} {} {}",
-                        m.stage,
-                        if m.phase == crate::expected::Phase::Prompt { "P" } else { "D" },
-                        ratio_text(m.ratio)
-                    )
-                })
-                .collect();
-            out += &format!("largest ratio to expected error per stage (P prompt, D decode): {}\n", parts.join(", "));
+        if let Some(line) = margins_text(&self.margins()) {
+            out += &format!("{line}\n");
         }
         for (step, layer, n, near, margin) in flips.iter().take(12) {
             let margin = margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "?".into());
