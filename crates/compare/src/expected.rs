@@ -52,10 +52,15 @@ pub struct Expected {
     /// The floor applied to every row's expected error.
     #[serde(with = "crate::json_float::float")]
     pub floor: f64,
-    /// The emulation's whole-tensor rel_l2 (what free-running verdicts
-    /// compare the target's rel_l2 with).
+    /// The emulation's whole-tensor rel_l2.
     #[serde(default, with = "crate::json_float::float")]
     pub emulated_rel_l2: f64,
+    /// The largest ratio with the floor raised [`ACCUMULATED_FLOOR_FACTOR`]
+    /// times: what free-running verdicts judge (an f32 contract's emulation
+    /// is the reference itself, and errors accumulated in f32 over a run
+    /// are above one stage's).
+    #[serde(default, with = "crate::json_float::float")]
+    pub accumulated_ratio: f64,
 }
 
 impl Expected {
@@ -68,15 +73,22 @@ impl Expected {
         known.sort_by(f64::total_cmp);
         let fallback = known.get(known.len() / 2).copied().unwrap_or(0.0);
         let mut worst: Option<Expected> = None;
+        let mut accumulated_ratio = 0.0f64;
         for (row, &error) in target.iter().enumerate() {
-            let expected =
-                expected.get(row).copied().flatten().filter(|e| e.is_finite()).unwrap_or(fallback).max(floor);
-            let ratio = if error == 0.0 { 0.0 } else { error / expected };
+            let own = expected.get(row).copied().flatten().filter(|e| e.is_finite()).unwrap_or(fallback);
+            let over = |floor: f64| if error == 0.0 { 0.0 } else { error / own.max(floor) };
+            let ratio = over(floor);
+            let accumulated = over(floor * ACCUMULATED_FLOOR_FACTOR);
+            if accumulated > accumulated_ratio || accumulated.is_nan() {
+                accumulated_ratio = accumulated;
+            }
             if worst.as_ref().is_none_or(|w| ratio > w.ratio || (ratio.is_nan() && !w.ratio.is_nan())) {
-                worst = Some(Expected { ratio, row, error, expected, floor, emulated_rel_l2: 0.0 });
+                let expected = own.max(floor);
+                worst =
+                    Some(Expected { ratio, row, error, expected, floor, emulated_rel_l2: 0.0, accumulated_ratio: 0.0 });
             }
         }
-        worst
+        worst.map(|w| Expected { accumulated_ratio, ..w })
     }
 
     /// Sets [`Expected::emulated_rel_l2`].
@@ -92,10 +104,15 @@ impl Expected {
 /// (each rounds its own inputs) than one stage's own error does.
 pub const ACCUMULATED_RATIO_THRESHOLD: f64 = 4.0;
 
+/// Free-running verdicts raise each row's error floor this many times
+/// (1e-4 of a row for an f32 contract, the old f32 tolerance).
+pub const ACCUMULATED_FLOOR_FACTOR: f64 = 10.0;
+
 /// Free-running verdicts from the expected-error model: every row with an
-/// expected error and finite values is `Diverged` exactly when its worst
-/// row is more than [`ACCUMULATED_RATIO_THRESHOLD`] times the emulation's
-/// error on that row (at least the floor), not when its rel_l2 passes a
+/// expected error and finite values is `Diverged` exactly when a row is
+/// more than [`ACCUMULATED_RATIO_THRESHOLD`] times the emulation's error on
+/// that row (at least [`ACCUMULATED_FLOOR_FACTOR`] times the floor:
+/// [`Expected::accumulated_ratio`]), not when its rel_l2 passes a
 /// fixed tolerance; `tolerance` becomes the bound on rel_l2 that the same
 /// ratio gives the emulation's rel_l2, for the reader. A stage for which
 /// `user_tolerance` gives one (set by the user) keeps its fixed verdict.
@@ -108,9 +125,10 @@ pub fn judge_accumulated(rows: &mut [Row], user_tolerance: &dyn Fn(SaveTensorSta
         {
             continue;
         }
-        row.tolerance = ACCUMULATED_RATIO_THRESHOLD * e.emulated_rel_l2.max(e.floor);
+        row.tolerance = ACCUMULATED_RATIO_THRESHOLD * e.emulated_rel_l2.max(e.floor * ACCUMULATED_FLOOR_FACTOR);
+        let ratio = e.accumulated_ratio;
         row.verdict =
-            if e.ratio.is_nan() || e.ratio > ACCUMULATED_RATIO_THRESHOLD { Verdict::Diverged } else { Verdict::Ok };
+            if ratio.is_nan() || ratio > ACCUMULATED_RATIO_THRESHOLD { Verdict::Diverged } else { Verdict::Ok };
     }
 }
 
@@ -325,8 +343,15 @@ mod tests {
     fn row(step: usize, stage: S, layer: usize, ratio: f64) -> Row {
         let mut r = Row::new(step, Some(layer), stage, 3e-2);
         r.set_metrics(tensor_metrics(&[1.0, 2.0], &[1.0, 2.0 + 1e-3 * ratio], &[2], 0));
-        r.expected =
-            Some(Expected { ratio, row: 0, error: 1e-3 * ratio, expected: 1e-3, floor: 1e-4, emulated_rel_l2: 1e-3 });
+        r.expected = Some(Expected {
+            ratio,
+            row: 0,
+            error: 1e-3 * ratio,
+            expected: 1e-3,
+            floor: 1e-4,
+            emulated_rel_l2: 1e-3,
+            accumulated_ratio: ratio,
+        });
         r
     }
 

@@ -465,6 +465,7 @@ mod tests {
                     expected: 0.002,
                     floor: 1e-4,
                     emulated_rel_l2: 0.002,
+                    accumulated_ratio: e / 0.002,
                 });
                 report.rows.push(row);
             }
