@@ -17,7 +17,7 @@ use stage_types::SaveTensorStage as S;
 fn python_with_numpy() -> bool {
     let ok = Command::new("python3").args(["-c", "import numpy"]).output().map(|o| o.status.success()).unwrap_or(false);
     if !ok {
-        eprintln!("SKIPPED: python3 with numpy not found (pip install numpy); the Python package was not checked");
+        moetrace_tests::skip("python3 with numpy not found (pip install numpy); the Python package was not checked");
     }
     ok
 }

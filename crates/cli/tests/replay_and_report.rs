@@ -146,9 +146,7 @@ fn report_writes_a_page_and_refuses_other_versions_and_unwritable_paths() {
     // In a real browser: no console errors, a screenshot to look at.
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/check-report-html.sh");
     if Command::new("chromium").arg("--version").output().is_err() {
-        eprintln!(
-            "SKIPPED: chromium is not installed (apt-get install chromium); the page was not opened in a browser"
-        );
+        common::skip("chromium is not installed (apt-get install chromium); the page was not opened in a browser");
         return;
     }
     let shot = dir.join("map.png");
