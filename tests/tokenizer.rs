@@ -127,3 +127,39 @@ fn text_prompt_misuse_is_a_clear_error() {
     let msg = capture::run(&config, &path, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("does not belong to this model") && msg.contains("tokenizer.json"), "{msg}");
 }
+
+/// A chat template is input like any other: one that loops without bound
+/// (nested ranges), floods its output or recurses is an error naming the
+/// tokenizer folder, within seconds, not a hang with memory growing.
+#[test]
+fn a_looping_chat_template_is_an_error_not_a_hang() {
+    let Some(tok) = tokenizer_fixture() else { return };
+    let dir = scratch("looping-template");
+    let templates = [
+        (
+            "nested",
+            "{% for i in range(10000) %}{% for j in range(10000) %}{% for k in range(10000) %}x{% endfor %}{% endfor %}{% endfor %}",
+            "did not finish",
+        ),
+        (
+            "flood",
+            "{% for i in range(10000) %}{% for j in range(100) %}{{ 'y' * 90000 }}{% endfor %}{% endfor %}",
+            "MiB",
+        ),
+        ("recursion", "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(1) }}", "chat template"),
+    ];
+    for (name, template, expect) in templates {
+        let folder = dir.join(name);
+        std::fs::create_dir_all(&folder).unwrap();
+        std::fs::copy(tok.join("tokenizer.json"), folder.join("tokenizer.json")).unwrap();
+        let config_json = serde_json::json!({ "chat_template": template, "eos_token": "<|im_end|>" });
+        std::fs::write(folder.join("tokenizer_config.json"), config_json.to_string()).unwrap();
+        let body = format!(
+            "(model: Synthetic(preset: \"tiny-moe-qwen3-vocab\", seed: 2), prompt: Chat([(role: \"user\", content: \"hi\")]), tokenizer: Path({folder:?}), generate: 1)"
+        );
+        let start = std::time::Instant::now();
+        let err = config(&dir, &body).expect_err(name).to_string();
+        assert!(start.elapsed().as_secs() < 20, "{name}: took {:?}", start.elapsed());
+        assert!(err.contains(expect) && err.contains(name), "{name}: {err}");
+    }
+}

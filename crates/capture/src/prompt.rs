@@ -129,6 +129,9 @@ impl PromptTokenizer {
             bad(format!("no chat template: {source}; use prompt: Text(..) or Tokens([..])"))
         })?;
         let mut env = minijinja::Environment::new();
+        // A template is input: its work and its output are bounded (a
+        // looping template is an error, not a hang).
+        env.set_fuel(Some(TEMPLATE_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -140,16 +143,31 @@ impl PromptTokenizer {
             .iter()
             .map(|m| minijinja::context! { role => m.role.clone(), content => m.content.clone() })
             .collect();
+        let mut out = BoundedText::default();
         env.get_template("chat")
             .and_then(|t| {
-                t.render(minijinja::context! {
-                    messages => messages,
-                    add_generation_prompt => true,
-                    bos_token => self.bos_token.clone(),
-                    eos_token => self.eos_token.clone(),
-                })
+                t.render_captured_to(
+                    minijinja::context! {
+                        messages => messages,
+                        add_generation_prompt => true,
+                        bos_token => self.bos_token.clone(),
+                        eos_token => self.eos_token.clone(),
+                    },
+                    &mut out,
+                )
+                .map(|_| ())
             })
-            .map_err(|e| bad(format!("rendering its chat template failed: {e}")))
+            .map_err(|e| match e.kind() {
+                minijinja::ErrorKind::OutOfFuel => bad(format!(
+                    "rendering its chat template did not finish within {TEMPLATE_FUEL} template instructions (a loop without bound?)"
+                )),
+                _ if out.overflowed => bad(format!(
+                    "rendering its chat template wrote more than {} MiB (a loop without bound?)",
+                    TEMPLATE_MAX_OUTPUT >> 20
+                )),
+                _ => bad(format!("rendering its chat template failed: {e}")),
+            })?;
+        String::from_utf8(out.bytes).map_err(|_| bad("its chat template rendered invalid UTF-8".into()))
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
@@ -241,5 +259,36 @@ pub fn locate_tokenizer(named: Option<&Path>, checkpoint: Option<&Path>, config_
             path: config_path.to_path_buf(),
             message: "a text prompt needs a tokenizer and the synthetic presets have none: add tokenizer: Path(\"...\") (a folder with tokenizer.json, e.g. Qwen3's, whose vocabulary fits qwen3-30b-a3b), or give prompt: Tokens([..])".into(),
         }),
+    }
+}
+
+/// Template instructions a chat template may run: a real template spends a
+/// few hundred per message; a looping one stops here, in well under a
+/// second.
+pub const TEMPLATE_FUEL: u64 = 5_000_000;
+
+/// Bytes a rendered chat template may hold (far beyond any context
+/// window's worth of text).
+pub const TEMPLATE_MAX_OUTPUT: usize = 16 << 20;
+
+/// A writer that refuses to grow past [`TEMPLATE_MAX_OUTPUT`].
+#[derive(Default)]
+struct BoundedText {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for BoundedText {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > TEMPLATE_MAX_OUTPUT {
+            self.overflowed = true;
+            return Err(std::io::Error::other("the rendered template is too long"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
