@@ -13,6 +13,14 @@ use crate::{FlippedToken, Side, TensorMetrics, Verdict};
 /// The `format` of report JSON; [`Report::from_json`] refuses others.
 pub const REPORT_FORMAT: &str = "moetrace-report/2";
 
+/// The most layers a report's rows may name (a model's bound, as
+/// `pipeline::config::MAX_LAYERS`).
+pub const MAX_REPORT_LAYERS: usize = 1024;
+
+/// The most steps a report's rows may name (one per position at most,
+/// `pipeline::config::MAX_POSITIONS`).
+pub const MAX_REPORT_STEPS: usize = 1 << 24;
+
 /// What the errors of a report mean.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -355,7 +363,34 @@ impl Report {
             }
             None => return Err(bad(format!("no `format` field; expected a `{REPORT_FORMAT}` report from --json"))),
         }
-        serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+        let report: Report = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
+        report.check_sizes().map_err(bad)?;
+        Ok(report)
+    }
+
+    /// Checks every number a reader sizes anything by (the map draws a
+    /// row per layer up to the largest, a panel per step) against what a
+    /// run can hold, before anything is drawn: the layers and steps of a
+    /// run moetrace could have made, worst rows and slots within their
+    /// tensors.
+    fn check_sizes(&self) -> Result<(), String> {
+        for (i, r) in self.rows.iter().enumerate() {
+            if let Some(l) = r.layer.filter(|&l| l >= MAX_REPORT_LAYERS) {
+                return Err(format!("rows[{i}].layer is {l}; a model has at most {MAX_REPORT_LAYERS} layers"));
+            }
+            if r.step >= MAX_REPORT_STEPS {
+                return Err(format!("rows[{i}].step is {}; a run has at most {MAX_REPORT_STEPS} steps", r.step));
+            }
+            if let Some(m) = &r.metrics
+                && m.max_abs_index.len() > 8
+            {
+                return Err(format!(
+                    "rows[{i}].metrics.max_abs_index has {} dimensions; a stage has at most 3",
+                    m.max_abs_index.len()
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The JSON report; its top level has `first_divergence` (null or an
