@@ -40,21 +40,30 @@ pub fn unregister_temporary(path: &Path) {
 pub fn remove_temporary_folders() {
     let paths = std::mem::take(&mut *IN_PROGRESS.lock().unwrap_or_else(|e| e.into_inner()));
     for path in paths {
-        let mut doomed = path.clone().into_os_string();
-        doomed.push("-removing");
-        let doomed = PathBuf::from(doomed);
-        let path = if std::fs::rename(&path, &doomed).is_ok() { doomed } else { path };
-        for _ in 0..20 {
-            let gone = match std::fs::symlink_metadata(&path) {
-                Err(_) => true,
-                Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path).is_ok(),
-                Ok(_) => std::fs::remove_file(&path).is_ok(),
-            };
-            if gone {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
+        discard(&path);
+    }
+}
+
+/// Removes a temporary folder (or file) that writer threads may still be
+/// adding to: renamed away first, then removed. The one cleanup routine of
+/// every failure path (an error, a panic's unwinding, a signal): removing
+/// it in place raced with the writers, and a `step-0/` created between the
+/// listing and the removal left the folder behind.
+fn discard(path: &Path) {
+    let mut doomed = path.as_os_str().to_os_string();
+    doomed.push("-removing");
+    let doomed = PathBuf::from(doomed);
+    let path = if std::fs::rename(path, &doomed).is_ok() { doomed } else { path.to_path_buf() };
+    for _ in 0..20 {
+        let gone = match std::fs::symlink_metadata(&path) {
+            Err(_) => true,
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&path).is_ok(),
+            Ok(_) => std::fs::remove_file(&path).is_ok(),
+        };
+        if gone {
+            break;
         }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
 
@@ -172,7 +181,7 @@ impl CaptureTarget {
 impl Drop for CaptureTarget {
     fn drop(&mut self) {
         if !self.committed {
-            let _ = std::fs::remove_dir_all(&self.tmp_dir);
+            discard(&self.tmp_dir);
             unregister_temporary(&self.tmp_dir);
             for dir in &self.created_parents {
                 // Only empty folders go (remove_dir refuses others).

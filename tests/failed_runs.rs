@@ -1,0 +1,51 @@
+//! A run that fails mid-way leaves nothing behind: its temporary capture
+//! folder is renamed away and removed while the writer threads may still be
+//! creating folders in it (before, about a third of such failures left an
+//! empty `.out.moetrace-tmp-PID-N/step-0/`). Repeated many times, since the
+//! race it guards against is one of timing.
+
+use std::path::Path;
+
+use capture::RunConfig;
+use moetrace_tests::scratch;
+
+/// Qwen3's vocabulary makes the prompt's logits large (64 x 151936 f32):
+/// the writers are still busy with the prompt step when step 1 fails.
+const MODEL: &str = "model: Synthetic(preset: \"tiny-moe-qwen3-vocab\", seed: 3), prompt: Tokens([5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90])";
+
+fn run(dir: &Path, name: &str, body: &str) -> capture::Result<capture::RunOutput> {
+    let path = dir.join(format!("{name}.ron"));
+    std::fs::write(&path, format!("({MODEL}, {body})")).unwrap();
+    let config = RunConfig::load(&path)?;
+    capture::run(&config, &path, &mut |_| {})
+}
+
+fn leftovers(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("moetrace-"))
+        .collect()
+}
+
+#[test]
+fn a_run_that_fails_at_step_one_leaves_no_folder_fifty_times_over() {
+    let dir = scratch("failed-runs");
+    // A routing capture whose step-1 expert ids are truncated: the replaying
+    // run opens it, runs the prompt step, and fails reading step 1.
+    run(&dir, "source", "generate: 3, capture: (stages: \"moe_router,moe_router_indices\", out_dir: \"source\")")
+        .unwrap();
+    let bad = dir.join("source/step-1/layer-1/moe_router_indices.npy");
+    let bytes = std::fs::read(&bad).expect("the capture layout has step-1/layer-1");
+    std::fs::write(&bad, &bytes[..bytes.len() - 8]).unwrap();
+    let body = "generate: 3, routing: Replay(\"source\"), capture: (stages: \"all\", out_dir: \"out\")";
+    for i in 0..50 {
+        let err = run(&dir, "replay", body).err().unwrap_or_else(|| panic!("try {i}: the bad capture was not noticed"));
+        let text = err.to_string();
+        assert!(text.contains("moe_router_indices"), "try {i}: {text}");
+        let left = leftovers(&dir);
+        assert!(left.is_empty(), "try {i}: left behind {left:?} ({text})");
+        assert!(!dir.join("out").exists(), "try {i}: a failed run made out/");
+    }
+}
