@@ -49,3 +49,21 @@ fn a_run_that_fails_at_step_one_leaves_no_folder_fifty_times_over() {
         assert!(!dir.join("out").exists(), "try {i}: a failed run made out/");
     }
 }
+
+/// A token fed from a replayed capture that is out of the vocabulary is
+/// named with the capture's manifest, the step and the value, before any
+/// work; nothing is left behind.
+#[test]
+fn a_bad_token_in_a_replayed_capture_names_the_capture() {
+    let dir = scratch("failed-runs-token");
+    run(&dir, "source", "generate: 3, capture: (stages: \"moe_router,moe_router_indices\", out_dir: \"source\")")
+        .unwrap();
+    let manifest = dir.join("source/manifest.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
+    json["steps"][2]["tokens"] = serde_json::json!([999_999_999u32]);
+    std::fs::write(&manifest, json.to_string()).unwrap();
+    let body = "generate: 3, routing: Replay(\"source\"), capture: (out_dir: \"out\")";
+    let err = run(&dir, "replay", body).err().expect("the bad token is refused").to_string();
+    assert!(err.contains("source/manifest.json") && err.contains("step 2") && err.contains("999999999"), "{err}");
+    assert!(leftovers(&dir).is_empty() && !dir.join("out").exists());
+}

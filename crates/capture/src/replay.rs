@@ -91,6 +91,18 @@ impl Replay {
                     m.steps.len()
                 )));
             }
+            // Each step's tokens are fed to this run: checked here, so a bad
+            // one is named with the capture that holds it.
+            let manifest = dir.join("manifest.json");
+            if let Some(s) = m.steps.iter().find(|s| s.step == step)
+                && let Some(&t) = s.tokens.iter().find(|&&t| t as usize >= model.vocab_size)
+            {
+                return Err(bad(format!(
+                    "{}: step {step} feeds token id {t}, out of the vocabulary (0..{})",
+                    manifest.display(),
+                    model.vocab_size
+                )));
+            }
             for layer in (0..model.num_layers).filter(|&l| model.is_moe_layer(l)) {
                 for stage in [S::MoeRouterIndices, S::MoeRouter] {
                     if source.entry(step, Some(layer), stage).is_none() {
