@@ -252,3 +252,42 @@ fn on_the_gpu_the_blocks_stay_quantized_and_match_the_cpu() {
         }
     }
 }
+
+/// Errors about a GGUF file's tensors name them as the file does
+/// (`blk.1.attn_q.weight` in the file), the Hugging Face name after it in
+/// brackets: a missing tensor, a tensor of the wrong shape (in GGUF's
+/// dimension order), a missing expert stack.
+#[test]
+fn gguf_tensor_errors_name_the_file_and_its_own_tensor_names() {
+    let dir = moetrace_tests::scratch("gguf-names");
+    let cases: [(&str, Box<dyn Fn(&mut Vec<Tensor>)>, [&str; 2]); 3] = [
+        (
+            "missing",
+            Box::new(|t: &mut Vec<Tensor>| t.retain(|t| t.name != "blk.1.attn_q.weight")),
+            ["blk.1.attn_q.weight [model.layers.1.self_attn.q_proj.weight]", "missing.gguf"],
+        ),
+        (
+            "shape",
+            Box::new(|t: &mut Vec<Tensor>| {
+                let i = t.iter().position(|t| t.name == "blk.0.attn_norm.weight").unwrap();
+                t[i] = tensor("blk.0.attn_norm.weight", &[H + 1], GgmlType::F32, 1.0);
+            }),
+            ["blk.0.attn_norm.weight in shape.gguf", &format!("[{}]", H + 1)],
+        ),
+        (
+            "experts",
+            Box::new(|t: &mut Vec<Tensor>| t.retain(|t| t.name != "blk.1.ffn_up_exps.weight")),
+            ["blk.1.ffn_up_exps.weight (expert 0)", "experts.gguf"],
+        ),
+    ];
+    for (name, edit, needles) in cases {
+        let mut t = tensors();
+        edit(&mut t);
+        let path = dir.join(format!("{name}.gguf"));
+        write_gguf(&path, &t);
+        let err = Model::load(&path).err().unwrap_or_else(|| panic!("{name}: loaded")).to_string();
+        for needle in needles {
+            assert!(err.contains(needle), "{name}: `{needle}` not in: {err}");
+        }
+    }
+}

@@ -238,21 +238,29 @@ impl Model {
             ModelSource::Checkpoint(p) => p.clone(),
             ModelSource::Synthetic { preset, .. } => PathBuf::from(format!("synthetic:{preset}")),
         };
+        // A GGUF file's tensors are named as the file names them.
+        let gguf = dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let shown = |hf: &str| match crate::weights::gguf_name(hf).filter(|_| gguf) {
+            Some(g) => format!("{g} [{hf}]"),
+            None => hf.to_string(),
+        };
         for spec in tensor_specs(&config) {
             let id = store.id(&spec.name).ok_or_else(|| {
                 if matches!(spec.role, TensorRole::Bias) {
-                    PipelineError::MissingAttentionBias { path: dir.clone(), name: spec.name.clone() }
+                    PipelineError::MissingAttentionBias { path: dir.clone(), name: shown(&spec.name) }
                 } else {
-                    PipelineError::MissingTensor { path: dir.clone(), name: spec.name.clone() }
+                    PipelineError::MissingTensor { path: dir.clone(), name: shown(&spec.name) }
                 }
             })?;
-            let actual = &store.get(id).shape;
-            if *actual != spec.shape {
-                return Err(PipelineError::WrongShape {
-                    name: spec.name,
-                    expected: spec.shape,
-                    actual: actual.clone(),
-                });
+            let tensor = store.get(id);
+            if tensor.shape != spec.shape {
+                // GGUF lists dimensions innermost first.
+                let (expected, actual) = if gguf {
+                    (spec.shape.iter().rev().copied().collect(), tensor.shape.iter().rev().copied().collect())
+                } else {
+                    (spec.shape.clone(), tensor.shape.clone())
+                };
+                return Err(PipelineError::WrongShape { name: tensor.describe(), expected, actual });
             }
         }
         let id = |name: String| store.id(&name).expect("checked above");

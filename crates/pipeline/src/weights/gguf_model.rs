@@ -83,6 +83,7 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
         )));
     }
     let config = config_json(&header).map_err(bad)?;
+    let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let mut store = WeightStore::default();
     for t in &header.tensors {
         let Some(hf) = hf_name(&t.name) else {
@@ -99,7 +100,9 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
         let start = t.offset as usize;
         match hf {
             HfName::One(name) => {
-                store.insert(WeightTensor::mapped(name, dtype, shape, map.clone(), start, start + t.byte_len as usize));
+                let mut w = WeightTensor::mapped(name, dtype, shape, map.clone(), start, start + t.byte_len as usize);
+                w.source = Some(format!("{} in {file}", t.name));
+                store.insert(w);
             }
             HfName::Experts { layer, projection } => {
                 if shape.len() != 3 {
@@ -110,12 +113,38 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
                 for e in 0..experts {
                     let name = format!("model.layers.{layer}.mlp.experts.{e}.{projection}.weight");
                     let at = start + e * each;
-                    store.insert(WeightTensor::mapped(name, dtype, shape.clone(), map.clone(), at, at + each));
+                    let mut w = WeightTensor::mapped(name, dtype, shape.clone(), map.clone(), at, at + each);
+                    w.source = Some(format!("{} (expert {e}) in {file}", t.name));
+                    store.insert(w);
                 }
             }
         }
     }
     Ok((config, store))
+}
+
+/// The GGUF tensor a Hugging Face name comes from (`blk.1.attn_q.weight`,
+/// or `blk.1.ffn_up_exps.weight (expert 3)` for one expert of a stack), if
+/// a GGUF file holds it.
+pub fn gguf_name(hf: &str) -> Option<String> {
+    match hf {
+        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
+        "model.norm.weight" => return Some("output_norm.weight".into()),
+        "lm_head.weight" => return Some("output.weight".into()),
+        _ => {}
+    }
+    let rest = hf.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    if let Some(expert) = rest.strip_prefix("mlp.experts.") {
+        let (e, rest) = expert.split_once('.')?;
+        let projection = rest.strip_suffix(".weight")?;
+        let (g, _) = EXPERT_NAMES.iter().find(|(_, p)| *p == projection)?;
+        return Some(format!("blk.{layer}.{g}.weight (expert {e})"));
+    }
+    let (base, suffix) = rest.rsplit_once('.')?;
+    let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == base)?;
+    Some(format!("blk.{layer}.{g}.{suffix}"))
 }
 
 /// Where a GGUF tensor goes.

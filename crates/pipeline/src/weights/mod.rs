@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use memmap2::Mmap;
 
-pub use gguf_model::{load_gguf, read_gguf_header};
+pub use gguf_model::{gguf_name, load_gguf, read_gguf_header};
 pub use safetensors::{SafetensorsEntry, index_safetensors, load_checkpoint, save_safetensors};
 pub use synthetic::{
     SyntheticPreset, available_memory_bytes, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key,
@@ -104,9 +104,22 @@ pub struct WeightTensor {
     /// Shape, outermost first.
     pub shape: Vec<usize>,
     bytes: WeightBytes,
+    /// What the file calls it when that is not `name`: a GGUF tensor's
+    /// llama.cpp name and file, e.g. `blk.1.attn_q.weight in model.gguf`.
+    pub source: Option<String>,
 }
 
 impl WeightTensor {
+    /// The name to show a person: the file's own (`blk.1.attn_q.weight in
+    /// model.gguf [model.layers.1.self_attn.q_proj.weight]`) where the
+    /// file calls it otherwise, else `name`.
+    pub fn describe(&self) -> String {
+        match &self.source {
+            Some(source) => format!("{source} [{}]", self.name),
+            None => self.name.clone(),
+        }
+    }
+
     /// A tensor over a byte range of a mapped file. The range must hold
     /// exactly `shape.product() * dtype.size()` bytes (the loader checks).
     pub(crate) fn mapped(
@@ -117,23 +130,29 @@ impl WeightTensor {
         start: usize,
         end: usize,
     ) -> Self {
-        Self { name, dtype, shape, bytes: WeightBytes::Mapped { map, start, end } }
+        Self { name, dtype, shape, bytes: WeightBytes::Mapped { map, start, end }, source: None }
     }
 
     /// A tensor over owned little-endian bytes; `bytes.len()` must be
     /// `shape.product() * dtype.size()`.
     pub fn owned(name: String, dtype: WeightDtype, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
-        Self { name, dtype, shape, bytes: WeightBytes::Owned(Arc::new(bytes)) }
+        Self { name, dtype, shape, bytes: WeightBytes::Owned(Arc::new(bytes)), source: None }
     }
 
     /// A synthetic bf16 tensor whose elements are computed when read.
     pub fn synthetic(name: String, shape: Vec<usize>, recipe: SyntheticRecipe) -> Self {
-        Self { name, dtype: WeightDtype::Bf16, shape, bytes: WeightBytes::Synthetic(recipe) }
+        Self { name, dtype: WeightDtype::Bf16, shape, bytes: WeightBytes::Synthetic(recipe), source: None }
     }
 
     /// A synthetic tensor in a block format, its blocks made when read.
     pub fn synthetic_blocks(name: String, shape: Vec<usize>, recipe: BlockRecipe) -> Self {
-        Self { name, dtype: WeightDtype::Quant(recipe.kind), shape, bytes: WeightBytes::SyntheticBlocks(recipe) }
+        Self {
+            name,
+            dtype: WeightDtype::Quant(recipe.kind),
+            shape,
+            bytes: WeightBytes::SyntheticBlocks(recipe),
+            source: None,
+        }
     }
 
     /// How its blocks are made, for a synthetic block-format tensor that

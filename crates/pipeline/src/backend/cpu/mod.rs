@@ -247,7 +247,7 @@ impl Backend for CpuBackend {
         let mut col = 0;
         for &id in weights {
             let w = self.store.get(id);
-            self.check_width(input, width, w.row_len(), &format!("weight `{}`", w.name))?;
+            self.check_width(input, width, w.row_len(), &format!("weight `{}`", w.describe()))?;
             let n = w.shape[0];
             let part = self.matmul(&inputs, w);
             for (dst, src) in data.chunks_mut(total).zip(part.chunks(n)) {
@@ -507,7 +507,7 @@ impl Backend for CpuBackend {
             let w = experts.get(e as usize).filter(|_| e >= 0).map(|&id| self.store.get(id)).ok_or_else(|| {
                 PipelineError::BadInput(format!("expert id {e} in `{indices}` is out of range 0..{}", experts.len()))
             })?;
-            self.check_width(input, width, w.row_len(), &format!("expert weight `{}`", w.name))?;
+            self.check_width(input, width, w.row_len(), &format!("expert weight `{}`", w.describe()))?;
             let slots: Vec<usize> = (0..t_len * k).filter(|&s| idx[s] == e).collect();
             let inputs: Vec<&[f32]> = slots
                 .iter()

@@ -30,7 +30,10 @@ impl CudaBackend {
         for &id in weights {
             let w = self.store.get(id);
             if w.row_len() != k {
-                return Err(PipelineError::BadInput(format!("stage `{input}` rows of {k} do not fit `{}`", w.name)));
+                return Err(PipelineError::BadInput(format!(
+                    "stage `{input}` rows of {k} do not fit `{}`",
+                    w.describe()
+                )));
             }
             total += w.shape[0];
         }

@@ -95,7 +95,10 @@ pub(super) fn upload_quantized(
     let mut offset = 0;
     for t in parts {
         if kept_quantized(t) != Some(kind) {
-            return Err(PipelineError::BadInput(format!("{what}: `{}` is not of the first part's block type", t.name)));
+            return Err(PipelineError::BadInput(format!(
+                "{what}: `{}` is not of the first part's block type",
+                t.describe()
+            )));
         }
         let len = t.byte_len();
         match t.block_recipe() {
