@@ -63,7 +63,8 @@ fn a_bad_token_in_a_replayed_capture_names_the_capture() {
     json["steps"][2]["tokens"] = serde_json::json!([999_999_999u32]);
     std::fs::write(&manifest, json.to_string()).unwrap();
     let body = "generate: 3, routing: Replay(\"source\"), capture: (out_dir: \"out\")";
-    let err = run(&dir, "replay", body).err().expect("the bad token is refused").to_string();
+    let Err(err) = run(&dir, "replay", body) else { panic!("the bad token is refused") };
+    let err = err.to_string();
     assert!(err.contains("source/manifest.json") && err.contains("step 2") && err.contains("999999999"), "{err}");
     assert!(leftovers(&dir).is_empty() && !dir.join("out").exists());
 }
