@@ -260,7 +260,8 @@ fn on_the_gpu_the_blocks_stay_quantized_and_match_the_cpu() {
 #[test]
 fn gguf_tensor_errors_name_the_file_and_its_own_tensor_names() {
     let dir = moetrace_tests::scratch("gguf-names");
-    let cases: [(&str, Box<dyn Fn(&mut Vec<Tensor>)>, [&str; 2]); 3] = [
+    type Edit = Box<dyn Fn(&mut Vec<Tensor>)>;
+    let cases: [(&str, Edit, [&str; 2]); 3] = [
         (
             "missing",
             Box::new(|t: &mut Vec<Tensor>| t.retain(|t| t.name != "blk.1.attn_q.weight")),
