@@ -76,6 +76,10 @@ RON
     line=$(python3 -c "$summary" "$out/$name.json" 2>&1 | cut -c1-600)
     results+=("$(printf '%-16s %-20s L%-3s seed %-3s %4s+%-2s exit %s %5ss  %s' "$name" "$preset" "$layers" "$seed" "$n" "$gen" "$code" "$secs" "$line")")
     [ -n "$faults" ] && results+=("                 faults: $faults")
+    # Each case as it ends: a run cut short by the time limit keeps these.
+    echo "${results[-1]}"
+    [ -n "$faults" ] && echo "${results[-2]}"
+    gzip -c "$out/$name.json" >"$final/$name.json.gz"
 done
 echo
 echo "regression table ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F), threshold: findings above 2x expected)"
