@@ -77,8 +77,7 @@ RON
     results+=("$(printf '%-16s %-20s L%-3s seed %-3s %4s+%-2s exit %s %5ss  %s' "$name" "$preset" "$layers" "$seed" "$n" "$gen" "$code" "$secs" "$line")")
     [ -n "$faults" ] && results+=("                 faults: $faults")
     # Each case as it ends: a run cut short by the time limit keeps these.
-    echo "${results[-1]}"
-    [ -n "$faults" ] && echo "${results[-2]}"
+    if [ -n "$faults" ]; then printf '%s\n' "${results[-2]}" "${results[-1]}"; else echo "${results[-1]}"; fi
     gzip -c "$out/$name.json" >"$final/$name.json.gz"
 done
 echo
