@@ -256,3 +256,67 @@ fn a_failed_run_removes_the_folders_it_made_for_out_dir() {
     assert!(stderr.contains("/nonexistent/moetrace-model"), "{stderr}");
     assert!(!dir.join("made").exists(), "the folders made for out_dir were left behind");
 }
+
+/// A checkpoint of a family moetrace does not run is refused by its name
+/// (architectures / model_type), with the families it runs, not by a
+/// symptom (a missing key or tensor); an FP8 checkpoint's weight type is
+/// named as unsupported, not as a malformed file.
+#[test]
+fn other_families_and_weight_types_are_refused_by_name() {
+    let dir = scratch("bad-input-family");
+    let model = checkpoint(&dir);
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    for (architecture, model_type) in [
+        ("MixtralForCausalLM", "mixtral"),
+        ("DeepseekV3ForCausalLM", "deepseek_v3"),
+        ("Qwen2MoeForCausalLM", "qwen2_moe"),
+        ("GptOssForCausalLM", "gpt_oss"),
+    ] {
+        let mut json = original.clone();
+        json["architectures"] = serde_json::json!([architecture]);
+        json["model_type"] = serde_json::json!(model_type);
+        std::fs::write(model.join("config.json"), json.to_string()).unwrap();
+        expect_failure(
+            &dir,
+            &config(&path_model(&model), "all", "all"),
+            &["config.json", architecture, "not a model family moetrace runs", "Qwen3MoeForCausalLM (qwen3_moe)"],
+        );
+    }
+    std::fs::write(model.join("config.json"), original.to_string()).unwrap();
+    // An FP8 tensor: the header's dtype made F8_E4M3 (one byte an element),
+    // the data cut to fit, so the file is valid.
+    let file = model.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+    let data = &bytes[8 + len..];
+    let mut names: Vec<String> = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect();
+    names.sort_by_key(|n| header[n]["data_offsets"][0].as_u64().unwrap());
+    let (mut out, mut offset) = (Vec::new(), 0u64);
+    for (i, name) in names.iter().enumerate() {
+        let [start, end] = [0, 1].map(|j| header[name]["data_offsets"][j].as_u64().unwrap() as usize);
+        let chunk: Vec<u8> = if i == 0 {
+            header[name]["dtype"] = serde_json::json!("F8_E4M3");
+            let n: u64 = header[name]["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product();
+            data[start..start + n as usize].to_vec()
+        } else {
+            data[start..end].to_vec()
+        };
+        header[name]["data_offsets"] = serde_json::json!([offset, offset + chunk.len() as u64]);
+        offset += chunk.len() as u64;
+        out.extend(chunk);
+    }
+    let text = header.to_string();
+    let mut file_bytes = (text.len() as u64).to_le_bytes().to_vec();
+    file_bytes.extend(text.as_bytes());
+    file_bytes.extend(out);
+    std::fs::write(&file, file_bytes).unwrap();
+    expect_failure(
+        &dir,
+        &config(&path_model(&model), "all", "all"),
+        &["model.safetensors", "F8_E4M3 (an FP8 checkpoint)", "does not read", "BF16, F16, F32"],
+    );
+    let stderr = String::from_utf8_lossy(&run_config(&dir.join("run.ron")).stderr).into_owned();
+    assert!(!stderr.contains("malformed"), "{stderr}");
+}

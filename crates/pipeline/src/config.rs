@@ -73,6 +73,40 @@ pub struct ModelConfig {
     pub json: Value,
 }
 
+/// The model families moetrace runs: (`architectures[0]`, `model_type`).
+pub const FAMILIES: [(&str, &str); 2] = [("Qwen3ForCausalLM", "qwen3"), ("Qwen3MoeForCausalLM", "qwen3_moe")];
+
+/// What moetrace runs, for messages: `Qwen3ForCausalLM (qwen3), ...`.
+pub fn families_text() -> String {
+    FAMILIES.iter().map(|(a, t)| format!("{a} ({t})")).collect::<Vec<_>>().join(", ")
+}
+
+/// Refuses a config of a family moetrace does not run, by its name
+/// (`architectures[0]`, else `model_type`), before any key of it is read:
+/// a Mixtral or DeepSeek-V3 folder is "not supported", not a missing key
+/// or tensor. A config naming neither is read as Qwen3.
+fn check_family(obj: &serde_json::Map<String, Value>, path: &Path) -> Result<()> {
+    let architecture = obj.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
+    let model_type = obj.get("model_type").and_then(Value::as_str);
+    let known = match (architecture, model_type) {
+        (Some(a), _) => FAMILIES.iter().any(|(fa, _)| *fa == a),
+        (None, Some(t)) => FAMILIES.iter().any(|(_, ft)| *ft == t),
+        (None, None) => true,
+    };
+    if known {
+        return Ok(());
+    }
+    let name = match (architecture, model_type) {
+        (Some(a), Some(t)) => format!("{a} (model_type {t})"),
+        (Some(a), None) => a.to_string(),
+        (None, t) => format!("model_type {}", t.unwrap_or_default()),
+    };
+    Err(PipelineError::Unsupported {
+        path: path.to_path_buf(),
+        message: format!("{name} is not a model family moetrace runs; it runs {}", families_text()),
+    })
+}
+
 impl ModelConfig {
     /// Reads and validates `config.json`.
     pub fn from_file(path: &Path) -> Result<Self> {
@@ -89,6 +123,7 @@ impl ModelConfig {
             path: path.to_path_buf(),
             message: "the top level is not a JSON object".into(),
         })?;
+        check_family(obj, path)?;
         let keys = Keys { obj, path };
         let num_experts = keys.opt_usize(&["num_experts", "num_local_experts"])?.unwrap_or(0);
         let model_type = keys.opt_str("model_type")?.unwrap_or_default();

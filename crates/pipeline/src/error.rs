@@ -47,6 +47,16 @@ pub enum PipelineError {
         /// What is wrong.
         message: String,
     },
+    /// A valid input moetrace does not run: a model family it does not
+    /// know, a weight type it does not read. The message names it and what
+    /// is supported.
+    #[error("{path}: {message}")]
+    Unsupported {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is not supported, and what is.
+        message: String,
+    },
     /// A GGUF file is malformed (bad header, truncated data, a count or
     /// offset the file cannot hold, an unknown type).
     #[error("{path}: malformed GGUF file: {message}")]

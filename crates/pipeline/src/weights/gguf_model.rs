@@ -73,14 +73,29 @@ fn map_gguf(path: &Path) -> Result<(Arc<Mmap>, GgufHeader)> {
 pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
     let bad = |message: String| PipelineError::BadGguf { path: path.to_path_buf(), message };
     let (map, header) = map_gguf(path)?;
+    if let Some(arch) = header.get("general.architecture").and_then(GgufValue::as_str)
+        && !ARCHITECTURES.iter().any(|a| a.0 == arch)
+    {
+        let runs: Vec<String> = ARCHITECTURES.iter().map(|a| format!("{} ({})", a.0, a.1)).collect();
+        return Err(PipelineError::Unsupported {
+            path: path.to_path_buf(),
+            message: format!(
+                "general.architecture `{arch}` is not a model family moetrace runs; it runs {}",
+                runs.join(", ")
+            ),
+        });
+    }
     if let Some(t) = header.tensors.iter().find(|t| !TYPES.contains(&t.ggml_type)) {
         let valid: Vec<&str> = TYPES.iter().map(|t| t.static_name()).collect();
-        return Err(bad(format!(
-            "tensor `{}` is {}, which moetrace does not read (it reads {})",
-            t.name,
-            t.ggml_type.name(),
-            valid.join(", ")
-        )));
+        return Err(PipelineError::Unsupported {
+            path: path.to_path_buf(),
+            message: format!(
+                "tensor `{}` is {}, a weight type moetrace does not read (it reads {})",
+                t.name,
+                t.ggml_type.name(),
+                valid.join(", ")
+            ),
+        });
     }
     let config = config_json(&header).map_err(bad)?;
     let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();

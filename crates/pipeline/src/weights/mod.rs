@@ -16,7 +16,7 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 pub use gguf_model::{gguf_name, load_gguf, read_gguf_header};
-pub use safetensors::{SafetensorsEntry, index_safetensors, load_checkpoint, save_safetensors};
+pub use safetensors::{SafetensorsEntry, SafetensorsRefusal, index_safetensors, load_checkpoint, save_safetensors};
 pub use synthetic::{
     SyntheticPreset, available_memory_bytes, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key,
 };

@@ -107,22 +107,51 @@ pub struct SafetensorsEntry {
     pub end: usize,
 }
 
+/// Why a safetensors file is not read.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SafetensorsRefusal {
+    /// The file is not a valid safetensors file (what is wrong).
+    Malformed(String),
+    /// A valid file holding a weight type moetrace does not read.
+    UnsupportedDtype {
+        /// The tensor.
+        tensor: String,
+        /// Its dtype as the header names it, e.g. `F8_E4M3`.
+        dtype: String,
+    },
+}
+
+impl std::fmt::Display for SafetensorsRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SafetensorsRefusal::Malformed(why) => f.write_str(why),
+            SafetensorsRefusal::UnsupportedDtype { tensor, dtype } => write!(
+                f,
+                "tensor `{tensor}` is {dtype}{}, a weight type moetrace does not read (it reads BF16, F16, F32)",
+                if dtype.starts_with("F8") { " (an FP8 checkpoint)" } else { "" }
+            ),
+        }
+    }
+}
+
 /// Validates a whole safetensors file and lists its tensors, by name.
 /// Hugging Face's own parser checks the header: its length, UTF-8 JSON,
 /// contiguous non-overlapping offsets, shape x dtype sizes in checked
 /// arithmetic, and that the data exactly fills the file. The error says
 /// what is wrong.
-pub fn index_safetensors(bytes: &[u8]) -> Result<Vec<SafetensorsEntry>, String> {
-    let (header_len, metadata) = SafeTensors::read_metadata(bytes).map_err(|e| match e {
-        SafeTensorError::MetadataIncompleteBuffer => format!(
-            "the tensors its header describes do not exactly fill the file's {} bytes (truncated or extended?)",
-            bytes.len()
-        ),
-        SafeTensorError::HeaderTooSmall | SafeTensorError::InvalidHeaderLength => {
-            format!("the header length runs past the end of the {}-byte file (truncated?)", bytes.len())
-        }
-        other => other.to_string(),
-    })?;
+pub fn index_safetensors(bytes: &[u8]) -> Result<Vec<SafetensorsEntry>, SafetensorsRefusal> {
+    let (header_len, metadata) = SafeTensors::read_metadata(bytes)
+        .map_err(|e| match e {
+            SafeTensorError::MetadataIncompleteBuffer => format!(
+                "the tensors its header describes do not exactly fill the file's {} bytes (truncated or extended?)",
+                bytes.len()
+            ),
+            SafeTensorError::HeaderTooSmall | SafeTensorError::InvalidHeaderLength => {
+                format!("the header length runs past the end of the {}-byte file (truncated?)", bytes.len())
+            }
+            other => other.to_string(),
+        })
+        .map_err(SafetensorsRefusal::Malformed)?;
     let data_start = 8 + header_len;
     let mut entries = Vec::new();
     for (name, info) in metadata.tensors() {
@@ -130,7 +159,9 @@ pub fn index_safetensors(bytes: &[u8]) -> Result<Vec<SafetensorsEntry>, String> 
             Dtype::BF16 => WeightDtype::Bf16,
             Dtype::F16 => WeightDtype::F16,
             Dtype::F32 => WeightDtype::F32,
-            other => return Err(format!("tensor `{name}` has dtype {other}; supported: BF16, F16, F32")),
+            other => {
+                return Err(SafetensorsRefusal::UnsupportedDtype { tensor: name, dtype: format!("{other:?}") });
+            }
         };
         let (start, end) = info.data_offsets;
         entries.push(SafetensorsEntry {
@@ -153,8 +184,10 @@ fn load_file(path: &Path, store: &mut WeightStore) -> Result<()> {
     // which is the documented hazard of every mmap-based model loader.
     let map = unsafe { Mmap::map(&file) }.map_err(|source| PipelineError::Io { path: path.to_path_buf(), source })?;
     let map = Arc::new(map);
-    let entries = index_safetensors(&map)
-        .map_err(|message| PipelineError::BadSafetensors { path: path.to_path_buf(), message })?;
+    let entries = index_safetensors(&map).map_err(|refusal| match refusal {
+        SafetensorsRefusal::Malformed(message) => PipelineError::BadSafetensors { path: path.to_path_buf(), message },
+        unsupported => PipelineError::Unsupported { path: path.to_path_buf(), message: unsupported.to_string() },
+    })?;
     for e in entries {
         store.insert(WeightTensor::mapped(e.name, e.dtype, e.shape, map.clone(), e.start, e.end));
     }
