@@ -69,12 +69,18 @@ fn allocation_bound(len: usize) -> usize {
 
 /// Runs `target` on `input` and checks the allocation bound.
 fn check(target: fn(&[u8]) -> bool, input: &[u8]) -> Result<bool, String> {
+    check_within(target, input, 0)
+}
+
+/// [`check`] allowing `extra` bytes beyond the bound (a chat template's
+/// rendered text may grow to its own bound, whatever the input's size).
+fn check_within(target: fn(&[u8]) -> bool, input: &[u8], extra: usize) -> Result<bool, String> {
     LARGEST.with(|l| l.set(0));
     ARMED.with(|a| a.set(true));
     let parsed = target(input);
     ARMED.with(|a| a.set(false));
     let largest = LARGEST.with(Cell::get);
-    if largest > allocation_bound(input.len()) {
+    if largest > allocation_bound(input.len()) + extra {
         return Err(format!(
             "an allocation of {largest} bytes for {} input bytes (bound {})",
             input.len(),
@@ -176,6 +182,59 @@ fn report(bytes: &[u8]) -> bool {
     let Ok(r) = compare::Report::from_json(&text(bytes), Path::new("fuzz/report.json")) else { return false };
     let _ = (r.findings(), r.first_divergence(), r.to_json(), compare::html::render_html(&[&r]));
     true
+}
+
+/// A minimal tokenizer.json (a word-level vocabulary), for the chat
+/// template target.
+const TINY_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"[UNK]":0,"hi":1,"user":2},"unk_token":"[UNK]"}}"#;
+
+/// tokenizer_config.json: its chat template parsed and rendered (with less
+/// fuel than a run's, so a looping mutation ends quickly) and encoded.
+fn chat_template(bytes: &[u8]) -> bool {
+    let path = Path::new("fuzz/tokenizer.json");
+    let Ok(tok) = capture::prompt::PromptTokenizer::from_parts(path, TINY_TOKENIZER.as_bytes(), Some(&text(bytes)))
+    else {
+        return false;
+    };
+    let messages = [capture::prompt::ChatMessage { role: "user".into(), content: "hi".into() }];
+    let Ok(rendered) = tok.render_chat_with_fuel(&messages, 20_000) else { return false };
+    let _ = tok.encode_text(&rendered);
+    true
+}
+
+/// A routing capture's manifest.json (beside valid routing files), opened
+/// by routing replay against the tiny-moe model and read at step 0.
+fn replay(bytes: &[u8]) -> bool {
+    let dir = REPLAY_DIR.get().expect("made before fuzzing");
+    {
+        std::fs::write(dir.join("manifest.json"), bytes).unwrap();
+        let model = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(Some(2)).unwrap();
+        let Ok(r) = capture::replay::Replay::open(dir, &model, &[1, 17, 423], 2, Path::new("fuzz/replay.ron")) else {
+            return false;
+        };
+        let _ = r.step_tokens(2);
+        true
+    }
+}
+
+/// The replay target's folder, made before the allocator is armed.
+static REPLAY_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// A routing capture of tiny-moe (2 layers, prompt [1, 17, 423], 2 steps)
+/// to mutate the manifest of: its manifest is the corpus seed.
+fn replay_folder() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("moetrace-fuzz-replay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("make.ron");
+    std::fs::write(
+        &config,
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 1, layers: 2), prompt: Tokens([1, 17, 423]), generate: 2, capture: (stages: \"moe_router,moe_router_indices\", out_dir: \"capture\"))",
+    )
+    .unwrap();
+    let run = capture::RunConfig::load(&config).unwrap();
+    capture::run(&run, &config, &mut |_| {}).unwrap();
+    dir.join("capture")
 }
 
 /// Tokens of the formats, spliced in by mutations.
@@ -310,6 +369,11 @@ fn seed() -> u64 {
 
 /// The corpus as plain tests, then the mutations.
 fn fuzz(name: &str, target: fn(&[u8]) -> bool) {
+    let extra = if name == "chat_template" { 2 * capture::prompt::TEMPLATE_MAX_OUTPUT } else { 0 };
+    let check = |target, input: &[u8]| check_within(target, input, extra);
+    if name == "replay" {
+        REPLAY_DIR.get_or_init(replay_folder);
+    }
     let seeds = corpus(name);
     for (path, bytes) in &seeds {
         let parsed = check(target, bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -364,7 +428,9 @@ fuzz_targets!(
     config_json,
     manifest,
     aprt,
-    report
+    report,
+    chat_template,
+    replay
 );
 
 #[test]

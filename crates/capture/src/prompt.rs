@@ -65,23 +65,36 @@ impl PromptTokenizer {
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
         let bad = |message: String| CaptureError::Tokenizer { path: file.clone(), message };
         let bytes = read_regular(&file, MAX_TOKENIZER_BYTES).map_err(|e| bad(format!("cannot read it: {e}")))?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| bad(format!("not a Hugging Face tokenizer.json: {e}")))?;
         let config_path = file.with_file_name("tokenizer_config.json");
-        let (mut chat_template, mut bos_token, mut eos_token) = (None, None, None);
-        if config_path.is_file() {
-            let text = read_regular_text(&config_path, MAX_TOKENIZER_CONFIG_BYTES).map_err(|e| {
-                CaptureError::Tokenizer { path: config_path.clone(), message: format!("cannot read it: {e}") }
-            })?;
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| CaptureError::Tokenizer {
+        let config = if config_path.is_file() {
+            Some(read_regular_text(&config_path, MAX_TOKENIZER_CONFIG_BYTES).map_err(|e| CaptureError::Tokenizer {
                 path: config_path.clone(),
+                message: format!("cannot read it: {e}"),
+            })?)
+        } else {
+            None
+        };
+        Self::from_parts(&file, &bytes, config.as_deref())
+    }
+
+    /// A tokenizer from the bytes of its tokenizer.json (read from `file`,
+    /// which errors name) and the text of tokenizer_config.json beside it,
+    /// if any (its chat template and special tokens).
+    pub fn from_parts(file: &Path, tokenizer_json: &[u8], config: Option<&str>) -> Result<Self> {
+        let bad = |message: String| CaptureError::Tokenizer { path: file.to_path_buf(), message };
+        let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
+            .map_err(|e| bad(format!("not a Hugging Face tokenizer.json: {e}")))?;
+        let (mut chat_template, mut bos_token, mut eos_token) = (None, None, None);
+        if let Some(text) = config {
+            let json: serde_json::Value = serde_json::from_str(text).map_err(|e| CaptureError::Tokenizer {
+                path: file.with_file_name("tokenizer_config.json"),
                 message: format!("not JSON: {e}"),
             })?;
             chat_template = template_of(&json);
             bos_token = token_string(json.get("bos_token"));
             eos_token = token_string(json.get("eos_token"));
         }
-        Ok(Self { tokenizer, chat_template, bos_token, eos_token, path: file })
+        Ok(Self { tokenizer, chat_template, bos_token, eos_token, path: file.to_path_buf() })
     }
 
     /// The tokenizer a GGUF file's metadata describes (prompt_gguf.rs), its
@@ -119,6 +132,11 @@ impl PromptTokenizer {
 
     /// The chat template rendered for `messages`.
     pub fn render_chat(&self, messages: &[ChatMessage]) -> Result<String> {
+        self.render_chat_with_fuel(messages, TEMPLATE_FUEL)
+    }
+
+    /// [`Self::render_chat`] within `fuel` template instructions.
+    pub fn render_chat_with_fuel(&self, messages: &[ChatMessage], fuel: u64) -> Result<String> {
         let bad = |message: String| CaptureError::Tokenizer { path: self.path.clone(), message };
         let template = self.chat_template.as_deref().ok_or_else(|| {
             let source = if is_gguf(&self.path) {
@@ -131,7 +149,7 @@ impl PromptTokenizer {
         let mut env = minijinja::Environment::new();
         // A template is input: its work and its output are bounded (a
         // looping template is an error, not a hang).
-        env.set_fuel(Some(TEMPLATE_FUEL));
+        env.set_fuel(Some(fuel));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -159,7 +177,7 @@ impl PromptTokenizer {
             })
             .map_err(|e| match e.kind() {
                 minijinja::ErrorKind::OutOfFuel => bad(format!(
-                    "rendering its chat template did not finish within {TEMPLATE_FUEL} template instructions (a loop without bound?)"
+                    "rendering its chat template did not finish within {fuel} template instructions (a loop without bound?)"
                 )),
                 _ if out.overflowed => bad(format!(
                     "rendering its chat template wrote more than {} MiB (a loop without bound?)",
