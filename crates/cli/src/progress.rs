@@ -1,7 +1,9 @@
-//! Progress on stderr. On a terminal: a live bar per run with the step,
-//! the layer within it, tokens/s so far and elapsed / remaining time
-//! (indicatif). Otherwise (a log, a pipe, CI): plain lines, one per step
-//! start, layer and next token, so a log shows how far a long run got.
+//! Progress on stderr. On a terminal: a spinner while the model loads and
+//! the backend is set up, then a live bar per run with the step, the layer
+//! within it, tokens/s so far and elapsed time, and a remaining time only
+//! once a step has finished to base it on (indicatif). Otherwise (a log, a
+//! pipe, CI): plain lines, one per step start, layer and next token, so a
+//! log shows how far a long run got.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -24,15 +26,30 @@ impl Progress {
     pub fn new(enabled: bool, steps: usize) -> Self {
         let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr_with_hz(10));
-            bar.set_style(
-                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} (remaining {eta})")
-                    .expect("a valid template")
-                    .progress_chars("=> "),
-            );
+            bar.set_style(ProgressStyle::with_template("{elapsed_precise} {spinner} {msg}").expect("a valid template"));
+            bar.set_message("loading the model");
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
         Self { enabled, steps, bar, started: Instant::now(), tokens: 0, last_token: None }
+    }
+
+    /// Says what the run is doing before its first step (the spinner's
+    /// message on a terminal; nothing in a log, where `line` says it).
+    pub fn stage(&mut self, what: &str) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(what.to_string());
+        }
+    }
+
+    /// The bar's style: steps, and the remaining time once one is measured.
+    fn bar_style(with_eta: bool) -> ProgressStyle {
+        let template = if with_eta {
+            "{elapsed_precise} [{bar:30}] {msg} (remaining {eta})"
+        } else {
+            "{elapsed_precise} [{bar:30}] {msg}"
+        };
+        ProgressStyle::with_template(template).expect("a valid template").progress_chars("=> ")
     }
 
     /// Prints a whole line (above the bar on a terminal).
@@ -57,14 +74,30 @@ impl Progress {
                     self.started = Instant::now();
                 }
                 self.tokens += tokens;
-                if self.bar.is_none() {
-                    crate::say!("step {}/{}: {tokens} tokens at position {start_position}", step + 1, self.steps);
+                match &self.bar {
+                    Some(bar) => {
+                        if *step == 0 {
+                            // Loading is not a step: the estimate starts here.
+                            bar.set_style(Self::bar_style(false));
+                            bar.reset_eta();
+                        }
+                        bar.set_message(format!("step {}/{}: {tokens} tokens", step + 1, self.steps));
+                    }
+                    None => {
+                        crate::say!("step {}/{}: {tokens} tokens at position {start_position}", step + 1, self.steps)
+                    }
                 }
             }
             ForwardEvent::LayerDone { step, layer, layers } => match &self.bar {
                 Some(bar) => {
                     let last = self.last_token.map(|t| format!(", last token {t}")).unwrap_or_default();
-                    bar.set_message(format!("layer {}/{layers}, {}{last}", layer + 1, self.rate()))
+                    bar.set_message(format!(
+                        "step {}/{} layer {}/{layers}, {}{last}",
+                        step + 1,
+                        self.steps,
+                        layer + 1,
+                        self.rate()
+                    ))
                 }
                 None => crate::say!("  step {}/{} layer {}/{}", step + 1, self.steps, layer + 1, layers),
             },
@@ -73,6 +106,9 @@ impl Progress {
                 // scroll a long run's output away.
                 Some(bar) => {
                     self.last_token = *next_token;
+                    if *step == 0 {
+                        bar.set_style(Self::bar_style(true));
+                    }
                     bar.set_position((step + 1) as u64);
                 }
                 None => {

@@ -30,7 +30,8 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     let mut progress = Progress::new(!args.quiet, config.step_count());
     let output = capture::run(&config, &args.config, &mut |event| match event {
         RunEvent::ModelLoaded { description, elapsed } => {
-            progress.line(&format!("model: {description} (loaded in {:.2} s)", elapsed.as_secs_f64()))
+            progress.line(&format!("model: {description} (loaded in {:.2} s)", elapsed.as_secs_f64()));
+            progress.stage("setting up the backend");
         }
         RunEvent::BackendReady { description, elapsed } => {
             progress.line(&format!("backend: {description} (ready in {:.2} s)", elapsed.as_secs_f64()))
