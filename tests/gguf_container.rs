@@ -237,7 +237,7 @@ fn a_gguf_model_that_cannot_be_read_is_refused_with_the_cause() {
     let mut b = Builder::valid();
     b.kvs[0].2 = gguf_string("llama");
     let err = load(b, "arch.gguf");
-    assert!(err.contains("architecture `llama`") && err.contains("qwen3moe, qwen3"), "{err}");
+    assert!(err.contains("architecture `llama`") && err.contains("qwen3moe (Qwen3MoeForCausalLM), qwen3"), "{err}");
     let err = load(Builder::valid(), "keys.gguf");
     assert!(err.contains("no tensor `token_embd.weight`"), "{err}");
     let mut b = Builder::valid();
