@@ -29,13 +29,18 @@ fn leftovers(dir: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A routing capture of three steps at `dir/source`, for replay.
+fn routing_source(dir: &Path) {
+    run(dir, "source", "generate: 3, capture: (stages: \"moe_router,moe_router_indices\", out_dir: \"source\")")
+        .unwrap();
+}
+
 #[test]
 fn a_run_that_fails_at_step_one_leaves_no_folder_fifty_times_over() {
     let dir = scratch("failed-runs");
     // A routing capture whose step-1 expert ids are truncated: the replaying
     // run opens it, runs the prompt step, and fails reading step 1.
-    run(&dir, "source", "generate: 3, capture: (stages: \"moe_router,moe_router_indices\", out_dir: \"source\")")
-        .unwrap();
+    routing_source(&dir);
     let bad = dir.join("source/step-1/layer-1/moe_router_indices.npy");
     let bytes = std::fs::read(&bad).expect("the capture layout has step-1/layer-1");
     std::fs::write(&bad, &bytes[..bytes.len() - 8]).unwrap();
@@ -56,8 +61,7 @@ fn a_run_that_fails_at_step_one_leaves_no_folder_fifty_times_over() {
 #[test]
 fn a_bad_token_in_a_replayed_capture_names_the_capture() {
     let dir = scratch("failed-runs-token");
-    run(&dir, "source", "generate: 3, capture: (stages: \"moe_router,moe_router_indices\", out_dir: \"source\")")
-        .unwrap();
+    routing_source(&dir);
     let manifest = dir.join("source/manifest.json");
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&manifest).unwrap()).unwrap();
     json["steps"][2]["tokens"] = serde_json::json!([999_999_999u32]);
