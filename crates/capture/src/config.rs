@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer};
 use stage_types::{IndexSet, StageList};
 
+pub use crate::backend_spec::{BackendSpec, CudaDtype};
 use crate::error::{CaptureError, Result};
 use crate::faults::FaultSpec;
 use crate::prompt::{ChatMessage, PromptText, PromptTokenizer, TokenizerSpec, locate_tokenizer};
@@ -95,86 +96,6 @@ impl PromptSpec {
             return Err(bad(what.into()));
         }
         Ok(resolved)
-    }
-}
-
-/// Activation precision of the CUDA backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum CudaDtype {
-    /// f32 everywhere, no TF32.
-    F32,
-    /// bf16 weights and activations, f32 accumulation.
-    Bf16,
-}
-
-/// Which backend computes the forward pass.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
-pub enum BackendSpec {
-    /// The CPU reference.
-    #[default]
-    Cpu,
-    /// The CPU reference with llama.cpp's CPU numerics: each projection's
-    /// input rows are first converted as ggml's CPU path converts them for
-    /// the weight's type (Q8_K for K-quant weights, Q8_0 for Q8_0, f16 and
-    /// bf16 for those; f32 weights as they are), to tell a GPU kernel's own
-    /// error from the activation quantization of a llama.cpp CPU result.
-    CpuLlamaCpp,
-    /// The CPU reference keeping a device precision's numeric contract
-    /// (`CpuEmulating(Bf16)`: weights and every stage output but routing's
-    /// rounded to bf16, as the CUDA backend's Bf16 mode stores them;
-    /// accumulation stays f64): what a correct implementation of that
-    /// precision computes, to capture or to compare another engine with.
-    CpuEmulating(CudaDtype),
-    /// A CUDA device.
-    Cuda {
-        /// Device ordinal.
-        device: usize,
-        /// Precision.
-        dtype: CudaDtype,
-        /// Record each decode step once as a CUDA graph and replay it (the
-        /// default; Bf16 only). `graphs: false` launches every kernel from
-        /// the host at every step: the same bits, slower; to rule graphs
-        /// out when hunting a bug.
-        #[serde(default = "graphs_on")]
-        graphs: bool,
-    },
-}
-
-fn graphs_on() -> bool {
-    true
-}
-
-impl CudaDtype {
-    /// The numeric contract of the CUDA backend at this precision.
-    pub fn contract(self) -> pipeline::backend::contract::NumericContract {
-        match self {
-            CudaDtype::F32 => pipeline::backend::contract::NumericContract::REFERENCE,
-            CudaDtype::Bf16 => pipeline::backend::contract::NumericContract::BF16,
-        }
-    }
-}
-
-impl BackendSpec {
-    /// Whether this is a CUDA backend.
-    pub fn is_cuda(&self) -> bool {
-        matches!(self, BackendSpec::Cuda { .. })
-    }
-}
-
-impl fmt::Display for BackendSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BackendSpec::Cpu => f.write_str("Cpu"),
-            BackendSpec::CpuLlamaCpp => f.write_str("CpuLlamaCpp"),
-            BackendSpec::CpuEmulating(dtype) => write!(f, "CpuEmulating({dtype:?})"),
-            BackendSpec::Cuda { device, dtype, graphs } => {
-                write!(f, "Cuda(device: {device}, dtype: {dtype:?}")?;
-                if !graphs {
-                    f.write_str(", graphs: false")?;
-                }
-                f.write_str(")")
-            }
-        }
     }
 }
 

@@ -10,6 +10,7 @@
 //!   the `compare` crate, re-exported here as [`CaptureDir`] and
 //!   [`Manifest`]).
 
+pub mod backend_spec;
 pub mod bisect;
 pub mod config;
 pub mod error;

@@ -5,7 +5,7 @@ use std::path::Path;
 
 mod common;
 
-use common::{capture, expect_error, moetrace, scratch};
+use common::{capture, expect_error, moetrace, scratch, stderr};
 
 #[test]
 fn diff_exit_codes_are_0_without_and_1_with_a_divergence() {
@@ -113,4 +113,31 @@ fn bisect_as_shipped_names_the_injected_fault() {
     assert_eq!(json["graft"]["stage_is_wrong"], true);
     let out = moetrace(&["bisect", "-q", "--config", config.to_str().unwrap(), "--fault", "attn_out@9=nan"]);
     expect_error(&out, &["layer 9"]);
+}
+
+/// A report whose numbers are absurd (a row at layer 2^40, a step of
+/// 2^60) is refused with the field named, at once, before the map is
+/// sized by them.
+#[test]
+fn a_report_with_absurd_indices_is_refused_naming_the_field() {
+    let dir = scratch("hostile-report-sizes");
+    let config = dir.join("b.ron");
+    std::fs::write(&config, "(model: Synthetic(preset: \"tiny-moe\", seed: 1, layers: 2), prompt: Tokens([3, 4, 5]), reference: Cpu, target: Cpu, mode: Local)").unwrap();
+    let out = moetrace(&["bisect", "-q", "--json", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let good: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for (field, value, says) in [
+        ("layer", serde_json::json!(1u64 << 40), "rows[3].layer"),
+        ("step", serde_json::json!(1u64 << 60), "rows[3].step"),
+    ] {
+        let mut bad = good.clone();
+        bad["rows"][3][field] = value;
+        let path = dir.join(format!("{field}.json"));
+        std::fs::write(&path, bad.to_string()).unwrap();
+        let start = std::time::Instant::now();
+        let out = moetrace(&["report", path.to_str().unwrap(), "--html", dir.join("map.html").to_str().unwrap()]);
+        expect_error(&out, &[&format!("{field}.json"), says]);
+        assert!(start.elapsed().as_secs() < 10, "{field}: {:?}", start.elapsed());
+        assert!(!dir.join("map.html").exists(), "{field}: a page was written");
+    }
 }
