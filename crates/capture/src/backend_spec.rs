@@ -55,10 +55,11 @@ fn graphs_on() -> bool {
 impl CudaDtype {
     /// The numeric contract of the CUDA backend at this precision.
     pub fn contract(self) -> pipeline::backend::contract::NumericContract {
-        match self {
-            CudaDtype::F32 => pipeline::backend::contract::NumericContract::REFERENCE,
-            CudaDtype::Bf16 => pipeline::backend::contract::NumericContract::BF16,
-        }
+        use pipeline::backend::contract::{NumericContract, Precision};
+        NumericContract::cuda(match self {
+            CudaDtype::F32 => Precision::F32,
+            CudaDtype::Bf16 => Precision::Bf16,
+        })
     }
 }
 

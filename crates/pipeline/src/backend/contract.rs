@@ -87,6 +87,15 @@ impl NumericContract {
         ggml_activations: false,
     };
 
+    /// What the CUDA backend promises with activations of `precision`: the
+    /// reference's rounding points in F32 mode, [`Self::BF16`] in Bf16 mode.
+    pub fn cuda(precision: Precision) -> Self {
+        match precision {
+            Precision::F32 => Self::REFERENCE,
+            Precision::Bf16 => Self::BF16,
+        }
+    }
+
     /// The precision `stage`'s output is stored in, None for integer
     /// stages (expert ids are compared as sets, never rounded).
     pub fn output(&self, stage: SaveTensorStage) -> Option<Precision> {
