@@ -137,6 +137,13 @@ pub fn row_errors(reference: &[f64], other: &[f64], row: usize, norm: f64) -> Ve
     reference.chunks(row).zip(other.chunks(row)).map(|(a, b)| row_error(a, b, norm)).collect()
 }
 
+/// The whole tensor's rel_l2 from its [`row_errors`] over the RMS row
+/// norm of a reference of `rows` rows: `sqrt(sum(e²) / rows)`, without a
+/// second pass over the values.
+pub fn rel_l2_of_rows(errors: &[f64], rows: usize) -> f64 {
+    (errors.iter().map(|e| e * e).sum::<f64>() / rows.max(1) as f64).sqrt()
+}
+
 /// `||a - b|| / norm`: 0 for equal rows, infinite for a non-finite value
 /// on one side only or a difference over a zero norm.
 fn row_error(a: &[f64], b: &[f64], norm: f64) -> f64 {
@@ -248,6 +255,15 @@ mod tests {
         assert!(m.rel_l2 < 0.008, "{}", m.rel_l2);
         assert_eq!(m.worst_row, 37);
         assert!(m.worst_row_error > 0.04, "{}", m.worst_row_error);
+    }
+
+    #[test]
+    fn rel_l2_from_row_errors_equals_the_direct_one() {
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [1.1, 2.0, 2.5, 4.0, 5.0, 6.3];
+        let errors = row_errors(&a, &b, 2, rms_row_norm(&a, 2));
+        let direct = tensor_metrics(&a, &b, &[3, 2], 0).rel_l2;
+        assert!((rel_l2_of_rows(&errors, 3) - direct).abs() < 1e-12, "{direct}");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use stage_types::SaveTensorStage;
 
 use crate::expected::Expected;
-use crate::metrics::{rms_row_norm, row_errors, tensor_metrics};
+use crate::metrics::{rel_l2_of_rows, rms_row_norm, row_errors, tensor_metrics};
 use crate::npy::NpyArray;
 use crate::report::Row;
 use crate::routing;
@@ -249,20 +249,14 @@ pub fn compare_scope(
                     };
                     let b = routing::align_by_expert(&r.values, &e.values, &ri.values, &ei.values, k);
                     let norm = rms_row_norm(&r.values, a.inner);
-                    let by_place: HashMap<(usize, i32), f64> = b
-                        .rows
-                        .iter()
-                        .zip(row_errors(&b.reference, &b.target, b.inner, norm))
-                        .map(|(&(t, _, x), err)| ((t, x), err))
-                        .collect();
+                    let emulated_rows = row_errors(&b.reference, &b.target, b.inner, norm);
+                    let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, r.values.len() / a.inner.max(1));
+                    let by_place: HashMap<(usize, i32), f64> =
+                        b.rows.iter().zip(emulated_rows).map(|(&(t, _, x), err)| ((t, x), err)).collect();
                     let ee: Vec<Option<f64>> =
                         a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied()).collect();
                     row.expected = Expected::from_rows(&row_errors(&a.reference, &a.target, a.inner, norm), &ee, floor)
-                        .map(|x| {
-                            x.with_emulated_rel_l2(
-                                tensor_metrics(&b.reference, &b.target, &[b.rows.len(), b.inner], 0).rel_l2,
-                            )
-                        });
+                        .map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
                     if let Some(&(token, _, expert)) =
                         row.expected.as_ref().and_then(|x| a.rows.get(x.row)).filter(|_| m_error(&row) > 0.0)
                     {
@@ -280,10 +274,11 @@ pub fn compare_scope(
                 if let Some((e, floor)) = emulated(stage, r) {
                     let width = r.shape.last().copied().unwrap_or(1);
                     let norm = rms_row_norm(&r.values, width);
-                    let ee: Vec<Option<f64>> =
-                        row_errors(&r.values, &e.values, width, norm).into_iter().map(Some).collect();
+                    let emulated_rows = row_errors(&r.values, &e.values, width, norm);
+                    let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, emulated_rows.len());
+                    let ee: Vec<Option<f64>> = emulated_rows.into_iter().map(Some).collect();
                     row.expected = Expected::from_rows(&row_errors(&r.values, &t.values, width, norm), &ee, floor)
-                        .map(|x| x.with_emulated_rel_l2(tensor_metrics(&r.values, &e.values, &r.shape, axis).rel_l2));
+                        .map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
                     worst_row = row.expected.as_ref().filter(|x| x.error > 0.0).map(|x| x.row).or(worst_row);
                 }
                 row.worst_token =
