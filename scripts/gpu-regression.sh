@@ -32,8 +32,8 @@ all_cases=(
     "bf16-64-faults|qwen3-30b-a3b|48|7|64|5|moe_expert_out@37.2#EXPERT=scale(1.02);attn_out@20.0:17=scale(1.02);ffn_norm@9.3=scale(1.01)"
     "bf16-16-clean|qwen3-30b-a3b|48|11|16|5|"
     "bf16-512-clean|qwen3-30b-a3b|12|23|512|3|"
-    "q4km-64-clean|qwen3-30b-a3b-q4km|12|7|64|5|"
-    "q4km-64-faults|qwen3-30b-a3b-q4km|12|7|64|5|moe_expert_out@9.2#EXPERT=scale(1.02);attn_out@4.0:17=scale(1.02);ffn_norm@2.3=scale(1.01)"
+    "q4km-64-clean|qwen3-30b-a3b-q4km|48|7|64|5|"
+    "q4km-64-faults|qwen3-30b-a3b-q4km|48|7|64|5|moe_expert_out@37.2#EXPERT=scale(1.02);attn_out@20.0:17=scale(1.02);ffn_norm@9.3=scale(1.01)"
     "q4km-16-clean|qwen3-30b-a3b-q4km|12|11|16|5|"
 )
 wanted=${CASES:-all}

@@ -28,7 +28,7 @@ use compare::expected::{RATIO_THRESHOLD, judge_accumulated, mark_findings};
 use compare::scope::ExpertIds;
 use compare::{ExpectedTensors, Graft, Mode, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
 use pipeline::backend::contract::NumericContract;
-use pipeline::{CpuBackend, Forward, HostTensor, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
+use pipeline::{CpuBackend, Forward, HostTensor, LoadMeter, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
 use serde::Deserialize;
 use stage_types::SaveTensorStage as S;
 
@@ -126,6 +126,8 @@ pub struct BisectOptions {
     pub all: bool,
     /// Local mode whatever the config says.
     pub local: bool,
+    /// Counts the bytes of each loading phase, for progress.
+    pub meter: LoadMeter,
 }
 
 fn to_array(t: &HostTensor) -> NpyArray {
@@ -189,7 +191,7 @@ pub fn bisect(
     options: &BisectOptions,
     on_scope: &mut dyn FnMut(usize, String),
 ) -> Result<Report> {
-    let model = load_model(&config.model, config.reference.is_cuda() && config.target.is_cuda())?;
+    let model = load_model(&config.model, config.reference.is_cuda() && config.target.is_cuda(), &options.meter)?;
     let steps = config.generate.max(1);
     for f in &config.faults {
         f.check(&model.config, config.tokens().len(), steps)
@@ -218,7 +220,7 @@ pub fn bisect(
         None => None,
     };
     let make = |spec: &BackendSpec, session: Option<&CaptureSession>| -> Result<Side> {
-        let backend = build_backend(spec, config.threads, &model, path)?;
+        let backend = build_backend(spec, config.threads, &model, path, &options.meter)?;
         // Bisect reads stages between operations: scores counted as kept.
         let bytes = crate::config::run_bytes(&model.config, config.tokens().len(), config.generate, true);
         backend.check_run_memory(bytes)?;

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pipeline::{Backend, CpuBackend, Forward, ForwardEvent, HostTensor, Model, ModelSource};
+use pipeline::{Backend, CpuBackend, Forward, ForwardEvent, HostTensor, LoadMeter, Model, ModelSource};
 use stage_types::SaveTensorStage;
 
 use crate::config::{BackendSpec, ModelSpec, RunConfig};
@@ -16,6 +16,9 @@ use crate::session::{CaptureSession, RunRecord};
 /// Progress of a run, for display.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEvent {
+    /// Loading begins: the meter counts the bytes of each loading phase
+    /// (a synthetic model made, weights placed on a device) as it goes.
+    Loading(LoadMeter),
     /// The model is loaded.
     ModelLoaded {
         /// One line describing it.
@@ -75,23 +78,26 @@ pub struct RunOutput {
 
 /// Loads the model a config names. With `device_only` (every backend that
 /// will use it is CUDA) a synthetic model is not materialised on the host:
-/// the CUDA backend generates its weights on the device.
-pub fn load_model(spec: &ModelSpec, device_only: bool) -> Result<Model> {
+/// the CUDA backend generates its weights on the device. `meter` counts
+/// the bytes made.
+pub fn load_model(spec: &ModelSpec, device_only: bool, meter: &LoadMeter) -> Result<Model> {
     Ok(match spec {
         ModelSpec::Synthetic { preset, seed, layers } if device_only => {
             Model::synthetic_on_demand(preset, *seed, *layers)?
         }
-        ModelSpec::Synthetic { preset, seed, layers } => Model::synthetic(preset, *seed, *layers)?,
+        ModelSpec::Synthetic { preset, seed, layers } => Model::synthetic_metered(preset, *seed, *layers, meter)?,
         ModelSpec::Path(path) => Model::load(path)?,
     })
 }
 
-/// Builds the backend a config names.
+/// Builds the backend a config names; `meter` counts the bytes of weights
+/// placed on a device.
 pub fn build_backend(
     spec: &BackendSpec,
     threads: Option<usize>,
     model: &Model,
     config_path: &Path,
+    meter: &LoadMeter,
 ) -> Result<Box<dyn Backend>> {
     match spec {
         BackendSpec::Cpu => Ok(Box::new(CpuBackend::new(model.store.clone(), threads)?)),
@@ -110,7 +116,7 @@ pub fn build_backend(
                 crate::config::CudaDtype::F32 => CudaPrecision::F32,
                 crate::config::CudaDtype::Bf16 => CudaPrecision::Bf16,
             };
-            match pipeline::CudaBackend::new(model, *device, precision) {
+            match pipeline::CudaBackend::new_metered(model, *device, precision, meter) {
                 Ok(mut backend) => {
                     backend.set_step_graphs(*graphs);
                     Ok(Box::new(backend))
@@ -162,13 +168,15 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         None => None,
     };
     let load_start = Instant::now();
-    let model = load_model(&config.model, config.backend.is_cuda())?;
+    let meter = LoadMeter::default();
+    on_event(RunEvent::Loading(meter.clone()));
+    let model = load_model(&config.model, config.backend.is_cuda(), &meter)?;
     let load_time = load_start.elapsed();
     tracing::info!(model = %describe(&model), seconds = load_time.as_secs_f64(), "model loaded");
     on_event(RunEvent::ModelLoaded { description: describe(&model), elapsed: load_time });
     config.check_against_model(config_path, &model.config)?;
     let backend_start = Instant::now();
-    let mut backend = build_backend(&config.backend, config.threads, &model, config_path)?;
+    let mut backend = build_backend(&config.backend, config.threads, &model, config_path, &meter)?;
     let prompt_len = config.prompt_tokens().len();
     // The prompt's scores stay in memory unless attention is fused and no
     // capture reads them.
@@ -253,4 +261,31 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         summary.out_dir = Some(stats.out_dir);
     }
     Ok(RunOutput { summary, last_logits })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_meters_the_synthetic_weights_it_makes() {
+        let path = Path::new("metered.ron");
+        let config = RunConfig::parse(
+            r#"(model: Synthetic(preset: "tiny-moe", seed: 3, layers: 1), prompt: Tokens([1, 2, 3]), generate: 1)"#,
+            path,
+        )
+        .unwrap();
+        let mut meters = Vec::new();
+        run(&config, path, &mut |event| {
+            if let RunEvent::Loading(meter) = event {
+                meters.push(meter);
+            }
+        })
+        .unwrap();
+        assert_eq!(meters.len(), 1, "one meter, announced before loading");
+        let reading = meters[0].read().expect("loading began a phase");
+        assert_eq!(reading.phase, "generating synthetic weights");
+        let model = Model::synthetic("tiny-moe", 3, Some(1)).unwrap();
+        assert_eq!((reading.done, reading.total), (model.store.total_bytes() as u64, model.store.total_bytes() as u64));
+    }
 }

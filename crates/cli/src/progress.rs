@@ -1,5 +1,6 @@
 //! Progress on stderr. On a terminal: a spinner while the model loads and
-//! the backend is set up, then a live bar per run with the step, the layer
+//! the backend is set up, with the bytes done of each loading phase (a
+//! synthetic model made, weights placed on the device), then a live bar per run with the step, the layer
 //! within it, tokens/s so far and elapsed time, and a remaining time only
 //! once a step has finished to base it on (indicatif). Otherwise (a log, a
 //! pipe, CI): plain lines, one per step start, layer and next token, so a
@@ -8,8 +9,8 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use pipeline::ForwardEvent;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
+use pipeline::{ForwardEvent, LoadMeter};
 
 /// Progress display for `run`.
 pub struct Progress {
@@ -26,12 +27,19 @@ impl Progress {
     pub fn new(enabled: bool, steps: usize) -> Self {
         let bar = (enabled && std::io::stderr().is_terminal()).then(|| {
             let bar = ProgressBar::with_draw_target(Some(steps as u64), ProgressDrawTarget::stderr_with_hz(10));
-            bar.set_style(ProgressStyle::with_template("{elapsed_precise} {spinner} {msg}").expect("a valid template"));
+            bar.set_style(loading_style(None));
             bar.set_message("loading the model");
             bar.enable_steady_tick(Duration::from_millis(200));
             bar
         });
         Self { enabled, steps, bar, started: Instant::now(), tokens: 0, last_token: None }
+    }
+
+    /// Shows `meter`'s bytes done beside the spinner until the first step.
+    pub fn loading(&mut self, meter: LoadMeter) {
+        if let Some(bar) = &self.bar {
+            bar.set_style(loading_style(Some(meter)));
+        }
     }
 
     /// Says what the run is doing before its first step (the spinner's
@@ -132,6 +140,18 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+}
+
+/// The spinner's style before the first step; with a meter, the current
+/// loading phase's bytes while it is unfinished ("generating synthetic
+/// weights: 1.2 of 3.4 GB (35%)").
+fn loading_style(meter: Option<LoadMeter>) -> ProgressStyle {
+    let style = ProgressStyle::with_template("{elapsed_precise} {spinner} {msg}{load}").expect("a valid template");
+    style.with_key("load", move |_: &ProgressState, w: &mut dyn std::fmt::Write| {
+        if let Some(reading) = meter.as_ref().and_then(LoadMeter::read).filter(|r| r.done < r.total) {
+            let _ = write!(w, " ({reading})");
+        }
+    })
 }
 
 impl Drop for Progress {

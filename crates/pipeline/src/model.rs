@@ -209,7 +209,13 @@ impl Model {
     /// Builds a synthetic model from a preset name and a seed, optionally
     /// with fewer layers than the preset has.
     pub fn synthetic(preset: &str, seed: u64, layers: Option<usize>) -> Result<Self> {
-        Self::synthetic_with(preset, seed, layers, |preset, config| preset.generate(config, seed))
+        Self::synthetic_metered(preset, seed, layers, &crate::LoadMeter::default())
+    }
+
+    /// Like [`Model::synthetic`], with `meter` counting the bytes made (a
+    /// real-scale preset takes seconds to minutes on the host).
+    pub fn synthetic_metered(preset: &str, seed: u64, layers: Option<usize>, meter: &crate::LoadMeter) -> Result<Self> {
+        Self::synthetic_with(preset, seed, layers, |preset, config| preset.generate(config, seed, meter))
     }
 
     /// Like [`Model::synthetic`], but no weight is materialised on the host:
@@ -230,6 +236,19 @@ impl Model {
         let config = preset.config(layers)?;
         let store = store(preset, &config)?;
         Self::assemble(config, store, ModelSource::Synthetic { preset: preset.name.to_string(), seed })
+    }
+
+    /// The expert sets of the model: for each MoE layer, the per-expert
+    /// ids of its gate, up and down projections (one list each).
+    pub fn expert_lists(&self) -> Vec<&[crate::weights::WeightId]> {
+        self.layers
+            .iter()
+            .filter_map(|l| match &l.mlp {
+                MlpWeights::Moe(m) => Some([&m.gate[..], &m.up[..], &m.down[..]]),
+                MlpWeights::Dense { .. } => None,
+            })
+            .flatten()
+            .collect()
     }
 
     /// Resolves every tensor the config implies and checks its shape.
@@ -381,7 +400,10 @@ mod tests {
         let mut json = model.config.json.clone();
         json["intermediate_size"] = serde_json::json!(500);
         let config = ModelConfig::from_json(json, Path::new("config.json")).unwrap();
-        let store = crate::weights::SyntheticPreset::by_name("tiny-dense").unwrap().generate(&model.config, 5).unwrap();
+        let store = crate::weights::SyntheticPreset::by_name("tiny-dense")
+            .unwrap()
+            .generate(&model.config, 5, &crate::LoadMeter::default())
+            .unwrap();
         let msg = Model::assemble(config, store, model.source.clone()).unwrap_err().to_string();
         assert!(
             msg.contains("model.layers.0.mlp.gate_proj.weight")
@@ -394,7 +416,10 @@ mod tests {
         json["tie_word_embeddings"] = serde_json::json!(false);
         json["attention_bias"] = serde_json::json!(true);
         let config = ModelConfig::from_json(json, Path::new("config.json")).unwrap();
-        let store = crate::weights::SyntheticPreset::by_name("tiny-dense").unwrap().generate(&model.config, 5).unwrap();
+        let store = crate::weights::SyntheticPreset::by_name("tiny-dense")
+            .unwrap()
+            .generate(&model.config, 5, &crate::LoadMeter::default())
+            .unwrap();
         let msg = Model::assemble(config, store, model.source.clone()).unwrap_err().to_string();
         assert!(msg.contains("q_proj.bias"), "{msg}");
     }

@@ -121,7 +121,7 @@ fn fused_attention_stores_the_bits_its_output_is_computed_from() {
         for (t, start, shape) in cases {
             let case = Case::new(t, start, shape, round);
             let what = format!("{precision:?} T={t} pos={start} {shape:?}");
-            let mut gpu = CudaBackend::with_weights(store.clone(), &[], 0, precision).unwrap();
+            let mut gpu = CudaBackend::with_weights(store.clone(), &[], 0, precision, &Default::default()).unwrap();
             gpu.set_poison(true);
             let (_, _, quiet) = case.run(&mut gpu, false);
             let (scores, probs, read) = case.run(&mut gpu, true);
@@ -177,7 +177,7 @@ fn a_fused_stage_read_after_its_layer_names_why_it_is_gone() {
     let store = Arc::new(WeightStore::default());
     let shape = AttentionShape { heads: 2, kv_heads: 1, head_dim: 16 };
     let case = Case::new(20, 0, shape, false);
-    let mut gpu = CudaBackend::with_weights(store, &[], 0, CudaPrecision::F32).unwrap();
+    let mut gpu = CudaBackend::with_weights(store, &[], 0, CudaPrecision::F32, &Default::default()).unwrap();
     case.run(&mut gpu, false);
     // The next layer's q replaces this one's: the lazy stages are gone.
     gpu.write(S::QPostRope, &case.q).unwrap();

@@ -132,7 +132,8 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
         (0..big_e).map(|x| weight(&mut store, &format!("bigdown{x}"), vec![big_h, big_i], 0.0, 0.08)).collect();
     let store = Arc::new(store);
     let experts: [&[WeightId]; 4] = [&ups, &downs, &big_ups, &big_downs];
-    let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, CudaPrecision::F32).unwrap();
+    let mut gpu =
+        CudaBackend::with_weights(store.clone(), &experts, 0, CudaPrecision::F32, &Default::default()).unwrap();
     gpu.set_poison(true);
     let mut pair =
         Pair { cpu: CpuBackend::new(store, Some(2)).unwrap(), gpu, rows: Vec::new(), failures: 0, bf16: false };
@@ -306,7 +307,8 @@ fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
         (0..big_e).map(|x| weight_bf16(&mut store, &format!("bigdown{x}"), vec![big_h, big_i], 0.0, 0.08)).collect();
     let store = Arc::new(store);
     let experts: [&[WeightId]; 4] = [&ups, &downs, &big_ups, &big_downs];
-    let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, CudaPrecision::Bf16).unwrap();
+    let mut gpu =
+        CudaBackend::with_weights(store.clone(), &experts, 0, CudaPrecision::Bf16, &Default::default()).unwrap();
     gpu.set_poison(true);
     let mut pair =
         Pair { cpu: CpuBackend::new(store, Some(2)).unwrap(), gpu, rows: Vec::new(), failures: 0, bf16: true };

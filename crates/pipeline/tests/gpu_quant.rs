@@ -196,7 +196,7 @@ fn quantized_projections_match_the_cpu_backend_on_awkward_sizes() {
     let mut failures = Vec::new();
     for (precision, tolerance) in [(CudaPrecision::F32, 1e-6), (CudaPrecision::Bf16, 1e-2)] {
         let experts: [&[WeightId]; 4] = [&gates, &ups, &downs, &q8s];
-        let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, precision).unwrap();
+        let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, precision, &Default::default()).unwrap();
         gpu.set_poison(true);
         let mut cpu = CpuBackend::new(store.clone(), Some(2)).unwrap();
         for t in [3usize, 40] {

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use capture::bisect::{BisectConfig, BisectOptions, bisect};
 use clap::Args;
 
+use crate::progress::Progress;
+
 /// Arguments of `moetrace bisect`.
 #[derive(Args, Debug)]
 pub struct BisectArgs {
@@ -49,13 +51,16 @@ pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
     if let Some(path) = &args.html {
         super::report::check_html_path(path)?;
     }
-    let options = BisectOptions { tolerances, all: args.all, local: args.local };
-    let quiet = args.quiet;
+    let options = BisectOptions { tolerances, all: args.all, local: args.local, meter: Default::default() };
+    let mut progress = Progress::new(!args.quiet, 1);
+    progress.stage("loading the model, running both sides");
+    progress.loading(options.meter.clone());
     let report = bisect(&config, &args.config, &options, &mut |step, scope| {
-        if !quiet {
-            crate::say!("compared step {step} {scope}");
-        }
+        progress.stage(&format!("compared step {step} {scope}"));
+        progress.line(&format!("compared step {step} {scope}"));
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| e.to_string());
+    progress.clear();
+    let report = report?;
     super::print_report(&report, args.json, args.all, args.html.as_deref())
 }

@@ -29,6 +29,7 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     config.faults.extend(super::parse_faults(&args.faults)?);
     let mut progress = Progress::new(!args.quiet, config.step_count());
     let output = capture::run(&config, &args.config, &mut |event| match event {
+        RunEvent::Loading(meter) => progress.loading(meter),
         RunEvent::ModelLoaded { description, elapsed } => {
             progress.line(&format!("model: {description} (loaded in {:.2} s)", elapsed.as_secs_f64()));
             progress.stage("setting up the backend");

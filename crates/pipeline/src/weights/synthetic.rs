@@ -17,6 +17,7 @@ use super::gguf::GgmlType;
 use super::{BlockRecipe, SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
+use crate::load_meter::LoadMeter;
 use crate::model::{TensorRole, TensorSpec, tensor_specs};
 
 /// A named synthetic architecture.
@@ -194,8 +195,9 @@ impl SyntheticPreset {
 
     /// Generates every tensor of `config` (as bf16, or blocks for a
     /// quantized preset), after checking it fits in memory.
-    pub fn generate(&self, config: &ModelConfig, seed: u64) -> Result<WeightStore> {
-        generate(config, seed, self.name, self.quantized)
+    /// `meter` counts the bytes made.
+    pub fn generate(&self, config: &ModelConfig, seed: u64, meter: &LoadMeter) -> Result<WeightStore> {
+        generate(config, seed, self.name, self.quantized, meter)
     }
 
     /// Every tensor of `config`, not materialised: each is computed where
@@ -207,10 +209,10 @@ impl SyntheticPreset {
 
 /// Generates all tensors `config` implies, as bf16, from `seed`.
 pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<WeightStore> {
-    generate(config, seed, label, false)
+    generate(config, seed, label, false, &LoadMeter::default())
 }
 
-fn generate(config: &ModelConfig, seed: u64, label: &str, quantized: bool) -> Result<WeightStore> {
+fn generate(config: &ModelConfig, seed: u64, label: &str, quantized: bool, meter: &LoadMeter) -> Result<WeightStore> {
     let recipes = recipes(config, seed, quantized);
     let need: usize = recipes.iter().map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product())).sum();
     if let Some(available) = available_memory_bytes() {
@@ -224,6 +226,7 @@ fn generate(config: &ModelConfig, seed: u64, label: &str, quantized: bool) -> Re
             });
         }
     }
+    meter.begin("generating synthetic weights", need as u64);
     let mut store = WeightStore::default();
     for (spec, recipe) in recipes {
         let numel: usize = spec.shape.iter().product();
@@ -231,7 +234,10 @@ fn generate(config: &ModelConfig, seed: u64, label: &str, quantized: bool) -> Re
             Recipe::Blocks(r) => {
                 let mut bytes = vec![0u8; WeightDtype::Quant(r.kind).bytes_for(numel)];
                 let chunk = r.block_bytes() * 256;
-                bytes.par_chunks_mut(chunk).enumerate().for_each(|(i, out)| r.fill(i as u64 * 256, out));
+                bytes.par_chunks_mut(chunk).enumerate().for_each(|(i, out)| {
+                    r.fill(i as u64 * 256, out);
+                    meter.advance(out.len() as u64);
+                });
                 store.insert(WeightTensor::owned(spec.name, WeightDtype::Quant(r.kind), spec.shape, bytes));
                 continue;
             }
@@ -243,6 +249,7 @@ fn generate(config: &ModelConfig, seed: u64, label: &str, quantized: bool) -> Re
             for (j, pair) in out.chunks_exact_mut(2).enumerate() {
                 pair.copy_from_slice(&recipe.value((first + j) as u64).to_bits().to_le_bytes());
             }
+            meter.advance(out.len() as u64);
         });
         store.insert(WeightTensor::owned(spec.name, WeightDtype::Bf16, spec.shape, bytes));
     }
@@ -374,7 +381,8 @@ mod tests {
     fn on_demand_tensors_read_exactly_as_materialised_ones() {
         let preset = SyntheticPreset::by_name("tiny-moe").unwrap();
         let config = preset.config(Some(1)).unwrap();
-        let (made, lazy) = (preset.generate(&config, 3).unwrap(), synthetic_store_on_demand(&config, 3));
+        let (made, lazy) =
+            (preset.generate(&config, 3, &LoadMeter::default()).unwrap(), synthetic_store_on_demand(&config, 3));
         assert_eq!(made.tensors().len(), lazy.tensors().len());
         assert_eq!(made.total_bytes(), lazy.total_bytes());
         for (a, b) in made.tensors().iter().zip(lazy.tensors()) {
@@ -391,9 +399,9 @@ mod tests {
     #[test]
     fn weights_depend_on_seed_and_name_but_not_on_layer_count() {
         let preset = SyntheticPreset::by_name("tiny-moe").unwrap();
-        let full = preset.generate(&preset.config(None).unwrap(), 7).unwrap();
-        let cut = preset.generate(&preset.config(Some(1)).unwrap(), 7).unwrap();
-        let other = preset.generate(&preset.config(Some(1)).unwrap(), 8).unwrap();
+        let full = preset.generate(&preset.config(None).unwrap(), 7, &LoadMeter::default()).unwrap();
+        let cut = preset.generate(&preset.config(Some(1)).unwrap(), 7, &LoadMeter::default()).unwrap();
+        let other = preset.generate(&preset.config(Some(1)).unwrap(), 8, &LoadMeter::default()).unwrap();
         let name = "model.layers.0.self_attn.q_proj.weight";
         let get = |s: &WeightStore| s.get(s.id(name).unwrap()).to_f32_vec();
         assert_eq!(get(&full), get(&cut));
@@ -405,7 +413,7 @@ mod tests {
     fn the_q4km_presets_hold_blocks_read_the_same_on_demand_and_weigh_what_a_q4km_file_does() {
         let preset = SyntheticPreset::by_name("tiny-moe-q4km").unwrap();
         let config = preset.config(None).unwrap();
-        let (made, lazy) = (preset.generate(&config, 3).unwrap(), preset.on_demand(&config, 3));
+        let (made, lazy) = (preset.generate(&config, 3, &LoadMeter::default()).unwrap(), preset.on_demand(&config, 3));
         let kind = |s: &WeightStore, name: &str| s.get(s.id(name).unwrap()).dtype;
         let layer = "model.layers.1.";
         assert_eq!(kind(&made, &format!("{layer}self_attn.q_proj.weight")), WeightDtype::Quant(GgmlType::Q4_K));

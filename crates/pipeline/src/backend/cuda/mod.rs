@@ -166,26 +166,30 @@ impl CudaBackend {
     /// f32 or as bf16 depending on `precision`; each MoE layer's experts go
     /// up stacked (`[E, n, k]` per projection) and nowhere else.
     pub fn new(model: &crate::Model, ordinal: usize, precision: CudaPrecision) -> Result<Self> {
-        let expert_lists: Vec<&[WeightId]> = model
-            .layers
-            .iter()
-            .filter_map(|l| match &l.mlp {
-                crate::model::MlpWeights::Moe(m) => Some([&m.gate[..], &m.up[..], &m.down[..]]),
-                crate::model::MlpWeights::Dense { .. } => None,
-            })
-            .flatten()
-            .collect();
-        Self::with_weights(model.store.clone(), &expert_lists, ordinal, precision)
+        Self::new_metered(model, ordinal, precision, &crate::LoadMeter::default())
+    }
+
+    /// Like [`CudaBackend::new`], with `meter` counting the bytes of
+    /// weights placed on the device (read, converted and uploaded).
+    pub fn new_metered(
+        model: &crate::Model,
+        ordinal: usize,
+        precision: CudaPrecision,
+        meter: &crate::LoadMeter,
+    ) -> Result<Self> {
+        Self::with_weights(model.store.clone(), &model.expert_lists(), ordinal, precision, meter)
     }
 
     /// Like [`CudaBackend::new`] for any weight store: `expert_lists` are
     /// the expert sets (each the per-expert ids of one projection of one
-    /// MoE layer) that `expert_linear` will be called with.
+    /// MoE layer) that `expert_linear` will be called with; `meter` counts
+    /// the bytes placed on the device.
     pub fn with_weights(
         store: Arc<WeightStore>,
         expert_lists: &[&[WeightId]],
         ordinal: usize,
         precision: CudaPrecision,
+        meter: &crate::LoadMeter,
     ) -> Result<Self> {
         let build = kernels_cuda::KernelBuild { round_bf16: precision == CudaPrecision::Bf16 };
         let device = GpuDevice::open_with(ordinal, build).map_err(kernel_error)?;
@@ -195,6 +199,8 @@ impl CudaBackend {
         device.compile_all().map_err(kernel_error)?;
         let experts: std::collections::HashSet<WeightId> =
             expert_lists.iter().flat_map(|l| l.iter().copied()).collect();
+        let total: usize = store.tensors().iter().map(|t| device_bytes(t, precision)).sum();
+        meter.begin("placing weights on the device", total as u64);
         let mut weights = HashMap::new();
         for (i, t) in store.tensors().iter().enumerate() {
             let id = WeightId(i as u32);
@@ -208,6 +214,7 @@ impl CudaBackend {
                         w
                     }
                 };
+                meter.advance(device_bytes(t, precision) as u64);
                 weights.insert(id, w);
             }
         }
@@ -230,11 +237,16 @@ impl CudaBackend {
                 )));
             }
             let data = match kept_quantized(first) {
-                Some(kind) => upload_quantized(&device, &parts, kind, &what)?,
+                Some(kind) => {
+                    let data = upload_quantized(&device, &parts, kind, &what)?;
+                    meter.advance(parts.iter().map(|t| device_bytes(t, precision) as u64).sum());
+                    data
+                }
                 None => {
                     let mut data = alloc_weight(&device, precision, per_expert * list.len(), &what)?;
                     for (e, t) in parts.iter().enumerate() {
                         fill_weight(&device, &mut data, e * per_expert, t, &what)?;
+                        meter.advance(device_bytes(t, precision) as u64);
                     }
                     data
                 }
