@@ -220,10 +220,12 @@ pub fn bisect(
         None => None,
     };
     let make = |spec: &BackendSpec, session: Option<&CaptureSession>| -> Result<Side> {
-        let backend = build_backend(spec, config.threads, &model, path, &options.meter)?;
-        // Bisect reads stages between operations: scores counted as kept.
-        let bytes = crate::config::run_bytes(&model.config, config.tokens().len(), config.generate, true);
-        backend.check_run_memory(bytes)?;
+        let mut backend = build_backend(spec, config.threads, &model, path, &options.meter)?;
+        if let Some(device) = backend.device_setup() {
+            // Bisect reads stages between operations: scores counted as kept.
+            let bytes = crate::config::run_bytes(&model.config, config.tokens().len(), config.generate, true);
+            device.check_run_memory(bytes)?;
+        }
         let name = (backend.name(), backend.dtype());
         let mut forward = Forward::new(&model, backend);
         if let Some(session) = session {

@@ -178,17 +178,20 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     let backend_start = Instant::now();
     let mut backend = build_backend(&config.backend, config.threads, &model, config_path, &meter)?;
     let prompt_len = config.prompt_tokens().len();
-    // The prompt's scores stay in memory unless attention is fused and no
-    // capture reads them.
-    let scores = !backend.fuses_attention(prompt_len, model.config.head_dim)
-        || session.as_ref().is_some_and(CaptureSession::captures_prompt_attention);
-    backend.check_run_memory(crate::config::run_bytes(&model.config, prompt_len, config.generate, scores))?;
-    backend.warm_up(config.prompt_tokens().len())?;
-    if let Some(session) = &session {
-        backend.reserve_capture(&session.reserve_elements(&model.config, config.prompt_tokens().len()))?;
+    let mut setup = String::new();
+    if let Some(device) = backend.device_setup() {
+        // The prompt's scores stay in memory unless attention is fused and
+        // no capture reads them.
+        let scores = !device.fuses_attention(prompt_len, model.config.head_dim)
+            || session.as_ref().is_some_and(CaptureSession::captures_prompt_attention);
+        device.check_run_memory(crate::config::run_bytes(&model.config, prompt_len, config.generate, scores))?;
+        device.warm_up(prompt_len)?;
+        if let Some(session) = &session {
+            device.reserve_capture(&session.reserve_elements(&model.config, prompt_len))?;
+        }
+        setup = device.setup_note().map(|n| format!("; {n}")).unwrap_or_default();
     }
     let (backend_name, backend_dtype) = (backend.name().to_string(), backend.dtype().to_string());
-    let setup = backend.setup_note().map(|n| format!("; {n}")).unwrap_or_default();
     on_event(RunEvent::BackendReady {
         description: format!("{backend_name} {backend_dtype} ({}{setup})", config.backend),
         elapsed: backend_start.elapsed(),
@@ -225,7 +228,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
     })?;
     let forward_time = start.elapsed();
     let last_logits = forward.backend_mut().read(SaveTensorStage::LmHead)?;
-    let graph_replays = forward.backend_mut().graph_replays();
+    let graph_replays = forward.backend_mut().recorder().map_or(0, |r| r.graph_replays());
     // The world holds the last sender; the writer finishes once it is gone.
     drop(forward);
 

@@ -8,11 +8,11 @@
 //! from the scope's last run, they say which slots they would read at each
 //! scope's end, without reading anything. The backend copies those slots
 //! itself at each scope's end, or records the copies inside the step
-//! ([`crate::Backend::set_step_reads`], [`crate::Backend::record_scope_reads`]); after the
+//! ([`crate::backend::StepRecorder::set_step_reads`], [`crate::backend::StepRecorder::record_scope_reads`]); after the
 //! step (each replay) the observers run for every scope, as they would have
 //! after the scope, and their reads are answered from the copies. A replay
 //! is launched before the probe, which then runs while the device computes
-//! the step ([`crate::Backend::keep_replay`]); a step whose reads differ
+//! the step ([`crate::backend::StepRecorder::keep_replay`]); a step whose reads differ
 //! from the recording's is begun again and recorded anew. Stage
 //! observers, amenders and teacher forcing still keep every step eager:
 //! they act between stages.
@@ -21,9 +21,9 @@ use std::time::{Duration, Instant};
 
 use stage_types::SaveTensorStage;
 
-use crate::backend::StepGraph;
+use crate::backend::{StepGraph, StepRecorder};
 use crate::ecs::{ObserverProbe, ObserversEnabled, StageLog};
-use crate::error::Result;
+use crate::error::{PipelineError, Result};
 use crate::forward::{Forward, ForwardEvent, StepScope};
 use crate::teacher::Teacher;
 
@@ -43,16 +43,24 @@ impl Forward {
         start_position: usize,
         on_event: &mut dyn FnMut(ForwardEvent),
     ) -> Result<()> {
+        if self.backend_mut().recorder().is_none() {
+            self.begin_step(step, tokens, start_position)?;
+            on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
+            let t = Instant::now();
+            let ran = self.run_scopes(step, on_event);
+            self.time(if tokens.len() > 1 { Phase::Prompt } else { Phase::Eager }, t);
+            return ran;
+        }
         let armed = {
             let teacher = self.world.resource::<Teacher>();
             teacher.record || !teacher.forced.is_empty()
         };
         if !self.hooked && !armed {
-            self.backend_mut().allow_step_graph();
+            self.recorder()?.allow_step_graph();
         }
         self.begin_step(step, tokens, start_position)?;
         on_event(ForwardEvent::StepStarted { step, start_position, tokens: tokens.len() });
-        let mut plan = self.backend_mut().step_graph();
+        let mut plan = self.recorder()?.step_graph();
         // What the observers read, when a replay launched ahead has probed it.
         let mut probed = None;
         if plan == StepGraph::Replay {
@@ -61,24 +69,24 @@ impl Forward {
             // the recording copies (every step, for a selection that does
             // not change with the step), the probe cost the step nothing.
             let t = Instant::now();
-            self.backend_mut().replay_step()?;
+            self.recorder()?.replay_step()?;
             self.time(Phase::Launch, t);
             let t = Instant::now();
             let reads = self.probe_reads()?;
             self.time(Phase::Probe, t);
-            if self.backend_mut().keep_replay(reads.as_deref())? {
+            if self.recorder()?.keep_replay(reads.as_deref())? {
                 return self.observe_replay(step, on_event);
             }
             // The observers read other stages than the recording copies:
             // the step runs again, recorded for what they read.
             if !self.hooked && !armed {
-                self.backend_mut().allow_step_graph();
+                self.recorder()?.allow_step_graph();
             }
             self.begin_step(step, tokens, start_position)?;
-            plan = self.backend_mut().step_graph();
+            plan = self.recorder()?.step_graph();
             probed = Some(reads);
         }
-        let eager_gathers = self.scope_observed && self.backend_mut().can_gather_reads();
+        let eager_gathers = self.scope_observed && self.recorder()?.can_gather_reads();
         if plan != StepGraph::Eager || eager_gathers {
             let reads = match probed {
                 Some(reads) => reads,
@@ -90,10 +98,10 @@ impl Forward {
                 }
             };
             let t = Instant::now();
-            plan = self.backend_mut().set_step_reads(reads.as_deref())?;
+            plan = self.recorder()?.set_step_reads(reads.as_deref())?;
             self.time(Phase::Plan, t);
         }
-        let gathered = self.backend_mut().gathers_reads();
+        let gathered = self.recorder()?.gathers_reads();
         let t = Instant::now();
         match plan {
             StepGraph::Eager => {
@@ -107,9 +115,9 @@ impl Forward {
             }
             StepGraph::Replay => self.replay(step, on_event),
             StepGraph::Capture => {
-                self.backend_mut().begin_graph_capture()?;
+                self.recorder()?.begin_graph_capture()?;
                 let ran = self.run_scopes_gathering(step, &mut |_| {});
-                let recorded = self.backend_mut().end_graph_capture(ran.err().map(|e| e.to_string()))?;
+                let recorded = self.recorder()?.end_graph_capture(ran.err().map(|e| e.to_string()))?;
                 self.time(Phase::Record, t);
                 if recorded {
                     return self.replay(step, on_event);
@@ -120,6 +128,15 @@ impl Forward {
                 self.run_scopes(step, on_event)
             }
         }
+    }
+
+    /// The backend's step recorder (only asked for once `step` has seen
+    /// that the backend has one).
+    fn recorder(&mut self) -> Result<&mut dyn StepRecorder> {
+        let name = self.backend_mut().name();
+        self.backend_mut()
+            .recorder()
+            .ok_or_else(|| PipelineError::BadInput(format!("the {name} backend records no steps")))
     }
 
     fn run_scopes(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
@@ -141,7 +158,7 @@ impl Forward {
             for scope in self.scopes() {
                 self.run_scope(scope)?;
                 let index = self.scope_index(scope);
-                self.backend_mut().record_scope_reads(index)?;
+                self.recorder()?.record_scope_reads(index)?;
                 if let StepScope::Layer(layer) = scope {
                     on_event(ForwardEvent::LayerDone { step, layer, layers: self.layers.len() });
                 }
@@ -156,7 +173,7 @@ impl Forward {
     /// what the recording copied.
     fn replay(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {
         let t = Instant::now();
-        self.backend_mut().replay_step()?;
+        self.recorder()?.replay_step()?;
         self.time(Phase::Launch, t);
         self.observe_replay(step, on_event)
     }
@@ -176,8 +193,8 @@ impl Forward {
     /// their reads answered from the copies.
     fn observe_gathered(&mut self) -> Result<()> {
         let t = Instant::now();
-        let observed = self.backend_mut().observe_step_reads().and_then(|()| self.observe_replayed());
-        let landed = self.backend_mut().end_step_reads();
+        let observed = self.recorder()?.observe_step_reads().and_then(|()| self.observe_replayed());
+        let landed = self.recorder()?.end_step_reads();
         self.time(Phase::Observe, t);
         observed.and(landed)
     }

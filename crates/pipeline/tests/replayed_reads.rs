@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use pipeline::backend::{AttentionShape, QkNormArgs, RopeArgs, Slot, StepGraph};
+use pipeline::backend::{AttentionShape, QkNormArgs, RopeArgs, Slot, StepGraph, StepRecorder};
 use pipeline::ecs::ForwardSchedule;
 use pipeline::weights::WeightId;
 use pipeline::{Backend, CpuBackend, Forward, HookCtx, HostTensor, Model, PendingTensor, Result};
@@ -79,6 +79,87 @@ impl Backend for Recording {
         };
         self.inner.begin_step(tokens, start_position)
     }
+    fn read_async(&mut self, slot: Slot) -> Result<PendingTensor> {
+        let Some(cursor) = self.cursor.as_mut() else {
+            return self.inner.read(slot).map(PendingTensor::ready);
+        };
+        let (tapped, t) = &self.taps[*cursor];
+        assert_eq!(*tapped, slot, "replayed reads come in the recorded order");
+        *cursor += 1;
+        Ok(PendingTensor::ready(t.clone()))
+    }
+    fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
+        self.inner.embedding(table, out)
+    }
+    fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
+        self.inner.rms_norm(input, weight, eps, out)
+    }
+    fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
+        self.inner.linear(input, weights, out)
+    }
+    fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
+        self.inner.add_bias(input, biases, out)
+    }
+    fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
+        self.inner.qk_norm(input, args, out)
+    }
+    fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
+        self.inner.rope(input, args, out)
+    }
+    fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
+        self.inner.append_kv(layer, k, v, v_col)
+    }
+    fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
+        self.inner.attn_scores(layer, q, shape, out)
+    }
+    fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
+        self.inner.attn_softmax(scores, out)
+    }
+    fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
+        self.inner.attention(layer, probs, shape, out)
+    }
+    fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
+        self.inner.add(a, b, out)
+    }
+    fn silu(&mut self, input: Slot, out: Slot) -> Result<()> {
+        self.inner.silu(input, out)
+    }
+    fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
+        self.inner.mul(a, b, out)
+    }
+    fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()> {
+        self.inner.swiglu(gate, up, out)
+    }
+    fn router_top_k(&mut self, logits: Slot, k: usize, norm: bool, weights: Slot, indices: Slot) -> Result<()> {
+        self.inner.router_top_k(logits, k, norm, weights, indices)
+    }
+    fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
+        self.inner.expert_linear(input, indices, experts, out)
+    }
+    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
+        self.inner.moe_combine(expert_out, weights, out)
+    }
+    fn read(&mut self, slot: Slot) -> Result<HostTensor> {
+        self.inner.read(slot)
+    }
+    fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()> {
+        self.inner.write(slot, tensor)
+    }
+    fn kv_cache(&mut self, layer: usize) -> Result<(HostTensor, HostTensor)> {
+        self.inner.kv_cache(layer)
+    }
+    fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()> {
+        self.inner.set_kv_cache(layer, keys, values)
+    }
+    fn argmax_last_row(&mut self, slot: Slot) -> Result<u32> {
+        self.inner.argmax_last_row(slot)
+    }
+    fn recorder(&mut self) -> Option<&mut dyn StepRecorder> {
+        Some(self)
+    }
+}
+
+impl StepRecorder for Recording {
     fn allow_step_graph(&mut self) {
         self.allowed = true;
     }
@@ -149,85 +230,19 @@ impl Backend for Recording {
     fn graph_replays(&self) -> usize {
         self.counts.lock().unwrap().replays
     }
-    fn read_async(&mut self, slot: Slot) -> Result<PendingTensor> {
-        let Some(cursor) = self.cursor.as_mut() else {
-            return self.inner.read(slot).map(PendingTensor::ready);
-        };
-        let (tapped, t) = &self.taps[*cursor];
-        assert_eq!(*tapped, slot, "replayed reads come in the recorded order");
-        *cursor += 1;
-        Ok(PendingTensor::ready(t.clone()))
-    }
     fn end_step_reads(&mut self) -> Result<()> {
         let read = self.cursor.take().expect("after a replay");
         assert_eq!(read, self.taps.len(), "every recorded copy was read");
         Ok(())
     }
-    fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
-        self.inner.embedding(table, out)
+    fn can_gather_reads(&self) -> bool {
+        false
     }
-    fn rms_norm(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
-        self.inner.rms_norm(input, weight, eps, out)
+    fn gathers_reads(&self) -> bool {
+        self.plan != StepGraph::Eager
     }
-    fn linear(&mut self, input: Slot, weights: &[WeightId], out: Slot) -> Result<()> {
-        self.inner.linear(input, weights, out)
-    }
-    fn add_bias(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
-        self.inner.add_bias(input, biases, out)
-    }
-    fn qk_norm(&mut self, input: Slot, args: QkNormArgs, out: Slot) -> Result<()> {
-        self.inner.qk_norm(input, args, out)
-    }
-    fn rope(&mut self, input: Slot, args: RopeArgs, out: Slot) -> Result<()> {
-        self.inner.rope(input, args, out)
-    }
-    fn append_kv(&mut self, layer: usize, k: Slot, v: Slot, v_col: usize) -> Result<()> {
-        self.inner.append_kv(layer, k, v, v_col)
-    }
-    fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        self.inner.attn_scores(layer, q, shape, out)
-    }
-    fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
-        self.inner.attn_softmax(scores, out)
-    }
-    fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        self.inner.attention(layer, probs, shape, out)
-    }
-    fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
-        self.inner.add(a, b, out)
-    }
-    fn silu(&mut self, input: Slot, out: Slot) -> Result<()> {
-        self.inner.silu(input, out)
-    }
-    fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
-        self.inner.mul(a, b, out)
-    }
-    fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()> {
-        self.inner.swiglu(gate, up, out)
-    }
-    fn router_top_k(&mut self, logits: Slot, k: usize, norm: bool, weights: Slot, indices: Slot) -> Result<()> {
-        self.inner.router_top_k(logits, k, norm, weights, indices)
-    }
-    fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
-        self.inner.expert_linear(input, indices, experts, out)
-    }
-    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
-        self.inner.moe_combine(expert_out, weights, out)
-    }
-    fn read(&mut self, slot: Slot) -> Result<HostTensor> {
-        self.inner.read(slot)
-    }
-    fn write(&mut self, slot: Slot, tensor: &HostTensor) -> Result<()> {
-        self.inner.write(slot, tensor)
-    }
-    fn kv_cache(&mut self, layer: usize) -> Result<(HostTensor, HostTensor)> {
-        self.inner.kv_cache(layer)
-    }
-    fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()> {
-        self.inner.set_kv_cache(layer, keys, values)
-    }
-    fn argmax_last_row(&mut self, slot: Slot) -> Result<u32> {
-        self.inner.argmax_last_row(slot)
+    fn observe_step_reads(&mut self) -> Result<()> {
+        Ok(())
     }
 }
 

@@ -2,12 +2,19 @@
 //! Activations live inside the backend, one buffer per stage (the stage's
 //! output), addressed by [`SaveTensorStage`]; weights are addressed by
 //! [`WeightId`]. Systems call these methods and never ask which backend
-//! they talk to.
+//! they talk to. What only some backends can do is an optional capability
+//! they offer or not: recording steps ([`StepRecorder`]) and preparing
+//! memory of their own ([`DeviceSetup`]).
 
 pub mod contract;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod device_setup;
+pub mod recorder;
+
+pub use device_setup::DeviceSetup;
+pub use recorder::{StepGraph, StepRecorder};
 
 use stage_types::SaveTensorStage;
 
@@ -74,22 +81,6 @@ pub struct AttentionShape {
     pub head_dim: usize,
 }
 
-/// How the backend runs the step begun last: decode steps can be recorded
-/// once as a CUDA graph and replayed (same kernels, same arguments read
-/// from device memory, so the same bits).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StepGraph {
-    /// Run the stage systems, each launching its own work.
-    Eager,
-    /// Run the stage systems between [`Backend::begin_graph_capture`] and
-    /// [`Backend::end_graph_capture`]; nothing executes until the graph
-    /// is replayed.
-    Capture,
-    /// Do not run the stage systems: [`Backend::replay_step`] does the
-    /// step's work.
-    Replay,
-}
-
 /// The operations of a forward pass. Every method reads named input slots
 /// and writes one output slot (replacing its shape and contents).
 pub trait Backend: Send + Sync + 'static {
@@ -107,146 +98,23 @@ pub trait Backend: Send + Sync + 'static {
         contract::NumericContract::REFERENCE
     }
 
-    /// What setting the backend up involved worth telling apart from the
-    /// run's own time (the CUDA backend: compiling its kernels), if any.
-    fn setup_note(&self) -> Option<String> {
-        None
-    }
-
-    /// Whether a step of `rows` rows computes attention without keeping
-    /// `[nh, T, P]` scores in memory unless they are read (the CUDA
-    /// backend's fused attention); by default, no.
-    fn fuses_attention(&self, rows: usize, head_dim: usize) -> bool {
-        let _ = (rows, head_dim);
-        false
-    }
-
-    /// Checks, before a run, that `bytes` of KV caches and activations
-    /// (see [`crate::ModelConfig::forward_bytes`]) fit the memory this
-    /// backend computes in, failing with the numbers. The CPU backend's
-    /// memory is the host's, which the caller checks: by default, Ok.
-    fn check_run_memory(&self, bytes: f64) -> Result<()> {
-        let _ = bytes;
-        Ok(())
-    }
-
-    /// Prepares for capturing tensors of these element counts in one step
-    /// (the CUDA backend pins host buffers for them now, so the first step
-    /// does not pay for it). By default nothing to do.
-    fn reserve_capture(&mut self, elements: &[usize]) -> Result<()> {
-        let _ = elements;
-        Ok(())
-    }
-
-    /// Loads, before the first step, whatever the backend would otherwise
-    /// load inside it for a prompt of `prompt_tokens` (the CUDA backend:
-    /// cuBLAS's kernels for each projection shape, which it loads on first
-    /// use), so that the prefill's time is the prefill's. Changes no
-    /// result. By default nothing to do.
-    fn warm_up(&mut self, prompt_tokens: usize) -> Result<()> {
-        let _ = prompt_tokens;
-        Ok(())
-    }
-
     /// Starts a step computing `tokens` at positions `start_position..`.
     /// Truncates the KV caches to `start_position` entries; fails if they
     /// hold fewer.
     fn begin_step(&mut self, tokens: &[u32], start_position: usize) -> Result<()>;
 
-    /// Allows the next [`Backend::begin_step`] (only that one) to plan a
-    /// recorded step ([`StepGraph`]); [`crate::Forward::step`] asks when
-    /// nothing observes, amends or forces a stage. By default ignored.
-    fn allow_step_graph(&mut self) {}
-
-    /// What the step begun last does (see [`StepGraph`]). By default eager.
-    fn step_graph(&self) -> StepGraph {
-        StepGraph::Eager
+    /// The step recorder, if this backend records steps as graphs and
+    /// copies what observers read itself (see [`StepRecorder`]); None: every
+    /// step runs its stage systems eagerly.
+    fn recorder(&mut self) -> Option<&mut dyn StepRecorder> {
+        None
     }
 
-    /// Starts recording the step (after `begin_step` planned
-    /// [`StepGraph::Capture`]).
-    fn begin_graph_capture(&mut self) -> Result<()> {
-        Err(crate::PipelineError::BadInput(format!("the {} backend records no step graphs", self.name())))
-    }
-
-    /// Stops recording; `failure` is why a stage system failed while
-    /// recording, if one did. Returns whether a graph was made (then
-    /// [`Backend::replay_step`] executes the step). If not, graphs are off
-    /// from now on and the caller runs the step again eagerly (after
-    /// `begin_step`).
-    fn end_graph_capture(&mut self, failure: Option<String>) -> Result<bool> {
-        let _ = failure;
-        Ok(false)
-    }
-
-    /// For a step planned [`StepGraph::Capture`] or [`StepGraph::Replay`]:
-    /// the slots the scope observers will read at the end of each scope
-    /// (`reads[i]` for the i-th scope of [`crate::Forward::scopes`], in the
-    /// order they read them), or None when that is not known. The recorded
-    /// step copies these to the host itself, so replayed steps can be
-    /// captured. Returns how the step runs now: a recorded step that reads
-    /// other slots is recorded again (Capture), and a step whose reads
-    /// cannot be recorded runs eagerly. By default eager.
-    fn set_step_reads(&mut self, reads: Option<&[Vec<Slot>]>) -> Result<StepGraph> {
-        let _ = reads;
-        Ok(StepGraph::Eager)
-    }
-
-    /// Whether an eager step begun last could copy its scope observers'
-    /// reads itself (then [`crate::Forward::step`] probes them and calls
-    /// [`Backend::set_step_reads`] for it too). By default no.
-    fn can_gather_reads(&self) -> bool {
-        false
-    }
-
-    /// Whether the step begun last copies the planned reads itself
-    /// ([`Backend::set_step_reads`]): then the stage systems run with the
-    /// observers off, [`Backend::record_scope_reads`] after each scope, and
-    /// the observers after the step, their reads answered from the copies.
-    /// Always so for a recorded or replayed step. By default no.
-    fn gathers_reads(&self) -> bool {
-        self.step_graph() != StepGraph::Eager
-    }
-
-    /// Scope `scope` (index as in [`Backend::set_step_reads`]) has run (or
-    /// been recorded): copies the slots its observers read. By default
-    /// nothing to do.
-    fn record_scope_reads(&mut self, scope: usize) -> Result<()> {
-        let _ = scope;
-        Ok(())
-    }
-
-    /// The step has run (or its replay was launched): the observers' reads
-    /// come next, in the order of [`Backend::set_step_reads`], answered from
-    /// the copies. By default nothing to do.
-    fn observe_step_reads(&mut self) -> Result<()> {
-        Ok(())
-    }
-
-    /// The observers have read: the backend lands their reads once the step
-    /// has finished. By default nothing to do.
-    fn end_step_reads(&mut self) -> Result<()> {
-        Ok(())
-    }
-
-    /// After [`Self::replay_step`] was launched ahead of the probe: whether
-    /// the recording copies exactly `reads` (what the scope observers will
-    /// read; None: not known), so the replay stands. If not, the backend
-    /// lets the launched replay finish and forgets its copies, and the
-    /// caller begins the step again. By default, no.
-    fn keep_replay(&mut self, reads: Option<&[Vec<Slot>]>) -> Result<bool> {
-        let _ = reads;
-        Ok(false)
-    }
-
-    /// How many steps so far were replayed from a recorded graph.
-    fn graph_replays(&self) -> usize {
-        0
-    }
-
-    /// Executes the recorded step for the step begun last.
-    fn replay_step(&mut self) -> Result<()> {
-        Err(crate::PipelineError::BadInput(format!("the {} backend records no step graphs", self.name())))
+    /// Preparation of the backend's own memory before a run, if it computes
+    /// in memory of its own (see [`DeviceSetup`]); None: it computes in the
+    /// host's, which the caller checks.
+    fn device_setup(&mut self) -> Option<&mut dyn DeviceSetup> {
+        None
     }
 
     /// `out[t] = table[tokens[t]]`.

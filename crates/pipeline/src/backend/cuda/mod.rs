@@ -22,6 +22,7 @@ use crate::error::{PipelineError, Result};
 use crate::weights::{WeightId, WeightStore};
 
 mod attention;
+mod capabilities;
 mod deferred;
 mod eager_reads;
 mod elementwise;

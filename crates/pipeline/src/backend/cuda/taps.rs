@@ -2,7 +2,7 @@
 //!
 //! Before a step is recorded, [`crate::Forward`] says which slots the
 //! scope observers will read at the end of each scope
-//! ([`crate::backend::Backend::set_step_reads`]). The recording then ends
+//! ([`crate::backend::StepRecorder::set_step_reads`]). The recording then ends
 //! with `gather_words` kernels (kernels-cuda's gather.rs, one launch per 32
 //! reads) that copy those slots into a device arena: each read at a fixed
 //! offset, with room for the slot's whole buffer (attention scores are
