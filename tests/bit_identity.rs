@@ -63,7 +63,8 @@ fn every_captured_tensor_has_the_shape_the_model_config_predicts() {
         // The element counts planned for steps 0, 1 and 2 name exactly the
         // tensors those steps captured, and the reserve holds all three.
         let session =
-            capture::session::CaptureSession::start(config.capture.as_ref().unwrap(), &dir.join("plan")).unwrap();
+            capture::session::CaptureSession::start(config.session.capture.as_ref().unwrap(), &dir.join("plan"))
+                .unwrap();
         for (step, tokens, positions) in [(0, 5, 5), (1, 1, 6), (2, 1, 7)] {
             let mut planned = session.step_elements(&model.config, step, tokens, positions);
             let mut captured: Vec<usize> = capture

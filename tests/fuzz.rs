@@ -99,7 +99,7 @@ fn text(bytes: &[u8]) -> String {
 
 fn run_config(bytes: &[u8]) -> bool {
     let Ok(c) = capture::RunConfig::parse(&text(bytes), Path::new("fuzz/run.ron")) else { return false };
-    let _ = (c.prompt_tokens().len(), c.step_count(), format!("{:?}", c.faults));
+    let _ = (c.prompt_tokens().len(), c.step_count(), format!("{:?}", c.session.faults));
     true
 }
 

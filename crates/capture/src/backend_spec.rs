@@ -4,6 +4,7 @@
 
 use std::fmt;
 
+use pipeline::backend::contract::{NumericContract, Precision};
 use serde::Deserialize;
 
 /// Activation precision of the CUDA backend.
@@ -53,13 +54,27 @@ fn graphs_on() -> bool {
 }
 
 impl CudaDtype {
-    /// The numeric contract of the CUDA backend at this precision.
-    pub fn contract(self) -> pipeline::backend::contract::NumericContract {
-        use pipeline::backend::contract::{NumericContract, Precision};
-        NumericContract::cuda(match self {
+    /// The precision this names (the one mapping from config to pipeline).
+    pub fn precision(self) -> Precision {
+        match self {
             CudaDtype::F32 => Precision::F32,
             CudaDtype::Bf16 => Precision::Bf16,
-        })
+        }
+    }
+
+    /// The numeric contract of the CUDA backend at this precision.
+    pub fn contract(self) -> NumericContract {
+        NumericContract::cuda(self.precision())
+    }
+
+    /// The CUDA backend's precision setting for this dtype.
+    #[cfg(feature = "cuda")]
+    pub fn cuda_precision(self) -> pipeline::backend::cuda::CudaPrecision {
+        use pipeline::backend::cuda::CudaPrecision;
+        match self.precision() {
+            Precision::F32 => CudaPrecision::F32,
+            Precision::Bf16 => CudaPrecision::Bf16,
+        }
     }
 }
 
@@ -67,6 +82,15 @@ impl BackendSpec {
     /// Whether this is a CUDA backend.
     pub fn is_cuda(&self) -> bool {
         matches!(self, BackendSpec::Cuda { .. })
+    }
+
+    /// The activation dtype this backend computes in, as tolerances name
+    /// it (`f32`, `bf16`).
+    pub fn activation_dtype(&self) -> &'static str {
+        match self {
+            BackendSpec::Cpu | BackendSpec::CpuLlamaCpp => "f32",
+            BackendSpec::Cuda { dtype, .. } | BackendSpec::CpuEmulating(dtype) => dtype.precision().name(),
+        }
     }
 }
 

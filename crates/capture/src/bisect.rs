@@ -28,94 +28,16 @@ use compare::expected::{RATIO_THRESHOLD, judge_accumulated, mark_findings};
 use compare::scope::ExpertIds;
 use compare::{ExpectedTensors, Graft, Mode, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
 use pipeline::backend::contract::NumericContract;
-use pipeline::{CpuBackend, Forward, HostTensor, LoadMeter, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
-use serde::Deserialize;
+use pipeline::{Forward, HostTensor, LoadMeter, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
 use stage_types::SaveTensorStage as S;
 
-use crate::config::{
-    BackendSpec, CaptureSpec, ModelSpec, PromptSpec, ResolvedPrompt, check_prompt_vocabulary, check_run_size,
-    check_threads, parse_ron, read_config, resolve_paths, resolve_tokenizer_path,
-};
-use crate::error::{CaptureError, Result};
+use crate::error::Result;
 use crate::faults::{FaultSpec, attach_faults};
-use crate::prompt::TokenizerSpec;
-use crate::replay::{Replay, RoutingSpec};
-use crate::run::{build_backend, load_model};
+use crate::replay::Replay;
 use crate::session::{CaptureSession, RunRecord};
-
-/// A bisect config: the run config with `reference` and `target` in place
-/// of `backend`; `faults` apply to the target.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BisectConfig {
-    /// The model.
-    pub model: ModelSpec,
-    /// The prompt.
-    pub prompt: PromptSpec,
-    /// The tokenizer of a text prompt (default: the checkpoint's).
-    #[serde(default)]
-    pub tokenizer: Option<TokenizerSpec>,
-    /// The prompt as token ids (filled when the config is parsed).
-    #[serde(skip)]
-    pub resolved: ResolvedPrompt,
-    /// Greedy tokens after the prompt (default 0).
-    #[serde(default, deserialize_with = "crate::config::whole_number")]
-    pub generate: usize,
-    /// The reference backend.
-    pub reference: BackendSpec,
-    /// The target backend.
-    pub target: BackendSpec,
-    /// CPU threads (default all cores).
-    #[serde(default)]
-    pub threads: Option<usize>,
-    /// Faults injected into the target.
-    #[serde(default)]
-    pub faults: Vec<FaultSpec>,
-    /// Optional capture of both runs, to `<out_dir>/reference` and
-    /// `<out_dir>/target` (what ran: up to the first divergence unless
-    /// `--all`; in local mode the target's own outputs on the reference's
-    /// inputs).
-    #[serde(default)]
-    pub capture: Option<CaptureSpec>,
-    /// Free running (accumulated errors) or local (teacher-forced).
-    #[serde(default)]
-    pub mode: BisectMode,
-    /// The target's routing: its own (default) or `Replay("capture dir")`.
-    #[serde(default)]
-    pub routing: RoutingSpec,
-}
-
-/// How the target runs beside the reference.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum BisectMode {
-    /// On its own outputs: errors accumulate; stop at the first divergence.
-    #[default]
-    Free,
-    /// Teacher-forced after every stage: each stage's own error, every
-    /// stage of every step, outliers scored.
-    Local,
-}
-
-impl BisectConfig {
-    /// Reads and parses a bisect config, resolving paths against its folder.
-    pub fn load(path: &Path) -> Result<Self> {
-        Self::parse(&read_config(path)?, path)
-    }
-
-    /// Parses RON text (file:line:col on errors).
-    pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let mut config: BisectConfig = parse_ron(text, path)?;
-        resolve_paths(path, &mut config.model, config.capture.as_mut(), &mut config.routing)?;
-        check_threads(path, config.threads)?;
-        resolve_tokenizer_path(path, config.tokenizer.as_mut())?;
-        config.resolved = config.prompt.resolve(config.tokenizer.as_ref(), &config.model, path)?;
-        Ok(config)
-    }
-
-    fn tokens(&self) -> &[u32] {
-        &self.resolved.ids
-    }
-}
+use crate::session_builder::{Session, model_source};
+use crate::spec::BackendSpec;
+pub use crate::spec::{BisectConfig, BisectMode};
 
 /// Options of a bisect run.
 #[derive(Debug, Clone, Default)]
@@ -191,88 +113,55 @@ pub fn bisect(
     options: &BisectOptions,
     on_scope: &mut dyn FnMut(usize, String),
 ) -> Result<Report> {
-    let model = load_model(&config.model, config.reference.is_cuda() && config.target.is_cuda(), &options.meter)?;
-    let steps = config.generate.max(1);
-    for f in &config.faults {
-        f.check(&model.config, config.tokens().len(), steps)
-            .map_err(|e| CaptureError::ConfigValue { path: path.to_path_buf(), message: format!("faults: {e}") })?;
-    }
+    let spec = &config.session;
     // The expected side is a CPU pass too.
-    let host_passes = 1 + usize::from(!config.reference.is_cuda()) + usize::from(!config.target.is_cuda());
-    check_run_size(path, &model.config, config.tokens().len(), config.generate, host_passes)?;
-    check_prompt_vocabulary(path, &config.resolved, model.config.vocab_size)?;
-    if let Some(capture) = &config.capture {
-        capture.steps.0.check_within(steps, "step").map_err(|e| CaptureError::ConfigValue {
-            path: path.to_path_buf(),
-            message: format!("capture.steps: {e}"),
-        })?;
-        capture.layers.0.check_within(model.config.num_layers, "layer").map_err(|e| CaptureError::ConfigValue {
-            path: path.to_path_buf(),
-            message: format!("capture.layers: {e}"),
-        })?;
-    }
+    let opened = Session::open(spec, path, &[&config.reference, &config.target], 1, options.meter.clone())?;
+    let model = &opened.model;
     // Declared before the forward passes: see CaptureSession.
-    let sessions = match &config.capture {
-        Some(spec) => Some([
-            CaptureSession::start(spec, &spec.out_dir.join("reference"))?,
-            CaptureSession::start(spec, &spec.out_dir.join("target"))?,
+    let sessions = match &spec.capture {
+        Some(capture) => Some([
+            CaptureSession::start(capture, &capture.out_dir.join("reference"))?,
+            CaptureSession::start(capture, &capture.out_dir.join("target"))?,
         ]),
         None => None,
     };
-    let make = |spec: &BackendSpec, session: Option<&CaptureSession>| -> Result<Side> {
-        let mut backend = build_backend(spec, config.threads, &model, path, &options.meter)?;
-        if let Some(device) = backend.device_setup() {
-            // Bisect reads stages between operations: scores counted as kept.
-            let bytes = crate::config::run_bytes(&model.config, config.tokens().len(), config.generate, true);
-            device.check_run_memory(bytes)?;
-        }
-        let name = (backend.name(), backend.dtype());
-        let mut forward = Forward::new(&model, backend);
-        if let Some(session) = session {
-            session.attach(&mut forward);
-        }
-        Ok(Side { forward, name })
+    let side = |backend: &BackendSpec, session: Option<&CaptureSession>| -> Result<Side> {
+        let prepared = opened.forward(backend, session, true)?;
+        Ok(Side { forward: prepared.forward, name: (prepared.name, prepared.dtype) })
     };
-    let mut reference = make(&config.reference, sessions.as_ref().map(|s| &s[0]))?;
-    let mut target = make(&config.target, sessions.as_ref().map(|s| &s[1]))?;
+    let mut reference = side(&config.reference, sessions.as_ref().map(|s| &s[0]))?;
+    let mut target = side(&config.target, sessions.as_ref().map(|s| &s[1]))?;
     let contract = target.forward.backend_mut().numeric_contract();
-    let mut expected = Side {
-        forward: Forward::new(
-            &model,
-            Box::new(CpuBackend::new(model.store.clone(), config.threads)?.with_contract(contract)),
-        ),
-        name: ("cpu", "emulated"),
-    };
-    let fault_notes = attach_faults(&mut target.forward, &config.faults);
-    let replay = match &config.routing {
-        RoutingSpec::Own => None,
-        RoutingSpec::Replay(dir) => Some(Replay::open(dir, &model.config, config.tokens(), steps, path)?),
-    };
+    let mut expected = Side { forward: opened.emulating(contract)?, name: ("cpu", "emulated") };
+    let fault_notes = attach_faults(&mut target.forward, &spec.faults);
+    let replay = opened.replay()?;
     if let Some(replay) = &replay {
         replay.attach(&mut target.forward);
         replay.attach(&mut expected.forward);
     }
     // Tolerances follow the coarser precision of the two runs.
-    let dtype_of = |spec: &BackendSpec| match spec {
-        BackendSpec::Cpu | BackendSpec::CpuLlamaCpp => "f32".to_string(),
-        BackendSpec::Cuda { dtype, .. } | BackendSpec::CpuEmulating(dtype) => format!("{dtype:?}").to_ascii_lowercase(),
-    };
-    let (reference_dtype, target_dtype) = (dtype_of(&config.reference), dtype_of(&config.target));
-    let target_dtype = compare::scope::Tolerances::coarser_dtype(&reference_dtype, &target_dtype).to_string();
+    let target_dtype = compare::scope::Tolerances::coarser_dtype(
+        config.reference.activation_dtype(),
+        config.target.activation_dtype(),
+    )
+    .to_string();
     let mode = if options.local { BisectMode::Local } else { config.mode };
     let mut report = Report {
         mode: match mode {
             BisectMode::Free => Mode::Accumulated,
             BisectMode::Local => Mode::Local,
         },
-        reference: format!("{} on {}", config.reference, describe_model(&model)),
+        reference: format!("{} on {}", config.reference, model_source(model)),
         target: format!(
             "{}{}",
             config.target,
-            if config.faults.is_empty() {
+            if config.session.faults.is_empty() {
                 String::new()
             } else {
-                format!(" with faults {}", config.faults.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", "))
+                format!(
+                    " with faults {}",
+                    config.session.faults.iter().map(|f| f.to_string()).collect::<Vec<_>>().join(", ")
+                )
             }
         ),
         ..Report::default()
@@ -290,17 +179,17 @@ pub fn bisect(
     ));
     let mut progress = Progress { steps: Vec::new(), generated: Vec::new() };
     let mut sides = Sides { reference: &mut reference, target: &mut target, expected: &mut expected, contract };
-    lockstep(config, &model, options, &mut sides, &target_dtype, &mut report, &mut progress, on_scope)?;
+    lockstep(config, model, options, &mut sides, &target_dtype, &mut report, &mut progress, on_scope)?;
     report.notes.extend(fault_notes.take());
-    if let Some(text) = &config.resolved.text {
-        let all: Vec<u32> = [config.tokens(), &progress.generated[..]].concat();
+    if let Some(text) = &config.session.resolved.text {
+        let all: Vec<u32> = [config.session.tokens(), &progress.generated[..]].concat();
         let starts: Vec<(usize, usize)> = progress.steps.iter().map(|s| (s.step, s.start_position)).collect();
         report.name_tokens(&text.tokenizer.token_texts(&all), &starts);
     }
     let names = [reference.name, target.name];
     drop((reference, target, expected));
     if let Some(sessions) = sessions {
-        let faults: [&[FaultSpec]; 2] = [&[], &config.faults];
+        let faults: [&[FaultSpec]; 2] = [&[], &config.session.faults];
         let routing = [None, replay.as_ref().map(Replay::record)];
         let forced = [
             None,
@@ -314,22 +203,22 @@ pub fn bisect(
         let sides = sessions.into_iter().zip(names).zip(faults).zip(routing).zip(forced);
         for ((((session, (backend, dtype)), faults), routing), teacher_forced) in sides {
             session.commit(&RunRecord {
-                model: &model,
+                model,
                 backend,
                 dtype,
-                prompt: config.tokens(),
+                prompt: config.session.tokens(),
                 generated: &progress.generated,
                 steps: &progress.steps,
                 faults,
                 routing,
-                prompt_text: config.resolved.text.as_ref(),
+                prompt_text: config.session.resolved.text.as_ref(),
                 teacher_forced,
             })?;
         }
         report.notes.push(format!(
             "captured to {}/reference and {}/target",
-            config.capture.as_ref().map(|c| c.out_dir.display().to_string()).unwrap_or_default(),
-            config.capture.as_ref().map(|c| c.out_dir.display().to_string()).unwrap_or_default()
+            config.session.capture.as_ref().map(|c| c.out_dir.display().to_string()).unwrap_or_default(),
+            config.session.capture.as_ref().map(|c| c.out_dir.display().to_string()).unwrap_or_default()
         ));
     }
     Ok(report)
@@ -367,8 +256,8 @@ fn lockstep(
     let contract = *contract;
     let local = report.mode == Mode::Local;
     let expert_ids = if local { ExpertIds::Reference } else { ExpertIds::EachSide };
-    let steps = config.generate.max(1);
-    let mut tokens = config.tokens().to_vec();
+    let steps = config.session.generate.max(1);
+    let mut tokens = config.session.tokens().to_vec();
     let mut position = 0;
     for step in 0..steps {
         progress.steps.push(StepRecord { step, start_position: position, tokens: tokens.clone() });
@@ -430,7 +319,7 @@ fn lockstep(
             }
             reference_input = next_input;
         }
-        if config.generate == 0 {
+        if config.session.generate == 0 {
             break;
         }
         let next_ref = reference.forward.next_token()?;
@@ -448,13 +337,6 @@ fn lockstep(
         mark_findings(&mut report.rows);
     }
     Ok(())
-}
-
-fn describe_model(model: &Model) -> String {
-    match &model.source {
-        pipeline::ModelSource::Checkpoint(p) => p.display().to_string(),
-        pipeline::ModelSource::Synthetic { preset, seed } => format!("synthetic {preset} (seed {seed})"),
-    }
 }
 
 /// Re-runs the divergent scope on the target and on the expected side

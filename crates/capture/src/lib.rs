@@ -21,11 +21,13 @@ mod prompt_gguf;
 pub mod replay;
 pub mod run;
 pub mod session;
+pub mod session_builder;
+pub mod spec;
 pub mod systems;
 pub mod target;
 pub mod writer;
 
 pub use compare::{CaptureDir, Manifest};
-pub use config::RunConfig;
 pub use error::{CaptureError, Result};
 pub use run::{RunEvent, RunOutput, RunSummary, run};
+pub use spec::{BisectConfig, RunConfig, SessionSpec};

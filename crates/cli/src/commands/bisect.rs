@@ -46,7 +46,7 @@ pub struct BisectArgs {
 /// Exit code 0 without divergence, 1 with one.
 pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
     let mut config = BisectConfig::load(&args.config).map_err(|e| e.to_string())?;
-    config.faults.extend(super::parse_faults(&args.faults)?);
+    config.session.faults.extend(super::parse_faults(&args.faults)?);
     let tolerances = super::parse_tolerances(&args.tolerances)?;
     if let Some(path) = &args.html {
         super::report::check_html_path(path)?;

@@ -26,7 +26,7 @@ pub struct RunArgs {
 /// Loads the config, runs it with progress on stderr, prints a summary.
 pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     let mut config = RunConfig::load(&args.config).map_err(|e| e.to_string())?;
-    config.faults.extend(super::parse_faults(&args.faults)?);
+    config.session.faults.extend(super::parse_faults(&args.faults)?);
     let mut progress = Progress::new(!args.quiet, config.step_count());
     let output = capture::run(&config, &args.config, &mut |event| match event {
         RunEvent::Loading(meter) => progress.loading(meter),

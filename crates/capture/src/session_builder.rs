@@ -1,0 +1,196 @@
+//! One session builder for run, bisect and every later command: the model
+//! loaded for the backends that will use it, one check of the config
+//! against it, then per backend the forward pass: backend -> device setup
+//! (memory check, warm-up, pinned capture buffers) -> capture systems.
+//! Faults and routing replay are attached by the command, to the passes it
+//! says (bisect: the target, and replay to the expected side too).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use pipeline::backend::contract::NumericContract;
+use pipeline::{Backend, CpuBackend, Forward, LoadMeter, Model, ModelSource};
+
+use crate::config::ModelSpec;
+use crate::error::{CaptureError, Result};
+use crate::replay::{Replay, RoutingSpec};
+use crate::session::CaptureSession;
+use crate::spec::{BackendSpec, SessionSpec, run_bytes};
+
+/// A loaded model with the spec that runs on it.
+pub struct Session<'a> {
+    /// What runs.
+    pub spec: &'a SessionSpec,
+    /// The config file, for messages.
+    pub path: &'a Path,
+    /// The model.
+    pub model: Model,
+    /// Counts the bytes of each loading phase (model, device weights).
+    pub meter: LoadMeter,
+    /// Time the model took to load.
+    pub load_time: Duration,
+}
+
+/// One backend's forward pass, ready for its first step.
+pub struct Prepared {
+    /// The forward pass (capture systems attached).
+    pub forward: Forward,
+    /// Backend name (`cpu`, `cuda`).
+    pub name: &'static str,
+    /// Activation dtype (`f32`, `bf16`).
+    pub dtype: &'static str,
+    /// One line: backend, dtype, the config's spec and what setup took.
+    pub description: String,
+    /// Time the backend took to be ready.
+    pub elapsed: Duration,
+}
+
+impl<'a> Session<'a> {
+    /// Loads the model `spec` names for `backends` (a synthetic model is
+    /// made on the device only when every one is CUDA) and checks `spec`
+    /// against it: `extra_host_passes` CPU forward passes run besides the
+    /// backends' own (bisect's expected side).
+    pub fn open(
+        spec: &'a SessionSpec,
+        path: &'a Path,
+        backends: &[&BackendSpec],
+        extra_host_passes: usize,
+        meter: LoadMeter,
+    ) -> Result<Self> {
+        let start = Instant::now();
+        let device_only = backends.iter().all(|b| b.is_cuda());
+        let model = match &spec.model {
+            ModelSpec::Synthetic { preset, seed, layers } if device_only => {
+                Model::synthetic_on_demand(preset, *seed, *layers)?
+            }
+            ModelSpec::Synthetic { preset, seed, layers } => Model::synthetic_metered(preset, *seed, *layers, &meter)?,
+            ModelSpec::Path(p) => Model::load(p)?,
+        };
+        let load_time = start.elapsed();
+        tracing::info!(model = %describe_model(&model), seconds = load_time.as_secs_f64(), "model loaded");
+        let host_passes = backends.iter().filter(|b| !b.is_cuda()).count() + extra_host_passes;
+        spec.check_against_model(path, &model.config, host_passes)?;
+        Ok(Self { spec, path, model, meter, load_time })
+    }
+
+    /// The forward pass of `backend`: the backend built, its device (if it
+    /// has one) checked for the run's memory, warmed up and given pinned
+    /// buffers for `capture`, whose systems are attached. `every_stage`:
+    /// the caller reads every stage between operations (bisect), so the
+    /// prompt's attention scores count as kept in memory.
+    pub fn forward(
+        &self,
+        backend: &BackendSpec,
+        capture: Option<&CaptureSession>,
+        every_stage: bool,
+    ) -> Result<Prepared> {
+        let start = Instant::now();
+        let mut built = self.backend(backend)?;
+        let (config, prompt) = (&self.model.config, self.spec.tokens().len());
+        let mut setup = String::new();
+        if let Some(device) = built.device_setup() {
+            // The prompt's scores stay in memory unless attention is fused
+            // and nothing reads them.
+            let scores = every_stage
+                || !device.fuses_attention(prompt, config.head_dim)
+                || capture.is_some_and(CaptureSession::captures_prompt_attention);
+            device.check_run_memory(run_bytes(config, prompt, self.spec.generate, scores))?;
+            device.warm_up(prompt)?;
+            if let Some(capture) = capture {
+                device.reserve_capture(&capture.reserve_elements(config, prompt))?;
+            }
+            setup = device.setup_note().map(|n| format!("; {n}")).unwrap_or_default();
+        }
+        let (name, dtype) = (built.name(), built.dtype());
+        let mut forward = Forward::new(&self.model, built);
+        if let Some(capture) = capture {
+            capture.attach(&mut forward);
+        }
+        Ok(Prepared {
+            forward,
+            name,
+            dtype,
+            description: format!("{name} {dtype} ({backend}{setup})"),
+            elapsed: start.elapsed(),
+        })
+    }
+
+    /// A CPU forward pass keeping `contract` (bisect's expected side).
+    pub fn emulating(&self, contract: NumericContract) -> Result<Forward> {
+        let backend = CpuBackend::new(self.model.store.clone(), self.spec.threads)?.with_contract(contract);
+        Ok(Forward::new(&self.model, Box::new(backend)))
+    }
+
+    /// The routing replay the spec names, if any, checked against the model.
+    pub fn replay(&self) -> Result<Option<Replay>> {
+        match &self.spec.routing {
+            RoutingSpec::Own => Ok(None),
+            RoutingSpec::Replay(dir) => {
+                Ok(Some(Replay::open(dir, &self.model.config, self.spec.tokens(), self.spec.step_count(), self.path)?))
+            }
+        }
+    }
+
+    /// Builds the backend `spec` names.
+    fn backend(&self, spec: &BackendSpec) -> Result<Box<dyn Backend>> {
+        let (store, threads) = (self.model.store.clone(), self.spec.threads);
+        match spec {
+            BackendSpec::Cpu => Ok(Box::new(CpuBackend::new(store, threads)?)),
+            BackendSpec::CpuEmulating(dtype) => {
+                Ok(Box::new(CpuBackend::new(store, threads)?.with_contract(dtype.contract())))
+            }
+            BackendSpec::CpuLlamaCpp => {
+                let mut backend = CpuBackend::new(store, threads)?;
+                backend.set_ggml_activations(true);
+                Ok(Box::new(backend))
+            }
+            #[cfg(feature = "cuda")]
+            BackendSpec::Cuda { device, dtype, graphs } => {
+                match pipeline::CudaBackend::new_metered(&self.model, *device, dtype.cuda_precision(), &self.meter) {
+                    Ok(mut backend) => {
+                        backend.set_step_graphs(*graphs);
+                        Ok(Box::new(backend))
+                    }
+                    Err(pipeline::PipelineError::BackendUnavailable(why)) => Err(CaptureError::ConfigValue {
+                        path: self.path.to_path_buf(),
+                        message: format!("backend: {spec}: {why}"),
+                    }),
+                    Err(other) => Err(other.into()),
+                }
+            }
+            #[cfg(not(feature = "cuda"))]
+            BackendSpec::Cuda { .. } => Err(CaptureError::ConfigValue {
+                path: self.path.to_path_buf(),
+                message: format!("backend: {spec}: this build has no CUDA support (build with the `cuda` feature)"),
+            }),
+        }
+    }
+}
+
+/// Where a model comes from: its checkpoint path, or its preset and seed.
+pub fn model_source(model: &Model) -> String {
+    match &model.source {
+        ModelSource::Checkpoint(p) => p.display().to_string(),
+        ModelSource::Synthetic { preset, seed } => format!("synthetic {preset} (seed {seed})"),
+    }
+}
+
+/// One line describing a model: source, family, size.
+pub fn describe_model(model: &Model) -> String {
+    let c = &model.config;
+    let kind = if c.num_experts > 0 {
+        format!(", {} experts top-{}", c.num_experts, c.experts_per_token)
+    } else {
+        String::new()
+    };
+    format!(
+        "{}: {}, {} layers, H {}{kind}, V {}, {:.1} MB of {} weights",
+        model_source(model),
+        c.architecture,
+        c.num_layers,
+        c.hidden_size,
+        c.vocab_size,
+        model.store.total_bytes() as f64 / 1e6,
+        model.weight_dtype()
+    )
+}
