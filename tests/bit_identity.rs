@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use capture::{CaptureDir, RunConfig};
+use capture::CaptureDir;
 use moetrace_tests::scratch;
+use session::RunConfig;
 
 fn run(threads: usize, out: Option<&Path>) -> (Vec<u32>, Vec<u32>) {
     let capture = out.map(|o| format!("capture: (stages: \"all\", out_dir: {o:?}),")).unwrap_or_default();
@@ -12,7 +13,7 @@ fn run(threads: usize, out: Option<&Path>) -> (Vec<u32>, Vec<u32>) {
         "(model: Synthetic(preset: \"tiny-moe\", seed: 3), prompt: Tokens([5, 9, 200, 31, 7]), generate: 4, threads: {threads}, {capture})"
     );
     let config = RunConfig::parse(&text, Path::new("bits.ron")).unwrap();
-    let output = capture::run(&config, Path::new("bits.ron"), &mut |_| {}).unwrap();
+    let output = session::run(&config, Path::new("bits.ron"), &mut |_| {}).unwrap();
     let bits = output.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect();
     (output.summary.generated, bits)
 }
@@ -57,13 +58,13 @@ fn every_captured_tensor_has_the_shape_the_model_config_predicts() {
             "(model: Synthetic(preset: {preset:?}, seed: 3), prompt: Tokens([5, 9, 200, 31, 7]), generate: 3, capture: (stages: \"all\", out_dir: {out:?}))"
         );
         let config = RunConfig::parse(&text, Path::new("shapes.ron")).unwrap();
-        capture::run(&config, Path::new("shapes.ron"), &mut |_| {}).unwrap();
+        session::run(&config, Path::new("shapes.ron"), &mut |_| {}).unwrap();
         let model = pipeline::Model::synthetic(preset, 3, None).unwrap();
         let capture = CaptureDir::open(&out).unwrap();
         // The element counts planned for steps 0, 1 and 2 name exactly the
         // tensors those steps captured, and the reserve holds all three.
         let session =
-            capture::session::CaptureSession::start(config.session.capture.as_ref().unwrap(), &dir.join("plan"))
+            capture::lifecycle::CaptureSession::start(config.session.capture.as_ref().unwrap(), &dir.join("plan"))
                 .unwrap();
         for (step, tokens, positions) in [(0, 5, 5), (1, 1, 6), (2, 1, 7)] {
             let mut planned = session.step_elements(&model.config, step, tokens, positions);

@@ -9,11 +9,12 @@
 
 use std::path::Path;
 
-use capture::bisect::{BisectConfig, BisectOptions, bisect};
-use compare::expected::{Phase, RATIO_THRESHOLD};
+use compare::expected::RATIO_THRESHOLD;
+use compare::findings::Phase;
 use compare::{Mode, Report};
 use moetrace_tests::model_spec;
 use pipeline::backend::contract::{NumericContract, Precision};
+use session::bisect::{BisectConfig, BisectOptions, bisect};
 use stage_types::SaveTensorStage as S;
 
 const PROMPT: &str = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";

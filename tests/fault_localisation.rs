@@ -6,11 +6,12 @@
 
 use std::path::Path;
 
-use capture::bisect::{BisectConfig, BisectOptions, bisect};
-use capture::{CaptureDir, RunConfig};
+use capture::CaptureDir;
 use compare::diff::{DiffOptions, diff};
 use compare::{Report, Side, Verdict};
 use moetrace_tests::{fixture, model_spec, scratch};
+use session::RunConfig;
+use session::bisect::{BisectConfig, BisectOptions, bisect};
 use stage_types::SaveTensorStage as S;
 
 const PROMPT: &str = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
@@ -20,7 +21,7 @@ fn capture_run(model: &str, generate: usize, faults: &str, out: &Path) {
         "(model: {model}, prompt: Tokens({PROMPT}), generate: {generate}, threads: 1, faults: [{faults}], capture: (out_dir: {out:?}))"
     );
     let config = RunConfig::parse(&text, Path::new("t.ron")).unwrap();
-    capture::run(&config, Path::new("t.ron"), &mut |_| {}).unwrap();
+    session::run(&config, Path::new("t.ron"), &mut |_| {}).unwrap();
 }
 
 fn bisect_run(model: &str, generate: usize, faults: &str) -> Report {
@@ -118,7 +119,7 @@ fn no_false_positives_against_the_oracle_or_across_thread_counts() {
             dir.join(format!("t{threads}"))
         );
         let config = RunConfig::parse(&text, Path::new("t.ron")).unwrap();
-        capture::run(&config, Path::new("t.ron"), &mut |_| {}).unwrap();
+        session::run(&config, Path::new("t.ron"), &mut |_| {}).unwrap();
     }
     let report = diff(&dir.join("t1"), &dir.join("t2"), &DiffOptions::default()).unwrap();
     assert!(report.first_divergence().is_none(), "{}", report.render(false));

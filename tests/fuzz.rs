@@ -98,20 +98,20 @@ fn text(bytes: &[u8]) -> String {
 // each says whether the input parsed ----
 
 fn run_config(bytes: &[u8]) -> bool {
-    let Ok(c) = capture::RunConfig::parse(&text(bytes), Path::new("fuzz/run.ron")) else { return false };
+    let Ok(c) = session::RunConfig::parse(&text(bytes), Path::new("fuzz/run.ron")) else { return false };
     let _ = (c.prompt_tokens().len(), c.step_count(), format!("{:?}", c.session.faults));
     true
 }
 
 fn bisect_config(bytes: &[u8]) -> bool {
-    capture::bisect::BisectConfig::parse(&text(bytes), Path::new("fuzz/bisect.ron")).is_ok()
+    session::bisect::BisectConfig::parse(&text(bytes), Path::new("fuzz/bisect.ron")).is_ok()
 }
 
 fn fault_spec(bytes: &[u8]) -> bool {
     let t = text(bytes);
-    let Ok(f) = t.parse::<capture::faults::FaultSpec>() else { return false };
+    let Ok(f) = t.parse::<session::faults::FaultSpec>() else { return false };
     // What it prints parses back to the same fault.
-    let again: capture::faults::FaultSpec = f.to_string().parse().expect("a printed fault parses");
+    let again: session::faults::FaultSpec = f.to_string().parse().expect("a printed fault parses");
     assert_eq!(again, f, "`{t}` printed as `{f}`");
     true
 }
@@ -192,11 +192,11 @@ const TINY_TOKENIZER: &str = r#"{"version":"1.0","truncation":null,"padding":nul
 /// fuel than a run's, so a looping mutation ends quickly) and encoded.
 fn chat_template(bytes: &[u8]) -> bool {
     let path = Path::new("fuzz/tokenizer.json");
-    let Ok(tok) = capture::prompt::PromptTokenizer::from_parts(path, TINY_TOKENIZER.as_bytes(), Some(&text(bytes)))
+    let Ok(tok) = session::prompt::PromptTokenizer::from_parts(path, TINY_TOKENIZER.as_bytes(), Some(&text(bytes)))
     else {
         return false;
     };
-    let messages = [capture::prompt::ChatMessage { role: "user".into(), content: "hi".into() }];
+    let messages = [session::prompt::ChatMessage { role: "user".into(), content: "hi".into() }];
     let Ok(rendered) = tok.render_chat_with_fuel(&messages, 20_000) else { return false };
     let _ = tok.encode_text(&rendered);
     true
@@ -209,7 +209,7 @@ fn replay(bytes: &[u8]) -> bool {
     {
         std::fs::write(dir.join("manifest.json"), bytes).unwrap();
         let model = pipeline::weights::SyntheticPreset::by_name("tiny-moe").unwrap().config(Some(2)).unwrap();
-        let Ok(r) = capture::replay::Replay::open(dir, &model, &[1, 17, 423], 2, Path::new("fuzz/replay.ron")) else {
+        let Ok(r) = session::replay::Replay::open(dir, &model, &[1, 17, 423], 2, Path::new("fuzz/replay.ron")) else {
             return false;
         };
         let _ = r.step_tokens(2);
@@ -232,8 +232,8 @@ fn replay_folder() -> PathBuf {
         "(model: Synthetic(preset: \"tiny-moe\", seed: 1, layers: 2), prompt: Tokens([1, 17, 423]), generate: 2, capture: (stages: \"moe_router,moe_router_indices\", out_dir: \"capture\"))",
     )
     .unwrap();
-    let run = capture::RunConfig::load(&config).unwrap();
-    capture::run(&run, &config, &mut |_| {}).unwrap();
+    let run = session::RunConfig::load(&config).unwrap();
+    session::run(&run, &config, &mut |_| {}).unwrap();
     dir.join("capture")
 }
 
@@ -369,7 +369,7 @@ fn seed() -> u64 {
 
 /// The corpus as plain tests, then the mutations.
 fn fuzz(name: &str, target: fn(&[u8]) -> bool) {
-    let extra = if name == "chat_template" { 2 * capture::prompt::TEMPLATE_MAX_OUTPUT } else { 0 };
+    let extra = if name == "chat_template" { 2 * session::prompt::TEMPLATE_MAX_OUTPUT } else { 0 };
     let check = |target, input: &[u8]| check_within(target, input, extra);
     if name == "replay" {
         REPLAY_DIR.get_or_init(replay_folder);

@@ -8,10 +8,10 @@
 
 use std::path::{Path, PathBuf};
 
-use capture::RunConfig;
-use capture::prompt::{ChatMessage, PromptTokenizer};
 use moetrace_tests::{check_recorded_qwen3_ids, gguf_bytes, gguf_fixture, gguf_string, scratch, tokenizer_fixture};
 use serde_json::Value;
+use session::RunConfig;
+use session::prompt::{ChatMessage, PromptTokenizer};
 
 /// GGUF value types.
 const U32: u32 = 4;
@@ -105,7 +105,7 @@ fn a_gguf_holding_qwen3s_tokenizer_gives_hugging_faces_ids() {
     check_recorded_qwen3_ids(&tok);
 }
 
-fn run_config(dir: &Path, body: &str) -> capture::Result<(RunConfig, PathBuf)> {
+fn run_config(dir: &Path, body: &str) -> session::Result<(RunConfig, PathBuf)> {
     let path = dir.join("gguf-text.ron");
     std::fs::write(&path, body).unwrap();
     RunConfig::load(&path).map(|c| (c, path))
@@ -130,7 +130,7 @@ fn the_q4km_fixture_tokenizes_text_and_runs_a_text_prompt() {
     let body = format!("(model: Path({gguf:?}), prompt: Text(\"the router sent it\"), generate: 3, threads: 2)");
     let (config, path) = run_config(&dir, &body).unwrap();
     assert_eq!(config.prompt_tokens(), tok.encode_text("the router sent it").unwrap());
-    let out = capture::run(&config, &path, &mut |_| {}).unwrap();
+    let out = session::run(&config, &path, &mut |_| {}).unwrap();
     let generated = out.summary.generated_text.expect("the generated text is reported");
     assert_eq!(generated, tok.decode(&out.summary.generated));
 }

@@ -6,10 +6,10 @@
 
 use std::path::Path;
 
-use capture::RunConfig;
 use moetrace_tests::gpu_enabled;
 use pipeline::backend::cuda::CudaPrecision;
 use pipeline::{CudaBackend, Forward, Model, PipelineError};
+use session::RunConfig;
 use stage_types::SaveTensorStage as S;
 
 #[test]
@@ -22,7 +22,7 @@ fn weights_that_cannot_fit_fail_before_upload_and_name_the_numbers() {
     let text = "(model: Synthetic(preset: \"qwen3-30b-a3b\", seed: 7, layers: 96), prompt: Tokens([1, 2]), backend: Cuda(device: 0, dtype: F32))";
     let config = RunConfig::parse(text, Path::new("oom.ron")).unwrap();
     let started = std::time::Instant::now();
-    let err = capture::run(&config, Path::new("oom.ron"), &mut |_| {}).unwrap_err().to_string();
+    let err = session::run(&config, Path::new("oom.ron"), &mut |_| {}).unwrap_err().to_string();
     eprintln!("{err} ({:.2} s)", started.elapsed().as_secs_f64());
     assert!(err.contains("GPU out of memory") && err.contains("GB free") && err.contains("dtype: Bf16"), "{err}");
     assert!(started.elapsed().as_secs() < 30, "the check must come before the upload");
@@ -45,7 +45,7 @@ fn a_prompt_whose_activations_cannot_fit_is_refused_before_the_first_step() {
     );
     let config = RunConfig::parse(&text, Path::new("long.ron")).unwrap();
     let started = std::time::Instant::now();
-    let err = capture::run(&config, Path::new("long.ron"), &mut |_| {}).unwrap_err().to_string();
+    let err = session::run(&config, Path::new("long.ron"), &mut |_| {}).unwrap_err().to_string();
     eprintln!("{err} ({:.2} s)", started.elapsed().as_secs_f64());
     assert!(
         err.contains("GPU out of memory") && err.contains("KV caches and activations") && err.contains("GB free"),

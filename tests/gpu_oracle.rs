@@ -5,10 +5,11 @@
 
 use std::path::Path;
 
-use capture::bisect::{BisectConfig, BisectOptions, bisect};
-use capture::{CaptureDir, RunConfig};
+use capture::CaptureDir;
 use compare::diff::{DiffOptions, diff};
 use moetrace_tests::{fixture, gguf_fixture, gpu_enabled, greedy_continuation, rel_l2, scratch};
+use session::RunConfig;
+use session::bisect::{BisectConfig, BisectOptions, bisect};
 use stage_types::SaveTensorStage as S;
 
 fn run(model: &str, prompt: &str, generate: usize, backend: &str, capture: Option<&Path>) -> (Vec<u32>, Vec<u32>) {
@@ -16,19 +17,19 @@ fn run(model: &str, prompt: &str, generate: usize, backend: &str, capture: Optio
     (out.summary.generated, out.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect())
 }
 
-fn run_output(model: &str, prompt: &str, generate: usize, backend: &str, capture: Option<&Path>) -> capture::RunOutput {
+fn run_output(model: &str, prompt: &str, generate: usize, backend: &str, capture: Option<&Path>) -> session::RunOutput {
     let capture = capture.map(|o| format!("capture: (out_dir: {o:?}),")).unwrap_or_default();
     let text =
         format!("(model: {model}, prompt: Tokens({prompt}), generate: {generate}, backend: {backend}, {capture})");
     let config = RunConfig::parse(&text, Path::new("gpu.ron")).unwrap();
-    capture::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap()
+    session::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap()
 }
 
 /// 60 prompt tokens and 12 decode steps of the tiny MoE model in Bf16: the
 /// KV caches grow from 64 to 128 positions at step 5, so a graph is
 /// recorded (step 2), dropped (step 5 runs eagerly) and recorded again
 /// (step 7).
-fn graph_run(graphs: bool, capture: Option<(&Path, &str)>) -> capture::RunOutput {
+fn graph_run(graphs: bool, capture: Option<(&Path, &str)>) -> session::RunOutput {
     let prompt: Vec<u32> = (0..60).map(|i| (i * 37 + 5) % 500).collect();
     let capture = capture
         .map(|(dir, steps)| format!("capture: (out_dir: {dir:?}, stages: \"all\", layers: \"all\", steps: {steps:?}),"))
@@ -38,10 +39,10 @@ fn graph_run(graphs: bool, capture: Option<(&Path, &str)>) -> capture::RunOutput
          backend: Cuda(device: 0, dtype: Bf16, graphs: {graphs}), {capture})"
     );
     let config = RunConfig::parse(&text, Path::new("gpu.ron")).unwrap();
-    capture::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap()
+    session::run(&config, Path::new("gpu.ron"), &mut |_| {}).unwrap()
 }
 
-fn logit_bits(o: &capture::RunOutput) -> Vec<u32> {
+fn logit_bits(o: &session::RunOutput) -> Vec<u32> {
     o.last_logits.as_f32().unwrap().iter().map(|x| x.to_bits()).collect()
 }
 

@@ -9,9 +9,9 @@
 use std::path::Path;
 use std::process::Command;
 
-use capture::RunConfig;
 use compare::diff::{DiffOptions, diff};
 use moetrace_tests::{fixture, scratch, workspace_root};
+use session::RunConfig;
 
 fn torch_and_transformers() -> bool {
     let ok = Command::new("python3")
@@ -42,7 +42,7 @@ fn moetrace_capture(model: &Path, out: &Path, prompt: &[u32], generate: usize) {
         "(model: Path({model:?}), prompt: Tokens({prompt:?}), generate: {generate}, capture: (stages: \"all\", out_dir: {out:?}))"
     );
     let config = RunConfig::parse(&text, Path::new("hf.ron")).unwrap();
-    capture::run(&config, Path::new("hf.ron"), &mut |_| {}).unwrap();
+    session::run(&config, Path::new("hf.ron"), &mut |_| {}).unwrap();
 }
 
 fn check_no_divergence(reference: &Path, target: &Path, steps: usize, stage_kinds: usize) {

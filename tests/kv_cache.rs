@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-use capture::{CaptureDir, RunConfig};
+use capture::CaptureDir;
 use moetrace_tests::{rel_l2, scratch};
+use session::RunConfig;
 use stage_types::SaveTensorStage;
 
 const TOLERANCE: f64 = 1e-5;
@@ -14,7 +15,7 @@ fn run(model: &str, prompt: &[u32], generate: usize, out: &Path) -> Vec<u32> {
         "(model: {model}, prompt: Tokens({prompt:?}), generate: {generate}, capture: (stages: \"all\", out_dir: {out:?}))"
     );
     let config = RunConfig::parse(&text, Path::new("kv.ron")).unwrap();
-    capture::run(&config, Path::new("kv.ron"), &mut |_| {}).unwrap().summary.generated
+    session::run(&config, Path::new("kv.ron"), &mut |_| {}).unwrap().summary.generated
 }
 
 /// The rows of `values` (shape `shape`) that belong to positions

@@ -151,7 +151,7 @@ pub fn gguf_bytes(
 /// tokenizer (tests/data/qwen3-tokenizer-ids.json): every text encodes to
 /// its ids and decodes back, every chat renders to its template text and
 /// ids.
-pub fn check_recorded_qwen3_ids(tok: &capture::prompt::PromptTokenizer) {
+pub fn check_recorded_qwen3_ids(tok: &session::prompt::PromptTokenizer) {
     let text = std::fs::read_to_string(workspace_root().join("tests/data/qwen3-tokenizer-ids.json")).unwrap();
     let data: serde_json::Value = serde_json::from_str(&text).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
@@ -163,7 +163,7 @@ pub fn check_recorded_qwen3_ids(tok: &capture::prompt::PromptTokenizer) {
         assert_eq!(tok.decode(&ids(&t["ids"])), text, "decoding gives the text back");
     }
     for c in data["chats"].as_array().unwrap() {
-        let messages: Vec<capture::prompt::ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
+        let messages: Vec<session::prompt::ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
         let (rendered, got) = tok.encode_chat(&messages).unwrap();
         assert_eq!(rendered, c["rendered"].as_str().unwrap(), "chat template of {messages:?}");
         assert_eq!(got, ids(&c["ids"]), "chat ids of {messages:?}");

@@ -8,10 +8,11 @@
 
 use std::path::Path;
 
-use capture::{CaptureDir, RunConfig};
+use capture::CaptureDir;
 use moetrace_tests::{gguf_fixture, greedy_continuation, rel_l2, scratch, workspace_root};
 use pipeline::weights::{WeightDtype, WeightStore, WeightTensor};
 use pipeline::{CpuBackend, Forward, Model};
+use session::RunConfig;
 use stage_types::SaveTensorStage as S;
 
 fn capture_run(model: &Path, backend: &str, out: &Path) -> Vec<u32> {
@@ -19,7 +20,7 @@ fn capture_run(model: &Path, backend: &str, out: &Path) -> Vec<u32> {
         "(model: Path({model:?}), prompt: Tokens([1, 17, 423, 45, 300, 5, 77, 100, 2]), generate: 8, backend: {backend}, threads: 2, capture: (stages: \"qkv_matmul,moe_expert_out,lm_head\", out_dir: {out:?}))"
     );
     let config = RunConfig::parse(&text, Path::new("numerics.ron")).unwrap();
-    capture::run(&config, Path::new("numerics.ron"), &mut |_| {}).unwrap().summary.generated
+    session::run(&config, Path::new("numerics.ron"), &mut |_| {}).unwrap().summary.generated
 }
 
 #[test]

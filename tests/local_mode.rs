@@ -5,9 +5,9 @@
 
 use std::path::Path;
 
-use capture::bisect::{BisectConfig, BisectOptions, bisect};
 use compare::{Mode, Report, Verdict};
 use moetrace_tests::model_spec;
+use session::bisect::{BisectConfig, BisectOptions, bisect};
 use stage_types::SaveTensorStage as S;
 
 const PROMPT: &str = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";

@@ -8,8 +8,9 @@
 
 use std::path::Path;
 
-use capture::{CaptureDir, RunConfig};
+use capture::CaptureDir;
 use moetrace_tests::{fixture, greedy_continuation, rel_l2, scratch};
+use session::RunConfig;
 
 const TOLERANCE: f64 = 1e-5;
 
@@ -31,7 +32,7 @@ fn check_oracle_dir(name: &str, dir: &Path, model: &Path, generate: usize) {
         out.join("cpu")
     );
     let config = RunConfig::parse(&text, Path::new("oracle.ron")).unwrap();
-    let result = capture::run(&config, Path::new("oracle.ron"), &mut |_| {}).unwrap();
+    let result = session::run(&config, Path::new("oracle.ron"), &mut |_| {}).unwrap();
     let ours = CaptureDir::open(&out.join("cpu")).unwrap();
 
     if generate > 0 {

@@ -8,10 +8,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use capture::RunConfig;
 use compare::diff::{DiffOptions, diff};
 use compare::scope::Verdict;
 use moetrace_tests::{scratch, workspace_root};
+use session::RunConfig;
 use stage_types::SaveTensorStage as S;
 
 fn python_with_numpy() -> bool {
@@ -48,7 +48,7 @@ fn captures_written_from_python_compare_with_moetrace_captures() {
         "(model: Synthetic(preset: \"tiny-moe\", seed: 5), prompt: Tokens([3, 14, 15, 92, 65]), generate: 3, capture: (stages: \"all\", out_dir: {original:?}))"
     );
     let config = RunConfig::parse(&text, Path::new("py.ron")).unwrap();
-    capture::run(&config, Path::new("py.ron"), &mut |_| {}).unwrap();
+    session::run(&config, Path::new("py.ron"), &mut |_| {}).unwrap();
 
     let copy = dir.join("python");
     python("recapture.py", &[&original, &copy], &[]);

@@ -7,10 +7,10 @@
 
 use std::path::Path;
 
-use capture::RunConfig;
-use capture::prompt::PromptTokenizer;
 use compare::diff::{DiffOptions, diff};
 use moetrace_tests::{scratch, tokenizer_fixture};
+use session::RunConfig;
+use session::prompt::PromptTokenizer;
 
 #[test]
 fn token_ids_and_chat_templates_equal_hugging_face_transformers() {
@@ -19,7 +19,7 @@ fn token_ids_and_chat_templates_equal_hugging_face_transformers() {
     moetrace_tests::check_recorded_qwen3_ids(&tok);
 }
 
-fn config(dir: &Path, body: &str) -> capture::Result<RunConfig> {
+fn config(dir: &Path, body: &str) -> session::Result<RunConfig> {
     let path = dir.join("text.ron");
     std::fs::write(&path, body).unwrap();
     RunConfig::load(&path)
@@ -34,7 +34,7 @@ fn text_and_chat_prompts_run_and_are_recorded_and_diff_names_tokens() {
             "(model: Synthetic(preset: \"tiny-moe-qwen3-vocab\", seed: 2), prompt: {prompt}, tokenizer: Path({tok:?}), generate: 4, faults: [{fault}], capture: (stages: \"moe_router_indices,post_ffn_residual\", out_dir: {name:?}))"
         );
         let config = config(&dir, &body).unwrap();
-        let out = capture::run(&config, &dir.join("text.ron"), &mut |_| {}).unwrap();
+        let out = session::run(&config, &dir.join("text.ron"), &mut |_| {}).unwrap();
         (config, out)
     };
     let (config, out) = run("text", r#"Text("The router picks 专家 🔀")"#, "");
@@ -69,11 +69,11 @@ fn bisect_with_a_text_prompt_names_tokens_by_their_text() {
     let text = format!(
         "(model: Synthetic(preset: \"tiny-moe-qwen3-vocab\", seed: 2), prompt: Text(\"Experts 专家\"), tokenizer: Path({tok:?}), generate: 3, reference: Cpu, target: Cpu, threads: 1, faults: [(stage: \"moe_ffn_out\", layer: 1, step: 1, kind: Scale(1.5))])"
     );
-    let bisect_config = capture::bisect::BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
-    let report = capture::bisect::bisect(
+    let bisect_config = session::bisect::BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let report = session::bisect::bisect(
         &bisect_config,
         Path::new("b.ron"),
-        &capture::bisect::BisectOptions::default(),
+        &session::bisect::BisectOptions::default(),
         &mut |_, _| {},
     )
     .unwrap();
@@ -91,7 +91,7 @@ fn bisect_with_a_text_prompt_names_tokens_by_their_text() {
         ),
     )
     .unwrap();
-    let out = capture::run(&run, &dir.join("text.ron"), &mut |_| {}).unwrap();
+    let out = session::run(&run, &dir.join("text.ron"), &mut |_| {}).unwrap();
     let tokenizer = PromptTokenizer::load(&tok).unwrap();
     assert_eq!(text, tokenizer.decode(&out.summary.generated[..1]));
 }
@@ -124,7 +124,7 @@ fn text_prompt_misuse_is_a_clear_error() {
     )
     .unwrap();
     let config = RunConfig::load(&path).unwrap();
-    let msg = capture::run(&config, &path, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
+    let msg = session::run(&config, &path, &mut |_| {}).err().map(|e| e.to_string()).unwrap_or_default();
     assert!(msg.contains("does not belong to this model") && msg.contains("tokenizer.json"), "{msg}");
 }
 

@@ -1,47 +1,10 @@
-//! [`CaptureError`]: errors of configs, capture files and runs.
+//! [`CaptureError`]: errors of capture folders, the writer and manifests.
 
 use std::path::PathBuf;
 
-/// Errors of the capture crate; messages name the file and position.
+/// Errors of the capture crate; messages name the file.
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
-    /// The config file could not be read.
-    #[error("cannot read config {path}: {source}")]
-    ReadConfig {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// RON syntax or a value of the wrong form, with its position.
-    #[error("{path}:{line}:{col}: {message}")]
-    ConfigSyntax {
-        /// The file.
-        path: PathBuf,
-        /// 1-based line.
-        line: usize,
-        /// 1-based column.
-        col: usize,
-        /// What is wrong (RON's message, with the valid choices where it
-        /// names them).
-        message: String,
-    },
-    /// A config value that parses but does not fit the model or this build.
-    #[error("{path}: {message}")]
-    ConfigValue {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong and what would be valid.
-        message: String,
-    },
-    /// A tokenizer (tokenizer.json, its chat template) that cannot be used.
-    #[error("tokenizer {path}: {message}")]
-    Tokenizer {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
     /// Loading the model or running the forward pass failed.
     #[error(transparent)]
     Pipeline(#[from] pipeline::PipelineError),

@@ -1,33 +1,20 @@
-//! Capture for moetrace: the RON run config, capture systems that attach
-//! to the pipeline's stage sets from outside, a writer thread fed over a
-//! crossbeam channel, the .npy + manifest.json capture format, a reader
-//! for any capture directory, and [`run()`], which ties them together.
+//! Capture for moetrace: what to capture ([`selection::CaptureSpec`]),
+//! capture systems that attach to the pipeline's stage sets from outside,
+//! a writer thread fed over a crossbeam channel, the .npy + manifest.json
+//! capture format, and the capture folder's life from a temporary folder to
+//! a committed manifest ([`lifecycle::CaptureSession`]). What runs and when
+//! (configs, run, bisect) is the `session` crate's.
 //!
-//! - [`RunConfig`]: parse and check `debug.ron`-style configs.
-//! - [`run()`]: load, run, capture; the capture folder appears only when
-//!   the whole run succeeded.
-//! - [`npy`]: the .npy writer (reading, comparing and reports live in
-//!   the `compare` crate, re-exported here as [`CaptureDir`] and
-//!   [`Manifest`]).
+//! - [`npy`]: the .npy writer (reading, comparing and reports live in the
+//!   `compare` crate, re-exported here as [`CaptureDir`] and [`Manifest`]).
 
-pub mod backend_spec;
-pub mod bisect;
-pub mod config;
 pub mod error;
-pub mod faults;
+pub mod lifecycle;
 pub mod npy;
-pub mod prompt;
-mod prompt_gguf;
-pub mod replay;
-pub mod run;
-pub mod session;
-pub mod session_builder;
-pub mod spec;
+pub mod selection;
 pub mod systems;
 pub mod target;
 pub mod writer;
 
 pub use compare::{CaptureDir, Manifest};
 pub use error::{CaptureError, Result};
-pub use run::{RunEvent, RunOutput, RunSummary, run};
-pub use spec::{BisectConfig, RunConfig, SessionSpec};

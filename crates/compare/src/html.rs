@@ -16,8 +16,10 @@ use std::fmt::Write as _;
 use stage_types::SaveTensorStage;
 
 use crate::Verdict;
-use crate::expected::{Findings, RATIO_THRESHOLD};
-use crate::report::{Mode, Report, Row, finding_reason, margins_text, places_text, ratio_text};
+use crate::expected::RATIO_THRESHOLD;
+use crate::findings::Findings;
+use crate::report::{Mode, Report, finding_reason, margins_text, places_text};
+use crate::row::{Row, ratio_text};
 
 const CELL_W: usize = 18;
 const CELL_H: usize = 10;
@@ -446,7 +448,8 @@ figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; }}
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::expected::{Expected, mark_findings};
+    use crate::expected::Expected;
+    use crate::findings::mark_findings;
     use crate::tensor_metrics;
 
     #[test]

@@ -11,8 +11,8 @@ use stage_types::SaveTensorStage;
 use crate::expected::Expected;
 use crate::metrics::{rel_l2_of_rows, rms_row_norm, row_errors, tensor_metrics};
 use crate::npy::NpyArray;
-use crate::report::Row;
 use crate::routing;
+use crate::row::Row;
 
 /// Which run a finding is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

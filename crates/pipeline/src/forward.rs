@@ -139,7 +139,7 @@ pub struct Forward {
     /// Which scopes' observers read anything, by the last probe.
     pub(crate) probed_reads: Vec<bool>,
     /// Host time per step phase (`MOETRACE_PROFILE_STEPS`).
-    pub(crate) phases: Option<crate::step_graph::StepPhases>,
+    pub(crate) phases: Option<crate::step_phases::StepPhases>,
 }
 
 impl Forward {
@@ -190,7 +190,7 @@ impl Forward {
             scope_observed: false,
             scope_logs,
             probed_reads: Vec::new(),
-            phases: crate::step_graph::StepPhases::from_env(),
+            phases: crate::step_phases::StepPhases::from_env(),
         }
     }
 
@@ -421,7 +421,7 @@ impl Forward {
             steps.push(StepRecord { step, start_position: position, tokens: tokens.clone() });
             let t = std::time::Instant::now();
             let next = if generate > 0 { Some(self.next_token()?) } else { None };
-            self.time(crate::step_graph::Phase::Token, t);
+            self.time(crate::step_phases::Phase::Token, t);
             on_event(ForwardEvent::StepDone { step, next_token: next });
             let Some(next) = next else { break };
             generated.push(next);

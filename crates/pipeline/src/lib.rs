@@ -35,6 +35,7 @@ pub mod model;
 pub mod schedule;
 pub mod stages;
 mod step_graph;
+mod step_phases;
 pub mod teacher;
 pub mod tensor;
 pub mod weights;

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capture::bisect::{BisectConfig, BisectOptions, bisect};
 use clap::Args;
+use session::bisect::{BisectConfig, BisectOptions, bisect};
 
 use crate::progress::Progress;
 

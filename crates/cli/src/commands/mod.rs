@@ -9,8 +9,8 @@ pub mod stages;
 
 use std::process::ExitCode;
 
-use capture::faults::FaultSpec;
 use compare::{Report, Tolerances};
+use session::faults::FaultSpec;
 
 /// Parses `--fault` values.
 pub fn parse_faults(texts: &[String]) -> Result<Vec<FaultSpec>, String> {

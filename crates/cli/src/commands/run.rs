@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use capture::{RunConfig, RunEvent};
 use clap::Args;
+use session::{RunConfig, RunEvent};
 
 use crate::progress::Progress;
 
@@ -28,7 +28,7 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     let mut config = RunConfig::load(&args.config).map_err(|e| e.to_string())?;
     config.session.faults.extend(super::parse_faults(&args.faults)?);
     let mut progress = Progress::new(!args.quiet, config.step_count());
-    let output = capture::run(&config, &args.config, &mut |event| match event {
+    let output = session::run(&config, &args.config, &mut |event| match event {
         RunEvent::Loading(meter) => progress.loading(meter),
         RunEvent::ModelLoaded { description, elapsed } => {
             progress.line(&format!("model: {description} (loaded in {:.2} s)", elapsed.as_secs_f64()));

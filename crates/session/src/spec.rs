@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 pub use crate::backend_spec::{BackendSpec, CudaDtype};
 use crate::config::{CaptureSpec, ModelSpec, PromptSpec, ResolvedPrompt, parse_ron, read_config, whole_number};
-use crate::error::{CaptureError, Result};
+use crate::error::{Result, SessionError};
 use crate::faults::FaultSpec;
 use crate::prompt::TokenizerSpec;
 pub use crate::replay::RoutingSpec;
@@ -143,7 +143,7 @@ impl ConfigFile {
             return Ok(());
         }
         let verb = if set.len() > 1 { "are" } else { "is" };
-        Err(CaptureError::ConfigValue {
+        Err(SessionError::ConfigValue {
             path: path.to_path_buf(),
             message: format!("{} {verb} not a field of a {command} config, which names {own}", set.join(" and ")),
         })
@@ -188,7 +188,7 @@ impl BisectConfig {
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
         let (file, session) = ConfigFile::parse(text, path)?;
         ConfigFile::refuse(path, &[("backend", file.backend.is_some())], "bisect", "`reference` and `target`")?;
-        let missing = |field: &str, what: &str| CaptureError::ConfigValue {
+        let missing = |field: &str, what: &str| SessionError::ConfigValue {
             path: path.to_path_buf(),
             message: format!("missing field `{field}`: a bisect config names {what}, e.g. `{field}: Cpu`"),
         };
@@ -212,7 +212,7 @@ impl SessionSpec {
 
     /// Checks that need no model.
     fn check(&self, path: &Path) -> Result<()> {
-        let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+        let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
         check_threads(path, self.threads)?;
         if let Some(capture) = &self.capture {
             capture.steps.0.check_within(self.step_count(), "step").map_err(|e| {
@@ -225,7 +225,7 @@ impl SessionSpec {
     /// Checks against the loaded model: layer range, faults, the run's
     /// size (`host_passes` forward passes on the CPU) and token ids.
     pub fn check_against_model(&self, path: &Path, config: &ModelConfig, host_passes: usize) -> Result<()> {
-        let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+        let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
         if let Some(capture) = &self.capture {
             capture
                 .layers
@@ -245,7 +245,7 @@ impl SessionSpec {
 fn resolve_tokenizer_path(path: &Path, tokenizer: Option<&mut TokenizerSpec>) -> Result<()> {
     if let Some(TokenizerSpec::Path(p)) = tokenizer {
         if p.as_os_str().is_empty() {
-            return Err(CaptureError::ConfigValue {
+            return Err(SessionError::ConfigValue {
                 path: path.to_path_buf(),
                 message: "tokenizer: Path(\"\") is empty; give a tokenizer.json or its folder".into(),
             });
@@ -267,7 +267,7 @@ fn resolve_paths(
     let base = path.parent().unwrap_or(Path::new(""));
     let resolve = |p: &mut PathBuf, what: &str| {
         if p.as_os_str().is_empty() {
-            return Err(CaptureError::ConfigValue {
+            return Err(SessionError::ConfigValue {
                 path: path.to_path_buf(),
                 message: format!("{what} is empty; give a path (relative paths are taken from the config's folder)"),
             });
@@ -292,7 +292,7 @@ fn resolve_paths(
 /// start that many).
 fn check_threads(path: &Path, threads: Option<usize>) -> Result<()> {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+    let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
     match threads {
         Some(0) => Err(bad("threads: must be at least 1 (or omit it to use every core)".into())),
         Some(n) if n > cores => Err(bad(format!(
@@ -319,7 +319,7 @@ pub(crate) fn run_bytes(config: &ModelConfig, prompt: usize, generate: usize, sc
 /// `host_passes` forward passes run on the CPU) its KV caches and
 /// activations against the memory the OS says is available.
 fn check_run_size(path: &Path, config: &ModelConfig, prompt: usize, generate: usize, host_passes: usize) -> Result<()> {
-    let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+    let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
     let positions = run_positions(prompt, generate);
     if let Some(max) = config.max_positions
         && positions > max
@@ -358,7 +358,7 @@ fn check_prompt_vocabulary(path: &Path, prompt: &ResolvedPrompt, vocab_size: usi
             text.tokenizer.path.display()
         ),
     };
-    Err(CaptureError::ConfigValue { path: path.to_path_buf(), message })
+    Err(SessionError::ConfigValue { path: path.to_path_buf(), message })
 }
 
 #[cfg(test)]
@@ -418,7 +418,7 @@ mod tests {
         let text = DEBUG.replace("moe_router\"", "moe_ruoter\"");
         let err = parse(&text).unwrap_err();
         let msg = err.to_string();
-        assert!(matches!(err, CaptureError::ConfigSyntax { line: 7, .. }), "{msg}");
+        assert!(matches!(err, SessionError::ConfigSyntax { line: 7, .. }), "{msg}");
         assert!(msg.contains("`moe_ruoter`") && msg.contains("moe_router_logits"), "{msg}");
     }
 

@@ -8,13 +8,16 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use capture::lifecycle::{CaptureSession, RunRecord};
+use compare::manifest::ManifestPromptText;
 use pipeline::backend::contract::NumericContract;
-use pipeline::{Backend, CpuBackend, Forward, LoadMeter, Model, ModelSource};
+use pipeline::{Backend, CpuBackend, Forward, LoadMeter, Model, ModelSource, StepRecord};
 
 use crate::config::ModelSpec;
-use crate::error::{CaptureError, Result};
+use crate::error::{Result, SessionError};
+use crate::faults::FaultSpec;
 use crate::replay::{Replay, RoutingSpec};
-use crate::session::CaptureSession;
+
 use crate::spec::{BackendSpec, SessionSpec, run_bytes};
 
 /// A loaded model with the spec that runs on it.
@@ -131,6 +134,39 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// What a capture's manifest records of a pass on this session: its
+    /// backend, the tokens it generated in its steps, the faults injected
+    /// into it, the routing replayed into it, what forced its stages.
+    pub fn record<'r>(
+        &'r self,
+        (backend, dtype): (&'r str, &'r str),
+        (generated, steps): (&'r [u32], &'r [StepRecord]),
+        faults: &[FaultSpec],
+        replay: Option<&Replay>,
+        teacher_forced: Option<String>,
+    ) -> RunRecord<'r> {
+        let text = self.spec.resolved.text.as_ref();
+        RunRecord {
+            model: &self.model,
+            backend,
+            dtype,
+            prompt: self.spec.tokens(),
+            generated,
+            steps,
+            faults: faults.iter().map(ToString::to_string).collect(),
+            routing: replay.map(|r| serde_json::to_value(r.record()).expect("a replay record serialises")),
+            prompt_text: text.map(|p| ManifestPromptText {
+                text: p.text.clone(),
+                rendered: p.rendered.clone(),
+                tokenizer: p.tokenizer.path.display().to_string(),
+            }),
+            token_texts: text
+                .map(|p| p.tokenizer.token_texts(&[self.spec.tokens(), generated].concat()))
+                .unwrap_or_default(),
+            teacher_forced,
+        }
+    }
+
     /// Builds the backend `spec` names.
     fn backend(&self, spec: &BackendSpec) -> Result<Box<dyn Backend>> {
         let (store, threads) = (self.model.store.clone(), self.spec.threads);
@@ -151,7 +187,7 @@ impl<'a> Session<'a> {
                         backend.set_step_graphs(*graphs);
                         Ok(Box::new(backend))
                     }
-                    Err(pipeline::PipelineError::BackendUnavailable(why)) => Err(CaptureError::ConfigValue {
+                    Err(pipeline::PipelineError::BackendUnavailable(why)) => Err(SessionError::ConfigValue {
                         path: self.path.to_path_buf(),
                         message: format!("backend: {spec}: {why}"),
                     }),
@@ -159,7 +195,7 @@ impl<'a> Session<'a> {
                 }
             }
             #[cfg(not(feature = "cuda"))]
-            BackendSpec::Cuda { .. } => Err(CaptureError::ConfigValue {
+            BackendSpec::Cuda { .. } => Err(SessionError::ConfigValue {
                 path: self.path.to_path_buf(),
                 message: format!("backend: {spec}: this build has no CUDA support (build with the `cuda` feature)"),
             }),

@@ -9,10 +9,9 @@ use stage_types::SaveTensorStage;
 
 use crate::error::Result;
 use crate::faults::attach_faults;
-use crate::replay::Replay;
-use crate::session::{CaptureSession, RunRecord};
 use crate::session_builder::{Session, describe_model};
 use crate::spec::RunConfig;
+use capture::lifecycle::CaptureSession;
 
 /// Progress of a run, for display.
 #[derive(Debug, Clone, PartialEq)]
@@ -138,18 +137,9 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         graph_replays,
     };
     if let Some(session) = session {
-        let stats = session.commit(&RunRecord {
-            model,
-            backend: backend_name,
-            dtype: backend_dtype,
-            prompt: config.prompt_tokens(),
-            generated: &generation.generated,
-            steps: &generation.steps,
-            faults: &spec.faults,
-            routing: replay.as_ref().map(Replay::record),
-            prompt_text: spec.resolved.text.as_ref(),
-            teacher_forced: None,
-        })?;
+        let generation = (&generation.generated[..], &generation.steps[..]);
+        let record = opened.record((backend_name, backend_dtype), generation, &spec.faults, replay.as_ref(), None);
+        let stats = session.commit(&record)?;
         summary.tensors_written = stats.tensors;
         summary.bytes_written = stats.bytes;
         summary.out_dir = Some(stats.out_dir);

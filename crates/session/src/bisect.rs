@@ -24,7 +24,8 @@
 
 use std::path::Path;
 
-use compare::expected::{RATIO_THRESHOLD, judge_accumulated, mark_findings};
+use compare::expected::RATIO_THRESHOLD;
+use compare::findings::{judge_accumulated, mark_findings};
 use compare::scope::ExpertIds;
 use compare::{ExpectedTensors, Graft, Mode, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
 use pipeline::backend::contract::NumericContract;
@@ -33,11 +34,10 @@ use stage_types::SaveTensorStage as S;
 
 use crate::error::Result;
 use crate::faults::{FaultSpec, attach_faults};
-use crate::replay::Replay;
-use crate::session::{CaptureSession, RunRecord};
 use crate::session_builder::{Session, model_source};
 use crate::spec::BackendSpec;
 pub use crate::spec::{BisectConfig, BisectMode};
+use capture::lifecycle::CaptureSession;
 
 /// Options of a bisect run.
 #[derive(Debug, Clone, Default)]
@@ -190,7 +190,7 @@ pub fn bisect(
     drop((reference, target, expected));
     if let Some(sessions) = sessions {
         let faults: [&[FaultSpec]; 2] = [&[], &config.session.faults];
-        let routing = [None, replay.as_ref().map(Replay::record)];
+        let routing = [None, replay.as_ref()];
         let forced = [
             None,
             (report.mode == Mode::Local).then(|| {
@@ -200,20 +200,10 @@ pub fn bisect(
                 )
             }),
         ];
+        let generation = (&progress.generated[..], &progress.steps[..]);
         let sides = sessions.into_iter().zip(names).zip(faults).zip(routing).zip(forced);
-        for ((((session, (backend, dtype)), faults), routing), teacher_forced) in sides {
-            session.commit(&RunRecord {
-                model,
-                backend,
-                dtype,
-                prompt: config.session.tokens(),
-                generated: &progress.generated,
-                steps: &progress.steps,
-                faults,
-                routing,
-                prompt_text: config.session.resolved.text.as_ref(),
-                teacher_forced,
-            })?;
+        for ((((session, name), faults), routing), teacher_forced) in sides {
+            session.commit(&opened.record(name, generation, faults, routing, teacher_forced))?;
         }
         report.notes.push(format!(
             "captured to {}/reference and {}/target",

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde::de::{self, Deserializer};
-use stage_types::{IndexSet, StageList};
 
-use crate::error::{CaptureError, Result};
+pub use capture::selection::CaptureSpec;
+
+use crate::error::{Result, SessionError};
 use crate::prompt::{ChatMessage, PromptText, PromptTokenizer, TokenizerSpec, locate_tokenizer};
 
 /// Which model to run.
@@ -57,7 +58,7 @@ impl PromptSpec {
     /// checkpoint's). Empty prompts and prompts that tokenize to nothing are
     /// errors naming the field.
     pub fn resolve(&self, tokenizer: Option<&TokenizerSpec>, model: &ModelSpec, path: &Path) -> Result<ResolvedPrompt> {
-        let bad = |message: String| CaptureError::ConfigValue { path: path.to_path_buf(), message };
+        let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
         let tokenizer = || -> Result<std::sync::Arc<PromptTokenizer>> {
             let named = tokenizer.map(|TokenizerSpec::Path(p)| p.as_path());
             let checkpoint = match model {
@@ -94,68 +95,6 @@ impl PromptSpec {
         }
         Ok(resolved)
     }
-}
-
-/// A stage list written as a string in the config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StagesField(pub StageList);
-
-impl<'de> Deserialize<'de> for StagesField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        text.parse().map(StagesField).map_err(de::Error::custom)
-    }
-}
-
-/// A layer range written as a string in the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LayersField(pub IndexSet);
-
-impl<'de> Deserialize<'de> for LayersField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        IndexSet::parse_layers(&text).map(LayersField).map_err(de::Error::custom)
-    }
-}
-
-/// A step range written as a string in the config.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StepsField(pub IndexSet);
-
-impl<'de> Deserialize<'de> for StepsField {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        IndexSet::parse_steps(&text).map(StepsField).map_err(de::Error::custom)
-    }
-}
-
-fn all_stages() -> StagesField {
-    StagesField(StageList::all())
-}
-
-fn all_layers() -> LayersField {
-    LayersField(IndexSet::All)
-}
-
-fn all_steps() -> StepsField {
-    StepsField(IndexSet::All)
-}
-
-/// What to capture and where.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CaptureSpec {
-    /// Stages (default all).
-    #[serde(default = "all_stages")]
-    pub stages: StagesField,
-    /// Layers (default all).
-    #[serde(default = "all_layers")]
-    pub layers: LayersField,
-    /// Steps (default all).
-    #[serde(default = "all_steps")]
-    pub steps: StepsField,
-    /// Output folder (relative to the config file).
-    pub out_dir: PathBuf,
 }
 
 /// Deserialises `generate`, a count of tokens; `1.5`, `-1` or `"3"` get
@@ -201,7 +140,7 @@ pub(crate) fn parse_ron<T: serde::de::DeserializeOwned>(text: &str, path: &Path)
             Some(snippet) => format!("{what} (near `{snippet}`)"),
             None => what,
         };
-        CaptureError::ConfigSyntax { path: path.to_path_buf(), line, col, message }
+        SessionError::ConfigSyntax { path: path.to_path_buf(), line, col, message }
     })
 }
 
@@ -218,5 +157,5 @@ fn near(text: &str, line: usize, col: usize) -> Option<String> {
 /// Reads a config file.
 pub(crate) fn read_config(path: &Path) -> Result<String> {
     stage_types::input::read_regular_text(path, MAX_CONFIG_BYTES)
-        .map_err(|source| CaptureError::ReadConfig { path: path.to_path_buf(), source })
+        .map_err(|source| SessionError::ReadConfig { path: path.to_path_buf(), source })
 }

@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use capture::RunConfig;
 use compare::diff::{DiffOptions, diff};
+use session::RunConfig;
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("moetrace-diff-bench-{}", std::process::id()));
@@ -19,7 +19,7 @@ fn main() {
             dir.join(name)
         );
         let config = RunConfig::parse(&text, Path::new("bench.ron")).unwrap();
-        let out = capture::run(&config, Path::new("bench.ron"), &mut |_| {}).unwrap();
+        let out = session::run(&config, Path::new("bench.ron"), &mut |_| {}).unwrap();
         println!(
             "capture {name}: {} tensors, {:.1} MB",
             out.summary.tensors_written,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use stage_types::input::{MIB, read_regular, read_regular_text};
 
-use crate::error::{CaptureError, Result};
+use crate::error::{Result, SessionError};
 
 /// One message of a chat prompt.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -63,11 +63,11 @@ impl PromptTokenizer {
             return Self::load_gguf(path);
         }
         let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
-        let bad = |message: String| CaptureError::Tokenizer { path: file.clone(), message };
+        let bad = |message: String| SessionError::Tokenizer { path: file.clone(), message };
         let bytes = read_regular(&file, MAX_TOKENIZER_BYTES).map_err(|e| bad(format!("cannot read it: {e}")))?;
         let config_path = file.with_file_name("tokenizer_config.json");
         let config = if config_path.is_file() {
-            Some(read_regular_text(&config_path, MAX_TOKENIZER_CONFIG_BYTES).map_err(|e| CaptureError::Tokenizer {
+            Some(read_regular_text(&config_path, MAX_TOKENIZER_CONFIG_BYTES).map_err(|e| SessionError::Tokenizer {
                 path: config_path.clone(),
                 message: format!("cannot read it: {e}"),
             })?)
@@ -81,12 +81,12 @@ impl PromptTokenizer {
     /// which errors name) and the text of tokenizer_config.json beside it,
     /// if any (its chat template and special tokens).
     pub fn from_parts(file: &Path, tokenizer_json: &[u8], config: Option<&str>) -> Result<Self> {
-        let bad = |message: String| CaptureError::Tokenizer { path: file.to_path_buf(), message };
+        let bad = |message: String| SessionError::Tokenizer { path: file.to_path_buf(), message };
         let tokenizer = tokenizers::Tokenizer::from_bytes(tokenizer_json)
             .map_err(|e| bad(format!("not a Hugging Face tokenizer.json: {e}")))?;
         let (mut chat_template, mut bos_token, mut eos_token) = (None, None, None);
         if let Some(text) = config {
-            let json: serde_json::Value = serde_json::from_str(text).map_err(|e| CaptureError::Tokenizer {
+            let json: serde_json::Value = serde_json::from_str(text).map_err(|e| SessionError::Tokenizer {
                 path: file.with_file_name("tokenizer_config.json"),
                 message: format!("not JSON: {e}"),
             })?;
@@ -100,7 +100,7 @@ impl PromptTokenizer {
     /// The tokenizer a GGUF file's metadata describes (prompt_gguf.rs), its
     /// chat template `tokenizer.chat_template`.
     fn load_gguf(path: &Path) -> Result<Self> {
-        let bad = |message: String| CaptureError::Tokenizer { path: path.to_path_buf(), message };
+        let bad = |message: String| SessionError::Tokenizer { path: path.to_path_buf(), message };
         let header = pipeline::weights::read_gguf_header(path).map_err(|e| bad(e.to_string()))?;
         let built = crate::prompt_gguf::tokenizer_of(&header).map_err(bad)?;
         let tokenizer = tokenizers::Tokenizer::from_bytes(&built.json)
@@ -137,7 +137,7 @@ impl PromptTokenizer {
 
     /// [`Self::render_chat`] within `fuel` template instructions.
     pub fn render_chat_with_fuel(&self, messages: &[ChatMessage], fuel: u64) -> Result<String> {
-        let bad = |message: String| CaptureError::Tokenizer { path: self.path.clone(), message };
+        let bad = |message: String| SessionError::Tokenizer { path: self.path.clone(), message };
         let template = self.chat_template.as_deref().ok_or_else(|| {
             let source = if is_gguf(&self.path) {
                 "its metadata has no `tokenizer.chat_template`"
@@ -189,7 +189,7 @@ impl PromptTokenizer {
     }
 
     fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let encoding = self.tokenizer.encode(text, add_special_tokens).map_err(|e| CaptureError::Tokenizer {
+        let encoding = self.tokenizer.encode(text, add_special_tokens).map_err(|e| SessionError::Tokenizer {
             path: self.path.clone(),
             message: format!("cannot tokenize the prompt: {e}"),
         })?;
@@ -266,14 +266,14 @@ pub fn locate_tokenizer(named: Option<&Path>, checkpoint: Option<&Path>, config_
     match checkpoint {
         Some(file) if is_gguf(file) => Ok(file.to_path_buf()),
         Some(dir) if dir.join("tokenizer.json").is_file() => Ok(dir.join("tokenizer.json")),
-        Some(dir) => Err(CaptureError::ConfigValue {
+        Some(dir) => Err(SessionError::ConfigValue {
             path: config_path.to_path_buf(),
             message: format!(
                 "a text prompt needs a tokenizer: {} has no tokenizer.json; name one with tokenizer: Path(\"...\")",
                 dir.display()
             ),
         }),
-        None => Err(CaptureError::ConfigValue {
+        None => Err(SessionError::ConfigValue {
             path: config_path.to_path_buf(),
             message: "a text prompt needs a tokenizer and the synthetic presets have none: add tokenizer: Path(\"...\") (a folder with tokenizer.json, e.g. Qwen3's, whose vocabulary fits qwen3-30b-a3b), or give prompt: Tokens([..])".into(),
         }),

@@ -8,9 +8,8 @@ use std::path::{Path, PathBuf};
 use pipeline::{Forward, Model, ModelSource, StepRecord};
 use stage_types::{SaveTensorStage, Scope};
 
-use crate::config::CaptureSpec;
 use crate::error::Result;
-use crate::faults::FaultSpec;
+use crate::selection::CaptureSpec;
 use crate::systems::{CaptureSelection, attach_capture};
 use crate::target::CaptureTarget;
 use crate::writer::CaptureWriter;
@@ -30,12 +29,14 @@ pub struct RunRecord<'a> {
     pub generated: &'a [u32],
     /// Steps that ran.
     pub steps: &'a [StepRecord],
-    /// Faults injected.
-    pub faults: &'a [FaultSpec],
-    /// The replayed routing, if any.
-    pub routing: Option<crate::replay::ReplayRecord>,
+    /// Faults injected, as their specs read.
+    pub faults: Vec<String>,
+    /// The replayed routing, if any (what the replay recorded, as JSON).
+    pub routing: Option<serde_json::Value>,
     /// The prompt's text and tokenizer, for a text prompt.
-    pub prompt_text: Option<&'a crate::prompt::PromptText>,
+    pub prompt_text: Option<ManifestPromptText>,
+    /// The text of each token (prompt then generated), for a text prompt.
+    pub token_texts: Vec<String>,
     /// What forced the run's stages, when it was teacher-forced.
     pub teacher_forced: Option<String>,
 }
@@ -178,18 +179,11 @@ impl CaptureSession {
                 .map(|s| ManifestStep { step: s.step, start_position: s.start_position, tokens: s.tokens.clone() })
                 .collect(),
             tensors: report.entries,
-            faults: run.faults.iter().map(|f| f.to_string()).collect(),
+            faults: run.faults.clone(),
             teacher_forced: run.teacher_forced.clone(),
-            routing: run.routing.as_ref().map(|r| serde_json::to_value(r).expect("a replay record serialises")),
-            prompt_text: run.prompt_text.map(|p| ManifestPromptText {
-                text: p.text.clone(),
-                rendered: p.rendered.clone(),
-                tokenizer: p.tokenizer.path.display().to_string(),
-            }),
-            token_texts: run
-                .prompt_text
-                .map(|p| p.tokenizer.token_texts(&[run.prompt, run.generated].concat()))
-                .unwrap_or_default(),
+            routing: run.routing.clone(),
+            prompt_text: run.prompt_text.clone(),
+            token_texts: run.token_texts.clone(),
         };
         let stats = CaptureStats {
             tensors: manifest.tensors.len(),

@@ -17,7 +17,7 @@ use pipeline::{Forward, HookCtx, HostTensor, ModelConfig, PipelineError};
 use serde::{Deserialize, Serialize};
 use stage_types::SaveTensorStage as S;
 
-use crate::error::{CaptureError, Result};
+use crate::error::{Result, SessionError};
 
 /// Where a run's routing comes from.
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
@@ -64,7 +64,7 @@ impl Replay {
     /// of every MoE layer at each of them. `config_path` names the config
     /// in errors.
     pub fn open(dir: &Path, model: &ModelConfig, prompt: &[u32], steps: usize, config_path: &Path) -> Result<Self> {
-        let bad = |message: String| CaptureError::ConfigValue {
+        let bad = |message: String| SessionError::ConfigValue {
             path: config_path.to_path_buf(),
             message: format!("routing: Replay({}): {message}", dir.display()),
         };
