@@ -24,6 +24,32 @@ fn diff_exit_codes_are_0_without_and_1_with_a_divergence() {
 }
 
 #[test]
+fn diff_refuses_captures_of_another_computation_but_not_another_spelling() {
+    let dir = scratch("compare-configs");
+    let a = capture(&dir, "a", "");
+    let respelled = capture(&dir, "respelled", "");
+    let other = capture(&dir, "other", "");
+    let edit = |capture: &Path, f: &dyn Fn(&mut serde_json::Value)| {
+        let path = capture.join("manifest.json");
+        let mut m: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        f(&mut m["model"]["config"]);
+        std::fs::write(&path, m.to_string()).unwrap();
+    };
+    edit(&respelled, &|c| {
+        let experts = c["num_experts"].take();
+        c["num_local_experts"] = experts;
+        c.as_object_mut().unwrap().remove("num_experts");
+        c["torch_dtype"] = "float32".into();
+    });
+    edit(&other, &|c| c["rms_norm_eps"] = 1e-5.into());
+    let (a, respelled, other) = (a.to_str().unwrap(), respelled.to_str().unwrap(), other.to_str().unwrap());
+    assert_eq!(moetrace(&["diff", a, respelled]).status.code(), Some(0), "same computation, other spellings");
+    expect_error(&moetrace(&["diff", a, other]), &["model configs differ", "--force"]);
+    let forced = moetrace(&["diff", "--force", a, other]);
+    assert_eq!(forced.status.code(), Some(0), "{}", stderr(&forced));
+}
+
+#[test]
 fn diff_rejects_bad_captures_with_exit_2() {
     let dir = scratch("compare-bad");
     let good = capture(&dir, "good", "");

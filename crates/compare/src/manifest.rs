@@ -169,48 +169,8 @@ pub fn tensor_path(step: usize, layer: Option<usize>, stage: &str) -> String {
     }
 }
 
-/// The config.json entries that decide what a Qwen3 / Qwen3-MoE model
-/// computes, with both key spellings folded into one (`num_experts` /
-/// `num_local_experts`, `rope_theta` / `rope_parameters.rope_theta`) and
-/// defaults filled in. Two captures whose fingerprints differ are not of
-/// the same computation. Dtype and architecture names are left out.
-pub fn model_fingerprint(config: &serde_json::Value) -> std::collections::BTreeMap<&'static str, serde_json::Value> {
-    use serde_json::{Value, json};
-    let get = |keys: &[&str]| keys.iter().find_map(|k| config.get(*k)).cloned();
-    let num = |v: Option<Value>| v.and_then(|v| v.as_f64()).map(|x| json!(x));
-    let mut out = std::collections::BTreeMap::new();
-    for key in [
-        "hidden_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "num_key_value_heads",
-        "head_dim",
-        "intermediate_size",
-        "moe_intermediate_size",
-        "num_experts_per_tok",
-        "vocab_size",
-    ] {
-        out.insert(key, num(get(&[key])).unwrap_or(Value::Null));
-    }
-    out.insert("num_experts", num(get(&["num_experts", "num_local_experts"])).unwrap_or(json!(0.0)));
-    out.insert("decoder_sparse_step", num(get(&["decoder_sparse_step"])).unwrap_or(json!(1.0)));
-    out.insert("rms_norm_eps", num(get(&["rms_norm_eps"])).unwrap_or(json!(1e-6)));
-    let theta =
-        get(&["rope_theta"]).or_else(|| config.get("rope_parameters").and_then(|p| p.get("rope_theta")).cloned());
-    out.insert("rope_theta", num(theta).unwrap_or(Value::Null));
-    for key in ["norm_topk_prob", "tie_word_embeddings", "attention_bias"] {
-        out.insert(key, get(&[key]).unwrap_or(json!(false)));
-    }
-    out.insert("mlp_only_layers", get(&["mlp_only_layers"]).unwrap_or(json!([])));
-    out
-}
-
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
-
-    use super::model_fingerprint;
-
     #[test]
     fn tensor_paths_must_stay_inside_the_capture() {
         use super::check_relative_path as check;
@@ -218,14 +178,5 @@ mod tests {
         for bad in ["/etc/passwd", "../x.npy", "step-0/../../x.npy", "a//b", "./a", "", "C:/x", "a\\b"] {
             assert!(check(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn fingerprints_fold_key_spellings_and_ignore_dtype() {
-        let a = json!({"hidden_size": 64, "num_experts": 8, "rope_theta": 1e6, "torch_dtype": "bfloat16"});
-        let b = json!({"hidden_size": 64, "num_local_experts": 8, "rope_parameters": {"rope_theta": 1000000.0}, "dtype": "float32"});
-        assert_eq!(model_fingerprint(&a), model_fingerprint(&b));
-        let c = json!({"hidden_size": 64, "num_experts": 16, "rope_theta": 1e6});
-        assert_ne!(model_fingerprint(&a), model_fingerprint(&c));
     }
 }

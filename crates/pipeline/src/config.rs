@@ -117,6 +117,22 @@ impl ModelConfig {
         Self::from_json(json, path)
     }
 
+    /// Whether `self` and `other` compute the same thing: every
+    /// hyper-parameter and the family equal, whatever key spellings,
+    /// declared dtype or trained length their config.json has.
+    pub fn same_computation(&self, other: &Self) -> bool {
+        let computation = |c: &Self| Self { dtype: None, json: Value::Null, max_positions: None, ..c.clone() };
+        computation(self) == computation(other)
+    }
+
+    /// [`ModelConfig::same_computation`] of two config.json values (as
+    /// capture manifests record them; for tools that compare captures and
+    /// do not parse configs themselves). Err names why one cannot be read.
+    pub fn same_computation_json(a: &Value, b: &Value) -> std::result::Result<bool, String> {
+        let parse = |v: &Value| Self::from_json(v.clone(), Path::new("manifest.json")).map_err(|e| e.to_string());
+        Ok(parse(a)?.same_computation(&parse(b)?))
+    }
+
     /// Validates a parsed config.json; `path` is only for messages.
     pub fn from_json(json: Value, path: &Path) -> Result<Self> {
         let obj = json.as_object().ok_or_else(|| PipelineError::BadConfig {
@@ -405,6 +421,26 @@ mod tests {
 
     fn parse(v: Value) -> Result<ModelConfig> {
         ModelConfig::from_json(v, Path::new("config.json"))
+    }
+
+    #[test]
+    fn one_computation_whatever_the_spellings_dtype_or_trained_length() {
+        let a = moe_json();
+        let mut b = moe_json();
+        let o = b.as_object_mut().unwrap();
+        o.remove("num_experts");
+        o.insert("num_local_experts".into(), json!(8));
+        o.remove("rope_theta");
+        o.insert("rope_parameters".into(), json!({"rope_theta": 1000000.0}));
+        o.insert("torch_dtype".into(), json!("float32"));
+        o.insert("max_position_embeddings".into(), json!(4096));
+        assert_eq!(ModelConfig::same_computation_json(&a, &b), Ok(true));
+        let mut c = moe_json();
+        c["num_experts_per_tok"] = json!(4);
+        assert_eq!(ModelConfig::same_computation_json(&a, &c), Ok(false));
+        let err =
+            ModelConfig::same_computation_json(&a, &json!({"architectures": ["MixtralForCausalLM"]})).unwrap_err();
+        assert!(err.contains("MixtralForCausalLM"), "{err}");
     }
 
     #[test]

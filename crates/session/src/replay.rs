@@ -12,7 +12,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use compare::CaptureDir;
-use compare::manifest::model_fingerprint;
 use pipeline::{Forward, HookCtx, HostTensor, ModelConfig, PipelineError};
 use serde::{Deserialize, Serialize};
 use stage_types::SaveTensorStage as S;
@@ -70,7 +69,7 @@ impl Replay {
         };
         let source = CaptureDir::open(dir).map_err(|e| bad(e.to_string()))?;
         let m = &source.manifest;
-        if model_fingerprint(&m.model.config) != model_fingerprint(&model.json) {
+        if !ModelConfig::same_computation_json(&m.model.config, &model.json).unwrap_or(false) {
             let of = |c: &serde_json::Value, k: &str| c.get(k).cloned().unwrap_or_default();
             return Err(bad(format!(
                 "the capture is of another model ({} layers, hidden {}; this run: {} layers, hidden {})",

@@ -37,7 +37,11 @@ pub fn execute(args: &DiffArgs) -> Result<ExitCode, String> {
     if let Some(path) = &args.html {
         super::report::check_html_path(path)?;
     }
-    let report = diff(&args.reference, &args.target, &DiffOptions { tolerances, force: args.force })
-        .map_err(|e| e.to_string())?;
+    let report = diff(
+        &args.reference,
+        &args.target,
+        &DiffOptions { tolerances, force: args.force, same_model: Some(pipeline::ModelConfig::same_computation_json) },
+    )
+    .map_err(|e| e.to_string())?;
     super::print_report(&report, args.json, args.all, args.html.as_deref())
 }
