@@ -45,7 +45,7 @@ fn localise_every_stage(name: &str) {
         let layer = stage.is_layer_stage().then(|| {
             (0..config.num_layers)
                 .map(|l| (l + i) % config.num_layers)
-                .find(|&l| stage.applies_to(!config.is_moe_layer(l), config.attention_bias))
+                .find(|&l| stage.applies_to(config.layer_traits(l)))
         });
         let layer = match layer {
             Some(None) => continue, // no layer of this model has the stage

@@ -94,7 +94,7 @@ pub fn gpu_enabled() -> bool {
 /// and its config; None (with the skip message) when the fixture is absent.
 pub fn model_spec(name: &str) -> Option<(String, pipeline::ModelConfig)> {
     match name {
-        "tiny-moe" | "tiny-dense" => {
+        "tiny-moe" | "tiny-dense" | "tiny-mixtral" => {
             let spec = format!("Synthetic(preset: {name:?}, seed: 5)");
             Some((spec, pipeline::weights::SyntheticPreset::by_name(name).ok()?.config(None).ok()?))
         }

@@ -45,7 +45,7 @@ fn every_stage_is_named_alone(name: &str) {
         let layer = stage.is_layer_stage().then(|| {
             (0..config.num_layers)
                 .map(|l| (l + 3 * i + 1) % config.num_layers)
-                .find(|&l| stage.applies_to(!config.is_moe_layer(l), config.attention_bias))
+                .find(|&l| stage.applies_to(config.layer_traits(l)))
         });
         let layer = match layer {
             Some(None) => continue,
@@ -87,6 +87,13 @@ fn every_stage_fault_is_named_alone_on_tiny_moe() {
 #[test]
 fn every_stage_fault_is_named_alone_on_tiny_dense() {
     every_stage_is_named_alone("tiny-dense");
+}
+
+#[test]
+fn every_stage_fault_is_named_alone_on_tiny_mixtral() {
+    // A family without q/k norm: its layers have no qk_norm stage, RoPE
+    // reads the projections.
+    every_stage_is_named_alone("tiny-mixtral");
 }
 
 #[test]

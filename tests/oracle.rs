@@ -80,6 +80,15 @@ fn cpu_matches_the_in_repo_oracle_moe() {
 }
 
 #[test]
+fn cpu_matches_the_in_repo_oracle_mixtral() {
+    // A Mixtral checkpoint as the hub ships them (block_sparse_moe names,
+    // no q/k norm, head_dim from hidden/heads), made by
+    // python/tools/make_oracle_fixture.py (kind `mixtral`).
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-mixtral-oracle");
+    check_oracle_dir("tiny-mixtral-oracle", &dir, &dir.join("model"), 4);
+}
+
+#[test]
 fn cpu_matches_the_in_repo_oracle_dense() {
     let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-dense-oracle");
     check_oracle_dir("tiny-dense-oracle", &dir, &dir.join("model"), 4);

@@ -78,7 +78,8 @@ class _StepRecorder:
             attn = layer.self_attn
             hook(layer.input_layernorm.register_forward_hook(out_hook("attn_norm")))
             for name in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm"):
-                hook(getattr(attn, name).register_forward_hook(out_hook(name)))
+                if hasattr(attn, name):  # q_norm and k_norm: Qwen3, not Mixtral
+                    hook(getattr(attn, name).register_forward_hook(out_hook(name)))
             hook(attn.o_proj.register_forward_pre_hook(lambda mod, i, li=li: self._put((li, "attention"), i[0][0])))
             hook(attn.o_proj.register_forward_hook(out_hook("attn_out")))
             hook(layer.post_attention_layernorm.register_forward_hook(out_hook("ffn_norm")))
@@ -109,8 +110,11 @@ class _StepRecorder:
             g = {k[1]: v for k, v in got.items() if isinstance(k, tuple) and k[0] == li}
             save(step, li, "attn_norm", g["attn_norm"])
             save(step, li, "qkv_matmul", torch.cat([g["q_proj"], g["k_proj"], g["v_proj"]], dim=-1))
-            qn, kn = g["q_norm"].reshape(t_len, nh, hd), g["k_norm"].reshape(t_len, nkv, hd)
-            save(step, li, "qk_norm", torch.cat([qn.reshape(t_len, -1), kn.reshape(t_len, -1)], dim=-1))
+            if "q_norm" in g:
+                qn, kn = g["q_norm"].reshape(t_len, nh, hd), g["k_norm"].reshape(t_len, nkv, hd)
+                save(step, li, "qk_norm", torch.cat([qn.reshape(t_len, -1), kn.reshape(t_len, -1)], dim=-1))
+            else:  # no q/k norm: RoPE reads the projections
+                qn, kn = g["q_proj"].reshape(t_len, nh, hd), g["k_proj"].reshape(t_len, nkv, hd)
             qr, kr = rope(qn.transpose(0, 1)[None], kn.transpose(0, 1)[None], cos, sin)
             q_post, k_post = qr[0].transpose(0, 1).reshape(t_len, -1), kr[0].transpose(0, 1).reshape(t_len, -1)
             save(step, li, "q_post_rope", q_post)

@@ -7,7 +7,7 @@ STAGES = (
     ("attn_norm", "layer", "all", "[T,H]", "float32"),
     ("qkv_matmul", "layer", "all", "[T,(nh+2nkv)*hd]", "float32"),
     ("qkv_bias", "layer", "qkv-bias", "[T,(nh+2nkv)*hd]", "float32"),
-    ("qk_norm", "layer", "all", "[T,(nh+nkv)*hd]", "float32"),
+    ("qk_norm", "layer", "qk-norm", "[T,(nh+nkv)*hd]", "float32"),
     ("q_post_rope", "layer", "all", "[T,nh*hd]", "float32"),
     ("k_post_rope", "layer", "all", "[T,nkv*hd]", "float32"),
     ("attn_scores", "layer", "all", "[nh,T,P]", "float32"),

@@ -1,4 +1,4 @@
-"""moetrace's own oracle: a tiny random Qwen3-MoE or Qwen3 checkpoint (bf16
+"""moetrace's own oracle: a tiny random Qwen3-MoE, Qwen3 or Mixtral checkpoint (bf16
 safetensors in the Hugging Face layout) and Hugging Face transformers'
 float64 forward of it, captured at every stage with moetrace_capture.hf
 (prompt, then greedy decode steps). tests/fixtures/ holds two made by it,
@@ -6,7 +6,7 @@ so a fresh clone's oracle tests run; ../shared/fixtures, made by other
 code, stays the independent cross-check. New architectures get their
 oracle the same way.
 
-Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense SEED [key=value ...]
+Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral SEED [key=value ...]
 (keys: vocab hidden layers heads kv_heads head_dim experts topk moe_inter
 inter prompt generate router_scale). Needs torch, transformers, safetensors.
 """
@@ -46,9 +46,18 @@ for i in range(L):
     sd[p + "self_attn.k_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
     sd[p + "self_attn.v_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
     sd[p + "self_attn.o_proj.weight"] = rn(H, nh * hd, std=1 / math.sqrt(nh * hd))
-    sd[p + "self_attn.q_norm.weight"] = 1 + rn(hd, std=0.1)
-    sd[p + "self_attn.k_norm.weight"] = 1 + rn(hd, std=0.1)
-    if kind == "moe":
+    if kind != "mixtral":
+        sd[p + "self_attn.q_norm.weight"] = 1 + rn(hd, std=0.1)
+        sd[p + "self_attn.k_norm.weight"] = 1 + rn(hd, std=0.1)
+    if kind == "mixtral":
+        # The hub checkpoints' names: block_sparse_moe, w1 gate, w3 up, w2 down.
+        E, I = D["experts"], D["moe_inter"]
+        sd[p + "block_sparse_moe.gate.weight"] = rn(E, H, std=D["router_scale"] / math.sqrt(H))
+        for e in range(E):
+            sd[p + f"block_sparse_moe.experts.{e}.w1.weight"] = rn(I, H, std=1 / math.sqrt(H))
+            sd[p + f"block_sparse_moe.experts.{e}.w3.weight"] = rn(I, H, std=1 / math.sqrt(H))
+            sd[p + f"block_sparse_moe.experts.{e}.w2.weight"] = rn(H, I, std=1 / math.sqrt(I))
+    elif kind == "moe":
         E, I = D["experts"], D["moe_inter"]
         sd[p + "mlp.gate.weight"] = rn(E, H, std=D["router_scale"] / math.sqrt(H))
         for e in range(E):
@@ -68,7 +77,15 @@ save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, os.path
 common = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=nh, num_key_value_heads=nkv,
               head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=False,
               attention_bias=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
-if kind == "moe":
+if kind == "mixtral":
+    # No head_dim key: Mixtral's is hidden / heads (the fixture's dims keep
+    # them equal). The experts' width is intermediate_size.
+    mixtral = {k: v for k, v in common.items() if k != "head_dim"}
+    assert H // nh == hd, "Mixtral's head_dim is hidden_size / num_attention_heads"
+    config = transformers.MixtralConfig(num_local_experts=D["experts"], num_experts_per_tok=D["topk"],
+                                        intermediate_size=D["moe_inter"], **mixtral)
+    cls = transformers.MixtralForCausalLM
+elif kind == "moe":
     config = transformers.Qwen3MoeConfig(num_experts=D["experts"], num_experts_per_tok=D["topk"],
                                          moe_intermediate_size=D["moe_inter"], intermediate_size=D["inter"],
                                          norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **common)
@@ -78,9 +95,14 @@ else:
     cls = transformers.Qwen3ForCausalLM
 config.save_pretrained(model_dir)
 try:
-    model = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager", experts_implementation="eager")
+    model, info = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager",
+                                      experts_implementation="eager", output_loading_info=True)
 except TypeError:
-    model = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager")
+    model, info = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager",
+                                      output_loading_info=True)
+# Every tensor of the checkpoint must have been read (a name transformers
+# does not map would leave random weights in the oracle).
+assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
 model.eval()
 prompt = [int(t) for t in D["prompt"].split(",")]
 activations = os.path.join(out_root, name, "activations")

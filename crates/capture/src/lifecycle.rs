@@ -103,13 +103,8 @@ impl CaptureSession {
             if !sel.layers.contains(layer) {
                 continue;
             }
-            let dense = !config.is_moe_layer(layer);
-            wanted.extend(
-                sel.stages
-                    .iter()
-                    .filter(|s| s.scope() == Scope::Layer && s.applies_to(dense, config.attention_bias))
-                    .map(numel),
-            );
+            let traits = config.layer_traits(layer);
+            wanted.extend(sel.stages.iter().filter(|s| s.scope() == Scope::Layer && s.applies_to(traits)).map(numel));
         }
         wanted.extend(model_stages(false).map(numel));
         wanted

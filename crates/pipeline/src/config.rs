@@ -66,6 +66,13 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     /// q/k/v projections have a bias (not Qwen3; Qwen2-style).
     pub attention_bias: bool,
+    /// Per-head RMSNorm of q and k before RoPE (the family's: Qwen3 has it,
+    /// Mixtral not).
+    pub qk_norm: bool,
+    /// Positions each query sees at most (`sliding_window`), if the model
+    /// limits them; runs are refused beyond it (the window is not
+    /// implemented, and within it it changes nothing).
+    pub sliding_window: Option<usize>,
     /// The checkpoint's declared dtype (`torch_dtype` or `dtype`), if any.
     pub dtype: Option<String>,
     /// The config as JSON (the file's own content for checkpoints), for
@@ -73,37 +80,31 @@ pub struct ModelConfig {
     pub json: Value,
 }
 
-/// The model families moetrace runs: (`architectures[0]`, `model_type`).
-pub const FAMILIES: [(&str, &str); 2] = [("Qwen3ForCausalLM", "qwen3"), ("Qwen3MoeForCausalLM", "qwen3_moe")];
+pub use crate::families::families_text;
+use crate::families::{Family, QWEN3, QWEN3_MOE};
 
-/// What moetrace runs, for messages: `Qwen3ForCausalLM (qwen3), ...`.
-pub fn families_text() -> String {
-    FAMILIES.iter().map(|(a, t)| format!("{a} ({t})")).collect::<Vec<_>>().join(", ")
-}
-
-/// Refuses a config of a family moetrace does not run, by its name
-/// (`architectures[0]`, else `model_type`), before any key of it is read:
-/// a Mixtral or DeepSeek-V3 folder is "not supported", not a missing key
-/// or tensor. A config naming neither is read as Qwen3.
-fn check_family(obj: &serde_json::Map<String, Value>, path: &Path) -> Result<()> {
+/// The family of a config (`architectures[0]`, else `model_type`), read
+/// before any other key: a DeepSeek-V3 folder is "not supported", not a
+/// missing key or tensor. A config naming neither is read as Qwen3 (MoE
+/// when it has experts).
+fn family_of(obj: &serde_json::Map<String, Value>, path: &Path, has_experts: bool) -> Result<&'static Family> {
     let architecture = obj.get("architectures").and_then(|a| a.get(0)).and_then(Value::as_str);
     let model_type = obj.get("model_type").and_then(Value::as_str);
-    let known = match (architecture, model_type) {
-        (Some(a), _) => FAMILIES.iter().any(|(fa, _)| *fa == a),
-        (None, Some(t)) => FAMILIES.iter().any(|(_, ft)| *ft == t),
-        (None, None) => true,
+    let found = match (architecture, model_type) {
+        (Some(a), _) => Family::by_architecture(a),
+        (None, Some(t)) => Family::by_model_type(t),
+        (None, None) => Some(if has_experts { &QWEN3_MOE } else { &QWEN3 }),
     };
-    if known {
-        return Ok(());
-    }
-    let name = match (architecture, model_type) {
-        (Some(a), Some(t)) => format!("{a} (model_type {t})"),
-        (Some(a), None) => a.to_string(),
-        (None, t) => format!("model_type {}", t.unwrap_or_default()),
-    };
-    Err(PipelineError::Unsupported {
-        path: path.to_path_buf(),
-        message: format!("{name} is not a model family moetrace runs; it runs {}", families_text()),
+    found.ok_or_else(|| {
+        let name = match (architecture, model_type) {
+            (Some(a), Some(t)) => format!("{a} (model_type {t})"),
+            (Some(a), None) => a.to_string(),
+            (None, t) => format!("model_type {}", t.unwrap_or_default()),
+        };
+        PipelineError::Unsupported {
+            path: path.to_path_buf(),
+            message: format!("{name} is not a model family moetrace runs; it runs {}", families_text()),
+        }
     })
 }
 
@@ -139,23 +140,20 @@ impl ModelConfig {
             path: path.to_path_buf(),
             message: "the top level is not a JSON object".into(),
         })?;
-        check_family(obj, path)?;
+        let has_experts =
+            ["num_experts", "num_local_experts"].iter().any(|k| obj.get(*k).is_some_and(|v| v.as_u64() != Some(0)));
+        let family = family_of(obj, path, has_experts)?;
         let keys = Keys { obj, path };
         let num_experts = keys.opt_usize(&["num_experts", "num_local_experts"])?.unwrap_or(0);
         let model_type = keys.opt_str("model_type")?.unwrap_or_default();
-        let is_moe = num_experts > 0 || model_type.contains("moe");
+        let is_moe = num_experts > 0 || model_type.contains("moe") || family.expert_width_key == "intermediate_size";
         let hidden_size = keys.usize(&["hidden_size"])?;
         let num_heads = keys.usize(&["num_attention_heads"])?;
         let head_dim = match keys.opt_usize(&["head_dim"])? {
             Some(hd) => hd,
             None => hidden_size / num_heads.max(1),
         };
-        let architecture = obj
-            .get("architectures")
-            .and_then(|a| a.get(0))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-            .unwrap_or_else(|| if is_moe { "Qwen3MoeForCausalLM".into() } else { "Qwen3ForCausalLM".into() });
+        let architecture = family.architecture.to_string();
         let rope_theta = match keys.opt_f64(&["rope_theta"])? {
             Some(t) => t,
             None => match obj.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
@@ -176,11 +174,17 @@ impl ModelConfig {
             num_heads,
             num_kv_heads: keys.usize(&["num_key_value_heads"])?,
             head_dim,
-            intermediate_size: keys.opt_usize(&["intermediate_size"])?.unwrap_or(0),
-            moe_intermediate_size: if is_moe { keys.usize(&["moe_intermediate_size"])? } else { 0 },
+            // A family whose experts' width is `intermediate_size` has no
+            // dense layer to use it for.
+            intermediate_size: if family.expert_width_key == "intermediate_size" {
+                0
+            } else {
+                keys.opt_usize(&["intermediate_size"])?.unwrap_or(0)
+            },
+            moe_intermediate_size: if is_moe { keys.usize(&[family.expert_width_key])? } else { 0 },
             num_experts: if is_moe { keys.usize(&["num_experts", "num_local_experts"])? } else { 0 },
             experts_per_token: if is_moe { keys.usize(&["num_experts_per_tok"])? } else { 0 },
-            norm_topk_prob: keys.opt_bool("norm_topk_prob")?.unwrap_or(false),
+            norm_topk_prob: keys.opt_bool("norm_topk_prob")?.unwrap_or(family.norm_topk_default),
             decoder_sparse_step: keys.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
             mlp_only_layers: match obj.get("mlp_only_layers") {
                 None | Some(Value::Null) => Vec::new(),
@@ -193,6 +197,11 @@ impl ModelConfig {
             max_positions: keys.opt_usize(&["max_position_embeddings"])?,
             tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias: keys.opt_bool("attention_bias")?.unwrap_or(false),
+            qk_norm: family.qk_norm,
+            sliding_window: match obj.get("use_sliding_window") {
+                Some(Value::Bool(false)) => None,
+                _ => keys.opt_usize(&["sliding_window"])?,
+            },
             dtype: match keys.opt_str("torch_dtype")? {
                 Some(d) => Some(d),
                 None => keys.opt_str("dtype")?,
@@ -333,6 +342,15 @@ impl ModelConfig {
             && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
+    /// The optional parts layer `layer` has (which stages it produces).
+    pub fn layer_traits(&self, layer: usize) -> stage_types::LayerTraits {
+        stage_types::LayerTraits {
+            dense: !self.is_moe_layer(layer),
+            qkv_bias: self.attention_bias,
+            qk_norm: self.qk_norm,
+        }
+    }
+
     /// Width of the qkv_matmul output: (nh + 2 nkv) * hd.
     pub fn qkv_width(&self) -> usize {
         (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
@@ -439,8 +457,8 @@ mod tests {
         c["num_experts_per_tok"] = json!(4);
         assert_eq!(ModelConfig::same_computation_json(&a, &c), Ok(false));
         let err =
-            ModelConfig::same_computation_json(&a, &json!({"architectures": ["MixtralForCausalLM"]})).unwrap_err();
-        assert!(err.contains("MixtralForCausalLM"), "{err}");
+            ModelConfig::same_computation_json(&a, &json!({"architectures": ["DeepseekV3ForCausalLM"]})).unwrap_err();
+        assert!(err.contains("DeepseekV3ForCausalLM"), "{err}");
     }
 
     #[test]

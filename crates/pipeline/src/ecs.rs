@@ -155,6 +155,8 @@ pub struct CurrentLayer {
     pub kind: Option<LayerKind>,
     /// Whether its attention projections have a bias.
     pub qkv_bias: bool,
+    /// Whether its attention normalises q and k per head.
+    pub qk_norm: bool,
 }
 
 /// Stages produced since the current schedule run began; observers check
@@ -303,4 +305,9 @@ pub fn layer_is_moe(layer: Res<CurrentLayer>) -> bool {
 /// Run condition: the current layer's attention has a QKV bias.
 pub fn layer_has_qkv_bias(layer: Res<CurrentLayer>) -> bool {
     layer.qkv_bias
+}
+
+/// Run condition: the current layer's attention has q/k norm.
+pub fn layer_has_qk_norm(layer: Res<CurrentLayer>) -> bool {
+    layer.qk_norm
 }

@@ -445,6 +445,7 @@ impl Forward {
                     index: Some(i),
                     kind: e.get::<LayerKind>().copied(),
                     qkv_bias: e.get::<LayerAttention>().is_some_and(|a| a.0.qkv_bias.is_some()),
+                    qk_norm: e.get::<LayerAttention>().is_some_and(|a| a.0.qk_norm.is_some()),
                 }
             }
         };
@@ -519,9 +520,9 @@ mod tests {
         let seen = seen.lock().unwrap().clone();
         for layer in 0..3 {
             let stages: Vec<S> = seen.iter().filter(|(l, _)| *l == Some(layer)).map(|(_, s)| *s).collect();
-            let dense = layer == 1;
+            let traits = stage_types::LayerTraits { dense: layer == 1, qkv_bias: false, qk_norm: true };
             let expected: Vec<S> =
-                S::ALL.iter().copied().filter(|s| s.is_layer_stage() && s.applies_to(dense, false)).collect();
+                S::ALL.iter().copied().filter(|s| s.is_layer_stage() && s.applies_to(traits)).collect();
             assert_eq!(stages, expected, "layer {layer}");
         }
         let model_stages: Vec<S> = seen.iter().filter(|(l, _)| l.is_none()).map(|(_, s)| *s).collect();

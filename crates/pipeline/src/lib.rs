@@ -29,6 +29,7 @@ pub mod backend;
 pub mod config;
 pub mod ecs;
 pub mod error;
+pub mod families;
 pub mod forward;
 pub mod load_meter;
 pub mod model;

@@ -71,8 +71,10 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
             push(format!("{p}self_attn.k_proj.bias"), vec![c.kv_width()], TensorRole::Bias);
             push(format!("{p}self_attn.v_proj.bias"), vec![c.kv_width()], TensorRole::Bias);
         }
-        push(format!("{p}self_attn.q_norm.weight"), vec![hd], TensorRole::Norm);
-        push(format!("{p}self_attn.k_norm.weight"), vec![hd], TensorRole::Norm);
+        if c.qk_norm {
+            push(format!("{p}self_attn.q_norm.weight"), vec![hd], TensorRole::Norm);
+            push(format!("{p}self_attn.k_norm.weight"), vec![hd], TensorRole::Norm);
+        }
         push(
             format!("{p}self_attn.o_proj.weight"),
             vec![h, c.q_width()],
@@ -105,10 +107,8 @@ pub struct AttentionWeights {
     pub qkv: [WeightId; 3],
     /// q_proj, k_proj, v_proj biases, when the model has them.
     pub qkv_bias: Option<[WeightId; 3]>,
-    /// q_norm.
-    pub q_norm: WeightId,
-    /// k_norm.
-    pub k_norm: WeightId,
+    /// q_norm and k_norm, when the family has them.
+    pub qk_norm: Option<[WeightId; 2]>,
     /// o_proj.
     pub o_proj: WeightId,
     /// post_attention_layernorm.
@@ -201,7 +201,9 @@ impl Model {
             return Err(PipelineError::MissingModelDir { path: dir.to_path_buf() });
         }
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
-        let store = load_checkpoint(dir)?;
+        // Tensors by moetrace's names, whatever the family calls them.
+        let family = crate::families::Family::by_architecture(&config.architecture);
+        let store = load_checkpoint(dir)?.renamed(|name| family.map_or(name.to_string(), |f| f.canonical_name(name)));
         check_counts(&config, &store, &dir.join("config.json"))?;
         Self::assemble(config, store, ModelSource::Checkpoint(dir.to_path_buf()))
     }
@@ -259,9 +261,13 @@ impl Model {
         };
         // A GGUF file's tensors are named as the file names them.
         let gguf = dir.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+        let family = crate::families::Family::by_architecture(&config.architecture);
         let shown = |hf: &str| match crate::weights::gguf_name(hf).filter(|_| gguf) {
             Some(g) => format!("{g} [{hf}]"),
-            None => hf.to_string(),
+            None => match family.map(|f| f.checkpoint_name(hf)).filter(|theirs| theirs != hf) {
+                Some(theirs) => format!("{theirs} [{hf}]"),
+                None => hf.to_string(),
+            },
         };
         for spec in tensor_specs(&config) {
             let id = store.id(&spec.name).ok_or_else(|| {
@@ -292,8 +298,7 @@ impl Model {
                     qkv_bias: config
                         .attention_bias
                         .then(|| ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.bias")))),
-                    q_norm: id(format!("{p}self_attn.q_norm.weight")),
-                    k_norm: id(format!("{p}self_attn.k_norm.weight")),
+                    qk_norm: config.qk_norm.then(|| ["q", "k"].map(|x| id(format!("{p}self_attn.{x}_norm.weight")))),
                     o_proj: id(format!("{p}self_attn.o_proj.weight")),
                     post_norm: id(format!("{p}post_attention_layernorm.weight")),
                 };

@@ -11,8 +11,8 @@ use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
 use crate::ecs::{
-    ForwardSchedule, HookCtx, ScopeObservers, StageHookSystems, StageSet, layer_has_qkv_bias, layer_is_dense,
-    layer_is_moe, observers_enabled,
+    ForwardSchedule, HookCtx, ScopeObservers, StageHookSystems, StageSet, layer_has_qk_norm, layer_has_qkv_bias,
+    layer_is_dense, layer_is_moe, observers_enabled,
 };
 use crate::stages::{attention, ffn, model, moe};
 use crate::teacher::{Teacher, teach_stage};
@@ -90,7 +90,7 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::AttnNorm => schedule.add_systems(attention::attn_norm.in_set(set)),
         S::QkvMatmul => schedule.add_systems(attention::qkv_matmul.in_set(set)),
         S::QkvBias => schedule.add_systems(attention::qkv_bias.in_set(set).run_if(layer_has_qkv_bias)),
-        S::QkNorm => schedule.add_systems(attention::qk_norm.in_set(set)),
+        S::QkNorm => schedule.add_systems(attention::qk_norm.in_set(set).run_if(layer_has_qk_norm)),
         S::QPostRope => schedule.add_systems(attention::q_post_rope.in_set(set)),
         S::KPostRope => schedule.add_systems(attention::k_post_rope.in_set(set)),
         S::AttnScores => schedule.add_systems(attention::attn_scores.in_set(set)),

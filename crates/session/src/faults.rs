@@ -199,9 +199,9 @@ impl FaultSpec {
             (true, Some(l)) if l >= config.num_layers => {
                 return bad(format!("layer {l} does not exist (the model has layers 0..{})", config.num_layers));
             }
-            (true, Some(l)) if !stage.applies_to(!config.is_moe_layer(l), config.attention_bias) => {
+            (true, Some(l)) if !stage.applies_to(config.layer_traits(l)) => {
                 let kind = if config.is_moe_layer(l) { "a MoE" } else { "a dense" };
-                return bad(format!("layer {l} is {kind} layer without a {stage} stage"));
+                return bad(format!("layer {l} is {kind} layer of {} without a {stage} stage", config.architecture));
             }
             _ => {}
         }

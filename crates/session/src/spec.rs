@@ -328,6 +328,13 @@ fn check_run_size(path: &Path, config: &ModelConfig, prompt: usize, generate: us
             "prompt ({prompt} tokens) and generate ({generate}) need {positions} positions, more than the model's max_position_embeddings {max}"
         )));
     }
+    if let Some(window) = config.sliding_window
+        && positions > window
+    {
+        return Err(bad(format!(
+            "prompt ({prompt} tokens) and generate ({generate}) need {positions} positions, more than the model's sliding_window {window}: moetrace computes full attention, which is the model's only within the window; use a shorter prompt or fewer tokens"
+        )));
+    }
     if host_passes > 0
         && let Some(available) = pipeline::available_memory_bytes()
     {

@@ -33,4 +33,4 @@ mod stage;
 
 pub use error::ParseError;
 pub use selection::{IndexSet, IndexSpan, StageList};
-pub use stage::{Applicability, SaveTensorStage, Scope};
+pub use stage::{Applicability, LayerTraits, SaveTensorStage, Scope};

@@ -24,6 +24,9 @@ pub enum Applicability {
     /// Only layers of models whose attention projections carry a bias
     /// (not Qwen3).
     QkvBias,
+    /// Only layers whose attention normalises q and k per head before RoPE
+    /// (Qwen3; not Mixtral).
+    QkNorm,
     /// Only dense (non-MoE) layers.
     DenseOnly,
     /// Only Mixture-of-Experts layers.
@@ -36,10 +39,24 @@ impl Applicability {
         match self {
             Applicability::Always => "all",
             Applicability::QkvBias => "qkv-bias",
+            Applicability::QkNorm => "qk-norm",
             Applicability::DenseOnly => "dense",
             Applicability::MoeOnly => "moe",
         }
     }
+}
+
+/// The optional parts a decoder layer has, which decide the stages it
+/// produces ([`SaveTensorStage::applies_to`]); a model family says which
+/// of its layers have which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LayerTraits {
+    /// A dense MLP (else routed experts).
+    pub dense: bool,
+    /// A bias on the q, k and v projections.
+    pub qkv_bias: bool,
+    /// Per-head RMSNorm of q and k before RoPE.
+    pub qk_norm: bool,
 }
 
 macro_rules! stages {
@@ -100,7 +117,7 @@ stages! {
     /// qkv_matmul + bias (models with a QKV bias only).
     QkvBias = "qkv_bias", Layer, QkvBias, "[T,(nh+2nkv)*hd]", "after bias add; only for models with a QKV bias";
     /// Per-head RMSNorm of q then k over hd, before RoPE (Qwen3 QK-norm).
-    QkNorm = "qk_norm", Layer, Always, "[T,(nh+nkv)*hd]", "per-head RMSNorm of q then k, before RoPE";
+    QkNorm = "qk_norm", Layer, QkNorm, "[T,(nh+nkv)*hd]", "per-head RMSNorm of q then k, before RoPE";
     /// q after NeoX split-half RoPE.
     QPostRope = "q_post_rope", Layer, Always, "[T,nh*hd]", "q after RoPE";
     /// k after NeoX split-half RoPE.
@@ -178,15 +195,15 @@ impl SaveTensorStage {
         self.scope() == Scope::Layer
     }
 
-    /// Whether a layer of the given kind produces this stage. `dense` says
-    /// whether the layer is dense; `qkv_bias` whether the model's attention
-    /// has a QKV bias. Model stages always return true.
-    pub fn applies_to(self, dense: bool, qkv_bias: bool) -> bool {
+    /// Whether a layer with these traits produces this stage. Model stages
+    /// always return true.
+    pub fn applies_to(self, layer: LayerTraits) -> bool {
         match self.applicability() {
             Applicability::Always => true,
-            Applicability::QkvBias => qkv_bias,
-            Applicability::DenseOnly => dense,
-            Applicability::MoeOnly => !dense,
+            Applicability::QkvBias => layer.qkv_bias,
+            Applicability::QkNorm => layer.qk_norm,
+            Applicability::DenseOnly => layer.dense,
+            Applicability::MoeOnly => !layer.dense,
         }
     }
 
@@ -317,11 +334,13 @@ mod tests {
             let name = stage.name();
             let dense_only = name.starts_with("ffn_") && stage != S::FfnNorm;
             let moe_only = name.starts_with("moe_");
-            assert_eq!(stage.applies_to(true, false), !moe_only && stage != S::QkvBias, "{name}");
-            assert_eq!(stage.applies_to(false, false), !dense_only && stage != S::QkvBias, "{name}");
+            let optional = matches!(stage, S::QkvBias | S::QkNorm);
+            let layer = |dense| LayerTraits { dense, qkv_bias: false, qk_norm: false };
+            assert_eq!(stage.applies_to(layer(true)), !moe_only && !optional, "{name}");
+            assert_eq!(stage.applies_to(layer(false)), !dense_only && !optional, "{name}");
         }
-        assert!(S::QkvBias.applies_to(true, true));
-        assert!(S::QkvBias.applies_to(false, true));
+        let all = LayerTraits { dense: false, qkv_bias: true, qk_norm: true };
+        assert!(S::QkvBias.applies_to(all) && S::QkNorm.applies_to(all));
         assert_eq!(S::MoeRouterIndices.element_type(), "int32");
         assert_eq!(S::MoeRouter.element_type(), "float32");
     }

@@ -17,6 +17,12 @@ fn qkv_source(ctx: &StageCtx) -> S {
     if ctx.layer.qkv_bias { S::QkvBias } else { S::QkvMatmul }
 }
 
+/// The slot RoPE reads q and k from: qk_norm, or, in a family without it,
+/// the projections' (q and k keep their columns there).
+fn rope_source(ctx: &StageCtx) -> S {
+    if ctx.layer.qk_norm { S::QkNorm } else { qkv_source(ctx) }
+}
+
 /// attn_norm: `x * rsqrt(mean(x²) + eps) * input_layernorm`, [T,H].
 pub fn attn_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
     let Some(w) = current(&ctx, &layers).map(|a| a.0.input_norm) else {
@@ -46,7 +52,7 @@ pub fn qkv_bias(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
 /// qk_norm: per-head RMSNorm over hd of q (q_norm) then k (k_norm),
 /// [T,(nh+nkv)*hd].
 pub fn qk_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
-    let Some(a) = current(&ctx, &layers).map(|a| a.0.clone()) else {
+    let Some([q_weight, k_weight]) = current(&ctx, &layers).and_then(|a| a.0.qk_norm) else {
         return;
     };
     let input = qkv_source(&ctx);
@@ -55,28 +61,32 @@ pub fn qk_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
             q_heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
-            q_weight: a.q_norm,
-            k_weight: a.k_norm,
+            q_weight,
+            k_weight,
             eps: c.rms_norm_eps,
         };
         b.qk_norm(input, args, S::QkNorm)
     });
 }
 
-/// q_post_rope: NeoX RoPE of the q heads of qk_norm, [T,nh*hd].
+/// q_post_rope: NeoX RoPE of the q heads of qk_norm (or of the
+/// projections, without it), [T,nh*hd].
 pub fn q_post_rope(mut ctx: StageCtx) {
+    let input = rope_source(&ctx);
     ctx.run(S::QPostRope, |b, c| {
         let args = RopeArgs { col_start: 0, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta };
-        b.rope(S::QkNorm, args, S::QPostRope)
+        b.rope(input, args, S::QPostRope)
     });
 }
 
-/// k_post_rope: NeoX RoPE of the k heads of qk_norm, [T,nkv*hd].
+/// k_post_rope: NeoX RoPE of the k heads of qk_norm (or of the
+/// projections, without it), [T,nkv*hd].
 pub fn k_post_rope(mut ctx: StageCtx) {
+    let input = rope_source(&ctx);
     ctx.run(S::KPostRope, |b, c| {
         let args =
             RopeArgs { col_start: c.q_width(), heads: c.num_kv_heads, head_dim: c.head_dim, theta: c.rope_theta };
-        b.rope(S::QkNorm, args, S::KPostRope)
+        b.rope(input, args, S::KPostRope)
     });
 }
 

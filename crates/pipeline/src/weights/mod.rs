@@ -316,6 +316,22 @@ impl WeightStore {
         &self.tensors
     }
 
+    /// Renames every tensor whose name `canonical` maps to another, noting
+    /// the checkpoint's own name as its `source` (so messages show what the
+    /// file holds). Returns the store with the canonical names.
+    pub fn renamed(self, canonical: impl Fn(&str) -> String) -> Self {
+        let mut out = WeightStore::default();
+        for mut tensor in self.tensors {
+            let name = canonical(&tensor.name);
+            if name != tensor.name {
+                tensor.source.get_or_insert_with(|| tensor.name.clone());
+                tensor.name = name;
+            }
+            out.insert(tensor);
+        }
+        out
+    }
+
     /// Total bytes of all tensors.
     pub fn total_bytes(&self) -> usize {
         self.tensors.iter().map(|t| t.byte_len()).sum()

@@ -27,6 +27,8 @@ pub struct SyntheticPreset {
     pub name: &'static str,
     /// What it is for.
     pub description: &'static str,
+    /// The family (`architectures[0]`) whose config it makes.
+    architecture: &'static str,
     layers: usize,
     hidden: usize,
     heads: usize,
@@ -48,6 +50,7 @@ pub struct SyntheticPreset {
 const QWEN3_30B_A3B: SyntheticPreset = SyntheticPreset {
     name: "qwen3-30b-a3b",
     description: "Qwen3-30B-A3B dimensions: 48 layers, H 2048, 32/4 heads, hd 128, 128 experts top-8, I 768, V 151936",
+    architecture: "Qwen3MoeForCausalLM",
     layers: 48,
     hidden: 2048,
     heads: 32,
@@ -68,6 +71,7 @@ impl SyntheticPreset {
         SyntheticPreset {
             name: "tiny-moe",
             description: "4-layer Qwen3-MoE, H 256, 16 experts top-4; the default",
+            architecture: "Qwen3MoeForCausalLM",
             layers: 4,
             hidden: 256,
             heads: 4,
@@ -84,6 +88,7 @@ impl SyntheticPreset {
         SyntheticPreset {
             name: "tiny-dense",
             description: "3-layer dense Qwen3, H 256, I 512",
+            architecture: "Qwen3ForCausalLM",
             layers: 3,
             hidden: 256,
             heads: 4,
@@ -100,6 +105,7 @@ impl SyntheticPreset {
         SyntheticPreset {
             name: "tiny-moe-qwen3-vocab",
             description: "2-layer Qwen3-MoE, H 128, 8 experts top-2, Qwen3's vocabulary (V 151936): text prompts with Qwen3's tokenizer, quickly",
+            architecture: "Qwen3MoeForCausalLM",
             layers: 2,
             hidden: 128,
             heads: 2,
@@ -123,6 +129,7 @@ impl SyntheticPreset {
         SyntheticPreset {
             name: "tiny-moe-q4km",
             description: "2-layer Qwen3-MoE, H 256, 8 experts top-2, I 256, with Q4_K_M-style quantized weights",
+            architecture: "Qwen3MoeForCausalLM",
             layers: 2,
             hidden: 256,
             heads: 4,
@@ -135,6 +142,40 @@ impl SyntheticPreset {
             vocab: 512,
             positions: 4096,
             quantized: true,
+        },
+        SyntheticPreset {
+            name: "tiny-mixtral",
+            description: "2-layer Mixtral, H 256, 8 experts top-2, I 128, no q/k norm",
+            architecture: "MixtralForCausalLM",
+            layers: 2,
+            hidden: 256,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            intermediate: 0,
+            experts: 8,
+            experts_per_token: 2,
+            moe_intermediate: 128,
+            vocab: 512,
+            positions: 4096,
+            quantized: false,
+        },
+        SyntheticPreset {
+            name: "mixtral-8x7b",
+            description: "Mixtral-8x7B dimensions: 32 layers, H 4096, 32/8 heads, hd 128, 8 experts top-2, I 14336, V 32000 (93 GB in bf16: give `layers: N` to fit one GPU)",
+            architecture: "MixtralForCausalLM",
+            layers: 32,
+            hidden: 4096,
+            heads: 32,
+            kv_heads: 8,
+            head_dim: 128,
+            intermediate: 0,
+            experts: 8,
+            experts_per_token: 2,
+            moe_intermediate: 14336,
+            vocab: 32000,
+            positions: 32768,
+            quantized: false,
         },
     ];
 
@@ -161,16 +202,17 @@ impl SyntheticPreset {
                 self.layers
             )));
         }
-        let moe = self.experts > 0;
+        let family = crate::families::Family::by_architecture(self.architecture).ok_or_else(|| {
+            PipelineError::BadInput(format!("synthetic preset {}: no family {}", self.name, self.architecture))
+        })?;
         let mut json = json!({
-            "architectures": [if moe { "Qwen3MoeForCausalLM" } else { "Qwen3ForCausalLM" }],
-            "model_type": if moe { "qwen3_moe" } else { "qwen3" },
+            "architectures": [family.architecture],
+            "model_type": family.model_type,
             "hidden_size": self.hidden,
             "num_hidden_layers": layers.unwrap_or(self.layers),
             "num_attention_heads": self.heads,
             "num_key_value_heads": self.kv_heads,
             "head_dim": self.head_dim,
-            "intermediate_size": self.intermediate,
             "rms_norm_eps": 1e-6,
             "rope_theta": 1_000_000.0,
             "vocab_size": self.vocab,
@@ -181,11 +223,14 @@ impl SyntheticPreset {
             "hidden_act": "silu",
             "moetrace_synthetic_preset": self.name,
         });
-        if moe {
-            let obj = json.as_object_mut().expect("object");
+        let obj = json.as_object_mut().expect("object");
+        if self.intermediate > 0 {
+            obj.insert("intermediate_size".into(), json!(self.intermediate));
+        }
+        if self.experts > 0 {
             obj.insert("num_experts".into(), json!(self.experts));
             obj.insert("num_experts_per_tok".into(), json!(self.experts_per_token));
-            obj.insert("moe_intermediate_size".into(), json!(self.moe_intermediate));
+            obj.insert(family.expert_width_key.into(), json!(self.moe_intermediate));
             obj.insert("norm_topk_prob".into(), json!(true));
             obj.insert("decoder_sparse_step".into(), json!(1));
             obj.insert("mlp_only_layers".into(), json!([]));

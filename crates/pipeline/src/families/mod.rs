@@ -1,0 +1,92 @@
+//! Model families as plug-ins. A family is what moetrace must know of a
+//! Hugging Face architecture beyond the shared decoder: its names
+//! (`architectures[0]`, `model_type`), the config keys it spells its own
+//! way, which optional layer parts it has (the stages that apply:
+//! [`stage_types::LayerTraits`]), and how its checkpoint names the
+//! tensors moetrace names canonically (Qwen3-MoE's names). Everything else
+//! (ModelConfig, tensor_specs, the stage systems, the backends) reads a
+//! family through [`Family`]; adding one is a module here, its line in
+//! [`FAMILIES`], its stage variants in stage-types if it has new stages,
+//! and its oracle fixture (ARCHITECTURE.md, "Adding a family").
+
+mod mixtral;
+mod qwen3;
+
+pub use mixtral::MIXTRAL;
+pub use qwen3::{QWEN3, QWEN3_MOE};
+
+/// What moetrace knows of one model family.
+#[derive(Debug)]
+pub struct Family {
+    /// `architectures[0]` of its config.json, e.g. `MixtralForCausalLM`.
+    pub architecture: &'static str,
+    /// `model_type` of its config.json, e.g. `mixtral`.
+    pub model_type: &'static str,
+    /// Whether its layers normalise q and k per head before RoPE.
+    pub qk_norm: bool,
+    /// The config.json key of the routed experts' width (Mixtral's
+    /// `intermediate_size` is its experts'; Qwen3-MoE has
+    /// `moe_intermediate_size`).
+    pub expert_width_key: &'static str,
+    /// Whether the top-k weights are renormalised when config.json does not
+    /// say (`norm_topk_prob`).
+    pub norm_topk_default: bool,
+    /// Pairs (canonical part, checkpoint part) of tensor names that differ,
+    /// each replaced once where it occurs, in order.
+    pub renames: &'static [(&'static str, &'static str)],
+}
+
+/// Every family moetrace runs.
+pub const FAMILIES: [&Family; 3] = [&QWEN3, &QWEN3_MOE, &MIXTRAL];
+
+impl Family {
+    /// The family with this `architectures[0]`.
+    pub fn by_architecture(name: &str) -> Option<&'static Family> {
+        FAMILIES.iter().copied().find(|f| f.architecture == name)
+    }
+
+    /// The family with this `model_type`.
+    pub fn by_model_type(name: &str) -> Option<&'static Family> {
+        FAMILIES.iter().copied().find(|f| f.model_type == name)
+    }
+
+    /// The name this family's checkpoints give the tensor moetrace calls
+    /// `canonical`.
+    pub fn checkpoint_name(&self, canonical: &str) -> String {
+        self.renames.iter().fold(canonical.to_string(), |name, (ours, theirs)| name.replacen(ours, theirs, 1))
+    }
+
+    /// The canonical name of the tensor this family's checkpoints call
+    /// `name`.
+    pub fn canonical_name(&self, name: &str) -> String {
+        self.renames.iter().rev().fold(name.to_string(), |name, (ours, theirs)| name.replacen(theirs, ours, 1))
+    }
+}
+
+/// What moetrace runs, for messages: `Qwen3ForCausalLM (qwen3), ...`.
+pub fn families_text() -> String {
+    FAMILIES.iter().map(|f| format!("{} ({})", f.architecture, f.model_type)).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_both_ways_and_families_are_found_by_either_name() {
+        let m = Family::by_architecture("MixtralForCausalLM").unwrap();
+        assert_eq!(Family::by_model_type("mixtral").unwrap().architecture, m.architecture);
+        for (canonical, theirs) in [
+            ("model.layers.3.mlp.gate.weight", "model.layers.3.block_sparse_moe.gate.weight"),
+            ("model.layers.3.mlp.experts.5.gate_proj.weight", "model.layers.3.block_sparse_moe.experts.5.w1.weight"),
+            ("model.layers.3.mlp.experts.5.up_proj.weight", "model.layers.3.block_sparse_moe.experts.5.w3.weight"),
+            ("model.layers.3.mlp.experts.5.down_proj.weight", "model.layers.3.block_sparse_moe.experts.5.w2.weight"),
+            ("model.layers.3.self_attn.q_proj.weight", "model.layers.3.self_attn.q_proj.weight"),
+        ] {
+            assert_eq!(m.checkpoint_name(canonical), theirs);
+            assert_eq!(m.canonical_name(theirs), canonical);
+        }
+        assert_eq!(QWEN3_MOE.checkpoint_name("model.layers.0.mlp.gate.weight"), "model.layers.0.mlp.gate.weight");
+        assert!(families_text().contains("MixtralForCausalLM (mixtral)"));
+    }
+}
