@@ -7,17 +7,13 @@
 use std::path::Path;
 
 use moetrace_tests::scratch;
-use session::RunConfig;
 
 /// Qwen3's vocabulary makes the prompt's logits large (64 x 151936 f32):
 /// the writers are still busy with the prompt step when step 1 fails.
 const MODEL: &str = "model: Synthetic(preset: \"tiny-moe-qwen3-vocab\", seed: 3), prompt: Tokens([5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90, 5, 9, 200, 7, 11, 64, 3, 90])";
 
 fn run(dir: &Path, name: &str, body: &str) -> session::Result<session::RunOutput> {
-    let path = dir.join(format!("{name}.ron"));
-    std::fs::write(&path, format!("({MODEL}, {body})")).unwrap();
-    let config = RunConfig::load(&path)?;
-    session::run(&config, &path, &mut |_| {})
+    moetrace_tests::run_config_text(dir, name, &format!("{MODEL}, {body}"))
 }
 
 fn leftovers(dir: &Path) -> Vec<String> {

@@ -5,21 +5,13 @@
 //! local-mode and expected-error tests in local_mode.rs and
 //! expected_errors.rs.
 
-use std::path::Path;
-
 use capture::CaptureDir;
 use moetrace_tests::{scratch, workspace_root};
-use session::RunConfig;
 use stage_types::SaveTensorStage as S;
 
 const PROMPT: &str = "Tokens([1, 17, 42, 99, 5, 77])";
 
-fn run(dir: &Path, name: &str, body: &str) -> session::Result<session::RunOutput> {
-    let path = dir.join(format!("{name}.ron"));
-    std::fs::write(&path, format!("({body})")).unwrap();
-    let config = RunConfig::load(&path)?;
-    session::run(&config, &path, &mut |_| {})
-}
+use moetrace_tests::run_config_text as run;
 
 fn mixtral() -> String {
     format!("Path({:?})", workspace_root().join("tests/fixtures/tiny-mixtral-oracle/model"))

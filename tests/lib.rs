@@ -56,6 +56,15 @@ pub fn tokenizer_fixture() -> Option<PathBuf> {
     fixture_with("qwen3-tokenizer", "tokenizer.json")
 }
 
+/// Writes `(body)` as `<dir>/<name>.ron` and runs it (messages name that
+/// file).
+pub fn run_config_text(dir: &Path, name: &str, body: &str) -> session::Result<session::RunOutput> {
+    let path = dir.join(format!("{name}.ron"));
+    std::fs::write(&path, format!("({body})")).expect("config written");
+    let config = session::RunConfig::load(&path)?;
+    session::run(&config, &path, &mut |_| {})
+}
+
 /// A fresh, empty scratch folder under the target directory.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = workspace_root().join("target/test-scratch").join(format!("{name}-{}", std::process::id()));

@@ -49,21 +49,16 @@ for i in range(L):
     if kind != "mixtral":
         sd[p + "self_attn.q_norm.weight"] = 1 + rn(hd, std=0.1)
         sd[p + "self_attn.k_norm.weight"] = 1 + rn(hd, std=0.1)
-    if kind == "mixtral":
-        # The hub checkpoints' names: block_sparse_moe, w1 gate, w3 up, w2 down.
+    if kind in ("moe", "mixtral"):
+        # Mixtral as the hub ships it: block_sparse_moe, w1 gate, w3 up, w2 down.
+        moe, gate, up, down = (("block_sparse_moe", "w1", "w3", "w2") if kind == "mixtral"
+                               else ("mlp", "gate_proj", "up_proj", "down_proj"))
         E, I = D["experts"], D["moe_inter"]
-        sd[p + "block_sparse_moe.gate.weight"] = rn(E, H, std=D["router_scale"] / math.sqrt(H))
+        sd[p + f"{moe}.gate.weight"] = rn(E, H, std=D["router_scale"] / math.sqrt(H))
         for e in range(E):
-            sd[p + f"block_sparse_moe.experts.{e}.w1.weight"] = rn(I, H, std=1 / math.sqrt(H))
-            sd[p + f"block_sparse_moe.experts.{e}.w3.weight"] = rn(I, H, std=1 / math.sqrt(H))
-            sd[p + f"block_sparse_moe.experts.{e}.w2.weight"] = rn(H, I, std=1 / math.sqrt(I))
-    elif kind == "moe":
-        E, I = D["experts"], D["moe_inter"]
-        sd[p + "mlp.gate.weight"] = rn(E, H, std=D["router_scale"] / math.sqrt(H))
-        for e in range(E):
-            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
-            sd[p + f"mlp.experts.{e}.up_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
-            sd[p + f"mlp.experts.{e}.down_proj.weight"] = rn(H, I, std=1 / math.sqrt(I))
+            sd[p + f"{moe}.experts.{e}.{gate}.weight"] = rn(I, H, std=1 / math.sqrt(H))
+            sd[p + f"{moe}.experts.{e}.{up}.weight"] = rn(I, H, std=1 / math.sqrt(H))
+            sd[p + f"{moe}.experts.{e}.{down}.weight"] = rn(H, I, std=1 / math.sqrt(I))
     else:
         I = D["inter"]
         sd[p + "mlp.gate_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
