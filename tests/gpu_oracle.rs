@@ -107,9 +107,10 @@ fn cuda_f32_matches_the_oracle_at_every_stage() {
     for (name, dir, model) in oracle_fixtures() {
         let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
         let out = scratch(&format!("gpu-oracle-{name}")).join("cuda");
-        let (generated, _) =
-            run(&model, &format!("{:?}", oracle.manifest.prompt), 8, "Cuda(device: 0, dtype: F32)", Some(&out));
-        assert_eq!(generated, greedy_continuation(&dir), "{name}: greedy continuation");
+        let expected = greedy_continuation(&dir);
+        let prompt = format!("{:?}", oracle.manifest.prompt);
+        let (generated, _) = run(&model, &prompt, expected.len(), "Cuda(device: 0, dtype: F32)", Some(&out));
+        assert_eq!(generated, expected, "{name}: greedy continuation");
         let ours = CaptureDir::open(&out).unwrap();
         let mut worst = (0.0f64, String::new());
         for (step, layer, stage) in oracle.keys() {
@@ -151,6 +152,10 @@ fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
         let model = format!("Path({:?})", dir.join("model/model.gguf"));
         found.push(("tiny-qwen3-moe-q4km", dir, model));
     }
+    // The in-repo fixtures of the other families (always there).
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-mixtral-oracle");
+    let model = format!("Path({:?})", dir.join("model"));
+    found.push(("tiny-mixtral-oracle", dir, model));
     found
 }
 
@@ -180,8 +185,13 @@ fn cuda_logits_are_bit_identical_with_capture_on_and_off() {
 /// generated tokens): clean without faults; the report with `faults` (a
 /// RON list) applied to the target.
 fn bisect_clean_then_with(model: &Path, faults: &str) -> compare::Report {
+    bisect_clean_then_with_prompt(model, "[1, 17, 423, 45, 300, 5, 77, 100, 2]", faults)
+}
+
+/// [`bisect_clean_then_with`] on `prompt` (token ids, RON list).
+fn bisect_clean_then_with_prompt(model: &Path, prompt: &str, faults: &str) -> compare::Report {
     let base = format!(
-        "(model: Path({model:?}), prompt: Tokens([1, 17, 423, 45, 300, 5, 77, 100, 2]), generate: 4, reference: Cpu, target: Cuda(device: 0, dtype: F32)"
+        "(model: Path({model:?}), prompt: Tokens({prompt}), generate: 4, reference: Cpu, target: Cuda(device: 0, dtype: F32)"
     );
     let run = |text: &str| {
         let config = BisectConfig::parse(text, Path::new("b.ron")).unwrap();
@@ -204,6 +214,21 @@ fn bisect_cpu_vs_cuda_finds_nothing_and_then_the_injected_fault() {
     let report = bisect_clean_then_with(&dir.join("model"), faults);
     let first = report.first_divergence().unwrap();
     assert_eq!((first.step, first.layer, first.stage), (2, Some(2), S::MoeExpertSwigl), "{}", report.render(false));
+    assert!(report.graft.as_ref().unwrap().stage_is_wrong);
+}
+
+/// Mixtral (no q/k norm: RoPE reads the projections) on the GPU: clean,
+/// then a fault on one decode step's expert SwiGLU found there.
+#[test]
+fn bisect_cpu_vs_cuda_on_mixtral_finds_nothing_and_then_the_injected_fault() {
+    if !gpu_enabled() {
+        return;
+    }
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-mixtral-oracle");
+    let faults = "[(stage: \"moe_expert_swigl\", layer: 1, step: 2, kind: Scale(1.5))]";
+    let report = bisect_clean_then_with_prompt(&dir.join("model"), "[1, 17, 42, 99, 5, 77]", faults);
+    let first = report.first_divergence().unwrap();
+    assert_eq!((first.step, first.layer, first.stage), (2, Some(1), S::MoeExpertSwigl), "{}", report.render(false));
     assert!(report.graft.as_ref().unwrap().stage_is_wrong);
 }
 
@@ -235,8 +260,9 @@ fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
     }
     for (name, dir, model) in oracle_fixtures() {
         let out = scratch(&format!("gpu-bf16-{name}")).join("cuda-bf16");
-        let prompt = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
-        run(&model, prompt, 8, "Cuda(device: 0, dtype: Bf16)", Some(&out));
+        let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
+        let prompt = format!("{:?}", oracle.manifest.prompt);
+        run(&model, &prompt, oracle.manifest.steps.len(), "Cuda(device: 0, dtype: Bf16)", Some(&out));
         let report = diff(&dir.join("activations"), &out, &DiffOptions::default()).unwrap();
         eprintln!("{name} Bf16:\n{}", report.render(false));
         let worst = report.rows.iter().filter_map(|r| r.rel_l2()).fold(0.0f64, f64::max);
