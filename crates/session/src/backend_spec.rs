@@ -66,16 +66,6 @@ impl CudaDtype {
     pub fn contract(self) -> NumericContract {
         NumericContract::cuda(self.precision())
     }
-
-    /// The CUDA backend's precision setting for this dtype.
-    #[cfg(feature = "cuda")]
-    pub fn cuda_precision(self) -> pipeline::backend::cuda::CudaPrecision {
-        use pipeline::backend::cuda::CudaPrecision;
-        match self.precision() {
-            Precision::F32 => CudaPrecision::F32,
-            Precision::Bf16 => CudaPrecision::Bf16,
-        }
-    }
 }
 
 impl BackendSpec {

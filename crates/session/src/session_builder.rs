@@ -182,7 +182,7 @@ impl<'a> Session<'a> {
             }
             #[cfg(feature = "cuda")]
             BackendSpec::Cuda { device, dtype, graphs } => {
-                match pipeline::CudaBackend::new_metered(&self.model, *device, dtype.cuda_precision(), &self.meter) {
+                match pipeline::CudaBackend::new_metered(&self.model, *device, dtype.precision(), &self.meter) {
                     Ok(mut backend) => {
                         backend.set_step_graphs(*graphs);
                         Ok(Box::new(backend))

@@ -45,15 +45,11 @@ use weights::{
     DevWeight, Stacked, alloc_weight, check_fits, device_bytes, fill_weight, kept_quantized, upload_quantized,
 };
 
-/// Precision of the CUDA backend.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CudaPrecision {
-    /// f32 weights and activations, f32 accumulation, no TF32.
-    F32,
-    /// bf16 weights, activations rounded to bf16 after every stage, f32
-    /// accumulation.
-    Bf16,
-}
+/// Precision of the CUDA backend: `F32` (f32 weights and activations, f32
+/// accumulation, no TF32) or `Bf16` (bf16 weights, activations rounded to
+/// bf16 after every stage, f32 accumulation); the storage precision of its
+/// numeric contract ([`crate::backend::contract::NumericContract::cuda`]).
+pub type CudaPrecision = crate::backend::contract::Precision;
 
 /// The CUDA backend.
 pub struct CudaBackend {

@@ -21,11 +21,7 @@ impl Backend for CudaBackend {
     /// activations). Bf16 mode: bf16 weights (after decoding) and stage
     /// outputs, f32 routing (`rounds_projection`, `store_act`).
     fn numeric_contract(&self) -> crate::backend::contract::NumericContract {
-        use crate::backend::contract::{NumericContract, Precision};
-        NumericContract::cuda(match self.precision {
-            CudaPrecision::F32 => Precision::F32,
-            CudaPrecision::Bf16 => Precision::Bf16,
-        })
+        crate::backend::contract::NumericContract::cuda(self.precision)
     }
 
     fn dtype(&self) -> &'static str {
