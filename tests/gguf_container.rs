@@ -235,9 +235,18 @@ fn a_gguf_model_that_cannot_be_read_is_refused_with_the_cause() {
         pipeline::Model::load(&path).map(|_| ()).unwrap_err().to_string()
     };
     let mut b = Builder::valid();
-    b.kvs[0].2 = gguf_string("llama");
+    b.kvs[0].2 = gguf_string("deepseek2");
     let err = load(b, "arch.gguf");
-    assert!(err.contains("architecture `llama`") && err.contains("qwen3moe (Qwen3MoeForCausalLM), qwen3"), "{err}");
+    assert!(
+        err.contains("architecture `deepseek2`")
+            && err.contains("qwen3moe (Qwen3MoeForCausalLM), qwen3")
+            && err.contains("llama (MixtralForCausalLM)"),
+        "{err}"
+    );
+    let mut b = Builder::valid();
+    b.kvs[0].2 = gguf_string("llama");
+    let err = load(b, "dense-llama.gguf");
+    assert!(err.contains("dense Llama") && err.contains("Mixtral"), "{err}");
     let err = load(Builder::valid(), "keys.gguf");
     assert!(err.contains("no tensor `token_embd.weight`"), "{err}");
     let mut b = Builder::valid();

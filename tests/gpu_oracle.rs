@@ -155,7 +155,9 @@ fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
     // The in-repo fixtures of the other families (always there).
     let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-mixtral-oracle");
     let model = format!("Path({:?})", dir.join("model"));
-    found.push(("tiny-mixtral-oracle", dir, model));
+    found.push(("tiny-mixtral-oracle", dir.clone(), model));
+    let model = format!("Path({:?})", dir.join("model.gguf"));
+    found.push(("tiny-mixtral-oracle-gguf", dir, model));
     found
 }
 

@@ -89,6 +89,15 @@ fn cpu_matches_the_in_repo_oracle_mixtral() {
 }
 
 #[test]
+fn cpu_matches_the_in_repo_oracle_mixtral_from_llama_cpps_gguf() {
+    // The same checkpoint as llama.cpp's converter writes it (architecture
+    // `llama` with experts, q and k rows permuted for its RoPE, experts
+    // stacked), made by python/tools/make_gguf_with_llama_cpp.py.
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-mixtral-oracle");
+    check_oracle_dir("tiny-mixtral-oracle-gguf", &dir, &dir.join("model.gguf"), 4);
+}
+
+#[test]
 fn cpu_matches_the_in_repo_oracle_dense() {
     let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-dense-oracle");
     check_oracle_dir("tiny-dense-oracle", &dir, &dir.join("model"), 4);

@@ -88,6 +88,7 @@ elif kind == "moe":
 else:
     config = transformers.Qwen3Config(intermediate_size=D["inter"], **common)
     cls = transformers.Qwen3ForCausalLM
+config.architectures = [cls.__name__]  # as the hub's checkpoints say (converters read it)
 config.save_pretrained(model_dir)
 try:
     model, info = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager",

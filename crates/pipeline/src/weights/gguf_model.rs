@@ -1,5 +1,6 @@
 //! A model from one GGUF file (llama.cpp's `qwen3moe` and `qwen3`
-//! architectures): the config from the metadata, as the Hugging Face
+//! architectures, and `llama` with experts: Mixtral): the config from the
+//! metadata, as the Hugging Face
 //! config those keys stand for (what llama.cpp reads: block_count,
 //! embedding_length, head counts, key_length, expert counts and width,
 //! rope.freq_base, layer_norm_rms_epsilon, ...), and every tensor under
@@ -8,7 +9,9 @@
 //! (`ffn_*_exps`, `[cols, rows, E]`) become E tensors over consecutive
 //! byte ranges. Quantized tensors stay in their block format and are
 //! decoded where read. Every tensor's type is checked before anything else
-//! is done.
+//! is done. llama.cpp's converter permutes the q and k rows of a `llama`
+//! model for its interleaved RoPE; they are put back in Hugging Face's
+//! order here (a copy of those two tensors per layer).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -20,9 +23,13 @@ use super::gguf::{GgmlType, GgufHeader, GgufValue};
 use super::{WeightDtype, WeightStore, WeightTensor};
 use crate::error::{PipelineError, Result};
 
-/// The architectures read, with their Hugging Face class and model type.
-const ARCHITECTURES: [(&str, &str, &str); 2] =
-    [("qwen3moe", "Qwen3MoeForCausalLM", "qwen3_moe"), ("qwen3", "Qwen3ForCausalLM", "qwen3")];
+/// The architectures read, with their Hugging Face class and model type
+/// (`llama` only with experts: a dense Llama is not a family moetrace runs).
+const ARCHITECTURES: [(&str, &str, &str); 3] = [
+    ("qwen3moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
+    ("qwen3", "Qwen3ForCausalLM", "qwen3"),
+    ("llama", "MixtralForCausalLM", "mixtral"),
+];
 
 /// The tensor types read.
 const TYPES: [GgmlType; 7] =
@@ -98,6 +105,11 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
         });
     }
     let config = config_json(&header).map_err(bad)?;
+    // `llama`: q and k rows in llama.cpp's RoPE order (heads of q, of k).
+    let permuted = (config["model_type"] == "mixtral").then(|| {
+        let n = |k: &str| config[k].as_u64().unwrap_or(0) as usize;
+        (n("num_attention_heads"), n("num_key_value_heads"))
+    });
     let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let mut store = WeightStore::default();
     for t in &header.tensors {
@@ -116,6 +128,14 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
         match hf {
             HfName::One(name) => {
                 let mut w = WeightTensor::mapped(name, dtype, shape, map.clone(), start, start + t.byte_len as usize);
+                let heads = match (permuted, t.name.rsplit('.').nth(1)) {
+                    (Some((q, _)), Some("attn_q")) => Some(q),
+                    (Some((_, kv)), Some("attn_k")) => Some(kv),
+                    _ => None,
+                };
+                if let Some(heads) = heads {
+                    w = unpermute_rope_rows(&w, heads).map_err(|m| bad(format!("tensor `{}`: {m}", t.name)))?;
+                }
                 w.source = Some(format!("{} in {file}", t.name));
                 store.insert(w);
             }
@@ -136,6 +156,28 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
         }
     }
     Ok((config, store))
+}
+
+/// `tensor` with its rows put back from llama.cpp's RoPE order into
+/// Hugging Face's: llama.cpp's converter stores, in each of `heads` heads
+/// of hd rows, row i of the first half at 2i and row i of the second at
+/// 2i + 1 (`LlamaModel.permute`). Whole rows move, so any row-wise type
+/// (float or ggml blocks) is handled alike.
+fn unpermute_rope_rows(tensor: &WeightTensor, heads: usize) -> std::result::Result<WeightTensor, String> {
+    let rows = tensor.shape.first().copied().unwrap_or(0);
+    if heads == 0 || !rows.is_multiple_of(heads) || !(rows / heads).is_multiple_of(2) {
+        return Err(format!("{rows} rows are not {heads} heads of an even size"));
+    }
+    let bytes = tensor.bytes();
+    let row_bytes = bytes.len() / rows;
+    let (head_dim, half) = (rows / heads, rows / heads / 2);
+    let mut out = Vec::with_capacity(bytes.len());
+    for row in 0..rows {
+        let (head, j) = (row / head_dim, row % head_dim);
+        let from = head * head_dim + if j < half { 2 * j } else { 2 * (j - half) + 1 };
+        out.extend_from_slice(&bytes[from * row_bytes..(from + 1) * row_bytes]);
+    }
+    Ok(WeightTensor::owned(tensor.name.clone(), tensor.dtype, tensor.shape.clone(), out))
 }
 
 /// The GGUF tensor a Hugging Face name comes from (`blk.1.attn_q.weight`,
@@ -208,9 +250,17 @@ fn config_json(h: &GgufHeader) -> std::result::Result<Value, String> {
         let full = key(k);
         h.get(&full).and_then(GgufValue::as_f64).ok_or_else(|| format!("missing float metadata key `{full}`"))
     };
+    if arch == "llama" && int("expert_count").is_err() {
+        return Err("a `llama` GGUF without `llama.expert_count` is a dense Llama, not a family moetrace runs (it reads `llama` with experts: Mixtral)".into());
+    }
     let embd = h.tensors.iter().find(|t| t.name == "token_embd.weight").ok_or("no tensor `token_embd.weight`")?;
     let vocab = *embd.dims.get(1).ok_or("`token_embd.weight` is not 2-D")?;
-    let head_dim = int("attention.key_length")?;
+    // `llama` may leave key_length out: the head size is then hidden / heads.
+    let head_dim = match int("attention.key_length") {
+        Ok(hd) => hd,
+        Err(_) if arch == "llama" => int("embedding_length")? / int("attention.head_count")?.max(1),
+        Err(e) => return Err(e),
+    };
     if let Ok(v) = int("attention.value_length")
         && v != head_dim
     {
@@ -235,6 +285,11 @@ fn config_json(h: &GgufHeader) -> std::result::Result<Value, String> {
     }
     if let Ok(n) = int("feed_forward_length") {
         c["intermediate_size"] = json!(n);
+    }
+    if arch == "llama" {
+        // Mixtral: the experts' width is feed_forward_length.
+        c["num_local_experts"] = json!(int("expert_count")?);
+        c["num_experts_per_tok"] = json!(int("expert_used_count")?);
     }
     if arch == "qwen3moe" {
         c["num_experts"] = json!(int("expert_count")?);
