@@ -346,11 +346,13 @@ impl Report {
         let flipped: usize = flips.iter().map(|f| f.2).sum();
         let near: usize = flips.iter().map(|f| f.3).sum();
         let judged = self.rows.iter().filter(|r| r.expected.is_some()).count();
+        let lone = grouped.lone.len();
+        let (finding, token) =
+            (if lone == 1 { "finding" } else { "findings" }, if flipped == 1 { "token" } else { "tokens" });
         out += &format!(
-            "local errors of {} tensors ({judged} against their expected error, threshold {}x): {} lone findings, {} systematic; routing: {flipped} flipped tokens in {} (step, layer)s, {near} of them near-ties\n",
+            "local errors of {} tensors ({judged} against their expected error, threshold {}x): {lone} lone {finding}, {} systematic; routing: {flipped} flipped {token} in {} (step, layer)s, {near} of them near-ties\n",
             self.rows.len(),
             crate::expected::RATIO_THRESHOLD,
-            grouped.lone.len(),
             grouped.systematic.len(),
             flips.len(),
         );
