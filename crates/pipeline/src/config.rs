@@ -146,7 +146,7 @@ impl ModelConfig {
         let keys = Keys { obj, path };
         let num_experts = keys.opt_usize(&["num_experts", "num_local_experts"])?.unwrap_or(0);
         let model_type = keys.opt_str("model_type")?.unwrap_or_default();
-        let is_moe = num_experts > 0 || model_type.contains("moe") || family.expert_width_key == "intermediate_size";
+        let is_moe = num_experts > 0 || model_type.contains("moe") || family.experts_only;
         let hidden_size = keys.usize(&["hidden_size"])?;
         let num_heads = keys.usize(&["num_attention_heads"])?;
         let head_dim = match keys.opt_usize(&["head_dim"])? {
@@ -174,9 +174,9 @@ impl ModelConfig {
             num_heads,
             num_kv_heads: keys.usize(&["num_key_value_heads"])?,
             head_dim,
-            // A family whose experts' width is `intermediate_size` has no
-            // dense layer to use it for.
-            intermediate_size: if family.expert_width_key == "intermediate_size" {
+            // A family of experts only has no dense layer to use it for
+            // (Mixtral's `intermediate_size` is its experts' width).
+            intermediate_size: if family.experts_only {
                 0
             } else {
                 keys.opt_usize(&["intermediate_size"])?.unwrap_or(0)
@@ -198,9 +198,10 @@ impl ModelConfig {
             tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias: keys.opt_bool("attention_bias")?.unwrap_or(false),
             qk_norm: family.qk_norm,
-            sliding_window: match obj.get("use_sliding_window") {
-                Some(Value::Bool(false)) => None,
-                _ => keys.opt_usize(&["sliding_window"])?,
+            sliding_window: if family.sliding_window_gated && !keys.opt_bool("use_sliding_window")?.unwrap_or(false) {
+                None
+            } else {
+                keys.opt_usize(&["sliding_window"])?
             },
             dtype: match keys.opt_str("torch_dtype")? {
                 Some(d) => Some(d),
@@ -459,6 +460,25 @@ mod tests {
         let err =
             ModelConfig::same_computation_json(&a, &json!({"architectures": ["DeepseekV3ForCausalLM"]})).unwrap_err();
         assert!(err.contains("DeepseekV3ForCausalLM"), "{err}");
+    }
+
+    #[test]
+    fn a_sliding_window_is_the_models_only_where_its_family_uses_it() {
+        let mut qwen = moe_json();
+        qwen["sliding_window"] = json!(8);
+        assert_eq!(parse(qwen.clone()).unwrap().sliding_window, None, "Qwen: off unless use_sliding_window");
+        qwen["use_sliding_window"] = json!(true);
+        assert_eq!(parse(qwen).unwrap().sliding_window, Some(8));
+        let mut mixtral = moe_json();
+        let o = mixtral.as_object_mut().unwrap();
+        o.insert("architectures".into(), json!(["MixtralForCausalLM"]));
+        o.insert("model_type".into(), json!("mixtral"));
+        o.insert("intermediate_size".into(), json!(48));
+        o.insert("sliding_window".into(), json!(8));
+        o.remove("norm_topk_prob");
+        let c = parse(mixtral).unwrap();
+        assert_eq!((c.sliding_window, c.intermediate_size, c.moe_intermediate_size), (Some(8), 0, 48));
+        assert!(!c.qk_norm && c.norm_topk_prob);
     }
 
     #[test]

@@ -134,10 +134,7 @@ impl Forward {
     /// The backend's step recorder (only asked for once `step` has seen
     /// that the backend has one).
     fn recorder(&mut self) -> Result<&mut dyn StepRecorder> {
-        let name = self.backend_mut().name();
-        self.backend_mut()
-            .recorder()
-            .ok_or_else(|| PipelineError::BadInput(format!("the {name} backend records no steps")))
+        self.backend_mut().recorder().ok_or_else(|| PipelineError::BadInput("the backend records no steps".into()))
     }
 
     fn run_scopes(&mut self, step: usize, on_event: &mut dyn FnMut(ForwardEvent)) -> Result<()> {

@@ -112,28 +112,40 @@ struct ConfigFile {
     mode: Option<BisectMode>,
 }
 
+/// The fields of a config file that belong to one command.
+struct CommandFields {
+    backend: Option<BackendSpec>,
+    reference: Option<BackendSpec>,
+    target: Option<BackendSpec>,
+    mode: Option<BisectMode>,
+}
+
 impl ConfigFile {
     /// Parses RON text (file:line:col on errors) and makes the session:
     /// paths resolved against the config's folder, the prompt made into
     /// ids, the checks that need no model passed.
-    fn parse(text: &str, path: &Path) -> Result<(Self, SessionSpec)> {
-        let mut file: ConfigFile = parse_ron(text, path)?;
-        resolve_paths(path, &mut file.model, file.capture.as_mut(), &mut file.routing)?;
-        resolve_tokenizer_path(path, file.tokenizer.as_mut())?;
-        let resolved = file.prompt.resolve(file.tokenizer.as_ref(), &file.model, path)?;
-        let session = SessionSpec {
-            model: file.model.clone(),
-            prompt: file.prompt.clone(),
-            tokenizer: file.tokenizer.clone(),
-            resolved,
-            generate: file.generate,
-            threads: file.threads,
-            capture: file.capture.clone(),
-            faults: file.faults.clone(),
-            routing: file.routing.clone(),
-        };
+    fn parse(text: &str, path: &Path) -> Result<(SessionSpec, CommandFields)> {
+        let file: ConfigFile = parse_ron(text, path)?;
+        let ConfigFile {
+            mut model,
+            prompt,
+            mut tokenizer,
+            generate,
+            threads,
+            mut capture,
+            faults,
+            mut routing,
+            backend,
+            reference,
+            target,
+            mode,
+        } = file;
+        resolve_paths(path, &mut model, capture.as_mut(), &mut routing)?;
+        resolve_tokenizer_path(path, tokenizer.as_mut())?;
+        let resolved = prompt.resolve(tokenizer.as_ref(), &model, path)?;
+        let session = SessionSpec { model, prompt, tokenizer, resolved, generate, threads, capture, faults, routing };
         session.check(path)?;
-        Ok((file, session))
+        Ok((session, CommandFields { backend, reference, target, mode }))
     }
 
     /// Fails naming the fields of another command the file sets.
@@ -154,7 +166,7 @@ impl RunConfig {
     /// Parses RON text; `path` is for messages and for resolving relative
     /// paths against its folder.
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let (file, session) = ConfigFile::parse(text, path)?;
+        let (session, file) = ConfigFile::parse(text, path)?;
         let bisect =
             [("reference", file.reference.is_some()), ("target", file.target.is_some()), ("mode", file.mode.is_some())];
         ConfigFile::refuse(path, &bisect, "run", "one `backend` (`reference`, `target` and `mode` are bisect's)")?;
@@ -186,7 +198,7 @@ impl BisectConfig {
 
     /// Parses RON text (file:line:col on errors).
     pub fn parse(text: &str, path: &Path) -> Result<Self> {
-        let (file, session) = ConfigFile::parse(text, path)?;
+        let (session, file) = ConfigFile::parse(text, path)?;
         ConfigFile::refuse(path, &[("backend", file.backend.is_some())], "bisect", "`reference` and `target`")?;
         let missing = |field: &str, what: &str| SessionError::ConfigValue {
             path: path.to_path_buf(),

@@ -56,7 +56,6 @@ pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
     progress.stage("loading the model, running both sides");
     progress.loading(options.meter.clone());
     let report = bisect(&config, &args.config, &options, &mut |step, scope| {
-        progress.stage(&format!("compared step {step} {scope}"));
         progress.line(&format!("compared step {step} {scope}"));
     })
     .map_err(|e| e.to_string());

@@ -10,6 +10,8 @@ pub const MIXTRAL: Family = Family {
     architecture: "MixtralForCausalLM",
     model_type: "mixtral",
     qk_norm: false,
+    experts_only: true,
+    sliding_window_gated: false,
     expert_width_key: "intermediate_size",
     norm_topk_default: true,
     renames: &[

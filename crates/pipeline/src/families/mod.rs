@@ -24,6 +24,13 @@ pub struct Family {
     pub model_type: &'static str,
     /// Whether its layers normalise q and k per head before RoPE.
     pub qk_norm: bool,
+    /// Whether every layer is a Mixture-of-Experts layer (no dense MLP
+    /// reads `intermediate_size`).
+    pub experts_only: bool,
+    /// Whether `sliding_window` applies only when `use_sliding_window` is
+    /// true (Qwen's configs carry a window they do not use); otherwise a
+    /// `sliding_window` given is the model's.
+    pub sliding_window_gated: bool,
     /// The config.json key of the routed experts' width (Mixtral's
     /// `intermediate_size` is its experts'; Qwen3-MoE has
     /// `moe_intermediate_size`).
