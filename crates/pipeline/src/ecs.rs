@@ -5,7 +5,7 @@
 use bevy_ecs::prelude::*;
 use bevy_ecs::schedule::ScheduleLabel;
 use bevy_ecs::system::SystemParam;
-use stage_types::{SaveTensorStage, StageList};
+use stage_types::{LayerTraits, SaveTensorStage, StageList};
 
 use crate::backend::Backend;
 use crate::config::ModelConfig;
@@ -98,14 +98,10 @@ impl ForwardSchedule {
 #[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LayerIndex(pub usize);
 
-/// Dense or Mixture-of-Experts (component of each layer entity).
+/// The optional parts a layer has, which decide the stages it produces
+/// (component of each layer entity; from [`ModelConfig::layer_traits`]).
 #[derive(Component, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LayerKind {
-    /// A dense SwiGLU MLP.
-    Dense,
-    /// A Mixture-of-Experts block.
-    Moe,
-}
+pub struct LayerParts(pub LayerTraits);
 
 /// The attention weights of a layer entity.
 #[derive(Component, Debug, Clone)]
@@ -151,12 +147,9 @@ pub struct CurrentLayer {
     pub entity: Option<Entity>,
     /// Its index.
     pub index: Option<usize>,
-    /// Its kind.
-    pub kind: Option<LayerKind>,
-    /// Whether its attention projections have a bias.
-    pub qkv_bias: bool,
-    /// Whether its attention normalises q and k per head.
-    pub qk_norm: bool,
+    /// The optional parts it has (dense or MoE, a QKV bias, q/k norm,
+    /// ...): which layer stages run.
+    pub traits: LayerTraits,
 }
 
 /// Stages produced since the current schedule run began; observers check
@@ -292,22 +285,8 @@ impl HookCtx<'_> {
     }
 }
 
-/// Run condition: the current layer is dense.
-pub fn layer_is_dense(layer: Res<CurrentLayer>) -> bool {
-    layer.kind == Some(LayerKind::Dense)
-}
-
-/// Run condition: the current layer is a Mixture-of-Experts layer.
-pub fn layer_is_moe(layer: Res<CurrentLayer>) -> bool {
-    layer.kind == Some(LayerKind::Moe)
-}
-
-/// Run condition: the current layer's attention has a QKV bias.
-pub fn layer_has_qkv_bias(layer: Res<CurrentLayer>) -> bool {
-    layer.qkv_bias
-}
-
-/// Run condition: the current layer's attention has q/k norm.
-pub fn layer_has_qk_norm(layer: Res<CurrentLayer>) -> bool {
-    layer.qk_norm
+/// The run condition of a layer stage's system: the current layer has the
+/// parts the stage needs ([`SaveTensorStage::applies_to`]).
+pub fn layer_has(stage: SaveTensorStage) -> impl FnMut(Res<CurrentLayer>) -> bool + Clone {
+    move |layer: Res<CurrentLayer>| layer.index.is_some() && stage.applies_to(layer.traits)
 }

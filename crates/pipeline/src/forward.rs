@@ -13,11 +13,11 @@ use stage_types::{SaveTensorStage, StageList};
 
 use crate::backend::Backend;
 use crate::ecs::{
-    ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerKind, LayerMlp, ModelParams,
+    ActiveBackend, CurrentLayer, ForwardSchedule, LayerAttention, LayerIndex, LayerMlp, LayerParts, ModelParams,
     ObserverProbe, ObserversEnabled, StageHookSystems, StageLog, StepError, StepState,
 };
 use crate::error::{PipelineError, Result};
-use crate::model::{MlpWeights, Model};
+use crate::model::Model;
 use crate::schedule::{ForwardSchedules, build_schedules};
 use crate::stages::layer_input;
 use crate::teacher::{ScopeOutputs, ScopeTeacher, Teacher, head_rows};
@@ -152,14 +152,10 @@ impl Forward {
             .iter()
             .enumerate()
             .map(|(index, weights)| {
-                let kind = match weights.mlp {
-                    MlpWeights::Dense { .. } => LayerKind::Dense,
-                    MlpWeights::Moe(_) => LayerKind::Moe,
-                };
                 world
                     .spawn((
                         LayerIndex(index),
-                        kind,
+                        LayerParts(model.config.layer_traits(index)),
                         LayerAttention(weights.attention.clone()),
                         LayerMlp(weights.mlp.clone()),
                     ))
@@ -443,9 +439,7 @@ impl Forward {
                 CurrentLayer {
                     entity: Some(entity),
                     index: Some(i),
-                    kind: e.get::<LayerKind>().copied(),
-                    qkv_bias: e.get::<LayerAttention>().is_some_and(|a| a.0.qkv_bias.is_some()),
-                    qk_norm: e.get::<LayerAttention>().is_some_and(|a| a.0.qk_norm.is_some()),
+                    traits: e.get::<LayerParts>().map(|p| p.0).unwrap_or_default(),
                 }
             }
         };

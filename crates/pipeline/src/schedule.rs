@@ -10,10 +10,7 @@ use bevy_ecs::prelude::*;
 use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
-use crate::ecs::{
-    ForwardSchedule, HookCtx, ScopeObservers, StageHookSystems, StageSet, layer_has_qk_norm, layer_has_qkv_bias,
-    layer_is_dense, layer_is_moe, observers_enabled,
-};
+use crate::ecs::{ForwardSchedule, HookCtx, ScopeObservers, StageHookSystems, StageSet, layer_has, observers_enabled};
 use crate::stages::{attention, ffn, model, moe};
 use crate::teacher::{Teacher, teach_stage};
 
@@ -59,6 +56,11 @@ pub fn build_schedules() -> ForwardSchedules {
     for &stage in S::ALL {
         let schedule = schedules.get_mut(ForwardSchedule::of(stage));
         add_stage_system(schedule, stage);
+        if stage.is_layer_stage() {
+            // A layer runs the stages its parts have (the stage's
+            // applicability against the layer's traits), for every family.
+            schedule.configure_sets(StageSet(stage).run_if(layer_has(stage)));
+        }
         schedule.configure_sets(StageHookSystems::Amend(stage).after(StageSet(stage)));
         schedule.configure_sets(
             StageHookSystems::Observe(stage).after(StageHookSystems::Amend(stage)).run_if(observers_enabled),
@@ -82,15 +84,16 @@ fn new_schedule(label: impl ScheduleLabel) -> Schedule {
     Schedule::new(label)
 }
 
-/// Registers the system computing `stage`, with its run condition.
+/// Registers the system computing `stage` (which layers run it is the
+/// set's condition, from the stage's applicability).
 fn add_stage_system(schedule: &mut Schedule, stage: S) {
     let set = StageSet(stage);
     match stage {
         S::Embedding => schedule.add_systems(model::embedding.in_set(set)),
         S::AttnNorm => schedule.add_systems(attention::attn_norm.in_set(set)),
         S::QkvMatmul => schedule.add_systems(attention::qkv_matmul.in_set(set)),
-        S::QkvBias => schedule.add_systems(attention::qkv_bias.in_set(set).run_if(layer_has_qkv_bias)),
-        S::QkNorm => schedule.add_systems(attention::qk_norm.in_set(set).run_if(layer_has_qk_norm)),
+        S::QkvBias => schedule.add_systems(attention::qkv_bias.in_set(set)),
+        S::QkNorm => schedule.add_systems(attention::qk_norm.in_set(set)),
         S::QPostRope => schedule.add_systems(attention::q_post_rope.in_set(set)),
         S::KPostRope => schedule.add_systems(attention::k_post_rope.in_set(set)),
         S::AttnScores => schedule.add_systems(attention::attn_scores.in_set(set)),
@@ -99,19 +102,19 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::AttnOut => schedule.add_systems(attention::attn_out.in_set(set)),
         S::PostAttnResidual => schedule.add_systems(attention::post_attn_residual.in_set(set)),
         S::FfnNorm => schedule.add_systems(ffn::ffn_norm.in_set(set)),
-        S::FfnGate => schedule.add_systems(ffn::ffn_gate.in_set(set).run_if(layer_is_dense)),
-        S::FfnUp => schedule.add_systems(ffn::ffn_up.in_set(set).run_if(layer_is_dense)),
-        S::FfnSilu => schedule.add_systems(ffn::ffn_silu.in_set(set).run_if(layer_is_dense)),
-        S::FfnSwigl => schedule.add_systems(ffn::ffn_swigl.in_set(set).run_if(layer_is_dense)),
-        S::FfnOut => schedule.add_systems(ffn::ffn_out.in_set(set).run_if(layer_is_dense)),
-        S::MoeRouterLogits => schedule.add_systems(moe::moe_router_logits.in_set(set).run_if(layer_is_moe)),
-        S::MoeRouter => schedule.add_systems(moe::moe_router.in_set(set).run_if(layer_is_moe)),
-        S::MoeRouterIndices => schedule.add_systems(moe::moe_router_indices.in_set(set).run_if(layer_is_moe)),
-        S::MoeExpertGate => schedule.add_systems(moe::moe_expert_gate.in_set(set).run_if(layer_is_moe)),
-        S::MoeExpertUp => schedule.add_systems(moe::moe_expert_up.in_set(set).run_if(layer_is_moe)),
-        S::MoeExpertSwigl => schedule.add_systems(moe::moe_expert_swigl.in_set(set).run_if(layer_is_moe)),
-        S::MoeExpertOut => schedule.add_systems(moe::moe_expert_out.in_set(set).run_if(layer_is_moe)),
-        S::MoeFfnOut => schedule.add_systems(moe::moe_ffn_out.in_set(set).run_if(layer_is_moe)),
+        S::FfnGate => schedule.add_systems(ffn::ffn_gate.in_set(set)),
+        S::FfnUp => schedule.add_systems(ffn::ffn_up.in_set(set)),
+        S::FfnSilu => schedule.add_systems(ffn::ffn_silu.in_set(set)),
+        S::FfnSwigl => schedule.add_systems(ffn::ffn_swigl.in_set(set)),
+        S::FfnOut => schedule.add_systems(ffn::ffn_out.in_set(set)),
+        S::MoeRouterLogits => schedule.add_systems(moe::moe_router_logits.in_set(set)),
+        S::MoeRouter => schedule.add_systems(moe::moe_router.in_set(set)),
+        S::MoeRouterIndices => schedule.add_systems(moe::moe_router_indices.in_set(set)),
+        S::MoeExpertGate => schedule.add_systems(moe::moe_expert_gate.in_set(set)),
+        S::MoeExpertUp => schedule.add_systems(moe::moe_expert_up.in_set(set)),
+        S::MoeExpertSwigl => schedule.add_systems(moe::moe_expert_swigl.in_set(set)),
+        S::MoeExpertOut => schedule.add_systems(moe::moe_expert_out.in_set(set)),
+        S::MoeFfnOut => schedule.add_systems(moe::moe_ffn_out.in_set(set)),
         S::PostFfnResidual => schedule.add_systems(ffn::post_ffn_residual.in_set(set)),
         S::FinalNorm => schedule.add_systems(model::final_norm.in_set(set)),
         S::LmHead => schedule.add_systems(model::lm_head.in_set(set)),

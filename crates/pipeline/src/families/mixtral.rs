@@ -6,6 +6,9 @@
 use super::Family;
 
 /// `MixtralForCausalLM`.
+// Every field is named today; `..Family::DEFAULTS` gives it the fields
+// later families add.
+#[allow(clippy::needless_update)]
 pub const MIXTRAL: Family = Family {
     architecture: "MixtralForCausalLM",
     model_type: "mixtral",
@@ -21,4 +24,5 @@ pub const MIXTRAL: Family = Family {
         ("down_proj.", "w2."),
         ("mlp.experts.", "block_sparse_moe.experts."),
     ],
+    ..Family::DEFAULTS
 };

@@ -43,6 +43,24 @@ pub struct Family {
     pub renames: &'static [(&'static str, &'static str)],
 }
 
+impl Family {
+    /// What a family is unless its module says otherwise: Qwen3-MoE's
+    /// choices (q/k norm, dense layers possible, a gated sliding window,
+    /// `moe_intermediate_size`, no renames). A family's constant names
+    /// what differs and ends with `..Family::DEFAULTS`, so a field added
+    /// for a new family touches no other family's module.
+    pub const DEFAULTS: Family = Family {
+        architecture: "",
+        model_type: "",
+        qk_norm: true,
+        experts_only: false,
+        sliding_window_gated: true,
+        expert_width_key: "moe_intermediate_size",
+        norm_topk_default: false,
+        renames: &[],
+    };
+}
+
 /// Every family moetrace runs.
 pub const FAMILIES: [&Family; 3] = [&QWEN3, &QWEN3_MOE, &MIXTRAL];
 

@@ -62,6 +62,6 @@ pub fn ffn_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
 /// post_ffn_residual: `post_attn_residual + (ffn_out or moe_ffn_out)`,
 /// [T,H]; the next layer's input.
 pub fn post_ffn_residual(mut ctx: StageCtx) {
-    let ffn = if ctx.layer.kind == Some(crate::ecs::LayerKind::Moe) { S::MoeFfnOut } else { S::FfnOut };
+    let ffn = if ctx.layer.traits.dense { S::FfnOut } else { S::MoeFfnOut };
     ctx.run(S::PostFfnResidual, |b, _| b.add(S::PostAttnResidual, ffn, S::PostFfnResidual));
 }
