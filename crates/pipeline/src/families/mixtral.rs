@@ -6,9 +6,10 @@
 use super::Family;
 
 /// `MixtralForCausalLM`.
-// Every field is named today; `..Family::DEFAULTS` gives it the fields
-// later families add.
-#[allow(clippy::needless_update)]
+#[allow(
+    clippy::needless_update,
+    reason = "every field is named today; `..Family::DEFAULTS` gives it the fields later families add"
+)]
 pub const MIXTRAL: Family = Family {
     architecture: "MixtralForCausalLM",
     model_type: "mixtral",
