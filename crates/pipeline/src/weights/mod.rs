@@ -4,6 +4,7 @@
 
 pub mod gguf;
 mod gguf_model;
+mod presets;
 pub mod quant;
 mod safetensors;
 mod synthetic;
@@ -16,10 +17,9 @@ use std::sync::Arc;
 use memmap2::Mmap;
 
 pub use gguf_model::{gguf_name, load_gguf, read_gguf_header};
+pub use presets::SyntheticPreset;
 pub use safetensors::{SafetensorsEntry, SafetensorsRefusal, index_safetensors, load_checkpoint, save_safetensors};
-pub use synthetic::{
-    SyntheticPreset, available_memory_bytes, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key,
-};
+pub use synthetic::{available_memory_bytes, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key};
 pub use synthetic_blocks::BlockRecipe;
 
 /// Element type of a stored weight tensor.

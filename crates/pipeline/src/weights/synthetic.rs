@@ -11,7 +11,6 @@
 //! without changing a bit.
 
 use rayon::prelude::*;
-use serde_json::json;
 
 use super::gguf::GgmlType;
 use super::{BlockRecipe, SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
@@ -20,244 +19,18 @@ use crate::error::{PipelineError, Result};
 use crate::load_meter::LoadMeter;
 use crate::model::{TensorRole, TensorSpec, tensor_specs};
 
-/// A named synthetic architecture.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct SyntheticPreset {
-    /// Preset name as written in configs.
-    pub name: &'static str,
-    /// What it is for.
-    pub description: &'static str,
-    /// The family (`architectures[0]`) whose config it makes.
-    architecture: &'static str,
-    layers: usize,
-    hidden: usize,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    intermediate: usize,
-    experts: usize,
-    experts_per_token: usize,
-    moe_intermediate: usize,
-    vocab: usize,
-    positions: usize,
-    /// Projections and the embedding in ggml blocks, as a Q4_K_M GGUF
-    /// holds them (synthetic_blocks.rs): Q6_K for v, the down projections
-    /// and lm_head, Q4_K for the rest; norms and routers stay bf16.
-    quantized: bool,
-}
-
-/// Qwen3-30B-A3B's dimensions (two presets share them).
-const QWEN3_30B_A3B: SyntheticPreset = SyntheticPreset {
-    name: "qwen3-30b-a3b",
-    description: "Qwen3-30B-A3B dimensions: 48 layers, H 2048, 32/4 heads, hd 128, 128 experts top-8, I 768, V 151936",
-    architecture: "Qwen3MoeForCausalLM",
-    layers: 48,
-    hidden: 2048,
-    heads: 32,
-    kv_heads: 4,
-    head_dim: 128,
-    intermediate: 6144,
-    experts: 128,
-    experts_per_token: 8,
-    moe_intermediate: 768,
-    vocab: 151936,
-    positions: 40960,
-    quantized: false,
-};
-
-impl SyntheticPreset {
-    /// Every preset.
-    pub const ALL: &'static [SyntheticPreset] = &[
-        SyntheticPreset {
-            name: "tiny-moe",
-            description: "4-layer Qwen3-MoE, H 256, 16 experts top-4; the default",
-            architecture: "Qwen3MoeForCausalLM",
-            layers: 4,
-            hidden: 256,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 64,
-            intermediate: 512,
-            experts: 16,
-            experts_per_token: 4,
-            moe_intermediate: 128,
-            vocab: 512,
-            positions: 4096,
-            quantized: false,
-        },
-        SyntheticPreset {
-            name: "tiny-dense",
-            description: "3-layer dense Qwen3, H 256, I 512",
-            architecture: "Qwen3ForCausalLM",
-            layers: 3,
-            hidden: 256,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 64,
-            intermediate: 512,
-            experts: 0,
-            experts_per_token: 0,
-            moe_intermediate: 0,
-            vocab: 512,
-            positions: 4096,
-            quantized: false,
-        },
-        SyntheticPreset {
-            name: "tiny-moe-qwen3-vocab",
-            description: "2-layer Qwen3-MoE, H 128, 8 experts top-2, Qwen3's vocabulary (V 151936): text prompts with Qwen3's tokenizer, quickly",
-            architecture: "Qwen3MoeForCausalLM",
-            layers: 2,
-            hidden: 128,
-            heads: 2,
-            kv_heads: 1,
-            head_dim: 64,
-            intermediate: 256,
-            experts: 8,
-            experts_per_token: 2,
-            moe_intermediate: 64,
-            vocab: 151936,
-            positions: 4096,
-            quantized: false,
-        },
-        QWEN3_30B_A3B,
-        SyntheticPreset {
-            name: "qwen3-30b-a3b-q4km",
-            description: "qwen3-30b-a3b with Q4_K_M-style weights kept quantized (Q4_K, Q6_K for v, down and lm_head): the decode benchmark against the quantized bytes",
-            quantized: true,
-            ..QWEN3_30B_A3B
-        },
-        SyntheticPreset {
-            name: "tiny-moe-q4km",
-            description: "2-layer Qwen3-MoE, H 256, 8 experts top-2, I 256, with Q4_K_M-style quantized weights",
-            architecture: "Qwen3MoeForCausalLM",
-            layers: 2,
-            hidden: 256,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 64,
-            intermediate: 512,
-            experts: 8,
-            experts_per_token: 2,
-            moe_intermediate: 256,
-            vocab: 512,
-            positions: 4096,
-            quantized: true,
-        },
-        SyntheticPreset {
-            name: "tiny-mixtral",
-            description: "2-layer Mixtral, H 256, 8 experts top-2, I 128, no q/k norm",
-            architecture: "MixtralForCausalLM",
-            layers: 2,
-            hidden: 256,
-            heads: 4,
-            kv_heads: 2,
-            head_dim: 64,
-            intermediate: 0,
-            experts: 8,
-            experts_per_token: 2,
-            moe_intermediate: 128,
-            vocab: 512,
-            positions: 4096,
-            quantized: false,
-        },
-        SyntheticPreset {
-            name: "mixtral-8x7b",
-            description: "Mixtral-8x7B dimensions: 32 layers, H 4096, 32/8 heads, hd 128, 8 experts top-2, I 14336, V 32000 (93 GB in bf16: give `layers: N` to fit one GPU)",
-            architecture: "MixtralForCausalLM",
-            layers: 32,
-            hidden: 4096,
-            heads: 32,
-            kv_heads: 8,
-            head_dim: 128,
-            intermediate: 0,
-            experts: 8,
-            experts_per_token: 2,
-            moe_intermediate: 14336,
-            vocab: 32000,
-            positions: 32768,
-            quantized: false,
-        },
-    ];
-
-    /// Looks a preset up by name (case-insensitive).
-    pub fn by_name(name: &str) -> Result<&'static SyntheticPreset> {
-        Self::ALL.iter().find(|p| p.name.eq_ignore_ascii_case(name.trim())).ok_or_else(|| {
-            PipelineError::UnknownPreset {
-                name: name.to_string(),
-                valid: Self::ALL.iter().map(|p| p.name).collect::<Vec<_>>().join(", "),
-            }
-        })
-    }
-
-    /// The preset's config, with `layers` decoder layers if given (at
-    /// least 1, at most [`crate::config::MAX_LAYERS`]).
-    pub fn config(&self, layers: Option<usize>) -> Result<ModelConfig> {
-        if let Some(n) = layers
-            && !(1..=crate::config::MAX_LAYERS).contains(&n)
-        {
-            return Err(PipelineError::BadInput(format!(
-                "synthetic preset {}: layers: {n} is out of range: give at least 1 and at most {} (the preset has {})",
-                self.name,
-                crate::config::MAX_LAYERS,
-                self.layers
-            )));
-        }
-        let family = crate::families::Family::by_architecture(self.architecture).ok_or_else(|| {
-            PipelineError::BadInput(format!("synthetic preset {}: no family {}", self.name, self.architecture))
-        })?;
-        let mut json = json!({
-            "architectures": [family.architecture],
-            "model_type": family.model_type,
-            "hidden_size": self.hidden,
-            "num_hidden_layers": layers.unwrap_or(self.layers),
-            "num_attention_heads": self.heads,
-            "num_key_value_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1_000_000.0,
-            "vocab_size": self.vocab,
-            "max_position_embeddings": self.positions,
-            "tie_word_embeddings": false,
-            "attention_bias": false,
-            "torch_dtype": "bfloat16",
-            "hidden_act": "silu",
-            "moetrace_synthetic_preset": self.name,
-        });
-        let obj = json.as_object_mut().expect("object");
-        if self.intermediate > 0 {
-            obj.insert("intermediate_size".into(), json!(self.intermediate));
-        }
-        if self.experts > 0 {
-            obj.insert("num_experts".into(), json!(self.experts));
-            obj.insert("num_experts_per_tok".into(), json!(self.experts_per_token));
-            obj.insert(family.expert_width_key.into(), json!(self.moe_intermediate));
-            obj.insert("norm_topk_prob".into(), json!(true));
-            obj.insert("decoder_sparse_step".into(), json!(1));
-            obj.insert("mlp_only_layers".into(), json!([]));
-        }
-        ModelConfig::from_json(json, std::path::Path::new(self.name))
-    }
-
-    /// Generates every tensor of `config` (as bf16, or blocks for a
-    /// quantized preset), after checking it fits in memory.
-    /// `meter` counts the bytes made.
-    pub fn generate(&self, config: &ModelConfig, seed: u64, meter: &LoadMeter) -> Result<WeightStore> {
-        generate(config, seed, self.name, self.quantized, meter)
-    }
-
-    /// Every tensor of `config`, not materialised: each is computed where
-    /// it is read (see [`synthetic_store_on_demand`]).
-    pub fn on_demand(&self, config: &ModelConfig, seed: u64) -> WeightStore {
-        on_demand(config, seed, self.quantized)
-    }
-}
-
 /// Generates all tensors `config` implies, as bf16, from `seed`.
 pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<WeightStore> {
     generate(config, seed, label, false, &LoadMeter::default())
 }
 
-fn generate(config: &ModelConfig, seed: u64, label: &str, quantized: bool, meter: &LoadMeter) -> Result<WeightStore> {
+pub(super) fn generate(
+    config: &ModelConfig,
+    seed: u64,
+    label: &str,
+    quantized: bool,
+    meter: &LoadMeter,
+) -> Result<WeightStore> {
     let recipes = recipes(config, seed, quantized);
     let need: usize = recipes.iter().map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product())).sum();
     if let Some(available) = available_memory_bytes() {
@@ -308,7 +81,7 @@ pub fn synthetic_store_on_demand(config: &ModelConfig, seed: u64) -> WeightStore
     on_demand(config, seed, false)
 }
 
-fn on_demand(config: &ModelConfig, seed: u64, quantized: bool) -> WeightStore {
+pub(super) fn on_demand(config: &ModelConfig, seed: u64, quantized: bool) -> WeightStore {
     let mut store = WeightStore::default();
     for (spec, recipe) in recipes(config, seed, quantized) {
         store.insert(match recipe {
@@ -410,6 +183,7 @@ pub fn available_memory_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::weights::SyntheticPreset;
 
     #[test]
     fn values_have_the_requested_mean_and_std() {
@@ -482,20 +256,5 @@ mod tests {
         // llama.cpp's Qwen3-30B-A3B Q4_K_M is about 18.6 GB; this mix (Q6_K
         // for every layer's down projections, not some) 19.8 GB.
         assert!((18e9..21e9).contains(&(bytes as f64)), "{bytes}");
-    }
-
-    #[test]
-    fn unknown_preset_lists_the_valid_ones() {
-        let msg = SyntheticPreset::by_name("huge").unwrap_err().to_string();
-        assert!(msg.contains("`huge`") && msg.contains("tiny-moe") && msg.contains("qwen3-30b-a3b"), "{msg}");
-    }
-
-    #[test]
-    fn qwen3_30b_preset_has_the_real_dimensions() {
-        let c = SyntheticPreset::by_name("qwen3-30b-a3b").unwrap().config(None).unwrap();
-        assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (48, 2048, 32, 4, 128));
-        assert_eq!((c.num_experts, c.experts_per_token, c.moe_intermediate_size, c.vocab_size), (128, 8, 768, 151936));
-        let bytes: usize = tensor_specs(&c).iter().map(|s| s.shape.iter().product::<usize>() * 2).sum();
-        assert!((60e9..62e9).contains(&(bytes as f64)), "{bytes}");
     }
 }
