@@ -21,8 +21,9 @@ fn check_fixture(name: &str, generate: usize) {
     check_oracle_dir(name, &dir, &dir.join("model"), generate);
 }
 
-/// The fixture in `dir` (its activations/), the model at `model`.
-fn check_oracle_dir(name: &str, dir: &Path, model: &Path, generate: usize) {
+/// The fixture in `dir` (its activations/), the model at `model`; the
+/// worst rel_l2 of a float stage wider than one column.
+fn check_oracle_dir(name: &str, dir: &Path, model: &Path, generate: usize) -> f64 {
     let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
     let out = scratch(&format!("oracle-{name}"));
     let prompt = format!("{:?}", oracle.manifest.prompt);
@@ -53,7 +54,10 @@ fn check_oracle_dir(name: &str, dir: &Path, model: &Path, generate: usize) {
         } else {
             let r = rel_l2(&reference.values, &got.values);
             assert!(r <= TOLERANCE, "{name}: step {step} layer {layer:?} {stage}: rel_l2 {r:.3e} > {TOLERANCE:e}");
-            if r > worst.0 {
+            // A one-column stage (the shared expert gate's logit) is one dot
+            // product per token: f32 storage of its input (6e-8 an element)
+            // shows in it wherever the sum cancels; it keeps TOLERANCE.
+            if r > worst.0 && reference.shape.last() != Some(&1) {
                 worst = (r, format!("step {step} layer {layer:?} {stage}"));
             }
         }
@@ -61,6 +65,7 @@ fn check_oracle_dir(name: &str, dir: &Path, model: &Path, generate: usize) {
     }
     assert_eq!(checked, oracle.manifest.tensors.len(), "{name}: every oracle tensor is indexed");
     eprintln!("{name}: {checked} oracle tensors match; worst rel_l2 {:.2e} at {}", worst.0, worst.1);
+    worst.0
 }
 
 #[test]
@@ -95,6 +100,21 @@ fn cpu_matches_the_in_repo_oracle_mixtral_from_llama_cpps_gguf() {
     // stacked), made by python/tools/make_gguf_with_llama_cpp.py.
     let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-mixtral-oracle");
     check_oracle_dir("tiny-mixtral-oracle-gguf", &dir, &dir.join("model.gguf"), 4);
+}
+
+#[test]
+fn cpu_matches_the_in_repo_oracle_qwen2_moe_within_1e6() {
+    // Qwen2-MoE (python/tools/make_oracle_fixture.py kind `qwen2moe`,
+    // layers=3 mlp_only=1): q/k/v biases, top-k not renormalised, a shared
+    // expert weighted by its sigmoid gate, layer 1 dense by mlp_only_layers.
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-oracle");
+    let worst = check_oracle_dir("tiny-qwen2-moe-oracle", &dir, &dir.join("model"), 4);
+    assert!(worst <= 1e-6, "worst rel_l2 {worst:.2e}");
+    let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
+    for stage in ["moe_shared_weight", "qkv_bias", "ffn_swigl"] {
+        let stage: stage_types::SaveTensorStage = stage.parse().unwrap();
+        assert!(oracle.keys().iter().any(|k| k.2 == stage), "the oracle has {stage}");
+    }
 }
 
 #[test]

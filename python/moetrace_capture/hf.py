@@ -1,5 +1,5 @@
-"""Every moetrace stage of a Hugging Face transformers Qwen3 or Qwen3-MoE
-model, captured while it generates (needs torch and transformers; the rest
+"""Every moetrace stage of a Hugging Face transformers Qwen3, Qwen3-MoE,
+Mixtral or Qwen2-MoE model, captured while it generates (needs torch and transformers; the rest
 of the package needs only numpy).
 
     from transformers import AutoModelForCausalLM
@@ -12,7 +12,8 @@ stage. What no module returns on its own is recomputed in the hooks with
 the model's own functions and dtype: the q/k/v concatenation, QK-norm's
 output, q and k after RoPE, the attention scores (masked entries 0, as
 moetrace writes them), the router's top-k and renormalised weights, and
-the per-expert gate, up, SwiGLU and down projections. The attention
+the per-expert gate, up, SwiGLU and down projections, the projections
+before their bias, and a shared expert's stages. The attention
 implementation must return its probabilities (`attn_implementation=
 "eager"`).
 """
@@ -108,8 +109,15 @@ class _StepRecorder:
         rope = _rotary(self.model)
         for li, layer in enumerate(self.inner.layers):
             g = {k[1]: v for k, v in got.items() if isinstance(k, tuple) and k[0] == li}
+            attn = layer.self_attn
             save(step, li, "attn_norm", g["attn_norm"])
-            save(step, li, "qkv_matmul", torch.cat([g["q_proj"], g["k_proj"], g["v_proj"]], dim=-1))
+            projected = torch.cat([g["q_proj"], g["k_proj"], g["v_proj"]], dim=-1)
+            if attn.q_proj.bias is not None:  # Qwen2-MoE: the projections, then their bias
+                plain = [torch.nn.functional.linear(g["attn_norm"], getattr(attn, f"{x}_proj").weight) for x in "qkv"]
+                save(step, li, "qkv_matmul", torch.cat(plain, dim=-1))
+                save(step, li, "qkv_bias", projected)
+            else:
+                save(step, li, "qkv_matmul", projected)
             if "q_norm" in g:
                 qn, kn = g["q_norm"].reshape(t_len, nh, hd), g["k_norm"].reshape(t_len, nkv, hd)
                 save(step, li, "qk_norm", torch.cat([qn.reshape(t_len, -1), kn.reshape(t_len, -1)], dim=-1))
@@ -165,6 +173,17 @@ class _StepRecorder:
         save(step, li, "moe_expert_up", up)
         save(step, li, "moe_expert_swigl", swigl)
         save(step, li, "moe_expert_out", down)
+        shared = getattr(layer.mlp, "shared_expert", None)
+        if shared is not None:  # Qwen2-MoE: an always-on expert, weighted by a sigmoid gate
+            s_gate, s_up = shared.gate_proj(x), shared.up_proj(x)
+            s_swigl = shared.act_fn(s_gate) * s_up
+            save(step, li, "moe_shared_gate", s_gate)
+            save(step, li, "moe_shared_up", s_up)
+            save(step, li, "moe_shared_swigl", s_swigl)
+            save(step, li, "moe_shared_out", shared.down_proj(s_swigl))
+            logit = layer.mlp.shared_expert_gate(x)
+            save(step, li, "moe_shared_logit", logit)
+            save(step, li, "moe_shared_weight", torch.sigmoid(logit))
         save(step, li, "moe_ffn_out", g["mlp_out"])
 
 

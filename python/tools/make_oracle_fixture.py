@@ -1,4 +1,4 @@
-"""moetrace's own oracle: a tiny random Qwen3-MoE, Qwen3 or Mixtral checkpoint (bf16
+"""moetrace's own oracle: a tiny random Qwen3-MoE, Qwen3, Mixtral or Qwen2-MoE checkpoint (bf16
 safetensors in the Hugging Face layout) and Hugging Face transformers'
 float64 forward of it, captured at every stage with moetrace_capture.hf
 (prompt, then greedy decode steps). tests/fixtures/ holds two made by it,
@@ -6,9 +6,10 @@ so a fresh clone's oracle tests run; ../shared/fixtures, made by other
 code, stays the independent cross-check. New architectures get their
 oracle the same way.
 
-Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral SEED [key=value ...]
+Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral|qwen2moe SEED [key=value ...]
 (keys: vocab hidden layers heads kv_heads head_dim experts topk moe_inter
-inter prompt generate router_scale). Needs torch, transformers, safetensors.
+inter shared_inter mlp_only prompt generate router_scale). Needs torch,
+transformers, safetensors.
 """
 import json
 import math
@@ -25,7 +26,7 @@ from moetrace_capture import hf  # noqa: E402
 torch.set_grad_enabled(False)
 out_root, name, kind, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 D = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, topk=2, moe_inter=32,
-         inter=128, prompt="1,17,42,99,5,77", generate=4, router_scale=3.0)
+         inter=128, shared_inter=96, mlp_only="", prompt="1,17,42,99,5,77", generate=4, router_scale=3.0)
 for k, v in (a.split("=", 1) for a in sys.argv[5:]):
     D[k] = type(D[k])(v)
 g = torch.Generator().manual_seed(seed)
@@ -46,10 +47,14 @@ for i in range(L):
     sd[p + "self_attn.k_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
     sd[p + "self_attn.v_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
     sd[p + "self_attn.o_proj.weight"] = rn(H, nh * hd, std=1 / math.sqrt(nh * hd))
-    if kind != "mixtral":
+    if kind == "qwen2moe":  # q, k and v biases
+        for x, width in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
+            sd[p + f"self_attn.{x}_proj.bias"] = rn(width, std=0.5)
+    if kind in ("moe", "dense"):
         sd[p + "self_attn.q_norm.weight"] = 1 + rn(hd, std=0.1)
         sd[p + "self_attn.k_norm.weight"] = 1 + rn(hd, std=0.1)
-    if kind in ("moe", "mixtral"):
+    mlp_only = [int(x) for x in D["mlp_only"].split(",") if x]
+    if kind in ("moe", "mixtral", "qwen2moe") and i not in mlp_only:
         # Mixtral as the hub ships it: block_sparse_moe, w1 gate, w3 up, w2 down.
         moe, gate, up, down = (("block_sparse_moe", "w1", "w3", "w2") if kind == "mixtral"
                                else ("mlp", "gate_proj", "up_proj", "down_proj"))
@@ -59,6 +64,12 @@ for i in range(L):
             sd[p + f"{moe}.experts.{e}.{gate}.weight"] = rn(I, H, std=1 / math.sqrt(H))
             sd[p + f"{moe}.experts.{e}.{up}.weight"] = rn(I, H, std=1 / math.sqrt(H))
             sd[p + f"{moe}.experts.{e}.{down}.weight"] = rn(H, I, std=1 / math.sqrt(I))
+        if kind == "qwen2moe":  # the shared expert and its sigmoid gate
+            S = D["shared_inter"]
+            sd[p + "mlp.shared_expert.gate_proj.weight"] = rn(S, H, std=1 / math.sqrt(H))
+            sd[p + "mlp.shared_expert.up_proj.weight"] = rn(S, H, std=1 / math.sqrt(H))
+            sd[p + "mlp.shared_expert.down_proj.weight"] = rn(H, S, std=1 / math.sqrt(S))
+            sd[p + "mlp.shared_expert_gate.weight"] = rn(1, H, std=1 / math.sqrt(H))
     else:
         I = D["inter"]
         sd[p + "mlp.gate_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
@@ -80,6 +91,14 @@ if kind == "mixtral":
     config = transformers.MixtralConfig(num_local_experts=D["experts"], num_experts_per_tok=D["topk"],
                                         intermediate_size=D["moe_inter"], **mixtral)
     cls = transformers.MixtralForCausalLM
+elif kind == "qwen2moe":
+    # q/k/v biases as `qkv_bias` (the class's key), top-k not renormalised.
+    qwen2 = {k: v for k, v in common.items() if k != "attention_bias"}
+    config = transformers.Qwen2MoeConfig(num_experts=D["experts"], num_experts_per_tok=D["topk"],
+                                         moe_intermediate_size=D["moe_inter"], intermediate_size=D["inter"],
+                                         shared_expert_intermediate_size=D["shared_inter"], norm_topk_prob=False,
+                                         decoder_sparse_step=1, mlp_only_layers=mlp_only, qkv_bias=True, **qwen2)
+    cls = transformers.Qwen2MoeForCausalLM
 elif kind == "moe":
     config = transformers.Qwen3MoeConfig(num_experts=D["experts"], num_experts_per_tok=D["topk"],
                                          moe_intermediate_size=D["moe_inter"], intermediate_size=D["inter"],

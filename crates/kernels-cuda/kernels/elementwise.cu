@@ -1,4 +1,4 @@
-// elementwise.cu: embedding lookup, bias, residual add, silu, mul, swiglu
+// elementwise.cu: embedding lookup, bias, residual add, silu, sigmoid, mul, swiglu
 // (f32 activations; one thread per element). Every activation store goes
 // through store_act (common.cuh).
 #include "common.cuh"
@@ -50,6 +50,12 @@ extern "C" __global__ void silu_f32(float *out, const float *x, u64 n) {
     PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) out[i] = store_act(silu(x[i]));
+}
+
+extern "C" __global__ void sigmoid_f32(float *out, const float *x, u64 n) {
+    PDL_ENTRY();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = store_act(1.0f / (1.0f + expf(-x[i])));
 }
 
 extern "C" __global__ void swiglu_f32(float *out, const float *gate, const float *up, u64 n) {

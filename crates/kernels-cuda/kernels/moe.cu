@@ -150,6 +150,23 @@ extern "C" __global__ void moe_combine_f32(float *out, const float *expert_out, 
     out[i] = store_act(acc);
 }
 
+// out[t, c] = Σ_j weights[t, j] · expert_out[t, j, c] + g_t · shared[t, c]
+// with g_t = shared_weight[t] when gated, else 1: the routed sum as
+// moe_combine_f32 makes it, then the shared expert's term, in f32.
+extern "C" __global__ void moe_combine_shared_f32(float *out, const float *expert_out, const float *weights,
+                                                  const float *shared, const float *shared_weight, u32 gated,
+                                                  u32 t_len, u32 top_k, u32 h) {
+    PDL_ENTRY();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)t_len * h) return;
+    u32 t = (u32)(i / h), c = (u32)(i % h);
+    float acc = 0.0f;
+    for (u32 j = 0; j < top_k; j++) acc += weights[(u64)t * top_k + j] * expert_out[((u64)t * top_k + j) * h + c];
+    float g = gated ? shared_weight[t] : 1.0f;
+    acc += g * shared[i];
+    out[i] = store_act(acc);
+}
+
 // ---- Grouped expert projections (prefill): slots sorted by expert on the
 // device, then one tensor-core tile kernel reading each expert's weights
 // once per 32 of its slots. No host round trip: the per-expert counts stay

@@ -74,6 +74,8 @@ pub mod elementwise {
     pub const MUL: Kernel = k("elementwise", "mul_f32");
     /// silu(x).
     pub const SILU: Kernel = k("elementwise", "silu_f32");
+    /// 1 / (1 + exp(-x)).
+    pub const SIGMOID: Kernel = k("elementwise", "sigmoid_f32");
     /// silu(gate) * up.
     pub const SWIGLU: Kernel = k("elementwise", "swiglu_f32");
     /// The greedy choice of a row: each block's best...
@@ -102,6 +104,8 @@ pub mod moe {
     pub const ROUTER_TOP_K: Kernel = k("moe", "router_top_k_f32");
     /// Weighted sum of the chosen experts' outputs.
     pub const COMBINE: Kernel = k("moe", "moe_combine_f32");
+    /// The same sum plus a shared expert's (optionally gated) output.
+    pub const COMBINE_SHARED: Kernel = k("moe", "moe_combine_shared_f32");
     /// Slots per expert.
     pub const COUNT_SLOTS: Kernel = k("moe", "moe_count_slots");
     /// Slot lists per expert, in ascending order.
@@ -170,6 +174,7 @@ pub const ALL: &[Kernel] = &[
     elementwise::ADD,
     elementwise::MUL,
     elementwise::SILU,
+    elementwise::SIGMOID,
     elementwise::SWIGLU,
     elementwise::ARGMAX,
     elementwise::ARGMAX_FINAL,
@@ -180,6 +185,7 @@ pub const ALL: &[Kernel] = &[
     linear::GEMV_V8,
     moe::ROUTER_TOP_K,
     moe::COMBINE,
+    moe::COMBINE_SHARED,
     moe::COUNT_SLOTS,
     moe::SORT_SLOTS,
     moe::INVALID_ROWS,

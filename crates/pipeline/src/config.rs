@@ -43,6 +43,10 @@ pub struct ModelConfig {
     pub intermediate_size: usize,
     /// Per-expert MLP width (0 for dense models).
     pub moe_intermediate_size: usize,
+    /// S, the width of the MoE layers' always-on shared expert (0: none).
+    pub shared_expert_intermediate_size: usize,
+    /// A sigmoid gate weights the shared expert's output (Qwen2-MoE).
+    pub shared_expert_gate: bool,
     /// E, experts per MoE layer (0 for dense models).
     pub num_experts: usize,
     /// k, experts chosen per token.
@@ -182,6 +186,11 @@ impl ModelConfig {
                 keys.opt_usize(&["intermediate_size"])?.unwrap_or(0)
             },
             moe_intermediate_size: if is_moe { keys.usize(&[family.expert_width_key])? } else { 0 },
+            shared_expert_intermediate_size: match family.shared_expert {
+                Some(shared) if is_moe => keys.opt_usize(&[shared.width_key])?.unwrap_or(0),
+                _ => 0,
+            },
+            shared_expert_gate: is_moe && family.shared_expert.is_some_and(|s| s.gated),
             num_experts: if is_moe { keys.usize(&["num_experts", "num_local_experts"])? } else { 0 },
             experts_per_token: if is_moe { keys.usize(&["num_experts_per_tok"])? } else { 0 },
             norm_topk_prob: keys.opt_bool("norm_topk_prob")?.unwrap_or(family.norm_topk_default),
@@ -196,7 +205,7 @@ impl ModelConfig {
             vocab_size: keys.usize(&["vocab_size"])?,
             max_positions: keys.opt_usize(&["max_position_embeddings"])?,
             tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
-            attention_bias: keys.opt_bool("attention_bias")?.unwrap_or(false),
+            attention_bias: keys.opt_bool(family.attention_bias_key)?.unwrap_or(family.attention_bias_default),
             qk_norm: family.qk_norm,
             sliding_window: if family.sliding_window_gated && !keys.opt_bool("use_sliding_window")?.unwrap_or(false) {
                 None
@@ -240,6 +249,7 @@ impl ModelConfig {
             ("head_dim", self.head_dim, MAX_HEAD_DIM),
             ("intermediate_size", self.intermediate_size, MAX_WIDTH * 8),
             ("moe_intermediate_size", self.moe_intermediate_size, MAX_WIDTH * 8),
+            ("shared_expert_intermediate_size", self.shared_expert_intermediate_size, MAX_WIDTH * 8),
             ("num_experts", self.num_experts, MAX_EXPERTS),
             ("vocab_size", self.vocab_size, MAX_VOCAB),
             ("decoder_sparse_step", self.decoder_sparse_step, MAX_LAYERS),
@@ -297,6 +307,7 @@ impl ModelConfig {
             + 3.0 * f(self.qkv_width())
             + 4.0 * f(self.intermediate_size)
             + f(self.experts_per_token) * (3.0 * f(self.moe_intermediate_size) + f(self.hidden_size))
+            + 4.0 * f(self.shared_expert_intermediate_size)
             + f(self.num_experts)
             + f(self.vocab_size);
         let scores = if scores { 2.0 * f(self.num_heads) * t * f(prompt) } else { 0.0 };
@@ -321,6 +332,8 @@ impl ModelConfig {
             S::MoeRouter | S::MoeRouterIndices => vec![t, k],
             S::MoeExpertGate | S::MoeExpertUp | S::MoeExpertSwigl => vec![t, k, self.moe_intermediate_size],
             S::MoeExpertOut => vec![t, k, h],
+            S::MoeSharedGate | S::MoeSharedUp | S::MoeSharedSwigl => vec![t, self.shared_expert_intermediate_size],
+            S::MoeSharedLogit | S::MoeSharedWeight => vec![t, 1],
             S::LmHead => vec![t, self.vocab_size],
             S::Embedding
             | S::AttnNorm
@@ -328,6 +341,7 @@ impl ModelConfig {
             | S::PostAttnResidual
             | S::FfnNorm
             | S::FfnOut
+            | S::MoeSharedOut
             | S::MoeFfnOut
             | S::PostFfnResidual
             | S::FinalNorm => vec![t, h],
@@ -349,6 +363,8 @@ impl ModelConfig {
             dense: !self.is_moe_layer(layer),
             qkv_bias: self.attention_bias,
             qk_norm: self.qk_norm,
+            shared_expert: self.shared_expert_intermediate_size > 0,
+            shared_expert_gate: self.shared_expert_intermediate_size > 0 && self.shared_expert_gate,
         }
     }
 

@@ -514,7 +514,8 @@ mod tests {
         let seen = seen.lock().unwrap().clone();
         for layer in 0..3 {
             let stages: Vec<S> = seen.iter().filter(|(l, _)| *l == Some(layer)).map(|(_, s)| *s).collect();
-            let traits = stage_types::LayerTraits { dense: layer == 1, qkv_bias: false, qk_norm: true };
+            let traits =
+                stage_types::LayerTraits { dense: layer == 1, qkv_bias: false, qk_norm: true, ..Default::default() };
             let expected: Vec<S> =
                 S::ALL.iter().copied().filter(|s| s.is_layer_stage() && s.applies_to(traits)).collect();
             assert_eq!(stages, expected, "layer {layer}");

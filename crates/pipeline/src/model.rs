@@ -87,6 +87,12 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
             for e in 0..c.num_experts {
                 swiglu(&mut push, format!("{p}mlp.experts.{e}."), h, i);
             }
+            if c.shared_expert_intermediate_size > 0 {
+                swiglu(&mut push, format!("{p}mlp.shared_expert."), h, c.shared_expert_intermediate_size);
+                if c.shared_expert_gate {
+                    push(format!("{p}mlp.shared_expert_gate.weight"), vec![1, h], TensorRole::Projection { fan_in: h });
+                }
+            }
         } else {
             swiglu(&mut push, format!("{p}mlp."), h, c.intermediate_size);
         }
@@ -142,6 +148,21 @@ pub struct MoeWeights {
     pub up: Vec<WeightId>,
     /// Per-expert down_proj, [H, I] each.
     pub down: Vec<WeightId>,
+    /// The always-on shared expert, if the family has one.
+    pub shared: Option<SharedExpertWeights>,
+}
+
+/// Weight ids of an MoE block's shared expert.
+#[derive(Debug, Clone)]
+pub struct SharedExpertWeights {
+    /// gate_proj, [S, H].
+    pub gate: WeightId,
+    /// up_proj, [S, H].
+    pub up: WeightId,
+    /// down_proj, [H, S].
+    pub down: WeightId,
+    /// shared_expert_gate, [1, H], when a sigmoid gate weights its output.
+    pub weight_gate: Option<WeightId>,
 }
 
 /// Weight ids of one decoder layer.
@@ -309,6 +330,14 @@ impl Model {
                         gate: (0..config.num_experts).map(|e| expert(e, "gate")).collect(),
                         up: (0..config.num_experts).map(|e| expert(e, "up")).collect(),
                         down: (0..config.num_experts).map(|e| expert(e, "down")).collect(),
+                        shared: (config.shared_expert_intermediate_size > 0).then(|| SharedExpertWeights {
+                            gate: id(format!("{p}mlp.shared_expert.gate_proj.weight")),
+                            up: id(format!("{p}mlp.shared_expert.up_proj.weight")),
+                            down: id(format!("{p}mlp.shared_expert.down_proj.weight")),
+                            weight_gate: config
+                                .shared_expert_gate
+                                .then(|| id(format!("{p}mlp.shared_expert_gate.weight"))),
+                        }),
                     })
                 } else {
                     MlpWeights::Dense {

@@ -11,7 +11,7 @@ use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
 use crate::ecs::{ForwardSchedule, HookCtx, ScopeObservers, StageHookSystems, StageSet, layer_has, observers_enabled};
-use crate::stages::{attention, ffn, model, moe};
+use crate::stages::{attention, ffn, model, moe, shared_expert};
 use crate::teacher::{Teacher, teach_stage};
 
 /// The three schedules of a forward step, and their scope observers'.
@@ -114,6 +114,12 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::MoeExpertUp => schedule.add_systems(moe::moe_expert_up.in_set(set)),
         S::MoeExpertSwigl => schedule.add_systems(moe::moe_expert_swigl.in_set(set)),
         S::MoeExpertOut => schedule.add_systems(moe::moe_expert_out.in_set(set)),
+        S::MoeSharedGate => schedule.add_systems(shared_expert::moe_shared_gate.in_set(set)),
+        S::MoeSharedUp => schedule.add_systems(shared_expert::moe_shared_up.in_set(set)),
+        S::MoeSharedSwigl => schedule.add_systems(shared_expert::moe_shared_swigl.in_set(set)),
+        S::MoeSharedOut => schedule.add_systems(shared_expert::moe_shared_out.in_set(set)),
+        S::MoeSharedLogit => schedule.add_systems(shared_expert::moe_shared_logit.in_set(set)),
+        S::MoeSharedWeight => schedule.add_systems(shared_expert::moe_shared_weight.in_set(set)),
         S::MoeFfnOut => schedule.add_systems(moe::moe_ffn_out.in_set(set)),
         S::PostFfnResidual => schedule.add_systems(ffn::post_ffn_residual.in_set(set)),
         S::FinalNorm => schedule.add_systems(model::final_norm.in_set(set)),

@@ -214,7 +214,7 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
             b.expert_linear(S::MoeExpertUp, S::MoeRouterIndices, &downs, S::MoeExpertOut)
         });
         pair.case("moe_combine", &format!("{dims} k={k} H={h}"), 1e-6, &[S::MoeFfnOut], |b| {
-            b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut)
+            b.moe_combine(S::MoeExpertOut, S::MoeRouter, None, S::MoeFfnOut)
         });
         pair.argmax(S::MoeFfnOut, "moe_ffn_out", &dims);
         // The greedy choice on rows made to trip it: NaN, ties (the lower
@@ -375,7 +375,7 @@ fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
         });
         pair.put(S::MoeExpertOut, HostTensor::f32(vec![t, k, h], x("out", t * k * h)));
         pair.case("moe_combine", &format!("{dims} k={k} H={h}"), one, &[S::MoeFfnOut], |b| {
-            b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut)
+            b.moe_combine(S::MoeExpertOut, S::MoeRouter, None, S::MoeFfnOut)
         });
     }
     // T = 300, top-2 of 5 experts: 600 slots, about 120 per expert.

@@ -11,7 +11,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use pipeline::backend::{AttentionShape, QkNormArgs, RopeArgs, Slot, StepGraph, StepRecorder};
+use pipeline::backend::{AttentionShape, QkNormArgs, RopeArgs, SharedTerm, Slot, StepGraph, StepRecorder};
 use pipeline::ecs::ForwardSchedule;
 use pipeline::weights::WeightId;
 use pipeline::{Backend, CpuBackend, Forward, HookCtx, HostTensor, Model, PendingTensor, Result};
@@ -124,6 +124,9 @@ impl Backend for Recording {
     fn silu(&mut self, input: Slot, out: Slot) -> Result<()> {
         self.inner.silu(input, out)
     }
+    fn sigmoid(&mut self, input: Slot, out: Slot) -> Result<()> {
+        self.inner.sigmoid(input, out)
+    }
     fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
         self.inner.mul(a, b, out)
     }
@@ -136,8 +139,8 @@ impl Backend for Recording {
     fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
         self.inner.expert_linear(input, indices, experts, out)
     }
-    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
-        self.inner.moe_combine(expert_out, weights, out)
+    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, shared: Option<SharedTerm>, out: Slot) -> Result<()> {
+        self.inner.moe_combine(expert_out, weights, shared, out)
     }
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {
         self.inner.read(slot)

@@ -31,6 +31,12 @@ pub enum Applicability {
     DenseOnly,
     /// Only Mixture-of-Experts layers.
     MoeOnly,
+    /// Only MoE layers with an always-on shared expert beside the routed
+    /// ones (Qwen2-MoE, DeepSeek-V3).
+    SharedExpert,
+    /// Only MoE layers whose shared expert is weighted by its own sigmoid
+    /// gate (Qwen2-MoE).
+    SharedExpertGate,
 }
 
 impl Applicability {
@@ -42,6 +48,8 @@ impl Applicability {
             Applicability::QkNorm => "qk-norm",
             Applicability::DenseOnly => "dense",
             Applicability::MoeOnly => "moe",
+            Applicability::SharedExpert => "shared-expert",
+            Applicability::SharedExpertGate => "shared-expert-gate",
         }
     }
 }
@@ -57,6 +65,10 @@ pub struct LayerTraits {
     pub qkv_bias: bool,
     /// Per-head RMSNorm of q and k before RoPE.
     pub qk_norm: bool,
+    /// An always-on shared expert in the MoE block.
+    pub shared_expert: bool,
+    /// A sigmoid gate weighting the shared expert's output.
+    pub shared_expert_gate: bool,
 }
 
 macro_rules! stages {
@@ -69,7 +81,8 @@ macro_rules! stages {
         /// Shapes use T = positions computed this step, P = positions
         /// attended (cache + T), H = hidden, nh/nkv = query/key-value heads,
         /// hd = head_dim, E = experts, k = experts per token, I =
-        /// intermediate (dense) or moe_intermediate (MoE), V = vocab.
+        /// intermediate (dense) or moe_intermediate (MoE), S = the shared
+        /// expert's width, V = vocab.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
         pub enum SaveTensorStage {
             $( $(#[$doc])* $variant, )*
@@ -158,8 +171,21 @@ stages! {
     MoeExpertSwigl = "moe_expert_swigl", Layer, MoeOnly, "[T,k,I]", "silu(gate)*up per selected expert";
     /// Expert down projection, before weighting.
     MoeExpertOut = "moe_expert_out", Layer, MoeOnly, "[T,k,H]", "expert down projection, before weighting";
-    /// Sum over k of weight * expert output.
-    MoeFfnOut = "moe_ffn_out", Layer, MoeOnly, "[T,H]", "sum over k of weight * expert output";
+    /// The shared expert's gate projection.
+    MoeSharedGate = "moe_shared_gate", Layer, SharedExpert, "[T,S]", "shared expert gate projection";
+    /// The shared expert's up projection.
+    MoeSharedUp = "moe_shared_up", Layer, SharedExpert, "[T,S]", "shared expert up projection";
+    /// silu(gate) * up of the shared expert.
+    MoeSharedSwigl = "moe_shared_swigl", Layer, SharedExpert, "[T,S]", "silu(gate)*up of the shared expert";
+    /// The shared expert's down projection, before its gate weights it.
+    MoeSharedOut = "moe_shared_out", Layer, SharedExpert, "[T,H]", "shared expert down projection, before its weight";
+    /// The shared expert gate's logit: ffn_norm · shared_expert_gateᵀ.
+    MoeSharedLogit = "moe_shared_logit", Layer, SharedExpertGate, "[T,1]", "shared expert gate logit";
+    /// sigmoid(moe_shared_logit): the shared expert's weight in the sum.
+    MoeSharedWeight = "moe_shared_weight", Layer, SharedExpertGate, "[T,1]", "sigmoid of the logit: the shared expert's weight";
+    /// Sum over k of weight * expert output, plus the (weighted) shared
+    /// expert's output where the layer has one.
+    MoeFfnOut = "moe_ffn_out", Layer, MoeOnly, "[T,H]", "sum over k of weight * expert output (+ weighted shared expert)";
     /// residual + FFN output (alias layer_output).
     PostFfnResidual = "post_ffn_residual", Layer, Always, "[T,H]", "residual + FFN output (alias layer_output)";
     /// Final RMSNorm.
@@ -204,6 +230,8 @@ impl SaveTensorStage {
             Applicability::QkNorm => layer.qk_norm,
             Applicability::DenseOnly => layer.dense,
             Applicability::MoeOnly => !layer.dense,
+            Applicability::SharedExpert => !layer.dense && layer.shared_expert,
+            Applicability::SharedExpertGate => !layer.dense && layer.shared_expert && layer.shared_expert_gate,
         }
     }
 
@@ -307,6 +335,12 @@ mod tests {
                 "moe_expert_up",
                 "moe_expert_swigl",
                 "moe_expert_out",
+                "moe_shared_gate",
+                "moe_shared_up",
+                "moe_shared_swigl",
+                "moe_shared_out",
+                "moe_shared_logit",
+                "moe_shared_weight",
                 "moe_ffn_out",
                 "post_ffn_residual",
                 "final_norm",
@@ -334,13 +368,28 @@ mod tests {
             let name = stage.name();
             let dense_only = name.starts_with("ffn_") && stage != S::FfnNorm;
             let moe_only = name.starts_with("moe_");
-            let optional = matches!(stage, S::QkvBias | S::QkNorm);
-            let layer = |dense| LayerTraits { dense, qkv_bias: false, qk_norm: false };
+            let shared = name.starts_with("moe_shared_");
+            let optional = matches!(stage, S::QkvBias | S::QkNorm) || shared;
+            let layer = |dense| LayerTraits { dense, ..LayerTraits::default() };
             assert_eq!(stage.applies_to(layer(true)), !moe_only && !optional, "{name}");
             assert_eq!(stage.applies_to(layer(false)), !dense_only && !optional, "{name}");
+            let all = LayerTraits {
+                dense: false,
+                qkv_bias: true,
+                qk_norm: true,
+                shared_expert: true,
+                shared_expert_gate: true,
+            };
+            assert_eq!(stage.applies_to(all), !dense_only, "{name}");
+            let ungated = LayerTraits { shared_expert_gate: false, ..all };
+            assert_eq!(
+                stage.applies_to(ungated),
+                !dense_only && !matches!(stage, S::MoeSharedLogit | S::MoeSharedWeight),
+                "{name}"
+            );
+            // A dense layer has no shared expert, whatever the model has.
+            assert!(!(shared && stage.applies_to(LayerTraits { dense: true, ..all })), "{name}");
         }
-        let all = LayerTraits { dense: false, qkv_bias: true, qk_norm: true };
-        assert!(S::QkvBias.applies_to(all) && S::QkNorm.applies_to(all));
         assert_eq!(S::MoeRouterIndices.element_type(), "int32");
         assert_eq!(S::MoeRouter.element_type(), "float32");
     }

@@ -70,6 +70,17 @@ pub struct RopeArgs {
     pub theta: f64,
 }
 
+/// The shared expert's term of an MoE block's sum: its output `[T,H]`,
+/// weighted per token by `weight` (`[T,1]`, the sigmoid gate's value) or
+/// added as is when None.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedTerm {
+    /// The shared expert's output, `[T,H]`.
+    pub out: Slot,
+    /// Its weight per token, `[T,1]`, if gated.
+    pub weight: Option<Slot>,
+}
+
 /// Geometry of attention for one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttentionShape {
@@ -163,6 +174,9 @@ pub trait Backend: Send + Sync + 'static {
     /// `out = a * b`.
     fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()>;
 
+    /// `out = 1 / (1 + exp(-x))`.
+    fn sigmoid(&mut self, input: Slot, out: Slot) -> Result<()>;
+
     /// `out = silu(gate) * up`.
     fn swiglu(&mut self, gate: Slot, up: Slot, out: Slot) -> Result<()>;
 
@@ -183,8 +197,10 @@ pub trait Backend: Send + Sync + 'static {
     /// `[T,k,I]` input. `out` is `[T,k,N]`.
     fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()>;
 
-    /// `out[t] = Σ_j weights[t,j] · expert_out[t,j]`.
-    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()>;
+    /// `out[t] = Σ_j weights[t,j] · expert_out[t,j]`, plus
+    /// `shared.weight[t] · shared.out[t]` (or `shared.out[t]`) when the
+    /// block has a shared expert, in one sum.
+    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, shared: Option<SharedTerm>, out: Slot) -> Result<()>;
 
     /// Copies a slot to the host. Fails if the slot holds nothing.
     fn read(&mut self, slot: Slot) -> Result<HostTensor>;

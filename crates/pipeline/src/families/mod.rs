@@ -10,9 +10,11 @@
 //! and its oracle fixture (ARCHITECTURE.md, "Adding a family").
 
 mod mixtral;
+mod qwen2_moe;
 mod qwen3;
 
 pub use mixtral::MIXTRAL;
+pub use qwen2_moe::QWEN2_MOE;
 pub use qwen3::{QWEN3, QWEN3_MOE};
 
 /// What moetrace knows of one model family.
@@ -41,6 +43,24 @@ pub struct Family {
     /// Pairs (canonical part, checkpoint part) of tensor names that differ,
     /// each replaced once where it occurs, in order.
     pub renames: &'static [(&'static str, &'static str)],
+    /// The config.json key saying whether q, k and v have a bias
+    /// (`attention_bias`; Qwen2-MoE spells it `qkv_bias`).
+    pub attention_bias_key: &'static str,
+    /// Whether q, k and v have a bias when config.json does not say.
+    pub attention_bias_default: bool,
+    /// The always-on shared expert of its MoE layers, if it has one.
+    pub shared_expert: Option<SharedExpert>,
+}
+
+/// How a family's config.json describes its shared expert.
+#[derive(Debug, Clone, Copy)]
+pub struct SharedExpert {
+    /// The key of the shared expert's MLP width (Qwen2-MoE:
+    /// `shared_expert_intermediate_size`).
+    pub width_key: &'static str,
+    /// Whether a sigmoid gate (`mlp.shared_expert_gate`, [1,H]) weights its
+    /// output.
+    pub gated: bool,
 }
 
 impl Family {
@@ -58,11 +78,14 @@ impl Family {
         expert_width_key: "moe_intermediate_size",
         norm_topk_default: false,
         renames: &[],
+        attention_bias_key: "attention_bias",
+        attention_bias_default: false,
+        shared_expert: None,
     };
 }
 
 /// Every family moetrace runs.
-pub const FAMILIES: [&Family; 3] = [&QWEN3, &QWEN3_MOE, &MIXTRAL];
+pub const FAMILIES: [&Family; 4] = [&QWEN3, &QWEN3_MOE, &MIXTRAL, &QWEN2_MOE];
 
 impl Family {
     /// The family with this `architectures[0]`.

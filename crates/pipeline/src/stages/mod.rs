@@ -6,6 +6,7 @@ pub mod attention;
 pub mod ffn;
 pub mod model;
 pub mod moe;
+pub mod shared_expert;
 
 use bevy_ecs::prelude::*;
 use stage_types::SaveTensorStage;

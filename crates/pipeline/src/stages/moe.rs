@@ -4,6 +4,7 @@ use bevy_ecs::prelude::*;
 use stage_types::SaveTensorStage as S;
 
 use super::current;
+use crate::backend::SharedTerm;
 use crate::ecs::{LayerMlp, StageCtx};
 use crate::model::{MlpWeights, MoeWeights};
 
@@ -62,7 +63,13 @@ pub fn moe_expert_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     ctx.run(S::MoeExpertOut, |b, _| b.expert_linear(S::MoeExpertSwigl, S::MoeRouterIndices, &w.down, S::MoeExpertOut));
 }
 
-/// moe_ffn_out: `Σ_j moe_router[t,j] · moe_expert_out[t,j]`, [T,H].
+/// moe_ffn_out: `Σ_j moe_router[t,j] · moe_expert_out[t,j]`, plus
+/// `moe_shared_weight[t] · moe_shared_out[t]` (or `moe_shared_out[t]`,
+/// ungated) in a layer with a shared expert, [T,H].
 pub fn moe_ffn_out(mut ctx: StageCtx) {
-    ctx.run(S::MoeFfnOut, |b, _| b.moe_combine(S::MoeExpertOut, S::MoeRouter, S::MoeFfnOut));
+    let traits = ctx.layer.traits;
+    let shared = traits
+        .shared_expert
+        .then(|| SharedTerm { out: S::MoeSharedOut, weight: traits.shared_expert_gate.then_some(S::MoeSharedWeight) });
+    ctx.run(S::MoeFfnOut, |b, _| b.moe_combine(S::MoeExpertOut, S::MoeRouter, shared, S::MoeFfnOut));
 }

@@ -180,6 +180,42 @@ impl SyntheticPreset {
             quantized: false,
             extra_config: "",
         },
+        SyntheticPreset {
+            name: "tiny-qwen2-moe",
+            description: "2-layer Qwen2-MoE, H 256, 8 experts top-2 (not renormalised), I 128, a gated shared expert of 256, q/k/v biases",
+            architecture: "Qwen2MoeForCausalLM",
+            layers: 2,
+            hidden: 256,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 64,
+            intermediate: 512,
+            experts: 8,
+            experts_per_token: 2,
+            moe_intermediate: 128,
+            vocab: 512,
+            positions: 4096,
+            quantized: false,
+            extra_config: r#""shared_expert_intermediate_size": 256, "norm_topk_prob": false, "qkv_bias": true"#,
+        },
+        SyntheticPreset {
+            name: "qwen1.5-moe-a2.7b",
+            description: "Qwen1.5-MoE-A2.7B dimensions: 24 layers, H 2048, 16/16 heads, hd 128, 60 experts top-4, I 1408, shared expert 5632, V 151936 (28.6 GB in bf16)",
+            architecture: "Qwen2MoeForCausalLM",
+            layers: 24,
+            hidden: 2048,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 128,
+            intermediate: 5632,
+            experts: 60,
+            experts_per_token: 4,
+            moe_intermediate: 1408,
+            vocab: 151936,
+            positions: 8192,
+            quantized: false,
+            extra_config: r#""shared_expert_intermediate_size": 5632, "norm_topk_prob": false, "qkv_bias": true"#,
+        },
     ];
 
     /// Looks a preset up by name (case-insensitive).
@@ -274,6 +310,19 @@ mod tests {
             assert_eq!((c.hidden_size, c.num_experts), (preset.hidden, preset.experts), "{}", preset.name);
             assert!(!crate::model::tensor_specs(&c).is_empty());
         }
+    }
+
+    #[test]
+    fn the_qwen2_moe_presets_have_a_gated_shared_expert_and_biases() {
+        let c = SyntheticPreset::by_name("qwen1.5-moe-a2.7b").unwrap().config(None).unwrap();
+        assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.head_dim), (24, 2048, 16, 128));
+        assert_eq!((c.num_experts, c.experts_per_token, c.moe_intermediate_size), (60, 4, 1408));
+        assert_eq!((c.shared_expert_intermediate_size, c.shared_expert_gate), (5632, true));
+        assert!(c.attention_bias && !c.norm_topk_prob && !c.qk_norm);
+        let params: usize = crate::model::tensor_specs(&c).iter().map(|s| s.shape.iter().product::<usize>()).sum();
+        assert!((14.2e9..14.4e9).contains(&(params as f64)), "{params}");
+        let t = c.layer_traits(0);
+        assert!(t.shared_expert && t.shared_expert_gate && t.qkv_bias && !t.dense);
     }
 
     #[test]

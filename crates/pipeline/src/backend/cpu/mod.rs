@@ -13,7 +13,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use super::contract::NumericContract;
-use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, Slot};
+use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, SharedTerm, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
 use crate::weights::{WeightId, WeightStore, WeightTensor};
@@ -447,6 +447,13 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn sigmoid(&mut self, input: Slot, out: Slot) -> Result<()> {
+        let shape = self.slot(input)?.shape.clone();
+        let data = self.rows(input)?.2.iter().map(|&x| (1.0 / (1.0 + (-(x as f64)).exp())) as f32).collect();
+        self.set(out, HostTensor::f32(shape, data));
+        Ok(())
+    }
+
     fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
         self.elementwise(a, b, out, |x, y| (x as f64 * y as f64) as f32)
     }
@@ -525,7 +532,7 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
+    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, shared: Option<SharedTerm>, out: Slot) -> Result<()> {
         let et = self.slot(expert_out)?;
         let wt = self.slot(weights)?;
         if et.shape.len() != 3 || wt.shape != et.shape[..2] {
@@ -535,11 +542,41 @@ impl Backend for CpuBackend {
             )));
         }
         let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
+        let shared = match shared {
+            None => None,
+            Some(term) => {
+                let values = self.slot(term.out)?;
+                if values.shape != [t_len, h] {
+                    return Err(PipelineError::BadInput(format!(
+                        "moe_combine's shared expert output `{}` is {:?}, not [{t_len}, {h}]",
+                        term.out, values.shape
+                    )));
+                }
+                let weight = match term.weight {
+                    None => None,
+                    Some(slot) => {
+                        let w = self.slot(slot)?;
+                        if w.shape != [t_len, 1] {
+                            return Err(PipelineError::BadInput(format!(
+                                "moe_combine's shared expert weight `{slot}` is {:?}, not [{t_len}, 1]",
+                                w.shape
+                            )));
+                        }
+                        Some(self.rows(slot)?.2)
+                    }
+                };
+                Some((self.rows(term.out)?.2, weight))
+            }
+        };
         let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
         let mut data = vec![0.0f32; t_len * h];
         for (t, row) in data.chunks_mut(h).enumerate() {
+            let gate = shared.as_ref().map(|(_, g)| g.map_or(1.0, |g| g[t] as f64));
             for (d, o) in row.iter_mut().enumerate() {
-                let sum: f64 = (0..k).map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64).sum();
+                let mut sum: f64 = (0..k).map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64).sum();
+                if let (Some((values, _)), Some(g)) = (&shared, gate) {
+                    sum += g * values[t * h + d] as f64;
+                }
                 *o = sum as f32;
             }
         }

@@ -14,7 +14,7 @@ use super::deferred::{Deferred, ExpertLaunch};
 use super::tensors::{DevData, DevTensor};
 use super::weights::{DevWeight, Stacked, push_weight};
 use super::{CudaBackend, CudaPrecision, gpu, threads, warps};
-use crate::backend::Slot;
+use crate::backend::{SharedTerm, Slot};
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
 
@@ -131,19 +131,53 @@ impl CudaBackend {
         self.set(out, vec![t_len, top_k, n_out], o)
     }
 
-    pub(super) fn moe_combine_on_device(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
+    pub(super) fn moe_combine_on_device(
+        &mut self,
+        expert_out: Slot,
+        weights: Slot,
+        shared: Option<SharedTerm>,
+        out: Slot,
+    ) -> Result<()> {
         let (et, wt) = (self.slot(expert_out)?, self.slot(weights)?);
         if et.shape.len() != 3 || wt.shape != et.shape[..2] {
             return Err(PipelineError::BadInput("moe_combine needs [T,k,H] outputs and [T,k] weights".into()));
         }
         let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
+        if let Some(term) = shared {
+            if self.slot(term.out)?.shape != [t_len, h] {
+                return Err(PipelineError::BadInput(format!(
+                    "moe_combine's shared expert output `{}` is not [T,H]",
+                    term.out
+                )));
+            }
+            if let Some(w) = term.weight
+                && self.slot(w)?.shape != [t_len, 1]
+            {
+                return Err(PipelineError::BadInput(format!("moe_combine's shared expert weight `{w}` is not [T,1]")));
+            }
+        }
         let mut o = self.alloc(t_len * h)?;
-        let f = self.kernel(moe::COMBINE)?;
+        let f = self.kernel(if shared.is_some() { moe::COMBINE_SHARED } else { moe::COMBINE })?;
         let stream = self.stream();
         let a = (t_len as u32, k as u32, h as u32);
+        let (et, wt) = (self.slot(expert_out)?, self.slot(weights)?);
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut o).arg(et.f32(expert_out)?).arg(wt.f32(weights)?).arg(&a.0).arg(&a.1).arg(&a.2);
-        // SAFETY: one thread per output element.
+        b.arg(&mut o).arg(et.f32(expert_out)?).arg(wt.f32(weights)?);
+        let gated;
+        if let Some(term) = shared {
+            let values = self.slot(term.out)?.f32(term.out)?;
+            // Ungated: the weight pointer is any valid one (never read).
+            let weight = match term.weight {
+                Some(w) => self.slot(w)?.f32(w)?,
+                None => values,
+            };
+            gated = u32::from(term.weight.is_some());
+            b.arg(values).arg(weight).arg(&gated);
+        }
+        b.arg(&a.0).arg(&a.1).arg(&a.2);
+        // SAFETY: one thread per output element of t_len * h; expert_out
+        // holds t_len * k * h, weights t_len * k, a shared output t_len *
+        // h and its weight t_len (checked above).
         unsafe { b.launch(threads(t_len * h)) }.map_err(gpu("moe_combine"))?;
         self.set(out, vec![t_len, h], o)
     }

@@ -7,7 +7,9 @@ use kernels_cuda::kernels as handles;
 
 use super::tensors::{DevData, DevTensor};
 use super::{CudaBackend, CudaPrecision, gpu};
-use crate::backend::{AttentionShape, Backend, DeviceSetup, QkNormArgs, RopeArgs, Slot, StepGraph, StepRecorder};
+use crate::backend::{
+    AttentionShape, Backend, DeviceSetup, QkNormArgs, RopeArgs, SharedTerm, Slot, StepGraph, StepRecorder,
+};
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, TensorData};
 use crate::weights::WeightId;
@@ -135,6 +137,10 @@ impl Backend for CudaBackend {
         self.timed(out.name(), &[input], |this| this.elementwise(handles::elementwise::SILU, &[input], out))
     }
 
+    fn sigmoid(&mut self, input: Slot, out: Slot) -> Result<()> {
+        self.timed(out.name(), &[input], |this| this.elementwise(handles::elementwise::SIGMOID, &[input], out))
+    }
+
     fn mul(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
         self.timed(out.name(), &[a, b], |this| this.elementwise(handles::elementwise::MUL, &[a, b], out))
     }
@@ -162,8 +168,10 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, out: Slot) -> Result<()> {
-        self.timed(out.name(), &[expert_out, weights], |this| this.moe_combine_on_device(expert_out, weights, out))
+    fn moe_combine(&mut self, expert_out: Slot, weights: Slot, shared: Option<SharedTerm>, out: Slot) -> Result<()> {
+        let mut inputs = vec![expert_out, weights];
+        inputs.extend(shared.iter().flat_map(|s| std::iter::once(s.out).chain(s.weight)));
+        self.timed(out.name(), &inputs, |this| this.moe_combine_on_device(expert_out, weights, shared, out))
     }
 
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {
