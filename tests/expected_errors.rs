@@ -89,6 +89,11 @@ fn bf16_rows_get_their_expected_error_on_tiny_mixtral() {
     bf16_rows_get_their_expected_error("tiny-mixtral");
 }
 
+#[test]
+fn bf16_rows_get_their_expected_error_on_tiny_qwen2_moe() {
+    bf16_rows_get_their_expected_error("tiny-qwen2-moe");
+}
+
 /// Faults the size of the bugs users report, on a bf16 target, each alone:
 /// 2% on one expert slot at a decode step, 2% on one prompt token's
 /// attention output, 1% on one decode step's ffn_norm, 0.5% noise on one

@@ -98,21 +98,17 @@ pub fn gpu_enabled() -> bool {
     on
 }
 
-/// A model for the fault tests: a synthetic preset (`tiny-moe`,
-/// `tiny-dense`, seed 5) or an oracle fixture by name, as a RON model spec
-/// and its config; None (with the skip message) when the fixture is absent.
+/// A model for the fault tests: a synthetic preset by name (seed 5), else
+/// an oracle fixture by name, as a RON model spec and its config; None
+/// (with the skip message) when the fixture is absent.
 pub fn model_spec(name: &str) -> Option<(String, pipeline::ModelConfig)> {
-    match name {
-        "tiny-moe" | "tiny-dense" | "tiny-mixtral" => {
-            let spec = format!("Synthetic(preset: {name:?}, seed: 5)");
-            Some((spec, pipeline::weights::SyntheticPreset::by_name(name).ok()?.config(None).ok()?))
-        }
-        fixture_name => {
-            let dir = fixture(fixture_name)?.join("model");
-            let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).expect("fixture config.json");
-            Some((format!("Path({dir:?})"), config))
-        }
+    if let Ok(preset) = pipeline::weights::SyntheticPreset::by_name(name) {
+        let spec = format!("Synthetic(preset: {name:?}, seed: 5)");
+        return Some((spec, preset.config(None).expect("every preset's config is valid")));
     }
+    let dir = fixture(name)?.join("model");
+    let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).expect("fixture config.json");
+    Some((format!("Path({dir:?})"), config))
 }
 
 /// A GGUF string: u64 length, then the bytes.

@@ -97,6 +97,12 @@ fn every_stage_fault_is_named_alone_on_tiny_mixtral() {
 }
 
 #[test]
+fn every_stage_fault_is_named_alone_on_tiny_qwen2_moe() {
+    // q/k/v biases, and a shared expert's six stages beside the routed ones.
+    every_stage_is_named_alone("tiny-qwen2-moe");
+}
+
+#[test]
 fn every_stage_fault_is_named_alone_on_the_fixture() {
     every_stage_is_named_alone("tiny-qwen3-moe");
 }
