@@ -158,6 +158,12 @@ fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
     found.push(("tiny-mixtral-oracle", dir.clone(), model));
     let model = format!("Path({:?})", dir.join("model.gguf"));
     found.push(("tiny-mixtral-oracle-gguf", dir, model));
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-oracle");
+    let model = format!("Path({:?})", dir.join("model"));
+    found.push(("tiny-qwen2-moe-oracle", dir, model));
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-gguf-oracle");
+    let model = format!("Path({:?})", dir.join("model.gguf"));
+    found.push(("tiny-qwen2-moe-gguf-oracle", dir, model));
     found
 }
 
@@ -234,6 +240,22 @@ fn bisect_cpu_vs_cuda_on_mixtral_finds_nothing_and_then_the_injected_fault() {
     assert!(report.graft.as_ref().unwrap().stage_is_wrong);
 }
 
+/// Qwen2-MoE (q/k/v biases, a gated shared expert, a dense layer) on the
+/// GPU: clean, then a fault on one decode step's shared expert weight
+/// found there; local mode names it alone.
+#[test]
+fn bisect_cpu_vs_cuda_on_qwen2_moe_finds_nothing_and_then_the_injected_fault() {
+    if !gpu_enabled() {
+        return;
+    }
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-oracle");
+    let faults = "[(stage: \"moe_shared_weight\", layer: 2, step: 2, kind: Scale(1.5))]";
+    let report = bisect_clean_then_with_prompt(&dir.join("model"), "[1, 17, 42, 99, 5, 77]", faults);
+    let first = report.first_divergence().unwrap();
+    assert_eq!((first.step, first.layer, first.stage), (2, Some(2), S::MoeSharedWeight), "{}", report.render(false));
+    assert!(report.graft.as_ref().unwrap().stage_is_wrong);
+}
+
 /// The mixed-dispatch bug class on the Q4_K_M fixture: bisect CPU vs
 /// Cuda(F32) is clean, and a fault on one expert's down projection (the
 /// slots routed to it, one layer, one step) is found at that stage and
@@ -282,5 +304,38 @@ fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
                 other => panic!("{name}: {} is {}", row.place(), other.label()),
             }
         }
+    }
+}
+
+/// bisect --local of Cpu against Cuda(Bf16), judged by the expected-error
+/// model, on each new family's fixture: a clean run has no finding; a 5%
+/// fault on one decode step's stage is the one finding, at its step, layer
+/// and stage.
+#[test]
+fn local_bisect_on_cuda_bf16_finds_one_fault_alone_in_each_family() {
+    if !gpu_enabled() {
+        return;
+    }
+    let root = moetrace_tests::workspace_root().join("tests/fixtures");
+    for (fixture, stage, layer) in [
+        ("tiny-mixtral-oracle", "attn_out", 1),
+        ("tiny-qwen2-moe-oracle", "moe_shared_out", 2),
+        ("tiny-qwen2-moe-oracle", "qkv_bias", 1),
+    ] {
+        let model = root.join(fixture).join("model");
+        let base = format!(
+            "(model: Path({model:?}), prompt: Tokens([1, 17, 42, 99, 5, 77, 100, 2]), generate: 3, reference: Cpu, target: Cuda(device: 0, dtype: Bf16), mode: Local"
+        );
+        let run = |text: &str| {
+            let config = BisectConfig::parse(text, Path::new("b.ron")).unwrap();
+            bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
+        };
+        let clean = run(&format!("{base})"));
+        assert!(clean.findings().is_empty(), "{fixture}: clean\n{}", clean.render(false));
+        let fault = format!("[(stage: {stage:?}, layer: {layer}, step: 2, kind: Scale(1.05))]");
+        let report = run(&format!("{base}, faults: {fault})"));
+        let found: Vec<_> = report.findings().iter().map(|r| (r.step, r.layer, r.stage.name())).collect();
+        assert_eq!(found, [(2, Some(layer), stage)], "{fixture}: {fault}\n{}", report.render(false));
+        eprintln!("{fixture}: clean 0 findings; {fault} found alone");
     }
 }

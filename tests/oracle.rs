@@ -118,6 +118,18 @@ fn cpu_matches_the_in_repo_oracle_qwen2_moe_within_1e6() {
 }
 
 #[test]
+fn cpu_matches_the_in_repo_oracle_qwen2_moe_from_llama_cpps_gguf() {
+    // A 2-layer Qwen2-MoE (llama.cpp's qwen2moe has no dense layers), its
+    // GGUF written by llama.cpp's converter (ffn_*_shexp, attn_*.bias),
+    // and the same checkpoint's safetensors.
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-gguf-oracle");
+    for model in ["model.gguf", "model"] {
+        let worst = check_oracle_dir(&format!("tiny-qwen2-moe-gguf-oracle-{model}"), &dir, &dir.join(model), 4);
+        assert!(worst <= 1e-6, "{model}: worst rel_l2 {worst:.2e}");
+    }
+}
+
+#[test]
 fn cpu_matches_the_in_repo_oracle_dense() {
     let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-dense-oracle");
     check_oracle_dir("tiny-dense-oracle", &dir, &dir.join("model"), 4);

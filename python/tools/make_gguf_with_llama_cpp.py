@@ -31,7 +31,9 @@ def stand_in_vocab(self):
 
 
 if not any(os.path.isfile(os.path.join(sys.argv[1], f)) for f in ("tokenizer.json", "tokenizer.model")):
-    base.TextModel._set_vocab_sentencepiece = stand_in_vocab
+    # Whichever vocabulary reader the architecture's class calls.
+    for reader in ("_set_vocab_sentencepiece", "_set_vocab_gpt2", "_set_vocab_qwen"):
+        setattr(base.TextModel, reader, stand_in_vocab)
 sys.argv = [sys.argv[0], sys.argv[1], "--outfile", sys.argv[2]] + (sys.argv[3:] or ["--outtype", "bf16"])
 import convert_hf_to_gguf  # noqa: E402
 

@@ -1,5 +1,5 @@
-//! A model from one GGUF file (llama.cpp's `qwen3moe` and `qwen3`
-//! architectures, and `llama` with experts: Mixtral): the config from the
+//! A model from one GGUF file (llama.cpp's `qwen3moe`, `qwen3` and
+//! `qwen2moe` architectures, and `llama` with experts: Mixtral): the config from the
 //! metadata, as the Hugging Face
 //! config those keys stand for (what llama.cpp reads: block_count,
 //! embedding_length, head counts, key_length, expert counts and width,
@@ -25,10 +25,11 @@ use crate::error::{PipelineError, Result};
 
 /// The architectures read, with their Hugging Face class and model type
 /// (`llama` only with experts: a dense Llama is not a family moetrace runs).
-const ARCHITECTURES: [(&str, &str, &str); 3] = [
+const ARCHITECTURES: [(&str, &str, &str); 4] = [
     ("qwen3moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
     ("qwen3", "Qwen3ForCausalLM", "qwen3"),
     ("llama", "MixtralForCausalLM", "mixtral"),
+    ("qwen2moe", "Qwen2MoeForCausalLM", "qwen2_moe"),
 ];
 
 /// The tensor types read.
@@ -37,7 +38,7 @@ const TYPES: [GgmlType; 7] =
 
 /// A layer tensor's llama.cpp name (after `blk.N.`) and Hugging Face name
 /// (after `model.layers.N.`).
-const LAYER_NAMES: [(&str, &str); 12] = [
+const LAYER_NAMES: [(&str, &str); 16] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
@@ -50,6 +51,10 @@ const LAYER_NAMES: [(&str, &str); 12] = [
     ("ffn_gate", "mlp.gate_proj"),
     ("ffn_up", "mlp.up_proj"),
     ("ffn_down", "mlp.down_proj"),
+    ("ffn_gate_inp_shexp", "mlp.shared_expert_gate"),
+    ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
+    ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
+    ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
 ];
 
 /// Stacked experts: llama.cpp's name and the projection of each expert.
@@ -124,6 +129,11 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
             other => WeightDtype::Quant(other),
         };
         let mut shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        if shape.len() == 1 && t.name.ends_with("ffn_gate_inp_shexp.weight") {
+            // The shared expert's gate is one row ([1, H] in Hugging Face's
+            // checkpoints); a file may store it 1-D.
+            shape.insert(0, 1);
+        }
         let start = t.offset as usize;
         match hf {
             HfName::One(name) => {
@@ -230,7 +240,7 @@ fn hf_name(gguf: &str) -> Option<HfName> {
 }
 
 /// The Hugging Face config the metadata stands for (llama.cpp's reading of
-/// these keys for qwen3moe / qwen3).
+/// these keys for each architecture).
 fn config_json(h: &GgufHeader) -> std::result::Result<Value, String> {
     let arch = h
         .get("general.architecture")
@@ -290,6 +300,18 @@ fn config_json(h: &GgufHeader) -> std::result::Result<Value, String> {
         // Mixtral: the experts' width is feed_forward_length.
         c["num_local_experts"] = json!(int("expert_count")?);
         c["num_experts_per_tok"] = json!(int("expert_used_count")?);
+    }
+    if arch == "qwen2moe" {
+        // A shared expert weighted by its sigmoid gate; q, k and v biases
+        // (when the file has them); top-k weights not renormalised.
+        c["num_experts"] = json!(int("expert_count")?);
+        c["num_experts_per_tok"] = json!(int("expert_used_count")?);
+        c["moe_intermediate_size"] = json!(int("expert_feed_forward_length")?);
+        c["shared_expert_intermediate_size"] = json!(int("expert_shared_feed_forward_length")?);
+        c["qkv_bias"] = json!(h.tensors.iter().any(|t| t.name == "blk.0.attn_q.bias"));
+        c["norm_topk_prob"] = json!(false);
+        c["decoder_sparse_step"] = json!(1);
+        c["mlp_only_layers"] = json!([]);
     }
     if arch == "qwen3moe" {
         c["num_experts"] = json!(int("expert_count")?);
