@@ -42,7 +42,7 @@ fn every_captured_tensor_is_bit_identical_for_one_and_two_threads() {
     for (step, layer, stage) in one.keys() {
         let a = one.load(step, layer, stage).unwrap().unwrap();
         let b = two.load(step, layer, stage).unwrap().unwrap();
-        let same = a.values.iter().zip(&b.values).all(|(x, y)| x.to_bits() == y.to_bits());
+        let same = a.values().iter().zip(&b.values()).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(same && a.shape == b.shape, "step {step} layer {layer:?} {stage} differs");
     }
 }
@@ -72,7 +72,7 @@ fn every_captured_tensor_has_the_shape_the_model_config_predicts() {
                 .keys()
                 .into_iter()
                 .filter(|k| k.0 == step)
-                .map(|(s, l, st)| capture.load(s, l, st).unwrap().unwrap().values.len())
+                .map(|(s, l, st)| capture.load(s, l, st).unwrap().unwrap().values().len())
                 .collect();
             planned.sort_unstable();
             captured.sort_unstable();

@@ -166,7 +166,7 @@ fn a_perturbation_across_a_near_tie_is_a_routing_flip_not_a_wrong_router() {
         let logits = clean.load(0, Some(layer), S::MoeRouterLogits).unwrap().unwrap();
         let e = logits.shape[1];
         for t in 0..logits.shape[0] {
-            let row = &logits.values[t * e..(t + 1) * e];
+            let row = &logits.values()[t * e..(t + 1) * e];
             let margin = compare::routing::top_k_margin(row, 4).unwrap();
             let mut sorted = row.to_vec();
             sorted.sort_by(|a, b| b.total_cmp(a));

@@ -133,7 +133,7 @@ fn ranges(bytes: &[u8]) -> bool {
 
 fn npy(bytes: &[u8]) -> bool {
     let Ok(a) = compare::npy::parse_npy(bytes) else { return false };
-    assert_eq!(a.values.len(), a.shape.iter().product::<usize>());
+    assert_eq!(a.values().len(), a.shape.iter().product::<usize>());
     true
 }
 

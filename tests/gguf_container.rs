@@ -191,7 +191,7 @@ fn the_fixtures_q4_k_q6_k_and_q8_0_weights_decode_to_the_oracles() {
     // x [T, cols] times w [rows, cols] transposed, columns `from..from + n` of the product.
     let project = |x: &compare::npy::NpyArray, w: &[f32], cols: usize| -> Vec<f64> {
         let rows = w.len() / cols;
-        x.values
+        x.values()
             .chunks(cols)
             .flat_map(|xr| (0..rows).map(move |r| (0..cols).map(|c| xr[c] * f64::from(w[r * cols + c])).sum::<f64>()))
             .collect()
@@ -209,17 +209,17 @@ fn the_fixtures_q4_k_q6_k_and_q8_0_weights_decode_to_the_oracles() {
     assert_eq!(kind, "Q4_K");
     let rows: Vec<f64> =
         prompt.iter().flat_map(|&t| embd[t * h_dim..(t + 1) * h_dim].iter().map(|&v| f64::from(v))).collect();
-    check("Q4_K embedding rows", &npy("step-0/embedding.npy").values, &rows);
+    check("Q4_K embedding rows", &npy("step-0/embedding.npy").values(), &rows);
     let (output, cols, kind) = weight("output.weight");
     assert_eq!(kind, "Q6_K");
     let logits = project(&npy("step-0/final_norm.npy"), &output, cols);
-    check("Q6_K lm_head", &npy("step-0/lm_head.npy").values, &logits);
+    check("Q6_K lm_head", &npy("step-0/lm_head.npy").values(), &logits);
     let (wk, cols, kind) = weight("blk.1.attn_k.weight");
     assert_eq!(kind, "Q8_0");
     let keys = project(&npy("step-0/layer-1/attn_norm.npy"), &wk, cols);
     let qkv = npy("step-0/layer-1/qkv_matmul.npy");
     // qkv columns: q (4 heads x 64), then k (2 x 64), then v.
-    let oracle_keys: Vec<f64> = qkv.values.chunks(qkv.shape[1]).flat_map(|r| r[256..384].to_vec()).collect();
+    let oracle_keys: Vec<f64> = qkv.values().chunks(qkv.shape[1]).flat_map(|r| r[256..384].to_vec()).collect();
     check("Q8_0 keys", &oracle_keys, &keys);
 }
 

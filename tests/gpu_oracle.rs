@@ -118,10 +118,10 @@ fn cuda_f32_matches_the_oracle_at_every_stage() {
             let g = ours.load(step, layer, stage).unwrap().unwrap();
             assert_eq!(g.shape, r.shape, "{name} step {step} layer {layer:?} {stage}");
             if stage == S::MoeRouterIndices {
-                assert_eq!(g.values, r.values, "{name} step {step} layer {layer:?} router indices");
+                assert_eq!(g.values(), r.values(), "{name} step {step} layer {layer:?} router indices");
                 continue;
             }
-            let e = rel_l2(&r.values, &g.values);
+            let e = rel_l2(&r.values(), &g.values());
             assert!(e <= 1e-5, "{name} step {step} layer {layer:?} {stage}: rel_l2 {e:.3e}");
             if e > worst.0 {
                 worst = (e, format!("step {step} layer {layer:?} {stage}"));
@@ -269,7 +269,7 @@ fn bisect_cpu_vs_cuda_on_the_gguf_fixture_finds_one_experts_fault() {
     // An expert the prompt routes to in layer 1 (its first token's first).
     let capture = CaptureDir::open(&dir.join("activations")).unwrap();
     let ids = capture.load(0, Some(1), S::MoeRouterIndices).unwrap().unwrap();
-    let expert = ids.values[0] as usize;
+    let expert = ids.values()[0] as usize;
     let faults = format!("[(stage: \"moe_expert_out\", layer: 1, step: 0, expert: {expert}, kind: Scale(1.5))]");
     let report = bisect_clean_then_with(&dir.join("model/model.gguf"), &faults);
     let first = report.first_divergence().expect("the fault is found");

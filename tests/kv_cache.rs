@@ -65,8 +65,8 @@ fn check(model: &str, name: &str) {
         let rows_in_step = meta.tokens.len();
         let positions = meta.start_position..meta.start_position + rows_in_step;
         let keys = meta.start_position + rows_in_step;
-        let ours = position_rows(stage, &a.shape, &a.values, 0..rows_in_step, keys);
-        let reference = position_rows(stage, &b.shape, &b.values, positions, keys);
+        let ours = position_rows(stage, &a.shape, &a.values(), 0..rows_in_step, keys);
+        let reference = position_rows(stage, &b.shape, &b.values(), positions, keys);
         if stage == SaveTensorStage::MoeRouterIndices {
             assert_eq!(ours, reference, "{name}: step {step} layer {layer:?} router indices");
         } else {

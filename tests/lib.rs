@@ -77,7 +77,8 @@ pub fn scratch(name: &str) -> PathBuf {
 /// a value is non-finite on one side only, so NaN never passes a bound).
 pub fn rel_l2(reference: &[f64], target: &[f64]) -> f64 {
     assert_eq!(reference.len(), target.len(), "element counts differ");
-    compare::tensor_metrics(reference, target, &[reference.len()], 0).rel_l2
+    compare::tensor_metrics(compare::Elements::F64(reference), compare::Elements::F64(target), &[reference.len()], 0)
+        .rel_l2
 }
 
 /// The fixture's `greedy_continuation` (the tokens Hugging Face's greedy

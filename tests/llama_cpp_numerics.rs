@@ -33,7 +33,7 @@ fn q8_k_activations_move_the_gguf_fixture_by_about_a_percent_and_keep_its_tokens
     assert_eq!(exact, greedy_continuation(&dir));
     assert_eq!(llama, exact, "the greedy continuation is kept");
     let (a, b) = (CaptureDir::open(&out.join("exact")).unwrap(), CaptureDir::open(&out.join("llama")).unwrap());
-    let load = |c: &CaptureDir, layer, stage| c.load(0, layer, stage).unwrap().unwrap().values;
+    let load = |c: &CaptureDir, layer, stage| c.load(0, layer, stage).unwrap().unwrap().values();
     let first = rel_l2(&load(&a, Some(0), S::QkvMatmul), &load(&b, Some(0), S::QkvMatmul));
     let logits = rel_l2(&load(&a, None, S::LmHead), &load(&b, None, S::LmHead));
     eprintln!("Q8_K activations: step 0 layer 0 qkv_matmul rel_l2 {first:.2e}, lm_head {logits:.2e}");

@@ -162,7 +162,7 @@ fn an_expert_fault_that_hits_nothing_says_so_and_local_captures_say_they_were_fo
     assert!(target.manifest.teacher_forced.as_deref().is_some_and(|t| t.contains("local mode")));
     assert!(reference.manifest.teacher_forced.is_none());
     let ids = reference.load(1, Some(1), S::MoeRouterIndices).unwrap().unwrap();
-    let routed: Vec<usize> = ids.values.iter().map(|&x| x as usize).collect();
+    let routed: Vec<usize> = ids.values().iter().map(|&x| x as usize).collect();
     let idle = (0..64).find(|e| !routed.contains(e)).unwrap();
     let fault = format!("(stage: \"moe_expert_out\", layer: 1, step: 1, expert: {idle}, kind: Scale(2.0))");
     let report = local_bisect("Synthetic(preset: \"tiny-moe\", seed: 5)", 2, &fault);

@@ -50,9 +50,9 @@ fn check_oracle_dir(name: &str, dir: &Path, model: &Path, generate: usize) -> f6
             .unwrap_or_else(|| panic!("{name}: we did not capture step {step} layer {layer:?} {stage}"));
         assert_eq!(got.shape, reference.shape, "{name}: step {step} layer {layer:?} {stage} shape");
         if stage == stage_types::SaveTensorStage::MoeRouterIndices {
-            assert_eq!(got.values, reference.values, "{name}: step {step} layer {layer:?} router indices");
+            assert_eq!(got.values(), reference.values(), "{name}: step {step} layer {layer:?} router indices");
         } else {
-            let r = rel_l2(&reference.values, &got.values);
+            let r = rel_l2(&reference.values(), &got.values());
             assert!(r <= TOLERANCE, "{name}: step {step} layer {layer:?} {stage}: rel_l2 {r:.3e} > {TOLERANCE:e}");
             // A one-column stage (the shared expert gate's logit) is one dot
             // product per token: f32 storage of its input (6e-8 an element)

@@ -69,10 +69,10 @@ mod tests {
             assert_eq!((10 + header_len) % 64, 0);
             let back = compare::npy::parse_npy(&bytes).unwrap();
             assert_eq!(back.shape, tensor.shape);
-            assert_eq!(back.dtype, tensor.dtype_name());
+            assert_eq!(back.dtype(), tensor.dtype_name());
             let expect = tensor.to_f64();
-            assert_eq!(back.values.len(), expect.len());
-            for (a, b) in back.values.iter().zip(&expect) {
+            assert_eq!(back.values().len(), expect.len());
+            for (a, b) in back.values().iter().zip(&expect) {
                 assert!(a == b || (a.is_nan() && b.is_nan()));
             }
         }

@@ -269,7 +269,7 @@ fn other_families_and_weight_types_are_refused_by_name() {
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     for (architecture, model_type) in [
         ("DeepseekV3ForCausalLM", "deepseek_v3"),
-        ("Qwen2MoeForCausalLM", "qwen2_moe"),
+        ("Llama4ForCausalLM", "llama4"),
         ("GptOssForCausalLM", "gpt_oss"),
     ] {
         let mut json = original.clone();
@@ -285,6 +285,7 @@ fn other_families_and_weight_types_are_refused_by_name() {
                 "not a model family moetrace runs",
                 "Qwen3MoeForCausalLM (qwen3_moe)",
                 "MixtralForCausalLM (mixtral)",
+                "Qwen2MoeForCausalLM (qwen2_moe)",
             ],
         );
     }

@@ -113,7 +113,7 @@ fn diff_reads_aprt_captures_and_rejects_a_bad_magic() {
             None => aprt.clone(),
         };
         std::fs::create_dir_all(&folder).unwrap();
-        let values: Vec<f32> = a.values.iter().map(|&x| x as f32).collect();
+        let values: Vec<f32> = a.values().iter().map(|&x| x as f32).collect();
         compare::aprt::write_aprt(&folder.join(format!("{stage}.bin")), layer, &values).unwrap();
     }
     let out = moetrace(&["diff", aprt.to_str().unwrap(), good.to_str().unwrap()]);

@@ -146,7 +146,7 @@ fn a_per_expert_stage_of_the_wrong_rank_is_named() {
     let array = compare::npy::read_npy(&evil.join(rel)).unwrap();
     let flat: usize = array.shape.iter().product();
     let mut bytes = compare::npy::header("<f4", &[flat]);
-    array.values.iter().for_each(|v| bytes.extend_from_slice(&(*v as f32).to_le_bytes()));
+    array.values().iter().for_each(|v| bytes.extend_from_slice(&(*v as f32).to_le_bytes()));
     replace_tensor(&evil, rel, &bytes, serde_json::json!([flat]));
     expect_error(&diff(&good, &evil), &["moe_expert_up", "3 dimensions", "[T,k,I]"]);
 }
@@ -284,7 +284,7 @@ fn an_aprt_export_is_compared_on_step_0_only_and_other_steps_are_not_divergences
         let a = ours.load(step, layer, stage).unwrap().unwrap();
         let folder = layer.map(|l| aprt.join(format!("layer-{l}"))).unwrap_or(aprt.clone());
         std::fs::create_dir_all(&folder).unwrap();
-        let values: Vec<f32> = a.values.iter().map(|&x| x as f32).collect();
+        let values: Vec<f32> = a.values().iter().map(|&x| x as f32).collect();
         compare::aprt::write_aprt(&folder.join(format!("{stage}.bin")), layer, &values).unwrap();
     }
     let out = moetrace(&["diff", s(&aprt), s(&good)]);

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use stage_types::SaveTensorStage;
 
 use crate::error::{CompareError, Result};
-use crate::npy::NpyArray;
+use crate::npy::{NpyArray, NpyData};
 
 /// An APRT capture folder, indexed.
 #[derive(Debug, Clone)]
@@ -99,7 +99,7 @@ impl AprtDir {
         // the file's length.
         (&file).take(len - 12).read_to_end(&mut bytes).map_err(io())?;
         let values = parse_aprt(&bytes, expected_layer).map_err(bad)?;
-        Ok(Some(NpyArray { shape: vec![values.len()], dtype: "float32", values }))
+        Ok(Some(NpyArray { shape: vec![values.len()], data: NpyData::F32(values) }))
     }
 }
 
@@ -124,10 +124,10 @@ fn parse_header(head: &[u8], expected_layer: u32, file_len: u64) -> Result<usize
 }
 
 /// Parses a whole APRT file whose place implies `expected_layer`
-/// (0xFFFFFFFF for model stages). Allocates at most twice the input.
-pub fn parse_aprt(bytes: &[u8], expected_layer: u32) -> Result<Vec<f64>, String> {
+/// (0xFFFFFFFF for model stages). Allocates at most the input's size.
+pub fn parse_aprt(bytes: &[u8], expected_layer: u32) -> Result<Vec<f32>, String> {
     parse_header(bytes, expected_layer, bytes.len() as u64)?;
-    Ok(bytes[12..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect())
+    Ok(bytes[12..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect())
 }
 
 /// Writes an APRT file (for tests and for exporting to the upstream tool).

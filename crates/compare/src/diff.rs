@@ -179,7 +179,8 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
     while i < keys.len() {
         let (step, layer) = (keys[i].0, keys[i].1);
         let scope_rank_now = scope_rank(layer, keys[i].2);
-        let mut scope = ScopeTensors::new();
+        // The scope's arrays, read once; the comparison borrows them.
+        let mut loaded = Vec::new();
         while i < keys.len()
             && keys[i].0 == step
             && keys[i].1 == layer
@@ -189,16 +190,20 @@ pub fn diff(reference: &Path, target: &Path, options: &DiffOptions) -> Result<Re
             let (mut a, mut b) = (r.load(key)?, t.load(key)?);
             // APRT files carry no shape: take it from the other side.
             if let (Some(x), Some(y)) = (&mut a, &mut b) {
-                if matches!(r, Source::Aprt(_)) && x.values.len() == y.values.len() {
+                if matches!(r, Source::Aprt(_)) && x.len() == y.len() {
                     x.shape = y.shape.clone();
-                } else if matches!(t, Source::Aprt(_)) && x.values.len() == y.values.len() {
+                } else if matches!(t, Source::Aprt(_)) && x.len() == y.len() {
                     y.shape = x.shape.clone();
                 }
             }
             one_sided += usize::from(a.is_none() != b.is_none());
-            scope.insert(key.2, (a, b));
+            loaded.push((key.2, a, b));
             i += 1;
         }
+        let scope: ScopeTensors<'_> = loaded
+            .iter()
+            .map(|(stage, a, b)| (*stage, (a.as_ref().map(NpyArray::view), b.as_ref().map(NpyArray::view))))
+            .collect();
         report.rows.extend(compare_scope(step, layer, &scope, &options.tolerances, &dtype, ExpertIds::EachSide, None));
     }
     if one_sided > 0 {

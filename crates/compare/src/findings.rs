@@ -221,7 +221,12 @@ mod tests {
 
     fn row(step: usize, stage: S, layer: usize, ratio: f64) -> Row {
         let mut r = Row::new(step, Some(layer), stage, 3e-2);
-        r.set_metrics(tensor_metrics(&[1.0, 2.0], &[1.0, 2.0 + 1e-3 * ratio], &[2], 0));
+        r.set_metrics(tensor_metrics(
+            crate::Elements::F64(&[1.0, 2.0]),
+            crate::Elements::F64(&[1.0, 2.0 + 1e-3 * ratio]),
+            &[2],
+            0,
+        ));
         r.expected = Some(Expected {
             ratio,
             row: 0,
@@ -281,7 +286,12 @@ mod tests {
     #[test]
     fn nan_and_wrong_router_are_findings_without_an_expectation() {
         let mut nan = Row::new(0, Some(0), S::AttnOut, 3e-2);
-        nan.set_metrics(tensor_metrics(&[1.0, 2.0], &[1.0, f64::NAN], &[2], 0));
+        nan.set_metrics(tensor_metrics(
+            crate::Elements::F64(&[1.0, 2.0]),
+            crate::Elements::F64(&[1.0, f64::NAN]),
+            &[2],
+            0,
+        ));
         let mut clean = row(0, S::AttnOut, 1, 1.9);
         clean.expected.as_mut().unwrap().ratio = 1.9;
         let mut rows = vec![nan, clean];

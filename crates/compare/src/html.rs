@@ -460,7 +460,12 @@ mod tests {
             for stage in [SaveTensorStage::AttnOut, SaveTensorStage::MoeExpertOut] {
                 let mut row = Row::new(0, Some(layer), stage, 3e-2);
                 let e = if layer == 4 && stage == SaveTensorStage::MoeExpertOut { 0.05 } else { 0.002 };
-                row.set_metrics(tensor_metrics(&[1.0, 1.0], &[1.0, 1.0 + e * 2f64.sqrt()], &[2], 0));
+                row.set_metrics(tensor_metrics(
+                    crate::Elements::F64(&[1.0, 1.0]),
+                    crate::Elements::F64(&[1.0, 1.0 + e * 2f64.sqrt()]),
+                    &[2],
+                    0,
+                ));
                 row.expected = Some(Expected {
                     ratio: e / 0.002,
                     row: 0,
@@ -494,7 +499,12 @@ mod tests {
     fn tokens_are_named_by_their_text_escaped() {
         let mut report = Report { reference: "a".into(), target: "b".into(), ..Report::default() };
         let mut row = Row::new(1, Some(0), SaveTensorStage::AttnOut, 1e-4);
-        row.set_metrics(tensor_metrics(&[1.0, 1.0], &[1.0, 2.0], &[1, 2], 1));
+        row.set_metrics(tensor_metrics(
+            crate::Elements::F64(&[1.0, 1.0]),
+            crate::Elements::F64(&[1.0, 2.0]),
+            &[1, 2],
+            1,
+        ));
         row.worst_token = Some(0);
         row.worst_token_text = Some("<b>专家".into());
         report.rows.push(row);

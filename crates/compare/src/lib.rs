@@ -5,6 +5,8 @@
 //! - Reading: [`CaptureDir`] (a capture folder through its
 //!   [`Manifest`]), [`npy`] (.npy reader and header), [`aprt`] (the
 //!   upstream `.bin` format).
+//! - What is compared: [`TensorView`], a shape and borrowed [`Elements`]
+//!   in their own type (f32, bf16, i32, ...), read a row at a time.
 //! - Metrics: [`tensor_metrics`] (rel_l2, max |a-b|, cosines, per-row
 //!   errors), [`routing`] (expert sets, margins, near-ties, alignment by
 //!   expert id).
@@ -16,9 +18,10 @@
 //!   renderings), [`diff::diff`] (two folders), [`html`] (the error map).
 //!
 //! ```
-//! use compare::{Tolerances, tensor_metrics};
+//! use compare::{Elements, Tolerances, tensor_metrics};
 //!
-//! let m = tensor_metrics(&[1.0, 2.0], &[1.0, 2.001], &[1, 2], 0);
+//! let (reference, target) = ([1.0f32, 2.0], [1.0f32, 2.001]);
+//! let m = tensor_metrics(Elements::F32(&reference), Elements::F32(&target), &[1, 2], 0);
 //! assert!(m.rel_l2 < Tolerances::for_dtype("bf16"));
 //! ```
 
@@ -37,13 +40,15 @@ pub mod report;
 pub mod routing;
 pub mod row;
 pub mod scope;
+pub mod view;
 
 pub use error::{CompareError, Result};
 pub use manifest::Manifest;
 pub use metrics::{TensorMetrics, tensor_metrics};
-pub use npy::NpyArray;
+pub use npy::{NpyArray, NpyData};
 pub use reader::CaptureDir;
 pub use report::{Graft, Mode, Report};
 pub use routing::FlippedToken;
 pub use row::Row;
 pub use scope::{ExpectedTensors, ScopeTensors, Side, Tolerances, Verdict, compare_scope};
+pub use view::{Elements, TensorView};

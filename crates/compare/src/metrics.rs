@@ -6,6 +6,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::view::Elements;
+
 /// The metrics of a reference/target pair of equal shape.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TensorMetrics {
@@ -53,14 +55,19 @@ impl TensorMetrics {
 
 /// Computes the metrics of `reference` vs `target` (same length), both of
 /// `shape`; `token_axis` says which axis is T (0, or 1 for [nh,T,P] maps).
-pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_axis: usize) -> TensorMetrics {
-    let count = |v: &[f64], f: fn(&f64) -> bool| v.iter().filter(|x| f(x)).count();
+/// One pass, a row (the last dimension) at a time in f64.
+pub fn tensor_metrics(
+    reference: Elements<'_>,
+    target: Elements<'_>,
+    shape: &[usize],
+    token_axis: usize,
+) -> TensorMetrics {
     let mut m = TensorMetrics {
         elements: reference.len(),
-        ref_nan: count(reference, |x| x.is_nan()),
-        ref_inf: count(reference, |x| x.is_infinite()),
-        target_nan: count(target, |x| x.is_nan()),
-        target_inf: count(target, |x| x.is_infinite()),
+        ref_nan: 0,
+        ref_inf: 0,
+        target_nan: 0,
+        target_inf: 0,
         max_abs_diff: 0.0,
         max_abs_index: Vec::new(),
         rel_l2: 0.0,
@@ -70,27 +77,56 @@ pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_
         worst_row: 0,
     };
     let tokens = shape.get(token_axis).copied().unwrap_or(1).max(1);
-    let inner: usize = shape.iter().skip(token_axis + 1).product();
+    let inner: usize = shape.iter().skip(token_axis + 1).product::<usize>().max(1);
+    let width = shape.last().copied().unwrap_or(1).max(1);
+    let n = reference.len().min(target.len());
     let mut per_token = vec![0.0f64; tokens];
     let (mut diff2, mut ref2) = (0.0f64, 0.0f64);
     let mut worst = 0usize;
-    for (i, (&a, &b)) in reference.iter().zip(target).enumerate() {
-        let d = if a.is_finite() && b.is_finite() {
-            let d = a - b;
-            diff2 += d * d;
-            ref2 += a * a;
-            per_token[(i / inner.max(1)) % tokens] += d * d;
-            d.abs()
-        } else if a.to_bits() == b.to_bits() && !a.is_nan() {
-            0.0 // the same infinity on both sides
-        } else {
-            per_token[(i / inner.max(1)) % tokens] = f64::INFINITY;
-            f64::INFINITY
-        };
-        if d > m.max_abs_diff || (i == 0 && m.max_abs_index.is_empty()) {
-            m.max_abs_diff = d;
-            worst = i;
+    // Per row: its squared error, and whether a value is non-finite on one
+    // side only (an infinite row error).
+    let mut rows: Vec<(f64, bool)> = Vec::with_capacity(n.div_ceil(width));
+    let (mut a, mut b) = (Vec::with_capacity(width), Vec::with_capacity(width));
+    for start in (0..n).step_by(width) {
+        let end = (start + width).min(n);
+        reference.row_into(start..end, &mut a);
+        target.row_into(start..end, &mut b);
+        let (mut row_d2, mut row_bad) = (0.0f64, false);
+        let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+        for (j, (&x, &y)) in a.iter().zip(&b).enumerate() {
+            let i = start + j;
+            m.ref_nan += usize::from(x.is_nan());
+            m.ref_inf += usize::from(x.is_infinite());
+            m.target_nan += usize::from(y.is_nan());
+            m.target_inf += usize::from(y.is_infinite());
+            let d = if x.is_finite() && y.is_finite() {
+                let d = x - y;
+                diff2 += d * d;
+                ref2 += x * x;
+                row_d2 += d * d;
+                per_token[(i / inner) % tokens] += d * d;
+                d.abs()
+            } else if x.to_bits() == y.to_bits() && !x.is_nan() {
+                0.0 // the same infinity on both sides
+            } else {
+                per_token[(i / inner) % tokens] = f64::INFINITY;
+                row_bad = true;
+                f64::INFINITY
+            };
+            if d > m.max_abs_diff || (i == 0 && m.max_abs_index.is_empty()) {
+                m.max_abs_diff = d;
+                worst = i;
+            }
+            ab += x * y;
+            aa += x * x;
+            bb += y * y;
         }
+        let c = cosine(ab, aa, bb);
+        // A NaN row cosine sticks: it must never be hidden by a later row.
+        if c.is_nan() || (!m.min_row_cosine.is_nan() && c < m.min_row_cosine) {
+            m.min_row_cosine = c;
+        }
+        rows.push((row_d2, row_bad));
     }
     m.max_abs_index = unravel(worst, shape);
     m.rel_l2 = if m.max_abs_diff.is_infinite() {
@@ -102,16 +138,9 @@ pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_
     } else {
         (diff2 / ref2).sqrt()
     };
-    let row = shape.last().copied().unwrap_or(1).max(1);
-    let rows = reference.len().div_ceil(row).max(1);
-    let rms_row_norm = (ref2 / rows as f64).sqrt();
-    for (r, (ra, rb)) in reference.chunks(row).zip(target.chunks(row)).enumerate() {
-        let c = cosine(ra, rb);
-        // A NaN row cosine sticks: it must never be hidden by a later row.
-        if c.is_nan() || (!m.min_row_cosine.is_nan() && c < m.min_row_cosine) {
-            m.min_row_cosine = c;
-        }
-        let e = row_error(ra, rb, rms_row_norm);
+    let rms_row_norm = (ref2 / reference.len().div_ceil(width).max(1) as f64).sqrt();
+    for (r, &(d2, bad)) in rows.iter().enumerate() {
+        let e = row_error(d2, bad, rms_row_norm);
         if e > m.worst_row_error {
             m.worst_row_error = e;
             m.worst_row = r;
@@ -124,17 +153,41 @@ pub fn tensor_metrics(reference: &[f64], target: &[f64], shape: &[usize], token_
 
 /// The RMS norm of a tensor's rows of `row` values (finite values only):
 /// the scale row errors are measured on.
-pub fn rms_row_norm(reference: &[f64], row: usize) -> f64 {
-    let rows = reference.len().div_ceil(row.max(1)).max(1);
-    let sum: f64 = reference.iter().filter(|x| x.is_finite()).map(|x| x * x).sum();
+pub fn rms_row_norm(reference: Elements<'_>, row: usize) -> f64 {
+    let row = row.max(1);
+    let rows = reference.len().div_ceil(row).max(1);
+    let mut buffer = Vec::with_capacity(row);
+    let mut sum = 0.0f64;
+    for start in (0..reference.len()).step_by(row) {
+        reference.row_into(start..(start + row).min(reference.len()), &mut buffer);
+        sum += buffer.iter().filter(|x| x.is_finite()).map(|x| x * x).sum::<f64>();
+    }
     (sum / rows as f64).sqrt()
 }
 
 /// Each row's error `||a_r - b_r|| / norm` (rows of `row` values; see
 /// [`TensorMetrics::worst_row_error`]).
-pub fn row_errors(reference: &[f64], other: &[f64], row: usize, norm: f64) -> Vec<f64> {
+pub fn row_errors(reference: Elements<'_>, other: Elements<'_>, row: usize, norm: f64) -> Vec<f64> {
     let row = row.max(1);
-    reference.chunks(row).zip(other.chunks(row)).map(|(a, b)| row_error(a, b, norm)).collect()
+    let n = reference.len().min(other.len());
+    let (mut a, mut b) = (Vec::with_capacity(row), Vec::with_capacity(row));
+    (0..n)
+        .step_by(row)
+        .map(|start| {
+            let end = (start + row).min(n);
+            reference.row_into(start..end, &mut a);
+            other.row_into(start..end, &mut b);
+            let (mut d2, mut bad) = (0.0f64, false);
+            for (&x, &y) in a.iter().zip(&b) {
+                if x.is_finite() && y.is_finite() {
+                    d2 += (x - y) * (x - y);
+                } else if x.to_bits() != y.to_bits() || x.is_nan() {
+                    bad = true;
+                }
+            }
+            row_error(d2, bad, norm)
+        })
+        .collect()
 }
 
 /// The whole tensor's rel_l2 from its [`row_errors`] over the RMS row
@@ -144,18 +197,13 @@ pub fn rel_l2_of_rows(errors: &[f64], rows: usize) -> f64 {
     (errors.iter().map(|e| e * e).sum::<f64>() / rows.max(1) as f64).sqrt()
 }
 
-/// `||a - b|| / norm`: 0 for equal rows, infinite for a non-finite value
-/// on one side only or a difference over a zero norm.
-fn row_error(a: &[f64], b: &[f64], norm: f64) -> f64 {
-    let mut d2 = 0.0;
-    for (&x, &y) in a.iter().zip(b) {
-        if x.is_finite() && y.is_finite() {
-            d2 += (x - y) * (x - y);
-        } else if x.to_bits() != y.to_bits() || x.is_nan() {
-            return f64::INFINITY;
-        }
-    }
-    if d2 == 0.0 {
+/// A row's error from its squared difference `d2` over finite pairs:
+/// `sqrt(d2) / norm`, 0 for equal rows, infinite where a value is
+/// non-finite on one side only (`bad`) or a difference over a zero norm.
+fn row_error(d2: f64, bad: bool, norm: f64) -> f64 {
+    if bad {
+        f64::INFINITY
+    } else if d2 == 0.0 {
         0.0
     } else if norm == 0.0 {
         f64::INFINITY
@@ -164,15 +212,9 @@ fn row_error(a: &[f64], b: &[f64], norm: f64) -> f64 {
     }
 }
 
-/// Cosine of two rows: 1 for two zero rows, 0 for one zero row, NaN if a
-/// value is not finite.
-fn cosine(a: &[f64], b: &[f64]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0.0, 0.0, 0.0);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x * y;
-        aa += x * x;
-        bb += y * y;
-    }
+/// Cosine of two rows from their sums `a·b`, `a·a`, `b·b`: 1 for two zero
+/// rows, 0 for one zero row, NaN if a value is not finite.
+fn cosine(ab: f64, aa: f64, bb: f64) -> f64 {
     if aa == 0.0 && bb == 0.0 {
         1.0
     } else if aa == 0.0 || bb == 0.0 {
@@ -197,11 +239,12 @@ pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::view::Elements::F64;
 
     #[test]
     fn equal_tensors_have_zero_error_and_unit_cosine() {
         let a = [1.0, 2.0, 3.0, 4.0];
-        let m = tensor_metrics(&a, &a, &[2, 2], 0);
+        let m = tensor_metrics(F64(&a), F64(&a), &[2, 2], 0);
         assert_eq!((m.rel_l2, m.max_abs_diff, m.worst_token), (0.0, 0.0, None));
         assert!((m.min_row_cosine - 1.0).abs() < 1e-12);
     }
@@ -210,7 +253,7 @@ mod tests {
     fn error_location_and_worst_token_are_found() {
         let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let b = [1.0, 2.0, 3.0, 4.0, 5.5, 6.0];
-        let m = tensor_metrics(&a, &b, &[3, 2], 0);
+        let m = tensor_metrics(F64(&a), F64(&b), &[3, 2], 0);
         assert_eq!(m.max_abs_index, [2, 0]);
         assert_eq!(m.worst_token, Some(2));
         assert!((m.rel_l2 - 0.5 / 91f64.sqrt()).abs() < 1e-12);
@@ -219,7 +262,7 @@ mod tests {
         assert_eq!(m.worst_row, 2);
         assert!((m.worst_row_error - 0.5 / (91f64 / 3.0).sqrt()).abs() < 1e-12);
         // token axis 1 of an [nh,T,P] map
-        let m = tensor_metrics(&a, &b, &[1, 3, 2], 1);
+        let m = tensor_metrics(F64(&a), F64(&b), &[1, 3, 2], 1);
         assert_eq!(m.worst_token, Some(2));
     }
 
@@ -227,18 +270,18 @@ mod tests {
     fn nan_and_inf_never_slip_through_max_or_cosine() {
         let a = [1.0, 2.0, 3.0, 4.0];
         let b = [1.0, f64::NAN, 3.0, 4.0];
-        let m = tensor_metrics(&a, &b, &[2, 2], 0);
+        let m = tensor_metrics(F64(&a), F64(&b), &[2, 2], 0);
         assert_eq!((m.target_nan, m.ref_nan), (1, 0));
         assert!(m.max_abs_diff.is_infinite() && m.rel_l2.is_infinite());
         assert_eq!(m.max_abs_index, [0, 1]);
         assert!(m.min_row_cosine.is_nan());
         assert!(m.has_non_finite());
         let c = [f64::INFINITY, 2.0, 3.0, 4.0];
-        let m = tensor_metrics(&c, &a, &[2, 2], 0);
+        let m = tensor_metrics(F64(&c), F64(&a), &[2, 2], 0);
         assert_eq!(m.ref_inf, 1);
         assert!(m.max_abs_diff.is_infinite());
         // NaN in the very first element is still the maximum.
-        let m = tensor_metrics(&[f64::NAN, 1.0], &[0.0, 1.0], &[2], 0);
+        let m = tensor_metrics(F64(&[f64::NAN, 1.0]), F64(&[0.0, 1.0]), &[2], 0);
         assert!(m.max_abs_diff.is_infinite() && m.max_abs_index == [0]);
     }
 
@@ -251,7 +294,7 @@ mod tests {
             .enumerate()
             .map(|(i, x)| if i / 16 == 37 { x * 1.05 } else { x * (1.0 + 0.004 * if i % 2 == 0 { 1.0 } else { -1.0 }) })
             .collect();
-        let m = tensor_metrics(&a, &b, &[64, 16], 0);
+        let m = tensor_metrics(F64(&a), F64(&b), &[64, 16], 0);
         assert!(m.rel_l2 < 0.008, "{}", m.rel_l2);
         assert_eq!(m.worst_row, 37);
         assert!(m.worst_row_error > 0.04, "{}", m.worst_row_error);
@@ -261,14 +304,14 @@ mod tests {
     fn rel_l2_from_row_errors_equals_the_direct_one() {
         let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
         let b = [1.1, 2.0, 2.5, 4.0, 5.0, 6.3];
-        let errors = row_errors(&a, &b, 2, rms_row_norm(&a, 2));
-        let direct = tensor_metrics(&a, &b, &[3, 2], 0).rel_l2;
+        let errors = row_errors(F64(&a), F64(&b), 2, rms_row_norm(F64(&a), 2));
+        let direct = tensor_metrics(F64(&a), F64(&b), &[3, 2], 0).rel_l2;
         assert!((rel_l2_of_rows(&errors, 3) - direct).abs() < 1e-12, "{direct}");
     }
 
     #[test]
     fn zero_reference_gives_infinite_relative_error() {
-        let m = tensor_metrics(&[0.0, 0.0], &[0.0, 1.0], &[1, 2], 0);
+        let m = tensor_metrics(F64(&[0.0, 0.0]), F64(&[0.0, 1.0]), &[1, 2], 0);
         assert!(m.rel_l2.is_infinite());
         assert_eq!(m.min_row_cosine, 0.0);
     }

@@ -6,17 +6,66 @@ use std::io::Read;
 use std::path::Path;
 
 use crate::error::{CompareError, Result};
+use crate::view::{Elements, TensorView};
 
-/// A tensor read from a .npy file, values widened to f64 (exact for every
-/// dtype read).
+/// A tensor read from a .npy file, its elements kept in their own type.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NpyArray {
     /// Shape, outermost first.
     pub shape: Vec<usize>,
-    /// numpy dtype name: float32, float64, int32 or int64.
-    pub dtype: &'static str,
     /// Elements in row-major order.
-    pub values: Vec<f64>,
+    pub data: NpyData,
+}
+
+/// The elements of a .npy file, in the file's type.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NpyData {
+    /// `<f4`.
+    F32(Vec<f32>),
+    /// `<f8`.
+    F64(Vec<f64>),
+    /// `<i4`.
+    I32(Vec<i32>),
+    /// `<i8`.
+    I64(Vec<i64>),
+}
+
+impl NpyArray {
+    /// The elements, borrowed.
+    pub fn elements(&self) -> Elements<'_> {
+        match &self.data {
+            NpyData::F32(v) => Elements::F32(v),
+            NpyData::F64(v) => Elements::F64(v),
+            NpyData::I32(v) => Elements::I32(v),
+            NpyData::I64(v) => Elements::I64(v),
+        }
+    }
+
+    /// The array as compare reads it.
+    pub fn view(&self) -> TensorView<'_> {
+        TensorView::new(&self.shape, self.elements())
+    }
+
+    /// numpy's dtype name: float32, float64, int32 or int64.
+    pub fn dtype(&self) -> &'static str {
+        self.elements().dtype()
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.elements().len()
+    }
+
+    /// True when the array holds no element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every element widened to f64 (exact for every dtype read), in a new
+    /// vector: for tools and tests.
+    pub fn values(&self) -> Vec<f64> {
+        self.elements().to_f64_vec()
+    }
 }
 
 /// The .npy version 1.0 header for `descr` (`<f4`, `<i4`, ...) and
@@ -85,21 +134,21 @@ fn size_message(h: &Header, data_len: u64) -> String {
     )
 }
 
-/// Parses .npy bytes; the error says what is wrong. Allocates at most
-/// twice the input's length (values widen to f64).
+/// Parses .npy bytes; the error says what is wrong. Allocates at most the
+/// input's length (elements keep their type).
 pub fn parse_npy(bytes: &[u8]) -> Result<NpyArray, String> {
     let header = parse_header(bytes)?;
     let data = &bytes[header.data_start.min(bytes.len())..];
     if data.len() != header.data_len {
         return Err(size_message(&header, data.len() as u64));
     }
-    let values = match header.dtype {
-        "float32" => data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
-        "float64" => data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8"))).collect(),
-        "int32" => data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4")) as f64).collect(),
-        _ => data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8")) as f64).collect(),
+    let data = match header.dtype {
+        "float32" => NpyData::F32(data.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect()),
+        "float64" => NpyData::F64(data.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8"))).collect()),
+        "int32" => NpyData::I32(data.chunks_exact(4).map(|c| i32::from_le_bytes(c.try_into().expect("4"))).collect()),
+        _ => NpyData::I64(data.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().expect("8"))).collect()),
     };
-    Ok(NpyArray { shape: header.shape, dtype: header.dtype, values })
+    Ok(NpyArray { shape: header.shape, data })
 }
 
 /// Parses the magic, version and header dictionary; sizes are checked
@@ -175,7 +224,8 @@ mod tests {
             let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
             assert_eq!((10 + header_len) % 64, 0);
             let back = parse_npy(&bytes).unwrap();
-            assert_eq!((back.shape, back.dtype, back.values), (shape, "float32", vec![1.5; n]));
+            assert_eq!((back.dtype(), back.values()), ("float32", vec![1.5; n]));
+            assert_eq!(back.shape, shape);
         }
     }
 
@@ -200,6 +250,6 @@ mod tests {
             let err = parse_npy(&header("<f4", &shape)).unwrap_err();
             assert!(err.contains("more than"), "{shape:?}: {err}");
         }
-        assert_eq!(parse_npy(&header("<f4", &[3, 0])).unwrap().values.len(), 0);
+        assert_eq!(parse_npy(&header("<f4", &[3, 0])).unwrap().len(), 0);
     }
 }

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::view::Elements;
+
 /// A token whose expert set differs between the runs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FlippedToken {
@@ -50,18 +52,21 @@ pub fn top_k_margin(logits: &[f64], k: usize) -> Option<f64> {
 /// Compares `[T,k]` expert ids. `logits` are the `[T,E]` router logits of
 /// (reference, target) when both were captured.
 pub fn compare_indices(
-    ref_ids: &[f64],
-    target_ids: &[f64],
+    ref_ids: Elements<'_>,
+    target_ids: Elements<'_>,
     k: usize,
-    logits: Option<(&[f64], &[f64])>,
+    logits: Option<(Elements<'_>, Elements<'_>)>,
 ) -> Vec<FlippedToken> {
-    let tokens = ref_ids.len() / k.max(1);
+    let (ref_ids, target_ids) = (ref_ids.to_ids(), target_ids.to_ids());
+    let k = k.max(1);
+    let tokens = ref_ids.len().min(target_ids.len()) / k;
     let experts = logits.map(|(r, _)| r.len() / tokens.max(1)).unwrap_or(0);
+    let (mut rr, mut tr) = (Vec::with_capacity(experts), Vec::with_capacity(experts));
     let mut flipped = Vec::new();
     for t in 0..tokens {
         let (a, b) = (&ref_ids[t * k..(t + 1) * k], &target_ids[t * k..(t + 1) * k]);
-        let mut sa: Vec<i64> = a.iter().map(|&x| x as i64).collect();
-        let mut sb: Vec<i64> = b.iter().map(|&x| x as i64).collect();
+        let mut sa = a.to_vec();
+        let mut sb = b.to_vec();
         sa.sort_unstable();
         sb.sort_unstable();
         if sa == sb {
@@ -69,10 +74,11 @@ pub fn compare_indices(
         }
         let (ref_margin, perturbation) = match logits {
             Some((rl, tl)) if experts > 0 => {
-                let (rr, tr) = (&rl[t * experts..(t + 1) * experts], &tl[t * experts..(t + 1) * experts]);
-                let (pr, pt) = (softmax(rr), softmax(tr));
+                rl.row_into(t * experts..(t + 1) * experts, &mut rr);
+                tl.row_into(t * experts..(t + 1) * experts, &mut tr);
+                let (pr, pt) = (softmax(&rr), softmax(&tr));
                 let change = pr.iter().zip(&pt).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-                (top_k_margin(rr, k), Some(change))
+                (top_k_margin(&rr, k), Some(change))
             }
             _ => (None, None),
         };
@@ -108,24 +114,32 @@ pub struct Aligned {
 }
 
 /// Aligns `[T,k,inner]` tensors by expert id using each side's `[T,k]` ids.
-pub fn align_by_expert(reference: &[f64], target: &[f64], ref_ids: &[f64], target_ids: &[f64], k: usize) -> Aligned {
-    let tokens = ref_ids.len() / k.max(1);
+pub fn align_by_expert(
+    reference: Elements<'_>,
+    target: Elements<'_>,
+    ref_ids: Elements<'_>,
+    target_ids: Elements<'_>,
+    k: usize,
+) -> Aligned {
+    let (ref_ids, target_ids) = (ref_ids.to_ids(), target_ids.to_ids());
+    let k = k.max(1);
+    let tokens = ref_ids.len().min(target_ids.len()) / k;
     let inner = reference.len() / (tokens * k).max(1);
     let mut out = Aligned { reference: Vec::new(), target: Vec::new(), rows: Vec::new(), inner };
     for t in 0..tokens {
         let (a, b) = (&ref_ids[t * k..(t + 1) * k], &target_ids[t * k..(t + 1) * k]);
         let mut sa = a.to_vec();
         let mut sb = b.to_vec();
-        sa.sort_by(f64::total_cmp);
-        sb.sort_by(f64::total_cmp);
+        sa.sort_unstable();
+        sb.sort_unstable();
         if sa != sb {
             continue;
         }
         for (j, e) in a.iter().enumerate() {
             let Some(jt) = b.iter().position(|x| x == e) else { continue };
             let (ra, rb) = ((t * k + j) * inner, (t * k + jt) * inner);
-            out.reference.extend_from_slice(&reference[ra..ra + inner]);
-            out.target.extend_from_slice(&target[rb..rb + inner]);
+            reference.slice(ra..ra + inner).append_to(&mut out.reference);
+            target.slice(rb..rb + inner).append_to(&mut out.target);
             out.rows.push((t, j, *e as i32));
         }
     }
@@ -135,6 +149,7 @@ pub fn align_by_expert(reference: &[f64], target: &[f64], ref_ids: &[f64], targe
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::view::Elements::{F64, I32};
 
     #[test]
     fn sets_not_order_decide_a_flip_and_margins_classify_it() {
@@ -143,12 +158,17 @@ mod tests {
         let tgt_ids = [1.0, 0.0, 1.0, 2.0];
         let ref_logits = [5.0, 4.0, 0.0, -9.0, 0.0, 3.0, 1.0, 1.0001];
         let tgt_logits = [5.0, 4.0, 0.0, -9.0, 0.0, 3.0, 1.0002, 1.0001];
-        let flipped = compare_indices(&ref_ids, &tgt_ids, 2, Some((&ref_logits, &tgt_logits)));
+        let flipped = compare_indices(F64(&ref_ids), F64(&tgt_ids), 2, Some((F64(&ref_logits), F64(&tgt_logits))));
         assert_eq!(flipped.len(), 1);
         assert_eq!(flipped[0].token, 1);
         assert!(flipped[0].near_tie, "{:?}", flipped[0]);
         // A flip across a wide margin is a wrong router.
-        let far = compare_indices(&[0.0, 1.0], &[0.0, 3.0], 2, Some((&[9.0, 8.0, 0.0, -5.0], &[9.0, 8.0, 0.0, -5.0])));
+        let far = compare_indices(
+            F64(&[0.0, 1.0]),
+            F64(&[0.0, 3.0]),
+            2,
+            Some((F64(&[9.0, 8.0, 0.0, -5.0]), F64(&[9.0, 8.0, 0.0, -5.0]))),
+        );
         assert!(!far[0].near_tie);
     }
 
@@ -156,10 +176,10 @@ mod tests {
     fn per_expert_rows_align_by_id_and_skip_flipped_tokens() {
         // [T=2,k=2,inner=1]: token 0 swapped slots, token 1 flipped.
         let aligned = align_by_expert(
-            &[10.0, 20.0, 30.0, 40.0],
-            &[20.0, 10.0, 31.0, 40.0],
-            &[4.0, 7.0, 1.0, 2.0],
-            &[7.0, 4.0, 1.0, 5.0],
+            F64(&[10.0, 20.0, 30.0, 40.0]),
+            F64(&[20.0, 10.0, 31.0, 40.0]),
+            I32(&[4, 7, 1, 2]),
+            I32(&[7, 4, 1, 5]),
             2,
         );
         assert_eq!(aligned.rows, [(0, 0, 4), (0, 1, 7)]);

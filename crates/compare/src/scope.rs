@@ -10,9 +10,9 @@ use stage_types::SaveTensorStage;
 
 use crate::expected::Expected;
 use crate::metrics::{rel_l2_of_rows, rms_row_norm, row_errors, tensor_metrics};
-use crate::npy::NpyArray;
 use crate::routing;
 use crate::row::Row;
+use crate::view::{Elements, TensorView};
 
 /// Which run a finding is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,13 +136,14 @@ impl Tolerances {
     }
 }
 
-/// The tensors of one (step, layer) scope: stage → (reference, target).
-pub type ScopeTensors = BTreeMap<SaveTensorStage, (Option<NpyArray>, Option<NpyArray>)>;
+/// The tensors of one (step, layer) scope: stage → (reference, target),
+/// borrowed from wherever they live.
+pub type ScopeTensors<'a> = BTreeMap<SaveTensorStage, (Option<TensorView<'a>>, Option<TensorView<'a>>)>;
 
 /// The expected side of a scope: each stage's output from an emulation of
 /// the target's numeric contract on the same inputs, with that stage's
 /// error floor (see [`crate::expected`]).
-pub type ExpectedTensors = BTreeMap<SaveTensorStage, (NpyArray, f64)>;
+pub type ExpectedTensors<'a> = BTreeMap<SaveTensorStage, (TensorView<'a>, f64)>;
 
 const PER_SLOT: [SaveTensorStage; 5] = [
     SaveTensorStage::MoeRouter,
@@ -172,29 +173,29 @@ pub enum ExpertIds {
 pub fn compare_scope(
     step: usize,
     layer: Option<usize>,
-    tensors: &ScopeTensors,
+    tensors: &ScopeTensors<'_>,
     tolerances: &Tolerances,
     target_dtype: &str,
     expert_ids: ExpertIds,
-    expected: Option<&ExpectedTensors>,
+    expected: Option<&ExpectedTensors<'_>>,
 ) -> Vec<Row> {
-    let emulated = |stage: SaveTensorStage, r: &NpyArray| {
-        expected.and_then(|x| x.get(&stage)).filter(|(e, _)| e.shape == r.shape).map(|(e, floor)| (e, *floor))
+    let emulated = |stage: SaveTensorStage, r: &TensorView<'_>| {
+        expected.and_then(|x| x.get(&stage)).filter(|(e, _)| e.shape == r.shape).map(|(e, floor)| (*e, *floor))
     };
-    let get = |s: SaveTensorStage| tensors.get(&s).map(|(r, t)| (r.as_ref(), t.as_ref()));
+    let get = |s: SaveTensorStage| tensors.get(&s).map(|(r, t)| (*r, *t));
     let indices = match get(SaveTensorStage::MoeRouterIndices) {
         Some((Some(r), Some(t))) if r.shape == t.shape && r.shape.len() == 2 => Some((r, t, r.shape[1])),
         _ => None,
     };
     let logits = match get(SaveTensorStage::MoeRouterLogits) {
-        Some((Some(r), Some(t))) if r.shape == t.shape => Some((r.values.as_slice(), t.values.as_slice())),
+        Some((Some(r), Some(t))) if r.shape == t.shape => Some((r.elements, t.elements)),
         _ => None,
     };
     let mut rows = Vec::new();
     for (&stage, (reference, target)) in tensors {
         let tolerance = tolerances.of(stage, target_dtype);
         let mut row = Row::new(step, layer, stage, tolerance);
-        let (r, t) = match (reference, target) {
+        let (r, t) = match (*reference, *target) {
             (Some(r), Some(t)) => (r, t),
             (r, _) => {
                 let side = if r.is_none() { Side::Reference } else { Side::Target };
@@ -204,13 +205,13 @@ pub fn compare_scope(
             }
         };
         if r.shape != t.shape {
-            row.verdict = Verdict::ShapeMismatch { reference: r.shape.clone(), target: t.shape.clone() };
+            row.verdict = Verdict::ShapeMismatch { reference: r.shape.to_vec(), target: t.shape.to_vec() };
             rows.push(row);
             continue;
         }
         if stage == SaveTensorStage::MoeRouterIndices {
             let k = r.shape.get(1).copied().unwrap_or(1);
-            row.flipped = routing::compare_indices(&r.values, &t.values, k, logits);
+            row.flipped = routing::compare_indices(r.elements, t.elements, k, logits);
             row.verdict = if row.flipped.is_empty() {
                 Verdict::Ok
             } else if row.flipped.iter().all(|f| f.near_tie) {
@@ -226,8 +227,9 @@ pub fn compare_scope(
             Some((ri, ti, k)) => {
                 let replayed = expert_ids == ExpertIds::Reference && stage != SaveTensorStage::MoeRouter;
                 let ti = if replayed { ri } else { ti };
-                let a = routing::align_by_expert(&r.values, &t.values, &ri.values, &ti.values, k);
-                let mut m = tensor_metrics(&a.reference, &a.target, &[a.rows.len(), a.inner], 0);
+                let a = routing::align_by_expert(r.elements, t.elements, ri.elements, ti.elements, k);
+                let (ar, at) = (Elements::F64(&a.reference), Elements::F64(&a.target));
+                let mut m = tensor_metrics(ar, at, &[a.rows.len(), a.inner], 0);
                 let worst = m.max_abs_index.first().and_then(|&i| a.rows.get(i)).copied();
                 if let Some((token, slot, _)) = worst {
                     // Report the index in the reference's [T,k,...] layout.
@@ -241,21 +243,22 @@ pub fn compare_scope(
                 }
                 row.compared_tokens = Some(a.rows.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().len());
                 row.set_metrics(m);
-                if let Some((e, floor)) = emulated(stage, r) {
+                if let Some((e, floor)) = emulated(stage, &r) {
                     // The emulation's own ids where the target's are its own.
                     let ei = match expected.and_then(|x| x.get(&SaveTensorStage::MoeRouterIndices)) {
-                        Some((ei, _)) if !replayed && ei.shape == ri.shape => ei,
+                        Some((ei, _)) if !replayed && ei.shape == ri.shape => *ei,
                         _ => ri,
                     };
-                    let b = routing::align_by_expert(&r.values, &e.values, &ri.values, &ei.values, k);
-                    let norm = rms_row_norm(&r.values, a.inner);
-                    let emulated_rows = row_errors(&b.reference, &b.target, b.inner, norm);
-                    let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, r.values.len() / a.inner.max(1));
+                    let b = routing::align_by_expert(r.elements, e.elements, ri.elements, ei.elements, k);
+                    let norm = rms_row_norm(r.elements, a.inner);
+                    let emulated_rows =
+                        row_errors(Elements::F64(&b.reference), Elements::F64(&b.target), b.inner, norm);
+                    let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, r.elements.len() / a.inner.max(1));
                     let by_place: HashMap<(usize, i32), f64> =
                         b.rows.iter().zip(emulated_rows).map(|(&(t, _, x), err)| ((t, x), err)).collect();
                     let ee: Vec<Option<f64>> =
                         a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied()).collect();
-                    row.expected = Expected::from_rows(&row_errors(&a.reference, &a.target, a.inner, norm), &ee, floor)
+                    row.expected = Expected::from_rows(&row_errors(ar, at, a.inner, norm), &ee, floor)
                         .map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
                     if let Some(&(token, _, expert)) =
                         row.expected.as_ref().and_then(|x| a.rows.get(x.row)).filter(|_| m_error(&row) > 0.0)
@@ -267,17 +270,17 @@ pub fn compare_scope(
             }
             None => {
                 let axis = usize::from(matches!(stage, SaveTensorStage::AttnScores | SaveTensorStage::AttnSoftmax));
-                let m = tensor_metrics(&r.values, &t.values, &r.shape, axis);
+                let m = tensor_metrics(r.elements, t.elements, r.shape, axis);
                 // Where: the token of the row with the largest error.
                 let row_dims = &r.shape[..r.shape.len().saturating_sub(1)];
                 let mut worst_row = (m.worst_row_error > 0.0).then_some(m.worst_row);
-                if let Some((e, floor)) = emulated(stage, r) {
+                if let Some((e, floor)) = emulated(stage, &r) {
                     let width = r.shape.last().copied().unwrap_or(1);
-                    let norm = rms_row_norm(&r.values, width);
-                    let emulated_rows = row_errors(&r.values, &e.values, width, norm);
+                    let norm = rms_row_norm(r.elements, width);
+                    let emulated_rows = row_errors(r.elements, e.elements, width, norm);
                     let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, emulated_rows.len());
                     let ee: Vec<Option<f64>> = emulated_rows.into_iter().map(Some).collect();
-                    row.expected = Expected::from_rows(&row_errors(&r.values, &t.values, width, norm), &ee, floor)
+                    row.expected = Expected::from_rows(&row_errors(r.elements, t.elements, width, norm), &ee, floor)
                         .map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
                     worst_row = row.expected.as_ref().filter(|x| x.error > 0.0).map(|x| x.row).or(worst_row);
                 }

@@ -27,9 +27,11 @@ use std::path::Path;
 use compare::expected::RATIO_THRESHOLD;
 use compare::findings::{judge_accumulated, mark_findings};
 use compare::scope::ExpertIds;
-use compare::{ExpectedTensors, Graft, Mode, NpyArray, Report, Row, ScopeTensors, Tolerances, compare_scope};
+use compare::{
+    Elements, ExpectedTensors, Graft, Mode, Report, Row, ScopeTensors, TensorView, Tolerances, compare_scope,
+};
 use pipeline::backend::contract::NumericContract;
-use pipeline::{Forward, HostTensor, LoadMeter, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
+use pipeline::{Forward, HostTensor, LoadMeter, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope, TensorData};
 use stage_types::SaveTensorStage as S;
 
 use crate::error::Result;
@@ -52,26 +54,31 @@ pub struct BisectOptions {
     pub meter: LoadMeter,
 }
 
-fn to_array(t: &HostTensor) -> NpyArray {
-    NpyArray { shape: t.shape.clone(), dtype: t.dtype_name(), values: t.to_f64() }
+/// A host tensor as compare reads it: borrowed, in its own type.
+fn view(t: &HostTensor) -> TensorView<'_> {
+    let elements = match &t.data {
+        TensorData::F32(v) => Elements::F32(v),
+        TensorData::I32(v) => Elements::I32(v),
+    };
+    TensorView::new(&t.shape, elements)
 }
 
 /// Both runs' outputs of one scope as a comparison's input.
-fn scope_tensors(reference: &ScopeOutputs, target: &ScopeOutputs) -> ScopeTensors {
+fn scope_tensors<'a>(reference: &'a ScopeOutputs, target: &'a ScopeOutputs) -> ScopeTensors<'a> {
     let mut tensors = ScopeTensors::new();
     for stage in reference.keys().chain(target.keys()) {
-        tensors.insert(*stage, (reference.get(stage).map(to_array), target.get(stage).map(to_array)));
+        tensors.insert(*stage, (reference.get(stage).map(view), target.get(stage).map(view)));
     }
     tensors
 }
 
 /// The expected side's outputs of one scope as a comparison's input, each
 /// with the error floor of its precision under `contract`.
-fn expected_tensors(expected: &ScopeOutputs, contract: &NumericContract) -> ExpectedTensors {
+fn expected_tensors<'a>(expected: &'a ScopeOutputs, contract: &NumericContract) -> ExpectedTensors<'a> {
     expected
         .iter()
-        .filter_map(|(stage, t)| contract.output(*stage).map(|p| (*stage, (to_array(t), p.error_floor()))))
-        .chain(expected.get(&S::MoeRouterIndices).map(|t| (S::MoeRouterIndices, (to_array(t), 0.0))))
+        .filter_map(|(stage, t)| contract.output(*stage).map(|p| (*stage, (view(t), p.error_floor()))))
+        .chain(expected.get(&S::MoeRouterIndices).map(|t| (S::MoeRouterIndices, (view(t), 0.0))))
         .collect()
 }
 

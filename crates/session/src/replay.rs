@@ -186,12 +186,13 @@ impl Replay {
             ));
         }
         let experts = self.experts;
-        if let Some(bad) = ids.values.iter().find(|&&v| !(v >= 0.0 && v < experts as f64 && v.fract() == 0.0)) {
+        let ids_f64 = ids.values();
+        if let Some(bad) = ids_f64.iter().find(|&&v| !(v >= 0.0 && v < experts as f64 && v.fract() == 0.0)) {
             return Err(format!("moe_router_indices holds {bad}, not an expert id of 0..{experts}"));
         }
         let shape = weights.shape.clone();
-        let weights = HostTensor::f32(shape.clone(), weights.values.iter().map(|&v| v as f32).collect());
-        let ids = HostTensor::i32(shape, ids.values.iter().map(|&v| v as i32).collect());
+        let weights = HostTensor::f32(shape.clone(), weights.values().iter().map(|&v| v as f32).collect());
+        let ids = HostTensor::i32(shape, ids_f64.iter().map(|&v| v as i32).collect());
         Ok((weights, ids))
     }
 }
