@@ -1,6 +1,6 @@
 //! diff throughput (not a test): GB of tensors compared per second on an
 //! all-stage capture of one step of the qwen3-30b-a3b synthetic model cut
-//! to 2 layers (prompt 16 tokens). `cargo bench -p capture --bench
+//! to 2 layers (prompt 16 tokens). `cargo bench -p session --bench
 //! diff_throughput`; results in BENCHMARKS.md.
 
 use std::path::Path;
