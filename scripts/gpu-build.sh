@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build, on this (GPU-less) machine, everything the GPU machine runs, into
 # .gpu/ (kept out of git): the moetrace binary, the GPU test executables,
-# the configs and the oracle fixtures. Then, with the device tool:
+# and the oracle fixtures (the configs travel with the tree). Then, with the device tool:
 #   run(command: "bash scripts/gpu-run.sh", carry: [".gpu"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,6 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "gpu_forward":
         print(m["executable"])' | while read -r exe; do cp "$exe" .gpu/bin/bench-gpu_forward; done
 strip .gpu/bin/* 2>/dev/null || true
-cp -r configs .gpu/configs
 # The oracle fixtures the GPU tests read (carry holds 64 MiB in all: the
 # 11 MB Qwen3 tokenizer only when GPU_FIXTURES names it).
 if [ -d ../shared/fixtures ]; then
@@ -37,5 +36,11 @@ if [ -d ../shared/fixtures ]; then
     cp ../shared/fixtures/README.md .gpu/fixtures/
     for f in ${GPU_FIXTURES:-tiny-qwen3 tiny-qwen3-moe tiny-qwen3-moe-q4km}; do cp -r "../shared/fixtures/$f" .gpu/fixtures/; done
 fi
-du -sh .gpu
 ls -la .gpu/bin
+# The device tool carries the working tree and .gpu, 64 MiB in all.
+tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s }')
+built=$(du -sb .gpu | cut -f1)
+echo "carry: tracked files $((tree / 1048576)) MiB + .gpu $((built / 1048576)) MiB = $(((tree + built) / 1048576)) MiB of 64"
+if [ $((tree + built)) -gt $((64 * 1048576)) ]; then
+    echo "over the limit: carry only the executables the command runs, e.g. [\".gpu/bin/moetrace\", \".gpu/bin/test-gpu_oracle\", \".gpu/fixtures\"]"
+fi

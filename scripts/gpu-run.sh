@@ -26,7 +26,7 @@ if [ -n "${MOETRACE_BENCH:-}" ] && [ -x .gpu/bin/bench-gpu_forward ]; then
     .gpu/bin/bench-gpu_forward 2>&1 | tee "$out/bench-gpu_forward.log"
 fi
 # The acceptance runs through the CLI, as a user would make them.
-for args in "run -q --config .gpu/configs/cuda-f32.ron" "bisect -q --config .gpu/configs/bisect-cuda.ron"; do
+for args in "run -q --config configs/cuda-f32.ron" "bisect -q --config configs/bisect-cuda.ron"; do
     name=$(echo "$args" | cut -d' ' -f1)
     # shellcheck disable=SC2086
     .gpu/bin/moetrace $args >"$out/cli-$name.log" 2>&1
