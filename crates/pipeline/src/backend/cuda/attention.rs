@@ -76,8 +76,8 @@ impl CudaBackend {
         }
         let f = self.kernel(attention::APPEND_KV)?;
         let cache = self.caches[layer].as_mut().expect("allocated above");
-        let kt = self.slots[k.index()].as_ref().expect("checked").f32(k)?;
-        let vt = self.slots[v.index()].as_ref().expect("checked").f32(v)?;
+        let kt = self.slots.get(k).expect("checked").f32(k)?;
+        let vt = self.slots.get(v).expect("checked").f32(v)?;
         let a = (rows as u32, width as u32, v_width as u32, v_col as u32);
         let mut b = stream.launch_builder(&f);
         b.arg(&mut cache.k).arg(&mut cache.v).arg(kt).arg(vt).arg(&self.step_start);

@@ -119,9 +119,14 @@ impl CudaBackend {
         second: Option<Slot>,
         launch: impl FnOnce(&Self, &CudaSlice<f32>, &CudaSlice<f32>) -> Result<()>,
     ) -> Result<()> {
-        let mut take = |slot: Slot| match &mut self.slots[slot.index()] {
-            held @ Some(DevTensor { data: DevData::F32(_), .. }) => Ok(held.take().expect("matched Some")),
-            _ => Err(PipelineError::BadInput(format!("stage `{slot}` lost its output before its launch"))),
+        let mut take = |slot: Slot| match self.slots.take(slot) {
+            Some(t @ DevTensor { data: DevData::F32(_), .. }) => Ok(t),
+            other => {
+                if let Some(t) = other {
+                    self.slots.restore(slot, t);
+                }
+                Err(PipelineError::BadInput(format!("stage `{slot}` lost its output before its launch")))
+            }
         };
         let mut t0 = take(first)?;
         let mut t1 = second.map(&mut take).transpose();
@@ -136,10 +141,10 @@ impl CudaBackend {
             }
             Err(_) => Ok(()),
         };
-        self.slots[first.index()] = Some(t0);
+        self.slots.restore(first, t0);
         let t1 = t1?;
         if let (Some(slot), Some(t)) = (second, t1) {
-            self.slots[slot.index()] = Some(t);
+            self.slots.restore(slot, t);
         }
         result
     }

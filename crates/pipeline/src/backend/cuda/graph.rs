@@ -384,7 +384,7 @@ impl CudaBackend {
             cache.len = p_len;
         }
         for slot in [Slot::AttnScores, Slot::AttnSoftmax] {
-            if let Some(t) = self.slots[slot.index()].as_mut().filter(|t| t.shape.len() == 3) {
+            if let Some(t) = self.slots.get_mut(slot).filter(|t| t.shape.len() == 3) {
                 t.shape[2] = p_len;
             }
         }

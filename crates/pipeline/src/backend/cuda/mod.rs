@@ -34,6 +34,7 @@ mod ops;
 mod profile;
 mod projections;
 mod quantized;
+mod stage_slots;
 mod staging;
 mod taps;
 mod tensors;
@@ -64,10 +65,9 @@ pub struct CudaBackend {
     /// Concatenated f32 biases per list of bias weights (the q, k and v
     /// biases of a layer), uploaded on first use.
     biases: HashMap<Vec<WeightId>, CudaSlice<f32>>,
-    slots: Vec<Option<DevTensor>>,
-    /// The buffer length each slot was last given (what a recorded step's
-    /// capture copies are planned with: taps.rs).
-    slot_lens: Vec<Option<usize>>,
+    /// The activations: one tensor per stage, with versions and buffer
+    /// lengths (stage_slots.rs).
+    slots: stage_slots::StageSlots,
     /// The step's tokens (the first `t_len`; the buffer is reused while it
     /// is long enough, so a decode step's token has one address).
     tokens: Option<CudaSlice<u32>>,
@@ -93,9 +93,6 @@ pub struct CudaBackend {
     /// Lazy stages of the last plan, gone with it (for the error a read
     /// of one gives).
     gone: Vec<Slot>,
-    /// How many times each slot was given a tensor (what the grouped
-    /// expert projections' shared sort and input are keyed by: moe.rs).
-    slot_versions: Vec<u64>,
     grouped: moe::GroupedShared,
     /// Whether many-row steps fuse attention (on unless
     /// `MOETRACE_NO_FUSED_ATTENTION` is set).
@@ -259,8 +256,7 @@ impl CudaBackend {
             stacked,
             scratch: None,
             biases: HashMap::new(),
-            slots: (0..Slot::ALL.len()).map(|_| None).collect(),
-            slot_lens: vec![None; Slot::ALL.len()],
+            slots: stage_slots::StageSlots::new(),
             tokens: None,
             t_len: 0,
             start_position: 0,
@@ -277,7 +273,6 @@ impl CudaBackend {
             deferred: None,
             attention_plan: None,
             gone: Vec::new(),
-            slot_versions: vec![0; Slot::ALL.len()],
             grouped: moe::GroupedShared::default(),
             fuse_attention: std::env::var_os("MOETRACE_NO_FUSED_ATTENTION").is_none(),
             profiler,
@@ -329,7 +324,7 @@ impl CudaBackend {
     }
 
     fn slot(&self, slot: Slot) -> Result<&DevTensor> {
-        self.slots[slot.index()].as_ref().ok_or_else(|| self.missing_slot(slot))
+        self.slots.get(slot).ok_or_else(|| self.missing_slot(slot))
     }
 
     fn weight(&self, id: WeightId) -> &DevWeight {
@@ -396,9 +391,7 @@ impl CudaBackend {
     fn put(&mut self, slot: Slot, tensor: DevTensor) {
         self.graphs.slot_written();
         self.gone.retain(|&s| s != slot);
-        self.slot_versions[slot.index()] += 1;
-        self.slot_lens[slot.index()] = Some(tensor.buffer_len());
-        if let Some(old) = self.slots[slot.index()].replace(tensor) {
+        if let Some(old) = self.slots.write(slot, tensor) {
             self.retire(old);
         }
     }
@@ -416,7 +409,7 @@ impl CudaBackend {
 
     /// Empties `slot` into the activation pool.
     fn drop_slot(&mut self, slot: Slot) {
-        if let Some(old) = self.slots[slot.index()].take() {
+        if let Some(old) = self.slots.take(slot) {
             self.retire(old);
         }
     }
@@ -426,10 +419,8 @@ impl CudaBackend {
     fn recycle_slots(&mut self) {
         self.attention_plan = None;
         self.gone.clear();
-        for i in 0..self.slots.len() {
-            if let Some(old) = self.slots[i].take() {
-                self.retire(old);
-            }
+        for old in self.slots.take_all() {
+            self.retire(old);
         }
     }
 

@@ -276,7 +276,7 @@ impl CudaBackend {
         }
         let stream = self.stream();
         let copy = self.device.copy_stream().clone();
-        match StepReads::new(&stream, &copy, plan, |slot| self.slot_lens[slot.index()]) {
+        match StepReads::new(&stream, &copy, plan, |slot| self.slots.buffer_len(slot)) {
             Ok(reads) => {
                 self.graphs.pending_reads = Some(reads);
                 Ok(StepGraph::Capture)
@@ -354,8 +354,7 @@ impl CudaBackend {
         let stream = self.stream();
         let base = reads.device.as_ref().map_or(0, |d| d.device_ptr(&stream).0);
         for (k, &slot) in (first..first + slots.len()).zip(&slots) {
-            let t = self.slots[slot.index()]
-                .as_mut()
+            let t = self.slots.get_mut(slot)
                 .ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` has not been computed")))?;
             // Scores and probabilities [nh, 1, P] copy the step's P.
             let by_position = matches!(slot, Slot::AttnScores | Slot::AttnSoftmax) && t.shape.len() == 3;
@@ -423,7 +422,7 @@ impl CudaBackend {
     /// After a recording (made or failed): the tensors its gathers read go
     /// back to the pool.
     pub(super) fn release_gather_holds(&mut self) {
-        for t in self.slots.iter_mut().flatten() {
+        for t in self.slots.iter_mut() {
             t.gather_hold = false;
         }
         for mut t in std::mem::take(&mut self.graphs.gather_held) {
