@@ -225,35 +225,30 @@ fn bisect_cpu_vs_cuda_finds_nothing_and_then_the_injected_fault() {
     assert!(report.graft.as_ref().unwrap().stage_is_wrong);
 }
 
-/// Mixtral (no q/k norm: RoPE reads the projections) on the GPU: clean,
-/// then a fault on one decode step's expert SwiGLU found there.
+/// The other families on the GPU: Mixtral (no q/k norm: RoPE reads the
+/// projections) and Qwen2-MoE (q/k/v biases, a gated shared expert, a
+/// dense layer): clean, then a fault on one decode step's stage found
+/// there.
 #[test]
-fn bisect_cpu_vs_cuda_on_mixtral_finds_nothing_and_then_the_injected_fault() {
+fn bisect_cpu_vs_cuda_on_each_family_finds_nothing_and_then_the_injected_fault() {
     if !gpu_enabled() {
         return;
     }
-    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-mixtral-oracle");
-    let faults = "[(stage: \"moe_expert_swigl\", layer: 1, step: 2, kind: Scale(1.5))]";
-    let report = bisect_clean_then_with_prompt(&dir.join("model"), "[1, 17, 42, 99, 5, 77]", faults);
-    let first = report.first_divergence().unwrap();
-    assert_eq!((first.step, first.layer, first.stage), (2, Some(1), S::MoeExpertSwigl), "{}", report.render(false));
-    assert!(report.graft.as_ref().unwrap().stage_is_wrong);
-}
-
-/// Qwen2-MoE (q/k/v biases, a gated shared expert, a dense layer) on the
-/// GPU: clean, then a fault on one decode step's shared expert weight
-/// found there; local mode names it alone.
-#[test]
-fn bisect_cpu_vs_cuda_on_qwen2_moe_finds_nothing_and_then_the_injected_fault() {
-    if !gpu_enabled() {
-        return;
+    for (fixture, stage, layer) in
+        [("tiny-mixtral-oracle", S::MoeExpertSwigl, 1), ("tiny-qwen2-moe-oracle", S::MoeSharedWeight, 2)]
+    {
+        let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(fixture);
+        let faults = format!("[(stage: {:?}, layer: {layer}, step: 2, kind: Scale(1.5))]", stage.name());
+        let report = bisect_clean_then_with_prompt(&dir.join("model"), "[1, 17, 42, 99, 5, 77]", &faults);
+        let first = report.first_divergence().unwrap();
+        assert_eq!(
+            (first.step, first.layer, first.stage),
+            (2, Some(layer), stage),
+            "{fixture}\n{}",
+            report.render(false)
+        );
+        assert!(report.graft.as_ref().unwrap().stage_is_wrong, "{fixture}");
     }
-    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-oracle");
-    let faults = "[(stage: \"moe_shared_weight\", layer: 2, step: 2, kind: Scale(1.5))]";
-    let report = bisect_clean_then_with_prompt(&dir.join("model"), "[1, 17, 42, 99, 5, 77]", faults);
-    let first = report.first_divergence().unwrap();
-    assert_eq!((first.step, first.layer, first.stage), (2, Some(2), S::MoeSharedWeight), "{}", report.render(false));
-    assert!(report.graft.as_ref().unwrap().stage_is_wrong);
 }
 
 /// The mixed-dispatch bug class on the Q4_K_M fixture: bisect CPU vs

@@ -267,11 +267,9 @@ fn other_families_and_weight_types_are_refused_by_name() {
     let model = checkpoint(&dir);
     let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
-    for (architecture, model_type) in [
-        ("DeepseekV3ForCausalLM", "deepseek_v3"),
-        ("Llama4ForCausalLM", "llama4"),
-        ("GptOssForCausalLM", "gpt_oss"),
-    ] {
+    for (architecture, model_type) in
+        [("DeepseekV3ForCausalLM", "deepseek_v3"), ("Llama4ForCausalLM", "llama4"), ("GptOssForCausalLM", "gpt_oss")]
+    {
         let mut json = original.clone();
         json["architectures"] = serde_json::json!([architecture]);
         json["model_type"] = serde_json::json!(model_type);

@@ -139,15 +139,21 @@ extern "C" __global__ void __launch_bounds__(32 * TOPK_WARPS) router_top_k_f32(f
     }
 }
 
+// Σ_j weights[t, j] · expert_out[t, j, c], in f32, slot order.
+__device__ __forceinline__ float routed_sum(const float *expert_out, const float *weights, u32 t, u32 c, u32 top_k,
+                                            u32 h) {
+    float acc = 0.0f;
+    for (u32 j = 0; j < top_k; j++) acc += weights[(u64)t * top_k + j] * expert_out[((u64)t * top_k + j) * h + c];
+    return acc;
+}
+
 // out[t, c] = Σ_j weights[t, j] · expert_out[t, j, c]
 extern "C" __global__ void moe_combine_f32(float *out, const float *expert_out, const float *weights, u32 t_len, u32 top_k, u32 h) {
     PDL_ENTRY();
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)t_len * h) return;
     u32 t = (u32)(i / h), c = (u32)(i % h);
-    float acc = 0.0f;
-    for (u32 j = 0; j < top_k; j++) acc += weights[(u64)t * top_k + j] * expert_out[((u64)t * top_k + j) * h + c];
-    out[i] = store_act(acc);
+    out[i] = store_act(routed_sum(expert_out, weights, t, c, top_k, h));
 }
 
 // out[t, c] = Σ_j weights[t, j] · expert_out[t, j, c] + g_t · shared[t, c]
@@ -160,11 +166,8 @@ extern "C" __global__ void moe_combine_shared_f32(float *out, const float *exper
     u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (u64)t_len * h) return;
     u32 t = (u32)(i / h), c = (u32)(i % h);
-    float acc = 0.0f;
-    for (u32 j = 0; j < top_k; j++) acc += weights[(u64)t * top_k + j] * expert_out[((u64)t * top_k + j) * h + c];
     float g = gated ? shared_weight[t] : 1.0f;
-    acc += g * shared[i];
-    out[i] = store_act(acc);
+    out[i] = store_act(routed_sum(expert_out, weights, t, c, top_k, h) + g * shared[i]);
 }
 
 // ---- Grouped expert projections (prefill): slots sorted by expert on the

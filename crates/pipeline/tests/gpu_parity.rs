@@ -216,6 +216,20 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
         pair.case("moe_combine", &format!("{dims} k={k} H={h}"), 1e-6, &[S::MoeFfnOut], |b| {
             b.moe_combine(S::MoeExpertOut, S::MoeRouter, None, S::MoeFfnOut)
         });
+        // The shared expert's term (Qwen2-MoE): its sigmoid gate, then the
+        // routed sum plus the gated and the ungated shared output.
+        pair.put(S::MoeSharedLogit, HostTensor::f32(vec![t, 1], x("sharedlogit", t).iter().map(|v| 4.0 * v).collect()));
+        pair.case("sigmoid", &format!("{dims} [T,1]"), 1e-6, &[S::MoeSharedWeight], |b| {
+            b.sigmoid(S::MoeSharedLogit, S::MoeSharedWeight)
+        });
+        pair.put(S::MoeSharedOut, HostTensor::f32(vec![t, h], x("sharedout", t * h)));
+        for gated in [true, false] {
+            let shared =
+                pipeline::backend::SharedTerm { out: S::MoeSharedOut, weight: gated.then_some(S::MoeSharedWeight) };
+            pair.case("moe_combine shared", &format!("{dims} k={k} H={h} gated {gated}"), 1e-6, &[S::MoeFfnOut], |b| {
+                b.moe_combine(S::MoeExpertOut, S::MoeRouter, Some(shared), S::MoeFfnOut)
+            });
+        }
         pair.argmax(S::MoeFfnOut, "moe_ffn_out", &dims);
         // The greedy choice on rows made to trip it: NaN, ties (the lower
         // index wins), nothing above -inf (0), a long row with two maxima.

@@ -354,7 +354,9 @@ impl CudaBackend {
         let stream = self.stream();
         let base = reads.device.as_ref().map_or(0, |d| d.device_ptr(&stream).0);
         for (k, &slot) in (first..first + slots.len()).zip(&slots) {
-            let t = self.slots.get_mut(slot)
+            let t = self
+                .slots
+                .get_mut(slot)
                 .ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` has not been computed")))?;
             // Scores and probabilities [nh, 1, P] copy the step's P.
             let by_position = matches!(slot, Slot::AttnScores | Slot::AttnSoftmax) && t.shape.len() == 3;
