@@ -5,6 +5,9 @@
 //!   in execution order, canonical names (the capture file names and CLI
 //!   words), [`Scope`] (model or layer) and [`Applicability`] (dense-only,
 //!   MoE-only, ...).
+//! - [`SaveTensorStage::inputs`] ([`StageInput`]): what each stage reads,
+//!   so a stage of any engine's capture can be re-run on its captured
+//!   inputs.
 //! - [`StageList`]: a parsed selection of stages (`"all"` or a comma list).
 //! - [`IndexSet`]: a parsed selection of layers or steps (`"all"`, `"3"`,
 //!   `"0..4"`, `"0..2,7"`; ends exclusive).
@@ -28,9 +31,11 @@
 
 mod error;
 pub mod input;
+mod inputs;
 mod selection;
 mod stage;
 
 pub use error::ParseError;
+pub use inputs::StageInput;
 pub use selection::{IndexSet, IndexSpan, StageList};
 pub use stage::{Applicability, LayerTraits, SaveTensorStage, Scope};

@@ -14,13 +14,13 @@ fn shape(c: &ModelConfig) -> AttentionShape {
 
 /// The slot holding q, k, v after the projections (and bias, if any).
 fn qkv_source(ctx: &StageCtx) -> S {
-    if ctx.layer.traits.qkv_bias { S::QkvBias } else { S::QkvMatmul }
+    S::qkv_source(ctx.layer.traits)
 }
 
 /// The slot RoPE reads q and k from: qk_norm, or, in a family without it,
 /// the projections' (q and k keep their columns there).
 fn rope_source(ctx: &StageCtx) -> S {
-    if ctx.layer.traits.qk_norm { S::QkNorm } else { qkv_source(ctx) }
+    S::rope_source(ctx.layer.traits)
 }
 
 /// attn_norm: `x * rsqrt(mean(x²) + eps) * input_layernorm`, [T,H].
