@@ -25,6 +25,8 @@ enum Command {
     Run(commands::run::RunArgs),
     /// Run a reference and a target backend in lockstep and name the first divergent stage (exit 0/1/2).
     Bisect(commands::bisect::BisectArgs),
+    /// Check each stage of another engine's capture on its own inputs: local errors, findings, exit 0/1/2.
+    Check(commands::check::CheckArgs),
     /// Compare two captures stage by stage and name the first divergence (exit 0: none, 1: found, 2: error).
     Diff(commands::diff::DiffArgs),
     /// List every stage: name, scope, which layers have it, and its shape.
@@ -87,6 +89,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => commands::run::execute(&args),
         Command::Bisect(args) => commands::bisect::execute(&args),
+        Command::Check(args) => commands::check::execute(&args),
         Command::Diff(args) => commands::diff::execute(&args),
         Command::Stages(args) => commands::stages::execute(&args),
         Command::Report(args) => commands::report::execute(&args),

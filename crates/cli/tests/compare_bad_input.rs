@@ -167,3 +167,24 @@ fn a_report_with_absurd_indices_is_refused_naming_the_field() {
         assert!(!dir.join("map.html").exists(), "{field}: a page was written");
     }
 }
+
+#[test]
+fn check_names_the_capture_and_model_it_cannot_use_and_passes_a_clean_capture() {
+    let dir = scratch("check-cli");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-qwen2-moe-oracle");
+    let (activations, model) = (root.join("activations"), root.join("model"));
+    let (activations, model) = (activations.to_str().unwrap(), model.to_str().unwrap());
+    // Hugging Face's float64 capture of the fixture: clean, exit 0, JSON.
+    let out = moetrace(&["check", activations, "--model", model, "--json", "-q"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["mode"], "local");
+    assert_eq!(json["findings"].as_array().map(Vec::len), Some(0));
+    // No such capture, no such model, another model: exit 2, named.
+    let missing = dir.join("nowhere");
+    expect_error(&moetrace(&["check", missing.to_str().unwrap(), "--model", model]), &["nowhere"]);
+    expect_error(&moetrace(&["check", activations, "--model", "/no/such/model"]), &["--model", "/no/such/model"]);
+    let other = "Synthetic(preset: \"tiny-qwen2-moe\", seed: 5)";
+    expect_error(&moetrace(&["check", activations, "--model", other]), &["another model"]);
+    expect_error(&moetrace(&["check", activations, "--model", model, "--reference", "Gpu"]), &["Gpu"]);
+}

@@ -3,6 +3,7 @@
 //! numeric contract each keeps.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use pipeline::backend::contract::{NumericContract, Precision};
 use serde::Deserialize;
@@ -16,7 +17,8 @@ pub enum CudaDtype {
     Bf16,
 }
 
-/// Which backend computes the forward pass.
+/// Which backend computes the forward pass (or, as bisect's target only,
+/// which capture another engine computed it in).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
 pub enum BackendSpec {
     /// The CPU reference.
@@ -47,6 +49,10 @@ pub enum BackendSpec {
         #[serde(default = "graphs_on")]
         graphs: bool,
     },
+    /// bisect's target only: another engine's capture (a folder with
+    /// manifest.json). Each stage is checked by re-running the reference
+    /// on the capture's own inputs of that stage (check.rs).
+    Capture(PathBuf),
 }
 
 fn graphs_on() -> bool {
@@ -74,11 +80,19 @@ impl BackendSpec {
         matches!(self, BackendSpec::Cuda { .. })
     }
 
+    /// The capture folder, for a `Capture` target.
+    pub fn capture(&self) -> Option<&std::path::Path> {
+        match self {
+            BackendSpec::Capture(dir) => Some(dir),
+            _ => None,
+        }
+    }
+
     /// The activation dtype this backend computes in, as tolerances name
     /// it (`f32`, `bf16`).
     pub fn activation_dtype(&self) -> &'static str {
         match self {
-            BackendSpec::Cpu | BackendSpec::CpuLlamaCpp => "f32",
+            BackendSpec::Cpu | BackendSpec::CpuLlamaCpp | BackendSpec::Capture(_) => "f32",
             BackendSpec::Cuda { dtype, .. } | BackendSpec::CpuEmulating(dtype) => dtype.precision().name(),
         }
     }
@@ -97,6 +111,7 @@ impl fmt::Display for BackendSpec {
                 }
                 f.write_str(")")
             }
+            BackendSpec::Capture(dir) => write!(f, "Capture({:?})", dir.display().to_string()),
         }
     }
 }

@@ -55,7 +55,7 @@ pub struct BisectOptions {
 }
 
 /// A host tensor as compare reads it: borrowed, in its own type.
-fn view(t: &HostTensor) -> TensorView<'_> {
+pub(crate) fn view(t: &HostTensor) -> TensorView<'_> {
     let elements = match &t.data {
         TensorData::F32(v) => Elements::F32(v),
         TensorData::I32(v) => Elements::I32(v),
@@ -74,7 +74,7 @@ fn scope_tensors<'a>(reference: &'a ScopeOutputs, target: &'a ScopeOutputs) -> S
 
 /// The expected side's outputs of one scope as a comparison's input, each
 /// with the error floor of its precision under `contract`.
-fn expected_tensors<'a>(expected: &'a ScopeOutputs, contract: &NumericContract) -> ExpectedTensors<'a> {
+pub(crate) fn expected_tensors<'a>(expected: &'a ScopeOutputs, contract: &NumericContract) -> ExpectedTensors<'a> {
     expected
         .iter()
         .filter_map(|(stage, t)| contract.output(*stage).map(|p| (*stage, (view(t), p.error_floor()))))
@@ -94,16 +94,16 @@ fn as_stored(outputs: &ScopeOutputs, contract: &NumericContract) -> ScopeOutputs
 }
 
 /// One side of the lockstep.
-struct Side {
-    forward: Forward,
+pub(crate) struct Side {
+    pub(crate) forward: Forward,
     /// Backend name and dtype, for capture manifests.
-    name: (&'static str, &'static str),
+    pub(crate) name: (&'static str, &'static str),
 }
 
 impl Side {
     /// Runs `scope`, forced to `teacher`'s outputs when given, and returns
     /// what each stage computed itself.
-    fn run(&mut self, scope: StepScope, teacher: Option<ScopeOutputs>) -> Result<ScopeOutputs> {
+    pub(crate) fn run(&mut self, scope: StepScope, teacher: Option<ScopeOutputs>) -> Result<ScopeOutputs> {
         self.forward.set_teacher(true, teacher.unwrap_or_default());
         let ran = self.forward.run_scope(scope);
         let recorded = self.forward.take_recorded();
@@ -120,6 +120,16 @@ pub fn bisect(
     options: &BisectOptions,
     on_scope: &mut dyn FnMut(usize, String),
 ) -> Result<Report> {
+    if let Some(dir) = config.target.capture() {
+        if !config.session.faults.is_empty() {
+            return Err(crate::SessionError::ConfigValue {
+                path: path.to_path_buf(),
+                message: "faults cannot be injected into a capture target (edit the capture's .npy files instead)"
+                    .into(),
+            });
+        }
+        return crate::check::check_capture(config, dir, path, options, on_scope);
+    }
     let spec = &config.session;
     // The expected side is a CPU pass too.
     let opened = Session::open(spec, path, &[&config.reference, &config.target], 1, options.meter.clone())?;

@@ -8,10 +8,13 @@
 //! - [`run()`]: load, run, capture; the capture folder appears only when
 //!   the whole run succeeded.
 //! - [`bisect::bisect`]: a reference and a target in lockstep, compared
-//!   scope by scope, free running or locally.
+//!   scope by scope, free running or locally; with `target:
+//!   Capture("dir")`, each stage of another engine's capture checked on
+//!   the capture's own inputs (check.rs).
 
 pub mod backend_spec;
 pub mod bisect;
+mod check;
 pub mod config;
 pub mod error;
 pub mod faults;

@@ -194,6 +194,10 @@ impl<'a> Session<'a> {
                     Err(other) => Err(other.into()),
                 }
             }
+            BackendSpec::Capture(_) => Err(SessionError::ConfigValue {
+                path: self.path.to_path_buf(),
+                message: format!("{spec} computes nothing: a capture is checked as a bisect's target"),
+            }),
             #[cfg(not(feature = "cuda"))]
             BackendSpec::Cuda { .. } => Err(SessionError::ConfigValue {
                 path: self.path.to_path_buf(),

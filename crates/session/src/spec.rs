@@ -141,6 +141,12 @@ impl ConfigFile {
             mode,
         } = file;
         resolve_paths(path, &mut model, capture.as_mut(), &mut routing)?;
+        let resolve_capture = |spec: Option<BackendSpec>| match spec {
+            Some(BackendSpec::Capture(dir)) => resolve_capture_dir(path, dir).map(|d| Some(BackendSpec::Capture(d))),
+            other => Ok(other),
+        };
+        let (backend, reference, target) =
+            (resolve_capture(backend)?, resolve_capture(reference)?, resolve_capture(target)?);
         resolve_tokenizer_path(path, tokenizer.as_mut())?;
         let resolved = prompt.resolve(tokenizer.as_ref(), &model, path)?;
         let session = SessionSpec { model, prompt, tokenizer, resolved, generate, threads, capture, faults, routing };
@@ -170,6 +176,12 @@ impl RunConfig {
         let bisect =
             [("reference", file.reference.is_some()), ("target", file.target.is_some()), ("mode", file.mode.is_some())];
         ConfigFile::refuse(path, &bisect, "run", "one `backend` (`reference`, `target` and `mode` are bisect's)")?;
+        if let Some(BackendSpec::Capture(_)) = &file.backend {
+            return Err(SessionError::ConfigValue {
+                path: path.to_path_buf(),
+                message: "backend: Capture(..) computes nothing; a capture is checked as a bisect's `target` (or with `moetrace check CAPTURE --model MODEL`)".into(),
+            });
+        }
         Ok(Self { session, backend: file.backend.unwrap_or_default() })
     }
 
@@ -206,6 +218,12 @@ impl BisectConfig {
         };
         let reference = file.reference.ok_or_else(|| missing("reference", "the reference backend"))?;
         let target = file.target.ok_or_else(|| missing("target", "the target backend"))?;
+        if let BackendSpec::Capture(_) = reference {
+            return Err(SessionError::ConfigValue {
+                path: path.to_path_buf(),
+                message: "reference: Capture(..) is not a reference: the reference re-runs each stage; a capture is the `target`".into(),
+            });
+        }
         Ok(Self { session, reference, target, mode: file.mode.unwrap_or_default() })
     }
 }
@@ -297,6 +315,17 @@ fn resolve_paths(
         resolve(&mut capture.out_dir, "capture.out_dir")?;
     }
     Ok(())
+}
+
+/// A `Capture("dir")` target's folder, relative to the config's folder.
+fn resolve_capture_dir(path: &Path, dir: PathBuf) -> Result<PathBuf> {
+    if dir.as_os_str().is_empty() {
+        return Err(SessionError::ConfigValue {
+            path: path.to_path_buf(),
+            message: "Capture(\"\") names no folder; give the capture's folder (relative paths are taken from the config's folder)".into(),
+        });
+    }
+    Ok(path.parent().unwrap_or(Path::new("")).join(dir))
 }
 
 /// `threads` is at least 1 and at most the machine's cores (more threads

@@ -2,6 +2,7 @@
 //! message (exit code 2).
 
 pub mod bisect;
+pub mod check;
 pub mod diff;
 pub mod report;
 pub mod run;

@@ -1,0 +1,312 @@
+//! `check`: each stage's local error of another engine's capture, from the
+//! capture alone (bisect with `target: Capture("dir")`, or `moetrace check
+//! CAPTURE --model MODEL`). The capture is the teacher: the reference
+//! re-runs every stage on the capture's own inputs of that stage (its
+//! previous stages, its keys and values of earlier steps, its expert ids
+//! and router weights: every captured stage is forced after it runs), and
+//! what it computes is compared with what the capture holds. Beside it, the
+//! CPU keeping the capture's precision (its manifest's dtype) runs on the
+//! same inputs: its error is what a correct implementation of that
+//! precision makes, so rows are judged as `bisect --local` judges them.
+//!
+//! A stage is checked only where the capture holds it and every input it
+//! reads ([`stage_types::SaveTensorStage::inputs`]); the others are named,
+//! with what they need, never passed silently.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use compare::expected::RATIO_THRESHOLD;
+use compare::findings::mark_findings;
+use compare::scope::ExpertIds;
+use compare::{CaptureDir, Mode, NpyArray, NpyData, Report, ScopeTensors, compare_scope};
+use pipeline::backend::contract::NumericContract;
+use pipeline::{HostTensor, ModelConfig, ScopeOutputs, StepScope};
+use stage_types::{LayerTraits, SaveTensorStage as S, StageInput};
+
+use crate::bisect::{BisectConfig, BisectOptions, Side, expected_tensors, view};
+use crate::error::{Result, SessionError};
+use crate::session_builder::{Session, model_source};
+
+/// One step of the capture: its index, first position and tokens.
+struct CapturedStep {
+    step: usize,
+    start: usize,
+    tokens: Vec<u32>,
+}
+
+/// Checks the capture in `dir` against `config`'s model on its reference
+/// backend; `path` is the config's, for messages. `on_scope` is told each
+/// (step, scope) as it is checked.
+pub(crate) fn check_capture(
+    config: &BisectConfig,
+    dir: &Path,
+    path: &Path,
+    options: &BisectOptions,
+    on_scope: &mut dyn FnMut(usize, String),
+) -> Result<Report> {
+    let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
+    let capture = CaptureDir::open(dir)?;
+    let manifest = &capture.manifest;
+    let spec = &config.session;
+    if manifest.prompt != spec.tokens() {
+        return Err(bad(format!(
+            "the capture {} was made from the prompt {:?}, the config gives {:?}: a capture is checked on its own prompt",
+            dir.display(),
+            manifest.prompt,
+            spec.tokens()
+        )));
+    }
+    let opened = Session::open(spec, path, &[&config.reference], 1, options.meter.clone())?;
+    let model = &opened.model;
+    match ModelConfig::same_computation_json(&manifest.model.config, &model.config.json) {
+        Ok(true) => {}
+        Ok(false) => {
+            return Err(bad(format!(
+                "the capture {} is of another model ({}) than {} ({}): its config.json differs",
+                dir.display(),
+                manifest.model.architecture,
+                model_source(model),
+                model.config.architecture
+            )));
+        }
+        Err(why) => tracing::warn!("the capture's model config was not compared: {why}"),
+    }
+    let steps = captured_steps(&capture);
+    let contract = capture_contract(&manifest.dtype);
+    let prepared = opened.forward(&config.reference, None, true)?;
+    let mut reference = Side { forward: prepared.forward, name: (prepared.name, prepared.dtype) };
+    let mut expected = Side { forward: opened.emulating(contract)?, name: ("cpu", "emulated") };
+    let mut report = Report {
+        mode: Mode::Local,
+        reference: format!("{} on {}", config.reference, model_source(model)),
+        target: format!("capture {} ({}, {})", dir.display(), manifest.backend, manifest.dtype),
+        ..Report::default()
+    };
+    report.notes.push(format!(
+        "check: the reference re-ran every stage on the capture's own inputs of that stage (its earlier stages, keys and values, expert ids and weights); expected errors: the CPU keeping the capture's precision ({}) on the same inputs; a finding is a row more than {RATIO_THRESHOLD}x its expected error",
+        contract.describe()
+    ));
+    let mut unchecked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut checked = 0usize;
+    for step in &steps {
+        reference.forward.begin_step(step.step, &step.tokens, step.start)?;
+        expected.forward.begin_step(step.step, &step.tokens, step.start)?;
+        for scope in StepScope::all(model.config.num_layers) {
+            let layer = scope.layer();
+            let traits = layer.map(|l| model.config.layer_traits(l)).unwrap_or_default();
+            let arrays = scope_arrays(&capture, step, scope, &model.config)?;
+            let forced = teacher_outputs(&arrays).map_err(&bad)?;
+            let own = reference.run(scope, Some(forced.clone()))?;
+            let emulated = expected.run(scope, Some(forced))?;
+            let mut tensors = ScopeTensors::new();
+            for (&stage, array) in &arrays {
+                match missing_input(&capture, (step, &steps), scope, stage, traits, model.config.num_layers) {
+                    Some(needs) => {
+                        unchecked.entry(format!("{stage} needs {needs}")).or_default().push(place(step.step, layer));
+                    }
+                    None => {
+                        if let Some(ours) = own.get(&stage) {
+                            tensors.insert(stage, (Some(view(ours)), Some(array.view())));
+                        }
+                    }
+                }
+            }
+            checked += tensors.len();
+            let emulated = expected_tensors(&emulated, &contract);
+            let rows = compare_scope(
+                step.step,
+                layer,
+                &tensors,
+                &options.tolerances,
+                contract.activations.name(),
+                ExpertIds::Reference,
+                Some(&emulated),
+            );
+            report.rows.extend(rows);
+            on_scope(step.step, scope.to_string());
+        }
+    }
+    if checked == 0 {
+        return Err(bad(format!(
+            "the capture {} holds nothing checkable: a stage is checked where the capture holds it and every input it reads ({})",
+            dir.display(),
+            unchecked_text(&unchecked)
+        )));
+    }
+    if !unchecked.is_empty() {
+        report.notes.push(format!("not checkable (inputs not captured): {}", unchecked_text(&unchecked)));
+    }
+    mark_findings(&mut report.rows);
+    let starts: Vec<(usize, usize)> = steps.iter().map(|s| (s.step, s.start)).collect();
+    report.name_tokens(&manifest.token_texts, &starts);
+    drop((reference, expected));
+    Ok(report)
+}
+
+/// `step S layer L` or `step S` (model stages).
+fn place(step: usize, layer: Option<usize>) -> String {
+    match layer {
+        Some(l) => format!("step {step} layer {l}"),
+        None => format!("step {step}"),
+    }
+}
+
+/// `stage needs X (at step 0 layer 1, step 0 layer 2); ...`, at most a few
+/// places per reason.
+fn unchecked_text(unchecked: &BTreeMap<String, Vec<String>>) -> String {
+    unchecked
+        .iter()
+        .map(|(why, places)| {
+            let shown: Vec<&str> = places.iter().take(3).map(String::as_str).collect();
+            let more = if places.len() > 3 { format!(" and {} more", places.len() - 3) } else { String::new() };
+            format!("{why} (at {}{more})", shown.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// The capture's steps: its manifest's, or, for a producer that wrote
+/// none, the prompt then one generated token a step.
+fn captured_steps(capture: &CaptureDir) -> Vec<CapturedStep> {
+    let m = &capture.manifest;
+    if !m.steps.is_empty() {
+        let mut steps: Vec<CapturedStep> = m
+            .steps
+            .iter()
+            .map(|s| CapturedStep { step: s.step, start: s.start_position, tokens: s.tokens.clone() })
+            .collect();
+        steps.sort_by_key(|s| s.step);
+        return steps;
+    }
+    let mut steps = vec![CapturedStep { step: 0, start: 0, tokens: m.prompt.clone() }];
+    let captured: BTreeSet<usize> = capture.keys().into_iter().map(|k| k.0).collect();
+    for (i, &token) in m.generated.iter().enumerate() {
+        if !captured.contains(&(i + 1)) {
+            break;
+        }
+        steps.push(CapturedStep { step: i + 1, start: m.prompt.len() + i, tokens: vec![token] });
+    }
+    steps
+}
+
+/// The precision a capture's values are stored in, as a numeric contract:
+/// bf16 (or f16, the nearest contract) where its manifest's dtype names it
+/// (`bfloat16`, `bf16`, moetrace's `f32 emulating bf16 ...`), else the
+/// reference's.
+fn capture_contract(dtype: &str) -> NumericContract {
+    let dtype = dtype.to_ascii_lowercase();
+    if ["bf16", "bfloat16", "f16", "float16", "half"]
+        .iter()
+        .any(|d| dtype.split(|c: char| !c.is_alphanumeric()).any(|w| w == *d))
+    {
+        NumericContract::BF16
+    } else {
+        NumericContract::REFERENCE
+    }
+}
+
+/// The captured tensors of one scope of one step, each checked against the
+/// shape the model gives that stage there.
+fn scope_arrays(
+    capture: &CaptureDir,
+    step: &CapturedStep,
+    scope: StepScope,
+    config: &ModelConfig,
+) -> Result<BTreeMap<S, NpyArray>> {
+    let layer = scope.layer();
+    let traits = layer.map(|l| config.layer_traits(l)).unwrap_or_default();
+    let positions = step.start + step.tokens.len();
+    let mut arrays = BTreeMap::new();
+    for &stage in S::ALL.iter().filter(|s| s.is_layer_stage() == layer.is_some() && in_scope(**s, scope)) {
+        if layer.is_some() && !stage.applies_to(traits) {
+            continue;
+        }
+        let Some(array) = capture.load(step.step, layer, stage)? else { continue };
+        let want = config.stage_shape(stage, step.tokens.len(), positions);
+        if array.shape != want {
+            return Err(SessionError::ConfigValue {
+                path: capture.dir.clone(),
+                message: format!(
+                    "{stage} of {} is {:?} in the capture, but the model's is {want:?} (another model, or another layout)",
+                    place(step.step, layer),
+                    array.shape
+                ),
+            });
+        }
+        arrays.insert(stage, array);
+    }
+    Ok(arrays)
+}
+
+/// Whether `stage` runs in `scope` (the model stages: embedding in the
+/// prologue, final_norm and lm_head in the epilogue).
+fn in_scope(stage: S, scope: StepScope) -> bool {
+    match scope {
+        StepScope::Prologue => stage == S::Embedding,
+        StepScope::Layer(_) => stage.is_layer_stage(),
+        StepScope::Epilogue => matches!(stage, S::FinalNorm | S::LmHead),
+    }
+}
+
+/// The captured tensors as the values forced into the reference.
+fn teacher_outputs(arrays: &BTreeMap<S, NpyArray>) -> std::result::Result<ScopeOutputs, String> {
+    arrays
+        .iter()
+        .map(|(&stage, a)| {
+            let shape = a.shape.clone();
+            let tensor = match (&a.data, stage.element_type()) {
+                (NpyData::I32(v), "int32") => HostTensor::i32(shape, v.clone()),
+                (NpyData::I64(v), "int32") => HostTensor::i32(shape, v.iter().map(|&x| x as i32).collect()),
+                (NpyData::F32(v), "float32") => HostTensor::f32(shape, v.clone()),
+                (NpyData::F64(v), "float32") => HostTensor::f32(shape, v.iter().map(|&x| x as f32).collect()),
+                (_, want) => return Err(format!("{stage} is {} in the capture, not {want}", a.dtype())),
+            };
+            Ok((stage, tensor))
+        })
+        .collect()
+}
+
+/// What `stage` of `scope` at `step` reads that the capture lacks, if
+/// anything (then its local error cannot be told from the capture).
+fn missing_input(
+    capture: &CaptureDir,
+    (step, steps): (&CapturedStep, &[CapturedStep]),
+    scope: StepScope,
+    stage: S,
+    traits: LayerTraits,
+    layers: usize,
+) -> Option<String> {
+    let layer = scope.layer();
+    let has = |step: usize, layer: Option<usize>, stage: S| capture.entry(step, layer, stage).is_some();
+    for input in stage.inputs(traits) {
+        match input {
+            StageInput::Stage(s) if !has(step.step, layer, s) => {
+                return Some(format!("{s} of {}", place(step.step, layer)));
+            }
+            StageInput::Stage(_) => {}
+            StageInput::ScopeInput => {
+                let (input_layer, input_stage) = match scope {
+                    StepScope::Layer(0) => (None, S::Embedding),
+                    StepScope::Layer(l) => (Some(l - 1), S::PostFfnResidual),
+                    _ => (layers.checked_sub(1), S::PostFfnResidual),
+                };
+                if !has(step.step, input_layer, input_stage) {
+                    return Some(format!("{input_stage} of {}", place(step.step, input_layer)));
+                }
+            }
+            StageInput::EarlierKeysAndValues => {
+                let kv = [S::KPostRope, S::qkv_source(traits)];
+                for earlier in steps.iter().filter(|s| s.step < step.step) {
+                    if let Some(s) = kv.iter().find(|&&s| !has(earlier.step, layer, s)) {
+                        return Some(format!(
+                            "{s} of {} (the keys and values of its positions)",
+                            place(earlier.step, layer)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    None
+}

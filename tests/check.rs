@@ -1,0 +1,147 @@
+//! `check` (bisect with `target: Capture(dir)`): each stage of a capture
+//! re-run by the reference on the capture's own inputs. A capture of a
+//! correct implementation has no finding (the CPU's own: exact; one kept
+//! in bf16: within its expected error); edits of one expert slot and of
+//! one token's attention output at a decode step are named alone, with
+//! step, layer, token and expert; a stage whose inputs were not captured is
+//! named as not checkable; a capture with nothing checkable, of another
+//! prompt or another model, is refused.
+
+use std::path::{Path, PathBuf};
+
+use compare::Report;
+use compare::npy::{header, read_npy};
+use moetrace_tests::scratch;
+use session::bisect::{BisectConfig, BisectOptions, bisect};
+use session::{RunConfig, run};
+use stage_types::SaveTensorStage as S;
+
+const MODEL: &str = "Synthetic(preset: \"tiny-moe\", seed: 5)";
+const PROMPT: &str = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
+
+/// A capture of every stage of `backend` on the tiny model, 3 steps.
+fn capture(dir: &Path, backend: &str) -> PathBuf {
+    capture_with_faults(dir, backend, "")
+}
+
+/// [`capture`] of a run with `faults` (a RON list's items): an engine
+/// with those bugs, every stage after them computed from them.
+fn capture_with_faults(dir: &Path, backend: &str, faults: &str) -> PathBuf {
+    let out = dir.join(format!("{}{}", backend.replace(['(', ')'], "-"), faults.len()));
+    let _ = std::fs::remove_dir_all(&out);
+    let text = format!(
+        "(model: {MODEL}, prompt: Tokens({PROMPT}), generate: 3, backend: {backend}, threads: 1, faults: [{faults}], capture: (out_dir: {out:?}))"
+    );
+    run(&RunConfig::parse(&text, Path::new("c.ron")).unwrap(), Path::new("c.ron"), &mut |_| {}).unwrap();
+    out
+}
+
+fn check(capture: &Path, prompt: &str, model: &str) -> session::Result<Report> {
+    let text = format!(
+        "(model: {model}, prompt: Tokens({prompt}), generate: 3, reference: Cpu, target: Capture({capture:?}), threads: 1)"
+    );
+    let config = BisectConfig::parse(&text, Path::new("check.ron"))?;
+    bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {})
+}
+
+/// A finding's (step, layer, stage, worst token, worst expert).
+type Place = (usize, Option<usize>, S, Option<usize>, Option<i32>);
+
+fn findings(report: &Report) -> Vec<Place> {
+    report.findings().iter().map(|r| (r.step, r.layer, r.stage, r.worst_token, r.worst_expert)).collect()
+}
+
+/// Rewrites one f32 .npy of the capture with `edit` applied to its values.
+fn edit(capture: &Path, file: &str, edit: impl FnOnce(&[usize], &mut [f32])) {
+    let path = capture.join(file);
+    let array = read_npy(&path).unwrap();
+    let mut values: Vec<f32> = array.values().iter().map(|&v| v as f32).collect();
+    edit(&array.shape, &mut values);
+    let mut bytes = header("<f4", &array.shape);
+    values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(&path, bytes).unwrap();
+}
+
+#[test]
+fn a_correct_capture_has_no_finding_and_two_edits_are_named_alone() {
+    let dir = scratch("check-edits");
+    // The CPU's own capture: every stage recomputed bit for bit.
+    let own = capture(&dir, "Cpu");
+    let report = check(&own, PROMPT, MODEL).unwrap();
+    assert!(report.findings().is_empty(), "{}", report.render(false));
+    assert!(report.rows.len() > 100, "{} rows", report.rows.len());
+    // A bf16 implementation's capture: within its expected error.
+    let bf16 = capture(&dir, "CpuEmulating(Bf16)");
+    let report = check(&bf16, PROMPT, MODEL).unwrap();
+    assert!(report.findings().is_empty(), "{}", report.render(false));
+    assert!(report.notes.iter().any(|n| n.contains("activations bf16")), "{:?}", report.notes);
+    // An engine with two bugs: 2% on one expert's output at layer 2 of
+    // step 1, noise on token 4 of layer 1's attention output in the
+    // prompt. Its capture: each found alone, where it is.
+    let ids = read_npy(&own.join("step-1/layer-2/moe_router_indices.npy")).unwrap().values();
+    let expert = ids[1] as i32;
+    let faults = format!(
+        "(stage: \"moe_expert_out\", layer: 2, step: 1, expert: {expert}, kind: Scale(1.02)), (stage: \"attn_out\", layer: 1, step: 0, token: 4, kind: Noise(std: 0.02, seed: 3))"
+    );
+    let buggy = capture_with_faults(&dir, "Cpu", &faults);
+    let report = check(&buggy, PROMPT, MODEL).unwrap();
+    assert_eq!(
+        findings(&report),
+        [(0, Some(1), S::AttnOut, Some(4), None), (1, Some(2), S::MoeExpertOut, Some(0), Some(expert))],
+        "{}",
+        report.render(false)
+    );
+    // One .npy edited after the fact: the edit is found, and so is its
+    // consumer, whose captured output no longer follows from its captured
+    // input (an engine computes every later stage from its own values).
+    edit(&own, "step-1/layer-2/moe_expert_out.npy", |shape, v| {
+        let h = shape[2];
+        v[h..2 * h].iter_mut().for_each(|x| *x *= 1.02);
+    });
+    let report = check(&own, PROMPT, MODEL).unwrap();
+    assert_eq!(
+        findings(&report),
+        [(1, Some(2), S::MoeExpertOut, Some(0), Some(expert)), (1, Some(2), S::MoeFfnOut, Some(0), None)],
+        "{}",
+        report.render(false)
+    );
+}
+
+#[test]
+fn stages_whose_inputs_were_not_captured_are_named_and_a_capture_of_nothing_checkable_is_refused() {
+    let dir = scratch("check-missing");
+    let own = capture(&dir, "Cpu");
+    std::fs::remove_file(own.join("step-0/layer-0/ffn_norm.npy")).unwrap();
+    let manifest_path = own.join("manifest.json");
+    let mut manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+    manifest["tensors"].as_array_mut().unwrap().retain(|t| t["path"] != "step-0/layer-0/ffn_norm.npy");
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let report = check(&own, PROMPT, MODEL).unwrap();
+    assert!(report.findings().is_empty(), "{}", report.render(false));
+    let note = report.notes.iter().find(|n| n.starts_with("not checkable")).expect("a not-checkable note");
+    assert!(note.contains("moe_router_logits needs ffn_norm of step 0 layer 0"), "{note}");
+    assert!(!report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(0), S::MoeRouterLogits)));
+    // Every layer stage checked elsewhere still is.
+    assert!(report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(1), S::MoeRouterLogits)));
+
+    // Only the logits: nothing feeds anything.
+    let bare = dir.join("bare");
+    let _ = std::fs::remove_dir_all(&bare);
+    let text = format!(
+        "(model: {MODEL}, prompt: Tokens({PROMPT}), generate: 3, threads: 1, capture: (stages: \"lm_head\", out_dir: {bare:?}))"
+    );
+    run(&RunConfig::parse(&text, Path::new("c.ron")).unwrap(), Path::new("c.ron"), &mut |_| {}).unwrap();
+    let err = check(&bare, PROMPT, MODEL).unwrap_err().to_string();
+    assert!(err.contains("nothing checkable") && err.contains("lm_head needs final_norm"), "{err}");
+
+    // Another prompt, another model: refused by name.
+    let err = check(&own, "[1, 2, 3]", MODEL).unwrap_err().to_string();
+    assert!(err.contains("prompt"), "{err}");
+    let err = check(&own, PROMPT, "Synthetic(preset: \"tiny-qwen2-moe\", seed: 5)").unwrap_err().to_string();
+    assert!(err.contains("another model"), "{err}");
+    // A capture target takes no faults, and a run has no capture backend.
+    let text = format!("(model: {MODEL}, prompt: Tokens({PROMPT}), backend: Capture({own:?}))");
+    let err = RunConfig::parse(&text, Path::new("r.ron")).unwrap_err().to_string();
+    assert!(err.contains("computes nothing"), "{err}");
+}
