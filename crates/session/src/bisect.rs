@@ -27,11 +27,9 @@ use std::path::Path;
 use compare::expected::RATIO_THRESHOLD;
 use compare::findings::{judge_accumulated, mark_findings};
 use compare::scope::ExpertIds;
-use compare::{
-    Elements, ExpectedTensors, Graft, Mode, Report, Row, ScopeTensors, TensorView, Tolerances, compare_scope,
-};
+use compare::{Graft, Mode, Report, Row, ScopeTensors, compare_scope};
 use pipeline::backend::contract::NumericContract;
-use pipeline::{Forward, HostTensor, LoadMeter, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope, TensorData};
+use pipeline::{Forward, HostTensor, Model, ScopeOutputs, ScopeTeacher, StepRecord, StepScope};
 use stage_types::SaveTensorStage as S;
 
 use crate::error::Result;
@@ -41,27 +39,8 @@ use crate::spec::BackendSpec;
 pub use crate::spec::{BisectConfig, BisectMode};
 use capture::lifecycle::CaptureSession;
 
-/// Options of a bisect run.
-#[derive(Debug, Clone, Default)]
-pub struct BisectOptions {
-    /// rel_l2 tolerances.
-    pub tolerances: Tolerances,
-    /// Keep going after the first divergence (every step, every stage).
-    pub all: bool,
-    /// Local mode whatever the config says.
-    pub local: bool,
-    /// Counts the bytes of each loading phase, for progress.
-    pub meter: LoadMeter,
-}
-
-/// A host tensor as compare reads it: borrowed, in its own type.
-pub(crate) fn view(t: &HostTensor) -> TensorView<'_> {
-    let elements = match &t.data {
-        TensorData::F32(v) => Elements::F32(v),
-        TensorData::I32(v) => Elements::I32(v),
-    };
-    TensorView::new(&t.shape, elements)
-}
+pub use crate::sides::BisectOptions;
+use crate::sides::{Side, expected_tensors, view};
 
 /// Both runs' outputs of one scope as a comparison's input.
 fn scope_tensors<'a>(reference: &'a ScopeOutputs, target: &'a ScopeOutputs) -> ScopeTensors<'a> {
@@ -70,16 +49,6 @@ fn scope_tensors<'a>(reference: &'a ScopeOutputs, target: &'a ScopeOutputs) -> S
         tensors.insert(*stage, (reference.get(stage).map(view), target.get(stage).map(view)));
     }
     tensors
-}
-
-/// The expected side's outputs of one scope as a comparison's input, each
-/// with the error floor of its precision under `contract`.
-pub(crate) fn expected_tensors<'a>(expected: &'a ScopeOutputs, contract: &NumericContract) -> ExpectedTensors<'a> {
-    expected
-        .iter()
-        .filter_map(|(stage, t)| contract.output(*stage).map(|p| (*stage, (view(t), p.error_floor()))))
-        .chain(expected.get(&S::MoeRouterIndices).map(|t| (S::MoeRouterIndices, (view(t), 0.0))))
-        .collect()
 }
 
 /// The reference's outputs as the target's contract stores them: what a
@@ -91,25 +60,6 @@ fn as_stored(outputs: &ScopeOutputs, contract: &NumericContract) -> ScopeOutputs
         contract.round_output(*stage, tensor);
     }
     outputs
-}
-
-/// One side of the lockstep.
-pub(crate) struct Side {
-    pub(crate) forward: Forward,
-    /// Backend name and dtype, for capture manifests.
-    pub(crate) name: (&'static str, &'static str),
-}
-
-impl Side {
-    /// Runs `scope`, forced to `teacher`'s outputs when given, and returns
-    /// what each stage computed itself.
-    pub(crate) fn run(&mut self, scope: StepScope, teacher: Option<ScopeOutputs>) -> Result<ScopeOutputs> {
-        self.forward.set_teacher(true, teacher.unwrap_or_default());
-        let ran = self.forward.run_scope(scope);
-        let recorded = self.forward.take_recorded();
-        ran?;
-        Ok(recorded)
-    }
 }
 
 /// Runs a bisect config. `on_scope` is told each (step, scope name) as it

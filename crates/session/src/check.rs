@@ -24,9 +24,10 @@ use pipeline::backend::contract::NumericContract;
 use pipeline::{HostTensor, ModelConfig, ScopeOutputs, StepScope};
 use stage_types::{LayerTraits, SaveTensorStage as S, StageInput};
 
-use crate::bisect::{BisectConfig, BisectOptions, Side, expected_tensors, view};
 use crate::error::{Result, SessionError};
 use crate::session_builder::{Session, model_source};
+use crate::sides::{BisectOptions, Side, expected_tensors, view};
+use crate::spec::BisectConfig;
 
 /// One step of the capture: its index, first position and tokens.
 struct CapturedStep {

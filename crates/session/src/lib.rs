@@ -23,6 +23,7 @@ mod prompt_gguf;
 pub mod replay;
 pub mod run;
 pub mod session_builder;
+mod sides;
 pub mod spec;
 
 pub use error::{Result, SessionError};
