@@ -17,9 +17,6 @@ pub struct BisectArgs {
     /// Inject a fault into the target (repeatable): stage@layer[.step][:token]=kind.
     #[arg(long = "fault", value_name = "SPEC")]
     pub faults: Vec<String>,
-    /// Keep comparing after the first divergence and show every row.
-    #[arg(long)]
-    pub all: bool,
     /// Local errors: teacher-force the target after every stage (its output
     /// compared, then replaced by the reference's), per-expert stages on the
     /// reference's expert ids, each row judged against the error the CPU
@@ -27,31 +24,20 @@ pub struct BisectArgs {
     /// `mode: Local` in the config.
     #[arg(long)]
     pub local: bool,
-    /// Print one JSON report.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write the HTML error map to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub html: Option<PathBuf>,
-    /// rel_l2 tolerance, F or stage=F (repeatable), for rows without an
-    /// expected error; bisect judges every other row against the error the
-    /// CPU keeping the target's precision makes on the same inputs.
-    #[arg(long = "tolerance", value_name = "[STAGE=]F")]
-    pub tolerances: Vec<String>,
     /// No progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// How the report is judged and shown.
+    #[command(flatten)]
+    pub report: super::ReportFlags,
 }
 
 /// Exit code 0 without divergence, 1 with one.
 pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
     let mut config = BisectConfig::load(&args.config).map_err(|e| e.to_string())?;
     config.session.faults.extend(super::parse_faults(&args.faults)?);
-    let tolerances = super::parse_tolerances(&args.tolerances)?;
-    if let Some(path) = &args.html {
-        super::report::check_html_path(path)?;
-    }
-    let options = BisectOptions { tolerances, all: args.all, local: args.local, meter: Default::default() };
+    let tolerances = args.report.prepare()?;
+    let options = BisectOptions { tolerances, all: args.report.all, local: args.local, meter: Default::default() };
     let mut progress = Progress::new(!args.quiet, 1);
     progress.stage("loading the model, running both sides");
     progress.loading(options.meter.clone());
@@ -61,5 +47,5 @@ pub fn execute(args: &BisectArgs) -> Result<ExitCode, String> {
     .map_err(|e| e.to_string());
     progress.clear();
     let report = report?;
-    super::print_report(&report, args.json, args.all, args.html.as_deref())
+    args.report.print(&report)
 }

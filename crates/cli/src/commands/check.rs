@@ -22,21 +22,12 @@ pub struct CheckArgs {
     /// The backend that re-runs each stage (a config's backend spec).
     #[arg(long, value_name = "BACKEND", default_value = "Cpu")]
     pub reference: String,
-    /// Print one JSON report.
-    #[arg(long)]
-    pub json: bool,
-    /// Also write the HTML error map to FILE.
-    #[arg(long, value_name = "FILE")]
-    pub html: Option<PathBuf>,
-    /// rel_l2 tolerance, F or stage=F (repeatable), for rows without an expected error.
-    #[arg(long = "tolerance", value_name = "[STAGE=]F")]
-    pub tolerances: Vec<String>,
-    /// Show every row.
-    #[arg(long)]
-    pub all: bool,
     /// No progress on stderr.
     #[arg(long, short)]
     pub quiet: bool,
+    /// How the report is judged and shown.
+    #[command(flatten)]
+    pub report: super::ReportFlags,
 }
 
 /// Exit code 0 without a finding, 1 with one.
@@ -54,11 +45,8 @@ pub fn execute(args: &CheckArgs) -> Result<ExitCode, String> {
     );
     let origin = Path::new("moetrace check");
     let config = BisectConfig::parse(&text, origin).map_err(|e| format!("{e}\n(check made this config: {text})"))?;
-    let tolerances = super::parse_tolerances(&args.tolerances)?;
-    if let Some(path) = &args.html {
-        super::report::check_html_path(path)?;
-    }
-    let options = BisectOptions { tolerances, all: args.all, local: true, meter: Default::default() };
+    let tolerances = args.report.prepare()?;
+    let options = BisectOptions { tolerances, all: args.report.all, local: true, meter: Default::default() };
     let mut progress = Progress::new(!args.quiet, 1);
     progress.stage("loading the model, checking the capture");
     progress.loading(options.meter.clone());
@@ -67,7 +55,7 @@ pub fn execute(args: &CheckArgs) -> Result<ExitCode, String> {
     })
     .map_err(|e| e.to_string());
     progress.clear();
-    super::print_report(&report?, args.json, args.all, args.html.as_deref())
+    args.report.print(&report?)
 }
 
 /// `--model` as a config's model spec: given as one (`Synthetic(..)`,

@@ -8,8 +8,10 @@ pub mod report;
 pub mod run;
 pub mod stages;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::Args;
 use compare::{Report, Tolerances};
 use session::faults::FaultSpec;
 
@@ -25,6 +27,43 @@ pub fn parse_tolerances(texts: &[String]) -> Result<Tolerances, String> {
         tolerances.add(t).map_err(|e| format!("--tolerance: {e}"))?;
     }
     Ok(tolerances)
+}
+
+/// How a comparison's report is judged and shown: the flags diff, bisect
+/// and check share.
+#[derive(Args, Debug)]
+pub struct ReportFlags {
+    /// Print one JSON report (top level: first_divergence, graft, summary, notes, rows).
+    #[arg(long)]
+    pub json: bool,
+    /// Show every row, not only those that are not ok (bisect: and keep
+    /// comparing after the first divergence).
+    #[arg(long)]
+    pub all: bool,
+    /// Also write the HTML error map to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub html: Option<PathBuf>,
+    /// rel_l2 tolerance, F for every stage or stage=F for one (repeatable),
+    /// for rows without an expected error; default by the coarser dtype:
+    /// 1e-4 for f32, 3e-2 for bf16.
+    #[arg(long = "tolerance", value_name = "[STAGE=]F")]
+    pub tolerances: Vec<String>,
+}
+
+impl ReportFlags {
+    /// The tolerances given, after checking that the HTML file can be
+    /// written (before any work).
+    pub fn prepare(&self) -> Result<Tolerances, String> {
+        if let Some(path) = &self.html {
+            report::check_html_path(path)?;
+        }
+        parse_tolerances(&self.tolerances)
+    }
+
+    /// Prints `report` as asked; the exit code of [`print_report`].
+    pub fn print(&self, report: &Report) -> Result<ExitCode, String> {
+        print_report(report, self.json, self.all, self.html.as_deref())
+    }
 }
 
 /// Prints a comparison report (JSON or human), writes its HTML error map
