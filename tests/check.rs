@@ -145,3 +145,18 @@ fn stages_whose_inputs_were_not_captured_are_named_and_a_capture_of_nothing_chec
     let err = RunConfig::parse(&text, Path::new("r.ron")).unwrap_err().to_string();
     assert!(err.contains("computes nothing"), "{err}");
 }
+
+/// The independent oracles of ../shared/fixtures (Hugging Face
+/// transformers' float64 captures, made by other code): every stage of
+/// every step checks clean against the safetensors and the Q4_K_M GGUF.
+#[test]
+fn the_shared_oracle_captures_check_clean() {
+    for (name, model) in [("tiny-qwen3-moe", "model"), ("tiny-qwen3-moe-q4km", "model/model.gguf")] {
+        let Some(dir) = moetrace_tests::fixture_with(name, "activations/manifest.json") else { continue };
+        let capture = compare::CaptureDir::open(&dir.join("activations")).unwrap();
+        let prompt = format!("{:?}", capture.manifest.prompt);
+        let report = check(&dir.join("activations"), &prompt, &format!("Path({:?})", dir.join(model))).unwrap();
+        assert!(report.findings().is_empty(), "{name}\n{}", report.render(false));
+        assert_eq!(report.rows.len(), capture.manifest.tensors.len(), "{name}: every tensor checked");
+    }
+}

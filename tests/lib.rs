@@ -34,7 +34,7 @@ pub fn gguf_fixture(name: &str) -> Option<PathBuf> {
 
 /// The fixture folder `name` if it holds `marker`, else None with a
 /// SKIPPED line.
-fn fixture_with(name: &str, marker: &str) -> Option<PathBuf> {
+pub fn fixture_with(name: &str, marker: &str) -> Option<PathBuf> {
     let base = std::env::var_os("MOETRACE_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("../shared/fixtures"));
