@@ -160,3 +160,21 @@ fn the_shared_oracle_captures_check_clean() {
         assert_eq!(report.rows.len(), capture.manifest.tensors.len(), "{name}: every tensor checked");
     }
 }
+
+/// An engine whose attention output at one token turns NaN: check names
+/// that stage, where the NaN is; the stages after it, fed the capture's
+/// NaN, compute NaN where the engine did and are still checked on the rest
+/// of their values (no finding), and the note says what was left out.
+#[test]
+fn a_nan_in_the_capture_is_named_where_it_appears_and_later_stages_are_still_checked() {
+    let dir = scratch("check-nan");
+    let fault = "(stage: \"attn_out\", layer: 1, step: 0, token: 4, kind: Nan)";
+    let buggy = capture_with_faults(&dir, "Cpu", fault);
+    let report = check(&buggy, PROMPT, MODEL).unwrap();
+    let found = findings(&report);
+    assert_eq!(found.first().map(|f| (f.0, f.1, f.2)), Some((0, Some(1), S::AttnOut)), "{}", report.render(false));
+    assert_eq!(found.len(), 1, "{}", report.render(false));
+    assert!(report.notes.iter().any(|n| n.contains("left out")), "{:?}", report.notes);
+    // Later stages of the same token were compared (on their other values).
+    assert!(report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(1), S::PostAttnResidual)));
+}

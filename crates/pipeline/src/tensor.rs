@@ -45,6 +45,14 @@ impl HostTensor {
         }
     }
 
+    /// The f32 elements, to change in place; None for int32 tensors.
+    pub fn as_f32_mut(&mut self) -> Option<&mut [f32]> {
+        match &mut self.data {
+            TensorData::F32(v) => Some(v),
+            TensorData::I32(_) => None,
+        }
+    }
+
     /// The i32 elements, if this is an i32 tensor.
     pub fn as_i32(&self) -> Option<&[i32]> {
         match &self.data {

@@ -89,6 +89,7 @@ pub(crate) fn check_capture(
         contract.describe()
     ));
     let mut unchecked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut shared_non_finite: Vec<String> = Vec::new();
     let mut checked = 0usize;
     for step in &steps {
         reference.forward.begin_step(step.step, &step.tokens, step.start)?;
@@ -96,10 +97,18 @@ pub(crate) fn check_capture(
         for scope in StepScope::all(model.config.num_layers) {
             let layer = scope.layer();
             let traits = layer.map(|l| model.config.layer_traits(l)).unwrap_or_default();
-            let arrays = scope_arrays(&capture, step, scope, &model.config)?;
+            let mut arrays = scope_arrays(&capture, step, scope, &model.config)?;
             let forced = teacher_outputs(&arrays).map_err(&bad)?;
-            let own = reference.run(scope, Some(forced.clone()))?;
+            let mut own = reference.run(scope, Some(forced.clone()))?;
             let emulated = expected.run(scope, Some(forced))?;
+            for (stage, array) in arrays.iter_mut() {
+                if let Some(ours) = own.get_mut(stage) {
+                    let n = leave_out_shared_non_finite(ours, array);
+                    if n > 0 {
+                        shared_non_finite.push(format!("{n} in {stage} of {}", place(step.step, layer)));
+                    }
+                }
+            }
             let mut tensors = ScopeTensors::new();
             for (&stage, array) in &arrays {
                 match missing_input(&capture, (step, &steps), scope, stage, traits, model.config.num_layers) {
@@ -137,6 +146,15 @@ pub(crate) fn check_capture(
     }
     if !unchecked.is_empty() {
         report.notes.push(format!("not checkable (inputs not captured): {}", unchecked_text(&unchecked)));
+    }
+    if !shared_non_finite.is_empty() {
+        let more = shared_non_finite.len().saturating_sub(5);
+        shared_non_finite.truncate(5);
+        report.notes.push(format!(
+            "values NaN or infinite in the capture and in the reference alike (the reference fed the capture's own non-finite inputs) were left out of those stages' errors: {}{}",
+            shared_non_finite.join(", "),
+            if more > 0 { format!(" and {more} more") } else { String::new() }
+        ));
     }
     mark_findings(&mut report.rows);
     let starts: Vec<(usize, usize)> = steps.iter().map(|s| (s.step, s.start)).collect();
@@ -266,6 +284,36 @@ fn teacher_outputs(arrays: &BTreeMap<S, NpyArray>) -> std::result::Result<ScopeO
             Ok((stage, tensor))
         })
         .collect()
+}
+
+/// Sets to 0, on both sides, each value that is non-finite in the
+/// reference's output and the capture's alike (NaN on both, or the same
+/// infinity): the reference fed the capture's own NaN computes NaN where
+/// the engine did, which says nothing about the stage; the rest of the
+/// tensor is still compared, and a value non-finite on one side only still
+/// shows. Returns how many were left out.
+fn leave_out_shared_non_finite(ours: &mut HostTensor, captured: &mut NpyArray) -> usize {
+    let Some(ours) = ours.as_f32_mut() else { return 0 };
+    let same = |a: f64, b: f64| (a.is_nan() && b.is_nan()) || (a.is_infinite() && a == b);
+    let mut n = 0;
+    match &mut captured.data {
+        NpyData::F32(theirs) => {
+            for (a, b) in ours.iter_mut().zip(theirs.iter_mut()) {
+                if same(*a as f64, *b as f64) {
+                    (*a, *b, n) = (0.0, 0.0, n + 1);
+                }
+            }
+        }
+        NpyData::F64(theirs) => {
+            for (a, b) in ours.iter_mut().zip(theirs.iter_mut()) {
+                if same(*a as f64, *b) {
+                    (*a, *b, n) = (0.0, 0.0, n + 1);
+                }
+            }
+        }
+        NpyData::I32(_) | NpyData::I64(_) => {}
+    }
+    n
 }
 
 /// What `stage` of `scope` at `step` reads that the capture lacks, if
