@@ -6,7 +6,10 @@
 //! the router ran; the target's own choice is counted (tokens whose expert
 //! set differed) and recorded in the manifest. The capture is checked
 //! before the run: same model, same prompt, and both tensors for every
-//! (step, MoE layer) the run needs.
+//! (step, MoE layer) the run needs. A capture with expert ids only (as
+//! vLLM and SGLang return them: `python -m moetrace_capture.routing`
+//! writes them as a capture) replays the ids, and each token's weights are
+//! recomputed from the run's own router logits at those ids.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -54,6 +57,9 @@ pub struct ReplayRecord {
 pub struct Replay {
     source: Arc<CaptureDir>,
     experts: usize,
+    /// Whether the top-k weights are renormalised (for weights recomputed
+    /// at replayed ids).
+    normalise: bool,
     log: Arc<Mutex<Vec<ReplayedScope>>>,
 }
 
@@ -103,16 +109,19 @@ impl Replay {
                 )));
             }
             for layer in (0..model.num_layers).filter(|&l| model.is_moe_layer(l)) {
-                for stage in [S::MoeRouterIndices, S::MoeRouter] {
-                    if source.entry(step, Some(layer), stage).is_none() {
-                        return Err(bad(format!(
-                            "the capture has no {stage} for step {step} layer {layer}; capture it with stages: \"moe_router,moe_router_indices\" at every layer and step"
-                        )));
-                    }
+                if source.entry(step, Some(layer), S::MoeRouterIndices).is_none() {
+                    return Err(bad(format!(
+                        "the capture has no moe_router_indices for step {step} layer {layer}; capture it with stages: \"moe_router,moe_router_indices\" at every layer and step (moe_router is optional: without it the weights are recomputed from this run's router logits)"
+                    )));
                 }
             }
         }
-        Ok(Self { source: Arc::new(source), experts: model.num_experts, log: Arc::default() })
+        Ok(Self {
+            source: Arc::new(source),
+            experts: model.num_experts,
+            normalise: model.norm_topk_prob,
+            log: Arc::default(),
+        })
     }
 
     /// The tokens the replayed capture fed at each step (a run replaying
@@ -144,7 +153,14 @@ impl Replay {
             return;
         }
         let (step, layer) = (ctx.step().step, ctx.layer().unwrap_or(0));
-        match self.load(step, layer, &ctx.step().tokens) {
+        let loaded = self.load(step, layer, &ctx.step().tokens).and_then(|(weights, ids)| match weights {
+            Some(w) => Ok((w, ids)),
+            None => {
+                let logits = ctx.read(S::MoeRouterLogits).ok_or("the run's router logits could not be read")?;
+                Ok((self.weights_at(&logits, &ids)?, ids))
+            }
+        });
+        match loaded {
             Ok((weights, ids)) => {
                 let Some(own) = ctx.read(S::MoeRouterIndices) else { return };
                 let overridden_tokens = differing_sets(&own, &ids);
@@ -163,35 +179,56 @@ impl Replay {
         }
     }
 
-    /// The replayed (weights, ids) of one (step, layer), checked against
-    /// the tokens this step feeds.
-    fn load(&self, step: usize, layer: usize, tokens: &[u32]) -> std::result::Result<(HostTensor, HostTensor), String> {
+    /// The weights of the replayed `ids` (`[T,k]`) under this run's router
+    /// `logits` (`[T,E]`): what the router gives those experts.
+    fn weights_at(&self, logits: &HostTensor, ids: &HostTensor) -> std::result::Result<HostTensor, String> {
+        let (Some(x), Some(ids_i32)) = (logits.as_f32(), ids.as_i32()) else {
+            return Err("the router logits or the replayed ids have the wrong type".into());
+        };
+        let k = ids.shape.get(1).copied().unwrap_or(1).max(1);
+        let experts = logits.shape.last().copied().unwrap_or(0);
+        if experts != self.experts || x.len() / experts.max(1) != ids_i32.len() / k {
+            return Err(format!("router logits {:?} do not fit the replayed ids {:?}", logits.shape, ids.shape));
+        }
+        let weights = x
+            .chunks(experts)
+            .zip(ids_i32.chunks(k))
+            .flat_map(|(row, chosen)| {
+                let chosen: Vec<usize> = chosen.iter().map(|&e| e as usize).collect();
+                pipeline::backend::cpu::math::router_weights(row, &chosen, self.normalise)
+            })
+            .collect();
+        Ok(HostTensor::f32(ids.shape.clone(), weights))
+    }
+
+    /// The replayed (weights, if the capture has them, and ids) of one
+    /// (step, layer), checked against the tokens this step feeds.
+    fn load(
+        &self,
+        step: usize,
+        layer: usize,
+        tokens: &[u32],
+    ) -> std::result::Result<(Option<HostTensor>, HostTensor), String> {
         let fed = self.source.manifest.steps.iter().find(|s| s.step == step).map(|s| s.tokens.as_slice());
         if fed != Some(tokens) {
             return Err(format!("the capture fed tokens {fed:?} at this step, this run feeds {tokens:?}"));
         }
-        let load = |stage| {
-            self.source
-                .load(step, Some(layer), stage)
-                .map_err(|e| e.to_string())?
-                .ok_or_else(|| format!("the capture has no {stage}"))
-        };
-        let (weights, ids) = (load(S::MoeRouter)?, load(S::MoeRouterIndices)?);
-        if weights.shape != ids.shape || weights.shape.len() != 2 || weights.shape[0] != tokens.len() {
-            return Err(format!(
-                "moe_router {:?} and moe_router_indices {:?} are not both [T={},k]",
-                weights.shape,
-                ids.shape,
-                tokens.len()
-            ));
+        let load = |stage| self.source.load(step, Some(layer), stage).map_err(|e| e.to_string());
+        let ids = load(S::MoeRouterIndices)?.ok_or("the capture has no moe_router_indices")?;
+        let weights = load(S::MoeRouter)?;
+        if ids.shape.len() != 2 || ids.shape[0] != tokens.len() {
+            return Err(format!("moe_router_indices {:?} is not [T={},k]", ids.shape, tokens.len()));
+        }
+        if let Some(w) = weights.as_ref().filter(|w| w.shape != ids.shape) {
+            return Err(format!("moe_router {:?} and moe_router_indices {:?} differ in shape", w.shape, ids.shape));
         }
         let experts = self.experts;
         let ids_f64 = ids.values();
         if let Some(bad) = ids_f64.iter().find(|&&v| !(v >= 0.0 && v < experts as f64 && v.fract() == 0.0)) {
             return Err(format!("moe_router_indices holds {bad}, not an expert id of 0..{experts}"));
         }
-        let shape = weights.shape.clone();
-        let weights = HostTensor::f32(shape.clone(), weights.values().iter().map(|&v| v as f32).collect());
+        let shape = ids.shape.clone();
+        let weights = weights.map(|w| HostTensor::f32(shape.clone(), w.values().iter().map(|&v| v as f32).collect()));
         let ids = HostTensor::i32(shape, ids_f64.iter().map(|&v| v as i32).collect());
         Ok((weights, ids))
     }

@@ -98,19 +98,34 @@ pub fn softmax_prefix(row: &mut [f32], valid: usize) {
 /// descending order (ties to the lower index; NaN sorts last), divided by
 /// their sum when `normalise`. Returns (weights, indices).
 pub fn top_k(logits: &[f32], k: usize, normalise: bool) -> (Vec<f32>, Vec<i32>) {
-    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
-    let exps: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    let probs: Vec<f64> = exps.iter().map(|e| e / sum).collect();
+    let probs = softmax_f64(logits);
     let mut order: Vec<usize> = (0..logits.len()).collect();
     let key = |i: usize| {
         if probs[i].is_nan() { f64::NEG_INFINITY } else { probs[i] }
     };
     order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
     let chosen = &order[..k];
+    (weights_of(&probs, chosen, normalise), chosen.iter().map(|&i| i as i32).collect())
+}
+
+/// The routing weights of experts `chosen` (in their order) under
+/// `logits`: their softmax probabilities over all experts, divided by their
+/// sum when `normalise`; exactly what [`top_k`] gives when it chooses
+/// them. For a routing replayed as expert ids only.
+pub fn router_weights(logits: &[f32], chosen: &[usize], normalise: bool) -> Vec<f32> {
+    weights_of(&softmax_f64(logits), chosen, normalise)
+}
+
+fn softmax_f64(logits: &[f32]) -> Vec<f64> {
+    let max = logits.iter().fold(f64::NEG_INFINITY, |m, &x| m.max(x as f64));
+    let exps: Vec<f64> = logits.iter().map(|&x| (x as f64 - max).exp()).collect();
+    let sum: f64 = exps.iter().sum();
+    exps.iter().map(|e| e / sum).collect()
+}
+
+fn weights_of(probs: &[f64], chosen: &[usize], normalise: bool) -> Vec<f32> {
     let total: f64 = chosen.iter().map(|&i| probs[i]).sum();
-    let weights = chosen.iter().map(|&i| if normalise { probs[i] / total } else { probs[i] } as f32).collect();
-    (weights, chosen.iter().map(|&i| i as i32).collect())
+    chosen.iter().map(|&i| if normalise { probs[i] / total } else { probs[i] } as f32).collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,126 @@
+//! Routing from other engines as a replay source: expert ids in vLLM's
+//! returned layout (`prompt_routed_experts` [prompt_len, moe_layers, k] and
+//! `routed_experts` [gen_len, moe_layers, k], int16) written as a capture by
+//! `python -m moetrace_capture.routing`, then replayed (`routing:
+//! Replay(..)`): ids only, so each token's weights come from the run's own
+//! router logits at those ids. Replaying a run's own routing this way
+//! reproduces it bit for bit. Needs python3 with numpy (SKIPPED without;
+//! .ci/run installs it).
+
+use std::path::Path;
+use std::process::Command;
+
+use compare::CaptureDir;
+use moetrace_tests::{scratch, workspace_root};
+use session::RunConfig;
+use stage_types::SaveTensorStage as S;
+
+const MODEL: &str = "Synthetic(preset: \"tiny-moe\", seed: 7)";
+const PROMPT: [u32; 9] = [1, 17, 423, 45, 300, 5, 77, 100, 2];
+
+/// An int16 .npy of `shape`.
+fn write_i16(path: &Path, shape: &[usize], values: &[i16]) {
+    let mut bytes = compare::npy::header("<i2", shape);
+    values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(path, bytes).unwrap();
+}
+
+fn run(extra: &str, out: &Path) -> session::RunOutput {
+    let text = format!(
+        "(model: {MODEL}, prompt: Tokens({PROMPT:?}), generate: 4, threads: 1, {extra} capture: (stages: \"moe_router_indices,lm_head\", out_dir: {out:?}))"
+    );
+    session::run(&RunConfig::parse(&text, Path::new("r.ron")).unwrap(), Path::new("r.ron"), &mut |_| {}).unwrap()
+}
+
+fn routing_tool(args: &[&str]) -> std::process::Output {
+    Command::new("python3")
+        .args(["-m", "moetrace_capture.routing"])
+        .args(args)
+        .env("PYTHONPATH", workspace_root().join("python"))
+        .output()
+        .expect("python3 runs")
+}
+
+#[test]
+fn vllm_routed_experts_replay_a_runs_own_routing_bit_for_bit() {
+    let ok = Command::new("python3").args(["-c", "import numpy"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        moetrace_tests::skip("python3 with numpy not found; the routing import was not checked");
+        return;
+    }
+    let dir = scratch("routing-import");
+    let reference = dir.join("reference");
+    let own = run("", &reference);
+    let capture = CaptureDir::open(&reference).unwrap();
+    let config = &capture.manifest.model.config;
+    let layers = config["num_hidden_layers"].as_u64().unwrap() as usize;
+    let k = config["num_experts_per_tok"].as_u64().unwrap() as usize;
+    // vLLM's arrays: the prompt's rows, then one row per generated token fed.
+    let ids = |step: usize| -> Vec<Vec<i32>> {
+        (0..layers)
+            .map(|l| {
+                let a = capture.load(step, Some(l), S::MoeRouterIndices).unwrap().unwrap();
+                a.values().iter().map(|&v| v as i32).collect()
+            })
+            .collect()
+    };
+    let rows = |per_layer: Vec<Vec<i32>>, tokens: usize| -> Vec<i16> {
+        let mut out = Vec::new();
+        for t in 0..tokens {
+            for layer in &per_layer {
+                out.extend(layer[t * k..(t + 1) * k].iter().map(|&e| e as i16));
+            }
+        }
+        out
+    };
+    write_i16(&dir.join("prompt_routed.npy"), &[PROMPT.len(), layers, k], &rows(ids(0), PROMPT.len()));
+    let decode: Vec<i16> = (1..4).flat_map(|s| rows(ids(s), 1)).collect();
+    write_i16(&dir.join("routed.npy"), &[3, layers, k], &decode);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let generated: Vec<String> = own.summary.generated.iter().map(u32::to_string).collect();
+    let prompt: Vec<String> = PROMPT.iter().map(u32::to_string).collect();
+    let replay = dir.join("vllm-routing");
+    let args = [
+        dir.join("config.json").display().to_string(),
+        replay.display().to_string(),
+        "--prompt".into(),
+        prompt.join(","),
+        "--generated".into(),
+        generated.join(","),
+        "--ids".into(),
+        dir.join("routed.npy").display().to_string(),
+        "--prompt-ids".into(),
+        dir.join("prompt_routed.npy").display().to_string(),
+        "--backend".into(),
+        "vllm".into(),
+    ];
+    let out = routing_tool(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // Replayed: the same routing, the weights recomputed from the same
+    // logits, so the same logits bit for bit.
+    let replayed_dir = dir.join("replayed");
+    run(&format!("routing: Replay({replay:?}),"), &replayed_dir);
+    let replayed = CaptureDir::open(&replayed_dir).unwrap();
+    for step in 0..4 {
+        let a = capture.load(step, None, S::LmHead).unwrap().unwrap();
+        let b = replayed.load(step, None, S::LmHead).unwrap().unwrap();
+        assert_eq!(a, b, "step {step} logits");
+    }
+    let routing = &replayed.manifest.routing.as_ref().unwrap()["replayed"];
+    assert_eq!(routing.as_array().unwrap().len(), 4 * layers);
+    assert!(routing.as_array().unwrap().iter().all(|r| r["overridden_tokens"] == 0));
+    // A layer axis that fits no reading of the model: refused by name.
+    write_i16(
+        &dir.join("bad.npy"),
+        &[PROMPT.len() + 3, layers + 1, k],
+        &vec![0; (PROMPT.len() + 3) * (layers + 1) * k],
+    );
+    let mut bad = args.to_vec();
+    bad[1] = dir.join("bad-routing").display().to_string();
+    bad[7] = dir.join("bad.npy").display().to_string();
+    bad.truncate(8);
+    let out = routing_tool(&bad.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("layer axis") && err.contains("MoE layers"), "{err}");
+}
