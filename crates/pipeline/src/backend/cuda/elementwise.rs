@@ -8,11 +8,37 @@ use kernels_cuda::kernels::{Kernel, elementwise};
 use super::weights::push_weight;
 use super::{CudaBackend, gpu, threads};
 
-/// Blocks of the greedy choice's first pass (each scans a part of the row).
-pub(super) const ARGMAX_BLOCKS: usize = 132;
 use crate::backend::Slot;
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
+
+/// Blocks of the greedy choice's first pass (each scans a part of the row).
+const ARGMAX_BLOCKS: usize = 132;
+
+/// The greedy choice on the device: where it lands (one u32 of pinned,
+/// mapped host memory the final argmax block writes itself), each block's
+/// best of the first pass, and which slot contents the last launch was of
+/// (a slot and its version), until it is waited for.
+pub(super) struct GreedyChoice {
+    host: kernels_cuda::gather::MappedHost,
+    blocks: cudarc::driver::CudaSlice<u32>,
+    of: Option<(Slot, u64)>,
+}
+
+impl GreedyChoice {
+    /// The host word and the blocks' buffer on `device`.
+    pub(super) fn new(device: &kernels_cuda::device::GpuDevice) -> Result<Self> {
+        let host = kernels_cuda::gather::MappedHost::new(device.context(), 1).map_err(super::kernel_error)?;
+        let blocks =
+            device.stream().alloc_zeros::<u32>(2 * ARGMAX_BLOCKS).map_err(gpu("allocating the greedy choice"))?;
+        Ok(Self { host, blocks, of: None })
+    }
+
+    /// Forgets the launched choice (a new step serves its own).
+    pub(super) fn forget(&mut self) {
+        self.of = None;
+    }
+}
 
 impl CudaBackend {
     pub(super) fn embedding_on_device(&mut self, table: WeightId, out: Slot) -> Result<()> {
@@ -64,13 +90,13 @@ impl CudaBackend {
     /// launched now unless [`Self::launch_choice`] already did for the
     /// slot's current contents.
     pub(super) fn argmax_on_device(&mut self, slot: Slot) -> Result<u32> {
-        if self.choice_of != Some((slot, self.slots.version(slot))) {
+        if self.choice.of != Some((slot, self.slots.version(slot))) {
             self.launch_choice(slot)?;
         }
-        self.choice_of = None;
+        self.choice.of = None;
         self.stream().synchronize().map_err(gpu("waiting for the greedy choice"))?;
         // SAFETY: one word the finished kernel wrote; read once.
-        Ok(unsafe { std::ptr::read_volatile(self.choice.host_ptr()) })
+        Ok(unsafe { std::ptr::read_volatile(self.choice.host.host_ptr()) })
     }
 
     /// Launches the greedy choice of `slot`'s last row: each of up to
@@ -99,20 +125,20 @@ impl CudaBackend {
         let blocks = ARGMAX_BLOCKS.min(width.div_ceil(1024)) as u32;
         let w32 = width as u32;
         let mut b = stream.launch_builder(&f);
-        b.arg(&mut self.choice_blocks).arg(&row).arg(&w32);
+        b.arg(&mut self.choice.blocks).arg(&row).arg(&w32);
         let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: block b reads its part of the row's width values and
-        // writes choice_blocks[2b..2b + 2] (2 * ARGMAX_BLOCKS long).
+        // writes the blocks buffer's [2b..2b + 2] (2 * ARGMAX_BLOCKS long).
         unsafe { b.launch(cfg) }.map_err(gpu("argmax"))?;
         let f = self.kernel(elementwise::ARGMAX_FINAL)?;
         let mut b = stream.launch_builder(&f);
-        let out = self.choice.device_ptr();
-        b.arg(&out).arg(&self.choice_blocks).arg(&blocks);
+        let out = self.choice.host.device_ptr();
+        b.arg(&out).arg(&self.choice.blocks).arg(&blocks);
         let one_block = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block reads the blocks' 2 * blocks values and writes
         // choice's one word (pinned, mapped host memory).
         unsafe { b.launch(one_block) }.map_err(gpu("argmax"))?;
-        self.choice_of = Some((slot, self.slots.version(slot)));
+        self.choice.of = Some((slot, self.slots.version(slot)));
         Ok(())
     }
 }

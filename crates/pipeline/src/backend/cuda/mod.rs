@@ -77,14 +77,8 @@ pub struct CudaBackend {
     /// it read it from here (see graph.rs).
     step_start: CudaSlice<u32>,
     graphs: graph::StepGraphs,
-    /// Where the greedy choice lands: one u32 of pinned host memory the
-    /// argmax kernel writes (see `argmax_last_row`)...
-    choice: kernels_cuda::gather::MappedHost,
-    /// ... each argmax block's best (value bits, index)...
-    choice_blocks: CudaSlice<u32>,
-    /// ... and the slot and slot version the choice launched last is of,
-    /// until it is waited for.
-    choice_of: Option<(Slot, u64)>,
+    /// The greedy choice on the device (elementwise.rs).
+    choice: elementwise::GreedyChoice,
     /// A launch held back for the next operation to share (deferred.rs).
     deferred: Option<deferred::Deferred>,
     /// The attention of a many-row step, computed when needed
@@ -213,11 +207,7 @@ impl CudaBackend {
             }
         }
         let step_start = device.stream().alloc_zeros::<u32>(1).map_err(gpu("allocating the step's position"))?;
-        let choice = kernels_cuda::gather::MappedHost::new(device.context(), 1).map_err(kernel_error)?;
-        let choice_blocks = device
-            .stream()
-            .alloc_zeros::<u32>(2 * elementwise::ARGMAX_BLOCKS)
-            .map_err(gpu("allocating the greedy choice"))?;
+        let choice = elementwise::GreedyChoice::new(&device)?;
         let mut stacked = HashMap::new();
         for &list in expert_lists {
             let first = store.get(list[0]);
@@ -268,8 +258,6 @@ impl CudaBackend {
             staging: staging::Staging::default(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
             choice,
-            choice_blocks,
-            choice_of: None,
             deferred: None,
             attention_plan: None,
             gone: Vec::new(),

@@ -37,7 +37,7 @@ impl Backend for CudaBackend {
         self.flush_deferred()?;
         // A greedy choice launched ahead serves only its own step (replays
         // leave slot versions as they are).
-        self.choice_of = None;
+        self.choice.forget();
         self.plan_step(tokens.len(), start_position);
         for (layer, cache) in self.caches.iter_mut().enumerate() {
             if let Some(c) = cache {
