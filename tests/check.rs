@@ -135,6 +135,28 @@ fn stages_whose_inputs_were_not_captured_are_named_and_a_capture_of_nothing_chec
     let err = check(&bare, PROMPT, MODEL).unwrap_err().to_string();
     assert!(err.contains("nothing checkable") && err.contains("lm_head needs final_norm"), "{err}");
 
+    // A tensor of another shape than the model gives that stage: named.
+    let wrong = dir.join("wrong-shape");
+    let _ = std::fs::remove_dir_all(&wrong);
+    let text =
+        format!("(model: {MODEL}, prompt: Tokens({PROMPT}), generate: 3, threads: 1, capture: (out_dir: {wrong:?}))");
+    run(&RunConfig::parse(&text, Path::new("c.ron")).unwrap(), Path::new("c.ron"), &mut |_| {}).unwrap();
+    let file = wrong.join("step-0/layer-1/attn_out.npy");
+    let mut bytes = header("<f4", &[9, 3]);
+    bytes.extend(std::iter::repeat_n(0u8, 9 * 3 * 4));
+    std::fs::write(&file, bytes).unwrap();
+    let manifest_path = wrong.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for t in manifest["tensors"].as_array_mut().unwrap() {
+        if t["path"] == "step-0/layer-1/attn_out.npy" {
+            t["shape"] = serde_json::json!([9, 3]);
+        }
+    }
+    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let err = check(&wrong, PROMPT, MODEL).unwrap_err().to_string();
+    assert!(err.contains("attn_out of step 0 layer 1") && err.contains("[9, 3]"), "{err}");
+
     // Another prompt, another model: refused by name.
     let err = check(&own, "[1, 2, 3]", MODEL).unwrap_err().to_string();
     assert!(err.contains("prompt"), "{err}");
