@@ -120,7 +120,7 @@ fn stages_whose_inputs_were_not_captured_are_named_and_a_capture_of_nothing_chec
     let report = check(&own, PROMPT, MODEL).unwrap();
     assert!(report.findings().is_empty(), "{}", report.render(false));
     let note = report.notes.iter().find(|n| n.starts_with("not checkable")).expect("a not-checkable note");
-    assert!(note.contains("moe_router_logits needs ffn_norm of step 0 layer 0"), "{note}");
+    assert!(note.contains("moe_router_logits needs ffn_norm (at step 0 layer 0)"), "{note}");
     assert!(!report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(0), S::MoeRouterLogits)));
     // Every layer stage checked elsewhere still is.
     assert!(report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(1), S::MoeRouterLogits)));

@@ -76,3 +76,36 @@ fn hugging_face_captured_through_the_package_matches_moetrace_at_every_stage() {
         check_no_divergence(&oracle, &dir.join("hf-shared"), m.steps.len(), 23);
     }
 }
+
+/// The recipe for any PyTorch engine (python/examples/record_with_hooks.py:
+/// forward hooks only, a module per stage) on the in-repo Qwen2-MoE
+/// fixture, then `check`: every stage it recorded whose inputs it recorded
+/// too is checked clean; the others are listed with what they need.
+#[test]
+fn an_engine_recorded_through_hooks_alone_checks_clean_where_its_inputs_were_recorded() {
+    if !torch_and_transformers() {
+        return;
+    }
+    let dir = scratch("hooks-recipe");
+    let out = dir.join("hooks");
+    let _ = std::fs::remove_dir_all(&out);
+    let model = workspace_root().join("tests/fixtures/tiny-qwen2-moe-oracle/model");
+    let output = Command::new("python3")
+        .arg(workspace_root().join("python/examples/record_with_hooks.py"))
+        .arg(&model)
+        .arg(&out)
+        .args(["--prompt", "1,17,42,99,5,77", "--generate", "3"])
+        .env("PYTHONPATH", workspace_root().join("python"))
+        .output()
+        .expect("python3 runs");
+    assert!(output.status.success(), "record_with_hooks.py failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "(model: Path({model:?}), prompt: Tokens([1, 17, 42, 99, 5, 77]), generate: 3, reference: Cpu, target: Capture({out:?}))"
+    );
+    let config = session::bisect::BisectConfig::parse(&text, Path::new("hooks.ron")).unwrap();
+    let options = session::bisect::BisectOptions::default();
+    let report = session::bisect::bisect(&config, Path::new("hooks.ron"), &options, &mut |_, _| {}).unwrap();
+    assert!(report.findings().is_empty(), "{}", report.render(false));
+    assert!(report.rows.len() >= 30, "{} rows checked", report.rows.len());
+    assert!(report.notes.iter().any(|n| n.contains("attn_out needs attention")), "{:?}", report.notes);
+}

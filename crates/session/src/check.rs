@@ -171,8 +171,8 @@ fn place(step: usize, layer: Option<usize>) -> String {
     }
 }
 
-/// `stage needs X (at step 0 layer 1, step 0 layer 2); ...`, at most a few
-/// places per reason.
+/// `stage needs X (at step 0 layer 1, step 0 layer 2 and 4 more); ...`,
+/// at most a few places per reason.
 fn unchecked_text(unchecked: &BTreeMap<String, Vec<String>>) -> String {
     unchecked
         .iter()
@@ -330,9 +330,7 @@ fn missing_input(
     let has = |step: usize, layer: Option<usize>, stage: S| capture.entry(step, layer, stage).is_some();
     for input in stage.inputs(traits) {
         match input {
-            StageInput::Stage(s) if !has(step.step, layer, s) => {
-                return Some(format!("{s} of {}", place(step.step, layer)));
-            }
+            StageInput::Stage(s) if !has(step.step, layer, s) => return Some(s.to_string()),
             StageInput::Stage(_) => {}
             StageInput::ScopeInput => {
                 let (input_layer, input_stage) = match scope {
@@ -341,7 +339,11 @@ fn missing_input(
                     _ => (layers.checked_sub(1), S::PostFfnResidual),
                 };
                 if !has(step.step, input_layer, input_stage) {
-                    return Some(format!("{input_stage} of {}", place(step.step, input_layer)));
+                    return Some(match input_layer {
+                        Some(_) if scope.layer().is_some() => format!("{input_stage} of the layer before"),
+                        Some(_) => format!("{input_stage} of the last layer"),
+                        None => input_stage.to_string(),
+                    });
                 }
             }
             StageInput::EarlierKeysAndValues => {
