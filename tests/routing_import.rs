@@ -25,6 +25,11 @@ fn write_i16(path: &Path, shape: &[usize], values: &[i16]) {
     std::fs::write(path, bytes).unwrap();
 }
 
+/// Each layer's values of `stage` at `step`.
+fn per_layer(capture: &CaptureDir, step: usize, layers: usize, stage: S) -> Vec<Vec<f64>> {
+    (0..layers).map(|l| capture.load(step, Some(l), stage).unwrap().unwrap().values()).collect()
+}
+
 fn run(extra: &str, out: &Path) -> session::RunOutput {
     let text = format!(
         "(model: {MODEL}, prompt: Tokens({PROMPT:?}), generate: 4, threads: 1, {extra} capture: (stages: \"moe_router_indices,lm_head\", out_dir: {out:?}))"
@@ -57,11 +62,9 @@ fn vllm_routed_experts_replay_a_runs_own_routing_bit_for_bit() {
     let k = config["num_experts_per_tok"].as_u64().unwrap() as usize;
     // vLLM's arrays: the prompt's rows, then one row per generated token fed.
     let ids = |step: usize| -> Vec<Vec<i32>> {
-        (0..layers)
-            .map(|l| {
-                let a = capture.load(step, Some(l), S::MoeRouterIndices).unwrap().unwrap();
-                a.values().iter().map(|&v| v as i32).collect()
-            })
+        per_layer(&capture, step, layers, S::MoeRouterIndices)
+            .into_iter()
+            .map(|v| v.iter().map(|&x| x as i32).collect())
             .collect()
     };
     let rows = |per_layer: Vec<Vec<i32>>, tokens: usize| -> Vec<i16> {
@@ -109,6 +112,57 @@ fn vllm_routed_experts_replay_a_runs_own_routing_bit_for_bit() {
     let routing = &replayed.manifest.routing.as_ref().unwrap()["replayed"];
     assert_eq!(routing.as_array().unwrap().len(), 4 * layers);
     assert!(routing.as_array().unwrap().iter().all(|r| r["overridden_tokens"] == 0));
+    // SGLang's export as the issue describes it: one [tokens, layers, k]
+    // int32 array over the prompt and the generated tokens fed, with the
+    // router weights beside it: replayed as given, the same bits again.
+    let reference_with_weights = dir.join("reference-weights");
+    let text = format!(
+        "(model: {MODEL}, prompt: Tokens({PROMPT:?}), generate: 4, threads: 1, capture: (stages: \"moe_router,moe_router_indices\", out_dir: {reference_with_weights:?}))"
+    );
+    session::run(&RunConfig::parse(&text, Path::new("r.ron")).unwrap(), Path::new("r.ron"), &mut |_| {}).unwrap();
+    let with_weights = CaptureDir::open(&reference_with_weights).unwrap();
+    let tokens = PROMPT.len() + 3;
+    let mut all_ids = Vec::new();
+    let mut all_weights = Vec::new();
+    for (step, count) in (0..4).map(|s| (s, if s == 0 { PROMPT.len() } else { 1 })) {
+        let ids = per_layer(&with_weights, step, layers, S::MoeRouterIndices);
+        let w = per_layer(&with_weights, step, layers, S::MoeRouter);
+        for t in 0..count {
+            for l in 0..layers {
+                all_ids.extend(ids[l][t * k..(t + 1) * k].iter().map(|&x| x as i32));
+                all_weights.extend(w[l][t * k..(t + 1) * k].iter().map(|&x| x as f32));
+            }
+        }
+    }
+    let mut bytes = compare::npy::header("<i4", &[tokens, layers, k]);
+    all_ids.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(dir.join("sglang_ids.npy"), bytes).unwrap();
+    let mut bytes = compare::npy::header("<f4", &[tokens, layers, k]);
+    all_weights.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(dir.join("sglang_weights.npy"), bytes).unwrap();
+    let sglang = dir.join("sglang-routing");
+    let mut sglang_args: Vec<String> = args[..6].to_vec();
+    sglang_args[1] = sglang.display().to_string();
+    sglang_args.extend([
+        "--ids".into(),
+        dir.join("sglang_ids.npy").display().to_string(),
+        "--weights".into(),
+        dir.join("sglang_weights.npy").display().to_string(),
+        "--backend".into(),
+        "sglang".into(),
+    ]);
+    let out = routing_tool(&sglang_args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let replayed_dir = dir.join("replayed-sglang");
+    run(&format!("routing: Replay({sglang:?}),"), &replayed_dir);
+    let replayed = CaptureDir::open(&replayed_dir).unwrap();
+    let original = CaptureDir::open(&reference).unwrap();
+    for step in 0..4 {
+        let a = original.load(step, None, S::LmHead).unwrap().unwrap();
+        let b = replayed.load(step, None, S::LmHead).unwrap().unwrap();
+        assert_eq!(a, b, "step {step} logits (SGLang layout)");
+    }
+
     // A layer axis that fits no reading of the model: refused by name.
     write_i16(
         &dir.join("bad.npy"),
