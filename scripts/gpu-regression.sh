@@ -45,7 +45,8 @@ lone = [(f["step"], f["layer"], f["stage"], f["token"], f["expert"], round(f["ex
 sys_ = [(s["stage"], s["phase"], len(s["layers"])) for s in r["systematic_findings"]]
 top = sorted(r["margins"], key=lambda m: -m["ratio"] if isinstance(m["ratio"], float) else 0)[:3]
 flips = sum(len(x["flipped"]) for x in r["rows"])
-print(f"{len(lone)} lone {lone}; {len(sys_)} systematic {sys_}; largest ratios " + ", ".join(f"{m[\"stage\"]}/{m[\"phase\"][0]} {m[\"ratio\"]:.2f}" for m in top) + f"; {flips} flipped tokens")'
+ratios = ", ".join("{}/{} {:.2f}".format(m["stage"], m["phase"][0], m["ratio"]) for m in top)
+print("{} lone {}; {} systematic {}; largest ratios {}; {} flipped tokens".format(len(lone), lone, len(sys_), sys_, ratios, flips))'
 for case in "${all_cases[@]}"; do
     IFS='|' read -r name preset layers seed n gen faults <<<"$case"
     if [ "$wanted" != all ] && [[ " $wanted " != *" $name "* ]]; then continue; fi

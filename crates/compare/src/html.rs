@@ -189,10 +189,16 @@ fn panel(report: &Report, step: usize, stages: &[SaveTensorStage], layers: usize
             (_, Some(_)) if report.mode == Mode::Local && row.expected.is_some() => {
                 ratio_colour(row.expected.as_ref().map_or(0.0, |e| e.ratio))
             }
+            // Nothing left to compare (every token of the step flipped on
+            // a near-tie): no error, on the ratio map's scale.
+            (_, Some(v)) if ratio_map && v == 0.0 => ratio_colour(0.0),
             (_, Some(v)) => colour(v, range.0, range.1),
             // Expert ids agreeing: as good as it gets, on either scale.
             (Verdict::Ok, None) if ratio_map => ratio_colour(0.0),
             (Verdict::Ok, None) => "#3b528b".to_string(),
+            // Flips on near-ties only: what the precision explains, so
+            // green on the ratio map (the flips column counts them).
+            (Verdict::RoutingFlip, None) if ratio_map => ratio_colour(1.0),
             (Verdict::RoutingFlip, None) => "#ffb000".to_string(),
             (_, None) => "#e41a1c".to_string(),
         };
@@ -426,7 +432,7 @@ figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; }}
 .findings li {{ color: #b00000; }} .clean {{ color: #176f2c; }} .note {{ color: #666; font-size: 12px; }}
 </style></head><body>
 <h1>moetrace error map</h1>
-<p>Colour: local errors by their ratio to the error a correct implementation of the target's precision makes on the same row (green: as good as the precision allows; yellow: the threshold; red: beyond), other errors by log10 of the error. Hover a cell for its place and values. Red outline: a finding or a wrong router; black: the first divergence. Flips: tokens whose expert set differs, with near-ties counted.</p>
+<p>Colour: local errors by their ratio to the error a correct implementation of the target's precision makes on the same row (green: as good as the precision allows, routing flips on near-ties included; yellow: the threshold; red: beyond), other errors by log10 of the error. Hover a cell for its place and values. Red outline: a finding or a wrong router; black: the first divergence. Flips: tokens whose expert set differs, with near-ties counted.</p>
 {}{}
 {body}
 </body></html>
@@ -493,6 +499,31 @@ mod tests {
         assert!(html.contains("25.00x"), "the finding's ratio is shown");
         assert!(html.contains("step 0 layer 4 moe_expert_out"));
         assert!(html.contains("cpu &lt;ref&gt;"));
+    }
+
+    #[test]
+    fn near_tie_flips_are_green_on_a_local_map_and_amber_elsewhere() {
+        let flip = |mode: Mode| {
+            let mut report = Report { mode, reference: "a".into(), target: "b".into(), ..Report::default() };
+            let mut ids = Row::new(0, Some(0), SaveTensorStage::MoeRouterIndices, 0.0);
+            ids.verdict = Verdict::RoutingFlip;
+            let mut out = Row::new(0, Some(0), SaveTensorStage::AttnOut, 3e-2);
+            out.set_metrics(tensor_metrics(crate::Elements::F64(&[1.0]), crate::Elements::F64(&[1.0]), &[1], 0));
+            out.expected = Some(Expected {
+                ratio: 1.0,
+                row: 0,
+                error: 1e-3,
+                expected: 1e-3,
+                floor: 1e-4,
+                emulated_rel_l2: 1e-3,
+                accumulated_ratio: 1.0,
+            });
+            report.rows.extend([ids, out]);
+            render_html(&[&report])
+        };
+        assert!(flip(Mode::Local).contains(&format!("fill=\"{}\"", ratio_colour(1.0))));
+        assert!(!flip(Mode::Local).contains("#ffb000"));
+        assert!(flip(Mode::Accumulated).contains("#ffb000"));
     }
 
     #[test]
