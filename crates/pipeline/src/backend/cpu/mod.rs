@@ -7,6 +7,7 @@
 
 mod ggml_activations;
 pub mod math;
+mod moe;
 
 use std::sync::Arc;
 
@@ -490,98 +491,11 @@ impl Backend for CpuBackend {
     }
 
     fn expert_linear(&mut self, input: Slot, indices: Slot, experts: &[WeightId], out: Slot) -> Result<()> {
-        let it = self.slot(indices)?;
-        let idx = it
-            .as_i32()
-            .ok_or_else(|| PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")))?;
-        let (t_len, k) = (it.shape[0], it.shape[1]);
-        let xt = self.slot(input)?;
-        let per_slot = xt.shape.len() == 3;
-        let (_, width, x) = self.rows(input)?;
-        let expected_rows = if per_slot { t_len * k } else { t_len };
-        if x.len() != expected_rows * width {
-            return Err(PipelineError::BadInput(format!(
-                "expert input `{input}` has shape {:?}, expected {} rows for indices [{t_len},{k}]",
-                xt.shape, expected_rows
-            )));
-        }
-        let n = self.store.get(experts[0]).shape[0];
-        let mut data = vec![0.0f32; t_len * k * n];
-        let mut used: Vec<i32> = idx.to_vec();
-        used.sort_unstable();
-        used.dedup();
-        for e in used {
-            let w = experts.get(e as usize).filter(|_| e >= 0).map(|&id| self.store.get(id)).ok_or_else(|| {
-                PipelineError::BadInput(format!("expert id {e} in `{indices}` is out of range 0..{}", experts.len()))
-            })?;
-            self.check_width(input, width, w.row_len(), &format!("expert weight `{}`", w.describe()))?;
-            let slots: Vec<usize> = (0..t_len * k).filter(|&s| idx[s] == e).collect();
-            let inputs: Vec<&[f32]> = slots
-                .iter()
-                .map(|&s| {
-                    let row = if per_slot { s } else { s / k };
-                    &x[row * width..(row + 1) * width]
-                })
-                .collect();
-            let part = self.matmul(&inputs, w);
-            for (&s, src) in slots.iter().zip(part.chunks(n)) {
-                data[s * n..(s + 1) * n].copy_from_slice(src);
-            }
-        }
-        self.set(out, HostTensor::f32(vec![t_len, k, n], data));
-        Ok(())
+        self.expert_projection(input, indices, experts, out)
     }
 
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, shared: Option<SharedTerm>, out: Slot) -> Result<()> {
-        let et = self.slot(expert_out)?;
-        let wt = self.slot(weights)?;
-        if et.shape.len() != 3 || wt.shape != et.shape[..2] {
-            return Err(PipelineError::BadInput(format!(
-                "moe_combine needs [T,k,H] outputs and [T,k] weights, got {:?} and {:?}",
-                et.shape, wt.shape
-            )));
-        }
-        let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
-        let shared = match shared {
-            None => None,
-            Some(term) => {
-                let values = self.slot(term.out)?;
-                if values.shape != [t_len, h] {
-                    return Err(PipelineError::BadInput(format!(
-                        "moe_combine's shared expert output `{}` is {:?}, not [{t_len}, {h}]",
-                        term.out, values.shape
-                    )));
-                }
-                let weight = match term.weight {
-                    None => None,
-                    Some(slot) => {
-                        let w = self.slot(slot)?;
-                        if w.shape != [t_len, 1] {
-                            return Err(PipelineError::BadInput(format!(
-                                "moe_combine's shared expert weight `{slot}` is {:?}, not [{t_len}, 1]",
-                                w.shape
-                            )));
-                        }
-                        Some(self.rows(slot)?.2)
-                    }
-                };
-                Some((self.rows(term.out)?.2, weight))
-            }
-        };
-        let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
-        let mut data = vec![0.0f32; t_len * h];
-        for (t, row) in data.chunks_mut(h).enumerate() {
-            let gate = shared.as_ref().map(|(_, g)| g.map_or(1.0, |g| g[t] as f64));
-            for (d, o) in row.iter_mut().enumerate() {
-                let mut sum: f64 = (0..k).map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64).sum();
-                if let (Some((values, _)), Some(g)) = (&shared, gate) {
-                    sum += g * values[t * h + d] as f64;
-                }
-                *o = sum as f32;
-            }
-        }
-        self.set(out, HostTensor::f32(vec![t_len, h], data));
-        Ok(())
+        self.weighted_sum(expert_out, weights, shared, out)
     }
 
     fn read(&mut self, slot: Slot) -> Result<HostTensor> {
