@@ -358,7 +358,7 @@ pub fn render_html(reports: &[&Report]) -> String {
     let mut body = String::new();
     for r in reports {
         let kind = if r.mode == Mode::Local {
-            "Local errors (teacher-forced target)"
+            "Local errors (each stage on the same inputs)"
         } else {
             "Accumulated errors (free-running)"
         };

@@ -31,8 +31,10 @@ pub enum Mode {
     /// upstream (diff, bisect).
     #[default]
     Accumulated,
-    /// The target teacher-forced stage by stage: each error is what that
-    /// stage adds on the reference's inputs (bisect --local).
+    /// Each stage compared on the same inputs, teacher forcing stage by
+    /// stage: the target fed the reference's (bisect --local), or the
+    /// reference fed a capture's own (check): each error is what that
+    /// stage adds.
     Local,
 }
 
@@ -339,8 +341,10 @@ impl Report {
     }
 
     fn render_local(&self, all: bool) -> String {
-        let mut out =
-            format!("reference: {}\ntarget:    {} (teacher-forced after every stage)\n", self.reference, self.target);
+        let mut out = format!(
+            "reference: {}\ntarget:    {} (each stage compared on the same inputs)\n",
+            self.reference, self.target
+        );
         let grouped = self.grouped_findings();
         let flips = self.routing_flips();
         let flipped: usize = flips.iter().map(|f| f.2).sum();
