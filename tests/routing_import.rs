@@ -18,11 +18,17 @@ use stage_types::SaveTensorStage as S;
 const MODEL: &str = "Synthetic(preset: \"tiny-moe\", seed: 7)";
 const PROMPT: [u32; 9] = [1, 17, 423, 45, 300, 5, 77, 100, 2];
 
+/// A .npy of `shape` whose elements are `descr` (`<i2`, `<i4`, `<f4`),
+/// each given as its little-endian bytes.
+fn write_npy<const N: usize>(path: &Path, descr: &str, shape: &[usize], values: impl Iterator<Item = [u8; N]>) {
+    let mut bytes = compare::npy::header(descr, shape);
+    values.for_each(|v| bytes.extend_from_slice(&v));
+    std::fs::write(path, bytes).unwrap();
+}
+
 /// An int16 .npy of `shape`.
 fn write_i16(path: &Path, shape: &[usize], values: &[i16]) {
-    let mut bytes = compare::npy::header("<i2", shape);
-    values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-    std::fs::write(path, bytes).unwrap();
+    write_npy(path, "<i2", shape, values.iter().map(|v| v.to_le_bytes()));
 }
 
 /// Each layer's values of `stage` at `step`.
@@ -134,12 +140,9 @@ fn vllm_routed_experts_replay_a_runs_own_routing_bit_for_bit() {
             }
         }
     }
-    let mut bytes = compare::npy::header("<i4", &[tokens, layers, k]);
-    all_ids.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-    std::fs::write(dir.join("sglang_ids.npy"), bytes).unwrap();
-    let mut bytes = compare::npy::header("<f4", &[tokens, layers, k]);
-    all_weights.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-    std::fs::write(dir.join("sglang_weights.npy"), bytes).unwrap();
+    let shape = [tokens, layers, k];
+    write_npy(&dir.join("sglang_ids.npy"), "<i4", &shape, all_ids.iter().map(|v| v.to_le_bytes()));
+    write_npy(&dir.join("sglang_weights.npy"), "<f4", &shape, all_weights.iter().map(|v| v.to_le_bytes()));
     let sglang = dir.join("sglang-routing");
     let mut sglang_args: Vec<String> = args[..6].to_vec();
     sglang_args[1] = sglang.display().to_string();

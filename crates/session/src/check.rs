@@ -159,7 +159,6 @@ pub(crate) fn check_capture(
     mark_findings(&mut report.rows);
     let starts: Vec<(usize, usize)> = steps.iter().map(|s| (s.step, s.start)).collect();
     report.name_tokens(&manifest.token_texts, &starts);
-    drop((reference, expected));
     Ok(report)
 }
 

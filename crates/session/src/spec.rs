@@ -135,18 +135,13 @@ impl ConfigFile {
             mut capture,
             faults,
             mut routing,
-            backend,
-            reference,
-            target,
+            mut backend,
+            mut reference,
+            mut target,
             mode,
         } = file;
-        resolve_paths(path, &mut model, capture.as_mut(), &mut routing)?;
-        let resolve_capture = |spec: Option<BackendSpec>| match spec {
-            Some(BackendSpec::Capture(dir)) => resolve_capture_dir(path, dir).map(|d| Some(BackendSpec::Capture(d))),
-            other => Ok(other),
-        };
-        let (backend, reference, target) =
-            (resolve_capture(backend)?, resolve_capture(reference)?, resolve_capture(target)?);
+        let backends = [("backend", &mut backend), ("reference", &mut reference), ("target", &mut target)];
+        resolve_paths(path, &mut model, capture.as_mut(), &mut routing, backends)?;
         resolve_tokenizer_path(path, tokenizer.as_mut())?;
         let resolved = prompt.resolve(tokenizer.as_ref(), &model, path)?;
         let session = SessionSpec { model, prompt, tokenizer, resolved, generate, threads, capture, faults, routing };
@@ -285,14 +280,15 @@ fn resolve_tokenizer_path(path: &Path, tokenizer: Option<&mut TokenizerSpec>) ->
     Ok(())
 }
 
-/// Resolves the model path, capture folder and replay folder against the
-/// config file's folder; an empty one is an error (joined, it would name
-/// the config's own folder).
+/// Resolves the model path, capture folder, replay folder and a capture
+/// target's folder against the config file's folder; an empty one is an
+/// error (joined, it would name the config's own folder).
 fn resolve_paths(
     path: &Path,
     model: &mut ModelSpec,
     capture: Option<&mut CaptureSpec>,
     routing: &mut RoutingSpec,
+    backends: [(&str, &mut Option<BackendSpec>); 3],
 ) -> Result<()> {
     let base = path.parent().unwrap_or(Path::new(""));
     let resolve = |p: &mut PathBuf, what: &str| {
@@ -314,18 +310,12 @@ fn resolve_paths(
     if let Some(capture) = capture {
         resolve(&mut capture.out_dir, "capture.out_dir")?;
     }
-    Ok(())
-}
-
-/// A `Capture("dir")` target's folder, relative to the config's folder.
-fn resolve_capture_dir(path: &Path, dir: PathBuf) -> Result<PathBuf> {
-    if dir.as_os_str().is_empty() {
-        return Err(SessionError::ConfigValue {
-            path: path.to_path_buf(),
-            message: "Capture(\"\") names no folder; give the capture's folder (relative paths are taken from the config's folder)".into(),
-        });
+    for (field, spec) in backends {
+        if let Some(BackendSpec::Capture(dir)) = spec {
+            resolve(dir, &format!("{field}: Capture(..) folder"))?;
+        }
     }
-    Ok(path.parent().unwrap_or(Path::new("")).join(dir))
+    Ok(())
 }
 
 /// `threads` is at least 1 and at most the machine's cores (more threads

@@ -104,11 +104,12 @@ impl CpuBackend {
         let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
         let mut data = vec![0.0f32; t_len * h];
         for (t, row) in data.chunks_mut(h).enumerate() {
-            let gate = shared.as_ref().map(|(_, g)| g.map_or(1.0, |g| g[t] as f64));
+            // This token's shared expert output and its weight (1 ungated).
+            let term = shared.as_ref().map(|(values, g)| (&values[t * h..(t + 1) * h], g.map_or(1.0, |g| g[t] as f64)));
             for (d, o) in row.iter_mut().enumerate() {
                 let mut sum: f64 = (0..k).map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64).sum();
-                if let (Some((values, _)), Some(g)) = (&shared, gate) {
-                    sum += g * values[t * h + d] as f64;
+                if let Some((values, g)) = term {
+                    sum += g * values[d] as f64;
                 }
                 *o = sum as f32;
             }

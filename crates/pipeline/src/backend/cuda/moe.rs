@@ -143,36 +143,41 @@ impl CudaBackend {
             return Err(PipelineError::BadInput("moe_combine needs [T,k,H] outputs and [T,k] weights".into()));
         }
         let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
-        if let Some(term) = shared {
-            if self.slot(term.out)?.shape != [t_len, h] {
-                return Err(PipelineError::BadInput(format!(
-                    "moe_combine's shared expert output `{}` is not [T,H]",
-                    term.out
-                )));
+        // The shared term's output and weight (any valid pointer when
+        // ungated: the kernel never reads it), shapes checked.
+        let term = match shared {
+            None => None,
+            Some(term) => {
+                let values = self.slot(term.out)?;
+                if values.shape != [t_len, h] {
+                    return Err(PipelineError::BadInput(format!(
+                        "moe_combine's shared expert output `{}` is not [T,H]",
+                        term.out
+                    )));
+                }
+                let weight = match term.weight {
+                    Some(w) => {
+                        let t = self.slot(w)?;
+                        if t.shape != [t_len, 1] {
+                            return Err(PipelineError::BadInput(format!(
+                                "moe_combine's shared expert weight `{w}` is not [T,1]"
+                            )));
+                        }
+                        t.f32(w)?
+                    }
+                    None => values.f32(term.out)?,
+                };
+                Some((values.f32(term.out)?, weight, u32::from(term.weight.is_some())))
             }
-            if let Some(w) = term.weight
-                && self.slot(w)?.shape != [t_len, 1]
-            {
-                return Err(PipelineError::BadInput(format!("moe_combine's shared expert weight `{w}` is not [T,1]")));
-            }
-        }
+        };
         let mut o = self.alloc(t_len * h)?;
-        let f = self.kernel(if shared.is_some() { moe::COMBINE_SHARED } else { moe::COMBINE })?;
+        let f = self.kernel(if term.is_some() { moe::COMBINE_SHARED } else { moe::COMBINE })?;
         let stream = self.stream();
         let a = (t_len as u32, k as u32, h as u32);
-        let (et, wt) = (self.slot(expert_out)?, self.slot(weights)?);
         let mut b = stream.launch_builder(&f);
         b.arg(&mut o).arg(et.f32(expert_out)?).arg(wt.f32(weights)?);
-        let gated;
-        if let Some(term) = shared {
-            let values = self.slot(term.out)?.f32(term.out)?;
-            // Ungated: the weight pointer is any valid one (never read).
-            let weight = match term.weight {
-                Some(w) => self.slot(w)?.f32(w)?,
-                None => values,
-            };
-            gated = u32::from(term.weight.is_some());
-            b.arg(values).arg(weight).arg(&gated);
+        if let Some((values, weight, gated)) = &term {
+            b.arg(*values).arg(*weight).arg(gated);
         }
         b.arg(&a.0).arg(&a.1).arg(&a.2);
         // SAFETY: one thread per output element of t_len * h; expert_out
