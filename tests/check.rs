@@ -3,8 +3,9 @@
 //! correct implementation has no finding (the CPU's own: exact; one kept
 //! in bf16: within its expected error); edits of one expert slot and of
 //! one token's attention output at a decode step are named alone, with
-//! step, layer, token and expert; a stage whose inputs were not captured is
-//! named as not checkable; a capture with nothing checkable, of another
+//! step, layer, token and expert; a stage whose input was not captured is
+//! checked with that input recomputed where the capture holds what it is
+//! computed from, else named as not checkable; a capture with nothing checkable, of another
 //! prompt or another model, is refused.
 
 use std::path::{Path, PathBuf};
@@ -91,19 +92,20 @@ fn a_correct_capture_has_no_finding_and_two_edits_are_named_alone() {
         "{}",
         report.render(false)
     );
-    // One .npy edited after the fact: the edit is found, and so is its
-    // consumer, whose captured output no longer follows from its captured
-    // input (an engine computes every later stage from its own values).
+    // One .npy edited after the fact: the edit is found alone. Its
+    // consumer's captured output no longer follows from the captured input
+    // (the engine computed it from the value before the edit): a note
+    // names it under the edit's finding, not as a second one.
     edit(&own, "step-1/layer-2/moe_expert_out.npy", |shape, v| {
         let h = shape[2];
         v[h..2 * h].iter_mut().for_each(|x| *x *= 1.02);
     });
     let report = check(&own, PROMPT, MODEL).unwrap();
-    assert_eq!(
-        findings(&report),
-        [(1, Some(2), S::MoeExpertOut, Some(0), Some(expert)), (1, Some(2), S::MoeFfnOut, Some(0), None)],
-        "{}",
-        report.render(false)
+    assert_eq!(findings(&report), [(1, Some(2), S::MoeExpertOut, Some(0), Some(expert))], "{}", report.render(false));
+    let note = report.notes.iter().find(|n| n.starts_with("not counted as findings")).expect("a note on the consumer");
+    assert!(
+        note.contains("step 1 layer 2 moe_ffn_out (from the capture's moe_expert_out at step 1 layer 2 token 0"),
+        "{note}"
     );
 }
 
@@ -111,19 +113,31 @@ fn a_correct_capture_has_no_finding_and_two_edits_are_named_alone() {
 fn stages_whose_inputs_were_not_captured_are_named_and_a_capture_of_nothing_checkable_is_refused() {
     let dir = scratch("check-missing");
     let own = capture(&dir, "Cpu");
-    std::fs::remove_file(own.join("step-0/layer-0/ffn_norm.npy")).unwrap();
-    let manifest_path = own.join("manifest.json");
-    let mut manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
-    manifest["tensors"].as_array_mut().unwrap().retain(|t| t["path"] != "step-0/layer-0/ffn_norm.npy");
-    std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    let remove = |file: &str| {
+        std::fs::remove_file(own.join(file)).unwrap();
+        let manifest_path = own.join("manifest.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+        manifest["tensors"].as_array_mut().unwrap().retain(|t| t["path"] != file);
+        std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+    };
+    // A stage between two captured ones (a fused op's intermediate): its
+    // consumer is checked with it folded in, the reference computing it.
+    remove("step-0/layer-0/ffn_norm.npy");
+    let report = check(&own, PROMPT, MODEL).unwrap();
+    assert!(report.findings().is_empty(), "{}", report.render(false));
+    let note = report.notes.iter().find(|n| n.starts_with("checked together")).expect("a note on the folded input");
+    assert!(note.contains("moe_router_logits (with ffn_norm)"), "{note}");
+    assert!(report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(0), S::MoeRouterLogits)));
+    // A layer's input missing: what reads it is not checkable, by name.
+    remove("step-0/layer-0/post_ffn_residual.npy");
     let report = check(&own, PROMPT, MODEL).unwrap();
     assert!(report.findings().is_empty(), "{}", report.render(false));
     let note = report.notes.iter().find(|n| n.starts_with("not checkable")).expect("a not-checkable note");
-    assert!(note.contains("moe_router_logits needs ffn_norm (at step 0 layer 0)"), "{note}");
-    assert!(!report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(0), S::MoeRouterLogits)));
+    assert!(note.contains("attn_norm needs post_ffn_residual of the layer before (at step 0 layer 1)"), "{note}");
+    assert!(!report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(1), S::AttnNorm)));
     // Every layer stage checked elsewhere still is.
-    assert!(report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(1), S::MoeRouterLogits)));
+    assert!(report.rows.iter().any(|r| (r.step, r.layer, r.stage) == (0, Some(2), S::AttnNorm)));
 
     // Only the logits: nothing feeds anything.
     let bare = dir.join("bare");

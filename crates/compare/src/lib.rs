@@ -50,5 +50,5 @@ pub use reader::CaptureDir;
 pub use report::{Graft, Mode, Report};
 pub use routing::FlippedToken;
 pub use row::Row;
-pub use scope::{ExpectedTensors, ScopeTensors, Side, Tolerances, Verdict, compare_scope};
+pub use scope::{Emulated, ExpectedTensors, ScopeTensors, Side, Tolerances, Verdict, compare_scope};
 pub use view::{Elements, TensorView};

@@ -141,9 +141,26 @@ impl Tolerances {
 pub type ScopeTensors<'a> = BTreeMap<SaveTensorStage, (Option<TensorView<'a>>, Option<TensorView<'a>>)>;
 
 /// The expected side of a scope: each stage's output from an emulation of
-/// the target's numeric contract on the same inputs, with that stage's
-/// error floor (see [`crate::expected`]).
-pub type ExpectedTensors<'a> = BTreeMap<SaveTensorStage, (TensorView<'a>, f64)>;
+/// the target's numeric contract on the same inputs (see
+/// [`crate::expected`]).
+pub type ExpectedTensors<'a> = BTreeMap<SaveTensorStage, Emulated<'a>>;
+
+/// One stage's output from the emulation, and how the target's rows are
+/// judged against it.
+#[derive(Debug, Clone, Copy)]
+pub struct Emulated<'a> {
+    /// What the emulation computed.
+    pub view: TensorView<'a>,
+    /// The error floor of a row (relative to the tensor's RMS row norm).
+    pub floor: f64,
+    /// The emulation replicates the target's arithmetic (every rounding
+    /// point determined by the inputs both sides share, as llama.cpp's
+    /// activation quantization is): a correct target's row is within the
+    /// floor of the emulation's, and is judged by that distance. Otherwise
+    /// the emulation's error bounds the target's: a row is judged by its
+    /// error against the reference over the emulation's.
+    pub replicates: bool,
+}
 
 const PER_SLOT: [SaveTensorStage; 5] = [
     SaveTensorStage::MoeRouter,
@@ -180,7 +197,7 @@ pub fn compare_scope(
     expected: Option<&ExpectedTensors<'_>>,
 ) -> Vec<Row> {
     let emulated = |stage: SaveTensorStage, r: &TensorView<'_>| {
-        expected.and_then(|x| x.get(&stage)).filter(|(e, _)| e.shape == r.shape).map(|(e, floor)| (*e, *floor))
+        expected.and_then(|x| x.get(&stage)).filter(|e| e.view.shape == r.shape).copied()
     };
     let get = |s: SaveTensorStage| tensors.get(&s).map(|(r, t)| (*r, *t));
     let indices = match get(SaveTensorStage::MoeRouterIndices) {
@@ -243,10 +260,10 @@ pub fn compare_scope(
                 }
                 row.compared_tokens = Some(a.rows.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().len());
                 row.set_metrics(m);
-                if let Some((e, floor)) = emulated(stage, &r) {
+                if let Some(Emulated { view: e, floor, replicates }) = emulated(stage, &r) {
                     // The emulation's own ids where the target's are its own.
                     let ei = match expected.and_then(|x| x.get(&SaveTensorStage::MoeRouterIndices)) {
-                        Some((ei, _)) if !replayed && ei.shape == ri.shape => *ei,
+                        Some(ei) if !replayed && ei.view.shape == ri.shape => ei.view,
                         _ => ri,
                     };
                     let b = routing::align_by_expert(r.elements, e.elements, ri.elements, ei.elements, k);
@@ -256,10 +273,21 @@ pub fn compare_scope(
                     let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, r.elements.len() / a.inner.max(1));
                     let by_place: HashMap<(usize, i32), f64> =
                         b.rows.iter().zip(emulated_rows).map(|(&(t, _, x), err)| ((t, x), err)).collect();
-                    let ee: Vec<Option<f64>> =
-                        a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied()).collect();
-                    row.expected = Expected::from_rows(&row_errors(ar, at, a.inner, norm), &ee, floor)
-                        .map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
+                    let (errors, ee) = if replicates {
+                        // The target's rows against the emulation's, in `a`'s order.
+                        let c = routing::align_by_expert(e.elements, t.elements, ei.elements, ti.elements, k);
+                        let from_emulation =
+                            row_errors(Elements::F64(&c.reference), Elements::F64(&c.target), c.inner, norm);
+                        let by_place: HashMap<(usize, i32), f64> =
+                            c.rows.iter().zip(from_emulation).map(|(&(t, _, x), err)| ((t, x), err)).collect();
+                        let errors = a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied().unwrap_or(0.0));
+                        (errors.collect(), vec![Some(0.0); a.rows.len()])
+                    } else {
+                        let ee = a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied()).collect();
+                        (row_errors(ar, at, a.inner, norm), ee)
+                    };
+                    row.expected =
+                        Expected::from_rows(&errors, &ee, floor).map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
                     if let Some(&(token, _, expert)) =
                         row.expected.as_ref().and_then(|x| a.rows.get(x.row)).filter(|_| m_error(&row) > 0.0)
                     {
@@ -274,14 +302,18 @@ pub fn compare_scope(
                 // Where: the token of the row with the largest error.
                 let row_dims = &r.shape[..r.shape.len().saturating_sub(1)];
                 let mut worst_row = (m.worst_row_error > 0.0).then_some(m.worst_row);
-                if let Some((e, floor)) = emulated(stage, &r) {
+                if let Some(Emulated { view: e, floor, replicates }) = emulated(stage, &r) {
                     let width = r.shape.last().copied().unwrap_or(1);
                     let norm = rms_row_norm(r.elements, width);
                     let emulated_rows = row_errors(r.elements, e.elements, width, norm);
                     let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, emulated_rows.len());
-                    let ee: Vec<Option<f64>> = emulated_rows.into_iter().map(Some).collect();
-                    row.expected = Expected::from_rows(&row_errors(r.elements, t.elements, width, norm), &ee, floor)
-                        .map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
+                    let (errors, ee): (Vec<f64>, Vec<Option<f64>>) = if replicates {
+                        (row_errors(e.elements, t.elements, width, norm), vec![Some(0.0); emulated_rows.len()])
+                    } else {
+                        (row_errors(r.elements, t.elements, width, norm), emulated_rows.into_iter().map(Some).collect())
+                    };
+                    row.expected =
+                        Expected::from_rows(&errors, &ee, floor).map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
                     worst_row = row.expected.as_ref().filter(|x| x.error > 0.0).map(|x| x.row).or(worst_row);
                 }
                 row.worst_token =

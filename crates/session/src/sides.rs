@@ -2,7 +2,7 @@
 //! (a forward pass run scope by scope, teacher-forced or not), and host
 //! tensors as compare reads them.
 
-use compare::{Elements, ExpectedTensors, TensorView, Tolerances};
+use compare::{Elements, Emulated, ExpectedTensors, TensorView, Tolerances};
 use pipeline::backend::contract::NumericContract;
 use pipeline::{Forward, HostTensor, LoadMeter, ScopeOutputs, StepScope, TensorData};
 use stage_types::SaveTensorStage as S;
@@ -34,10 +34,17 @@ pub(crate) fn view(t: &HostTensor) -> TensorView<'_> {
 /// The expected side's outputs of one scope as a comparison's input, each
 /// with the error floor of its precision under `contract`.
 pub(crate) fn expected_tensors<'a>(expected: &'a ScopeOutputs, contract: &NumericContract) -> ExpectedTensors<'a> {
+    let replicates = contract.emulation_replicates();
     expected
         .iter()
-        .filter_map(|(stage, t)| contract.output(*stage).map(|p| (*stage, (view(t), p.error_floor()))))
-        .chain(expected.get(&S::MoeRouterIndices).map(|t| (S::MoeRouterIndices, (view(t), 0.0))))
+        .filter_map(|(stage, t)| {
+            contract.output(*stage).map(|p| (*stage, Emulated { view: view(t), floor: p.error_floor(), replicates }))
+        })
+        .chain(
+            expected
+                .get(&S::MoeRouterIndices)
+                .map(|t| (S::MoeRouterIndices, Emulated { view: view(t), floor: 0.0, replicates })),
+        )
         .collect()
 }
 

@@ -70,13 +70,24 @@ pub struct NumericContract {
     /// them for the weight's type before each dot product (Q8_K, Q8_0,
     /// f16, bf16).
     pub ggml_activations: bool,
+    /// The attention's two products take f16 operands: keys and values are
+    /// kept in an f16 cache, and the query rows and the probabilities are
+    /// converted to f16 before the dot products (llama.cpp with its default
+    /// f16 KV cache, whose CPU path converts the f32 operand to the cache's
+    /// type).
+    pub attention_f16: bool,
 }
 
 impl NumericContract {
     /// The CPU reference's own: f32 storage, weights as the checkpoint
     /// holds them (converted exactly), f64 accumulation.
-    pub const REFERENCE: Self =
-        Self { weights: Precision::F32, activations: Precision::F32, routing: Precision::F32, ggml_activations: false };
+    pub const REFERENCE: Self = Self {
+        weights: Precision::F32,
+        activations: Precision::F32,
+        routing: Precision::F32,
+        ggml_activations: false,
+        attention_f16: false,
+    };
 
     /// bf16 weights and activations, f32 routing and accumulation (the
     /// CUDA backend in Bf16 mode).
@@ -85,7 +96,16 @@ impl NumericContract {
         activations: Precision::Bf16,
         routing: Precision::F32,
         ggml_activations: false,
+        attention_f16: false,
     };
+
+    /// What llama.cpp's CPU backend promises: weights decoded exactly,
+    /// every projection's input converted to its weight type's
+    /// `vec_dot_type`, f32 storage, and with an f16 KV cache
+    /// (`kv_f16`) the attention products on f16 operands.
+    pub fn llama_cpp_cpu(kv_f16: bool) -> Self {
+        Self { ggml_activations: true, attention_f16: kv_f16, ..Self::REFERENCE }
+    }
 
     /// What the CUDA backend promises with activations of `precision`: the
     /// reference's rounding points in F32 mode, [`Self::BF16`] in Bf16 mode.
@@ -120,6 +140,18 @@ impl NumericContract {
         self.weights.round(row);
     }
 
+    /// Whether the CPU keeping this contract replicates an implementation's
+    /// arithmetic, not only bounds its error: true for llama.cpp's CPU
+    /// numerics, whose rounding points (each projection input quantized
+    /// block by block, f16 attention operands, f32 storage, weights
+    /// decoded exactly) are all determined by the inputs both sides share,
+    /// so a correct implementation differs from the emulation by f32
+    /// accumulation order only. bf16 contracts bound: an f32 sum summed in
+    /// another order rounds to the neighbouring bf16 value.
+    pub fn emulation_replicates(&self) -> bool {
+        self.ggml_activations && self.weights == Precision::F32 && self.activations == Precision::F32
+    }
+
     /// Whether the contract is the reference's own (nothing rounded beyond
     /// f32 storage).
     pub fn is_reference(&self) -> bool {
@@ -129,11 +161,12 @@ impl NumericContract {
     /// One line for reports: `weights bf16, activations bf16, routing f32`.
     pub fn describe(&self) -> String {
         format!(
-            "weights {}, activations {}, routing {}{}",
+            "weights {}, activations {}, routing {}{}{}",
             self.weights.name(),
             self.activations.name(),
             self.routing.name(),
-            if self.ggml_activations { ", projection inputs as llama.cpp's CPU converts them" } else { "" }
+            if self.ggml_activations { ", projection inputs as llama.cpp's CPU converts them" } else { "" },
+            if self.attention_f16 { ", attention on f16 keys, values, queries and probabilities" } else { "" }
         )
     }
 }

@@ -1,0 +1,468 @@
+"""Every moetrace stage llama.cpp names, captured while it generates: a GGUF
+run through llama.cpp (via llama-cpp-python, CPU or CUDA offload) with an
+eval callback (`cb_eval`) that reads each named graph node through ggml's
+own API, converts llama.cpp's layouts to moetrace's shapes and writes a
+moetrace capture.
+
+    python -m moetrace_capture.llamacpp MODEL.gguf OUT --prompt 1,17,423 --generate 8
+    python -m moetrace_capture.llamacpp MODEL.gguf OUT --text "Hello" --gpu-layers 99
+
+Then `moetrace check OUT --model MODEL.gguf` gives each stage's own error
+of llama.cpp, and `moetrace diff OUT <moetrace capture>` compares runs.
+Needs llama-cpp-python 0.3.x and gguf (llama.cpp's GGUF reader).
+
+Attention is recorded without flash attention (llama.cpp's fused
+flash-attention op holds neither the scores nor the probabilities); the
+KV cache keeps llama.cpp's default f16 unless `--kv-type f32`. Stages
+llama.cpp computes inside a fused operation (the SiLU before the multiply
+of a fused SwiGLU) are not recorded, and the recorder says so.
+"""
+
+import argparse
+import ctypes
+import os
+import sys
+
+import numpy as np
+
+from .ggml_tensors import Ggml
+from .writer import Capture
+
+# Per architecture: the Hugging Face class and model_type moetrace reads
+# for it (pipeline's gguf_model.rs reads the same metadata the same way).
+ARCHITECTURES = {"qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+
+# llama.cpp node names (without the `-<layer>` suffix) read per layer, and
+# those of the whole model.
+LAYER_NODES = (
+    "attn_norm", "Qcur", "Kcur", "Vcur", "Qcur_normed", "Kcur_normed", "kq", "kq_soft_max", "kqv_out",
+    "ffn_inp", "ffn_norm", "ffn_moe_logits", "ffn_moe_topk", "ffn_moe_weights", "ffn_moe_weights_norm",
+    "ffn_moe_gate", "ffn_moe_up", "ffn_moe_swiglu", "ffn_moe_down", "ffn_moe_out",
+    "ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "l_out",
+)  # fmt: skip
+MODEL_NODES = ("embd", "result_norm", "result_output")
+
+# What no node of llama.cpp's graph holds, and why.
+NOT_RECORDED = {
+    "ffn_silu": "llama.cpp computes SiLU and the multiply in one fused op (ffn_swiglu)",
+}
+
+# The llama.cpp node (name-<layer>, operation) each stage is read from.
+NODE_OF = {
+    "embedding": "embd", "attn_norm": "attn_norm-L (MUL)",
+    "qkv_matmul": "Qcur-L, Kcur-L, Vcur-L (MUL_MAT)", "qk_norm": "Qcur_normed-L, Kcur_normed-L (MUL)",
+    "q_post_rope": "Qcur-L (ROPE)", "k_post_rope": "Kcur-L (ROPE)", "attn_scores": "kq-L (MUL_MAT)",
+    "attn_softmax": "kq_soft_max-L (SOFT_MAX)", "attention": "kqv_out-L (CONT)",
+    "attn_out": "the MUL_MAT reading kqv_out-L", "post_attn_residual": "ffn_inp-L (ADD)",
+    "ffn_norm": "ffn_norm-L (MUL)", "moe_router_logits": "ffn_moe_logits-L (MUL_MAT)",
+    "moe_router": "ffn_moe_weights_norm-L (DIV)", "moe_router_indices": "ffn_moe_topk-L",
+    "moe_expert_gate": "ffn_moe_gate-L (MUL_MAT_ID)", "moe_expert_up": "ffn_moe_up-L (MUL_MAT_ID)",
+    "moe_expert_swigl": "ffn_moe_swiglu-L (GLU)", "moe_expert_out": "ffn_moe_down-L (MUL_MAT_ID)",
+    "moe_ffn_out": "ffn_moe_out-L", "ffn_gate": "ffn_gate-L (MUL_MAT)", "ffn_up": "ffn_up-L (MUL_MAT)",
+    "ffn_swigl": "ffn_swiglu-L (GLU)", "ffn_out": "ffn_out-L (MUL_MAT)", "post_ffn_residual": "l_out-L (ADD)",
+    "final_norm": "result_norm (MUL)", "lm_head": "result_output (MUL_MAT)",
+}  # fmt: skip
+
+
+class RecorderError(RuntimeError):
+    """A recording that cannot be made; the message names the bad input."""
+
+
+def gguf_config(path):
+    """The model's config.json as moetrace reads a GGUF's metadata."""
+    try:
+        import gguf
+    except ImportError as e:
+        raise RecorderError("reading the GGUF's metadata needs llama.cpp's reader: pip install gguf") from e
+    reader = gguf.GGUFReader(path)
+
+    def value(key):
+        field = reader.fields.get(key)
+        if field is None:
+            return None
+        v = field.contents()
+        return v.decode() if isinstance(v, bytes) else v
+
+    arch = value("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise RecorderError(f"{path}: architecture `{arch}` is not recorded here (valid: {', '.join(ARCHITECTURES)})")
+    cls, model_type = ARCHITECTURES[arch]
+
+    def need(key):
+        v = value(f"{arch}.{key}")
+        if v is None:
+            raise RecorderError(f"{path}: missing metadata key `{arch}.{key}`")
+        return v
+
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise RecorderError(f"{path}: no tensor `token_embd.weight`")
+    config = {
+        "architectures": [cls],
+        "model_type": model_type,
+        "vocab_size": int(tensors["token_embd.weight"].shape[1]),
+        "hidden_size": int(need("embedding_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": int(need("attention.head_count")),
+        "num_key_value_heads": int(need("attention.head_count_kv")),
+        "head_dim": int(need("attention.key_length")),
+        "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
+        "rope_theta": float(need("rope.freq_base")),
+        "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": False,
+        "torch_dtype": "float32",
+    }
+    for key, name in (("context_length", "max_position_embeddings"), ("feed_forward_length", "intermediate_size")):
+        if value(f"{arch}.{key}") is not None:
+            config[name] = int(value(f"{arch}.{key}"))
+    if arch == "qwen3moe":
+        config.update(
+            num_experts=int(need("expert_count")),
+            num_experts_per_tok=int(need("expert_used_count")),
+            moe_intermediate_size=int(need("expert_feed_forward_length")),
+            norm_topk_prob=True,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
+    return config
+
+
+class _StepNodes:
+    """The eval callback: asks for the named nodes and keeps a copy of each,
+    by (name, layer, op)."""
+
+    def __init__(self, ggml):
+        self.ggml = ggml
+        self.got = {}
+        self.error = None
+        self.seen_names = set()
+
+    @staticmethod
+    def split(name):
+        """`Qcur-3` -> ('Qcur', 3); `result_norm` -> ('result_norm', None)."""
+        base, dash, layer = name.rpartition("-")
+        if dash and layer.isdigit():
+            return base, int(layer)
+        return name, None
+
+    def _key(self, t):
+        g = self.ggml
+        base, layer = self.split(g.name(t))
+        if layer is not None and base in LAYER_NODES or layer is None and base in MODEL_NODES:
+            return base, layer
+        # The output projection is not named: it is the MUL_MAT reading kqv_out.
+        if g.op(t) == "MUL_MAT":
+            srcs = g.sources(t)
+            if len(srcs) > 1:
+                src_base, src_layer = self.split(g.name(srcs[1]))
+                if src_base == "kqv_out" and src_layer is not None:
+                    return "attn_out", src_layer
+        return None
+
+    def eval(self, pointer, ask, _user):
+        """llama.cpp's `cb_eval`: asked (ask true) whether a node is wanted,
+        then told (ask false) once it is computed."""
+        try:
+            t = self.ggml.tensor(pointer)
+            self.ggml.check_layout(t)
+            self.seen_names.add(self.split(self.ggml.name(t))[0])
+            key = self._key(t)
+            if ask:
+                return key is not None
+            if key is not None:
+                values = self.ggml.read(t)
+                if values is not None:
+                    self.got[(key[0], key[1], self.ggml.op(t))] = values
+            return True
+        except Exception as e:  # an exception must not cross into C
+            self.error = e
+            return False
+
+
+def step_stages(got, config, start, t_len):
+    """moetrace's stages of one step from llama.cpp's nodes: {(layer, stage):
+    array}. llama.cpp's tensors are [ne3, ne2, ne1, ne0] with the token
+    the slowest of ne1/ne2; attention scores are scaled here (llama.cpp
+    scales inside its softmax) with masked entries 0, as moetrace writes
+    them."""
+    out = {}
+    positions = start + t_len
+    hd = config["head_dim"]
+    scale = np.float32(1.0) / np.sqrt(np.float32(hd))
+
+    def node(name, layer, *ops):
+        for op in ops:
+            if (name, layer, op) in got:
+                return got[(name, layer, op)]
+        return None
+
+    def rows(a):
+        return a.reshape(t_len, -1)
+
+    def put(layer, stage, a, shape=rows):
+        if a is not None:
+            out[(layer, stage)] = shape(a)
+
+    put(None, "embedding", node("embd", None, "GET_ROWS", "SCALE", "CONT", "VIEW", "NONE"))
+    put(None, "final_norm", node("result_norm", None, "MUL"))
+    put(None, "lm_head", node("result_output", None, "MUL_MAT"))
+    for layer in range(config["num_hidden_layers"]):
+        put(layer, "attn_norm", node("attn_norm", layer, "MUL"))
+        qkv = [node(n, layer, "MUL_MAT") for n in ("Qcur", "Kcur", "Vcur")]
+        if all(a is not None for a in qkv):
+            put(layer, "qkv_matmul", np.concatenate([rows(a) for a in qkv], axis=1))
+        normed = [node(n, layer, "MUL") for n in ("Qcur_normed", "Kcur_normed")]
+        if all(a is not None for a in normed):
+            put(layer, "qk_norm", np.concatenate([rows(a) for a in normed], axis=1))
+        put(layer, "q_post_rope", node("Qcur", layer, "ROPE"))
+        put(layer, "k_post_rope", node("Kcur", layer, "ROPE"))
+        causal = np.arange(positions)[None, :] > (start + np.arange(t_len))[:, None]
+        kq = node("kq", layer, "MUL_MAT")
+        if kq is not None:
+            scores = kq.reshape(-1, t_len, kq.shape[-1])[:, :, :positions].astype(np.float32) * scale
+            put(layer, "attn_scores", np.where(causal[None], np.float32(0), scores), shape=lambda a: a)
+        probs = node("kq_soft_max", layer, "SOFT_MAX")
+        if probs is not None:
+            put(layer, "attn_softmax", probs.reshape(-1, t_len, probs.shape[-1])[:, :, :positions], shape=lambda a: a)
+        put(layer, "attention", node("kqv_out", layer, "CONT"))
+        put(layer, "attn_out", node("attn_out", layer, "MUL_MAT"))
+        put(layer, "post_attn_residual", node("ffn_inp", layer, "ADD"))
+        put(layer, "ffn_norm", node("ffn_norm", layer, "MUL"))
+        if "num_experts" in config:
+            k = config["num_experts_per_tok"]
+
+            def slots(a):
+                return a.reshape(t_len, k, -1)
+
+            put(layer, "moe_router_logits", node("ffn_moe_logits", layer, "MUL_MAT"))
+            weights = node("ffn_moe_weights_norm", layer, "DIV")
+            if weights is None and not config.get("norm_topk_prob", True):
+                weights = node("ffn_moe_weights", layer, "GET_ROWS")
+            put(layer, "moe_router", weights)
+            ids = node("ffn_moe_topk", layer, "VIEW", "ARGSORT", "TOP_K")
+            put(layer, "moe_router_indices", None if ids is None else ids.astype(np.int32))
+            put(layer, "moe_expert_gate", node("ffn_moe_gate", layer, "MUL_MAT_ID"), slots)
+            put(layer, "moe_expert_up", node("ffn_moe_up", layer, "MUL_MAT_ID"), slots)
+            put(layer, "moe_expert_swigl", node("ffn_moe_swiglu", layer, "GLU"), slots)
+            put(layer, "moe_expert_out", node("ffn_moe_down", layer, "MUL_MAT_ID"), slots)
+            put(layer, "moe_ffn_out", node("ffn_moe_out", layer, "ADD", "CONT", "VIEW"))
+        else:
+            put(layer, "ffn_gate", node("ffn_gate", layer, "MUL_MAT"))
+            put(layer, "ffn_up", node("ffn_up", layer, "MUL_MAT"))
+            put(layer, "ffn_swigl", node("ffn_swiglu", layer, "GLU"))
+            put(layer, "ffn_out", node("ffn_out", layer, "MUL_MAT"))
+        put(layer, "post_ffn_residual", node("l_out", layer, "ADD"))
+    return out
+
+
+def _expected_stages(config):
+    """The stages a capture of this model holds, (layer, stage)."""
+    model = [(None, s) for s in ("embedding", "final_norm", "lm_head")]
+    attention = ["attn_norm", "qkv_matmul", "qk_norm", "q_post_rope", "k_post_rope", "attn_scores", "attn_softmax",
+                 "attention", "attn_out", "post_attn_residual", "ffn_norm", "post_ffn_residual"]  # fmt: skip
+    if "num_experts" in config:
+        ffn = ["moe_router_logits", "moe_router", "moe_router_indices", "moe_expert_gate", "moe_expert_up",
+               "moe_expert_swigl", "moe_expert_out", "moe_ffn_out"]  # fmt: skip
+    else:
+        ffn = ["ffn_gate", "ffn_up", "ffn_silu", "ffn_swigl", "ffn_out"]
+    layers = range(config["num_hidden_layers"])
+    return model + [(layer, s) for layer in layers for s in attention + ffn]
+
+
+def record(
+    model_path, out_dir, prompt=None, text=None, generate=1, gpu_layers=0, kv_type="f16", threads=None,
+    extra_bufts=True, log=None,
+):  # fmt: skip
+    """Greedy generation of `generate` tokens from `prompt` (token ids) or
+    `text` through llama.cpp, every stage it names captured; step 0 is the
+    prompt. `extra_bufts` False keeps the weights as loaded (llama.cpp's
+    `use_extra_bufts`: no repacking into CPU-specific layouts such as AMX
+    tiles or AVX2 interleaved blocks). Returns (generated ids, {stage: why
+    not recorded})."""
+    import llama_cpp
+    from llama_cpp import _ggml
+
+    log = log or (lambda message: print(message, file=sys.stderr))
+    if not os.path.isfile(model_path):
+        raise RecorderError(f"{model_path}: no such file")
+    if kv_type not in ("f16", "f32"):
+        raise RecorderError(f"--kv-type {kv_type!r}: valid types are f16 (llama.cpp's default) and f32")
+    if generate < 0:
+        raise RecorderError(f"--generate {generate}: give 0 or more tokens")
+    config = gguf_config(model_path)
+    ggml = Ggml(_ggml.libggml)
+    _quiet(llama_cpp)
+    llama_cpp.llama_backend_init()
+    mparams = llama_cpp.llama_model_default_params()
+    mparams.n_gpu_layers = gpu_layers
+    mparams.use_extra_bufts = bool(extra_bufts)
+    model = llama_cpp.llama_model_load_from_file(os.fsencode(model_path), mparams)
+    if not model:
+        raise RecorderError(f"{model_path}: llama.cpp could not load it")
+    ctx = None
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        if text is not None:
+            prompt = _tokenize(llama_cpp, vocab, text)
+        prompt = [int(t) for t in prompt or []]
+        if not prompt:
+            raise RecorderError("the prompt is empty: give --prompt ids or --text")
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        bad = [t for t in prompt if not 0 <= t < n_vocab]
+        if bad:
+            raise RecorderError(f"prompt token ids {bad} are outside the vocabulary (0..{n_vocab - 1})")
+        nodes = _StepNodes(ggml)
+        cparams = llama_cpp.llama_context_default_params()
+        total = len(prompt) + max(generate, 1)
+        cparams.n_ctx = max(256, -(-total // 256) * 256)
+        cparams.n_batch = cparams.n_ubatch = max(512, len(prompt))
+        cparams.n_seq_max = 1
+        cparams.n_threads = cparams.n_threads_batch = threads or os.cpu_count() or 1
+        cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        cparams.type_k = cparams.type_v = llama_cpp.GGML_TYPE_F16 if kv_type == "f16" else llama_cpp.GGML_TYPE_F32
+        callback = llama_cpp.ggml_backend_sched_eval_callback(nodes.eval)  # kept alive until the end
+        cparams.cb_eval = callback
+        cparams.cb_eval_user_data = None
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            raise RecorderError("llama.cpp could not create a context for the model")
+        device = f"cuda offload of {gpu_layers} layers" if gpu_layers else "cpu"
+        device += "" if extra_bufts else " without repacked weights"
+        dtype = f"llama.cpp {device}, kv {kv_type}"
+        source = os.path.abspath(model_path)
+        missing = {}
+        generated = []
+        with Capture(out_dir, config=config, prompt=prompt, backend="llama.cpp", dtype=dtype, source=source,
+                     producer=f"moetrace_capture.llamacpp (llama-cpp-python {llama_cpp.__version__})") as cap:  # fmt: skip
+            tokens, start = prompt, 0
+            for step in range(max(1, generate)):
+                nodes.got = {}
+                _decode(llama_cpp, ctx, tokens, start)
+                if nodes.error is not None:
+                    raise nodes.error
+                stages = step_stages(nodes.got, config, start, len(tokens))
+                if step == 0:
+                    missing = _missing(config, stages, nodes.seen_names)
+                    for stage, why in sorted(missing.items()):
+                        log(f"not recorded: {stage}: {why}")
+                cap.begin_step(step, start, tokens)
+                for (layer, stage), array in stages.items():
+                    cap.save(step, layer, stage, array)
+                logits = stages[(None, "lm_head")] if (None, "lm_head") in stages else None
+                if logits is None:
+                    raise RecorderError("llama.cpp's result_output was not recorded: the greedy token is unknown")
+                next_id = int(np.argmax(logits[-1]))
+                generated.append(next_id)
+                log(f"step {step}: {len(tokens)} token(s) at position {start}, {len(stages)} tensors, next token {next_id}")
+                start += len(tokens)
+                tokens = [next_id]
+            cap.generated = generated[:generate]
+        return generated[:generate], missing
+    finally:
+        if ctx:
+            llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+
+
+def _missing(config, stages, seen):
+    """Every stage of the model the recording lacks, with why."""
+    expected = {stage for _, stage in _expected_stages(config)}
+    have = {stage for _, stage in stages}
+    unknown = sorted(n for n in seen if n not in LAYER_NODES and n not in MODEL_NODES)
+    missing = {}
+    for stage in sorted(expected - have):
+        if stage in NOT_RECORDED:
+            missing[stage] = NOT_RECORDED[stage]
+        else:
+            shown = ", ".join(unknown[:40]) + (f" and {len(unknown) - 40} more" if len(unknown) > 40 else "")
+            missing[stage] = (
+                f"expected llama.cpp node {NODE_OF.get(stage, '?')}, which this build's graph does not have "
+                f"(its other node names: {shown or 'none'})"
+            )
+    return missing
+
+
+def _decode(llama_cpp, ctx, tokens, start):
+    """One llama_decode of `tokens` at positions start.., all rows output."""
+    batch = llama_cpp.llama_batch_init(len(tokens), 0, 1)
+    try:
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i] = token
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1
+        rc = llama_cpp.llama_decode(ctx, batch)
+        if rc != 0:
+            raise RecorderError(f"llama_decode returned {rc} at position {start}")
+    finally:
+        llama_cpp.llama_batch_free(batch)
+
+
+def _tokenize(llama_cpp, vocab, text):
+    data = text.encode("utf-8")
+    room = len(data) + 16
+    ids = (llama_cpp.llama_token * room)()
+    n = llama_cpp.llama_tokenize(vocab, data, len(data), ids, room, True, True)
+    if n < 0:
+        raise RecorderError(f"the text tokenizes to more than {room} tokens")
+    return list(ids[:n])
+
+
+_LOG_SINK = None
+
+
+def _quiet(llama_cpp):
+    """Keeps llama.cpp's own log off stderr unless MOETRACE_LLAMA_LOG is set."""
+    global _LOG_SINK
+    if os.environ.get("MOETRACE_LLAMA_LOG") or _LOG_SINK is not None:
+        return
+    _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user: None)
+    llama_cpp.llama_log_set(_LOG_SINK, ctypes.c_void_p())
+
+
+def _ids(text):
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give token ids separated by commas, e.g. 1,17,423") from None
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m moetrace_capture.llamacpp",
+        description="Record every stage llama.cpp names while it generates from a GGUF, as a moetrace capture.",
+    )
+    parser.add_argument("model", help="the GGUF file")
+    parser.add_argument("out", help="the capture folder to write (absent, empty, or a capture to replace)")
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--prompt", type=_ids, help="token ids, e.g. 1,17,423")
+    which.add_argument("--text", help="a text, tokenized by the GGUF's tokenizer (special tokens parsed)")
+    parser.add_argument("--generate", type=int, default=1, help="greedy tokens after the prompt (default 1)")
+    parser.add_argument("--gpu-layers", type=int, default=0, help="layers offloaded to the GPU (99: all; default 0)")
+    parser.add_argument("--kv-type", default="f16", help="the KV cache's element type: f16 (default) or f32")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
+    parser.add_argument(
+        "--no-extra-bufts", action="store_true",
+        help="keep the weights as loaded: no repacking for AMX or AVX2 (llama.cpp's use_extra_bufts off)",
+    )  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        generated, missing = record(
+            args.model, args.out, prompt=args.prompt, text=args.text, generate=args.generate,
+            gpu_layers=args.gpu_layers, kv_type=args.kv_type, threads=args.threads,
+            extra_bufts=not args.no_extra_bufts,
+        )  # fmt: skip
+    except ImportError as e:
+        print(f"error: {e}: install llama-cpp-python 0.3.x and gguf (pip install llama-cpp-python gguf)", file=sys.stderr)
+        return 2
+    except (RecorderError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}: generated {generated}; {len(missing)} stage(s) not recorded")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

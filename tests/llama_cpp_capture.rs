@@ -1,0 +1,166 @@
+//! The llama.cpp recorder (python/moetrace_capture/llamacpp.py): llama.cpp
+//! itself (llama-cpp-python, CPU) runs the tiny Q4_K_M GGUF fixture and its
+//! eval callback writes a moetrace capture. `check` of that capture against
+//! the float64 reference flags nothing: every projection's error is what
+//! llama.cpp's Q8_K activations and f16 KV cache explain, and the CPU
+//! replaying that arithmetic computes it. With an f32 KV cache, the capture
+//! diffs against moetrace's own `CpuLlamaCpp` run within f32 noise at every
+//! stage; one expert slot of one layer's ffn_moe_down scaled by 2% and
+//! noise on one decode token's attention output: check names those two
+//! alone, a free-running diff of the same capture the first.
+//!
+//! Recorded with `--no-extra-bufts` (see `record`). Needs python3 with numpy, gguf and llama-cpp-python 0.3.x (.ci/run
+//! installs them); says SKIPPED without them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use compare::Report;
+use compare::diff::{DiffOptions, diff};
+use compare::npy::{header, read_npy};
+use moetrace_tests::{gguf_fixture, scratch, skip, workspace_root};
+use session::bisect::{BisectConfig, BisectOptions, bisect};
+use session::{RunConfig, run};
+use stage_types::SaveTensorStage as S;
+
+const PROMPT: &str = "1,17,423,45,300,5,77,100,2";
+
+fn llama_cpp_python() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import numpy, gguf, llama_cpp"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    if !ok {
+        skip("python3 with numpy, gguf and llama-cpp-python not found (pip install llama-cpp-python gguf)");
+    }
+    ok
+}
+
+/// Records `gguf` through llama.cpp into `out`; returns the recorder's stderr.
+fn record(gguf: &Path, out: &Path, kv: &str) -> String {
+    let output = Command::new("python3")
+        .env("PYTHONPATH", workspace_root().join("python"))
+        .args(["-m", "moetrace_capture.llamacpp"])
+        .arg(gguf)
+        .arg(out)
+        .args(["--prompt", PROMPT, "--generate", "3", "--threads", "2", "--kv-type", kv])
+        // The plain CPU path on every machine: llama.cpp's AMX path (this
+        // build, on a Sapphire Rapids CPU) crashes in its Q4_K multiply of
+        // a 9-row prompt, and the AVX2 repack differs per machine.
+        .arg("--no-extra-bufts")
+        .output()
+        .expect("python3 runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(
+        output.status.success(),
+        "the recorder failed ({}):\n{}{stderr}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout)
+    );
+    stderr
+}
+
+fn check(capture: &Path, gguf: &Path) -> Report {
+    let text = format!(
+        "(model: Path({gguf:?}), prompt: Tokens([{PROMPT}]), generate: 3, reference: Cpu, target: Capture({capture:?}), threads: 2)"
+    );
+    let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
+    bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
+}
+
+/// (step, layer, stage, worst token, worst expert) of each finding.
+type Place = (usize, Option<usize>, S, Option<usize>, Option<i32>);
+
+fn findings(report: &Report) -> Vec<Place> {
+    report.findings().iter().map(|r| (r.step, r.layer, r.stage, r.worst_token, r.worst_expert)).collect()
+}
+
+fn edit(capture: &Path, file: &str, edit: impl FnOnce(&[usize], &mut [f32])) {
+    let path = capture.join(file);
+    let array = read_npy(&path).unwrap();
+    let mut values: Vec<f32> = array.values().iter().map(|&v| v as f32).collect();
+    edit(&array.shape, &mut values);
+    let mut bytes = header("<f4", &array.shape);
+    values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(&path, bytes).unwrap();
+}
+
+fn fixture() -> Option<PathBuf> {
+    Some(gguf_fixture("tiny-qwen3-moe-q4km")?.join("model/model.gguf"))
+}
+
+#[test]
+fn a_llama_cpp_capture_with_its_default_f16_cache_is_checked_clean() {
+    let Some(gguf) = fixture() else { return };
+    if !llama_cpp_python() {
+        return;
+    }
+    let dir = scratch("llama-cpp-check");
+    let capture = dir.join("llama-cpp");
+    let log = record(&gguf, &capture, "f16");
+    assert!(!log.contains("not recorded"), "every stage of a MoE model is recorded:\n{log}");
+    let report = check(&capture, &gguf);
+    assert!(findings(&report).is_empty(), "{}", report.render(false));
+    let stages: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
+    assert_eq!(stages.len(), 23, "every stage of the MoE model checked: {stages:?}");
+    let note = &report.notes[0];
+    assert!(note.contains("llama.cpp's CPU converts them") && note.contains("attention on f16"), "{note}");
+    // A correct llama.cpp is far inside: each row within a few percent of
+    // the f32 floor from the CPU replaying its arithmetic.
+    let worst = report.rows.iter().filter_map(|r| r.expected.as_ref().map(|e| e.ratio)).fold(0.0f64, f64::max);
+    assert!(worst < 0.5, "largest ratio {worst}");
+}
+
+#[test]
+fn llama_cpp_matches_its_numerics_replayed_and_two_edits_of_its_capture_are_named_alone() {
+    let Some(gguf) = fixture() else { return };
+    if !llama_cpp_python() {
+        return;
+    }
+    let dir = scratch("llama-cpp-edits");
+    // With an f32 cache, moetrace's `CpuLlamaCpp` run computes what
+    // llama.cpp does, within f32 noise at every stage, free-running.
+    let capture = dir.join("llama-cpp");
+    record(&gguf, &capture, "f32");
+    let ours = dir.join("moetrace");
+    let text = format!(
+        "(model: Path({gguf:?}), prompt: Tokens([{PROMPT}]), generate: 3, backend: CpuLlamaCpp, threads: 2, capture: (out_dir: {ours:?}))"
+    );
+    run(&RunConfig::parse(&text, Path::new("r.ron")).unwrap(), Path::new("r.ron"), &mut |_| {}).unwrap();
+    let report = diff(&ours, &capture, &DiffOptions::default()).unwrap();
+    assert!(report.first_divergence().is_none(), "{}", report.render(false));
+    let stages: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
+    assert_eq!(stages.len(), 23, "{stages:?}");
+    let worst = report.rows.iter().filter_map(|r| r.metrics.as_ref().map(|m| m.rel_l2)).fold(0.0f64, f64::max);
+    assert!(worst < 1e-4, "largest rel_l2 {worst:e}");
+
+    // Expert slot 1 of token 2's ffn_moe_down at layer 1 of the prompt,
+    // 2% larger; token 0's attention output at layer 2 of step 2, noisy.
+    edit(&capture, "step-0/layer-1/moe_expert_out.npy", |shape, v| {
+        let (k, h) = (shape[1], shape[2]);
+        v[(2 * k + 1) * h..(2 * k + 2) * h].iter_mut().for_each(|x| *x *= 1.02);
+    });
+    edit(&capture, "step-2/layer-2/attn_out.npy", |_, v| {
+        v.iter_mut().enumerate().for_each(|(i, x)| *x += if i % 2 == 0 { 0.01 } else { -0.01 } * x.abs().max(0.1));
+    });
+    let expert = read_npy(&capture.join("step-0/layer-1/moe_router_indices.npy")).unwrap();
+    let k = expert.shape[1];
+    let edited_expert = expert.values()[2 * k + 1] as i32;
+    let report = check(&capture, &gguf);
+    assert_eq!(
+        findings(&report),
+        vec![(0, Some(1), S::MoeExpertOut, Some(2), Some(edited_expert)), (2, Some(2), S::AttnOut, Some(0), None)],
+        "{}",
+        report.render(false)
+    );
+    let note = report.notes.iter().find(|n| n.starts_with("not counted as findings")).expect("a note on the consumers");
+    assert!(
+        note.contains("step 0 layer 1 moe_ffn_out") && note.contains("step 2 layer 2 post_attn_residual"),
+        "{note}"
+    );
+    // Free-running, the first edit is where the capture first diverges.
+    let free = diff(&ours, &capture, &DiffOptions::default()).unwrap();
+    let first = free.first_divergence().expect("the edited capture diverges");
+    assert_eq!((first.step, first.layer, first.stage), (0, Some(1), S::MoeExpertOut), "{}", free.render(false));
+}
