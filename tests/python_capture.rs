@@ -2,7 +2,8 @@
 //! reads: a CPU capture read with numpy and written again through it
 //! compares clean against the original at every stage and step; one NaN
 //! written through it is recorded and found where it is; the writer's bad
-//! input checks (tests/python/writer_checks.py). Needs python3 with numpy;
+//! input checks (tests/python/writer_checks.py); the llama.cpp recorder's
+//! layout conversions (tests/python/llamacpp_layouts.py). Needs python3 with numpy;
 //! says SKIPPED without them (.ci/run installs numpy).
 
 use std::path::Path;
@@ -74,4 +75,12 @@ fn the_python_writer_refuses_bad_input_and_keeps_non_finite_values() {
         return;
     }
     python("writer_checks.py", &[], &[]);
+}
+
+#[test]
+fn the_llama_cpp_recorder_converts_ggml_layouts_and_names_unknown_nodes() {
+    if !python_with_numpy() {
+        return;
+    }
+    python("llamacpp_layouts.py", &[], &[]);
 }
