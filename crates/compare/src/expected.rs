@@ -52,6 +52,10 @@ pub struct Expected {
     /// are above one stage's).
     #[serde(default, with = "crate::json_float::float")]
     pub accumulated_ratio: f64,
+    /// The emulation replicates the target's arithmetic: `error` is the
+    /// row's distance from the emulation's, and `expected` the floor.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub from_replay: bool,
 }
 
 impl Expected {
@@ -75,8 +79,16 @@ impl Expected {
             }
             if worst.as_ref().is_none_or(|w| ratio > w.ratio || (ratio.is_nan() && !w.ratio.is_nan())) {
                 let expected = own.max(floor);
-                worst =
-                    Some(Expected { ratio, row, error, expected, floor, emulated_rel_l2: 0.0, accumulated_ratio: 0.0 });
+                worst = Some(Expected {
+                    ratio,
+                    row,
+                    error,
+                    expected,
+                    floor,
+                    emulated_rel_l2: 0.0,
+                    accumulated_ratio: 0.0,
+                    from_replay: false,
+                });
             }
         }
         worst.map(|w| Expected { accumulated_ratio, ..w })
@@ -85,6 +97,13 @@ impl Expected {
     /// Sets [`Expected::emulated_rel_l2`].
     pub fn with_emulated_rel_l2(mut self, rel_l2: f64) -> Self {
         self.emulated_rel_l2 = rel_l2;
+        self
+    }
+
+    /// Marks the errors as distances from a replaying emulation
+    /// ([`Expected::from_replay`]).
+    pub fn from_replay(mut self, replay: bool) -> Self {
+        self.from_replay = replay;
         self
     }
 }

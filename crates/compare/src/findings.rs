@@ -235,6 +235,7 @@ mod tests {
             floor: 1e-4,
             emulated_rel_l2: 1e-3,
             accumulated_ratio: ratio,
+            from_replay: false,
         });
         r
     }

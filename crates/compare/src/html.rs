@@ -141,6 +141,9 @@ fn title_of(row: &Row, mode: Mode) -> String {
     if row.finding.is_some() {
         let _ = write!(t, "\nFINDING: {}", finding_reason(row));
     }
+    if let Some(input) = &row.follows {
+        let _ = write!(t, "\nnot a finding: follows from the finding of {input}");
+    }
     if !row.flipped.is_empty() {
         let _ = write!(t, "\n{} flipped tokens", row.flipped.len());
     }
@@ -186,6 +189,8 @@ fn panel(report: &Report, step: usize, stages: &[SaveTensorStage], layers: usize
         let (x, y) = (LEFT + col * CELL_W, TOP + y * CELL_H);
         let fill = match (&row.verdict, cell_value(row, report.mode)) {
             (Verdict::Missing { .. }, _) => "#d0d0d0".to_string(),
+            // Not a finding of its own: its input's (check of an edited capture).
+            _ if row.follows.is_some() => "#9e9e9e".to_string(),
             (_, Some(_)) if report.mode == Mode::Local && row.expected.is_some() => {
                 ratio_colour(row.expected.as_ref().map_or(0.0, |e| e.ratio))
             }
@@ -432,7 +437,7 @@ figure {{ margin: 0; }} figcaption {{ font-size: 12px; color: #555; }}
 .findings li {{ color: #b00000; }} .clean {{ color: #176f2c; }} .note {{ color: #666; font-size: 12px; }}
 </style></head><body>
 <h1>moetrace error map</h1>
-<p>Colour: local errors by their ratio to the error a correct implementation of the target's precision makes on the same row (green: as good as the precision allows, routing flips on near-ties included; yellow: the threshold; red: beyond), other errors by log10 of the error. Hover a cell for its place and values. Red outline: a finding or a wrong router; black: the first divergence. Flips: tokens whose expert set differs, with near-ties counted.</p>
+<p>Colour: local errors by their ratio to the error a correct implementation of the target's precision makes on the same row (green: as good as the precision allows, routing flips on near-ties included; yellow: the threshold; red: beyond), other errors by log10 of the error. Hover a cell for its place and values. Grey: an error that follows from a finding in its input at the same token (a capture holding a value its engine did not consume). Red outline: a finding or a wrong router; black: the first divergence. Flips: tokens whose expert set differs, with near-ties counted.</p>
 {}{}
 {body}
 </body></html>
@@ -480,6 +485,7 @@ mod tests {
                     floor: 1e-4,
                     emulated_rel_l2: 0.002,
                     accumulated_ratio: e / 0.002,
+                    from_replay: false,
                 });
                 report.rows.push(row);
             }
@@ -517,6 +523,7 @@ mod tests {
                 floor: 1e-4,
                 emulated_rel_l2: 1e-3,
                 accumulated_ratio: 1.0,
+                from_replay: false,
             });
             report.rows.extend([ids, out]);
             render_html(&[&report])

@@ -70,6 +70,12 @@ pub(crate) fn margins_text(margins: &[Margin]) -> Option<String> {
 pub(crate) fn finding_reason(r: &Row) -> String {
     let reason = r.finding.map_or("finding", FindingReason::label);
     match &r.expected {
+        Some(e) if e.from_replay => format!(
+            "{reason}: worst row {:.3e} from the replay of the target's arithmetic, {} the floor {:.0e}",
+            e.error,
+            ratio_text(e.ratio),
+            e.expected
+        ),
         Some(e) => format!(
             "{reason}: worst row error {:.3e} is {} its expected {:.3e}",
             e.error,

@@ -44,6 +44,12 @@ pub struct Row {
     /// [`crate::expected::mark_findings`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finding: Option<FindingReason>,
+    /// Set, instead of a finding, when this row's error follows from a
+    /// finding in one of its inputs at the same token (`check`: the capture
+    /// holds a value of that input its engine did not consume): where that
+    /// finding is, e.g. `moe_expert_out at step 0 layer 1 token 2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub follows: Option<String>,
 }
 
 pub(crate) mod stage_name {
@@ -76,6 +82,7 @@ impl Row {
             flipped: Vec::new(),
             expected: None,
             finding: None,
+            follows: None,
         }
     }
 

@@ -286,8 +286,8 @@ pub fn compare_scope(
                         let ee = a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied()).collect();
                         (row_errors(ar, at, a.inner, norm), ee)
                     };
-                    row.expected =
-                        Expected::from_rows(&errors, &ee, floor).map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
+                    row.expected = Expected::from_rows(&errors, &ee, floor)
+                        .map(|x| x.with_emulated_rel_l2(emulated_rel_l2).from_replay(replicates));
                     if let Some(&(token, _, expert)) =
                         row.expected.as_ref().and_then(|x| a.rows.get(x.row)).filter(|_| m_error(&row) > 0.0)
                     {
@@ -312,8 +312,8 @@ pub fn compare_scope(
                     } else {
                         (row_errors(r.elements, t.elements, width, norm), emulated_rows.into_iter().map(Some).collect())
                     };
-                    row.expected =
-                        Expected::from_rows(&errors, &ee, floor).map(|x| x.with_emulated_rel_l2(emulated_rel_l2));
+                    row.expected = Expected::from_rows(&errors, &ee, floor)
+                        .map(|x| x.with_emulated_rel_l2(emulated_rel_l2).from_replay(replicates));
                     worst_row = row.expected.as_ref().filter(|x| x.error > 0.0).map(|x| x.row).or(worst_row);
                 }
                 row.worst_token =

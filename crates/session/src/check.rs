@@ -215,12 +215,13 @@ fn clear_consumer_findings(report: &mut Report, config: &ModelConfig) {
         if let Some((layer, stage)) = input {
             row.finding = None;
             let token = row.worst_token.map(|t| format!(" token {t}")).unwrap_or_default();
+            let input = format!("{stage} at {}{token}", place(row.step, layer));
             cleared.push(format!(
-                "{} {} (from the capture's {stage} at {}{token}, itself a finding)",
+                "{} {} (from the capture's {input}, itself a finding)",
                 place(row.step, row.layer),
-                row.stage,
-                place(row.step, layer)
+                row.stage
             ));
+            row.follows = Some(input);
         }
     }
     if !cleared.is_empty() {
