@@ -41,7 +41,7 @@ impl StepRecorder for CudaBackend {
     }
 
     fn gathers_reads(&self) -> bool {
-        self.graphs.plan != StepGraph::Eager || self.graphs.eager_reads.is_some()
+        self.graphs.plan != StepGraph::Eager || self.taps.eager_reads.is_some()
     }
 
     fn record_scope_reads(&mut self, scope: usize) -> Result<()> {
@@ -80,7 +80,7 @@ impl DeviceSetup for CudaBackend {
 
     fn reserve_capture(&mut self, elements: &[usize]) -> Result<()> {
         let ctx = self.device.context().clone();
-        self.staging.pool.reserve(&ctx, elements)
+        self.taps.staging.pool.reserve(&ctx, elements)
     }
 
     fn fuses_attention(&self, rows: usize, head_dim: usize) -> bool {

@@ -91,7 +91,7 @@ impl CudaBackend {
         for slot in slots {
             let t = self.slot(slot)?;
             let (numel, shape, is_i32) = (t.numel(), t.shape.clone(), matches!(t.data, DevData::I32(_)));
-            let copy = match self.staging.pool.take(&ctx, numel)? {
+            let copy = match self.taps.staging.pool.take(&ctx, numel)? {
                 Some(buffer) => {
                     // SAFETY: the gather below writes all numel words before
                     // anything reads them.
@@ -135,7 +135,7 @@ impl CudaBackend {
     /// stream, then every gathered read's copy to its staging buffer (the
     /// gathers wrote device memory: the step did not wait on PCIe).
     pub(super) fn copy_eager_reads(&mut self) -> Result<()> {
-        let Some(reads) = self.graphs.eager_reads.as_mut() else { return Ok(()) };
+        let Some(reads) = self.taps.eager_reads.as_mut() else { return Ok(()) };
         let (compute, copy) = (self.device.stream(), self.device.copy_stream());
         let ready = compute.record_event(None).map_err(gpu("recording a step's end"))?;
         copy.wait(&ready).map_err(gpu("ordering a step's capture copies"))?;
@@ -158,7 +158,7 @@ impl CudaBackend {
 
     /// A scope observer's read after the step: the next copy.
     pub(super) fn read_copied(&mut self, slot: Slot) -> Result<PendingTensor> {
-        let Some(reads) = self.graphs.eager_reads.as_mut() else { return self.read_replayed(slot) };
+        let Some(reads) = self.taps.eager_reads.as_mut() else { return self.read_replayed(slot) };
         let Some(tap) = reads.taps.get_mut(reads.cursor) else {
             return Err(PipelineError::BadInput(format!(
                 "a scope observer read `{slot}` after the step's last planned read: observers must read what the \
@@ -181,7 +181,7 @@ impl CudaBackend {
         let bytes = shape.iter().product::<usize>() * 4;
         let (done, result) = sync_channel(1);
         let ctx = self.device.context().clone();
-        self.staging.send(&ctx, super::staging::Landing { landed, buffer, shape, is_i32, done })?;
+        self.taps.staging.send(&ctx, super::staging::Landing { landed, buffer, shape, is_i32, done })?;
         Ok(PendingTensor::copying(bytes, move || {
             result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
         }))

@@ -33,7 +33,7 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use cudarc::driver::sys::{self, CUstreamCaptureMode};
 
-use super::taps::{Lander, StepReads};
+use super::taps::StepReads;
 use super::{CudaBackend, CudaPrecision, gpu};
 use crate::backend::{Slot, StepGraph};
 use crate::error::{PipelineError, Result};
@@ -60,20 +60,6 @@ pub(super) struct StepGraphs {
     recorded: Option<Recorded>,
     /// Steps replayed so far.
     pub(super) replays: usize,
-    /// The reads planned for the step being recorded (taps.rs).
-    pub(super) pending_reads: Option<StepReads>,
-    /// After a replay, until its observers are done: reads are answered
-    /// from the recorded copies.
-    pub(super) observing: bool,
-    /// Lands replays' reads.
-    pub(super) lander: Lander,
-    /// The reads an eager decode step gathers (eager_reads.rs).
-    pub(super) eager_reads: Option<super::eager_reads::EagerReads>,
-    /// Eager steps' reads whose copies may still run (eager_reads.rs).
-    pub(super) retired_reads: Vec<super::eager_reads::EagerReads>,
-    /// Tensors a recording's gathers read at the step's end, kept out of
-    /// the pool until the recording ends (taps.rs).
-    pub(super) gather_held: Vec<super::tensors::DevTensor>,
     /// `MOETRACE_PROFILE_STEPS`: replays timed on the GPU (profile.rs).
     pub(super) clock: Option<super::profile::ReplayClock>,
 }
@@ -226,12 +212,6 @@ impl StepGraphs {
             warm: None,
             recorded: None,
             replays: 0,
-            pending_reads: None,
-            observing: false,
-            lander: Lander::default(),
-            eager_reads: None,
-            retired_reads: Vec::new(),
-            gather_held: Vec::new(),
             clock: super::profile::ReplayClock::from_env(),
         }
     }
@@ -298,9 +278,9 @@ impl CudaBackend {
 
     /// Turns the step begun last (planned for a graph) into an eager one.
     pub(super) fn run_step_eagerly(&mut self) {
+        self.taps.pending_reads = None;
         let g = &mut self.graphs;
         g.recorded = None;
-        g.pending_reads = None;
         g.plan = StepGraph::Eager;
         g.warm = g.capacity;
         self.recycle_slots();
@@ -338,7 +318,7 @@ impl CudaBackend {
         }
         self.graphs.capturing = false;
         let stream = self.stream();
-        let reads = self.graphs.pending_reads.take().unwrap_or_default();
+        let reads = self.taps.pending_reads.take().unwrap_or_default();
         let why = match (failure, end_capture(&stream)) {
             (None, Ok(Some(graph))) => {
                 let capacity = self.graphs.capacity.expect("a capture is planned at a known capacity");

@@ -76,7 +76,12 @@ pub struct CudaBackend {
     /// The step's start position in device memory: kernels that depend on
     /// it read it from here (see graph.rs).
     step_start: CudaSlice<u32>,
+    /// Decode steps recorded once as a CUDA graph and replayed (graph.rs).
     graphs: graph::StepGraphs,
+    /// What the capture observers read out of a step, however it runs
+    /// (taps.rs). Dropped after the recorded graph (its reads wait for
+    /// their landing) and before the activations its copies read.
+    taps: taps::Taps,
     /// The greedy choice on the device (elementwise.rs).
     choice: elementwise::GreedyChoice,
     /// A launch held back for the next operation to share (deferred.rs).
@@ -102,7 +107,6 @@ pub struct CudaBackend {
     /// element: kernels-cuda's bf16 projection test).
     zero_gemm_outputs: bool,
     activations: ActivationPool,
-    staging: staging::Staging,
     /// `MOETRACE_PROFILE_OPS` set: GPU time per operation (profile.rs).
     profiler: Option<profile::OpProfiler>,
 }
@@ -255,8 +259,8 @@ impl CudaBackend {
             poison: false,
             zero_gemm_outputs: std::env::var_os("MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS").is_some(),
             activations: ActivationPool::default(),
-            staging: staging::Staging::default(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
+            taps: taps::Taps::default(),
             choice,
             deferred: None,
             attention_plan: None,
@@ -389,7 +393,7 @@ impl CudaBackend {
     /// aside until the recording ends (taps.rs).
     fn retire(&mut self, old: DevTensor) {
         if old.gather_hold {
-            self.graphs.gather_held.push(old);
+            self.taps.gather_held.push(old);
         } else {
             self.activations.recycle(old);
         }

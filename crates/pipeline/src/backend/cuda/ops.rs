@@ -194,7 +194,7 @@ impl Backend for CudaBackend {
     }
 
     fn read_async(&mut self, slot: Slot) -> Result<crate::tensor::PendingTensor> {
-        if self.graphs.observing {
+        if self.taps.observing {
             return self.read_copied(slot);
         }
         self.timed("(capture copy)", &[slot], |this| this.read_async_on_device(slot))

@@ -146,7 +146,7 @@ impl CudaBackend {
         // The shape's elements (a buffer sized for the KV capacity holds more).
         let (device_len, is_i32) = (t.numel(), matches!(t.data, DevData::I32(_)));
         let ctx = self.device.context().clone();
-        let Some(staging) = self.staging.pool.take(&ctx, device_len)? else {
+        let Some(staging) = self.taps.staging.pool.take(&ctx, device_len)? else {
             return self.read(slot).map(PendingTensor::ready);
         };
         // SAFETY: the pinned buffer's `staging.len() >= device_len` words,
@@ -154,7 +154,7 @@ impl CudaBackend {
         // landing thread waits for it).
         let copied = unsafe { self.copy_slot_to_host(slot, staging.host_ptr() as *mut f32, device_len) }?;
         let (done, result) = sync_channel(1);
-        self.staging.send(&ctx, Landing { landed: copied, buffer: staging, shape, is_i32, done })?;
+        self.taps.staging.send(&ctx, Landing { landed: copied, buffer: staging, shape, is_i32, done })?;
         Ok(PendingTensor::copying(device_len * 4, move || {
             result.recv().unwrap_or_else(|_| Err(PipelineError::Gpu("the capture landing thread stopped".into())))
         }))

@@ -46,6 +46,34 @@ use crate::backend::StepGraph;
 use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, PendingTensor};
 
+/// Capture taps: how the capture observers' reads leave a step, however
+/// it runs. An eager read is copied through pinned staging buffers
+/// (staging.rs); an eager decode step gathers its planned reads scope by
+/// scope (eager_reads.rs); a recorded step's reads are gathered into its
+/// arena and landed after each replay ([`StepReads`], [`Lander`]). The
+/// graph record/replay (graph.rs) only tells the taps when a recording
+/// begins and ends and when a replay ran.
+#[derive(Default)]
+pub(super) struct Taps {
+    /// The reads planned for the step being recorded.
+    pub(super) pending_reads: Option<StepReads>,
+    /// After a replay, until its observers are done: reads are answered
+    /// from the recorded copies.
+    pub(super) observing: bool,
+    /// Lands replays' reads.
+    pub(super) lander: Lander,
+    /// The reads an eager decode step gathers (eager_reads.rs).
+    pub(super) eager_reads: Option<EagerReads>,
+    /// Eager steps' reads whose copies may still run (eager_reads.rs).
+    pub(super) retired_reads: Vec<EagerReads>,
+    /// Tensors a recording's gathers read at the step's end, kept out of
+    /// the pool until the recording ends.
+    pub(super) gather_held: Vec<DevTensor>,
+    /// Pinned staging buffers and the thread that lands eager reads
+    /// (staging.rs); dropped last, after the reads that use its buffers.
+    pub(super) staging: super::staging::Staging,
+}
+
 /// The most pinned memory one recording's reads may take (both halves);
 /// past it the step runs eagerly.
 const ARENA_LIMIT_BYTES: usize = 4 << 30;
@@ -253,14 +281,14 @@ fn land_replays(jobs: Receiver<LandingJob>) {
 
 impl CudaBackend {
     pub(super) fn set_step_reads_on_device(&mut self, plan: Option<&[Vec<Slot>]>) -> Result<StepGraph> {
-        self.graphs.eager_reads = None;
+        self.taps.eager_reads = None;
         let Some(plan) = plan else {
             self.run_step_eagerly();
             return Ok(StepGraph::Eager);
         };
         if self.graphs.plan == StepGraph::Eager {
             if self.can_gather_reads() && plan.iter().any(|r| !r.is_empty()) {
-                self.graphs.eager_reads = Some(EagerReads::new(plan));
+                self.taps.eager_reads = Some(EagerReads::new(plan));
             }
             return Ok(StepGraph::Eager);
         }
@@ -278,7 +306,7 @@ impl CudaBackend {
         let copy = self.device.copy_stream().clone();
         match StepReads::new(&stream, &copy, plan, |slot| self.slots.buffer_len(slot)) {
             Ok(reads) => {
-                self.graphs.pending_reads = Some(reads);
+                self.taps.pending_reads = Some(reads);
                 Ok(StepGraph::Capture)
             }
             Err(why) => {
@@ -310,19 +338,19 @@ impl CudaBackend {
     }
 
     pub(super) fn record_scope_reads_on_device(&mut self, scope: usize) -> Result<()> {
-        if let Some(mut reads) = self.graphs.eager_reads.take() {
+        if let Some(mut reads) = self.taps.eager_reads.take() {
             let result = self.gather_eager(&mut reads, scope);
-            self.graphs.eager_reads = Some(reads);
+            self.taps.eager_reads = Some(reads);
             return result;
         }
         if !self.graphs.capturing {
             return Err(PipelineError::BadInput("record_scope_reads outside a recording".into()));
         }
-        let Some(mut reads) = self.graphs.pending_reads.take() else {
+        let Some(mut reads) = self.taps.pending_reads.take() else {
             return Err(PipelineError::BadInput("record_scope_reads without planned reads".into()));
         };
         let result = self.record_reads(&mut reads, scope);
-        self.graphs.pending_reads = Some(reads);
+        self.taps.pending_reads = Some(reads);
         result
     }
 
@@ -379,7 +407,7 @@ impl CudaBackend {
 
     /// At the end of a recording: launches the gathers its scopes queued.
     pub(super) fn launch_queued_gathers(&mut self) -> Result<()> {
-        let Some(reads) = self.graphs.pending_reads.as_mut().filter(|_| self.graphs.capturing) else { return Ok(()) };
+        let Some(reads) = self.taps.pending_reads.as_mut().filter(|_| self.graphs.capturing) else { return Ok(()) };
         let half_bytes = 4 * reads.half_len;
         for chunk in std::mem::take(&mut reads.queued).chunks(GATHER_MAX) {
             let mut table = GatherTable::default();
@@ -401,7 +429,7 @@ impl CudaBackend {
     /// can take all it needs from the pool while the tensors its gathers
     /// read are held out of it.
     pub(super) fn pool_for_gather_holds(&mut self) -> Result<()> {
-        let Some(reads) = self.graphs.pending_reads.as_ref() else { return Ok(()) };
+        let Some(reads) = self.taps.pending_reads.as_ref() else { return Ok(()) };
         let stream = self.stream();
         let mut extra = Vec::with_capacity(reads.taps.len());
         for tap in &reads.taps {
@@ -427,7 +455,7 @@ impl CudaBackend {
         for t in self.slots.iter_mut() {
             t.gather_hold = false;
         }
-        for mut t in std::mem::take(&mut self.graphs.gather_held) {
+        for mut t in std::mem::take(&mut self.taps.gather_held) {
             t.gather_hold = false;
             self.activations.recycle(t);
         }
@@ -437,7 +465,7 @@ impl CudaBackend {
     /// observers' reads come next, answered from the copies.
     pub(super) fn observe_step_reads_on_device(&mut self) -> Result<()> {
         self.copy_eager_reads()?;
-        self.graphs.observing = true;
+        self.taps.observing = true;
         Ok(())
     }
 
@@ -483,14 +511,14 @@ impl CudaBackend {
     /// After the observers: hands a replay's reads to the landing thread;
     /// puts back what an eager step gathered and nobody read.
     pub(super) fn end_step_reads_on_device(&mut self) -> Result<()> {
-        self.graphs.observing = false;
-        if let Some(reads) = self.graphs.eager_reads.take() {
+        self.taps.observing = false;
+        if let Some(reads) = self.taps.eager_reads.take() {
             // Its device buffers and any staging buffer nobody read are
             // released once its copies have finished, without waiting here
             // (the copies may queue behind a prompt's on the copy stream).
-            self.graphs.retired_reads.push(reads);
-            let pool = &self.staging.pool;
-            self.graphs.retired_reads.retain_mut(|r| !r.release_if_copied(pool));
+            self.taps.retired_reads.push(reads);
+            let pool = &self.taps.staging.pool;
+            self.taps.retired_reads.retain_mut(|r| !r.release_if_copied(pool));
             return Ok(());
         }
         let Some(reads) = self.graphs.recorded_reads_mut() else { return Ok(()) };
@@ -505,6 +533,6 @@ impl CudaBackend {
         let (done, landing) = sync_channel(1);
         let job = LandingJob { launched, arena, reads: std::mem::take(&mut reads.batch), done };
         reads.landing[half] = Some(Mutex::new(landing));
-        self.graphs.lander.send(job)
+        self.taps.lander.send(job)
     }
 }
