@@ -1,6 +1,7 @@
 //! Checkpoint layouts a loader must read: bf16, f16 and f32 tensors, one
-//! file or shards with an index, tied or untied lm_head. Each is made here
-//! from a synthetic model, so these tests need no fixtures.
+//! file or shards with an index, tied or untied lm_head (each made here
+//! from a synthetic model); FP8 block-scaled ones refused by name when
+//! their scales or config are wrong (from tests/fixtures' FP8 oracle).
 
 use std::path::Path;
 
@@ -29,6 +30,7 @@ fn convert(store: &WeightStore, dtype: WeightDtype) -> WeightStore {
             WeightDtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_bits().to_le_bytes()).collect(),
             WeightDtype::Bf16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
             WeightDtype::Quant(kind) => panic!("safetensors checkpoints are not stored as {}", kind.name()),
+            WeightDtype::Fp8E4m3 => panic!("FP8 needs block scales: tiny-moe-fp8-oracle is one"),
         };
         out.insert(WeightTensor::owned(t.name.clone(), dtype, t.shape.clone(), bytes));
     }
@@ -119,4 +121,69 @@ fn tied_lm_head_reads_the_embedding_and_needs_no_lm_head_tensor() {
         let got = logits.as_f32().unwrap()[(PROMPT.len() - 1) * v + token] as f64;
         assert!((got - expect).abs() <= 1e-5 * expect.abs().max(1.0), "token {token}: {got} vs {expect}");
     }
+}
+
+/// A tensor of a safetensors file: name, dtype as the header spells it,
+/// shape, bytes.
+type RawEntry = (String, String, Vec<usize>, Vec<u8>);
+
+/// Writes a safetensors file of `entries`.
+fn write_raw_safetensors(path: &Path, entries: &[RawEntry]) {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0;
+    for (name, dtype, shape, bytes) in entries {
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + bytes.len()]}),
+        );
+        offset += bytes.len();
+    }
+    let mut head = serde_json::to_vec(&header).unwrap();
+    while !head.len().is_multiple_of(8) {
+        head.push(b' ');
+    }
+    let mut file = (head.len() as u64).to_le_bytes().to_vec();
+    file.extend(head);
+    entries.iter().for_each(|e| file.extend(&e.3));
+    std::fs::write(path, file).unwrap();
+}
+
+#[test]
+fn fp8_checkpoints_with_scales_that_do_not_cover_their_weights_are_refused_by_name() {
+    let fixture = moetrace_tests::workspace_root().join("tests/fixtures/tiny-moe-fp8-oracle/model");
+    let bytes = std::fs::read(fixture.join("model.safetensors")).unwrap();
+    let entries: Vec<RawEntry> = pipeline::weights::index_safetensors(&bytes)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.name, e.dtype.name().to_string(), e.shape, bytes[e.start..e.end].to_vec()))
+        .collect();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    let refused = |name: &str, edit: &dyn Fn(&mut Vec<RawEntry>, &mut serde_json::Value)| {
+        let dir = scratch(&format!("fp8-{name}"));
+        let (mut entries, mut config) = (entries.clone(), config.clone());
+        edit(&mut entries, &mut config);
+        write_raw_safetensors(&dir.join("model.safetensors"), &entries);
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        Model::load(&dir).expect_err("refused").to_string()
+    };
+    let q = "model.layers.0.self_attn.q_proj.weight";
+    // The fixture itself loads, and its q projection decodes by block.
+    assert!(Model::load(&fixture).is_ok());
+    let err = refused("short-scales", &|entries, _| {
+        let scales = entries.iter_mut().find(|e| e.0 == format!("{q}_scale_inv")).unwrap();
+        scales.2 = vec![1, 1];
+        scales.3.truncate(4);
+    });
+    assert!(err.contains(&format!("{q}_scale_inv")) && err.contains("do not cover") && err.contains("[2, 2]"), "{err}");
+    let err = refused("no-scales", &|entries, _| entries.retain(|e| e.0 != format!("{q}_scale_inv")));
+    assert!(err.contains(q) && err.contains("without"), "{err}");
+    let err = refused("no-config", &|_, config| {
+        config.as_object_mut().unwrap().remove("quantization_config");
+    });
+    assert!(err.contains("quantization_config"), "{err}");
+    let err = refused("per-tensor", &|_, config| {
+        config["quantization_config"]["weight_block_size"] = serde_json::json!(null)
+    });
+    assert!(err.contains("weight_block_size"), "{err}");
 }

@@ -164,6 +164,10 @@ fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
     let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-gguf-oracle");
     let model = format!("Path({:?})", dir.join("model.gguf"));
     found.push(("tiny-qwen2-moe-gguf-oracle", dir, model));
+    // FP8 block-scaled projections (decoded on the host before upload).
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-moe-fp8-oracle");
+    let model = format!("Path({:?})", dir.join("model"));
+    found.push(("tiny-moe-fp8-oracle", dir, model));
     found
 }
 

@@ -103,6 +103,18 @@ fn cpu_matches_the_in_repo_oracle_mixtral_from_llama_cpps_gguf() {
 }
 
 #[test]
+fn cpu_matches_the_in_repo_oracle_of_an_fp8_block_scaled_qwen3_moe_within_1e6() {
+    // Qwen3-MoE with FP8 projections (python/tools/make_oracle_fixture.py
+    // fp8=1, hidden 192, experts 144 wide, 64-row k and v: partial 128x128
+    // blocks on both axes), the layout of Qwen3's -FP8 checkpoints; the
+    // oracle computes with the weights dequantised as DeepSeek's reference
+    // does.
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-moe-fp8-oracle");
+    let worst = check_oracle_dir("tiny-moe-fp8-oracle", &dir, &dir.join("model"), 4);
+    assert!(worst <= 1e-6, "worst rel_l2 {worst:.2e}");
+}
+
+#[test]
 fn cpu_matches_the_in_repo_oracle_qwen2_moe_within_1e6() {
     // Qwen2-MoE (python/tools/make_oracle_fixture.py kind `qwen2moe`,
     // layers=3 mlp_only=1): q/k/v biases, top-k not renormalised, a shared

@@ -8,8 +8,15 @@ oracle the same way.
 
 Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral|qwen2moe SEED [key=value ...]
 (keys: vocab hidden layers heads kv_heads head_dim experts topk moe_inter
-inter shared_inter mlp_only prompt generate router_scale). Needs torch,
+inter shared_inter mlp_only prompt generate router_scale fp8). Needs torch,
 transformers, safetensors.
+
+fp8=1 writes the attention and MLP projections as FP8 (e4m3) with one f32
+`weight_scale_inv` per 128 x 128 block, as DeepSeek-V3 and Qwen3's -FP8
+checkpoints lay them out (partial blocks where a dimension is not a
+multiple of 128), and the oracle runs on them dequantised as DeepSeek's
+reference `weight_dequant` does: w = f32(q) * scale[i // 128, j // 128] in
+f32. transformers' own FP8 loading is not used for the oracle.
 """
 import json
 import math
@@ -26,7 +33,7 @@ from moetrace_capture import hf  # noqa: E402
 torch.set_grad_enabled(False)
 out_root, name, kind, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 D = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, topk=2, moe_inter=32,
-         inter=128, shared_inter=96, mlp_only="", prompt="1,17,42,99,5,77", generate=4, router_scale=3.0)
+         inter=128, shared_inter=96, mlp_only="", prompt="1,17,42,99,5,77", generate=4, router_scale=3.0, fp8=0)
 for k, v in (a.split("=", 1) for a in sys.argv[5:]):
     D[k] = type(D[k])(v)
 g = torch.Generator().manual_seed(seed)
@@ -76,10 +83,45 @@ for i in range(L):
         sd[p + "mlp.up_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
         sd[p + "mlp.down_proj.weight"] = rn(H, I, std=1 / math.sqrt(I))
 
+BLOCK = 128
+
+
+def fp8_blocks(w):
+    """(e4m3 weight, f32 scale_inv per BLOCK x BLOCK block): each block's
+    largest magnitude maps to e4m3's largest finite value, 448."""
+    rows, cols = w.shape
+    br, bc = -(-rows // BLOCK), -(-cols // BLOCK)
+    scale = torch.zeros(br, bc, dtype=torch.float32)
+    q = torch.zeros(rows, cols, dtype=torch.float8_e4m3fn)
+    for i in range(br):
+        for j in range(bc):
+            block = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK].to(torch.float32)
+            s = block.abs().max().clamp(min=1e-12) / 448.0
+            scale[i, j] = s
+            q[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (block / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def dequantised(q, scale):
+    """DeepSeek's weight_dequant: f32(q) * scale[i // 128, j // 128], in f32."""
+    rows, cols = q.shape
+    s = scale.repeat_interleave(BLOCK, 0)[:rows].repeat_interleave(BLOCK, 1)[:, :cols]
+    return q.to(torch.float32) * s
+
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", ".w1.", ".w2.", ".w3.")
+stored = {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
+if D["fp8"]:
+    for k in [k for k in sd if any(p in k for p in PROJECTIONS) and k.endswith(".weight")]:
+        q, scale = fp8_blocks(stored[k])
+        stored[k] = q.contiguous()
+        stored[k + "_scale_inv"] = scale.contiguous()
+        sd[k] = dequantised(q, scale).to(torch.float64)  # what the oracle computes with
+    for k in [k for k in sd if k not in stored or stored[k].dtype == torch.bfloat16]:
+        sd[k] = stored[k].to(torch.float64)
 model_dir = os.path.join(out_root, name, "model")
 os.makedirs(model_dir, exist_ok=True)
-save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}, os.path.join(model_dir, "model.safetensors"),
-          metadata={"format": "pt"})
+save_file(stored, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
 common = dict(vocab_size=V, hidden_size=H, num_hidden_layers=L, num_attention_heads=nh, num_key_value_heads=nkv,
               head_dim=hd, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=4096, tie_word_embeddings=False,
               attention_bias=False, torch_dtype="bfloat16", bos_token_id=1, eos_token_id=2)
@@ -109,12 +151,40 @@ else:
     cls = transformers.Qwen3ForCausalLM
 config.architectures = [cls.__name__]  # as the hub's checkpoints say (converters read it)
 config.save_pretrained(model_dir)
-try:
-    model, info = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager",
-                                      experts_implementation="eager", output_loading_info=True)
-except TypeError:
-    model, info = cls.from_pretrained(model_dir, dtype=torch.float64, attn_implementation="eager",
-                                      output_loading_info=True)
+
+
+def from_checkpoint(folder):
+    """The float64 model transformers reads from the checkpoint in `folder`."""
+    kwargs = dict(dtype=torch.float64, attn_implementation="eager", output_loading_info=True)
+    try:
+        return cls.from_pretrained(folder, experts_implementation="eager", **kwargs)
+    except TypeError:
+        return cls.from_pretrained(folder, **kwargs)
+
+
+def from_dequantised():
+    """The float64 model on the dequantised weights (`sd`, exact in f32:
+    read through an f32 copy of the checkpoint, so transformers' own FP8
+    code is not involved). The shipped config.json then says what the
+    checkpoint is, as Qwen3's -FP8 checkpoints do."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as plain:
+        config.save_pretrained(plain)
+        save_file({k: v.to(torch.float32).contiguous() for k, v in sd.items()},
+                  os.path.join(plain, "model.safetensors"), metadata={"format": "pt"})
+        loaded = from_checkpoint(plain)
+    path = os.path.join(model_dir, "config.json")
+    with open(path, encoding="utf-8") as f:
+        shipped = json.load(f)
+    shipped["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                      "weight_block_size": [BLOCK, BLOCK]}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(shipped, f, indent=2)
+    return loaded
+
+
+model, info = from_dequantised() if D["fp8"] else from_checkpoint(model_dir)
 # Every tensor of the checkpoint must have been read (a name transformers
 # does not map would leave random weights in the oracle).
 assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

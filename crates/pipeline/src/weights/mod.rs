@@ -2,6 +2,7 @@
 //! checkpoint dtype, memory-mapped from safetensors files or generated in
 //! memory for synthetic models, and converts rows to f32 on use.
 
+pub mod fp8;
 pub mod gguf;
 mod gguf_model;
 mod presets;
@@ -34,12 +35,16 @@ pub enum WeightDtype {
     /// A ggml block format from a GGUF file (Q8_0, Q4_K, Q5_K, Q6_K):
     /// rows are whole blocks, decoded to f32 where read (quant.rs).
     Quant(gguf::GgmlType),
+    /// FP8 e4m3 with one scale per block of a 2-D tensor (fp8.rs), decoded
+    /// to f32 where read.
+    Fp8E4m3,
 }
 
 impl WeightDtype {
     /// Bytes of `numel` elements (whole blocks, for a block format).
     pub fn bytes_for(self, numel: usize) -> usize {
         match self {
+            WeightDtype::Fp8E4m3 => numel,
             WeightDtype::Bf16 | WeightDtype::F16 => 2 * numel,
             WeightDtype::F32 => 4 * numel,
             WeightDtype::Quant(kind) => {
@@ -55,6 +60,7 @@ impl WeightDtype {
             WeightDtype::Bf16 => "BF16",
             WeightDtype::F16 => "F16",
             WeightDtype::F32 => "F32",
+            WeightDtype::Fp8E4m3 => "F8_E4M3",
             WeightDtype::Quant(kind) => kind.static_name(),
         }
     }
@@ -107,6 +113,8 @@ pub struct WeightTensor {
     /// What the file calls it when that is not `name`: a GGUF tensor's
     /// llama.cpp name and file, e.g. `blk.1.attn_q.weight in model.gguf`.
     pub source: Option<String>,
+    /// The block scales of an FP8 tensor (fp8.rs).
+    scales: Option<Arc<fp8::BlockScales>>,
 }
 
 impl WeightTensor {
@@ -130,18 +138,25 @@ impl WeightTensor {
         start: usize,
         end: usize,
     ) -> Self {
-        Self { name, dtype, shape, bytes: WeightBytes::Mapped { map, start, end }, source: None }
+        Self { name, dtype, shape, bytes: WeightBytes::Mapped { map, start, end }, source: None, scales: None }
     }
 
     /// A tensor over owned little-endian bytes; `bytes.len()` must be
     /// `shape.product() * dtype.size()`.
     pub fn owned(name: String, dtype: WeightDtype, shape: Vec<usize>, bytes: Vec<u8>) -> Self {
-        Self { name, dtype, shape, bytes: WeightBytes::Owned(Arc::new(bytes)), source: None }
+        Self { name, dtype, shape, bytes: WeightBytes::Owned(Arc::new(bytes)), source: None, scales: None }
     }
 
     /// A synthetic bf16 tensor whose elements are computed when read.
     pub fn synthetic(name: String, shape: Vec<usize>, recipe: SyntheticRecipe) -> Self {
-        Self { name, dtype: WeightDtype::Bf16, shape, bytes: WeightBytes::Synthetic(recipe), source: None }
+        Self {
+            name,
+            dtype: WeightDtype::Bf16,
+            shape,
+            bytes: WeightBytes::Synthetic(recipe),
+            source: None,
+            scales: None,
+        }
     }
 
     /// A synthetic tensor in a block format, its blocks made when read.
@@ -152,7 +167,19 @@ impl WeightTensor {
             shape,
             bytes: WeightBytes::SyntheticBlocks(recipe),
             source: None,
+            scales: None,
         }
+    }
+
+    /// The tensor with its FP8 block scales attached (the loader's).
+    pub fn with_block_scales(mut self, scales: Arc<fp8::BlockScales>) -> Self {
+        self.scales = Some(scales);
+        self
+    }
+
+    /// The block scales of an FP8 tensor.
+    pub fn block_scales(&self) -> Option<&fp8::BlockScales> {
+        self.scales.as_deref()
     }
 
     /// How its blocks are made, for a synthetic block-format tensor that
@@ -230,6 +257,16 @@ impl WeightTensor {
             WeightDtype::F32 => {
                 for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                     *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                }
+            }
+            WeightDtype::Fp8E4m3 => {
+                // The loader attaches every FP8 tensor's scales (fp8.rs);
+                // without them the raw e4m3 values are all there is.
+                let cols = self.row_len().max(1);
+                for (k, (o, &b)) in out.iter_mut().zip(bytes).enumerate() {
+                    let i = start + k;
+                    let scale = self.scales.as_ref().map_or(1.0, |s| s.at(i / cols, i % cols));
+                    *o = fp8::e4m3_to_f32(b) * scale;
                 }
             }
             WeightDtype::Quant(_) => unreachable!("decoded above"),

@@ -39,15 +39,15 @@ pub fn load_checkpoint(dir: &Path) -> Result<WeightStore> {
     for file in files {
         load_file(&file, &mut store)?;
     }
-    Ok(store)
+    super::fp8::attach_block_scales(store, dir)
 }
 
 /// Writes every tensor of `store` to one safetensors file at `path`, in
 /// their stored dtypes (the layout Hugging Face writes).
 pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
-    if let Some(t) = store.tensors().iter().find(|t| matches!(t.dtype, WeightDtype::Quant(_))) {
+    if let Some(t) = store.tensors().iter().find(|t| matches!(t.dtype, WeightDtype::Quant(_) | WeightDtype::Fp8E4m3)) {
         return Err(PipelineError::BadInput(format!(
-            "tensor `{}` is {}, a GGUF block format, which safetensors cannot hold",
+            "tensor `{}` is {}, a block-scaled format this writer does not write",
             t.name,
             t.dtype.name()
         )));
@@ -127,8 +127,8 @@ impl std::fmt::Display for SafetensorsRefusal {
             SafetensorsRefusal::Malformed(why) => f.write_str(why),
             SafetensorsRefusal::UnsupportedDtype { tensor, dtype } => write!(
                 f,
-                "tensor `{tensor}` is {dtype}{}, a weight type moetrace does not read (it reads BF16, F16, F32)",
-                if dtype.starts_with("F8") { " (an FP8 checkpoint)" } else { "" }
+                "tensor `{tensor}` is {dtype}{}, a weight type moetrace does not read (it reads BF16, F16, F32, and F8_E4M3 with block scales)",
+                if dtype.starts_with("F8") { " (an FP8 checkpoint of another format)" } else { "" }
             ),
         }
     }
@@ -159,6 +159,7 @@ pub fn index_safetensors(bytes: &[u8]) -> Result<Vec<SafetensorsEntry>, Safetens
             Dtype::BF16 => WeightDtype::Bf16,
             Dtype::F16 => WeightDtype::F16,
             Dtype::F32 => WeightDtype::F32,
+            Dtype::F8_E4M3 => WeightDtype::Fp8E4m3,
             other => {
                 return Err(SafetensorsRefusal::UnsupportedDtype { tensor: name, dtype: format!("{other:?}") });
             }

@@ -20,7 +20,8 @@ const QK8_0: usize = 32;
 /// None when it is used as it is (f32 weights).
 pub fn as_vec_dot_input(dtype: WeightDtype, x: &[f32]) -> Option<Vec<f32>> {
     match dtype {
-        WeightDtype::F32 => None,
+        // FP8 is not a ggml type: its products take the row as it is.
+        WeightDtype::F32 | WeightDtype::Fp8E4m3 => None,
         WeightDtype::F16 => Some(x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()),
         WeightDtype::Bf16 => Some(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()),
         WeightDtype::Quant(GgmlType::Q8_0) => Some(x.chunks(QK8_0).flat_map(q8_0_block).collect()),
