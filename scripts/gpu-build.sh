@@ -36,6 +36,26 @@ if [ -d ../shared/fixtures ]; then
     cp ../shared/fixtures/README.md .gpu/fixtures/
     for f in ${GPU_FIXTURES:-tiny-qwen3 tiny-qwen3-moe tiny-qwen3-moe-q4km}; do cp -r "../shared/fixtures/$f" .gpu/fixtures/; done
 fi
+# With GPU_LLAMACPP=1, llama.cpp for scripts/gpu-llamacpp.sh (the llama.cpp
+# recorder on CUDA): ../shared's trimmed llama.cpp source and GGUF maker,
+# and llama-cpp-python's Python files and gguf-py from the registry's sdist
+# (the GPU machine has no network; it builds the libraries itself). Carry
+# [".gpu/bin/moetrace", ".gpu/llamacpp"] for that run.
+if [ -n "${GPU_LLAMACPP:-}" ]; then
+    L=.gpu/llamacpp
+    mkdir -p "$L/tools/llamacpp" "$L/py"
+    cp ../shared/tools/llamacpp/llama.cpp-bench-src.tar.gz "$L/"
+    cp ../shared/tools/llamacpp/make_gguf.py "$L/tools/llamacpp/"
+    cp ../shared/tools/*.py "$L/tools/"
+    sdist=$(mktemp -d)
+    python3 -m pip download -q "llama-cpp-python==0.3.36" --no-deps --no-binary llama-cpp-python -d "$sdist"
+    tar xzf "$sdist"/llama_cpp_python-0.3.36.tar.gz -C "$sdist"
+    cp -r "$sdist/llama_cpp_python-0.3.36/llama_cpp" "$L/py/"
+    rm -rf "$L/py/llama_cpp/server"
+    cp -r "$sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py/gguf" "$L/py/"
+    rm -rf "$sdist"
+    du -sh "$L"
+fi
 ls -la .gpu/bin
 # The device tool carries the working tree and .gpu, 64 MiB in all.
 tree=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{ s += $1 } END { print s }')

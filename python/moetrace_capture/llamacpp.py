@@ -279,9 +279,7 @@ def record(
     `use_extra_bufts`: no repacking into CPU-specific layouts such as AMX
     tiles or AVX2 interleaved blocks). Returns (generated ids, {stage: why
     not recorded})."""
-    import llama_cpp
-    from llama_cpp import _ggml
-
+    llama_cpp, _ggml = _bindings()
     log = log or (lambda message: print(message, file=sys.stderr))
     if not os.path.isfile(model_path):
         raise RecorderError(f"{model_path}: no such file")
@@ -408,6 +406,40 @@ def _tokenize(llama_cpp, vocab, text):
     if n < 0:
         raise RecorderError(f"the text tokenizes to more than {room} tokens")
     return list(ids[:n])
+
+
+def _bindings():
+    """llama-cpp-python's low-level bindings (llama_cpp.llama_cpp) and its
+    ggml library, with `__version__`. Its high-level API (the package's
+    __init__) needs diskcache and jinja2, which the recorder does not use:
+    where they are missing, the bindings are imported alone."""
+    try:
+        import llama_cpp
+        from llama_cpp import _ggml
+
+        return llama_cpp, _ggml
+    except ImportError as first:
+        import importlib.util
+        import re
+        import types
+
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.submodule_search_locations:
+            raise
+        package = types.ModuleType("llama_cpp")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["llama_cpp"] = package
+        try:
+            from llama_cpp import _ggml
+            from llama_cpp import llama_cpp as low
+        except ImportError:
+            del sys.modules["llama_cpp"]
+            raise first from None
+        init = os.path.join(package.__path__[0], "__init__.py")
+        with open(init, encoding="utf-8") as f:
+            version = re.search(r'__version__ = "([^"]+)"', f.read())
+        low.__version__ = version.group(1) if version else "unknown"
+        return low, _ggml
 
 
 _LOG_SINK = None

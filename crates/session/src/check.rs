@@ -288,10 +288,14 @@ fn capture_contract(dtype: &str) -> NumericContract {
     let words: Vec<&str> = dtype.split(|c: char| !c.is_alphanumeric() && c != '.').filter(|w| !w.is_empty()).collect();
     let has = |w: &str| words.contains(&w);
     if has("llama.cpp") {
-        // moetrace_capture.llamacpp writes `llama.cpp <device>, kv <type>`;
-        // only the CPU path's arithmetic is emulated (its GPU kernels
-        // convert activations in their own ways).
-        return NumericContract::llama_cpp_cpu(!has("f32"));
+        // moetrace_capture.llamacpp writes `llama.cpp <device>, kv <type>`
+        // (`llama.cpp cuda offload of 99 layers, kv f16`).
+        let kv_f16 = !has("f32");
+        return if has("cuda") {
+            NumericContract::llama_cpp_cuda(kv_f16)
+        } else {
+            NumericContract::llama_cpp_cpu(kv_f16)
+        };
     }
     if ["bf16", "bfloat16", "f16", "float16", "half"].iter().any(|d| has(d)) {
         NumericContract::BF16
@@ -442,4 +446,23 @@ fn missing_input(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pipeline::backend::contract::GgmlPath;
+
+    #[test]
+    fn a_captures_dtype_names_its_contract() {
+        let cpu = capture_contract("llama.cpp cpu without repacked weights, kv f16");
+        assert_eq!((cpu.ggml_activations, cpu.attention_f16), (Some(GgmlPath::Cpu), true));
+        assert!(cpu.emulation_replicates());
+        let cuda = capture_contract("llama.cpp cuda offload of 99 layers, kv f32");
+        assert_eq!((cuda.ggml_activations, cuda.attention_f16), (Some(GgmlPath::Cuda), false));
+        assert!(!cuda.emulation_replicates());
+        assert_eq!(capture_contract("bfloat16"), NumericContract::BF16);
+        assert_eq!(capture_contract("f32 emulating bf16 (weights and activations rounded)"), NumericContract::BF16);
+        assert_eq!(capture_contract("float64"), NumericContract::REFERENCE);
+    }
 }

@@ -55,6 +55,18 @@ impl Precision {
     }
 }
 
+/// Which of llama.cpp's backends converts projection inputs (ggml's
+/// activation types differ by backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlPath {
+    /// The CPU: each weight type's `vec_dot_type` (Q8_K for K-quants,
+    /// Q8_0 for Q8_0, f16, bf16).
+    Cpu,
+    /// CUDA: q8_1 (blocks of 32, one scale each) for every block-quantized
+    /// type, bf16 and f16 for those weights.
+    Cuda,
+}
+
 /// The rounding points of an implementation's arithmetic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NumericContract {
@@ -66,10 +78,10 @@ pub struct NumericContract {
     /// The precision of the router logits and routing weights (DESIGN:
     /// routing in f32 or better).
     pub routing: Precision,
-    /// Projection inputs are converted as llama.cpp's CPU path converts
-    /// them for the weight's type before each dot product (Q8_K, Q8_0,
-    /// f16, bf16).
-    pub ggml_activations: bool,
+    /// Projection inputs are converted as one of llama.cpp's backends
+    /// converts them for the weight's type before each dot product (None:
+    /// used as they are).
+    pub ggml_activations: Option<GgmlPath>,
     /// The attention's two products take f16 operands: keys and values are
     /// kept in an f16 cache, and the query rows and the probabilities are
     /// converted to f16 before the dot products (llama.cpp with its default
@@ -85,7 +97,7 @@ impl NumericContract {
         weights: Precision::F32,
         activations: Precision::F32,
         routing: Precision::F32,
-        ggml_activations: false,
+        ggml_activations: None,
         attention_f16: false,
     };
 
@@ -95,7 +107,7 @@ impl NumericContract {
         weights: Precision::Bf16,
         activations: Precision::Bf16,
         routing: Precision::F32,
-        ggml_activations: false,
+        ggml_activations: None,
         attention_f16: false,
     };
 
@@ -104,7 +116,17 @@ impl NumericContract {
     /// `vec_dot_type`, f32 storage, and with an f16 KV cache
     /// (`kv_f16`) the attention products on f16 operands.
     pub fn llama_cpp_cpu(kv_f16: bool) -> Self {
-        Self { ggml_activations: true, attention_f16: kv_f16, ..Self::REFERENCE }
+        Self { ggml_activations: Some(GgmlPath::Cpu), attention_f16: kv_f16, ..Self::REFERENCE }
+    }
+
+    /// What llama.cpp's CUDA backend promises: weights decoded exactly,
+    /// each projection's input converted as its kernels convert it (q8_1
+    /// blocks of 32 for block-quantized weights, bf16 and f16 for those),
+    /// f32 storage, the attention products on f16 operands with an f16
+    /// cache. Its sums run in other orders than the CPU's, so the
+    /// emulation bounds its error rather than replaying it.
+    pub fn llama_cpp_cuda(kv_f16: bool) -> Self {
+        Self { ggml_activations: Some(GgmlPath::Cuda), attention_f16: kv_f16, ..Self::REFERENCE }
     }
 
     /// What the CUDA backend promises with activations of `precision`: the
@@ -149,7 +171,9 @@ impl NumericContract {
     /// accumulation order only. bf16 contracts bound: an f32 sum summed in
     /// another order rounds to the neighbouring bf16 value.
     pub fn emulation_replicates(&self) -> bool {
-        self.ggml_activations && self.weights == Precision::F32 && self.activations == Precision::F32
+        self.ggml_activations == Some(GgmlPath::Cpu)
+            && self.weights == Precision::F32
+            && self.activations == Precision::F32
     }
 
     /// Whether the contract is the reference's own (nothing rounded beyond
@@ -165,7 +189,11 @@ impl NumericContract {
             self.weights.name(),
             self.activations.name(),
             self.routing.name(),
-            if self.ggml_activations { ", projection inputs as llama.cpp's CPU converts them" } else { "" },
+            match self.ggml_activations {
+                Some(GgmlPath::Cpu) => ", projection inputs as llama.cpp's CPU converts them",
+                Some(GgmlPath::Cuda) => ", projection inputs as llama.cpp's CUDA kernels convert them",
+                None => "",
+            },
             if self.attention_f16 { ", attention on f16 keys, values, queries and probabilities" } else { "" }
         )
     }

@@ -9,6 +9,7 @@
 //! reproduce is the order of llama.cpp's integer and f32 sums, whose effect
 //! is at f32 rounding, far below the quantization's.
 
+use crate::backend::contract::GgmlPath;
 use crate::weights::WeightDtype;
 use crate::weights::gguf::GgmlType;
 
@@ -16,9 +17,16 @@ use crate::weights::gguf::GgmlType;
 const QK_K: usize = 256;
 const QK8_0: usize = 32;
 
-/// `x` as ggml's CPU path hands it to a dot product with a `dtype` weight;
-/// None when it is used as it is (f32 weights).
-pub fn as_vec_dot_input(dtype: WeightDtype, x: &[f32]) -> Option<Vec<f32>> {
+/// `x` as `path` (llama.cpp's CPU or CUDA backend) hands it to a dot
+/// product with a `dtype` weight; None when it is used as it is (f32
+/// weights). CUDA quantizes activations to q8_1 for every block type:
+/// blocks of 32 with one scale, d = max|x| / 127, q = round(x / d), the
+/// products scaled by d as f16 (its `half2` ds), which Q8_0's conversion
+/// computes but for x * (1/d) against x / d (a rounding apart at ties).
+pub fn as_vec_dot_input(path: GgmlPath, dtype: WeightDtype, x: &[f32]) -> Option<Vec<f32>> {
+    if path == GgmlPath::Cuda && matches!(dtype, WeightDtype::Quant(_)) {
+        return Some(x.chunks(QK8_0).flat_map(q8_0_block).collect());
+    }
     match dtype {
         // FP8 is not a ggml type: its products take the row as it is.
         WeightDtype::F32 | WeightDtype::Fp8E4m3 => None,
@@ -66,7 +74,7 @@ mod tests {
     fn q8_k_keeps_the_largest_value_and_rounds_the_rest_to_its_grid() {
         let mut x: Vec<f32> = (0..256).map(|i| (i as f32 - 100.0) / 50.0).collect();
         x[7] = -4.0; // the largest magnitude, negative: iscale = 127 / 4
-        let y = as_vec_dot_input(WeightDtype::Quant(GgmlType::Q4_K), &x).unwrap();
+        let y = as_vec_dot_input(GgmlPath::Cpu, WeightDtype::Quant(GgmlType::Q4_K), &x).unwrap();
         assert_eq!(y[7], -4.0);
         let step = 4.0f32 / 127.0;
         for (a, b) in x.iter().zip(&y) {
@@ -78,7 +86,7 @@ mod tests {
         let mut two = vec![0.0f32; 512];
         two[300] = 1.0;
         two[301] = 0.3;
-        let y = as_vec_dot_input(WeightDtype::Quant(GgmlType::Q6_K), &two).unwrap();
+        let y = as_vec_dot_input(GgmlPath::Cpu, WeightDtype::Quant(GgmlType::Q6_K), &two).unwrap();
         assert!(y[..256].iter().all(|&v| v == 0.0));
         assert_eq!(y[300], 1.0);
         assert!((y[301] - 38.0 / 127.0).abs() < 1e-6, "{}", y[301]);
@@ -87,12 +95,31 @@ mod tests {
     #[test]
     fn q8_0_scales_each_block_of_32_by_its_f16_maximum() {
         let x: Vec<f32> = (0..64).map(|i| if i < 32 { i as f32 * 0.1 } else { -(i as f32) }).collect();
-        let y = as_vec_dot_input(WeightDtype::Quant(GgmlType::Q8_0), &x).unwrap();
+        let y = as_vec_dot_input(GgmlPath::Cpu, WeightDtype::Quant(GgmlType::Q8_0), &x).unwrap();
         let d = x[31] / 127.0;
         assert_eq!(y[10], half::f16::from_f32(d).to_f32() * (x[10] * (1.0 / d)).round());
         let d1 = half::f16::from_f32(63.0 / 127.0).to_f32();
         assert_eq!(y[63], d1 * -127.0);
-        assert!(as_vec_dot_input(WeightDtype::F32, &x).is_none());
-        assert_eq!(as_vec_dot_input(WeightDtype::F16, &[0.1]).unwrap()[0], half::f16::from_f32(0.1).to_f32());
+        assert!(as_vec_dot_input(GgmlPath::Cpu, WeightDtype::F32, &x).is_none());
+        assert_eq!(
+            as_vec_dot_input(GgmlPath::Cpu, WeightDtype::F16, &[0.1]).unwrap()[0],
+            half::f16::from_f32(0.1).to_f32()
+        );
+    }
+
+    #[test]
+    fn cuda_quantizes_every_block_type_in_blocks_of_32_and_leaves_bf16_as_the_cpu_does() {
+        let x: Vec<f32> = (0..256).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        for kind in [GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::Q8_0] {
+            let cuda = as_vec_dot_input(GgmlPath::Cuda, WeightDtype::Quant(kind), &x).unwrap();
+            let q8_0 = as_vec_dot_input(GgmlPath::Cpu, WeightDtype::Quant(GgmlType::Q8_0), &x).unwrap();
+            assert_eq!(cuda, q8_0, "{kind:?}");
+        }
+        // Per block of 32: the CPU's Q8_K (one scale per 256) differs.
+        let cpu = as_vec_dot_input(GgmlPath::Cpu, WeightDtype::Quant(GgmlType::Q4_K), &x).unwrap();
+        assert_ne!(cpu, as_vec_dot_input(GgmlPath::Cuda, WeightDtype::Quant(GgmlType::Q4_K), &x).unwrap());
+        for dtype in [WeightDtype::Bf16, WeightDtype::F32] {
+            assert_eq!(as_vec_dot_input(GgmlPath::Cuda, dtype, &x), as_vec_dot_input(GgmlPath::Cpu, dtype, &x));
+        }
     }
 }

@@ -94,7 +94,7 @@ impl CpuBackend {
     /// Q8_0, f16 and bf16 for those weights; ggml_activations.rs), so a
     /// GGUF model's CPU result is the one llama.cpp's CPU would compare.
     pub fn set_ggml_activations(&mut self, on: bool) {
-        self.contract.ggml_activations = on;
+        self.contract.ggml_activations = on.then_some(super::contract::GgmlPath::Cpu);
     }
 
     /// Keeps `contract` from now on: weights are rounded as it multiplies
@@ -109,10 +109,9 @@ impl CpuBackend {
     /// `math::matmul_t` on the pool, the input rows converted first when
     /// llama.cpp's numerics are on.
     fn matmul(&self, inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
-        let converted: Option<Vec<Vec<f32>>> = if self.contract.ggml_activations {
-            inputs.iter().map(|x| ggml_activations::as_vec_dot_input(w.dtype, x)).collect()
-        } else {
-            None
+        let converted: Option<Vec<Vec<f32>>> = match self.contract.ggml_activations {
+            Some(path) => inputs.iter().map(|x| ggml_activations::as_vec_dot_input(path, w.dtype, x)).collect(),
+            None => None,
         };
         match converted {
             Some(rows) => {
@@ -195,9 +194,10 @@ impl Backend for CpuBackend {
 
     fn dtype(&self) -> &'static str {
         match (self.contract.ggml_activations, self.contract.activations) {
-            (true, _) => "f32, activations as llama.cpp's CPU (q8_k, q8_0, f16, bf16)",
-            (false, super::contract::Precision::Bf16) => "f32 emulating bf16 (weights and activations rounded)",
-            (false, super::contract::Precision::F32) => "f32",
+            (Some(super::contract::GgmlPath::Cpu), _) => "f32, activations as llama.cpp's CPU (q8_k, q8_0, f16, bf16)",
+            (Some(super::contract::GgmlPath::Cuda), _) => "f32, activations as llama.cpp's CUDA (q8_1, f16, bf16)",
+            (None, super::contract::Precision::Bf16) => "f32 emulating bf16 (weights and activations rounded)",
+            (None, super::contract::Precision::F32) => "f32",
         }
     }
 

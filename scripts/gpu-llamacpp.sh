@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# On the GPU machine: llama.cpp's CUDA backend checked stage by stage
+# (issue 23). Builds llama.cpp's libraries with CUDA from the carried
+# source, writes a random-weight qwen3moe GGUF at Qwen3-30B-A3B dimensions,
+# records llama.cpp (all layers offloaded) with moetrace_capture.llamacpp,
+# and checks the capture against moetrace's CUDA F32 reference, timed.
+# Needs `GPU_LLAMACPP=1 bash scripts/gpu-build.sh` first; then
+#   run(command: "bash scripts/gpu-llamacpp.sh", carry: [".gpu/bin/moetrace", ".gpu/llamacpp"])
+# TYPE (q4_k_m, bf16, q8_0), LAYERS (48), PROMPT_LEN (64), GENERATE (4),
+# REFERENCE (the check's reference backend) override the defaults.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/moetrace-out}
+mkdir -p "$OUT"
+L=$PWD/.gpu/llamacpp
+TYPE=${TYPE:-q4_k_m} LAYERS=${LAYERS:-48} PROMPT_LEN=${PROMPT_LEN:-64} GENERATE=${GENERATE:-4}
+REFERENCE=${REFERENCE:-Cuda(device: 0, dtype: F32)}
+work=/tmp/llamacpp
+rm -rf "$work" && mkdir -p "$work/py"
+echo "== building llama.cpp's shared libraries with CUDA (sm_90)"
+start=$(date +%s)
+tar xzf "$L/llama.cpp-bench-src.tar.gz" -C "$work"
+(cd "$work/llama.cpp" &&
+    cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
+        -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_APP=OFF \
+        -DLLAMA_OPENSSL=OFF -DGGML_CUDA_NCCL=OFF -DGGML_CCACHE=OFF -DGGML_CUDA_FA_ALL_QUANTS=OFF &&
+    ninja -C build -j"$(nproc)" llama) > "$OUT/llamacpp-build.log" 2>&1 || { tail -30 "$OUT/llamacpp-build.log"; exit 1; }
+echo "built in $(($(date +%s) - start)) s"
+# llama-cpp-python's Python files over the libraries just built.
+cp -r "$L/py/llama_cpp" "$L/py/gguf" "$work/py/"
+mkdir -p "$work/py/llama_cpp/lib"
+find "$work/llama.cpp/build" -name 'lib*.so*' -exec cp -P {} "$work/py/llama_cpp/lib/" \;
+export PYTHONPATH="$work/py:$PWD/python"
+python3 -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'from', llama_cpp.__file__)"
+model=/dev/shm/moetrace-llamacpp-$TYPE-$LAYERS.gguf
+echo "== writing $model ($TYPE, $LAYERS layers)"
+python3 "$L/tools/llamacpp/make_gguf.py" "$model" --type "$TYPE" --layers "$LAYERS"
+prompt=$(python3 -c "print(','.join(str((i * 7919 + 13) % 151000 + 10) for i in range($PROMPT_LEN)))")
+capture=/dev/shm/moetrace-llamacpp-capture
+echo "== recording llama.cpp CUDA: $PROMPT_LEN prompt tokens, $GENERATE generated"
+start=$(date +%s)
+python3 -m moetrace_capture.llamacpp "$model" "$capture" --prompt "$prompt" --generate "$GENERATE" --gpu-layers 99 \
+    2>&1 | tee "$OUT/record.log" | tail -5
+echo "recorded in $(($(date +%s) - start)) s; $(du -sh "$capture" | cut -f1)"
+echo "== check against $REFERENCE"
+start=$(date +%s)
+set +e
+.gpu/bin/moetrace check "$capture" --model "$model" --reference "$REFERENCE" -q --json --html "$OUT/check.html" > "$OUT/check.json"
+code=$?
+set -e
+echo "check exit $code in $(($(date +%s) - start)) s"
+python3 scripts/check_table.py "$OUT/check.json" | tee "$OUT/check-table.md"
+rm -rf "$capture" "$model"
