@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use compare::Report;
 use compare::npy::{header, read_npy};
-use moetrace_tests::scratch;
+use moetrace_tests::{edit_npy, finding_places, scratch};
 use session::bisect::{BisectConfig, BisectOptions, bisect};
 use session::{RunConfig, run};
 use stage_types::SaveTensorStage as S;
@@ -45,24 +45,6 @@ fn check(capture: &Path, prompt: &str, model: &str) -> session::Result<Report> {
     bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {})
 }
 
-/// A finding's (step, layer, stage, worst token, worst expert).
-type Place = (usize, Option<usize>, S, Option<usize>, Option<i32>);
-
-fn findings(report: &Report) -> Vec<Place> {
-    report.findings().iter().map(|r| (r.step, r.layer, r.stage, r.worst_token, r.worst_expert)).collect()
-}
-
-/// Rewrites one f32 .npy of the capture with `edit` applied to its values.
-fn edit(capture: &Path, file: &str, edit: impl FnOnce(&[usize], &mut [f32])) {
-    let path = capture.join(file);
-    let array = read_npy(&path).unwrap();
-    let mut values: Vec<f32> = array.values().iter().map(|&v| v as f32).collect();
-    edit(&array.shape, &mut values);
-    let mut bytes = header("<f4", &array.shape);
-    values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-    std::fs::write(&path, bytes).unwrap();
-}
-
 #[test]
 fn a_correct_capture_has_no_finding_and_two_edits_are_named_alone() {
     let dir = scratch("check-edits");
@@ -87,7 +69,7 @@ fn a_correct_capture_has_no_finding_and_two_edits_are_named_alone() {
     let buggy = capture_with_faults(&dir, "Cpu", &faults);
     let report = check(&buggy, PROMPT, MODEL).unwrap();
     assert_eq!(
-        findings(&report),
+        finding_places(&report),
         [(0, Some(1), S::AttnOut, Some(4), None), (1, Some(2), S::MoeExpertOut, Some(0), Some(expert))],
         "{}",
         report.render(false)
@@ -96,12 +78,17 @@ fn a_correct_capture_has_no_finding_and_two_edits_are_named_alone() {
     // consumer's captured output no longer follows from the captured input
     // (the engine computed it from the value before the edit): a note
     // names it under the edit's finding, not as a second one.
-    edit(&own, "step-1/layer-2/moe_expert_out.npy", |shape, v| {
+    edit_npy(&own, "step-1/layer-2/moe_expert_out.npy", |shape, v| {
         let h = shape[2];
         v[h..2 * h].iter_mut().for_each(|x| *x *= 1.02);
     });
     let report = check(&own, PROMPT, MODEL).unwrap();
-    assert_eq!(findings(&report), [(1, Some(2), S::MoeExpertOut, Some(0), Some(expert))], "{}", report.render(false));
+    assert_eq!(
+        finding_places(&report),
+        [(1, Some(2), S::MoeExpertOut, Some(0), Some(expert))],
+        "{}",
+        report.render(false)
+    );
     let note = report.notes.iter().find(|n| n.starts_with("not counted as findings")).expect("a note on the consumer");
     assert!(
         note.contains("step 1 layer 2 moe_ffn_out (from the capture's moe_expert_out at step 1 layer 2 token 0"),
@@ -207,7 +194,7 @@ fn a_nan_in_the_capture_is_named_where_it_appears_and_later_stages_are_still_che
     let fault = "(stage: \"attn_out\", layer: 1, step: 0, token: 4, kind: Nan)";
     let buggy = capture_with_faults(&dir, "Cpu", fault);
     let report = check(&buggy, PROMPT, MODEL).unwrap();
-    let found = findings(&report);
+    let found = finding_places(&report);
     assert_eq!(found.first().map(|f| (f.0, f.1, f.2)), Some((0, Some(1), S::AttnOut)), "{}", report.render(false));
     assert_eq!(found.len(), 1, "{}", report.render(false));
     assert!(report.notes.iter().any(|n| n.contains("left out")), "{:?}", report.notes);

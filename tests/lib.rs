@@ -175,3 +175,23 @@ pub fn check_recorded_qwen3_ids(tok: &session::prompt::PromptTokenizer) {
         assert_eq!(got, ids(&c["ids"]), "chat ids of {messages:?}");
     }
 }
+
+/// Where a finding is: (step, layer, stage, worst token, worst expert).
+pub type FindingPlace = (usize, Option<usize>, stage_types::SaveTensorStage, Option<usize>, Option<i32>);
+
+/// The place of each finding of `report`, in its order.
+pub fn finding_places(report: &compare::Report) -> Vec<FindingPlace> {
+    report.findings().iter().map(|r| (r.step, r.layer, r.stage, r.worst_token, r.worst_expert)).collect()
+}
+
+/// Rewrites one f32 .npy of a capture with `edit` applied to its values
+/// (given the array's shape): a capture edited after the fact.
+pub fn edit_npy(capture: &Path, file: &str, edit: impl FnOnce(&[usize], &mut [f32])) {
+    let path = capture.join(file);
+    let array = compare::npy::read_npy(&path).unwrap();
+    let mut values: Vec<f32> = array.values().iter().map(|&v| v as f32).collect();
+    edit(&array.shape, &mut values);
+    let mut bytes = compare::npy::header("<f4", &array.shape);
+    values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
+    std::fs::write(&path, bytes).unwrap();
+}

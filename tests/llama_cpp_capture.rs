@@ -17,8 +17,8 @@ use std::process::Command;
 
 use compare::Report;
 use compare::diff::{DiffOptions, diff};
-use compare::npy::{header, read_npy};
-use moetrace_tests::{gguf_fixture, scratch, skip, workspace_root};
+use compare::npy::read_npy;
+use moetrace_tests::{edit_npy, finding_places, gguf_fixture, scratch, skip, workspace_root};
 use session::bisect::{BisectConfig, BisectOptions, bisect};
 use session::{RunConfig, run};
 use stage_types::SaveTensorStage as S;
@@ -69,23 +69,6 @@ fn check(capture: &Path, gguf: &Path) -> Report {
     bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
 }
 
-/// (step, layer, stage, worst token, worst expert) of each finding.
-type Place = (usize, Option<usize>, S, Option<usize>, Option<i32>);
-
-fn findings(report: &Report) -> Vec<Place> {
-    report.findings().iter().map(|r| (r.step, r.layer, r.stage, r.worst_token, r.worst_expert)).collect()
-}
-
-fn edit(capture: &Path, file: &str, edit: impl FnOnce(&[usize], &mut [f32])) {
-    let path = capture.join(file);
-    let array = read_npy(&path).unwrap();
-    let mut values: Vec<f32> = array.values().iter().map(|&v| v as f32).collect();
-    edit(&array.shape, &mut values);
-    let mut bytes = header("<f4", &array.shape);
-    values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
-    std::fs::write(&path, bytes).unwrap();
-}
-
 fn fixture() -> Option<PathBuf> {
     Some(gguf_fixture("tiny-qwen3-moe-q4km")?.join("model/model.gguf"))
 }
@@ -101,7 +84,7 @@ fn a_llama_cpp_capture_with_its_default_f16_cache_is_checked_clean() {
     let log = record(&gguf, &capture, "f16");
     assert!(!log.contains("not recorded"), "every stage of a MoE model is recorded:\n{log}");
     let report = check(&capture, &gguf);
-    assert!(findings(&report).is_empty(), "{}", report.render(false));
+    assert!(finding_places(&report).is_empty(), "{}", report.render(false));
     let stages: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
     assert_eq!(stages.len(), 23, "every stage of the MoE model checked: {stages:?}");
     let note = &report.notes[0];
@@ -137,11 +120,11 @@ fn llama_cpp_matches_its_numerics_replayed_and_two_edits_of_its_capture_are_name
 
     // Expert slot 1 of token 2's ffn_moe_down at layer 1 of the prompt,
     // 2% larger; token 0's attention output at layer 2 of step 2, noisy.
-    edit(&capture, "step-0/layer-1/moe_expert_out.npy", |shape, v| {
+    edit_npy(&capture, "step-0/layer-1/moe_expert_out.npy", |shape, v| {
         let (k, h) = (shape[1], shape[2]);
         v[(2 * k + 1) * h..(2 * k + 2) * h].iter_mut().for_each(|x| *x *= 1.02);
     });
-    edit(&capture, "step-2/layer-2/attn_out.npy", |_, v| {
+    edit_npy(&capture, "step-2/layer-2/attn_out.npy", |_, v| {
         v.iter_mut().enumerate().for_each(|(i, x)| *x += if i % 2 == 0 { 0.01 } else { -0.01 } * x.abs().max(0.1));
     });
     let expert = read_npy(&capture.join("step-0/layer-1/moe_router_indices.npy")).unwrap();
@@ -149,7 +132,7 @@ fn llama_cpp_matches_its_numerics_replayed_and_two_edits_of_its_capture_are_name
     let edited_expert = expert.values()[2 * k + 1] as i32;
     let report = check(&capture, &gguf);
     assert_eq!(
-        findings(&report),
+        finding_places(&report),
         vec![(0, Some(1), S::MoeExpertOut, Some(2), Some(edited_expert)), (2, Some(2), S::AttnOut, Some(0), None)],
         "{}",
         report.render(false)
