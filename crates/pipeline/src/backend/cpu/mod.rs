@@ -6,6 +6,7 @@
 //! measures the error a correct implementation of it makes.
 
 mod ggml_activations;
+pub mod grouped_routing;
 pub mod math;
 mod moe;
 
