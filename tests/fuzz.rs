@@ -223,9 +223,7 @@ static REPLAY_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 /// A routing capture of tiny-moe (2 layers, prompt [1, 17, 423], 2 steps)
 /// to mutate the manifest of: its manifest is the corpus seed.
 fn replay_folder() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moetrace-fuzz-replay-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = moetrace_tests::scratch("fuzz-replay");
     let config = dir.join("make.ron");
     std::fs::write(
         &config,

@@ -1,7 +1,9 @@
 """Bad input to moetrace_capture.Capture: each call is refused with a
 message that names it, nothing half-written is left, and non-finite values
 are recorded, not refused. Exits non-zero on the first failed check."""
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 
@@ -11,6 +13,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "python")
 from moetrace_capture import Capture, CaptureError  # noqa: E402
 
 root = tempfile.mkdtemp(prefix="moetrace-py-")
+atexit.register(shutil.rmtree, root, True)
 config = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 4}
 
 
