@@ -288,39 +288,58 @@ fn other_families_and_weight_types_are_refused_by_name() {
         );
     }
     std::fs::write(model.join("config.json"), original.to_string()).unwrap();
-    // An FP8 tensor: the header's dtype made F8_E4M3 (one byte an element),
-    // the data cut to fit, so the file is valid.
+    // FP8 tensors: the first tensor's header dtype made an FP8 type (one
+    // byte an element), the data cut to fit, so the file is valid.
     let file = model.join("model.safetensors");
-    let bytes = std::fs::read(&file).unwrap();
-    let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
-    let data = &bytes[8 + len..];
-    let mut names: Vec<String> = header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect();
-    names.sort_by_key(|n| header[n]["data_offsets"][0].as_u64().unwrap());
-    let (mut out, mut offset) = (Vec::new(), 0u64);
-    for (i, name) in names.iter().enumerate() {
-        let [start, end] = [0, 1].map(|j| header[name]["data_offsets"][j].as_u64().unwrap() as usize);
-        let chunk: Vec<u8> = if i == 0 {
-            header[name]["dtype"] = serde_json::json!("F8_E4M3");
-            let n: u64 = header[name]["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product();
-            data[start..start + n as usize].to_vec()
-        } else {
-            data[start..end].to_vec()
-        };
-        header[name]["data_offsets"] = serde_json::json!([offset, offset + chunk.len() as u64]);
-        offset += chunk.len() as u64;
-        out.extend(chunk);
-    }
-    let text = header.to_string();
-    let mut file_bytes = (text.len() as u64).to_le_bytes().to_vec();
-    file_bytes.extend(text.as_bytes());
-    file_bytes.extend(out);
-    std::fs::write(&file, file_bytes).unwrap();
+    let original_file = std::fs::read(&file).unwrap();
+    let with_first_tensor_as = |dtype: &str| {
+        let bytes = &original_file;
+        let len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + len]).unwrap();
+        let data = &bytes[8 + len..];
+        let mut names: Vec<String> =
+            header.as_object().unwrap().keys().filter(|k| *k != "__metadata__").cloned().collect();
+        names.sort_by_key(|n| header[n]["data_offsets"][0].as_u64().unwrap());
+        let (mut out, mut offset) = (Vec::new(), 0u64);
+        for (i, name) in names.iter().enumerate() {
+            let [start, end] = [0, 1].map(|j| header[name]["data_offsets"][j].as_u64().unwrap() as usize);
+            let chunk: Vec<u8> = if i == 0 {
+                header[name]["dtype"] = serde_json::json!(dtype);
+                let n: u64 = header[name]["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).product();
+                data[start..start + n as usize].to_vec()
+            } else {
+                data[start..end].to_vec()
+            };
+            header[name]["data_offsets"] = serde_json::json!([offset, offset + chunk.len() as u64]);
+            offset += chunk.len() as u64;
+            out.extend(chunk);
+        }
+        let text = header.to_string();
+        let mut file_bytes = (text.len() as u64).to_le_bytes().to_vec();
+        file_bytes.extend(text.as_bytes());
+        file_bytes.extend(out);
+        std::fs::write(&file, file_bytes).unwrap();
+    };
+    // e5m2: an FP8 format moetrace does not read.
+    with_first_tensor_as("F8_E5M2");
     expect_failure(
         &dir,
         &config(&path_model(&model), "all", "all"),
-        &["model.safetensors", "F8_E4M3 (an FP8 checkpoint)", "does not read", "BF16, F16, F32"],
+        &[
+            "model.safetensors",
+            "F8_E5M2 (an FP8 checkpoint of another format)",
+            "does not read",
+            "F8_E4M3 with block scales",
+        ],
     );
+    // e4m3 is read as block-scaled FP8, which config.json must declare.
+    with_first_tensor_as("F8_E4M3");
+    expect_failure(
+        &dir,
+        &config(&path_model(&model), "all", "all"),
+        &["config.json", "F8_E4M3", "quantization_config"],
+    );
+    with_first_tensor_as("F8_E5M2");
     let stderr = String::from_utf8_lossy(&run_config(&dir.join("run.ron")).stderr).into_owned();
     assert!(!stderr.contains("malformed"), "{stderr}");
 }
