@@ -36,6 +36,19 @@ if [ -d ../shared/fixtures ]; then
     cp ../shared/fixtures/README.md .gpu/fixtures/
     for f in ${GPU_FIXTURES:-tiny-qwen3 tiny-qwen3-moe tiny-qwen3-moe-q4km}; do cp -r "../shared/fixtures/$f" .gpu/fixtures/; done
 fi
+# With GPU_BASELINE=<rev>, that revision's CLI too (.gpu/bin/moetrace-base),
+# built in a temporary worktree: scripts/gpu-bench-baseline.sh runs both
+# back to back (a refactor's speed against the code before it).
+if [ -n "${GPU_BASELINE:-}" ]; then
+    base=$(mktemp -d)
+    git worktree add -q --detach "$base/tree" "$GPU_BASELINE"
+    (cd "$base/tree" && CARGO_TARGET_DIR="$PWD/../target" cargo build -q --release -p cli)
+    cp "$base/target/release/moetrace" .gpu/bin/moetrace-base
+    strip .gpu/bin/moetrace-base 2>/dev/null || true
+    git worktree remove --force "$base/tree"
+    rm -rf "$base"
+    echo "baseline $GPU_BASELINE: .gpu/bin/moetrace-base"
+fi
 # With GPU_LLAMACPP=1, llama.cpp for scripts/gpu-llamacpp.sh (the llama.cpp
 # recorder on CUDA): ../shared's trimmed llama.cpp source and GGUF maker,
 # and llama-cpp-python's Python files and gguf-py from the registry's sdist
