@@ -76,8 +76,8 @@ impl CudaBackend {
         }
         let f = self.kernel(attention::APPEND_KV)?;
         let cache = self.caches[layer].as_mut().expect("allocated above");
-        let kt = self.slots.get(k).expect("checked").f32(k)?;
-        let vt = self.slots.get(v).expect("checked").f32(v)?;
+        let kt = self.activations.slots.get(k).expect("checked").f32(k)?;
+        let vt = self.activations.slots.get(v).expect("checked").f32(v)?;
         let a = (rows as u32, width as u32, v_width as u32, v_col as u32);
         let mut b = stream.launch_builder(&f);
         b.arg(&mut cache.k).arg(&mut cache.v).arg(kt).arg(vt).arg(&self.step_start);
@@ -228,7 +228,7 @@ impl CudaBackend {
             // 16-byte loads: hd % 4 == 0).
             unsafe { b.launch(cfg) }.map_err(gpu("attention"))?;
             let o = self.combine_splits(&partial, n, 1)?;
-            self.activations.recycle_buffer(partial);
+            self.activations.pool.recycle_buffer(partial);
             return self.set(out, vec![t_len, shape.heads * shape.head_dim], o);
         }
         self.refuse_in_capture("attention over several rows takes the position from the host")?;
@@ -261,7 +261,7 @@ impl CudaBackend {
             partial
         } else {
             let o = self.combine_splits(&partial, n, t_len)?;
-            self.activations.recycle_buffer(partial);
+            self.activations.pool.recycle_buffer(partial);
             o
         };
         self.set(out, vec![t_len, shape.heads * shape.head_dim], o)

@@ -119,11 +119,11 @@ impl CudaBackend {
         second: Option<Slot>,
         launch: impl FnOnce(&Self, &CudaSlice<f32>, &CudaSlice<f32>) -> Result<()>,
     ) -> Result<()> {
-        let mut take = |slot: Slot| match self.slots.take(slot) {
+        let mut take = |slot: Slot| match self.activations.slots.take(slot) {
             Some(t @ DevTensor { data: DevData::F32(_), .. }) => Ok(t),
             other => {
                 if let Some(t) = other {
-                    self.slots.restore(slot, t);
+                    self.activations.slots.restore(slot, t);
                 }
                 Err(PipelineError::BadInput(format!("stage `{slot}` lost its output before its launch")))
             }
@@ -141,10 +141,10 @@ impl CudaBackend {
             }
             Err(_) => Ok(()),
         };
-        self.slots.restore(first, t0);
+        self.activations.slots.restore(first, t0);
         let t1 = t1?;
         if let (Some(slot), Some(t)) = (second, t1) {
-            self.slots.restore(slot, t);
+            self.activations.slots.restore(slot, t);
         }
         result
     }

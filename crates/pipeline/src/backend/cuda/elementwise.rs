@@ -90,7 +90,7 @@ impl CudaBackend {
     /// launched now unless [`Self::launch_choice`] already did for the
     /// slot's current contents.
     pub(super) fn argmax_on_device(&mut self, slot: Slot) -> Result<u32> {
-        if self.choice.of != Some((slot, self.slots.version(slot))) {
+        if self.choice.of != Some((slot, self.activations.slots.version(slot))) {
             self.launch_choice(slot)?;
         }
         self.choice.of = None;
@@ -116,7 +116,7 @@ impl CudaBackend {
         let f = self.kernel(elementwise::ARGMAX)?;
         let stream = self.stream();
         self.slot(slot)?;
-        let t = self.slots.get(slot).expect("checked above");
+        let t = self.activations.slots.get(slot).expect("checked above");
         let (width, numel) = (t.width(), t.numel());
         if numel == 0 || width == 0 {
             return Err(PipelineError::BadInput(format!("stage `{slot}` is empty")));
@@ -138,7 +138,7 @@ impl CudaBackend {
         // SAFETY: one block reads the blocks' 2 * blocks values and writes
         // choice's one word (pinned, mapped host memory).
         unsafe { b.launch(one_block) }.map_err(gpu("argmax"))?;
-        self.choice.of = Some((slot, self.slots.version(slot)));
+        self.choice.of = Some((slot, self.activations.slots.version(slot)));
         Ok(())
     }
 }

@@ -260,7 +260,7 @@ impl CudaBackend {
     /// Decides how the step of `t_len` tokens at `start` runs (called
     /// first thing in `begin_step`).
     pub(super) fn plan_step(&mut self, t_len: usize, start: usize) {
-        let allowed = std::mem::take(&mut self.graphs.allowed_next) && self.graphs.enabled && !self.poison;
+        let allowed = std::mem::take(&mut self.graphs.allowed_next) && self.graphs.enabled && !self.activations.poison;
         let capacity = self.decode_capacity(t_len, start);
         let g = &mut self.graphs;
         g.capacity = capacity;
@@ -303,7 +303,7 @@ impl CudaBackend {
         }
         // Buffers still read by the last eager step's capture copies get
         // stand-ins: the recording may only take buffers from the pool.
-        self.activations.stand_in_for_copying(&self.stream()).map_err(gpu("allocating activations"))?;
+        self.activations.pool.stand_in_for_copying(&self.stream()).map_err(gpu("allocating activations"))?;
         self.pool_for_gather_holds()?;
         self.stream()
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -364,7 +364,7 @@ impl CudaBackend {
             cache.len = p_len;
         }
         for slot in [Slot::AttnScores, Slot::AttnSoftmax] {
-            if let Some(t) = self.slots.get_mut(slot).filter(|t| t.shape.len() == 3) {
+            if let Some(t) = self.activations.slots.get_mut(slot).filter(|t| t.shape.len() == 3) {
                 t.shape[2] = p_len;
             }
         }

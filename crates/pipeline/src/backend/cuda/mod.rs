@@ -21,6 +21,7 @@ use super::{Backend, Slot};
 use crate::error::{PipelineError, Result};
 use crate::weights::{WeightId, WeightStore};
 
+mod activations;
 mod attention;
 mod capabilities;
 mod deferred;
@@ -34,14 +35,13 @@ mod ops;
 mod profile;
 mod projections;
 mod quantized;
-mod stage_slots;
 mod staging;
 mod taps;
 mod tensors;
 mod weights;
 mod worker;
 
-use tensors::{ActivationPool, DevCache, DevData, DevTensor};
+use tensors::{DevCache, DevData, DevTensor};
 use weights::{
     DevWeight, Stacked, alloc_weight, check_fits, device_bytes, fill_weight, kept_quantized, upload_quantized,
 };
@@ -66,8 +66,8 @@ pub struct CudaBackend {
     /// biases of a layer), uploaded on first use.
     biases: HashMap<Vec<WeightId>, CudaSlice<f32>>,
     /// The activations: one tensor per stage, with versions and buffer
-    /// lengths (stage_slots.rs).
-    slots: stage_slots::StageSlots,
+    /// lengths, and the pool their buffers come from (activations.rs).
+    activations: activations::Activations,
     /// The step's tokens (the first `t_len`; the buffer is reused while it
     /// is long enough, so a decode step's token has one address).
     tokens: Option<CudaSlice<u32>>,
@@ -97,7 +97,6 @@ pub struct CudaBackend {
     /// `MOETRACE_NO_FUSED_ATTENTION` is set).
     fuse_attention: bool,
     caches: Vec<Option<DevCache>>,
-    poison: bool,
     /// `MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS` set: every cuBLAS projection's
     /// output is zeroed before the GEMM overwrites it. Only for
     /// compute-sanitizer's initcheck, which does not see the TMA stores of
@@ -106,7 +105,6 @@ pub struct CudaBackend {
     /// everything else. Never changes a result (the GEMM writes every
     /// element: kernels-cuda's bf16 projection test).
     zero_gemm_outputs: bool,
-    activations: ActivationPool,
     /// `MOETRACE_PROFILE_OPS` set: GPU time per operation (profile.rs).
     profiler: Option<profile::OpProfiler>,
 }
@@ -250,15 +248,13 @@ impl CudaBackend {
             stacked,
             scratch: None,
             biases: HashMap::new(),
-            slots: stage_slots::StageSlots::new(),
+            activations: activations::Activations::new(),
             tokens: None,
             t_len: 0,
             start_position: 0,
             step_start,
             caches: Vec::new(),
-            poison: false,
             zero_gemm_outputs: std::env::var_os("MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS").is_some(),
-            activations: ActivationPool::default(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
             taps: taps::Taps::default(),
             choice,
@@ -275,7 +271,7 @@ impl CudaBackend {
     /// so a kernel that leaves an element unwritten shows up in any
     /// comparison (the backend-parity test turns it on).
     pub fn set_poison(&mut self, on: bool) {
-        self.poison = on;
+        self.activations.poison = on;
     }
 
     /// Turns the fused attention of many-row steps off or back on (on
@@ -316,7 +312,7 @@ impl CudaBackend {
     }
 
     fn slot(&self, slot: Slot) -> Result<&DevTensor> {
-        self.slots.get(slot).ok_or_else(|| self.missing_slot(slot))
+        self.activations.slots.get(slot).ok_or_else(|| self.missing_slot(slot))
     }
 
     fn weight(&self, id: WeightId) -> &DevWeight {
@@ -336,39 +332,15 @@ impl CudaBackend {
     /// device is out of memory). Its contents are unspecified (NaN when
     /// poisoning).
     fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
-        let n = n.max(1);
-        let mut buffer = match self.activations.take(n) {
-            Some(b) => b,
-            None => {
-                self.refuse_in_capture(&format!("a new activation buffer of {n} values"))?;
-                let stream = self.stream();
-                // SAFETY: every kernel writes its whole output before it is
-                // read (or poisoning fills it just below).
-                match unsafe { stream.alloc::<f32>(n) } {
-                    Err(e) if kernels_cuda::is_out_of_memory(&e) && self.activations.clear() => {
-                        // SAFETY: as above.
-                        unsafe { stream.alloc::<f32>(n) }.map_err(gpu("allocating activations"))?
-                    }
-                    other => other.map_err(gpu("allocating activations"))?,
-                }
-            }
-        };
-        if self.poison {
-            self.stream().memcpy_htod(&vec![f32::NAN; n], &mut buffer).map_err(gpu("poisoning activations"))?;
-        }
-        Ok(buffer)
+        let what = |n: usize| format!("a new activation buffer of {n} values");
+        self.activations.alloc(&self.stream(), n, |n| self.refuse_in_capture(&what(n)))
     }
 
     /// An expert-id buffer of `n` int32 (at least one), recycled like
     /// [`Self::alloc`]'s; contents unspecified.
     fn alloc_ids(&self, n: usize) -> Result<CudaSlice<i32>> {
-        let n = n.max(1);
-        if let Some(b) = self.activations.take_ids(n) {
-            return Ok(b);
-        }
-        self.refuse_in_capture(&format!("a new expert-id buffer of {n} values"))?;
-        // SAFETY: the router writes every id before anything reads them.
-        unsafe { self.stream().alloc::<i32>(n) }.map_err(gpu("allocating expert ids"))
+        let what = |n: usize| format!("a new expert-id buffer of {n} values");
+        self.activations.alloc_ids(&self.stream(), n, |n| self.refuse_in_capture(&what(n)))
     }
 
     /// Puts `tensor` in `slot`, recycling what the slot held (after what
@@ -383,7 +355,7 @@ impl CudaBackend {
     fn put(&mut self, slot: Slot, tensor: DevTensor) {
         self.graphs.slot_written();
         self.gone.retain(|&s| s != slot);
-        if let Some(old) = self.slots.write(slot, tensor) {
+        if let Some(old) = self.activations.slots.write(slot, tensor) {
             self.retire(old);
         }
     }
@@ -395,13 +367,13 @@ impl CudaBackend {
         if old.gather_hold {
             self.taps.gather_held.push(old);
         } else {
-            self.activations.recycle(old);
+            self.activations.pool.recycle(old);
         }
     }
 
     /// Empties `slot` into the activation pool.
     fn drop_slot(&mut self, slot: Slot) {
-        if let Some(old) = self.slots.take(slot) {
+        if let Some(old) = self.activations.slots.take(slot) {
             self.retire(old);
         }
     }
@@ -411,7 +383,7 @@ impl CudaBackend {
     fn recycle_slots(&mut self) {
         self.attention_plan = None;
         self.gone.clear();
-        for old in self.slots.take_all() {
+        for old in self.activations.slots.take_all() {
             self.retire(old);
         }
     }

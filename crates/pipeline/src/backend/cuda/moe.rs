@@ -254,7 +254,7 @@ impl CudaBackend {
     /// lists: two small launches, deterministic order), once per router
     /// output: the gate, up and down projections of a layer share them.
     fn sort_slots(&mut self, indices: Slot, count: usize) -> Result<()> {
-        let key = (indices, self.slots.version(indices), count);
+        let key = (indices, self.activations.slots.version(indices), count);
         if self.grouped.sort.as_ref().is_some_and(|s| s.key == key) {
             return Ok(());
         }
@@ -288,7 +288,7 @@ impl CudaBackend {
     /// values), converted once per value of the slot (the gate and up
     /// projections read the same input).
     fn input_as_bf16(&mut self, input: Slot) -> Result<()> {
-        let key = (input, self.slots.version(input));
+        let key = (input, self.activations.slots.version(input));
         if self.grouped.input.as_ref().is_some_and(|(k, _)| *k == key) {
             return Ok(());
         }

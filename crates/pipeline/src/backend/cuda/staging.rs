@@ -201,7 +201,7 @@ impl CudaBackend {
             copy.record_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))
                 .map_err(gpu("recording a capture event"))?,
         );
-        if let Some(t) = self.slots.get_mut(slot) {
+        if let Some(t) = self.activations.slots.get_mut(slot) {
             t.copy_guard = Some(CopyGuard::new(copied.clone(), compute));
         }
         Ok(copied)

@@ -304,7 +304,7 @@ impl CudaBackend {
         }
         let stream = self.stream();
         let copy = self.device.copy_stream().clone();
-        match StepReads::new(&stream, &copy, plan, |slot| self.slots.buffer_len(slot)) {
+        match StepReads::new(&stream, &copy, plan, |slot| self.activations.slots.buffer_len(slot)) {
             Ok(reads) => {
                 self.taps.pending_reads = Some(reads);
                 Ok(StepGraph::Capture)
@@ -383,6 +383,7 @@ impl CudaBackend {
         let base = reads.device.as_ref().map_or(0, |d| d.device_ptr(&stream).0);
         for (k, &slot) in (first..first + slots.len()).zip(&slots) {
             let t = self
+                .activations
                 .slots
                 .get_mut(slot)
                 .ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` has not been computed")))?;
@@ -444,7 +445,7 @@ impl CudaBackend {
             extra.push(DevTensor::new(Vec::new(), data));
         }
         for t in extra {
-            self.activations.recycle(t);
+            self.activations.pool.recycle(t);
         }
         Ok(())
     }
@@ -452,12 +453,12 @@ impl CudaBackend {
     /// After a recording (made or failed): the tensors its gathers read go
     /// back to the pool.
     pub(super) fn release_gather_holds(&mut self) {
-        for t in self.slots.iter_mut() {
+        for t in self.activations.slots.iter_mut() {
             t.gather_hold = false;
         }
         for mut t in std::mem::take(&mut self.taps.gather_held) {
             t.gather_hold = false;
-            self.activations.recycle(t);
+            self.activations.pool.recycle(t);
         }
     }
 
