@@ -39,6 +39,11 @@ fn llama_cpp_python() -> bool {
 
 /// Records `gguf` through llama.cpp into `out`; returns the recorder's stderr.
 fn record(gguf: &Path, out: &Path, kv: &str) -> String {
+    record_with(gguf, out, kv, &[])
+}
+
+/// [`record`] with more of the recorder's arguments.
+fn record_with(gguf: &Path, out: &Path, kv: &str, more: &[&str]) -> String {
     let output = Command::new("python3")
         .env("PYTHONPATH", workspace_root().join("python"))
         .args(["-m", "moetrace_capture.llamacpp"])
@@ -49,6 +54,7 @@ fn record(gguf: &Path, out: &Path, kv: &str) -> String {
         // build, on a Sapphire Rapids CPU) crashes in its Q4_K multiply of
         // a 9-row prompt, and the AVX2 repack differs per machine.
         .arg("--no-extra-bufts")
+        .args(more)
         .output()
         .expect("python3 runs");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
@@ -93,6 +99,16 @@ fn a_llama_cpp_capture_with_its_default_f16_cache_is_checked_clean() {
     // the f32 floor from the CPU replaying its arithmetic.
     let worst = report.rows.iter().filter_map(|r| r.expected.as_ref().map(|e| e.ratio)).fold(0.0f64, f64::max);
     assert!(worst < 0.5, "largest ratio {worst}");
+
+    // One layer recorded (and its input): checked alone.
+    let one = dir.join("layer-2");
+    record_with(&gguf, &one, "f16", &["--layers", "2"]);
+    let report = check(&one, &gguf);
+    assert!(finding_places(&report).is_empty(), "{}", report.render(false));
+    let layers: std::collections::BTreeSet<Option<usize>> = report.rows.iter().map(|r| r.layer).collect();
+    assert_eq!(layers, [None, Some(2)].into_iter().collect(), "{}", report.render(false));
+    let layer_2 = report.rows.iter().filter(|r| r.layer == Some(2) && r.step == 0).count();
+    assert_eq!(layer_2, 20, "every stage of layer 2 checked");
 }
 
 #[test]

@@ -131,8 +131,12 @@ class _StepNodes:
     """The eval callback: asks for the named nodes and keeps a copy of each,
     by (name, layer, op)."""
 
-    def __init__(self, ggml):
+    def __init__(self, ggml, layers=None):
         self.ggml = ggml
+        # The layers recorded (None: all), and the layers whose output only
+        # is recorded (the input of a recorded layer after them).
+        self.layers = layers
+        self.inputs = set() if layers is None else {layer - 1 for layer in layers} - set(layers)
         self.got = {}
         self.error = None
         self.seen_names = set()
@@ -145,17 +149,25 @@ class _StepNodes:
             return base, int(layer)
         return name, None
 
+    def _wanted(self, base, layer):
+        """Whether node `base` of `layer` is recorded."""
+        if layer is None:
+            return base in MODEL_NODES
+        if self.layers is None or layer in self.layers:
+            return True
+        return base == "l_out" and layer in self.inputs
+
     def _key(self, t):
         g = self.ggml
         base, layer = self.split(g.name(t))
-        if layer is not None and base in LAYER_NODES or layer is None and base in MODEL_NODES:
+        if (base in LAYER_NODES) == (layer is not None) and self._wanted(base, layer):
             return base, layer
         # The output projection is not named: it is the MUL_MAT reading kqv_out.
         if g.op(t) == "MUL_MAT":
             srcs = g.sources(t)
             if len(srcs) > 1:
                 src_base, src_layer = self.split(g.name(srcs[1]))
-                if src_base == "kqv_out" and src_layer is not None:
+                if src_base == "kqv_out" and src_layer is not None and self._wanted("attn_out", src_layer):
                     return "attn_out", src_layer
         return None
 
@@ -255,8 +267,9 @@ def step_stages(got, config, start, t_len):
     return out
 
 
-def _expected_stages(config):
-    """The stages a capture of this model holds, (layer, stage)."""
+def _expected_stages(config, layers=None):
+    """The stages a capture of this model holds, (layer, stage), of every
+    layer or of `layers`."""
     model = [(None, s) for s in ("embedding", "final_norm", "lm_head")]
     attention = ["attn_norm", "qkv_matmul", "qk_norm", "q_post_rope", "k_post_rope", "attn_scores", "attn_softmax",
                  "attention", "attn_out", "post_attn_residual", "ffn_norm", "post_ffn_residual"]  # fmt: skip
@@ -265,20 +278,22 @@ def _expected_stages(config):
                "moe_expert_swigl", "moe_expert_out", "moe_ffn_out"]  # fmt: skip
     else:
         ffn = ["ffn_gate", "ffn_up", "ffn_silu", "ffn_swigl", "ffn_out"]
-    layers = range(config["num_hidden_layers"])
+    layers = range(config["num_hidden_layers"]) if layers is None else sorted(layers)
     return model + [(layer, s) for layer in layers for s in attention + ffn]
 
 
 def record(
     model_path, out_dir, prompt=None, text=None, generate=1, gpu_layers=0, kv_type="f16", threads=None,
-    extra_bufts=True, log=None,
+    extra_bufts=True, layers=None, log=None,
 ):  # fmt: skip
     """Greedy generation of `generate` tokens from `prompt` (token ids) or
     `text` through llama.cpp, every stage it names captured; step 0 is the
     prompt. `extra_bufts` False keeps the weights as loaded (llama.cpp's
     `use_extra_bufts`: no repacking into CPU-specific layouts such as AMX
-    tiles or AVX2 interleaved blocks). Returns (generated ids, {stage: why
-    not recorded})."""
+    tiles or AVX2 interleaved blocks). `layers` (a set) records only those
+    layers' stages, and the output of the layer before each (its input),
+    besides the embedding, final norm and logits. Returns (generated ids,
+    {stage: why not recorded})."""
     llama_cpp, _ggml = _bindings()
     log = log or (lambda message: print(message, file=sys.stderr))
     if not os.path.isfile(model_path):
@@ -288,6 +303,9 @@ def record(
     if generate < 0:
         raise RecorderError(f"--generate {generate}: give 0 or more tokens")
     config = gguf_config(model_path)
+    n_layers = config["num_hidden_layers"]
+    if layers is not None and not all(0 <= layer < n_layers for layer in layers):
+        raise RecorderError(f"--layers {sorted(layers)}: the model has layers 0..{n_layers - 1}")
     ggml = Ggml(_ggml.libggml)
     _quiet(llama_cpp)
     llama_cpp.llama_backend_init()
@@ -309,7 +327,7 @@ def record(
         bad = [t for t in prompt if not 0 <= t < n_vocab]
         if bad:
             raise RecorderError(f"prompt token ids {bad} are outside the vocabulary (0..{n_vocab - 1})")
-        nodes = _StepNodes(ggml)
+        nodes = _StepNodes(ggml, layers)
         cparams = llama_cpp.llama_context_default_params()
         total = len(prompt) + max(generate, 1)
         cparams.n_ctx = max(256, -(-total // 256) * 256)
@@ -340,7 +358,7 @@ def record(
                     raise nodes.error
                 stages = step_stages(nodes.got, config, start, len(tokens))
                 if step == 0:
-                    missing = _missing(config, stages, nodes.seen_names)
+                    missing = _missing(config, stages, nodes.seen_names, layers)
                     for stage, why in sorted(missing.items()):
                         log(f"not recorded: {stage}: {why}")
                 cap.begin_step(step, start, tokens)
@@ -362,9 +380,9 @@ def record(
         llama_cpp.llama_model_free(model)
 
 
-def _missing(config, stages, seen):
-    """Every stage of the model the recording lacks, with why."""
-    expected = {stage for _, stage in _expected_stages(config)}
+def _missing(config, stages, seen, layers=None):
+    """Every stage of the recorded layers the recording lacks, with why."""
+    expected = {stage for _, stage in _expected_stages(config, layers)}
     have = {stage for _, stage in stages}
     unknown = sorted(n for n in seen if n not in LAYER_NODES and n not in MODEL_NODES)
     missing = {}
@@ -454,6 +472,20 @@ def _quiet(llama_cpp):
     llama_cpp.llama_log_set(_LOG_SINK, ctypes.c_void_p())
 
 
+def _layers(text):
+    """`0-3,47` -> {0, 1, 2, 3, 47}."""
+    out = set()
+    try:
+        for part in (p.strip() for p in text.split(",") if p.strip()):
+            first, dash, last = part.partition("-")
+            out.update(range(int(first), int(last if dash else first) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give layers as 0-3,47") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"{text!r} names no layer")
+    return out
+
+
 def _ids(text):
     try:
         return [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -476,6 +508,10 @@ def main(argv=None):
     parser.add_argument("--kv-type", default="f16", help="the KV cache's element type: f16 (default) or f32")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: all)")
     parser.add_argument(
+        "--layers", type=_layers, default=None,
+        help="record only these layers, e.g. 0-3,47 (and each one's input); default: all",
+    )  # fmt: skip
+    parser.add_argument(
         "--no-extra-bufts", action="store_true",
         help="keep the weights as loaded: no repacking for AMX or AVX2 (llama.cpp's use_extra_bufts off)",
     )  # fmt: skip
@@ -484,7 +520,7 @@ def main(argv=None):
         generated, missing = record(
             args.model, args.out, prompt=args.prompt, text=args.text, generate=args.generate,
             gpu_layers=args.gpu_layers, kv_type=args.kv_type, threads=args.threads,
-            extra_bufts=not args.no_extra_bufts,
+            extra_bufts=not args.no_extra_bufts, layers=args.layers,
         )  # fmt: skip
     except ImportError as e:
         print(f"error: {e}: install llama-cpp-python 0.3.x and gguf (pip install llama-cpp-python gguf)", file=sys.stderr)
