@@ -86,23 +86,31 @@ impl RopeLaunch {
 impl CudaBackend {
     /// Launches what is held back, if anything.
     pub(super) fn flush_deferred(&mut self) -> Result<()> {
-        match self.deferred.take() {
+        match self.launcher.take_held() {
             None => Ok(()),
-            Some(Deferred::Expert(e)) => self.launch_experts(e, None),
-            Some(Deferred::Rope(r)) => self.launch_rope(r, None),
+            Some(held) => self.launch_alone(held),
+        }
+    }
+
+    /// Launches a held-back part on its own.
+    fn launch_alone(&mut self, held: Deferred) -> Result<()> {
+        match held {
+            Deferred::Expert(e) => self.launch_experts(e, None),
+            Deferred::Rope(r) => self.launch_rope(r, None),
         }
     }
 
     /// Holds `next` back, or launches it with the held-back part it pairs
     /// with (after launching a held-back part it does not pair with).
     pub(super) fn defer(&mut self, next: Deferred) -> Result<()> {
-        match (self.deferred.take(), next) {
+        match (self.launcher.take_held(), next) {
             (Some(Deferred::Expert(a)), Deferred::Expert(b)) if a.pairs_with(&b) => self.launch_experts(a, Some(b)),
             (Some(Deferred::Rope(a)), Deferred::Rope(b)) if a.pairs_with(&b) => self.launch_rope(a, Some(b)),
             (held, next) => {
-                self.deferred = held;
-                self.flush_deferred()?;
-                self.deferred = Some(next);
+                if let Some(held) = held {
+                    self.launch_alone(held)?;
+                }
+                self.launcher.hold(next);
                 Ok(())
             }
         }

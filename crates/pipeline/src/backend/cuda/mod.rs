@@ -29,6 +29,7 @@ mod eager_reads;
 mod elementwise;
 mod fused_attention;
 mod graph;
+mod launcher;
 mod moe;
 mod norm;
 mod ops;
@@ -84,8 +85,9 @@ pub struct CudaBackend {
     taps: taps::Taps,
     /// The greedy choice on the device (elementwise.rs).
     choice: elementwise::GreedyChoice,
-    /// A launch held back for the next operation to share (deferred.rs).
-    deferred: Option<deferred::Deferred>,
+    /// The launch held back for the next operation to share, and the
+    /// per-operation profiler (launcher.rs).
+    launcher: launcher::Launcher,
     /// The attention of a many-row step, computed when needed
     /// (fused_attention.rs).
     attention_plan: Option<fused_attention::AttentionPlan>,
@@ -105,8 +107,6 @@ pub struct CudaBackend {
     /// everything else. Never changes a result (the GEMM writes every
     /// element: kernels-cuda's bf16 projection test).
     zero_gemm_outputs: bool,
-    /// `MOETRACE_PROFILE_OPS` set: GPU time per operation (profile.rs).
-    profiler: Option<profile::OpProfiler>,
 }
 
 impl Drop for CudaBackend {
@@ -114,7 +114,7 @@ impl Drop for CudaBackend {
         if let Some(clock) = &self.graphs.clock {
             eprint!("{}", clock.report());
         }
-        if let Some(p) = &mut self.profiler {
+        if let Some(p) = self.launcher.profiler() {
             eprint!("{}", p.report());
         }
     }
@@ -258,12 +258,11 @@ impl CudaBackend {
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
             taps: taps::Taps::default(),
             choice,
-            deferred: None,
+            launcher: launcher::Launcher::new(profiler),
             attention_plan: None,
             gone: Vec::new(),
             grouped: moe::GroupedShared::default(),
             fuse_attention: std::env::var_os("MOETRACE_NO_FUSED_ATTENTION").is_none(),
-            profiler,
         })
     }
 
@@ -287,7 +286,7 @@ impl CudaBackend {
     /// launches its kernels one by one, which computes the same bits, more
     /// slowly (to rule graphs out, or to compare with them).
     pub fn set_step_graphs(&mut self, on: bool) {
-        self.graphs.set_enabled(on, self.precision, self.profiler.is_some());
+        self.graphs.set_enabled(on, self.precision, self.launcher.profiling());
     }
 
     /// The device's name.
@@ -438,7 +437,7 @@ impl CudaBackend {
         op: impl FnOnce(&mut Self) -> Result<R>,
     ) -> Result<R> {
         self.materialise(inputs)?;
-        if self.profiler.is_none() {
+        if !self.launcher.profiling() {
             return op(self);
         }
         let stream = self.stream();
@@ -447,7 +446,7 @@ impl CudaBackend {
         let result = op(self);
         let end = profile::OpProfiler::event(&stream);
         let host = host.elapsed();
-        if let (Some(start), Some(end), Some(p)) = (start, end, &mut self.profiler) {
+        if let (Some(start), Some(end), Some(p)) = (start, end, self.launcher.profiler()) {
             p.push(name, start, end, host);
         }
         result

@@ -55,7 +55,7 @@ impl Backend for CudaBackend {
                 "step starts at position {start_position} but the KV cache is empty"
             )));
         }
-        if let Some(p) = &mut self.profiler {
+        if let Some(p) = self.launcher.profiler() {
             p.begin_step(tokens.len());
         }
         let stream = self.stream();
