@@ -218,46 +218,27 @@ mod tests {
         std::fs::write(path, bytes).unwrap();
     }
 
-    /// A fresh folder under the system's temporary folder, removed (with
-    /// what the test wrote) when dropped.
-    struct TempDir(std::path::PathBuf);
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-
-    impl std::ops::Deref for TempDir {
-        type Target = std::path::Path;
-        fn deref(&self) -> &std::path::Path {
-            &self.0
-        }
-    }
-
-    fn temp_dir(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("moetrace-st-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
+    /// A fresh folder, removed with what the test wrote when dropped.
+    fn temp_dir(name: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("moetrace-st-{name}-")).tempdir().unwrap()
     }
 
     #[test]
     fn reads_single_and_sharded_checkpoints() {
         let dir = temp_dir("single");
-        write_safetensors(&dir.join("model.safetensors"), &[("a", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])]);
-        let store = load_checkpoint(&dir).unwrap();
+        write_safetensors(&dir.path().join("model.safetensors"), &[("a", vec![2, 2], vec![1.0, 2.0, 3.0, 4.0])]);
+        let store = load_checkpoint(dir.path()).unwrap();
         assert_eq!(store.get(store.id("a").unwrap()).to_f32_vec(), [1.0, 2.0, 3.0, 4.0]);
 
         let dir = temp_dir("sharded");
-        write_safetensors(&dir.join("s1.safetensors"), &[("a", vec![1], vec![5.0])]);
-        write_safetensors(&dir.join("s2.safetensors"), &[("b", vec![2], vec![6.0, 7.0])]);
+        write_safetensors(&dir.path().join("s1.safetensors"), &[("a", vec![1], vec![5.0])]);
+        write_safetensors(&dir.path().join("s2.safetensors"), &[("b", vec![2], vec![6.0, 7.0])]);
         std::fs::write(
-            dir.join("model.safetensors.index.json"),
+            dir.path().join("model.safetensors.index.json"),
             r#"{"metadata": {}, "weight_map": {"a": "s1.safetensors", "b": "s2.safetensors"}}"#,
         )
         .unwrap();
-        let store = load_checkpoint(&dir).unwrap();
+        let store = load_checkpoint(dir.path()).unwrap();
         assert_eq!(store.get(store.id("b").unwrap()).to_f32_vec(), [6.0, 7.0]);
         assert_eq!(store.tensors().len(), 2);
     }
@@ -265,23 +246,23 @@ mod tests {
     #[test]
     fn truncated_file_is_reported_with_the_tensor() {
         let dir = temp_dir("trunc");
-        let path = dir.join("model.safetensors");
+        let path = dir.path().join("model.safetensors");
         write_safetensors(&path, &[("w", vec![4], vec![1.0; 4])]);
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
-        let msg = load_checkpoint(&dir).unwrap_err().to_string();
+        let msg = load_checkpoint(dir.path()).unwrap_err().to_string();
         assert!(msg.contains("model.safetensors") && msg.contains("truncated"), "{msg}");
         std::fs::write(&path, &bytes[..20]).unwrap();
-        let msg = load_checkpoint(&dir).unwrap_err().to_string();
+        let msg = load_checkpoint(dir.path()).unwrap_err().to_string();
         assert!(msg.contains("header length"), "{msg}");
         std::fs::write(&path, [1u8, 2]).unwrap();
-        assert!(load_checkpoint(&dir).is_err());
+        assert!(load_checkpoint(dir.path()).is_err());
     }
 
     #[test]
     fn missing_weights_file_is_named() {
         let dir = temp_dir("none");
-        let msg = load_checkpoint(&dir).unwrap_err().to_string();
+        let msg = load_checkpoint(dir.path()).unwrap_err().to_string();
         assert!(msg.contains("model.safetensors"), "{msg}");
     }
 }
