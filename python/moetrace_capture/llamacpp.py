@@ -309,6 +309,11 @@ def record(
     ggml = Ggml(_ggml.libggml)
     _quiet(llama_cpp)
     llama_cpp.llama_backend_init()
+    if gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+        raise RecorderError(
+            f"--gpu-layers {gpu_layers}: this llama.cpp build has no GPU backend (build llama-cpp-python with "
+            "CMAKE_ARGS=-DGGML_CUDA=on, or record on the CPU without --gpu-layers)"
+        )
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = gpu_layers
     mparams.use_extra_bufts = bool(extra_bufts)
