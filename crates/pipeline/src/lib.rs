@@ -33,6 +33,7 @@ pub mod families;
 pub mod forward;
 pub mod load_meter;
 pub mod model;
+pub mod rope_scaling;
 pub mod schedule;
 pub mod stages;
 mod step_graph;
