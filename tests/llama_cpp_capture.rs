@@ -7,7 +7,8 @@
 //! diffs against moetrace's own `CpuLlamaCpp` run within f32 noise at every
 //! stage; one expert slot of one layer's ffn_moe_down scaled by 2% and
 //! noise on one decode token's attention output: check names those two
-//! alone, a free-running diff of the same capture the first.
+//! alone, a free-running diff of the same capture the first. llama.cpp's
+//! Qwen2-MoE (biases, a shared expert) is checked clean too.
 //!
 //! Recorded with `--no-extra-bufts` (see `record`). Needs python3 with numpy, gguf and llama-cpp-python 0.3.x (.ci/run
 //! installs them); says SKIPPED without them.
@@ -162,4 +163,40 @@ fn llama_cpp_matches_its_numerics_replayed_and_two_edits_of_its_capture_are_name
     let free = diff(&ours, &capture, &DiffOptions::default()).unwrap();
     let first = free.first_divergence().expect("the edited capture diverges");
     assert_eq!((first.step, first.layer, first.stage), (0, Some(1), S::MoeExpertOut), "{}", free.render(false));
+}
+
+#[test]
+fn llama_cpps_qwen2_moe_with_its_shared_expert_and_biases_is_checked_clean() {
+    if !llama_cpp_python() {
+        return;
+    }
+    // The in-repo Qwen2-MoE GGUF (llama.cpp's own converter): q/k/v biases,
+    // top-k not renormalised, a shared expert behind llama.cpp's
+    // silu(x) / x sigmoid.
+    let gguf = workspace_root().join("tests/fixtures/tiny-qwen2-moe-gguf-oracle/model.gguf");
+    let dir = scratch("llama-cpp-qwen2-moe");
+    let capture = dir.join("llama-cpp");
+    let output = Command::new("python3")
+        .env("PYTHONPATH", workspace_root().join("python"))
+        .args(["-m", "moetrace_capture.llamacpp"])
+        .arg(&gguf)
+        .arg(&capture)
+        .args(["--prompt", "1,17,42,99,5,77", "--generate", "4", "--threads", "2", "--no-extra-bufts"])
+        .output()
+        .expect("python3 runs");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success() && !log.contains("not recorded"), "{log}");
+    // llama.cpp's greedy tokens are transformers' float64 oracle's.
+    assert!(String::from_utf8_lossy(&output.stdout).contains("generated [0, 91, 0, 92]"), "{log}");
+    let text = format!(
+        "(model: Path({gguf:?}), prompt: Tokens([1, 17, 42, 99, 5, 77]), generate: 4, reference: Cpu, target: Capture({capture:?}), threads: 2)"
+    );
+    let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
+    let report = bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+    assert!(finding_places(&report).is_empty(), "{}", report.render(false));
+    let stages: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
+    for stage in [S::QkvBias, S::MoeSharedOut, S::MoeSharedWeight, S::MoeFfnOut] {
+        assert!(stages.contains(&stage), "{stage} checked: {stages:?}");
+    }
+    assert_eq!(stages.len(), 29, "every stage of the model checked: {stages:?}");
 }

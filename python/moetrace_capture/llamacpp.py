@@ -9,7 +9,8 @@ moetrace capture.
 
 Then `moetrace check OUT --model MODEL.gguf` gives each stage's own error
 of llama.cpp, and `moetrace diff OUT <moetrace capture>` compares runs.
-Needs llama-cpp-python 0.3.x and gguf (llama.cpp's GGUF reader).
+Qwen3-MoE, Qwen3 and Qwen2-MoE GGUFs. Needs llama-cpp-python 0.3.x and
+gguf (llama.cpp's GGUF reader).
 
 Attention is recorded without flash attention (llama.cpp's fused
 flash-attention op holds neither the scores nor the probabilities); the
@@ -30,7 +31,11 @@ from .writer import Capture
 
 # Per architecture: the Hugging Face class and model_type moetrace reads
 # for it (pipeline's gguf_model.rs reads the same metadata the same way).
-ARCHITECTURES = {"qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"), "qwen3": ("Qwen3ForCausalLM", "qwen3")}
+ARCHITECTURES = {
+    "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3"),
+    "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+}
 
 # llama.cpp node names (without the `-<layer>` suffix) read per layer, and
 # those of the whole model.
@@ -38,7 +43,7 @@ LAYER_NODES = (
     "attn_norm", "Qcur", "Kcur", "Vcur", "Qcur_normed", "Kcur_normed", "kq", "kq_soft_max", "kqv_out",
     "ffn_inp", "ffn_norm", "ffn_moe_logits", "ffn_moe_topk", "ffn_moe_weights", "ffn_moe_weights_norm",
     "ffn_moe_gate", "ffn_moe_up", "ffn_moe_swiglu", "ffn_moe_down", "ffn_moe_out",
-    "ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "l_out",
+    "ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "l_out", "ffn_shexp_gate_inp", "ffn_shexp_gate", "ffn_shexp",
 )  # fmt: skip
 MODEL_NODES = ("embd", "result_norm", "result_output")
 
@@ -61,6 +66,10 @@ NODE_OF = {
     "moe_ffn_out": "ffn_moe_out-L", "ffn_gate": "ffn_gate-L (MUL_MAT)", "ffn_up": "ffn_up-L (MUL_MAT)",
     "ffn_swigl": "ffn_swiglu-L (GLU)", "ffn_out": "ffn_out-L (MUL_MAT)", "post_ffn_residual": "l_out-L (ADD)",
     "final_norm": "result_norm (MUL)", "lm_head": "result_output (MUL_MAT)",
+    "qkv_bias": "Qcur-L, Kcur-L, Vcur-L (ADD)", "moe_shared_gate": "ffn_gate-L (MUL_MAT)",
+    "moe_shared_up": "ffn_up-L (MUL_MAT)", "moe_shared_swigl": "ffn_swiglu-L (GLU)",
+    "moe_shared_out": "ffn_shexp-L (MUL_MAT)", "moe_shared_logit": "ffn_shexp_gate_inp-L (MUL_MAT)",
+    "moe_shared_weight": "ffn_shexp_gate-L (DIV: llama.cpp's sigmoid is silu(x) / x)",
 }  # fmt: skip
 
 
@@ -115,6 +124,19 @@ def gguf_config(path):
     for key, name in (("context_length", "max_position_embeddings"), ("feed_forward_length", "intermediate_size")):
         if value(f"{arch}.{key}") is not None:
             config[name] = int(value(f"{arch}.{key}"))
+    if arch == "qwen2moe":
+        # A shared expert weighted by its sigmoid gate; q, k and v biases
+        # (when the file has them); top-k weights not renormalised.
+        config.update(
+            num_experts=int(need("expert_count")),
+            num_experts_per_tok=int(need("expert_used_count")),
+            moe_intermediate_size=int(need("expert_feed_forward_length")),
+            shared_expert_intermediate_size=int(need("expert_shared_feed_forward_length")),
+            qkv_bias="blk.0.attn_q.bias" in tensors,
+            norm_topk_prob=False,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+        )
     if arch == "qwen3moe":
         config.update(
             num_experts=int(need("expert_count")),
@@ -223,6 +245,9 @@ def step_stages(got, config, start, t_len):
         qkv = [node(n, layer, "MUL_MAT") for n in ("Qcur", "Kcur", "Vcur")]
         if all(a is not None for a in qkv):
             put(layer, "qkv_matmul", np.concatenate([rows(a) for a in qkv], axis=1))
+        biased = [node(n, layer, "ADD") for n in ("Qcur", "Kcur", "Vcur")]
+        if all(a is not None for a in biased):
+            put(layer, "qkv_bias", np.concatenate([rows(a) for a in biased], axis=1))
         normed = [node(n, layer, "MUL") for n in ("Qcur_normed", "Kcur_normed")]
         if all(a is not None for a in normed):
             put(layer, "qk_norm", np.concatenate([rows(a) for a in normed], axis=1))
@@ -257,7 +282,19 @@ def step_stages(got, config, start, t_len):
             put(layer, "moe_expert_up", node("ffn_moe_up", layer, "MUL_MAT_ID"), slots)
             put(layer, "moe_expert_swigl", node("ffn_moe_swiglu", layer, "GLU"), slots)
             put(layer, "moe_expert_out", node("ffn_moe_down", layer, "MUL_MAT_ID"), slots)
-            put(layer, "moe_ffn_out", node("ffn_moe_out", layer, "ADD", "CONT", "VIEW"))
+            if "shared_expert_intermediate_size" in config:
+                # llama.cpp's shared expert is a plain FFN beside the routed
+                # ones; its ffn_out adds the gated shared output to
+                # ffn_moe_out (routed only): moetrace's moe_ffn_out.
+                put(layer, "moe_shared_gate", node("ffn_gate", layer, "MUL_MAT"))
+                put(layer, "moe_shared_up", node("ffn_up", layer, "MUL_MAT"))
+                put(layer, "moe_shared_swigl", node("ffn_swiglu", layer, "GLU"))
+                put(layer, "moe_shared_out", node("ffn_shexp", layer, "MUL_MAT"))
+                put(layer, "moe_shared_logit", node("ffn_shexp_gate_inp", layer, "MUL_MAT"))
+                put(layer, "moe_shared_weight", node("ffn_shexp_gate", layer, "DIV"))
+                put(layer, "moe_ffn_out", node("ffn_out", layer, "ADD"))
+            else:
+                put(layer, "moe_ffn_out", node("ffn_moe_out", layer, "ADD", "CONT", "VIEW"))
         else:
             put(layer, "ffn_gate", node("ffn_gate", layer, "MUL_MAT"))
             put(layer, "ffn_up", node("ffn_up", layer, "MUL_MAT"))
@@ -271,11 +308,16 @@ def _expected_stages(config, layers=None):
     """The stages a capture of this model holds, (layer, stage), of every
     layer or of `layers`."""
     model = [(None, s) for s in ("embedding", "final_norm", "lm_head")]
-    attention = ["attn_norm", "qkv_matmul", "qk_norm", "q_post_rope", "k_post_rope", "attn_scores", "attn_softmax",
+    attention = ["attn_norm", "qkv_matmul", "q_post_rope", "k_post_rope", "attn_scores", "attn_softmax",
                  "attention", "attn_out", "post_attn_residual", "ffn_norm", "post_ffn_residual"]  # fmt: skip
+    attention += ["qkv_bias"] if config.get("qkv_bias") else []
+    attention += ["qk_norm"] if config["model_type"].startswith("qwen3") else []
     if "num_experts" in config:
         ffn = ["moe_router_logits", "moe_router", "moe_router_indices", "moe_expert_gate", "moe_expert_up",
                "moe_expert_swigl", "moe_expert_out", "moe_ffn_out"]  # fmt: skip
+        if "shared_expert_intermediate_size" in config:
+            ffn += ["moe_shared_gate", "moe_shared_up", "moe_shared_swigl", "moe_shared_out", "moe_shared_logit",
+                    "moe_shared_weight"]  # fmt: skip
     else:
         ffn = ["ffn_gate", "ffn_up", "ffn_silu", "ffn_swigl", "ffn_out"]
     layers = range(config["num_hidden_layers"]) if layers is None else sorted(layers)

@@ -16,6 +16,7 @@ from moetrace_capture.llamacpp import _missing, step_stages  # noqa: E402
 config = {
     "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
     "hidden_size": 8, "num_experts": 4, "num_experts_per_tok": 2, "vocab_size": 16, "norm_topk_prob": True,
+    "model_type": "qwen3_moe",
 }  # fmt: skip
 rng = np.random.default_rng(0)
 start, t_len, n_kv, heads, hd, k = 3, 2, 32, 2, 4, 2  # a decode-like step of 2 tokens at positions 3, 4
