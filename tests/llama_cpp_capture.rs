@@ -8,7 +8,8 @@
 //! stage; one expert slot of one layer's ffn_moe_down scaled by 2% and
 //! noise on one decode token's attention output: check names those two
 //! alone, a free-running diff of the same capture the first. llama.cpp's
-//! Qwen2-MoE (biases, a shared expert) is checked clean too.
+//! Qwen2-MoE (biases, a shared expert) and Mixtral (permuted q/k rows) are
+//! checked clean too.
 //!
 //! Recorded with `--no-extra-bufts` (see `record`). Needs python3 with numpy, gguf and llama-cpp-python 0.3.x (.ci/run
 //! installs them); says SKIPPED without them.
@@ -166,37 +167,42 @@ fn llama_cpp_matches_its_numerics_replayed_and_two_edits_of_its_capture_are_name
 }
 
 #[test]
-fn llama_cpps_qwen2_moe_with_its_shared_expert_and_biases_is_checked_clean() {
+fn llama_cpps_qwen2_moe_and_mixtral_are_checked_clean_at_every_stage() {
     if !llama_cpp_python() {
         return;
     }
-    // The in-repo Qwen2-MoE GGUF (llama.cpp's own converter): q/k/v biases,
-    // top-k not renormalised, a shared expert behind llama.cpp's
-    // silu(x) / x sigmoid.
-    let gguf = workspace_root().join("tests/fixtures/tiny-qwen2-moe-gguf-oracle/model.gguf");
-    let dir = scratch("llama-cpp-qwen2-moe");
-    let capture = dir.join("llama-cpp");
-    let output = Command::new("python3")
-        .env("PYTHONPATH", workspace_root().join("python"))
-        .args(["-m", "moetrace_capture.llamacpp"])
-        .arg(&gguf)
-        .arg(&capture)
-        .args(["--prompt", "1,17,42,99,5,77", "--generate", "4", "--threads", "2", "--no-extra-bufts"])
-        .output()
-        .expect("python3 runs");
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success() && !log.contains("not recorded"), "{log}");
-    // llama.cpp's greedy tokens are transformers' float64 oracle's.
-    assert!(String::from_utf8_lossy(&output.stdout).contains("generated [0, 91, 0, 92]"), "{log}");
-    let text = format!(
-        "(model: Path({gguf:?}), prompt: Tokens([1, 17, 42, 99, 5, 77]), generate: 4, reference: Cpu, target: Capture({capture:?}), threads: 2)"
-    );
-    let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
-    let report = bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
-    assert!(finding_places(&report).is_empty(), "{}", report.render(false));
-    let stages: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
-    for stage in [S::QkvBias, S::MoeSharedOut, S::MoeSharedWeight, S::MoeFfnOut] {
-        assert!(stages.contains(&stage), "{stage} checked: {stages:?}");
+    // The in-repo GGUFs written by llama.cpp's own converter: Qwen2-MoE
+    // (q/k/v biases, top-k not renormalised, a shared expert behind
+    // llama.cpp's silu(x) / x sigmoid) and Mixtral (`llama` with experts,
+    // whose q and k rows the converter permutes for NORM RoPE). llama.cpp's
+    // greedy tokens are transformers' float64 oracle's.
+    for (fixture, greedy, stages, must) in [
+        ("tiny-qwen2-moe-gguf-oracle", "[0, 91, 0, 92]", 29, [S::QkvBias, S::MoeSharedOut, S::MoeSharedWeight]),
+        ("tiny-mixtral-oracle", "[18, 123, 52, 123]", 22, [S::QPostRope, S::KPostRope, S::MoeRouter]),
+    ] {
+        let gguf = workspace_root().join("tests/fixtures").join(fixture).join("model.gguf");
+        let dir = scratch(&format!("llama-cpp-{fixture}"));
+        let capture = dir.join("llama-cpp");
+        let output = Command::new("python3")
+            .env("PYTHONPATH", workspace_root().join("python"))
+            .args(["-m", "moetrace_capture.llamacpp"])
+            .arg(&gguf)
+            .arg(&capture)
+            .args(["--prompt", "1,17,42,99,5,77", "--generate", "4", "--threads", "2", "--no-extra-bufts"])
+            .output()
+            .expect("python3 runs");
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success() && !log.contains("not recorded"), "{fixture}: {log}");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(stdout.contains(&format!("generated {greedy}")), "{fixture}: {stdout}");
+        let text = format!(
+            "(model: Path({gguf:?}), prompt: Tokens([1, 17, 42, 99, 5, 77]), generate: 4, reference: Cpu, target: Capture({capture:?}), threads: 2)"
+        );
+        let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
+        let report = bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+        assert!(finding_places(&report).is_empty(), "{fixture}: {}", report.render(false));
+        let checked: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
+        assert!(must.iter().all(|s| checked.contains(s)), "{fixture}: {checked:?}");
+        assert_eq!(checked.len(), stages, "{fixture}: every stage of the model checked: {checked:?}");
     }
-    assert_eq!(stages.len(), 29, "every stage of the model checked: {stages:?}");
 }

@@ -9,7 +9,7 @@ moetrace capture.
 
 Then `moetrace check OUT --model MODEL.gguf` gives each stage's own error
 of llama.cpp, and `moetrace diff OUT <moetrace capture>` compares runs.
-Qwen3-MoE, Qwen3 and Qwen2-MoE GGUFs. Needs llama-cpp-python 0.3.x and
+Qwen3-MoE, Qwen3, Qwen2-MoE and Mixtral (`llama` with experts) GGUFs. Needs llama-cpp-python 0.3.x and
 gguf (llama.cpp's GGUF reader).
 
 Attention is recorded without flash attention (llama.cpp's fused
@@ -35,6 +35,7 @@ ARCHITECTURES = {
     "qwen3moe": ("Qwen3MoeForCausalLM", "qwen3_moe"),
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
+    "llama": ("MixtralForCausalLM", "mixtral"),
 }
 
 # llama.cpp node names (without the `-<layer>` suffix) read per layer, and
@@ -114,7 +115,7 @@ def gguf_config(path):
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": int(need("attention.head_count")),
         "num_key_value_heads": int(need("attention.head_count_kv")),
-        "head_dim": int(need("attention.key_length")),
+        "head_dim": int(value(f"{arch}.attention.key_length") or need("embedding_length") // need("attention.head_count")),
         "rms_norm_eps": float(need("attention.layer_norm_rms_epsilon")),
         "rope_theta": float(need("rope.freq_base")),
         "tie_word_embeddings": "output.weight" not in tensors,
@@ -124,6 +125,11 @@ def gguf_config(path):
     for key, name in (("context_length", "max_position_embeddings"), ("feed_forward_length", "intermediate_size")):
         if value(f"{arch}.{key}") is not None:
             config[name] = int(value(f"{arch}.{key}"))
+    if arch == "llama":
+        # Mixtral: llama with experts, whose width is feed_forward_length.
+        if value("llama.expert_count") is None:
+            raise RecorderError(f"{path}: a `llama` GGUF without experts is a dense Llama, not a family moetrace runs")
+        config.update(num_local_experts=int(need("expert_count")), num_experts_per_tok=int(need("expert_used_count")))
     if arch == "qwen2moe":
         # A shared expert weighted by its sigmoid gate; q, k and v biases
         # (when the file has them); top-k weights not renormalised.
@@ -213,6 +219,19 @@ class _StepNodes:
             return False
 
 
+def _is_moe(config):
+    return "num_experts" in config or "num_local_experts" in config
+
+
+def _unpermute(a, heads):
+    """llama.cpp's `llama` q/k rows as Hugging Face orders them: its
+    converter permutes each head's rows so that NORM RoPE's adjacent pairs
+    (2i, 2i+1) are Hugging Face's (i, i + hd/2); the last axis, per head."""
+    shape = a.shape
+    half = shape[-1] // heads // 2
+    return a.reshape(*shape[:-1], heads, half, 2).swapaxes(-1, -2).reshape(shape)
+
+
 def step_stages(got, config, start, t_len):
     """moetrace's stages of one step from llama.cpp's nodes: {(layer, stage):
     array}. llama.cpp's tensors are [ne3, ne2, ne1, ne0] with the token
@@ -243,16 +262,20 @@ def step_stages(got, config, start, t_len):
     for layer in range(config["num_hidden_layers"]):
         put(layer, "attn_norm", node("attn_norm", layer, "MUL"))
         qkv = [node(n, layer, "MUL_MAT") for n in ("Qcur", "Kcur", "Vcur")]
+        # llama's q and k come in the converter's permuted row order.
+        heads = (config["num_attention_heads"], config["num_key_value_heads"])
+        order = (lambda a, h: _unpermute(rows(a), h)) if config["model_type"] == "mixtral" else (lambda a, h: rows(a))
         if all(a is not None for a in qkv):
-            put(layer, "qkv_matmul", np.concatenate([rows(a) for a in qkv], axis=1))
+            qkv = [order(qkv[0], heads[0]), order(qkv[1], heads[1]), rows(qkv[2])]
+            put(layer, "qkv_matmul", np.concatenate(qkv, axis=1))
         biased = [node(n, layer, "ADD") for n in ("Qcur", "Kcur", "Vcur")]
         if all(a is not None for a in biased):
             put(layer, "qkv_bias", np.concatenate([rows(a) for a in biased], axis=1))
         normed = [node(n, layer, "MUL") for n in ("Qcur_normed", "Kcur_normed")]
         if all(a is not None for a in normed):
             put(layer, "qk_norm", np.concatenate([rows(a) for a in normed], axis=1))
-        put(layer, "q_post_rope", node("Qcur", layer, "ROPE"))
-        put(layer, "k_post_rope", node("Kcur", layer, "ROPE"))
+        put(layer, "q_post_rope", node("Qcur", layer, "ROPE"), lambda a: order(a, heads[0]))
+        put(layer, "k_post_rope", node("Kcur", layer, "ROPE"), lambda a: order(a, heads[1]))
         causal = np.arange(positions)[None, :] > (start + np.arange(t_len))[:, None]
         kq = node("kq", layer, "MUL_MAT")
         if kq is not None:
@@ -265,7 +288,7 @@ def step_stages(got, config, start, t_len):
         put(layer, "attn_out", node("attn_out", layer, "MUL_MAT"))
         put(layer, "post_attn_residual", node("ffn_inp", layer, "ADD"))
         put(layer, "ffn_norm", node("ffn_norm", layer, "MUL"))
-        if "num_experts" in config:
+        if _is_moe(config):
             k = config["num_experts_per_tok"]
 
             def slots(a):
@@ -312,7 +335,7 @@ def _expected_stages(config, layers=None):
                  "attention", "attn_out", "post_attn_residual", "ffn_norm", "post_ffn_residual"]  # fmt: skip
     attention += ["qkv_bias"] if config.get("qkv_bias") else []
     attention += ["qk_norm"] if config["model_type"].startswith("qwen3") else []
-    if "num_experts" in config:
+    if _is_moe(config):
         ffn = ["moe_router_logits", "moe_router", "moe_router_indices", "moe_expert_gate", "moe_expert_up",
                "moe_expert_swigl", "moe_expert_out", "moe_ffn_out"]  # fmt: skip
         if "shared_expert_intermediate_size" in config:
