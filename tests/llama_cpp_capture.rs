@@ -70,8 +70,13 @@ fn record_with(gguf: &Path, out: &Path, kv: &str, more: &[&str]) -> String {
 }
 
 fn check(capture: &Path, gguf: &Path) -> Report {
+    check_against(capture, gguf, "Cpu")
+}
+
+/// `check` with `reference` re-running the stages.
+fn check_against(capture: &Path, gguf: &Path, reference: &str) -> Report {
     let text = format!(
-        "(model: Path({gguf:?}), prompt: Tokens([{PROMPT}]), generate: 3, reference: Cpu, target: Capture({capture:?}), threads: 2)"
+        "(model: Path({gguf:?}), prompt: Tokens([{PROMPT}]), generate: 3, reference: {reference}, target: Capture({capture:?}), threads: 2)"
     );
     let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
     bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
@@ -101,6 +106,23 @@ fn a_llama_cpp_capture_with_its_default_f16_cache_is_checked_clean() {
     // the f32 floor from the CPU replaying its arithmetic.
     let worst = report.rows.iter().filter_map(|r| r.expected.as_ref().map(|e| e.ratio)).fold(0.0f64, f64::max);
     assert!(worst < 0.5, "largest ratio {worst}");
+    // The quantized projections' local errors against float64 are
+    // llama.cpp's Q8_K activations: against `CpuLlamaCpp` they are f32 noise.
+    let projections = [S::QkvMatmul, S::AttnOut, S::MoeExpertGate, S::MoeExpertUp, S::MoeExpertOut, S::LmHead];
+    let largest = |report: &Report, stage: S| {
+        report
+            .rows
+            .iter()
+            .filter(|r| r.stage == stage)
+            .filter_map(|r| r.metrics.as_ref())
+            .map(|m| m.rel_l2)
+            .fold(0.0, f64::max)
+    };
+    let against_llama_numerics = check_against(&capture, &gguf, "CpuLlamaCpp");
+    for stage in projections {
+        let (exact, ggml) = (largest(&report, stage), largest(&against_llama_numerics, stage));
+        assert!(exact > 1e-3 && ggml < 1e-6, "{stage}: rel_l2 {exact:e} against float64, {ggml:e} against CpuLlamaCpp");
+    }
 
     // One layer recorded (and its input): checked alone.
     let one = dir.join("layer-2");
