@@ -18,7 +18,7 @@ pub use recorder::{StepGraph, StepRecorder};
 
 use stage_types::SaveTensorStage;
 
-use crate::error::Result;
+use crate::error::{PipelineError, Result};
 use crate::tensor::{HostTensor, PendingTensor};
 use crate::weights::WeightId;
 
@@ -79,6 +79,44 @@ pub struct SharedTerm {
     pub out: Slot,
     /// Its weight per token, `[T,1]`, if gated.
     pub weight: Option<Slot>,
+}
+
+impl SharedTerm {
+    /// Checks a `moe_combine`'s operand shapes against each other, as
+    /// `shape_of` gives them: `expert_out` `[T,k,H]`, `weights` `[T,k]`, this
+    /// term's output `[T,H]` and weight `[T,1]`. Returns (T, k, H).
+    pub(crate) fn combine_shapes(
+        expert_out: Slot,
+        weights: Slot,
+        shared: Option<SharedTerm>,
+        shape_of: impl Fn(Slot) -> Result<Vec<usize>>,
+    ) -> Result<(usize, usize, usize)> {
+        let (et, wt) = (shape_of(expert_out)?, shape_of(weights)?);
+        if et.len() != 3 || wt != et[..2] {
+            return Err(PipelineError::BadInput(format!(
+                "moe_combine needs [T,k,H] outputs and [T,k] weights, got {et:?} and {wt:?}"
+            )));
+        }
+        let (t_len, k, h) = (et[0], et[1], et[2]);
+        if let Some(term) = shared {
+            let values = shape_of(term.out)?;
+            if values != [t_len, h] {
+                return Err(PipelineError::BadInput(format!(
+                    "moe_combine's shared expert output `{}` is {values:?}, not [{t_len}, {h}]",
+                    term.out
+                )));
+            }
+            if let Some(slot) = term.weight {
+                let w = shape_of(slot)?;
+                if w != [t_len, 1] {
+                    return Err(PipelineError::BadInput(format!(
+                        "moe_combine's shared expert weight `{slot}` is {w:?}, not [{t_len}, 1]"
+                    )));
+                }
+            }
+        }
+        Ok((t_len, k, h))
+    }
 }
 
 /// Geometry of attention for one layer.

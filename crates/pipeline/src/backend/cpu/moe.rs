@@ -66,37 +66,14 @@ impl CpuBackend {
         shared: Option<SharedTerm>,
         out: Slot,
     ) -> Result<()> {
-        let et = self.slot(expert_out)?;
-        let wt = self.slot(weights)?;
-        if et.shape.len() != 3 || wt.shape != et.shape[..2] {
-            return Err(PipelineError::BadInput(format!(
-                "moe_combine needs [T,k,H] outputs and [T,k] weights, got {:?} and {:?}",
-                et.shape, wt.shape
-            )));
-        }
-        let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
+        let (t_len, k, h) =
+            SharedTerm::combine_shapes(expert_out, weights, shared, |s| Ok(self.slot(s)?.shape.clone()))?;
         let shared = match shared {
             None => None,
             Some(term) => {
-                let values = self.slot(term.out)?;
-                if values.shape != [t_len, h] {
-                    return Err(PipelineError::BadInput(format!(
-                        "moe_combine's shared expert output `{}` is {:?}, not [{t_len}, {h}]",
-                        term.out, values.shape
-                    )));
-                }
                 let weight = match term.weight {
                     None => None,
-                    Some(slot) => {
-                        let w = self.slot(slot)?;
-                        if w.shape != [t_len, 1] {
-                            return Err(PipelineError::BadInput(format!(
-                                "moe_combine's shared expert weight `{slot}` is {:?}, not [{t_len}, 1]",
-                                w.shape
-                            )));
-                        }
-                        Some(self.rows(slot)?.2)
-                    }
+                    Some(slot) => Some(self.rows(slot)?.2),
                 };
                 Some((self.rows(term.out)?.2, weight))
             }

@@ -138,33 +138,17 @@ impl CudaBackend {
         shared: Option<SharedTerm>,
         out: Slot,
     ) -> Result<()> {
+        let (t_len, k, h) =
+            SharedTerm::combine_shapes(expert_out, weights, shared, |s| Ok(self.slot(s)?.shape.clone()))?;
         let (et, wt) = (self.slot(expert_out)?, self.slot(weights)?);
-        if et.shape.len() != 3 || wt.shape != et.shape[..2] {
-            return Err(PipelineError::BadInput("moe_combine needs [T,k,H] outputs and [T,k] weights".into()));
-        }
-        let (t_len, k, h) = (et.shape[0], et.shape[1], et.shape[2]);
         // The shared term's output and weight (any valid pointer when
-        // ungated: the kernel never reads it), shapes checked.
+        // ungated: the kernel never reads it).
         let term = match shared {
             None => None,
             Some(term) => {
                 let values = self.slot(term.out)?;
-                if values.shape != [t_len, h] {
-                    return Err(PipelineError::BadInput(format!(
-                        "moe_combine's shared expert output `{}` is not [T,H]",
-                        term.out
-                    )));
-                }
                 let weight = match term.weight {
-                    Some(w) => {
-                        let t = self.slot(w)?;
-                        if t.shape != [t_len, 1] {
-                            return Err(PipelineError::BadInput(format!(
-                                "moe_combine's shared expert weight `{w}` is not [T,1]"
-                            )));
-                        }
-                        t.f32(w)?
-                    }
+                    Some(w) => self.slot(w)?.f32(w)?,
                     None => values.f32(term.out)?,
                 };
                 Some((values.f32(term.out)?, weight, u32::from(term.weight.is_some())))
