@@ -180,6 +180,13 @@ fn check_names_the_capture_and_model_it_cannot_use_and_passes_a_clean_capture() 
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["mode"], "local");
     assert_eq!(json["findings"].as_array().map(Vec::len), Some(0));
+    // The per-stage summary: a line per stage of the model, none with a finding.
+    let out = moetrace(&["check", activations, "--model", model, "--by-stage", "-q"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let table: Vec<&str> = text.lines().skip_while(|l| !l.starts_with("stage ")).skip(1).collect();
+    assert!(table.iter().any(|l| l.starts_with("moe_shared_weight ")), "{text}");
+    assert!(table.len() >= 20 && table.iter().all(|l| l.ends_with(" 0")), "{text}");
     // No such capture, no such model, another model: exit 2, named.
     let missing = dir.join("nowhere");
     expect_error(&moetrace(&["check", missing.to_str().unwrap(), "--model", model]), &["nowhere"]);

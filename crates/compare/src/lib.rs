@@ -40,6 +40,7 @@ pub mod report;
 pub mod routing;
 pub mod row;
 pub mod scope;
+pub mod stage_table;
 pub mod view;
 
 pub use error::{CompareError, Result};

@@ -48,6 +48,11 @@ pub struct ReportFlags {
     /// 1e-4 for f32, 3e-2 for bf16.
     #[arg(long = "tolerance", value_name = "[STAGE=]F")]
     pub tolerances: Vec<String>,
+    /// After the report, one line per stage: rel_l2 over every step and
+    /// layer (median, largest), its worst row against its expected error,
+    /// its findings.
+    #[arg(long)]
+    pub by_stage: bool,
 }
 
 impl ReportFlags {
@@ -62,7 +67,11 @@ impl ReportFlags {
 
     /// Prints `report` as asked; the exit code of [`print_report`].
     pub fn print(&self, report: &Report) -> Result<ExitCode, String> {
-        print_report(report, self.json, self.all, self.html.as_deref())
+        let code = print_report(report, self.json, self.all, self.html.as_deref())?;
+        if self.by_stage && !self.json {
+            crate::print_stdout(&format!("\n{}", compare::stage_table::stage_table(report)))?;
+        }
+        Ok(code)
     }
 }
 
