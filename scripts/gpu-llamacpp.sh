@@ -3,7 +3,8 @@
 # (issue 23). Builds llama.cpp's libraries with CUDA from the carried
 # source, writes a random-weight qwen3moe GGUF at Qwen3-30B-A3B dimensions,
 # records llama.cpp (all layers offloaded) with moetrace_capture.llamacpp,
-# and checks the capture against moetrace's CUDA F32 reference, timed.
+# and checks the capture against moetrace's CUDA F32 reference, timed; the
+# report and its per-stage table (--by-stage) land in $OUT/check.txt.
 # Needs `GPU_LLAMACPP=1 bash scripts/gpu-build.sh` first; then
 #   run(command: "bash scripts/gpu-llamacpp.sh", carry: [".gpu/bin/moetrace", ".gpu/llamacpp"])
 # TYPE (q4_k_m, bf16, q8_0), LAYERS (48), PROMPT_LEN (64), GENERATE (4),
@@ -46,9 +47,9 @@ echo "recorded in $(($(date +%s) - start)) s; $(du -sh "$capture" | cut -f1)"
 echo "== check against $REFERENCE"
 start=$(date +%s)
 set +e
-.gpu/bin/moetrace check "$capture" --model "$model" --reference "$REFERENCE" -q --json --html "$OUT/check.html" > "$OUT/check.json"
+.gpu/bin/moetrace check "$capture" --model "$model" --reference "$REFERENCE" -q --by-stage --html "$OUT/check.html" > "$OUT/check.txt"
 code=$?
 set -e
 echo "check exit $code in $(($(date +%s) - start)) s"
-python3 scripts/check_table.py "$OUT/check.json" | tee "$OUT/check-table.md"
+sed -n '/^stage /,$p' "$OUT/check.txt"
 rm -rf "$capture" "$model"

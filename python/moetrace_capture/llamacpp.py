@@ -79,7 +79,11 @@ class RecorderError(RuntimeError):
 
 
 def gguf_config(path):
-    """The model's config.json as moetrace reads a GGUF's metadata."""
+    """The model's config.json as moetrace reads a GGUF's metadata: the
+    mapping of pipeline's gguf_model.rs (`config_json`), here so that
+    recording needs no moetrace binary. check compares the two (a capture
+    of "another model" is refused), so tests/llama_cpp_capture.rs holds them
+    equal for every architecture recorded."""
     try:
         import gguf
     except ImportError as e:
@@ -187,6 +191,8 @@ class _StepNodes:
 
     def _key(self, t):
         g = self.ggml
+        if g.op(t) == "RESHAPE":
+            return None  # a view of a node read anyway (Qcur before RoPE): no stage of its own
         base, layer = self.split(g.name(t))
         if (base in LAYER_NODES) == (layer is not None) and self._wanted(base, layer):
             return base, layer

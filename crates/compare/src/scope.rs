@@ -266,28 +266,41 @@ pub fn compare_scope(
                         Some(ei) if !replayed && ei.view.shape == ri.shape => ei.view,
                         _ => ri,
                     };
-                    let b = routing::align_by_expert(r.elements, e.elements, ri.elements, ei.elements, k);
                     let norm = rms_row_norm(r.elements, a.inner);
-                    let emulated_rows =
-                        row_errors(Elements::F64(&b.reference), Elements::F64(&b.target), b.inner, norm);
-                    let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, r.elements.len() / a.inner.max(1));
-                    let by_place: HashMap<(usize, i32), f64> =
-                        b.rows.iter().zip(emulated_rows).map(|(&(t, _, x), err)| ((t, x), err)).collect();
-                    let (errors, ee) = if replicates {
-                        // The target's rows against the emulation's, in `a`'s order.
-                        let c = routing::align_by_expert(e.elements, t.elements, ei.elements, ti.elements, k);
-                        let from_emulation =
-                            row_errors(Elements::F64(&c.reference), Elements::F64(&c.target), c.inner, norm);
-                        let by_place: HashMap<(usize, i32), f64> =
-                            c.rows.iter().zip(from_emulation).map(|(&(t, _, x), err)| ((t, x), err)).collect();
-                        let errors = a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied().unwrap_or(0.0));
-                        (errors.collect(), vec![Some(0.0); a.rows.len()])
-                    } else {
-                        let ee = a.rows.iter().map(|(t, _, x)| by_place.get(&(*t, *x)).copied()).collect();
-                        (row_errors(ar, at, a.inner, norm), ee)
+                    // Row errors of an alignment, by (token, expert).
+                    let by_place = |aligned: &routing::Aligned| -> (Vec<f64>, HashMap<(usize, i32), f64>) {
+                        let errors = row_errors(
+                            Elements::F64(&aligned.reference),
+                            Elements::F64(&aligned.target),
+                            aligned.inner,
+                            norm,
+                        );
+                        let places = aligned.rows.iter().zip(&errors).map(|(&(t, _, x), &err)| ((t, x), err)).collect();
+                        (errors, places)
                     };
-                    row.expected = Expected::from_rows(&errors, &ee, floor)
-                        .map(|x| x.with_emulated_rel_l2(emulated_rel_l2).from_replay(replicates));
+                    let (emulated_rows, emulated) =
+                        by_place(&routing::align_by_expert(r.elements, e.elements, ri.elements, ei.elements, k));
+                    let emulated_rel_l2 = rel_l2_of_rows(&emulated_rows, r.elements.len() / a.inner.max(1));
+                    // A replaying emulation: the target's rows against its.
+                    let replayed = replicates.then(|| {
+                        by_place(&routing::align_by_expert(e.elements, t.elements, ei.elements, ti.elements, k)).1
+                    });
+                    // Each row against the replay where it has that row, else
+                    // against the reference with the emulation's error as its bound.
+                    let (errors, ee): (Vec<f64>, Vec<Option<f64>>) = a
+                        .rows
+                        .iter()
+                        .zip(row_errors(ar, at, a.inner, norm))
+                        .map(|(&(t, _, x), to_reference)| match replayed.as_ref().and_then(|p| p.get(&(t, x))) {
+                            Some(&distance) => (distance, Some(0.0)),
+                            None => (to_reference, emulated.get(&(t, x)).copied()),
+                        })
+                        .unzip();
+                    row.expected = Expected::from_rows(&errors, &ee, floor).map(|x| {
+                        let (token, _, expert) = a.rows[x.row];
+                        let from_replay = replayed.as_ref().is_some_and(|p| p.contains_key(&(token, expert)));
+                        x.with_emulated_rel_l2(emulated_rel_l2).from_replay(from_replay)
+                    });
                     if let Some(&(token, _, expert)) =
                         row.expected.as_ref().and_then(|x| a.rows.get(x.row)).filter(|_| m_error(&row) > 0.0)
                     {

@@ -194,20 +194,18 @@ pub(crate) fn check_capture(
 fn clear_consumer_findings(report: &mut Report, config: &ModelConfig) {
     let flagged: BTreeSet<(usize, Option<usize>, S, Option<usize>)> =
         report.rows.iter().filter(|r| r.finding.is_some()).map(|r| (r.step, r.layer, r.stage, r.worst_token)).collect();
-    let last = config.num_layers.checked_sub(1);
     let mut cleared = Vec::new();
     for row in report.rows.iter_mut().filter(|r| r.finding.is_some()) {
         let traits = row.layer.map(|l| config.layer_traits(l)).unwrap_or_default();
-        let scope_input = match (row.layer, row.stage) {
-            (Some(0), _) => Some((None, S::Embedding)),
-            (Some(l), _) => Some((Some(l - 1), S::PostFfnResidual)),
-            (None, S::FinalNorm) => last.map(|l| (Some(l), S::PostFfnResidual)),
-            (None, _) => None,
+        let scope = match row.layer {
+            Some(l) => StepScope::Layer(l),
+            None if row.stage == S::Embedding => StepScope::Prologue,
+            None => StepScope::Epilogue,
         };
         let input = row.stage.inputs(traits).into_iter().find_map(|input| {
             let (layer, stage) = match input {
                 StageInput::Stage(stage) => (row.layer, stage),
-                StageInput::ScopeInput => scope_input?,
+                StageInput::ScopeInput => scope_input(scope, config.num_layers)?,
                 StageInput::EarlierKeysAndValues => return None,
             };
             flagged.contains(&(row.step, layer, stage, row.worst_token)).then_some((layer, stage))
@@ -229,6 +227,19 @@ fn clear_consumer_findings(report: &mut Report, config: &ModelConfig) {
             "not counted as findings: {}; the capture holds a value of that input its engine did not consume (an edited or mis-recorded tensor), so what the engine computed from it disagrees with the recorded value",
             cleared.join("; ")
         ));
+    }
+}
+
+/// Where `scope`'s input is ([`StageInput::ScopeInput`]) in a model of
+/// `layers` layers: the embedding for layer 0, the layer before's
+/// post_ffn_residual for the others, the last layer's for the epilogue;
+/// the prologue has none.
+fn scope_input(scope: StepScope, layers: usize) -> Option<(Option<usize>, S)> {
+    match scope {
+        StepScope::Prologue => None,
+        StepScope::Layer(0) => Some((None, S::Embedding)),
+        StepScope::Layer(l) => Some((Some(l - 1), S::PostFfnResidual)),
+        StepScope::Epilogue => layers.checked_sub(1).map(|l| (Some(l), S::PostFfnResidual)),
     }
 }
 
@@ -419,11 +430,7 @@ fn missing_input(
             }
             StageInput::Stage(_) => {}
             StageInput::ScopeInput => {
-                let (input_layer, input_stage) = match scope {
-                    StepScope::Layer(0) => (None, S::Embedding),
-                    StepScope::Layer(l) => (Some(l - 1), S::PostFfnResidual),
-                    _ => (layers.checked_sub(1), S::PostFfnResidual),
-                };
+                let Some((input_layer, input_stage)) = scope_input(scope, layers) else { continue };
                 if !has(step.step, input_layer, input_stage) {
                     return Some(match input_layer {
                         Some(_) if scope.layer().is_some() => format!("{input_stage} of the layer before"),

@@ -261,12 +261,21 @@ impl WeightTensor {
             }
             WeightDtype::Fp8E4m3 => {
                 // The loader attaches every FP8 tensor's scales (fp8.rs);
-                // without them the raw e4m3 values are all there is.
+                // without them the raw e4m3 values are all there is. One
+                // scale per run of a row within one block.
                 let cols = self.row_len().max(1);
-                for (k, (o, &b)) in out.iter_mut().zip(bytes).enumerate() {
-                    let i = start + k;
-                    let scale = self.scales.as_ref().map_or(1.0, |s| s.at(i / cols, i % cols));
-                    *o = fp8::e4m3_to_f32(b) * scale;
+                let mut k = 0;
+                while k < out.len() {
+                    let (row, col) = ((start + k) / cols, (start + k) % cols);
+                    let (scale, run) = match self.scales.as_deref() {
+                        Some(s) => (s.at(row, col), s.block.1 - col % s.block.1),
+                        None => (1.0, cols),
+                    };
+                    let run = run.min(cols - col).min(out.len() - k);
+                    for (o, &b) in out[k..k + run].iter_mut().zip(&bytes[k..k + run]) {
+                        *o = fp8::e4m3_to_f32(b) * scale;
+                    }
+                    k += run;
                 }
             }
             WeightDtype::Quant(_) => unreachable!("decoded above"),
@@ -395,6 +404,26 @@ mod tests {
             let mut two = [0.0; 2];
             t.read_f32(3, &mut two);
             assert_eq!(two, [expect[3], expect[4]]);
+        }
+    }
+
+    /// An FP8 tensor of 3 rows of 200 values in 2x128 blocks (partial on
+    /// both axes): any range, across rows and blocks, reads each value's
+    /// e4m3 decoding times its own block's scale.
+    #[test]
+    fn fp8_reads_any_range_with_each_values_block_scale() {
+        let (rows, cols) = (3usize, 200usize);
+        let bytes: Vec<u8> = (0..rows * cols).map(|i| (i * 37 % 0x7E) as u8).collect();
+        let scales = fp8::BlockScales { block: (2, 128), cols: 2, values: vec![0.5, 2.0, 3.0, 0.25] };
+        let want: Vec<f32> =
+            (0..rows * cols).map(|i| fp8::e4m3_to_f32(bytes[i]) * scales.at(i / cols, i % cols)).collect();
+        let t = WeightTensor::owned("f".into(), WeightDtype::Fp8E4m3, vec![rows, cols], bytes)
+            .with_block_scales(Arc::new(scales));
+        assert_eq!(t.to_f32_vec(), want);
+        for (start, len) in [(0, 200), (120, 20), (127, 2), (190, 150), (399, 201), (5, 590)] {
+            let mut part = vec![0.0; len];
+            t.read_f32(start, &mut part);
+            assert_eq!(part, want[start..start + len], "{start}..+{len}");
         }
     }
 

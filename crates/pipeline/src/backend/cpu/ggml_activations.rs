@@ -30,11 +30,18 @@ pub fn as_vec_dot_input(path: GgmlPath, dtype: WeightDtype, x: &[f32]) -> Option
     match dtype {
         // FP8 is not a ggml type: its products take the row as it is.
         WeightDtype::F32 | WeightDtype::Fp8E4m3 => None,
-        WeightDtype::F16 => Some(x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()),
+        WeightDtype::F16 => Some(f16_operand(x)),
         WeightDtype::Bf16 => Some(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()),
         WeightDtype::Quant(GgmlType::Q8_0) => Some(x.chunks(QK8_0).flat_map(q8_0_block).collect()),
         WeightDtype::Quant(_) => Some(x.chunks(QK_K).flat_map(q8_k_block).collect()),
     }
+}
+
+/// `x` converted to f16 (nearest, ties to even) and back: the f32 operand
+/// of a dot product with f16 values as ggml converts it (an f16 weight, or
+/// llama.cpp's f16 KV cache against the query and the probabilities).
+pub fn f16_operand(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| half::f16::from_f32(v).to_f32()).collect()
 }
 
 /// One Q8_0 block quantized and read back: d = max|x| / 127 stored as f16,

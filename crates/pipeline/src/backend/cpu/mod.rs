@@ -31,19 +31,6 @@ struct KvCache {
     len: usize,
 }
 
-/// Rounds `values` to f16 (nearest, ties to even), as ggml converts an
-/// operand for an f16 dot product.
-fn round_f16(values: &mut [f32]) {
-    values.iter_mut().for_each(|v| *v = half::f16::from_f32(*v).to_f32());
-}
-
-/// `values` rounded to f16.
-fn rounded_f16(values: &[f32]) -> Vec<f32> {
-    let mut v = values.to_vec();
-    round_f16(&mut v);
-    v
-}
-
 /// The CPU reference backend.
 pub struct CpuBackend {
     store: Arc<WeightStore>,
@@ -348,8 +335,8 @@ impl Backend for CpuBackend {
         let mut values: Vec<f32> = vd.chunks(vw).flat_map(|r| r[v_col..v_col + kw].iter().copied()).collect();
         let mut keys = kd.to_vec();
         if self.contract.attention_f16 {
-            round_f16(&mut keys);
-            round_f16(&mut values);
+            // An f16 cache.
+            (keys, values) = (ggml_activations::f16_operand(&keys), ggml_activations::f16_operand(&values));
         }
         if self.caches.len() <= layer {
             self.caches.resize_with(layer + 1, KvCache::default);
@@ -370,16 +357,14 @@ impl Backend for CpuBackend {
     }
 
     fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        let (t_len, qw, qd) = self.rows(q)?;
+        let (t_len, qw, mut qd) = self.rows(q)?;
         let AttentionShape { heads, kv_heads, head_dim: hd } = shape;
         self.check_width(q, qw, heads * hd, "attention")?;
         let rounded_q;
-        let qd = if self.contract.attention_f16 {
-            rounded_q = rounded_f16(qd);
-            &rounded_q
-        } else {
-            qd
-        };
+        if self.contract.attention_f16 {
+            rounded_q = ggml_activations::f16_operand(qd);
+            qd = &rounded_q;
+        }
         let cache = self.cache(layer)?;
         self.check_width(q, cache.width, kv_heads * hd, "the key cache width")?;
         let (p_len, start, group) = (cache.len, self.start_position, heads / kv_heads);
@@ -428,13 +413,11 @@ impl Backend for CpuBackend {
         }
         let (t_len, p_len) = (pt.shape[1], pt.shape[2]);
         let rounded_probs;
-        let pd = match self.rows(probs)?.2 {
-            pd if self.contract.attention_f16 => {
-                rounded_probs = rounded_f16(pd);
-                &rounded_probs
-            }
-            pd => pd,
-        };
+        let mut pd = self.rows(probs)?.2;
+        if self.contract.attention_f16 {
+            rounded_probs = ggml_activations::f16_operand(pd);
+            pd = &rounded_probs;
+        }
         let cache = self.cache(layer)?;
         if cache.len != p_len || cache.width != kv_heads * hd {
             return Err(PipelineError::BadInput(format!(
