@@ -57,7 +57,8 @@ fi
 if [ -n "${GPU_LLAMACPP:-}" ]; then
     L=.gpu/llamacpp
     mkdir -p "$L/tools/llamacpp" "$L/py"
-    cp ../shared/tools/llamacpp/llama.cpp-bench-src.tar.gz "$L/"
+    # (the source only when the libraries are to be built there: carry holds 64 MiB)
+    [ -n "${GPU_LLAMACPP_LIBS:-}" ] || cp ../shared/tools/llamacpp/llama.cpp-bench-src.tar.gz "$L/"
     cp ../shared/tools/llamacpp/make_gguf.py "$L/tools/llamacpp/"
     cp ../shared/tools/*.py "$L/tools/"
     sdist=$(mktemp -d)
@@ -67,6 +68,9 @@ if [ -n "${GPU_LLAMACPP:-}" ]; then
     rm -rf "$L/py/llama_cpp/server"
     cp -r "$sdist/llama_cpp_python-0.3.36/vendor/llama.cpp/gguf-py/gguf" "$L/py/"
     rm -rf "$sdist"
+    # GPU_LLAMACPP_LIBS=ARCHIVE.txz: llama.cpp's CUDA libraries an earlier run
+    # built (tar cJf of llama_cpp/lib), so the run skips the 250 s build.
+    if [ -n "${GPU_LLAMACPP_LIBS:-}" ]; then cp "$GPU_LLAMACPP_LIBS" "$L/lib.txz"; fi
     du -sh "$L"
 fi
 ls -la .gpu/bin

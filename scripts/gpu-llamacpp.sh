@@ -7,6 +7,7 @@
 # report and its per-stage table (--by-stage) land in $OUT/check.txt.
 # Needs `GPU_LLAMACPP=1 bash scripts/gpu-build.sh` first; then
 #   run(command: "bash scripts/gpu-llamacpp.sh", carry: [".gpu/bin/moetrace", ".gpu/llamacpp"])
+# (GPU_LLAMACPP_LIBS=lib.txz on that build: the libraries an earlier run built, no 250 s build here.)
 # TYPE (q4_k_m, bf16, q8_0), LAYERS (48), PROMPT_LEN (64), GENERATE (4),
 # REFERENCE (the check's reference backend) override the defaults.
 set -euo pipefail
@@ -18,6 +19,13 @@ TYPE=${TYPE:-q4_k_m} LAYERS=${LAYERS:-48} PROMPT_LEN=${PROMPT_LEN:-64} GENERATE=
 REFERENCE=${REFERENCE:-Cuda(device: 0, dtype: F32)}
 work=/tmp/llamacpp
 rm -rf "$work" && mkdir -p "$work/py"
+mkdir -p "$work/py/llama_cpp/lib"
+if [ -f "$L/lib.txz" ]; then
+    # Libraries an earlier run on this kind of machine built (scripts/gpu-build.sh
+    # copies them when GPU_LLAMACPP_LIBS names the archive): no 250 s build.
+    echo "== llama.cpp's CUDA libraries from $L/lib.txz"
+    tar xJf "$L/lib.txz" -C "$work/py/llama_cpp"
+else
 echo "== building llama.cpp's shared libraries with CUDA (sm_90)"
 start=$(date +%s)
 tar xzf "$L/llama.cpp-bench-src.tar.gz" -C "$work"
@@ -28,12 +36,18 @@ tar xzf "$L/llama.cpp-bench-src.tar.gz" -C "$work"
         -DLLAMA_OPENSSL=OFF -DGGML_CUDA_NCCL=OFF -DGGML_CCACHE=OFF -DGGML_CUDA_FA_ALL_QUANTS=OFF &&
     ninja -C build -j"$(nproc)" llama) > "$OUT/llamacpp-build.log" 2>&1 || { tail -30 "$OUT/llamacpp-build.log"; exit 1; }
 echo "built in $(($(date +%s) - start)) s"
-# llama-cpp-python's Python files over the libraries just built.
-cp -r "$L/py/llama_cpp" "$L/py/gguf" "$work/py/"
-mkdir -p "$work/py/llama_cpp/lib"
 find "$work/llama.cpp/build" -name 'lib*.so*' -exec cp -P {} "$work/py/llama_cpp/lib/" \;
+fi
+# llama-cpp-python's Python files over the libraries.
+cp -r "$L/py/llama_cpp" "$L/py/gguf" "$work/py/"
 export PYTHONPATH="$work/py:$PWD/python"
-python3 -c "import llama_cpp; print('llama_cpp', llama_cpp.__version__, 'from', llama_cpp.__file__)"
+# The GPU machine's Python (a venv) crashed inside llama_model_load_from_file
+# (a std::function call while printing hparams) unless the system libstdc++
+# is loaded first; llama-bench from the same build did not.
+LD_PRELOAD=$(ldconfig -p | grep -m1 'libstdc++.so.6 ' | awk '{print $NF}')
+# Libraries from an archive have no build tree for their RUNPATH to find.
+LD_LIBRARY_PATH="$work/py/llama_cpp/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export LD_PRELOAD LD_LIBRARY_PATH
 model=/dev/shm/moetrace-llamacpp-$TYPE-$LAYERS.gguf
 echo "== writing $model ($TYPE, $LAYERS layers)"
 python3 "$L/tools/llamacpp/make_gguf.py" "$model" --type "$TYPE" --layers "$LAYERS"

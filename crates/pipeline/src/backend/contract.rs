@@ -63,7 +63,10 @@ pub enum GgmlPath {
     /// Q8_0 for Q8_0, f16, bf16).
     Cpu,
     /// CUDA: q8_1 (blocks of 32, one scale each) for every block-quantized
-    /// type, bf16 and f16 for those weights.
+    /// type, bf16 and f16 for those weights; in steps of more than 8
+    /// tokens its tensor-core kernels (Q4_K/Q5_K MMQ with f16 sub-block
+    /// products, TF32 for f32 weights, f16 GEMMs in attention:
+    /// cpu/ggml_cuda.rs).
     Cuda,
 }
 
@@ -123,8 +126,11 @@ impl NumericContract {
     /// each projection's input converted as its kernels convert it (q8_1
     /// blocks of 32 for block-quantized weights, bf16 and f16 for those),
     /// f32 storage, the attention products on f16 operands with an f16
-    /// cache. Its sums run in other orders than the CPU's, so the
-    /// emulation bounds its error rather than replaying it.
+    /// cache; steps of more than 8 tokens as its batched kernels compute
+    /// them (cpu/ggml_cuda.rs). Its sums run in other orders than the
+    /// CPU's (and Q6_K's MMQ and the f16 GEMMs are modelled, not
+    /// replayed), so the emulation bounds its error rather than replaying
+    /// it.
     pub fn llama_cpp_cuda(kv_f16: bool) -> Self {
         Self { ggml_activations: Some(GgmlPath::Cuda), attention_f16: kv_f16, ..Self::REFERENCE }
     }
@@ -191,7 +197,8 @@ impl NumericContract {
             self.routing.name(),
             match self.ggml_activations {
                 Some(GgmlPath::Cpu) => ", projection inputs as llama.cpp's CPU converts them",
-                Some(GgmlPath::Cuda) => ", projection inputs as llama.cpp's CUDA kernels convert them",
+                Some(GgmlPath::Cuda) =>
+                    ", projection inputs as llama.cpp's CUDA kernels convert them (q8_1; above 8 tokens MMQ's f16 sub-block products, TF32 for f32 weights, f16 attention GEMMs)",
                 None => "",
             },
             if self.attention_f16 { ", attention on f16 keys, values, queries and probabilities" } else { "" }

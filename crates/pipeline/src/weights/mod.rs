@@ -287,20 +287,8 @@ impl WeightTensor {
     fn read_blocks(&self, kind: gguf::GgmlType, start: usize, out: &mut [f32]) {
         let (len, bytes) = (kind.block_len().unwrap_or(1) as usize, kind.block_bytes().unwrap_or(0) as usize);
         let (first, last) = (start / len, (start + out.len()).div_ceil(len));
-        let all: Cow<[u8]>;
-        let blocks = match &self.bytes {
-            // Synthetic blocks: only the blocks asked for are made.
-            WeightBytes::SyntheticBlocks(r) => {
-                let mut some = vec![0u8; (last - first) * bytes];
-                r.fill(first as u64, &mut some);
-                all = Cow::Owned(some);
-                &all[..]
-            }
-            _ => {
-                all = self.bytes();
-                &all[first * bytes..last * bytes]
-            }
-        };
+        let all = self.blocks(first, last, bytes);
+        let blocks = &all[..];
         // The loader checked the type and that the tensor is whole blocks.
         let whole = "whole blocks of a known type";
         if start.is_multiple_of(len) && out.len().is_multiple_of(len) {
@@ -311,6 +299,39 @@ impl WeightTensor {
         quant::dequantize(kind, blocks, &mut values).expect(whole);
         let skip = start - first * len;
         out.copy_from_slice(&values[skip..skip + out.len()]);
+    }
+
+    /// The bytes of blocks `first..last` (of `bytes` bytes each); synthetic
+    /// blocks are made for just those.
+    fn blocks(&self, first: usize, last: usize, bytes: usize) -> Cow<'_, [u8]> {
+        match &self.bytes {
+            WeightBytes::SyntheticBlocks(r) => {
+                let mut some = vec![0u8; (last - first) * bytes];
+                r.fill(first as u64, &mut some);
+                Cow::Owned(some)
+            }
+            _ => match self.bytes() {
+                Cow::Borrowed(all) => Cow::Borrowed(&all[first * bytes..last * bytes]),
+                Cow::Owned(all) => Cow::Owned(all[first * bytes..last * bytes].to_vec()),
+            },
+        }
+    }
+
+    /// Row `row` of a Q4_K or Q5_K tensor as llama.cpp's CUDA MMQ kernels
+    /// multiply it ([`quant::mmq_sub_blocks`]): each value's scaled part in
+    /// `scaled`, each 32 values' min in `mins`. False (nothing written) for
+    /// other types.
+    pub fn read_row_mmq(&self, row: usize, scaled: &mut [f32], mins: &mut [f32]) -> bool {
+        let WeightDtype::Quant(kind @ (gguf::GgmlType::Q4_K | gguf::GgmlType::Q5_K)) = self.dtype else {
+            return false;
+        };
+        let (len, bytes) = (self.row_len(), kind.block_bytes().unwrap_or(0) as usize);
+        let first = row * len / 256;
+        let blocks = self.blocks(first, first + len / 256, bytes);
+        // The loader checked that a K-quant row is whole blocks.
+        quant::mmq_sub_blocks(kind, &blocks, &mut scaled[..len], &mut mins[..len / 32])
+            .expect("whole Q4_K/Q5_K blocks");
+        true
     }
 
     /// Converts row `row` (of [`WeightTensor::row_len`] elements) into `out`.

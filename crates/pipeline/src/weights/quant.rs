@@ -110,6 +110,46 @@ fn q5_k(b: &[u8], y: &mut [f32]) {
     }
 }
 
+/// A Q4_K or Q5_K block as llama.cpp's CUDA MMQ kernels (more than 8
+/// tokens a matmul) take it: `scaled` gets each value's `d * sc * q` with
+/// the product `d * sc` rounded to f16 (the kernels' `half2` products),
+/// `mins` each 32-value sub-block's `dmin * m`, rounded to f16 likewise.
+/// The kernel subtracts a sub-block's min times the f16 sum of the float
+/// activations there, not times the quantized ones (ggml_cuda.rs).
+/// Errors for any other type.
+pub fn mmq_sub_blocks(kind: GgmlType, bytes: &[u8], scaled: &mut [f32], mins: &mut [f32]) -> Result<(), String> {
+    let (block_bytes, high_bits) = match kind {
+        GgmlType::Q4_K => (144, None),
+        GgmlType::Q5_K => (176, Some(16..48)),
+        other => return Err(format!("ggml {} has no sub-block mins (Q4_K and Q5_K have)", other.name())),
+    };
+    if !bytes.len().is_multiple_of(block_bytes)
+        || bytes.len() / block_bytes * 256 != scaled.len()
+        || scaled.len() / 32 != mins.len()
+    {
+        return Err(format!("{} bytes of {} do not hold {} values", bytes.len(), kind.name(), scaled.len()));
+    }
+    let qs_at = if high_bits.is_some() { 48 } else { 16 };
+    for ((b, y), m_out) in
+        bytes.chunks_exact(block_bytes).zip(scaled.chunks_exact_mut(256)).zip(mins.chunks_exact_mut(8))
+    {
+        let (d, min) = (half_at(b, 0), half_at(b, 2));
+        let qh = high_bits.clone().map(|r| &b[r]);
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(j, &b[4..16]);
+            let dm = f16::from_f32(d * f32::from(sc)).to_f32();
+            m_out[j] = f16::from_f32(min * f32::from(m)).to_f32();
+            let q = &b[qs_at + 32 * (j / 2)..qs_at + 32 * (j / 2) + 32];
+            for l in 0..32 {
+                let low = if j % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 };
+                let high = qh.map_or(0, |qh| if qh[l] & (1u8 << j) != 0 { 16 } else { 0 });
+                y[32 * j + l] = dm * f32::from(low + high);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// block_q6_K: `ql[128]`, `qh[64]`, `scales[16]` (int8), `d` (f16). Each
 /// 128 values take 64 bytes of `ql`, 32 of `qh` and 8 scales; value
 /// `32 * k + l` (k in 0..4) is 6 bits from a nibble of `ql` and two bits of
@@ -230,6 +270,33 @@ mod tests {
                 assert_eq!(decode(kind, &block, 256), want, "{} seed {seed}", kind.name());
             }
         }
+    }
+
+    /// MMQ's parts: scaled value less its sub-block's min is the decoded
+    /// value where `d * sc` and `dmin * m` are f16 numbers (k4_block's
+    /// scales), and each product is rounded to f16 where it is not.
+    #[test]
+    fn mmq_sub_blocks_split_each_value_into_its_scaled_part_and_its_sub_blocks_min() {
+        for (bits, kind) in [(4, GgmlType::Q4_K), (5, GgmlType::Q5_K)] {
+            let (block, want) = k4_block(bits, 3);
+            let (mut scaled, mut mins) = (vec![0.0; 256], vec![0.0; 8]);
+            mmq_sub_blocks(kind, &block, &mut scaled, &mut mins).unwrap();
+            let got: Vec<f32> = (0..256).map(|i| scaled[i] - mins[i / 32]).collect();
+            assert_eq!(got, want, "{}", kind.name());
+        }
+        let (mut block, _) = k4_block(4, 5);
+        block[0..2].copy_from_slice(&half_bytes(0.1));
+        let (mut scaled, mut mins) = (vec![0.0; 256], vec![0.0; 8]);
+        mmq_sub_blocks(GgmlType::Q4_K, &block, &mut scaled, &mut mins).unwrap();
+        let decoded = decode(GgmlType::Q4_K, &block, 256);
+        let (sc, _) = scale_min_k4(0, &block[4..16]);
+        let product = f16::from_f32(0.1).to_f32() * f32::from(sc);
+        let i = (0..32).find(|&i| decoded[i] + mins[0] != 0.0).expect("a nonzero value in sub-block 0");
+        let q = (decoded[i] + mins[0]) / product;
+        assert_eq!(scaled[i], f16::from_f32(product).to_f32() * q.round());
+        assert_ne!(f16::from_f32(product).to_f32(), product, "the test needs a product f16 cannot hold");
+        let err = mmq_sub_blocks(GgmlType::Q6_K, &[0; 210], &mut scaled, &mut mins).unwrap_err();
+        assert!(err.contains("Q6_K has no sub-block mins"), "{err}");
     }
 
     #[test]

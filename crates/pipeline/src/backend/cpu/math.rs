@@ -47,18 +47,36 @@ pub fn matmul_t(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
 /// [`matmul_t`] with each weight row rounded to `weights` after it is
 /// converted (a contract that multiplies bf16 weights).
 pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> Vec<f32> {
-    let n = w.shape[0];
     let k = w.row_len();
-    let m = inputs.len();
+    by_weight_rows(
+        inputs.len(),
+        w.shape[0],
+        || vec![0.0f32; k],
+        |r, row, outs| {
+            w.read_row(r, row);
+            weights.round(row);
+            for (o, x) in outs.iter_mut().zip(inputs) {
+                *o = dot(x, row) as f32;
+            }
+        },
+    )
+}
+
+/// The frame of every matmul here: `fill(r, scratch, outs)` writes weight
+/// row r's product with each of the `m` inputs into `outs`; rows are shared
+/// out in parallel tasks of [`ROWS_PER_TASK`], each with its own `scratch`
+/// from `scratch()`. Returns `[m, n]` row-major.
+pub fn by_weight_rows<S>(
+    m: usize,
+    n: usize,
+    scratch: impl Fn() -> S + Sync,
+    fill: impl Fn(usize, &mut S, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut by_row = vec![0.0f32; n * m];
     by_row.par_chunks_mut(ROWS_PER_TASK * m.max(1)).enumerate().for_each(|(task, chunk)| {
-        let mut row = vec![0.0f32; k];
+        let mut s = scratch();
         for (j, outs) in chunk.chunks_mut(m.max(1)).enumerate() {
-            w.read_row(task * ROWS_PER_TASK + j, &mut row);
-            weights.round(&mut row);
-            for (o, x) in outs.iter_mut().zip(inputs) {
-                *o = dot(x, &row) as f32;
-            }
+            fill(task * ROWS_PER_TASK + j, &mut s, outs);
         }
     });
     let mut out = vec![0.0f32; m * n];

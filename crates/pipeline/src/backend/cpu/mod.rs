@@ -6,6 +6,7 @@
 //! measures the error a correct implementation of it makes.
 
 mod ggml_activations;
+pub mod ggml_cuda;
 pub mod grouped_routing;
 pub mod math;
 mod moe;
@@ -97,6 +98,14 @@ impl CpuBackend {
     /// `math::matmul_t` on the pool, the input rows converted first when
     /// llama.cpp's numerics are on.
     fn matmul(&self, inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
+        if self.ggml_cuda_batched() {
+            if let Some(out) = self.pool.install(|| ggml_cuda::matmul_mmq(inputs, w)) {
+                return out;
+            }
+            if w.dtype == crate::weights::WeightDtype::F32 {
+                return self.pool.install(|| ggml_cuda::matmul_tf32(inputs, w));
+            }
+        }
         let converted: Option<Vec<Vec<f32>>> = match self.contract.ggml_activations {
             Some(path) => inputs.iter().map(|x| ggml_activations::as_vec_dot_input(path, w.dtype, x)).collect(),
             None => None,
@@ -108,6 +117,12 @@ impl CpuBackend {
             }
             None => self.pool.install(|| math::matmul_t_as(inputs, w, self.contract.weights)),
         }
+    }
+
+    /// Whether this step runs llama.cpp's batched CUDA kernels (a contract
+    /// of llama.cpp's CUDA backend and more than 8 tokens: ggml_cuda.rs).
+    fn ggml_cuda_batched(&self) -> bool {
+        self.contract.ggml_activations == Some(super::contract::GgmlPath::Cuda) && ggml_cuda::batched(self.tokens.len())
     }
 
     fn slot(&self, slot: Slot) -> Result<&HostTensor> {
@@ -427,18 +442,29 @@ impl Backend for CpuBackend {
         }
         let group = heads / kv_heads;
         let width = heads * hd;
+        // llama.cpp's batched cuBLAS in f16 for probabilities · values
+        // (its scores are asked for in f32): 16 positions summed at a time
+        // into an f16 accumulator (ggml_cuda.rs).
+        let f16_gemm = self.ggml_cuda_batched() && self.contract.attention_f16;
+        let chunk = if f16_gemm { ggml_cuda::F16_GEMM_CHUNK } else { p_len.max(1) };
         let mut data = vec![0.0f32; t_len * width];
         self.pool.install(|| {
             data.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
-                let mut acc = vec![0.0f64; hd];
+                let (mut acc, mut part) = (vec![0.0f64; hd], vec![0.0f64; hd]);
                 for h in 0..heads {
                     let kvh = h / group;
                     acc.fill(0.0);
-                    for p in 0..p_len {
-                        let w = pd[(h * t_len + t) * p_len + p] as f64;
-                        let v = &cache.v[p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
-                        for (a, &x) in acc.iter_mut().zip(v) {
-                            *a += w * x as f64;
+                    for start in (0..p_len).step_by(chunk) {
+                        part.fill(0.0);
+                        for p in start..(start + chunk).min(p_len) {
+                            let w = pd[(h * t_len + t) * p_len + p] as f64;
+                            let v = &cache.v[p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
+                            for (a, &x) in part.iter_mut().zip(v) {
+                                *a += w * x as f64;
+                            }
+                        }
+                        for (a, &x) in acc.iter_mut().zip(&part) {
+                            *a = if f16_gemm { ggml_cuda::f16_accumulate(*a, x) } else { *a + x };
                         }
                     }
                     for (o, a) in row[h * hd..(h + 1) * hd].iter_mut().zip(&acc) {
