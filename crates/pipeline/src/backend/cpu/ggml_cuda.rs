@@ -23,7 +23,7 @@
 use half::f16;
 
 use super::ggml_activations;
-use super::math::{by_weight_rows, dot};
+use super::math::{by_weight_rows, dot, matmul_t_rounding};
 use crate::backend::contract::GgmlPath;
 use crate::weights::WeightTensor;
 
@@ -55,19 +55,8 @@ pub fn tf32(x: f32) -> f32 {
 /// [`tf32`], products summed in f64 (the reference's accumulation).
 pub fn matmul_tf32(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
     let rounded: Vec<Vec<f32>> = inputs.iter().map(|x| x.iter().map(|&v| tf32(v)).collect()).collect();
-    let k = w.row_len();
-    by_weight_rows(
-        inputs.len(),
-        w.shape[0],
-        || vec![0.0f32; k],
-        |r, row, outs| {
-            w.read_row(r, row);
-            row.iter_mut().for_each(|v| *v = tf32(*v));
-            for (o, x) in outs.iter_mut().zip(&rounded) {
-                *o = dot(x, row) as f32;
-            }
-        },
-    )
+    let rows: Vec<&[f32]> = rounded.iter().map(Vec::as_slice).collect();
+    matmul_t_rounding(&rows, w, |row| row.iter_mut().for_each(|v| *v = tf32(*v)))
 }
 
 /// `inputs · w` as MMQ computes it for a Q4_K or Q5_K weight: per

@@ -47,6 +47,12 @@ pub fn matmul_t(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
 /// [`matmul_t`] with each weight row rounded to `weights` after it is
 /// converted (a contract that multiplies bf16 weights).
 pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> Vec<f32> {
+    matmul_t_rounding(inputs, w, |row| weights.round(row))
+}
+
+/// [`matmul_t`] with `round` applied to each weight row after it is
+/// converted (the precision a product takes its weights in).
+pub fn matmul_t_rounding(inputs: &[&[f32]], w: &WeightTensor, round: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
     let k = w.row_len();
     by_weight_rows(
         inputs.len(),
@@ -54,7 +60,7 @@ pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> V
         || vec![0.0f32; k],
         |r, row, outs| {
             w.read_row(r, row);
-            weights.round(row);
+            round(row);
             for (o, x) in outs.iter_mut().zip(inputs) {
                 *o = dot(x, row) as f32;
             }
