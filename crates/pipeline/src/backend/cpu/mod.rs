@@ -9,6 +9,7 @@ mod ggml_activations;
 pub mod ggml_cuda;
 pub mod grouped_routing;
 pub mod math;
+pub mod mla;
 mod moe;
 
 use std::sync::Arc;
