@@ -97,12 +97,21 @@ impl Row {
                 _ => Side::Target,
             };
             Verdict::Nan { side }
-        } else if m.rel_l2.is_nan() || m.rel_l2 > self.tolerance {
+        } else if m.rel_l2.is_nan() || (m.rel_l2 > self.tolerance && !self.small_in_one_column(&m)) {
             Verdict::Diverged
         } else {
             Verdict::Ok
         };
         self.metrics = Some(m);
+    }
+
+    /// Whether a one-column stage (one dot product a token, like the
+    /// shared expert gate's logit) is off by no more than the tolerance in
+    /// absolute terms: its relative error is ill-conditioned on values
+    /// near zero (bf16's 7.5e-3 on a logit of 0.06 is 0.12 relative), so
+    /// such a tensor diverges only when both errors are above it.
+    fn small_in_one_column(&self, m: &TensorMetrics) -> bool {
+        self.stage.shape().ends_with(",1]") && m.max_abs_diff <= self.tolerance
     }
 
     /// rel_l2, if measured.
@@ -170,4 +179,27 @@ impl Row {
 /// `12.3x` (or `inf`).
 pub(crate) fn ratio_text(ratio: f64) -> String {
     if ratio.is_finite() { format!("{ratio:.2}x") } else { "inf".into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::tensor_metrics;
+    use crate::view::Elements;
+
+    fn verdict(stage: SaveTensorStage, reference: &[f32], target: &[f32], shape: &[usize]) -> Verdict {
+        let mut row = Row::new(0, Some(0), stage, 3e-2);
+        row.set_metrics(tensor_metrics(Elements::F32(reference), Elements::F32(target), shape, 0));
+        row.verdict
+    }
+
+    #[test]
+    fn a_one_column_stage_near_zero_diverges_only_when_its_absolute_error_does() {
+        // A logit of 0.06 off by 7.5e-3: 0.12 relative, bf16-sized absolute.
+        assert_eq!(verdict(SaveTensorStage::MoeSharedLogit, &[0.06], &[0.0675], &[1, 1]), Verdict::Ok);
+        assert_eq!(verdict(SaveTensorStage::MoeSharedLogit, &[0.06], &[0.2], &[1, 1]), Verdict::Diverged);
+        // Wider stages keep the relative measure.
+        let (a, b) = ([0.06f32, 0.0], [0.0675f32, 0.0]);
+        assert_eq!(verdict(SaveTensorStage::FfnNorm, &a, &b, &[1, 2]), Verdict::Diverged);
+    }
 }
