@@ -13,8 +13,12 @@ use stage_types::SaveTensorStage as S;
 const PROMPT: &str = "[1, 17, 423, 45, 300, 5, 77, 100, 2]";
 
 fn local_bisect(model: &str, generate: usize, faults: &str) -> Report {
+    local_bisect_on(model, PROMPT, generate, faults)
+}
+
+fn local_bisect_on(model: &str, prompt: &str, generate: usize, faults: &str) -> Report {
     let text = format!(
-        "(model: {model}, prompt: Tokens({PROMPT}), generate: {generate}, reference: Cpu, target: Cpu, threads: 1, mode: Local, faults: [{faults}])"
+        "(model: {model}, prompt: Tokens({prompt}), generate: {generate}, reference: Cpu, target: Cpu, threads: 1, mode: Local, faults: [{faults}])"
     );
     let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
     let report = bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
@@ -40,6 +44,12 @@ fn findings(report: &Report) -> Vec<(usize, Option<usize>, S)> {
 /// stage), with a local error, and nothing else.
 fn every_stage_is_named_alone(name: &str) {
     let Some((model, config)) = model_spec(name) else { return };
+    every_stage_is_named_alone_in(name, &model, &config, PROMPT, 20);
+}
+
+/// [`every_stage_is_named_alone`] for `model` (a config's model spec) on
+/// `prompt`, at least `least` stages applying.
+fn every_stage_is_named_alone_in(name: &str, model: &str, config: &pipeline::ModelConfig, prompt: &str, least: usize) {
     let mut checked = 0;
     for (i, &stage) in S::ALL.iter().enumerate() {
         let layer = stage.is_layer_stage().then(|| {
@@ -56,7 +66,7 @@ fn every_stage_is_named_alone(name: &str) {
         let kind = if stage == S::MoeRouterIndices { "Zero" } else { "Scale(1.5)" };
         let layer_field = layer.map(|l| format!("layer: {l}, ")).unwrap_or_default();
         let fault = format!("(stage: {:?}, {layer_field}step: {step}, token: {token}, kind: {kind})", stage.name());
-        let report = local_bisect(&model, 3, &fault);
+        let report = local_bisect_on(model, prompt, 3, &fault);
         let found = findings(&report);
         if stage == S::MoeRouterLogits {
             // The router is judged as a unit: its weights (and, across a
@@ -76,7 +86,7 @@ fn every_stage_is_named_alone(name: &str) {
         }
         checked += 1;
     }
-    assert!(checked >= 20, "{name}: only {checked} stages checked");
+    assert!(checked >= least, "{name}: only {checked} stages checked");
 }
 
 #[test]
@@ -100,6 +110,16 @@ fn every_stage_fault_is_named_alone_on_tiny_mixtral() {
 fn every_stage_fault_is_named_alone_on_tiny_qwen2_moe() {
     // q/k/v biases, and a shared expert's six stages beside the routed ones.
     every_stage_is_named_alone("tiny-qwen2-moe");
+}
+
+#[test]
+fn every_stage_fault_is_named_alone_on_tiny_deepseek_v3() {
+    // Multi-head latent attention: its six stages (mla_q_a .. mla_kv_b)
+    // instead of qkv_matmul, and the attention stages in MLA's shapes.
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-deepseek-v3-oracle/model");
+    let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let model = format!("Path({dir:?})");
+    every_stage_is_named_alone_in("tiny-deepseek-v3", &model, &config, "[1, 17, 42, 99, 5, 77, 3]", 22);
 }
 
 #[test]

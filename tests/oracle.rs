@@ -130,6 +130,24 @@ fn cpu_matches_the_in_repo_oracle_qwen2_moe_within_1e6() {
 }
 
 #[test]
+fn cpu_matches_the_in_repo_oracle_deepseek_v3_mla_within_1e6() {
+    // DeepSeek-V3's multi-head latent attention (make_oracle_fixture.py kind
+    // `deepseek`): q through q_lora (tiny-deepseek-v3-oracle) or a plain
+    // q_proj as V2-Lite has (q_lora=0: tiny-deepseek-v3-plain-q-oracle), the latent cache, interleaved rope
+    // under YaRN with mscale_all_dim in the softmax scale; dense layers.
+    for name in ["tiny-deepseek-v3-oracle", "tiny-deepseek-v3-plain-q-oracle"] {
+        let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
+        let worst = check_oracle_dir(name, &dir, &dir.join("model"), 4);
+        assert!(worst <= 1e-6, "{name}: worst rel_l2 {worst:.2e}");
+        let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
+        let has =
+            |stage: &str| oracle.keys().iter().any(|k| k.2 == stage.parse::<stage_types::SaveTensorStage>().unwrap());
+        assert!(has("mla_kv_b") && has("mla_q") && !has("qkv_matmul"), "{name}: MLA's stages");
+        assert_eq!(has("mla_q_a_norm"), !name.contains("plain-q"), "{name}: the compressed query");
+    }
+}
+
+#[test]
 fn cpu_matches_the_in_repo_oracle_qwen2_moe_from_llama_cpps_gguf() {
     // A 2-layer Qwen2-MoE (llama.cpp's qwen2moe has no dense layers), its
     // GGUF written by llama.cpp's converter (ffn_*_shexp, attn_*.bias),

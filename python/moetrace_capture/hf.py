@@ -78,8 +78,9 @@ class _StepRecorder:
 
             attn = layer.self_attn
             hook(layer.input_layernorm.register_forward_hook(out_hook("attn_norm")))
-            for name in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm"):
-                if hasattr(attn, name):  # q_norm and k_norm: Qwen3, not Mixtral
+            for name in ("q_proj", "k_proj", "v_proj", "q_norm", "k_norm", "q_a_proj", "q_a_layernorm", "q_b_proj",
+                         "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj"):
+                if getattr(attn, name, None) is not None:  # q_norm and k_norm: Qwen3; the rest: DeepSeek's MLA
                     hook(getattr(attn, name).register_forward_hook(out_hook(name)))
             hook(attn.o_proj.register_forward_pre_hook(lambda mod, i, li=li: self._put((li, "attention"), i[0][0])))
             hook(attn.o_proj.register_forward_hook(out_hook("attn_out")))
@@ -111,29 +112,10 @@ class _StepRecorder:
             g = {k[1]: v for k, v in got.items() if isinstance(k, tuple) and k[0] == li}
             attn = layer.self_attn
             save(step, li, "attn_norm", g["attn_norm"])
-            projected = torch.cat([g["q_proj"], g["k_proj"], g["v_proj"]], dim=-1)
-            if attn.q_proj.bias is not None:  # Qwen2-MoE: the projections, then their bias
-                plain = [torch.nn.functional.linear(g["attn_norm"], getattr(attn, f"{x}_proj").weight) for x in "qkv"]
-                save(step, li, "qkv_matmul", torch.cat(plain, dim=-1))
-                save(step, li, "qkv_bias", projected)
+            if "kv_a_proj_with_mqa" in g:
+                self._mla(li, attn, g, cos, sin)
             else:
-                save(step, li, "qkv_matmul", projected)
-            if "q_norm" in g:
-                qn, kn = g["q_norm"].reshape(t_len, nh, hd), g["k_norm"].reshape(t_len, nkv, hd)
-                save(step, li, "qk_norm", torch.cat([qn.reshape(t_len, -1), kn.reshape(t_len, -1)], dim=-1))
-            else:  # no q/k norm: RoPE reads the projections
-                qn, kn = g["q_proj"].reshape(t_len, nh, hd), g["k_proj"].reshape(t_len, nkv, hd)
-            qr, kr = rope(qn.transpose(0, 1)[None], kn.transpose(0, 1)[None], cos, sin)
-            q_post, k_post = qr[0].transpose(0, 1).reshape(t_len, -1), kr[0].transpose(0, 1).reshape(t_len, -1)
-            save(step, li, "q_post_rope", q_post)
-            save(step, li, "k_post_rope", k_post)
-            keys = torch.cat([self.kv.get(li, k_post[:0]), k_post], dim=0)
-            self.kv[li] = keys
-            k_heads = keys.reshape(-1, nkv, hd).transpose(0, 1).repeat_interleave(nh // nkv, dim=0)
-            scores = qr[0] @ k_heads.transpose(1, 2) / math.sqrt(hd)
-            p_len = keys.shape[0]
-            mask = torch.arange(p_len, device=scores.device)[None, :] > (start + torch.arange(t_len, device=scores.device))[:, None]
-            save(step, li, "attn_scores", scores.masked_fill(mask[None], 0.0))
+                self._qkv_attention(li, attn, g, cos, sin, rope, nh, nkv, hd)
             save(step, li, "attn_softmax", out.attentions[li][0])
             save(step, li, "attention", g["attention"])
             save(step, li, "attn_out", g["attn_out"])
@@ -155,6 +137,71 @@ class _StepRecorder:
             save(step, li, "post_ffn_residual", g["post_ffn_residual"])
         save(step, None, "final_norm", got["final_norm"])
         save(step, None, "lm_head", got["lm_head"])
+
+    def _scores(self, li, q_heads, k_post, scaling, k_heads_of):
+        """Masked scores [nh, T, P] of this step's queries against every
+        cached key (this step's appended), as moetrace writes them."""
+        start, t_len = self.start, self.t
+        keys = torch.cat([self.kv.get(li, k_post[:0]), k_post], dim=0)
+        self.kv[li] = keys
+        scores = q_heads @ k_heads_of(keys).transpose(1, 2) * scaling
+        p_len = keys.shape[0]
+        mask = torch.arange(p_len, device=scores.device)[None, :] > (start + torch.arange(t_len, device=scores.device))[:, None]
+        self.cap.save(self.step, li, "attn_scores", scores.masked_fill(mask[None], 0.0))
+
+    def _qkv_attention(self, li, attn, g, cos, sin, rope, nh, nkv, hd):
+        """q, k, v projections through the scores (every family but MLA)."""
+        step, save, t_len = self.step, self.cap.save, self.t
+        projected = torch.cat([g["q_proj"], g["k_proj"], g["v_proj"]], dim=-1)
+        if attn.q_proj.bias is not None:  # Qwen2-MoE: the projections, then their bias
+            plain = [torch.nn.functional.linear(g["attn_norm"], getattr(attn, f"{x}_proj").weight) for x in "qkv"]
+            save(step, li, "qkv_matmul", torch.cat(plain, dim=-1))
+            save(step, li, "qkv_bias", projected)
+        else:
+            save(step, li, "qkv_matmul", projected)
+        if "q_norm" in g:
+            qn, kn = g["q_norm"].reshape(t_len, nh, hd), g["k_norm"].reshape(t_len, nkv, hd)
+            save(step, li, "qk_norm", torch.cat([qn.reshape(t_len, -1), kn.reshape(t_len, -1)], dim=-1))
+        else:  # no q/k norm: RoPE reads the projections
+            qn, kn = g["q_proj"].reshape(t_len, nh, hd), g["k_proj"].reshape(t_len, nkv, hd)
+        qr, kr = rope(qn.transpose(0, 1)[None], kn.transpose(0, 1)[None], cos, sin)
+        q_post, k_post = qr[0].transpose(0, 1).reshape(t_len, -1), kr[0].transpose(0, 1).reshape(t_len, -1)
+        save(step, li, "q_post_rope", q_post)
+        save(step, li, "k_post_rope", k_post)
+        self._scores(li, qr[0], k_post, 1 / math.sqrt(hd),
+                     lambda keys: keys.reshape(-1, nkv, hd).transpose(0, 1).repeat_interleave(nh // nkv, dim=0))
+
+    def _mla(self, li, attn, g, cos, sin):
+        """DeepSeek's multi-head latent attention through the scores: the
+        compressed query and latent, kv_b's expansion of this step's
+        positions (its hook saw the whole cache), the rope columns rotated
+        as the module rotates them, MLA's softmax scale."""
+        step, save, t_len = self.step, self.cap.save, self.t
+        nh, dn, dr, dv = attn.num_heads, attn.qk_nope_head_dim, attn.qk_rope_head_dim, attn.v_head_dim
+        if "q_a_proj" in g:
+            save(step, li, "mla_q_a", g["q_a_proj"])
+            save(step, li, "mla_q_a_norm", g["q_a_layernorm"])
+            q = g["q_b_proj"]
+        else:
+            q = g["q_proj"]
+        save(step, li, "mla_q", q)
+        kv_a = g["kv_a_proj_with_mqa"]
+        save(step, li, "mla_kv_a", kv_a)
+        save(step, li, "mla_kv_a_norm", g["kv_a_layernorm"])
+        kv_b = g["kv_b_proj"].reshape(-1, g["kv_b_proj"].shape[-1])[-t_len:]  # [1, P, w]: the whole cache
+        save(step, li, "mla_kv_b", kv_b)
+        module = __import__(type(attn).__module__, fromlist=["apply_rotary_pos_emb"])
+        rotate = (module.apply_rotary_pos_emb_interleave if self.config.rope_interleave
+                  else module.apply_rotary_pos_emb)
+        q_heads = q.reshape(t_len, nh, dn + dr).transpose(0, 1)[None]
+        k_rot = kv_a[:, attn.kv_lora_rank:].reshape(1, 1, t_len, dr)
+        q_rot, k_rot = rotate(q_heads[..., dn:], k_rot, cos, sin)
+        q_post = torch.cat([q_heads[..., :dn], q_rot], dim=-1)[0]  # [nh, T, dqk]
+        k_nope = kv_b.reshape(t_len, nh, dn + dv)[..., :dn]
+        k_post = torch.cat([k_nope, k_rot[0, 0][:, None, :].expand(t_len, nh, dr)], dim=-1).reshape(t_len, -1)
+        save(step, li, "q_post_rope", q_post.transpose(0, 1).reshape(t_len, -1))
+        save(step, li, "k_post_rope", k_post)
+        self._scores(li, q_post, k_post, attn.scaling, lambda keys: keys.reshape(-1, nh, dn + dr).transpose(0, 1))
 
     def _moe(self, li, layer, x, g):
         step, save = self.step, self.cap.save

@@ -6,10 +6,16 @@ so a fresh clone's oracle tests run; ../shared/fixtures, made by other
 code, stays the independent cross-check. New architectures get their
 oracle the same way.
 
-Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral|qwen2moe SEED [key=value ...]
+Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral|qwen2moe|deepseek SEED [key=value ...]
 (keys: vocab hidden layers heads kv_heads head_dim experts topk moe_inter
-inter shared_inter mlp_only prompt generate router_scale fp8). Needs torch,
-transformers, safetensors.
+inter shared_inter mlp_only prompt generate router_scale fp8, and for
+deepseek q_lora kv_lora nope rope v_dim). Needs torch, transformers,
+safetensors.
+
+deepseek: DeepseekV3ForCausalLM with multi-head latent attention (q_lora=0:
+a plain q_proj), YaRN rope scaling (factor 4, mscale_all_dim 1) and
+interleaved rope, every layer dense (first_k_dense_replace = layers: its
+MoE layers come next).
 
 fp8=1 writes the attention and MLP projections as FP8 (e4m3) with one f32
 `weight_scale_inv` per 128 x 128 block, as DeepSeek-V3 and Qwen3's -FP8
@@ -33,7 +39,8 @@ from moetrace_capture import hf  # noqa: E402
 torch.set_grad_enabled(False)
 out_root, name, kind, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 D = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, topk=2, moe_inter=32,
-         inter=128, shared_inter=96, mlp_only="", prompt="1,17,42,99,5,77", generate=4, router_scale=3.0, fp8=0)
+         inter=128, shared_inter=96, mlp_only="", prompt="1,17,42,99,5,77", generate=4, router_scale=3.0, fp8=0,
+         q_lora=24, kv_lora=16, nope=8, rope=4, v_dim=6)
 for k, v in (a.split("=", 1) for a in sys.argv[5:]):
     D[k] = type(D[k])(v)
 g = torch.Generator().manual_seed(seed)
@@ -50,10 +57,23 @@ for i in range(L):
     p = f"model.layers.{i}."
     sd[p + "input_layernorm.weight"] = 1 + rn(H, std=0.1)
     sd[p + "post_attention_layernorm.weight"] = 1 + rn(H, std=0.1)
-    sd[p + "self_attn.q_proj.weight"] = rn(nh * hd, H, std=1 / math.sqrt(H))
-    sd[p + "self_attn.k_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
-    sd[p + "self_attn.v_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
-    sd[p + "self_attn.o_proj.weight"] = rn(H, nh * hd, std=1 / math.sqrt(nh * hd))
+    if kind == "deepseek":  # multi-head latent attention
+        a, rq, rkv, dqk = p + "self_attn.", D["q_lora"], D["kv_lora"], D["nope"] + D["rope"]
+        if rq:
+            sd[a + "q_a_proj.weight"] = rn(rq, H, std=1 / math.sqrt(H))
+            sd[a + "q_a_layernorm.weight"] = 1 + rn(rq, std=0.1)
+            sd[a + "q_b_proj.weight"] = rn(nh * dqk, rq, std=1 / math.sqrt(rq))
+        else:
+            sd[a + "q_proj.weight"] = rn(nh * dqk, H, std=1 / math.sqrt(H))
+        sd[a + "kv_a_proj_with_mqa.weight"] = rn(rkv + D["rope"], H, std=1 / math.sqrt(H))
+        sd[a + "kv_a_layernorm.weight"] = 1 + rn(rkv, std=0.1)
+        sd[a + "kv_b_proj.weight"] = rn(nh * (D["nope"] + D["v_dim"]), rkv, std=1 / math.sqrt(rkv))
+        sd[a + "o_proj.weight"] = rn(H, nh * D["v_dim"], std=1 / math.sqrt(nh * D["v_dim"]))
+    else:
+        sd[p + "self_attn.q_proj.weight"] = rn(nh * hd, H, std=1 / math.sqrt(H))
+        sd[p + "self_attn.k_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
+        sd[p + "self_attn.v_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
+        sd[p + "self_attn.o_proj.weight"] = rn(H, nh * hd, std=1 / math.sqrt(nh * hd))
     if kind == "qwen2moe":  # q, k and v biases
         for x, width in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
             sd[p + f"self_attn.{x}_proj.bias"] = rn(width, std=0.5)
@@ -141,6 +161,16 @@ elif kind == "qwen2moe":
                                          shared_expert_intermediate_size=D["shared_inter"], norm_topk_prob=False,
                                          decoder_sparse_step=1, mlp_only_layers=mlp_only, qkv_bias=True, **qwen2)
     cls = transformers.Qwen2MoeForCausalLM
+elif kind == "deepseek":
+    deepseek = {k: v for k, v in common.items() if k not in ("head_dim", "num_key_value_heads", "rope_theta")}
+    config = transformers.DeepseekV3Config(
+        num_key_value_heads=nh, q_lora_rank=D["q_lora"] or None, kv_lora_rank=D["kv_lora"],
+        qk_nope_head_dim=D["nope"], qk_rope_head_dim=D["rope"], v_head_dim=D["v_dim"], intermediate_size=D["inter"],
+        moe_intermediate_size=D["moe_inter"], n_routed_experts=D["experts"], num_experts_per_tok=D["topk"],
+        first_k_dense_replace=L, rope_interleave=True,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
+                             beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0), **deepseek)
+    cls = transformers.DeepseekV3ForCausalLM
 elif kind == "moe":
     config = transformers.Qwen3MoeConfig(num_experts=D["experts"], num_experts_per_tok=D["topk"],
                                          moe_intermediate_size=D["moe_inter"], intermediate_size=D["inter"],

@@ -268,7 +268,7 @@ fn other_families_and_weight_types_are_refused_by_name() {
     let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     for (architecture, model_type) in
-        [("DeepseekV3ForCausalLM", "deepseek_v3"), ("Llama4ForCausalLM", "llama4"), ("GptOssForCausalLM", "gpt_oss")]
+        [("Qwen3NextForCausalLM", "qwen3_next"), ("Llama4ForCausalLM", "llama4"), ("GptOssForCausalLM", "gpt_oss")]
     {
         let mut json = original.clone();
         json["architectures"] = serde_json::json!([architecture]);
@@ -287,6 +287,23 @@ fn other_families_and_weight_types_are_refused_by_name() {
             ],
         );
     }
+    // DeepSeek-V3 runs its MLA and dense layers; a checkpoint with MoE
+    // layers is refused naming them, one without MLA's keys naming the key.
+    let mut deepseek = original.clone();
+    deepseek["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
+    deepseek["model_type"] = serde_json::json!("deepseek_v3");
+    for (key, value) in [("n_routed_experts", 8), ("first_k_dense_replace", 0), ("qk_nope_head_dim", 8)] {
+        deepseek[key] = serde_json::json!(value);
+    }
+    std::fs::write(model.join("config.json"), deepseek.to_string()).unwrap();
+    expect_failure(
+        &dir,
+        &config(&path_model(&model), "all", "all"),
+        &["config.json", "layers 0..", "MoE layers", "issue 24"],
+    );
+    deepseek["first_k_dense_replace"] = serde_json::json!(64);
+    std::fs::write(model.join("config.json"), deepseek.to_string()).unwrap();
+    expect_failure(&dir, &config(&path_model(&model), "all", "all"), &["config.json", "kv_lora_rank"]);
     std::fs::write(model.join("config.json"), original.to_string()).unwrap();
     // FP8 tensors: the first tensor's header dtype made an FP8 type (one
     // byte an element), the data cut to fit, so the file is valid.

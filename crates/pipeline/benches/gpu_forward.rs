@@ -70,7 +70,7 @@ fn main() {
         pipeline::model::MlpWeights::Dense { gate, .. } => vec![*gate],
     };
     let projections = [
-        ("q,k,v", S::AttnNorm, l0.attention.qkv.to_vec(), S::QkvMatmul),
+        ("q,k,v", S::AttnNorm, l0.attention.qkv.expect("q/k/v projections").to_vec(), S::QkvMatmul),
         ("o_proj", S::Attention, vec![l0.attention.o_proj], S::AttnOut),
         ("router", S::FfnNorm, router, S::MoeRouterLogits),
         ("lm_head", S::FinalNorm, vec![model.lm_head], S::LmHead),

@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use serde_json::{Map, Value};
-use stage_types::SaveTensorStage;
 
 use crate::error::{PipelineError, Result};
 
@@ -79,6 +78,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     /// The checkpoint's declared dtype (`torch_dtype` or `dtype`), if any.
     pub dtype: Option<String>,
+    /// Multi-head latent attention (DeepSeek-V2/V3), None for q/k/v
+    /// projections.
+    pub mla: Option<crate::mla_config::MlaConfig>,
     /// The config as JSON (the file's own content for checkpoints), for
     /// capture manifests.
     pub json: Value,
@@ -153,9 +155,18 @@ impl ModelConfig {
         let is_moe = num_experts > 0 || model_type.contains("moe") || family.experts_only;
         let hidden_size = keys.usize(&["hidden_size"])?;
         let num_heads = keys.usize(&["num_attention_heads"])?;
-        let head_dim = match keys.opt_usize(&["head_dim"])? {
-            Some(hd) => hd,
-            None => hidden_size / num_heads.max(1),
+        let mla = if family.mla {
+            crate::mla_config::refuse_deepseek_moe(obj, keys.usize(&["num_hidden_layers"])?, path)?;
+            Some(crate::mla_config::MlaConfig::from_json(obj, path)?)
+        } else {
+            None
+        };
+        // MLA: a head's query and key are its nope and rope columns; its
+        // keys and values have as many heads as its queries.
+        let head_dim = match (&mla, keys.opt_usize(&["head_dim"])?) {
+            (Some(m), _) => m.qk_head(),
+            (None, Some(hd)) => hd,
+            (None, None) => hidden_size / num_heads.max(1),
         };
         let architecture = family.architecture.to_string();
         let rope_theta = match keys.opt_f64(&["rope_theta"])? {
@@ -176,7 +187,7 @@ impl ModelConfig {
             hidden_size,
             num_layers: keys.usize(&["num_hidden_layers"])?,
             num_heads,
-            num_kv_heads: keys.usize(&["num_key_value_heads"])?,
+            num_kv_heads: if mla.is_some() { num_heads } else { keys.usize(&["num_key_value_heads"])? },
             head_dim,
             // A family of experts only has no dense layer to use it for
             // (Mixtral's `intermediate_size` is its experts' width).
@@ -216,6 +227,7 @@ impl ModelConfig {
                 Some(d) => Some(d),
                 None => keys.opt_str("dtype")?,
             },
+            mla,
             json,
         };
         config.validate(path)?;
@@ -259,6 +271,19 @@ impl ModelConfig {
                 return Err(bad(format!("`{name}` is {value}, more than the {max} moetrace accepts")));
             }
         }
+        if let Some(m) = &self.mla {
+            for (name, value, max) in [
+                ("kv_lora_rank", m.kv_lora_rank, MAX_WIDTH),
+                ("q_lora_rank", m.q_lora_rank.unwrap_or(1), MAX_WIDTH),
+                ("qk_nope_head_dim", m.qk_nope_head_dim.max(1), MAX_HEAD_DIM),
+                ("qk_rope_head_dim", m.qk_rope_head_dim, MAX_HEAD_DIM),
+                ("v_head_dim", m.v_head_dim, MAX_HEAD_DIM),
+            ] {
+                if value == 0 || value > max {
+                    return Err(bad(format!("`{name}` is {value}: it must be between 1 and {max}")));
+                }
+            }
+        }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
@@ -291,63 +316,6 @@ impl ModelConfig {
         Ok(())
     }
 
-    /// Bytes a forward pass needs besides the weights, for a prompt of
-    /// `prompt` tokens and `positions` positions in all: the KV caches
-    /// (f32) and the largest step's activations (every stage slot of one
-    /// layer, the attention scores `[nh, T, P]` dominating long prompts
-    /// when `scores` says they are kept in memory: always on the CPU, on
-    /// the device when not fused or when captured), on the host for the
-    /// CPU backend, on the device for CUDA (both keep f32 activations). An
-    /// estimate in f64, so absurd sizes cannot overflow.
-    pub fn forward_bytes(&self, prompt: usize, positions: usize, scores: bool) -> f64 {
-        let f = |x: usize| x as f64;
-        let (t, p) = (f(prompt), f(positions));
-        let kv = f(self.num_layers) * 2.0 * p * f(self.kv_width());
-        let per_token = 12.0 * f(self.hidden_size)
-            + 3.0 * f(self.qkv_width())
-            + 4.0 * f(self.intermediate_size)
-            + f(self.experts_per_token) * (3.0 * f(self.moe_intermediate_size) + f(self.hidden_size))
-            + 4.0 * f(self.shared_expert_intermediate_size)
-            + f(self.num_experts)
-            + f(self.vocab_size);
-        let scores = if scores { 2.0 * f(self.num_heads) * t * f(prompt) } else { 0.0 };
-        4.0 * (kv + t * per_token + scores)
-    }
-
-    /// The shape of `stage`'s tensor in a step of `t` tokens whose KV cache
-    /// then holds `positions` entries (DESIGN's stage table with this
-    /// model's sizes). Lets a capture size its buffers before the first
-    /// step; checked against every tensor a run captures (tests).
-    pub fn stage_shape(&self, stage: SaveTensorStage, t: usize, positions: usize) -> Vec<usize> {
-        use SaveTensorStage as S;
-        let (h, k, hd) = (self.hidden_size, self.experts_per_token, self.head_dim);
-        match stage {
-            S::QkvMatmul | S::QkvBias => vec![t, self.qkv_width()],
-            S::QkNorm => vec![t, (self.num_heads + self.num_kv_heads) * hd],
-            S::QPostRope | S::Attention => vec![t, self.q_width()],
-            S::KPostRope => vec![t, self.kv_width()],
-            S::AttnScores | S::AttnSoftmax => vec![self.num_heads, t, positions],
-            S::FfnGate | S::FfnUp | S::FfnSilu | S::FfnSwigl => vec![t, self.intermediate_size],
-            S::MoeRouterLogits => vec![t, self.num_experts],
-            S::MoeRouter | S::MoeRouterIndices => vec![t, k],
-            S::MoeExpertGate | S::MoeExpertUp | S::MoeExpertSwigl => vec![t, k, self.moe_intermediate_size],
-            S::MoeExpertOut => vec![t, k, h],
-            S::MoeSharedGate | S::MoeSharedUp | S::MoeSharedSwigl => vec![t, self.shared_expert_intermediate_size],
-            S::MoeSharedLogit | S::MoeSharedWeight => vec![t, 1],
-            S::LmHead => vec![t, self.vocab_size],
-            S::Embedding
-            | S::AttnNorm
-            | S::AttnOut
-            | S::PostAttnResidual
-            | S::FfnNorm
-            | S::FfnOut
-            | S::MoeSharedOut
-            | S::MoeFfnOut
-            | S::PostFfnResidual
-            | S::FinalNorm => vec![t, h],
-        }
-    }
-
     /// Whether layer `layer` is a Mixture-of-Experts layer: the model has
     /// experts, the layer is not in `mlp_only_layers`, and
     /// `(layer + 1) % decoder_sparse_step == 0`.
@@ -365,7 +333,15 @@ impl ModelConfig {
             qk_norm: self.qk_norm,
             shared_expert: self.shared_expert_intermediate_size > 0,
             shared_expert_gate: self.shared_expert_intermediate_size > 0 && self.shared_expert_gate,
+            mla: self.mla.is_some(),
+            mla_q_lora: self.mla.as_ref().is_some_and(|m| m.q_lora_rank.is_some()),
         }
+    }
+
+    /// Width of the attention output (o_proj's input): nh * hd, or
+    /// nh * v_head_dim with MLA.
+    pub fn attention_width(&self) -> usize {
+        self.mla.as_ref().map_or(self.q_width(), |m| self.num_heads * m.v_head_dim)
     }
 
     /// Width of the qkv_matmul output: (nh + 2 nkv) * hd.
@@ -473,9 +449,8 @@ mod tests {
         let mut c = moe_json();
         c["num_experts_per_tok"] = json!(4);
         assert_eq!(ModelConfig::same_computation_json(&a, &c), Ok(false));
-        let err =
-            ModelConfig::same_computation_json(&a, &json!({"architectures": ["DeepseekV3ForCausalLM"]})).unwrap_err();
-        assert!(err.contains("DeepseekV3ForCausalLM"), "{err}");
+        let err = ModelConfig::same_computation_json(&a, &json!({"architectures": ["GptOssForCausalLM"]})).unwrap_err();
+        assert!(err.contains("GptOssForCausalLM"), "{err}");
     }
 
     #[test]

@@ -27,11 +27,13 @@
 
 pub mod backend;
 pub mod config;
+mod config_sizes;
 pub mod ecs;
 pub mod error;
 pub mod families;
 pub mod forward;
 pub mod load_meter;
+pub mod mla_config;
 pub mod model;
 pub mod rope_scaling;
 pub mod schedule;

@@ -63,9 +63,26 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
     for l in 0..c.num_layers {
         let p = format!("model.layers.{l}.");
         push(format!("{p}input_layernorm.weight"), vec![h], TensorRole::Norm);
-        push(format!("{p}self_attn.q_proj.weight"), vec![c.q_width(), h], TensorRole::Projection { fan_in: h });
-        push(format!("{p}self_attn.k_proj.weight"), vec![c.kv_width(), h], TensorRole::Projection { fan_in: h });
-        push(format!("{p}self_attn.v_proj.weight"), vec![c.kv_width(), h], TensorRole::Projection { fan_in: h });
+        if let Some(m) = &c.mla {
+            let a = format!("{p}self_attn.");
+            let proj = |fan_in| TensorRole::Projection { fan_in };
+            match m.q_lora_rank {
+                Some(r) => {
+                    push(format!("{a}q_a_proj.weight"), vec![r, h], proj(h));
+                    push(format!("{a}q_a_layernorm.weight"), vec![r], TensorRole::Norm);
+                    push(format!("{a}q_b_proj.weight"), vec![c.q_width(), r], proj(r));
+                }
+                None => push(format!("{a}q_proj.weight"), vec![c.q_width(), h], proj(h)),
+            }
+            let (r, heads) = (m.kv_lora_rank, c.num_heads);
+            push(format!("{a}kv_a_proj_with_mqa.weight"), vec![r + m.qk_rope_head_dim, h], proj(h));
+            push(format!("{a}kv_a_layernorm.weight"), vec![r], TensorRole::Norm);
+            push(format!("{a}kv_b_proj.weight"), vec![heads * (m.qk_nope_head_dim + m.v_head_dim), r], proj(r));
+        } else {
+            push(format!("{p}self_attn.q_proj.weight"), vec![c.q_width(), h], TensorRole::Projection { fan_in: h });
+            push(format!("{p}self_attn.k_proj.weight"), vec![c.kv_width(), h], TensorRole::Projection { fan_in: h });
+            push(format!("{p}self_attn.v_proj.weight"), vec![c.kv_width(), h], TensorRole::Projection { fan_in: h });
+        }
         if c.attention_bias {
             push(format!("{p}self_attn.q_proj.bias"), vec![c.q_width()], TensorRole::Bias);
             push(format!("{p}self_attn.k_proj.bias"), vec![c.kv_width()], TensorRole::Bias);
@@ -77,8 +94,8 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
         }
         push(
             format!("{p}self_attn.o_proj.weight"),
-            vec![h, c.q_width()],
-            TensorRole::OutputProjection { fan_in: c.q_width() },
+            vec![h, c.attention_width()],
+            TensorRole::OutputProjection { fan_in: c.attention_width() },
         );
         push(format!("{p}post_attention_layernorm.weight"), vec![h], TensorRole::Norm);
         if c.is_moe_layer(l) {
@@ -109,8 +126,10 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
 pub struct AttentionWeights {
     /// input_layernorm.
     pub input_norm: WeightId,
-    /// q_proj, k_proj, v_proj.
-    pub qkv: [WeightId; 3],
+    /// q_proj, k_proj, v_proj (None in an MLA layer).
+    pub qkv: Option<[WeightId; 3]>,
+    /// Multi-head latent attention's projections, in an MLA layer.
+    pub mla: Option<MlaWeightIds>,
     /// q_proj, k_proj, v_proj biases, when the model has them.
     pub qkv_bias: Option<[WeightId; 3]>,
     /// q_norm and k_norm, when the family has them.
@@ -119,6 +138,23 @@ pub struct AttentionWeights {
     pub o_proj: WeightId,
     /// post_attention_layernorm.
     pub post_norm: WeightId,
+}
+
+/// Weight ids of one MLA block's projections and norms.
+#[derive(Debug, Clone)]
+pub struct MlaWeightIds {
+    /// q_a_proj, [Rq, H], with q_lora_rank.
+    pub q_a: Option<WeightId>,
+    /// q_a_layernorm, [Rq], with q_lora_rank.
+    pub q_a_norm: Option<WeightId>,
+    /// q_b_proj [nh*dqk, Rq] with q_lora_rank, else q_proj [nh*dqk, H].
+    pub q: WeightId,
+    /// kv_a_proj_with_mqa, [Rkv + dr, H].
+    pub kv_a: WeightId,
+    /// kv_a_layernorm, [Rkv].
+    pub kv_a_norm: WeightId,
+    /// kv_b_proj, [nh*(dn + dv), Rkv].
+    pub kv_b: WeightId,
 }
 
 /// Weight ids of one feed-forward block.
@@ -315,7 +351,22 @@ impl Model {
                 let p = format!("model.layers.{l}.");
                 let attention = AttentionWeights {
                     input_norm: id(format!("{p}input_layernorm.weight")),
-                    qkv: ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.weight"))),
+                    qkv: config
+                        .mla
+                        .is_none()
+                        .then(|| ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.weight")))),
+                    mla: config.mla.as_ref().map(|m| {
+                        let a = |name: &str| id(format!("{p}self_attn.{name}.weight"));
+                        let lora = m.q_lora_rank.is_some();
+                        MlaWeightIds {
+                            q_a: lora.then(|| a("q_a_proj")),
+                            q_a_norm: lora.then(|| a("q_a_layernorm")),
+                            q: a(if lora { "q_b_proj" } else { "q_proj" }),
+                            kv_a: a("kv_a_proj_with_mqa"),
+                            kv_a_norm: a("kv_a_layernorm"),
+                            kv_b: a("kv_b_proj"),
+                        }
+                    }),
                     qkv_bias: config
                         .attention_bias
                         .then(|| ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.bias")))),

@@ -11,7 +11,7 @@ use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
 use crate::ecs::{ForwardSchedule, HookCtx, ScopeObservers, StageHookSystems, StageSet, layer_has, observers_enabled};
-use crate::stages::{attention, ffn, model, moe, shared_expert};
+use crate::stages::{attention, ffn, mla, model, moe, shared_expert};
 use crate::teacher::{Teacher, teach_stage};
 
 /// The three schedules of a forward step, and their scope observers'.
@@ -91,6 +91,12 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
     match stage {
         S::Embedding => schedule.add_systems(model::embedding.in_set(set)),
         S::AttnNorm => schedule.add_systems(attention::attn_norm.in_set(set)),
+        S::MlaQA => schedule.add_systems(mla::mla_q_a.in_set(set)),
+        S::MlaQANorm => schedule.add_systems(mla::mla_q_a_norm.in_set(set)),
+        S::MlaQ => schedule.add_systems(mla::mla_q.in_set(set)),
+        S::MlaKvA => schedule.add_systems(mla::mla_kv_a.in_set(set)),
+        S::MlaKvANorm => schedule.add_systems(mla::mla_kv_a_norm.in_set(set)),
+        S::MlaKvB => schedule.add_systems(mla::mla_kv_b.in_set(set)),
         S::QkvMatmul => schedule.add_systems(attention::qkv_matmul.in_set(set)),
         S::QkvBias => schedule.add_systems(attention::qkv_bias.in_set(set)),
         S::QkNorm => schedule.add_systems(attention::qk_norm.in_set(set)),

@@ -24,13 +24,27 @@ impl SaveTensorStage {
     /// The stage the v columns and the RoPE input come from in a layer with
     /// `layer`'s parts: qkv_bias with a bias, else qkv_matmul.
     pub fn qkv_source(layer: LayerTraits) -> SaveTensorStage {
-        if layer.qkv_bias { SaveTensorStage::QkvBias } else { SaveTensorStage::QkvMatmul }
+        if layer.mla {
+            // MLA's values are kv_b's columns after each head's k_nope.
+            SaveTensorStage::MlaKvB
+        } else if layer.qkv_bias {
+            SaveTensorStage::QkvBias
+        } else {
+            SaveTensorStage::QkvMatmul
+        }
     }
 
-    /// The stage RoPE reads q and k from: qk_norm where the layer has it,
-    /// else the projections ([`Self::qkv_source`]).
+    /// The stage RoPE reads q (and, but in MLA, k) from: qk_norm where
+    /// the layer has it, MLA's query, else the projections
+    /// ([`Self::qkv_source`]).
     pub fn rope_source(layer: LayerTraits) -> SaveTensorStage {
-        if layer.qk_norm { SaveTensorStage::QkNorm } else { Self::qkv_source(layer) }
+        if layer.qk_norm {
+            SaveTensorStage::QkNorm
+        } else if layer.mla {
+            SaveTensorStage::MlaQ
+        } else {
+            Self::qkv_source(layer)
+        }
     }
 
     /// What this stage reads in a layer with `layer`'s parts (model stages
@@ -43,7 +57,14 @@ impl SaveTensorStage {
         match self {
             S::Embedding => vec![],
             S::AttnNorm | S::FinalNorm => vec![Scope],
-            S::QkvMatmul => vec![Stage(S::AttnNorm)],
+            S::QkvMatmul | S::MlaQA | S::MlaKvA => vec![Stage(S::AttnNorm)],
+            S::MlaQANorm => vec![Stage(S::MlaQA)],
+            S::MlaQ => vec![Stage(if layer.mla_q_lora { S::MlaQANorm } else { S::AttnNorm })],
+            S::MlaKvANorm => vec![Stage(S::MlaKvA)],
+            S::MlaKvB => vec![Stage(S::MlaKvANorm)],
+            // MLA's keys: each head's k_nope from kv_b, the rope columns
+            // of kv_a rotated once and shared.
+            S::KPostRope if layer.mla => vec![Stage(S::MlaKvA), Stage(S::MlaKvB)],
             S::QkvBias => vec![Stage(S::QkvMatmul)],
             S::QkNorm => vec![qkv],
             S::QPostRope | S::KPostRope => vec![rope],
@@ -93,8 +114,17 @@ mod tests {
     fn every_input_comes_before_its_stage_and_applies_where_the_stage_does() {
         let layers = [
             LayerTraits { dense: true, ..LayerTraits::default() },
-            LayerTraits { dense: false, qkv_bias: true, qk_norm: false, shared_expert: true, shared_expert_gate: true },
+            LayerTraits {
+                dense: false,
+                qkv_bias: true,
+                qk_norm: false,
+                shared_expert: true,
+                shared_expert_gate: true,
+                ..LayerTraits::default()
+            },
             LayerTraits { dense: false, qk_norm: true, ..LayerTraits::default() },
+            LayerTraits { dense: true, mla: true, mla_q_lora: true, ..LayerTraits::default() },
+            LayerTraits { dense: false, mla: true, shared_expert: true, ..LayerTraits::default() },
         ];
         for layer in layers {
             for &stage in SaveTensorStage::ALL.iter().filter(|s| s.applies_to(layer)) {

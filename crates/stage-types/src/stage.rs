@@ -37,6 +37,14 @@ pub enum Applicability {
     /// Only MoE layers whose shared expert is weighted by its own sigmoid
     /// gate (Qwen2-MoE).
     SharedExpertGate,
+    /// Only layers whose attention projects q, k and v directly (every
+    /// family but those with multi-head latent attention).
+    NotMla,
+    /// Only layers with multi-head latent attention (DeepSeek-V2/V3).
+    Mla,
+    /// Only MLA layers whose query goes through a compressed rank
+    /// (`q_lora_rank` set: DeepSeek-V3; not V2-Lite).
+    MlaQLora,
 }
 
 impl Applicability {
@@ -50,6 +58,9 @@ impl Applicability {
             Applicability::MoeOnly => "moe",
             Applicability::SharedExpert => "shared-expert",
             Applicability::SharedExpertGate => "shared-expert-gate",
+            Applicability::NotMla => "not-mla",
+            Applicability::Mla => "mla",
+            Applicability::MlaQLora => "mla-q-lora",
         }
     }
 }
@@ -69,6 +80,12 @@ pub struct LayerTraits {
     pub shared_expert: bool,
     /// A sigmoid gate weighting the shared expert's output.
     pub shared_expert_gate: bool,
+    /// Multi-head latent attention (keys and values from a compressed
+    /// latent) instead of q, k and v projections.
+    pub mla: bool,
+    /// MLA with a compressed query (`q_a_proj`, `q_a_layernorm`,
+    /// `q_b_proj`).
+    pub mla_q_lora: bool,
 }
 
 macro_rules! stages {
@@ -125,8 +142,20 @@ stages! {
     Embedding = "embedding", Model, Always, "[T,H]", "token embedding rows";
     /// Input RMSNorm: x * rsqrt(mean(x²) + eps) * weight.
     AttnNorm = "attn_norm", Layer, Always, "[T,H]", "input RMSNorm output";
+    /// MLA's compressed query: attn_norm · q_a_projᵀ.
+    MlaQA = "mla_q_a", Layer, MlaQLora, "[T,Rq]", "MLA compressed query (q_a_proj)";
+    /// RMSNorm of the compressed query (q_a_layernorm).
+    MlaQANorm = "mla_q_a_norm", Layer, MlaQLora, "[T,Rq]", "MLA compressed query after q_a_layernorm";
+    /// MLA's query per head, nope then rope columns, before rotation.
+    MlaQ = "mla_q", Layer, Mla, "[T,nh*dqk]", "MLA query (q_b_proj or q_proj), before RoPE";
+    /// kv_a_proj_with_mqa: the latent, then the shared key's rope columns.
+    MlaKvA = "mla_kv_a", Layer, Mla, "[T,Rkv+dr]", "MLA latent and shared rope key (kv_a_proj_with_mqa)";
+    /// RMSNorm of the latent (kv_a_layernorm): what the cache keeps.
+    MlaKvANorm = "mla_kv_a_norm", Layer, Mla, "[T,Rkv]", "MLA latent after kv_a_layernorm";
+    /// kv_b_proj of the latent: per head k_nope then the value.
+    MlaKvB = "mla_kv_b", Layer, Mla, "[T,nh*(dn+dv)]", "MLA per-head k_nope and value (kv_b_proj)";
     /// q, k, v projections concatenated along features.
-    QkvMatmul = "qkv_matmul", Layer, Always, "[T,(nh+2nkv)*hd]", "q, k, v projections concatenated along features";
+    QkvMatmul = "qkv_matmul", Layer, NotMla, "[T,(nh+2nkv)*hd]", "q, k, v projections concatenated along features";
     /// qkv_matmul + bias (models with a QKV bias only).
     QkvBias = "qkv_bias", Layer, QkvBias, "[T,(nh+2nkv)*hd]", "after bias add; only for models with a QKV bias";
     /// Per-head RMSNorm of q then k over hd, before RoPE (Qwen3 QK-norm).
@@ -232,6 +261,9 @@ impl SaveTensorStage {
             Applicability::MoeOnly => !layer.dense,
             Applicability::SharedExpert => !layer.dense && layer.shared_expert,
             Applicability::SharedExpertGate => !layer.dense && layer.shared_expert && layer.shared_expert_gate,
+            Applicability::NotMla => !layer.mla,
+            Applicability::Mla => layer.mla,
+            Applicability::MlaQLora => layer.mla && layer.mla_q_lora,
         }
     }
 
@@ -312,6 +344,12 @@ mod tests {
             [
                 "embedding",
                 "attn_norm",
+                "mla_q_a",
+                "mla_q_a_norm",
+                "mla_q",
+                "mla_kv_a",
+                "mla_kv_a_norm",
+                "mla_kv_b",
                 "qkv_matmul",
                 "qkv_bias",
                 "qk_norm",
@@ -369,7 +407,8 @@ mod tests {
             let dense_only = name.starts_with("ffn_") && stage != S::FfnNorm;
             let moe_only = name.starts_with("moe_");
             let shared = name.starts_with("moe_shared_");
-            let optional = matches!(stage, S::QkvBias | S::QkNorm) || shared;
+            let mla = name.starts_with("mla_");
+            let optional = matches!(stage, S::QkvBias | S::QkNorm) || shared || mla;
             let layer = |dense| LayerTraits { dense, ..LayerTraits::default() };
             assert_eq!(stage.applies_to(layer(true)), !moe_only && !optional, "{name}");
             assert_eq!(stage.applies_to(layer(false)), !dense_only && !optional, "{name}");
@@ -379,12 +418,13 @@ mod tests {
                 qk_norm: true,
                 shared_expert: true,
                 shared_expert_gate: true,
+                ..LayerTraits::default()
             };
-            assert_eq!(stage.applies_to(all), !dense_only, "{name}");
+            assert_eq!(stage.applies_to(all), !dense_only && !mla, "{name}");
             let ungated = LayerTraits { shared_expert_gate: false, ..all };
             assert_eq!(
                 stage.applies_to(ungated),
-                !dense_only && !matches!(stage, S::MoeSharedLogit | S::MoeSharedWeight),
+                !dense_only && !mla && !matches!(stage, S::MoeSharedLogit | S::MoeSharedWeight),
                 "{name}"
             );
             // A dense layer has no shared expert, whatever the model has.
@@ -392,5 +432,21 @@ mod tests {
         }
         assert_eq!(S::MoeRouterIndices.element_type(), "int32");
         assert_eq!(S::MoeRouter.element_type(), "float32");
+    }
+
+    #[test]
+    fn mla_layers_replace_the_qkv_projections_with_the_latent_stages() {
+        use SaveTensorStage as S;
+        let mla = LayerTraits { mla: true, mla_q_lora: true, ..LayerTraits::default() };
+        let plain_query = LayerTraits { mla_q_lora: false, ..mla };
+        for stage in [S::MlaQ, S::MlaKvA, S::MlaKvANorm, S::MlaKvB] {
+            assert!(stage.applies_to(mla) && stage.applies_to(plain_query), "{stage}");
+            assert!(!stage.applies_to(LayerTraits::default()), "{stage}");
+        }
+        for stage in [S::MlaQA, S::MlaQANorm] {
+            assert!(stage.applies_to(mla) && !stage.applies_to(plain_query), "{stage}");
+        }
+        assert!(!S::QkvMatmul.applies_to(mla) && S::QkvMatmul.applies_to(LayerTraits::default()));
+        assert!(S::QPostRope.applies_to(mla) && S::AttnScores.applies_to(mla));
     }
 }

@@ -11,6 +11,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device_setup;
+pub mod mla;
 pub mod recorder;
 
 pub use device_setup::DeviceSetup;
@@ -163,6 +164,12 @@ pub trait Backend: Send + Sync + 'static {
     /// in memory of its own (see [`DeviceSetup`]); None: it computes in the
     /// host's, which the caller checks.
     fn device_setup(&mut self) -> Option<&mut dyn DeviceSetup> {
+        None
+    }
+
+    /// Multi-head latent attention's operations, if this backend has them
+    /// (see [`mla::MlaOps`]); None: an MLA model is refused.
+    fn mla(&mut self) -> Option<&mut dyn mla::MlaOps> {
         None
     }
 

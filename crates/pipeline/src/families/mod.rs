@@ -9,10 +9,12 @@
 //! [`FAMILIES`], its stage variants in stage-types if it has new stages,
 //! and its oracle fixture (ARCHITECTURE.md, "Adding a family").
 
+mod deepseek_v3;
 mod mixtral;
 mod qwen2_moe;
 mod qwen3;
 
+pub use deepseek_v3::DEEPSEEK_V3;
 pub use mixtral::MIXTRAL;
 pub use qwen2_moe::QWEN2_MOE;
 pub use qwen3::{QWEN3, QWEN3_MOE};
@@ -50,6 +52,9 @@ pub struct Family {
     pub attention_bias_default: bool,
     /// The always-on shared expert of its MoE layers, if it has one.
     pub shared_expert: Option<SharedExpert>,
+    /// Whether its attention is multi-head latent attention (keys and
+    /// values from a compressed latent: `crate::mla_config`).
+    pub mla: bool,
 }
 
 /// How a family's config.json describes its shared expert.
@@ -81,11 +86,12 @@ impl Family {
         attention_bias_key: "attention_bias",
         attention_bias_default: false,
         shared_expert: None,
+        mla: false,
     };
 }
 
 /// Every family moetrace runs.
-pub const FAMILIES: [&Family; 4] = [&QWEN3, &QWEN3_MOE, &MIXTRAL, &QWEN2_MOE];
+pub const FAMILIES: [&Family; 5] = [&QWEN3, &QWEN3_MOE, &MIXTRAL, &QWEN2_MOE, &DEEPSEEK_V3];
 
 impl Family {
     /// The family with this `architectures[0]`.

@@ -3,7 +3,7 @@
 use bevy_ecs::prelude::*;
 use stage_types::SaveTensorStage as S;
 
-use super::{current, layer_input};
+use super::{current, layer_input, mla};
 use crate::backend::{AttentionShape, QkNormArgs, RopeArgs};
 use crate::config::ModelConfig;
 use crate::ecs::{LayerAttention, StageCtx};
@@ -34,7 +34,7 @@ pub fn attn_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
 
 /// qkv_matmul: `attn_norm · [q_proj; k_proj; v_proj]ᵀ`, [T,(nh+2nkv)*hd].
 pub fn qkv_matmul(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
-    let Some(w) = current(&ctx, &layers).map(|a| a.0.qkv) else {
+    let Some(w) = current(&ctx, &layers).and_then(|a| a.0.qkv) else {
         return;
     };
     ctx.run(S::QkvMatmul, |b, _| b.linear(S::AttnNorm, &w, S::QkvMatmul));
@@ -72,6 +72,9 @@ pub fn qk_norm(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
 /// q_post_rope: NeoX RoPE of the q heads of qk_norm (or of the
 /// projections, without it), [T,nh*hd].
 pub fn q_post_rope(mut ctx: StageCtx) {
+    if ctx.layer.traits.mla {
+        return ctx.run(S::QPostRope, mla::mla_q_post_rope);
+    }
     let input = rope_source(&ctx);
     ctx.run(S::QPostRope, |b, c| {
         let args = RopeArgs { col_start: 0, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta };
@@ -82,6 +85,9 @@ pub fn q_post_rope(mut ctx: StageCtx) {
 /// k_post_rope: NeoX RoPE of the k heads of qk_norm (or of the
 /// projections, without it), [T,nkv*hd].
 pub fn k_post_rope(mut ctx: StageCtx) {
+    if ctx.layer.traits.mla {
+        return ctx.run(S::KPostRope, mla::mla_k_post_rope);
+    }
     let input = rope_source(&ctx);
     ctx.run(S::KPostRope, |b, c| {
         let args =
@@ -95,6 +101,9 @@ pub fn k_post_rope(mut ctx: StageCtx) {
 /// 0, [nh,T,P].
 pub fn attn_scores(mut ctx: StageCtx) {
     let layer = ctx.layer_index();
+    if ctx.layer.traits.mla {
+        return ctx.run(S::AttnScores, |b, c| mla::mla_scores(b, c, layer));
+    }
     let v = qkv_source(&ctx);
     ctx.run(S::AttnScores, |b, c| {
         b.append_kv(layer, S::KPostRope, v, c.q_width() + c.kv_width())?;
@@ -110,6 +119,9 @@ pub fn attn_softmax(mut ctx: StageCtx) {
 /// attention: `softmax · v` over the cached values, [T,nh*hd].
 pub fn attention(mut ctx: StageCtx) {
     let layer = ctx.layer_index();
+    if ctx.layer.traits.mla {
+        return ctx.run(S::Attention, |b, c| mla::mla_attention(b, c, layer));
+    }
     ctx.run(S::Attention, |b, c| b.attention(layer, S::AttnSoftmax, shape(c), S::Attention));
 }
 

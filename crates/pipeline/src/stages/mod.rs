@@ -4,6 +4,7 @@
 
 pub mod attention;
 pub mod ffn;
+pub mod mla;
 pub mod model;
 pub mod moe;
 pub mod shared_expert;

@@ -20,32 +20,14 @@
 //! The family's stage systems come next (issue 24); tests/deepseek_mla.rs
 //! holds this to transformers' float64 on tests/data/deepseek-v3-mla.json.
 
+use super::CpuBackend;
+use super::attention::HeadDims;
 use super::math::{dot, matmul_t, rms_norm_row, softmax_prefix};
-use crate::weights::WeightTensor;
-
-/// MLA's widths.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MlaDims {
-    /// Query heads (MLA's keys and values have as many).
-    pub heads: usize,
-    /// The compressed query's width, None for a plain `q_proj`.
-    pub q_lora_rank: Option<usize>,
-    /// The compressed key-value latent's width.
-    pub kv_lora_rank: usize,
-    /// Per-head query/key columns without rotation.
-    pub qk_nope: usize,
-    /// Per-head query/key columns rotated (the key's shared by every head).
-    pub qk_rope: usize,
-    /// Per-head value width.
-    pub v_head_dim: usize,
-}
-
-impl MlaDims {
-    /// Query and key width per head.
-    pub fn qk_head(&self) -> usize {
-        self.qk_nope + self.qk_rope
-    }
-}
+use crate::backend::Slot;
+pub use crate::backend::mla::{MlaDims, MlaOps, MlaRope};
+use crate::error::{PipelineError, Result};
+use crate::tensor::HostTensor;
+use crate::weights::{WeightId, WeightTensor};
 
 /// Where the query comes from.
 #[derive(Debug, Clone, Copy)]
@@ -77,34 +59,6 @@ pub struct MlaWeights<'a> {
     pub kv_b: &'a WeightTensor,
     /// `o_proj` `[H, heads * v_head_dim]`.
     pub o: &'a WeightTensor,
-}
-
-/// The rotation: inverse frequencies (`qk_rope / 2`), the factor cos and
-/// sin are multiplied by (YaRN's attention factor, 1 otherwise), and
-/// whether pairs are interleaved.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MlaRope {
-    /// One per rotated pair.
-    pub inv_freq: Vec<f64>,
-    /// cos and sin are multiplied by it.
-    pub attention_factor: f64,
-    /// DeepSeek's interleaved pairs (`rope_interleave`), else rotate-half.
-    pub interleave: bool,
-}
-
-impl MlaRope {
-    /// `x` (one head's rotated columns) at `position`, into `out`.
-    fn rotate(&self, x: &[f32], position: usize, out: &mut [f32]) {
-        let half = x.len() / 2;
-        for (i, f) in self.inv_freq.iter().enumerate().take(half) {
-            let (sin, cos) = (position as f64 * f).sin_cos();
-            let (sin, cos) = (sin * self.attention_factor, cos * self.attention_factor);
-            let (a, b) = if self.interleave { (x[2 * i], x[2 * i + 1]) } else { (x[i], x[i + half]) };
-            let (a, b) = (f64::from(a), f64::from(b));
-            out[i] = (a * cos - b * sin) as f32;
-            out[i + half] = (b * cos + a * sin) as f32;
-        }
-    }
 }
 
 /// A layer's MLA cache: the normed latent and the rotated shared key
@@ -233,4 +187,95 @@ pub fn mla_step(
     }
     let out = matmul_t(&rows(&attention, heads * dims.v_head_dim), weights.o);
     MlaStep { q_a, q_a_norm, q, kv_a, kv_a_norm, k_rope, q_rope, kv_b, attention, out }
+}
+
+impl MlaOps for CpuBackend {
+    fn latent_norm(&mut self, kv_a: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
+        let w = self.weight(weight);
+        let (rows, width, x) = self.rows(kv_a)?;
+        if w.len() > width {
+            return Err(PipelineError::BadInput(format!(
+                "the latent norm covers {} columns but `{kv_a}` has {width}",
+                w.len()
+            )));
+        }
+        let mut data = vec![0.0f32; rows * w.len()];
+        for (o, r) in data.chunks_mut(w.len()).zip(x.chunks(width)) {
+            rms_norm_row(&r[..w.len()], &w, eps, o);
+        }
+        self.set(out, HostTensor::f32(vec![rows, w.len()], data));
+        Ok(())
+    }
+
+    fn query_rope(&mut self, q: Slot, dims: MlaDims, rope: &MlaRope, out: Slot) -> Result<()> {
+        let (rows, width, x) = self.rows(q)?;
+        let qk = dims.qk_head();
+        self.check_width(q, width, dims.heads * qk, "MLA's query")?;
+        let mut data = x.to_vec();
+        for t in 0..rows {
+            for h in 0..dims.heads {
+                let at = t * width + h * qk + dims.qk_nope;
+                rope.rotate(&x[at..at + dims.qk_rope], self.start_position + t, &mut data[at..at + dims.qk_rope]);
+            }
+        }
+        self.set(out, HostTensor::f32(vec![rows, width], data));
+        Ok(())
+    }
+
+    fn keys(&mut self, kv_a: Slot, kv_b: Slot, dims: MlaDims, rope: &MlaRope, out: Slot) -> Result<()> {
+        let (rows, aw, a) = self.rows(kv_a)?;
+        let (b_rows, bw, b) = self.rows(kv_b)?;
+        let per_head = dims.qk_nope + dims.v_head_dim;
+        self.check_width(kv_a, aw, dims.kv_lora_rank + dims.qk_rope, "MLA's latent and rope key")?;
+        self.check_width(kv_b, bw, dims.heads * per_head, "MLA's kv_b")?;
+        if b_rows != rows {
+            return Err(PipelineError::BadInput(format!("`{kv_a}` has {rows} rows but `{kv_b}` {b_rows}")));
+        }
+        let qk = dims.qk_head();
+        let mut data = vec![0.0f32; rows * dims.heads * qk];
+        let mut shared = vec![0.0f32; dims.qk_rope];
+        for t in 0..rows {
+            rope.rotate(&a[t * aw + dims.kv_lora_rank..(t + 1) * aw], self.start_position + t, &mut shared);
+            for h in 0..dims.heads {
+                let key = &mut data[(t * dims.heads + h) * qk..(t * dims.heads + h + 1) * qk];
+                key[..dims.qk_nope].copy_from_slice(&b[t * bw + h * per_head..t * bw + h * per_head + dims.qk_nope]);
+                key[dims.qk_nope..].copy_from_slice(&shared);
+            }
+        }
+        self.set(out, HostTensor::f32(vec![rows, dims.heads * qk], data));
+        Ok(())
+    }
+
+    fn append_kv(&mut self, layer: usize, keys: Slot, kv_b: Slot, dims: MlaDims) -> Result<()> {
+        let (rows, kw, k) = self.rows(keys)?;
+        let (b_rows, bw, b) = self.rows(kv_b)?;
+        let per_head = dims.qk_nope + dims.v_head_dim;
+        self.check_width(keys, kw, dims.heads * dims.qk_head(), "MLA's keys")?;
+        self.check_width(kv_b, bw, dims.heads * per_head, "MLA's kv_b")?;
+        if b_rows != rows {
+            return Err(PipelineError::BadInput(format!("`{keys}` has {rows} rows but `{kv_b}` {b_rows}")));
+        }
+        let values: Vec<f32> = b
+            .chunks(bw)
+            .flat_map(|r| {
+                (0..dims.heads).flat_map(move |h| r[h * per_head + dims.qk_nope..(h + 1) * per_head].iter().copied())
+            })
+            .collect();
+        let keys = k.to_vec();
+        self.append_cache(layer, keys, values, kw, dims.heads * dims.v_head_dim)
+    }
+
+    fn scores(&mut self, layer: usize, q: Slot, dims: MlaDims, scale: f64, out: Slot) -> Result<()> {
+        self.scores_with(layer, q, head_dims(dims), scale, out)
+    }
+
+    fn attention(&mut self, layer: usize, probs: Slot, dims: MlaDims, out: Slot) -> Result<()> {
+        self.attention_with(layer, probs, head_dims(dims), out)
+    }
+}
+
+/// MLA's heads as the attention products see them: as many key/value
+/// heads as query heads.
+fn head_dims(dims: MlaDims) -> HeadDims {
+    HeadDims { heads: dims.heads, kv_heads: dims.heads, qk: dims.qk_head(), v: dims.v_head_dim }
 }

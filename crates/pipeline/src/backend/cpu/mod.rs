@@ -5,6 +5,7 @@
 //! (weights and stage outputs rounded where it says), which is how bisect
 //! measures the error a correct implementation of it makes.
 
+mod attention;
 mod ggml_activations;
 pub mod ggml_cuda;
 pub mod grouped_routing;
@@ -16,22 +17,13 @@ use std::sync::Arc;
 
 use rayon::prelude::*;
 
+use attention::{HeadDims, KvCache};
+
 use super::contract::NumericContract;
 use super::{AttentionShape, Backend, QkNormArgs, RopeArgs, SharedTerm, Slot};
 use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
 use crate::weights::{WeightId, WeightStore, WeightTensor};
-
-/// Keys and values of one layer for every position seen so far.
-#[derive(Debug, Default, Clone)]
-struct KvCache {
-    /// [len, nkv*hd].
-    k: Vec<f32>,
-    /// [len, nkv*hd].
-    v: Vec<f32>,
-    width: usize,
-    len: usize,
-}
 
 /// The CPU reference backend.
 pub struct CpuBackend {
@@ -214,8 +206,8 @@ impl Backend for CpuBackend {
                 )));
             }
             cache.len = start_position;
-            cache.k.truncate(start_position * cache.width);
-            cache.v.truncate(start_position * cache.width);
+            cache.k.truncate(start_position * cache.k_width);
+            cache.v.truncate(start_position * cache.v_width);
         }
         if self.caches.is_empty() && start_position > 0 {
             return Err(PipelineError::BadInput(format!(
@@ -226,6 +218,10 @@ impl Backend for CpuBackend {
         self.start_position = start_position;
         self.slots.iter_mut().for_each(|s| *s = None);
         Ok(())
+    }
+
+    fn mla(&mut self) -> Option<&mut dyn super::mla::MlaOps> {
+        Some(self)
     }
 
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
@@ -348,58 +344,15 @@ impl Backend for CpuBackend {
                 "append_kv: `{k}` is [{k_rows},{kw}] but `{v}` is [{v_rows},{vw}] (values from column {v_col})"
             )));
         }
-        let mut values: Vec<f32> = vd.chunks(vw).flat_map(|r| r[v_col..v_col + kw].iter().copied()).collect();
-        let mut keys = kd.to_vec();
-        if self.contract.attention_f16 {
-            // An f16 cache.
-            (keys, values) = (ggml_activations::f16_operand(&keys), ggml_activations::f16_operand(&values));
-        }
-        if self.caches.len() <= layer {
-            self.caches.resize_with(layer + 1, KvCache::default);
-        }
-        let start = self.start_position;
-        let cache = &mut self.caches[layer];
-        if cache.len != start {
-            return Err(PipelineError::BadInput(format!(
-                "the KV cache of layer {layer} holds {} positions but this step starts at {start}",
-                cache.len
-            )));
-        }
-        cache.width = kw;
-        cache.k.extend_from_slice(&keys);
-        cache.v.extend_from_slice(&values);
-        cache.len += k_rows;
-        Ok(())
+        let values: Vec<f32> = vd.chunks(vw).flat_map(|r| r[v_col..v_col + kw].iter().copied()).collect();
+        let keys = kd.to_vec();
+        self.append_cache(layer, keys, values, kw, kw)
     }
 
     fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        let (t_len, qw, mut qd) = self.rows(q)?;
-        let AttentionShape { heads, kv_heads, head_dim: hd } = shape;
-        self.check_width(q, qw, heads * hd, "attention")?;
-        let rounded_q;
-        if self.contract.attention_f16 {
-            rounded_q = ggml_activations::f16_operand(qd);
-            qd = &rounded_q;
-        }
-        let cache = self.cache(layer)?;
-        self.check_width(q, cache.width, kv_heads * hd, "the key cache width")?;
-        let (p_len, start, group) = (cache.len, self.start_position, heads / kv_heads);
-        let scale = 1.0 / (hd as f64).sqrt();
-        let mut data = vec![0.0f32; heads * t_len * p_len];
-        self.pool.install(|| {
-            data.par_chunks_mut(t_len * p_len).enumerate().for_each(|(h, out_h)| {
-                let kvh = h / group;
-                for t in 0..t_len {
-                    let qv = &qd[t * qw + h * hd..t * qw + (h + 1) * hd];
-                    for p in 0..=(start + t).min(p_len - 1) {
-                        let kv = &cache.k[p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
-                        out_h[t * p_len + p] = (math::dot(qv, kv) * scale) as f32;
-                    }
-                }
-            });
-        });
-        self.set(out, HostTensor::f32(vec![heads, t_len, p_len], data));
-        Ok(())
+        let AttentionShape { heads, kv_heads, head_dim } = shape;
+        let heads = HeadDims { heads, kv_heads, qk: head_dim, v: head_dim };
+        self.scores_with(layer, q, heads, 1.0 / (head_dim as f64).sqrt(), out)
     }
 
     fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
@@ -419,63 +372,8 @@ impl Backend for CpuBackend {
     }
 
     fn attention(&mut self, layer: usize, probs: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
-        let pt = self.slot(probs)?;
-        let AttentionShape { heads, kv_heads, head_dim: hd } = shape;
-        if pt.shape.len() != 3 || pt.shape[0] != heads {
-            return Err(PipelineError::BadInput(format!(
-                "attention needs [{heads},T,P] probabilities, got {:?}",
-                pt.shape
-            )));
-        }
-        let (t_len, p_len) = (pt.shape[1], pt.shape[2]);
-        let rounded_probs;
-        let mut pd = self.rows(probs)?.2;
-        if self.contract.attention_f16 {
-            rounded_probs = ggml_activations::f16_operand(pd);
-            pd = &rounded_probs;
-        }
-        let cache = self.cache(layer)?;
-        if cache.len != p_len || cache.width != kv_heads * hd {
-            return Err(PipelineError::BadInput(format!(
-                "attention: probabilities cover {p_len} positions, the value cache of layer {layer} {}",
-                cache.len
-            )));
-        }
-        let group = heads / kv_heads;
-        let width = heads * hd;
-        // llama.cpp's batched cuBLAS in f16 for probabilities · values
-        // (its scores are asked for in f32): 16 positions summed at a time
-        // into an f16 accumulator (ggml_cuda.rs).
-        let f16_gemm = self.ggml_cuda_batched() && self.contract.attention_f16;
-        let chunk = if f16_gemm { ggml_cuda::F16_GEMM_CHUNK } else { p_len.max(1) };
-        let mut data = vec![0.0f32; t_len * width];
-        self.pool.install(|| {
-            data.par_chunks_mut(width).enumerate().for_each(|(t, row)| {
-                let (mut acc, mut part) = (vec![0.0f64; hd], vec![0.0f64; hd]);
-                for h in 0..heads {
-                    let kvh = h / group;
-                    acc.fill(0.0);
-                    for start in (0..p_len).step_by(chunk) {
-                        part.fill(0.0);
-                        for p in start..(start + chunk).min(p_len) {
-                            let w = pd[(h * t_len + t) * p_len + p] as f64;
-                            let v = &cache.v[p * cache.width + kvh * hd..p * cache.width + (kvh + 1) * hd];
-                            for (a, &x) in part.iter_mut().zip(v) {
-                                *a += w * x as f64;
-                            }
-                        }
-                        for (a, &x) in acc.iter_mut().zip(&part) {
-                            *a = if f16_gemm { ggml_cuda::f16_accumulate(*a, x) } else { *a + x };
-                        }
-                    }
-                    for (o, a) in row[h * hd..(h + 1) * hd].iter_mut().zip(&acc) {
-                        *o = *a as f32;
-                    }
-                }
-            });
-        });
-        self.set(out, HostTensor::f32(vec![t_len, width], data));
-        Ok(())
+        let AttentionShape { heads, kv_heads, head_dim } = shape;
+        self.attention_with(layer, probs, HeadDims { heads, kv_heads, qk: head_dim, v: head_dim }, out)
     }
 
     fn add(&mut self, a: Slot, b: Slot, out: Slot) -> Result<()> {
@@ -554,14 +452,14 @@ impl Backend for CpuBackend {
             .caches
             .get(layer)
             .ok_or_else(|| PipelineError::BadInput(format!("layer {layer} has no KV cache yet")))?;
-        Ok((HostTensor::f32(vec![c.len, c.width], c.k.clone()), HostTensor::f32(vec![c.len, c.width], c.v.clone())))
+        Ok((HostTensor::f32(vec![c.len, c.k_width], c.k.clone()), HostTensor::f32(vec![c.len, c.v_width], c.v.clone())))
     }
 
     fn set_kv_cache(&mut self, layer: usize, keys: &HostTensor, values: &HostTensor) -> Result<()> {
         let (Some(k), Some(v)) = (keys.as_f32(), values.as_f32()) else {
             return Err(PipelineError::BadInput("a KV cache holds float32".into()));
         };
-        if keys.shape.len() != 2 || keys.shape != values.shape {
+        if keys.shape.len() != 2 || values.shape.len() != 2 || keys.shape[0] != values.shape[0] {
             return Err(PipelineError::BadInput(format!(
                 "KV cache keys {:?} and values {:?} must both be [len, width]",
                 keys.shape, values.shape
@@ -570,7 +468,13 @@ impl Backend for CpuBackend {
         if self.caches.len() <= layer {
             self.caches.resize_with(layer + 1, KvCache::default);
         }
-        self.caches[layer] = KvCache { k: k.to_vec(), v: v.to_vec(), width: keys.shape[1], len: keys.shape[0] };
+        self.caches[layer] = KvCache {
+            k: k.to_vec(),
+            v: v.to_vec(),
+            k_width: keys.shape[1],
+            v_width: values.shape[1],
+            len: keys.shape[0],
+        };
         Ok(())
     }
 

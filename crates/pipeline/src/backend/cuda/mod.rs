@@ -167,6 +167,13 @@ impl CudaBackend {
         precision: CudaPrecision,
         meter: &crate::LoadMeter,
     ) -> Result<Self> {
+        if model.config.mla.is_some() {
+            // Refused before a byte is placed on the device.
+            return Err(PipelineError::BackendUnavailable(format!(
+                "{} uses multi-head latent attention, which the CUDA backend has no kernels for yet (issue 24); run it with backend: Cpu",
+                model.config.architecture
+            )));
+        }
         Self::with_weights(model.store.clone(), &model.expert_lists(), ordinal, precision, meter)
     }
 
