@@ -120,6 +120,11 @@ fn every_stage_fault_is_named_alone_on_tiny_deepseek_v3() {
     let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let model = format!("Path({dir:?})");
     every_stage_is_named_alone_in("tiny-deepseek-v3", &model, &config, "[1, 17, 42, 99, 5, 77, 3]", 22);
+    // Its MoE layers: the grouped router, the routed and the shared experts.
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-deepseek-v3-moe-oracle/model");
+    let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).unwrap();
+    let model = format!("Path({dir:?})");
+    every_stage_is_named_alone_in("tiny-deepseek-v3-moe", &model, &config, "[1, 17, 42, 99, 5, 77, 3]", 34);
 }
 
 #[test]

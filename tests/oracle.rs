@@ -130,12 +130,14 @@ fn cpu_matches_the_in_repo_oracle_qwen2_moe_within_1e6() {
 }
 
 #[test]
-fn cpu_matches_the_in_repo_oracle_deepseek_v3_mla_within_1e6() {
-    // DeepSeek-V3's multi-head latent attention (make_oracle_fixture.py kind
-    // `deepseek`): q through q_lora (tiny-deepseek-v3-oracle) or a plain
-    // q_proj as V2-Lite has (q_lora=0: tiny-deepseek-v3-plain-q-oracle), the latent cache, interleaved rope
-    // under YaRN with mscale_all_dim in the softmax scale; dense layers.
-    for name in ["tiny-deepseek-v3-oracle", "tiny-deepseek-v3-plain-q-oracle"] {
+fn cpu_matches_the_in_repo_oracle_deepseek_v3_within_1e6() {
+    // DeepSeek-V3 (make_oracle_fixture.py kind `deepseek`): multi-head
+    // latent attention with q through q_lora (tiny-deepseek-v3-oracle) or
+    // a plain q_proj as V2-Lite has (q_lora=0:
+    // tiny-deepseek-v3-plain-q-oracle), the latent cache, interleaved rope
+    // under YaRN with mscale_all_dim in the softmax scale; dense layers in
+    // those two, MoE layers in tiny-deepseek-v3-moe-oracle.
+    for name in ["tiny-deepseek-v3-oracle", "tiny-deepseek-v3-plain-q-oracle", "tiny-deepseek-v3-moe-oracle"] {
         let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
         let worst = check_oracle_dir(name, &dir, &dir.join("model"), 4);
         assert!(worst <= 1e-6, "{name}: worst rel_l2 {worst:.2e}");
@@ -144,6 +146,13 @@ fn cpu_matches_the_in_repo_oracle_deepseek_v3_mla_within_1e6() {
             |stage: &str| oracle.keys().iter().any(|k| k.2 == stage.parse::<stage_types::SaveTensorStage>().unwrap());
         assert!(has("mla_kv_b") && has("mla_q") && !has("qkv_matmul"), "{name}: MLA's stages");
         assert_eq!(has("mla_q_a_norm"), !name.contains("plain-q"), "{name}: the compressed query");
+        // The MoE fixture: layer 0 dense (first_k_dense_replace 1), layers
+        // 1 and 2 routed by sigmoid scores in 4 groups of 2 keeping 2, the
+        // correction bias near -1 so every biased score is negative (a
+        // masked group at 0 instead of -inf would win), one ungated
+        // shared expert.
+        assert_eq!(has("moe_router") && has("moe_shared_out"), name.contains("moe"), "{name}: its MoE layers");
+        assert!(!has("moe_shared_weight"), "{name}: DeepSeek's shared expert has no gate");
     }
 }
 

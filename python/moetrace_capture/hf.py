@@ -220,17 +220,20 @@ class _StepRecorder:
         save(step, li, "moe_expert_up", up)
         save(step, li, "moe_expert_swigl", swigl)
         save(step, li, "moe_expert_out", down)
-        shared = getattr(layer.mlp, "shared_expert", None)
-        if shared is not None:  # Qwen2-MoE: an always-on expert, weighted by a sigmoid gate
+        # Qwen2-MoE's shared_expert (weighted by a sigmoid gate) or
+        # DeepSeek's shared_experts (one MLP, ungated).
+        shared = getattr(layer.mlp, "shared_expert", None) or getattr(layer.mlp, "shared_experts", None)
+        if shared is not None:
             s_gate, s_up = shared.gate_proj(x), shared.up_proj(x)
             s_swigl = shared.act_fn(s_gate) * s_up
             save(step, li, "moe_shared_gate", s_gate)
             save(step, li, "moe_shared_up", s_up)
             save(step, li, "moe_shared_swigl", s_swigl)
             save(step, li, "moe_shared_out", shared.down_proj(s_swigl))
-            logit = layer.mlp.shared_expert_gate(x)
-            save(step, li, "moe_shared_logit", logit)
-            save(step, li, "moe_shared_weight", torch.sigmoid(logit))
+            if getattr(layer.mlp, "shared_expert_gate", None) is not None:
+                logit = layer.mlp.shared_expert_gate(x)
+                save(step, li, "moe_shared_logit", logit)
+                save(step, li, "moe_shared_weight", torch.sigmoid(logit))
         save(step, li, "moe_ffn_out", g["mlp_out"])
 
 

@@ -9,13 +9,17 @@ oracle the same way.
 Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral|qwen2moe|deepseek SEED [key=value ...]
 (keys: vocab hidden layers heads kv_heads head_dim experts topk moe_inter
 inter shared_inter mlp_only prompt generate router_scale fp8, and for
-deepseek q_lora kv_lora nope rope v_dim). Needs torch, transformers,
-safetensors.
+deepseek q_lora kv_lora nope rope v_dim dense_first n_group topk_group
+routed_scale bias). Needs torch, transformers, safetensors.
 
 deepseek: DeepseekV3ForCausalLM with multi-head latent attention (q_lora=0:
 a plain q_proj), YaRN rope scaling (factor 4, mscale_all_dim 1) and
-interleaved rope, every layer dense (first_k_dense_replace = layers: its
-MoE layers come next).
+interleaved rope; its first `dense_first` layers dense
+(first_k_dense_replace), the others MoE: sigmoid scores, a correction bias
+around `bias` (negative by default, so that every biased score is below 0
+and masked groups must be -inf, not 0) choosing `topk_group` of `n_group`
+groups, weights times `routed_scale`, one ungated shared expert
+(mlp.shared_experts).
 
 fp8=1 writes the attention and MLP projections as FP8 (e4m3) with one f32
 `weight_scale_inv` per 128 x 128 block, as DeepSeek-V3 and Qwen3's -FP8
@@ -40,7 +44,8 @@ torch.set_grad_enabled(False)
 out_root, name, kind, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 D = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, topk=2, moe_inter=32,
          inter=128, shared_inter=96, mlp_only="", prompt="1,17,42,99,5,77", generate=4, router_scale=3.0, fp8=0,
-         q_lora=24, kv_lora=16, nope=8, rope=4, v_dim=6)
+         q_lora=24, kv_lora=16, nope=8, rope=4, v_dim=6, dense_first=0, n_group=4, topk_group=2,
+         routed_scale=2.5, bias=-1.0)
 for k, v in (a.split("=", 1) for a in sys.argv[5:]):
     D[k] = type(D[k])(v)
 g = torch.Generator().manual_seed(seed)
@@ -81,7 +86,18 @@ for i in range(L):
         sd[p + "self_attn.q_norm.weight"] = 1 + rn(hd, std=0.1)
         sd[p + "self_attn.k_norm.weight"] = 1 + rn(hd, std=0.1)
     mlp_only = [int(x) for x in D["mlp_only"].split(",") if x]
-    if kind in ("moe", "mixtral", "qwen2moe") and i not in mlp_only:
+    if kind == "deepseek" and i >= D["dense_first"]:
+        E, I = D["experts"], D["moe_inter"]
+        sd[p + "mlp.gate.weight"] = rn(E, H, std=D["router_scale"] / math.sqrt(H))
+        sd[p + "mlp.gate.e_score_correction_bias"] = D["bias"] + rn(E, std=0.3)
+        for e in range(E):
+            sd[p + f"mlp.experts.{e}.gate_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
+            sd[p + f"mlp.experts.{e}.up_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
+            sd[p + f"mlp.experts.{e}.down_proj.weight"] = rn(H, I, std=1 / math.sqrt(I))
+        sd[p + "mlp.shared_experts.gate_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
+        sd[p + "mlp.shared_experts.up_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
+        sd[p + "mlp.shared_experts.down_proj.weight"] = rn(H, I, std=1 / math.sqrt(I))
+    elif kind in ("moe", "mixtral", "qwen2moe") and i not in mlp_only:
         # Mixtral as the hub ships it: block_sparse_moe, w1 gate, w3 up, w2 down.
         moe, gate, up, down = (("block_sparse_moe", "w1", "w3", "w2") if kind == "mixtral"
                                else ("mlp", "gate_proj", "up_proj", "down_proj"))
@@ -167,7 +183,8 @@ elif kind == "deepseek":
         num_key_value_heads=nh, q_lora_rank=D["q_lora"] or None, kv_lora_rank=D["kv_lora"],
         qk_nope_head_dim=D["nope"], qk_rope_head_dim=D["rope"], v_head_dim=D["v_dim"], intermediate_size=D["inter"],
         moe_intermediate_size=D["moe_inter"], n_routed_experts=D["experts"], num_experts_per_tok=D["topk"],
-        first_k_dense_replace=L, rope_interleave=True,
+        first_k_dense_replace=D["dense_first"], n_group=D["n_group"], topk_group=D["topk_group"],
+        routed_scaling_factor=D["routed_scale"], n_shared_experts=1, norm_topk_prob=True, rope_interleave=True,
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
                              beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0), **deepseek)
     cls = transformers.DeepseekV3ForCausalLM

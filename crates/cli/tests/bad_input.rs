@@ -287,23 +287,34 @@ fn other_families_and_weight_types_are_refused_by_name() {
             ],
         );
     }
-    // DeepSeek-V3 runs its MLA and dense layers; a checkpoint with MoE
-    // layers is refused naming them, one without MLA's keys naming the key.
+    // DeepSeek-V3: a config without MLA's keys names the key; groups that
+    // do not divide the experts, or more groups kept than there are, are
+    // refused with the reason before any weight is read.
     let mut deepseek = original.clone();
     deepseek["architectures"] = serde_json::json!(["DeepseekV3ForCausalLM"]);
     deepseek["model_type"] = serde_json::json!("deepseek_v3");
-    for (key, value) in [("n_routed_experts", 8), ("first_k_dense_replace", 0), ("qk_nope_head_dim", 8)] {
-        deepseek[key] = serde_json::json!(value);
-    }
-    std::fs::write(model.join("config.json"), deepseek.to_string()).unwrap();
-    expect_failure(
-        &dir,
-        &config(&path_model(&model), "all", "all"),
-        &["config.json", "layers 0..", "MoE layers", "issue 24"],
-    );
-    deepseek["first_k_dense_replace"] = serde_json::json!(64);
+    deepseek["n_routed_experts"] = serde_json::json!(8);
     std::fs::write(model.join("config.json"), deepseek.to_string()).unwrap();
     expect_failure(&dir, &config(&path_model(&model), "all", "all"), &["config.json", "kv_lora_rank"]);
+    for (key, value) in [
+        ("kv_lora_rank", 16),
+        ("qk_nope_head_dim", 8),
+        ("qk_rope_head_dim", 4),
+        ("v_head_dim", 6),
+        ("moe_intermediate_size", 32),
+        ("num_experts_per_tok", 2),
+    ] {
+        deepseek[key] = serde_json::json!(value);
+    }
+    for (n_group, topk_group, why) in [
+        (3, 1, "n_group 3 does not divide the 8 routed experts"),
+        (4, 5, "topk_group 5 must be between 1 and n_group 4"),
+    ] {
+        deepseek["n_group"] = serde_json::json!(n_group);
+        deepseek["topk_group"] = serde_json::json!(topk_group);
+        std::fs::write(model.join("config.json"), deepseek.to_string()).unwrap();
+        expect_failure(&dir, &config(&path_model(&model), "all", "all"), &["config.json", why]);
+    }
     std::fs::write(model.join("config.json"), original.to_string()).unwrap();
     // FP8 tensors: the first tensor's header dtype made an FP8 type (one
     // byte an element), the data cut to fit, so the file is valid.

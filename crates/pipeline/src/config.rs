@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde_json::{Map, Value};
 
+use crate::backend::cpu::grouped_routing::GroupedTopK;
 use crate::error::{PipelineError, Result};
 
 /// Largest hidden_size (and, times 8, MLP width) accepted.
@@ -81,6 +82,9 @@ pub struct ModelConfig {
     /// Multi-head latent attention (DeepSeek-V2/V3), None for q/k/v
     /// projections.
     pub mla: Option<crate::mla_config::MlaConfig>,
+    /// DeepSeek's router (sigmoid scores, the correction bias choosing in
+    /// groups), None for softmax top-k.
+    pub grouped_router: Option<GroupedTopK>,
     /// The config as JSON (the file's own content for checkpoints), for
     /// capture manifests.
     pub json: Value,
@@ -150,17 +154,12 @@ impl ModelConfig {
             ["num_experts", "num_local_experts"].iter().any(|k| obj.get(*k).is_some_and(|v| v.as_u64() != Some(0)));
         let family = family_of(obj, path, has_experts)?;
         let keys = Keys { obj, path };
-        let num_experts = keys.opt_usize(&["num_experts", "num_local_experts"])?.unwrap_or(0);
+        let num_experts = keys.opt_usize(family.experts_keys)?.unwrap_or(0);
         let model_type = keys.opt_str("model_type")?.unwrap_or_default();
         let is_moe = num_experts > 0 || model_type.contains("moe") || family.experts_only;
         let hidden_size = keys.usize(&["hidden_size"])?;
         let num_heads = keys.usize(&["num_attention_heads"])?;
-        let mla = if family.mla {
-            crate::mla_config::refuse_deepseek_moe(obj, keys.usize(&["num_hidden_layers"])?, path)?;
-            Some(crate::mla_config::MlaConfig::from_json(obj, path)?)
-        } else {
-            None
-        };
+        let mla = if family.mla { Some(crate::mla_config::MlaConfig::from_json(obj, path)?) } else { None };
         // MLA: a head's query and key are its nope and rope columns; its
         // keys and values have as many heads as its queries.
         let head_dim = match (&mla, keys.opt_usize(&["head_dim"])?) {
@@ -198,18 +197,43 @@ impl ModelConfig {
             },
             moe_intermediate_size: if is_moe { keys.usize(&[family.expert_width_key])? } else { 0 },
             shared_expert_intermediate_size: match family.shared_expert {
-                Some(shared) if is_moe => keys.opt_usize(&[shared.width_key])?.unwrap_or(0),
+                Some(shared) if is_moe => {
+                    let count = match family.shared_expert_count_key {
+                        Some(key) => keys.opt_usize(&[key])?.unwrap_or(1),
+                        None => 1,
+                    };
+                    keys.opt_usize(&[shared.width_key])?.unwrap_or(0) * count
+                }
                 _ => 0,
             },
             shared_expert_gate: is_moe && family.shared_expert.is_some_and(|s| s.gated),
-            num_experts: if is_moe { keys.usize(&["num_experts", "num_local_experts"])? } else { 0 },
+            num_experts: if is_moe { keys.usize(family.experts_keys)? } else { 0 },
             experts_per_token: if is_moe { keys.usize(&["num_experts_per_tok"])? } else { 0 },
             norm_topk_prob: keys.opt_bool("norm_topk_prob")?.unwrap_or(family.norm_topk_default),
             decoder_sparse_step: keys.opt_usize(&["decoder_sparse_step"])?.unwrap_or(1),
-            mlp_only_layers: match obj.get("mlp_only_layers") {
-                None | Some(Value::Null) => Vec::new(),
-                Some(v) => serde_json::from_value(v.clone())
-                    .map_err(|_| keys.bad("mlp_only_layers", "a list of layer indices"))?,
+            mlp_only_layers: {
+                let mut dense: Vec<usize> = match obj.get("mlp_only_layers") {
+                    None | Some(Value::Null) => Vec::new(),
+                    Some(v) => serde_json::from_value(v.clone())
+                        .map_err(|_| keys.bad("mlp_only_layers", "a list of layer indices"))?,
+                };
+                // DeepSeek's first_k_dense_replace: its leading layers dense.
+                if let Some(key) = family.dense_first_key {
+                    let first = keys.opt_usize(&[key])?.unwrap_or(0).min(MAX_LAYERS);
+                    dense.extend((0..first).filter(|l| !dense.contains(l)).collect::<Vec<_>>());
+                }
+                dense
+            },
+            grouped_router: if family.grouped_router && is_moe {
+                Some(GroupedTopK {
+                    n_group: keys.opt_usize(&["n_group"])?.unwrap_or(1),
+                    topk_group: keys.opt_usize(&["topk_group"])?.unwrap_or(1),
+                    top_k: keys.usize(&["num_experts_per_tok"])?,
+                    normalise: keys.opt_bool("norm_topk_prob")?.unwrap_or(family.norm_topk_default),
+                    scaling: keys.opt_f64(&["routed_scaling_factor"])?.unwrap_or(1.0),
+                })
+            } else {
+                None
             },
             rms_norm_eps: keys.opt_f64(&["rms_norm_eps"])?.unwrap_or(1e-6),
             rope_theta,
@@ -282,6 +306,12 @@ impl ModelConfig {
                 if value == 0 || value > max {
                     return Err(bad(format!("`{name}` is {value}: it must be between 1 and {max}")));
                 }
+            }
+        }
+        if let Some(router) = &self.grouped_router {
+            router.check(self.num_experts).map_err(bad)?;
+            if !router.scaling.is_finite() || router.scaling <= 0.0 {
+                return Err(bad(format!("routed_scaling_factor {} must be a positive number", router.scaling)));
             }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {

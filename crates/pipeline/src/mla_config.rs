@@ -137,21 +137,3 @@ impl MlaConfig {
         self.yarn.map_or(plain, |y| y.softmax_scale(plain))
     }
 }
-
-/// DeepSeek's MoE layers (sigmoid scores, the correction bias choosing
-/// experts in groups, shared experts) have no stage systems yet: a
-/// checkpoint with any is refused before anything is loaded, naming them.
-pub fn refuse_deepseek_moe(obj: &Map<String, Value>, layers: usize, path: &Path) -> Result<()> {
-    let experts = count(obj, "n_routed_experts", path)?.unwrap_or(0);
-    let dense = count(obj, "first_k_dense_replace", path)?.unwrap_or(0);
-    if experts > 0 && dense < layers {
-        return Err(PipelineError::Unsupported {
-            path: path.to_path_buf(),
-            message: format!(
-                "layers {dense}..{} of this DeepSeek checkpoint are MoE layers ({experts} routed experts, sigmoid scores chosen in groups with the correction bias), which moetrace does not run yet (issue 24); it runs DeepSeek's MLA attention and dense layers (first_k_dense_replace >= num_hidden_layers)",
-                layers - 1
-            ),
-        });
-    }
-    Ok(())
-}

@@ -32,6 +32,9 @@ pub enum TensorRole {
     },
     /// A projection bias.
     Bias,
+    /// DeepSeek's router correction bias (`e_score_correction_bias`):
+    /// added to the scores to choose experts, never to weight them.
+    RouterBias,
 }
 
 /// Name, shape and role of one tensor the config implies.
@@ -101,6 +104,9 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
         if c.is_moe_layer(l) {
             let i = c.moe_intermediate_size;
             push(format!("{p}mlp.gate.weight"), vec![c.num_experts, h], TensorRole::Router { fan_in: h });
+            if c.grouped_router.is_some() {
+                push(format!("{p}mlp.gate.e_score_correction_bias"), vec![c.num_experts], TensorRole::RouterBias);
+            }
             for e in 0..c.num_experts {
                 swiglu(&mut push, format!("{p}mlp.experts.{e}."), h, i);
             }
@@ -178,6 +184,8 @@ pub enum MlpWeights {
 pub struct MoeWeights {
     /// The router, [E, H].
     pub router: WeightId,
+    /// The router's correction bias, [E], with a grouped router.
+    pub router_bias: Option<WeightId>,
     /// Per-expert gate_proj, [I, H] each.
     pub gate: Vec<WeightId>,
     /// Per-expert up_proj, [I, H] each.
@@ -378,6 +386,10 @@ impl Model {
                     let expert = |e: usize, w: &str| id(format!("{p}mlp.experts.{e}.{w}_proj.weight"));
                     MlpWeights::Moe(MoeWeights {
                         router: id(format!("{p}mlp.gate.weight")),
+                        router_bias: config
+                            .grouped_router
+                            .is_some()
+                            .then(|| id(format!("{p}mlp.gate.e_score_correction_bias"))),
                         gate: (0..config.num_experts).map(|e| expert(e, "gate")).collect(),
                         up: (0..config.num_experts).map(|e| expert(e, "up")).collect(),
                         down: (0..config.num_experts).map(|e| expert(e, "down")).collect(),

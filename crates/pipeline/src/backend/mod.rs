@@ -11,6 +11,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device_setup;
+pub mod grouped_router;
 pub mod mla;
 pub mod recorder;
 
@@ -170,6 +171,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Multi-head latent attention's operations, if this backend has them
     /// (see [`mla::MlaOps`]); None: an MLA model is refused.
     fn mla(&mut self) -> Option<&mut dyn mla::MlaOps> {
+        None
+    }
+
+    /// DeepSeek's grouped router, if this backend has it (see
+    /// [`grouped_router::GroupedRouting`]); None: such a model is refused.
+    fn grouped_router(&mut self) -> Option<&mut dyn grouped_router::GroupedRouting> {
         None
     }
 

@@ -55,6 +55,18 @@ pub struct Family {
     /// Whether its attention is multi-head latent attention (keys and
     /// values from a compressed latent: `crate::mla_config`).
     pub mla: bool,
+    /// The config.json keys that may give the routed experts' count, first
+    /// found wins (DeepSeek: `n_routed_experts`).
+    pub experts_keys: &'static [&'static str],
+    /// The key of the number of leading dense layers, if the family has
+    /// one (DeepSeek: `first_k_dense_replace`).
+    pub dense_first_key: Option<&'static str>,
+    /// The key multiplying the shared expert's width, if its width is
+    /// `width_key`'s times a count (DeepSeek: `n_shared_experts`).
+    pub shared_expert_count_key: Option<&'static str>,
+    /// Whether its router is DeepSeek's: sigmoid scores, a correction bias
+    /// choosing experts in groups (`backend::grouped_router`).
+    pub grouped_router: bool,
 }
 
 /// How a family's config.json describes its shared expert.
@@ -87,6 +99,10 @@ impl Family {
         attention_bias_default: false,
         shared_expert: None,
         mla: false,
+        experts_keys: &["num_experts", "num_local_experts"],
+        dense_first_key: None,
+        shared_expert_count_key: None,
+        grouped_router: false,
     };
 }
 

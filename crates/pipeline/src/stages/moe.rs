@@ -6,6 +6,7 @@ use stage_types::SaveTensorStage as S;
 use super::current;
 use crate::backend::SharedTerm;
 use crate::ecs::{LayerMlp, StageCtx};
+use crate::error::PipelineError;
 use crate::model::{MlpWeights, MoeWeights};
 
 fn moe<'a>(ctx: &StageCtx, layers: &'a Query<&LayerMlp>) -> Option<&'a MoeWeights> {
@@ -26,9 +27,24 @@ pub fn moe_router_logits(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
 /// moe_router: softmax over all experts (f64 on the CPU), top-k
 /// descending, divided by their sum when norm_topk_prob, [T,k]. Routing
 /// yields the weights and the ids together; both are written here.
-pub fn moe_router(mut ctx: StageCtx) {
-    ctx.run(S::MoeRouter, |b, c| {
-        b.router_top_k(S::MoeRouterLogits, c.experts_per_token, c.norm_topk_prob, S::MoeRouter, S::MoeRouterIndices)
+///
+/// With DeepSeek's grouped router: sigmoid scores, the correction bias
+/// choosing `topk_group` groups and the experts in them, the chosen
+/// experts' unbiased scores renormalised and scaled (best biased score
+/// first).
+pub fn moe_router(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
+    let bias = moe(&ctx, &layers).and_then(|w| w.router_bias);
+    ctx.run(S::MoeRouter, |b, c| match (&c.grouped_router, bias) {
+        (Some(router), Some(bias)) => {
+            let name = b.name();
+            let ops = b.grouped_router().ok_or_else(|| {
+                PipelineError::BackendUnavailable(format!("the {name} backend has no grouped (DeepSeek) router yet"))
+            })?;
+            ops.route_grouped(S::MoeRouterLogits, bias, router, S::MoeRouter, S::MoeRouterIndices)
+        }
+        _ => {
+            b.router_top_k(S::MoeRouterLogits, c.experts_per_token, c.norm_topk_prob, S::MoeRouter, S::MoeRouterIndices)
+        }
     });
 }
 

@@ -125,6 +125,9 @@ fn recipes(config: &ModelConfig, seed: u64, quantized: bool) -> Vec<(TensorSpec,
                 TensorRole::OutputProjection { fan_in } => (0.0, 1.0 / (2.0 * layers * fan_in as f32).sqrt()),
                 TensorRole::Router { fan_in } => (0.0, 2.0 / (fan_in as f32).sqrt()),
                 TensorRole::Bias => (0.0, 0.02),
+                // Sigmoid scores lie in (0, 1): a bias of this spread
+                // reorders close experts without swamping the scores.
+                TensorRole::RouterBias => (0.0, 0.05),
             };
             let key = tensor_key(seed, &spec.name);
             let blocks = quantized

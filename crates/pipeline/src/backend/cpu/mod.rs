@@ -224,6 +224,10 @@ impl Backend for CpuBackend {
         Some(self)
     }
 
+    fn grouped_router(&mut self) -> Option<&mut dyn super::grouped_router::GroupedRouting> {
+        Some(self)
+    }
+
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
         let w = self.store.get(table);
         let (vocab, h) = (w.shape[0], w.row_len());

@@ -167,10 +167,10 @@ impl CudaBackend {
         precision: CudaPrecision,
         meter: &crate::LoadMeter,
     ) -> Result<Self> {
-        if model.config.mla.is_some() {
+        if model.config.mla.is_some() || model.config.grouped_router.is_some() {
             // Refused before a byte is placed on the device.
             return Err(PipelineError::BackendUnavailable(format!(
-                "{} uses multi-head latent attention, which the CUDA backend has no kernels for yet (issue 24); run it with backend: Cpu",
+                "{} uses multi-head latent attention or DeepSeek's grouped router, which the CUDA backend has no kernels for yet (issue 24); run it with backend: Cpu",
                 model.config.architecture
             )));
         }
