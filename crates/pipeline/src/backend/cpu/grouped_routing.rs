@@ -9,13 +9,6 @@
 //! renormalised (over their sum + 1e-20) when `norm_topk_prob`, times
 //! `routed_scaling_factor`. In f64; ties go to the lower index.
 
-use super::CpuBackend;
-use crate::backend::Slot;
-use crate::backend::grouped_router::GroupedRouting;
-use crate::error::{PipelineError, Result};
-use crate::tensor::HostTensor;
-use crate::weights::WeightId;
-
 /// The router's hyper-parameters (config.json's names).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct GroupedTopK {
@@ -98,37 +91,6 @@ fn best_first(values: &[f64]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&a, &b| key(b).total_cmp(&key(a)).then(a.cmp(&b)));
     order
-}
-
-impl GroupedRouting for CpuBackend {
-    fn route_grouped(
-        &mut self,
-        logits: Slot,
-        bias: WeightId,
-        router: &GroupedTopK,
-        weights_out: Slot,
-        indices_out: Slot,
-    ) -> Result<()> {
-        let bias = self.weight(bias);
-        let (rows, width, x) = self.rows(logits)?;
-        router.check(width).map_err(PipelineError::BadInput)?;
-        if bias.len() != width {
-            return Err(PipelineError::BadInput(format!(
-                "the router's correction bias has {} entries for {width} experts",
-                bias.len()
-            )));
-        }
-        let k = router.top_k;
-        let (mut weights, mut indices) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
-        for row in x.chunks(width) {
-            let routed = router.route(row, &bias);
-            weights.extend_from_slice(&routed.weights);
-            indices.extend_from_slice(&routed.experts);
-        }
-        self.set(weights_out, HostTensor::f32(vec![rows, k], weights));
-        self.set(indices_out, HostTensor::i32(vec![rows, k], indices));
-        Ok(())
-    }
 }
 
 #[cfg(test)]

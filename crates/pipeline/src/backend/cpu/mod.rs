@@ -8,6 +8,7 @@
 mod attention;
 mod ggml_activations;
 pub mod ggml_cuda;
+mod grouped_router_ops;
 pub mod grouped_routing;
 pub mod math;
 pub mod mla;
