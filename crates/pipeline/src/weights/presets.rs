@@ -216,6 +216,60 @@ impl SyntheticPreset {
             quantized: false,
             extra_config: r#""shared_expert_intermediate_size": 5632, "norm_topk_prob": false, "qkv_bias": true"#,
         },
+        SyntheticPreset {
+            name: "tiny-deepseek-v3",
+            description: "tiny DeepSeek-V3: 3 layers (the first dense), H 64, 4 heads of MLA (q_lora 24, kv_lora 16, nope 8, rope 4, v 6), 8 experts top-2 in 4 groups keeping 2, one shared expert, V 512",
+            architecture: "DeepseekV3ForCausalLM",
+            layers: 3,
+            hidden: 64,
+            heads: 4,
+            kv_heads: 4,
+            head_dim: 12,
+            intermediate: 128,
+            experts: 8,
+            experts_per_token: 2,
+            moe_intermediate: 32,
+            vocab: 512,
+            positions: 4096,
+            quantized: false,
+            extra_config: r#""q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "first_k_dense_replace": 1, "n_shared_experts": 1, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}"#,
+        },
+        SyntheticPreset {
+            name: "deepseek-v3",
+            description: "DeepSeek-V3 dimensions: 61 layers (3 dense), H 7168, 128 heads of MLA (q_lora 1536, kv_lora 512, nope 128, rope 64, v 128), 256 experts top-8 in 8 groups keeping 4, 1 shared expert, I 18432 / 2048, V 129280, YaRN x40 (1.3 TB in bf16: give `layers: N`)",
+            architecture: "DeepseekV3ForCausalLM",
+            layers: 61,
+            hidden: 7168,
+            heads: 128,
+            kv_heads: 128,
+            head_dim: 192,
+            intermediate: 18432,
+            experts: 256,
+            experts_per_token: 8,
+            moe_intermediate: 2048,
+            vocab: 129280,
+            positions: 163840,
+            quantized: false,
+            extra_config: r#""q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "n_shared_experts": 1, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}"#,
+        },
+        SyntheticPreset {
+            name: "moonlight-16b-a3b",
+            description: "Moonlight-16B-A3B dimensions: 27 layers (1 dense), H 2048, 16 heads of MLA (plain q, kv_lora 512, nope 128, rope 64, v 128), 64 experts top-6, 2 shared experts, I 11264 / 1408, V 163840 (32 GB in bf16)",
+            architecture: "DeepseekV3ForCausalLM",
+            layers: 27,
+            hidden: 2048,
+            heads: 16,
+            kv_heads: 16,
+            head_dim: 192,
+            intermediate: 11264,
+            experts: 64,
+            experts_per_token: 6,
+            moe_intermediate: 1408,
+            vocab: 163840,
+            positions: 8192,
+            quantized: false,
+            extra_config: r#""q_lora_rank": null, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.446, "first_k_dense_replace": 1, "n_shared_experts": 2, "rope_theta": 50000.0"#,
+        },
     ];
 
     /// Looks a preset up by name (case-insensitive).
@@ -267,7 +321,7 @@ impl SyntheticPreset {
             obj.insert("intermediate_size".into(), json!(self.intermediate));
         }
         if self.experts > 0 {
-            obj.insert("num_experts".into(), json!(self.experts));
+            obj.insert(family.experts_keys[0].into(), json!(self.experts));
             obj.insert("num_experts_per_tok".into(), json!(self.experts_per_token));
             obj.insert(family.expert_width_key.into(), json!(self.moe_intermediate));
             obj.insert("norm_topk_prob".into(), json!(true));
@@ -323,6 +377,30 @@ mod tests {
         assert!((14.2e9..14.4e9).contains(&(params as f64)), "{params}");
         let t = c.layer_traits(0);
         assert!(t.shared_expert && t.shared_expert_gate && t.qkv_bias && !t.dense);
+    }
+
+    #[test]
+    fn the_deepseek_presets_have_mla_grouped_routing_and_their_published_sizes() {
+        let params = |c: &ModelConfig| -> f64 {
+            crate::model::tensor_specs(c).iter().map(|s| s.shape.iter().product::<usize>() as f64).sum()
+        };
+        let v3 = SyntheticPreset::by_name("deepseek-v3").unwrap().config(None).unwrap();
+        let mla = v3.mla.as_ref().unwrap();
+        assert_eq!((mla.q_lora_rank, mla.kv_lora_rank, mla.qk_head(), mla.v_head_dim), (Some(1536), 512, 192, 128));
+        let router = v3.grouped_router.unwrap();
+        assert_eq!((router.n_group, router.topk_group, router.top_k, router.scaling), (8, 4, 8, 2.5));
+        assert_eq!((v3.num_experts, v3.shared_expert_intermediate_size, v3.mlp_only_layers.len()), (256, 2048, 3));
+        assert!(v3.layer_traits(2).dense && !v3.layer_traits(3).dense && v3.layer_traits(3).mla_q_lora);
+        assert!(v3.mla.as_ref().unwrap().yarn.is_some());
+        // 671B published for the main model (the hub's 685B adds the 14B
+        // multi-token-prediction layer, which moetrace does not run).
+        assert!((668e9..674e9).contains(&params(&v3)), "{}", params(&v3));
+        let moon = SyntheticPreset::by_name("moonlight-16b-a3b").unwrap().config(None).unwrap();
+        assert_eq!(moon.mla.as_ref().unwrap().q_lora_rank, None);
+        assert_eq!((moon.num_experts, moon.experts_per_token, moon.shared_expert_intermediate_size), (64, 6, 2816));
+        assert!((15.5e9..16.5e9).contains(&params(&moon)), "{}", params(&moon));
+        let tiny = SyntheticPreset::by_name("tiny-deepseek-v3").unwrap().config(None).unwrap();
+        assert!(tiny.layer_traits(0).dense && !tiny.layer_traits(1).dense && tiny.layer_traits(1).mla);
     }
 
     #[test]
