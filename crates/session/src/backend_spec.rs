@@ -6,6 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use pipeline::backend::contract::{NumericContract, Precision};
+use pipeline::backend::cpu::grouped_routing::KnownBug;
 use serde::Deserialize;
 
 /// Activation precision of the CUDA backend.
@@ -36,6 +37,12 @@ pub enum BackendSpec {
     /// accumulation stays f64): what a correct implementation of that
     /// precision computes, to capture or to compare another engine with.
     CpuEmulating(CudaDtype),
+    /// The CPU reference reproducing one bug that engines shipped in
+    /// DeepSeek's MoE block (`CpuWithBug(MaskedGroupsAtZero)`; the others:
+    /// `BiasInCombineWeights`, `RoutedScalingDropped`,
+    /// `SharedExpertDropped`): a bisect target that stands for a broken
+    /// engine, to see moetrace find and place the bug.
+    CpuWithBug(KnownBug),
     /// A CUDA device.
     Cuda {
         /// Device ordinal.
@@ -92,7 +99,7 @@ impl BackendSpec {
     /// it (`f32`, `bf16`).
     pub fn activation_dtype(&self) -> &'static str {
         match self {
-            BackendSpec::Cpu | BackendSpec::CpuLlamaCpp | BackendSpec::Capture(_) => "f32",
+            BackendSpec::Cpu | BackendSpec::CpuLlamaCpp | BackendSpec::CpuWithBug(_) | BackendSpec::Capture(_) => "f32",
             BackendSpec::Cuda { dtype, .. } | BackendSpec::CpuEmulating(dtype) => dtype.precision().name(),
         }
     }
@@ -103,6 +110,7 @@ impl fmt::Display for BackendSpec {
         match self {
             BackendSpec::Cpu => f.write_str("Cpu"),
             BackendSpec::CpuLlamaCpp => f.write_str("CpuLlamaCpp"),
+            BackendSpec::CpuWithBug(bug) => write!(f, "CpuWithBug({bug:?})"),
             BackendSpec::CpuEmulating(dtype) => write!(f, "CpuEmulating({dtype:?})"),
             BackendSpec::Cuda { device, dtype, graphs } => {
                 write!(f, "Cuda(device: {device}, dtype: {dtype:?}")?;

@@ -30,7 +30,7 @@ impl GroupedRouting for CpuBackend {
         let k = router.top_k;
         let (mut weights, mut indices) = (Vec::with_capacity(rows * k), Vec::with_capacity(rows * k));
         for row in x.chunks(width) {
-            let routed = router.route(row, &bias);
+            let routed = router.route_as(row, &bias, self.bug);
             weights.extend_from_slice(&routed.weights);
             indices.extend_from_slice(&routed.experts);
         }

@@ -35,6 +35,33 @@ pub struct Routed {
     pub groups: Vec<i32>,
 }
 
+/// Bugs engines shipped in DeepSeek's MoE block, as a CPU target can
+/// reproduce them (`backend: CpuWithBug(...)`): what moetrace must find
+/// and place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum KnownBug {
+    /// The correction bias leaks into the combine weights (vLLM #12002):
+    /// the chosen experts weighted by their biased scores.
+    BiasInCombineWeights,
+    /// Masked groups filled with 0 instead of -inf (SGLang #3705): with
+    /// negative biased scores, experts of masked groups win.
+    MaskedGroupsAtZero,
+    /// routed_scaling_factor dropped (SGLang #8333's FP4 path).
+    RoutedScalingDropped,
+    /// The shared experts' output left out of the MoE sum.
+    SharedExpertDropped,
+}
+
+impl KnownBug {
+    /// Every bug, for messages and tests.
+    pub const ALL: [KnownBug; 4] = [
+        KnownBug::BiasInCombineWeights,
+        KnownBug::MaskedGroupsAtZero,
+        KnownBug::RoutedScalingDropped,
+        KnownBug::SharedExpertDropped,
+    ];
+}
+
 impl GroupedTopK {
     /// Why these parameters cannot route `experts` experts, if they cannot.
     pub fn check(&self, experts: usize) -> Result<(), String> {
@@ -57,6 +84,13 @@ impl GroupedTopK {
     /// Routes one token with router logits `logits` and correction `bias`
     /// (one per expert). The parameters must pass [`GroupedTopK::check`].
     pub fn route(&self, logits: &[f32], bias: &[f32]) -> Routed {
+        self.route_as(logits, bias, None)
+    }
+
+    /// [`GroupedTopK::route`], or the same with one of the public routing
+    /// bugs ([`KnownBug`]) where `bug` names one (a stand-in target for
+    /// testing that moetrace finds it; other bugs route correctly).
+    pub fn route_as(&self, logits: &[f32], bias: &[f32], bug: Option<KnownBug>) -> Routed {
         let scores: Vec<f64> = logits.iter().map(|&x| 1.0 / (1.0 + (-(x as f64)).exp())).collect();
         let biased: Vec<f64> = scores.iter().zip(bias).map(|(s, &b)| s + b as f64).collect();
         let per_group = logits.len() / self.n_group;
@@ -71,14 +105,20 @@ impl GroupedTopK {
         let masked: Vec<f64> = biased
             .iter()
             .enumerate()
-            .map(|(i, &s)| if groups.contains(&(i / per_group)) { s } else { f64::NEG_INFINITY })
+            .map(|(i, &s)| match (groups.contains(&(i / per_group)), bug) {
+                (true, _) => s,
+                (false, Some(KnownBug::MaskedGroupsAtZero)) => 0.0,
+                (false, _) => f64::NEG_INFINITY,
+            })
             .collect();
         let mut experts = best_first(&masked);
         experts.truncate(self.top_k);
-        let chosen: Vec<f64> = experts.iter().map(|&i| scores[i]).collect();
+        let weighing = if bug == Some(KnownBug::BiasInCombineWeights) { &biased } else { &scores };
+        let chosen: Vec<f64> = experts.iter().map(|&i| weighing[i]).collect();
         let denominator = if self.normalise { chosen.iter().sum::<f64>() + 1e-20 } else { 1.0 };
+        let scaling = if bug == Some(KnownBug::RoutedScalingDropped) { 1.0 } else { self.scaling };
         Routed {
-            weights: chosen.iter().map(|w| (w / denominator * self.scaling) as f32).collect(),
+            weights: chosen.iter().map(|w| (w / denominator * scaling) as f32).collect(),
             experts: experts.iter().map(|&i| i as i32).collect(),
             groups: groups.iter().map(|&g| g as i32).collect(),
         }

@@ -39,6 +39,9 @@ pub struct CpuBackend {
     /// `ggml_activations` converts activations before each dot product as
     /// llama.cpp's CPU path does: ggml_activations.rs).
     contract: NumericContract,
+    /// A public bug this backend reproduces on purpose (a test target), or
+    /// None: the reference.
+    bug: Option<grouped_routing::KnownBug>,
 }
 
 impl CpuBackend {
@@ -58,6 +61,7 @@ impl CpuBackend {
             store,
             pool,
             contract: NumericContract::REFERENCE,
+            bug: None,
             threads,
             slots: vec![None; Slot::ALL.len()],
             tokens: Vec::new(),
@@ -78,6 +82,14 @@ impl CpuBackend {
     /// GGUF model's CPU result is the one llama.cpp's CPU would compare.
     pub fn set_ggml_activations(&mut self, on: bool) {
         self.contract.ggml_activations = on.then_some(super::contract::GgmlPath::Cpu);
+    }
+
+    /// Reproduces `bug` from now on (a target for testing that moetrace
+    /// finds it): the grouped router's bugs in its routing, a dropped
+    /// shared expert in the MoE sum.
+    pub fn with_bug(mut self, bug: grouped_routing::KnownBug) -> Self {
+        self.bug = Some(bug);
+        self
     }
 
     /// Keeps `contract` from now on: weights are rounded as it multiplies
@@ -440,6 +452,7 @@ impl Backend for CpuBackend {
     }
 
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, shared: Option<SharedTerm>, out: Slot) -> Result<()> {
+        let shared = shared.filter(|_| self.bug != Some(grouped_routing::KnownBug::SharedExpertDropped));
         self.weighted_sum(expert_out, weights, shared, out)
     }
 
