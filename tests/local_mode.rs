@@ -72,7 +72,7 @@ fn every_stage_is_named_alone_in(name: &str, model: &str, config: &pipeline::Mod
             // The router is judged as a unit: its weights (and, across a
             // margin, its choice) follow its own logits.
             assert_eq!(found.first(), Some(&(step, layer, stage)), "{name}: {fault}\n{}", report.render(false));
-            assert!(found.iter().all(|f| [S::MoeRouterLogits, S::MoeRouter, S::MoeRouterIndices].contains(&f.2)));
+            assert!(found.iter().all(|f| [S::MoeRouterLogits, S::MoeRouterChoice, S::MoeRouter, S::MoeRouterIndices].contains(&f.2)));
         } else {
             assert_eq!(found, [(step, layer, stage)], "{name}: {fault}\n{}", report.render(false));
         }
@@ -124,7 +124,7 @@ fn every_stage_fault_is_named_alone_on_tiny_deepseek_v3() {
     let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-deepseek-v3-moe-oracle/model");
     let config = pipeline::ModelConfig::from_file(&dir.join("config.json")).unwrap();
     let model = format!("Path({dir:?})");
-    every_stage_is_named_alone_in("tiny-deepseek-v3-moe", &model, &config, "[1, 17, 42, 99, 5, 77, 3]", 34);
+    every_stage_is_named_alone_in("tiny-deepseek-v3-moe", &model, &config, "[1, 17, 42, 99, 5, 77, 3]", 35);
 }
 
 #[test]

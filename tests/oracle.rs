@@ -151,7 +151,11 @@ fn cpu_matches_the_in_repo_oracle_deepseek_v3_within_1e6() {
         // correction bias near -1 so every biased score is negative (a
         // masked group at 0 instead of -inf would win), one ungated
         // shared expert.
-        assert_eq!(has("moe_router") && has("moe_shared_out"), name.contains("moe"), "{name}: its MoE layers");
+        assert_eq!(
+            has("moe_router") && has("moe_shared_out") && has("moe_router_choice"),
+            name.contains("moe"),
+            "{name}: its MoE layers"
+        );
         assert!(!has("moe_shared_weight"), "{name}: DeepSeek's shared expert has no gate");
     }
 }

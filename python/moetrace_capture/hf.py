@@ -207,6 +207,9 @@ class _StepRecorder:
         step, save = self.step, self.cap.save
         logits, weights, ids = g["router"]
         save(step, li, "moe_router_logits", logits)
+        bias = getattr(layer.mlp.gate, "e_score_correction_bias", None)
+        if bias is not None:  # DeepSeek: what chooses the groups and the experts
+            save(step, li, "moe_router_choice", torch.sigmoid(logits) + bias)
         save(step, li, "moe_router", weights)
         save(step, li, "moe_router_indices", ids.to(torch.int32))
         experts = layer.mlp.experts

@@ -28,6 +28,7 @@ STAGES = (
     ("ffn_swigl", "layer", "dense", "[T,I]", "float32"),
     ("ffn_out", "layer", "dense", "[T,H]", "float32"),
     ("moe_router_logits", "layer", "moe", "[T,E]", "float32"),
+    ("moe_router_choice", "layer", "grouped-router", "[T,E]", "float32"),
     ("moe_router", "layer", "moe", "[T,k]", "float32"),
     ("moe_router_indices", "layer", "moe", "[T,k]", "int32"),
     ("moe_expert_gate", "layer", "moe", "[T,k,I]", "float32"),

@@ -49,14 +49,41 @@ pub fn top_k_margin(logits: &[f64], k: usize) -> Option<f64> {
     (k < p.len()).then(|| p[k - 1] - p[k])
 }
 
-/// Compares `[T,k]` expert ids. `logits` are the `[T,E]` router logits of
-/// (reference, target) when both were captured.
+/// What a router chose experts by, `[T,E]` of (reference, target), for
+/// the margins of flipped tokens.
+#[derive(Debug, Clone, Copy)]
+pub enum RouterScores<'a> {
+    /// Router logits: experts chosen by their softmax probability.
+    Logits(Elements<'a>, Elements<'a>),
+    /// Scores that choose as they are (DeepSeek's sigmoid plus correction
+    /// bias, `moe_router_choice`): margins are their own gaps. Its group
+    /// choice is not modelled: a gap to an expert of a masked group is
+    /// counted as if that expert could have been chosen, which can only
+    /// make a margin smaller (a flip more readily a near-tie).
+    Choice(Elements<'a>, Elements<'a>),
+}
+
+/// The gap between the k-th and (k+1)-th largest of scores that choose
+/// as they are.
+pub fn top_k_gap(scores: &[f64], k: usize) -> Option<f64> {
+    let mut p = scores.to_vec();
+    p.sort_by(|a, b| b.total_cmp(a));
+    (k < p.len()).then(|| p[k - 1] - p[k])
+}
+
+/// Compares `[T,k]` expert ids. `scores` are what (reference, target)
+/// chose by, when both were captured.
 pub fn compare_indices(
     ref_ids: Elements<'_>,
     target_ids: Elements<'_>,
     k: usize,
-    logits: Option<(Elements<'_>, Elements<'_>)>,
+    scores: Option<RouterScores<'_>>,
 ) -> Vec<FlippedToken> {
+    let (logits, as_probabilities) = match scores {
+        Some(RouterScores::Logits(r, t)) => (Some((r, t)), true),
+        Some(RouterScores::Choice(r, t)) => (Some((r, t)), false),
+        None => (None, true),
+    };
     let (ref_ids, target_ids) = (ref_ids.to_ids(), target_ids.to_ids());
     let k = k.max(1);
     let tokens = ref_ids.len().min(target_ids.len()) / k;
@@ -76,9 +103,10 @@ pub fn compare_indices(
             Some((rl, tl)) if experts > 0 => {
                 rl.row_into(t * experts..(t + 1) * experts, &mut rr);
                 tl.row_into(t * experts..(t + 1) * experts, &mut tr);
-                let (pr, pt) = (softmax(&rr), softmax(&tr));
+                let (pr, pt) = if as_probabilities { (softmax(&rr), softmax(&tr)) } else { (rr.clone(), tr.clone()) };
                 let change = pr.iter().zip(&pt).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-                (top_k_margin(&rr, k), Some(change))
+                let margin = if as_probabilities { top_k_margin(&rr, k) } else { top_k_gap(&rr, k) };
+                (margin, Some(change))
             }
             _ => (None, None),
         };
@@ -158,7 +186,12 @@ mod tests {
         let tgt_ids = [1.0, 0.0, 1.0, 2.0];
         let ref_logits = [5.0, 4.0, 0.0, -9.0, 0.0, 3.0, 1.0, 1.0001];
         let tgt_logits = [5.0, 4.0, 0.0, -9.0, 0.0, 3.0, 1.0002, 1.0001];
-        let flipped = compare_indices(F64(&ref_ids), F64(&tgt_ids), 2, Some((F64(&ref_logits), F64(&tgt_logits))));
+        let flipped = compare_indices(
+            F64(&ref_ids),
+            F64(&tgt_ids),
+            2,
+            Some(RouterScores::Logits(F64(&ref_logits), F64(&tgt_logits))),
+        );
         assert_eq!(flipped.len(), 1);
         assert_eq!(flipped[0].token, 1);
         assert!(flipped[0].near_tie, "{:?}", flipped[0]);
@@ -167,9 +200,34 @@ mod tests {
             F64(&[0.0, 1.0]),
             F64(&[0.0, 3.0]),
             2,
-            Some((F64(&[9.0, 8.0, 0.0, -5.0]), F64(&[9.0, 8.0, 0.0, -5.0]))),
+            Some(RouterScores::Logits(F64(&[9.0, 8.0, 0.0, -5.0]), F64(&[9.0, 8.0, 0.0, -5.0]))),
         );
         assert!(!far[0].near_tie);
+    }
+
+    #[test]
+    fn choice_scores_give_their_own_gaps_not_softmax_ones() {
+        // DeepSeek's biased sigmoid scores (negative: the bias is larger
+        // than any score): experts 0 and 1 chosen, expert 2 a hair below.
+        let reference = [-0.60, -0.62, -0.6205, -0.9];
+        let target = [-0.60, -0.6206, -0.6204, -0.9];
+        let flipped = compare_indices(
+            F64(&[0.0, 1.0]),
+            F64(&[0.0, 2.0]),
+            2,
+            Some(RouterScores::Choice(F64(&reference), F64(&target))),
+        );
+        let f = &flipped[0];
+        assert!((f.ref_margin.unwrap() - 5e-4).abs() < 1e-12, "{f:?}");
+        assert!((f.perturbation.unwrap() - 6e-4).abs() < 1e-12 && f.near_tie, "{f:?}");
+        // The same ids with a clear gap: a wrong router.
+        let far = compare_indices(
+            F64(&[0.0, 1.0]),
+            F64(&[0.0, 2.0]),
+            2,
+            Some(RouterScores::Choice(F64(&[-0.6, -0.62, -0.7, -0.9]), F64(&[-0.6, -0.62, -0.7, -0.9]))),
+        );
+        assert!(!far[0].near_tie && (far[0].ref_margin.unwrap() - 0.08).abs() < 1e-12);
     }
 
     #[test]

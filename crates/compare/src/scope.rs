@@ -204,8 +204,15 @@ pub fn compare_scope(
         Some((Some(r), Some(t))) if r.shape == t.shape && r.shape.len() == 2 => Some((r, t, r.shape[1])),
         _ => None,
     };
-    let logits = match get(SaveTensorStage::MoeRouterLogits) {
-        Some((Some(r), Some(t))) if r.shape == t.shape => Some((r.elements, t.elements)),
+    // What chose the experts: DeepSeek's choice scores where both sides
+    // hold them, else the router logits.
+    let scores = match (get(SaveTensorStage::MoeRouterChoice), get(SaveTensorStage::MoeRouterLogits)) {
+        (Some((Some(r), Some(t))), _) if r.shape == t.shape => {
+            Some(routing::RouterScores::Choice(r.elements, t.elements))
+        }
+        (_, Some((Some(r), Some(t)))) if r.shape == t.shape => {
+            Some(routing::RouterScores::Logits(r.elements, t.elements))
+        }
         _ => None,
     };
     let mut rows = Vec::new();
@@ -228,7 +235,7 @@ pub fn compare_scope(
         }
         if stage == SaveTensorStage::MoeRouterIndices {
             let k = r.shape.get(1).copied().unwrap_or(1);
-            row.flipped = routing::compare_indices(r.elements, t.elements, k, logits);
+            row.flipped = routing::compare_indices(r.elements, t.elements, k, scores);
             row.verdict = if row.flipped.is_empty() {
                 Verdict::Ok
             } else if row.flipped.iter().all(|f| f.near_tie) {

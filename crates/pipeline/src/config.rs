@@ -365,6 +365,7 @@ impl ModelConfig {
             shared_expert_gate: self.shared_expert_intermediate_size > 0 && self.shared_expert_gate,
             mla: self.mla.is_some(),
             mla_q_lora: self.mla.as_ref().is_some_and(|m| m.q_lora_rank.is_some()),
+            grouped_router: self.grouped_router.is_some(),
         }
     }
 

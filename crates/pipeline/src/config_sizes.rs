@@ -48,7 +48,7 @@ impl ModelConfig {
             S::KPostRope => vec![t, self.kv_width()],
             S::AttnScores | S::AttnSoftmax => vec![self.num_heads, t, positions],
             S::FfnGate | S::FfnUp | S::FfnSilu | S::FfnSwigl => vec![t, self.intermediate_size],
-            S::MoeRouterLogits => vec![t, self.num_experts],
+            S::MoeRouterLogits | S::MoeRouterChoice => vec![t, self.num_experts],
             S::MoeRouter | S::MoeRouterIndices => vec![t, k],
             S::MoeExpertGate | S::MoeExpertUp | S::MoeExpertSwigl => vec![t, k, self.moe_intermediate_size],
             S::MoeExpertOut => vec![t, k, h],

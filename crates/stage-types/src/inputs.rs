@@ -80,7 +80,7 @@ impl SaveTensorStage {
             S::FfnSilu => vec![Stage(S::FfnGate)],
             S::FfnSwigl => vec![Stage(S::FfnSilu), Stage(S::FfnUp)],
             S::FfnOut => vec![Stage(S::FfnSwigl)],
-            S::MoeRouter => vec![Stage(S::MoeRouterLogits)],
+            S::MoeRouter | S::MoeRouterChoice => vec![Stage(S::MoeRouterLogits)],
             S::MoeRouterIndices => vec![Stage(S::MoeRouterLogits)],
             S::MoeExpertGate | S::MoeExpertUp => vec![Stage(S::FfnNorm), Stage(S::MoeRouterIndices)],
             S::MoeExpertSwigl => vec![Stage(S::MoeExpertGate), Stage(S::MoeExpertUp)],
@@ -124,7 +124,13 @@ mod tests {
             },
             LayerTraits { dense: false, qk_norm: true, ..LayerTraits::default() },
             LayerTraits { dense: true, mla: true, mla_q_lora: true, ..LayerTraits::default() },
-            LayerTraits { dense: false, mla: true, shared_expert: true, ..LayerTraits::default() },
+            LayerTraits {
+                dense: false,
+                mla: true,
+                shared_expert: true,
+                grouped_router: true,
+                ..LayerTraits::default()
+            },
         ];
         for layer in layers {
             for &stage in SaveTensorStage::ALL.iter().filter(|s| s.applies_to(layer)) {

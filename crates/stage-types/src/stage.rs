@@ -45,6 +45,9 @@ pub enum Applicability {
     /// Only MLA layers whose query goes through a compressed rank
     /// (`q_lora_rank` set: DeepSeek-V3; not V2-Lite).
     MlaQLora,
+    /// Only MoE layers routed by DeepSeek's grouped router (biased sigmoid
+    /// scores choose the experts).
+    GroupedRouter,
 }
 
 impl Applicability {
@@ -61,6 +64,7 @@ impl Applicability {
             Applicability::NotMla => "not-mla",
             Applicability::Mla => "mla",
             Applicability::MlaQLora => "mla-q-lora",
+            Applicability::GroupedRouter => "grouped-router",
         }
     }
 }
@@ -86,6 +90,8 @@ pub struct LayerTraits {
     /// MLA with a compressed query (`q_a_proj`, `q_a_layernorm`,
     /// `q_b_proj`).
     pub mla_q_lora: bool,
+    /// MoE routing by DeepSeek's grouped router.
+    pub grouped_router: bool,
 }
 
 macro_rules! stages {
@@ -188,6 +194,9 @@ stages! {
     FfnOut = "ffn_out", Layer, DenseOnly, "[T,H]", "dense down projection";
     /// Router (gate) logits over all experts.
     MoeRouterLogits = "moe_router_logits", Layer, MoeOnly, "[T,E]", "router (gate) logits";
+    /// DeepSeek's choice scores: sigmoid(logits) + the correction bias,
+    /// what the grouped router chooses experts (and groups) by.
+    MoeRouterChoice = "moe_router_choice", Layer, GroupedRouter, "[T,E]", "sigmoid(logits) + correction bias: what chooses";
     /// Top-k weights after softmax, top-k and renormalise; descending.
     MoeRouter = "moe_router", Layer, MoeOnly, "[T,k]", "top-k weights after softmax, top-k, renormalise; descending";
     /// Expert ids (int32), same order as moe_router.
@@ -264,6 +273,7 @@ impl SaveTensorStage {
             Applicability::NotMla => !layer.mla,
             Applicability::Mla => layer.mla,
             Applicability::MlaQLora => layer.mla && layer.mla_q_lora,
+            Applicability::GroupedRouter => !layer.dense && layer.grouped_router,
         }
     }
 
@@ -367,6 +377,7 @@ mod tests {
                 "ffn_swigl",
                 "ffn_out",
                 "moe_router_logits",
+                "moe_router_choice",
                 "moe_router",
                 "moe_router_indices",
                 "moe_expert_gate",
@@ -408,7 +419,7 @@ mod tests {
             let moe_only = name.starts_with("moe_");
             let shared = name.starts_with("moe_shared_");
             let mla = name.starts_with("mla_");
-            let optional = matches!(stage, S::QkvBias | S::QkNorm) || shared || mla;
+            let optional = matches!(stage, S::QkvBias | S::QkNorm | S::MoeRouterChoice) || shared || mla;
             let layer = |dense| LayerTraits { dense, ..LayerTraits::default() };
             assert_eq!(stage.applies_to(layer(true)), !moe_only && !optional, "{name}");
             assert_eq!(stage.applies_to(layer(false)), !dense_only && !optional, "{name}");
@@ -420,13 +431,16 @@ mod tests {
                 shared_expert_gate: true,
                 ..LayerTraits::default()
             };
-            assert_eq!(stage.applies_to(all), !dense_only && !mla, "{name}");
+            let choice = stage == S::MoeRouterChoice;
+            assert_eq!(stage.applies_to(all), !dense_only && !mla && !choice, "{name}");
             let ungated = LayerTraits { shared_expert_gate: false, ..all };
             assert_eq!(
                 stage.applies_to(ungated),
-                !dense_only && !mla && !matches!(stage, S::MoeSharedLogit | S::MoeSharedWeight),
+                !dense_only && !mla && !choice && !matches!(stage, S::MoeSharedLogit | S::MoeSharedWeight),
                 "{name}"
             );
+            let grouped = LayerTraits { grouped_router: true, ..all };
+            assert_eq!(stage.applies_to(grouped), !dense_only && !mla, "{name}");
             // A dense layer has no shared expert, whatever the model has.
             assert!(!(shared && stage.applies_to(LayerTraits { dense: true, ..all })), "{name}");
         }

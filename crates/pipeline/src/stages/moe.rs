@@ -24,6 +24,20 @@ pub fn moe_router_logits(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     ctx.run(S::MoeRouterLogits, |b, _| b.linear(S::FfnNorm, &[router], S::MoeRouterLogits));
 }
 
+/// moe_router_choice (DeepSeek's grouped router): `sigmoid(logits) +
+/// e_score_correction_bias`, what chooses the groups and the experts
+/// (never what weights them), [T,E]. Captured so that routing flips are
+/// judged on it; moe_router routes from the logits itself.
+pub fn moe_router_choice(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
+    let Some(bias) = moe(&ctx, &layers).and_then(|w| w.router_bias) else {
+        return;
+    };
+    ctx.run(S::MoeRouterChoice, |b, _| {
+        b.sigmoid(S::MoeRouterLogits, S::MoeRouterChoice)?;
+        b.add_bias(S::MoeRouterChoice, &[bias], S::MoeRouterChoice)
+    });
+}
+
 /// moe_router: softmax over all experts (f64 on the CPU), top-k
 /// descending, divided by their sum when norm_topk_prob, [T,k]. Routing
 /// yields the weights and the ids together; both are written here.
