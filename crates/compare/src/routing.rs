@@ -44,9 +44,7 @@ fn softmax(row: &[f64]) -> Vec<f64> {
 
 /// The gap between the k-th and (k+1)-th largest probability of a logits row.
 pub fn top_k_margin(logits: &[f64], k: usize) -> Option<f64> {
-    let mut p = softmax(logits);
-    p.sort_by(|a, b| b.total_cmp(a));
-    (k < p.len()).then(|| p[k - 1] - p[k])
+    top_k_gap(&softmax(logits), k)
 }
 
 /// What a router chose experts by, `[T,E]` of (reference, target), for
@@ -103,10 +101,11 @@ pub fn compare_indices(
             Some((rl, tl)) if experts > 0 => {
                 rl.row_into(t * experts..(t + 1) * experts, &mut rr);
                 tl.row_into(t * experts..(t + 1) * experts, &mut tr);
-                let (pr, pt) = if as_probabilities { (softmax(&rr), softmax(&tr)) } else { (rr.clone(), tr.clone()) };
-                let change = pr.iter().zip(&pt).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
-                let margin = if as_probabilities { top_k_margin(&rr, k) } else { top_k_gap(&rr, k) };
-                (margin, Some(change))
+                if as_probabilities {
+                    (rr, tr) = (softmax(&rr), softmax(&tr));
+                }
+                let change = rr.iter().zip(&tr).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
+                (top_k_gap(&rr, k), Some(change))
             }
             _ => (None, None),
         };

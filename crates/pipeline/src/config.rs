@@ -3,9 +3,10 @@
 
 use std::path::Path;
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::backend::cpu::grouped_routing::GroupedTopK;
+use crate::config_keys::Keys;
 use crate::error::{PipelineError, Result};
 
 /// Largest hidden_size (and, times 8, MLP width) accepted.
@@ -388,60 +389,6 @@ impl ModelConfig {
     /// Width of the key (or value) projection: nkv * hd.
     pub fn kv_width(&self) -> usize {
         self.num_kv_heads * self.head_dim
-    }
-}
-
-/// Typed access to config.json keys with the file named in errors.
-struct Keys<'a> {
-    obj: &'a Map<String, Value>,
-    path: &'a Path,
-}
-
-impl Keys<'_> {
-    fn bad(&self, key: &str, wanted: &str) -> PipelineError {
-        PipelineError::BadConfig { path: self.path.to_path_buf(), message: format!("`{key}` must be {wanted}") }
-    }
-
-    fn find<'k>(&self, names: &[&'k str]) -> Option<(&'k str, &Value)> {
-        names.iter().find_map(|n| self.obj.get(*n).filter(|v| !v.is_null()).map(|v| (*n, v)))
-    }
-
-    fn opt_usize(&self, names: &[&str]) -> Result<Option<usize>> {
-        match self.find(names) {
-            None => Ok(None),
-            Some((key, v)) => {
-                v.as_u64().map(|n| Some(n as usize)).ok_or_else(|| self.bad(key, "a non-negative integer"))
-            }
-        }
-    }
-
-    fn usize(&self, names: &[&'static str]) -> Result<usize> {
-        self.opt_usize(names)?.ok_or_else(|| PipelineError::MissingConfigKey {
-            path: self.path.to_path_buf(),
-            key: names[0],
-            hint: if names.len() > 1 { format!(" (or {})", names[1..].join(", ")) } else { String::new() },
-        })
-    }
-
-    fn opt_f64(&self, names: &[&str]) -> Result<Option<f64>> {
-        match self.find(names) {
-            None => Ok(None),
-            Some((key, v)) => v.as_f64().map(Some).ok_or_else(|| self.bad(key, "a number")),
-        }
-    }
-
-    fn opt_bool(&self, name: &str) -> Result<Option<bool>> {
-        match self.find(&[name]) {
-            None => Ok(None),
-            Some((key, v)) => v.as_bool().map(Some).ok_or_else(|| self.bad(key, "true or false")),
-        }
-    }
-
-    fn opt_str(&self, name: &str) -> Result<Option<String>> {
-        match self.find(&[name]) {
-            None => Ok(None),
-            Some((key, v)) => v.as_str().map(|s| Some(s.to_string())).ok_or_else(|| self.bad(key, "a string")),
-        }
     }
 }
 

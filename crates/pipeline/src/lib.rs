@@ -27,6 +27,7 @@
 
 pub mod backend;
 pub mod config;
+mod config_keys;
 mod config_sizes;
 pub mod ecs;
 pub mod error;

@@ -7,6 +7,7 @@ use std::path::Path;
 use serde_json::{Map, Value};
 
 use crate::backend::mla::{MlaDims, MlaRope};
+use crate::config_keys::Keys;
 use crate::error::{PipelineError, Result};
 use crate::rope_scaling::Yarn;
 
@@ -29,76 +30,61 @@ pub struct MlaConfig {
     pub yarn: Option<Yarn>,
 }
 
-fn bad(path: &Path, message: String) -> PipelineError {
-    PipelineError::BadConfig { path: path.to_path_buf(), message }
-}
-
-/// `key` as a count, or None when absent or null.
-fn count(obj: &Map<String, Value>, key: &str, path: &Path) -> Result<Option<usize>> {
-    match obj.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(|n| Some(n as usize))
-            .ok_or_else(|| bad(path, format!("`{key}` must be a non-negative integer, got {v}"))),
-    }
-}
-
-fn required(obj: &Map<String, Value>, key: &'static str, path: &Path) -> Result<usize> {
-    count(obj, key, path)?.ok_or(PipelineError::MissingConfigKey {
-        path: path.to_path_buf(),
-        key,
-        hint: " (multi-head latent attention needs it)".into(),
-    })
-}
-
 /// The config's YaRN scaling, None for default rope; other scaling types
 /// are refused by name.
-fn yarn(obj: &Map<String, Value>, path: &Path) -> Result<Option<Yarn>> {
-    let Some(p) = obj.get("rope_scaling").or_else(|| obj.get("rope_parameters")).filter(|v| !v.is_null()) else {
+fn yarn(keys: &Keys) -> Result<Option<Yarn>> {
+    let Some(p) = keys.find(&["rope_scaling", "rope_parameters"]).map(|(_, p)| p) else {
         return Ok(None);
     };
-    let kind = p.get("rope_type").or_else(|| p.get("type")).and_then(Value::as_str).unwrap_or("default");
-    match kind {
+    let p = Keys { obj: p.as_object().ok_or_else(|| keys.bad("rope_scaling", "an object"))?, path: keys.path };
+    let kind = match p.opt_str("rope_type")? {
+        Some(kind) => Some(kind),
+        None => p.opt_str("type")?,
+    };
+    match kind.as_deref().unwrap_or("default") {
         "default" => return Ok(None),
         "yarn" => {}
         other => {
             return Err(PipelineError::Unsupported {
-                path: path.to_path_buf(),
+                path: keys.path.to_path_buf(),
                 message: format!("rope scaling `{other}` is not supported (default and yarn are)"),
             });
         }
     }
-    let num = |key: &str| p.get(key).and_then(Value::as_f64);
-    let factor = num("factor").ok_or_else(|| bad(path, "yarn rope scaling needs `factor`".into()))?;
-    let original = num("original_max_position_embeddings")
-        .ok_or_else(|| bad(path, "yarn rope scaling needs `original_max_position_embeddings`".into()))?;
+    let needs = |key: &str| PipelineError::BadConfig {
+        path: keys.path.to_path_buf(),
+        message: format!("yarn rope scaling needs `{key}`"),
+    };
     Ok(Some(Yarn {
-        factor,
-        original_max_position: original,
-        beta_fast: num("beta_fast").unwrap_or(32.0),
-        beta_slow: num("beta_slow").unwrap_or(1.0),
-        mscale: num("mscale"),
-        mscale_all_dim: num("mscale_all_dim"),
-        attention_factor: num("attention_factor"),
-        truncate: p.get("truncate").and_then(Value::as_bool).unwrap_or(true),
+        factor: p.opt_f64(&["factor"])?.ok_or_else(|| needs("factor"))?,
+        original_max_position: p
+            .opt_f64(&["original_max_position_embeddings"])?
+            .ok_or_else(|| needs("original_max_position_embeddings"))?,
+        beta_fast: p.opt_f64(&["beta_fast"])?.unwrap_or(32.0),
+        beta_slow: p.opt_f64(&["beta_slow"])?.unwrap_or(1.0),
+        mscale: p.opt_f64(&["mscale"])?,
+        mscale_all_dim: p.opt_f64(&["mscale_all_dim"])?,
+        attention_factor: p.opt_f64(&["attention_factor"])?,
+        truncate: p.opt_bool("truncate")?.unwrap_or(true),
     }))
 }
 
 impl MlaConfig {
     /// Reads MLA's keys from a config.json object.
     pub fn from_json(obj: &Map<String, Value>, path: &Path) -> Result<Self> {
+        let keys = Keys { obj, path };
+        let because = "multi-head latent attention needs it";
         let config = MlaConfig {
-            q_lora_rank: count(obj, "q_lora_rank", path)?,
-            kv_lora_rank: required(obj, "kv_lora_rank", path)?,
-            qk_nope_head_dim: required(obj, "qk_nope_head_dim", path)?,
-            qk_rope_head_dim: required(obj, "qk_rope_head_dim", path)?,
-            v_head_dim: required(obj, "v_head_dim", path)?,
-            rope_interleave: obj.get("rope_interleave").and_then(Value::as_bool).unwrap_or(true),
-            yarn: yarn(obj, path)?,
+            q_lora_rank: keys.opt_usize(&["q_lora_rank"])?,
+            kv_lora_rank: keys.usize_because("kv_lora_rank", because)?,
+            qk_nope_head_dim: keys.usize_because("qk_nope_head_dim", because)?,
+            qk_rope_head_dim: keys.usize_because("qk_rope_head_dim", because)?,
+            v_head_dim: keys.usize_because("v_head_dim", because)?,
+            rope_interleave: keys.opt_bool("rope_interleave")?.unwrap_or(true),
+            yarn: yarn(&keys)?,
         };
         if !config.qk_rope_head_dim.is_multiple_of(2) {
-            return Err(bad(path, format!("qk_rope_head_dim {} must be even for RoPE", config.qk_rope_head_dim)));
+            return Err(keys.bad("qk_rope_head_dim", &format!("even for RoPE, not {}", config.qk_rope_head_dim)));
         }
         Ok(config)
     }

@@ -25,7 +25,8 @@ use half::f16;
 use super::ggml_activations;
 use super::math::{by_weight_rows, dot, matmul_t_rounding};
 use crate::backend::contract::GgmlPath;
-use crate::weights::WeightTensor;
+use crate::weights::gguf::GgmlType;
+use crate::weights::{WeightDtype, WeightTensor};
 
 /// The most tokens for which llama.cpp's CUDA backend takes its vector
 /// kernels (`MMVQ_MAX_BATCH_SIZE`, `MMVF_MAX_BATCH_SIZE`; the MoE
@@ -64,11 +65,10 @@ pub fn matmul_tf32(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
 /// `x8` the q8_1 activations and `Σ x` the sum of the float ones (the
 /// `DS4` layout's second half). None for other weight types.
 pub fn matmul_mmq(inputs: &[&[f32]], w: &WeightTensor) -> Option<Vec<f32>> {
-    let k = w.row_len();
-    let mut probe = (vec![0.0f32; k], vec![0.0f32; k / 32]);
-    if w.shape[0] == 0 || !w.read_row_mmq(0, &mut probe.0, &mut probe.1) {
+    if !matches!(w.dtype, WeightDtype::Quant(GgmlType::Q4_K | GgmlType::Q5_K)) {
         return None;
     }
+    let k = w.row_len();
     let quantized: Vec<Vec<f32>> = inputs
         .iter()
         .map(|x| ggml_activations::as_vec_dot_input(GgmlPath::Cuda, w.dtype, x).unwrap_or_else(|| x.to_vec()))

@@ -11,7 +11,7 @@ pub mod ggml_cuda;
 mod grouped_router_ops;
 pub mod grouped_routing;
 pub mod math;
-pub mod mla;
+mod mla;
 mod moe;
 
 use std::sync::Arc;
