@@ -9,7 +9,7 @@ rm -rf .gpu && mkdir -p .gpu/bin
 cargo build --release -p cli
 cp target/release/moetrace .gpu/bin/
 # Each GPU test executable, by test target name.
-for spec in "pipeline --features cuda --test gpu_synthetic" "pipeline --features cuda --test gpu_parity" "pipeline --features cuda --test gpu_fused_attention" "pipeline --features cuda --test gpu_quant" "kernels-cuda --lib" "moetrace-tests --features cuda --test gpu_oracle" "moetrace-tests --features cuda --test gpu_memory" "moetrace-tests --features cuda --test gguf_model"; do
+for spec in "pipeline --features cuda --test gpu_synthetic" "pipeline --features cuda --test gpu_parity" "pipeline --features cuda --test gpu_mla" "pipeline --features cuda --test gpu_fused_attention" "pipeline --features cuda --test gpu_quant" "kernels-cuda --lib" "moetrace-tests --features cuda --test gpu_oracle" "moetrace-tests --features cuda --test gpu_memory" "moetrace-tests --features cuda --test gguf_model"; do
     # shellcheck disable=SC2086
     cargo test --release -p $spec --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys
@@ -80,4 +80,11 @@ built=$(du -sb .gpu | cut -f1)
 echo "carry: tracked files $((tree / 1048576)) MiB + .gpu $((built / 1048576)) MiB = $(((tree + built) / 1048576)) MiB of 64"
 if [ $((tree + built)) -gt $((64 * 1048576)) ]; then
     echo "over the limit: carry only the executables the command runs, e.g. [\".gpu/bin/moetrace\", \".gpu/bin/test-gpu_oracle\", \".gpu/fixtures\"]"
+fi
+# GPU_PACK=1: the binaries and fixtures also as one xz archive (binaries
+# shrink about 4x), for a run that needs more of them than 64 MiB holds:
+#   run(carry: [".gpu/pack.txz"], command: "tar xJf .gpu/pack.txz -C .gpu && ...")
+if [ -n "${GPU_PACK:-}" ]; then
+    tar cJf .gpu/pack.txz -C .gpu bin $([ -d .gpu/fixtures ] && echo fixtures)
+    echo "pack: .gpu/pack.txz $(($(stat -c %s .gpu/pack.txz) / 1048576)) MiB"
 fi

@@ -15,7 +15,8 @@
 #     2% on one prompt token's attention output, 1% on one decode step's
 #     whole ffn_norm.
 # CASES picks cases by name (default: all); a case is
-#   name|preset|layers|seed|prompt tokens|generate|faults
+#   name|preset|layers|seed|prompt tokens|generate|faults[|vocab]
+# (vocab: the prompt's ids are taken modulo it, 151936 by default).
 # (faults: `;`-separated CLI specs, `EXPERT` replaced by an expert routed
 # at that place in a quick run of the target).
 # Reports (JSON) and logs travel back as one archive; the table is printed
@@ -35,6 +36,10 @@ all_cases=(
     "q4km-64-clean|qwen3-30b-a3b-q4km|48|7|64|5|"
     "q4km-64-faults|qwen3-30b-a3b-q4km|48|7|64|5|moe_expert_out@37.2#EXPERT=scale(1.02);attn_out@20.0:17=scale(1.02);ffn_norm@9.3=scale(1.01)"
     "q4km-16-clean|qwen3-30b-a3b-q4km|12|11|16|5|"
+    "moonlight-64-clean|moonlight-16b-a3b|27|7|64|5||163840"
+    "moonlight-64-faults|moonlight-16b-a3b|27|7|64|5|moe_expert_out@20.2#EXPERT=scale(1.02);attention@10.0:17=scale(1.02);mla_kv_a_norm@5.3=scale(1.01)|163840"
+    "dsv3-16-clean|deepseek-v3|5|11|16|3||129280"
+    "dsv3-16-faults|deepseek-v3|5|11|16|3|moe_router@4.1=scale(1.02);mla_q@1.0:9=scale(1.02)|129280"
 )
 wanted=${CASES:-all}
 results=()
@@ -48,9 +53,9 @@ flips = sum(len(x["flipped"]) for x in r["rows"])
 ratios = ", ".join("{}/{} {:.2f}".format(m["stage"], m["phase"][0], m["ratio"]) for m in top)
 print("{} lone {}; {} systematic {}; largest ratios {}; {} flipped tokens".format(len(lone), lone, len(sys_), sys_, ratios, flips))'
 for case in "${all_cases[@]}"; do
-    IFS='|' read -r name preset layers seed n gen faults <<<"$case"
+    IFS='|' read -r name preset layers seed n gen faults vocab <<<"$case"
     if [ "$wanted" != all ] && [[ " $wanted " != *" $name "* ]]; then continue; fi
-    prompt=$(python3 -c "print(', '.join(str((i * 7919 + 13 * $seed) % 151936) for i in range($n)))")
+    prompt=$(python3 -c "print(', '.join(str((i * 7919 + 13 * $seed) % ${vocab:-151936}) for i in range($n)))")
     model="Synthetic(preset: \"$preset\", seed: $seed, layers: $layers)"
     cat >"$work/$name.ron" <<RON
 (model: $model, prompt: Tokens([$prompt]), generate: $gen, reference: Cpu, target: Cuda(device: 0, dtype: Bf16))

@@ -168,6 +168,13 @@ fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
     let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-moe-fp8-oracle");
     let model = format!("Path({:?})", dir.join("model"));
     found.push(("tiny-moe-fp8-oracle", dir, model));
+    // DeepSeek-V3: MLA with q_lora (dense layers), with a plain q_proj,
+    // and with the grouped router and shared experts (cuda/mla.rs).
+    for name in ["tiny-deepseek-v3-oracle", "tiny-deepseek-v3-plain-q-oracle", "tiny-deepseek-v3-moe-oracle"] {
+        let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
+        let model = format!("Path({:?})", dir.join("model"));
+        found.push((name, dir, model));
+    }
     found
 }
 
@@ -239,7 +246,12 @@ fn bisect_cpu_vs_cuda_on_each_family_finds_nothing_and_then_the_injected_fault()
         return;
     }
     for (fixture, stage, layer) in
-        [("tiny-mixtral-oracle", S::MoeExpertSwigl, 1), ("tiny-qwen2-moe-oracle", S::MoeSharedWeight, 2)]
+        [
+            ("tiny-mixtral-oracle", S::MoeExpertSwigl, 1),
+            ("tiny-qwen2-moe-oracle", S::MoeSharedWeight, 2),
+            ("tiny-deepseek-v3-moe-oracle", S::MlaKvB, 1),
+            ("tiny-deepseek-v3-moe-oracle", S::MoeRouterChoice, 2),
+        ]
     {
         let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(fixture);
         let faults = format!("[(stage: {:?}, layer: {layer}, step: 2, kind: Scale(1.5))]", stage.name());
@@ -323,6 +335,9 @@ fn local_bisect_on_cuda_bf16_finds_one_fault_alone_in_each_family() {
         ("tiny-mixtral-oracle", "attn_out", 1),
         ("tiny-qwen2-moe-oracle", "moe_shared_out", 2),
         ("tiny-qwen2-moe-oracle", "qkv_bias", 1),
+        ("tiny-deepseek-v3-moe-oracle", "mla_kv_a_norm", 1),
+        ("tiny-deepseek-v3-moe-oracle", "attention", 2),
+        ("tiny-deepseek-v3-moe-oracle", "moe_shared_out", 2),
     ] {
         let model = root.join(fixture).join("model");
         let base = format!(

@@ -43,6 +43,15 @@ __device__ void qk_norm_impl(float *out, const float *x, const W *q_w, const W *
     rms_row(out + (u64)t * out_width + head * hd, x + (u64)t * in_width + head * hd, w, hd, eps);
 }
 
+// RMSNorm of each row's first `width` columns, rows of `in_width` (MLA's
+// latent, before the shared key's rope columns); written densely.
+template <typename W>
+__device__ void rms_norm_cols_impl(float *out, const float *x, const W *w, u32 in_width, u32 width, float eps) {
+    u64 row = blockIdx.x;
+    rms_row(out + row * width, x + row * in_width, w, width, eps);
+}
+
 WEIGHT_VARIANTS(rms_norm, (float *out, const float *x, const W *w, u32 width, float eps), (out, x, w, width, eps))
 WEIGHT_VARIANTS(qk_norm, (float *out, const float *x, const W *q_w, const W *k_w, u32 in_width, u32 q_heads, u32 kv_heads, u32 hd, float eps),
                 (out, x, q_w, k_w, in_width, q_heads, kv_heads, hd, eps))
+WEIGHT_VARIANTS(rms_norm_cols, (float *out, const float *x, const W *w, u32 in_width, u32 width, float eps), (out, x, w, in_width, width, eps))

@@ -126,6 +126,25 @@ pub mod norm {
     pub const RMS_NORM: WeightKernel = w("norm", "rms_norm_f32", "rms_norm_bf16w");
     /// Qwen3's per-head QK-norm.
     pub const QK_NORM: WeightKernel = w("norm", "qk_norm_f32", "qk_norm_bf16w");
+    /// RMSNorm of each row's first columns (MLA's latent).
+    pub const RMS_NORM_COLS: WeightKernel = w("norm", "rms_norm_cols_f32", "rms_norm_cols_bf16w");
+}
+
+/// kernels/mla.cu.
+pub mod mla {
+    use super::{Kernel, WeightKernel, k, w};
+    /// MLA's query with each head's rope columns rotated.
+    pub const QUERY_ROPE: Kernel = k("mla", "mla_query_rope_f32");
+    /// MLA's keys: each head's k_nope, then the shared rotated columns.
+    pub const KEYS: Kernel = k("mla", "mla_keys_f32");
+    /// MLA's keys and values appended to a layer's caches.
+    pub const APPEND_KV: Kernel = k("mla", "mla_append_kv_f32");
+    /// MLA's scores (query and key widths qk, any scale).
+    pub const SCORES: Kernel = k("mla", "mla_scores_f32");
+    /// MLA's softmax · V (value width v_dim).
+    pub const ATTENTION: Kernel = k("mla", "mla_attention_f32");
+    /// DeepSeek's grouped router (sigmoid, correction bias, groups).
+    pub const ROUTER_GROUPED: WeightKernel = w("mla", "router_grouped_f32", "router_grouped_bf16w");
 }
 
 /// kernels/quant.cu.
@@ -203,6 +222,15 @@ pub const ALL: &[Kernel] = &[
     synthetic::FILL_BF16,
     synthetic::FILL_F32,
     synthetic::BLOCKS,
+    norm::RMS_NORM_COLS.f32,
+    norm::RMS_NORM_COLS.bf16w,
+    mla::QUERY_ROPE,
+    mla::KEYS,
+    mla::APPEND_KV,
+    mla::SCORES,
+    mla::ATTENTION,
+    mla::ROUTER_GROUPED.f32,
+    mla::ROUTER_GROUPED.bf16w,
 ];
 
 #[cfg(test)]

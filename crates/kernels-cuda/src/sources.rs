@@ -14,6 +14,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("attention", include_str!("../kernels/attention.cu")),
     ("elementwise", include_str!("../kernels/elementwise.cu")),
     ("linear", include_str!("../kernels/linear.cu")),
+    ("mla", include_str!("../kernels/mla.cu")),
     ("moe", include_str!("../kernels/moe.cu")),
     ("norm", include_str!("../kernels/norm.cu")),
     ("quant", include_str!("../kernels/quant.cu")),

@@ -10,102 +10,17 @@
 #![cfg(feature = "cuda")]
 
 mod common;
+#[path = "common/parity.rs"]
+mod parity;
 
 use std::sync::Arc;
 
+use parity::{Pair, bf16, random, weight, weight_bf16};
 use pipeline::backend::cuda::CudaPrecision;
 use pipeline::backend::{AttentionShape, Backend, QkNormArgs, RopeArgs};
-use pipeline::weights::{WeightDtype, WeightId, WeightStore, WeightTensor, synthetic_value, tensor_key};
+use pipeline::weights::{WeightId, WeightStore};
 use pipeline::{CpuBackend, CudaBackend, HostTensor};
 use stage_types::SaveTensorStage as S;
-
-fn random(name: &str, n: usize, mean: f32, std: f32) -> Vec<f32> {
-    let key = tensor_key(11, name);
-    (0..n).map(|i| synthetic_value(key, i as u64, mean, std)).collect()
-}
-
-fn weight(store: &mut WeightStore, name: &str, shape: Vec<usize>, mean: f32, std: f32) -> WeightId {
-    let n = shape.iter().product();
-    let bytes = random(name, n, mean, std).iter().flat_map(|v| v.to_le_bytes()).collect();
-    store.insert(WeightTensor::owned(name.into(), WeightDtype::F32, shape, bytes))
-}
-
-/// The nearest bf16 value (round to nearest even), as f32.
-fn bf16(x: f32) -> f32 {
-    let bits = x.to_bits();
-    f32::from_bits((bits + 0x7fff + ((bits >> 16) & 1)) & 0xffff_0000)
-}
-
-struct Pair {
-    cpu: CpuBackend,
-    gpu: CudaBackend,
-    rows: Vec<String>,
-    failures: usize,
-    /// Bf16 mode: every float output except the routing stages must hold
-    /// bf16 values only (rounded at the store).
-    bf16: bool,
-}
-
-impl Pair {
-    fn put(&mut self, slot: S, t: HostTensor) {
-        self.cpu.write(slot, &t).unwrap();
-        self.gpu.write(slot, &t).unwrap();
-    }
-
-    /// Compares the greedy choice of `slot`'s last row on both backends.
-    fn argmax(&mut self, slot: S, what: &str, shape: &str) {
-        let (a, g) = (self.cpu.argmax_last_row(slot).unwrap(), self.gpu.argmax_last_row(slot).unwrap());
-        self.rows.push(format!(
-            "{:<16} {:<20} {:<26} f32  exact       argmax {a} vs {g}{:<20} {}",
-            "argmax",
-            what,
-            shape,
-            "",
-            if a == g { "ok" } else { "FAIL" }
-        ));
-        self.failures += usize::from(a != g);
-    }
-
-    /// Runs `op` on both backends and compares `outputs`.
-    fn case(
-        &mut self,
-        name: &str,
-        shape: &str,
-        tolerance: f64,
-        outputs: &[S],
-        op: impl Fn(&mut dyn Backend) -> pipeline::Result<()>,
-    ) {
-        op(&mut self.cpu).unwrap_or_else(|e| panic!("{name} on cpu: {e}"));
-        op(&mut self.gpu).unwrap_or_else(|e| panic!("{name} on cuda: {e}"));
-        for &slot in outputs {
-            let (a, b) = (self.cpu.read(slot).unwrap(), self.gpu.read(slot).unwrap());
-            let (ok, measure) = if a.shape != b.shape {
-                (false, format!("shape {:?} vs {:?}", a.shape, b.shape))
-            } else if let (Some(x), Some(y)) = (a.as_i32(), b.as_i32()) {
-                (x == y, format!("ids {}", if x == y { "identical" } else { "DIFFER" }))
-            } else {
-                let (x, y) = (a.to_f64(), b.to_f64());
-                let diff: f64 = x.iter().zip(&y).map(|(p, q)| (p - q) * (p - q)).sum();
-                let norm: f64 = x.iter().map(|p| p * p).sum();
-                let rel = if diff == 0.0 { 0.0 } else { (diff / norm).sqrt() };
-                let routing = matches!(slot, S::MoeRouter | S::MoeRouterLogits);
-                let unrounded =
-                    if self.bf16 && !routing { y.iter().filter(|&&q| q as f32 != bf16(q as f32)).count() } else { 0 };
-                let extra = if unrounded > 0 { format!(", {unrounded} NOT bf16") } else { String::new() };
-                (rel <= tolerance && unrounded == 0, format!("rel_l2 {rel:.2e} (NMSE {:.2e}){extra}", rel * rel))
-            };
-            self.failures += usize::from(!ok);
-            self.rows.push(format!(
-                "{:<16} {:<20} {:<26} {:<4} tol {tolerance:.0e}  {measure:<32} {}",
-                name,
-                slot.name(),
-                shape,
-                if self.bf16 { "bf16" } else { "f32" },
-                if ok { "ok" } else { "FAIL" }
-            ));
-        }
-    }
-}
 
 #[test]
 fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
@@ -273,22 +188,7 @@ fn every_cuda_operation_matches_the_cpu_backend_on_awkward_sizes() {
         &[S::MoeExpertOut],
         |b| b.expert_linear(S::MoeExpertUp, S::MoeRouterIndices, &big_downs, S::MoeExpertOut),
     );
-    println!(
-        "{:<16} {:<20} {:<26} {:<4} {:<11} {:<32} result",
-        "op", "output", "shapes", "type", "tolerance", "measure"
-    );
-    for row in &pair.rows {
-        println!("{row}");
-    }
-    assert_eq!(pair.failures, 0, "{} parity failures", pair.failures);
-}
-
-/// A weight of bf16 values (so the Bf16 backend's conversion is exact and
-/// both backends multiply by the same numbers).
-fn weight_bf16(store: &mut WeightStore, name: &str, shape: Vec<usize>, mean: f32, std: f32) -> WeightId {
-    let values: Vec<f32> = random(name, shape.iter().product(), mean, std).into_iter().map(bf16).collect();
-    let bytes = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    store.insert(WeightTensor::owned(name.into(), WeightDtype::F32, shape, bytes))
+    pair.finish();
 }
 
 #[test]
@@ -430,12 +330,5 @@ fn bf16_kernels_round_at_the_store_and_match_the_cpu_backend() {
         "",
         if ok { "ok" } else { "FAIL" }
     ));
-    println!(
-        "{:<16} {:<20} {:<26} {:<4} {:<11} {:<32} result",
-        "op", "output", "shapes", "type", "tolerance", "measure"
-    );
-    for row in &pair.rows {
-        println!("{row}");
-    }
-    assert_eq!(pair.failures, 0, "{} parity failures", pair.failures);
+    pair.finish();
 }

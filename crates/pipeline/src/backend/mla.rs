@@ -1,8 +1,8 @@
 //! Multi-head latent attention's geometry and the operations a backend
 //! offers for it (DeepSeek-V2/V3): the stage systems of an MLA layer
-//! (stages/mla.rs) call these through [`super::Backend::mla`]; a backend
-//! without them (CUDA, for now) is refused at the first MLA stage with
-//! what it lacks.
+//! (stages/mla.rs) call these through [`super::Backend::mla`] (the CPU's
+//! cpu/mla.rs, CUDA's cuda/mla.rs); a backend without them is refused at
+//! the first MLA stage with what it lacks.
 
 use super::Slot;
 use crate::error::Result;

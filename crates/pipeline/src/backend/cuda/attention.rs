@@ -46,34 +46,9 @@ impl CudaBackend {
         if vt.rows() != rows || v_col + width > v_width {
             return Err(PipelineError::BadInput(format!("append_kv: `{k}` and `{v}` do not match")));
         }
-        if self.caches.len() <= layer {
-            self.caches.resize_with(layer + 1, || None);
-        }
+        self.ensure_cache(layer, rows, width, width)?;
         let start = self.start_position;
-        let len = self.caches[layer].as_ref().map_or(0, |c| c.len);
-        if len != start {
-            return Err(PipelineError::BadInput(format!(
-                "the KV cache of layer {layer} holds {len} positions but this step starts at {start}"
-            )));
-        }
-        let need = start + rows;
         let stream = self.stream();
-        if self.caches[layer].as_ref().is_none_or(|c| c.capacity < need || c.width != width) {
-            self.refuse_in_capture("growing a KV cache")?;
-            let capacity = need.next_power_of_two().max(MIN_CACHE_CAPACITY);
-            let mut nk = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
-            let mut nv = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
-            if let Some(old) = &self.caches[layer] {
-                let used = old.len * width;
-                stream
-                    .memcpy_dtod(&old.k.slice(..used), &mut nk.slice_mut(..used))
-                    .map_err(gpu("growing the KV cache"))?;
-                stream
-                    .memcpy_dtod(&old.v.slice(..used), &mut nv.slice_mut(..used))
-                    .map_err(gpu("growing the KV cache"))?;
-            }
-            self.caches[layer] = Some(DevCache { k: nk, v: nv, width, len: start, capacity });
-        }
         let f = self.kernel(attention::APPEND_KV)?;
         let cache = self.caches[layer].as_mut().expect("allocated above");
         let kt = self.activations.slots.get(k).expect("checked").f32(k)?;
@@ -86,7 +61,44 @@ impl CudaBackend {
         // with capacity >= start + rows rows (step_start holds start);
         // columns v_col..v_col + width of v are within its rows.
         unsafe { b.launch(threads(2 * rows * width)) }.map_err(gpu("appending to the KV cache"))?;
-        cache.len = need;
+        cache.len = start + rows;
+        Ok(())
+    }
+
+    /// Makes layer `layer`'s caches (key rows of `width`, value rows of
+    /// `v_width`) hold the positions before this step and room for `rows`
+    /// more, growing them (a power of two, at least MIN_CACHE_CAPACITY)
+    /// with what they hold copied over. The caller appends, then sets the
+    /// length.
+    pub(super) fn ensure_cache(&mut self, layer: usize, rows: usize, width: usize, v_width: usize) -> Result<()> {
+        if self.caches.len() <= layer {
+            self.caches.resize_with(layer + 1, || None);
+        }
+        let start = self.start_position;
+        let len = self.caches[layer].as_ref().map_or(0, |c| c.len);
+        if len != start {
+            return Err(PipelineError::BadInput(format!(
+                "the KV cache of layer {layer} holds {len} positions but this step starts at {start}"
+            )));
+        }
+        let need = start + rows;
+        let fits = |c: &DevCache| c.capacity >= need && c.width == width && c.v_width == v_width;
+        if self.caches[layer].as_ref().is_some_and(fits) {
+            return Ok(());
+        }
+        self.refuse_in_capture("growing a KV cache")?;
+        let stream = self.stream();
+        let capacity = need.next_power_of_two().max(MIN_CACHE_CAPACITY);
+        let mut nk = stream.alloc_zeros::<f32>(capacity * width).map_err(gpu("allocating the KV cache"))?;
+        let mut nv = stream.alloc_zeros::<f32>(capacity * v_width).map_err(gpu("allocating the KV cache"))?;
+        if let Some(old) = self.caches[layer].as_ref().filter(|c| c.width == width && c.v_width == v_width) {
+            let (used, v_used) = (old.len * width, old.len * v_width);
+            stream.memcpy_dtod(&old.k.slice(..used), &mut nk.slice_mut(..used)).map_err(gpu("growing the KV cache"))?;
+            stream
+                .memcpy_dtod(&old.v.slice(..v_used), &mut nv.slice_mut(..v_used))
+                .map_err(gpu("growing the KV cache"))?;
+        }
+        self.caches[layer] = Some(DevCache { k: nk, v: nv, width, v_width, len: start, capacity });
         Ok(())
     }
 
@@ -197,10 +209,10 @@ impl CudaBackend {
         let pt = self.slot(probs)?;
         let (t_len, p_len) = (pt.shape[1], pt.shape[2]);
         let cache = self.cache(layer)?;
-        if cache.len != p_len {
+        if cache.len != p_len || cache.v_width != cache.width {
             return Err(PipelineError::BadInput(format!(
-                "attention: {p_len} probabilities, {} cached values",
-                cache.len
+                "attention: {p_len} probabilities, {} cached values (of width {}, keys {})",
+                cache.len, cache.v_width, cache.width
             )));
         }
         let n = t_len * shape.heads * shape.head_dim;
@@ -295,10 +307,9 @@ impl CudaBackend {
             .and_then(|c| c.as_ref())
             .ok_or_else(|| PipelineError::BadInput(format!("layer {layer} has no KV cache yet")))?;
         let stream = self.stream();
-        let used = c.len * c.width;
-        let k = stream.clone_dtoh(&c.k.slice(..used)).map_err(gpu("copying the KV cache"))?;
-        let v = stream.clone_dtoh(&c.v.slice(..used)).map_err(gpu("copying the KV cache"))?;
-        Ok((HostTensor::f32(vec![c.len, c.width], k), HostTensor::f32(vec![c.len, c.width], v)))
+        let k = stream.clone_dtoh(&c.k.slice(..c.len * c.width)).map_err(gpu("copying the KV cache"))?;
+        let v = stream.clone_dtoh(&c.v.slice(..c.len * c.v_width)).map_err(gpu("copying the KV cache"))?;
+        Ok((HostTensor::f32(vec![c.len, c.width], k), HostTensor::f32(vec![c.len, c.v_width], v)))
     }
 
     pub(super) fn set_kv_cache_on_device(
@@ -310,21 +321,25 @@ impl CudaBackend {
         let (Some(k), Some(v)) = (keys.as_f32(), values.as_f32()) else {
             return Err(PipelineError::BadInput("a KV cache holds float32".into()));
         };
-        if keys.shape.len() != 2 || keys.shape != values.shape {
-            return Err(PipelineError::BadInput("KV cache keys and values must both be [len, width]".into()));
+        if keys.shape.len() != 2 || values.shape.len() != 2 || keys.shape[0] != values.shape[0] {
+            return Err(PipelineError::BadInput(
+                "KV cache keys and values must be [len, width] and [len, value width]".into(),
+            ));
         }
-        let (len, width) = (keys.shape[0], keys.shape[1]);
+        let (len, width, v_width) = (keys.shape[0], keys.shape[1], values.shape[1]);
         let capacity = len.next_power_of_two().max(MIN_CACHE_CAPACITY);
         let stream = self.stream();
-        let mut padded = k.to_vec();
-        padded.resize(capacity * width, 0.0);
-        let kd = stream.clone_htod(&padded).map_err(gpu("copying the KV cache"))?;
-        padded[..v.len()].copy_from_slice(v);
-        let vd = stream.clone_htod(&padded).map_err(gpu("copying the KV cache"))?;
+        let padded = |x: &[f32], w: usize| {
+            let mut p = x.to_vec();
+            p.resize(capacity * w, 0.0);
+            p
+        };
+        let kd = stream.clone_htod(&padded(k, width)).map_err(gpu("copying the KV cache"))?;
+        let vd = stream.clone_htod(&padded(v, v_width)).map_err(gpu("copying the KV cache"))?;
         if self.caches.len() <= layer {
             self.caches.resize_with(layer + 1, || None);
         }
-        self.caches[layer] = Some(DevCache { k: kd, v: vd, width, len, capacity });
+        self.caches[layer] = Some(DevCache { k: kd, v: vd, width, v_width, len, capacity });
         Ok(())
     }
 }

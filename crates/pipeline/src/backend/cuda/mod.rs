@@ -6,7 +6,8 @@
 //! [`CudaPrecision::Bf16`] keeps the weights in bf16 on the device and
 //! rounds every stage's output to bf16 (accumulation stays f32). The op
 //! families live in `projections.rs`, `attention.rs`, `moe.rs`,
-//! `norm.rs` and `elementwise.rs`, the [`Backend`] methods that dispatch
+//! `norm.rs`, `elementwise.rs` and `mla.rs` (DeepSeek's attention and
+//! router), the [`Backend`] methods that dispatch
 //! to them in `ops.rs`; this file holds the backend's state, its
 //! construction and its buffers.
 
@@ -30,6 +31,7 @@ mod elementwise;
 mod fused_attention;
 mod graph;
 mod launcher;
+mod mla;
 mod moe;
 mod norm;
 mod ops;
@@ -99,6 +101,8 @@ pub struct CudaBackend {
     /// `MOETRACE_NO_FUSED_ATTENTION` is set).
     fuse_attention: bool,
     caches: Vec<Option<DevCache>>,
+    /// MLA's rotation on the device (mla.rs).
+    mla_rope: mla::RopeTable,
     /// `MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS` set: every cuBLAS projection's
     /// output is zeroed before the GEMM overwrites it. Only for
     /// compute-sanitizer's initcheck, which does not see the TMA stores of
@@ -167,14 +171,13 @@ impl CudaBackend {
         precision: CudaPrecision,
         meter: &crate::LoadMeter,
     ) -> Result<Self> {
-        if model.config.mla.is_some() || model.config.grouped_router.is_some() {
-            // Refused before a byte is placed on the device.
-            return Err(PipelineError::BackendUnavailable(format!(
-                "{} uses multi-head latent attention or DeepSeek's grouped router, which the CUDA backend has no kernels for yet (issue 24); run it with backend: Cpu",
-                model.config.architecture
-            )));
+        let mut backend = Self::with_weights(model.store.clone(), &model.expert_lists(), ordinal, precision, meter)?;
+        if model.config.mla.is_some() {
+            // MLA's kernels (mla.rs) take the step's length from the host:
+            // its decode steps run eagerly.
+            backend.set_step_graphs(false);
         }
-        Self::with_weights(model.store.clone(), &model.expert_lists(), ordinal, precision, meter)
+        Ok(backend)
     }
 
     /// Like [`CudaBackend::new`] for any weight store: `expert_lists` are
@@ -261,6 +264,7 @@ impl CudaBackend {
             start_position: 0,
             step_start,
             caches: Vec::new(),
+            mla_rope: None,
             zero_gemm_outputs: std::env::var_os("MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS").is_some(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
             taps: taps::Taps::default(),

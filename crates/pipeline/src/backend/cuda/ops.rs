@@ -82,6 +82,14 @@ impl Backend for CudaBackend {
         Some(self)
     }
 
+    fn mla(&mut self) -> Option<&mut dyn crate::backend::mla::MlaOps> {
+        Some(self)
+    }
+
+    fn grouped_router(&mut self) -> Option<&mut dyn crate::backend::grouped_router::GroupedRouting> {
+        Some(self)
+    }
+
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
         self.timed(out.name(), &[], |this| this.embedding_on_device(table, out))
     }

@@ -97,7 +97,10 @@ impl DevTensor {
 pub(super) struct DevCache {
     pub(super) k: CudaSlice<f32>,
     pub(super) v: CudaSlice<f32>,
+    /// A key row's width (nkv * hd; MLA: nh * (nope + rope)).
     pub(super) width: usize,
+    /// A value row's width: `width` but for MLA (nh * v_head_dim).
+    pub(super) v_width: usize,
     pub(super) len: usize,
     pub(super) capacity: usize,
 }
