@@ -170,7 +170,12 @@ fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
     found.push(("tiny-moe-fp8-oracle", dir, model));
     // DeepSeek-V3: MLA with q_lora (dense layers), with a plain q_proj,
     // and with the grouped router and shared experts (cuda/mla.rs).
-    for name in ["tiny-deepseek-v3-oracle", "tiny-deepseek-v3-plain-q-oracle", "tiny-deepseek-v3-moe-oracle"] {
+    for name in [
+        "tiny-deepseek-v3-oracle",
+        "tiny-deepseek-v3-plain-q-oracle",
+        "tiny-deepseek-v3-moe-oracle",
+        "tiny-deepseek-v3-fp8-oracle",
+    ] {
         let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
         let model = format!("Path({:?})", dir.join("model"));
         found.push((name, dir, model));
@@ -245,14 +250,12 @@ fn bisect_cpu_vs_cuda_on_each_family_finds_nothing_and_then_the_injected_fault()
     if !gpu_enabled() {
         return;
     }
-    for (fixture, stage, layer) in
-        [
-            ("tiny-mixtral-oracle", S::MoeExpertSwigl, 1),
-            ("tiny-qwen2-moe-oracle", S::MoeSharedWeight, 2),
-            ("tiny-deepseek-v3-moe-oracle", S::MlaKvB, 1),
-            ("tiny-deepseek-v3-moe-oracle", S::MoeRouterChoice, 2),
-        ]
-    {
+    for (fixture, stage, layer) in [
+        ("tiny-mixtral-oracle", S::MoeExpertSwigl, 1),
+        ("tiny-qwen2-moe-oracle", S::MoeSharedWeight, 2),
+        ("tiny-deepseek-v3-moe-oracle", S::MlaKvB, 1),
+        ("tiny-deepseek-v3-moe-oracle", S::MoeRouterChoice, 2),
+    ] {
         let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(fixture);
         let faults = format!("[(stage: {:?}, layer: {layer}, step: 2, kind: Scale(1.5))]", stage.name());
         let report = bisect_clean_then_with_prompt(&dir.join("model"), "[1, 17, 42, 99, 5, 77]", &faults);

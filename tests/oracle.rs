@@ -136,8 +136,16 @@ fn cpu_matches_the_in_repo_oracle_deepseek_v3_within_1e6() {
     // a plain q_proj as V2-Lite has (q_lora=0:
     // tiny-deepseek-v3-plain-q-oracle), the latent cache, interleaved rope
     // under YaRN with mscale_all_dim in the softmax scale; dense layers in
-    // those two, MoE layers in tiny-deepseek-v3-moe-oracle.
-    for name in ["tiny-deepseek-v3-oracle", "tiny-deepseek-v3-plain-q-oracle", "tiny-deepseek-v3-moe-oracle"] {
+    // those two, MoE layers in tiny-deepseek-v3-moe-oracle and
+    // tiny-deepseek-v3-fp8-oracle, whose projections (MLA's and the
+    // experts') are FP8 with 128x128 block scales, partial blocks on both
+    // axes (kv_a_proj_with_mqa: 192 x 160, 1.5 x 1.25 blocks).
+    for name in [
+        "tiny-deepseek-v3-oracle",
+        "tiny-deepseek-v3-plain-q-oracle",
+        "tiny-deepseek-v3-moe-oracle",
+        "tiny-deepseek-v3-fp8-oracle",
+    ] {
         let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
         let worst = check_oracle_dir(name, &dir, &dir.join("model"), 4);
         assert!(worst <= 1e-6, "{name}: worst rel_l2 {worst:.2e}");
@@ -153,7 +161,7 @@ fn cpu_matches_the_in_repo_oracle_deepseek_v3_within_1e6() {
         // shared expert.
         assert_eq!(
             has("moe_router") && has("moe_shared_out") && has("moe_router_choice"),
-            name.contains("moe"),
+            name.contains("moe") || name.contains("fp8"),
             "{name}: its MoE layers"
         );
         assert!(!has("moe_shared_weight"), "{name}: DeepSeek's shared expert has no gate");

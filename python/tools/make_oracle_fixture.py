@@ -145,7 +145,7 @@ def dequantised(q, scale):
     return q.to(torch.float32) * s
 
 
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", ".w1.", ".w2.", ".w3.")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "gate_proj", "up_proj", "down_proj", ".w1.", ".w2.", ".w3.")
 stored = {k: v.to(torch.bfloat16).contiguous() for k, v in sd.items()}
 if D["fp8"]:
     for k in [k for k in sd if any(p in k for p in PROJECTIONS) and k.endswith(".weight")]:

@@ -175,7 +175,7 @@ impl<'a> Session<'a> {
             BackendSpec::CpuEmulating(dtype) => {
                 Ok(Box::new(CpuBackend::new(store, threads)?.with_contract(dtype.contract())))
             }
-            BackendSpec::CpuWithBug(bug) => Ok(Box::new(CpuBackend::new(store, threads)?.with_bug(*bug))),
+            BackendSpec::CpuWithBug(bug) => Ok(Box::new(CpuBackend::new(store, threads)?.with_bug(*bug)?)),
             BackendSpec::CpuLlamaCpp => {
                 let mut backend = CpuBackend::new(store, threads)?;
                 backend.set_ggml_activations(true);

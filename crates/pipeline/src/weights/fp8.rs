@@ -144,6 +144,30 @@ pub fn attach_block_scales(store: WeightStore, dir: &Path) -> Result<WeightStore
     Ok(out)
 }
 
+/// `store` with tensor `name`'s block scales as a kernel that reads one
+/// block's scale from its neighbour computes with them: the last block
+/// (the partial one where a dimension is not a multiple of the block)
+/// takes the scale of the block before it in its row of blocks, or above
+/// it when the row has one block. The same ids (every other tensor kept
+/// as it is). For [`crate::backend::cpu::grouped_routing::KnownBug::Fp8NeighbourScale`].
+pub fn with_neighbour_scale(store: &WeightStore, name: &str) -> std::result::Result<WeightStore, String> {
+    let id = store.id(name).ok_or_else(|| format!("the model has no tensor `{name}`"))?;
+    let scales = store.get(id).block_scales().ok_or_else(|| format!("`{name}` is not an FP8 block-scaled tensor"))?;
+    let n = scales.values.len();
+    if n < 2 {
+        return Err(format!("`{name}` has one block: it has no neighbour to read a scale from"));
+    }
+    let mut misread = scales.clone();
+    let neighbour = if scales.cols > 1 { n - 2 } else { n - 1 - scales.cols };
+    misread.values[n - 1] = scales.values[neighbour];
+    let mut out = WeightStore::default();
+    for (i, t) in store.tensors().iter().enumerate() {
+        let t = if i == id.0 as usize { t.clone().with_block_scales(Arc::new(misread.clone())) } else { t.clone() };
+        out.insert(t);
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

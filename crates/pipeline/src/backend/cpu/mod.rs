@@ -86,10 +86,19 @@ impl CpuBackend {
 
     /// Reproduces `bug` from now on (a target for testing that moetrace
     /// finds it): the grouped router's bugs in its routing, a dropped
-    /// shared expert in the MoE sum.
-    pub fn with_bug(mut self, bug: grouped_routing::KnownBug) -> Self {
+    /// shared expert in the MoE sum, a misread FP8 block scale in the
+    /// weights it reads. Fails when the model has nothing the bug can
+    /// touch (no FP8 kv_a_proj_with_mqa of more than one block in that
+    /// layer).
+    pub fn with_bug(mut self, bug: grouped_routing::KnownBug) -> Result<Self> {
+        if let grouped_routing::KnownBug::Fp8NeighbourScale(layer) = bug {
+            let name = format!("model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight");
+            let store = crate::weights::fp8::with_neighbour_scale(&self.store, &name)
+                .map_err(|why| PipelineError::BadInput(format!("CpuWithBug(Fp8NeighbourScale({layer})): {why}")))?;
+            self.store = Arc::new(store);
+        }
         self.bug = Some(bug);
-        self
+        Ok(self)
     }
 
     /// Keeps `contract` from now on: weights are rounded as it multiplies
