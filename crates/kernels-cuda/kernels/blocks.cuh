@@ -1,6 +1,6 @@
-// blocks.cuh: ggml's block formats (Q8_0, Q4_K, Q5_K, Q6_K) decoded on the
-// device, each value bit for bit as pipeline::weights::quant decodes it on
-// the host: the same f16 scales, the same f32 products and differences,
+// blocks.cuh: ggml's block formats (Q8_0, Q4_K, Q5_K, Q6_K) and rows of
+// block-scaled FP8 (MT_FP8_B128) decoded on the device, each value bit for
+// bit as pipeline::weights decodes it on the host: the same f16 scales, the same f32 products and differences,
 // rounded one operation at a time (__fmul_rn / __fsub_rn: no FMA). Shared
 // by the quant family (decoding, decode-step projections) and the moe
 // family (the prompt's grouped expert projection over quantized experts).
@@ -11,6 +11,20 @@
 #define GGML_Q4_K 12u
 #define GGML_Q5_K 13u
 #define GGML_Q6_K 14u
+// Not a ggml type: moetrace's row block of FP8 weights (DeepSeek-V3's and
+// Qwen3-FP8's block-scaled e4m3): the f32 scale of the 128 x 128 block the
+// row's 128 values belong to, then the 128 e4m3 bytes. A value decodes
+// as DeepSeek's weight_dequant computes it: f32(q) * scale, one multiply.
+#define MT_FP8_B128 200u
+
+// e4m3 (float8_e4m3fn: bias 7, 3 mantissa bits, no infinities, S.1111.111
+// NaN) as f32, exactly (pipeline::weights::fp8::e4m3_to_f32).
+__device__ __forceinline__ float e4m3_to_f32(u32 b) {
+    u32 sign = (b & 0x80u) << 24, exp = (b >> 3) & 0xfu, man = b & 7u;
+    if (exp == 0xfu && man == 7u) return QUIET_NAN;
+    u32 mag = exp == 0 ? __float_as_uint((float)man * 0.001953125f) : ((exp + 120u) << 23) | (man << 20);
+    return __uint_as_float(sign | mag);
+}
 
 // IEEE half bits to f32, exactly (subnormals; a NaN keeps its payload with
 // the quiet bit set, as the half crate converts it). Without branches, so
@@ -42,6 +56,7 @@ __device__ __forceinline__ void scale_min_k4(u32 j, const unsigned char *q, u32 
 
 // Value j of the block of `kind` at b.
 __device__ float dequant_value(u32 kind, const unsigned char *b, u32 j) {
+    if (kind == MT_FP8_B128) return __fmul_rn(e4m3_to_f32(b[4 + j]), __uint_as_float(*(const u32 *)b));
     if (kind == GGML_Q8_0) return __fmul_rn((float)(signed char)b[2 + j], f16_at(b, 0));
     if (kind == GGML_Q4_K || kind == GGML_Q5_K) {
         // 64 values per pair of sub-blocks: the low nibbles of 32 bytes,
@@ -107,6 +122,7 @@ template <> struct BlockOf<GGML_Q8_0> { static const u32 len = 32, bytes = 34; }
 template <> struct BlockOf<GGML_Q4_K> { static const u32 len = 256, bytes = 144; };
 template <> struct BlockOf<GGML_Q5_K> { static const u32 len = 256, bytes = 176; };
 template <> struct BlockOf<GGML_Q6_K> { static const u32 len = 256, bytes = 210; };
+template <> struct BlockOf<MT_FP8_B128> { static const u32 len = 128, bytes = 132; };
 
 // The bytes of a block that its values j0..j0+7 need, loaded (raw_of)
 // apart from their decoding (decode_raw), so a kernel can issue the loads
@@ -122,7 +138,10 @@ struct Raw8 {
 template <u32 KIND>
 __device__ __forceinline__ Raw8 raw_of(const unsigned char *b, u32 j0) {
     Raw8 r;
-    if (KIND == GGML_Q8_0) {
+    if (KIND == MT_FP8_B128) {
+        r.head = *(const u32 *)b;
+        r.q = load8<false>(b + 4 + j0);
+    } else if (KIND == GGML_Q8_0) {
         r.head = *(const u16 *)b;
         r.q = load8<false>(b + 2 + j0);
     } else if (KIND == GGML_Q4_K || KIND == GGML_Q5_K) {
@@ -148,7 +167,11 @@ __device__ __forceinline__ Raw8 raw_of(const unsigned char *b, u32 j0) {
 template <u32 KIND>
 __device__ __forceinline__ void decode_raw(Raw8 r, u32 j0, float *w) {
     uint2 q = r.q;
-    if (KIND == GGML_Q8_0) {
+    if (KIND == MT_FP8_B128) {
+        float scale = __uint_as_float(r.head);
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn(e4m3_to_f32(((i < 4 ? q.x : q.y) >> (8 * (i & 3))) & 0xffu), scale);
+    } else if (KIND == GGML_Q8_0) {
         float d = f16_bits_to_f32((u16)r.head);
         q.x ^= 0x80808080u; // signed bytes + 128
         q.y ^= 0x80808080u;
@@ -206,6 +229,7 @@ __device__ __forceinline__ void dequant8(const unsigned char *b, u32 j0, float *
     case GGML_Q4_K: { const u32 K = GGML_Q4_K; CALL; } break; \
     case GGML_Q5_K: { const u32 K = GGML_Q5_K; CALL; } break; \
     case GGML_Q6_K: { const u32 K = GGML_Q6_K; CALL; } break; \
+    case MT_FP8_B128: { const u32 K = MT_FP8_B128; CALL; } break; \
     }
 
 // The block of type KIND holding value j of the row of blocks at `row`.

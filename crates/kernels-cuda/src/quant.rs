@@ -9,14 +9,22 @@ use crate::WeightElement;
 use crate::device::GpuDevice;
 use crate::error::{KernelError, Result, driver};
 
-/// (values, bytes) per block of the ggml type with id `kind` that the
-/// device decodes: Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14).
+/// Not a ggml type: moetrace's row block of block-scaled FP8 weights
+/// (`MT_FP8_B128` in blocks.cuh): the f32 scale of the 128 x 128 block
+/// (little-endian), then the 128 e4m3 values of one row in that block;
+/// a value decodes as `f32(q) * scale`.
+pub const FP8_B128: u32 = 200;
+
+/// (values, bytes) per block of the type with id `kind` that the device
+/// decodes: ggml's Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14), and
+/// [`FP8_B128`].
 pub fn block_layout(kind: u32) -> Option<(usize, usize)> {
     match kind {
         8 => Some((32, 34)),
         12 => Some((256, 144)),
         13 => Some((256, 176)),
         14 => Some((256, 210)),
+        FP8_B128 => Some((128, 132)),
         _ => None,
     }
 }

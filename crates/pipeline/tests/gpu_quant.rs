@@ -4,7 +4,8 @@
 //! super-blocks), the f16 scales of the first blocks set to a subnormal, a
 //! negative value, zero, infinity, a NaN and the largest half, written into
 //! the middle of a larger buffer (what is around it untouched), as f32 and
-//! as bf16 bits. GPU only (MOETRACE_GPU=1).
+//! as bf16 bits; and block-scaled FP8 kept on the device the same way.
+//! GPU only (MOETRACE_GPU=1).
 #![cfg(feature = "cuda")]
 
 mod common;
@@ -234,6 +235,111 @@ fn quantized_projections_match_the_cpu_backend_on_awkward_sizes() {
                 );
                 if !ok {
                     failures.push(format!("{precision:?} T={t} {slot}"));
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:?}");
+}
+
+/// An FP8 tensor as DeepSeek-V3 ships one: `rows x cols` e4m3 bytes with
+/// one scale per 128 x 128 block, rows ending in a partial block. NaN
+/// bytes (S.1111.111) kept when `nans`, else replaced by the largest value.
+fn fp8_tensor(name: &str, seed: u64, rows: usize, cols: usize, nans: bool) -> pipeline::weights::WeightTensor {
+    use pipeline::weights::fp8::BlockScales;
+    use pipeline::weights::{WeightDtype, WeightTensor};
+    let mut bytes = random_bytes(rows * cols, seed);
+    if !nans {
+        bytes.iter_mut().filter(|b| **b & 0x7f == 0x7f).for_each(|b| *b -= 1);
+    }
+    let (br, bc) = (rows.div_ceil(128), cols.div_ceil(128));
+    // Scales from 1e-8 (flashinfer #2356's range) to 1e-2, one per block.
+    let values =
+        (0..br * bc).map(|i| 10f32.powi(-8 + ((i as u64 + seed) % 7) as i32) * (1.0 + i as f32 / 10.0)).collect();
+    let scales = BlockScales { block: (128, 128), cols: bc, values };
+    WeightTensor::owned(name.into(), WeightDtype::Fp8E4m3, vec![rows, cols], bytes)
+        .with_block_scales(std::sync::Arc::new(scales))
+}
+
+/// Block-scaled FP8 stays FP8 on the device (rows of FP8_B128 blocks, each
+/// with its block's f32 scale): decoded there bit for bit as the host
+/// decodes it (f32(q) * scale; NaN bytes NaN; rows 200 = 1.56 blocks), and
+/// its projections (a dense weight, experts through the decode kernels at
+/// T = 3 and the dequantised / grouped paths at T = 40) against the CPU
+/// backend, F32 and Bf16; the weights take their FP8 bytes (plus 4 a row
+/// block), not bf16's.
+#[test]
+fn fp8_weights_stay_fp8_on_the_device_and_project_as_on_the_cpu() {
+    use std::sync::Arc;
+
+    use kernels_cuda::quant::FP8_B128;
+    use pipeline::backend::Backend;
+    use pipeline::backend::cuda::CudaPrecision;
+    use pipeline::weights::{WeightId, WeightStore, fp8};
+    use pipeline::{CpuBackend, CudaBackend, HostTensor};
+    use stage_types::SaveTensorStage as S;
+    if !common::gpu_enabled() {
+        return;
+    }
+    let device = GpuDevice::open(0).unwrap();
+    let t = fp8_tensor("decode", 1, 200, 256, true);
+    let host = t.to_f32_vec();
+    let n = host.len();
+    let mut out = device.stream().alloc_zeros::<f32>(n).unwrap();
+    dequant_fill(&device, &mut out, 0, n, FP8_B128, &fp8::as_row_blocks(&t)).unwrap();
+    let got = download(&device, &out).unwrap();
+    let nans = host.iter().filter(|h| h.is_nan()).count();
+    for (i, (h, g)) in host.iter().zip(&got).enumerate() {
+        assert!(h.to_bits() == g.to_bits() || (h.is_nan() && g.is_nan()), "value {i}: host {h}, device {g}");
+    }
+    eprintln!("FP8_B128: {n} values identical ({nans} NaN bytes)");
+
+    let (k, e, top) = (256usize, 4usize, 2usize);
+    let mut store = WeightStore::default();
+    let dense = store.insert(fp8_tensor("dense", 2, 200, k, false));
+    // Experts of 192 rows (1.5 blocks), each its own bytes and scales.
+    let ups: Vec<WeightId> =
+        (0..e).map(|x| store.insert(fp8_tensor(&format!("up{x}"), 3 + x as u64, 192, k, false))).collect();
+    let bytes_kept: usize = [dense].iter().chain(&ups).map(|&id| fp8::row_block_bytes(store.get(id))).sum();
+    let store = Arc::new(store);
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+    let mut failures = Vec::new();
+    for (precision, tolerance) in [(CudaPrecision::F32, 1e-6), (CudaPrecision::Bf16, 1e-2)] {
+        let experts: [&[WeightId]; 1] = [&ups];
+        let mut gpu = CudaBackend::with_weights(store.clone(), &experts, 0, precision, &Default::default()).unwrap();
+        gpu.set_poison(true);
+        if gpu.weight_bytes() > bytes_kept + (1 << 20) {
+            failures.push(format!(
+                "{precision:?}: {} bytes on the device, the FP8 blocks are {bytes_kept}",
+                gpu.weight_bytes()
+            ));
+        }
+        let mut cpu = CpuBackend::new(store.clone(), Some(2)).unwrap();
+        for t in [3usize, 40] {
+            let tokens: Vec<u32> = (0..t as u32).collect();
+            let x: Vec<f32> =
+                random_bytes(t * k, t as u64 + 9).iter().map(|&b| bf16((f32::from(b) - 127.5) / 64.0)).collect();
+            let ids: Vec<i32> = (0..t).flat_map(|r| [(r % e) as i32, ((r + 1) % e) as i32]).collect();
+            for b in [&mut cpu as &mut dyn Backend, &mut gpu] {
+                b.begin_step(&tokens, 0).unwrap();
+                b.write(S::AttnNorm, &HostTensor::f32(vec![t, k], x.clone())).unwrap();
+                b.write(S::MoeRouterIndices, &HostTensor::i32(vec![t, top], ids.clone())).unwrap();
+                b.linear(S::AttnNorm, &[dense], S::QkvMatmul).unwrap();
+                b.expert_linear(S::AttnNorm, S::MoeRouterIndices, &ups, S::MoeExpertUp).unwrap();
+            }
+            for slot in [S::QkvMatmul, S::MoeExpertUp] {
+                let (a, g) = (cpu.read(slot).unwrap(), gpu.read(slot).unwrap());
+                let (a, g) = (a.as_f32().unwrap().to_vec(), g.as_f32().unwrap().to_vec());
+                let err = rel_l2(&a, &g);
+                let unrounded =
+                    if precision == CudaPrecision::Bf16 { g.iter().filter(|&&q| q != bf16(q)).count() } else { 0 };
+                let ok = err <= tolerance && unrounded == 0 && a.len() == g.len();
+                println!(
+                    "FP8 {precision:?} T={t} {slot:<16} rel_l2 {err:.2e} (tol {tolerance:.0e}) {unrounded} not bf16 {}",
+                    if ok { "ok" } else { "FAIL" }
+                );
+                if !ok {
+                    failures.push(format!("FP8 {precision:?} T={t} {slot}"));
                 }
             }
         }

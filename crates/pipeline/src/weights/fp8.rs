@@ -144,6 +144,43 @@ pub fn attach_block_scales(store: WeightStore, dir: &Path) -> Result<WeightStore
     Ok(out)
 }
 
+/// Elements per row block of [`as_row_blocks`] (kernels-cuda's `FP8_B128`).
+pub const ROW_BLOCK: usize = 128;
+
+/// Whether `t` is block-scaled FP8 that [`as_row_blocks`] can lay out:
+/// 128-column blocks and rows of whole blocks.
+pub fn has_row_blocks(t: &super::WeightTensor) -> bool {
+    t.dtype == WeightDtype::Fp8E4m3
+        && t.block_scales().is_some_and(|s| s.block.1 == ROW_BLOCK)
+        && t.shape.len() == 2
+        && t.row_len().is_multiple_of(ROW_BLOCK)
+}
+
+/// The bytes of [`as_row_blocks`] of `t`.
+pub fn row_block_bytes(t: &super::WeightTensor) -> usize {
+    t.numel() / ROW_BLOCK * (4 + ROW_BLOCK)
+}
+
+/// `t` (block-scaled FP8 with [`has_row_blocks`]) as rows of blocks that a
+/// kernel decodes one row at a time: for each row, for each 128 columns,
+/// the f32 scale of the block they belong to (little-endian), then the
+/// 128 e4m3 bytes. The values are those of [`super::WeightTensor::read_row`]
+/// (`f32(q) * scale`); a scale repeats for each row of its block (4 bytes
+/// per 128 values).
+pub fn as_row_blocks(t: &super::WeightTensor) -> Vec<u8> {
+    let scales = t.block_scales().expect("has_row_blocks checked the scales");
+    let (rows, cols) = (t.shape[0], t.row_len());
+    let bytes = t.bytes();
+    let mut out = Vec::with_capacity(row_block_bytes(t));
+    for r in 0..rows {
+        for c in (0..cols).step_by(ROW_BLOCK) {
+            out.extend_from_slice(&scales.at(r, c).to_le_bytes());
+            out.extend_from_slice(&bytes[r * cols + c..r * cols + c + ROW_BLOCK]);
+        }
+    }
+    out
+}
+
 /// `store` with tensor `name`'s block scales as a kernel that reads one
 /// block's scale from its neighbour computes with them: the last block
 /// (the partial one where a dimension is not a multiple of the block)
@@ -208,5 +245,42 @@ mod tests {
             [s.at(0, 0), s.at(127, 127), s.at(0, 128), s.at(200, 191), s.at(256, 0), s.at(319, 130)],
             [1.0, 1.0, 2.0, 4.0, 5.0, 6.0]
         );
+    }
+
+    /// The device's row blocks (kernels-cuda's FP8_B128), decoded here as
+    /// the kernel decodes them (scale, then 128 bytes; f32(q) * scale),
+    /// give the tensor's values; rows of a partial last block of rows keep
+    /// that block's scale; a neighbour's scale misread changes exactly the
+    /// last block.
+    #[test]
+    fn row_blocks_hold_the_tensors_values_and_a_misread_scale_moves_one_block() {
+        let (rows, cols) = (200usize, 256usize);
+        let bytes: Vec<u8> = (0..rows * cols).map(|i| ((i * 37 + 11) % 251) as u8).collect();
+        let scales = BlockScales { block: (128, 128), cols: 2, values: vec![1e-3, 2e-3, 3e-8, 4.5] };
+        let t = super::super::WeightTensor::owned("w".into(), WeightDtype::Fp8E4m3, vec![rows, cols], bytes)
+            .with_block_scales(Arc::new(scales));
+        assert!(has_row_blocks(&t));
+        let blocks = as_row_blocks(&t);
+        assert_eq!(blocks.len(), row_block_bytes(&t));
+        let decoded: Vec<f32> = blocks
+            .chunks(4 + ROW_BLOCK)
+            .flat_map(|b| {
+                let scale = f32::from_le_bytes(b[..4].try_into().unwrap());
+                b[4..].iter().map(move |&q| e4m3_to_f32(q) * scale)
+            })
+            .collect();
+        let want = t.to_f32_vec();
+        assert!(decoded.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())));
+        let mut store = WeightStore::default();
+        store.insert(super::super::WeightTensor::owned("other".into(), WeightDtype::F32, vec![1], vec![0; 4]));
+        store.insert(t);
+        let bad = with_neighbour_scale(&store, "w").unwrap();
+        let moved = bad.get(crate::weights::WeightId(1)).to_f32_vec();
+        let changed: Vec<usize> = (0..rows * cols).filter(|&i| moved[i].to_bits() != want[i].to_bits()).collect();
+        assert!(changed.iter().all(|&i| i / cols >= 128 && i % cols >= 128), "only block (1, 1)");
+        // Block (1, 1): rows 128..200, columns 128..256; its zeros and NaN
+        // stay as they were.
+        assert!(changed.len() > 72 * 128 * 9 / 10, "{} values moved", changed.len());
+        assert!(with_neighbour_scale(&store, "other").unwrap_err().contains("not an FP8"));
     }
 }

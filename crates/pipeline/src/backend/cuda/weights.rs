@@ -5,17 +5,20 @@
 //! generator. GGUF blocks (Q8_0, Q4_K, Q5_K, Q6_K) stay quantized on the
 //! device (a quarter to a half of the bf16 bytes) and are decoded where
 //! they are used, bit for bit as the host decodes them (kernels-cuda's
-//! quant.cu).
+//! quant.cu). Block-scaled FP8 (DeepSeek-V3, Qwen3-FP8) stays FP8 the same
+//! way, laid out as rows of blocks each with its f32 scale (fp8.rs's
+//! `as_row_blocks`, kernels-cuda's `FP8_B128`): a little over half the
+//! bf16 bytes.
 
 use cudarc::driver::{CudaSlice, LaunchArgs, PushKernelArg};
 use kernels_cuda::GpuDevice;
 use kernels_cuda::WeightElement;
-use kernels_cuda::quant::block_layout;
+use kernels_cuda::quant::{FP8_B128, block_layout};
 use kernels_cuda::synthetic::{ScaleFields, synthetic_blocks_fill, synthetic_fill};
 
 use super::{CudaPrecision, gpu, kernel_error};
 use crate::error::{PipelineError, Result};
-use crate::weights::{WeightDtype, WeightStore, WeightTensor};
+use crate::weights::{WeightDtype, WeightStore, WeightTensor, fp8};
 
 /// A weight on the device, in the backend's precision.
 pub(super) enum DevWeight {
@@ -61,20 +64,29 @@ pub(super) fn push_weight<'a>(b: &mut LaunchArgs<'a>, w: &'a DevWeight) -> Resul
 
 /// The ggml type of `t` when it stays quantized on the device: blocks of
 /// a type the device decodes, in rows of whole blocks.
+/// Block-scaled FP8 whose blocks span 128 columns and whose rows are
+/// whole blocks stays FP8 too, as rows of [`FP8_B128`] blocks (fp8.rs's
+/// `as_row_blocks`); other FP8 tensors are decoded on the host.
 pub(super) fn kept_quantized(t: &WeightTensor) -> Option<u32> {
     match t.dtype {
         WeightDtype::Quant(kind) => {
             let (len, _) = block_layout(kind.0)?;
             (t.recipe().is_none() && t.row_len().is_multiple_of(len)).then_some(kind.0)
         }
+        WeightDtype::Fp8E4m3 => fp8::has_row_blocks(t).then_some(FP8_B128),
         _ => None,
     }
+}
+
+/// Bytes of `t`'s blocks on the device, when it stays quantized.
+fn kept_bytes(t: &WeightTensor, kind: u32) -> usize {
+    if kind == FP8_B128 { fp8::row_block_bytes(t) } else { t.byte_len() }
 }
 
 /// Bytes `t` takes on the device.
 pub(super) fn device_bytes(t: &WeightTensor, precision: CudaPrecision) -> usize {
     match kept_quantized(t) {
-        Some(_) => t.byte_len(),
+        Some(kind) => kept_bytes(t, kind),
         None => t.numel() * element_size(precision),
     }
 }
@@ -89,7 +101,7 @@ pub(super) fn upload_quantized(
 ) -> Result<DevWeight> {
     let (block_len, block_bytes) =
         block_layout(kind).ok_or_else(|| PipelineError::Gpu(format!("{what}: ggml type {kind} is not decoded")))?;
-    let total: usize = parts.iter().map(|t| t.byte_len()).sum();
+    let total: usize = parts.iter().map(|t| kept_bytes(t, kind)).sum();
     let stream = device.stream();
     let mut blocks = stream.alloc_zeros::<u8>(total.max(1)).map_err(gpu(what))?;
     let mut offset = 0;
@@ -100,7 +112,13 @@ pub(super) fn upload_quantized(
                 t.describe()
             )));
         }
-        let len = t.byte_len();
+        let len = kept_bytes(t, kind);
+        if kind == FP8_B128 {
+            let mut view = blocks.slice_mut(offset..offset + len);
+            stream.memcpy_htod(&fp8::as_row_blocks(t)[..], &mut view).map_err(gpu(what))?;
+            offset += len;
+            continue;
+        }
         match t.block_recipe() {
             // Synthetic blocks are made on the device, as the host makes them.
             Some(r) => {
