@@ -180,6 +180,10 @@ fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
         let model = format!("Path({:?})", dir.join("model"));
         found.push((name, dir, model));
     }
+    // The MoE one as llama.cpp's converter writes it (`deepseek2`).
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-deepseek-v3-moe-oracle");
+    let model = format!("Path({:?})", dir.join("model.gguf"));
+    found.push(("tiny-deepseek-v3-moe-oracle-gguf", dir, model));
     found
 }
 

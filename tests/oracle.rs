@@ -169,6 +169,19 @@ fn cpu_matches_the_in_repo_oracle_deepseek_v3_within_1e6() {
 }
 
 #[test]
+fn cpu_matches_the_in_repo_oracle_deepseek_v3_from_llama_cpps_gguf() {
+    // The MoE fixture's checkpoint as llama.cpp's converter writes it
+    // (`deepseek2`: kv_b_proj split into attn_k_b, transposed, and
+    // attn_v_b; the router's bias as exp_probs_b; YaRN's mscale_all_dim as
+    // 0.1x in yarn_log_multiplier; the MQA head count 1), config.json
+    // given `scoring_func: sigmoid` first (the converter writes
+    // expert_gating_func from it): the same oracle, every stage.
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-deepseek-v3-moe-oracle");
+    let worst = check_oracle_dir("tiny-deepseek-v3-moe-oracle-gguf", &dir, &dir.join("model.gguf"), 4);
+    assert!(worst <= 1e-6, "worst rel_l2 {worst:.2e}");
+}
+
+#[test]
 fn cpu_matches_the_in_repo_oracle_qwen2_moe_from_llama_cpps_gguf() {
     // A 2-layer Qwen2-MoE (llama.cpp's qwen2moe has no dense layers), its
     // GGUF written by llama.cpp's converter (ffn_*_shexp, attn_*.bias),

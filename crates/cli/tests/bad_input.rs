@@ -371,3 +371,36 @@ fn other_families_and_weight_types_are_refused_by_name() {
     let stderr = String::from_utf8_lossy(&run_config(&dir.join("run.ron")).stderr).into_owned();
     assert!(!stderr.contains("malformed"), "{stderr}");
 }
+
+/// A `deepseek2` GGUF (llama.cpp's converter's, of the DeepSeek-V3 MoE
+/// fixture) whose routing is not V3's: `expert_gating_func` 1 (softmax,
+/// DeepSeek-V2's) or absent (which llama.cpp reads as softmax) is refused
+/// by name, with what it would take.
+#[test]
+fn a_deepseek2_gguf_without_sigmoid_routing_is_refused_by_name() {
+    let dir = scratch("bad-input-deepseek2");
+    let fixture =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/tiny-deepseek-v3-moe-oracle/model.gguf");
+    let original = std::fs::read(fixture).unwrap();
+    let key = b"deepseek2.expert_gating_func";
+    let at = original.windows(key.len()).position(|w| w == key).expect("the key is in the file");
+    // After the key: its value type (u32: 4) and the value (2: sigmoid).
+    assert_eq!(original[at + key.len()..at + key.len() + 8], [4, 0, 0, 0, 2, 0, 0, 0]);
+    let file = dir.join("model.gguf");
+    let mut softmax = original.clone();
+    softmax[at + key.len() + 4] = 1;
+    std::fs::write(&file, &softmax).unwrap();
+    expect_failure(
+        &dir,
+        &config(&path_model(&file), "all", "all"),
+        &["expert_gating_func` is 1 (softmax)", "DeepSeek-V2"],
+    );
+    let mut missing = original;
+    missing[at + key.len() - 4..at + key.len()].copy_from_slice(b"fumc");
+    std::fs::write(&file, &missing).unwrap();
+    expect_failure(
+        &dir,
+        &config(&path_model(&file), "all", "all"),
+        &["missing metadata key `deepseek2.expert_gating_func`"],
+    );
+}

@@ -1,5 +1,6 @@
-//! A model from one GGUF file (llama.cpp's `qwen3moe`, `qwen3` and
-//! `qwen2moe` architectures, and `llama` with experts: Mixtral): the config from the
+//! A model from one GGUF file (llama.cpp's `qwen3moe`, `qwen3`,
+//! `qwen2moe` and `deepseek2` architectures (the last in
+//! gguf_deepseek2.rs), and `llama` with experts: Mixtral): the config from the
 //! metadata, as the Hugging Face
 //! config those keys stand for (what llama.cpp reads: block_count,
 //! embedding_length, head counts, key_length, expert counts and width,
@@ -20,16 +21,18 @@ use memmap2::Mmap;
 use serde_json::{Value, json};
 
 use super::gguf::{GgmlType, GgufHeader, GgufValue};
+use super::gguf_deepseek2;
 use super::{WeightDtype, WeightStore, WeightTensor};
 use crate::error::{PipelineError, Result};
 
 /// The architectures read, with their Hugging Face class and model type
 /// (`llama` only with experts: a dense Llama is not a family moetrace runs).
-const ARCHITECTURES: [(&str, &str, &str); 4] = [
+const ARCHITECTURES: [(&str, &str, &str); 5] = [
     ("qwen3moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
     ("qwen3", "Qwen3ForCausalLM", "qwen3"),
     ("llama", "MixtralForCausalLM", "mixtral"),
     ("qwen2moe", "Qwen2MoeForCausalLM", "qwen2_moe"),
+    ("deepseek2", "DeepseekV3ForCausalLM", "deepseek_v3"),
 ];
 
 /// The tensor types read.
@@ -38,7 +41,7 @@ const TYPES: [GgmlType; 7] =
 
 /// A layer tensor's llama.cpp name (after `blk.N.`) and Hugging Face name
 /// (after `model.layers.N.`).
-const LAYER_NAMES: [(&str, &str); 16] = [
+const LAYER_NAMES: [(&str, &str); 23] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
@@ -55,7 +58,18 @@ const LAYER_NAMES: [(&str, &str); 16] = [
     ("ffn_gate_shexp", "mlp.shared_expert.gate_proj"),
     ("ffn_up_shexp", "mlp.shared_expert.up_proj"),
     ("ffn_down_shexp", "mlp.shared_expert.down_proj"),
+    // deepseek2 (gguf_deepseek2.rs): MLA, and the router's correction bias.
+    ("attn_q_a", "self_attn.q_a_proj"),
+    ("attn_q_a_norm", "self_attn.q_a_layernorm"),
+    ("attn_q_b", "self_attn.q_b_proj"),
+    ("attn_kv_a_mqa", "self_attn.kv_a_proj_with_mqa"),
+    ("attn_kv_a_norm", "self_attn.kv_a_layernorm"),
+    ("attn_kv_b", "self_attn.kv_b_proj"),
+    ("exp_probs_b", "mlp.gate.e_score_correction_bias"),
 ];
+
+/// The one tensor whose Hugging Face name has no `.weight`/`.bias` suffix.
+const ROUTER_BIAS: &str = "mlp.gate.e_score_correction_bias";
 
 /// Stacked experts: llama.cpp's name and the projection of each expert.
 const EXPERT_NAMES: [(&str, &str); 3] =
@@ -117,7 +131,27 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
     });
     let file = path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
     let mut store = WeightStore::default();
+    // deepseek2's kv_b_proj halves by layer: (k_b, v_b).
+    let mut split: std::collections::BTreeMap<usize, (Option<WeightTensor>, Option<WeightTensor>)> = Default::default();
     for t in &header.tensors {
+        if let Some((layer, is_k)) = split_kv_b(&t.name) {
+            let dtype = match t.ggml_type {
+                GgmlType::F32 => WeightDtype::F32,
+                GgmlType::F16 => WeightDtype::F16,
+                GgmlType::BF16 => WeightDtype::Bf16,
+                other => WeightDtype::Quant(other),
+            };
+            let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+            let start = t.offset as usize;
+            let w = WeightTensor::mapped(t.name.clone(), dtype, shape, map.clone(), start, start + t.byte_len as usize);
+            let halves = split.entry(layer).or_default();
+            if is_k {
+                halves.0 = Some(w)
+            } else {
+                halves.1 = Some(w)
+            }
+            continue;
+        }
         let Some(hf) = hf_name(&t.name) else {
             tracing::debug!("{}: tensor `{}` is not one moetrace uses", path.display(), t.name);
             continue;
@@ -165,6 +199,14 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
             }
         }
     }
+    for (layer, halves) in split {
+        let (Some(k_b), Some(v_b)) = halves else {
+            return Err(bad(format!("layer {layer} has one of attn_k_b and attn_v_b without the other")));
+        };
+        let mut w = gguf_deepseek2::kv_b_from_split(layer, &k_b, &v_b).map_err(bad)?;
+        w.source = Some(format!("blk.{layer}.attn_k_b and attn_v_b in {file}"));
+        store.insert(w);
+    }
     Ok((config, store))
 }
 
@@ -209,6 +251,12 @@ pub fn gguf_name(hf: &str) -> Option<String> {
         let (g, _) = EXPERT_NAMES.iter().find(|(_, p)| *p == projection)?;
         return Some(format!("blk.{layer}.{g}.weight (expert {e})"));
     }
+    if rest == ROUTER_BIAS {
+        return Some(format!("blk.{layer}.exp_probs_b.bias"));
+    }
+    if rest == "self_attn.kv_b_proj.weight" {
+        return Some(format!("blk.{layer}.attn_kv_b.weight (or attn_k_b and attn_v_b)"));
+    }
     let (base, suffix) = rest.rsplit_once('.')?;
     let (g, _) = LAYER_NAMES.iter().find(|(_, h)| *h == base)?;
     Some(format!("blk.{layer}.{g}.{suffix}"))
@@ -236,7 +284,23 @@ fn hf_name(gguf: &str) -> Option<HfName> {
         return (suffix == "weight").then_some(HfName::Experts { layer, projection });
     }
     let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == base)?;
+    if *hf == ROUTER_BIAS {
+        return one(format!("model.layers.{layer}.{hf}"));
+    }
     one(format!("model.layers.{layer}.{hf}.{suffix}"))
+}
+
+/// `(layer, is the key half)` of a deepseek2 `blk.N.attn_k_b.weight` or
+/// `blk.N.attn_v_b.weight` (kv_b_proj split by the converter).
+fn split_kv_b(gguf: &str) -> Option<(usize, bool)> {
+    let rest = gguf.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let is_k = match rest {
+        "attn_k_b.weight" => true,
+        "attn_v_b.weight" => false,
+        _ => return None,
+    };
+    Some((layer.parse().ok()?, is_k))
 }
 
 /// The Hugging Face config the metadata stands for (llama.cpp's reading of
@@ -273,6 +337,7 @@ fn config_json(h: &GgufHeader) -> std::result::Result<Value, String> {
     };
     if let Ok(v) = int("attention.value_length")
         && v != head_dim
+        && arch != "deepseek2"
     {
         return Err(format!(
             "attention.value_length {v} differs from key_length {head_dim}; moetrace needs them equal"
@@ -312,6 +377,10 @@ fn config_json(h: &GgufHeader) -> std::result::Result<Value, String> {
         c["norm_topk_prob"] = json!(false);
         c["decoder_sparse_step"] = json!(1);
         c["mlp_only_layers"] = json!([]);
+    }
+    if arch == "deepseek2" {
+        let map = c.as_object_mut().expect("a JSON object");
+        gguf_deepseek2::config(h, map)?;
     }
     if arch == "qwen3moe" {
         c["num_experts"] = json!(int("expert_count")?);

@@ -4,6 +4,7 @@
 
 pub mod fp8;
 pub mod gguf;
+mod gguf_deepseek2;
 mod gguf_model;
 mod presets;
 pub mod quant;
