@@ -38,8 +38,8 @@ all_cases=(
     "q4km-16-clean|qwen3-30b-a3b-q4km|12|11|16|5|"
     "moonlight-64-clean|moonlight-16b-a3b|27|7|64|5||163840"
     "moonlight-64-faults|moonlight-16b-a3b|27|7|64|5|moe_expert_out@20.2#EXPERT=scale(1.02);attention@10.0:17=scale(1.02);mla_kv_a_norm@5.3=scale(1.01)|163840"
-    "dsv3-16-clean|deepseek-v3|5|11|16|3||129280"
-    "dsv3-16-faults|deepseek-v3|5|11|16|3|moe_router@4.1=scale(1.02);mla_q@1.0:9=scale(1.02)|129280"
+    "dsv3-16-clean|deepseek-v3|4|11|16|3||129280"
+    "dsv3-16-faults|deepseek-v3|4|11|16|3|moe_router@3.1=scale(1.02);mla_q@1.0:9=scale(1.02)|129280"
 )
 wanted=${CASES:-all}
 results=()

@@ -11,6 +11,7 @@ pub mod quant;
 mod safetensors;
 mod synthetic;
 mod synthetic_blocks;
+pub mod synthetic_fp8;
 
 use std::borrow::Cow;
 use std::collections::HashMap;

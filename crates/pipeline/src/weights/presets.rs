@@ -6,7 +6,7 @@
 use serde_json::json;
 
 use super::WeightStore;
-use super::synthetic::{generate, on_demand};
+use super::synthetic::{PresetWeights, generate, on_demand};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
 use crate::load_meter::LoadMeter;
@@ -31,10 +31,8 @@ pub struct SyntheticPreset {
     moe_intermediate: usize,
     vocab: usize,
     positions: usize,
-    /// Projections and the embedding in ggml blocks, as a Q4_K_M GGUF
-    /// holds them (synthetic_blocks.rs): Q6_K for v, the down projections
-    /// and lm_head, Q4_K for the rest; norms and routers stay bf16.
-    quantized: bool,
+    /// How the projections are stored (bf16, Q4_K_M-style blocks, FP8).
+    weights: PresetWeights,
     /// config.json keys of the family's own (a JSON object's members,
     /// e.g. `"shared_expert_intermediate_size": 5632`), written last over
     /// the common ones; empty for none.
@@ -57,7 +55,7 @@ const QWEN3_30B_A3B: SyntheticPreset = SyntheticPreset {
     moe_intermediate: 768,
     vocab: 151936,
     positions: 40960,
-    quantized: false,
+    weights: PresetWeights::Bf16,
     extra_config: "",
 };
 
@@ -79,7 +77,7 @@ impl SyntheticPreset {
             moe_intermediate: 128,
             vocab: 512,
             positions: 4096,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: "",
         },
         SyntheticPreset {
@@ -97,7 +95,7 @@ impl SyntheticPreset {
             moe_intermediate: 0,
             vocab: 512,
             positions: 4096,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: "",
         },
         SyntheticPreset {
@@ -115,14 +113,14 @@ impl SyntheticPreset {
             moe_intermediate: 64,
             vocab: 151936,
             positions: 4096,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: "",
         },
         QWEN3_30B_A3B,
         SyntheticPreset {
             name: "qwen3-30b-a3b-q4km",
             description: "qwen3-30b-a3b with Q4_K_M-style weights kept quantized (Q4_K, Q6_K for v, down and lm_head): the decode benchmark against the quantized bytes",
-            quantized: true,
+            weights: PresetWeights::Q4KM,
             extra_config: "",
             ..QWEN3_30B_A3B
         },
@@ -141,7 +139,7 @@ impl SyntheticPreset {
             moe_intermediate: 256,
             vocab: 512,
             positions: 4096,
-            quantized: true,
+            weights: PresetWeights::Q4KM,
             extra_config: "",
         },
         SyntheticPreset {
@@ -159,7 +157,7 @@ impl SyntheticPreset {
             moe_intermediate: 128,
             vocab: 512,
             positions: 4096,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: "",
         },
         SyntheticPreset {
@@ -177,7 +175,7 @@ impl SyntheticPreset {
             moe_intermediate: 14336,
             vocab: 32000,
             positions: 32768,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: "",
         },
         SyntheticPreset {
@@ -195,7 +193,7 @@ impl SyntheticPreset {
             moe_intermediate: 128,
             vocab: 512,
             positions: 4096,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: r#""shared_expert_intermediate_size": 256, "norm_topk_prob": false, "qkv_bias": true"#,
         },
         SyntheticPreset {
@@ -213,7 +211,7 @@ impl SyntheticPreset {
             moe_intermediate: 1408,
             vocab: 151936,
             positions: 8192,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: r#""shared_expert_intermediate_size": 5632, "norm_topk_prob": false, "qkv_bias": true"#,
         },
         SyntheticPreset {
@@ -231,12 +229,12 @@ impl SyntheticPreset {
             moe_intermediate: 32,
             vocab: 512,
             positions: 4096,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: r#""q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "first_k_dense_replace": 1, "n_shared_experts": 1, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}"#,
         },
         SyntheticPreset {
             name: "deepseek-v3",
-            description: "DeepSeek-V3 dimensions: 61 layers (3 dense), H 7168, 128 heads of MLA (q_lora 1536, kv_lora 512, nope 128, rope 64, v 128), 256 experts top-8 in 8 groups keeping 4, 1 shared expert, I 18432 / 2048, V 129280, YaRN x40 (1.3 TB in bf16: give `layers: N`)",
+            description: "DeepSeek-V3 dimensions: 61 layers (3 dense), H 7168, 128 heads of MLA (q_lora 1536, kv_lora 512, nope 128, rope 64, v 128), 256 experts top-8 in 8 groups keeping 4, 1 shared expert, I 18432 / 2048, V 129280, YaRN x40; attention and MLP projections FP8 with 128x128 block scales as the checkpoint ships them (671 GB: give `layers: N`)",
             architecture: "DeepseekV3ForCausalLM",
             layers: 61,
             hidden: 7168,
@@ -249,7 +247,7 @@ impl SyntheticPreset {
             moe_intermediate: 2048,
             vocab: 129280,
             positions: 163840,
-            quantized: false,
+            weights: PresetWeights::Fp8,
             extra_config: r#""q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "n_shared_experts": 1, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}"#,
         },
         SyntheticPreset {
@@ -267,7 +265,7 @@ impl SyntheticPreset {
             moe_intermediate: 1408,
             vocab: 163840,
             positions: 8192,
-            quantized: false,
+            weights: PresetWeights::Bf16,
             extra_config: r#""q_lora_rank": null, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.446, "first_k_dense_replace": 1, "n_shared_experts": 2, "rope_theta": 50000.0"#,
         },
     ];
@@ -342,13 +340,13 @@ impl SyntheticPreset {
     /// quantized preset), after checking it fits in memory.
     /// `meter` counts the bytes made.
     pub fn generate(&self, config: &ModelConfig, seed: u64, meter: &LoadMeter) -> Result<WeightStore> {
-        generate(config, seed, self.name, self.quantized, meter)
+        generate(config, seed, self.name, self.weights, meter)
     }
 
     /// Every tensor of `config`, not materialised: each is computed where
     /// it is read (see [`synthetic_store_on_demand`]).
     pub fn on_demand(&self, config: &ModelConfig, seed: u64) -> WeightStore {
-        on_demand(config, seed, self.quantized)
+        on_demand(config, seed, self.weights)
     }
 }
 

@@ -13,25 +13,42 @@
 use rayon::prelude::*;
 
 use super::gguf::GgmlType;
+use super::synthetic_fp8::Fp8Recipe;
 use super::{BlockRecipe, SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
 use crate::load_meter::LoadMeter;
 use crate::model::{TensorRole, TensorSpec, tensor_specs};
 
+/// How a preset's projections are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresetWeights {
+    /// bf16.
+    Bf16,
+    /// ggml blocks, as a Q4_K_M GGUF holds them (synthetic_blocks.rs): Q6_K
+    /// for v, the down projections and lm_head, Q4_K for the rest and the
+    /// embedding; norms and routers stay bf16.
+    Q4KM,
+    /// FP8 e4m3 with a scale per 128 x 128 block, as DeepSeek-V3's
+    /// checkpoint holds its attention and MLP projections
+    /// (synthetic_fp8.rs); the embedding, lm_head, norms and router stay
+    /// bf16. Made on the host, also when asked for on demand.
+    Fp8,
+}
+
 /// Generates all tensors `config` implies, as bf16, from `seed`.
 pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<WeightStore> {
-    generate(config, seed, label, false, &LoadMeter::default())
+    generate(config, seed, label, PresetWeights::Bf16, &LoadMeter::default())
 }
 
 pub(super) fn generate(
     config: &ModelConfig,
     seed: u64,
     label: &str,
-    quantized: bool,
+    weights: PresetWeights,
     meter: &LoadMeter,
 ) -> Result<WeightStore> {
-    let recipes = recipes(config, seed, quantized);
+    let recipes = recipes(config, seed, weights);
     let need: usize = recipes.iter().map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product())).sum();
     if let Some(available) = available_memory_bytes() {
         // Leave room for activations, the OS and the capture writer.
@@ -59,6 +76,10 @@ pub(super) fn generate(
                 store.insert(WeightTensor::owned(spec.name, WeightDtype::Quant(r.kind), spec.shape, bytes));
                 continue;
             }
+            Recipe::Fp8(r) => {
+                store.insert(r.tensor(spec.name, spec.shape, meter));
+                continue;
+            }
             Recipe::Values(r) => r,
         };
         let mut bytes = vec![0u8; numel * 2];
@@ -78,15 +99,16 @@ pub(super) fn generate(
 /// computed where it is read (the CUDA backend generates them on the
 /// device, so a model larger than host memory never exists on the host).
 pub fn synthetic_store_on_demand(config: &ModelConfig, seed: u64) -> WeightStore {
-    on_demand(config, seed, false)
+    on_demand(config, seed, PresetWeights::Bf16)
 }
 
-pub(super) fn on_demand(config: &ModelConfig, seed: u64, quantized: bool) -> WeightStore {
+pub(super) fn on_demand(config: &ModelConfig, seed: u64, weights: PresetWeights) -> WeightStore {
     let mut store = WeightStore::default();
-    for (spec, recipe) in recipes(config, seed, quantized) {
+    for (spec, recipe) in recipes(config, seed, weights) {
         store.insert(match recipe {
             Recipe::Values(r) => WeightTensor::synthetic(spec.name, spec.shape, r),
             Recipe::Blocks(r) => WeightTensor::synthetic_blocks(spec.name, spec.shape, r),
+            Recipe::Fp8(r) => r.tensor(spec.name, spec.shape, &LoadMeter::default()),
         });
     }
     store
@@ -98,6 +120,8 @@ enum Recipe {
     Values(SyntheticRecipe),
     /// ggml blocks.
     Blocks(BlockRecipe),
+    /// FP8 with block scales.
+    Fp8(Fp8Recipe),
 }
 
 impl Recipe {
@@ -105,15 +129,17 @@ impl Recipe {
         match self {
             Recipe::Values(_) => WeightDtype::Bf16,
             Recipe::Blocks(r) => WeightDtype::Quant(r.kind),
+            Recipe::Fp8(_) => WeightDtype::Fp8E4m3,
         }
     }
 }
 
-/// Every tensor `config` implies with the statistics of its role; with
-/// `quantized`, the embedding and projections whose rows are whole
-/// 256-value blocks as Q4_K, or Q6_K for v, the down projections and
-/// lm_head (as llama.cpp's Q4_K_M mix keeps more bits there).
-fn recipes(config: &ModelConfig, seed: u64, quantized: bool) -> Vec<(TensorSpec, Recipe)> {
+/// Every tensor `config` implies with the statistics of its role, stored
+/// as `weights` says: with Q4KM the embedding and projections whose rows
+/// are whole 256-value blocks as Q4_K, or Q6_K for v, the down projections
+/// and lm_head (as llama.cpp's Q4_K_M mix keeps more bits there); with
+/// Fp8 the 2-D projections but lm_head.
+fn recipes(config: &ModelConfig, seed: u64, weights: PresetWeights) -> Vec<(TensorSpec, Recipe)> {
     let layers = config.num_layers.max(1) as f32;
     tensor_specs(config)
         .into_iter()
@@ -130,7 +156,11 @@ fn recipes(config: &ModelConfig, seed: u64, quantized: bool) -> Vec<(TensorSpec,
                 TensorRole::RouterBias => (0.0, 0.05),
             };
             let key = tensor_key(seed, &spec.name);
-            let blocks = quantized
+            let projection = matches!(spec.role, TensorRole::Projection { .. } | TensorRole::OutputProjection { .. });
+            if weights == PresetWeights::Fp8 && projection && spec.shape.len() == 2 && spec.name != "lm_head.weight" {
+                return (spec, Recipe::Fp8(Fp8Recipe(SyntheticRecipe { key, mean, std })));
+            }
+            let blocks = weights == PresetWeights::Q4KM
                 && matches!(
                     spec.role,
                     TensorRole::Embedding | TensorRole::Projection { .. } | TensorRole::OutputProjection { .. }
@@ -254,10 +284,49 @@ mod tests {
         }
         let big = SyntheticPreset::by_name("qwen3-30b-a3b-q4km").unwrap();
         let c = big.config(None).unwrap();
-        let bytes: usize =
-            recipes(&c, 1, true).iter().map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product())).sum();
+        let bytes: usize = recipes(&c, 1, PresetWeights::Q4KM)
+            .iter()
+            .map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product()))
+            .sum();
         // llama.cpp's Qwen3-30B-A3B Q4_K_M is about 18.6 GB; this mix (Q6_K
         // for every layer's down projections, not some) 19.8 GB.
         assert!((18e9..21e9).contains(&(bytes as f64)), "{bytes}");
+    }
+
+    /// The deepseek-v3 preset stores what DeepSeek-V3's checkpoint stores
+    /// in FP8 (attention and MLP projections, experts and the shared one)
+    /// as FP8, and the rest (embedding, lm_head, norms, the router and its
+    /// bias) as bf16; a small FP8 cut runs.
+    #[test]
+    fn the_deepseek_v3_preset_holds_fp8_projections_where_the_checkpoint_does() {
+        let preset = crate::weights::SyntheticPreset::by_name("deepseek-v3").unwrap();
+        let c = preset.config(Some(4)).unwrap();
+        let dtypes: std::collections::HashMap<String, WeightDtype> =
+            recipes(&c, 1, PresetWeights::Fp8).into_iter().map(|(s, r)| (s.name, r.dtype())).collect();
+        for name in [
+            "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
+            "model.layers.0.self_attn.q_b_proj.weight",
+            "model.layers.0.mlp.down_proj.weight",
+            "model.layers.3.mlp.experts.255.up_proj.weight",
+            "model.layers.3.mlp.shared_expert.gate_proj.weight",
+            "model.layers.3.self_attn.o_proj.weight",
+        ] {
+            assert_eq!(dtypes[name], WeightDtype::Fp8E4m3, "{name}");
+        }
+        for name in [
+            "model.embed_tokens.weight",
+            "lm_head.weight",
+            "model.layers.3.mlp.gate.weight",
+            "model.layers.3.mlp.gate.e_score_correction_bias",
+            "model.layers.0.self_attn.kv_a_layernorm.weight",
+        ] {
+            assert_eq!(dtypes[name], WeightDtype::Bf16, "{name}");
+        }
+        let fp8: usize = recipes(&c, 1, PresetWeights::Fp8)
+            .iter()
+            .filter(|(_, r)| r.dtype() == WeightDtype::Fp8E4m3)
+            .map(|(s, _)| s.shape.iter().product::<usize>())
+            .sum();
+        assert!((13.0e9..14.5e9).contains(&(fp8 as f64)), "{fp8} FP8 values in 4 layers");
     }
 }
