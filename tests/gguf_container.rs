@@ -235,12 +235,13 @@ fn a_gguf_model_that_cannot_be_read_is_refused_with_the_cause() {
         pipeline::Model::load(&path).map(|_| ()).unwrap_err().to_string()
     };
     let mut b = Builder::valid();
-    b.kvs[0].2 = gguf_string("deepseek2");
+    b.kvs[0].2 = gguf_string("phimoe");
     let err = load(b, "arch.gguf");
     assert!(
-        err.contains("architecture `deepseek2`")
+        err.contains("architecture `phimoe`")
             && err.contains("qwen3moe (Qwen3MoeForCausalLM), qwen3")
-            && err.contains("llama (MixtralForCausalLM)"),
+            && err.contains("llama (MixtralForCausalLM)")
+            && err.contains("deepseek2 (DeepseekV3ForCausalLM)"),
         "{err}"
     );
     let mut b = Builder::valid();

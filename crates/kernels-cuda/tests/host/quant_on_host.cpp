@@ -1,4 +1,5 @@
-// The block decoders of kernels/blocks.cuh and the decode-step dot products
+// The block decoders of kernels/blocks.cuh (ggml's and the FP8 row block)
+// and the decode-step dot products
 // of kernels/quant.cu compiled by the host's C++ compiler (the CUDA
 // intrinsics they use defined below with the same IEEE single-precision
 // semantics), and checked against the one-value-at-a-time reference
@@ -59,6 +60,13 @@ static unsigned char *random_row(u32 blocks, bool finite) {
     for (u32 i = 0; i < blocks * bytes; i++) row[i] = (unsigned char)next_byte();
     for (u32 b = 0; finite && b < blocks; b++) {
         unsigned char *p = row + b * bytes;
+        if (K == MT_FP8_B128) {
+            // A finite f32 scale (exponent below 255), no NaN e4m3 byte.
+            p[3] &= 0x3f;
+            for (u32 i = 4; i < bytes; i++)
+                if ((p[i] & 0x7f) == 0x7f) p[i] -= 1;
+            continue;
+        }
         if (K == GGML_Q6_K) p[209] &= 0x3b;
         else p[1] &= 0x3b;
         if (K == GGML_Q4_K || K == GGML_Q5_K) p[3] &= 0x3b;
@@ -139,8 +147,25 @@ static int check_f16() {
     return bad;
 }
 
+// e4m3_to_f32 against the format's definition, all 256 bytes.
+static int check_e4m3() {
+    int bad = 0;
+    for (u32 b = 0; b < 256; b++) {
+        u32 exp = (b >> 3) & 0xfu, man = b & 7u;
+        float mag = exp == 0 ? (float)man / 512.0f : std::ldexp(1.0f + (float)man / 8.0f, (int)exp - 7);
+        float want = (b & 0x80u) ? -mag : mag;
+        float got = e4m3_to_f32(b);
+        bool ok = (exp == 15 && man == 7) ? std::isnan(got) : same(got, want);
+        if (!ok && bad++ < 3) std::printf("e4m3 %02x: %a, definition %a\n", b, got, want);
+    }
+    std::printf("e4m3_to_f32: 256 bytes, %d differ\n", bad);
+    return bad;
+}
+
 int main() {
-    int bad = check_f16();
+    int bad = check_f16() + check_e4m3();
+    bad += check_dequant8<MT_FP8_B128>("FP8_B128");
+    for (u32 k : {128u, 384u, 2048u}) bad += check_row_dot<MT_FP8_B128>("FP8_B128", k);
     bad += check_dequant8<GGML_Q8_0>("Q8_0") + check_dequant8<GGML_Q4_K>("Q4_K") + check_dequant8<GGML_Q5_K>("Q5_K") +
            check_dequant8<GGML_Q6_K>("Q6_K");
     // Rows of one and several blocks; 768 and 1280 leave lanes idle.
