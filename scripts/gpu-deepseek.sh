@@ -4,7 +4,7 @@
 # LAYERS (4: the 3 dense layers and one MoE layer, FP8 projections kept
 # FP8 on the device), each a 512-token prompt and 64 decode steps on
 # Cuda(Bf16), nothing captured; the `run:` lines (prefill and decode
-# speed) land in $OUT/deepseek-speed.txt. After scripts/gpu-build.sh:
+# speed) land in $OUT/deepseek-speed.txt (ROUNDS, 2, runs each). After scripts/gpu-build.sh:
 #   run(command: "bash scripts/gpu-deepseek.sh", carry: [".gpu/bin/moetrace"])
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,7 +22,7 @@ for spec in "moonlight-16b-a3b||163840" "deepseek-v3|${LAYERS:-4}|129280"; do
     backend: Cuda(device: 0, dtype: Bf16),
 )
 RON
-    for round in 1 2; do
+    for round in $(seq "${ROUNDS:-2}"); do
         start=$(date +%s)
         line=$(.gpu/bin/moetrace run --quiet --config "$config" 2>&1 | tail -3 | tr '\n' ' ')
         echo "$preset${layers:+ (layers $layers)} round $round ($(($(date +%s) - start)) s with loading): $line" | tee -a "$OUT/deepseek-speed.txt"
