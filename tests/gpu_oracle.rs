@@ -170,12 +170,7 @@ fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
     found.push(("tiny-moe-fp8-oracle", dir, model));
     // DeepSeek-V3: MLA with q_lora (dense layers), with a plain q_proj,
     // and with the grouped router and shared experts (cuda/mla.rs).
-    for name in [
-        "tiny-deepseek-v3-oracle",
-        "tiny-deepseek-v3-plain-q-oracle",
-        "tiny-deepseek-v3-moe-oracle",
-        "tiny-deepseek-v3-fp8-oracle",
-    ] {
+    for name in moetrace_tests::DEEPSEEK_FIXTURES {
         let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
         let model = format!("Path({:?})", dir.join("model"));
         found.push((name, dir, model));

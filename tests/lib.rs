@@ -195,3 +195,15 @@ pub fn edit_npy(capture: &Path, file: &str, edit: impl FnOnce(&[usize], &mut [f3
     values.iter().for_each(|v| bytes.extend_from_slice(&v.to_le_bytes()));
     std::fs::write(&path, bytes).unwrap();
 }
+
+/// The in-repo DeepSeek-V3 oracle fixtures (tests/fixtures), made by
+/// python/tools/make_oracle_fixture.py kind `deepseek`: MLA with a
+/// compressed query (dense layers), with a plain q_proj, with MoE layers
+/// (grouped router, negative biased scores, a shared expert), and the
+/// same with FP8 block-scaled projections (partial blocks).
+pub const DEEPSEEK_FIXTURES: [&str; 4] = [
+    "tiny-deepseek-v3-oracle",
+    "tiny-deepseek-v3-plain-q-oracle",
+    "tiny-deepseek-v3-moe-oracle",
+    "tiny-deepseek-v3-fp8-oracle",
+];

@@ -140,12 +140,7 @@ fn cpu_matches_the_in_repo_oracle_deepseek_v3_within_1e6() {
     // tiny-deepseek-v3-fp8-oracle, whose projections (MLA's and the
     // experts') are FP8 with 128x128 block scales, partial blocks on both
     // axes (kv_a_proj_with_mqa: 192 x 160, 1.5 x 1.25 blocks).
-    for name in [
-        "tiny-deepseek-v3-oracle",
-        "tiny-deepseek-v3-plain-q-oracle",
-        "tiny-deepseek-v3-moe-oracle",
-        "tiny-deepseek-v3-fp8-oracle",
-    ] {
+    for name in moetrace_tests::DEEPSEEK_FIXTURES {
         let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
         let worst = check_oracle_dir(name, &dir, &dir.join("model"), 4);
         assert!(worst <= 1e-6, "{name}: worst rel_l2 {worst:.2e}");

@@ -144,6 +144,36 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
     if num == 0.0 { 0.0 } else { (num / den).sqrt() }
 }
 
+/// Compares `slots` of the CPU and the GPU backend (rel_l2 within
+/// `tolerance`; in Bf16 mode every GPU value a bf16 value), printing a
+/// line per slot and pushing the failed ones, labelled, to `failures`.
+fn compare_slots(
+    cpu: &mut pipeline::CpuBackend,
+    gpu: &mut pipeline::CudaBackend,
+    slots: &[stage_types::SaveTensorStage],
+    bf16_mode: bool,
+    tolerance: f64,
+    label: &str,
+    failures: &mut Vec<String>,
+) {
+    use pipeline::backend::Backend;
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+    for &slot in slots {
+        let (a, g) = (cpu.read(slot).unwrap(), gpu.read(slot).unwrap());
+        let (a, g) = (a.as_f32().unwrap().to_vec(), g.as_f32().unwrap().to_vec());
+        let err = rel_l2(&a, &g);
+        let unrounded = if bf16_mode { g.iter().filter(|&&q| q != bf16(q)).count() } else { 0 };
+        let ok = err <= tolerance && unrounded == 0 && a.len() == g.len();
+        println!(
+            "{label} {slot:<16} rel_l2 {err:.2e} (tol {tolerance:.0e}) {unrounded} not bf16 {}",
+            if ok { "ok" } else { "FAIL" }
+        );
+        if !ok {
+            failures.push(format!("{label} {slot}"));
+        }
+    }
+}
+
 /// The projections over quantized weights in the manner of gpu_parity's
 /// table: every block type as a dense weight of awkward row counts (37, 7,
 /// 5, 3 rows of k = 512: two super-blocks, in one linear call; at T = 3
@@ -222,21 +252,16 @@ fn quantized_projections_match_the_cpu_backend_on_awkward_sizes() {
             }
             let slots =
                 [S::Embedding, S::QkvMatmul, S::MoeExpertGate, S::MoeExpertUp, S::MoeExpertOut, S::MoeExpertSwigl];
-            for slot in slots {
-                let (a, g) = (cpu.read(slot).unwrap(), gpu.read(slot).unwrap());
-                let (a, g) = (a.as_f32().unwrap().to_vec(), g.as_f32().unwrap().to_vec());
-                let e = rel_l2(&a, &g);
-                let unrounded =
-                    if precision == CudaPrecision::Bf16 { g.iter().filter(|&&q| q != bf16(q)).count() } else { 0 };
-                let ok = e <= tolerance && unrounded == 0 && a.len() == g.len();
-                println!(
-                    "{precision:?} T={t} {slot:<16} rel_l2 {e:.2e} (tol {tolerance:.0e}) {unrounded} not bf16 {}",
-                    if ok { "ok" } else { "FAIL" }
-                );
-                if !ok {
-                    failures.push(format!("{precision:?} T={t} {slot}"));
-                }
-            }
+            let label = format!("{precision:?} T={t}");
+            compare_slots(
+                &mut cpu,
+                &mut gpu,
+                &slots,
+                precision == CudaPrecision::Bf16,
+                tolerance,
+                &label,
+                &mut failures,
+            );
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
@@ -327,21 +352,17 @@ fn fp8_weights_stay_fp8_on_the_device_and_project_as_on_the_cpu() {
                 b.linear(S::AttnNorm, &[dense], S::QkvMatmul).unwrap();
                 b.expert_linear(S::AttnNorm, S::MoeRouterIndices, &ups, S::MoeExpertUp).unwrap();
             }
-            for slot in [S::QkvMatmul, S::MoeExpertUp] {
-                let (a, g) = (cpu.read(slot).unwrap(), gpu.read(slot).unwrap());
-                let (a, g) = (a.as_f32().unwrap().to_vec(), g.as_f32().unwrap().to_vec());
-                let err = rel_l2(&a, &g);
-                let unrounded =
-                    if precision == CudaPrecision::Bf16 { g.iter().filter(|&&q| q != bf16(q)).count() } else { 0 };
-                let ok = err <= tolerance && unrounded == 0 && a.len() == g.len();
-                println!(
-                    "FP8 {precision:?} T={t} {slot:<16} rel_l2 {err:.2e} (tol {tolerance:.0e}) {unrounded} not bf16 {}",
-                    if ok { "ok" } else { "FAIL" }
-                );
-                if !ok {
-                    failures.push(format!("FP8 {precision:?} T={t} {slot}"));
-                }
-            }
+            let label = format!("FP8 {precision:?} T={t}");
+            let slots = [S::QkvMatmul, S::MoeExpertUp];
+            compare_slots(
+                &mut cpu,
+                &mut gpu,
+                &slots,
+                precision == CudaPrecision::Bf16,
+                tolerance,
+                &label,
+                &mut failures,
+            );
         }
     }
     assert!(failures.is_empty(), "{failures:?}");
