@@ -3,8 +3,9 @@
 # the whole moonlight-16b-a3b (27 layers, bf16) and deepseek-v3 cut to
 # LAYERS (4: the 3 dense layers and one MoE layer, FP8 projections kept
 # FP8 on the device), each a 512-token prompt and 64 decode steps on
-# Cuda(Bf16), nothing captured; the `run:` lines (prefill and decode
-# speed) land in $OUT/deepseek-speed.txt (ROUNDS, 2, runs each). After scripts/gpu-build.sh:
+# Cuda(Bf16), nothing captured, ROUNDS (2) times each; the `run:` lines
+# (prefill and decode speed) land in $OUT/deepseek-speed.txt. After
+# scripts/gpu-build.sh:
 #   run(command: "bash scripts/gpu-deepseek.sh", carry: [".gpu/bin/moetrace"])
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -127,34 +127,20 @@ pub(super) fn kv_b_from_split(layer: usize, k_b: &WeightTensor, v_b: &WeightTens
     let source = |h: usize, r: usize, j: usize| -> (bool, usize) {
         if r < nope { (true, (h * rank + j) * nope + r) } else { (false, (h * v_dim + r - nope) * rank + j) }
     };
+    let order = (0..heads).flat_map(|h| (0..per).flat_map(move |r| (0..rank).map(move |j| source(h, r, j))));
     let name = format!("model.layers.{layer}.self_attn.kv_b_proj.weight");
     let shape = vec![heads * per, rank];
-    let float = matches!(k_b.dtype, WeightDtype::F32 | WeightDtype::F16 | WeightDtype::Bf16);
-    if float && k_b.dtype == v_b.dtype {
+    if matches!(k_b.dtype, WeightDtype::F32 | WeightDtype::F16 | WeightDtype::Bf16) && k_b.dtype == v_b.dtype {
         let size = k_b.dtype.bytes_for(1);
         let (kb, vb) = (k_b.bytes(), v_b.bytes());
         let mut out = Vec::with_capacity(heads * per * rank * size);
-        for h in 0..heads {
-            for r in 0..per {
-                for j in 0..rank {
-                    let (from_k, at) = source(h, r, j);
-                    let src = if from_k { &kb[..] } else { &vb[..] };
-                    out.extend_from_slice(&src[at * size..(at + 1) * size]);
-                }
-            }
+        for (from_k, at) in order {
+            out.extend_from_slice(&(if from_k { &kb[..] } else { &vb[..] })[at * size..(at + 1) * size]);
         }
         return Ok(WeightTensor::owned(name, k_b.dtype, shape, out));
     }
     let (kf, vf) = (k_b.to_f32_vec(), v_b.to_f32_vec());
-    let mut out = Vec::with_capacity(heads * per * rank * 4);
-    for h in 0..heads {
-        for r in 0..per {
-            for j in 0..rank {
-                let (from_k, at) = source(h, r, j);
-                out.extend_from_slice(&(if from_k { kf[at] } else { vf[at] }).to_le_bytes());
-            }
-        }
-    }
+    let out = order.flat_map(|(from_k, at)| (if from_k { kf[at] } else { vf[at] }).to_le_bytes()).collect();
     Ok(WeightTensor::owned(name, WeightDtype::F32, shape, out))
 }
 

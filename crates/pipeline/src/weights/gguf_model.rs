@@ -134,28 +134,6 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
     // deepseek2's kv_b_proj halves by layer: (k_b, v_b).
     let mut split: std::collections::BTreeMap<usize, (Option<WeightTensor>, Option<WeightTensor>)> = Default::default();
     for t in &header.tensors {
-        if let Some((layer, is_k)) = split_kv_b(&t.name) {
-            let dtype = match t.ggml_type {
-                GgmlType::F32 => WeightDtype::F32,
-                GgmlType::F16 => WeightDtype::F16,
-                GgmlType::BF16 => WeightDtype::Bf16,
-                other => WeightDtype::Quant(other),
-            };
-            let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
-            let start = t.offset as usize;
-            let w = WeightTensor::mapped(t.name.clone(), dtype, shape, map.clone(), start, start + t.byte_len as usize);
-            let halves = split.entry(layer).or_default();
-            if is_k {
-                halves.0 = Some(w)
-            } else {
-                halves.1 = Some(w)
-            }
-            continue;
-        }
-        let Some(hf) = hf_name(&t.name) else {
-            tracing::debug!("{}: tensor `{}` is not one moetrace uses", path.display(), t.name);
-            continue;
-        };
         let dtype = match t.ggml_type {
             GgmlType::F32 => WeightDtype::F32,
             GgmlType::F16 => WeightDtype::F16,
@@ -163,6 +141,17 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
             other => WeightDtype::Quant(other),
         };
         let mut shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
+        if let Some((layer, is_k)) = split_kv_b(&t.name) {
+            let start = t.offset as usize;
+            let w = WeightTensor::mapped(t.name.clone(), dtype, shape, map.clone(), start, start + t.byte_len as usize);
+            let halves = split.entry(layer).or_default();
+            *(if is_k { &mut halves.0 } else { &mut halves.1 }) = Some(w);
+            continue;
+        }
+        let Some(hf) = hf_name(&t.name) else {
+            tracing::debug!("{}: tensor `{}` is not one moetrace uses", path.display(), t.name);
+            continue;
+        };
         if shape.len() == 1 && t.name.ends_with("ffn_gate_inp_shexp.weight") {
             // The shared expert's gate is one row ([1, H] in Hugging Face's
             // checkpoints); a file may store it 1-D.

@@ -35,21 +35,13 @@ pub fn f32_to_e4m3(x: f32) -> u8 {
     if a >= f64::from(E4M3_MAX) {
         return sign | 0x7e;
     }
-    // The step between neighbouring e4m3 values at a's binade: 2^-9 below
-    // 2^-6 (subnormals), else 2^(e - 3).
+    // a's binade e (subnormals share the smallest normal one's step,
+    // 2^-9): a is `units` steps of 2^(e - 3), rounded; its code is then
+    // units + 8 (e + 6), which also holds when rounding carries into the
+    // next binade (units 16) or out of the subnormals (units 8).
     let e = if a < 2f64.powi(-6) { -6 } else { a.log2().floor() as i32 };
-    let step = 2f64.powi(e - 3);
-    let units = (a / step).round_ties_even();
-    let value = units * step;
-    // value is exact (a multiple of step below 2^(e+1), or 2^(e+1) itself);
-    // find its code by its bits (a normal or subnormal e4m3).
-    let code = if value < 2f64.powi(-6) {
-        value / 2f64.powi(-9)
-    } else {
-        let (exp, man) = (value.log2().floor() as i32, value / 2f64.powi(value.log2().floor() as i32));
-        f64::from((exp + 7) << 3) + (man - 1.0) * 8.0
-    };
-    sign | (code as u8).min(0x7e)
+    let units = (a / 2f64.powi(e - 3)).round_ties_even() as i32;
+    sign | (units + 8 * (e + 6)).min(0x7e) as u8
 }
 
 /// One synthetic FP8 tensor: its values' recipe (key, mean, spread).

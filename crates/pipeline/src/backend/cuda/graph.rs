@@ -24,7 +24,8 @@
 //! captured tensor, with graphs and with `graphs: false`). Capture reads
 //! are recorded too (taps.rs). Graphs are used only in Bf16 mode (F32 mode
 //! projects through cuBLAS), without profiling or poisoning, and never
-//! with `MOETRACE_NO_GRAPHS` set or `Cuda(graphs: false)`. A capture that
+//! with `MOETRACE_NO_GRAPHS` set or `Cuda(graphs: false)`, nor for a model
+//! whose kernels take the step's length from the host (MLA: `rule_out`). A capture that
 //! fails turns graphs off for the backend's lifetime (with a warning) and
 //! the step runs eagerly.
 
@@ -42,6 +43,9 @@ use crate::error::{PipelineError, Result};
 pub(super) struct StepGraphs {
     /// Graphs may be used at all (Bf16, no profiler, not turned off).
     enabled: bool,
+    /// Never, whatever is asked: the model's kernels take the step's
+    /// length from the host (MLA's, cuda/mla.rs).
+    ruled_out: bool,
     /// The next `begin_step` may plan a graph ([`CudaBackend::allow_step_graph`]).
     allowed_next: bool,
     /// A capture is in progress: allocations must come from the pool and
@@ -205,6 +209,7 @@ impl StepGraphs {
         let enabled = Self::possible(precision, profiling);
         Self {
             enabled,
+            ruled_out: false,
             allowed_next: false,
             capturing: false,
             plan: StepGraph::Eager,
@@ -239,7 +244,15 @@ impl StepGraphs {
 
     /// Turns graphs on (where possible) or off, dropping any recording.
     pub(super) fn set_enabled(&mut self, on: bool, precision: CudaPrecision, profiling: bool) {
-        self.enabled = on && Self::possible(precision, profiling);
+        self.enabled = on && !self.ruled_out && Self::possible(precision, profiling);
+        self.recorded = None;
+    }
+
+    /// Turns graphs off for good (a later [`Self::set_enabled`] keeps them
+    /// off): the model's kernels cannot be recorded.
+    pub(super) fn rule_out(&mut self) {
+        self.ruled_out = true;
+        self.enabled = false;
         self.recorded = None;
     }
 

@@ -40,7 +40,7 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Rows and width of `slot`, checking the width is `expected`.
+    /// The rows of `slot`, checking that they are `expected` wide.
     fn mla_rows(&self, slot: Slot, expected: usize, what: &str) -> Result<usize> {
         let t = self.slot(slot)?;
         if t.width() != expected {
@@ -84,15 +84,9 @@ impl MlaOps for CudaBackend {
             b.arg(&mut o).arg(x.f32(kv_a)?);
             push_weight(&mut b, this.weight(weight))?;
             b.arg(&iw).arg(&w32).arg(&e32);
-            let block = (width.div_ceil(2).next_multiple_of(32)).clamp(32, 1024) as u32;
-            let cfg = cudarc::driver::LaunchConfig {
-                grid_dim: (rows as u32, 1, 1),
-                block_dim: (block, 1, 1),
-                shared_mem_bytes: 0,
-            };
             // SAFETY: one block per row; reads `width` <= in_width columns of
             // each input row, writes rows * width.
-            unsafe { b.launch(cfg) }.map_err(gpu("mla latent norm"))?;
+            unsafe { b.launch(super::norm::row_blocks(rows, width)) }.map_err(gpu("mla latent norm"))?;
             this.set(out, vec![rows, width], o)
         })
     }

@@ -103,9 +103,6 @@ pub struct CudaBackend {
     caches: Vec<Option<DevCache>>,
     /// MLA's rotation on the device (mla.rs).
     mla_rope: mla::RopeTable,
-    /// Steps never recorded as graphs (a model whose kernels take the
-    /// step's length from the host: MLA).
-    eager_only: bool,
     /// `MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS` set: every cuBLAS projection's
     /// output is zeroed before the GEMM overwrites it. Only for
     /// compute-sanitizer's initcheck, which does not see the TMA stores of
@@ -178,8 +175,7 @@ impl CudaBackend {
         if model.config.mla.is_some() {
             // MLA's kernels (mla.rs) take the step's length from the host:
             // its decode steps run eagerly, whatever is asked later.
-            backend.eager_only = true;
-            backend.set_step_graphs(false);
+            backend.graphs.rule_out();
         }
         Ok(backend)
     }
@@ -269,7 +265,6 @@ impl CudaBackend {
             step_start,
             caches: Vec::new(),
             mla_rope: None,
-            eager_only: false,
             zero_gemm_outputs: std::env::var_os("MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS").is_some(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
             taps: taps::Taps::default(),
@@ -303,7 +298,7 @@ impl CudaBackend {
     /// launches its kernels one by one, which computes the same bits, more
     /// slowly (to rule graphs out, or to compare with them).
     pub fn set_step_graphs(&mut self, on: bool) {
-        self.graphs.set_enabled(on && !self.eager_only, self.precision, self.launcher.profiling());
+        self.graphs.set_enabled(on, self.precision, self.launcher.profiling());
     }
 
     /// The device's name.

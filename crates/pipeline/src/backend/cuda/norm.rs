@@ -10,6 +10,14 @@ use crate::backend::{QkNormArgs, Slot};
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
 
+/// One block per row of `width` normalised values, up to 1024 threads,
+/// about two elements each: a decode step's single row is spread over the
+/// whole block (rms_norm, and MLA's latent norm in mla.rs).
+pub(super) fn row_blocks(rows: usize, width: usize) -> LaunchConfig {
+    let block = (width.div_ceil(2).next_multiple_of(32)).clamp(32, 1024) as u32;
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 }
+}
+
 impl CudaBackend {
     pub(super) fn rms_norm_on_device(&mut self, input: Slot, weight: WeightId, eps: f64, out: Slot) -> Result<()> {
         let x = self.slot(input)?;
@@ -25,12 +33,8 @@ impl CudaBackend {
         b.arg(&mut o).arg(x.f32(input)?);
         push_weight(&mut b, self.weight(weight))?;
         b.arg(&w32).arg(&e32);
-        // One block per row, up to 1024 threads, about two elements each: a
-        // decode step's single row is spread over the whole block.
-        let block = (width.div_ceil(2).next_multiple_of(32)).clamp(32, 1024) as u32;
-        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: one block per row of `width`; buffers hold rows*width.
-        unsafe { b.launch(cfg) }.map_err(gpu("rms_norm"))?;
+        unsafe { b.launch(row_blocks(rows, width)) }.map_err(gpu("rms_norm"))?;
         self.set(out, vec![rows, width], o)
     }
 

@@ -63,8 +63,7 @@ pub(super) fn push_weight<'a>(b: &mut LaunchArgs<'a>, w: &'a DevWeight) -> Resul
 }
 
 /// The ggml type of `t` when it stays quantized on the device: blocks of
-/// a type the device decodes, in rows of whole blocks.
-/// Block-scaled FP8 whose blocks span 128 columns and whose rows are
+/// a type the device decodes, in rows of whole blocks. Block-scaled FP8 whose blocks span 128 columns and whose rows are
 /// whole blocks stays FP8 too, as rows of [`FP8_B128`] blocks (fp8.rs's
 /// `as_row_blocks`); other FP8 tensors are decoded on the host.
 pub(super) fn kept_quantized(t: &WeightTensor) -> Option<u32> {
