@@ -251,11 +251,11 @@ fn a_gguf_model_that_cannot_be_read_is_refused_with_the_cause() {
     let err = load(Builder::valid(), "keys.gguf");
     assert!(err.contains("no tensor `token_embd.weight`"), "{err}");
     let mut b = Builder::valid();
-    b.tensors[0].2 = 2;
-    b.tensors[0].1 = vec![64, 2];
+    b.tensors[0].2 = 10;
+    b.tensors[0].1 = vec![256, 2];
     b.data_len = 160 + 12;
     let err = load(b, "type.gguf");
-    assert!(err.contains("tensor `a.weight` is Q4_0") && err.contains("Q4_K"), "{err}");
+    assert!(err.contains("tensor `a.weight` is Q2_K") && err.contains("Q4_K") && err.contains("Q5_0"), "{err}");
     let mut b = Builder::valid();
     b.tensors[0].0 = "token_embd.weight".into();
     let err = load(b, "missing.gguf");

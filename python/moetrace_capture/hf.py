@@ -209,7 +209,17 @@ class _StepRecorder:
         save(step, li, "moe_router_logits", logits)
         bias = getattr(layer.mlp.gate, "e_score_correction_bias", None)
         if bias is not None:  # DeepSeek: what chooses the groups and the experts
-            save(step, li, "moe_router_choice", torch.sigmoid(logits) + bias)
+            choice = torch.sigmoid(logits) + bias
+            save(step, li, "moe_router_choice", choice)
+            # The group choice as DeepseekV3MoE.route_tokens_to_experts makes
+            # it: each group's two best choice scores summed, the best
+            # topk_group groups kept (saved best first).
+            gate = layer.mlp.gate
+            n_group = getattr(gate, "num_group", None) or getattr(gate, "n_group", None) or layer.mlp.n_group
+            topk_group = getattr(gate, "topk_group", None) or layer.mlp.topk_group
+            group_scores = choice.view(choice.shape[0], n_group, -1).topk(2, dim=-1)[0].sum(dim=-1)
+            save(step, li, "moe_router_group_scores", group_scores)
+            save(step, li, "moe_router_groups", group_scores.topk(topk_group, dim=-1, sorted=True)[1].to(torch.int32))
         save(step, li, "moe_router", weights)
         save(step, li, "moe_router_indices", ids.to(torch.int32))
         experts = layer.mlp.experts

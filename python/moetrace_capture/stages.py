@@ -29,6 +29,8 @@ STAGES = (
     ("ffn_out", "layer", "dense", "[T,H]", "float32"),
     ("moe_router_logits", "layer", "moe", "[T,E]", "float32"),
     ("moe_router_choice", "layer", "grouped-router", "[T,E]", "float32"),
+    ("moe_router_group_scores", "layer", "grouped-router", "[T,G]", "float32"),
+    ("moe_router_groups", "layer", "grouped-router", "[T,topk_group]", "int32"),
     ("moe_router", "layer", "moe", "[T,k]", "float32"),
     ("moe_router_indices", "layer", "moe", "[T,k]", "int32"),
     ("moe_expert_gate", "layer", "moe", "[T,k,I]", "float32"),

@@ -333,11 +333,12 @@ impl Report {
     }
 
     /// Routing flips per (step, layer): (step, layer, flips, near-ties,
-    /// smallest reference margin).
+    /// smallest reference margin). Tokens whose experts flipped: a flip
+    /// of DeepSeek's kept groups counts where it changed the experts.
     pub fn routing_flips(&self) -> Vec<(usize, usize, usize, usize, Option<f64>)> {
         self.rows
             .iter()
-            .filter(|r| !r.flipped.is_empty())
+            .filter(|r| !r.flipped.is_empty() && r.stage != SaveTensorStage::MoeRouterGroups)
             .map(|r| {
                 let near = r.flipped.iter().filter(|f| f.near_tie).count();
                 let margin = r.flipped.iter().filter_map(|f| f.ref_margin).min_by(f64::total_cmp);

@@ -157,15 +157,17 @@ impl Row {
         if let Some(e) = self.worst_expert {
             parts.push(format!("expert {e}"));
         }
+        let ids = if self.stage == SaveTensorStage::MoeRouterGroups { "groups" } else { "experts" };
         for f in self.flipped.iter().take(4) {
             let margin = f.ref_margin.map(|m| format!("{m:.2e}")).unwrap_or_else(|| "?".into());
             let perturbation = f.perturbation.map(|p| format!("{p:.2e}")).unwrap_or_else(|| "?".into());
             let text = f.text.as_ref().map(|t| format!(" {t:?}")).unwrap_or_default();
             parts.push(format!(
-                "token {}{text} experts {:?} -> {:?}, ref margin {margin}, perturbation {perturbation}{}",
+                "token {}{text} {ids} {:?} -> {:?}, {}ref margin {margin}, perturbation {perturbation}{}",
                 f.token,
                 f.ref_experts,
                 f.target_experts,
+                if f.group_flip { "its kept groups differ: group " } else { "" },
                 if f.near_tie { " (near-tie)" } else { "" }
             ));
         }

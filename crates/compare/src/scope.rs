@@ -204,17 +204,27 @@ pub fn compare_scope(
         Some((Some(r), Some(t))) if r.shape == t.shape && r.shape.len() == 2 => Some((r, t, r.shape[1])),
         _ => None,
     };
-    // What chose the experts: DeepSeek's choice scores where both sides
-    // hold them, else the router logits.
-    let scores = match (get(SaveTensorStage::MoeRouterChoice), get(SaveTensorStage::MoeRouterLogits)) {
-        (Some((Some(r), Some(t))), _) if r.shape == t.shape => {
-            Some(routing::RouterScores::Choice(r.elements, t.elements))
-        }
-        (_, Some((Some(r), Some(t)))) if r.shape == t.shape => {
-            Some(routing::RouterScores::Logits(r.elements, t.elements))
+    // What chose the experts: DeepSeek's choice scores (with its group
+    // choice where both sides hold it) where both sides hold them, else
+    // the router logits.
+    let both = |s: SaveTensorStage| match get(s) {
+        Some((Some(r), Some(t))) if r.shape == t.shape => Some((r, t)),
+        _ => None,
+    };
+    let group_scores = both(SaveTensorStage::MoeRouterGroupScores);
+    let groups = match (group_scores, both(SaveTensorStage::MoeRouterGroups)) {
+        (Some((rs, ts)), Some((rk, tk))) => {
+            Some(routing::GroupChoice { scores: (rs.elements, ts.elements), kept: (rk.elements, tk.elements) })
         }
         _ => None,
     };
+    let scores = match (both(SaveTensorStage::MoeRouterChoice), both(SaveTensorStage::MoeRouterLogits)) {
+        (Some((r, t)), _) => Some(routing::RouterScores::Choice(r.elements, t.elements, groups)),
+        (_, Some((r, t))) => Some(routing::RouterScores::Logits(r.elements, t.elements)),
+        _ => None,
+    };
+    // What chose the groups: their scores, as they are.
+    let group_margins = group_scores.map(|(r, t)| routing::RouterScores::Choice(r.elements, t.elements, None));
     let mut rows = Vec::new();
     for (&stage, (reference, target)) in tensors {
         let tolerance = tolerances.of(stage, target_dtype);
@@ -233,9 +243,10 @@ pub fn compare_scope(
             rows.push(row);
             continue;
         }
-        if stage == SaveTensorStage::MoeRouterIndices {
+        if stage.holds_ids() {
             let k = r.shape.get(1).copied().unwrap_or(1);
-            row.flipped = routing::compare_indices(r.elements, t.elements, k, scores);
+            let by = if stage == SaveTensorStage::MoeRouterGroups { group_margins } else { scores };
+            row.flipped = routing::compare_indices(r.elements, t.elements, k, by);
             row.verdict = if row.flipped.is_empty() {
                 Verdict::Ok
             } else if row.flipped.iter().all(|f| f.near_tie) {

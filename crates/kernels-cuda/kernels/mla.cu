@@ -125,7 +125,7 @@ __device__ __forceinline__ double grouped_score(float logit) { return 1.0 / (1.0
 // `normalise`, times `scaling`. Weights [T, k] f32 (not rounded: routing
 // stays f32), ids [T, k].
 template <typename W>
-__device__ void router_grouped_impl(float *weights, int *ids, const float *logits, const W *bias, u32 t_len, u32 experts, u32 n_group, u32 topk_group, u32 top_k, u32 normalise, double scaling) {
+__device__ void router_grouped_impl(float *weights, int *ids, float *group_scores, int *groups, const float *logits, const W *bias, u32 t_len, u32 experts, u32 n_group, u32 topk_group, u32 top_k, u32 normalise, double scaling) {
     u64 t = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= t_len) return;
     const float *l = logits + t * experts;
@@ -143,6 +143,7 @@ __device__ void router_grouped_impl(float *weights, int *ids, const float *logit
             }
         }
         group_score[g] = fv + (second >= 0 ? sv : 0.0);
+        group_scores[t * n_group + g] = (float)group_score[g];
     }
     u64 kept = 0;
     for (u32 j = 0; j < topk_group; j++) {
@@ -150,6 +151,7 @@ __device__ void router_grouped_impl(float *weights, int *ids, const float *logit
         for (u32 g = 0; g < n_group; g++)
             if (!((kept >> g) & 1) && grouped_beats(group_score[g], g, best < 0 ? 0.0 : group_score[best], best)) best = (int)g;
         kept |= 1ull << best;
+        groups[t * topk_group + j] = best;
     }
     u32 taken[GROUPED_MAX_EXPERTS / 32];
     for (u32 w = 0; w < (experts + 31) / 32; w++) taken[w] = 0;
@@ -173,5 +175,5 @@ __device__ void router_grouped_impl(float *weights, int *ids, const float *logit
 }
 
 WEIGHT_VARIANTS(router_grouped,
-                (float *weights, int *ids, const float *logits, const W *bias, u32 t_len, u32 experts, u32 n_group, u32 topk_group, u32 top_k, u32 normalise, double scaling),
-                (weights, ids, logits, bias, t_len, experts, n_group, topk_group, top_k, normalise, scaling))
+                (float *weights, int *ids, float *group_scores, int *groups, const float *logits, const W *bias, u32 t_len, u32 experts, u32 n_group, u32 topk_group, u32 top_k, u32 normalise, double scaling),
+                (weights, ids, group_scores, groups, logits, bias, t_len, experts, n_group, topk_group, top_k, normalise, scaling))

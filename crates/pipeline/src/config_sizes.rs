@@ -50,6 +50,8 @@ impl ModelConfig {
             S::FfnGate | S::FfnUp | S::FfnSilu | S::FfnSwigl => vec![t, self.intermediate_size],
             S::MoeRouterLogits | S::MoeRouterChoice => vec![t, self.num_experts],
             S::MoeRouter | S::MoeRouterIndices => vec![t, k],
+            S::MoeRouterGroupScores => vec![t, self.grouped_router.map_or(0, |g| g.n_group)],
+            S::MoeRouterGroups => vec![t, self.grouped_router.map_or(0, |g| g.topk_group)],
             S::MoeExpertGate | S::MoeExpertUp | S::MoeExpertSwigl => vec![t, k, self.moe_intermediate_size],
             S::MoeExpertOut => vec![t, k, h],
             S::MoeSharedGate | S::MoeSharedUp | S::MoeSharedSwigl => vec![t, self.shared_expert_intermediate_size],

@@ -115,6 +115,8 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::FfnOut => schedule.add_systems(ffn::ffn_out.in_set(set)),
         S::MoeRouterLogits => schedule.add_systems(moe::moe_router_logits.in_set(set)),
         S::MoeRouterChoice => schedule.add_systems(moe::moe_router_choice.in_set(set)),
+        S::MoeRouterGroupScores => schedule.add_systems(moe::moe_router_group_scores.in_set(set)),
+        S::MoeRouterGroups => schedule.add_systems(moe::moe_router_groups.in_set(set)),
         S::MoeRouter => schedule.add_systems(moe::moe_router.in_set(set)),
         S::MoeRouterIndices => schedule.add_systems(moe::moe_router_indices.in_set(set)),
         S::MoeExpertGate => schedule.add_systems(moe::moe_expert_gate.in_set(set)),

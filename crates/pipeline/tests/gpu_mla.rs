@@ -18,7 +18,7 @@ use std::sync::Arc;
 use parity::{Pair, bf16, random, weight, weight_bf16};
 use pipeline::backend::Backend;
 use pipeline::backend::cuda::CudaPrecision;
-use pipeline::backend::grouped_router::GroupedTopK;
+use pipeline::backend::grouped_router::{GroupedSlots, GroupedTopK};
 use pipeline::backend::mla::{MlaDims, MlaRope};
 use pipeline::weights::{WeightDtype, WeightStore, WeightTensor};
 use pipeline::{CpuBackend, CudaBackend, HostTensor};
@@ -137,10 +137,10 @@ fn run(precision: CudaPrecision) {
                     "router_grouped",
                     &format!("T={t} E=24 g={n_group}/{topk_group} k={top_k}"),
                     1e-6,
-                    &[S::MoeRouter, S::MoeRouterIndices],
+                    &[S::MoeRouterGroupScores, S::MoeRouterGroups, S::MoeRouter, S::MoeRouterIndices],
                     |b| {
                         let ops = b.grouped_router().expect("both backends route in groups");
-                        ops.route_grouped(S::MoeRouterLogits, bias, &router, S::MoeRouter, S::MoeRouterIndices)
+                        ops.route_grouped(S::MoeRouterLogits, bias, &router, GroupedSlots::STAGES)
                     },
                 );
             }

@@ -205,7 +205,7 @@ impl FaultSpec {
             }
             _ => {}
         }
-        let indices = stage == SaveTensorStage::MoeRouterIndices;
+        let ids = stage.holds_ids();
         match self.kind {
             FaultKind::SwapExperts
                 if !matches!(stage, SaveTensorStage::MoeRouter | SaveTensorStage::MoeRouterIndices) =>
@@ -215,8 +215,10 @@ impl FaultSpec {
             FaultKind::SwapExperts if config.experts_per_token < 2 => {
                 return bad("swap-experts needs at least 2 experts per token".into());
             }
-            FaultKind::Nan | FaultKind::Inf | FaultKind::Scale(_) | FaultKind::Noise { .. } if indices => {
-                return bad("moe_router_indices holds int32 expert ids; use zero or swap-experts".into());
+            FaultKind::Nan | FaultKind::Inf | FaultKind::Scale(_) | FaultKind::Noise { .. } if ids => {
+                let what = if stage == SaveTensorStage::MoeRouterGroups { "group" } else { "expert" };
+                let valid = if stage == SaveTensorStage::MoeRouterGroups { "zero" } else { "zero or swap-experts" };
+                return bad(format!("{stage} holds int32 {what} ids; use {valid}"));
             }
             _ => {}
         }

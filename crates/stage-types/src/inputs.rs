@@ -80,7 +80,9 @@ impl SaveTensorStage {
             S::FfnSilu => vec![Stage(S::FfnGate)],
             S::FfnSwigl => vec![Stage(S::FfnSilu), Stage(S::FfnUp)],
             S::FfnOut => vec![Stage(S::FfnSwigl)],
-            S::MoeRouter | S::MoeRouterChoice => vec![Stage(S::MoeRouterLogits)],
+            S::MoeRouter | S::MoeRouterChoice | S::MoeRouterGroupScores | S::MoeRouterGroups => {
+                vec![Stage(S::MoeRouterLogits)]
+            }
             S::MoeRouterIndices => vec![Stage(S::MoeRouterLogits)],
             S::MoeExpertGate | S::MoeExpertUp => vec![Stage(S::FfnNorm), Stage(S::MoeRouterIndices)],
             S::MoeExpertSwigl => vec![Stage(S::MoeExpertGate), Stage(S::MoeExpertUp)],

@@ -197,6 +197,12 @@ stages! {
     /// DeepSeek's choice scores: sigmoid(logits) + the correction bias,
     /// what the grouped router chooses experts (and groups) by.
     MoeRouterChoice = "moe_router_choice", Layer, GroupedRouter, "[T,E]", "sigmoid(logits) + correction bias: what chooses";
+    /// DeepSeek's group scores: per group of consecutive experts, the sum
+    /// of its two best choice scores (what chooses the groups).
+    MoeRouterGroupScores = "moe_router_group_scores", Layer, GroupedRouter, "[T,G]", "per group: sum of its two best choice scores";
+    /// The groups kept (int32), best group score first; experts of the
+    /// other groups cannot be chosen.
+    MoeRouterGroups = "moe_router_groups", Layer, GroupedRouter, "[T,topk_group] int32", "groups kept, best group score first";
     /// Top-k weights after softmax, top-k and renormalise; descending.
     MoeRouter = "moe_router", Layer, MoeOnly, "[T,k]", "top-k weights after softmax, top-k, renormalise; descending";
     /// Expert ids (int32), same order as moe_router.
@@ -277,13 +283,17 @@ impl SaveTensorStage {
         }
     }
 
-    /// The element type of the tensor: `int32` for moe_router_indices,
-    /// `float32` otherwise (the numpy `dtype.name`).
+    /// The element type of the tensor: `int32` for the ids
+    /// (moe_router_indices, moe_router_groups), `float32` otherwise (the
+    /// numpy `dtype.name`).
     pub fn element_type(self) -> &'static str {
-        match self {
-            SaveTensorStage::MoeRouterIndices => "int32",
-            _ => "float32",
-        }
+        if self.holds_ids() { "int32" } else { "float32" }
+    }
+
+    /// True for the stages that hold ids (experts, groups) rather than
+    /// values: compared as sets per token, never rounded or scaled.
+    pub fn holds_ids(self) -> bool {
+        matches!(self, SaveTensorStage::MoeRouterIndices | SaveTensorStage::MoeRouterGroups)
     }
 }
 
@@ -378,6 +388,8 @@ mod tests {
                 "ffn_out",
                 "moe_router_logits",
                 "moe_router_choice",
+                "moe_router_group_scores",
+                "moe_router_groups",
                 "moe_router",
                 "moe_router_indices",
                 "moe_expert_gate",
@@ -419,7 +431,8 @@ mod tests {
             let moe_only = name.starts_with("moe_");
             let shared = name.starts_with("moe_shared_");
             let mla = name.starts_with("mla_");
-            let optional = matches!(stage, S::QkvBias | S::QkNorm | S::MoeRouterChoice) || shared || mla;
+            let grouped_only = matches!(stage, S::MoeRouterChoice | S::MoeRouterGroupScores | S::MoeRouterGroups);
+            let optional = matches!(stage, S::QkvBias | S::QkNorm) || grouped_only || shared || mla;
             let layer = |dense| LayerTraits { dense, ..LayerTraits::default() };
             assert_eq!(stage.applies_to(layer(true)), !moe_only && !optional, "{name}");
             assert_eq!(stage.applies_to(layer(false)), !dense_only && !optional, "{name}");
@@ -431,7 +444,7 @@ mod tests {
                 shared_expert_gate: true,
                 ..LayerTraits::default()
             };
-            let choice = stage == S::MoeRouterChoice;
+            let choice = grouped_only;
             assert_eq!(stage.applies_to(all), !dense_only && !mla && !choice, "{name}");
             let ungated = LayerTraits { shared_expert_gate: false, ..all };
             assert_eq!(
@@ -445,6 +458,7 @@ mod tests {
             assert!(!(shared && stage.applies_to(LayerTraits { dense: true, ..all })), "{name}");
         }
         assert_eq!(S::MoeRouterIndices.element_type(), "int32");
+        assert_eq!(S::MoeRouterGroups.element_type(), "int32");
         assert_eq!(S::MoeRouter.element_type(), "float32");
     }
 

@@ -148,8 +148,10 @@ impl NumericContract {
     /// stages (expert ids are compared as sets, never rounded).
     pub fn output(&self, stage: SaveTensorStage) -> Option<Precision> {
         match stage {
-            SaveTensorStage::MoeRouterIndices => None,
-            SaveTensorStage::MoeRouterLogits | SaveTensorStage::MoeRouter => Some(self.routing),
+            s if s.holds_ids() => None,
+            SaveTensorStage::MoeRouterLogits | SaveTensorStage::MoeRouter | SaveTensorStage::MoeRouterGroupScores => {
+                Some(self.routing)
+            }
             _ => Some(self.activations),
         }
     }

@@ -5,6 +5,7 @@ use stage_types::SaveTensorStage as S;
 
 use super::current;
 use crate::backend::SharedTerm;
+use crate::backend::grouped_router::GroupedSlots;
 use crate::ecs::{LayerMlp, StageCtx};
 use crate::error::PipelineError;
 use crate::model::{MlpWeights, MoeWeights};
@@ -38,27 +39,50 @@ pub fn moe_router_choice(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     });
 }
 
+/// moe_router_group_scores (DeepSeek's grouped router): routes the
+/// layer's tokens in one pass from the logits (sigmoid scores, the
+/// correction bias choosing `topk_group` groups and the experts in them,
+/// the chosen experts' unbiased scores renormalised and scaled, best
+/// biased score first) and writes the group scores `[T,G]` here, the kept
+/// groups, the weights and the ids into the stages that follow, which
+/// publish them. One pass, so that no stage re-derives another's choice.
+pub fn moe_router_group_scores(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
+    let Some(bias) = moe(&ctx, &layers).and_then(|w| w.router_bias) else {
+        return;
+    };
+    ctx.run(S::MoeRouterGroupScores, |b, c| {
+        let Some(router) = &c.grouped_router else {
+            return Err(PipelineError::BadInput("a router correction bias without n_group / topk_group".into()));
+        };
+        let name = b.name();
+        let ops = b.grouped_router().ok_or_else(|| {
+            PipelineError::BackendUnavailable(format!("the {name} backend has no grouped (DeepSeek) router yet"))
+        })?;
+        ops.route_grouped(S::MoeRouterLogits, bias, router, GroupedSlots::STAGES)
+    });
+}
+
+/// moe_router_groups: publishes the groups moe_router_group_scores kept,
+/// `[T,topk_group]` int32, best first. Nothing is computed here.
+pub fn moe_router_groups(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
+    if moe(&ctx, &layers).and_then(|w| w.router_bias).is_some() {
+        ctx.run(S::MoeRouterGroups, |_, _| Ok(()));
+    }
+}
+
 /// moe_router: softmax over all experts (f64 on the CPU), top-k
 /// descending, divided by their sum when norm_topk_prob, [T,k]. Routing
 /// yields the weights and the ids together; both are written here.
 ///
-/// With DeepSeek's grouped router: sigmoid scores, the correction bias
-/// choosing `topk_group` groups and the experts in them, the chosen
-/// experts' unbiased scores renormalised and scaled (best biased score
-/// first).
+/// With DeepSeek's grouped router the weights and ids were written by
+/// moe_router_group_scores: published here.
 pub fn moe_router(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
-    let bias = moe(&ctx, &layers).and_then(|w| w.router_bias);
-    ctx.run(S::MoeRouter, |b, c| match (&c.grouped_router, bias) {
-        (Some(router), Some(bias)) => {
-            let name = b.name();
-            let ops = b.grouped_router().ok_or_else(|| {
-                PipelineError::BackendUnavailable(format!("the {name} backend has no grouped (DeepSeek) router yet"))
-            })?;
-            ops.route_grouped(S::MoeRouterLogits, bias, router, S::MoeRouter, S::MoeRouterIndices)
+    let grouped = moe(&ctx, &layers).and_then(|w| w.router_bias).is_some();
+    ctx.run(S::MoeRouter, |b, c| {
+        if grouped {
+            return Ok(());
         }
-        _ => {
-            b.router_top_k(S::MoeRouterLogits, c.experts_per_token, c.norm_topk_prob, S::MoeRouter, S::MoeRouterIndices)
-        }
+        b.router_top_k(S::MoeRouterLogits, c.experts_per_token, c.norm_topk_prob, S::MoeRouter, S::MoeRouterIndices)
     });
 }
 

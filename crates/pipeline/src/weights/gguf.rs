@@ -98,6 +98,14 @@ impl GgmlType {
     pub const F32: GgmlType = GgmlType(0);
     /// f16.
     pub const F16: GgmlType = GgmlType(1);
+    /// 32 values: an f16 scale and 4-bit values offset by 8.
+    pub const Q4_0: GgmlType = GgmlType(2);
+    /// 32 values: f16 scale and offset, 4-bit values.
+    pub const Q4_1: GgmlType = GgmlType(3);
+    /// 32 values: an f16 scale and 5-bit values offset by 16.
+    pub const Q5_0: GgmlType = GgmlType(6);
+    /// 32 values: f16 scale and offset, 5-bit values.
+    pub const Q5_1: GgmlType = GgmlType(7);
     /// 32 values: an f16 scale and 32 int8.
     pub const Q8_0: GgmlType = GgmlType(8);
     /// 256 values: f16 scale and min, 6-bit packed sub-block scales, 4-bit values.

@@ -36,8 +36,19 @@ const ARCHITECTURES: [(&str, &str, &str); 5] = [
 ];
 
 /// The tensor types read.
-const TYPES: [GgmlType; 7] =
-    [GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K];
+const TYPES: [GgmlType; 11] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q5_K,
+    GgmlType::Q6_K,
+];
 
 /// A layer tensor's llama.cpp name (after `blk.N.`) and Hugging Face name
 /// (after `model.layers.N.`).

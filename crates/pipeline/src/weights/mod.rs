@@ -8,6 +8,7 @@ mod gguf_deepseek2;
 mod gguf_model;
 mod presets;
 pub mod quant;
+mod quant_legacy;
 mod safetensors;
 mod synthetic;
 mod synthetic_blocks;

@@ -33,6 +33,9 @@ pub struct SyntheticPreset {
     positions: usize,
     /// How the projections are stored (bf16, Q4_K_M-style blocks, FP8).
     weights: PresetWeights,
+    /// The mean of DeepSeek's router correction bias (0 but where a preset
+    /// stands for a model whose biased scores fall below 0).
+    router_bias_mean: f32,
     /// config.json keys of the family's own (a JSON object's members,
     /// e.g. `"shared_expert_intermediate_size": 5632`), written last over
     /// the common ones; empty for none.
@@ -56,7 +59,29 @@ const QWEN3_30B_A3B: SyntheticPreset = SyntheticPreset {
     vocab: 151936,
     positions: 40960,
     weights: PresetWeights::Bf16,
+    router_bias_mean: 0.0,
     extra_config: "",
+};
+
+/// DeepSeek-V3's dimensions (two presets share them).
+const DEEPSEEK_V3: SyntheticPreset = SyntheticPreset {
+    name: "deepseek-v3",
+    description: "DeepSeek-V3 dimensions: 61 layers (3 dense), H 7168, 128 heads of MLA (q_lora 1536, kv_lora 512, nope 128, rope 64, v 128), 256 experts top-8 in 8 groups keeping 4, 1 shared expert, I 18432 / 2048, V 129280, YaRN x40; attention and MLP projections FP8 with 128x128 block scales as the checkpoint ships them (671 GB: give `layers: N`)",
+    architecture: "DeepseekV3ForCausalLM",
+    layers: 61,
+    hidden: 7168,
+    heads: 128,
+    kv_heads: 128,
+    head_dim: 192,
+    intermediate: 18432,
+    experts: 256,
+    experts_per_token: 8,
+    moe_intermediate: 2048,
+    vocab: 129280,
+    positions: 163840,
+    weights: PresetWeights::Fp8,
+    router_bias_mean: 0.0,
+    extra_config: r#""q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "n_shared_experts": 1, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}"#,
 };
 
 impl SyntheticPreset {
@@ -78,6 +103,7 @@ impl SyntheticPreset {
             vocab: 512,
             positions: 4096,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: "",
         },
         SyntheticPreset {
@@ -96,6 +122,7 @@ impl SyntheticPreset {
             vocab: 512,
             positions: 4096,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: "",
         },
         SyntheticPreset {
@@ -114,6 +141,7 @@ impl SyntheticPreset {
             vocab: 151936,
             positions: 4096,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: "",
         },
         QWEN3_30B_A3B,
@@ -121,6 +149,7 @@ impl SyntheticPreset {
             name: "qwen3-30b-a3b-q4km",
             description: "qwen3-30b-a3b with Q4_K_M-style weights kept quantized (Q4_K, Q6_K for v, down and lm_head): the decode benchmark against the quantized bytes",
             weights: PresetWeights::Q4KM,
+            router_bias_mean: 0.0,
             extra_config: "",
             ..QWEN3_30B_A3B
         },
@@ -140,6 +169,7 @@ impl SyntheticPreset {
             vocab: 512,
             positions: 4096,
             weights: PresetWeights::Q4KM,
+            router_bias_mean: 0.0,
             extra_config: "",
         },
         SyntheticPreset {
@@ -158,6 +188,7 @@ impl SyntheticPreset {
             vocab: 512,
             positions: 4096,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: "",
         },
         SyntheticPreset {
@@ -176,6 +207,7 @@ impl SyntheticPreset {
             vocab: 32000,
             positions: 32768,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: "",
         },
         SyntheticPreset {
@@ -194,6 +226,7 @@ impl SyntheticPreset {
             vocab: 512,
             positions: 4096,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: r#""shared_expert_intermediate_size": 256, "norm_topk_prob": false, "qkv_bias": true"#,
         },
         SyntheticPreset {
@@ -212,6 +245,7 @@ impl SyntheticPreset {
             vocab: 151936,
             positions: 8192,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: r#""shared_expert_intermediate_size": 5632, "norm_topk_prob": false, "qkv_bias": true"#,
         },
         SyntheticPreset {
@@ -230,25 +264,15 @@ impl SyntheticPreset {
             vocab: 512,
             positions: 4096,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: r#""q_lora_rank": 24, "kv_lora_rank": 16, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6, "n_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5, "first_k_dense_replace": 1, "n_shared_experts": 1, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}"#,
         },
+        DEEPSEEK_V3,
         SyntheticPreset {
-            name: "deepseek-v3",
-            description: "DeepSeek-V3 dimensions: 61 layers (3 dense), H 7168, 128 heads of MLA (q_lora 1536, kv_lora 512, nope 128, rope 64, v 128), 256 experts top-8 in 8 groups keeping 4, 1 shared expert, I 18432 / 2048, V 129280, YaRN x40; attention and MLP projections FP8 with 128x128 block scales as the checkpoint ships them (671 GB: give `layers: N`)",
-            architecture: "DeepseekV3ForCausalLM",
-            layers: 61,
-            hidden: 7168,
-            heads: 128,
-            kv_heads: 128,
-            head_dim: 192,
-            intermediate: 18432,
-            experts: 256,
-            experts_per_token: 8,
-            moe_intermediate: 2048,
-            vocab: 129280,
-            positions: 163840,
-            weights: PresetWeights::Fp8,
-            extra_config: r#""q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 8, "topk_group": 4, "routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "n_shared_experts": 1, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}"#,
+            name: "deepseek-v3-negative-bias",
+            description: "deepseek-v3 with the router's correction bias around -1 (every biased score below 0, as in models of DeepSeek's router trained with negative biases, GLM's among them; DeepSeek-V3's own are all above +2): where masked groups must be -inf, not 0",
+            router_bias_mean: -1.0,
+            ..DEEPSEEK_V3
         },
         SyntheticPreset {
             name: "moonlight-16b-a3b",
@@ -266,6 +290,7 @@ impl SyntheticPreset {
             vocab: 163840,
             positions: 8192,
             weights: PresetWeights::Bf16,
+            router_bias_mean: 0.0,
             extra_config: r#""q_lora_rank": null, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "n_group": 1, "topk_group": 1, "routed_scaling_factor": 2.446, "first_k_dense_replace": 1, "n_shared_experts": 2, "rope_theta": 50000.0"#,
         },
     ];
@@ -340,13 +365,13 @@ impl SyntheticPreset {
     /// quantized preset), after checking it fits in memory.
     /// `meter` counts the bytes made.
     pub fn generate(&self, config: &ModelConfig, seed: u64, meter: &LoadMeter) -> Result<WeightStore> {
-        generate(config, seed, self.name, self.weights, meter)
+        generate(config, seed, self.name, self.weights, self.router_bias_mean, meter)
     }
 
     /// Every tensor of `config`, not materialised: each is computed where
     /// it is read (see [`synthetic_store_on_demand`]).
     pub fn on_demand(&self, config: &ModelConfig, seed: u64) -> WeightStore {
-        on_demand(config, seed, self.weights)
+        on_demand(config, seed, self.weights, self.router_bias_mean)
     }
 }
 

@@ -5,11 +5,13 @@
 //! of 32 with 6-bit scales and mins packed in 12 bytes, 4-bit values and
 //! for Q5_K a fifth bit), Q6_K (256 values: 6-bit values in a low-nibble
 //! and a high-bits array, sixteen int8 sub-block scales, an f16 scale), and
-//! the plain F32, F16 and BF16.
+//! the plain F32, F16 and BF16; the 32-value Q4_0, Q4_1, Q5_0 and Q5_1 in
+//! quant_legacy.rs.
 
 use half::f16;
 
 use super::gguf::GgmlType;
+use super::quant_legacy;
 
 /// Decodes `bytes` (whole blocks of `kind`) into `out` (as many values as
 /// the blocks hold). Errors name the type and the lengths.
@@ -30,13 +32,17 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), S
         GgmlType::F32 => |b, y| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         GgmlType::F16 => |b, y| y[0] = half_at(b, 0),
         GgmlType::BF16 => |b, y| y[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16),
+        GgmlType::Q4_0 => quant_legacy::q4_0,
+        GgmlType::Q4_1 => quant_legacy::q4_1,
+        GgmlType::Q5_0 => quant_legacy::q5_0,
+        GgmlType::Q5_1 => quant_legacy::q5_1,
         GgmlType::Q8_0 => q8_0,
         GgmlType::Q4_K => q4_k,
         GgmlType::Q5_K => q5_k,
         GgmlType::Q6_K => q6_k,
         other => {
             return Err(format!(
-                "decoding ggml {} is not supported (F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K are)",
+                "decoding ggml {} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K are)",
                 other.name()
             ));
         }
@@ -332,8 +338,8 @@ mod tests {
         let mut y = vec![0.0; 256];
         let err = dequantize(GgmlType::Q4_K, &a[..143], &mut y).unwrap_err();
         assert!(err.contains("143 bytes of Q4_K"), "{err}");
-        let err = dequantize(GgmlType(2), &[0; 18], &mut y[..32]).unwrap_err();
-        assert!(err.contains("Q4_0 is not supported"), "{err}");
+        let err = dequantize(GgmlType(10), &[0; 84], &mut y).unwrap_err();
+        assert!(err.contains("Q2_K is not supported"), "{err}");
         let plain = [1.5f32.to_le_bytes(), (-2.0f32).to_le_bytes()].concat();
         assert_eq!(decode(GgmlType::F32, &plain, 2), [1.5, -2.0]);
         assert_eq!(decode(GgmlType::F16, &[half_bytes(0.75), half_bytes(-3.0)].concat(), 2), [0.75, -3.0]);

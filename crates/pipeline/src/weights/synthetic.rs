@@ -38,7 +38,7 @@ pub enum PresetWeights {
 
 /// Generates all tensors `config` implies, as bf16, from `seed`.
 pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<WeightStore> {
-    generate(config, seed, label, PresetWeights::Bf16, &LoadMeter::default())
+    generate(config, seed, label, PresetWeights::Bf16, 0.0, &LoadMeter::default())
 }
 
 pub(super) fn generate(
@@ -46,9 +46,10 @@ pub(super) fn generate(
     seed: u64,
     label: &str,
     weights: PresetWeights,
+    router_bias_mean: f32,
     meter: &LoadMeter,
 ) -> Result<WeightStore> {
-    let recipes = recipes(config, seed, weights);
+    let recipes = recipes(config, seed, weights, router_bias_mean);
     let need: usize = recipes.iter().map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product())).sum();
     if let Some(available) = available_memory_bytes() {
         // Leave room for activations, the OS and the capture writer.
@@ -99,12 +100,12 @@ pub(super) fn generate(
 /// computed where it is read (the CUDA backend generates them on the
 /// device, so a model larger than host memory never exists on the host).
 pub fn synthetic_store_on_demand(config: &ModelConfig, seed: u64) -> WeightStore {
-    on_demand(config, seed, PresetWeights::Bf16)
+    on_demand(config, seed, PresetWeights::Bf16, 0.0)
 }
 
-pub(super) fn on_demand(config: &ModelConfig, seed: u64, weights: PresetWeights) -> WeightStore {
+pub(super) fn on_demand(config: &ModelConfig, seed: u64, weights: PresetWeights, router_bias_mean: f32) -> WeightStore {
     let mut store = WeightStore::default();
-    for (spec, recipe) in recipes(config, seed, weights) {
+    for (spec, recipe) in recipes(config, seed, weights, router_bias_mean) {
         store.insert(match recipe {
             Recipe::Values(r) => WeightTensor::synthetic(spec.name, spec.shape, r),
             Recipe::Blocks(r) => WeightTensor::synthetic_blocks(spec.name, spec.shape, r),
@@ -138,8 +139,14 @@ impl Recipe {
 /// as `weights` says: with Q4KM the embedding and projections whose rows
 /// are whole 256-value blocks as Q4_K, or Q6_K for v, the down projections
 /// and lm_head (as llama.cpp's Q4_K_M mix keeps more bits there); with
-/// Fp8 the 2-D projections but lm_head.
-fn recipes(config: &ModelConfig, seed: u64, weights: PresetWeights) -> Vec<(TensorSpec, Recipe)> {
+/// Fp8 the 2-D projections but lm_head. DeepSeek's router correction bias
+/// has mean `router_bias_mean`.
+fn recipes(
+    config: &ModelConfig,
+    seed: u64,
+    weights: PresetWeights,
+    router_bias_mean: f32,
+) -> Vec<(TensorSpec, Recipe)> {
     let layers = config.num_layers.max(1) as f32;
     tensor_specs(config)
         .into_iter()
@@ -153,7 +160,7 @@ fn recipes(config: &ModelConfig, seed: u64, weights: PresetWeights) -> Vec<(Tens
                 TensorRole::Bias => (0.0, 0.02),
                 // Sigmoid scores lie in (0, 1): a bias of this spread
                 // reorders close experts without swamping the scores.
-                TensorRole::RouterBias => (0.0, 0.05),
+                TensorRole::RouterBias => (router_bias_mean, 0.05),
             };
             let key = tensor_key(seed, &spec.name);
             let projection = matches!(spec.role, TensorRole::Projection { .. } | TensorRole::OutputProjection { .. });
@@ -284,7 +291,7 @@ mod tests {
         }
         let big = SyntheticPreset::by_name("qwen3-30b-a3b-q4km").unwrap();
         let c = big.config(None).unwrap();
-        let bytes: usize = recipes(&c, 1, PresetWeights::Q4KM)
+        let bytes: usize = recipes(&c, 1, PresetWeights::Q4KM, 0.0)
             .iter()
             .map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product()))
             .sum();
@@ -302,7 +309,7 @@ mod tests {
         let preset = crate::weights::SyntheticPreset::by_name("deepseek-v3").unwrap();
         let c = preset.config(Some(4)).unwrap();
         let dtypes: std::collections::HashMap<String, WeightDtype> =
-            recipes(&c, 1, PresetWeights::Fp8).into_iter().map(|(s, r)| (s.name, r.dtype())).collect();
+            recipes(&c, 1, PresetWeights::Fp8, 0.0).into_iter().map(|(s, r)| (s.name, r.dtype())).collect();
         for name in [
             "model.layers.0.self_attn.kv_a_proj_with_mqa.weight",
             "model.layers.0.self_attn.q_b_proj.weight",
@@ -322,7 +329,7 @@ mod tests {
         ] {
             assert_eq!(dtypes[name], WeightDtype::Bf16, "{name}");
         }
-        let fp8: usize = recipes(&c, 1, PresetWeights::Fp8)
+        let fp8: usize = recipes(&c, 1, PresetWeights::Fp8, 0.0)
             .iter()
             .filter(|(_, r)| r.dtype() == WeightDtype::Fp8E4m3)
             .map(|(s, _)| s.shape.iter().product::<usize>())

@@ -35,6 +35,8 @@ pub struct Routed {
     pub weights: Vec<f32>,
     /// The kept groups, best first.
     pub groups: Vec<i32>,
+    /// Every group's score: the sum of its two best biased scores.
+    pub group_scores: Vec<f64>,
 }
 
 /// Bugs engines shipped in DeepSeek's MoE block, as a CPU target can
@@ -130,6 +132,7 @@ impl GroupedTopK {
             weights: chosen.iter().map(|w| (w / denominator * scaling) as f32).collect(),
             experts: experts.iter().map(|&i| i as i32).collect(),
             groups: groups.iter().map(|&g| g as i32).collect(),
+            group_scores,
         }
     }
 }

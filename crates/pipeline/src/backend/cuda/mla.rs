@@ -13,7 +13,7 @@ use super::tensors::{DevData, DevTensor};
 use super::weights::push_weight;
 use super::{CudaBackend, gpu, threads};
 use crate::backend::Slot;
-use crate::backend::grouped_router::{GroupedRouting, GroupedTopK};
+use crate::backend::grouped_router::{GroupedRouting, GroupedSlots, GroupedTopK};
 use crate::backend::mla::{MlaDims, MlaOps, MlaRope};
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
@@ -244,15 +244,8 @@ impl MlaOps for CudaBackend {
 }
 
 impl GroupedRouting for CudaBackend {
-    fn route_grouped(
-        &mut self,
-        logits: Slot,
-        bias: WeightId,
-        router: &GroupedTopK,
-        weights_out: Slot,
-        indices_out: Slot,
-    ) -> Result<()> {
-        self.timed(weights_out.name(), &[logits], |this| {
+    fn route_grouped(&mut self, logits: Slot, bias: WeightId, router: &GroupedTopK, out: GroupedSlots) -> Result<()> {
+        self.timed(out.group_scores.name(), &[logits], |this| {
             let l = this.slot(logits)?;
             let (rows, experts) = (l.rows(), l.width());
             router.check(experts).map_err(PipelineError::BadInput)?;
@@ -270,8 +263,11 @@ impl GroupedRouting for CudaBackend {
                     router.n_group
                 )));
             }
+            let (n_group, kept) = (router.n_group, router.topk_group);
             let mut w = this.alloc(rows * k)?;
             let mut ids = this.alloc_ids(rows * k)?;
+            let mut scores = this.alloc(rows * n_group)?;
+            let mut groups = this.alloc_ids(rows * kept)?;
             let f = this.weight_kernel(mla::ROUTER_GROUPED)?;
             let stream = this.stream();
             let a = (
@@ -284,14 +280,17 @@ impl GroupedRouting for CudaBackend {
                 router.scaling,
             );
             let mut b = stream.launch_builder(&f);
-            b.arg(&mut w).arg(&mut ids).arg(l.f32(logits)?);
+            b.arg(&mut w).arg(&mut ids).arg(&mut scores).arg(&mut groups).arg(l.f32(logits)?);
             push_weight(&mut b, this.weight(bias))?;
             b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&a.5).arg(&a.6);
-            // SAFETY: one thread per token writing its k weights and ids;
-            // the limits of the kernel's arrays are checked above.
+            // SAFETY: one thread per token writing its k weights and ids,
+            // its n_group group scores and topk_group groups; the limits of
+            // the kernel's arrays are checked above.
             unsafe { b.launch(threads(rows)) }.map_err(gpu("router_grouped"))?;
-            this.set(weights_out, vec![rows, k], w)?;
-            this.store(indices_out, DevTensor::new(vec![rows, k], DevData::I32(ids)))
+            this.set(out.group_scores, vec![rows, n_group], scores)?;
+            this.store(out.groups, DevTensor::new(vec![rows, kept], DevData::I32(groups)))?;
+            this.set(out.weights, vec![rows, k], w)?;
+            this.store(out.indices, DevTensor::new(vec![rows, k], DevData::I32(ids)))
         })
     }
 }
