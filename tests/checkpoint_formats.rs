@@ -31,6 +31,7 @@ fn convert(store: &WeightStore, dtype: WeightDtype) -> WeightStore {
             WeightDtype::Bf16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_bits().to_le_bytes()).collect(),
             WeightDtype::Quant(kind) => panic!("safetensors checkpoints are not stored as {}", kind.name()),
             WeightDtype::Fp8E4m3 => panic!("FP8 needs block scales: tiny-moe-fp8-oracle is one"),
+            WeightDtype::U8 => panic!("U8 holds MXFP4 blocks and scales, not values"),
         };
         out.insert(WeightTensor::owned(t.name.clone(), dtype, t.shape.clone(), bytes));
     }

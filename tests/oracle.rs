@@ -204,3 +204,21 @@ fn cpu_matches_the_oracle_on_the_gguf_q4_k_m_fixture() {
     let Some(dir) = moetrace_tests::gguf_fixture("tiny-qwen3-moe-q4km") else { return };
     check_oracle_dir("tiny-qwen3-moe-q4km", &dir, &dir.join("model/model.gguf"), 8);
 }
+
+#[test]
+fn cpu_matches_the_in_repo_oracle_gpt_oss_within_1e6() {
+    // gpt-oss (make_oracle_fixture.py kind `gptoss`): q/k/v/o biases,
+    // attention sinks, layers 0 and 2 through a window of 4 (a 6-token
+    // prompt, so they differ from layer 1's full attention), YaRN (factor
+    // 32, truncate false), a router with a bias, experts with biases and
+    // interleaved gate/up rows stored as MXFP4 (blocks and e8m0 scales, as
+    // the hub ships them), the clamped SwiGLU biting on 4% of the gate
+    // values and 9% of the up values.
+    let name = "tiny-gpt-oss-oracle";
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
+    let worst = check_oracle_dir(name, &dir, &dir.join("model"), 4);
+    assert!(worst <= 1e-6, "{name}: worst rel_l2 {worst:.2e}");
+    let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
+    let has = |stage: &str| oracle.keys().iter().any(|k| k.2 == stage.parse::<stage_types::SaveTensorStage>().unwrap());
+    assert!(has("attn_window") && has("attn_sink") && has("moe_expert_clamp") && has("qkv_bias"), "gpt-oss's stages");
+}

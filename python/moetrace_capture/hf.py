@@ -1,5 +1,5 @@
 """Every moetrace stage of a Hugging Face transformers Qwen3, Qwen3-MoE,
-Mixtral or Qwen2-MoE model, captured while it generates (needs torch and transformers; the rest
+Mixtral, Qwen2-MoE, DeepSeek-V3 or gpt-oss model, captured while it generates (needs torch and transformers; the rest
 of the package needs only numpy).
 
     from transformers import AutoModelForCausalLM
@@ -87,7 +87,7 @@ class _StepRecorder:
             hook(layer.post_attention_layernorm.register_forward_hook(out_hook("ffn_norm")))
             hook(layer.mlp.register_forward_hook(out_hook("mlp_out")))
             hook(layer.register_forward_hook(out_hook("post_ffn_residual")))
-            gate = getattr(layer.mlp, "gate", None)
+            gate = getattr(layer.mlp, "gate", None) or getattr(layer.mlp, "router", None)  # router: gpt-oss
             if gate is not None and hasattr(layer.mlp, "experts"):
                 hook(gate.register_forward_hook(lambda mod, i, o, li=li: self._put((li, "router"), o)))
         hook(m.norm.register_forward_hook(lambda mod, i, o: self._put("final_norm", o[0])))
@@ -116,7 +116,14 @@ class _StepRecorder:
                 self._mla(li, attn, g, cos, sin)
             else:
                 self._qkv_attention(li, attn, g, cos, sin, rope, nh, nkv, hd)
-            save(step, li, "attn_softmax", out.attentions[li][0])
+            probs = out.attentions[li][0]
+            p_len = start + t_len
+            if probs.shape[-1] < p_len:
+                # A sliding layer's cache keeps only the window's last
+                # positions (gpt-oss): its probabilities are of the last
+                # keys; the positions before them are masked, 0.
+                probs = torch.nn.functional.pad(probs, (p_len - probs.shape[-1], 0))
+            save(step, li, "attn_softmax", probs)
             save(step, li, "attention", g["attention"])
             save(step, li, "attn_out", g["attn_out"])
             residual_in = got["embedding"] if li == 0 else got[(li - 1, "post_ffn_residual")]
@@ -140,14 +147,34 @@ class _StepRecorder:
 
     def _scores(self, li, q_heads, k_post, scaling, k_heads_of):
         """Masked scores [nh, T, P] of this step's queries against every
-        cached key (this step's appended), as moetrace writes them."""
+        cached key (this step's appended), as moetrace writes them. A
+        layer with a sliding window (gpt-oss) also masks what the window
+        hides (transformers' `kv_idx > q_idx - sliding_window`), saves
+        each row's first and last visible position (attn_window) and, with
+        attention sinks, the sink's share of each softmax row (attn_sink:
+        exp(sink) over the row's denominator with the sink in it)."""
         start, t_len = self.start, self.t
         keys = torch.cat([self.kv.get(li, k_post[:0]), k_post], dim=0)
         self.kv[li] = keys
         scores = q_heads @ k_heads_of(keys).transpose(1, 2) * scaling
         p_len = keys.shape[0]
-        mask = torch.arange(p_len, device=scores.device)[None, :] > (start + torch.arange(t_len, device=scores.device))[:, None]
+        dev = scores.device
+        query = start + torch.arange(t_len, device=dev)
+        position = torch.arange(p_len, device=dev)
+        mask = position[None, :] > query[:, None]
+        attn = self.inner.layers[li].self_attn
+        window = getattr(attn, "sliding_window", None)
+        if window is not None:
+            mask = mask | (position[None, :] <= query[:, None] - window)
+        if hasattr(attn, "layer_type"):  # gpt-oss: every layer says which positions it sees
+            first = (query - window + 1).clamp(min=0) if window is not None else torch.zeros_like(query)
+            self.cap.save(self.step, li, "attn_window", torch.stack([first, query], dim=-1).to(torch.int32))
         self.cap.save(self.step, li, "attn_scores", scores.masked_fill(mask[None], 0.0))
+        sinks = getattr(attn, "sinks", None)
+        if sinks is not None:
+            logits = torch.cat([scores.masked_fill(mask[None], float("-inf")),
+                                sinks.to(scores.dtype)[:, None, None].expand(-1, t_len, 1)], dim=-1)
+            self.cap.save(self.step, li, "attn_sink", torch.softmax(logits, dim=-1)[..., -1])
 
     def _qkv_attention(self, li, attn, g, cos, sin, rope, nh, nkv, hd):
         """q, k, v projections through the scores (every family but MLA)."""
@@ -207,7 +234,7 @@ class _StepRecorder:
         step, save = self.step, self.cap.save
         logits, weights, ids = g["router"]
         save(step, li, "moe_router_logits", logits)
-        bias = getattr(layer.mlp.gate, "e_score_correction_bias", None)
+        bias = getattr(getattr(layer.mlp, "gate", None), "e_score_correction_bias", None)
         if bias is not None:  # DeepSeek: what chooses the groups and the experts
             choice = torch.sigmoid(logits) + bias
             save(step, li, "moe_router_choice", choice)
@@ -223,6 +250,8 @@ class _StepRecorder:
         save(step, li, "moe_router", weights)
         save(step, li, "moe_router_indices", ids.to(torch.int32))
         experts = layer.mlp.experts
+        if hasattr(experts, "_apply_gate"):  # gpt-oss: biases, interleaved gate/up, the clamped SwiGLU
+            return self._oss_experts(li, experts, x, ids, g)
         gate_w, up_w, down_w = _expert_weights(experts, ids)
         gate = torch.einsum("th,tkih->tki", x, gate_w)
         up = torch.einsum("th,tkih->tki", x, up_w)
@@ -248,6 +277,27 @@ class _StepRecorder:
                 save(step, li, "moe_shared_logit", logit)
                 save(step, li, "moe_shared_weight", torch.sigmoid(logit))
         save(step, li, "moe_ffn_out", g["mlp_out"])
+
+    def _oss_experts(self, li, experts, x, ids, g):
+        step, save = self.step, self.cap.save
+        gate, up, clamped, swigl, down = _oss_experts_stages(experts, x, ids)
+        for name, value in (("gate", gate), ("up", up), ("clamp", clamped), ("swigl", swigl), ("out", down)):
+            save(step, li, f"moe_expert_{name}", value)
+        save(step, li, "moe_ffn_out", g["mlp_out"])
+
+
+def _oss_experts_stages(experts, x, ids):
+    """gpt-oss's per-expert stages from its experts module (transposed
+    `gate_up_proj` [E, H, 2I] with gate in the even columns, up in the
+    odd, biases; the module's own `_apply_gate`)."""
+    e = ids.long()
+    gate_up = torch.einsum("th,tkhi->tki", x, experts.gate_up_proj[e]) + experts.gate_up_proj_bias[e]
+    gate, up = gate_up[..., ::2], gate_up[..., 1::2]
+    limit = experts.limit
+    clamped = torch.cat([gate.clamp(max=limit), up.clamp(min=-limit, max=limit)], dim=-1)
+    swigl = experts._apply_gate(gate_up)
+    down = torch.einsum("tki,tkih->tkh", swigl, experts.down_proj[e]) + experts.down_proj_bias[e]
+    return gate, up, clamped, swigl, down
 
 
 def _expert_weights(experts, ids):

@@ -6,7 +6,7 @@ so a fresh clone's oracle tests run; ../shared/fixtures, made by other
 code, stays the independent cross-check. New architectures get their
 oracle the same way.
 
-Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral|qwen2moe|deepseek SEED [key=value ...]
+Usage: make_oracle_fixture.py OUT_DIR NAME moe|dense|mixtral|qwen2moe|deepseek|gptoss SEED [key=value ...]
 (keys: vocab hidden layers heads kv_heads head_dim experts topk moe_inter
 inter shared_inter mlp_only prompt generate router_scale fp8, and for
 deepseek q_lora kv_lora nope rope v_dim dense_first n_group topk_group
@@ -27,6 +27,17 @@ checkpoints lay them out (partial blocks where a dimension is not a
 multiple of 128), and the oracle runs on them dequantised as DeepSeek's
 reference `weight_dequant` does: w = f32(q) * scale[i // 128, j // 128] in
 f32. transformers' own FP8 loading is not used for the oracle.
+
+gptoss: GptOssForCausalLM with q/k/v/o biases, attention sinks, layers
+alternating sliding-window (`window`) and full attention, YaRN as
+gpt-oss's config has it (factor 32 over 4096, truncate false), a router
+with a bias, experts with biases and interleaved gate/up rows, the clamped
+SwiGLU (`limit`; the experts' weights `expert_scale` times wider than
+1/sqrt(fan-in) so the clamp bites), every expert projection stored as
+MXFP4 as the hub ships it (`*_blocks`, `*_scales`: e2m1 codes in pairs,
+one e8m0 exponent per 32 values) and the oracle run on those values
+dequantised as transformers' `convert_moe_packed_tensors` does
+(FP4_VALUES[code] * 2^(scale - 127), exact).
 """
 import json
 import math
@@ -45,7 +56,7 @@ out_root, name, kind, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv
 D = dict(vocab=128, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=8, topk=2, moe_inter=32,
          inter=128, shared_inter=96, mlp_only="", prompt="1,17,42,99,5,77", generate=4, router_scale=3.0, fp8=0,
          q_lora=24, kv_lora=16, nope=8, rope=4, v_dim=6, dense_first=0, n_group=4, topk_group=2,
-         routed_scale=2.5, bias=-1.0)
+         routed_scale=2.5, bias=-1.0, window=4, limit=7.0, expert_scale=4.0)
 for k, v in (a.split("=", 1) for a in sys.argv[5:]):
     D[k] = type(D[k])(v)
 g = torch.Generator().manual_seed(seed)
@@ -79,9 +90,12 @@ for i in range(L):
         sd[p + "self_attn.k_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
         sd[p + "self_attn.v_proj.weight"] = rn(nkv * hd, H, std=1 / math.sqrt(H))
         sd[p + "self_attn.o_proj.weight"] = rn(H, nh * hd, std=1 / math.sqrt(nh * hd))
-    if kind == "qwen2moe":  # q, k and v biases
+    if kind in ("qwen2moe", "gptoss"):  # q, k and v biases
         for x, width in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
             sd[p + f"self_attn.{x}_proj.bias"] = rn(width, std=0.5)
+    if kind == "gptoss":  # o_proj's bias and the attention sinks
+        sd[p + "self_attn.o_proj.bias"] = rn(H, std=0.1)
+        sd[p + "self_attn.sinks"] = 0.5 + rn(nh, std=1.0)
     if kind in ("moe", "dense"):
         sd[p + "self_attn.q_norm.weight"] = 1 + rn(hd, std=0.1)
         sd[p + "self_attn.k_norm.weight"] = 1 + rn(hd, std=0.1)
@@ -97,6 +111,14 @@ for i in range(L):
         sd[p + "mlp.shared_experts.gate_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
         sd[p + "mlp.shared_experts.up_proj.weight"] = rn(I, H, std=1 / math.sqrt(H))
         sd[p + "mlp.shared_experts.down_proj.weight"] = rn(H, I, std=1 / math.sqrt(I))
+    elif kind == "gptoss":  # router with a bias; experts stacked, gate/up interleaved (rows of gate_up)
+        E, I = D["experts"], D["inter"]
+        sd[p + "mlp.router.weight"] = rn(E, H, std=D["router_scale"] / math.sqrt(H))
+        sd[p + "mlp.router.bias"] = rn(E, std=0.5)
+        sd[p + "mlp.experts.gate_up_proj"] = rn(E, 2 * I, H, std=D["expert_scale"] / math.sqrt(H))  # rows; transposed below
+        sd[p + "mlp.experts.gate_up_proj_bias"] = rn(E, 2 * I, std=0.5)
+        sd[p + "mlp.experts.down_proj"] = rn(E, H, I, std=1 / math.sqrt(I))
+        sd[p + "mlp.experts.down_proj_bias"] = rn(E, H, std=0.1)
     elif kind in ("moe", "mixtral", "qwen2moe") and i not in mlp_only:
         # Mixtral as the hub ships it: block_sparse_moe, w1 gate, w3 up, w2 down.
         moe, gate, up, down = (("block_sparse_moe", "w1", "w3", "w2") if kind == "mixtral"
@@ -155,6 +177,39 @@ if D["fp8"]:
         sd[k] = dequantised(q, scale).to(torch.float64)  # what the oracle computes with
     for k in [k for k in sd if k not in stored or stored[k].dtype == torch.bfloat16]:
         sd[k] = stored[k].to(torch.float64)
+FP4_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                          dtype=torch.float64)
+
+
+def mxfp4(w):
+    """(blocks u8 [..., rows, cols/32, 16], scales u8 [..., rows, cols/32],
+    the values they hold): each 32-value block's exponent the smallest
+    that keeps its largest magnitude within 6 (e2m1's largest), each value
+    the nearest e2m1 value (ties to the lower code), codes in pairs per
+    byte (even value in the low nibble) as the hub's gpt-oss checkpoints
+    lay them."""
+    *pre, rows, cols = w.shape
+    g = w.reshape(*pre, rows, cols // 32, 32)
+    amax = g.abs().amax(-1).clamp(min=1e-30)
+    e = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    scaled = g / torch.exp2(e)[..., None]
+    magnitude = (scaled.abs()[..., None] - FP4_VALUES[:8]).abs().argmin(-1)
+    code = magnitude + 8 * (scaled < 0).long()
+    values = FP4_VALUES[code] * torch.exp2(e)[..., None]
+    blocks = (code[..., 0::2] | (code[..., 1::2] << 4)).to(torch.uint8)
+    return blocks.contiguous(), (e + 127).to(torch.uint8).contiguous(), values.reshape(w.shape)
+
+
+if kind == "gptoss":
+    # Stored as MXFP4 rows; the oracle's experts in transformers' layout
+    # (gate_up_proj [E, H, 2I], down_proj [E, I, H]) hold the values.
+    for k in [k for k in sd if k.endswith("mlp.experts.gate_up_proj") or k.endswith("mlp.experts.down_proj")]:
+        blocks, scales, values = mxfp4(sd[k].to(torch.bfloat16).to(torch.float64))
+        del stored[k]
+        stored[k + "_blocks"], stored[k + "_scales"] = blocks, scales
+        sd[k] = values.transpose(1, 2).contiguous()
+    for k in [k for k in sd if k in stored and stored[k].dtype == torch.bfloat16]:
+        sd[k] = stored[k].to(torch.float64)
 model_dir = os.path.join(out_root, name, "model")
 os.makedirs(model_dir, exist_ok=True)
 save_file(stored, os.path.join(model_dir, "model.safetensors"), metadata={"format": "pt"})
@@ -188,6 +243,15 @@ elif kind == "deepseek":
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64,
                              beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0), **deepseek)
     cls = transformers.DeepseekV3ForCausalLM
+elif kind == "gptoss":
+    oss = {k: v for k, v in common.items() if k not in ("rope_theta", "attention_bias")}
+    config = transformers.GptOssConfig(
+        num_local_experts=D["experts"], num_experts_per_tok=D["topk"], intermediate_size=D["inter"],
+        sliding_window=D["window"], swiglu_limit=D["limit"], attention_bias=True,
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(L)],
+        rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                             truncate=False, original_max_position_embeddings=4096), **oss)
+    cls = transformers.GptOssForCausalLM
 elif kind == "moe":
     config = transformers.Qwen3MoeConfig(num_experts=D["experts"], num_experts_per_tok=D["topk"],
                                          moe_intermediate_size=D["moe_inter"], intermediate_size=D["inter"],
@@ -209,11 +273,11 @@ def from_checkpoint(folder):
         return cls.from_pretrained(folder, **kwargs)
 
 
-def from_dequantised():
+def from_dequantised(quantization_config):
     """The float64 model on the dequantised weights (`sd`, exact in f32:
     read through an f32 copy of the checkpoint, so transformers' own FP8
-    code is not involved). The shipped config.json then says what the
-    checkpoint is, as Qwen3's -FP8 checkpoints do."""
+    and MXFP4 code is not involved). The shipped config.json then says
+    what the checkpoint is, as Qwen3's -FP8 and gpt-oss's checkpoints do."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as plain:
@@ -224,14 +288,20 @@ def from_dequantised():
     path = os.path.join(model_dir, "config.json")
     with open(path, encoding="utf-8") as f:
         shipped = json.load(f)
-    shipped["quantization_config"] = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
-                                      "weight_block_size": [BLOCK, BLOCK]}
+    shipped["quantization_config"] = quantization_config
     with open(path, "w", encoding="utf-8") as f:
         json.dump(shipped, f, indent=2)
     return loaded
 
 
-model, info = from_dequantised() if D["fp8"] else from_checkpoint(model_dir)
+if D["fp8"]:
+    model, info = from_dequantised({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                                    "weight_block_size": [BLOCK, BLOCK]})
+elif kind == "gptoss":
+    model, info = from_dequantised({"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]})
+else:
+    model, info = from_checkpoint(model_dir)
 # Every tensor of the checkpoint must have been read (a name transformers
 # does not map would leave random weights in the oracle).
 assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info

@@ -268,7 +268,7 @@ fn other_families_and_weight_types_are_refused_by_name() {
     let original: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
     for (architecture, model_type) in
-        [("Qwen3NextForCausalLM", "qwen3_next"), ("Llama4ForCausalLM", "llama4"), ("GptOssForCausalLM", "gpt_oss")]
+        [("Qwen3NextForCausalLM", "qwen3_next"), ("Llama4ForCausalLM", "llama4"), ("Glm4MoeForCausalLM", "glm4_moe")]
     {
         let mut json = original.clone();
         json["architectures"] = serde_json::json!([architecture]);

@@ -86,6 +86,9 @@ pub struct ModelConfig {
     /// DeepSeek's router (sigmoid scores, the correction bias choosing in
     /// groups), None for softmax top-k.
     pub grouped_router: Option<GroupedTopK>,
+    /// gpt-oss's parts (per-layer windows, sinks, the clamped SwiGLU,
+    /// biases everywhere), None for other families.
+    pub oss: Option<crate::oss_config::OssConfig>,
     /// The config as JSON (the file's own content for checkpoints), for
     /// capture manifests.
     pub json: Value,
@@ -169,6 +172,12 @@ impl ModelConfig {
             (None, None) => hidden_size / num_heads.max(1),
         };
         let architecture = family.architecture.to_string();
+        let num_layers = keys.usize(&["num_hidden_layers"])?;
+        let oss = if family.oss {
+            Some(crate::oss_config::OssConfig::from_json(obj, path, num_layers.min(MAX_LAYERS))?)
+        } else {
+            None
+        };
         let rope_theta = match keys.opt_f64(&["rope_theta"])? {
             Some(t) => t,
             None => match obj.get("rope_parameters").and_then(|p| p.get("rope_theta")) {
@@ -185,7 +194,7 @@ impl ModelConfig {
         let config = ModelConfig {
             architecture,
             hidden_size,
-            num_layers: keys.usize(&["num_hidden_layers"])?,
+            num_layers,
             num_heads,
             num_kv_heads: if mla.is_some() { num_heads } else { keys.usize(&["num_key_value_heads"])? },
             head_dim,
@@ -243,7 +252,10 @@ impl ModelConfig {
             tie_word_embeddings: keys.opt_bool("tie_word_embeddings")?.unwrap_or(false),
             attention_bias: keys.opt_bool(family.attention_bias_key)?.unwrap_or(family.attention_bias_default),
             qk_norm: family.qk_norm,
-            sliding_window: if family.sliding_window_gated && !keys.opt_bool("use_sliding_window")?.unwrap_or(false) {
+            // gpt-oss's windows are per layer (`oss`), computed, not refused.
+            sliding_window: if family.oss
+                || family.sliding_window_gated && !keys.opt_bool("use_sliding_window")?.unwrap_or(false)
+            {
                 None
             } else {
                 keys.opt_usize(&["sliding_window"])?
@@ -253,6 +265,7 @@ impl ModelConfig {
                 None => keys.opt_str("dtype")?,
             },
             mla,
+            oss,
             json,
         };
         config.validate(path)?;
@@ -367,7 +380,16 @@ impl ModelConfig {
             mla: self.mla.is_some(),
             mla_q_lora: self.mla.as_ref().is_some_and(|m| m.q_lora_rank.is_some()),
             grouped_router: self.grouped_router.is_some(),
+            layer_windows: self.oss.is_some(),
+            sinks: self.oss.is_some(),
+            clamped_swiglu: self.oss.is_some(),
         }
+    }
+
+    /// The positions a query of layer `layer` sees at most (itself
+    /// included), None for all earlier ones.
+    pub fn attention_window(&self, layer: usize) -> Option<usize> {
+        self.oss.as_ref().and_then(|o| o.window(layer))
     }
 
     /// Width of the attention output (o_proj's input): nh * hd, or
@@ -427,8 +449,9 @@ mod tests {
         let mut c = moe_json();
         c["num_experts_per_tok"] = json!(4);
         assert_eq!(ModelConfig::same_computation_json(&a, &c), Ok(false));
-        let err = ModelConfig::same_computation_json(&a, &json!({"architectures": ["GptOssForCausalLM"]})).unwrap_err();
-        assert!(err.contains("GptOssForCausalLM"), "{err}");
+        let err =
+            ModelConfig::same_computation_json(&a, &json!({"architectures": ["Glm4MoeForCausalLM"]})).unwrap_err();
+        assert!(err.contains("Glm4MoeForCausalLM"), "{err}");
     }
 
     #[test]

@@ -36,6 +36,7 @@ pub mod forward;
 pub mod load_meter;
 pub mod mla_config;
 pub mod model;
+pub mod oss_config;
 pub mod rope_scaling;
 pub mod schedule;
 pub mod stages;

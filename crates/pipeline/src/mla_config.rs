@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use crate::backend::mla::{MlaDims, MlaRope};
 use crate::config_keys::Keys;
-use crate::error::{PipelineError, Result};
+use crate::error::Result;
 use crate::rope_scaling::Yarn;
 
 /// Multi-head latent attention's hyper-parameters.
@@ -30,45 +30,6 @@ pub struct MlaConfig {
     pub yarn: Option<Yarn>,
 }
 
-/// The config's YaRN scaling, None for default rope; other scaling types
-/// are refused by name.
-fn yarn(keys: &Keys) -> Result<Option<Yarn>> {
-    let Some(p) = keys.find(&["rope_scaling", "rope_parameters"]).map(|(_, p)| p) else {
-        return Ok(None);
-    };
-    let p = Keys { obj: p.as_object().ok_or_else(|| keys.bad("rope_scaling", "an object"))?, path: keys.path };
-    let kind = match p.opt_str("rope_type")? {
-        Some(kind) => Some(kind),
-        None => p.opt_str("type")?,
-    };
-    match kind.as_deref().unwrap_or("default") {
-        "default" => return Ok(None),
-        "yarn" => {}
-        other => {
-            return Err(PipelineError::Unsupported {
-                path: keys.path.to_path_buf(),
-                message: format!("rope scaling `{other}` is not supported (default and yarn are)"),
-            });
-        }
-    }
-    let needs = |key: &str| PipelineError::BadConfig {
-        path: keys.path.to_path_buf(),
-        message: format!("yarn rope scaling needs `{key}`"),
-    };
-    Ok(Some(Yarn {
-        factor: p.opt_f64(&["factor"])?.ok_or_else(|| needs("factor"))?,
-        original_max_position: p
-            .opt_f64(&["original_max_position_embeddings"])?
-            .ok_or_else(|| needs("original_max_position_embeddings"))?,
-        beta_fast: p.opt_f64(&["beta_fast"])?.unwrap_or(32.0),
-        beta_slow: p.opt_f64(&["beta_slow"])?.unwrap_or(1.0),
-        mscale: p.opt_f64(&["mscale"])?,
-        mscale_all_dim: p.opt_f64(&["mscale_all_dim"])?,
-        attention_factor: p.opt_f64(&["attention_factor"])?,
-        truncate: p.opt_bool("truncate")?.unwrap_or(true),
-    }))
-}
-
 impl MlaConfig {
     /// Reads MLA's keys from a config.json object.
     pub fn from_json(obj: &Map<String, Value>, path: &Path) -> Result<Self> {
@@ -81,7 +42,7 @@ impl MlaConfig {
             qk_rope_head_dim: keys.usize_because("qk_rope_head_dim", because)?,
             v_head_dim: keys.usize_because("v_head_dim", because)?,
             rope_interleave: keys.opt_bool("rope_interleave")?.unwrap_or(true),
-            yarn: yarn(&keys)?,
+            yarn: Yarn::from_config(&keys)?,
         };
         if !config.qk_rope_head_dim.is_multiple_of(2) {
             return Err(keys.bad("qk_rope_head_dim", &format!("even for RoPE, not {}", config.qk_rope_head_dim)));

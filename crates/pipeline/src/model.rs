@@ -35,6 +35,8 @@ pub enum TensorRole {
     /// DeepSeek's router correction bias (`e_score_correction_bias`):
     /// added to the scores to choose experts, never to weight them.
     RouterBias,
+    /// gpt-oss's attention sinks: one logit per head joining the softmax.
+    Sink,
 }
 
 /// Name, shape and role of one tensor the config implies.
@@ -91,6 +93,10 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
             push(format!("{p}self_attn.k_proj.bias"), vec![c.kv_width()], TensorRole::Bias);
             push(format!("{p}self_attn.v_proj.bias"), vec![c.kv_width()], TensorRole::Bias);
         }
+        if c.oss.is_some() {
+            push(format!("{p}self_attn.o_proj.bias"), vec![h], TensorRole::Bias);
+            push(format!("{p}self_attn.sinks"), vec![c.num_heads], TensorRole::Sink);
+        }
         if c.qk_norm {
             push(format!("{p}self_attn.q_norm.weight"), vec![hd], TensorRole::Norm);
             push(format!("{p}self_attn.k_norm.weight"), vec![hd], TensorRole::Norm);
@@ -107,8 +113,16 @@ pub fn tensor_specs(config: &ModelConfig) -> Vec<TensorSpec> {
             if c.grouped_router.is_some() {
                 push(format!("{p}mlp.gate.e_score_correction_bias"), vec![c.num_experts], TensorRole::RouterBias);
             }
+            if c.oss.is_some() {
+                push(format!("{p}mlp.gate.bias"), vec![c.num_experts], TensorRole::Bias);
+            }
             for e in 0..c.num_experts {
                 swiglu(&mut push, format!("{p}mlp.experts.{e}."), h, i);
+                if c.oss.is_some() {
+                    for (proj, width) in [("gate", i), ("up", i), ("down", h)] {
+                        push(format!("{p}mlp.experts.{e}.{proj}_proj.bias"), vec![width], TensorRole::Bias);
+                    }
+                }
             }
             if c.shared_expert_intermediate_size > 0 {
                 swiglu(&mut push, format!("{p}mlp.shared_expert."), h, c.shared_expert_intermediate_size);
@@ -142,6 +156,10 @@ pub struct AttentionWeights {
     pub qk_norm: Option<[WeightId; 2]>,
     /// o_proj.
     pub o_proj: WeightId,
+    /// o_proj's bias, [H] (gpt-oss).
+    pub o_bias: Option<WeightId>,
+    /// The attention sinks, [nh] (gpt-oss).
+    pub sinks: Option<WeightId>,
     /// post_attention_layernorm.
     pub post_norm: WeightId,
 }
@@ -194,6 +212,10 @@ pub struct MoeWeights {
     pub down: Vec<WeightId>,
     /// The always-on shared expert, if the family has one.
     pub shared: Option<SharedExpertWeights>,
+    /// The router's bias, [E], added to the logits (gpt-oss).
+    pub logit_bias: Option<WeightId>,
+    /// Per-expert biases of gate, up ([I] each) and down ([H]) (gpt-oss).
+    pub expert_bias: Option<[Vec<WeightId>; 3]>,
 }
 
 /// Weight ids of an MoE block's shared expert.
@@ -268,7 +290,11 @@ impl Model {
         let config = ModelConfig::from_file(&dir.join("config.json"))?;
         // Tensors by moetrace's names, whatever the family calls them.
         let family = crate::families::Family::by_architecture(&config.architecture);
-        let store = load_checkpoint(dir)?.renamed(|name| family.map_or(name.to_string(), |f| f.canonical_name(name)));
+        let mut store =
+            load_checkpoint(dir)?.renamed(|name| family.map_or(name.to_string(), |f| f.canonical_name(name)));
+        if let Some(unpack) = family.and_then(|f| f.unpack) {
+            store = unpack(store, &config, dir)?;
+        }
         check_counts(&config, &store, &dir.join("config.json"))?;
         Self::assemble(config, store, ModelSource::Checkpoint(dir.to_path_buf()))
     }
@@ -380,6 +406,8 @@ impl Model {
                         .then(|| ["q", "k", "v"].map(|x| id(format!("{p}self_attn.{x}_proj.bias")))),
                     qk_norm: config.qk_norm.then(|| ["q", "k"].map(|x| id(format!("{p}self_attn.{x}_norm.weight")))),
                     o_proj: id(format!("{p}self_attn.o_proj.weight")),
+                    o_bias: config.oss.is_some().then(|| id(format!("{p}self_attn.o_proj.bias"))),
+                    sinks: config.oss.is_some().then(|| id(format!("{p}self_attn.sinks"))),
                     post_norm: id(format!("{p}post_attention_layernorm.weight")),
                 };
                 let mlp = if config.is_moe_layer(l) {
@@ -400,6 +428,14 @@ impl Model {
                             weight_gate: config
                                 .shared_expert_gate
                                 .then(|| id(format!("{p}mlp.shared_expert_gate.weight"))),
+                        }),
+                        logit_bias: config.oss.is_some().then(|| id(format!("{p}mlp.gate.bias"))),
+                        expert_bias: config.oss.is_some().then(|| {
+                            ["gate", "up", "down"].map(|w| {
+                                (0..config.num_experts)
+                                    .map(|e| id(format!("{p}mlp.experts.{e}.{w}_proj.bias")))
+                                    .collect()
+                            })
                         }),
                     })
                 } else {

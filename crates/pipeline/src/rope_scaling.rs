@@ -8,6 +8,9 @@
 //! scale by `mscale(factor, mscale_all_dim)^2`. In f64 (transformers
 //! computes the frequencies in f32).
 
+use crate::config_keys::Keys;
+use crate::error::{PipelineError, Result};
+
 /// A config's `rope_parameters` (or `rope_scaling`) of type `yarn`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Yarn {
@@ -36,6 +39,45 @@ pub fn yarn_mscale(scale: f64, mscale: f64) -> f64 {
 }
 
 impl Yarn {
+    /// The config's YaRN scaling, None for default rope; other scaling types
+    /// are refused by name.
+    pub(crate) fn from_config(keys: &Keys) -> Result<Option<Yarn>> {
+        let Some(p) = keys.find(&["rope_scaling", "rope_parameters"]).map(|(_, p)| p) else {
+            return Ok(None);
+        };
+        let p = Keys { obj: p.as_object().ok_or_else(|| keys.bad("rope_scaling", "an object"))?, path: keys.path };
+        let kind = match p.opt_str("rope_type")? {
+            Some(kind) => Some(kind),
+            None => p.opt_str("type")?,
+        };
+        match kind.as_deref().unwrap_or("default") {
+            "default" => return Ok(None),
+            "yarn" => {}
+            other => {
+                return Err(PipelineError::Unsupported {
+                    path: keys.path.to_path_buf(),
+                    message: format!("rope scaling `{other}` is not supported (default and yarn are)"),
+                });
+            }
+        }
+        let needs = |key: &str| PipelineError::BadConfig {
+            path: keys.path.to_path_buf(),
+            message: format!("yarn rope scaling needs `{key}`"),
+        };
+        Ok(Some(Yarn {
+            factor: p.opt_f64(&["factor"])?.ok_or_else(|| needs("factor"))?,
+            original_max_position: p
+                .opt_f64(&["original_max_position_embeddings"])?
+                .ok_or_else(|| needs("original_max_position_embeddings"))?,
+            beta_fast: p.opt_f64(&["beta_fast"])?.unwrap_or(32.0),
+            beta_slow: p.opt_f64(&["beta_slow"])?.unwrap_or(1.0),
+            mscale: p.opt_f64(&["mscale"])?,
+            mscale_all_dim: p.opt_f64(&["mscale_all_dim"])?,
+            attention_factor: p.opt_f64(&["attention_factor"])?,
+            truncate: p.opt_bool("truncate")?.unwrap_or(true),
+        }))
+    }
+
     /// The inverse frequencies of a rotary dimension `dim` with base
     /// `theta`: `dim / 2` of them.
     pub fn inv_freq(&self, theta: f64, dim: usize) -> Vec<f64> {

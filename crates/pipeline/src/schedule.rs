@@ -11,7 +11,7 @@ use bevy_ecs::schedule::ScheduleLabel;
 use stage_types::SaveTensorStage as S;
 
 use crate::ecs::{ForwardSchedule, HookCtx, ScopeObservers, StageHookSystems, StageSet, layer_has, observers_enabled};
-use crate::stages::{attention, ffn, mla, model, moe, shared_expert};
+use crate::stages::{attention, ffn, mla, model, moe, oss, shared_expert};
 use crate::teacher::{Teacher, teach_stage};
 
 /// The three schedules of a forward step, and their scope observers'.
@@ -102,8 +102,10 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::QkNorm => schedule.add_systems(attention::qk_norm.in_set(set)),
         S::QPostRope => schedule.add_systems(attention::q_post_rope.in_set(set)),
         S::KPostRope => schedule.add_systems(attention::k_post_rope.in_set(set)),
+        S::AttnWindow => schedule.add_systems(oss::attn_window.in_set(set)),
         S::AttnScores => schedule.add_systems(attention::attn_scores.in_set(set)),
         S::AttnSoftmax => schedule.add_systems(attention::attn_softmax.in_set(set)),
+        S::AttnSink => schedule.add_systems(oss::attn_sink.in_set(set)),
         S::Attention => schedule.add_systems(attention::attention.in_set(set)),
         S::AttnOut => schedule.add_systems(attention::attn_out.in_set(set)),
         S::PostAttnResidual => schedule.add_systems(attention::post_attn_residual.in_set(set)),
@@ -121,6 +123,7 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::MoeRouterIndices => schedule.add_systems(moe::moe_router_indices.in_set(set)),
         S::MoeExpertGate => schedule.add_systems(moe::moe_expert_gate.in_set(set)),
         S::MoeExpertUp => schedule.add_systems(moe::moe_expert_up.in_set(set)),
+        S::MoeExpertClamp => schedule.add_systems(oss::moe_expert_clamp.in_set(set)),
         S::MoeExpertSwigl => schedule.add_systems(moe::moe_expert_swigl.in_set(set)),
         S::MoeExpertOut => schedule.add_systems(moe::moe_expert_out.in_set(set)),
         S::MoeSharedGate => schedule.add_systems(shared_expert::moe_shared_gate.in_set(set)),

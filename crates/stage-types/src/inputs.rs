@@ -69,7 +69,8 @@ impl SaveTensorStage {
             S::QkNorm => vec![qkv],
             S::QPostRope | S::KPostRope => vec![rope],
             S::AttnScores => vec![Stage(S::QPostRope), Stage(S::KPostRope), Kv],
-            S::AttnSoftmax => vec![Stage(S::AttnScores)],
+            S::AttnWindow => vec![Scope],
+            S::AttnSoftmax | S::AttnSink => vec![Stage(S::AttnScores)],
             S::Attention => vec![Stage(S::AttnSoftmax), qkv, Kv],
             S::AttnOut => vec![Stage(S::Attention)],
             S::PostAttnResidual => vec![Scope, Stage(S::AttnOut)],
@@ -85,6 +86,8 @@ impl SaveTensorStage {
             }
             S::MoeRouterIndices => vec![Stage(S::MoeRouterLogits)],
             S::MoeExpertGate | S::MoeExpertUp => vec![Stage(S::FfnNorm), Stage(S::MoeRouterIndices)],
+            S::MoeExpertClamp => vec![Stage(S::MoeExpertGate), Stage(S::MoeExpertUp)],
+            S::MoeExpertSwigl if layer.clamped_swiglu => vec![Stage(S::MoeExpertClamp)],
             S::MoeExpertSwigl => vec![Stage(S::MoeExpertGate), Stage(S::MoeExpertUp)],
             S::MoeExpertOut => vec![Stage(S::MoeExpertSwigl), Stage(S::MoeRouterIndices)],
             S::MoeSharedSwigl => vec![Stage(S::MoeSharedGate), Stage(S::MoeSharedUp)],

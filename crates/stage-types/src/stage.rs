@@ -48,6 +48,15 @@ pub enum Applicability {
     /// Only MoE layers routed by DeepSeek's grouped router (biased sigmoid
     /// scores choose the experts).
     GroupedRouter,
+    /// Every layer of a model whose layers attend through windows of their
+    /// own (gpt-oss's `layer_types`: the full layers too, so that one run
+    /// with a window is named).
+    LayerWindows,
+    /// Only layers whose softmax has attention sinks (gpt-oss).
+    Sinks,
+    /// Only MoE layers whose experts clamp gate and up before the SwiGLU
+    /// (gpt-oss's `swiglu_limit`).
+    ClampedSwiglu,
 }
 
 impl Applicability {
@@ -65,6 +74,9 @@ impl Applicability {
             Applicability::Mla => "mla",
             Applicability::MlaQLora => "mla-q-lora",
             Applicability::GroupedRouter => "grouped-router",
+            Applicability::LayerWindows => "layer-windows",
+            Applicability::Sinks => "sinks",
+            Applicability::ClampedSwiglu => "clamped-swiglu",
         }
     }
 }
@@ -92,6 +104,12 @@ pub struct LayerTraits {
     pub mla_q_lora: bool,
     /// MoE routing by DeepSeek's grouped router.
     pub grouped_router: bool,
+    /// The model's layers attend through windows of their own.
+    pub layer_windows: bool,
+    /// Attention sinks join the softmax's denominator.
+    pub sinks: bool,
+    /// The experts clamp gate and up before the SwiGLU.
+    pub clamped_swiglu: bool,
 }
 
 macro_rules! stages {
@@ -170,10 +188,16 @@ stages! {
     QPostRope = "q_post_rope", Layer, Always, "[T,nh*hd]", "q after RoPE";
     /// k after NeoX split-half RoPE.
     KPostRope = "k_post_rope", Layer, Always, "[T,nkv*hd]", "k after RoPE";
+    /// The first and last key position each query row sees (int32): its
+    /// own position and up to window - 1 before it, or all before it.
+    AttnWindow = "attn_window", Layer, LayerWindows, "[T,2] int32", "first and last key position each query sees";
     /// q·kᵀ/sqrt(hd); masked (future) entries written as 0.
     AttnScores = "attn_scores", Layer, Always, "[nh,T,P]", "q·kᵀ/sqrt(hd); masked entries written as 0";
     /// Causal softmax of the scores.
     AttnSoftmax = "attn_softmax", Layer, Always, "[nh,T,P]", "softmax with causal mask";
+    /// The sink's share of each softmax row: exp(sink) over the row's
+    /// denominator (its positions' and the sink's), per head and query.
+    AttnSink = "attn_sink", Layer, Sinks, "[nh,T]", "the sink's share of the softmax denominator";
     /// softmax·v, before o_proj.
     Attention = "attention", Layer, Always, "[T,nh*hd]", "softmax·v, before o_proj";
     /// o_proj output.
@@ -211,6 +235,9 @@ stages! {
     MoeExpertGate = "moe_expert_gate", Layer, MoeOnly, "[T,k,I]", "per selected expert gate projection, top-k order";
     /// Per selected expert up projection, top-k order.
     MoeExpertUp = "moe_expert_up", Layer, MoeOnly, "[T,k,I]", "per selected expert up projection, top-k order";
+    /// Gate clamped above at the limit, then up clamped to +-limit, per
+    /// selected expert (gpt-oss).
+    MoeExpertClamp = "moe_expert_clamp", Layer, ClampedSwiglu, "[T,k,2I]", "gate then up, clamped, per selected expert";
     /// silu(gate) * up per selected expert.
     MoeExpertSwigl = "moe_expert_swigl", Layer, MoeOnly, "[T,k,I]", "silu(gate)*up per selected expert";
     /// Expert down projection, before weighting.
@@ -280,6 +307,9 @@ impl SaveTensorStage {
             Applicability::Mla => layer.mla,
             Applicability::MlaQLora => layer.mla && layer.mla_q_lora,
             Applicability::GroupedRouter => !layer.dense && layer.grouped_router,
+            Applicability::LayerWindows => layer.layer_windows,
+            Applicability::Sinks => layer.sinks,
+            Applicability::ClampedSwiglu => !layer.dense && layer.clamped_swiglu,
         }
     }
 
@@ -293,7 +323,10 @@ impl SaveTensorStage {
     /// True for the stages that hold ids (experts, groups) rather than
     /// values: compared as sets per token, never rounded or scaled.
     pub fn holds_ids(self) -> bool {
-        matches!(self, SaveTensorStage::MoeRouterIndices | SaveTensorStage::MoeRouterGroups)
+        matches!(
+            self,
+            SaveTensorStage::MoeRouterIndices | SaveTensorStage::MoeRouterGroups | SaveTensorStage::AttnWindow
+        )
     }
 }
 
@@ -375,8 +408,10 @@ mod tests {
                 "qk_norm",
                 "q_post_rope",
                 "k_post_rope",
+                "attn_window",
                 "attn_scores",
                 "attn_softmax",
+                "attn_sink",
                 "attention",
                 "attn_out",
                 "post_attn_residual",
@@ -394,6 +429,7 @@ mod tests {
                 "moe_router_indices",
                 "moe_expert_gate",
                 "moe_expert_up",
+                "moe_expert_clamp",
                 "moe_expert_swigl",
                 "moe_expert_out",
                 "moe_shared_gate",
@@ -432,7 +468,8 @@ mod tests {
             let shared = name.starts_with("moe_shared_");
             let mla = name.starts_with("mla_");
             let grouped_only = matches!(stage, S::MoeRouterChoice | S::MoeRouterGroupScores | S::MoeRouterGroups);
-            let optional = matches!(stage, S::QkvBias | S::QkNorm) || grouped_only || shared || mla;
+            let oss = matches!(stage, S::AttnWindow | S::AttnSink | S::MoeExpertClamp);
+            let optional = matches!(stage, S::QkvBias | S::QkNorm) || grouped_only || shared || mla || oss;
             let layer = |dense| LayerTraits { dense, ..LayerTraits::default() };
             assert_eq!(stage.applies_to(layer(true)), !moe_only && !optional, "{name}");
             assert_eq!(stage.applies_to(layer(false)), !dense_only && !optional, "{name}");
@@ -444,7 +481,7 @@ mod tests {
                 shared_expert_gate: true,
                 ..LayerTraits::default()
             };
-            let choice = grouped_only;
+            let choice = grouped_only || oss;
             assert_eq!(stage.applies_to(all), !dense_only && !mla && !choice, "{name}");
             let ungated = LayerTraits { shared_expert_gate: false, ..all };
             assert_eq!(
@@ -453,7 +490,9 @@ mod tests {
                 "{name}"
             );
             let grouped = LayerTraits { grouped_router: true, ..all };
-            assert_eq!(stage.applies_to(grouped), !dense_only && !mla, "{name}");
+            assert_eq!(stage.applies_to(grouped), !dense_only && !mla && !oss, "{name}");
+            let gpt_oss = LayerTraits { layer_windows: true, sinks: true, clamped_swiglu: true, ..all };
+            assert_eq!(stage.applies_to(gpt_oss), !dense_only && !mla && !grouped_only, "{name}");
             // A dense layer has no shared expert, whatever the model has.
             assert!(!(shared && stage.applies_to(LayerTraits { dense: true, ..all })), "{name}");
         }

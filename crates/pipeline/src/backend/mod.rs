@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod device_setup;
 pub mod grouped_router;
 pub mod mla;
+pub mod oss;
 pub mod recorder;
 
 pub use device_setup::DeviceSetup;
@@ -171,6 +172,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Multi-head latent attention's operations, if this backend has them
     /// (see [`mla::MlaOps`]); None: an MLA model is refused.
     fn mla(&mut self) -> Option<&mut dyn mla::MlaOps> {
+        None
+    }
+
+    /// gpt-oss's operations, if this backend has them (see
+    /// [`oss::OssOps`]); None: a gpt-oss model is refused.
+    fn oss(&mut self) -> Option<&mut dyn oss::OssOps> {
         None
     }
 

@@ -10,14 +10,20 @@
 //! and its oracle fixture (ARCHITECTURE.md, "Adding a family").
 
 mod deepseek_v3;
+mod gpt_oss;
 mod mixtral;
 mod qwen2_moe;
 mod qwen3;
 
 pub use deepseek_v3::DEEPSEEK_V3;
+pub use gpt_oss::GPT_OSS;
 pub use mixtral::MIXTRAL;
 pub use qwen2_moe::QWEN2_MOE;
 pub use qwen3::{QWEN3, QWEN3_MOE};
+
+use crate::config::ModelConfig;
+use crate::error::Result;
+use crate::weights::WeightStore;
 
 /// What moetrace knows of one model family.
 #[derive(Debug)]
@@ -67,7 +73,19 @@ pub struct Family {
     /// Whether its router is DeepSeek's: sigmoid scores, a correction bias
     /// choosing experts in groups (`backend::grouped_router`).
     pub grouped_router: bool,
+    /// Whether it has gpt-oss's parts (`crate::oss_config`): attention
+    /// sinks, per-layer windows, o_proj, router and expert biases, the
+    /// clamped SwiGLU (`backend::oss`).
+    pub oss: bool,
+    /// What turns its checkpoint's tensors (already renamed) into
+    /// moetrace's canonical ones, where a rename cannot (gpt-oss's stacked
+    /// and interleaved experts).
+    pub unpack: Option<Unpack>,
 }
+
+/// A family's checkpoint transform: the store under canonical names, the
+/// config, the checkpoint's path for messages.
+pub type Unpack = fn(WeightStore, &ModelConfig, &std::path::Path) -> Result<WeightStore>;
 
 /// How a family's config.json describes its shared expert.
 #[derive(Debug, Clone, Copy)]
@@ -103,11 +121,13 @@ impl Family {
         dense_first_key: None,
         shared_expert_count_key: None,
         grouped_router: false,
+        oss: false,
+        unpack: None,
     };
 }
 
 /// Every family moetrace runs.
-pub const FAMILIES: [&Family; 5] = [&QWEN3, &QWEN3_MOE, &MIXTRAL, &QWEN2_MOE, &DEEPSEEK_V3];
+pub const FAMILIES: [&Family; 6] = [&QWEN3, &QWEN3_MOE, &MIXTRAL, &QWEN2_MOE, &DEEPSEEK_V3, &GPT_OSS];
 
 impl Family {
     /// The family with this `architectures[0]`.

@@ -3,7 +3,7 @@
 use bevy_ecs::prelude::*;
 use stage_types::SaveTensorStage as S;
 
-use super::{current, layer_input, mla};
+use super::{current, layer_input, mla, oss};
 use crate::backend::{AttentionShape, QkNormArgs, RopeArgs};
 use crate::config::ModelConfig;
 use crate::ecs::{LayerAttention, StageCtx};
@@ -78,7 +78,7 @@ pub fn q_post_rope(mut ctx: StageCtx) {
     let input = rope_source(&ctx);
     ctx.run(S::QPostRope, |b, c| {
         let args = RopeArgs { col_start: 0, heads: c.num_heads, head_dim: c.head_dim, theta: c.rope_theta };
-        b.rope(input, args, S::QPostRope)
+        oss::rope(b, c, input, args, S::QPostRope)
     });
 }
 
@@ -92,7 +92,7 @@ pub fn k_post_rope(mut ctx: StageCtx) {
     ctx.run(S::KPostRope, |b, c| {
         let args =
             RopeArgs { col_start: c.q_width(), heads: c.num_kv_heads, head_dim: c.head_dim, theta: c.rope_theta };
-        b.rope(input, args, S::KPostRope)
+        oss::rope(b, c, input, args, S::KPostRope)
     });
 }
 
@@ -105,15 +105,26 @@ pub fn attn_scores(mut ctx: StageCtx) {
         return ctx.run(S::AttnScores, |b, c| mla::mla_scores(b, c, layer));
     }
     let v = qkv_source(&ctx);
+    let windowed = ctx.layer.traits.layer_windows;
     ctx.run(S::AttnScores, |b, c| {
         b.append_kv(layer, S::KPostRope, v, c.q_width() + c.kv_width())?;
+        if windowed {
+            return oss::windowed_scores(b, c, layer, shape(c));
+        }
         b.attn_scores(layer, S::QPostRope, shape(c), S::AttnScores)
     });
 }
 
-/// attn_softmax: causal softmax of attn_scores over P, [nh,T,P].
-pub fn attn_softmax(mut ctx: StageCtx) {
-    ctx.run(S::AttnSoftmax, |b, _| b.attn_softmax(S::AttnScores, S::AttnSoftmax));
+/// attn_softmax: causal softmax of attn_scores over P, [nh,T,P]; with
+/// attention sinks, over the layer's window and the head's sink (whose
+/// share attn_sink publishes).
+pub fn attn_softmax(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
+    let layer = ctx.layer_index();
+    let sinks = current(&ctx, &layers).and_then(|a| a.0.sinks);
+    ctx.run(S::AttnSoftmax, |b, c| match sinks {
+        Some(sinks) => oss::softmax_with_sinks(b, c, layer, sinks),
+        None => b.attn_softmax(S::AttnScores, S::AttnSoftmax),
+    });
 }
 
 /// attention: `softmax · v` over the cached values, [T,nh*hd].
@@ -125,12 +136,18 @@ pub fn attention(mut ctx: StageCtx) {
     ctx.run(S::Attention, |b, c| b.attention(layer, S::AttnSoftmax, shape(c), S::Attention));
 }
 
-/// attn_out: `attention · o_projᵀ`, [T,H].
+/// attn_out: `attention · o_projᵀ` (+ o_proj's bias, gpt-oss), [T,H].
 pub fn attn_out(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
-    let Some(w) = current(&ctx, &layers).map(|a| a.0.o_proj) else {
+    let Some((w, bias)) = current(&ctx, &layers).map(|a| (a.0.o_proj, a.0.o_bias)) else {
         return;
     };
-    ctx.run(S::AttnOut, |b, _| b.linear(S::Attention, &[w], S::AttnOut));
+    ctx.run(S::AttnOut, |b, _| {
+        b.linear(S::Attention, &[w], S::AttnOut)?;
+        match bias {
+            Some(bias) => b.add_bias(S::AttnOut, &[bias], S::AttnOut),
+            None => Ok(()),
+        }
+    });
 }
 
 /// post_attn_residual: `layer input + attn_out`, [T,H].

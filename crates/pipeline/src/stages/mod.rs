@@ -7,6 +7,7 @@ pub mod ffn;
 pub mod mla;
 pub mod model;
 pub mod moe;
+pub mod oss;
 pub mod shared_expert;
 
 use bevy_ecs::prelude::*;

@@ -3,7 +3,7 @@
 use bevy_ecs::prelude::*;
 use stage_types::SaveTensorStage as S;
 
-use super::current;
+use super::{current, oss};
 use crate::backend::SharedTerm;
 use crate::backend::grouped_router::GroupedSlots;
 use crate::ecs::{LayerMlp, StageCtx};
@@ -17,12 +17,19 @@ fn moe<'a>(ctx: &StageCtx, layers: &'a Query<&LayerMlp>) -> Option<&'a MoeWeight
     }
 }
 
-/// moe_router_logits: `ffn_norm · gateᵀ` over all E experts, [T,E].
+/// moe_router_logits: `ffn_norm · gateᵀ` over all E experts (+ the
+/// router's bias, gpt-oss), [T,E].
 pub fn moe_router_logits(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
-    let Some(router) = moe(&ctx, &layers).map(|w| w.router) else {
+    let Some((router, bias)) = moe(&ctx, &layers).map(|w| (w.router, w.logit_bias)) else {
         return;
     };
-    ctx.run(S::MoeRouterLogits, |b, _| b.linear(S::FfnNorm, &[router], S::MoeRouterLogits));
+    ctx.run(S::MoeRouterLogits, |b, _| {
+        b.linear(S::FfnNorm, &[router], S::MoeRouterLogits)?;
+        match bias {
+            Some(bias) => oss::ops(b)?.router_bias(S::MoeRouterLogits, bias, S::MoeRouterLogits),
+            None => Ok(()),
+        }
+    });
 }
 
 /// moe_router_choice (DeepSeek's grouped router): `sigmoid(logits) +
@@ -93,28 +100,56 @@ pub fn moe_router_indices(mut ctx: StageCtx) {
     ctx.run(S::MoeRouterIndices, |_, _| Ok(()));
 }
 
-/// moe_expert_gate: `gate_proj[e] · ffn_norm[t]` for each chosen expert e
-/// of each token t, [T,k,I].
+/// `experts[e] · input` for each chosen expert (+ its bias, gpt-oss), into
+/// `out`.
+fn expert_projection(
+    b: &mut dyn crate::backend::Backend,
+    input: S,
+    experts: &[crate::weights::WeightId],
+    bias: Option<&[crate::weights::WeightId]>,
+    out: S,
+) -> crate::Result<()> {
+    b.expert_linear(input, S::MoeRouterIndices, experts, out)?;
+    match bias {
+        Some(bias) => oss::ops(b)?.expert_bias(out, S::MoeRouterIndices, bias, out),
+        None => Ok(()),
+    }
+}
+
+/// moe_expert_gate: `gate_proj[e] · ffn_norm[t]` (+ its bias, gpt-oss) for
+/// each chosen expert e of each token t, [T,k,I].
 pub fn moe_expert_gate(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some(w) = moe(&ctx, &layers) else { return };
-    ctx.run(S::MoeExpertGate, |b, _| b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &w.gate, S::MoeExpertGate));
+    let bias = w.expert_bias.as_ref().map(|b| b[0].as_slice());
+    ctx.run(S::MoeExpertGate, |b, _| expert_projection(b, S::FfnNorm, &w.gate, bias, S::MoeExpertGate));
 }
 
-/// moe_expert_up: `up_proj[e] · ffn_norm[t]` per chosen expert, [T,k,I].
+/// moe_expert_up: `up_proj[e] · ffn_norm[t]` (+ its bias, gpt-oss) per
+/// chosen expert, [T,k,I].
 pub fn moe_expert_up(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some(w) = moe(&ctx, &layers) else { return };
-    ctx.run(S::MoeExpertUp, |b, _| b.expert_linear(S::FfnNorm, S::MoeRouterIndices, &w.up, S::MoeExpertUp));
+    let bias = w.expert_bias.as_ref().map(|b| b[1].as_slice());
+    ctx.run(S::MoeExpertUp, |b, _| expert_projection(b, S::FfnNorm, &w.up, bias, S::MoeExpertUp));
 }
 
-/// moe_expert_swigl: `silu(moe_expert_gate) * moe_expert_up`, [T,k,I].
+/// moe_expert_swigl: `silu(moe_expert_gate) * moe_expert_up`, [T,k,I];
+/// gpt-oss's clamped form of moe_expert_clamp where the experts clamp.
 pub fn moe_expert_swigl(mut ctx: StageCtx) {
-    ctx.run(S::MoeExpertSwigl, |b, _| b.swiglu(S::MoeExpertGate, S::MoeExpertUp, S::MoeExpertSwigl));
+    let clamped = ctx.layer.traits.clamped_swiglu;
+    ctx.run(S::MoeExpertSwigl, |b, c| {
+        if clamped {
+            return oss::clamped_swiglu(b, c);
+        }
+        b.swiglu(S::MoeExpertGate, S::MoeExpertUp, S::MoeExpertSwigl)
+    });
 }
 
-/// moe_expert_out: `down_proj[e] · moe_expert_swigl[t,j]`, [T,k,H].
+/// moe_expert_out: `down_proj[e] · moe_expert_swigl[t,j]` (+ its bias,
+/// gpt-oss), [T,k,H].
 pub fn moe_expert_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some(w) = moe(&ctx, &layers) else { return };
-    ctx.run(S::MoeExpertOut, |b, _| b.expert_linear(S::MoeExpertSwigl, S::MoeRouterIndices, &w.down, S::MoeExpertOut));
+    let bias = w.expert_bias.as_ref().map(|b| b[2].as_slice());
+    ctx.run(S::MoeExpertOut, |b, _| expert_projection(b, S::MoeExpertSwigl, &w.down, bias, S::MoeExpertOut));
 }
 
 /// moe_ffn_out: `Σ_j moe_router[t,j] · moe_expert_out[t,j]`, plus

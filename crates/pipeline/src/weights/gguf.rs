@@ -116,6 +116,8 @@ impl GgmlType {
     pub const Q6_K: GgmlType = GgmlType(14);
     /// bf16.
     pub const BF16: GgmlType = GgmlType(30);
+    /// 32 values: an e8m0 exponent and 4-bit e2m1 values (gpt-oss's experts).
+    pub const MXFP4: GgmlType = GgmlType(39);
 
     /// (name, elements per block, bytes per block) of the types llama.cpp
     /// defines that this reader can lay out.
@@ -136,6 +138,7 @@ impl GgmlType {
             14 => ("Q6_K", 256, 210),
             15 => ("Q8_K", 256, 292),
             30 => ("BF16", 1, 2),
+            39 => ("MXFP4", 32, 17),
             _ => return None,
         })
     }

@@ -36,7 +36,7 @@ const ARCHITECTURES: [(&str, &str, &str); 5] = [
 ];
 
 /// The tensor types read.
-const TYPES: [GgmlType; 11] = [
+const TYPES: [GgmlType; 12] = [
     GgmlType::F32,
     GgmlType::F16,
     GgmlType::BF16,
@@ -45,6 +45,7 @@ const TYPES: [GgmlType; 11] = [
     GgmlType::Q5_0,
     GgmlType::Q5_1,
     GgmlType::Q8_0,
+    GgmlType::MXFP4,
     GgmlType::Q4_K,
     GgmlType::Q5_K,
     GgmlType::Q6_K,

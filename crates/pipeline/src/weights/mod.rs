@@ -6,6 +6,7 @@ pub mod fp8;
 pub mod gguf;
 mod gguf_deepseek2;
 mod gguf_model;
+pub mod oss_experts;
 mod presets;
 pub mod quant;
 mod quant_legacy;
@@ -41,13 +42,17 @@ pub enum WeightDtype {
     /// FP8 e4m3 with one scale per block of a 2-D tensor (fp8.rs), decoded
     /// to f32 where read.
     Fp8E4m3,
+    /// Raw bytes: a Hugging Face checkpoint's MXFP4 blocks and e8m0 scales,
+    /// before the family's unpacking makes them MXFP4 rows
+    /// (oss_experts.rs). Read as their byte values.
+    U8,
 }
 
 impl WeightDtype {
     /// Bytes of `numel` elements (whole blocks, for a block format).
     pub fn bytes_for(self, numel: usize) -> usize {
         match self {
-            WeightDtype::Fp8E4m3 => numel,
+            WeightDtype::Fp8E4m3 | WeightDtype::U8 => numel,
             WeightDtype::Bf16 | WeightDtype::F16 => 2 * numel,
             WeightDtype::F32 => 4 * numel,
             WeightDtype::Quant(kind) => {
@@ -64,6 +69,7 @@ impl WeightDtype {
             WeightDtype::F16 => "F16",
             WeightDtype::F32 => "F32",
             WeightDtype::Fp8E4m3 => "F8_E4M3",
+            WeightDtype::U8 => "U8",
             WeightDtype::Quant(kind) => kind.static_name(),
         }
     }
@@ -281,6 +287,11 @@ impl WeightTensor {
                     k += run;
                 }
             }
+            WeightDtype::U8 => {
+                for (o, &b) in out.iter_mut().zip(bytes) {
+                    *o = f32::from(b);
+                }
+            }
             WeightDtype::Quant(_) => unreachable!("decoded above"),
         }
     }
@@ -397,6 +408,16 @@ impl WeightStore {
                 tensor.source.get_or_insert_with(|| tensor.name.clone());
                 tensor.name = name;
             }
+            out.insert(tensor);
+        }
+        out
+    }
+
+    /// The tensors `keep` says yes to, in order (a family's unpacking drops
+    /// what it consumed).
+    pub fn retain(self, keep: impl Fn(&WeightTensor) -> bool) -> Self {
+        let mut out = WeightStore::default();
+        for tensor in self.tensors.into_iter().filter(|t| keep(t)) {
             out.insert(tensor);
         }
         out

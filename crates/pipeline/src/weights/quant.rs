@@ -37,12 +37,13 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), S
         GgmlType::Q5_0 => quant_legacy::q5_0,
         GgmlType::Q5_1 => quant_legacy::q5_1,
         GgmlType::Q8_0 => q8_0,
+        GgmlType::MXFP4 => quant_legacy::mxfp4,
         GgmlType::Q4_K => q4_k,
         GgmlType::Q5_K => q5_k,
         GgmlType::Q6_K => q6_k,
         other => {
             return Err(format!(
-                "decoding ggml {} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K are)",
+                "decoding ggml {} is not supported (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, MXFP4, Q4_K, Q5_K, Q6_K are)",
                 other.name()
             ));
         }

@@ -45,7 +45,11 @@ pub fn load_checkpoint(dir: &Path) -> Result<WeightStore> {
 /// Writes every tensor of `store` to one safetensors file at `path`, in
 /// their stored dtypes (the layout Hugging Face writes).
 pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
-    if let Some(t) = store.tensors().iter().find(|t| matches!(t.dtype, WeightDtype::Quant(_) | WeightDtype::Fp8E4m3)) {
+    if let Some(t) = store
+        .tensors()
+        .iter()
+        .find(|t| matches!(t.dtype, WeightDtype::Quant(_) | WeightDtype::Fp8E4m3 | WeightDtype::U8))
+    {
         return Err(PipelineError::BadInput(format!(
             "tensor `{}` is {}, a block-scaled format this writer does not write",
             t.name,
@@ -127,7 +131,7 @@ impl std::fmt::Display for SafetensorsRefusal {
             SafetensorsRefusal::Malformed(why) => f.write_str(why),
             SafetensorsRefusal::UnsupportedDtype { tensor, dtype } => write!(
                 f,
-                "tensor `{tensor}` is {dtype}{}, a weight type moetrace does not read (it reads BF16, F16, F32, and F8_E4M3 with block scales)",
+                "tensor `{tensor}` is {dtype}{}, a weight type moetrace does not read (it reads BF16, F16, F32, F8_E4M3 with block scales, and U8 MXFP4 blocks with their scales)",
                 if dtype.starts_with("F8") { " (an FP8 checkpoint of another format)" } else { "" }
             ),
         }
@@ -160,6 +164,7 @@ pub fn index_safetensors(bytes: &[u8]) -> Result<Vec<SafetensorsEntry>, Safetens
             Dtype::F16 => WeightDtype::F16,
             Dtype::F32 => WeightDtype::F32,
             Dtype::F8_E4M3 => WeightDtype::Fp8E4m3,
+            Dtype::U8 => WeightDtype::U8,
             other => {
                 return Err(SafetensorsRefusal::UnsupportedDtype { tensor: name, dtype: format!("{other:?}") });
             }

@@ -161,6 +161,9 @@ fn recipes(
                 // Sigmoid scores lie in (0, 1): a bias of this spread
                 // reorders close experts without swamping the scores.
                 TensorRole::RouterBias => (router_bias_mean, 0.05),
+                // Logits beside the scores' (of order 1): a share of the
+                // softmax from a few percent to most of it.
+                TensorRole::Sink => (0.0, 1.0),
             };
             let key = tensor_key(seed, &spec.name);
             let projection = matches!(spec.role, TensorRole::Projection { .. } | TensorRole::OutputProjection { .. });

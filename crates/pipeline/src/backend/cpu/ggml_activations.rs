@@ -11,7 +11,6 @@
 
 use crate::backend::contract::GgmlPath;
 use crate::weights::WeightDtype;
-use crate::weights::gguf::GgmlType;
 
 /// Q8_K's and Q8_0's block lengths.
 const QK_K: usize = 256;
@@ -29,10 +28,14 @@ pub fn as_vec_dot_input(path: GgmlPath, dtype: WeightDtype, x: &[f32]) -> Option
     }
     match dtype {
         // FP8 is not a ggml type: its products take the row as it is.
-        WeightDtype::F32 | WeightDtype::Fp8E4m3 => None,
+        WeightDtype::F32 | WeightDtype::Fp8E4m3 | WeightDtype::U8 => None,
         WeightDtype::F16 => Some(f16_operand(x)),
         WeightDtype::Bf16 => Some(x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()),
-        WeightDtype::Quant(GgmlType::Q8_0) => Some(x.chunks(QK8_0).flat_map(q8_0_block).collect()),
+        // The 32-value kinds take Q8_0 (Q8_1 for Q4_1 and Q5_1, whose
+        // values quantize alike) as llama.cpp's vec_dot_type.
+        WeightDtype::Quant(kind) if kind.block_len() == Some(32) => {
+            Some(x.chunks(QK8_0).flat_map(q8_0_block).collect())
+        }
         WeightDtype::Quant(_) => Some(x.chunks(QK_K).flat_map(q8_k_block).collect()),
     }
 }
@@ -76,6 +79,7 @@ fn q8_k_block(x: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::weights::gguf::GgmlType;
 
     #[test]
     fn q8_k_keeps_the_largest_value_and_rounds_the_rest_to_its_grid() {

@@ -13,6 +13,7 @@ pub mod grouped_routing;
 pub mod math;
 mod mla;
 mod moe;
+mod oss;
 
 use std::sync::Arc;
 
@@ -95,6 +96,13 @@ impl CpuBackend {
             let name = format!("model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight");
             let store = crate::weights::fp8::with_neighbour_scale(&self.store, &name)
                 .map_err(|why| PipelineError::BadInput(format!("CpuWithBug(Fp8NeighbourScale({layer})): {why}")))?;
+            self.store = Arc::new(store);
+        }
+        if let grouped_routing::KnownBug::Mxfp4ScaleOffByOne(layer, expert) = bug {
+            let name = format!("model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight");
+            let store = crate::weights::oss_experts::with_scale_off_by_one(&self.store, &name).map_err(|why| {
+                PipelineError::BadInput(format!("CpuWithBug(Mxfp4ScaleOffByOne({layer}, {expert})): {why}"))
+            })?;
             self.store = Arc::new(store);
         }
         self.bug = Some(bug);
@@ -243,6 +251,10 @@ impl Backend for CpuBackend {
     }
 
     fn mla(&mut self) -> Option<&mut dyn super::mla::MlaOps> {
+        Some(self)
+    }
+
+    fn oss(&mut self) -> Option<&mut dyn super::oss::OssOps> {
         Some(self)
     }
 
