@@ -390,6 +390,14 @@ impl Report {
         if grouped.lone.is_empty() && grouped.systematic.is_empty() {
             out += "no finding: every stage's local error is within what the target's precision explains\n";
         }
+        // A clamp that changed other values than the reference's did.
+        let clamps = self.rows.iter().filter_map(|r| r.clamp_changes.filter(|[a, b]| a != b).map(|c| (r, c)));
+        for (r, [reference, target]) in clamps.take(12) {
+            out += &format!(
+                "clamp: {}: the clamp changed {reference} (slot, column)s in the reference, {target} in the target\n",
+                r.place()
+            );
+        }
         if let Some(line) = margins_text(&self.margins()) {
             out += &format!("{line}\n");
         }

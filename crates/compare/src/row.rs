@@ -50,6 +50,10 @@ pub struct Row {
     /// finding is, e.g. `moe_expert_out at step 0 layer 1 token 2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub follows: Option<String>,
+    /// moe_expert_clamp: how many of the gate and up (slot, column) pairs
+    /// the clamp changed, in the reference and in the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clamp_changes: Option<[usize; 2]>,
 }
 
 pub(crate) mod stage_name {
@@ -83,6 +87,7 @@ impl Row {
             expected: None,
             finding: None,
             follows: None,
+            clamp_changes: None,
         }
     }
 
@@ -156,6 +161,11 @@ impl Row {
         }
         if let Some(e) = self.worst_expert {
             parts.push(format!("expert {e}"));
+        }
+        if let Some([reference, target]) = self.clamp_changes {
+            parts.push(format!(
+                "the clamp changed {reference} (slot, column)s in the reference, {target} in the target"
+            ));
         }
         let ids = if self.stage == SaveTensorStage::MoeRouterGroups { "groups" } else { "experts" };
         for f in self.flipped.iter().take(4) {

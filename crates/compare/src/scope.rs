@@ -162,10 +162,11 @@ pub struct Emulated<'a> {
     pub replicates: bool,
 }
 
-const PER_SLOT: [SaveTensorStage; 5] = [
+const PER_SLOT: [SaveTensorStage; 6] = [
     SaveTensorStage::MoeRouter,
     SaveTensorStage::MoeExpertGate,
     SaveTensorStage::MoeExpertUp,
+    SaveTensorStage::MoeExpertClamp,
     SaveTensorStage::MoeExpertSwigl,
     SaveTensorStage::MoeExpertOut,
 ];
@@ -354,7 +355,36 @@ pub fn compare_scope(
         }
         rows.push(row);
     }
+    if let Some(row) = rows.iter_mut().find(|r| r.stage == SaveTensorStage::MoeExpertClamp) {
+        let count = |side: usize| {
+            let pick = |s: SaveTensorStage| get(s).and_then(|(r, t)| if side == 0 { r } else { t });
+            match (pick(SaveTensorStage::MoeExpertGate), pick(SaveTensorStage::MoeExpertUp), pick(row.stage)) {
+                (Some(g), Some(u), Some(c)) => clamp_changes(&g, &u, &c),
+                _ => None,
+            }
+        };
+        if let (Some(reference), Some(target)) = (count(0), count(1)) {
+            row.clamp_changes = Some([reference, target]);
+        }
+    }
     rows
+}
+
+/// How many (slot, column)s a clamp changed: `clamped` (`[T,k,2I]`, each
+/// slot's gate then up) against the `gate` and `up` it clamped
+/// (`[T,k,I]` each). None where the shapes do not fit.
+fn clamp_changes(gate: &TensorView<'_>, up: &TensorView<'_>, clamped: &TensorView<'_>) -> Option<usize> {
+    let i = *gate.shape.last()?;
+    let (n, c) = (gate.elements.len(), clamped.elements);
+    if i == 0 || up.shape != gate.shape || c.len() != 2 * n {
+        return None;
+    }
+    let differs = |a: f64, b: f64| a != b && !(a.is_nan() && b.is_nan());
+    let changed = |s: usize, j: usize| {
+        differs(gate.elements.get(s * i + j), c.get(s * 2 * i + j))
+            || differs(up.elements.get(s * i + j), c.get(s * 2 * i + i + j))
+    };
+    Some((0..n / i).map(|s| (0..i).filter(|&j| changed(s, j)).count()).sum())
 }
 
 /// A row's worst row error (0 without metrics).

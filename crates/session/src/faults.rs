@@ -88,10 +88,11 @@ pub struct FaultSpec {
 /// Stages whose `[T,k,...]` slots belong to experts (an `expert` selector
 /// applies to them): the per-expert stages and moe_router, the two inputs
 /// of moe_ffn_out's weighted sum.
-pub const EXPERT_SLOT_STAGES: [SaveTensorStage; 5] = [
+pub const EXPERT_SLOT_STAGES: [SaveTensorStage; 6] = [
     SaveTensorStage::MoeRouter,
     SaveTensorStage::MoeExpertGate,
     SaveTensorStage::MoeExpertUp,
+    SaveTensorStage::MoeExpertClamp,
     SaveTensorStage::MoeExpertSwigl,
     SaveTensorStage::MoeExpertOut,
 ];

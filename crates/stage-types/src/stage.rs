@@ -193,11 +193,11 @@ stages! {
     AttnWindow = "attn_window", Layer, LayerWindows, "[T,2] int32", "first and last key position each query sees";
     /// q·kᵀ/sqrt(hd); masked (future) entries written as 0.
     AttnScores = "attn_scores", Layer, Always, "[nh,T,P]", "q·kᵀ/sqrt(hd); masked entries written as 0";
-    /// Causal softmax of the scores.
-    AttnSoftmax = "attn_softmax", Layer, Always, "[nh,T,P]", "softmax with causal mask";
     /// The sink's share of each softmax row: exp(sink) over the row's
     /// denominator (its positions' and the sink's), per head and query.
     AttnSink = "attn_sink", Layer, Sinks, "[nh,T]", "the sink's share of the softmax denominator";
+    /// Causal softmax of the scores.
+    AttnSoftmax = "attn_softmax", Layer, Always, "[nh,T,P]", "softmax with causal mask";
     /// softmax·v, before o_proj.
     Attention = "attention", Layer, Always, "[T,nh*hd]", "softmax·v, before o_proj";
     /// o_proj output.
@@ -410,8 +410,8 @@ mod tests {
                 "k_post_rope",
                 "attn_window",
                 "attn_scores",
-                "attn_softmax",
                 "attn_sink",
+                "attn_softmax",
                 "attention",
                 "attn_out",
                 "post_attn_residual",

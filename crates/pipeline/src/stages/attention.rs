@@ -115,16 +115,12 @@ pub fn attn_scores(mut ctx: StageCtx) {
     });
 }
 
-/// attn_softmax: causal softmax of attn_scores over P, [nh,T,P]; with
-/// attention sinks, over the layer's window and the head's sink (whose
-/// share attn_sink publishes).
-pub fn attn_softmax(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
-    let layer = ctx.layer_index();
-    let sinks = current(&ctx, &layers).and_then(|a| a.0.sinks);
-    ctx.run(S::AttnSoftmax, |b, c| match sinks {
-        Some(sinks) => oss::softmax_with_sinks(b, c, layer, sinks),
-        None => b.attn_softmax(S::AttnScores, S::AttnSoftmax),
-    });
+/// attn_softmax: causal softmax of attn_scores over P, [nh,T,P]. With
+/// attention sinks attn_sink computed it (over the layer's window and the
+/// head's sink): published here.
+pub fn attn_softmax(mut ctx: StageCtx) {
+    let sinks = ctx.layer.traits.sinks;
+    ctx.run(S::AttnSoftmax, |b, _| if sinks { Ok(()) } else { b.attn_softmax(S::AttnScores, S::AttnSoftmax) });
 }
 
 /// attention: `softmax · v` over the cached values, [T,nh*hd].

@@ -3,13 +3,15 @@
 //! window in the scores, sinks in the softmax, o_proj, router and expert
 //! biases, the clamped SwiGLU), all through [`OssOps`].
 
+use bevy_ecs::prelude::*;
 use stage_types::SaveTensorStage as S;
 
+use super::current;
 use crate::backend::mla::MlaRope;
 use crate::backend::oss::OssOps;
 use crate::backend::{AttentionShape, Backend, RopeArgs};
 use crate::config::ModelConfig;
-use crate::ecs::StageCtx;
+use crate::ecs::{LayerAttention, StageCtx};
 use crate::error::{PipelineError, Result};
 
 /// The backend's gpt-oss operations, or why it has none.
@@ -46,21 +48,18 @@ pub(super) fn windowed_scores(b: &mut dyn Backend, c: &ModelConfig, layer: usize
     ops(b)?.windowed_scores(layer, S::QPostRope, shape, c.attention_window(layer), S::AttnScores)
 }
 
-/// The softmax of a layer with sinks, over its window: writes attn_softmax
-/// and attn_sink (which attn_sink publishes).
-pub(super) fn softmax_with_sinks(
-    b: &mut dyn Backend,
-    c: &ModelConfig,
-    layer: usize,
-    sinks: crate::weights::WeightId,
-) -> Result<()> {
-    ops(b)?.softmax_with_sinks(S::AttnScores, c.attention_window(layer), sinks, S::AttnSoftmax, S::AttnSink)
-}
-
-/// attn_sink: publishes the sink's share of each softmax row that
-/// attn_softmax computed, [nh,T]. Nothing is computed here.
-pub fn attn_sink(mut ctx: StageCtx) {
-    ctx.run(S::AttnSink, |_, _| Ok(()));
+/// attn_sink: the softmax of a layer with sinks, over its window and the
+/// head's sink: the sink's share of each row here, [nh,T], the
+/// probabilities into attn_softmax (which publishes them). First, so that
+/// a sink left out is named here.
+pub fn attn_sink(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
+    let layer = ctx.layer_index();
+    let Some(sinks) = current(&ctx, &layers).and_then(|a| a.0.sinks) else {
+        return;
+    };
+    ctx.run(S::AttnSink, |b, c| {
+        ops(b)?.softmax_with_sinks(S::AttnScores, c.attention_window(layer), sinks, S::AttnSoftmax, S::AttnSink)
+    });
 }
 
 /// moe_expert_clamp: each chosen expert's gate clamped above at
