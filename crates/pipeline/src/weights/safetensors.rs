@@ -45,11 +45,7 @@ pub fn load_checkpoint(dir: &Path) -> Result<WeightStore> {
 /// Writes every tensor of `store` to one safetensors file at `path`, in
 /// their stored dtypes (the layout Hugging Face writes).
 pub fn save_safetensors(store: &WeightStore, path: &Path) -> Result<()> {
-    if let Some(t) = store
-        .tensors()
-        .iter()
-        .find(|t| matches!(t.dtype, WeightDtype::Quant(_) | WeightDtype::Fp8E4m3 | WeightDtype::U8))
-    {
+    if let Some(t) = store.tensors().iter().find(|t| matches!(t.dtype, WeightDtype::Quant(_) | WeightDtype::Fp8E4m3)) {
         return Err(PipelineError::BadInput(format!(
             "tensor `{}` is {}, a block-scaled format this writer does not write",
             t.name,
