@@ -222,3 +222,14 @@ fn cpu_matches_the_in_repo_oracle_gpt_oss_within_1e6() {
     let has = |stage: &str| oracle.keys().iter().any(|k| k.2 == stage.parse::<stage_types::SaveTensorStage>().unwrap());
     assert!(has("attn_window") && has("attn_sink") && has("moe_expert_clamp") && has("qkv_bias"), "gpt-oss's stages");
 }
+
+#[test]
+fn cpu_matches_the_in_repo_oracle_gpt_oss_from_llama_cpps_gguf() {
+    // The gpt-oss fixture's checkpoint as llama.cpp's converter writes it
+    // (`gpt-oss`: the experts' gate and up de-interleaved and stacked,
+    // MXFP4 kept, their biases stacked, the sinks as attn_sinks; no
+    // layer_types or swiglu_limit in the metadata): the same oracle.
+    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-gpt-oss-oracle");
+    let worst = check_oracle_dir("tiny-gpt-oss-oracle-gguf", &dir, &dir.join("model.gguf"), 4);
+    assert!(worst <= 1e-6, "worst rel_l2 {worst:.2e}");
+}

@@ -21,18 +21,19 @@ use memmap2::Mmap;
 use serde_json::{Value, json};
 
 use super::gguf::{GgmlType, GgufHeader, GgufValue};
-use super::gguf_deepseek2;
 use super::{WeightDtype, WeightStore, WeightTensor};
+use super::{gguf_deepseek2, gguf_gpt_oss};
 use crate::error::{PipelineError, Result};
 
 /// The architectures read, with their Hugging Face class and model type
 /// (`llama` only with experts: a dense Llama is not a family moetrace runs).
-const ARCHITECTURES: [(&str, &str, &str); 5] = [
+const ARCHITECTURES: [(&str, &str, &str); 6] = [
     ("qwen3moe", "Qwen3MoeForCausalLM", "qwen3_moe"),
     ("qwen3", "Qwen3ForCausalLM", "qwen3"),
     ("llama", "MixtralForCausalLM", "mixtral"),
     ("qwen2moe", "Qwen2MoeForCausalLM", "qwen2_moe"),
     ("deepseek2", "DeepseekV3ForCausalLM", "deepseek_v3"),
+    ("gpt-oss", "GptOssForCausalLM", "gpt_oss"),
 ];
 
 /// The tensor types read.
@@ -53,7 +54,7 @@ const TYPES: [GgmlType; 12] = [
 
 /// A layer tensor's llama.cpp name (after `blk.N.`) and Hugging Face name
 /// (after `model.layers.N.`).
-const LAYER_NAMES: [(&str, &str); 23] = [
+const LAYER_NAMES: [(&str, &str); 25] = [
     ("attn_norm", "input_layernorm"),
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
@@ -78,10 +79,14 @@ const LAYER_NAMES: [(&str, &str); 23] = [
     ("attn_kv_a_norm", "self_attn.kv_a_layernorm"),
     ("attn_kv_b", "self_attn.kv_b_proj"),
     ("exp_probs_b", "mlp.gate.e_score_correction_bias"),
+    // gpt-oss (gguf_gpt_oss.rs): the sinks, and its post-attention norm's name.
+    ("attn_sinks", "self_attn.sinks"),
+    ("post_attention_norm", "post_attention_layernorm"),
 ];
 
-/// The one tensor whose Hugging Face name has no `.weight`/`.bias` suffix.
+/// The tensors whose Hugging Face names have no `.weight`/`.bias` suffix.
 const ROUTER_BIAS: &str = "mlp.gate.e_score_correction_bias";
+const SINKS: &str = "self_attn.sinks";
 
 /// Stacked experts: llama.cpp's name and the projection of each expert.
 const EXPERT_NAMES: [(&str, &str); 3] =
@@ -184,14 +189,15 @@ pub fn load_gguf(path: &Path) -> Result<(Value, WeightStore)> {
                 w.source = Some(format!("{} in {file}", t.name));
                 store.insert(w);
             }
-            HfName::Experts { layer, projection } => {
-                if shape.len() != 3 {
-                    return Err(bad(format!("tensor `{}` has dims {:?}; stacked experts have 3", t.name, t.dims)));
+            HfName::Experts { layer, projection, suffix } => {
+                let dims = if suffix == "weight" { 3 } else { 2 };
+                if shape.len() != dims {
+                    return Err(bad(format!("tensor `{}` has dims {:?}; stacked experts have {dims}", t.name, t.dims)));
                 }
                 let experts = shape.remove(0);
                 let each = t.byte_len as usize / experts;
                 for e in 0..experts {
-                    let name = format!("model.layers.{layer}.mlp.experts.{e}.{projection}.weight");
+                    let name = format!("model.layers.{layer}.mlp.experts.{e}.{projection}.{suffix}");
                     let at = start + e * each;
                     let mut w = WeightTensor::mapped(name, dtype, shape.clone(), map.clone(), at, at + each);
                     w.source = Some(format!("{} (expert {e}) in {file}", t.name));
@@ -248,12 +254,15 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     let layer: usize = layer.parse().ok()?;
     if let Some(expert) = rest.strip_prefix("mlp.experts.") {
         let (e, rest) = expert.split_once('.')?;
-        let projection = rest.strip_suffix(".weight")?;
+        let (projection, suffix) = rest.rsplit_once('.')?;
         let (g, _) = EXPERT_NAMES.iter().find(|(_, p)| *p == projection)?;
-        return Some(format!("blk.{layer}.{g}.weight (expert {e})"));
+        return Some(format!("blk.{layer}.{g}.{suffix} (expert {e})"));
     }
     if rest == ROUTER_BIAS {
         return Some(format!("blk.{layer}.exp_probs_b.bias"));
+    }
+    if rest == SINKS {
+        return Some(format!("blk.{layer}.attn_sinks.weight"));
     }
     if rest == "self_attn.kv_b_proj.weight" {
         return Some(format!("blk.{layer}.attn_kv_b.weight (or attn_k_b and attn_v_b)"));
@@ -266,7 +275,7 @@ pub fn gguf_name(hf: &str) -> Option<String> {
 /// Where a GGUF tensor goes.
 enum HfName {
     One(String),
-    Experts { layer: usize, projection: &'static str },
+    Experts { layer: usize, projection: &'static str, suffix: &'static str },
 }
 
 fn hf_name(gguf: &str) -> Option<HfName> {
@@ -282,10 +291,12 @@ fn hf_name(gguf: &str) -> Option<HfName> {
     let layer: usize = layer.parse().ok()?;
     let (base, suffix) = rest.rsplit_once('.')?;
     if let Some(&(_, projection)) = EXPERT_NAMES.iter().find(|(g, _)| *g == base) {
-        return (suffix == "weight").then_some(HfName::Experts { layer, projection });
+        // gpt-oss's experts have biases too.
+        let suffix = ["weight", "bias"].into_iter().find(|s| *s == suffix)?;
+        return Some(HfName::Experts { layer, projection, suffix });
     }
     let (_, hf) = LAYER_NAMES.iter().find(|(g, _)| *g == base)?;
-    if *hf == ROUTER_BIAS {
+    if *hf == ROUTER_BIAS || *hf == SINKS {
         return one(format!("model.layers.{layer}.{hf}"));
     }
     one(format!("model.layers.{layer}.{hf}.{suffix}"))
@@ -382,6 +393,10 @@ fn config_json(h: &GgufHeader) -> std::result::Result<Value, String> {
     if arch == "deepseek2" {
         let map = c.as_object_mut().expect("a JSON object");
         gguf_deepseek2::config(h, map)?;
+    }
+    if arch == "gpt-oss" {
+        let map = c.as_object_mut().expect("a JSON object");
+        gguf_gpt_oss::config(h, map)?;
     }
     if arch == "qwen3moe" {
         c["num_experts"] = json!(int("expert_count")?);

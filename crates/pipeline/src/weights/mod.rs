@@ -5,6 +5,7 @@
 pub mod fp8;
 pub mod gguf;
 mod gguf_deepseek2;
+mod gguf_gpt_oss;
 mod gguf_model;
 pub mod oss_experts;
 mod presets;
@@ -14,6 +15,7 @@ mod safetensors;
 mod synthetic;
 mod synthetic_blocks;
 pub mod synthetic_fp8;
+mod synthetic_mxfp4;
 
 use std::borrow::Cow;
 use std::collections::HashMap;

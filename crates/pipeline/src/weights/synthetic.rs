@@ -14,6 +14,7 @@ use rayon::prelude::*;
 
 use super::gguf::GgmlType;
 use super::synthetic_fp8::Fp8Recipe;
+use super::synthetic_mxfp4::Mxfp4Recipe;
 use super::{BlockRecipe, SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
@@ -34,6 +35,10 @@ pub enum PresetWeights {
     /// (synthetic_fp8.rs); the embedding, lm_head, norms and router stay
     /// bf16. Made on the host, also when asked for on demand.
     Fp8,
+    /// The routed experts' projections MXFP4 (32 values a block: an e8m0
+    /// exponent, e2m1 values), as gpt-oss's checkpoint ships them
+    /// (synthetic_mxfp4.rs); everything else bf16. Made on the host.
+    Mxfp4Experts,
 }
 
 /// Generates all tensors `config` implies, as bf16, from `seed`.
@@ -81,6 +86,10 @@ pub(super) fn generate(
                 store.insert(r.tensor(spec.name, spec.shape, meter));
                 continue;
             }
+            Recipe::Mxfp4(r) => {
+                store.insert(r.tensor(spec.name, spec.shape, meter));
+                continue;
+            }
             Recipe::Values(r) => r,
         };
         let mut bytes = vec![0u8; numel * 2];
@@ -110,6 +119,7 @@ pub(super) fn on_demand(config: &ModelConfig, seed: u64, weights: PresetWeights,
             Recipe::Values(r) => WeightTensor::synthetic(spec.name, spec.shape, r),
             Recipe::Blocks(r) => WeightTensor::synthetic_blocks(spec.name, spec.shape, r),
             Recipe::Fp8(r) => r.tensor(spec.name, spec.shape, &LoadMeter::default()),
+            Recipe::Mxfp4(r) => r.tensor(spec.name, spec.shape, &LoadMeter::default()),
         });
     }
     store
@@ -123,6 +133,8 @@ enum Recipe {
     Blocks(BlockRecipe),
     /// FP8 with block scales.
     Fp8(Fp8Recipe),
+    /// MXFP4 blocks.
+    Mxfp4(Mxfp4Recipe),
 }
 
 impl Recipe {
@@ -131,6 +143,7 @@ impl Recipe {
             Recipe::Values(_) => WeightDtype::Bf16,
             Recipe::Blocks(r) => WeightDtype::Quant(r.kind),
             Recipe::Fp8(_) => WeightDtype::Fp8E4m3,
+            Recipe::Mxfp4(_) => WeightDtype::Quant(GgmlType::MXFP4),
         }
     }
 }
@@ -165,10 +178,21 @@ fn recipes(
                 // softmax from a few percent to most of it.
                 TensorRole::Sink => (0.0, 1.0),
             };
+            // gpt-oss's experts wide enough that the SwiGLU's clamp (7)
+            // bites on a few percent of gate and up values, as the
+            // tiny-gpt-oss-oracle fixture's do.
+            let clamped = config.oss.is_some()
+                && spec.name.contains(".mlp.experts.")
+                && (spec.name.ends_with("gate_proj.weight") || spec.name.ends_with("up_proj.weight"));
+            let std = if clamped { 4.0 * std } else { std };
             let key = tensor_key(seed, &spec.name);
             let projection = matches!(spec.role, TensorRole::Projection { .. } | TensorRole::OutputProjection { .. });
             if weights == PresetWeights::Fp8 && projection && spec.shape.len() == 2 && spec.name != "lm_head.weight" {
                 return (spec, Recipe::Fp8(Fp8Recipe(SyntheticRecipe { key, mean, std })));
+            }
+            let expert = spec.name.contains(".mlp.experts.") && spec.name.ends_with("_proj.weight");
+            if weights == PresetWeights::Mxfp4Experts && expert && spec.shape.last().is_some_and(|c| c % 32 == 0) {
+                return (spec, Recipe::Mxfp4(Mxfp4Recipe(SyntheticRecipe { key, mean, std })));
             }
             let blocks = weights == PresetWeights::Q4KM
                 && matches!(
