@@ -21,9 +21,7 @@ pub use mixtral::MIXTRAL;
 pub use qwen2_moe::QWEN2_MOE;
 pub use qwen3::{QWEN3, QWEN3_MOE};
 
-use crate::config::ModelConfig;
-use crate::error::Result;
-use crate::weights::WeightStore;
+use crate::weights::Unpack;
 
 /// What moetrace knows of one model family.
 #[derive(Debug)]
@@ -82,10 +80,6 @@ pub struct Family {
     /// and interleaved experts).
     pub unpack: Option<Unpack>,
 }
-
-/// A family's checkpoint transform: the store under canonical names, the
-/// config, the checkpoint's path for messages.
-pub type Unpack = fn(WeightStore, &ModelConfig, &std::path::Path) -> Result<WeightStore>;
 
 /// How a family's config.json describes its shared expert.
 #[derive(Debug, Clone, Copy)]

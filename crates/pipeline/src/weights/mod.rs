@@ -16,6 +16,7 @@ mod synthetic;
 mod synthetic_blocks;
 pub mod synthetic_fp8;
 mod synthetic_mxfp4;
+mod synthetic_values;
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -26,8 +27,14 @@ use memmap2::Mmap;
 pub use gguf_model::{gguf_name, load_gguf, read_gguf_header};
 pub use presets::SyntheticPreset;
 pub use safetensors::{SafetensorsEntry, SafetensorsRefusal, index_safetensors, load_checkpoint, save_safetensors};
-pub use synthetic::{available_memory_bytes, generate_weights, synthetic_store_on_demand, synthetic_value, tensor_key};
+pub use synthetic::{available_memory_bytes, generate_weights, synthetic_store_on_demand};
 pub use synthetic_blocks::BlockRecipe;
+pub use synthetic_values::{synthetic_value, tensor_key};
+
+/// A family's checkpoint transform (`crate::families::Family::unpack`):
+/// the store under canonical names, the config, the checkpoint's path for
+/// messages.
+pub type Unpack = fn(WeightStore, &crate::config::ModelConfig, &std::path::Path) -> crate::error::Result<WeightStore>;
 
 /// Element type of a stored weight tensor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

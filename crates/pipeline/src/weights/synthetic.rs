@@ -15,6 +15,7 @@ use rayon::prelude::*;
 use super::gguf::GgmlType;
 use super::synthetic_fp8::Fp8Recipe;
 use super::synthetic_mxfp4::Mxfp4Recipe;
+use super::synthetic_values::tensor_key;
 use super::{BlockRecipe, SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
@@ -210,35 +211,6 @@ fn recipes(
         .collect()
 }
 
-/// splitmix64 finaliser.
-pub(super) fn mix(mut z: u64) -> u64 {
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    z ^ (z >> 31)
-}
-
-/// The per-tensor key: FNV-1a of the name, mixed with the seed.
-pub fn tensor_key(seed: u64, name: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in name.bytes() {
-        h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    mix(h ^ mix(seed))
-}
-
-/// Element `index` of the tensor with key `key`: mean + std * z where z is
-/// the standardised sum of four 16-bit uniforms from
-/// `mix(key + index * golden)`. Only integer operations, one f32 multiply and
-/// one f32 add (no FMA), so a GPU kernel can reproduce it bit for bit.
-pub fn synthetic_value(key: u64, index: u64, mean: f32, std: f32) -> f32 {
-    let h = mix(key.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-    let sum = (h & 0xffff) + ((h >> 16) & 0xffff) + ((h >> 32) & 0xffff) + (h >> 48);
-    // Sum of four U{0..65535}: mean 131070, variance 4 * (65536² - 1) / 12.
-    let centred = sum as i64 - 131_070;
-    let scale = (std as f64 / (4.0 * (65536.0f64 * 65536.0 - 1.0) / 12.0).sqrt()) as f32;
-    centred as f32 * scale + mean
-}
-
 /// MemAvailable from /proc/meminfo, in bytes, where the OS tells.
 pub fn available_memory_bytes() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -251,6 +223,7 @@ pub fn available_memory_bytes() -> Option<u64> {
 mod tests {
     use super::*;
     use crate::weights::SyntheticPreset;
+    use crate::weights::synthetic_value;
 
     #[test]
     fn values_have_the_requested_mean_and_std() {

@@ -9,7 +9,7 @@
 use half::f16;
 
 use super::gguf::GgmlType;
-use super::synthetic::mix;
+use super::synthetic_values::mix;
 
 /// How the blocks of a synthetic tensor are made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

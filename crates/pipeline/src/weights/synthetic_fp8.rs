@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use super::fp8::BlockScales;
 #[cfg(test)]
 use super::fp8::e4m3_to_f32;
-use super::synthetic::{mix, synthetic_value};
+use super::synthetic_values::{mix, synthetic_value};
 use super::{SyntheticRecipe, WeightDtype, WeightTensor};
 use crate::load_meter::LoadMeter;
 

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 
 use super::gguf::GgmlType;
 use super::quant_legacy::MXFP4_BLOCK_BYTES;
-use super::synthetic::synthetic_value;
+use super::synthetic_values::synthetic_value;
 use super::{SyntheticRecipe, WeightDtype, WeightTensor};
 use crate::load_meter::LoadMeter;
 
