@@ -395,3 +395,44 @@ fn parse(bytes: &[u8]) -> Parse<GgufHeader> {
     }
     Ok(GgufHeader { version, metadata, tensors, alignment, data_offset })
 }
+
+/// One architecture's metadata (`{arch}.{key}`), typed, with errors that
+/// name the full key: what gguf_deepseek2.rs and gguf_gpt_oss.rs read.
+pub(super) struct ArchKeys<'a> {
+    /// The file's header.
+    pub header: &'a GgufHeader,
+    /// `general.architecture`.
+    pub arch: &'a str,
+}
+
+impl ArchKeys<'_> {
+    /// The full key, `{arch}.{k}`.
+    pub fn key(&self, k: &str) -> String {
+        format!("{}.{k}", self.arch)
+    }
+
+    /// The value of `{arch}.{k}`, if the file has it.
+    pub fn get(&self, k: &str) -> Option<&GgufValue> {
+        self.header.get(&self.key(k))
+    }
+
+    /// An integer, or why not.
+    pub fn int(&self, k: &str) -> Result<u64, String> {
+        self.get(k).and_then(GgufValue::as_u64).ok_or_else(|| format!("missing integer metadata key `{}`", self.key(k)))
+    }
+
+    /// A float; an f32 as the decimal the converter wrote (Python's float:
+    /// 0.1, 2.446), not the f32 nearest it widened: the reference computes
+    /// with the checkpoint's numbers.
+    pub fn float(&self, k: &str) -> Option<f64> {
+        match self.get(k) {
+            Some(GgufValue::F32(v)) => format!("{v}").parse::<f64>().ok(),
+            other => other.and_then(GgufValue::as_f64),
+        }
+    }
+
+    /// A float, or why not.
+    pub fn need_float(&self, k: &str) -> Result<f64, String> {
+        self.float(k).ok_or_else(|| format!("missing float metadata key `{}`", self.key(k)))
+    }
+}

@@ -22,79 +22,68 @@
 
 use serde_json::{Map, Value, json};
 
-use super::gguf::{GgufHeader, GgufValue};
+use super::gguf::{ArchKeys, GgufHeader, GgufValue};
 use super::{WeightDtype, WeightTensor};
 
 /// The `DeepseekV3ForCausalLM` keys the `deepseek2` metadata stands for,
 /// added to `c` (which holds the keys every architecture has).
 pub(super) fn config(h: &GgufHeader, c: &mut Map<String, Value>) -> Result<(), String> {
-    let key = |k: &str| format!("deepseek2.{k}");
-    let get = |k: &str| h.get(&key(k));
-    let int = |k: &str| {
-        get(k).and_then(GgufValue::as_u64).ok_or_else(|| format!("missing integer metadata key `{}`", key(k)))
-    };
-    // f32 values as the decimal the converter wrote (Python's float: 0.1,
-    // 2.446), not the f32 nearest it widened: the reference computes with
-    // the checkpoint's numbers.
-    let float = |k: &str| match get(k) {
-        Some(GgufValue::F32(v)) => format!("{v}").parse::<f64>().ok(),
-        other => other.and_then(GgufValue::as_f64),
-    };
-    match get("expert_gating_func").and_then(GgufValue::as_u64) {
+    let m = ArchKeys { header: h, arch: "deepseek2" };
+    match m.get("expert_gating_func").and_then(GgufValue::as_u64) {
         Some(2) => {}
         Some(f) => {
             return Err(format!(
                 "`{}` is {f} ({}): moetrace reads DeepSeek-V3's sigmoid routing (2); DeepSeek-V2's softmax routing is not a family it runs",
-                key("expert_gating_func"),
+                m.key("expert_gating_func"),
                 if f == 1 { "softmax" } else { "unknown" }
             ));
         }
         None => {
             return Err(format!(
                 "missing metadata key `{}`: DeepSeek-V3 routes by sigmoid (2), V2 by softmax, and llama.cpp reads a file without it as V2; convert it again with a current convert_hf_to_gguf.py",
-                key("expert_gating_func")
+                m.key("expert_gating_func")
             ));
         }
     }
-    let heads = int("attention.head_count")?;
-    let rope = int("rope.dimension_count")?;
-    let qk = int("attention.key_length_mla")?;
+    let heads = m.int("attention.head_count")?;
+    let rope = m.int("rope.dimension_count")?;
+    let qk = m.int("attention.key_length_mla")?;
     if qk <= rope {
-        return Err(format!("`{}` {qk} must exceed the rope dimensions {rope}", key("attention.key_length_mla")));
+        return Err(format!("`{}` {qk} must exceed the rope dimensions {rope}", m.key("attention.key_length_mla")));
     }
-    let q_lora = int("attention.q_lora_rank").ok();
+    let q_lora = m.int("attention.q_lora_rank").ok();
     c.insert("num_key_value_heads".into(), json!(heads));
     c.insert("head_dim".into(), json!(qk));
     c.insert("q_lora_rank".into(), json!(q_lora));
-    c.insert("kv_lora_rank".into(), json!(int("attention.kv_lora_rank")?));
+    c.insert("kv_lora_rank".into(), json!(m.int("attention.kv_lora_rank")?));
     c.insert("qk_nope_head_dim".into(), json!(qk - rope));
     c.insert("qk_rope_head_dim".into(), json!(rope));
-    c.insert("v_head_dim".into(), json!(int("attention.value_length_mla")?));
+    c.insert("v_head_dim".into(), json!(m.int("attention.value_length_mla")?));
     c.insert("rope_interleave".into(), json!(true));
-    c.insert("n_routed_experts".into(), json!(int("expert_count")?));
-    c.insert("num_experts_per_tok".into(), json!(int("expert_used_count")?));
-    c.insert("moe_intermediate_size".into(), json!(int("expert_feed_forward_length")?));
-    c.insert("n_shared_experts".into(), json!(int("expert_shared_count").unwrap_or(0)));
-    c.insert("first_k_dense_replace".into(), json!(int("leading_dense_block_count").unwrap_or(0)));
-    c.insert("n_group".into(), json!(int("expert_group_count").unwrap_or(1)));
-    c.insert("topk_group".into(), json!(int("expert_group_used_count").unwrap_or(1)));
-    c.insert("routed_scaling_factor".into(), json!(float("expert_weights_scale").unwrap_or(1.0)));
-    let norm = matches!(get("expert_weights_norm"), Some(GgufValue::Bool(true)));
+    c.insert("n_routed_experts".into(), json!(m.int("expert_count")?));
+    c.insert("num_experts_per_tok".into(), json!(m.int("expert_used_count")?));
+    c.insert("moe_intermediate_size".into(), json!(m.int("expert_feed_forward_length")?));
+    c.insert("n_shared_experts".into(), json!(m.int("expert_shared_count").unwrap_or(0)));
+    c.insert("first_k_dense_replace".into(), json!(m.int("leading_dense_block_count").unwrap_or(0)));
+    c.insert("n_group".into(), json!(m.int("expert_group_count").unwrap_or(1)));
+    c.insert("topk_group".into(), json!(m.int("expert_group_used_count").unwrap_or(1)));
+    c.insert("routed_scaling_factor".into(), json!(m.float("expert_weights_scale").unwrap_or(1.0)));
+    let norm = matches!(m.get("expert_weights_norm"), Some(GgufValue::Bool(true)));
     c.insert("norm_topk_prob".into(), json!(norm));
     c.insert("scoring_func".into(), json!("sigmoid"));
     c.insert("topk_method".into(), json!("noaux_tc"));
-    if get("rope.scaling.type").and_then(GgufValue::as_str) == Some("yarn") {
+    if m.get("rope.scaling.type").and_then(GgufValue::as_str) == Some("yarn") {
         // The converter writes mscale_all_dim as 0.1 * it (llama.cpp
         // PR 17945); DeepSeek's checkpoints have mscale = mscale_all_dim.
-        let mscale = float("rope.scaling.yarn_log_multiplier").map_or(0.0, |m| m / 0.1);
+        let mscale = m.float("rope.scaling.yarn_log_multiplier").map_or(0.0, |m| m / 0.1);
         c.insert(
             "rope_scaling".into(),
             json!({
                 "type": "yarn",
-                "factor": float("rope.scaling.factor").ok_or_else(|| format!("missing float metadata key `{}`", key("rope.scaling.factor")))?,
-                "original_max_position_embeddings": int("rope.scaling.original_context_length")?,
-                "beta_fast": float("rope.scaling.yarn_beta_fast").unwrap_or(32.0),
-                "beta_slow": float("rope.scaling.yarn_beta_slow").unwrap_or(1.0),
+                "factor": m.need_float("rope.scaling.factor")?,
+                "original_max_position_embeddings": m.int("rope.scaling.original_context_length")?,
+                "beta_fast": m.float("rope.scaling.yarn_beta_fast").unwrap_or(32.0),
+                "beta_slow": m.float("rope.scaling.yarn_beta_slow").unwrap_or(1.0),
                 "mscale": mscale,
                 "mscale_all_dim": mscale,
             }),
