@@ -113,9 +113,12 @@ impl Tolerances {
         if Self::for_dtype(b) > Self::for_dtype(a) { b } else { a }
     }
 
-    /// The tolerance of `stage` for a target of `dtype`.
+    /// The tolerance of `stage` for a target of `dtype`. Integer stages
+    /// (attn_window's positions) are exact whatever the precision: 0
+    /// unless a tolerance names the stage.
     pub fn of(&self, stage: SaveTensorStage, dtype: &str) -> f64 {
-        self.per_stage.get(&stage).copied().or(self.default).unwrap_or_else(|| Self::for_dtype(dtype))
+        let default = if stage.is_integer() { Some(0.0) } else { self.default };
+        self.per_stage.get(&stage).copied().or(default).unwrap_or_else(|| Self::for_dtype(dtype))
     }
 
     /// Parses `F` (every stage) or `stage=F` and adds it.

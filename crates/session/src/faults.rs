@@ -206,7 +206,7 @@ impl FaultSpec {
             }
             _ => {}
         }
-        let ids = stage.holds_ids();
+        let ids = stage.is_integer();
         match self.kind {
             FaultKind::SwapExperts
                 if !matches!(stage, SaveTensorStage::MoeRouter | SaveTensorStage::MoeRouterIndices) =>
@@ -217,9 +217,12 @@ impl FaultSpec {
                 return bad("swap-experts needs at least 2 experts per token".into());
             }
             FaultKind::Nan | FaultKind::Inf | FaultKind::Scale(_) | FaultKind::Noise { .. } if ids => {
-                let what = if stage == SaveTensorStage::MoeRouterGroups { "group" } else { "expert" };
-                let valid = if stage == SaveTensorStage::MoeRouterGroups { "zero" } else { "zero or swap-experts" };
-                return bad(format!("{stage} holds int32 {what} ids; use {valid}"));
+                let (what, valid) = match stage {
+                    SaveTensorStage::MoeRouterIndices => ("expert ids", "zero or swap-experts"),
+                    SaveTensorStage::MoeRouterGroups => ("group ids", "zero"),
+                    _ => ("positions", "zero"),
+                };
+                return bad(format!("{stage} holds int32 {what}; use {valid}"));
             }
             _ => {}
         }

@@ -314,19 +314,22 @@ impl SaveTensorStage {
     }
 
     /// The element type of the tensor: `int32` for the ids
-    /// (moe_router_indices, moe_router_groups), `float32` otherwise (the
-    /// numpy `dtype.name`).
+    /// (moe_router_indices, moe_router_groups) and attn_window's
+    /// positions, `float32` otherwise (the numpy `dtype.name`).
     pub fn element_type(self) -> &'static str {
-        if self.holds_ids() { "int32" } else { "float32" }
+        if self.is_integer() { "int32" } else { "float32" }
     }
 
     /// True for the stages that hold ids (experts, groups) rather than
     /// values: compared as sets per token, never rounded or scaled.
     pub fn holds_ids(self) -> bool {
-        matches!(
-            self,
-            SaveTensorStage::MoeRouterIndices | SaveTensorStage::MoeRouterGroups | SaveTensorStage::AttnWindow
-        )
+        matches!(self, SaveTensorStage::MoeRouterIndices | SaveTensorStage::MoeRouterGroups)
+    }
+
+    /// True for the stages of int32 elements: the ids, and attn_window's
+    /// positions (compared as values, never rounded or scaled).
+    pub fn is_integer(self) -> bool {
+        self.holds_ids() || self == SaveTensorStage::AttnWindow
     }
 }
 
@@ -498,6 +501,8 @@ mod tests {
         }
         assert_eq!(S::MoeRouterIndices.element_type(), "int32");
         assert_eq!(S::MoeRouterGroups.element_type(), "int32");
+        assert_eq!(S::AttnWindow.element_type(), "int32");
+        assert!(!S::AttnWindow.holds_ids() && S::AttnWindow.is_integer());
         assert_eq!(S::MoeRouter.element_type(), "float32");
     }
 

@@ -148,7 +148,7 @@ impl NumericContract {
     /// stages (expert ids are compared as sets, never rounded).
     pub fn output(&self, stage: SaveTensorStage) -> Option<Precision> {
         match stage {
-            s if s.holds_ids() => None,
+            s if s.is_integer() => None,
             SaveTensorStage::MoeRouterLogits | SaveTensorStage::MoeRouter | SaveTensorStage::MoeRouterGroupScores => {
                 Some(self.routing)
             }
