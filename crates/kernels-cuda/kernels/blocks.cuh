@@ -1,4 +1,4 @@
-// blocks.cuh: ggml's block formats (Q8_0, Q4_K, Q5_K, Q6_K) and rows of
+// blocks.cuh: ggml's block formats (Q8_0, MXFP4, Q4_K, Q5_K, Q6_K) and rows of
 // block-scaled FP8 (MT_FP8_B128) decoded on the device, each value bit for
 // bit as pipeline::weights decodes it on the host: the same f16 scales, the same f32 products and differences,
 // rounded one operation at a time (__fmul_rn / __fsub_rn: no FMA). Shared
@@ -11,6 +11,11 @@
 #define GGML_Q4_K 12u
 #define GGML_Q5_K 13u
 #define GGML_Q6_K 14u
+// gpt-oss's experts: an e8m0 exponent byte, then 32 e2m1 codes in 16
+// bytes (value j in the low nibble of byte j, value j + 16 in its high
+// nibble); a value is llama.cpp's kvalues_mxfp4[code] (the e2m1 value
+// doubled) times 2^(e - 128), one exact multiply.
+#define GGML_MXFP4 39u
 // Not a ggml type: moetrace's row block of FP8 weights (DeepSeek-V3's and
 // Qwen3-FP8's block-scaled e4m3): the f32 scale of the 128 x 128 block the
 // row's 128 values belong to, then the 128 e4m3 bytes. A value decodes
@@ -43,6 +48,21 @@ __device__ __forceinline__ float f16_at(const unsigned char *b, u32 at) {
     return f16_bits_to_f32((u16)((u32)b[at] | ((u32)b[at + 1] << 8)));
 }
 
+// e8m0 exponent e as llama.cpp's GGML_E8M0_TO_FP32_HALF: 2^(e - 128)
+// (e 0 and 1 the subnormals 2^-128 and 2^-127).
+__device__ __forceinline__ float e8m0_half(u32 e) {
+    return __uint_as_float(e < 2u ? 0x00200000u << e : (e - 1u) << 23);
+}
+
+// An MXFP4 code (sign bit 3, e2m1 magnitude) as llama.cpp's doubled
+// kvalues_mxfp4 {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, ...}: magnitude codes
+// 0..4 are themselves, 5..7 are 6, 8, 12.
+__device__ __forceinline__ float mxfp4_value(u32 code) {
+    u32 m = code & 7u;
+    u32 mag = m <= 4u ? m : (m == 5u ? 6u : (m == 6u ? 8u : 12u));
+    return (code & 8u) ? -(float)mag : (float)mag;
+}
+
 // The 6-bit scale and min of sub-block j (0..8) of a Q4_K/Q5_K block.
 __device__ __forceinline__ void scale_min_k4(u32 j, const unsigned char *q, u32 *sc, u32 *m) {
     if (j < 4) {
@@ -58,6 +78,10 @@ __device__ __forceinline__ void scale_min_k4(u32 j, const unsigned char *q, u32 
 __device__ float dequant_value(u32 kind, const unsigned char *b, u32 j) {
     if (kind == MT_FP8_B128) return __fmul_rn(e4m3_to_f32(b[4 + j]), __uint_as_float(*(const u32 *)b));
     if (kind == GGML_Q8_0) return __fmul_rn((float)(signed char)b[2 + j], f16_at(b, 0));
+    if (kind == GGML_MXFP4) {
+        u32 code = j < 16u ? (b[1 + j] & 0xfu) : (b[1 + j - 16] >> 4);
+        return __fmul_rn(mxfp4_value(code), e8m0_half(b[0]));
+    }
     if (kind == GGML_Q4_K || kind == GGML_Q5_K) {
         // 64 values per pair of sub-blocks: the low nibbles of 32 bytes,
         // then their high nibbles; Q5_K adds a fifth bit from qh.
@@ -119,6 +143,7 @@ __device__ __forceinline__ float quant_value(uint2 q, u32 i) {
 
 template <u32 KIND> struct BlockOf;
 template <> struct BlockOf<GGML_Q8_0> { static const u32 len = 32, bytes = 34; };
+template <> struct BlockOf<GGML_MXFP4> { static const u32 len = 32, bytes = 17; };
 template <> struct BlockOf<GGML_Q4_K> { static const u32 len = 256, bytes = 144; };
 template <> struct BlockOf<GGML_Q5_K> { static const u32 len = 256, bytes = 176; };
 template <> struct BlockOf<GGML_Q6_K> { static const u32 len = 256, bytes = 210; };
@@ -144,6 +169,12 @@ __device__ __forceinline__ Raw8 raw_of(const unsigned char *b, u32 j0) {
     } else if (KIND == GGML_Q8_0) {
         r.head = *(const u16 *)b;
         r.q = load8<false>(b + 2 + j0);
+    } else if (KIND == GGML_MXFP4) {
+        // 17-byte blocks: any alignment, so byte loads.
+        const unsigned char *p = b + 1 + (j0 % 16u);
+        r.head = b[0];
+        r.q.x = (u32)p[0] | ((u32)p[1] << 8) | ((u32)p[2] << 16) | ((u32)p[3] << 24);
+        r.q.y = (u32)p[4] | ((u32)p[5] << 8) | ((u32)p[6] << 16) | ((u32)p[7] << 24);
     } else if (KIND == GGML_Q4_K || KIND == GGML_Q5_K) {
         u32 pair = j0 / 64, byte = j0 % 32;
         r.head = *(const u32 *)b;
@@ -177,6 +208,11 @@ __device__ __forceinline__ void decode_raw(Raw8 r, u32 j0, float *w) {
         q.y ^= 0x80808080u;
 #pragma unroll
         for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn(quant_value<128>(q, i), d);
+    } else if (KIND == GGML_MXFP4) {
+        float d = e8m0_half(r.head);
+        u32 shift = j0 >= 16u ? 4u : 0u;
+#pragma unroll
+        for (u32 i = 0; i < 8; i++) w[i] = __fmul_rn(mxfp4_value(((i < 4 ? q.x : q.y) >> (8 * (i & 3) + shift)) & 0xfu), d);
     } else if (KIND == GGML_Q4_K || KIND == GGML_Q5_K) {
         // 64 values per pair of sub-blocks: the low nibbles of 32 bytes,
         // then their high nibbles; Q5_K adds a fifth bit from qh.
@@ -226,6 +262,7 @@ __device__ __forceinline__ void dequant8(const unsigned char *b, u32 j0, float *
 #define DISPATCH_KIND(kind, CALL)                     \
     switch (kind) {                                   \
     case GGML_Q8_0: { const u32 K = GGML_Q8_0; CALL; } break; \
+    case GGML_MXFP4: { const u32 K = GGML_MXFP4; CALL; } break; \
     case GGML_Q4_K: { const u32 K = GGML_Q4_K; CALL; } break; \
     case GGML_Q5_K: { const u32 K = GGML_Q5_K; CALL; } break; \
     case GGML_Q6_K: { const u32 K = GGML_Q6_K; CALL; } break; \

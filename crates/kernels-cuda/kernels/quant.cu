@@ -239,7 +239,7 @@ __device__ __forceinline__ float lane_dot_k(const unsigned char *__restrict__ ro
 // The lane's part of row · x for any block type.
 template <u32 KIND>
 __device__ __forceinline__ float row_dot(const unsigned char *__restrict__ row, const float *__restrict__ x, u32 k, u32 lane) {
-    if (KIND == GGML_Q8_0 || KIND == MT_FP8_B128) return lane_dot<KIND>(row, x, k, lane);
+    if (KIND == GGML_Q8_0 || KIND == GGML_MXFP4 || KIND == MT_FP8_B128) return lane_dot<KIND>(row, x, k, lane);
     return lane_dot_k<KIND>(row, x, k, lane);
 }
 

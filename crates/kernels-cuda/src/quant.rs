@@ -16,11 +16,12 @@ use crate::error::{KernelError, Result, driver};
 pub const FP8_B128: u32 = 200;
 
 /// (values, bytes) per block of the type with id `kind` that the device
-/// decodes: ggml's Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14), and
-/// [`FP8_B128`].
+/// decodes: ggml's Q8_0 (8), Q4_K (12), Q5_K (13), Q6_K (14), MXFP4 (39),
+/// and [`FP8_B128`].
 pub fn block_layout(kind: u32) -> Option<(usize, usize)> {
     match kind {
         8 => Some((32, 34)),
+        39 => Some((32, 17)),
         12 => Some((256, 144)),
         13 => Some((256, 176)),
         14 => Some((256, 210)),

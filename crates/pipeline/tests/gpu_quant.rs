@@ -1,6 +1,6 @@
 //! The device's ggml block decoders (kernels-cuda's quant.cu) against the
-//! host's (pipeline::weights::quant), bit for bit: Q8_0, Q4_K, Q5_K and
-//! Q6_K on random blocks in awkward counts (33 Q8_0 blocks, 7 K-quant
+//! host's (pipeline::weights::quant), bit for bit: Q8_0, MXFP4, Q4_K, Q5_K
+//! and Q6_K on random blocks in awkward counts (33 Q8_0 blocks, 7 K-quant
 //! super-blocks), the f16 scales of the first blocks set to a subnormal, a
 //! negative value, zero, infinity, a NaN and the largest half, written into
 //! the middle of a larger buffer (what is around it untouched), as f32 and
@@ -36,13 +36,24 @@ fn device_block_decoders_match_the_host_bit_for_bit() {
     }
     let device = GpuDevice::open(0).unwrap();
     let specials: [u16; 6] = [0x0001, 0xb800, 0x0000, 0x7c00, 0x7e01, 0x7bff];
-    for (kind, blocks, scale_at) in
-        [(GgmlType::Q8_0, 33, 0), (GgmlType::Q4_K, 7, 0), (GgmlType::Q5_K, 7, 0), (GgmlType::Q6_K, 7, 208)]
-    {
+    for (kind, blocks, scale_at) in [
+        (GgmlType::Q8_0, 33, 0),
+        (GgmlType::MXFP4, 33, usize::MAX),
+        (GgmlType::Q4_K, 7, 0),
+        (GgmlType::Q5_K, 7, 0),
+        (GgmlType::Q6_K, 7, 208),
+    ] {
         let (len, size) = block_layout(kind.0).unwrap();
         let mut bytes = random_bytes(blocks * size, u64::from(kind.0));
         // Ordinary scales elsewhere: a random f16 can be anything.
         for (b, block) in bytes.chunks_mut(size).enumerate() {
+            if kind == GgmlType::MXFP4 {
+                // e8m0 exponents: the two subnormal ones, 2^-1, the two
+                // largest (the last overflows f32 for codes 6 and 12),
+                // then ordinary ones.
+                block[0] = [0u8, 1, 127, 254, 255].get(b).copied().unwrap_or(100 + (b % 40) as u8);
+                continue;
+            }
             let scale = specials.get(b).copied().unwrap_or(f16::from_f32(0.01 + b as f32 * 1e-3).to_bits());
             block[scale_at..scale_at + 2].copy_from_slice(&scale.to_le_bytes());
             if kind == GgmlType::Q4_K || kind == GgmlType::Q5_K {

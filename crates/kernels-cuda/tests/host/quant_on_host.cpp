@@ -67,6 +67,10 @@ static unsigned char *random_row(u32 blocks, bool finite) {
                 if ((p[i] & 0x7f) == 0x7f) p[i] -= 1;
             continue;
         }
+        if (K == GGML_MXFP4) {
+            p[0] = (unsigned char)(100 + p[0] % 40); // 2^-28 .. 2^11: finite sums
+            continue;
+        }
         if (K == GGML_Q6_K) p[209] &= 0x3b;
         else p[1] &= 0x3b;
         if (K == GGML_Q4_K || K == GGML_Q5_K) p[3] &= 0x3b;
@@ -162,8 +166,26 @@ static int check_e4m3() {
     return bad;
 }
 
+// One MXFP4 block against gguf-py 0.19's dequantize of it (llama.cpp's
+// formula), so the reference decoder itself is tied to the format here.
+static int check_mxfp4_vector() {
+    const unsigned char block[17] = {0x78, 0x87, 0xea, 0x6b, 0xde, 0xa6, 0xc8, 0xde, 0x20,
+                                     0x04, 0x07, 0xf6, 0x44, 0xda, 0x6c, 0x49, 0xbe};
+    const float want[32] = {0.046875f, -0.0078125f, -0.01171875f, -0.03125f, 0.03125f, 0.0f, -0.03125f, 0.0f,
+                            0.015625f, 0.046875f, 0.03125f, 0.015625f, -0.0078125f, -0.015625f, -0.00390625f,
+                            -0.03125f, 0.0f, -0.03125f, 0.03125f, -0.0234375f, -0.0078125f, -0.015625f, -0.0234375f,
+                            0.0078125f, 0.0f, 0.0f, -0.046875f, 0.015625f, -0.0234375f, 0.03125f, 0.015625f,
+                            -0.01171875f};
+    int bad = 0;
+    for (u32 j = 0; j < 32; j++)
+        if (dequant_value(GGML_MXFP4, block, j) != want[j] && bad++ < 3)
+            std::printf("MXFP4 value %u: %a, gguf-py %a\n", j, dequant_value(GGML_MXFP4, block, j), want[j]);
+    std::printf("MXFP4 against gguf-py: 32 values, %d differ\n", bad);
+    return bad;
+}
+
 int main() {
-    int bad = check_f16() + check_e4m3();
+    int bad = check_f16() + check_e4m3() + check_mxfp4_vector();
     bad += check_dequant8<MT_FP8_B128>("FP8_B128");
     for (u32 k : {128u, 384u, 2048u}) bad += check_row_dot<MT_FP8_B128>("FP8_B128", k);
     bad += check_dequant8<GGML_Q8_0>("Q8_0") + check_dequant8<GGML_Q4_K>("Q4_K") + check_dequant8<GGML_Q5_K>("Q5_K") +
@@ -174,6 +196,8 @@ int main() {
                check_row_dot<GGML_Q6_K>("Q6_K", k);
     }
     for (u32 k : {32u, 96u, 544u, 2048u}) bad += check_row_dot<GGML_Q8_0>("Q8_0", k);
+    bad += check_dequant8<GGML_MXFP4>("MXFP4");
+    for (u32 k : {32u, 96u, 544u, 2880u}) bad += check_row_dot<GGML_MXFP4>("MXFP4", k);
     std::printf("%s\n", bad ? "FAILED" : "all identical");
     return bad ? 1 : 0;
 }
