@@ -88,19 +88,3 @@ fn mxfp4_scales_that_do_not_match_their_blocks_are_refused() {
     pipeline::weights::save_safetensors(&edited, &path).unwrap();
     refused(&dir, &model, &["model.layers.1.mlp.experts.down_proj_scales", "does not match its blocks", "e8m0"]);
 }
-
-#[test]
-fn gpt_oss_on_cuda_is_refused_by_name_before_any_upload() {
-    let dir = scratch("bad-gpt-oss-cuda");
-    let config = dir.join("run.ron");
-    std::fs::write(
-        &config,
-        r#"(model: Synthetic(preset: "tiny-gpt-oss", seed: 7), prompt: Tokens([1, 2, 3]), generate: 1, backend: Cuda(device: 0, dtype: F32))"#,
-    )
-    .unwrap();
-    let out =
-        Command::new(env!("CARGO_BIN_EXE_moetrace")).args(["run", "-q", "--config"]).arg(&config).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("no gpt-oss operations yet") && stderr.contains("backend: Cpu"), "{stderr}");
-}

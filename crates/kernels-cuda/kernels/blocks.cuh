@@ -55,12 +55,12 @@ __device__ __forceinline__ float e8m0_half(u32 e) {
 }
 
 // An MXFP4 code (sign bit 3, e2m1 magnitude) as llama.cpp's doubled
-// kvalues_mxfp4 {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, ...}: magnitude codes
-// 0..4 are themselves, 5..7 are 6, 8, 12.
+// kvalues_mxfp4 {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, ...}: the magnitude from
+// a table packed in nibbles, no branch; 0 - mag for the negative codes (a
+// negative zero code gives +0, as llama.cpp's int table does).
 __device__ __forceinline__ float mxfp4_value(u32 code) {
-    u32 m = code & 7u;
-    u32 mag = m <= 4u ? m : (m == 5u ? 6u : (m == 6u ? 8u : 12u));
-    return (code & 8u) ? -(float)mag : (float)mag;
+    float mag = (float)((0xC8643210u >> (4u * (code & 7u))) & 0xfu);
+    return (code & 8u) ? __fsub_rn(0.0f, mag) : mag;
 }
 
 // The 6-bit scale and min of sub-block j (0..8) of a Q4_K/Q5_K block.
@@ -263,6 +263,18 @@ __device__ __forceinline__ void dequant8(const unsigned char *b, u32 j0, float *
     switch (kind) {                                   \
     case GGML_Q8_0: { const u32 K = GGML_Q8_0; CALL; } break; \
     case GGML_MXFP4: { const u32 K = GGML_MXFP4; CALL; } break; \
+    case GGML_Q4_K: { const u32 K = GGML_Q4_K; CALL; } break; \
+    case GGML_Q5_K: { const u32 K = GGML_Q5_K; CALL; } break; \
+    case GGML_Q6_K: { const u32 K = GGML_Q6_K; CALL; } break; \
+    case MT_FP8_B128: { const u32 K = MT_FP8_B128; CALL; } break; \
+    }
+
+// DISPATCH_KIND without MXFP4, for the grouped tensor-core kernel (moe.cu),
+// whose registers are tight: gpt-oss's MXFP4 experts take the warp-per-
+// output path instead (the CUDA backend's moe.rs routes them there).
+#define DISPATCH_KIND_TILES(kind, CALL)               \
+    switch (kind) {                                   \
+    case GGML_Q8_0: { const u32 K = GGML_Q8_0; CALL; } break; \
     case GGML_Q4_K: { const u32 K = GGML_Q4_K; CALL; } break; \
     case GGML_Q5_K: { const u32 K = GGML_Q5_K; CALL; } break; \
     case GGML_Q6_K: { const u32 K = GGML_Q6_K; CALL; } break; \

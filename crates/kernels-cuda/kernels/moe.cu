@@ -439,5 +439,5 @@ extern "C" __global__ void __launch_bounds__(128, 3) expert_linear_grouped_quant
     PDL_ENTRY();
     GT_SHARED(GQ_STAGES, GQ_SLOTS)
     u64 row0 = (u64)blockIdx.y * n_out + blockIdx.x * GT_ROWS;
-    DISPATCH_KIND(kind, (expert_linear_grouped_impl<GQ_STAGES, GQ_SLOTS>(QuantRows<K>{w + row0 * (k / BlockOf<K>::len) * BlockOf<K>::bytes, k, {}, 0}, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot)));
+    DISPATCH_KIND_TILES(kind, (expert_linear_grouped_impl<GQ_STAGES, GQ_SLOTS>(QuantRows<K>{w + row0 * (k / BlockOf<K>::len) * BlockOf<K>::bytes, k, {}, 0}, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot)));
 }

@@ -147,6 +147,25 @@ pub mod mla {
     pub const ROUTER_GROUPED: WeightKernel = w("mla", "router_grouped_f32", "router_grouped_bf16w");
 }
 
+/// kernels/oss.cu: gpt-oss's operations.
+pub mod oss {
+    use super::{Kernel, k};
+    /// NeoX RoPE from a frequency table with YaRN's factor.
+    pub const ROPE: Kernel = k("oss", "oss_rope_f32");
+    /// Scores outside a window set to 0.
+    pub const WINDOW_MASK: Kernel = k("oss", "oss_window_mask_f32");
+    /// The softmax over a window with the head's sink.
+    pub const SOFTMAX_SINKS: Kernel = k("oss", "oss_softmax_sinks_f32");
+    /// The router's bias added to its logits, unrounded.
+    pub const ROUTER_BIAS: Kernel = k("oss", "oss_router_bias_f32");
+    /// Each chosen expert's bias added to its slot.
+    pub const EXPERT_BIAS: Kernel = k("oss", "oss_expert_bias_f32");
+    /// gate and up clamped, side by side.
+    pub const CLAMP: Kernel = k("oss", "oss_clamp_f32");
+    /// The clamped SwiGLU.
+    pub const SWIGLU: Kernel = k("oss", "oss_swiglu_f32");
+}
+
 /// kernels/quant.cu.
 pub mod quant {
     use super::{Kernel, k};
@@ -231,6 +250,13 @@ pub const ALL: &[Kernel] = &[
     mla::ATTENTION,
     mla::ROUTER_GROUPED.f32,
     mla::ROUTER_GROUPED.bf16w,
+    oss::ROPE,
+    oss::WINDOW_MASK,
+    oss::SOFTMAX_SINKS,
+    oss::ROUTER_BIAS,
+    oss::EXPERT_BIAS,
+    oss::CLAMP,
+    oss::SWIGLU,
 ];
 
 #[cfg(test)]

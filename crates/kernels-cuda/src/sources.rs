@@ -17,6 +17,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("mla", include_str!("../kernels/mla.cu")),
     ("moe", include_str!("../kernels/moe.cu")),
     ("norm", include_str!("../kernels/norm.cu")),
+    ("oss", include_str!("../kernels/oss.cu")),
     ("quant", include_str!("../kernels/quant.cu")),
     ("synthetic", include_str!("../kernels/synthetic.cu")),
 ];

@@ -73,17 +73,6 @@ impl<'a> Session<'a> {
         tracing::info!(model = %describe_model(&model), seconds = load_time.as_secs_f64(), "model loaded");
         let host_passes = backends.iter().filter(|b| !b.is_cuda()).count() + extra_host_passes;
         spec.check_against_model(path, &model.config, host_passes)?;
-        // gpt-oss's operations exist on the CPU only (issue 25's CUDA
-        // kernels are not written yet): refused before any upload.
-        if model.config.oss.is_some()
-            && let Some(cuda) = backends.iter().find(|b| b.is_cuda())
-        {
-            return Err(pipeline::PipelineError::BackendUnavailable(format!(
-                "{} has no gpt-oss operations yet (sinks, windows, the clamped SwiGLU, MXFP4 experts): run gpt-oss with backend: Cpu",
-                cuda
-            ))
-            .into());
-        }
         Ok(Self { spec, path, model, meter, load_time })
     }
 

@@ -30,7 +30,7 @@ pub(super) type RopeTable = Option<(MlaRope, CudaSlice<f64>)>;
 
 impl CudaBackend {
     /// The device copy of `rope`'s inverse frequencies.
-    fn rope_table(&mut self, rope: &MlaRope) -> Result<()> {
+    pub(super) fn rope_table(&mut self, rope: &MlaRope) -> Result<()> {
         if self.mla_rope.as_ref().is_some_and(|(r, _)| r == rope) {
             return Ok(());
         }

@@ -35,6 +35,7 @@ mod mla;
 mod moe;
 mod norm;
 mod ops;
+mod oss;
 mod profile;
 mod projections;
 mod quantized;
@@ -172,10 +173,16 @@ impl CudaBackend {
         meter: &crate::LoadMeter,
     ) -> Result<Self> {
         let mut backend = Self::with_weights(model.store.clone(), &model.expert_lists(), ordinal, precision, meter)?;
-        if model.config.mla.is_some() {
-            // MLA's kernels (mla.rs) take the step's length from the host:
-            // its decode steps run eagerly, whatever is asked later.
+        if model.config.mla.is_some() || model.config.oss.is_some() {
+            // MLA's kernels (mla.rs) and gpt-oss's window (oss.rs) take the
+            // step's length from the host: their decode steps run eagerly,
+            // whatever is asked later.
             backend.graphs.rule_out();
+        }
+        if model.config.oss.is_some() {
+            // gpt-oss's softmax (with sinks) reads the scores: no fused
+            // attention, whose scores live only inside it.
+            backend.fuse_attention = false;
         }
         Ok(backend)
     }

@@ -18,6 +18,9 @@ use crate::backend::{SharedTerm, Slot};
 use crate::error::{PipelineError, Result};
 use crate::weights::WeightId;
 
+/// ggml's MXFP4 type id (blocks.cuh `GGML_MXFP4`).
+const MXFP4: u32 = 39;
+
 impl CudaBackend {
     pub(super) fn router_top_k_on_device(
         &mut self,
@@ -74,10 +77,14 @@ impl CudaBackend {
         }
         let slots = t_len * top_k;
         let mut o = self.alloc(slots * n_out)?;
+        // MXFP4 experts (gpt-oss) are not decoded inside the tiles
+        // (DISPATCH_KIND_TILES in blocks.cuh): the warp-per-output path.
+        let mxfp4 = matches!(&self.stacked[&experts[0]].data, DevWeight::Quant(q) if q.kind == MXFP4);
         let grouped = self.precision == CudaPrecision::Bf16
             && k_in.is_multiple_of(64)
             && n_out.is_multiple_of(64)
-            && slots >= GROUPED_MIN_SLOTS;
+            && slots >= GROUPED_MIN_SLOTS
+            && !mxfp4;
         if grouped {
             self.flush_deferred()?;
             self.expert_linear_grouped(input, indices, experts, &mut o, per_slot)?;

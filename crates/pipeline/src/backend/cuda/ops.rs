@@ -90,6 +90,10 @@ impl Backend for CudaBackend {
         Some(self)
     }
 
+    fn oss(&mut self) -> Option<&mut dyn crate::backend::oss::OssOps> {
+        Some(self)
+    }
+
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
         self.timed(out.name(), &[], |this| this.embedding_on_device(table, out))
     }

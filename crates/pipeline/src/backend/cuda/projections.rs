@@ -160,7 +160,9 @@ impl CudaBackend {
         stream.synchronize().map_err(gpu("warming up cuBLAS"))
     }
 
-    pub(super) fn add_bias_on_device(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
+    /// `biases` concatenated in f32 on the device, uploaded once (a
+    /// projection's q/k/v biases; gpt-oss's experts' stacked; its sinks).
+    pub(super) fn bias_buffer(&mut self, biases: &[WeightId]) -> Result<()> {
         if !self.biases.contains_key(biases) {
             let mut host = Vec::new();
             for &id in biases {
@@ -169,6 +171,11 @@ impl CudaBackend {
             let bias = self.stream().clone_htod(&host).map_err(gpu("uploading biases"))?;
             self.biases.insert(biases.to_vec(), bias);
         }
+        Ok(())
+    }
+
+    pub(super) fn add_bias_on_device(&mut self, input: Slot, biases: &[WeightId], out: Slot) -> Result<()> {
+        self.bias_buffer(biases)?;
         let bias = &self.biases[biases];
         let x = self.slot(input)?;
         let (shape, width) = (x.shape.clone(), x.width());
