@@ -40,6 +40,8 @@ all_cases=(
     "moonlight-64-faults|moonlight-16b-a3b|27|7|64|5|moe_expert_out@20.2#EXPERT=scale(1.02);attention@10.0:17=scale(1.02);mla_kv_a_norm@5.3=scale(1.01)|163840"
     "dsv3-16-clean|deepseek-v3|4|11|16|3||129280"
     "dsv3-16-faults|deepseek-v3|4|11|16|3|moe_router@3.1=scale(1.02);mla_q@1.0:9=scale(1.02)|129280"
+    "gptoss-160-clean|gpt-oss-20b|24|7|160|5||201088"
+    "gptoss-160-faults|gpt-oss-20b|24|7|160|5|moe_expert_out@13.2#EXPERT=scale(1.02);attention@20.0:140=scale(1.02);ffn_norm@9.3=scale(1.01)|201088"
 )
 wanted=${CASES:-all}
 results=()
