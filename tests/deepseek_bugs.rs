@@ -11,7 +11,7 @@
 use std::path::Path;
 
 use compare::Verdict;
-use pipeline::backend::cpu::grouped_routing::KnownBug;
+use pipeline::backend::cpu::known_bugs::KnownBug;
 use session::bisect::{BisectConfig, BisectOptions, bisect};
 use stage_types::SaveTensorStage as S;
 

@@ -12,7 +12,7 @@
 
 use std::path::Path;
 
-use pipeline::backend::cpu::grouped_routing::KnownBug;
+use pipeline::backend::cpu::known_bugs::KnownBug;
 use session::bisect::{BisectConfig, BisectOptions, bisect};
 use stage_types::SaveTensorStage as S;
 

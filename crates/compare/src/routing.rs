@@ -164,10 +164,10 @@ pub fn compare_indices(
             }
             _ => false,
         };
-        let (ref_margin, perturbation, group_flip) = match groups.filter(|_| scored) {
-            _ if !scored => (None, None, false),
-            None => (top_k_gap(&rr, k), Some(largest_change(&rr, &tr)), false),
-            Some(g) => {
+        let (ref_margin, perturbation, group_flip) = match (scored, groups) {
+            (false, _) => (None, None, false),
+            (true, None) => (top_k_gap(&rr, k), Some(largest_change(&rr, &tr)), false),
+            (true, Some(g)) => {
                 let (ref_kept, target_kept) = g.kept_sets(t, kept);
                 if ref_kept != target_kept {
                     // The experts followed the groups: the group choice's

@@ -6,7 +6,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use pipeline::backend::contract::{NumericContract, Precision};
-use pipeline::backend::cpu::grouped_routing::KnownBug;
+use pipeline::backend::cpu::known_bugs::KnownBug;
 use serde::Deserialize;
 
 /// Activation precision of the CUDA backend.

@@ -186,7 +186,7 @@ pub fn as_row_blocks(t: &super::WeightTensor) -> Vec<u8> {
 /// (the partial one where a dimension is not a multiple of the block)
 /// takes the scale of the block before it in its row of blocks, or above
 /// it when the row has one block. The same ids (every other tensor kept
-/// as it is). For [`crate::backend::cpu::grouped_routing::KnownBug::Fp8NeighbourScale`].
+/// as it is). For [`crate::backend::cpu::known_bugs::KnownBug::Fp8NeighbourScale`].
 pub fn with_neighbour_scale(store: &WeightStore, name: &str) -> std::result::Result<WeightStore, String> {
     let id = store.id(name).ok_or_else(|| format!("the model has no tensor `{name}`"))?;
     let scales = store.get(id).block_scales().ok_or_else(|| format!("`{name}` is not an FP8 block-scaled tensor"))?;

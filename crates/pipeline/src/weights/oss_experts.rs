@@ -177,7 +177,7 @@ fn plain_rows(
 
 /// `store` with one MXFP4 scale byte of `name` off by one (its first
 /// block's exponent plus one: that block's values doubled); the same ids.
-/// For [`crate::backend::cpu::grouped_routing::KnownBug::Mxfp4ScaleOffByOne`].
+/// For [`crate::backend::cpu::known_bugs::KnownBug::Mxfp4ScaleOffByOne`].
 pub fn with_scale_off_by_one(store: &WeightStore, name: &str) -> std::result::Result<WeightStore, String> {
     let id = store.id(name).ok_or_else(|| format!("the model has no tensor `{name}`"))?;
     let t = store.get(id);

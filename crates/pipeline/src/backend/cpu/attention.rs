@@ -71,8 +71,17 @@ impl CpuBackend {
     }
 
     /// `q·kᵀ * scale` over the cached positions, masked entries 0,
-    /// `[heads, T, P]`.
-    pub(super) fn scores_with(&mut self, layer: usize, q: Slot, dims: HeadDims, scale: f64, out: Slot) -> Result<()> {
+    /// `[heads, T, P]`; with `window`, query t sees only positions from
+    /// `first(t)` on (the others 0 as well).
+    pub(super) fn scores_with(
+        &mut self,
+        layer: usize,
+        q: Slot,
+        dims: HeadDims,
+        scale: f64,
+        window: Option<&[usize]>,
+        out: Slot,
+    ) -> Result<()> {
         let (t_len, qw, mut qd) = self.rows(q)?;
         let HeadDims { heads, kv_heads, qk: hd, .. } = dims;
         self.check_width(q, qw, heads * hd, "attention")?;
@@ -90,7 +99,8 @@ impl CpuBackend {
                 let kvh = h / group;
                 for t in 0..t_len {
                     let qv = &qd[t * qw + h * hd..t * qw + (h + 1) * hd];
-                    for p in 0..=(start + t).min(p_len - 1) {
+                    let first = window.map_or(0, |w| w[t]);
+                    for p in first..=(start + t).min(p_len - 1) {
                         let kv = &cache.k[p * cache.k_width + kvh * hd..p * cache.k_width + (kvh + 1) * hd];
                         out_h[t * p_len + p] = (math::dot(qv, kv) * scale) as f32;
                     }

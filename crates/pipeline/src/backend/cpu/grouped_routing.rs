@@ -7,10 +7,8 @@
 //! (never 0: with negative biased scores a 0 would win); the `top_k`
 //! experts of the kept groups; their unbiased scores as weights,
 //! renormalised (over their sum + 1e-20) when `norm_topk_prob`, times
-//! `routed_scaling_factor`. In f64; ties go to the lower index. Also the
-//! bugs engines shipped in DeepSeek's MoE block and FP8 weights and in
-//! gpt-oss's attention, router, SwiGLU and MXFP4 experts ([`KnownBug`]),
-//! which a CPU target can reproduce.
+//! `routed_scaling_factor`. In f64; ties go to the lower index; with
+//! [`KnownBug`]s of the router where a CPU target names one.
 
 /// The router's hyper-parameters (config.json's names).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -27,6 +25,8 @@ pub struct GroupedTopK {
     pub scaling: f64,
 }
 
+use super::known_bugs::KnownBug;
+
 /// One token's routing.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routed {
@@ -38,69 +38,6 @@ pub struct Routed {
     pub groups: Vec<i32>,
     /// Every group's score: the sum of its two best biased scores.
     pub group_scores: Vec<f64>,
-}
-
-/// Bugs engines shipped in DeepSeek's MoE block, as a CPU target can
-/// reproduce them (`backend: CpuWithBug(...)`): what moetrace must find
-/// and place.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum KnownBug {
-    /// The correction bias leaks into the combine weights (vLLM #12002):
-    /// the chosen experts weighted by their biased scores.
-    BiasInCombineWeights,
-    /// Masked groups filled with 0 instead of -inf (SGLang #3705): with
-    /// negative biased scores, experts of masked groups win.
-    MaskedGroupsAtZero,
-    /// routed_scaling_factor dropped (SGLang #8333's FP4 path).
-    RoutedScalingDropped,
-    /// The shared experts' output left out of the MoE sum.
-    SharedExpertDropped,
-    /// One FP8 block's scale read from the neighbouring block (the class
-    /// of flashinfer #2356's block-scale errors): in layer N's
-    /// kv_a_proj_with_mqa, whose rows end in a partial block (DeepSeek-V3:
-    /// 576 = 4.5 blocks of 128), the last block takes the scale of the
-    /// block before it (`weights::fp8::with_neighbour_scale`).
-    Fp8NeighbourScale(usize),
-    /// gpt-oss: the SwiGLU's clamp dropped (SGLang #39939, vLLM #42855).
-    ClampDropped,
-    /// gpt-oss: the SwiGLU's alpha (1.702) replaced by 1 (SGLang #16972).
-    AlphaOne,
-    /// gpt-oss: the attention sinks left out of the softmax.
-    SinksDropped,
-    /// gpt-oss: each sliding window one position too wide.
-    WindowOffByOne,
-    /// gpt-oss: the full-attention layers run with a window of this size
-    /// (SGLang #11634's class).
-    FullLayerWindowed(usize),
-    /// gpt-oss: the router's bias left out of its logits.
-    RouterBiasDropped,
-    /// gpt-oss: one MXFP4 scale byte off by one (the block's values
-    /// doubled): in layer L, expert E's gate_proj, the first block of its
-    /// first row (`weights::oss_experts::with_scale_off_by_one`).
-    Mxfp4ScaleOffByOne(usize, usize),
-}
-
-impl KnownBug {
-    /// gpt-oss's bugs, for tests (windows of 128, the MXFP4 scale in layer
-    /// 1's expert 0).
-    pub const GPT_OSS: [KnownBug; 7] = [
-        KnownBug::ClampDropped,
-        KnownBug::AlphaOne,
-        KnownBug::SinksDropped,
-        KnownBug::WindowOffByOne,
-        KnownBug::FullLayerWindowed(128),
-        KnownBug::RouterBiasDropped,
-        KnownBug::Mxfp4ScaleOffByOne(1, 0),
-    ];
-
-    /// DeepSeek's bugs, for messages and tests (the FP8 one in layer 1).
-    pub const ALL: [KnownBug; 5] = [
-        KnownBug::BiasInCombineWeights,
-        KnownBug::MaskedGroupsAtZero,
-        KnownBug::RoutedScalingDropped,
-        KnownBug::SharedExpertDropped,
-        KnownBug::Fp8NeighbourScale(1),
-    ];
 }
 
 impl GroupedTopK {

@@ -108,7 +108,7 @@ impl MlaOps for CpuBackend {
     }
 
     fn scores(&mut self, layer: usize, q: Slot, dims: MlaDims, scale: f64, out: Slot) -> Result<()> {
-        self.scores_with(layer, q, head_dims(dims), scale, out)
+        self.scores_with(layer, q, head_dims(dims), scale, None, out)
     }
 
     fn attention(&mut self, layer: usize, probs: Slot, dims: MlaDims, out: Slot) -> Result<()> {

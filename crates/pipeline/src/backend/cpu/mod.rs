@@ -10,6 +10,7 @@ mod ggml_activations;
 pub mod ggml_cuda;
 mod grouped_router_ops;
 pub mod grouped_routing;
+pub mod known_bugs;
 pub mod math;
 mod mla;
 mod moe;
@@ -42,7 +43,7 @@ pub struct CpuBackend {
     contract: NumericContract,
     /// A public bug this backend reproduces on purpose (a test target), or
     /// None: the reference.
-    bug: Option<grouped_routing::KnownBug>,
+    bug: Option<known_bugs::KnownBug>,
 }
 
 impl CpuBackend {
@@ -91,14 +92,14 @@ impl CpuBackend {
     /// weights it reads. Fails when the model has nothing the bug can
     /// touch (no FP8 kv_a_proj_with_mqa of more than one block in that
     /// layer).
-    pub fn with_bug(mut self, bug: grouped_routing::KnownBug) -> Result<Self> {
-        if let grouped_routing::KnownBug::Fp8NeighbourScale(layer) = bug {
+    pub fn with_bug(mut self, bug: known_bugs::KnownBug) -> Result<Self> {
+        if let known_bugs::KnownBug::Fp8NeighbourScale(layer) = bug {
             let name = format!("model.layers.{layer}.self_attn.kv_a_proj_with_mqa.weight");
             let store = crate::weights::fp8::with_neighbour_scale(&self.store, &name)
                 .map_err(|why| PipelineError::BadInput(format!("CpuWithBug(Fp8NeighbourScale({layer})): {why}")))?;
             self.store = Arc::new(store);
         }
-        if let grouped_routing::KnownBug::Mxfp4ScaleOffByOne(layer, expert) = bug {
+        if let known_bugs::KnownBug::Mxfp4ScaleOffByOne(layer, expert) = bug {
             let name = format!("model.layers.{layer}.mlp.experts.{expert}.gate_proj.weight");
             let store = crate::weights::oss_experts::with_scale_off_by_one(&self.store, &name).map_err(|why| {
                 PipelineError::BadInput(format!("CpuWithBug(Mxfp4ScaleOffByOne({layer}, {expert})): {why}"))
@@ -390,7 +391,7 @@ impl Backend for CpuBackend {
     fn attn_scores(&mut self, layer: usize, q: Slot, shape: AttentionShape, out: Slot) -> Result<()> {
         let AttentionShape { heads, kv_heads, head_dim } = shape;
         let heads = HeadDims { heads, kv_heads, qk: head_dim, v: head_dim };
-        self.scores_with(layer, q, heads, 1.0 / (head_dim as f64).sqrt(), out)
+        self.scores_with(layer, q, heads, 1.0 / (head_dim as f64).sqrt(), None, out)
     }
 
     fn attn_softmax(&mut self, scores: Slot, out: Slot) -> Result<()> {
@@ -473,7 +474,7 @@ impl Backend for CpuBackend {
     }
 
     fn moe_combine(&mut self, expert_out: Slot, weights: Slot, shared: Option<SharedTerm>, out: Slot) -> Result<()> {
-        let shared = shared.filter(|_| self.bug != Some(grouped_routing::KnownBug::SharedExpertDropped));
+        let shared = shared.filter(|_| self.bug != Some(known_bugs::KnownBug::SharedExpertDropped));
         self.weighted_sum(expert_out, weights, shared, out)
     }
 

@@ -16,7 +16,7 @@
 
 use super::CpuBackend;
 use super::attention::HeadDims;
-use super::grouped_routing::KnownBug;
+use super::known_bugs::KnownBug;
 use crate::backend::mla::MlaRope;
 use crate::backend::oss::OssOps;
 use crate::backend::{AttentionShape, RopeArgs, Slot};
@@ -97,17 +97,9 @@ impl OssOps for CpuBackend {
     ) -> Result<()> {
         let AttentionShape { heads, kv_heads, head_dim } = shape;
         let dims = HeadDims { heads, kv_heads, qk: head_dim, v: head_dim };
-        self.scores_with(layer, q, dims, 1.0 / (head_dim as f64).sqrt(), out)?;
-        // Zero what the window hides (scores_with already zeroed the future).
-        let t = self.slot(out)?;
-        let (t_len, p_len) = (t.shape[1], t.shape[2]);
-        let firsts: Vec<usize> = (0..t_len).map(|r| self.row_window(r, window).0).collect();
-        let mut data = t.as_f32().expect("scores are float").to_vec();
-        for (r, row) in data.chunks_mut(p_len).enumerate() {
-            row[..firsts[r % t_len].min(p_len)].fill(0.0);
-        }
-        self.set(out, HostTensor::f32(vec![heads, t_len, p_len], data));
-        Ok(())
+        let t_len = self.rows(q)?.0;
+        let firsts: Vec<usize> = (0..t_len).map(|t| self.row_window(t, window).0).collect();
+        self.scores_with(layer, q, dims, 1.0 / (head_dim as f64).sqrt(), Some(&firsts), out)
     }
 
     fn softmax_with_sinks(

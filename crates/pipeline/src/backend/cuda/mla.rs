@@ -30,13 +30,13 @@ pub(super) type RopeTable = Option<(MlaRope, CudaSlice<f64>)>;
 
 impl CudaBackend {
     /// The device copy of `rope`'s inverse frequencies.
-    pub(super) fn rope_table(&mut self, rope: &MlaRope) -> Result<()> {
-        if self.mla_rope.as_ref().is_some_and(|(r, _)| r == rope) {
+    pub(super) fn upload_rope(&mut self, rope: &MlaRope) -> Result<()> {
+        if self.rope_table.as_ref().is_some_and(|(r, _)| r == rope) {
             return Ok(());
         }
-        self.refuse_in_capture("uploading MLA's rotation")?;
-        let table = self.stream().clone_htod(&rope.inv_freq).map_err(gpu("uploading MLA's rotation"))?;
-        self.mla_rope = Some((rope.clone(), table));
+        self.refuse_in_capture("uploading the rotation table")?;
+        let table = self.stream().clone_htod(&rope.inv_freq).map_err(gpu("uploading the rotation table"))?;
+        self.rope_table = Some((rope.clone(), table));
         Ok(())
     }
 
@@ -96,13 +96,13 @@ impl MlaOps for CudaBackend {
             this.refuse_in_capture("MLA's rotation takes the step's length from the host")?;
             let (factor, interleave) = rope_args(rope, dims)?;
             let rows = this.mla_rows(q, dims.heads * dims.qk_head(), "MLA's query")?;
-            this.rope_table(rope)?;
+            this.upload_rope(rope)?;
             let n = rows * dims.heads * dims.qk_head();
             let mut o = this.alloc(n)?;
             let f = this.kernel(mla::QUERY_ROPE)?;
             let stream = this.stream();
             let a = (rows as u32, dims.heads as u32, dims.qk_nope as u32, dims.qk_rope as u32);
-            let table = &this.mla_rope.as_ref().expect("uploaded above").1;
+            let table = &this.rope_table.as_ref().expect("uploaded above").1;
             let mut b = stream.launch_builder(&f);
             b.arg(&mut o).arg(this.slot(q)?.f32(q)?).arg(table).arg(&factor).arg(&interleave);
             b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&this.step_start);
@@ -124,7 +124,7 @@ impl MlaOps for CudaBackend {
             if b_rows != rows {
                 return Err(PipelineError::BadInput(format!("`{kv_a}` has {rows} rows but `{kv_b}` {b_rows}")));
             }
-            this.rope_table(rope)?;
+            this.upload_rope(rope)?;
             let mut o = this.alloc(rows * dims.heads * dims.qk_head())?;
             let f = this.kernel(mla::KEYS)?;
             let stream = this.stream();
@@ -136,7 +136,7 @@ impl MlaOps for CudaBackend {
                 dims.qk_rope as u32,
                 dims.v_head_dim as u32,
             );
-            let table = &this.mla_rope.as_ref().expect("uploaded above").1;
+            let table = &this.rope_table.as_ref().expect("uploaded above").1;
             let mut b = stream.launch_builder(&f);
             b.arg(&mut o).arg(this.slot(kv_a)?.f32(kv_a)?).arg(this.slot(kv_b)?.f32(kv_b)?);
             b.arg(table).arg(&factor).arg(&interleave);

@@ -102,8 +102,9 @@ pub struct CudaBackend {
     /// `MOETRACE_NO_FUSED_ATTENTION` is set).
     fuse_attention: bool,
     caches: Vec<Option<DevCache>>,
-    /// MLA's rotation on the device (mla.rs).
-    mla_rope: mla::RopeTable,
+    /// The rotation table on the device: MLA's (mla.rs) or gpt-oss's
+    /// YaRN (oss.rs); a model has one.
+    rope_table: mla::RopeTable,
     /// `MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS` set: every cuBLAS projection's
     /// output is zeroed before the GEMM overwrites it. Only for
     /// compute-sanitizer's initcheck, which does not see the TMA stores of
@@ -271,7 +272,7 @@ impl CudaBackend {
             start_position: 0,
             step_start,
             caches: Vec::new(),
-            mla_rope: None,
+            rope_table: None,
             zero_gemm_outputs: std::env::var_os("MOETRACE_SANITIZE_ZERO_GEMM_OUTPUTS").is_some(),
             graphs: graph::StepGraphs::new(precision, profiler.is_some()),
             taps: taps::Taps::default(),

@@ -55,12 +55,12 @@ impl OssOps for CudaBackend {
                     rope.inv_freq.len()
                 )));
             }
-            this.rope_table(rope)?;
+            this.upload_rope(rope)?;
             let mut o = this.alloc(rows * heads * head_dim)?;
             let f = this.kernel(oss::ROPE)?;
             let stream = this.stream();
             let a = (rows as u32, heads as u32, head_dim as u32, in_width as u32, col_start as u32);
-            let table = &this.mla_rope.as_ref().expect("uploaded above").1;
+            let table = &this.rope_table.as_ref().expect("uploaded above").1;
             let mut b = stream.launch_builder(&f);
             b.arg(&mut o).arg(this.slot(input)?.f32(input)?).arg(table).arg(&rope.attention_factor);
             b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3).arg(&a.4).arg(&this.step_start);
