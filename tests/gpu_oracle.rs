@@ -309,19 +309,34 @@ fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
         let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
         let prompt = format!("{:?}", oracle.manifest.prompt);
         run(&model, &prompt, oracle.manifest.steps.len(), "Cuda(device: 0, dtype: Bf16)", Some(&out));
-        // gpt-oss's fixture reaches 4.2e-2 with no flip: its experts are 4x
-        // wide (so the clamp bites) and bf16 rounding compounds through
-        // them; each stage's local error is within the Bf16 contract's
-        // (local_bisect_on_cuda_bf16_finds_one_fault_alone_in_each_family:
-        // 0 findings clean). Issue 25's 3e-2 is not met there: recorded.
+        // The bound is issue 25's 3e-2, except on gpt-oss's fixture, where
+        // bf16 storage alone goes past it: the CPU keeping the Bf16
+        // contract (every rounding point of the CUDA Bf16 path, f64 sums)
+        // on the same prompt reaches 4.15e-2 at moe_expert_out, the CUDA
+        // run's own worst to three digits (its experts are 4x wide so the
+        // clamp bites, and its random layers double an error each layer;
+        // no one stage's rounding dominates: keeping any one in f32 leaves
+        // 2.6e-2 to 3.4e-2). There the bound is that storage error with a
+        // quarter of headroom, measured here, not written in.
         let mut options = DiffOptions::default();
+        let mut storage_worst = None;
         if name.starts_with("tiny-gpt-oss") {
-            options.tolerances.default = Some(5e-2);
+            let emulated = scratch(&format!("gpu-bf16-{name}")).join("cpu-emulating-bf16");
+            run(&model, &prompt, oracle.manifest.steps.len(), "CpuEmulating(Bf16)", Some(&emulated));
+            let storage = diff(&dir.join("activations"), &emulated, &DiffOptions::default()).unwrap();
+            let w = storage.rows.iter().filter_map(|r| r.rel_l2()).fold(0.0f64, f64::max);
+            assert!((3e-2..5e-2).contains(&w), "{name}: bf16 storage alone gives {w:.2e}");
+            options.tolerances.default = Some(1.25 * w);
+            storage_worst = Some(w);
         }
         let report = diff(&dir.join("activations"), &out, &options).unwrap();
         eprintln!("{name} Bf16:\n{}", report.render(false));
         let worst = report.rows.iter().filter_map(|r| r.rel_l2()).fold(0.0f64, f64::max);
-        eprintln!("{name} Bf16: worst rel_l2 {worst:.2e} over {} tensors", report.rows.len());
+        eprintln!(
+            "{name} Bf16: worst rel_l2 {worst:.2e} over {} tensors (bf16 storage alone: {})",
+            report.rows.len(),
+            storage_worst.map_or("not measured".to_string(), |w| format!("{w:.2e}"))
+        );
         for (i, row) in report.rows.iter().enumerate() {
             use compare::Verdict;
             match &row.verdict {
