@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::gguf::GgmlType;
 use super::synthetic_fp8::Fp8Recipe;
 use super::synthetic_mxfp4::Mxfp4Recipe;
-use super::synthetic_values::tensor_key;
+use super::synthetic_values::{fill_bf16, synthetic_scale, tensor_key};
 use super::{BlockRecipe, SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
@@ -94,11 +94,10 @@ pub(super) fn generate(
             Recipe::Values(r) => r,
         };
         let mut bytes = vec![0u8; numel * 2];
+        let scale = synthetic_scale(recipe.std);
         bytes.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, out)| {
             let first = chunk * (1 << 15);
-            for (j, pair) in out.chunks_exact_mut(2).enumerate() {
-                pair.copy_from_slice(&recipe.value((first + j) as u64).to_bits().to_le_bytes());
-            }
+            fill_bf16(recipe.key, first as u64, recipe.mean, scale, out);
             meter.advance(out.len() as u64);
         });
         store.insert(WeightTensor::owned(spec.name, WeightDtype::Bf16, spec.shape, bytes));

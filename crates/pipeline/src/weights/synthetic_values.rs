@@ -5,6 +5,7 @@
 //! synthetic_mxfp4.rs draw from it.
 
 /// splitmix64 finaliser.
+#[inline]
 pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -25,10 +26,92 @@ pub fn tensor_key(seed: u64, name: &str) -> u64 {
 /// `mix(key + index * golden)`. Only integer operations, one f32 multiply and
 /// one f32 add (no FMA), so a GPU kernel can reproduce it bit for bit.
 pub fn synthetic_value(key: u64, index: u64, mean: f32, std: f32) -> f32 {
+    synthetic_value_scaled(key, index, mean, synthetic_scale(std))
+}
+
+/// The f32 factor [`synthetic_value`] multiplies the centred sum by for a
+/// standard deviation of `std` (computed once per tensor by callers that
+/// make many values).
+pub fn synthetic_scale(std: f32) -> f32 {
+    // Sum of four U{0..65535}: mean 131070, variance 4 * (65536² - 1) / 12.
+    (std as f64 / (4.0 * (65536.0f64 * 65536.0 - 1.0) / 12.0).sqrt()) as f32
+}
+
+/// [`synthetic_value`] with its scale already computed
+/// ([`synthetic_scale`]): the same bits.
+#[inline]
+pub fn synthetic_value_scaled(key: u64, index: u64, mean: f32, scale: f32) -> f32 {
     let h = mix(key.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
     let sum = (h & 0xffff) + ((h >> 16) & 0xffff) + ((h >> 32) & 0xffff) + (h >> 48);
-    // Sum of four U{0..65535}: mean 131070, variance 4 * (65536² - 1) / 12.
     let centred = sum as i64 - 131_070;
-    let scale = (std as f64 / (4.0 * (65536.0f64 * 65536.0 - 1.0) / 12.0).sqrt()) as f32;
     centred as f32 * scale + mean
+}
+
+/// Fills `out` (little-endian bf16, two bytes a value) with elements
+/// `first..` of the tensor with key `key`: `bf16(synthetic_value(..))`,
+/// rounded to nearest even (values are always finite). Where the CPU has
+/// AVX-512 DQ or AVX2 the same loop is compiled for it and vectorised (the
+/// 64-bit multiplies of [`mix`] are what a portable build leaves scalar);
+/// integer arithmetic and one f32 multiply and add per value give the
+/// same bits on every path.
+pub fn fill_bf16(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512dq") {
+            // SAFETY: the CPU has AVX-512 F and DQ (checked above).
+            return unsafe { fill_bf16_avx512(key, first, mean, scale, out) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2 (checked above).
+            return unsafe { fill_bf16_avx2(key, first, mean, scale, out) };
+        }
+    }
+    fill_bf16_portable(key, first, mean, scale, out)
+}
+
+#[inline(always)]
+fn fill_bf16_portable(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8]) {
+    for (j, pair) in out.chunks_exact_mut(2).enumerate() {
+        let bits = synthetic_value_scaled(key, first + j as u64, mean, scale).to_bits();
+        // Round to nearest even; no NaN can occur.
+        let rounded = ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+        pair.copy_from_slice(&rounded.to_le_bytes());
+    }
+}
+
+/// # Safety
+/// The CPU must support AVX-512 F and DQ.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512dq")]
+unsafe fn fill_bf16_avx512(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8]) {
+    fill_bf16_portable(key, first, mean, scale, out)
+}
+
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn fill_bf16_avx2(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8]) {
+    fill_bf16_portable(key, first, mean, scale, out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fill_bf16_is_half_s_rounding_of_each_value_on_every_path() {
+        for (key, mean, std) in [(tensor_key(7, "w"), 0.0, 0.02), (tensor_key(3, "norm"), 1.0, 0.5), (1, -2.0, 30.0)] {
+            let scale = synthetic_scale(std);
+            let mut fast = vec![0u8; 2 * 1001];
+            fill_bf16(key, 12_345, mean, scale, &mut fast);
+            let mut portable = vec![0u8; 2 * 1001];
+            fill_bf16_portable(key, 12_345, mean, scale, &mut portable);
+            let want: Vec<u8> = (0..1001u64)
+                .flat_map(|i| half::bf16::from_f32(synthetic_value(key, 12_345 + i, mean, std)).to_bits().to_le_bytes())
+                .collect();
+            assert_eq!(fast, want);
+            assert_eq!(portable, want);
+        }
+    }
 }
