@@ -5,7 +5,8 @@
 # + 64 generated; llama.cpp runs llama-bench (-p 512 -n 64 -fa 1 -r 3) on a
 # random-weight gpt-oss GGUF of the same dimensions and types
 # (python/tools/make_gpt_oss_gguf.py, written to /dev/shm), then moetrace
-# runs that same GGUF too. A token reads the same bytes on each side.
+# runs that same GGUF too (SAME_GGUF=0: not). A token reads the same bytes
+# on each side.
 # Needs, built here:
 #   GPU_LLAMACPP=1 GPU_LLAMACPP_LIBS=llamacpp-cuda-sm90-lib.txz bash scripts/gpu-build.sh
 # then run(command: "bash scripts/gpu-gpt-oss-bench.sh", carry: [".gpu/bin/moetrace", ".gpu/llamacpp"]).
@@ -43,5 +44,6 @@ PYTHONPATH="$L/py" MOETRACE_SHARED_TOOLS="$L/tools" python3 python/tools/make_gp
 echo "== llama-bench"
 LD_LIBRARY_PATH="$work/lib" "$work/llama-bench" -m "$model" -ngl 99 -p "$PROMPT_LEN" -n "$GENERATE" -fa 1 -r 3 2>&1 |
     tee "$OUT/llama-bench.txt" | grep -E '^\||build|error' || true
-moetrace_run "Path(\"$model\")" "on the same GGUF"
+# SAME_GGUF=0 leaves out moetrace's run of the GGUF (its load takes a while).
+[ "${SAME_GGUF:-1}" = 0 ] || moetrace_run "Path(\"$model\")" "on the same GGUF"
 rm -f "$model"
