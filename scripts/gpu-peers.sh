@@ -12,6 +12,7 @@
 # then, on one warm machine, the pack first (it leaves .gpu/bin there):
 #   run(carry: [".gpu/pack.txz"], command: "tar xJf .gpu/pack.txz -C .gpu && ...")
 #   run(carry: [".gpu/llamacpp"], command: "bash scripts/gpu-peers.sh")
+# (or a pack of only bin/moetrace beside .gpu/llamacpp in one call: 64 MiB hold both).
 # ROWS picks rows by name (default: all): bf16-48 bf16-24 q4km-48 gpt-oss-20b.
 # HF=0 leaves transformers out.
 set -uo pipefail
