@@ -9,7 +9,7 @@
 //! noise on one decode token's attention output: check names those two
 //! alone, a free-running diff of the same capture the first. llama.cpp's
 //! Qwen2-MoE (biases, a shared expert) and Mixtral (permuted q/k rows) are
-//! checked clean too.
+//! checked clean too; llama.cpp's gpt-oss departs in its YaRN ramp alone.
 //!
 //! Recorded with `--no-extra-bufts` (see `record`). Needs python3 with numpy, gguf and llama-cpp-python 0.3.x (.ci/run
 //! installs them); says SKIPPED without them.
@@ -226,5 +226,89 @@ fn llama_cpps_qwen2_moe_and_mixtral_are_checked_clean_at_every_stage() {
         let checked: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
         assert!(must.iter().all(|s| checked.contains(s)), "{fixture}: {checked:?}");
         assert_eq!(checked.len(), stages, "{fixture}: every stage of the model checked: {checked:?}");
+    }
+}
+
+/// llama.cpp's gpt-oss (the tiny fixture as llama.cpp's converter wrote it):
+/// every stage it names matches the CPU replaying its arithmetic except
+/// the rotation. Its YaRN ramp rounds its ends to whole dimensions
+/// (ggml's corr dims, floor and ceil), where gpt-oss's checkpoint says
+/// `truncate: false` (OpenAI's reference and transformers do not round;
+/// vLLM #27722 and SGLang #14270 fixed the same departure): q_post_rope
+/// and k_post_rope are flagged in every layer of every step, as one
+/// systematic finding each, and nothing else is. The proof that the ramp is
+/// the cause: the same capture checked against the checkpoint told
+/// `truncate: true` has both stages clean. llama.cpp's greedy tokens are
+/// the float64 oracle's; the sinks' share, the window and the clamp are
+/// inside fused ops and named as not recorded, with why.
+#[test]
+fn llama_cpps_gpt_oss_departs_from_the_checkpoint_in_its_yarn_ramp_only() {
+    if !llama_cpp_python() {
+        return;
+    }
+    let fixture = workspace_root().join("tests/fixtures/tiny-gpt-oss-oracle");
+    let gguf = fixture.join("model.gguf");
+    let dir = scratch("llama-cpp-gpt-oss");
+    let capture = dir.join("llama-cpp");
+    let output = Command::new("python3")
+        .env("PYTHONPATH", workspace_root().join("python"))
+        .args(["-m", "moetrace_capture.llamacpp"])
+        .arg(&gguf)
+        .arg(&capture)
+        .args(["--prompt", "1,17,42,99,5,77", "--generate", "4", "--threads", "2", "--no-extra-bufts"])
+        .output()
+        .expect("python3 runs");
+    let log = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{log}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("generated [7, 62, 59, 4]"), "the oracle's greedy tokens: {stdout}");
+    let not_recorded: Vec<&str> = log.lines().filter(|l| l.starts_with("not recorded:")).collect();
+    assert_eq!(not_recorded.len(), 3, "{log}");
+    for (stage, why) in
+        [("attn_sink", "inside its softmax"), ("attn_window", "KQ mask"), ("moe_expert_clamp", "fused SwiGLU")]
+    {
+        assert!(not_recorded.iter().any(|l| l.contains(stage) && l.contains(why)), "{stage}: {log}");
+    }
+    let check_with = |model: &Path, capture: &Path| {
+        let text = format!(
+            "(model: Path({model:?}), prompt: Tokens([1, 17, 42, 99, 5, 77]), generate: 4, reference: Cpu, target: Capture({capture:?}), threads: 2)"
+        );
+        let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
+        bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
+    };
+    let report = check_with(&gguf, &capture);
+    let text = report.render(false);
+    let grouped = report.grouped_findings();
+    assert!(grouped.lone.is_empty(), "{text}");
+    let flagged: std::collections::BTreeSet<S> = grouped.systematic.iter().map(|s| s.stage).collect();
+    assert_eq!(flagged, [S::QPostRope, S::KPostRope].into(), "{text}");
+    for s in &grouped.systematic {
+        assert_eq!(s.layers.len(), 3, "every layer: {text}");
+    }
+    let checked: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
+    assert_eq!(checked.len(), 23, "every stage llama.cpp names: {checked:?}");
+
+    // The same capture and checkpoint, both told to round the ramp.
+    let rounded = dir.join("checkpoint-truncating");
+    std::fs::create_dir_all(&rounded).unwrap();
+    for file in ["model.safetensors", "config.json"] {
+        std::fs::copy(fixture.join("model").join(file), rounded.join(file)).unwrap();
+    }
+    let set_truncate = |path: &Path, pointer: &str| {
+        let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        *json.pointer_mut(pointer).expect(pointer) = serde_json::json!(true);
+        std::fs::write(path, json.to_string()).unwrap();
+    };
+    set_truncate(&rounded.join("config.json"), "/rope_parameters/truncate");
+    set_truncate(&capture.join("manifest.json"), "/model/config/rope_scaling/truncate");
+    let report = check_with(&rounded, &capture);
+    let rope: Vec<_> = report.rows.iter().filter(|r| [S::QPostRope, S::KPostRope].contains(&r.stage)).collect();
+    assert_eq!(rope.len(), 24, "{}", report.render(false));
+    // (The router is not judged here: the checkpoint holds it in bf16,
+    // llama.cpp's converter wrote it in f32, and the replay converts a bf16
+    // weight's inputs as ggml does.)
+    for row in rope {
+        let ratio = row.expected.as_ref().map(|e| e.ratio).unwrap_or(f64::INFINITY);
+        assert!(ratio < 0.5, "{} at {ratio}: {}", row.place(), report.render(false));
     }
 }

@@ -36,6 +36,7 @@ ARCHITECTURES = {
     "qwen3": ("Qwen3ForCausalLM", "qwen3"),
     "qwen2moe": ("Qwen2MoeForCausalLM", "qwen2_moe"),
     "llama": ("MixtralForCausalLM", "mixtral"),
+    "gpt-oss": ("GptOssForCausalLM", "gpt_oss"),
 }
 
 # llama.cpp node names (without the `-<layer>` suffix) read per layer, and
@@ -45,12 +46,22 @@ LAYER_NODES = (
     "ffn_inp", "ffn_norm", "ffn_moe_logits", "ffn_moe_topk", "ffn_moe_weights", "ffn_moe_weights_norm",
     "ffn_moe_gate", "ffn_moe_up", "ffn_moe_swiglu", "ffn_moe_down", "ffn_moe_out",
     "ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "l_out", "ffn_shexp_gate_inp", "ffn_shexp_gate", "ffn_shexp",
+    # gpt-oss: the biased o_proj, the post-attention norm, the router's and
+    # experts' biases, the softmax over the chosen logits, the fused SwiGLU.
+    "attn_out", "attn_post_norm", "ffn_moe_probs", "ffn_moe_weights_softmax", "ffn_moe_gate_biased",
+    "ffn_moe_up_biased", "ffn_moe_swiglu_oai", "ffn_moe_down_biased",
 )  # fmt: skip
 MODEL_NODES = ("embd", "result_norm", "result_output")
+# Nodes read although they are reshapes (llama.cpp names the reshape, not
+# the operation before it): gpt-oss's routing weights after their softmax.
+RESHAPED_NODES = ("ffn_moe_weights_softmax",)
 
 # What no node of llama.cpp's graph holds, and why.
 NOT_RECORDED = {
     "ffn_silu": "llama.cpp computes SiLU and the multiply in one fused op (ffn_swiglu)",
+    "attn_window": "llama.cpp applies the window in its KQ mask, a graph input no layer's node names",
+    "attn_sink": "llama.cpp adds the sink inside its softmax (ggml_soft_max_add_sinks): no node holds the sink's share",
+    "moe_expert_clamp": "llama.cpp clamps inside its fused SwiGLU (ffn_moe_swiglu_oai): no node holds the clamped gate and up",
 }
 
 # The llama.cpp node (name-<layer>, operation) each stage is read from.
@@ -71,6 +82,14 @@ NODE_OF = {
     "moe_shared_up": "ffn_up-L (MUL_MAT)", "moe_shared_swigl": "ffn_swiglu-L (GLU)",
     "moe_shared_out": "ffn_shexp-L (MUL_MAT)", "moe_shared_logit": "ffn_shexp_gate_inp-L (MUL_MAT)",
     "moe_shared_weight": "ffn_shexp_gate-L (DIV: llama.cpp's sigmoid is silu(x) / x)",
+}  # fmt: skip
+# gpt-oss reads these stages from other nodes (step_stages).
+NODE_OF_GPT_OSS = {
+    "attn_out": "attn_out-L (ADD: o_proj and its bias)", "ffn_norm": "attn_post_norm-L (MUL)",
+    "moe_router_logits": "ffn_moe_probs-L (ADD: the logits and the router's bias)",
+    "moe_router": "ffn_moe_weights_softmax-L (RESHAPE of the SOFT_MAX)",
+    "moe_expert_gate": "ffn_moe_gate_biased-L (ADD_ID)", "moe_expert_up": "ffn_moe_up_biased-L (ADD_ID)",
+    "moe_expert_swigl": "ffn_moe_swiglu_oai-L (GLU)", "moe_expert_out": "ffn_moe_down_biased-L (ADD_ID)",
 }  # fmt: skip
 
 
@@ -147,6 +166,40 @@ def gguf_config(path):
             decoder_sparse_step=1,
             mlp_only_layers=[],
         )
+    if arch == "gpt-oss":
+        # What pipeline's gguf_gpt_oss.rs fills in: the metadata has no
+        # layer_types, swiglu_limit or YaRN truncate (llama.cpp fixes them
+        # for the architecture), so gpt-oss's published values.
+        layers = int(need("block_count"))
+
+        def f32(key, default=None):
+            # An f32 as its shortest decimal (1e-6, not 9.99999997e-07), as
+            # gguf_gpt_oss.rs reads these keys (ArchKeys::float).
+            v = value(f"gpt-oss.{key}")
+            return default if v is None else float(str(np.float32(v)))
+
+        config.update(
+            rms_norm_eps=f32("attention.layer_norm_rms_epsilon"),
+            num_local_experts=int(need("expert_count")),
+            num_experts_per_tok=int(need("expert_used_count")),
+            intermediate_size=int(need("expert_feed_forward_length")),
+            attention_bias=True,
+            swiglu_limit=7.0,
+            sliding_window=int(need("attention.sliding_window")),
+            layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        )
+        kind = value("gpt-oss.rope.scaling.type")
+        if kind is not None:
+            if kind != "yarn":
+                raise RecorderError(f"{path}: `gpt-oss.rope.scaling.type` is `{kind}`: gpt-oss's rotation is yarn")
+            config["rope_scaling"] = {
+                "rope_type": "yarn",
+                "factor": f32("rope.scaling.factor", float(need("rope.scaling.factor"))),
+                "original_max_position_embeddings": int(need("rope.scaling.original_context_length")),
+                "beta_fast": f32("rope.scaling.yarn_beta_fast", 32.0),
+                "beta_slow": f32("rope.scaling.yarn_beta_slow", 1.0),
+                "truncate": False,
+            }
     if arch == "qwen3moe":
         config.update(
             num_experts=int(need("expert_count")),
@@ -191,9 +244,9 @@ class _StepNodes:
 
     def _key(self, t):
         g = self.ggml
-        if g.op(t) == "RESHAPE":
-            return None  # a view of a node read anyway (Qcur before RoPE): no stage of its own
         base, layer = self.split(g.name(t))
+        if g.op(t) == "RESHAPE" and base not in RESHAPED_NODES:
+            return None  # a view of a node read anyway (Qcur before RoPE): no stage of its own
         if (base in LAYER_NODES) == (layer is not None) and self._wanted(base, layer):
             return base, layer
         # The output projection is not named: it is the MUL_MAT reading kqv_out.
@@ -238,6 +291,14 @@ def _unpermute(a, heads):
     return a.reshape(*shape[:-1], heads, half, 2).swapaxes(-1, -2).reshape(shape)
 
 
+def _window(config, layer):
+    """The sliding window of `layer` (None: it sees every earlier position)."""
+    types = config.get("layer_types")
+    if types and types[layer] == "sliding_attention":
+        return config["sliding_window"]
+    return None
+
+
 def step_stages(got, config, start, t_len):
     """moetrace's stages of one step from llama.cpp's nodes: {(layer, stage):
     array}. llama.cpp's tensors are [ne3, ne2, ne1, ne0] with the token
@@ -248,6 +309,7 @@ def step_stages(got, config, start, t_len):
     positions = start + t_len
     hd = config["head_dim"]
     scale = np.float32(1.0) / np.sqrt(np.float32(hd))
+    gpt_oss = config["model_type"] == "gpt_oss"
 
     def node(name, layer, *ops):
         for op in ops:
@@ -283,6 +345,10 @@ def step_stages(got, config, start, t_len):
         put(layer, "q_post_rope", node("Qcur", layer, "ROPE"), lambda a: order(a, heads[0]))
         put(layer, "k_post_rope", node("Kcur", layer, "ROPE"), lambda a: order(a, heads[1]))
         causal = np.arange(positions)[None, :] > (start + np.arange(t_len))[:, None]
+        window = _window(config, layer)
+        if window is not None:
+            # A sliding layer's row sees its last `window` positions (itself included).
+            causal |= np.arange(positions)[None, :] <= (start + np.arange(t_len))[:, None] - window
         kq = node("kq", layer, "MUL_MAT")
         if kq is not None:
             scores = kq.reshape(-1, t_len, kq.shape[-1])[:, :, :positions].astype(np.float32) * scale
@@ -291,8 +357,29 @@ def step_stages(got, config, start, t_len):
         if probs is not None:
             put(layer, "attn_softmax", probs.reshape(-1, t_len, probs.shape[-1])[:, :, :positions], shape=lambda a: a)
         put(layer, "attention", node("kqv_out", layer, "CONT"))
-        put(layer, "attn_out", node("attn_out", layer, "MUL_MAT"))
         put(layer, "post_attn_residual", node("ffn_inp", layer, "ADD"))
+        if gpt_oss:
+            k = config["num_experts_per_tok"]
+
+            def slots(a):
+                return a.reshape(t_len, k, -1)
+
+            put(layer, "attn_out", node("attn_out", layer, "ADD"))
+            put(layer, "ffn_norm", node("attn_post_norm", layer, "MUL"))
+            # Gating by softmax over the chosen: the biased logits are
+            # named ffn_moe_probs (the ADD after ffn_moe_logits).
+            put(layer, "moe_router_logits", node("ffn_moe_probs", layer, "ADD"))
+            put(layer, "moe_router", node("ffn_moe_weights_softmax", layer, "RESHAPE"))
+            ids = node("ffn_moe_topk", layer, "VIEW", "ARGSORT", "TOP_K")
+            put(layer, "moe_router_indices", None if ids is None else ids.astype(np.int32))
+            put(layer, "moe_expert_gate", node("ffn_moe_gate_biased", layer, "ADD_ID"), slots)
+            put(layer, "moe_expert_up", node("ffn_moe_up_biased", layer, "ADD_ID"), slots)
+            put(layer, "moe_expert_swigl", node("ffn_moe_swiglu_oai", layer, "GLU"), slots)
+            put(layer, "moe_expert_out", node("ffn_moe_down_biased", layer, "ADD_ID"), slots)
+            put(layer, "moe_ffn_out", node("ffn_moe_out", layer, "ADD", "CONT", "VIEW"))
+            put(layer, "post_ffn_residual", node("l_out", layer, "ADD"))
+            continue
+        put(layer, "attn_out", node("attn_out", layer, "MUL_MAT"))
         put(layer, "ffn_norm", node("ffn_norm", layer, "MUL"))
         if _is_moe(config):
             k = config["num_experts_per_tok"]
@@ -339,11 +426,13 @@ def _expected_stages(config, layers=None):
     model = [(None, s) for s in ("embedding", "final_norm", "lm_head")]
     attention = ["attn_norm", "qkv_matmul", "q_post_rope", "k_post_rope", "attn_scores", "attn_softmax",
                  "attention", "attn_out", "post_attn_residual", "ffn_norm", "post_ffn_residual"]  # fmt: skip
-    attention += ["qkv_bias"] if config.get("qkv_bias") else []
+    attention += ["qkv_bias"] if config.get("qkv_bias") or config["model_type"] == "gpt_oss" else []
+    attention += ["attn_window", "attn_sink"] if config["model_type"] == "gpt_oss" else []
     attention += ["qk_norm"] if config["model_type"].startswith("qwen3") else []
     if _is_moe(config):
         ffn = ["moe_router_logits", "moe_router", "moe_router_indices", "moe_expert_gate", "moe_expert_up",
                "moe_expert_swigl", "moe_expert_out", "moe_ffn_out"]  # fmt: skip
+        ffn += ["moe_expert_clamp"] if config["model_type"] == "gpt_oss" else []
         if "shared_expert_intermediate_size" in config:
             ffn += ["moe_shared_gate", "moe_shared_up", "moe_shared_swigl", "moe_shared_out", "moe_shared_logit",
                     "moe_shared_weight"]  # fmt: skip
@@ -462,13 +551,14 @@ def _missing(config, stages, seen, layers=None):
     have = {stage for _, stage in stages}
     unknown = sorted(n for n in seen if n not in LAYER_NODES and n not in MODEL_NODES)
     missing = {}
+    node_of = {**NODE_OF, **(NODE_OF_GPT_OSS if config["model_type"] == "gpt_oss" else {})}
     for stage in sorted(expected - have):
         if stage in NOT_RECORDED:
             missing[stage] = NOT_RECORDED[stage]
         else:
             shown = ", ".join(unknown[:40]) + (f" and {len(unknown) - 40} more" if len(unknown) > 40 else "")
             missing[stage] = (
-                f"expected llama.cpp node {NODE_OF.get(stage, '?')}, which this build's graph does not have "
+                f"expected llama.cpp node {node_of.get(stage, '?')}, which this build's graph does not have "
                 f"(its other node names: {shown or 'none'})"
             )
     return missing
