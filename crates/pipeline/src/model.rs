@@ -307,8 +307,22 @@ impl Model {
 
     /// Like [`Model::synthetic`], with `meter` counting the bytes made (a
     /// real-scale preset takes seconds to minutes on the host).
+    ///
+    /// Weights that would not fit in the host's memory are not made at
+    /// all: they are computed where they are read ([`Model::synthetic_on_demand`],
+    /// the same values), so the CPU reference runs a model larger than
+    /// the machine's memory (more slowly at decode, where every step reads
+    /// every routed weight again).
     pub fn synthetic_metered(preset: &str, seed: u64, layers: Option<usize>, meter: &crate::LoadMeter) -> Result<Self> {
-        Self::synthetic_with(preset, seed, layers, |preset, config| preset.generate(config, seed, meter))
+        Self::synthetic_with(preset, seed, layers, |preset, config| match preset.generate(config, seed, meter) {
+            Err(PipelineError::SyntheticTooLarge { need_gb, available_gb, .. }) => {
+                tracing::warn!(
+                    "{need_gb:.1} GB of synthetic weights would not fit in the {available_gb:.1} GB of memory available: each weight is computed where it is read"
+                );
+                Ok(preset.on_demand(config, seed))
+            }
+            other => other,
+        })
     }
 
     /// Like [`Model::synthetic`], but no weight is materialised on the host:

@@ -250,9 +250,13 @@ impl WeightTensor {
     /// (exactly: bf16, f16 and f32 values are all representable in f32).
     pub fn read_f32(&self, start: usize, out: &mut [f32]) {
         if let WeightBytes::Synthetic(r) = &self.bytes {
-            for (i, o) in out.iter_mut().enumerate() {
-                *o = r.value((start + i) as u64).to_f32();
-            }
+            synthetic_values::fill_f32_of_bf16(
+                r.key,
+                start as u64,
+                r.mean,
+                synthetic_values::synthetic_scale(r.std),
+                out,
+            );
             return;
         }
         if let WeightDtype::Quant(kind) = self.dtype {

@@ -49,33 +49,45 @@ pub fn synthetic_value_scaled(key: u64, index: u64, mean: f32, scale: f32) -> f3
 
 /// Fills `out` (little-endian bf16, two bytes a value) with elements
 /// `first..` of the tensor with key `key`: `bf16(synthetic_value(..))`,
-/// rounded to nearest even (values are always finite). Where the CPU has
-/// AVX-512 DQ or AVX2 the same loop is compiled for it and vectorised (the
-/// 64-bit multiplies of [`mix`] are what a portable build leaves scalar);
-/// integer arithmetic and one f32 multiply and add per value give the
-/// same bits on every path.
+/// rounded to nearest even (values are always finite).
 pub fn fill_bf16(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8]) {
+    let (pairs, _) = out.as_chunks_mut::<2>();
+    fill(key, first, mean, scale, pairs, |o: &mut [u8; 2], bits| *o = bits.to_le_bytes());
+}
+
+/// Elements `first..` of the tensor with key `key` as f32: the bf16
+/// values [`fill_bf16`] stores, widened (how the host reads a tensor that
+/// is computed where it is read).
+pub fn fill_f32_of_bf16(key: u64, first: u64, mean: f32, scale: f32, out: &mut [f32]) {
+    fill(key, first, mean, scale, out, |o: &mut f32, bits| *o = f32::from_bits((bits as u32) << 16));
+}
+
+/// `put(out[j], bf16 bits of element first + j)` for every j. Where the
+/// CPU has AVX-512 DQ or AVX2 the same loop is compiled for it and
+/// vectorised (the 64-bit multiplies of [`mix`] are what a portable build
+/// leaves scalar); integer arithmetic and one f32 multiply and add per
+/// value give the same bits on every path.
+fn fill<T, F: Fn(&mut T, u16) + Copy>(key: u64, first: u64, mean: f32, scale: f32, out: &mut [T], put: F) {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512dq") {
             // SAFETY: the CPU has AVX-512 F and DQ (checked above).
-            return unsafe { fill_bf16_avx512(key, first, mean, scale, out) };
+            return unsafe { fill_avx512(key, first, mean, scale, out, put) };
         }
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the CPU has AVX2 (checked above).
-            return unsafe { fill_bf16_avx2(key, first, mean, scale, out) };
+            return unsafe { fill_avx2(key, first, mean, scale, out, put) };
         }
     }
-    fill_bf16_portable(key, first, mean, scale, out)
+    fill_portable(key, first, mean, scale, out, put)
 }
 
 #[inline(always)]
-fn fill_bf16_portable(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8]) {
-    for (j, pair) in out.chunks_exact_mut(2).enumerate() {
+fn fill_portable<T, F: Fn(&mut T, u16)>(key: u64, first: u64, mean: f32, scale: f32, out: &mut [T], put: F) {
+    for (j, o) in out.iter_mut().enumerate() {
         let bits = synthetic_value_scaled(key, first + j as u64, mean, scale).to_bits();
         // Round to nearest even; no NaN can occur.
-        let rounded = ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-        pair.copy_from_slice(&rounded.to_le_bytes());
+        put(o, ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16);
     }
 }
 
@@ -83,16 +95,16 @@ fn fill_bf16_portable(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8
 /// The CPU must support AVX-512 F and DQ.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512dq")]
-unsafe fn fill_bf16_avx512(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8]) {
-    fill_bf16_portable(key, first, mean, scale, out)
+unsafe fn fill_avx512<T, F: Fn(&mut T, u16)>(key: u64, first: u64, mean: f32, scale: f32, out: &mut [T], put: F) {
+    fill_portable(key, first, mean, scale, out, put)
 }
 
 /// # Safety
 /// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn fill_bf16_avx2(key: u64, first: u64, mean: f32, scale: f32, out: &mut [u8]) {
-    fill_bf16_portable(key, first, mean, scale, out)
+unsafe fn fill_avx2<T, F: Fn(&mut T, u16)>(key: u64, first: u64, mean: f32, scale: f32, out: &mut [T], put: F) {
+    fill_portable(key, first, mean, scale, out, put)
 }
 
 #[cfg(test)]
@@ -100,16 +112,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fill_bf16_is_half_s_rounding_of_each_value_on_every_path() {
+    fn fills_are_half_s_rounding_of_each_value_on_every_path() {
         for (key, mean, std) in [(tensor_key(7, "w"), 0.0, 0.02), (tensor_key(3, "norm"), 1.0, 0.5), (1, -2.0, 30.0)] {
             let scale = synthetic_scale(std);
             let mut fast = vec![0u8; 2 * 1001];
             fill_bf16(key, 12_345, mean, scale, &mut fast);
-            let mut portable = vec![0u8; 2 * 1001];
-            fill_bf16_portable(key, 12_345, mean, scale, &mut portable);
+            let mut portable = vec![[0u8; 2]; 1001];
+            fill_portable(key, 12_345, mean, scale, &mut portable, |o: &mut [u8; 2], bits| *o = bits.to_le_bytes());
+            let portable: Vec<u8> = portable.concat();
+            let mut wide = vec![0f32; 1001];
+            fill_f32_of_bf16(key, 12_345, mean, scale, &mut wide);
+            let wide: Vec<u8> = wide.iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
             let want: Vec<u8> = (0..1001u64)
                 .flat_map(|i| half::bf16::from_f32(synthetic_value(key, 12_345 + i, mean, std)).to_bits().to_le_bytes())
                 .collect();
+            assert_eq!(wide, want);
             assert_eq!(fast, want);
             assert_eq!(portable, want);
         }
