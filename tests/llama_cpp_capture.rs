@@ -188,6 +188,34 @@ fn llama_cpp_matches_its_numerics_replayed_and_two_edits_of_its_capture_are_name
     assert_eq!((first.step, first.layer, first.stage), (0, Some(1), S::MoeExpertOut), "{}", free.render(false));
 }
 
+/// The prompt the in-repo families' fixtures were made with.
+const FAMILY_PROMPT: &str = "1,17,42,99,5,77";
+
+/// Records an in-repo fixture's GGUF through llama.cpp (the prompt of
+/// its oracle, 4 generated); returns the recorder's (stdout, stderr).
+fn record_family(gguf: &Path, capture: &Path) -> (String, String) {
+    let output = Command::new("python3")
+        .env("PYTHONPATH", workspace_root().join("python"))
+        .args(["-m", "moetrace_capture.llamacpp"])
+        .arg(gguf)
+        .arg(capture)
+        .args(["--prompt", FAMILY_PROMPT, "--generate", "4", "--threads", "2", "--no-extra-bufts"])
+        .output()
+        .expect("python3 runs");
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{}: {stderr}", gguf.display());
+    (stdout.into_owned(), stderr.into_owned())
+}
+
+/// `check` of a [`record_family`] capture against `model` on the CPU.
+fn check_family(model: &Path, capture: &Path) -> Report {
+    let text = format!(
+        "(model: Path({model:?}), prompt: Tokens([{FAMILY_PROMPT}]), generate: 4, reference: Cpu, target: Capture({capture:?}), threads: 2)"
+    );
+    let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
+    bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
+}
+
 #[test]
 fn llama_cpps_qwen2_moe_and_mixtral_are_checked_clean_at_every_stage() {
     if !llama_cpp_python() {
@@ -205,23 +233,10 @@ fn llama_cpps_qwen2_moe_and_mixtral_are_checked_clean_at_every_stage() {
         let gguf = workspace_root().join("tests/fixtures").join(fixture).join("model.gguf");
         let dir = scratch(&format!("llama-cpp-{fixture}"));
         let capture = dir.join("llama-cpp");
-        let output = Command::new("python3")
-            .env("PYTHONPATH", workspace_root().join("python"))
-            .args(["-m", "moetrace_capture.llamacpp"])
-            .arg(&gguf)
-            .arg(&capture)
-            .args(["--prompt", "1,17,42,99,5,77", "--generate", "4", "--threads", "2", "--no-extra-bufts"])
-            .output()
-            .expect("python3 runs");
-        let log = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success() && !log.contains("not recorded"), "{fixture}: {log}");
-        let stdout = String::from_utf8_lossy(&output.stdout);
+        let (stdout, log) = record_family(&gguf, &capture);
+        assert!(!log.contains("not recorded"), "{fixture}: {log}");
         assert!(stdout.contains(&format!("generated {greedy}")), "{fixture}: {stdout}");
-        let text = format!(
-            "(model: Path({gguf:?}), prompt: Tokens([1, 17, 42, 99, 5, 77]), generate: 4, reference: Cpu, target: Capture({capture:?}), threads: 2)"
-        );
-        let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
-        let report = bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap();
+        let report = check_family(&gguf, &capture);
         assert!(finding_places(&report).is_empty(), "{fixture}: {}", report.render(false));
         let checked: std::collections::BTreeSet<S> = report.rows.iter().map(|r| r.stage).collect();
         assert!(must.iter().all(|s| checked.contains(s)), "{fixture}: {checked:?}");
@@ -250,17 +265,7 @@ fn llama_cpps_gpt_oss_departs_from_the_checkpoint_in_its_yarn_ramp_only() {
     let gguf = fixture.join("model.gguf");
     let dir = scratch("llama-cpp-gpt-oss");
     let capture = dir.join("llama-cpp");
-    let output = Command::new("python3")
-        .env("PYTHONPATH", workspace_root().join("python"))
-        .args(["-m", "moetrace_capture.llamacpp"])
-        .arg(&gguf)
-        .arg(&capture)
-        .args(["--prompt", "1,17,42,99,5,77", "--generate", "4", "--threads", "2", "--no-extra-bufts"])
-        .output()
-        .expect("python3 runs");
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{log}");
-    let stdout = String::from_utf8_lossy(&output.stdout);
+    let (stdout, log) = record_family(&gguf, &capture);
     assert!(stdout.contains("generated [7, 62, 59, 4]"), "the oracle's greedy tokens: {stdout}");
     let not_recorded: Vec<&str> = log.lines().filter(|l| l.starts_with("not recorded:")).collect();
     assert_eq!(not_recorded.len(), 3, "{log}");
@@ -269,14 +274,7 @@ fn llama_cpps_gpt_oss_departs_from_the_checkpoint_in_its_yarn_ramp_only() {
     {
         assert!(not_recorded.iter().any(|l| l.contains(stage) && l.contains(why)), "{stage}: {log}");
     }
-    let check_with = |model: &Path, capture: &Path| {
-        let text = format!(
-            "(model: Path({model:?}), prompt: Tokens([1, 17, 42, 99, 5, 77]), generate: 4, reference: Cpu, target: Capture({capture:?}), threads: 2)"
-        );
-        let config = BisectConfig::parse(&text, Path::new("check.ron")).unwrap();
-        bisect(&config, Path::new("check.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
-    };
-    let report = check_with(&gguf, &capture);
+    let report = check_family(&gguf, &capture);
     let text = report.render(false);
     let grouped = report.grouped_findings();
     assert!(grouped.lone.is_empty(), "{text}");
@@ -301,7 +299,7 @@ fn llama_cpps_gpt_oss_departs_from_the_checkpoint_in_its_yarn_ramp_only() {
     };
     set_truncate(&rounded.join("config.json"), "/rope_parameters/truncate");
     set_truncate(&capture.join("manifest.json"), "/model/config/rope_scaling/truncate");
-    let report = check_with(&rounded, &capture);
+    let report = check_family(&rounded, &capture);
     let rope: Vec<_> = report.rows.iter().filter(|r| [S::QPostRope, S::KPostRope].contains(&r.stage)).collect();
     assert_eq!(rope.len(), 24, "{}", report.render(false));
     // (The router is not judged here: the checkpoint holds it in bf16,

@@ -358,46 +358,35 @@ def step_stages(got, config, start, t_len):
             put(layer, "attn_softmax", probs.reshape(-1, t_len, probs.shape[-1])[:, :, :positions], shape=lambda a: a)
         put(layer, "attention", node("kqv_out", layer, "CONT"))
         put(layer, "post_attn_residual", node("ffn_inp", layer, "ADD"))
-        if gpt_oss:
-            k = config["num_experts_per_tok"]
-
-            def slots(a):
-                return a.reshape(t_len, k, -1)
-
-            put(layer, "attn_out", node("attn_out", layer, "ADD"))
-            put(layer, "ffn_norm", node("attn_post_norm", layer, "MUL"))
-            # Gating by softmax over the chosen: the biased logits are
-            # named ffn_moe_probs (the ADD after ffn_moe_logits).
-            put(layer, "moe_router_logits", node("ffn_moe_probs", layer, "ADD"))
-            put(layer, "moe_router", node("ffn_moe_weights_softmax", layer, "RESHAPE"))
-            ids = node("ffn_moe_topk", layer, "VIEW", "ARGSORT", "TOP_K")
-            put(layer, "moe_router_indices", None if ids is None else ids.astype(np.int32))
-            put(layer, "moe_expert_gate", node("ffn_moe_gate_biased", layer, "ADD_ID"), slots)
-            put(layer, "moe_expert_up", node("ffn_moe_up_biased", layer, "ADD_ID"), slots)
-            put(layer, "moe_expert_swigl", node("ffn_moe_swiglu_oai", layer, "GLU"), slots)
-            put(layer, "moe_expert_out", node("ffn_moe_down_biased", layer, "ADD_ID"), slots)
-            put(layer, "moe_ffn_out", node("ffn_moe_out", layer, "ADD", "CONT", "VIEW"))
-            put(layer, "post_ffn_residual", node("l_out", layer, "ADD"))
-            continue
-        put(layer, "attn_out", node("attn_out", layer, "MUL_MAT"))
-        put(layer, "ffn_norm", node("ffn_norm", layer, "MUL"))
+        # gpt-oss: o_proj's bias added in attn_out, the post-attention norm
+        # under its own name, biased router and experts, the fused SwiGLU.
+        put(layer, "attn_out", node("attn_out", layer, "ADD" if gpt_oss else "MUL_MAT"))
+        put(layer, "ffn_norm", node("attn_post_norm" if gpt_oss else "ffn_norm", layer, "MUL"))
         if _is_moe(config):
             k = config["num_experts_per_tok"]
 
             def slots(a):
                 return a.reshape(t_len, k, -1)
 
-            put(layer, "moe_router_logits", node("ffn_moe_logits", layer, "MUL_MAT"))
-            weights = node("ffn_moe_weights_norm", layer, "DIV")
-            if weights is None and not config.get("norm_topk_prob", True):
-                weights = node("ffn_moe_weights", layer, "GET_ROWS")
-            put(layer, "moe_router", weights)
+            if gpt_oss:
+                # Gating by softmax over the chosen: the biased logits are
+                # named ffn_moe_probs (the ADD after ffn_moe_logits).
+                put(layer, "moe_router_logits", node("ffn_moe_probs", layer, "ADD"))
+                put(layer, "moe_router", node("ffn_moe_weights_softmax", layer, "RESHAPE"))
+            else:
+                put(layer, "moe_router_logits", node("ffn_moe_logits", layer, "MUL_MAT"))
+                weights = node("ffn_moe_weights_norm", layer, "DIV")
+                if weights is None and not config.get("norm_topk_prob", True):
+                    weights = node("ffn_moe_weights", layer, "GET_ROWS")
+                put(layer, "moe_router", weights)
             ids = node("ffn_moe_topk", layer, "VIEW", "ARGSORT", "TOP_K")
             put(layer, "moe_router_indices", None if ids is None else ids.astype(np.int32))
-            put(layer, "moe_expert_gate", node("ffn_moe_gate", layer, "MUL_MAT_ID"), slots)
-            put(layer, "moe_expert_up", node("ffn_moe_up", layer, "MUL_MAT_ID"), slots)
-            put(layer, "moe_expert_swigl", node("ffn_moe_swiglu", layer, "GLU"), slots)
-            put(layer, "moe_expert_out", node("ffn_moe_down", layer, "MUL_MAT_ID"), slots)
+            biased, op = ("_biased", "ADD_ID") if gpt_oss else ("", "MUL_MAT_ID")
+            put(layer, "moe_expert_gate", node("ffn_moe_gate" + biased, layer, op), slots)
+            put(layer, "moe_expert_up", node("ffn_moe_up" + biased, layer, op), slots)
+            swiglu = "ffn_moe_swiglu_oai" if gpt_oss else "ffn_moe_swiglu"
+            put(layer, "moe_expert_swigl", node(swiglu, layer, "GLU"), slots)
+            put(layer, "moe_expert_out", node("ffn_moe_down" + biased, layer, op), slots)
             if "shared_expert_intermediate_size" in config:
                 # llama.cpp's shared expert is a plain FFN beside the routed
                 # ones; its ffn_out adds the gated shared output to
