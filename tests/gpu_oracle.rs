@@ -305,7 +305,8 @@ fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
         return;
     }
     for (name, dir, model) in oracle_fixtures() {
-        let out = scratch(&format!("gpu-bf16-{name}")).join("cuda-bf16");
+        let work = scratch(&format!("gpu-bf16-{name}"));
+        let out = work.join("cuda-bf16");
         let oracle = CaptureDir::open(&dir.join("activations")).unwrap();
         let prompt = format!("{:?}", oracle.manifest.prompt);
         run(&model, &prompt, oracle.manifest.steps.len(), "Cuda(device: 0, dtype: Bf16)", Some(&out));
@@ -321,7 +322,7 @@ fn cuda_bf16_stays_within_3e2_of_the_oracle_and_its_flips_are_near_ties() {
         let mut options = DiffOptions::default();
         let mut storage_worst = None;
         if name.starts_with("tiny-gpt-oss") {
-            let emulated = scratch(&format!("gpu-bf16-{name}")).join("cpu-emulating-bf16");
+            let emulated = work.join("cpu-emulating-bf16");
             run(&model, &prompt, oracle.manifest.steps.len(), "CpuEmulating(Bf16)", Some(&emulated));
             let storage = diff(&dir.join("activations"), &emulated, &DiffOptions::default()).unwrap();
             let w = storage.rows.iter().filter_map(|r| r.rel_l2()).fold(0.0f64, f64::max);
