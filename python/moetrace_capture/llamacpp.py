@@ -59,7 +59,6 @@ RESHAPED_NODES = ("ffn_moe_weights_softmax",)
 # What no node of llama.cpp's graph holds, and why.
 NOT_RECORDED = {
     "ffn_silu": "llama.cpp computes SiLU and the multiply in one fused op (ffn_swiglu)",
-    "attn_window": "llama.cpp applies the window in its KQ mask, a graph input no layer's node names",
     "attn_sink": "llama.cpp adds the sink inside its softmax (ggml_soft_max_add_sinks): no node holds the sink's share",
     "moe_expert_clamp": "llama.cpp clamps inside its fused SwiGLU (ffn_moe_swiglu_oai): no node holds the clamped gate and up",
 }
@@ -90,6 +89,7 @@ NODE_OF_GPT_OSS = {
     "moe_router": "ffn_moe_weights_softmax-L (RESHAPE of the SOFT_MAX)",
     "moe_expert_gate": "ffn_moe_gate_biased-L (ADD_ID)", "moe_expert_up": "ffn_moe_up_biased-L (ADD_ID)",
     "moe_expert_swigl": "ffn_moe_swiglu_oai-L (GLU)", "moe_expert_out": "ffn_moe_down_biased-L (ADD_ID)",
+    "attn_window": "kq_soft_max-L (SOFT_MAX: the first and last position given any weight)",
 }  # fmt: skip
 
 
@@ -299,6 +299,18 @@ def _window(config, layer):
     return None
 
 
+def _window_seen(probs):
+    """[T, 2] int32: the first and last position each row's softmax gave
+    any weight to, over every head. llama.cpp's mask makes a masked
+    position exactly 0 (exp of -inf); a seen one is 0 only where its score
+    is over 100 below the row's largest, far outside any model's range."""
+    seen = (probs > 0).any(axis=0)
+    positions = seen.shape[1]
+    first = seen.argmax(axis=1)
+    last = positions - 1 - seen[:, ::-1].argmax(axis=1)
+    return np.stack([first, last], axis=1).astype(np.int32)
+
+
 def step_stages(got, config, start, t_len):
     """moetrace's stages of one step from llama.cpp's nodes: {(layer, stage):
     array}. llama.cpp's tensors are [ne3, ne2, ne1, ne0] with the token
@@ -355,7 +367,10 @@ def step_stages(got, config, start, t_len):
             put(layer, "attn_scores", np.where(causal[None], np.float32(0), scores), shape=lambda a: a)
         probs = node("kq_soft_max", layer, "SOFT_MAX")
         if probs is not None:
-            put(layer, "attn_softmax", probs.reshape(-1, t_len, probs.shape[-1])[:, :, :positions], shape=lambda a: a)
+            probs = probs.reshape(-1, t_len, probs.shape[-1])[:, :, :positions]
+            put(layer, "attn_softmax", probs, shape=lambda a: a)
+            if gpt_oss:
+                put(layer, "attn_window", _window_seen(probs), shape=lambda a: a)
         put(layer, "attention", node("kqv_out", layer, "CONT"))
         put(layer, "post_attn_residual", node("ffn_inp", layer, "ADD"))
         # gpt-oss: o_proj's bias added in attn_out, the post-attention norm
