@@ -40,6 +40,8 @@ rows=(
 )
 table=()
 rate() { grep -o "$1 [0-9.]* s, [0-9.]* tokens/s" <<<"$2" | grep -o '[0-9.]* tokens/s' | cut -d' ' -f1; }
+# moetrace's rate over a peer's ("383.1 +- 16.2": its mean), or - where either is missing.
+ratio() { python3 -c "import sys; a, b = sys.argv[1], sys.argv[2].split()[0] if sys.argv[2] else ''; print('%.2fx' % (float(a) / float(b)) if a and b not in ('', '-') else '-')" "$1" "$2"; }
 for row in "${rows[@]}"; do
     IFS='|' read -r name preset layers vocab maker hf_layers <<<"$row"
     if [ -n "${ROWS:-}" ] && [[ " $ROWS " != *" $name "* ]]; then continue; fi
@@ -65,7 +67,6 @@ RON
     fi
     m_pp=$(rate "prefill" "$mt" | head -1) m_tg=$(rate "steps" "$mt" | head -1)
     h_pp=$(rate "tokens" "$hf" | head -1) h_tg=$(rate "steps" "$hf" | head -1)
-    ratio() { python3 -c "import sys; a, b = sys.argv[1], sys.argv[2].split()[0] if sys.argv[2] else ''; print('%.2fx' % (float(a) / float(b)) if a and b not in ('', '-') else '-')" "$1" "$2"; }
     table+=("| $name | ${m_tg:--} | $lc_tg | $(ratio "$m_tg" "$lc_tg") | ${h_tg:--} | ${m_pp:--} | $lc_pp | $(ratio "$m_pp" "$lc_pp") | ${h_pp:--} |")
 done
 {

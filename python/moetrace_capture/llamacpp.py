@@ -46,11 +46,19 @@ LAYER_NODES = (
     "ffn_inp", "ffn_norm", "ffn_moe_logits", "ffn_moe_topk", "ffn_moe_weights", "ffn_moe_weights_norm",
     "ffn_moe_gate", "ffn_moe_up", "ffn_moe_swiglu", "ffn_moe_down", "ffn_moe_out",
     "ffn_gate", "ffn_up", "ffn_swiglu", "ffn_out", "l_out", "ffn_shexp_gate_inp", "ffn_shexp_gate", "ffn_shexp",
-    # gpt-oss: the biased o_proj, the post-attention norm, the router's and
-    # experts' biases, the softmax over the chosen logits, the fused SwiGLU.
+)  # fmt: skip
+# gpt-oss's besides (asked for in its graphs only): the biased o_proj, the
+# post-attention norm, the router's and experts' biases, the softmax over
+# the chosen logits, the fused SwiGLU.
+GPT_OSS_NODES = (
     "attn_out", "attn_post_norm", "ffn_moe_probs", "ffn_moe_weights_softmax", "ffn_moe_gate_biased",
     "ffn_moe_up_biased", "ffn_moe_swiglu_oai", "ffn_moe_down_biased",
 )  # fmt: skip
+
+
+def _layer_nodes(config):
+    """The per-layer nodes read for this model."""
+    return LAYER_NODES + (GPT_OSS_NODES if config["model_type"] == "gpt_oss" else ())
 MODEL_NODES = ("embd", "result_norm", "result_output")
 # Nodes read although they are reshapes (llama.cpp names the reshape, not
 # the operation before it): gpt-oss's routing weights after their softmax.
@@ -216,8 +224,9 @@ class _StepNodes:
     """The eval callback: asks for the named nodes and keeps a copy of each,
     by (name, layer, op)."""
 
-    def __init__(self, ggml, layers=None):
+    def __init__(self, ggml, layer_nodes, layers=None):
         self.ggml = ggml
+        self.layer_nodes = layer_nodes
         # The layers recorded (None: all), and the layers whose output only
         # is recorded (the input of a recorded layer after them).
         self.layers = layers
@@ -247,7 +256,7 @@ class _StepNodes:
         base, layer = self.split(g.name(t))
         if g.op(t) == "RESHAPE" and base not in RESHAPED_NODES:
             return None  # a view of a node read anyway (Qcur before RoPE): no stage of its own
-        if (base in LAYER_NODES) == (layer is not None) and self._wanted(base, layer):
+        if (base in self.layer_nodes) == (layer is not None) and self._wanted(base, layer):
             return base, layer
         # The output projection is not named: it is the MUL_MAT reading kqv_out.
         if g.op(t) == "MUL_MAT":
@@ -496,7 +505,7 @@ def record(
         bad = [t for t in prompt if not 0 <= t < n_vocab]
         if bad:
             raise RecorderError(f"prompt token ids {bad} are outside the vocabulary (0..{n_vocab - 1})")
-        nodes = _StepNodes(ggml, layers)
+        nodes = _StepNodes(ggml, _layer_nodes(config), layers)
         cparams = llama_cpp.llama_context_default_params()
         total = len(prompt) + max(generate, 1)
         cparams.n_ctx = max(256, -(-total // 256) * 256)
@@ -553,7 +562,7 @@ def _missing(config, stages, seen, layers=None):
     """Every stage of the recorded layers the recording lacks, with why."""
     expected = {stage for _, stage in _expected_stages(config, layers)}
     have = {stage for _, stage in stages}
-    unknown = sorted(n for n in seen if n not in LAYER_NODES and n not in MODEL_NODES)
+    unknown = sorted(n for n in seen if n not in _layer_nodes(config) and n not in MODEL_NODES)
     missing = {}
     node_of = {**NODE_OF, **(NODE_OF_GPT_OSS if config["model_type"] == "gpt_oss" else {})}
     for stage in sorted(expected - have):

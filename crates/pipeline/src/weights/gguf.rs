@@ -435,4 +435,16 @@ impl ArchKeys<'_> {
     pub fn need_float(&self, k: &str) -> Result<f64, String> {
         self.float(k).ok_or_else(|| format!("missing float metadata key `{}`", self.key(k)))
     }
+
+    /// The YaRN keys every family's `rope_scaling` shares: the factor, the
+    /// original context, and the betas (llama.cpp's defaults, 32 and 1,
+    /// where the file leaves them out). Each family adds its own keys.
+    pub fn yarn_scaling(&self) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+        let mut y = serde_json::Map::new();
+        y.insert("factor".into(), self.need_float("rope.scaling.factor")?.into());
+        y.insert("original_max_position_embeddings".into(), self.int("rope.scaling.original_context_length")?.into());
+        y.insert("beta_fast".into(), self.float("rope.scaling.yarn_beta_fast").unwrap_or(32.0).into());
+        y.insert("beta_slow".into(), self.float("rope.scaling.yarn_beta_slow").unwrap_or(1.0).into());
+        Ok(y)
+    }
 }

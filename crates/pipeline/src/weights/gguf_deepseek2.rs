@@ -76,18 +76,11 @@ pub(super) fn config(h: &GgufHeader, c: &mut Map<String, Value>) -> Result<(), S
         // The converter writes mscale_all_dim as 0.1 * it (llama.cpp
         // PR 17945); DeepSeek's checkpoints have mscale = mscale_all_dim.
         let mscale = m.float("rope.scaling.yarn_log_multiplier").map_or(0.0, |m| m / 0.1);
-        c.insert(
-            "rope_scaling".into(),
-            json!({
-                "type": "yarn",
-                "factor": m.need_float("rope.scaling.factor")?,
-                "original_max_position_embeddings": m.int("rope.scaling.original_context_length")?,
-                "beta_fast": m.float("rope.scaling.yarn_beta_fast").unwrap_or(32.0),
-                "beta_slow": m.float("rope.scaling.yarn_beta_slow").unwrap_or(1.0),
-                "mscale": mscale,
-                "mscale_all_dim": mscale,
-            }),
-        );
+        let mut yarn = m.yarn_scaling()?;
+        yarn.insert("type".into(), json!("yarn"));
+        yarn.insert("mscale".into(), json!(mscale));
+        yarn.insert("mscale_all_dim".into(), json!(mscale));
+        c.insert("rope_scaling".into(), Value::Object(yarn));
     }
     Ok(())
 }

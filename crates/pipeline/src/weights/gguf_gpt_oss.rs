@@ -36,17 +36,10 @@ pub(super) fn config(h: &GgufHeader, c: &mut Map<String, Value>) -> Result<(), S
         if kind != "yarn" {
             return Err(format!("`{}` is `{kind}`: gpt-oss's rotation is yarn", m.key("rope.scaling.type")));
         }
-        c.insert(
-            "rope_scaling".into(),
-            json!({
-                "rope_type": "yarn",
-                "factor": m.need_float("rope.scaling.factor")?,
-                "original_max_position_embeddings": m.int("rope.scaling.original_context_length")?,
-                "beta_fast": m.float("rope.scaling.yarn_beta_fast").unwrap_or(32.0),
-                "beta_slow": m.float("rope.scaling.yarn_beta_slow").unwrap_or(1.0),
-                "truncate": false,
-            }),
-        );
+        let mut yarn = m.yarn_scaling()?;
+        yarn.insert("rope_type".into(), json!("yarn"));
+        yarn.insert("truncate".into(), json!(false));
+        c.insert("rope_scaling".into(), Value::Object(yarn));
     }
     Ok(())
 }

@@ -112,9 +112,22 @@ pub struct SyntheticRecipe {
 }
 
 impl SyntheticRecipe {
-    /// Element `index`, as bf16.
-    pub fn value(&self, index: u64) -> half::bf16 {
-        half::bf16::from_f32(synthetic_value(self.key, index, self.mean, self.std))
+    /// Elements `first..` as little-endian bf16, two bytes a value (one
+    /// loop vectorised where the CPU allows: synthetic_values.rs).
+    pub fn fill_bf16(&self, first: u64, out: &mut [u8]) {
+        synthetic_values::fill_bf16(self.key, first, self.mean, synthetic_values::synthetic_scale(self.std), out);
+    }
+
+    /// Elements `first..` as f32: the bf16 values [`Self::fill_bf16`]
+    /// makes, widened exactly.
+    pub fn fill_f32(&self, first: u64, out: &mut [f32]) {
+        synthetic_values::fill_f32_of_bf16(
+            self.key,
+            first,
+            self.mean,
+            synthetic_values::synthetic_scale(self.std),
+            out,
+        );
     }
 }
 
@@ -225,7 +238,9 @@ impl WeightTensor {
             WeightBytes::Mapped { map, start, end } => Cow::Borrowed(&map[*start..*end]),
             WeightBytes::Owned(v) => Cow::Borrowed(v),
             WeightBytes::Synthetic(r) => {
-                Cow::Owned((0..self.numel() as u64).flat_map(|i| r.value(i).to_bits().to_le_bytes()).collect())
+                let mut bytes = vec![0u8; self.numel() * 2];
+                r.fill_bf16(0, &mut bytes);
+                Cow::Owned(bytes)
             }
             WeightBytes::SyntheticBlocks(r) => Cow::Owned(r.blocks(self.numel())),
         }
@@ -250,13 +265,7 @@ impl WeightTensor {
     /// (exactly: bf16, f16 and f32 values are all representable in f32).
     pub fn read_f32(&self, start: usize, out: &mut [f32]) {
         if let WeightBytes::Synthetic(r) = &self.bytes {
-            synthetic_values::fill_f32_of_bf16(
-                r.key,
-                start as u64,
-                r.mean,
-                synthetic_values::synthetic_scale(r.std),
-                out,
-            );
+            r.fill_f32(start as u64, out);
             return;
         }
         if let WeightDtype::Quant(kind) = self.dtype {

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 use super::gguf::GgmlType;
 use super::synthetic_fp8::Fp8Recipe;
 use super::synthetic_mxfp4::Mxfp4Recipe;
-use super::synthetic_values::{fill_bf16, synthetic_scale, tensor_key};
+use super::synthetic_values::tensor_key;
 use super::{BlockRecipe, SyntheticRecipe, WeightDtype, WeightStore, WeightTensor};
 use crate::config::ModelConfig;
 use crate::error::{PipelineError, Result};
@@ -94,10 +94,8 @@ pub(super) fn generate(
             Recipe::Values(r) => r,
         };
         let mut bytes = vec![0u8; numel * 2];
-        let scale = synthetic_scale(recipe.std);
         bytes.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, out)| {
-            let first = chunk * (1 << 15);
-            fill_bf16(recipe.key, first as u64, recipe.mean, scale, out);
+            recipe.fill_bf16((chunk * (1 << 15)) as u64, out);
             meter.advance(out.len() as u64);
         });
         store.insert(WeightTensor::owned(spec.name, WeightDtype::Bf16, spec.shape, bytes));

@@ -31,7 +31,9 @@ pub fn synthetic_value(key: u64, index: u64, mean: f32, std: f32) -> f32 {
 
 /// The f32 factor [`synthetic_value`] multiplies the centred sum by for a
 /// standard deviation of `std` (computed once per tensor by callers that
-/// make many values).
+/// make many values). kernels-cuda's `synthetic::synthetic_scale` is the
+/// device side's copy (that crate cannot depend on this one); the GPU test
+/// gpu_synthetic holds the two generators to the same bits.
 pub fn synthetic_scale(std: f32) -> f32 {
     // Sum of four U{0..65535}: mean 131070, variance 4 * (65536² - 1) / 12.
     (std as f64 / (4.0 * (65536.0f64 * 65536.0 - 1.0) / 12.0).sqrt()) as f32

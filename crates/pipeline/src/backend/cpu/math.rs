@@ -25,7 +25,7 @@ pub fn dot(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// [`dot`] in plain Rust: the reference order every path keeps.
-pub fn dot_portable(a: &[f32], b: &[f32]) -> f64 {
+fn dot_portable(a: &[f32], b: &[f32]) -> f64 {
     let mut acc = [0.0f64; 8];
     let chunks = a.len().min(b.len()) / 8 * 8;
     for (ca, cb) in a[..chunks].chunks_exact(8).zip(b[..chunks].chunks_exact(8)) {
