@@ -178,42 +178,88 @@ impl GpuDevice {
     fn compile(&self, family: &'static str) -> Result<Arc<CudaModule>> {
         let compile_error = |log: String| KernelError::Compile { family, arch: self.arch.clone(), log };
         let source = sources::source(family).ok_or_else(|| compile_error("no such kernel family".into()))?;
-        let options = [
-            // Exact IEEE arithmetic: the kernels are compared bit for bit or
-            // at 1e-5 against the CPU reference.
-            "--ftz=false".to_string(),
-            "--prec-div=true".into(),
-            "--prec-sqrt=true".into(),
-            "--fmad=false".into(),
-            // A real architecture (sm_90, not compute_90): NVRTC emits the
-            // device's machine code.
-            format!("--gpu-architecture={}", self.arch),
-            // Line info only maps instructions to source lines (for
-            // compute-sanitizer and ncu reports); the code is unchanged.
-            "-lineinfo".into(),
-            format!("-DROUND_BF16={}", u8::from(self.round_bf16)),
-        ];
-        let cubin = compile_cubin(&source, &options).map_err(compile_error)?;
+        let (cubin, _log) =
+            compile_cubin(&source, &compile_options(&self.arch, self.round_bf16)).map_err(compile_error)?;
         self.ctx.load_module(Ptx::from_binary(cubin)).map_err(driver(format!("loading the {family} module")))
     }
 }
 
+/// NVRTC's options for every kernel family: exact IEEE arithmetic and
+/// machine code for `arch` (a real architecture such as `sm_90`).
+fn compile_options(arch: &str, round_bf16: bool) -> Vec<String> {
+    vec![
+        // Exact IEEE arithmetic: the kernels are compared bit for bit or
+        // at 1e-5 against the CPU reference.
+        "--ftz=false".to_string(),
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+        "--fmad=false".into(),
+        // A real architecture (sm_90, not compute_90): NVRTC emits the
+        // device's machine code.
+        format!("--gpu-architecture={arch}"),
+        // Line info only maps instructions to source lines (for
+        // compute-sanitizer and ncu reports); the code is unchanged.
+        "-lineinfo".into(),
+        format!("-DROUND_BF16={}", u8::from(round_bf16)),
+    ]
+}
+
+/// What compiling one family without a device said: its name, and ptxas's
+/// report of each entry point (registers, spills, shared memory).
+#[derive(Debug, Clone)]
+pub struct OfflineCompile {
+    /// The kernel family (a name of [`sources::FAMILIES`]).
+    pub family: &'static str,
+    /// ptxas's verbose log: one "Used N registers" line per entry point.
+    pub ptxas_log: String,
+}
+
+/// Every kernel family compiled by NVRTC for `arch` with the options a
+/// device uses (both values of `ROUND_BF16`), with no GPU and no driver:
+/// what lets a machine without a GPU catch a kernel that does not compile
+/// before device time is spent on it. Err([`KernelError::NvrtcMissing`])
+/// where libnvrtc cannot be loaded; a family that fails names itself and
+/// carries the compiler's log.
+pub fn compile_all_offline(arch: &str) -> Result<Vec<OfflineCompile>> {
+    // SAFETY: only tries to dlopen libnvrtc by name.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(KernelError::NvrtcMissing);
+    }
+    let mut out = Vec::new();
+    for &(family, _) in sources::FAMILIES {
+        let full = sources::source(family).expect("a listed family");
+        for round_bf16 in [false, true] {
+            let mut options = compile_options(arch, round_bf16);
+            options.push("--ptxas-options=-v".into());
+            let (_cubin, log) = compile_cubin(&full, &options).map_err(|log| KernelError::Compile {
+                family,
+                arch: arch.to_string(),
+                log,
+            })?;
+            if !round_bf16 {
+                out.push(OfflineCompile { family, ptxas_log: log });
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// NVRTC: `source` compiled with `options` to a cubin (machine code for the
-/// real architecture the options name). The error is the compiler's log.
-fn compile_cubin(source: &str, options: &[String]) -> std::result::Result<Vec<u8>, String> {
+/// real architecture the options name), with the compiler's log. The error
+/// is the compiler's log.
+fn compile_cubin(source: &str, options: &[String]) -> std::result::Result<(Vec<u8>, String), String> {
     use cudarc::nvrtc::{result, sys};
     let src = std::ffi::CString::new(source).map_err(|_| "the kernel source holds a NUL byte".to_string())?;
     let prog = result::create_program(&src, None).map_err(|e| format!("creating the program: {e:?}"))?;
     // SAFETY: prog is a live program; every call below passes it with
     // buffers of the sizes NVRTC reported; it is destroyed once, last.
     let outcome = unsafe {
-        match result::compile_program(prog, options) {
-            Err(e) => {
-                let log = result::get_program_log(prog)
-                    .map(|raw| std::ffi::CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                Err(format!("{e:?}\n{log}"))
-            }
+        let compiled = result::compile_program(prog, options);
+        let log = result::get_program_log(prog)
+            .map(|raw| std::ffi::CStr::from_ptr(raw.as_ptr()).to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match compiled {
+            Err(e) => Err(format!("{e:?}\n{log}")),
             Ok(()) => {
                 let mut size = 0usize;
                 match sys::nvrtcGetCUBINSize(prog, &mut size).result() {
@@ -223,7 +269,7 @@ fn compile_cubin(source: &str, options: &[String]) -> std::result::Result<Vec<u8
                         let mut cubin = vec![0u8; size];
                         sys::nvrtcGetCUBIN(prog, cubin.as_mut_ptr().cast())
                             .result()
-                            .map(|()| cubin)
+                            .map(|()| (cubin, log))
                             .map_err(|e| format!("reading the cubin: {e:?}"))
                     }
                 }
@@ -251,6 +297,32 @@ mod tests {
         if !driver_present {
             let msg = GpuDevice::open(0).err().unwrap().to_string();
             assert!(msg.contains("libcuda") && msg.contains("backend: Cpu"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn every_family_compiles_for_hopper_without_a_device_and_nothing_spills() {
+        match compile_all_offline("sm_90") {
+            Err(KernelError::NvrtcMissing) => {
+                let why = "libnvrtc.so.13 not found (pip install nvidia-cuda-nvrtc==13.* and add its lib folder to LD_LIBRARY_PATH)";
+                assert!(std::env::var_os("MOETRACE_CI").is_none(), "CI must compile the kernels: {why}");
+                eprintln!("SKIPPED: {why}; no kernel was compiled");
+            }
+            Err(e) => panic!("{e}"),
+            Ok(reports) => {
+                assert_eq!(reports.len(), sources::FAMILIES.len());
+                for r in &reports {
+                    let entries = r.ptxas_log.matches("Compiling entry function").count();
+                    assert!(entries > 0, "{}: no ptxas report\n{}", r.family, r.ptxas_log);
+                    // A spill is local memory in the inner loop: the
+                    // register budget was overrun (the device-side test of
+                    // the grouped kernel checks its own count too).
+                    for line in r.ptxas_log.lines().filter(|l| l.contains("spill stores")) {
+                        assert!(line.contains(" 0 bytes spill stores, 0 bytes spill loads"), "{}: {line}", r.family);
+                    }
+                    eprintln!("{}: {entries} entry points compiled for sm_90, none spills", r.family);
+                }
+            }
         }
     }
 }
