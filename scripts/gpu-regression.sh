@@ -14,6 +14,9 @@
 #     step, layer, token and expert: 2% on one expert slot at a decode step,
 #     2% on one prompt token's attention output, 1% on one decode step's
 #     whole ffn_norm.
+# REFERENCE names bisect's reference (default Cpu; `Cuda(device: 0, dtype:
+# F64)` is the CPU reference with its products on the device: the same
+# verdicts, the time to them is what changes).
 # CASES picks cases by name (default: all); a case is
 #   name|preset|layers|seed|prompt tokens|generate|faults[|vocab]
 # (vocab: the prompt's ids are taken modulo it, 151936 by default).
@@ -60,7 +63,7 @@ for case in "${all_cases[@]}"; do
     prompt=$(python3 -c "print(', '.join(str((i * 7919 + 13 * $seed) % ${vocab:-151936}) for i in range($n)))")
     model="Synthetic(preset: \"$preset\", seed: $seed, layers: $layers)"
     cat >"$work/$name.ron" <<RON
-(model: $model, prompt: Tokens([$prompt]), generate: $gen, reference: Cpu, target: Cuda(device: 0, dtype: Bf16))
+(model: $model, prompt: Tokens([$prompt]), generate: $gen, reference: ${REFERENCE:-Cpu}, target: Cuda(device: 0, dtype: Bf16))
 RON
     args=()
     if [ -n "$faults" ]; then
@@ -89,7 +92,7 @@ RON
     gzip -c "$out/$name.json" >"$final/$name.json.gz"
 done
 echo
-echo "regression table ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F), threshold: findings above 2x expected)"
+echo "regression table ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), $(date -u +%F), reference ${REFERENCE:-Cpu}, threshold: findings above 2x expected)"
 printf '%s\n' "${results[@]}" | tee "$final/table-regression.txt"
 tar -czf "$final/regression-reports.tar.gz" -C "$out" .
 rm -rf "$work" "$out"

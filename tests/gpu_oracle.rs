@@ -7,7 +7,7 @@ use std::path::Path;
 
 use capture::CaptureDir;
 use compare::diff::{DiffOptions, diff};
-use moetrace_tests::{fixture, gguf_fixture, gpu_enabled, greedy_continuation, rel_l2, scratch};
+use moetrace_tests::{fixture, gguf_fixture, gpu_enabled, greedy_continuation, oracle_fixtures, rel_l2, scratch};
 use session::RunConfig;
 use session::bisect::{BisectConfig, BisectOptions, bisect};
 use stage_types::SaveTensorStage as S;
@@ -136,57 +136,6 @@ fn cuda_f32_matches_the_oracle_at_every_stage() {
         let report = diff(&dir.join("activations"), &out, &DiffOptions::default()).unwrap();
         assert!(report.first_divergence().is_none(), "{}", report.render(false));
     }
-}
-
-/// The oracle fixtures present: (name, folder, the model as a config
-/// names it). The GGUF fixture's weights are decoded when uploaded.
-fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
-    let mut found = Vec::new();
-    for name in ["tiny-qwen3-moe", "tiny-qwen3"] {
-        if let Some(dir) = fixture(name) {
-            let model = format!("Path({:?})", dir.join("model"));
-            found.push((name, dir, model));
-        }
-    }
-    if let Some(dir) = gguf_fixture("tiny-qwen3-moe-q4km") {
-        let model = format!("Path({:?})", dir.join("model/model.gguf"));
-        found.push(("tiny-qwen3-moe-q4km", dir, model));
-    }
-    // The in-repo fixtures of the other families (always there).
-    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-mixtral-oracle");
-    let model = format!("Path({:?})", dir.join("model"));
-    found.push(("tiny-mixtral-oracle", dir.clone(), model));
-    let model = format!("Path({:?})", dir.join("model.gguf"));
-    found.push(("tiny-mixtral-oracle-gguf", dir, model));
-    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-oracle");
-    let model = format!("Path({:?})", dir.join("model"));
-    found.push(("tiny-qwen2-moe-oracle", dir, model));
-    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-qwen2-moe-gguf-oracle");
-    let model = format!("Path({:?})", dir.join("model.gguf"));
-    found.push(("tiny-qwen2-moe-gguf-oracle", dir, model));
-    // FP8 block-scaled projections (decoded on the host before upload).
-    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-moe-fp8-oracle");
-    let model = format!("Path({:?})", dir.join("model"));
-    found.push(("tiny-moe-fp8-oracle", dir, model));
-    // DeepSeek-V3: MLA with q_lora (dense layers), with a plain q_proj,
-    // and with the grouped router and shared experts (cuda/mla.rs).
-    for name in moetrace_tests::DEEPSEEK_FIXTURES {
-        let dir = moetrace_tests::workspace_root().join("tests/fixtures").join(name);
-        let model = format!("Path({:?})", dir.join("model"));
-        found.push((name, dir, model));
-    }
-    // The MoE one as llama.cpp's converter writes it (`deepseek2`).
-    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-deepseek-v3-moe-oracle");
-    let model = format!("Path({:?})", dir.join("model.gguf"));
-    found.push(("tiny-deepseek-v3-moe-oracle-gguf", dir, model));
-    // gpt-oss: sinks, windows, the clamp, MXFP4 experts kept MXFP4 on the
-    // device (cuda/oss.rs), from the hub's layout and from llama.cpp's.
-    let dir = moetrace_tests::workspace_root().join("tests/fixtures/tiny-gpt-oss-oracle");
-    let model = format!("Path({:?})", dir.join("model"));
-    found.push(("tiny-gpt-oss-oracle", dir.clone(), model));
-    let model = format!("Path({:?})", dir.join("model.gguf"));
-    found.push(("tiny-gpt-oss-oracle-gguf", dir, model));
-    found
 }
 
 #[test]

@@ -320,7 +320,9 @@ mod tests {
                     for line in r.ptxas_log.lines().filter(|l| l.contains("spill stores")) {
                         assert!(line.contains(" 0 bytes spill stores, 0 bytes spill loads"), "{}: {line}", r.family);
                     }
-                    eprintln!("{}: {entries} entry points compiled for sm_90, none spills", r.family);
+                    let used: Vec<&str> =
+                        r.ptxas_log.lines().filter_map(|l| l.split_once("Used ").map(|(_, u)| u)).collect();
+                    eprintln!("{}: {entries} entry points compiled for sm_90, none spills: {used:?}", r.family);
                 }
             }
         }

@@ -10,6 +10,8 @@
 //! - [`synthetic`]: synthetic weights generated on the device, bit-identical
 //!   to the host generator.
 //!
+//! - [`reference`]: the CPU reference's products on the device, to the
+//!   bit (the `Cuda(dtype: F64)` reference).
 //! - [`blas`]: the projections through cuBLAS (f32 without TF32, or bf16
 //!   operands with f32 accumulation).
 //!
@@ -21,6 +23,7 @@ pub mod error;
 pub mod gather;
 pub mod kernels;
 pub mod quant;
+pub mod reference;
 pub mod sources;
 pub mod synthetic;
 

@@ -19,6 +19,7 @@ pub const FAMILIES: &[(&str, &str)] = &[
     ("norm", include_str!("../kernels/norm.cu")),
     ("oss", include_str!("../kernels/oss.cu")),
     ("quant", include_str!("../kernels/quant.cu")),
+    ("reference", include_str!("../kernels/reference.cu")),
     ("synthetic", include_str!("../kernels/synthetic.cu")),
 ];
 

@@ -16,6 +16,10 @@ pub enum CudaDtype {
     F32,
     /// bf16 weights and activations, f32 accumulation.
     Bf16,
+    /// The CPU reference (f64 accumulation, f32 storage) with its matrix
+    /// products on the device, to the bit: a reference, not a fast path
+    /// (bisect's and check's `reference:`).
+    F64,
 }
 
 /// Which backend computes the forward pass (or, as bisect's target only,
@@ -70,7 +74,7 @@ impl CudaDtype {
     /// The precision this names (the one mapping from config to pipeline).
     pub fn precision(self) -> Precision {
         match self {
-            CudaDtype::F32 => Precision::F32,
+            CudaDtype::F32 | CudaDtype::F64 => Precision::F32,
             CudaDtype::Bf16 => Precision::Bf16,
         }
     }
@@ -82,9 +86,11 @@ impl CudaDtype {
 }
 
 impl BackendSpec {
-    /// Whether this is a CUDA backend.
+    /// Whether this backend keeps its weights and activations on a CUDA
+    /// device (`Cuda(dtype: F64)` keeps them on the host: it is the CPU
+    /// reference with its products on the device).
     pub fn is_cuda(&self) -> bool {
-        matches!(self, BackendSpec::Cuda { .. })
+        matches!(self, BackendSpec::Cuda { dtype, .. } if *dtype != CudaDtype::F64)
     }
 
     /// The capture folder, for a `Capture` target.

@@ -155,6 +155,9 @@ pub fn bisect(
     }
     let names = [reference.name, target.name];
     drop((reference, target, expected));
+    if let Some(note) = opened.products_note() {
+        report.notes.push(format!("the reference's {note}"));
+    }
     if let Some(sessions) = sessions {
         let faults: [&[FaultSpec]; 2] = [&[], &config.session.faults];
         let routing = [None, replay.as_ref()];

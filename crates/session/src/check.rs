@@ -178,6 +178,9 @@ pub(crate) fn check_capture(
             if more > 0 { format!(" and {more} more") } else { String::new() }
         ));
     }
+    if let Some(note) = opened.products_note() {
+        report.notes.push(format!("the reference's {note}"));
+    }
     mark_findings(&mut report.rows);
     clear_consumer_findings(&mut report, &model.config);
     let starts: Vec<(usize, usize)> = steps.iter().map(|s| (s.step, s.start)).collect();

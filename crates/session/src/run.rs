@@ -65,6 +65,9 @@ pub struct RunSummary {
     /// Decode steps replayed from a recorded CUDA graph (0: every step ran
     /// its stage systems eagerly, as any capture or fault makes them).
     pub graph_replays: usize,
+    /// What the device products of a `Cuda(dtype: F64)` run computed (one
+    /// line), or None.
+    pub products: Option<String>,
 }
 
 /// A run's summary and the logits of its last step.
@@ -135,6 +138,7 @@ pub fn run(config: &RunConfig, config_path: &Path, on_event: &mut dyn FnMut(RunE
         out_dir: None,
         generated_text: spec.resolved.text.as_ref().map(|p| p.tokenizer.decode(&generation.generated)),
         graph_replays,
+        products: opened.products_note(),
     };
     if let Some(session) = session {
         let generation = (&generation.generated[..], &generation.steps[..]);

@@ -6,11 +6,13 @@
 //! says (bisect: the target, and replay to the expected side too).
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capture::lifecycle::{CaptureSession, RunRecord};
 use compare::manifest::ManifestPromptText;
 use pipeline::backend::contract::NumericContract;
+use pipeline::backend::cpu::device_products::DeviceProducts;
 use pipeline::{Backend, CpuBackend, Forward, LoadMeter, Model, ModelSource, StepRecord};
 
 use crate::config::ModelSpec;
@@ -32,6 +34,10 @@ pub struct Session<'a> {
     pub meter: LoadMeter,
     /// Time the model took to load.
     pub load_time: Duration,
+    /// The device products of a `Cuda(dtype: F64)` reference, opened by
+    /// the first such backend and shared by every CPU pass after it (the
+    /// expected side's too), so weights go to the device once.
+    products: Mutex<Option<Arc<dyn DeviceProducts>>>,
 }
 
 /// One backend's forward pass, ready for its first step.
@@ -73,7 +79,7 @@ impl<'a> Session<'a> {
         tracing::info!(model = %describe_model(&model), seconds = load_time.as_secs_f64(), "model loaded");
         let host_passes = backends.iter().filter(|b| !b.is_cuda()).count() + extra_host_passes;
         spec.check_against_model(path, &model.config, host_passes)?;
-        Ok(Self { spec, path, model, meter, load_time })
+        Ok(Self { spec, path, model, meter, load_time, products: Mutex::new(None) })
     }
 
     /// The forward pass of `backend`: the backend built, its device (if it
@@ -120,7 +126,10 @@ impl<'a> Session<'a> {
 
     /// A CPU forward pass keeping `contract` (bisect's expected side).
     pub fn emulating(&self, contract: NumericContract) -> Result<Forward> {
-        let backend = CpuBackend::new(self.model.store.clone(), self.spec.threads)?.with_contract(contract);
+        let mut backend = CpuBackend::new(self.model.store.clone(), self.spec.threads)?.with_contract(contract);
+        if let Some(products) = self.products.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+            backend = backend.with_device_products(products);
+        }
         Ok(Forward::new(&self.model, Box::new(backend)))
     }
 
@@ -182,6 +191,11 @@ impl<'a> Session<'a> {
                 Ok(Box::new(backend))
             }
             #[cfg(feature = "cuda")]
+            BackendSpec::Cuda { device, dtype: crate::backend_spec::CudaDtype::F64, .. } => {
+                let products = self.products(*device, spec)?;
+                Ok(Box::new(CpuBackend::new(store, threads)?.with_device_products(products)))
+            }
+            #[cfg(feature = "cuda")]
             BackendSpec::Cuda { device, dtype, graphs } => {
                 match pipeline::CudaBackend::new_metered(&self.model, *device, dtype.precision(), &self.meter) {
                     Ok(mut backend) => {
@@ -205,6 +219,35 @@ impl<'a> Session<'a> {
                 message: format!("backend: {spec}: this build has no CUDA support (build with the `cuda` feature)"),
             }),
         }
+    }
+}
+
+impl Session<'_> {
+    /// The session's device products on `device`, opened the first time.
+    #[cfg(feature = "cuda")]
+    fn products(&self, device: usize, spec: &BackendSpec) -> Result<Arc<dyn DeviceProducts>> {
+        let mut products = self.products.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = products.as_ref() {
+            return Ok(p.clone());
+        }
+        let opened: Arc<dyn DeviceProducts> =
+            match pipeline::backend::cuda::reference_products::CudaProducts::open(device) {
+                Ok(p) => Arc::new(p),
+                Err(pipeline::PipelineError::BackendUnavailable(why)) => {
+                    return Err(SessionError::ConfigValue {
+                        path: self.path.to_path_buf(),
+                        message: format!("backend: {spec}: {why}"),
+                    });
+                }
+                Err(other) => return Err(other.into()),
+            };
+        *products = Some(opened.clone());
+        Ok(opened)
+    }
+
+    /// One line on the device products, if a pass used them.
+    pub fn products_note(&self) -> Option<String> {
+        self.products.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|p| p.describe())
     }
 }
 

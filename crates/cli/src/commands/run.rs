@@ -72,6 +72,9 @@ pub fn execute(args: &RunArgs) -> Result<ExitCode, String> {
     if let Some(text) = &s.generated_text {
         crate::say!("text: {text:?}");
     }
+    if let Some(products) = &s.products {
+        crate::say!("reference {products}");
+    }
     match &s.out_dir {
         Some(dir) => crate::say!(
             "capture: {} tensors, {:.2} MB written to {}",

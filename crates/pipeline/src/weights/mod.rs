@@ -246,6 +246,18 @@ impl WeightTensor {
         }
     }
 
+    /// The stored bytes where they are held in memory (owned, or a mapped
+    /// file's range), with what keeps them alive; None for a synthetic
+    /// tensor computed where it is read. For a reader that keeps the host's
+    /// pages (the reference's device products register them).
+    pub fn host_bytes(&self) -> Option<(&[u8], Arc<dyn std::any::Any + Send + Sync>)> {
+        match &self.bytes {
+            WeightBytes::Mapped { map, start, end } => Some((&map[*start..*end], map.clone())),
+            WeightBytes::Owned(v) => Some((v.as_slice(), v.clone())),
+            WeightBytes::Synthetic(_) | WeightBytes::SyntheticBlocks(_) => None,
+        }
+    }
+
     /// Size in bytes in its stored dtype.
     pub fn byte_len(&self) -> usize {
         self.dtype.bytes_for(self.numel())

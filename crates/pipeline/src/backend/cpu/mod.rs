@@ -6,6 +6,7 @@
 //! measures the error a correct implementation of it makes.
 
 mod attention;
+pub mod device_products;
 mod ggml_activations;
 pub mod ggml_cuda;
 mod grouped_router_ops;
@@ -44,6 +45,9 @@ pub struct CpuBackend {
     /// A public bug this backend reproduces on purpose (a test target), or
     /// None: the reference.
     bug: Option<known_bugs::KnownBug>,
+    /// Where the products run when not on this pool (the same bits), or
+    /// None.
+    products: Option<Arc<dyn device_products::DeviceProducts>>,
 }
 
 impl CpuBackend {
@@ -64,6 +68,7 @@ impl CpuBackend {
             pool,
             contract: NumericContract::REFERENCE,
             bug: None,
+            products: None,
             threads,
             slots: vec![None; Slot::ALL.len()],
             tokens: Vec::new(),
@@ -119,8 +124,21 @@ impl CpuBackend {
         self
     }
 
-    /// `math::matmul_t` on the pool, the input rows converted first when
-    /// llama.cpp's numerics are on.
+    /// Computes the products on `products` where it takes them (the same
+    /// bits: a reference whose products run on a device, `Cuda(dtype:
+    /// F64)`); llama.cpp's contracts keep theirs here.
+    pub fn with_device_products(mut self, products: Arc<dyn device_products::DeviceProducts>) -> Self {
+        self.products = Some(products);
+        self
+    }
+
+    /// The device products this backend uses, if any.
+    pub fn device_products(&self) -> Option<&Arc<dyn device_products::DeviceProducts>> {
+        self.products.as_ref()
+    }
+
+    /// `math::matmul_t` on the pool (or on the device products), the input
+    /// rows converted first when llama.cpp's numerics are on.
     fn matmul(&self, inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
         if self.ggml_cuda_batched() {
             if let Some(out) = self.pool.install(|| ggml_cuda::matmul_mmq(inputs, w)) {
@@ -139,7 +157,12 @@ impl CpuBackend {
                 let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
                 self.pool.install(|| math::matmul_t_as(&rows, w, self.contract.weights))
             }
-            None => self.pool.install(|| math::matmul_t_as(inputs, w, self.contract.weights)),
+            None => {
+                if let Some(out) = self.products.as_ref().and_then(|p| p.matmul_t(inputs, w, self.contract.weights)) {
+                    return out;
+                }
+                self.pool.install(|| math::matmul_t_as(inputs, w, self.contract.weights))
+            }
         }
     }
 
@@ -212,7 +235,7 @@ impl CpuBackend {
 
 impl Backend for CpuBackend {
     fn name(&self) -> &'static str {
-        "cpu"
+        self.products.as_ref().map_or("cpu", |p| p.backend_name())
     }
 
     fn numeric_contract(&self) -> NumericContract {

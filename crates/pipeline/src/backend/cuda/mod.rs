@@ -39,6 +39,7 @@ mod oss;
 mod profile;
 mod projections;
 mod quantized;
+pub mod reference_products;
 mod staging;
 mod taps;
 mod tensors;

@@ -1,0 +1,77 @@
+//! [`CudaProducts`]: the CPU reference's products on a CUDA device, to the
+//! bit (kernels_cuda::reference). `Cuda(dtype: F64)` is the CPU reference
+//! with these products: every other stage is its own code.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use kernels_cuda::reference::{HostWeight, ReferenceDots};
+
+use super::kernel_error;
+use crate::backend::contract::Precision;
+use crate::backend::cpu::device_products::DeviceProducts;
+use crate::error::Result;
+use crate::weights::{WeightDtype, WeightTensor};
+
+/// The reference's products on one device.
+pub struct CudaProducts {
+    dots: ReferenceDots,
+    /// Set when the device failed: from then on the CPU computes them.
+    failed: AtomicBool,
+}
+
+impl CudaProducts {
+    /// Opens device `ordinal` (a context of its own beside any other run's).
+    pub fn open(ordinal: usize) -> Result<Self> {
+        Ok(Self { dots: ReferenceDots::open(ordinal).map_err(kernel_error)?, failed: AtomicBool::new(false) })
+    }
+
+    /// What the device did so far.
+    pub fn stats(&self) -> kernels_cuda::reference::DotsStats {
+        self.dots.stats()
+    }
+}
+
+impl DeviceProducts for CudaProducts {
+    fn matmul_t(&self, inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> Option<Vec<f32>> {
+        if self.failed.load(Ordering::Relaxed) {
+            return None;
+        }
+        // f32 and bf16 tensors held in memory; block formats, FP8 and
+        // weights computed on read stay on the CPU.
+        let bf16 = match w.dtype {
+            WeightDtype::Bf16 => true,
+            WeightDtype::F32 => false,
+            _ => return None,
+        };
+        let (bytes, owner) = w.host_bytes()?;
+        let cols = w.row_len();
+        let host = HostWeight { bytes, bf16, rows: w.numel() / cols.max(1), cols, owner };
+        match self.dots.matmul_t(&host, inputs, weights == Precision::Bf16) {
+            Ok(out) => out,
+            Err(e) => {
+                tracing::warn!(
+                    "the reference's products failed on {} ({e}); the CPU computes them from here on (the same results)",
+                    self.dots.device_name()
+                );
+                self.failed.store(true, Ordering::Relaxed);
+                None
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        let s = self.dots.stats();
+        format!(
+            "products on {}: {} launches, {:.1} GB of weights in device memory, {:.1} GB read from host memory, {} tensors on the CPU",
+            self.dots.device_name(),
+            s.launches,
+            s.copied_bytes as f64 / 1e9,
+            s.mapped_bytes as f64 / 1e9,
+            s.declined
+        )
+    }
+
+    fn backend_name(&self) -> &'static str {
+        "cuda-f64"
+    }
+}
