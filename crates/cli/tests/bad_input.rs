@@ -230,16 +230,23 @@ fn a_closed_stderr_neither_panics_nor_hangs() {
 
 #[test]
 fn a_cuda_backend_without_a_driver_is_a_clear_error() {
-    let dir = scratch("bad-input-no-driver");
-    let text = config(SYNTHETIC, "all", "all").replace("backend: Cpu", "backend: Cuda(device: 0, dtype: F32)");
-    let path = dir.join("probe.ron");
-    std::fs::write(&path, text.replace("OUT", &dir.join("probe-captures").display().to_string())).unwrap();
-    let probe = run_config(&path);
-    if probe.status.success() {
-        eprintln!("SKIPPED: this machine has a working NVIDIA driver, so the missing-driver error cannot occur here");
-        return;
+    // F64: the CPU reference with its products on the device, which needs
+    // the driver too.
+    for dtype in ["F32", "F64"] {
+        let dir = scratch(&format!("bad-input-no-driver-{dtype}"));
+        let backend = format!("backend: Cuda(device: 0, dtype: {dtype})");
+        let text = config(SYNTHETIC, "all", "all").replace("backend: Cpu", &backend);
+        let path = dir.join("probe.ron");
+        std::fs::write(&path, text.replace("OUT", &dir.join("probe-captures").display().to_string())).unwrap();
+        let probe = run_config(&path);
+        if probe.status.success() {
+            eprintln!(
+                "SKIPPED: this machine has a working NVIDIA driver, so the missing-driver error cannot occur here"
+            );
+            return;
+        }
+        expect_failure(&dir, &text, &["no NVIDIA driver found", "libcuda", "backend: Cpu", &backend[9..]]);
     }
-    expect_failure(&dir, &text, &["no NVIDIA driver found", "libcuda", "backend: Cpu"]);
 }
 
 #[test]
