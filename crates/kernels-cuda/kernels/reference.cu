@@ -56,7 +56,6 @@ extern "C" __global__ void ref_matmul_t(const float* xt, const void* w, int w_is
     __shared__ float row[REF_CHUNK];
     const long long r = blockIdx.x;
     const int i = blockIdx.y * blockDim.x + threadIdx.x;
-    const int full = k / 8 * 8;  // elements in full groups of eight
     double lane[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
     double tail = 0.0;
     for (int base = 0; base < k; base += REF_CHUNK) {
@@ -67,8 +66,10 @@ extern "C" __global__ void ref_matmul_t(const float* xt, const void* w, int w_is
         }
         __syncthreads();
         if (i < m) {
+            // base is a multiple of 8: a whole group of this pass is a
+            // whole group of the row; what is left is the row's tail.
             int j = 0;
-            for (; j + 8 <= len && base + j + 8 <= full; j += 8) {
+            for (; j + 8 <= len; j += 8) {
 #pragma unroll
                 for (int l = 0; l < 8; ++l) {
                     double product = (double)xt[(long long)(base + j + l) * m + i] * (double)row[j + l];
