@@ -92,7 +92,7 @@ impl Values {
         let r = self.state >> 11;
         if self.big > 0 {
             let sign = if r & 1 == 0 { 1.0 } else { -1.0 };
-            return sign * if weight && (r >> 1) % self.big == 0 { 2f32.powi(60) } else { 1.0 };
+            return sign * if weight && (r >> 1).is_multiple_of(self.big) { 2f32.powi(60) } else { 1.0 };
         }
         let special = if self.specials > 0 { r % self.specials } else { u64::MAX };
         match (special, r % 997) {
