@@ -126,7 +126,8 @@ impl CpuBackend {
 
     /// Computes the products on `products` where it takes them (the same
     /// bits: a reference whose products run on a device, `Cuda(dtype:
-    /// F64)`); llama.cpp's contracts keep theirs here.
+    /// F64)`); llama.cpp's CPU contract converts the inputs here first, and
+    /// its CUDA contract's batched kernels stay here.
     pub fn with_device_products(mut self, products: Arc<dyn device_products::DeviceProducts>) -> Self {
         self.products = Some(products);
         self
@@ -152,18 +153,14 @@ impl CpuBackend {
             Some(path) => inputs.iter().map(|x| ggml_activations::as_vec_dot_input(path, w.dtype, x)).collect(),
             None => None,
         };
-        match converted {
-            Some(rows) => {
-                let rows: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
-                self.pool.install(|| math::matmul_t_as(&rows, w, self.contract.weights))
-            }
-            None => {
-                if let Some(out) = self.products.as_ref().and_then(|p| p.matmul_t(inputs, w, self.contract.weights)) {
-                    return out;
-                }
-                self.pool.install(|| math::matmul_t_as(inputs, w, self.contract.weights))
-            }
+        let rows: Vec<&[f32]> = match &converted {
+            Some(rows) => rows.iter().map(Vec::as_slice).collect(),
+            None => inputs.to_vec(),
+        };
+        if let Some(out) = self.products.as_ref().and_then(|p| p.matmul_t(&rows, w, self.contract.weights)) {
+            return out;
         }
+        self.pool.install(|| math::matmul_t_as(&rows, w, self.contract.weights))
     }
 
     /// Whether this step runs llama.cpp's batched CUDA kernels (a contract
