@@ -128,6 +128,9 @@ fn title_of(row: &Row, mode: Mode) -> String {
     if let Some(e) = row.worst_expert {
         let _ = write!(t, "\nexpert {e}");
     }
+    if let Some(rank) = row.worst_rank {
+        let _ = write!(t, "\nrank {rank}");
+    }
     if let Some(e) = &row.expected {
         let _ = write!(
             t,
@@ -340,6 +343,9 @@ fn finding_line(row: &Row) -> String {
     }
     if let Some(e) = row.worst_expert {
         let _ = write!(place, ", expert {e}");
+    }
+    if let Some(rank) = row.worst_rank {
+        let _ = write!(place, ", rank {rank}");
     }
     format!("<li><b>{}</b>: {}</li>", esc(&place), esc(&what))
 }

@@ -35,6 +35,7 @@ pub mod json_float;
 pub mod manifest;
 pub mod metrics;
 pub mod npy;
+mod ranks;
 pub mod reader;
 pub mod report;
 pub mod routing;

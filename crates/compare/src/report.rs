@@ -252,14 +252,15 @@ impl Report {
                 "step": r.step, "layer": r.layer, "stage": r.stage.name(), "verdict": r.verdict,
                 "rel_l2": r.rel_l2(), "max_abs_diff": r.metrics.as_ref().map(|m| m.max_abs_diff),
                 "max_abs_index": r.metrics.as_ref().map(|m| m.max_abs_index.clone()),
-                "token": r.worst_token, "expert": r.worst_expert, "flipped": r.flipped,
+                "token": r.worst_token, "expert": r.worst_expert, "rank": r.worst_rank, "flipped": r.flipped,
             })
         });
         let not_ok = self.rows.iter().filter(|r| !r.verdict.is_ok()).count();
         let grouped = self.grouped_findings();
         let finding = |r: &Row| {
             json!({"step": r.step, "layer": r.layer, "stage": r.stage.name(), "token": r.worst_token,
-                "expert": r.worst_expert, "verdict": r.verdict, "reason": r.finding, "expected": r.expected})
+                "expert": r.worst_expert, "rank": r.worst_rank, "verdict": r.verdict, "reason": r.finding,
+                "expected": r.expected})
         };
         let findings: Vec<Value> = match self.mode {
             Mode::Local => grouped.lone.iter().map(|&i| finding(&self.rows[i])).collect(),

@@ -30,6 +30,10 @@ pub struct Row {
     pub worst_token_text: Option<String>,
     /// Expert with the largest error (per-expert stages).
     pub worst_expert: Option<i32>,
+    /// Expert-parallel rank with the largest error (the per-rank stages
+    /// moe_dispatch and moe_combine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worst_rank: Option<usize>,
     /// Tokens compared, for per-expert stages (those whose expert set agrees).
     pub compared_tokens: Option<usize>,
     /// Tokens whose expert set differs (moe_router_indices).
@@ -82,6 +86,7 @@ impl Row {
             worst_token: None,
             worst_token_text: None,
             worst_expert: None,
+            worst_rank: None,
             compared_tokens: None,
             flipped: Vec::new(),
             expected: None,
@@ -161,6 +166,9 @@ impl Row {
         }
         if let Some(e) = self.worst_expert {
             parts.push(format!("expert {e}"));
+        }
+        if let Some(rank) = self.worst_rank {
+            parts.push(format!("rank {rank}"));
         }
         if let Some([reference, target]) = self.clamp_changes {
             parts.push(format!(

@@ -262,6 +262,20 @@ pub fn compare_scope(
             rows.push(row);
             continue;
         }
+        if matches!(stage, SaveTensorStage::MoeDispatch | SaveTensorStage::MoeCombine) && r.shape.len() == 3 {
+            // Tokens routed alike on both sides (all of them where the
+            // target ran on the reference's ids).
+            let agree: Vec<bool> = match indices {
+                Some((ri, ti, k)) if expert_ids == ExpertIds::EachSide => (0..r.shape[1])
+                    .map(|t| (t * k..(t + 1) * k).all(|i| ri.elements.get(i) == ti.elements.get(i)))
+                    .collect(),
+                _ => vec![true; r.shape[1]],
+            };
+            let expected = emulated(stage, &r).map(|e| (e.view, e.floor));
+            crate::ranks::compare_ranks(&mut row, &r, &t, &agree, expected);
+            rows.push(row);
+            continue;
+        }
         match indices.filter(|_| PER_SLOT.contains(&stage)) {
             Some((ri, ti, k)) => {
                 let replayed = expert_ids == ExpertIds::Reference && stage != SaveTensorStage::MoeRouter;

@@ -24,6 +24,25 @@ pub const MAX_VOCAB: usize = 1 << 22;
 /// Largest max_position_embeddings accepted.
 pub const MAX_POSITIONS: usize = 1 << 24;
 
+/// How a run splits the routed experts across expert-parallel ranks
+/// (virtual ranks on one backend; docs/decisions/2026-12-07-expert-parallel-plan.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpertParallel {
+    /// R: ranks, each holding E / R contiguous experts.
+    pub ranks: usize,
+    /// moe_ffn_out reduces the ranks' partial sums in rank order (as
+    /// engines do), else sums each token's slots in slot order (the
+    /// one-rank sum to the bit).
+    pub rank_sum: bool,
+}
+
+impl ExpertParallel {
+    /// The rank holding expert `e` of `experts`.
+    pub fn rank_of(&self, e: usize, experts: usize) -> usize {
+        e / (experts / self.ranks)
+    }
+}
+
 /// The hyper-parameters of a Qwen3 / Qwen3-MoE decoder, with the keys'
 /// alternative spellings resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +108,10 @@ pub struct ModelConfig {
     /// gpt-oss's parts (per-layer windows, sinks, the clamped SwiGLU,
     /// biases everywhere), None for other families.
     pub oss: Option<crate::oss_config::OssConfig>,
+    /// How this run splits the experts across expert-parallel ranks (a
+    /// property of the run, not of the checkpoint: set by
+    /// [`ModelConfig::set_expert_parallel`]), None for one rank.
+    pub expert_parallel: Option<ExpertParallel>,
     /// The config as JSON (the file's own content for checkpoints), for
     /// capture manifests.
     pub json: Value,
@@ -266,6 +289,7 @@ impl ModelConfig {
             },
             mla,
             oss,
+            expert_parallel: None,
             json,
         };
         config.validate(path)?;
@@ -369,6 +393,27 @@ impl ModelConfig {
             && (layer + 1).is_multiple_of(self.decoder_sparse_step)
     }
 
+    /// Splits the experts of every MoE layer across `ranks` expert-parallel
+    /// ranks in contiguous blocks (rank r holds experts r*E/R..(r+1)*E/R),
+    /// reduced as `rank_sum` says. One rank is no split. Err (the reason,
+    /// with the valid counts) when `ranks` is 0, the model has no experts,
+    /// or `ranks` does not divide their number.
+    pub fn set_expert_parallel(&mut self, ranks: usize, rank_sum: bool) -> std::result::Result<(), String> {
+        let e = self.num_experts;
+        if e == 0 {
+            return Err(format!("{} has no routed experts to split across ranks", self.architecture));
+        }
+        if ranks == 0 || !e.is_multiple_of(ranks) {
+            let valid: Vec<String> = (1..=e).filter(|r| e.is_multiple_of(*r)).map(|r| r.to_string()).collect();
+            return Err(format!(
+                "{ranks} expert-parallel ranks cannot split {e} experts evenly (valid: {})",
+                valid.join(", ")
+            ));
+        }
+        self.expert_parallel = (ranks > 1).then_some(ExpertParallel { ranks, rank_sum });
+        Ok(())
+    }
+
     /// The optional parts layer `layer` has (which stages it produces).
     pub fn layer_traits(&self, layer: usize) -> stage_types::LayerTraits {
         stage_types::LayerTraits {
@@ -383,6 +428,8 @@ impl ModelConfig {
             layer_windows: self.oss.is_some(),
             sinks: self.oss.is_some(),
             clamped_swiglu: self.oss.is_some(),
+            expert_parallel: self.expert_parallel.is_some(),
+            rank_sum: self.expert_parallel.is_some_and(|p| p.rank_sum),
         }
     }
 

@@ -57,6 +57,8 @@ impl ModelConfig {
             S::MoeRouterGroups => vec![t, self.grouped_router.map_or(0, |g| g.topk_group)],
             S::MoeExpertGate | S::MoeExpertUp | S::MoeExpertSwigl => vec![t, k, self.moe_intermediate_size],
             S::MoeExpertOut => vec![t, k, h],
+            S::MoeDispatch => vec![self.expert_parallel.map_or(1, |p| p.ranks), t, k],
+            S::MoeCombine => vec![self.expert_parallel.map_or(1, |p| p.ranks), t, h],
             S::MoeSharedGate | S::MoeSharedUp | S::MoeSharedSwigl => vec![t, self.shared_expert_intermediate_size],
             S::MoeSharedLogit | S::MoeSharedWeight => vec![t, 1],
             S::LmHead => vec![t, self.vocab_size],

@@ -78,6 +78,13 @@ pub fn bisect(
                     .into(),
             });
         }
+        if config.session.parallel.is_some() {
+            return Err(crate::SessionError::ConfigValue {
+                path: path.to_path_buf(),
+                message: "parallel: a capture target is checked stage by stage on one rank; leave `parallel` out"
+                    .into(),
+            });
+        }
         return crate::check::check_capture(config, dir, path, options, on_scope);
     }
     let spec = &config.session;

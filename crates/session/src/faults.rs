@@ -296,9 +296,11 @@ impl FaultSpec {
 }
 
 /// The element ranges holding token `t` of a stage tensor: row t of a
-/// `[T, ...]` tensor, or row t of every head of a `[nh,T,P]` attention map.
+/// `[T, ...]` tensor, or row t of every head of a `[nh,T,P]` attention map
+/// and of every rank of a per-rank `[R,T,...]` stage.
 pub fn token_ranges(stage: SaveTensorStage, shape: &[usize], t: usize) -> Result<Vec<(usize, usize)>, String> {
-    let attention_map = matches!(stage, SaveTensorStage::AttnScores | SaveTensorStage::AttnSoftmax);
+    use SaveTensorStage as S;
+    let attention_map = matches!(stage, S::AttnScores | S::AttnSoftmax | S::MoeCombine | S::MoeDispatch);
     let (tokens, row, heads) = if attention_map && shape.len() == 3 {
         (shape[1], shape[2], shape[0])
     } else {

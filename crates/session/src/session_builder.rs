@@ -75,6 +75,17 @@ impl<'a> Session<'a> {
             ModelSpec::Synthetic { preset, seed, layers } => Model::synthetic_metered(preset, *seed, *layers, &meter)?,
             ModelSpec::Path(p) => Model::load(p)?,
         };
+        let mut model = model;
+        if let Some(parallel) = spec.parallel {
+            let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
+            if let Some(gpu) = backends.iter().find(|b| b.is_cuda() || b.capture().is_some()) {
+                return Err(bad(format!(
+                    "parallel: virtual expert-parallel ranks run on the CPU backends (Cpu, CpuEmulating, Cuda(dtype: F64)) for now, not {gpu}"
+                )));
+            }
+            let rank_sum = parallel.combine == crate::spec::CombineOrder::RankSum;
+            model.config.set_expert_parallel(parallel.experts, rank_sum).map_err(|e| bad(format!("parallel: {e}")))?;
+        }
         let load_time = start.elapsed();
         tracing::info!(model = %describe_model(&model), seconds = load_time.as_secs_f64(), "model loaded");
         let host_passes = backends.iter().filter(|b| !b.is_cuda()).count() + extra_host_passes;

@@ -42,6 +42,35 @@ pub struct SessionSpec {
     /// The run's own routing (default) or `Replay("capture dir")`: expert
     /// ids and router weights (and the tokens fed) from that capture.
     pub routing: RoutingSpec,
+    /// Expert-parallel ranks for every pass (default: one rank).
+    pub parallel: Option<ParallelSpec>,
+}
+
+/// `parallel: (experts: R, combine: SlotOrder | RankSum)`: the routed
+/// experts split across R virtual expert-parallel ranks (contiguous
+/// blocks), each MoE layer adding the per-rank stages moe_dispatch and
+/// moe_combine. Every pass of the command runs so (a bisect's reference
+/// and target alike), on the CPU backends for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelSpec {
+    /// R: ranks (a divisor of the model's experts).
+    pub experts: usize,
+    /// How moe_ffn_out reduces the ranks' work (default SlotOrder).
+    #[serde(default)]
+    pub combine: CombineOrder,
+}
+
+/// How moe_ffn_out sums the work of expert-parallel ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum CombineOrder {
+    /// Each token's slots in slot order, as one rank sums them: the
+    /// one-rank result to the bit (what proves the ranks' machinery).
+    #[default]
+    SlotOrder,
+    /// The ranks' partial sums (moe_combine) added in rank order, as an
+    /// all-reduce of engines does: the last bits differ from one rank's.
+    RankSum,
 }
 
 /// A run config: what to run, on which backend.
@@ -98,6 +127,8 @@ struct ConfigFile {
     faults: Vec<FaultSpec>,
     #[serde(default)]
     routing: RoutingSpec,
+    #[serde(default)]
+    parallel: Option<ParallelSpec>,
     /// run's.
     #[serde(default)]
     backend: Option<BackendSpec>,
@@ -135,6 +166,7 @@ impl ConfigFile {
             mut capture,
             faults,
             mut routing,
+            parallel,
             mut backend,
             mut reference,
             mut target,
@@ -144,7 +176,8 @@ impl ConfigFile {
         resolve_paths(path, &mut model, capture.as_mut(), &mut routing, backends)?;
         resolve_tokenizer_path(path, tokenizer.as_mut())?;
         let resolved = prompt.resolve(tokenizer.as_ref(), &model, path)?;
-        let session = SessionSpec { model, prompt, tokenizer, resolved, generate, threads, capture, faults, routing };
+        let session =
+            SessionSpec { model, prompt, tokenizer, resolved, generate, threads, capture, faults, routing, parallel };
         session.check(path)?;
         Ok((session, CommandFields { backend, reference, target, mode }))
     }

@@ -85,6 +85,8 @@ impl SaveTensorStage {
                 vec![Stage(S::MoeRouterLogits)]
             }
             S::MoeRouterIndices => vec![Stage(S::MoeRouterLogits)],
+            S::MoeDispatch => vec![Stage(S::MoeRouterIndices)],
+            S::MoeCombine => vec![Stage(S::MoeExpertOut), Stage(S::MoeRouter), Stage(S::MoeDispatch)],
             S::MoeExpertGate | S::MoeExpertUp => vec![Stage(S::FfnNorm), Stage(S::MoeRouterIndices)],
             S::MoeExpertClamp => vec![Stage(S::MoeExpertGate), Stage(S::MoeExpertUp)],
             S::MoeExpertSwigl if layer.clamped_swiglu => vec![Stage(S::MoeExpertClamp)],
@@ -94,7 +96,13 @@ impl SaveTensorStage {
             S::MoeSharedOut => vec![Stage(S::MoeSharedSwigl)],
             S::MoeSharedWeight => vec![Stage(S::MoeSharedLogit)],
             S::MoeFfnOut => {
-                let mut inputs = vec![Stage(S::MoeExpertOut), Stage(S::MoeRouter)];
+                let mut inputs = match (layer.expert_parallel, layer.rank_sum) {
+                    (false, _) => vec![Stage(S::MoeExpertOut), Stage(S::MoeRouter)],
+                    (true, false) => vec![Stage(S::MoeExpertOut), Stage(S::MoeRouter), Stage(S::MoeDispatch)],
+                    (true, true) => {
+                        vec![Stage(S::MoeExpertOut), Stage(S::MoeRouter), Stage(S::MoeDispatch), Stage(S::MoeCombine)]
+                    }
+                };
                 if layer.shared_expert {
                     inputs.push(Stage(S::MoeSharedOut));
                     if layer.shared_expert_gate {
@@ -136,6 +144,8 @@ mod tests {
                 grouped_router: true,
                 ..LayerTraits::default()
             },
+            LayerTraits { dense: false, shared_expert: true, expert_parallel: true, ..LayerTraits::default() },
+            LayerTraits { dense: false, expert_parallel: true, rank_sum: true, ..LayerTraits::default() },
         ];
         for layer in layers {
             for &stage in SaveTensorStage::ALL.iter().filter(|s| s.applies_to(layer)) {
@@ -152,6 +162,17 @@ mod tests {
         assert_eq!(SaveTensorStage::rope_source(qwen2), SaveTensorStage::QkvBias);
         assert!(
             SaveTensorStage::MoeFfnOut.inputs(qwen2).contains(&StageInput::Stage(SaveTensorStage::MoeSharedWeight))
+        );
+        // Expert-parallel ranks: the dispatch and combine apply; the sum
+        // reads the partials only when it reduces the ranks'.
+        let (slot_order, rank_sum) = (layers[5], layers[6]);
+        assert!(
+            SaveTensorStage::MoeCombine.applies_to(slot_order) && SaveTensorStage::MoeDispatch.applies_to(rank_sum)
+        );
+        assert!(!SaveTensorStage::MoeCombine.applies_to(layers[2]));
+        assert!(SaveTensorStage::MoeFfnOut.inputs(rank_sum).contains(&StageInput::Stage(SaveTensorStage::MoeCombine)));
+        assert!(
+            !SaveTensorStage::MoeFfnOut.inputs(slot_order).contains(&StageInput::Stage(SaveTensorStage::MoeCombine))
         );
     }
 }

@@ -57,6 +57,10 @@ pub enum Applicability {
     /// Only MoE layers whose experts clamp gate and up before the SwiGLU
     /// (gpt-oss's `swiglu_limit`).
     ClampedSwiglu,
+    /// Only MoE layers of a run whose experts are split across
+    /// expert-parallel ranks (a property of the run, `parallel:`, not of
+    /// the model).
+    ExpertParallel,
 }
 
 impl Applicability {
@@ -77,6 +81,7 @@ impl Applicability {
             Applicability::LayerWindows => "layer-windows",
             Applicability::Sinks => "sinks",
             Applicability::ClampedSwiglu => "clamped-swiglu",
+            Applicability::ExpertParallel => "expert-parallel",
         }
     }
 }
@@ -110,6 +115,13 @@ pub struct LayerTraits {
     pub sinks: bool,
     /// The experts clamp gate and up before the SwiGLU.
     pub clamped_swiglu: bool,
+    /// The run splits the experts across expert-parallel ranks: each MoE
+    /// layer also produces its per-rank dispatch and combine.
+    pub expert_parallel: bool,
+    /// With expert-parallel ranks, moe_ffn_out reduces the ranks' partial
+    /// sums (moe_combine) in rank order, as engines do; else each token's
+    /// slots are summed in slot order, the one-rank sum to the bit.
+    pub rank_sum: bool,
 }
 
 macro_rules! stages {
@@ -231,6 +243,10 @@ stages! {
     MoeRouter = "moe_router", Layer, MoeOnly, "[T,k]", "top-k weights after softmax, top-k, renormalise; descending";
     /// Expert ids (int32), same order as moe_router.
     MoeRouterIndices = "moe_router_indices", Layer, MoeOnly, "[T,k] int32", "expert ids, same order as moe_router";
+    /// Per expert-parallel rank R: where each slot (token, choice) landed
+    /// in that rank's receive buffer, -1 where its expert is not the
+    /// rank's (int32).
+    MoeDispatch = "moe_dispatch", Layer, ExpertParallel, "[R,T,k] int32", "per rank: each slot's row in its receive buffer, -1 if not its";
     /// Per selected expert gate projection, top-k order.
     MoeExpertGate = "moe_expert_gate", Layer, MoeOnly, "[T,k,I]", "per selected expert gate projection, top-k order";
     /// Per selected expert up projection, top-k order.
@@ -254,6 +270,10 @@ stages! {
     MoeSharedLogit = "moe_shared_logit", Layer, SharedExpertGate, "[T,1]", "shared expert gate logit";
     /// sigmoid(moe_shared_logit): the shared expert's weight in the sum.
     MoeSharedWeight = "moe_shared_weight", Layer, SharedExpertGate, "[T,1]", "sigmoid of the logit: the shared expert's weight";
+    /// Per expert-parallel rank R: the weighted sum of the rank's own slots
+    /// of each token, before the ranks' partial sums are reduced (0 for a
+    /// token none of whose experts is the rank's).
+    MoeCombine = "moe_combine", Layer, ExpertParallel, "[R,T,H]", "per rank: its slots' weighted sum, before the reduction";
     /// Sum over k of weight * expert output, plus the (weighted) shared
     /// expert's output where the layer has one.
     MoeFfnOut = "moe_ffn_out", Layer, MoeOnly, "[T,H]", "sum over k of weight * expert output (+ weighted shared expert)";
@@ -310,6 +330,7 @@ impl SaveTensorStage {
             Applicability::LayerWindows => layer.layer_windows,
             Applicability::Sinks => layer.sinks,
             Applicability::ClampedSwiglu => !layer.dense && layer.clamped_swiglu,
+            Applicability::ExpertParallel => !layer.dense && layer.expert_parallel,
         }
     }
 
@@ -329,7 +350,7 @@ impl SaveTensorStage {
     /// True for the stages of int32 elements: the ids, and attn_window's
     /// positions (compared as values, never rounded or scaled).
     pub fn is_integer(self) -> bool {
-        self.holds_ids() || self == SaveTensorStage::AttnWindow
+        self.holds_ids() || matches!(self, SaveTensorStage::AttnWindow | SaveTensorStage::MoeDispatch)
     }
 }
 
@@ -430,6 +451,7 @@ mod tests {
                 "moe_router_groups",
                 "moe_router",
                 "moe_router_indices",
+                "moe_dispatch",
                 "moe_expert_gate",
                 "moe_expert_up",
                 "moe_expert_clamp",
@@ -441,6 +463,7 @@ mod tests {
                 "moe_shared_out",
                 "moe_shared_logit",
                 "moe_shared_weight",
+                "moe_combine",
                 "moe_ffn_out",
                 "post_ffn_residual",
                 "final_norm",
@@ -472,7 +495,8 @@ mod tests {
             let mla = name.starts_with("mla_");
             let grouped_only = matches!(stage, S::MoeRouterChoice | S::MoeRouterGroupScores | S::MoeRouterGroups);
             let oss = matches!(stage, S::AttnWindow | S::AttnSink | S::MoeExpertClamp);
-            let optional = matches!(stage, S::QkvBias | S::QkNorm) || grouped_only || shared || mla || oss;
+            let ranks = matches!(stage, S::MoeDispatch | S::MoeCombine);
+            let optional = matches!(stage, S::QkvBias | S::QkNorm) || grouped_only || shared || mla || oss || ranks;
             let layer = |dense| LayerTraits { dense, ..LayerTraits::default() };
             assert_eq!(stage.applies_to(layer(true)), !moe_only && !optional, "{name}");
             assert_eq!(stage.applies_to(layer(false)), !dense_only && !optional, "{name}");
@@ -484,7 +508,7 @@ mod tests {
                 shared_expert_gate: true,
                 ..LayerTraits::default()
             };
-            let choice = grouped_only || oss;
+            let choice = grouped_only || oss || ranks;
             assert_eq!(stage.applies_to(all), !dense_only && !mla && !choice, "{name}");
             let ungated = LayerTraits { shared_expert_gate: false, ..all };
             assert_eq!(
@@ -493,9 +517,11 @@ mod tests {
                 "{name}"
             );
             let grouped = LayerTraits { grouped_router: true, ..all };
-            assert_eq!(stage.applies_to(grouped), !dense_only && !mla && !oss, "{name}");
+            assert_eq!(stage.applies_to(grouped), !dense_only && !mla && !oss && !ranks, "{name}");
             let gpt_oss = LayerTraits { layer_windows: true, sinks: true, clamped_swiglu: true, ..all };
-            assert_eq!(stage.applies_to(gpt_oss), !dense_only && !mla && !grouped_only, "{name}");
+            assert_eq!(stage.applies_to(gpt_oss), !dense_only && !mla && !grouped_only && !ranks, "{name}");
+            let parallel = LayerTraits { expert_parallel: true, ..all };
+            assert_eq!(stage.applies_to(parallel), !dense_only && !mla && !grouped_only && !oss, "{name}");
             // A dense layer has no shared expert, whatever the model has.
             assert!(!(shared && stage.applies_to(LayerTraits { dense: true, ..all })), "{name}");
         }

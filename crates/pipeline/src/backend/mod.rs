@@ -11,6 +11,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device_setup;
+pub mod expert_parallel;
 pub mod grouped_router;
 pub mod mla;
 pub mod oss;
@@ -178,6 +179,13 @@ pub trait Backend: Send + Sync + 'static {
     /// gpt-oss's operations, if this backend has them (see
     /// [`oss::OssOps`]); None: a gpt-oss model is refused.
     fn oss(&mut self) -> Option<&mut dyn oss::OssOps> {
+        None
+    }
+
+    /// Expert-parallel ranks' dispatch, partial sums and reduction, if
+    /// this backend has them (see [`expert_parallel::ExpertParallelOps`]);
+    /// None: a run with `parallel:` ranks is refused.
+    fn expert_parallel(&mut self) -> Option<&mut dyn expert_parallel::ExpertParallelOps> {
         None
     }
 

@@ -5,6 +5,7 @@ use stage_types::SaveTensorStage as S;
 
 use super::{current, oss};
 use crate::backend::SharedTerm;
+use crate::backend::expert_parallel::ExpertParallelOps;
 use crate::backend::grouped_router::GroupedSlots;
 use crate::ecs::{LayerMlp, StageCtx};
 use crate::error::PipelineError;
@@ -100,6 +101,33 @@ pub fn moe_router_indices(mut ctx: StageCtx) {
     ctx.run(S::MoeRouterIndices, |_, _| Ok(()));
 }
 
+/// The backend's expert-parallel operations, or why it has none.
+fn ranks(b: &mut dyn crate::backend::Backend) -> crate::Result<&mut dyn ExpertParallelOps> {
+    let name = b.name();
+    b.expert_parallel().ok_or_else(|| {
+        PipelineError::BackendUnavailable(format!(
+            "the {name} backend has no expert-parallel ranks yet; run `parallel:` on the CPU"
+        ))
+    })
+}
+
+/// moe_dispatch (expert-parallel ranks only): each slot's row in the
+/// receive buffer of the rank holding its expert, `[R,T,k]` int32.
+pub fn moe_dispatch(mut ctx: StageCtx) {
+    ctx.run(S::MoeDispatch, |b, c| {
+        let layout = c.expert_parallel.ok_or_else(|| PipelineError::BadInput("moe_dispatch without ranks".into()))?;
+        ranks(b)?.dispatch(S::MoeRouterIndices, layout, c.num_experts, S::MoeDispatch)
+    });
+}
+
+/// moe_combine (expert-parallel ranks only): each rank's weighted sum of
+/// the slots it received, before the reduction, `[R,T,H]`.
+pub fn moe_combine(mut ctx: StageCtx) {
+    ctx.run(S::MoeCombine, |b, _| {
+        ranks(b)?.combine_partials(S::MoeExpertOut, S::MoeRouter, S::MoeDispatch, S::MoeCombine)
+    });
+}
+
 /// `experts[e] · input` for each chosen expert (+ its bias, gpt-oss), into
 /// `out`.
 fn expert_projection(
@@ -154,11 +182,19 @@ pub fn moe_expert_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
 
 /// moe_ffn_out: `Σ_j moe_router[t,j] · moe_expert_out[t,j]`, plus
 /// `moe_shared_weight[t] · moe_shared_out[t]` (or `moe_shared_out[t]`,
-/// ungated) in a layer with a shared expert, [T,H].
+/// ungated) in a layer with a shared expert, [T,H]. With expert-parallel
+/// ranks: the slots the ranks received (moe_dispatch), in slot order, or
+/// the ranks' partial sums (moe_combine) in rank order.
 pub fn moe_ffn_out(mut ctx: StageCtx) {
     let traits = ctx.layer.traits;
     let shared = traits
         .shared_expert
         .then(|| SharedTerm { out: S::MoeSharedOut, weight: traits.shared_expert_gate.then_some(S::MoeSharedWeight) });
-    ctx.run(S::MoeFfnOut, |b, _| b.moe_combine(S::MoeExpertOut, S::MoeRouter, shared, S::MoeFfnOut));
+    ctx.run(S::MoeFfnOut, |b, _| {
+        if !traits.expert_parallel {
+            return b.moe_combine(S::MoeExpertOut, S::MoeRouter, shared, S::MoeFfnOut);
+        }
+        let partials = traits.rank_sum.then_some(S::MoeCombine);
+        ranks(b)?.reduce(S::MoeExpertOut, S::MoeRouter, S::MoeDispatch, partials, shared, S::MoeFfnOut)
+    });
 }

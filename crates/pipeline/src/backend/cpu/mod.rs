@@ -7,6 +7,7 @@
 
 mod attention;
 pub mod device_products;
+mod expert_parallel;
 mod ggml_activations;
 pub mod ggml_cuda;
 mod grouped_router_ops;
@@ -276,6 +277,10 @@ impl Backend for CpuBackend {
     }
 
     fn oss(&mut self) -> Option<&mut dyn super::oss::OssOps> {
+        Some(self)
+    }
+
+    fn expert_parallel(&mut self) -> Option<&mut dyn super::expert_parallel::ExpertParallelOps> {
         Some(self)
     }
 

@@ -7,6 +7,10 @@ use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
 use crate::weights::WeightId;
 
+/// A shared expert's output rows `[T,H]` and its per-token weights `[T]`
+/// (None: ungated).
+pub(super) type SharedRows<'a> = (&'a [f32], Option<&'a [f32]>);
+
 impl CpuBackend {
     /// `expert_linear`: each chosen expert's projection of its slots' rows.
     pub(super) fn expert_projection(
@@ -58,6 +62,16 @@ impl CpuBackend {
         Ok(())
     }
 
+    /// The shared expert's output rows and, when gated, its weights.
+    pub(super) fn shared_term(&self, shared: Option<SharedTerm>) -> Result<Option<SharedRows<'_>>> {
+        let Some(term) = shared else { return Ok(None) };
+        let weight = match term.weight {
+            None => None,
+            Some(slot) => Some(self.rows(slot)?.2),
+        };
+        Ok(Some((self.rows(term.out)?.2, weight)))
+    }
+
     /// `moe_combine`: the routed sum and the shared expert's term, in f64.
     pub(super) fn weighted_sum(
         &mut self,
@@ -68,16 +82,7 @@ impl CpuBackend {
     ) -> Result<()> {
         let (t_len, k, h) =
             SharedTerm::combine_shapes(expert_out, weights, shared, |s| Ok(self.slot(s)?.shape.clone()))?;
-        let shared = match shared {
-            None => None,
-            Some(term) => {
-                let weight = match term.weight {
-                    None => None,
-                    Some(slot) => Some(self.rows(slot)?.2),
-                };
-                Some((self.rows(term.out)?.2, weight))
-            }
-        };
+        let shared = self.shared_term(shared)?;
         let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
         let mut data = vec![0.0f32; t_len * h];
         for (t, row) in data.chunks_mut(h).enumerate() {

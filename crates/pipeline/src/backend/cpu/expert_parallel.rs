@@ -1,0 +1,117 @@
+//! The CPU's expert-parallel ranks ([`ExpertParallelOps`]): virtual ranks
+//! computed one after another, each into its own rows, f64 sums in the
+//! order the trait names.
+
+use super::CpuBackend;
+use crate::backend::expert_parallel::ExpertParallelOps;
+use crate::backend::{SharedTerm, Slot};
+use crate::config::ExpertParallel;
+use crate::error::{PipelineError, Result};
+use crate::tensor::HostTensor;
+
+impl CpuBackend {
+    /// The int32 data of a slot, with its shape.
+    fn ints(&self, slot: Slot) -> Result<(&[usize], &[i32])> {
+        let t = self.slot(slot)?;
+        let data =
+            t.as_i32().ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` must hold int32 values")))?;
+        Ok((&t.shape, data))
+    }
+
+    /// The dispatch `[R,T,k]` of a combine over `[T,k,H]` outputs: R.
+    fn dispatch_ranks(&self, dispatch: Slot, t_len: usize, k: usize) -> Result<usize> {
+        let (shape, _) = self.ints(dispatch)?;
+        match shape {
+            [r, t, kk] if *t == t_len && *kk == k => Ok(*r),
+            _ => Err(PipelineError::BadInput(format!("`{dispatch}` is {shape:?}, expected [R, {t_len}, {k}]"))),
+        }
+    }
+}
+
+impl ExpertParallelOps for CpuBackend {
+    fn dispatch(&mut self, indices: Slot, layout: ExpertParallel, experts: usize, out: Slot) -> Result<()> {
+        let (shape, ids) = self.ints(indices)?;
+        let (t_len, k) = (shape[0], shape[1]);
+        let ranks = layout.ranks;
+        let mut rows = vec![-1i32; ranks * t_len * k];
+        let mut received = vec![0i32; ranks];
+        for (s, &e) in ids.iter().enumerate() {
+            if e < 0 || e as usize >= experts {
+                return Err(PipelineError::BadInput(format!(
+                    "expert id {e} in `{indices}` is out of range 0..{experts}"
+                )));
+            }
+            let r = layout.rank_of(e as usize, experts);
+            rows[r * t_len * k + s] = received[r];
+            received[r] += 1;
+        }
+        self.set(out, HostTensor::i32(vec![ranks, t_len, k], rows));
+        Ok(())
+    }
+
+    fn combine_partials(&mut self, expert_out: Slot, weights: Slot, dispatch: Slot, out: Slot) -> Result<()> {
+        let (t_len, k, h) = SharedTerm::combine_shapes(expert_out, weights, None, |s| Ok(self.slot(s)?.shape.clone()))?;
+        let ranks = self.dispatch_ranks(dispatch, t_len, k)?;
+        let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
+        let rows = self.ints(dispatch)?.1;
+        let mut data = vec![0.0f32; ranks * t_len * h];
+        for (rt, row) in data.chunks_mut(h).enumerate() {
+            let (r, t) = (rt / t_len, rt % t_len);
+            let mine = |j: &usize| rows[(r * t_len + t) * k + j] >= 0;
+            for (d, o) in row.iter_mut().enumerate() {
+                let sum: f64 = (0..k).filter(mine).map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64).sum();
+                *o = sum as f32;
+            }
+        }
+        self.set(out, HostTensor::f32(vec![ranks, t_len, h], data));
+        Ok(())
+    }
+
+    fn reduce(
+        &mut self,
+        expert_out: Slot,
+        weights: Slot,
+        dispatch: Slot,
+        partials: Option<Slot>,
+        shared: Option<SharedTerm>,
+        out: Slot,
+    ) -> Result<()> {
+        let (t_len, k, h) =
+            SharedTerm::combine_shapes(expert_out, weights, shared, |s| Ok(self.slot(s)?.shape.clone()))?;
+        let ranks = self.dispatch_ranks(dispatch, t_len, k)?;
+        let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
+        let rows = self.ints(dispatch)?.1;
+        let partial = match partials {
+            Some(slot) => {
+                let shape = &self.slot(slot)?.shape;
+                if shape[..] != [ranks, t_len, h] {
+                    return Err(PipelineError::BadInput(format!(
+                        "`{slot}` is {shape:?}, expected [{ranks}, {t_len}, {h}]"
+                    )));
+                }
+                Some(self.rows(slot)?.2)
+            }
+            None => None,
+        };
+        let shared = self.shared_term(shared)?;
+        let mut data = vec![0.0f32; t_len * h];
+        for (t, row) in data.chunks_mut(h).enumerate() {
+            let term = shared.as_ref().map(|(values, g)| (&values[t * h..(t + 1) * h], g.map_or(1.0, |g| g[t] as f64)));
+            for (d, o) in row.iter_mut().enumerate() {
+                let mut sum: f64 = match partial {
+                    Some(p) => (0..ranks).map(|r| p[(r * t_len + t) * h + d] as f64).sum(),
+                    None => (0..k)
+                        .flat_map(|j| (0..ranks).filter(move |&r| rows[(r * t_len + t) * k + j] >= 0).map(move |_| j))
+                        .map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64)
+                        .sum(),
+                };
+                if let Some((values, g)) = term {
+                    sum += g * values[d] as f64;
+                }
+                *o = sum as f32;
+            }
+        }
+        self.set(out, HostTensor::f32(vec![t_len, h], data));
+        Ok(())
+    }
+}

@@ -1,0 +1,43 @@
+//! Expert-parallel ranks' operations, a backend capability
+//! ([`super::Backend::expert_parallel`]): the dispatch of each token's
+//! slots to the ranks holding their experts, each rank's partial sum, and
+//! the reduction into moe_ffn_out (docs/decisions/2026-12-07-expert-parallel-plan.md).
+//! Ranks here are virtual: one backend computes every rank's part, each
+//! into its own rows of the per-rank stages, with the reduction order a
+//! multi-GPU run would have. The expert projections themselves are
+//! per-slot dot products, the same bits on whichever rank computes them,
+//! so the expert stages keep their one-rank shapes and values. The CPU's
+//! arithmetic (cpu/expert_parallel.rs) is the reference.
+
+use super::{SharedTerm, Slot};
+use crate::config::ExpertParallel;
+use crate::error::Result;
+
+/// The operations of expert-parallel ranks.
+pub trait ExpertParallelOps {
+    /// moe_dispatch: for each rank r and slot (t, j) of `indices` (`[T,k]`
+    /// expert ids), the slot's row in rank r's receive buffer (the rank's
+    /// slots in (t, j) order) where expert `indices[t,j]` is r's under
+    /// `layout` (of `experts` experts), else -1: `[R,T,k]` int32.
+    fn dispatch(&mut self, indices: Slot, layout: ExpertParallel, experts: usize, out: Slot) -> Result<()>;
+
+    /// moe_combine: for each rank r and token t, `Σ_j weights[t,j] ·
+    /// expert_out[t,j]` over the slots r received (`dispatch[r,t,j] >=
+    /// 0`), in slot order, `[R,T,H]` (0 where r received none of t's).
+    fn combine_partials(&mut self, expert_out: Slot, weights: Slot, dispatch: Slot, out: Slot) -> Result<()>;
+
+    /// moe_ffn_out of expert-parallel ranks, plus the shared expert's term:
+    /// with `partials` (moe_combine), their sum over the ranks in rank
+    /// order; without, each token's received slots summed in slot order
+    /// (a slot each rank received counted once per rank), which for a
+    /// correct dispatch is the one-rank sum to the bit.
+    fn reduce(
+        &mut self,
+        expert_out: Slot,
+        weights: Slot,
+        dispatch: Slot,
+        partials: Option<Slot>,
+        shared: Option<SharedTerm>,
+        out: Slot,
+    ) -> Result<()>;
+}

@@ -1,0 +1,195 @@
+//! Virtual expert-parallel ranks on the CPU (issue 27, point 3; the plan:
+//! docs/decisions/2026-12-07-expert-parallel-plan.md): `parallel: (experts:
+//! R)` splits each MoE layer's experts across R ranks, adds the per-rank
+//! stages moe_dispatch `[R,T,k]` and moe_combine `[R,T,H]`, and reduces
+//! in slot order (the one-rank run to the bit) or in rank order (the last
+//! bits differ). Bisect compares the per-rank stages on the tokens both
+//! sides routed alike and names the rank of the worst row.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use moetrace_tests::{scratch, workspace_root};
+use session::RunConfig;
+use session::bisect::{BisectConfig, BisectOptions, bisect};
+
+const PROMPT: &str = "[1, 17, 42, 45, 30, 5, 77, 100, 2]";
+
+/// Runs `model` on the CPU with `parallel` (a RON field or ""), capturing
+/// every stage to `out`; the generated tokens.
+fn capture(model: &str, parallel: &str, out: &Path) -> Vec<u32> {
+    let text = format!(
+        "(model: {model}, prompt: Tokens({PROMPT}), generate: 4, backend: Cpu, {parallel} \
+         capture: (out_dir: {out:?}, stages: \"all\", layers: \"all\", steps: \"all\"))"
+    );
+    let config = RunConfig::parse(&text, Path::new("ep.ron")).unwrap();
+    session::run(&config, Path::new("ep.ron"), &mut |_| {}).unwrap().summary.generated
+}
+
+/// Every .npy under `dir` by relative path.
+fn tensors(dir: &Path) -> BTreeMap<PathBuf, compare::npy::NpyArray> {
+    let mut files = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "npy") {
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), compare::npy::read_npy(&path).unwrap());
+            }
+        }
+    }
+    files
+}
+
+/// (name, model, experts).
+fn models() -> Vec<(&'static str, String, usize)> {
+    let qwen2 = workspace_root().join("tests/fixtures/tiny-qwen2-moe-oracle/model");
+    vec![
+        ("tiny-moe", "Synthetic(preset: \"tiny-moe\", seed: 7)".to_string(), 16),
+        // A shared expert with its sigmoid gate: its term joins the sum.
+        ("tiny-qwen2-moe", format!("Path({qwen2:?})"), 8),
+    ]
+}
+
+#[test]
+fn ranks_in_slot_order_compute_the_one_rank_run_to_the_bit_and_dispatch_each_slot_once() {
+    let dir = scratch("expert-parallel-slot-order");
+    for (name, model, experts) in models() {
+        let one = capture(&model, "", &dir.join(name).join("one"));
+        let one_rank = tensors(&dir.join(name).join("one"));
+        for ranks in [2usize, 4, 8] {
+            let out = dir.join(name).join(format!("r{ranks}"));
+            assert_eq!(capture(&model, &format!("parallel: (experts: {ranks}),"), &out), one, "{name} R={ranks}");
+            let split = tensors(&out);
+            for (path, array) in &one_rank {
+                assert_eq!(
+                    split.get(path),
+                    Some(array),
+                    "{name} R={ranks}: {} differs from one rank's",
+                    path.display()
+                );
+            }
+            let per_rank: Vec<&PathBuf> = split.keys().filter(|p| !one_rank.contains_key(*p)).collect();
+            assert!(!per_rank.is_empty(), "{name} R={ranks}: no per-rank stage captured");
+            for path in per_rank {
+                let stage = path.file_stem().unwrap().to_str().unwrap();
+                assert!(stage == "moe_dispatch" || stage == "moe_combine", "{}", path.display());
+                let array = &split[path];
+                assert_eq!(array.shape[0], ranks, "{}", path.display());
+                if stage == "moe_dispatch" {
+                    // Each slot lands on exactly one rank, and each rank's
+                    // rows are 0, 1, 2, ... in slot order.
+                    let ids = &split[&path.with_file_name("moe_router_indices.npy")];
+                    let (d, ids) = (array.values(), ids.values());
+                    let (t_len, k) = (array.shape[1], array.shape[2]);
+                    for s in 0..t_len * k {
+                        let on: Vec<usize> = (0..ranks).filter(|r| d[r * t_len * k + s] >= 0.0).collect();
+                        let experts_per_rank = experts / ranks;
+                        assert_eq!(on, [ids[s] as usize / experts_per_rank], "{} slot {s}", path.display());
+                    }
+                    for r in 0..ranks {
+                        let rows: Vec<f64> =
+                            d[r * t_len * k..(r + 1) * t_len * k].iter().copied().filter(|&x| x >= 0.0).collect();
+                        assert_eq!(
+                            rows,
+                            (0..rows.len()).map(|i| i as f64).collect::<Vec<_>>(),
+                            "{} rank {r}",
+                            path.display()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn ranks_summed_in_rank_order_differ_from_one_rank_in_the_last_bits_only() {
+    let dir = scratch("expert-parallel-rank-sum");
+    let (name, model, _) = models().remove(0);
+    let one = capture(&model, "", &dir.join("one"));
+    let summed = capture(&model, "parallel: (experts: 4, combine: RankSum),", &dir.join("sum"));
+    assert_eq!(one, summed, "{name}: the same tokens");
+    let (a, b) = (tensors(&dir.join("one")), tensors(&dir.join("sum")));
+    let mut differing = 0;
+    for (path, array) in a.iter().filter(|(p, _)| p.ends_with("moe_ffn_out.npy")) {
+        let (x, y) = (array.values(), b[path].values());
+        let scale = x.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        // The first layer's sum differs by the reduction alone (a few
+        // ulps); later layers carry what earlier ones moved.
+        let first = path.starts_with("step-0/layer-0");
+        let (mut err, mut norm) = (0.0, 0.0);
+        for (u, v) in x.iter().zip(&y) {
+            assert!(!first || (u - v).abs() <= 4.0 * f32::EPSILON as f64 * scale, "{}: {u} vs {v}", path.display());
+            differing += usize::from(u != v);
+            (err, norm) = (err + (u - v) * (u - v), norm + u * u);
+        }
+        assert!((err / norm).sqrt() < 1e-5, "{}: rel_l2 {}", path.display(), (err / norm).sqrt());
+        // The partials add up to the sum.
+        let partials = b[&path.with_file_name("moe_combine.npy")].values();
+        let (ranks, n) = (4, y.len());
+        for (i, v) in y.iter().enumerate() {
+            let total: f64 = (0..ranks).map(|r| partials[r * n + i]).sum();
+            assert!((total - v).abs() <= 4.0 * f32::EPSILON as f64 * scale);
+        }
+    }
+    assert!(differing > 0, "rank order should move some last bits");
+}
+
+fn bisect_local(parallel: &str, faults: &str) -> compare::Report {
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 7), prompt: Tokens({PROMPT}), generate: 4, \
+         reference: Cpu, target: CpuEmulating(Bf16), {parallel} faults: [{faults}])"
+    );
+    let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let options = BisectOptions { local: true, ..BisectOptions::default() };
+    bisect(&config, Path::new("b.ron"), &options, &mut |_, _| {}).unwrap()
+}
+
+#[test]
+fn bisect_of_ranks_is_clean_and_names_the_rank_of_a_fault_in_a_partial_sum() {
+    let parallel = "parallel: (experts: 4, combine: RankSum),";
+    let clean = bisect_local(parallel, "");
+    assert!(clean.findings().is_empty(), "{}", clean.render(false));
+    assert!(clean.rows.iter().any(|r| r.stage == stage_types::SaveTensorStage::MoeCombine));
+    let faulty = bisect_local(parallel, "(stage: \"moe_combine\", layer: 1, step: 2, token: 0, kind: Scale(1.05))");
+    let found = faulty.findings();
+    assert_eq!(found.len(), 1, "{}", faulty.render(false));
+    let row = found[0];
+    assert_eq!(
+        (row.stage, row.layer, row.step, row.worst_token),
+        (stage_types::SaveTensorStage::MoeCombine, Some(1), 2, Some(0))
+    );
+    assert!(row.worst_rank.is_some_and(|r| r < 4), "{row:?}");
+    assert!(faulty.render(false).contains("rank "), "{}", faulty.render(false));
+}
+
+#[test]
+fn ranks_that_do_not_divide_the_experts_or_a_gpu_backend_are_refused_with_the_reason() {
+    let refuse = |model: &str, backend: &str, parallel: &str| {
+        let text = format!(
+            "(model: {model}, prompt: Tokens({PROMPT}), generate: 1, backend: {backend}, parallel: {parallel})"
+        );
+        let config = RunConfig::parse(&text, Path::new("ep.ron")).unwrap();
+        session::run(&config, Path::new("ep.ron"), &mut |_| {}).unwrap_err().to_string()
+    };
+    let moe = "Synthetic(preset: \"tiny-moe\", seed: 7)";
+    let e = refuse(moe, "Cpu", "(experts: 3)");
+    assert!(
+        e.contains("parallel: 3 expert-parallel ranks cannot split 16 experts evenly (valid: 1, 2, 4, 8, 16)"),
+        "{e}"
+    );
+    let e = refuse("Synthetic(preset: \"tiny-dense\", seed: 7)", "Cpu", "(experts: 2)");
+    assert!(e.contains("no routed experts"), "{e}");
+    let e = refuse(moe, "Cuda(device: 0, dtype: Bf16)", "(experts: 2)");
+    assert!(e.contains("run on the CPU backends") && e.contains("Cuda(device: 0, dtype: Bf16)"), "{e}");
+    let e = RunConfig::parse(
+        &format!("(model: {moe}, prompt: Tokens({PROMPT}), backend: Cpu, parallel: (experts: 2, combine: Sideways))"),
+        Path::new("ep.ron"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("SlotOrder") && e.contains("RankSum"), "{e}");
+}
