@@ -193,3 +193,60 @@ fn ranks_that_do_not_divide_the_experts_or_a_gpu_backend_are_refused_with_the_re
     .to_string();
     assert!(e.contains("SlotOrder") && e.contains("RankSum"), "{e}");
 }
+
+fn bisect_bug(bug: &str) -> compare::Report {
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 7), prompt: Tokens({PROMPT}), generate: 3, \
+         reference: Cpu, target: CpuWithBug({bug}), parallel: (experts: 4, combine: RankSum))"
+    );
+    let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let options = BisectOptions { local: true, ..BisectOptions::default() };
+    bisect(&config, Path::new("b.ron"), &options, &mut |_, _| {}).unwrap()
+}
+
+/// The bugs between ranks, each found at its stage with its rank: a
+/// dropped slot at moe_dispatch on the rank holding its expert (every MoE
+/// layer of the prompt, nothing else), a rank's partial added twice at
+/// moe_ffn_out, named by the partial the error equals.
+#[test]
+fn bugs_between_ranks_are_found_at_their_stage_and_rank() {
+    use stage_types::SaveTensorStage as S;
+    let dir = scratch("expert-parallel-bugs");
+    capture("Synthetic(preset: \"tiny-moe\", seed: 7)", "parallel: (experts: 4, combine: RankSum),", &dir);
+    let dropped = bisect_bug("DispatchDropped(3)");
+    let found = dropped.findings();
+    assert!(!found.is_empty(), "{}", dropped.render(false));
+    for row in &found {
+        let ids =
+            compare::npy::read_npy(&dir.join(format!("step-0/layer-{}/moe_router_indices.npy", row.layer.unwrap())))
+                .unwrap()
+                .values();
+        let holder = ids[3 * ids.len() / 9] as usize / 4;
+        assert_eq!(
+            (row.stage, row.step, row.worst_token, row.worst_rank),
+            (S::MoeDispatch, 0, Some(3), Some(holder)),
+            "{row:?}"
+        );
+    }
+    let twice = bisect_bug("PartialAddedTwice(1)");
+    let found = twice.findings();
+    assert!(found.len() >= 4, "{}", twice.render(false));
+    for row in &found {
+        assert_eq!((row.stage, row.worst_rank), (S::MoeFfnOut, Some(1)), "{row:?}");
+    }
+    assert!(twice.render(false).contains("rank 1"), "{}", twice.render(false));
+}
+
+#[test]
+fn a_bug_between_ranks_without_ranks_is_refused_with_what_to_add() {
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 7), prompt: Tokens({PROMPT}), generate: 2, \
+         reference: Cpu, target: CpuWithBug(PartialAddedTwice(1)), parallel: (experts: 4))"
+    );
+    let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+    let e = bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("combine: RankSum"), "{e}");
+    let config = BisectConfig::parse(&text.replace(", parallel: (experts: 4)", ""), Path::new("b.ron")).unwrap();
+    let e = bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
+    assert!(e.contains("parallel: (experts: R)"), "{e}");
+}

@@ -70,3 +70,37 @@ pub(crate) fn compare_ranks(
     }
     row.set_metrics(m);
 }
+
+/// The rank whose partial sum (moe_combine, the reference's) explains the
+/// error of moe_ffn_out's row `token`: the target's row minus the
+/// reference's is that partial once more (a rank added twice) or its
+/// negative (a rank left out), to within a tenth of the error. None where
+/// no rank explains it (a correct run's rounding never does: a partial is
+/// far larger than a rounding error).
+pub(crate) fn rank_explaining(
+    reference: &TensorView<'_>,
+    target: &TensorView<'_>,
+    partials: &TensorView<'_>,
+    token: usize,
+) -> Option<usize> {
+    let h = *reference.shape.last()?;
+    let (ranks, t_len) = (*partials.shape.first()?, reference.shape[0]);
+    if partials.shape[..] != [ranks, t_len, h] || token >= t_len {
+        return None;
+    }
+    let delta: Vec<f64> =
+        (0..h).map(|d| target.elements.get(token * h + d) - reference.elements.get(token * h + d)).collect();
+    let norm = delta.iter().map(|x| x * x).sum::<f64>().sqrt();
+    if norm == 0.0 || !norm.is_finite() {
+        return None;
+    }
+    let residual = |r: usize, sign: f64| {
+        let p = |d: usize| partials.elements.get((r * t_len + token) * h + d);
+        (0..h).map(|d| (delta[d] - sign * p(d)).powi(2)).sum::<f64>().sqrt()
+    };
+    (0..ranks)
+        .flat_map(|r| [(r, residual(r, 1.0)), (r, residual(r, -1.0))])
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+        .filter(|(_, res)| *res < 0.1 * norm)
+        .map(|(r, _)| r)
+}

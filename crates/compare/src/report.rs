@@ -376,8 +376,15 @@ impl Report {
             out += &format!("finding: {}: {}; {}\n", r.place(), finding_reason(r), r.detail());
         }
         for s in &grouped.systematic {
+            // Every member naming one expert-parallel rank: that rank.
+            let ranks: std::collections::BTreeSet<Option<usize>> =
+                s.rows.iter().map(|&i| self.rows[i].worst_rank).collect();
+            let rank = match ranks.into_iter().collect::<Vec<_>>()[..] {
+                [Some(r)] => format!(", rank {r} in each"),
+                _ => String::new(),
+            };
             out += &format!(
-                "systematic: {}, {}, {} of {} layers{}, {} to {} expected (one cause: a kernel path that departs from the contract); at {}\n",
+                "systematic: {}, {}, {} of {} layers{}{rank}, {} to {} expected (one cause: a kernel path that departs from the contract); at {}\n",
                 s.stage,
                 s.phase.label(),
                 s.layers.len(),

@@ -367,6 +367,13 @@ pub fn compare_scope(
                 }
                 row.worst_token =
                     worst_row.and_then(|w| crate::metrics::unravel(w, row_dims).get(axis).copied()).or(m.worst_token);
+                // Expert-parallel ranks: the rank whose partial sum the
+                // error equals (added twice, or left out).
+                if let (SaveTensorStage::MoeFfnOut, Some(token), Some((Some(p), _))) =
+                    (stage, row.worst_token, get(SaveTensorStage::MoeCombine))
+                {
+                    row.worst_rank = crate::ranks::rank_explaining(&r, &t, &p, token);
+                }
                 row.set_metrics(m);
             }
         }

@@ -195,7 +195,10 @@ impl<'a> Session<'a> {
             BackendSpec::CpuEmulating(dtype) => {
                 Ok(Box::new(CpuBackend::new(store, threads)?.with_contract(dtype.contract())))
             }
-            BackendSpec::CpuWithBug(bug) => Ok(Box::new(CpuBackend::new(store, threads)?.with_bug(*bug)?)),
+            BackendSpec::CpuWithBug(bug) => {
+                self.check_rank_bug(*bug, spec)?;
+                Ok(Box::new(CpuBackend::new(store, threads)?.with_bug(*bug)?))
+            }
             BackendSpec::CpuLlamaCpp => {
                 let mut backend = CpuBackend::new(store, threads)?;
                 backend.set_ggml_activations(true);
@@ -234,6 +237,30 @@ impl<'a> Session<'a> {
 }
 
 impl Session<'_> {
+    /// A bug of expert-parallel ranks needs the ranks it lives between:
+    /// refused, with what to add, where the run has none (or, for the
+    /// reduction's, no rank-order sum or no such rank).
+    fn check_rank_bug(&self, bug: pipeline::backend::cpu::known_bugs::KnownBug, spec: &BackendSpec) -> Result<()> {
+        use pipeline::backend::cpu::known_bugs::KnownBug;
+        let layout = self.model.config.expert_parallel;
+        let why = match bug {
+            KnownBug::DispatchDropped(_) | KnownBug::PartialAddedTwice(_) if layout.is_none() => {
+                "it lives between expert-parallel ranks: add `parallel: (experts: R)`".to_string()
+            }
+            KnownBug::DispatchDropped(t) if t >= self.spec.tokens().len() => {
+                format!("token {t} is beyond the prompt's {} tokens", self.spec.tokens().len())
+            }
+            KnownBug::PartialAddedTwice(_) if layout.is_some_and(|l| !l.rank_sum) => {
+                "it lives in the rank-order reduction: add `combine: RankSum` to `parallel:`".to_string()
+            }
+            KnownBug::PartialAddedTwice(r) if layout.is_some_and(|l| r >= l.ranks) => {
+                format!("rank {r} is beyond the run's {} ranks", layout.map_or(1, |l| l.ranks))
+            }
+            _ => return Ok(()),
+        };
+        Err(SessionError::ConfigValue { path: self.path.to_path_buf(), message: format!("{spec}: {why}") })
+    }
+
     /// The session's device products on `device`, opened the first time.
     #[cfg(feature = "cuda")]
     fn products(&self, device: usize, spec: &BackendSpec) -> Result<Arc<dyn DeviceProducts>> {

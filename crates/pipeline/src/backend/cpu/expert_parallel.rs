@@ -3,6 +3,7 @@
 //! order the trait names.
 
 use super::CpuBackend;
+use super::known_bugs::KnownBug;
 use crate::backend::expert_parallel::ExpertParallelOps;
 use crate::backend::{SharedTerm, Slot};
 use crate::config::ExpertParallel;
@@ -42,6 +43,9 @@ impl ExpertParallelOps for CpuBackend {
                 )));
             }
             let r = layout.rank_of(e as usize, experts);
+            if self.bug == Some(KnownBug::DispatchDropped(s / k)) && s % k == 0 {
+                continue;
+            }
             rows[r * t_len * k + s] = received[r];
             received[r] += 1;
         }
@@ -98,8 +102,12 @@ impl ExpertParallelOps for CpuBackend {
         for (t, row) in data.chunks_mut(h).enumerate() {
             let term = shared.as_ref().map(|(values, g)| (&values[t * h..(t + 1) * h], g.map_or(1.0, |g| g[t] as f64)));
             for (d, o) in row.iter_mut().enumerate() {
+                let twice = |r: usize| if self.bug == Some(KnownBug::PartialAddedTwice(r)) { 2 } else { 1 };
                 let mut sum: f64 = match partial {
-                    Some(p) => (0..ranks).map(|r| p[(r * t_len + t) * h + d] as f64).sum(),
+                    Some(p) => (0..ranks)
+                        .flat_map(|r| std::iter::repeat_n(r, twice(r)))
+                        .map(|r| p[(r * t_len + t) * h + d] as f64)
+                        .sum(),
                     None => (0..k)
                         .flat_map(|j| (0..ranks).filter(move |&r| rows[(r * t_len + t) * k + j] >= 0).map(move |_| j))
                         .map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64)

@@ -3,7 +3,8 @@
 //! which a CPU target reproduces (`backend: CpuWithBug(...)`,
 //! `CpuBackend::with_bug`) so that tests and users can check moetrace
 //! finds each at its stage. Each is reproduced where its operation runs:
-//! grouped_routing.rs, oss.rs, mod.rs (the shared expert, the weights).
+//! grouped_routing.rs, oss.rs, mod.rs (the shared expert, the weights),
+//! expert_parallel.rs (the ranks' dispatch and reduction).
 
 /// Bugs engines shipped in DeepSeek's and gpt-oss's forward passes, as a
 /// CPU target can reproduce them (`backend: CpuWithBug(...)`): what
@@ -43,6 +44,15 @@ pub enum KnownBug {
     /// doubled): in layer L, expert E's gate_proj, the first block of its
     /// first row (`weights::oss_experts::with_scale_off_by_one`).
     Mxfp4ScaleOffByOne(usize, usize),
+    /// Expert-parallel ranks (`parallel:`): token T's first slot never
+    /// dispatched to the rank holding its expert, in every MoE layer (a
+    /// dispatch that drops tokens, SGLang #14382's class): found at
+    /// moe_dispatch, at that rank and token.
+    DispatchDropped(usize),
+    /// Expert-parallel ranks reduced in rank order: rank R's partial sum
+    /// added twice (SGLang #32962's outcome: some outputs summed twice):
+    /// found at moe_ffn_out, the rank named by what the error equals.
+    PartialAddedTwice(usize),
 }
 
 impl KnownBug {
@@ -57,6 +67,9 @@ impl KnownBug {
         KnownBug::RouterBiasDropped,
         KnownBug::Mxfp4ScaleOffByOne(1, 0),
     ];
+
+    /// The bugs of expert-parallel ranks, for tests (token 3, rank 1).
+    pub const RANKS: [KnownBug; 2] = [KnownBug::DispatchDropped(3), KnownBug::PartialAddedTwice(1)];
 
     /// DeepSeek's bugs, for messages and tests (the FP8 one in layer 1).
     pub const ALL: [KnownBug; 5] = [
