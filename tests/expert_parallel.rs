@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use moetrace_tests::{scratch, workspace_root};
+use moetrace_tests::{npy_files, scratch, workspace_root};
 use session::RunConfig;
 use session::bisect::{BisectConfig, BisectOptions, bisect};
 
@@ -26,21 +26,9 @@ fn capture(model: &str, parallel: &str, out: &Path) -> Vec<u32> {
     session::run(&config, Path::new("ep.ron"), &mut |_| {}).unwrap().summary.generated
 }
 
-/// Every .npy under `dir` by relative path.
+/// Every .npy under `dir` by relative path, read.
 fn tensors(dir: &Path) -> BTreeMap<PathBuf, compare::npy::NpyArray> {
-    let mut files = BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if path.extension().is_some_and(|e| e == "npy") {
-                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), compare::npy::read_npy(&path).unwrap());
-            }
-        }
-    }
-    files
+    npy_files(dir).into_iter().map(|(path, bytes)| (path, compare::npy::parse_npy(&bytes).unwrap())).collect()
 }
 
 /// (name, model, experts).

@@ -7,7 +7,9 @@ use std::path::Path;
 
 use capture::CaptureDir;
 use compare::diff::{DiffOptions, diff};
-use moetrace_tests::{fixture, gguf_fixture, gpu_enabled, greedy_continuation, oracle_fixtures, rel_l2, scratch};
+use moetrace_tests::{
+    fixture, gguf_fixture, gpu_enabled, greedy_continuation, npy_files, oracle_fixtures, rel_l2, scratch,
+};
 use session::RunConfig;
 use session::bisect::{BisectConfig, BisectOptions, bisect};
 use stage_types::SaveTensorStage as S;
@@ -57,23 +59,6 @@ fn cuda_bf16_graph_replays_compute_the_bits_of_eager_steps() {
     assert_eq!(eager.summary.graph_replays, 0);
     assert_eq!(graphs.summary.generated, eager.summary.generated);
     assert_eq!(logit_bits(&graphs), logit_bits(&eager), "last logits with and without graphs");
-}
-
-/// Every .npy file under `dir`, by path relative to it, with its bytes.
-fn npy_files(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
-    let mut files = std::collections::BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if path.extension().is_some_and(|e| e == "npy") {
-                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    files
 }
 
 #[test]

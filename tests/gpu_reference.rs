@@ -8,26 +8,9 @@
 
 use std::path::Path;
 
-use moetrace_tests::{gpu_enabled, oracle_fixtures, scratch};
+use moetrace_tests::{gpu_enabled, npy_files, oracle_fixtures, scratch};
 use session::RunConfig;
 use session::bisect::{BisectConfig, BisectOptions, bisect};
-
-/// Every .npy under `dir` by relative path, with its bytes.
-fn npy_files(dir: &Path) -> std::collections::BTreeMap<std::path::PathBuf, Vec<u8>> {
-    let mut files = std::collections::BTreeMap::new();
-    let mut todo = vec![dir.to_path_buf()];
-    while let Some(d) = todo.pop() {
-        for entry in std::fs::read_dir(&d).unwrap() {
-            let path = entry.unwrap().path();
-            if path.is_dir() {
-                todo.push(path);
-            } else if path.extension().is_some_and(|e| e == "npy") {
-                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
-            }
-        }
-    }
-    files
-}
 
 /// A run of `model` on `backend` capturing every stage to `out`.
 fn capture_run(model: &str, prompt: &str, backend: &str, out: &Path) -> session::RunOutput {

@@ -258,3 +258,21 @@ pub fn oracle_fixtures() -> Vec<(&'static str, std::path::PathBuf, String)> {
     found.push(("tiny-gpt-oss-oracle-gguf", dir, model));
     found
 }
+
+/// Every .npy file under `dir` (a capture), by its path relative to
+/// `dir`, with its bytes.
+pub fn npy_files(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "npy") {
+                files.insert(path.strip_prefix(dir).unwrap().to_path_buf(), std::fs::read(&path).unwrap());
+            }
+        }
+    }
+    files
+}
