@@ -146,6 +146,16 @@ impl SyntheticPreset {
         },
         QWEN3_30B_A3B,
         SyntheticPreset {
+            name: "qwen3-235b-a22b",
+            description: "Qwen3-235B-A22B dimensions: 94 layers, H 4096, 64/4 heads, hd 128, 128 experts top-8, I 1536, V 151936 (470 GB in bf16: several GPUs, or `layers: N`, or the CPU computing weights where it reads them)",
+            layers: 94,
+            hidden: 4096,
+            heads: 64,
+            intermediate: 12288,
+            moe_intermediate: 1536,
+            ..QWEN3_30B_A3B
+        },
+        SyntheticPreset {
             name: "qwen3-30b-a3b-q4km",
             description: "qwen3-30b-a3b with Q4_K_M-style weights kept quantized (Q4_K, Q6_K for v, down and lm_head): the decode benchmark against the quantized bytes",
             weights: PresetWeights::Q4KM,
@@ -468,6 +478,15 @@ mod tests {
     fn unknown_preset_lists_the_valid_ones() {
         let msg = SyntheticPreset::by_name("huge").unwrap_err().to_string();
         assert!(msg.contains("`huge`") && msg.contains("tiny-moe") && msg.contains("qwen3-30b-a3b"), "{msg}");
+    }
+
+    #[test]
+    fn qwen3_235b_preset_has_the_real_dimensions_and_470_gb_of_bf16() {
+        let c = SyntheticPreset::by_name("qwen3-235b-a22b").unwrap().config(None).unwrap();
+        assert_eq!((c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim), (94, 4096, 64, 4, 128));
+        assert_eq!((c.num_experts, c.experts_per_token, c.moe_intermediate_size), (128, 8, 1536));
+        let params: usize = crate::model::tensor_specs(&c).iter().map(|s| s.shape.iter().product::<usize>()).sum();
+        assert!((234e9..236e9).contains(&(params as f64)), "{params}");
     }
 
     #[test]
