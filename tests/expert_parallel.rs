@@ -195,7 +195,8 @@ fn bisect_bug(bug: &str) -> compare::Report {
 /// The bugs between ranks, each found at its stage with its rank: a
 /// dropped slot at moe_dispatch on the rank holding its expert (every MoE
 /// layer of the prompt, nothing else), a rank's partial added twice at
-/// moe_ffn_out, named by the partial the error equals.
+/// moe_ffn_out, named by the partial the error equals, and a rank
+/// weighting its experts' inputs at moe_expert_gate on that rank's experts.
 #[test]
 fn bugs_between_ranks_are_found_at_their_stage_and_rank() {
     use stage_types::SaveTensorStage as S;
@@ -223,6 +224,16 @@ fn bugs_between_ranks_are_found_at_their_stage_and_rank() {
         assert_eq!((row.stage, row.worst_rank), (S::MoeFfnOut, Some(1)), "{row:?}");
     }
     assert!(twice.render(false).contains("rank 1"), "{}", twice.render(false));
+    // Rank 2 weighting its experts' inputs instead of their outputs: its
+    // experts' gate and up first, then its partial sum, all on rank 2.
+    let before = bisect_bug("WeightBeforeExperts(2)");
+    let found = before.findings();
+    assert!(!found.is_empty(), "{}", before.render(false));
+    assert_eq!(found[0].stage, S::MoeExpertGate, "{}", before.render(false));
+    for row in &found {
+        assert!(matches!(row.stage, S::MoeExpertGate | S::MoeExpertUp | S::MoeCombine), "{row:?}");
+        assert_eq!(row.worst_rank, Some(2), "{row:?}");
+    }
 }
 
 #[test]

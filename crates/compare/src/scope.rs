@@ -233,6 +233,7 @@ pub fn compare_scope(
     for (&stage, (reference, target)) in tensors {
         let tolerance = tolerances.of(stage, target_dtype);
         let mut row = Row::new(step, layer, stage, tolerance);
+        let mut ranks_of_expert = false;
         let (r, t) = match (*reference, *target) {
             (Some(r), Some(t)) => (r, t),
             (r, _) => {
@@ -295,6 +296,7 @@ pub fn compare_scope(
                     row.worst_expert = Some(expert);
                 }
                 row.compared_tokens = Some(a.rows.iter().map(|r| r.0).collect::<std::collections::BTreeSet<_>>().len());
+                ranks_of_expert = true;
                 row.set_metrics(m);
                 if let Some(Emulated { view: e, floor, replicates }) = emulated(stage, &r) {
                     // The emulation's own ids where the target's are its own.
@@ -375,6 +377,19 @@ pub fn compare_scope(
                     row.worst_rank = crate::ranks::rank_explaining(&r, &t, &p, token);
                 }
                 row.set_metrics(m);
+            }
+        }
+        // Expert-parallel ranks: the rank holding the worst row's expert
+        // (contiguous blocks of E / R experts).
+        if let (true, Some(e), Some((Some(d), _)), Some((Some(l), _))) = (
+            ranks_of_expert,
+            row.worst_expert,
+            get(SaveTensorStage::MoeDispatch),
+            get(SaveTensorStage::MoeRouterLogits),
+        ) {
+            let (ranks, experts) = (d.shape[0], l.shape.last().copied().unwrap_or(0));
+            if ranks > 0 && e >= 0 && experts % ranks == 0 && (e as usize) < experts {
+                row.worst_rank = Some(e as usize / (experts / ranks));
             }
         }
         rows.push(row);

@@ -244,7 +244,9 @@ impl Session<'_> {
         use pipeline::backend::cpu::known_bugs::KnownBug;
         let layout = self.model.config.expert_parallel;
         let why = match bug {
-            KnownBug::DispatchDropped(_) | KnownBug::PartialAddedTwice(_) if layout.is_none() => {
+            KnownBug::DispatchDropped(_) | KnownBug::PartialAddedTwice(_) | KnownBug::WeightBeforeExperts(_)
+                if layout.is_none() =>
+            {
                 "it lives between expert-parallel ranks: add `parallel: (experts: R)`".to_string()
             }
             KnownBug::DispatchDropped(t) if t >= self.spec.tokens().len() => {
@@ -253,7 +255,9 @@ impl Session<'_> {
             KnownBug::PartialAddedTwice(_) if layout.is_some_and(|l| !l.rank_sum) => {
                 "it lives in the rank-order reduction: add `combine: RankSum` to `parallel:`".to_string()
             }
-            KnownBug::PartialAddedTwice(r) if layout.is_some_and(|l| r >= l.ranks) => {
+            KnownBug::PartialAddedTwice(r) | KnownBug::WeightBeforeExperts(r)
+                if layout.is_some_and(|l| r >= l.ranks) =>
+            {
                 format!("rank {r} is beyond the run's {} ranks", layout.map_or(1, |l| l.ranks))
             }
             _ => return Ok(()),

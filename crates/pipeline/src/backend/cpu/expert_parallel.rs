@@ -11,6 +11,26 @@ use crate::error::{PipelineError, Result};
 use crate::tensor::HostTensor;
 
 impl CpuBackend {
+    /// With [`KnownBug::WeightBeforeExperts`], for expert `e` on that rank
+    /// and a per-token input (gate and up): the routing weights
+    /// (moe_router, by slot) its input rows are multiplied by. None
+    /// otherwise.
+    pub(super) fn weighted_inputs(&self, e: i32, per_slot: bool) -> Result<Option<&[f32]>> {
+        let (Some(KnownBug::WeightBeforeExperts(rank)), Some((layout, experts))) = (self.bug, self.ranks) else {
+            return Ok(None);
+        };
+        if per_slot || layout.rank_of(e as usize, experts) != rank {
+            return Ok(None);
+        }
+        Ok(Some(self.rows(Slot::MoeRouter)?.2))
+    }
+
+    /// The routing weight rank `rank` multiplies its slot's output by: 1
+    /// where the known bug weighted its inputs instead.
+    fn weight_after(&self, rank: usize, w: f32) -> f64 {
+        if self.bug == Some(KnownBug::WeightBeforeExperts(rank)) { 1.0 } else { w as f64 }
+    }
+
     /// The int32 data of a slot, with its shape.
     fn ints(&self, slot: Slot) -> Result<(&[usize], &[i32])> {
         let t = self.slot(slot)?;
@@ -50,6 +70,7 @@ impl ExpertParallelOps for CpuBackend {
             received[r] += 1;
         }
         self.set(out, HostTensor::i32(vec![ranks, t_len, k], rows));
+        self.ranks = Some((layout, experts));
         Ok(())
     }
 
@@ -63,7 +84,10 @@ impl ExpertParallelOps for CpuBackend {
             let (r, t) = (rt / t_len, rt % t_len);
             let mine = |j: &usize| rows[(r * t_len + t) * k + j] >= 0;
             for (d, o) in row.iter_mut().enumerate() {
-                let sum: f64 = (0..k).filter(mine).map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64).sum();
+                let sum: f64 = (0..k)
+                    .filter(mine)
+                    .map(|j| self.weight_after(r, w[t * k + j]) * x[(t * k + j) * h + d] as f64)
+                    .sum();
                 *o = sum as f32;
             }
         }
@@ -109,8 +133,10 @@ impl ExpertParallelOps for CpuBackend {
                         .map(|r| p[(r * t_len + t) * h + d] as f64)
                         .sum(),
                     None => (0..k)
-                        .flat_map(|j| (0..ranks).filter(move |&r| rows[(r * t_len + t) * k + j] >= 0).map(move |_| j))
-                        .map(|j| w[t * k + j] as f64 * x[(t * k + j) * h + d] as f64)
+                        .flat_map(|j| {
+                            (0..ranks).filter(move |&r| rows[(r * t_len + t) * k + j] >= 0).map(move |r| (j, r))
+                        })
+                        .map(|(j, r)| self.weight_after(r, w[t * k + j]) * x[(t * k + j) * h + d] as f64)
                         .sum(),
                 };
                 if let Some((values, g)) = term {

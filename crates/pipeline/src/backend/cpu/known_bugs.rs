@@ -53,6 +53,12 @@ pub enum KnownBug {
     /// added twice (SGLang #32962's outcome: some outputs summed twice):
     /// found at moe_ffn_out, the rank named by what the error equals.
     PartialAddedTwice(usize),
+    /// Expert-parallel ranks: rank R multiplies its experts' inputs by the
+    /// routing weight instead of their outputs (VeOmni #1199: the weight
+    /// applied on the other side of the experts under expert parallelism;
+    /// the SwiGLU is not linear in it): found at moe_expert_gate on that
+    /// rank's experts, and at its moe_combine.
+    WeightBeforeExperts(usize),
 }
 
 impl KnownBug {
@@ -69,7 +75,8 @@ impl KnownBug {
     ];
 
     /// The bugs of expert-parallel ranks, for tests (token 3, rank 1).
-    pub const RANKS: [KnownBug; 2] = [KnownBug::DispatchDropped(3), KnownBug::PartialAddedTwice(1)];
+    pub const RANKS: [KnownBug; 3] =
+        [KnownBug::DispatchDropped(3), KnownBug::PartialAddedTwice(1), KnownBug::WeightBeforeExperts(2)];
 
     /// DeepSeek's bugs, for messages and tests (the FP8 one in layer 1).
     pub const ALL: [KnownBug; 5] = [

@@ -49,6 +49,9 @@ pub struct CpuBackend {
     /// Where the products run when not on this pool (the same bits), or
     /// None.
     products: Option<Arc<dyn device_products::DeviceProducts>>,
+    /// The expert-parallel layout and expert count of the last dispatch
+    /// (what the bugs between ranks need to know), or None.
+    ranks: Option<(crate::config::ExpertParallel, usize)>,
 }
 
 impl CpuBackend {
@@ -70,6 +73,7 @@ impl CpuBackend {
             contract: NumericContract::REFERENCE,
             bug: None,
             products: None,
+            ranks: None,
             threads,
             slots: vec![None; Slot::ALL.len()],
             tokens: Vec::new(),

@@ -46,13 +46,20 @@ impl CpuBackend {
             })?;
             self.check_width(input, width, w.row_len(), &format!("expert weight `{}`", w.describe()))?;
             let slots: Vec<usize> = (0..t_len * k).filter(|&s| idx[s] == e).collect();
-            let inputs: Vec<&[f32]> = slots
+            let mut inputs: Vec<&[f32]> = slots
                 .iter()
                 .map(|&s| {
                     let row = if per_slot { s } else { s / k };
                     &x[row * width..(row + 1) * width]
                 })
                 .collect();
+            // A rank weighting its experts' inputs (the known bug).
+            let weighted: Vec<Vec<f32>>;
+            if let Some(weights) = self.weighted_inputs(e, per_slot)? {
+                weighted =
+                    slots.iter().zip(&inputs).map(|(&s, x)| x.iter().map(|v| v * weights[s]).collect()).collect();
+                inputs = weighted.iter().map(Vec::as_slice).collect();
+            }
             let part = self.matmul(&inputs, w);
             for (&s, src) in slots.iter().zip(part.chunks(n)) {
                 data[s * n..(s + 1) * n].copy_from_slice(src);
