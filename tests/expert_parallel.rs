@@ -63,7 +63,7 @@ fn ranks_in_slot_order_compute_the_one_rank_run_to_the_bit_and_dispatch_each_slo
             assert!(!per_rank.is_empty(), "{name} R={ranks}: no per-rank stage captured");
             for path in per_rank {
                 let stage = path.file_stem().unwrap().to_str().unwrap();
-                assert!(stage == "moe_dispatch" || stage == "moe_combine", "{}", path.display());
+                assert!(["moe_expert_map", "moe_dispatch", "moe_combine"].contains(&stage), "{}", path.display());
                 let array = &split[path];
                 assert_eq!(array.shape[0], ranks, "{}", path.display());
                 if stage == "moe_dispatch" {
@@ -91,6 +91,42 @@ fn ranks_in_slot_order_compute_the_one_rank_run_to_the_bit_and_dispatch_each_slo
             }
         }
     }
+}
+
+/// A replicated expert served by its copy on another rank: the same
+/// tensors as one rank, its slots received by the copy's rank.
+#[test]
+fn a_replica_serves_its_experts_tokens_and_changes_no_value() {
+    let dir = scratch("expert-parallel-replica");
+    let (_, model, _) = models().remove(0);
+    let one = capture(&model, "", &dir.join("one"));
+    let parallel = "parallel: (experts: 4, replicas: [(expert: 5, rank: 3)]),";
+    assert_eq!(capture(&model, parallel, &dir.join("replica")), one);
+    let (a, b) = (tensors(&dir.join("one")), tensors(&dir.join("replica")));
+    for (path, array) in &a {
+        assert_eq!(b.get(path), Some(array), "{}", path.display());
+    }
+    let mut served = 0;
+    for (path, map) in b.iter().filter(|(p, _)| p.ends_with("moe_expert_map.npy")) {
+        let map = map.values();
+        assert!((0..4).all(|r| map[r * 16 + 5] == 3.0 && map[r * 16 + 4] == 1.0), "{}", path.display());
+        let ids = b[&path.with_file_name("moe_router_indices.npy")].values();
+        let d = b[&path.with_file_name("moe_dispatch.npy")].values();
+        let n = ids.len();
+        for s in (0..n).filter(|&s| ids[s] == 5.0) {
+            let on: Vec<usize> = (0..4).filter(|r| d[r * n + s] >= 0.0).collect();
+            assert_eq!(on, [3], "{} slot {s}", path.display());
+            served += 1;
+        }
+    }
+    assert!(served > 0, "expert 5 was never routed: pick another");
+    let e = RunConfig::parse(
+        &format!("(model: {model}, prompt: Tokens({PROMPT}), backend: Cpu, parallel: (experts: 4, replicas: [(expert: 5, rank: 1)]))"),
+        Path::new("ep.ron"),
+    )
+    .map(|c| session::run(&c, Path::new("ep.ron"), &mut |_| {}).unwrap_err().to_string())
+    .unwrap();
+    assert!(e.contains("rank 1 holds expert 5 already"), "{e}");
 }
 
 #[test]
@@ -183,9 +219,14 @@ fn ranks_that_do_not_divide_the_experts_or_a_gpu_backend_are_refused_with_the_re
 }
 
 fn bisect_bug(bug: &str) -> compare::Report {
+    bisect_bug_with(bug, "")
+}
+
+/// [`bisect_bug`] with more of `parallel:` (e.g. its replicas).
+fn bisect_bug_with(bug: &str, more: &str) -> compare::Report {
     let text = format!(
         "(model: Synthetic(preset: \"tiny-moe\", seed: 7), prompt: Tokens({PROMPT}), generate: 3, \
-         reference: Cpu, target: CpuWithBug({bug}), parallel: (experts: 4, combine: RankSum))"
+         reference: Cpu, target: CpuWithBug({bug}), parallel: (experts: 4, combine: RankSum, {more}))"
     );
     let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
     let options = BisectOptions { local: true, ..BisectOptions::default() };
@@ -224,6 +265,14 @@ fn bugs_between_ranks_are_found_at_their_stage_and_rank() {
         assert_eq!((row.stage, row.worst_rank), (S::MoeFfnOut, Some(1)), "{row:?}");
     }
     assert!(twice.render(false).contains("rank 1"), "{}", twice.render(false));
+    // Expert 5 (home: rank 1) copied to rank 3; rank 1's view still sends
+    // it home: found at moe_expert_map on rank 1, and nowhere else.
+    let stale = bisect_bug_with("ReplicaMismatch(1)", "replicas: [(expert: 5, rank: 3)]");
+    let found = stale.findings();
+    assert!(!found.is_empty(), "{}", stale.render(false));
+    for row in &found {
+        assert_eq!((row.stage, row.worst_rank), (S::MoeExpertMap, Some(1)), "{row:?}");
+    }
     // Rank 2 weighting its experts' inputs instead of their outputs: its
     // experts' gate and up first, then its partial sum, all on rank 2.
     let before = bisect_bug("WeightBeforeExperts(2)");

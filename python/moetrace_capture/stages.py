@@ -35,6 +35,7 @@ STAGES = (
     ("moe_router_groups", "layer", "grouped-router", "[T,topk_group]", "int32"),
     ("moe_router", "layer", "moe", "[T,k]", "float32"),
     ("moe_router_indices", "layer", "moe", "[T,k]", "int32"),
+    ("moe_expert_map", "layer", "expert-parallel", "[R,E]", "int32"),
     ("moe_dispatch", "layer", "expert-parallel", "[R,T,k]", "int32"),
     ("moe_expert_gate", "layer", "moe", "[T,k,I]", "float32"),
     ("moe_expert_up", "layer", "moe", "[T,k,I]", "float32"),

@@ -1,5 +1,6 @@
-//! The per-rank stages of expert-parallel runs, moe_dispatch `[R,T,k]`
-//! and moe_combine `[R,T,H]`: compared per (rank, token) row on the tokens
+//! The per-rank stages of expert-parallel runs, moe_expert_map `[R,E]`
+//! (each rank's view, compared exactly), moe_dispatch `[R,T,k]` and
+//! moe_combine `[R,T,H]`: compared per (rank, token) row on the tokens
 //! both sides routed to the same experts (a token routed otherwise is a
 //! routing flip, judged at moe_router_indices; its slots go to other
 //! ranks by design). moe_dispatch is compared as which rank received each
@@ -67,6 +68,16 @@ pub(crate) fn compare_ranks(
     if let Some(&(rank, token)) = worst.and_then(|w| picked.rows.get(w)) {
         row.worst_token = Some(token);
         row.worst_rank = Some(rank);
+    }
+    row.set_metrics(m);
+}
+
+/// Fills `row` for moe_expert_map `[R,E]`: each rank's view compared as
+/// exact values; the worst row is its rank.
+pub(crate) fn compare_map(row: &mut Row, r: &TensorView<'_>, t: &TensorView<'_>) {
+    let m = tensor_metrics(r.elements, t.elements, r.shape, 0);
+    if m.worst_row_error > 0.0 {
+        row.worst_rank = Some(m.worst_row);
     }
     row.set_metrics(m);
 }

@@ -263,6 +263,11 @@ pub fn compare_scope(
             rows.push(row);
             continue;
         }
+        if stage == SaveTensorStage::MoeExpertMap && r.shape.len() == 2 {
+            crate::ranks::compare_map(&mut row, &r, &t);
+            rows.push(row);
+            continue;
+        }
         if matches!(stage, SaveTensorStage::MoeDispatch | SaveTensorStage::MoeCombine) && r.shape.len() == 3 {
             // Tokens routed alike on both sides (all of them where the
             // target ran on the reference's ids).

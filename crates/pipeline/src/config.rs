@@ -26,10 +26,14 @@ pub const MAX_POSITIONS: usize = 1 << 24;
 
 /// How a run splits the routed experts across expert-parallel ranks
 /// (virtual ranks on one backend; docs/decisions/2026-12-07-expert-parallel-plan.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExpertParallel {
     /// R: ranks, each holding E / R contiguous experts.
     pub ranks: usize,
+    /// Extra copies of experts: (logical expert, the rank holding the
+    /// copy). A replicated expert's tokens are served by its last copy
+    /// listed (every rank agreeing).
+    pub replicas: Vec<(usize, usize)>,
     /// moe_ffn_out reduces the ranks' partial sums in rank order (as
     /// engines do), else sums each token's slots in slot order (the
     /// one-rank sum to the bit).
@@ -37,9 +41,15 @@ pub struct ExpertParallel {
 }
 
 impl ExpertParallel {
-    /// The rank holding expert `e` of `experts`.
+    /// The rank holding expert `e` of `experts` (its home block).
     pub fn rank_of(&self, e: usize, experts: usize) -> usize {
         e / (experts / self.ranks)
+    }
+
+    /// The rank that serves expert `e`'s tokens: its last replica's, else
+    /// its home rank.
+    pub fn server(&self, e: usize, experts: usize) -> usize {
+        self.replicas.iter().rev().find(|(x, _)| *x == e).map_or_else(|| self.rank_of(e, experts), |(_, r)| *r)
     }
 }
 
@@ -395,10 +405,16 @@ impl ModelConfig {
 
     /// Splits the experts of every MoE layer across `ranks` expert-parallel
     /// ranks in contiguous blocks (rank r holds experts r*E/R..(r+1)*E/R),
-    /// reduced as `rank_sum` says. One rank is no split. Err (the reason,
+    /// with `replicas` (expert, rank) copies, reduced as `rank_sum` says.
+    /// One rank is no split. Err (the reason,
     /// with the valid counts) when `ranks` is 0, the model has no experts,
     /// or `ranks` does not divide their number.
-    pub fn set_expert_parallel(&mut self, ranks: usize, rank_sum: bool) -> std::result::Result<(), String> {
+    pub fn set_expert_parallel(
+        &mut self,
+        ranks: usize,
+        rank_sum: bool,
+        replicas: &[(usize, usize)],
+    ) -> std::result::Result<(), String> {
         let e = self.num_experts;
         if e == 0 {
             return Err(format!("{} has no routed experts to split across ranks", self.architecture));
@@ -410,7 +426,16 @@ impl ModelConfig {
                 valid.join(", ")
             ));
         }
-        self.expert_parallel = (ranks > 1).then_some(ExpertParallel { ranks, rank_sum });
+        let layout = ExpertParallel { ranks, rank_sum, replicas: replicas.to_vec() };
+        for &(x, r) in replicas {
+            if x >= e || r >= ranks {
+                return Err(format!("replica (expert: {x}, rank: {r}) is outside {e} experts on {ranks} ranks"));
+            }
+            if layout.rank_of(x, e) == r {
+                return Err(format!("replica (expert: {x}, rank: {r}): rank {r} holds expert {x} already"));
+            }
+        }
+        self.expert_parallel = (ranks > 1).then_some(layout);
         Ok(())
     }
 
@@ -429,7 +454,7 @@ impl ModelConfig {
             sinks: self.oss.is_some(),
             clamped_swiglu: self.oss.is_some(),
             expert_parallel: self.expert_parallel.is_some(),
-            rank_sum: self.expert_parallel.is_some_and(|p| p.rank_sum),
+            rank_sum: self.expert_parallel.as_ref().is_some_and(|p| p.rank_sum),
         }
     }
 

@@ -121,6 +121,7 @@ fn add_stage_system(schedule: &mut Schedule, stage: S) {
         S::MoeRouterGroups => schedule.add_systems(moe::moe_router_groups.in_set(set)),
         S::MoeRouter => schedule.add_systems(moe::moe_router.in_set(set)),
         S::MoeRouterIndices => schedule.add_systems(moe::moe_router_indices.in_set(set)),
+        S::MoeExpertMap => schedule.add_systems(moe::moe_expert_map.in_set(set)),
         S::MoeDispatch => schedule.add_systems(moe::moe_dispatch.in_set(set)),
         S::MoeExpertGate => schedule.add_systems(moe::moe_expert_gate.in_set(set)),
         S::MoeExpertUp => schedule.add_systems(moe::moe_expert_up.in_set(set)),

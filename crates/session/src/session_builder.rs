@@ -76,7 +76,7 @@ impl<'a> Session<'a> {
             ModelSpec::Path(p) => Model::load(p)?,
         };
         let mut model = model;
-        if let Some(parallel) = spec.parallel {
+        if let Some(parallel) = &spec.parallel {
             let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
             if let Some(gpu) = backends.iter().find(|b| b.is_cuda() || b.capture().is_some()) {
                 return Err(bad(format!(
@@ -84,7 +84,11 @@ impl<'a> Session<'a> {
                 )));
             }
             let rank_sum = parallel.combine == crate::spec::CombineOrder::RankSum;
-            model.config.set_expert_parallel(parallel.experts, rank_sum).map_err(|e| bad(format!("parallel: {e}")))?;
+            let replicas: Vec<(usize, usize)> = parallel.replicas.iter().map(|r| (r.expert, r.rank)).collect();
+            model
+                .config
+                .set_expert_parallel(parallel.experts, rank_sum, &replicas)
+                .map_err(|e| bad(format!("parallel: {e}")))?;
         }
         let load_time = start.elapsed();
         tracing::info!(model = %describe_model(&model), seconds = load_time.as_secs_f64(), "model loaded");
@@ -242,9 +246,12 @@ impl Session<'_> {
     /// reduction's, no rank-order sum or no such rank).
     fn check_rank_bug(&self, bug: pipeline::backend::cpu::known_bugs::KnownBug, spec: &BackendSpec) -> Result<()> {
         use pipeline::backend::cpu::known_bugs::KnownBug;
-        let layout = self.model.config.expert_parallel;
+        let layout = self.model.config.expert_parallel.as_ref();
         let why = match bug {
-            KnownBug::DispatchDropped(_) | KnownBug::PartialAddedTwice(_) | KnownBug::WeightBeforeExperts(_)
+            KnownBug::DispatchDropped(_)
+            | KnownBug::PartialAddedTwice(_)
+            | KnownBug::WeightBeforeExperts(_)
+            | KnownBug::ReplicaMismatch(_)
                 if layout.is_none() =>
             {
                 "it lives between expert-parallel ranks: add `parallel: (experts: R)`".to_string()

@@ -51,7 +51,7 @@ pub struct SessionSpec {
 /// blocks), each MoE layer adding the per-rank stages moe_dispatch and
 /// moe_combine. Every pass of the command runs so (a bisect's reference
 /// and target alike), on the CPU backends for now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSpec {
     /// R: ranks (a divisor of the model's experts).
@@ -59,6 +59,20 @@ pub struct ParallelSpec {
     /// How moe_ffn_out reduces the ranks' work (default SlotOrder).
     #[serde(default)]
     pub combine: CombineOrder,
+    /// Extra copies of experts on other ranks (default none); a replicated
+    /// expert's tokens go to its last copy listed.
+    #[serde(default)]
+    pub replicas: Vec<ReplicaSpec>,
+}
+
+/// `(expert: e, rank: r)`: a copy of logical expert e on rank r.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSpec {
+    /// The logical expert copied.
+    pub expert: usize,
+    /// The rank holding the copy (not the expert's home rank).
+    pub rank: usize,
 }
 
 /// How moe_ffn_out sums the work of expert-parallel ranks.

@@ -85,7 +85,9 @@ impl SaveTensorStage {
                 vec![Stage(S::MoeRouterLogits)]
             }
             S::MoeRouterIndices => vec![Stage(S::MoeRouterLogits)],
-            S::MoeDispatch => vec![Stage(S::MoeRouterIndices)],
+            // The map is the run's layout (and, per rank, its view of it).
+            S::MoeExpertMap => vec![],
+            S::MoeDispatch => vec![Stage(S::MoeRouterIndices), Stage(S::MoeExpertMap)],
             S::MoeCombine => vec![Stage(S::MoeExpertOut), Stage(S::MoeRouter), Stage(S::MoeDispatch)],
             S::MoeExpertGate | S::MoeExpertUp => vec![Stage(S::FfnNorm), Stage(S::MoeRouterIndices)],
             S::MoeExpertClamp => vec![Stage(S::MoeExpertGate), Stage(S::MoeExpertUp)],

@@ -243,6 +243,10 @@ stages! {
     MoeRouter = "moe_router", Layer, MoeOnly, "[T,k]", "top-k weights after softmax, top-k, renormalise; descending";
     /// Expert ids (int32), same order as moe_router.
     MoeRouterIndices = "moe_router_indices", Layer, MoeOnly, "[T,k] int32", "expert ids, same order as moe_router";
+    /// Per expert-parallel rank R: the rank that serves each logical
+    /// expert in R's view (a replica's rank where the expert has copies);
+    /// the ranks must agree (int32).
+    MoeExpertMap = "moe_expert_map", Layer, ExpertParallel, "[R,E] int32", "per rank: the rank serving each expert in its view";
     /// Per expert-parallel rank R: where each slot (token, choice) landed
     /// in that rank's receive buffer, -1 where its expert is not the
     /// rank's (int32).
@@ -350,7 +354,11 @@ impl SaveTensorStage {
     /// True for the stages of int32 elements: the ids, and attn_window's
     /// positions (compared as values, never rounded or scaled).
     pub fn is_integer(self) -> bool {
-        self.holds_ids() || matches!(self, SaveTensorStage::AttnWindow | SaveTensorStage::MoeDispatch)
+        self.holds_ids()
+            || matches!(
+                self,
+                SaveTensorStage::AttnWindow | SaveTensorStage::MoeExpertMap | SaveTensorStage::MoeDispatch
+            )
     }
 }
 
@@ -451,6 +459,7 @@ mod tests {
                 "moe_router_groups",
                 "moe_router",
                 "moe_router_indices",
+                "moe_expert_map",
                 "moe_dispatch",
                 "moe_expert_gate",
                 "moe_expert_up",
@@ -495,7 +504,7 @@ mod tests {
             let mla = name.starts_with("mla_");
             let grouped_only = matches!(stage, S::MoeRouterChoice | S::MoeRouterGroupScores | S::MoeRouterGroups);
             let oss = matches!(stage, S::AttnWindow | S::AttnSink | S::MoeExpertClamp);
-            let ranks = matches!(stage, S::MoeDispatch | S::MoeCombine);
+            let ranks = matches!(stage, S::MoeExpertMap | S::MoeDispatch | S::MoeCombine);
             let optional = matches!(stage, S::QkvBias | S::QkNorm) || grouped_only || shared || mla || oss || ranks;
             let layer = |dense| LayerTraits { dense, ..LayerTraits::default() };
             assert_eq!(stage.applies_to(layer(true)), !moe_only && !optional, "{name}");

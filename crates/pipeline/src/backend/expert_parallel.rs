@@ -15,11 +15,17 @@ use crate::error::Result;
 
 /// The operations of expert-parallel ranks.
 pub trait ExpertParallelOps {
+    /// moe_expert_map: for each rank r, the rank that serves each of the
+    /// `experts` logical experts in r's view of `layout` (the replica's
+    /// rank for a replicated expert), `[R,E]` int32.
+    fn expert_map(&mut self, layout: &ExpertParallel, experts: usize, out: Slot) -> Result<()>;
+
     /// moe_dispatch: for each rank r and slot (t, j) of `indices` (`[T,k]`
     /// expert ids), the slot's row in rank r's receive buffer (the rank's
-    /// slots in (t, j) order) where expert `indices[t,j]` is r's under
-    /// `layout` (of `experts` experts), else -1: `[R,T,k]` int32.
-    fn dispatch(&mut self, indices: Slot, layout: ExpertParallel, experts: usize, out: Slot) -> Result<()>;
+    /// slots in (t, j) order) where r serves expert `indices[t,j]` in its
+    /// own view (`map[r][e] == r`), else -1: `[R,T,k]` int32. Ranks whose
+    /// views disagree serve a slot twice, or never.
+    fn dispatch(&mut self, indices: Slot, map: Slot, out: Slot) -> Result<()>;
 
     /// moe_combine: for each rank r and token t, `Σ_j weights[t,j] ·
     /// expert_out[t,j]` over the slots r received (`dispatch[r,t,j] >=

@@ -111,13 +111,21 @@ fn ranks(b: &mut dyn crate::backend::Backend) -> crate::Result<&mut dyn ExpertPa
     })
 }
 
-/// moe_dispatch (expert-parallel ranks only): each slot's row in the
-/// receive buffer of the rank holding its expert, `[R,T,k]` int32.
-pub fn moe_dispatch(mut ctx: StageCtx) {
-    ctx.run(S::MoeDispatch, |b, c| {
-        let layout = c.expert_parallel.ok_or_else(|| PipelineError::BadInput("moe_dispatch without ranks".into()))?;
-        ranks(b)?.dispatch(S::MoeRouterIndices, layout, c.num_experts, S::MoeDispatch)
+/// moe_expert_map (expert-parallel ranks only): per rank, the rank that
+/// serves each logical expert in its view, `[R,E]` int32.
+pub fn moe_expert_map(mut ctx: StageCtx) {
+    ctx.run(S::MoeExpertMap, |b, c| {
+        let layout =
+            c.expert_parallel.as_ref().ok_or_else(|| PipelineError::BadInput("moe_expert_map without ranks".into()))?;
+        ranks(b)?.expert_map(layout, c.num_experts, S::MoeExpertMap)
     });
+}
+
+/// moe_dispatch (expert-parallel ranks only): each slot's row in the
+/// receive buffer of each rank that serves it in its own view, `[R,T,k]`
+/// int32.
+pub fn moe_dispatch(mut ctx: StageCtx) {
+    ctx.run(S::MoeDispatch, |b, _| ranks(b)?.dispatch(S::MoeRouterIndices, S::MoeExpertMap, S::MoeDispatch));
 }
 
 /// moe_combine (expert-parallel ranks only): each rank's weighted sum of

@@ -16,10 +16,11 @@ impl CpuBackend {
     /// (moe_router, by slot) its input rows are multiplied by. None
     /// otherwise.
     pub(super) fn weighted_inputs(&self, e: i32, per_slot: bool) -> Result<Option<&[f32]>> {
-        let (Some(KnownBug::WeightBeforeExperts(rank)), Some((layout, experts))) = (self.bug, self.ranks) else {
+        let (Some(KnownBug::WeightBeforeExperts(rank)), Some((layout, experts))) = (self.bug, self.ranks.as_ref())
+        else {
             return Ok(None);
         };
-        if per_slot || layout.rank_of(e as usize, experts) != rank {
+        if per_slot || layout.server(e as usize, *experts) != rank {
             return Ok(None);
         }
         Ok(Some(self.rows(Slot::MoeRouter)?.2))
@@ -50,10 +51,30 @@ impl CpuBackend {
 }
 
 impl ExpertParallelOps for CpuBackend {
-    fn dispatch(&mut self, indices: Slot, layout: ExpertParallel, experts: usize, out: Slot) -> Result<()> {
+    fn expert_map(&mut self, layout: &ExpertParallel, experts: usize, out: Slot) -> Result<()> {
+        let ranks = layout.ranks;
+        let mut map = vec![0i32; ranks * experts];
+        for (r, row) in map.chunks_mut(experts.max(1)).enumerate() {
+            for (e, m) in row.iter_mut().enumerate() {
+                // The known bug: this rank's view of a replicated expert is
+                // its home rank, not the copy the others send to.
+                let stale =
+                    self.bug == Some(KnownBug::ReplicaMismatch(r)) && layout.replicas.iter().any(|(x, _)| *x == e);
+                *m = if stale { layout.rank_of(e, experts) } else { layout.server(e, experts) } as i32;
+            }
+        }
+        self.set(out, HostTensor::i32(vec![ranks, experts], map));
+        self.ranks = Some((layout.clone(), experts));
+        Ok(())
+    }
+
+    fn dispatch(&mut self, indices: Slot, map: Slot, out: Slot) -> Result<()> {
         let (shape, ids) = self.ints(indices)?;
         let (t_len, k) = (shape[0], shape[1]);
-        let ranks = layout.ranks;
+        let (map_shape, views) = self.ints(map)?;
+        let [ranks, experts] = map_shape[..] else {
+            return Err(PipelineError::BadInput(format!("`{map}` is {map_shape:?}, expected [R, E]")));
+        };
         let mut rows = vec![-1i32; ranks * t_len * k];
         let mut received = vec![0i32; ranks];
         for (s, &e) in ids.iter().enumerate() {
@@ -62,15 +83,16 @@ impl ExpertParallelOps for CpuBackend {
                     "expert id {e} in `{indices}` is out of range 0..{experts}"
                 )));
             }
-            let r = layout.rank_of(e as usize, experts);
             if self.bug == Some(KnownBug::DispatchDropped(s / k)) && s % k == 0 {
                 continue;
             }
-            rows[r * t_len * k + s] = received[r];
-            received[r] += 1;
+            // Each rank serves the slots it believes are its own.
+            for r in (0..ranks).filter(|&r| views[r * experts + e as usize] == r as i32) {
+                rows[r * t_len * k + s] = received[r];
+                received[r] += 1;
+            }
         }
         self.set(out, HostTensor::i32(vec![ranks, t_len, k], rows));
-        self.ranks = Some((layout, experts));
         Ok(())
     }
 

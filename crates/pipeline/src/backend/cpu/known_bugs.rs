@@ -59,6 +59,12 @@ pub enum KnownBug {
     /// the SwiGLU is not linear in it): found at moe_expert_gate on that
     /// rank's experts, and at its moe_combine.
     WeightBeforeExperts(usize),
+    /// Expert-parallel ranks with replicas: rank R's view sends a
+    /// replicated expert's tokens to its home rank while the others send
+    /// them to the copy (SGLang #32962: replicas chosen differently on one
+    /// rank; outputs summed twice or never): found at moe_expert_map, on
+    /// that rank.
+    ReplicaMismatch(usize),
 }
 
 impl KnownBug {
@@ -75,8 +81,12 @@ impl KnownBug {
     ];
 
     /// The bugs of expert-parallel ranks, for tests (token 3, rank 1).
-    pub const RANKS: [KnownBug; 3] =
-        [KnownBug::DispatchDropped(3), KnownBug::PartialAddedTwice(1), KnownBug::WeightBeforeExperts(2)];
+    pub const RANKS: [KnownBug; 4] = [
+        KnownBug::DispatchDropped(3),
+        KnownBug::PartialAddedTwice(1),
+        KnownBug::WeightBeforeExperts(2),
+        KnownBug::ReplicaMismatch(1),
+    ];
 
     /// DeepSeek's bugs, for messages and tests (the FP8 one in layer 1).
     pub const ALL: [KnownBug; 5] = [
