@@ -9,7 +9,7 @@ rm -rf .gpu && mkdir -p .gpu/bin
 cargo build --release -p cli
 cp target/release/moetrace .gpu/bin/
 # Each GPU test executable, by test target name.
-for spec in "pipeline --features cuda --test gpu_synthetic" "pipeline --features cuda --test gpu_parity" "pipeline --features cuda --test gpu_mla" "pipeline --features cuda --test gpu_oss" "pipeline --features cuda --test gpu_fused_attention" "pipeline --features cuda --test gpu_quant" "kernels-cuda --lib" "moetrace-tests --features cuda --test gpu_oracle" "moetrace-tests --features cuda --test gpu_reference" "moetrace-tests --features cuda --test gpu_memory" "moetrace-tests --features cuda --test gguf_model"; do
+for spec in "pipeline --features cuda --test gpu_synthetic" "pipeline --features cuda --test gpu_parity" "pipeline --features cuda --test gpu_mla" "pipeline --features cuda --test gpu_oss" "pipeline --features cuda --test gpu_fused_attention" "pipeline --features cuda --test gpu_quant" "kernels-cuda --lib" "moetrace-tests --features cuda --test gpu_oracle" "moetrace-tests --features cuda --test gpu_reference" "moetrace-tests --features cuda --test gpu_expert_parallel" "moetrace-tests --features cuda --test gpu_memory" "moetrace-tests --features cuda --test gguf_model"; do
     # shellcheck disable=SC2086
     cargo test --release -p $spec --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys

@@ -441,3 +441,69 @@ extern "C" __global__ void __launch_bounds__(128, 3) expert_linear_grouped_quant
     u64 row0 = (u64)blockIdx.y * n_out + blockIdx.x * GT_ROWS;
     DISPATCH_KIND_TILES(kind, (expert_linear_grouped_impl<GQ_STAGES, GQ_SLOTS>(QuantRows<K>{w + row0 * (k / BlockOf<K>::len) * BlockOf<K>::bytes, k, {}, 0}, ws, xs, slot_of, out, x, sorted, offsets, counts, top_k, k, n_out, per_slot)));
 }
+
+// ---- Virtual expert-parallel ranks (pipeline backend/expert_parallel.rs;
+// the CPU's cpu/expert_parallel.rs is the reference). Sums in f32 in the
+// order moe_combine_f32 sums, so that slot order with a correct dispatch
+// is moe_combine_f32's result to the bit.
+
+// moe_dispatch [R, slots]: one thread per rank walks the slots in order,
+// numbering those it serves in its own view (map[r][e] == r), -1 the rest.
+extern "C" __global__ void ep_dispatch(int *out, const int *ids, const int *map, u32 slots, u32 experts, u32 ranks) {
+    PDL_ENTRY();
+    u32 r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= ranks) return;
+    int received = 0;
+    for (u32 s = 0; s < slots; s++) {
+        int e = ids[s];
+        bool mine = e >= 0 && (u32)e < experts && map[(u64)r * experts + (u32)e] == (int)r;
+        out[(u64)r * slots + s] = mine ? received++ : -1;
+    }
+}
+
+// moe_combine [R, T, H]: each rank's received slots, weighted, in slot order.
+extern "C" __global__ void ep_combine_partials(float *out, const float *expert_out, const float *weights,
+                                               const int *dispatch, u32 ranks, u32 t_len, u32 top_k, u32 h) {
+    PDL_ENTRY();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)ranks * t_len * h) return;
+    u32 r = (u32)(i / ((u64)t_len * h)), t = (u32)(i / h % t_len), c = (u32)(i % h);
+    float acc = 0.0f;
+    for (u32 j = 0; j < top_k; j++) {
+        if (dispatch[((u64)r * t_len + t) * top_k + j] >= 0) {
+            acc += weights[(u64)t * top_k + j] * expert_out[((u64)t * top_k + j) * h + c];
+        }
+    }
+    out[i] = store_act(acc);
+}
+
+// moe_ffn_out of ranks [T, H]: with rank_sum, the partials in rank order;
+// else each slot once per rank that received it, in slot order; then the
+// shared expert's term (shared_kind 0: none, 1: ungated, 2: gated), as
+// moe_combine_shared_f32 adds it.
+extern "C" __global__ void ep_reduce(float *out, const float *expert_out, const float *weights, const int *dispatch,
+                                     const float *partials, u32 rank_sum, const float *shared,
+                                     const float *shared_weight, u32 shared_kind, u32 ranks, u32 t_len, u32 top_k,
+                                     u32 h) {
+    PDL_ENTRY();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)t_len * h) return;
+    u32 t = (u32)(i / h), c = (u32)(i % h);
+    float acc = 0.0f;
+    if (rank_sum) {
+        for (u32 r = 0; r < ranks; r++) acc += partials[((u64)r * t_len + t) * h + c];
+    } else {
+        for (u32 j = 0; j < top_k; j++) {
+            for (u32 r = 0; r < ranks; r++) {
+                if (dispatch[((u64)r * t_len + t) * top_k + j] >= 0) {
+                    acc += weights[(u64)t * top_k + j] * expert_out[((u64)t * top_k + j) * h + c];
+                }
+            }
+        }
+    }
+    if (shared_kind != 0) {
+        float g = shared_kind == 2 ? shared_weight[t] : 1.0f;
+        acc = acc + g * shared[i];
+    }
+    out[i] = store_act(acc);
+}

@@ -117,6 +117,12 @@ pub mod moe {
     /// The grouped per-expert projection over experts kept as ggml blocks
     /// (decoded to bf16 inside its weight tiles).
     pub const EXPERT_LINEAR_GROUPED_QUANT: Kernel = k("moe", "expert_linear_grouped_quant");
+    /// Virtual expert-parallel ranks: each rank's receive rows.
+    pub const EP_DISPATCH: Kernel = k("moe", "ep_dispatch");
+    /// Each rank's partial sum of its received slots.
+    pub const EP_COMBINE_PARTIALS: Kernel = k("moe", "ep_combine_partials");
+    /// moe_ffn_out of ranks, slot or rank order, with the shared term.
+    pub const EP_REDUCE: Kernel = k("moe", "ep_reduce");
 }
 
 /// kernels/norm.cu.
@@ -201,6 +207,9 @@ pub mod synthetic {
 
 /// Every entry point, weight variants included.
 pub const ALL: &[Kernel] = &[
+    moe::EP_DISPATCH,
+    moe::EP_COMBINE_PARTIALS,
+    moe::EP_REDUCE,
     reference::MATMUL_T,
     attention::ROPE,
     attention::APPEND_KV,

@@ -78,11 +78,6 @@ impl<'a> Session<'a> {
         let mut model = model;
         if let Some(parallel) = &spec.parallel {
             let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
-            if let Some(gpu) = backends.iter().find(|b| b.is_cuda() || b.capture().is_some()) {
-                return Err(bad(format!(
-                    "parallel: virtual expert-parallel ranks run on the CPU backends (Cpu, CpuEmulating, Cuda(dtype: F64)) for now, not {gpu}"
-                )));
-            }
             let rank_sum = parallel.combine == crate::spec::CombineOrder::RankSum;
             let replicas: Vec<(usize, usize)> = parallel.replicas.iter().map(|r| (r.expert, r.rank)).collect();
             model

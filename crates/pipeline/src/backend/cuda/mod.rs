@@ -28,6 +28,7 @@ mod capabilities;
 mod deferred;
 mod eager_reads;
 mod elementwise;
+mod expert_parallel;
 mod fused_attention;
 mod graph;
 mod launcher;
@@ -175,10 +176,10 @@ impl CudaBackend {
         meter: &crate::LoadMeter,
     ) -> Result<Self> {
         let mut backend = Self::with_weights(model.store.clone(), &model.expert_lists(), ordinal, precision, meter)?;
-        if model.config.mla.is_some() || model.config.oss.is_some() {
-            // MLA's kernels (mla.rs) and gpt-oss's window (oss.rs) take the
-            // step's length from the host: their decode steps run eagerly,
-            // whatever is asked later.
+        if model.config.mla.is_some() || model.config.oss.is_some() || model.config.expert_parallel.is_some() {
+            // MLA's kernels (mla.rs), gpt-oss's window (oss.rs) and the
+            // expert map of ranks (expert_parallel.rs) come from the host:
+            // their decode steps run eagerly, whatever is asked later.
             backend.graphs.rule_out();
         }
         if model.config.oss.is_some() {

@@ -94,6 +94,10 @@ impl Backend for CudaBackend {
         Some(self)
     }
 
+    fn expert_parallel(&mut self) -> Option<&mut dyn crate::backend::expert_parallel::ExpertParallelOps> {
+        Some(self)
+    }
+
     fn embedding(&mut self, table: WeightId, out: Slot) -> Result<()> {
         self.timed(out.name(), &[], |this| this.embedding_on_device(table, out))
     }
