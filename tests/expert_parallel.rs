@@ -1,4 +1,5 @@
-//! Virtual expert-parallel ranks on the CPU (issue 27, point 3; the plan:
+//! Virtual expert-parallel and tensor-parallel ranks on the CPU (issue 27,
+//! points 1-3; the plan:
 //! docs/decisions/2026-12-07-expert-parallel-plan.md): `parallel: (experts:
 //! R)` splits each MoE layer's experts across R ranks, adds the per-rank
 //! stages moe_dispatch `[R,T,k]` and moe_combine `[R,T,H]`, and reduces
@@ -295,4 +296,50 @@ fn a_bug_between_ranks_without_ranks_is_refused_with_what_to_add() {
     let config = BisectConfig::parse(&text.replace(", parallel: (experts: 4)", ""), Path::new("b.ron")).unwrap();
     let e = bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("parallel: (experts: R)"), "{e}");
+}
+
+/// Tensor-parallel ranks: the row-split projections (o_proj here; the
+/// shared expert's down_proj in Qwen2-MoE) add their ranks' f32 partial
+/// sums in rank order, a few ulps from one rank's sum; every stage before
+/// the first of them is the one-rank bits; the tokens are the same.
+#[test]
+fn tensor_ranks_move_the_row_split_projections_by_a_rounding_only() {
+    let dir = scratch("tensor-parallel");
+    for (name, model, _) in models() {
+        let one = capture(&model, "", &dir.join(name).join("one"));
+        let two = capture(&model, "parallel: (tensor: 2),", &dir.join(name).join("two"));
+        assert_eq!(one, two, "{name}");
+        let (a, b) = (tensors(&dir.join(name).join("one")), tensors(&dir.join(name).join("two")));
+        let first = Path::new("step-0/layer-0");
+        for stage in ["attn_norm", "qkv_matmul", "attention"] {
+            let path = first.join(format!("{stage}.npy"));
+            assert_eq!(a[&path], b[&path], "{name}: {stage} before any row-split projection");
+        }
+        let path = first.join("attn_out.npy");
+        let (x, y) = (a[&path].values(), b[&path].values());
+        let scale = x.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        assert!(x.iter().zip(&y).all(|(u, v)| (u - v).abs() <= 4.0 * f32::EPSILON as f64 * scale), "{name}");
+        assert!(x.iter().zip(&y).any(|(u, v)| u != v), "{name}: two ranks' partials should move some last bits");
+        if name == "tiny-qwen2-moe" {
+            let path = first.join("moe_shared_out.npy");
+            assert_ne!(a[&path], b[&path], "{name}: the shared expert's down_proj is split too");
+        }
+    }
+    let clean = bisect_local("parallel: (tensor: 2, experts: 4, combine: RankSum),", "");
+    assert!(clean.findings().is_empty(), "{}", clean.render(false));
+}
+
+#[test]
+fn tensor_ranks_that_do_not_divide_the_heads_are_refused_with_the_valid_counts() {
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 7), prompt: Tokens({PROMPT}), generate: 1, backend: Cpu, parallel: (tensor: 3))"
+    );
+    let config = RunConfig::parse(&text, Path::new("tp.ron")).unwrap();
+    let e = session::run(&config, Path::new("tp.ron"), &mut |_| {}).unwrap_err().to_string();
+    assert!(
+        e.contains(
+            "parallel: 3 tensor-parallel ranks cannot split 4 query heads, 2 key-value heads evenly (valid: 1, 2)"
+        ),
+        "{e}"
+    );
 }

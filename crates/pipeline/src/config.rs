@@ -122,6 +122,11 @@ pub struct ModelConfig {
     /// property of the run, not of the checkpoint: set by
     /// [`ModelConfig::set_expert_parallel`]), None for one rank.
     pub expert_parallel: Option<ExpertParallel>,
+    /// How many tensor-parallel ranks the run splits the row-split
+    /// projections (o_proj, the dense and shared experts' down_proj)
+    /// across, each rank's partial sum added in rank order (a property of
+    /// the run: [`ModelConfig::set_tensor_parallel`]); 1 for none.
+    pub tensor_ranks: usize,
     /// The config as JSON (the file's own content for checkpoints), for
     /// capture manifests.
     pub json: Value,
@@ -300,6 +305,7 @@ impl ModelConfig {
             mla,
             oss,
             expert_parallel: None,
+            tensor_ranks: 1,
             json,
         };
         config.validate(path)?;
@@ -436,6 +442,34 @@ impl ModelConfig {
             }
         }
         self.expert_parallel = (ranks > 1).then_some(layout);
+        Ok(())
+    }
+
+    /// Splits the row-split projections across `ranks` tensor-parallel
+    /// ranks: each rank holds a contiguous block of the heads (o_proj's
+    /// input) and of the dense and shared experts' intermediate columns
+    /// (down_proj's input). Err (with the valid counts) where `ranks` is 0
+    /// or does not divide them all.
+    pub fn set_tensor_parallel(&mut self, ranks: usize) -> std::result::Result<(), String> {
+        let mut widths = vec![("query heads", self.num_heads), ("key-value heads", self.num_kv_heads)];
+        if (0..self.num_layers).any(|l| !self.is_moe_layer(l)) {
+            widths.push(("intermediate_size", self.intermediate_size));
+        }
+        if self.shared_expert_intermediate_size > 0 {
+            widths.push(("the shared expert's width", self.shared_expert_intermediate_size));
+        }
+        let divides = |r: usize| r > 0 && widths.iter().all(|(_, w)| w.is_multiple_of(r));
+        if !divides(ranks) {
+            let limit = widths.iter().map(|(_, w)| *w).min().unwrap_or(1);
+            let valid: Vec<String> = (1..=limit).filter(|r| divides(*r)).map(|r| r.to_string()).collect();
+            let what: Vec<String> = widths.iter().map(|(n, w)| format!("{w} {n}")).collect();
+            return Err(format!(
+                "{ranks} tensor-parallel ranks cannot split {} evenly (valid: {})",
+                what.join(", "),
+                valid.join(", ")
+            ));
+        }
+        self.tensor_ranks = ranks;
         Ok(())
     }
 

@@ -80,10 +80,18 @@ impl<'a> Session<'a> {
             let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
             let rank_sum = parallel.combine == crate::spec::CombineOrder::RankSum;
             let replicas: Vec<(usize, usize)> = parallel.replicas.iter().map(|r| (r.expert, r.rank)).collect();
-            model
-                .config
-                .set_expert_parallel(parallel.experts, rank_sum, &replicas)
-                .map_err(|e| bad(format!("parallel: {e}")))?;
+            if parallel.experts != 1 || !replicas.is_empty() {
+                model
+                    .config
+                    .set_expert_parallel(parallel.experts, rank_sum, &replicas)
+                    .map_err(|e| bad(format!("parallel: {e}")))?;
+            }
+            model.config.set_tensor_parallel(parallel.tensor).map_err(|e| bad(format!("parallel: {e}")))?;
+            if let Some(gpu) = backends.iter().find(|b| b.is_cuda()).filter(|_| parallel.tensor > 1) {
+                return Err(bad(format!(
+                    "parallel: tensor-parallel ranks run on the CPU backends (Cpu, CpuEmulating, Cuda(dtype: F64)) for now, not {gpu}"
+                )));
+            }
         }
         let load_time = start.elapsed();
         tracing::info!(model = %describe_model(&model), seconds = load_time.as_secs_f64(), "model loaded");

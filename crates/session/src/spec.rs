@@ -46,16 +46,24 @@ pub struct SessionSpec {
     pub parallel: Option<ParallelSpec>,
 }
 
-/// `parallel: (experts: R, combine: SlotOrder | RankSum)`: the routed
-/// experts split across R virtual expert-parallel ranks (contiguous
-/// blocks), each MoE layer adding the per-rank stages moe_dispatch and
-/// moe_combine. Every pass of the command runs so (a bisect's reference
-/// and target alike), on the CPU backends for now.
+/// `parallel: (experts: R, tensor: T, combine: SlotOrder | RankSum,
+/// replicas: [...])`: the routed experts split across R virtual
+/// expert-parallel ranks (contiguous blocks), each MoE layer adding the
+/// per-rank stages moe_expert_map, moe_dispatch and moe_combine; the
+/// row-split projections split across T tensor-parallel ranks (their
+/// partial sums added in rank order). Every pass of the command runs so
+/// (a bisect's reference and target alike).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelSpec {
-    /// R: ranks (a divisor of the model's experts).
+    /// R: expert-parallel ranks (a divisor of the model's experts; default
+    /// 1).
+    #[serde(default = "one_rank")]
     pub experts: usize,
+    /// T: tensor-parallel ranks splitting the row-split projections (a
+    /// divisor of the heads and the MLP widths; default 1).
+    #[serde(default = "one_rank")]
+    pub tensor: usize,
     /// How moe_ffn_out reduces the ranks' work (default SlotOrder).
     #[serde(default)]
     pub combine: CombineOrder,
@@ -63,6 +71,10 @@ pub struct ParallelSpec {
     /// expert's tokens go to its last copy listed.
     #[serde(default)]
     pub replicas: Vec<ReplicaSpec>,
+}
+
+fn one_rank() -> usize {
+    1
 }
 
 /// `(expert: e, rank: r)`: a copy of logical expert e on rank r.

@@ -16,6 +16,7 @@ pub mod grouped_router;
 pub mod mla;
 pub mod oss;
 pub mod recorder;
+pub mod tensor_parallel;
 
 pub use device_setup::DeviceSetup;
 pub use recorder::{StepGraph, StepRecorder};
@@ -186,6 +187,13 @@ pub trait Backend: Send + Sync + 'static {
     /// this backend has them (see [`expert_parallel::ExpertParallelOps`]);
     /// None: a run with `parallel:` ranks is refused.
     fn expert_parallel(&mut self) -> Option<&mut dyn expert_parallel::ExpertParallelOps> {
+        None
+    }
+
+    /// Tensor-parallel ranks' row-split projections, if this backend has
+    /// them (see [`tensor_parallel::TensorParallelOps`]); None: a run with
+    /// `parallel: (tensor: T)` is refused.
+    fn tensor_parallel(&mut self) -> Option<&mut dyn tensor_parallel::TensorParallelOps> {
         None
     }
 

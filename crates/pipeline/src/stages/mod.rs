@@ -25,3 +25,24 @@ fn current<'a, C: Component>(ctx: &StageCtx, query: &'a Query<&C>) -> Option<&'a
 pub fn layer_input(index: usize) -> SaveTensorStage {
     if index == 0 { SaveTensorStage::Embedding } else { SaveTensorStage::PostFfnResidual }
 }
+
+/// A row-split projection (o_proj, a down_proj): `input · weightᵀ`, split
+/// across the run's tensor-parallel ranks where it has them.
+fn row_split_linear(
+    b: &mut dyn crate::backend::Backend,
+    c: &crate::config::ModelConfig,
+    input: SaveTensorStage,
+    weight: crate::weights::WeightId,
+    out: SaveTensorStage,
+) -> crate::Result<()> {
+    if c.tensor_ranks <= 1 {
+        return b.linear(input, &[weight], out);
+    }
+    let name = b.name();
+    let ops = b.tensor_parallel().ok_or_else(|| {
+        crate::PipelineError::BackendUnavailable(format!(
+            "the {name} backend has no tensor-parallel ranks yet; run `parallel: (tensor: T)` on the CPU"
+        ))
+    })?;
+    ops.linear_row_split(input, weight, c.tensor_ranks, out)
+}

@@ -126,6 +126,29 @@ pub fn matmul_t_rounding(inputs: &[&[f32]], w: &WeightTensor, round: impl Fn(&mu
     )
 }
 
+/// [`matmul_t_as`] of a projection split by its input columns across
+/// `parts` tensor-parallel ranks: each rank's partial dot product over its
+/// contiguous block of `row_len / parts` columns (f64, [`dot`]'s order),
+/// rounded to f32 as a rank holds it, then the partials added in rank
+/// order (f64) and rounded to f32: an all-reduce in rank order.
+pub fn matmul_t_split(inputs: &[&[f32]], w: &WeightTensor, weights: Precision, parts: usize) -> Vec<f32> {
+    let k = w.row_len();
+    let block = k / parts.max(1);
+    by_weight_rows(
+        inputs.len(),
+        w.shape[0],
+        || vec![0.0f32; k],
+        |r, row, outs| {
+            w.read_row(r, row);
+            weights.round(row);
+            for (o, x) in outs.iter_mut().zip(inputs) {
+                let part = |p: usize| dot(&x[p * block..(p + 1) * block], &row[p * block..(p + 1) * block]) as f32;
+                *o = (0..parts).map(|p| part(p) as f64).sum::<f64>() as f32;
+            }
+        },
+    )
+}
+
 /// The frame of every matmul here: `fill(r, scratch, outs)` writes weight
 /// row r's product with each of the `m` inputs into `outs`; rows are shared
 /// out in parallel tasks of [`ROWS_PER_TASK`], each with its own `scratch`

@@ -17,6 +17,7 @@ pub mod math;
 mod mla;
 mod moe;
 mod oss;
+mod tensor_parallel;
 
 use std::sync::Arc;
 
@@ -285,6 +286,10 @@ impl Backend for CpuBackend {
     }
 
     fn expert_parallel(&mut self) -> Option<&mut dyn super::expert_parallel::ExpertParallelOps> {
+        Some(self)
+    }
+
+    fn tensor_parallel(&mut self) -> Option<&mut dyn super::tensor_parallel::TensorParallelOps> {
         Some(self)
     }
 
