@@ -121,6 +121,16 @@ fn a_replica_serves_its_experts_tokens_and_changes_no_value() {
         }
     }
     assert!(served > 0, "expert 5 was never routed: pick another");
+    // The manifest says how the run was split.
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("replica/manifest.json")).unwrap()).unwrap();
+    assert_eq!(
+        manifest["parallel"],
+        serde_json::json!({"experts": 4, "tensor": 1, "combine": "SlotOrder", "replicas": [[5, 3]]})
+    );
+    let one_rank: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("one/manifest.json")).unwrap()).unwrap();
+    assert!(one_rank.get("parallel").is_none());
     let e = RunConfig::parse(
         &format!("(model: {model}, prompt: Tokens({PROMPT}), backend: Cpu, parallel: (experts: 4, replicas: [(expert: 5, rank: 1)]))"),
         Path::new("ep.ron"),
@@ -179,6 +189,11 @@ fn bisect_of_ranks_is_clean_and_names_the_rank_of_a_fault_in_a_partial_sum() {
     let clean = bisect_local(parallel, "");
     assert!(clean.findings().is_empty(), "{}", clean.render(false));
     assert!(clean.rows.iter().any(|r| r.stage == stage_types::SaveTensorStage::MoeCombine));
+    assert!(
+        clean.notes.iter().any(|n| n == "every pass ran on virtual ranks: 4 expert-parallel ranks (rank order)"),
+        "{:?}",
+        clean.notes
+    );
     let faulty = bisect_local(parallel, "(stage: \"moe_combine\", layer: 1, step: 2, token: 0, kind: Scale(1.05))");
     let found = faulty.findings();
     assert_eq!(found.len(), 1, "{}", faulty.render(false));

@@ -176,6 +176,7 @@ impl CaptureSession {
             tensors: report.entries,
             faults: run.faults.clone(),
             teacher_forced: run.teacher_forced.clone(),
+            parallel: parallel_record(&model.config),
             routing: run.routing.clone(),
             prompt_text: run.prompt_text.clone(),
             token_texts: run.token_texts.clone(),
@@ -189,4 +190,18 @@ impl CaptureSession {
         tracing::info!(out_dir = %stats.out_dir.display(), tensors = stats.tensors, "capture committed");
         Ok(stats)
     }
+}
+
+/// The manifest's record of a run's virtual ranks, None for one rank.
+fn parallel_record(config: &pipeline::ModelConfig) -> Option<serde_json::Value> {
+    let experts = config.expert_parallel.as_ref();
+    if experts.is_none() && config.tensor_ranks <= 1 {
+        return None;
+    }
+    Some(serde_json::json!({
+        "experts": experts.map_or(1, |p| p.ranks),
+        "tensor": config.tensor_ranks,
+        "combine": if experts.is_some_and(|p| p.rank_sum) { "RankSum" } else { "SlotOrder" },
+        "replicas": experts.map(|p| p.replicas.clone()).unwrap_or_default(),
+    }))
 }

@@ -81,6 +81,11 @@ pub struct Manifest {
     /// free run's; says what forced it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub teacher_forced: Option<String>,
+    /// How the run split the model across virtual ranks (`parallel:`):
+    /// `experts` (R), `tensor` (T), `combine` (`SlotOrder` / `RankSum`)
+    /// and `replicas` ([expert, rank] pairs); absent for one rank.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel: Option<serde_json::Value>,
     /// Where the routing came from when it was not the run's own (routing
     /// replay: the source capture and each replayed step and layer).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -160,6 +160,10 @@ pub fn bisect(
         let starts: Vec<(usize, usize)> = progress.steps.iter().map(|s| (s.step, s.start_position)).collect();
         report.name_tokens(&text.tokenizer.token_texts(&all), &starts);
     }
+    let ranks = crate::session_builder::ranks_note(&model.config);
+    if !ranks.is_empty() {
+        report.notes.push(format!("every pass ran on virtual ranks{}", ranks.replacen(';', ":", 1)));
+    }
     let names = [reference.name, target.name];
     drop((reference, target, expected));
     if let Some(note) = opened.products_note() {

@@ -137,7 +137,7 @@ impl<'a> Session<'a> {
             forward,
             name,
             dtype,
-            description: format!("{name} {dtype} ({backend}{setup})"),
+            description: format!("{name} {dtype} ({backend}{setup}{})", ranks_note(&self.model.config)),
             elapsed: start.elapsed(),
         })
     }
@@ -301,6 +301,24 @@ impl Session<'_> {
     pub fn products_note(&self) -> Option<String> {
         self.products.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|p| p.describe())
     }
+}
+
+/// `; 4 expert-parallel ranks (rank order), 2 tensor-parallel ranks`, or
+/// nothing for one rank: the run's virtual ranks, for descriptions.
+pub fn ranks_note(config: &pipeline::ModelConfig) -> String {
+    let mut parts = Vec::new();
+    if let Some(p) = &config.expert_parallel {
+        let order = if p.rank_sum { "rank order" } else { "slot order" };
+        let replicas = match p.replicas.len() {
+            0 => String::new(),
+            n => format!(", {n} replica{}", if n == 1 { "" } else { "s" }),
+        };
+        parts.push(format!("{} expert-parallel ranks ({order}{replicas})", p.ranks));
+    }
+    if config.tensor_ranks > 1 {
+        parts.push(format!("{} tensor-parallel ranks", config.tensor_ranks));
+    }
+    if parts.is_empty() { String::new() } else { format!("; {}", parts.join(", ")) }
 }
 
 /// Where a model comes from: its checkpoint path, or its preset and seed.
