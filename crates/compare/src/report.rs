@@ -195,6 +195,17 @@ impl Report {
         group_findings(&self.rows)
     }
 
+    /// The expert-parallel rank every member of a systematic group names,
+    /// if they all name the same one.
+    pub fn shared_rank(&self, group: &crate::findings::Systematic) -> Option<usize> {
+        let ranks: std::collections::BTreeSet<Option<usize>> =
+            group.rows.iter().map(|&i| self.rows[i].worst_rank).collect();
+        match ranks.into_iter().collect::<Vec<_>>()[..] {
+            [Some(r)] => Some(r),
+            _ => None,
+        }
+    }
+
     /// The largest ratio to the expected error per stage and phase.
     pub fn margins(&self) -> Vec<Margin> {
         margins(&self.rows)
@@ -376,13 +387,7 @@ impl Report {
             out += &format!("finding: {}: {}; {}\n", r.place(), finding_reason(r), r.detail());
         }
         for s in &grouped.systematic {
-            // Every member naming one expert-parallel rank: that rank.
-            let ranks: std::collections::BTreeSet<Option<usize>> =
-                s.rows.iter().map(|&i| self.rows[i].worst_rank).collect();
-            let rank = match ranks.into_iter().collect::<Vec<_>>()[..] {
-                [Some(r)] => format!(", rank {r} in each"),
-                _ => String::new(),
-            };
+            let rank = self.shared_rank(s).map(|r| format!(", rank {r} in each")).unwrap_or_default();
             out += &format!(
                 "systematic: {}, {}, {} of {} layers{}{rank}, {} to {} expected (one cause: a kernel path that departs from the contract); at {}\n",
                 s.stage,
