@@ -21,13 +21,13 @@ use crate::GpuDevice;
 use crate::error::{Result, driver};
 use crate::kernels::reference::MATMUL_T;
 
-/// One weight tensor as the host holds it: row-major `rows x cols`, f32 or
-/// bf16 elements.
+/// One weight tensor as the host holds it: row-major `rows x cols`, in a
+/// storage format of [`WeightFormat`].
 pub struct HostWeight<'a> {
-    /// The stored bytes (`rows * cols` elements).
+    /// The stored bytes (`rows * cols` values in `format`).
     pub bytes: &'a [u8],
-    /// bf16 elements (else f32).
-    pub bf16: bool,
+    /// How the values are stored.
+    pub format: WeightFormat,
     /// Rows (outputs).
     pub rows: usize,
     /// Elements per row.
@@ -35,6 +35,73 @@ pub struct HostWeight<'a> {
     /// What keeps `bytes` alive; held while the device reads the host's
     /// pages.
     pub owner: Arc<dyn Any + Send + Sync>,
+}
+
+/// A storage format the reference kernel decodes, by its ggml type id
+/// (the decoders of kernels/reference.cu are the reference's own, held to
+/// pipeline's weights/quant.rs by tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// IEEE single.
+    F32,
+    /// IEEE half.
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// ggml Q8_0 (32 values, 34 bytes).
+    Q8_0,
+    /// ggml Q4_K (256 values, 144 bytes).
+    Q4K,
+    /// ggml Q5_K (256 values, 176 bytes).
+    Q5K,
+    /// ggml Q6_K (256 values, 210 bytes).
+    Q6K,
+    /// MXFP4 (32 values, 17 bytes).
+    Mxfp4,
+}
+
+impl WeightFormat {
+    /// The format of ggml type `id`, if the kernel decodes it.
+    pub fn from_ggml(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            30 => Self::Bf16,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            39 => Self::Mxfp4,
+            _ => return None,
+        })
+    }
+
+    /// The ggml type id (the kernel's `format`).
+    pub fn ggml_id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::Bf16 => 30,
+            Self::Q8_0 => 8,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+            Self::Mxfp4 => 39,
+        }
+    }
+
+    /// (values, bytes) of one block; (1, element size) for plain storage.
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            Self::F32 => (1, 4),
+            Self::F16 | Self::Bf16 => (1, 2),
+            Self::Q8_0 => (32, 34),
+            Self::Mxfp4 => (32, 17),
+            Self::Q4K => (256, 144),
+            Self::Q5K => (256, 176),
+            Self::Q6K => (256, 210),
+        }
+    }
 }
 
 /// Where a weight tensor is read from.
@@ -120,7 +187,9 @@ impl ReferenceDots {
             return Ok(Some(vec![0.0; m * n]));
         }
         assert!(inputs.iter().all(|x| x.len() == k), "every input row has the weight's row length");
-        assert_eq!(w.bytes.len(), n * k * if w.bf16 { 2 } else { 4 }, "the weight's bytes are rows x cols");
+        let (block_len, block_bytes) = w.format.block();
+        assert!(k.is_multiple_of(block_len), "a row is whole blocks");
+        assert_eq!(w.bytes.len(), n * k / block_len * block_bytes, "the weight's bytes are rows x cols");
         let mut weights = self.weights.lock().unwrap_or_else(|e| e.into_inner());
         let key = w.bytes.as_ptr() as usize;
         if let std::collections::hash_map::Entry::Vacant(slot) = weights.entry(key) {
@@ -142,7 +211,8 @@ impl ReferenceDots {
         let xt = stream.clone_htod(&xt).map_err(driver("copying the reference's inputs to the device"))?;
         let mut out = stream.alloc_zeros::<f32>(m * n).map_err(driver("allocating the reference's outputs"))?;
         let f = self.device.kernel(MATMUL_T)?;
-        let (is_bf16, round, mi, ni, ki) = (i32::from(w.bf16), i32::from(round_bf16), m as i32, n as i32, k as i32);
+        let (format, round, mi, ni, ki) =
+            (w.format.ggml_id() as i32, i32::from(round_bf16), m as i32, n as i32, k as i32);
         let threads = m.next_multiple_of(32).min(THREADS);
         let cfg = LaunchConfig {
             grid_dim: (n as u32, m.div_ceil(threads) as u32, 1),
@@ -150,9 +220,10 @@ impl ReferenceDots {
             shared_mem_bytes: 0,
         };
         let mut b = stream.launch_builder(&f);
-        b.arg(&xt).arg(&address).arg(&is_bf16).arg(&round).arg(&mut out).arg(&mi).arg(&ni).arg(&ki);
+        b.arg(&xt).arg(&address).arg(&format).arg(&round).arg(&mut out).arg(&mi).arg(&ni).arg(&ki);
         // SAFETY: xt holds m * k f32, out m * n; `address` is n * k
-        // elements of the weight's type, alive while `weights` holds it.
+        // values in the weight's format (checked above), alive while
+        // `weights` holds it.
         unsafe { b.launch(cfg) }.map_err(driver("launching ref_matmul_t"))?;
         let host = stream.clone_dtoh(&out).map_err(driver("copying the reference's products to the host"))?;
         self.launches.fetch_add(1, Ordering::Relaxed);

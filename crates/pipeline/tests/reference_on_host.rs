@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 
 use pipeline::backend::contract::Precision;
 use pipeline::backend::cpu::math::matmul_t_as;
+use pipeline::weights::gguf::GgmlType;
 use pipeline::weights::{WeightDtype, WeightTensor};
 
 /// The first C++ compiler found: `$CXX`, else c++, g++, clang++.
@@ -23,8 +24,9 @@ fn cxx() -> Option<String> {
     candidates.into_iter().find(|c| Command::new(c).arg("--version").output().is_ok_and(|o| o.status.success()))
 }
 
-/// Builds the host harness; None (after saying so) without a compiler.
-fn build() -> Option<PathBuf> {
+/// Builds the host harness into a folder of its own (`tag`: one per test,
+/// which removes it); None (after saying so) without a compiler.
+fn build(tag: &str) -> Option<PathBuf> {
     let Some(compiler) = cxx() else {
         let why = "no C++ compiler ($CXX, c++, g++ or clang++) to build reference_on_host.cpp";
         assert!(std::env::var_os("MOETRACE_CI").is_none(), "{why}: CI must run this test (.ci/run installs one)");
@@ -32,7 +34,7 @@ fn build() -> Option<PathBuf> {
         return None;
     };
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../kernels-cuda/tests/host/reference_on_host.cpp");
-    let dir = std::env::temp_dir().join(format!("moetrace-reference-on-host-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("moetrace-reference-on-host-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let exe = dir.join("reference_on_host");
     let built = Command::new(&compiler)
@@ -48,8 +50,15 @@ fn build() -> Option<PathBuf> {
 /// The kernel's `[m, n]` outputs for inputs `xs` and weight `w`.
 fn kernel(exe: &Path, xs: &[Vec<f32>], w: &WeightTensor, round_bf16: bool) -> Vec<f32> {
     let (m, n, k) = (xs.len(), w.shape[0], w.row_len());
+    let format = match w.dtype {
+        WeightDtype::F32 => 0,
+        WeightDtype::F16 => 1,
+        WeightDtype::Bf16 => 30,
+        WeightDtype::Quant(kind) => kind.0 as usize,
+        other => panic!("{other:?} is not a format of the reference kernel"),
+    };
     let mut input = Vec::new();
-    for v in [m, n, k, usize::from(w.dtype == WeightDtype::Bf16), usize::from(round_bf16)] {
+    for v in [m, n, k, format, usize::from(round_bf16), w.bytes().len()] {
         input.extend_from_slice(&(v as i32).to_le_bytes());
     }
     for c in 0..k {
@@ -107,7 +116,7 @@ impl Values {
 
 #[test]
 fn the_reference_kernel_computes_maths_product_to_the_bit() {
-    let Some(exe) = build() else { return };
+    let Some(exe) = build("plain") else { return };
     let (mut checked, mut nan) = (0, 0);
     let cases = [(1, 3, 1), (3, 5, 7), (2, 4, 8), (5, 3, 9), (4, 6, 2880), (2, 3, 4099), (3, 2, 8200), (1, 2, 12301)];
     // Finite values, the short cases again with NaN and infinities, then
@@ -157,4 +166,78 @@ fn the_reference_kernel_computes_maths_product_to_the_bit() {
     let _ = std::fs::remove_dir_all(exe.parent().unwrap());
     eprintln!("{checked} outputs identical ({nan} of them NaN on both)");
     assert!(nan > 0 && nan * 2 < checked, "{nan} NaN of {checked}: the cases must hold both");
+}
+
+/// Random blocks of `kind` for `values` values: every byte random, but the
+/// f16 scales kept finite and modest (exponents 1 to 20) and MXFP4's e8m0
+/// exponent spread around 127.
+fn random_blocks(kind: GgmlType, values: usize, seed: u64) -> Vec<u8> {
+    let (len, bytes) = (kind.block_len().unwrap() as usize, kind.block_bytes().unwrap() as usize);
+    let mut state = seed;
+    let mut next = || {
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) as u8
+    };
+    let mut out = Vec::with_capacity(values / len * bytes);
+    for _ in 0..values / len {
+        let mut block: Vec<u8> = (0..bytes).map(|_| next()).collect();
+        let half = |block: &mut Vec<u8>, at: usize, r: u8| {
+            let h: u16 = (u16::from(r & 0x80) << 8) | ((u16::from(r % 20) + 1) << 10) | u16::from(r & 0x3f);
+            block[at..at + 2].copy_from_slice(&h.to_le_bytes());
+        };
+        match kind {
+            GgmlType::Q8_0 => half(&mut block, 0, next()),
+            GgmlType::Q4_K | GgmlType::Q5_K => {
+                half(&mut block, 0, next());
+                half(&mut block, 2, next());
+            }
+            GgmlType::Q6_K => half(&mut block, 208, next()),
+            GgmlType::MXFP4 => block[0] = 110 + next() % 36,
+            _ => {}
+        }
+        out.extend(block);
+    }
+    out
+}
+
+/// The block formats a GGUF model holds, decoded by the kernel's own
+/// decoders: every output math.rs's product over pipeline's decoders, to
+/// the bit, rows of one block and rows that cross the kernel's chunk.
+#[test]
+fn the_reference_kernel_decodes_every_block_format_as_the_reference() {
+    let Some(exe) = build("blocks") else { return };
+    let mut checked = 0;
+    for kind in [GgmlType::Q8_0, GgmlType::MXFP4, GgmlType::Q4_K, GgmlType::Q5_K, GgmlType::Q6_K, GgmlType::F16] {
+        let len = kind.block_len().unwrap() as usize;
+        for (m, n, blocks) in [(1, 3, 1), (3, 2, 17 * 256 / len), (2, 2, 2)] {
+            let k = blocks * len;
+            let seed = u64::from(kind.0) * 1000 + k as u64;
+            let mut values = Values { state: seed, specials: 0, big: 0 };
+            let xs: Vec<Vec<f32>> = (0..m).map(|_| (0..k).map(|_| values.input()).collect()).collect();
+            let bytes = if kind == GgmlType::F16 {
+                (0..n * k).flat_map(|_| half::f16::from_f32(values.weight()).to_le_bytes()).collect()
+            } else {
+                random_blocks(kind, n * k, seed)
+            };
+            let dtype = if kind == GgmlType::F16 { WeightDtype::F16 } else { WeightDtype::Quant(kind) };
+            let w = WeightTensor::owned(kind.name().to_string(), dtype, vec![n, k], bytes);
+            let inputs: Vec<&[f32]> = xs.iter().map(Vec::as_slice).collect();
+            for weights in [Precision::F32, Precision::Bf16] {
+                let expected = matmul_t_as(&inputs, &w, weights);
+                let got = kernel(&exe, &xs, &w, weights == Precision::Bf16);
+                for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+                    assert_eq!(
+                        g.to_bits(),
+                        e.to_bits(),
+                        "{} {m}x{n}x{k} as {weights:?}: output {i}: {g} vs {e}",
+                        kind.name()
+                    );
+                }
+                assert!(expected.iter().all(|v| v.is_finite()), "{}: the case should be finite", kind.name());
+                checked += got.len();
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(exe.parent().unwrap());
+    eprintln!("{checked} outputs over block formats identical");
 }

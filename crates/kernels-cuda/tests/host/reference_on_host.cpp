@@ -1,7 +1,8 @@
 // kernels/reference.cu compiled by the host's C++ compiler and run one
 // thread per block (so __syncthreads has nothing to order): the reference
 // kernel's own loop, chunks, lanes and tail, on the CPU. Reads from stdin
-//   i32 m, n, k, w_is_bf16, round_bf16; f32 xt[k][m]; the weight's bytes
+//   i32 m, n, k, format (ggml type id), round_bf16, weight bytes;
+//   f32 xt[k][m]; the weight's bytes
 // and writes f32 out[m][n] to stdout. Built and run by
 // crates/pipeline/tests/reference_on_host.rs, which holds every output to
 // math.rs's product bit for bit. Doubles are IEEE binary64 with one
@@ -34,11 +35,11 @@ static bool read_all(T *dst, size_t count) {
 }
 
 int main() {
-    int head[5];
-    if (!read_all(head, 5)) return 2;
-    const int m = head[0], n = head[1], k = head[2], w_is_bf16 = head[3], round_bf16 = head[4];
+    int head[6];
+    if (!read_all(head, 6)) return 2;
+    const int m = head[0], n = head[1], k = head[2], format = head[3], round_bf16 = head[4];
     std::vector<float> xt((size_t)m * k);
-    std::vector<unsigned char> w((size_t)n * k * (w_is_bf16 ? 2 : 4));
+    std::vector<unsigned char> w((size_t)head[5]);
     if (!read_all(xt.data(), xt.size()) || !read_all(w.data(), w.size())) return 2;
     std::vector<float> out((size_t)m * n, -1.0f);
     blockDim = {1, 1, 1};
@@ -47,7 +48,7 @@ int main() {
     for (unsigned y = 0; y < gridDim.y; ++y) {
         for (unsigned x = 0; x < gridDim.x; ++x) {
             blockIdx = {x, y, 0};
-            ref_matmul_t(xt.data(), w.data(), w_is_bf16, round_bf16, out.data(), m, n, k);
+            ref_matmul_t(xt.data(), w.data(), format, round_bf16, out.data(), m, n, k);
         }
     }
     return std::fwrite(out.data(), sizeof(float), out.size(), stdout) == out.size() ? 0 : 3;

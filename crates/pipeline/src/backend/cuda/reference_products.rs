@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use kernels_cuda::reference::{HostWeight, ReferenceDots};
+use kernels_cuda::reference::{HostWeight, ReferenceDots, WeightFormat};
 
 use super::kernel_error;
 use crate::backend::contract::Precision;
@@ -36,16 +36,19 @@ impl DeviceProducts for CudaProducts {
         if self.failed.load(Ordering::Relaxed) {
             return None;
         }
-        // f32 and bf16 tensors held in memory; block formats, FP8 and
-        // weights computed on read stay on the CPU.
-        let bf16 = match w.dtype {
-            WeightDtype::Bf16 => true,
-            WeightDtype::F32 => false,
-            _ => return None,
+        // Plain and ggml block storage held in memory; FP8 (its scales
+        // are a tensor of their own) and weights computed on read stay on
+        // the CPU.
+        let format = match w.dtype {
+            WeightDtype::Bf16 => WeightFormat::Bf16,
+            WeightDtype::F16 => WeightFormat::F16,
+            WeightDtype::F32 => WeightFormat::F32,
+            WeightDtype::Quant(kind) => WeightFormat::from_ggml(kind.0)?,
+            WeightDtype::Fp8E4m3 | WeightDtype::U8 => return None,
         };
         let (bytes, owner) = w.host_bytes()?;
         let cols = w.row_len();
-        let host = HostWeight { bytes, bf16, rows: w.numel() / cols.max(1), cols, owner };
+        let host = HostWeight { bytes, format, rows: w.numel() / cols.max(1), cols, owner };
         match self.dots.matmul_t(&host, inputs, weights == Precision::Bf16) {
             Ok(out) => out,
             Err(e) => {
