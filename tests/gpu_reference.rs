@@ -91,3 +91,30 @@ fn a_cuda_f64_reference_gives_the_cpu_references_verdict() {
     }
     assert!(f64.notes.iter().any(|n| n.contains("products on")), "{:?}", f64.notes);
 }
+
+/// check (another engine's capture, here CUDA Bf16's) with the F64
+/// reference: the CPU reference's rows.
+#[test]
+fn checking_a_capture_with_the_cuda_f64_reference_gives_the_cpu_references_rows() {
+    if !gpu_enabled() {
+        return;
+    }
+    let dir = scratch("gpu-reference-check");
+    let model = "Synthetic(preset: \"tiny-moe\", seed: 3)";
+    let prompt = "[1, 17, 42, 45, 300, 5, 77, 100, 2]";
+    capture_run(model, prompt, "Cuda(device: 0, dtype: Bf16)", &dir.join("bf16"));
+    let check = |reference: &str| {
+        let text = format!(
+            "(model: {model}, prompt: Tokens({prompt}), generate: 4, reference: {reference}, target: Capture({:?}))",
+            dir.join("bf16")
+        );
+        let config = BisectConfig::parse(&text, Path::new("c.ron")).unwrap();
+        bisect(&config, Path::new("c.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap()
+    };
+    let (cpu, f64) = (check("Cpu"), check("Cuda(device: 0, dtype: F64)"));
+    assert_eq!(cpu.rows.len(), f64.rows.len());
+    assert!(cpu.rows.len() > 20, "{}", cpu.render(false));
+    for (a, b) in cpu.rows.iter().zip(&f64.rows) {
+        assert_eq!(format!("{a:?}"), format!("{b:?}"), "every row the same, to the metric");
+    }
+}
