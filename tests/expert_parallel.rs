@@ -358,3 +358,14 @@ fn tensor_ranks_that_do_not_divide_the_heads_are_refused_with_the_valid_counts()
         "{e}"
     );
 }
+
+/// The shipped example finds what its comment says it finds.
+#[test]
+fn the_ranks_example_config_names_rank_2() {
+    let path = workspace_root().join("configs/bisect-ranks.ron");
+    let config = BisectConfig::load(&path).unwrap();
+    let options = BisectOptions { local: true, ..BisectOptions::default() };
+    let report = bisect(&config, &path, &options, &mut |_, _| {}).unwrap();
+    let found = report.findings();
+    assert!(!found.is_empty() && found.iter().all(|r| r.worst_rank == Some(2)), "{}", report.render(false));
+}
