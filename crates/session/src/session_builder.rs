@@ -37,7 +37,7 @@ pub struct Session<'a> {
     /// The device products of a `Cuda(dtype: F64)` reference, opened by
     /// the first such backend and shared by every CPU pass after it (the
     /// expected side's too), so weights go to the device once.
-    products: Mutex<Option<Arc<dyn DeviceProducts>>>,
+    products: Mutex<Option<(usize, Arc<dyn DeviceProducts>)>>,
 }
 
 /// One backend's forward pass, ready for its first step.
@@ -145,7 +145,7 @@ impl<'a> Session<'a> {
     /// A CPU forward pass keeping `contract` (bisect's expected side).
     pub fn emulating(&self, contract: NumericContract) -> Result<Forward> {
         let mut backend = CpuBackend::new(self.model.store.clone(), self.spec.threads)?.with_contract(contract);
-        if let Some(products) = self.products.lock().unwrap_or_else(|e| e.into_inner()).clone() {
+        if let Some((_, products)) = self.products.lock().unwrap_or_else(|e| e.into_inner()).clone() {
             backend = backend.with_device_products(products);
         }
         Ok(Forward::new(&self.model, Box::new(backend)))
@@ -279,8 +279,17 @@ impl Session<'_> {
     #[cfg(feature = "cuda")]
     fn products(&self, device: usize, spec: &BackendSpec) -> Result<Arc<dyn DeviceProducts>> {
         let mut products = self.products.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = products.as_ref() {
-            return Ok(p.clone());
+        match products.as_ref() {
+            Some((on, p)) if *on == device => return Ok(p.clone()),
+            Some((on, _)) => {
+                return Err(SessionError::ConfigValue {
+                    path: self.path.to_path_buf(),
+                    message: format!(
+                        "{spec}: this command's F64 reference already runs on device {on}; use one device"
+                    ),
+                });
+            }
+            None => {}
         }
         let opened: Arc<dyn DeviceProducts> =
             match pipeline::backend::cuda::reference_products::CudaProducts::open(device) {
@@ -293,13 +302,13 @@ impl Session<'_> {
                 }
                 Err(other) => return Err(other.into()),
             };
-        *products = Some(opened.clone());
+        *products = Some((device, opened.clone()));
         Ok(opened)
     }
 
     /// One line on the device products, if a pass used them.
     pub fn products_note(&self) -> Option<String> {
-        self.products.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|p| p.describe())
+        self.products.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, p)| p.describe())
     }
 }
 
