@@ -47,3 +47,14 @@ pub trait ExpertParallelOps {
         out: Slot,
     ) -> Result<()>;
 }
+
+/// R of a dispatch of `shape` `[R,T,k]` over `[T,k]` slots; Err naming
+/// `dispatch` otherwise.
+pub(crate) fn dispatch_ranks(shape: &[usize], dispatch: Slot, t_len: usize, k: usize) -> Result<usize> {
+    match shape {
+        [r, t, kk] if *t == t_len && *kk == k => Ok(*r),
+        _ => {
+            Err(crate::error::PipelineError::BadInput(format!("`{dispatch}` is {shape:?}, expected [R, {t_len}, {k}]")))
+        }
+    }
+}

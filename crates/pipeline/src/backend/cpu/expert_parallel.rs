@@ -4,7 +4,7 @@
 
 use super::CpuBackend;
 use super::known_bugs::KnownBug;
-use crate::backend::expert_parallel::ExpertParallelOps;
+use crate::backend::expert_parallel::{ExpertParallelOps, dispatch_ranks};
 use crate::backend::{SharedTerm, Slot};
 use crate::config::ExpertParallel;
 use crate::error::{PipelineError, Result};
@@ -38,15 +38,6 @@ impl CpuBackend {
         let data =
             t.as_i32().ok_or_else(|| PipelineError::BadInput(format!("stage `{slot}` must hold int32 values")))?;
         Ok((&t.shape, data))
-    }
-
-    /// The dispatch `[R,T,k]` of a combine over `[T,k,H]` outputs: R.
-    fn dispatch_ranks(&self, dispatch: Slot, t_len: usize, k: usize) -> Result<usize> {
-        let (shape, _) = self.ints(dispatch)?;
-        match shape {
-            [r, t, kk] if *t == t_len && *kk == k => Ok(*r),
-            _ => Err(PipelineError::BadInput(format!("`{dispatch}` is {shape:?}, expected [R, {t_len}, {k}]"))),
-        }
     }
 }
 
@@ -98,7 +89,7 @@ impl ExpertParallelOps for CpuBackend {
 
     fn combine_partials(&mut self, expert_out: Slot, weights: Slot, dispatch: Slot, out: Slot) -> Result<()> {
         let (t_len, k, h) = SharedTerm::combine_shapes(expert_out, weights, None, |s| Ok(self.slot(s)?.shape.clone()))?;
-        let ranks = self.dispatch_ranks(dispatch, t_len, k)?;
+        let ranks = dispatch_ranks(self.ints(dispatch)?.0, dispatch, t_len, k)?;
         let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
         let rows = self.ints(dispatch)?.1;
         let mut data = vec![0.0f32; ranks * t_len * h];
@@ -128,7 +119,7 @@ impl ExpertParallelOps for CpuBackend {
     ) -> Result<()> {
         let (t_len, k, h) =
             SharedTerm::combine_shapes(expert_out, weights, shared, |s| Ok(self.slot(s)?.shape.clone()))?;
-        let ranks = self.dispatch_ranks(dispatch, t_len, k)?;
+        let ranks = dispatch_ranks(self.ints(dispatch)?.0, dispatch, t_len, k)?;
         let (x, w) = (self.rows(expert_out)?.2, self.rows(weights)?.2);
         let rows = self.ints(dispatch)?.1;
         let partial = match partials {

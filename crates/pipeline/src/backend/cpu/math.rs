@@ -111,6 +111,35 @@ pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> V
 /// [`matmul_t`] with `round` applied to each weight row after it is
 /// converted (the precision a product takes its weights in).
 pub fn matmul_t_rounding(inputs: &[&[f32]], w: &WeightTensor, round: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
+    products_by_row(inputs, w, round, |x, row| dot(x, row) as f32)
+}
+
+/// [`matmul_t_as`] of a projection split by its input columns across
+/// `parts` tensor-parallel ranks: each rank's partial dot product over its
+/// contiguous block of `row_len / parts` columns (f64, [`dot`]'s order),
+/// rounded to f32 as a rank holds it, then the partials added in rank
+/// order (f64) and rounded to f32: an all-reduce in rank order.
+pub fn matmul_t_split(inputs: &[&[f32]], w: &WeightTensor, weights: Precision, parts: usize) -> Vec<f32> {
+    let block = w.row_len() / parts.max(1);
+    products_by_row(
+        inputs,
+        w,
+        |row| weights.round(row),
+        |x, row| {
+            let part = |p: usize| dot(&x[p * block..(p + 1) * block], &row[p * block..(p + 1) * block]) as f32;
+            (0..parts).map(|p| part(p) as f64).sum::<f64>() as f32
+        },
+    )
+}
+
+/// `product(input, row)` of every input with every weight row, each row
+/// converted to f32 once and `round`ed, in [`by_weight_rows`]' frame.
+fn products_by_row(
+    inputs: &[&[f32]],
+    w: &WeightTensor,
+    round: impl Fn(&mut [f32]) + Sync,
+    product: impl Fn(&[f32], &[f32]) -> f32 + Sync,
+) -> Vec<f32> {
     let k = w.row_len();
     by_weight_rows(
         inputs.len(),
@@ -120,30 +149,7 @@ pub fn matmul_t_rounding(inputs: &[&[f32]], w: &WeightTensor, round: impl Fn(&mu
             w.read_row(r, row);
             round(row);
             for (o, x) in outs.iter_mut().zip(inputs) {
-                *o = dot(x, row) as f32;
-            }
-        },
-    )
-}
-
-/// [`matmul_t_as`] of a projection split by its input columns across
-/// `parts` tensor-parallel ranks: each rank's partial dot product over its
-/// contiguous block of `row_len / parts` columns (f64, [`dot`]'s order),
-/// rounded to f32 as a rank holds it, then the partials added in rank
-/// order (f64) and rounded to f32: an all-reduce in rank order.
-pub fn matmul_t_split(inputs: &[&[f32]], w: &WeightTensor, weights: Precision, parts: usize) -> Vec<f32> {
-    let k = w.row_len();
-    let block = k / parts.max(1);
-    by_weight_rows(
-        inputs.len(),
-        w.shape[0],
-        || vec![0.0f32; k],
-        |r, row, outs| {
-            w.read_row(r, row);
-            weights.round(row);
-            for (o, x) in outs.iter_mut().zip(inputs) {
-                let part = |p: usize| dot(&x[p * block..(p + 1) * block], &row[p * block..(p + 1) * block]) as f32;
-                *o = (0..parts).map(|p| part(p) as f64).sum::<f64>() as f32;
+                *o = product(x, row);
             }
         },
     )

@@ -10,7 +10,7 @@ use kernels_cuda::kernels::moe;
 
 use super::tensors::{DevData, DevTensor};
 use super::{CudaBackend, gpu, threads};
-use crate::backend::expert_parallel::ExpertParallelOps;
+use crate::backend::expert_parallel::{ExpertParallelOps, dispatch_ranks};
 use crate::backend::{SharedTerm, Slot};
 use crate::config::ExpertParallel;
 use crate::error::{PipelineError, Result};
@@ -133,13 +133,5 @@ impl ExpertParallelOps for CudaBackend {
             unsafe { b.launch(threads(t_len * h)) }.map_err(gpu("ep_reduce"))?;
             this.set(out, vec![t_len, h], o)
         })
-    }
-}
-
-/// R of a dispatch `[R,T,k]` over `[T,k]` slots.
-fn dispatch_ranks(shape: &[usize], dispatch: Slot, t_len: usize, k: usize) -> Result<usize> {
-    match shape {
-        [r, t, kk] if *t == t_len && *kk == k => Ok(*r),
-        _ => Err(PipelineError::BadInput(format!("`{dispatch}` is {shape:?}, expected [R, {t_len}, {k}]"))),
     }
 }
