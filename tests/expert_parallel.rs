@@ -369,3 +369,24 @@ fn the_ranks_example_config_names_rank_2() {
     let found = report.findings();
     assert!(!found.is_empty() && found.iter().all(|r| r.worst_rank == Some(2)), "{}", report.render(false));
 }
+
+/// A capture that names only per-rank stages of a run without ranks would
+/// capture nothing: refused with what they need.
+#[test]
+fn capturing_only_per_rank_stages_without_ranks_is_refused() {
+    let dir = scratch("per-rank-without-ranks");
+    let text = format!(
+        "(model: Synthetic(preset: \"tiny-moe\", seed: 7), prompt: Tokens({PROMPT}), generate: 1, backend: Cpu, \
+         capture: (out_dir: {:?}, stages: \"moe_dispatch,moe_combine\"))",
+        dir.join("out")
+    );
+    let config = RunConfig::parse(&text, Path::new("ep.ron")).unwrap();
+    let e = session::run(&config, Path::new("ep.ron"), &mut |_| {}).unwrap_err().to_string();
+    assert!(
+        e.contains("capture.stages: moe_dispatch, moe_combine are produced by no selected layer")
+            && e.contains("parallel: (experts: R)")
+            && e.contains("nothing would be captured"),
+        "{e}"
+    );
+    assert!(!dir.join("out").exists(), "nothing is written");
+}

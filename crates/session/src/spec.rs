@@ -316,6 +316,7 @@ impl SessionSpec {
                 .0
                 .check_within(config.num_layers, "layer")
                 .map_err(|e| bad(format!("capture.layers: {e}")))?;
+            check_captured_stages_exist(capture, config).map_err(bad)?;
         }
         for fault in &self.faults {
             fault.check(config, self.tokens().len(), self.step_count()).map_err(|e| bad(format!("faults: {e}")))?;
@@ -323,6 +324,40 @@ impl SessionSpec {
         check_run_size(path, config, self.tokens().len(), self.generate, host_passes)?;
         check_prompt_vocabulary(path, &self.resolved, config.vocab_size)
     }
+}
+
+/// Stages a capture names that no selected layer of this model (and run:
+/// `parallel:`) produces: an error when that is every stage it names
+/// (nothing would be captured), a warning otherwise; "all" names every
+/// stage and is never refused.
+fn check_captured_stages_exist(capture: &CaptureSpec, config: &ModelConfig) -> std::result::Result<(), String> {
+    use stage_types::{SaveTensorStage as S, Scope, StageList};
+    if capture.stages.0 == StageList::all() {
+        return Ok(());
+    }
+    let produced = |s: S| {
+        s.scope() == Scope::Model
+            || (0..config.num_layers).any(|l| capture.layers.0.contains(l) && s.applies_to(config.layer_traits(l)))
+    };
+    let selected: Vec<S> = S::ALL.iter().copied().filter(|s| capture.stages.0.contains(*s)).collect();
+    let absent: Vec<S> = selected.iter().copied().filter(|s| !produced(*s)).collect();
+    if absent.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = absent.iter().map(|s| s.name()).collect();
+    let ranks = absent.iter().any(|s| matches!(s, S::MoeExpertMap | S::MoeDispatch | S::MoeCombine));
+    let why = format!(
+        "{} {} produced by no selected layer of {}{}",
+        names.join(", "),
+        if names.len() == 1 { "is" } else { "are" },
+        config.architecture,
+        if ranks { " (the per-rank stages need `parallel: (experts: R)`)" } else { "" }
+    );
+    if absent.len() == selected.len() {
+        return Err(format!("capture.stages: {why}; nothing would be captured"));
+    }
+    tracing::warn!("capture.stages: {why}; they will not be captured");
+    Ok(())
 }
 
 /// Makes a `tokenizer: Path(..)` relative to the config's folder.
