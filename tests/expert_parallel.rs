@@ -308,9 +308,18 @@ fn a_bug_between_ranks_without_ranks_is_refused_with_what_to_add() {
     let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
     let e = bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("combine: RankSum"), "{e}");
-    let config = BisectConfig::parse(&text.replace(", parallel: (experts: 4)", ""), Path::new("b.ron")).unwrap();
+    // Every bug between ranks, in a run without ranks.
+    for bug in pipeline::backend::cpu::known_bugs::KnownBug::RANKS {
+        let text = text.replace("PartialAddedTwice(1)", &format!("{bug:?}")).replace(", parallel: (experts: 4)", "");
+        let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+        let e = bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
+        assert!(e.contains("parallel: (experts: R)"), "{bug:?}: {e}");
+    }
+    // A stale replica view needs replicas.
+    let config =
+        BisectConfig::parse(&text.replace("PartialAddedTwice(1)", "ReplicaMismatch(1)"), Path::new("b.ron")).unwrap();
     let e = bisect(&config, Path::new("b.ron"), &BisectOptions::default(), &mut |_, _| {}).unwrap_err().to_string();
-    assert!(e.contains("parallel: (experts: R)"), "{e}");
+    assert!(e.contains("add `replicas: [(expert: e, rank: r)]`"), "{e}");
 }
 
 /// Tensor-parallel ranks: the row-split projections (o_proj here; the

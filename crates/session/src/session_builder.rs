@@ -77,21 +77,8 @@ impl<'a> Session<'a> {
         };
         let mut model = model;
         if let Some(parallel) = &spec.parallel {
-            let bad = |message: String| SessionError::ConfigValue { path: path.to_path_buf(), message };
-            let rank_sum = parallel.combine == crate::spec::CombineOrder::RankSum;
-            let replicas: Vec<(usize, usize)> = parallel.replicas.iter().map(|r| (r.expert, r.rank)).collect();
-            if parallel.experts != 1 || !replicas.is_empty() {
-                model
-                    .config
-                    .set_expert_parallel(parallel.experts, rank_sum, &replicas)
-                    .map_err(|e| bad(format!("parallel: {e}")))?;
-            }
-            model.config.set_tensor_parallel(parallel.tensor).map_err(|e| bad(format!("parallel: {e}")))?;
-            if let Some(gpu) = backends.iter().find(|b| b.is_cuda()).filter(|_| parallel.tensor > 1) {
-                return Err(bad(format!(
-                    "parallel: tensor-parallel ranks run on the CPU backends (Cpu, CpuEmulating, Cuda(dtype: F64)) for now, not {gpu}"
-                )));
-            }
+            apply_parallel(&mut model.config, parallel, backends)
+                .map_err(|message| SessionError::ConfigValue { path: path.to_path_buf(), message })?;
         }
         let load_time = start.elapsed();
         tracing::info!(model = %describe_model(&model), seconds = load_time.as_secs_f64(), "model loaded");
@@ -265,7 +252,11 @@ impl Session<'_> {
             KnownBug::PartialAddedTwice(_) if layout.is_some_and(|l| !l.rank_sum) => {
                 "it lives in the rank-order reduction: add `combine: RankSum` to `parallel:`".to_string()
             }
-            KnownBug::PartialAddedTwice(r) | KnownBug::WeightBeforeExperts(r)
+            KnownBug::ReplicaMismatch(_) if layout.is_some_and(|l| l.replicas.is_empty()) => {
+                "it lives in the ranks' views of replicated experts: add `replicas: [(expert: e, rank: r)]` to `parallel:`"
+                    .to_string()
+            }
+            KnownBug::PartialAddedTwice(r) | KnownBug::WeightBeforeExperts(r) | KnownBug::ReplicaMismatch(r)
                 if layout.is_some_and(|l| r >= l.ranks) =>
             {
                 format!("rank {r} is beyond the run's {} ranks", layout.map_or(1, |l| l.ranks))
@@ -309,6 +300,27 @@ impl Session<'_> {
     /// One line on the device products, if a pass used them.
     pub fn products_note(&self) -> Option<String> {
         self.products.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, p)| p.describe())
+    }
+}
+
+/// Lays the model out on the virtual ranks `parallel` names; Err (the
+/// message, `parallel: ...`) where the model or a backend cannot.
+fn apply_parallel(
+    config: &mut pipeline::ModelConfig,
+    parallel: &crate::spec::ParallelSpec,
+    backends: &[&BackendSpec],
+) -> std::result::Result<(), String> {
+    let rank_sum = parallel.combine == crate::spec::CombineOrder::RankSum;
+    let replicas: Vec<(usize, usize)> = parallel.replicas.iter().map(|r| (r.expert, r.rank)).collect();
+    if parallel.experts != 1 || !replicas.is_empty() {
+        config.set_expert_parallel(parallel.experts, rank_sum, &replicas).map_err(|e| format!("parallel: {e}"))?;
+    }
+    config.set_tensor_parallel(parallel.tensor).map_err(|e| format!("parallel: {e}"))?;
+    match backends.iter().find(|b| b.is_cuda()).filter(|_| parallel.tensor > 1) {
+        Some(gpu) => Err(format!(
+            "parallel: tensor-parallel ranks run on the CPU backends (Cpu, CpuEmulating, Cuda(dtype: F64)) for now, not {gpu}"
+        )),
+        None => Ok(()),
     }
 }
 
