@@ -316,14 +316,14 @@ fn local_findings(r: &Report, grouped: &Findings) -> String {
         body += &finding_line(&r.rows[i]);
     }
     for s in &grouped.systematic {
+        let (rank, cause) = r.group_cause(s);
         let _ = write!(
             body,
-            "<li><b>{}, {}, {} of {} layers{}</b>: {} to {} expected; one cause (a kernel path that departs from the contract). <span class=\"places\">{}</span></li>",
+            "<li><b>{}, {}, {} of {} layers{rank}</b>: {} to {} expected; one cause ({cause}). <span class=\"places\">{}</span></li>",
             s.stage,
             s.phase.label(),
             s.layers.len(),
             s.layers_compared,
-            r.shared_rank(s).map(|rank| format!(", rank {rank} in each")).unwrap_or_default(),
             ratio_text(s.min_ratio),
             ratio_text(s.max_ratio),
             esc(&places_text(&s.places, 8))

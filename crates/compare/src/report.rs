@@ -206,6 +206,16 @@ impl Report {
         }
     }
 
+    /// How a systematic group reads: the rank its members share (`, rank
+    /// r in each`, or nothing) and its one cause (a kernel path, or that
+    /// rank's part of the work).
+    pub fn group_cause(&self, group: &crate::findings::Systematic) -> (String, String) {
+        match self.shared_rank(group) {
+            Some(r) => (format!(", rank {r} in each"), format!("what rank {r} computes departs from the contract")),
+            None => (String::new(), "a kernel path that departs from the contract".into()),
+        }
+    }
+
     /// The largest ratio to the expected error per stage and phase.
     pub fn margins(&self) -> Vec<Margin> {
         margins(&self.rows)
@@ -387,9 +397,9 @@ impl Report {
             out += &format!("finding: {}: {}; {}\n", r.place(), finding_reason(r), r.detail());
         }
         for s in &grouped.systematic {
-            let rank = self.shared_rank(s).map(|r| format!(", rank {r} in each")).unwrap_or_default();
+            let (rank, cause) = self.group_cause(s);
             out += &format!(
-                "systematic: {}, {}, {} of {} layers{}{rank}, {} to {} expected (one cause: a kernel path that departs from the contract); at {}\n",
+                "systematic: {}, {}, {} of {} layers{}{rank}, {} to {} expected (one cause: {cause}); at {}\n",
                 s.stage,
                 s.phase.label(),
                 s.layers.len(),
