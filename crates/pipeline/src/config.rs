@@ -1,6 +1,7 @@
 //! [`ModelConfig`]: the architecture hyper-parameters of a Qwen3 or
 //! Qwen3-MoE model, read from a Hugging Face config.json in either spelling.
 
+use crate::parallel_config::{ExpertParallel, check_tensor_split};
 use std::path::Path;
 
 use serde_json::Value;
@@ -23,35 +24,6 @@ pub const MAX_EXPERTS: usize = 4096;
 pub const MAX_VOCAB: usize = 1 << 22;
 /// Largest max_position_embeddings accepted.
 pub const MAX_POSITIONS: usize = 1 << 24;
-
-/// How a run splits the routed experts across expert-parallel ranks
-/// (virtual ranks on one backend; docs/decisions/2026-12-07-expert-parallel-plan.md).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ExpertParallel {
-    /// R: ranks, each holding E / R contiguous experts.
-    pub ranks: usize,
-    /// Extra copies of experts: (logical expert, the rank holding the
-    /// copy). A replicated expert's tokens are served by its last copy
-    /// listed (every rank agreeing).
-    pub replicas: Vec<(usize, usize)>,
-    /// moe_ffn_out reduces the ranks' partial sums in rank order (as
-    /// engines do), else sums each token's slots in slot order (the
-    /// one-rank sum to the bit).
-    pub rank_sum: bool,
-}
-
-impl ExpertParallel {
-    /// The rank holding expert `e` of `experts` (its home block).
-    pub fn rank_of(&self, e: usize, experts: usize) -> usize {
-        e / (experts / self.ranks)
-    }
-
-    /// The rank that serves expert `e`'s tokens: its last replica's, else
-    /// its home rank.
-    pub fn server(&self, e: usize, experts: usize) -> usize {
-        self.replicas.iter().rev().find(|(x, _)| *x == e).map_or_else(|| self.rank_of(e, experts), |(_, r)| *r)
-    }
-}
 
 /// The hyper-parameters of a Qwen3 / Qwen3-MoE decoder, with the keys'
 /// alternative spellings resolved.
@@ -411,37 +383,16 @@ impl ModelConfig {
 
     /// Splits the experts of every MoE layer across `ranks` expert-parallel
     /// ranks in contiguous blocks (rank r holds experts r*E/R..(r+1)*E/R),
-    /// with `replicas` (expert, rank) copies, reduced as `rank_sum` says.
-    /// One rank is no split. Err (the reason,
-    /// with the valid counts) when `ranks` is 0, the model has no experts,
-    /// or `ranks` does not divide their number.
+    /// with `replicas` (expert, rank) copies, reduced as `rank_sum` says
+    /// ([`ExpertParallel::checked`] says what is refused).
     pub fn set_expert_parallel(
         &mut self,
         ranks: usize,
         rank_sum: bool,
         replicas: &[(usize, usize)],
     ) -> std::result::Result<(), String> {
-        let e = self.num_experts;
-        if e == 0 {
-            return Err(format!("{} has no routed experts to split across ranks", self.architecture));
-        }
-        if ranks == 0 || !e.is_multiple_of(ranks) {
-            let valid: Vec<String> = (1..=e).filter(|r| e.is_multiple_of(*r)).map(|r| r.to_string()).collect();
-            return Err(format!(
-                "{ranks} expert-parallel ranks cannot split {e} experts evenly (valid: {})",
-                valid.join(", ")
-            ));
-        }
-        let layout = ExpertParallel { ranks, rank_sum, replicas: replicas.to_vec() };
-        for &(x, r) in replicas {
-            if x >= e || r >= ranks {
-                return Err(format!("replica (expert: {x}, rank: {r}) is outside {e} experts on {ranks} ranks"));
-            }
-            if layout.rank_of(x, e) == r {
-                return Err(format!("replica (expert: {x}, rank: {r}): rank {r} holds expert {x} already"));
-            }
-        }
-        self.expert_parallel = (ranks > 1).then_some(layout);
+        self.expert_parallel =
+            ExpertParallel::checked(self.num_experts, &self.architecture, ranks, rank_sum, replicas)?;
         Ok(())
     }
 
@@ -458,17 +409,7 @@ impl ModelConfig {
         if self.shared_expert_intermediate_size > 0 {
             widths.push(("the shared expert's width", self.shared_expert_intermediate_size));
         }
-        let divides = |r: usize| r > 0 && widths.iter().all(|(_, w)| w.is_multiple_of(r));
-        if !divides(ranks) {
-            let limit = widths.iter().map(|(_, w)| *w).min().unwrap_or(1);
-            let valid: Vec<String> = (1..=limit).filter(|r| divides(*r)).map(|r| r.to_string()).collect();
-            let what: Vec<String> = widths.iter().map(|(n, w)| format!("{w} {n}")).collect();
-            return Err(format!(
-                "{ranks} tensor-parallel ranks cannot split {} evenly (valid: {})",
-                what.join(", "),
-                valid.join(", ")
-            ));
-        }
+        check_tensor_split(ranks, &widths)?;
         self.tensor_ranks = ranks;
         Ok(())
     }

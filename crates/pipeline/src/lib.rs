@@ -37,6 +37,7 @@ pub mod load_meter;
 pub mod mla_config;
 pub mod model;
 pub mod oss_config;
+pub mod parallel_config;
 pub mod rope_scaling;
 pub mod schedule;
 pub mod stages;

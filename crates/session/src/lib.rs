@@ -18,6 +18,7 @@ mod check;
 pub mod config;
 pub mod error;
 pub mod faults;
+pub mod parallel_spec;
 pub mod prompt;
 mod prompt_gguf;
 pub mod replay;

@@ -77,7 +77,7 @@ impl<'a> Session<'a> {
         };
         let mut model = model;
         if let Some(parallel) = &spec.parallel {
-            apply_parallel(&mut model.config, parallel, backends)
+            crate::parallel_spec::apply_parallel(&mut model.config, parallel, backends)
                 .map_err(|message| SessionError::ConfigValue { path: path.to_path_buf(), message })?;
         }
         let load_time = start.elapsed();
@@ -300,27 +300,6 @@ impl Session<'_> {
     /// One line on the device products, if a pass used them.
     pub fn products_note(&self) -> Option<String> {
         self.products.lock().unwrap_or_else(|e| e.into_inner()).as_ref().map(|(_, p)| p.describe())
-    }
-}
-
-/// Lays the model out on the virtual ranks `parallel` names; Err (the
-/// message, `parallel: ...`) where the model or a backend cannot.
-fn apply_parallel(
-    config: &mut pipeline::ModelConfig,
-    parallel: &crate::spec::ParallelSpec,
-    backends: &[&BackendSpec],
-) -> std::result::Result<(), String> {
-    let rank_sum = parallel.combine == crate::spec::CombineOrder::RankSum;
-    let replicas: Vec<(usize, usize)> = parallel.replicas.iter().map(|r| (r.expert, r.rank)).collect();
-    if parallel.experts != 1 || !replicas.is_empty() {
-        config.set_expert_parallel(parallel.experts, rank_sum, &replicas).map_err(|e| format!("parallel: {e}"))?;
-    }
-    config.set_tensor_parallel(parallel.tensor).map_err(|e| format!("parallel: {e}"))?;
-    match backends.iter().find(|b| b.is_cuda()).filter(|_| parallel.tensor > 1) {
-        Some(gpu) => Err(format!(
-            "parallel: tensor-parallel ranks run on the CPU backends (Cpu, CpuEmulating, Cuda(dtype: F64)) for now, not {gpu}"
-        )),
-        None => Ok(()),
     }
 }
 

@@ -14,6 +14,7 @@ pub use crate::backend_spec::{BackendSpec, CudaDtype};
 use crate::config::{CaptureSpec, ModelSpec, PromptSpec, ResolvedPrompt, parse_ron, read_config, whole_number};
 use crate::error::{Result, SessionError};
 use crate::faults::FaultSpec;
+pub use crate::parallel_spec::{CombineOrder, ParallelSpec, ReplicaSpec};
 use crate::prompt::TokenizerSpec;
 pub use crate::replay::RoutingSpec;
 
@@ -44,59 +45,6 @@ pub struct SessionSpec {
     pub routing: RoutingSpec,
     /// Expert-parallel ranks for every pass (default: one rank).
     pub parallel: Option<ParallelSpec>,
-}
-
-/// `parallel: (experts: R, tensor: T, combine: SlotOrder | RankSum,
-/// replicas: [...])`: the routed experts split across R virtual
-/// expert-parallel ranks (contiguous blocks), each MoE layer adding the
-/// per-rank stages moe_expert_map, moe_dispatch and moe_combine; the
-/// row-split projections split across T tensor-parallel ranks (their
-/// partial sums added in rank order). Every pass of the command runs so
-/// (a bisect's reference and target alike).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ParallelSpec {
-    /// R: expert-parallel ranks (a divisor of the model's experts; default
-    /// 1).
-    #[serde(default = "one_rank")]
-    pub experts: usize,
-    /// T: tensor-parallel ranks splitting the row-split projections (a
-    /// divisor of the heads and the MLP widths; default 1).
-    #[serde(default = "one_rank")]
-    pub tensor: usize,
-    /// How moe_ffn_out reduces the ranks' work (default SlotOrder).
-    #[serde(default)]
-    pub combine: CombineOrder,
-    /// Extra copies of experts on other ranks (default none); a replicated
-    /// expert's tokens go to its last copy listed.
-    #[serde(default)]
-    pub replicas: Vec<ReplicaSpec>,
-}
-
-fn one_rank() -> usize {
-    1
-}
-
-/// `(expert: e, rank: r)`: a copy of logical expert e on rank r.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ReplicaSpec {
-    /// The logical expert copied.
-    pub expert: usize,
-    /// The rank holding the copy (not the expert's home rank).
-    pub rank: usize,
-}
-
-/// How moe_ffn_out sums the work of expert-parallel ranks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-pub enum CombineOrder {
-    /// Each token's slots in slot order, as one rank sums them: the
-    /// one-rank result to the bit (what proves the ranks' machinery).
-    #[default]
-    SlotOrder,
-    /// The ranks' partial sums (moe_combine) added in rank order, as an
-    /// all-reduce of engines does: the last bits differ from one rank's.
-    RankSum,
 }
 
 /// A run config: what to run, on which backend.

@@ -10,8 +10,8 @@
 //! arithmetic (cpu/expert_parallel.rs) is the reference.
 
 use super::{SharedTerm, Slot};
-use crate::config::ExpertParallel;
 use crate::error::Result;
+use crate::parallel_config::ExpertParallel;
 
 /// The operations of expert-parallel ranks.
 pub trait ExpertParallelOps {

@@ -6,8 +6,8 @@ use super::CpuBackend;
 use super::known_bugs::KnownBug;
 use crate::backend::expert_parallel::{ExpertParallelOps, dispatch_ranks};
 use crate::backend::{SharedTerm, Slot};
-use crate::config::ExpertParallel;
 use crate::error::{PipelineError, Result};
+use crate::parallel_config::ExpertParallel;
 use crate::tensor::HostTensor;
 
 impl CpuBackend {

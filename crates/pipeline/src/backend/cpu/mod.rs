@@ -52,7 +52,7 @@ pub struct CpuBackend {
     products: Option<Arc<dyn device_products::DeviceProducts>>,
     /// The expert-parallel layout and expert count of the last dispatch
     /// (what the bugs between ranks need to know), or None.
-    ranks: Option<(crate::config::ExpertParallel, usize)>,
+    ranks: Option<(crate::parallel_config::ExpertParallel, usize)>,
 }
 
 impl CpuBackend {

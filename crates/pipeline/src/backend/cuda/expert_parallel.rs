@@ -12,8 +12,8 @@ use super::tensors::{DevData, DevTensor};
 use super::{CudaBackend, gpu, threads};
 use crate::backend::expert_parallel::{ExpertParallelOps, dispatch_ranks};
 use crate::backend::{SharedTerm, Slot};
-use crate::config::ExpertParallel;
 use crate::error::{PipelineError, Result};
+use crate::parallel_config::ExpertParallel;
 
 impl CudaBackend {
     /// The int32 buffer and shape of `slot`.
