@@ -95,12 +95,14 @@ impl ExpertParallelOps for CpuBackend {
         let mut data = vec![0.0f32; ranks * t_len * h];
         for (rt, row) in data.chunks_mut(h).enumerate() {
             let (r, t) = (rt / t_len, rt % t_len);
-            let mine = |j: &usize| rows[(r * t_len + t) * k + j] >= 0;
+            // The slots rank r received of token t, with their weights,
+            // found once for the row.
+            let terms: Vec<(usize, f64)> = (0..k)
+                .filter(|j| rows[(r * t_len + t) * k + j] >= 0)
+                .map(|j| (t * k + j, self.weight_after(r, w[t * k + j])))
+                .collect();
             for (d, o) in row.iter_mut().enumerate() {
-                let sum: f64 = (0..k)
-                    .filter(mine)
-                    .map(|j| self.weight_after(r, w[t * k + j]) * x[(t * k + j) * h + d] as f64)
-                    .sum();
+                let sum: f64 = terms.iter().map(|&(s, wt)| wt * x[s * h + d] as f64).sum();
                 *o = sum as f32;
             }
         }
@@ -136,21 +138,21 @@ impl ExpertParallelOps for CpuBackend {
         };
         let shared = self.shared_term(shared)?;
         let mut data = vec![0.0f32; t_len * h];
+        let twice = |r: usize| if self.bug == Some(KnownBug::PartialAddedTwice(r)) { 2 } else { 1 };
+        // The ranks in rank order, one counted twice by the known bug.
+        let rank_order: Vec<usize> = (0..ranks).flat_map(|r| std::iter::repeat_n(r, twice(r))).collect();
         for (t, row) in data.chunks_mut(h).enumerate() {
             let term = shared.as_ref().map(|(values, g)| (&values[t * h..(t + 1) * h], g.map_or(1.0, |g| g[t] as f64)));
+            // Slot order: each slot once per rank that received it, with
+            // the weight that rank applies, found once for the row.
+            let slots: Vec<(usize, f64)> = (0..k)
+                .flat_map(|j| (0..ranks).filter(move |&r| rows[(r * t_len + t) * k + j] >= 0).map(move |r| (j, r)))
+                .map(|(j, r)| (t * k + j, self.weight_after(r, w[t * k + j])))
+                .collect();
             for (d, o) in row.iter_mut().enumerate() {
-                let twice = |r: usize| if self.bug == Some(KnownBug::PartialAddedTwice(r)) { 2 } else { 1 };
                 let mut sum: f64 = match partial {
-                    Some(p) => (0..ranks)
-                        .flat_map(|r| std::iter::repeat_n(r, twice(r)))
-                        .map(|r| p[(r * t_len + t) * h + d] as f64)
-                        .sum(),
-                    None => (0..k)
-                        .flat_map(|j| {
-                            (0..ranks).filter(move |&r| rows[(r * t_len + t) * k + j] >= 0).map(move |r| (j, r))
-                        })
-                        .map(|(j, r)| self.weight_after(r, w[t * k + j]) * x[(t * k + j) * h + d] as f64)
-                        .sum(),
+                    Some(p) => rank_order.iter().map(|&r| p[(r * t_len + t) * h + d] as f64).sum(),
+                    None => slots.iter().map(|&(s, wt)| wt * x[s * h + d] as f64).sum(),
                 };
                 if let Some((values, g)) = term {
                     sum += g * values[d] as f64;
