@@ -172,9 +172,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let f = self.kernel(if a.quantized { quant::EXPERT_LINEAR_QUANT } else { linear::EXPERT_LINEAR_V8 })?;
         let stream = self.stream();
-        let DevData::I32(ids) = &self.slot(a.indices)?.data else {
-            return Err(PipelineError::BadInput(format!("stage `{}` must hold int32 expert ids", a.indices)));
-        };
+        let ids = self.slot(a.indices)?.i32(a.indices)?;
         let x = self.slot(a.input)?.f32(a.input)?;
         let (w0, w1) = (&self.stacked[&a.first].data, &self.stacked[&b.map_or(a.first, |b| b.first)].data);
         let parts = if b.is_some() { 2u32 } else { 1 };

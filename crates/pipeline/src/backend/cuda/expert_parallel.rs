@@ -15,17 +15,6 @@ use crate::backend::{SharedTerm, Slot};
 use crate::error::{PipelineError, Result};
 use crate::parallel_config::ExpertParallel;
 
-impl CudaBackend {
-    /// The int32 buffer and shape of `slot`.
-    fn ids_of(&self, slot: Slot) -> Result<(&cudarc::driver::CudaSlice<i32>, Vec<usize>)> {
-        let t = self.slot(slot)?;
-        match &t.data {
-            DevData::I32(ids) => Ok((ids, t.shape.clone())),
-            DevData::F32(_) => Err(PipelineError::BadInput(format!("stage `{slot}` must hold int32 values"))),
-        }
-    }
-}
-
 impl ExpertParallelOps for CudaBackend {
     fn expert_map(&mut self, layout: &ExpertParallel, experts: usize, out: Slot) -> Result<()> {
         self.timed(out.name(), &[], |this| {
@@ -39,8 +28,7 @@ impl ExpertParallelOps for CudaBackend {
 
     fn dispatch(&mut self, indices: Slot, map: Slot, out: Slot) -> Result<()> {
         self.timed(out.name(), &[indices, map], |this| {
-            let (_, id_shape) = this.ids_of(indices)?;
-            let (_, map_shape) = this.ids_of(map)?;
+            let (id_shape, map_shape) = (this.slot(indices)?.shape.clone(), this.slot(map)?.shape.clone());
             let (&[t_len, k], &[ranks, experts]) = (&id_shape[..], &map_shape[..]) else {
                 return Err(PipelineError::BadInput(format!(
                     "dispatch needs [T,k] ids and an [R,E] map, got {id_shape:?} and {map_shape:?}"
@@ -51,7 +39,12 @@ impl ExpertParallelOps for CudaBackend {
             let stream = this.stream();
             let a = ((t_len * k) as u32, experts as u32, ranks as u32);
             let mut b = stream.launch_builder(&f);
-            b.arg(&mut rows).arg(this.ids_of(indices)?.0).arg(this.ids_of(map)?.0).arg(&a.0).arg(&a.1).arg(&a.2);
+            b.arg(&mut rows)
+                .arg(this.slot(indices)?.i32(indices)?)
+                .arg(this.slot(map)?.i32(map)?)
+                .arg(&a.0)
+                .arg(&a.1)
+                .arg(&a.2);
             // SAFETY: one thread per rank; ids hold t_len * k, the map
             // ranks * experts, rows ranks * t_len * k (shapes checked).
             unsafe { b.launch(threads(ranks)) }.map_err(gpu("ep_dispatch"))?;
@@ -63,14 +56,14 @@ impl ExpertParallelOps for CudaBackend {
         self.timed(out.name(), &[expert_out, weights, dispatch], |this| {
             let (t_len, k, h) =
                 SharedTerm::combine_shapes(expert_out, weights, None, |s| Ok(this.slot(s)?.shape.clone()))?;
-            let ranks = dispatch_ranks(&this.ids_of(dispatch)?.1, dispatch, t_len, k)?;
+            let ranks = dispatch_ranks(&this.slot(dispatch)?.shape, dispatch, t_len, k)?;
             let mut o = this.alloc(ranks * t_len * h)?;
             let f = this.kernel(moe::EP_COMBINE_PARTIALS)?;
             let stream = this.stream();
             let a = (ranks as u32, t_len as u32, k as u32, h as u32);
             let mut b = stream.launch_builder(&f);
             b.arg(&mut o).arg(this.slot(expert_out)?.f32(expert_out)?).arg(this.slot(weights)?.f32(weights)?);
-            b.arg(this.ids_of(dispatch)?.0).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
+            b.arg(this.slot(dispatch)?.i32(dispatch)?).arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
             // SAFETY: one thread per output of ranks * t_len * h; the
             // inputs' shapes are checked above.
             unsafe { b.launch(threads(ranks * t_len * h)) }.map_err(gpu("ep_combine_partials"))?;
@@ -94,7 +87,7 @@ impl ExpertParallelOps for CudaBackend {
         self.timed(out.name(), &inputs, |this| {
             let (t_len, k, h) =
                 SharedTerm::combine_shapes(expert_out, weights, shared, |s| Ok(this.slot(s)?.shape.clone()))?;
-            let ranks = dispatch_ranks(&this.ids_of(dispatch)?.1, dispatch, t_len, k)?;
+            let ranks = dispatch_ranks(&this.slot(dispatch)?.shape, dispatch, t_len, k)?;
             if let Some(p) = partials {
                 let shape = &this.slot(p)?.shape;
                 if shape[..] != [ranks, t_len, h] {
@@ -125,7 +118,7 @@ impl ExpertParallelOps for CudaBackend {
             let rank_sum = u32::from(partials.is_some());
             let a = (ranks as u32, t_len as u32, k as u32, h as u32);
             let mut b = stream.launch_builder(&f);
-            b.arg(&mut o).arg(x).arg(this.slot(weights)?.f32(weights)?).arg(this.ids_of(dispatch)?.0);
+            b.arg(&mut o).arg(x).arg(this.slot(weights)?.f32(weights)?).arg(this.slot(dispatch)?.i32(dispatch)?);
             b.arg(partial).arg(&rank_sum).arg(values).arg(weight).arg(&kind);
             b.arg(&a.0).arg(&a.1).arg(&a.2).arg(&a.3);
             // SAFETY: one thread per output of t_len * h; every buffer the

@@ -123,9 +123,7 @@ impl CudaBackend {
         self.flush_deferred()?;
         let f = self.weight_kernel(linear::EXPERT_LINEAR)?;
         let stream = self.stream();
-        let DevData::I32(ids) = &self.slot(indices)?.data else {
-            return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
-        };
+        let ids = self.slot(indices)?.i32(indices)?;
         let x = self.slot(input)?.f32(input)?;
         let w = &self.stacked[&experts[0]].data;
         let a = (t_len as u32, top_k as u32, k_in as u32, n_out as u32, count as u32, u32::from(per_slot));

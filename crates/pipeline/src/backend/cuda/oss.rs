@@ -164,9 +164,7 @@ impl OssOps for CudaBackend {
             if this.biases[biases].len() != biases.len() * w {
                 return Err(PipelineError::BadInput(format!("the experts' biases are not {} values each", w)));
             }
-            let DevData::I32(ids) = &this.slot(indices)?.data else {
-                return Err(PipelineError::BadInput(format!("stage `{indices}` must hold int32 expert ids")));
-            };
+            let ids = this.slot(indices)?.i32(indices)?;
             if this.slot(indices)?.numel() != t_len * k {
                 return Err(PipelineError::BadInput(format!("`{indices}` does not hold [{t_len},{k}] ids")));
             }

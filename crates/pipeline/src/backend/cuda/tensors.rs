@@ -71,6 +71,13 @@ impl DevTensor {
         }
     }
 
+    pub(super) fn i32(&self, slot: Slot) -> Result<&CudaSlice<i32>> {
+        match &self.data {
+            DevData::I32(d) => Ok(d),
+            DevData::F32(_) => Err(PipelineError::BadInput(format!("stage `{slot}` holds float32, expected int32"))),
+        }
+    }
+
     pub(super) fn width(&self) -> usize {
         self.shape.last().copied().unwrap_or(1)
     }
