@@ -20,24 +20,9 @@ REFERENCE=${REFERENCE:-Cuda(device: 0, dtype: F32)}
 work=/tmp/llamacpp
 rm -rf "$work" && mkdir -p "$work/py"
 mkdir -p "$work/py/llama_cpp/lib"
-if [ -f "$L/lib.txz" ]; then
-    # Libraries an earlier run on this kind of machine built (scripts/gpu-build.sh
-    # copies them when GPU_LLAMACPP_LIBS names the archive): no 250 s build.
-    echo "== llama.cpp's CUDA libraries from $L/lib.txz"
-    tar xJf "$L/lib.txz" -C "$work/py/llama_cpp"
-else
-echo "== building llama.cpp's shared libraries with CUDA (sm_90)"
-start=$(date +%s)
-tar xzf "$L/llama.cpp-bench-src.tar.gz" -C "$work"
-(cd "$work/llama.cpp" &&
-    cmake -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 \
-        -DBUILD_SHARED_LIBS=ON -DGGML_NATIVE=OFF -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF \
-        -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_APP=OFF \
-        -DLLAMA_OPENSSL=OFF -DGGML_CUDA_NCCL=OFF -DGGML_CCACHE=OFF -DGGML_CUDA_FA_ALL_QUANTS=OFF &&
-    ninja -C build -j"$(nproc)" llama) > "$OUT/llamacpp-build.log" 2>&1 || { tail -30 "$OUT/llamacpp-build.log"; exit 1; }
-echo "built in $(($(date +%s) - start)) s"
-find "$work/llama.cpp/build" -name 'lib*.so*' -exec cp -P {} "$work/py/llama_cpp/lib/" \;
-fi
+# llama.cpp's CUDA libraries: the carried archive, or built here (250 s).
+OUT="$OUT" bash scripts/gpu-llamacpp-libs.sh
+tar xJf "$L/lib.txz" -C "$work/py/llama_cpp"
 # llama-cpp-python's Python files over the libraries.
 cp -r "$L/py/llama_cpp" "$L/py/gguf" "$work/py/"
 export PYTHONPATH="$work/py:$PWD/python"

@@ -9,6 +9,7 @@
 # moetrace's ratio to llama.cpp and writes it to $OUT/peers.md.
 # Needs, built here:
 #   GPU_PACK=1 GPU_LLAMACPP=1 GPU_LLAMACPP_LIBS=llamacpp-cuda-sm90-lib.txz bash scripts/gpu-build.sh
+# (without GPU_LLAMACPP_LIBS the source travels and scripts/gpu-llamacpp-libs.sh builds it there)
 # then, on one warm machine, the pack first (it leaves .gpu/bin there):
 #   run(carry: [".gpu/pack.txz"], command: "tar xJf .gpu/pack.txz -C .gpu && ...")
 #   run(carry: [".gpu/llamacpp"], command: "bash scripts/gpu-peers.sh")
@@ -24,7 +25,8 @@ m=$PWD/.gpu/bin/moetrace
 work=/tmp/moetrace-peers
 rm -rf "$work" && mkdir -p "$work"
 [ -x "$m" ] || { echo "no $m: unpack .gpu/pack.txz first" >&2; exit 2; }
-[ -f "$L/lib.txz" ] || { echo "no $L/lib.txz: build with GPU_LLAMACPP=1 GPU_LLAMACPP_LIBS=..." >&2; exit 2; }
+# Without a carried archive, llama.cpp's libraries are built here first (250 s).
+[ -f "$L/lib.txz" ] || OUT="$OUT" bash scripts/gpu-llamacpp-libs.sh || exit 2
 tar xJf "$L/lib.txz" -C "$work"
 # llama-bench's main is one call into the libraries' libllama-bench-impl.so.
 printf 'int llama_bench(int argc, char ** argv);\nint main(int argc, char ** argv) { return llama_bench(argc, argv); }\n' >"$work/main.cpp"
