@@ -84,6 +84,69 @@ unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f64 {
     combine(acc, tail_dot(&a[chunks..], &b[chunks..]))
 }
 
+/// [`dot`] of each of `inputs` with one `row`, into `out` (one f64 per
+/// input): every result the same bits as `dot(input, row)`. With AVX, four
+/// inputs at a time share each widened chunk of the row (prefill reads a
+/// weight row once for many tokens), each input keeping its own eight lanes.
+pub fn dot_many(inputs: &[&[f32]], row: &[f32], out: &mut [f64]) {
+    debug_assert_eq!(inputs.len(), out.len());
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        for (xs, o) in inputs.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+            // SAFETY: the CPU has AVX (checked above).
+            let four = unsafe { dot4_avx([xs[0], xs[1], xs[2], xs[3]], row) };
+            o.copy_from_slice(&four);
+        }
+        done = inputs.len() / 4 * 4;
+    }
+    for (x, o) in inputs[done..].iter().zip(&mut out[done..]) {
+        *o = dot(x, row);
+    }
+}
+
+/// [`dot_avx`] of four inputs with one row: the row's chunk widened once,
+/// each input's lanes multiplied and added as [`dot_avx`] does them.
+///
+/// # Safety
+/// The CPU must support AVX.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+unsafe fn dot4_avx(xs: [&[f32]; 4], row: &[f32]) -> [f64; 4] {
+    use std::arch::x86_64::*;
+    let len = xs.iter().map(|x| x.len()).fold(row.len(), usize::min);
+    let chunks = len / 8 * 8;
+    let mut lo = [_mm256_setzero_pd(); 4];
+    let mut hi = [_mm256_setzero_pd(); 4];
+    let mut i = 0;
+    while i < chunks {
+        // SAFETY: i + 8 <= chunks <= every length; unaligned loads.
+        let vb = unsafe { _mm256_loadu_ps(row.as_ptr().add(i)) };
+        let b_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(vb));
+        let b_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(vb, 1));
+        for j in 0..4 {
+            // SAFETY: as above.
+            let va = unsafe { _mm256_loadu_ps(xs[j].as_ptr().add(i)) };
+            let a_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(va));
+            let a_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(va, 1));
+            lo[j] = _mm256_add_pd(lo[j], _mm256_mul_pd(a_lo, b_lo));
+            hi[j] = _mm256_add_pd(hi[j], _mm256_mul_pd(a_hi, b_hi));
+        }
+        i += 8;
+    }
+    let mut out = [0.0f64; 4];
+    for j in 0..4 {
+        let mut acc = [0.0f64; 8];
+        // SAFETY: acc holds eight f64; unaligned stores.
+        unsafe {
+            _mm256_storeu_pd(acc.as_mut_ptr(), lo[j]);
+            _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi[j]);
+        }
+        out[j] = combine(acc, tail_dot(&xs[j][chunks..len], &row[chunks..len]));
+    }
+    out
+}
+
 /// RMSNorm of one row: `out = x * rsqrt(mean(x²) + eps) * w`, in f64.
 pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
     let inv = 1.0 / (dot(x, x) / x.len() as f64 + eps).sqrt();
@@ -111,7 +174,13 @@ pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> V
 /// [`matmul_t`] with `round` applied to each weight row after it is
 /// converted (the precision a product takes its weights in).
 pub fn matmul_t_rounding(inputs: &[&[f32]], w: &WeightTensor, round: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
-    products_by_row(inputs, w, round, |x, row| dot(x, row) as f32)
+    products_by_row(inputs, w, round, |xs, row, outs| {
+        let mut sums = vec![0.0f64; xs.len()];
+        dot_many(xs, row, &mut sums);
+        for (o, s) in outs.iter_mut().zip(sums) {
+            *o = s as f32;
+        }
+    })
 }
 
 /// [`matmul_t_as`] of a projection split by its input columns across
@@ -125,20 +194,23 @@ pub fn matmul_t_split(inputs: &[&[f32]], w: &WeightTensor, weights: Precision, p
         inputs,
         w,
         |row| weights.round(row),
-        |x, row| {
-            let part = |p: usize| dot(&x[p * block..(p + 1) * block], &row[p * block..(p + 1) * block]) as f32;
-            (0..parts).map(|p| part(p) as f64).sum::<f64>() as f32
+        |xs, row, outs| {
+            for (o, x) in outs.iter_mut().zip(xs) {
+                let part = |p: usize| dot(&x[p * block..(p + 1) * block], &row[p * block..(p + 1) * block]) as f32;
+                *o = (0..parts).map(|p| part(p) as f64).sum::<f64>() as f32;
+            }
         },
     )
 }
 
-/// `product(input, row)` of every input with every weight row, each row
-/// converted to f32 once and `round`ed, in [`by_weight_rows`]' frame.
+/// `products(inputs, row, outs)`: every input's product with every weight
+/// row, each row converted to f32 once and `round`ed, in
+/// [`by_weight_rows`]' frame.
 fn products_by_row(
     inputs: &[&[f32]],
     w: &WeightTensor,
     round: impl Fn(&mut [f32]) + Sync,
-    product: impl Fn(&[f32], &[f32]) -> f32 + Sync,
+    products: impl Fn(&[&[f32]], &[f32], &mut [f32]) + Sync,
 ) -> Vec<f32> {
     let k = w.row_len();
     by_weight_rows(
@@ -148,9 +220,7 @@ fn products_by_row(
         |r, row, outs| {
             w.read_row(r, row);
             round(row);
-            for (o, x) in outs.iter_mut().zip(inputs) {
-                *o = product(x, row);
-            }
+            products(inputs, row, outs);
         },
     )
 }
@@ -254,6 +324,29 @@ mod tests {
         for n in [0, 1, 7, 8, 9, 63, 64, 65, 1000, 2880] {
             let (a, b): (Vec<f32>, Vec<f32>) = (0..n).map(|_| (next(), next() * 1e-3)).unzip();
             assert_eq!(dot(&a, &b).to_bits(), dot_portable(&a, &b).to_bits(), "{n}");
+        }
+    }
+
+    #[test]
+    fn dot_many_is_dot_of_each_input_to_the_bit() {
+        let mut state = 0x9e37_79b9u64;
+        let mut next = || {
+            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 11) as f64 / (1u64 << 53) as f64 * 6.0 - 3.0) as f32
+        };
+        for (m, n) in [(0, 8), (1, 9), (3, 64), (4, 65), (5, 7), (9, 1000), (8, 2880)] {
+            let row: Vec<f32> = (0..n).map(|_| next() * 1e-3).collect();
+            let mut xs: Vec<Vec<f32>> = (0..m).map(|_| (0..n).map(|_| next()).collect()).collect();
+            if let Some(x) = xs.get_mut(2) {
+                x[0] = f32::NAN;
+            }
+            let inputs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
+            let mut out = vec![0.0f64; m];
+            dot_many(&inputs, &row, &mut out);
+            for (x, o) in xs.iter().zip(&out) {
+                let (want, got) = (dot_portable(x, &row), *o);
+                assert!(want.to_bits() == got.to_bits() || want.is_nan() && got.is_nan(), "{m}x{n}");
+            }
         }
     }
 
