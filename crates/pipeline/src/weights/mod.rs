@@ -7,6 +7,7 @@ pub mod gguf;
 mod gguf_deepseek2;
 mod gguf_gpt_oss;
 mod gguf_model;
+mod host_buffer;
 pub mod oss_experts;
 mod presets;
 pub mod quant;

@@ -13,6 +13,7 @@
 use rayon::prelude::*;
 
 use super::gguf::GgmlType;
+use super::host_buffer::HostBuffer;
 use super::synthetic_fp8::Fp8Recipe;
 use super::synthetic_mxfp4::Mxfp4Recipe;
 use super::synthetic_values::tensor_key;
@@ -74,13 +75,13 @@ pub(super) fn generate(
         let numel: usize = spec.shape.iter().product();
         let recipe = match recipe {
             Recipe::Blocks(r) => {
-                let mut bytes = vec![0u8; WeightDtype::Quant(r.kind).bytes_for(numel)];
+                let mut buffer = HostBuffer::zeroed(WeightDtype::Quant(r.kind).bytes_for(numel));
                 let chunk = r.block_bytes() * 256;
-                bytes.par_chunks_mut(chunk).enumerate().for_each(|(i, out)| {
+                buffer.bytes_mut().par_chunks_mut(chunk).enumerate().for_each(|(i, out)| {
                     r.fill(i as u64 * 256, out);
                     meter.advance(out.len() as u64);
                 });
-                store.insert(WeightTensor::owned(spec.name, WeightDtype::Quant(r.kind), spec.shape, bytes));
+                store.insert(buffer.into_tensor(spec.name, WeightDtype::Quant(r.kind), spec.shape)?);
                 continue;
             }
             Recipe::Fp8(r) => {
@@ -93,12 +94,12 @@ pub(super) fn generate(
             }
             Recipe::Values(r) => r,
         };
-        let mut bytes = vec![0u8; numel * 2];
-        bytes.par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, out)| {
+        let mut buffer = HostBuffer::zeroed(numel * 2);
+        buffer.bytes_mut().par_chunks_mut(1 << 16).enumerate().for_each(|(chunk, out)| {
             recipe.fill_bf16((chunk * (1 << 15)) as u64, out);
             meter.advance(out.len() as u64);
         });
-        store.insert(WeightTensor::owned(spec.name, WeightDtype::Bf16, spec.shape, bytes));
+        store.insert(buffer.into_tensor(spec.name, WeightDtype::Bf16, spec.shape)?);
     }
     Ok(store)
 }
