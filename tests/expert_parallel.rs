@@ -399,3 +399,40 @@ fn capturing_only_per_rank_stages_without_ranks_is_refused() {
     );
     assert!(!dir.join("out").exists(), "nothing is written");
 }
+
+/// A row-split projection's bias added on every tensor-parallel rank
+/// before the all-reduce (TGI #1036, nano-vllm #99): gpt-oss's o_proj,
+/// found by bisect --local at attn_out and nowhere else, in every layer;
+/// the same two ranks without the bug have no finding; the bug is refused
+/// without tensor ranks, and on a model whose row-split projections have
+/// no bias.
+#[test]
+fn a_bias_added_on_every_tensor_rank_is_found_at_attn_out() {
+    use stage_types::SaveTensorStage as S;
+    let dir = workspace_root().join("tests/fixtures/tiny-gpt-oss-oracle/model");
+    let run = |model: &str, target: &str, parallel: &str| {
+        let text = format!(
+            "(model: {model}, prompt: Tokens([1, 17, 42, 99, 5, 77, 3]), generate: 3, reference: Cpu, \
+             target: {target}, {parallel})"
+        );
+        let config = BisectConfig::parse(&text, Path::new("b.ron")).unwrap();
+        let options = BisectOptions { local: true, ..BisectOptions::default() };
+        bisect(&config, Path::new("b.ron"), &options, &mut |_, _| {})
+    };
+    let oss = format!("Path({dir:?})");
+    let clean = run(&oss, "Cpu", "parallel: (tensor: 2)").unwrap();
+    assert!(clean.findings().is_empty(), "{}", clean.render(false));
+    let bug = run(&oss, "CpuWithBug(BiasOnEveryRank)", "parallel: (tensor: 2)").unwrap();
+    let found = bug.findings();
+    assert!(!found.is_empty(), "{}", bug.render(false));
+    for row in &found {
+        assert_eq!(row.stage, S::AttnOut, "{row:?}");
+    }
+    let layers: std::collections::BTreeSet<_> = found.iter().filter_map(|r| r.layer).collect();
+    assert_eq!(layers.len(), 3, "every layer's o_proj has the bias twice: {}", bug.render(false));
+    let e = run(&oss, "CpuWithBug(BiasOnEveryRank)", "").unwrap_err().to_string();
+    assert!(e.contains("parallel: (tensor: T)"), "{e}");
+    let tiny = "Synthetic(preset: \"tiny-moe\", seed: 7)";
+    let e = run(tiny, "CpuWithBug(BiasOnEveryRank)", "parallel: (tensor: 2)").unwrap_err().to_string();
+    assert!(e.contains("gpt-oss's o_proj"), "{e}");
+}

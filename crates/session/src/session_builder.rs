@@ -231,9 +231,10 @@ impl<'a> Session<'a> {
 }
 
 impl Session<'_> {
-    /// A bug of expert-parallel ranks needs the ranks it lives between:
-    /// refused, with what to add, where the run has none (or, for the
-    /// reduction's, no rank-order sum or no such rank).
+    /// A bug of expert- or tensor-parallel ranks needs the ranks it lives
+    /// between: refused, with what to add, where the run has none (or, for
+    /// the reduction's, no rank-order sum or no such rank; for a row-split
+    /// bias, a model without one).
     fn check_rank_bug(&self, bug: pipeline::backend::cpu::known_bugs::KnownBug, spec: &BackendSpec) -> Result<()> {
         use pipeline::backend::cpu::known_bugs::KnownBug;
         let layout = self.model.config.expert_parallel.as_ref();
@@ -245,6 +246,12 @@ impl Session<'_> {
                 if layout.is_none() =>
             {
                 "it lives between expert-parallel ranks: add `parallel: (experts: R)`".to_string()
+            }
+            KnownBug::BiasOnEveryRank if self.model.config.tensor_ranks <= 1 => {
+                "it lives between tensor-parallel ranks: add `parallel: (tensor: T)`".to_string()
+            }
+            KnownBug::BiasOnEveryRank if self.model.config.oss.is_none() => {
+                "no row-split projection of this model has a bias (gpt-oss's o_proj has one)".to_string()
             }
             KnownBug::DispatchDropped(t) if t >= self.spec.tokens().len() => {
                 format!("token {t} is beyond the prompt's {} tokens", self.spec.tokens().len())

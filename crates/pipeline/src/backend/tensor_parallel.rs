@@ -15,6 +15,14 @@ use crate::weights::WeightId;
 pub trait TensorParallelOps {
     /// `out = input · weightᵀ` with the input's columns split into `ranks`
     /// contiguous blocks: each rank's partial product rounded to f32, the
-    /// partials added in rank order.
-    fn linear_row_split(&mut self, input: Slot, weight: WeightId, ranks: usize, out: Slot) -> Result<()>;
+    /// partials added in rank order; then `bias`, once (a row-split
+    /// projection's bias belongs to no rank's partial).
+    fn linear_row_split(
+        &mut self,
+        input: Slot,
+        weight: WeightId,
+        bias: Option<WeightId>,
+        ranks: usize,
+        out: Slot,
+    ) -> Result<()>;
 }

@@ -137,13 +137,7 @@ pub fn attn_out(mut ctx: StageCtx, layers: Query<&LayerAttention>) {
     let Some((w, bias)) = current(&ctx, &layers).map(|a| (a.0.o_proj, a.0.o_bias)) else {
         return;
     };
-    ctx.run(S::AttnOut, |b, c| {
-        super::row_split_linear(b, c, S::Attention, w, S::AttnOut)?;
-        match bias {
-            Some(bias) => b.add_bias(S::AttnOut, &[bias], S::AttnOut),
-            None => Ok(()),
-        }
-    });
+    ctx.run(S::AttnOut, |b, c| super::row_split_linear(b, c, S::Attention, (w, bias), S::AttnOut));
 }
 
 /// post_attn_residual: `layer input + attn_out`, [T,H].

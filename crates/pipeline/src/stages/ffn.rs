@@ -56,7 +56,7 @@ pub fn ffn_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some([_, _, down]) = dense(&ctx, &layers) else {
         return;
     };
-    ctx.run(S::FfnOut, |b, c| super::row_split_linear(b, c, S::FfnSwigl, down, S::FfnOut));
+    ctx.run(S::FfnOut, |b, c| super::row_split_linear(b, c, S::FfnSwigl, (down, None), S::FfnOut));
 }
 
 /// post_ffn_residual: `post_attn_residual + (ffn_out or moe_ffn_out)`,

@@ -26,17 +26,21 @@ pub fn layer_input(index: usize) -> SaveTensorStage {
     if index == 0 { SaveTensorStage::Embedding } else { SaveTensorStage::PostFfnResidual }
 }
 
-/// A row-split projection (o_proj, a down_proj): `input · weightᵀ`, split
-/// across the run's tensor-parallel ranks where it has them.
+/// A row-split projection (o_proj, a down_proj): `input · weightᵀ` (+
+/// `bias`), split across the run's tensor-parallel ranks where it has them.
 fn row_split_linear(
     b: &mut dyn crate::backend::Backend,
     c: &crate::config::ModelConfig,
     input: SaveTensorStage,
-    weight: crate::weights::WeightId,
+    (weight, bias): (crate::weights::WeightId, Option<crate::weights::WeightId>),
     out: SaveTensorStage,
 ) -> crate::Result<()> {
     if c.tensor_ranks <= 1 {
-        return b.linear(input, &[weight], out);
+        b.linear(input, &[weight], out)?;
+        return match bias {
+            Some(bias) => b.add_bias(out, &[bias], out),
+            None => Ok(()),
+        };
     }
     let name = b.name();
     let ops = b.tensor_parallel().ok_or_else(|| {
@@ -44,5 +48,5 @@ fn row_split_linear(
             "the {name} backend has no tensor-parallel ranks yet; run `parallel: (tensor: T)` on the CPU"
         ))
     })?;
-    ops.linear_row_split(input, weight, c.tensor_ranks, out)
+    ops.linear_row_split(input, weight, bias, c.tensor_ranks, out)
 }

@@ -36,7 +36,7 @@ pub fn moe_shared_swigl(mut ctx: StageCtx) {
 /// moe_shared_out: `moe_shared_swigl · shared_expert.down_projᵀ`, [T,H].
 pub fn moe_shared_out(mut ctx: StageCtx, layers: Query<&LayerMlp>) {
     let Some(w) = shared(&ctx, &layers).map(|w| w.down) else { return };
-    ctx.run(S::MoeSharedOut, |b, c| super::row_split_linear(b, c, S::MoeSharedSwigl, w, S::MoeSharedOut));
+    ctx.run(S::MoeSharedOut, |b, c| super::row_split_linear(b, c, S::MoeSharedSwigl, (w, None), S::MoeSharedOut));
 }
 
 /// moe_shared_logit: `ffn_norm · shared_expert_gateᵀ`, [T,1].

@@ -4,7 +4,8 @@
 //! `CpuBackend::with_bug`) so that tests and users can check moetrace
 //! finds each at its stage. Each is reproduced where its operation runs:
 //! grouped_routing.rs, oss.rs, mod.rs (the shared expert, the weights),
-//! expert_parallel.rs (the ranks' dispatch and reduction).
+//! expert_parallel.rs (the ranks' dispatch and reduction),
+//! tensor_parallel.rs (the row-split projections' bias).
 
 /// Bugs engines shipped in DeepSeek's and gpt-oss's forward passes, as a
 /// CPU target can reproduce them (`backend: CpuWithBug(...)`): what
@@ -65,6 +66,12 @@ pub enum KnownBug {
     /// rank; outputs summed twice or never): found at moe_expert_map, on
     /// that rank.
     ReplicaMismatch(usize),
+    /// Tensor-parallel ranks (`parallel: (tensor: T)`): a row-split
+    /// projection's bias added on every rank before the all-reduce, so the
+    /// sum holds it T times (TGI #1036, nano-vllm #99, slapo #10: the bias
+    /// of a row-parallel linear inside each rank's partial): gpt-oss's
+    /// o_proj, found at attn_out.
+    BiasOnEveryRank,
 }
 
 impl KnownBug {
