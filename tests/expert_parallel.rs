@@ -427,7 +427,11 @@ fn a_bias_added_on_every_tensor_rank_is_found_at_attn_out() {
     assert!(!found.is_empty(), "{}", bug.render(false));
     for row in &found {
         assert_eq!(row.stage, S::AttnOut, "{row:?}");
+        // The extra bias is the same vector on every prompt token, and
+        // the report says so (a decode step has one token).
+        assert_eq!(row.same_offset.is_some_and(|o| o > 0.0), row.step == 0, "{row:?}");
     }
+    assert!(bug.render(false).contains("the same error vector on every token"), "{}", bug.render(false));
     let layers: std::collections::BTreeSet<_> = found.iter().filter_map(|r| r.layer).collect();
     assert_eq!(layers.len(), 3, "every layer's o_proj has the bias twice: {}", bug.render(false));
     let e = run(&oss, "CpuWithBug(BiasOnEveryRank)", "").unwrap_err().to_string();

@@ -67,6 +67,14 @@ fn each_gpt_oss_bug_is_found_first_at_its_stage() {
             assert!(!clamps.is_empty() && clamps.iter().all(|c| c[0] > 0 && c[1] == 0), "{clamps:?}\n{report}");
             assert!(report.contains("the clamp changed"), "{report}");
         }
+        if bug == KnownBug::RouterBiasDropped {
+            // The logits lack the same bias vector on every prompt token.
+            assert!(report.contains("the same error vector on every token"), "{report}");
+        }
+        if bug == KnownBug::SinksDropped {
+            // A per-position error, not a constant: not taken for a bias.
+            assert!(!report.contains("the same error vector on every token"), "{report}");
+        }
         if let KnownBug::Mxfp4ScaleOffByOne(_, expert) = bug {
             assert!(places.iter().all(|p| p.3 == Some(expert as i32)), "{bug:?}: named expert {expert}: {places:?}");
         }

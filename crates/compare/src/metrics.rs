@@ -165,6 +165,46 @@ pub fn rms_row_norm(reference: Elements<'_>, row: usize) -> f64 {
     (sum / rows as f64).sqrt()
 }
 
+/// Whether the target's error is the same vector on every row of a
+/// `[rows, width]` tensor (a constant added to every token, as a bias is,
+/// or one left out): the offset's rms over the reference's rms where every
+/// row's error is within 5% (l2) of the mean error, with at least two rows,
+/// a nonzero mean and every difference finite; None otherwise. Two passes,
+/// nothing kept per row.
+pub fn same_offset_on_every_row(reference: Elements<'_>, target: Elements<'_>, width: usize) -> Option<f64> {
+    let width = width.max(1);
+    let rows = reference.len().min(target.len()) / width;
+    if rows < 2 {
+        return None;
+    }
+    let (mut a, mut b) = (Vec::with_capacity(width), Vec::with_capacity(width));
+    let mut diff_rows = |each: &mut dyn FnMut(&[f64], &[f64]) -> bool| {
+        (0..rows).all(|r| {
+            reference.row_into(r * width..(r + 1) * width, &mut a);
+            target.row_into(r * width..(r + 1) * width, &mut b);
+            each(&a, &b)
+        })
+    };
+    let (mut mean, mut reference_sq) = (vec![0.0f64; width], 0.0f64);
+    let finite = diff_rows(&mut |a, b| {
+        for ((m, x), y) in mean.iter_mut().zip(a).zip(b) {
+            *m += (y - x) / rows as f64;
+            reference_sq += x * x;
+        }
+        a.iter().zip(b).all(|(x, y)| (y - x).is_finite())
+    });
+    let mean_sq: f64 = mean.iter().map(|m| m * m).sum();
+    if !finite || mean_sq == 0.0 {
+        return None;
+    }
+    let same = diff_rows(&mut |a, b| {
+        let spread: f64 = a.iter().zip(b).zip(&mean).map(|((x, y), m)| (y - x - m) * (y - x - m)).sum();
+        spread <= 0.05f64.powi(2) * mean_sq
+    });
+    let rms = |sq: f64, n: usize| (sq / n as f64).sqrt();
+    same.then(|| rms(mean_sq, width) / rms(reference_sq, rows * width).max(f64::MIN_POSITIVE))
+}
+
 /// Each row's error `||a_r - b_r|| / norm` (rows of `row` values; see
 /// [`TensorMetrics::worst_row_error`]).
 pub fn row_errors(reference: Elements<'_>, other: Elements<'_>, row: usize, norm: f64) -> Vec<f64> {
@@ -239,6 +279,24 @@ pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_same_offset_on_every_row_is_told_from_a_one_row_error() {
+        let reference: Vec<f32> = (0..12).map(|i| (i as f32 * 0.7).sin()).collect();
+        let bias = [0.5f32, -0.25, 0.125, 1.0];
+        let biased: Vec<f32> = reference.iter().enumerate().map(|(i, x)| x + bias[i % 4]).collect();
+        let offset = same_offset_on_every_row(Elements::F32(&reference), Elements::F32(&biased), 4).unwrap();
+        let rms = |v: &[f32]| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+        assert!((offset - rms(&bias) / rms(&reference)).abs() < 1e-6, "{offset}");
+        let mut one_row = reference.clone();
+        one_row[5] += 1.0;
+        assert_eq!(same_offset_on_every_row(Elements::F32(&reference), Elements::F32(&one_row), 4), None);
+        assert_eq!(same_offset_on_every_row(Elements::F32(&reference), Elements::F32(&reference), 4), None);
+        assert_eq!(same_offset_on_every_row(Elements::F32(&reference[..4]), Elements::F32(&biased[..4]), 4), None);
+        let mut nan = biased.clone();
+        nan[0] = f32::NAN;
+        assert_eq!(same_offset_on_every_row(Elements::F32(&reference), Elements::F32(&nan), 4), None);
+    }
     use crate::view::Elements::F64;
 
     #[test]

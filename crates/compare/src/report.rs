@@ -207,11 +207,18 @@ impl Report {
     }
 
     /// How a systematic group reads: the rank its members share (`, rank
-    /// r in each`, or nothing) and its one cause (a kernel path, or that
-    /// rank's part of the work).
+    /// r in each`, or nothing) and its one cause (a kernel path, that
+    /// rank's part of the work, or a constant: each member's error the same
+    /// vector on every token).
     pub fn group_cause(&self, group: &crate::findings::Systematic) -> (String, String) {
+        // Every row's error the same vector on all its tokens: a constant.
+        let constant = !group.rows.is_empty() && group.rows.iter().all(|&i| self.rows[i].same_offset.is_some());
         match self.shared_rank(group) {
             Some(r) => (format!(", rank {r} in each"), format!("what rank {r} computes departs from the contract")),
+            None if constant => (
+                String::new(),
+                "the same error vector on every token in each, a constant added (as a bias is) or one left out".into(),
+            ),
             None => (String::new(), "a kernel path that departs from the contract".into()),
         }
     }

@@ -58,6 +58,11 @@ pub struct Row {
     /// the clamp changed, in the reference and in the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub clamp_changes: Option<[usize; 2]>,
+    /// A `[T, W]` stage whose error is the same vector on every token (a
+    /// constant added, as a bias is, or one left out): that offset's rms
+    /// over the reference's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_offset: Option<f64>,
 }
 
 pub(crate) mod stage_name {
@@ -93,6 +98,7 @@ impl Row {
             finding: None,
             follows: None,
             clamp_changes: None,
+            same_offset: None,
         }
     }
 
@@ -173,6 +179,11 @@ impl Row {
         if let Some([reference, target]) = self.clamp_changes {
             parts.push(format!(
                 "the clamp changed {reference} (slot, column)s in the reference, {target} in the target"
+            ));
+        }
+        if let Some(offset) = self.same_offset {
+            parts.push(format!(
+                "the same error on every token, an offset of {offset:.2e} of the values' rms (a constant added, as a bias is, or one left out)"
             ));
         }
         let ids = if self.stage == SaveTensorStage::MoeRouterGroups { "groups" } else { "experts" };

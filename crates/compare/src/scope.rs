@@ -381,6 +381,9 @@ pub fn compare_scope(
                 {
                     row.worst_rank = crate::ranks::rank_explaining(&r, &t, &p, token);
                 }
+                if r.shape.len() == 2 && axis == 0 && m.worst_row_error > 0.0 {
+                    row.same_offset = crate::metrics::same_offset_on_every_row(r.elements, t.elements, r.shape[1]);
+                }
                 row.set_metrics(m);
             }
         }
