@@ -217,7 +217,7 @@ impl Report {
             Some(r) => (format!(", rank {r} in each"), format!("what rank {r} computes departs from the contract")),
             None if constant => (
                 String::new(),
-                "the same error vector on every token in each, a constant added (as a bias is) or one left out".into(),
+                "the same error vector on every token in each: a constant added, as a bias is, or one left out".into(),
             ),
             None => (String::new(), "a kernel path that departs from the contract".into()),
         }
