@@ -87,12 +87,20 @@ unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f64 {
 /// [`dot`] of each of `inputs` with one `row`, into `out` (one f64 per
 /// input): every result the same bits as `dot(input, row)`. With AVX, four
 /// inputs at a time share each widened chunk of the row (prefill reads a
-/// weight row once for many tokens), each input keeping its own eight lanes.
+/// weight row once for many tokens), each input keeping its own eight lanes
+/// (in one register with AVX-512).
 pub fn dot_many(inputs: &[&[f32]], row: &[f32], out: &mut [f64]) {
     debug_assert_eq!(inputs.len(), out.len());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        for (xs, o) in inputs.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+            // SAFETY: the CPU has AVX-512F (checked above).
+            let four = unsafe { dot4_avx512([xs[0], xs[1], xs[2], xs[3]], row) };
+            o.copy_from_slice(&four);
+        }
+        done = inputs.len() / 4 * 4;
+    } else if std::arch::is_x86_feature_detected!("avx") {
         for (xs, o) in inputs.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
             // SAFETY: the CPU has AVX (checked above).
             let four = unsafe { dot4_avx([xs[0], xs[1], xs[2], xs[3]], row) };
@@ -143,6 +151,40 @@ unsafe fn dot4_avx(xs: [&[f32]; 4], row: &[f32]) -> [f64; 4] {
             _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi[j]);
         }
         out[j] = combine(acc, tail_dot(&xs[j][chunks..len], &row[chunks..len]));
+    }
+    out
+}
+
+/// [`dot4_avx`] with each input's eight lanes in one AVX-512 register
+/// (lane j is element 8i + j, as in [`dot_portable`]): a chunk is one
+/// widening, one multiply and one add per input, no fused multiply-add.
+///
+/// # Safety
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dot4_avx512(xs: [&[f32]; 4], row: &[f32]) -> [f64; 4] {
+    use std::arch::x86_64::*;
+    let len = xs.iter().map(|x| x.len()).fold(row.len(), usize::min);
+    let chunks = len / 8 * 8;
+    let mut acc = [_mm512_setzero_pd(); 4];
+    let mut i = 0;
+    while i < chunks {
+        // SAFETY: i + 8 <= chunks <= every length; unaligned loads.
+        let b = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(row.as_ptr().add(i)) });
+        for j in 0..4 {
+            // SAFETY: as above.
+            let a = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(xs[j].as_ptr().add(i)) });
+            acc[j] = _mm512_add_pd(acc[j], _mm512_mul_pd(a, b));
+        }
+        i += 8;
+    }
+    let mut out = [0.0f64; 4];
+    for j in 0..4 {
+        let mut lanes = [0.0f64; 8];
+        // SAFETY: lanes holds eight f64; an unaligned store.
+        unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), acc[j]) };
+        out[j] = combine(lanes, tail_dot(&xs[j][chunks..len], &row[chunks..len]));
     }
     out
 }
@@ -343,9 +385,25 @@ mod tests {
             let inputs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
             let mut out = vec![0.0f64; m];
             dot_many(&inputs, &row, &mut out);
+            let same = |want: f64, got: f64| want.to_bits() == got.to_bits() || want.is_nan() && got.is_nan();
             for (x, o) in xs.iter().zip(&out) {
-                let (want, got) = (dot_portable(x, &row), *o);
-                assert!(want.to_bits() == got.to_bits() || want.is_nan() && got.is_nan(), "{m}x{n}");
+                assert!(same(dot_portable(x, &row), *o), "{m}x{n}");
+            }
+            // Each vector path, whichever dot_many picks on this CPU.
+            #[cfg(target_arch = "x86_64")]
+            for four in inputs.chunks_exact(4) {
+                let four = [four[0], four[1], four[2], four[3]];
+                let want = four.map(|x| dot_portable(x, &row));
+                if std::arch::is_x86_feature_detected!("avx") {
+                    // SAFETY: the CPU has AVX.
+                    let got = unsafe { dot4_avx(four, &row) };
+                    assert!(want.iter().zip(got).all(|(w, g)| same(*w, g)), "avx {m}x{n}");
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512F.
+                    let got = unsafe { dot4_avx512(four, &row) };
+                    assert!(want.iter().zip(got).all(|(w, g)| same(*w, g)), "avx512 {m}x{n}");
+                }
             }
         }
     }
