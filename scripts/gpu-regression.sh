@@ -69,12 +69,14 @@ RON
     if [ -n "$faults" ]; then
         if [[ "$faults" == *EXPERT* ]]; then
             # An expert routed at the expert fault's (layer, step): slot 0 of
-            # token 0 in a quick run of the target.
+            # token 0 in a run of the reference, whose greedy tokens bisect
+            # feeds both sides (a run of the target may pick other tokens:
+            # gpt-oss-20b's did on 2026-12-08, and the fault met no slot).
             spec=$(tr ';' '\n' <<<"$faults" | grep EXPERT)
             layer=$(sed -E 's/^[a-z_]+@([0-9]+)\.([0-9]+).*/\1/' <<<"$spec")
             step=$(sed -E 's/^[a-z_]+@([0-9]+)\.([0-9]+).*/\2/' <<<"$spec")
             cat >"$work/$name-ids.ron" <<RON
-(model: $model, prompt: Tokens([$prompt]), generate: $gen, backend: Cuda(device: 0, dtype: Bf16), capture: (stages: "moe_router_indices", layers: "$layer", steps: "$step", out_dir: "$work/$name-ids"))
+(model: $model, prompt: Tokens([$prompt]), generate: $((step + 1)), backend: ${REFERENCE:-Cpu}, capture: (stages: "moe_router_indices", layers: "$layer", steps: "$step", out_dir: "$work/$name-ids"))
 RON
             $m run -q --config "$work/$name-ids.ron" >"$out/$name-ids.txt" 2>&1
             expert=$(python3 -c "import numpy, glob; print(int(numpy.load(glob.glob('$work/$name-ids/**/*.npy', recursive=True)[0])[0, 0]))")

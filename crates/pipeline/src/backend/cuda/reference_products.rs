@@ -64,12 +64,17 @@ impl DeviceProducts for CudaProducts {
 
     fn describe(&self) -> String {
         let s = self.dots.stats();
+        // MB below a gigabyte: a fixture's weights are not "0.0 GB".
+        let size = |bytes: usize| match bytes as f64 {
+            b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
+            b => format!("{:.1} MB", b / 1e6),
+        };
         format!(
-            "products on {}: {} launches, {:.1} GB of weights in device memory, {:.1} GB read from host memory, {} tensors on the CPU",
+            "products on {}: {} launches, {} of weights in device memory, {} read from host memory, {} tensors on the CPU",
             self.dots.device_name(),
             s.launches,
-            s.copied_bytes as f64 / 1e9,
-            s.mapped_bytes as f64 / 1e9,
+            size(s.copied_bytes),
+            size(s.mapped_bytes),
             s.declined
         )
     }
