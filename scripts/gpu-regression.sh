@@ -88,7 +88,10 @@ RON
     timed $m bisect -q --local --config "$work/$name.ron" "${args[@]}" --json >"$out/$name.json" 2>"$out/$name.err"
     line=$(python3 -c "$summary" "$out/$name.json" 2>&1 | cut -c1-600)
     results+=("$(printf '%-16s %-20s L%-3s seed %-3s %4s+%-2s exit %s %5ss  %s' "$name" "$preset" "$layers" "$seed" "$n" "$gen" "$code" "$secs" "$line")")
-    [ -n "$faults" ] && results+=("                 faults: $faults")
+    # A fault that changed nothing (moetrace warns) is named in the table:
+    # a case that finds fewer faults than it asked for must say why.
+    noop=$(grep -o 'fault [^:]*: no slot[^;]*' "$out/$name.err" | tr '\n' ';')
+    [ -n "$faults" ] && results+=("                 faults: $faults${noop:+ (NOT APPLIED: $noop)}")
     # Each case as it ends: a run cut short by the time limit keeps these.
     if [ -n "$faults" ]; then printf '%s\n' "${results[-2]}" "${results[-1]}"; else echo "${results[-1]}"; fi
     gzip -c "$out/$name.json" >"$final/$name.json.gz"
