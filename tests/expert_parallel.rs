@@ -431,7 +431,9 @@ fn a_bias_added_on_every_tensor_rank_is_found_at_attn_out() {
         // the report says so (a decode step has one token).
         assert_eq!(row.same_offset.is_some_and(|o| o > 0.0), row.step == 0, "{row:?}");
     }
-    assert!(bug.render(false).contains("the same error vector on every token"), "{}", bug.render(false));
+    assert!(bug.render(false).contains("the same error vector on every token in each"), "{}", bug.render(false));
+    // The decode steps (one token each) point to what the prompt showed.
+    assert!(bug.render(false).contains("one token a step; at the prompt"), "{}", bug.render(false));
     let layers: std::collections::BTreeSet<_> = found.iter().filter_map(|r| r.layer).collect();
     assert_eq!(layers.len(), 3, "every layer's o_proj has the bias twice: {}", bug.render(false));
     let e = run(&oss, "CpuWithBug(BiasOnEveryRank)", "").unwrap_err().to_string();

@@ -213,11 +213,23 @@ impl Report {
     pub fn group_cause(&self, group: &crate::findings::Systematic) -> (String, String) {
         // Every row's error the same vector on all its tokens: a constant.
         let constant = !group.rows.is_empty() && group.rows.iter().all(|&i| self.rows[i].same_offset.is_some());
+        // A decode step has one token: what the prompt's flagged rows of
+        // the same stage showed is all there is to say.
+        let at_prompt = group.phase == crate::findings::Phase::Decode
+            && self
+                .rows
+                .iter()
+                .any(|r| r.stage == group.stage && r.step == 0 && r.finding.is_some() && r.same_offset.is_some());
         match self.shared_rank(group) {
             Some(r) => (format!(", rank {r} in each"), format!("what rank {r} computes departs from the contract")),
             None if constant => (
                 String::new(),
                 "the same error vector on every token in each: a constant added, as a bias is, or one left out".into(),
+            ),
+            None if at_prompt => (
+                String::new(),
+                "one token a step; at the prompt this stage's error is the same vector on every token: a constant added, as a bias is, or one left out"
+                    .into(),
             ),
             None => (String::new(), "a kernel path that departs from the contract".into()),
         }
