@@ -46,7 +46,8 @@ pub fn mark_findings(rows: &mut [Row]) {
     }
 }
 
-fn finding_of(row: &Row) -> Option<FindingReason> {
+/// Why `row` is a finding, if it is one.
+pub(crate) fn finding_of(row: &Row) -> Option<FindingReason> {
     if matches!(row.verdict, Verdict::WrongRouter) {
         return Some(FindingReason::WrongRouter);
     }

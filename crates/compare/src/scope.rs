@@ -381,10 +381,13 @@ pub fn compare_scope(
                 {
                     row.worst_rank = crate::ranks::rank_explaining(&r, &t, &p, token);
                 }
-                if r.shape.len() == 2 && axis == 0 && m.worst_row_error > 0.0 {
+                row.set_metrics(m);
+                // Only a finding is explained: two more passes over every
+                // compared tensor (the logits included) would be spent on
+                // rows no report names.
+                if r.shape.len() == 2 && axis == 0 && crate::findings::finding_of(&row).is_some() {
                     row.same_offset = crate::metrics::same_offset_on_every_row(r.elements, t.elements, r.shape[1]);
                 }
-                row.set_metrics(m);
             }
         }
         // Expert-parallel ranks: the rank holding the worst row's expert

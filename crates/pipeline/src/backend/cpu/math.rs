@@ -93,20 +93,22 @@ pub fn dot_many(inputs: &[&[f32]], row: &[f32], out: &mut [f64]) {
     debug_assert_eq!(inputs.len(), out.len());
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        for (xs, o) in inputs.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
-            // SAFETY: the CPU has AVX-512F (checked above).
-            let four = unsafe { dot4_avx512([xs[0], xs[1], xs[2], xs[3]], row) };
-            o.copy_from_slice(&four);
+    {
+        type Four = unsafe fn([&[f32]; 4], &[f32]) -> [f64; 4];
+        let four: Option<Four> = if std::arch::is_x86_feature_detected!("avx512f") {
+            Some(dot4_avx512)
+        } else if std::arch::is_x86_feature_detected!("avx") {
+            Some(dot4_avx)
+        } else {
+            None
+        };
+        if let Some(four) = four {
+            for (xs, o) in inputs.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
+                // SAFETY: `four` is the path whose CPU feature was checked above.
+                o.copy_from_slice(&unsafe { four([xs[0], xs[1], xs[2], xs[3]], row) });
+            }
+            done = inputs.len() / 4 * 4;
         }
-        done = inputs.len() / 4 * 4;
-    } else if std::arch::is_x86_feature_detected!("avx") {
-        for (xs, o) in inputs.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
-            // SAFETY: the CPU has AVX (checked above).
-            let four = unsafe { dot4_avx([xs[0], xs[1], xs[2], xs[3]], row) };
-            o.copy_from_slice(&four);
-        }
-        done = inputs.len() / 4 * 4;
     }
     for (x, o) in inputs[done..].iter().zip(&mut out[done..]) {
         *o = dot(x, row);
@@ -217,10 +219,14 @@ pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> V
 /// converted (the precision a product takes its weights in).
 pub fn matmul_t_rounding(inputs: &[&[f32]], w: &WeightTensor, round: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
     products_by_row(inputs, w, round, |xs, row, outs| {
-        let mut sums = vec![0.0f64; xs.len()];
-        dot_many(xs, row, &mut sums);
-        for (o, s) in outs.iter_mut().zip(sums) {
-            *o = s as f32;
+        // On the stack, in blocks of a multiple of four: no allocation a
+        // weight row (the lm_head has 151936).
+        let mut sums = [0.0f64; 64];
+        for (xs, outs) in xs.chunks(sums.len()).zip(outs.chunks_mut(sums.len())) {
+            dot_many(xs, row, &mut sums[..xs.len()]);
+            for (o, s) in outs.iter_mut().zip(&sums) {
+                *o = *s as f32;
+            }
         }
     })
 }
