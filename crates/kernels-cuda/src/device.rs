@@ -150,12 +150,31 @@ impl GpuDevice {
     /// Compiles and loads every kernel family now (a backend does this
     /// before its first step, so no step pays for it), returning the time
     /// it took.
+    ///
+    /// The families are compiled by NVRTC in parallel (one program a
+    /// thread; NVRTC allows concurrent calls on different programs), then
+    /// loaded on this thread in the listed order.
     pub fn compile_all(&self) -> Result<Duration> {
         let start = Instant::now();
-        for (family, _) in sources::FAMILIES {
-            self.module(family)?;
+        let missing: Vec<&'static str> = {
+            let modules = self.modules.lock().unwrap_or_else(|e| e.into_inner());
+            sources::FAMILIES.iter().map(|(f, _)| *f).filter(|f| !modules.contains_key(f)).collect()
+        };
+        let options = compile_options(&self.arch, self.round_bf16);
+        let jobs: Vec<(&'static str, &[String])> = missing.iter().map(|f| (*f, &options[..])).collect();
+        for (family, compiled) in missing.iter().zip(compile_in_parallel(&jobs)) {
+            let (cubin, _log) =
+                compiled.map_err(|log| KernelError::Compile { family, arch: self.arch.clone(), log })?;
+            let module = self
+                .ctx
+                .load_module(Ptx::from_binary(cubin))
+                .map_err(driver(format!("loading the {family} module")))?;
+            self.modules.lock().unwrap_or_else(|e| e.into_inner()).insert(family, module);
         }
-        Ok(start.elapsed())
+        // The parallel compile's wall time, not the sum over threads.
+        let elapsed = start.elapsed();
+        *self.compile_time.lock().unwrap_or_else(|e| e.into_inner()) += elapsed;
+        Ok(elapsed)
     }
 
     /// Total time spent compiling and loading kernel modules.
@@ -225,23 +244,58 @@ pub fn compile_all_offline(arch: &str) -> Result<Vec<OfflineCompile>> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(KernelError::NvrtcMissing);
     }
-    let mut out = Vec::new();
-    for &(family, _) in sources::FAMILIES {
-        let full = sources::source(family).expect("a listed family");
-        for round_bf16 in [false, true] {
+    let options: Vec<Vec<String>> = [false, true]
+        .map(|round_bf16| {
             let mut options = compile_options(arch, round_bf16);
             options.push("--ptxas-options=-v".into());
-            let (_cubin, log) = compile_cubin(&full, &options).map_err(|log| KernelError::Compile {
-                family,
-                arch: arch.to_string(),
-                log,
-            })?;
-            if !round_bf16 {
-                out.push(OfflineCompile { family, ptxas_log: log });
-            }
+            options
+        })
+        .to_vec();
+    let jobs: Vec<(&'static str, &[String])> =
+        sources::FAMILIES.iter().flat_map(|&(family, _)| options.iter().map(move |o| (family, &o[..]))).collect();
+    let mut out = Vec::new();
+    for ((family, options), compiled) in jobs.iter().zip(compile_in_parallel(&jobs)) {
+        let (_cubin, log) = compiled.map_err(|log| KernelError::Compile { family, arch: arch.to_string(), log })?;
+        // The ROUND_BF16=0 build's report (the other only had to compile).
+        if options.iter().any(|o| o == "-DROUND_BF16=0") {
+            out.push(OfflineCompile { family, ptxas_log: log });
         }
     }
     Ok(out)
+}
+
+/// One NVRTC compile: the cubin and the compiler's log, or the log as the
+/// error.
+type Compiled = std::result::Result<(Vec<u8>, String), String>;
+
+/// Each `(family, options)` job compiled to a cubin with its log (or the
+/// compiler's log as the error), in the jobs' order, by as many threads as
+/// the machine has cores (at most one a job): NVRTC compiles different
+/// programs concurrently.
+fn compile_in_parallel(jobs: &[(&'static str, &[String])]) -> Vec<Compiled> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let results: Vec<Mutex<Option<Compiled>>> = jobs.iter().map(|_| Mutex::new(None)).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(jobs.len()).max(1);
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(&(family, options)) = jobs.get(i) else { break };
+                    let compiled = match sources::source(family) {
+                        Some(source) => compile_cubin(&source, options),
+                        None => Err("no such kernel family".to_string()),
+                    };
+                    *results[i].lock().unwrap_or_else(|e| e.into_inner()) = Some(compiled);
+                }
+            });
+        }
+    });
+    results
+        .into_iter()
+        .map(|r| r.into_inner().unwrap_or_else(|e| e.into_inner()).unwrap_or_else(|| Err("not compiled".into())))
+        .collect()
 }
 
 /// NVRTC: `source` compiled with `options` to a cubin (machine code for the

@@ -44,8 +44,11 @@ pub fn synthetic_scale(std: f32) -> f32 {
 #[inline]
 pub fn synthetic_value_scaled(key: u64, index: u64, mean: f32, scale: f32) -> f32 {
     let h = mix(key.wrapping_add(index.wrapping_mul(0x9e37_79b9_7f4a_7c15)));
-    let sum = (h & 0xffff) + ((h >> 16) & 0xffff) + ((h >> 32) & 0xffff) + (h >> 48);
-    let centred = sum as i64 - 131_070;
+    // Wrapping operations that cannot wrap (four 16-bit values), written
+    // so that a build with overflow checks (the test profile) still
+    // vectorises the generator's loop.
+    let sum = (h & 0xffff).wrapping_add((h >> 16) & 0xffff).wrapping_add((h >> 32) & 0xffff).wrapping_add(h >> 48);
+    let centred = (sum as i64).wrapping_sub(131_070);
     centred as f32 * scale + mean
 }
 
@@ -87,9 +90,10 @@ fn fill<T, F: Fn(&mut T, u16) + Copy>(key: u64, first: u64, mean: f32, scale: f3
 #[inline(always)]
 fn fill_portable<T, F: Fn(&mut T, u16)>(key: u64, first: u64, mean: f32, scale: f32, out: &mut [T], put: F) {
     for (j, o) in out.iter_mut().enumerate() {
-        let bits = synthetic_value_scaled(key, first + j as u64, mean, scale).to_bits();
-        // Round to nearest even; no NaN can occur.
-        put(o, ((bits + 0x7fff + ((bits >> 16) & 1)) >> 16) as u16);
+        let bits = synthetic_value_scaled(key, first.wrapping_add(j as u64), mean, scale).to_bits();
+        // Round to nearest even; no NaN can occur, so no sum wraps (the
+        // wrapping forms keep the loop vectorised under overflow checks).
+        put(o, (bits.wrapping_add(0x7fff).wrapping_add((bits >> 16) & 1) >> 16) as u16);
     }
 }
 

@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::dot_many::{WideInputs, combine, products};
 use crate::backend::contract::Precision;
 use crate::weights::WeightTensor;
 
@@ -44,11 +45,6 @@ fn tail_dot(a: &[f32], b: &[f32]) -> f64 {
     tail
 }
 
-/// The eight partial sums and the tail, in the one fixed order.
-fn combine(acc: [f64; 8], tail: f64) -> f64 {
-    ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7])) + tail
-}
-
 /// [`dot_portable`] with lanes 0-3 and 4-7 of each chunk of eight in two
 /// AVX registers: the same products (f32 widened exactly to f64, one
 /// multiply, one add per lane, no FMA) in the same order. Explicit
@@ -84,113 +80,6 @@ unsafe fn dot_avx(a: &[f32], b: &[f32]) -> f64 {
     combine(acc, tail_dot(&a[chunks..], &b[chunks..]))
 }
 
-/// [`dot`] of each of `inputs` with one `row`, into `out` (one f64 per
-/// input): every result the same bits as `dot(input, row)`. With AVX, four
-/// inputs at a time share each widened chunk of the row (prefill reads a
-/// weight row once for many tokens), each input keeping its own eight lanes
-/// (in one register with AVX-512).
-pub fn dot_many(inputs: &[&[f32]], row: &[f32], out: &mut [f64]) {
-    debug_assert_eq!(inputs.len(), out.len());
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    {
-        type Four = unsafe fn([&[f32]; 4], &[f32]) -> [f64; 4];
-        let four: Option<Four> = if std::arch::is_x86_feature_detected!("avx512f") {
-            Some(dot4_avx512)
-        } else if std::arch::is_x86_feature_detected!("avx") {
-            Some(dot4_avx)
-        } else {
-            None
-        };
-        if let Some(four) = four {
-            for (xs, o) in inputs.chunks_exact(4).zip(out.chunks_exact_mut(4)) {
-                // SAFETY: `four` is the path whose CPU feature was checked above.
-                o.copy_from_slice(&unsafe { four([xs[0], xs[1], xs[2], xs[3]], row) });
-            }
-            done = inputs.len() / 4 * 4;
-        }
-    }
-    for (x, o) in inputs[done..].iter().zip(&mut out[done..]) {
-        *o = dot(x, row);
-    }
-}
-
-/// [`dot_avx`] of four inputs with one row: the row's chunk widened once,
-/// each input's lanes multiplied and added as [`dot_avx`] does them.
-///
-/// # Safety
-/// The CPU must support AVX.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx")]
-unsafe fn dot4_avx(xs: [&[f32]; 4], row: &[f32]) -> [f64; 4] {
-    use std::arch::x86_64::*;
-    let len = xs.iter().map(|x| x.len()).fold(row.len(), usize::min);
-    let chunks = len / 8 * 8;
-    let mut lo = [_mm256_setzero_pd(); 4];
-    let mut hi = [_mm256_setzero_pd(); 4];
-    let mut i = 0;
-    while i < chunks {
-        // SAFETY: i + 8 <= chunks <= every length; unaligned loads.
-        let vb = unsafe { _mm256_loadu_ps(row.as_ptr().add(i)) };
-        let b_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(vb));
-        let b_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(vb, 1));
-        for j in 0..4 {
-            // SAFETY: as above.
-            let va = unsafe { _mm256_loadu_ps(xs[j].as_ptr().add(i)) };
-            let a_lo = _mm256_cvtps_pd(_mm256_castps256_ps128(va));
-            let a_hi = _mm256_cvtps_pd(_mm256_extractf128_ps(va, 1));
-            lo[j] = _mm256_add_pd(lo[j], _mm256_mul_pd(a_lo, b_lo));
-            hi[j] = _mm256_add_pd(hi[j], _mm256_mul_pd(a_hi, b_hi));
-        }
-        i += 8;
-    }
-    let mut out = [0.0f64; 4];
-    for j in 0..4 {
-        let mut acc = [0.0f64; 8];
-        // SAFETY: acc holds eight f64; unaligned stores.
-        unsafe {
-            _mm256_storeu_pd(acc.as_mut_ptr(), lo[j]);
-            _mm256_storeu_pd(acc.as_mut_ptr().add(4), hi[j]);
-        }
-        out[j] = combine(acc, tail_dot(&xs[j][chunks..len], &row[chunks..len]));
-    }
-    out
-}
-
-/// [`dot4_avx`] with each input's eight lanes in one AVX-512 register
-/// (lane j is element 8i + j, as in [`dot_portable`]): a chunk is one
-/// widening, one multiply and one add per input, no fused multiply-add.
-///
-/// # Safety
-/// The CPU must support AVX-512F.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn dot4_avx512(xs: [&[f32]; 4], row: &[f32]) -> [f64; 4] {
-    use std::arch::x86_64::*;
-    let len = xs.iter().map(|x| x.len()).fold(row.len(), usize::min);
-    let chunks = len / 8 * 8;
-    let mut acc = [_mm512_setzero_pd(); 4];
-    let mut i = 0;
-    while i < chunks {
-        // SAFETY: i + 8 <= chunks <= every length; unaligned loads.
-        let b = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(row.as_ptr().add(i)) });
-        for j in 0..4 {
-            // SAFETY: as above.
-            let a = _mm512_cvtps_pd(unsafe { _mm256_loadu_ps(xs[j].as_ptr().add(i)) });
-            acc[j] = _mm512_add_pd(acc[j], _mm512_mul_pd(a, b));
-        }
-        i += 8;
-    }
-    let mut out = [0.0f64; 4];
-    for j in 0..4 {
-        let mut lanes = [0.0f64; 8];
-        // SAFETY: lanes holds eight f64; an unaligned store.
-        unsafe { _mm512_storeu_pd(lanes.as_mut_ptr(), acc[j]) };
-        out[j] = combine(lanes, tail_dot(&xs[j][chunks..len], &row[chunks..len]));
-    }
-    out
-}
-
 /// RMSNorm of one row: `out = x * rsqrt(mean(x²) + eps) * w`, in f64.
 pub fn rms_norm_row(x: &[f32], w: &[f32], eps: f64, out: &mut [f32]) {
     let inv = 1.0 / (dot(x, x) / x.len() as f64 + eps).sqrt();
@@ -217,18 +106,27 @@ pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> V
 
 /// [`matmul_t`] with `round` applied to each weight row after it is
 /// converted (the precision a product takes its weights in).
+///
+/// Tiled for the caches: the inputs are widened to f64 once (exact: the
+/// same products), a task's [`ROWS_PER_TASK`] weight rows are converted
+/// together, and [`products`] takes them four rows by four inputs at a
+/// time.
 pub fn matmul_t_rounding(inputs: &[&[f32]], w: &WeightTensor, round: impl Fn(&mut [f32]) + Sync) -> Vec<f32> {
-    products_by_row(inputs, w, round, |xs, row, outs| {
-        // On the stack, in blocks of a multiple of four: no allocation a
-        // weight row (the lm_head has 151936).
-        let mut sums = [0.0f64; 64];
-        for (xs, outs) in xs.chunks(sums.len()).zip(outs.chunks_mut(sums.len())) {
-            dot_many(xs, row, &mut sums[..xs.len()]);
-            for (o, s) in outs.iter_mut().zip(&sums) {
-                *o = *s as f32;
+    let (m, k) = (inputs.len(), w.row_len());
+    let wide = WideInputs::new(inputs, k);
+    by_weight_row_blocks(
+        m,
+        w.shape[0],
+        || vec![0.0f32; ROWS_PER_TASK * k],
+        |first, rows, outs| {
+            let n = outs.len() / m.max(1);
+            for (j, row) in rows.chunks_exact_mut(k.max(1)).take(n).enumerate() {
+                w.read_row(first + j, row);
+                round(row);
             }
-        }
-    })
+            products(&wide, &rows[..n * k], k, outs);
+        },
+    )
 }
 
 /// [`matmul_t_as`] of a projection split by its input columns across
@@ -283,12 +181,25 @@ pub fn by_weight_rows<S>(
     scratch: impl Fn() -> S + Sync,
     fill: impl Fn(usize, &mut S, &mut [f32]) + Sync,
 ) -> Vec<f32> {
+    by_weight_row_blocks(m, n, scratch, |first, s, outs| {
+        for (j, row_outs) in outs.chunks_mut(m.max(1)).enumerate() {
+            fill(first + j, s, row_outs);
+        }
+    })
+}
+
+/// [`by_weight_rows`] a task at a time: `fill(first, scratch, outs)`
+/// writes the products of weight rows `first..` (up to [`ROWS_PER_TASK`],
+/// `outs.len() / m` of them) with every input, row after row, into `outs`.
+fn by_weight_row_blocks<S>(
+    m: usize,
+    n: usize,
+    scratch: impl Fn() -> S + Sync,
+    fill: impl Fn(usize, &mut S, &mut [f32]) + Sync,
+) -> Vec<f32> {
     let mut by_row = vec![0.0f32; n * m];
     by_row.par_chunks_mut(ROWS_PER_TASK * m.max(1)).enumerate().for_each(|(task, chunk)| {
-        let mut s = scratch();
-        for (j, outs) in chunk.chunks_mut(m.max(1)).enumerate() {
-            fill(task * ROWS_PER_TASK + j, &mut s, outs);
-        }
+        fill(task * ROWS_PER_TASK, &mut scratch(), chunk);
     });
     let mut out = vec![0.0f32; m * n];
     for r in 0..n {
@@ -372,45 +283,6 @@ mod tests {
         for n in [0, 1, 7, 8, 9, 63, 64, 65, 1000, 2880] {
             let (a, b): (Vec<f32>, Vec<f32>) = (0..n).map(|_| (next(), next() * 1e-3)).unzip();
             assert_eq!(dot(&a, &b).to_bits(), dot_portable(&a, &b).to_bits(), "{n}");
-        }
-    }
-
-    #[test]
-    fn dot_many_is_dot_of_each_input_to_the_bit() {
-        let mut state = 0x9e37_79b9u64;
-        let mut next = || {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 11) as f64 / (1u64 << 53) as f64 * 6.0 - 3.0) as f32
-        };
-        for (m, n) in [(0, 8), (1, 9), (3, 64), (4, 65), (5, 7), (9, 1000), (8, 2880)] {
-            let row: Vec<f32> = (0..n).map(|_| next() * 1e-3).collect();
-            let mut xs: Vec<Vec<f32>> = (0..m).map(|_| (0..n).map(|_| next()).collect()).collect();
-            if let Some(x) = xs.get_mut(2) {
-                x[0] = f32::NAN;
-            }
-            let inputs: Vec<&[f32]> = xs.iter().map(|x| x.as_slice()).collect();
-            let mut out = vec![0.0f64; m];
-            dot_many(&inputs, &row, &mut out);
-            let same = |want: f64, got: f64| want.to_bits() == got.to_bits() || want.is_nan() && got.is_nan();
-            for (x, o) in xs.iter().zip(&out) {
-                assert!(same(dot_portable(x, &row), *o), "{m}x{n}");
-            }
-            // Each vector path, whichever dot_many picks on this CPU.
-            #[cfg(target_arch = "x86_64")]
-            for four in inputs.chunks_exact(4) {
-                let four = [four[0], four[1], four[2], four[3]];
-                let want = four.map(|x| dot_portable(x, &row));
-                if std::arch::is_x86_feature_detected!("avx") {
-                    // SAFETY: the CPU has AVX.
-                    let got = unsafe { dot4_avx(four, &row) };
-                    assert!(want.iter().zip(got).all(|(w, g)| same(*w, g)), "avx {m}x{n}");
-                }
-                if std::arch::is_x86_feature_detected!("avx512f") {
-                    // SAFETY: the CPU has AVX-512F.
-                    let got = unsafe { dot4_avx512(four, &row) };
-                    assert!(want.iter().zip(got).all(|(w, g)| same(*w, g)), "avx512 {m}x{n}");
-                }
-            }
         }
     }
 

@@ -7,6 +7,7 @@
 
 mod attention;
 pub mod device_products;
+mod dot_many;
 mod expert_parallel;
 mod ggml_activations;
 pub mod ggml_cuda;
