@@ -39,14 +39,21 @@ fn cuda_f64_captures_every_stage_of_every_fixture_bit_for_bit_as_the_cpu_referen
         .into_iter()
         .map(|(name, _, model)| (name.to_string(), model, "[1, 17, 42, 45, 30, 5, 77, 100, 2]".to_string()))
         .collect();
-    // Synthetic bf16 weights, 40 prompt tokens (many inputs per product).
+    // Synthetic bf16 weights and K-quant blocks, 40 prompt tokens (many
+    // inputs per product): a run whose only backend is the F64 reference
+    // never makes them on the host; the device makes them with the CUDA
+    // backend's generators.
     models.push(("tiny-moe".into(), "Synthetic(preset: \"tiny-moe\", seed: 3)".into(), format!("{long:?}")));
+    models.push(("tiny-moe-q4km".into(), "Synthetic(preset: \"tiny-moe-q4km\", seed: 3)".into(), format!("{long:?}")));
     for (name, model, prompt) in models {
         let cpu = capture_run(&model, &prompt, "Cpu", &dir.join(&name).join("cpu"));
         let f64 = capture_run(&model, &prompt, "Cuda(device: 0, dtype: F64)", &dir.join(&name).join("f64"));
         let products = f64.summary.products.clone().expect("the products are described");
         eprintln!("{name}: {products}");
         assert!(launches(&products) > 0, "{name}: no product ran on the device: {products}");
+        if model.starts_with("Synthetic") {
+            assert!(products.contains("made there"), "{name}: synthetic weights not made on the device: {products}");
+        }
         assert_eq!(f64.summary.backend, "cuda-f64", "{name}");
         assert_eq!(cpu.summary.generated, f64.summary.generated, "{name}");
         let (a, b) = (npy_files(&dir.join(&name).join("cpu")), npy_files(&dir.join(&name).join("f64")));

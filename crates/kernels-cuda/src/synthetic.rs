@@ -49,6 +49,7 @@ pub fn synthetic_fill<T: WeightElement>(
 
 /// Where a block format keeps its f16 scales: (byte of d, byte of dmin or
 /// None).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ScaleFields {
     /// Byte offset of d in a block.
     pub d_at: u32,

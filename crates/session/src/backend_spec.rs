@@ -93,6 +93,12 @@ impl BackendSpec {
         matches!(self, BackendSpec::Cuda { dtype, .. } if *dtype != CudaDtype::F64)
     }
 
+    /// Whether this is the `Cuda(dtype: F64)` reference: the CPU
+    /// reference with its matrix products on the device.
+    pub fn is_f64_reference(&self) -> bool {
+        matches!(self, BackendSpec::Cuda { dtype: CudaDtype::F64, .. })
+    }
+
     /// The capture folder, for a `Capture` target.
     pub fn capture(&self) -> Option<&std::path::Path> {
         match self {

@@ -55,10 +55,13 @@ pub struct Prepared {
 }
 
 impl<'a> Session<'a> {
-    /// Loads the model `spec` names for `backends` (a synthetic model is
-    /// made on the device only when every one is CUDA) and checks `spec`
+    /// Loads the model `spec` names for `backends` and checks `spec`
     /// against it: `extra_host_passes` CPU forward passes run besides the
-    /// backends' own (bisect's expected side).
+    /// backends' own (bisect's expected side). A synthetic model is made
+    /// on the device only when every backend is CUDA or the F64 reference
+    /// (whose products make its synthetic weights on the device, as do
+    /// the expected side's that share them): the host then computes the
+    /// few values it reads itself (norms, biases, embedding rows).
     pub fn open(
         spec: &'a SessionSpec,
         path: &'a Path,
@@ -67,7 +70,7 @@ impl<'a> Session<'a> {
         meter: LoadMeter,
     ) -> Result<Self> {
         let start = Instant::now();
-        let device_only = backends.iter().all(|b| b.is_cuda());
+        let device_only = backends.iter().all(|b| b.is_cuda() || b.is_f64_reference());
         let model = match &spec.model {
             ModelSpec::Synthetic { preset, seed, layers } if device_only => {
                 Model::synthetic_on_demand(preset, *seed, *layers)?

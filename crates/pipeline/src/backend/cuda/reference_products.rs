@@ -4,7 +4,8 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use kernels_cuda::reference::{HostWeight, ReferenceDots, WeightFormat};
+use kernels_cuda::reference::{ReferenceDots, ReferenceWeight, WeightFormat, WeightSource};
+use kernels_cuda::synthetic::ScaleFields;
 
 use super::kernel_error;
 use crate::backend::contract::Precision;
@@ -36,9 +37,9 @@ impl DeviceProducts for CudaProducts {
         if self.failed.load(Ordering::Relaxed) {
             return None;
         }
-        // Plain and ggml block storage held in memory; FP8 (its scales
-        // are a tensor of their own) and weights computed on read stay on
-        // the CPU.
+        // Plain and ggml block storage, in memory or synthetic (made on the
+        // device); FP8 (its scales are a tensor of their own) stays on the
+        // CPU.
         let format = match w.dtype {
             WeightDtype::Bf16 => WeightFormat::Bf16,
             WeightDtype::F16 => WeightFormat::F16,
@@ -46,9 +47,20 @@ impl DeviceProducts for CudaProducts {
             WeightDtype::Quant(kind) => WeightFormat::from_ggml(kind.0)?,
             WeightDtype::Fp8E4m3 | WeightDtype::U8 => return None,
         };
-        let (bytes, owner) = w.host_bytes()?;
+        let source = match (w.host_bytes(), w.recipe(), w.block_recipe()) {
+            (Some((bytes, owner)), _, _) => WeightSource::Host { bytes, owner },
+            (None, Some(r), _) if format == WeightFormat::Bf16 => {
+                WeightSource::SyntheticBf16 { key: r.key, mean: r.mean, std: r.std }
+            }
+            (None, None, Some(r)) => {
+                let (d_at, dmin_at) = r.scale_fields();
+                let fields = ScaleFields { d_at: d_at as u32, dmin_at: dmin_at.map(|at| at as u32) };
+                WeightSource::SyntheticBlocks { key: r.key, fields, scales: (r.d, r.dmin) }
+            }
+            _ => return None,
+        };
         let cols = w.row_len();
-        let host = HostWeight { bytes, format, rows: w.numel() / cols.max(1), cols, owner };
+        let host = ReferenceWeight { source, format, rows: w.numel() / cols.max(1), cols };
         match self.dots.matmul_t(&host, inputs, weights == Precision::Bf16) {
             Ok(out) => out,
             Err(e) => {
@@ -69,11 +81,16 @@ impl DeviceProducts for CudaProducts {
             b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
             b => format!("{:.1} MB", b / 1e6),
         };
+        // Synthetic weights are made on the device: said only where some were.
+        let made = match (s.generated_bytes, s.regenerated) {
+            (0, 0) => String::new(),
+            (kept, again) => format!(" ({} of them made there, {again} products made their weight again)", size(kept)),
+        };
         format!(
-            "products on {}: {} launches, {} of weights in device memory, {} read from host memory, {} tensors on the CPU",
+            "products on {}: {} launches, {} of weights in device memory{made}, {} read from host memory, {} tensors on the CPU",
             self.dots.device_name(),
             s.launches,
-            size(s.copied_bytes),
+            size(s.copied_bytes + s.generated_bytes),
             size(s.mapped_bytes),
             s.declined
         )
