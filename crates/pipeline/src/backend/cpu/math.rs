@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::dot_many::{WideInputs, combine, products};
 use crate::backend::contract::Precision;
-use crate::weights::WeightTensor;
+use crate::weights::{WeightDtype, WeightTensor};
 
 /// Dot product in f64 with eight interleaved partial sums combined in a
 /// fixed order (vectorisable, deterministic). On x86-64 with AVX the same
@@ -99,8 +99,14 @@ pub fn matmul_t(inputs: &[&[f32]], w: &WeightTensor) -> Vec<f32> {
 }
 
 /// [`matmul_t`] with each weight row rounded to `weights` after it is
-/// converted (a contract that multiplies bf16 weights).
+/// converted (a contract that multiplies bf16 weights). Weights stored
+/// in bf16 are bf16 values already: rounding them again is skipped (it
+/// is the identity).
 pub fn matmul_t_as(inputs: &[&[f32]], w: &WeightTensor, weights: Precision) -> Vec<f32> {
+    let weights = match w.dtype {
+        WeightDtype::Bf16 => Precision::F32,
+        _ => weights,
+    };
     matmul_t_rounding(inputs, w, |row| weights.round(row))
 }
 
