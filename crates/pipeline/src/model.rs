@@ -254,6 +254,22 @@ pub enum ModelSource {
     },
 }
 
+/// Synthetic weights above this many bytes are computed where they are
+/// read rather than stored, for a command of few decode steps
+/// ([`Model::synthetic_for_steps`]).
+pub const ON_READ_ABOVE_BYTES: usize = 1 << 30;
+
+/// The most decode steps a pass may take for [`ON_READ_ABOVE_BYTES`] to
+/// apply: past it, every step's second generation of the routed weights
+/// outweighs storing them once.
+pub const ON_READ_MAX_STEPS: usize = 64;
+
+/// Whether synthetic weights of `bytes` for passes of `steps` decode
+/// steps are computed where read rather than stored.
+fn computes_on_read(bytes: usize, steps: usize) -> bool {
+    steps <= ON_READ_MAX_STEPS && bytes > ON_READ_ABOVE_BYTES
+}
+
 /// A loaded model: config, weights, and resolved per-layer ids.
 #[derive(Debug)]
 pub struct Model {
@@ -323,6 +339,35 @@ impl Model {
             }
             other => other,
         })
+    }
+
+    /// [`Model::synthetic_metered`] for a command whose passes decode
+    /// `steps` steps each: a model of more than [`ON_READ_ABOVE_BYTES`]
+    /// for at most [`ON_READ_MAX_STEPS`] steps is not stored but computed
+    /// where it is read (the same values). Storing costs a write of every
+    /// weight and the kernel's zeroing of every page first; reading a
+    /// computed weight costs its generation each time, about what reading
+    /// it from memory costs. Measured on 2 cores (BENCHMARKS.md,
+    /// 2026-12-08): bisect --local of 4 qwen3-30b-a3b layers, 64 + 5
+    /// tokens, 9.6-11.1 s stored against 6.0 s computed, in 6.5 GB
+    /// against 0.5 GB; a 2-layer run of 64 + 32 tokens 5.1 s against 4.3 s.
+    pub fn synthetic_for_steps(
+        preset: &str,
+        seed: u64,
+        layers: Option<usize>,
+        meter: &crate::LoadMeter,
+        steps: usize,
+    ) -> Result<Self> {
+        let made = SyntheticPreset::by_name(preset)?;
+        let bytes = made.stored_bytes(&made.config(layers)?);
+        if computes_on_read(bytes, steps) {
+            tracing::info!(
+                "{:.1} GB of synthetic weights for {steps} decode steps: each weight is computed where it is read, not stored",
+                bytes as f64 / 1e9
+            );
+            return Self::synthetic_on_demand(preset, seed, layers);
+        }
+        Self::synthetic_metered(preset, seed, layers, meter)
     }
 
     /// Like [`Model::synthetic`], but no weight is materialised on the host:
@@ -569,5 +614,24 @@ mod tests {
             .unwrap();
         let msg = Model::assemble(config, store, model.source.clone()).unwrap_err().to_string();
         assert!(msg.contains("q_proj.bias"), "{msg}");
+    }
+
+    #[test]
+    fn large_synthetic_models_for_few_steps_are_computed_where_read() {
+        assert!(computes_on_read(ON_READ_ABOVE_BYTES + 1, 5));
+        assert!(computes_on_read(ON_READ_ABOVE_BYTES + 1, ON_READ_MAX_STEPS));
+        assert!(!computes_on_read(ON_READ_ABOVE_BYTES + 1, ON_READ_MAX_STEPS + 1));
+        assert!(!computes_on_read(ON_READ_ABOVE_BYTES, 5));
+        // A real-scale model cut to one layer (2.5 GB) is computed, a tiny
+        // one stored; the same values either way.
+        let meter = crate::LoadMeter::default();
+        let big = Model::synthetic_for_steps("qwen3-30b-a3b", 1, Some(1), &meter, 4).unwrap();
+        assert_eq!(big.store.computed_bytes(), big.store.total_bytes());
+        let tiny = Model::synthetic_for_steps("tiny-moe", 1, None, &meter, 4).unwrap();
+        assert_eq!(tiny.store.computed_bytes(), 0);
+        let computed = Model::synthetic_on_demand("tiny-moe", 1, None).unwrap();
+        for (a, b) in tiny.store.tensors().iter().zip(computed.store.tensors()) {
+            assert_eq!(a.bytes(), b.bytes(), "{}", a.name);
+        }
     }
 }

@@ -75,7 +75,9 @@ impl<'a> Session<'a> {
             ModelSpec::Synthetic { preset, seed, layers } if device_only => {
                 Model::synthetic_on_demand(preset, *seed, *layers)?
             }
-            ModelSpec::Synthetic { preset, seed, layers } => Model::synthetic_metered(preset, *seed, *layers, &meter)?,
+            ModelSpec::Synthetic { preset, seed, layers } => {
+                Model::synthetic_for_steps(preset, *seed, *layers, &meter, spec.generate)?
+            }
             ModelSpec::Path(p) => Model::load(p)?,
         };
         let mut model = model;
@@ -347,14 +349,17 @@ pub fn describe_model(model: &Model) -> String {
     } else {
         String::new()
     };
+    // Said where most weights are not stored but computed where read.
+    let (total, computed) = (model.store.total_bytes(), model.store.computed_bytes());
+    let computed = if computed * 2 > total { ", computed where read" } else { "" };
     format!(
-        "{}: {}, {} layers, H {}{kind}, V {}, {:.1} MB of {} weights",
+        "{}: {}, {} layers, H {}{kind}, V {}, {:.1} MB of {} weights{computed}",
         model_source(model),
         c.architecture,
         c.num_layers,
         c.hidden_size,
         c.vocab_size,
-        model.store.total_bytes() as f64 / 1e6,
+        total as f64 / 1e6,
         model.weight_dtype()
     )
 }

@@ -462,6 +462,12 @@ impl WeightStore {
     pub fn total_bytes(&self) -> usize {
         self.tensors.iter().map(|t| t.byte_len()).sum()
     }
+
+    /// The bytes of the tensors not stored anywhere: synthetic ones
+    /// computed where they are read.
+    pub fn computed_bytes(&self) -> usize {
+        self.tensors.iter().filter(|t| t.host_bytes().is_none()).map(|t| t.byte_len()).sum()
+    }
 }
 
 #[cfg(test)]

@@ -416,6 +416,11 @@ impl SyntheticPreset {
         generate(config, seed, self.name, self.weights, self.router_bias_mean, meter)
     }
 
+    /// The bytes the host would store for `config`'s tensors.
+    pub fn stored_bytes(&self, config: &ModelConfig) -> usize {
+        super::synthetic::stored_bytes(config, self.weights)
+    }
+
     /// Every tensor of `config`, not materialised: each is computed where
     /// it is read (see [`synthetic_store_on_demand`]).
     pub fn on_demand(&self, config: &ModelConfig, seed: u64) -> WeightStore {

@@ -48,6 +48,11 @@ pub fn generate_weights(config: &ModelConfig, seed: u64, label: &str) -> Result<
     generate(config, seed, label, PresetWeights::Bf16, 0.0, &LoadMeter::default())
 }
 
+/// The bytes [`generate`] would store for `config` in `weights`' formats.
+pub(super) fn stored_bytes(config: &ModelConfig, weights: PresetWeights) -> usize {
+    recipes(config, 0, weights, 0.0).iter().map(|(s, r)| r.dtype().bytes_for(s.shape.iter().product())).sum()
+}
+
 pub(super) fn generate(
     config: &ModelConfig,
     seed: u64,
