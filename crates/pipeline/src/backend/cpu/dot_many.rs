@@ -292,6 +292,7 @@ fn tail(x: &[f64], row: &[f32]) -> f64 {
 mod tests {
     use super::*;
     use crate::backend::cpu::math::dot;
+    use crate::backend::cpu::math::tests::values;
 
     fn same(want: f64, got: f64) -> bool {
         want.to_bits() == got.to_bits() || want.is_nan() && got.is_nan()
@@ -299,11 +300,7 @@ mod tests {
 
     #[test]
     fn dot_many_is_dot_of_each_input_to_the_bit_on_every_path() {
-        let mut state = 0x9e37_79b9u64;
-        let mut next = || {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 11) as f64 / (1u64 << 53) as f64 * 6.0 - 3.0) as f32
-        };
+        let mut next = values(0x9e37_79b9);
         for (m, n) in [(0, 8), (1, 9), (3, 64), (4, 65), (5, 7), (9, 1000), (8, 2880), (13, 256), (17, 33)] {
             let row: Vec<f32> = (0..n).map(|_| next() * 1e-3).collect();
             let mut xs: Vec<Vec<f32>> = (0..m).map(|_| (0..n).map(|_| next()).collect()).collect();
@@ -349,11 +346,7 @@ mod tests {
 
     #[test]
     fn products_are_dot_of_every_row_and_input_to_the_bit_at_every_edge() {
-        let mut state = 0x5eed_u64;
-        let mut next = || {
-            state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
-            ((state >> 11) as f64 / (1u64 << 53) as f64 * 6.0 - 3.0) as f32
-        };
+        let mut next = values(0x5eed);
         // Rows and inputs below, at and past the 4 x 4 tile, and lengths
         // with and without a tail.
         for (n, m, k) in [(1, 1, 8), (4, 4, 64), (5, 7, 33), (8, 9, 256), (3, 12, 7), (16, 5, 2880), (0, 3, 8)] {

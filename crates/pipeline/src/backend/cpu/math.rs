@@ -275,17 +275,23 @@ fn weights_of(probs: &[f64], chosen: &[usize], normalise: bool) -> Vec<f32> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::weights::{WeightDtype, WeightTensor};
 
-    #[test]
-    fn dot_is_the_portable_loop_to_the_bit() {
-        let mut state = 0x1234_5678u64;
-        let mut next = || {
+    /// Values uniform in [-3, 3) from `seed` (a linear congruential
+    /// generator: the same every run).
+    pub(in crate::backend::cpu) fn values(seed: u64) -> impl FnMut() -> f32 {
+        let mut state = seed;
+        move || {
             state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             ((state >> 11) as f64 / (1u64 << 53) as f64 * 6.0 - 3.0) as f32
-        };
+        }
+    }
+
+    #[test]
+    fn dot_is_the_portable_loop_to_the_bit() {
+        let mut next = values(0x1234_5678);
         for n in [0, 1, 7, 8, 9, 63, 64, 65, 1000, 2880] {
             let (a, b): (Vec<f32>, Vec<f32>) = (0..n).map(|_| (next(), next() * 1e-3)).unzip();
             assert_eq!(dot(&a, &b).to_bits(), dot_portable(&a, &b).to_bits(), "{n}");
