@@ -151,3 +151,17 @@ extern "C" __global__ void gather_words(GatherTable table, u64 half_bytes, const
     u32 *dst = (u32 *)(table.dst[e] + (start & 1u) * half_bytes);
     for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) dst[i] = src[i];
 }
+
+// Ranks' partial sums (issue 27): element i of the ranks' values gathered
+// as [ranks, n], added in rank order in f64 from the first rank's value
+// (as Rust's f64 sum, whose neutral element is -0.0), rounded once to f32:
+// the all-reduce in rank order the CPU reference makes
+// (math::matmul_t_split), the same on every rank.
+extern "C" __global__ void rank_sum_f32(float *out, const float *gathered, u32 ranks, u64 n) {
+    PDL_ENTRY();
+    u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= n || ranks == 0) return;
+    double acc = (double)gathered[i];
+    for (u32 r = 1; r < ranks; r++) acc += (double)gathered[(u64)r * n + i];
+    out[i] = (float)acc;
+}

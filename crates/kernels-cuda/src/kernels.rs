@@ -72,6 +72,9 @@ pub mod elementwise {
     pub const ADD: Kernel = k("elementwise", "add_f32");
     /// a * b.
     pub const MUL: Kernel = k("elementwise", "mul_f32");
+    /// The ranks' gathered values of each element added in rank order
+    /// (f64), rounded once to f32.
+    pub const RANK_SUM: Kernel = k("elementwise", "rank_sum_f32");
     /// silu(x).
     pub const SILU: Kernel = k("elementwise", "silu_f32");
     /// 1 / (1 + exp(-x)).
@@ -228,6 +231,7 @@ pub const ALL: &[Kernel] = &[
     elementwise::ADD_BIAS,
     elementwise::ADD,
     elementwise::MUL,
+    elementwise::RANK_SUM,
     elementwise::SILU,
     elementwise::SIGMOID,
     elementwise::SWIGLU,

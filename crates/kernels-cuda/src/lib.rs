@@ -18,6 +18,7 @@
 //! This crate is linked into every CLI build so CI compiles it.
 
 pub mod blas;
+pub mod collectives;
 pub mod device;
 pub mod error;
 pub mod gather;
