@@ -33,6 +33,8 @@ pub enum Transport {
 pub struct Ranks {
     devices: Vec<GpuDevice>,
     comms: Option<Vec<Comm>>,
+    /// Why ranks on distinct GPUs went through the host.
+    local_because: Option<String>,
 }
 
 impl Ranks {
@@ -51,9 +53,14 @@ impl Ranks {
         let mut distinct = ordinals.to_vec();
         distinct.sort_unstable();
         distinct.dedup();
+        let separate = distinct.len() == ordinals.len() && ordinals.len() > 1;
         // SAFETY: only tries to dlopen libnccl by name.
-        let nccl =
-            distinct.len() == ordinals.len() && ordinals.len() > 1 && unsafe { cudarc::nccl::sys::is_culib_present() };
+        let nccl = separate && unsafe { cudarc::nccl::sys::is_culib_present() };
+        let local_because = (separate && !nccl).then(|| {
+            "libnccl.so was not found (cudarc looks for libnccl.so, not NCCL's soname libnccl.so.2: a link named \
+             libnccl.so on LD_LIBRARY_PATH will do), so the ranks exchange their data through the host"
+                .to_string()
+        });
         let comms = if nccl {
             let streams = devices.iter().map(|d| d.stream().clone()).collect();
             Some(Comm::from_devices(streams).map_err(|e| KernelError::Driver {
@@ -63,7 +70,7 @@ impl Ranks {
         } else {
             None
         };
-        Ok(Self { devices, comms })
+        Ok(Self { devices, comms, local_because })
     }
 
     /// How many ranks.
@@ -84,6 +91,12 @@ impl Ranks {
     /// How the bytes travel.
     pub fn transport(&self) -> Transport {
         if self.comms.is_some() { Transport::Nccl } else { Transport::Local }
+    }
+
+    /// Why ranks on distinct GPUs use the local stand-in (slow: through
+    /// the host), for the caller to say; None where that is not the case.
+    pub fn local_because(&self) -> Option<&str> {
+        self.local_because.as_deref()
     }
 
     /// Every rank's `parts[r]` (the same length on every rank, on rank r's
@@ -230,5 +243,7 @@ mod gpu_tests {
         let all: Vec<usize> = (0..count).collect();
         let transport = check(&all);
         eprintln!("{count} GPUs: transport {transport:?}");
+        let why = Ranks::open(&all).unwrap().local_because().map(str::to_string);
+        assert_eq!(transport, Transport::Nccl, "{count} GPUs went through the host: {why:?}");
     }
 }
