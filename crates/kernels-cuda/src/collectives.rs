@@ -31,8 +31,9 @@ pub enum Transport {
 
 /// Ranks, each on the device of its ordinal.
 pub struct Ranks {
-    devices: Vec<GpuDevice>,
+    /// Dropped before the devices (fields drop in order).
     comms: Option<Vec<Comm>>,
+    devices: Vec<GpuDevice>,
     /// Why ranks on distinct GPUs went through the host.
     local_because: Option<String>,
 }
