@@ -203,17 +203,40 @@ fn by_weight_row_blocks<S>(
     scratch: impl Fn() -> S + Sync,
     fill: impl Fn(usize, &mut S, &mut [f32]) + Sync,
 ) -> Vec<f32> {
-    let mut by_row = vec![0.0f32; n * m];
-    by_row.par_chunks_mut(ROWS_PER_TASK * m.max(1)).enumerate().for_each(|(task, chunk)| {
-        fill(task * ROWS_PER_TASK, &mut scratch(), chunk);
-    });
     let mut out = vec![0.0f32; m * n];
-    for r in 0..n {
+    let dst = Columns(out.as_mut_ptr(), out.len());
+    (0..n.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+        let first = task * ROWS_PER_TASK;
+        let rows = ROWS_PER_TASK.min(n - first);
+        // The task's rows by weight row (small), then into their columns
+        // of `out`: one output buffer, not a second of its size to
+        // transpose (the lm_head's is 39 MB for 64 tokens, each a fresh
+        // mapping the kernel zeroes).
+        let mut local = vec![0.0f32; rows * m];
+        fill(first, &mut scratch(), &mut local);
         for i in 0..m {
-            out[i * n + r] = by_row[r * m + i];
+            for (j, v) in local[..rows * m].iter().skip(i).step_by(m.max(1)).enumerate() {
+                dst.write(i * n + first + j, *v);
+            }
         }
-    }
+    });
     out
+}
+
+/// The output of [`by_weight_row_blocks`], written by every task in the
+/// columns of its own weight rows only.
+struct Columns(*mut f32, usize);
+
+// SAFETY: the tasks write disjoint elements (each its own columns), and
+// the buffer outlives them (the parallel loop returns before it is read).
+unsafe impl Sync for Columns {}
+
+impl Columns {
+    fn write(&self, index: usize, value: f32) {
+        assert!(index < self.1, "column write {index} out of {}", self.1);
+        // SAFETY: in bounds (checked); no other task writes this element.
+        unsafe { *self.0.add(index) = value };
+    }
 }
 
 /// `x * sigmoid(x)` in f64.

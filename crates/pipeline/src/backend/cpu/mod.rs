@@ -331,6 +331,14 @@ impl Backend for CpuBackend {
         let (rows, width, x) = self.rows(input)?;
         let inputs: Vec<&[f32]> = x.chunks(width).collect();
         let total: usize = weights.iter().map(|&id| self.store.get(id).shape[0]).sum();
+        if let [id] = weights {
+            // One matrix: its product is the output as it is.
+            let w = self.store.get(*id);
+            self.check_width(input, width, w.row_len(), &format!("weight `{}`", w.describe()))?;
+            let data = self.matmul(&inputs, w);
+            self.set(out, HostTensor::f32(vec![rows, total], data));
+            return Ok(());
+        }
         let mut data = vec![0.0f32; rows * total];
         let mut col = 0;
         for &id in weights {
