@@ -251,13 +251,15 @@ pub fn compile_all_offline(arch: &str) -> Result<Vec<OfflineCompile>> {
             options
         })
         .to_vec();
+    let builds: Vec<(&'static str, bool)> =
+        sources::FAMILIES.iter().flat_map(|&(family, _)| [(family, false), (family, true)]).collect();
     let jobs: Vec<(&'static str, &[String])> =
-        sources::FAMILIES.iter().flat_map(|&(family, _)| options.iter().map(move |o| (family, &o[..]))).collect();
+        builds.iter().map(|&(family, round_bf16)| (family, &options[usize::from(round_bf16)][..])).collect();
     let mut out = Vec::new();
-    for ((family, options), compiled) in jobs.iter().zip(compile_in_parallel(&jobs)) {
+    for (&(family, round_bf16), compiled) in builds.iter().zip(compile_in_parallel(&jobs)) {
         let (_cubin, log) = compiled.map_err(|log| KernelError::Compile { family, arch: arch.to_string(), log })?;
         // The ROUND_BF16=0 build's report (the other only had to compile).
-        if options.iter().any(|o| o == "-DROUND_BF16=0") {
+        if !round_bf16 {
             out.push(OfflineCompile { family, ptxas_log: log });
         }
     }

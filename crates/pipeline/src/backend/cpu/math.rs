@@ -214,8 +214,8 @@ fn by_weight_row_blocks<S>(
         // mapping the kernel zeroes).
         let mut local = vec![0.0f32; rows * m];
         fill(first, &mut scratch(), &mut local);
-        for i in 0..m {
-            for (j, v) in local[..rows * m].iter().skip(i).step_by(m.max(1)).enumerate() {
+        for (j, products) in local.chunks(m.max(1)).enumerate() {
+            for (i, v) in products.iter().enumerate() {
                 dst.write(i * n + first + j, *v);
             }
         }

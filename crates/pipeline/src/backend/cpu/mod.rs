@@ -331,26 +331,28 @@ impl Backend for CpuBackend {
         let (rows, width, x) = self.rows(input)?;
         let inputs: Vec<&[f32]> = x.chunks(width).collect();
         let total: usize = weights.iter().map(|&id| self.store.get(id).shape[0]).sum();
-        if let [id] = weights {
-            // One matrix: its product is the output as it is.
-            let w = self.store.get(*id);
-            self.check_width(input, width, w.row_len(), &format!("weight `{}`", w.describe()))?;
-            let data = self.matmul(&inputs, w);
-            self.set(out, HostTensor::f32(vec![rows, total], data));
-            return Ok(());
-        }
-        let mut data = vec![0.0f32; rows * total];
-        let mut col = 0;
+        let mut parts = Vec::with_capacity(weights.len());
         for &id in weights {
             let w = self.store.get(id);
             self.check_width(input, width, w.row_len(), &format!("weight `{}`", w.describe()))?;
-            let n = w.shape[0];
-            let part = self.matmul(&inputs, w);
-            for (dst, src) in data.chunks_mut(total).zip(part.chunks(n)) {
-                dst[col..col + n].copy_from_slice(src);
-            }
-            col += n;
+            parts.push((w.shape[0], self.matmul(&inputs, w)));
         }
+        // One matrix's product is the output as it is; several are laid
+        // side by side, row by row.
+        let data = match parts.as_mut_slice() {
+            [(_, only)] => std::mem::take(only),
+            _ => {
+                let mut data = vec![0.0f32; rows * total];
+                let mut col = 0;
+                for (n, part) in &parts {
+                    for (dst, src) in data.chunks_mut(total).zip(part.chunks(*n)) {
+                        dst[col..col + n].copy_from_slice(src);
+                    }
+                    col += n;
+                }
+                data
+            }
+        };
         self.set(out, HostTensor::f32(vec![rows, total], data));
         Ok(())
     }
